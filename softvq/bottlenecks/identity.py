@@ -1,0 +1,18 @@
+"""The plain auto-encoder bottleneck (AE baseline of paper Tab. 3): latents = ẑ, no loss."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
+
+
+class Identity(Bottleneck):
+    """Pass-through: the decoder reads the encoder projection unchanged."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        self.input_dim = self.latent_dim = latent_dim
+
+    def forward(self, z: Tensor) -> BottleneckOutput:
+        return BottleneckOutput(latents=z)

@@ -1,0 +1,145 @@
+"""SoftVQ: the soft categorical posterior over a learnable codebook (paper Sec. 3.2, Eq. 4).
+
+    posterior  q(z|x) = Softmax(-dist(ẑ, C) / τ)
+    latent     z = q · C                       (a weighted sum of all codewords)
+    regulariser L_kl = H(q(z|x)) - H(E_x q(z|x))  (supplementary B.1; unweighted here)
+
+Everything is differentiable: no straight-through estimator, no codebook or commit loss.
+Two distances are supported and named after their source:
+
+* ``distance="l2"``      the paper's Eq. 4, ‖ẑ − c‖₂ (not squared).
+* ``distance="cosine"``  the released code: ẑ and C are L2-normalised and the logits are the
+                          dot products ẑ·c / τ, i.e. softmax(−‖ẑ − c‖² / (2τ)) on the unit sphere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, float32_region
+
+
+def affinity(z: Tensor, codebook: Tensor, distance: str) -> Tensor:
+    """Similarity of every token to every codeword, (..., D) x (K, D) -> (..., K).
+
+    ``l2``: −‖z − c‖₂ (paper Eq. 4). ``cosine``: z·c of inputs the caller already normalised.
+    """
+    if distance == "cosine":
+        return z @ codebook.t()
+    if distance == "l2":
+        sq = (z * z).sum(-1, keepdim=True) - 2 * z @ codebook.t() + (codebook * codebook).sum(-1)
+        # clamp: rounding can make the squared distance slightly negative; sqrt'(0) is infinite.
+        return -sq.clamp_min(1e-12).sqrt()
+    raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
+
+
+def entropy(probs: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats, with 0·log 0 = 0."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim)
+
+
+def entropy_regulariser(logits: Tensor) -> Tensor:
+    """L_kl = mean_tokens H(q) − H(mean_tokens q) for logits (T, K) (Eq. 4 / B.1).
+
+    Low when each posterior is sharp (first term) and the batch uses the codebook evenly
+    (second term), i.e. the KL to the uniform prior over codewords.
+    """
+    probs = logits.softmax(-1)
+    return entropy(probs).mean() - entropy(probs.mean(0))
+
+
+def codebook_metrics(probs: Tensor, indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
+    """Perplexity of the batch-averaged posterior and the fraction of codewords chosen by argmax."""
+    avg = probs.reshape(-1, codebook_size).mean(0)
+    used = torch.zeros(codebook_size, device=indices.device, dtype=torch.bool)
+    used[indices.reshape(-1)] = True
+    return {
+        "perplexity": torch.exp(entropy(avg)).detach(),
+        "usage": used.float().mean(),
+    }
+
+
+class SoftVQ(Bottleneck):
+    """Soft vector quantization (Eq. 4) with a fixed or learnable temperature (Tab. 6)."""
+
+    def __init__(
+        self,
+        latent_dim: int,
+        codebook_size: int,
+        *,
+        temperature: float = 0.07,
+        learnable_temperature: bool = False,
+        distance: str = "l2",
+        detach_codebook_in_logits: bool = False,
+        entropy_temperature: float | None = None,
+    ) -> None:
+        super().__init__()
+        if distance not in ("l2", "cosine"):
+            raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.input_dim = self.latent_dim = latent_dim
+        self.distance = distance
+        self.detach_codebook_in_logits = detach_codebook_in_logits
+        self.entropy_temperature = entropy_temperature
+        # Codewords start at about unit norm, the scale ẑ has after the encoder's final LayerNorm
+        # and a fresh linear projection.
+        self.codebook = nn.Parameter(torch.randn(codebook_size, latent_dim) / math.sqrt(latent_dim))
+        log_tau = torch.tensor(math.log(temperature))
+        if learnable_temperature:
+            self.log_temperature = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("log_temperature", log_tau)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebook.shape[0]
+
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.exp()
+
+    def normalized_codebook(self) -> Tensor:
+        """The codebook as the decoder sees it (L2-normalised rows for the cosine variant)."""
+        c = self.codebook.float()
+        return F.normalize(c, dim=-1) if self.distance == "cosine" else c
+
+    def inverse_temperature(self, z: Tensor) -> Tensor:
+        """1/τ; GMMVQ overrides this with per-token weights ω(ẑ) (supplementary B.2)."""
+        return 1.0 / self.temperature
+
+    def forward(self, z: Tensor) -> BottleneckOutput:
+        with float32_region(z.device):
+            z = z.float()
+            shape = z.shape
+            z, scale = self.split_input(z)
+            flat = z.reshape(-1, z.shape[-1])
+            if self.distance == "cosine":
+                flat = F.normalize(flat, dim=-1)
+            codebook = self.normalized_codebook()
+            logit_book = codebook.detach() if self.detach_codebook_in_logits else codebook
+            aff = affinity(flat, logit_book, self.distance)
+            logits = aff * scale.reshape(-1, 1) if scale.dim() else aff * scale
+            probs = logits.softmax(-1)
+            latents = probs @ codebook
+            reg_logits = logits if self.entropy_temperature is None else aff / self.entropy_temperature
+            kl = entropy_regulariser(reg_logits)
+            indices = probs.argmax(-1)
+            metrics = codebook_metrics(probs.detach(), indices, self.codebook_size)
+            metrics["temperature"] = (1.0 / scale.detach().float().mean())
+            lead = shape[:-1]
+            return BottleneckOutput(
+                latents=latents.reshape(*lead, self.latent_dim),
+                losses={"kl": kl},
+                metrics=metrics,
+                indices=indices.reshape(lead),
+                probs=probs.reshape(*lead, self.codebook_size),
+            )
+
+    def split_input(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(ẑ, 1/τ) from the encoder projection; GMMVQ also reads ω from extra channels."""
+        return z, self.inverse_temperature(z)

@@ -1,0 +1,134 @@
+"""Our checkpoint format: ``config.json`` (every constructor argument) + ``model.safetensors``.
+
+Loading is strict: a missing or unexpected key is an error that names the keys. Hub ids go
+through ``huggingface_hub``; offline, the error says so in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from softvq.tokenizer import Tokenizer
+
+FORMAT = "softvq-tokenizer"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not match the model."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_pretrained(model: "Tokenizer", directory: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    meta: dict[str, Any] = {"format": FORMAT, "config": model.config.to_dict()}
+    if model.latent_mean is not None:
+        meta["latent_mean"], meta["latent_std"] = model.latent_mean, model.latent_std
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return directory
+
+
+def resolve(path_or_id: str | Path, filenames: list[str]) -> Path:
+    """A local folder as is; otherwise download ``filenames`` of a hub repo id into the cache."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"no checkpoint folder at {text!r} (and it is not a hub id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=filenames))
+    except Exception as exc:  # network, auth, missing repo: one line, not a traceback
+        raise CheckpointError(
+            f"could not fetch {text!r} from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); if you are offline, download "
+            f"the folder elsewhere and pass its local path"
+        ) from None
+
+
+def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors (or torch pickle) state dict, with a one-line error when it is corrupt."""
+    if not file.exists():
+        raise CheckpointError(f"checkpoint file {file} does not exist")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state.get("model", state))
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint file {file} is corrupt or unreadable ({type(exc).__name__})") from None
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True) with an error that names missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches {_few(shapes)}")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _few(items: list[str], n: int = 8) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_pretrained(path_or_id: str | Path, *, map_location: str = "cpu") -> "Tokenizer":
+    from softvq.config import TokenizerConfig
+    from softvq.tokenizer import Tokenizer
+
+    folder = resolve(path_or_id, [CONFIG_NAME, WEIGHTS_NAME])
+    config_file = folder / CONFIG_NAME
+    if not config_file.exists():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; is it a softvq checkpoint folder?")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{config_file} is not a softvq checkpoint; for the released SoftVQ-VAE checkpoints "
+            f"use Tokenizer.from_official"
+        )
+    model = Tokenizer(TokenizerConfig.from_dict(meta["config"]))
+    load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
+    model.latent_mean, model.latent_std = meta.get("latent_mean"), meta.get("latent_std")
+    return model.to(map_location).eval()

@@ -1,0 +1,211 @@
+"""Typed configuration of a tokenizer and its named presets.
+
+Every constructor argument of :class:`softvq.Tokenizer` lives here, so ``config.json`` written next
+to the weights rebuilds exactly the same model. Preset shapes follow the released SoftVQ-VAE
+checkpoints (``shared/reference/official-checkpoint-format.md``; paper Tab. 1 sizes S/B/BL/L).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+BottleneckKind = Literal["softvq", "gmmvq", "vq", "kl", "ae", "lfq"]
+
+
+@dataclass
+class ViTConfig:
+    """Width/depth/heads of one ViT stack (DINOv2 block layout)."""
+
+    width: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    layerscale_init: float = 1e-5
+    norm_eps: float = 1e-6
+
+
+@dataclass
+class BottleneckConfig:
+    """What sits between encoder and decoder (paper Sec. 2.1, 3.2; supplementary B).
+
+    kind:
+        ``softvq`` (Eq. 4), ``gmmvq`` (B.2), ``vq`` (Eq. 2), ``kl`` (Eq. 1), ``ae`` (identity),
+        ``lfq`` (WeTok group-wise lookup-free quantization).
+    latent_dim:
+        D, channels of one latent token (the release: 32 with 64 tokens, 64 with 32 tokens).
+    codebook_size:
+        K codewords per codebook (paper: 8192).
+    temperature / learnable_temperature:
+        τ of the softmax posterior (paper: 0.07, Tab. 6 ablates it and a learnable τ).
+    distance:
+        ``l2``: the paper's softmax(−‖ẑ − c‖₂ / τ). ``cosine``: the release's logits ẑ·c / τ on
+        L2-normalised vectors (equivalently softmax(−‖ẑ − c‖² / (2τ)) on the unit sphere).
+    detach_codebook_in_logits:
+        the release computes logits against a detached codebook, so the codebook learns only
+        through z = q·C. The paper is silent; off by default.
+    entropy_temperature:
+        the release computes the entropy regulariser from logits re-scaled to this temperature
+        (0.01) instead of the posterior's own τ. ``None`` uses the posterior (paper Eq. 4).
+    groups:
+        product quantization over G channel groups, each with its own codebook (B.3, Eq. 12).
+    residual_levels:
+        residual quantization with R levels (B.3, Eq. 13). groups>1 and levels>1 give R-PQ.
+    segments:
+        the release's per-sequence-segment codebooks: the L tokens are split into this many
+        contiguous segments, each with its own codebook (NOT channel groups; see ``groups``).
+    commitment_weight:
+        β of VQ's commit loss relative to its codebook loss (VQ-VAE uses 0.25).
+    chunk_size:
+        tokens processed at a time by the memory-lean soft assignment; ``None`` picks
+        automatically, ``0`` forces the straightforward implementation.
+    lfq_groups:
+        WeTok GLFQ: the latent_dim binary channels are split into this many groups, each with
+        an implicit codebook of size 2^(latent_dim / lfq_groups).
+    """
+
+    kind: BottleneckKind = "softvq"
+    latent_dim: int = 32
+    codebook_size: int = 8192
+    temperature: float = 0.07
+    learnable_temperature: bool = False
+    distance: Literal["l2", "cosine"] = "l2"
+    detach_codebook_in_logits: bool = False
+    entropy_temperature: float | None = None
+    groups: int = 1
+    residual_levels: int = 1
+    segments: int = 1
+    commitment_weight: float = 0.25
+    chunk_size: int | None = None
+    lfq_groups: int = 1
+
+
+@dataclass
+class TokenizerConfig:
+    """A whole SoftVQ-VAE style tokenizer: ViT encoder, bottleneck, ViT decoder (paper Fig. 2)."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    num_tokens: int = 64
+    in_channels: int = 3
+    encoder: ViTConfig = field(default_factory=ViTConfig)
+    decoder: ViTConfig = field(default_factory=ViTConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def validate(self) -> "TokenizerConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be positive, got {self.num_tokens}")
+        for name, vit in (("encoder", self.encoder), ("decoder", self.decoder)):
+            if vit.width % vit.heads:
+                raise ValueError(f"{name}.width {vit.width} is not divisible by {name}.heads {vit.heads}")
+        b = self.bottleneck
+        if b.segments > 1 and self.num_tokens % b.segments:
+            raise ValueError(f"num_tokens {self.num_tokens} is not divisible by segments {b.segments}")
+        if b.groups > 1 and b.latent_dim % b.groups:
+            raise ValueError(f"latent_dim {b.latent_dim} is not divisible by groups {b.groups}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TokenizerConfig":
+        """Build from a (possibly nested) dict; unknown keys are an error naming the key."""
+        data = dict(data)
+        nested = {"encoder": ViTConfig, "decoder": ViTConfig, "bottleneck": BottleneckConfig}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in nested:
+                kwargs[key] = _strict(nested[key], value, prefix=f"{key}.")
+            else:
+                kwargs[key] = value
+        return _strict(cls, kwargs).validate()
+
+
+def _strict(cls: type, values: Any, prefix: str = "") -> Any:
+    if isinstance(values, cls):
+        return values
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys are {', '.join(prefix + k for k in sorted(known))}"
+        )
+    return cls(**values)
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+_SIZES: dict[str, tuple[ViTConfig, ViTConfig]] = {
+    "s": (ViTConfig(384, 12, 6), ViTConfig(384, 12, 6)),
+    "b": (ViTConfig(768, 12, 12), ViTConfig(768, 12, 12)),
+    "bl": (ViTConfig(768, 12, 12), ViTConfig(1024, 24, 16)),
+    "l": (ViTConfig(1024, 24, 16), ViTConfig(1024, 24, 16)),
+}
+
+
+def _released_bottleneck(num_tokens: int) -> BottleneckConfig:
+    """The released bottleneck: cosine SoftVQ, τ=0.07, K=8192, 4 sequence-segment codebooks,
+    D=32 for 64 tokens and D=64 for 32 tokens, detached codebook in the logits, entropy at 0.01."""
+    return BottleneckConfig(
+        kind="softvq",
+        latent_dim=32 if num_tokens == 64 else 64,
+        codebook_size=8192,
+        temperature=0.07,
+        distance="cosine",
+        detach_codebook_in_logits=True,
+        entropy_temperature=0.01,
+        segments=4,
+    )
+
+
+def _build_presets() -> dict[str, TokenizerConfig]:
+    presets: dict[str, TokenizerConfig] = {}
+    for size, (enc, dec) in _SIZES.items():
+        for tokens in (32, 64):
+            presets[f"softvq-{size}-{tokens}"] = TokenizerConfig(
+                image_size=256, patch_size=16, num_tokens=tokens,
+                encoder=dataclasses.replace(enc), decoder=dataclasses.replace(dec),
+                bottleneck=_released_bottleneck(tokens),
+            )
+    # The 512 px releases: same networks, patch 32 keeps N = 256 image tokens.
+    for name, size, tokens in (("softvq-bl-64-512", "bl", 64), ("softvq-l-32-512", "l", 32)):
+        enc, dec = _SIZES[size]
+        presets[name] = TokenizerConfig(
+            image_size=512, patch_size=32, num_tokens=tokens,
+            encoder=dataclasses.replace(enc), decoder=dataclasses.replace(dec),
+            bottleneck=_released_bottleneck(tokens),
+        )
+    # CPU-sized model for tests and demos: 64 px, 8 px patches, 16 tokens of 8 channels.
+    presets["softvq-tiny"] = TokenizerConfig(
+        image_size=64, patch_size=8, num_tokens=16,
+        encoder=ViTConfig(96, 4, 3), decoder=ViTConfig(96, 4, 3),
+        bottleneck=BottleneckConfig(kind="softvq", latent_dim=8, codebook_size=256, distance="l2"),
+    )
+    return presets
+
+
+PRESETS: dict[str, TokenizerConfig] = _build_presets()
+
+
+def preset(name: str) -> TokenizerConfig:
+    """A fresh copy of a named preset; an unknown name lists the known ones."""
+    key = name.lower()
+    if key not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return TokenizerConfig.from_dict(PRESETS[key].to_dict())

@@ -1,0 +1,117 @@
+"""Reading image files into tensors, and the photos that ship inside installed packages.
+
+Every path that reads user images goes through here, so all commands treat bad input the same:
+grayscale / RGBA / palette / CMYK images become RGB; unreadable files raise
+:class:`ImageReadError` naming the file; sizes are changed only when the caller asks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ImageReadError(ValueError):
+    """An image file could not be read; the message names the file."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image as 8-bit RGB. Alpha is composited on white; palettes and grey are expanded."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(canvas, rgba).convert("RGB")
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({type(exc).__name__})") from None
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square and resize to ``size`` (bicubic): the evaluation protocol of ADM/DiT."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    return img if side == size else img.resize((size, size), Image.BICUBIC)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """Float tensor (3, H, W) in [-1, 1] -> PIL RGB (clamped)."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def read_image(path: str | Path, size: int | None = None, *, resize: bool = False,
+               multiple_of: int = 1) -> torch.Tensor:
+    """Read one file as a (3, H, W) tensor in [-1, 1].
+
+    With ``resize=True`` the image is centre-cropped and resized to ``size``. Otherwise the image
+    must already be ``size`` x ``size`` (or, with ``size=None``, have sides divisible by
+    ``multiple_of``); if it is not, the error says how to fix it.
+    """
+    img = load_rgb(path)
+    if resize:
+        if size is None:
+            raise ValueError("resize=True needs a target size")
+        img = center_crop_resize(img, size)
+    elif size is not None and img.size != (size, size):
+        raise ImageReadError(
+            f"{path}: image is {img.size[0]}x{img.size[1]} but the model takes {size}x{size}; "
+            f"pass --resize to centre-crop and resize it"
+        )
+    elif img.size[0] % multiple_of or img.size[1] % multiple_of:
+        raise ImageReadError(
+            f"{path}: image is {img.size[0]}x{img.size[1]}, not a multiple of the patch size "
+            f"{multiple_of}; pass --resize to centre-crop and resize it"
+        )
+    return to_tensor(img)
+
+
+def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` by suffix, sorted for a deterministic order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# Colour photographs that ship inside always-installable wheels (CC0 / public domain in
+# scikit-image, CC-BY 2.0 in scikit-learn): the embedded default data set.
+_SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                   "motorcycle_right.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
+_SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+
+
+def bundled_photos() -> list[Path]:
+    """Paths of the colour photos shipped inside scikit-image and scikit-learn."""
+    import importlib.util
+
+    paths: list[Path] = []
+    for package, sub, names in (("skimage", "data", _SKIMAGE_PHOTOS),
+                                ("sklearn", "datasets/images", _SKLEARN_PHOTOS)):
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            continue
+        root = Path(spec.origin).parent / sub
+        paths += [root / n for n in names if (root / n).exists()]
+    if not paths:
+        raise FileNotFoundError("no bundled photos found: install scikit-image and scikit-learn")
+    return paths

@@ -1,0 +1,125 @@
+"""DINOv2-style ViT building blocks shared by the tokenizer's encoder and decoder.
+
+Paper Sec. 3.1 uses ViT encoders/decoders; the released checkpoints use DINOv2 blocks
+(pre-LayerNorm with eps 1e-6, fused qkv with bias, MLP ratio 4 with GELU, LayerScale on both
+residual branches initialised to 1e-5), so these modules are laid out to map one to one onto
+them (see ``softvq.checkpoint.official``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Attention(nn.Module):
+    """Full bidirectional multi-head self-attention through ``scaled_dot_product_attention``.
+
+    ``explicit=True`` computes softmax(QK^T/sqrt(d))V by hand in float32: the plain research
+    baseline the benchmarks compare against, numerically the same operation.
+    """
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.explicit = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if self.explicit:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            weights = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(dim=-1)
+            out = (weights @ v.float()).to(x.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP (ViT, ratio 4)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scaling (CaiT / DINOv2), initialised small so blocks start near identity."""
+
+    def __init__(self, dim: int, init: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1 x)); x + ls2(mlp(norm2 x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        layerscale_init: float = 1e-5,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, heads, qkv_bias=qkv_bias)
+        self.ls1 = LayerScale(dim, layerscale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layerscale_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def resize_grid_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Bicubically resize a (1, h*w, C) square grid of position embeddings to ``grid``.
+
+    Used when the image size differs from the size the embeddings were trained at
+    (the same resizing DINOv2 and timm apply).
+    """
+    n, c = pos_embed.shape[1], pos_embed.shape[2]
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"position embedding with {n} entries is not a square grid")
+    if (side, side) == tuple(grid):
+        return pos_embed
+    square = pos_embed.reshape(1, side, side, c).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], c).to(pos_embed.dtype)
+
+
+def patchify(images: Tensor, patch: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, patch*patch*C) in (h, w, p, q, c) order, row-major patches."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: Tensor, grid: tuple[int, int], patch: int, channels: int = 3) -> Tensor:
+    """Inverse of :func:`patchify`: (n, h, w, p, q, c) -> (n, c, h*p, w*q), as the release does."""
+    b = patches.shape[0]
+    h, w = grid
+    x = patches.reshape(b, h, w, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * patch, w * patch)

@@ -1,0 +1,171 @@
+"""The SoftVQ-VAE tokenizer: ViT encoder -> bottleneck -> ViT decoder (paper Fig. 2).
+
+    images (B,3,H,W) in [-1,1] --encoder--> ẑ (B,L,D) --bottleneck--> z (B,L,D) --decoder--> x̂
+
+``to_latent`` / ``from_latent`` are the linear maps width -> D and D -> width (the release's
+``quant_conv`` / ``post_quant_conv``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from softvq.bottlenecks.base import BottleneckOutput
+from softvq.bottlenecks.factory import build_bottleneck
+from softvq.config import TokenizerConfig, preset
+from softvq.networks.decoder import TokenDecoder
+from softvq.networks.encoder import TokenEncoder
+
+
+@dataclass
+class Encoding:
+    """Result of :meth:`Tokenizer.encode`.
+
+    latents:  (B, L, D) the tokens (z); what a generator models and the decoder reads.
+    features: (B, L, input_dim) the encoder projection before the bottleneck (ẑ).
+    indices / probs: hard indices and soft posteriors where the bottleneck has them.
+    losses / metrics: the bottleneck's unweighted losses and diagnostics.
+    """
+
+    latents: Tensor
+    features: Tensor
+    indices: Tensor | None = None
+    probs: Tensor | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TokenizerOutput:
+    """Result of a full forward pass: the reconstruction and the encoding it came from."""
+
+    reconstruction: Tensor
+    encoding: Encoding
+
+
+class Tokenizer(nn.Module):
+    """A 1D image tokenizer. Build with :meth:`from_preset`, :meth:`from_pretrained` or
+    :meth:`from_official`; see the README for the full API."""
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__()
+        self.config = config.validate()
+        c = self.config
+        self.encoder = TokenEncoder(
+            c.encoder, image_size=c.image_size, patch_size=c.patch_size,
+            num_tokens=c.num_tokens, in_channels=c.in_channels,
+        )
+        self.bottleneck = build_bottleneck(c.bottleneck)
+        self.to_latent = nn.Linear(c.encoder.width, self.bottleneck.input_dim)
+        self.from_latent = nn.Linear(self.bottleneck.latent_dim, c.decoder.width)
+        self.decoder = TokenDecoder(
+            c.decoder, image_size=c.image_size, patch_size=c.patch_size,
+            num_tokens=c.num_tokens, out_channels=c.in_channels,
+        )
+        for linear in (self.to_latent, self.from_latent):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+        # Per-checkpoint latent statistics that generators normalise with: (z - mean) / std.
+        self.latent_mean: float | None = None
+        self.latent_std: float | None = None
+
+    # --- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "Tokenizer":
+        """A randomly initialised tokenizer of a named preset (``softvq.PRESETS``).
+
+        ``overrides`` replace top-level config fields, e.g. ``num_tokens=32``.
+        """
+        cfg = preset(name).to_dict()
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key].update(value)
+            else:
+                cfg[key] = value
+        return cls(TokenizerConfig.from_dict(cfg))
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, **kwargs: Any) -> "Tokenizer":
+        """Load our format (``config.json`` + ``model.safetensors``) from a folder or hub id."""
+        from softvq.checkpoint.pretrained import load_pretrained
+
+        return load_pretrained(path_or_id, **kwargs)
+
+    @classmethod
+    def from_official(cls, path_or_id: str | Path, **kwargs: Any) -> "Tokenizer":
+        """Load a released SoftVQ-VAE checkpoint (``SoftVQVAE/softvq-*``), mapping its keys."""
+        from softvq.checkpoint.official import load_official
+
+        return load_official(path_or_id, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` atomically into ``directory``."""
+        from softvq.checkpoint.pretrained import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    # --- the model ---------------------------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def latent_dim(self) -> int:
+        return self.bottleneck.latent_dim
+
+    def check_images(self, images: Tensor) -> None:
+        """Fail early, naming the problem, on inputs the encoder cannot take."""
+        if images.dim() != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
+            )
+        p = self.config.patch_size
+        if images.shape[-1] % p or images.shape[-2] % p:
+            raise ValueError(
+                f"image size {images.shape[-2]}x{images.shape[-1]} is not a multiple of the patch "
+                f"size {p}; crop or resize the images (the CLI's --resize does this)"
+            )
+        if not images.is_floating_point():
+            raise TypeError("images must be floating point in [-1, 1]; divide uint8 by 127.5 and subtract 1")
+
+    def encode(self, images: Tensor) -> Encoding:
+        """Images (B, C, H, W) in [-1, 1] -> :class:`Encoding` with latents (B, L, D)."""
+        self.check_images(images)
+        features = self.to_latent(self.encoder(images))
+        out: BottleneckOutput = self.bottleneck(features)
+        return Encoding(
+            latents=out.latents, features=features, indices=out.indices, probs=out.probs,
+            losses=out.losses, metrics=out.metrics,
+        )
+
+    def decode(self, latents: Tensor, image_size: int | tuple[int, int] | None = None) -> Tensor:
+        """Latents (B, L, D) -> images (B, C, H, W) in about [-1, 1] (default: the trained size)."""
+        if latents.dim() != 3 or latents.shape[1:] != (self.num_tokens, self.latent_dim):
+            raise ValueError(
+                f"expected latents of shape (B, {self.num_tokens}, {self.latent_dim}), got {tuple(latents.shape)}"
+            )
+        grid = None
+        if image_size is not None:
+            h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+            grid = (h // self.config.patch_size, w // self.config.patch_size)
+        x = self.from_latent(latents.to(self.from_latent.weight.dtype))
+        return self.decoder(x, grid)
+
+    def forward(self, images: Tensor) -> TokenizerOutput:
+        enc = self.encode(images)
+        return TokenizerOutput(self.decode(enc.latents, tuple(images.shape[-2:])), enc)
+
+    @torch.inference_mode()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Encode and decode without gradients (images in and out in [-1, 1])."""
+        return self.forward(images).reconstruction
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
