@@ -1,0 +1,140 @@
+"""Encode / decode throughput of every tokenizer preset, with achieved GFLOP/s.
+
+For each preset at batch 8 and its native resolution: images/s of encode and decode, the FLOPs of
+one pass counted by ``torch.utils.flop_counter`` (FLOPs = 2 x multiply-accumulates), the achieved
+GFLOP/s, and the machine's dense-matmul GFLOP/s measured in the same run, so the ratio is honest.
+``--baseline`` also times the plain research implementation (explicit fp32 softmax attention)
+for the same presets and prints the speed ratio.
+
+    python benchmarks/bench_tokenizer.py                       # CPU, fp32, all presets
+    python benchmarks/bench_tokenizer.py --presets softvq-s-64 softvq-b-64 --baseline
+    python benchmarks/bench_tokenizer.py --device cuda --dtype bf16 --baseline   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import softvq
+from softvq.networks.vit import Attention
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds per call after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Dense n x n x n matmul throughput: the machine's practical peak for this dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, device, repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def set_explicit_attention(model: torch.nn.Module, explicit: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.explicit = explicit
+
+
+def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: bool) -> dict:
+    model = softvq.Tokenizer.from_preset(name).to(device).eval()
+    size = model.config.image_size
+    images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+
+    def encode():
+        with torch.inference_mode(), autocast:
+            return model.encode(images).latents
+
+    latents = encode()
+
+    def decode():
+        with torch.inference_mode(), autocast:
+            return model.decode(latents)
+
+    row = {"preset": name, "params_M": model.num_parameters() / 1e6}
+    for label, fn in (("enc", encode), ("dec", decode)):
+        flops = count_flops(fn)
+        seconds = timed(fn, device, repeats)
+        row[f"{label}_img_s"] = batch / seconds
+        row[f"{label}_gflops"] = flops / seconds / 1e9
+        row[f"{label}_gflop_per_img"] = flops / batch / 1e9
+        if baseline:
+            set_explicit_attention(model, True)
+            row[f"{label}_base_img_s"] = batch / timed(fn, device, repeats)
+            set_explicit_attention(model, False)
+    del model
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="*", default=[p for p in softvq.PRESETS if p != "softvq-tiny"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--baseline", action="store_true", help="also time explicit fp32 softmax attention")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    torch.manual_seed(0)
+    peak = matmul_gflops(device, dtype)
+    rows = []
+    for name in args.presets:
+        rows.append(bench_preset(name, device, dtype, args.batch, args.repeats, args.baseline))
+        print(f"done {name}", flush=True)
+    peak_after = matmul_gflops(device, dtype)
+
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {where}")
+    print(f"matmul peak (2048^3, {args.dtype}): {peak:.0f} GFLOP/s before, {peak_after:.0f} after the presets")
+    header = ("preset", "params M", "enc GFLOP/img", "enc img/s", "enc GFLOP/s", "enc %peak",
+              "dec GFLOP/img", "dec img/s", "dec GFLOP/s", "dec %peak")
+    if args.baseline:
+        header += ("enc x baseline", "dec x baseline")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    ref = max(peak, peak_after)
+    for r in rows:
+        cells = [r["preset"], f"{r['params_M']:.2f}",
+                 f"{r['enc_gflop_per_img']:.1f}", f"{r['enc_img_s']:.2f}", f"{r['enc_gflops']:.0f}",
+                 f"{100 * r['enc_gflops'] / ref:.0f}%",
+                 f"{r['dec_gflop_per_img']:.1f}", f"{r['dec_img_s']:.2f}", f"{r['dec_gflops']:.0f}",
+                 f"{100 * r['dec_gflops'] / ref:.0f}%"]
+        if args.baseline:
+            cells += [f"{r['enc_img_s'] / r['enc_base_img_s']:.2f}x", f"{r['dec_img_s'] / r['dec_base_img_s']:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

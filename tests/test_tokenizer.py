@@ -1,0 +1,83 @@
+"""The tokenizer's architecture (paper Sec. 3.1): shapes, what the encoder keeps, resolution changes."""
+
+import pytest
+import torch
+
+import softvq
+from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig
+from softvq.networks.vit import Attention, patchify, unpatchify
+
+
+def tiny(num_tokens=6, kind="softvq", image_size=32) -> softvq.Tokenizer:
+    torch.manual_seed(0)
+    return softvq.Tokenizer(TokenizerConfig(
+        image_size=image_size, patch_size=8, num_tokens=num_tokens,
+        encoder=ViTConfig(32, 2, 2), decoder=ViTConfig(32, 2, 2),
+        bottleneck=BottleneckConfig(kind=kind, latent_dim=4, codebook_size=16),
+    ))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 16])
+def test_any_number_of_latent_tokens(num_tokens):
+    model = tiny(num_tokens)
+    out = model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert out.encoding.latents.shape == (2, num_tokens, 4)
+    assert out.reconstruction.shape == (2, 3, 32, 32)
+
+
+def test_encoder_output_is_the_latent_positions_only():
+    """Changing a latent token's learned query changes that token's output; the outputs are
+    the last L positions of the sequence, not the image positions."""
+    model = tiny().eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    enc = model.encoder
+    with torch.no_grad():
+        seq = []
+        h = torch.cat([enc.cls_token + enc.pos_embed[:, :1],
+                       enc.patch_embed(x).flatten(2).transpose(1, 2) + enc.pos_embed[:, 1:],
+                       enc.latent_tokens + enc.latent_pos_embed], dim=1)
+        for block in enc.blocks:
+            h = block(h)
+        expected = enc.norm(h)[:, -model.num_tokens:]
+        torch.testing.assert_close(enc(x), expected)
+
+
+def test_other_resolution_resizes_position_embeddings():
+    model = tiny(image_size=32).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 48, 64) * 2 - 1)
+    assert out.reconstruction.shape == (1, 3, 48, 64)
+    assert out.encoding.latents.shape == (1, 6, 4)
+
+
+def test_explicit_attention_matches_sdpa():
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x = torch.randn(2, 10, 32)
+    fast = attn(x)
+    attn.explicit = True
+    torch.testing.assert_close(attn(x), fast, rtol=1e-5, atol=1e-6)
+
+
+def test_patchify_roundtrip_and_order():
+    x = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).reshape(2, 3, 8, 12)
+    p = patchify(x, 4)
+    assert p.shape == (2, 6, 48)
+    # second patch in row-major order is the top row, columns 4..7; channel is the fastest axis
+    assert p[0, 1, 0] == x[0, 0, 0, 4] and p[0, 1, 1] == x[0, 1, 0, 4]
+    torch.testing.assert_close(unpatchify(p, (2, 3), 4), x)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny()
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model.encode(torch.rand(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):
+        model.encode(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match="latents of shape"):
+        model.decode(torch.rand(1, 7, 4))
+    with pytest.raises(ValueError, match="unknown config key"):
+        TokenizerConfig.from_dict({"num_tokenz": 3})
+    with pytest.raises(KeyError, match="unknown preset"):
+        softvq.Tokenizer.from_preset("softvq-xxl")
+
