@@ -73,6 +73,20 @@ class Tokenizer(nn.Module):
         # Per-checkpoint latent statistics that generators normalise with: (z - mean) / std.
         self.latent_mean: float | None = None
         self.latent_std: float | None = None
+        self.slice_size: int | None = None
+
+    def enable_slicing(self, slice_size: int = 8) -> "Tokenizer":
+        """Encode/decode large batches ``slice_size`` images at a time, bounding peak memory.
+
+        Results equal the unsliced ones except for the bottleneck's batch-level statistics
+        (losses/metrics are averaged over slices), which inference does not use.
+        """
+        self.slice_size = int(slice_size)
+        return self
+
+    def disable_slicing(self) -> "Tokenizer":
+        self.slice_size = None
+        return self
 
     # --- construction ----------------------------------------------------------------------
 
@@ -138,6 +152,8 @@ class Tokenizer(nn.Module):
     def encode(self, images: Tensor) -> Encoding:
         """Images (B, C, H, W) in [-1, 1] -> :class:`Encoding` with latents (B, L, D)."""
         self.check_images(images)
+        if self.slice_size and images.shape[0] > self.slice_size:
+            return _concat_encodings([self.encode(part) for part in images.split(self.slice_size)])
         features = self.to_latent(self.encoder(images))
         out: BottleneckOutput = self.bottleneck(features)
         return Encoding(
@@ -151,6 +167,8 @@ class Tokenizer(nn.Module):
             raise ValueError(
                 f"expected latents of shape (B, {self.num_tokens}, {self.latent_dim}), got {tuple(latents.shape)}"
             )
+        if self.slice_size and latents.shape[0] > self.slice_size:
+            return torch.cat([self.decode(part, image_size) for part in latents.split(self.slice_size)])
         grid = None
         if image_size is not None:
             h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -169,3 +187,17 @@ class Tokenizer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _concat_encodings(parts: list[Encoding]) -> Encoding:
+    """Join per-slice encodings along the batch; scalar losses/metrics are averaged."""
+    def cat(name: str) -> Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    def mean(name: str) -> dict[str, Tensor]:
+        keys = getattr(parts[0], name).keys()
+        return {k: torch.stack([getattr(p, name)[k] for p in parts]).mean() for k in keys}
+
+    return Encoding(latents=cat("latents"), features=cat("features"), indices=cat("indices"),
+                    probs=cat("probs"), losses=mean("losses"), metrics=mean("metrics"))

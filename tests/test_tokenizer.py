@@ -81,3 +81,15 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(KeyError, match="unknown preset"):
         softvq.Tokenizer.from_preset("softvq-xxl")
 
+
+
+def test_slicing_gives_the_same_latents_and_images():
+    model = tiny().eval()
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        full = model(x)
+        model.enable_slicing(2)
+        sliced = model(x)
+    torch.testing.assert_close(sliced.encoding.latents, full.encoding.latents)
+    torch.testing.assert_close(sliced.reconstruction, full.reconstruction)
+    assert torch.equal(sliced.encoding.indices, full.encoding.indices)
