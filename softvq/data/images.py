@@ -20,12 +20,24 @@ class ImageReadError(ValueError):
     """An image file could not be read; the message names the file."""
 
 
+class ImageSizeError(ImageReadError):
+    """An image was read but its size does not fit the model (and resizing was not asked for).
+
+    A subclass of :class:`ImageReadError`, so callers that skip unreadable files can still
+    tell a wrong size (a usage error: fail, suggest ``--resize``) from a corrupt file (skip it).
+    """
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image as 8-bit RGB. Alpha is composited on white; palettes and grey are expanded."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode == "I" or img.mode.startswith("I;16"):
+                # 16-bit greyscale (PNG/TIFF): Pillow's convert("RGB") clips at 255; scale instead.
+                grey = np.asarray(img, dtype=np.float64) / 257.0
+                return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -72,12 +84,12 @@ def read_image(path: str | Path, size: int | None = None, *, resize: bool = Fals
             raise ValueError("resize=True needs a target size")
         img = center_crop_resize(img, size)
     elif size is not None and img.size != (size, size):
-        raise ImageReadError(
+        raise ImageSizeError(
             f"{path}: image is {img.size[0]}x{img.size[1]} but the model takes {size}x{size}; "
             f"pass --resize to centre-crop and resize it"
         )
     elif img.size[0] % multiple_of or img.size[1] % multiple_of:
-        raise ImageReadError(
+        raise ImageSizeError(
             f"{path}: image is {img.size[0]}x{img.size[1]}, not a multiple of the patch size "
             f"{multiple_of}; pass --resize to centre-crop and resize it"
         )
