@@ -1,0 +1,351 @@
+"""Load the released SoftVQ-VAE checkpoints (``SoftVQVAE/softvq-*`` on the Hugging Face hub).
+
+A release folder holds ``config.json`` (the training code's flat ``ModelArgs``) and
+``model.safetensors`` in the research code's key layout (timm ViTs under ``.model``). This module
+
+1. infers the architecture from the tensors (widths, depths, MLP ratio, patch, grid, tokens,
+   latent dim, codebook count and size) and from ``config.json`` (τ, latent statistics);
+2. builds a :class:`~softvq.config.TokenizerConfig` with the *released* bottleneck semantics
+   (cosine SoftVQ on L2-normalised vectors, detached codebook in the logits, entropy at
+   temperature 0.01, one codebook per sequence segment; see
+   ``shared/reference/official-checkpoint-format.md`` and ``softvq.config._released_bottleneck``);
+3. renames every key to ours and loads **strictly**: a needed key the file lacks, or a key it
+   has that nothing explains, is a :class:`CheckpointError` naming it. Keys that are known and
+   not needed to encode or decode are ignored on purpose and listed (``Tokenizer.ignored_keys``).
+
+Rename rules (release -> ours)::
+
+    encoder.model.patch_embed.proj.*  -> encoder.patch_embed.*
+    encoder.model.*                   -> encoder.*          (cls_token, pos_embed, blocks, norm)
+    quant_conv.*                      -> to_latent.*
+    quantize.embedding (S, K, D)      -> bottleneck.parts.{s}.codebook (K, D)   (S = 1: bottleneck.codebook)
+    post_quant_conv.*                 -> from_latent.*
+    decoder.to_pixel.model.*          -> decoder.to_pixel.*
+    decoder.model.*                   -> decoder.*
+    encoder.latent_tokens / latent_pos_embed, decoder.mask_token / latent_pos_embed: unchanged
+
+Ignored on purpose: ``quantize.codebook_used`` (a usage counter), ``decoder.model.patch_embed.*``
+(present in the file, never used by the decoder's forward pass), ``projection.*`` (the alignment
+MLP of Sec. 3.3) and ``repa_model.*`` (the frozen alignment target encoder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from softvq.checkpoint.pretrained import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    load_strict,
+    read_state_dict,
+    resolve,
+    save_pretrained,
+)
+from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig
+
+if TYPE_CHECKING:
+    from softvq.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# (release prefix, our prefix), first match wins, so the more specific prefixes come first.
+RENAMES: tuple[tuple[str, str], ...] = (
+    ("encoder.model.patch_embed.proj.", "encoder.patch_embed."),
+    ("encoder.model.", "encoder."),
+    ("encoder.latent_tokens", "encoder.latent_tokens"),
+    ("encoder.latent_pos_embed", "encoder.latent_pos_embed"),
+    ("quant_conv.", "to_latent."),
+    ("post_quant_conv.", "from_latent."),
+    ("decoder.to_pixel.model.", "decoder.to_pixel."),
+    ("decoder.model.", "decoder."),
+    ("decoder.mask_token", "decoder.mask_token"),
+    ("decoder.latent_pos_embed", "decoder.latent_pos_embed"),
+)
+
+# Known keys that encoding and decoding do not need, with the reason shown to the user.
+IGNORED: tuple[tuple[str, str], ...] = (
+    ("quantize.codebook_used", "codebook usage counter"),
+    ("decoder.model.patch_embed.", "decoder patch embedding, unused by the decoder's forward pass"),
+    ("projection.", "alignment projector (training only)"),
+    ("repa_model.", "frozen alignment target encoder (training only)"),
+)
+
+CODEBOOK_KEY = "quantize.embedding"
+# Every released model uses 64-channel attention heads (timm ViT-S/B/L: 6/12/16 heads).
+HEAD_DIM = 64
+# Released defaults where config.json is silent (official-checkpoint-format.md).
+RELEASED_TAU = 0.07
+RELEASED_ENTROPY_TEMPERATURE = 0.01
+
+
+@dataclass
+class ConvertedState:
+    """A state dict renamed to our layout plus what the conversion left out or filled in."""
+
+    state: dict[str, torch.Tensor]
+    ignored: list[str] = field(default_factory=list)  # release keys dropped on purpose
+    derived: list[str] = field(default_factory=list)  # our keys set from the config, not the file
+
+
+def official_key(ours: str) -> str:
+    """The release's name for one of our keys (used to name missing keys in errors)."""
+    m = re.fullmatch(r"bottleneck\.(?:parts\.(\d+)\.)?codebook", ours)
+    if m:
+        return f"{CODEBOOK_KEY}[{m.group(1) or 0}]"
+    # The longest matching prefix of ours is the specific rule ("decoder.to_pixel." before "decoder.").
+    for theirs, mine in sorted(RENAMES, key=lambda rule: -len(rule[1])):
+        if ours.startswith(mine):
+            return theirs + ours[len(mine):]
+    return ours
+
+
+def _rename(key: str) -> str | None:
+    for theirs, mine in RENAMES:
+        if key.startswith(theirs):
+            return mine + key[len(theirs):]
+    return None
+
+
+def _ignored_reason(key: str) -> str | None:
+    for prefix, reason in IGNORED:
+        if key.startswith(prefix):
+            return reason
+    return None
+
+
+def _need(state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in state:
+        raise CheckpointError(f"the released checkpoint has no {key!r}; is it a SoftVQ-VAE ViT tokenizer?")
+    return state[key]
+
+
+def _depth(state: dict[str, torch.Tensor], prefix: str) -> int:
+    ids = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    if not ids:
+        raise CheckpointError(f"the released checkpoint has no {prefix}* blocks")
+    missing = sorted(set(range(max(ids) + 1)) - ids)
+    if missing:
+        raise CheckpointError(f"the released checkpoint lacks block(s) {missing} under {prefix}*")
+    return max(ids) + 1
+
+
+def _vit(state: dict[str, torch.Tensor], stack: str, width: int, heads: int | None) -> ViTConfig:
+    depth = _depth(state, f"{stack}.model.blocks.")
+    hidden = _need(state, f"{stack}.model.blocks.0.mlp.fc1.weight").shape[0]
+    if heads is None:
+        if width % HEAD_DIM:
+            raise CheckpointError(
+                f"cannot infer the {stack}'s attention heads: width {width} is not a multiple of "
+                f"{HEAD_DIM}; pass {stack}_heads=..."
+            )
+        heads = width // HEAD_DIM
+    return ViTConfig(width=width, depth=depth, heads=heads, mlp_ratio=hidden / width, norm_eps=1e-6)
+
+
+def read_official_config(folder: Path) -> dict[str, Any]:
+    """The release's ``config.json`` as a flat dict ({} when absent).
+
+    ``PyTorchModelHubMixin`` writes the ``ModelArgs`` fields either flat or under ``"config"``.
+    """
+    file = folder / CONFIG_NAME
+    if not file.exists():
+        log.warning("%s has no %s: using the released defaults (tau %.2f, no latent statistics)",
+                    folder, CONFIG_NAME, RELEASED_TAU)
+        return {}
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    if meta.get("format") == "softvq-tokenizer":
+        raise CheckpointError(f"{folder} is already in softvq's own format; load it with Tokenizer.from_pretrained")
+    flat = dict(meta)
+    if isinstance(meta.get("config"), dict):
+        flat.update(meta["config"])
+    return flat
+
+
+def infer_config(
+    state: dict[str, torch.Tensor],
+    official: dict[str, Any] | None = None,
+    *,
+    encoder_heads: int | None = None,
+    decoder_heads: int | None = None,
+) -> TokenizerConfig:
+    """Our :class:`TokenizerConfig` for a state dict in the released layout.
+
+    Shapes come from the tensors; heads are not stored in any tensor, so they are
+    ``width // 64`` unless given; τ comes from ``config.json``'s ``tau`` (default 0.07).
+    """
+    official = official or {}
+    patch_w = _need(state, "encoder.model.patch_embed.proj.weight")
+    enc_width, in_channels, patch, patch_b = patch_w.shape
+    if patch != patch_b:
+        raise CheckpointError(f"non-square patches {patch}x{patch_b} are not supported")
+    grid_tokens = _need(state, "encoder.model.pos_embed").shape[1] - 1  # first row: cls position
+    side = math.isqrt(grid_tokens)
+    if side * side != grid_tokens:
+        raise CheckpointError(f"encoder.model.pos_embed has {grid_tokens + 1} rows, not 1 + a square grid")
+    num_tokens = _need(state, "encoder.latent_tokens").shape[1]
+    dec_width = _need(state, "decoder.mask_token").shape[-1]
+    pixels = _need(state, "decoder.to_pixel.model.weight").shape[0]
+    if pixels != in_channels * patch * patch:
+        raise CheckpointError(
+            f"decoder.to_pixel.model.weight predicts {pixels} values per patch, but the encoder's "
+            f"{patch}x{patch} patches of {in_channels} channels have {in_channels * patch * patch}"
+        )
+    latent_dim = _need(state, "quant_conv.weight").shape[0]
+    book = _need(state, CODEBOOK_KEY)
+    if book.dim() == 2:
+        book = book.unsqueeze(0)
+    if book.dim() != 3 or book.shape[-1] != latent_dim:
+        raise CheckpointError(
+            f"{CODEBOOK_KEY} has shape {tuple(book.shape)}; expected (codebooks, K, {latent_dim})"
+        )
+    if official.get("codebook_l2_norm") is False:
+        raise CheckpointError("this release was trained without codebook_l2_norm; only the cosine "
+                              "(l2-normalised) SoftVQ of the released models is supported")
+    tau = float(official.get("tau", RELEASED_TAU))
+    image_size = side * patch
+    if "image_size" in official and int(official["image_size"]) != image_size:
+        log.warning("config.json says image_size %s but the position embeddings are for %d px; using %d",
+                    official["image_size"], image_size, image_size)
+    return TokenizerConfig(
+        image_size=image_size,
+        patch_size=patch,
+        num_tokens=num_tokens,
+        in_channels=in_channels,
+        encoder=_vit(state, "encoder", enc_width, encoder_heads),
+        decoder=_vit(state, "decoder", dec_width, decoder_heads),
+        bottleneck=BottleneckConfig(
+            kind="softvq",
+            latent_dim=latent_dim,
+            codebook_size=book.shape[1],
+            temperature=tau,
+            distance="cosine",
+            detach_codebook_in_logits=True,
+            entropy_temperature=RELEASED_ENTROPY_TEMPERATURE,
+            segments=book.shape[0],
+        ),
+    ).validate()
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> ConvertedState:
+    """Rename a released state dict to the keys of ``model`` (a :class:`Tokenizer`).
+
+    Raises :class:`CheckpointError` naming (in the release's spelling) any key the file has that
+    neither maps onto a key of ``model`` nor is a known extra. Keys the model needs but the file lacks are reported by :func:`load_official`.
+    """
+    own = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    unknown: list[str] = []
+    for key, value in state.items():
+        if key == CODEBOOK_KEY:
+            out.update(_split_codebooks(value, own))
+        elif _ignored_reason(key) is not None:
+            ignored.append(key)
+        elif (mine := _rename(key)) is not None and mine in own:
+            out[mine] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
+        raise CheckpointError(f"the released checkpoint has unexpected keys {shown}; softvq does not know what they are")
+    # The temperature is fixed in the release and lives in config.json, not in the weights.
+    derived = [k for k in own if k.startswith("bottleneck.") and k.endswith("log_temperature") and k not in out]
+    for key in derived:
+        out[key] = own[key].detach().clone()
+    return ConvertedState(out, sorted(ignored), derived)
+
+
+def _split_codebooks(embedding: torch.Tensor, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(S, K, D) -> one (K, D) codebook per sequence segment, as the model lays them out."""
+    books = embedding.unsqueeze(0) if embedding.dim() == 2 else embedding
+    parts = sorted((int(m.group(1)), k) for k in own if (m := re.fullmatch(r"bottleneck\.parts\.(\d+)\.codebook", k)))
+    if parts:
+        if len(parts) != books.shape[0]:
+            raise CheckpointError(
+                f"{CODEBOOK_KEY} holds {books.shape[0]} codebooks but the model has {len(parts)} segments"
+            )
+        return {key: books[i].clone() for i, key in parts}
+    if "bottleneck.codebook" in own:
+        if books.shape[0] != 1:
+            raise CheckpointError(
+                f"{CODEBOOK_KEY} holds {books.shape[0]} per-segment codebooks but this build of softvq "
+                f"made a single-codebook bottleneck (segments not supported by build_bottleneck)"
+            )
+        return {"bottleneck.codebook": books[0].clone()}
+    raise CheckpointError("the model's bottleneck has no codebook to receive quantize.embedding")
+
+
+def load_official(
+    path_or_id: str | Path,
+    *,
+    map_location: str | torch.device = "cpu",
+    encoder_heads: int | None = None,
+    decoder_heads: int | None = None,
+) -> "Tokenizer":
+    """Build a :class:`Tokenizer` from a released checkpoint folder or hub id, loading strictly.
+
+    The returned model has ``ignored_keys`` (release keys dropped on purpose), ``latent_mean`` /
+    ``latent_std`` from ``config.json``'s ``vq_mean`` / ``vq_std`` and is in eval mode.
+    """
+    from softvq.tokenizer import Tokenizer
+
+    folder = resolve(path_or_id, [CONFIG_NAME, WEIGHTS_NAME])
+    official = read_official_config(folder)
+    state = read_state_dict(folder / WEIGHTS_NAME)
+    config = infer_config(state, official, encoder_heads=encoder_heads, decoder_heads=decoder_heads)
+    model = Tokenizer(config)
+    converted = convert_state_dict(state, model)
+    missing = [k for k in model.state_dict() if k not in converted.state]
+    if missing:
+        names = [official_key(k) for k in missing]
+        shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+        raise CheckpointError(f"{folder / WEIGHTS_NAME} is missing needed key(s) {shown}")
+    load_strict(model, converted.state, f"{folder / WEIGHTS_NAME} (converted)")
+    model.ignored_keys = converted.ignored
+    if converted.ignored:
+        log.info("ignored %d release key(s) not needed to encode or decode: %s",
+                 len(converted.ignored), ", ".join(_summarise(converted.ignored)))
+    for name, ours in (("vq_mean", "latent_mean"), ("vq_std", "latent_std")):
+        if name in official:
+            setattr(model, ours, float(official[name]))
+    return model.to(map_location).eval()
+
+
+def _summarise(keys: list[str]) -> list[str]:
+    """Group ignored keys by their ignore rule: 'decoder.model.patch_embed.* (2 keys)'."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        prefix = next((p for p, _ in IGNORED if key.startswith(p)), key)
+        label = prefix + "*" if prefix.endswith(".") else prefix
+        groups[label] = groups.get(label, 0) + 1
+    return [f"{label} ({n} key{'s' if n > 1 else ''})" for label, n in groups.items()]
+
+
+def ignored_summary(keys: list[str]) -> list[str]:
+    """Human-readable lines for ignored keys, each with the reason it is not needed."""
+    reasons = dict(IGNORED)
+    lines = []
+    for item in _summarise(keys):
+        prefix = item.split(" (")[0].rstrip("*")
+        lines.append(f"{item}: {reasons.get(prefix, 'not needed')}")
+    return lines
+
+
+def convert_official(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
+    """Convert a released checkpoint (folder or hub id) to softvq's own format in ``dst``."""
+    model = load_official(src, **kwargs)
+    return save_pretrained(model, dst)

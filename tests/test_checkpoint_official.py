@@ -1,0 +1,348 @@
+"""The released-checkpoint converter against shared/reference/official-checkpoint-format.md.
+
+A state dict in the release's key layout is built here from the documented shapes (tiny widths,
+random values), converted, loaded strictly, and its reconstruction compared with a naive float64
+forward pass written from the doc's "forward semantics" section, independent of softvq's modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from softvq import BottleneckConfig, Tokenizer, preset
+from softvq.bottlenecks.factory import build_bottleneck
+from softvq.checkpoint.official import convert_official, infer_config, load_official
+from softvq.checkpoint.pretrained import CheckpointError, load_pretrained
+
+# --- a state dict in the released layout -------------------------------------------------------
+
+
+def _block_shapes(prefix: str, width: int, depth: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(depth):
+        b = f"{prefix}.blocks.{i}."
+        shapes.update({
+            b + "norm1.weight": (width,), b + "norm1.bias": (width,),
+            b + "attn.qkv.weight": (3 * width, width), b + "attn.qkv.bias": (3 * width,),
+            b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
+            b + "ls1.gamma": (width,),
+            b + "norm2.weight": (width,), b + "norm2.bias": (width,),
+            b + "mlp.fc1.weight": (4 * width, width), b + "mlp.fc1.bias": (4 * width,),
+            b + "mlp.fc2.weight": (width, 4 * width), b + "mlp.fc2.bias": (width,),
+            b + "ls2.gamma": (width,),
+        })
+    shapes[f"{prefix}.norm.weight"] = (width,)
+    shapes[f"{prefix}.norm.bias"] = (width,)
+    return shapes
+
+
+def released_shapes(*, enc: tuple[int, int], dec: tuple[int, int], image: int, patch: int,
+                    tokens: int, dim: int, books: int, codewords: int) -> dict[str, tuple[int, ...]]:
+    """Key -> shape exactly as listed in the doc's "Key names" section (S-64 example)."""
+    (ew, ed), (dw, dd) = enc, dec
+    n = (image // patch) ** 2
+    shapes = {
+        "encoder.latent_tokens": (1, tokens, ew),
+        "encoder.latent_pos_embed": (1, tokens, ew),
+        "encoder.model.cls_token": (1, 1, ew),
+        "encoder.model.pos_embed": (1, n + 1, ew),
+        "encoder.model.patch_embed.proj.weight": (ew, 3, patch, patch),
+        "encoder.model.patch_embed.proj.bias": (ew,),
+        **_block_shapes("encoder.model", ew, ed),
+        "quant_conv.weight": (dim, ew), "quant_conv.bias": (dim,),
+        "quantize.embedding": (books, codewords, dim),
+        "quantize.codebook_used": (books, 65536),
+        "post_quant_conv.weight": (dw, dim), "post_quant_conv.bias": (dw,),
+        "decoder.mask_token": (1, 1, dw),
+        "decoder.latent_pos_embed": (1, tokens, dw),
+        "decoder.model.cls_token": (1, 1, dw),
+        "decoder.model.pos_embed": (1, n + 1, dw),
+        "decoder.model.patch_embed.proj.weight": (dw, 3, patch, patch),
+        "decoder.model.patch_embed.proj.bias": (dw,),
+        **_block_shapes("decoder.model", dw, dd),
+        "decoder.to_pixel.model.weight": (3 * patch * patch, dw),
+        "decoder.to_pixel.model.bias": (3 * patch * patch,),
+    }
+    return shapes
+
+
+def random_released_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random values at scales that keep every part of the forward pass active."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        x = torch.randn(shape, generator=g)
+        if key.endswith("codebook_used"):
+            x = torch.randint(0, 100, shape, generator=g).float()
+        elif key.endswith("gamma"):
+            x = 0.5 + 0.5 * torch.rand(shape, generator=g)  # LayerScale well away from 1e-5
+        elif ".norm" in key and key.endswith("weight"):
+            x = 1 + 0.1 * x
+        elif key.endswith("bias"):
+            x = 0.1 * x
+        elif key.endswith("weight"):
+            x = x / math.sqrt(math.prod(shape[1:]))
+        elif key != "quantize.embedding":
+            x = 0.5 * x
+        state[key] = x.contiguous()
+    return state
+
+
+TINY = dict(enc=(128, 2), dec=(192, 2), image=32, patch=8, tokens=8, dim=4, codewords=16)
+
+
+def segments_supported() -> bool:
+    cfg = BottleneckConfig(latent_dim=4, codebook_size=16, distance="cosine", segments=4)
+    return hasattr(build_bottleneck(cfg), "parts")
+
+
+SEGMENTS = [1, pytest.param(4, marks=pytest.mark.skipif(
+    not segments_supported(), reason="per-sequence-segment codebooks (bottleneck.parts) not built yet"))]
+
+
+def write_release(folder: Path, state: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def tiny_release(tmp_path: Path, books: int, *, tau: float = 0.07, extras: bool = True,
+                 name: str = "release") -> tuple[Path, dict[str, torch.Tensor], dict]:
+    state = random_released_state(released_shapes(**TINY, books=books))
+    if extras:  # alignment projector and frozen target encoder of an alignment-trained checkpoint
+        g = torch.Generator().manual_seed(1)
+        state.update({"projection.0.weight": torch.randn(32, 4, generator=g), "projection.0.bias": torch.zeros(32),
+                      "repa_model.blocks.0.norm1.weight": torch.ones(16)})
+    config = {"image_size": 32, "codebook_size": 16, "codebook_embed_dim": 4, "codebook_l2_norm": True,
+              "tau": tau, "num_codebooks": books, "num_latent_tokens": 8, "enc_type": "vit",
+              "dec_type": "vit", "enc_patch_size": 8, "dec_patch_size": 8, "vq_mean": 0.25, "vq_std": 1.75}
+    return write_release(tmp_path / name, state, config), state, config
+
+
+# --- an independent naive forward pass from the doc ---------------------------------------------
+
+
+def _ln(x, sd, key):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + 1e-6) * sd[key + ".weight"] + sd[key + ".bias"]
+
+
+def _linear(x, sd, key):
+    return x @ sd[key + ".weight"].t() + sd[key + ".bias"]
+
+
+def _block(x, sd, key, heads):
+    width = x.shape[-1]
+    hd = width // heads
+    qkv = _linear(_ln(x, sd, key + ".norm1"), sd, key + ".attn.qkv")
+    q, k, v = qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:]
+    outs = []
+    for h in range(heads):
+        s = slice(h * hd, (h + 1) * hd)
+        w = torch.softmax(q[..., s] @ k[..., s].transpose(-1, -2) / math.sqrt(hd), dim=-1)
+        outs.append(w @ v[..., s])
+    x = x + sd[key + ".ls1.gamma"] * _linear(torch.cat(outs, -1), sd, key + ".attn.proj")
+    hidden = _linear(_ln(x, sd, key + ".norm2"), sd, key + ".mlp.fc1")
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
+    return x + sd[key + ".ls2.gamma"] * _linear(hidden, sd, key + ".mlp.fc2")
+
+
+def reference_reconstruction(sd: dict[str, torch.Tensor], images: torch.Tensor, *, patch: int,
+                             enc_heads: int, dec_heads: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The doc's forward semantics in float64: returns (z_q (n, L, D), image (n, 3, H, W))."""
+    sd = {k: v.double() for k, v in sd.items()}
+    x = images.double()
+    n, c, height, width = x.shape
+    gh, gw = height // patch, width // patch
+    # patchify with the stride-p conv, row-major patch order
+    tiles = x.reshape(n, c, gh, patch, gw, patch)
+    w = sd["encoder.model.patch_embed.proj.weight"]
+    tok = torch.einsum("ncipjq,ocpq->nijo", tiles, w).reshape(n, gh * gw, -1)
+    tok = tok + sd["encoder.model.patch_embed.proj.bias"]
+    pos = sd["encoder.model.pos_embed"]
+    cls = (sd["encoder.model.cls_token"] + pos[:, :1]).expand(n, -1, -1)
+    lat = (sd["encoder.latent_tokens"] + sd["encoder.latent_pos_embed"]).expand(n, -1, -1)
+    seq = torch.cat([cls, tok + pos[:, 1:], lat], 1)
+    depth = len({k.split(".")[3] for k in sd if k.startswith("encoder.model.blocks.")})
+    for i in range(depth):
+        seq = _block(seq, sd, f"encoder.model.blocks.{i}", enc_heads)
+    length = sd["encoder.latent_tokens"].shape[1]
+    z = _linear(_ln(seq, sd, "encoder.model.norm")[:, -length:], sd, "quant_conv")
+    # released bottleneck: l2-normalised cosine logits / tau, one codebook per sequence segment
+    books = sd["quantize.embedding"]
+    seg = length // books.shape[0]
+    zq = torch.empty_like(z)
+    for s in range(books.shape[0]):
+        part = z[:, s * seg:(s + 1) * seg]
+        cb = books[s] / books[s].norm(dim=-1, keepdim=True)
+        zn = part / part.norm(dim=-1, keepdim=True)
+        zq[:, s * seg:(s + 1) * seg] = torch.softmax(zn @ cb.t() / tau, dim=-1) @ cb
+    # decoder: [cls, N mask tokens, L latents], keep outputs 1..N
+    h = _linear(zq, sd, "post_quant_conv")
+    pos = sd["decoder.model.pos_embed"]
+    cls = (sd["decoder.model.cls_token"] + pos[:, :1]).expand(n, -1, -1)
+    masks = (sd["decoder.mask_token"] + pos[:, 1:]).expand(n, -1, -1)
+    seq = torch.cat([cls, masks, h + sd["decoder.latent_pos_embed"]], 1)
+    depth = len({k.split(".")[3] for k in sd if k.startswith("decoder.model.blocks.")})
+    for i in range(depth):
+        seq = _block(seq, sd, f"decoder.model.blocks.{i}", dec_heads)
+    out = _linear(_ln(seq, sd, "decoder.model.norm")[:, 1:1 + gh * gw], sd, "decoder.to_pixel.model")
+    # unpatchify (n, h, w, p, q, c) -> (n, c, h*p, w*q)
+    out = out.reshape(n, gh, gw, patch, patch, c)
+    img = torch.einsum("nhwpqc->nchpwq", out).reshape(n, c, gh * patch, gw * patch)
+    return zq, img
+
+
+def test_fixture_has_the_documented_key_counts():
+    """The fixture's key inventory matches the doc: S and B 360 keys, BL 528, L 696."""
+    common = dict(image=32, patch=8, tokens=8, dim=4, books=4, codewords=16)
+    assert len(released_shapes(enc=(64, 12), dec=(64, 12), **common)) == 360
+    assert len(released_shapes(enc=(64, 12), dec=(64, 24), **common)) == 528
+    assert len(released_shapes(enc=(64, 24), dec=(64, 24), **common)) == 696
+
+
+@pytest.mark.parametrize("books", SEGMENTS)
+def test_converted_release_matches_naive_reference(tmp_path, books):
+    torch.manual_seed(0)
+    folder, state, _ = tiny_release(tmp_path, books)
+    model = load_official(folder)
+    assert model.config.bottleneck.segments == books
+    assert (model.config.encoder.heads, model.config.decoder.heads) == (2, 3)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    ref_z, ref_img = reference_reconstruction(state, images, patch=8, enc_heads=2, dec_heads=3, tau=0.07)
+    with torch.inference_mode():
+        enc = model.encode(images)
+        recon = model.decode(enc.latents)
+    # The codebook mixture is far from a single codeword, so this checks the softmax, not just argmax.
+    assert ref_z.std() > 0.1
+    torch.testing.assert_close(enc.latents.double(), ref_z, atol=2e-5, rtol=0)
+    assert recon.std() > 0.1
+    torch.testing.assert_close(recon.double(), ref_img, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("books", SEGMENTS)
+def test_segment_codebooks_are_not_interchangeable(tmp_path, books):
+    """Swapping segment codebooks (or permuting the channels of the only one) changes the reference output,
+    so the match above really depends on quantize.embedding[s] reaching segment s."""
+    _, state, _ = tiny_release(tmp_path, books)
+    swapped = dict(state)
+    emb = state["quantize.embedding"].clone()
+    swapped["quantize.embedding"] = emb.flip(0) if books > 1 else emb.roll(1, dims=2)
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    kw = dict(patch=8, enc_heads=2, dec_heads=3, tau=0.07)
+    a = reference_reconstruction(state, images, **kw)[1]
+    b = reference_reconstruction(swapped, images, **kw)[1]
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_reads_tau_and_latent_statistics_from_config_json(tmp_path):
+    folder, _, _ = tiny_release(tmp_path, 1, tau=0.1)
+    model = load_official(folder)
+    assert model.config.bottleneck.temperature == pytest.approx(0.1)
+    assert model.config.bottleneck.distance == "cosine"
+    assert model.config.bottleneck.detach_codebook_in_logits is True
+    assert model.config.bottleneck.entropy_temperature == pytest.approx(0.01)
+    assert (model.latent_mean, model.latent_std) == (0.25, 1.75)
+    assert float(model.bottleneck.temperature) == pytest.approx(0.1)
+
+
+def test_lists_the_keys_it_ignores(tmp_path):
+    folder, _, _ = tiny_release(tmp_path, 1)
+    model = load_official(folder)
+    assert model.ignored_keys == sorted([
+        "decoder.model.patch_embed.proj.bias", "decoder.model.patch_embed.proj.weight",
+        "projection.0.bias", "projection.0.weight", "quantize.codebook_used",
+        "repa_model.blocks.0.norm1.weight",
+    ])
+
+
+@pytest.mark.parametrize("drop", ["encoder.model.blocks.1.attn.proj.bias", "decoder.to_pixel.model.bias",
+                                  "encoder.latent_pos_embed", "post_quant_conv.weight",
+                                  "decoder.model.blocks.0.ls2.gamma"])
+def test_missing_key_is_named_in_the_release_spelling(tmp_path, drop):
+    folder, state, config = tiny_release(tmp_path, 1)
+    del state[drop]
+    write_release(folder, state, config)
+    with pytest.raises(CheckpointError, match=f"'?{drop.replace('.', '[.]')}'?"):
+        load_official(folder)
+
+
+@pytest.mark.parametrize("extra", ["encoder.model.blocks.0.attn.q_norm.weight", "discriminator.head.weight"])
+def test_unexpected_key_is_named(tmp_path, extra):
+    folder, state, config = tiny_release(tmp_path, 1)
+    state[extra] = torch.zeros(3)
+    write_release(folder, state, config)
+    with pytest.raises(CheckpointError, match="unexpected keys " + extra.replace(".", "[.]")):
+        load_official(folder)
+
+
+def test_missing_codebook_is_a_clear_error(tmp_path):
+    folder, state, config = tiny_release(tmp_path, 1)
+    del state["quantize.embedding"]
+    write_release(folder, state, config)
+    with pytest.raises(CheckpointError, match="quantize.embedding"):
+        load_official(folder)
+
+
+def test_convert_then_load_ours_is_bit_identical(tmp_path):
+    folder, _, _ = tiny_release(tmp_path, 1)
+    original = load_official(folder)
+    out = convert_official(folder, tmp_path / "ours")
+    again = load_pretrained(out)
+    a, b = original.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (again.latent_mean, again.latent_std) == (0.25, 1.75)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(original.reconstruct(x), again.reconstruct(x))
+
+
+def test_hub_id_goes_through_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder, _, _ = tiny_release(tmp_path, 1)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns: asked.append((repo, allow_patterns)) or str(folder))
+    model = Tokenizer.from_official("SoftVQVAE/softvq-test")
+    assert asked == [("SoftVQVAE/softvq-test", ["config.json", "model.safetensors"])]
+    assert model.num_tokens == 8
+
+    def offline(repo, allow_patterns):
+        raise ConnectionError("Failed to resolve 'huggingface.co'\nmore lines")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match="offline") as err:
+        Tokenizer.from_official("SoftVQVAE/softvq-test")
+    assert "\n" not in str(err.value)
+
+
+# Shapes of the eight releases, typed in from the doc's table (not read from softvq's presets).
+RELEASES = {
+    "softvq-s-64": ((384, 12), (384, 12), 256, 16, 64, 32),
+    "softvq-s-32": ((384, 12), (384, 12), 256, 16, 32, 64),
+    "softvq-b-64": ((768, 12), (768, 12), 256, 16, 64, 32),
+    "softvq-b-32": ((768, 12), (768, 12), 256, 16, 32, 64),
+    "softvq-bl-64": ((768, 12), (1024, 24), 256, 16, 64, 32),
+    "softvq-l-32": ((1024, 24), (1024, 24), 256, 16, 32, 64),
+    "softvq-bl-64-512": ((768, 12), (1024, 24), 512, 32, 64, 32),
+    "softvq-l-32-512": ((1024, 24), (1024, 24), 512, 32, 32, 64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASES))
+def test_inferred_config_of_each_release_equals_our_preset(name):
+    """Shapes only (meta tensors): the converter recovers exactly our preset from a release layout."""
+    enc, dec, image, patch, tokens, dim = RELEASES[name]
+    shapes = released_shapes(enc=enc, dec=dec, image=image, patch=patch, tokens=tokens, dim=dim,
+                             books=4, codewords=8192)
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    assert infer_config(state, {"tau": 0.07}).to_dict() == preset(name).to_dict()

@@ -1,0 +1,74 @@
+"""softvq's own checkpoint format: bit-identical round trip, strict loading, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from softvq import Tokenizer
+from softvq.checkpoint.pretrained import CheckpointError, load_pretrained
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset("softvq-tiny").eval()
+    model.latent_mean, model.latent_std = 0.5, 2.0
+    return model, model.save_pretrained(tmp_path / "ckpt")
+
+
+def test_save_load_round_trip_is_bit_identical(saved):
+    model, folder = saved
+    again = Tokenizer.from_pretrained(folder)
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert again.config == model.config
+    assert (again.latent_mean, again.latent_std) == (0.5, 2.0)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(model.reconstruct(x), again.reconstruct(x))
+
+
+def _edit_weights(folder, edit):
+    state = load_file(str(folder / "model.safetensors"))
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def test_missing_key_is_named(saved):
+    _, folder = saved
+    _edit_weights(folder, lambda s: s.pop("decoder.blocks.2.mlp.fc1.bias"))
+    with pytest.raises(CheckpointError, match=r"missing keys decoder\.blocks\.2\.mlp\.fc1\.bias"):
+        load_pretrained(folder)
+
+
+def test_unexpected_key_is_named(saved):
+    _, folder = saved
+    _edit_weights(folder, lambda s: s.update({"encoder.extra_token": torch.zeros(1)}))
+    with pytest.raises(CheckpointError, match=r"unexpected keys encoder\.extra_token"):
+        load_pretrained(folder)
+
+
+def test_shape_mismatch_is_named(saved):
+    _, folder = saved
+    _edit_weights(folder, lambda s: s.update({"to_latent.bias": torch.zeros(5)}))
+    with pytest.raises(CheckpointError, match=r"to_latent\.bias: file \(5,\) vs model \(8,\)"):
+        load_pretrained(folder)
+
+
+def test_corrupt_weights_give_a_one_line_error(saved):
+    _, folder = saved
+    (folder / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt or unreadable") as err:
+        load_pretrained(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_release_folder_is_refused_with_a_pointer_to_from_official(saved):
+    _, folder = saved
+    (folder / "config.json").write_text(json.dumps({"codebook_size": 8192, "tau": 0.07}))
+    with pytest.raises(CheckpointError, match="from_official"):
+        load_pretrained(folder)
