@@ -1,0 +1,92 @@
+"""Helpers shared by the sub-commands: which model to load, on which device.
+
+A model SPEC is one of
+  * a preset name (``softvq-tiny``, ``softvq-s-64``, ...): random weights, with a warning;
+  * a folder or hub id in softvq's own format (``config.json`` + ``model.safetensors``);
+  * ``official:FOLDER_OR_HUB_ID``: a released SoftVQ-VAE checkpoint, converted on load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from softvq.config import PRESETS
+from softvq.tokenizer import Tokenizer
+
+OFFICIAL_PREFIX = "official:"
+DEFAULT_MODEL = "softvq-tiny"
+SPEC_HELP = (f"preset name (random weights), a softvq checkpoint folder or hub id, or "
+             f"{OFFICIAL_PREFIX}FOLDER_OR_HUB_ID for a released SoftVQ-VAE checkpoint")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
+    """``--model SPEC`` (default ``default``) and ``--device``, alike for every command that runs a tokenizer."""
+    parser.add_argument("--model", default=default, metavar="SPEC",
+                        help=SPEC_HELP + (f" (default: {default})" if default else ""))
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then CPU; anything else must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for but MPS is not available; use --device cpu")
+    return device
+
+
+def is_preset(spec: str) -> bool:
+    return spec.lower() in PRESETS
+
+
+def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool = False) -> Tokenizer:
+    """The tokenizer a SPEC names, in eval mode on ``device``.
+
+    The returned model carries ``source`` (a one-line description for printing). A preset gets
+    random weights and a warning on stderr unless ``quiet``.
+    """
+    device = resolve_device(device) if isinstance(device, str) else device
+    if is_preset(spec):
+        model = Tokenizer.from_preset(spec)
+        model.source = f"preset {spec.lower()} (random weights, untrained)"
+        if not quiet:
+            print(f"softvq: warning: {spec} is a preset with RANDOM weights; outputs are meaningless "
+                  f"until it is trained (pass --model with a checkpoint)", file=sys.stderr)
+    elif spec.startswith(OFFICIAL_PREFIX):
+        target = spec[len(OFFICIAL_PREFIX):]
+        model = Tokenizer.from_official(target)
+        model.source = f"released SoftVQ-VAE checkpoint {target}"
+    else:
+        from pathlib import Path
+
+        from softvq.checkpoint.pretrained import CheckpointError
+
+        if not Path(spec).expanduser().exists() and "/" not in spec:
+            raise CheckpointError(
+                f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), not a folder, "
+                f"and not a hub id like 'org/name'"
+            )
+        try:
+            model = Tokenizer.from_pretrained(spec)
+        except CheckpointError as exc:
+            if "from_official" in str(exc):  # a released folder passed without the prefix
+                raise CheckpointError(
+                    f"{spec} is not in softvq's format; if it is a released SoftVQ-VAE checkpoint "
+                    f"pass --model {OFFICIAL_PREFIX}{spec}"
+                ) from None
+            raise
+        model.source = f"softvq checkpoint {spec}"
+    return model.to(device).eval()

@@ -1,0 +1,131 @@
+"""``softvq encode FOLDER --model SPEC --out latents.safetensors``: a folder of images -> latents.
+
+The output file holds one tensor ``latents`` (N, L, D) float32 and, in its metadata, the image
+names (paths relative to FOLDER, in the order of the rows), the model SPEC, the image size and
+the latent statistics, so ``softvq decode`` can turn it back into named images. Unreadable
+files are skipped and listed at the end; an image of the wrong size is an error unless
+``--resize`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from softvq.checkpoint.pretrained import CheckpointError, atomic_write
+from softvq.cli.common import add_model_arguments, load_tokenizer
+from softvq.data.images import ImageReadError, ImageSizeError, list_images, read_image
+
+LATENTS_FORMAT = "softvq-latents"
+
+
+@dataclass
+class LatentsFile:
+    """Contents of a latents file written by ``softvq encode``."""
+
+    latents: torch.Tensor  # (N, L, D)
+    names: list[str]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int | None:
+        return int(self.meta["image_size"]) if "image_size" in self.meta else None
+
+
+def write_latents(path: str | Path, latents: torch.Tensor, names: list[str], meta: dict[str, object]) -> Path:
+    """Write latents (N, L, D) with their names atomically (safetensors; metadata is strings)."""
+    from safetensors.torch import save_file
+
+    if latents.shape[0] != len(names):
+        raise ValueError(f"{latents.shape[0]} latents but {len(names)} names")
+    path = Path(path)
+    info = {"format": LATENTS_FORMAT, "names": json.dumps(names)}
+    info.update({k: str(v) for k, v in meta.items() if v is not None})
+    tensors = {"latents": latents.detach().float().contiguous().cpu()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=info))
+    return path
+
+
+def read_latents(path: str | Path) -> LatentsFile:
+    """Read a file written by :func:`write_latents`, with one-line errors for bad files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latents file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if "latents" not in f.keys():
+                raise CheckpointError(f"{path} has no 'latents' tensor; is it written by softvq encode?")
+            latents = f.get_tensor("latents")
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
+    if latents.dim() != 3:
+        raise CheckpointError(f"{path}: 'latents' has shape {tuple(latents.shape)}, expected (N, L, D)")
+    names = json.loads(meta.pop("names")) if "names" in meta else [f"{i:06d}" for i in range(len(latents))]
+    if len(names) != len(latents):
+        raise CheckpointError(f"{path}: {len(latents)} latents but {len(names)} names")
+    return LatentsFile(latents, names, meta)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("encode", help="folder of images -> latents file (with names)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
+    add_model_arguments(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="latents file to write (.safetensors)")
+    p.add_argument("--resize", action="store_true", help="centre-crop and resize to the model's image size")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    paths = list_images(folder)
+    if not paths:
+        raise FileNotFoundError(f"no image files in {folder} (looked for .png, .jpg, .webp, ...)")
+    torch.manual_seed(args.seed)
+    model = load_tokenizer(args.model, args.device)
+    size = model.config.image_size
+    device = next(model.parameters()).device
+    chunks: list[torch.Tensor] = []
+    names: list[str] = []
+    skipped: list[str] = []
+    batch_size = max(1, args.batch_size)
+    with torch.inference_mode(), tqdm(total=len(paths), desc="encode", unit="img", disable=None) as bar:
+        for start in range(0, len(paths), batch_size):
+            images, batch_names = [], []
+            for path in paths[start:start + batch_size]:
+                try:
+                    images.append(read_image(path, size, resize=args.resize))
+                    batch_names.append(path.relative_to(folder).as_posix())
+                except ImageSizeError:
+                    raise  # a usage error: the message suggests --resize
+                except ImageReadError as exc:
+                    skipped.append(str(exc))
+            if images:
+                chunks.append(model.encode(torch.stack(images).to(device)).latents.float().cpu())
+                names += batch_names
+            bar.update(len(paths[start:start + batch_size]))
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
+        for line in skipped:
+            print(f"  {line}", file=sys.stderr)
+    if not names:
+        raise ImageReadError(f"none of the {len(paths)} image file(s) in {folder} could be read")
+    latents = torch.cat(chunks)
+    meta = {"model": args.model, "image_size": size, "num_tokens": model.num_tokens,
+            "latent_dim": model.latent_dim, "latent_mean": model.latent_mean, "latent_std": model.latent_std}
+    write_latents(args.out, latents, names, meta)
+    print(f"encoded {len(names)} image(s) of {len(paths)} -> {args.out} latents {tuple(latents.shape)}")
+    return 0

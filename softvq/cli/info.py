@@ -1,0 +1,168 @@
+"""``softvq info [SPEC] [--save DIR]``: what a tokenizer is and how much it compresses.
+
+Without SPEC, one line per preset. With SPEC, a table: image and token shapes, parameters of
+encoder / bottleneck / decoder, and the compression ratio, i.e. bits of an 8-bit RGB image
+(H·W·3·8) over bits of its latents (L·D floats at 16 or 32 bits), plus pixels per token.
+``--save DIR`` writes the model in softvq's format: with ``official:...`` this converts a
+released checkpoint once so later loads skip the conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from softvq.cli.common import OFFICIAL_PREFIX, SPEC_HELP, is_preset, load_tokenizer
+from softvq.config import PRESETS, TokenizerConfig
+from softvq.tokenizer import Tokenizer
+
+
+@dataclass
+class Summary:
+    """The numbers ``info`` prints, computed from a model (weights not needed)."""
+
+    image_size: int
+    patch_size: int
+    num_tokens: int
+    latent_dim: int
+    encoder_params: int
+    bottleneck_params: int
+    decoder_params: int
+
+    @property
+    def total_params(self) -> int:
+        return self.encoder_params + self.bottleneck_params + self.decoder_params
+
+    @property
+    def image_bits(self) -> int:
+        return self.image_size * self.image_size * 3 * 8
+
+    def latent_bits(self, float_bits: int) -> int:
+        return self.num_tokens * self.latent_dim * float_bits
+
+    def ratio(self, float_bits: int) -> float:
+        return self.image_bits / self.latent_bits(float_bits)
+
+    @property
+    def pixels_per_token(self) -> float:
+        return self.image_size * self.image_size / self.num_tokens
+
+
+def _count(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def summarize(model: Tokenizer) -> Summary:
+    """Parameter split: encoder (+ projection to the latent), bottleneck, decoder (+ projection back)."""
+    c = model.config
+    return Summary(
+        image_size=c.image_size, patch_size=c.patch_size, num_tokens=c.num_tokens,
+        latent_dim=model.latent_dim,
+        encoder_params=_count(model.encoder, model.to_latent),
+        bottleneck_params=_count(model.bottleneck),
+        decoder_params=_count(model.from_latent, model.decoder),
+    )
+
+
+def architecture(config: TokenizerConfig) -> Tokenizer:
+    """A model on the meta device: shapes and parameter counts without allocating weights."""
+    with torch.device("meta"):
+        return Tokenizer(config)
+
+
+def _bottleneck_line(model: Tokenizer) -> str:
+    b = model.config.bottleneck
+    text = b.kind
+    if b.kind in ("softvq", "gmmvq"):
+        text += f", {b.distance} distance, tau {b.temperature:g}{' (learnable)' if b.learnable_temperature else ''}"
+    if model.bottleneck.codebook_size:
+        text += f", K = {model.bottleneck.codebook_size} codewords"
+    for name, value, what in (("segments", b.segments, "sequence-segment codebooks (release)"),
+                              ("groups", b.groups, "channel groups (PQ)"),
+                              ("residual_levels", b.residual_levels, "residual levels (RQ)")):
+        if value > 1:
+            text += f", {value} {what}"
+    return text
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f} M ({n:,})"
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def describe(model: Tokenizer, source: str) -> str:
+    s = summarize(model)
+    grid = s.image_size // s.patch_size
+    rows = [
+        ("model", source),
+        ("image", f"{s.image_size}x{s.image_size} px, patch {s.patch_size} -> {grid * grid} image tokens"),
+        ("latents (L x D)", f"{s.num_tokens} x {s.latent_dim}"),
+        ("encoder / decoder", f"width {model.config.encoder.width} depth {model.config.encoder.depth} heads "
+                              f"{model.config.encoder.heads} / width {model.config.decoder.width} depth "
+                              f"{model.config.decoder.depth} heads {model.config.decoder.heads}"),
+        ("bottleneck", _bottleneck_line(model)),
+        ("params encoder", _millions(s.encoder_params)),
+        ("params bottleneck", _millions(s.bottleneck_params)),
+        ("params decoder", _millions(s.decoder_params)),
+        ("params total", _millions(s.total_params)),
+        ("image bits", f"{s.image_bits:,} (H*W*3*8)"),
+        ("latent bits", f"{s.latent_bits(32):,} at 32-bit, {s.latent_bits(16):,} at 16-bit (L*D floats)"),
+        ("compression", f"{s.ratio(32):.1f}x at 32-bit, {s.ratio(16):.1f}x at 16-bit"),
+        ("pixels per token", f"{s.pixels_per_token:g}"),
+    ]
+    if model.latent_mean is not None:
+        rows.append(("latent mean / std", f"{model.latent_mean:g} / {model.latent_std:g}"))
+    ignored = getattr(model, "ignored_keys", None)
+    if ignored:
+        from softvq.checkpoint.official import ignored_summary
+
+        rows += [("ignored keys" if i == 0 else "", line) for i, line in enumerate(ignored_summary(ignored))]
+    return _table(rows)
+
+
+def presets_table() -> str:
+    header = ("preset", "image", "patch", "L", "D", "K", "params", "x 32-bit", "x 16-bit", "px/token")
+    lines = [header]
+    for name in sorted(PRESETS):
+        model = architecture(PRESETS[name])
+        s = summarize(model)
+        lines.append((name, str(s.image_size), str(s.patch_size), str(s.num_tokens), str(s.latent_dim),
+                      str(model.bottleneck.codebook_size or "-"), f"{s.total_params / 1e6:.2f} M",
+                      f"{s.ratio(32):.1f}", f"{s.ratio(16):.1f}", f"{s.pixels_per_token:g}"))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("info", help="parameters, tokens and compression ratio of a model",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", nargs="?", metavar="SPEC", help=SPEC_HELP + "; omit to list the presets")
+    p.add_argument("--save", metavar="DIR", help=f"write the model in softvq's format (converts {OFFICIAL_PREFIX}...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights when saving a preset")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.spec is None:
+        if args.save:
+            raise ValueError("--save needs a SPEC to save")
+        print(presets_table())
+        return 0
+    if is_preset(args.spec) and not args.save:
+        model = architecture(PRESETS[args.spec.lower()])
+        source = f"preset {args.spec.lower()} (architecture only, no weights)"
+    else:
+        torch.manual_seed(args.seed)
+        model = load_tokenizer(args.spec, "cpu")
+        source = model.source
+    print(describe(model, source))
+    if args.save:
+        path = model.save_pretrained(args.save)
+        print(f"wrote {path} in softvq's format; use it with --model {path}")
+    return 0

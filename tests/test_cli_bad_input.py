@@ -1,0 +1,224 @@
+"""Bad input (issue 2, item 6): odd colour modes become RGB; wrong sizes, unreadable files and
+missing or corrupt checkpoints give one-line errors (exit status 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from softvq import Tokenizer
+from softvq.cli.main import main
+from softvq.data.images import load_rgb
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str) -> str:
+    """The error line of stderr (other lines are the random-weights warning)."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+# --- colour modes --------------------------------------------------------------------------------
+
+
+def _gradient(size: int = 64) -> np.ndarray:
+    return np.add.outer(np.arange(size), np.arange(size)).astype(np.uint8)
+
+
+def test_grayscale_becomes_rgb_with_equal_channels(tmp_path):
+    Image.fromarray(_gradient(), mode="L").save(tmp_path / "g.png")
+    rgb = np.asarray(load_rgb(tmp_path / "g.png"))
+    assert rgb.shape == (64, 64, 3)
+    assert all(np.array_equal(rgb[..., c], _gradient()) for c in range(3))
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    deep = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    rgb = np.asarray(load_rgb(tmp_path / "deep.png"))
+    assert rgb.shape == (64, 64, 3)
+    assert np.array_equal(rgb[..., 1], np.round(deep / 257).astype(np.uint8))
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 0] = 200            # red everywhere
+    rgba[:32, :, 3] = 255         # top half opaque
+    rgba[32:, :, 3] = 0           # bottom half fully transparent
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    rgb = np.asarray(load_rgb(tmp_path / "a.png"))
+    assert rgb.shape == (64, 64, 3)
+    assert (rgb[:32] == [200, 0, 0]).all()
+    assert (rgb[32:] == 255).all()
+
+
+def test_palette_is_expanded_to_its_colours(tmp_path):
+    img = Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 3).astype(np.uint8), mode="P")
+    img.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
+    img.save(tmp_path / "p.png")
+    rgb = np.asarray(load_rgb(tmp_path / "p.png"))
+    idx = np.arange(64 * 64).reshape(64, 64) % 3
+    assert rgb.shape == (64, 64, 3)
+    assert np.array_equal(rgb, np.eye(3, dtype=np.uint8)[idx] * 255)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK"])
+def test_reconstruct_accepts_every_colour_mode(tmp_path, capsys, mode):
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).convert(mode).save(tmp_path / f"x.{'jpg' if mode == 'CMYK' else 'png'}")
+    src = next(tmp_path.glob("x.*"))
+    code, out, _ = _run(capsys, "reconstruct", str(src), "--out", str(tmp_path / "out"))
+    assert code == 0 and "PSNR" in out
+    assert Image.open(tmp_path / "out" / "x_recon.png").mode == "RGB"
+
+
+# --- sizes ----------------------------------------------------------------------------------------
+
+
+def test_wrong_size_is_an_error_that_suggests_resize(tmp_path, capsys):
+    Image.new("RGB", (80, 50)).save(tmp_path / "wide.png")
+    code, _, err = _run(capsys, "reconstruct", str(tmp_path / "wide.png"), "--out", str(tmp_path / "o"))
+    line = _one_line_error(err)
+    assert code == 2
+    assert "wide.png" in line and "80x50" in line and "64x64" in line and "--resize" in line
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    code, _, _ = _run(capsys, "reconstruct", str(tmp_path / "wide.png"), "--resize", "--out", str(tmp_path / "o"))
+    assert code == 0
+    assert Image.open(tmp_path / "o" / "wide_recon.png").size == (64, 64)
+
+
+def test_native_size_needs_a_multiple_of_the_patch(tmp_path, capsys):
+    Image.new("RGB", (60, 64)).save(tmp_path / "odd.png")
+    code, _, err = _run(capsys, "reconstruct", str(tmp_path / "odd.png"), "--native-size", "--out", str(tmp_path))
+    assert code == 2 and "not a multiple of the patch size 8" in _one_line_error(err)
+    Image.new("RGB", (96, 32)).save(tmp_path / "ok.png")
+    code, _, _ = _run(capsys, "reconstruct", str(tmp_path / "ok.png"), "--native-size", "--out", str(tmp_path))
+    assert code == 0 and Image.open(tmp_path / "ok_recon.png").size == (96, 32)
+
+
+def test_encode_wrong_size_is_an_error_not_a_skip(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "imgs" / "a.png")
+    Image.new("RGB", (65, 64)).save(tmp_path / "imgs" / "b.png")
+    code, _, err = _run(capsys, "encode", str(tmp_path / "imgs"), "--out", str(tmp_path / "z.safetensors"))
+    assert code == 2 and "b.png" in _one_line_error(err) and "--resize" in err
+    assert not (tmp_path / "z.safetensors").exists()
+
+
+# --- unreadable files -------------------------------------------------------------------------------
+
+
+def test_unreadable_image_is_named(tmp_path, capsys):
+    (tmp_path / "broken.png").write_text("this is not a png")
+    code, _, err = _run(capsys, "reconstruct", str(tmp_path / "broken.png"), "--out", str(tmp_path))
+    line = _one_line_error(err)
+    assert code == 2 and "broken.png" in line and "not a readable image" in line
+
+
+def test_missing_image_is_named(tmp_path, capsys):
+    code, _, err = _run(capsys, "reconstruct", str(tmp_path / "nope.jpg"), "--out", str(tmp_path))
+    assert code == 2 and "nope.jpg: no such file" in _one_line_error(err)
+
+
+def test_encode_skips_corrupt_files_and_lists_them(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a.png", "c.png"):
+        Image.new("RGB", (64, 64), (10, 20, 30)).save(folder / name)
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "d.jpg").write_text("text")
+    code, out, err = _run(capsys, "encode", str(folder), "--out", str(tmp_path / "z.safetensors"))
+    assert code == 0
+    assert "skipped 2 unreadable file(s)" in err and "b.png" in err and "d.jpg" in err
+    assert "encoded 2 image(s) of 4" in out
+    assert load_file(str(tmp_path / "z.safetensors"))["latents"].shape == (2, 16, 8)
+
+
+def test_encode_folder_of_only_corrupt_files_fails(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "x.png").write_text("no")
+    code, _, err = _run(capsys, "encode", str(tmp_path / "imgs"), "--out", str(tmp_path / "z.safetensors"))
+    assert code == 2 and "none of the 1 image file(s)" in err
+
+
+def test_missing_image_folder(tmp_path, capsys):
+    code, _, err = _run(capsys, "encode", str(tmp_path / "nowhere"), "--out", str(tmp_path / "z.safetensors"))
+    assert code == 2 and "does not exist" in _one_line_error(err)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def photo(tmp_path):
+    Image.new("RGB", (64, 64), (100, 50, 0)).save(tmp_path / "p.png")
+    return str(tmp_path / "p.png")
+
+
+def test_missing_checkpoint_folder(tmp_path, capsys, photo):
+    code, _, err = _run(capsys, "reconstruct", photo, "--model", str(tmp_path / "no_such_ckpt"))
+    assert code == 2 and "no_such_ckpt" in _one_line_error(err)
+
+
+def test_unknown_preset_lists_the_presets(capsys, photo):
+    code, _, err = _run(capsys, "reconstruct", photo, "--model", "softvq-small")
+    assert code == 2 and "softvq-tiny" in _one_line_error(err)
+
+
+def test_corrupt_checkpoint(tmp_path, capsys, photo):
+    folder = Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "ckpt")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 100)
+    code, _, err = _run(capsys, "reconstruct", photo, "--model", str(folder), "--out", str(tmp_path / "o"))
+    assert code == 2 and "corrupt" in _one_line_error(err)
+    (folder / "config.json").write_text("{not json")
+    code, _, err = _run(capsys, "info", str(folder))
+    assert code == 2 and "not valid JSON" in _one_line_error(err)
+
+
+def test_checkpoint_missing_weights_file(tmp_path, capsys):
+    folder = Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "ckpt")
+    (folder / "model.safetensors").unlink()
+    code, _, err = _run(capsys, "info", str(folder))
+    assert code == 2 and "does not exist" in _one_line_error(err)
+
+
+def test_corrupt_official_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "release"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"tau": 0.07}))
+    (folder / "model.safetensors").write_bytes(b"junk")
+    code, _, err = _run(capsys, "info", f"official:{folder}")
+    assert code == 2 and "corrupt" in _one_line_error(err)
+
+
+def test_release_folder_without_prefix_suggests_it(tmp_path, capsys):
+    folder = tmp_path / "release"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"tau": 0.07}))
+    code, _, err = _run(capsys, "info", str(folder))
+    assert code == 2 and f"official:{folder}" in _one_line_error(err)
+
+
+def test_decode_rejects_latents_of_another_model(tmp_path, capsys):
+    from softvq.cli.encode import write_latents
+
+    write_latents(tmp_path / "z.safetensors", torch.zeros(1, 16, 4), ["a.png"], {"model": "softvq-tiny"})
+    code, _, err = _run(capsys, "decode", str(tmp_path / "z.safetensors"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "(16, 4)" in _one_line_error(err) and "(16, 8)" in err
+
+
+def test_decode_rejects_a_file_that_is_not_latents(tmp_path, capsys):
+    (tmp_path / "z.safetensors").write_bytes(b"nope")
+    code, _, err = _run(capsys, "decode", str(tmp_path / "z.safetensors"), "--model", "softvq-tiny")
+    assert code == 2 and "not a readable safetensors file" in _one_line_error(err)

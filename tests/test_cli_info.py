@@ -1,0 +1,58 @@
+"""``softvq info``: parameter counts, tokens and compression ratio; ``--save`` converts a release."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from softvq import PRESETS, Tokenizer
+from softvq.checkpoint.official import load_official
+from softvq.checkpoint.pretrained import load_pretrained
+from softvq.cli.main import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_checkpoint_official import tiny_release  # noqa: E402  (the release-layout fixture)
+
+
+def _field(out: str, name: str) -> str:
+    match = re.search(rf"^{re.escape(name)}\s+(.+)$", out, re.M)
+    assert match, out
+    return match.group(1)
+
+
+def test_info_on_a_preset(capsys):
+    assert main(["info", "softvq-tiny"]) == 0
+    out = capsys.readouterr().out
+    model = Tokenizer.from_preset("softvq-tiny")
+    total = int(_field(out, "params total").split("(")[1].rstrip(")").replace(",", ""))
+    assert total == model.num_parameters()
+    enc = int(_field(out, "params encoder").split("(")[1].rstrip(")").replace(",", ""))
+    assert enc == sum(p.numel() for m in (model.encoder, model.to_latent) for p in m.parameters())
+    assert _field(out, "latents (L x D)") == "16 x 8"
+    # 64*64*3*8 image bits over 16*8 floats: 98304 / 4096 = 24 at 32-bit, 48 at 16-bit.
+    assert _field(out, "compression") == "24.0x at 32-bit, 48.0x at 16-bit"
+    assert _field(out, "pixels per token") == "256"
+    assert "architecture only" in out
+
+
+def test_info_without_spec_lists_every_preset(capsys):
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[0] == "preset" and len(lines) == 1 + len(PRESETS)
+    row = next(line.split() for line in lines if line.startswith("softvq-s-64 "))
+    # 256*256*3*8 / (64*32*32) = 24; 256*256/64 = 1024 pixels per token
+    assert row[3:6] == ["64", "32", "8192"] and row[-3:] == ["24.0", "48.0", "1024"]
+
+
+def test_info_on_a_release_lists_ignored_keys_and_saves_our_format(tmp_path, capsys):
+    folder, _, _ = tiny_release(tmp_path, 1)
+    out_dir = tmp_path / "converted"
+    assert main(["info", f"official:{folder}", "--save", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "quantize.codebook_used" in out and "decoder.model.patch_embed.* (2 keys)" in out
+    assert _field(out, "latent mean / std") == "0.25 / 1.75"
+    a, b = load_official(folder).state_dict(), load_pretrained(out_dir).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,54 @@
+"""``softvq reconstruct`` on a bundled photo: the PNGs it writes and the PSNR it prints."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from softvq import Tokenizer
+from softvq.cli.main import main
+from softvq.data.images import bundled_photos, center_crop_resize, load_rgb, to_pil, to_tensor
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * math.log10(255**2 / mse)
+
+
+def test_reconstruct_bundled_photo_writes_pngs_and_prints_psnr(tmp_path, capsys):
+    photo = bundled_photos()[0]
+    code = main(["reconstruct", str(photo), "--resize", "--out", str(tmp_path), "--seed", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "RANDOM weights" in err  # a preset's random init is announced
+
+    recon = np.asarray(Image.open(tmp_path / f"{photo.stem}_recon.png"))
+    pair = np.asarray(Image.open(tmp_path / f"{photo.stem}_side_by_side.png"))
+    original = np.asarray(center_crop_resize(load_rgb(photo), 64))
+    assert recon.shape == (64, 64, 3) and pair.shape == (64, 128, 3)
+    assert np.array_equal(pair[:, :64], original) and np.array_equal(pair[:, 64:], recon)
+
+    # The written reconstruction is the model's own (seeded preset), not some other image.
+    torch.manual_seed(3)
+    model = Tokenizer.from_preset("softvq-tiny").eval()
+    expected = np.asarray(to_pil(model.reconstruct(to_tensor(Image.fromarray(original))[None])[0]))
+    assert np.array_equal(recon, expected)
+
+    printed = re.search(rf"{photo.name}: PSNR ([\d.]+) dB", out)
+    assert printed, out
+    assert float(printed.group(1)) == round(_psnr(original, recon), 2)
+    mean = re.search(r"mean PSNR over 1 image\(s\): ([\d.]+) dB", out)
+    assert mean and float(mean.group(1)) == float(printed.group(1))
+
+
+def test_mean_psnr_over_several_images(tmp_path, capsys):
+    photos = bundled_photos()[:2]
+    assert main(["reconstruct", *map(str, photos), "--resize", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    scores = [float(s) for s in re.findall(r": PSNR ([\d.]+) dB", out)]
+    mean = float(re.search(r"mean PSNR over 2 image\(s\): ([\d.]+) dB", out).group(1))
+    assert len(scores) == 2 and abs(mean - sum(scores) / 2) <= 0.01
