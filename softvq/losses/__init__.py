@@ -1,0 +1,5 @@
+"""The training objective of SoftVQ-VAE (paper Eq. 7) and its parts."""
+
+from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
+
+__all__ = ["ObjectiveConfig", "TokenizerObjective"]
