@@ -34,19 +34,35 @@ def load_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode == "I" or img.mode.startswith("I;16"):
-                # 16-bit greyscale (PNG/TIFF): Pillow's convert("RGB") clips at 255; scale instead.
-                grey = np.asarray(img, dtype=np.float64) / 257.0
-                return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(canvas, rgba).convert("RGB")
-            return img.convert("RGB")
+            return _as_rgb(img)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: not a readable image ({type(exc).__name__})") from None
+
+
+def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Like :func:`load_rgb` for the bytes of an image file (e.g. a member of a tar shard)."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return _as_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{name}: not a readable image ({type(exc).__name__})") from None
+
+
+def _as_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit greyscale (PNG/TIFF): Pillow's convert("RGB") clips at 255; scale instead.
+        grey = np.asarray(img, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
