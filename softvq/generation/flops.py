@@ -1,0 +1,96 @@
+"""Forward cost of a generator per image, in multiply-accumulates (what DiT / SiT call "GFLOPs").
+
+Two independent counts that must agree:
+
+* :func:`count_macs` runs the model once on the ``meta`` device (no memory, no time, so XL is
+  free) under ``torch.utils.flop_counter.FlopCounterMode`` and halves its FLOPs (it counts
+  2 per multiply-accumulate); matrix products of linear layers (``addmm``/``mm``) and of the
+  attention core (``bmm`` from scaled-dot-product attention) are kept apart;
+* :func:`analytic_macs` sums the layer shapes: per block N·(4w² + 2w·h) for qkv/proj/MLP,
+  2N²w for QKᵀ and AV, 6w² for the adaLN modulation of one image; plus the patch embedding,
+  timestep MLP, final adaLN and output head.
+
+What reproduces the SoftVQ paper's Tab. 1 (see ``softvq bench gen``): the DiT-XL numbers
+14.52 / 28.81 at 32 / 64 tokens are the *linear layers only* (attention-core matmuls not
+counted; ours 14.50 / 28.77, −0.1%), with D = 64 / 32 in the input/output projections (they
+change the count by < 0.1%). The SiT-XL numbers 14.73 / 29.23 additionally include the REPA
+projector MLP (w -> 2048 -> 2048 -> 768 on every token) that the released SiT (REPA's code)
+computes in each forward pass: ours 14.76 / 29.29 (+0.2%). Counting everything, as the DiT
+paper does (DiT-XL/2 at 256x256 = 118.6 GFLOPs), gives 14.57 / 29.04.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from softvq.generation.models import GeneratorConfig, build_generator
+
+# SoftVQ paper Tab. 1 (ImageNet 256x256): generator GFLOPs and sampling throughput (images/s,
+# fp32, batch 64, one AMD MI250). Keys: (kind, layout label).
+PAPER_TABLE1: dict[tuple[str, str], tuple[float, float]] = {
+    ("dit", "32 tokens"): (14.52, 8.74),
+    ("dit", "64 tokens"): (28.81, 4.51),
+    ("sit", "32 tokens"): (14.73, 10.11),
+    ("sit", "64 tokens"): (29.23, 5.39),
+    ("dit", "32x32/2"): (80.73, 0.51),   # DiT-XL/2 on a KL-VAE 32x32x4 grid
+    ("sit", "32x32/2"): (81.92, 0.54),   # SiT-XL/2
+}
+
+
+@dataclass(frozen=True)
+class MacCount:
+    """Multiply-accumulates of one forward pass of one image, split by where they happen."""
+
+    linear: float     # linear layers (embeddings, qkv, proj, MLP, adaLN, head)
+    attention: float  # QKᵀ and attention·V
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention
+
+
+def example_inputs(config: GeneratorConfig, batch: int = 1, device: str | torch.device = "meta"):
+    """Random (x, t, y) of the right shapes for ``config``."""
+    if config.layout == "1d":
+        shape = (batch, config.num_tokens, config.latent_dim)
+    else:
+        shape = (batch, config.latent_dim, config.grid, config.grid)
+    x = torch.randn(shape, device=device)
+    t = torch.rand(batch, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    return x, t, y
+
+
+def count_macs(config: GeneratorConfig) -> MacCount:
+    """Count one image's forward MACs with FlopCounterMode on the meta device."""
+    with torch.device("meta"):
+        model = build_generator(config).eval()
+    x, t, y = example_inputs(config)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, y)
+    by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    attention = by_op.pop("aten.bmm", 0)
+    return MacCount(linear=sum(by_op.values()) / 2, attention=attention / 2)
+
+
+def analytic_macs(config: GeneratorConfig) -> MacCount:
+    """The same count from the module shapes alone."""
+    c = config
+    n, w, p = c.sequence_length, c.width, c.patch_size
+    hidden = int(w * c.mlp_ratio)
+    per_block_linear = n * (4 * w * w + 2 * w * hidden) + 6 * w * w
+    per_block_attention = 2 * n * n * w
+    embed = n * (p * p * c.latent_dim) * w + (c.t_embed_frequencies * w + w * w)
+    head = 2 * w * w + n * w * (p * p * c.out_channels)
+    return MacCount(linear=float(c.depth * per_block_linear + embed + head),
+                    attention=float(c.depth * per_block_attention))
+
+
+def repa_projector_macs(config: GeneratorConfig, projector_dim: int = 2048, z_dim: int = 768) -> float:
+    """MACs of REPA's alignment projector (Linear w->2048, SiLU, 2048->2048, SiLU, 2048->768) that
+    the released SiT evaluates on every token in every forward pass, sampling included."""
+    n, w = config.sequence_length, config.width
+    return float(n * (w * projector_dim + projector_dim * projector_dim + projector_dim * z_dim))

@@ -1,0 +1,258 @@
+"""The DiT / SiT backbone on 1D latent tokens (and, for comparison, on 2D latent grids).
+
+DiT (Peebles & Xie 2023) and SiT (Ma et al. 2024) share this transformer: a patch embedding,
+fixed sin-cos positions, N blocks with adaLN-Zero conditioning on c = embed(t) + embed(y), and a
+final adaLN layer with a zero-initialised linear head. They differ only in the output: DiT with a
+learned variance predicts [ε, v] (2·C channels, "learned sigma"), SiT predicts the velocity (C).
+
+SoftVQ (paper Sec. 4.1, supp. C.2) feeds the L latent tokens (B, L, D) directly: patch size 1 and
+1D sin-cos positions. ``layout="2d"`` is the original latent-grid model (B, C, H, W) with
+non-overlapping p x p patches and 2D sin-cos positions (DiT-XL/2 = patch 2).
+
+Sizes are those of DiT Tab. 1: S/B/L/XL = depth 12/12/24/28, width 384/768/1024/1152,
+heads 6/12/16/16, MLP ratio 4. XL has about 675M parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from softvq.generation.embeddings import LabelEmbedder, TimestepEmbedder, sincos_grid, sincos_sequence
+from softvq.networks.vit import Attention, Mlp, patchify, unpatchify
+
+GeneratorKind = Literal["sit", "dit"]
+
+# name -> (width, depth, heads), DiT Tab. 1.
+GENERATOR_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+
+
+@dataclass
+class GeneratorConfig:
+    """Every constructor argument of :class:`LatentTransformer` (written to ``config.json``).
+
+    kind:         ``sit`` (velocity output) or ``dit`` (ε output, plus variance if learn_sigma).
+    layout:       ``1d``: input (B, num_tokens, latent_dim), patch size 1, 1D positions (SoftVQ);
+                  ``2d``: input (B, latent_dim, grid, grid), patch ``patch_size``, 2D positions.
+    latent_dim:   D channels per token (2d: C channels of the grid).
+    num_classes:  real classes; the null class for guidance is index ``num_classes``.
+    class_dropout: label dropout probability for classifier-free guidance (DiT/SiT: 0.1).
+    learn_sigma:  DiT's learned-range variance head; ``None`` means "True for dit, False for sit".
+    """
+
+    kind: GeneratorKind = "sit"
+    layout: Literal["1d", "2d"] = "1d"
+    num_tokens: int = 64
+    grid: int = 32
+    patch_size: int = 1
+    latent_dim: int = 32
+    width: int = 1152
+    depth: int = 28
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout: float = 0.1
+    learn_sigma: bool | None = None
+
+    t_embed_frequencies = 256  # sinusoidal features of the timestep embedder (DiT)
+
+    @property
+    def out_channels(self) -> int:
+        return self.latent_dim * (2 if self.sigma_learned else 1)
+
+    @property
+    def sigma_learned(self) -> bool:
+        return (self.kind == "dit") if self.learn_sigma is None else bool(self.learn_sigma)
+
+    @property
+    def sequence_length(self) -> int:
+        """Transformer tokens per image: L (1d) or (grid / patch)^2 (2d)."""
+        if self.layout == "1d":
+            return self.num_tokens
+        return (self.grid // self.patch_size) ** 2
+
+    def validate(self) -> "GeneratorConfig":
+        if self.kind not in ("sit", "dit"):
+            raise ValueError(f"generator kind must be 'sit' or 'dit', got {self.kind!r}")
+        if self.layout not in ("1d", "2d"):
+            raise ValueError(f"layout must be '1d' or '2d', got {self.layout!r}")
+        if self.layout == "1d" and self.patch_size != 1:
+            raise ValueError("1D latent tokens use patch size 1 (paper supp. C.2); set patch_size=1")
+        if self.layout == "2d" and self.grid % self.patch_size:
+            raise ValueError(f"grid {self.grid} is not divisible by patch size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
+        if self.width % (4 if self.layout == "2d" else 2):
+            raise ValueError(f"width {self.width} does not fit the sin-cos position embedding")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GeneratorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown generator config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        return cls(**data).validate()
+
+
+def generator_config(kind: GeneratorKind, size: str, **fields: Any) -> GeneratorConfig:
+    """A named size (S, B, L, XL) of DiT or SiT; ``fields`` set the latent layout, e.g.
+    ``generator_config("sit", "XL", num_tokens=64, latent_dim=32)``."""
+    key = size.upper()
+    if key not in GENERATOR_SIZES:
+        raise KeyError(f"unknown generator size {size!r}; choose one of {', '.join(GENERATOR_SIZES)}")
+    width, depth, heads = GENERATOR_SIZES[key]
+    base = {"kind": kind, "width": width, "depth": depth, "heads": heads}
+    if fields.get("layout") == "2d":
+        base["patch_size"] = 2
+    base.update(fields)
+    return GeneratorConfig(**base).validate()
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x · (1 + scale) + shift, with per-image (B, 1, W) shift and scale."""
+    return x * (1 + scale) + shift
+
+
+class AdaLNZeroBlock(nn.Module):
+    """Transformer block whose LayerNorms are modulated by c and whose residual branches are
+    gated by c (DiT Sec. 3.2, "adaLN-Zero"). The modulation is zero at init, so every gate is 0
+    and the block starts as the identity."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.mlp.act = nn.GELU(approximate="tanh")  # DiT uses the tanh approximation
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).unsqueeze(1).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a zero-initialised linear head to patch·patch·out channels."""
+
+    def __init__(self, width: int, out_features: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_features)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c).unsqueeze(1).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class LatentTransformer(nn.Module):
+    """DiT / SiT backbone: ``model(x, t, y) -> output`` with the shape of ``x`` (2x the channels
+    for a learned-sigma DiT). ``t`` is (B,) (DiT: step index 0..T−1; SiT: time in [0, 1]),
+    ``y`` is (B,) class indices, ``num_classes`` meaning "unconditional"."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = c = config.validate()
+        p = c.patch_size
+        self.x_embed = nn.Linear(p * p * c.latent_dim, c.width)  # patch embedding as a linear map
+        self.t_embed = TimestepEmbedder(c.width, c.t_embed_frequencies)
+        self.y_embed = LabelEmbedder(c.num_classes, c.width, c.class_dropout)
+        if c.layout == "1d":
+            positions = sincos_sequence(c.width, c.num_tokens)
+        else:
+            side = c.grid // p
+            positions = sincos_grid(c.width, (side, side))
+        self.register_buffer("pos_embed", positions.unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(AdaLNZeroBlock(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth))
+        self.final = FinalLayer(c.width, p * p * c.out_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DiT's initialisation: Xavier-uniform linears with zero bias, N(0, 0.02) label and time
+        embeddings, and zeros for every adaLN modulation and for the output head (adaLN-Zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        for layer in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for layer in (self.final.modulation[-1], self.final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # --- shapes -------------------------------------------------------------------------------
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample (no batch dimension)."""
+        c = self.config
+        if c.layout == "1d":
+            return (c.num_tokens, c.latent_dim)
+        return (c.latent_dim, c.grid, c.grid)
+
+    @property
+    def null_class(self) -> int:
+        return self.y_embed.null_class
+
+    def split_output(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(prediction, variance values or None): DiT's learned-sigma output is [ε, v] along channels."""
+        if not self.config.sigma_learned:
+            return out, None
+        dim = -1 if self.config.layout == "1d" else 1
+        return out.chunk(2, dim=dim)
+
+    def check_input(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.input_shape:
+            what = "(B, L, D) latent tokens" if self.config.layout == "1d" else "(B, C, H, W) latent grids"
+            raise ValueError(
+                f"this generator takes {what} of shape (B, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}; check the tokenizer's num_tokens / latent_dim"
+            )
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop: Tensor | None = None) -> Tensor:
+        self.check_input(x)
+        c = self.config
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        tokens = x if c.layout == "1d" else patchify(x, c.patch_size)
+        h = self.x_embed(tokens) + self.pos_embed.to(tokens.dtype)
+        cond = self.t_embed(t) + self.y_embed(y, force_drop)
+        for block in self.blocks:
+            h = block(h, cond)
+        out = self.final(h, cond)
+        if c.layout == "1d":
+            return out
+        side = c.grid // c.patch_size
+        return unpatchify(out, (side, side), c.patch_size, c.out_channels)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_generator(config: GeneratorConfig | dict[str, Any], device: str | torch.device | None = None) -> LatentTransformer:
+    """Construct a generator (use ``device="meta"`` to count parameters or FLOPs for free)."""
+    cfg = config if isinstance(config, GeneratorConfig) else GeneratorConfig.from_dict(config)
+    if device is None:
+        return LatentTransformer(cfg)
+    with torch.device(device):
+        return LatentTransformer(cfg)

@@ -1,0 +1,93 @@
+"""DiT / SiT backbone: shapes, adaLN-Zero identity at init, label dropout, size and FLOPs vs paper Tab. 1."""
+
+import pytest
+import torch
+
+from softvq.generation.embeddings import LabelEmbedder, sincos_grid, sincos_sequence
+from softvq.generation.flops import analytic_macs, count_macs, repa_projector_macs
+from softvq.generation.models import AdaLNZeroBlock, GeneratorConfig, build_generator, generator_config
+
+
+def tiny(kind="sit", **kw):
+    base = dict(kind=kind, width=32, depth=2, heads=4, num_tokens=8, latent_dim=6, num_classes=5)
+    base.update(kw)
+    return GeneratorConfig(**base)
+
+
+def test_adaln_zero_block_is_identity_at_init():
+    torch.manual_seed(0)
+    model = build_generator(tiny())
+    block = model.blocks[0]
+    x, c = torch.randn(3, 8, 32), torch.randn(3, 32)
+    assert torch.equal(block(x, c), x)
+    # and it stops being the identity once the modulation is non-zero
+    torch.nn.init.normal_(block.modulation[-1].weight, std=0.1)
+    assert not torch.allclose(block(x, c), x)
+
+
+def test_zero_initialised_head_outputs_zero_and_shapes():
+    torch.manual_seed(0)
+    for kind, channels in (("sit", 6), ("dit", 12)):
+        model = build_generator(tiny(kind))
+        out = model(torch.randn(2, 8, 6), torch.rand(2), torch.tensor([0, 4]))
+        assert out.shape == (2, 8, channels)
+        assert torch.count_nonzero(out) == 0
+    grid = build_generator(tiny("dit", layout="2d", grid=8, patch_size=2, latent_dim=4))
+    assert grid(torch.randn(2, 4, 8, 8), torch.tensor([3, 999]), torch.tensor([1, 2])).shape == (2, 8, 8, 8)
+
+
+def test_bad_input_shape_names_the_expected_shape():
+    model = build_generator(tiny())
+    with pytest.raises(ValueError, match=r"\(B, 8, 6\)"):
+        model(torch.randn(2, 8, 7), torch.rand(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="class labels"):
+        model(torch.randn(2, 8, 6), torch.rand(2), torch.tensor([0, 9]))
+
+
+def test_label_dropout_uses_null_class_only_in_training():
+    emb = LabelEmbedder(num_classes=3, width=4, dropout=0.5)
+    labels = torch.zeros(4000, dtype=torch.long)
+    emb.train()
+    out = emb(labels)
+    dropped = (out == emb.table.weight[3]).all(dim=1).float().mean()
+    assert 0.45 < dropped < 0.55
+    emb.eval()
+    assert torch.equal(emb(labels), emb.table.weight[0].expand(4000, 4))
+    forced = emb(torch.tensor([1, 2]), force_drop=torch.tensor([True, False]))
+    assert torch.equal(forced[0], emb.table.weight[3]) and torch.equal(forced[1], emb.table.weight[2])
+
+
+def test_sincos_embeddings_match_closed_form():
+    pe = sincos_sequence(8, 5).double()
+    pos = torch.arange(5, dtype=torch.float64)[:, None]
+    omega = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
+    assert torch.allclose(pe, torch.cat([torch.sin(pos * omega), torch.cos(pos * omega)], 1), atol=1e-6)
+    grid = sincos_grid(8, (2, 3))  # row-major: entry 4 is row 1, column 1
+    assert torch.allclose(grid[4], torch.cat([sincos_sequence(4, 2)[1], sincos_sequence(4, 3)[1]]))
+
+
+def test_xl_has_about_675m_parameters():
+    for kind in ("dit", "sit"):
+        with torch.device("meta"):
+            model = build_generator(generator_config(kind, "XL", num_tokens=64, latent_dim=32))
+        assert abs(model.num_parameters() / 1e6 - 675) < 2
+
+
+@pytest.mark.parametrize("kind,tokens,dim,paper", [
+    ("dit", 32, 64, 14.52), ("dit", 64, 32, 28.81), ("sit", 32, 64, 14.73), ("sit", 64, 32, 29.23)])
+def test_xl_gflops_within_3_percent_of_paper_table1(kind, tokens, dim, paper):
+    cfg = generator_config(kind, "XL", num_tokens=tokens, latent_dim=dim)
+    counted = count_macs(cfg)  # meta device: free
+    # FlopCounterMode and the shape formula are independent counts of the same thing
+    analytic = analytic_macs(cfg)
+    assert counted.linear == analytic.linear and counted.attention == analytic.attention
+    for gmacs in (counted.total / 1e9, counted.linear / 1e9):
+        assert abs(gmacs / paper - 1) < 0.03
+    # the convention that matches Tab. 1 to 0.3%: linear layers (+ REPA projector for the released SiT)
+    matched = (counted.linear + (repa_projector_macs(cfg) if kind == "sit" else 0)) / 1e9
+    assert abs(matched / paper - 1) < 0.003
+
+
+def test_dit_xl_2_matches_dit_paper_count():
+    cfg = generator_config("dit", "XL", layout="2d", grid=32, latent_dim=4)
+    assert abs(count_macs(cfg).total / 1e9 - 118.6) < 0.1  # DiT paper Tab. 4: 118.6 GFLOPs
