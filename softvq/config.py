@@ -48,6 +48,8 @@ class BottleneckConfig:
     entropy_temperature:
         the release computes the entropy regulariser from logits re-scaled to this temperature
         (0.01) instead of the posterior's own τ. ``None`` uses the posterior (paper Eq. 4).
+        For ``lfq`` it is the temperature of the soft code assignment in the entropy loss
+        (``None`` = 0.01, MAGVIT-v2's LFQ).
     groups:
         product quantization over G channel groups, each with its own codebook (B.3, Eq. 12).
     residual_levels:
@@ -55,11 +57,17 @@ class BottleneckConfig:
     segments:
         the release's per-sequence-segment codebooks: the L tokens are split into this many
         contiguous segments, each with its own codebook (NOT channel groups; see ``groups``).
+    segment_entropy:
+        with segments > 1, how the entropy regulariser treats them: ``pooled`` (the release:
+        one batch posterior averaged over the tokens of all segments) or ``per_segment`` (each
+        codebook's own H(q) − H(E q), averaged).
     commitment_weight:
-        β of VQ's commit loss relative to its codebook loss (VQ-VAE uses 0.25).
+        β of VQ's commit loss relative to its codebook loss (VQ-VAE uses 0.25). Read by the
+        training objective, which weights the bottleneck's unweighted ``commit`` loss by it.
     chunk_size:
-        tokens processed at a time by the memory-lean soft assignment; ``None`` picks
-        automatically, ``0`` forces the straightforward implementation.
+        tokens processed at a time by the memory-lean soft assignment
+        (``softvq.bottlenecks.soft_assign``); ``None`` picks automatically (about 8 MiB per
+        working tensor), ``0`` forces the straightforward implementation.
     lfq_groups:
         WeTok GLFQ: the latent_dim binary channels are split into this many groups, each with
         an implicit codebook of size 2^(latent_dim / lfq_groups).
@@ -76,6 +84,7 @@ class BottleneckConfig:
     groups: int = 1
     residual_levels: int = 1
     segments: int = 1
+    segment_entropy: Literal["pooled", "per_segment"] = "pooled"
     commitment_weight: float = 0.25
     chunk_size: int | None = None
     lfq_groups: int = 1
@@ -183,11 +192,13 @@ def _build_presets() -> dict[str, TokenizerConfig]:
                 encoder=dataclasses.replace(enc), decoder=dataclasses.replace(dec),
                 bottleneck=_released_bottleneck(tokens),
             )
-    # The 512 px releases: same networks, patch 32 keeps N = 256 image tokens.
+    # The 512 px releases: same networks at patch 16, so N = 1024 image tokens (a 32x32 grid of
+    # position embeddings). Patch 16 is what the release's ViT configs use; the hub files'
+    # sizes (1.57 GB in float32 for softvq-bl-64-512) fit patch 16 and rule out patch 32 (1.59 GB).
     for name, size, tokens in (("softvq-bl-64-512", "bl", 64), ("softvq-l-32-512", "l", 32)):
         enc, dec = _SIZES[size]
         presets[name] = TokenizerConfig(
-            image_size=512, patch_size=32, num_tokens=tokens,
+            image_size=512, patch_size=16, num_tokens=tokens,
             encoder=dataclasses.replace(enc), decoder=dataclasses.replace(dec),
             bottleneck=_released_bottleneck(tokens),
         )

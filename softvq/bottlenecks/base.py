@@ -21,8 +21,13 @@ class BottleneckOutput:
     losses:  named *unweighted* scalar losses, e.g. ``{"kl": ...}`` for SoftVQ (Eq. 4),
              ``{"codebook": ..., "commit": ...}`` for VQ (Eq. 2), ``{"kl": ...}`` for KL-VAE (Eq. 1).
     metrics: named detached scalars for logging (perplexity, codebook usage, temperature, ...).
-    indices: (B, L) or (B, L, P) hard code indices where they exist (argmax for soft posteriors).
-    probs:   (B, L, K) or (B, L, P, K) posterior probabilities where they exist.
+    indices: (B, L) or (B, L, P) hard code indices where they exist (argmax for soft posteriors);
+             P counts the codes of one token under composition (groups, levels).
+    probs:   (B, L, K) or (B, L, P, K) posterior probabilities where they exist. The memory-lean
+             SoftVQ path does not materialise them while gradients are recorded (see
+             :mod:`softvq.bottlenecks.soft_assign`); they are always there under ``no_grad``.
+    entropy_terms: the differentiable pieces of a categorical regulariser H(q) - H(E q), for
+             compositions that pool the batch posterior across parts (the release's segments).
     """
 
     latents: Tensor
@@ -30,11 +35,25 @@ class BottleneckOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
     indices: Tensor | None = None
     probs: Tensor | None = None
+    entropy_terms: "EntropyTerms | None" = None
+
+
+@dataclass
+class EntropyTerms:
+    """Mean per-token entropy H(q) (scalar) and the batch posterior E q (K,), both differentiable,
+    so that ``token_entropy - entropy(mean_posterior)`` is the regulariser of Eq. 4 / B.1."""
+
+    token_entropy: Tensor
+    mean_posterior: Tensor
 
 
 class Bottleneck(nn.Module):
     """Base class. Subclasses set ``input_dim`` (channels they read from the encoder projection)
     and ``latent_dim`` (channels of the latents they emit), and implement ``forward``.
+
+    Input layout, shared by every bottleneck so that compositions can route channels: the first
+    ``latent_dim`` channels are the signal ẑ, the remaining ``side_dim = input_dim - latent_dim``
+    are side information (GMMVQ's weight ω, the Gaussian's log-variance).
 
     Quantizer arithmetic must run in float32 even under bf16 autocast: use :func:`float32_region`.
     """
@@ -44,6 +63,19 @@ class Bottleneck(nn.Module):
 
     def forward(self, z: Tensor) -> BottleneckOutput:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @property
+    def side_dim(self) -> int:
+        """Channels of side information after the signal (0 for most quantizers)."""
+        return self.input_dim - self.latent_dim
+
+    def check_input(self, z: Tensor) -> None:
+        """Fail with a clear message when the encoder projection has the wrong width."""
+        if z.dim() < 2 or z.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs (..., {self.input_dim}) "
+                f"({self.latent_dim} signal + {self.side_dim} side channels), got {tuple(z.shape)}"
+            )
 
     @property
     def codebook_size(self) -> int | None:

@@ -1,27 +1,87 @@
-"""Build a bottleneck from its :class:`~softvq.config.BottleneckConfig`."""
+"""Build a bottleneck from its :class:`~softvq.config.BottleneckConfig`.
+
+Composition, innermost first (each optional):
+
+    kind (softvq | gmmvq | vq | kl | lfq | ae) over D/G channels
+    → ProductQuantizer over G = ``groups`` channel groups              (B.3, Eq. 12)
+    → ResidualQuantizer over R = ``residual_levels`` levels             (B.3, Eq. 13; R-PQ when G > 1)
+    → SegmentCodebooks over S = ``segments`` blocks of the token sequence (the release)
+"""
 
 from __future__ import annotations
 
 from softvq.bottlenecks.base import Bottleneck
+from softvq.bottlenecks.gaussian import GaussianPosterior
+from softvq.bottlenecks.gmmvq import GMMVQ
 from softvq.bottlenecks.identity import Identity
+from softvq.bottlenecks.lfq import GroupedLookupFree
+from softvq.bottlenecks.product import ProductQuantizer
+from softvq.bottlenecks.residual import ResidualQuantizer
+from softvq.bottlenecks.segments import SegmentCodebooks
 from softvq.bottlenecks.softvq import SoftVQ
+from softvq.bottlenecks.vq import VQ
 from softvq.config import BottleneckConfig
+
+KINDS = ("softvq", "gmmvq", "vq", "kl", "lfq", "ae")
 
 
 def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
     """One plain bottleneck of ``cfg.kind`` over ``dim`` channels (no PQ/RQ/segments)."""
-    if cfg.kind == "softvq":
-        return SoftVQ(
-            dim, cfg.codebook_size, temperature=cfg.temperature,
-            learnable_temperature=cfg.learnable_temperature, distance=cfg.distance,
+    if cfg.kind in ("softvq", "gmmvq"):
+        cls = SoftVQ if cfg.kind == "softvq" else GMMVQ
+        kwargs = dict(
+            temperature=cfg.temperature, distance=cfg.distance,
             detach_codebook_in_logits=cfg.detach_codebook_in_logits,
-            entropy_temperature=cfg.entropy_temperature,
+            entropy_temperature=cfg.entropy_temperature, chunk_size=cfg.chunk_size,
         )
+        if cfg.kind == "softvq":
+            kwargs["learnable_temperature"] = cfg.learnable_temperature
+        elif cfg.learnable_temperature:
+            raise ValueError("kind 'gmmvq' predicts per-token weights; set learnable_temperature=False")
+        return cls(dim, cfg.codebook_size, **kwargs)
+    if cfg.kind == "vq":
+        return VQ(dim, cfg.codebook_size, distance=cfg.distance)
+    if cfg.kind == "kl":
+        return GaussianPosterior(dim)
+    if cfg.kind == "lfq":
+        return GroupedLookupFree(dim, groups=cfg.lfq_groups, entropy_temperature=cfg.entropy_temperature)
     if cfg.kind == "ae":
         return Identity(dim)
-    raise ValueError(f"unknown bottleneck kind {cfg.kind!r}")
+    raise ValueError(f"unknown bottleneck kind {cfg.kind!r}; choose one of: {', '.join(KINDS)}")
+
+
+def check_config(cfg: BottleneckConfig) -> None:
+    """Reject impossible compositions with a message that names the fix."""
+    for name in ("groups", "residual_levels", "segments"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"bottleneck.{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.latent_dim % cfg.groups:
+        raise ValueError(f"latent_dim {cfg.latent_dim} is not divisible by groups {cfg.groups}")
+    if cfg.segment_entropy not in ("pooled", "per_segment"):
+        raise ValueError(f"segment_entropy must be 'pooled' or 'per_segment', got {cfg.segment_entropy!r}")
+    composed = cfg.groups > 1 or cfg.residual_levels > 1
+    if cfg.segments > 1 and cfg.segment_entropy == "pooled" and composed and cfg.kind in ("softvq", "gmmvq"):
+        raise ValueError(
+            "segment_entropy='pooled' (the release) pools one categorical posterior per segment and is "
+            "not defined for segments that are product/residual quantizers; set segment_entropy='per_segment'"
+        )
 
 
 def build_bottleneck(cfg: BottleneckConfig) -> Bottleneck:
     """The full bottleneck described by ``cfg``, composition included."""
-    return build_quantizer(cfg, cfg.latent_dim)
+    check_config(cfg)
+    group_dim = cfg.latent_dim // cfg.groups
+
+    def level() -> Bottleneck:
+        if cfg.groups == 1:
+            return build_quantizer(cfg, cfg.latent_dim)
+        return ProductQuantizer([build_quantizer(cfg, group_dim) for _ in range(cfg.groups)])
+
+    def stage() -> Bottleneck:
+        if cfg.residual_levels == 1:
+            return level()
+        return ResidualQuantizer([level() for _ in range(cfg.residual_levels)])
+
+    if cfg.segments == 1:
+        return stage()
+    return SegmentCodebooks([stage() for _ in range(cfg.segments)], entropy=cfg.segment_entropy)

@@ -5,6 +5,8 @@
     regulariser L_kl = H(q(z|x)) - H(E_x q(z|x))  (supplementary B.1; unweighted here)
 
 Everything is differentiable: no straight-through estimator, no codebook or commit loss.
+The arithmetic lives in :mod:`softvq.bottlenecks.soft_assign`, by default in its memory-lean
+chunked form (``chunk_size=None``); ``chunk_size=0`` selects the straightforward autograd form.
 Two distances are supported and named after their source:
 
 * ``distance="l2"``      the paper's Eq. 4, ‖ẑ − c‖₂ (not squared).
@@ -20,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, float32_region
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, EntropyTerms, float32_region
+from softvq.bottlenecks.soft_assign import soft_assign
 
 
 def affinity(z: Tensor, codebook: Tensor, distance: str) -> Tensor:
@@ -64,7 +67,18 @@ def codebook_metrics(probs: Tensor, indices: Tensor, codebook_size: int) -> dict
 
 
 class SoftVQ(Bottleneck):
-    """Soft vector quantization (Eq. 4) with a fixed or learnable temperature (Tab. 6)."""
+    """Soft vector quantization (Eq. 4) with a fixed or learnable temperature (Tab. 5 ablation).
+
+    latent_dim: D; codebook_size: K; temperature: τ (paper 0.07); learnable_temperature: learn log τ;
+    distance: ``l2`` (paper) or ``cosine`` (release); detach_codebook_in_logits: the release's
+    detached codebook in the logits; entropy_temperature: the release's separate temperature
+    (0.01) for the regulariser, ``None`` = the posterior's own (paper); chunk_size: tokens per
+    chunk of the memory-lean path, ``None`` = automatic, ``0`` = straightforward autograd.
+
+    losses: ``kl`` = H(q) − H(E q) over the tokens of the batch (unweighted; λ4 lives in the
+    objective). metrics: ``perplexity`` of E q, ``usage`` (fraction of codewords chosen by argmax),
+    ``temperature`` (τ, or 1/mean ω for GMMVQ).
+    """
 
     def __init__(
         self,
@@ -76,16 +90,22 @@ class SoftVQ(Bottleneck):
         distance: str = "l2",
         detach_codebook_in_logits: bool = False,
         entropy_temperature: float | None = None,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if distance not in ("l2", "cosine"):
             raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if entropy_temperature is not None and entropy_temperature <= 0:
+            raise ValueError(f"entropy_temperature must be positive or None, got {entropy_temperature}")
+        if codebook_size < 1 or latent_dim < 1:
+            raise ValueError(f"codebook_size and latent_dim must be positive, got {codebook_size}, {latent_dim}")
         self.input_dim = self.latent_dim = latent_dim
         self.distance = distance
         self.detach_codebook_in_logits = detach_codebook_in_logits
         self.entropy_temperature = entropy_temperature
+        self.chunk_size = chunk_size
         # Codewords start at about unit norm, the scale ẑ has after the encoder's final LayerNorm
         # and a fresh linear projection.
         self.codebook = nn.Parameter(torch.randn(codebook_size, latent_dim) / math.sqrt(latent_dim))
@@ -110,36 +130,46 @@ class SoftVQ(Bottleneck):
 
     def inverse_temperature(self, z: Tensor) -> Tensor:
         """1/τ; GMMVQ overrides this with per-token weights ω(ẑ) (supplementary B.2)."""
-        return 1.0 / self.temperature
-
-    def forward(self, z: Tensor) -> BottleneckOutput:
-        with float32_region(z.device):
-            z = z.float()
-            shape = z.shape
-            z, scale = self.split_input(z)
-            flat = z.reshape(-1, z.shape[-1])
-            if self.distance == "cosine":
-                flat = F.normalize(flat, dim=-1)
-            codebook = self.normalized_codebook()
-            logit_book = codebook.detach() if self.detach_codebook_in_logits else codebook
-            aff = affinity(flat, logit_book, self.distance)
-            logits = aff * scale.reshape(-1, 1) if scale.dim() else aff * scale
-            probs = logits.softmax(-1)
-            latents = probs @ codebook
-            reg_logits = logits if self.entropy_temperature is None else aff / self.entropy_temperature
-            kl = entropy_regulariser(reg_logits)
-            indices = probs.argmax(-1)
-            metrics = codebook_metrics(probs.detach(), indices, self.codebook_size)
-            metrics["temperature"] = (1.0 / scale.detach().float().mean())
-            lead = shape[:-1]
-            return BottleneckOutput(
-                latents=latents.reshape(*lead, self.latent_dim),
-                losses={"kl": kl},
-                metrics=metrics,
-                indices=indices.reshape(lead),
-                probs=probs.reshape(*lead, self.codebook_size),
-            )
+        return 1.0 / self.temperature.float()
 
     def split_input(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(ẑ, 1/τ) from the encoder projection; GMMVQ also reads ω from extra channels."""
         return z, self.inverse_temperature(z)
+
+    def forward(self, z: Tensor) -> BottleneckOutput:
+        self.check_input(z)
+        with float32_region(z.device):
+            z = z.float()
+            lead = z.shape[:-1]
+            signal, scale = self.split_input(z)
+            flat = signal.reshape(-1, self.latent_dim)
+            if scale.dim():
+                scale = scale.reshape(-1)
+            if self.distance == "cosine":
+                flat = F.normalize(flat, dim=-1)
+            out = soft_assign(
+                flat, self.normalized_codebook(), scale=scale, distance=self.distance,
+                detach_codebook_in_logits=self.detach_codebook_in_logits,
+                entropy_temperature=self.entropy_temperature, chunk_size=self.chunk_size,
+            )
+            kl = out.token_entropy - entropy(out.mean_posterior)
+            used = torch.zeros(self.codebook_size, device=z.device, dtype=torch.bool)
+            used[out.indices] = True
+            metrics = {
+                "perplexity": torch.exp(entropy(out.mean_probs)).detach(),
+                "usage": used.float().mean(),
+                "temperature": (1.0 / scale.detach().float().mean()),
+            }
+            return BottleneckOutput(
+                latents=out.latents.reshape(*lead, self.latent_dim),
+                losses={"kl": kl},
+                metrics=metrics,
+                indices=out.indices.reshape(lead),
+                probs=None if out.probs is None else out.probs.reshape(*lead, self.codebook_size),
+                entropy_terms=EntropyTerms(out.token_entropy, out.mean_posterior),
+            )
+
+    def posterior(self, z: Tensor) -> Tensor:
+        """q(z|x) (..., K) for encoder outputs ``z`` (..., input_dim), without gradients."""
+        with torch.no_grad():
+            return self.forward(z).probs

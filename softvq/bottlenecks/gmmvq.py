@@ -1,0 +1,47 @@
+"""GMMVQ: SoftVQ whose temperature is predicted per token (paper Sec. 3.2 "Interpretation",
+supplementary B.2, Eq. 11).
+
+    posterior  q(z|x) = Softmax(−ω(ẑ) ‖ẑ − C‖₂)      ω(ẑ) > 0 replaces 1/τ
+    latent     z = q · C
+    kl         L_kl = H(q) − H(E_x q)
+
+The encoder projection carries one extra channel per token (``input_dim = latent_dim + 1``):
+channels [0, D) are ẑ, channel D is the raw weight w, and ω = softplus(w + b) with the constant
+b = softplus⁻¹(1/τ₀) so that a fresh model (w ≈ 0) starts at SoftVQ's temperature τ₀ (0.07 by
+default). The paper states only that the encoder predicts ω; softplus (for positivity) and the
+offset are our choices. The codebook still feeds the decoder directly (B.2: no reparametrisation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from softvq.bottlenecks.softvq import SoftVQ
+
+
+def inverse_softplus(y: float) -> float:
+    """x with softplus(x) = y, for y > 0."""
+    return y + math.log(-math.expm1(-y))
+
+
+class GMMVQ(SoftVQ):
+    """Gaussian-mixture soft VQ (B.2): per-token weights ω(ẑ) from an extra encoder channel.
+
+    Takes the same arguments as :class:`SoftVQ`; ``temperature`` sets the initial 1/ω and
+    ``learnable_temperature`` is not used (ω is predicted, not a parameter).
+    """
+
+    def __init__(self, latent_dim: int, codebook_size: int, **kwargs) -> None:
+        if kwargs.pop("learnable_temperature", False):
+            raise ValueError("GMMVQ predicts its weights ω(ẑ) per token; learnable_temperature does not apply")
+        super().__init__(latent_dim, codebook_size, **kwargs)
+        self.input_dim = latent_dim + 1
+        self.weight_offset = inverse_softplus(1.0 / float(self.temperature))
+
+    def split_input(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(ẑ, ω) with ω = softplus(w + b) read from the last channel."""
+        signal, raw = z[..., : self.latent_dim], z[..., self.latent_dim]
+        return signal, F.softplus(raw + self.weight_offset)

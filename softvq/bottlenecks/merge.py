@@ -1,0 +1,61 @@
+"""How composite bottlenecks (product, residual, segments) combine their parts' outputs.
+
+Rules, one per way of splitting the work:
+
+* channel groups (product quantization) and residual levels: losses of the same name are
+  **summed**. Every loss here is a per-token quantity summed over channels and averaged over
+  tokens, so summing over channel groups reproduces the ungrouped value (Gaussian KL, VQ
+  losses), and for the categorical regulariser it is WeTok's additivity of entropy over
+  independent groups (WeTok Eq. 7/9); over residual levels it is RQ-VAE's sum of per-depth losses.
+* sequence segments: each part sees a disjoint block of equally many tokens, so losses are
+  **averaged**, which reproduces the mean over all tokens.
+* metrics (perplexity, usage, temperature, ...) are averaged over parts in every case.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from softvq.bottlenecks.base import BottleneckOutput
+
+
+def sum_losses(outputs: list[BottleneckOutput]) -> dict[str, Tensor]:
+    merged: dict[str, Tensor] = {}
+    for out in outputs:
+        for name, value in out.losses.items():
+            merged[name] = merged[name] + value if name in merged else value
+    return merged
+
+
+def mean_losses(outputs: list[BottleneckOutput]) -> dict[str, Tensor]:
+    return {name: value / len(outputs) for name, value in sum_losses(outputs).items()}
+
+
+def mean_metrics(outputs: list[BottleneckOutput]) -> dict[str, Tensor]:
+    names = {name for out in outputs for name in out.metrics}
+    merged = {}
+    for name in sorted(names):
+        values = [out.metrics[name].float() for out in outputs if name in out.metrics]
+        merged[name] = torch.stack(values).mean()
+    return merged
+
+
+def stack_codes(outputs: list[BottleneckOutput], token_dims: int) -> tuple[Tensor | None, Tensor | None]:
+    """Indices (…, P_total) and probs (…, P_total, K) of parts that each cover the same tokens.
+
+    ``token_dims`` is the number of leading token dimensions (2 for (B, L)). Each part's indices
+    are (tokens) or (tokens, P); they are concatenated along a new/its code axis. Probs are
+    stacked only when every part has them with the same K; otherwise None.
+    """
+    if any(out.indices is None for out in outputs):
+        indices = None
+    else:
+        parts = [o.indices if o.indices.dim() > token_dims else o.indices.unsqueeze(-1) for o in outputs]
+        indices = torch.cat(parts, dim=-1)
+    probs = None
+    if all(out.probs is not None for out in outputs):
+        parts = [o.probs if o.probs.dim() > token_dims + 1 else o.probs.unsqueeze(-2) for o in outputs]
+        if len({p.shape[-1] for p in parts}) == 1:
+            probs = torch.cat(parts, dim=-2)
+    return indices, probs

@@ -1,0 +1,66 @@
+"""Product quantization over channel groups (supplementary B.3, Eq. 12; Jégou et al. 2010).
+
+    z = [z^(1), …, z^(G)],   q(z^(g)|x) = Softmax(−‖ẑ^(g) − C^(g)‖₂ / τ)
+
+The D signal channels are split into G contiguous groups of D/G channels; group g has its own
+bottleneck (its own codebook) over its channels, and the latents are concatenated back. Any
+bottleneck kind can be the inner one (SoftVQ, GMMVQ, VQ, Gaussian, LFQ, AE).
+
+Input layout follows :class:`~softvq.bottlenecks.base.Bottleneck`: [signal (D), side (G × s)],
+where s is the inner kind's side channels (1 for GMMVQ's ω, D/G for the Gaussian's log σ²);
+group g receives [signal group g, side group g].
+
+Losses of the same name are summed over groups, metrics averaged (see :mod:`.merge`); indices
+are (B, L, G) (or (B, L, G·P) for inner kinds with P codes per token), probs (B, L, G, K).
+This is *channel* grouping; the release's four codebooks split the token *sequence* instead
+(:class:`~softvq.bottlenecks.segments.SegmentCodebooks`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
+from softvq.bottlenecks.merge import mean_metrics, stack_codes, sum_losses
+
+
+class ProductQuantizer(Bottleneck):
+    """G inner bottlenecks, one per channel group; children in ``parts``."""
+
+    def __init__(self, parts: list[Bottleneck]) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("ProductQuantizer needs at least one group")
+        widths = {(p.latent_dim, p.side_dim) for p in parts}
+        if len(widths) != 1:
+            raise ValueError(f"all groups must have the same widths (latent, side), got {sorted(widths)}")
+        self.parts = nn.ModuleList(parts)
+        self.group_dim, self.group_side = widths.pop()
+        self.latent_dim = self.group_dim * len(parts)
+        self.input_dim = self.latent_dim + self.group_side * len(parts)
+
+    @property
+    def groups(self) -> int:
+        return len(self.parts)
+
+    @property
+    def codebook_size(self) -> int | None:
+        return self.parts[0].codebook_size
+
+    def forward(self, z: Tensor) -> BottleneckOutput:
+        self.check_input(z)
+        signal = z[..., : self.latent_dim].split(self.group_dim, dim=-1)
+        side = z[..., self.latent_dim:].split(self.group_side, dim=-1) if self.group_side else None
+        outputs = []
+        for g, part in enumerate(self.parts):
+            inp = signal[g] if side is None else torch.cat([signal[g], side[g]], dim=-1)
+            outputs.append(part(inp))
+        indices, probs = stack_codes(outputs, token_dims=z.dim() - 1)
+        return BottleneckOutput(
+            latents=torch.cat([o.latents for o in outputs], dim=-1),
+            losses=sum_losses(outputs),
+            metrics=mean_metrics(outputs),
+            indices=indices,
+            probs=probs,
+        )

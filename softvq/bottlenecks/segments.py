@@ -1,0 +1,94 @@
+"""The release's per-sequence-segment codebooks (not in the paper).
+
+The released checkpoints store ``quantize.embedding`` with a leading axis of 4 codebooks, but
+they split the token *sequence*, not the channels: the L tokens are cut into S contiguous
+segments of L/S tokens and segment i is quantized with codebook i (tokens 0-15 with codebook 0
+for L = 64, S = 4). Contrast :class:`~softvq.bottlenecks.product.ProductQuantizer`, the paper's
+channel groups (B.3, Eq. 12).
+
+Each segment is a full bottleneck (``parts[i]``; the official converter maps
+``quantize.embedding[i]`` to ``bottleneck.parts.{i}.codebook``). Latents, indices and probs are
+concatenated back along the sequence; metrics are averaged over segments.
+
+The entropy regulariser ``kl`` comes in two forms (``entropy``):
+
+* ``"pooled"`` (the release): H(q) is averaged over all tokens and the batch posterior E q is
+  averaged over the tokens of *all* segments before its entropy is taken, exactly as the
+  released code flattens the four codebooks' logits into one (T·S, K) batch. Applies to segments
+  that report :class:`~softvq.bottlenecks.base.EntropyTerms` (plain SoftVQ, GMMVQ); for other
+  kinds there is no categorical regulariser to pool and the losses are averaged (the factory
+  refuses "pooled" for SoftVQ/GMMVQ composed with groups or levels rather than silently average).
+* ``"per_segment"``: each codebook's own H(q) − H(E q), averaged over segments.
+
+Other losses are averaged over segments (the segments partition the tokens, see :mod:`.merge`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, EntropyTerms
+from softvq.bottlenecks.merge import mean_losses, mean_metrics
+from softvq.bottlenecks.softvq import entropy
+
+SegmentEntropy = Literal["pooled", "per_segment"]
+
+
+class SegmentCodebooks(Bottleneck):
+    """S bottlenecks over S contiguous blocks of the token sequence; children in ``parts``."""
+
+    def __init__(self, parts: list[Bottleneck], *, entropy: SegmentEntropy = "pooled") -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("SegmentCodebooks needs at least one segment")
+        if entropy not in ("pooled", "per_segment"):
+            raise ValueError(f"unknown segment entropy {entropy!r}; use 'pooled' (release) or 'per_segment'")
+        widths = {(p.input_dim, p.latent_dim) for p in parts}
+        if len(widths) != 1:
+            raise ValueError(f"all segments must have the same widths (input, latent), got {sorted(widths)}")
+        self.parts = nn.ModuleList(parts)
+        self.input_dim, self.latent_dim = widths.pop()
+        self.entropy = entropy
+
+    @property
+    def segments(self) -> int:
+        return len(self.parts)
+
+    @property
+    def codebook_size(self) -> int | None:
+        return self.parts[0].codebook_size
+
+    def forward(self, z: Tensor) -> BottleneckOutput:
+        self.check_input(z)
+        if z.dim() != 3:
+            raise ValueError(f"SegmentCodebooks expects (B, L, {self.input_dim}) tokens, got {tuple(z.shape)}")
+        length = z.shape[1]
+        if length % self.segments:
+            raise ValueError(
+                f"{length} tokens cannot be split into {self.segments} equal segments; "
+                f"use a number of tokens divisible by {self.segments}"
+            )
+        chunks = z.split(length // self.segments, dim=1)
+        outputs = [part(chunk) for part, chunk in zip(self.parts, chunks)]
+        losses = mean_losses(outputs)
+        terms = None
+        if all(o.entropy_terms is not None for o in outputs):
+            terms = EntropyTerms(
+                token_entropy=torch.stack([o.entropy_terms.token_entropy for o in outputs]).mean(),
+                mean_posterior=torch.stack([o.entropy_terms.mean_posterior for o in outputs]).mean(0),
+            )
+        if self.entropy == "pooled" and terms is not None:
+            losses["kl"] = terms.token_entropy - entropy(terms.mean_posterior)
+        indices = None if any(o.indices is None for o in outputs) else torch.cat([o.indices for o in outputs], 1)
+        probs = None if any(o.probs is None for o in outputs) else torch.cat([o.probs for o in outputs], 1)
+        return BottleneckOutput(
+            latents=torch.cat([o.latents for o in outputs], dim=1),
+            losses=losses,
+            metrics=mean_metrics(outputs),
+            indices=indices,
+            probs=probs,
+            entropy_terms=terms,
+        )

@@ -1,0 +1,234 @@
+"""The soft assignment at the heart of SoftVQ (paper Eq. 4, supplementary B.1/B.2), two ways.
+
+For T tokens x (T, D), a codebook C (K, D) and a scale s (1/τ, or GMMVQ's per-token ω):
+
+    a = affinity(x, C_logit)        (T, K)   −‖x − c‖₂ (paper) or x·c on unit vectors (release)
+    p = softmax(s · a)              posterior q(z|x)
+    z = p C                         latents
+    π = softmax(a / τ_H)            posterior the regulariser sees (π = p unless the release's
+                                    separate entropy temperature τ_H = 0.01 is used)
+    token_entropy = mean_t H(π_t),  mean_posterior = mean_t π_t   →  L_kl = H_tok − H(E π)
+
+``C_logit`` is either C itself or ``C.detach()`` (the release computes logits against a detached
+codebook, so C learns only through z = pC).
+
+* :func:`soft_assign_reference` is the straightforward autograd version. It keeps several
+  (T, K) tensors alive for backward: at T = 256·64 tokens and K = 8192 that is gigabytes.
+* :class:`ChunkedSoftAssign` processes ``chunk`` tokens at a time, saves only its inputs, and
+  recomputes each chunk's affinities and softmaxes in backward. The batch-level term needs the
+  full-batch mean E π; it is an *output* here, so its gradient dL/d(Eπ) (which depends on the whole
+  batch) arrives in backward before any chunk is revisited, and each chunk then needs only
+  ∂(Eπ)/∂ρ_t = π_t-Jacobian / T.
+
+Backward formulas (per token t, softmax Jacobian J(v) = v ⊙ (g − ⟨v, g⟩)):
+    g_p   = g_z C^T,              g_ℓ = J(p)(g_p)                     ℓ = s·a
+    g_ρ   = J(π)(g_Eπ − g_H · log π) / T                              ρ = a/τ_H (or ℓ)
+    g_a   = s·g_ℓ + g_ρ/τ_H,      g_s = ⟨g_ℓ, a⟩
+    cosine: g_x = g_a C_logit,    g_C_logit = g_a^T x
+    l2:     w = −g_a / (2‖x − c‖), g_x = 2(x Σ_k w − w C_logit), g_C_logit = 2(C_logit Σ_t w − w^T x)
+    g_C  += p^T g_z
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Elements of one (chunk × K) working tensor in the chunked path: 2^21 floats = 8 MiB, a size
+# that keeps ~10 live working tensors well under the straightforward version's footprint while
+# each matmul is still large enough to run at full speed.
+_AUTO_CHUNK_ELEMENTS = 1 << 21
+_SQ_EPS = 1e-12  # clamp of the squared L2 distance before sqrt (sqrt'(0) is infinite)
+
+
+@dataclass
+class SoftAssignment:
+    """What a soft assignment returns.
+
+    latents (T, D); token_entropy (scalar) and mean_posterior (K,) of the regulariser's posterior π,
+    both differentiable; mean_probs (K,) = mean_t p_t and indices (T,) = argmax_k p_t, detached;
+    probs (T, K) where materialised (always without grad, never in the chunked path with grad).
+    """
+
+    latents: Tensor
+    token_entropy: Tensor
+    mean_posterior: Tensor
+    mean_probs: Tensor
+    indices: Tensor
+    probs: Tensor | None
+
+
+def _affinity(x: Tensor, book: Tensor, distance: str) -> Tensor:
+    if distance == "cosine":
+        return x @ book.t()
+    sq = (x * x).sum(-1, keepdim=True) - 2 * (x @ book.t()) + (book * book).sum(-1)
+    return -sq.clamp_min(_SQ_EPS).sqrt()
+
+
+def auto_chunk_size(num_codes: int) -> int:
+    """Tokens per chunk so that one (chunk × K) float32 tensor holds about 8 MiB."""
+    return max(16, _AUTO_CHUNK_ELEMENTS // max(1, num_codes))
+
+
+def soft_assign_reference(
+    x: Tensor, codebook: Tensor, logit_codebook: Tensor, scale: Tensor,
+    distance: str, entropy_temperature: float | None,
+) -> SoftAssignment:
+    """Straightforward autograd implementation (materialises every (T, K) intermediate)."""
+    aff = _affinity(x, logit_codebook, distance)
+    logits = aff * (scale.unsqueeze(-1) if scale.dim() else scale)
+    probs = logits.softmax(-1)
+    latents = probs @ codebook
+    if entropy_temperature is None:
+        post = probs
+    else:
+        post = (aff / entropy_temperature).softmax(-1)
+    token_entropy = -(post * torch.log(post.clamp_min(1e-30))).sum(-1).mean()
+    return SoftAssignment(
+        latents=latents,
+        token_entropy=token_entropy,
+        mean_posterior=post.mean(0),
+        mean_probs=probs.detach().mean(0),
+        indices=logits.detach().argmax(-1),
+        probs=probs,
+    )
+
+
+class ChunkedSoftAssign(torch.autograd.Function):
+    """Memory-lean soft assignment: recomputes each chunk in backward (see module docstring).
+
+    Inputs: x (T, D), codebook (K, D), logit_codebook (K, D) (the same tensor, or detached),
+    scale (0-dim or (T,)), distance, entropy_temperature (float or None), chunk, keep_probs.
+    Outputs: latents (T, D), token_entropy (), mean_posterior (K,) [differentiable];
+    mean_probs (K,), indices (T,), probs (T, K) or empty [not differentiable].
+    """
+
+    @staticmethod
+    def forward(ctx, x, codebook, logit_codebook, scale, distance, entropy_temperature, chunk, keep_probs):
+        t, k = x.shape[0], codebook.shape[0]
+        latents = x.new_empty(t, codebook.shape[1])
+        indices = torch.empty(t, dtype=torch.long, device=x.device)
+        entropy_sum = x.new_zeros(())
+        post_sum = x.new_zeros(k)
+        probs_sum = x.new_zeros(k)
+        probs_out = x.new_empty(t, k) if keep_probs else x.new_empty(0)
+        per_token = scale.dim() > 0
+        for start in range(0, t, chunk):
+            stop = min(start + chunk, t)
+            aff = _affinity(x[start:stop], logit_codebook, distance)
+            s = scale[start:stop].unsqueeze(-1) if per_token else scale
+            log_p = torch.log_softmax(aff * s, dim=-1)
+            p = log_p.exp()
+            torch.matmul(p, codebook, out=latents[start:stop])
+            indices[start:stop] = log_p.argmax(-1)
+            probs_sum += p.sum(0)
+            if keep_probs:
+                probs_out[start:stop] = p
+            if entropy_temperature is None:
+                log_post, post = log_p, p
+            else:
+                log_post = torch.log_softmax(aff / entropy_temperature, dim=-1)
+                post = log_post.exp()
+            entropy_sum -= (post * log_post).sum()
+            post_sum += post.sum(0)
+        ctx.save_for_backward(x, codebook, logit_codebook, scale)
+        ctx.distance, ctx.entropy_temperature, ctx.chunk = distance, entropy_temperature, chunk
+        mean_probs = probs_sum / t
+        ctx.mark_non_differentiable(indices, mean_probs, probs_out)
+        return latents, entropy_sum / t, post_sum / t, mean_probs, indices, probs_out
+
+    @staticmethod
+    def backward(ctx, g_latents, g_entropy, g_post, _g_probs, _g_idx, _g_probs_out):
+        x, codebook, logit_codebook, scale = ctx.saved_tensors
+        distance, tau_h, chunk = ctx.distance, ctx.entropy_temperature, ctx.chunk
+        need_x, need_c, need_cl, need_s = ctx.needs_input_grad[:4]
+        t = x.shape[0]
+        per_token = scale.dim() > 0
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            g_latents = torch.zeros_like(x[:, :1]).expand(t, codebook.shape[1]) if g_latents is None else g_latents
+            g_entropy = x.new_zeros(()) if g_entropy is None else g_entropy
+            g_post = x.new_zeros(codebook.shape[0]) if g_post is None else g_post
+            g_x = torch.empty_like(x) if need_x else None
+            g_c = torch.zeros_like(codebook) if need_c else None
+            g_cl = torch.zeros_like(logit_codebook) if need_cl else None
+            g_s = (torch.empty_like(scale) if per_token else scale.new_zeros(())) if need_s else None
+            for start in range(0, t, chunk):
+                stop = min(start + chunk, t)
+                xc, gz = x[start:stop], g_latents[start:stop]
+                aff = _affinity(xc, logit_codebook, distance)
+                s = scale[start:stop].unsqueeze(-1) if per_token else scale
+                log_p = torch.log_softmax(aff * s, dim=-1)
+                p = log_p.exp()
+                if need_c:
+                    g_c.addmm_(p.t(), gz)
+                g_logits = gz @ codebook.t()
+                g_logits -= (p * g_logits).sum(-1, keepdim=True)
+                g_logits *= p
+                # Regulariser: J(π)(g_Eπ − g_H log π) / T.
+                if tau_h is None:
+                    log_post, post = log_p, p
+                else:
+                    log_post = torch.log_softmax(aff / tau_h, dim=-1)
+                    post = log_post.exp()
+                u = g_post - g_entropy * log_post
+                u -= (post * u).sum(-1, keepdim=True)
+                u *= post / t
+                if tau_h is None:
+                    g_logits += u
+                    g_aff = g_logits * s
+                else:
+                    g_aff = g_logits * s
+                    g_aff += u / tau_h
+                if need_s:
+                    gs = (g_logits * aff).sum(-1)
+                    if per_token:
+                        g_s[start:stop] = gs
+                    else:
+                        g_s += gs.sum()
+                if distance == "cosine":
+                    if need_x:
+                        torch.matmul(g_aff, logit_codebook, out=g_x[start:stop])
+                    if need_cl:
+                        g_cl.addmm_(g_aff.t(), xc)
+                else:
+                    # a = −sqrt(sq): da/dsq = −1/(2·sqrt(sq)) where sq was not clamped.
+                    sq = (xc * xc).sum(-1, keepdim=True) - 2 * (xc @ logit_codebook.t()) + (
+                        logit_codebook * logit_codebook).sum(-1)
+                    w = torch.where(sq > _SQ_EPS, g_aff / (2 * aff), torch.zeros_like(g_aff))
+                    if need_x:
+                        g_x[start:stop] = 2 * (xc * w.sum(-1, keepdim=True) - w @ logit_codebook)
+                    if need_cl:
+                        g_cl += 2 * (logit_codebook * w.sum(0).unsqueeze(-1) - w.t() @ xc)
+        return g_x, g_c, g_cl, g_s, None, None, None, None
+
+
+def soft_assign(
+    x: Tensor, codebook: Tensor, *, scale: Tensor, distance: str,
+    detach_codebook_in_logits: bool = False, entropy_temperature: float | None = None,
+    chunk_size: int | None = None,
+) -> SoftAssignment:
+    """Soft assignment of tokens ``x`` (T, D) to ``codebook`` (K, D); see the module docstring.
+
+    ``chunk_size``: ``0`` uses the straightforward autograd version; ``None`` the chunked version
+    with :func:`auto_chunk_size`; a positive number the chunked version with that many tokens.
+    ``scale`` is 1/τ (0-dim) or per-token weights ω (T,). Everything runs in float32.
+    """
+    if distance not in ("l2", "cosine"):
+        raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
+    if chunk_size is not None and chunk_size < 0:
+        raise ValueError(f"chunk_size must be None (auto), 0 (straightforward) or positive, got {chunk_size}")
+    logit_codebook = codebook.detach() if detach_codebook_in_logits else codebook
+    if chunk_size == 0:
+        return soft_assign_reference(x, codebook, logit_codebook, scale, distance, entropy_temperature)
+    chunk = chunk_size or auto_chunk_size(codebook.shape[0])
+    keep_probs = not torch.is_grad_enabled()
+    latents, h, post, mean_probs, indices, probs = ChunkedSoftAssign.apply(
+        x, codebook, logit_codebook, scale, distance, entropy_temperature, chunk, keep_probs,
+    )
+    return SoftAssignment(
+        latents=latents, token_entropy=h, mean_posterior=post, mean_probs=mean_probs,
+        indices=indices, probs=probs if keep_probs else None,
+    )
+

@@ -1,0 +1,92 @@
+"""The VQ-VAE baseline (paper Sec. 2.1, Eq. 2; supplementary A, Eq. 9).
+
+    posterior  q(z = k|x) = 1 if k = argmin_j ‖ẑ − c_j‖₂ else 0
+    latent     z = c_k, passed on with the straight-through estimator z = ẑ + sg[c_k − ẑ]
+    losses     codebook = ‖sg[ẑ] − c_k‖²   commit = ‖ẑ − sg[c_k]‖²
+
+The paper writes the two losses with the norm ‖·‖₂; we use the squared norm of VQ-VAE
+(van den Oord et al. 2017), which is also what WeTok's Eq. 3 writes. Each loss is a per-token
+squared norm summed over the D channels and averaged over tokens, so that product quantization
+(which sums its groups' losses) reproduces the ungrouped value exactly. Note the scale: this is D
+times the per-element mean (``F.mse_loss``) that taming-style code reports.
+
+β, the commitment weight (``BottleneckConfig.commitment_weight``, 0.25), belongs to the training
+objective, which weights ``commit`` by β and ``codebook`` by 1; both losses are returned
+unweighted. The KL term of Eq. 2 is the constant log K and is not returned.
+
+``distance="cosine"`` L2-normalises ẑ and the codewords first (the unit-sphere lookup of
+ViT-VQGAN-style and the SoftVQ release); ``l2`` is Eq. 2 as written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, float32_region
+from softvq.bottlenecks.softvq import entropy
+
+_SEARCH_CHUNK_ELEMENTS = 1 << 22  # distances computed at a time in the nearest-codeword search
+
+
+def nearest_codeword(x: Tensor, codebook: Tensor) -> Tensor:
+    """argmin_j ‖x − c_j‖₂ for x (T, D), in chunks of tokens so T × K never materialises."""
+    chunk = max(1, _SEARCH_CHUNK_ELEMENTS // codebook.shape[0])
+    book_sq = (codebook * codebook).sum(-1)
+    out = []
+    for start in range(0, x.shape[0], chunk):
+        xc = x[start:start + chunk]
+        # ‖x‖² is constant per row, so argmin of ‖c‖² − 2x·c is the nearest codeword.
+        out.append((book_sq - 2 * xc @ codebook.t()).argmin(-1))
+    return torch.cat(out) if out else x.new_zeros(0, dtype=torch.long)
+
+
+class VQ(Bottleneck):
+    """Hard vector quantization with a straight-through estimator (Eq. 2)."""
+
+    def __init__(self, latent_dim: int, codebook_size: int, *, distance: str = "l2") -> None:
+        super().__init__()
+        if distance not in ("l2", "cosine"):
+            raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine'")
+        self.input_dim = self.latent_dim = latent_dim
+        self.distance = distance
+        self.codebook = nn.Parameter(torch.randn(codebook_size, latent_dim) / math.sqrt(latent_dim))
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebook.shape[0]
+
+    def normalized_codebook(self) -> Tensor:
+        c = self.codebook.float()
+        return F.normalize(c, dim=-1) if self.distance == "cosine" else c
+
+    def forward(self, z: Tensor) -> BottleneckOutput:
+        self.check_input(z)
+        with float32_region(z.device):
+            z = z.float()
+            lead = z.shape[:-1]
+            flat = z.reshape(-1, self.latent_dim)
+            if self.distance == "cosine":
+                flat = F.normalize(flat, dim=-1)
+            book = self.normalized_codebook()
+            with torch.no_grad():
+                indices = nearest_codeword(flat, book)
+            chosen = book[indices]
+            codebook_loss = (flat.detach() - chosen).pow(2).sum(-1).mean()
+            commit = (flat - chosen.detach()).pow(2).sum(-1).mean()
+            latents = flat + (chosen - flat).detach()
+            counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            freq = counts / counts.sum().clamp_min(1)
+            metrics = {
+                "perplexity": torch.exp(entropy(freq)),
+                "usage": (counts > 0).float().mean(),
+            }
+            return BottleneckOutput(
+                latents=latents.reshape(*lead, self.latent_dim),
+                losses={"codebook": codebook_loss, "commit": commit},
+                metrics=metrics,
+                indices=indices.reshape(lead),
+            )
