@@ -1,0 +1,233 @@
+"""Linear probing of a frozen tokenizer's latents (paper Sec. 4.4, Fig. 3; supplementary C.3).
+
+C.3: "a parameter-free batch normalization layer and a linear layer [trained] for 90 epochs with
+a batch size of 16,384 ... the Lamb optimizer with cosine decay learning rate scheduler where the
+initial learning rate is set to 0.003" (the MAE / DAE / REPA setup). Those are the defaults here.
+The tokenizer is frozen; its latents z (B, L, D) — or the pre-bottleneck ẑ with
+``which="features"`` — are flattened to L·D features, computed once, then the probe trains on
+them. Weight decay is not given in the paper: 0 (MAE's linear probe uses none either).
+
+The labelled set is an image folder with one sub-folder per class (class = sub-folder name);
+a stratified, seeded held-out split (or a separate validation folder) gives the accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from softvq.data.images import center_crop_resize, list_images, load_rgb, to_tensor
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020, Alg. 2): Adam's bias-corrected step plus decoupled weight decay,
+    rescaled per parameter tensor by the trust ratio ‖w‖ / ‖step‖ (1 where either norm is 0)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(p)
+                    state["v"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = state["m"] / (1 - beta1**t)
+                v_hat = state["v"] / (1 - beta2**t)
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.sub_(update * (group["lr"] * trust))
+        return loss
+
+
+class LinearProbe(nn.Module):
+    """BatchNorm1d without affine parameters, then a linear classifier (C.3)."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_features, affine=False, eps=1e-6)
+        self.head = nn.Linear(in_features, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)  # MAE's probe initialisation
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(x))
+
+
+@dataclass
+class ProbeResult:
+    top1: float            # held-out accuracy
+    top5: float | None     # held-out top-5 (only with more than 5 classes)
+    train_top1: float
+    num_train: int
+    num_val: int
+    num_classes: int
+    feature_dim: int
+    epochs: int
+    optimizer: str
+    which: str = "latents"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stratified_split(labels: Tensor, val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Indices (train, val): in every class round(val_fraction · n) samples (at least 1 when the
+    class has 2 or more) go to validation, chosen by a seeded permutation."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = max(1, round(val_fraction * len(idx))) if len(idx) > 1 else 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def _accuracy(logits: Tensor, labels: Tensor, k: int = 1) -> float:
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return float((top == labels[:, None]).any(1).double().mean())
+
+
+def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, *,
+                epochs: int = 90, batch_size: int = 16384, lr: float = 3e-3, weight_decay: float = 0.0,
+                optimizer: Literal["lamb", "adamw", "sgd"] = "lamb", seed: int = 0,
+                min_steps: int = 1000, which: str = "latents") -> ProbeResult:
+    """Train the probe on fixed features (N, F) with integer labels; evaluate on the held-out set.
+
+    The learning rate follows a per-step cosine decay from ``lr`` to 0 (C.3). On ImageNet the
+    paper's 90 epochs at batch 16,384 are about 7,000 steps; on a small folder 90 epochs can be
+    90 steps of one full batch, too few for LAMB's relative updates, so training runs for at least
+    ``min_steps`` steps (more epochs; the result reports the epochs actually run).
+    """
+    if train_x.dim() != 2 or val_x.dim() != 2 or train_x.shape[1] != val_x.shape[1]:
+        raise ValueError(f"features must be (N, F) with the same F, got {tuple(train_x.shape)}, {tuple(val_x.shape)}")
+    if len(train_x) < 2:
+        raise ValueError(f"need at least 2 training samples, got {len(train_x)}")
+    torch.manual_seed(seed)
+    num_classes = int(max(train_y.max(), val_y.max() if len(val_y) else 0)) + 1
+    probe = LinearProbe(train_x.shape[1], num_classes)
+    params = probe.parameters()
+    if optimizer == "lamb":
+        opt: torch.optim.Optimizer = Lamb(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use lamb (paper), adamw or sgd")
+    batch = min(batch_size, len(train_x))
+    steps_per_epoch = math.ceil(len(train_x) / batch)
+    if len(train_x) % batch == 1:  # a batch of 1 cannot be batch-normalised: drop it
+        steps_per_epoch -= 1
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
+    total = epochs * steps_per_epoch
+    g = torch.Generator().manual_seed(seed)
+    x, y = train_x.float(), train_y.long()
+    step = 0
+    probe.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for s in range(steps_per_epoch):
+            idx = order[s * batch:(s + 1) * batch]
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+            loss = nn.functional.cross_entropy(probe(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    probe.eval()
+    with torch.no_grad():
+        train_logits = probe(x)
+        val_logits = probe(val_x.float()) if len(val_x) else torch.zeros(0, num_classes)
+    vy = val_y.long()
+    return ProbeResult(
+        top1=_accuracy(val_logits, vy) if len(vy) else math.nan,
+        top5=_accuracy(val_logits, vy, 5) if len(vy) and num_classes > 5 else None,
+        train_top1=_accuracy(train_logits, y),
+        num_train=len(x), num_val=len(vy), num_classes=num_classes,
+        feature_dim=x.shape[1], epochs=epochs, optimizer=optimizer, which=which,
+    )
+
+
+def labelled_images(folder: str | Path) -> tuple[list[Path], Tensor, list[str]]:
+    """(image paths, integer labels, class names) of a folder with one sub-folder per class."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"labelled image folder {folder} does not exist")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and list_images(d))
+    if len(classes) < 2:
+        raise ValueError(f"{folder} needs at least two class sub-folders with images, found {len(classes)}")
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        files = list_images(folder / name)
+        paths += files
+        labels += [c] * len(files)
+    return paths, torch.tensor(labels), classes
+
+
+@torch.inference_mode()
+def tokenizer_features(model, paths: list[Path], *, which: Literal["latents", "features"] = "latents",
+                       batch_size: int = 32, device: str | torch.device = "cpu",
+                       progress: bool = True) -> Tensor:
+    """Flattened z (``latents``) or ẑ (``features``) of each image, (N, L·D) float32 on the CPU.
+
+    Images are centre-cropped and resized to the model's resolution (the evaluation protocol).
+    """
+    from tqdm.auto import tqdm
+
+    if which not in ("latents", "features"):
+        raise ValueError(f"which must be 'latents' (z) or 'features' (ẑ), got {which!r}")
+    model = model.to(device).eval()
+    size = model.config.image_size
+    out = []
+    for start in tqdm(range(0, len(paths), batch_size), desc=f"probe {which}", unit="batch",
+                      disable=not progress):
+        chunk = paths[start:start + batch_size]
+        x = torch.stack([to_tensor(center_crop_resize(load_rgb(p), size)) for p in chunk]).to(device)
+        enc = model.encode(x)
+        out.append(getattr(enc, which).flatten(1).float().cpu())
+    return torch.cat(out)
+
+
+def probe_folder(model, folder: str | Path, *, val_folder: str | Path | None = None,
+                 val_fraction: float = 0.2, which: Literal["latents", "features"] = "latents",
+                 device: str | torch.device = "cpu", batch_size: int = 32, seed: int = 0,
+                 progress: bool = True, **train_kwargs) -> ProbeResult:
+    """Linear-probe accuracy of a frozen tokenizer on a labelled image folder (C.3)."""
+    paths, labels, classes = labelled_images(folder)
+    feats = tokenizer_features(model, paths, which=which, batch_size=batch_size, device=device,
+                               progress=progress)
+    if val_folder is not None:
+        vpaths, vlabels, vclasses = labelled_images(val_folder)
+        if vclasses != classes:
+            raise ValueError(f"validation classes {vclasses} differ from training classes {classes}")
+        vfeats = tokenizer_features(model, vpaths, which=which, batch_size=batch_size, device=device,
+                                    progress=progress)
+        return train_probe(feats, labels, vfeats, vlabels, seed=seed, which=which, **train_kwargs)
+    tr, va = stratified_split(labels, val_fraction, seed)
+    return train_probe(feats[tr], labels[tr], feats[va], labels[va], seed=seed, which=which, **train_kwargs)
