@@ -1,0 +1,162 @@
+"""Product (B.3 Eq. 12), residual (Eq. 13), R-PQ, the release's segment codebooks, and the factory."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softvq.bottlenecks.factory import build_bottleneck
+from softvq.bottlenecks.gaussian import GaussianPosterior
+from softvq.bottlenecks.product import ProductQuantizer
+from softvq.bottlenecks.residual import ResidualQuantizer
+from softvq.bottlenecks.segments import SegmentCodebooks
+from softvq.bottlenecks.softvq import SoftVQ
+from softvq.config import BottleneckConfig
+
+D, K = 8, 16
+
+
+def build(**kw):
+    torch.manual_seed(0)
+    return build_bottleneck(BottleneckConfig(latent_dim=D, codebook_size=K, **kw))
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_product_quantizer_shapes_parameters_and_groupwise_latents(groups):
+    pq = build(groups=groups, temperature=0.2)
+    assert n_params(pq) == groups * K * (D // groups)  # G codebooks of K x D/G (Eq. 12)
+    z = torch.randn(2, 5, D)
+    with torch.no_grad():
+        out = pq(z)
+    assert out.latents.shape == (2, 5, D)
+    if groups == 1:
+        assert isinstance(pq, SoftVQ)
+        return
+    assert out.indices.shape == (2, 5, groups) and out.probs.shape == (2, 5, groups, K)
+    # z = [z^(1), ..., z^(G)]: group g is its own SoftVQ over its channel slice.
+    d = D // groups
+    for g, part in enumerate(pq.parts):
+        with torch.no_grad():
+            alone = part(z[..., g * d:(g + 1) * d])
+        assert torch.allclose(out.latents[..., g * d:(g + 1) * d], alone.latents)
+        assert torch.equal(out.indices[..., g], alone.indices)
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_residual_quantizer_follows_eq13(levels):
+    rq = build(residual_levels=levels, temperature=0.2)
+    assert isinstance(rq, ResidualQuantizer) and n_params(rq) == levels * K * D
+    z = torch.randn(2, 5, D)
+    with torch.no_grad():
+        out = rq(z)
+        residual, total = z, torch.zeros_like(z)
+        for level in rq.levels:  # r_l = r_{l-1} - Q_l(r_{l-1}); z_l = z_{l-1} + Q_l(r_{l-1})
+            q = level(residual).latents
+            total, residual = total + q, residual - q
+    assert out.latents.shape == (2, 5, D) and out.indices.shape == (2, 5, levels)
+    assert torch.allclose(out.latents, total, atol=1e-6)
+    assert torch.allclose(z - out.latents, residual, atol=1e-6)
+
+
+def test_residual_levels_reduce_the_error_of_a_fine_codebook():
+    torch.manual_seed(1)
+    cfg = dict(kind="vq", latent_dim=2, codebook_size=64)
+    one = build_bottleneck(BottleneckConfig(**cfg))
+    three = build_bottleneck(BottleneckConfig(**cfg, residual_levels=3))
+    three.levels[0].codebook.data.copy_(one.codebook.data)
+    for level in list(three.levels)[1:]:  # later levels hold small corrections
+        level.codebook.data.mul_(0.1)
+    z = torch.randn(500, 1, 2)
+    err = lambda m: (m(z).latents - z).pow(2).sum(-1).mean()
+    assert err(three) < err(one)
+
+
+def test_r_pq_composes_residual_of_product():
+    rpq = build(groups=4, residual_levels=2, temperature=0.2)
+    assert isinstance(rpq, ResidualQuantizer)
+    assert all(isinstance(level, ProductQuantizer) and level.groups == 4 for level in rpq.levels)
+    assert n_params(rpq) == 2 * 4 * K * (D // 4)
+    z = torch.randn(2, 5, D, requires_grad=True)
+    out = rpq(z)
+    assert out.latents.shape == (2, 5, D) and out.indices.shape == (2, 5, 8)
+    (out.latents.sum() + out.losses["kl"]).backward()
+    assert all(level.parts[g].codebook.grad is not None for level in rpq.levels for g in range(4))
+
+
+def test_side_channels_are_routed_per_group_and_level():
+    gmm_pq = build(kind="gmmvq", groups=2)
+    assert gmm_pq.input_dim == D + 2  # one ω channel per group
+    z = torch.randn(1, 3, D + 2)
+    with torch.no_grad():
+        out = gmm_pq(z)
+        g1 = gmm_pq.parts[1](torch.cat([z[..., 4:8], z[..., 9:10]], -1))
+    assert torch.allclose(out.latents[..., 4:], g1.latents)
+    assert build(kind="gmmvq", groups=2, residual_levels=3).input_dim == D + 6
+    assert build(kind="kl", groups=2).input_dim == 2 * D
+
+
+def test_losses_sum_over_groups_so_grouping_preserves_the_gaussian_kl():
+    z = torch.randn(3, 4, 2 * D)
+    whole = GaussianPosterior(D).eval()(z).losses["kl"]
+    grouped = build(kind="kl", groups=4).eval()
+    mean, logvar = z[..., :D], z[..., D:]
+    assert math.isclose(grouped(torch.cat([mean, logvar], -1)).losses["kl"].item(), whole.item(), rel_tol=1e-5)
+
+
+def test_segments_split_the_sequence_and_pool_the_entropy_like_the_release():
+    seg = build(segments=4, distance="cosine", detach_codebook_in_logits=True, entropy_temperature=0.01)
+    assert isinstance(seg, SegmentCodebooks) and n_params(seg) == 4 * K * D
+    z = torch.randn(2, 8, D)
+    with torch.no_grad():
+        out = seg(z)
+    books = [F.normalize(p.codebook, dim=-1) for p in seg.parts]
+    x = F.normalize(z, dim=-1)
+    for i, book in enumerate(books):  # tokens 2i, 2i+1 use codebook i
+        block = x[:, 2 * i:2 * i + 2]
+        expected = torch.softmax(block @ book.t() / 0.07, -1) @ book
+        assert torch.allclose(out.latents[:, 2 * i:2 * i + 2], expected, atol=1e-5)
+    # The release flattens all segments' (cosine) logits into one batch for its entropy loss.
+    logits = torch.cat([(x[:, 2 * i:2 * i + 2] @ b.t()).reshape(-1, K) for i, b in enumerate(books)])
+    q = torch.softmax(logits.double() / 0.01, -1)
+    h = lambda p: -(p * p.clamp_min(1e-300).log()).sum(-1)
+    assert math.isclose(out.losses["kl"].item(), (h(q).mean() - h(q.mean(0))).item(), rel_tol=1e-4, abs_tol=1e-5)
+    per_segment = build(segments=4, segment_entropy="per_segment", distance="cosine",
+                        detach_codebook_in_logits=True, entropy_temperature=0.01)
+    with torch.no_grad():
+        separate = per_segment(z).losses["kl"]
+    qs = q.reshape(4, -1, K)
+    expected = torch.stack([h(qi).mean() - h(qi.mean(0)) for qi in qs]).mean()
+    assert math.isclose(separate.item(), expected.item(), rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_segments_reject_token_counts_that_do_not_split():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build(segments=4)(torch.randn(1, 6, D))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(groups=3), "not divisible by groups"),
+    (dict(kind="lfq", lfq_groups=3), "lfq_groups=3"),
+    (dict(segments=2, groups=2), "per_segment"),
+    (dict(kind="gmmvq", learnable_temperature=True), "learnable_temperature"),
+    (dict(residual_levels=0), "at least 1"),
+])
+def test_factory_rejects_bad_compositions_with_the_fix(bad, match):
+    with pytest.raises(ValueError, match=match):
+        build(**bad)
+
+
+@pytest.mark.parametrize("kind", ["softvq", "gmmvq", "vq", "kl", "lfq", "ae"])
+def test_every_kind_composes_with_product_residual_and_segments(kind):
+    b = build(kind=kind, groups=2, residual_levels=2, segments=2, segment_entropy="per_segment", lfq_groups=2)
+    z = torch.randn(2, 4, b.input_dim, requires_grad=True)
+    out = b(z)
+    assert out.latents.shape == (2, 4, D) and out.latents.dtype == torch.float32
+    loss = out.latents.pow(2).sum() + sum(out.losses.values(), torch.zeros(()))
+    loss.backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()

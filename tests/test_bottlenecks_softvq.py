@@ -1,0 +1,167 @@
+"""SoftVQ (paper Eq. 4, B.1) and its memory-lean chunked implementation (issue 5 item 1)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softvq.bottlenecks.soft_assign import ChunkedSoftAssign, soft_assign
+from softvq.bottlenecks.softvq import SoftVQ
+from softvq.bottlenecks.vq import VQ
+
+
+def make(distance="l2", chunk_size=None, **kw):
+    torch.manual_seed(0)
+    return SoftVQ(6, 20, distance=distance, chunk_size=chunk_size, **kw)
+
+
+def test_gradients_reach_encoder_output_and_codebook_without_straight_through():
+    vq = make(temperature=0.5)
+    z = torch.randn(2, 5, 6, requires_grad=True)
+    out = vq(z)
+    upstream = torch.randn_like(out.latents)
+    (out.latents * upstream).sum().backward()
+    assert z.grad.abs().sum() > 0 and vq.codebook.grad.abs().sum() > 0
+    # A straight-through estimator would copy the decoder-input gradient unchanged.
+    assert not torch.allclose(z.grad, upstream, atol=1e-3)
+    # The codebook gradient through z = qC alone is q^T g (plus the logits' share).
+    vq_detached = make(temperature=0.5, detach_codebook_in_logits=True)
+    out = vq_detached(z.detach())
+    (out.latents * upstream).sum().backward()
+    with torch.no_grad():
+        probs = vq_detached(z.detach()).probs.reshape(-1, 20)
+    assert torch.allclose(vq_detached.codebook.grad, probs.t() @ upstream.reshape(-1, 6), atol=1e-5)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_regulariser_equals_naive_float64_entropies(distance):
+    vq = make(distance, temperature=0.3)
+    z = torch.randn(3, 4, 6)
+    kl = vq(z).losses["kl"]
+    x = z.reshape(-1, 6).double()
+    book = vq.codebook.double()
+    rows = []
+    for token in x:  # one token at a time, straight from Eq. 4
+        if distance == "l2":
+            logits = -torch.stack([torch.sqrt(((token - c) ** 2).sum()) for c in book]) / 0.3
+        else:
+            logits = torch.stack([F.normalize(token, dim=0) @ F.normalize(c, dim=0) for c in book]) / 0.3
+        rows.append(torch.softmax(logits, 0))
+    q = torch.stack(rows)
+    h = lambda p: -(p * p.log()).sum(-1)
+    expected = h(q).mean() - h(q.mean(0))
+    assert math.isclose(kl.item(), expected.item(), rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_release_entropy_temperature_is_used_for_the_regulariser_only():
+    vq = make("cosine", entropy_temperature=0.01)
+    plain = make("cosine")
+    z = torch.randn(2, 8, 6)
+    a, b = vq(z), plain(z)
+    assert torch.allclose(a.latents, b.latents)
+    x, c = F.normalize(z.reshape(-1, 6), dim=-1), F.normalize(vq.codebook, dim=-1)
+    q = torch.softmax((x @ c.t()).double() / 0.01, -1)
+    h = lambda p: -(p * p.clamp_min(1e-300).log()).sum(-1)
+    assert math.isclose(a.losses["kl"].item(), (h(q).mean() - h(q.mean(0))).item(), rel_tol=1e-4, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_vanishing_temperature_gives_vq_latents(distance):
+    torch.manual_seed(1)
+    soft = SoftVQ(6, 20, temperature=1e-5, distance=distance)
+    hard = VQ(6, 20, distance=distance)
+    hard.codebook.data.copy_(soft.codebook.data)
+    z = torch.randn(4, 7, 6)
+    s, h = soft(z), hard(z)
+    assert torch.equal(s.indices, h.indices)
+    assert torch.allclose(s.latents, h.latents, atol=1e-5)
+
+
+def test_learnable_temperature_receives_gradient():
+    vq = make(learnable_temperature=True)
+    out = vq(torch.randn(2, 5, 6))
+    (out.latents.pow(2).sum() + out.losses["kl"]).backward()
+    assert vq.log_temperature.grad is not None and vq.log_temperature.grad.abs() > 0
+
+
+def test_bad_settings_and_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="distance"):
+        SoftVQ(4, 8, distance="dot")
+    with pytest.raises(ValueError, match="temperature"):
+        SoftVQ(4, 8, temperature=0.0)
+    with pytest.raises(ValueError, match=r"expects inputs \(\.\.\., 4\)"):
+        SoftVQ(4, 8)(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="chunk_size"):
+        soft_assign(torch.randn(3, 4), torch.randn(8, 4), scale=torch.tensor(1.0), distance="l2", chunk_size=-1)
+
+
+# --- the memory-lean path equals the straightforward one -------------------------------------
+
+CASES = [
+    dict(distance="l2"),
+    dict(distance="cosine", detach_codebook_in_logits=True, entropy_temperature=0.01),
+    dict(distance="cosine", learnable_temperature=True),
+    dict(distance="l2", learnable_temperature=True, entropy_temperature=0.05),
+]
+
+
+def _run(chunk_size, case, z, upstream):
+    torch.manual_seed(0)
+    vq = SoftVQ(6, 40, temperature=0.1, chunk_size=chunk_size, **case)
+    z = z.clone().requires_grad_()
+    out = vq(z)
+    ((out.latents * upstream).sum() + 0.3 * out.losses["kl"]).backward()
+    grads = [z.grad, vq.codebook.grad]
+    if case.get("learnable_temperature"):
+        grads.append(vq.log_temperature.grad.reshape(1))
+    return [out.latents.detach(), out.losses["kl"].detach().reshape(1), out.indices.float()] + grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_chunked_equals_straightforward_outputs_and_gradients(case):
+    torch.manual_seed(2)
+    z = torch.randn(5, 13, 6)  # 65 tokens: chunks of 16 leave a ragged last chunk
+    upstream = torch.randn(5, 13, 6)
+    lean = _run(16, case, z, upstream)
+    plain = _run(0, case, z, upstream)
+    for a, b in zip(lean, plain):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7
+
+
+def test_chunked_assignment_passes_gradcheck_with_per_token_scale():
+    """Independent of the reference path: finite differences in float64, GMMVQ-style ω."""
+    torch.manual_seed(3)
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    book = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(7, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def f(x, book, scale):
+        lat, h, post, *_ = ChunkedSoftAssign.apply(x, book, book, scale, "l2", 0.7, 3, False)
+        return lat, h, post
+
+    assert torch.autograd.gradcheck(f, (x, book, scale))
+
+
+def test_probs_are_materialised_without_grad_and_match():
+    vq_lean, vq_plain = make(chunk_size=4), make(chunk_size=0)
+    z = torch.randn(2, 9, 6)
+    assert vq_lean(z.requires_grad_()).probs is None  # lean while recording gradients
+    with torch.no_grad():
+        lean, plain = vq_lean(z), vq_plain(z)
+    assert torch.allclose(lean.probs, plain.probs, atol=1e-6)
+    assert torch.allclose(lean.probs.sum(-1), torch.ones(2, 9))
+    assert torch.equal(lean.indices, lean.probs.argmax(-1))
+
+
+@pytest.mark.parametrize("chunk_size", [0, None])
+def test_bf16_autocast_leaves_outputs_float32(chunk_size):
+    vq = make("cosine", chunk_size=chunk_size, entropy_temperature=0.01)
+    z = torch.randn(2, 4, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vq(z.bfloat16())
+        out.losses["kl"].backward(retain_graph=True)
+    assert out.latents.dtype == torch.float32 and out.losses["kl"].dtype == torch.float32
+    with torch.no_grad():
+        ref = vq(z.bfloat16().float())
+    assert torch.allclose(out.latents, ref.latents, atol=1e-6)
