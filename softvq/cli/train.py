@@ -1,0 +1,110 @@
+"""``softvq train [CONFIG] [key=value ...] [--output DIR] [--resume [CHECKPOINT]]``
+
+Train a tokenizer. CONFIG is a YAML file or the name of a bundled config (``softvq train --list``
+shows them); without one it trains the small CPU demo on the photos bundled with scikit-image /
+scikit-learn. ``key=value`` overrides any field, e.g. ``model.num_tokens=32 optim.lr=2e-4``.
+
+The run folder (``--output``, default ``runs/<run.name>``) receives ``config.yaml`` (the resolved
+config), ``log.jsonl``, ``tensorboard/``, ``grids/``, ``checkpoints/``, ``export/`` (EMA weights,
+loadable with ``Tokenizer.from_pretrained``) and ``metrics.json`` (held-out PSNR / LPIPS).
+``--resume`` continues the newest checkpoint of the run folder (or the one given) exactly; its
+config comes from the run folder unless CONFIG is given. Several processes:
+``accelerate launch -m softvq.cli.main train ...`` or ``torchrun --nproc_per_node N -m softvq.cli.main train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a tokenizer (no arguments: the CPU demo on the bundled photos)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("items", nargs="*", metavar="CONFIG|key=value",
+                        help="a YAML config or bundled config name (default: demo), then key=value overrides")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="run folder (default: runs/<run.name>)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        help="continue the newest checkpoint in the run folder, or the given checkpoint file")
+    parser.add_argument("--list", action="store_true", help="list the bundled configs and exit")
+    parser.set_defaults(func=run)
+
+
+def split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    """(config, overrides): the first item without '=' is the config, the rest must be overrides."""
+    config, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None and not overrides:
+            config = item
+        else:
+            raise ValueError(f"unexpected argument {item!r}: give one CONFIG first, then key=value overrides")
+    return config, overrides
+
+
+def resolve_run_dir(output: Path | None, name: str, resume: bool) -> Path:
+    """``--output`` as given; otherwise ``runs/<name>``, or ``runs/<name>-2``... when that folder
+    already holds a run and we are not resuming it (results are never overwritten)."""
+    if output is not None:
+        return output
+    base = Path("runs") / name
+    if resume or not _has_run(base):
+        return base
+    n = 2
+    while _has_run(base.with_name(f"{name}-{n}")):
+        n += 1
+    return base.with_name(f"{name}-{n}")
+
+
+def _has_run(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def run(args: argparse.Namespace) -> int:
+    from softvq.training.config import CONFIG_DIR, load_config
+
+    if args.list:
+        for path in sorted(CONFIG_DIR.glob("*.yaml")):
+            first = next((l[1:].strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
+            print(f"{path.stem:28s} {first}")
+        return 0
+    config_name, overrides = split_items(args.items)
+    resume = args.resume
+    if resume and config_name is None:
+        # Continue with the run's own resolved config (overrides still apply).
+        run_dir = args.output or Path("runs") / load_config(None, overrides).run.name
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: {saved} not found; pass --output RUN_DIR of the run to continue")
+        cfg = load_config(saved, overrides)
+    else:
+        cfg = load_config(config_name, overrides)
+        run_dir = resolve_run_dir(args.output or (Path(cfg.run.output) if cfg.run.output else None),
+                                  cfg.run.name, bool(resume))
+    if resume and resume is not True:
+        resume = Path(resume)
+
+    from softvq.training.trainer import NonFiniteLossError, Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    try:
+        result = trainer.fit()
+    except NonFiniteLossError as exc:
+        print(f"softvq train: {exc}", file=sys.stderr)
+        return 3
+    if not trainer.is_main:
+        return 0
+    if result.status == "interrupted":
+        print(f"stopped at step {result.step}; continue with: softvq train --resume --output {run_dir}")
+        return 130
+    m = result.metrics
+    line = f"{result.status} at step {result.step}: held-out PSNR {m.get('psnr', float('nan')):.2f} dB"
+    if "lpips" in m:
+        line += f", LPIPS {m['lpips']:.4f}"
+    print(line + f" ({m.get('wall_seconds', 0):.0f} s)")
+    print(f"run folder {run_dir}: export/ (EMA weights), grids/, checkpoints/, metrics.json, log.jsonl")
+    return 0

@@ -1,0 +1,81 @@
+"""A folder of images (recursive, any format Pillow reads) for training.
+
+Files that cannot be decoded (corrupt, truncated, not really images) are skipped: the sample at
+that index is replaced by the next readable file, deterministically, and the skipped path is
+returned with the batch so the trainer can count and report it. Non-image files (by suffix) are
+never listed; :func:`scan_folder` counts them so the report can say so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb, to_tensor
+from softvq.data.transforms import random_crop, random_flip, sample_rng
+
+Sample = tuple[torch.Tensor, list[str]]
+
+
+def scan_folder(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """(image files by suffix, other files) under ``folder``, recursively, sorted."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist (set data.path to a folder of images)")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    return images, others
+
+
+def split_holdout(files: list[Path], count: int) -> tuple[list[Path], list[Path]]:
+    """(train, held-out): ``count`` files chosen by a fixed shuffle, so the split never depends on
+    the run seed and the held-out files are never trained on."""
+    if count <= 0 or len(files) < 2:
+        return files, []
+    count = min(count, len(files) // 2)
+    order = np.random.default_rng(0).permutation(len(files))
+    held = set(order[:count].tolist())
+    return ([f for i, f in enumerate(files) if i not in held],
+            [f for i, f in enumerate(files) if i in held])
+
+
+class ImageFolderDataset(Dataset):
+    """Random-cropped, randomly flipped ``size`` x ``size`` training images from a list of files.
+
+    Indexed by ``(item, position)`` pairs from :class:`~softvq.data.sampler.StreamBatchSampler`;
+    the position seeds the augmentation.
+    """
+
+    def __init__(self, files: list[Path], size: int, *, seed: int = 0, hflip: bool = True,
+                 min_crop_fraction: float = 0.8) -> None:
+        if not files:
+            raise ValueError("no image files to train on")
+        self.files = list(files)
+        self.size = size
+        self.seed = seed
+        self.hflip = hflip
+        self.min_crop_fraction = min_crop_fraction
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
+        index, position = key
+        skipped: list[str] = []
+        for attempt in range(len(self.files)):
+            path = self.files[(index + attempt) % len(self.files)]
+            try:
+                img = load_rgb(path)
+            except ImageReadError:
+                skipped.append(str(path))
+                continue
+            rng = sample_rng(self.seed, position)
+            img = random_crop(img, self.size, rng, self.min_crop_fraction)
+            if self.hflip:
+                img = random_flip(img, rng)
+            return to_tensor(img), skipped
+        raise ImageReadError(f"none of the {len(self.files)} image files could be read (e.g. {self.files[0]})")

@@ -1,0 +1,117 @@
+"""Build the training stream and the held-out set a run uses, from its :class:`DataConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader
+
+from softvq.data.bundled import BundledCropsDataset, heldout_crops, split_bundled
+from softvq.data.folder import ImageFolderDataset, scan_folder, split_holdout
+from softvq.data.images import ImageReadError, center_crop_resize, load_rgb, to_tensor
+from softvq.data.sampler import StreamBatchSampler
+from softvq.data.shards import ShardStream
+
+if TYPE_CHECKING:
+    from softvq.training.config import DataConfig
+
+
+@dataclass
+class Batch:
+    """Images (B, 3, H, W) in [-1, 1] and the unreadable files skipped to fill them."""
+
+    images: torch.Tensor
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HeldOut:
+    """Fixed evaluation images, their names, and the unreadable files left out."""
+
+    images: torch.Tensor
+    names: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainData:
+    loader: DataLoader
+    description: str
+    num_items: int | None = None
+    ignored_files: list[str] = field(default_factory=list)  # non-image files in a folder
+
+
+def collate(samples: list[tuple[torch.Tensor, list[str]]]) -> Batch:
+    return Batch(torch.stack([s[0] for s in samples]), [p for s in samples for p in s[1]])
+
+
+def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+               seed: int = 0, start_micro_step: int = 0, pin_memory: bool = False) -> tuple[TrainData, HeldOut]:
+    """The training loader (this process's share of each global micro-batch of ``micro_batch * world_size``
+    images, starting after ``start_micro_step`` consumed micro-batches) and the held-out images."""
+    global_batch = micro_batch * world_size
+    start = start_micro_step * global_batch
+    ignored: list[str] = []
+    if cfg.source == "bundled":
+        train_photos, held_photos = split_bundled(cfg.holdout)
+        dataset = BundledCropsDataset(train_photos, image_size, seed=seed, scales=tuple(cfg.bundled_scales),
+                                      crops_per_photo=cfg.bundled_crops_per_photo, hflip=cfg.hflip)
+        description = (f"bundled photos: random crops of {len(train_photos)} photos "
+                       f"({', '.join(dataset.names)}), held out: {', '.join(p.stem for p in held_photos)}")
+        held = (load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images) if cfg.eval_path
+                else HeldOut(*heldout_crops(held_photos, image_size, cfg.num_eval_images, tuple(cfg.bundled_scales))))
+    elif cfg.source == "folder":
+        files, others = scan_folder(cfg.path)
+        ignored = [str(p) for p in others]
+        if cfg.eval_path:
+            train_files, held = files, load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images)
+        else:
+            train_files, held_files = split_holdout(files, cfg.num_eval_images)
+            held = load_eval_files(held_files, image_size)
+        dataset = ImageFolderDataset(train_files, image_size, seed=seed, hflip=cfg.hflip,
+                                     min_crop_fraction=cfg.min_crop_fraction)
+        description = f"folder {cfg.path}: {len(train_files)} image files for training, {len(held.names)} held out"
+        if others:
+            description += f", {len(others)} non-image files ignored"
+    else:
+        stream = ShardStream(cfg.path, image_size, seed=seed, rank=rank, world_size=world_size,
+                             start_epoch=start_micro_step,  # a fresh order on resume
+                             hflip=cfg.hflip, min_crop_fraction=cfg.min_crop_fraction)
+        loader = DataLoader(stream, batch_size=micro_batch, collate_fn=collate, num_workers=cfg.workers,
+                            prefetch_factor=cfg.prefetch_factor if cfg.workers else None,
+                            persistent_workers=False, pin_memory=pin_memory)
+        if cfg.eval_path:
+            held = load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images)
+        else:
+            _, held_photos = split_bundled(cfg.holdout)
+            held = HeldOut(*heldout_crops(held_photos, image_size, cfg.num_eval_images, tuple(cfg.bundled_scales)))
+        return TrainData(loader, f"webdataset shards {cfg.path} ({len(stream.shards)} shards)"), held
+
+    sampler = StreamBatchSampler(len(dataset), global_batch, rank=rank, world_size=world_size, seed=seed, start=start)
+    generator = torch.Generator().manual_seed(seed)  # keeps DataLoader from drawing on the global RNG
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
+                        prefetch_factor=cfg.prefetch_factor if cfg.workers else None,
+                        pin_memory=pin_memory, generator=generator)
+    return TrainData(loader, description, len(dataset), ignored), held
+
+
+def load_eval_files(files: list[Path], size: int) -> HeldOut:
+    """Centre-cropped, resized evaluation images; unreadable files are left out and listed."""
+    images, names, skipped = [], [], []
+    for path in files:
+        try:
+            images.append(to_tensor(center_crop_resize(load_rgb(path), size)))
+            names.append(path.stem)
+        except ImageReadError:
+            skipped.append(str(path))
+    if not images:
+        raise ValueError(f"none of the {len(files)} held-out files could be read")
+    return HeldOut(torch.stack(images), names, skipped)
+
+
+def load_folder_eval(folder: Path, size: int, count: int) -> HeldOut:
+    files, _ = scan_folder(folder)
+    return load_eval_files(files[:count] if count > 0 else files, size)

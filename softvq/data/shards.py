@@ -1,0 +1,94 @@
+"""WebDataset tar shards for ImageNet-scale training.
+
+Each shard is a tar of samples ``<key>.<ext>``; the first member with an image extension is the
+image (``jpg``, ``jpeg``, ``png``, ``webp``, ...; other members such as ``cls`` are ignored).
+Shards are listed from a brace pattern (``/data/train-{000000..001023}.tar``), re-shuffled every
+epoch from the run seed, and split between processes and DataLoader workers, so every image is
+seen once per epoch. Unreadable samples are skipped and reported with the batch, like
+:mod:`softvq.data.folder`.
+
+Resuming is approximate here: a resumed run starts a fresh epoch order (seeded by the resume
+step) instead of the exact sample it stopped at; exact resume is for map-style data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from softvq.data.images import IMAGE_SUFFIXES, decode_rgb, to_tensor
+from softvq.data.transforms import random_crop, random_flip
+
+_IMAGE_KEYS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Shard paths from a brace pattern or a comma-separated list; missing local files are an error."""
+    from pathlib import Path
+
+    import braceexpand
+
+    urls = [u for part in pattern.split(",") for u in braceexpand.braceexpand(part.strip())]
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).expanduser().exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) of {pattern!r} do not exist, e.g. {missing[0]}")
+    return urls
+
+
+class ShardStream(IterableDataset):
+    """Endless stream of ``(image tensor, skipped keys)`` from tar shards, split by process and worker."""
+
+    def __init__(self, pattern: str, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 start_epoch: int = 0, hflip: bool = True, min_crop_fraction: float = 0.8) -> None:
+        self.shards = expand_shards(pattern)
+        self.size = size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_epoch = start_epoch
+        self.hflip = hflip
+        self.min_crop_fraction = min_crop_fraction
+
+    def _my_shards(self, epoch: int, worker: int, workers: int) -> list[str]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        mine = [self.shards[i] for i in order[self.rank :: self.world_size]]
+        return mine[worker::workers]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if len(self.shards) < self.world_size * workers:
+            raise ValueError(
+                f"{len(self.shards)} shards cannot feed {self.world_size} processes x {workers} workers; "
+                f"use more shards or fewer data.workers"
+            )
+        epoch = self.start_epoch
+        pending: list[str] = []  # skipped samples, reported with the next good one
+
+        def skip(exc: Exception) -> bool:
+            pending.append(f"tar error {type(exc).__name__}: {exc}")
+            return True
+
+        while True:
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+            urls = [{"url": u} for u in self._my_shards(epoch, worker, workers)]
+            for sample in wds.tarfile_samples(urls, handler=skip):
+                key = next((k for k in _IMAGE_KEYS if k in sample), None)
+                try:
+                    if key is None:
+                        raise ValueError("no image member")
+                    img = decode_rgb(sample[key])
+                except Exception:  # corrupt or missing image: skip it, report it
+                    pending.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
+                    continue
+                img = random_crop(img, self.size, rng, self.min_crop_fraction)
+                if self.hflip:
+                    img = random_flip(img, rng)
+                yield to_tensor(img), pending[:]
+                pending.clear()
+            epoch += 1

@@ -1,0 +1,118 @@
+"""Training checkpoints that survive crashes: written atomically, the last K kept, resumable exactly.
+
+A checkpoint ``run_dir/checkpoints/step-00001234.pt`` is one ``torch.save`` dict holding the
+tokenizer and EMA weights, the objective's trainable parts (alignment projector, discriminator
+heads and their buffers), both optimizers and schedulers, the step, counters, and the RNG states
+(python / numpy / torch / CUDA) of every process. The data order needs no state: it is a function
+of the seed and the step (``softvq.data.sampler``). Everything in it loads with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softvq.checkpoint.pretrained import CheckpointError, atomic_write
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoints of a run, oldest first (half-written temporary files are never listed)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep: int = 3) -> Path:
+    """Write atomically (temporary file, then rename), then delete all but the newest ``keep``."""
+    path = checkpoint_path(run_dir, step)
+    atomic_write(path, lambda p: torch.save(state, p))
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"training checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states, in a form ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[-2], tuple(python[:-2]), python[-1]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(module: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The part of ``module``'s state that training changes: the given parameters and every
+    persistent buffer (e.g. spectral-norm vectors), but not frozen pretrained backbones' weights."""
+    ids = {id(p) for p in trainable}
+    state = {}
+    for name, p in module.named_parameters():
+        if id(p) in ids:
+            state[name] = p.detach().cpu().clone()
+    for name, b in module.named_buffers():
+        if b is not None and name.rsplit(".", 1)[-1] not in module_non_persistent(module, name):
+            state[name] = b.detach().cpu().clone()
+    return state
+
+
+def module_non_persistent(root: torch.nn.Module, buffer_name: str) -> set[str]:
+    owner = root
+    for part in buffer_name.split(".")[:-1]:
+        owner = getattr(owner, part)
+    return set(getattr(owner, "_non_persistent_buffers_set", set()))
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load :func:`trainable_state` back; every saved key must exist in the module."""
+    own = module.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise CheckpointError(f"{source}: objective state has keys this objective lacks: {unknown[:6]}")
+    missing = [k for k in own if k not in state]
+    module.load_state_dict(state, strict=False)
+    del missing  # frozen backbones are rebuilt from their own weights, not from the checkpoint

@@ -1,0 +1,396 @@
+"""The typed configuration of a training run, read from YAML with ``key=value`` overrides.
+
+A run is described by one :class:`TrainConfig` tree::
+
+    model:      a TokenizerConfig (optionally ``preset: softvq-s-64`` plus field overrides)
+    objective:  the ObjectiveConfig of ``softvq.losses.objective`` (paper Eq. 7 weights)
+    data:       where images come from and how they are augmented      (DataConfig)
+    optim:      optimizers, learning rate, gradient clipping             (OptimConfig)
+    schedule:   steps, warm-up, batch, accumulation, EMA, precision      (ScheduleConfig)
+    run:        output folder, logging / checkpoint / grid cadence       (RunConfig)
+
+Defaults are the paper's recipe (supplementary C.1): 250k iterations at batch 256, AdamW
+(β 0.9/0.95, weight decay 1e-4), lr 1e-4 scaled by batch/256, cosine decay after a 5k-step linear
+warm-up, gradient clipping 1.0, EMA 0.9999, bf16 on GPU.
+
+YAML files may start with ``inherit: other.yaml`` (a path relative to the file, or the name of a
+bundled config); the child's keys are merged over the parent's. Unknown keys anywhere are an error
+that names the full dotted key. :func:`save_config` writes the fully resolved tree, which
+:func:`load_config` reads back to the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from softvq.config import TokenizerConfig, preset
+from softvq.losses.objective import ObjectiveConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "demo"
+
+
+@dataclass
+class DataConfig:
+    """Training and held-out images.
+
+    source:
+        ``bundled``: random crops of the photos shipped in scikit-image / scikit-learn (the
+        embedded default); ``folder``: every image under ``path`` (recursive, unreadable files
+        skipped and counted); ``shards``: webdataset tar shards matching ``path`` (brace
+        patterns like ``train-{000000..000146}.tar``).
+    eval_path:
+        folder of held-out images for grids and metrics. ``None``: the ``holdout`` photos for
+        ``bundled``, the last ``num_eval_images`` files of the folder (excluded from training)
+        for ``folder``, and the bundled held-out photos for ``shards``.
+    image_size:
+        training resolution; ``None`` takes the model's.
+    holdout:
+        bundled photos (file stems) never trained on; they give the held-out crops.
+    min_crop_fraction:
+        the paper's "random crop" as in LlamaGen/ADM: the shorter side is resized to
+        size / U(min_crop_fraction, 1) and a size x size window is cut at random.
+    bundled_scales:
+        for ``bundled``: crop sides as fractions (min, max) of the photo's shorter side, drawn
+        log-uniformly, then resized to ``image_size`` (random crops at several scales).
+    bundled_crops_per_photo:
+        how many draws make one "epoch" of the bundled set (it is an endless stream).
+    """
+
+    source: Literal["bundled", "folder", "shards"] = "bundled"
+    path: str | None = None
+    eval_path: str | None = None
+    image_size: int | None = None
+    holdout: list[str] = field(default_factory=lambda: ["chelsea", "china"])
+    num_eval_images: int = 16
+    hflip: bool = True
+    min_crop_fraction: float = 0.8
+    bundled_scales: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    bundled_crops_per_photo: int = 64
+    workers: int = 2
+    prefetch_factor: int = 2
+
+
+@dataclass
+class OptimConfig:
+    """Optimizers (supplementary C.1).
+
+    name:
+        ``adamw`` (the paper: decoupled weight decay, none on norms, biases, embeddings,
+        position embeddings, latent/mask tokens, codebooks and temperatures) or ``adam`` (the
+        released code: torch Adam, weight decay added to the gradient of every parameter).
+    lr:
+        peak learning rate at a global batch of 256; with ``scale_lr`` it is multiplied by
+        global_batch / 256 (paper: 1e-4).
+    disc_lr / disc_betas / disc_weight_decay:
+        the discriminator's own optimizer; ``None`` copies the tokenizer's values.
+    """
+
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: float = 1e-4
+    scale_lr: bool = True
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    grad_clip: float | None = 1.0
+    disc_lr: float | None = None
+    disc_betas: list[float] | None = None
+    disc_weight_decay: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    """How long, how big, how precise.
+
+    steps:           optimizer steps (paper: 250k).
+    batch_size:      GLOBAL images per optimizer step over all processes and accumulation.
+    grad_accum:      micro-batches per optimizer step on each process.
+    warmup_steps:    linear warm-up from 0 to the peak lr (paper: 5k).
+    lr_schedule:     ``cosine`` decay to ``min_lr_ratio`` x peak after warm-up, or ``constant``.
+    ema_decay:       EMA of the tokenizer weights used for evaluation and export (paper: 0.9999).
+    ema_warmup:      use min(ema_decay, (1 + n) / (10 + n)) after n updates so short runs get a
+                     useful average (TensorFlow's ExponentialMovingAverage num_updates rule).
+    precision:       ``auto`` = bf16 autocast on GPU, fp32 on CPU; or force ``bf16`` / ``fp32``.
+    seed:            model initialisation, data order, augmentations and loss randomness.
+    """
+
+    steps: int = 250_000
+    batch_size: int = 256
+    grad_accum: int = 1
+    warmup_steps: int = 5_000
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Where results go and how often things happen (all cadences in optimizer steps; 0 = never).
+
+    output:           run folder; ``None`` -> ``runs/<name>``.
+    max_nonfinite:    the run stops with an error after this many skipped non-finite steps.
+    max_minutes:      stop cleanly (checkpoint, export, metrics) after this much wall time.
+    eval_lpips:       also compute held-out LPIPS (VGG) at the end.
+    distributed:      ``ddp`` or ``fsdp`` (full sharding through Accelerate, for L-size presets).
+    """
+
+    name: str = "softvq"
+    output: str | None = None
+    log_every: int = 50
+    checkpoint_every: int = 5_000
+    keep_checkpoints: int = 3
+    grid_every: int = 5_000
+    grid_images: int = 8
+    max_nonfinite: int = 20
+    max_minutes: float | None = None
+    eval_lpips: bool = True
+    tensorboard: bool = True
+    progress: bool = True
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; see the module docstring."""
+
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    model_preset: str | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.data.image_size or self.model.image_size
+
+    def validate(self) -> "TrainConfig":
+        s = self.schedule
+        if s.steps < 1:
+            raise ValueError(f"schedule.steps must be positive, got {s.steps}")
+        if s.batch_size < 1 or s.grad_accum < 1:
+            raise ValueError("schedule.batch_size and schedule.grad_accum must be positive")
+        if not 0.0 <= s.ema_decay < 1.0:
+            raise ValueError(f"schedule.ema_decay must be in [0, 1), got {s.ema_decay}")
+        if len(self.optim.betas) != 2:
+            raise ValueError(f"optim.betas needs two numbers, got {self.optim.betas}")
+        if self.data.source != "bundled" and not self.data.path:
+            raise ValueError(f"data.source={self.data.source} needs data.path (a folder or shard pattern)")
+        if self.image_size % self.model.patch_size:
+            raise ValueError(
+                f"data.image_size {self.image_size} is not a multiple of model.patch_size {self.model.patch_size}"
+            )
+        lo, hi = self.data.bundled_scales
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"data.bundled_scales must satisfy 0 < min <= max <= 1, got {self.data.bundled_scales}")
+        self.model.validate()
+        self.objective.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        preset_name = out.pop("model_preset")
+        if preset_name:
+            out["model"] = {"preset": preset_name, **out["model"]}
+        return out
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A YAML path as given, or the name of a bundled config (``softvq-s-64``, ``demo``...)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / f"{name_or_path}.yaml", CONFIG_DIR / str(name_or_path)):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a bundled config; bundled: {known}")
+
+
+def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML file with its ``inherit:`` chain merged (child over parent)."""
+    path = path.resolve()
+    if path in _seen:
+        raise ValueError(f"config inheritance loops through {path}")
+    try:
+        data = yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    parents = data.pop("inherit", None)
+    if parents is None:
+        return data
+    merged: dict[str, Any] = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        local = path.parent / parent
+        parent_path = local if local.is_file() else find_config(parent)
+        merged = deep_merge(merged, read_yaml_tree(parent_path, _seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-4`` as a float (YAML 1.1 insists on ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?[0-9][0-9_]*\.[0-9_]*$"
+               r"|^[-+]?\.[0-9_]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML: 2e-4, true, null, [1, 2])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} must look like section.key=value, e.g. optim.lr=2e-4")
+    return key.strip().split("."), (yaml_load(raw) if raw.strip() else None)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    tree = dict(tree)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = tree
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ValueError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is not a section")
+            node[key] = dict(child)
+            node = node[key]
+        node[keys[-1]] = value
+    return tree
+
+
+def config_from_dict(tree: Mapping[str, Any]) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig`; unknown keys are an error naming the dotted key."""
+    tree = dict(tree)
+    model = dict(tree.pop("model", None) or {})
+    name = model.pop("preset", None) or tree.pop("model_preset", None)
+    tree.pop("model_preset", None)
+    base = preset(name).to_dict() if name else TokenizerConfig().to_dict()
+    model_cfg = build(TokenizerConfig, deep_merge(base, model), "model")
+    cfg = build(TrainConfig, {**tree, "model": model_cfg}, "")
+    cfg.model_preset = name
+    return cfg.validate()
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (default: the CPU demo), apply ``key=value`` overrides, validate."""
+    tree = read_yaml_tree(find_config(name_or_path or DEFAULT_CONFIG))
+    return config_from_dict(apply_overrides(tree, overrides or []))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    from softvq.checkpoint.pretrained import atomic_write
+
+    path = Path(path)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(path, lambda p: p.write_text(text))
+    return path
+
+
+# --- strict typed construction ---------------------------------------------------------------
+
+
+def build(cls: type, values: Any, path: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, recursing into nested dataclasses and checking
+    every value against its annotation; errors name the dotted key and what it accepts."""
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, Mapping):
+        raise ValueError(f"config section {path or '<root>'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown config key {', '.join(prefix + k for k in unknown)}; valid keys"
+            f"{' under ' + path if path else ''}: {', '.join(sorted(known))}"
+        )
+    kwargs = {key: _coerce(hints[key], value, prefix + key) for key, value in values.items()}
+    obj = cls(**kwargs)
+    return obj
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"{key} cannot be null")
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    return value

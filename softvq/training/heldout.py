@@ -1,0 +1,48 @@
+"""Held-out reconstruction quality during and after training: PSNR and LPIPS-VGG."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def psnr(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image PSNR in dB for images in [-1, 1], measured on the [0, 1] scale (peak 1), after
+    clamping the reconstruction to the valid range as a saved image would be."""
+    x01 = (x.float().clamp(-1, 1) + 1) / 2
+    y01 = (y.float().clamp(-1, 1) + 1) / 2
+    mse = (x01 - y01).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def reconstruct_all(model: nn.Module, images: Tensor, *, batch_size: int = 16, autocast=None) -> Tensor:
+    """Reconstructions of ``images`` (on the model's device) in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outs = []
+    try:
+        for chunk in images.split(batch_size):
+            chunk = chunk.to(device)
+            if autocast is not None:
+                with autocast():
+                    outs.append(model(chunk).reconstruction.float().cpu())
+            else:
+                outs.append(model(chunk).reconstruction.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def reconstruction_metrics(images: Tensor, reconstructions: Tensor, lpips: nn.Module | None = None,
+                           *, batch_size: int = 16) -> dict[str, float]:
+    """Mean PSNR (dB) and, when an LPIPS module is given, mean LPIPS over the held-out images."""
+    out = {"psnr": float(psnr(images, reconstructions).mean())}
+    if lpips is not None:
+        device = next((b.device for b in lpips.buffers()), torch.device("cpu"))
+        values = [lpips(a.to(device), b.clamp(-1, 1).to(device)).float().cpu()
+                  for a, b in zip(images.split(batch_size), reconstructions.split(batch_size))]
+        out["lpips"] = float(torch.cat(values).mean())
+    return out

@@ -1,0 +1,77 @@
+"""What a person sees during training: console lines, a JSONL record per log step, TensorBoard.
+
+Only the main process writes. The JSONL file (``run_dir/log.jsonl``) is the machine-readable
+history: one JSON object per log step with ``step`` and every logged scalar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    """Console + JSONL + TensorBoard for one run. Disabled loggers (non-main processes) do nothing."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.writer = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "log.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def info(self, message: str) -> None:
+        """A line on the console that does not break the progress bar."""
+        if self.enabled:
+            tqdm.write(message)
+
+    def scalars(self, step: int, values: dict[str, float], *, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in values.items()}
+        self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if math.isfinite(float(value)):
+                    self.writer.add_scalar(key, float(value), step)
+        if echo:
+            self.info(f"step {step}: " + "  ".join(f"{k} {format_value(v)}" for k, v in values.items()))
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+
+            self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The JSONL records of a run (for tests, plots and reports)."""
+    path = Path(run_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,605 @@
+"""The tokenizer trainer: one code path for one CPU, one GPU, or many processes / nodes.
+
+Distribution goes through Hugging Face Accelerate: launched plainly it trains in one process;
+under ``accelerate launch`` or ``torchrun`` the tokenizer is wrapped in DDP (or FSDP with
+``run.distributed=fsdp``) and every process takes its share of each global batch
+(``softvq.data.sampler``). The small trainable parts of the objective (alignment projector,
+discriminator heads) are not wrapped; their gradients are averaged over processes explicitly.
+
+One optimizer step (paper supplementary C.1):
+
+1. for each of ``grad_accum`` micro-batches: tokenizer forward under bf16 autocast on GPU, the
+   generator loss of Eq. 7 (discriminator frozen for it), backward; then the discriminator loss
+   on the detached reconstruction, backward (once the objective switches the GAN on);
+2. if any process saw a non-finite loss or gradient norm, nothing is updated and the step is
+   counted; after ``run.max_nonfinite`` such steps the run stops with an explanation;
+3. gradient clipping, AdamW steps for tokenizer (+ projector) and discriminator, the
+   warm-up + cosine schedules, the EMA update.
+
+Checkpoints hold everything needed to continue exactly (``softvq.training.checkpointing``);
+SIGINT / SIGTERM finish the current step, write a checkpoint and stop; the EMA weights are
+exported with ``Tokenizer.save_pretrained`` into ``run_dir/export`` at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from softvq.checkpoint.pretrained import CheckpointError, atomic_write, load_strict
+from softvq.data.loader import Batch, HeldOut, build_data
+from softvq.tokenizer import Tokenizer
+from softvq.training import checkpointing as ckpt
+from softvq.training.config import TrainConfig, save_config
+from softvq.training.ema import EMA
+from softvq.training.grid import save_grid
+from softvq.training.heldout import reconstruct_all, reconstruction_metrics
+from softvq.training.logging import RunLogger, format_value
+from softvq.training.optim import build_optimizer
+from softvq.training.schedule import build_scheduler, scaled_lr
+
+FORMAT = "softvq-train"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced too many non-finite losses or gradients; the message says what to try."""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: ``finished``, ``time limit`` or ``interrupted``; where its outputs are."""
+
+    run_dir: Path
+    step: int
+    status: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    export: Path | None = None
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An ``accelerate.Accelerator``: bf16 autocast on GPU (``schedule.precision=auto``), fp32 on CPU;
+    DDP when launched with several processes, or FSDP (full sharding) when asked."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cuda = torch.cuda.is_available()
+    precision = cfg.schedule.precision
+    mixed = "bf16" if precision == "bf16" or (precision == "auto" and cuda) else "no"
+    kwargs: dict[str, Any] = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
+    if cfg.run.distributed == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            sharding_strategy="FULL_SHARD", use_orig_params=True, sync_module_states=True,
+            state_dict_type="FULL_STATE_DICT",
+        )
+    return Accelerator(mixed_precision=mixed, cpu=not cuda, **kwargs)
+
+
+def default_objective(cfg: TrainConfig, tokenizer: Tokenizer) -> nn.Module:
+    from softvq.losses.objective import TokenizerObjective
+
+    return TokenizerObjective(cfg.objective, tokenizer)
+
+
+class Trainer:
+    """Train a :class:`~softvq.tokenizer.Tokenizer` as ``config`` says, writing into ``run_dir``.
+
+    Args:
+        config: the resolved :class:`TrainConfig`.
+        run_dir: output folder (config, logs, checkpoints, grids, export, metrics).
+        resume: ``None`` to start fresh, ``True`` for the newest checkpoint in ``run_dir``, or a
+            checkpoint path.
+        objective_factory: ``(config, tokenizer) -> objective`` (default: the paper's
+            ``TokenizerObjective``); lets tests substitute a cheaper loss.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool | str | Path | None = None,
+                 objective_factory: Callable[[TrainConfig, Tokenizer], nn.Module] | None = None) -> None:
+        self.cfg = config.validate()
+        self.run_dir = Path(run_dir)
+        self.accelerator = make_accelerator(config)
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.is_main = acc.is_main_process
+        self.device = acc.device
+        sched = config.schedule
+        per_micro = sched.batch_size / (self.world * sched.grad_accum)
+        if per_micro != int(per_micro) or per_micro < 1:
+            raise ValueError(
+                f"schedule.batch_size {sched.batch_size} must split evenly into {self.world} processes x "
+                f"{sched.grad_accum} accumulation steps"
+            )
+        self.micro_batch = int(per_micro)
+
+        # Identical initialisation on every process; afterwards each process draws its own
+        # randomness (augmentations inside the loss) from seed + rank.
+        _seed_everything(sched.seed)
+        self.tokenizer = Tokenizer(config.model)
+        self.objective = (objective_factory or default_objective)(config, self.tokenizer)
+        _seed_everything(sched.seed + 1 + self.rank)
+
+        gen_extra = list(self.objective.generator_parameters())
+        self.disc_params = list(self.objective.discriminator_parameters())
+        self.gen_extra = gen_extra
+        names = {id(p): f"objective.{n}" for n, p in self.objective.named_parameters()}
+        named_gen = list(self.tokenizer.named_parameters()) + [(names.get(id(p), "objective.param"), p) for p in gen_extra]
+        o = config.optim
+        self.lr = scaled_lr(o.lr, sched.batch_size, o.scale_lr)
+        self.optimizer = build_optimizer(named_gen, name=o.name, lr=self.lr, betas=o.betas,
+                                         weight_decay=o.weight_decay, eps=o.eps)
+        self.disc_optimizer = None
+        if self.disc_params:
+            disc_lr = scaled_lr(o.disc_lr if o.disc_lr is not None else o.lr, sched.batch_size, o.scale_lr)
+            self.disc_optimizer = build_optimizer(
+                [(names.get(id(p), "objective.disc"), p) for p in self.disc_params], name=o.name, lr=disc_lr,
+                betas=o.disc_betas or o.betas,
+                weight_decay=o.disc_weight_decay if o.disc_weight_decay is not None else o.weight_decay, eps=o.eps)
+
+        self.model, self.optimizer = acc.prepare(self.tokenizer, self.optimizer)
+        self.unwrapped: Tokenizer = acc.unwrap_model(self.model)
+        self.objective.to(self.device)
+        schedule_args = dict(total_steps=sched.steps, warmup_steps=sched.warmup_steps, kind=sched.lr_schedule,
+                             min_ratio=sched.min_lr_ratio)
+        self.scheduler = build_scheduler(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
+                                         else self.optimizer, **schedule_args)
+        self.disc_scheduler = build_scheduler(self.disc_optimizer, **schedule_args) if self.disc_optimizer else None
+        self.ema = EMA(self.unwrapped, sched.ema_decay, warmup=sched.ema_warmup)
+
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.skipped_files: set[str] = set()
+        self.last_checkpoint: Path | None = None
+        self._stop_signal = 0
+        resume_state = self._load_resume(resume) if resume else None
+
+        self.data, self.heldout = build_data(
+            config.data, image_size=config.image_size, micro_batch=self.micro_batch, rank=self.rank,
+            world_size=self.world, seed=sched.seed, start_micro_step=self.step * sched.grad_accum,
+            pin_memory=self.device.type == "cuda")
+        self.skipped_files.update(self.heldout.skipped)
+        if resume_state is not None:
+            self._restore_rng(resume_state)
+        self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=config.run.tensorboard)
+        self._lpips: nn.Module | None = None
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train to ``schedule.steps`` (or until the time limit or a stop signal), then write the
+        final checkpoint, export the EMA weights, a last grid and ``metrics.json``."""
+        cfg, run = self.cfg, self.cfg.run
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._describe()
+        start_step, started = self.step, time.time()
+        status = "finished"
+        old_handlers = self._install_signal_handlers()
+        bar = tqdm(total=cfg.schedule.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.is_main and run.progress), desc="train")
+        window: dict[str, float] = defaultdict(float)
+        window_steps, window_start = 0, time.time()
+        data_iter: Iterator[Batch] = iter(self.data.loader)
+        try:
+            if self.step == 0 and run.grid_every:
+                self.write_grid()
+            while self.step < cfg.schedule.steps:
+                reason = self._should_stop(started)
+                if reason:
+                    status = reason
+                    break
+                logs = self.train_step(data_iter)
+                for k, v in logs.items():
+                    window[k] += v
+                window_steps += 1
+                bar.update(1)
+                if self.is_main and run.progress and "loss" in logs:
+                    shown = {k: format_value(logs[k]) for k in ("loss", "rec", "perceptual", "d/loss") if k in logs}
+                    shown["img/s"] = f"{window_steps * cfg.schedule.batch_size / max(time.time() - window_start, 1e-9):.1f}"
+                    bar.set_postfix(shown, refresh=False)
+                step = self.step
+                if run.log_every and (step % run.log_every == 0 or step == cfg.schedule.steps):
+                    elapsed = time.time() - window_start
+                    means = self._reduce_means({k: v / window_steps for k, v in window.items()})
+                    means.update(images_per_s=window_steps * cfg.schedule.batch_size / max(elapsed, 1e-9),
+                                 epoch=step * cfg.schedule.batch_size / self.data.num_items if self.data.num_items else 0.0,
+                                 nonfinite_steps=float(self.nonfinite_steps),
+                                 skipped_files=float(self._count_skipped()))
+                    self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0)
+                    window.clear()
+                    window_steps, window_start = 0, time.time()
+                if run.grid_every and step % run.grid_every == 0 and step < cfg.schedule.steps:
+                    self.write_grid()
+                if run.checkpoint_every and step % run.checkpoint_every == 0 and step < cfg.schedule.steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            status = "interrupted"
+        finally:
+            bar.close()
+            self._restore_signal_handlers(old_handlers)
+        result = TrainResult(self.run_dir, self.step, status)
+        if self.step > start_step or self.last_checkpoint is None:
+            result.checkpoint = self.save_checkpoint()
+        else:
+            result.checkpoint = self.last_checkpoint
+        wall = time.time() - started
+        if status == "interrupted":
+            self.logger.info(f"interrupted at step {self.step}: checkpoint {result.checkpoint}; continue with --resume")
+        else:
+            result.export = self.export()
+            result.metrics = self.final_metrics(wall, start_step)
+        self.logger.close()
+        return result
+
+    def train_step(self, data_iter: Iterator[Batch]) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its logged scalars."""
+        sched, acc = self.cfg.schedule, self.accelerator
+        step = self.step
+        self.model.train()
+        self.objective.train()
+        logs: dict[str, float] = defaultdict(float)
+        lr = self.scheduler.get_last_lr()[0]
+        finite = True
+        for micro in range(sched.grad_accum):
+            batch = next(data_iter)
+            self.skipped_files.update(batch.skipped)
+            images = batch.images.to(self.device, non_blocking=True)
+            last = micro == sched.grad_accum - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else acc.no_sync(self.model)
+            with sync:
+                with acc.autocast():  # the objective keeps the discriminator out of this graph
+                    output = self.model(images)
+                    loss, gen_logs = self.objective.generator_loss(images, output, step)
+                if not self._all_finite(loss):
+                    finite = False
+                    break
+                acc.backward(loss / sched.grad_accum)
+                with acc.autocast():
+                    d_loss, d_logs = self.objective.discriminator_loss(images, output.reconstruction.detach(), step)
+                if d_loss.requires_grad:
+                    if not self._all_finite(d_loss):
+                        finite = False
+                        break
+                    acc.backward(d_loss / sched.grad_accum)
+                    logs["d/loss"] += float(d_loss.detach()) / sched.grad_accum
+            for k, v in {**gen_logs, **d_logs}.items():
+                if k not in ("loss", "d/loss"):  # the trainer records those itself
+                    logs[k] += float(v) / sched.grad_accum
+            logs["loss"] += float(loss.detach()) / sched.grad_accum
+
+        grad_norm = float("nan")
+        if finite:
+            self._average_unwrapped_grads()
+            grad_norm = self._clip(self.model, self.gen_extra)
+            finite = math.isfinite(grad_norm)
+        if not finite:
+            self._zero_grads()
+            self.nonfinite_steps += 1
+            self.logger.info(f"step {step}: non-finite loss or gradient, step skipped "
+                             f"({self.nonfinite_steps}/{self.cfg.run.max_nonfinite})")
+            self._advance_schedules()
+            if self.nonfinite_steps >= self.cfg.run.max_nonfinite:
+                path = self.save_checkpoint()
+                raise NonFiniteLossError(
+                    f"stopped at step {self.step}: {self.nonfinite_steps} steps had a non-finite loss or "
+                    f"gradient (limit run.max_nonfinite={self.cfg.run.max_nonfinite}). The last good weights are "
+                    f"in {path}. Try a lower optim.lr, a longer schedule.warmup_steps, "
+                    f"schedule.precision=fp32, or check the data; continue with --resume and overrides."
+                )
+            return {"nonfinite": 1.0, "lr": lr}
+
+        self.optimizer.step()
+        if self.disc_optimizer is not None and any(p.grad is not None for p in self.disc_params):
+            if self.cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.disc_params, self.cfg.optim.grad_clip)
+            self.disc_optimizer.step()
+        self._zero_grads()
+        self._advance_schedules()
+        self.ema.update(self.unwrapped)
+        logs["grad_norm"] = grad_norm
+        logs["lr"] = lr
+        return dict(logs)
+
+    # --- pieces of a step ---------------------------------------------------------------------
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        """True when the loss is finite on every process (all must agree to skip together)."""
+        ok = torch.isfinite(value.detach().float()).all().to(self.device, torch.float32).reshape(1)
+        if self.world > 1:
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def _average_unwrapped_grads(self) -> None:
+        """DDP averages the tokenizer's gradients; the objective's trainable parts are averaged here."""
+        if self.world == 1:
+            return
+        params = [p for p in self.gen_extra + self.disc_params if p.grad is not None]
+        if params:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+
+    def _clip(self, model: nn.Module, extra: list[torch.nn.Parameter]) -> float:
+        """Clip the tokenizer (+ projector) gradients to ``optim.grad_clip``; returns the norm before."""
+        max_norm = self.cfg.optim.grad_clip or float("inf")
+        if self.cfg.run.distributed == "fsdp" and self.world > 1:
+            norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            if extra:
+                torch.nn.utils.clip_grad_norm_(extra, max_norm)
+            return float(norm)
+        params = [p for p in list(model.parameters()) + extra if p.grad is not None]
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def _zero_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.disc_optimizer is not None:
+            self.disc_optimizer.zero_grad(set_to_none=True)
+        for p in self.gen_extra + self.disc_params:
+            p.grad = None
+
+    def _advance_schedules(self) -> None:
+        with warnings.catch_warnings():  # the schedules follow the step even when an update is skipped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
+            if self.disc_scheduler is not None:
+                self.disc_scheduler.step()
+        self.step += 1
+
+    def _reduce_means(self, values: dict[str, float]) -> dict[str, float]:
+        """Average logged scalars over processes so the log shows the global batch."""
+        if self.world == 1 or not values:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
+
+    def _count_skipped(self) -> int:
+        return len(self.skipped_files)
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict:
+        def request_stop(signum, frame):  # first signal: finish the step; second: stop now
+            self._stop_signal += 1
+            if self._stop_signal > 1:
+                raise KeyboardInterrupt
+            self.logger.info(f"received {signal.Signals(signum).name}: stopping after this step "
+                             f"(again to stop at once)")
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old: dict) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    def _should_stop(self, started: float) -> str | None:
+        limit = self.cfg.run.max_minutes
+        flags = [float(self._stop_signal > 0), float(limit is not None and time.time() - started > limit * 60)]
+        if self.world > 1:
+            t = torch.tensor(flags, device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flags = t.tolist()
+        if flags[0]:
+            return "interrupted"
+        if flags[1]:
+            return "time limit"
+        return None
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly (collective: call on every process)."""
+        rng = ckpt.capture_rng()
+        rngs = _gather_objects(rng, self.world)
+        skipped = sorted(set().union(*_gather_objects(sorted(self.skipped_files), self.world)))
+        model_state = self.accelerator.get_state_dict(self.model)
+        with self.ema.swapped_into(self.unwrapped):
+            ema_state = self.accelerator.get_state_dict(self.model)
+        return {
+            "format": FORMAT,
+            "step": self.step,
+            "world_size": self.world,
+            "config": self.cfg.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in (model_state or {}).items()},
+            "ema": {k: v.detach().cpu() for k, v in (ema_state or {}).items()},
+            "ema_updates": self.ema.num_updates,
+            "objective": {k: v.detach().cpu() for k, v in self.objective.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "disc_optimizer": self.disc_optimizer.state_dict() if self.disc_optimizer else None,
+            "disc_scheduler": self.disc_scheduler.state_dict() if self.disc_scheduler else None,
+            "nonfinite_steps": self.nonfinite_steps,
+            "skipped_files": skipped,
+            "rng": rngs,
+        }
+
+    def save_checkpoint(self) -> Path:
+        state = self.state_dict()
+        path = ckpt.checkpoint_path(self.run_dir, self.step)
+        if self.is_main:
+            path = ckpt.save_checkpoint(state, self.run_dir, self.step, keep=self.cfg.run.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = path
+        return path
+
+    def _load_resume(self, resume: bool | str | Path) -> dict[str, Any]:
+        if self.cfg.run.distributed == "fsdp" and self.world > 1:
+            raise ValueError("resuming an FSDP run is not supported yet; resume it with run.distributed=ddp")
+        path = ckpt.latest_checkpoint(self.run_dir) if resume is True else Path(resume)
+        if path is None:
+            raise CheckpointError(f"--resume: no checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR}; "
+                                  f"start without --resume or point --output at the run to continue")
+        state = ckpt.load_checkpoint(path)
+        if state.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a softvq training checkpoint")
+        load_strict(self.unwrapped, state["model"], str(path))
+        missing = [n for n in self.ema.names if n not in state["ema"]]
+        if missing:
+            raise CheckpointError(f"{path}: EMA weights lack {missing[:4]}")
+        self.ema.load_state_dict({"shadow": state["ema"], "num_updates": state["ema_updates"]})
+        missing, unexpected = self.objective.load_state_dict(state["objective"], strict=False)
+        if unexpected or missing:
+            raise CheckpointError(f"{path}: objective state does not match this objective "
+                                  f"(missing {missing[:4]}, unexpected {unexpected[:4]}); was the objective config changed?")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.disc_optimizer is not None and state.get("disc_optimizer"):
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+            self.disc_scheduler.load_state_dict(state["disc_scheduler"])
+        self.step = int(state["step"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.skipped_files = set(state["skipped_files"])
+        self.last_checkpoint = path
+        return state
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        rngs = state["rng"]
+        if len(rngs) == self.world:
+            ckpt.restore_rng(rngs[self.rank])
+        else:  # a different process count cannot replay the same random streams
+            _seed_everything(self.cfg.schedule.seed + 7919 * self.step + self.rank)
+            self.logger_pending = (f"resumed with {self.world} processes instead of {len(rngs)}: "
+                                   f"random streams are re-seeded, so losses will not match exactly")
+
+    # --- outputs ---------------------------------------------------------------------------------
+
+    def _heldout_reconstructions(self, images: torch.Tensor) -> torch.Tensor:
+        return reconstruct_all(self.unwrapped, images, batch_size=max(1, self.micro_batch),
+                               autocast=self.accelerator.autocast)
+
+    def write_grid(self) -> Path | None:
+        """Held-out originals / EMA reconstructions / |error| as ``grids/step-XXXXXXXX.png``."""
+        images = self.heldout.images[: self.cfg.run.grid_images]
+        with self.ema.swapped_into(self.unwrapped):
+            recon = self._heldout_reconstructions(images)
+        if not self.is_main:
+            return None
+        path = save_grid(images, recon, self.run_dir / "grids" / f"step-{self.step:08d}.png")
+        self.logger.image("heldout/reconstruction", path, self.step)
+        return path
+
+    def export(self) -> Path:
+        """The EMA weights in our pretrained format (``Tokenizer.from_pretrained(run_dir/'export')``)."""
+        target = self.run_dir / "export"
+        with self.ema.swapped_into(self.unwrapped):
+            state = self.accelerator.get_state_dict(self.model)
+        if self.is_main:
+            copy = Tokenizer(self.cfg.model)
+            load_strict(copy, {k: v.cpu() for k, v in state.items()}, "EMA weights")
+            copy.save_pretrained(target)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    def lpips(self) -> nn.Module | None:
+        if not self.cfg.run.eval_lpips:
+            return None
+        if self._lpips is None:
+            from softvq.losses.lpips import LPIPS
+
+            self._lpips = LPIPS("vgg").to(self.device)
+        return self._lpips
+
+    def final_metrics(self, wall_seconds: float, start_step: int) -> dict[str, Any]:
+        """Held-out PSNR / LPIPS of the EMA and the raw weights, the last grid, ``metrics.json``."""
+        held: HeldOut = self.heldout
+        raw = self._heldout_reconstructions(held.images)
+        with self.ema.swapped_into(self.unwrapped):
+            ema = self._heldout_reconstructions(held.images)
+        self.write_grid()
+        skipped = sorted(set().union(*_gather_objects(sorted(self.skipped_files), self.world)))
+        if not self.is_main:
+            return {}
+        lpips = self.lpips()
+        ema_metrics = reconstruction_metrics(held.images, ema, lpips)
+        raw_metrics = reconstruction_metrics(held.images, raw, lpips)
+        steps_run = self.step - start_step
+        metrics: dict[str, Any] = {
+            "step": self.step,
+            "heldout_images": len(held.names),
+            "image_size": self.cfg.image_size,
+            **{f"{k}": v for k, v in ema_metrics.items()},
+            **{f"raw_{k}": v for k, v in raw_metrics.items()},
+            "weights": "ema",
+            "wall_seconds": round(wall_seconds, 1),
+            "images_per_second": round(steps_run * self.cfg.schedule.batch_size / max(wall_seconds, 1e-9), 2),
+            "nonfinite_steps": self.nonfinite_steps,
+            "skipped_files": len(skipped),
+            "skipped_examples": skipped[:10],
+            "ignored_non_image_files": len(self.data.ignored_files),
+            "parameters": self.unwrapped.num_parameters(),
+            "data": self.data.description,
+        }
+        atomic_write(self.run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+        text = f"held-out ({len(held.names)} images, EMA weights): PSNR {metrics['psnr']:.2f} dB"
+        if "lpips" in metrics:
+            text += f", LPIPS {metrics['lpips']:.4f}"
+        self.logger.info(text + f"  | raw weights: PSNR {metrics['raw_psnr']:.2f} dB")
+        if skipped:
+            self.logger.info(f"skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")
+        if self.data.ignored_files:
+            self.logger.info(f"ignored {len(self.data.ignored_files)} non-image file(s) in the data folder")
+        return metrics
+
+    def _describe(self) -> None:
+        c, s = self.cfg, self.cfg.schedule
+        pending = getattr(self, "logger_pending", None)
+        if pending:
+            self.logger.info(pending)
+        self.logger.info(
+            f"run {self.run_dir}: {c.model_preset or 'custom'} tokenizer, {self.unwrapped.num_parameters() / 1e6:.2f} M "
+            f"parameters, {c.model.num_tokens} tokens x {self.unwrapped.latent_dim} ({c.model.bottleneck.kind}), "
+            f"{c.image_size} px"
+        )
+        self.logger.info(
+            f"{self.world} process(es) on {self.device.type} ({self.accelerator.mixed_precision} mixed precision), "
+            f"global batch {s.batch_size} = {self.world} x {self.micro_batch} x {s.grad_accum} accumulation, "
+            f"peak lr {self.lr:.3g}, {s.steps} steps from step {self.step}"
+        )
+        self.logger.info(f"data: {self.data.description}")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _gather_objects(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out

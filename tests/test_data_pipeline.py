@@ -1,0 +1,153 @@
+"""Training data: deterministic process-independent batches, augmentations, folders with bad
+files, the bundled photos split, and webdataset shards."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from softvq.data.bundled import BundledCropsDataset, heldout_crops, split_bundled
+from softvq.data.folder import ImageFolderDataset, scan_folder, split_holdout
+from softvq.data.sampler import StreamBatchSampler
+from softvq.data.shards import ShardStream
+from softvq.data.transforms import random_crop, random_flip, random_scale_crop, sample_rng
+
+
+def _take(sampler, n):
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def test_two_processes_split_exactly_the_one_process_batches():
+    one = _take(StreamBatchSampler(10, 4, seed=3), 7)
+    r0 = _take(StreamBatchSampler(10, 4, rank=0, world_size=2, seed=3), 7)
+    r1 = _take(StreamBatchSampler(10, 4, rank=1, world_size=2, seed=3), 7)
+    for full, a, b in zip(one, r0, r1):
+        assert full == a + b
+    # Crossing epoch boundaries every item appears once per epoch (positions 0..9, 10..19).
+    positions = [p for batch in one for _, p in batch]
+    assert positions == list(range(28))
+    items = [i for batch in one for i, _ in batch]
+    assert sorted(items[:10]) == list(range(10)) and sorted(items[10:20]) == list(range(10))
+    assert items[:10] != items[10:20]  # a new permutation each epoch
+
+
+def test_sampler_resumes_mid_stream():
+    straight = _take(StreamBatchSampler(9, 3, seed=1), 6)
+    resumed = _take(StreamBatchSampler(9, 3, seed=1, start=3 * 3), 3)
+    assert resumed == straight[3:]
+
+
+def test_sampler_rejects_uneven_split():
+    with pytest.raises(ValueError, match="not divisible"):
+        StreamBatchSampler(10, 5, world_size=2)
+
+
+def test_augmentations_depend_only_on_seed_and_position():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    a = np.asarray(random_crop(img, 32, sample_rng(5, 17)))
+    b = np.asarray(random_crop(img, 32, sample_rng(5, 17)))
+    c = np.asarray(random_crop(img, 32, sample_rng(5, 18)))
+    assert a.shape == (32, 32, 3) and np.array_equal(a, b) and not np.array_equal(a, c)
+    crop = random_scale_crop(img, 16, sample_rng(0, 0), (0.5, 0.5))
+    assert crop.size == (16, 16)
+    flips = [np.array_equal(np.asarray(random_flip(img, sample_rng(0, i))), np.asarray(img)[:, ::-1])
+             for i in range(200)]
+    assert 60 < sum(flips) < 140  # p = 0.5
+
+
+def test_random_crop_covers_at_least_min_fraction():
+    # A horizontal ramp: the crop's value range tells how much of the width it spans.
+    ramp = np.tile(np.linspace(0, 255, 200).astype(np.uint8)[None, :, None], (100, 1, 3))
+    img = Image.fromarray(ramp)
+    for pos in range(20):
+        crop = np.asarray(random_crop(img, 50, sample_rng(0, pos), min_fraction=0.8)).astype(float)
+        # the shorter side (100) is resized to 50 / f with f in [0.8, 1], so the 50 px window spans
+        # 50 * f / 50 * 100 = f * 100 source px of 200, i.e. between 40 % and 50 % of the ramp.
+        span = (crop[:, -1, 0].mean() - crop[:, 0, 0].mean()) / 255
+        assert 0.37 < span < 0.52
+
+
+def _write_folder(root):
+    (root / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(root / "sub" / "grey.jpg")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "sub" / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_skips_and_reports_corrupt_files(tmp_path):
+    images, others = scan_folder(_write_folder(tmp_path / "data"))
+    assert len(images) == 7 and [p.name for p in others] == ["notes.txt"]
+    ds = ImageFolderDataset(images, 32, seed=0)
+    skipped = set()
+    for index in range(len(ds)):
+        x, bad = ds[(index, index)]
+        assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
+        skipped.update(bad)
+    assert sorted(p.split("/")[-1] for p in skipped) == ["broken.jpg", "empty.png"]
+    # A replaced sample is deterministic: the same key gives the same tensor.
+    broken = next(i for i, p in enumerate(images) if p.name == "broken.jpg")
+    assert torch.equal(ds[(broken, 5)][0], ds[(broken, 5)][0])
+
+
+def test_folder_holdout_is_disjoint_and_seed_independent(tmp_path):
+    files = [tmp_path / f"{i}.png" for i in range(10)]
+    train, held = split_holdout(files, 3)
+    assert len(held) == 3 and not set(train) & set(held) and len(train) == 7
+    assert split_holdout(files, 3) == (train, held)
+
+
+def test_bundled_split_and_heldout_crops():
+    train, held = split_bundled(["chelsea", "china"])
+    assert {p.stem for p in held} == {"chelsea", "china"} and not {p.stem for p in train} & {"chelsea", "china"}
+    images, names = heldout_crops(held, 32, 6, (0.2, 1.0))
+    again, _ = heldout_crops(held, 32, 6, (0.2, 1.0))
+    assert images.shape == (6, 3, 32, 32) and torch.equal(images, again)
+    assert names[0] == "chelsea-0" and names[3] == "china-0"
+    ds = BundledCropsDataset(train[:2], 32, seed=0, crops_per_photo=4)
+    assert len(ds) == 8
+    a, b = ds[(0, 0)][0], ds[(0, 1)][0]
+    assert a.shape == (3, 32, 32) and not torch.equal(a, b)
+    with pytest.raises(ValueError, match="unknown bundled photos"):
+        split_bundled(["no-such-photo"])
+
+
+def _png_bytes(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _write_shard(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_shards_stream_every_image_once_per_epoch_and_report_bad_ones(tmp_path):
+    _write_shard(tmp_path / "s-0.tar", [("a.png", _png_bytes(0)), ("a.cls", b"1"), ("b.png", b"garbage")])
+    _write_shard(tmp_path / "s-1.tar", [("c.png", _png_bytes(1)), ("d.jpg", _png_bytes(2))])
+    stream = ShardStream(str(tmp_path / "s-{0..1}.tar"), 32, seed=0)
+    it = iter(stream)
+    first_epoch = [next(it) for _ in range(3)]
+    assert all(x.shape == (3, 32, 32) for x, _ in first_epoch)
+    skipped = [s for _, bad in first_epoch for s in bad]
+    assert len(skipped) == 1 and skipped[0].endswith(":b")
+    # Two processes: disjoint shards.
+    r0 = ShardStream(str(tmp_path / "s-{0..1}.tar"), 32, seed=0, rank=0, world_size=2)
+    r1 = ShardStream(str(tmp_path / "s-{0..1}.tar"), 32, seed=0, rank=1, world_size=2)
+    assert set(r0._my_shards(0, 0, 1)).isdisjoint(r1._my_shards(0, 0, 1))
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        ShardStream(str(tmp_path / "missing-{0..1}.tar"), 32)

@@ -1,0 +1,162 @@
+"""End-to-end training runs on tiny models (32 px, width 32): exact resume after a crash and after
+Ctrl-C, non-finite losses, a folder with bad files, the run folder's contents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from softvq.losses.objective import TokenizerObjective
+from softvq.tokenizer import Tokenizer
+from softvq.training.checkpointing import list_checkpoints
+from softvq.training.config import config_from_dict, load_config
+from softvq.training.logging import read_log
+from softvq.training.trainer import NonFiniteLossError, Trainer
+
+torch.set_num_threads(1)
+
+
+def tiny_tree(**sections):
+    tree = {
+        "model": {"image_size": 32, "patch_size": 8, "num_tokens": 8,
+                  "encoder": {"width": 32, "depth": 1, "heads": 2},
+                  "decoder": {"width": 32, "depth": 1, "heads": 2},
+                  "bottleneck": {"kind": "softvq", "latent_dim": 4, "codebook_size": 32, "distance": "l2"}},
+        "objective": {"perceptual_weight": 0.0, "adversarial_weight": 0.0, "alignment_weight": 0.0},
+        "data": {"source": "bundled", "workers": 0, "num_eval_images": 4, "bundled_crops_per_photo": 4},
+        "schedule": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "ema_decay": 0.9},
+        "optim": {"lr": 3e-3, "scale_lr": False},
+        "run": {"log_every": 1, "checkpoint_every": 3, "grid_every": 0, "eval_lpips": False,
+                "tensorboard": False, "progress": False},
+    }
+    for section, values in sections.items():
+        tree[section] = {**tree.get(section, {}), **values}
+    return tree
+
+
+def gan_tree(**sections):
+    """GAN on from step 2 with a PatchGAN and DiffAugment: random draws and a second optimizer."""
+    return tiny_tree(objective={"adversarial_weight": 0.2, "discriminator": "patchgan", "discriminator_start": 2,
+                                "diffaug": True, "consistency_weight": 4.0, "lecam_weight": 0.001}, **sections)
+
+
+class Sabotage(TokenizerObjective):
+    """The real objective, plus a side effect at chosen steps (crash, Ctrl-C, NaN)."""
+
+    def __init__(self, cfg, tokenizer, *, crash_at=None, sigint_at=None, nan_at=(), snapshots=None):
+        super().__init__(cfg, tokenizer)
+        object.__setattr__(self, "tok", tokenizer)
+        self.crash_at, self.sigint_at, self.nan_at, self.snapshots = crash_at, sigint_at, set(nan_at), snapshots
+
+    def generator_loss(self, images, out, step):
+        if self.snapshots is not None:
+            self.snapshots[step] = {k: v.detach().clone() for k, v in self.tok.state_dict().items()}
+        if step == self.crash_at:
+            raise RuntimeError("simulated crash")
+        if step == self.sigint_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        loss, logs = super().generator_loss(images, out, step)
+        if step in self.nan_at:
+            loss = loss * float("nan")
+        return loss, logs
+
+
+def factory(**kwargs):
+    return lambda cfg, tok: Sabotage(cfg.objective, tok, **kwargs)
+
+
+def losses(run_dir, key="loss"):
+    return {r["step"]: r[key] for r in read_log(run_dir) if key in r}
+
+
+def exported(run_dir):
+    return Tokenizer.from_pretrained(run_dir / "export").state_dict()
+
+
+def test_straight_run_writes_everything_and_resume_after_crash_and_ctrl_c_is_exact(tmp_path):
+    cfg = config_from_dict(gan_tree())
+    straight = Trainer(cfg, tmp_path / "straight").fit()
+    assert straight.status == "finished" and straight.step == 6
+    run = tmp_path / "straight"
+    for name in ("config.yaml", "log.jsonl", "metrics.json", "export/config.json", "export/model.safetensors"):
+        assert (run / name).is_file(), name
+    assert load_config(run / "config.yaml") == cfg  # the saved config is the resolved one
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert np.isfinite(metrics["psnr"]) and metrics["step"] == 6 and metrics["weights"] == "ema"
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000003.pt", "step-00000006.pt"]
+    reference = losses(run)
+    reference_d = losses(run, "d/loss")
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6] and sorted(reference_d) == [3, 4, 5, 6]
+
+    # A hard crash during step index 4: the periodic checkpoint at step 3 is what survives.
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(cfg, crashed, objective_factory=factory(crash_at=4)).fit()
+    assert [p.name for p in list_checkpoints(crashed)] == ["step-00000003.pt"]
+    Trainer(cfg, crashed, resume=True).fit()
+
+    # Ctrl-C during step index 1: the step finishes, a checkpoint at step 2 is written.
+    interrupted = tmp_path / "interrupted"
+    result = Trainer(cfg, interrupted, objective_factory=factory(sigint_at=1)).fit()
+    assert result.status == "interrupted" and result.step == 2
+    assert [p.name for p in list_checkpoints(interrupted)] == ["step-00000002.pt"]
+    assert not (interrupted / "export").exists()
+    Trainer(cfg, interrupted, resume=True).fit()
+
+    for run_dir in (crashed, interrupted):
+        assert losses(run_dir) == reference, run_dir.name  # same losses, bit for bit
+        assert losses(run_dir, "d/loss") == reference_d
+        final, expected = exported(run_dir), exported(run)
+        assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_keeps_only_the_last_checkpoints(tmp_path):
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 5}, run={"checkpoint_every": 1, "keep_checkpoints": 2}))
+    Trainer(cfg, tmp_path).fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004.pt", "step-00000005.pt"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.suffix == ".tmp"]
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    snapshots = {}
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 4}, run={"max_nonfinite": 3}))
+    result = Trainer(cfg, tmp_path / "a", objective_factory=factory(nan_at={1, 2}, snapshots=snapshots)).fit()
+    assert result.status == "finished" and result.metrics["nonfinite_steps"] == 2
+    # The skipped steps changed nothing: weights entering steps 1, 2 and 3 are the same.
+    for key in snapshots[1]:
+        assert torch.equal(snapshots[1][key], snapshots[2][key]) and torch.equal(snapshots[1][key], snapshots[3][key])
+    assert not all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])
+    records = {r["step"]: r for r in read_log(tmp_path / "a")}
+    assert records[2].get("nonfinite") == 1.0 and records[4]["nonfinite_steps"] == 2.0
+
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 6}, run={"max_nonfinite": 2}))
+    with pytest.raises(NonFiniteLossError, match="2 steps had a non-finite loss") as info:
+        Trainer(cfg, tmp_path / "b", objective_factory=factory(nan_at={1, 3})).fit()
+    assert "optim.lr" in str(info.value)
+    assert list_checkpoints(tmp_path / "b")[-1].name == "step-00000004.pt"
+
+
+def test_folder_with_corrupt_and_non_image_files_trains_and_reports(tmp_path, capsys):
+    data = tmp_path / "images"
+    (data / "nested").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 44, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    (data / "nested" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    (data / "nested" / "zero.png").write_bytes(b"")
+    (data / "readme.txt").write_text("hello")
+    cfg = config_from_dict(tiny_tree(data={"source": "folder", "path": str(data), "num_eval_images": 2},
+                                     schedule={"steps": 4, "batch_size": 4}))
+    result = Trainer(cfg, tmp_path / "run").fit()
+    assert result.status == "finished"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["skipped_files"] == 2 and metrics["ignored_non_image_files"] == 1
+    assert sorted(p.rsplit("/", 1)[-1] for p in metrics["skipped_examples"]) == ["truncated.jpg", "zero.png"]
+    assert "skipped 2 unreadable image file(s)" in capsys.readouterr().out
+    assert read_log(tmp_path / "run")[-1]["skipped_files"] == 2.0
