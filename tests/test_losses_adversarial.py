@@ -107,6 +107,17 @@ def test_diffaug_probability_and_gradient() -> None:
     assert x.grad is not None and x.grad.abs().sum() > 0  # differentiable: reaches the generator
 
 
+def test_diffaug_coin_per_batch_as_released_or_per_sample() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, 8, 8)
+    changed = lambda out: (out != x).flatten(1).any(1)  # noqa: E731
+    batch_level = [changed(DiffAugment(("color",), prob=0.5)(x)[0]) for _ in range(20)]
+    assert all(c.all() or not c.any() for c in batch_level)
+    assert any(c.all() for c in batch_level) and any(not c.any() for c in batch_level)
+    per_sample = changed(DiffAugment(("color",), prob=0.5, per_sample=True)(x)[0])
+    assert 0 < per_sample.sum() < 32
+
+
 def test_diffaug_cutout_size() -> None:
     aug = DiffAugment(("cutout",), prob=1.0, cutout_ratio=0.5)
     x = torch.ones(3, 1, 16, 16)
@@ -210,3 +221,17 @@ def test_adaptive_weight_enters_the_generator_loss() -> None:
     _, logs = obj.generator_loss(x, tok(x), step=0)
     assert logs["adaptive_weight"] > 0 and math.isfinite(logs["adaptive_weight"])
     assert logs["adversarial_weighted"] == pytest.approx(0.2 * logs["adaptive_weight"] * logs["adversarial"], rel=1e-4)
+
+
+def test_dino_discriminator_crops_or_resizes_large_inputs() -> None:
+    disc = DinoDiscriminator(_tiny_dino(), taps=(0,), kernel_size=3)
+    x = torch.rand(1, 3, 256, 256) * 2 - 1
+    torch.manual_seed(1)
+    disc.train()
+    train_feats = [disc.features(x)[0] for _ in range(6)]
+    disc.eval()
+    resized = disc.features(x)[0]
+    assert all(f.shape == (1, 32, 196) for f in train_feats)
+    # eval always resizes; training crops about half of the time, so some passes differ
+    assert any(not torch.allclose(f, resized) for f in train_feats)
+    assert any(torch.allclose(f, resized) for f in train_feats)

@@ -71,6 +71,17 @@ def test_config_errors_name_the_key() -> None:
         ObjectiveConfig(alignment_weight=-1).validate()
 
 
+def test_reconstruction_weight_switch() -> None:
+    tok = _tok()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = tok(x)
+    _, logs = TokenizerObjective(ObjectiveConfig(**OFF, reconstruction_weight=0.0), tok).generator_loss(x, out, 0)
+    assert "rec" not in logs and logs["loss"] == pytest.approx(logs["bottleneck/kl_weighted"])
+    nothing = TokenizerObjective(ObjectiveConfig(**OFF, reconstruction_weight=0.0, bottleneck_weight=0.0), tok)
+    with pytest.raises(ValueError, match="switched off"):
+        nothing.generator_loss(x, out, 0)
+
+
 @needs_vgg
 def test_full_objective_shares_one_vgg_and_runs_it_once_per_image_batch() -> None:
     tok = _tok()

@@ -8,8 +8,10 @@ regularization [101] for discriminator training as in [99]". The policy is DiffA
 * translation: an integer shift of up to ``translation_ratio`` · size in each direction, zero fill
 * cutout:      a zeroed square of side ``cutout_ratio`` · size at a random centre
 
-Each operation is applied to each sample with probability ``prob`` (the release: 0.5 with
-cutout 0.2 for the hinge loss; 1.0 with cutout 0.5 for the consistency term). Every step is a
+Each operation group (colour / translation / cutout) is applied with probability ``prob`` (the
+release: 0.5 with cutout 0.2 for the hinge loss; 1.0 with cutout 0.5 for the consistency term).
+As released, one coin decides for the whole batch; ``per_sample=True`` flips one coin per image
+instead (ADA-style). The random magnitudes are always per image. Every step is a
 differentiable function of the image, so gradients reach the tokenizer through augmented
 reconstructions.
 
@@ -53,6 +55,7 @@ class DiffAugment:
         prob: float = 0.5,
         translation_ratio: float = 0.125,
         cutout_ratio: float = 0.2,
+        per_sample: bool = False,
     ) -> None:
         unknown = set(policy) - set(POLICY)
         if unknown:
@@ -63,6 +66,7 @@ class DiffAugment:
         self.prob = prob
         self.translation_ratio = translation_ratio
         self.cutout_ratio = cutout_ratio
+        self.per_sample = per_sample
 
     def sample(self, x: Tensor, generator: torch.Generator | None = None) -> AugmentParams:
         b, _, h, w = x.shape
@@ -72,7 +76,7 @@ class DiffAugment:
             return torch.rand(*shape, generator=generator, device=dev)
 
         def coin(op: str) -> Tensor:
-            hit = uniform(b) < self.prob
+            hit = uniform(b) < self.prob if self.per_sample else (uniform(1) < self.prob).expand(b)
             return hit if op in self.policy else torch.zeros_like(hit)
 
         use_color, use_translation, use_cutout = coin("color"), coin("translation"), coin("cutout")
@@ -82,9 +86,10 @@ class DiffAugment:
             torch.randint(-sw, sw + 1, (b,), generator=generator, device=dev),
         ], dim=1)
         size = (max(1, int(h * self.cutout_ratio + 0.5)), max(1, int(w * self.cutout_ratio + 0.5)))
+        # centres in [0, size + 1) for an even square, as DiffAugment draws them
         center = torch.stack([
-            torch.randint(0, h, (b,), generator=generator, device=dev),
-            torch.randint(0, w, (b,), generator=generator, device=dev),
+            torch.randint(0, h + (1 - size[0] % 2), (b,), generator=generator, device=dev),
+            torch.randint(0, w + (1 - size[1] % 2), (b,), generator=generator, device=dev),
         ], dim=1)
         return AugmentParams(
             use_color=use_color,

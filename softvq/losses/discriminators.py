@@ -4,7 +4,7 @@ Supplementary C.1: "Instead of using the common PatchGAN and StyleGAN architectu
 the frozen DINO-S discriminator with a similar architecture to StyleGAN, as in [99] (VAR)".
 Three choices, one interface (``features`` = frozen part, ``logits`` = trainable heads):
 
-* :class:`DinoDiscriminator` — the paper's: a frozen DINO ViT-S/16, input resized to 224 px,
+* :class:`DinoDiscriminator` — the paper's: a frozen DINO ViT-S/16, input brought to 224 px,
   token features after the patch embedding and after blocks 2, 5, 8, 11, each read out as
   patch + cls token and scored per token by its own trainable head (five heads).
 * :class:`VGGDiscriminator` — the offline substitute (no DINO weights exist on this machine):
@@ -115,8 +115,10 @@ class DinoDiscriminator(Discriminator):
         taps: tuple[int, ...] = (2, 5, 8, 11),
         input_size: int = 224,
         kernel_size: int = 9,
+        random_crop: bool = True,
     ) -> None:
         super().__init__()
+        self.random_crop = random_crop
         if max(taps) >= dino.config.depth:
             raise ValueError(f"DINO model has {dino.config.depth} blocks; taps {taps} are out of range")
         self.hold("backbone", dino)
@@ -128,9 +130,16 @@ class DinoDiscriminator(Discriminator):
     def features(self, x: Tensor) -> list[Tensor]:
         dino: DinoViT = self.frozen("backbone")  # type: ignore[assignment]
         s = self.input_size
-        if x.shape[-2:] != (s, s):
-            mode = "area" if x.shape[-1] > s else "bicubic"
-            x = F.interpolate(x.float(), size=(s, s), mode=mode)
+        h, w = x.shape[-2:]
+        if (h, w) != (s, s):
+            # As in VAR/the release: larger images are, half the time in training, cropped at a
+            # random place (one crop for the batch); otherwise resized (area down, bicubic up).
+            if self.random_crop and self.training and h > s and w > s and torch.rand(()) < 0.5:
+                top = int(torch.randint(0, h - s + 1, ()))
+                left = int(torch.randint(0, w - s + 1, ()))
+                x = x[..., top:top + s, left:left + s].float()
+            else:
+                x = F.interpolate(x.float(), size=(s, s), mode="area" if w > s else "bicubic")
         tokens = dino.intermediate(dino.normalize(x), self.taps)
         skip = 1 + dino.num_registers
         # Readout as in VAR: every patch token plus the cls token, channels first for Conv1d.

@@ -63,7 +63,8 @@ class ObjectiveConfig:
     """Weights and switches of the training objective. Defaults = paper Eq. 7 / supplementary C.1
     (and the release where the paper is silent, as noted).
 
-    reconstruction: "l2" (release) or "l1" pixel loss, mean over pixels (L_recon).
+    reconstruction / reconstruction_weight: "l2" (release) or "l1" pixel loss, mean over pixels
+        (L_recon), weight 1 in Eq. 7 (0 switches it off, e.g. to study the other terms alone).
     perceptual_weight / perceptual_warmup_steps / perceptual_net:
         λ1 = 1.0 on LPIPS (VGG), ramped linearly from 0 over the first 10k steps (C.1);
         warm-up 0 = constant. "alex" is for experiments; the paper uses VGG.
@@ -79,6 +80,7 @@ class ObjectiveConfig:
         probability 0.5, cutout ratio 0.2 (release). ``diffaug_paired``: a real image and its
         reconstruction get the same augmentation in the D step (the release draws independently:
         set False for that). The generator step augments x̂ the same way.
+        ``diffaug_per_sample``: one coin per image and op instead of the release's one per batch.
     consistency_weight / consistency_cutout: bCR weight 4.0 (C.1); its augmentation always applies
         all three ops with cutout 0.5 (release).
     lecam_weight / lecam_decay: LeCAM weight 0.001 (C.1), EMA decay 0.999 (release).
@@ -97,6 +99,7 @@ class ObjectiveConfig:
     """
 
     reconstruction: str = "l2"
+    reconstruction_weight: float = 1.0
     perceptual_weight: float = 1.0
     perceptual_warmup_steps: int = 10_000
     perceptual_net: str = "vgg"
@@ -109,6 +112,7 @@ class ObjectiveConfig:
     diffaug_prob: float = 0.5
     diffaug_cutout: float = 0.2
     diffaug_paired: bool = True
+    diffaug_per_sample: bool = False
     consistency_weight: float = 4.0
     consistency_cutout: float = 0.5
     lecam_weight: float = 0.001
@@ -203,7 +207,8 @@ class TokenizerObjective(nn.Module):
         if use_adv:
             self.discriminator = build_discriminator(cfg.discriminator, cfg.discriminator_weights, vgg=vgg)
             if cfg.diffaug:
-                self.augment = DiffAugment(prob=cfg.diffaug_prob, cutout_ratio=cfg.diffaug_cutout)
+                self.augment = DiffAugment(prob=cfg.diffaug_prob, cutout_ratio=cfg.diffaug_cutout,
+                                           per_sample=cfg.diffaug_per_sample)
             if cfg.consistency_weight > 0:
                 self.consistency_augment = DiffAugment(prob=1.0, cutout_ratio=cfg.consistency_cutout)
             if cfg.lecam_weight > 0:
@@ -262,9 +267,10 @@ class TokenizerObjective(nn.Module):
         parts: dict[str, Tensor] = {}
         weighted: dict[str, Tensor] = {}
 
-        diff = recon.float() - images.float()
-        rec = diff.pow(2).mean() if cfg.reconstruction == "l2" else diff.abs().mean()
-        parts["rec"], weighted["rec"] = rec, rec
+        if cfg.reconstruction_weight > 0:
+            diff = recon.float() - images.float()
+            rec = diff.pow(2).mean() if cfg.reconstruction == "l2" else diff.abs().mean()
+            parts["rec"], weighted["rec"] = rec, cfg.reconstruction_weight * rec
 
         real_vgg: list[Tensor] | None = None
         lam1 = self.perceptual_weight_at(step) if self.lpips is not None else 0.0
@@ -297,12 +303,16 @@ class TokenizerObjective(nn.Module):
                 adv = hinge_g_loss(self.discriminator(fake))
             w = cfg.adversarial_weight
             if cfg.adaptive_weight:
-                nll = weighted["rec"] + weighted.get("perceptual", 0.0)
+                nll = weighted.get("rec", 0.0) + weighted.get("perceptual", 0.0)
+                if not torch.is_tensor(nll):
+                    raise ValueError("adaptive_weight needs a reconstruction or perceptual term to compare with")
                 ratio = adaptive_weight(nll, adv, self._tokenizer.decoder.to_pixel.weight)
                 extras["adaptive_weight"] = float(ratio)
                 w = w * ratio
             parts["adversarial"], weighted["adversarial"] = adv, w * adv
 
+        if not weighted:
+            raise ValueError("every generator term is switched off (all weights are 0); nothing to optimise")
         total = torch.stack([v.float() for v in weighted.values()]).sum()
         return total, _to_floats(parts, weighted, total, extras)
 
