@@ -1,0 +1,148 @@
+"""Training configuration (YAML, inheritance, overrides, strict keys), the bundled experiment
+configs, and the small pieces of the recipe: lr schedule, weight-decay groups, EMA."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from softvq.bottlenecks.factory import build_bottleneck
+from softvq.cli.main import main
+from softvq.tokenizer import Tokenizer
+from softvq.training.config import (
+    CONFIG_DIR, config_from_dict, load_config, parse_override, save_config,
+)
+from softvq.training.ema import EMA
+from softvq.training.optim import build_optimizer, param_groups
+from softvq.training.schedule import lr_factor, scaled_lr
+
+ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_default_config_is_the_cpu_demo():
+    cfg = load_config()
+    assert cfg.data.source == "bundled" and cfg.model_preset == "softvq-tiny"
+    assert cfg.schedule.precision == "auto" and cfg.run.max_minutes is not None
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_every_bundled_config_loads_and_its_bottleneck_builds(name):
+    cfg = load_config(name)
+    if cfg.model.bottleneck.codebook_size <= 16384:
+        bottleneck = build_bottleneck(cfg.model.bottleneck)
+        assert bottleneck.latent_dim == cfg.model.bottleneck.latent_dim
+
+
+def test_paper_recipe_defaults():
+    cfg = load_config("softvq-s-64")
+    s, o, obj = cfg.schedule, cfg.optim, cfg.objective
+    assert (s.steps, s.batch_size, s.warmup_steps, s.ema_decay) == (250_000, 256, 5_000, 0.9999)
+    assert (o.name, o.lr, o.betas, o.weight_decay, o.grad_clip) == ("adamw", 1e-4, [0.9, 0.95], 1e-4, 1.0)
+    assert (obj.perceptual_weight, obj.adversarial_weight, obj.alignment_weight, obj.bottleneck_weight) == (
+        1.0, 0.2, 0.1, 0.01)
+    assert cfg.model == load_config("paper", ["model.preset=softvq-s-64"]).model
+
+
+def test_ablation_configs_change_only_their_field():
+    base = load_config("ablation-base")
+    expected = {"ablation-pq4": {"groups": 4}, "ablation-rpq4": {"groups": 4, "residual_levels": 2},
+                "ablation-k512": {"codebook_size": 512}, "ablation-tau-learnable": {"learnable_temperature": True},
+                "ablation-gmmvq": {"kind": "gmmvq"}}
+    for name, change in expected.items():
+        cfg = load_config(name)
+        assert cfg.model.bottleneck == dataclasses.replace(base.model.bottleneck, **change), name
+        assert cfg.objective == base.objective and cfg.schedule == base.schedule
+    ld = load_config("ablation-ld-32x128")
+    assert (ld.model.num_tokens, ld.model.bottleneck.latent_dim) == (32, 128)
+    vq = load_config("tab3-vq-s-32")
+    assert (vq.model.bottleneck.kind, vq.model.num_tokens, vq.model.bottleneck.latent_dim) == ("vq", 32, 64)
+
+
+def test_inheritance_and_overrides(tmp_path):
+    (tmp_path / "parent.yaml").write_text("model: {preset: softvq-tiny}\noptim: {lr: 1e-4, weight_decay: 0.5}\n")
+    (tmp_path / "child.yaml").write_text("inherit: parent.yaml\noptim: {lr: 2e-4}\nschedule: {steps: 7}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.lr=3e-4", "model.bottleneck.kind=ae", "data.holdout=[coffee]"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.weight_decay == 0.5 and cfg.schedule.steps == 7
+    assert cfg.model.bottleneck.kind == "ae" and cfg.model.encoder.width == 96 and cfg.data.holdout == ["coffee"]
+    assert parse_override("optim.lr=2e-4") == (["optim", "lr"], 2e-4)  # YAML 1.1 would read a string
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1"], "optim.lrr"),
+    (["model.bottleneck.knd=vq"], "model.bottleneck.knd"),
+    (["traning.steps=3"], "traning"),
+    (["schedule.steps=many"], "schedule.steps must be an integer"),
+    (["model.bottleneck.kind=pq"], "model.bottleneck.kind='pq' is not one of"),
+    (["objective.reconstruction=l3"], "objective.reconstruction"),
+    (["optim.lr"], "must look like section.key=value"),
+])
+def test_bad_keys_and_values_fail_naming_them(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config("demo", overrides)
+
+
+def test_unknown_yaml_key_fails_with_its_dotted_name(tmp_path):
+    (tmp_path / "x.yaml").write_text("data:\n  source: bundled\n  worker: 3\n")
+    with pytest.raises(ValueError, match=r"unknown config key data\.worker; valid keys under data: .*workers"):
+        load_config(tmp_path / "x.yaml")
+
+
+def test_cli_reports_unknown_key_in_one_line(capsys):
+    assert main(["train", "optim.betaz=[0.9,0.9]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("softvq train: error: unknown config key optim.betaz") and "\n" not in err
+    assert main(["train", "--list"]) == 0
+    assert "softvq-bl-64" in capsys.readouterr().out
+
+
+def test_lr_schedule_warmup_cosine_and_batch_scaling():
+    f = lambda s: lr_factor(s, total_steps=110, warmup_steps=10)  # noqa: E731
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert lr_factor(50, total_steps=100, warmup_steps=0, kind="constant") == 1.0
+    assert lr_factor(100, total_steps=100, warmup_steps=0, min_ratio=0.1) == pytest.approx(0.1)
+    assert scaled_lr(1e-4, 512) == pytest.approx(2e-4) and scaled_lr(1e-4, 512, scale=False) == 1e-4
+
+
+def test_weight_decay_only_on_weight_matrices():
+    tok = Tokenizer.from_preset("softvq-tiny")
+    groups = {g["name"]: g for g in param_groups(tok.named_parameters(), 1e-4)}
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    named = dict(tok.named_parameters())
+    no_decay = [n for n, p in named.items() if id(p) in ids(groups["no_decay"])]
+    decay = [n for n, p in named.items() if id(p) in ids(groups["decay"])]
+    assert "bottleneck.codebook" in no_decay and "encoder.pos_embed" in no_decay
+    assert "encoder.latent_tokens" in no_decay and "decoder.mask_token" in no_decay
+    assert "encoder.norm.weight" in no_decay and "encoder.blocks.0.attn.qkv.bias" in no_decay
+    assert "encoder.blocks.0.attn.qkv.weight" in decay and "decoder.to_pixel.weight" in decay
+    assert len(no_decay) + len(decay) == len(named) and groups["no_decay"]["weight_decay"] == 0.0
+    # AdamW decays weights only; the release's Adam adds the decay to every gradient.
+    adam = build_optimizer(tok.named_parameters(), name="adam", lr=1.0, betas=[0.9, 0.95], weight_decay=0.1)
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_ema_matches_the_formula_and_swaps_back():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9, warmup=False)
+    start = model.weight.detach().clone()
+    expected = start.clone()
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+        expected = 0.9 * expected + 0.1 * value
+    trained = model.weight.detach().clone()
+    with ema.swapped_into(model):
+        assert torch.allclose(model.weight, expected)
+    assert torch.equal(model.weight, trained)
+    warm = EMA(model, decay=0.9999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    warm.num_updates = 10**6
+    assert warm.current_decay() == 0.9999
