@@ -15,6 +15,12 @@ The trace of the matrix square root is taken through symmetric eigen-decompositi
 M = Σ1^{1/2} Σ2 Σ1^{1/2}, so tr (Σ1 Σ2)^{1/2} = Σ_i sqrt(λ_i(M)). Σ1^{1/2} comes from ``eigh(Σ1)``;
 tiny negative eigenvalues from rounding are clipped to 0. All in float64.
 
+With fewer samples than dimensions (a quick evaluation on a few hundred images) the statistics
+also keep the centred features F (n x D, Σ = FᵀF / (n−1)); then, exactly,
+tr (Σ1 Σ2)^{1/2} = ‖F1 F2ᵀ‖_* / sqrt((n1−1)(n2−1)) (the non-zero eigenvalues of Σ1Σ2 are those of
+B Bᵀ with B = F1 F2ᵀ / sqrt((n1−1)(n2−1)), whose square roots are B's singular values): an
+n1 x n2 SVD instead of two D x D eigen-decompositions.
+
 Reference statistics (μ, Σ of the real images) are cached as ``.npz`` files that carry a
 checksum: sha256 of the sorted list of image files (relative path and size) and the protocol
 (image size, crop, resize, number of images, Inception weights, normalisation). Loading
@@ -42,11 +48,15 @@ class ReferenceStatsError(ValueError):
 
 @dataclass
 class FeatureStats:
-    """Mean (D,) and covariance (D, D) of features, float64; ``count`` samples."""
+    """Mean (D,) and covariance (D, D) of features, float64; ``count`` samples.
+
+    ``centred``: the centred features (count, D) when count <= D (see the module docstring).
+    """
 
     mean: np.ndarray
     cov: np.ndarray
     count: int
+    centred: np.ndarray | None = None
 
     @classmethod
     def from_features(cls, features: np.ndarray | torch.Tensor) -> "FeatureStats":
@@ -67,6 +77,7 @@ class RunningStats:
         self.shift: np.ndarray | None = None
         self.sum: np.ndarray | None = None
         self.outer: np.ndarray | None = None
+        self.rows: list[np.ndarray] | None = []  # kept while count <= D (low-rank FID)
 
     def update(self, features: np.ndarray | torch.Tensor) -> None:
         x = _as_float64(features)
@@ -82,13 +93,18 @@ class RunningStats:
         self.sum += d.sum(0)
         self.outer += d.T @ d
         self.count += x.shape[0]
+        if self.rows is not None:
+            self.rows.append(d)
+            if self.count > x.shape[1]:
+                self.rows = None
 
     def finalize(self) -> FeatureStats:
         if self.count < 2:
             raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
         mean_d = self.sum / self.count
         cov = (self.outer - self.count * np.outer(mean_d, mean_d)) / (self.count - 1)
-        return FeatureStats(mean=self.shift + mean_d, cov=(cov + cov.T) / 2, count=self.count)
+        centred = np.concatenate(self.rows) - mean_d if self.rows else None
+        return FeatureStats(mean=self.shift + mean_d, cov=(cov + cov.T) / 2, count=self.count, centred=centred)
 
 
 def _as_float64(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -111,12 +127,22 @@ def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
     return float(np.sqrt(np.clip(eig, 0, None)).sum())
 
 
+def trace_sqrt_product_lowrank(centred1: np.ndarray, centred2: np.ndarray) -> float:
+    """tr (Σ1 Σ2)^{1/2} from centred features: the nuclear norm of F1 F2ᵀ / sqrt((n1−1)(n2−1))."""
+    scale = np.sqrt((len(centred1) - 1) * (len(centred2) - 1))
+    return float(np.linalg.svd(centred1 @ centred2.T / scale, compute_uv=False).sum())
+
+
 def frechet_distance(stats1: FeatureStats, stats2: FeatureStats) -> float:
     """FID between two feature distributions (module docstring formula)."""
     if stats1.mean.shape != stats2.mean.shape:
         raise ValueError(f"feature dimensions differ: {stats1.mean.shape} vs {stats2.mean.shape}")
     diff = stats1.mean - stats2.mean
-    value = diff @ diff + np.trace(stats1.cov) + np.trace(stats2.cov) - 2 * trace_sqrt_product(stats1.cov, stats2.cov)
+    if stats1.centred is not None and stats2.centred is not None:
+        cross = trace_sqrt_product_lowrank(stats1.centred, stats2.centred)
+    else:
+        cross = trace_sqrt_product(stats1.cov, stats2.cov)
+    value = diff @ diff + np.trace(stats1.cov) + np.trace(stats2.cov) - 2 * cross
     return float(max(value, 0.0))
 
 
@@ -148,9 +174,11 @@ def save_reference_stats(path: str | Path, stats: FeatureStats, checksum: str,
         raise ValueError(f"reference statistics are saved as .npz, got {path}")
 
     def write(tmp: Path) -> None:
+        extra = {"centred": stats.centred} if stats.centred is not None else {}
         with open(tmp, "wb") as fh:
             np.savez(fh, mu=stats.mean, sigma=stats.cov, count=np.int64(stats.count),
-                     checksum=np.str_(checksum), protocol=np.str_(json.dumps(protocol, sort_keys=True)))
+                     checksum=np.str_(checksum), protocol=np.str_(json.dumps(protocol, sort_keys=True)),
+                     **extra)
 
     atomic_write(path, write)
     return path
@@ -167,6 +195,7 @@ def load_reference_stats(path: str | Path, checksum: str | None = None) -> Featu
         with np.load(path, allow_pickle=False) as data:
             mean, cov = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
             count = int(data["count"]) if "count" in data else 0
+            centred = data["centred"].astype(np.float64) if "centred" in data else None
             stored = str(data["checksum"]) if "checksum" in data else None
             protocol = str(data["protocol"]) if "protocol" in data else None
     except FileNotFoundError:
@@ -181,7 +210,7 @@ def load_reference_stats(path: str | Path, checksum: str | None = None) -> Featu
         )
     if mean.ndim != 1 or cov.shape != (mean.shape[0], mean.shape[0]):
         raise ReferenceStatsError(f"{path}: mu {mean.shape} and sigma {cov.shape} do not match")
-    return FeatureStats(mean=mean, cov=cov, count=count)
+    return FeatureStats(mean=mean, cov=cov, count=count, centred=centred)
 
 
 # --- Inception Score -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable, Literal
@@ -341,7 +342,10 @@ def load_fid_inception(weights: str | Path | None = None) -> FIDInceptionV3:
         path = find_fid_weights(weights)
         try:
             if _is_torchscript(path):
-                state = convert_tf_state_dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+                with warnings.catch_warnings():  # the file is TorchScript; there is no other way to read it
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    scripted = torch.jit.load(str(path), map_location="cpu")
+                state = convert_tf_state_dict(scripted.state_dict())
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch.load / jit.load raise many types on a bad file: one line

