@@ -1,0 +1,49 @@
+"""``softvq plot RUN_DIR... --out DIR``: pictures of training runs (or checkpoint folders).
+
+Per run, under ``DIR/<run name>/``:
+  training_curves.png   every scalar of log.jsonl against the step (raw and smoothed);
+  reconstructions.png   original | reconstruction | error map, with PSNR per row;
+  codebook_usage.png    code counts (from eval/eval.json when `softvq eval` ran, else from the
+                        plot images), usage and perplexity;
+  latents.png           2D projection of ẑ and z coloured by class (UMAP if umap-learn is
+                        installed, else PCA; --projection chooses).
+Across runs: DIR/rate_quality.png, tokens x dim against rFID / PSNR (from eval/eval.json or
+metrics.json). Missing files are skipped with a note. Images: --images FOLDER (class
+sub-folders colour the latent plot), default the bundled photos, several crops of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from softvq.cli.common import resolve_device
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("plot", help="training curves, reconstructions, codebook and latent plots of runs",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run folders or checkpoint folders")
+    p.add_argument("--out", default="plots", metavar="DIR", help="output folder (default: plots)")
+    p.add_argument("--images", default=None, metavar="FOLDER",
+                   help="images to reconstruct and project (class sub-folders give the colours)")
+    p.add_argument("--per-class", type=int, default=8, help="images per class for the latent plot")
+    p.add_argument("--num-reconstructions", type=int, default=6)
+    p.add_argument("--projection", choices=("auto", "pca", "umap"), default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from softvq.evaluation.runs import plot_runs
+
+    written = plot_runs(args.runs, args.out, images=args.images, per_class=args.per_class,
+                        num_reconstructions=args.num_reconstructions, projection=args.projection,
+                        device=resolve_device(args.device),
+                        log=lambda message: print(f"softvq plot: {message}", file=sys.stderr))
+    for path in written:
+        print(path)
+    if not written:
+        print("softvq plot: nothing to draw (no log.jsonl, export/ or metrics in the given folders)", file=sys.stderr)
+        return 1
+    return 0

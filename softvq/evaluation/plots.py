@@ -1,0 +1,261 @@
+"""Pictures of a tokenizer and its training: each function draws one PNG and returns its path.
+
+* :func:`plot_reconstructions`  original | reconstruction | error map, one row per image;
+* :func:`plot_training_curves`  every logged scalar of ``log.jsonl`` against the step;
+* :func:`plot_codebook_usage`   code counts in index order and sorted (rank plot), usage and
+  perplexity in the title (paper Tab. 6 reports usage);
+* :func:`plot_latent_projection` 2D projection of ẑ (encoder output) and z (decoder input)
+  coloured by class, as paper Fig. 4 (UMAP there; PCA built in, UMAP when ``umap-learn`` is
+  installed);
+* :func:`plot_rate_quality`     tokens x dim against rFID and PSNR across runs.
+
+Matplotlib is imported inside the functions (``import softvq`` stays fast) and only through
+``matplotlib.figure.Figure`` with the Agg canvas: no pyplot state, no GUI backend.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DPI = 100
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return path
+
+
+def _to_unit(images: Tensor) -> np.ndarray:
+    """uint8 [0, 255] or float [-1, 1] (B, 3, H, W) -> float (B, H, W, 3) in [0, 1]."""
+    x = images.detach().cpu()
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else (x.float().clamp(-1, 1) + 1) / 2
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def plot_reconstructions(originals: Tensor, reconstructions: Tensor, path: str | Path, *,
+                         max_images: int = 8, title: str | None = None) -> Path:
+    """Rows of original | reconstruction | per-pixel error (mean |difference| over RGB, in [0, 1]
+    units, one colour scale for the whole figure) with each row's PSNR."""
+    if originals.shape != reconstructions.shape or originals.dim() != 4:
+        raise ValueError(f"need two (B, 3, H, W) batches of one shape, got {tuple(originals.shape)} "
+                         f"and {tuple(reconstructions.shape)}")
+    a = _to_unit(originals[:max_images])
+    b = _to_unit(reconstructions[:max_images])
+    err = np.abs(a - b).mean(-1)
+    vmax = max(float(err.max()), 1e-3)
+    n = len(a)
+    fig = _figure(7.5, 2.5 * n + 0.4)
+    axes = np.atleast_2d(fig.subplots(n, 3))
+    for i in range(n):
+        mse = float(((a[i] - b[i]) ** 2).mean())
+        psnr = 10 * math.log10(1 / mse) if mse > 0 else math.inf
+        axes[i, 0].imshow(a[i])
+        axes[i, 1].imshow(b[i])
+        im = axes[i, 2].imshow(err[i], cmap="magma", vmin=0, vmax=vmax)
+        axes[i, 1].set_xlabel(f"PSNR {psnr:.2f} dB", fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, name in zip(axes[0], ("original", "reconstruction", "|error|")):
+        ax.set_title(name, fontsize=10)
+    fig.colorbar(im, ax=axes[:, 2].tolist(), shrink=0.6, label="mean |x - x̂| (0..1)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def numeric_series(records: Sequence[dict[str, Any]], skip: Sequence[str] = ("step", "time", "epoch")) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{key: (steps, values)} for every finite numeric key of the log records."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for i, rec in enumerate(records):
+        step = rec.get("step", i)
+        for key, value in rec.items():
+            if key in skip or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(float(value)):
+                continue
+            xs, ys = series.setdefault(key, ([], []))
+            xs.append(float(step))
+            ys.append(float(value))
+    return {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in series.items()}
+
+
+def _ema(values: np.ndarray, weight: float) -> np.ndarray:
+    out = np.empty_like(values)
+    acc = values[0]
+    for i, v in enumerate(values):
+        acc = weight * acc + (1 - weight) * v
+        out[i] = acc
+    return out
+
+
+def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
+                         keys: Sequence[str] | None = None, smoothing: float = 0.6,
+                         title: str | None = None) -> Path:
+    """One panel per logged scalar against the step: raw (faint) and EMA-smoothed (``smoothing``)."""
+    series = numeric_series(records)
+    if keys is not None:
+        series = {k: series[k] for k in keys if k in series}
+    if not series:
+        raise ValueError("the log has no numeric values to plot")
+    names = sorted(series, key=lambda k: (not k.startswith("loss"), k))
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = _figure(4.2 * cols, 2.8 * rows + 0.3)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+    for ax, name in zip(axes, names):
+        x, y = series[name]
+        ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
+        if len(y) > 2 and smoothing > 0:
+            ax.plot(x, _ema(y, smoothing), color="tab:blue", linewidth=1.5)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if (y > 0).all() and y.max() / max(y.min(), 1e-12) > 100:
+            ax.set_yscale("log")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def plot_codebook_usage(counts: Tensor | np.ndarray, path: str | Path, *, title: str | None = None) -> Path:
+    """Code counts (K,) or (P, K): per code index (left) and sorted by frequency (right, log)."""
+    c = np.atleast_2d(np.asarray(counts, dtype=np.float64))
+    if c.sum() <= 0:
+        raise ValueError("no code was counted; encode some images first")
+    k = c.shape[1]
+    p = c / c.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -(np.where(p > 0, p * np.log(p), 0.0)).sum(1)
+    usage, perplexity = float((c > 0).mean()), float(np.exp(entropy).mean())
+    fig = _figure(10, 3.4)
+    left, right = fig.subplots(1, 2)
+    for j, row in enumerate(c):
+        label = f"codebook {j}" if len(c) > 1 else None
+        left.bar(np.arange(k), row, width=1.0, alpha=0.7 if len(c) > 1 else 1.0, label=label)
+        ranked = np.sort(row)[::-1]
+        right.plot(np.arange(1, k + 1), np.where(ranked > 0, ranked, np.nan), label=label)
+    left.set_xlabel("code index")
+    left.set_ylabel("count")
+    right.set_xlabel("rank")
+    right.set_ylabel("count")
+    right.set_yscale("log")
+    right.set_xscale("log")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    if len(c) > 1:
+        left.legend(fontsize=7)
+    heading = f"usage {usage:.1%} of {k} codes, perplexity {perplexity:.1f}, {int(c.sum())} tokens"
+    fig.suptitle(f"{title}: {heading}" if title else heading, fontsize=10)
+    return _save(fig, path)
+
+
+def pca_2d(x: Tensor | np.ndarray) -> np.ndarray:
+    """First two principal components (centred data, SVD), (N, 2)."""
+    a = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    a = a - a.mean(0)
+    if len(a) < 2:
+        raise ValueError("need at least 2 points to project")
+    u, s, _ = np.linalg.svd(a, full_matrices=False)
+    out = u[:, :2] * s[:2]
+    return out if out.shape[1] == 2 else np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
+
+
+def project_2d(x: Tensor | np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+    """2D embedding by ``pca``, ``umap`` (needs ``umap-learn``) or ``auto`` (UMAP if installed)."""
+    if method not in ("auto", "pca", "umap"):
+        raise ValueError(f"unknown projection {method!r}; use auto, pca or umap")
+    if method in ("auto", "umap"):
+        try:
+            import umap  # type: ignore[import-not-found]
+        except ImportError:
+            if method == "umap":
+                raise ImportError("UMAP projection needs `pip install umap-learn`; or use --projection pca") from None
+        else:
+            a = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+            neighbours = max(2, min(15, len(a) - 1))
+            return umap.UMAP(n_neighbors=neighbours, random_state=seed).fit_transform(a), "UMAP"
+    return pca_2d(x), "PCA"
+
+
+def plot_latent_projection(features: Tensor | np.ndarray, latents: Tensor | np.ndarray,
+                           labels: Sequence[int] | np.ndarray, path: str | Path, *,
+                           class_names: Sequence[str] | None = None, method: str = "auto",
+                           title: str | None = None) -> Path:
+    """ẑ (left) and z (right), one point per image (its L x D values flattened), coloured by class."""
+    labels = np.asarray(labels)
+    if not (len(features) == len(latents) == len(labels)):
+        raise ValueError(f"features, latents and labels differ in length: {len(features)}, {len(latents)}, {len(labels)}")
+    fig = _figure(10, 4.6)
+    axes = fig.subplots(1, 2)
+    classes = np.unique(labels)
+    cmap = _class_colours(len(classes))
+    for ax, data, name in ((axes[0], features, "ẑ (encoder output)"), (axes[1], latents, "z (decoder input)")):
+        xy, used = project_2d(data, method)
+        for i, c in enumerate(classes):
+            mask = labels == c
+            label = class_names[int(c)] if class_names is not None else str(c)
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=14, color=cmap[i], label=label, alpha=0.85, linewidths=0)
+        ax.set_title(f"{name}, {used}", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if len(classes) <= 20:
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def _class_colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"]
+    return [cmap(i / max(n - 1, 1)) if n > 20 else cmap(i) for i in range(n)]
+
+
+def plot_rate_quality(runs: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
+    """Rate (tokens x dim per image) against rFID and PSNR, one labelled point per run.
+
+    Each run: ``{"name", "num_tokens", "latent_dim", "rfid"?, "psnr"?}``; missing metrics are
+    left out of their panel.
+    """
+    metrics = [m for m in ("rfid", "psnr") if any(r.get(m) is not None for r in runs)]
+    if not metrics:
+        raise ValueError("no run has rFID or PSNR to plot")
+    fig = _figure(5 * len(metrics), 4)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    labels = {"rfid": "rFID (lower is better)", "psnr": "PSNR dB (higher is better)"}
+    for ax, metric in zip(axes, metrics):
+        pts = [(r["num_tokens"] * r["latent_dim"], float(r[metric]), r.get("name", "?"))
+               for r in runs if r.get(metric) is not None and r.get("num_tokens") and r.get("latent_dim")]
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:orange")
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens x dim per image")
+        ax.set_ylabel(labels[metric])
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

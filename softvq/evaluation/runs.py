@@ -1,0 +1,250 @@
+"""Read training-run folders and draw their pictures: what ``softvq plot RUN_DIR... --out DIR`` does.
+
+A run folder (written by :mod:`softvq.training.trainer`) may hold ``log.jsonl`` (one JSON record
+per log step), ``config.yaml`` (the resolved training config; ``model`` is the tokenizer config),
+``metrics.json`` (held-out PSNR / LPIPS at the end), ``export/`` (the EMA tokenizer in our
+format) and ``eval/eval.json`` (from ``softvq eval``). Every file is optional: what is missing is
+skipped with a note. A plain checkpoint folder (``config.json`` + ``model.safetensors``) works too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from softvq.evaluation import plots
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    name: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    model_config: dict[str, Any] | None = None
+    export: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Records of a JSONL file and the number of unreadable lines (a crash can cut the last one)."""
+    records, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records, bad
+
+
+def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except json.JSONDecodeError as exc:
+        notes.append(f"{path.name} is not valid JSON ({exc.msg}); ignored")
+        return {}
+
+
+def read_run(path: str | Path) -> RunFolder:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"run folder {path} does not exist")
+    run = RunFolder(path=path, name=path.resolve().name)
+    if (path / "log.jsonl").exists():
+        run.records, bad = read_jsonl(path / "log.jsonl")
+        if bad:
+            run.notes.append(f"log.jsonl: {bad} unreadable line(s) skipped")
+    run.metrics = _read_json(path / "metrics.json", run.notes)
+    run.evaluation = _read_json(path / "eval" / "eval.json", run.notes) or _read_json(path / "eval.json", run.notes)
+    for candidate in (path / "export", path):
+        if (candidate / "config.json").exists() and (candidate / "model.safetensors").exists():
+            run.export = candidate
+            meta = _read_json(candidate / "config.json", run.notes)
+            run.model_config = meta.get("config")
+            break
+    if run.model_config is None and (path / "config.yaml").exists():
+        import yaml
+
+        try:
+            cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+            run.model_config = cfg.get("model") if isinstance(cfg, dict) else None
+        except yaml.YAMLError:
+            run.notes.append("config.yaml is not valid YAML; ignored")
+    return run
+
+
+def rate_point(run: RunFolder) -> dict[str, Any]:
+    """{name, num_tokens, latent_dim, rfid, psnr} from the run's eval report, metrics and config."""
+    cfg = run.model_config or {}
+    ev, me = run.evaluation, run.metrics
+    return {
+        "name": run.name,
+        "num_tokens": ev.get("num_tokens") or cfg.get("num_tokens"),
+        "latent_dim": ev.get("latent_dim") or (cfg.get("bottleneck") or {}).get("latent_dim"),
+        "rfid": ev.get("rfid", me.get("rfid")),
+        "psnr": ev.get("psnr", me.get("psnr")),
+    }
+
+
+# --- images to draw with -------------------------------------------------------------------------
+
+
+def plot_images(size: int, images: str | Path | None = None, *, per_class: int = 8,
+                max_classes: int = 12, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """uint8 images (N, 3, size, size), integer labels, class names for the pictures.
+
+    ``images=None``: the bundled photos, ``per_class`` random square crops of each (class = photo);
+    a folder with class sub-folders: up to ``per_class`` centre crops per class; a flat folder:
+    its first images, one class.
+    """
+    from PIL import Image
+
+    from softvq.data.images import bundled_photos, center_crop_resize, list_images, load_rgb
+
+    rng = random.Random(seed)
+    pils: list[Image.Image] = []
+    labels: list[int] = []
+    if images is None:
+        photos = bundled_photos()[:max_classes]
+        names = [p.stem for p in photos]
+        for c, p in enumerate(photos):
+            img = load_rgb(p)
+            w, h = img.size
+            for j in range(per_class):
+                side = min(w, h) if j == 0 else int(min(w, h) * rng.uniform(0.4, 0.9))
+                left, top = rng.randint(0, w - side), rng.randint(0, h - side)
+                if j == 0:
+                    left, top = (w - side) // 2, (h - side) // 2
+                crop = img.crop((left, top, left + side, top + side))
+                pils.append(crop.resize((size, size), Image.BICUBIC))
+                labels.append(c)
+    else:
+        folder = Path(images)
+        classes = sorted(d for d in folder.iterdir() if d.is_dir() and list_images(d)) if folder.is_dir() else []
+        if classes:
+            classes = classes[:max_classes]
+            names = [d.name for d in classes]
+            for c, d in enumerate(classes):
+                for p in list_images(d)[:per_class]:
+                    pils.append(center_crop_resize(load_rgb(p), size))
+                    labels.append(c)
+        else:
+            names = [folder.name]
+            for p in list_images(folder)[:per_class * max_classes]:
+                pils.append(center_crop_resize(load_rgb(p), size))
+                labels.append(0)
+    if not pils:
+        raise FileNotFoundError(f"no images to plot with in {images}")
+    arr = np.stack([np.asarray(p, dtype=np.uint8) for p in pils])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), np.asarray(labels), names
+
+
+@torch.inference_mode()
+def _encode_all(model, images: torch.Tensor, batch_size: int, device: torch.device):
+    from softvq.evaluation.evaluate import codebook_rows
+    from softvq.evaluation.metrics import quantize_to_uint8
+    from softvq.evaluation.sources import uint8_to_model
+
+    feats, lats, recs, idx = [], [], [], []
+    for chunk in images.split(batch_size):
+        x = uint8_to_model(chunk).to(device)
+        enc = model.encode(x)
+        recs.append(quantize_to_uint8(model.decode(enc.latents, x.shape[-1])).cpu())
+        feats.append(enc.features.flatten(1).float().cpu())
+        lats.append(enc.latents.flatten(1).float().cpu())
+        if enc.indices is not None:
+            idx.append(enc.indices.cpu())
+    indices = torch.cat(idx) if idx else None
+    segments = max(model.config.bottleneck.segments, 1)
+    rows = codebook_rows(indices, segments) if indices is not None else None
+    return torch.cat(feats), torch.cat(lats), torch.cat(recs), rows
+
+
+def codebook_counts(rows: torch.Tensor, codebook_size: int) -> np.ndarray:
+    """(rows, P) indices -> (P, K) counts."""
+    from softvq.evaluation.metrics import CodebookUsage
+
+    usage = CodebookUsage(codebook_size, rows.shape[1])
+    usage.update(rows)
+    return usage.counts.numpy()
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path | None = None,
+              num_reconstructions: int = 6, per_class: int = 8, projection: str = "auto",
+              device: str | torch.device = "cpu", batch_size: int = 16,
+              log=print) -> list[Path]:
+    """Every picture the runs allow, under ``out/<run name>/``, plus ``out/rate_quality.png``."""
+    from softvq.tokenizer import Tokenizer
+
+    out = Path(out)
+    written: list[Path] = []
+    runs = [read_run(d) for d in run_dirs]
+    seen: dict[str, int] = {}
+    for run in runs:
+        n = seen.get(run.name, 0)
+        seen[run.name] = n + 1
+        folder = out / (run.name if n == 0 else f"{run.name}-{n}")
+        for note in run.notes:
+            log(f"{run.name}: {note}")
+        if run.records:
+            try:
+                written.append(plots.plot_training_curves(run.records, folder / "training_curves.png", title=run.name))
+            except ValueError as exc:
+                log(f"{run.name}: no training curves ({exc})")
+        else:
+            log(f"{run.name}: no log.jsonl, no training curves")
+        if run.export is None:
+            log(f"{run.name}: no exported tokenizer (export/), no reconstruction / codebook / latent plots")
+            continue
+        model = Tokenizer.from_pretrained(run.export).to(device).eval()
+        size = model.config.image_size
+        imgs, labels, names = plot_images(size, images, per_class=per_class)
+        feats, lats, recs, rows = _encode_all(model, imgs, batch_size, torch.device(device))
+        first = _first_of_each_class(labels, num_reconstructions)
+        written.append(plots.plot_reconstructions(imgs[first], recs[first], folder / "reconstructions.png",
+                                                  max_images=num_reconstructions, title=run.name))
+        saved = run.evaluation.get("codebook_counts")
+        if saved is not None:
+            counts, where = np.asarray(saved), f"{run.evaluation.get('num_images', '?')} eval images"
+        elif rows is not None and model.bottleneck.codebook_size:
+            counts, where = codebook_counts(rows, model.bottleneck.codebook_size), f"{len(imgs)} plot images"
+        else:
+            counts = None
+            log(f"{run.name}: continuous bottleneck, no codebook plot")
+        if counts is not None:
+            written.append(plots.plot_codebook_usage(counts, folder / "codebook_usage.png",
+                                                     title=f"{run.name} ({where})"))
+        if len(np.unique(labels)) > 1 or len(labels) > 2:
+            written.append(plots.plot_latent_projection(feats, lats, labels, folder / "latents.png",
+                                                        class_names=names, method=projection,
+                                                        title=run.name))
+    points = [rate_point(r) for r in runs]
+    if any(p["rfid"] is not None or p["psnr"] is not None for p in points):
+        written.append(plots.plot_rate_quality(points, out / "rate_quality.png"))
+    else:
+        log("no run has rFID or PSNR (run `softvq eval` or finish training): no rate-quality chart")
+    return written
+
+
+def _first_of_each_class(labels: np.ndarray, n: int) -> list[int]:
+    """Up to n indices, one per class first, so the grid shows different images."""
+    order: list[int] = []
+    for c in np.unique(labels):
+        order.append(int(np.flatnonzero(labels == c)[0]))
+    order += [i for i in range(len(labels)) if i not in order]
+    return order[:n]

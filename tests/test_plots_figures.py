@@ -1,0 +1,108 @@
+"""Every picture is a real PNG: opened, sized, and not blank; `softvq plot` makes them from run folders."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import softvq
+from softvq.cli.main import main
+from softvq.evaluation import plots
+from softvq.evaluation.runs import plot_runs, read_run
+
+
+def assert_picture(path, min_size=(300, 200), min_std=8.0):
+    """A PNG of at least ``min_size`` pixels whose grey levels vary (a blank canvas has std 0)."""
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.width >= min_size[0] and img.height >= min_size[1]
+        grey = np.asarray(img.convert("L"), dtype=np.float64)
+    assert grey.std() > min_std, f"{path.name} looks blank (std {grey.std():.2f})"
+
+
+def test_the_blank_check_can_fail(tmp_path):
+    Image.new("RGB", (400, 300), "white").save(tmp_path / "blank.png")
+    with pytest.raises(AssertionError, match="blank"):
+        assert_picture(tmp_path / "blank.png")
+
+
+def test_reconstruction_grid(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    y = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    path = plots.plot_reconstructions(x, y, tmp_path / "grid.png")
+    assert_picture(path, min_size=(600, 600))
+    with pytest.raises(ValueError, match="same|one shape"):
+        plots.plot_reconstructions(x, y[:2], tmp_path / "bad.png")
+
+
+def test_training_curves_and_codebook_histogram(tmp_path):
+    records = [{"step": s, "time": 0.0, "loss": 1 / (1 + s), "lr": 1e-4, "note": "text"} for s in range(0, 50, 5)]
+    assert set(plots.numeric_series(records)) == {"loss", "lr"}  # step/time/strings are not curves
+    assert_picture(plots.plot_training_curves(records, tmp_path / "curves.png"))
+    counts = np.bincount(np.random.default_rng(0).zipf(1.5, 500) % 64, minlength=64)
+    assert_picture(plots.plot_codebook_usage(counts, tmp_path / "usage.png"))
+    with pytest.raises(ValueError, match="no code"):
+        plots.plot_codebook_usage(np.zeros(8), tmp_path / "none.png")
+
+
+def test_pca_matches_scikit_learn_up_to_sign():
+    from sklearn.decomposition import PCA
+
+    x = np.random.default_rng(1).standard_normal((40, 10)) @ np.diag(np.arange(10, 0, -1.0))
+    ours = plots.pca_2d(x)
+    ref = PCA(2).fit_transform(x)
+    np.testing.assert_allclose(np.abs(ours), np.abs(ref), rtol=1e-8, atol=1e-10)
+
+
+def test_latent_projection_and_rate_quality(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(3), 10)
+    feats = rng.standard_normal((30, 24)) + labels[:, None] * 3
+    lats = feats + 0.1 * rng.standard_normal(feats.shape)
+    path = plots.plot_latent_projection(feats, lats, labels, tmp_path / "latents.png",
+                                        class_names=["a", "b", "c"], method="pca")
+    assert_picture(path)
+    runs = [{"name": f"L{t}", "num_tokens": t, "latent_dim": 32, "rfid": 4.0 / t, "psnr": 20 + t / 16}
+            for t in (16, 32, 64)]
+    assert_picture(plots.plot_rate_quality(runs, tmp_path / "rate.png"))
+
+
+def make_run(folder, with_eval=True):
+    torch.manual_seed(0)
+    softvq.Tokenizer.from_preset("softvq-tiny").save_pretrained(folder / "export")
+    lines = [json.dumps({"step": s, "loss": 2 / (1 + s / 10), "recon": 1 / (1 + s / 20)}) for s in range(0, 100, 10)]
+    (folder / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 100, "lo')  # cut by a crash
+    (folder / "metrics.json").write_text(json.dumps({"psnr": 12.5}))
+    if with_eval:
+        (folder / "eval").mkdir()
+        (folder / "eval" / "eval.json").write_text(json.dumps({"rfid": 80.0, "psnr": 12.0, "num_tokens": 16,
+                                                                "latent_dim": 8}))
+
+
+def test_plot_runs_draws_everything_a_run_allows(tmp_path):
+    make_run(tmp_path / "run")
+    (tmp_path / "empty").mkdir()
+    run = read_run(tmp_path / "run")
+    assert len(run.records) == 10 and any("unreadable" in n for n in run.notes)
+    messages = []
+    written = plot_runs([tmp_path / "run", tmp_path / "empty"], tmp_path / "out", per_class=3,
+                        num_reconstructions=3, projection="pca", log=messages.append)
+    names = sorted(p.name for p in written)
+    assert names == ["codebook_usage.png", "latents.png", "rate_quality.png", "reconstructions.png",
+                     "training_curves.png"]
+    for path in written:
+        assert_picture(path)
+    assert any("empty: no log.jsonl" in m for m in messages)
+
+
+def test_cli_plot(tmp_path, capsys):
+    make_run(tmp_path / "run", with_eval=False)
+    code = main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--per-class", "2",
+                 "--num-reconstructions", "2", "--projection", "pca", "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 5 and all(p.endswith(".png") for p in printed)
+    assert main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
