@@ -10,7 +10,6 @@ Every image is centre-cropped to a square and resized to the model's size with P
 from __future__ import annotations
 
 import glob
-import io
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,30 +18,39 @@ import numpy as np
 import torch
 from PIL import Image
 
-from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, center_crop_resize, list_images, load_rgb
+from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, center_crop_resize, decode_rgb, list_images, load_rgb
 
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image: a file, or a member of a tar shard."""
+    """One image: a file, or a member of a tar shard (with its byte range when uncompressed)."""
 
     path: Path
     member: str | None = None
+    offset: int | None = None
+    size: int | None = None
 
     @property
     def name(self) -> str:
         return f"{self.path}:{self.member}" if self.member else str(self.path)
 
+    def read_member(self) -> bytes:
+        if self.offset is not None and self.size is not None:
+            # Plain .tar: read the byte range directly (no header scan per image, fork-safe).
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                return fh.read(self.size)
+        with tarfile.open(self.path, "r:*") as tar:
+            return tar.extractfile(self.member).read()
+
     def open_rgb(self) -> Image.Image:
         if self.member is None:
             return load_rgb(self.path)
         try:
-            with tarfile.open(self.path, "r:*") as tar:
-                data = tar.extractfile(self.member).read()
-            with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB")
+            data = self.read_member()
         except (OSError, KeyError, AttributeError, tarfile.TarError) as exc:
-            raise ImageReadError(f"{self.name}: not a readable image ({type(exc).__name__})") from None
+            raise ImageReadError(f"{self.name}: unreadable tar member ({type(exc).__name__})") from None
+        return decode_rgb(data, self.name)
 
 
 def expand_shards(spec: str) -> list[Path]:
@@ -61,10 +69,15 @@ def expand_shards(spec: str) -> list[Path]:
     return sorted(set(paths))
 
 
-def _shard_members(shard: Path) -> list[str]:
+def _shard_members(shard: Path) -> list[ImageRef]:
     try:
-        with tarfile.open(shard, "r:*") as tar:
-            return [m.name for m in tar.getmembers()
+        try:
+            tar, plain = tarfile.open(shard, "r:"), True  # uncompressed: byte ranges are valid
+        except tarfile.ReadError:
+            tar, plain = tarfile.open(shard, "r:*"), False
+        with tar:
+            return [ImageRef(shard, m.name, m.offset_data if plain else None, m.size if plain else None)
+                    for m in tar.getmembers()
                     if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
     except (OSError, tarfile.TarError) as exc:
         raise ImageReadError(f"{shard}: not a readable tar shard ({type(exc).__name__})") from None
@@ -96,7 +109,7 @@ def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[
         members = _shard_members(shard)
         if members:
             used.append(shard)
-        refs += [ImageRef(shard, m) for m in members]
+        refs += members
         if limit and len(refs) >= limit:
             break
     if not refs:
