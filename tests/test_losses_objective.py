@@ -130,3 +130,27 @@ def test_offline_fallbacks_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert isinstance(obj.discriminator, VGGDiscriminator)
     text = caplog.text
     assert "VGG16-feature discriminator" in text and "instead of the paper's DINOv2" in text
+
+
+def test_weights_files_select_the_papers_networks(tmp_path) -> None:
+    from softvq.losses.alignment import DinoV2Target
+    from softvq.losses.discriminators import DinoDiscriminator
+    from softvq.networks.dinov2 import DinoConfig, DinoViT
+
+    dino_v1 = DinoViT(DinoConfig(width=64, depth=12, heads=1, patch_size=16, pos_grid=14, layerscale=False))
+    dinov2 = DinoViT(DinoConfig(width=64, depth=2, heads=1, patch_size=14, pos_grid=16))
+    torch.save(dino_v1.state_dict(), tmp_path / "dino.pth")
+    torch.save(dinov2.state_dict(), tmp_path / "dinov2.pth")
+    tok = _tok()
+    cfg = ObjectiveConfig(perceptual_weight=0.0, discriminator_start=0,
+                          discriminator_weights=str(tmp_path / "dino.pth"), alignment_weights=str(tmp_path / "dinov2.pth"))
+    obj = TokenizerObjective(cfg, tok)
+    assert isinstance(obj.discriminator, DinoDiscriminator) and isinstance(obj.alignment_target, DinoV2Target)
+    assert len(obj.discriminator.heads) == 5  # embedding + blocks 2, 5, 8, 11
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    loss, logs = obj.generator_loss(x, tok(x), step=0)
+    loss.backward()
+    assert {"adversarial", "align"} <= set(logs)
+    d_loss, _ = obj.discriminator_loss(x, tok(x).reconstruction.detach(), step=0)
+    d_loss.backward()
+    assert all(p.grad is None for p in obj.discriminator.frozen("backbone").parameters())

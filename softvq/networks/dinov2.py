@@ -252,7 +252,8 @@ def normalize_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], l
 
 
 def config_from_state_dict(state: dict[str, Tensor]) -> DinoConfig:
-    """Infer the architecture from the tensors' shapes (no config file needed)."""
+    """Infer the architecture from the tensors' shapes (no config file needed). The head count
+    is width / 64: every released DINO and DINOv2 ViT uses 64-channel heads."""
     try:
         width = state["cls_token"].shape[-1]
         patch = state["patch_embed.proj.weight"].shape[-1]
