@@ -22,22 +22,35 @@ def sqrtm_fid(x, y):
     return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
 
 
-def pytorch_fid_distance():
-    """pytorch-fid's calculate_frechet_distance (a peer implementation). pytorch-fid imports
-    torchvision, whose C ops do not load here: register stub op schemas first."""
-    pytest.importorskip("pytorch_fid")  # test-only dependency: pip install --no-deps pytorch-fid==0.3.0
+def peer_fid():
+    """A peer library's FID on (mu, sigma) pairs: pytorch-fid's calculate_frechet_distance (scipy
+    sqrtm), or torchmetrics' _compute_fid (eigenvalues of Σ1Σ2) where torchvision, which pytorch-fid
+    imports, is not installed. Test-only dependencies: ``pip install --no-deps pytorch-fid==0.3.0
+    torchvision==0.28.0`` (torchvision's C ops do not load here: stub op schemas are registered
+    first) or ``pip install torchmetrics``."""
     try:
         lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        pytorch_fid_distance.lib = lib  # keep the registration alive
+        peer_fid.lib = lib  # keep the registration alive
     except RuntimeError:
         pass  # already registered by this process
     try:
         from pytorch_fid.fid_score import calculate_frechet_distance
-    except ImportError as exc:  # torchvision missing
-        pytest.skip(f"pytorch-fid needs torchvision: {exc}")
-    return calculate_frechet_distance
+
+        return "pytorch-fid", calculate_frechet_distance
+    except ImportError:
+        pass
+    try:
+        from torchmetrics.image.fid import _compute_fid
+    except Exception:  # not installed, or broken by a torchvision whose ops cannot load
+        pytest.skip("no peer FID library: install pytorch-fid (+ torchvision) or torchmetrics")
+
+    def torchmetrics_fid(mu1, s1, mu2, s2):
+        t = [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (mu1, s1, mu2, s2)]
+        return float(_compute_fid(*t))
+
+    return "torchmetrics", torchmetrics_fid
 
 
 def test_fid_of_a_set_with_itself_is_zero():
@@ -46,13 +59,15 @@ def test_fid_of_a_set_with_itself_is_zero():
     assert fidlib.frechet_distance(s, s) < 1e-9 * np.trace(s.cov)
 
 
-def test_fid_matches_scipy_sqrtm_and_pytorch_fid():
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # scipy's sqrtm(disp=) inside pytorch-fid
+def test_fid_matches_scipy_sqrtm_and_a_peer_library():
     x, y = correlated(500, 64, 1), correlated(500, 64, 2, shift=0.3)
     ours = fidlib.frechet_distance(fidlib.FeatureStats.from_features(x), fidlib.FeatureStats.from_features(y))
     reference = sqrtm_fid(x, y)
     assert ours == pytest.approx(reference, rel=1e-6)
-    peer = pytorch_fid_distance()(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
-    assert ours == pytest.approx(float(peer), rel=1e-3)
+    name, peer = peer_fid()
+    value = peer(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    assert ours == pytest.approx(float(value), rel=1e-3), name
     assert ours > 1.0  # the sets really differ
 
 

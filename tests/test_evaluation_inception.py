@@ -50,28 +50,34 @@ def test_features_of_real_photos_match_the_torchscript_original(extractor, photo
     torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_pytorch_fid_weight_file_path_matches_pytorch_fid_itself(extractor, photos, tmp_path, monkeypatch):
+def test_pytorch_fid_weight_file_path(extractor, photos, tmp_path, monkeypatch):
     """pytorch-fid's pt_inception file is not available offline. Stand in for it with the real
-    weights written in its layout (torchvision names + an fc layer), load them through our
-    ``.pth`` path and through pytorch-fid's own InceptionV3 (strict load: same key names), and
-    compare features end to end, preprocessing included."""
-    pytest.importorskip("pytorch_fid")  # test-only dependency: pip install --no-deps pytorch-fid==0.3.0
-    register_torchvision_stubs()
-    try:
-        import pytorch_fid.inception as pfi
-    except ImportError as exc:
-        pytest.skip(f"pytorch-fid needs torchvision: {exc}")
+    weights written in its layout (torchvision names + an fc layer) and load them through our
+    ``.pth`` path: same features as the TorchScript weights, and logits for the Inception Score.
+    Where pytorch-fid (and torchvision) are installed, its own InceptionV3 loads the same file
+    strictly (same key names) and gives the same features, preprocessing included."""
     state = {k: v.clone() for k, v in extractor.model.state_dict().items() if "num_batches" not in k}
     state["fc.weight"] = torch.randn(1008, 2048) * 0.01
     state["fc.bias"] = torch.randn(1008) * 0.01
     path = tmp_path / inc.PYTORCH_FID_FILENAME
     torch.save(state, path)
+    monkeypatch.setattr(inc, "pytorch_fid_cache_path", lambda: path)
+    monkeypatch.delenv("SOFTVQ_FID_WEIGHTS", raising=False)
+    assert inc.find_fid_weights() == path  # the hub-cache file is preferred: it has the classifier
 
-    ours = inc.InceptionFeatureExtractor(path, normalization="pytorch-fid")
-    assert ours.has_logits
+    ours = inc.InceptionFeatureExtractor(normalization="pytorch-fid")
+    assert ours.has_logits and ours.weights_name == inc.PYTORCH_FID_FILENAME
     feats, logits = ours.features_and_logits(photos[:1])
     torch.testing.assert_close(logits, feats @ state["fc.weight"].T + state["fc.bias"], rtol=1e-4, atol=1e-4)
+    scripted_scale = extractor(photos[:1])  # TF scaling (x-128)/128 differs by < 0.4%: close, not equal
+    assert torch.nn.functional.cosine_similarity(feats, scripted_scale).item() > 0.99
 
+    pytest.importorskip("pytorch_fid")  # test-only: pip install --no-deps pytorch-fid==0.3.0 torchvision==0.28.0
+    register_torchvision_stubs()
+    try:
+        import pytorch_fid.inception as pfi
+    except ImportError as exc:
+        pytest.skip(f"pytorch-fid needs torchvision: {exc}")
     monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: dict(state))
     peer = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
     with torch.inference_mode():
