@@ -142,3 +142,26 @@ def test_generated_samples_get_gfid_and_precision_recall(tmp_path):
         assert any("Inception Score not computed" in n for n in report["notes"])
     report["model"], report["num_images"] = "samples", 4
     assert "| gFID ↓ |" in to_markdown(report)
+
+
+def test_cost_counts_the_attention_core():
+    """FlopCounterMode has no formula for the CPU fused attention kernel; the cost is counted with
+    explicit attention, whose QKᵀ and AV products are 2·N²·w MACs per encoder block
+    (N = 1 cls + 64 patches + 16 latent tokens)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from softvq.evaluation.evaluate import tokenizer_cost
+    from softvq.networks.vit import Attention
+
+    model = tiny().eval()
+    cost = tokenizer_cost(model, 64, torch.device("cpu"))
+    assert not any(m.explicit for m in model.modules() if isinstance(m, Attention))  # restored
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.explicit = True
+    with FlopCounterMode(display=False) as explicit, torch.inference_mode():
+        model.encode(torch.zeros(1, 3, 64, 64))
+    assert cost["encoder_gmacs"] * 1e9 == pytest.approx(explicit.get_total_flops() / 2)
+    attention_core = sum(v for op, v in explicit.get_flop_counts()["Global"].items() if "bmm" in str(op)) / 2
+    n, w, depth = 1 + 64 + 16, model.config.encoder.width, model.config.encoder.depth
+    assert attention_core == depth * 2 * n * n * w
