@@ -1,0 +1,143 @@
+"""The generator efficiency table of paper Tab. 1: forward GFLOPs per image and sampling throughput
+for each size (S, B, L, XL) and latent layout, measured in one run (``softvq bench gen``).
+
+Layouts: SoftVQ's 1D tokens (32 tokens of D = 64, 64 tokens of D = 32; patch 1) and, for
+comparison, KL-VAE-style 2D grids of 4 channels (16x16 and 32x32, patch 2: 64 and 256 tokens).
+
+GFLOPs are multiply-accumulates (the DiT / SiT papers' convention), counted on the meta device
+(:mod:`softvq.generation.flops`) and reported two ways: ``linear`` (linear layers only; this is
+what reproduces the SoftVQ paper's DiT-XL 14.52 / 28.81) and ``all`` (plus the attention matmuls,
+the DiT paper's convention: DiT-XL/2 = 118.6). The paper's SiT-XL numbers also count the REPA
+projector of the released SiT; the table shows that sum next to them.
+
+Throughput is images/s at batch 64 in fp32 (the paper's setting, on one MI250): the median time
+of ``timed_steps`` network evaluations, extrapolated to the sampler's full evaluation count
+(SiT: 250-step SDE, DiT: 250-step DDPM; no guidance). On a CPU this extrapolation is the only
+affordable measurement, and large sizes may be skipped with ``max_gmacs_cpu``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from softvq.generation.flops import PAPER_TABLE1, analytic_macs, count_macs, repa_projector_macs
+from softvq.generation.models import GeneratorConfig, build_generator, generator_config
+
+LAYOUTS: dict[str, dict] = {
+    "32 tokens": {"layout": "1d", "num_tokens": 32, "latent_dim": 64},
+    "64 tokens": {"layout": "1d", "num_tokens": 64, "latent_dim": 32},
+    "16x16/2": {"layout": "2d", "grid": 16, "latent_dim": 4, "patch_size": 2},
+    "32x32/2": {"layout": "2d", "grid": 32, "latent_dim": 4, "patch_size": 2},
+}
+
+
+DISPLAY = {"dit": "DiT", "sit": "SiT"}
+
+
+@dataclass
+class Row:
+    kind: str
+    size: str
+    layout: str
+    tokens: int
+    params_m: float
+    gmacs_linear: float
+    gmacs_all: float
+    gmacs_paper_convention: float  # linear, + REPA projector for SiT
+    paper_gflops: float | None
+    images_per_s: float | None
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_forward(config: GeneratorConfig, batch: int, device: torch.device, repeats: int = 3) -> float:
+    """Median seconds of one fp32 forward pass at ``batch`` (after one warm-up pass)."""
+    torch.manual_seed(0)
+    model = build_generator(config).to(device).eval()
+    x = torch.randn((batch, *model.input_shape), device=device)
+    t = torch.rand(batch, device=device) if config.kind == "sit" else torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, config.num_classes, (batch,), device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            _sync(device)
+            start = time.perf_counter()
+            model(x, t, y)
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - start)
+    del model
+    return sorted(times)[len(times) // 2]
+
+
+def generator_table(kinds=("dit", "sit"), sizes=("S", "B", "L", "XL"), layouts=tuple(LAYOUTS), *,
+                    device: str | torch.device = "cpu", batch: int = 64, sampling_steps: int = 250,
+                    repeats: int = 2, max_gmacs_cpu: float = 30.0, throughput: bool = True,
+                    progress: bool = True) -> list[Row]:
+    """Measure every (kind, size, layout). On CPU, throughput is skipped for models whose batch
+    forward exceeds ``max_gmacs_cpu`` x 64 GMACs (minutes per pass on 2 cores)."""
+    device = torch.device(device)
+    combos = [(k, s, lay) for k in kinds for s in sizes for lay in layouts]
+    rows = []
+    for kind, size, layout in combos:
+        cfg = generator_config(kind, size, num_classes=1000, **LAYOUTS[layout])
+        counted = count_macs(cfg)
+        analytic = analytic_macs(cfg)
+        if abs(counted.total - analytic.total) > 1e-6 * analytic.total:
+            raise RuntimeError(f"FLOP counter and analytic count disagree for {kind}-{size} {layout}")
+        with torch.device("meta"):
+            params = build_generator(cfg).num_parameters() / 1e6
+        paper_conv = counted.linear + (repa_projector_macs(cfg) if kind == "sit" else 0.0)
+        paper = PAPER_TABLE1.get((kind, layout)) if size == "XL" else None
+        ips, note = None, ""
+        if throughput:
+            per_image = counted.total / 1e9
+            if device.type == "cpu" and per_image > max_gmacs_cpu:
+                note = f"throughput skipped on CPU ({per_image:.0f} GMACs/img)"
+            else:
+                if progress:
+                    print(f"  timing {kind}-{size} {layout} ...", flush=True)
+                seconds = time_forward(cfg, batch, device, repeats)
+                ips = batch / (seconds * sampling_steps)
+        rows.append(Row(kind, size, layout, cfg.sequence_length, params, counted.linear / 1e9,
+                        counted.total / 1e9, paper_conv / 1e9, paper[0] if paper else None, ips, note))
+    return rows
+
+
+def format_table(rows: list[Row], device_label: str, sampling_steps: int = 250) -> str:
+    """A plain-text table with the paper's values beside ours, and the 1D/2D GFLOP ratios."""
+    paper_ips = {(k, lay): v[1] for (k, lay), v in PAPER_TABLE1.items()}
+    head = (f"{'model':<8} {'layout':<10} {'tok':>4} {'params':>8} {'GMACs lin':>10} {'GMACs all':>10} "
+            f"{'paper-conv':>10} {'paper':>7} {'Δ%':>6} {'img/s':>9} {'paper img/s':>11}  note")
+    lines = [f"generator efficiency (batch 64, fp32, {sampling_steps} sampling steps, no CFG) on {device_label}",
+             head, "-" * len(head)]
+    for r in rows:
+        name = f"{DISPLAY[r.kind]}-{r.size}"
+        delta = f"{100 * (r.gmacs_paper_convention / r.paper_gflops - 1):+.1f}" if r.paper_gflops else ""
+        paper = f"{r.paper_gflops:.2f}" if r.paper_gflops else ""
+        ips = f"{r.images_per_s:.3g}" if r.images_per_s is not None else "-"
+        pips = paper_ips.get((r.kind, r.layout)) if r.size == "XL" else None
+        lines.append(f"{name:<8} {r.layout:<10} {r.tokens:>4} {r.params_m:>7.1f}M {r.gmacs_linear:>10.2f} "
+                     f"{r.gmacs_all:>10.2f} {r.gmacs_paper_convention:>10.2f} {paper:>7} {delta:>6} {ips:>9} "
+                     f"{(f'{pips:.2f}' if pips else ''):>11}  {r.note}")
+    by_key = {(r.kind, r.size, r.layout): r for r in rows}
+    ratios = []
+    for r in rows:
+        ref = by_key.get((r.kind, r.size, "32x32/2"))
+        if r.layout in ("32 tokens", "64 tokens") and ref:
+            ratios.append(f"{DISPLAY[r.kind]}-{r.size} {r.layout}: {ref.gmacs_all / r.gmacs_all:.1f}x fewer GMACs "
+                          f"than {DISPLAY[r.kind]}-{r.size}/2 on a 32x32 grid")
+    if ratios:
+        lines += ["", "ratio to the 2D patch-2 layout (all matmuls counted):"] + ["  " + s for s in ratios]
+    lines += ["", "GMACs lin: linear layers only; all: + attention matmuls (DiT paper convention); paper-conv: "
+              "linear + the REPA projector the released SiT runs (reproduces Tab. 1). paper: Tab. 1 "
+              "(its 2D rows 80.73/81.92 follow neither convention: DiT's own count for XL/2 is 118.6). "
+              "img/s: batch / (median forward time x sampling steps)."]
+    return "\n".join(lines)

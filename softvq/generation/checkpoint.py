@@ -1,0 +1,80 @@
+"""A trained generator on disk: ``config.json`` + ``model.safetensors`` (the EMA weights).
+
+``config.json`` holds everything ``softvq generate`` needs besides the weights:
+the backbone config, the objective (SiT path or DiT schedule), the latent statistics the
+generator was trained on ((z − mean) / std), the tokenizer that decodes its latents, and the
+class names. Loading is strict (missing / unexpected keys are named).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from softvq.checkpoint.pretrained import (CheckpointError, atomic_write, load_strict, read_state_dict,
+                                          resolve)
+from softvq.generation.models import GeneratorConfig, LatentTransformer
+
+FORMAT = "softvq-generator"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class GeneratorMeta:
+    """What a generator was trained on and how to sample it.
+
+    objective:   ``sit`` (velocity, interpolant ``path``) or ``dit`` (ε + learned σ, ``schedule``).
+    path:        SiT interpolant, ``linear`` or ``cosine`` (GVP).
+    schedule:    DiT noise schedule, ``cosine`` or ``linear``; ``diffusion_steps`` T.
+    latent_mean / latent_std: scalars of the training latents; samples are de-normalised with them.
+    tokenizer:   how to load the decoder (a folder, hub id, or ``preset:NAME``).
+    classes:     class names, index = label.
+    """
+
+    objective: str = "sit"
+    path: str = "cosine"
+    schedule: str = "cosine"
+    diffusion_steps: int = 1000
+    latent_mean: float = 0.0
+    latent_std: float = 1.0
+    tokenizer: str | None = None
+    classes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def save_generator(model: LatentTransformer, meta: GeneratorMeta, directory: str | Path,
+                   state: dict[str, Any] | None = None) -> Path:
+    """Write the generator (``state`` overrides the weights, e.g. the EMA copy) atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    weights = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
+    payload = {"format": FORMAT, "config": model.config.to_dict(), "meta": meta.to_dict()}
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2)))
+    return directory
+
+
+def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[LatentTransformer, GeneratorMeta]:
+    """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`."""
+    folder = resolve(path_or_id, [CONFIG_NAME, WEIGHTS_NAME])
+    config_file = folder / CONFIG_NAME
+    if not config_file.exists():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; is it a generator exported by softvq's trainer?")
+    try:
+        payload = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"{config_file} is not a softvq generator (format {payload.get('format')!r}); "
+                              f"tokenizers load with softvq.Tokenizer.from_pretrained")
+    model = LatentTransformer(GeneratorConfig.from_dict(payload["config"]))
+    load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
+    known = GeneratorMeta.__dataclass_fields__
+    meta = GeneratorMeta(**{k: v for k, v in payload.get("meta", {}).items() if k in known})
+    return model.to(map_location).eval(), meta

@@ -1,0 +1,217 @@
+"""Train a DiT or SiT on pre-extracted latent shards (``softvq pretokenize``).
+
+The recipe of the paper's supp. C.2: AdamW, constant learning rate 1e-4, no weight decay,
+global batch 256, EMA of the weights (decay 0.9999) used for sampling, class-label dropout 0.1,
+latents normalised as (z − mean) / std. The loop runs under ``accelerate`` (CPU, one or many
+GPUs, optional bf16), keeps an EMA (``softvq.training.ema``), writes atomic resumable
+checkpoints every ``checkpoint_every`` steps (``softvq.training.checkpointing``: model, EMA,
+optimizer, step and RNG states; batches are a function of (seed, step, rank), so a resumed run
+continues exactly), shows a progress bar, and appends one JSON line per ``log_every`` steps to
+``log.jsonl``. At the end the EMA weights are exported to ``RUN/generator`` for
+``softvq generate``.
+
+    python -m softvq.generation.train --latents runs/latents --out runs/sit-tiny \\
+        --objective sit --width 128 --depth 4 --heads 4 --steps 300 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from softvq.checkpoint.pretrained import atomic_write
+from softvq.generation.checkpoint import GeneratorMeta, save_generator
+from softvq.generation.models import GeneratorConfig, LatentTransformer, generator_config
+from softvq.generation.objective import GenerationObjective, ObjectiveConfig
+from softvq.generation.pretokenize import load_latents
+
+
+@dataclass
+class GeneratorTrainConfig:
+    """Everything a generator run needs; written resolved to ``RUN/config.json``.
+
+    width / depth / heads override the named ``size`` (for CPU-sized models).
+    ema_warmup: decay min(ema_decay, (1+n)/(10+n)) so short runs do not average the random init.
+    """
+
+    latents: str = ""
+    out: str = "runs/generator"
+    objective: str = "sit"
+    size: str = "XL"
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    path: str = "cosine"
+    schedule: str = "cosine"
+    diffusion_steps: int = 1000
+    vlb_weight: float = 1.0
+    class_dropout: float = 0.1
+    steps: int = 400_000
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    mixed_precision: str = "no"
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    tokenizer: str | None = None
+    cpu: bool = False
+
+    def validate(self) -> "GeneratorTrainConfig":
+        if not self.latents:
+            raise ValueError("no latent folder given; make one with `softvq pretokenize` and pass --latents")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch size must be positive")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        return self
+
+
+def build_model_config(cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: int, num_classes: int) -> GeneratorConfig:
+    fields: dict[str, Any] = {"num_tokens": num_tokens, "latent_dim": latent_dim, "num_classes": num_classes,
+                              "class_dropout": cfg.class_dropout}
+    for name in ("width", "depth", "heads"):
+        if getattr(cfg, name) is not None:
+            fields[name] = getattr(cfg, name)
+    return generator_config(cfg.objective, cfg.size, **fields)
+
+
+def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> torch.Tensor:
+    """The batch of a (seed, step, rank): independent of how the run was interrupted."""
+    g = torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.randint(0, count, (batch,), generator=g)
+
+
+def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) training; returns {"first_loss", "last_loss", "steps", "export"}."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from softvq.training.checkpointing import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
+                                               save_checkpoint)
+    from softvq.training.ema import EMA
+
+    cfg.validate()
+    run = Path(cfg.out)
+    data = load_latents(cfg.latents)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    torch.manual_seed(cfg.seed + acc.process_index)
+
+    model_cfg = build_model_config(cfg, data.latents.shape[1], data.latents.shape[2], len(data.classes))
+    model = LatentTransformer(model_cfg)
+    objective = GenerationObjective(
+        ObjectiveConfig(cfg.objective, cfg.path, cfg.schedule, cfg.diffusion_steps, cfg.vlb_weight),
+        learned_sigma=model_cfg.sigma_learned)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
+
+    start = 0
+    latest = latest_checkpoint(run)
+    if latest is not None:
+        state = load_checkpoint(latest)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        start = int(state["step"])
+        restore_rng(state["rng"])
+        if acc.is_main_process:
+            print(f"resuming {run} from step {start} ({latest.name})", file=sys.stderr)
+    elif acc.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+        resolved = {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict()}
+        atomic_write(run / "config.json", lambda p: p.write_text(json.dumps(resolved, indent=2)))
+
+    model, optimizer = acc.prepare(model, optimizer)
+    latents = (data.latents - data.mean) / data.std  # (z - mean) / std, supp. C.2 / the release
+    labels = data.labels
+    per_process = max(1, cfg.batch_size // acc.num_processes)
+    log_file = run / "log.jsonl"
+    first_loss = last_loss = math.nan
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.objective}",
+               disable=not (progress and acc.is_main_process))
+    tick = time.perf_counter()
+    model.train()
+    for step in bar:
+        idx = _batch_indices(len(latents), per_process, cfg.seed, step, acc.process_index)
+        x, y = latents[idx].to(acc.device), labels[idx].to(acc.device)
+        with acc.autocast():
+            terms = objective(model, x, y)
+        acc.backward(terms["loss"])
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(acc.unwrap_model(model))
+        loss = float(terms["loss"].detach())
+        first_loss = loss if step == start else first_loss
+        last_loss = loss
+        bar.set_postfix(loss=f"{loss:.4f}")
+        done = step + 1
+        if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
+            elapsed = time.perf_counter() - tick
+            record = {"step": done, **{k: float(v.detach()) for k, v in terms.items()}, "lr": cfg.lr,
+                      "ema_decay": ema.current_decay(), "sec_per_step": elapsed / cfg.log_every}
+            with log_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            tick = time.perf_counter()
+        if acc.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            unwrapped = acc.unwrap_model(model)
+            save_checkpoint({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                             "ema": ema.state_dict(), "step": done, "rng": capture_rng()},
+                            run, done, keep=cfg.keep_checkpoints)
+    bar.close()
+    acc.wait_for_everyone()
+    export = run / "generator"
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        meta = GeneratorMeta(objective=cfg.objective, path=cfg.path, schedule=cfg.schedule,
+                             diffusion_steps=cfg.diffusion_steps, latent_mean=data.mean, latent_std=data.std,
+                             tokenizer=cfg.tokenizer or data.meta.get("tokenizer"), classes=data.classes)
+        with ema.swapped_into(unwrapped):
+            save_generator(unwrapped, meta, export)
+    return {"first_loss": first_loss, "last_loss": last_loss, "steps": cfg.steps, "export": str(export)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m softvq.generation.train",
+                                     description="Train a DiT or SiT on latent shards made by `softvq pretokenize`.")
+    defaults = GeneratorTrainConfig()
+    for f in dataclasses.fields(GeneratorTrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            kind = {"int | None": int, "str | None": str}.get(str(f.type), type(value) if value is not None else str)
+            parser.add_argument(flag, type=kind, default=value)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    quiet = args.pop("quiet")
+    try:
+        result = train_generator(GeneratorTrainConfig(**args), progress=not quiet)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"softvq generator training: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
