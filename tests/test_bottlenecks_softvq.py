@@ -154,7 +154,14 @@ def test_probs_are_materialised_without_grad_and_match():
     assert torch.equal(lean.indices, lean.probs.argmax(-1))
 
 
-@pytest.mark.parametrize("chunk_size", [0, None])
+def test_automatic_choice_keeps_small_problems_straightforward_and_chunks_large_ones():
+    small, large = SoftVQ(4, 64), SoftVQ(4, 1024)  # chunk_size=None
+    z = torch.randn(2, 300, 4, requires_grad=True)
+    assert small(z).probs is not None  # 600 x 64 pairs: straightforward (probs kept)
+    assert large(z).probs is None  # 600 x 1024 pairs: chunked, nothing (T, K) kept for backward
+
+
+@pytest.mark.parametrize("chunk_size", [0, 3])
 def test_bf16_autocast_leaves_outputs_float32(chunk_size):
     vq = make("cosine", chunk_size=chunk_size, entropy_temperature=0.01)
     z = torch.randn(2, 4, 6, requires_grad=True)
@@ -165,3 +172,21 @@ def test_bf16_autocast_leaves_outputs_float32(chunk_size):
     with torch.no_grad():
         ref = vq(z.bfloat16().float())
     assert torch.allclose(out.latents, ref.latents, atol=1e-6)
+
+
+def test_gmmvq_chunked_equals_straightforward():
+    from softvq.bottlenecks.gmmvq import GMMVQ
+
+    torch.manual_seed(4)
+    z = torch.randn(3, 11, 7)
+    upstream = torch.randn(3, 11, 6)
+    results = []
+    for chunk_size in (0, 5):
+        torch.manual_seed(0)
+        gmm = GMMVQ(6, 30, chunk_size=chunk_size)
+        zz = z.clone().requires_grad_()
+        out = gmm(zz)
+        ((out.latents * upstream).sum() + out.losses["kl"]).backward()
+        results.append([out.latents.detach(), zz.grad, gmm.codebook.grad])
+    for a, b in zip(*results):
+        assert (a - b).norm() <= 1e-5 * b.norm()

@@ -36,10 +36,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Elements of one (chunk × K) working tensor in the chunked path: 2^21 floats = 8 MiB, a size
-# that keeps ~10 live working tensors well under the straightforward version's footprint while
-# each matmul is still large enough to run at full speed.
-_AUTO_CHUNK_ELEMENTS = 1 << 21
+# Elements of one (chunk × K) working tensor in the chunked path. CPU: 2^21 floats = 8 MiB, which
+# keeps a chunk's ~10 working tensors in cache-friendly sizes (faster than the straightforward
+# version, benchmarks/bench_softvq_memory.py). GPU: 2^24 floats = 64 MiB, so kernels stay large
+# enough to hide launch overhead while peak memory stays a small fraction of the straightforward one.
+_AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 21}
+_AUTO_CHUNK_ELEMENTS_ACCELERATOR = 1 << 24
+# Below this many (token, codeword) pairs (a 1 MiB posterior) the straightforward version is kept
+# under ``chunk_size=None``: memory is negligible there and it avoids the per-chunk Python overhead
+# (about 1 ms, +33% at 128 tokens x 256 codes on one CPU thread).
+_SMALL_PROBLEM_ELEMENTS = 1 << 18
 _SQ_EPS = 1e-12  # clamp of the squared L2 distance before sqrt (sqrt'(0) is infinite)
 
 
@@ -67,9 +73,16 @@ def _affinity(x: Tensor, book: Tensor, distance: str) -> Tensor:
     return -sq.clamp_min(_SQ_EPS).sqrt()
 
 
-def auto_chunk_size(num_codes: int) -> int:
-    """Tokens per chunk so that one (chunk × K) float32 tensor holds about 8 MiB."""
-    return max(16, _AUTO_CHUNK_ELEMENTS // max(1, num_codes))
+def _softmax_jvp(grad: Tensor, probs: Tensor) -> Tensor:
+    """J(p) g = p ⊙ (g − ⟨p, g⟩) along the last axis, as one fused kernel (softmax's own backward)."""
+    return torch.ops.aten._softmax_backward_data(grad, probs, -1, probs.dtype)
+
+
+def auto_chunk_size(num_codes: int, device: torch.device | str = "cpu") -> int:
+    """Tokens per chunk: one (chunk × K) float32 tensor of about 8 MiB on CPU, 64 MiB on a GPU."""
+    kind = torch.device(device).type
+    elements = _AUTO_CHUNK_ELEMENTS.get(kind, _AUTO_CHUNK_ELEMENTS_ACCELERATOR)
+    return max(16, elements // max(1, num_codes))
 
 
 def soft_assign_reference(
@@ -100,8 +113,8 @@ class ChunkedSoftAssign(torch.autograd.Function):
     """Memory-lean soft assignment: recomputes each chunk in backward (see module docstring).
 
     Inputs: x (T, D), codebook (K, D), logit_codebook (K, D) (the same tensor, or detached),
-    scale (0-dim or (T,)), distance, entropy_temperature (float or None), chunk, keep_probs.
-    Outputs: latents (T, D), token_entropy (), mean_posterior (K,) [differentiable];
+    scale (0-dim or (T,), positive), distance, entropy_temperature (float or None), chunk,
+    keep_probs. Outputs: latents (T, D), token_entropy (), mean_posterior (K,) [differentiable];
     mean_probs (K,), indices (T,), probs (T, K) or empty [not differentiable].
     """
 
@@ -118,20 +131,20 @@ class ChunkedSoftAssign(torch.autograd.Function):
         for start in range(0, t, chunk):
             stop = min(start + chunk, t)
             aff = _affinity(x[start:stop], logit_codebook, distance)
-            s = scale[start:stop].unsqueeze(-1) if per_token else scale
-            log_p = torch.log_softmax(aff * s, dim=-1)
-            p = log_p.exp()
+            indices[start:stop] = aff.argmax(-1)  # the scale is positive: argmax of the logits
+            logits = aff * (scale[start:stop].unsqueeze(-1) if per_token else scale)
+            p = torch.softmax(logits, dim=-1)
             torch.matmul(p, codebook, out=latents[start:stop])
-            indices[start:stop] = log_p.argmax(-1)
             probs_sum += p.sum(0)
             if keep_probs:
                 probs_out[start:stop] = p
             if entropy_temperature is None:
-                log_post, post = log_p, p
+                rho, post = logits, p
             else:
-                log_post = torch.log_softmax(aff / entropy_temperature, dim=-1)
-                post = log_post.exp()
-            entropy_sum -= (post * log_post).sum()
+                rho = aff.mul_(1.0 / entropy_temperature)
+                post = torch.softmax(rho, dim=-1)
+            # H(π) = logsumexp(ρ) − Σ π ρ: no log over the K entries.
+            entropy_sum += torch.logsumexp(rho, dim=-1).sum() - (post * rho).sum()
             post_sum += post.sum(0)
         ctx.save_for_backward(x, codebook, logit_codebook, scale)
         ctx.distance, ctx.entropy_temperature, ctx.chunk = distance, entropy_temperature, chunk
@@ -144,59 +157,59 @@ class ChunkedSoftAssign(torch.autograd.Function):
         x, codebook, logit_codebook, scale = ctx.saved_tensors
         distance, tau_h, chunk = ctx.distance, ctx.entropy_temperature, ctx.chunk
         need_x, need_c, need_cl, need_s = ctx.needs_input_grad[:4]
-        t = x.shape[0]
+        t, k = x.shape[0], codebook.shape[0]
         per_token = scale.dim() > 0
         with torch.autocast(device_type=x.device.type, enabled=False):
-            g_latents = torch.zeros_like(x[:, :1]).expand(t, codebook.shape[1]) if g_latents is None else g_latents
+            if g_latents is None:
+                g_latents = x.new_zeros(1, codebook.shape[1]).expand(t, -1)
             g_entropy = x.new_zeros(()) if g_entropy is None else g_entropy
-            g_post = x.new_zeros(codebook.shape[0]) if g_post is None else g_post
+            g_post = x.new_zeros(k) if g_post is None else g_post
             g_x = torch.empty_like(x) if need_x else None
             g_c = torch.zeros_like(codebook) if need_c else None
             g_cl = torch.zeros_like(logit_codebook) if need_cl else None
             g_s = (torch.empty_like(scale) if per_token else scale.new_zeros(())) if need_s else None
+            inv_t = 1.0 / t
             for start in range(0, t, chunk):
                 stop = min(start + chunk, t)
                 xc, gz = x[start:stop], g_latents[start:stop]
                 aff = _affinity(xc, logit_codebook, distance)
                 s = scale[start:stop].unsqueeze(-1) if per_token else scale
-                log_p = torch.log_softmax(aff * s, dim=-1)
-                p = log_p.exp()
+                logits = aff * s
+                p = torch.softmax(logits, dim=-1)
                 if need_c:
                     g_c.addmm_(p.t(), gz)
-                g_logits = gz @ codebook.t()
-                g_logits -= (p * g_logits).sum(-1, keepdim=True)
-                g_logits *= p
-                # Regulariser: J(π)(g_Eπ − g_H log π) / T.
+                # Latents: g_ℓ = J(p)(g_z C^T).
+                g_logits = _softmax_jvp(gz @ codebook.t(), p)
+                # Regulariser: g_ρ = J(π)(g_Eπ − g_H log π) / T; log π = ρ − lse(ρ) and the
+                # softmax Jacobian annihilates the per-row constant, so u = g_Eπ − g_H ρ.
                 if tau_h is None:
-                    log_post, post = log_p, p
+                    post, u = p, logits.mul_(-g_entropy)
                 else:
-                    log_post = torch.log_softmax(aff / tau_h, dim=-1)
-                    post = log_post.exp()
-                u = g_post - g_entropy * log_post
-                u -= (post * u).sum(-1, keepdim=True)
-                u *= post / t
+                    rho = aff.mul(1.0 / tau_h)
+                    post = torch.softmax(rho, dim=-1)
+                    u = rho.mul_(-g_entropy)
+                u = _softmax_jvp(u.add_(g_post), post)
                 if tau_h is None:
-                    g_logits += u
-                    g_aff = g_logits * s
-                else:
-                    g_aff = g_logits * s
-                    g_aff += u / tau_h
+                    g_logits.add_(u, alpha=inv_t)
                 if need_s:
                     gs = (g_logits * aff).sum(-1)
                     if per_token:
                         g_s[start:stop] = gs
                     else:
                         g_s += gs.sum()
+                g_aff = g_logits.mul_(s)
+                if tau_h is not None:
+                    g_aff.add_(u, alpha=inv_t / tau_h)
                 if distance == "cosine":
                     if need_x:
                         torch.matmul(g_aff, logit_codebook, out=g_x[start:stop])
                     if need_cl:
                         g_cl.addmm_(g_aff.t(), xc)
                 else:
-                    # a = −sqrt(sq): da/dsq = −1/(2·sqrt(sq)) where sq was not clamped.
-                    sq = (xc * xc).sum(-1, keepdim=True) - 2 * (xc @ logit_codebook.t()) + (
-                        logit_codebook * logit_codebook).sum(-1)
-                    w = torch.where(sq > _SQ_EPS, g_aff / (2 * aff), torch.zeros_like(g_aff))
+                    # a = −sqrt(sq): da/dsq = 1/(2a) where sq was not clamped, else 0.
+                    # Entries at the clamp have aff == −sqrt(eps) exactly (same float32 op).
+                    clamped = aff >= -aff.new_tensor(_SQ_EPS).sqrt()
+                    w = g_aff.div_(aff).mul_(0.5).masked_fill_(clamped, 0.0)
                     if need_x:
                         g_x[start:stop] = 2 * (xc * w.sum(-1, keepdim=True) - w @ logit_codebook)
                     if need_cl:
@@ -211,18 +224,22 @@ def soft_assign(
 ) -> SoftAssignment:
     """Soft assignment of tokens ``x`` (T, D) to ``codebook`` (K, D); see the module docstring.
 
-    ``chunk_size``: ``0`` uses the straightforward autograd version; ``None`` the chunked version
-    with :func:`auto_chunk_size`; a positive number the chunked version with that many tokens.
-    ``scale`` is 1/τ (0-dim) or per-token weights ω (T,). Everything runs in float32.
+    ``chunk_size``: ``0`` uses the straightforward autograd version; ``None`` picks: the chunked
+    version with :func:`auto_chunk_size` tokens per chunk, except for small problems (T·K ≤ 2^18)
+    where the straightforward one is faster; a positive number the chunked version with that many
+    tokens. ``scale`` is 1/τ (0-dim) or per-token weights ω (T,). Everything runs in float32.
+    ``probs`` is None only when the chunked version ran while gradients were recorded.
     """
     if distance not in ("l2", "cosine"):
         raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
     if chunk_size is not None and chunk_size < 0:
         raise ValueError(f"chunk_size must be None (auto), 0 (straightforward) or positive, got {chunk_size}")
     logit_codebook = codebook.detach() if detach_codebook_in_logits else codebook
+    if chunk_size is None and x.shape[0] * codebook.shape[0] <= _SMALL_PROBLEM_ELEMENTS:
+        chunk_size = 0
     if chunk_size == 0:
         return soft_assign_reference(x, codebook, logit_codebook, scale, distance, entropy_temperature)
-    chunk = chunk_size or auto_chunk_size(codebook.shape[0])
+    chunk = chunk_size or auto_chunk_size(codebook.shape[0], x.device)
     keep_probs = not torch.is_grad_enabled()
     latents, h, post, mean_probs, indices, probs = ChunkedSoftAssign.apply(
         x, codebook, logit_codebook, scale, distance, entropy_temperature, chunk, keep_probs,
