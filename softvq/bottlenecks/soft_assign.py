@@ -66,11 +66,18 @@ class SoftAssignment:
     probs: Tensor | None
 
 
-def _affinity(x: Tensor, book: Tensor, distance: str) -> Tensor:
+def affinity(z: Tensor, codebook: Tensor, distance: str) -> Tensor:
+    """Similarity of every token to every codeword, (..., D) x (K, D) -> (..., K).
+
+    ``l2``: −‖z − c‖₂ (paper Eq. 4). ``cosine``: z·c of inputs the caller already normalised.
+    """
     if distance == "cosine":
-        return x @ book.t()
-    sq = (x * x).sum(-1, keepdim=True) - 2 * (x @ book.t()) + (book * book).sum(-1)
-    return -sq.clamp_min(_SQ_EPS).sqrt()
+        return z @ codebook.t()
+    if distance == "l2":
+        sq = (z * z).sum(-1, keepdim=True) - 2 * (z @ codebook.t()) + (codebook * codebook).sum(-1)
+        # clamp: rounding can make the squared distance slightly negative; sqrt'(0) is infinite.
+        return -sq.clamp_min(_SQ_EPS).sqrt()
+    raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
 
 
 def _softmax_jvp(grad: Tensor, probs: Tensor) -> Tensor:
@@ -90,7 +97,7 @@ def soft_assign_reference(
     distance: str, entropy_temperature: float | None,
 ) -> SoftAssignment:
     """Straightforward autograd implementation (materialises every (T, K) intermediate)."""
-    aff = _affinity(x, logit_codebook, distance)
+    aff = affinity(x, logit_codebook, distance)
     logits = aff * (scale.unsqueeze(-1) if scale.dim() else scale)
     probs = logits.softmax(-1)
     latents = probs @ codebook
@@ -130,7 +137,7 @@ class ChunkedSoftAssign(torch.autograd.Function):
         per_token = scale.dim() > 0
         for start in range(0, t, chunk):
             stop = min(start + chunk, t)
-            aff = _affinity(x[start:stop], logit_codebook, distance)
+            aff = affinity(x[start:stop], logit_codebook, distance)
             indices[start:stop] = aff.argmax(-1)  # the scale is positive: argmax of the logits
             logits = aff * (scale[start:stop].unsqueeze(-1) if per_token else scale)
             p = torch.softmax(logits, dim=-1)
@@ -172,7 +179,7 @@ class ChunkedSoftAssign(torch.autograd.Function):
             for start in range(0, t, chunk):
                 stop = min(start + chunk, t)
                 xc, gz = x[start:stop], g_latents[start:stop]
-                aff = _affinity(xc, logit_codebook, distance)
+                aff = affinity(xc, logit_codebook, distance)
                 s = scale[start:stop].unsqueeze(-1) if per_token else scale
                 logits = aff * s
                 p = torch.softmax(logits, dim=-1)

@@ -23,21 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, EntropyTerms, float32_region
-from softvq.bottlenecks.soft_assign import soft_assign
-
-
-def affinity(z: Tensor, codebook: Tensor, distance: str) -> Tensor:
-    """Similarity of every token to every codeword, (..., D) x (K, D) -> (..., K).
-
-    ``l2``: −‖z − c‖₂ (paper Eq. 4). ``cosine``: z·c of inputs the caller already normalised.
-    """
-    if distance == "cosine":
-        return z @ codebook.t()
-    if distance == "l2":
-        sq = (z * z).sum(-1, keepdim=True) - 2 * z @ codebook.t() + (codebook * codebook).sum(-1)
-        # clamp: rounding can make the squared distance slightly negative; sqrt'(0) is infinite.
-        return -sq.clamp_min(1e-12).sqrt()
-    raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
+from softvq.bottlenecks.soft_assign import affinity, soft_assign  # noqa: F401 (affinity re-exported)
 
 
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
