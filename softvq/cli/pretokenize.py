@@ -35,16 +35,16 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, device)
-    spec = args.model
-    if is_preset(args.model):
-        # a preset is re-randomised on every load: keep these exact weights so decoding matches
-        spec = str(tokenizer.save_pretrained(Path(args.out) / "tokenizer"))
-        print(f"saved the randomly initialised {args.model} next to the latents: {spec}")
     size = tokenizer.config.image_size
     if args.bundled:
         source = bundled_source(size, args.crops_per_photo, seed=args.seed, single_class=args.single_class)
     else:
         source = folder_source(args.images, size, single_class=args.single_class)
+    spec = args.model
+    if is_preset(args.model):
+        # a preset is re-randomised on every load: keep these exact weights so decoding matches
+        spec = str(tokenizer.save_pretrained(Path(args.out) / "tokenizer"))
+        print(f"saved the randomly initialised {args.model} next to the latents: {spec}")
     result = pretokenize(tokenizer, source, args.out, tokenizer_spec=spec, batch_size=args.batch_size,
                          shard_size=args.shard_size)
     print(f"wrote {result.count} latents of shape ({tokenizer.num_tokens}, {tokenizer.latent_dim}) in "
