@@ -1,0 +1,140 @@
+"""Images/s and peak memory of one full tokenizer training step, all losses on.
+
+A step = tokenizer forward, generator loss (L2 + LPIPS-VGG + alignment + adversarial + KL,
+paper Eq. 7), backward, AdamW step, then the discriminator loss (hinge + bCR + LeCAM on
+DiffAugment-ed images), backward, step. Offline the discriminator and the alignment target fall
+back to VGG16 features (logged); with DINO weights they are the paper's networks.
+
+    python benchmarks/bench_train_step.py                          # CPU: tiny and S
+    python benchmarks/bench_train_step.py --presets softvq-s-64 softvq-b-64 --device cuda --dtype bf16
+    python benchmarks/bench_train_step.py --profile softvq-tiny     # torch profiler table of one step
+
+Peak memory: CUDA's max_memory_allocated on a GPU; on CPU the process' resident-set high-water
+mark (ru_maxrss), measured in a fresh subprocess per preset so presets don't see each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import softvq
+from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
+from softvq.networks.vit import Attention
+
+
+def build(preset: str, device: torch.device, explicit_attention: bool):
+    torch.manual_seed(0)
+    model = softvq.Tokenizer.from_preset(preset).to(device).train()
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.explicit = explicit_attention
+    cfg = ObjectiveConfig(perceptual_warmup_steps=0, discriminator_start=0, discriminator="vgg",
+                          alignment_target="vgg")
+    objective = TokenizerObjective(cfg, model).to(device)
+    opt_g = torch.optim.AdamW(list(model.parameters()) + objective.generator_parameters(), lr=1e-4,
+                              betas=(0.9, 0.95), weight_decay=1e-4)
+    opt_d = torch.optim.AdamW(objective.discriminator_parameters(), lr=1e-4, betas=(0.9, 0.95))
+    return model, objective, opt_g, opt_d
+
+
+def step(model, objective, opt_g, opt_d, images, index, autocast):
+    with autocast:
+        out = model(images)
+        loss, _ = objective.generator_loss(images, out, index)
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt_g.step()
+    with autocast:
+        d_loss, _ = objective.discriminator_loss(images, out.reconstruction.detach(), index)
+    if d_loss.requires_grad:
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+
+
+def measure(preset: str, device_name: str, dtype_name: str, batch: int, steps: int, explicit: bool) -> dict:
+    device = torch.device(device_name)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    model, objective, opt_g, opt_d = build(preset, device, explicit)
+    size = model.config.image_size
+    images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    step(model, objective, opt_g, opt_d, images, 0, autocast)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(steps):
+        step(model, objective, opt_g, opt_d, images, i + 1, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seconds = (time.perf_counter() - start) / steps
+    return {"preset": preset, "image_size": size, "batch": batch, "img_s": batch / seconds,
+            "s_per_step": seconds, "peak_MiB": peak}
+
+
+def profile(preset: str, batch: int) -> None:
+    model, objective, opt_g, opt_d = build(preset, torch.device("cpu"), False)
+    size = model.config.image_size
+    images = torch.rand(batch, 3, size, size) * 2 - 1
+    step(model, objective, opt_g, opt_d, images, 0, contextlib.nullcontext())
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile() as prof:
+        step(model, objective, opt_g, opt_d, images, 1, contextlib.nullcontext())
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="*", default=["softvq-tiny", "softvq-s-64"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--baseline", action="store_true", help="also time explicit fp32 attention")
+    parser.add_argument("--profile", metavar="PRESET")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one preset, print JSON
+    args = parser.parse_args()
+
+    if args.profile:
+        profile(args.profile, args.batch)
+        return
+    if args.one:
+        preset, explicit = args.one.split(":")
+        print(json.dumps(measure(preset, args.device, args.dtype, args.batch, args.steps, explicit == "1")))
+        return
+
+    rows = []
+    variants = [("0", args.dtype)] + ([("1", "fp32")] if args.baseline else [])
+    for preset in args.presets:
+        for explicit, dtype in variants:
+            cmd = [sys.executable, __file__, "--one", f"{preset}:{explicit}", "--device", args.device,
+                   "--dtype", dtype, "--batch", str(args.batch), "--steps", str(args.steps)]
+            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            result["variant"] = f"{dtype}, {'explicit' if explicit == '1' else 'SDPA'} attention"
+            rows.append(result)
+            print(f"done {preset} {result['variant']}", flush=True)
+
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nTraining step, all losses on (VGG discriminator + VGG alignment target), batch {args.batch}, {where}")
+    print("| preset | px | variant | img/s | s/step | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['image_size']} | {r['variant']} | {r['img_s']:.2f} | {r['s_per_step']:.2f} | {r['peak_MiB']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
