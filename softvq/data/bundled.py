@@ -62,21 +62,22 @@ class BundledCropsDataset(Dataset):
 
 
 def heldout_crops(photos: list[Path], size: int, count: int, scales: tuple[float, float]) -> tuple[torch.Tensor, list[str]]:
-    """``count`` fixed crops spread over the held-out photos: first the whole photo (centre square),
-    then crops at fixed random places and scales. Returns (images (count, 3, size, size), names)."""
-    images, names = [], []
+    """``count`` fixed crops spread over the held-out photos, interleaved photo by photo so any
+    prefix (e.g. a grid's first 8) shows every photo: each photo's first crop is the whole photo
+    (centre square), the others are at fixed random places and scales.
+    Returns (images (count, 3, size, size), names)."""
     per_photo = [count // len(photos) + (i < count % len(photos)) for i in range(len(photos))]
+    crops: list[list[tuple[torch.Tensor, str]]] = []
     for p_index, (path, n) in enumerate(zip(photos, per_photo)):
         img = load_rgb(path)
         rng = np.random.default_rng([_EVAL_SEED, p_index])
+        mine = []
         for k in range(n):
-            if k == 0:
-                crop = random_scale_crop(_centre_square(img), size, rng, (1.0, 1.0))
-            else:
-                crop = random_scale_crop(img, size, rng, scales)
-            images.append(to_tensor(crop))
-            names.append(f"{path.stem}-{k}")
-    return torch.stack(images), names
+            source, crop_scales = (_centre_square(img), (1.0, 1.0)) if k == 0 else (img, scales)
+            mine.append((to_tensor(random_scale_crop(source, size, rng, crop_scales)), f"{path.stem}-{k}"))
+        crops.append(mine)
+    ordered = [photo[k] for k in range(max(per_photo)) for photo in crops if k < len(photo)]
+    return torch.stack([c[0] for c in ordered]), [c[1] for c in ordered]
 
 
 def _centre_square(img: Image.Image) -> Image.Image:

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from softvq.data.images import IMAGE_SUFFIXES, decode_rgb, to_tensor
@@ -73,6 +72,8 @@ class ShardStream(IterableDataset):
         def skip(exc: Exception) -> bool:
             pending.append(f"tar error {type(exc).__name__}: {exc}")
             return True
+
+        import webdataset as wds  # only needed for shards
 
         while True:
             rng = np.random.default_rng([self.seed, epoch, self.rank, worker])

@@ -361,7 +361,7 @@ class Trainer:
 
     def _advance_schedules(self) -> None:
         with warnings.catch_warnings():  # the schedules follow the step even when an update is skipped
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
             if self.disc_scheduler is not None:
                 self.disc_scheduler.step()
