@@ -40,7 +40,7 @@ def test_pretokenize_writes_shards_and_exact_statistics(tmp_path):
 
 
 @pytest.mark.parametrize("objective", ["sit", "dit"])
-def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective):
+def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective, capsys):
     tiny_tokenizer(tmp_path)
     tok = Tokenizer.from_pretrained(tmp_path / "tok")
     pretokenize(tok, source(), tmp_path / "lat", tokenizer_spec=str(tmp_path / "tok"), progress=False)
@@ -48,7 +48,13 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
                   log_every=1, checkpoint_every=2, cpu=True, diffusion_steps=50)
     straight = train_generator(GeneratorTrainConfig(out=str(tmp_path / "a"), steps=4, **common), progress=False)
     train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), steps=2, **common), progress=False)
-    resumed = train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), steps=4, **common), progress=False)
+    # the resumed half goes through the command line, so `softvq train-generator` is the same run
+    from softvq.cli.main import main
+
+    capsys.readouterr()
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items() if k != "cpu"] + ["--cpu", "--quiet"]
+    assert main(["train-generator", f"--out={tmp_path / 'b'}", "--steps=4", *flags]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert resumed["last_loss"] == straight["last_loss"]
     a, _ = load_generator(tmp_path / "a" / "generator")
     b, meta = load_generator(tmp_path / "b" / "generator")
@@ -57,8 +63,6 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and ("vb" in log[0]) == (objective == "dit")
     assert meta.classes == ["a", "b", "c"] and meta.tokenizer == str(tmp_path / "tok")
-
-    from softvq.cli.main import main
 
     out = tmp_path / "samples"
     code = main(["generate", str(tmp_path / "a" / "generator"), "--out", str(out), "--classes", "0,c",

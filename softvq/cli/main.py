@@ -12,8 +12,8 @@ import importlib
 import sys
 
 # Order is the order of `softvq --help`.
-COMMANDS = ("info", "reconstruct", "encode", "decode", "train", "eval", "plot",
-            "pretokenize", "generate", "bench")
+COMMANDS = ("info", "reconstruct", "encode", "decode", "train", "eval", "plot", "pretokenize",
+            "train_generator", "generate", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

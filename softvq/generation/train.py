@@ -185,9 +185,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     return {"first_loss": first_loss, "last_loss": last_loss, "steps": cfg.steps, "export": str(export)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m softvq.generation.train",
-                                     description="Train a DiT or SiT on latent shards made by `softvq pretokenize`.")
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """One ``--flag`` per :class:`GeneratorTrainConfig` field (shared by ``softvq train-generator``)."""
     defaults = GeneratorTrainConfig()
     for f in dataclasses.fields(GeneratorTrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -201,16 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(
+        prog="python -m softvq.generation.train",
+        description="Train a DiT or SiT on latent shards made by `softvq pretokenize`."))
+
+
+def run_from_args(args: dict) -> int:
+    args = dict(args)
     quiet = args.pop("quiet")
+    result = train_generator(GeneratorTrainConfig(**args), progress=not quiet)
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        result = train_generator(GeneratorTrainConfig(**args), progress=not quiet)
+        return run_from_args(vars(build_parser().parse_args(argv)))
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"softvq generator training: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
-    return 0
 
 
 if __name__ == "__main__":
