@@ -1,0 +1,20 @@
+"""Training a tokenizer: typed YAML configs (:mod:`.config`), the Accelerate trainer
+(:mod:`.trainer`), and its parts (EMA, lr schedule, optimizers, checkpoints, logging, grids).
+
+    from softvq.training import load_config, Trainer
+    cfg = load_config("demo", ["schedule.steps=500"])       # a bundled config name or a YAML path
+    result = Trainer(cfg, "runs/mine").fit()                # result.metrics: held-out PSNR / LPIPS
+"""
+
+from softvq.training.config import TrainConfig, load_config, save_config
+
+__all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer", "load_config", "save_config"]
+
+
+def __getattr__(name: str):
+    # The trainer imports Accelerate; load it only when asked for.
+    if name in ("Trainer", "TrainResult", "NonFiniteLossError"):
+        from softvq.training import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'softvq.training' has no attribute {name!r}")

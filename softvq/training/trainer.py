@@ -83,11 +83,15 @@ def make_accelerator(cfg: TrainConfig):
     mixed = "bf16" if precision == "bf16" or (precision == "auto" and cuda) else "no"
     kwargs: dict[str, Any] = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
     if cfg.run.distributed == "fsdp":
+        if not cuda:
+            raise ValueError("run.distributed=fsdp needs CUDA GPUs; use run.distributed=ddp on CPU")
         from accelerate import FullyShardedDataParallelPlugin
 
+        # Each ViT block is its own FSDP unit, so only one block's full weights exist at a time.
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
             sharding_strategy="FULL_SHARD", use_orig_params=True, sync_module_states=True,
-            state_dict_type="FULL_STATE_DICT",
+            state_dict_type="FULL_STATE_DICT", auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["Block"],
         )
     return Accelerator(mixed_precision=mixed, cpu=not cuda, **kwargs)
 
@@ -282,6 +286,8 @@ class Trainer:
             for k, v in {**gen_logs, **d_logs}.items():
                 if k not in ("loss", "d/loss"):  # the trainer records those itself
                     logs[k] += float(v) / sched.grad_accum
+            for k, v in output.encoding.metrics.items():  # perplexity, codebook usage, temperature
+                logs[f"bottleneck/{k}"] += float(v) / sched.grad_accum
             logs["loss"] += float(loss.detach()) / sched.grad_accum
 
         grad_norm = float("nan")
@@ -494,7 +500,8 @@ class Trainer:
     # --- outputs ---------------------------------------------------------------------------------
 
     def _heldout_reconstructions(self, images: torch.Tensor) -> torch.Tensor:
-        return reconstruct_all(self.unwrapped, images, batch_size=max(1, self.micro_batch),
+        # Through the wrapped model on every process: FSDP units must run under their root.
+        return reconstruct_all(self.model, images, batch_size=max(1, self.micro_batch),
                                autocast=self.accelerator.autocast)
 
     def write_grid(self) -> Path | None:
