@@ -63,7 +63,8 @@ def set_explicit_attention(model: torch.nn.Module, explicit: bool) -> None:
             m.explicit = explicit
 
 
-def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: bool) -> dict:
+def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: bool,
+                 compile_model: bool = False) -> dict:
     model = softvq.Tokenizer.from_preset(name).to(device).eval()
     size = model.config.image_size
     images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
@@ -81,13 +82,20 @@ def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: b
             return model.decode(latents)
 
     row = {"preset": name, "params_M": model.num_parameters() / 1e6}
+    if compile_model:
+        # Counting needs the eager modules; the timed calls go through the compiled ones.
+        eager_encoder, eager_decoder = model.encoder, model.decoder
     for label, fn in (("enc", encode), ("dec", decode)):
         # Counted through the explicit attention: FlopCounterMode has no formula for the CPU fused
         # SDPA kernel and would silently drop the QK^T and AV products.
         set_explicit_attention(model, True)
         flops = count_flops(fn)
         set_explicit_attention(model, False)
-        seconds = timed(fn, device, repeats)
+        if compile_model:
+            model.encoder, model.decoder = torch.compile(eager_encoder), torch.compile(eager_decoder)
+        seconds = timed(fn, device, repeats, warmup=2 if compile_model else 1)
+        if compile_model:
+            model.encoder, model.decoder = eager_encoder, eager_decoder
         row[f"{label}_img_s"] = batch / seconds
         row[f"{label}_gflops"] = flops / seconds / 1e9
         row[f"{label}_gflop_per_img"] = flops / batch / 1e9
@@ -109,6 +117,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--baseline", action="store_true", help="also time the fp32 explicit-softmax-attention baseline")
+    parser.add_argument("--compile", action="store_true", help="time the encoder/decoder under torch.compile")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -117,12 +126,13 @@ def main() -> None:
     peak = matmul_gflops(device, dtype)
     rows = []
     for name in args.presets:
-        rows.append(bench_preset(name, device, dtype, args.batch, args.repeats, args.baseline))
+        rows.append(bench_preset(name, device, dtype, args.batch, args.repeats, args.baseline, args.compile))
         print(f"done {name}", flush=True)
     peak_after = matmul_gflops(device, dtype)
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {where}")
+    mode = "torch.compile" if args.compile else "eager"
+    print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {mode}, {where}")
     print(f"matmul peak (2048^3, {args.dtype}): {peak:.0f} GFLOP/s before, {peak_after:.0f} after the presets")
     header = ("preset", "params M", "enc GFLOP/img", "enc img/s", "enc GFLOP/s", "enc %peak",
               "dec GFLOP/img", "dec img/s", "dec GFLOP/s", "dec %peak")
