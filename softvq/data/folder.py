@@ -54,7 +54,7 @@ class ImageFolderDataset(Dataset):
                  min_crop_fraction: float = 0.8) -> None:
         if not files:
             raise ValueError("no image files to train on")
-        self.files = list(files)
+        self.files = [str(f) for f in files]  # plain strings: smaller in every worker than Path objects
         self.size = size
         self.seed = seed
         self.hflip = hflip
@@ -71,7 +71,7 @@ class ImageFolderDataset(Dataset):
             try:
                 img = load_rgb(path)
             except ImageReadError:
-                skipped.append(str(path))
+                skipped.append(path)
                 continue
             rng = sample_rng(self.seed, position)
             img = random_crop(img, self.size, rng, self.min_crop_fraction)

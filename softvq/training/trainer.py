@@ -196,7 +196,7 @@ class Trainer:
         start_step, started = self.step, time.time()
         status = "finished"
         old_handlers = self._install_signal_handlers()
-        bar = tqdm(total=cfg.schedule.steps, initial=self.step, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=cfg.schedule.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=0.5,
                    disable=not (self.is_main and run.progress), desc="train")
         window: dict[str, float] = defaultdict(float)
         window_steps, window_start = 0, time.time()
