@@ -27,15 +27,14 @@ import torch
 
 import softvq
 from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
-from softvq.networks.vit import Attention
+from softvq.networks.vit import reference_math
 
 
 def build(preset: str, device: torch.device, explicit_attention: bool):
     torch.manual_seed(0)
     model = softvq.Tokenizer.from_preset(preset).to(device).train()
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.explicit = explicit_attention
+    if explicit_attention:  # the plain research baseline for the whole run
+        reference_math(model).__enter__()
     cfg = ObjectiveConfig(perceptual_warmup_steps=0, discriminator_start=0, discriminator="vgg",
                           alignment_target="vgg")
     objective = TokenizerObjective(cfg, model).to(device)

@@ -151,14 +151,17 @@ def test_cost_counts_the_attention_core():
     from torch.utils.flop_counter import FlopCounterMode
 
     from softvq.evaluation.evaluate import tokenizer_cost
-    from softvq.networks.vit import Attention
+    from softvq.networks.vit import Attention, Block
 
     model = tiny().eval()
     cost = tokenizer_cost(model, 64, torch.device("cpu"))
     assert not any(m.explicit for m in model.modules() if isinstance(m, Attention))  # restored
-    for m in model.modules():
+    assert all(m.fused for m in model.modules() if isinstance(m, Block))
+    for m in model.modules():  # by hand: explicit attention, residual updates unfused
         if isinstance(m, Attention):
             m.explicit = True
+        if isinstance(m, Block):
+            m.fused = False
     with FlopCounterMode(display=False) as explicit, torch.inference_mode():
         model.encode(torch.zeros(1, 3, 64, 64))
     assert cost["encoder_gmacs"] * 1e9 == pytest.approx(explicit.get_total_flops() / 2)

@@ -93,3 +93,22 @@ def test_slicing_gives_the_same_latents_and_images():
     torch.testing.assert_close(sliced.encoding.latents, full.encoding.latents)
     torch.testing.assert_close(sliced.reconstruction, full.reconstruction)
     assert torch.equal(sliced.encoding.indices, full.encoding.indices)
+
+
+def test_fused_residual_update_equals_the_plain_block_and_its_gradients():
+    """x + γ⊙(uWᵀ + b) folded into one in-place GEMM must match the plain block, values and grads."""
+    from softvq.networks.vit import Block, reference_math
+
+    torch.manual_seed(0)
+    block = Block(32, 4, layerscale_init=0.7)
+    torch.nn.init.normal_(block.ls2.gamma)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    fused = block(x)
+    grads = torch.autograd.grad(fused.square().sum(), [x, *block.parameters()])
+    with reference_math(block):
+        plain = block(x)
+        plain_grads = torch.autograd.grad(plain.square().sum(), [x, *block.parameters()])
+    assert block.fused and not block.attn.explicit  # restored
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, plain_grads):
+        torch.testing.assert_close(g, p, rtol=1e-4, atol=1e-5)

@@ -110,27 +110,20 @@ def _codebook_tracker(model) -> tuple[CodebookUsage | None, int]:
 def tokenizer_cost(model, image_size: int, device: torch.device) -> dict[str, float]:
     """Encoder and decoder cost of one image, counted with ``FlopCounterMode`` (2 FLOPs per MAC).
 
-    Attention runs in its explicit form while counting: the counter has no formula for the CPU
-    fused SDPA kernel and would silently leave out QKᵀ and AV (about 12% of a ViT-S pass).
+    Blocks run as :func:`softvq.networks.vit.reference_math` while counting: the counter has no
+    formula for the CPU fused SDPA kernel (it would leave out QKᵀ and AV, about 12% of a ViT-S
+    pass) nor for the in-place GEMM of the fused residual update.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from softvq.networks.vit import Attention
+    from softvq.networks.vit import reference_math
 
-    attention = [m for m in model.modules() if isinstance(m, Attention)]
-    saved = [m.explicit for m in attention]
     x = torch.zeros(1, model.config.in_channels, image_size, image_size, device=device)
-    try:
-        for m in attention:
-            m.explicit = True
-        with torch.inference_mode():
-            with FlopCounterMode(display=False) as enc:
-                latents = model.encode(x).latents
-            with FlopCounterMode(display=False) as dec:
-                model.decode(latents, image_size)
-    finally:
-        for m, flag in zip(attention, saved):
-            m.explicit = flag
+    with reference_math(model), torch.inference_mode():
+        with FlopCounterMode(display=False) as enc:
+            latents = model.encode(x).latents
+        with FlopCounterMode(display=False) as dec:
+            model.decode(latents, image_size)
     e, d = enc.get_total_flops(), dec.get_total_flops()
     return {"encoder_gflops": e / 1e9, "decoder_gflops": d / 1e9,
             "encoder_gmacs": e / 2e9, "decoder_gmacs": d / 2e9}

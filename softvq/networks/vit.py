@@ -8,7 +8,9 @@ them (see ``softvq.checkpoint.official``).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,10 @@ class Attention(nn.Module):
         self.explicit = False
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.mix(x))
+
+    def mix(self, x: Tensor) -> Tensor:
+        """Attention before the output projection: (B, N, C) heads concatenated."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         if self.explicit:
@@ -40,7 +46,7 @@ class Attention(nn.Module):
             out = (weights @ v.float()).to(x.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return out.transpose(1, 2).reshape(b, n, c)
 
 
 class Mlp(nn.Module):
@@ -53,7 +59,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.hidden(x))
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The MLP before its output layer."""
+        return self.act(self.fc1(x))
 
 
 class LayerScale(nn.Module):
@@ -91,18 +101,58 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale_init)
+        self.fused = True  # see _residual; reference_math() turns it off
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _add_scaled(x, self.attn(self.norm1(x)), self.ls1)
-        return _add_scaled(x, self.mlp(self.norm2(x)), self.ls2)
+        x = _residual(x, self.attn, self.norm1(x), self.ls1, self.fused)
+        return _residual(x, self.mlp, self.norm2(x), self.ls2, self.fused)
 
 
-def _add_scaled(x: Tensor, branch: Tensor, scale: nn.Module) -> Tensor:
-    """Residual update; LayerScale's multiply is fused into the add (networks without
-    LayerScale, e.g. DINO v1, replace it by an Identity)."""
-    if isinstance(scale, LayerScale):
-        return scale.residual(x, branch)
-    return x + scale(branch)
+def _residual(x: Tensor, branch: nn.Module, h: Tensor, scale: nn.Module, fused: bool = True) -> Tensor:
+    """x + scale(branch(h)), the residual update of a pre-norm block.
+
+    With LayerScale γ and a linear output layer (W, b) the update is folded into one GEMM that
+    accumulates onto the residual stream:  x + γ⊙(uWᵀ + b) = (x + γ⊙b) + u(γ⊙W)ᵀ.  That removes
+    the bias broadcast, the LayerScale multiply and the residual add as separate memory passes
+    (~7% of a CPU forward). Under autocast the plain form is kept, so the residual stream stays
+    float32 while the GEMMs run in low precision.
+    """
+    out_layer = getattr(branch, "proj", None) or getattr(branch, "fc2", None)
+    inner = getattr(branch, "mix", None) or getattr(branch, "hidden", None)
+    fusable = (fused and isinstance(scale, LayerScale) and isinstance(out_layer, nn.Linear) and inner is not None
+               and out_layer.bias is not None and not torch.is_autocast_enabled(x.device.type))
+    if not fusable:
+        update = branch(h)
+        return scale.residual(x, update) if isinstance(scale, LayerScale) else x + scale(update)
+    u = inner(h)
+    gamma = scale.gamma
+    # A fresh tensor, so the GEMM may accumulate into it in place (addmm_ needs no copy of it,
+    # and autograd needs neither its old nor its new value).
+    out = x + gamma * out_layer.bias
+    out.view(-1, x.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), (out_layer.weight * gamma[:, None]).t())
+    return out
+
+
+@contextlib.contextmanager
+def reference_math(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model``'s ViT blocks as the plain research implementation: explicit float32 softmax
+    attention and unfused residual updates. Same arithmetic; used as the speed baseline and for
+    FLOP counting (``FlopCounterMode`` has no formula for the CPU fused SDPA kernel or for
+    in-place GEMMs, and would leave those FLOPs out)."""
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    saved = [m.explicit for m in attention], [m.fused for m in blocks]
+    try:
+        for m in attention:
+            m.explicit = True
+        for m in blocks:
+            m.fused = False
+        yield model
+    finally:
+        for m, flag in zip(attention, saved[0]):
+            m.explicit = flag
+        for m, flag in zip(blocks, saved[1]):
+            m.fused = flag
 
 
 def resize_grid_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
