@@ -54,14 +54,14 @@ class Sabotage(TokenizerObjective):
         object.__setattr__(self, "tok", tokenizer)
         self.crash_at, self.sigint_at, self.nan_at, self.snapshots = crash_at, sigint_at, set(nan_at), snapshots
 
-    def generator_loss(self, images, out, step):
+    def generator_loss(self, images, out, step, **kwargs):
         if self.snapshots is not None:
             self.snapshots[step] = {k: v.detach().clone() for k, v in self.tok.state_dict().items()}
         if step == self.crash_at:
             raise RuntimeError("simulated crash")
         if step == self.sigint_at:
             os.kill(os.getpid(), signal.SIGINT)
-        loss, logs = super().generator_loss(images, out, step)
+        loss, logs = super().generator_loss(images, out, step, **kwargs)
         if step in self.nan_at:
             loss = loss * float("nan")
         return loss, logs

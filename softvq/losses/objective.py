@@ -252,8 +252,12 @@ class TokenizerObjective(nn.Module):
 
     # --- the two losses -----------------------------------------------------------------------
 
-    def generator_loss(self, images: Tensor, out: "TokenizerOutput", step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, images: Tensor, out: "TokenizerOutput", step: int, *,
+                       as_tensors: bool = False) -> tuple[Tensor, dict[str, Any]]:
         """Total weighted loss for the tokenizer (+projector) and a dict of unweighted/weighted parts for logging.
+
+        ``as_tensors=True`` returns the logged values as detached 0-d tensors instead of floats, so
+        a training loop can avoid a host-device sync per step and convert only when it logs.
 
         Log keys: each term ``t`` in {rec, perceptual, align, adversarial, bottleneck/<name>} as
         ``t`` (unweighted) and ``t_weighted``; ``perceptual_weight`` (λ1 now), ``adaptive_weight``
@@ -313,9 +317,10 @@ class TokenizerObjective(nn.Module):
         if not weighted:
             raise ValueError("every generator term is switched off (all weights are 0); nothing to optimise")
         total = torch.stack([v.float() for v in weighted.values()]).sum()
-        return total, _to_floats(parts, weighted, total, extras)
+        return total, _to_floats(parts, weighted, total, extras, as_tensors=as_tensors)
 
-    def discriminator_loss(self, images: Tensor, reconstruction: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def discriminator_loss(self, images: Tensor, reconstruction: Tensor, step: int, *,
+                           as_tensors: bool = False) -> tuple[Tensor, dict[str, Any]]:
         """Hinge + consistency + LeCAM; returns zero tensor with requires_grad=False semantics handled when before discriminator_start or disabled.
 
         Before ``discriminator_start`` or with λ2 = 0 the result is a constant 0 that does not
@@ -349,13 +354,15 @@ class TokenizerObjective(nn.Module):
             total = total + cfg.consistency_weight * cr
         parts["d/logits_real"] = logits[0].detach().mean()
         parts["d/logits_fake"] = logits[1].detach().mean()
-        return total, _to_floats(parts, {}, total, {}, total_key="d/loss")
+        return total, _to_floats(parts, {}, total, {}, total_key="d/loss", as_tensors=as_tensors)
 
 
 def _to_floats(parts: dict[str, Tensor], weighted: dict[str, Tensor], total: Tensor,
-               extras: dict[str, float], total_key: str = "loss") -> dict[str, float]:
-    """One device sync for all logged scalars."""
+               extras: dict[str, float], total_key: str = "loss", as_tensors: bool = False) -> dict[str, Any]:
+    """One device sync for all logged scalars (none with ``as_tensors``: detached 0-d tensors)."""
     keys = list(parts) + [f"{k}_weighted" for k in weighted] + [total_key]
     values = [v.detach().float().reshape(()) for v in list(parts.values()) + list(weighted.values())]
     values.append(total.detach().float().reshape(()))
+    if as_tensors:
+        return {**dict(zip(keys, values)), **extras}
     return {**dict(zip(keys, torch.stack(values).tolist())), **extras}

@@ -200,6 +200,7 @@ class Trainer:
                    disable=not (self.is_main and run.progress), desc="train")
         window: dict[str, float] = defaultdict(float)
         window_steps, window_start = 0, time.time()
+        shown_at = 0.0
         data_iter: Iterator[Batch] = iter(self.data.loader)
         try:
             if self.step == 0 and run.grid_every:
@@ -214,14 +215,16 @@ class Trainer:
                     window[k] += v
                 window_steps += 1
                 bar.update(1)
-                if self.is_main and run.progress and "loss" in logs:
+                if self.is_main and run.progress and "loss" in logs and time.time() - shown_at > 1.0:
+                    shown_at = time.time()  # reading the losses syncs the device: at most once a second
                     shown = {k: format_value(logs[k]) for k in ("loss", "rec", "perceptual", "d/loss") if k in logs}
                     shown["img/s"] = f"{window_steps * cfg.schedule.batch_size / max(time.time() - window_start, 1e-9):.1f}"
                     bar.set_postfix(shown, refresh=False)
                 step = self.step
                 if run.log_every and (step % run.log_every == 0 or step == cfg.schedule.steps):
                     elapsed = time.time() - window_start
-                    means = self._reduce_means({k: v / window_steps for k, v in window.items()})
+                    # the only place logged tensors are read back (one sync per log step)
+                    means = self._reduce_means({k: float(v) / window_steps for k, v in window.items()})
                     means.update(images_per_s=window_steps * cfg.schedule.batch_size / max(elapsed, 1e-9),
                                  epoch=step * cfg.schedule.batch_size / self.data.num_items if self.data.num_items else 0.0,
                                  nonfinite_steps=float(self.nonfinite_steps),
@@ -258,9 +261,11 @@ class Trainer:
         step = self.step
         self.model.train()
         self.objective.train()
-        logs: dict[str, float] = defaultdict(float)
+        logs: dict[str, Any] = defaultdict(float)
         lr = self.scheduler.get_last_lr()[0]
-        finite = True
+        # Everything stays on the device until one sync at the end of the step: a non-finite loss
+        # gives non-finite gradients, so the gradient norms (identical on every process after
+        # DDP's all-reduce) decide whether to skip, and logged values are converted at log steps.
         for micro in range(sched.grad_accum):
             batch = next(data_iter)
             self.skipped_files.update(batch.skipped)
@@ -270,31 +275,31 @@ class Trainer:
             with sync:
                 with acc.autocast():  # the objective keeps the discriminator out of this graph
                     output = self.model(images)
-                    loss, gen_logs = self.objective.generator_loss(images, output, step)
-                if not self._all_finite(loss):
-                    finite = False
-                    break
+                    loss, gen_logs = self.objective.generator_loss(images, output, step, as_tensors=True)
                 acc.backward(loss / sched.grad_accum)
                 with acc.autocast():
-                    d_loss, d_logs = self.objective.discriminator_loss(images, output.reconstruction.detach(), step)
+                    d_loss, d_logs = self.objective.discriminator_loss(
+                        images, output.reconstruction.detach(), step, as_tensors=True)
                 if d_loss.requires_grad:
-                    if not self._all_finite(d_loss):
-                        finite = False
-                        break
                     acc.backward(d_loss / sched.grad_accum)
-                    logs["d/loss"] += float(d_loss.detach()) / sched.grad_accum
+                    logs["d/loss"] += d_loss.detach().float() / sched.grad_accum
             for k, v in {**gen_logs, **d_logs}.items():
                 if k not in ("loss", "d/loss"):  # the trainer records those itself
-                    logs[k] += float(v) / sched.grad_accum
-            for k, v in output.encoding.metrics.items():  # perplexity, codebook usage, temperature
-                logs[f"bottleneck/{k}"] += float(v) / sched.grad_accum
-            logs["loss"] += float(loss.detach()) / sched.grad_accum
+                    logs[k] += v / sched.grad_accum
+            logs["loss"] += loss.detach().float() / sched.grad_accum
 
-        grad_norm = float("nan")
-        if finite:
-            self._average_unwrapped_grads()
-            grad_norm = self._clip(self.model, self.gen_extra)
-            finite = math.isfinite(grad_norm)
+        self._average_unwrapped_grads()
+        grad_norm = self._clip(self.model, self.gen_extra)
+        disc_grads = [p for p in self.disc_params if p.grad is not None]
+        disc_norm = (torch.nn.utils.clip_grad_norm_(disc_grads, self.cfg.optim.grad_clip or float("inf"))
+                     if disc_grads else torch.zeros((), device=self.device))
+        checks = torch.stack([grad_norm.float().to(self.device), disc_norm.float().to(self.device),
+                              torch.as_tensor(logs["loss"], device=self.device),
+                              torch.as_tensor(logs.get("d/loss", 0.0), device=self.device)])
+        ok = torch.isfinite(checks).all().to(torch.float32).reshape(1)
+        if self.world > 1:  # every process must skip together
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        finite = bool(ok.item())  # the step's one host-device sync
         if not finite:
             self._zero_grads()
             self.nonfinite_steps += 1
@@ -312,9 +317,7 @@ class Trainer:
             return {"nonfinite": 1.0, "lr": lr}
 
         self.optimizer.step()
-        if self.disc_optimizer is not None and any(p.grad is not None for p in self.disc_params):
-            if self.cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.disc_params, self.cfg.optim.grad_clip)
+        if self.disc_optimizer is not None and disc_grads:
             self.disc_optimizer.step()
         self._zero_grads()
         self._advance_schedules()
@@ -324,13 +327,6 @@ class Trainer:
         return dict(logs)
 
     # --- pieces of a step ---------------------------------------------------------------------
-
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        """True when the loss is finite on every process (all must agree to skip together)."""
-        ok = torch.isfinite(value.detach().float()).all().to(self.device, torch.float32).reshape(1)
-        if self.world > 1:
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        return bool(ok.item())
 
     def _average_unwrapped_grads(self) -> None:
         """DDP averages the tokenizer's gradients; the objective's trainable parts are averaged here."""
@@ -347,16 +343,17 @@ class Trainer:
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
 
-    def _clip(self, model: nn.Module, extra: list[torch.nn.Parameter]) -> float:
-        """Clip the tokenizer (+ projector) gradients to ``optim.grad_clip``; returns the norm before."""
+    def _clip(self, model: nn.Module, extra: list[torch.nn.Parameter]) -> torch.Tensor:
+        """Clip the tokenizer (+ projector) gradients to ``optim.grad_clip``; returns the norm before
+        (a tensor: reading it is left to the caller's single sync)."""
         max_norm = self.cfg.optim.grad_clip or float("inf")
         if self.cfg.run.distributed == "fsdp" and self.world > 1:
             norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
             if extra:
                 torch.nn.utils.clip_grad_norm_(extra, max_norm)
-            return float(norm)
+            return torch.as_tensor(norm)
         params = [p for p in list(model.parameters()) + extra if p.grad is not None]
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def _zero_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
