@@ -44,36 +44,49 @@ def build(preset: str, device: torch.device, explicit_attention: bool):
     return model, objective, opt_g, opt_d
 
 
-def step(model, objective, opt_g, opt_d, images, index, autocast):
+def step(model, objective, opt_g, opt_d, images, index, autocast, syncs: bool = False):
+    """One step. ``syncs=True`` reads values back to the host the way the trainer did before it
+    was changed (loss and D-loss finiteness, both log dicts, the gradient norm: ~6 syncs a step);
+    ``False`` is the trainer's current single sync."""
     with autocast:
         out = model(images)
-        loss, _ = objective.generator_loss(images, out, index)
+        loss, _ = objective.generator_loss(images, out, index, as_tensors=not syncs)
+    if syncs:
+        bool(torch.isfinite(loss).item())
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt_g.step()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     with autocast:
-        d_loss, _ = objective.discriminator_loss(images, out.reconstruction.detach(), index)
+        d_loss, _ = objective.discriminator_loss(images, out.reconstruction.detach(), index, as_tensors=not syncs)
     if d_loss.requires_grad:
+        if syncs:
+            bool(torch.isfinite(d_loss).item()), float(d_loss)
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
+    if syncs:
+        float(norm), float(loss)
+    else:
+        bool(torch.isfinite(torch.stack([norm, loss.detach(), d_loss.detach()])).all())
+    opt_g.step()
+    if d_loss.requires_grad:
         opt_d.step()
 
 
-def measure(preset: str, device_name: str, dtype_name: str, batch: int, steps: int, explicit: bool) -> dict:
+def measure(preset: str, device_name: str, dtype_name: str, batch: int, steps: int, explicit: bool,
+            syncs: bool = False) -> dict:
     device = torch.device(device_name)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     model, objective, opt_g, opt_d = build(preset, device, explicit)
     size = model.config.image_size
     images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    step(model, objective, opt_g, opt_d, images, 0, autocast)  # warm-up
+    step(model, objective, opt_g, opt_d, images, 0, autocast, syncs)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(steps):
-        step(model, objective, opt_g, opt_d, images, i + 1, autocast)
+        step(model, objective, opt_g, opt_d, images, i + 1, autocast, syncs)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -104,6 +117,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--baseline", action="store_true", help="also time explicit fp32 attention")
+    parser.add_argument("--syncs", action="store_true",
+                        help="also time the step with the ~6 host-device syncs the trainer used to make")
     parser.add_argument("--profile", metavar="PRESET")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one preset, print JSON
     args = parser.parse_args()
@@ -112,18 +127,20 @@ def main() -> None:
         profile(args.profile, args.batch)
         return
     if args.one:
-        preset, explicit = args.one.split(":")
-        print(json.dumps(measure(preset, args.device, args.dtype, args.batch, args.steps, explicit == "1")))
+        preset, explicit, syncs = args.one.split(":")
+        print(json.dumps(measure(preset, args.device, args.dtype, args.batch, args.steps, explicit == "1", syncs == "1")))
         return
 
     rows = []
-    variants = [("0", args.dtype)] + ([("1", "fp32")] if args.baseline else [])
+    variants = ([("0", args.dtype, "0")] + ([("0", args.dtype, "1")] if args.syncs else [])
+                + ([("1", "fp32", "0")] if args.baseline else []))
     for preset in args.presets:
-        for explicit, dtype in variants:
-            cmd = [sys.executable, __file__, "--one", f"{preset}:{explicit}", "--device", args.device,
+        for explicit, dtype, syncs in variants:
+            cmd = [sys.executable, __file__, "--one", f"{preset}:{explicit}:{syncs}", "--device", args.device,
                    "--dtype", dtype, "--batch", str(args.batch), "--steps", str(args.steps)]
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            result["variant"] = f"{dtype}, {'explicit' if explicit == '1' else 'SDPA'} attention"
+            result["variant"] = (f"{dtype}, {'plain (explicit attention, unfused)' if explicit == '1' else 'SDPA, fused'}"
+                                 f"{', ~6 syncs/step (old trainer)' if syncs == '1' else ''}")
             rows.append(result)
             print(f"done {preset} {result['variant']}", flush=True)
 
