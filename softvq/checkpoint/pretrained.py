@@ -39,17 +39,42 @@ def atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def save_pretrained(model: "Tokenizer", directory: str | Path) -> Path:
+def write_folder(directory: str | Path, state: dict[str, torch.Tensor], payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as config.json and ``state`` as model.safetensors, each atomically."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2)))
+    return directory
+
+
+def read_folder_config(path_or_id: str | Path, fmt: str, what: str, hint: str) -> tuple[Path, dict[str, Any]]:
+    """Resolve a checkpoint folder and read its config.json, checking its ``format`` is ``fmt``.
+
+    Every failure is a one-line :class:`CheckpointError`; ``what`` names the expected kind of
+    checkpoint and ``hint`` says where a checkpoint of another kind belongs.
+    """
+    folder = resolve(path_or_id, [CONFIG_NAME, WEIGHTS_NAME])
+    config_file = folder / CONFIG_NAME
+    if not config_file.exists():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; is it a {what} folder?")
+    try:
+        payload = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise CheckpointError(f"{config_file} is not a {what} (format {found!r}); {hint}")
+    return folder, payload
+
+
+def save_pretrained(model: "Tokenizer", directory: str | Path) -> Path:
     meta: dict[str, Any] = {"format": FORMAT, "config": model.config.to_dict()}
     if model.latent_mean is not None:
         meta["latent_mean"], meta["latent_std"] = model.latent_mean, model.latent_std
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return directory
+    return write_folder(directory, model.state_dict(), meta)
 
 
 def resolve(path_or_id: str | Path, filenames: list[str]) -> Path:
@@ -115,19 +140,9 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str = "cpu") -> "To
     from softvq.config import TokenizerConfig
     from softvq.tokenizer import Tokenizer
 
-    folder = resolve(path_or_id, [CONFIG_NAME, WEIGHTS_NAME])
-    config_file = folder / CONFIG_NAME
-    if not config_file.exists():
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; is it a softvq checkpoint folder?")
-    try:
-        meta = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{config_file} is not a softvq checkpoint; for the released SoftVQ-VAE checkpoints "
-            f"use Tokenizer.from_official"
-        )
+    folder, meta = read_folder_config(
+        path_or_id, FORMAT, "softvq checkpoint",
+        "for the released SoftVQ-VAE checkpoints use Tokenizer.from_official")
     model = Tokenizer(TokenizerConfig.from_dict(meta["config"]))
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
     model.latent_mean, model.latent_std = meta.get("latent_mean"), meta.get("latent_std")

@@ -8,18 +8,14 @@ class names. Loading is strict (missing / unexpected keys are named).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from softvq.checkpoint.pretrained import (CheckpointError, atomic_write, load_strict, read_state_dict,
-                                          resolve)
+from softvq.checkpoint.pretrained import WEIGHTS_NAME, load_strict, read_folder_config, read_state_dict, write_folder
 from softvq.generation.models import GeneratorConfig, LatentTransformer
 
 FORMAT = "softvq-generator"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -50,29 +46,14 @@ class GeneratorMeta:
 def save_generator(model: LatentTransformer, meta: GeneratorMeta, directory: str | Path,
                    state: dict[str, Any] | None = None) -> Path:
     """Write the generator (``state`` overrides the weights, e.g. the EMA copy) atomically."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    weights = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
     payload = {"format": FORMAT, "config": model.config.to_dict(), "meta": meta.to_dict()}
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2)))
-    return directory
+    return write_folder(directory, state or model.state_dict(), payload)
 
 
 def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[LatentTransformer, GeneratorMeta]:
     """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`."""
-    folder = resolve(path_or_id, [CONFIG_NAME, WEIGHTS_NAME])
-    config_file = folder / CONFIG_NAME
-    if not config_file.exists():
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; is it a generator exported by softvq's trainer?")
-    try:
-        payload = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if payload.get("format") != FORMAT:
-        raise CheckpointError(f"{config_file} is not a softvq generator (format {payload.get('format')!r}); "
-                              f"tokenizers load with softvq.Tokenizer.from_pretrained")
+    folder, payload = read_folder_config(path_or_id, FORMAT, "softvq generator",
+                                         "tokenizers load with softvq.Tokenizer.from_pretrained")
     model = LatentTransformer(GeneratorConfig.from_dict(payload["config"]))
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
     known = GeneratorMeta.__dataclass_fields__
