@@ -11,8 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from softvq.config import ViTConfig
-from softvq.networks.encoder import _init_embeddings
-from softvq.networks.vit import Block, resize_grid_embed, unpatchify
+from softvq.networks.vit import init_vit_weights, resize_grid_embed, stack_blocks, unpatchify
 
 
 class TokenDecoder(nn.Module):
@@ -36,14 +35,10 @@ class TokenDecoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, vit.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, vit.width))
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, num_tokens, vit.width))
-        self.blocks = nn.ModuleList(
-            Block(vit.width, vit.heads, mlp_ratio=vit.mlp_ratio,
-                  layerscale_init=vit.layerscale_init, norm_eps=vit.norm_eps)
-            for _ in range(vit.depth)
-        )
+        self.blocks = stack_blocks(vit)
         self.norm = nn.LayerNorm(vit.width, eps=vit.norm_eps)
         self.to_pixel = nn.Linear(vit.width, patch_size * patch_size * out_channels)
-        _init_embeddings(self, [self.mask_token, self.cls_token, self.pos_embed, self.latent_pos_embed])
+        init_vit_weights(self, [self.mask_token, self.cls_token, self.pos_embed, self.latent_pos_embed])
 
     def forward(self, latents: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
         """Decode projected latents (B, L, width) to an image on ``grid`` patches (default: trained size)."""

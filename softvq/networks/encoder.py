@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from softvq.config import ViTConfig
-from softvq.networks.vit import Block, resize_grid_embed
+from softvq.networks.vit import init_vit_weights, resize_grid_embed, stack_blocks
 
 
 class TokenEncoder(nn.Module):
@@ -35,14 +35,10 @@ class TokenEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, vit.width))
         self.latent_tokens = nn.Parameter(torch.zeros(1, num_tokens, vit.width))
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, num_tokens, vit.width))
-        self.blocks = nn.ModuleList(
-            Block(vit.width, vit.heads, mlp_ratio=vit.mlp_ratio,
-                  layerscale_init=vit.layerscale_init, norm_eps=vit.norm_eps)
-            for _ in range(vit.depth)
-        )
+        self.blocks = stack_blocks(vit)
         self.norm = nn.LayerNorm(vit.width, eps=vit.norm_eps)
         self.num_tokens = num_tokens
-        _init_embeddings(self, [self.cls_token, self.pos_embed, self.latent_tokens, self.latent_pos_embed])
+        init_vit_weights(self, [self.cls_token, self.pos_embed, self.latent_tokens, self.latent_pos_embed])
 
     def forward(self, images: Tensor) -> Tensor:
         b, _, h, w = images.shape
@@ -58,13 +54,3 @@ class TokenEncoder(nn.Module):
             x = block(x)
         return self.norm(x)[:, -self.num_tokens:]
 
-
-def _init_embeddings(module: nn.Module, params: list[nn.Parameter]) -> None:
-    """ViT initialisation: truncated-normal (std 0.02) linears and embeddings, zero biases."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    for p in params:
-        nn.init.trunc_normal_(p, std=0.02)

@@ -11,10 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from softvq.config import ViTConfig
 
 
 class Attention(nn.Module):
@@ -131,6 +135,26 @@ def _residual(x: Tensor, branch: nn.Module, h: Tensor, scale: nn.Module, fused: 
     out = x + gamma * out_layer.bias
     out.view(-1, x.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]), (out_layer.weight * gamma[:, None]).t())
     return out
+
+
+def stack_blocks(vit: "ViTConfig") -> nn.ModuleList:
+    """The ``vit.depth`` blocks of one ViT stack (encoder or decoder)."""
+    return nn.ModuleList(
+        Block(vit.width, vit.heads, mlp_ratio=vit.mlp_ratio, layerscale_init=vit.layerscale_init,
+              norm_eps=vit.norm_eps)
+        for _ in range(vit.depth)
+    )
+
+
+def init_vit_weights(module: nn.Module, params: list[nn.Parameter]) -> None:
+    """ViT initialisation: truncated-normal (std 0.02) linears and embeddings, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for p in params:
+        nn.init.trunc_normal_(p, std=0.02)
 
 
 @contextlib.contextmanager
