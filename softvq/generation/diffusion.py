@@ -211,7 +211,7 @@ class GaussianDiffusion:
         """τ ∈ [0, 1] of this process's step i (original index / original T), for guidance intervals."""
         return float(self.timestep_map[i]) / self.original_steps
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def p_sample_loop(self, model: ModelFn, noise: Tensor, generator: torch.Generator | None = None,
                       progress: bool = False) -> Tensor:
         """Ancestral sampling from x_T = ``noise`` down to x_0; the model sees original step indices."""

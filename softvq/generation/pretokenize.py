@@ -108,7 +108,7 @@ def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
         yield batch
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokenizer_spec: str | None = None,
                 batch_size: int = 32, shard_size: int = 4096, progress: bool = True) -> PretokenizeResult:
     """Encode every sample of ``source`` with ``tokenizer`` (eval mode) and write shards + meta.json."""

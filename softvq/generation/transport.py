@@ -92,7 +92,7 @@ def _velocity(fn: VelocityFn, x: Tensor, t: Tensor, dtype: torch.dtype) -> Tenso
     return fn(x.to(dtype), t_batch).to(torch.float64)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_ode(velocity: VelocityFn, noise: Tensor, steps: int = 50, method: Literal["euler", "heun"] = "euler",
                progress: bool = False) -> Tensor:
     """Integrate dx/dt = v(x, t) from t = 1 (``noise``) to t = 0 (data).
@@ -127,7 +127,7 @@ def diffusion_coefficient(kind: Literal["sigma", "2t"], path: Interpolant, t: Te
     raise ValueError(f"unknown SDE diffusion {kind!r}; choose 'sigma' or '2t'")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_sde(velocity: VelocityFn, noise: Tensor, path: Interpolant, steps: int = 250,
                diffusion: Literal["sigma", "2t"] = "2t", t_last: float = 0.04,
                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
