@@ -217,7 +217,7 @@ class Trainer:
                 bar.update(1)
                 if self.is_main and run.progress and "loss" in logs and time.time() - shown_at > 1.0:
                     shown_at = time.time()  # reading the losses syncs the device: at most once a second
-                    shown = {k: format_value(logs[k]) for k in ("loss", "rec", "perceptual", "d/loss") if k in logs}
+                    shown = {k: format_value(float(logs[k])) for k in ("loss", "rec", "perceptual", "d/loss") if k in logs}
                     shown["img/s"] = f"{window_steps * cfg.schedule.batch_size / max(time.time() - window_start, 1e-9):.1f}"
                     bar.set_postfix(shown, refresh=False)
                 step = self.step
