@@ -139,20 +139,21 @@ class TokenizerConfig:
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in nested:
-                kwargs[key] = _strict(nested[key], value, prefix=f"{key}.")
+                kwargs[key] = strict_fields(nested[key], value, prefix=f"{key}.")
             else:
                 kwargs[key] = value
-        return _strict(cls, kwargs).validate()
+        return strict_fields(cls, kwargs).validate()
 
 
-def _strict(cls: type, values: Any, prefix: str = "") -> Any:
+def strict_fields(cls: type, values: Any, prefix: str = "", what: str = "config") -> Any:
+    """``cls(**values)`` for a dataclass, with unknown keys an error that names them and the valid ones."""
     if isinstance(values, cls):
         return values
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"unknown {what} key(s) {', '.join(prefix + k for k in unknown)}; "
             f"valid keys are {', '.join(prefix + k for k in sorted(known))}"
         )
     return cls(**values)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from softvq.config import strict_fields
 from softvq.generation.embeddings import LabelEmbedder, TimestepEmbedder, sincos_grid, sincos_sequence
 from softvq.networks.vit import Attention, Mlp, patchify, unpatchify
 
@@ -100,11 +101,7 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GeneratorConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown generator config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-        return cls(**data).validate()
+        return strict_fields(cls, data, what="generator config").validate()
 
 
 def generator_config(kind: GeneratorKind, size: str, **fields: Any) -> GeneratorConfig:

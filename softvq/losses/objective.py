@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from softvq.config import strict_fields
 from softvq.losses.adversarial import LeCAM, adaptive_weight, build_discriminator, consistency_loss, hinge_d_loss, hinge_g_loss
 from softvq.losses.alignment import RepresentationAlignment, VGGTarget, build_alignment_target
 from softvq.losses.diffaug import DiffAugment
@@ -143,11 +144,7 @@ class ObjectiveConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ObjectiveConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown objective key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-        return cls(**data).validate()
+        return strict_fields(cls, data, what="objective").validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
