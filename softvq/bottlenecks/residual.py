@@ -10,7 +10,7 @@ Eq. 13 as printed has r_l = r_{l−1} − z_l; with z_l the running sum that wou
 levels twice from l = 2 on, so it is a typo for r_{l−1} − Q_l(r_{l−1}) (equivalently r_l = ẑ − z_l).
 
 Each level Q_l is any bottleneck (its own codebook); a level that is a
-:class:`~softvq.bottlenecks.product.ProductQuantizer` gives R-PQ (Tab. 5 "R-PQ").
+:class:`~softvq.bottlenecks.product.ProductQuantizer` gives R-PQ (supplementary Tab. 6 "R-PQ").
 Input layout: [signal (D), side (R × s)] with s the level's side channels (e.g. one ω per level
 for GMMVQ); level l receives [r_{l−1}, side_l]. Losses of the same name are summed over levels
 (RQ-VAE sums its per-depth losses), metrics averaged; indices (B, L, R) or (B, L, R·P) in level-major

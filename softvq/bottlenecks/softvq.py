@@ -53,7 +53,7 @@ def codebook_metrics(probs: Tensor, indices: Tensor, codebook_size: int) -> dict
 
 
 class SoftVQ(Bottleneck):
-    """Soft vector quantization (Eq. 4) with a fixed or learnable temperature (Tab. 5 ablation).
+    """Soft vector quantization (Eq. 4) with a fixed or learnable temperature (supplementary Tab. 6 ablation).
 
     latent_dim: D; codebook_size: K; temperature: τ (paper 0.07); learnable_temperature: learn log τ;
     distance: ``l2`` (paper) or ``cosine`` (release); detach_codebook_in_logits: the release's

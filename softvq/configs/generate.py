@@ -48,7 +48,7 @@ def main() -> None:
 
     # Supplementary Tab. 5 ablations on SoftVQ-S, 64 tokens x 32, in the PAPER's formulation
     # (Eq. 4 L2 distance, one codebook, no detach) so that PQ / RQ mean channel groups / levels.
-    write("ablation-base", "Ablation base: SoftVQ-S, 64 x 32, K=8192, tau=0.07, paper Eq. 4 (supp. Tab. 5)", {
+    write("ablation-base", "Ablation base: SoftVQ-S, 64 x 32, K=8192, tau=0.07, paper Eq. 4 (supp. Tab. 6)", {
         "model": {"preset": "softvq-s-64", "bottleneck": {
             "kind": "softvq", "latent_dim": 32, "codebook_size": 8192, "temperature": 0.07, "distance": "l2",
             "detach_codebook_in_logits": False, "entropy_temperature": None, "segments": 1}},
@@ -75,7 +75,7 @@ def main() -> None:
         if "_tokens" in bottleneck:
             model["num_tokens"] = bottleneck.pop("_tokens")
         model["bottleneck"] = bottleneck
-        write(f"ablation-{name}", f"Ablation (supp. Tab. 5): {title}",
+        write(f"ablation-{name}", f"Ablation (supp. Tab. 6): {title}",
               {"model": model, "run": {"name": f"ablation-{name}"}}, parent="ablation-base.yaml")
 
 
