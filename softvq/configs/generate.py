@@ -46,7 +46,7 @@ def main() -> None:
                 "run": {"name": f"tab3-{kind}-s-{tokens}"},
             })
 
-    # Supplementary Tab. 5 ablations on SoftVQ-S, 64 tokens x 32, in the PAPER's formulation
+    # Supplementary Tab. 6 ablations on SoftVQ-S, 64 tokens x 32, in the PAPER's formulation
     # (Eq. 4 L2 distance, one codebook, no detach) so that PQ / RQ mean channel groups / levels.
     write("ablation-base", "Ablation base: SoftVQ-S, 64 x 32, K=8192, tau=0.07, paper Eq. 4 (supp. Tab. 6)", {
         "model": {"preset": "softvq-s-64", "bottleneck": {
