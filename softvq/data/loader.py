@@ -25,6 +25,7 @@ class Batch:
 
     images: torch.Tensor
     skipped: list[str] = field(default_factory=list)
+    stream_position: tuple[int, int, int] | None = None  # shards: (logical worker, epoch, next index)
 
 
 @dataclass
@@ -44,14 +45,19 @@ class TrainData:
     ignored_files: list[str] = field(default_factory=list)  # non-image files in a folder
 
 
-def collate(samples: list[tuple[torch.Tensor, list[str]]]) -> Batch:
-    return Batch(torch.stack([s[0] for s in samples]), [p for s in samples for p in s[1]])
+def collate(samples: list[tuple]) -> Batch:
+    """Stack images; shard samples also carry their stream position (a batch comes from one
+    worker, so its last sample's position is where that worker continues)."""
+    position = samples[-1][2] if len(samples[-1]) > 2 else None
+    return Batch(torch.stack([s[0] for s in samples]), [p for s in samples for p in s[1]], position)
 
 
 def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: int = 0, world_size: int = 1,
-               seed: int = 0, start_micro_step: int = 0, pin_memory: bool = False) -> tuple[TrainData, HeldOut]:
+               seed: int = 0, start_micro_step: int = 0, stream_positions: dict[int, tuple[int, int]] | None = None,
+               pin_memory: bool = False) -> tuple[TrainData, HeldOut]:
     """The training loader (this process's share of each global micro-batch of ``micro_batch * world_size``
-    images, starting after ``start_micro_step`` consumed micro-batches) and the held-out images."""
+    images, starting after ``start_micro_step`` consumed micro-batches) and the held-out images.
+    ``stream_positions``: for shards, where each logical worker stopped (saved by the trainer)."""
     global_batch = micro_batch * world_size
     start = start_micro_step * global_batch
     ignored: list[str] = []
@@ -77,8 +83,10 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
         if others:
             description += f", {len(others)} non-image files ignored"
     else:
+        exact = start_micro_step == 0 or stream_positions is not None
         stream = ShardStream(cfg.path, image_size, seed=seed, rank=rank, world_size=world_size,
-                             start_epoch=start_micro_step,  # a fresh order on resume
+                             start_epoch=0 if exact else start_micro_step,  # no positions: a fresh order
+                             start_batch=start_micro_step, positions=stream_positions,
                              hflip=cfg.hflip, min_crop_fraction=cfg.min_crop_fraction)
         loader = DataLoader(stream, batch_size=micro_batch, collate_fn=collate, num_workers=cfg.workers,
                             prefetch_factor=cfg.prefetch_factor if cfg.workers else None,

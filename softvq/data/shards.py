@@ -7,8 +7,14 @@ epoch from the run seed, and split between processes and DataLoader workers, so 
 seen once per epoch. Unreadable samples are skipped and reported with the batch, like
 :mod:`softvq.data.folder`.
 
-Resuming is approximate here: a resumed run starts a fresh epoch order (seeded by the resume
-step) instead of the exact sample it stopped at; exact resume is for map-style data.
+Resuming is exact: every yielded image carries its stream position (logical worker, epoch,
+sample index), the trainer saves the position of the last batch it consumed from each logical
+worker, and a resumed stream skips to it without decoding the skipped samples. Augmentation
+randomness is a function of (seed, epoch, rank, logical worker, sample index), so a skipped
+sample consumes none. DataLoader hands out batches round-robin from worker 0, so after ``b``
+consumed batches physical worker ``w`` plays logical worker ``(w + b) % workers``: global batch
+``k`` always comes from logical worker ``k % workers``. Without saved positions (or with another
+worker count) a resumed stream starts a fresh epoch order instead.
 """
 
 from __future__ import annotations
@@ -40,16 +46,21 @@ def expand_shards(pattern: str) -> list[str]:
 
 
 class ShardStream(IterableDataset):
-    """Endless stream of ``(image tensor, skipped keys)`` from tar shards, split by process and worker."""
+    """Endless stream of ``(image tensor, skipped keys, position)`` from tar shards, split by process
+    and worker; ``position`` = (logical worker, epoch, next sample index) for exact resume."""
 
     def __init__(self, pattern: str, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_epoch: int = 0, hflip: bool = True, min_crop_fraction: float = 0.8) -> None:
+                 start_epoch: int = 0, start_batch: int = 0,
+                 positions: dict[int, tuple[int, int]] | None = None,
+                 hflip: bool = True, min_crop_fraction: float = 0.8) -> None:
         self.shards = expand_shards(pattern)
         self.size = size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.start_epoch = start_epoch
+        self.start_batch = start_batch
+        self.positions = positions or {}
         self.hflip = hflip
         self.min_crop_fraction = min_crop_fraction
 
@@ -66,7 +77,8 @@ class ShardStream(IterableDataset):
                 f"{len(self.shards)} shards cannot feed {self.world_size} processes x {workers} workers; "
                 f"use more shards or fewer data.workers"
             )
-        epoch = self.start_epoch
+        logical = (worker + self.start_batch) % workers
+        epoch, position = self.positions.get(logical, (self.start_epoch, 0))
         pending: list[str] = []  # skipped samples, reported with the next good one
 
         def skip(exc: Exception) -> bool:
@@ -76,9 +88,10 @@ class ShardStream(IterableDataset):
         import webdataset as wds  # only needed for shards
 
         while True:
-            rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
-            urls = [{"url": u} for u in self._my_shards(epoch, worker, workers)]
-            for sample in wds.tarfile_samples(urls, handler=skip):
+            urls = [{"url": u} for u in self._my_shards(epoch, logical, workers)]
+            for index, sample in enumerate(wds.tarfile_samples(urls, handler=skip)):
+                if index < position:  # consumed before the resume: skip without decoding
+                    continue
                 key = next((k for k in _IMAGE_KEYS if k in sample), None)
                 try:
                     if key is None:
@@ -87,9 +100,10 @@ class ShardStream(IterableDataset):
                 except Exception:  # corrupt or missing image: skip it, report it
                     pending.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
                     continue
+                rng = np.random.default_rng([self.seed, epoch, self.rank, logical, index])
                 img = random_crop(img, self.size, rng, self.min_crop_fraction)
                 if self.hflip:
                     img = random_flip(img, rng)
-                yield to_tensor(img), pending[:]
+                yield to_tensor(img), pending[:], (logical, epoch, index + 1)
                 pending.clear()
-            epoch += 1
+            epoch, position = epoch + 1, 0

@@ -169,6 +169,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_steps = 0
         self.skipped_files: set[str] = set()
+        # shards: where each logical data worker stopped, so --resume continues at the next sample
+        self.stream_positions: dict[int, tuple[int, int]] = {}
         self.last_checkpoint: Path | None = None
         self._stop_signal = 0
         resume_state = self._load_resume(resume) if resume else None
@@ -176,6 +178,7 @@ class Trainer:
         self.data, self.heldout = build_data(
             config.data, image_size=config.image_size, micro_batch=self.micro_batch, rank=self.rank,
             world_size=self.world, seed=sched.seed, start_micro_step=self.step * sched.grad_accum,
+            stream_positions=self._saved_stream_positions(resume_state),
             pin_memory=self.device.type == "cuda")
         self.skipped_files.update(self.heldout.skipped)
         if resume_state is not None:
@@ -269,6 +272,9 @@ class Trainer:
         for micro in range(sched.grad_accum):
             batch = next(data_iter)
             self.skipped_files.update(batch.skipped)
+            if batch.stream_position is not None:
+                logical, epoch, index = batch.stream_position
+                self.stream_positions[logical] = (epoch, index)
             images = batch.images.to(self.device, non_blocking=True)
             last = micro == sched.grad_accum - 1
             sync = contextlib.nullcontext() if last or self.world == 1 else acc.no_sync(self.model)
@@ -444,6 +450,8 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "skipped_files": skipped,
             "rng": rngs,
+            "data_stream": {"workers": self.cfg.data.workers,
+                            "positions": _gather_objects(self.stream_positions, self.world)},
         }
 
     def save_checkpoint(self) -> Path:
@@ -484,6 +492,15 @@ class Trainer:
         self.skipped_files = set(state["skipped_files"])
         self.last_checkpoint = path
         return state
+
+    def _saved_stream_positions(self, state: dict[str, Any] | None) -> dict[int, tuple[int, int]] | None:
+        """This process's saved shard-stream positions, or None when they cannot be replayed
+        (no checkpoint, an older checkpoint, or another process / worker count)."""
+        saved = (state or {}).get("data_stream")
+        if not saved or saved["workers"] != self.cfg.data.workers or len(saved["positions"]) != self.world:
+            return None
+        self.stream_positions = {int(k): tuple(v) for k, v in saved["positions"][self.rank].items()}
+        return dict(self.stream_positions)
 
     def _restore_rng(self, state: dict[str, Any]) -> None:
         rngs = state["rng"]
