@@ -30,11 +30,9 @@ from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
 from softvq.networks.vit import reference_math
 
 
-def build(preset: str, device: torch.device, explicit_attention: bool):
+def build(preset: str, device: torch.device):
     torch.manual_seed(0)
     model = softvq.Tokenizer.from_preset(preset).to(device).train()
-    if explicit_attention:  # the plain research baseline for the whole run
-        reference_math(model).__enter__()
     cfg = ObjectiveConfig(perceptual_warmup_steps=0, discriminator_start=0, discriminator="vgg",
                           alignment_target="vgg")
     objective = TokenizerObjective(cfg, model).to(device)
@@ -76,7 +74,13 @@ def measure(preset: str, device_name: str, dtype_name: str, batch: int, steps: i
             syncs: bool = False) -> dict:
     device = torch.device(device_name)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    model, objective, opt_g, opt_d = build(preset, device, explicit)
+    model, objective, opt_g, opt_d = build(preset, device)
+    # the plain research baseline (explicit attention, unfused residuals) for the whole measurement
+    with reference_math(model) if explicit else contextlib.nullcontext():
+        return _time_steps(model, objective, opt_g, opt_d, preset, device, dtype, batch, steps, syncs)
+
+
+def _time_steps(model, objective, opt_g, opt_d, preset, device, dtype, batch, steps, syncs) -> dict:
     size = model.config.image_size
     images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
@@ -98,7 +102,7 @@ def measure(preset: str, device_name: str, dtype_name: str, batch: int, steps: i
 
 
 def profile(preset: str, batch: int) -> None:
-    model, objective, opt_g, opt_d = build(preset, torch.device("cpu"), False)
+    model, objective, opt_g, opt_d = build(preset, torch.device("cpu"))
     size = model.config.image_size
     images = torch.rand(batch, 3, size, size) * 2 - 1
     step(model, objective, opt_g, opt_d, images, 0, contextlib.nullcontext())

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import signal
 import time
@@ -178,7 +177,7 @@ class Trainer:
         self.data, self.heldout = build_data(
             config.data, image_size=config.image_size, micro_batch=self.micro_batch, rank=self.rank,
             world_size=self.world, seed=sched.seed, start_micro_step=self.step * sched.grad_accum,
-            stream_positions=self._saved_stream_positions(resume_state),
+            stream_positions=self._restore_stream_positions(resume_state),
             pin_memory=self.device.type == "cuda")
         self.skipped_files.update(self.heldout.skipped)
         if resume_state is not None:
@@ -493,9 +492,9 @@ class Trainer:
         self.last_checkpoint = path
         return state
 
-    def _saved_stream_positions(self, state: dict[str, Any] | None) -> dict[int, tuple[int, int]] | None:
-        """This process's saved shard-stream positions, or None when they cannot be replayed
-        (no checkpoint, an older checkpoint, or another process / worker count)."""
+    def _restore_stream_positions(self, state: dict[str, Any] | None) -> dict[int, tuple[int, int]] | None:
+        """Restore and return this process's saved shard-stream positions, or None when they cannot
+        be replayed (no checkpoint, an older checkpoint, or another process / worker count)."""
         saved = (state or {}).get("data_stream")
         if not saved or saved["workers"] != self.cfg.data.workers or len(saved["positions"]) != self.world:
             return None
