@@ -88,6 +88,17 @@ class Tokenizer(nn.Module):
         self.slice_size = None
         return self
 
+    def compile(self, *args: Any, **kwargs: Any) -> "Tokenizer":
+        """``torch.compile`` the encoder and decoder ViTs, so ``encode``/``decode`` use them too.
+
+        ``nn.Module.compile`` would only wrap ``forward``; ``encode`` and ``decode`` would stay
+        eager. The bottleneck stays eager (its chunked soft assignment is a Python loop around a
+        custom autograd function). Arguments go to ``torch.compile`` (e.g. ``mode="max-autotune"``).
+        """
+        self.encoder.compile(*args, **kwargs)
+        self.decoder.compile(*args, **kwargs)
+        return self
+
     # --- construction ----------------------------------------------------------------------
 
     @classmethod

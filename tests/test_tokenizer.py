@@ -112,3 +112,31 @@ def test_fused_residual_update_equals_the_plain_block_and_its_gradients():
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     for g, p in zip(grads, plain_grads):
         torch.testing.assert_close(g, p, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_path_with_in_place_gelu_equals_the_plain_block_and_leaves_training_alone():
+    """Without autograd the MLP's GELU runs in place; values must equal the plain block's, and
+    with autograd on, the out-of-place GELU must be used (in place would corrupt backward)."""
+    from softvq.networks.vit import Block, reference_math
+
+    torch.manual_seed(0)
+    block = Block(32, 4, layerscale_init=0.7).eval()
+    x = torch.randn(2, 9, 32)
+    calls = []
+    block.mlp.act.register_forward_hook(lambda *a: calls.append("out-of-place"))
+    with torch.inference_mode():
+        fast = block(x)
+        assert calls == []  # the in-place kernel ran, not the module
+        with reference_math(block):
+            plain = block(x)
+        assert calls == ["out-of-place"]
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    block(x.requires_grad_()).sum().backward()
+    assert calls == ["out-of-place"] * 2
+
+
+def test_compile_wraps_the_networks_that_encode_and_decode_call():
+    """nn.Module.compile alone would wrap only forward(); encode/decode must use compiled ViTs."""
+    tok = softvq.Tokenizer.from_preset("softvq-tiny")
+    assert tok.compile() is tok
+    assert tok.encoder._compiled_call_impl is not None and tok.decoder._compiled_call_impl is not None

@@ -85,6 +85,18 @@ def _softmax_jvp(grad: Tensor, probs: Tensor) -> Tensor:
     return torch.ops.aten._softmax_backward_data(grad, probs, -1, probs.dtype)
 
 
+def _entropy_sum(rho: Tensor, post: Tensor, top: Tensor) -> Tensor:
+    """Σ_t H(π_t) for π = softmax(ρ) (rows t), without another pass of exp or log over (T, K).
+
+    H(π_t) = lse(ρ_t) − ⟨π_t, ρ_t⟩, and lse(ρ_t) = ρ_tk − log π_tk for any k; at k = argmax it
+    is exact to float rounding (π_tk ≥ 1/K), so it costs a gather instead of a logsumexp. The
+    inner products of all rows together are one dot product of the flattened tensors.
+    """
+    top = top.unsqueeze(-1)
+    lse = rho.gather(-1, top) - post.gather(-1, top).log()
+    return lse.sum() - torch.dot(post.reshape(-1), rho.reshape(-1))
+
+
 def auto_chunk_size(num_codes: int, device: torch.device | str = "cpu") -> int:
     """Tokens per chunk: one (chunk × K) float32 tensor of about 8 MiB on CPU, 64 MiB on a GPU."""
     kind = torch.device(device).type
@@ -139,20 +151,23 @@ class ChunkedSoftAssign(torch.autograd.Function):
             stop = min(start + chunk, t)
             aff = affinity(x[start:stop], logit_codebook, distance)
             indices[start:stop] = aff.argmax(-1)  # the scale is positive: argmax of the logits
-            logits = aff * (scale[start:stop].unsqueeze(-1) if per_token else scale)
-            p = torch.softmax(logits, dim=-1)
-            torch.matmul(p, codebook, out=latents[start:stop])
-            probs_sum += p.sum(0)
+            s = scale[start:stop].unsqueeze(-1) if per_token else scale
+            logits = aff.mul_(s)  # in place: each (chunk, K) buffer is written once and reused
             if keep_probs:
-                probs_out[start:stop] = p
-            if entropy_temperature is None:
-                rho, post = logits, p
+                p = torch.ops.aten._softmax.out(logits, -1, False, out=probs_out[start:stop])
             else:
-                rho = aff.mul_(1.0 / entropy_temperature)
+                p = torch.softmax(logits, dim=-1)
+            torch.matmul(p, codebook, out=latents[start:stop])
+            p_sum = p.sum(0)
+            probs_sum += p_sum
+            if entropy_temperature is None:
+                rho, post, post_sum_chunk = logits, p, p_sum
+            else:
+                rho = logits.mul_((1.0 / entropy_temperature) / s)  # = affinity / τ_H
                 post = torch.softmax(rho, dim=-1)
-            # H(π) = logsumexp(ρ) − Σ π ρ: no log over the K entries.
-            entropy_sum += torch.logsumexp(rho, dim=-1).sum() - (post * rho).sum()
-            post_sum += post.sum(0)
+                post_sum_chunk = post.sum(0)
+            entropy_sum += _entropy_sum(rho, post, indices[start:stop])
+            post_sum += post_sum_chunk
         ctx.save_for_backward(x, codebook, logit_codebook, scale)
         ctx.distance, ctx.entropy_temperature, ctx.chunk = distance, entropy_temperature, chunk
         mean_probs = probs_sum / t
