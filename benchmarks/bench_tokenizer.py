@@ -1,11 +1,13 @@
 """Encode / decode throughput of every tokenizer preset, with achieved GFLOP/s.
 
-For each preset at batch 8 and its native resolution: images/s of encode and decode, the FLOPs of
-one pass counted by ``torch.utils.flop_counter`` (FLOPs = 2 x multiply-accumulates), the achieved
-GFLOP/s, and the machine's dense-matmul GFLOP/s measured in the same run, so the ratio is honest.
-``--baseline`` also times the plain research implementation (explicit fp32 softmax attention,
-unfused residuals) for the same presets and prints the speed ratio. Every timed call is bracketed
-by matmul measurements (see :func:`paired`): on a shared host that drifts, ratios stay honest.
+For each preset at batch 8 and its native resolution: images/s of encode (encoder ViT +
+bottleneck) and decode; the FLOPs of one pass counted by ``torch.utils.flop_counter``
+(FLOPs = 2 x multiply-accumulates); the achieved GFLOP/s as a percentage of the machine's dense
+matmul GFLOP/s measured in the same run, for encode, for the encoder ViT alone (the bottleneck's
+softmax over K codewords is memory-bound work with few FLOPs) and for decode. Every timed call is
+bracketed by matmul measurements (see :func:`paired`), so the ratios stay honest on a host whose
+speed drifts. ``--baseline`` also times the plain research implementation (explicit fp32 softmax
+attention, unfused residuals, out-of-place GELU) and prints the speed ratio.
 
     python benchmarks/bench_tokenizer.py                       # CPU, fp32, all presets
     python benchmarks/bench_tokenizer.py --presets softvq-s-64 softvq-b-64 --baseline
@@ -104,13 +106,17 @@ def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: b
         with torch.inference_mode(), autocast:
             return model.decode(latents)
 
+    def encoder_network():  # the encoder ViT alone, without the bottleneck
+        with torch.inference_mode(), autocast:
+            return model.encoder(images)
+
     row = {"preset": name, "params_M": model.num_parameters() / 1e6}
     if compile_model:
         # Counting needs the eager modules; the timed calls go through the compiled ones
         # (wrapped once, so each is compiled once).
         eager = model.encoder, model.decoder
         compiled = torch.compile(model.encoder), torch.compile(model.decoder)
-    for label, fn in (("enc", encode), ("dec", decode)):
+    for label, fn in (("enc", encode), ("vit", encoder_network), ("dec", decode)):
         # Counted on the plain path: FlopCounterMode has no formula for the CPU fused SDPA kernel
         # or the in-place fused GEMM and would silently drop those FLOPs.
         with reference_math(model):
@@ -124,7 +130,7 @@ def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: b
         row[f"{label}_gflops"] = flops / seconds / 1e9
         row[f"{label}_peak_fraction"] = fraction
         row[f"{label}_gflop_per_img"] = flops / batch / 1e9
-        if baseline:  # the plain research baseline: explicit softmax attention, unfused, fp32
+        if baseline and label != "vit":  # the plain research baseline: explicit softmax attention, unfused, fp32
             saved, autocast = autocast, contextlib.nullcontext()
             with reference_math(model):
                 base_seconds, base_fraction = paired(fn, flops, peak, device, repeats)
@@ -167,7 +173,7 @@ def main() -> None:
     print(f"matmul (2048^3, {args.dtype}) measured before and after every timed call: "
           f"{min(peak.seen):.0f}-{max(peak.seen):.0f} GFLOP/s (median {statistics.median(peak.seen):.0f}); "
           f"%peak = median over calls of achieved / the mean of its two neighbours")
-    header = ("preset", "params M", "enc GFLOP/img", "enc img/s", "enc GFLOP/s", "enc %peak",
+    header = ("preset", "params M", "enc GFLOP/img", "enc img/s", "enc GFLOP/s", "enc %peak", "enc ViT %peak",
               "dec GFLOP/img", "dec img/s", "dec GFLOP/s", "dec %peak")
     if args.baseline:
         header += ("enc x baseline", "dec x baseline")
@@ -176,7 +182,7 @@ def main() -> None:
     for r in rows:
         cells = [r["preset"], f"{r['params_M']:.2f}",
                  f"{r['enc_gflop_per_img']:.1f}", f"{r['enc_img_s']:.2f}", f"{r['enc_gflops']:.0f}",
-                 f"{100 * r['enc_peak_fraction']:.0f}%",
+                 f"{100 * r['enc_peak_fraction']:.0f}%", f"{100 * r['vit_peak_fraction']:.0f}%",
                  f"{r['dec_gflop_per_img']:.1f}", f"{r['dec_img_s']:.2f}", f"{r['dec_gflops']:.0f}",
                  f"{100 * r['dec_peak_fraction']:.0f}%"]
         if args.baseline:
