@@ -204,3 +204,17 @@ def test_bad_input_is_named() -> None:
         lpips(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 16))
     with pytest.raises(ValueError, match="at least 16x16"):
         lpips(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+def test_channels_last_inference_path_gives_the_same_taps_in_the_usual_layout():
+    """Without autograd the CPU VGG runs channels-last; its taps must equal the recorded (NCHW)
+    path's and come back contiguous in the usual layout, so downstream views keep working."""
+    torch.manual_seed(0)
+    net = vgg_module.vgg16_features().eval()
+    x = torch.randn(2, 3, 32, 32)
+    recorded = net(x.clone().requires_grad_())
+    with torch.no_grad():
+        fast = net(x)
+    for a, b in zip(fast, recorded):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)

@@ -78,6 +78,13 @@ class FeatureStack(nn.Module):
         Stops after the deepest requested tap, so asking for shallow taps is cheap.
         """
         taps = self.taps if taps is None else taps
+        # Without autograd, oneDNN's CPU convolutions run ~20% faster on channels-last activations
+        # (same values; VGG16 at 64 and 256 px). A whole training step measured no faster, so
+        # recorded passes keep their layout, and the taps go back to the usual one for the heads
+        # that read them. GPUs are left alone.
+        channels_last = x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         wanted = set(taps)
         last = max(taps)
         out: dict[int, Tensor] = {}
@@ -87,7 +94,7 @@ class FeatureStack(nn.Module):
                 out[index] = x
             if index == last:
                 break
-        return [out[t] for t in taps]
+        return [out[t].contiguous() if channels_last else out[t] for t in taps]
 
 
 def vgg16_features() -> FeatureStack:
