@@ -52,5 +52,5 @@ class TokenEncoder(nn.Module):
         x = torch.cat([cls, x + grid_pos, latents], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)[:, -self.num_tokens:]
+        return self.norm(x[:, -self.num_tokens:])  # LayerNorm is per token: normalise only what is kept
 
