@@ -133,7 +133,7 @@ def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: b
         if baseline and label != "vit":  # the plain research baseline: explicit softmax attention, unfused, fp32
             saved, autocast = autocast, contextlib.nullcontext()
             with reference_math(model):
-                base_seconds, base_fraction = paired(fn, flops, peak, device, repeats)
+                _, base_fraction = paired(fn, flops, peak, device, repeats)
             autocast = saved
             # Both are normalised by the peak measured around them, so host drift cancels.
             row[f"{label}_speedup"] = fraction / base_fraction

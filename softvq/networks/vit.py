@@ -72,7 +72,7 @@ class Mlp(nn.Module):
         if self.fused and not torch.is_grad_enabled() and type(self.act) is nn.GELU:
             # In place when nothing is recorded for backward: the hidden activation is the largest
             # tensor of a block, and a fresh buffer for it costs ~10% of a CPU forward (page faults).
-            return torch.ops.aten.gelu_(u)
+            return torch.ops.aten.gelu_(u, approximate=self.act.approximate)
         return self.act(u)
 
 
