@@ -71,3 +71,18 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     torch.manual_seed(TREE_SEED)
     init = Tokenizer(config_from_dict(TREE).model).state_dict()
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 100 * 1e-4
+
+
+def test_a_finished_command_destroys_the_process_group(tmp_path):
+    # A gloo group left alive at interpreter exit can abort the process after the work is done
+    # (SIGABRT, "terminate called without an active exception"): the CLI must tear it down.
+    script = (
+        "import torch.distributed as dist\n"
+        "from softvq.cli.main import main\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+        "status = main(['info', 'softvq-s-32'])\n"
+        "print('STATUS', status, 'ALIVE', dist.is_initialized())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "STATUS 0 ALIVE False" in proc.stdout

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
     except user_errors() as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"softvq {args.command}: error: {message}", file=sys.stderr)
@@ -54,6 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"softvq {args.command}: interrupted", file=sys.stderr)
         return 130
+    release_process_group()
+    return status
+
+
+def release_process_group() -> None:
+    """Destroy the ``torch.distributed`` group a launched run (torchrun / accelerate) created.
+
+    Without this, gloo's worker threads can still be alive while the interpreter shuts down and
+    the process dies with SIGABRT ("terminate called without an active exception") after the work
+    is done, so torchrun reports a failed run. Called only after success: on an error the other
+    processes may still be inside a collective, and a collective teardown could hang them.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

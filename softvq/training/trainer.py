@@ -111,6 +111,10 @@ class Trainer:
             checkpoint path.
         objective_factory: ``(config, tokenizer) -> objective`` (default: the paper's
             ``TokenizerObjective``); lets tests substitute a cheaper loss.
+
+    In your own multi-process script, call ``torch.distributed.destroy_process_group()`` once
+    training is done (``softvq train`` does): a gloo group left alive at exit can abort the
+    finished process.
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool | str | Path | None = None,
