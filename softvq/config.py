@@ -101,6 +101,9 @@ class TokenizerConfig:
     encoder: ViTConfig = field(default_factory=ViTConfig)
     decoder: ViTConfig = field(default_factory=ViTConfig)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    # WeTok's generative decoder (WeTok Sec. 3.3): Gaussian noise channels concatenated to each
+    # latent token before the decoder; 0 is SoftVQ-VAE's deterministic decoder.
+    decoder_noise_dim: int = 0
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -118,6 +121,9 @@ class TokenizerConfig:
             )
         if self.num_tokens < 1:
             raise ValueError(f"num_tokens must be positive, got {self.num_tokens}")
+        if self.decoder_noise_dim < 0:
+            raise ValueError(f"decoder_noise_dim must be 0 (deterministic decoder) or positive, "
+                             f"got {self.decoder_noise_dim}")
         for name, vit in (("encoder", self.encoder), ("decoder", self.decoder)):
             if vit.width % vit.heads:
                 raise ValueError(f"{name}.width {vit.width} is not divisible by {name}.heads {vit.heads}")

@@ -62,7 +62,7 @@ class Tokenizer(nn.Module):
         )
         self.bottleneck = build_bottleneck(c.bottleneck)
         self.to_latent = nn.Linear(c.encoder.width, self.bottleneck.input_dim)
-        self.from_latent = nn.Linear(self.bottleneck.latent_dim, c.decoder.width)
+        self.from_latent = nn.Linear(self.bottleneck.latent_dim + c.decoder_noise_dim, c.decoder.width)
         self.decoder = TokenDecoder(
             c.decoder, image_size=c.image_size, patch_size=c.patch_size,
             num_tokens=c.num_tokens, out_channels=c.in_channels,
@@ -70,6 +70,8 @@ class Tokenizer(nn.Module):
         for linear in (self.to_latent, self.from_latent):
             nn.init.trunc_normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
+        with torch.no_grad():  # noise inputs start silent (WeTok Sec. 3.3)
+            self.from_latent.weight[:, self.bottleneck.latent_dim:] = 0
         # Per-checkpoint latent statistics that generators normalise with: (z - mean) / std.
         self.latent_mean: float | None = None
         self.latent_std: float | None = None
@@ -129,6 +131,34 @@ class Tokenizer(nn.Module):
 
         return load_official(path_or_id, **kwargs)
 
+    def with_generative_decoder(self, noise_dim: int) -> "Tokenizer":
+        """A copy whose decoder also reads ``noise_dim`` Gaussian channels per token: WeTok's
+        generative decoder (WeTok Sec. 3.3), the starting point of its second training stage.
+
+        The new input weights are zero, so the copy decodes exactly like this tokenizer until it
+        is trained (``run.init_from`` does the same when training from a stage-1 export).
+        """
+        if noise_dim <= self.config.decoder_noise_dim:
+            raise ValueError(f"noise_dim must exceed the current decoder_noise_dim "
+                             f"{self.config.decoder_noise_dim}, got {noise_dim}")
+        config = TokenizerConfig.from_dict({**self.config.to_dict(), "decoder_noise_dim": noise_dim})
+        widened = Tokenizer(config).to(self.from_latent.weight.device)
+        widened.load_weights_of(self, str(getattr(self, "source", "this tokenizer")))
+        return widened
+
+    def load_weights_of(self, other: "Tokenizer", source: str) -> "Tokenizer":
+        """Copy ``other``'s weights into this tokenizer (same architecture, or a stage-1 one whose
+        decoder takes fewer noise channels: those extra inputs get zero weights). Mismatches are a
+        :class:`~softvq.checkpoint.pretrained.CheckpointError` that names the keys."""
+        from softvq.checkpoint.pretrained import load_strict
+        from softvq.networks.generative import widen_noise_inputs
+
+        own = self.state_dict()
+        state = widen_noise_inputs(other.state_dict(), own)
+        load_strict(self, {k: v.to(own[k].device) if k in own else v for k, v in state.items()}, source)
+        self.latent_mean, self.latent_std = other.latent_mean, other.latent_std
+        return self
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` atomically into ``directory``."""
         from softvq.checkpoint.pretrained import save_pretrained
@@ -172,20 +202,33 @@ class Tokenizer(nn.Module):
             losses=out.losses, metrics=out.metrics,
         )
 
-    def decode(self, latents: Tensor, image_size: int | tuple[int, int] | None = None) -> Tensor:
-        """Latents (B, L, D) -> images (B, C, H, W) in about [-1, 1] (default: the trained size)."""
+    def decode(self, latents: Tensor, image_size: int | tuple[int, int] | None = None, *,
+               noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Latents (B, L, D) -> images (B, C, H, W) in about [-1, 1] (default: the trained size).
+
+        With a generative decoder (``config.decoder_noise_dim > 0``, WeTok Sec. 3.3) each call
+        samples noise (B, L, decoder_noise_dim) ~ N(0, I), from ``generator`` when given; pass
+        ``noise`` to fix it. A deterministic decoder rejects ``noise``.
+        """
+        from softvq.networks.generative import decoder_input
+
         if latents.dim() != 3 or latents.shape[1:] != (self.num_tokens, self.latent_dim):
             raise ValueError(
                 f"expected latents of shape (B, {self.num_tokens}, {self.latent_dim}), got {tuple(latents.shape)}"
             )
+        x = decoder_input(latents.to(self.from_latent.weight.dtype), self.config.decoder_noise_dim,
+                          noise, generator)
         if self.slice_size and latents.shape[0] > self.slice_size:
-            return torch.cat([self.decode(part, image_size) for part in latents.split(self.slice_size)])
+            # Noise is drawn once for the whole batch above, so slicing does not change it.
+            return torch.cat([self._decode_input(part, image_size) for part in x.split(self.slice_size)])
+        return self._decode_input(x, image_size)
+
+    def _decode_input(self, x: Tensor, image_size: int | tuple[int, int] | None) -> Tensor:
         grid = None
         if image_size is not None:
             h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
             grid = (h // self.config.patch_size, w // self.config.patch_size)
-        x = self.from_latent(latents.to(self.from_latent.weight.dtype))
-        return self.decoder(x, grid)
+        return self.decoder(self.from_latent(x), grid)
 
     def forward(self, images: Tensor) -> TokenizerOutput:
         enc = self.encode(images)

@@ -116,6 +116,9 @@ def describe(model: Tokenizer, source: str) -> str:
         ("compression", f"{s.ratio(32):.1f}x at 32-bit, {s.ratio(16):.1f}x at 16-bit"),
         ("pixels per token", f"{s.pixels_per_token:g}"),
     ]
+    if model.config.decoder_noise_dim:
+        rows.insert(5, ("decoder noise", f"{model.config.decoder_noise_dim} Gaussian channels per token "
+                                          f"(WeTok generative decoder)"))
     if model.latent_mean is not None:
         rows.append(("latent mean / std", f"{model.latent_mean:g} / {model.latent_std:g}"))
     ignored = getattr(model, "ignored_keys", None)

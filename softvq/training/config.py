@@ -143,6 +143,10 @@ class RunConfig:
     max_minutes:      stop cleanly (checkpoint, export, metrics) after this much wall time.
     eval_lpips:       also compute held-out LPIPS (VGG) at the end.
     distributed:      ``ddp`` or ``fsdp`` (full sharding through Accelerate, for L-size presets).
+    init_from:        a softvq tokenizer folder or hub id (e.g. a finished run's ``export/``) whose
+                      weights start this run. With a larger ``model.decoder_noise_dim`` than it
+                      has, the new noise inputs start at zero: WeTok's stage 2, the generative
+                      decoder (WeTok Sec. 3.3). Ignored when resuming (the checkpoint wins).
     """
 
     name: str = "softvq"
@@ -158,6 +162,7 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    init_from: str | None = None
 
 
 @dataclass

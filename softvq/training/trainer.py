@@ -139,6 +139,9 @@ class Trainer:
         # randomness (augmentations inside the loss) from seed + rank.
         _seed_everything(sched.seed)
         self.tokenizer = Tokenizer(config.model)
+        if config.run.init_from and not resume:
+            self.tokenizer.load_weights_of(Tokenizer.from_pretrained(config.run.init_from),
+                                           f"run.init_from {config.run.init_from}")
         self.objective = (objective_factory or default_objective)(config, self.tokenizer)
         _seed_everything(sched.seed + 1 + self.rank)
 
@@ -610,6 +613,10 @@ class Trainer:
             f"peak lr {self.lr:.3g}, {s.steps} steps from step {self.step}"
         )
         self.logger.info(f"data: {self.data.description}")
+        if c.model.decoder_noise_dim:
+            self.logger.info(f"generative decoder (WeTok Sec. 3.3): {c.model.decoder_noise_dim} noise channels per token")
+        if c.run.init_from and self.step == 0:
+            self.logger.info(f"weights initialised from {c.run.init_from}")
 
 
 # --- helpers -------------------------------------------------------------------------------------

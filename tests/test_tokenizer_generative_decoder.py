@@ -1,0 +1,136 @@
+"""WeTok's generative decoder (WeTok Sec. 3.3): noise channels next to each latent token, zero
+input weights at the start of stage 2, and stage 2 trained from a stage-1 export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softvq.checkpoint.pretrained import CheckpointError
+from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig
+from softvq.tokenizer import Tokenizer
+from softvq.training.config import config_from_dict
+from softvq.training.trainer import Trainer
+
+NOISE = 4
+
+
+def tiny_config(width: int = 32) -> TokenizerConfig:
+    vit = ViTConfig(width=width, depth=1, heads=2)
+    return TokenizerConfig(image_size=32, patch_size=8, num_tokens=8, encoder=vit, decoder=vit,
+                           bottleneck=BottleneckConfig(kind="softvq", latent_dim=4, codebook_size=16))
+
+
+@pytest.fixture
+def stage1() -> Tokenizer:
+    torch.manual_seed(0)
+    return Tokenizer(tiny_config()).eval()
+
+
+def latents_of(model: Tokenizer, batch: int = 3) -> torch.Tensor:
+    images = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        return model.encode(images).latents
+
+
+def test_stage_two_starts_as_the_stage_one_decoder(stage1):
+    stage2 = stage1.with_generative_decoder(NOISE).eval()
+    latents = latents_of(stage1)
+    weight = stage2.from_latent.weight
+    assert weight.shape == (32, 4 + NOISE)
+    assert torch.equal(weight[:, :4], stage1.from_latent.weight) and not weight[:, 4:].any()
+    with torch.no_grad():
+        for seed in (0, 1):
+            out = stage2.decode(latents, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(out, stage1.decode(latents), rtol=0, atol=1e-6)
+    # Everything else is the stage-1 model, value for value.
+    old = stage1.state_dict()
+    assert all(torch.equal(v, old[k]) for k, v in stage2.state_dict().items() if k != "from_latent.weight")
+
+
+def test_trained_noise_weights_make_decoding_stochastic_and_seedable(stage1):
+    stage2 = stage1.with_generative_decoder(NOISE).eval()
+    with torch.no_grad():
+        stage2.from_latent.weight[:, 4:].normal_(0, 0.5)
+        # Open the residual branches (LayerScale starts at 1e-5) so the image depends on the
+        # latent tokens as it does after training.
+        for name, param in stage2.decoder.named_parameters():
+            if name.endswith("gamma"):
+                param.fill_(1.0)
+        latents = latents_of(stage1)
+        a = stage2.decode(latents, generator=torch.Generator().manual_seed(0))
+        b = stage2.decode(latents, generator=torch.Generator().manual_seed(0))
+        c = stage2.decode(latents, generator=torch.Generator().manual_seed(1))
+        # The same draw passed explicitly gives the same images: decode(z, noise) is a function.
+        noise = torch.randn(3, 8, NOISE, generator=torch.Generator().manual_seed(0))
+        d = stage2.decode(latents, noise=noise)
+        sliced = stage2.enable_slicing(1).decode(latents, noise=noise)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+    torch.testing.assert_close(d, a)
+    torch.testing.assert_close(sliced, a, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_noise_is_named(stage1):
+    latents = latents_of(stage1, batch=2)
+    with pytest.raises(ValueError, match="with_generative_decoder"):
+        stage1.decode(latents, noise=torch.zeros(2, 8, NOISE))
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 8, 4\)"):
+        stage1.with_generative_decoder(NOISE).decode(latents, noise=torch.zeros(2, 8, 3))
+    with pytest.raises(ValueError, match="must exceed"):
+        stage1.with_generative_decoder(0)
+    with pytest.raises(ValueError, match="decoder_noise_dim"):
+        TokenizerConfig(decoder_noise_dim=-1).validate()
+
+
+def test_saved_generative_decoder_loads_back(stage1, tmp_path):
+    stage2 = stage1.with_generative_decoder(NOISE).eval()
+    with torch.no_grad():
+        stage2.from_latent.weight[:, 4:].normal_(0, 0.5)
+    stage2.save_pretrained(tmp_path / "gd")
+    loaded = Tokenizer.from_pretrained(tmp_path / "gd").eval()
+    assert loaded.config.decoder_noise_dim == NOISE
+    latents = latents_of(stage1)
+    noise = torch.randn(3, 8, NOISE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(latents, noise=noise), stage2.decode(latents, noise=noise))
+
+
+TREE = {
+    "model": tiny_config().to_dict(),
+    "objective": {"perceptual_weight": 0.0, "adversarial_weight": 0.0, "alignment_weight": 0.0},
+    "data": {"source": "bundled", "workers": 0, "num_eval_images": 2, "bundled_crops_per_photo": 2},
+    "schedule": {"steps": 3, "batch_size": 4, "warmup_steps": 1},
+    "optim": {"lr": 3e-3, "scale_lr": False},
+    "run": {"log_every": 1, "checkpoint_every": 0, "grid_every": 0, "eval_lpips": False,
+            "tensorboard": False, "progress": False},
+}
+
+
+def test_stage_two_run_starts_from_the_stage_one_export(tmp_path):
+    torch.set_num_threads(1)
+    Trainer(config_from_dict(TREE), tmp_path / "stage1").fit()
+    export = Tokenizer.from_pretrained(tmp_path / "stage1" / "export")
+
+    tree = {**TREE, "model": {**TREE["model"], "decoder_noise_dim": NOISE},
+            "run": {**TREE["run"], "init_from": str(tmp_path / "stage1" / "export")},
+            "schedule": {**TREE["schedule"], "seed": 5}}  # another seed: the init must come from the file
+    trainer = Trainer(config_from_dict(tree), tmp_path / "stage2")
+    start = trainer.unwrapped.state_dict()
+    for key, value in export.state_dict().items():
+        if key == "from_latent.weight":
+            assert torch.equal(start[key][:, :4], value) and not start[key][:, 4:].any()
+        else:
+            assert torch.equal(start[key], value), key
+    trainer.fit()
+    # The reconstruction loss reaches the noise inputs: stage 2 learns to use the noise.
+    trained = Tokenizer.from_pretrained(tmp_path / "stage2" / "export")
+    assert trained.config.decoder_noise_dim == NOISE
+    assert trained.from_latent.weight[:, 4:].abs().max() > 1e-5
+
+
+def test_init_from_another_architecture_names_the_mismatch(tmp_path):
+    Tokenizer(tiny_config(width=64)).save_pretrained(tmp_path / "wide")
+    tree = {**TREE, "run": {**TREE["run"], "init_from": str(tmp_path / "wide")}}
+    with pytest.raises(CheckpointError, match="shape mismatches .*encoder"):
+        Trainer(config_from_dict(tree), tmp_path / "run")
