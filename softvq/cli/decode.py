@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p, default=None)  # None: the SPEC recorded in the latents file
     p.add_argument("--out", default="decoded", metavar="DIR", help="output folder")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for a preset's random weights and a generative decoder's noise")
     p.set_defaults(func=run)
 
 

@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     size.add_argument("--native-size", action="store_true",
                       help="keep each image's size (sides must be multiples of the patch size)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for a preset's random weights and a generative decoder's noise")
     p.set_defaults(func=run)
 
 
