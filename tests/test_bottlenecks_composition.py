@@ -160,3 +160,14 @@ def test_every_kind_composes_with_product_residual_and_segments(kind):
     loss = out.latents.pow(2).sum() + sum(out.losses.values(), torch.zeros(()))
     loss.backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("composite, noun", [(ProductQuantizer, "group"), (ResidualQuantizer, "level"),
+                                             (SegmentCodebooks, "segment")])
+def test_composites_name_parts_that_do_not_fit_together(composite, noun):
+    with pytest.raises(ValueError, match=f"{composite.__name__} needs at least one {noun}"):
+        composite([])
+    # Different latent widths, and for the Gaussian a side channel the others lack.
+    for parts in ([SoftVQ(4, K), SoftVQ(8, K)], [SoftVQ(4, K), GaussianPosterior(4)]):
+        with pytest.raises(ValueError, match=f"all {noun}s of a {composite.__name__} must have the same widths"):
+            composite(parts)

@@ -10,6 +10,8 @@ Rules, one per way of splitting the work:
 * sequence segments: each part sees a disjoint block of equally many tokens, so losses are
   **averaged**, which reproduces the mean over all tokens.
 * metrics (perplexity, usage, temperature, ...) are averaged over parts in every case.
+
+Every composite also needs its parts to agree on their widths (:func:`shared_widths`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from softvq.bottlenecks.base import BottleneckOutput
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
+
+
+def shared_widths(parts: list[Bottleneck], fields: tuple[str, str], owner: str, noun: str) -> tuple[int, int]:
+    """The two widths (e.g. ``("latent_dim", "side_dim")``) that all ``parts`` share.
+
+    Raises a ValueError naming ``owner`` when there are no parts or their widths differ.
+    """
+    if not parts:
+        raise ValueError(f"{owner} needs at least one {noun}")
+    widths = {tuple(getattr(p, f) for f in fields) for p in parts}
+    if len(widths) != 1:
+        names = ", ".join(f.removesuffix("_dim") for f in fields)
+        raise ValueError(f"all {noun}s of a {owner} must have the same widths ({names}), got {sorted(widths)}")
+    return widths.pop()
 
 
 def sum_losses(outputs: list[BottleneckOutput]) -> dict[str, Tensor]:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
-from softvq.bottlenecks.merge import mean_metrics, stack_codes, sum_losses
+from softvq.bottlenecks.merge import mean_metrics, shared_widths, stack_codes, sum_losses
 
 
 class ProductQuantizer(Bottleneck):
@@ -30,13 +30,8 @@ class ProductQuantizer(Bottleneck):
 
     def __init__(self, parts: list[Bottleneck]) -> None:
         super().__init__()
-        if not parts:
-            raise ValueError("ProductQuantizer needs at least one group")
-        widths = {(p.latent_dim, p.side_dim) for p in parts}
-        if len(widths) != 1:
-            raise ValueError(f"all groups must have the same widths (latent, side), got {sorted(widths)}")
+        self.group_dim, self.group_side = shared_widths(parts, ("latent_dim", "side_dim"), "ProductQuantizer", "group")
         self.parts = nn.ModuleList(parts)
-        self.group_dim, self.group_side = widths.pop()
         self.latent_dim = self.group_dim * len(parts)
         self.input_dim = self.latent_dim + self.group_side * len(parts)
 

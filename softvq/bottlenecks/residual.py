@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
-from softvq.bottlenecks.merge import mean_metrics, stack_codes, sum_losses
+from softvq.bottlenecks.merge import mean_metrics, shared_widths, stack_codes, sum_losses
 
 
 class ResidualQuantizer(Bottleneck):
@@ -34,13 +34,9 @@ class ResidualQuantizer(Bottleneck):
 
     def __init__(self, levels: list[Bottleneck]) -> None:
         super().__init__()
-        if not levels:
-            raise ValueError("ResidualQuantizer needs at least one level")
-        widths = {(lv.latent_dim, lv.side_dim) for lv in levels}
-        if len(widths) != 1:
-            raise ValueError(f"all levels must have the same widths (latent, side), got {sorted(widths)}")
+        self.latent_dim, self.level_side = shared_widths(levels, ("latent_dim", "side_dim"), "ResidualQuantizer",
+                                                         "level")
         self.levels = nn.ModuleList(levels)
-        self.latent_dim, self.level_side = widths.pop()
         self.input_dim = self.latent_dim + self.level_side * len(levels)
 
     @property

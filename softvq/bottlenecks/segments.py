@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, EntropyTerms
-from softvq.bottlenecks.merge import mean_losses, mean_metrics
+from softvq.bottlenecks.merge import mean_losses, mean_metrics, shared_widths
 from softvq.bottlenecks.softvq import entropy
 
 SegmentEntropy = Literal["pooled", "per_segment"]
@@ -42,15 +42,11 @@ class SegmentCodebooks(Bottleneck):
 
     def __init__(self, parts: list[Bottleneck], *, entropy: SegmentEntropy = "pooled") -> None:
         super().__init__()
-        if not parts:
-            raise ValueError("SegmentCodebooks needs at least one segment")
+        self.input_dim, self.latent_dim = shared_widths(parts, ("input_dim", "latent_dim"), "SegmentCodebooks",
+                                                        "segment")
         if entropy not in ("pooled", "per_segment"):
             raise ValueError(f"unknown segment entropy {entropy!r}; use 'pooled' (release) or 'per_segment'")
-        widths = {(p.input_dim, p.latent_dim) for p in parts}
-        if len(widths) != 1:
-            raise ValueError(f"all segments must have the same widths (input, latent), got {sorted(widths)}")
         self.parts = nn.ModuleList(parts)
-        self.input_dim, self.latent_dim = widths.pop()
         self.entropy = entropy
 
     @property
