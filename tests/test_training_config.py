@@ -78,6 +78,9 @@ def test_inheritance_and_overrides(tmp_path):
     (["model.bottleneck.knd=vq"], "model.bottleneck.knd"),
     (["traning.steps=3"], "traning"),
     (["schedule.steps=many"], "schedule.steps must be an integer"),
+    (["schedule.steps=.inf"], "schedule.steps must be an integer"),  # not an OverflowError
+    (["schedule.steps=true"], "schedule.steps must be an integer"),
+    (["run.progress=1"], "run.progress must be true or false"),
     (["model.bottleneck.kind=pq"], "model.bottleneck.kind='pq' is not one of"),
     (["objective.reconstruction=l3"], "objective.reconstruction"),
     (["optim.lr"], "must look like section.key=value"),

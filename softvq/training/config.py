@@ -27,7 +27,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import yaml
 
@@ -382,20 +382,22 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ValueError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
-        return int(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}")
-        return value
+    if hint in _SCALARS:
+        accepts, what = _SCALARS[hint]
+        if not accepts(value):
+            raise ValueError(f"{key} must be {what}, got {value!r}")
+        return hint(value)
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # YAML's true is not 1
+
+
+# Scalar field type -> (does a YAML / command-line value fit it, how the error describes it).
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: _is_number(v) and float(v).is_integer(), "an integer"),
+    float: (_is_number, "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
