@@ -46,6 +46,18 @@ def main() -> None:
                 "run": {"name": f"tab3-{kind}-s-{tokens}"},
             })
 
+    # Tab. 4: encoder initialisation x alignment target on SoftVQ-B, 64 tokens, both DINOv2-B
+    # (the CLIP-B and EVA-02-B rows need networks this package does not have).
+    for init in ("none", "dinov2"):
+        for align in ("none", "dinov2"):
+            objective = ({"alignment_weight": 0.1, "alignment_target": "dinov2", "alignment_weights": "dinov2_vitb14"}
+                         if align == "dinov2" else {"alignment_weight": 0.0})
+            write(f"tab4-{init}-{align}", f"SoftVQ-B-64, encoder init {init}, alignment target {align} (paper Tab. 4)", {
+                "model": {"preset": "softvq-b-64"},
+                "objective": objective,
+                "run": {"name": f"tab4-{init}-{align}", "init_encoder": "dinov2_vitb14" if init == "dinov2" else None},
+            })
+
     # Supplementary Tab. 6 ablations on SoftVQ-S, 64 tokens x 32, in the PAPER's formulation
     # (Eq. 4 L2 distance, one codebook, no detach) so that PQ / RQ mean channel groups / levels.
     write("ablation-base", "Ablation base: SoftVQ-S, 64 x 32, K=8192, tau=0.07, paper Eq. 4 (supp. Tab. 6)", {

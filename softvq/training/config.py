@@ -147,6 +147,11 @@ class RunConfig:
                       weights start this run. With a larger ``model.decoder_noise_dim`` than it
                       has, the new noise inputs start at zero: WeTok's stage 2, the generative
                       decoder (WeTok Sec. 3.3). Ignored when resuming (the checkpoint wins).
+    init_encoder:     DINO / DINOv2 weights the encoder starts from (paper Sec. 4.1: "we initialize
+                      our encoder from the pre-trained DINOv2 weights"; Tab. 4 ablates it): a file,
+                      a torch-hub name (``dinov2_vitb14``), a Hugging Face id, or ``dinov2`` for the
+                      DINOv2 of the encoder's width (384: ViT-S/14, 768: B/14, 1024: L/14). ``None``:
+                      random initialisation. Ignored when resuming.
     """
 
     name: str = "softvq"
@@ -163,6 +168,7 @@ class RunConfig:
     progress: bool = True
     distributed: Literal["ddp", "fsdp"] = "ddp"
     init_from: str | None = None
+    init_encoder: str | None = None
 
 
 @dataclass

@@ -44,7 +44,7 @@ from softvq.checkpoint.pretrained import CheckpointError, atomic_write, load_str
 from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
-from softvq.training.config import TrainConfig, save_config
+from softvq.training.config import RunConfig, TrainConfig, save_config
 from softvq.training.ema import EMA
 from softvq.training.grid import save_grid
 from softvq.training.heldout import reconstruct_all, reconstruction_metrics
@@ -139,9 +139,8 @@ class Trainer:
         # randomness (augmentations inside the loss) from seed + rank.
         _seed_everything(sched.seed)
         self.tokenizer = Tokenizer(config.model)
-        if config.run.init_from and not resume:
-            self.tokenizer.load_weights_of(Tokenizer.from_pretrained(config.run.init_from),
-                                           f"run.init_from {config.run.init_from}")
+        if not resume:
+            _initial_weights(self.tokenizer, config.run)
         self.objective = (objective_factory or default_objective)(config, self.tokenizer)
         _seed_everything(sched.seed + 1 + self.rank)
 
@@ -617,9 +616,35 @@ class Trainer:
             self.logger.info(f"generative decoder (WeTok Sec. 3.3): {c.model.decoder_noise_dim} noise channels per token")
         if c.run.init_from and self.step == 0:
             self.logger.info(f"weights initialised from {c.run.init_from}")
+        if c.run.init_encoder and self.step == 0:
+            self.logger.info(f"encoder initialised from DINO weights {c.run.init_encoder} (paper Sec. 4.1)")
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+# Encoder width -> the DINOv2 that ``run.init_encoder=dinov2`` starts it from (same width and heads).
+DINOV2_BY_WIDTH = {384: "dinov2_vits14", 768: "dinov2_vitb14", 1024: "dinov2_vitl14"}
+
+
+def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
+    """Load ``run.init_from`` (a whole tokenizer) or ``run.init_encoder`` (DINO weights) into a fresh model."""
+    if run.init_from and run.init_encoder:
+        raise ValueError("run.init_from and run.init_encoder both set: init_from already brings an encoder; "
+                         "drop one of them")
+    if run.init_from:
+        tokenizer.load_weights_of(Tokenizer.from_pretrained(run.init_from), f"run.init_from {run.init_from}")
+    elif run.init_encoder:
+        from softvq.networks.dinov2 import init_encoder_from_dino, load_dino
+
+        source = run.init_encoder
+        if source == "dinov2":
+            width = tokenizer.config.encoder.width
+            if width not in DINOV2_BY_WIDTH:
+                raise ValueError(f"run.init_encoder=dinov2: no DINOv2 has the encoder's width {width} "
+                                 f"(only {', '.join(map(str, DINOV2_BY_WIDTH))}); set run.init_encoder=null")
+            source = DINOV2_BY_WIDTH[width]
+        init_encoder_from_dino(tokenizer.encoder, load_dino(source))
 
 
 def _seed_everything(seed: int) -> None:
