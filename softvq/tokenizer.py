@@ -142,7 +142,8 @@ class Tokenizer(nn.Module):
             raise ValueError(f"noise_dim must exceed the current decoder_noise_dim "
                              f"{self.config.decoder_noise_dim}, got {noise_dim}")
         config = TokenizerConfig.from_dict({**self.config.to_dict(), "decoder_noise_dim": noise_dim})
-        widened = Tokenizer(config).to(self.from_latent.weight.device)
+        weight = self.from_latent.weight
+        widened = Tokenizer(config).to(device=weight.device, dtype=weight.dtype)
         widened.load_weights_of(self, str(getattr(self, "source", "this tokenizer")))
         return widened
 
