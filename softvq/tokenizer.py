@@ -154,9 +154,7 @@ class Tokenizer(nn.Module):
         from softvq.checkpoint.pretrained import load_strict
         from softvq.networks.generative import widen_noise_inputs
 
-        own = self.state_dict()
-        state = widen_noise_inputs(other.state_dict(), own)
-        load_strict(self, {k: v.to(own[k].device) if k in own else v for k, v in state.items()}, source)
+        load_strict(self, widen_noise_inputs(other.state_dict(), self.state_dict()), source)
         self.latent_mean, self.latent_std = other.latent_mean, other.latent_std
         return self
 

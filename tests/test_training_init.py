@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig
-from softvq.networks.dinov2 import DinoConfig, DinoViT
+from softvq.networks.dinov2 import DinoConfig, DinoViT, dinov2_for_width
 from softvq.training.config import config_from_dict, load_config
-from softvq.training.trainer import DINOV2_BY_WIDTH, Trainer
+from softvq.training.trainer import Trainer
 
 
 def tiny_tree(**run) -> dict:
@@ -66,7 +66,7 @@ def test_bad_initial_weights_are_named(tmp_path):
 def test_paper_recipe_and_table4_configs_choose_the_encoder_start():
     # The recipe starts every encoder from the DINOv2 of its width (S/14, B/14, L/14).
     assert load_config("softvq-b-64").run.init_encoder == "dinov2"
-    assert {384, 768, 1024} <= set(DINOV2_BY_WIDTH)
+    assert [dinov2_for_width(w) for w in (384, 768, 1024)] == ["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14"]
     # Tab. 4 (SoftVQ-B, 64 tokens): encoder init x alignment target, DINOv2-B in both places.
     expected = {"tab4-none-none": (None, 0.0), "tab4-none-dinov2": (None, 0.1),
                 "tab4-dinov2-none": ("dinov2_vitb14", 0.0), "tab4-dinov2-dinov2": ("dinov2_vitb14", 0.1)}

@@ -332,6 +332,15 @@ def resample_patch_kernel(kernel: Tensor, size: int) -> Tensor:
     return (pinv @ flat).T.reshape(*kernel.shape[:2], size, size).to(kernel.dtype)
 
 
+def dinov2_for_width(width: int) -> str:
+    """Hub name of the DINOv2 an encoder of ``width`` can start from: the plain-MLP sizes S/B/L
+    (ViT-g's SwiGLU blocks do not map onto ours). A ValueError lists the widths there are."""
+    names = {w: f"dinov2_vit{size}14" for size, (w, _, _) in SIZES.items() if size != "g"}
+    if width not in names:
+        raise ValueError(f"no DINOv2 has the encoder's width {width} (only {', '.join(map(str, names))})")
+    return names[width]
+
+
 @torch.no_grad()
 def init_encoder_from_dino(encoder: nn.Module, dino: DinoViT) -> list[str]:
     """Copy DINOv2 weights into a :class:`~softvq.networks.encoder.TokenEncoder` (paper Sec. 4.1:

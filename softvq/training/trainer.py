@@ -623,10 +623,6 @@ class Trainer:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-# Encoder width -> the DINOv2 that ``run.init_encoder=dinov2`` starts it from (same width and heads).
-DINOV2_BY_WIDTH = {384: "dinov2_vits14", 768: "dinov2_vitb14", 1024: "dinov2_vitl14"}
-
-
 def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
     """Load ``run.init_from`` (a whole tokenizer) or ``run.init_encoder`` (DINO weights) into a fresh model."""
     if run.init_from and run.init_encoder:
@@ -635,15 +631,14 @@ def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
     if run.init_from:
         tokenizer.load_weights_of(Tokenizer.from_pretrained(run.init_from), f"run.init_from {run.init_from}")
     elif run.init_encoder:
-        from softvq.networks.dinov2 import init_encoder_from_dino, load_dino
+        from softvq.networks.dinov2 import dinov2_for_width, init_encoder_from_dino, load_dino
 
         source = run.init_encoder
         if source == "dinov2":
-            width = tokenizer.config.encoder.width
-            if width not in DINOV2_BY_WIDTH:
-                raise ValueError(f"run.init_encoder=dinov2: no DINOv2 has the encoder's width {width} "
-                                 f"(only {', '.join(map(str, DINOV2_BY_WIDTH))}); set run.init_encoder=null")
-            source = DINOV2_BY_WIDTH[width]
+            try:
+                source = dinov2_for_width(tokenizer.config.encoder.width)
+            except ValueError as exc:
+                raise ValueError(f"run.init_encoder=dinov2: {exc}; set run.init_encoder=null") from None
         init_encoder_from_dino(tokenizer.encoder, load_dino(source))
 
 
