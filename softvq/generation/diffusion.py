@@ -16,7 +16,7 @@ DiT (Peebles & Xie 2023):
 * sampling: ancestral DDPM on a respaced schedule of K ≤ T evenly spaced steps (IDDPM Sec. 4;
   DiT samples with 250), whose β are recomputed so the kept ᾱ are unchanged.
 
-All schedule arithmetic is float64.
+All schedule arithmetic is float64 on the CPU (also when a model is built on ``meta``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, original step index (B,)) 
 
 def cosine_betas(steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
     """IDDPM Eq. 17: β_t = min(1 − ᾱ(t+1)/ᾱ(t), 0.999) with ᾱ(t) ∝ cos²((t/T + s)/(1 + s) · π/2)."""
-    t = torch.arange(steps + 1, dtype=torch.float64) / steps
+    t = torch.arange(steps + 1, dtype=torch.float64, device="cpu") / steps
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
@@ -43,7 +43,7 @@ def cosine_betas(steps: int, s: float = 0.008, max_beta: float = 0.999) -> Tenso
 def linear_betas(steps: int) -> Tensor:
     """DDPM / DiT: β linear from 1e-4 to 0.02 at T = 1000 (scaled by 1000/T for other T)."""
     scale = 1000 / steps
-    return torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
+    return torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64, device="cpu")
 
 
 def make_betas(kind: ScheduleKind, steps: int = 1000) -> Tensor:
@@ -104,7 +104,7 @@ class GaussianDiffusion:
 
     def __init__(self, betas: Tensor, variance: VarianceKind = "learned", channel_dim: int = -1,
                  timestep_map: list[int] | None = None, original_steps: int | None = None) -> None:
-        betas = betas.to(torch.float64)
+        betas = betas.to("cpu", torch.float64)
         if betas.dim() != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1D tensor in (0, 1]")
         if variance not in ("learned", "fixed-small", "fixed-large"):
@@ -113,11 +113,11 @@ class GaussianDiffusion:
         self.variance = variance
         self.channel_dim = channel_dim
         self.num_timesteps = len(betas)
-        self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(len(betas)))
+        self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(len(betas)), device="cpu")
         self.original_steps = original_steps or self.num_timesteps
         alphas = 1 - betas
         self.alphas_cumprod = torch.cumprod(alphas, dim=0)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), self.alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
         self.sqrt_recip_alphas_cumprod = (1 / self.alphas_cumprod).sqrt()
@@ -203,7 +203,7 @@ class GaussianDiffusion:
         so its cumulative alphas equal the original ones at the kept steps (IDDPM Sec. 4)."""
         keep = space_timesteps(self.num_timesteps, steps)
         kept = self.alphas_cumprod[keep]
-        prev = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
+        prev = torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), kept[:-1]])
         original = [int(self.timestep_map[k]) for k in keep]
         return GaussianDiffusion(1 - kept / prev, self.variance, self.channel_dim, original, self.original_steps)
 
@@ -213,8 +213,10 @@ class GaussianDiffusion:
 
     @torch.inference_mode()
     def p_sample_loop(self, model: ModelFn, noise: Tensor, generator: torch.Generator | None = None,
-                      progress: bool = False) -> Tensor:
-        """Ancestral sampling from x_T = ``noise`` down to x_0; the model sees original step indices."""
+                      progress: bool = False, temperature: float = 1.0) -> Tensor:
+        """Ancestral sampling from x_T = ``noise`` down to x_0; the model sees original step indices.
+        ``temperature`` scales the noise added at each step (MAR's sampling temperature τ, Li et al.
+        2024 Sec. 3.3; 1 is plain DDPM)."""
         x = noise
         steps = range(self.num_timesteps - 1, -1, -1)
         if progress:
@@ -228,5 +230,5 @@ class GaussianDiffusion:
             x = p["mean"]
             if i > 0:
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = x + torch.exp(0.5 * p["log_variance"]) * z
+                x = x + torch.exp(0.5 * p["log_variance"]) * z * temperature
         return x

@@ -26,13 +26,15 @@ class Attention(nn.Module):
 
     ``explicit=True`` computes softmax(QK^T/sqrt(d))V by hand in float32: the plain research
     baseline the benchmarks compare against, numerically the same operation.
+    ``dropout`` drops attention weights in training mode (0 for the tokenizer; MAR uses 0.1).
     """
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads = heads
+        self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.explicit = False
@@ -44,12 +46,13 @@ class Attention(nn.Module):
         """Attention before the output projection: (B, N, C) heads concatenated."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
         if self.explicit:
             scale = 1.0 / math.sqrt(q.shape[-1])
-            weights = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(dim=-1)
+            weights = F.dropout((q.float() @ k.float().transpose(-2, -1) * scale).softmax(dim=-1), p)
             out = (weights @ v.float()).to(x.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         return out.transpose(1, 2).reshape(b, n, c)
 
 
