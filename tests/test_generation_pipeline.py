@@ -39,13 +39,15 @@ def test_pretokenize_writes_shards_and_exact_statistics(tmp_path):
         pretokenize(tok, source(), tmp_path / "lat", progress=False)
 
 
-@pytest.mark.parametrize("objective", ["sit", "dit"])
+@pytest.mark.parametrize("objective", ["sit", "dit", "mar"])
 def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective, capsys):
     tiny_tokenizer(tmp_path)
     tok = Tokenizer.from_pretrained(tmp_path / "tok")
     pretokenize(tok, source(), tmp_path / "lat", tokenizer_spec=str(tmp_path / "tok"), progress=False)
     common = dict(latents=str(tmp_path / "lat"), objective=objective, width=32, depth=1, heads=2, batch_size=4,
                   log_every=1, checkpoint_every=2, cpu=True, diffusion_steps=50)
+    if objective == "mar":  # MAR's masks, label and attention dropout all draw from the RNG being resumed
+        common.update(head_width=32, head_depth=1, warmup_steps=3)
     straight = train_generator(GeneratorTrainConfig(out=str(tmp_path / "a"), steps=4, **common), progress=False)
     train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), steps=2, **common), progress=False)
     # the resumed half goes through the command line, so `softvq train-generator` is the same run
@@ -61,12 +63,13 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and ("vb" in log[0]) == (objective == "dit")
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and ("vb" in log[0]) == (objective != "sit")
     assert meta.classes == ["a", "b", "c"] and meta.tokenizer == str(tmp_path / "tok")
 
     out = tmp_path / "samples"
+    guidance = ["--ar-steps", "3"] if objective == "mar" else ["--interval", "0", "0.7"]
     code = main(["generate", str(tmp_path / "a" / "generator"), "--out", str(out), "--classes", "0,c",
-                 "--per-class", "2", "--steps", "3", "--cfg", "1.5", "--interval", "0", "0.7", "--device", "cpu"])
+                 "--per-class", "2", "--steps", "3", "--cfg", "1.5", *guidance, "--device", "cpu"])
     assert code == 0
     assert len(list((out / "images").glob("*.png"))) == 4 and (out / "grid.png").is_file()
     assert json.loads((out / "samples.json").read_text())["labels"] == [0, 0, 2, 2]
@@ -88,5 +91,8 @@ def test_bench_gen_prints_flops_beside_the_paper(capsys):
     from softvq.cli.main import main
 
     assert main(["bench", "gen", "--kinds", "dit", "--sizes", "XL", "--layouts", "32 tokens", "--no-throughput"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("DiT-XL"))
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("DiT-XL"))
     assert "14.50" in row and "14.52" in row  # ours (linear layers) beside Tab. 1
+    mar = next(line for line in lines if line.startswith("MAR-H") and "SoftVQ-BL" in line)
+    assert "86.33" in mar and "86.55" in mar  # MAR-H on 64 tokens beside Tab. 2

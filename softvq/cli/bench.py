@@ -3,6 +3,7 @@
     softvq bench gen                          # DiT/SiT S..XL x {32, 64 tokens, 16x16/2, 32x32/2}
     softvq bench gen --sizes XL --no-throughput   # GFLOPs only (meta device, instant)
     softvq bench gen --device cuda            # throughput of every size on a GPU
+    (then the MAR-H GFLOPs of paper Tab. 2; --no-mar leaves them out)
 
 Targets are sub-commands so others (e.g. the tokenizer) can be added beside ``gen``.
 """
@@ -37,12 +38,13 @@ def add_gen_arguments(p: argparse.ArgumentParser) -> None:
                    help="on CPU, skip throughput of models above this many GMACs per image (default 6)")
     p.add_argument("--no-throughput", action="store_true", help="GFLOPs and parameters only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-mar", action="store_true", help="leave out the MAR-H GFLOPs table (paper Tab. 2)")
 
 
 def run_gen(args: argparse.Namespace) -> int:
     import torch
 
-    from softvq.generation.benchmark import format_table, generator_table
+    from softvq.generation.benchmark import format_table, generator_table, mar_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,4 +55,7 @@ def run_gen(args: argparse.Namespace) -> int:
                            throughput=not args.no_throughput)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(format_table(rows, label, args.sampling_steps))
+    if not args.no_mar:
+        print()
+        print(mar_table())
     return 0

@@ -1,7 +1,8 @@
-"""``softvq generate``: class labels -> latents (DiT / SiT sampler) -> tokenizer.decode -> images.
+"""``softvq generate``: class labels -> latents (DiT / SiT / MAR sampler) -> tokenizer.decode -> images.
 
     softvq generate runs/sit-tiny/generator --out runs/samples --per-class 4 --steps 50
     softvq generate GEN --out OUT --classes 207,360 --per-class 8 --cfg 1.75 --interval 0 0.7
+    softvq generate MAR_GEN --out OUT --cfg 3.0 --ar-steps 64 --temperature 1.0   # MAR (paper: cfg 3.0)
     softvq generate GEN --out OUT --per-class 50 --fid-ref stats.npz      # + gFID
 
 Writes OUT/images/000000.png ... (one file per sample, readable by FID tools), OUT/grid.png
@@ -22,19 +23,23 @@ from softvq.cli.common import resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="sample images from a trained DiT / SiT generator",
+    p = subparsers.add_parser("generate", help="sample images from a trained DiT / SiT / MAR generator",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("generator", help="generator folder (RUN/generator written by the generator trainer)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", metavar="SPEC", help="tokenizer to decode with (default: the one the latents came from)")
     p.add_argument("--classes", default="all", help="comma-separated class indices or names, or 'all' (default)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
-    p.add_argument("--method", choices=["euler", "heun", "sde", "ddpm"],
-                   help="sampler (default: sde for SiT, ddpm for DiT)")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
+    p.add_argument("--method", choices=["euler", "heun", "sde", "ddpm", "mar"],
+                   help="sampler (default: sde for SiT, ddpm for DiT, mar for MAR)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 250; MAR: 100 diffusion steps per token)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
                    help="guidance interval in noise level τ (0 data .. 1 noise); the paper uses 0 0.7 for SiT")
+    p.add_argument("--ar-steps", type=int, help="MAR: autoregressive steps (default: one per token)")
+    p.add_argument("--temperature", type=float, default=1.0, help="MAR: noise temperature of the diffusion head")
+    p.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear",
+                   help="MAR: guidance scale ramped linearly over the steps (default) or constant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.generation.guidance import Guidance
     from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
 
-    if args.per_class < 1 or args.batch_size < 1 or args.steps < 1:
+    if args.per_class < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--per-class, --batch-size and --steps must be positive")
     device = resolve_device(args.device)
     model, meta = load_generator(args.generator, map_location=str(device))
@@ -102,15 +107,17 @@ def run(args: argparse.Namespace) -> int:
                          f"but the generator models {model.input_shape}")
     classes = parse_classes(args.classes, meta.classes, model.config.num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
-    spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *args.interval))
+    spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *args.interval),
+                       ar_steps=args.ar_steps, temperature=args.temperature, cfg_schedule=args.cfg_schedule)
     method = spec.resolved(meta.objective)
+    steps = spec.resolved_steps(meta.objective)
 
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     images = []
-    for start in tqdm(range(0, len(labels), args.batch_size), desc=f"generate ({method}, {args.steps} steps)"):
+    for start in tqdm(range(0, len(labels), args.batch_size), desc=f"generate ({method}, {steps} steps)"):
         batch = labels[start:start + args.batch_size]
         z = denormalize(sample_latents(model, meta, batch, spec, generator=generator), meta)
         with torch.inference_mode():
@@ -122,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
     image_grid(images, args.per_class).save(out / "grid.png")
     names = [meta.classes[c] if c < len(meta.classes) else str(c) for c in labels.tolist()]
     record = {"generator": str(args.generator), "tokenizer": spec_name, "objective": meta.objective,
-              "method": method, "steps": args.steps, "cfg": args.cfg, "interval": list(args.interval),
+              "method": method, "steps": steps, "cfg": args.cfg, "interval": list(args.interval),
+              **({"ar_steps": args.ar_steps or model.config.num_tokens, "temperature": args.temperature,
+                  "cfg_schedule": args.cfg_schedule} if meta.objective == "mar" else {}),
               "seed": args.seed, "labels": labels.tolist(), "class_names": names}
     (out / "samples.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {len(labels)} images to {out / 'images'} and the grid {out / 'grid.png'}")

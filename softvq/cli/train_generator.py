@@ -1,7 +1,11 @@
-"""``softvq train-generator``: train a DiT or SiT on latent shards from ``softvq pretokenize``.
+"""``softvq train-generator``: train a DiT, SiT or MAR on latent shards from ``softvq pretokenize``.
 
     softvq train-generator --latents runs/latents --out runs/sit --objective sit --size XL
     softvq train-generator --latents runs/latents --out runs/sit-tiny --width 128 --depth 4 --heads 4 --steps 600
+    softvq train-generator --latents runs/latents --out runs/mar-h --objective mar --warmup-steps 62500
+
+Fields left unset take the objective's recipe (paper supp. C.2): DiT/SiT XL, lr 1e-4, batch 256;
+MAR H, lr 2e-4, batch 2048, AdamW β2 0.95, weight decay 0.02, gradient clipping 3.0.
 
 Same machinery as the tokenizer trainer: Accelerate (``accelerate launch -m softvq.cli.main
 train-generator ...`` for several processes), EMA, atomic checkpoints, ``--resume``, progress bar,
@@ -16,7 +20,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     from softvq.generation.train import add_arguments
 
-    p = subparsers.add_parser("train-generator", help="train a DiT/SiT on pretokenized latents",
+    p = subparsers.add_parser("train-generator", help="train a DiT/SiT/MAR on pretokenized latents",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from softvq.checkpoint.pretrained import WEIGHTS_NAME, load_strict, read_folder_config, read_state_dict, write_folder
-from softvq.generation.models import GeneratorConfig, LatentTransformer
+from softvq.generation.mar import MaskedAutoregressive
+from softvq.generation.models import LatentTransformer, build_generator
+
+Generator = LatentTransformer | MaskedAutoregressive
 
 FORMAT = "softvq-generator"
 
@@ -22,7 +25,8 @@ FORMAT = "softvq-generator"
 class GeneratorMeta:
     """What a generator was trained on and how to sample it.
 
-    objective:   ``sit`` (velocity, interpolant ``path``) or ``dit`` (ε + learned σ, ``schedule``).
+    objective:   ``sit`` (velocity, interpolant ``path``), ``dit`` (ε + learned σ, ``schedule``) or
+                 ``mar`` (masked autoregressive with a diffusion head; its schedule is in its config).
     path:        SiT interpolant, ``linear`` or ``cosine`` (GVP).
     schedule:    DiT noise schedule, ``cosine`` or ``linear``; ``diffusion_steps`` T.
     latent_mean / latent_std: scalars of the training latents; samples are de-normalised with them.
@@ -43,18 +47,18 @@ class GeneratorMeta:
         return asdict(self)
 
 
-def save_generator(model: LatentTransformer, meta: GeneratorMeta, directory: str | Path,
+def save_generator(model: Generator, meta: GeneratorMeta, directory: str | Path,
                    state: dict[str, Any] | None = None) -> Path:
     """Write the generator (``state`` overrides the weights, e.g. the EMA copy) atomically."""
     payload = {"format": FORMAT, "config": model.config.to_dict(), "meta": meta.to_dict()}
     return write_folder(directory, state or model.state_dict(), payload)
 
 
-def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[LatentTransformer, GeneratorMeta]:
+def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[Generator, GeneratorMeta]:
     """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`."""
     folder, payload = read_folder_config(path_or_id, FORMAT, "softvq generator",
                                          "tokenizers load with softvq.Tokenizer.from_pretrained")
-    model = LatentTransformer(GeneratorConfig.from_dict(payload["config"]))
+    model = build_generator(payload["config"])
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
     known = GeneratorMeta.__dataclass_fields__
     meta = GeneratorMeta(**{k: v for k, v in payload.get("meta", {}).items() if k in known})

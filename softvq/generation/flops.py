@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from softvq.generation.mar import MARConfig
 from softvq.generation.models import GeneratorConfig, build_generator
 
 # SoftVQ paper Tab. 1 (ImageNet 256x256): generator GFLOPs and sampling throughput (images/s,
@@ -95,3 +96,51 @@ def repa_projector_macs(config: GeneratorConfig, projector_dim: int = 2048, z_di
     the released SiT evaluates on every token in every forward pass, sampling included."""
     n, w = config.sequence_length, config.width
     return float(n * (w * projector_dim + projector_dim * projector_dim + projector_dim * z_dim))
+
+
+# --- MAR (paper Tab. 2) -------------------------------------------------------------------------
+
+# SoftVQ paper Tab. 2: MAR-H generator GFLOPs at 256x256, keyed by the tokenizer's (tokens, D).
+PAPER_TABLE2_MAR: dict[tuple[int, int], tuple[str, float]] = {
+    (256, 16): ("KL-16 (MAR's VAE)", 145.08),
+    (64, 32): ("SoftVQ-BL", 86.55),
+    (32, 64): ("SoftVQ-L", 67.93),
+}
+
+
+def count_mar_macs(config: MARConfig) -> MacCount:
+    """MACs of one MAR sampling step per image, counted with FlopCounterMode on the meta device.
+
+    The convention that comes closest to the paper's Tab. 2 (see ``softvq bench gen --mar``): the
+    transformer at the first step (every token masked, so the encoder sees only the buffer, the
+    decoder the whole sequence) plus one evaluation of the diffusion head for every token."""
+    model = build_generator(config, device="meta").eval()
+    c = config
+    with torch.device("meta"):
+        tokens = torch.zeros(1, c.num_tokens, c.latent_dim)
+        labels = torch.zeros(1, dtype=torch.long)
+        orders = torch.arange(c.num_tokens).unsqueeze(0)
+        steps = torch.zeros(c.num_tokens)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        z = model.condition(model.encode(tokens, orders, c.num_tokens, labels), orders, c.num_tokens)
+        model.head.net(tokens[0], steps, z[0])
+    by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    attention = sum(v for k, v in by_op.items() if "bmm" in k or "attention" in k)
+    return MacCount(linear=(sum(by_op.values()) - attention) / 2, attention=attention / 2)
+
+
+def analytic_mar_macs(config: MARConfig) -> MacCount:
+    """:func:`count_mar_macs` from the layer shapes alone."""
+    c = config
+    w, hidden, hw, L = c.width, int(c.width * c.mlp_ratio), c.head_width, c.num_tokens
+    n_enc, n_dec = c.buffer_size, c.sequence_length  # first step: only the buffer is visible
+
+    def blocks(n: int) -> tuple[int, int]:
+        return c.depth * n * (4 * w * w + 2 * w * hidden), c.depth * 2 * n * n * w
+
+    enc_lin, enc_att = blocks(n_enc)
+    dec_lin, dec_att = blocks(n_dec)
+    embed = L * c.latent_dim * w + n_enc * w * w  # token projection (all tokens), decoder embedding
+    head = L * (c.latent_dim * hw + 256 * hw + hw * hw + w * hw  # input, time MLP, condition
+                + c.head_depth * 5 * hw * hw + 2 * hw * hw + hw * 2 * c.latent_dim)  # blocks, final adaLN, output
+    return MacCount(linear=float(enc_lin + dec_lin + embed + head), attention=float(enc_att + dec_att))

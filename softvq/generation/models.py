@@ -15,6 +15,7 @@ heads 6/12/16/16, MLP ratio 4. XL has about 675M parameters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from softvq.config import strict_fields
 from softvq.generation.embeddings import LabelEmbedder, TimestepEmbedder, sincos_grid, sincos_sequence
+from softvq.generation.mar import MARConfig, MaskedAutoregressive
 from softvq.networks.vit import Attention, Mlp, patchify, unpatchify
 
 GeneratorKind = Literal["sit", "dit"]
@@ -246,10 +248,12 @@ class LatentTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_generator(config: GeneratorConfig | dict[str, Any], device: str | torch.device | None = None) -> LatentTransformer:
-    """Construct a generator (use ``device="meta"`` to count parameters or FLOPs for free)."""
-    cfg = config if isinstance(config, GeneratorConfig) else GeneratorConfig.from_dict(config)
-    if device is None:
-        return LatentTransformer(cfg)
-    with torch.device(device):
-        return LatentTransformer(cfg)
+def build_generator(config: GeneratorConfig | MARConfig | dict[str, Any],
+                    device: str | torch.device | None = None) -> LatentTransformer | MaskedAutoregressive:
+    """Construct a DiT / SiT, or a MAR for a MAR config (a dict with ``kind: mar``); use
+    ``device="meta"`` to count parameters or FLOPs for free."""
+    if isinstance(config, dict):
+        config = MARConfig.from_dict(config) if config.get("kind") == "mar" else GeneratorConfig.from_dict(config)
+    model_class = MaskedAutoregressive if isinstance(config, MARConfig) else LatentTransformer
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return model_class(config)

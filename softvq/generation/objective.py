@@ -1,4 +1,6 @@
-"""The generator's training objective: SiT velocity matching or DiT's hybrid diffusion loss.
+"""The generator's training objective: SiT velocity matching, DiT's hybrid diffusion loss, or
+MAR's masked diffusion loss (computed inside :class:`softvq.generation.mar.MaskedAutoregressive`,
+whose forward draws the mask and returns the loss terms).
 
 Both take normalised latents x = (z − mean) / std and class labels; label dropout for guidance
 happens inside the model's label embedder (training mode). Loss weights live here:
@@ -18,7 +20,7 @@ from softvq.generation.transport import Interpolant, velocity_loss
 
 @dataclass
 class ObjectiveConfig:
-    """kind: ``sit`` | ``dit``. path: SiT interpolant (``cosine`` per supp. C.2, or ``linear``).
+    """kind: ``sit`` | ``dit`` | ``mar``. path: SiT interpolant (``cosine`` per supp. C.2, or ``linear``).
     schedule / diffusion_steps / vlb_weight: DiT (cosine schedule per supp. C.2, T = 1000, λ = 1
     on the per-step L_t, i.e. IDDPM's λ = 0.001 on Σ_t L_t)."""
 
@@ -34,16 +36,20 @@ class GenerationObjective:
 
     def __init__(self, config: ObjectiveConfig, channel_dim: int = -1, learned_sigma: bool = True) -> None:
         self.config = config
-        if config.kind == "sit":
+        if config.kind == "mar":
+            pass  # the model computes its own loss
+        elif config.kind == "sit":
             self.path = Interpolant(config.path)
         elif config.kind == "dit":
             self.diffusion = GaussianDiffusion.from_schedule(config.schedule, config.diffusion_steps,
                                                              variance="learned" if learned_sigma else "fixed-large",
                                                              channel_dim=channel_dim)
         else:
-            raise ValueError(f"unknown objective {config.kind!r}; choose 'sit' or 'dit'")
+            raise ValueError(f"unknown objective {config.kind!r}; choose 'sit', 'dit' or 'mar'")
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if self.config.kind == "mar":
+            return model(x, y)
         if self.config.kind == "sit":
             loss = velocity_loss(lambda x_t, t: model(x_t, t, y), x, self.path).mean()
             return {"loss": loss}

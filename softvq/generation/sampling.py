@@ -1,9 +1,12 @@
 """From class labels to normalised latents with a trained generator: one entry point for every sampler.
 
 Methods: SiT ``euler`` / ``heun`` (probability-flow ODE) and ``sde`` (Euler–Maruyama);
-DiT ``ddpm`` (ancestral sampling on a respaced schedule). Defaults follow the DiT / SiT / REPA
-evaluations: 250 steps, SDE for SiT, DDPM for DiT. Guidance (scale and interval) is applied in the
-package's time convention (τ = 0 data, τ = 1 noise; see :mod:`softvq.generation.guidance`).
+DiT ``ddpm`` (ancestral sampling on a respaced schedule); MAR ``mar`` (masked autoregressive
+steps, each sampling its new tokens with the diffusion head). Defaults follow the DiT / SiT / REPA
+evaluations (250 steps, SDE for SiT, DDPM for DiT) and MAR's (100 diffusion steps per token,
+one autoregressive step per token, linear guidance ramp, temperature 1). DiT/SiT guidance (scale
+and interval) is applied in the package's time convention (τ = 0 data, τ = 1 noise; see
+:mod:`softvq.generation.guidance`); MAR guides with a scale ramped over its steps instead.
 """
 
 from __future__ import annotations
@@ -14,46 +17,67 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from softvq.generation.checkpoint import GeneratorMeta
+from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.diffusion import GaussianDiffusion
 from softvq.generation.guidance import Guidance, guided
-from softvq.generation.models import LatentTransformer
 from softvq.generation.transport import Interpolant, sample_ode, sample_sde
 
-Method = Literal["euler", "heun", "sde", "ddpm"]
+Method = Literal["euler", "heun", "sde", "ddpm", "mar"]
 SIT_METHODS = ("euler", "heun", "sde")
+DEFAULT_METHOD = {"sit": "sde", "dit": "ddpm", "mar": "mar"}
+DEFAULT_STEPS = {"sit": 250, "dit": 250, "mar": 100}
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """Which sampler, how many steps, and the guidance to apply."""
+    """Which sampler, how many steps, and the guidance to apply.
 
-    method: Method | None = None  # None: sde for SiT, ddpm for DiT
-    steps: int = 250
+    steps:        ODE/SDE/DDPM steps (DiT, SiT; default 250) or the diffusion head's DDPM steps
+                  per token (MAR; default 100). ``None`` takes the default.
+    ar_steps:     MAR's autoregressive steps (default: one per token, MAR's evaluation setting).
+    temperature:  MAR's noise temperature τ in the head's DDPM.
+    cfg_schedule: MAR's guidance scale over its steps, ``linear`` (1 → scale) or ``constant``.
+    """
+
+    method: Method | None = None  # None: sde for SiT, ddpm for DiT, mar for MAR
+    steps: int | None = None
     guidance: Guidance = Guidance()
     sde_diffusion: Literal["sigma", "2t"] = "2t"
+    ar_steps: int | None = None
+    temperature: float = 1.0
+    cfg_schedule: Literal["linear", "constant"] = "linear"
 
     def resolved(self, objective: str) -> Method:
-        method = self.method or ("sde" if objective == "sit" else "ddpm")
+        method = self.method or DEFAULT_METHOD[objective]
         if objective == "sit" and method not in SIT_METHODS:
             raise ValueError(f"a SiT generator samples with {', '.join(SIT_METHODS)}, not {method!r}")
-        if objective == "dit" and method != "ddpm":
-            raise ValueError(f"a DiT generator samples with 'ddpm', not {method!r}")
+        if objective in ("dit", "mar") and method != DEFAULT_METHOD[objective]:
+            raise ValueError(f"a {objective.upper()} generator samples with {DEFAULT_METHOD[objective]!r}, not {method!r}")
+        if objective == "mar" and (self.guidance.low, self.guidance.high) != (0.0, 1.0):
+            raise ValueError("MAR guides with a scale ramped over its steps (cfg_schedule), not a guidance interval")
         return method
+
+    def resolved_steps(self, objective: str) -> int:
+        return self.steps if self.steps is not None else DEFAULT_STEPS[objective]
 
     def evaluations(self, objective: str) -> int:
         """Network evaluations per image without guidance (for throughput extrapolation)."""
-        method = self.resolved(objective)
-        return 2 * self.steps - 1 if method == "heun" else self.steps
+        method, steps = self.resolved(objective), self.resolved_steps(objective)
+        return 2 * steps - 1 if method == "heun" else steps
 
 
-def sample_latents(model: LatentTransformer, meta: GeneratorMeta, labels: Tensor, spec: SamplerSpec = SamplerSpec(),
+def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor, spec: SamplerSpec = SamplerSpec(),
                    generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """Sample normalised latents ((z − mean)/std space) for ``labels`` (B,) on the model's device."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     labels = labels.to(device)
     method = spec.resolved(meta.objective)
+    steps = spec.resolved_steps(meta.objective)
+    if meta.objective == "mar":
+        return model.sample(labels, ar_steps=spec.ar_steps, diffusion_steps=steps, cfg=spec.guidance.scale,
+                            cfg_schedule=spec.cfg_schedule, temperature=spec.temperature,
+                            generator=generator if device.type == "cpu" else None, progress=progress)
     noise = torch.randn((labels.shape[0], *model.input_shape), generator=generator, device="cpu").to(device, dtype)
     # a CPU generator cannot draw on another device: later noise then follows the global seed
     generator = generator if device.type == "cpu" else None
@@ -64,15 +88,15 @@ def sample_latents(model: LatentTransformer, meta: GeneratorMeta, labels: Tensor
             return guided(model, x, t, labels, spec.guidance, null)
 
         if method == "sde":
-            return sample_sde(velocity, noise, Interpolant(meta.path), steps=spec.steps,
+            return sample_sde(velocity, noise, Interpolant(meta.path), steps=steps,
                               diffusion=spec.sde_diffusion, generator=generator, progress=progress)
-        return sample_ode(velocity, noise, steps=spec.steps, method=method, progress=progress)
+        return sample_ode(velocity, noise, steps=steps, method=method, progress=progress)
 
     diffusion = GaussianDiffusion.from_schedule(
         meta.schedule, meta.diffusion_steps,
         variance="learned" if model.config.sigma_learned else "fixed-large",
         channel_dim=-1 if model.config.layout == "1d" else 1,
-    ).respaced(spec.steps)
+    ).respaced(steps)
     channel_dim = 2 if model.config.layout == "1d" else 1
     channels = (channel_dim, model.config.latent_dim) if model.config.sigma_learned else None
 

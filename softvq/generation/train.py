@@ -1,7 +1,15 @@
-"""Train a DiT or SiT on pre-extracted latent shards (``softvq pretokenize``).
+"""Train a DiT, SiT or MAR on pre-extracted latent shards (``softvq pretokenize``).
 
-The recipe of the paper's supp. C.2: AdamW, constant learning rate 1e-4, no weight decay,
-global batch 256, EMA of the weights (decay 0.9999) used for sampling, class-label dropout 0.1,
+The recipes of the paper's supp. C.2, chosen by ``objective`` (every field can be overridden):
+
+* DiT / SiT: AdamW (β2 0.999), constant learning rate 1e-4, no weight decay, global batch 256,
+  size XL;
+* MAR: AdamW with β = (0.9, 0.95), weight decay 0.02 (not on biases and norms), maximum
+  learning rate 2e-4 ("a higher learning rate leads to NaN"), a linear warm-up (100 epochs in the
+  paper: set ``warmup_steps`` to 100 epochs of your data) then constant, gradient clipping at 3.0
+  (MAR's release), global batch 2048, size H;
+
+and for all: EMA of the weights (decay 0.9999) used for sampling, class-label dropout 0.1,
 latents normalised as (z − mean) / std. The loop runs under ``accelerate`` (CPU, one or many
 GPUs, optional bf16), keeps an EMA (``softvq.training.ema``), writes atomic resumable
 checkpoints every ``checkpoint_every`` steps (``softvq.training.checkpointing``: model, EMA,
@@ -30,6 +38,7 @@ import torch
 
 from softvq.checkpoint.pretrained import atomic_write
 from softvq.generation.checkpoint import GeneratorMeta, save_generator
+from softvq.generation.mar import MARConfig, MaskedAutoregressive, mar_config
 from softvq.generation.models import GeneratorConfig, LatentTransformer, generator_config
 from softvq.generation.objective import GenerationObjective, ObjectiveConfig
 from softvq.generation.pretokenize import load_latents
@@ -39,27 +48,35 @@ from softvq.generation.pretokenize import load_latents
 class GeneratorTrainConfig:
     """Everything a generator run needs; written resolved to ``RUN/config.json``.
 
-    width / depth / heads override the named ``size`` (for CPU-sized models).
+    objective:    ``sit``, ``dit`` or ``mar``; fields left at ``None`` take that objective's recipe
+                  (:data:`RECIPES`).
+    size:         DiT/SiT S, B, L, XL or MAR B, L, H.
+    width / depth / heads (and MAR's head_width / head_depth) override the named ``size``.
+    warmup_steps: linear learning-rate warm-up from 0, then constant.
     ema_warmup: decay min(ema_decay, (1+n)/(10+n)) so short runs do not average the random init.
     """
 
     latents: str = ""
     out: str = "runs/generator"
     objective: str = "sit"
-    size: str = "XL"
+    size: str | None = None
     width: int | None = None
     depth: int | None = None
     heads: int | None = None
+    head_width: int | None = None
+    head_depth: int | None = None
     path: str = "cosine"
     schedule: str = "cosine"
     diffusion_steps: int = 1000
     vlb_weight: float = 1.0
     class_dropout: float = 0.1
     steps: int = 400_000
-    batch_size: int = 256
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.0
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    adam_beta2: float | None = None
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     mixed_precision: str = "no"
@@ -70,23 +87,61 @@ class GeneratorTrainConfig:
     tokenizer: str | None = None
     cpu: bool = False
 
+    def resolved(self) -> "GeneratorTrainConfig":
+        """A copy with every ``None`` recipe field filled from the objective's recipe."""
+        if self.objective not in RECIPES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(RECIPES)}")
+        recipe = RECIPES[self.objective]
+        return dataclasses.replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
+
     def validate(self) -> "GeneratorTrainConfig":
         if not self.latents:
             raise ValueError("no latent folder given; make one with `softvq pretokenize` and pass --latents")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch size must be positive")
+        if self.objective not in RECIPES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(RECIPES)}")
+        if self.objective != "mar" and (self.head_width is not None or self.head_depth is not None):
+            raise ValueError("head_width / head_depth size MAR's diffusion head; DiT and SiT have none")
+        batch = self.batch_size if self.batch_size is not None else RECIPES[self.objective]["batch_size"]
+        if self.steps < 1 or batch < 1 or self.warmup_steps < 0:
+            raise ValueError("steps and batch size must be positive, warmup_steps non-negative")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         return self
 
 
-def build_model_config(cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: int, num_classes: int) -> GeneratorConfig:
+# Per-objective defaults (SoftVQ supp. C.2; MAR's release for β2, clipping and what is not decayed).
+RECIPES: dict[str, dict[str, Any]] = {
+    "sit": {"size": "XL", "batch_size": 256, "lr": 1e-4, "weight_decay": 0.0, "adam_beta2": 0.999, "max_grad_norm": 0.0},
+    "dit": {"size": "XL", "batch_size": 256, "lr": 1e-4, "weight_decay": 0.0, "adam_beta2": 0.999, "max_grad_norm": 0.0},
+    "mar": {"size": "H", "batch_size": 2048, "lr": 2e-4, "weight_decay": 0.02, "adam_beta2": 0.95, "max_grad_norm": 3.0},
+}
+
+
+def build_model_config(cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: int,
+                       num_classes: int) -> GeneratorConfig | MARConfig:
+    """The backbone config of a (resolved) run: a named size with the data's layout and overrides."""
     fields: dict[str, Any] = {"num_tokens": num_tokens, "latent_dim": latent_dim, "num_classes": num_classes,
                               "class_dropout": cfg.class_dropout}
-    for name in ("width", "depth", "heads"):
-        if getattr(cfg, name) is not None:
-            fields[name] = getattr(cfg, name)
+    names = ("width", "depth", "heads") + (("head_width", "head_depth") if cfg.objective == "mar" else ())
+    fields.update({name: getattr(cfg, name) for name in names if getattr(cfg, name) is not None})
+    if cfg.objective == "mar":
+        return mar_config(cfg.size, schedule=cfg.schedule, diffusion_steps=cfg.diffusion_steps, **fields)
     return generator_config(cfg.objective, cfg.size, **fields)
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and embeddings only, not on biases and norm scales (1-D tensors),
+    as MAE / MAR do; with ``weight_decay`` 0 (DiT / SiT) this is plain AdamW."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(cfg: GeneratorTrainConfig, step: int) -> float:
+    """Linear warm-up over ``warmup_steps`` (step 0 gets lr/warmup), then constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
 
 
 def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> torch.Tensor:
@@ -104,18 +159,19 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                                                save_checkpoint)
     from softvq.training.ema import EMA
 
-    cfg.validate()
+    cfg = cfg.validate().resolved()
     run = Path(cfg.out)
     data = load_latents(cfg.latents)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     torch.manual_seed(cfg.seed + acc.process_index)
 
     model_cfg = build_model_config(cfg, data.latents.shape[1], data.latents.shape[2], len(data.classes))
-    model = LatentTransformer(model_cfg)
+    model = MaskedAutoregressive(model_cfg) if cfg.objective == "mar" else LatentTransformer(model_cfg)
     objective = GenerationObjective(
         ObjectiveConfig(cfg.objective, cfg.path, cfg.schedule, cfg.diffusion_steps, cfg.vlb_weight),
-        learned_sigma=model_cfg.sigma_learned)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        learned_sigma=getattr(model_cfg, "sigma_learned", True))
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(0.9, cfg.adam_beta2))
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
 
     start = 0
@@ -147,6 +203,9 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     for step in bar:
         idx = _batch_indices(len(latents), per_process, cfg.seed, step, acc.process_index)
         x, y = latents[idx].to(acc.device), labels[idx].to(acc.device)
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         with acc.autocast():
             terms = objective(model, x, y)
         acc.backward(terms["loss"])
@@ -162,7 +221,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         done = step + 1
         if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
             elapsed = time.perf_counter() - tick
-            record = {"step": done, **{k: float(v.detach()) for k, v in terms.items()}, "lr": cfg.lr,
+            record = {"step": done, **{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
                       "ema_decay": ema.current_decay(), "sec_per_step": elapsed / cfg.log_every}
             with log_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -194,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
-            kind = {"int | None": int, "str | None": str}.get(str(f.type), type(value) if value is not None else str)
+            kind = {"int | None": int, "str | None": str, "float | None": float}.get(str(f.type), type(value) if value is not None else str)
             parser.add_argument(flag, type=kind, default=value)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
