@@ -101,7 +101,7 @@ def test_sampling_reveals_every_token_once_on_schedule_with_the_linear_guidance_
     model = tiny()
     calls = []
 
-    def fake_sample(cond, steps, temperature, uncond=None, cfg=1.0, generator=None):
+    def fake_sample(cond, steps, temperature, uncond=None, cfg=1.0, generator=None, clip_x0=None):
         calls.append((cond.shape[0], cfg, steps, temperature, uncond is not None))
         return torch.full((cond.shape[0], 4), float(len(calls)))
 
@@ -137,7 +137,7 @@ def test_guided_head_sampling_mixes_eps_and_keeps_the_conditional_variance(monke
     captured = {}
 
     class Capture:  # stands in for the respaced diffusion: keeps the guided model function
-        def p_sample_loop(self, model, noise, generator=None, temperature=1.0):
+        def p_sample_loop(self, model, noise, generator=None, temperature=1.0, clip_x0=None):
             captured.update(model=model, noise=noise, temperature=temperature)
             return noise
 
@@ -216,3 +216,16 @@ def test_a_tiny_mar_learns_class_conditional_tokens():
     side = torch.cat([torch.ones(8), -torch.ones(8)])[:, None, None]
     assert float((samples[:8] > 0).float().mean()) > 0.85 and float((samples[8:] < 0).float().mean()) > 0.85
     assert float(((samples - side).abs() < 0.5).float().mean()) > 0.75
+
+
+def test_clipping_the_predicted_token_keeps_an_untrained_head_bounded():
+    """The release's unclipped sampler multiplies the head's ε error by ~300 in its first step
+    (ᾱ_999 ≈ 2.4e-9 under the cosine schedule): an untrained head diverges, a clipped one cannot."""
+    model = tiny(num_tokens=4, diffusion_steps=1000)
+    labels = torch.tensor([0, 1])
+    free = model.sample(labels, ar_steps=2, diffusion_steps=20, generator=torch.Generator().manual_seed(0))
+    clipped = model.sample(labels, ar_steps=2, diffusion_steps=20, clip_x0=2.0,
+                           generator=torch.Generator().manual_seed(0))
+    assert float(free.abs().max()) > 100
+    # the last step returns the posterior mean at t = 0, a convex mix of a clipped x̂_0 and a near-x̂_0 x_1
+    assert float(clipped.abs().max()) < 2.5

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="MAR: noise temperature of the diffusion head")
     p.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear",
                    help="MAR: guidance scale ramped linearly over the steps (default) or constant")
+    p.add_argument("--clip-x0", type=float, metavar="C",
+                   help="MAR: clamp the head's predicted clean token to [-C, C] in normalised latent units "
+                        "(off, as in MAR's release; try 5 if a small run's samples diverge)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -108,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes, meta.classes, model.config.num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
     spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *args.interval),
-                       ar_steps=args.ar_steps, temperature=args.temperature, cfg_schedule=args.cfg_schedule)
+                       ar_steps=args.ar_steps, temperature=args.temperature, cfg_schedule=args.cfg_schedule,
+                       clip_x0=args.clip_x0)
     method = spec.resolved(meta.objective)
     steps = spec.resolved_steps(meta.objective)
 
@@ -116,10 +121,13 @@ def run(args: argparse.Namespace) -> int:
     (out / "images").mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    images = []
+    images, diverged = [], False
     for start in tqdm(range(0, len(labels), args.batch_size), desc=f"generate ({method}, {steps} steps)"):
         batch = labels[start:start + args.batch_size]
-        z = denormalize(sample_latents(model, meta, batch, spec, generator=generator), meta)
+        x_norm = sample_latents(model, meta, batch, spec, generator=generator)
+        if meta.objective == "mar" and args.clip_x0 is None and float(x_norm.abs().max()) > 50:
+            diverged = True
+        z = denormalize(x_norm, meta)
         with torch.inference_mode():
             x = tokenizer.decode(z.to(device)).clamp(-1, 1).cpu()
         for i, img in enumerate(x):
@@ -131,10 +139,13 @@ def run(args: argparse.Namespace) -> int:
     record = {"generator": str(args.generator), "tokenizer": spec_name, "objective": meta.objective,
               "method": method, "steps": steps, "cfg": args.cfg, "interval": list(args.interval),
               **({"ar_steps": args.ar_steps or model.config.num_tokens, "temperature": args.temperature,
-                  "cfg_schedule": args.cfg_schedule} if meta.objective == "mar" else {}),
+                  "cfg_schedule": args.cfg_schedule, "clip_x0": args.clip_x0} if meta.objective == "mar" else {}),
               "seed": args.seed, "labels": labels.tolist(), "class_names": names}
     (out / "samples.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {len(labels)} images to {out / 'images'} and the grid {out / 'grid.png'}")
+    if diverged:
+        print("warning: some MAR samples diverged (|latent| > 50 standard deviations): the diffusion head is not "
+              "trained enough for the unclipped first steps; rerun with --clip-x0 5", file=sys.stderr)
     if args.fid_ref:
         print(f"gFID vs {args.fid_ref}: {generation_fid(images, args.fid_ref, device):.3f} "
               f"({len(labels)} samples; the paper's protocol uses 50,000)")

@@ -98,12 +98,15 @@ class DiffusionLoss(nn.Module):
 
     @torch.inference_mode()
     def sample(self, cond: Tensor, steps: int = 100, temperature: float = 1.0,
-               uncond: Tensor | None = None, cfg: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+               uncond: Tensor | None = None, cfg: float = 1.0, generator: torch.Generator | None = None,
+               clip_x0: float | None = None) -> Tensor:
         """Draw one token per row of ``cond`` by DDPM on ``steps`` respaced steps.
 
         With ``uncond`` (the transformer's outputs for the null class) and ``cfg`` ≠ 1, ε is
         guided as ε_u + cfg·(ε_c − ε_u) from one shared noise draw per token, and the variance
-        is the conditional one (MAR's ``forward_with_cfg``)."""
+        is the conditional one (MAR's ``forward_with_cfg``). ``clip_x0`` (off in MAR) clamps the
+        predicted clean token to [−c, c] at every step: with the cosine schedule ᾱ_999 ≈ 2.4e-9, so
+        the first step multiplies an ε error by ~300, which an under-trained head cannot afford."""
         diffusion = self.diffusion.respaced(steps)
         noise = torch.randn(cond.shape[0], self.token_dim, generator=generator, device="cpu")
         noise = noise.to(cond.device, cond.dtype)
@@ -119,4 +122,4 @@ class DiffusionLoss(nn.Module):
             eps = u[:, :d] + cfg * (c[:, :d] - u[:, :d])
             return torch.cat([eps, c[:, d:]], dim=-1)
 
-        return diffusion.p_sample_loop(model, noise, generator=generator, temperature=temperature)
+        return diffusion.p_sample_loop(model, noise, generator=generator, temperature=temperature, clip_x0=clip_x0)

@@ -152,8 +152,10 @@ class GaussianDiffusion:
             return out, None
         return out.chunk(2, dim=self.channel_dim)
 
-    def p_mean_variance(self, out: Tensor, x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
-        """Mean, log variance and x̂_0 of p(x_{t−1} | x_t) from the network output (ε [, v])."""
+    def p_mean_variance(self, out: Tensor, x_t: Tensor, t: Tensor, clip_x0: float | None = None) -> dict[str, Tensor]:
+        """Mean, log variance and x̂_0 of p(x_{t−1} | x_t) from the network output (ε [, v]);
+        ``clip_x0`` clamps x̂_0 to [−c, c] before the mean is formed (IDDPM's ``clip_denoised``
+        with c = 1 for images; off in DiT's and MAR's latent samplers)."""
         eps, v = self.split(out)
         if self.variance == "learned":
             min_log = _take(self.posterior_log_variance_clipped, t, x_t)
@@ -166,6 +168,8 @@ class GaussianDiffusion:
         else:
             log_var = _take(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         pred_x0 = _take(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _take(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        if clip_x0 is not None:
+            pred_x0 = pred_x0.clamp(-clip_x0, clip_x0)
         mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         return {"mean": mean, "log_variance": log_var, "pred_x0": pred_x0, "eps": eps}
 
@@ -213,10 +217,10 @@ class GaussianDiffusion:
 
     @torch.inference_mode()
     def p_sample_loop(self, model: ModelFn, noise: Tensor, generator: torch.Generator | None = None,
-                      progress: bool = False, temperature: float = 1.0) -> Tensor:
+                      progress: bool = False, temperature: float = 1.0, clip_x0: float | None = None) -> Tensor:
         """Ancestral sampling from x_T = ``noise`` down to x_0; the model sees original step indices.
         ``temperature`` scales the noise added at each step (MAR's sampling temperature τ, Li et al.
-        2024 Sec. 3.3; 1 is plain DDPM)."""
+        2024 Sec. 3.3; 1 is plain DDPM); ``clip_x0`` see :meth:`p_mean_variance`."""
         x = noise
         steps = range(self.num_timesteps - 1, -1, -1)
         if progress:
@@ -226,7 +230,7 @@ class GaussianDiffusion:
         for i in steps:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             out = model(x, self.timestep_map.to(x.device)[t])
-            p = self.p_mean_variance(out, x, t)
+            p = self.p_mean_variance(out, x, t, clip_x0)
             x = p["mean"]
             if i > 0:
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

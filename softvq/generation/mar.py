@@ -297,10 +297,12 @@ class MaskedAutoregressive(nn.Module):
     @torch.inference_mode()
     def sample(self, labels: Tensor, ar_steps: int | None = None, diffusion_steps: int = 100, cfg: float = 1.0,
                cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
-               generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+               generator: torch.Generator | None = None, progress: bool = False,
+               clip_x0: float | None = None) -> Tensor:
         """Generate (B, L, D) tokens for ``labels`` (B,) in ``ar_steps`` steps (default L: MAR's
         evaluation setting of one step per token at most; the masking schedule decides how many
-        tokens each step reveals). Runs in eval mode whatever the module's mode."""
+        tokens each step reveals). ``clip_x0``: see :meth:`DiffusionLoss.sample` (off in MAR).
+        Runs in eval mode whatever the module's mode."""
         if cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         if cfg < 0 or temperature < 0:
@@ -339,7 +341,7 @@ class MaskedAutoregressive(nn.Module):
                 new = self.head.sample(
                     z_cond.gather(1, pick).reshape(-1, c.width), diffusion_steps, temperature,
                     uncond=z_uncond.gather(1, pick).reshape(-1, c.width) if guided else None, cfg=scale,
-                    generator=generator)
+                    generator=generator, clip_x0=clip_x0)
                 tokens = tokens.scatter(1, at.expand(-1, -1, c.latent_dim), new.reshape(b, -1, c.latent_dim).to(dtype))
                 masked = left
         finally:

@@ -37,6 +37,8 @@ class SamplerSpec:
     ar_steps:     MAR's autoregressive steps (default: one per token, MAR's evaluation setting).
     temperature:  MAR's noise temperature τ in the head's DDPM.
     cfg_schedule: MAR's guidance scale over its steps, ``linear`` (1 → scale) or ``constant``.
+    clip_x0:      MAR: clamp the head's predicted clean token to [−c, c] (normalised latents; off
+                  in the release, useful for small or short runs whose samples diverge).
     """
 
     method: Method | None = None  # None: sde for SiT, ddpm for DiT, mar for MAR
@@ -46,6 +48,7 @@ class SamplerSpec:
     ar_steps: int | None = None
     temperature: float = 1.0
     cfg_schedule: Literal["linear", "constant"] = "linear"
+    clip_x0: float | None = None
 
     def resolved(self, objective: str) -> Method:
         method = self.method or DEFAULT_METHOD[objective]
@@ -77,7 +80,8 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor, spec: 
     if meta.objective == "mar":
         return model.sample(labels, ar_steps=spec.ar_steps, diffusion_steps=steps, cfg=spec.guidance.scale,
                             cfg_schedule=spec.cfg_schedule, temperature=spec.temperature,
-                            generator=generator if device.type == "cpu" else None, progress=progress)
+                            generator=generator if device.type == "cpu" else None, progress=progress,
+                            clip_x0=spec.clip_x0)
     noise = torch.randn((labels.shape[0], *model.input_shape), generator=generator, device="cpu").to(device, dtype)
     # a CPU generator cannot draw on another device: later noise then follows the global seed
     generator = generator if device.type == "cpu" else None
