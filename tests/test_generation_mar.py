@@ -177,8 +177,8 @@ def test_bad_configs_and_inputs_are_named():
         SamplerSpec(guidance=Guidance(2.0, 0.0, 0.7)).resolved("mar")
     with pytest.raises(ValueError, match="samples with 'mar'"):
         SamplerSpec(method="sde").resolved("mar")
-    with pytest.raises(ValueError, match="DiT and SiT have none"):
-        GeneratorTrainConfig(latents="x", objective="sit", head_width=8).validate()
+    with pytest.raises(ValueError, match="head_width, buffer_size only apply to MAR"):
+        GeneratorTrainConfig(latents="x", objective="sit", head_width=8, buffer_size=4).validate()
 
 
 def test_mar_recipe_warmup_and_no_decay_on_biases_and_norms():
@@ -229,3 +229,20 @@ def test_clipping_the_predicted_token_keeps_an_untrained_head_bounded():
     assert float(free.abs().max()) > 100
     # the last step returns the posterior mean at t = 0, a convex mix of a clipped x̂_0 and a near-x̂_0 x_1
     assert float(clipped.abs().max()) < 2.5
+
+
+def test_gradient_checkpointing_recomputes_the_same_dropout_and_gradients():
+    grads = []
+    for recompute in (False, True):
+        model = tiny(attn_dropout=0.2, proj_dropout=0.2, class_dropout=0.3, grad_checkpointing=recompute)
+        torch.manual_seed(1)
+        for p in model.head.parameters():  # the head starts at zero output, which would zero every gradient
+            torch.nn.init.normal_(p, std=0.1)
+        torch.manual_seed(5)
+        loss = model(torch.randn(3, 12, 4), torch.tensor([0, 1, 2]))["loss"]
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert grads[0][0] == grads[1][0]
+    assert float(grads[0][1]["encoder_blocks.0.mlp.fc1.weight"].norm()) > 0
+    for name, g in grads[0][1].items():
+        assert torch.allclose(g, grads[1][1][name], atol=1e-6), name

@@ -52,6 +52,8 @@ class GeneratorTrainConfig:
                   (:data:`RECIPES`).
     size:         DiT/SiT S, B, L, XL or MAR B, L, H.
     width / depth / heads (and MAR's head_width / head_depth) override the named ``size``.
+    buffer_size / diffusion_batch_mul / grad_checkpointing: MAR only (defaults 64, 4, off); a
+                  smaller buffer makes CPU-sized runs on few tokens much cheaper.
     warmup_steps: linear learning-rate warm-up from 0, then constant.
     ema_warmup: decay min(ema_decay, (1+n)/(10+n)) so short runs do not average the random init.
     """
@@ -65,6 +67,9 @@ class GeneratorTrainConfig:
     heads: int | None = None
     head_width: int | None = None
     head_depth: int | None = None
+    buffer_size: int | None = None
+    diffusion_batch_mul: int | None = None
+    grad_checkpointing: bool = False
     path: str = "cosine"
     schedule: str = "cosine"
     diffusion_steps: int = 1000
@@ -99,8 +104,9 @@ class GeneratorTrainConfig:
             raise ValueError("no latent folder given; make one with `softvq pretokenize` and pass --latents")
         if self.objective not in RECIPES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(RECIPES)}")
-        if self.objective != "mar" and (self.head_width is not None or self.head_depth is not None):
-            raise ValueError("head_width / head_depth size MAR's diffusion head; DiT and SiT have none")
+        mar_only = [name for name in MAR_ONLY if getattr(self, name) not in (None, False)]
+        if self.objective != "mar" and mar_only:
+            raise ValueError(f"{', '.join(mar_only)} only apply to MAR (--objective mar); DiT and SiT have none")
         batch = self.batch_size if self.batch_size is not None else RECIPES[self.objective]["batch_size"]
         if self.steps < 1 or batch < 1 or self.warmup_steps < 0:
             raise ValueError("steps and batch size must be positive, warmup_steps non-negative")
@@ -108,6 +114,8 @@ class GeneratorTrainConfig:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         return self
 
+
+MAR_ONLY = ("head_width", "head_depth", "buffer_size", "diffusion_batch_mul", "grad_checkpointing")
 
 # Per-objective defaults (SoftVQ supp. C.2; MAR's release for β2, clipping and what is not decayed).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -122,7 +130,7 @@ def build_model_config(cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: i
     """The backbone config of a (resolved) run: a named size with the data's layout and overrides."""
     fields: dict[str, Any] = {"num_tokens": num_tokens, "latent_dim": latent_dim, "num_classes": num_classes,
                               "class_dropout": cfg.class_dropout}
-    names = ("width", "depth", "heads") + (("head_width", "head_depth") if cfg.objective == "mar" else ())
+    names = ("width", "depth", "heads") + (MAR_ONLY if cfg.objective == "mar" else ())
     fields.update({name: getattr(cfg, name) for name in names if getattr(cfg, name) is not None})
     if cfg.objective == "mar":
         return mar_config(cfg.size, schedule=cfg.schedule, diffusion_steps=cfg.diffusion_steps, **fields)
