@@ -247,10 +247,11 @@ class MaskedAutoregressive(nn.Module):
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
 
-    def _with_buffer(self, positions: Tensor) -> Tensor:
-        """Token positions (B, n) -> sequence positions (B, buffer + n), the buffer first."""
-        buffer = torch.arange(self.config.buffer_size, device=positions.device).expand(positions.shape[0], -1)
-        return torch.cat([buffer, positions + self.config.buffer_size], dim=1)
+    def _visible_positions(self, orders: Tensor, masked: int) -> Tensor:
+        """Sequence positions (B, buffer + L − masked) the encoder sees: the buffer, then the
+        tokens after the first ``masked`` of each order, in sequence order."""
+        buffer = torch.arange(self.config.buffer_size, device=orders.device).expand(orders.shape[0], -1)
+        return torch.cat([buffer, orders[:, masked:].sort(dim=1).values + self.config.buffer_size], dim=1)
 
     def encode(self, tokens: Tensor, orders: Tensor, masked: int, labels: Tensor) -> Tensor:
         """Encoder over the buffer and the visible tokens -> (B, buffer + L − masked, W).
@@ -262,7 +263,7 @@ class MaskedAutoregressive(nn.Module):
         classes = self.class_embed(labels).to(x.dtype)  # label dropout in training mode
         x = torch.cat([classes.unsqueeze(1).expand(b, self.config.buffer_size, w), x], dim=1)
         x = self.token_norm(x + self.encoder_pos.to(x.dtype))
-        keep = self._with_buffer(orders[:, masked:].sort(dim=1).values)
+        keep = self._visible_positions(orders, masked)
         x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, w))
         return self.encoder_norm(self._run(self.encoder_blocks, x))
 
@@ -270,7 +271,7 @@ class MaskedAutoregressive(nn.Module):
         """Decoder: mask tokens back in, all positions through the blocks -> z (B, L, W)."""
         b, w = orders.shape[0], self.config.width
         h = self.decoder_embed(encoded)
-        keep = self._with_buffer(orders[:, masked:].sort(dim=1).values)
+        keep = self._visible_positions(orders, masked)
         x = self.mask_token.to(h.dtype).expand(b, self.config.sequence_length, w)
         x = x.scatter(1, keep.unsqueeze(-1).expand(-1, -1, w), h)
         x = self._run(self.decoder_blocks, x + self.decoder_pos.to(h.dtype))

@@ -80,8 +80,7 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor, spec: 
     if meta.objective == "mar":
         return model.sample(labels, ar_steps=spec.ar_steps, diffusion_steps=steps, cfg=spec.guidance.scale,
                             cfg_schedule=spec.cfg_schedule, temperature=spec.temperature,
-                            generator=generator if device.type == "cpu" else None, progress=progress,
-                            clip_x0=spec.clip_x0)
+                            generator=generator, progress=progress, clip_x0=spec.clip_x0)
     noise = torch.randn((labels.shape[0], *model.input_shape), generator=generator, device="cpu").to(device, dtype)
     # a CPU generator cannot draw on another device: later noise then follows the global seed
     generator = generator if device.type == "cpu" else None

@@ -38,8 +38,8 @@ import torch
 
 from softvq.checkpoint.pretrained import atomic_write
 from softvq.generation.checkpoint import GeneratorMeta, save_generator
-from softvq.generation.mar import MARConfig, MaskedAutoregressive, mar_config
-from softvq.generation.models import GeneratorConfig, LatentTransformer, generator_config
+from softvq.generation.mar import MARConfig, mar_config
+from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, ObjectiveConfig
 from softvq.generation.pretokenize import load_latents
 
@@ -102,13 +102,11 @@ class GeneratorTrainConfig:
     def validate(self) -> "GeneratorTrainConfig":
         if not self.latents:
             raise ValueError("no latent folder given; make one with `softvq pretokenize` and pass --latents")
-        if self.objective not in RECIPES:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(RECIPES)}")
+        resolved = self.resolved()  # names an unknown objective
         mar_only = [name for name in MAR_ONLY if getattr(self, name) not in (None, False)]
         if self.objective != "mar" and mar_only:
             raise ValueError(f"{', '.join(mar_only)} only apply to MAR (--objective mar); DiT and SiT have none")
-        batch = self.batch_size if self.batch_size is not None else RECIPES[self.objective]["batch_size"]
-        if self.steps < 1 or batch < 1 or self.warmup_steps < 0:
+        if self.steps < 1 or resolved.batch_size < 1 or self.warmup_steps < 0:
             raise ValueError("steps and batch size must be positive, warmup_steps non-negative")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
@@ -174,7 +172,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     torch.manual_seed(cfg.seed + acc.process_index)
 
     model_cfg = build_model_config(cfg, data.latents.shape[1], data.latents.shape[2], len(data.classes))
-    model = MaskedAutoregressive(model_cfg) if cfg.objective == "mar" else LatentTransformer(model_cfg)
+    model = build_generator(model_cfg)
     objective = GenerationObjective(
         ObjectiveConfig(cfg.objective, cfg.path, cfg.schedule, cfg.diffusion_steps, cfg.vlb_weight),
         learned_sigma=getattr(model_cfg, "sigma_learned", True))
