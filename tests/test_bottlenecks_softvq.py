@@ -129,6 +129,20 @@ def test_chunked_equals_straightforward_outputs_and_gradients(case):
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7
 
 
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_chunked_token_entropy_keeps_float32_accuracy_at_the_release_temperature(distance):
+    """At τ_H = 0.01 the entropy is small next to |a/τ_H| ~ 100: a float32 formula that subtracts
+    two such numbers loses digits (it was off by 3.5e-5 here). Both paths against float64."""
+    torch.manual_seed(0)
+    x, book = F.normalize(torch.randn(2048, 16), dim=-1), F.normalize(torch.randn(1024, 16), dim=-1)
+    exact = soft_assign(x.double(), book.double(), scale=torch.tensor(10.0, dtype=torch.float64),
+                        distance=distance, entropy_temperature=0.01, chunk_size=0).token_entropy
+    for chunk in (0, 300):
+        got = soft_assign(x, book, scale=torch.tensor(10.0), distance=distance, entropy_temperature=0.01,
+                          chunk_size=chunk).token_entropy
+        assert abs(float(got) - float(exact)) <= 1e-5 * float(exact), chunk
+
+
 def test_chunked_assignment_passes_gradcheck_with_per_token_scale():
     """Independent of the reference path: finite differences in float64, GMMVQ-style ω."""
     torch.manual_seed(3)

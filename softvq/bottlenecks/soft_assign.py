@@ -88,13 +88,16 @@ def _softmax_jvp(grad: Tensor, probs: Tensor) -> Tensor:
 def _entropy_sum(rho: Tensor, post: Tensor, top: Tensor) -> Tensor:
     """Σ_t H(π_t) for π = softmax(ρ) (rows t), without another pass of exp or log over (T, K).
 
-    H(π_t) = lse(ρ_t) − ⟨π_t, ρ_t⟩, and lse(ρ_t) = ρ_tk − log π_tk for any k; at k = argmax it
-    is exact to float rounding (π_tk ≥ 1/K), so it costs a gather instead of a logsumexp. The
-    inner products of all rows together are one dot product of the flattened tensors.
+    With m_t = ρ_t,top at the row's argmax, lse(ρ_t) = m_t − log π_t,top exactly, so
+    H(π_t) = lse(ρ_t) − ⟨π_t, ρ_t⟩ = −log π_t,top − ⟨π_t, ρ_t − m_t⟩: a sum of two non-negative
+    terms. Written as lse − ⟨π, ρ⟩ instead, two numbers of size |ρ| (up to 1/τ_H = 100) cancel to
+    an entropy that can be 0.01, losing float32's digits (relative error 3e-5 to 3e-3, measured
+    against float64). Shifts ``rho`` in place; the inner products of all rows together are one
+    dot product of the flattened tensors.
     """
     top = top.unsqueeze(-1)
-    lse = rho.gather(-1, top) - post.gather(-1, top).log()
-    return lse.sum() - torch.dot(post.reshape(-1), rho.reshape(-1))
+    shifted = rho.sub_(rho.gather(-1, top))  # ρ − m ≤ 0
+    return -post.gather(-1, top).log().sum() - torch.dot(post.reshape(-1), shifted.reshape(-1))
 
 
 def auto_chunk_size(num_codes: int, device: torch.device | str = "cpu") -> int:
