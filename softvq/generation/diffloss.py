@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from softvq.generation.diffusion import GaussianDiffusion
 from softvq.generation.embeddings import TimestepEmbedder
+from softvq.generation.randomness import standard_normal
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -108,9 +109,7 @@ class DiffusionLoss(nn.Module):
         predicted clean token to [−c, c] at every step: with the cosine schedule ᾱ_999 ≈ 2.4e-9, so
         the first step multiplies an ε error by ~300, which an under-trained head cannot afford."""
         diffusion = self.diffusion.respaced(steps)
-        noise = torch.randn(cond.shape[0], self.token_dim, generator=generator, device="cpu")
-        noise = noise.to(cond.device, cond.dtype)
-        generator = generator if cond.device.type == "cpu" else None
+        noise = standard_normal((cond.shape[0], self.token_dim), generator, cond.device, cond.dtype)
         guided = uncond is not None and cfg != 1.0
         d = self.token_dim
 

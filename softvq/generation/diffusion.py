@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from softvq.generation.randomness import standard_normal
+
 ScheduleKind = Literal["cosine", "linear"]
 VarianceKind = Literal["learned", "fixed-small", "fixed-large"]
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, original step index (B,)) -> output
@@ -233,6 +235,6 @@ class GaussianDiffusion:
             p = self.p_mean_variance(out, x, t, clip_x0)
             x = p["mean"]
             if i > 0:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                z = standard_normal(x.shape, generator, x.device, x.dtype)
                 x = x + torch.exp(0.5 * p["log_variance"]) * z * temperature
         return x

@@ -20,6 +20,7 @@ from torch import Tensor
 from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.diffusion import GaussianDiffusion
 from softvq.generation.guidance import Guidance, guided
+from softvq.generation.randomness import standard_normal
 from softvq.generation.transport import Interpolant, sample_ode, sample_sde
 
 Method = Literal["euler", "heun", "sde", "ddpm", "mar"]
@@ -81,9 +82,7 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor, spec: 
         return model.sample(labels, ar_steps=spec.ar_steps, diffusion_steps=steps, cfg=spec.guidance.scale,
                             cfg_schedule=spec.cfg_schedule, temperature=spec.temperature,
                             generator=generator, progress=progress, clip_x0=spec.clip_x0)
-    noise = torch.randn((labels.shape[0], *model.input_shape), generator=generator, device="cpu").to(device, dtype)
-    # a CPU generator cannot draw on another device: later noise then follows the global seed
-    generator = generator if device.type == "cpu" else None
+    noise = standard_normal((labels.shape[0], *model.input_shape), generator, device, dtype)
     null = model.null_class if spec.guidance.scale != 1.0 else 0
 
     if meta.objective == "sit":

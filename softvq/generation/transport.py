@@ -31,6 +31,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from softvq.generation.randomness import standard_normal
+
 PathKind = Literal["linear", "cosine"]
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t of shape (B,)) -> v
 
@@ -147,7 +149,7 @@ def sample_sde(velocity: VelocityFn, noise: Tensor, path: Interpolant, steps: in
         drift = v - 0.5 * w * path.score_from_velocity(v, x, t.expand(x.shape[0]))
         x = x + drift * dt
         if i < steps - 1:
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+            z = standard_normal(x.shape, generator, x.device, torch.float64)
             x = x + torch.sqrt(w * dt.abs()) * z
     return x.to(noise.dtype)
 
