@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from softvq.tokenizer import Tokenizer
+from softvq.training.accelerator import check_processes_fit_gpus, new_accelerator
 from softvq.training.config import config_from_dict
 from softvq.training.logging import read_log
-from softvq.training.trainer import Trainer
 
 TREE_SEED = 0  # schedule.seed's default: the trainer initialises the model right after seeding
 TREE = {
@@ -35,26 +35,31 @@ TREE = {
 }
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TREE))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "softvq.cli.main", "train", str(config), "-o", str(tmp_path / "two")]
+def cli_train(tree: dict, out, processes: int = 1) -> subprocess.CompletedProcess:
+    """``softvq train`` in CPU processes (GPUs hidden, so on a GPU machine too it is gloo and fp32),
+    under torchrun when ``processes`` > 1."""
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = [sys.executable]
+    if processes > 1:
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+    cmd = launcher + ["-m", "softvq.cli.main", "train", str(config), "-o", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "2 process(es)" in proc.stdout
+    assert f"{processes} process(es) on cpu" in proc.stdout
+    return proc
 
-    torch.set_num_threads(1)
-    Trainer(config_from_dict(TREE), tmp_path / "one").fit()
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    cli_train(TREE, tmp_path / "two", processes=2)
+    cli_train(TREE, tmp_path / "one")
     # With gradient accumulation instead of processes the curve is the same as well.
-    accum = {**TREE, "schedule": {**TREE["schedule"], "grad_accum": 2}}
-    Trainer(config_from_dict(accum), tmp_path / "accum").fit()
+    cli_train({**TREE, "schedule": {**TREE["schedule"], "grad_accum": 2}}, tmp_path / "accum")
 
     one = {r["step"]: r["loss"] for r in read_log(tmp_path / "one")}
     assert sorted(one) == [1, 2, 3, 4, 5]
@@ -86,3 +91,26 @@ def test_a_finished_command_destroys_the_process_group(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "STATUS 0 ALIVE False" in proc.stdout
+
+
+def test_runs_with_other_precision_settings_follow_each_other_in_one_process():
+    """accelerate refuses a second Accelerator with other settings in the same process; a
+    generator run (fp32) followed by a tokenizer run (bf16 on a GPU) hit that on the GPU machine."""
+    from accelerate import Accelerator
+
+    assert new_accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"
+    with pytest.raises(ValueError, match="already been initialized"):  # what accelerate alone does
+        Accelerator(mixed_precision="bf16", cpu=True)
+    assert new_accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
+    assert new_accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"
+
+
+def test_more_processes_than_gpus_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"2 processes on this machine but 1 visible GPU.*--nproc_per_node 1"):
+        check_processes_fit_gpus(cpu=False)
+    check_processes_fit_gpus(cpu=True)  # CPU processes share nothing
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    check_processes_fit_gpus(cpu=False)

@@ -158,9 +158,9 @@ def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> t
 
 def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) training; returns {"first_loss", "last_loss", "steps", "export"}."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from softvq.training.accelerator import new_accelerator
     from softvq.training.checkpointing import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
                                                save_checkpoint)
     from softvq.training.ema import EMA
@@ -168,7 +168,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     cfg = cfg.validate().resolved()
     run = Path(cfg.out)
     data = load_latents(cfg.latents)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     torch.manual_seed(cfg.seed + acc.process_index)
 
     model_cfg = build_model_config(cfg, data.latents.shape[1], data.latents.shape[2], len(data.classes))

@@ -74,8 +74,9 @@ class TrainResult:
 def make_accelerator(cfg: TrainConfig):
     """An ``accelerate.Accelerator``: bf16 autocast on GPU (``schedule.precision=auto``), fp32 on CPU;
     DDP when launched with several processes, or FSDP (full sharding) when asked."""
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
+
+    from softvq.training.accelerator import new_accelerator
 
     cuda = torch.cuda.is_available()
     precision = cfg.schedule.precision
@@ -92,7 +93,7 @@ def make_accelerator(cfg: TrainConfig):
             state_dict_type="FULL_STATE_DICT", auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=["Block"],
         )
-    return Accelerator(mixed_precision=mixed, cpu=not cuda, **kwargs)
+    return new_accelerator(mixed_precision=mixed, cpu=not cuda, **kwargs)
 
 
 def default_objective(cfg: TrainConfig, tokenizer: Tokenizer) -> nn.Module:

@@ -1,0 +1,37 @@
+"""One ``accelerate.Accelerator`` per training run, whatever ran before it in the process.
+
+accelerate keeps mixed precision and the CPU flag in a process-wide singleton and refuses a
+second ``Accelerator`` with other settings ("AcceleratorState has already been initialized"):
+a notebook or a test session that trains a generator (fp32) and then a tokenizer (bf16 on a GPU)
+hit exactly that. Each run discards the previous run's settings; the distributed process group
+(accelerate's ``PartialState``) is kept, so runs under ``torchrun`` are unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def check_processes_fit_gpus(cpu: bool) -> None:
+    """Several processes on one GPU make NCCL fail deep inside DDP ("Duplicate GPU detected");
+    say what to launch instead."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not cpu and gpus and processes > gpus:
+        raise ValueError(
+            f"{processes} processes on this machine but {gpus} visible GPU(s): launch one process per GPU "
+            f"(torchrun --nproc_per_node {gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on "
+            f"CPU processes with gloo")
+
+
+def new_accelerator(**kwargs: Any):
+    """``Accelerator(**kwargs)`` for a new run (see the module docstring)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    check_processes_fit_gpus(bool(kwargs.get("cpu", False)))
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(**kwargs)
