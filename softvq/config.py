@@ -127,6 +127,8 @@ class TokenizerConfig:
         for name, vit in (("encoder", self.encoder), ("decoder", self.decoder)):
             if vit.width % vit.heads:
                 raise ValueError(f"{name}.width {vit.width} is not divisible by {name}.heads {vit.heads}")
+            if vit.depth < 1:
+                raise ValueError(f"{name}.depth must be at least 1, got {vit.depth}")
         b = self.bottleneck
         if b.segments > 1 and self.num_tokens % b.segments:
             raise ValueError(f"num_tokens {self.num_tokens} is not divisible by segments {b.segments}")

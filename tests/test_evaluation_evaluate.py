@@ -147,7 +147,8 @@ def test_generated_samples_get_gfid_and_precision_recall(tmp_path):
 def test_cost_counts_the_attention_core():
     """FlopCounterMode has no formula for the CPU fused attention kernel; the cost is counted with
     explicit attention, whose QKᵀ and AV products are 2·N²·w MACs per encoder block
-    (N = 1 cls + 64 patches + 16 latent tokens)."""
+    (N = 1 cls + 64 patches + 16 latent tokens), and 2·L·N·w in the last block, where only the
+    L = 16 latent tokens are queries."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from softvq.evaluation.evaluate import tokenizer_cost
@@ -166,5 +167,5 @@ def test_cost_counts_the_attention_core():
         model.encode(torch.zeros(1, 3, 64, 64))
     assert cost["encoder_gmacs"] * 1e9 == pytest.approx(explicit.get_total_flops() / 2)
     attention_core = sum(v for op, v in explicit.get_flop_counts()["Global"].items() if "bmm" in str(op)) / 2
-    n, w, depth = 1 + 64 + 16, model.config.encoder.width, model.config.encoder.depth
-    assert attention_core == depth * 2 * n * n * w
+    n, w, depth, latents = 1 + 64 + 16, model.config.encoder.width, model.config.encoder.depth, 16
+    assert attention_core == (depth - 1) * 2 * n * n * w + 2 * latents * n * w

@@ -1,11 +1,14 @@
 """The tokenizer's architecture (paper Sec. 3.1): shapes, what the encoder keeps, resolution changes."""
 
+import contextlib
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
 from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig
-from softvq.networks.vit import Attention, patchify, unpatchify
+from softvq.networks.vit import Attention, patchify, reference_math, unpatchify
 
 
 def tiny(num_tokens=6, kind="softvq", image_size=32) -> softvq.Tokenizer:
@@ -40,6 +43,34 @@ def test_encoder_output_is_the_latent_positions_only():
             h = block(h)
         expected = enc.norm(h)[:, -model.num_tokens:]
         torch.testing.assert_close(enc(x), expected)
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["fused", "reference-math"])
+def test_last_encoder_block_updating_only_the_latents_changes_nothing(plain):
+    """The encoder's last block computes only the latent rows; values and gradients must equal
+    running every row and slicing afterwards."""
+    model = tiny().train()
+    enc = model.encoder
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with reference_math(model) if plain else contextlib.nullcontext(), FlopCounterMode(display=False) as flops:
+        got = enc(x)
+        grads = torch.autograd.grad(got.square().sum(), list(enc.parameters()))
+    pruned = flops.get_total_flops()
+    with reference_math(model) if plain else contextlib.nullcontext(), FlopCounterMode(display=False) as flops:
+        h = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(2, -1, -1),
+                       enc.patch_embed(x).flatten(2).transpose(1, 2) + enc.pos_embed[:, 1:],
+                       (enc.latent_tokens + enc.latent_pos_embed).expand(2, -1, -1)], dim=1)
+        for block in enc.blocks:
+            h = block(h)
+        expected = enc.norm(h[:, -model.num_tokens:])
+        expected_grads = torch.autograd.grad(expected.square().sum(), list(enc.parameters()))
+    assert pruned < flops.get_total_flops()  # the image rows of the last block were not computed
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="encoder.depth must be at least 1"):
+        TokenizerConfig(image_size=32, patch_size=8, num_tokens=4, encoder=ViTConfig(32, 0, 2),
+                        decoder=ViTConfig(32, 1, 2), bottleneck=BottleneckConfig(latent_dim=4)).validate()
 
 
 def test_other_resolution_resizes_position_embeddings():

@@ -50,7 +50,10 @@ class TokenEncoder(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
         latents = (self.latent_tokens + self.latent_pos_embed).expand(b, -1, -1)
         x = torch.cat([cls, x + grid_pos, latents], dim=1)
-        for block in self.blocks:
+        *body, last = self.blocks
+        for block in body:
             x = block(x)
-        return self.norm(x[:, -self.num_tokens:])  # LayerNorm is per token: normalise only what is kept
+        # Only the latent tokens leave the encoder: the last block updates just those (the image
+        # tokens still serve as keys and values), ~5% of an S encoder's work saved, same values.
+        return self.norm(last(x, queries=self.num_tokens))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,10 +42,19 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.mix(x))
 
-    def mix(self, x: Tensor) -> Tensor:
-        """Attention before the output projection: (B, N, C) heads concatenated."""
+    def mix(self, x: Tensor, queries: int | None = None) -> Tensor:
+        """Attention before the output projection: (B, N, C) heads concatenated. With ``queries``
+        only the last ``queries`` tokens attend (every token is still a key and a value), giving
+        (B, queries, C): the rows a caller would throw away are never computed."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        heads, d = self.heads, c // self.heads
+        if queries is None:
+            q, k, v = self.qkv(x).reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+        else:
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, -queries:], w[:c], None if bias is None else bias[:c])
+            q = q.reshape(b, queries, heads, d).transpose(1, 2)
+            k, v = F.linear(x, w[c:], None if bias is None else bias[c:]).reshape(b, n, 2, heads, d).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         if self.explicit:
             scale = 1.0 / math.sqrt(q.shape[-1])
@@ -53,7 +62,7 @@ class Attention(nn.Module):
             out = (weights @ v.float()).to(x.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        return out.transpose(1, 2).reshape(b, n, c)
+        return out.transpose(1, 2).reshape(b, q.shape[2], c)
 
 
 class Mlp(nn.Module):
@@ -116,13 +125,19 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init)
         self.fused = True  # see _residual; reference_math() turns it off
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = _residual(x, self.attn, self.norm1(x), self.ls1, self.fused)
-        return _residual(x, self.mlp, self.norm2(x), self.ls2, self.fused)
+    def forward(self, x: Tensor, queries: int | None = None) -> Tensor:
+        """(B, N, C) -> (B, N, C); with ``queries``, only the last ``queries`` tokens are updated and
+        returned, (B, queries, C) (the encoder's last block: nothing else of it is kept)."""
+        h = self.norm1(x)
+        if queries is not None:
+            x = x[:, -queries:]
+        x = _residual(x, h, lambda t: self.attn.mix(t, queries), self.attn.proj, self.ls1, self.fused)
+        return _residual(x, self.norm2(x), self.mlp.hidden, self.mlp.fc2, self.ls2, self.fused)
 
 
-def _residual(x: Tensor, branch: nn.Module, h: Tensor, scale: nn.Module, fused: bool = True) -> Tensor:
-    """x + scale(branch(h)), the residual update of a pre-norm block.
+def _residual(x: Tensor, h: Tensor, inner: Callable[[Tensor], Tensor], out_layer: nn.Linear, scale: nn.Module,
+              fused: bool = True) -> Tensor:
+    """x + scale(out_layer(inner(h))), the residual update of a pre-norm block.
 
     With LayerScale γ and a linear output layer (W, b) the update is folded into one GEMM that
     accumulates onto the residual stream:  x + γ⊙(uWᵀ + b) = (x + γ⊙b) + u(γ⊙W)ᵀ.  That removes
@@ -130,12 +145,10 @@ def _residual(x: Tensor, branch: nn.Module, h: Tensor, scale: nn.Module, fused: 
     (~7% of a CPU forward). Under autocast the plain form is kept, so the residual stream stays
     float32 while the GEMMs run in low precision.
     """
-    out_layer = getattr(branch, "proj", None) or getattr(branch, "fc2", None)
-    inner = getattr(branch, "mix", None) or getattr(branch, "hidden", None)
-    fusable = (fused and isinstance(scale, LayerScale) and isinstance(out_layer, nn.Linear) and inner is not None
-               and out_layer.bias is not None and not torch.is_autocast_enabled(x.device.type))
+    fusable = (fused and isinstance(scale, LayerScale) and out_layer.bias is not None
+               and not torch.is_autocast_enabled(x.device.type))
     if not fusable:
-        update = branch(h)
+        update = out_layer(inner(h))
         return scale.residual(x, update) if isinstance(scale, LayerScale) else x + scale(update)
     u = inner(h)
     gamma = scale.gamma
