@@ -18,6 +18,7 @@ from softvq.generation.guidance import Guidance
 from softvq.generation.models import GeneratorConfig, build_generator
 from softvq.generation.sampling import SamplerSpec, sample_latents
 from softvq.losses.lpips import LPIPS
+from softvq.networks.generative import decoder_input
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU = torch.device("cuda")
@@ -53,6 +54,20 @@ def test_tokenizer_forward_and_gradients_equal_the_cpu():
     for name, p in cpu.named_parameters():
         if p.grad is not None and p.grad.norm() > 0:
             assert relative(grads_gpu[name].grad, p.grad) < 1e-3, name
+
+
+def test_generative_decoder_noise_from_a_cpu_generator_matches_the_cpu():
+    """WeTok's generative decoder draws its noise from the seed on any device."""
+    latents = torch.randn(2, 16, 8)
+    expected = decoder_input(latents, 4, generator=torch.Generator().manual_seed(5))
+    got = decoder_input(latents.to(GPU), 4, generator=torch.Generator().manual_seed(5))
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), expected)
+    assert not torch.equal(decoder_input(latents.to(GPU), 4, generator=torch.Generator().manual_seed(6)), got)
+    torch.manual_seed(0)
+    model = softvq.Tokenizer.from_preset("softvq-tiny").with_generative_decoder(4).to(GPU).eval()
+    with torch.inference_mode():  # and decode takes such a generator on the GPU
+        images = model.decode(latents.to(GPU), generator=torch.Generator().manual_seed(5))
+    assert images.shape == (2, 3, 64, 64) and images.device.type == "cuda"
 
 
 def test_bf16_autocast_stays_close_to_float32_on_the_s_preset():

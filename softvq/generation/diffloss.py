@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from softvq.generation.diffusion import GaussianDiffusion
 from softvq.generation.embeddings import TimestepEmbedder
-from softvq.generation.randomness import standard_normal
+from softvq.randomness import standard_normal
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

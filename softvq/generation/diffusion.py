@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from softvq.generation.randomness import standard_normal
+from softvq.randomness import standard_normal
 
 ScheduleKind = Literal["cosine", "linear"]
 VarianceKind = Literal["learned", "fixed-small", "fixed-large"]

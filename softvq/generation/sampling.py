@@ -20,8 +20,8 @@ from torch import Tensor
 from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.diffusion import GaussianDiffusion
 from softvq.generation.guidance import Guidance, guided
-from softvq.generation.randomness import standard_normal
 from softvq.generation.transport import Interpolant, sample_ode, sample_sde
+from softvq.randomness import standard_normal
 
 Method = Literal["euler", "heun", "sde", "ddpm", "mar"]
 SIT_METHODS = ("euler", "heun", "sde")

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from softvq.generation.randomness import standard_normal
+from softvq.randomness import standard_normal
 
 PathKind = Literal["linear", "cosine"]
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x_t, t of shape (B,)) -> v

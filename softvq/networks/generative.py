@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from softvq.randomness import standard_normal
+
 # The decoder input layer whose columns grow for the noise channels.
 NOISE_INPUT_WEIGHT = "from_latent.weight"
 
@@ -36,7 +38,7 @@ def decoder_input(latents: Tensor, noise_dim: int, noise: Tensor | None = None,
         return latents
     expected = (*latents.shape[:-1], noise_dim)
     if noise is None:
-        noise = torch.randn(expected, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = standard_normal(expected, generator, latents.device, latents.dtype)
     elif tuple(noise.shape) != expected:
         raise ValueError(f"noise must have shape {expected} (batch, tokens, decoder_noise_dim), "
                          f"got {tuple(noise.shape)}")
