@@ -170,3 +170,13 @@ def test_mar_encoder_and_seeded_sampling_agree_between_gpu_and_cpu():
     torch.cuda.manual_seed(123)
     assert first.device.type == "cuda" and torch.equal(first, sample(gpu))  # seeded sampling repeats
     assert relative(first, sample(cpu)) < 1e-4  # and draws what the CPU draws
+
+
+def test_a_cpu_run_then_a_gpu_run_in_one_process_each_get_their_device():
+    """accelerate remembers the first run's device in a process-wide singleton; each of our runs
+    must get the device it asks for."""
+    from softvq.training.accelerator import new_accelerator
+
+    assert new_accelerator(cpu=True).device.type == "cpu"
+    assert new_accelerator(mixed_precision="bf16").device.type == "cuda"
+    assert new_accelerator(cpu=True).device.type == "cpu"

@@ -40,6 +40,7 @@ def test_run_starts_its_encoder_from_dino_weights(tmp_path):
     dino = saved_dino(tmp_path / "dino.pth")
     trainer = Trainer(config_from_dict(tiny_tree(init_encoder=str(tmp_path / "dino.pth"))), tmp_path / "run")
     encoder = trainer.unwrapped.encoder
+    dino = dino.to(encoder.cls_token.device)  # the trainer's device (a GPU where there is one)
     for i, block in enumerate(encoder.blocks):  # 2 encoder blocks from the first 2 of 3 DINO blocks
         for name, value in block.state_dict().items():
             assert torch.equal(value, dino.blocks[i].state_dict()[name]), (i, name)

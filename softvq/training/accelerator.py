@@ -3,8 +3,10 @@
 accelerate keeps mixed precision and the CPU flag in a process-wide singleton and refuses a
 second ``Accelerator`` with other settings ("AcceleratorState has already been initialized"):
 a notebook or a test session that trains a generator (fp32) and then a tokenizer (bf16 on a GPU)
-hit exactly that. Each run discards the previous run's settings; the distributed process group
-(accelerate's ``PartialState``) is kept, so runs under ``torchrun`` are unaffected.
+hit exactly that. Each run discards the previous run's settings, its device included (a CPU run
+followed by a GPU run would otherwise stay on the CPU). A ``torch.distributed`` process group
+that is already up is reused: accelerate only creates one when none is initialized, so runs
+under ``torchrun`` are unaffected.
 """
 
 from __future__ import annotations
@@ -33,5 +35,5 @@ def new_accelerator(**kwargs: Any):
     from accelerate.state import AcceleratorState
 
     check_processes_fit_gpus(bool(kwargs.get("cpu", False)))
-    AcceleratorState._reset_state(reset_partial_state=False)
+    AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(**kwargs)
