@@ -111,7 +111,7 @@ PAPER_TABLE2_MAR: dict[tuple[int, int], tuple[str, float]] = {
 def count_mar_macs(config: MARConfig) -> MacCount:
     """MACs of one MAR sampling step per image, counted with FlopCounterMode on the meta device.
 
-    The convention that comes closest to the paper's Tab. 2 (see ``softvq bench gen --mar``): the
+    The convention that comes closest to the paper's Tab. 2 (printed by ``softvq bench gen``): the
     transformer at the first step (every token masked, so the encoder sees only the buffer, the
     decoder the whole sequence) plus one evaluation of the diffusion head for every token."""
     model = build_generator(config, device="meta").eval()

@@ -42,6 +42,8 @@ from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, ObjectiveConfig
 from softvq.generation.pretokenize import load_latents
+from softvq.training.optim import param_groups
+from softvq.training.schedule import lr_factor
 
 
 @dataclass
@@ -136,18 +138,14 @@ def build_model_config(cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: i
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices and embeddings only, not on biases and norm scales (1-D tensors),
+    """Weight decay on every matrix and embedding, not on biases and norm scales (1-D tensors),
     as MAE / MAR do; with ``weight_decay`` 0 (DiT / SiT) this is plain AdamW."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return param_groups(model.named_parameters(), weight_decay, no_decay_names=())
 
 
 def learning_rate(cfg: GeneratorTrainConfig, step: int) -> float:
     """Linear warm-up over ``warmup_steps`` (step 0 gets lr/warmup), then constant."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
+    return cfg.lr * lr_factor(step, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, kind="constant")
 
 
 def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> torch.Tensor:

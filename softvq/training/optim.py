@@ -17,22 +17,25 @@ from torch import nn
 NO_DECAY_NAMES = ("token", "pos_embed", "codebook", "embedding", "temperature")
 
 
-def wants_decay(name: str, param: torch.Tensor) -> bool:
-    """True for weight matrices / conv kernels; False for norms, biases, gains, embeddings, codebooks."""
+def wants_decay(name: str, param: torch.Tensor, no_decay_names: tuple[str, ...] = NO_DECAY_NAMES) -> bool:
+    """True for weight matrices / conv kernels; False for norms, biases, gains, and parameters whose
+    name contains one of ``no_decay_names`` (the tokenizer's embeddings and codebooks)."""
     if param.ndim <= 1:
         return False
     leaf = name.rsplit(".", 1)[-1]
-    return not any(key in leaf for key in NO_DECAY_NAMES) and not name.endswith("bias")
+    return not any(key in leaf for key in no_decay_names) and not name.endswith("bias")
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices and everything else at weight decay 0."""
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                 no_decay_names: tuple[str, ...] = NO_DECAY_NAMES) -> list[dict]:
+    """Two AdamW groups: decayed weight matrices and everything else at weight decay 0.
+    ``no_decay_names=()`` decays every tensor of two or more dimensions, embeddings included (MAE / MAR)."""
     decay, no_decay, seen = [], [], set()
     for name, p in named:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if wants_decay(name, p) else no_decay).append(p)
+        (decay if wants_decay(name, p, no_decay_names) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
