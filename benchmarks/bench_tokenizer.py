@@ -7,12 +7,15 @@ matmul GFLOP/s measured in the same run, for encode, for the encoder ViT alone (
 softmax over K codewords is memory-bound work with few FLOPs) and for decode. Every timed call is
 bracketed by matmul measurements (see :func:`paired`), so the ratios stay honest on a host whose
 speed drifts. ``--baseline`` also times the plain research implementation (explicit fp32 softmax
-attention, unfused residuals, out-of-place GELU) and prints the speed ratio.
+attention, unfused residuals, out-of-place GELU) and prints the speed ratio. The process keeps
+freed memory for reuse (:mod:`softvq.cpu_allocator`, as the ``softvq`` command does), which the
+baseline shares; ``--default-malloc`` keeps glibc's defaults to show what that is worth.
 
     python benchmarks/bench_tokenizer.py                       # CPU, fp32, all presets
     python benchmarks/bench_tokenizer.py --presets softvq-s-64 softvq-b-64 --baseline
     python benchmarks/bench_tokenizer.py --presets softvq-s-64 --freeze      # torch.compile, freezing
     python benchmarks/bench_tokenizer.py --device cuda --dtype bf16 --baseline   # on a GPU
+    python benchmarks/bench_tokenizer.py --presets softvq-s-64 --default-malloc  # glibc's defaults
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
+from softvq.cpu_allocator import retain_freed_memory
 from softvq.networks.vit import reference_math
 
 
@@ -151,7 +155,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="time the encoder/decoder under torch.compile")
     parser.add_argument("--freeze", action="store_true",
                         help="torch.compile with inductor freezing (weights as constants; inference only)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's allocation defaults instead of softvq.cpu_allocator.retain_freed_memory")
     args = parser.parse_args()
+    retained = not args.default_malloc and retain_freed_memory()
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -169,7 +176,8 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     mode = "torch.compile (freezing)" if args.freeze else "torch.compile" if args.compile else "eager"
-    print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {mode}, {where}")
+    allocator = "freed memory retained" if retained else "default malloc"
+    print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {mode}, {where}, {allocator}")
     print(f"matmul (2048^3, {args.dtype}) measured before and after every timed call: "
           f"{min(peak.seen):.0f}-{max(peak.seen):.0f} GFLOP/s (median {statistics.median(peak.seen):.0f}); "
           f"%peak = median over calls of achieved / the mean of its two neighbours")

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    from softvq.cpu_allocator import retain_freed_memory
+
+    retain_freed_memory()  # this process is ours: CPU forwards stop page-faulting (see the module)
     try:
         status = int(args.func(args) or 0)
     except user_errors() as exc:

@@ -1,0 +1,63 @@
+"""retain_freed_memory: a repeated CPU forward stops faulting in fresh pages once it is applied."""
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from softvq.cpu_allocator import retain_freed_memory
+
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+
+# Three S-width blocks at batch 8: each forward allocates and frees activations of 4-16 MiB.
+FORWARD_FAULTS = textwrap.dedent("""
+    import resource, sys
+    import torch
+    import softvq
+    from softvq.cpu_allocator import retain_freed_memory
+    from softvq.networks.vit import Block
+
+    if sys.argv[1] == "retain":
+        assert retain_freed_memory()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    blocks = [Block(384, 6) for _ in range(3)]
+    x = torch.randn(8, 321, 384)
+
+    def forward():
+        h = x
+        for block in blocks:
+            h = block(h)
+
+    with torch.inference_mode():
+        forward()
+        counts = []
+        for _ in range(5):
+            start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            forward()
+            counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+        print(sorted(counts)[2])  # the median: an occasional heap growth is not the steady state
+""")
+
+
+def faults_per_forward(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", FORWARD_FAULTS, mode], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+@glibc_only
+def test_retained_memory_removes_the_page_faults_of_a_repeated_forward():
+    default = faults_per_forward("default")  # also shows that importing softvq changes nothing
+    retained = faults_per_forward("retain")
+    # Measured here (median of 5 forwards): 10,500-17,300 faults by default, 0 when retained.
+    assert default > 2000
+    assert retained * 20 < default
+
+
+def test_negative_keep_is_refused():
+    with pytest.raises(ValueError, match="keep_bytes"):
+        retain_freed_memory(-1)
