@@ -11,8 +11,8 @@ back to VGG16 features (logged); with DINO weights they are the paper's networks
 
 Peak memory: CUDA's max_memory_allocated on a GPU; on CPU the process' resident-set high-water
 mark (ru_maxrss), measured in a fresh subprocess per preset so presets don't see each other.
-Each subprocess keeps freed memory for reuse (:mod:`softvq.cpu_allocator`, as ``softvq train``
-does); ``--default-malloc`` keeps glibc's defaults instead.
+Each subprocess keeps glibc's allocation defaults, as ``softvq train`` does; ``--retain-freed-memory`` applies
+:mod:`softvq.cpu_allocator` in each subprocess instead (no gain for a training step: see the README).
 """
 
 from __future__ import annotations
@@ -127,11 +127,11 @@ def main() -> None:
     parser.add_argument("--syncs", action="store_true",
                         help="also time the step with the ~6 host-device syncs the trainer used to make")
     parser.add_argument("--profile", metavar="PRESET")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="keep glibc's allocation defaults instead of softvq.cpu_allocator.retain_freed_memory")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="apply softvq.cpu_allocator.retain_freed_memory instead of glibc's defaults")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one preset, print JSON
     args = parser.parse_args()
-    retained = not args.default_malloc and retain_freed_memory()
+    retained = args.retain_freed_memory and retain_freed_memory()
 
     if args.profile:
         profile(args.profile, args.batch)
@@ -148,7 +148,7 @@ def main() -> None:
         for explicit, dtype, syncs in variants:
             cmd = [sys.executable, __file__, "--one", f"{preset}:{explicit}:{syncs}", "--device", args.device,
                    "--dtype", dtype, "--batch", str(args.batch), "--steps", str(args.steps)]
-            cmd += ["--default-malloc"] if args.default_malloc else []
+            cmd += ["--retain-freed-memory"] if args.retain_freed_memory else []
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             result["variant"] = (f"{dtype}, {'plain (explicit attention, unfused)' if explicit == '1' else 'SDPA, fused'}"
                                  f"{', ~6 syncs/step (old trainer)' if syncs == '1' else ''}")
