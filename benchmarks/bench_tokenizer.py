@@ -8,8 +8,8 @@ softmax over K codewords is memory-bound work with few FLOPs) and for decode. Ev
 bracketed by matmul measurements (see :func:`paired`), so the ratios stay honest on a host whose
 speed drifts. ``--baseline`` also times the plain research implementation (explicit fp32 softmax
 attention, unfused residuals, out-of-place GELU) and prints the speed ratio. The process keeps
-freed memory for reuse (:mod:`softvq.cpu_allocator`, as the ``softvq`` command does), which the
-baseline shares; ``--default-malloc`` keeps glibc's defaults to show what that is worth.
+freed memory for reuse (:mod:`softvq.cpu_allocator`, as ``softvq``'s inference commands do),
+which the baseline shares; ``--default-malloc`` keeps glibc's defaults to show what that is worth.
 
     python benchmarks/bench_tokenizer.py                       # CPU, fp32, all presets
     python benchmarks/bench_tokenizer.py --presets softvq-s-64 softvq-b-64 --baseline

@@ -11,8 +11,9 @@ back to VGG16 features (logged); with DINO weights they are the paper's networks
 
 Peak memory: CUDA's max_memory_allocated on a GPU; on CPU the process' resident-set high-water
 mark (ru_maxrss), measured in a fresh subprocess per preset so presets don't see each other.
-Each subprocess keeps glibc's allocation defaults, as ``softvq train`` does; ``--retain-freed-memory`` applies
-:mod:`softvq.cpu_allocator` in each subprocess instead (no gain for a training step: see the README).
+Each subprocess keeps glibc's allocation defaults, as ``softvq train`` does;
+``--retain-freed-memory`` applies :mod:`softvq.cpu_allocator` instead (no gain for a training
+step: see that module).
 """
 
 from __future__ import annotations

@@ -14,9 +14,8 @@ import sys
 # Order is the order of `softvq --help`.
 COMMANDS = ("info", "reconstruct", "encode", "decode", "train", "eval", "plot", "pretokenize",
             "train_generator", "generate", "bench")
-# Commands that run inference forwards, which stop page-faulting when freed memory is kept (see
-# softvq.cpu_allocator). Training is left at glibc's defaults: an S step measured no faster and
-# its peak resident set 3.5% larger.
+# Commands that run inference forwards, which stop page-faulting when freed memory is kept.
+# Training keeps glibc's defaults: there it measured no gain (see softvq.cpu_allocator).
 RETAIN_FREED_MEMORY = ("reconstruct", "encode", "decode", "eval", "pretokenize", "generate")
 
 
