@@ -1,0 +1,174 @@
+"""Where one CPU encode or decode spends its time, kernel class by kernel class, against the matmul peak.
+
+``bench_tokenizer.py`` says how far a preset's forward is from the dense-matmul peak; this script
+says where that gap sits. A few passes run under the torch profiler; every aten call made from
+Python (not from inside another aten op) is put in one class: GEMMs, attention (the fused SDPA
+kernel), the patch convolution, GELU, LayerNorm, the other element-wise work (residual adds,
+LayerScale and bias folding), and the bottleneck (SoftVQ's soft assignment, encode only). The rest
+of the wall time is Python and dispatch. FLOPs come from ``torch.utils.flop_counter`` on the plain
+path, as in ``bench_tokenizer.py``, and are attributed to the class that performs them.
+
+Columns: ms per pass; GFLOP and GFLOP/s where the class does dense arithmetic; ``ms over peak`` =
+the class's time minus its FLOPs at the matmul peak (the whole row for classes without FLOPs).
+The ``ms over peak`` column sums to the forward's whole gap to the peak, so the largest entries
+are where any further speed must come from. The profiler costs a few microseconds per call; the
+unprofiled time of the same forward is printed beside it.
+
+    python benchmarks/bench_breakdown.py                                   # softvq-s-64 encode
+    python benchmarks/bench_breakdown.py --preset softvq-b-64 --part decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.flop_counter import FlopCounterMode
+
+import softvq
+from softvq.cpu_allocator import retain_freed_memory
+from softvq.networks.vit import reference_math
+
+# aten names of the calls made from Python, by class. SDPA is counted whole (its inner GEMMs are
+# children and never reach this table); F.linear's inner addmm likewise.
+CLASSES = {
+    "GEMM (linear layers)": {"aten::linear", "aten::addmm", "aten::addmm_", "aten::mm", "aten::matmul"},
+    "attention (SDPA)": {"aten::scaled_dot_product_attention"},
+    "patch conv": {"aten::conv2d", "aten::convolution"},
+    "GELU": {"aten::gelu", "aten::gelu_"},
+    "LayerNorm": {"aten::layer_norm"},
+}
+OTHER = "other element-wise"
+BOTTLENECK = "bottleneck (soft assignment)"
+# flop_counter op name -> class; on the plain path attention is two bmm per layer.
+FLOP_CLASSES = {"addmm": "GEMM (linear layers)", "mm": "GEMM (linear layers)", "bmm": "attention (SDPA)",
+                "convolution": "patch conv"}
+
+
+def matmul_rate(n: int = 2048, repeats: int = 3) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / sorted(times)[repeats // 2] / 1e9
+
+
+def class_of(name: str) -> str:
+    return next((label for label, names in CLASSES.items() if name in names), OTHER)
+
+
+def top_level(event) -> bool:
+    """An aten call made from Python: none of its ancestors is another aten op."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return event.name.startswith("aten::")
+
+
+def under(event, label: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == label:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def flops_by_class(fn) -> dict[str, float]:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    out: dict[str, float] = defaultdict(float)
+    for op, flops in counter.get_flop_counts()["Global"].items():
+        out[FLOP_CLASSES.get(str(op).split(".")[-1], OTHER)] += flops
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="softvq-s-64")
+    parser.add_argument("--part", choices=["encode", "decode"], default="encode")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--passes", type=int, default=3, help="profiled passes (the table is their mean)")
+    args = parser.parse_args()
+    retain_freed_memory()
+    torch.manual_seed(0)
+
+    model = softvq.Tokenizer.from_preset(args.preset).eval()
+    size = model.config.image_size
+    images = torch.rand(args.batch, 3, size, size) * 2 - 1
+    with torch.inference_mode():
+        features = model.to_latent(model.encoder(images))
+        latents = model.bottleneck(features).latents
+
+    def encode():
+        with torch.inference_mode():
+            features = model.to_latent(model.encoder(images))
+            with record_function(BOTTLENECK):
+                return model.bottleneck(features)
+
+    def decode():
+        with torch.inference_mode():
+            return model.decode(latents)
+
+    fn = encode if args.part == "encode" else decode
+    with reference_math(model):  # FLOPs on the plain path (see bench_tokenizer.count_flops)
+        flops = flops_by_class(fn)
+    if args.part == "encode":
+        with torch.inference_mode():
+            bottleneck_flops = flops_by_class(lambda: model.bottleneck(features))
+        for label, value in bottleneck_flops.items():
+            flops[label] -= value
+        flops[BOTTLENECK] = sum(bottleneck_flops.values())
+
+    for _ in range(2):
+        fn()
+    peak_before = matmul_rate()
+    wall = []
+    for _ in range(args.passes):
+        start = time.perf_counter()
+        fn()
+        wall.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(args.passes):
+            fn()
+        profiled = (time.perf_counter() - start) / args.passes
+    peak = (peak_before + matmul_rate()) / 2
+
+    seconds: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if not top_level(event):
+            continue
+        label = BOTTLENECK if args.part == "encode" and under(event, BOTTLENECK) else class_of(event.name)
+        seconds[label] += event.cpu_time_total / 1e6 / args.passes
+    unprofiled = sorted(wall)[len(wall) // 2]
+    seconds["Python and dispatch"] = max(0.0, profiled - sum(seconds.values()))
+
+    total_flops = sum(flops.values())
+    print(f"\n{args.preset} {args.part}, batch {args.batch}, fp32, CPU {torch.get_num_threads()} threads; "
+          f"matmul peak {peak:.0f} GFLOP/s (2048^3, mean of before and after)")
+    print(f"unprofiled forward {1e3 * unprofiled:.1f} ms = {total_flops / unprofiled / 1e9:.0f} GFLOP/s = "
+          f"{100 * total_flops / unprofiled / 1e9 / peak:.1f}% of peak; at the peak it would take "
+          f"{1e3 * total_flops / peak / 1e9:.1f} ms; profiled: {1e3 * profiled:.1f} ms (the table's total)")
+    print("| class | ms | share | GFLOP | GFLOP/s | % of peak | ms over peak |")
+    print("|---|---|---|---|---|---|---|")
+    order = sorted(seconds, key=lambda k: -seconds[k])
+    for label in order:
+        s, f = seconds[label], flops.get(label, 0.0)
+        rate = f"{f / s / 1e9:.0f}" if f and s else ""
+        frac = f"{100 * f / s / 1e9 / peak:.0f}%" if f and s else ""
+        over = s - f / peak / 1e9
+        print(f"| {label} | {1e3 * s:.1f} | {100 * s / profiled:.1f}% | {f / 1e9:.2f} | {rate} | {frac} | "
+              f"{1e3 * over:+.1f} |")
+
+
+if __name__ == "__main__":
+    main()
