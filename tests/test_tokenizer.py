@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
 from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig
-from softvq.networks.vit import Attention, patchify, reference_math, unpatchify
+from softvq.networks.vit import Attention, patchify, reference_math, resize_grid_embed, unpatchify
 
 
 def tiny(num_tokens=6, kind="softvq", image_size=32) -> softvq.Tokenizer:
@@ -71,6 +71,36 @@ def test_last_encoder_block_updating_only_the_latents_changes_nothing(plain):
     with pytest.raises(ValueError, match="encoder.depth must be at least 1"):
         TokenizerConfig(image_size=32, patch_size=8, num_tokens=4, encoder=ViTConfig(32, 0, 2),
                         decoder=ViTConfig(32, 1, 2), bottleneck=BottleneckConfig(latent_dim=4)).validate()
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["fused", "reference-math"])
+def test_last_decoder_block_updating_only_the_image_tokens_changes_nothing(plain):
+    """The decoder's last block computes only the image-token rows (cls and latents stay keys and
+    values); pixels and gradients must equal running every row and slicing afterwards, also on a
+    grid other than the trained one."""
+    model = tiny().train()
+    dec = model.decoder
+    latents = torch.randn(2, model.num_tokens, model.config.decoder.width)
+    for grid in (None, (3, 5)):
+        g = grid or dec.grid
+        n = g[0] * g[1]
+        with reference_math(model) if plain else contextlib.nullcontext(), FlopCounterMode(display=False) as flops:
+            got = dec(latents, grid)
+            grads = torch.autograd.grad(got.square().sum(), list(dec.parameters()))
+        pruned = flops.get_total_flops()
+        with reference_math(model) if plain else contextlib.nullcontext(), FlopCounterMode(display=False) as flops:
+            pos = resize_grid_embed(dec.pos_embed[:, 1:], g)
+            h = torch.cat([(dec.cls_token + dec.pos_embed[:, :1]).expand(2, -1, -1),
+                           (dec.mask_token + pos).expand(2, -1, -1),
+                           latents + dec.latent_pos_embed], dim=1)
+            for block in dec.blocks:
+                h = block(h)
+            expected = unpatchify(dec.to_pixel(dec.norm(h)[:, 1:1 + n]), g, dec.patch_size, dec.out_channels)
+            expected_grads = torch.autograd.grad(expected.square().sum(), list(dec.parameters()))
+        assert pruned < flops.get_total_flops()  # cls and latent rows of the last block were not computed
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, expected_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_other_resolution_resizes_position_embeddings():

@@ -55,5 +55,5 @@ class TokenEncoder(nn.Module):
             x = block(x)
         # Only the latent tokens leave the encoder: the last block updates just those (the image
         # tokens still serve as keys and values), ~5% of an S encoder's work saved, same values.
-        return self.norm(last(x, queries=self.num_tokens))
+        return self.norm(last(x, rows=slice(-self.num_tokens, None)))
 

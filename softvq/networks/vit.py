@@ -42,18 +42,18 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.mix(x))
 
-    def mix(self, x: Tensor, queries: int | None = None) -> Tensor:
-        """Attention before the output projection: (B, N, C) heads concatenated. With ``queries``
-        only the last ``queries`` tokens attend (every token is still a key and a value), giving
-        (B, queries, C): the rows a caller would throw away are never computed."""
+    def mix(self, x: Tensor, rows: slice | None = None) -> Tensor:
+        """Attention before the output projection: (B, N, C) heads concatenated. With ``rows``
+        only the tokens ``x[:, rows]`` attend (every token is still a key and a value), giving
+        (B, len(rows), C): the rows a caller would throw away are never computed."""
         b, n, c = x.shape
         heads, d = self.heads, c // self.heads
-        if queries is None:
+        if rows is None:
             q, k, v = self.qkv(x).reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
         else:
             w, bias = self.qkv.weight, self.qkv.bias
-            q = F.linear(x[:, -queries:], w[:c], None if bias is None else bias[:c])
-            q = q.reshape(b, queries, heads, d).transpose(1, 2)
+            q = F.linear(x[:, rows], w[:c], None if bias is None else bias[:c])
+            q = q.reshape(b, q.shape[1], heads, d).transpose(1, 2)
             k, v = F.linear(x, w[c:], None if bias is None else bias[c:]).reshape(b, n, 2, heads, d).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         if self.explicit:
@@ -125,13 +125,13 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init)
         self.fused = True  # see _residual; reference_math() turns it off
 
-    def forward(self, x: Tensor, queries: int | None = None) -> Tensor:
-        """(B, N, C) -> (B, N, C); with ``queries``, only the last ``queries`` tokens are updated and
-        returned, (B, queries, C) (the encoder's last block: nothing else of it is kept)."""
+    def forward(self, x: Tensor, rows: slice | None = None) -> Tensor:
+        """(B, N, C) -> (B, N, C); with ``rows``, only the tokens ``x[:, rows]`` are updated and
+        returned (a stack's last block, when the caller keeps only those tokens)."""
         h = self.norm1(x)
-        if queries is not None:
-            x = x[:, -queries:]
-        x = _residual(x, h, lambda t: self.attn.mix(t, queries), self.attn.proj, self.ls1, self.fused)
+        if rows is not None:
+            x = x[:, rows]
+        x = _residual(x, h, lambda t: self.attn.mix(t, rows), self.attn.proj, self.ls1, self.fused)
         return _residual(x, self.norm2(x), self.mlp.hidden, self.mlp.fc2, self.ls2, self.fused)
 
 
