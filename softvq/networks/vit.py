@@ -159,6 +159,19 @@ def _residual(x: Tensor, h: Tensor, inner: Callable[[Tensor], Tensor], out_layer
     return out
 
 
+def run_blocks(blocks: nn.ModuleList, x: Tensor, keep: slice) -> Tensor:
+    """Run a block stack on (B, N, C) tokens and return only ``out[:, keep]``.
+
+    The last block updates just the kept tokens (the others still serve as its keys and values),
+    so the rows a caller would discard are never computed; the values are the same as slicing
+    the full output.
+    """
+    *body, last = blocks
+    for block in body:
+        x = block(x)
+    return last(x, rows=keep)
+
+
 def stack_blocks(vit: "ViTConfig") -> nn.ModuleList:
     """The ``vit.depth`` blocks of one ViT stack (encoder or decoder)."""
     return nn.ModuleList(
