@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -31,6 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
 from softvq.networks.vit import reference_math
+
+from bench_tokenizer import MatmulPeak  # this folder: run as ``python benchmarks/bench_breakdown.py``
 
 # aten names of the calls made from Python, by class. SDPA is counted whole (its inner GEMMs are
 # children and never reach this table); F.linear's inner addmm likewise.
@@ -48,38 +51,20 @@ FLOP_CLASSES = {"addmm": "GEMM (linear layers)", "mm": "GEMM (linear layers)", "
                 "convolution": "patch conv"}
 
 
-def matmul_rate(n: int = 2048, repeats: int = 3) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / sorted(times)[repeats // 2] / 1e9
-
-
 def class_of(name: str) -> str:
     return next((label for label, names in CLASSES.items() if name in names), OTHER)
 
 
+def ancestor_names(event) -> Iterator[str]:
+    parent = event.cpu_parent
+    while parent is not None:
+        yield parent.name
+        parent = parent.cpu_parent
+
+
 def top_level(event) -> bool:
     """An aten call made from Python: none of its ancestors is another aten op."""
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return False
-        parent = parent.cpu_parent
-    return event.name.startswith("aten::")
-
-
-def under(event, label: str) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name == label:
-            return True
-        parent = parent.cpu_parent
-    return False
+    return event.name.startswith("aten::") and not any(n.startswith("aten::") for n in ancestor_names(event))
 
 
 def flops_by_class(fn) -> dict[str, float]:
@@ -130,7 +115,8 @@ def main() -> None:
 
     for _ in range(2):
         fn()
-    peak_before = matmul_rate()
+    matmul = MatmulPeak(torch.device("cpu"), torch.float32)
+    peak_before = matmul()
     wall = []
     for _ in range(args.passes):
         start = time.perf_counter()
@@ -141,13 +127,13 @@ def main() -> None:
         for _ in range(args.passes):
             fn()
         profiled = (time.perf_counter() - start) / args.passes
-    peak = (peak_before + matmul_rate()) / 2
+    peak = (peak_before + matmul()) / 2
 
     seconds: dict[str, float] = defaultdict(float)
     for event in prof.events():
         if not top_level(event):
             continue
-        label = BOTTLENECK if args.part == "encode" and under(event, BOTTLENECK) else class_of(event.name)
+        label = BOTTLENECK if BOTTLENECK in ancestor_names(event) else class_of(event.name)
         seconds[label] += event.cpu_time_total / 1e6 / args.passes
     unprofiled = sorted(wall)[len(wall) // 2]
     seconds["Python and dispatch"] = max(0.0, profiled - sum(seconds.values()))

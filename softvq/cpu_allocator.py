@@ -17,9 +17,10 @@ measured 49.5 s with it against 47.8 s without (within the host's noise) and a p
 of 6957 against 6719 MiB, as blocks that autograd keeps alive now come from the fragmenting heap.
 
 The setting is process-wide, so importing ``softvq`` never applies it. The ``softvq`` inference
-commands (reconstruct, encode, decode, eval, pretokenize, generate) and the tokenizer benchmark
-call it. Call it yourself at the top of a CPU inference script. Where the C library is not glibc
-(macOS, Windows, musl) it does nothing and returns False.
+commands (reconstruct, encode, decode, eval, pretokenize, generate) and the CPU inference
+benchmarks (``bench_tokenizer.py``, ``bench_breakdown.py``) call it. Call it yourself at the top
+of a CPU inference script. Where the C library is not glibc (macOS, Windows, musl) it does
+nothing and returns False.
 """
 
 from __future__ import annotations
