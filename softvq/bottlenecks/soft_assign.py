@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from softvq.bottlenecks.extremes import last_axis_argmax
+
 # Elements of one (chunk × K) working tensor in the chunked path. CPU: 2^21 floats = 8 MiB, which
 # keeps a chunk's ~10 working tensors in cache-friendly sizes (faster than the straightforward
 # version, benchmarks/bench_softvq_memory.py). GPU: 2^24 floats = 64 MiB, so kernels stay large
@@ -126,7 +128,7 @@ def soft_assign_reference(
         token_entropy=token_entropy,
         mean_posterior=post.mean(0),
         mean_probs=probs.detach().mean(0),
-        indices=logits.detach().argmax(-1),
+        indices=last_axis_argmax(logits.detach()),
         probs=probs,
     )
 
@@ -153,7 +155,7 @@ class ChunkedSoftAssign(torch.autograd.Function):
         for start in range(0, t, chunk):
             stop = min(start + chunk, t)
             aff = affinity(x[start:stop], logit_codebook, distance)
-            indices[start:stop] = aff.argmax(-1)  # the scale is positive: argmax of the logits
+            indices[start:stop] = last_axis_argmax(aff)  # the scale is positive: argmax of the logits
             s = scale[start:stop].unsqueeze(-1) if per_token else scale
             logits = aff.mul_(s)  # in place: each (chunk, K) buffer is written once and reused
             if keep_probs:

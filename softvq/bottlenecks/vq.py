@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, float32_region
+from softvq.bottlenecks.extremes import last_axis_argmin
 from softvq.bottlenecks.softvq import entropy
 
 _SEARCH_CHUNK_ELEMENTS = 1 << 22  # distances computed at a time in the nearest-codeword search
@@ -40,7 +41,7 @@ def nearest_codeword(x: Tensor, codebook: Tensor) -> Tensor:
     for start in range(0, x.shape[0], chunk):
         xc = x[start:start + chunk]
         # ‖x‖² is constant per row, so argmin of ‖c‖² − 2x·c is the nearest codeword.
-        out.append((book_sq - 2 * xc @ codebook.t()).argmin(-1))
+        out.append(last_axis_argmin(book_sq - 2 * xc @ codebook.t()))
     return torch.cat(out) if out else x.new_zeros(0, dtype=torch.long)
 
 
