@@ -40,10 +40,11 @@ def _last_axis_extreme(x: Tensor, largest: bool) -> Tensor:
         # torch's own definition.
         return x.argmax(-1) if largest else x.argmin(-1)
     arg, extreme = (torch.argmax, torch.amax) if largest else (torch.argmin, torch.amin)
-    # A power of two near sqrt(K) keeps both passes' second halves small: K = 8192 -> blocks of 128.
+    # A power of two near sqrt(K): the second pass scans K / block maxima and one block per row,
+    # both small (K = 8192 -> 64 maxima, then 128 columns).
     block = 1 << (k.bit_length() // 2)
     with torch.no_grad():
-        rows = x.detach().reshape(-1, k)
+        rows = x.reshape(-1, k)
         whole = k // block * block
         best = extreme(rows[:, :whole].unflatten(-1, (-1, block)), dim=-1)  # (n, whole / block)
         if whole < k:  # the ragged last block

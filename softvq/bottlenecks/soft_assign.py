@@ -128,7 +128,7 @@ def soft_assign_reference(
         token_entropy=token_entropy,
         mean_posterior=post.mean(0),
         mean_probs=probs.detach().mean(0),
-        indices=last_axis_argmax(logits.detach()),
+        indices=last_axis_argmax(logits),
         probs=probs,
     )
 
