@@ -21,6 +21,7 @@ unprofiled time of the same forward is printed beside it.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -135,7 +136,7 @@ def main() -> None:
             continue
         label = BOTTLENECK if BOTTLENECK in ancestor_names(event) else class_of(event.name)
         seconds[label] += event.cpu_time_total / 1e6 / args.passes
-    unprofiled = sorted(wall)[len(wall) // 2]
+    unprofiled = statistics.median(wall)
     seconds["Python and dispatch"] = max(0.0, profiled - sum(seconds.values()))
 
     total_flops = sum(flops.values())

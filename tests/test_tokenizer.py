@@ -45,6 +45,15 @@ def test_encoder_output_is_the_latent_positions_only():
         torch.testing.assert_close(enc(x), expected)
 
 
+def _values_grads_flops(model, module, forward, plain):
+    """forward()'s output, the gradients of its squared sum w.r.t. ``module``'s parameters, and
+    the FLOPs both took; with ``plain``, under the reference math (explicit attention, unfused)."""
+    with reference_math(model) if plain else contextlib.nullcontext(), FlopCounterMode(display=False) as flops:
+        out = forward()
+        grads = torch.autograd.grad(out.square().sum(), list(module.parameters()))
+    return out, grads, flops.get_total_flops()
+
+
 @pytest.mark.parametrize("plain", [False, True], ids=["fused", "reference-math"])
 def test_last_encoder_block_updating_only_the_latents_changes_nothing(plain):
     """The encoder's last block computes only the latent rows; values and gradients must equal
@@ -52,19 +61,18 @@ def test_last_encoder_block_updating_only_the_latents_changes_nothing(plain):
     model = tiny().train()
     enc = model.encoder
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    with reference_math(model) if plain else contextlib.nullcontext(), FlopCounterMode(display=False) as flops:
-        got = enc(x)
-        grads = torch.autograd.grad(got.square().sum(), list(enc.parameters()))
-    pruned = flops.get_total_flops()
-    with reference_math(model) if plain else contextlib.nullcontext(), FlopCounterMode(display=False) as flops:
+
+    def every_row():
         h = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(2, -1, -1),
                        enc.patch_embed(x).flatten(2).transpose(1, 2) + enc.pos_embed[:, 1:],
                        (enc.latent_tokens + enc.latent_pos_embed).expand(2, -1, -1)], dim=1)
         for block in enc.blocks:
             h = block(h)
-        expected = enc.norm(h[:, -model.num_tokens:])
-        expected_grads = torch.autograd.grad(expected.square().sum(), list(enc.parameters()))
-    assert pruned < flops.get_total_flops()  # the image rows of the last block were not computed
+        return enc.norm(h[:, -model.num_tokens:])
+
+    got, grads, pruned = _values_grads_flops(model, enc, lambda: enc(x), plain)
+    expected, expected_grads, full = _values_grads_flops(model, enc, every_row, plain)
+    assert pruned < full  # the image rows of the last block were not computed
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -84,20 +92,19 @@ def test_last_decoder_block_updating_only_the_image_tokens_changes_nothing(plain
     for grid in (None, (3, 5)):
         g = grid or dec.grid
         n = g[0] * g[1]
-        with reference_math(model) if plain else contextlib.nullcontext(), FlopCounterMode(display=False) as flops:
-            got = dec(latents, grid)
-            grads = torch.autograd.grad(got.square().sum(), list(dec.parameters()))
-        pruned = flops.get_total_flops()
-        with reference_math(model) if plain else contextlib.nullcontext(), FlopCounterMode(display=False) as flops:
+
+        def every_row():
             pos = resize_grid_embed(dec.pos_embed[:, 1:], g)
             h = torch.cat([(dec.cls_token + dec.pos_embed[:, :1]).expand(2, -1, -1),
                            (dec.mask_token + pos).expand(2, -1, -1),
                            latents + dec.latent_pos_embed], dim=1)
             for block in dec.blocks:
                 h = block(h)
-            expected = unpatchify(dec.to_pixel(dec.norm(h)[:, 1:1 + n]), g, dec.patch_size, dec.out_channels)
-            expected_grads = torch.autograd.grad(expected.square().sum(), list(dec.parameters()))
-        assert pruned < flops.get_total_flops()  # cls and latent rows of the last block were not computed
+            return unpatchify(dec.to_pixel(dec.norm(h)[:, 1:1 + n]), g, dec.patch_size, dec.out_channels)
+
+        got, grads, pruned = _values_grads_flops(model, dec, lambda: dec(latents, grid), plain)
+        expected, expected_grads, full = _values_grads_flops(model, dec, every_row, plain)
+        assert pruned < full  # cls and latent rows of the last block were not computed
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         for a, b in zip(grads, expected_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
