@@ -14,6 +14,14 @@ The ``ms over peak`` column sums to the forward's whole gap to the peak, so the 
 are where any further speed must come from. The profiler costs a few microseconds per call; the
 unprofiled time of the same forward is printed beside it.
 
+Not all of that gap can go. FLOP counters count only multiply-adds, yet a ViT must also
+exponentiate every attention score, take an erf per MLP hidden unit and normalise every token. The
+``floor`` column is a class's FLOPs at the peak plus that work timed alone (ATen's softmax, GELU
+and LayerNorm on fresh tensors of the shapes the ViT feeds them, recorded from one pass), and
+``ms over floor`` is what remains for fusion or better kernels to win. The bottleneck's floor is
+its FLOPs only. The floors add up to a ceiling on the % of peak that any implementation built on
+these kernels can reach: a lower bound on the time, so the true ceiling is lower still.
+
     python benchmarks/bench_breakdown.py                                   # softvq-s-64 encode
     python benchmarks/bench_breakdown.py --preset softvq-b-64 --part decode
 """
@@ -28,6 +36,8 @@ from collections.abc import Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
@@ -77,6 +87,53 @@ def flops_by_class(fn) -> dict[str, float]:
     return out
 
 
+# Work that FLOP counters do not see but no forward can skip, by the function's name -> class.
+UNCOUNTED = {"softmax": "attention (SDPA)", "gelu": "GELU", "layer_norm": "LayerNorm"}
+
+
+class ShapeRecorder(TorchFunctionMode):
+    """Records the input shape of every softmax, GELU and LayerNorm a forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in UNCOUNTED:
+            self.shapes.append((name, tuple(args[0].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def alone_ms(name: str, shape: tuple[int, ...], repeats: int = 7) -> float:
+    """Median ms of one such op on a random tensor of that shape, outside the model, written into
+    a buffer allocated once (a fused kernel would not allocate the softmax or GELU output either)."""
+    x, out = torch.randn(shape) * 3, torch.empty(shape)
+    weight, bias = torch.ones(shape[-1]), torch.zeros(shape[-1])
+    op = {"attention (SDPA)": lambda: torch.ops.aten._softmax.out(x, -1, False, out=out),
+          "GELU": lambda: torch._C._nn.gelu(x, out=out),
+          "LayerNorm": lambda: F.layer_norm(x, shape[-1:], weight, bias, 1e-6)}[UNCOUNTED[name]]
+    with torch.inference_mode():
+        op()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def uncounted_floor_ms(vit_pass) -> dict[str, float]:
+    """ms per class of the ViT's softmax, GELU and LayerNorm work, each timed alone (plain path,
+    where attention's softmax is an op of its own)."""
+    with torch.inference_mode(), ShapeRecorder() as recorder:
+        vit_pass()
+    out: dict[str, float] = defaultdict(float)
+    for key in set(recorder.shapes):
+        out[UNCOUNTED[key[0]]] += recorder.shapes.count(key) * alone_ms(*key)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="softvq-s-64")
@@ -105,8 +162,10 @@ def main() -> None:
             return model.decode(latents)
 
     fn = encode if args.part == "encode" else decode
+    vit_pass = (lambda: model.encoder(images)) if args.part == "encode" else decode
     with reference_math(model):  # FLOPs on the plain path (see bench_tokenizer.count_flops)
         flops = flops_by_class(fn)
+        floor_ms = uncounted_floor_ms(vit_pass)
     if args.part == "encode":
         with torch.inference_mode():
             bottleneck_flops = flops_by_class(lambda: model.bottleneck(features))
@@ -145,16 +204,22 @@ def main() -> None:
     print(f"unprofiled forward {1e3 * unprofiled:.1f} ms = {total_flops / unprofiled / 1e9:.0f} GFLOP/s = "
           f"{100 * total_flops / unprofiled / 1e9 / peak:.1f}% of peak; at the peak it would take "
           f"{1e3 * total_flops / peak / 1e9:.1f} ms; profiled: {1e3 * profiled:.1f} ms (the table's total)")
-    print("| class | ms | share | GFLOP | GFLOP/s | % of peak | ms over peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("| class | ms | share | GFLOP | GFLOP/s | % of peak | ms over peak | floor ms | ms over floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     order = sorted(seconds, key=lambda k: -seconds[k])
+    floor_total = 0.0
     for label in order:
         s, f = seconds[label], flops.get(label, 0.0)
         rate = f"{f / s / 1e9:.0f}" if f and s else ""
         frac = f"{100 * f / s / 1e9 / peak:.0f}%" if f and s else ""
         over = s - f / peak / 1e9
+        floor = f / peak / 1e9 + floor_ms.get(label, 0.0) / 1e3
+        floor_total += floor
         print(f"| {label} | {1e3 * s:.1f} | {100 * s / profiled:.1f}% | {f / 1e9:.2f} | {rate} | {frac} | "
-              f"{1e3 * over:+.1f} |")
+              f"{1e3 * over:+.1f} | {1e3 * floor:.1f} | {1e3 * (s - floor):+.1f} |")
+    print(f"floor {1e3 * floor_total:.1f} ms (FLOPs at the peak + ATen's softmax, GELU and LayerNorm "
+          f"timed alone): with these kernels no forward passes {100 * total_flops / floor_total / 1e9 / peak:.1f}% "
+          f"of peak; the unprofiled forward runs at {100 * floor_total / unprofiled:.1f}% of the floor's speed")
 
 
 if __name__ == "__main__":
