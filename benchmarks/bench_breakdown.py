@@ -17,7 +17,8 @@ unprofiled time of the same forward is printed beside it.
 Not all of that gap can go. FLOP counters count only multiply-adds, yet a ViT must also
 exponentiate every attention score, take an erf per MLP hidden unit and normalise every token. The
 ``floor`` column is a class's FLOPs at the peak plus that work timed alone (ATen's softmax, GELU
-and LayerNorm on fresh tensors of the shapes the ViT feeds them, recorded from one pass), and
+and LayerNorm on random tensors of the shapes the ViT feeds them, recorded from one pass, each
+writing into a buffer allocated once), and
 ``ms over floor`` is what remains for fusion or better kernels to win. The bottleneck's floor is
 its FLOPs only. The floors add up to a ceiling on the % of peak that any implementation built on
 these kernels can reach: a lower bound on the time, so the true ceiling is lower still.
@@ -35,9 +36,9 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
