@@ -18,10 +18,10 @@ Not all of that gap can go. FLOP counters count only multiply-adds, yet a ViT mu
 exponentiate every attention score, take an erf per MLP hidden unit and normalise every token. The
 ``floor`` column is a class's FLOPs at the peak plus that work timed alone (ATen's softmax, GELU
 and LayerNorm on random tensors of the shapes the ViT feeds them, recorded from one pass, each
-writing into a buffer allocated once), and
-``ms over floor`` is what remains for fusion or better kernels to win. The bottleneck's floor is
-its FLOPs only. The floors add up to a ceiling on the % of peak that any implementation built on
-these kernels can reach: a lower bound on the time, so the true ceiling is lower still.
+writing into a buffer allocated once), and ``ms over floor`` is what remains for fusion or better
+kernels to win. The bottleneck's floor is its FLOPs only. The floors add up to a ceiling on the %
+of peak that any implementation built on these kernels can reach: a lower bound on the time, so
+the true ceiling is lower still.
 
     python benchmarks/bench_breakdown.py                                   # softvq-s-64 encode
     python benchmarks/bench_breakdown.py --preset softvq-b-64 --part decode
