@@ -30,7 +30,6 @@ the true ceiling is lower still.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -45,7 +44,7 @@ import softvq
 from softvq.cpu_allocator import retain_freed_memory
 from softvq.networks.vit import reference_math
 
-from bench_tokenizer import MatmulPeak  # this folder: run as ``python benchmarks/bench_breakdown.py``
+from bench_tokenizer import MatmulPeak, timed  # this folder: run as ``python benchmarks/bench_breakdown.py``
 
 # aten names of the calls made from Python, by class. SDPA is counted whole (its inner GEMMs are
 # children and never reach this table); F.linear's inner addmm likewise.
@@ -115,13 +114,7 @@ def alone_ms(name: str, shape: tuple[int, ...], repeats: int = 7) -> float:
           "GELU": lambda: torch._C._nn.gelu(x, out=out),
           "LayerNorm": lambda: F.layer_norm(x, shape[-1:], weight, bias, 1e-6)}[UNCOUNTED[name]]
     with torch.inference_mode():
-        op()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            op()
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        return 1e3 * timed(op, torch.device("cpu"), repeats)
 
 
 def uncounted_floor_ms(vit_pass) -> dict[str, float]:
@@ -178,11 +171,7 @@ def main() -> None:
         fn()
     matmul = MatmulPeak(torch.device("cpu"), torch.float32)
     peak_before = matmul()
-    wall = []
-    for _ in range(args.passes):
-        start = time.perf_counter()
-        fn()
-        wall.append(time.perf_counter() - start)
+    unprofiled = timed(fn, torch.device("cpu"), args.passes, warmup=0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(args.passes):
@@ -196,7 +185,6 @@ def main() -> None:
             continue
         label = BOTTLENECK if BOTTLENECK in ancestor_names(event) else class_of(event.name)
         seconds[label] += event.cpu_time_total / 1e6 / args.passes
-    unprofiled = statistics.median(wall)
     seconds["Python and dispatch"] = max(0.0, profiled - sum(seconds.values()))
 
     total_flops = sum(flops.values())

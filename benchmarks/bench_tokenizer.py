@@ -49,7 +49,7 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 class MatmulPeak:
