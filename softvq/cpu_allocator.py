@@ -15,11 +15,10 @@ free heap at its top stay mapped for reuse. The pages kept are the ones the last
 resident set just does not shrink after a peak. Should the heap ever fail to grow, glibc still
 falls back to ``mmap``.
 
-Measured on this project's 2-core machine, SoftVQ-S encode: at batch 8, 16,000-37,000 faults per
-call by default against 0 retained. At batch 32 (``softvq pretokenize``'s default), three pairs of
-fresh processes: with blocks kept only up to 32 MiB (this function before mmap was switched off),
-30,800-154,000 faults per call and 3018-3266 ms; with every size kept, 0-1 faults and 2978-3053 ms
-(peak resident set 690-758 against 761-807 MiB).
+At batch 32 (``softvq pretokenize``'s default), in three pairs of fresh processes on the same
+machine, a SoftVQ-S encode with blocks kept only up to 32 MiB (this function before mmap was
+switched off) took 30,800-154,000 faults per call and 3018-3266 ms; with every size kept, 0-1
+faults and 2978-3053 ms (peak resident set 690-758 against 761-807 MiB).
 
 It pays off for inference, not for training: a SoftVQ-S training step at batch 8 on the same CPU
 measured 49.5 s with it against 47.8 s without (within the host's noise) and a peak resident set
