@@ -4,9 +4,10 @@
 says where that gap sits. A few passes run under the torch profiler; every aten call made from
 Python (not from inside another aten op) is put in one class: GEMMs, attention (the fused SDPA
 kernel), the patch convolution, GELU, LayerNorm, the other element-wise work (residual adds,
-LayerScale and bias folding), and the bottleneck (SoftVQ's soft assignment, encode only). The rest
-of the wall time is Python and dispatch. FLOPs come from ``torch.utils.flop_counter`` on the plain
-path, as in ``bench_tokenizer.py``, and are attributed to the class that performs them.
+LayerScale and bias folding), and the bottleneck (SoftVQ's soft assignment as
+``Tokenizer.encode_latents`` runs it; encode only). The rest of the wall time is Python and
+dispatch. FLOPs come from ``torch.utils.flop_counter`` on the plain path, as in
+``bench_tokenizer.py``, and are attributed to the class that performs them.
 
 Columns: ms per pass; GFLOP and GFLOP/s where the class does dense arithmetic; ``ms over peak`` =
 the class's time minus its FLOPs at the matmul peak (the whole row for classes without FLOPs).
@@ -148,8 +149,8 @@ def main() -> None:
     def encode():
         with torch.inference_mode():
             features = model.to_latent(model.encoder(images))
-            with record_function(BOTTLENECK):
-                return model.bottleneck(features)
+            with record_function(BOTTLENECK):  # as Tokenizer.encode_latents runs it
+                return model.bottleneck.latents(features)
 
     def decode():
         with torch.inference_mode():
@@ -162,7 +163,7 @@ def main() -> None:
         floor_ms = uncounted_floor_ms(vit_pass)
     if args.part == "encode":
         with torch.inference_mode():
-            bottleneck_flops = flops_by_class(lambda: model.bottleneck(features))
+            bottleneck_flops = flops_by_class(lambda: model.bottleneck.latents(features))
         for label, value in bottleneck_flops.items():
             flops[label] -= value
         flops[BOTTLENECK] = sum(bottleneck_flops.values())

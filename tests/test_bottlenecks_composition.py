@@ -171,3 +171,21 @@ def test_composites_name_parts_that_do_not_fit_together(composite, noun):
     for parts in ([SoftVQ(4, K), SoftVQ(8, K)], [SoftVQ(4, K), GaussianPosterior(4)]):
         with pytest.raises(ValueError, match=f"all {noun}s of a {composite.__name__} must have the same widths"):
             composite(parts)
+
+
+@pytest.mark.parametrize("kind", ["softvq", "gmmvq", "vq", "kl", "lfq", "ae"])
+@pytest.mark.parametrize("layout", [{}, dict(segments=2), dict(groups=2, residual_levels=2, lfq_groups=2)])
+@pytest.mark.parametrize("chunk_size", [None, 0, 3])  # auto, straightforward, three tokens per chunk
+def test_latents_alone_equal_the_forward_latents(kind, layout, chunk_size):
+    # The release's cosine distance and entropy temperature for the soft kinds: the path whose
+    # second softmax latents() skips.
+    soft = dict(distance="cosine", entropy_temperature=0.01) if kind in ("softvq", "gmmvq") else {}
+    b = build(kind=kind, chunk_size=chunk_size, segment_entropy="per_segment", **layout, **soft).eval()
+    z = torch.randn(2, 8, b.input_dim)
+    with torch.inference_mode():
+        assert torch.equal(b.latents(z), b(z).latents)
+    z.requires_grad_()  # recording gradients: the forward's latents, differentiable
+    latents = b.latents(z)
+    assert torch.equal(latents, b(z).latents)
+    latents.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0

@@ -1,10 +1,12 @@
 """SoftVQ (paper Eq. 4, B.1) and its memory-lean chunked implementation (issue 5 item 1)."""
 
+import collections
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from softvq.bottlenecks.soft_assign import ChunkedSoftAssign, soft_assign
 from softvq.bottlenecks.softvq import SoftVQ
@@ -204,3 +206,33 @@ def test_gmmvq_chunked_equals_straightforward():
         results.append([out.latents.detach(), zz.grad, gmm.codebook.grad])
     for a, b in zip(*results):
         assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten overloads that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunk_size, chunks", [(0, 1), (4, 5)])  # 18 tokens: one chunk, or 5 of <= 4
+def test_latents_alone_run_one_softmax_per_chunk_and_nothing_for_the_regulariser(chunk_size, chunks):
+    vq = make("cosine", chunk_size=chunk_size, entropy_temperature=0.01)
+    z = torch.randn(2, 9, 6)
+    with torch.inference_mode():
+        with OpCounter() as full:
+            vq(z)
+        with OpCounter() as alone:
+            vq.latents(z)
+    def softmaxes(counter):  # the composite op (what inference mode dispatches) or its kernel
+        return counter.counts["aten.softmax"] + counter.counts["aten._softmax"]
+
+    # forward: the posterior's softmax and the regulariser's at τ_H, and the argmax indices
+    assert softmaxes(full) == 2 * chunks and full.counts["aten.argmax"] >= 1
+    assert softmaxes(alone) == chunks and alone.counts["aten.argmax"] == 0
+    assert alone.counts["aten.log"] == 0  # no entropy term

@@ -208,3 +208,16 @@ def test_compile_wraps_the_networks_that_encode_and_decode_call():
     tok = softvq.Tokenizer.from_preset("softvq-tiny")
     assert tok.compile() is tok
     assert tok.encoder._compiled_call_impl is not None and tok.decoder._compiled_call_impl is not None
+
+
+@pytest.mark.parametrize("kind", ["softvq", "kl"])
+def test_encode_latents_equals_encode_with_and_without_slicing(kind):
+    model = tiny(kind=kind).eval()
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    with torch.inference_mode():
+        expected = model.encode(x).latents
+        assert torch.equal(model.encode_latents(x), expected)
+        model.enable_slicing(2)
+        torch.testing.assert_close(model.encode_latents(x), expected)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model.encode_latents(torch.zeros(1, 3, 30, 30))

@@ -64,6 +64,11 @@ class Bottleneck(nn.Module):
     def forward(self, z: Tensor) -> BottleneckOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def latents(self, z: Tensor) -> Tensor:
+        """``forward(z).latents`` alone. Subclasses whose losses, metrics or posterior cost real
+        time (SoftVQ) skip them here when no gradient is recorded; the values are the same."""
+        return self(z).latents
+
     @property
     def side_dim(self) -> int:
         """Channels of side information after the signal (0 for most quantizers)."""

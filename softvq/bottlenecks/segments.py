@@ -57,7 +57,8 @@ class SegmentCodebooks(Bottleneck):
     def codebook_size(self) -> int | None:
         return self.parts[0].codebook_size
 
-    def forward(self, z: Tensor) -> BottleneckOutput:
+    def _segments(self, z: Tensor) -> tuple[Tensor, ...]:
+        """The S contiguous blocks of the token sequence, after checking that they exist."""
         self.check_input(z)
         if z.dim() != 3:
             raise ValueError(f"SegmentCodebooks expects (B, L, {self.input_dim}) tokens, got {tuple(z.shape)}")
@@ -67,8 +68,13 @@ class SegmentCodebooks(Bottleneck):
                 f"{length} tokens cannot be split into {self.segments} equal segments; "
                 f"use a number of tokens divisible by {self.segments}"
             )
-        chunks = z.split(length // self.segments, dim=1)
-        outputs = [part(chunk) for part, chunk in zip(self.parts, chunks)]
+        return z.split(length // self.segments, dim=1)
+
+    def latents(self, z: Tensor) -> Tensor:
+        return torch.cat([part.latents(chunk) for part, chunk in zip(self.parts, self._segments(z))], dim=1)
+
+    def forward(self, z: Tensor) -> BottleneckOutput:
+        outputs = [part(chunk) for part, chunk in zip(self.parts, self._segments(z))]
         losses = mean_losses(outputs)
         terms = None
         if all(o.entropy_terms is not None for o in outputs):

@@ -19,6 +19,8 @@ codebook, so C learns only through z = pC).
   full-batch mean E π; it is an *output* here, so its gradient dL/d(Eπ) (which depends on the whole
   batch) arrives in backward before any chunk is revisited, and each chunk then needs only
   ∂(Eπ)/∂ρ_t = π_t-Jacobian / T.
+* :func:`soft_latents` computes z alone, chunk by chunk and without gradients: what inference
+  needs when it keeps only the latents.
 
 Backward formulas (per token t, softmax Jacobian J(v) = v ⊙ (g − ⟨v, g⟩)):
     g_p   = g_z C^T,              g_ℓ = J(p)(g_p)                     ℓ = s·a
@@ -244,6 +246,39 @@ class ChunkedSoftAssign(torch.autograd.Function):
         return g_x, g_c, g_cl, g_s, None, None, None, None
 
 
+def _resolve_chunk(chunk_size: int | None, tokens: int, num_codes: int, device: torch.device) -> int:
+    """Tokens per chunk of the chunked version for ``chunk_size`` (see :func:`soft_assign`), or 0
+    for the straightforward version (``0``, or a problem of at most 2^18 pairs under ``None``)."""
+    if chunk_size is not None and chunk_size < 0:
+        raise ValueError(f"chunk_size must be None (auto), 0 (straightforward) or positive, got {chunk_size}")
+    if chunk_size is None:
+        return 0 if tokens * num_codes <= _SMALL_PROBLEM_ELEMENTS else auto_chunk_size(num_codes, device)
+    return chunk_size
+
+
+def soft_latents(x: Tensor, codebook: Tensor, *, scale: Tensor, distance: str,
+                 chunk_size: int | None = None) -> Tensor:
+    """z = softmax(s · affinity(x, C)) C alone (Eq. 4), for inference: no posterior is kept and
+    neither the regulariser's softmax nor the argmax is computed.
+
+    Chunked as :func:`soft_assign` is for the same ``chunk_size``, and with the same kernels, so
+    the result equals ``soft_assign(...).latents`` exactly. Without gradients it is about half the
+    time of the full assignment (the release's separate entropy temperature costs a second softmax
+    over every (token, codeword) pair); with gradients use :func:`soft_assign`.
+    """
+    if distance not in ("l2", "cosine"):
+        raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
+    t = x.shape[0]
+    chunk = _resolve_chunk(chunk_size, t, codebook.shape[0], x.device) or max(1, t)
+    latents = x.new_empty(t, codebook.shape[1])
+    for start in range(0, t, chunk):
+        stop = min(start + chunk, t)
+        s = scale[start:stop].unsqueeze(-1) if scale.dim() else scale
+        probs = torch.softmax(affinity(x[start:stop], codebook, distance).mul_(s), dim=-1)
+        torch.matmul(probs, codebook, out=latents[start:stop])
+    return latents
+
+
 def soft_assign(
     x: Tensor, codebook: Tensor, *, scale: Tensor, distance: str,
     detach_codebook_in_logits: bool = False, entropy_temperature: float | None = None,
@@ -259,14 +294,10 @@ def soft_assign(
     """
     if distance not in ("l2", "cosine"):
         raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
-    if chunk_size is not None and chunk_size < 0:
-        raise ValueError(f"chunk_size must be None (auto), 0 (straightforward) or positive, got {chunk_size}")
     logit_codebook = codebook.detach() if detach_codebook_in_logits else codebook
-    if chunk_size is None and x.shape[0] * codebook.shape[0] <= _SMALL_PROBLEM_ELEMENTS:
-        chunk_size = 0
-    if chunk_size == 0:
+    chunk = _resolve_chunk(chunk_size, x.shape[0], codebook.shape[0], x.device)
+    if chunk == 0:
         return soft_assign_reference(x, codebook, logit_codebook, scale, distance, entropy_temperature)
-    chunk = chunk_size or auto_chunk_size(codebook.shape[0], x.device)
     keep_probs = not torch.is_grad_enabled()
     latents, h, post, mean_probs, indices, probs = ChunkedSoftAssign.apply(
         x, codebook, logit_codebook, scale, distance, entropy_temperature, chunk, keep_probs,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, EntropyTerms, float32_region
-from softvq.bottlenecks.soft_assign import affinity, soft_assign  # noqa: F401 (affinity re-exported)
+from softvq.bottlenecks.soft_assign import affinity, soft_assign, soft_latents  # noqa: F401 (affinity re-exported)
 
 
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
@@ -122,17 +122,34 @@ class SoftVQ(Bottleneck):
         """(ẑ, 1/τ) from the encoder projection; GMMVQ also reads ω from extra channels."""
         return z, self.inverse_temperature(z)
 
+    def _flat_tokens(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(T, D) signal tokens as the assignment reads them (normalised for cosine) and the scale."""
+        signal, scale = self.split_input(z.float())
+        flat = signal.reshape(-1, self.latent_dim)
+        if scale.dim():
+            scale = scale.reshape(-1)
+        if self.distance == "cosine":
+            flat = F.normalize(flat, dim=-1)
+        return flat, scale
+
+    def latents(self, z: Tensor) -> Tensor:
+        """z = q(z|x) C alone; without gradients neither the regulariser (with the release's
+        entropy temperature, a second softmax over every token-codeword pair), the argmax nor the
+        posterior is computed: about half the time of :meth:`forward` (``bench_tokenizer.py``)."""
+        if torch.is_grad_enabled():
+            return super().latents(z)
+        self.check_input(z)
+        with float32_region(z.device):
+            flat, scale = self._flat_tokens(z)
+            latents = soft_latents(flat, self.normalized_codebook(), scale=scale, distance=self.distance,
+                                   chunk_size=self.chunk_size)
+            return latents.reshape(*z.shape[:-1], self.latent_dim)
+
     def forward(self, z: Tensor) -> BottleneckOutput:
         self.check_input(z)
         with float32_region(z.device):
-            z = z.float()
             lead = z.shape[:-1]
-            signal, scale = self.split_input(z)
-            flat = signal.reshape(-1, self.latent_dim)
-            if scale.dim():
-                scale = scale.reshape(-1)
-            if self.distance == "cosine":
-                flat = F.normalize(flat, dim=-1)
+            flat, scale = self._flat_tokens(z)
             out = soft_assign(
                 flat, self.normalized_codebook(), scale=scale, distance=self.distance,
                 detach_codebook_in_logits=self.detach_codebook_in_logits,

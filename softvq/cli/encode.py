@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 except ImageReadError as exc:
                     skipped.append(str(exc))
             if images:
-                chunks.append(model.encode(torch.stack(images).to(device)).latents.float().cpu())
+                chunks.append(model.encode_latents(torch.stack(images).to(device)).float().cpu())
                 names += batch_names
             bar.update(len(paths[start:start + batch_size]))
     if skipped:

@@ -143,7 +143,7 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
     buffered = 0
     for batch in _batches(source.samples, batch_size):
         images = torch.stack([b[0] for b in batch]).to(device)
-        z = tokenizer.encode(images).latents.float().cpu()
+        z = tokenizer.encode_latents(images).float().cpu()
         z64 = z.double()
         total += float(z64.sum())
         sq_total += float((z64 * z64).sum())
