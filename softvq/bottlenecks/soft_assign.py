@@ -262,9 +262,9 @@ def soft_latents(x: Tensor, codebook: Tensor, *, scale: Tensor, distance: str,
     neither the regulariser's softmax nor the argmax is computed.
 
     Chunked as :func:`soft_assign` is for the same ``chunk_size``, and with the same kernels, so
-    the result equals ``soft_assign(...).latents`` exactly. Without gradients it is about half the
-    time of the full assignment (the release's separate entropy temperature costs a second softmax
-    over every (token, codeword) pair); with gradients use :func:`soft_assign`.
+    the result equals ``soft_assign(...).latents`` exactly. Without gradients it takes less than
+    half the time of the full assignment when the release's separate entropy temperature is on (a
+    second softmax over every (token, codeword) pair); with gradients use :func:`soft_assign`.
     """
     if distance not in ("l2", "cosine"):
         raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
