@@ -114,3 +114,23 @@ def test_more_processes_than_gpus_is_named(monkeypatch):
     check_processes_fit_gpus(cpu=True)  # CPU processes share nothing
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     check_processes_fit_gpus(cpu=False)
+
+
+@pytest.mark.parametrize("world_size, finalised", [("2", False), ("1", True)])
+def test_a_launched_worker_exits_without_interpreter_finalisation(world_size, finalised):
+    """Where gloo's threads could abort the process after its work is done, a launched worker
+    skips finalisation (no atexit hook runs) yet keeps its flushed output and its exit status."""
+    script = (
+        "import atexit\n"
+        "atexit.register(lambda: print('FINALISED'))\n"
+        "from softvq.cli.main import run\n"
+        "run(['info', 'softvq-s-32'])\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "softvq-s-32" in proc.stdout  # the command's output survived the hard exit
+    assert ("FINALISED" in proc.stdout) == finalised
+    bad = subprocess.run([sys.executable, "-c", script.replace("softvq-s-32", "no-such-preset")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "no-such-preset" in bad.stderr
