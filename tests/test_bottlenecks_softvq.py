@@ -219,6 +219,10 @@ class OpCounter(TorchDispatchMode):
         self.counts[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
 
+    def softmaxes(self) -> int:
+        """The composite op (what inference mode dispatches) or its kernel."""
+        return self.counts["aten.softmax"] + self.counts["aten._softmax"]
+
 
 @pytest.mark.parametrize("chunk_size, chunks", [(0, 1), (4, 5)])  # 18 tokens: one chunk, or 5 of <= 4
 def test_latents_alone_run_one_softmax_per_chunk_and_nothing_for_the_regulariser(chunk_size, chunks):
@@ -229,10 +233,7 @@ def test_latents_alone_run_one_softmax_per_chunk_and_nothing_for_the_regulariser
             vq(z)
         with OpCounter() as alone:
             vq.latents(z)
-    def softmaxes(counter):  # the composite op (what inference mode dispatches) or its kernel
-        return counter.counts["aten.softmax"] + counter.counts["aten._softmax"]
-
     # forward: the posterior's softmax and the regulariser's at τ_H, and the argmax indices
-    assert softmaxes(full) == 2 * chunks and full.counts["aten.argmax"] >= 1
-    assert softmaxes(alone) == chunks and alone.counts["aten.argmax"] == 0
+    assert full.softmaxes() == 2 * chunks and full.counts["aten.argmax"] >= 1
+    assert alone.softmaxes() == chunks and alone.counts["aten.argmax"] == 0
     assert alone.counts["aten.log"] == 0  # no entropy term
