@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from softvq.bottlenecks.factory import build_bottleneck
 from softvq.config import TokenizerConfig, preset
 from softvq.networks.decoder import TokenDecoder
 from softvq.networks.encoder import TokenEncoder
+
+# Names accepted for a compute precision (``enable_autocast``, the CLI's --precision).
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Tokenizer(nn.Module):
         self.latent_mean: float | None = None
         self.latent_std: float | None = None
         self.slice_size: int | None = None
+        self.compute_dtype = torch.float32  # enable_autocast changes it
 
     def enable_slicing(self, slice_size: int = 8) -> "Tokenizer":
         """Encode/decode large batches ``slice_size`` images at a time, bounding peak memory.
@@ -89,6 +94,43 @@ class Tokenizer(nn.Module):
     def disable_slicing(self) -> "Tokenizer":
         self.slice_size = None
         return self
+
+    def enable_autocast(self, dtype: torch.dtype | str = torch.bfloat16) -> "Tokenizer":
+        """Run the encoder and decoder ViTs (and ``to_latent`` / ``from_latent``) under
+        ``torch.autocast(device, dtype)``: mixed-precision inference, as the paper trains (bf16).
+
+        Autocast casts the GEMMs, attention and convolutions to ``dtype``; LayerNorm, softmax and
+        the residual stream stay float32 (:func:`softvq.networks.vit._residual` keeps the plain
+        form under autocast), and the bottleneck always computes in float32. What leaves the model
+        (latents, features, images) is float32. ``dtype``: ``torch.bfloat16`` / ``"bf16"`` or
+        ``torch.float16`` / ``"fp16"``; ``torch.float32`` / ``"fp32"`` turns it off. On an H100, bf16 encodes
+        softvq-s-64 3.5x and decodes it 4.8x faster than float32 at batch 64 (README); on a CPU it
+        pays only where the CPU has bf16 matrix instructions (AMX, AVX512-BF16).
+        """
+        if isinstance(dtype, str):
+            if dtype not in PRECISIONS:
+                raise ValueError(f"unknown precision {dtype!r}; use one of {', '.join(PRECISIONS)}")
+            dtype = PRECISIONS[dtype]
+        if dtype not in PRECISIONS.values():
+            raise ValueError(f"autocast runs in torch.bfloat16 or torch.float16, not {dtype}")
+        self.compute_dtype = dtype
+        return self
+
+    def disable_autocast(self) -> "Tokenizer":
+        self.compute_dtype = torch.float32
+        return self
+
+    @property
+    def precision(self) -> str:
+        """The compute precision of ``encode`` / ``decode``: ``fp32``, ``bf16`` or ``fp16``."""
+        return next(name for name, dtype in PRECISIONS.items() if dtype == self.compute_dtype)
+
+    def _in_precision(self, network: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``network(x)``, under autocast when it is enabled, and then returned as float32."""
+        if self.compute_dtype == torch.float32:
+            return network(x)
+        with torch.autocast(x.device.type, dtype=self.compute_dtype):
+            return network(x).float()
 
     def compile(self, *args: Any, **kwargs: Any) -> "Tokenizer":
         """``torch.compile`` the encoder and decoder ViTs, so ``encode``/``decode`` use them too.
@@ -194,7 +236,7 @@ class Tokenizer(nn.Module):
         self.check_images(images)
         if self.slice_size and images.shape[0] > self.slice_size:
             return _concat_encodings([self.encode(part) for part in images.split(self.slice_size)])
-        features = self.to_latent(self.encoder(images))
+        features = self._in_precision(self._features, images)
         out: BottleneckOutput = self.bottleneck(features)
         return Encoding(
             latents=out.latents, features=features, indices=out.indices, probs=out.probs,
@@ -209,7 +251,11 @@ class Tokenizer(nn.Module):
         self.check_images(images)
         if self.slice_size and images.shape[0] > self.slice_size:
             return torch.cat([self.encode_latents(part) for part in images.split(self.slice_size)])
-        return self.bottleneck.latents(self.to_latent(self.encoder(images)))
+        return self.bottleneck.latents(self._in_precision(self._features, images))
+
+    def _features(self, images: Tensor) -> Tensor:
+        """ẑ = to_latent(encoder(images)), before the bottleneck."""
+        return self.to_latent(self.encoder(images))
 
     def decode(self, latents: Tensor, image_size: int | tuple[int, int] | None = None, *,
                noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -237,7 +283,7 @@ class Tokenizer(nn.Module):
         if image_size is not None:
             h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
             grid = (h // self.config.patch_size, w // self.config.patch_size)
-        return self.decoder(self.from_latent(x), grid)
+        return self._in_precision(lambda t: self.decoder(self.from_latent(t), grid), x)
 
     def forward(self, images: Tensor) -> TokenizerOutput:
         enc = self.encode(images)

@@ -221,3 +221,47 @@ def test_encode_latents_equals_encode_with_and_without_slicing(kind):
         torch.testing.assert_close(model.encode_latents(x), expected)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model.encode_latents(torch.zeros(1, 3, 30, 30))
+
+
+def test_autocast_runs_the_vits_in_bf16_keeps_the_residual_stream_float32_and_returns_float32():
+    model = tiny().eval()
+    for block in [*model.encoder.blocks, *model.decoder.blocks]:  # blocks that change their input
+        torch.nn.init.constant_(block.ls1.gamma, 0.5)
+        torch.nn.init.constant_(block.ls2.gamma, 0.5)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    seen: dict[str, torch.dtype] = {}
+    hooks = [model.encoder.blocks[0].attn.qkv, model.encoder.blocks[0], model.decoder.blocks[-1].mlp.fc1]
+    for name, module in zip(("qkv", "residual", "decoder fc1"), hooks):
+        module.register_forward_hook(lambda m, i, out, name=name: seen.__setitem__(name, out.dtype))
+    with torch.inference_mode():
+        plain = model.encode(x)
+        plain_images = model.decode(plain.latents)
+        assert seen == {"qkv": torch.float32, "residual": torch.float32, "decoder fc1": torch.float32}
+
+        assert model.enable_autocast("bf16") is model and model.precision == "bf16"
+        mixed = model.encode(x)
+        mixed_latents = model.encode_latents(x)
+        mixed_images = model.decode(plain.latents)
+        assert seen == {"qkv": torch.bfloat16, "residual": torch.float32, "decoder fc1": torch.bfloat16}
+
+        model.disable_autocast()
+        again = model.encode(x)
+    for out in (mixed.latents, mixed.features, mixed_latents, mixed_images):
+        assert out.dtype == torch.float32
+    assert torch.equal(mixed_latents, mixed.latents)
+    # bf16 keeps ~3 significant digits: close to float32, yet not float32 itself.
+    for fast, exact in ((mixed.features, plain.features), (mixed_images, plain_images)):
+        error = (fast - exact).norm() / exact.norm()
+        assert 1e-5 < error < 2e-2, error
+    assert torch.equal(again.features, plain.features) and model.precision == "fp32"
+
+
+def test_enable_autocast_rejects_what_autocast_cannot_run():
+    model = tiny()
+    with pytest.raises(ValueError, match="unknown precision 'fp64'; use one of fp32, bf16, fp16"):
+        model.enable_autocast("fp64")
+    with pytest.raises(ValueError, match="torch.bfloat16 or torch.float16"):
+        model.enable_autocast(torch.float64)
+    assert model.enable_autocast(torch.float16).precision == "fp16"
+    assert model.enable_autocast("fp32").precision == "fp32" and model.compute_dtype == torch.float32
+    assert model.enable_autocast("bf16").enable_autocast(torch.float32).precision == "fp32"
