@@ -60,3 +60,29 @@ def test_encode_then_decode_round_trip(tmp_path, capsys):
 def test_output_names_keep_folders_and_avoid_collisions():
     assert output_names(["x/a.jpg", "b.png"]) == ["x/a.png", "b.png"]
     assert output_names(["a.jpg", "a.png", "c.webp"]) == ["a.jpg.png", "a.png.png", "c.png"]
+
+
+def test_encode_in_bf16_records_it_and_stays_close_to_float32(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(1)
+    model = Tokenizer.from_preset("softvq-tiny").eval()
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    folder, names = _folder(tmp_path)
+    # A CPU without bf16 matrix instructions gets a warning that bf16 may be slower, not an error.
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    assert main(["encode", str(folder), "--model", str(ckpt), "--out", str(tmp_path / "z.safetensors"),
+                 "--precision", "bf16"]) == 0
+    assert "no bf16 matrix instructions" in capsys.readouterr().err
+    data = read_latents(tmp_path / "z.safetensors")
+    assert data.meta["compute_precision"] == "bf16" and data.latents.dtype == torch.float32
+
+    images = torch.stack([read_image(folder / n, 64) for n in names])
+    with torch.inference_mode():
+        exact = model.encode_latents(images)
+        mixed = model.enable_autocast("bf16").encode_latents(images)
+    torch.testing.assert_close(data.latents, mixed, atol=1e-5, rtol=0)
+    assert not torch.allclose(data.latents, exact, atol=1e-5, rtol=0)  # it did run in bf16
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    assert main(["encode", str(folder), "--model", str(ckpt), "--out", str(tmp_path / "y.safetensors"),
+                 "--precision", "bf16"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -30,6 +30,7 @@ def test_pretokenize_writes_shards_and_exact_statistics(tmp_path):
                          batch_size=5, shard_size=8, progress=False)
     data = load_latents(tmp_path / "lat")
     assert len(result.shards) == 2 and data.latents.shape == (12, 16, 8)
+    assert data.meta["tokenizer_precision"] == "fp32"
     assert data.labels.tolist() == [i % 3 for i in range(12)] and data.names[5] == "img5"
     z = data.latents.double()
     assert abs(data.mean - float(z.mean())) < 1e-9 and abs(data.std - float(z.std(unbiased=False))) < 1e-9

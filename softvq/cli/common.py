@@ -14,7 +14,7 @@ import sys
 import torch
 
 from softvq.config import PRESETS
-from softvq.tokenizer import Tokenizer
+from softvq.tokenizer import PRECISIONS, Tokenizer
 
 OFFICIAL_PREFIX = "official:"
 DEFAULT_MODEL = "softvq-tiny"
@@ -27,6 +27,28 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = D
     parser.add_argument("--model", default=default, metavar="SPEC",
                         help=SPEC_HELP + (f" (default: {default})" if default else ""))
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    add_precision_argument(parser)
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision``: the tokenizer's compute precision (:meth:`Tokenizer.enable_autocast`)."""
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                        help="tokenizer compute precision: fp32 (default) or bf16 / fp16 autocast, "
+                             "faster on GPUs and on CPUs with AMX")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision ``device`` cannot run; warn where it would run emulated (slower than fp32)."""
+    if precision == "fp32":
+        return
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16 support; use --precision fp16")
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        if not (caps.get(f"amx_{precision}") or caps.get(f"avx512_{precision}")):
+            print(f"softvq: warning: this CPU has no {precision} matrix instructions (AMX or "
+                  f"AVX512-{precision.upper()}); {precision} runs emulated and is likely slower than "
+                  f"--precision fp32", file=sys.stderr)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -52,13 +74,15 @@ def is_preset(spec: str) -> bool:
     return spec.lower() in PRESETS
 
 
-def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool = False) -> Tokenizer:
-    """The tokenizer a SPEC names, in eval mode on ``device``.
+def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool = False,
+                   precision: str = "fp32") -> Tokenizer:
+    """The tokenizer a SPEC names, in eval mode on ``device``, computing in ``precision``.
 
     The returned model carries ``source`` (a one-line description for printing). A preset gets
     random weights and a warning on stderr unless ``quiet``.
     """
     device = resolve_device(device) if isinstance(device, str) else device
+    check_precision(precision, device)
     if is_preset(spec):
         model = Tokenizer.from_preset(spec)
         model.source = f"preset {spec.lower()} (random weights, untrained)"
@@ -89,4 +113,4 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                 ) from None
             raise
         model.source = f"softvq checkpoint {spec}"
-    return model.to(device).eval()
+    return model.to(device).eval().enable_autocast(precision)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if not spec:
         raise ValueError(f"{args.latents} does not record its model; pass --model SPEC")
     torch.manual_seed(args.seed)
-    model = load_tokenizer(spec, args.device)
+    model = load_tokenizer(spec, args.device, precision=args.precision)
     expected = (model.num_tokens, model.latent_dim)
     if tuple(data.latents.shape[1:]) != expected:
         raise ValueError(

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise FileNotFoundError(f"no image files in {folder} (looked for .png, .jpg, .webp, ...)")
     torch.manual_seed(args.seed)
-    model = load_tokenizer(args.model, args.device)
+    model = load_tokenizer(args.model, args.device, precision=args.precision)
     size = model.config.image_size
     device = next(model.parameters()).device
     chunks: list[torch.Tensor] = []
@@ -124,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise ImageReadError(f"none of the {len(paths)} image file(s) in {folder} could be read")
     latents = torch.cat(chunks)
-    meta = {"model": args.model, "image_size": size, "num_tokens": model.num_tokens,
-            "latent_dim": model.latent_dim, "latent_mean": model.latent_mean, "latent_std": model.latent_std}
+    meta = {"model": args.model, "compute_precision": model.precision, "image_size": size,
+            "num_tokens": model.num_tokens, "latent_dim": model.latent_dim,
+            "latent_mean": model.latent_mean, "latent_std": model.latent_std}
     write_latents(args.out, latents, names, meta)
     print(f"encoded {len(names)} image(s) of {len(paths)} -> {args.out} latents {tuple(latents.shape)}")
     return 0

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.model:
             raise ValueError("pass --model SPEC (a checkpoint folder, a run folder, official:ID or a preset)")
         spec, home = resolve_model_spec(args.model)
-        model = load_tokenizer(spec, device)
+        model = load_tokenizer(spec, device, precision=args.precision)
         options = EvalOptions(
             num_images=args.num_images, batch_size=args.batch_size, image_size=args.image_size,
             fid=not args.no_fid, fid_weights=args.fid_weights, fid_normalization=args.fid_normalization,

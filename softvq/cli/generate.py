@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from softvq.cli.common import resolve_device
+from softvq.cli.common import add_precision_argument, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    add_precision_argument(p)  # the tokenizer's decode; the generator samples in float32
     p.add_argument("--fid-ref", metavar="NPZ_OR_FOLDER",
                    help="reference Inception statistics (.npz with mu/sigma) or an image folder: also print gFID")
     p.set_defaults(func=run)
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     spec_name = args.tokenizer or meta.tokenizer
     if not spec_name:
         raise ValueError(f"{args.generator} does not say which tokenizer made its latents; pass --tokenizer SPEC")
-    tokenizer = load_tokenizer(spec_name, device)
+    tokenizer = load_tokenizer(spec_name, device, precision=args.precision)
     if (tokenizer.num_tokens, tokenizer.latent_dim) != model.input_shape:
         raise ValueError(f"tokenizer {spec_name} makes ({tokenizer.num_tokens}, {tokenizer.latent_dim}) latents "
                          f"but the generator models {model.input_shape}")

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.generation.pretokenize import bundled_source, folder_source, pretokenize
 
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(args.model, device)
+    tokenizer = load_tokenizer(args.model, device, precision=args.precision)
     size = tokenizer.config.image_size
     if args.bundled:
         source = bundled_source(size, args.crops_per_photo, seed=args.seed, single_class=args.single_class)

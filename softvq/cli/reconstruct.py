@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         resize = not args.native_size
         print(f"no images given: using the {len(paths)} photos bundled with scikit-image/scikit-learn")
     torch.manual_seed(args.seed)
-    model = load_tokenizer(args.model, args.device)
+    model = load_tokenizer(args.model, args.device, precision=args.precision)
     c = model.config
     size = None if args.native_size else c.image_size
     # Read everything first: a bad file fails before any compute, naming the file.

@@ -248,6 +248,7 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
         "latent_dim": model.latent_dim,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "device": str(device),
+        "compute_precision": model.precision,
         "batch_size": options.batch_size,
         "psnr": _mean(acc.psnr),
         "ssim": _mean(acc.ssim),
@@ -366,8 +367,10 @@ TABLE_ROWS = (
 
 def to_markdown(report: dict[str, Any]) -> str:
     """A markdown table of the headline numbers, then the protocol in one line and the notes."""
+    precision = report.get("compute_precision", "fp32")
     lines = [f"### {report.get('model', 'tokenizer')} on {report.get('num_images', '?')} images "
-             f"at {report.get('image_size', '?')} px", "", "| metric | value |", "|---|---|"]
+             f"at {report.get('image_size', '?')} px" + ("" if precision == "fp32" else f", {precision}"),
+             "", "| metric | value |", "|---|---|"]
     for key, label, fmt in TABLE_ROWS:
         value = report.get(key)
         if value is None or (isinstance(value, float) and math.isnan(value)):

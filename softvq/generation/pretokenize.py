@@ -172,6 +172,7 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
         "tokenizer_latent_mean": tokenizer.latent_mean,
         "tokenizer_latent_std": tokenizer.latent_std,
         "tokenizer": tokenizer_spec,
+        "tokenizer_precision": tokenizer.precision,
         "classes": source.classes,
         "shards": shards,
     }
