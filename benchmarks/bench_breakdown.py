@@ -45,7 +45,7 @@ import softvq
 from softvq.cpu_allocator import retain_freed_memory
 from softvq.networks.vit import reference_math
 
-from bench_tokenizer import MatmulPeak, timed  # this folder: run as ``python benchmarks/bench_breakdown.py``
+from bench_tokenizer import MatmulPeak, machine, timed  # this folder: run as ``python benchmarks/bench_breakdown.py``
 
 # aten names of the calls made from Python, by class. SDPA is counted whole (its inner GEMMs are
 # children and never reach this table); F.linear's inner addmm likewise.
@@ -189,7 +189,7 @@ def main() -> None:
     seconds["Python and dispatch"] = max(0.0, profiled - sum(seconds.values()))
 
     total_flops = sum(flops.values())
-    print(f"\n{args.preset} {args.part}, batch {args.batch}, fp32, CPU {torch.get_num_threads()} threads; "
+    print(f"\n{args.preset} {args.part}, batch {args.batch}, fp32, {machine(torch.device('cpu'))}; "
           f"matmul peak {peak:.0f} GFLOP/s (2048^3, mean of before and after)")
     print(f"unprofiled forward {1e3 * unprofiled:.1f} ms = {total_flops / unprofiled / 1e9:.0f} GFLOP/s = "
           f"{100 * total_flops / unprofiled / 1e9 / peak:.1f}% of peak; at the peak it would take "

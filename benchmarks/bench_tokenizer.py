@@ -24,7 +24,6 @@ which the baseline shares; ``--default-malloc`` keeps glibc's defaults to show w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
@@ -39,6 +38,17 @@ from softvq.networks.vit import reference_math
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def machine(device: torch.device) -> str:
+    """The device a table was measured on: the GPU's name, or the CPU's name, vector and matrix
+    instructions and threads (numbers from different hosts differ by tens of percent)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    caps = torch.cpu.get_capabilities()
+    matrix = [name.upper().replace("_", "-") for name in ("amx_bf16", "amx_fp16", "avx512_bf16") if caps.get(name)]
+    features = ", ".join([torch.backends.cpu.get_cpu_capability(), *matrix])
+    return f"CPU {caps.get('cpu_name', '?')} ({features}), {torch.get_num_threads()} threads"
 
 
 def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
@@ -98,27 +108,26 @@ def count_flops(fn) -> int:
 def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: bool, peak: MatmulPeak,
                  compile_model: bool = False) -> dict:
     model = softvq.Tokenizer.from_preset(name).to(device).eval()
+    model.enable_autocast(dtype)  # the user's switch; float32 leaves autocast off
     size = model.config.image_size
     images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
 
     def encode():
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             return model.encode_latents(images)
 
     def full_encode():  # Tokenizer.encode: the latents plus posterior, indices and regulariser
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             return model.encode(images)
 
     latents = encode()
 
     def decode():
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             return model.decode(latents)
 
     def encoder_network():  # the encoder ViT alone, without the bottleneck
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return model.encoder(images)
 
     row = {"preset": name, "params_M": model.num_parameters() / 1e6}
@@ -142,10 +151,10 @@ def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: b
         row[f"{label}_peak_fraction"] = fraction
         row[f"{label}_gflop_per_img"] = flops / batch / 1e9
         if baseline and label in ("enc", "dec"):  # the plain research baseline: explicit softmax attention, unfused, fp32
-            saved, autocast = autocast, contextlib.nullcontext()
+            model.disable_autocast()
             with reference_math(model):
                 _, base_fraction = paired(fn, flops, peak, device, repeats)
-            autocast = saved
+            model.enable_autocast(dtype)
             # Both are normalised by the peak measured around them, so host drift cancels.
             row[f"{label}_speedup"] = fraction / base_fraction
     return row
@@ -181,10 +190,9 @@ def main() -> None:
                                  args.compile or args.freeze))
         print(f"done {name}", flush=True)
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     mode = "torch.compile (freezing)" if args.freeze else "torch.compile" if args.compile else "eager"
     allocator = "freed memory retained" if retained else "default malloc"
-    print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {mode}, {where}, {allocator}")
+    print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {mode}, {machine(device)}, {allocator}")
     print(f"matmul (2048^3, {args.dtype}) measured before and after every timed call: "
           f"{min(peak.seen):.0f}-{max(peak.seen):.0f} GFLOP/s (median {statistics.median(peak.seen):.0f}); "
           f"%peak = median over calls of achieved / the mean of its two neighbours")

@@ -33,6 +33,8 @@ from softvq.cpu_allocator import retain_freed_memory
 from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
 from softvq.networks.vit import reference_math
 
+from bench_tokenizer import machine  # this folder: run as ``python benchmarks/bench_train_step.py``
+
 
 def build(preset: str, device: torch.device):
     torch.manual_seed(0)
@@ -156,7 +158,7 @@ def main() -> None:
             rows.append(result)
             print(f"done {preset} {result['variant']}", flush=True)
 
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    where = machine(torch.device(args.device))
     allocator = "freed memory retained" if retained else "default malloc"
     print(f"\nTraining step, all losses on (VGG discriminator + VGG alignment target), batch {args.batch}, {where}, "
           f"{allocator}")
