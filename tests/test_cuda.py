@@ -83,6 +83,11 @@ def test_bf16_autocast_stays_close_to_float32_on_the_s_preset():
     assert relative(fast.reconstruction, exact.reconstruction) < 0.05
     # and it is not trivially equal: bf16 really ran
     assert relative(fast.reconstruction, exact.reconstruction) > 0
+    # Tokenizer.enable_autocast (the CLI's --precision bf16) computes the same, handing back float32
+    with torch.inference_mode():
+        switched = model.enable_autocast("bf16")(images)
+    assert switched.reconstruction.dtype == torch.float32
+    assert relative(switched.reconstruction, fast.reconstruction.float()) < 1e-3
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
