@@ -61,8 +61,16 @@ def faults_per_forward(mode: str, batch: int = 8, depth: int = 3) -> int:
     pytest.param(24, 1, 5000, id="block-over-32MiB"),
 ])
 def test_retained_memory_removes_the_page_faults_of_a_repeated_forward(batch, depth, min_default):
-    default = faults_per_forward("default", batch, depth)  # also shows that importing softvq changes nothing
-    retained = faults_per_forward("retain", batch, depth)
+    # glibc's default settles per process: on an Intel Xeon host 3 of 10 fresh processes of the
+    # under-32 MiB case ran at 0 faults and 7 at 17,270. So the default side asks whether fresh
+    # processes fault (up to 5, stopping at the first that does); the retained side must stay near 0
+    # in every one of 3.
+    default = 0
+    for _ in range(5):
+        default = max(default, faults_per_forward("default", batch, depth))  # importing softvq changes nothing
+        if default > min_default:
+            break
+    retained = max(faults_per_forward("retain", batch, depth) for _ in range(3))
     assert default > min_default
     assert retained * 20 < default
 
