@@ -26,6 +26,7 @@ the true ceiling is lower still.
 
     python benchmarks/bench_breakdown.py                                   # softvq-s-64 encode
     python benchmarks/bench_breakdown.py --preset softvq-b-64 --part decode
+    python benchmarks/bench_breakdown.py --plot breakdown.png             # the table as a bar chart
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--part", choices=["encode", "decode"], default="encode")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--passes", type=int, default=3, help="profiled passes (the table is their mean)")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the table: per class, time at the peak, "
+                                                      "the uncounted floor and what lies above it")
     args = parser.parse_args()
     retain_freed_memory()
     torch.manual_seed(0)
@@ -198,6 +201,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     order = sorted(seconds, key=lambda k: -seconds[k])
     floor_total = 0.0
+    bars = []  # (class, ms at the peak, uncounted floor ms, ms over the floor)
     for label in order:
         s, f = seconds[label], flops.get(label, 0.0)
         rate = f"{f / s / 1e9:.0f}" if f and s else ""
@@ -205,11 +209,43 @@ def main() -> None:
         over = s - f / peak / 1e9
         floor = f / peak / 1e9 + floor_ms.get(label, 0.0) / 1e3
         floor_total += floor
+        bars.append((label, 1e3 * f / peak / 1e9, floor_ms.get(label, 0.0), 1e3 * (s - floor)))
         print(f"| {label} | {1e3 * s:.1f} | {100 * s / profiled:.1f}% | {f / 1e9:.2f} | {rate} | {frac} | "
               f"{1e3 * over:+.1f} | {1e3 * floor:.1f} | {1e3 * (s - floor):+.1f} |")
     print(f"floor {1e3 * floor_total:.1f} ms (FLOPs at the peak + ATen's softmax, GELU and LayerNorm "
           f"timed alone): with these kernels no forward passes {100 * total_flops / floor_total / 1e9 / peak:.1f}% "
           f"of peak; the unprofiled forward runs at {100 * floor_total / unprofiled:.1f}% of the floor's speed")
+    if args.plot:
+        title = (f"{args.preset} {args.part}, batch {args.batch}, fp32: {100 * total_flops / unprofiled / 1e9 / peak:.1f}% "
+                 f"of the matmul peak ({peak:.0f} GFLOP/s), ceiling {100 * total_flops / floor_total / 1e9 / peak:.1f}%\n"
+                 f"{machine(torch.device('cpu'))}")
+        plot_breakdown(bars, title, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def plot_breakdown(bars: list[tuple[str, float, float, float]], title: str, path: str) -> None:
+    """One horizontal bar per class: its FLOPs at the matmul peak, the work FLOP counters do not
+    see (the floor's softmax, GELU and LayerNorm), and the time above that floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [b[0] for b in bars][::-1]
+    at_peak, uncounted, over = ([b[i] for b in bars][::-1] for i in (1, 2, 3))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(bars) + 1.6))
+    ax.barh(labels, at_peak, color="#2b6cb0", label="FLOPs at the matmul peak")
+    ax.barh(labels, uncounted, left=at_peak, color="#90cdf4", label="uncounted work (ATen's kernel alone)")
+    starts = [a + u for a, u in zip(at_peak, uncounted)]
+    ax.barh(labels, [max(o, 0.0) for o in over], left=starts, color="#e53e3e", label="above the floor")
+    for y, (start, extra) in enumerate(zip(starts, over)):
+        ax.text(start + max(extra, 0.0) + 2, y, f"{extra:+.1f} ms", va="center", fontsize=8)
+    ax.set_xlabel("ms per pass")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
