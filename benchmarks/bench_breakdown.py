@@ -194,8 +194,9 @@ def main() -> None:
     total_flops = sum(flops.values())
     print(f"\n{args.preset} {args.part}, batch {args.batch}, fp32, {machine(torch.device('cpu'))}; "
           f"matmul peak {peak:.0f} GFLOP/s (2048^3, mean of before and after)")
+    achieved = 100 * total_flops / unprofiled / 1e9 / peak
     print(f"unprofiled forward {1e3 * unprofiled:.1f} ms = {total_flops / unprofiled / 1e9:.0f} GFLOP/s = "
-          f"{100 * total_flops / unprofiled / 1e9 / peak:.1f}% of peak; at the peak it would take "
+          f"{achieved:.1f}% of peak; at the peak it would take "
           f"{1e3 * total_flops / peak / 1e9:.1f} ms; profiled: {1e3 * profiled:.1f} ms (the table's total)")
     print("| class | ms | share | GFLOP | GFLOP/s | % of peak | ms over peak | floor ms | ms over floor |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -212,13 +213,13 @@ def main() -> None:
         bars.append((label, 1e3 * f / peak / 1e9, floor_ms.get(label, 0.0), 1e3 * (s - floor)))
         print(f"| {label} | {1e3 * s:.1f} | {100 * s / profiled:.1f}% | {f / 1e9:.2f} | {rate} | {frac} | "
               f"{1e3 * over:+.1f} | {1e3 * floor:.1f} | {1e3 * (s - floor):+.1f} |")
+    ceiling = 100 * total_flops / floor_total / 1e9 / peak
     print(f"floor {1e3 * floor_total:.1f} ms (FLOPs at the peak + ATen's softmax, GELU and LayerNorm "
-          f"timed alone): with these kernels no forward passes {100 * total_flops / floor_total / 1e9 / peak:.1f}% "
+          f"timed alone): with these kernels no forward passes {ceiling:.1f}% "
           f"of peak; the unprofiled forward runs at {100 * floor_total / unprofiled:.1f}% of the floor's speed")
     if args.plot:
-        title = (f"{args.preset} {args.part}, batch {args.batch}, fp32: {100 * total_flops / unprofiled / 1e9 / peak:.1f}% "
-                 f"of the matmul peak ({peak:.0f} GFLOP/s), ceiling {100 * total_flops / floor_total / 1e9 / peak:.1f}%\n"
-                 f"{machine(torch.device('cpu'))}")
+        title = (f"{args.preset} {args.part}, batch {args.batch}, fp32: {achieved:.1f}% of the matmul peak "
+                 f"({peak:.0f} GFLOP/s), ceiling {ceiling:.1f}%\n{machine(torch.device('cpu'))}")
         plot_breakdown(bars, title, args.plot)
         print(f"wrote {args.plot}")
 
@@ -226,27 +227,23 @@ def main() -> None:
 def plot_breakdown(bars: list[tuple[str, float, float, float]], title: str, path: str) -> None:
     """One horizontal bar per class: its FLOPs at the matmul peak, the work FLOP counters do not
     see (the floor's softmax, GELU and LayerNorm), and the time above that floor."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from softvq.evaluation.plots import _figure, _save  # the package's Agg figure, no pyplot state
 
     labels = [b[0] for b in bars][::-1]
     at_peak, uncounted, over = ([b[i] for b in bars][::-1] for i in (1, 2, 3))
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(bars) + 1.6))
+    fig = _figure(9, 0.45 * len(bars) + 1.6)
+    ax = fig.add_subplot()
     ax.barh(labels, at_peak, color="#2b6cb0", label="FLOPs at the matmul peak")
     ax.barh(labels, uncounted, left=at_peak, color="#90cdf4", label="uncounted work (ATen's kernel alone)")
     starts = [a + u for a, u in zip(at_peak, uncounted)]
     ax.barh(labels, [max(o, 0.0) for o in over], left=starts, color="#e53e3e", label="above the floor")
     for y, (start, extra) in enumerate(zip(starts, over)):
         ax.text(start + max(extra, 0.0) + 2, y, f"{extra:+.1f} ms", va="center", fontsize=8)
+    ax.margins(x=0.1)  # room for the last label
     ax.set_xlabel("ms per pass")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    _save(fig, path)
 
 if __name__ == "__main__":
     main()
