@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
 from softvq.networks.vit import reference_math
+from softvq.tokenizer import PRECISIONS
 
 
 def sync(device: torch.device) -> None:
@@ -166,7 +167,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--baseline", action="store_true", help="also time the fp32 explicit-softmax-attention baseline")
     parser.add_argument("--compile", action="store_true", help="time the encoder/decoder under torch.compile")
     parser.add_argument("--freeze", action="store_true",
@@ -177,7 +178,7 @@ def main() -> None:
     retained = not args.default_malloc and retain_freed_memory()
 
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = PRECISIONS[args.dtype]
     torch.manual_seed(0)
     if args.freeze:
         import torch._inductor.config as inductor_config

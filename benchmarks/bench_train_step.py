@@ -32,6 +32,7 @@ import softvq
 from softvq.cpu_allocator import retain_freed_memory
 from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
 from softvq.networks.vit import reference_math
+from softvq.tokenizer import PRECISIONS
 
 from bench_tokenizer import machine  # this folder: run as ``python benchmarks/bench_train_step.py``
 
@@ -79,7 +80,7 @@ def step(model, objective, opt_g, opt_d, images, index, autocast, syncs: bool = 
 def measure(preset: str, device_name: str, dtype_name: str, batch: int, steps: int, explicit: bool,
             syncs: bool = False) -> dict:
     device = torch.device(device_name)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dtype = PRECISIONS[dtype_name]  # --dtype offers fp32 and bf16
     model, objective, opt_g, opt_d = build(preset, device)
     # the plain research baseline (explicit attention, unfused residuals) for the whole measurement
     with reference_math(model) if explicit else contextlib.nullcontext():
