@@ -2,7 +2,7 @@
 PY ?= python3
 PIP = $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench bench-gpu
 
 install:
 	$(PIP) -e ".[dev]"
@@ -20,3 +20,11 @@ test: install
 
 bench: install
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
+
+# The GPU table (issue 5, item 4): CUDA checks against the CPU, then bf16 + fused attention against
+# the fp32 explicit-attention baseline for every preset, the S and B training step, the lean SoftVQ.
+bench-gpu: install
+	$(PY) -m pytest -q tests/test_cuda.py
+	$(PY) benchmarks/bench_tokenizer.py --device cuda --dtype bf16 --baseline --batch 64
+	$(PY) benchmarks/bench_train_step.py --presets softvq-s-64 softvq-b-64 --device cuda --dtype bf16 --baseline --batch 32
+	$(PY) benchmarks/bench_softvq_memory.py --device cuda

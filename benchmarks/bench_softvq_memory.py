@@ -36,6 +36,7 @@ import time
 import torch
 
 from softvq.bottlenecks.soft_assign import auto_chunk_size, soft_assign
+from softvq.cli.common import device_argument
 
 
 def make_inputs(tokens: int, codes: int, dim: int, device: str, distance: str):
@@ -130,7 +131,7 @@ def main() -> None:
     p.add_argument("--distance", choices=["cosine", "l2"], default="cosine")
     p.add_argument("--entropy-temperature", type=float, default=0.01, help="<=0: the posterior's own")
     p.add_argument("--no-detach", action="store_true", help="codebook not detached in the logits")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_argument)
     p.add_argument("--chunk", type=int, default=None, help="lean chunk (default: the automatic one)")
     p.add_argument("--lean-chunk", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=2, help="timed steps per process")

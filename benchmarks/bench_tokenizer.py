@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
+from softvq.cli.common import device_argument
 from softvq.networks.vit import reference_math
 from softvq.tokenizer import PRECISIONS
 
@@ -166,7 +167,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=[p for p in softvq.PRESETS if p != "softvq-tiny"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_argument)
     parser.add_argument("--dtype", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--baseline", action="store_true", help="also time the fp32 explicit-softmax-attention baseline")
     parser.add_argument("--compile", action="store_true", help="time the encoder/decoder under torch.compile")

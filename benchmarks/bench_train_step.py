@@ -30,6 +30,7 @@ import torch
 
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
+from softvq.cli.common import device_argument
 from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
 from softvq.networks.vit import reference_math
 from softvq.tokenizer import PRECISIONS
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=["softvq-tiny", "softvq-s-64"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_argument)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--baseline", action="store_true", help="also time explicit fp32 attention")
     parser.add_argument("--syncs", action="store_true",

@@ -222,3 +222,24 @@ def test_decode_rejects_a_file_that_is_not_latents(tmp_path, capsys):
     (tmp_path / "z.safetensors").write_bytes(b"nope")
     code, _, err = _run(capsys, "decode", str(tmp_path / "z.safetensors"), "--model", "softvq-tiny")
     assert code == 2 and "not a readable safetensors file" in _one_line_error(err)
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+
+def test_unknown_device_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "gen", "--device", "cuda:x", "--no-throughput"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "argument --device: unknown device 'cuda:x'; use auto, cpu, cuda, cuda:N or mps" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_names_the_cpu_instead(capsys, photo):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "gen", "--device", "cuda", "--no-throughput"])
+    assert exit_.value.code == 2
+    assert "CUDA is not available; use --device cpu" in capsys.readouterr().err
+    code, _, err = _run(capsys, "reconstruct", str(photo), "--device", "cuda", "--model", "softvq-tiny")
+    assert code == 2 and "CUDA is not available; use --device cpu" in _one_line_error(err)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from softvq.cli.common import resolve_device
+from softvq.cli.common import device_argument, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def add_gen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kinds", nargs="+", default=["dit", "sit"], choices=["dit", "sit"])
     p.add_argument("--sizes", nargs="+", default=["S", "B", "L", "XL"], choices=["S", "B", "L", "XL"])
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    p.add_argument("--device", default="cpu", type=device_argument, help="cpu (default), cuda, auto")
     p.add_argument("--batch", type=int, default=64, help="batch for throughput (paper: 64)")
     p.add_argument("--sampling-steps", type=int, default=250, help="network evaluations per image to extrapolate to")
     p.add_argument("--repeats", type=int, default=None, help="timed forward passes (default 1 on CPU, 5 on GPU)")

@@ -70,6 +70,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def device_argument(name: str) -> str:
+    """argparse ``type`` for ``--device``: the resolved device's name, or a usage error at parse time
+    (``--device cuda`` on a machine without CUDA) instead of a traceback from inside torch later."""
+    try:
+        return str(resolve_device(name))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def is_preset(spec: str) -> bool:
     return spec.lower() in PRESETS
 
