@@ -86,8 +86,9 @@ def paired(fn, flops: int, peak: MatmulPeak, device: torch.device, repeats: int,
     """Seconds per call and achieved GFLOP/s as a fraction of the matmul peak.
 
     Shared hosts drift by tens of percent within a minute, so every timed call is bracketed by a
-    peak measurement just before and just after it and the ratio is taken per call; the medians
-    over ``repeats`` calls are returned (seconds, fraction of peak).
+    peak measurement just before and just after it and the ratio is taken per call. Returns the
+    medians over ``repeats`` calls (seconds, fraction of peak) and the fraction's interquartile
+    range, which shows how far the host's noise moves a single call.
     """
     for _ in range(warmup):
         fn()
@@ -98,7 +99,8 @@ def paired(fn, flops: int, peak: MatmulPeak, device: torch.device, repeats: int,
         after = peak()
         seconds.append(t)
         fractions.append(flops / t / 1e9 / ((before + after) / 2))
-    return statistics.median(seconds), statistics.median(fractions)
+    q1, _, q3 = statistics.quantiles(fractions, n=4) if len(fractions) > 1 else fractions * 3
+    return statistics.median(seconds), statistics.median(fractions), (q1, q3)
 
 
 def count_flops(fn) -> int:
@@ -145,21 +147,28 @@ def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: b
             flops = count_flops(fn)
         if compile_model:
             model.encoder, model.decoder = compiled
-        seconds, fraction = paired(fn, flops, peak, device, repeats, warmup=2 if compile_model else 1)
+        seconds, fraction, spread = paired(fn, flops, peak, device, repeats, warmup=2 if compile_model else 1)
         if compile_model:
             model.encoder, model.decoder = eager
         row[f"{label}_img_s"] = batch / seconds
         row[f"{label}_gflops"] = flops / seconds / 1e9
         row[f"{label}_peak_fraction"] = fraction
+        row[f"{label}_peak_iqr"] = spread
         row[f"{label}_gflop_per_img"] = flops / batch / 1e9
         if baseline and label in ("enc", "dec"):  # the plain research baseline: explicit softmax attention, unfused, fp32
             model.disable_autocast()
             with reference_math(model):
-                _, base_fraction = paired(fn, flops, peak, device, repeats)
+                _, base_fraction, _ = paired(fn, flops, peak, device, repeats)
             model.enable_autocast(dtype)
             # Both are normalised by the peak measured around them, so host drift cancels.
             row[f"{label}_speedup"] = fraction / base_fraction
     return row
+
+
+def percent(row: dict, label: str) -> str:
+    """A %peak cell: the median and, in brackets, the interquartile range over calls."""
+    q1, q3 = row[f"{label}_peak_iqr"]
+    return f"{100 * row[f'{label}_peak_fraction']:.1f}% ({100 * q1:.0f}-{100 * q3:.0f})"
 
 
 def main() -> None:
@@ -197,7 +206,8 @@ def main() -> None:
     print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {mode}, {machine(device)}, {allocator}")
     print(f"matmul (2048^3, {args.dtype}) measured before and after every timed call: "
           f"{min(peak.seen):.0f}-{max(peak.seen):.0f} GFLOP/s (median {statistics.median(peak.seen):.0f}); "
-          f"%peak = median over calls of achieved / the mean of its two neighbours")
+          f"%peak = median over calls of achieved / the mean of its two neighbours "
+          f"(in brackets: the 25th-75th percentile over calls)")
     header = ("preset", "params M", "enc GFLOP/img", "enc img/s", "enc GFLOP/s", "enc %peak", "enc ViT %peak",
               "encode() %peak", "dec GFLOP/img", "dec img/s", "dec GFLOP/s", "dec %peak")
     if args.baseline:
@@ -207,10 +217,9 @@ def main() -> None:
     for r in rows:
         cells = [r["preset"], f"{r['params_M']:.2f}",
                  f"{r['enc_gflop_per_img']:.1f}", f"{r['enc_img_s']:.2f}", f"{r['enc_gflops']:.0f}",
-                 f"{100 * r['enc_peak_fraction']:.1f}%", f"{100 * r['vit_peak_fraction']:.1f}%",
-                 f"{100 * r['full_peak_fraction']:.1f}%",
+                 percent(r, "enc"), percent(r, "vit"), percent(r, "full"),
                  f"{r['dec_gflop_per_img']:.1f}", f"{r['dec_img_s']:.2f}", f"{r['dec_gflops']:.0f}",
-                 f"{100 * r['dec_peak_fraction']:.1f}%"]
+                 percent(r, "dec")]
         if args.baseline:
             cells += [f"{r['enc_speedup']:.2f}x", f"{r['dec_speedup']:.2f}x"]
         print("| " + " | ".join(cells) + " |")
