@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from softvq.cli.common import device_argument, resolve_device
+from softvq.cli.common import device_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +48,7 @@ def run_gen(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = torch.device(args.device)  # resolved and checked by device_argument
     repeats = args.repeats or (1 if device.type == "cpu" else 5)
     rows = generator_table(args.kinds, args.sizes, args.layouts, device=device, batch=args.batch,
                            sampling_steps=args.sampling_steps, repeats=repeats, max_gmacs_cpu=args.max_gmacs_cpu,
