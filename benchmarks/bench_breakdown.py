@@ -252,13 +252,15 @@ def plot_breakdown(bars: list[tuple[str, float, float, float]], title: str, path
     ax.barh(labels, uncounted, left=at_peak, color="#90cdf4", label="uncounted work (ATen's kernel alone)")
     starts = [a + u for a, u in zip(at_peak, uncounted)]
     ax.barh(labels, [max(o, 0.0) for o in over], left=starts, color="#e53e3e", label="above the floor")
+    gap = 0.01 * max(start + max(extra, 0.0) for start, extra in zip(starts, over))
     for y, (start, extra) in enumerate(zip(starts, over)):
-        ax.text(start + max(extra, 0.0) + 2, y, f"{extra:+.1f} ms", va="center", fontsize=8)
-    ax.margins(x=0.1)  # room for the last label
+        ax.text(start + max(extra, 0.0) + gap, y, f"{extra:+.1f} ms", va="center", fontsize=8)
+    ax.margins(x=0.12)  # room for the longest bar's label
     ax.set_xlabel("ms per pass")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
+
 
 if __name__ == "__main__":
     main()
