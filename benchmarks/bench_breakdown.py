@@ -7,8 +7,9 @@ kernel), the patch convolution, GELU, LayerNorm, the other element-wise work (re
 LayerScale and bias folding), and the bottleneck (SoftVQ's soft assignment as
 ``Tokenizer.encode_latents`` runs it; encode only). One call is split: the copy with which
 ``addmm`` broadcasts a bias into its output before accumulating the product is its own class, so
-the GEMM row shows the matrix products alone. The rest of the wall time is Python and dispatch. FLOPs come from ``torch.utils.flop_counter`` on the plain path, as in
-``bench_tokenizer.py``, and are attributed to the class that performs them.
+the GEMM row shows the matrix products alone. The rest of the wall time is Python and dispatch.
+FLOPs come from ``torch.utils.flop_counter`` on the plain path, as in ``bench_tokenizer.py``, and
+are attributed to the class that performs them.
 
 Columns: ms per pass; GFLOP and GFLOP/s where the class does dense arithmetic; ``ms over peak`` =
 the class's time minus its FLOPs at the matmul peak (the whole row for classes without FLOPs).
