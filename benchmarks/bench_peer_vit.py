@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
 from pathlib import Path
 
@@ -104,23 +103,24 @@ def main() -> None:
         set_fused_attention(peer, True)
         timed = []
         for label, fn, flops in (("softvq TokenEncoder", ours, ours_flops), ("timm VisionTransformer", theirs, theirs_flops)):
-            seconds, fraction, (q1, q3) = paired(fn, flops, peak, cpu, args.repeats)
-            timed.append([name, label, 1 + model.config.num_patches + model.config.num_tokens,
-                          flops / args.batch / 1e9, args.batch / seconds, fraction, q1, q3, ""])
+            seconds, fraction, spread = paired(fn, flops, peak, cpu, args.repeats)
+            timed.append({"preset": name, "label": label, "tokens": 1 + model.config.num_patches + model.config.num_tokens,
+                          "flops": flops, "img_s": args.batch / seconds,
+                          "fraction": fraction, "spread": spread, "x_timm": ""})
         # Time ∝ FLOPs / fraction of peak: the peak cancels, the work each model does stays in.
-        timed[0][-1] = f"{theirs_flops / ours_flops * timed[0][5] / timed[1][5]:.2f}x"
+        ours_row, timm_row = timed
+        ours_row["x_timm"] = f"{timm_row['flops'] / ours_row['flops'] * ours_row['fraction'] / timm_row['fraction']:.2f}x"
         rows += timed
         print(f"done {name}", flush=True)
 
     print(f"\nEncoder ViT against timm's: batch {args.batch}, fp32, eager, {machine(cpu)}")
-    print(f"matmul (2048^3, fp32) measured before and after every timed call: {min(peak.seen):.0f}-"
-          f"{max(peak.seen):.0f} GFLOP/s (median {statistics.median(peak.seen):.0f}); %peak = median over calls "
-          f"of achieved / the mean of its two neighbours (in brackets: the 25th-75th percentile over calls)")
+    print(peak.legend("fp32"))
     print("| preset | implementation | tokens | GFLOP/img | img/s | %peak | x timm |")
     print("|---|---|---|---|---|---|---|")
-    for name, label, tokens, gflop, rate, fraction, q1, q3, speedup in rows:
-        print(f"| {name} | {label} | {tokens} | {gflop:.1f} | {rate:.2f} | "
-              f"{100 * fraction:.1f}% ({100 * q1:.0f}-{100 * q3:.0f}) | {speedup} |")
+    for row in rows:
+        q1, q3 = row["spread"]
+        print(f"| {row['preset']} | {row['label']} | {row['tokens']} | {row['flops'] / args.batch / 1e9:.1f} | "
+              f"{row['img_s']:.2f} | {100 * row['fraction']:.1f}% ({100 * q1:.0f}-{100 * q3:.0f}) | {row['x_timm']} |")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,13 @@ class MatmulPeak:
         self.seen.append(rate)
         return rate
 
+    def legend(self, dtype_name: str) -> str:
+        """The line under a table of ``paired`` results: the peaks seen and how %peak was taken."""
+        return (f"matmul (2048^3, {dtype_name}) measured before and after every timed call: "
+                f"{min(self.seen):.0f}-{max(self.seen):.0f} GFLOP/s (median {statistics.median(self.seen):.0f}); "
+                f"%peak = median over calls of achieved / the mean of its two neighbours "
+                f"(in brackets: the 25th-75th percentile over calls)")
+
 
 def paired(fn, flops: int, peak: MatmulPeak, device: torch.device, repeats: int, warmup: int = 1):
     """Seconds per call and achieved GFLOP/s as a fraction of the matmul peak.
@@ -204,10 +211,7 @@ def main() -> None:
     mode = "torch.compile (freezing)" if args.freeze else "torch.compile" if args.compile else "eager"
     allocator = "freed memory retained" if retained else "default malloc"
     print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {mode}, {machine(device)}, {allocator}")
-    print(f"matmul (2048^3, {args.dtype}) measured before and after every timed call: "
-          f"{min(peak.seen):.0f}-{max(peak.seen):.0f} GFLOP/s (median {statistics.median(peak.seen):.0f}); "
-          f"%peak = median over calls of achieved / the mean of its two neighbours "
-          f"(in brackets: the 25th-75th percentile over calls)")
+    print(peak.legend(args.dtype))
     header = ("preset", "params M", "enc GFLOP/img", "enc img/s", "enc GFLOP/s", "enc %peak", "enc ViT %peak",
               "encode() %peak", "dec GFLOP/img", "dec img/s", "dec GFLOP/s", "dec %peak")
     if args.baseline:
