@@ -13,9 +13,11 @@ from PIL import Image
 
 from softvq.data.bundled import BundledCropsDataset, heldout_crops, split_bundled
 from softvq.data.folder import ImageFolderDataset, scan_folder, split_holdout
+from softvq.data.loader import build_data
 from softvq.data.sampler import StreamBatchSampler
 from softvq.data.shards import ShardStream
 from softvq.data.transforms import random_crop, random_flip, random_scale_crop, sample_rng
+from softvq.training.config import DataConfig
 
 
 def _take(sampler, n):
@@ -98,6 +100,17 @@ def test_folder_skips_and_reports_corrupt_files(tmp_path):
     # A replaced sample is deterministic: the same key gives the same tensor.
     broken = next(i for i, p in enumerate(images) if p.name == "broken.jpg")
     assert torch.equal(ds[(broken, 5)][0], ds[(broken, 5)][0])
+
+
+def test_a_missing_folder_names_the_setting_to_change(tmp_path):
+    """The paper configs name a relative held-out folder; its absence must not blame data.path."""
+    train = _write_folder(tmp_path / "train")
+    with pytest.raises(FileNotFoundError, match=r"set data\.path"):
+        build_data(DataConfig(source="folder", path=str(tmp_path / "nowhere")), image_size=32, micro_batch=2)
+    with pytest.raises(FileNotFoundError, match=r"set data\.eval_path .* or data\.eval_path=null") as error:
+        build_data(DataConfig(source="folder", path=str(train), eval_path=str(tmp_path / "val")),
+                   image_size=32, micro_batch=2)
+    assert "set data.path" not in str(error.value)
 
 
 def test_folder_holdout_is_disjoint_and_seed_independent(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from softvq.checkpoint.pretrained import CheckpointError
 from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig
 from softvq.networks.dinov2 import DinoConfig, DinoViT, dinov2_for_width
 from softvq.training.config import config_from_dict, load_config
@@ -77,3 +78,13 @@ def test_paper_recipe_and_table4_configs_choose_the_encoder_start():
         assert cfg.objective.alignment_weight == align, name
         if align:
             assert cfg.objective.alignment_weights == "dinov2_vitb14", name
+
+
+def test_an_offline_hub_download_names_the_setting_to_change(tmp_path, monkeypatch):
+    """Offline, the paper configs' DINO downloads fail; the error says which key takes a local file."""
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(CheckpointError, match=r"set run\.init_encoder to that file \(or to null"):
+        Trainer(config_from_dict(tiny_tree(init_encoder="dinov2_vits14")), tmp_path / "run")

@@ -20,11 +20,14 @@ from softvq.data.transforms import random_crop, random_flip, sample_rng
 Sample = tuple[torch.Tensor, list[str]]
 
 
-def scan_folder(folder: str | Path) -> tuple[list[Path], list[Path]]:
-    """(image files by suffix, other files) under ``folder``, recursively, sorted."""
+def scan_folder(folder: str | Path, fix: str = "set data.path to a folder of images") -> tuple[list[Path], list[Path]]:
+    """(image files by suffix, other files) under ``folder``, recursively, sorted.
+
+    ``fix`` ends the error for a missing folder: it names the config key that named the folder.
+    """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist (set data.path to a folder of images)")
+        raise FileNotFoundError(f"image folder {folder} does not exist ({fix})")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]

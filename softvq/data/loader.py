@@ -121,5 +121,6 @@ def load_eval_files(files: list[Path], size: int) -> HeldOut:
 
 
 def load_folder_eval(folder: Path, size: int, count: int) -> HeldOut:
-    files, _ = scan_folder(folder)
+    files, _ = scan_folder(folder, fix="set data.eval_path to a folder of held-out images, or data.eval_path=null "
+                                       "to hold out files of data.path")
     return load_eval_files(files[:count] if count > 0 else files, size)

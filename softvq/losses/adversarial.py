@@ -109,7 +109,8 @@ def build_discriminator(
     if kind == "dino":
         from softvq.networks.dinov2 import load_dino
 
-        return DinoDiscriminator(load_dino(weights or DEFAULT_DINO))
+        return DinoDiscriminator(load_dino(weights or DEFAULT_DINO,
+                                           "set objective.discriminator_weights to that file (or objective.discriminator=vgg)"))
     if kind == "vgg":
         return VGGDiscriminator(vgg if vgg is not None else pretrained_features("vgg", weights))
     if kind == "patchgan":

@@ -163,7 +163,9 @@ def build_alignment_target(
     if kind == "dinov2":
         from softvq.networks.dinov2 import load_dino
 
-        return DinoV2Target(load_dino(weights or DEFAULT_DINOV2), patch_size=patch_size)
+        return DinoV2Target(load_dino(weights or DEFAULT_DINOV2,
+                                      "set objective.alignment_weights to that file (or objective.alignment_target=vgg)"),
+                            patch_size=patch_size)
     if kind == "vgg":
         return VGGTarget(vgg if vgg is not None else pretrained_features("vgg", weights))
     raise ValueError(f"unknown alignment target {kind!r}; use 'dinov2', 'vgg' or 'auto'")

@@ -281,10 +281,12 @@ def dino_from_state_dict(state: dict[str, Tensor], source: str = "state dict") -
     return model.eval()
 
 
-def load_dino(source: str | Path) -> DinoViT:
+def load_dino(source: str | Path, fix: str = "pass the local file path") -> DinoViT:
     """A frozen-ready DINO/DINOv2 ViT from a local file or folder, a torch-hub name (see
     :data:`HUB_URLS`, e.g. ``dinov2_vitb14``, ``dino_vits16``) or a Hugging Face hub id
-    (``facebook/dinov2-base``, ``timm/vit_base_patch14_dinov2.lvd142m``)."""
+    (``facebook/dinov2-base``, ``timm/vit_base_patch14_dinov2.lvd142m``).
+
+    ``fix`` ends the error for a failed download: it names the config key that named ``source``."""
     text = str(source)
     path = Path(text).expanduser()
     if path.is_file():
@@ -300,7 +302,7 @@ def load_dino(source: str | Path) -> DinoViT:
         except Exception as exc:
             raise CheckpointError(
                 f"could not download {text!r} ({type(exc).__name__}); offline, download "
-                f"{HUB_URLS[text]} elsewhere and pass the local file path"
+                f"{HUB_URLS[text]} elsewhere and {fix}"
             ) from None
         return dino_from_state_dict(state, text)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):

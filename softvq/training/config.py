@@ -49,8 +49,8 @@ class DataConfig:
         patterns like ``train-{000000..000146}.tar``).
     eval_path:
         folder of held-out images for grids and metrics. ``None``: the ``holdout`` photos for
-        ``bundled``, the last ``num_eval_images`` files of the folder (excluded from training)
-        for ``folder``, and the bundled held-out photos for ``shards``.
+        ``bundled``, ``num_eval_images`` files of the folder chosen by a fixed shuffle (excluded
+        from training) for ``folder``, and the bundled held-out photos for ``shards``.
     image_size:
         training resolution; ``None`` takes the model's.
     holdout:

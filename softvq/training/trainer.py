@@ -640,7 +640,7 @@ def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
                 source = dinov2_for_width(tokenizer.config.encoder.width)
             except ValueError as exc:
                 raise ValueError(f"run.init_encoder=dinov2: {exc}; set run.init_encoder=null") from None
-        init_encoder_from_dino(tokenizer.encoder, load_dino(source))
+        init_encoder_from_dino(tokenizer.encoder, load_dino(source, "set run.init_encoder to that file (or to null: a random start)"))
 
 
 def _seed_everything(seed: int) -> None:
