@@ -104,6 +104,18 @@ def test_cli_reports_unknown_key_in_one_line(capsys):
     assert "softvq-bl-64" in capsys.readouterr().out
 
 
+def test_cli_takes_overrides_after_an_option(tmp_path, capsys):
+    """``train CONFIG -o DIR key=value``: argparse alone would stop the list at ``-o``."""
+    # A bad key after the option reaches the config loader, which names it.
+    assert main(["train", "demo", "-o", str(tmp_path / "run"), "optim.betaz=[0.9,0.9]"]) == 2
+    assert "unknown config key optim.betaz" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # an unknown option is still argparse's error
+        main(["train", "demo", "-o", str(tmp_path / "run"), "--bogus"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # and other commands take no stray words
+        main(["info", "softvq-tiny", "extra"])
+
+
 def test_lr_schedule_warmup_cosine_and_batch_scaling():
     f = lambda s: lr_factor(s, total_steps=110, warmup_steps=10)  # noqa: E731
     assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])

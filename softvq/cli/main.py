@@ -47,7 +47,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends a nargs="*" positional at the first option, so ``train CONFIG -o DIR k=v`` would
+    # leave k=v unparsed; a command that names its list in ``intermixed`` takes such leftovers too.
+    listed = getattr(args, "intermixed", None)
+    if extra and listed and not any(item.startswith("-") for item in extra):
+        setattr(args, listed, [*getattr(args, listed), *extra])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

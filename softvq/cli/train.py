@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="continue the newest checkpoint in the run folder, or the given checkpoint file")
     parser.add_argument("--list", action="store_true", help="list the bundled configs and exit")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, intermixed="items")
 
 
 def split_items(items: list[str]) -> tuple[str | None, list[str]]:
