@@ -138,10 +138,17 @@ def test_cli_eval_on_a_run_folder_writes_json_and_markdown(tmp_path, capsys):
 
 
 @needs_fid
-def test_generated_samples_get_gfid_and_precision_recall(tmp_path):
+@pytest.mark.parametrize("layout", ["folder", "generate"])
+def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
     write_photos(tmp_path / "real", 4, size=64)
-    write_photos(tmp_path / "fake", 4, size=64)
-    report = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=4, progress=False, k=2)
+    if layout == "folder":
+        write_photos(tmp_path / "fake", 4, size=64)
+    else:  # `softvq generate`'s output: images/, samples.json and a grid picture that is no sample
+        write_photos(tmp_path / "fake" / "images", 4, size=64)
+        (tmp_path / "fake" / "samples.json").write_text("{}")
+        write_photos(tmp_path / "fake", 1, size=200)
+    report = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2)
+    assert report["num_samples"] == 4 and report["image_size"] == 64
     assert report["gfid"] == pytest.approx(0.0, abs=1e-3)  # the same images
     assert report["precision"] == 1.0 and report["recall"] == 1.0
     if "inception_score" not in report:  # fid-helper's weights have no classifier

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from softvq import Tokenizer
+from softvq.evaluation.evaluate import sample_folder
 from softvq.generation.checkpoint import load_generator
 from softvq.generation.pretokenize import LatentSource, load_latents, pretokenize
 from softvq.generation.train import GeneratorTrainConfig, train_generator
@@ -74,6 +75,7 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
     assert code == 0
     assert len(list((out / "images").glob("*.png"))) == 4 and (out / "grid.png").is_file()
     assert json.loads((out / "samples.json").read_text())["labels"] == [0, 0, 2, 2]
+    assert sample_folder(out) == out / "images"  # `softvq eval --samples OUT` scores these, not grid.png
     assert main(["generate", str(tmp_path / "a" / "generator"), "--out", str(out), "--classes", "7"]) == 2
 
 

@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     steps = spec.resolved_steps(meta.objective)
 
     out = Path(args.out)
+    # softvq.evaluation.evaluate.sample_folder reads this layout: images/ plus samples.json.
     (out / "images").mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)

@@ -281,6 +281,20 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
     return report
 
 
+# The layout ``softvq generate`` writes: one PNG per sample under SAMPLE_IMAGES, the record beside
+# it, and a grid picture that is not a sample.
+SAMPLE_IMAGES, SAMPLE_RECORD = "images", "samples.json"
+
+
+def sample_folder(samples: str | Path) -> str | Path:
+    """The folder whose images are the samples: ``images/`` of a ``softvq generate`` output folder
+    (recognised by its ``samples.json``), so its ``grid.png`` is not scored; anything else as given."""
+    folder = Path(samples).expanduser()
+    if (folder / SAMPLE_RECORD).is_file() and (folder / SAMPLE_IMAGES).is_dir():
+        return folder / SAMPLE_IMAGES
+    return samples
+
+
 @torch.inference_mode()
 def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: int = PAPER_NUM_IMAGES,
                      batch_size: int = 32, fid_weights: str | None = None, normalization: str = "tf",
@@ -298,6 +312,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     device = torch.device(device)
     extractor = InceptionFeatureExtractor(fid_weights, device=device, batch_size=batch_size,
                                           normalization=normalization)
+    samples = sample_folder(samples)
     sample_refs, _, _ = list_image_refs(samples, num_images)
     size = sample_refs[0].open_rgb().size[0]
 
