@@ -57,6 +57,19 @@ def test_encode_then_decode_round_trip(tmp_path, capsys):
     assert "decoded 3 image(s)" in capsys.readouterr().out
 
 
+def test_a_relative_model_folder_is_recorded_so_decode_finds_it_from_elsewhere(tmp_path, capsys, monkeypatch):
+    Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "ckpt")
+    folder, names = _folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["encode", "imgs", "--model", "ckpt", "--out", "z.safetensors"]) == 0
+    with safe_open("z.safetensors", framework="pt") as f:
+        assert f.metadata()["model"] == str((tmp_path / "ckpt").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["decode", "../z.safetensors", "--out", "decoded"]) == 0
+    assert sorted(p.name for p in (tmp_path / "elsewhere" / "decoded").rglob("*.png")) == ["a.png", "b.png", "c.png"]
+
+
 def test_output_names_keep_folders_and_avoid_collisions():
     assert output_names(["x/a.jpg", "b.png"]) == ["x/a.png", "b.png"]
     assert output_names(["a.jpg", "a.png", "c.webp"]) == ["a.jpg.png", "a.png.png", "c.png"]

@@ -91,7 +91,7 @@ def resolve(path_or_id: str | Path, filenames: list[str]) -> Path:
         return Path(snapshot_download(text, allow_patterns=filenames))
     except Exception as exc:  # network, auth, missing repo: one line, not a traceback
         raise CheckpointError(
-            f"could not fetch {text!r} from the Hugging Face hub ({type(exc).__name__}: "
+            f"no local folder {text!r}, and fetching it from the Hugging Face hub failed ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); if you are offline, download "
             f"the folder elsewhere and pass its local path"
         ) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -83,6 +84,14 @@ def is_preset(spec: str) -> bool:
     return spec.lower() in PRESETS
 
 
+def portable_spec(spec: str) -> str:
+    """SPEC as a file should record it: a local folder as an absolute path, so the file still names
+    its model when read from another working directory; presets and hub ids as given."""
+    prefix = OFFICIAL_PREFIX if spec.startswith(OFFICIAL_PREFIX) else ""
+    folder = Path(spec[len(prefix):]).expanduser()
+    return prefix + str(folder.resolve()) if folder.is_dir() else spec
+
+
 def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool = False,
                    precision: str = "fp32") -> Tokenizer:
     """The tokenizer a SPEC names, in eval mode on ``device``, computing in ``precision``.
@@ -103,8 +112,6 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
         model = Tokenizer.from_official(target)
         model.source = f"released SoftVQ-VAE checkpoint {target}"
     else:
-        from pathlib import Path
-
         from softvq.checkpoint.pretrained import CheckpointError
 
         if not Path(spec).expanduser().exists() and "/" not in spec:

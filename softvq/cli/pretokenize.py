@@ -10,7 +10,7 @@ import argparse
 
 from pathlib import Path
 
-from softvq.cli.common import add_model_arguments, is_preset, load_tokenizer, resolve_device
+from softvq.cli.common import add_model_arguments, is_preset, load_tokenizer, portable_spec, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         # a preset is re-randomised on every load: keep these exact weights so decoding matches
         spec = str(tokenizer.save_pretrained(Path(args.out) / "tokenizer"))
         print(f"saved the randomly initialised {args.model} next to the latents: {spec}")
+    spec = portable_spec(spec)
     result = pretokenize(tokenizer, source, args.out, tokenizer_spec=spec, batch_size=args.batch_size,
                          shard_size=args.shard_size)
     print(f"wrote {result.count} latents of shape ({tokenizer.num_tokens}, {tokenizer.latent_dim}) in "
