@@ -1,6 +1,7 @@
 """Every picture is a real PNG: opened, sized, and not blank; `softvq plot` makes them from run folders."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -106,3 +107,12 @@ def test_cli_plot(tmp_path, capsys):
     printed = capsys.readouterr().out.split()
     assert len(printed) == 5 and all(p.endswith(".png") for p in printed)
     assert main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_cli_plot_asks_for_umap_learn_in_one_line_where_it_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)  # importing it now fails, installed or not
+    make_run(tmp_path / "run", with_eval=False)
+    code = main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--per-class", "2",
+                 "--num-reconstructions", "2", "--projection", "umap", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install umap-learn" in err and "Traceback" not in err

@@ -190,7 +190,8 @@ def project_2d(x: Tensor | np.ndarray, method: str = "auto", seed: int = 0) -> t
             import umap  # type: ignore[import-not-found]
         except ImportError:
             if method == "umap":
-                raise ImportError("UMAP projection needs `pip install umap-learn`; or use --projection pca") from None
+                # ValueError: the option cannot be met on this install, a one-line error in the CLI
+                raise ValueError("UMAP projection needs `pip install umap-learn`; or use --projection pca") from None
         else:
             a = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
             neighbours = max(2, min(15, len(a) - 1))
