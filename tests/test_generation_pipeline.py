@@ -64,6 +64,10 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
     b, meta = load_generator(tmp_path / "b" / "generator")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
+    if objective == "sit":  # another generator into the same folder: a clear error, not a size mismatch
+        wider = [f for f in flags if not f.startswith("--width=")] + ["--width=64"]
+        assert main(["train-generator", f"--out={tmp_path / 'b'}", "--steps=6", *wider]) == 2
+        assert "holds checkpoints of another generator (width 32 -> 64)" in capsys.readouterr().err
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and ("vb" in log[0]) == (objective != "sit")
     assert meta.classes == ["a", "b", "c"] and meta.tokenizer == str(tmp_path / "tok")

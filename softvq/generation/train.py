@@ -154,6 +154,21 @@ def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> t
     return torch.randint(0, count, (batch,), generator=g)
 
 
+def check_same_model(run: Path, model: dict[str, Any]) -> None:
+    """A run folder resumes only the generator it was started with: a different one is a clear
+    error before any weights are loaded, not a state_dict size mismatch."""
+    saved_file = run / "config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text()).get("model", {})
+    model = json.loads(json.dumps(model))  # as it was saved: tuples become lists
+    changed = sorted(key for key in saved.keys() | model.keys() if saved.get(key) != model.get(key))
+    if changed:
+        details = ", ".join(f"{key} {saved.get(key)!r} -> {model.get(key)!r}" for key in changed)
+        raise ValueError(f"{run} holds checkpoints of another generator ({details}); resuming needs the "
+                         f"same settings, or pass a new --out to start a fresh run")
+
+
 def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) training; returns {"first_loss", "last_loss", "steps", "export"}."""
     from tqdm.auto import tqdm
@@ -181,6 +196,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     start = 0
     latest = latest_checkpoint(run)
     if latest is not None:
+        check_same_model(run, model_cfg.to_dict())
         state = load_checkpoint(latest)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
