@@ -21,7 +21,7 @@ test: install
 bench: install
 	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
 
-# The GPU table (issue 5, item 4): CUDA checks against the CPU, then bf16 + fused attention against
+# The GPU table of docs/performance.md: CUDA checks against the CPU, then bf16 + fused attention against
 # the fp32 explicit-attention baseline for every preset, the S and B training step, the lean SoftVQ.
 bench-gpu: install
 	$(PY) -m pytest -q tests/test_cuda.py

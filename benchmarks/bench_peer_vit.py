@@ -1,8 +1,8 @@
 """Our encoder ViT against timm's plain ViT of the same shape, on one host, in one run.
 
-Issue 5 sets the CPU bar at 85% of the matmul peak and says plain research implementations
-already reach about that. This script checks that claim on the machine at hand: it builds timm's
-``VisionTransformer`` with a preset's encoder shape (width, depth, heads, MLP ratio, LayerScale,
+The project's CPU target is 85% of the matmul peak, on the premise that plain research
+implementations already reach about that. This script checks the premise on the machine at
+hand: it builds timm's ``VisionTransformer`` with a preset's encoder shape (width, depth, heads, MLP ratio, LayerScale,
 patch and image size, a class token and the L latent tokens as timm's register tokens, so both run
 the same 1 + N + L tokens) and times it beside our ``TokenEncoder``, both forwards bracketed by the
 same 2048³ matmul peak measurement as in ``bench_tokenizer.py``. timm runs as its users run it:
@@ -14,8 +14,9 @@ and would drop its FLOPs. Ours keeps only the latent rows in its last block, so 
 less work per image. ``x timm`` is how much sooner ours finishes the same encode, from the two
 peak-normalised rates and FLOP counts, so host drift between the two timings cancels.
 
-timm and torchvision are not dependencies of softvq (torchvision's C ops do not load on the
-development machine, and timm imports it). Install them next to it to run this::
+timm and torchvision are not dependencies of softvq (timm imports torchvision, whose CUDA build
+cannot load its C ops on a CPU-only machine; the tests' helper works around that). Install them
+next to it to run this::
 
     pip install --no-deps timm==1.0.15 torchvision==0.28.0
     python benchmarks/bench_peer_vit.py                     # S and B, batch 8, 256 px

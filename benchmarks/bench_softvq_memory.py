@@ -1,6 +1,6 @@
 """Peak memory and time of one SoftVQ forward + backward: straightforward vs memory-lean (chunked).
 
-Issue 5 item 1: at B·L = 16384 tokens, K = 8192 codewords, D = 32, forward + backward, the lean
+The target: at B·L = 16384 tokens, K = 8192 codewords, D = 32, forward + backward, the lean
 version must use at most 25% of the straightforward version's peak memory, at most 1.3x its time,
 and give the same outputs and gradients within 1e-5 relative (float32).
 
