@@ -1,12 +1,12 @@
 """Our encoder ViT against timm's plain ViT of the same shape, on one host, in one run.
 
 The project's CPU target is 85% of the matmul peak, on the premise that plain research
-implementations already reach about that. This script checks the premise on the machine at
-hand: it builds timm's ``VisionTransformer`` with a preset's encoder shape (width, depth, heads, MLP ratio, LayerScale,
-patch and image size, a class token and the L latent tokens as timm's register tokens, so both run
-the same 1 + N + L tokens) and times it beside our ``TokenEncoder``, both forwards bracketed by the
-same 2048³ matmul peak measurement as in ``bench_tokenizer.py``. timm runs as its users run it:
-fused attention (``F.scaled_dot_product_attention``) on, eager, fp32.
+implementations already reach about that. This script checks the premise on the machine at hand:
+it builds timm's ``VisionTransformer`` with a preset's encoder shape (width, depth, heads, MLP
+ratio, LayerScale, patch and image size, a class token and the L latent tokens as timm's register
+tokens, so both run the same 1 + N + L tokens) and times it beside our ``TokenEncoder``, both
+forwards bracketed by the same 2048³ matmul peak measurement as in ``bench_tokenizer.py``. timm
+runs as its users run it: fused attention (``F.scaled_dot_product_attention``) on, eager, fp32.
 
 FLOPs are counted on explicit-attention paths for both (timm's ``fused_attn`` off, our
 ``reference_math``), because ``FlopCounterMode`` has no formula for the CPU fused-attention kernel
