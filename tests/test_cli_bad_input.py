@@ -157,6 +157,24 @@ def test_missing_image_folder(tmp_path, capsys):
     assert code == 2 and "does not exist" in _one_line_error(err)
 
 
+def test_an_output_path_taken_by_a_folder_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(_gradient()).convert("RGB").save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "z.safetensors").mkdir()  # the latents file's path is a folder
+    code, _, err = _run(capsys, "encode", str(tmp_path / "imgs"), "--out", str(tmp_path / "z.safetensors"))
+    assert code == 2 and "z.safetensors" in _one_line_error(err)
+
+
+@pytest.mark.parametrize("argv", [["eval", "--images", ".", "--num-images", "0"],
+                                  ["encode", ".", "--batch-size", "-3"],
+                                  ["generate", "g", "--per-class", "0"],
+                                  ["bench", "gen", "--repeats", "-1"]])
+def test_counts_below_one_are_refused_when_parsed(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "is not a positive whole number" in capsys.readouterr().err
+
+
 # --- checkpoints --------------------------------------------------------------------------------------
 
 

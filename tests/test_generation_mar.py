@@ -179,6 +179,16 @@ def test_bad_configs_and_inputs_are_named():
         SamplerSpec(method="sde").resolved("mar")
     with pytest.raises(ValueError, match="head_width, buffer_size only apply to MAR"):
         GeneratorTrainConfig(latents="x", objective="sit", head_width=8, buffer_size=4).validate()
+    # Values that used to fail deep inside training (a division by zero after the first step, a
+    # random_ range error, an init error) are named before it starts.
+    for field, value, message in [("log_every", 0, "--log-every must be 1 or more"),
+                                  ("checkpoint_every", 0, "--checkpoint-every must be 1 or more"),
+                                  ("heads", 0, "--heads must be 1 or more"),
+                                  ("diffusion_steps", -5, "--diffusion-steps must be 1 or more"),
+                                  ("ema_decay", 5.0, r"--ema-decay must be in \[0, 1\)"),
+                                  ("lr", -1.0, "--lr must be positive")]:
+        with pytest.raises(ValueError, match=message):
+            GeneratorTrainConfig(latents="x", **{field: value}).validate()
 
 
 def test_mar_recipe_warmup_and_no_decay_on_biases_and_norms():

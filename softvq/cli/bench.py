@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from softvq.cli.common import device_argument
+from softvq.cli.common import device_argument, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,13 +31,15 @@ def add_gen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", nargs="+", default=["S", "B", "L", "XL"], choices=["S", "B", "L", "XL"])
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--device", default="cpu", type=device_argument, help="cpu (default), cuda, auto")
-    p.add_argument("--batch", type=int, default=64, help="batch for throughput (paper: 64)")
-    p.add_argument("--sampling-steps", type=int, default=250, help="network evaluations per image to extrapolate to")
-    p.add_argument("--repeats", type=int, default=None, help="timed forward passes (default 1 on CPU, 5 on GPU)")
+    p.add_argument("--batch", type=positive_int, default=64, help="batch for throughput (paper: 64)")
+    p.add_argument("--sampling-steps", type=positive_int, default=250,
+                   help="network evaluations per image to extrapolate to")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed forward passes (default 1 on CPU, 5 on GPU)")
     p.add_argument("--max-gmacs-cpu", type=float, default=6.0,
                    help="on CPU, skip throughput of models above this many GMACs per image (default 6)")
     p.add_argument("--no-throughput", action="store_true", help="GFLOPs and parameters only")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-mar", action="store_true", help="leave out the MAR-H GFLOPs table (paper Tab. 2)")
 
 

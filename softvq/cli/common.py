@@ -80,6 +80,22 @@ def device_argument(name: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts and sizes (batch sizes, steps, image counts): 1 or more."""
+    value = int(text)  # argparse turns a ValueError into "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number (1 or more)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type`` for worker counts: 0 (work in this process) or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; 0 or more")
+    return value
+
+
 def is_preset(spec: str) -> bool:
     return spec.lower() in PRESETS
 

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from tqdm import tqdm
 
-from softvq.cli.common import add_model_arguments, load_tokenizer
+from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int
 from softvq.cli.encode import read_latents
 from softvq.data.images import to_pil
 
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("latents", metavar="LATENTS", help="file written by softvq encode")
     add_model_arguments(p, default=None)  # None: the SPEC recorded in the latents file
     p.add_argument("--out", default="decoded", metavar="DIR", help="output folder")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=0,
                    help="seed for a preset's random weights and a generative decoder's noise")
     p.set_defaults(func=run)

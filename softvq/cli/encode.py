@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from softvq.checkpoint.pretrained import CheckpointError, atomic_write
-from softvq.cli.common import add_model_arguments, load_tokenizer, portable_spec
+from softvq.cli.common import add_model_arguments, load_tokenizer, portable_spec, positive_int
 from softvq.data.images import ImageReadError, ImageSizeError, list_images, read_image
 
 LATENTS_FORMAT = "softvq-latents"
@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--out", required=True, metavar="FILE", help="latents file to write (.safetensors)")
     p.add_argument("--resize", action="store_true", help="centre-crop and resize to the model's image size")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights")
     p.set_defaults(func=run)
 

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from softvq.cli.common import add_model_arguments, load_tokenizer, resolve_device
+from softvq.cli.common import add_model_arguments, load_tokenizer, non_negative_int, positive_int, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,9 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p, default=None)
     p.add_argument("--images", required=True, metavar="DATA",
                    help="image folder or .tar shards (the reference images with --samples)")
-    p.add_argument("--num-images", type=int, default=50_000, help="first N images in sorted order (default 50000)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=None, help="evaluation resolution (default: the model's)")
+    p.add_argument("--num-images", type=positive_int, default=50_000,
+                   help="first N images in sorted order (default 50000)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--image-size", type=positive_int, default=None, help="evaluation resolution (default: the model's)")
     p.add_argument("--out", default=None, metavar="DIR", help="where eval.json and eval.md go")
     p.add_argument("--reference-stats", default=None, metavar="NPZ",
                    help="cache file for the originals' Inception statistics (checked against the "
@@ -46,11 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-flops", action="store_true", help="skip counting encoder/decoder FLOPs")
     p.add_argument("--probe", default=None, metavar="FOLDER", help="labelled folder for linear probing (C.3)")
     p.add_argument("--probe-val", default=None, metavar="FOLDER", help="held-out labelled folder (default: 20%% split)")
-    p.add_argument("--probe-epochs", type=int, default=90)
+    p.add_argument("--probe-epochs", type=positive_int, default=90)
     p.add_argument("--probe-which", choices=("latents", "features"), default="latents",
                    help="probe z (latents, default) or the pre-bottleneck ẑ (features)")
     p.add_argument("--samples", default=None, metavar="DIR", help="score generated samples against --images")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from softvq.cli.common import add_precision_argument, resolve_device
+from softvq.cli.common import add_precision_argument, positive_int, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,14 +30,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", metavar="SPEC", help="tokenizer to decode with (default: the one the latents came from)")
     p.add_argument("--classes", default="all", help="comma-separated class indices or names, or 'all' (default)")
-    p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
+    p.add_argument("--per-class", type=positive_int, default=4, help="samples per class (default 4)")
     p.add_argument("--method", choices=["euler", "heun", "sde", "ddpm", "mar"],
                    help="sampler (default: sde for SiT, ddpm for DiT, mar for MAR)")
-    p.add_argument("--steps", type=int, help="sampling steps (default 250; MAR: 100 diffusion steps per token)")
+    p.add_argument("--steps", type=positive_int,
+                   help="sampling steps (default 250; MAR: 100 diffusion steps per token)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
                    help="guidance interval in noise level τ (0 data .. 1 noise); the paper uses 0 0.7 for SiT")
-    p.add_argument("--ar-steps", type=int, help="MAR: autoregressive steps (default: one per token)")
+    p.add_argument("--ar-steps", type=positive_int, help="MAR: autoregressive steps (default: one per token)")
     p.add_argument("--temperature", type=float, default=1.0, help="MAR: noise temperature of the diffusion head")
     p.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear",
                    help="MAR: guidance scale ramped linearly over the steps (default) or constant")
@@ -45,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="MAR: clamp the head's predicted clean token to [-C, C] in normalised latent units "
                         "(off, as in MAR's release; try 5 if a small run's samples diverge)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="auto")
     add_precision_argument(p)  # the tokenizer's decode; the generator samples in float32
     p.add_argument("--fid-ref", metavar="NPZ_OR_FOLDER",

@@ -42,7 +42,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from softvq.checkpoint.pretrained import CheckpointError
     from softvq.data.images import ImageReadError
 
-    return (CheckpointError, ImageReadError, FileNotFoundError, KeyError, ValueError)
+    # The OSErrors are paths a user named: an output that is a file, a folder where a file goes,
+    # a folder that may not be written to, shards that must not be overwritten.
+    return (CheckpointError, ImageReadError, FileNotFoundError, FileExistsError, IsADirectoryError,
+            NotADirectoryError, PermissionError, KeyError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from softvq.cli.common import resolve_device
+from softvq.cli.common import positive_int, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="plots", metavar="DIR", help="output folder (default: plots)")
     p.add_argument("--images", default=None, metavar="FOLDER",
                    help="images to reconstruct and project (class sub-folders give the colours)")
-    p.add_argument("--per-class", type=int, default=8, help="images per class for the latent plot")
-    p.add_argument("--num-reconstructions", type=int, default=6)
+    p.add_argument("--per-class", type=positive_int, default=8, help="images per class for the latent plot")
+    p.add_argument("--num-reconstructions", type=positive_int, default=6)
     p.add_argument("--projection", choices=("auto", "pca", "umap"), default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.set_defaults(func=run)

@@ -10,7 +10,9 @@ import argparse
 
 from pathlib import Path
 
-from softvq.cli.common import add_model_arguments, is_preset, load_tokenizer, portable_spec, resolve_device
+from softvq.cli.common import (
+    add_model_arguments, is_preset, load_tokenizer, portable_spec, positive_int, resolve_device,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,10 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--bundled", action="store_true",
                      help="random crops of the photos bundled in scikit-image / scikit-learn (one class per photo)")
     add_model_arguments(p)
-    p.add_argument("--crops-per-photo", type=int, default=32, help="with --bundled: crops of each photo (default 32)")
+    p.add_argument("--crops-per-photo", type=positive_int, default=32,
+                   help="with --bundled: crops of each photo (default 32)")
     p.add_argument("--single-class", action="store_true", help="put every image in one class 0")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=4096, help="samples per shard file")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--shard-size", type=positive_int, default=4096, help="samples per shard file")
     p.add_argument("--seed", type=int, default=0, help="crop seed for --bundled")
     p.set_defaults(func=run)
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from softvq.cli.common import add_model_arguments, load_tokenizer
+from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int
 from softvq.data.images import bundled_photos, read_image, to_pil
 
 
@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     size.add_argument("--resize", action="store_true", help="centre-crop and resize to the model's image size")
     size.add_argument("--native-size", action="store_true",
                       help="keep each image's size (sides must be multiples of the patch size)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0,
                    help="seed for a preset's random weights and a generative decoder's noise")
     p.set_defaults(func=run)

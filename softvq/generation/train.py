@@ -110,6 +110,16 @@ class GeneratorTrainConfig:
             raise ValueError(f"{', '.join(mar_only)} only apply to MAR (--objective mar); DiT and SiT have none")
         if self.steps < 1 or resolved.batch_size < 1 or self.warmup_steps < 0:
             raise ValueError("steps and batch size must be positive, warmup_steps non-negative")
+        positive = ("width", "depth", "heads", "head_width", "head_depth", "buffer_size", "diffusion_batch_mul",
+                    "diffusion_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if resolved.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {resolved.lr}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         return self
