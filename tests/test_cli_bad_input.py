@@ -261,3 +261,31 @@ def test_missing_cuda_names_the_cpu_instead(capsys, photo):
     assert "CUDA is not available; use --device cpu" in capsys.readouterr().err
     code, _, err = _run(capsys, "reconstruct", str(photo), "--device", "cuda", "--model", "softvq-tiny")
     assert code == 2 and "CUDA is not available; use --device cpu" in _one_line_error(err)
+
+
+# --- never losing work ----------------------------------------------------------------------------
+
+
+def test_outputs_that_would_replace_work_are_refused(tmp_path, capsys):
+    """info --save over a checkpoint, decode over the encoded images, train -o into a run."""
+    trained = Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "ckpt")
+    weights = (trained / "model.safetensors").read_bytes()
+    code, _, err = _run(capsys, "info", "softvq-tiny", "--save", str(trained))
+    assert code == 2 and "model.safetensors already exists" in _one_line_error(err)
+    assert (trained / "model.safetensors").read_bytes() == weights
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(_gradient()).convert("RGB").save(tmp_path / "imgs" / "a.png")
+    original = (tmp_path / "imgs" / "a.png").read_bytes()
+    latents = str(tmp_path / "z.safetensors")
+    assert _run(capsys, "encode", str(tmp_path / "imgs"), "--model", str(trained), "--out", latents)[0] == 0
+    code, _, err = _run(capsys, "decode", latents, "--out", str(tmp_path / "imgs"))
+    assert code == 2 and "a.png already exists" in _one_line_error(err)
+    assert (tmp_path / "imgs" / "a.png").read_bytes() == original
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("{}\n")
+    code, _, err = _run(capsys, "train", "demo", "-o", str(tmp_path / "run"), "schedule.steps=1")
+    assert code == 2 and "--resume" in _one_line_error(err)
+    assert (tmp_path / "run" / "log.jsonl").read_text() == "{}\n"
+

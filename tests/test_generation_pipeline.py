@@ -81,6 +81,11 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
     assert json.loads((out / "samples.json").read_text())["labels"] == [0, 0, 2, 2]
     assert sample_folder(out) == out / "images"  # `softvq eval --samples OUT` scores these, not grid.png
     assert main(["generate", str(tmp_path / "a" / "generator"), "--out", str(out), "--classes", "7"]) == 2
+    # a second run into the same folder would mix its samples with these: refused
+    assert main(["generate", str(tmp_path / "a" / "generator"), "--out", str(out), "--classes", "0",
+                 "--per-class", "1", "--steps", "2", "--device", "cpu"]) == 2
+    assert "choose an empty --out" in capsys.readouterr().err
+    assert len(list((out / "images").glob("*.png"))) == 4
 
 
 def test_pretokenize_cli_keeps_a_random_preset_so_decoding_matches(tmp_path, capsys):

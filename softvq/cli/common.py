@@ -80,6 +80,14 @@ def device_argument(name: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def refuse_to_overwrite(paths: list[Path], fix: str) -> None:
+    """Never lose work: a FileExistsError naming the first of ``paths`` that already exists."""
+    taken = [path for path in paths if path.exists()]
+    if taken:
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise FileExistsError(f"{taken[0]} already exists{more}; {fix}")
+
+
 def positive_int(text: str) -> int:
     """argparse ``type`` for counts and sizes (batch sizes, steps, image counts): 1 or more."""
     value = int(text)  # argparse turns a ValueError into "invalid positive_int value"

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from tqdm import tqdm
 
-from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int
+from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int, refuse_to_overwrite
 from softvq.cli.encode import read_latents
 from softvq.data.images import to_pil
 
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"recorded image size {size} is not a multiple of the patch size {model.config.patch_size}")
     out = Path(args.out)
     files = [out / _safe_relative(n) for n in output_names(data.names)]
+    refuse_to_overwrite(files, "choose another --out (decoding into the encoded folder would replace the originals)")
     device = next(model.parameters()).device
     batch = max(1, args.batch_size)
     with torch.inference_mode():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from softvq.cli.common import add_precision_argument, positive_int, resolve_device
+from softvq.cli.common import add_precision_argument, positive_int, refuse_to_overwrite, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     steps = spec.resolved_steps(meta.objective)
 
     out = Path(args.out)
+    # Samples left from another run would be scored with these: start from an empty folder.
+    refuse_to_overwrite([out / "images", out / "samples.json"], "choose an empty --out for new samples")
     # softvq.evaluation.evaluate.sample_folder reads this layout: images/ plus samples.json.
     (out / "images").mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from softvq.cli.common import OFFICIAL_PREFIX, SPEC_HELP, is_preset, load_tokenizer
+from softvq.cli.common import OFFICIAL_PREFIX, SPEC_HELP, is_preset, load_tokenizer, refuse_to_overwrite
 from softvq.config import PRESETS, TokenizerConfig
 from softvq.tokenizer import Tokenizer
 
@@ -166,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
         source = model.source
     print(describe(model, source))
     if args.save:
-        path = model.save_pretrained(args.save)
+        from softvq.checkpoint.pretrained import CONFIG_NAME, WEIGHTS_NAME
+
+        folder = Path(args.save)
+        refuse_to_overwrite([folder / WEIGHTS_NAME, folder / CONFIG_NAME], "choose another --save folder")
+        path = model.save_pretrained(folder)
         print(f"wrote {path} in softvq's format; use it with --model {path}")
     return 0

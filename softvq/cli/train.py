@@ -47,9 +47,13 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def resolve_run_dir(output: Path | None, name: str, resume: bool) -> Path:
-    """``--output`` as given; otherwise ``runs/<name>``, or ``runs/<name>-2``... when that folder
-    already holds a run and we are not resuming it (results are never overwritten)."""
+    """``--output`` as given (refused when it holds files and we are not resuming); otherwise
+    ``runs/<name>``, or ``runs/<name>-2``... when that folder already holds a run and we are not
+    resuming it (results are never overwritten)."""
     if output is not None:
+        if not resume and _has_run(output):
+            raise FileExistsError(f"{output} is not empty; pass --resume to continue the run there, "
+                                  f"or choose another --output (a new run never overwrites one)")
         return output
     base = Path("runs") / name
     if resume or not _has_run(base):
