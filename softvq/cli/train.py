@@ -15,6 +15,7 @@ config comes from the run folder unless CONFIG is given. Several processes:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def resolve_run_dir(output: Path | None, name: str, resume: bool) -> Path:
     ``runs/<name>``, or ``runs/<name>-2``... when that folder already holds a run and we are not
     resuming it (results are never overwritten)."""
     if output is not None:
-        if not resume and _has_run(output):
+        # Only the first process checks: under torchrun / accelerate the others may look after it
+        # has begun writing the run.
+        if not resume and os.environ.get("RANK", "0") == "0" and _has_run(output):
             raise FileExistsError(f"{output} is not empty; pass --resume to continue the run there, "
                                   f"or choose another --output (a new run never overwrites one)")
         return output
