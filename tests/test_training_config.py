@@ -84,10 +84,23 @@ def test_inheritance_and_overrides(tmp_path):
     (["model.bottleneck.kind=pq"], "model.bottleneck.kind='pq' is not one of"),
     (["objective.reconstruction=l3"], "objective.reconstruction"),
     (["optim.lr"], "must look like section.key=value"),
+    (["model_preset=softvq-s-32"], "model.preset=softvq-tiny and model_preset=softvq-s-32 disagree"),
 ])
 def test_bad_keys_and_values_fail_naming_them(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config("demo", overrides)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty; a config names at least its model"),  # not silently the 256 px defaults
+    (b"model: {preset: softvq-tiny\nschedule: [", r"is not valid YAML \(line \d+: "),
+    (b"\x89PNG\r\n\x1a\n\x00\xff", "is not a text file"),
+])
+def test_unreadable_config_files_fail_in_one_line(tmp_path, content, message):
+    (tmp_path / "x.yaml").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        load_config(tmp_path / "x.yaml")
+    assert "\n" not in str(error.value)
 
 
 def test_unknown_yaml_key_fails_with_its_dotted_name(tmp_path):

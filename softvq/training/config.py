@@ -239,9 +239,17 @@ def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in _seen:
         raise ValueError(f"config inheritance loops through {path}")
     try:
-        data = yaml_load(path.read_text()) or {}
+        data = yaml_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file; a config is YAML (softvq train --list shows them)") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML ({where}{problem})") from None
+    if data is None:
+        raise ValueError(f"{path} is empty; a config names at least its model (model.preset) or a parent "
+                         f"(inherit: demo.yaml)")
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     parents = data.pop("inherit", None)
@@ -310,8 +318,11 @@ def config_from_dict(tree: Mapping[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig`; unknown keys are an error naming the dotted key."""
     tree = dict(tree)
     model = dict(tree.pop("model", None) or {})
-    name = model.pop("preset", None) or tree.pop("model_preset", None)
-    tree.pop("model_preset", None)
+    # model.preset in YAML and overrides; model_preset where a resolved config was saved.
+    name, saved_name = model.pop("preset", None), tree.pop("model_preset", None)
+    if name and saved_name and name != saved_name:
+        raise ValueError(f"model.preset={name} and model_preset={saved_name} disagree; set model.preset only")
+    name = name or saved_name
     base = preset(name).to_dict() if name else TokenizerConfig().to_dict()
     model_cfg = build(TokenizerConfig, deep_merge(base, model), "model")
     cfg = build(TrainConfig, {**tree, "model": model_cfg}, "")
