@@ -99,6 +99,24 @@ def test_pretokenize_cli_keeps_a_random_preset_so_decoding_matches(tmp_path, cap
     assert data.meta["tokenizer"] == str(tmp_path / "lat" / "tokenizer") and saved.num_tokens == 16
 
 
+def test_pretokenize_skips_and_counts_unreadable_images(tmp_path, capsys):
+    from PIL import Image
+
+    from softvq.cli.main import main
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (64, 64), (40 * i, 90, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    assert main(["pretokenize", str(tmp_path / "lat"), "--images", str(tmp_path / "imgs"), "--model", "softvq-tiny",
+                 "--device", "cpu"]) == 0
+    assert "skipped 1 unreadable file(s)" in capsys.readouterr().err
+    data = load_latents(tmp_path / "lat")
+    assert len(data.labels) == 4 and data.labels.tolist() == [0, 0, 1, 1] and data.classes == ["a", "b"]
+    assert len(data.meta["skipped"]) == 1 and "broken.png" in data.meta["skipped"][0]
+
+
 def test_bench_gen_prints_flops_beside_the_paper(capsys):
     from softvq.cli.main import main
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     spec = portable_spec(spec)
     result = pretokenize(tokenizer, source, args.out, tokenizer_spec=spec, batch_size=args.batch_size,
                          shard_size=args.shard_size)
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable file(s):", file=sys.stderr)
+        for line in result.skipped:
+            print(f"  {line}", file=sys.stderr)
     print(f"wrote {result.count} latents of shape ({tokenizer.num_tokens}, {tokenizer.latent_dim}) in "
           f"{len(result.shards)} shard(s) to {result.folder}; {len(source.classes)} class(es); "
           f"latent mean {result.latent_mean:.4f}, std {result.latent_std:.4f}")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from softvq.checkpoint.pretrained import atomic_write
-from softvq.data.images import bundled_photos, list_images, load_rgb, read_image, to_tensor
+from softvq.data.images import ImageReadError, bundled_photos, list_images, load_rgb, read_image, to_tensor
 
 META_NAME = "meta.json"
 FORMAT = "softvq-latents"
@@ -40,6 +40,7 @@ class LatentSource:
     samples: Iterable[Sample]
     classes: list[str]
     count: int
+    skipped: list[str] = field(default_factory=list)  # unreadable files, filled while iterating
 
 
 def folder_source(folder: str | Path, image_size: int, single_class: bool = False) -> LatentSource:
@@ -59,11 +60,18 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
         index = {n: i for i, n in enumerate(names)}
         classes, label_of = names, (lambda f: index[f.relative_to(folder).parts[0]])
 
+    skipped: list[str] = []
+
     def samples() -> Iterator[Sample]:
         for f in files:
-            yield read_image(f, image_size, resize=True), label_of(f), str(f.relative_to(folder))
+            try:  # a corrupt file is skipped and counted, as in `softvq encode`, not the end of the run
+                image = read_image(f, image_size, resize=True)
+            except ImageReadError as exc:
+                skipped.append(str(exc))
+                continue
+            yield image, label_of(f), str(f.relative_to(folder))
 
-    return LatentSource(samples(), classes, len(files))
+    return LatentSource(samples(), classes, len(files), skipped)
 
 
 def bundled_source(image_size: int, crops_per_photo: int = 32, seed: int = 0, single_class: bool = False,
@@ -95,6 +103,7 @@ class PretokenizeResult:
     latent_mean: float
     latent_std: float
     shards: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
@@ -158,7 +167,7 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
     bar.close()
     flush()
     if count == 0:
-        raise ValueError("no samples to pretokenize")
+        raise ValueError(f"no samples to pretokenize ({len(source.skipped)} unreadable file(s) skipped)")
     mean = total / elements
     std = math.sqrt(max(sq_total / elements - mean * mean, 0.0))
     meta = {
@@ -175,9 +184,10 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
         "tokenizer_precision": tokenizer.precision,
         "classes": source.classes,
         "shards": shards,
+        "skipped": source.skipped,
     }
     atomic_write(out / META_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return PretokenizeResult(out, count, mean, std, shards)
+    return PretokenizeResult(out, count, mean, std, shards, source.skipped)
 
 
 @dataclass
