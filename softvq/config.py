@@ -115,6 +115,9 @@ class TokenizerConfig:
         return self.grid[0] * self.grid[1]
 
     def validate(self) -> "TokenizerConfig":
+        for name in ("image_size", "patch_size", "in_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -125,6 +128,8 @@ class TokenizerConfig:
             raise ValueError(f"decoder_noise_dim must be 0 (deterministic decoder) or positive, "
                              f"got {self.decoder_noise_dim}")
         for name, vit in (("encoder", self.encoder), ("decoder", self.decoder)):
+            if vit.width < 1 or vit.heads < 1:
+                raise ValueError(f"{name}.width and {name}.heads must be positive, got {vit.width} and {vit.heads}")
             if vit.width % vit.heads:
                 raise ValueError(f"{name}.width {vit.width} is not divisible by {name}.heads {vit.heads}")
             if vit.depth < 1:

@@ -85,6 +85,10 @@ def test_inheritance_and_overrides(tmp_path):
     (["objective.reconstruction=l3"], "objective.reconstruction"),
     (["optim.lr"], "must look like section.key=value"),
     (["model_preset=softvq-s-32"], "model.preset=softvq-tiny and model_preset=softvq-s-32 disagree"),
+    (["model.patch_size=0"], "patch_size must be positive, got 0"),  # was a ZeroDivisionError
+    (["model.encoder.heads=0"], "encoder.width and encoder.heads must be positive"),
+    (["optim.lr=-1"], "optim.lr must be positive, got -1"),
+    (["data.workers=-1"], "data.workers must be 0 or more"),
 ])
 def test_bad_keys_and_values_fail_naming_them(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):

@@ -197,6 +197,12 @@ class TrainConfig:
             raise ValueError(f"schedule.ema_decay must be in [0, 1), got {s.ema_decay}")
         if len(self.optim.betas) != 2:
             raise ValueError(f"optim.betas needs two numbers, got {self.optim.betas}")
+        if self.optim.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.optim.lr}")
+        if self.data.workers < 0 or (self.data.image_size is not None and self.data.image_size < 1):
+            raise ValueError(f"data.workers must be 0 or more and data.image_size positive, got "
+                             f"{self.data.workers} and {self.data.image_size}")
+        self.model.validate()  # first: the checks below divide by its sizes
         if self.data.source != "bundled" and not self.data.path:
             raise ValueError(f"data.source={self.data.source} needs data.path (a folder or shard pattern)")
         if self.image_size % self.model.patch_size:
@@ -206,7 +212,6 @@ class TrainConfig:
         lo, hi = self.data.bundled_scales
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.bundled_scales must satisfy 0 < min <= max <= 1, got {self.data.bundled_scales}")
-        self.model.validate()
         self.objective.validate()
         return self
 
