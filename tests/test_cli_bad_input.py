@@ -157,6 +157,12 @@ def test_missing_image_folder(tmp_path, capsys):
     assert code == 2 and "does not exist" in _one_line_error(err)
 
 
+def test_an_image_file_where_a_folder_goes_is_named_as_such(tmp_path, capsys):
+    Image.fromarray(_gradient()).convert("RGB").save(tmp_path / "a.png")
+    code, _, err = _run(capsys, "encode", str(tmp_path / "a.png"), "--out", str(tmp_path / "z.safetensors"))
+    assert code == 2 and "a.png is a file, not a folder of images" in _one_line_error(err)
+
+
 def test_an_output_path_taken_by_a_folder_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     Image.fromarray(_gradient()).convert("RGB").save(tmp_path / "imgs" / "a.png")

@@ -111,6 +111,12 @@ def test_a_missing_folder_names_the_setting_to_change(tmp_path):
         build_data(DataConfig(source="folder", path=str(train), eval_path=str(tmp_path / "val")),
                    image_size=32, micro_batch=2)
     assert "set data.path" not in str(error.value)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no image")
+    with pytest.raises(FileNotFoundError, match=r"notes holds no image files .*1 other file.*set data\.path"):
+        build_data(DataConfig(source="folder", path=str(tmp_path / "notes")), image_size=32, micro_batch=2)
+    with pytest.raises(NotADirectoryError, match=r"a\.txt is a file, not a folder of images \(set data\.path"):
+        build_data(DataConfig(source="folder", path=str(tmp_path / "notes" / "a.txt")), image_size=32, micro_batch=2)
 
 
 def test_folder_holdout_is_disjoint_and_seed_independent(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb, to_tensor
+from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb, require_folder, to_tensor
 from softvq.data.transforms import random_crop, random_flip, sample_rng
 
 Sample = tuple[torch.Tensor, list[str]]
@@ -25,12 +25,13 @@ def scan_folder(folder: str | Path, fix: str = "set data.path to a folder of ima
 
     ``fix`` ends the error for a missing folder: it names the config key that named the folder.
     """
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist ({fix})")
+    folder = require_folder(folder, fix)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if not images:
+        raise FileNotFoundError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}; "
+                                f"{len(others)} other file(s)); {fix}")
     return images, others
 
 

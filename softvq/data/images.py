@@ -112,11 +112,21 @@ def read_image(path: str | Path, size: int | None = None, *, resize: bool = Fals
     return to_tensor(img)
 
 
+def require_folder(folder: str | Path, fix: str | None = None) -> Path:
+    """``folder`` as a Path if it is a folder; otherwise an error saying whether it is missing or a
+    file, ended by ``fix`` (the setting or argument to change) where given."""
+    folder = Path(folder).expanduser()
+    hint = f" ({fix})" if fix else ""
+    if folder.is_file():
+        raise NotADirectoryError(f"{folder} is a file, not a folder of images{hint}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist{hint}")
+    return folder
+
+
 def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Image files under ``folder`` by suffix, sorted for a deterministic order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+    folder = require_folder(folder)
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
