@@ -81,6 +81,11 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
     assert json.loads((out / "samples.json").read_text())["labels"] == [0, 0, 2, 2]
     assert sample_folder(out) == out / "images"  # `softvq eval --samples OUT` scores these, not grid.png
     assert main(["generate", str(tmp_path / "a" / "generator"), "--out", str(out), "--classes", "7"]) == 2
+    # a wrong --fid-ref is named before any sampling, not after
+    code = main(["generate", str(tmp_path / "a" / "generator"), "--out", str(tmp_path / "s2"),
+                 "--fid-ref", str(tmp_path / "lat" / "meta.json"), "--device", "cpu"])
+    assert code == 2 and "is a file, not a folder of images (--fid-ref takes a .npz" in capsys.readouterr().err
+    assert not (tmp_path / "s2").exists()
     # a second run into the same folder would mix its samples with these: refused
     assert main(["generate", str(tmp_path / "a" / "generator"), "--out", str(out), "--classes", "0",
                  "--per-class", "1", "--steps", "2", "--device", "cpu"]) == 2

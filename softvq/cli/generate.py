@@ -95,13 +95,17 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from softvq.cli.common import load_tokenizer
-    from softvq.data.images import to_pil
+    from softvq.data.images import require_folder, to_pil
     from softvq.generation.checkpoint import load_generator
     from softvq.generation.guidance import Guidance
     from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
 
-    if args.per_class < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
-        raise ValueError("--per-class, --batch-size and --steps must be positive")
+    if args.fid_ref:  # checked before sampling, which may take hours, not after
+        reference = Path(args.fid_ref).expanduser()
+        if reference.suffix == ".npz" and not reference.is_file():
+            raise FileNotFoundError(f"--fid-ref {reference} does not exist")
+        if reference.suffix != ".npz":
+            require_folder(reference, "--fid-ref takes a .npz of reference statistics or an image folder")
     device = resolve_device(args.device)
     model, meta = load_generator(args.generator, map_location=str(device))
     spec_name = args.tokenizer or meta.tokenizer
