@@ -70,6 +70,23 @@ def test_a_relative_model_folder_is_recorded_so_decode_finds_it_from_elsewhere(t
     assert sorted(p.name for p in (tmp_path / "elsewhere" / "decoded").rglob("*.png")) == ["a.png", "b.png", "c.png"]
 
 
+def test_a_preset_seed_is_recorded_so_decode_rebuilds_the_same_weights(tmp_path, capsys):
+    folder, names = _folder(tmp_path)
+    latents_file = str(tmp_path / "z.safetensors")
+    assert main(["encode", str(folder), "--model", "softvq-tiny", "--seed", "7", "--out", latents_file]) == 0
+    assert main(["decode", latents_file, "--out", str(tmp_path / "a")]) == 0
+    torch.manual_seed(7)
+    model = Tokenizer.from_preset("softvq-tiny").eval()
+    with torch.inference_mode():
+        expected = to_pil(model.decode(read_latents(latents_file).latents[:1])[0])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "a.png")), np.asarray(expected))
+    # decoding with another model than the file records is allowed, with a warning
+    other = Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "other")
+    capsys.readouterr()
+    assert main(["decode", latents_file, "--model", str(other), "--out", str(tmp_path / "b")]) == 0
+    assert "was encoded with softvq-tiny; decoding with" in capsys.readouterr().err
+
+
 def test_output_names_keep_folders_and_avoid_collisions():
     assert output_names(["x/a.jpg", "b.png"]) == ["x/a.png", "b.png"]
     assert output_names(["a.jpg", "a.png", "c.webp"]) == ["a.jpg.png", "a.png.png", "c.png"]

@@ -8,12 +8,13 @@ is used.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path, PurePosixPath
 
 import torch
 from tqdm import tqdm
 
-from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int, refuse_to_overwrite
+from softvq.cli.common import add_model_arguments, load_tokenizer, portable_spec, positive_int, refuse_to_overwrite
 from softvq.cli.encode import read_latents
 from softvq.data.images import to_pil
 
@@ -42,17 +43,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p, default=None)  # None: the SPEC recorded in the latents file
     p.add_argument("--out", default="decoded", metavar="DIR", help="output folder")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed for a preset's random weights and a generative decoder's noise")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for a preset's random weights and a generative decoder's noise "
+                        "(default: the one encode recorded for a preset, else 0)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     data = read_latents(args.latents)
-    spec = args.model or data.meta.get("model")
+    recorded = data.meta.get("model")
+    spec = args.model or recorded
     if not spec:
         raise ValueError(f"{args.latents} does not record its model; pass --model SPEC")
-    torch.manual_seed(args.seed)
+    if args.model and recorded and portable_spec(args.model) != recorded:
+        print(f"softvq: warning: {args.latents} was encoded with {recorded}; decoding with {args.model}",
+              file=sys.stderr)
+    # A preset's random weights are only the encoding model's when drawn from the same seed.
+    torch.manual_seed(args.seed if args.seed is not None else int(data.meta.get("seed", 0)))
     model = load_tokenizer(spec, args.device, precision=args.precision)
     expected = (model.num_tokens, model.latent_dim)
     if tuple(data.latents.shape[1:]) != expected:

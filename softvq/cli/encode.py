@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from softvq.checkpoint.pretrained import CheckpointError, atomic_write
-from softvq.cli.common import add_model_arguments, load_tokenizer, portable_spec, positive_int
+from softvq.cli.common import add_model_arguments, is_preset, load_tokenizer, portable_spec, positive_int
 from softvq.data.images import ImageReadError, ImageSizeError, list_images, read_image
 
 LATENTS_FORMAT = "softvq-latents"
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise ImageReadError(f"none of the {len(paths)} image file(s) in {folder} could be read")
     latents = torch.cat(chunks)
-    meta = {"model": portable_spec(args.model), "compute_precision": model.precision, "image_size": size,
+    meta = {"model": portable_spec(args.model), "seed": args.seed if is_preset(args.model) else None,
+            "compute_precision": model.precision, "image_size": size,
             "num_tokens": model.num_tokens, "latent_dim": model.latent_dim,
             "latent_mean": model.latent_mean, "latent_std": model.latent_std}
     write_latents(args.out, latents, names, meta)
