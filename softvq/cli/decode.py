@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     files = [out / _safe_relative(n) for n in output_names(data.names)]
     refuse_to_overwrite(files, "choose another --out (decoding into the encoded folder would replace the originals)")
     device = next(model.parameters()).device
-    batch = max(1, args.batch_size)
+    batch = args.batch_size
     with torch.inference_mode():
         for start in tqdm(range(0, len(files), batch), desc="decode", unit="batch", disable=None):
             z = data.latents[start:start + batch].to(device)

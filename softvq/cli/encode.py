@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     chunks: list[torch.Tensor] = []
     names: list[str] = []
     skipped: list[str] = []
-    batch_size = max(1, args.batch_size)
+    batch_size = args.batch_size
     with torch.inference_mode(), tqdm(total=len(paths), desc="encode", unit="img", disable=None) as bar:
         for start in range(0, len(paths), batch_size):
             images, batch_names = [], []

@@ -23,7 +23,8 @@ Sample = tuple[torch.Tensor, list[str]]
 def scan_folder(folder: str | Path, fix: str = "set data.path to a folder of images") -> tuple[list[Path], list[Path]]:
     """(image files by suffix, other files) under ``folder``, recursively, sorted.
 
-    ``fix`` ends the error for a missing folder: it names the config key that named the folder.
+    ``fix`` ends the error for a missing folder or one without images: it names the config key
+    that named the folder.
     """
     folder = require_folder(folder, fix)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
