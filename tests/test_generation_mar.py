@@ -177,6 +177,10 @@ def test_bad_configs_and_inputs_are_named():
         SamplerSpec(guidance=Guidance(2.0, 0.0, 0.7)).resolved("mar")
     with pytest.raises(ValueError, match="samples with 'mar'"):
         SamplerSpec(method="sde").resolved("mar")
+    with pytest.raises(ValueError, match="only apply to MAR; a SIT generator"):  # were silently ignored
+        SamplerSpec(ar_steps=4).resolved("sit")
+    with pytest.raises(ValueError, match="clip_x0 must be positive"):
+        SamplerSpec(clip_x0=-1.0).resolved("mar")
     with pytest.raises(ValueError, match="head_width, buffer_size only apply to MAR"):
         GeneratorTrainConfig(latents="x", objective="sit", head_width=8, buffer_size=4).validate()
     # Values that used to fail deep inside training (a division by zero after the first step, a

@@ -59,6 +59,10 @@ class SamplerSpec:
             raise ValueError(f"a {objective.upper()} generator samples with {DEFAULT_METHOD[objective]!r}, not {method!r}")
         if objective == "mar" and (self.guidance.low, self.guidance.high) != (0.0, 1.0):
             raise ValueError("MAR guides with a scale ramped over its steps (cfg_schedule), not a guidance interval")
+        if objective != "mar" and (self.ar_steps is not None or self.clip_x0 is not None):
+            raise ValueError(f"ar_steps and clip_x0 only apply to MAR; a {objective.upper()} generator has neither")
+        if self.clip_x0 is not None and self.clip_x0 <= 0:
+            raise ValueError(f"clip_x0 must be positive (a bound in normalised latent units), got {self.clip_x0}")
         return method
 
     def resolved_steps(self, objective: str) -> int:

@@ -212,6 +212,9 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start = int(state["step"])
+        if start > cfg.steps:
+            raise ValueError(f"{run} is already at step {start}; --steps {cfg.steps} would train nothing "
+                             f"(pass --steps above {start} to continue it)")
         restore_rng(state["rng"])
         if acc.is_main_process:
             print(f"resuming {run} from step {start} ({latest.name})", file=sys.stderr)
