@@ -294,4 +294,3 @@ def test_outputs_that_would_replace_work_are_refused(tmp_path, capsys):
     code, _, err = _run(capsys, "train", "demo", "-o", str(tmp_path / "run"), "schedule.steps=1")
     assert code == 2 and "--resume" in _one_line_error(err)
     assert (tmp_path / "run" / "log.jsonl").read_text() == "{}\n"
-

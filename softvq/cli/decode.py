@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model and recorded and portable_spec(args.model) != recorded:
         print(f"softvq: warning: {args.latents} was encoded with {recorded}; decoding with {args.model}",
               file=sys.stderr)
+    out = Path(args.out)
+    files = [out / _safe_relative(n) for n in output_names(data.names)]
+    refuse_to_overwrite(files, "choose another --out (decoding into the encoded folder would replace the originals)")
     # A preset's random weights are only the encoding model's when drawn from the same seed.
     torch.manual_seed(args.seed if args.seed is not None else int(data.meta.get("seed", 0)))
     model = load_tokenizer(spec, args.device, precision=args.precision)
@@ -70,9 +73,6 @@ def run(args: argparse.Namespace) -> int:
     size = data.image_size or model.config.image_size
     if size % model.config.patch_size:
         raise ValueError(f"recorded image size {size} is not a multiple of the patch size {model.config.patch_size}")
-    out = Path(args.out)
-    files = [out / _safe_relative(n) for n in output_names(data.names)]
-    refuse_to_overwrite(files, "choose another --out (decoding into the encoded folder would replace the originals)")
     device = next(model.parameters()).device
     batch = args.batch_size
     with torch.inference_mode():

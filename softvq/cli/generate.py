@@ -106,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--fid-ref {reference} does not exist")
         if reference.suffix != ".npz":
             require_folder(reference, "--fid-ref takes a .npz of reference statistics or an image folder")
+    out = Path(args.out)
+    # Samples left from another run would be scored with these: start from an empty folder.
+    refuse_to_overwrite([out / "images", out / "samples.json"], "choose an empty --out for new samples")
     device = resolve_device(args.device)
     model, meta = load_generator(args.generator, map_location=str(device))
     spec_name = args.tokenizer or meta.tokenizer
@@ -123,9 +126,6 @@ def run(args: argparse.Namespace) -> int:
     method = spec.resolved(meta.objective)
     steps = spec.resolved_steps(meta.objective)
 
-    out = Path(args.out)
-    # Samples left from another run would be scored with these: start from an empty folder.
-    refuse_to_overwrite([out / "images", out / "samples.json"], "choose an empty --out for new samples")
     # softvq.evaluation.evaluate.sample_folder reads this layout: images/ plus samples.json.
     (out / "images").mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)

@@ -158,6 +158,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--save needs a SPEC to save")
         print(presets_table())
         return 0
+    if args.save:
+        from softvq.checkpoint.pretrained import CONFIG_NAME, WEIGHTS_NAME
+
+        refuse_to_overwrite([Path(args.save) / WEIGHTS_NAME, Path(args.save) / CONFIG_NAME],
+                            "choose another --save folder")
     if is_preset(args.spec) and not args.save:
         model = architecture(PRESETS[args.spec.lower()])
         source = f"preset {args.spec.lower()} (architecture only, no weights)"
@@ -167,10 +172,6 @@ def run(args: argparse.Namespace) -> int:
         source = model.source
     print(describe(model, source))
     if args.save:
-        from softvq.checkpoint.pretrained import CONFIG_NAME, WEIGHTS_NAME
-
-        folder = Path(args.save)
-        refuse_to_overwrite([folder / WEIGHTS_NAME, folder / CONFIG_NAME], "choose another --save folder")
-        path = model.save_pretrained(folder)
+        path = model.save_pretrained(args.save)
         print(f"wrote {path} in softvq's format; use it with --model {path}")
     return 0
