@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,9 @@ class Tokenizer(nn.Module):
         Results equal the unsliced ones except for the bottleneck's batch-level statistics
         (losses/metrics are averaged over slices), which inference does not use.
         """
+        if isinstance(slice_size, bool) or int(slice_size) != slice_size or slice_size < 1:
+            raise ValueError(f"slice_size must be a positive number of images, got {slice_size!r}; "
+                             "disable_slicing() turns slicing off")
         self.slice_size = int(slice_size)
         return self
 
@@ -218,8 +222,17 @@ class Tokenizer(nn.Module):
     def latent_dim(self) -> int:
         return self.bottleneck.latent_dim
 
+    def _check_placement(self, tensor: Tensor, what: str) -> None:
+        """Name a device mismatch here instead of letting the first layer fail deep inside torch."""
+        device = self.from_latent.weight.device
+        if tensor.device != device:
+            raise ValueError(f"{what} are on {tensor.device} but the tokenizer is on {device}; "
+                             f"move one of them, e.g. {what}.to({str(device)!r})")
+
     def check_images(self, images: Tensor) -> None:
         """Fail early, naming the problem, on inputs the encoder cannot take."""
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor (B, C, H, W), got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
@@ -232,10 +245,17 @@ class Tokenizer(nn.Module):
             )
         if not images.is_floating_point():
             raise TypeError("images must be floating point in [-1, 1]; divide uint8 by 127.5 and subtract 1")
+        self._check_placement(images, "images")
+
+    def _as_input(self, images: Tensor) -> Tensor:
+        """Checked images in the weights' dtype (float64 or float16 images of a float32 model
+        would otherwise fail in the patch convolution with a dtype mismatch)."""
+        self.check_images(images)
+        return images.to(self.from_latent.weight.dtype)
 
     def encode(self, images: Tensor) -> Encoding:
         """Images (B, C, H, W) in [-1, 1] -> :class:`Encoding` with latents (B, L, D)."""
-        self.check_images(images)
+        images = self._as_input(images)
         if self.slice_size and images.shape[0] > self.slice_size:
             return _concat_encodings([self.encode(part) for part in images.split(self.slice_size)])
         features = self._in_precision(self._features, images)
@@ -250,7 +270,7 @@ class Tokenizer(nn.Module):
         ``encode(images).latents``. Without gradients the bottleneck skips what only
         :class:`Encoding`'s other fields need (for SoftVQ the posterior, the argmax and the
         regulariser: 3% of an S encode on the project's CPU, and a (B, L, K) tensor of memory)."""
-        self.check_images(images)
+        images = self._as_input(images)
         if self.slice_size and images.shape[0] > self.slice_size:
             return torch.cat([self.encode_latents(part) for part in images.split(self.slice_size)])
         return self.bottleneck.latents(self._in_precision(self._features, images))
@@ -269,10 +289,14 @@ class Tokenizer(nn.Module):
         """
         from softvq.networks.generative import decoder_input
 
+        if not isinstance(latents, Tensor):
+            raise TypeError(f"latents must be a torch.Tensor (B, L, D), got {type(latents).__name__}")
         if latents.dim() != 3 or latents.shape[1:] != (self.num_tokens, self.latent_dim):
             raise ValueError(
                 f"expected latents of shape (B, {self.num_tokens}, {self.latent_dim}), got {tuple(latents.shape)}"
             )
+        self._check_placement(latents, "latents")
+        self._check_output_size(image_size)
         x = decoder_input(latents.to(self.from_latent.weight.dtype), self.config.decoder_noise_dim,
                           noise, generator)
         if self.slice_size and latents.shape[0] > self.slice_size:
@@ -280,10 +304,21 @@ class Tokenizer(nn.Module):
             return torch.cat([self._decode_input(part, image_size) for part in x.split(self.slice_size)])
         return self._decode_input(x, image_size)
 
+    def _check_output_size(self, image_size: int | tuple[int, int] | None) -> None:
+        """The decoder paints whole patches, so a size that is not a positive multiple of the patch
+        size would silently come back smaller (100 px from 16 px patches would give 96)."""
+        if image_size is None:
+            return
+        sides = (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)
+        p = self.config.patch_size
+        if len(sides) != 2 or any(not isinstance(s, numbers.Integral) or s < p or s % p for s in sides):
+            raise ValueError(f"image_size must be an int or (height, width), each a positive multiple of "
+                             f"the patch size {p}; got {image_size!r}")
+
     def _decode_input(self, x: Tensor, image_size: int | tuple[int, int] | None) -> Tensor:
         grid = None
         if image_size is not None:
-            h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+            h, w = (image_size, image_size) if isinstance(image_size, numbers.Integral) else image_size
             grid = (h // self.config.patch_size, w // self.config.patch_size)
         return self._in_precision(lambda t: self.decoder(self.from_latent(t), grid), x)
 

@@ -148,7 +148,29 @@ def test_bad_inputs_give_clear_errors():
         TokenizerConfig.from_dict({"num_tokenz": 3})
     with pytest.raises(KeyError, match="unknown preset"):
         softvq.Tokenizer.from_preset("softvq-xxl")
+    with pytest.raises(ValueError, match="positive multiple of the patch size 8"):
+        model.decode(torch.rand(1, 6, 4), image_size=36)  # would silently come back 32 px
+    with pytest.raises(ValueError, match="slice_size must be a positive"):
+        model.enable_slicing(0)  # would silently turn slicing off
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        model.encode([[0.0]])
 
+
+def test_inputs_on_another_device_are_named_and_other_float_dtypes_are_converted(tmp_path):
+    model = tiny().eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_latents(x.double()), model.encode_latents(x))
+        latents = model.encode_latents(x)
+        torch.testing.assert_close(model.decode(latents.double()), model.decode(latents))
+    elsewhere = tiny().to("meta")  # a device the inputs are not on, without needing a GPU
+    with pytest.raises(ValueError, match="images are on cpu but the tokenizer is on meta"):
+        elsewhere.encode(x)
+    with pytest.raises(ValueError, match="latents are on cpu but the tokenizer is on meta"):
+        elsewhere.decode(latents)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file; a checkpoint is a folder"):
+        model.save_pretrained(tmp_path / "a-file")
 
 
 def test_slicing_gives_the_same_latents_and_images():

@@ -44,6 +44,9 @@ def write_folder(directory: str | Path, state: dict[str, torch.Tensor], payload:
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file; a checkpoint is a folder (config.json + "
+                                 f"{WEIGHTS_NAME}), so pass a folder path")
     weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2)))
