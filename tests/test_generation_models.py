@@ -44,6 +44,29 @@ def test_bad_input_shape_names_the_expected_shape():
         model(torch.randn(2, 8, 6), torch.rand(2), torch.tensor([0, 9]))
 
 
+@pytest.mark.parametrize("field, value", [("depth", 0), ("heads", 0), ("latent_dim", -1), ("num_tokens", 0)])
+def test_configs_without_layers_or_channels_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"sizes must be positive, got {field}={value}"):
+        build_generator(tiny(**{field: value}))  # depth 0 used to build a model that ignored its input
+    with pytest.raises(ValueError, match="class_dropout is a probability"):
+        build_generator(tiny(class_dropout=1.0))
+
+
+def test_sampling_takes_integer_labels_as_a_list_and_names_other_labels_and_objectives():
+    from softvq.generation.checkpoint import GeneratorMeta
+    from softvq.generation.sampling import SamplerSpec, sample_latents
+
+    model = build_generator(tiny()).eval()
+    meta, spec = GeneratorMeta(objective="sit"), SamplerSpec(method="euler", steps=2)
+    from_list = sample_latents(model, meta, [0, 3], spec, generator=torch.Generator().manual_seed(0))
+    from_tensor = sample_latents(model, meta, torch.tensor([0, 3]), spec, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(from_list, from_tensor)
+    with pytest.raises(ValueError, match="integer class indices, got a torch.float32"):
+        sample_latents(model, meta, torch.tensor([0.0, 3.0]), spec)
+    with pytest.raises(ValueError, match="unknown generator objective 'flow'"):
+        sample_latents(model, GeneratorMeta(objective="flow"), [0], spec)
+
+
 def test_label_dropout_uses_null_class_only_in_training():
     emb = LabelEmbedder(num_classes=3, width=4, dropout=0.5)
     labels = torch.zeros(4000, dtype=torch.long)

@@ -88,6 +88,12 @@ class GeneratorConfig:
             raise ValueError(f"generator kind must be 'sit' or 'dit', got {self.kind!r}")
         if self.layout not in ("1d", "2d"):
             raise ValueError(f"layout must be '1d' or '2d', got {self.layout!r}")
+        sizes = {"num_tokens": self.num_tokens, "grid": self.grid, "patch_size": self.patch_size,
+                 "latent_dim": self.latent_dim, "width": self.width, "depth": self.depth, "heads": self.heads}
+        if (bad := [f"{k}={v}" for k, v in sizes.items() if v < 1]) or self.mlp_ratio <= 0:
+            raise ValueError(f"generator sizes must be positive, got {', '.join(bad) or f'mlp_ratio={self.mlp_ratio}'}")
+        if not 0 <= self.class_dropout < 1:
+            raise ValueError(f"class_dropout is a probability in [0, 1), got {self.class_dropout}")
         if self.layout == "1d" and self.patch_size != 1:
             raise ValueError("1D latent tokens use patch size 1 (paper supp. C.2); set patch_size=1")
         if self.layout == "2d" and self.grid % self.patch_size:

@@ -11,6 +11,7 @@ and interval) is applied in the package's time convention (τ = 0 data, τ = 1 n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,6 +53,8 @@ class SamplerSpec:
     clip_x0: float | None = None
 
     def resolved(self, objective: str) -> Method:
+        if objective not in DEFAULT_METHOD:
+            raise ValueError(f"unknown generator objective {objective!r}; expected one of {', '.join(DEFAULT_METHOD)}")
         method = self.method or DEFAULT_METHOD[objective]
         if objective == "sit" and method not in SIT_METHODS:
             raise ValueError(f"a SiT generator samples with {', '.join(SIT_METHODS)}, not {method!r}")
@@ -74,12 +77,20 @@ class SamplerSpec:
         return 2 * steps - 1 if method == "heun" else steps
 
 
-def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor, spec: SamplerSpec = SamplerSpec(),
-                   generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """Sample normalised latents ((z − mean)/std space) for ``labels`` (B,) on the model's device."""
+def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Sequence[int],
+                   spec: SamplerSpec = SamplerSpec(), generator: torch.Generator | None = None,
+                   progress: bool = False) -> Tensor:
+    """Sample normalised latents ((z − mean)/std space) for ``labels`` (B,) on the model's device.
+
+    ``labels`` are integer class indices (a tensor or a list); the null class ``num_classes``
+    samples unconditionally."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    labels = labels.to(device)
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be a 1D sequence of integer class indices, got a {labels.dtype} "
+                         f"tensor of shape {tuple(labels.shape)}")
+    labels = labels.to(device=device, dtype=torch.long)
     method = spec.resolved(meta.objective)
     steps = spec.resolved_steps(meta.objective)
     if meta.objective == "mar":
