@@ -19,7 +19,7 @@ D, K = 8, 16
 
 def build(**kw):
     torch.manual_seed(0)
-    return build_bottleneck(BottleneckConfig(latent_dim=D, codebook_size=K, **kw))
+    return build_bottleneck(BottleneckConfig(**{"latent_dim": D, "codebook_size": K, **kw}))
 
 
 def n_params(module):
@@ -145,6 +145,9 @@ def test_segments_reject_token_counts_that_do_not_split():
     (dict(segments=2, groups=2), "per_segment"),
     (dict(kind="gmmvq", learnable_temperature=True), "learnable_temperature"),
     (dict(residual_levels=0), "at least 1"),
+    (dict(kind="vq", codebook_size=-1), "codebook_size must be positive, got -1"),  # was torch's negative-dimension error
+    (dict(kind="kl", latent_dim=0), "latent_dim must be at least 1"),
+    (dict(kind="lfq", lfq_groups=0), "lfq_groups must be at least 1"),
 ])
 def test_factory_rejects_bad_compositions_with_the_fix(bad, match):
     with pytest.raises(ValueError, match=match):

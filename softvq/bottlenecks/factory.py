@@ -52,7 +52,9 @@ def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
 
 def check_config(cfg: BottleneckConfig) -> None:
     """Reject impossible compositions with a message that names the fix."""
-    for name in ("groups", "residual_levels", "segments"):
+    if cfg.kind in ("softvq", "gmmvq", "vq") and cfg.codebook_size < 1:
+        raise ValueError(f"bottleneck.codebook_size must be positive, got {cfg.codebook_size}")
+    for name in ("latent_dim", "groups", "residual_levels", "segments", "lfq_groups"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"bottleneck.{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.latent_dim % cfg.groups:
