@@ -91,10 +91,10 @@ def affinity(z: Tensor, codebook: Tensor, distance: str) -> Tensor:
     raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
 
 
-def _raise_far_tail_(logits: Tensor, top: Tensor) -> Tensor:
+def _raise_far_tail_(logits: Tensor, argmax: Tensor | None = None) -> Tensor:
     """Raise, in place, every logit more than log(1/(K·1e-30)) (60 for K = 8192) below its row's
-    maximum to that level, so that no softmax probability falls below 1e-30. ``top``: each row's
-    argmax (T,) (integer), or its maximum (T,).
+    maximum to that level, so that no softmax probability falls below 1e-30. ``argmax`` (T,),
+    where the caller has it, locates each row's maximum (a gather instead of a reduction).
 
     float32 exp(x) is subnormal below x = −87.3, and a softmax also divides by a row sum of up to
     K. Rows with a wide range, such as the release regulariser's ρ = a/τ_H (τ_H = 0.01: a range
@@ -104,7 +104,7 @@ def _raise_far_tail_(logits: Tensor, top: Tensor) -> Tensor:
     less than K·1e-30 and the row sum by far less than float32 resolves, so the other
     probabilities, the latents and the entropy keep their float32 values.
     """
-    row_max = logits.gather(-1, top.unsqueeze(-1)) if not top.is_floating_point() else top.unsqueeze(-1)
+    row_max = logits.amax(-1, keepdim=True) if argmax is None else logits.gather(-1, argmax.unsqueeze(-1))
     reach = -math.log(_MIN_PROBABILITY * logits.shape[-1])
     return torch.maximum(logits, row_max - reach, out=logits)
 
@@ -303,7 +303,7 @@ def soft_latents(x: Tensor, codebook: Tensor, *, scale: Tensor, distance: str,
         stop = min(start + chunk, t)
         s = scale[start:stop].unsqueeze(-1) if scale.dim() else scale
         logits = affinity(x[start:stop], codebook, distance).mul_(s)
-        probs = torch.softmax(_raise_far_tail_(logits, logits.amax(-1)), dim=-1)
+        probs = torch.softmax(_raise_far_tail_(logits), dim=-1)
         torch.matmul(probs, codebook, out=latents[start:stop])
     return latents
 
