@@ -100,6 +100,29 @@ def test_report_of_a_real_tokenizer_is_consistent_with_direct_computation(tmp_pa
     assert mixed["psnr"] == pytest.approx(report["psnr"], abs=0.1) and mixed["psnr"] != report["psnr"]
 
 
+def test_unreadable_images_are_skipped_counted_and_named_and_the_rest_measured(tmp_path):
+    write_photos(tmp_path / "imgs", 3)
+    (tmp_path / "imgs" / "001_broken.png").write_bytes(b"not an image")  # sorts second
+    options = EvalOptions(num_images=4, batch_size=2, fid=False, lpips_nets=(), progress=False, count_flops=False)
+    report = evaluate_tokenizer(tiny(), tmp_path / "imgs", options)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for f in sorted((tmp_path / "imgs").iterdir()):
+        if "broken" not in f.name:
+            (clean / f.name).write_bytes(f.read_bytes())
+    expected = evaluate_tokenizer(tiny(), clean, options)
+    assert report["num_images"] == 3 and report["skipped_images"] == 1 and report["protocol"]["num_images"] == 4
+    # (batches are composed differently, so a GEMM may round differently: not bit for bit)
+    assert report["psnr"] == pytest.approx(expected["psnr"], rel=1e-4)
+    assert report["latent_mean"] == pytest.approx(expected["latent_mean"], rel=1e-4, abs=1e-7)
+    assert any("skipped 1 unreadable image(s) of the first 4, e.g." in n and "001_broken.png" in n
+               for n in report["notes"])
+    for f in clean.iterdir():
+        f.write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the first 3 images .* is readable"):
+        evaluate_tokenizer(tiny(), clean, options)
+
+
 def test_webdataset_shards_give_the_same_images_as_a_folder(tmp_path):
     paths = write_photos(tmp_path / "imgs", 3)
     shard = tmp_path / "val-000.tar"
@@ -155,6 +178,11 @@ def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
         assert any("Inception Score not computed" in n for n in report["notes"])
     report["model"], report["num_images"] = "samples", 4
     assert "| gFID ↓ |" in to_markdown(report)
+    if layout == "folder":  # a corrupt reference image is skipped and named, not the end of the run
+        (tmp_path / "real" / "000_broken.png").write_bytes(b"\x89PNG truncated")
+        skipping = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2)
+        assert skipping["num_reference"] == 4 and skipping["gfid"] == pytest.approx(0.0, abs=1e-3)
+        assert any(n.startswith("reference: skipped 1 unreadable image(s) of the first 5") for n in skipping["notes"])
 
 
 def test_cost_counts_the_attention_core():

@@ -7,7 +7,7 @@ import torch
 
 import softvq
 from softvq.config import TokenizerConfig, preset
-from softvq.data.images import bundled_photos, load_rgb
+from softvq.data.images import ImageReadError, bundled_photos, load_rgb
 from softvq.evaluation.probe import Lamb, LinearProbe, probe_folder, stratified_split, train_probe
 
 
@@ -72,6 +72,29 @@ def test_probe_on_a_labelled_folder_beats_chance(tmp_path):
     assert r.num_classes == 3 and r.num_val == 12 and r.num_train == 36
     assert r.feature_dim == model.num_tokens * model.latent_dim  # flattened L x D latents
     assert r.top1 >= 0.75
+
+
+def test_unreadable_labelled_images_are_left_out_with_their_labels(tmp_path):
+    from softvq.evaluation.probe import _readable, tokenizer_features
+
+    photos = bundled_photos()[:2]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for i, photo in enumerate(photos):
+        load_rgb(photo).resize((64, 64)).save(tmp_path / "ab"[i] / "1.png")
+        load_rgb(photo).resize((64, 64)).rotate(90).save(tmp_path / "ab"[i] / "3.png")
+    (tmp_path / "a" / "2.png").write_bytes(b"broken")
+    paths = [tmp_path / "a" / "1.png", tmp_path / "a" / "2.png", tmp_path / "b" / "1.png", tmp_path / "b" / "3.png"]
+    model = softvq.Tokenizer.from_preset("softvq-tiny")
+    skipped = []
+    feats, labels = _readable(model, paths, torch.tensor([0, 0, 1, 1]), skipped, batch_size=2, progress=False)
+    assert skipped == [paths[1]] and labels.tolist() == [0, 1, 1]
+    readable = tokenizer_features(model, [paths[0], paths[2], paths[3]], batch_size=3, progress=False)
+    torch.testing.assert_close(feats, readable, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ImageReadError, match="2.png"):
+        tokenizer_features(model, paths, progress=False)  # without a list to count them in, it is an error
+    r = probe_folder(model, tmp_path, val_fraction=0.5, epochs=1, progress=False)
+    assert r.skipped_images == 1 and r.num_train + r.num_val == 4  # 5 files, one unreadable
 
 
 def test_folder_without_classes_is_a_clear_error(tmp_path):

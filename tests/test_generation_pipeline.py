@@ -88,6 +88,19 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
                  "--fid-ref", str(tmp_path / "lat" / "meta.json"), "--device", "cpu"])
     assert code == 2 and "is a file, not a folder of images (--fid-ref takes a .npz" in capsys.readouterr().err
     assert not (tmp_path / "s2").exists()
+    from softvq.evaluation.inception import fid_helper_weights_path
+
+    if objective == "sit" and fid_helper_weights_path() is not None:
+        # a corrupt reference image is skipped and named once the samples exist, not the end of the run
+        (tmp_path / "ref").mkdir()
+        for f in sorted((out / "images").glob("*.png"))[:3]:
+            (tmp_path / "ref" / f.name).write_bytes(f.read_bytes())
+        (tmp_path / "ref" / "000000_broken.png").write_bytes(b"truncated")
+        assert main(["generate", str(tmp_path / "a" / "generator"), "--out", str(tmp_path / "s3"), "--classes", "0",
+                     "--per-class", "2", "--steps", "2", "--fid-ref", str(tmp_path / "ref"), "--device", "cpu"]) == 0
+        captured = capsys.readouterr()
+        assert "gFID vs" in captured.out
+        assert "--fid-ref: skipped 1 unreadable image(s) of the first 4, e.g." in captured.err
     # a second run into the same folder would mix its samples with these: refused
     assert main(["generate", str(tmp_path / "a" / "generator"), "--out", str(out), "--classes", "0",
                  "--per-class", "1", "--steps", "2", "--device", "cpu"]) == 2

@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
                                   progress=not args.no_progress)
             report["linear_probe"] = result.to_dict()
             report["linear_probe_top1"] = result.top1
+            if result.skipped_images:
+                report["notes"].append(f"linear probe: skipped {result.skipped_images} unreadable labelled image(s)")
         out = Path(args.out) if args.out else (home / "eval" if home else Path("eval"))
     json_path, md_path = write_report(report, out)
     print(to_markdown(report))

@@ -174,13 +174,12 @@ def generation_fid(images: torch.Tensor, reference: str, device: torch.device) -
     if ref_path.suffix == ".npz":
         real = load_reference_stats(ref_path)
     else:
-        from softvq.data.images import list_images, read_image
+        from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note
 
-        files = list_images(ref_path)
-        if not files:
-            raise FileNotFoundError(f"no reference images under {ref_path}")
-        size = images.shape[-1]
-        batches = (torch.stack([read_image(f, size, resize=True) for f in files[i:i + 32]])
-                   for i in range(0, len(files), 32))
-        real = FeatureStats.from_features(extractor.extract(batches, total=len(files))[0])
+        refs, _, _ = list_image_refs(ref_path)
+        skipped: list[str] = []
+        batches = readable_batches(refs, images.shape[-1], 32, 0, skipped)
+        real = FeatureStats.from_features(extractor.extract(batches, total=len(refs))[0])
+        if skipped:
+            print(f"warning: --fid-ref: {skipped_note(skipped, len(refs))}", file=sys.stderr)
     return frechet_distance(real, fake)

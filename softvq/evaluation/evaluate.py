@@ -5,7 +5,8 @@ Protocol (fixed, and written into every report under ``protocol``):
 
 * images: the first ``num_images`` of the source in a fixed order (folder: sorted by relative
   path; shards: shard then member order). The paper's rFID uses the 50,000 ImageNet validation
-  images (Sec. 4.1), hence the default ``num_images=50000``;
+  images (Sec. 4.1), hence the default ``num_images=50000``. Unreadable files among them are
+  skipped and counted (``skipped_images``; the report's ``num_images`` counts the images measured);
 * each image is centre-cropped to a square and resized to the model's resolution (PIL bicubic);
 * reconstructions are clamped to [-1, 1] and rounded to 8 bits, as a saved PNG would be; every
   metric compares 8-bit originals with 8-bit reconstructions;
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from softvq.evaluation import fid as fidlib
 from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quantize_to_uint8, ssim
-from softvq.evaluation.sources import EvalImages, list_image_refs, uint8_to_model
+from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
 
 PAPER_NUM_IMAGES = 50_000
 DEFAULT_CACHE = Path("~/.cache/softvq/fid-stats")
@@ -201,10 +202,10 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
     usage, segments = _codebook_tracker(model)
     acc = _Accumulators(lpips={net: [] for net in lpips})
 
-    loader = torch.utils.data.DataLoader(EvalImages(refs, size), batch_size=options.batch_size,
-                                         num_workers=options.workers, shuffle=False)
+    skipped: list[str] = []
+    evaluated = 0
     bar = tqdm(total=n, unit="img", desc="eval", disable=not options.progress)
-    for i, batch_u8 in enumerate(loader):
+    for i, batch_u8 in enumerate(readable_batches(refs, size, options.batch_size, options.workers, skipped)):
         x = uint8_to_model(batch_u8).to(device)
         t0 = time.perf_counter()
         enc = model.encode(x)
@@ -213,7 +214,7 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
         rec = model.decode(enc.latents, size)
         _sync(device)
         t2 = time.perf_counter()
-        if i > 0 or len(loader) == 1:  # the first batch pays one-off warm-up costs
+        if i > 0 or n <= options.batch_size:  # the first of several batches pays one-off warm-up costs
             acc.encode_s += t1 - t0
             acc.decode_s += t2 - t1
             acc.timed_images += len(x)
@@ -236,13 +237,21 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
                 notes.append(f"codebook usage skipped: {exc}")
                 usage = None
         acc.moments.update(enc.latents)
+        evaluated += len(x)
         bar.update(len(x))
     bar.close()
+    if skipped:
+        if evaluated == 0:
+            raise ValueError(f"none of the first {n} images of {source} is readable, e.g. {skipped[0]}")
+        notes.append(skipped_note(skipped, n))
+    if extractor is not None and evaluated < 2:
+        raise ValueError(f"rFID needs at least 2 readable images, {source} has {evaluated}")
 
     report: dict[str, Any] = {
         "model": model_name or getattr(model, "source", type(model).__name__),
         "source": str(source),
-        "num_images": n,
+        "num_images": evaluated,
+        "skipped_images": len(skipped),
         "image_size": size,
         "num_tokens": model.config.num_tokens,
         "latent_dim": model.latent_dim,
@@ -264,8 +273,8 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
                 notes.append(f"reference statistics cached in {cache_path}")
         report["rfid"] = fidlib.frechet_distance(ref_stats, acc.fake.finalize())
         report["fid_reference_checksum"] = checksum
-        if n < 10_000:
-            notes.append(f"rFID on {n} images is biased upwards; the paper uses {PAPER_NUM_IMAGES}")
+        if evaluated < 10_000:
+            notes.append(f"rFID on {evaluated} images is biased upwards; the paper uses {PAPER_NUM_IMAGES}")
     if usage is not None:
         report.update(usage.summary())
         report["codebook_counts"] = usage.counts.tolist()  # (codebooks, K): for `softvq plot`
@@ -315,15 +324,24 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     samples = sample_folder(samples)
     sample_refs, _, _ = list_image_refs(samples, num_images)
     size = sample_refs[0].open_rgb().size[0]
+    notes: list[str] = []
 
     def features(refs, desc):
-        loader = torch.utils.data.DataLoader(EvalImages(refs, size), batch_size=batch_size,
-                                             num_workers=workers, shuffle=False)
-        return extractor.extract(loader, total=len(refs), progress=progress, desc=desc)
+        skipped: list[str] = []
+        batches = readable_batches(refs, size, batch_size, workers, skipped)
+        try:
+            out = extractor.extract(batches, total=len(refs), progress=progress, desc=desc)
+        except ValueError:
+            if len(skipped) == len(refs):
+                raise ValueError(f"none of the {len(refs)} {desc} images is readable, e.g. {skipped[0]}") from None
+            raise
+        if skipped:
+            notes.append(f"{desc}: " + skipped_note(skipped, len(refs)))
+        return out
 
     fake, logits = features(sample_refs, "samples")
     report: dict[str, Any] = {"samples": str(samples), "reference": str(reference),
-                              "num_samples": len(fake), "image_size": size, "notes": []}
+                              "num_samples": len(fake), "image_size": size, "notes": notes}
     if Path(reference).suffix == ".npz":
         ref_stats, real = fidlib.load_reference_stats(reference), None
         report["notes"].append("precision/recall need reference images, not statistics: skipped")

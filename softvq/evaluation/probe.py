@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from softvq.data.images import center_crop_resize, list_images, load_rgb, to_tensor
+from softvq.data.images import ImageReadError, center_crop_resize, list_images, load_rgb, to_tensor
 
 
 class Lamb(torch.optim.Optimizer):
@@ -86,6 +86,7 @@ class ProbeResult:
     epochs: int
     optimizer: str
     which: str = "latents"
+    skipped_images: int = 0  # unreadable files left out of the labelled set(s)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,10 +194,12 @@ def labelled_images(folder: str | Path) -> tuple[list[Path], Tensor, list[str]]:
 @torch.inference_mode()
 def tokenizer_features(model, paths: list[Path], *, which: Literal["latents", "features"] = "latents",
                        batch_size: int = 32, device: str | torch.device = "cpu",
-                       progress: bool = True) -> Tensor:
+                       progress: bool = True, skipped: list[Path] | None = None) -> Tensor:
     """Flattened z (``latents``) or ẑ (``features``) of each image, (N, L·D) float32 on the CPU.
 
     Images are centre-cropped and resized to the model's resolution (the evaluation protocol).
+    With ``skipped`` given, unreadable files are left out (rows follow the readable paths in
+    order) and appended to it; without it they raise :class:`ImageReadError`.
     """
     from tqdm.auto import tqdm
 
@@ -207,11 +210,32 @@ def tokenizer_features(model, paths: list[Path], *, which: Literal["latents", "f
     out = []
     for start in tqdm(range(0, len(paths), batch_size), desc=f"probe {which}", unit="batch",
                       disable=not progress):
-        chunk = paths[start:start + batch_size]
-        x = torch.stack([to_tensor(center_crop_resize(load_rgb(p), size)) for p in chunk]).to(device)
-        enc = model.encode(x)
+        images = []
+        for path in paths[start:start + batch_size]:
+            try:
+                images.append(to_tensor(center_crop_resize(load_rgb(path), size)))
+            except ImageReadError:
+                if skipped is None:
+                    raise
+                skipped.append(path)
+        if not images:
+            continue
+        enc = model.encode(torch.stack(images).to(device))
         out.append(getattr(enc, which).flatten(1).float().cpu())
+    if not out:
+        raise ImageReadError(f"none of the {len(paths)} labelled images could be read"
+                             + (f", e.g. {skipped[0]}" if skipped else ""))
     return torch.cat(out)
+
+
+def _readable(model, paths: list[Path], labels: Tensor, skipped: list[Path], **options) -> tuple[Tensor, Tensor]:
+    """(features, labels) of the readable ``paths``; the unreadable ones are appended to ``skipped``."""
+    before = len(skipped)
+    feats = tokenizer_features(model, paths, skipped=skipped, **options)
+    if len(skipped) > before:
+        unreadable = set(skipped[before:])
+        labels = labels[[i for i, p in enumerate(paths) if p not in unreadable]]
+    return feats, labels
 
 
 def probe_folder(model, folder: str | Path, *, val_folder: str | Path | None = None,
@@ -220,14 +244,18 @@ def probe_folder(model, folder: str | Path, *, val_folder: str | Path | None = N
                  progress: bool = True, **train_kwargs) -> ProbeResult:
     """Linear-probe accuracy of a frozen tokenizer on a labelled image folder (C.3)."""
     paths, labels, classes = labelled_images(folder)
-    feats = tokenizer_features(model, paths, which=which, batch_size=batch_size, device=device,
-                               progress=progress)
     if val_folder is not None:
         vpaths, vlabels, vclasses = labelled_images(val_folder)
         if vclasses != classes:
             raise ValueError(f"validation classes {vclasses} differ from training classes {classes}")
-        vfeats = tokenizer_features(model, vpaths, which=which, batch_size=batch_size, device=device,
-                                    progress=progress)
-        return train_probe(feats, labels, vfeats, vlabels, seed=seed, which=which, **train_kwargs)
-    tr, va = stratified_split(labels, val_fraction, seed)
-    return train_probe(feats[tr], labels[tr], feats[va], labels[va], seed=seed, which=which, **train_kwargs)
+    skipped: list[Path] = []
+    options = dict(which=which, batch_size=batch_size, device=device, progress=progress)
+    feats, labels = _readable(model, paths, labels, skipped, **options)
+    if val_folder is not None:
+        vfeats, vlabels = _readable(model, vpaths, vlabels, skipped, **options)
+        result = train_probe(feats, labels, vfeats, vlabels, seed=seed, which=which, **train_kwargs)
+    else:
+        tr, va = stratified_split(labels, val_fraction, seed)
+        result = train_probe(feats[tr], labels[tr], feats[va], labels[va], seed=seed, which=which, **train_kwargs)
+    result.skipped_images = len(skipped)
+    return result

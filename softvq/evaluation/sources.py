@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[
 
 
 class EvalImages(torch.utils.data.Dataset):
-    """Images in protocol order as uint8 tensors (3, size, size): centre crop + bicubic resize."""
+    """Images in protocol order as uint8 tensors (3, size, size): centre crop + bicubic resize.
+    An unreadable image comes out as its name instead, for :func:`readable_batches` to skip."""
 
     def __init__(self, refs: list[ImageRef], size: int) -> None:
         self.refs = refs
@@ -127,9 +129,34 @@ class EvalImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img = center_crop_resize(self.refs[i].open_rgb(), self.size)
+    def __getitem__(self, i: int) -> torch.Tensor | str:
+        try:
+            img = center_crop_resize(self.refs[i].open_rgb(), self.size)
+        except ImageReadError:
+            return self.refs[i].name
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _stack_readable(items: list[torch.Tensor | str]) -> tuple[torch.Tensor | None, list[str]]:
+    images = [x for x in items if isinstance(x, torch.Tensor)]
+    return (torch.stack(images) if images else None), [x for x in items if isinstance(x, str)]
+
+
+def readable_batches(refs: list[ImageRef], size: int, batch_size: int, workers: int,
+                     skipped: list[str]) -> Iterator[torch.Tensor]:
+    """uint8 batches (B, 3, size, size) of ``refs`` in protocol order. Unreadable images are left
+    out and their names appended to ``skipped``, so one corrupt file does not end a long run."""
+    loader = torch.utils.data.DataLoader(EvalImages(refs, size), batch_size=batch_size, num_workers=workers,
+                                         shuffle=False, collate_fn=_stack_readable)
+    for images, unreadable in loader:
+        skipped += unreadable
+        if images is not None:
+            yield images
+
+
+def skipped_note(skipped: list[str], considered: int) -> str:
+    """One line for a report's notes about the images :func:`readable_batches` left out."""
+    return f"skipped {len(skipped)} unreadable image(s) of the first {considered}, e.g. {skipped[0]}"
 
 
 def uint8_to_model(images: torch.Tensor) -> torch.Tensor:
