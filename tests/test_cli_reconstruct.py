@@ -52,3 +52,19 @@ def test_mean_psnr_over_several_images(tmp_path, capsys):
     scores = [float(s) for s in re.findall(r": PSNR ([\d.]+) dB", out)]
     mean = float(re.search(r"mean PSNR over 2 image\(s\): ([\d.]+) dB", out).group(1))
     assert len(scores) == 2 and abs(mean - sum(scores) / 2) <= 0.01
+
+
+def test_a_folder_stands_for_its_images_and_its_unreadable_files_are_skipped(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in bundled_photos()[:2]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    assert main(["reconstruct", str(folder), "--resize", "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "mean PSNR over 2 image(s)" in out and "skipped 1 unreadable image file(s), e.g." in err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_recon.png")) == sorted(
+        f"{p.stem}_recon.png" for p in bundled_photos()[:2])
+    # named on the command line, the same file is an error before any compute
+    assert main(["reconstruct", str(folder / "broken.png"), "--resize", "--out", str(tmp_path / "o2")]) == 2
+    assert "broken.png: not a readable image" in capsys.readouterr().err

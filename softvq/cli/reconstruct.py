@@ -1,8 +1,9 @@
 """``softvq reconstruct [IMG ...] --model SPEC --out DIR``: encode and decode images.
 
 For each image writes ``<name>_recon.png`` and ``<name>_side_by_side.png`` (original |
-reconstruction) and prints its PSNR, then the mean. Without IMG the photos bundled with
-scikit-image / scikit-learn are used. Images must have the model's size unless ``--resize``
+reconstruction) and prints its PSNR, then the mean. IMG may be a folder (its images, recursively;
+unreadable ones are skipped and counted, where an unreadable named file is an error). Without IMG
+the photos bundled with scikit-image / scikit-learn are used. Images must have the model's size unless ``--resize``
 (centre-crop + bicubic resize) or ``--native-size`` (any size that is a multiple of the patch;
 position embeddings are resized) is given.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int
-from softvq.data.images import bundled_photos, read_image, to_pil
+from softvq.data.images import (IMAGE_SUFFIXES, ImageReadError, ImageSizeError, bundled_photos, list_images,
+                                read_image, to_pil)
 
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -51,7 +54,7 @@ def unique_stems(paths: list[Path]) -> list[str]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("reconstruct", help="images -> reconstructions and side-by-side PNGs with PSNR",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="*", metavar="IMG", help="image files (default: the bundled photos)")
+    p.add_argument("images", nargs="*", metavar="IMG", help="image files or folders (default: the bundled photos)")
     add_model_arguments(p)
     p.add_argument("--out", default="reconstructions", metavar="DIR", help="output folder")
     size = p.add_mutually_exclusive_group()
@@ -64,20 +67,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def named_and_found(arguments: list[str]) -> list[tuple[Path, bool]]:
+    """(path, named on the command line) for each IMG argument, a folder standing for its images."""
+    entries: list[tuple[Path, bool]] = []
+    for argument in arguments:
+        path = Path(argument).expanduser()
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            entries += [(f, False) for f in found]
+        else:
+            entries.append((path, True))
+    return entries
+
+
 def run(args: argparse.Namespace) -> int:
-    paths = [Path(p) for p in args.images]
+    entries = named_and_found(args.images)
     resize = args.resize
-    if not paths:
-        paths = bundled_photos()
+    if not entries:
+        entries = [(p, True) for p in bundled_photos()]
         # The bundled photos come in many sizes: resizing them is the only sensible default.
         resize = not args.native_size
-        print(f"no images given: using the {len(paths)} photos bundled with scikit-image/scikit-learn")
+        print(f"no images given: using the {len(entries)} photos bundled with scikit-image/scikit-learn")
     torch.manual_seed(args.seed)
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     c = model.config
     size = None if args.native_size else c.image_size
-    # Read everything first: a bad file fails before any compute, naming the file.
-    images = [read_image(p, size, resize=resize, multiple_of=c.patch_size) for p in paths]
+    # Read everything first: a bad named file fails before any compute, naming the file.
+    images, paths, skipped = [], [], []
+    for path, named in entries:
+        try:
+            images.append(read_image(path, size, resize=resize, multiple_of=c.patch_size))
+            paths.append(path)
+        except ImageSizeError:
+            raise
+        except ImageReadError:
+            if named:
+                raise
+            skipped.append(path)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}", file=sys.stderr)
+    if not images:
+        raise ImageReadError("none of the images given could be read")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"model: {model.source}")
