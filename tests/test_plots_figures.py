@@ -11,7 +11,7 @@ from PIL import Image
 import softvq
 from softvq.cli.main import main
 from softvq.evaluation import plots
-from softvq.evaluation.runs import plot_runs, read_run
+from softvq.evaluation.runs import plot_images, plot_runs, read_run
 
 
 def assert_picture(path, min_size=(300, 200), min_std=8.0):
@@ -97,6 +97,20 @@ def test_plot_runs_draws_everything_a_run_allows(tmp_path):
     for path in written:
         assert_picture(path)
     assert any("empty: no log.jsonl" in m for m in messages)
+
+
+def test_pictures_skip_unreadable_files_and_take_the_next_readable_ones(tmp_path):
+    from softvq.data.images import bundled_photos
+
+    for c, photo in zip("ab", bundled_photos()[:2]):
+        (tmp_path / c).mkdir()
+        for j in range(3):
+            (tmp_path / c / f"{j}.png").write_bytes(photo.read_bytes())
+    (tmp_path / "a" / "0.png").write_bytes(b"broken")  # sorts first in its class
+    messages = []
+    images, labels, names = plot_images(32, tmp_path, per_class=2, log=messages.append)
+    assert names == ["a", "b"] and labels.tolist() == [0, 0, 1, 1] and images.shape == (4, 3, 32, 32)
+    assert len(messages) == 1 and messages[0].startswith("skipped 1 unreadable image file(s)")
 
 
 def test_cli_plot(tmp_path, capsys):

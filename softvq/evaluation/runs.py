@@ -105,20 +105,35 @@ def rate_point(run: RunFolder) -> dict[str, Any]:
 
 
 def plot_images(size: int, images: str | Path | None = None, *, per_class: int = 8,
-                max_classes: int = 12, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+                max_classes: int = 12, seed: int = 0, log=print) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """uint8 images (N, 3, size, size), integer labels, class names for the pictures.
 
     ``images=None``: the bundled photos, ``per_class`` random square crops of each (class = photo);
     a folder with class sub-folders: up to ``per_class`` centre crops per class; a flat folder:
-    its first images, one class.
+    its first images, one class. Unreadable files are skipped, and ``log`` says how many.
     """
     from PIL import Image
 
-    from softvq.data.images import bundled_photos, center_crop_resize, list_images, load_rgb
+    from softvq.data.images import ImageReadError, bundled_photos, center_crop_resize, list_images, load_rgb
 
     rng = random.Random(seed)
     pils: list[Image.Image] = []
     labels: list[int] = []
+    skipped: list[Path] = []
+
+    def add_readable(paths: list[Path], limit: int, label: int) -> None:
+        """Centre crops of the first ``limit`` readable ``paths``; unreadable ones are skipped."""
+        taken = 0
+        for path in paths:
+            if taken == limit:
+                return
+            try:
+                pils.append(center_crop_resize(load_rgb(path), size))
+            except ImageReadError:
+                skipped.append(path)
+                continue
+            labels.append(label)
+            taken += 1
     if images is None:
         photos = bundled_photos()[:max_classes]
         names = [p.stem for p in photos]
@@ -140,14 +155,12 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
             classes = classes[:max_classes]
             names = [d.name for d in classes]
             for c, d in enumerate(classes):
-                for p in list_images(d)[:per_class]:
-                    pils.append(center_crop_resize(load_rgb(p), size))
-                    labels.append(c)
+                add_readable(list_images(d), per_class, c)
         else:
             names = [folder.name]
-            for p in list_images(folder)[:per_class * max_classes]:
-                pils.append(center_crop_resize(load_rgb(p), size))
-                labels.append(0)
+            add_readable(list_images(folder), per_class * max_classes, 0)
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable image file(s) for the pictures, e.g. {skipped[0]}")
     if not pils:
         raise FileNotFoundError(f"no images to plot with in {images}")
     arr = np.stack([np.asarray(p, dtype=np.uint8) for p in pils])
@@ -213,7 +226,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
             continue
         model = Tokenizer.from_pretrained(run.export).to(device).eval()
         size = model.config.image_size
-        imgs, labels, names = plot_images(size, images, per_class=per_class)
+        imgs, labels, names = plot_images(size, images, per_class=per_class, log=log)
         feats, lats, recs, rows = _encode_all(model, imgs, batch_size, torch.device(device))
         first = _first_of_each_class(labels, num_reconstructions)
         written.append(plots.plot_reconstructions(imgs[first], recs[first], folder / "reconstructions.png",
