@@ -69,6 +69,35 @@ def test_virtual_batch_norm_normalises_groups_of_eight() -> None:
         assert (group.var(dim=(0, 2), unbiased=False) - 1).abs().max() < 1e-3
 
 
+# Groups of 6; one group; one value per group and channel, where the output is the bias and
+# batch norm's x·(w/σ) + (b − μ·w/σ) form, with 1/σ = 1/sqrt(eps) = 1000, rounds to ~3e-4.
+@pytest.mark.parametrize("shape, atol", [((12, 3, 5, 4), 1e-4), ((3, 2, 7), 1e-4), ((1, 2, 1, 1), 1e-3)])
+def test_virtual_batch_norm_and_its_gradients_equal_the_float64_formula(shape, atol) -> None:
+    torch.manual_seed(0)
+    norm = VirtualBatchNorm(shape[1], virtual_batch=8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = (torch.randn(shape) * 2 + 5).requires_grad_()
+    upstream = torch.randn(shape)
+    out = norm(x)
+    grads = torch.autograd.grad((out * upstream).sum(), [x, norm.weight, norm.bias])
+
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, norm.weight, norm.bias))
+    groups = -(-shape[0] // 8)
+    while shape[0] % groups:
+        groups += 1
+    g = x64.reshape(groups, shape[0] // groups, shape[1], -1)
+    mean = g.mean(dim=(1, 3), keepdim=True)
+    var = ((g - mean) ** 2).mean(dim=(1, 3), keepdim=True)
+    channel = (1, shape[1]) + (1,) * (len(shape) - 2)
+    ref = ((g - mean) / (var + norm.eps).sqrt()).reshape(shape) * w64.view(channel) + b64.view(channel)
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), [x64, w64, b64])
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=atol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
 # --- DiffAugment --------------------------------------------------------------------------------
 
 def test_translation_matches_naive_loop() -> None:

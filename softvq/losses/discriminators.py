@@ -34,7 +34,14 @@ from softvq.networks.vgg import LPIPS_SCALE, LPIPS_SHIFT, FeatureStack
 
 
 class VirtualBatchNorm(nn.Module):
-    """Per-channel normalisation over groups of ``virtual_batch`` samples and all positions."""
+    """Per-channel normalisation over groups of ``virtual_batch`` samples and all positions:
+    training-mode batch norm (biased variance, no running statistics) applied to each group.
+
+    Each group goes through ATen's fused batch norm. Written out as mean, var and element-wise
+    passes over a (groups, n, C, positions) view, forward and backward of the first VGG head
+    (8 x 128 x 128 x 128) took 525 ms on the project's CPU instead of 122 ms, with the same
+    float32 accuracy against float64.
+    """
 
     def __init__(self, channels: int, virtual_batch: int = 8, eps: float = 1e-6) -> None:
         super().__init__()
@@ -44,17 +51,16 @@ class VirtualBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c = x.shape[:2]
+        b = x.shape[0]
         groups = math.ceil(b / self.virtual_batch)
         while b % groups:
             groups += 1
-        g = x.float().reshape(groups, b // groups, c, -1)
-        mean = g.mean(dim=(1, 3), keepdim=True)
-        var = g.var(dim=(1, 3), keepdim=True, unbiased=False)
-        g = (g - mean) / torch.sqrt(var + self.eps)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        out = g.reshape(x.shape) * self.weight.view(shape) + self.bias.view(shape)
-        return out.to(x.dtype)
+        # torch.batch_norm rather than F.batch_norm: a group of one sample at one position is
+        # legal here (its output is the bias), where F.batch_norm refuses it.
+        parts = [torch.batch_norm(group, self.weight, self.bias, None, None, True, 0.0, self.eps,
+                                  torch.backends.cudnn.enabled)
+                 for group in x.float().split(b // groups)]
+        return (parts[0] if groups == 1 else torch.cat(parts)).to(x.dtype)
 
 
 class Residual(nn.Module):
