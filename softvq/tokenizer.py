@@ -269,7 +269,7 @@ class Tokenizer(nn.Module):
         """Images (B, C, H, W) in [-1, 1] -> latents (B, L, D) alone, equal to
         ``encode(images).latents``. Without gradients the bottleneck skips what only
         :class:`Encoding`'s other fields need (for SoftVQ the posterior, the argmax and the
-        regulariser: 3% of an S encode on the project's CPU, and a (B, L, K) tensor of memory)."""
+        regulariser: 2-3% of an S encode on the project's CPUs, and a (B, L, K) tensor of memory)."""
         images = self._as_input(images)
         if self.slice_size and images.shape[0] > self.slice_size:
             return torch.cat([self.encode_latents(part) for part in images.split(self.slice_size)])
