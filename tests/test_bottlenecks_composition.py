@@ -145,7 +145,7 @@ def test_segments_reject_token_counts_that_do_not_split():
     (dict(segments=2, groups=2), "per_segment"),
     (dict(kind="gmmvq", learnable_temperature=True), "learnable_temperature"),
     (dict(residual_levels=0), "at least 1"),
-    (dict(kind="vq", codebook_size=-1), "codebook_size must be positive, got -1"),  # was torch's negative-dimension error
+    (dict(kind="vq", codebook_size=-1), "codebook_size must be positive, got -1"),  # was a torch shape error
     (dict(kind="kl", latent_dim=0), "latent_dim must be at least 1"),
     (dict(kind="lfq", lfq_groups=0), "lfq_groups must be at least 1"),
 ])

@@ -3,9 +3,9 @@
 For each image writes ``<name>_recon.png`` and ``<name>_side_by_side.png`` (original |
 reconstruction) and prints its PSNR, then the mean. IMG may be a folder (its images, recursively;
 unreadable ones are skipped and counted, where an unreadable named file is an error). Without IMG
-the photos bundled with scikit-image / scikit-learn are used. Images must have the model's size unless ``--resize``
-(centre-crop + bicubic resize) or ``--native-size`` (any size that is a multiple of the patch;
-position embeddings are resized) is given.
+the photos bundled with scikit-image / scikit-learn are used. Images must have the model's size
+unless ``--resize`` (centre-crop + bicubic resize) or ``--native-size`` (any size that is a
+multiple of the patch; position embeddings are resized) is given.
 """
 
 from __future__ import annotations
