@@ -235,7 +235,10 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     model.train()
     for step in bar:
         idx = _batch_indices(len(latents), per_process, cfg.seed, step, acc.process_index)
-        x, y = latents[idx].to(acc.device), labels[idx].to(acc.device)
+        x, y = latents[idx], labels[idx]
+        if acc.device.type == "cuda":  # pinned, so the copy need not wait for the steps still queued
+            x, y = x.pin_memory(), y.pin_memory()
+        x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -247,15 +250,17 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(acc.unwrap_model(model))
-        loss = float(terms["loss"].detach())
-        first_loss = loss if step == start else first_loss
-        last_loss = loss
-        bar.set_postfix(loss=f"{loss:.4f}")
+        # Reading a loss waits for the device; do it only where a number is needed (the first
+        # step, log steps, the end), so a GPU can run ahead of Python between them.
+        last_loss = terms["loss"].detach()
+        if step == start:
+            first_loss = float(last_loss)
         done = step + 1
         if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
             elapsed = time.perf_counter() - tick
             record = {"step": done, **{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
                       "ema_decay": ema.current_decay(), "sec_per_step": elapsed / cfg.log_every}
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
             with log_file.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             tick = time.perf_counter()
@@ -274,7 +279,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                              tokenizer=cfg.tokenizer or data.meta.get("tokenizer"), classes=data.classes)
         with ema.swapped_into(unwrapped):
             save_generator(unwrapped, meta, export)
-    return {"first_loss": first_loss, "last_loss": last_loss, "steps": cfg.steps, "export": str(export)}
+    return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": cfg.steps, "export": str(export)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
