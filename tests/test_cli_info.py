@@ -56,3 +56,17 @@ def test_info_on_a_release_lists_ignored_keys_and_saves_our_format(tmp_path, cap
     assert _field(out, "latent mean / std") == "0.25 / 1.75"
     a, b = load_official(folder).state_dict(), load_pretrained(out_dir).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_training_run_folder_stands_for_its_export_and_an_unfinished_run_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    Tokenizer.from_preset("softvq-tiny", num_tokens=12).save_pretrained(run / "export")
+    (run / "config.yaml").write_text("model: {preset: softvq-tiny}\n")
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert _field(out, "model") == f"softvq checkpoint {run / 'export'}" and _field(out, "latents (L x D)") == "12 x 8"
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.yaml").write_text("model: {preset: softvq-tiny}\n")
+    assert main(["info", str(tmp_path / "unfinished")]) == 2
+    assert "is a training run without an export/ yet" in capsys.readouterr().err

@@ -116,12 +116,21 @@ def portable_spec(spec: str) -> str:
     return prefix + str(folder.resolve()) if folder.is_dir() else spec
 
 
+def training_run_export(spec: str) -> str | None:
+    """``RUN/export`` where ``spec`` is a training run folder (its tokenizer is the export), else None."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and (path / "export" / "config.json").exists():
+        return str(path / "export")
+    return None
+
+
 def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool = False,
                    precision: str = "fp32") -> Tokenizer:
     """The tokenizer a SPEC names, in eval mode on ``device``, computing in ``precision``.
 
     The returned model carries ``source`` (a one-line description for printing). A preset gets
-    random weights and a warning on stderr unless ``quiet``.
+    random weights and a warning on stderr unless ``quiet``. A training run folder stands for its
+    ``export/``.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     check_precision(precision, device)
@@ -143,6 +152,7 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                 f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), not a folder, "
                 f"and not a hub id like 'org/name'"
             )
+        spec = training_run_export(spec) or spec
         try:
             model = Tokenizer.from_pretrained(spec)
         except CheckpointError as exc:
@@ -150,6 +160,11 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                 raise CheckpointError(
                     f"{spec} is not in softvq's format; if it is a released SoftVQ-VAE checkpoint "
                     f"pass --model {OFFICIAL_PREFIX}{spec}"
+                ) from None
+            if (Path(spec).expanduser() / "config.yaml").is_file():
+                raise CheckpointError(
+                    f"{spec} is a training run without an export/ yet (training writes it when it ends); "
+                    f"pass a checkpoint folder, or finish the run with softvq train --resume -o {spec}"
                 ) from None
             raise
         model.source = f"softvq checkpoint {spec}"

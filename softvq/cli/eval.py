@@ -20,7 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from softvq.cli.common import add_model_arguments, load_tokenizer, non_negative_int, positive_int, resolve_device
+from softvq.cli.common import (add_model_arguments, load_tokenizer, non_negative_int, positive_int, resolve_device,
+                               training_run_export)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,8 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def resolve_model_spec(spec: str) -> tuple[str, Path | None]:
     """A training run folder stands for its ``export/``; returns (spec, folder for default output)."""
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "export" / "config.json").exists() and not (path / "config.json").exists():
-        return str(path / "export"), path
+    export = training_run_export(spec)
+    if export is not None:
+        return export, path
     return spec, (path if path.is_dir() else None)
 
 
