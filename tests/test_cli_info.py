@@ -6,11 +6,12 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from softvq import PRESETS, Tokenizer
 from softvq.checkpoint.official import load_official
-from softvq.checkpoint.pretrained import load_pretrained
+from softvq.checkpoint.pretrained import CheckpointError, load_pretrained
 from softvq.cli.main import main
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,6 +67,8 @@ def test_a_training_run_folder_stands_for_its_export_and_an_unfinished_run_is_na
     assert main(["info", str(run)]) == 0
     out = capsys.readouterr().out
     assert _field(out, "model") == f"softvq checkpoint {run / 'export'}" and _field(out, "latents (L x D)") == "12 x 8"
+    with pytest.raises(CheckpointError, match="is a training run; its softvq checkpoint is .*export"):
+        Tokenizer.from_pretrained(run)  # the Python API names the export instead of loading it
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "config.yaml").write_text("model: {preset: softvq-tiny}\n")
     assert main(["info", str(tmp_path / "unfinished")]) == 2

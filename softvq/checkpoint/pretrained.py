@@ -62,6 +62,8 @@ def read_folder_config(path_or_id: str | Path, fmt: str, what: str, hint: str) -
     folder = resolve(path_or_id, [CONFIG_NAME, WEIGHTS_NAME])
     config_file = folder / CONFIG_NAME
     if not config_file.exists():
+        if (folder / "export" / CONFIG_NAME).exists():  # a training run: its model is the export
+            raise CheckpointError(f"{folder} is a training run; its {what} is {folder / 'export'}")
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}; is it a {what} folder?")
     try:
         payload = json.loads(config_file.read_text())
