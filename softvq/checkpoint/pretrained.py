@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 FORMAT = "softvq-tokenizer"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+EXPORT_NAME = "export"  # the folder of a training run that holds its tokenizer (the EMA weights)
 
 
 class CheckpointError(RuntimeError):
@@ -53,6 +54,15 @@ def write_folder(directory: str | Path, state: dict[str, torch.Tensor], payload:
     return directory
 
 
+def training_run_export(folder: str | Path) -> Path | None:
+    """``folder/export`` where ``folder`` is a training run (no checkpoint of its own, its
+    tokenizer in ``export/``), else None."""
+    path = Path(folder).expanduser()
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / EXPORT_NAME / CONFIG_NAME).exists():
+        return path / EXPORT_NAME
+    return None
+
+
 def read_folder_config(path_or_id: str | Path, fmt: str, what: str, hint: str) -> tuple[Path, dict[str, Any]]:
     """Resolve a checkpoint folder and read its config.json, checking its ``format`` is ``fmt``.
 
@@ -62,8 +72,8 @@ def read_folder_config(path_or_id: str | Path, fmt: str, what: str, hint: str) -
     folder = resolve(path_or_id, [CONFIG_NAME, WEIGHTS_NAME])
     config_file = folder / CONFIG_NAME
     if not config_file.exists():
-        if (folder / "export" / CONFIG_NAME).exists():  # a training run: its model is the export
-            raise CheckpointError(f"{folder} is a training run; its {what} is {folder / 'export'}")
+        if (export := training_run_export(folder)) is not None:
+            raise CheckpointError(f"{folder} is a training run; its {what} is {export}")
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}; is it a {what} folder?")
     try:
         payload = json.loads(config_file.read_text())

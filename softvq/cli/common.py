@@ -116,14 +116,6 @@ def portable_spec(spec: str) -> str:
     return prefix + str(folder.resolve()) if folder.is_dir() else spec
 
 
-def training_run_export(spec: str) -> str | None:
-    """``RUN/export`` where ``spec`` is a training run folder (its tokenizer is the export), else None."""
-    path = Path(spec).expanduser()
-    if path.is_dir() and not (path / "config.json").exists() and (path / "export" / "config.json").exists():
-        return str(path / "export")
-    return None
-
-
 def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool = False,
                    precision: str = "fp32") -> Tokenizer:
     """The tokenizer a SPEC names, in eval mode on ``device``, computing in ``precision``.
@@ -145,14 +137,14 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
         model = Tokenizer.from_official(target)
         model.source = f"released SoftVQ-VAE checkpoint {target}"
     else:
-        from softvq.checkpoint.pretrained import CheckpointError
+        from softvq.checkpoint.pretrained import CheckpointError, training_run_export
 
         if not Path(spec).expanduser().exists() and "/" not in spec:
             raise CheckpointError(
                 f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), not a folder, "
                 f"and not a hub id like 'org/name'"
             )
-        spec = training_run_export(spec) or spec
+        spec = str(training_run_export(spec) or spec)
         try:
             model = Tokenizer.from_pretrained(spec)
         except CheckpointError as exc:

@@ -20,8 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from softvq.cli.common import (add_model_arguments, load_tokenizer, non_negative_int, positive_int, resolve_device,
-                               training_run_export)
+from softvq.cli.common import add_model_arguments, load_tokenizer, non_negative_int, positive_int, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,10 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_model_spec(spec: str) -> tuple[str, Path | None]:
     """A training run folder stands for its ``export/``; returns (spec, folder for default output)."""
+    from softvq.checkpoint.pretrained import training_run_export
+
     path = Path(spec).expanduser()
     export = training_run_export(spec)
     if export is not None:
-        return export, path
+        return str(export), path
     return spec, (path if path.is_dir() else None)
 
 

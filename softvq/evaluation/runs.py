@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from softvq.checkpoint.pretrained import CONFIG_NAME, EXPORT_NAME, WEIGHTS_NAME
 from softvq.evaluation import plots
 
 
@@ -71,10 +72,10 @@ def read_run(path: str | Path) -> RunFolder:
             run.notes.append(f"log.jsonl: {bad} unreadable line(s) skipped")
     run.metrics = _read_json(path / "metrics.json", run.notes)
     run.evaluation = _read_json(path / "eval" / "eval.json", run.notes) or _read_json(path / "eval.json", run.notes)
-    for candidate in (path / "export", path):
-        if (candidate / "config.json").exists() and (candidate / "model.safetensors").exists():
+    for candidate in (path / EXPORT_NAME, path):
+        if (candidate / CONFIG_NAME).exists() and (candidate / WEIGHTS_NAME).exists():
             run.export = candidate
-            meta = _read_json(candidate / "config.json", run.notes)
+            meta = _read_json(candidate / CONFIG_NAME, run.notes)
             run.model_config = meta.get("config")
             break
     if run.model_config is None and (path / "config.yaml").exists():

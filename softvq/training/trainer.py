@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from softvq.checkpoint.pretrained import CheckpointError, atomic_write, load_strict
+from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, atomic_write, load_strict
 from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
@@ -537,7 +537,7 @@ class Trainer:
 
     def export(self) -> Path:
         """The EMA weights in our pretrained format (``Tokenizer.from_pretrained(run_dir/'export')``)."""
-        target = self.run_dir / "export"
+        target = self.run_dir / EXPORT_NAME
         with self.ema.swapped_into(self.unwrapped):
             state = self.accelerator.get_state_dict(self.model)
         if self.is_main:
