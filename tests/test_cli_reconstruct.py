@@ -68,3 +68,7 @@ def test_a_folder_stands_for_its_images_and_its_unreadable_files_are_skipped(tmp
     # named on the command line, the same file is an error before any compute
     assert main(["reconstruct", str(folder / "broken.png"), "--resize", "--out", str(tmp_path / "o2")]) == 2
     assert "broken.png: not a readable image" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no pictures here")
+    assert main(["reconstruct", str(tmp_path / "notes"), "--out", str(tmp_path / "o3")]) == 2
+    assert "holds no image files" in capsys.readouterr().err  # data.folder.scan_folder's error, as for train

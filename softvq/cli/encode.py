@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from softvq.checkpoint.pretrained import CheckpointError, atomic_write
 from softvq.cli.common import add_model_arguments, is_preset, load_tokenizer, portable_spec, positive_int
-from softvq.data.images import ImageReadError, ImageSizeError, list_images, read_image
+from softvq.data.folder import scan_folder
+from softvq.data.images import ImageReadError, ImageSizeError, read_image
 
 LATENTS_FORMAT = "softvq-latents"
 
@@ -91,9 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
-    paths = list_images(folder)
-    if not paths:
-        raise FileNotFoundError(f"no image files in {folder} (looked for .png, .jpg, .webp, ...)")
+    paths = scan_folder(folder, "pass a folder of images to encode")[0]
     torch.manual_seed(args.seed)
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     size = model.config.image_size

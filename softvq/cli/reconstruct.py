@@ -21,8 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int
-from softvq.data.images import (IMAGE_SUFFIXES, ImageReadError, ImageSizeError, bundled_photos, list_images,
-                                read_image, to_pil)
+from softvq.data.folder import scan_folder
+from softvq.data.images import ImageReadError, ImageSizeError, bundled_photos, read_image, to_pil
 
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -73,10 +73,7 @@ def named_and_found(arguments: list[str]) -> list[tuple[Path, bool]]:
     for argument in arguments:
         path = Path(argument).expanduser()
         if path.is_dir():
-            found = list_images(path)
-            if not found:
-                raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            entries += [(f, False) for f in found]
+            entries += [(f, False) for f in scan_folder(path, "pass image files or folders that hold images")[0]]
         else:
             entries.append((path, True))
     return entries

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from softvq.checkpoint.pretrained import atomic_write
-from softvq.data.images import ImageReadError, bundled_photos, list_images, load_rgb, read_image, to_tensor
+from softvq.data.folder import scan_folder
+from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 
 META_NAME = "meta.json"
 FORMAT = "softvq-latents"
@@ -47,9 +48,7 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
     """Images under ``folder``, centre-cropped and resized to ``image_size``. Labels come from the
     first-level sub-folder names (sorted); images directly in ``folder`` form one class."""
     folder = Path(folder)
-    files = list_images(folder)
-    if not files:
-        raise FileNotFoundError(f"no images found under {folder}")
+    files = scan_folder(folder, "pass --images a folder of images (sub-folders = classes)")[0]
     names = sorted({f.relative_to(folder).parts[0] for f in files if len(f.relative_to(folder).parts) > 1})
     if single_class or not names:
         classes, label_of = [folder.name or "images"], (lambda f: 0)
