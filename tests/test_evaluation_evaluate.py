@@ -183,6 +183,10 @@ def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
         skipping = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2)
         assert skipping["num_reference"] == 4 and skipping["gfid"] == pytest.approx(0.0, abs=1e-3)
         assert any(n.startswith("reference: skipped 1 unreadable image(s) of the first 5") for n in skipping["notes"])
+        (tmp_path / "broken").mkdir()
+        (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+        with pytest.raises(ValueError, match="none of the first 1 images given is readable, e.g. .*a.png"):
+            evaluate_samples(tmp_path / "fake", tmp_path / "broken", num_images=8, progress=False, k=2)
 
 
 def test_cost_counts_the_attention_core():

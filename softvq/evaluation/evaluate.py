@@ -241,8 +241,6 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
         bar.update(len(x))
     bar.close()
     if skipped:
-        if evaluated == 0:
-            raise ValueError(f"none of the first {n} images of {source} is readable, e.g. {skipped[0]}")
         notes.append(skipped_note(skipped, n))
     if extractor is not None and evaluated < 2:
         raise ValueError(f"rFID needs at least 2 readable images, {source} has {evaluated}")
@@ -329,12 +327,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     def features(refs, desc):
         skipped: list[str] = []
         batches = readable_batches(refs, size, batch_size, workers, skipped)
-        try:
-            out = extractor.extract(batches, total=len(refs), progress=progress, desc=desc)
-        except ValueError:
-            if len(skipped) == len(refs):
-                raise ValueError(f"none of the {len(refs)} {desc} images is readable, e.g. {skipped[0]}") from None
-            raise
+        out = extractor.extract(batches, total=len(refs), progress=progress, desc=desc)
         if skipped:
             notes.append(f"{desc}: " + skipped_note(skipped, len(refs)))
         return out

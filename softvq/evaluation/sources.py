@@ -145,13 +145,18 @@ def _stack_readable(items: list[torch.Tensor | str]) -> tuple[torch.Tensor | Non
 def readable_batches(refs: list[ImageRef], size: int, batch_size: int, workers: int,
                      skipped: list[str]) -> Iterator[torch.Tensor]:
     """uint8 batches (B, 3, size, size) of ``refs`` in protocol order. Unreadable images are left
-    out and their names appended to ``skipped``, so one corrupt file does not end a long run."""
+    out and their names appended to ``skipped``, so one corrupt file does not end a long run; an
+    :class:`ImageReadError` when none of them is readable."""
     loader = torch.utils.data.DataLoader(EvalImages(refs, size), batch_size=batch_size, num_workers=workers,
                                          shuffle=False, collate_fn=_stack_readable)
+    readable = 0
     for images, unreadable in loader:
         skipped += unreadable
         if images is not None:
+            readable += len(images)
             yield images
+    if refs and not readable:
+        raise ImageReadError(f"none of the first {len(refs)} images given is readable, e.g. {skipped[-1]}")
 
 
 def skipped_note(skipped: list[str], considered: int) -> str:
