@@ -82,6 +82,10 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
     assert len(list((out / "images").glob("*.png"))) == 4 and (out / "grid.png").is_file()
     assert json.loads((out / "samples.json").read_text())["labels"] == [0, 0, 2, 2]
     assert sample_folder(out) == out / "images"  # `softvq eval --samples OUT` scores these, not grid.png
+    capsys.readouterr()  # the same command again: a finished run, nothing to sample
+    assert main(["generate", str(tmp_path / "a" / "generator"), "--out", str(out), "--classes", "0,c",
+                 "--per-class", "2", "--steps", "3", "--cfg", "1.5", *guidance, "--device", "cpu"]) == 0
+    assert "already holds all 4 images of these settings" in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "a" / "generator"), "--out", str(out), "--classes", "7"]) == 2
     # a wrong --fid-ref is named before any sampling, not after
     code = main(["generate", str(tmp_path / "a" / "generator"), "--out", str(tmp_path / "s2"),

@@ -6,21 +6,21 @@
     softvq generate GEN --out OUT --per-class 50 --fid-ref stats.npz      # + gFID
 
 Writes OUT/images/000000.png ... (one file per sample, readable by FID tools), OUT/grid.png
-(one row per class), and OUT/samples.json (labels, class names, sampler settings).
+(one row per class, at most 16 x 16), and OUT/samples.json (labels, class names, sampler settings).
+Images are written batch by batch: an interrupted run continues when the same command is run
+again, and makes the same images it would have made without the interruption.
 Guidance interval: noise levels τ in [low, high] with τ = 0 data and τ = 1 noise (SiT's t; t/T for DiT).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
-from softvq.cli.common import add_precision_argument, positive_int, refuse_to_overwrite, resolve_device
+from softvq.cli.common import add_precision_argument, positive_int, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,30 +75,13 @@ def parse_classes(text: str, names: list[str], num_classes: int) -> list[int]:
     return out
 
 
-def image_grid(images: torch.Tensor, columns: int):
-    """(N, 3, H, W) in [-1, 1] -> one PIL image with ``columns`` per row and 2 px gaps."""
-    from PIL import Image
-
-    from softvq.data.images import to_pil
-
-    n, _, h, w = images.shape
-    rows = math.ceil(n / columns)
-    gap = 2
-    canvas = Image.new("RGB", (columns * (w + gap) + gap, rows * (h + gap) + gap), (255, 255, 255))
-    for i in range(n):
-        r, c = divmod(i, columns)
-        canvas.paste(to_pil(images[i]), (gap + c * (w + gap), gap + r * (h + gap)))
-    return canvas
-
-
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from softvq.cli.common import load_tokenizer
-    from softvq.data.images import require_folder, to_pil
+    from softvq.data.images import require_folder
     from softvq.generation.checkpoint import load_generator
     from softvq.generation.guidance import Guidance
-    from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
+    from softvq.generation.sampling import SamplerSpec
+    from softvq.generation.samples import write_samples
 
     if args.fid_ref:  # checked before sampling, which may take hours, not after
         reference = Path(args.fid_ref).expanduser()
@@ -106,9 +89,6 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--fid-ref {reference} does not exist")
         if reference.suffix != ".npz":
             require_folder(reference, "--fid-ref takes a .npz of reference statistics or an image folder")
-    out = Path(args.out)
-    # Samples left from another run would be scored with these: start from an empty folder.
-    refuse_to_overwrite([out / "images", out / "samples.json"], "choose an empty --out for new samples")
     device = resolve_device(args.device)
     model, meta = load_generator(args.generator, map_location=str(device))
     spec_name = args.tokenizer or meta.tokenizer
@@ -123,63 +103,32 @@ def run(args: argparse.Namespace) -> int:
     spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *args.interval),
                        ar_steps=args.ar_steps, temperature=args.temperature, cfg_schedule=args.cfg_schedule,
                        clip_x0=args.clip_x0)
-    method = spec.resolved(meta.objective)
-    steps = spec.resolved_steps(meta.objective)
-
-    # softvq.evaluation.evaluate.sample_folder reads this layout: images/ plus samples.json.
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    images, diverged = [], False
-    for start in tqdm(range(0, len(labels), args.batch_size), desc=f"generate ({method}, {steps} steps)"):
-        batch = labels[start:start + args.batch_size]
-        x_norm = sample_latents(model, meta, batch, spec, generator=generator)
-        if meta.objective == "mar" and args.clip_x0 is None and float(x_norm.abs().max()) > 50:
-            diverged = True
-        z = denormalize(x_norm, meta)
-        with torch.inference_mode():
-            x = tokenizer.decode(z.to(device)).clamp(-1, 1).cpu()
-        for i, img in enumerate(x):
-            to_pil(img).save(out / "images" / f"{start + i:06d}.png")
-        images.append(x)
-    images = torch.cat(images)
-    image_grid(images, args.per_class).save(out / "grid.png")
-    names = [meta.classes[c] if c < len(meta.classes) else str(c) for c in labels.tolist()]
-    record = {"generator": str(args.generator), "tokenizer": spec_name, "objective": meta.objective,
-              "method": method, "steps": steps, "cfg": args.cfg, "interval": list(args.interval),
-              **({"ar_steps": args.ar_steps or model.config.num_tokens, "temperature": args.temperature,
-                  "cfg_schedule": args.cfg_schedule, "clip_x0": args.clip_x0} if meta.objective == "mar" else {}),
-              "seed": args.seed, "labels": labels.tolist(), "class_names": names}
-    (out / "samples.json").write_text(json.dumps(record, indent=2))
-    print(f"wrote {len(labels)} images to {out / 'images'} and the grid {out / 'grid.png'}")
-    if diverged:
+    generator_path = Path(args.generator).expanduser()
+    record = {"generator": str(generator_path.resolve()) if generator_path.exists() else str(args.generator),
+              "tokenizer": spec_name}
+    result = write_samples(model, meta, tokenizer, labels, spec, args.out, seed=args.seed,
+                           batch_size=args.batch_size, record=record)
+    if result.made == 0:
+        print(f"{result.images} already holds all {result.count} images of these settings; grid {result.grid}")
+    else:
+        kept = "" if result.made == result.count else f" ({result.count - result.made} kept from an interrupted run)"
+        print(f"wrote {result.count} images to {result.images}{kept} and the grid {result.grid}")
+    if result.diverged:
         print("warning: some MAR samples diverged (|latent| > 50 standard deviations): the diffusion head is not "
               "trained enough for the unclipped first steps; rerun with --clip-x0 5", file=sys.stderr)
     if args.fid_ref:
-        print(f"gFID vs {args.fid_ref}: {generation_fid(images, args.fid_ref, device):.3f} "
-              f"({len(labels)} samples; the paper's protocol uses 50,000)")
+        print(f"gFID vs {args.fid_ref}: {generation_fid(result.folder, args.fid_ref, device):.3f} "
+              f"({result.count} samples; the paper's protocol uses 50,000)")
     return 0
 
 
-def generation_fid(images: torch.Tensor, reference: str, device: torch.device) -> float:
-    """FID of generated images against a .npz of reference statistics or a folder of images."""
-    try:
-        from softvq.evaluation.fid import FeatureStats, frechet_distance, load_reference_stats
-        from softvq.evaluation.inception import InceptionFeatureExtractor
-    except ImportError as exc:  # the evaluation package is optional at this layer
-        raise ValueError(f"--fid-ref needs softvq.evaluation's FID code, which is not available ({exc})") from None
-    extractor = InceptionFeatureExtractor(device=device)
-    fake = FeatureStats.from_features(extractor.extract(images.split(32), total=len(images))[0])
-    ref_path = Path(reference)
-    if ref_path.suffix == ".npz":
-        real = load_reference_stats(ref_path)
-    else:
-        from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note
+def generation_fid(samples: Path, reference: str, device: torch.device) -> float:
+    """FID of the PNGs under ``samples`` (as written, 8-bit, the usual protocol) against a .npz of
+    reference statistics or a folder of images; unreadable reference images are skipped and named."""
+    from softvq.evaluation.evaluate import evaluate_samples
 
-        refs, _, _ = list_image_refs(ref_path)
-        skipped: list[str] = []
-        batches = readable_batches(refs, images.shape[-1], 32, 0, skipped)
-        real = FeatureStats.from_features(extractor.extract(batches, total=len(refs))[0])
-        if skipped:
-            print(f"warning: --fid-ref: {skipped_note(skipped, len(refs))}", file=sys.stderr)
-    return frechet_distance(real, fake)
+    report = evaluate_samples(samples, reference, num_images=10**9, device=device, pr_samples=0)
+    for note in report["notes"]:
+        if note.startswith("reference: "):
+            print(f"warning: --fid-ref: {note.removeprefix('reference: ')}", file=sys.stderr)
+    return report["gfid"]

