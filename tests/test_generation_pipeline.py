@@ -150,3 +150,74 @@ def test_bench_gen_prints_flops_beside_the_paper(capsys):
     assert "14.50" in row and "14.52" in row  # ours (linear layers) beside Tab. 1
     mar = next(line for line in lines if line.startswith("MAR-H") and "SoftVQ-BL" in line)
     assert "86.33" in mar and "86.55" in mar  # MAR-H on 64 tokens beside Tab. 2
+
+
+def _interrupt_encoding_at_call(monkeypatch, n):
+    """Make Tokenizer.encode_latents raise KeyboardInterrupt (Ctrl-C) on its n-th call."""
+    real, calls = Tokenizer.encode_latents, []
+
+    def encode_latents(self, images):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(Tokenizer, "encode_latents", encode_latents)
+
+
+def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from softvq.generation.pretokenize import PROGRESS_NAME, folder_source
+
+    tok = tiny_tokenizer(tmp_path)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(12):
+        Image.new("RGB", (40, 40), (20 * i, 255 - 20 * i, 7 * i)).save(tmp_path / "imgs" / "a" / f"{i:02d}.png")
+    # read in the batch that crosses the first shard's end, but after its last sample
+    (tmp_path / "imgs" / "a" / "04_broken.png").write_bytes(b"\x89PNG not really")
+    run = dict(tokenizer_spec="tok", batch_size=3, shard_size=4, progress=False)
+    straight = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "straight", **run)
+
+    _interrupt_encoding_at_call(monkeypatch, 3)  # batches 1-2 read 00..05 (+ the broken file): one shard
+    with pytest.raises(KeyboardInterrupt):
+        pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+    monkeypatch.undo()
+    progress = json.loads((tmp_path / "cut" / PROGRESS_NAME).read_text())
+    assert progress["shards"] == ["latents-00000.safetensors"] and progress["position"] == 4
+    assert progress["skipped"] == [] and not (tmp_path / "cut" / "meta.json").exists()
+
+    with pytest.raises(FileExistsError, match="other settings .*shard_size: 4 -> 5"):
+        pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **{**run, "shard_size": 5})
+    resumed = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **{**run, "batch_size": 2})
+    a, b = load_latents(tmp_path / "straight"), load_latents(tmp_path / "cut")
+    assert b.names == a.names == [f"a/{i:02d}.png" for i in range(12)]  # none lost, none twice
+    assert torch.allclose(a.latents, b.latents, atol=1e-5) and torch.equal(a.labels, b.labels)
+    assert resumed.shards == straight.shards == [f"latents-0000{i}.safetensors" for i in range(3)]
+    assert abs(resumed.latent_mean - straight.latent_mean) < 1e-6 and abs(resumed.latent_std - straight.latent_std) < 1e-6
+    assert len(resumed.skipped) == 1 and "04_broken.png" in resumed.skipped[0]
+    assert not (tmp_path / "cut" / PROGRESS_NAME).exists()
+    with pytest.raises(FileExistsError, match="already holds a finished latent set"):
+        pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+
+
+def test_pretokenize_cli_continues_a_random_preset_with_its_saved_weights(tmp_path, monkeypatch, capsys):
+    from softvq.cli.main import main
+    from softvq.generation.pretokenize import bundled_source
+
+    command = ["pretokenize", str(tmp_path / "lat"), "--bundled", "--model", "softvq-tiny", "--crops-per-photo", "2",
+               "--batch-size", "2", "--shard-size", "2", "--device", "cpu"]
+    _interrupt_encoding_at_call(monkeypatch, 3)
+    assert main(command) == 130  # Ctrl-C: "interrupted"
+    monkeypatch.undo()
+    saved = (tmp_path / "lat" / "tokenizer" / "model.safetensors").read_bytes()
+    assert main(command) == 0
+    assert "continuing with the softvq-tiny weights saved at" in capsys.readouterr().out
+    assert (tmp_path / "lat" / "tokenizer" / "model.safetensors").read_bytes() == saved
+    data = load_latents(tmp_path / "lat")
+    tok = Tokenizer.from_pretrained(data.meta["tokenizer"])
+    images = torch.stack([s[0] for s in bundled_source(tok.config.image_size, 2).samples])
+    assert torch.allclose(data.latents, tok.encode_latents(images), atol=1e-5)  # both halves: the same weights
+    assert main(command) == 2  # a finished set is refused before its tokenizer could be replaced
+    assert "already holds a finished latent set" in capsys.readouterr().err
+    assert (tmp_path / "lat" / "tokenizer" / "model.safetensors").read_bytes() == saved

@@ -2,6 +2,8 @@
 
     softvq pretokenize runs/latents --bundled --model softvq-tiny          # embedded photos
     softvq pretokenize runs/latents --images data/train --model runs/tok    # a folder (sub-folders = classes)
+
+Shards are written as they fill; an interrupted run continues when the same command is run again.
 """
 
 from __future__ import annotations
@@ -34,10 +36,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softvq.generation.pretokenize import bundled_source, folder_source, pretokenize
+    from softvq.generation.pretokenize import bundled_source, folder_source, interrupted_run, pretokenize
 
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(args.model, device, precision=args.precision)
+    out = Path(args.out)
+    resuming = interrupted_run(out)  # a finished set is refused here, before anything is written
+    kept = out / "tokenizer"
+    if is_preset(args.model) and resuming and kept.is_dir():
+        # an interrupted run on a random preset continues with the weights it started with
+        print(f"continuing with the {args.model} weights saved at {kept}")
+        tokenizer = load_tokenizer(str(kept), device, precision=args.precision)
+    else:
+        tokenizer = load_tokenizer(args.model, device, precision=args.precision)
     size = tokenizer.config.image_size
     if args.bundled:
         source = bundled_source(size, args.crops_per_photo, seed=args.seed, single_class=args.single_class)
@@ -46,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     spec = args.model
     if is_preset(args.model):
         # a preset is re-randomised on every load: keep these exact weights so decoding matches
-        spec = str(tokenizer.save_pretrained(Path(args.out) / "tokenizer"))
-        print(f"saved the randomly initialised {args.model} next to the latents: {spec}")
+        spec = str(kept)
+        if not resuming:
+            tokenizer.save_pretrained(kept)
+            print(f"saved the randomly initialised {args.model} next to the latents: {spec}")
     spec = portable_spec(spec)
     result = pretokenize(tokenizer, source, args.out, tokenizer_spec=spec, batch_size=args.batch_size,
                          shard_size=args.shard_size)

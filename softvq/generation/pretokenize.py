@@ -11,15 +11,23 @@ A shard folder holds
 Sources: an image folder (one class per sub-folder, or a single class when the images sit
 directly in it), or random crops of the photos bundled in scikit-image / scikit-learn (one class
 per photo, or a single class).
+
+Encoding ImageNet takes hours, so the work is kept as it is done: each shard holds exactly
+``shard_size`` latents and is written atomically, and ``progress.json`` records after each shard
+where in the source the next one starts and the running sums of the statistics. Run on the same
+folder with the same source, tokenizer and shard size, an interrupted pretokenize continues from
+its last shard; ``meta.json`` is written, and ``progress.json`` removed, only when all is done.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,6 +37,7 @@ from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 
 META_NAME = "meta.json"
+PROGRESS_NAME = "progress.json"
 FORMAT = "softvq-latents"
 
 Sample = tuple[Tensor, int, str]  # image (3, H, W) in [-1, 1], label, name
@@ -36,12 +45,19 @@ Sample = tuple[Tensor, int, str]  # image (3, H, W) in [-1, 1], label, name
 
 @dataclass
 class LatentSource:
-    """Samples to encode, their class names, and how many there are."""
+    """Samples to encode, their class names, and how many there are.
+
+    A source that can continue an interrupted run also has ``identity`` (JSON-able, what makes its
+    samples: a resumed run must have the same) and ``resume_from(k)``, the samples from source
+    position k on; positions count every item, unreadable files included, in ``samples``' order.
+    """
 
     samples: Iterable[Sample]
     classes: list[str]
     count: int
     skipped: list[str] = field(default_factory=list)  # unreadable files, filled while iterating
+    identity: dict[str, Any] | None = None
+    resume_from: Callable[[int], Iterable[Sample]] | None = None
 
 
 def folder_source(folder: str | Path, image_size: int, single_class: bool = False) -> LatentSource:
@@ -61,8 +77,8 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
 
     skipped: list[str] = []
 
-    def samples() -> Iterator[Sample]:
-        for f in files:
+    def samples(start: int = 0) -> Iterator[Sample]:
+        for f in files[start:]:
             try:  # a corrupt file is skipped and counted, as in `softvq encode`, not the end of the run
                 image = read_image(f, image_size, resize=True)
             except ImageReadError as exc:
@@ -70,7 +86,10 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
                 continue
             yield image, label_of(f), str(f.relative_to(folder))
 
-    return LatentSource(samples(), classes, len(files), skipped)
+    listing = hashlib.sha1("\n".join(str(f.relative_to(folder)) for f in files).encode()).hexdigest()
+    identity = {"kind": "folder", "folder": str(folder.resolve()), "files": len(files), "listing_sha1": listing,
+                "classes": classes, "image_size": image_size}
+    return LatentSource(samples(), classes, len(files), skipped, identity, samples)
 
 
 def bundled_source(image_size: int, crops_per_photo: int = 32, seed: int = 0, single_class: bool = False,
@@ -82,17 +101,19 @@ def bundled_source(image_size: int, crops_per_photo: int = 32, seed: int = 0, si
     photos = bundled_photos()
     classes = ["photos"] if single_class else [p.stem for p in photos]
 
-    def samples() -> Iterator[Sample]:
-        position = 0
+    def samples(start: int = 0) -> Iterator[Sample]:
         for label, path in enumerate(photos):
+            if (label + 1) * crops_per_photo <= start:
+                continue
             img = load_rgb(path)
-            for k in range(crops_per_photo):
-                rng = sample_rng(seed, position)
-                position += 1
+            for k in range(max(0, start - label * crops_per_photo), crops_per_photo):
+                rng = sample_rng(seed, label * crops_per_photo + k)  # one stream per position
                 crop = random_flip(random_scale_crop(img, image_size, rng, scales), rng)
                 yield to_tensor(crop), 0 if single_class else label, f"{path.stem}-{k:04d}"
 
-    return LatentSource(samples(), classes, len(photos) * crops_per_photo)
+    identity = {"kind": "bundled", "photos": [p.stem for p in photos], "crops_per_photo": crops_per_photo,
+                "seed": seed, "single_class": single_class, "scales": list(scales), "image_size": image_size}
+    return LatentSource(samples(), classes, len(photos) * crops_per_photo, identity=identity, resume_from=samples)
 
 
 @dataclass
@@ -105,8 +126,8 @@ class PretokenizeResult:
     skipped: list[str] = field(default_factory=list)
 
 
-def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
-    batch: list[Sample] = []
+def _batches(samples: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
     for s in samples:
         batch.append(s)
         if len(batch) == size:
@@ -116,10 +137,66 @@ def _batches(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
         yield batch
 
 
+@dataclass
+class _Progress:
+    """What is kept of a run after each shard (``progress.json``): enough to continue it exactly."""
+
+    settings: dict[str, Any]
+    shards: list[str] = field(default_factory=list)
+    count: int = 0
+    position: int = 0  # source position of the first sample not in a shard
+    total: float = 0.0  # float64 sums of the latents' elements and their squares
+    sq_total: float = 0.0
+    elements: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def save(self, folder: Path) -> None:
+        atomic_write(folder / PROGRESS_NAME, lambda p: p.write_text(json.dumps(self.__dict__, indent=2)))
+
+
+def interrupted_run(out: str | Path) -> bool:
+    """Whether ``out`` holds an interrupted pretokenize to continue (False: nothing yet); a finished
+    latent set, or shards with no progress record, is a FileExistsError: never written over."""
+    out = Path(out)
+    if (out / META_NAME).is_file():
+        raise FileExistsError(f"{out} already holds a finished latent set ({META_NAME}); choose an empty folder")
+    if (out / PROGRESS_NAME).is_file():
+        return True
+    if any(out.glob("latents-*.safetensors")):
+        raise FileExistsError(f"{out} already holds latent shards but no {PROGRESS_NAME} to continue from; "
+                              f"choose an empty folder")
+    return False
+
+
+def _start(out: Path, settings: dict[str, Any], source: LatentSource) -> _Progress:
+    """A fresh progress for an empty folder, or the saved one of an interrupted run with these settings."""
+    if not interrupted_run(out):
+        return _Progress(settings)
+    saved = out / PROGRESS_NAME
+    try:
+        progress = _Progress(**json.loads(saved.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{saved} is unreadable ({type(exc).__name__}); delete the folder to start over") from None
+    changed = [f"{k}: {progress.settings.get(k)!r} -> {settings.get(k)!r}"
+               for k in dict.fromkeys([*progress.settings, *settings]) if progress.settings.get(k) != settings.get(k)]
+    if changed:
+        raise FileExistsError(f"{out} holds an interrupted pretokenize with other settings ({'; '.join(changed)}); "
+                              f"rerun it with the same ones to continue, or choose an empty folder")
+    if source.resume_from is None:
+        raise ValueError(f"{out} holds an interrupted pretokenize, but this source cannot start part-way "
+                         f"(it has no resume_from); choose an empty folder")
+    missing = [name for name in progress.shards if not (out / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out / missing[0]}, listed in {saved}, is missing; delete the folder to start over")
+    return progress
+
+
 @torch.inference_mode()
 def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokenizer_spec: str | None = None,
                 batch_size: int = 32, shard_size: int = 4096, progress: bool = True) -> PretokenizeResult:
-    """Encode every sample of ``source`` with ``tokenizer`` (eval mode) and write shards + meta.json."""
+    """Encode every sample of ``source`` with ``tokenizer`` (eval mode) and write shards of exactly
+    ``shard_size`` latents (the last one fewer) + meta.json; continue an interrupted run in ``out_dir``
+    (see the module docstring). ``batch_size`` is a speed knob and may change between the two."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -127,51 +204,78 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
         raise ValueError("batch_size and shard_size must be positive")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if any(out.glob("latents-*.safetensors")):
-        raise FileExistsError(f"{out} already holds latent shards; choose an empty folder")
     tokenizer = tokenizer.eval()
+    settings = json.loads(json.dumps({
+        "source": source.identity, "count": source.count, "tokenizer": tokenizer_spec,
+        "latent_shape": [tokenizer.num_tokens, tokenizer.latent_dim], "precision": tokenizer.precision,
+        "shard_size": shard_size,
+    }))
+    state = _start(out, settings, source)
+    samples = source.samples if state.position == 0 else source.resume_from(state.position)
+    if state.position:
+        source.skipped[:0] = state.skipped  # this process re-reads none of them
     device = next(tokenizer.parameters()).device
-    total, sq_total, elements, count = 0.0, 0.0, 0, 0
-    pending: list[tuple[Tensor, Tensor, list[str]]] = []
-    shards: list[str] = []
+    # per batch: latents, labels, names, and for each sample (source position after it, files skipped before it)
+    pending: list[tuple[Tensor, Tensor, list[str], list[tuple[int, int]]]] = []
 
-    def flush() -> None:
+    def write_shard(latents: Tensor, labels: Tensor, names: list[str], marks: list[tuple[int, int]]) -> None:
+        name = f"latents-{len(state.shards):05d}.safetensors"
+        tensors = {"latents": latents.contiguous(), "labels": labels.contiguous()}
+        atomic_write(out / name, lambda p: save_file(tensors, str(p), metadata={"names": json.dumps(names)}))
+        z = latents.double()
+        state.shards.append(name)
+        state.total += float(z.sum())
+        state.sq_total += float((z * z).sum())
+        state.elements += z.numel()
+        state.count += len(names)
+        # samples already read past this shard are read again on resume, with the files skipped among them
+        state.position, skipped_before = marks[-1]
+        state.skipped = source.skipped[:skipped_before]
+        state.save(out)
+
+    def flush(final: bool) -> None:
         if not pending:
             return
         latents = torch.cat([p[0] for p in pending])
         labels = torch.cat([p[1] for p in pending])
         names = [n for p in pending for n in p[2]]
-        name = f"latents-{len(shards):05d}.safetensors"
-        tensors = {"latents": latents.contiguous(), "labels": labels.contiguous()}
-        atomic_write(out / name, lambda p: save_file(tensors, str(p), metadata={"names": json.dumps(names)}))
-        shards.append(name)
+        marks = [m for p in pending for m in p[3]]
         pending.clear()
+        while len(names) >= shard_size or (final and names):
+            write_shard(latents[:shard_size], labels[:shard_size], names[:shard_size], marks[:shard_size])
+            latents, labels, names, marks = (latents[shard_size:], labels[shard_size:], names[shard_size:],
+                                             marks[shard_size:])
+        if names:
+            pending.append((latents, labels, names, marks))
 
-    bar = tqdm(total=source.count, desc="pretokenize", unit="img", disable=not progress)
+    done = state.count + len(state.skipped)
+    bar = tqdm(total=source.count, initial=done, desc="pretokenize" + (", resumed" if done else ""), unit="img",
+               disable=not progress)
+    def marked(received: int = state.count) -> Iterator[tuple[Tensor, int, str, tuple[int, int]]]:
+        for image, label, name in samples:  # source.skipped holds exactly the files skipped before this one
+            yield image, label, name, (received + len(source.skipped) + 1, len(source.skipped))
+            received += 1
+
     buffered = 0
-    for batch in _batches(source.samples, batch_size):
+    for batch in _batches(marked(), batch_size):
         images = torch.stack([b[0] for b in batch]).to(device)
         z = tokenizer.encode_latents(images).float().cpu()
-        z64 = z.double()
-        total += float(z64.sum())
-        sq_total += float((z64 * z64).sum())
-        elements += z.numel()
-        count += len(batch)
-        pending.append((z, torch.tensor([b[1] for b in batch], dtype=torch.long), [b[2] for b in batch]))
+        pending.append((z, torch.tensor([b[1] for b in batch], dtype=torch.long), [b[2] for b in batch],
+                        [b[3] for b in batch]))
         buffered += len(batch)
         if buffered >= shard_size:
-            flush()
-            buffered = 0
+            flush(final=False)
+            buffered = sum(len(p[2]) for p in pending)
         bar.update(len(batch))
     bar.close()
-    flush()
-    if count == 0:
+    flush(final=True)
+    if state.count == 0:
         raise ValueError(f"no samples to pretokenize ({len(source.skipped)} unreadable file(s) skipped)")
-    mean = total / elements
-    std = math.sqrt(max(sq_total / elements - mean * mean, 0.0))
+    mean = state.total / state.elements
+    std = math.sqrt(max(state.sq_total / state.elements - mean * mean, 0.0))
     meta = {
         "format": FORMAT,
-        "count": count,
+        "count": state.count,
         "num_tokens": tokenizer.num_tokens,
         "latent_dim": tokenizer.latent_dim,
         "image_size": tokenizer.config.image_size,
@@ -182,11 +286,12 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
         "tokenizer": tokenizer_spec,
         "tokenizer_precision": tokenizer.precision,
         "classes": source.classes,
-        "shards": shards,
+        "shards": state.shards,
         "skipped": source.skipped,
     }
     atomic_write(out / META_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return PretokenizeResult(out, count, mean, std, shards, source.skipped)
+    (out / PROGRESS_NAME).unlink(missing_ok=True)
+    return PretokenizeResult(out, state.count, mean, std, state.shards, source.skipped)
 
 
 @dataclass
