@@ -153,6 +153,12 @@ def test_cli_eval_on_a_run_folder_writes_json_and_markdown(tmp_path, capsys):
     assert "| PSNR (dB) ↑ |" in out
     report = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert report["num_images"] == 2 and (tmp_path / "run" / "eval" / "eval.md").exists()
+    state = tmp_path / "run" / "eval" / "eval-state.pt"
+    assert not state.exists()  # the running sums are removed once the report is written
+    state.write_bytes(b"not a saved evaluation")
+    assert main(["eval", "--model", str(tmp_path / "run"), "--images", str(tmp_path / "imgs"),
+                 "--num-images", "2", "--no-fid", "--no-lpips", "--no-progress", "--device", "cpu"]) == 2
+    assert "eval-state.pt (the state of an interrupted evaluation) is unreadable" in capsys.readouterr().err
 
     assert main(["eval", "--images", str(tmp_path / "imgs")]) == 2
     assert "pass --model" in capsys.readouterr().err
@@ -214,3 +220,45 @@ def test_cost_counts_the_attention_core():
     attention_core = sum(v for op, v in explicit.get_flop_counts()["Global"].items() if "bmm" in str(op)) / 2
     n, w, depth, latents = 1 + 64 + 16, model.config.encoder.width, model.config.encoder.depth, 16
     assert attention_core == (depth - 1) * 2 * n * n * w + 2 * latents * n * w
+
+
+class InterruptedTokenizer(softvq.Tokenizer):
+    """Ctrl-C during the ``stop_at``-th decode (``stop_at=None``: never)."""
+
+    stop_at: int | None = None
+
+    def decode(self, latents, image_size=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return super().decode(latents, image_size)
+
+
+@needs_fid
+def test_an_interrupted_evaluation_continues_to_the_same_report(tmp_path, capsys):
+    write_photos(tmp_path / "imgs", 6)
+    (tmp_path / "imgs" / "002_broken.png").write_bytes(b"\x89PNG not really")
+    options = EvalOptions(num_images=7, batch_size=2, cache_dir=None, lpips_nets=("vgg",), progress=False,
+                          count_flops=False)
+    straight = evaluate_tokenizer(tiny(InterruptedTokenizer), tmp_path / "imgs", options)
+    state = tmp_path / "out" / "eval-state.pt"
+
+    model = tiny(InterruptedTokenizer)
+    model.stop_at = 3  # batches 1 and 2 (4 files, 3 readable) are summed, then Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_tokenizer(model, tmp_path / "imgs", options, state_file=state, save_every_s=1e9)
+    assert "saved the sums of 3 images" in capsys.readouterr().err and state.is_file()
+
+    with pytest.raises(ValueError, match="other weights, images or options .*batch_size: 2 -> 3"):
+        evaluate_tokenizer(tiny(), tmp_path / "imgs", EvalOptions(**{**options.__dict__, "batch_size": 3}),
+                           state_file=state)
+    resumed = evaluate_tokenizer(tiny(InterruptedTokenizer), tmp_path / "imgs", options, state_file=state)
+    assert any("continued an interrupted evaluation after 4 images" in n for n in resumed["notes"])
+    assert not state.exists()
+    assert resumed["num_images"] == straight["num_images"] == 6 and resumed["skipped_images"] == 1
+    for key in ("psnr", "ssim", "lpips_vgg", "rfid", "latent_mean", "latent_std", "codebook_usage",
+                "codebook_perplexity"):
+        if key in straight:
+            assert resumed[key] == pytest.approx(straight[key], rel=1e-9, abs=1e-12), key
+    assert resumed["codebook_counts"] == straight["codebook_counts"]
+    assert sum(n.startswith("skipped 1 unreadable") for n in resumed["notes"]) == 1

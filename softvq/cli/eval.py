@@ -7,7 +7,8 @@ latent mean/std, encoder/decoder GMACs and throughput) and writes ``eval.json`` 
 DATA is an image folder (sorted by path) or webdataset ``.tar`` shards (a folder of them, a
 file, or a pattern such as ``val-{000..063}.tar``). The first ``--num-images`` images (default
 50,000 as in the paper's ImageNet-val rFID) are centre-cropped and resized to the model's size.
-See ``softvq.evaluation.evaluate`` for the full protocol.
+See ``softvq.evaluation.evaluate`` for the full protocol. Every few minutes the running sums are
+saved to ``OUT/eval-state.pt``: after an interruption the same command continues from them.
 
 ``--probe FOLDER`` adds linear-probe accuracy (paper C.3) on a labelled folder (one sub-folder per
 class). ``--samples DIR`` instead scores generated samples against DATA: gFID, precision/recall
@@ -20,7 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from softvq.cli.common import add_model_arguments, load_tokenizer, non_negative_int, positive_int, resolve_device
+from softvq.cli.common import (
+    add_model_arguments, is_preset, load_tokenizer, non_negative_int, positive_int, resolve_device,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +70,9 @@ def resolve_model_spec(spec: str) -> tuple[str, Path | None]:
     return spec, (path if path.is_dir() else None)
 
 
+STATE_NAME = "eval-state.pt"  # an interrupted evaluation's running sums, beside its report
+
+
 def run(args: argparse.Namespace) -> int:
     from softvq.evaluation.evaluate import EvalOptions, evaluate_samples, evaluate_tokenizer, to_markdown, write_report
 
@@ -90,8 +96,12 @@ def run(args: argparse.Namespace) -> int:
             reference_stats=args.reference_stats, lpips_nets=() if args.no_lpips else ("vgg", "alex"),
             workers=args.workers, progress=not args.no_progress, count_flops=not args.no_flops,
         )
+        out = Path(args.out) if args.out else (home / "eval" if home else Path("eval"))
+        # hours of work on a CPU: the running sums go here, and the same command continues from them
+        # (not for a random preset: its weights differ on every load)
+        state = None if is_preset(args.model) else out / STATE_NAME
         report = evaluate_tokenizer(model, args.images, options, device=device,
-                                    model_name=getattr(model, "source", args.model))
+                                    model_name=getattr(model, "source", args.model), state_file=state)
         if args.probe:
             from softvq.evaluation.probe import probe_folder
 
@@ -102,7 +112,6 @@ def run(args: argparse.Namespace) -> int:
             report["linear_probe_top1"] = result.top1
             if result.skipped_images:
                 report["notes"].append(f"linear probe: skipped {result.skipped_images} unreadable labelled image(s)")
-        out = Path(args.out) if args.out else (home / "eval" if home else Path("eval"))
     json_path, md_path = write_report(report, out)
     print(to_markdown(report))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)

@@ -21,12 +21,19 @@ Protocol (fixed, and written into every report under ``protocol``):
 * cost: encoder and decoder FLOPs of one image counted by ``torch.utils.flop_counter``, reported
   as GMACs (multiply-accumulates, what the DiT/SoftVQ tables call "GFLOPs") and GFLOPs (= 2 x
   MACs); throughput in images/s of encode and decode alone at the evaluation batch size.
+
+50,000 images take hours on a CPU. With a ``state_file`` the running sums of every metric are
+saved there every few minutes (atomically, at batch boundaries); an interrupted evaluation of
+the same weights on the same images with the same options continues from it, and gives the
+report an uninterrupted one gives (throughput aside).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,10 +171,54 @@ def _reference_cache(options: EvalOptions, checksum: str) -> Path | None:
     return None
 
 
+def _evaluation_identity(model, refs: list, size: int, options: EvalOptions, reference_loaded: bool) -> dict[str, Any]:
+    """What an evaluation's running sums depend on: a resumed run must match it exactly."""
+    weights = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    images = hashlib.sha1("\n".join(ref.name for ref in refs).encode()).hexdigest()
+    return {"weights_sha1": weights.hexdigest(), "precision": model.precision, "images": len(refs),
+            "images_sha1": images, "image_size": size, "batch_size": options.batch_size, "fid": options.fid,
+            "fid_weights": options.fid_weights, "fid_normalization": options.fid_normalization,
+            "lpips_nets": list(options.lpips_nets), "reference_loaded": reference_loaded}
+
+
+def _resume_evaluation(state_file: Path | None, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state of an interrupted evaluation with this identity (None: start afresh)."""
+    if state_file is None or not state_file.is_file():
+        return None
+    try:
+        # Our own file, written by _save_evaluation: it holds the accumulator objects themselves.
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        saved = state["identity"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable state means the same thing to the user
+        raise ValueError(f"{state_file} (the state of an interrupted evaluation) is unreadable "
+                         f"({type(exc).__name__}); delete it to start over") from None
+    changed = [f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}"
+               for k in dict.fromkeys([*saved, *identity]) if saved.get(k) != identity.get(k)]
+    if changed:
+        raise ValueError(f"{state_file} holds an interrupted evaluation of other weights, images or options "
+                         f"({'; '.join(changed)}); rerun it as it was to continue, or delete the file to start over")
+    return state
+
+
+def _save_evaluation(state_file: Path, state: dict[str, Any]) -> None:
+    from softvq.checkpoint.pretrained import atomic_write
+
+    atomic_write(state_file, lambda p: torch.save(state, p))
+
+
 @torch.inference_mode()
 def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = None, *,
-                       device: str | torch.device = "cpu", model_name: str | None = None) -> dict[str, Any]:
-    """Run the protocol (module docstring) and return the report as a JSON-ready dict."""
+                       device: str | torch.device = "cpu", model_name: str | None = None,
+                       state_file: str | Path | None = None, save_every_s: float = 300.0) -> dict[str, Any]:
+    """Run the protocol (module docstring) and return the report as a JSON-ready dict.
+
+    ``state_file``: where the running sums are saved every ``save_every_s`` seconds, and read back
+    to continue an interrupted evaluation of the same weights, images and options (a different
+    one is refused by name); it is removed once the report is complete.
+    """
     from tqdm.auto import tqdm
 
     options = options or EvalOptions()
@@ -204,42 +255,84 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
     acc = _Accumulators(lpips={net: [] for net in lpips})
 
     skipped: list[str] = []
-    evaluated = 0
-    bar = tqdm(total=n, unit="img", desc="eval", disable=not options.progress)
-    for i, batch_u8 in enumerate(readable_batches(refs, size, options.batch_size, options.workers, skipped)):
-        x = uint8_to_model(batch_u8).to(device)
-        t0 = time.perf_counter()
-        enc = model.encode(x)
-        _sync(device)
-        t1 = time.perf_counter()
-        rec = model.decode(enc.latents, size)
-        _sync(device)
-        t2 = time.perf_counter()
-        if i > 0 or n <= options.batch_size:  # the first of several batches pays one-off warm-up costs
-            acc.encode_s += t1 - t0
-            acc.decode_s += t2 - t1
-            acc.timed_images += len(x)
-        rec_u8 = quantize_to_uint8(rec)
-        acc.psnr.append(psnr(batch_u8.double(), rec_u8.cpu().double(), data_range=255))
-        acc.ssim.append(ssim(batch_u8.double(), rec_u8.cpu().double(), data_range=255))
-        rec_float = uint8_to_model(rec_u8)
-        for net, module in lpips.items():
-            acc.lpips[net].append(module(x, rec_float).float().cpu())
-        if extractor is not None:
-            acc.fake.update(extractor(rec_u8))
-            if ref_stats is None:
-                acc.real.update(extractor(batch_u8))
-        if usage is not None and enc.indices is not None:
-            try:
-                usage.update(codebook_rows(enc.indices, segments))
-                if enc.probs is not None and enc.probs.shape[-1] == usage.codebook_size:
-                    usage.update_probs(probs_rows(enc.probs, segments))
-            except ValueError as exc:  # an index layout this tracker does not know: report, go on
-                notes.append(f"codebook usage skipped: {exc}")
-                usage = None
-        acc.moments.update(enc.latents)
-        evaluated += len(x)
-        bar.update(len(x))
+    evaluated = done_batches = 0
+    state_file = Path(state_file).expanduser() if state_file is not None else None
+    identity = _evaluation_identity(model, refs, size, options, ref_stats is not None) if state_file else {}
+    saved = _resume_evaluation(state_file, identity)
+    if saved is not None:
+        acc, usage, skipped, evaluated, done_batches = (saved["acc"], saved["usage"], saved["skipped"],
+                                                        saved["evaluated"], saved["batches"])
+        notes.append(f"continued an interrupted evaluation after {done_batches * options.batch_size} images "
+                     f"(throughput: this process's batches only)")
+    loop_notes = len(notes)  # notes from here on belong to the running sums and are saved with them
+    if saved is not None:
+        notes += saved["notes"]
+    last_save = time.monotonic()
+    bar = tqdm(total=n, initial=min(n, done_batches * options.batch_size), unit="img", desc="eval",
+               disable=not options.progress)
+    remaining = refs[done_batches * options.batch_size:]
+    batches = readable_batches(remaining, size, options.batch_size, options.workers, skipped,
+                               require_readable=saved is None)
+    skipped_done = len(skipped)  # the loader may already have named the next batch's unreadable files
+
+    def save() -> None:
+        _save_evaluation(state_file, {"identity": identity, "acc": acc, "usage": usage,
+                                      "skipped": skipped[:skipped_done], "evaluated": evaluated,
+                                      "batches": done_batches, "notes": notes[loop_notes:]})
+
+    updating = False  # True while the sums take in a batch: the one moment they hold part of one
+    try:
+        for i, batch_u8 in enumerate(batches):
+            x = uint8_to_model(batch_u8).to(device)
+            t0 = time.perf_counter()
+            enc = model.encode(x)
+            _sync(device)
+            t1 = time.perf_counter()
+            rec = model.decode(enc.latents, size)
+            _sync(device)
+            t2 = time.perf_counter()
+            rec_u8 = quantize_to_uint8(rec)
+            rec_float = uint8_to_model(rec_u8)
+            lpips_values = {net: module(x, rec_float).float().cpu() for net, module in lpips.items()}
+            fake_features = extractor(rec_u8) if extractor is not None else None
+            real_features = extractor(batch_u8) if extractor is not None and ref_stats is None else None
+            # the updates, after every network has run
+            updating = True
+            if i > 0 or n <= options.batch_size:  # the first of several batches pays one-off warm-up costs
+                acc.encode_s += t1 - t0
+                acc.decode_s += t2 - t1
+                acc.timed_images += len(x)
+            acc.psnr.append(psnr(batch_u8.double(), rec_u8.cpu().double(), data_range=255))
+            acc.ssim.append(ssim(batch_u8.double(), rec_u8.cpu().double(), data_range=255))
+            for net, values in lpips_values.items():
+                acc.lpips[net].append(values)
+            if fake_features is not None:
+                acc.fake.update(fake_features)
+            if real_features is not None:
+                acc.real.update(real_features)
+            if usage is not None and enc.indices is not None:
+                try:
+                    usage.update(codebook_rows(enc.indices, segments))
+                    if enc.probs is not None and enc.probs.shape[-1] == usage.codebook_size:
+                        usage.update_probs(probs_rows(enc.probs, segments))
+                except ValueError as exc:  # an index layout this tracker does not know: report, go on
+                    notes.append(f"codebook usage skipped: {exc}")
+                    usage = None
+            acc.moments.update(enc.latents)
+            evaluated += len(x)
+            done_batches += 1
+            skipped_done = len(skipped)
+            updating = False
+            bar.update(len(x))
+            if state_file is not None and time.monotonic() - last_save >= save_every_s:
+                save()
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        if state_file is not None and not updating and done_batches:
+            save()
+            print(f"eval: saved the sums of {evaluated} images in {state_file}; the same command continues",
+                  file=sys.stderr)
+        raise
     bar.close()
     if skipped:
         notes.append(skipped_note(skipped, n))
@@ -286,6 +379,8 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
         report["flops_convention"] = "GMACs = multiply-accumulates; GFLOPs = 2 x GMACs (torch.utils.flop_counter)"
     report["protocol"] = protocol_of(options, size, n, weights_name if extractor is not None else None)
     report["notes"] = notes
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
     return report
 
 

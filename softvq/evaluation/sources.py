@@ -143,10 +143,11 @@ def _stack_readable(items: list[torch.Tensor | str]) -> tuple[torch.Tensor | Non
 
 
 def readable_batches(refs: list[ImageRef], size: int, batch_size: int, workers: int,
-                     skipped: list[str]) -> Iterator[torch.Tensor]:
-    """uint8 batches (B, 3, size, size) of ``refs`` in protocol order. Unreadable images are left
-    out and their names appended to ``skipped``, so one corrupt file does not end a long run; an
-    :class:`ImageReadError` when none of them is readable."""
+                     skipped: list[str], require_readable: bool = True) -> Iterator[torch.Tensor]:
+    """uint8 batches (B, 3, size, size) of ``refs`` in protocol order, batch k from refs
+    [k·batch_size, (k+1)·batch_size). Unreadable images are left out and their names appended to
+    ``skipped``, so one corrupt file does not end a long run; an :class:`ImageReadError` when none
+    of them is readable (unless ``require_readable`` is False: the tail of a resumed run)."""
     loader = torch.utils.data.DataLoader(EvalImages(refs, size), batch_size=batch_size, num_workers=workers,
                                          shuffle=False, collate_fn=_stack_readable)
     readable = 0
@@ -155,7 +156,7 @@ def readable_batches(refs: list[ImageRef], size: int, batch_size: int, workers: 
         if images is not None:
             readable += len(images)
             yield images
-    if refs and not readable:
+    if require_readable and refs and not readable:
         raise ImageReadError(f"none of the first {len(refs)} images given is readable, e.g. {skipped[-1]}")
 
 
