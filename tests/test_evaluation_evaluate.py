@@ -262,3 +262,33 @@ def test_an_interrupted_evaluation_continues_to_the_same_report(tmp_path, capsys
             assert resumed[key] == pytest.approx(straight[key], rel=1e-9, abs=1e-12), key
     assert resumed["codebook_counts"] == straight["codebook_counts"]
     assert sum(n.startswith("skipped 1 unreadable") for n in resumed["notes"]) == 1
+
+
+def test_cli_eval_stopped_by_sigterm_keeps_its_sums_and_continues(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    write_photos(tmp_path / "imgs", 5)
+    tiny().save_pretrained(tmp_path / "tok")
+    command = ["eval", "--model", str(tmp_path / "tok"), "--images", str(tmp_path / "imgs"), "--num-images", "5",
+               "--batch-size", "2", "--no-fid", "--no-lpips", "--no-progress", "--device", "cpu"]
+    assert main([*command, "--out", str(tmp_path / "straight")]) == 0
+    real_decode, calls = softvq.Tokenizer.decode, []
+
+    def preempted(self, latents, image_size=None):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption, during the second batch
+        return real_decode(self, latents, image_size)
+
+    monkeypatch.setattr(softvq.Tokenizer, "decode", preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main([*command, "--out", str(tmp_path / "cut")]) == 130
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone again
+    assert "saved the sums of 2 images" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main([*command, "--out", str(tmp_path / "cut")]) == 0
+    straight, resumed = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("straight", "cut"))
+    assert any("continued an interrupted evaluation after 2 images" in n for n in resumed["notes"])
+    assert resumed["num_images"] == 5 and resumed["psnr"] == pytest.approx(straight["psnr"], rel=1e-12)
+    assert resumed["latent_std"] == pytest.approx(straight["latent_std"], rel=1e-12)

@@ -11,7 +11,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 # Order is the order of `softvq --help`.
@@ -20,6 +22,10 @@ COMMANDS = ("info", "reconstruct", "encode", "decode", "train", "eval", "plot", 
 # Commands that run inference forwards, which stop page-faulting when freed memory is kept.
 # Training keeps glibc's defaults: there it measured no gain (see softvq.cpu_allocator).
 RETAIN_FREED_MEMORY = ("reconstruct", "encode", "decode", "eval", "pretokenize", "generate")
+# Long jobs that keep their work on Ctrl-C (eval saves its running sums; pretokenize and generate
+# have written whole shards and images): a scheduler's SIGTERM (preemption) gets the same stop.
+# Training installs its own handlers (finish the step, write a checkpoint).
+STOP_ON_SIGTERM = ("eval", "pretokenize", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         from softvq.cpu_allocator import retain_freed_memory
 
         retain_freed_memory()
+    previous = None
+    if args.command in STOP_ON_SIGTERM and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         status = int(args.func(args) or 0)
     except user_errors() as exc:
@@ -74,8 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"softvq {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     release_process_group()
     return status
+
+
+def _interrupt(signum: int, frame) -> NoReturn:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def release_process_group() -> None:
