@@ -221,3 +221,38 @@ def test_pretokenize_cli_continues_a_random_preset_with_its_saved_weights(tmp_pa
     assert main(command) == 2  # a finished set is refused before its tokenizer could be replaced
     assert "already holds a finished latent set" in capsys.readouterr().err
     assert (tmp_path / "lat" / "tokenizer" / "model.safetensors").read_bytes() == saved
+
+
+def test_generator_training_stops_on_sigterm_with_a_checkpoint_and_continues_exactly(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from softvq.generation import train as train_module
+
+    tiny_tokenizer(tmp_path)
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat",
+                tokenizer_spec=str(tmp_path / "tok"), progress=False)
+    common = dict(latents=str(tmp_path / "lat"), objective="sit", width=32, depth=1, heads=2, batch_size=4,
+                  log_every=1, checkpoint_every=100, cpu=True, steps=6)
+    straight = train_generator(GeneratorTrainConfig(out=str(tmp_path / "a"), **common), progress=False)
+
+    real_lr = train_module.learning_rate
+
+    def preempted(cfg, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # during step 3 of 6, long before a scheduled checkpoint
+        return real_lr(cfg, step)
+
+    monkeypatch.setattr(train_module, "learning_rate", preempted)
+    stopped = train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), **common), progress=False)
+    monkeypatch.undo()
+    assert stopped["stopped"] and stopped["steps"] == 3 and stopped["export"] is None
+    assert "received SIGTERM: stopping after this step" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "generator").exists()
+    resumed = train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), **common), progress=False)
+    assert "from step 3" in capsys.readouterr().err  # from the stop's checkpoint, not from scratch
+    assert not resumed["stopped"] and resumed["last_loss"] == straight["last_loss"]
+    a, _ = load_generator(tmp_path / "a" / "generator")
+    b, _ = load_generator(tmp_path / "b" / "generator")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name

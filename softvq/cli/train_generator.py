@@ -10,7 +10,8 @@ MAR H, lr 2e-4, batch 2048, AdamW β2 0.95, weight decay 0.02, gradient clipping
 Same machinery as the tokenizer trainer: Accelerate (``accelerate launch -m softvq.cli.main
 train-generator ...`` for several processes), EMA, atomic checkpoints, progress bar, JSONL log. A
 run resumes by itself: when ``--out`` already holds checkpoints, training continues from the newest
-(with the same model settings; others are an error). Every flag is a field of
+(with the same model settings; others are an error). Ctrl-C or SIGTERM writes a checkpoint after
+the current step and stops (exit status 130); a second one stops at once. Every flag is a field of
 :class:`softvq.generation.train.GeneratorTrainConfig`.
 """
 

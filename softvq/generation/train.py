@@ -15,8 +15,9 @@ GPUs, optional bf16), keeps an EMA (``softvq.training.ema``), writes atomic resu
 checkpoints every ``checkpoint_every`` steps (``softvq.training.checkpointing``: model, EMA,
 optimizer, step and RNG states; batches are a function of (seed, step, rank), so a resumed run
 continues exactly), shows a progress bar, and appends one JSON line per ``log_every`` steps to
-``log.jsonl``. At the end the EMA weights are exported to ``RUN/generator`` for
-``softvq generate``.
+``log.jsonl``. Ctrl-C or SIGTERM finishes the step and writes a checkpoint before stopping
+(``softvq.training.stopping``). At the end the EMA weights are exported to ``RUN/generator``
+for ``softvq generate``.
 
     python -m softvq.generation.train --latents runs/latents --out runs/sit-tiny \\
         --objective sit --width 128 --depth 4 --heads 4 --steps 300 --batch-size 32
@@ -180,13 +181,18 @@ def check_same_model(run: Path, model: dict[str, Any]) -> None:
 
 
 def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) training; returns {"first_loss", "last_loss", "steps", "export"}."""
+    """Run (or resume) training; returns {"first_loss", "last_loss", "steps", "export", "stopped"}.
+
+    The first Ctrl-C or SIGTERM finishes the step, writes a checkpoint and returns with
+    ``stopped`` True, ``steps`` the step reached and no export; calling again continues.
+    """
     from tqdm.auto import tqdm
 
     from softvq.training.accelerator import new_accelerator
     from softvq.training.checkpointing import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
                                                save_checkpoint)
     from softvq.training.ema import EMA
+    from softvq.training.stopping import StopRequests
 
     cfg = cfg.validate().resolved()
     run = Path(cfg.out)
@@ -233,42 +239,60 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                disable=not (progress and acc.is_main_process))
     tick = time.perf_counter()
     model.train()
-    for step in bar:
-        idx = _batch_indices(len(latents), per_process, cfg.seed, step, acc.process_index)
-        x, y = latents[idx], labels[idx]
-        if acc.device.type == "cuda":  # pinned, so the copy need not wait for the steps still queued
-            x, y = x.pin_memory(), y.pin_memory()
-        x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-        lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with acc.autocast():
-            terms = objective(model, x, y)
-        acc.backward(terms["loss"])
-        if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(acc.unwrap_model(model))
-        # Reading a loss waits for the device; do it only where a number is needed (the first
-        # step, log steps, the end), so a GPU can run ahead of Python between them.
-        last_loss = terms["loss"].detach()
-        if step == start:
-            first_loss = float(last_loss)
-        done = step + 1
-        if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
-            elapsed = time.perf_counter() - tick
-            record = {"step": done, **{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
-                      "ema_decay": ema.current_decay(), "sec_per_step": elapsed / cfg.log_every}
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            with log_file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            tick = time.perf_counter()
-        if acc.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            unwrapped = acc.unwrap_model(model)
-            save_checkpoint({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                             "ema": ema.state_dict(), "step": done, "rng": capture_rng()},
-                            run, done, keep=cfg.keep_checkpoints)
+    say = (lambda text: print(text, file=sys.stderr)) if acc.is_main_process else (lambda text: None)
+    stop = StopRequests(lambda name: say(f"received {name}: stopping after this step with a checkpoint "
+                                         f"(again to stop at once)")).install()
+    stopped_at = None
+    try:
+        for step in bar:
+            idx = _batch_indices(len(latents), per_process, cfg.seed, step, acc.process_index)
+            x, y = latents[idx], labels[idx]
+            if acc.device.type == "cuda":  # pinned, so the copy need not wait for the steps still queued
+                x, y = x.pin_memory(), y.pin_memory()
+            x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with acc.autocast():
+                terms = objective(model, x, y)
+            acc.backward(terms["loss"])
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(acc.unwrap_model(model))
+            # Reading a loss waits for the device; do it only where a number is needed (the first
+            # step, log steps, the end), so a GPU can run ahead of Python between them.
+            last_loss = terms["loss"].detach()
+            if step == start:
+                first_loss = float(last_loss)
+            done = step + 1
+            if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
+                elapsed = time.perf_counter() - tick
+                record = {"step": done, **{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
+                          "ema_decay": ema.current_decay(), "sec_per_step": elapsed / cfg.log_every}
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                with log_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                tick = time.perf_counter()
+            # Every process must stop at the same step: with several, they agree every 10 steps.
+            stopping = stop.requested if acc.num_processes == 1 else (
+                done % 10 == 0 and _any_process(stop.requested, acc))
+            if acc.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping):
+                unwrapped = acc.unwrap_model(model)
+                save_checkpoint({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "ema": ema.state_dict(), "step": done, "rng": capture_rng()},
+                                run, done, keep=cfg.keep_checkpoints)
+            if stopping and done < cfg.steps:
+                stopped_at = done
+                break
+    finally:
+        stop.restore()
+    if stopped_at is not None:
+        bar.close()
+        say(f"stopped at step {stopped_at} with a checkpoint; run the same command again to continue")
+        return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": stopped_at, "export": None,
+                "stopped": True}
     bar.close()
     acc.wait_for_everyone()
     export = run / "generator"
@@ -279,7 +303,14 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                              tokenizer=cfg.tokenizer or data.meta.get("tokenizer"), classes=data.classes)
         with ema.swapped_into(unwrapped):
             save_generator(unwrapped, meta, export)
-    return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": cfg.steps, "export": str(export)}
+    return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": cfg.steps, "export": str(export),
+            "stopped": False}
+
+
+def _any_process(flag: bool, acc) -> bool:
+    """Whether ``flag`` is set on any process (an all-reduce: every process must call it)."""
+    t = torch.tensor([float(flag)], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -308,7 +339,7 @@ def run_from_args(args: dict) -> int:
     quiet = args.pop("quiet")
     result = train_generator(GeneratorTrainConfig(**args), progress=not quiet)
     print(json.dumps(result))
-    return 0
+    return 130 if result["stopped"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import signal
 import time
 import warnings
 from collections import defaultdict
@@ -51,6 +50,7 @@ from softvq.training.heldout import reconstruct_all, reconstruction_metrics
 from softvq.training.logging import RunLogger, format_value
 from softvq.training.optim import build_optimizer
 from softvq.training.schedule import build_scheduler, scaled_lr
+from softvq.training.stopping import StopRequests
 
 FORMAT = "softvq-train"
 
@@ -178,7 +178,7 @@ class Trainer:
         # shards: where each logical data worker stopped, so --resume continues at the next sample
         self.stream_positions: dict[int, tuple[int, int]] = {}
         self.last_checkpoint: Path | None = None
-        self._stop_signal = 0
+        self._stop = StopRequests()  # fit() installs the real one
         resume_state = self._load_resume(resume) if resume else None
 
         self.data, self.heldout = build_data(
@@ -204,7 +204,8 @@ class Trainer:
         self._describe()
         start_step, started = self.step, time.time()
         status = "finished"
-        old_handlers = self._install_signal_handlers()
+        self._stop = StopRequests(lambda name: self.logger.info(
+            f"received {name}: stopping after this step (again to stop at once)")).install()
         bar = tqdm(total=cfg.schedule.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=0.5,
                    disable=not (self.is_main and run.progress), desc="train")
         window: dict[str, float] = defaultdict(float)
@@ -249,7 +250,7 @@ class Trainer:
             status = "interrupted"
         finally:
             bar.close()
-            self._restore_signal_handlers(old_handlers)
+            self._stop.restore()
         result = TrainResult(self.run_dir, self.step, status)
         if self.step > start_step or self.last_checkpoint is None:
             result.checkpoint = self.save_checkpoint()
@@ -396,30 +397,9 @@ class Trainer:
 
     # --- stopping ------------------------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> dict:
-        def request_stop(signum, frame):  # first signal: finish the step; second: stop now
-            self._stop_signal += 1
-            if self._stop_signal > 1:
-                raise KeyboardInterrupt
-            self.logger.info(f"received {signal.Signals(signum).name}: stopping after this step "
-                             f"(again to stop at once)")
-
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old[sig] = signal.signal(sig, request_stop)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return old
-
-    @staticmethod
-    def _restore_signal_handlers(old: dict) -> None:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
     def _should_stop(self, started: float) -> str | None:
         limit = self.cfg.run.max_minutes
-        flags = [float(self._stop_signal > 0), float(limit is not None and time.time() - started > limit * 60)]
+        flags = [float(self._stop.requested), float(limit is not None and time.time() - started > limit * 60)]
         if self.world > 1:
             t = torch.tensor(flags, device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

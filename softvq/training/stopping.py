@@ -1,0 +1,59 @@
+"""Ctrl-C and a scheduler's SIGTERM as a request to stop cleanly, for training loops.
+
+The first SIGINT or SIGTERM only sets a flag: the loop finishes the step it is in, writes a
+checkpoint and returns, so the run continues later from exactly there. A second signal raises
+``KeyboardInterrupt`` at once. Handlers are installed only in the main thread (Python allows no
+other) and the previous ones are restored on exit.
+
+Under torchrun or ``accelerate launch`` every process gets the signal, but not at the same step;
+a loop with several processes must agree (an all-reduce of the flag) before it stops, or the
+processes that go on would wait forever in the next collective.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+
+class StopRequests:
+    """``requested`` turns True at the first SIGINT / SIGTERM between ``install()`` and ``restore()``
+    (or inside ``with StopRequests():``).
+
+    ``announce(signal_name)`` is called at the first signal (to tell the user what will happen).
+    """
+
+    def __init__(self, announce: Callable[[str], None] | None = None) -> None:
+        self.announce = announce
+        self.count = 0
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        if self.announce is not None:
+            self.announce(signal.Signals(signum).name)
+
+    def install(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> "StopRequests":
+        return self.install()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
