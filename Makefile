@@ -28,3 +28,4 @@ bench-gpu: install
 	$(PY) benchmarks/bench_tokenizer.py --device cuda --dtype bf16 --baseline --batch 64
 	$(PY) benchmarks/bench_train_step.py --presets softvq-s-64 softvq-b-64 --device cuda --dtype bf16 --baseline --batch 32
 	$(PY) benchmarks/bench_softvq_memory.py --device cuda
+	$(PY) benchmarks/bench_pretokenize.py --model softvq-s-64 --device cuda --precision bf16 --images 2048 --batch-size 64 --workers 0 4 8

@@ -256,3 +256,25 @@ def test_generator_training_stops_on_sigterm_with_a_checkpoint_and_continues_exa
     b, _ = load_generator(tmp_path / "b" / "generator")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
+
+
+def test_folder_source_decodes_in_worker_processes_in_order(tmp_path):
+    from PIL import Image
+
+    from softvq.generation.pretokenize import folder_source
+
+    for cls in ("x", "y"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.new("RGB", (48, 40), (50 * i, 30, 200 if cls == "x" else 0)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "x" / "2b.png").write_bytes(b"\x89PNG not really")
+    here, pooled = folder_source(tmp_path, 32), folder_source(tmp_path, 32, workers=2)
+    a, b = list(here.samples), list(pooled.samples)
+    assert [s[1:] for s in a] == [s[1:] for s in b] and len(a) == 10
+    assert all(torch.equal(s[0], t[0]) for s, t in zip(a, b))
+    assert len(here.skipped) == len(pooled.skipped) == 1 and "2b.png" in pooled.skipped[0]
+    # resuming part-way with workers: the same tail
+    tail = list(folder_source(tmp_path, 32, workers=2).resume_from(7))
+    assert [s[2] for s in tail] == [s[2] for s in a[6:]]
+    with pytest.raises(ValueError, match="workers must be 0"):
+        folder_source(tmp_path, 32, workers=-1)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from softvq.cli.common import (
-    add_model_arguments, is_preset, load_tokenizer, portable_spec, positive_int, resolve_device,
+    add_model_arguments, is_preset, load_tokenizer, non_negative_int, portable_spec, positive_int, resolve_device,
 )
 
 
@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --bundled: crops of each photo (default 32)")
     p.add_argument("--single-class", action="store_true", help="put every image in one class 0")
     p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="with --images: processes that decode images (default 0: this one); on a GPU, "
+                        "decoding is the bottleneck without them")
     p.add_argument("--shard-size", type=positive_int, default=4096, help="samples per shard file")
     p.add_argument("--seed", type=int, default=0, help="crop seed for --bundled")
     p.set_defaults(func=run)
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bundled:
         source = bundled_source(size, args.crops_per_photo, seed=args.seed, single_class=args.single_class)
     else:
-        source = folder_source(args.images, size, single_class=args.single_class)
+        source = folder_source(args.images, size, single_class=args.single_class, workers=args.workers)
     spec = args.model
     if is_preset(args.model):
         # a preset is re-randomised on every load: keep these exact weights so decoding matches

@@ -60,9 +60,44 @@ class LatentSource:
     resume_from: Callable[[int], Iterable[Sample]] | None = None
 
 
-def folder_source(folder: str | Path, image_size: int, single_class: bool = False) -> LatentSource:
+class _DecodedImages(torch.utils.data.Dataset):
+    """Files read as (3, S, S) tensors in [-1, 1] (centre crop + resize); an unreadable file comes
+    out as its error message, so the sample stream can skip and count it in order."""
+
+    def __init__(self, files: list[Path], image_size: int) -> None:
+        self.files, self.image_size = files, image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor | str:
+        try:
+            return read_image(self.files[i], self.image_size, resize=True)
+        except ImageReadError as exc:
+            return str(exc)
+
+
+def _stack_in_order(items: list[Tensor | str]) -> tuple[Tensor | None, list[str | None]]:
+    """A worker's chunk: the readable images stacked, and in order None (an image) or an error."""
+    images = [x for x in items if isinstance(x, Tensor)]
+    return (torch.stack(images) if images else None), [None if isinstance(x, Tensor) else x for x in items]
+
+
+def _unstack_in_order(images: Tensor | None, order: list[str | None]) -> Iterator[Tensor | str]:
+    rows = iter(images) if images is not None else iter(())
+    for marker in order:
+        yield next(rows) if marker is None else marker
+
+
+def folder_source(folder: str | Path, image_size: int, single_class: bool = False, workers: int = 0) -> LatentSource:
     """Images under ``folder``, centre-cropped and resized to ``image_size``. Labels come from the
-    first-level sub-folder names (sorted); images directly in ``folder`` form one class."""
+    first-level sub-folder names (sorted); images directly in ``folder`` form one class.
+
+    ``workers`` > 0 decodes in that many DataLoader processes, in order: ImageNet's JPEGs take
+    a few ms each to decode and resize, more than a GPU takes to encode them.
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be 0 (decode in this process) or more, got {workers}")
     folder = Path(folder)
     files = scan_folder(folder, "pass --images a folder of images (sub-folders = classes)")[0]
     names = sorted({f.relative_to(folder).parts[0] for f in files if len(f.relative_to(folder).parts) > 1})
@@ -78,11 +113,16 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
     skipped: list[str] = []
 
     def samples(start: int = 0) -> Iterator[Sample]:
-        for f in files[start:]:
-            try:  # a corrupt file is skipped and counted, as in `softvq encode`, not the end of the run
-                image = read_image(f, image_size, resize=True)
-            except ImageReadError as exc:
-                skipped.append(str(exc))
+        todo = files[start:]
+        decoded: Iterable[Tensor | str] = _DecodedImages(todo, image_size)
+        if workers:
+            # Workers hand over stacks of 16 (one shared-memory tensor each, not one per image)
+            loader = torch.utils.data.DataLoader(decoded, batch_size=16, shuffle=False, num_workers=workers,
+                                                 collate_fn=_stack_in_order)
+            decoded = (item for chunk in loader for item in _unstack_in_order(*chunk))
+        for f, image in zip(todo, decoded):
+            if isinstance(image, str):  # a corrupt file is skipped and counted, not the end of the run
+                skipped.append(image)
                 continue
             yield image, label_of(f), str(f.relative_to(folder))
 
