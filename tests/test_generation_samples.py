@@ -132,3 +132,35 @@ def test_scoring_an_unfinished_run_says_so(parts, tmp_path):
     report = evaluate_samples(tmp_path / "s", tmp_path / "s" / "images", pr_samples=0, progress=False)
     assert any("did not finish" in note for note in report["notes"]) and report["num_samples"] == 4
     assert "precision" not in report and report["gfid"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_two_launched_processes_make_the_images_one_process_makes(parts, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from softvq.generation.checkpoint import save_generator
+
+    tok, model, meta = parts
+    tok.save_pretrained(tmp_path / "tok")
+    meta = GeneratorMeta(objective="sit", classes=meta.classes, tokenizer=str(tmp_path / "tok"))
+    save_generator(model, meta, tmp_path / "gen")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = ["-m", "softvq.cli.main", "generate", str(tmp_path / "gen"), "--per-class", "3", "--steps", "3",
+            "--batch-size", "2", "--cfg", "1.5", "--device", "cpu"]
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launched = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    printed = {}
+    for command, out in ((launched, "two"), ([sys.executable], "one")):
+        proc = subprocess.run(command + args + ["--out", str(tmp_path / out)], env=env, capture_output=True,
+                              text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        printed[out] = proc.stdout
+    assert printed["two"].count("wrote 9 images to") == 1  # the main process reports, for both
+    two, one = images_of(tmp_path / "two"), images_of(tmp_path / "one")
+    assert len(one) == 9 and two == one  # 5 batches split 3 / 2 over the processes, the same images
+    assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
+    assert json.loads((tmp_path / "two" / "samples.json").read_text())["finished"] is True

@@ -8,13 +8,17 @@
 Writes OUT/images/000000.png ... (one file per sample, readable by FID tools), OUT/grid.png
 (one row per class, at most 16 x 16), and OUT/samples.json (labels, class names, sampler settings).
 Images are written batch by batch: an interrupted run continues when the same command is run
-again, and makes the same images it would have made without the interruption.
+again, and makes the same images it would have made without the interruption. Under torchrun or
+accelerate launch the batches are split over the processes (one per GPU), with the same images:
+
+    torchrun --nproc_per_node 8 -m softvq.cli.main generate GEN --out OUT --per-class 50 --cfg 1.75
 Guidance interval: noise levels τ in [low, high] with τ = 0 data and τ = 1 noise (SiT's t; t/T for DiT).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -89,7 +93,14 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--fid-ref {reference} does not exist")
         if reference.suffix != ".npz":
             require_folder(reference, "--fid-ref takes a .npz of reference statistics or an image folder")
-    device = resolve_device(args.device)
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch: split the batches
+        from softvq.training.accelerator import new_accelerator
+
+        accelerator = new_accelerator(cpu=resolve_device(args.device).type == "cpu")
+        device = accelerator.device
+    else:
+        device = resolve_device(args.device)
     model, meta = load_generator(args.generator, map_location=str(device))
     spec_name = args.tokenizer or meta.tokenizer
     if not spec_name:
@@ -107,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
     record = {"generator": str(generator_path.resolve()) if generator_path.exists() else str(args.generator),
               "tokenizer": spec_name}
     result = write_samples(model, meta, tokenizer, labels, spec, args.out, seed=args.seed,
-                           batch_size=args.batch_size, record=record)
+                           batch_size=args.batch_size, record=record, accelerator=accelerator)
+    if accelerator is not None and not accelerator.is_main_process:
+        return 0
     if result.made == 0:
         print(f"{result.images} already holds all {result.count} images of these settings; grid {result.grid}")
     else:

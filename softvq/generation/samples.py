@@ -104,13 +104,17 @@ def _claim(folder: Path, record: dict[str, Any]) -> bool:
 
 def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tensor | Sequence[int],
                   spec: SamplerSpec, folder: str | Path, *, seed: int = 0, batch_size: int = 64,
-                  record: dict[str, Any] | None = None, progress: bool = True) -> GeneratedSamples:
+                  record: dict[str, Any] | None = None, progress: bool = True,
+                  accelerator=None) -> GeneratedSamples:
     """Sample one image per label, decode it with ``tokenizer``, and write the folder described in
     the module docstring; continue an interrupted run with the same settings.
 
     ``record`` adds JSON-able entries to ``samples.json`` (the CLI puts the generator and tokenizer
     it was given there); together with the sampler settings, seed, batch size and labels they are
-    what a resumed run must repeat. Returns a :class:`GeneratedSamples`.
+    what a resumed run must repeat. With an ``accelerate.Accelerator`` of several processes
+    (``torchrun`` / ``accelerate launch``), process r makes batches r, r + n, r + 2n, ...: the
+    images are those one process makes, since each batch has its own seed. Every process must
+    call this; the returned counts are over all of them.
     """
     from tqdm.auto import tqdm
 
@@ -133,17 +137,32 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tens
         "labels": labels.tolist(), "class_names": names,
     }
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as a reread record has them
-    resuming = _claim(folder, settings)
-    atomic_write(folder / SAMPLE_RECORD, lambda p: p.write_text(json.dumps({**settings, "finished": False}, indent=2)))
-    (folder / SAMPLE_IMAGES).mkdir(parents=True, exist_ok=True)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    refusal = None
+    if rank == 0:  # one process checks and claims the folder; the others learn its verdict
+        try:
+            _claim(folder, settings)
+            atomic_write(folder / SAMPLE_RECORD,
+                         lambda p: p.write_text(json.dumps({**settings, "finished": False}, indent=2)))
+            (folder / SAMPLE_IMAGES).mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:
+            refusal = str(exc)
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise FileExistsError(refusal)
 
     device = next(tokenizer.parameters()).device
     starts = range(0, len(labels), batch_size)
-    todo = [s for s in starts
+    mine = [s for b, s in enumerate(starts) if b % world == rank]
+    todo = [s for s in mine
             if not all(image_path(folder, i).is_file() for i in range(s, min(s + batch_size, len(labels))))]
     made, diverged = 0, False
-    bar = tqdm(total=len(starts), initial=len(starts) - len(todo), disable=not progress, unit="batch",
-               desc=f"generate ({method}, {steps} steps)" + (", resumed" if resuming and len(todo) < len(starts) else ""))
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress or rank != 0, unit="batch",
+               desc=f"generate ({method}, {steps} steps)" + (", resumed" if len(todo) < len(mine) else "")
+               + (f", {world} processes" if world > 1 else ""))
     for start in todo:
         batch = labels[start:start + batch_size]
         generator = torch.Generator().manual_seed(batch_seed(seed, start))
@@ -157,8 +176,16 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tens
         made += len(batch)
         bar.update(1)
     bar.close()
-    _write_grid(folder, labels)
-    atomic_write(folder / SAMPLE_RECORD, lambda p: p.write_text(json.dumps({**settings, "finished": True}, indent=2)))
+    if world > 1:
+        accelerator.wait_for_everyone()
+        totals = accelerator.reduce(torch.tensor([made, int(diverged)], device=accelerator.device), reduction="sum")
+        made, diverged = int(totals[0]), bool(totals[1])
+    if rank == 0:
+        _write_grid(folder, labels)
+        atomic_write(folder / SAMPLE_RECORD,
+                     lambda p: p.write_text(json.dumps({**settings, "finished": True}, indent=2)))
+    if world > 1:
+        accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
     return GeneratedSamples(folder, len(labels), made, diverged)
 
 
