@@ -4,7 +4,10 @@ files, the bundled photos split, and webdataset shards."""
 from __future__ import annotations
 
 import io
+import os
+import signal
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -204,3 +207,28 @@ def test_shard_stream_resumes_exactly_from_saved_positions(tmp_path, workers):
         assert torch.equal(a.images, b.images)
     # without positions a resume would start elsewhere: the test can tell the difference
     assert not torch.equal(batches(stop, None, n=1)[0].images, straight[stop].images)
+
+
+class _WhoServes(torch.utils.data.Dataset):
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return torch.tensor([os.getpid(), i])
+
+
+def test_loader_workers_outlive_the_stop_signals_the_main_process_handles():
+    """A scheduler's SIGTERM reaches the workers too; they must leave stopping to the main process."""
+    from softvq.data.workers import ignore_stop_signals
+
+    loader = torch.utils.data.DataLoader(_WhoServes(), batch_size=None, num_workers=2,
+                                         worker_init_fn=ignore_stop_signals)
+    seen, signalled = [], set()
+    for pid, i in loader:
+        seen.append(int(i))
+        if int(pid) != os.getpid() and int(pid) not in signalled:
+            signalled.add(int(pid))
+            os.kill(int(pid), signal.SIGTERM)
+            os.kill(int(pid), signal.SIGINT)
+    assert seen == list(range(40)) and len(signalled) == 2  # both workers signalled, no item lost

@@ -14,6 +14,7 @@ from softvq.data.folder import ImageFolderDataset, scan_folder, split_holdout
 from softvq.data.images import ImageReadError, center_crop_resize, load_rgb, to_tensor
 from softvq.data.sampler import StreamBatchSampler
 from softvq.data.shards import ShardStream
+from softvq.data.workers import ignore_stop_signals
 
 if TYPE_CHECKING:
     from softvq.training.config import DataConfig
@@ -90,7 +91,7 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
                              hflip=cfg.hflip, min_crop_fraction=cfg.min_crop_fraction)
         loader = DataLoader(stream, batch_size=micro_batch, collate_fn=collate, num_workers=cfg.workers,
                             prefetch_factor=cfg.prefetch_factor if cfg.workers else None,
-                            persistent_workers=False, pin_memory=pin_memory)
+                            persistent_workers=False, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
         if cfg.eval_path:
             held = load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images)
         else:
@@ -102,7 +103,7 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
     generator = torch.Generator().manual_seed(seed)  # keeps DataLoader from drawing on the global RNG
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
                         prefetch_factor=cfg.prefetch_factor if cfg.workers else None,
-                        pin_memory=pin_memory, generator=generator)
+                        pin_memory=pin_memory, generator=generator, worker_init_fn=ignore_stop_signals)
     return TrainData(loader, description, len(dataset), ignored), held
 
 

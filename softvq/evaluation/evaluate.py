@@ -171,7 +171,7 @@ def _reference_cache(options: EvalOptions, checksum: str) -> Path | None:
     return None
 
 
-def _evaluation_identity(model, refs: list, size: int, options: EvalOptions, reference_loaded: bool) -> dict[str, Any]:
+def _evaluation_identity(model, refs: list, size: int, options: EvalOptions) -> dict[str, Any]:
     """What an evaluation's running sums depend on: a resumed run must match it exactly."""
     weights = hashlib.sha1()
     for name, tensor in model.state_dict().items():
@@ -181,7 +181,7 @@ def _evaluation_identity(model, refs: list, size: int, options: EvalOptions, ref
     return {"weights_sha1": weights.hexdigest(), "precision": model.precision, "images": len(refs),
             "images_sha1": images, "image_size": size, "batch_size": options.batch_size, "fid": options.fid,
             "fid_weights": options.fid_weights, "fid_normalization": options.fid_normalization,
-            "lpips_nets": list(options.lpips_nets), "reference_loaded": reference_loaded}
+            "lpips_nets": list(options.lpips_nets)}
 
 
 def _resume_evaluation(state_file: Path | None, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -257,9 +257,12 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
     skipped: list[str] = []
     evaluated = done_batches = 0
     state_file = Path(state_file).expanduser() if state_file is not None else None
-    identity = _evaluation_identity(model, refs, size, options, ref_stats is not None) if state_file else {}
+    identity = _evaluation_identity(model, refs, size, options) if state_file else {}
     saved = _resume_evaluation(state_file, identity)
     if saved is not None:
+        if saved["acc"].real.count == 0 and saved["evaluated"] and extractor is not None and ref_stats is None:
+            raise ValueError(f"{state_file} relied on cached reference statistics that are gone; delete it to "
+                             f"start over, or restore the cache")
         acc, usage, skipped, evaluated, done_batches = (saved["acc"], saved["usage"], saved["skipped"],
                                                         saved["evaluated"], saved["batches"])
         notes.append(f"continued an interrupted evaluation after {done_batches * options.batch_size} images "
@@ -329,6 +332,7 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
                 last_save = time.monotonic()
     except KeyboardInterrupt:
         if state_file is not None and not updating and done_batches:
+            batches.close()  # shut the loader's workers down before writing
             save()
             print(f"eval: saved the sums of {evaluated} images in {state_file}; the same command continues",
                   file=sys.stderr)

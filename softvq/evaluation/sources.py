@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, center_crop_resize, decode_rgb, list_images, load_rgb
+from softvq.data.workers import ignore_stop_signals
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def readable_batches(refs: list[ImageRef], size: int, batch_size: int, workers: 
     ``skipped``, so one corrupt file does not end a long run; an :class:`ImageReadError` when none
     of them is readable (unless ``require_readable`` is False: the tail of a resumed run)."""
     loader = torch.utils.data.DataLoader(EvalImages(refs, size), batch_size=batch_size, num_workers=workers,
-                                         shuffle=False, collate_fn=_stack_readable)
+                                         shuffle=False, collate_fn=_stack_readable, worker_init_fn=ignore_stop_signals)
     readable = 0
     for images, unreadable in loader:
         skipped += unreadable

@@ -35,6 +35,7 @@ from torch import Tensor
 from softvq.checkpoint.pretrained import atomic_write
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
+from softvq.data.workers import ignore_stop_signals
 
 META_NAME = "meta.json"
 PROGRESS_NAME = "progress.json"
@@ -118,7 +119,7 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
         if workers:
             # Workers hand over stacks of 16 (one shared-memory tensor each, not one per image)
             loader = torch.utils.data.DataLoader(decoded, batch_size=16, shuffle=False, num_workers=workers,
-                                                 collate_fn=_stack_in_order)
+                                                 collate_fn=_stack_in_order, worker_init_fn=ignore_stop_signals)
             decoded = (item for chunk in loader for item in _unstack_in_order(*chunk))
         for f, image in zip(todo, decoded):
             if isinstance(image, str):  # a corrupt file is skipped and counted, not the end of the run
