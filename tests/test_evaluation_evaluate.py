@@ -176,23 +176,34 @@ def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
         write_photos(tmp_path / "fake" / "images", 4, size=64)
         (tmp_path / "fake" / "samples.json").write_text("{}")
         write_photos(tmp_path / "fake", 1, size=200)
-    report = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2)
+    cache = tmp_path / "cache"
+    report = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2,
+                              cache_dir=cache)
     assert report["num_samples"] == 4 and report["image_size"] == 64
     assert report["gfid"] == pytest.approx(0.0, abs=1e-3)  # the same images
     assert report["precision"] == 1.0 and report["recall"] == 1.0
+    assert any("reference statistics cached in" in n for n in report["notes"])
+    # another set of samples against the same reference: its statistics and P/R features come from the cache
+    again = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2,
+                             cache_dir=cache)
+    assert any("reference statistics loaded from" in n for n in again["notes"]) and again["num_reference"] == 4
+    assert again["gfid"] == pytest.approx(report["gfid"], abs=1e-9)
+    assert (again["precision"], again["recall"]) == (report["precision"], report["recall"])
     if "inception_score" not in report:  # fid-helper's weights have no classifier
         assert any("Inception Score not computed" in n for n in report["notes"])
     report["model"], report["num_images"] = "samples", 4
     assert "| gFID ↓ |" in to_markdown(report)
     if layout == "folder":  # a corrupt reference image is skipped and named, not the end of the run
         (tmp_path / "real" / "000_broken.png").write_bytes(b"\x89PNG truncated")
-        skipping = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2)
+        skipping = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2,
+                                    cache_dir=cache)  # another file list: not the cached statistics
         assert skipping["num_reference"] == 4 and skipping["gfid"] == pytest.approx(0.0, abs=1e-3)
         assert any(n.startswith("reference: skipped 1 unreadable image(s) of the first 5") for n in skipping["notes"])
         (tmp_path / "broken").mkdir()
         (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
         with pytest.raises(ValueError, match="none of the first 1 images given is readable, e.g. .*a.png"):
-            evaluate_samples(tmp_path / "fake", tmp_path / "broken", num_images=8, progress=False, k=2)
+            evaluate_samples(tmp_path / "fake", tmp_path / "broken", num_images=8, progress=False, k=2,
+                             cache_dir=None)
 
 
 def test_cost_counts_the_attention_core():

@@ -42,7 +42,8 @@ def test_pretokenize_writes_shards_and_exact_statistics(tmp_path):
 
 
 @pytest.mark.parametrize("objective", ["sit", "dit", "mar"])
-def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective, capsys):
+def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # --fid-ref caches reference statistics under ~/.cache
     tiny_tokenizer(tmp_path)
     tok = Tokenizer.from_pretrained(tmp_path / "tok")
     pretokenize(tok, source(), tmp_path / "lat", tokenizer_spec=str(tmp_path / "tok"), progress=False)

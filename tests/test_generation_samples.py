@@ -129,7 +129,7 @@ def test_scoring_an_unfinished_run_says_so(parts, tmp_path):
     write_samples(model, meta, tok, [0, 1, 2, 0], SPEC, tmp_path / "s", batch_size=4, progress=False)
     record = tmp_path / "s" / "samples.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "finished": False}))
-    report = evaluate_samples(tmp_path / "s", tmp_path / "s" / "images", pr_samples=0, progress=False)
+    report = evaluate_samples(tmp_path / "s", tmp_path / "s" / "images", pr_samples=0, progress=False, cache_dir=None)
     assert any("did not finish" in note for note in report["notes"]) and report["num_samples"] == 4
     assert "precision" not in report and report["gfid"] == pytest.approx(0.0, abs=1e-3)
 

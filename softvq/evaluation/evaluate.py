@@ -408,7 +408,8 @@ def sample_folder(samples: str | Path) -> str | Path:
 def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: int = PAPER_NUM_IMAGES,
                      batch_size: int = 32, fid_weights: str | None = None, normalization: str = "tf",
                      pr_samples: int = 10_000, k: int = 3, device: str | torch.device = "cpu",
-                     workers: int = 0, progress: bool = True) -> dict[str, Any]:
+                     workers: int = 0, progress: bool = True,
+                     cache_dir: str | Path | None = DEFAULT_CACHE) -> dict[str, Any]:
     """Generation metrics of a folder of samples against real images (paper Sec. 4.1).
 
     gFID against ``reference`` (an image folder / shards, centre-cropped and resized to the
@@ -416,6 +417,10 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     batch); improved precision / recall (k = 3) on the first ``pr_samples`` features of each side
     (needs reference images, not a ``.npz``; 0 skips them); Inception Score when the weights have
     the classifier. A ``softvq generate`` folder whose run was interrupted is scored with a note.
+
+    A reference folder's statistics and its first ``pr_samples`` features are cached in
+    ``cache_dir`` under a checksum of its file list and the protocol (as rFID's are), so scoring
+    several generators against the same images computes the reference features once.
     """
     from softvq.evaluation.inception import InceptionFeatureExtractor
 
@@ -446,10 +451,21 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         ref_stats, real = fidlib.load_reference_stats(reference), None
         report["notes"].append("precision/recall need reference images, not statistics: skipped")
     else:
-        real_refs, _, _ = list_image_refs(reference, num_images)
-        real, _ = features(real_refs, "reference")
-        ref_stats = fidlib.FeatureStats.from_features(real)
-        report["num_reference"] = len(real)
+        real_refs, files, root = list_image_refs(reference, num_images)
+        protocol = {**protocol_of(EvalOptions(fid_weights=fid_weights, fid_normalization=normalization), size,
+                                  len(real_refs), extractor.weights_name), "precision_recall_features": pr_samples}
+        checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
+        cache = Path(cache_dir).expanduser() / f"reference-{checksum[:24]}.npz" if cache_dir else None
+        if cache is not None and cache.is_file():
+            ref_stats, real = fidlib.load_reference_stats(cache, checksum), fidlib.load_reference_features(cache)
+            notes.append(f"reference statistics loaded from {cache}")
+        else:
+            real, _ = features(real_refs, "reference")
+            ref_stats = fidlib.FeatureStats.from_features(real)
+            if cache is not None:
+                fidlib.save_reference_stats(cache, ref_stats, checksum, protocol, features=real[:pr_samples])
+                notes.append(f"reference statistics cached in {cache}")
+        report["num_reference"] = ref_stats.count
     report["gfid"] = fidlib.frechet_distance(ref_stats, fidlib.FeatureStats.from_features(fake))
     if real is not None and pr_samples > 0:
         m = min(pr_samples, len(real), len(fake))

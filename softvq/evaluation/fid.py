@@ -165,8 +165,9 @@ def dataset_checksum(files: Sequence[str | Path], protocol: dict[str, Any], root
 
 
 def save_reference_stats(path: str | Path, stats: FeatureStats, checksum: str,
-                         protocol: dict[str, Any]) -> Path:
-    """Write μ, Σ, the count, the checksum and the protocol to ``path`` (.npz), atomically."""
+                         protocol: dict[str, Any], features: np.ndarray | torch.Tensor | None = None) -> Path:
+    """Write μ, Σ, the count, the checksum and the protocol to ``path`` (.npz), atomically; with
+    ``features``, also those rows (float32: precision / recall need the first N real features)."""
     from softvq.checkpoint.pretrained import atomic_write
 
     path = Path(path)
@@ -175,6 +176,8 @@ def save_reference_stats(path: str | Path, stats: FeatureStats, checksum: str,
 
     def write(tmp: Path) -> None:
         extra = {"centred": stats.centred} if stats.centred is not None else {}
+        if features is not None:
+            extra["features"] = _as_float64(features).astype(np.float32)
         with open(tmp, "wb") as fh:
             np.savez(fh, mu=stats.mean, sigma=stats.cov, count=np.int64(stats.count),
                      checksum=np.str_(checksum), protocol=np.str_(json.dumps(protocol, sort_keys=True)),
@@ -211,6 +214,12 @@ def load_reference_stats(path: str | Path, checksum: str | None = None) -> Featu
     if mean.ndim != 1 or cov.shape != (mean.shape[0], mean.shape[0]):
         raise ReferenceStatsError(f"{path}: mu {mean.shape} and sigma {cov.shape} do not match")
     return FeatureStats(mean=mean, cov=cov, count=count, centred=centred)
+
+
+def load_reference_features(path: str | Path) -> np.ndarray | None:
+    """The feature rows a cached ``.npz`` keeps beside its statistics (None when it keeps none)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        return data["features"].astype(np.float64) if "features" in data else None
 
 
 # --- Inception Score -----------------------------------------------------------------------------
