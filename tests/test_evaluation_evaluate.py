@@ -260,7 +260,7 @@ def test_an_interrupted_evaluation_continues_to_the_same_report(tmp_path, capsys
         evaluate_tokenizer(model, tmp_path / "imgs", options, state_file=state, save_every_s=1e9)
     assert "saved the sums of 3 images" in capsys.readouterr().err and state.is_file()
 
-    with pytest.raises(ValueError, match="other weights, images or options .*batch_size: 2 -> 3"):
+    with pytest.raises(ValueError, match="other weights, images or options .*batch_size 2 -> 3"):
         evaluate_tokenizer(tiny(), tmp_path / "imgs", EvalOptions(**{**options.__dict__, "batch_size": 3}),
                            state_file=state)
     resumed = evaluate_tokenizer(tiny(InterruptedTokenizer), tmp_path / "imgs", options, state_file=state)

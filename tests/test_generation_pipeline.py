@@ -188,7 +188,7 @@ def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monk
     assert progress["shards"] == ["latents-00000.safetensors"] and progress["position"] == 4
     assert progress["skipped"] == [] and not (tmp_path / "cut" / "meta.json").exists()
 
-    with pytest.raises(FileExistsError, match="other settings .*shard_size: 4 -> 5"):
+    with pytest.raises(FileExistsError, match="other settings .*shard_size 4 -> 5"):
         pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **{**run, "shard_size": 5})
     resumed = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **{**run, "batch_size": 2})
     a, b = load_latents(tmp_path / "straight"), load_latents(tmp_path / "cut")

@@ -85,7 +85,7 @@ def test_each_batch_has_its_own_noise(parts, tmp_path):
     (dict(seed=4), "seed 3 -> 4"),
     (dict(batch_size=2), "batch_size 3 -> 2"),
     (dict(spec=SamplerSpec(method="sde", steps=3, guidance=Guidance(2.0, 0.0, 0.7))), "cfg 1.5 -> 2.0"),
-    (dict(labels=[0, 1]), "labels differ (7 -> 2 samples)"),
+    (dict(labels=list(range(3)) * 3), "labels differ (7 -> 9 items)"),
 ])
 def test_other_settings_are_refused_by_name(parts, tmp_path, change, named):
     tok, model, meta = parts

@@ -46,6 +46,7 @@ from softvq.evaluation import fid as fidlib
 from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quantize_to_uint8, ssim
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
 from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD
+from softvq.resume import changed_settings
 
 PAPER_NUM_IMAGES = 50_000
 DEFAULT_CACHE = Path("~/.cache/softvq/fid-stats")
@@ -195,8 +196,7 @@ def _resume_evaluation(state_file: Path | None, identity: dict[str, Any]) -> dic
     except Exception as exc:  # noqa: BLE001 - any unreadable state means the same thing to the user
         raise ValueError(f"{state_file} (the state of an interrupted evaluation) is unreadable "
                          f"({type(exc).__name__}); delete it to start over") from None
-    changed = [f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}"
-               for k in dict.fromkeys([*saved, *identity]) if saved.get(k) != identity.get(k)]
+    changed = changed_settings(saved, identity)
     if changed:
         raise ValueError(f"{state_file} holds an interrupted evaluation of other weights, images or options "
                          f"({'; '.join(changed)}); rerun it as it was to continue, or delete the file to start over")

@@ -36,6 +36,7 @@ from softvq.checkpoint.pretrained import atomic_write
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 from softvq.data.workers import ignore_stop_signals
+from softvq.resume import changed_settings
 
 META_NAME = "meta.json"
 PROGRESS_NAME = "progress.json"
@@ -218,8 +219,7 @@ def _start(out: Path, settings: dict[str, Any], source: LatentSource) -> _Progre
         progress = _Progress(**json.loads(saved.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{saved} is unreadable ({type(exc).__name__}); delete the folder to start over") from None
-    changed = [f"{k}: {progress.settings.get(k)!r} -> {settings.get(k)!r}"
-               for k in dict.fromkeys([*progress.settings, *settings]) if progress.settings.get(k) != settings.get(k)]
+    changed = changed_settings(progress.settings, settings)
     if changed:
         raise FileExistsError(f"{out} holds an interrupted pretokenize with other settings ({'; '.join(changed)}); "
                               f"rerun it with the same ones to continue, or choose an empty folder")

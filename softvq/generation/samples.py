@@ -30,6 +30,7 @@ from torch import Tensor
 from softvq.checkpoint.pretrained import atomic_write
 from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
+from softvq.resume import changed_settings
 
 SAMPLE_IMAGES, SAMPLE_RECORD, SAMPLE_GRID = "images", "samples.json", "grid.png"
 GRID_ROWS = GRID_COLUMNS = 16  # a 1000-class, 50-per-class run would otherwise make a gigapixel grid
@@ -66,18 +67,6 @@ def image_path(folder: Path, index: int) -> Path:
     return folder / SAMPLE_IMAGES / f"{index:06d}.png"
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = [k for k in dict.fromkeys([*old, *new]) if k != "finished"]
-    out = []
-    for k in keys:
-        if old.get(k) != new.get(k):
-            if k in ("labels", "class_names"):
-                out.append(f"{k} differ ({len(old.get(k) or [])} -> {len(new.get(k) or [])} samples)")
-            else:
-                out.append(f"{k} {old.get(k)!r} -> {new.get(k)!r}")
-    return out
-
-
 def _claim(folder: Path, record: dict[str, Any]) -> bool:
     """Check that ``folder`` is empty or holds a run with exactly these settings; True if it holds one."""
     record_path = folder / SAMPLE_RECORD
@@ -89,7 +78,7 @@ def _claim(folder: Path, record: dict[str, Any]) -> bool:
         if not isinstance(old, dict) or "finished" not in old:
             raise FileExistsError(f"{record_path} was not written by this version's resumable sampler; "
                                   f"choose an empty --out for new samples")
-        changed = _differences(old, record)
+        changed = changed_settings(old, record, ignore=["finished"])
         if changed:
             raise FileExistsError(
                 f"{folder} holds samples made with other settings ({'; '.join(changed)}); their images would be "
@@ -136,7 +125,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tens
         "precision": tokenizer.precision, "seed": seed, "batch_size": batch_size,
         "labels": labels.tolist(), "class_names": names,
     }
-    settings = json.loads(json.dumps(settings))  # tuples -> lists, as a reread record has them
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as the record is read back
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     refusal = None
     if rank == 0:  # one process checks and claims the folder; the others learn its verdict

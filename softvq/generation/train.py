@@ -43,6 +43,7 @@ from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, ObjectiveConfig
 from softvq.generation.pretokenize import load_latents
+from softvq.resume import changed_settings
 from softvq.training.optim import param_groups
 from softvq.training.schedule import lr_factor
 
@@ -171,11 +172,9 @@ def check_same_model(run: Path, model: dict[str, Any]) -> None:
     saved_file = run / "config.json"
     if not saved_file.is_file():
         return
-    saved = json.loads(saved_file.read_text()).get("model", {})
-    model = json.loads(json.dumps(model))  # as it was saved: tuples become lists
-    changed = sorted(key for key in saved.keys() | model.keys() if saved.get(key) != model.get(key))
+    changed = changed_settings(json.loads(saved_file.read_text()).get("model", {}), model)
     if changed:
-        details = ", ".join(f"{key} {saved.get(key)!r} -> {model.get(key)!r}" for key in changed)
+        details = ", ".join(changed)
         raise ValueError(f"{run} holds checkpoints of another generator ({details}); resuming needs the "
                          f"same settings, or pass a new --out to start a fresh run")
 
