@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, center_crop_resize, decode_rgb, list_images, load_rgb
-from softvq.data.workers import ignore_stop_signals
+from softvq.data.workers import ignore_stop_signals, stack_readable
 
 
 @dataclass(frozen=True)
@@ -138,11 +138,6 @@ class EvalImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def _stack_readable(items: list[torch.Tensor | str]) -> tuple[torch.Tensor | None, list[str]]:
-    images = [x for x in items if isinstance(x, torch.Tensor)]
-    return (torch.stack(images) if images else None), [x for x in items if isinstance(x, str)]
-
-
 def readable_batches(refs: list[ImageRef], size: int, batch_size: int, workers: int,
                      skipped: list[str], require_readable: bool = True) -> Iterator[torch.Tensor]:
     """uint8 batches (B, 3, size, size) of ``refs`` in protocol order, batch k from refs
@@ -150,10 +145,10 @@ def readable_batches(refs: list[ImageRef], size: int, batch_size: int, workers: 
     ``skipped``, so one corrupt file does not end a long run; an :class:`ImageReadError` when none
     of them is readable (unless ``require_readable`` is False: the tail of a resumed run)."""
     loader = torch.utils.data.DataLoader(EvalImages(refs, size), batch_size=batch_size, num_workers=workers,
-                                         shuffle=False, collate_fn=_stack_readable, worker_init_fn=ignore_stop_signals)
+                                         shuffle=False, collate_fn=stack_readable, worker_init_fn=ignore_stop_signals)
     readable = 0
-    for images, unreadable in loader:
-        skipped += unreadable
+    for images, order in loader:
+        skipped += [name for name in order if name is not None]
         if images is not None:
             readable += len(images)
             yield images

@@ -35,7 +35,7 @@ from torch import Tensor
 from softvq.checkpoint.pretrained import atomic_write
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
-from softvq.data.workers import ignore_stop_signals
+from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable
 from softvq.resume import changed_settings
 
 META_NAME = "meta.json"
@@ -79,18 +79,6 @@ class _DecodedImages(torch.utils.data.Dataset):
             return str(exc)
 
 
-def _stack_in_order(items: list[Tensor | str]) -> tuple[Tensor | None, list[str | None]]:
-    """A worker's chunk: the readable images stacked, and in order None (an image) or an error."""
-    images = [x for x in items if isinstance(x, Tensor)]
-    return (torch.stack(images) if images else None), [None if isinstance(x, Tensor) else x for x in items]
-
-
-def _unstack_in_order(images: Tensor | None, order: list[str | None]) -> Iterator[Tensor | str]:
-    rows = iter(images) if images is not None else iter(())
-    for marker in order:
-        yield next(rows) if marker is None else marker
-
-
 def folder_source(folder: str | Path, image_size: int, single_class: bool = False, workers: int = 0) -> LatentSource:
     """Images under ``folder``, centre-cropped and resized to ``image_size``. Labels come from the
     first-level sub-folder names (sorted); images directly in ``folder`` form one class.
@@ -118,10 +106,9 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
         todo = files[start:]
         decoded: Iterable[Tensor | str] = _DecodedImages(todo, image_size)
         if workers:
-            # Workers hand over stacks of 16 (one shared-memory tensor each, not one per image)
             loader = torch.utils.data.DataLoader(decoded, batch_size=16, shuffle=False, num_workers=workers,
-                                                 collate_fn=_stack_in_order, worker_init_fn=ignore_stop_signals)
-            decoded = (item for chunk in loader for item in _unstack_in_order(*chunk))
+                                                 collate_fn=stack_readable, worker_init_fn=ignore_stop_signals)
+            decoded = (item for chunk in loader for item in unstack_readable(*chunk))
         for f, image in zip(todo, decoded):
             if isinstance(image, str):  # a corrupt file is skipped and counted, not the end of the run
                 skipped.append(image)
