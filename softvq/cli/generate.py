@@ -140,7 +140,8 @@ def generation_fid(samples: Path, reference: str, device: torch.device) -> float
     reference statistics or a folder of images; unreadable reference images are skipped and named."""
     from softvq.evaluation.evaluate import evaluate_samples
 
-    report = evaluate_samples(samples, reference, num_images=10**9, device=device, pr_samples=0)
+    # every sample and every reference image; no precision/recall here (`softvq eval --samples` has them)
+    report = evaluate_samples(samples, reference, num_images=sys.maxsize, device=device, pr_samples=0)
     for note in report["notes"]:
         if note.startswith("reference: "):
             print(f"warning: --fid-ref: {note.removeprefix('reference: ')}", file=sys.stderr)
