@@ -20,7 +20,8 @@ from softvq.cli.common import (
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("pretokenize", help="encode images into latent shards (+ latent mean/std)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="output folder for latents-*.safetensors and meta.json (must hold no shards)")
+    p.add_argument("out", help="output folder for latents-*.safetensors and meta.json: empty, or an interrupted "
+                                "pretokenize to continue")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="FOLDER", help="image folder; first-level sub-folders are classes")
     src.add_argument("--bundled", action="store_true",
