@@ -50,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="MAR: clamp the head's predicted clean token to [-C, C] in normalised latent units "
                         "(off, as in MAR's release; try 5 if a small run's samples diverge)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="samples per batch (default 64); each batch has its own seed, so the images depend on it "
+                        "and a continued run must keep it")
     p.add_argument("--device", default="auto")
     add_precision_argument(p)  # the tokenizer's decode; the generator samples in float32
     p.add_argument("--fid-ref", metavar="NPZ_OR_FOLDER",
