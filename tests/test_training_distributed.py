@@ -134,3 +134,27 @@ def test_a_launched_worker_exits_without_interpreter_finalisation(world_size, fi
     bad = subprocess.run([sys.executable, "-c", script.replace("softvq-s-32", "no-such-preset")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "no-such-preset" in bad.stderr
+
+
+def test_launched_processes_agree_on_a_stop_any_one_of_them_heard(tmp_path):
+    """train-generator stops when any process got Ctrl-C / SIGTERM: the flag is all-reduced."""
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "from softvq.cli.main import release_process_group\n"
+        "from softvq.generation.train import _any_process\n"
+        "from softvq.training.accelerator import new_accelerator\n"
+        "acc = new_accelerator(cpu=True)\n"
+        "rank = acc.process_index\n"
+        "answers = (_any_process(rank == 1, acc), _any_process(False, acc))\n"
+        f"open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(repr(answers))\n"
+        "release_process_group()\n"
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0 did not hear it, yet learns that rank 1 did; nobody heard anything in the second call
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["(True, False)", "(True, False)"]
