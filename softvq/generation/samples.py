@@ -67,8 +67,8 @@ def image_path(folder: Path, index: int) -> Path:
     return folder / SAMPLE_IMAGES / f"{index:06d}.png"
 
 
-def _claim(folder: Path, record: dict[str, Any]) -> bool:
-    """Check that ``folder`` is empty or holds a run with exactly these settings; True if it holds one."""
+def _claim(folder: Path, record: dict[str, Any]) -> None:
+    """Check that ``folder`` is empty or holds a run with exactly these settings (FileExistsError if not)."""
     record_path = folder / SAMPLE_RECORD
     if record_path.is_file():
         try:
@@ -83,12 +83,11 @@ def _claim(folder: Path, record: dict[str, Any]) -> bool:
             raise FileExistsError(
                 f"{folder} holds samples made with other settings ({'; '.join(changed)}); their images would be "
                 f"scored with these. Rerun with the same settings to continue that run, or choose an empty --out")
-        return True
+        return
     images = folder / SAMPLE_IMAGES
     if images.is_dir() and any(images.iterdir()):
         raise FileExistsError(f"{images} already holds files but {folder} has no {SAMPLE_RECORD}: they are not "
                               f"samples this command can continue; choose an empty --out")
-    return False
 
 
 def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tensor | Sequence[int],
