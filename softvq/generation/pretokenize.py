@@ -233,11 +233,9 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer.eval()
-    settings = json.loads(json.dumps({
-        "source": source.identity, "count": source.count, "tokenizer": tokenizer_spec,
-        "latent_shape": [tokenizer.num_tokens, tokenizer.latent_dim], "precision": tokenizer.precision,
-        "shard_size": shard_size,
-    }))
+    settings = {"source": source.identity, "count": source.count, "tokenizer": tokenizer_spec,
+                "latent_shape": [tokenizer.num_tokens, tokenizer.latent_dim], "precision": tokenizer.precision,
+                "shard_size": shard_size}
     state = _start(out, settings, source)
     samples = source.samples if state.position == 0 else source.resume_from(state.position)
     if state.position:

@@ -124,7 +124,6 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tens
         "precision": tokenizer.precision, "seed": seed, "batch_size": batch_size,
         "labels": labels.tolist(), "class_names": names,
     }
-    settings = json.loads(json.dumps(settings))  # tuples -> lists, as the record is read back
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     refusal = None
     if rank == 0:  # one process checks and claims the folder; the others learn its verdict
