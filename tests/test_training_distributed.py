@@ -137,15 +137,15 @@ def test_a_launched_worker_exits_without_interpreter_finalisation(world_size, fi
 
 
 def test_launched_processes_agree_on_a_stop_any_one_of_them_heard(tmp_path):
-    """train-generator stops when any process got Ctrl-C / SIGTERM: the flag is all-reduced."""
+    """Both trainers stop when any process got Ctrl-C / SIGTERM: the flag is all-reduced."""
     script = tmp_path / "agree.py"
     script.write_text(
         "from softvq.cli.main import release_process_group\n"
-        "from softvq.generation.train import _any_process\n"
+        "from softvq.training.stopping import on_any_process\n"
         "from softvq.training.accelerator import new_accelerator\n"
         "acc = new_accelerator(cpu=True)\n"
         "rank = acc.process_index\n"
-        "answers = (_any_process(rank == 1, acc), _any_process(False, acc))\n"
+        "answers = (on_any_process([rank == 1], acc.device)[0], on_any_process([False], acc.device)[0])\n"
         f"open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(repr(answers))\n"
         "release_process_group()\n"
     )

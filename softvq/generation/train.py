@@ -191,7 +191,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     from softvq.training.checkpointing import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
                                                save_checkpoint)
     from softvq.training.ema import EMA
-    from softvq.training.stopping import StopRequests
+    from softvq.training.stopping import StopRequests, on_any_process
 
     cfg = cfg.validate().resolved()
     run = Path(cfg.out)
@@ -276,7 +276,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                 tick = time.perf_counter()
             # Every process must stop at the same step: with several, they agree every 10 steps.
             stopping = stop.requested if acc.num_processes == 1 else (
-                done % 10 == 0 and _any_process(stop.requested, acc))
+                done % 10 == 0 and on_any_process([stop.requested], acc.device)[0])
             if acc.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping):
                 unwrapped = acc.unwrap_model(model)
                 save_checkpoint({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
@@ -304,12 +304,6 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
             save_generator(unwrapped, meta, export)
     return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": cfg.steps, "export": str(export),
             "stopped": False}
-
-
-def _any_process(flag: bool, acc) -> bool:
-    """Whether ``flag`` is set on any process (an all-reduce: every process must call it)."""
-    t = torch.tensor([float(flag)], device=acc.device)
-    return bool(acc.reduce(t, reduction="sum").item() > 0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

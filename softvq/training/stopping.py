@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
+
+import torch
 
 
 class StopRequests:
@@ -57,3 +59,14 @@ class StopRequests:
 
     def __exit__(self, *exc_info: object) -> None:
         self.restore()
+
+
+def on_any_process(flags: Sequence[bool], device: torch.device | str) -> list[bool]:
+    """Each flag, True where it is True on any process: an all-reduce (MAX) that every process
+    must call, so all stop at the same step. A single process gets its flags back as they are."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]

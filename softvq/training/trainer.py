@@ -50,7 +50,7 @@ from softvq.training.heldout import reconstruct_all, reconstruction_metrics
 from softvq.training.logging import RunLogger, format_value
 from softvq.training.optim import build_optimizer
 from softvq.training.schedule import build_scheduler, scaled_lr
-from softvq.training.stopping import StopRequests
+from softvq.training.stopping import StopRequests, on_any_process
 
 FORMAT = "softvq-train"
 
@@ -399,14 +399,11 @@ class Trainer:
 
     def _should_stop(self, started: float) -> str | None:
         limit = self.cfg.run.max_minutes
-        flags = [float(self._stop.requested), float(limit is not None and time.time() - started > limit * 60)]
-        if self.world > 1:
-            t = torch.tensor(flags, device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flags = t.tolist()
-        if flags[0]:
+        interrupted, late = on_any_process(
+            [self._stop.requested, limit is not None and time.time() - started > limit * 60], self.device)
+        if interrupted:
             return "interrupted"
-        if flags[1]:
+        if late:
             return "time limit"
         return None
 
