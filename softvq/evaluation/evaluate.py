@@ -45,7 +45,7 @@ from torch import Tensor
 from softvq.evaluation import fid as fidlib
 from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quantize_to_uint8, ssim
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
-from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD
+from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD, sample_record
 from softvq.resume import changed_settings
 
 PAPER_NUM_IMAGES = 50_000
@@ -388,13 +388,6 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
     return report
 
 
-def _unfinished(record_path: Path) -> bool:
-    try:
-        return json.loads(record_path.read_text()).get("finished") is False
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def sample_folder(samples: str | Path) -> str | Path:
     """The folder whose images are the samples: ``images/`` of a ``softvq generate`` output folder
     (recognised by its ``samples.json``), so its ``grid.png`` is not scored; anything else as given."""
@@ -428,9 +421,9 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     extractor = InceptionFeatureExtractor(fid_weights, device=device, batch_size=batch_size,
                                           normalization=normalization)
     notes: list[str] = []
-    record_path = Path(samples).expanduser() / SAMPLE_RECORD
+    record = sample_record(Path(samples).expanduser())
     samples = sample_folder(samples)
-    if record_path.is_file() and _unfinished(record_path):
+    if record is not None and not record["finished"]:
         notes.append(f"the sampling run that wrote {samples} did not finish: rerun its softvq generate command "
                      f"to complete it")
     sample_refs, _, _ = list_image_refs(samples, num_images)

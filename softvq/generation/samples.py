@@ -67,15 +67,22 @@ def image_path(folder: Path, index: int) -> Path:
     return folder / SAMPLE_IMAGES / f"{index:06d}.png"
 
 
+def sample_record(folder: str | Path) -> dict[str, Any] | None:
+    """The ``samples.json`` of a samples folder, or None where it is missing or is not one this
+    resumable sampler wrote (unreadable, or without ``finished``)."""
+    try:
+        record = json.loads((Path(folder) / SAMPLE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "finished" in record else None
+
+
 def _claim(folder: Path, record: dict[str, Any]) -> None:
     """Check that ``folder`` is empty or holds a run with exactly these settings (FileExistsError if not)."""
     record_path = folder / SAMPLE_RECORD
     if record_path.is_file():
-        try:
-            old = json.loads(record_path.read_text())
-        except (OSError, ValueError):
-            old = None
-        if not isinstance(old, dict) or "finished" not in old:
+        old = sample_record(folder)
+        if old is None:
             raise FileExistsError(f"{record_path} was not written by this version's resumable sampler; "
                                   f"choose an empty --out for new samples")
         changed = changed_settings(old, record, ignore=["finished"])
