@@ -279,3 +279,80 @@ def test_folder_source_decodes_in_worker_processes_in_order(tmp_path):
     assert [s[2] for s in tail] == [s[2] for s in a[6:]]
     with pytest.raises(ValueError, match="workers must be 0"):
         folder_source(tmp_path, 32, workers=-1)
+
+
+def test_bundled_source_parts_are_slices_of_the_whole():
+    from softvq.generation.pretokenize import bundled_source
+
+    whole = list(bundled_source(16, crops_per_photo=3).samples)
+    part = list(bundled_source(16, crops_per_photo=3).resume_from(2, 7))  # across a photo boundary
+    assert [s[2] for s in part] == [s[2] for s in whole[2:7]]
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(part, whole[2:7]))
+
+
+def _launch_pretokenize(tmp_path, out, processes, interrupt_rank1_at=None):
+    """``softvq pretokenize`` of tmp_path/imgs with tmp_path/tok, alone or under torchrun (gloo, CPU).
+    ``interrupt_rank1_at``: process 1 gets Ctrl-C in that call of encode_latents, and torchrun stops both."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import os, sys\n"
+        "from softvq import Tokenizer\n"
+        "from softvq.cli.main import main\n"
+        f"cut = {interrupt_rank1_at!r}\n"
+        "if cut and os.environ.get('RANK') == '1':\n"
+        "    real, calls = Tokenizer.encode_latents, []\n"
+        "    def encode_latents(self, images):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == cut:\n"
+        "            raise KeyboardInterrupt\n"
+        "        return real(self, images)\n"
+        "    Tokenizer.encode_latents = encode_latents\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    command = [sys.executable]
+    if processes > 1:
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+    command += [str(script), "pretokenize", str(out), "--images", str(tmp_path / "imgs"), "--model",
+                str(tmp_path / "tok"), "--batch-size", "2", "--shard-size", "3", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_two_launched_processes_pretokenize_what_one_does_and_continue_after_an_interruption(tmp_path):
+    from PIL import Image
+
+    tiny_tokenizer(tmp_path)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(7):
+            Image.new("RGB", (40, 36), (30 * i, 99, 200 if cls == "a" else 9)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "b" / "3x.png").write_bytes(b"\x89PNG not really")  # in process 1's part
+
+    one = _launch_pretokenize(tmp_path, tmp_path / "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cut = _launch_pretokenize(tmp_path, tmp_path / "two", 2, interrupt_rank1_at=3)  # after process 1's first shard
+    assert cut.returncode != 0 and not (tmp_path / "two" / "meta.json").exists()
+    kept = json.loads((tmp_path / "two" / "progress-r1.json").read_text())
+    assert kept["shards"] == ["latents-r1-00000.safetensors"] and not kept["finished"]
+    two = _launch_pretokenize(tmp_path, tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote 14 latents") == 1 and "by 2 processes" in two.stdout  # the main process reports
+
+    a, b = load_latents(tmp_path / "one"), load_latents(tmp_path / "two")
+    assert b.names == a.names and len(a.names) == 14 and torch.equal(a.labels, b.labels)  # source order, none twice
+    assert torch.allclose(a.latents, b.latents, atol=1e-5)
+    assert abs(a.mean - b.mean) < 1e-6 and abs(a.std - b.std) < 1e-6
+    assert b.meta["skipped"] == a.meta["skipped"] and "3x.png" in b.meta["skipped"][0]
+    # parts of 7 and 8 source positions, in shards of 3: each part's last shard may be short
+    assert b.meta["shards"] == [f"latents-r0-0000{i}.safetensors" for i in range(3)] + \
+        [f"latents-r1-0000{i}.safetensors" for i in range(3)]
+    assert not list((tmp_path / "two").glob("progress*.json"))
+    again = _launch_pretokenize(tmp_path, tmp_path / "one", 2)  # a finished set is refused by every process
+    assert again.returncode != 0 and again.stderr.count("already holds a finished latent set") == 2

@@ -18,7 +18,6 @@ Guidance interval: noise levels τ in [low, high] with τ = 0 data and τ = 1 no
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -95,14 +94,10 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--fid-ref {reference} does not exist")
         if reference.suffix != ".npz":
             require_folder(reference, "--fid-ref takes a .npz of reference statistics or an image folder")
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch: split the batches
-        from softvq.training.accelerator import new_accelerator
+    from softvq.training.accelerator import launched_accelerator
 
-        accelerator = new_accelerator(cpu=resolve_device(args.device).type == "cpu")
-        device = accelerator.device
-    else:
-        device = resolve_device(args.device)
+    accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")  # torchrun: split the batches
+    device = accelerator.device if accelerator is not None else resolve_device(args.device)
     model, meta = load_generator(args.generator, map_location=str(device))
     spec_name = args.tokenizer or meta.tokenizer
     if not spec_name:

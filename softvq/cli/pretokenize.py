@@ -4,6 +4,9 @@
     softvq pretokenize runs/latents --images data/train --model runs/tok    # a folder (sub-folders = classes)
 
 Shards are written as they fill; an interrupted run continues when the same command is run again.
+Under torchrun or accelerate launch each process (one per GPU) encodes its share of the images:
+
+    torchrun --nproc_per_node 8 -m softvq.cli.main pretokenize runs/latents --images data/train --model runs/tok
 """
 
 from __future__ import annotations
@@ -41,37 +44,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from softvq.generation.pretokenize import bundled_source, folder_source, interrupted_run, pretokenize
+    from softvq.training.accelerator import decided_by_main_process, launched_accelerator
 
-    device = resolve_device(args.device)
+    accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")
+    device = accelerator.device if accelerator is not None else resolve_device(args.device)
+    main_process = accelerator is None or accelerator.is_main_process
     out = Path(args.out)
-    resuming = interrupted_run(out)  # a finished set is refused here, before anything is written
+    # a finished set is refused here, before anything is written
+    resuming = decided_by_main_process(accelerator, lambda: interrupted_run(out))
     kept = out / "tokenizer"
-    if is_preset(args.model) and resuming and kept.is_dir():
-        # an interrupted run on a random preset continues with the weights it started with
-        print(f"continuing with the {args.model} weights saved at {kept}")
-        tokenizer = load_tokenizer(str(kept), device, precision=args.precision)
-    else:
-        tokenizer = load_tokenizer(args.model, device, precision=args.precision)
+    spec = args.model
+    if is_preset(args.model):
+        # a preset is re-randomised on every load: keep these exact weights so decoding matches, and
+        # give the same ones to every process
+        spec = str(kept)
+        if resuming and not kept.is_dir():
+            raise FileNotFoundError(f"{out} holds an interrupted pretokenize with random {args.model} weights, but "
+                                    f"{kept}, which kept them, is gone; choose an empty folder")
+        if resuming:
+            print(f"continuing with the {args.model} weights saved at {kept}")
+        elif main_process:
+            load_tokenizer(args.model, device, precision=args.precision).save_pretrained(kept)
+            print(f"saved the randomly initialised {args.model} next to the latents: {spec}")
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+    tokenizer = load_tokenizer(spec, device, precision=args.precision)
     size = tokenizer.config.image_size
     if args.bundled:
         source = bundled_source(size, args.crops_per_photo, seed=args.seed, single_class=args.single_class)
     else:
         source = folder_source(args.images, size, single_class=args.single_class, workers=args.workers)
-    spec = args.model
-    if is_preset(args.model):
-        # a preset is re-randomised on every load: keep these exact weights so decoding matches
-        spec = str(kept)
-        if not resuming:
-            tokenizer.save_pretrained(kept)
-            print(f"saved the randomly initialised {args.model} next to the latents: {spec}")
-    spec = portable_spec(spec)
-    result = pretokenize(tokenizer, source, args.out, tokenizer_spec=spec, batch_size=args.batch_size,
-                         shard_size=args.shard_size)
+    result = pretokenize(tokenizer, source, args.out, tokenizer_spec=portable_spec(spec), batch_size=args.batch_size,
+                         shard_size=args.shard_size, accelerator=accelerator)
+    if not main_process:
+        return 0
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable file(s):", file=sys.stderr)
         for line in result.skipped:
             print(f"  {line}", file=sys.stderr)
+    processes = "" if accelerator is None else f" by {accelerator.num_processes} processes"
     print(f"wrote {result.count} latents of shape ({tokenizer.num_tokens}, {tokenizer.latent_dim}) in "
-          f"{len(result.shards)} shard(s) to {result.folder}; {len(source.classes)} class(es); "
+          f"{len(result.shards)} shard(s) to {result.folder}{processes}; {len(source.classes)} class(es); "
           f"latent mean {result.latent_mean:.4f}, std {result.latent_std:.4f}")
     return 0

@@ -17,6 +17,13 @@ Encoding ImageNet takes hours, so the work is kept as it is done: each shard hol
 where in the source the next one starts and the running sums of the statistics. Run on the same
 folder with the same source, tokenizer and shard size, an interrupted pretokenize continues from
 its last shard; ``meta.json`` is written, and ``progress.json`` removed, only when all is done.
+
+Under ``torchrun`` / ``accelerate launch`` (one process per GPU), process r of n encodes the r-th
+of n contiguous parts of the source into ``latents-r<r>-00000.safetensors``, ... with its own
+``progress-r<r>.json``; when all are done the main process writes ``meta.json`` listing the
+shards part by part, so the latents come in the source's order, as from one process (only the
+shard boundaries differ: each part's last shard may be short). An interrupted run continues with
+the same number of processes.
 """
 
 from __future__ import annotations
@@ -49,9 +56,10 @@ Sample = tuple[Tensor, int, str]  # image (3, H, W) in [-1, 1], label, name
 class LatentSource:
     """Samples to encode, their class names, and how many there are.
 
-    A source that can continue an interrupted run also has ``identity`` (JSON-able, what makes its
-    samples: a resumed run must have the same) and ``resume_from(k)``, the samples from source
-    position k on; positions count every item, unreadable files included, in ``samples``' order.
+    A source that can continue an interrupted run, or be split between processes, also has
+    ``identity`` (JSON-able, what makes its samples: a resumed run must have the same) and
+    ``resume_from(start, stop=None)``, the samples from source position ``start`` up to ``stop``;
+    positions count every item, unreadable files included, in ``samples``' order.
     """
 
     samples: Iterable[Sample]
@@ -59,7 +67,7 @@ class LatentSource:
     count: int
     skipped: list[str] = field(default_factory=list)  # unreadable files, filled while iterating
     identity: dict[str, Any] | None = None
-    resume_from: Callable[[int], Iterable[Sample]] | None = None
+    resume_from: Callable[..., Iterable[Sample]] | None = None
 
 
 class _DecodedImages(torch.utils.data.Dataset):
@@ -102,8 +110,8 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
 
     skipped: list[str] = []
 
-    def samples(start: int = 0) -> Iterator[Sample]:
-        todo = files[start:]
+    def samples(start: int = 0, stop: int | None = None) -> Iterator[Sample]:
+        todo = files[start:stop]
         decoded: Iterable[Tensor | str] = _DecodedImages(todo, image_size)
         if workers:
             loader = torch.utils.data.DataLoader(decoded, batch_size=16, shuffle=False, num_workers=workers,
@@ -130,12 +138,14 @@ def bundled_source(image_size: int, crops_per_photo: int = 32, seed: int = 0, si
     photos = bundled_photos()
     classes = ["photos"] if single_class else [p.stem for p in photos]
 
-    def samples(start: int = 0) -> Iterator[Sample]:
+    def samples(start: int = 0, stop: int | None = None) -> Iterator[Sample]:
+        stop = len(photos) * crops_per_photo if stop is None else stop
         for label, path in enumerate(photos):
-            if (label + 1) * crops_per_photo <= start:
+            first = label * crops_per_photo
+            if first + crops_per_photo <= start or first >= stop:
                 continue
             img = load_rgb(path)
-            for k in range(max(0, start - label * crops_per_photo), crops_per_photo):
+            for k in range(max(0, start - first), min(crops_per_photo, stop - first)):
                 rng = sample_rng(seed, label * crops_per_photo + k)  # one stream per position
                 crop = random_flip(random_scale_crop(img, image_size, rng, scales), rng)
                 yield to_tensor(crop), 0 if single_class else label, f"{path.stem}-{k:04d}"
@@ -168,7 +178,8 @@ def _batches(samples: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 @dataclass
 class _Progress:
-    """What is kept of a run after each shard (``progress.json``): enough to continue it exactly."""
+    """What is kept of one part of a run after each of its shards (its progress file): enough to
+    continue it exactly and, once ``finished``, to merge it into ``meta.json``."""
 
     settings: dict[str, Any]
     shards: list[str] = field(default_factory=list)
@@ -178,9 +189,38 @@ class _Progress:
     sq_total: float = 0.0
     elements: int = 0
     skipped: list[str] = field(default_factory=list)
+    finished: bool = False
 
-    def save(self, folder: Path) -> None:
-        atomic_write(folder / PROGRESS_NAME, lambda p: p.write_text(json.dumps(self.__dict__, indent=2)))
+    def save(self, path: Path) -> None:
+        atomic_write(path, lambda p: p.write_text(json.dumps(self.__dict__, indent=2)))
+
+    @classmethod
+    def load(cls, path: Path) -> "_Progress":
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path} is unreadable ({type(exc).__name__}); delete the folder to start over") from None
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Process ``rank``'s share of a run over ``processes``: source positions [start, stop)."""
+
+    rank: int
+    processes: int
+    start: int
+    stop: int
+
+    @classmethod
+    def of(cls, rank: int, processes: int, count: int) -> "_Part":
+        return cls(rank, processes, rank * count // processes, (rank + 1) * count // processes)
+
+    @property
+    def progress_name(self) -> str:
+        return PROGRESS_NAME if self.processes == 1 else f"progress-r{self.rank}.json"
+
+    def shard_name(self, index: int) -> str:
+        return f"latents-{'' if self.processes == 1 else f'r{self.rank}-'}{index:05d}.safetensors"
 
 
 def interrupted_run(out: str | Path) -> bool:
@@ -189,7 +229,7 @@ def interrupted_run(out: str | Path) -> bool:
     out = Path(out)
     if (out / META_NAME).is_file():
         raise FileExistsError(f"{out} already holds a finished latent set ({META_NAME}); choose an empty folder")
-    if (out / PROGRESS_NAME).is_file():
+    if any(out.glob("progress*.json")):
         return True
     if any(out.glob("latents-*.safetensors")):
         raise FileExistsError(f"{out} already holds latent shards but no {PROGRESS_NAME} to continue from; "
@@ -197,55 +237,84 @@ def interrupted_run(out: str | Path) -> bool:
     return False
 
 
-def _start(out: Path, settings: dict[str, Any], source: LatentSource) -> _Progress:
-    """A fresh progress for an empty folder, or the saved one of an interrupted run with these settings."""
+def _claim(out: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``out`` holds an interrupted run with these settings to continue (False: it is empty);
+    a run with other settings, or one whose shards are missing, is refused."""
+    out.mkdir(parents=True, exist_ok=True)
     if not interrupted_run(out):
-        return _Progress(settings)
-    saved = out / PROGRESS_NAME
-    try:
-        progress = _Progress(**json.loads(saved.read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"{saved} is unreadable ({type(exc).__name__}); delete the folder to start over") from None
-    changed = changed_settings(progress.settings, settings)
-    if changed:
-        raise FileExistsError(f"{out} holds an interrupted pretokenize with other settings ({'; '.join(changed)}); "
-                              f"rerun it with the same ones to continue, or choose an empty folder")
-    if source.resume_from is None:
-        raise ValueError(f"{out} holds an interrupted pretokenize, but this source cannot start part-way "
-                         f"(it has no resume_from); choose an empty folder")
-    missing = [name for name in progress.shards if not (out / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{out / missing[0]}, listed in {saved}, is missing; delete the folder to start over")
-    return progress
+        return False
+    for saved in sorted(out.glob("progress*.json")):
+        progress = _Progress.load(saved)
+        changed = changed_settings({"processes": 1, **progress.settings}, settings)  # runs before "processes": one
+        if changed:
+            raise FileExistsError(f"{out} holds an interrupted pretokenize with other settings ({'; '.join(changed)}); "
+                                  f"rerun it with the same ones to continue, or choose an empty folder")
+        missing = [name for name in progress.shards if not (out / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{out / missing[0]}, listed in {saved}, is missing; delete the folder to start over")
+    return True
 
 
 @torch.inference_mode()
 def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokenizer_spec: str | None = None,
-                batch_size: int = 32, shard_size: int = 4096, progress: bool = True) -> PretokenizeResult:
+                batch_size: int = 32, shard_size: int = 4096, progress: bool = True,
+                accelerator=None) -> PretokenizeResult:
     """Encode every sample of ``source`` with ``tokenizer`` (eval mode) and write shards of exactly
     ``shard_size`` latents (the last one fewer) + meta.json; continue an interrupted run in ``out_dir``
-    (see the module docstring). ``batch_size`` is a speed knob and may change between the two."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+    (see the module docstring). ``batch_size`` is a speed knob and may change between the two.
+
+    With an ``accelerate.Accelerator`` of several processes (``torchrun`` / ``accelerate launch``),
+    each encodes its contiguous part of the source; every process must call this, and each gets
+    the result of the whole run.
+    """
+    from softvq.training.accelerator import decided_by_main_process
 
     if shard_size < 1 or batch_size < 1:
         raise ValueError("batch_size and shard_size must be positive")
+    rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    if processes > 1 and source.resume_from is None:
+        raise ValueError("this source cannot be split between processes (it has no resume_from); run one process")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer.eval()
     settings = {"source": source.identity, "count": source.count, "tokenizer": tokenizer_spec,
                 "latent_shape": [tokenizer.num_tokens, tokenizer.latent_dim], "precision": tokenizer.precision,
-                "shard_size": shard_size}
-    state = _start(out, settings, source)
-    samples = source.samples if state.position == 0 else source.resume_from(state.position)
-    if state.position:
-        source.skipped[:0] = state.skipped  # this process re-reads none of them
+                "shard_size": shard_size, "processes": processes}
+    part = _Part.of(rank, processes, source.count)
+    resuming = decided_by_main_process(accelerator, lambda: _claim(out, settings))
+    saved = out / part.progress_name
+    state = _Progress.load(saved) if resuming and saved.is_file() else _Progress(settings, position=part.start)
+    if not state.finished:
+        _encode_part(tokenizer, source, out, part, state, batch_size, shard_size, progress and rank == 0)
+    if processes > 1:
+        accelerator.wait_for_everyone()
+    meta = decided_by_main_process(
+        accelerator, lambda: _merge_parts(out, [_Part.of(r, processes, source.count) for r in range(processes)],
+                                          tokenizer, tokenizer_spec, source.classes))
+    return PretokenizeResult(out, meta["count"], meta["latent_mean"], meta["latent_std"], meta["shards"],
+                             meta["skipped"])
+
+
+def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state: _Progress, batch_size: int,
+                 shard_size: int, progress: bool) -> None:
+    """Encode ``part`` of ``source`` from where ``state`` left it, saving ``state`` after each shard
+    and, marked finished, at the end."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if (state.position, part.stop) == (0, source.count):
+        samples = source.samples
+    elif source.resume_from is None:
+        raise ValueError(f"{out} holds an interrupted pretokenize, but this source cannot start part-way "
+                         f"(it has no resume_from); choose an empty folder")
+    else:
+        samples = source.resume_from(state.position, part.stop)
+    source.skipped[:0] = state.skipped  # this process re-reads none of them
     device = next(tokenizer.parameters()).device
     # per batch: latents, labels, names, and for each sample (source position after it, files skipped before it)
     pending: list[tuple[Tensor, Tensor, list[str], list[tuple[int, int]]]] = []
 
     def write_shard(latents: Tensor, labels: Tensor, names: list[str], marks: list[tuple[int, int]]) -> None:
-        name = f"latents-{len(state.shards):05d}.safetensors"
+        name = part.shard_name(len(state.shards))
         tensors = {"latents": latents.contiguous(), "labels": labels.contiguous()}
         atomic_write(out / name, lambda p: save_file(tensors, str(p), metadata={"names": json.dumps(names)}))
         z = latents.double()
@@ -257,7 +326,7 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
         # samples already read past this shard are read again on resume, with the files skipped among them
         state.position, skipped_before = marks[-1]
         state.skipped = source.skipped[:skipped_before]
-        state.save(out)
+        state.save(out / part.progress_name)
 
     def flush(final: bool) -> None:
         if not pending:
@@ -275,11 +344,12 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
             pending.append((latents, labels, names, marks))
 
     done = state.count + len(state.skipped)
-    bar = tqdm(total=source.count, initial=done, desc="pretokenize" + (", resumed" if done else ""), unit="img",
-               disable=not progress)
+    desc = "pretokenize" + (f", part 1 of {part.processes}" if part.processes > 1 else "") + (", resumed" if done else "")
+    bar = tqdm(total=part.stop - part.start, initial=done, desc=desc, unit="img", disable=not progress)
+
     def marked(received: int = state.count) -> Iterator[tuple[Tensor, int, str, tuple[int, int]]]:
         for image, label, name in samples:  # source.skipped holds exactly the files skipped before this one
-            yield image, label, name, (received + len(source.skipped) + 1, len(source.skipped))
+            yield image, label, name, (part.start + received + len(source.skipped) + 1, len(source.skipped))
             received += 1
 
     buffered = 0
@@ -295,13 +365,27 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
         bar.update(len(batch))
     bar.close()
     flush(final=True)
-    if state.count == 0:
-        raise ValueError(f"no samples to pretokenize ({len(source.skipped)} unreadable file(s) skipped)")
-    mean = state.total / state.elements
-    std = math.sqrt(max(state.sq_total / state.elements - mean * mean, 0.0))
+    state.position, state.skipped, state.finished = part.stop, list(source.skipped), True
+    state.save(out / part.progress_name)
+
+
+def _merge_parts(out: Path, parts: list[_Part], tokenizer, tokenizer_spec: str | None,
+                 classes: list[str]) -> dict[str, Any]:
+    """Write ``meta.json`` from the finished parts' progress files, in source order, and remove them."""
+    states = [_Progress.load(out / part.progress_name) for part in parts]
+    unfinished = [part.rank for part, state in zip(parts, states) if not state.finished]
+    if unfinished:
+        raise ValueError(f"part(s) {unfinished} of {out} did not finish; rerun the same command to continue")
+    count = sum(s.count for s in states)
+    skipped = [line for s in states for line in s.skipped]
+    if count == 0:
+        raise ValueError(f"no samples to pretokenize ({len(skipped)} unreadable file(s) skipped)")
+    elements = sum(s.elements for s in states)
+    mean = sum(s.total for s in states) / elements
+    std = math.sqrt(max(sum(s.sq_total for s in states) / elements - mean * mean, 0.0))
     meta = {
         "format": FORMAT,
-        "count": state.count,
+        "count": count,
         "num_tokens": tokenizer.num_tokens,
         "latent_dim": tokenizer.latent_dim,
         "image_size": tokenizer.config.image_size,
@@ -311,13 +395,14 @@ def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokeniz
         "tokenizer_latent_std": tokenizer.latent_std,
         "tokenizer": tokenizer_spec,
         "tokenizer_precision": tokenizer.precision,
-        "classes": source.classes,
-        "shards": state.shards,
-        "skipped": source.skipped,
+        "classes": classes,
+        "shards": [name for s in states for name in s.shards],
+        "skipped": skipped,
     }
     atomic_write(out / META_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    (out / PROGRESS_NAME).unlink(missing_ok=True)
-    return PretokenizeResult(out, state.count, mean, std, state.shards, source.skipped)
+    for part in parts:
+        (out / part.progress_name).unlink(missing_ok=True)
+    return meta
 
 
 @dataclass

@@ -31,6 +31,7 @@ from softvq.checkpoint.pretrained import atomic_write
 from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
 from softvq.resume import changed_settings
+from softvq.training.accelerator import decided_by_main_process
 
 SAMPLE_IMAGES, SAMPLE_RECORD, SAMPLE_GRID = "images", "samples.json", "grid.png"
 GRID_ROWS = GRID_COLUMNS = 16  # a 1000-class, 50-per-class run would otherwise make a gigapixel grid
@@ -132,21 +133,13 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tens
         "labels": labels.tolist(), "class_names": names,
     }
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    refusal = None
-    if rank == 0:  # one process checks and claims the folder; the others learn its verdict
-        try:
-            _claim(folder, settings)
-            atomic_write(folder / SAMPLE_RECORD,
-                         lambda p: p.write_text(json.dumps({**settings, "finished": False}, indent=2)))
-            (folder / SAMPLE_IMAGES).mkdir(parents=True, exist_ok=True)
-        except FileExistsError as exc:
-            refusal = str(exc)
-    if world > 1:
-        from accelerate.utils import broadcast_object_list
 
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal is not None:
-        raise FileExistsError(refusal)
+    def claim() -> None:
+        _claim(folder, settings)
+        atomic_write(folder / SAMPLE_RECORD, lambda p: p.write_text(json.dumps({**settings, "finished": False}, indent=2)))
+        (folder / SAMPLE_IMAGES).mkdir(parents=True, exist_ok=True)
+
+    decided_by_main_process(accelerator, claim)  # one process claims the folder; all learn its verdict
 
     device = next(tokenizer.parameters()).device
     starts = range(0, len(labels), batch_size)

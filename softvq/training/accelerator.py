@@ -12,9 +12,12 @@ under ``torchrun`` are unaffected.
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def check_processes_fit_gpus(cpu: bool) -> None:
@@ -37,3 +40,34 @@ def new_accelerator(**kwargs: Any):
     check_processes_fit_gpus(bool(kwargs.get("cpu", False)))
     AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(**kwargs)
+
+
+def launched_accelerator(cpu: bool):
+    """An ``Accelerator`` when ``torchrun`` / ``accelerate launch`` started several processes, else None
+    (a command run alone keeps its own device choice and no process group)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return new_accelerator(cpu=cpu)
+
+
+def decided_by_main_process(accelerator, decide: Callable[[], T]) -> T:
+    """``decide()`` run on the main process alone, its result given to every process.
+
+    For checks that read or claim an output folder: run by every process they would race with
+    each other's writes. A refusal (``OSError`` or ``ValueError``) is raised on every process, so
+    none is left waiting for the others at a later collective call.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    verdict: tuple[str, Any] = ("ok", None)
+    if accelerator.is_main_process:
+        try:
+            verdict = ("ok", decide())
+        except (OSError, ValueError) as exc:
+            verdict = ("refused", exc)
+    kind, value = broadcast_object_list([verdict])[0]
+    if kind == "refused":
+        raise value
+    return value
