@@ -303,3 +303,21 @@ def test_cli_eval_stopped_by_sigterm_keeps_its_sums_and_continues(tmp_path, monk
     assert any("continued an interrupted evaluation after 2 images" in n for n in resumed["notes"])
     assert resumed["num_images"] == 5 and resumed["psnr"] == pytest.approx(straight["psnr"], rel=1e-12)
     assert resumed["latent_std"] == pytest.approx(straight["latent_std"], rel=1e-12)
+
+
+def test_an_evaluation_interrupted_after_a_wholly_unreadable_batch_continues_where_it_was(tmp_path, capsys):
+    write_photos(tmp_path / "imgs", 6)
+    for name in ("001_zz_broken.png", "001_zzz_broken.png"):  # sorted into the second batch of two, alone
+        (tmp_path / "imgs" / name).write_bytes(b"\x89PNG not really")
+    options = EvalOptions(num_images=8, batch_size=2, fid=False, lpips_nets=(), progress=False, count_flops=False)
+    straight = evaluate_tokenizer(tiny(InterruptedTokenizer), tmp_path / "imgs", options)
+    state = tmp_path / "out" / "eval-state.pt"
+    model = tiny(InterruptedTokenizer)
+    model.stop_at = 3  # batches 1 and 3 are summed (batch 2 has no readable image), then Ctrl-C in batch 4
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_tokenizer(model, tmp_path / "imgs", options, state_file=state, save_every_s=1e9)
+    assert "saved the sums of 4 images" in capsys.readouterr().err
+    resumed = evaluate_tokenizer(tiny(InterruptedTokenizer), tmp_path / "imgs", options, state_file=state)
+    assert any("continued an interrupted evaluation after 6 images" in n for n in resumed["notes"])
+    assert resumed["num_images"] == straight["num_images"] == 6 and resumed["skipped_images"] == 2
+    assert resumed["psnr"] == pytest.approx(straight["psnr"], rel=1e-12)

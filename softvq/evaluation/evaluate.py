@@ -265,15 +265,17 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
                              f"start over, or restore the cache")
         acc, usage, skipped, evaluated, done_batches = (saved["acc"], saved["usage"], saved["skipped"],
                                                         saved["evaluated"], saved["batches"])
-        notes.append(f"continued an interrupted evaluation after {done_batches * options.batch_size} images "
+        notes.append(f"continued an interrupted evaluation after {evaluated + len(skipped)} images "
                      f"(throughput: this process's batches only)")
     loop_notes = len(notes)  # notes from here on belong to the running sums and are saved with them
     if saved is not None:
         notes += saved["notes"]
     last_save = time.monotonic()
-    bar = tqdm(total=n, initial=min(n, done_batches * options.batch_size), unit="img", desc="eval",
-               disable=not options.progress)
-    remaining = refs[done_batches * options.batch_size:]
+    # every image before this point was summed or skipped (a batch with no readable image is never
+    # yielded, so counting batches would not do)
+    consumed = evaluated + len(skipped)
+    bar = tqdm(total=n, initial=consumed, unit="img", desc="eval", disable=not options.progress)
+    remaining = refs[consumed:]
     batches = readable_batches(remaining, size, options.batch_size, options.workers, skipped,
                                require_readable=saved is None)
     skipped_done = len(skipped)  # the loader may already have named the next batch's unreadable files
