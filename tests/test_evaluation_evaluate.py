@@ -321,3 +321,42 @@ def test_an_evaluation_interrupted_after_a_wholly_unreadable_batch_continues_whe
     assert any("continued an interrupted evaluation after 6 images" in n for n in resumed["notes"])
     assert resumed["num_images"] == straight["num_images"] == 6 and resumed["skipped_images"] == 2
     assert resumed["psnr"] == pytest.approx(straight["psnr"], rel=1e-12)
+
+
+@needs_fid
+def test_an_interrupted_sample_evaluation_continues_to_the_same_report(tmp_path, monkeypatch, capsys):
+    write_photos(tmp_path / "real", 5, size=64)
+    for i, path in enumerate(write_photos(tmp_path / "fake", 7, size=64)):
+        if i == 2:
+            path.write_bytes(b"\x89PNG truncated")  # a sample that does not read is skipped, also on resume
+    run = dict(num_images=8, batch_size=2, progress=False, k=2, cache_dir=None, state_dir=tmp_path / "out",
+               save_every_s=1e9)
+    straight = evaluate_samples(tmp_path / "fake", tmp_path / "real", **run)
+    real_extract, calls = inception.InceptionFeatureExtractor.features_and_logits, []
+
+    def stop_at(*cuts):
+        calls.clear()
+
+        def extract(self, images):
+            calls.append(1)
+            if len(calls) in cuts:
+                raise KeyboardInterrupt
+            return real_extract(self, images)
+        monkeypatch.setattr(inception.InceptionFeatureExtractor, "features_and_logits", extract)
+
+    stop_at(3)  # samples: 4 files (3 readable) in two batches, then Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_samples(tmp_path / "fake", tmp_path / "real", **run)
+    assert "saved the samples features of 3 images" in capsys.readouterr().err
+    stop_at(4)  # the samples' last 2 batches, then one of the reference's, then Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_samples(tmp_path / "fake", tmp_path / "real", **run)
+    assert "saved the reference features of 2 images" in capsys.readouterr().err
+    stop_at()
+    resumed = evaluate_samples(tmp_path / "fake", tmp_path / "real", **run)
+    assert calls == [1, 1]  # only the reference's remaining 3 images were read: the samples came from nothing
+    for key in ("gfid", "precision", "recall", "num_samples", "num_reference"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-9, abs=1e-9), key
+    assert "reference: continued an interrupted extraction after 2 images" in resumed["notes"]
+    assert sum("samples: skipped 1 unreadable" in n for n in resumed["notes"]) == 1  # kept with the features
+    assert not list((tmp_path / "out").glob("*.pt"))

