@@ -158,3 +158,51 @@ def test_launched_processes_agree_on_a_stop_any_one_of_them_heard(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # rank 0 did not hear it, yet learns that rank 1 did; nobody heard anything in the second call
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["(True, False)", "(True, False)"]
+
+
+@pytest.mark.slow
+def test_a_launched_run_stopped_by_sigterm_keeps_a_checkpoint_and_resumes_exactly(tmp_path):
+    """A scheduler's SIGTERM to torchrun (which passes it to its workers) stops the run after the
+    step in progress with a checkpoint; --resume then continues with the losses a straight run has."""
+    import json
+    import signal
+    import time
+
+    schedule = {**TREE["schedule"], "lr_schedule": "constant"}  # so the lr does not depend on the run's length
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump({**TREE, "schedule": {**schedule, "steps": 100_000}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+    def launch(*args):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "softvq.cli.main", "train", *args]
+
+    run = tmp_path / "cut"
+    proc = subprocess.Popen(launch(str(config), "-o", str(run)), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    stopped = len(read_log(run))
+    assert 3 <= stopped < 100_000, err[-3000:]
+    assert f"stopped at step {stopped}; continue with: softvq train --resume" in out, out[-2000:] + err[-2000:]
+    assert (run / "checkpoints" / f"step-{stopped:08d}.pt").is_file()
+
+    target = stopped + 2
+    resumed = subprocess.run(launch("--resume", "-o", str(run), f"schedule.steps={target}"), env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step {stopped}" in resumed.stdout
+    cli_train({**TREE, "schedule": {**schedule, "steps": target}}, tmp_path / "straight", processes=2)
+    cut = {r["step"]: r["loss"] for r in read_log(run)}
+    straight = {r["step"]: r["loss"] for r in read_log(tmp_path / "straight")}
+    assert sorted(cut) == sorted(straight) == list(range(1, target + 1))  # no step lost or repeated
+    for step in (stopped + 1, target):
+        assert cut[step] == pytest.approx(straight[step], rel=1e-6), step
+    assert json.loads((run / "metrics.json").read_text())["step"] == target
