@@ -293,10 +293,10 @@ def test_bundled_source_parts_are_slices_of_the_whole():
 def _launch_pretokenize(tmp_path, out, processes, interrupt_rank1_at=None):
     """``softvq pretokenize`` of tmp_path/imgs with tmp_path/tok, alone or under torchrun (gloo, CPU).
     ``interrupt_rank1_at``: process 1 gets Ctrl-C in that call of encode_latents, and torchrun stops both."""
-    import os
-    import socket
     import subprocess
     import sys
+
+    from launching import cpu_process_env, torchrun
 
     script = tmp_path / "launch.py"
     script.write_text(
@@ -313,16 +313,9 @@ def _launch_pretokenize(tmp_path, out, processes, interrupt_rank1_at=None):
         "        return real(self, images)\n"
         "    Tokenizer.encode_latents = encode_latents\n"
         "sys.exit(main(sys.argv[1:]))\n")
-    command = [sys.executable]
-    if processes > 1:
-        with socket.socket() as sock:  # a free port for the rendezvous
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        command += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
-    command += [str(script), "pretokenize", str(out), "--images", str(tmp_path / "imgs"), "--model",
+    command = (torchrun(processes) if processes > 1 else [sys.executable]) + [str(script), "pretokenize", str(out), "--images", str(tmp_path / "imgs"), "--model",
                 str(tmp_path / "tok"), "--batch-size", "2", "--shard-size", "3", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(command, env=cpu_process_env(), capture_output=True, text=True, timeout=180)
 
 
 def test_two_launched_processes_pretokenize_what_one_does_and_continue_after_an_interruption(tmp_path):

@@ -135,10 +135,10 @@ def test_scoring_an_unfinished_run_says_so(parts, tmp_path):
 
 
 def test_two_launched_processes_make_the_images_one_process_makes(parts, tmp_path):
-    import os
-    import socket
     import subprocess
     import sys
+
+    from launching import cpu_process_env, torchrun
 
     from softvq.generation.checkpoint import save_generator
 
@@ -146,13 +146,10 @@ def test_two_launched_processes_make_the_images_one_process_makes(parts, tmp_pat
     tok.save_pretrained(tmp_path / "tok")
     meta = GeneratorMeta(objective="sit", classes=meta.classes, tokenizer=str(tmp_path / "tok"))
     save_generator(model, meta, tmp_path / "gen")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = cpu_process_env()
     args = ["-m", "softvq.cli.main", "generate", str(tmp_path / "gen"), "--per-class", "3", "--steps", "3",
             "--batch-size", "2", "--cfg", "1.5", "--device", "cpu"]
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launched = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    launched = torchrun(2)
     printed = {}
     for command, out in ((launched, "two"), ([sys.executable], "one")):
         proc = subprocess.run(command + args + ["--out", str(tmp_path / out)], env=env, capture_output=True,

@@ -4,13 +4,13 @@ process with the same global batch: same data, same averaged gradients, same los
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
+from launching import cpu_process_env, torchrun
 
 from softvq.tokenizer import Tokenizer
 from softvq.training.accelerator import check_processes_fit_gpus, new_accelerator
@@ -40,15 +40,9 @@ def cli_train(tree: dict, out, processes: int = 1) -> subprocess.CompletedProces
     under torchrun when ``processes`` > 1."""
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launcher = [sys.executable]
-    if processes > 1:
-        with socket.socket() as sock:  # a free port for the rendezvous
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+    launcher = torchrun(processes) if processes > 1 else [sys.executable]
     cmd = launcher + ["-m", "softvq.cli.main", "train", str(config), "-o", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=cpu_process_env(PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert f"{processes} process(es) on cpu" in proc.stdout
     return proc
@@ -149,12 +143,8 @@ def test_launched_processes_agree_on_a_stop_any_one_of_them_heard(tmp_path):
         f"open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(repr(answers))\n"
         "release_process_group()\n"
     )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(script)], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(torchrun(2) + [str(script)], env=cpu_process_env(), capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # rank 0 did not hear it, yet learns that rank 1 did; nobody heard anything in the second call
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["(True, False)", "(True, False)"]
@@ -171,14 +161,10 @@ def test_a_launched_run_stopped_by_sigterm_keeps_a_checkpoint_and_resumes_exactl
     schedule = {**TREE["schedule"], "lr_schedule": "constant"}  # so the lr does not depend on the run's length
     config = tmp_path / "long.yaml"
     config.write_text(yaml.safe_dump({**TREE, "schedule": {**schedule, "steps": 100_000}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = cpu_process_env(PYTHONUNBUFFERED="1")
 
     def launch(*args):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                "-m", "softvq.cli.main", "train", *args]
+        return torchrun(2) + ["-m", "softvq.cli.main", "train", *args]
 
     run = tmp_path / "cut"
     proc = subprocess.Popen(launch(str(config), "-o", str(run)), env=env, stdout=subprocess.PIPE,

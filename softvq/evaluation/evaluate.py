@@ -30,6 +30,7 @@ report an uninterrupted one gives (throughput aside).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -37,6 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any, Sequence
 
 import torch
@@ -209,6 +211,35 @@ def _save_evaluation(state_file: Path, state: dict[str, Any]) -> None:
     atomic_write(state_file, lambda p: torch.save(state, p))
 
 
+class _KeptWork:
+    """Keeps a long loop's work in ``state_file`` (None: keeps nothing): ``save()`` every
+    ``save_every_s`` seconds, through :meth:`tick`, and when Ctrl-C / SIGTERM stops the loop, unless
+    it stopped while ``updating`` (the running state then holds part of a batch)."""
+
+    def __init__(self, state_file: Path | None, save: Callable[[], None], save_every_s: float, batches) -> None:
+        self.state_file, self.save, self.save_every_s, self.batches = state_file, save, save_every_s, batches
+        self.updating = False
+        self.last_save = time.monotonic()
+
+    def tick(self) -> None:
+        if self.state_file is not None and time.monotonic() - self.last_save >= self.save_every_s:
+            self.save()
+            self.last_save = time.monotonic()
+
+    @contextlib.contextmanager
+    def kept_when_stopped(self, describe: Callable[[], str | None]) -> Iterator[None]:
+        """Around the loop; ``describe()`` names the work done so far, or None when there is none."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            what = describe()
+            if self.state_file is not None and not self.updating and what:
+                self.batches.close()  # shut the loader's workers down before writing
+                self.save()
+                print(f"eval: saved {what} in {self.state_file}; the same command continues", file=sys.stderr)
+            raise
+
+
 @torch.inference_mode()
 def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = None, *,
                        device: str | torch.device = "cpu", model_name: str | None = None,
@@ -270,7 +301,6 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
     loop_notes = len(notes)  # notes from here on belong to the running sums and are saved with them
     if saved is not None:
         notes += saved["notes"]
-    last_save = time.monotonic()
     # every image before this point was summed or skipped (a batch with no readable image is never
     # yielded, so counting batches would not do)
     consumed = evaluated + len(skipped)
@@ -285,8 +315,8 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
                                       "skipped": skipped[:skipped_done], "evaluated": evaluated,
                                       "batches": done_batches, "notes": notes[loop_notes:]})
 
-    updating = False  # True while the sums take in a batch: the one moment they hold part of one
-    try:
+    kept = _KeptWork(state_file, save, save_every_s, batches)
+    with kept.kept_when_stopped(lambda: f"the sums of {evaluated} images" if done_batches else None):
         for i, batch_u8 in enumerate(batches):
             x = uint8_to_model(batch_u8).to(device)
             t0 = time.perf_counter()
@@ -301,8 +331,8 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
             lpips_values = {net: module(x, rec_float).float().cpu() for net, module in lpips.items()}
             fake_features = extractor(rec_u8) if extractor is not None else None
             real_features = extractor(batch_u8) if extractor is not None and ref_stats is None else None
-            # the updates, after every network has run
-            updating = True
+            # the updates, after every network has run; a stop in them would keep part of a batch
+            kept.updating = True
             if i > 0 or n <= options.batch_size:  # the first of several batches pays one-off warm-up costs
                 acc.encode_s += t1 - t0
                 acc.decode_s += t2 - t1
@@ -327,18 +357,9 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
             evaluated += len(x)
             done_batches += 1
             skipped_done = len(skipped)
-            updating = False
+            kept.updating = False
             bar.update(len(x))
-            if state_file is not None and time.monotonic() - last_save >= save_every_s:
-                save()
-                last_save = time.monotonic()
-    except KeyboardInterrupt:
-        if state_file is not None and not updating and done_batches:
-            batches.close()  # shut the loader's workers down before writing
-            save()
-            print(f"eval: saved the sums of {evaluated} images in {state_file}; the same command continues",
-                  file=sys.stderr)
-        raise
+            kept.tick()
     bar.close()
     if skipped:
         notes.append(skipped_note(skipped, n))
@@ -516,28 +537,19 @@ def _extract_resumably(extractor, refs: list, size: int, batch_size: int, worker
                                       "logits": torch.cat(logits) if logits else None,
                                       "skipped": skipped[:skipped_done]})
 
-    updating, last_save = False, time.monotonic()
     bar = tqdm(total=len(refs), initial=consumed, unit="img", desc=desc, disable=not progress)
-    try:
+    kept = _KeptWork(state_file, save, save_every_s, batches)
+    with kept.kept_when_stopped(lambda: f"the {desc} features of {sum(map(len, feats))} images" if feats else None):
         for batch in batches:
             f, lg = extractor.features_and_logits(batch)
-            updating = True  # the lists hold part of a batch until this is False again
+            kept.updating = True  # the lists hold part of a batch until this is False again
             feats.append(f)
             if lg is not None:
                 logits.append(lg)
             skipped_done = len(skipped)
-            updating = False
+            kept.updating = False
             bar.update(len(batch))
-            if state_file is not None and time.monotonic() - last_save >= save_every_s:
-                save()
-                last_save = time.monotonic()
-    except KeyboardInterrupt:
-        if state_file is not None and not updating and feats:
-            batches.close()  # shut the loader's workers down before writing
-            save()
-            print(f"eval: saved the {desc} features of {sum(len(f) for f in feats)} images in {state_file}; "
-                  f"the same command continues", file=sys.stderr)
-        raise
+            kept.tick()
     bar.close()
     if not feats:
         raise ValueError("no images to extract Inception features from")
