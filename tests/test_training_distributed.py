@@ -69,7 +69,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # ... and they moved far from the initialisation, so matching is not trivial.
     torch.manual_seed(TREE_SEED)
     init = Tokenizer(config_from_dict(TREE).model).state_dict()
-    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 100 * 1e-4
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 50 * 1e-4  # the EMA (decay 0.9) of 5 steps
 
 
 def test_a_finished_command_destroys_the_process_group(tmp_path):

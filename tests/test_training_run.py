@@ -116,6 +116,27 @@ def test_straight_run_writes_everything_and_resume_after_crash_and_ctrl_c_is_exa
         assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
+def test_the_export_and_the_checkpoint_hold_the_ema_of_the_steps_weights(tmp_path):
+    """Recomputed in float64 from the weights before each step: on the CPU a state dict taken while
+    the EMA was swapped in once turned back into the training weights (both files held those)."""
+    from softvq.training.checkpointing import load_checkpoint
+
+    snapshots = {}
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 4}))
+    Trainer(cfg, tmp_path, objective_factory=factory(snapshots=snapshots)).fit()
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    names = [n for n, _ in Tokenizer(cfg.model).named_parameters()]
+    weights = [snapshots[step] for step in range(4)] + [state["model"]]  # before each step, and the last
+    ema = {n: weights[0][n].double() for n in names}  # it starts at the initial weights
+    for updates, w in enumerate(weights[1:]):
+        decay = min(cfg.schedule.ema_decay, (1 + updates) / (10 + updates))  # ema_warmup
+        ema = {n: decay * ema[n] + (1 - decay) * w[n].double() for n in names}
+    export = exported(tmp_path)
+    assert max(float((export[n].double() - ema[n]).abs().max()) for n in names) < 1e-6
+    assert all(torch.equal(state["ema"][n], export[n]) for n in names)
+    assert max(float((state["model"][n] - export[n]).abs().max()) for n in names) > 1e-4  # not the raw weights
+
+
 def test_keeps_only_the_last_checkpoints(tmp_path):
     cfg = config_from_dict(tiny_tree(schedule={"steps": 5}, run={"checkpoint_every": 1, "keep_checkpoints": 2}))
     Trainer(cfg, tmp_path).fit()

@@ -71,6 +71,13 @@ class TrainResult:
     export: Path | None = None
 
 
+def _cpu_copy(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A state dict's tensors copied to the CPU. On the CPU ``state_dict()`` hands out the parameters
+    themselves (``.cpu()`` returns them as they are), so without the copy a state taken inside
+    ``EMA.swapped_into`` turns back into the training weights when the block ends."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in (state or {}).items()}
+
+
 def make_accelerator(cfg: TrainConfig):
     """An ``accelerate.Accelerator``: bf16 autocast on GPU (``schedule.precision=auto``), fp32 on CPU;
     DDP when launched with several processes, or FSDP (full sharding) when asked."""
@@ -414,16 +421,16 @@ class Trainer:
         rng = ckpt.capture_rng()
         rngs = _gather_objects(rng, self.world)
         skipped = sorted(set().union(*_gather_objects(sorted(self.skipped_files), self.world)))
-        model_state = self.accelerator.get_state_dict(self.model)
+        model_state = _cpu_copy(self.accelerator.get_state_dict(self.model))
         with self.ema.swapped_into(self.unwrapped):
-            ema_state = self.accelerator.get_state_dict(self.model)
+            ema_state = _cpu_copy(self.accelerator.get_state_dict(self.model))
         return {
             "format": FORMAT,
             "step": self.step,
             "world_size": self.world,
             "config": self.cfg.to_dict(),
-            "model": {k: v.detach().cpu() for k, v in (model_state or {}).items()},
-            "ema": {k: v.detach().cpu() for k, v in (ema_state or {}).items()},
+            "model": model_state,
+            "ema": ema_state,
             "ema_updates": self.ema.num_updates,
             "objective": {k: v.detach().cpu() for k, v in self.objective.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
@@ -516,10 +523,10 @@ class Trainer:
         """The EMA weights in our pretrained format (``Tokenizer.from_pretrained(run_dir/'export')``)."""
         target = self.run_dir / EXPORT_NAME
         with self.ema.swapped_into(self.unwrapped):
-            state = self.accelerator.get_state_dict(self.model)
+            state = _cpu_copy(self.accelerator.get_state_dict(self.model))
         if self.is_main:
             copy = Tokenizer(self.cfg.model)
-            load_strict(copy, {k: v.cpu() for k, v in state.items()}, "EMA weights")
+            load_strict(copy, state, "EMA weights")
             copy.save_pretrained(target)
         self.accelerator.wait_for_everyone()
         return target
