@@ -137,6 +137,20 @@ def test_the_export_and_the_checkpoint_hold_the_ema_of_the_steps_weights(tmp_pat
     assert max(float((state["model"][n] - export[n]).abs().max()) for n in names) > 1e-4  # not the raw weights
 
 
+def test_resuming_a_finished_run_keeps_its_outputs_and_changed_settings_are_said(tmp_path, capsys):
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 3}))
+    Trainer(cfg, tmp_path).fit()
+    metrics = (tmp_path / "metrics.json").read_bytes()
+    again = Trainer(cfg, tmp_path, resume=True).fit()
+    assert again.status == "already finished" and again.step == 3 and again.metrics == json.loads(metrics)
+    assert (tmp_path / "metrics.json").read_bytes() == metrics  # not rewritten with zero throughput
+    assert "raise schedule.steps to train further" in capsys.readouterr().out
+    more = config_from_dict(tiny_tree(schedule={"steps": 4}, optim={"lr": 1e-3}))
+    assert Trainer(more, tmp_path, resume=True).fit().step == 4
+    assert ("resumed with settings other than the checkpoint's: optim.lr 0.003 -> 0.001; schedule.steps 3 -> 4"
+            in capsys.readouterr().out)
+
+
 def test_keeps_only_the_last_checkpoints(tmp_path):
     cfg = config_from_dict(tiny_tree(schedule={"steps": 5}, run={"checkpoint_every": 1, "keep_checkpoints": 2}))
     Trainer(cfg, tmp_path).fit()

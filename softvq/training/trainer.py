@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, atomic_write, load_strict
 from softvq.data.loader import Batch, HeldOut, build_data
+from softvq.resume import changed_settings
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
 from softvq.training.config import RunConfig, TrainConfig, save_config
@@ -186,6 +187,7 @@ class Trainer:
         self.stream_positions: dict[int, tuple[int, int]] = {}
         self.last_checkpoint: Path | None = None
         self._stop = StopRequests()  # fit() installs the real one
+        self.pending_notes: list[str] = []  # said once the logger exists
         resume_state = self._load_resume(resume) if resume else None
 
         self.data, self.heldout = build_data(
@@ -205,6 +207,15 @@ class Trainer:
         """Train to ``schedule.steps`` (or until the time limit or a stop signal), then write the
         final checkpoint, export the EMA weights, a last grid and ``metrics.json``."""
         cfg, run = self.cfg, self.cfg.run
+        export, metrics = self.run_dir / EXPORT_NAME, self.run_dir / "metrics.json"
+        if self.step >= cfg.schedule.steps and export.is_dir() and metrics.is_file():
+            # a finished run resumed again: keep its outputs as they are (a second export and
+            # evaluation would rewrite metrics.json with the speed of no training at all)
+            self.logger.info(f"the run already finished: it is at step {self.step} and schedule.steps is "
+                             f"{cfg.schedule.steps}; raise schedule.steps to train further")
+            self.logger.close()
+            return TrainResult(self.run_dir, self.step, "already finished", json.loads(metrics.read_text()),
+                               self.last_checkpoint, export)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -478,6 +489,9 @@ class Trainer:
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
             self.disc_scheduler.load_state_dict(state["disc_scheduler"])
         self.step = int(state["step"])
+        changed = changed_settings(_dotted(state.get("config", {})), _dotted(self.cfg.to_dict()))
+        if changed:  # allowed (a lower lr after a divergence, more steps), but said
+            self.pending_notes.append(f"resumed with settings other than the checkpoint's: {'; '.join(changed)}")
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.skipped_files = set(state["skipped_files"])
         self.last_checkpoint = path
@@ -498,8 +512,8 @@ class Trainer:
             ckpt.restore_rng(rngs[self.rank])
         else:  # a different process count cannot replay the same random streams
             _seed_everything(self.cfg.schedule.seed + 7919 * self.step + self.rank)
-            self.logger_pending = (f"resumed with {self.world} processes instead of {len(rngs)}: "
-                                   f"random streams are re-seeded, so losses will not match exactly")
+            self.pending_notes.append(f"resumed with {self.world} processes instead of {len(rngs)}: "
+                                      f"random streams are re-seeded, so losses will not match exactly")
 
     # --- outputs ---------------------------------------------------------------------------------
 
@@ -583,9 +597,8 @@ class Trainer:
 
     def _describe(self) -> None:
         c, s = self.cfg, self.cfg.schedule
-        pending = getattr(self, "logger_pending", None)
-        if pending:
-            self.logger.info(pending)
+        for note in self.pending_notes:
+            self.logger.info(note)
         self.logger.info(
             f"run {self.run_dir}: {c.model_preset or 'custom'} tokenizer, {self.unwrapped.num_parameters() / 1e6:.2f} M "
             f"parameters, {c.model.num_tokens} tokens x {self.unwrapped.latent_dim} ({c.model.bottleneck.kind}), "
@@ -606,6 +619,17 @@ class Trainer:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"section.key": value}``, values as JSON would store them."""
+    flat: dict[str, Any] = {}
+    for key, value in json.loads(json.dumps(tree)).items():
+        if isinstance(value, dict) and value:
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
