@@ -7,9 +7,13 @@ the two, naming what differs so the user can rerun as before or start afresh.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from typing import Any
+
+import torch
+from torch import nn
 
 LONG_LIST = 8  # lists longer than this (labels, class names) are summarised by their lengths
 
@@ -32,3 +36,14 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any], ignore: Ite
         else:
             out.append(f"{key} {old!r} -> {new!r}")
     return out
+
+
+
+def weights_sha1(module: nn.Module) -> str:
+    """sha1 of a module's state dict (names and raw bytes): saved work made by other weights, such
+    as a generator trained further under the same path, must not be continued with these."""
+    digest = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -161,3 +161,15 @@ def test_two_launched_processes_make_the_images_one_process_makes(parts, tmp_pat
     assert len(one) == 9 and two == one  # 5 batches split 3 / 2 over the processes, the same images
     assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
     assert json.loads((tmp_path / "two" / "samples.json").read_text())["finished"] is True
+
+
+def test_a_generator_trained_further_under_the_same_path_does_not_continue_old_samples(parts, tmp_path):
+    import copy
+
+    tok, model, meta = parts
+    write_samples(model, meta, tok, LABELS, SPEC, tmp_path, batch_size=3, progress=False)
+    further = copy.deepcopy(model)
+    with torch.no_grad():
+        next(further.parameters()).add_(1e-3)  # the same settings, other weights
+    with pytest.raises(FileExistsError, match=r"other settings \(generator_sha1 '[0-9a-f]{40}' -> '[0-9a-f]{40}'\)"):
+        write_samples(further, meta, tok, LABELS, SPEC, tmp_path, batch_size=3, progress=False)

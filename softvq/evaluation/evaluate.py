@@ -48,7 +48,7 @@ from softvq.evaluation import fid as fidlib
 from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quantize_to_uint8, ssim
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
 from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD, sample_record
-from softvq.resume import changed_settings
+from softvq.resume import changed_settings, weights_sha1
 
 PAPER_NUM_IMAGES = 50_000
 DEFAULT_CACHE = Path("~/.cache/softvq/fid-stats")
@@ -176,12 +176,8 @@ def _reference_cache(options: EvalOptions, checksum: str) -> Path | None:
 
 def _evaluation_identity(model, refs: list, size: int, options: EvalOptions) -> dict[str, Any]:
     """What an evaluation's running sums depend on: a resumed run must match it exactly."""
-    weights = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
-        weights.update(name.encode())
-        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     images = hashlib.sha1("\n".join(ref.name for ref in refs).encode()).hexdigest()
-    return {"weights_sha1": weights.hexdigest(), "precision": model.precision, "images": len(refs),
+    return {"weights_sha1": weights_sha1(model), "precision": model.precision, "images": len(refs),
             "images_sha1": images, "image_size": size, "batch_size": options.batch_size, "fid": options.fid,
             "fid_weights": options.fid_weights, "fid_normalization": options.fid_normalization,
             "lpips_nets": list(options.lpips_nets)}

@@ -4,8 +4,9 @@ The layout (what ``softvq eval --samples`` and :func:`softvq.evaluation.evaluate
 read):
 
 * ``images/000000.png`` ...: one PNG per sample, in label order, each written atomically;
-* ``samples.json``: the settings that determine the samples (generator, tokenizer, sampler,
-  guidance, seed, batch size, decode precision), the labels and class names, and ``finished``;
+* ``samples.json``: the settings that determine the samples (generator, tokenizer and the sha1 of
+  their weights, sampler, guidance, seed, batch size, decode precision), the labels and class
+  names, and ``finished``;
 * ``grid.png``: the first samples of the first classes, one row per class.
 
 The paper's gFID protocol draws 50,000 samples (Sec. 4.1), hours of sampling. Nothing is kept
@@ -30,7 +31,7 @@ from torch import Tensor
 from softvq.checkpoint.pretrained import atomic_write
 from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
-from softvq.resume import changed_settings
+from softvq.resume import changed_settings, weights_sha1
 from softvq.training.accelerator import decided_by_main_process
 
 SAMPLE_IMAGES, SAMPLE_RECORD, SAMPLE_GRID = "images", "samples.json", "grid.png"
@@ -130,6 +131,8 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tens
         **({"ar_steps": spec.ar_steps or model.config.num_tokens, "temperature": spec.temperature,
             "cfg_schedule": spec.cfg_schedule, "clip_x0": spec.clip_x0} if meta.objective == "mar" else {}),
         "precision": tokenizer.precision, "seed": seed, "batch_size": batch_size,
+        # the paths above may hold other weights by now (a generator trained further, say)
+        "generator_sha1": weights_sha1(model), "tokenizer_sha1": weights_sha1(tokenizer),
         "labels": labels.tolist(), "class_names": names,
     }
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
