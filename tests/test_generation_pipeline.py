@@ -349,3 +349,17 @@ def test_two_launched_processes_pretokenize_what_one_does_and_continue_after_an_
     assert not list((tmp_path / "two").glob("progress*.json"))
     again = _launch_pretokenize(tmp_path, tmp_path / "one", 2)  # a finished set is refused by every process
     assert again.returncode != 0 and again.stderr.count("already holds a finished latent set") == 2
+
+
+def test_rerunning_a_finished_generator_run_leaves_it_as_it_is(tmp_path, capsys):
+    tiny_tokenizer(tmp_path)
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat",
+                tokenizer_spec=str(tmp_path / "tok"), progress=False)
+    cfg = GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(tmp_path / "g"), objective="sit", width=32,
+                               depth=1, heads=2, batch_size=4, steps=2, cpu=True)
+    train_generator(cfg, progress=False)
+    exported = (tmp_path / "g" / "generator" / "model.safetensors").read_bytes()
+    again = train_generator(cfg, progress=False)
+    assert again["already_finished"] and again["steps"] == 2 and again["last_loss"] is None
+    assert "already finished at step 2; pass --steps above 2" in capsys.readouterr().err
+    assert (tmp_path / "g" / "generator" / "model.safetensors").read_bytes() == exported

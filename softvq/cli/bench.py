@@ -1,7 +1,7 @@
 """``softvq bench TARGET``: efficiency tables measured on this machine.
 
     softvq bench gen                          # DiT/SiT S..XL x {32, 64 tokens, 16x16/2, 32x32/2}
-    softvq bench gen --sizes XL --no-throughput   # GFLOPs only (meta device, instant)
+    softvq bench gen --sizes XL --no-throughput   # GFLOPs only (counted on the meta device, nothing timed)
     softvq bench gen --device cuda            # throughput of every size on a GPU
     (then the MAR-H GFLOPs of paper Tab. 2; --no-mar leaves them out)
 
@@ -56,7 +56,7 @@ def run_gen(args: argparse.Namespace) -> int:
                            sampling_steps=args.sampling_steps, repeats=repeats, max_gmacs_cpu=args.max_gmacs_cpu,
                            throughput=not args.no_throughput)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(format_table(rows, label, args.sampling_steps))
+    print(format_table(rows, label, args.sampling_steps, args.batch))
     if not args.no_mar:
         print()
         print(mar_table())

@@ -111,12 +111,12 @@ def generator_table(kinds=("dit", "sit"), sizes=("S", "B", "L", "XL"), layouts=t
     return rows
 
 
-def format_table(rows: list[Row], device_label: str, sampling_steps: int = 250) -> str:
+def format_table(rows: list[Row], device_label: str, sampling_steps: int = 250, batch: int = 64) -> str:
     """A plain-text table with the paper's values beside ours, and the 1D/2D GFLOP ratios."""
     paper_ips = {(k, lay): v[1] for (k, lay), v in PAPER_TABLE1.items()}
     head = (f"{'model':<8} {'layout':<10} {'tok':>4} {'params':>8} {'GMACs lin':>10} {'GMACs all':>10} "
             f"{'paper-conv':>10} {'paper':>7} {'Δ%':>6} {'img/s':>9} {'paper img/s':>11}  note")
-    lines = [f"generator efficiency (batch 64, fp32, {sampling_steps} sampling steps, no CFG) on {device_label}",
+    lines = [f"generator efficiency (batch {batch}, fp32, {sampling_steps} sampling steps, no CFG) on {device_label}",
              head, "-" * len(head)]
     for r in rows:
         name = f"{DISPLAY[r.kind]}-{r.size}"

@@ -180,7 +180,8 @@ def check_same_model(run: Path, model: dict[str, Any]) -> None:
 
 
 def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) training; returns {"first_loss", "last_loss", "steps", "export", "stopped"}.
+    """Run (or resume) training; returns {"first_loss", "last_loss", "steps", "export", "stopped"}
+    (and ``"already_finished": True``, with no losses, when the run had already reached ``steps``).
 
     The first Ctrl-C or SIGTERM finishes the step, writes a checkpoint and returns with
     ``stopped`` True, ``steps`` the step reached and no export; calling again continues.
@@ -220,6 +221,12 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         if start > cfg.steps:
             raise ValueError(f"{run} is already at step {start}; --steps {cfg.steps} would train nothing "
                              f"(pass --steps above {start} to continue it)")
+        if start == cfg.steps and (run / "generator").is_dir():  # finished: leave it as it is
+            if acc.is_main_process:
+                print(f"{run} already finished at step {start}; pass --steps above {start} to train it further",
+                      file=sys.stderr)
+            return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / "generator"),
+                    "stopped": False, "already_finished": True}
         restore_rng(state["rng"])
         if acc.is_main_process:
             print(f"resuming {run} from step {start} ({latest.name})", file=sys.stderr)
