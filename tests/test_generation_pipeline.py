@@ -363,3 +363,25 @@ def test_rerunning_a_finished_generator_run_leaves_it_as_it_is(tmp_path, capsys)
     assert again["already_finished"] and again["steps"] == 2 and again["last_loss"] is None
     assert "already finished at step 2; pass --steps above 2" in capsys.readouterr().err
     assert (tmp_path / "g" / "generator" / "model.safetensors").read_bytes() == exported
+
+
+def test_damaged_latent_folders_and_run_folders_get_clear_answers(tmp_path):
+    from softvq.checkpoint.pretrained import CheckpointError
+    from softvq.cli.common import load_tokenizer
+    from softvq.generation.checkpoint import GeneratorMeta, save_generator
+    from softvq.generation.models import build_generator, generator_config
+
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "meta.json").write_text(json.dumps({"format": "softvq-latents", "count": 3}))
+    with pytest.raises(ValueError, match="meta.json lacks shards, classes, latent_mean, latent_std"):
+        load_latents(tmp_path / "lat")
+    (tmp_path / "lat" / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="meta.json is not valid JSON"):
+        load_latents(tmp_path / "lat")
+
+    model = build_generator(generator_config("sit", "S", num_tokens=4, latent_dim=2, num_classes=2))
+    save_generator(model, GeneratorMeta(objective="sit", tokenizer="runs/tok"), tmp_path / "run" / "generator")
+    loaded, meta = load_generator(tmp_path / "run")  # a run folder stands for its export
+    assert meta.tokenizer == "runs/tok" and torch.equal(next(loaded.parameters()), next(model.parameters()))
+    with pytest.raises(CheckpointError, match="is a DiT/SiT/MAR generator .*not a tokenizer; .*tokenizer runs/tok"):
+        load_tokenizer(str(tmp_path / "run" / "generator"))

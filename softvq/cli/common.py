@@ -116,6 +116,20 @@ def portable_spec(spec: str) -> str:
     return prefix + str(folder.resolve()) if folder.is_dir() else spec
 
 
+def _generator_meta(folder: str) -> dict | None:
+    """The ``meta`` of a generator checkpoint folder, or None when ``folder`` is not one."""
+    import json
+
+    from softvq.checkpoint.pretrained import CONFIG_NAME
+    from softvq.generation.checkpoint import FORMAT
+
+    try:
+        payload = json.loads((Path(folder).expanduser() / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return payload.get("meta", {}) if isinstance(payload, dict) and payload.get("format") == FORMAT else None
+
+
 def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool = False,
                    precision: str = "fp32") -> Tokenizer:
     """The tokenizer a SPEC names, in eval mode on ``device``, computing in ``precision``.
@@ -148,10 +162,14 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
         try:
             model = Tokenizer.from_pretrained(spec)
         except CheckpointError as exc:
+            generator = _generator_meta(spec)
+            if generator is not None:
+                raise CheckpointError(f"{spec} is a DiT/SiT/MAR generator (train-generator's export), not a tokenizer; "
+                                      f"its latents come from the tokenizer {generator.get('tokenizer')}") from None
             if "from_official" in str(exc):  # a released folder passed without the prefix
                 raise CheckpointError(
-                    f"{spec} is not in softvq's format; if it is a released SoftVQ-VAE checkpoint "
-                    f"pass --model {OFFICIAL_PREFIX}{spec}"
+                    f"{spec} is not in softvq's format; if it is a released SoftVQ-VAE checkpoint, "
+                    f"name it {OFFICIAL_PREFIX}{spec}"
                 ) from None
             if (Path(spec).expanduser() / "config.yaml").is_file():
                 raise CheckpointError(

@@ -29,7 +29,7 @@ from softvq.cli.common import add_precision_argument, positive_int, resolve_devi
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="sample images from a trained DiT / SiT / MAR generator",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("generator", help="generator folder (RUN/generator written by the generator trainer)")
+    p.add_argument("generator", help="generator folder (RUN/generator written by the generator trainer), or the run folder RUN")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", metavar="SPEC", help="tokenizer to decode with (default: the one the latents came from)")
     p.add_argument("--classes", default="all", help="comma-separated class indices or names, or 'all' (default)")
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {result.count} images to {result.images}{kept} and the grid {result.grid}")
     if result.diverged:
         print("warning: some MAR samples diverged (|latent| > 50 standard deviations): the diffusion head is not "
-              "trained enough for the unclipped first steps; rerun with --clip-x0 5", file=sys.stderr)
+              "trained enough for the unclipped first steps; sample again with --clip-x0 5 into another --out", file=sys.stderr)
     if args.fid_ref:
         print(f"gFID vs {args.fid_ref}: {generation_fid(result.folder, args.fid_ref, device):.3f} "
               f"({result.count} samples; the paper's protocol uses 50,000)")

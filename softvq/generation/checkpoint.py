@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from softvq.checkpoint.pretrained import WEIGHTS_NAME, load_strict, read_folder_config, read_state_dict, write_folder
+from softvq.checkpoint.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_strict, read_folder_config, read_state_dict, write_folder
 from softvq.generation.mar import MaskedAutoregressive
 from softvq.generation.models import LatentTransformer, build_generator
 
@@ -54,8 +54,15 @@ def save_generator(model: Generator, meta: GeneratorMeta, directory: str | Path,
     return write_folder(directory, state or model.state_dict(), payload)
 
 
+EXPORT_NAME = "generator"  # where softvq train-generator exports its EMA weights in a run folder
+
+
 def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[Generator, GeneratorMeta]:
-    """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`."""
+    """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`; a
+    ``train-generator`` run folder stands for its export, ``RUN/generator``."""
+    run_export = Path(path_or_id).expanduser() / EXPORT_NAME
+    if (run_export / CONFIG_NAME).is_file():
+        path_or_id = run_export
     folder, payload = read_folder_config(path_or_id, FORMAT, "softvq generator",
                                          "tokenizers load with softvq.Tokenizer.from_pretrained")
     model = build_generator(payload["config"])

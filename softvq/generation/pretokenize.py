@@ -435,9 +435,16 @@ def load_latents(folder: str | Path) -> LatentSet:
     meta_file = folder / META_NAME
     if not meta_file.is_file():
         raise FileNotFoundError(f"{folder} has no {META_NAME}; make it with `softvq pretokenize`")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{meta_file} is not valid JSON ({exc}); make the latents again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file} is not a softvq latent folder")
+    missing = [key for key in ("shards", "classes", "latent_mean", "latent_std") if key not in meta]
+    if missing:
+        raise ValueError(f"{meta_file} lacks {', '.join(missing)}: it is damaged or was not written by softvq "
+                         f"pretokenize; make the latents again")
     latents, labels, names = [], [], []
     for shard in meta["shards"]:
         path = folder / shard

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from softvq.checkpoint.pretrained import atomic_write
-from softvq.generation.checkpoint import GeneratorMeta, save_generator
+from softvq.generation.checkpoint import EXPORT_NAME, GeneratorMeta, save_generator
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, ObjectiveConfig
@@ -221,11 +221,11 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         if start > cfg.steps:
             raise ValueError(f"{run} is already at step {start}; --steps {cfg.steps} would train nothing "
                              f"(pass --steps above {start} to continue it)")
-        if start == cfg.steps and (run / "generator").is_dir():  # finished: leave it as it is
+        if start == cfg.steps and (run / EXPORT_NAME).is_dir():  # finished: leave it as it is
             if acc.is_main_process:
                 print(f"{run} already finished at step {start}; pass --steps above {start} to train it further",
                       file=sys.stderr)
-            return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / "generator"),
+            return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / EXPORT_NAME),
                     "stopped": False, "already_finished": True}
         restore_rng(state["rng"])
         if acc.is_main_process:
@@ -301,7 +301,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                 "stopped": True}
     bar.close()
     acc.wait_for_everyone()
-    export = run / "generator"
+    export = run / EXPORT_NAME
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
         meta = GeneratorMeta(objective=cfg.objective, path=cfg.path, schedule=cfg.schedule,
