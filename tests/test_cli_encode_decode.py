@@ -56,6 +56,14 @@ def test_encode_then_decode_round_trip(tmp_path, capsys):
         assert np.array_equal(written, np.asarray(to_pil(image))), name
     assert "decoded 3 image(s)" in capsys.readouterr().out
 
+    # the latents file is work: a second encode onto it, or onto a folder, is refused before encoding
+    before = latents_file.read_bytes()
+    assert main(["encode", str(folder), "--model", str(ckpt), "--out", str(latents_file)]) == 2
+    assert "z.safetensors already exists; choose another --out" in capsys.readouterr().err
+    assert latents_file.read_bytes() == before
+    assert main(["encode", str(folder), "--model", str(ckpt), "--out", str(out)]) == 2
+    assert f"--out {out} is a folder; name the latents file to write" in capsys.readouterr().err
+
 
 def test_a_relative_model_folder_is_recorded_so_decode_finds_it_from_elsewhere(tmp_path, capsys, monkeypatch):
     Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "ckpt")

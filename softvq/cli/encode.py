@@ -19,7 +19,9 @@ import torch
 from tqdm import tqdm
 
 from softvq.checkpoint.pretrained import CheckpointError, atomic_write
-from softvq.cli.common import add_model_arguments, is_preset, load_tokenizer, portable_spec, positive_int
+from softvq.cli.common import (
+    add_model_arguments, is_preset, load_tokenizer, portable_spec, positive_int, refuse_to_overwrite,
+)
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, read_image
 
@@ -93,6 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     paths = scan_folder(folder, "pass a folder of images to encode")[0]
+    out = Path(args.out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; name the latents file to write, e.g. {out / 'latents.safetensors'}")
+    refuse_to_overwrite([out], "choose another --out, or delete it first")  # before the encoding, not after
     torch.manual_seed(args.seed)
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     size = model.config.image_size
