@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -96,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         resume = Path(resume)
 
     from softvq.training.trainer import NonFiniteLossError, Trainer
+
+    # torch's own warning about more loader workers than cores; the trainer says it in one line
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
 
     trainer = Trainer(cfg, run_dir, resume=resume)
     try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import time
 import warnings
@@ -610,6 +611,10 @@ class Trainer:
             f"peak lr {self.lr:.3g}, {s.steps} steps from step {self.step}"
         )
         self.logger.info(f"data: {self.data.description}")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if c.data.workers > cores:
+            self.logger.info(f"data.workers={c.data.workers} loader processes share {cores} CPU core(s) with training: "
+                             f"set data.workers={cores} or fewer if decoding competes with the model")
         if c.model.decoder_noise_dim:
             self.logger.info(f"generative decoder (WeTok Sec. 3.3): {c.model.decoder_noise_dim} noise channels per token")
         if c.run.init_from and self.step == 0:
