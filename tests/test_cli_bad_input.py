@@ -294,3 +294,13 @@ def test_outputs_that_would_replace_work_are_refused(tmp_path, capsys):
     code, _, err = _run(capsys, "train", "demo", "-o", str(tmp_path / "run"), "schedule.steps=1")
     assert code == 2 and "--resume" in _one_line_error(err)
     assert (tmp_path / "run" / "log.jsonl").read_text() == "{}\n"
+
+
+def test_eval_of_samples_refuses_tokenizer_options_instead_of_ignoring_them(tmp_path, capsys):
+    for folder in ("fake", "real"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(_gradient()).convert("RGB").save(tmp_path / folder / "a.png")
+    code, _, err = _run(capsys, "eval", "--samples", str(tmp_path / "fake"), "--images", str(tmp_path / "real"),
+                        "--model", "softvq-tiny")
+    assert code == 2 and "--model and --probe evaluate a tokenizer instead" in _one_line_error(err)
+    assert not (tmp_path / "eval").exists()

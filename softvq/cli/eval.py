@@ -52,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-flops", action="store_true", help="skip counting encoder/decoder FLOPs")
     p.add_argument("--probe", default=None, metavar="FOLDER", help="labelled folder for linear probing (C.3)")
     p.add_argument("--probe-val", default=None, metavar="FOLDER", help="held-out labelled folder (default: 20%% split)")
-    p.add_argument("--probe-epochs", type=positive_int, default=90)
+    p.add_argument("--probe-epochs", type=positive_int, default=90,
+                   help="probe training epochs (paper: 90); a small folder trains at least 1000 steps, so more "
+                        "epochs (the report says how many)")
     p.add_argument("--probe-which", choices=("latents", "features"), default="latents",
                    help="probe z (latents, default) or the pre-bottleneck ẑ (features)")
     p.add_argument("--samples", default=None, metavar="DIR", help="score generated samples against --images")
@@ -80,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     if args.samples:
+        if args.model or args.probe:
+            raise ValueError("--samples scores generated images against --images; --model and --probe evaluate a "
+                             "tokenizer instead: run them as a separate eval")
         out = Path(args.out or Path(args.samples).parent / "eval")
         # the features extracted so far are kept in OUT, and the same command continues from them
         report = evaluate_samples(args.samples, args.images, num_images=args.num_images,
@@ -112,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
                                   device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
                                   progress=not args.no_progress)
             report["linear_probe"] = result.to_dict()
+            if result.epochs > args.probe_epochs:
+                report["notes"].append(f"linear probe: {result.epochs} epochs instead of {args.probe_epochs}, "
+                                       f"to reach the minimum of 1000 optimizer steps on this small folder")
             report["linear_probe_top1"] = result.top1
             if result.skipped_images:
                 report["notes"].append(f"linear probe: skipped {result.skipped_images} unreadable labelled image(s)")

@@ -602,7 +602,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {fmt.format(value)} |")
     protocol = report.get("protocol", {})
     if protocol:
-        lines += ["", "Protocol: " + "; ".join(f"{k} = {v}" for k, v in protocol.items())]
+        # the protocol's num_images counts the files considered, unreadable ones included
+        shown = {("files considered" if k == "num_images" else k): v for k, v in protocol.items()}
+        lines += ["", "Protocol: " + "; ".join(f"{k} = {v}" for k, v in shown.items())]
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
