@@ -125,6 +125,6 @@ def run(args: argparse.Namespace) -> int:
                 scores.append(score)
                 result.save(out / f"{stems[k]}_recon.png")
                 side_by_side(original, result).save(out / f"{stems[k]}_side_by_side.png")
-                print(f"{paths[k].name}: PSNR {score:.2f} dB -> {out / (stems[k] + '_recon.png')}")
+                print(f"{paths[k]}: PSNR {score:.2f} dB -> {out / (stems[k] + '_recon.png')}")
     print(f"mean PSNR over {len(scores)} image(s): {float(np.mean(scores)):.2f} dB")
     return 0

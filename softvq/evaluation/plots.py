@@ -122,7 +122,10 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
     axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
     for ax, name in zip(axes, names):
         x, y = series[name]
-        ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
+        if len(y) < 3:  # a line through one or two log records is invisible: mark the points
+            ax.plot(x, y, color="tab:blue", marker="o", linewidth=0.8)
+        else:
+            ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
         if len(y) > 2 and smoothing > 0:
             ax.plot(x, _ema(y, smoothing), color="tab:blue", linewidth=1.5)
         ax.set_title(name, fontsize=9)
