@@ -72,3 +72,12 @@ def test_release_folder_is_refused_with_a_pointer_to_from_official(saved):
     (folder / "config.json").write_text(json.dumps({"codebook_size": 8192, "tau": 0.07}))
     with pytest.raises(CheckpointError, match="from_official"):
         load_pretrained(folder)
+
+
+def test_a_mistyped_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from softvq.checkpoint.pretrained import CheckpointError, resolve
+
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"no checkpoint folder at 'runs/demoo'; runs/ holds demo"):
+        resolve("runs/demoo", ["config.json"])

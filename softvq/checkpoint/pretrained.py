@@ -100,6 +100,9 @@ def resolve(path_or_id: str | Path, filenames: list[str]) -> Path:
     text = str(path_or_id)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise CheckpointError(f"no checkpoint folder at {text!r} (and it is not a hub id like 'org/name')")
+    if path.parent.is_dir():  # "runs/nop" with a local runs/: a mistyped folder, not a hub id
+        near = sorted(p.name for p in path.parent.iterdir() if p.is_dir())[:8]
+        raise CheckpointError(f"no checkpoint folder at {text!r}; {path.parent}/ holds {', '.join(near) or 'no folders'}")
     try:
         from huggingface_hub import snapshot_download
 
