@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from softvq.checkpoint.pretrained import CheckpointError
 from softvq.losses.objective import TokenizerObjective
 from softvq.tokenizer import Tokenizer
 from softvq.training.checkpointing import list_checkpoints
@@ -149,6 +150,9 @@ def test_resuming_a_finished_run_keeps_its_outputs_and_changed_settings_are_said
     assert Trainer(more, tmp_path, resume=True).fit().step == 4
     assert ("resumed with settings other than the checkpoint's: optim.lr 0.003 -> 0.001; schedule.steps 3 -> 4"
             in capsys.readouterr().out)
+    other_model = config_from_dict(tiny_tree(schedule={"steps": 5}, model={"num_tokens": 4}))
+    with pytest.raises(CheckpointError, match=r"other settings \(model.num_tokens 8 -> 4\); a run's model cannot change"):
+        Trainer(other_model, tmp_path, resume=True)
 
 
 def test_keeps_only_the_last_checkpoints(tmp_path):

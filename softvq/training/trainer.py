@@ -475,7 +475,15 @@ class Trainer:
         state = ckpt.load_checkpoint(path)
         if state.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a softvq training checkpoint")
-        load_strict(self.unwrapped, state["model"], str(path))
+        changed = changed_settings(_dotted(state.get("config", {})), _dotted(self.cfg.to_dict()))
+        model_changes = [c for c in changed if c.startswith("model.")]
+        try:
+            load_strict(self.unwrapped, state["model"], str(path))
+        except CheckpointError:
+            if not model_changes:
+                raise
+            raise CheckpointError(f"{path} holds a model made with other settings ({'; '.join(model_changes)}); a "
+                                  f"run's model cannot change: drop those overrides, or start a new run") from None
         missing = [n for n in self.ema.names if n not in state["ema"]]
         if missing:
             raise CheckpointError(f"{path}: EMA weights lack {missing[:4]}")
@@ -490,7 +498,6 @@ class Trainer:
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
             self.disc_scheduler.load_state_dict(state["disc_scheduler"])
         self.step = int(state["step"])
-        changed = changed_settings(_dotted(state.get("config", {})), _dotted(self.cfg.to_dict()))
         if changed:  # allowed (a lower lr after a divergence, more steps), but said
             self.pending_notes.append(f"resumed with settings other than the checkpoint's: {'; '.join(changed)}")
         self.nonfinite_steps = int(state["nonfinite_steps"])
