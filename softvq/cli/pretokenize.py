@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{out} holds an interrupted pretokenize with random {args.model} weights, but "
                                     f"{kept}, which kept them, is gone; choose an empty folder")
         if resuming:
-            print(f"continuing with the {args.model} weights saved at {kept}")
+            if main_process:
+                print(f"continuing with the {args.model} weights saved at {kept}")
         elif main_process:
             load_tokenizer(args.model, device, precision=args.precision).save_pretrained(kept)
             print(f"saved the randomly initialised {args.model} next to the latents: {spec}")
