@@ -5,7 +5,7 @@ import torch
 
 from softvq.generation.embeddings import LabelEmbedder, sincos_grid, sincos_sequence
 from softvq.generation.flops import analytic_macs, count_macs, repa_projector_macs
-from softvq.generation.models import AdaLNZeroBlock, GeneratorConfig, build_generator, generator_config
+from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 
 
 def tiny(kind="sit", **kw):

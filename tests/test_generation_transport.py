@@ -1,7 +1,5 @@
 """SiT interpolants, velocity targets and the ODE / SDE samplers against exact Gaussian answers."""
 
-import math
-
 import pytest
 import torch
 

@@ -35,7 +35,6 @@ def test_encoder_output_is_the_latent_positions_only():
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     enc = model.encoder
     with torch.no_grad():
-        seq = []
         h = torch.cat([enc.cls_token + enc.pos_embed[:, :1],
                        enc.patch_embed(x).flatten(2).transpose(1, 2) + enc.pos_embed[:, 1:],
                        enc.latent_tokens + enc.latent_pos_embed], dim=1)

@@ -14,7 +14,7 @@ from softvq.bottlenecks.factory import build_bottleneck
 from softvq.cli.main import main
 from softvq.tokenizer import Tokenizer
 from softvq.training.config import (
-    CONFIG_DIR, config_from_dict, load_config, parse_override, save_config,
+    CONFIG_DIR, load_config, parse_override, save_config,
 )
 from softvq.training.ema import EMA
 from softvq.training.optim import build_optimizer, param_groups
