@@ -8,6 +8,7 @@ checkpoints (``shared/reference/official-checkpoint-format.md``; paper Tab. 1 si
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -115,6 +116,15 @@ class TokenizerConfig:
         return self.grid[0] * self.grid[1]
 
     def validate(self) -> "TokenizerConfig":
+        """Check every field (types, ranges, divisibility) and return ``self``; errors name the fix."""
+        for name, kind in (("encoder", ViTConfig), ("decoder", ViTConfig), ("bottleneck", BottleneckConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}; "
+                                f"build nested settings from dicts with TokenizerConfig.from_dict")
+        for name in ("image_size", "patch_size", "num_tokens", "in_channels", "decoder_noise_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a whole number, got {value!r}")
         for name in ("image_size", "patch_size", "in_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -142,6 +152,7 @@ class TokenizerConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a nested dict of plain values (what ``config.json`` stores)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -151,6 +162,8 @@ class TokenizerConfig:
         nested = {"encoder": ViTConfig, "decoder": ViTConfig, "bottleneck": BottleneckConfig}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
+            if key in nested and not isinstance(value, dict):
+                raise TypeError(f"{key} must be a dict of {nested[key].__name__} fields, got {value!r}")
             if key in nested:
                 kwargs[key] = strict_fields(nested[key], value, prefix=f"{key}.")
             else:

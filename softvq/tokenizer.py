@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,8 +58,13 @@ class Tokenizer(nn.Module):
     """A 1D image tokenizer. Build with :meth:`from_preset`, :meth:`from_pretrained` or
     :meth:`from_official`; see the README for the full API."""
 
-    def __init__(self, config: TokenizerConfig) -> None:
+    def __init__(self, config: TokenizerConfig | dict[str, Any]) -> None:
         super().__init__()
+        if isinstance(config, dict):
+            config = TokenizerConfig.from_dict(config)
+        if not isinstance(config, TokenizerConfig):
+            raise TypeError(f"Tokenizer takes a TokenizerConfig or a dict of its fields, got {config!r}; for a named "
+                            f"preset use Tokenizer.from_preset, for a folder Tokenizer.from_pretrained")
         self.config = config.validate()
         c = self.config
         self.encoder = TokenEncoder(
@@ -89,13 +95,15 @@ class Tokenizer(nn.Module):
         Results equal the unsliced ones except for the bottleneck's batch-level statistics
         (losses/metrics are averaged over slices), which inference does not use.
         """
-        if isinstance(slice_size, bool) or int(slice_size) != slice_size or slice_size < 1:
+        if not isinstance(slice_size, numbers.Real) or isinstance(slice_size, bool) or int(slice_size) != slice_size \
+                or slice_size < 1:
             raise ValueError(f"slice_size must be a positive number of images, got {slice_size!r}; "
                              "disable_slicing() turns slicing off")
         self.slice_size = int(slice_size)
         return self
 
     def disable_slicing(self) -> "Tokenizer":
+        """Encode and decode whole batches again (undoes :meth:`enable_slicing`)."""
         self.slice_size = None
         return self
 
@@ -123,6 +131,7 @@ class Tokenizer(nn.Module):
         return self
 
     def disable_autocast(self) -> "Tokenizer":
+        """Compute in float32 again (undoes :meth:`enable_autocast`)."""
         self.compute_dtype = torch.float32
         return self
 
@@ -153,7 +162,8 @@ class Tokenizer(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "Tokenizer":
-        """A randomly initialised tokenizer of a named preset (``softvq.PRESETS``).
+        """A randomly initialised tokenizer of a named preset (``softvq.PRESETS``), in eval mode
+        like :meth:`from_pretrained` (call ``.train()`` to train it yourself).
 
         ``overrides`` replace top-level config fields, e.g. ``num_tokens=32``.
         """
@@ -163,14 +173,15 @@ class Tokenizer(nn.Module):
                 cfg[key].update(value)
             else:
                 cfg[key] = value
-        return cls(TokenizerConfig.from_dict(cfg))
+        return cls(TokenizerConfig.from_dict(cfg)).eval()
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, **kwargs: Any) -> "Tokenizer":
-        """Load our format (``config.json`` + ``model.safetensors``) from a folder or hub id."""
+    def from_pretrained(cls, path_or_id: str | Path, *, map_location: str = "cpu") -> "Tokenizer":
+        """Load our format (``config.json`` + ``model.safetensors``) from a folder or hub id, in
+        eval mode (a training run's weights are in ``RUN/export``)."""
         from softvq.checkpoint.pretrained import load_pretrained
 
-        return load_pretrained(path_or_id, **kwargs)
+        return load_pretrained(path_or_id, map_location=map_location)
 
     @classmethod
     def from_official(cls, path_or_id: str | Path, **kwargs: Any) -> "Tokenizer":
@@ -193,7 +204,7 @@ class Tokenizer(nn.Module):
         weight = self.from_latent.weight
         widened = Tokenizer(config).to(device=weight.device, dtype=weight.dtype)
         widened.load_weights_of(self, str(getattr(self, "source", "this tokenizer")))
-        return widened
+        return widened.train(self.training)
 
     def load_weights_of(self, other: "Tokenizer", source: str) -> "Tokenizer":
         """Copy ``other``'s weights into this tokenizer (same architecture, or a stage-1 one whose
@@ -216,10 +227,12 @@ class Tokenizer(nn.Module):
 
     @property
     def num_tokens(self) -> int:
+        """L, the number of 1D latent tokens per image (paper: 32 or 64)."""
         return self.config.num_tokens
 
     @property
     def latent_dim(self) -> int:
+        """D, the width of each latent token."""
         return self.bottleneck.latent_dim
 
     def _check_placement(self, tensor: Tensor, what: str) -> None:
@@ -230,7 +243,9 @@ class Tokenizer(nn.Module):
                              f"move one of them, e.g. {what}.to({str(device)!r})")
 
     def check_images(self, images: Tensor) -> None:
-        """Fail early, naming the problem, on inputs the encoder cannot take."""
+        """Fail early, naming the problem, on inputs the encoder cannot take: not a (B, C, H, W)
+        float tensor, an empty batch, a size that is not a multiple of the patch, another device;
+        and, outside training, NaN or 8-bit values passed as floats."""
         if not isinstance(images, Tensor):
             raise TypeError(f"images must be a torch.Tensor (B, C, H, W), got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != self.config.in_channels:
@@ -245,7 +260,17 @@ class Tokenizer(nn.Module):
             )
         if not images.is_floating_point():
             raise TypeError("images must be floating point in [-1, 1]; divide uint8 by 127.5 and subtract 1")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch (B = 0); pass at least one image")
         self._check_placement(images, "images")
+        if not self.training and not torch.compiler.is_compiling():
+            # Inference only: the check reads two numbers back (a host sync a training step need not pay).
+            lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError("images contain NaN or infinite values")
+            if lo >= 0 and hi > 1.5:  # the one range mistake that is certain: 8-bit values as floats
+                raise ValueError(f"images range over [{lo:g}, {hi:g}], like 8-bit pixels; the tokenizer takes "
+                                 f"[-1, 1]: pass images / 127.5 - 1")
 
     def _as_input(self, images: Tensor) -> Tensor:
         """Checked images in the weights' dtype (float64 or float16 images of a float32 model
@@ -309,7 +334,10 @@ class Tokenizer(nn.Module):
         size would silently come back smaller (100 px from 16 px patches would give 96)."""
         if image_size is None:
             return
-        sides = (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)
+        if isinstance(image_size, numbers.Integral):
+            sides = (image_size, image_size)
+        else:
+            sides = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
         p = self.config.patch_size
         if len(sides) != 2 or any(not isinstance(s, numbers.Integral) or s < p or s % p for s in sides):
             raise ValueError(f"image_size must be an int or (height, width), each a positive multiple of "
@@ -323,6 +351,8 @@ class Tokenizer(nn.Module):
         return self._in_precision(lambda t: self.decoder(self.from_latent(t), grid), x)
 
     def forward(self, images: Tensor) -> TokenizerOutput:
+        """Encode and decode (what training calls): the reconstruction at the input's size, and the
+        :class:`Encoding` with the bottleneck's losses and metrics."""
         enc = self.encode(images)
         return TokenizerOutput(self.decode(enc.latents, tuple(images.shape[-2:])), enc)
 
@@ -332,6 +362,7 @@ class Tokenizer(nn.Module):
         return self.forward(images).reconstruction
 
     def num_parameters(self) -> int:
+        """All parameters: encoder, bottleneck (codebooks included) and decoder."""
         return sum(p.numel() for p in self.parameters())
 
 

@@ -148,6 +148,7 @@ def test_segments_reject_token_counts_that_do_not_split():
     (dict(kind="vq", codebook_size=-1), "codebook_size must be positive, got -1"),  # was a torch shape error
     (dict(kind="kl", latent_dim=0), "latent_dim must be at least 1"),
     (dict(kind="lfq", lfq_groups=0), "lfq_groups must be at least 1"),
+    (dict(kind="lfq", residual_levels=2), r"kind='lfq' cancels itself \(each level codes ±1"),
 ])
 def test_factory_rejects_bad_compositions_with_the_fix(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -156,7 +157,8 @@ def test_factory_rejects_bad_compositions_with_the_fix(bad, match):
 
 @pytest.mark.parametrize("kind", ["softvq", "gmmvq", "vq", "kl", "lfq", "ae"])
 def test_every_kind_composes_with_product_residual_and_segments(kind):
-    b = build(kind=kind, groups=2, residual_levels=2, segments=2, segment_entropy="per_segment", lfq_groups=2)
+    levels = 1 if kind == "lfq" else 2  # residual LFQ cancels itself and is refused (above)
+    b = build(kind=kind, groups=2, residual_levels=levels, segments=2, segment_entropy="per_segment", lfq_groups=2)
     z = torch.randn(2, 4, b.input_dim, requires_grad=True)
     out = b(z)
     assert out.latents.shape == (2, 4, D) and out.latents.dtype == torch.float32
@@ -183,6 +185,8 @@ def test_latents_alone_equal_the_forward_latents(kind, layout, chunk_size):
     # The release's cosine distance and entropy temperature for the soft kinds: the path whose
     # second softmax latents() skips.
     soft = dict(distance="cosine", entropy_temperature=0.01) if kind in ("softvq", "gmmvq") else {}
+    if kind == "lfq" and "residual_levels" in layout:  # residual LFQ is refused: product and groups only
+        layout = {**layout, "residual_levels": 1}
     b = build(kind=kind, chunk_size=chunk_size, segment_entropy="per_segment", **layout, **soft).eval()
     z = torch.randn(2, 8, b.input_dim)
     with torch.inference_mode():

@@ -360,3 +360,14 @@ def test_an_interrupted_sample_evaluation_continues_to_the_same_report(tmp_path,
     assert "reference: continued an interrupted extraction after 2 images" in resumed["notes"]
     assert sum("samples: skipped 1 unreadable" in n for n in resumed["notes"]) == 1  # kept with the features
     assert not list((tmp_path / "out").glob("*.pt"))
+
+
+def test_evaluation_options_and_arguments_of_the_wrong_kind_are_named():
+    with pytest.raises(ValueError, match="EvalOptions.num_images must be a positive whole number, got 0"):
+        EvalOptions(num_images=0)  # was taken as a slice: every image
+    with pytest.raises(ValueError, match="EvalOptions.num_images must be a positive whole number, got -5"):
+        EvalOptions(num_images=-5)
+    with pytest.raises(TypeError, match="options must be an EvalOptions, got dict"):
+        evaluate_tokenizer(tiny(), "imgs", {"num_images": 4})
+    with pytest.raises(TypeError, match="model must be a softvq.Tokenizer, got str"):
+        evaluate_tokenizer("runs/x/export", "imgs")

@@ -114,3 +114,11 @@ def test_xl_gflops_within_3_percent_of_paper_table1(kind, tokens, dim, paper):
 def test_dit_xl_2_matches_dit_paper_count():
     cfg = generator_config("dit", "XL", layout="2d", grid=32, latent_dim=4)
     assert abs(count_macs(cfg).total / 1e9 - 118.6) < 0.1  # DiT paper Tab. 4: 118.6 GFLOPs
+
+
+def test_named_sizes_name_unknown_fields_and_the_backbone_names_float_labels():
+    with pytest.raises(ValueError, match="num_token"):
+        generator_config("sit", "S", num_token=16)
+    model = build_generator(generator_config("sit", "S", num_tokens=4, latent_dim=2, num_classes=3))
+    with pytest.raises(TypeError, match="y must be integer class indices, got a torch.float32 tensor; pass y.long"):
+        model(torch.zeros(1, 4, 2), torch.zeros(1), torch.zeros(1))

@@ -173,3 +173,17 @@ def test_a_generator_trained_further_under_the_same_path_does_not_continue_old_s
         next(further.parameters()).add_(1e-3)  # the same settings, other weights
     with pytest.raises(FileExistsError, match=r"other settings \(generator_sha1 '[0-9a-f]{40}' -> '[0-9a-f]{40}'\)"):
         write_samples(further, meta, tok, LABELS, SPEC, tmp_path, batch_size=3, progress=False)
+
+
+def test_a_mismatched_tokenizer_or_meta_is_named_before_any_sampling(parts, tmp_path):
+    from softvq.generation.sampling import sample_latents
+
+    tok, model, meta = parts
+    other = Tokenizer.from_preset("softvq-tiny", image_size=32, num_tokens=8, encoder={"depth": 1}, decoder={"depth": 1})
+    with pytest.raises(ValueError, match=r"makes \(8, 8\) latents but the generator models \(16, 8\)"):
+        write_samples(model, meta, other, LABELS, SPEC, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="the meta says objective 'dit' but the model is a 'sit' generator"):
+        sample_latents(model, GeneratorMeta(objective="dit"), [0])
+    with pytest.raises(ValueError, match="no labels to sample"):
+        sample_latents(model, meta, [])

@@ -155,6 +155,31 @@ def test_bad_inputs_give_clear_errors():
         model.encode([[0.0]])
 
 
+def test_inference_refuses_8_bit_values_nan_and_empty_batches_but_training_skips_the_read_back():
+    model = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
+    assert not model.training  # from_preset gives eval mode, as from_pretrained does
+    pixels = torch.randint(0, 256, (2, 3, 32, 32)).float()
+    with pytest.raises(ValueError, match=r"range over \[0, 255\], like 8-bit pixels; .* images / 127.5 - 1"):
+        model.encode_latents(pixels)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.encode(torch.full((1, 3, 32, 32), float("nan")))
+    with pytest.raises(ValueError, match="empty batch"):
+        model.encode(torch.zeros(0, 3, 32, 32))
+    with torch.no_grad():
+        model.encode(torch.randn(1, 3, 32, 32))  # outside [-1, 1] but not 8-bit: not refused
+        model.train().encode(pixels)  # a training step pays no host sync for the check
+    with pytest.raises(ValueError, match="positive multiple of the patch size 8; got 64.0"):
+        model.decode(torch.zeros(1, model.num_tokens, model.latent_dim), 64.0)
+
+
+def test_a_kl_preset_encodes_the_same_latents_both_ways():
+    tok = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, bottleneck={"kind": "kl"})
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(tok.encode(x).latents, tok.encode_latents(x))  # the posterior mean, not a sample
+    assert not tok.with_generative_decoder(2).training  # the copy keeps the mode
+
+
 def test_inputs_on_another_device_are_named_and_other_float_dtypes_are_converted(tmp_path):
     model = tiny().eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -286,3 +311,16 @@ def test_enable_autocast_rejects_what_autocast_cannot_run():
     assert model.enable_autocast(torch.float16).precision == "fp16"
     assert model.enable_autocast("fp32").precision == "fp32" and model.compute_dtype == torch.float32
     assert model.enable_autocast("bf16").enable_autocast(torch.float32).precision == "fp32"
+
+
+def test_constructing_from_the_wrong_type_names_the_right_one():
+    with pytest.raises(TypeError, match="for a named preset use Tokenizer.from_preset"):
+        softvq.Tokenizer("softvq-tiny")
+    with pytest.raises(TypeError, match="image_size must be a whole number, got '64'"):
+        softvq.Tokenizer.from_preset("softvq-tiny", image_size="64")
+    with pytest.raises(TypeError, match="encoder must be a ViTConfig, got dict; .*TokenizerConfig.from_dict"):
+        softvq.Tokenizer(TokenizerConfig(encoder={"width": 96}))
+    with pytest.raises(TypeError, match="encoder must be a dict of ViTConfig fields, got 64"):
+        TokenizerConfig.from_dict({"encoder": 64})
+    config = softvq.Tokenizer.from_preset("softvq-tiny").config.to_dict()
+    assert softvq.Tokenizer(config).config == TokenizerConfig.from_dict(config)  # a dict is taken as its config

@@ -61,6 +61,12 @@ def check_config(cfg: BottleneckConfig) -> None:
         raise ValueError(f"latent_dim {cfg.latent_dim} is not divisible by groups {cfg.groups}")
     if cfg.segment_entropy not in ("pooled", "per_segment"):
         raise ValueError(f"segment_entropy must be 'pooled' or 'per_segment', got {cfg.segment_entropy!r}")
+    if cfg.kind == "lfq" and cfg.residual_levels > 1:
+        # every LFQ level codes sign(u) = ±1, so the second level codes -sign(u) where |u| < 1 and the
+        # sum is 0 there: the latents collapse (all zeros at initialisation)
+        raise ValueError("bottleneck.residual_levels > 1 with kind='lfq' cancels itself (each level codes ±1, "
+                         "so level 2 undoes level 1); use lfq_groups for WeTok's group-wise LFQ, or a residual "
+                         "vq / softvq")
     composed = cfg.groups > 1 or cfg.residual_levels > 1
     if cfg.segments > 1 and cfg.segment_entropy == "pooled" and composed and cfg.kind in ("softvq", "gmmvq"):
         raise ValueError(

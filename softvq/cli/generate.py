@@ -103,9 +103,6 @@ def run(args: argparse.Namespace) -> int:
     if not spec_name:
         raise ValueError(f"{args.generator} does not say which tokenizer made its latents; pass --tokenizer SPEC")
     tokenizer = load_tokenizer(spec_name, device, precision=args.precision)
-    if (tokenizer.num_tokens, tokenizer.latent_dim) != model.input_shape:
-        raise ValueError(f"tokenizer {spec_name} makes ({tokenizer.num_tokens}, {tokenizer.latent_dim}) latents "
-                         f"but the generator models {model.input_shape}")
     classes = parse_classes(args.classes, meta.classes, model.config.num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
     spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *args.interval),
@@ -124,8 +121,10 @@ def run(args: argparse.Namespace) -> int:
         kept = "" if result.made == result.count else f" ({result.count - result.made} kept from an interrupted run)"
         print(f"wrote {result.count} images to {result.images}{kept} and the grid {result.grid}")
     if result.diverged:
-        print("warning: some MAR samples diverged (|latent| > 50 standard deviations): the diffusion head is not "
-              "trained enough for the unclipped first steps; sample again with --clip-x0 5 into another --out", file=sys.stderr)
+        hint = ("the diffusion head is not trained enough for the unclipped first steps; sample again with "
+                "--clip-x0 5 into another --out" if meta.objective == "mar" and args.clip_x0 is None
+                else "the generator is not trained enough (or its latents' statistics do not match this tokenizer)")
+        print(f"warning: some samples diverged (|latent| > 50 standard deviations): {hint}", file=sys.stderr)
     if args.fid_ref:
         print(f"gFID vs {args.fid_ref}: {generation_fid(result.folder, args.fid_ref, device):.3f} "
               f"({result.count} samples; the paper's protocol uses 50,000)")

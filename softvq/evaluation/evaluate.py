@@ -71,6 +71,13 @@ class EvalOptions:
     progress: bool = True
     count_flops: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("num_images", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"EvalOptions.{name} must be a positive whole number, got {getattr(self, name)!r}")
+        if self.workers < 0:
+            raise ValueError(f"EvalOptions.workers must be 0 (this process) or more, got {self.workers}")
+
 
 @dataclass
 class _Accumulators:
@@ -249,6 +256,11 @@ def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = 
     from tqdm.auto import tqdm
 
     options = options or EvalOptions()
+    if not isinstance(options, EvalOptions):
+        raise TypeError(f"options must be an EvalOptions, got {type(options).__name__}; e.g. EvalOptions(num_images=500)")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "encode"):
+        raise TypeError(f"model must be a softvq.Tokenizer, got {type(model).__name__}; load a folder with "
+                        f"softvq.Tokenizer.from_pretrained")
     device = torch.device(device)
     model = model.to(device).eval()
     size = options.image_size or model.config.image_size

@@ -123,7 +123,7 @@ def generator_config(kind: GeneratorKind, size: str, **fields: Any) -> Generator
     if fields.get("layout") == "2d":
         base["patch_size"] = 2
     base.update(fields)
-    return GeneratorConfig(**base).validate()
+    return GeneratorConfig.from_dict(base)  # an unknown field is named, with the known ones
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -236,7 +236,14 @@ class LatentTransformer(nn.Module):
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop: Tensor | None = None) -> Tensor:
+        """x (B, L, D) noisy latents (or (B, C, H, W) in the 2D layout); t (B,) or a scalar: DiT's
+        integer step 0..T−1 or SiT's time in [0, 1] (0 = data); y (B,) integer class indices,
+        ``num_classes`` = unconditional; ``force_drop`` (B,) bool replaces chosen labels by the null
+        class (classifier-free guidance's training dropout). Returns the output with x's shape
+        (2x the channels for a learned-sigma DiT)."""
         self.check_input(x)
+        if y.is_floating_point():
+            raise TypeError(f"y must be integer class indices, got a {y.dtype} tensor; pass y.long()")
         c = self.config
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         tokens = x if c.layout == "1d" else patchify(x, c.patch_size)

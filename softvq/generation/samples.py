@@ -36,13 +36,14 @@ from softvq.training.accelerator import decided_by_main_process
 
 SAMPLE_IMAGES, SAMPLE_RECORD, SAMPLE_GRID = "images", "samples.json", "grid.png"
 GRID_ROWS = GRID_COLUMNS = 16  # a 1000-class, 50-per-class run would otherwise make a gigapixel grid
-MAR_DIVERGED = 50.0  # |normalised latent| above this: the MAR head's sample ran away
+DIVERGED = 50.0  # |normalised latent| above this (data is ~N(0, 1)): the sampler ran away
 
 
 @dataclass
 class GeneratedSamples:
     """What :func:`write_samples` did: the folder, how many samples it holds, how many this call
-    made (the rest existed from an interrupted run), and whether a MAR sample diverged."""
+    made (the rest existed from an interrupted run), and whether a sample diverged (a normalised
+    latent beyond 50 standard deviations: an undertrained generator, or MAR's unclipped first steps)."""
 
     folder: Path
     count: int
@@ -123,6 +124,10 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tens
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
     if len(labels) == 0:
         raise ValueError("no labels to sample")
+    if (tokenizer.num_tokens, tokenizer.latent_dim) != tuple(model.input_shape):
+        raise ValueError(f"{getattr(tokenizer, 'source', 'the tokenizer')} makes ({tokenizer.num_tokens}, "
+                         f"{tokenizer.latent_dim}) latents but the generator models {tuple(model.input_shape)}: "
+                         f"pass the tokenizer it was trained on")
     method, steps = spec.resolved(meta.objective), spec.resolved_steps(meta.objective)
     names = [meta.classes[c] if c < len(meta.classes) else str(c) for c in labels.tolist()]
     settings: dict[str, Any] = {
@@ -157,7 +162,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tens
         batch = labels[start:start + batch_size]
         generator = torch.Generator().manual_seed(batch_seed(seed, start))
         x_norm = sample_latents(model, meta, batch, spec, generator=generator)
-        if meta.objective == "mar" and spec.clip_x0 is None and float(x_norm.abs().max()) > MAR_DIVERGED:
+        if float(x_norm.abs().max()) > DIVERGED:
             diverged = True
         with torch.inference_mode():
             x = tokenizer.decode(denormalize(x_norm, meta).to(device), generator=generator).clamp(-1, 1).cpu()

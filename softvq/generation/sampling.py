@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from softvq.generation.checkpoint import Generator, GeneratorMeta
+from softvq.generation.mar import MaskedAutoregressive
 from softvq.generation.diffusion import GaussianDiffusion
 from softvq.generation.guidance import Guidance, guided
 from softvq.generation.transport import Interpolant, sample_ode, sample_sde
@@ -87,12 +88,18 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Seque
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     labels = torch.as_tensor(labels)
+    if labels.numel() == 0:
+        raise ValueError("no labels to sample: pass at least one class index")
     if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be a 1D sequence of integer class indices, got a {labels.dtype} "
                          f"tensor of shape {tuple(labels.shape)}")
     labels = labels.to(device=device, dtype=torch.long)
-    method = spec.resolved(meta.objective)
+    method = spec.resolved(meta.objective)  # an unknown objective is named here
     steps = spec.resolved_steps(meta.objective)
+    kind = "mar" if isinstance(model, MaskedAutoregressive) else model.config.kind
+    if kind != meta.objective:
+        raise ValueError(f"the meta says objective {meta.objective!r} but the model is a {kind!r} generator; "
+                         f"load both with softvq.generation.checkpoint.load_generator")
     if meta.objective == "mar":
         return model.sample(labels, ar_steps=spec.ar_steps, diffusion_steps=steps, cfg=spec.guidance.scale,
                             cfg_schedule=spec.cfg_schedule, temperature=spec.temperature,
