@@ -310,7 +310,8 @@ class Tokenizer(nn.Module):
 
         With a generative decoder (``config.decoder_noise_dim > 0``, WeTok Sec. 3.3) each call
         samples noise (B, L, decoder_noise_dim) ~ N(0, I), from ``generator`` when given; pass
-        ``noise`` to fix it. A deterministic decoder rejects ``noise``.
+        ``noise`` to fix it. A deterministic decoder rejects ``noise`` and ignores ``generator`` (so
+        one sampling loop serves both kinds).
         """
         from softvq.networks.generative import decoder_input
 

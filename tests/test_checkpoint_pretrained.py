@@ -81,3 +81,17 @@ def test_a_mistyped_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=r"no checkpoint folder at 'runs/demoo'; runs/ holds demo"):
         resolve("runs/demoo", ["config.json"])
+
+
+def test_a_bad_key_in_config_json_names_the_file(tmp_path):
+    import json
+
+    from softvq import Tokenizer
+    from softvq.checkpoint.pretrained import CheckpointError
+
+    folder = Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "tok")
+    payload = json.loads((folder / "config.json").read_text())
+    payload["config"]["num_tokenz"] = 3
+    (folder / "config.json").write_text(json.dumps(payload))
+    with pytest.raises(CheckpointError, match=r"tok/config.json: .*num_tokenz"):
+        Tokenizer.from_pretrained(folder)

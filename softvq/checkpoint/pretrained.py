@@ -155,13 +155,18 @@ def _few(items: list[str], n: int = 8) -> str:
 
 
 def load_pretrained(path_or_id: str | Path, *, map_location: str = "cpu") -> "Tokenizer":
+    """:meth:`Tokenizer.from_pretrained`: a folder written by :func:`save_pretrained`, in eval mode."""
     from softvq.config import TokenizerConfig
     from softvq.tokenizer import Tokenizer
 
     folder, meta = read_folder_config(
         path_or_id, FORMAT, "softvq checkpoint",
         "for the released SoftVQ-VAE checkpoints use Tokenizer.from_official")
-    model = Tokenizer(TokenizerConfig.from_dict(meta["config"]))
+    try:
+        config = TokenizerConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or damaged config.json
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from None
+    model = Tokenizer(config)
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
     model.latent_mean, model.latent_std = meta.get("latent_mean"), meta.get("latent_std")
     return model.to(map_location).eval()

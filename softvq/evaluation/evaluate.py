@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
@@ -49,6 +49,9 @@ from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quant
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
 from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD, sample_record
 from softvq.resume import changed_settings, weights_sha1
+
+if TYPE_CHECKING:
+    from softvq.tokenizer import Tokenizer
 
 PAPER_NUM_IMAGES = 50_000
 DEFAULT_CACHE = Path("~/.cache/softvq/fid-stats")
@@ -126,7 +129,7 @@ def _codebook_tracker(model) -> tuple[CodebookUsage | None, int]:
     return CodebookUsage(size, parallel), segments
 
 
-def tokenizer_cost(model, image_size: int, device: torch.device) -> dict[str, float]:
+def tokenizer_cost(model: "Tokenizer", image_size: int, device: torch.device) -> dict[str, float]:
     """Encoder and decoder cost of one image, counted with ``FlopCounterMode`` (2 FLOPs per MAC).
 
     Blocks run as :func:`softvq.networks.vit.reference_math` while counting: the counter has no
@@ -244,7 +247,7 @@ class _KeptWork:
 
 
 @torch.inference_mode()
-def evaluate_tokenizer(model, source: str | Path, options: EvalOptions | None = None, *,
+def evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOptions | None = None, *,
                        device: str | torch.device = "cpu", model_name: str | None = None,
                        state_file: str | Path | None = None, save_every_s: float = 300.0) -> dict[str, Any]:
     """Run the protocol (module docstring) and return the report as a JSON-ready dict.

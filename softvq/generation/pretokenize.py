@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,11 @@ from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable
 from softvq.resume import changed_settings
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from softvq.tokenizer import Tokenizer
 
 META_NAME = "meta.json"
 PROGRESS_NAME = "progress.json"
@@ -256,9 +261,9 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
 
 
 @torch.inference_mode()
-def pretokenize(tokenizer, source: LatentSource, out_dir: str | Path, *, tokenizer_spec: str | None = None,
+def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Path, *, tokenizer_spec: str | None = None,
                 batch_size: int = 32, shard_size: int = 4096, progress: bool = True,
-                accelerator=None) -> PretokenizeResult:
+                accelerator: "Accelerator | None" = None) -> PretokenizeResult:
     """Encode every sample of ``source`` with ``tokenizer`` (eval mode) and write shards of exactly
     ``shard_size`` latents (the last one fewer) + meta.json; continue an interrupted run in ``out_dir``
     (see the module docstring). ``batch_size`` is a speed knob and may change between the two.

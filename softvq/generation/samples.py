@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,11 @@ from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
 from softvq.resume import changed_settings, weights_sha1
 from softvq.training.accelerator import decided_by_main_process
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from softvq.tokenizer import Tokenizer
 
 SAMPLE_IMAGES, SAMPLE_RECORD, SAMPLE_GRID = "images", "samples.json", "grid.png"
 GRID_ROWS = GRID_COLUMNS = 16  # a 1000-class, 50-per-class run would otherwise make a gigapixel grid
@@ -100,10 +105,10 @@ def _claim(folder: Path, record: dict[str, Any]) -> None:
                               f"samples this command can continue; choose an empty --out")
 
 
-def write_samples(model: Generator, meta: GeneratorMeta, tokenizer, labels: Tensor | Sequence[int],
+def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer", labels: Tensor | Sequence[int],
                   spec: SamplerSpec, folder: str | Path, *, seed: int = 0, batch_size: int = 64,
                   record: dict[str, Any] | None = None, progress: bool = True,
-                  accelerator=None) -> GeneratedSamples:
+                  accelerator: "Accelerator | None" = None) -> GeneratedSamples:
     """Sample one image per label, decode it with ``tokenizer``, and write the folder described in
     the module docstring; continue an interrupted run with the same settings.
 
