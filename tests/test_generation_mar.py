@@ -181,6 +181,8 @@ def test_bad_configs_and_inputs_are_named():
         SamplerSpec(ar_steps=4).resolved("sit")
     with pytest.raises(ValueError, match="clip_x0 must be positive"):
         SamplerSpec(clip_x0=-1.0).resolved("mar")
+    with pytest.raises(ValueError, match=r"ar_steps must be 1 or more \(None: one per token\), got 0"):
+        SamplerSpec(ar_steps=0).resolved("mar")
     with pytest.raises(ValueError, match="head_width, buffer_size only apply to MAR"):
         GeneratorTrainConfig(latents="x", objective="sit", head_width=8, buffer_size=4).validate()
     # Values that used to fail deep inside training (a division by zero after the first step, a

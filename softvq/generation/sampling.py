@@ -65,6 +65,8 @@ class SamplerSpec:
             raise ValueError("MAR guides with a scale ramped over its steps (cfg_schedule), not a guidance interval")
         if objective != "mar" and (self.ar_steps is not None or self.clip_x0 is not None):
             raise ValueError(f"ar_steps and clip_x0 only apply to MAR; a {objective.upper()} generator has neither")
+        if self.ar_steps is not None and self.ar_steps < 1:  # 0 was taken as "the default" by MAR's `or`
+            raise ValueError(f"ar_steps must be 1 or more (None: one per token), got {self.ar_steps}")
         if self.clip_x0 is not None and self.clip_x0 <= 0:
             raise ValueError(f"clip_x0 must be positive (a bound in normalised latent units), got {self.clip_x0}")
         return method
