@@ -162,9 +162,9 @@ class TokenizerConfig:
         nested = {"encoder": ViTConfig, "decoder": ViTConfig, "bottleneck": BottleneckConfig}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
-            if key in nested and not isinstance(value, dict):
-                raise TypeError(f"{key} must be a dict of {nested[key].__name__} fields, got {value!r}")
             if key in nested:
+                if not isinstance(value, dict):
+                    raise TypeError(f"{key} must be a dict of {nested[key].__name__} fields, got {value!r}")
                 kwargs[key] = strict_fields(nested[key], value, prefix=f"{key}.")
             else:
                 kwargs[key] = value

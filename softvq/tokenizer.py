@@ -281,8 +281,11 @@ class Tokenizer(nn.Module):
     def encode(self, images: Tensor) -> Encoding:
         """Images (B, C, H, W) in [-1, 1] -> :class:`Encoding` with latents (B, L, D)."""
         images = self._as_input(images)
-        if self.slice_size and images.shape[0] > self.slice_size:
-            return _concat_encodings([self.encode(part) for part in images.split(self.slice_size)])
+        if self.slice_size and images.shape[0] > self.slice_size:  # checked once, not per slice
+            return _concat_encodings([self._encode(part) for part in images.split(self.slice_size)])
+        return self._encode(images)
+
+    def _encode(self, images: Tensor) -> Encoding:
         features = self._in_precision(self._features, images)
         out: BottleneckOutput = self.bottleneck(features)
         return Encoding(
@@ -296,8 +299,11 @@ class Tokenizer(nn.Module):
         :class:`Encoding`'s other fields need (for SoftVQ the posterior, the argmax and the
         regulariser: 2-3% of an S encode on the project's CPUs, and a (B, L, K) tensor of memory)."""
         images = self._as_input(images)
-        if self.slice_size and images.shape[0] > self.slice_size:
-            return torch.cat([self.encode_latents(part) for part in images.split(self.slice_size)])
+        if self.slice_size and images.shape[0] > self.slice_size:  # checked once, not per slice
+            return torch.cat([self._encode_latents(part) for part in images.split(self.slice_size)])
+        return self._encode_latents(images)
+
+    def _encode_latents(self, images: Tensor) -> Tensor:
         return self.bottleneck.latents(self._in_precision(self._features, images))
 
     def _features(self, images: Tensor) -> Tensor:

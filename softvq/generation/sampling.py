@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from softvq.generation.checkpoint import Generator, GeneratorMeta
-from softvq.generation.mar import MaskedAutoregressive
 from softvq.generation.diffusion import GaussianDiffusion
 from softvq.generation.guidance import Guidance, guided
+from softvq.generation.mar import MaskedAutoregressive
 from softvq.generation.transport import Interpolant, sample_ode, sample_sde
 from softvq.randomness import standard_normal
 
