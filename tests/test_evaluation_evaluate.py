@@ -47,6 +47,25 @@ def tiny(cls=softvq.Tokenizer):
     return cls(softvq.preset("softvq-tiny"))
 
 
+@pytest.mark.parametrize("bottleneck, codebooks", [
+    ({"kind": "lfq", "lfq_groups": 2, "segments": 1}, 2),
+    ({"kind": "lfq", "lfq_groups": 2, "groups": 2, "segments": 1}, 4),
+    ({"kind": "softvq", "groups": 2, "residual_levels": 2, "segments": 1}, 4),
+])
+def test_codebook_usage_counts_every_parallel_codebook(tmp_path, bottleneck, codebooks):
+    write_photos(tmp_path / "imgs", 2)
+    cfg = softvq.preset("softvq-tiny").to_dict()
+    cfg["bottleneck"].update(bottleneck)
+    torch.manual_seed(0)
+    model = softvq.Tokenizer(cfg)
+    report = evaluate_tokenizer(model, tmp_path / "imgs", EvalOptions(num_images=2, batch_size=2, fid=False,
+                                                                      lpips_nets=(), progress=False))
+    counts = torch.tensor(report["codebook_counts"])
+    assert counts.shape == (codebooks, model.bottleneck.codebook_size)
+    assert (counts.sum(1) == 2 * model.num_tokens).all()
+    assert 0 < report["codebook_usage"] <= 1
+
+
 @needs_fid
 def test_a_perfect_reconstruction_scores_perfectly_and_the_reference_cache_is_reused(tmp_path):
     write_photos(tmp_path / "imgs", 3)

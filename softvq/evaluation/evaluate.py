@@ -126,6 +126,8 @@ def _codebook_tracker(model) -> tuple[CodebookUsage | None, int]:
     b = model.config.bottleneck
     segments = b.segments if b.segments > 1 else 1
     parallel = segments * max(b.groups, 1) * max(b.residual_levels, 1)
+    if b.kind == "lfq":
+        parallel *= b.lfq_groups  # each of WeTok's groups codes its own 2^(D/g) codes
     return CodebookUsage(size, parallel), segments
 
 
