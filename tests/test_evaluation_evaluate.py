@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -390,3 +391,16 @@ def test_evaluation_options_and_arguments_of_the_wrong_kind_are_named():
         evaluate_tokenizer(tiny(), "imgs", {"num_images": 4})
     with pytest.raises(TypeError, match="model must be a softvq.Tokenizer, got str"):
         evaluate_tokenizer("runs/x/export", "imgs")
+
+
+def test_sample_reports_go_inside_each_generated_folder(tmp_path):
+    from softvq.cli.eval import samples_report_folder
+
+    for name in ("sit", "dit"):
+        (tmp_path / name / "images").mkdir(parents=True)
+        (tmp_path / name / "samples.json").write_text("{}")
+    # two sample sets side by side never share (and overwrite) one report
+    assert samples_report_folder(tmp_path / "sit") == tmp_path / "sit" / "eval"
+    assert samples_report_folder(tmp_path / "dit" / "images") == tmp_path / "dit" / "eval"
+    (tmp_path / "pngs").mkdir()
+    assert samples_report_folder(tmp_path / "pngs") == Path("eval")  # not written into a user's image folder

@@ -2,7 +2,8 @@
 
 Prints a markdown table (rFID, PSNR, SSIM, LPIPS-VGG/Alex, codebook usage and perplexity,
 latent mean/std, encoder/decoder GMACs and throughput) and writes ``eval.json`` + ``eval.md`` to
-``--out`` (default: ``RUN/eval`` for a run folder or checkpoint folder, else ``./eval``).
+``--out`` (default: ``RUN/eval`` for a run folder or checkpoint folder, ``SAMPLES/eval`` for a
+folder ``generate`` wrote, else ``./eval``).
 
 DATA is an image folder (sorted by path) or webdataset ``.tar`` shards (a folder of them, a
 file, or a pattern such as ``val-{000..063}.tar``). The first ``--num-images`` images (default
@@ -77,6 +78,19 @@ def resolve_model_spec(spec: str) -> tuple[str, Path | None]:
 STATE_NAME = "eval-state.pt"  # an interrupted evaluation's running sums, beside its report
 
 
+def samples_report_folder(samples: Path) -> Path:
+    """Where ``--samples`` reports go without ``--out``: inside the folder ``generate`` wrote
+    (``SAMPLES/eval``, also when given its ``images/``), so that two sample sets never share a
+    report; ``./eval`` for any other folder of images, which we do not write into."""
+    from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD
+
+    if (samples / SAMPLE_RECORD).is_file():
+        return samples / "eval"
+    if samples.name == SAMPLE_IMAGES and (samples.parent / SAMPLE_RECORD).is_file():
+        return samples.parent / "eval"
+    return Path("eval")
+
+
 def run(args: argparse.Namespace) -> int:
     from softvq.evaluation.evaluate import EvalOptions, evaluate_samples, evaluate_tokenizer, to_markdown, write_report
 
@@ -85,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         if args.model or args.probe:
             raise ValueError("--samples scores generated images against --images; --model and --probe evaluate a "
                              "tokenizer instead: run them as a separate eval")
-        out = Path(args.out or Path(args.samples).parent / "eval")
+        out = Path(args.out) if args.out else samples_report_folder(Path(args.samples))
         # the features extracted so far are kept in OUT, and the same command continues from them
         report = evaluate_samples(args.samples, args.images, num_images=args.num_images,
                                   batch_size=args.batch_size, fid_weights=args.fid_weights,
