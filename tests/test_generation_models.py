@@ -122,3 +122,20 @@ def test_named_sizes_name_unknown_fields_and_the_backbone_names_float_labels():
     model = build_generator(generator_config("sit", "S", num_tokens=4, latent_dim=2, num_classes=3))
     with pytest.raises(TypeError, match="y must be integer class indices, got a torch.float32 tensor; pass y.long"):
         model(torch.zeros(1, 4, 2), torch.zeros(1), torch.zeros(1))
+
+
+def test_clipping_x0_bounds_dit_samples_and_sit_refuses_it():
+    """An untrained DiT predicts ε = 0, so its first step's x̂_0 = x_T / sqrt(ᾱ_T) is ~2e4 x the noise
+    under the cosine schedule (ᾱ_999 ≈ 2.4e-9): unclipped samples blow up, clipped ones cannot."""
+    from softvq.generation.checkpoint import GeneratorMeta
+    from softvq.generation.sampling import SamplerSpec, sample_latents
+
+    model = build_generator(tiny("dit")).eval()
+    meta = GeneratorMeta(objective="dit")
+    free = sample_latents(model, meta, [0, 3], SamplerSpec(steps=10), generator=torch.Generator().manual_seed(0))
+    clipped = sample_latents(model, meta, [0, 3], SamplerSpec(steps=10, clip_x0=2.0),
+                             generator=torch.Generator().manual_seed(0))
+    assert float(free.abs().max()) > 100
+    assert float(clipped.abs().max()) < 2.5  # the last step's mean mixes a clipped x̂_0 with a near-x̂_0 x_1
+    with pytest.raises(ValueError, match="a SIT generator integrates a velocity"):
+        SamplerSpec(clip_x0=5.0).resolved("sit")

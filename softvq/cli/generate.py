@@ -46,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear",
                    help="MAR: guidance scale ramped linearly over the steps (default) or constant")
     p.add_argument("--clip-x0", type=float, metavar="C",
-                   help="MAR: clamp the head's predicted clean token to [-C, C] in normalised latent units "
-                        "(off, as in MAR's release; try 5 if a small run's samples diverge)")
+                   help="MAR and DiT: clamp the predicted clean latent to [-C, C] in normalised latent units "
+                        "in each DDPM step (off, as in their releases; try 5 if a small run's samples diverge)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="samples per batch (default 64); each batch has its own seed, so the images depend on it "
@@ -121,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
         kept = "" if result.made == result.count else f" ({result.count - result.made} kept from an interrupted run)"
         print(f"wrote {result.count} images to {result.images}{kept} and the grid {result.grid}")
     if result.diverged:
-        hint = ("the diffusion head is not trained enough for the unclipped first steps; sample again with "
-                "--clip-x0 5 into another --out" if meta.objective == "mar" and args.clip_x0 is None
+        what = "diffusion head" if meta.objective == "mar" else "generator"
+        hint = (f"the {what} is not trained enough for the unclipped first steps; sample again with "
+                "--clip-x0 5 into another --out" if meta.objective in ("mar", "dit") and args.clip_x0 is None
                 else "the generator is not trained enough (or its latents' statistics do not match this tokenizer)")
         print(f"warning: some samples diverged (|latent| > 50 standard deviations): {hint}", file=sys.stderr)
     if args.fid_ref:

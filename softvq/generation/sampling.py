@@ -40,8 +40,10 @@ class SamplerSpec:
     ar_steps:     MAR's autoregressive steps (default: one per token, MAR's evaluation setting).
     temperature:  MAR's noise temperature τ in the head's DDPM.
     cfg_schedule: MAR's guidance scale over its steps, ``linear`` (1 → scale) or ``constant``.
-    clip_x0:      MAR: clamp the head's predicted clean token to [−c, c] (normalised latents; off
-                  in the release, useful for small or short runs whose samples diverge).
+    clip_x0:      MAR and DiT: clamp the predicted clean latent x̂_0 to [−c, c] in each DDPM step
+                  (normalised latents; IDDPM's ``clip_denoised`` with a bound of our choosing). Off in
+                  both releases. Under the cosine schedule (ᾱ_999 ≈ 2.4e-9) the first step multiplies
+                  the ε error by ~300 or more, so a small or short run's samples diverge without it.
     """
 
     method: Method | None = None  # None: sde for SiT, ddpm for DiT, mar for MAR
@@ -63,8 +65,11 @@ class SamplerSpec:
             raise ValueError(f"a {objective.upper()} generator samples with {DEFAULT_METHOD[objective]!r}, not {method!r}")
         if objective == "mar" and (self.guidance.low, self.guidance.high) != (0.0, 1.0):
             raise ValueError("MAR guides with a scale ramped over its steps (cfg_schedule), not a guidance interval")
-        if objective != "mar" and (self.ar_steps is not None or self.clip_x0 is not None):
-            raise ValueError(f"ar_steps and clip_x0 only apply to MAR; a {objective.upper()} generator has neither")
+        if objective != "mar" and self.ar_steps is not None:
+            raise ValueError(f"ar_steps only applies to MAR; a {objective.upper()} generator has no autoregressive steps")
+        if objective == "sit" and self.clip_x0 is not None:
+            raise ValueError("clip_x0 applies to the DDPM samplers of DiT and MAR; a SIT generator integrates a "
+                             "velocity and predicts no clean latent to clamp")
         if self.ar_steps is not None and self.ar_steps < 1:  # 0 was taken as "the default" by MAR's `or`
             raise ValueError(f"ar_steps must be 1 or more (None: one per token), got {self.ar_steps}")
         if self.clip_x0 is not None and self.clip_x0 <= 0:
@@ -130,7 +135,7 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Seque
         tau = t.to(torch.float64) / diffusion.original_steps
         return guided(model, x, t, labels, spec.guidance, null, tau=tau, guided_channels=channels)
 
-    return diffusion.p_sample_loop(eps_model, noise, generator=generator, progress=progress)
+    return diffusion.p_sample_loop(eps_model, noise, generator=generator, progress=progress, clip_x0=spec.clip_x0)
 
 
 def denormalize(latents: Tensor, meta: GeneratorMeta) -> Tensor:
