@@ -1,5 +1,5 @@
 """MAR on latent tokens: masking, what the encoder and the diffusion loss see, the sampling
-schedule, the paper's Tab. 2 GFLOPs, the MAR training recipe, and that a tiny MAR learns."""
+schedule, the paper's Tab. 1 GFLOPs, the MAR training recipe, and that a tiny MAR learns."""
 
 import math
 

@@ -3,7 +3,7 @@
     softvq bench gen                          # DiT/SiT S..XL x {32, 64 tokens, 16x16/2, 32x32/2}
     softvq bench gen --sizes XL --no-throughput   # GFLOPs only (counted on the meta device, nothing timed)
     softvq bench gen --device cuda            # throughput of every size on a GPU
-    (then the MAR-H GFLOPs of paper Tab. 2; --no-mar leaves them out)
+    (then the MAR-H GFLOPs of paper Tab. 1; --no-mar leaves them out)
 
 Targets are sub-commands so others (e.g. the tokenizer) can be added beside ``gen``.
 """
@@ -40,7 +40,7 @@ def add_gen_arguments(p: argparse.ArgumentParser) -> None:
                    help="on CPU, skip throughput of models above this many GMACs per image (default 6)")
     p.add_argument("--no-throughput", action="store_true", help="GFLOPs and parameters only")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--no-mar", action="store_true", help="leave out the MAR-H GFLOPs table (paper Tab. 2)")
+    p.add_argument("--no-mar", action="store_true", help="leave out the MAR-H GFLOPs table (paper Tab. 1)")
 
 
 def run_gen(args: argparse.Namespace) -> int:

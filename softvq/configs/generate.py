@@ -23,7 +23,7 @@ def main() -> None:
     # Main models (paper Tab. 1 / Sec. 4.1): the released bottleneck, 256 px.
     for size in ("s", "b", "bl", "l"):
         for tokens in (32, 64):
-            write(f"softvq-{size}-{tokens}", f"SoftVQ-{size.upper()} with {tokens} tokens at 256 px (paper Tab. 2, 3)",
+            write(f"softvq-{size}-{tokens}", f"SoftVQ-{size.upper()} with {tokens} tokens at 256 px (paper Tab. 1, 3)",
                   {"model": {"preset": f"softvq-{size}-{tokens}"}, "run": {"name": f"softvq-{size}-{tokens}"}})
     for name in ("softvq-bl-64-512", "softvq-l-32-512"):
         write(name, f"{name} at 512 px (paper Tab. 2, 512 px)",

@@ -98,9 +98,9 @@ def repa_projector_macs(config: GeneratorConfig, projector_dim: int = 2048, z_di
     return float(n * (w * projector_dim + projector_dim * projector_dim + projector_dim * z_dim))
 
 
-# --- MAR (paper Tab. 2) -------------------------------------------------------------------------
+# --- MAR (paper Tab. 1) -------------------------------------------------------------------------
 
-# SoftVQ paper Tab. 2: MAR-H generator GFLOPs at 256x256, keyed by the tokenizer's (tokens, D).
+# SoftVQ paper Tab. 1: MAR-H generator GFLOPs at 256x256, keyed by the tokenizer's (tokens, D).
 PAPER_TABLE2_MAR: dict[tuple[int, int], tuple[str, float]] = {
     (256, 16): ("KL-16 (MAR's VAE)", 145.08),
     (64, 32): ("SoftVQ-BL", 86.55),
@@ -111,7 +111,7 @@ PAPER_TABLE2_MAR: dict[tuple[int, int], tuple[str, float]] = {
 def count_mar_macs(config: MARConfig) -> MacCount:
     """MACs of one MAR sampling step per image, counted with FlopCounterMode on the meta device.
 
-    The convention that comes closest to the paper's Tab. 2 (printed by ``softvq bench gen``): the
+    The convention that comes closest to the paper's Tab. 1 (printed by ``softvq bench gen``): the
     transformer at the first step (every token masked, so the encoder sees only the buffer, the
     decoder the whole sequence) plus one evaluation of the diffusion head for every token."""
     model = build_generator(config, device="meta").eval()

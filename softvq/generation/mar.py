@@ -1,6 +1,6 @@
 """MAR: masked autoregressive generation of continuous latent tokens with a diffusion loss.
 
-The third generator of the SoftVQ paper (Sec. 2 and 4.1, Tab. 2 "MAR-H"; supp. C.2), from Li et
+The third generator of the SoftVQ paper (Sec. 2 and 4.1, Tabs. 1 and 2 "MAR-H"; supp. C.2), from Li et
 al. 2024, "Autoregressive Image Generation without Vector Quantization". Here it models the L
 latent tokens (B, L, D) of a tokenizer directly (the paper feeds SoftVQ's 32 / 64 tokens):
 
