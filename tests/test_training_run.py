@@ -94,6 +94,8 @@ def test_straight_run_writes_everything_and_resume_after_crash_and_ctrl_c_is_exa
     reference = losses(run)
     reference_d = losses(run, "d/loss")
     assert sorted(reference) == [1, 2, 3, 4, 5, 6] and sorted(reference_d) == [3, 4, 5, 6]
+    temperature = losses(run, "bottleneck/temperature")  # the bottleneck's metrics reach the log too
+    assert sorted(temperature) == sorted(reference) and all(0 < t < 1 for t in temperature.values())
 
     # A hard crash during step index 4: the periodic checkpoint at step 3 is what survives.
     crashed = tmp_path / "crashed"

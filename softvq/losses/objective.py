@@ -257,8 +257,9 @@ class TokenizerObjective(nn.Module):
         a training loop can avoid a host-device sync per step and convert only when it logs.
 
         Log keys: each term ``t`` in {rec, perceptual, align, adversarial, bottleneck/<name>} as
-        ``t`` (unweighted) and ``t_weighted``; ``perceptual_weight`` (λ1 now), ``adaptive_weight``
-        when on, and ``loss`` (the total).
+        ``t`` (unweighted) and ``t_weighted``; the bottleneck's detached metrics as
+        ``bottleneck/<metric>`` (perplexity, usage and temperature of this batch, for SoftVQ);
+        ``perceptual_weight`` (λ1 now), ``adaptive_weight`` when on, and ``loss`` (the total).
         """
         cfg = self.cfg
         recon = out.reconstruction
@@ -295,6 +296,9 @@ class TokenizerObjective(nn.Module):
             w = self.bottleneck_loss_weight(name)
             if w:
                 parts[f"bottleneck/{name}"], weighted[f"bottleneck/{name}"] = value, w * value
+
+        for name, value in out.encoding.metrics.items():  # watched, never optimised (no _weighted twin)
+            parts[f"bottleneck/{name}"] = value.detach()
 
         extras: dict[str, float] = {"perceptual_weight": lam1}
         if self.discriminator_active(step):
