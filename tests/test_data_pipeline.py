@@ -113,7 +113,10 @@ def test_a_missing_folder_names_the_setting_to_change(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"set data\.eval_path .* or data\.eval_path=null") as error:
         build_data(DataConfig(source="folder", path=str(train), eval_path=str(tmp_path / "val")),
                    image_size=32, micro_batch=2)
-    assert "set data.path" not in str(error.value)
+    assert "set data.path" not in str(error.value) and "hold out files of data.path" in str(error.value)
+    # the bundled photos have no data.path: null holds out some of them instead, and the error says so
+    with pytest.raises(FileNotFoundError, match=r"data\.eval_path=null to hold out the bundled photos of data\.holdout"):
+        build_data(DataConfig(source="bundled", eval_path=str(tmp_path / "val")), image_size=32, micro_batch=2)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("no image")
     with pytest.raises(FileNotFoundError, match=r"notes holds no image files .*1 other file.*set data\.path"):

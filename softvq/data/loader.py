@@ -68,13 +68,15 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
                                       crops_per_photo=cfg.bundled_crops_per_photo, hflip=cfg.hflip)
         description = (f"bundled photos: random crops of {len(train_photos)} photos "
                        f"({', '.join(dataset.names)}), held out: {', '.join(p.stem for p in held_photos)}")
-        held = (load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images) if cfg.eval_path
+        held = (load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images,
+                                 "to hold out the bundled photos of data.holdout") if cfg.eval_path
                 else HeldOut(*heldout_crops(held_photos, image_size, cfg.num_eval_images, tuple(cfg.bundled_scales))))
     elif cfg.source == "folder":
         files, others = scan_folder(cfg.path)
         ignored = [str(p) for p in others]
         if cfg.eval_path:
-            train_files, held = files, load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images)
+            train_files, held = files, load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images,
+                                                        "to hold out files of data.path")
         else:
             train_files, held_files = split_holdout(files, cfg.num_eval_images)
             held = load_eval_files(held_files, image_size)
@@ -93,7 +95,8 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
                             prefetch_factor=cfg.prefetch_factor if cfg.workers else None,
                             persistent_workers=False, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
         if cfg.eval_path:
-            held = load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images)
+            held = load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images,
+                                    "to evaluate on the bundled photos of data.holdout")
         else:
             _, held_photos = split_bundled(cfg.holdout)
             held = HeldOut(*heldout_crops(held_photos, image_size, cfg.num_eval_images, tuple(cfg.bundled_scales)))
@@ -121,7 +124,9 @@ def load_eval_files(files: list[Path], size: int) -> HeldOut:
     return HeldOut(torch.stack(images), names, skipped)
 
 
-def load_folder_eval(folder: Path, size: int, count: int) -> HeldOut:
-    files, _ = scan_folder(folder, fix="set data.eval_path to a folder of held-out images, or data.eval_path=null "
-                                       "to hold out files of data.path")
+def load_folder_eval(folder: Path, size: int, count: int, without: str) -> HeldOut:
+    """The first ``count`` images of ``data.eval_path``; ``without`` says, for the error, what
+    ``data.eval_path=null`` holds out instead with this data source."""
+    files, _ = scan_folder(folder, fix=f"set data.eval_path to a folder of held-out images, or data.eval_path=null "
+                                       f"{without}")
     return load_eval_files(files[:count] if count > 0 else files, size)
