@@ -210,10 +210,20 @@ class Tokenizer(nn.Module):
         """Copy ``other``'s weights into this tokenizer (same architecture, or a stage-1 one whose
         decoder takes fewer noise channels: those extra inputs get zero weights). Mismatches are a
         :class:`~softvq.checkpoint.pretrained.CheckpointError` that names the keys."""
-        from softvq.checkpoint.pretrained import load_strict
+        from softvq.checkpoint.pretrained import CheckpointError, load_strict
         from softvq.networks.generative import widen_noise_inputs
 
-        load_strict(self, widen_noise_inputs(other.state_dict(), self.state_dict()), source)
+        try:
+            load_strict(self, widen_noise_inputs(other.state_dict(), self.state_dict()), source)
+        except CheckpointError as error:
+            differ = _config_differences(other.config.to_dict(), self.config.to_dict(), skip={"decoder_noise_dim"})
+            if not differ:
+                raise
+            settings = " ".join(f"model.{key}={_as_override(theirs)}" for key, theirs, _ in differ[:4])
+            raise CheckpointError(
+                f"{error}. Its model differs from this config's in "
+                f"{'; '.join(f'{k} {theirs!r} (this config: {ours!r})' for k, theirs, ours in differ[:6])}: "
+                f"repeat the overrides that made it, e.g. {settings}") from None
         self.latent_mean, self.latent_std = other.latent_mean, other.latent_std
         return self
 
@@ -385,3 +395,24 @@ def _concat_encodings(parts: list[Encoding]) -> Encoding:
 
     return Encoding(latents=cat("latents"), features=cat("features"), indices=cat("indices"),
                     probs=cat("probs"), losses=mean("losses"), metrics=mean("metrics"))
+
+
+def _config_differences(theirs: dict, ours: dict, skip: set[str], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, their value, our value) for every setting two config dicts disagree on."""
+    out = []
+    for key in dict.fromkeys([*theirs, *ours]):
+        if key in skip:
+            continue
+        a, b = theirs.get(key), ours.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, skip, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+def _as_override(value: Any) -> str:
+    """A config value as a ``key=value`` override is written (YAML: null, true, [1, 2])."""
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value)

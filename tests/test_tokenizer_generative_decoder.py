@@ -132,5 +132,20 @@ def test_stage_two_run_starts_from_the_stage_one_export(tmp_path):
 def test_init_from_another_architecture_names_the_mismatch(tmp_path):
     Tokenizer(tiny_config(width=64)).save_pretrained(tmp_path / "wide")
     tree = {**TREE, "run": {**TREE["run"], "init_from": str(tmp_path / "wide")}}
-    with pytest.raises(CheckpointError, match="shape mismatches .*encoder"):
+    with pytest.raises(CheckpointError, match="shape mismatches .*encoder") as error:
         Trainer(config_from_dict(tree), tmp_path / "run")
+    assert "encoder.width 64 (this config: 32)" in str(error.value)
+
+
+def test_stage_two_of_another_bottleneck_names_the_overrides_to_repeat():
+    """Stage 2 takes the stage-1 model's settings again; one left out is named as an override."""
+    lfq = tiny_config()
+    lfq.bottleneck = BottleneckConfig(kind="lfq", latent_dim=4, lfq_groups=2)
+    stage2 = tiny_config()
+    stage2.decoder_noise_dim = NOISE
+    with pytest.raises(CheckpointError, match=r"missing keys .*bottleneck\.codebook") as error:
+        Tokenizer(stage2).load_weights_of(Tokenizer(lfq), "run.init_from stage1")
+    message = str(error.value)
+    assert "bottleneck.kind 'lfq' (this config: 'softvq')" in message
+    assert "model.bottleneck.kind=lfq" in message and "model.bottleneck.lfq_groups=2" in message
+    assert "decoder_noise_dim" not in message  # the one setting stage 2 is meant to change
