@@ -385,3 +385,15 @@ def test_damaged_latent_folders_and_run_folders_get_clear_answers(tmp_path):
     assert meta.tokenizer == "runs/tok" and torch.equal(next(loaded.parameters()), next(model.parameters()))
     with pytest.raises(CheckpointError, match="is a DiT/SiT/MAR generator .*not a tokenizer; .*tokenizer runs/tok"):
         load_tokenizer(str(tmp_path / "run" / "generator"))
+
+
+def test_every_generator_training_flag_is_described_and_choices_are_checked(capsys):
+    import dataclasses
+
+    from softvq.cli.main import main
+    from softvq.generation.train import FLAG_HELP, GeneratorTrainConfig
+
+    assert set(FLAG_HELP) == {f.name for f in dataclasses.fields(GeneratorTrainConfig)}  # none stale, none missing
+    with pytest.raises(SystemExit):
+        main(["train-generator", "--latents", "x", "--objective", "flow"])
+    assert "--objective: invalid choice: 'flow'" in capsys.readouterr().err
