@@ -112,6 +112,7 @@ def test_report_of_a_real_tokenizer_is_consistent_with_direct_computation(tmp_pa
     assert json.loads(json_path.read_text())["psnr"] == pytest.approx(report["psnr"])
     table = md_path.read_text()
     assert "| PSNR (dB) ↑ |" in table and "| codebook usage |" in table and "Protocol:" in table
+    assert f"| encoder GMACs / image | {report['encoder_gmacs']:.3g} |" in table  # not 0.01 for a tiny model
     assert report["compute_precision"] == "fp32" and table.startswith("### tiny on 2 images at 64 px\n")
 
     mixed = evaluate_tokenizer(model.enable_autocast("bf16"), tmp_path / "imgs", options, model_name="tiny")

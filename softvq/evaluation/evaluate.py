@@ -599,8 +599,8 @@ TABLE_ROWS = (
     ("latent_mean", "latent mean", "{:.4f}"),
     ("latent_std", "latent std", "{:.4f}"),
     ("linear_probe_top1", "linear probe top-1", "{:.2%}"),
-    ("encoder_gmacs", "encoder GMACs / image", "{:.2f}"),
-    ("decoder_gmacs", "decoder GMACs / image", "{:.2f}"),
+    ("encoder_gmacs", "encoder GMACs / image", "{:.3g}"),  # 3 significant digits: tiny models too
+    ("decoder_gmacs", "decoder GMACs / image", "{:.3g}"),
     ("encode_images_per_s", "encode throughput (img/s)", "{:.1f}"),
     ("decode_images_per_s", "decode throughput (img/s)", "{:.1f}"),
 )
