@@ -71,6 +71,33 @@ def test_latent_projection_and_rate_quality(tmp_path):
     assert_picture(plots.plot_rate_quality(runs, tmp_path / "rate.png"))
 
 
+def test_rate_quality_colours_by_kind_stacks_names_and_names_runs_it_cannot_place(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    runs = [{"name": "vq", "kind": "vq", "num_tokens": 64, "latent_dim": 32, "rfid": 4.0, "psnr": 20.1},
+            {"name": "kl", "kind": "kl", "num_tokens": 64, "latent_dim": 32, "rfid": 4.05, "psnr": 20.2},
+            {"name": "ae", "kind": "ae", "num_tokens": 64, "latent_dim": 32, "psnr": 20.0}]
+    plots.plot_rate_quality(runs, tmp_path / "rate.png")
+    rfid_axes, psnr_axes = drawn[0].axes
+    assert [t.get_text() for t in rfid_axes.get_legend().get_texts()] == ["kl", "vq"]
+    assert any("not shown (no rfid): ae" == t.get_text() for t in rfid_axes.texts)
+    assert not any("not shown" in t.get_text() for t in psnr_axes.texts)
+    # runs at one rate: their names sit one under the other, not on top of each other
+    drawn[0].canvas.draw()
+    boxes = sorted((t.get_window_extent() for t in rfid_axes.texts if t.get_text() in ("vq", "kl")),
+                   key=lambda b: b.y0)
+    assert boxes[1].y0 >= boxes[0].y1 - 1
+
+
+def test_smoothed_curves_are_bias_corrected():
+    values = np.array([3.0, 1.0, 4.0, 1.0, 5.0, 9.0])
+    w = 0.6
+    naive = [sum((1 - w) * w ** (i - j) * values[j] for j in range(i + 1)) / (1 - w ** (i + 1))
+             for i in range(len(values))]
+    np.testing.assert_allclose(plots._ema(values, w), naive, rtol=1e-12)
+    assert plots._ema(np.full(5, 7.0), 0.9).tolist() == pytest.approx([7.0] * 5)  # no pull toward 0 or the start
+
+
 def make_run(folder, with_eval=True):
     torch.manual_seed(0)
     softvq.Tokenizer.from_preset("softvq-tiny").save_pretrained(folder / "export")

@@ -97,19 +97,24 @@ def numeric_series(records: Sequence[dict[str, Any]], skip: Sequence[str] = ("st
     return {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in series.items()}
 
 
+MIN_POINTS_TO_SMOOTH = 10  # below this an EMA mostly shows its own lag
+
+
 def _ema(values: np.ndarray, weight: float) -> np.ndarray:
-    out = np.empty_like(values)
-    acc = values[0]
+    """Bias-corrected EMA (as TensorBoard draws it): the start is not pulled toward the first value."""
+    out = np.empty_like(values, dtype=np.float64)
+    acc = 0.0
     for i, v in enumerate(values):
         acc = weight * acc + (1 - weight) * v
-        out[i] = acc
+        out[i] = acc / (1 - weight ** (i + 1))
     return out
 
 
 def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
                          keys: Sequence[str] | None = None, smoothing: float = 0.6,
                          title: str | None = None) -> Path:
-    """One panel per logged scalar against the step: raw (faint) and EMA-smoothed (``smoothing``)."""
+    """One panel per logged scalar against the step: raw (faint) and, from ten log records on,
+    a bias-corrected EMA (``smoothing``)."""
     series = numeric_series(records)
     if keys is not None:
         series = {k: series[k] for k in keys if k in series}
@@ -126,7 +131,7 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
             ax.plot(x, y, color="tab:blue", marker="o", linewidth=0.8)
         else:
             ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
-        if len(y) > 2 and smoothing > 0:
+        if len(y) >= MIN_POINTS_TO_SMOOTH and smoothing > 0:
             ax.plot(x, _ema(y, smoothing), color="tab:blue", linewidth=1.5)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
@@ -153,9 +158,11 @@ def plot_codebook_usage(counts: Tensor | np.ndarray, path: str | Path, *, title:
     usage, perplexity = float((c > 0).mean()), float(np.exp(entropy).mean())
     fig = _figure(10, 3.4)
     left, right = fig.subplots(1, 2)
+    edges = np.arange(k + 1) - 0.5
     for j, row in enumerate(c):
         label = f"codebook {j}" if len(c) > 1 else None
-        left.bar(np.arange(k), row, width=1.0, alpha=0.7 if len(c) > 1 else 1.0, label=label)
+        # one filled outline, not K bar patches: 8192 bars per codebook took seconds to draw
+        left.stairs(row, edges, fill=True, alpha=0.6 if len(c) > 1 else 1.0, label=label)
         ranked = np.sort(row)[::-1]
         right.plot(np.arange(1, k + 1), np.where(ranked > 0, ranked, np.nan), label=label)
     left.set_xlabel("code index")
@@ -163,11 +170,17 @@ def plot_codebook_usage(counts: Tensor | np.ndarray, path: str | Path, *, title:
     right.set_xlabel("rank")
     right.set_ylabel("count")
     right.set_yscale("log")
-    right.set_xscale("log")
+    if k >= 16:  # a log axis over a handful of codes (LFQ's small groups) only shows odd tick labels
+        right.set_xscale("log")
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in (left, right):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (left, right):
         ax.grid(alpha=0.3)
     if len(c) > 1:
-        left.legend(fontsize=7)
+        left.legend(fontsize=7, loc="upper right")  # "best" searches all K steps, slowly
     heading = f"usage {usage:.1%} of {k} codes, perplexity {perplexity:.1f}, {int(c.sum())} tokens"
     fig.suptitle(f"{title}: {heading}" if title else heading, fontsize=10)
     return _save(fig, path)
@@ -238,24 +251,46 @@ def _class_colours(n: int) -> list:
 
 
 def plot_rate_quality(runs: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
-    """Rate (tokens x dim per image) against rFID and PSNR, one labelled point per run.
+    """Rate (tokens x dim per image) against rFID and PSNR, one labelled point per run, coloured
+    by bottleneck kind.
 
-    Each run: ``{"name", "num_tokens", "latent_dim", "rfid"?, "psnr"?}``; missing metrics are
-    left out of their panel.
+    Each run: ``{"name", "num_tokens", "latent_dim", "kind"?, "rfid"?, "psnr"?}``. A run without
+    a panel's metric is named under that panel; names of runs at the same rate are stacked, so
+    they do not print over each other.
     """
+    from matplotlib.text import OffsetFrom
+
     metrics = [m for m in ("rfid", "psnr") if any(r.get(m) is not None for r in runs)]
     if not metrics:
         raise ValueError("no run has rFID or PSNR to plot")
-    fig = _figure(5 * len(metrics), 4)
+    fig = _figure(5 * len(metrics), 4.4)
     axes = np.atleast_1d(fig.subplots(1, len(metrics)))
     labels = {"rfid": "rFID (lower is better)", "psnr": "PSNR dB (higher is better)"}
+    kinds = list(dict.fromkeys(str(r.get("kind") or "?") for r in runs))
+    colours = dict(zip(kinds, _class_colours(len(kinds))))
     for ax, metric in zip(axes, metrics):
-        pts = [(r["num_tokens"] * r["latent_dim"], float(r[metric]), r.get("name", "?"))
-               for r in runs if r.get(metric) is not None and r.get("num_tokens") and r.get("latent_dim")]
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:orange")
-        for x, y, name in pts:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        shown = [r for r in runs if r.get(metric) is not None and r.get("num_tokens") and r.get("latent_dim")]
+        at_rate: dict[int, list[dict[str, Any]]] = {}
+        for r in shown:
+            at_rate.setdefault(r["num_tokens"] * r["latent_dim"], []).append(r)
+        for x, group in at_rate.items():
+            group.sort(key=lambda r: -float(r[metric]))
+            # names of runs at one rate form a column from the highest point down, each tied to its point
+            column = OffsetFrom(ax.transData, (x, float(group[0][metric])))
+            for row, r in enumerate(group):
+                y, kind = float(r[metric]), str(r.get("kind") or "?")
+                ax.plot([x], [y], "o", color=colours[kind], label=kind)
+                ax.annotate(r.get("name", "?"), (x, y), xytext=(8, 3 - 10 * row), textcoords=column, fontsize=7,
+                            va="center", arrowprops=dict(arrowstyle="-", color="silver", linewidth=0.5,
+                                                         shrinkA=0, shrinkB=3))
+        unique = dict(zip(*reversed(ax.get_legend_handles_labels())))
+        if unique:
+            ax.legend(unique.values(), unique.keys(), fontsize=7, title="bottleneck", title_fontsize=7)
+        ax.margins(x=0.25, y=0.12)
+        missing = [str(r.get("name", "?")) for r in runs if not any(r is s for s in shown)]
+        if missing:
+            ax.text(0.0, -0.2, f"not shown (no {metric}): {', '.join(missing)}", transform=ax.transAxes,
+                    fontsize=7, color="dimgray", va="top")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens x dim per image")
         ax.set_ylabel(labels[metric])

@@ -90,11 +90,12 @@ def read_run(path: str | Path) -> RunFolder:
 
 
 def rate_point(run: RunFolder) -> dict[str, Any]:
-    """{name, num_tokens, latent_dim, rfid, psnr} from the run's eval report, metrics and config."""
+    """{name, kind, num_tokens, latent_dim, rfid, psnr} from the run's eval report, metrics and config."""
     cfg = run.model_config or {}
     ev, me = run.evaluation, run.metrics
     return {
         "name": run.name,
+        "kind": (cfg.get("bottleneck") or {}).get("kind"),
         "num_tokens": ev.get("num_tokens") or cfg.get("num_tokens"),
         "latent_dim": ev.get("latent_dim") or (cfg.get("bottleneck") or {}).get("latent_dim"),
         "rfid": ev.get("rfid", me.get("rfid")),
