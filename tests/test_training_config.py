@@ -183,3 +183,13 @@ def test_ema_matches_the_formula_and_swaps_back():
     assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
     warm.num_updates = 10**6
     assert warm.current_decay() == 0.9999
+
+
+def test_wetok_configs_are_gq_then_a_generative_decoder_from_its_export():
+    gq = load_config("wetok-gq-s-64")
+    b = gq.model.bottleneck
+    assert (b.kind, b.latent_dim, b.lfq_groups, b.latent_dim // b.lfq_groups) == ("lfq", 32, 4, 8)  # WeTok Tab. 9
+    gd = load_config("wetok-gd-s-64")
+    assert gd.model.decoder_noise_dim == 8 and gd.model.bottleneck == b
+    assert (gd.run.init_from, gd.run.init_encoder) == ("runs/wetok-gq-s-64/export", None)
+    assert gd.objective == gq.objective and gd.schedule == gq.schedule

@@ -59,6 +59,20 @@ def main() -> None:
                 "run": {"name": f"tab4-{init}-{align}", "init_encoder": "dinov2_vitb14" if init == "dinov2" else None},
             })
 
+    # WeTok's two ideas on SoftVQ-S-64 with the SoftVQ recipe: GQ with g = 4 groups of d' = 8 binary
+    # channels (WeTok Tabs. 9 and 10), then stage 2, the generative decoder, from stage 1's export.
+    write("wetok-gq-s-64", "WeTok GQ on SoftVQ-S-64: 64 tokens x 32 binary channels in g=4 groups of d'=8 "
+          "(WeTok Sec. 3.2, Tab. 9)", {
+              "model": {"preset": "softvq-s-64",
+                        "bottleneck": {"kind": "lfq", "latent_dim": 32, "lfq_groups": 4, "segments": 1}},
+              "run": {"name": "wetok-gq-s-64"},
+          })
+    write("wetok-gd-s-64", "WeTok stage 2 (generative decoder, Sec. 3.3, Tab. 10): wetok-gq-s-64's export plus "
+          "8 noise channels per token (WeTok gives no noise width)", {
+              "model": {"decoder_noise_dim": 8},
+              "run": {"name": "wetok-gd-s-64", "init_from": "runs/wetok-gq-s-64/export", "init_encoder": None},
+          }, parent="wetok-gq-s-64.yaml")
+
     # Supplementary Tab. 6 ablations on SoftVQ-S, 64 tokens x 32, in the PAPER's formulation
     # (Eq. 4 L2 distance, one codebook, no detach) so that PQ / RQ mean channel groups / levels.
     write("ablation-base", "Ablation base: SoftVQ-S, 64 x 32, K=8192, tau=0.07, paper Eq. 4 (supp. Tab. 6)", {
