@@ -18,6 +18,7 @@ from softvq.tokenizer import Tokenizer
 from softvq.training.checkpointing import list_checkpoints
 from softvq.training.config import config_from_dict, load_config
 from softvq.training.logging import read_log
+from softvq.training.schedule import lr_factor
 from softvq.training.trainer import NonFiniteLossError, Trainer
 
 torch.set_num_threads(1)
@@ -148,10 +149,19 @@ def test_resuming_a_finished_run_keeps_its_outputs_and_changed_settings_are_said
     assert again.status == "already finished" and again.step == 3 and again.metrics == json.loads(metrics)
     assert (tmp_path / "metrics.json").read_bytes() == metrics  # not rewritten with zero throughput
     assert "raise schedule.steps to train further" in capsys.readouterr().out
+    import shutil
+
+    shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-same-lr")
     more = config_from_dict(tiny_tree(schedule={"steps": 4}, optim={"lr": 1e-3}))
     assert Trainer(more, tmp_path, resume=True).fit().step == 4
     assert ("resumed with settings other than the checkpoint's: optim.lr 0.003 -> 0.001; schedule.steps 3 -> 4"
             in capsys.readouterr().out)
+    # ... and the lower lr is the one used (the checkpoint's optimizer state used to put 3e-3 back)
+    assert losses(tmp_path, "lr")[4] == pytest.approx(1e-3 * lr_factor(3, total_steps=4, warmup_steps=2), rel=1e-12)
+    same = tmp_path.parent / f"{tmp_path.name}-same-lr"
+    Trainer(config_from_dict(tiny_tree(schedule={"steps": 4})), same, resume=True).fit()
+    assert losses(same, "lr")[4] == pytest.approx(3e-3 * lr_factor(3, total_steps=4, warmup_steps=2), rel=1e-12)
+    assert not torch.equal(exported(tmp_path)["decoder.to_pixel.weight"], exported(same)["decoder.to_pixel.weight"])
     other_model = config_from_dict(tiny_tree(schedule={"steps": 5}, model={"num_tokens": 4}))
     with pytest.raises(CheckpointError, match=r"other settings \(model.num_tokens 8 -> 4\); a run's model cannot change"):
         Trainer(other_model, tmp_path, resume=True)

@@ -40,3 +40,27 @@ def build_scheduler(optimizer: Optimizer, *, total_steps: int, warmup_steps: int
     """A ``LambdaLR`` stepped once per optimizer step (its state saves with the checkpoint)."""
     return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps,
                                                       kind=kind, min_ratio=min_ratio))
+
+
+# Settings of a param group that come from the config, not from training so far.
+CONFIG_SETTINGS = ("initial_lr", "betas", "weight_decay", "eps", "momentum")
+
+
+def load_training_state(optimizer: Optimizer, scheduler: LambdaLR, optimizer_state: dict,
+                        scheduler_state: dict) -> None:
+    """Restore the optimizer's moments and the schedule's position from a checkpoint, keeping the
+    *current* config's learning rate, betas, weight decay and eps.
+
+    ``load_state_dict`` alone would put back the saved hyper-parameters (and the scheduler its saved
+    base lrs), so a resumed run given a lower ``optim.lr`` after a divergence silently kept the old
+    one. With unchanged settings the result is bit for bit what ``load_state_dict`` gives.
+    """
+    current = [{k: group[k] for k in CONFIG_SETTINGS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    for group, settings in zip(optimizer.param_groups, current):
+        group.update(settings)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # what the schedule's next get_lr() gives
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

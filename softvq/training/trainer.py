@@ -51,7 +51,7 @@ from softvq.training.grid import save_grid
 from softvq.training.heldout import reconstruct_all, reconstruction_metrics
 from softvq.training.logging import RunLogger, format_value
 from softvq.training.optim import build_optimizer
-from softvq.training.schedule import build_scheduler, scaled_lr
+from softvq.training.schedule import build_scheduler, load_training_state, scaled_lr
 from softvq.training.stopping import StopRequests, on_any_process
 
 FORMAT = "softvq-train"
@@ -492,11 +492,11 @@ class Trainer:
         if unexpected or missing:
             raise CheckpointError(f"{path}: objective state does not match this objective "
                                   f"(missing {missing[:4]}, unexpected {unexpected[:4]}); was the objective config changed?")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # the saved moments and schedule position, with this config's lr, betas and weight decay
+        load_training_state(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])
         if self.disc_optimizer is not None and state.get("disc_optimizer"):
-            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
-            self.disc_scheduler.load_state_dict(state["disc_scheduler"])
+            load_training_state(self.disc_optimizer, self.disc_scheduler, state["disc_optimizer"],
+                                state["disc_scheduler"])
         self.step = int(state["step"])
         if changed:  # allowed (a lower lr after a divergence, more steps), but said
             self.pending_notes.append(f"resumed with settings other than the checkpoint's: {'; '.join(changed)}")
