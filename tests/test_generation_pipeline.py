@@ -364,6 +364,26 @@ def test_rerunning_a_finished_generator_run_leaves_it_as_it_is(tmp_path, capsys)
     assert "already finished at step 2; pass --steps above 2" in capsys.readouterr().err
     assert (tmp_path / "g" / "generator" / "model.safetensors").read_bytes() == exported
 
+    # other training settings or another latent set are refused, naming them; not continued silently
+    import dataclasses
+    import shutil
+
+    with pytest.raises(ValueError, match=r"other settings \(lr 0.0001 -> 5e-05\); .*only --steps"):
+        train_generator(dataclasses.replace(cfg, steps=3, lr=5e-5), progress=False)
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(9), tmp_path / "other",
+                tokenizer_spec=str(tmp_path / "tok"), progress=False)
+    with pytest.raises(ValueError, match=r"latent set .*other.* \(another meta.json\)"):
+        train_generator(dataclasses.replace(cfg, steps=3, latents=str(tmp_path / "other")), progress=False)
+    shutil.copytree(tmp_path / "lat", tmp_path / "moved")  # the same set elsewhere is the same set
+
+    # an export older than the last checkpoint (stopped between the two) is made again, not kept
+    state = (tmp_path / "g" / "generator" / "config.json")
+    state.write_text(state.read_text().replace('"step": 2', '"step": 1'))
+    again = train_generator(dataclasses.replace(cfg, latents=str(tmp_path / "moved")), progress=False)
+    assert not again.get("already_finished") and "export is from step 1: exporting again" in capsys.readouterr().err
+    assert json.loads(state.read_text())["step"] == 2
+    assert (tmp_path / "g" / "generator" / "model.safetensors").read_bytes() == exported
+
 
 def test_damaged_latent_folders_and_run_folders_get_clear_answers(tmp_path):
     from softvq.checkpoint.pretrained import CheckpointError

@@ -149,6 +149,12 @@ def test_resuming_a_finished_run_keeps_its_outputs_and_changed_settings_are_said
     assert again.status == "already finished" and again.step == 3 and again.metrics == json.loads(metrics)
     assert (tmp_path / "metrics.json").read_bytes() == metrics  # not rewritten with zero throughput
     assert "raise schedule.steps to train further" in capsys.readouterr().out
+    # outputs older than the last checkpoint (a stop between the two) are made again, not kept
+    (tmp_path / "metrics.json").write_text(json.dumps({**json.loads(metrics), "step": 2}))
+    remade = Trainer(cfg, tmp_path, resume=True).fit()
+    assert remade.status == "finished" and remade.metrics["step"] == 3
+    assert remade.metrics["psnr"] == json.loads(metrics)["psnr"] and remade.metrics["images_per_second"] is None
+    assert "are from step 2, not from the checkpoint's step 3: exporting and evaluating again" in capsys.readouterr().out
     import shutil
 
     shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-same-lr")

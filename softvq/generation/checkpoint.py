@@ -48,9 +48,11 @@ class GeneratorMeta:
 
 
 def save_generator(model: Generator, meta: GeneratorMeta, directory: str | Path,
-                   state: dict[str, Any] | None = None) -> Path:
-    """Write the generator (``state`` overrides the weights, e.g. the EMA copy) atomically."""
-    payload = {"format": FORMAT, "config": model.config.to_dict(), "meta": meta.to_dict()}
+                   state: dict[str, Any] | None = None, step: int | None = None) -> Path:
+    """Write the generator (``state`` overrides the weights, e.g. the EMA copy) atomically;
+    ``step``, the training step of the weights, goes into ``config.json``."""
+    payload = {"format": FORMAT, "config": model.config.to_dict(), "meta": meta.to_dict(),
+               **({"step": step} if step is not None else {})}
     return write_folder(directory, state or model.state_dict(), payload)
 
 

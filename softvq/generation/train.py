@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -166,17 +167,48 @@ def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> t
     return torch.randint(0, count, (batch,), generator=g)
 
 
-def check_same_model(run: Path, model: dict[str, Any]) -> None:
-    """A run folder resumes only the generator it was started with: a different one is a clear
-    error before any weights are loaded, not a state_dict size mismatch."""
+# What a rerun may change when it continues a run: how long it trains, how often it logs and
+# saves, where the folders are now, and the device. Anything else would make a run that no
+# uninterrupted run makes.
+CHANGEABLE_ON_RESUME = ("out", "latents", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "cpu")
+
+
+def latent_set_sha1(meta: dict[str, Any]) -> str:
+    """Identity of a latent set: its ``meta.json`` (shards, statistics, tokenizer), wherever it lies."""
+    return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def check_same_run(run: Path, model: dict[str, Any], train: dict[str, Any], latents_sha1: str) -> None:
+    """A run folder resumes only the run it was started with: another generator, other training
+    settings or another latent set is a clear error before any weights are loaded."""
     saved_file = run / "config.json"
     if not saved_file.is_file():
         return
-    changed = changed_settings(json.loads(saved_file.read_text()).get("model", {}), model)
+    try:
+        saved = json.loads(saved_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{saved_file} is damaged ({exc}); restore it, or pass a new --out to start a fresh run") from None
+    changed = changed_settings(saved.get("model", {}), model)
     if changed:
-        details = ", ".join(changed)
-        raise ValueError(f"{run} holds checkpoints of another generator ({details}); resuming needs the "
+        raise ValueError(f"{run} holds checkpoints of another generator ({', '.join(changed)}); resuming needs the "
                          f"same settings, or pass a new --out to start a fresh run")
+    changed = changed_settings(saved.get("train", {}), train, ignore=CHANGEABLE_ON_RESUME)
+    if saved.get("latents_sha1", latents_sha1) != latents_sha1:
+        changed.append(f"latent set {saved['train'].get('latents')!r} -> {train['latents']!r} (another meta.json)")
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in CHANGEABLE_ON_RESUME[2:])
+        raise ValueError(f"{run} was trained with other settings ({'; '.join(changed)}); a rerun continues it "
+                         f"with the same ones (only {flags} may change), or pass a new --out to start a fresh run")
+
+
+def exported_step(export: Path) -> int | str | None:
+    """The step ``export`` was written at; None where there is no export (or it is damaged), and
+    ``"unknown"`` for one written before exports recorded their step. A run stopped between its
+    last checkpoint and its export keeps an older export, which is then made again."""
+    try:
+        return json.loads((export / "config.json").read_text()).get("step", "unknown")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -212,7 +244,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     start = 0
     latest = latest_checkpoint(run)
     if latest is not None:
-        check_same_model(run, model_cfg.to_dict())
+        check_same_run(run, model_cfg.to_dict(), dataclasses.asdict(cfg), latent_set_sha1(data.meta))
         state = load_checkpoint(latest)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -221,18 +253,23 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         if start > cfg.steps:
             raise ValueError(f"{run} is already at step {start}; --steps {cfg.steps} would train nothing "
                              f"(pass --steps above {start} to continue it)")
-        if start == cfg.steps and (run / EXPORT_NAME).is_dir():  # finished: leave it as it is
+        if start == cfg.steps and exported_step(run / EXPORT_NAME) in (start, "unknown"):  # finished: leave it
             if acc.is_main_process:
                 print(f"{run} already finished at step {start}; pass --steps above {start} to train it further",
                       file=sys.stderr)
             return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / EXPORT_NAME),
                     "stopped": False, "already_finished": True}
         restore_rng(state["rng"])
-        if acc.is_main_process:
+        if acc.is_main_process and start == cfg.steps:
+            old = exported_step(run / EXPORT_NAME)
+            print(f"{run} trained to step {start}; its export is {'missing' if old is None else f'from step {old}'}"
+                  f": exporting again", file=sys.stderr)
+        elif acc.is_main_process:
             print(f"resuming {run} from step {start} ({latest.name})", file=sys.stderr)
     elif acc.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
-        resolved = {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict()}
+        resolved = {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict(),
+                    "latents_sha1": latent_set_sha1(data.meta)}
         atomic_write(run / "config.json", lambda p: p.write_text(json.dumps(resolved, indent=2)))
 
     model, optimizer = acc.prepare(model, optimizer)
@@ -308,7 +345,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                              diffusion_steps=cfg.diffusion_steps, latent_mean=data.mean, latent_std=data.std,
                              tokenizer=cfg.tokenizer or data.meta.get("tokenizer"), classes=data.classes)
         with ema.swapped_into(unwrapped):
-            save_generator(unwrapped, meta, export)
+            save_generator(unwrapped, meta, export, step=cfg.steps)
     return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": cfg.steps, "export": str(export),
             "stopped": False}
 

@@ -208,15 +208,15 @@ class Trainer:
         """Train to ``schedule.steps`` (or until the time limit or a stop signal), then write the
         final checkpoint, export the EMA weights, a last grid and ``metrics.json``."""
         cfg, run = self.cfg, self.cfg.run
-        export, metrics = self.run_dir / EXPORT_NAME, self.run_dir / "metrics.json"
-        if self.step >= cfg.schedule.steps and export.is_dir() and metrics.is_file():
+        export = self.run_dir / EXPORT_NAME
+        finished = self._outputs_of_this_step() if self.step >= cfg.schedule.steps else None
+        if finished is not None:
             # a finished run resumed again: keep its outputs as they are (a second export and
             # evaluation would rewrite metrics.json with the speed of no training at all)
             self.logger.info(f"the run already finished: it is at step {self.step} and schedule.steps is "
                              f"{cfg.schedule.steps}; raise schedule.steps to train further")
             self.logger.close()
-            return TrainResult(self.run_dir, self.step, "already finished", json.loads(metrics.read_text()),
-                               self.last_checkpoint, export)
+            return TrainResult(self.run_dir, self.step, "already finished", finished, self.last_checkpoint, export)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -283,6 +283,25 @@ class Trainer:
             result.metrics = self.final_metrics(wall, start_step)
         self.logger.close()
         return result
+
+    def _outputs_of_this_step(self) -> dict[str, Any] | None:
+        """``metrics.json`` when it and ``export/`` were written at the checkpoint's step, else None.
+
+        A run stopped between its last checkpoint and its outputs (a signal or a crash during the
+        final evaluation) keeps the outputs of an earlier, shorter schedule: those are made again.
+        """
+        export, metrics = self.run_dir / EXPORT_NAME, self.run_dir / "metrics.json"
+        if not (export.is_dir() and metrics.is_file()):
+            return None
+        try:
+            saved = json.loads(metrics.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("step") != self.step:
+            self.logger.info(f"export/ and metrics.json are from step {saved.get('step', '?')}, not from the "
+                             f"checkpoint's step {self.step}: exporting and evaluating again")
+            return None
+        return saved
 
     def train_step(self, data_iter: Iterator[Batch]) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its logged scalars."""
@@ -584,7 +603,9 @@ class Trainer:
             **{f"raw_{k}": v for k, v in raw_metrics.items()},
             "weights": "ema",
             "wall_seconds": round(wall_seconds, 1),
-            "images_per_second": round(steps_run * self.cfg.schedule.batch_size / max(wall_seconds, 1e-9), 2),
+            # None when this process only made the outputs of steps trained before
+            "images_per_second": (round(steps_run * self.cfg.schedule.batch_size / max(wall_seconds, 1e-9), 2)
+                                  if steps_run else None),
             "nonfinite_steps": self.nonfinite_steps,
             "skipped_files": len(skipped),
             "skipped_examples": skipped[:10],
