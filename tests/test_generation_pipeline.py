@@ -190,6 +190,11 @@ def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monk
 
     with pytest.raises(FileExistsError, match="other settings .*shard_size 4 -> 5"):
         pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **{**run, "shard_size": 5})
+    retrained = Tokenizer.from_pretrained(tmp_path / "tok")  # other weights under the same spec
+    with torch.no_grad():
+        retrained.decoder.to_pixel.weight.add_(0.01)
+    with pytest.raises(FileExistsError, match="other settings .*tokenizer_sha1"):
+        pretokenize(retrained, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
     resumed = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **{**run, "batch_size": 2})
     a, b = load_latents(tmp_path / "straight"), load_latents(tmp_path / "cut")
     assert b.names == a.names == [f"a/{i:02d}.png" for i in range(12)]  # none lost, none twice
@@ -222,6 +227,20 @@ def test_pretokenize_cli_continues_a_random_preset_with_its_saved_weights(tmp_pa
     assert main(command) == 2  # a finished set is refused before its tokenizer could be replaced
     assert "already holds a finished latent set" in capsys.readouterr().err
     assert (tmp_path / "lat" / "tokenizer" / "model.safetensors").read_bytes() == saved
+
+
+def test_pretokenize_cli_names_the_model_an_interrupted_set_was_started_with(tmp_path, monkeypatch, capsys):
+    from softvq.cli.main import main
+
+    tiny_tokenizer(tmp_path)
+    command = ["pretokenize", str(tmp_path / "lat"), "--bundled", "--crops-per-photo", "2", "--batch-size", "2",
+               "--shard-size", "2", "--device", "cpu", "--model"]
+    _interrupt_encoding_at_call(monkeypatch, 3)
+    assert main([*command, str(tmp_path / "tok")]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*command, "softvq-tiny"]) == 2  # not "random softvq-tiny weights ... are gone"
+    assert f"started with --model {tmp_path / 'tok'}, not softvq-tiny" in capsys.readouterr().err
 
 
 def test_generator_training_stops_on_sigterm_with_a_checkpoint_and_continues_exactly(tmp_path, monkeypatch, capsys):

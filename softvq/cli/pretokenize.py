@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softvq.generation.pretokenize import bundled_source, folder_source, interrupted_run, pretokenize
+    from softvq.generation.pretokenize import (bundled_source, folder_source, interrupted_run, interrupted_tokenizer,
+                                               pretokenize)
     from softvq.training.accelerator import decided_by_main_process, launched_accelerator
 
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")
@@ -59,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         # give the same ones to every process
         spec = str(kept)
         if resuming and not kept.is_dir():
+            started = interrupted_tokenizer(out)
+            if started not in (str(kept.expanduser().resolve()), str(kept)):  # not a random preset's run
+                raise FileExistsError(f"{out} holds an interrupted pretokenize started with --model {started}, not "
+                                      f"{args.model}; rerun it with that model to continue, or choose an empty folder")
             raise FileNotFoundError(f"{out} holds an interrupted pretokenize with random {args.model} weights, but "
                                     f"{kept}, which kept them, is gone; choose an empty folder")
         if resuming:

@@ -43,7 +43,7 @@ from softvq.checkpoint.pretrained import atomic_write
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable
-from softvq.resume import changed_settings
+from softvq.resume import changed_settings, weights_sha1
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -242,6 +242,13 @@ def interrupted_run(out: str | Path) -> bool:
     return False
 
 
+def interrupted_tokenizer(out: str | Path) -> str | None:
+    """The tokenizer spec an interrupted pretokenize in ``out`` was started with (None: none saved)."""
+    for saved in sorted(Path(out).glob("progress*.json")):
+        return _Progress.load(saved).settings.get("tokenizer")
+    return None
+
+
 def _claim(out: Path, settings: dict[str, Any]) -> bool:
     """Whether ``out`` holds an interrupted run with these settings to continue (False: it is empty);
     a run with other settings, or one whose shards are missing, is refused."""
@@ -250,7 +257,10 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
         return False
     for saved in sorted(out.glob("progress*.json")):
         progress = _Progress.load(saved)
-        changed = changed_settings({"processes": 1, **progress.settings}, settings)  # runs before "processes": one
+        current = dict(settings)
+        if "tokenizer_sha1" not in progress.settings:  # runs before the weights were recorded
+            del current["tokenizer_sha1"]
+        changed = changed_settings({"processes": 1, **progress.settings}, current)  # runs before "processes": one
         if changed:
             raise FileExistsError(f"{out} holds an interrupted pretokenize with other settings ({'; '.join(changed)}); "
                                   f"rerun it with the same ones to continue, or choose an empty folder")
@@ -283,7 +293,9 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
     tokenizer = tokenizer.eval()
     settings = {"source": source.identity, "count": source.count, "tokenizer": tokenizer_spec,
                 "latent_shape": [tokenizer.num_tokens, tokenizer.latent_dim], "precision": tokenizer.precision,
-                "shard_size": shard_size, "processes": processes}
+                "shard_size": shard_size, "processes": processes,
+                # the weights too: other weights at the same path must not continue these shards
+                "tokenizer_sha1": weights_sha1(tokenizer)}
     part = _Part.of(rank, processes, source.count)
     resuming = decided_by_main_process(accelerator, lambda: _claim(out, settings))
     saved = out / part.progress_name
