@@ -95,3 +95,18 @@ def test_a_bad_key_in_config_json_names_the_file(tmp_path):
     (folder / "config.json").write_text(json.dumps(payload))
     with pytest.raises(CheckpointError, match=r"tok/config.json: .*num_tokenz"):
         Tokenizer.from_pretrained(folder)
+
+
+def test_saved_files_get_the_permissions_of_plainly_written_ones(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "tok")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    for name in ("config.json", "model.safetensors"):  # mkstemp alone made them 0600: unreadable to colleagues
+        assert stat.S_IMODE((tmp_path / "tok" / name).stat().st_mode) == plain == 0o644

@@ -27,13 +27,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (0o644 under umask 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file."""
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file. The
+    file gets the permissions a plainly written one would (``mkstemp`` alone makes it owner-only,
+    so colleagues could not read shared checkpoints and latents)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
