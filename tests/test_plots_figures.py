@@ -157,3 +157,11 @@ def test_cli_plot_asks_for_umap_learn_in_one_line_where_it_is_missing(tmp_path, 
                  "--num-reconstructions", "2", "--projection", "umap", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "pip install umap-learn" in err and "Traceback" not in err
+
+
+def test_a_continued_run_replaces_the_logged_steps_of_the_line_it_left():
+    steps_losses = [(1, 5.0), (2, 4.0), (3, 3.0), (4, 2.0), (2, 4.5), (3, 3.5)]  # resumed at step 1
+    records = [{"step": s, "loss": v} for s, v in steps_losses] + [{"step": 3, "psnr": 20.0}]
+    series = plots.numeric_series(records)
+    assert series["loss"][0].tolist() == [1, 2, 3] and series["loss"][1].tolist() == [5.0, 4.5, 3.5]
+    assert series["psnr"][0].tolist() == [3]  # a second record of the same step is not a restart

@@ -244,3 +244,28 @@ def test_resume_from_webdataset_shards_is_exact(tmp_path):
         Trainer(cfg, tmp_path / "crashed", objective_factory=factory(crash_at=4)).fit()
     Trainer(cfg, tmp_path / "crashed", resume=True).fit()
     assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tmp_path, capsys):
+    cfg = config_from_dict(tiny_tree())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(cfg, tmp_path, objective_factory=factory(crash_at=1)).fit()
+    assert (tmp_path / "config.yaml").is_file() and list_checkpoints(tmp_path) == []
+    result = Trainer(cfg, tmp_path, resume=True).fit()  # was: "no checkpoint; start without --resume"
+    assert result.status == "finished" and result.step == 6
+    assert "has no checkpoint yet (the run stopped before its first one): starting from step 0" in capsys.readouterr().out
+
+
+def test_continuing_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    cfg = config_from_dict(tiny_tree())
+    Trainer(cfg, tmp_path).fit()
+    newer = (tmp_path / "checkpoints" / "step-00000006.pt").read_bytes()
+    older = tmp_path / "checkpoints" / "step-00000003.pt"
+    stopped = Trainer(cfg, tmp_path, resume=older, objective_factory=factory(sigint_at=3)).fit()
+    assert stopped.status == "interrupted" and stopped.step == 4
+    aside = tmp_path / "checkpoints" / "abandoned-after-00000003"
+    assert (aside / "step-00000006.pt").read_bytes() == newer  # kept, not deleted
+    assert "the newer ones are kept in" in capsys.readouterr().out
+    # a plain --resume now continues the new line, not the abandoned step 6
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003.pt", "step-00000004.pt"]
+    assert Trainer(cfg, tmp_path, resume=True).step == 4

@@ -82,10 +82,20 @@ def plot_reconstructions(originals: Tensor, reconstructions: Tensor, path: str |
 
 
 def numeric_series(records: Sequence[dict[str, Any]], skip: Sequence[str] = ("step", "time", "epoch")) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{key: (steps, values)} for every finite numeric key of the log records."""
+    """{key: (steps, values)} for every finite numeric key of the log records.
+
+    A run continued from an earlier checkpoint logs steps it had logged before; from the point
+    where the steps go back, the new line of training replaces the old one's records."""
     series: dict[str, tuple[list[float], list[float]]] = {}
+    last_step = -math.inf
     for i, rec in enumerate(records):
         step = rec.get("step", i)
+        if step < last_step:  # (records of one step with different keys are not a restart)
+            for xs, ys in series.values():
+                while xs and xs[-1] >= step:
+                    xs.pop()
+                    ys.pop()
+        last_step = step
         for key, value in rec.items():
             if key in skip or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue

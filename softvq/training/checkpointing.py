@@ -42,6 +42,24 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
+    """Move the checkpoints after ``step`` to ``checkpoints/abandoned-after-<step>/`` and return
+    that folder (None when there are none).
+
+    A run continued from an older checkpoint starts a new line of training; the newer checkpoints
+    of the old line would otherwise be what a later plain ``--resume`` picks up (and pruning,
+    which keeps the highest steps, would delete the new line's first checkpoints). They are
+    kept, not deleted."""
+    newer = [p for p in list_checkpoints(run_dir) if int(_NAME.match(p.name).group(1)) > step]
+    if not newer:
+        return None
+    aside = Path(run_dir) / CHECKPOINT_DIR / f"abandoned-after-{step:08d}"
+    aside.mkdir(exist_ok=True)
+    for path in newer:
+        path.replace(aside / path.name)
+    return aside
+
+
 def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep: int = 3) -> Path:
     """Write atomically (temporary file, then rename), then delete all but the newest ``keep``."""
     path = checkpoint_path(run_dir, step)

@@ -488,6 +488,11 @@ class Trainer:
         if self.cfg.run.distributed == "fsdp" and self.world > 1:
             raise ValueError("resuming an FSDP run is not supported yet; resume it with run.distributed=ddp")
         path = ckpt.latest_checkpoint(self.run_dir) if resume is True else Path(resume)
+        if path is None and (self.run_dir / "config.yaml").is_file():
+            # stopped (or killed) before its first checkpoint: nothing to continue, so start again here
+            self.pending_notes.append(f"--resume: {self.run_dir} has no checkpoint yet (the run stopped before "
+                                      f"its first one): starting from step 0")
+            return None
         if path is None:
             raise CheckpointError(f"--resume: no checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR}; "
                                   f"start without --resume or point --output at the run to continue")
@@ -517,6 +522,11 @@ class Trainer:
             load_training_state(self.disc_optimizer, self.disc_scheduler, state["disc_optimizer"],
                                 state["disc_scheduler"])
         self.step = int(state["step"])
+        if resume is not True and self.is_main:
+            aside = ckpt.set_aside_newer(self.run_dir, self.step)
+            if aside is not None:
+                self.pending_notes.append(f"continuing from step {self.step}, an older checkpoint: the newer ones "
+                                          f"are kept in {aside}, out of this run's way")
         if changed:  # allowed (a lower lr after a divergence, more steps), but said
             self.pending_notes.append(f"resumed with settings other than the checkpoint's: {'; '.join(changed)}")
         self.nonfinite_steps = int(state["nonfinite_steps"])
