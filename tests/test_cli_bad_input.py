@@ -303,4 +303,7 @@ def test_eval_of_samples_refuses_tokenizer_options_instead_of_ignoring_them(tmp_
     code, _, err = _run(capsys, "eval", "--samples", str(tmp_path / "fake"), "--images", str(tmp_path / "real"),
                         "--model", "softvq-tiny")
     assert code == 2 and "--model and --probe evaluate a tokenizer instead" in _one_line_error(err)
+    code, _, err = _run(capsys, "eval", "--samples", str(tmp_path / "fake"), "--images", str(tmp_path / "real"),
+                        "--reference-stats", str(tmp_path / "q.npz"))  # was ignored without a word
+    assert code == 2 and "--reference-stats is the rFID statistics file of --model" in _one_line_error(err)
     assert not (tmp_path / "eval").exists()

@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
         if args.model or args.probe:
             raise ValueError("--samples scores generated images against --images; --model and --probe evaluate a "
                              "tokenizer instead: run them as a separate eval")
+        if args.reference_stats:
+            raise ValueError("--reference-stats is the rFID statistics file of --model; with --samples the "
+                             "reference statistics are cached by checksum in ~/.cache/softvq/fid-stats/, "
+                             "or pass a .npz of them as --images")
         out = Path(args.out) if args.out else samples_report_folder(Path(args.samples))
         # the features extracted so far are kept in OUT, and the same command continues from them
         report = evaluate_samples(args.samples, args.images, num_images=args.num_images,
