@@ -71,6 +71,12 @@ def test_an_interrupted_run_resumes_to_the_same_images(parts, tmp_path, monkeypa
     # a finished run rerun with its settings has nothing left to do
     assert write_samples(model, meta, tok, LABELS, SPEC, tmp_path / "cut", seed=3, batch_size=3,
                          progress=False).made == 0
+    # a damaged image (a copied folder, a bad disk) is made again with its batch, not a crash on every rerun
+    damaged = tmp_path / "cut" / "images" / "000004.png"
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    assert write_samples(model, meta, tok, LABELS, SPEC, tmp_path / "cut", seed=3, batch_size=3,
+                         progress=False).made == 3
+    assert images_of(tmp_path / "cut") == images_of(tmp_path / "straight")
 
 
 def test_each_batch_has_its_own_noise(parts, tmp_path):

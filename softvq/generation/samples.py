@@ -159,7 +159,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     starts = range(0, len(labels), batch_size)
     mine = [s for b, s in enumerate(starts) if b % world == rank]
     todo = [s for s in mine
-            if not all(image_path(folder, i).is_file() for i in range(s, min(s + batch_size, len(labels))))]
+            if not all(_intact_png(image_path(folder, i)) for i in range(s, min(s + batch_size, len(labels))))]
     made, diverged = 0, False
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress or rank != 0, unit="batch",
                desc=f"generate ({method}, {steps} steps)" + (", resumed" if len(todo) < len(mine) else "")
@@ -188,6 +188,21 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     if world > 1:
         accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
     return GeneratedSamples(folder, len(labels), made, diverged)
+
+
+def _intact_png(path: Path) -> bool:
+    """Whether ``path`` is a whole PNG. Ours are written atomically, but a copied or damaged folder
+    may hold a truncated one: its batch is made again instead of failing every rerun."""
+    from PIL import Image
+
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.verify()  # reads every chunk and checks its CRC, without decoding the pixels
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 def _write_grid(folder: Path, labels: Tensor) -> None:
