@@ -195,6 +195,12 @@ def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monk
         retrained.decoder.to_pixel.weight.add_(0.01)
     with pytest.raises(FileExistsError, match="other settings .*tokenizer_sha1"):
         pretokenize(retrained, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+    shard = tmp_path / "cut" / "latents-00000.safetensors"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-16])  # a damaged shard is named, not continued into a set that fails later
+    with pytest.raises(ValueError, match="latents-00000.safetensors, listed in .* is damaged"):
+        pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+    shard.write_bytes(whole)
     resumed = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **{**run, "batch_size": 2})
     a, b = load_latents(tmp_path / "straight"), load_latents(tmp_path / "cut")
     assert b.names == a.names == [f"a/{i:02d}.png" for i in range(12)]  # none lost, none twice

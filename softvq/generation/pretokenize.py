@@ -242,6 +242,17 @@ def interrupted_run(out: str | Path) -> bool:
     return False
 
 
+def _whole_shard(path: Path) -> bool:
+    """Whether a shard's header parses and its data covers the file (reads no tensor)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            return True
+    except Exception:  # safetensors raises its own error type for any damage
+        return False
+
+
 def interrupted_tokenizer(out: str | Path) -> str | None:
     """The tokenizer spec an interrupted pretokenize in ``out`` was started with (None: none saved)."""
     for saved in sorted(Path(out).glob("progress*.json")):
@@ -267,6 +278,10 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
         missing = [name for name in progress.shards if not (out / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{out / missing[0]}, listed in {saved}, is missing; delete the folder to start over")
+        damaged = [name for name in progress.shards if not _whole_shard(out / name)]
+        if damaged:
+            raise ValueError(f"{out / damaged[0]}, listed in {saved}, is damaged (truncated or overwritten); "
+                             f"delete the folder to start over")
     return True
 
 
