@@ -244,7 +244,7 @@ def test_pretokenize_cli_names_the_model_an_interrupted_set_was_started_with(tmp
     _interrupt_encoding_at_call(monkeypatch, 3)
     assert main([*command, str(tmp_path / "tok")]) == 130
     monkeypatch.undo()
-    capsys.readouterr()
+    assert "interrupted; the complete shards are kept: run the same command again" in capsys.readouterr().err
     assert main([*command, "softvq-tiny"]) == 2  # not "random softvq-tiny weights ... are gone"
     assert f"started with --model {tmp_path / 'tok'}, not softvq-tiny" in capsys.readouterr().err
 

@@ -81,13 +81,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"softvq {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"softvq {args.command}: interrupted", file=sys.stderr)
+        hint = RESUME_HINTS.get(args.command)
+        print(f"softvq {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     release_process_group()
     return status
+
+
+# What an interrupted long job keeps, said where it stops.
+RESUME_HINTS = {
+    "train": "the last checkpoint is kept: continue with `softvq train --resume --output RUN`",
+    "train-generator": "the last checkpoint is kept: run the same command again to continue",
+    "pretokenize": "the complete shards are kept: run the same command again to continue",
+    "generate": "the images written are kept: run the same command again to make the rest",
+    "eval": "the work so far is kept (not for a random preset): run the same command again to continue",
+}
 
 
 def _interrupt(signum: int, frame) -> NoReturn:
