@@ -203,6 +203,7 @@ def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
     assert report["num_samples"] == 4 and report["image_size"] == 64
     assert report["gfid"] == pytest.approx(0.0, abs=1e-3)  # the same images
     assert report["precision"] == 1.0 and report["recall"] == 1.0
+    assert any("precision/recall on only 4 samples per side (protocol: 10000)" in n for n in report["notes"])
     assert any("reference statistics cached in" in n for n in report["notes"])
     # another set of samples against the same reference: its statistics and P/R features come from the cache
     again = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2,

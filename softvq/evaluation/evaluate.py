@@ -514,6 +514,10 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         m = min(pr_samples, len(real), len(fake))
         report["precision"], report["recall"] = fidlib.precision_recall(real[:m], fake[:m], k=k)
         report["precision_recall_samples"] = m
+        if m < pr_samples:
+            report["notes"].append(f"precision/recall on only {m} samples per side (protocol: {pr_samples}): with "
+                                   f"so few features the k={k} nearest-neighbour radii are unreliable, so values "
+                                   f"such as 0 or 1 say little")
     if logits is not None:
         report["inception_score"], report["inception_score_std"] = fidlib.inception_score(logits)
     else:
