@@ -268,4 +268,7 @@ def test_continuing_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path,
     assert "the newer ones are kept in" in capsys.readouterr().out
     # a plain --resume now continues the new line, not the abandoned step 6
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003.pt", "step-00000004.pt"]
+    stale = tmp_path / "checkpoints" / ".step-00000005.pt.x1y2.tmp"  # what a SIGKILL mid-write leaves
+    stale.write_bytes(b"half")
     assert Trainer(cfg, tmp_path, resume=True).step == 4
+    assert not stale.exists()

@@ -42,6 +42,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> int:
+    """Delete the half-written files a process killed mid-write (SIGKILL, power loss) left in the
+    checkpoint folder; ``atomic_write`` removes its own on any error it survives. Returns the count.
+    Call it only where no other process is writing a checkpoint of this run."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    stale = list(folder.glob(".step-*.pt.*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
     """Move the checkpoints after ``step`` to ``checkpoints/abandoned-after-<step>/`` and return
     that folder (None when there are none).

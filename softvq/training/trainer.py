@@ -522,6 +522,8 @@ class Trainer:
             load_training_state(self.disc_optimizer, self.disc_scheduler, state["disc_optimizer"],
                                 state["disc_scheduler"])
         self.step = int(state["step"])
+        if self.is_main and ckpt.remove_stale_temporaries(self.run_dir):
+            self.pending_notes.append("removed the half-written checkpoint a killed process left behind")
         if resume is not True and self.is_main:
             aside = ckpt.set_aside_newer(self.run_dir, self.step)
             if aside is not None:
