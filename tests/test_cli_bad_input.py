@@ -307,3 +307,18 @@ def test_eval_of_samples_refuses_tokenizer_options_instead_of_ignoring_them(tmp_
                         "--reference-stats", str(tmp_path / "q.npz"))  # was ignored without a word
     assert code == 2 and "--reference-stats is the rFID statistics file of --model" in _one_line_error(err)
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_train_stopped_during_set_up_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    import softvq.training.trainer as trainer_module
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer_module, "build_data", stop)  # Ctrl-C while the data is being scanned
+    code, _, err = _run(capsys, "train", "demo", "-o", str(tmp_path / "run"), "schedule.steps=1")
+    assert code == 130 and "interrupted; nothing was written: run the same command again" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    monkeypatch.setattr(trainer_module, "RunLogger", stop)  # ... or just after the config is written
+    monkeypatch.setattr(trainer_module, "build_data", lambda *a, **k: (None, type("H", (), {"skipped": []})()))
+    code, _, err = _run(capsys, "train", "demo", "-o", str(tmp_path / "run2"), "schedule.steps=1")
+    assert code == 130 and f"continue with: softvq train --resume --output {tmp_path / 'run2'}" in err

@@ -265,10 +265,54 @@ def test_continuing_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path,
     assert stopped.status == "interrupted" and stopped.step == 4
     aside = tmp_path / "checkpoints" / "abandoned-after-00000003"
     assert (aside / "step-00000006.pt").read_bytes() == newer  # kept, not deleted
-    assert "the newer ones are kept in" in capsys.readouterr().out
+    # the old line's outputs go with it: a finished-looking export must not stand for the new line
+    assert (aside / "export").is_dir() and json.loads((aside / "metrics.json").read_text())["step"] == 6
+    assert not (tmp_path / "export").exists() and not (tmp_path / "metrics.json").exists()
+    assert "the line it leaves is kept in" in capsys.readouterr().out
     # a plain --resume now continues the new line, not the abandoned step 6
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003.pt", "step-00000004.pt"]
     stale = tmp_path / "checkpoints" / ".step-00000005.pt.x1y2.tmp"  # what a SIGKILL mid-write leaves
     stale.write_bytes(b"half")
     assert Trainer(cfg, tmp_path, resume=True).step == 4
     assert not stale.exists()
+    # going back to step 3 a second time keeps the first abandoned line as it is
+    Trainer(cfg, tmp_path, resume=older)
+    assert (aside / "step-00000006.pt").read_bytes() == newer
+    assert [p.name for p in (tmp_path / "checkpoints" / "abandoned-after-00000003-2").iterdir()] == ["step-00000004.pt"]
+
+
+def test_a_second_signal_inside_an_update_writes_no_half_updated_checkpoint(tmp_path, monkeypatch, capsys):
+    cfg = config_from_dict(tiny_tree())
+    Trainer(cfg, tmp_path / "straight").fit()
+    run = tmp_path / "cut"
+    trainer = Trainer(cfg, run)
+    real_step, calls = trainer.optimizer.step, []
+
+    def step_then_stop(*args, **kwargs):  # "stop at once" right after the weights changed
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return out
+    monkeypatch.setattr(trainer.optimizer, "step", step_then_stop)
+    result = trainer.fit()
+    assert result.status == "interrupted" and result.step == 3  # the last consistent checkpoint's step
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000003.pt"]  # no step-4 mixing two steps
+    assert "stopped inside the update of step 5: no checkpoint of a half-updated state" in capsys.readouterr().out
+    monkeypatch.undo()
+    Trainer(cfg, run, resume=True).fit()
+    straight, resumed = exported(tmp_path / "straight"), exported(run)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_resumed_restart_uses_the_initial_weights_and_config_comes_first(tmp_path):
+    source = Tokenizer(config_from_dict(tiny_tree()).model)
+    torch.nn.init.normal_(source.decoder.to_pixel.weight, std=0.3)
+    source.save_pretrained(tmp_path / "init")
+    cfg = config_from_dict(tiny_tree(run={"init_from": str(tmp_path / "init")}))
+    Trainer(cfg, tmp_path / "fresh").fit()
+    Trainer(cfg, tmp_path / "restart")  # stopped after setting up, before any checkpoint
+    assert (tmp_path / "restart" / "config.yaml").is_file()  # written before the log: --resume can take it
+    Trainer(cfg, tmp_path / "restart", resume=True).fit()
+    fresh, restarted = exported(tmp_path / "fresh"), exported(tmp_path / "restart")
+    assert all(torch.equal(fresh[k], restarted[k]) for k in fresh)  # run.init_from was applied on restart too

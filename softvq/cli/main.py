@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
 # What an interrupted long job keeps, said where it stops.
 RESUME_HINTS = {
-    "train": "the last checkpoint is kept: continue with `softvq train --resume --output RUN`",
     "train-generator": "the last checkpoint is kept: run the same command again to continue",
     "pretokenize": "the complete shards are kept: run the same command again to continue",
     "generate": "the images written are kept: run the same command again to make the rest",

@@ -101,12 +101,19 @@ def run(args: argparse.Namespace) -> int:
     # torch's own warning about more loader workers than cores; the trainer says it in one line
     warnings.filterwarnings("ignore", message="This DataLoader will create")
 
-    trainer = Trainer(cfg, run_dir, resume=resume)
     try:
+        trainer = Trainer(cfg, run_dir, resume=resume)
         result = trainer.fit()
     except NonFiniteLossError as exc:
         print(f"softvq train: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # stopped at once (second signal) or before training began
+        if os.environ.get("RANK", "0") == "0":
+            saved = (run_dir / "config.yaml").is_file()
+            print("softvq train: interrupted; " + (f"continue with: softvq train --resume --output {run_dir}" if saved
+                                                   else "nothing was written: run the same command again"),
+                  file=sys.stderr)
+        return 130
     if not trainer.is_main:
         return 0
     if result.status == "interrupted":

@@ -10,6 +10,7 @@ of the seed and the step (``softvq.data.sampler``). Everything in it loads with
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -53,20 +54,34 @@ def remove_stale_temporaries(run_dir: str | Path) -> int:
     return len(stale)
 
 
-def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
-    """Move the checkpoints after ``step`` to ``checkpoints/abandoned-after-<step>/`` and return
-    that folder (None when there are none).
+def set_aside_newer(run_dir: str | Path, step: int, keep: Path) -> Path | None:
+    """Continuing from checkpoint ``keep`` at ``step``: move the line of training it leaves out of
+    the way, into a new ``checkpoints/abandoned-after-<step>[-n]/``, and return that folder (None
+    when there is nothing to move).
 
-    A run continued from an older checkpoint starts a new line of training; the newer checkpoints
-    of the old line would otherwise be what a later plain ``--resume`` picks up (and pruning,
-    which keeps the highest steps, would delete the new line's first checkpoints). They are
-    kept, not deleted."""
-    newer = [p for p in list_checkpoints(run_dir) if int(_NAME.match(p.name).group(1)) > step]
-    if not newer:
+    That line is every other checkpoint at or after ``step`` and, when they were made later than
+    ``step``, the run's ``export/`` and ``metrics.json``. Left in place, a later plain ``--resume``
+    would pick its checkpoints up, pruning (which keeps the highest steps) would delete the new
+    line's first ones, and a finished-looking export would stand for the wrong line. It is kept,
+    not deleted."""
+    run_dir = Path(run_dir)
+    keep = keep.resolve()
+    moving = [p for p in list_checkpoints(run_dir)
+              if int(_NAME.match(p.name).group(1)) >= step and p.resolve() != keep]
+    try:
+        made_at = json.loads((run_dir / "metrics.json").read_text()).get("step", -1)
+    except (OSError, ValueError):
+        made_at = -1
+    if made_at > step:
+        moving += [p for p in (run_dir / "metrics.json", run_dir / "export") if p.exists()]
+    if not moving:
         return None
-    aside = Path(run_dir) / CHECKPOINT_DIR / f"abandoned-after-{step:08d}"
-    aside.mkdir(exist_ok=True)
-    for path in newer:
+    aside, n = run_dir / CHECKPOINT_DIR / f"abandoned-after-{step:08d}", 1
+    while aside.exists():  # an earlier line set aside at the same step stays as it is
+        n += 1
+        aside = run_dir / CHECKPOINT_DIR / f"abandoned-after-{step:08d}-{n}"
+    aside.mkdir(parents=True)
+    for path in moving:
         path.replace(aside / path.name)
     return aside
 

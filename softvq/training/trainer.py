@@ -147,9 +147,11 @@ class Trainer:
 
         # Identical initialisation on every process; afterwards each process draws its own
         # randomness (augmentations inside the loss) from seed + rank.
+        self.pending_notes: list[str] = []  # said once the logger exists
+        checkpoint = self._checkpoint_to_resume(resume) if resume else None
         _seed_everything(sched.seed)
         self.tokenizer = Tokenizer(config.model)
-        if not resume:
+        if checkpoint is None:  # a fresh start, also a --resume of a run stopped before its first checkpoint
             _initial_weights(self.tokenizer, config.run)
         self.objective = (objective_factory or default_objective)(config, self.tokenizer)
         _seed_everything(sched.seed + 1 + self.rank)
@@ -187,9 +189,10 @@ class Trainer:
         # shards: where each logical data worker stopped, so --resume continues at the next sample
         self.stream_positions: dict[int, tuple[int, int]] = {}
         self.last_checkpoint: Path | None = None
+        self.checkpoint_step = 0  # the step of last_checkpoint
         self._stop = StopRequests()  # fit() installs the real one
-        self.pending_notes: list[str] = []  # said once the logger exists
-        resume_state = self._load_resume(resume) if resume else None
+        self._mid_step = False  # True while a step updates weights, optimizer and EMA
+        resume_state = self._load_resume(checkpoint, explicit=resume is not True) if checkpoint else None
 
         self.data, self.heldout = build_data(
             config.data, image_size=config.image_size, micro_batch=self.micro_batch, rank=self.rank,
@@ -199,6 +202,10 @@ class Trainer:
         self.skipped_files.update(self.heldout.skipped)
         if resume_state is not None:
             self._restore_rng(resume_state)
+        if self.is_main and not (self.run_dir / "config.yaml").is_file():
+            # before the log or anything else: a run stopped from here on continues with --resume
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=config.run.tensorboard)
         self._lpips: nn.Module | None = None
 
@@ -271,13 +278,19 @@ class Trainer:
             bar.close()
             self._stop.restore()
         result = TrainResult(self.run_dir, self.step, status)
-        if self.step > start_step or self.last_checkpoint is None:
+        if self._mid_step:  # stopped at once inside an update: no consistent state to save
+            result.checkpoint = self.last_checkpoint
+            result.step = self.checkpoint_step
+            self.logger.info(f"stopped inside the update of step {self.step + 1}: no checkpoint of a half-updated "
+                             f"state is written; --resume continues from "
+                             f"{self.last_checkpoint or 'step 0 (no checkpoint yet)'}")
+        elif self.step > start_step or self.last_checkpoint is None:
             result.checkpoint = self.save_checkpoint()
         else:
             result.checkpoint = self.last_checkpoint
         wall = time.time() - started
         if status == "interrupted":
-            self.logger.info(f"interrupted at step {self.step}: checkpoint {result.checkpoint}; continue with --resume")
+            self.logger.info(f"interrupted at step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
         else:
             result.export = self.export()
             result.metrics = self.final_metrics(wall, start_step)
@@ -352,11 +365,13 @@ class Trainer:
             torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         finite = bool(ok.item())  # the step's one host-device sync
         if not finite:
+            self._mid_step = True
             self._zero_grads()
             self.nonfinite_steps += 1
             self.logger.info(f"step {step}: non-finite loss or gradient, step skipped "
                              f"({self.nonfinite_steps}/{self.cfg.run.max_nonfinite})")
             self._advance_schedules()
+            self._mid_step = False
             if self.nonfinite_steps >= self.cfg.run.max_nonfinite:
                 path = self.save_checkpoint()
                 raise NonFiniteLossError(
@@ -367,12 +382,16 @@ class Trainer:
                 )
             return {"nonfinite": 1.0, "lr": lr}
 
+        # From here until the step is counted, the weights, optimizers, schedules and EMA are at two
+        # different steps: a checkpoint taken in between (a second Ctrl-C) would mix them.
+        self._mid_step = True
         self.optimizer.step()
         if self.disc_optimizer is not None and disc_grads:
             self.disc_optimizer.step()
         self._zero_grads()
         self._advance_schedules()
         self.ema.update(self.unwrapped)
+        self._mid_step = False
         logs["grad_norm"] = grad_norm
         logs["lr"] = lr
         return dict(logs)
@@ -481,21 +500,26 @@ class Trainer:
         if self.is_main:
             path = ckpt.save_checkpoint(state, self.run_dir, self.step, keep=self.cfg.run.keep_checkpoints)
         self.accelerator.wait_for_everyone()
-        self.last_checkpoint = path
+        self.last_checkpoint, self.checkpoint_step = path, self.step
         return path
 
-    def _load_resume(self, resume: bool | str | Path) -> dict[str, Any]:
+    def _checkpoint_to_resume(self, resume: bool | str | Path) -> Path | None:
+        """The checkpoint ``resume`` names (the newest for ``True``); None for a run stopped before
+        its first checkpoint, which then starts again in its folder."""
         if self.cfg.run.distributed == "fsdp" and self.world > 1:
             raise ValueError("resuming an FSDP run is not supported yet; resume it with run.distributed=ddp")
         path = ckpt.latest_checkpoint(self.run_dir) if resume is True else Path(resume)
         if path is None and (self.run_dir / "config.yaml").is_file():
-            # stopped (or killed) before its first checkpoint: nothing to continue, so start again here
             self.pending_notes.append(f"--resume: {self.run_dir} has no checkpoint yet (the run stopped before "
                                       f"its first one): starting from step 0")
-            return None
-        if path is None:
+        elif path is None:
             raise CheckpointError(f"--resume: no checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR}; "
                                   f"start without --resume or point --output at the run to continue")
+        return path
+
+    def _load_resume(self, path: Path, explicit: bool) -> dict[str, Any]:
+        """Load ``path`` into the model, EMA, objective and optimizers; ``explicit``: named by the
+        user (maybe an older one), so the line of training it leaves is set aside."""
         state = ckpt.load_checkpoint(path)
         if state.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a softvq training checkpoint")
@@ -524,16 +548,16 @@ class Trainer:
         self.step = int(state["step"])
         if self.is_main and ckpt.remove_stale_temporaries(self.run_dir):
             self.pending_notes.append("removed the half-written checkpoint a killed process left behind")
-        if resume is not True and self.is_main:
-            aside = ckpt.set_aside_newer(self.run_dir, self.step)
+        if explicit and self.is_main:
+            aside = ckpt.set_aside_newer(self.run_dir, self.step, keep=path)
             if aside is not None:
-                self.pending_notes.append(f"continuing from step {self.step}, an older checkpoint: the newer ones "
-                                          f"are kept in {aside}, out of this run's way")
+                self.pending_notes.append(f"continuing from step {self.step}, an older checkpoint: the line it "
+                                          f"leaves is kept in {aside}, out of this run's way")
         if changed:  # allowed (a lower lr after a divergence, more steps), but said
             self.pending_notes.append(f"resumed with settings other than the checkpoint's: {'; '.join(changed)}")
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.skipped_files = set(state["skipped_files"])
-        self.last_checkpoint = path
+        self.last_checkpoint, self.checkpoint_step = path, self.step
         return state
 
     def _restore_stream_positions(self, state: dict[str, Any] | None) -> dict[int, tuple[int, int]] | None:
