@@ -442,3 +442,33 @@ def test_every_generator_training_flag_is_described_and_choices_are_checked(caps
     with pytest.raises(SystemExit):
         main(["train-generator", "--latents", "x", "--objective", "flow"])
     assert "--objective: invalid choice: 'flow'" in capsys.readouterr().err
+
+
+def test_two_launched_processes_train_one_generator_and_continue_it_exactly(tmp_path):
+    """Under torchrun on CPUs the processes share one run (not a run each), and a continued run
+    replays each process's own random stream."""
+    import subprocess
+
+    from launching import cpu_process_env, torchrun
+
+    tiny_tokenizer(tmp_path)
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat",
+                tokenizer_spec=str(tmp_path / "tok"), progress=False)
+
+    def launch(out, steps):
+        command = [*torchrun(2), "-m", "softvq.cli.main", "train-generator", "--latents", str(tmp_path / "lat"),
+                   "--out", str(out), "--objective", "sit", "--width", "32", "--depth", "1", "--heads", "2",
+                   "--batch-size", "4", "--steps", str(steps), "--log-every", "1", "--checkpoint-every", "3",
+                   "--quiet"]
+        done = subprocess.run(command, capture_output=True, text=True, env=cpu_process_env(), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    straight = launch(tmp_path / "straight", 6)
+    assert straight.stdout.count('"steps": 6') == 1  # one result, from the main process
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # one run, logged once (not one per process)
+    launch(tmp_path / "cut", 3)
+    launch(tmp_path / "cut", 6)
+    a = (tmp_path / "straight" / "generator" / "model.safetensors").read_bytes()
+    assert (tmp_path / "cut" / "generator" / "model.safetensors").read_bytes() == a

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -220,7 +221,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     """
     from tqdm.auto import tqdm
 
-    from softvq.training.accelerator import new_accelerator
+    from softvq.training.accelerator import gather_objects, new_accelerator
     from softvq.training.checkpointing import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
                                                save_checkpoint)
     from softvq.training.ema import EMA
@@ -229,7 +230,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     cfg = cfg.validate().resolved()
     run = Path(cfg.out)
     data = load_latents(cfg.latents)
-    acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    # without CUDA a launched run must ask for CPU processes, or accelerate gives each one a run of its own
+    acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
     torch.manual_seed(cfg.seed + acc.process_index)
 
     model_cfg = build_model_config(cfg, data.latents.shape[1], data.latents.shape[2], len(data.classes))
@@ -259,7 +261,14 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                       file=sys.stderr)
             return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / EXPORT_NAME),
                     "stopped": False, "already_finished": True}
-        restore_rng(state["rng"])
+        saved_rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict: one process
+        if len(saved_rngs) == acc.num_processes:
+            restore_rng(saved_rngs[acc.process_index])
+        else:  # another process count cannot replay the same random streams
+            torch.manual_seed(cfg.seed + 7919 * start + acc.process_index)
+            if acc.is_main_process:
+                print(f"resumed with {acc.num_processes} processes instead of {len(saved_rngs)}: random streams "
+                      f"are re-seeded, so losses will not match an uninterrupted run", file=sys.stderr)
         if acc.is_main_process and start == cfg.steps:
             old = exported_step(run / EXPORT_NAME)
             print(f"{run} trained to step {start}; its export is {'missing' if old is None else f'from step {old}'}"
@@ -321,11 +330,13 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
             # Every process must stop at the same step: with several, they agree every 10 steps.
             stopping = stop.requested if acc.num_processes == 1 else (
                 done % 10 == 0 and on_any_process([stop.requested], acc.device)[0])
-            if acc.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping):
-                unwrapped = acc.unwrap_model(model)
-                save_checkpoint({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "ema": ema.state_dict(), "step": done, "rng": capture_rng()},
-                                run, done, keep=cfg.keep_checkpoints)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                rngs = gather_objects(capture_rng(), acc.num_processes)  # each process's own stream
+                if acc.is_main_process:
+                    unwrapped = acc.unwrap_model(model)
+                    save_checkpoint({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "ema": ema.state_dict(), "step": done, "rng": rngs},
+                                    run, done, keep=cfg.keep_checkpoints)
             if stopping and done < cfg.steps:
                 stopped_at = done
                 break
@@ -419,7 +430,8 @@ def run_from_args(args: dict) -> int:
     args = dict(args)
     quiet = args.pop("quiet")
     result = train_generator(GeneratorTrainConfig(**args), progress=not quiet)
-    print(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":  # one result line for a launched run, not one per process
+        print(json.dumps(result))
     return 130 if result["stopped"] else 0
 
 

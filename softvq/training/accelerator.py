@@ -50,6 +50,15 @@ def launched_accelerator(cpu: bool):
     return new_accelerator(cpu=cpu)
 
 
+def gather_objects(obj: Any, world: int) -> list[Any]:
+    """``obj`` of every process, in rank order (every process must call this)."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def decided_by_main_process(accelerator, decide: Callable[[], T]) -> T:
     """``decide()`` run on the main process alone, its result given to every process.
 

@@ -45,6 +45,7 @@ from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.resume import changed_settings
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
+from softvq.training.accelerator import gather_objects
 from softvq.training.config import RunConfig, TrainConfig, save_config
 from softvq.training.ema import EMA
 from softvq.training.grid import save_grid
@@ -469,8 +470,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly (collective: call on every process)."""
         rng = ckpt.capture_rng()
-        rngs = _gather_objects(rng, self.world)
-        skipped = sorted(set().union(*_gather_objects(sorted(self.skipped_files), self.world)))
+        rngs = gather_objects(rng, self.world)
+        skipped = sorted(set().union(*gather_objects(sorted(self.skipped_files), self.world)))
         model_state = _cpu_copy(self.accelerator.get_state_dict(self.model))
         with self.ema.swapped_into(self.unwrapped):
             ema_state = _cpu_copy(self.accelerator.get_state_dict(self.model))
@@ -491,7 +492,7 @@ class Trainer:
             "skipped_files": skipped,
             "rng": rngs,
             "data_stream": {"workers": self.cfg.data.workers,
-                            "positions": _gather_objects(self.stream_positions, self.world)},
+                            "positions": gather_objects(self.stream_positions, self.world)},
         }
 
     def save_checkpoint(self) -> Path:
@@ -624,7 +625,7 @@ class Trainer:
         with self.ema.swapped_into(self.unwrapped):
             ema = self._heldout_reconstructions(held.images)
         self.write_grid()
-        skipped = sorted(set().union(*_gather_objects(sorted(self.skipped_files), self.world)))
+        skipped = sorted(set().union(*gather_objects(sorted(self.skipped_files), self.world)))
         if not self.is_main:
             return {}
         lpips = self.lpips()
@@ -724,11 +725,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _gather_objects(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
