@@ -298,7 +298,7 @@ def test_a_second_signal_inside_an_update_writes_no_half_updated_checkpoint(tmp_
     result = trainer.fit()
     assert result.status == "interrupted" and result.step == 3  # the last consistent checkpoint's step
     assert [p.name for p in list_checkpoints(run)] == ["step-00000003.pt"]  # no step-4 mixing two steps
-    assert "stopped inside the update of step 5: no checkpoint of a half-updated state" in capsys.readouterr().out
+    assert "stopped inside the update of step 5: no checkpoint of an inconsistent state" in capsys.readouterr().out
     monkeypatch.undo()
     Trainer(cfg, run, resume=True).fit()
     straight, resumed = exported(tmp_path / "straight"), exported(run)

@@ -275,20 +275,28 @@ class Trainer:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             status = "interrupted"
+            at_once = True
+        else:
+            at_once = False
         finally:
             bar.close()
-            self._stop.restore()
         result = TrainResult(self.run_dir, self.step, status)
-        if self._mid_step:  # stopped at once inside an update: no consistent state to save
-            result.checkpoint = self.last_checkpoint
-            result.step = self.checkpoint_step
-            self.logger.info(f"stopped inside the update of step {self.step + 1}: no checkpoint of a half-updated "
-                             f"state is written; --resume continues from "
-                             f"{self.last_checkpoint or 'step 0 (no checkpoint yet)'}")
-        elif self.step > start_step or self.last_checkpoint is None:
-            result.checkpoint = self.save_checkpoint()
-        else:
-            result.checkpoint = self.last_checkpoint
+        # stopped at once inside an update, or with several processes (each may be anywhere, so a
+        # checkpoint's collectives could hang or gather two steps): no consistent state to save
+        unsafe = self._mid_step or (at_once and self.world > 1)
+        try:  # the handlers stay until the checkpoint is written: a second signal must not kill it half-way
+            if unsafe:
+                result.checkpoint, result.step = self.last_checkpoint, self.checkpoint_step
+                where = f"inside the update of step {self.step + 1}" if self._mid_step else \
+                    f"at once with {self.world} processes"
+                self.logger.info(f"stopped {where}: no checkpoint of an inconsistent state is written; --resume "
+                                 f"continues from {self.last_checkpoint or 'step 0 (no checkpoint yet)'}")
+            elif self.step > start_step or self.last_checkpoint is None:
+                result.checkpoint = self.save_checkpoint()
+            else:
+                result.checkpoint = self.last_checkpoint
+        finally:
+            self._stop.restore()
         wall = time.time() - started
         if status == "interrupted":
             self.logger.info(f"interrupted at step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
