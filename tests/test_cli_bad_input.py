@@ -322,3 +322,9 @@ def test_a_train_stopped_during_set_up_says_how_to_go_on(tmp_path, capsys, monke
     monkeypatch.setattr(trainer_module, "build_data", lambda *a, **k: (None, type("H", (), {"skipped": []})()))
     code, _, err = _run(capsys, "train", "demo", "-o", str(tmp_path / "run2"), "schedule.steps=1")
     assert code == 130 and f"continue with: softvq train --resume --output {tmp_path / 'run2'}" in err
+
+
+def test_eval_under_a_launcher_is_refused_instead_of_run_once_per_process(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun --nproc_per_node 2: each process evaluated every image
+    code, _, err = _run(capsys, "eval", "--model", "softvq-tiny", "--images", str(tmp_path))
+    assert code == 2 and "eval runs in one process on one device" in _one_line_error(err)

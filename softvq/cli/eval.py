@@ -21,6 +21,7 @@ and, with pytorch-fid's weights, the Inception Score.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -94,6 +95,10 @@ def samples_report_folder(samples: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from softvq.evaluation.evaluate import EvalOptions, evaluate_samples, evaluate_tokenizer, to_markdown, write_report
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process would evaluate every image and write the same report
+        raise ValueError("eval runs in one process on one device; start it without torchrun / accelerate "
+                         "launch")
     device = resolve_device(args.device)
     if args.samples:
         if args.model or args.probe:

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = RESUME_HINTS.get(args.command)
-        print(f"softvq {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once for a launched run, not once per process
+            print(f"softvq {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     finally:
         if previous is not None:
