@@ -5,8 +5,10 @@ A shard folder holds
 * ``latents-00000.safetensors``, ... : tensors ``latents`` (N, L, D) float32 and ``labels`` (N,)
   int64, with the sample names as JSON in the file's metadata (key ``names``);
 * ``meta.json``: the tokenizer that made them, L, D, the class names, and the latent statistics
-  ``latent_mean`` / ``latent_std`` (scalars over every element of the set, float64 sums) that the
-  generator normalises with, (z − mean) / std (the release stores such scalars with each tokenizer).
+  ``latent_mean`` / ``latent_std`` (scalars over every element of the set) that the generator
+  normalises with, (z − mean) / std (the release stores such scalars with each tokenizer). Their
+  sums are exact (:func:`exact_sum`), so they come out bit for bit the same however the set was
+  split into shards, parts and interruptions.
 
 Sources: an image folder (one class per sub-folder, or a single class when the images sit
 directly in it), or random crops of the photos bundled in scikit-image / scikit-learn (one class
@@ -33,9 +35,11 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -190,8 +194,10 @@ class _Progress:
     shards: list[str] = field(default_factory=list)
     count: int = 0
     position: int = 0  # source position of the first sample not in a shard
-    total: float = 0.0  # float64 sums of the latents' elements and their squares
+    total: float = 0.0  # float64 sums of the latents' elements and their squares (runs before exact sums)
     sq_total: float = 0.0
+    exact_total: int | None = None  # the same sums, exact, in units of 2^-1074 (see exact_sum)
+    exact_sq_total: int | None = None
     elements: int = 0
     skipped: list[str] = field(default_factory=list)
     finished: bool = False
@@ -205,6 +211,29 @@ class _Progress:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"{path} is unreadable ({type(exc).__name__}); delete the folder to start over") from None
+
+
+EXACT_UNIT_BITS = 1074  # every finite float64 is an integer multiple of 2^-1074
+
+
+def exact_sum(values: np.ndarray) -> int:
+    """The exact sum of float64 ``values``, as an integer number of 2^-1074.
+
+    Float sums depend on their order and grouping; integer ones do not. So the statistics of a
+    latent set are the same whether one process wrote it in one go or several wrote it in parts,
+    with interruptions between shards."""
+    total = 0
+    for value in values.tolist():
+        if not math.isfinite(value):
+            raise ValueError(f"the tokenizer produced a non-finite latent ({value}); check its weights and inputs")
+        numerator, denominator = value.as_integer_ratio()  # the denominator is a power of two
+        total += numerator * ((1 << EXACT_UNIT_BITS) // denominator)
+    return total
+
+
+def _exact_quotient(total: int, count: int) -> float:
+    """total · 2^-1074 / count, correctly rounded."""
+    return float(Fraction(total, count << EXACT_UNIT_BITS))
 
 
 @dataclass(frozen=True)
@@ -314,7 +343,8 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
     part = _Part.of(rank, processes, source.count)
     resuming = decided_by_main_process(accelerator, lambda: _claim(out, settings))
     saved = out / part.progress_name
-    state = _Progress.load(saved) if resuming and saved.is_file() else _Progress(settings, position=part.start)
+    state = (_Progress.load(saved) if resuming and saved.is_file()
+             else _Progress(settings, position=part.start, exact_total=0, exact_sq_total=0))
     if not state.finished:
         _encode_part(tokenizer, source, out, part, state, batch_size, shard_size, progress and rank == 0)
     if processes > 1:
@@ -349,11 +379,16 @@ def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state:
         name = part.shard_name(len(state.shards))
         tensors = {"latents": latents.contiguous(), "labels": labels.contiguous()}
         atomic_write(out / name, lambda p: save_file(tensors, str(p), metadata={"names": json.dumps(names)}))
-        z = latents.double()
+        z = latents.double().reshape(len(latents), -1).numpy()
+        # each sample's sums (numpy's pairwise sum of one row: the same in any batch), then exact totals
+        sums, squares = z.sum(axis=1), (z * z).sum(axis=1)
         state.shards.append(name)
-        state.total += float(z.sum())
-        state.sq_total += float((z * z).sum())
-        state.elements += z.numel()
+        state.total += float(sums.sum())
+        state.sq_total += float(squares.sum())
+        if state.exact_total is not None:
+            state.exact_total += exact_sum(sums)
+            state.exact_sq_total += exact_sum(squares)
+        state.elements += z.size
         state.count += len(names)
         # samples already read past this shard are read again on resume, with the files skipped among them
         state.position, skipped_before = marks[-1]
@@ -413,8 +448,13 @@ def _merge_parts(out: Path, parts: list[_Part], tokenizer, tokenizer_spec: str |
     if count == 0:
         raise ValueError(f"no samples to pretokenize ({len(skipped)} unreadable file(s) skipped)")
     elements = sum(s.elements for s in states)
-    mean = sum(s.total for s in states) / elements
-    std = math.sqrt(max(sum(s.sq_total for s in states) / elements - mean * mean, 0.0))
+    if all(s.exact_total is not None for s in states):
+        mean = _exact_quotient(sum(s.exact_total for s in states), elements)
+        mean_square = _exact_quotient(sum(s.exact_sq_total for s in states), elements)
+    else:  # a run interrupted before the sums were exact
+        mean = sum(s.total for s in states) / elements
+        mean_square = sum(s.sq_total for s in states) / elements
+    std = math.sqrt(max(mean_square - mean * mean, 0.0))
     meta = {
         "format": FORMAT,
         "count": count,
