@@ -192,3 +192,26 @@ def test_a_launched_run_stopped_by_sigterm_keeps_a_checkpoint_and_resumes_exactl
     for step in (stopped + 1, target):
         assert cut[step] == pytest.approx(straight[step], rel=1e-6), step
     assert json.loads((run / "metrics.json").read_text())["step"] == target
+
+
+def test_launched_processes_log_the_unreadable_files_of_all_of_them(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    for i in range(4):  # spread over the sorted names, so that both processes meet some
+        (folder / f"{i}b.png").write_bytes(b"\x89PNG not really")
+    tree = {**TREE, "data": {"source": "folder", "path": str(folder), "workers": 0, "num_eval_images": 1},
+            "schedule": {**TREE["schedule"], "steps": 1}}  # one step: each process reads its half of a batch
+    cli_train(tree, tmp_path / "two", processes=2)
+    logged = [r["skipped_files"] for r in read_log(tmp_path / "two") if "skipped_files" in r]
+    final = json.loads((tmp_path / "two" / "metrics.json").read_text())["skipped_files"]
+    # each file once, from every process (the log counted process 0's only); those of the held-out
+    # file and of both halves of the one batch
+    assert logged[-1] == final >= 2, (logged, final)

@@ -459,7 +459,8 @@ class Trainer:
         return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
 
     def _count_skipped(self) -> int:
-        return len(self.skipped_files)
+        """Unreadable files met so far by any process, each counted once (every process calls this)."""
+        return len(set().union(*gather_objects(sorted(self.skipped_files), self.world)))
 
     # --- stopping ------------------------------------------------------------------------------
 
