@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"softvq {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from softvq.training.accelerator import first_launched_process
+
         hint = RESUME_HINTS.get(args.command)
-        if os.environ.get("RANK", "0") == "0":  # once for a launched run, not once per process
+        if first_launched_process():  # once for a launched run, not once per process
             print(f"softvq {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     finally:

@@ -15,7 +15,6 @@ config comes from the run folder unless CONFIG is given. Several processes:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -52,10 +51,12 @@ def resolve_run_dir(output: Path | None, name: str, resume: bool) -> Path:
     """``--output`` as given (refused when it holds files and we are not resuming); otherwise
     ``runs/<name>``, or ``runs/<name>-2``... when that folder already holds a run and we are not
     resuming it (results are never overwritten)."""
+    from softvq.training.accelerator import first_launched_process
+
     if output is not None:
         # Only the first process checks: under torchrun / accelerate the others may look after it
         # has begun writing the run.
-        if not resume and os.environ.get("RANK", "0") == "0" and _has_run(output):
+        if not resume and first_launched_process() and _has_run(output):
             raise FileExistsError(f"{output} is not empty; pass --resume to continue the run there, "
                                   f"or choose another --output (a new run never overwrites one)")
         return output
@@ -108,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"softvq train: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:  # stopped at once (second signal) or before training began
-        if os.environ.get("RANK", "0") == "0":
+        from softvq.training.accelerator import first_launched_process
+
+        if first_launched_process():
             saved = (run_dir / "config.yaml").is_file()
             print("softvq train: interrupted; " + (f"continue with: softvq train --resume --output {run_dir}" if saved
                                                    else "nothing was written: run the same command again"),

@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from softvq.generation.objective import GenerationObjective, ObjectiveConfig
 from softvq.generation.pretokenize import load_latents
 from softvq.resume import changed_settings
 from softvq.training.optim import param_groups
+from softvq.training.accelerator import first_launched_process
 from softvq.training.schedule import lr_factor
 
 
@@ -430,7 +430,7 @@ def run_from_args(args: dict) -> int:
     args = dict(args)
     quiet = args.pop("quiet")
     result = train_generator(GeneratorTrainConfig(**args), progress=not quiet)
-    if os.environ.get("RANK", "0") == "0":  # one result line for a launched run, not one per process
+    if first_launched_process():  # one result line for a launched run, not one per process
         print(json.dumps(result))
     return 130 if result["stopped"] else 0
 

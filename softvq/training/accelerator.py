@@ -42,6 +42,12 @@ def new_accelerator(**kwargs: Any):
     return Accelerator(**kwargs)
 
 
+def first_launched_process() -> bool:
+    """Whether this is process 0 of a ``torchrun`` / ``accelerate launch`` run (or not launched):
+    the one that speaks for all, before or without an ``Accelerator``."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def launched_accelerator(cpu: bool):
     """An ``Accelerator`` when ``torchrun`` / ``accelerate launch`` started several processes, else None
     (a command run alone keeps its own device choice and no process group)."""

@@ -265,7 +265,7 @@ class Trainer:
                     means.update(images_per_s=window_steps * cfg.schedule.batch_size / max(elapsed, 1e-9),
                                  epoch=step * cfg.schedule.batch_size / self.data.num_items if self.data.num_items else 0.0,
                                  nonfinite_steps=float(self.nonfinite_steps),
-                                 skipped_files=float(self._count_skipped()))
+                                 skipped_files=float(len(self._skipped_everywhere())))
                     self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0)
                     window.clear()
                     window_steps, window_start = 0, time.time()
@@ -458,9 +458,9 @@ class Trainer:
         torch.distributed.all_reduce(t)
         return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
 
-    def _count_skipped(self) -> int:
-        """Unreadable files met so far by any process, each counted once (every process calls this)."""
-        return len(set().union(*gather_objects(sorted(self.skipped_files), self.world)))
+    def _skipped_everywhere(self) -> list[str]:
+        """Unreadable files met so far by any process, each once (every process calls this)."""
+        return sorted(set().union(*gather_objects(sorted(self.skipped_files), self.world)))
 
     # --- stopping ------------------------------------------------------------------------------
 
@@ -480,7 +480,7 @@ class Trainer:
         """Everything needed to continue this run exactly (collective: call on every process)."""
         rng = ckpt.capture_rng()
         rngs = gather_objects(rng, self.world)
-        skipped = sorted(set().union(*gather_objects(sorted(self.skipped_files), self.world)))
+        skipped = self._skipped_everywhere()
         model_state = _cpu_copy(self.accelerator.get_state_dict(self.model))
         with self.ema.swapped_into(self.unwrapped):
             ema_state = _cpu_copy(self.accelerator.get_state_dict(self.model))
@@ -634,7 +634,7 @@ class Trainer:
         with self.ema.swapped_into(self.unwrapped):
             ema = self._heldout_reconstructions(held.images)
         self.write_grid()
-        skipped = sorted(set().union(*gather_objects(sorted(self.skipped_files), self.world)))
+        skipped = self._skipped_everywhere()
         if not self.is_main:
             return {}
         lpips = self.lpips()
