@@ -98,6 +98,12 @@ def test_a_preset_seed_is_recorded_so_decode_rebuilds_the_same_weights(tmp_path,
 def test_output_names_keep_folders_and_avoid_collisions():
     assert output_names(["x/a.jpg", "b.png"]) == ["x/a.png", "b.png"]
     assert output_names(["a.jpg", "a.png", "c.webp"]) == ["a.jpg.png", "a.png.png", "c.png"]
+    # a kept suffix can meet an input of that very name: each input still gets its own file
+    assert output_names(["b.jpg", "b.jpg.png", "b.png"]) == ["b.jpg.png", "b.jpg-1.png", "b.png.png"]
+    from pathlib import Path
+
+    from softvq.cli.reconstruct import unique_stems
+    assert unique_stems([Path("a-1.png"), Path("a.jpg"), Path("a.png")]) == ["a-1", "a", "a-2"]
 
 
 def test_encode_in_bf16_records_it_and_stays_close_to_float32(tmp_path, capsys, monkeypatch):

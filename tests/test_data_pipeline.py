@@ -235,3 +235,14 @@ def test_loader_workers_outlive_the_stop_signals_the_main_process_handles():
             os.kill(int(pid), signal.SIGTERM)
             os.kill(int(pid), signal.SIGINT)
     assert seen == list(range(40)) and len(signalled) == 2  # both workers signalled, no item lost
+
+
+def test_an_image_past_pillows_size_limit_is_an_unreadable_file_not_a_crash(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from softvq.data.images import ImageReadError, load_rgb
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: past twice the limit, a "bomb"
+    with pytest.raises(ImageReadError, match=r"big.png: too large to open safely .*MAX_IMAGE_PIXELS"):
+        load_rgb(tmp_path / "big.png")  # was a DecompressionBombError traceback in every command

@@ -88,6 +88,23 @@ def refuse_to_overwrite(paths: list[Path], fix: str) -> None:
         raise FileExistsError(f"{taken[0]} already exists{more}; {fix}")
 
 
+def make_distinct(names: list[str]) -> list[str]:
+    """``names`` with each later repeat renamed ``base-k.ext`` (k = 1, 2, ...) to a name no other
+    entry has or takes: one output file per input, never two inputs writing the same file."""
+    import os
+
+    wanted, taken, out = set(names), set(), []
+    for name in names:
+        base, ext = os.path.splitext(name)
+        candidate, k = name, 0
+        while candidate in taken or (k and candidate in wanted):
+            k += 1
+            candidate = f"{base}-{k}{ext}"
+        taken.add(candidate)
+        out.append(candidate)
+    return out
+
+
 def positive_int(text: str) -> int:
     """argparse ``type`` for counts and sizes (batch sizes, steps, image counts): 1 or more."""
     value = int(text)  # argparse turns a ValueError into "invalid positive_int value"

@@ -14,18 +14,20 @@ from pathlib import Path, PurePosixPath
 import torch
 from tqdm import tqdm
 
-from softvq.cli.common import add_model_arguments, load_tokenizer, portable_spec, positive_int, refuse_to_overwrite
+from softvq.cli.common import (add_model_arguments, load_tokenizer, make_distinct, portable_spec, positive_int,
+                               refuse_to_overwrite)
 from softvq.cli.encode import read_latents
 from softvq.data.images import to_pil
 
 
 def output_names(names: list[str]) -> list[str]:
-    """``a/b.jpg`` -> ``a/b.png``; where two names would collide the old suffix is kept (``b.jpg.png``)."""
+    """``a/b.jpg`` -> ``a/b.png``; where two names would collide the old suffix is kept (``b.jpg.png``),
+    and a name still taken (by an input called ``b.jpg.png``, say) gets a counter (``b.jpg-1.png``)."""
     plain = [str(PurePosixPath(n).with_suffix(".png")) for n in names]
     counts: dict[str, int] = {}
     for n in plain:
         counts[n] = counts.get(n, 0) + 1
-    return [p if counts[p] == 1 else f"{n}.png" for n, p in zip(names, plain)]
+    return make_distinct([p if counts[p] == 1 else f"{n}.png" for n, p in zip(names, plain)])
 
 
 def _safe_relative(name: str) -> Path:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int
+from softvq.cli.common import add_model_arguments, load_tokenizer, make_distinct, positive_int
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, bundled_photos, read_image, to_pil
 
@@ -41,14 +41,9 @@ def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
-    """File stems, made unique with a counter where two inputs share a name."""
-    seen: dict[str, int] = {}
-    stems = []
-    for path in paths:
-        n = seen.get(path.stem, 0)
-        seen[path.stem] = n + 1
-        stems.append(path.stem if n == 0 else f"{path.stem}-{n}")
-    return stems
+    """File stems, made unique with a counter where two inputs share a name (``a.png``, ``a.jpg``
+    -> ``a``, ``a-1``), also against an input whose own stem is ``a-1``."""
+    return make_distinct([path.stem for path in paths])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -37,6 +37,8 @@ def load_rgb(path: str | Path) -> Image.Image:
             return _as_rgb(img)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: {_too_large(exc)}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: not a readable image ({type(exc).__name__})") from None
 
@@ -49,8 +51,16 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return _as_rgb(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{name}: {_too_large(exc)}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{name}: not a readable image ({type(exc).__name__})") from None
+
+
+def _too_large(exc: Exception) -> str:
+    """Pillow refuses images past its decompression-bomb limit (~179 MP): say so and how to lift it."""
+    return (f"too large to open safely ({exc.args[0].split(' exceeds')[0] if exc.args else 'over the limit'}); "
+            f"if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS")
 
 
 def _as_rgb(img: Image.Image) -> Image.Image:
