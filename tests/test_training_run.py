@@ -316,3 +316,18 @@ def test_a_resumed_restart_uses_the_initial_weights_and_config_comes_first(tmp_p
     Trainer(cfg, tmp_path / "restart", resume=True).fit()
     fresh, restarted = exported(tmp_path / "fresh"), exported(tmp_path / "restart")
     assert all(torch.equal(fresh[k], restarted[k]) for k in fresh)  # run.init_from was applied on restart too
+
+
+def test_a_trainer_in_a_notebook_gives_back_ctrl_c_and_refuses_what_would_mix_runs(tmp_path):
+    cfg = config_from_dict(tiny_tree())
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(cfg, tmp_path / "a", objective_factory=factory(crash_at=4)).fit()
+    assert signal.getsignal(signal.SIGINT) is before  # an error other than Ctrl-C left the handler installed
+    with pytest.raises(FileExistsError, match="already holds a run's checkpoints: pass resume=True"):
+        Trainer(cfg, tmp_path / "a")  # started over silently, mixing two runs' checkpoints
+    trainer = Trainer(cfg, tmp_path / "a", resume=True)
+    assert trainer.fit().status == "finished"
+    with pytest.raises(RuntimeError, match=r"runs fit\(\) once; .*resume=True"):
+        trainer.fit()  # crashed on the closed log
+    assert signal.getsignal(signal.SIGINT) is before

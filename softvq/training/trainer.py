@@ -149,6 +149,9 @@ class Trainer:
         # Identical initialisation on every process; afterwards each process draws its own
         # randomness (augmentations inside the loss) from seed + rank.
         self.pending_notes: list[str] = []  # said once the logger exists
+        if not resume and ckpt.list_checkpoints(self.run_dir):
+            raise FileExistsError(f"{self.run_dir} already holds a run's checkpoints: pass resume=True to continue it, "
+                                  f"or choose another folder (a new run never overwrites one)")
         checkpoint = self._checkpoint_to_resume(resume) if resume else None
         _seed_everything(sched.seed)
         self.tokenizer = Tokenizer(config.model)
@@ -193,6 +196,7 @@ class Trainer:
         self.checkpoint_step = 0  # the step of last_checkpoint
         self._stop = StopRequests()  # fit() installs the real one
         self._mid_step = False  # True while a step updates weights, optimizer and EMA
+        self._fitted = False
         resume_state = self._load_resume(checkpoint, explicit=resume is not True) if checkpoint else None
 
         self.data, self.heldout = build_data(
@@ -215,6 +219,10 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to ``schedule.steps`` (or until the time limit or a stop signal), then write the
         final checkpoint, export the EMA weights, a last grid and ``metrics.json``."""
+        if self._fitted:
+            raise RuntimeError("a Trainer runs fit() once; to continue its run, make a new "
+                               "Trainer(config, run_dir, resume=True)")
+        self._fitted = True
         cfg, run = self.cfg, self.cfg.run
         export = self.run_dir / EXPORT_NAME
         finished = self._outputs_of_this_step() if self.step >= cfg.schedule.steps else None
@@ -276,6 +284,10 @@ class Trainer:
         except KeyboardInterrupt:
             status = "interrupted"
             at_once = True
+        except BaseException:  # any other error: give the notebook its Ctrl-C back, close the log
+            self._stop.restore()
+            self.logger.close()
+            raise
         else:
             at_once = False
         finally:
