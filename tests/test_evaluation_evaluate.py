@@ -115,6 +115,9 @@ def test_report_of_a_real_tokenizer_is_consistent_with_direct_computation(tmp_pa
     assert f"| encoder GMACs / image | {report['encoder_gmacs']:.3g} |" in table  # not 0.01 for a tiny model
     assert report["compute_precision"] == "fp32" and table.startswith("### tiny on 2 images at 64 px\n")
 
+    model.train()
+    assert evaluate_tokenizer(model, tmp_path / "imgs", options)["psnr"] == report["psnr"]  # evaluated in eval mode
+    assert model.training  # and given back in the mode it came in
     mixed = evaluate_tokenizer(model.enable_autocast("bf16"), tmp_path / "imgs", options, model_name="tiny")
     assert mixed["compute_precision"] == "bf16"
     assert to_markdown(mixed).startswith("### tiny on 2 images at 64 px, bf16\n")

@@ -39,8 +39,13 @@ def test_pretokenize_writes_shards_and_exact_statistics(tmp_path):
 
     exact = sum(Fraction(v) for v in z.flatten().tolist()) / z.numel()  # the mean in exact arithmetic
     assert data.mean == float(exact)
-    other = pretokenize(tok, source(), tmp_path / "other", batch_size=3, shard_size=5, progress=False)
+    used = source()
+    tok.train()
+    other = pretokenize(tok, used, tmp_path / "other", batch_size=3, shard_size=5, progress=False)
     assert (other.latent_mean, other.latent_std) == (result.latent_mean, result.latent_std)  # any shard split
+    assert tok.training  # given back in the mode it came in (it was left in eval mode)
+    with pytest.raises(ValueError, match="served an earlier pretokenize; make a new one"):
+        pretokenize(tok, used, tmp_path / "third", progress=False)  # was "no samples to pretokenize"
     images = torch.stack([s[0] for s in source().samples])
     assert torch.allclose(data.latents, tok.encode(images).latents, atol=1e-5)
     with pytest.raises(FileExistsError):

@@ -256,10 +256,9 @@ def evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpti
 
     ``state_file``: where the running sums are saved every ``save_every_s`` seconds, and read back
     to continue an interrupted evaluation of the same weights, images and options (a different
-    one is refused by name); it is removed once the report is complete.
+    one is refused by name); it is removed once the report is complete. ``model`` is moved to
+    ``device`` and evaluated in eval mode, then given back in the mode it came in.
     """
-    from tqdm.auto import tqdm
-
     options = options or EvalOptions()
     if not isinstance(options, EvalOptions):
         raise TypeError(f"options must be an EvalOptions, got {type(options).__name__}; e.g. EvalOptions(num_images=500)")
@@ -267,7 +266,18 @@ def evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpti
         raise TypeError(f"model must be a softvq.Tokenizer, got {type(model).__name__}; load a folder with "
                         f"softvq.Tokenizer.from_pretrained")
     device = torch.device(device)
-    model = model.to(device).eval()
+    was_training = model.training
+    try:
+        return _evaluate_tokenizer(model.to(device).eval(), source, options, device, model_name, state_file,
+                                   save_every_s)
+    finally:
+        model.train(was_training)  # the caller's model comes back in the mode it was given
+
+
+def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOptions, device: torch.device,
+                        model_name: str | None, state_file: str | Path | None, save_every_s: float) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     size = options.image_size or model.config.image_size
     refs, files, root = list_image_refs(source, options.num_images)
     n = len(refs)

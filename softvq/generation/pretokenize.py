@@ -69,6 +69,8 @@ class LatentSource:
     ``identity`` (JSON-able, what makes its samples: a resumed run must have the same) and
     ``resume_from(start, stop=None)``, the samples from source position ``start`` up to ``stop``;
     positions count every item, unreadable files included, in ``samples``' order.
+
+    A source serves one :func:`pretokenize` call (``samples`` is read once, ``skipped`` filled once).
     """
 
     samples: Iterable[Sample]
@@ -77,6 +79,7 @@ class LatentSource:
     skipped: list[str] = field(default_factory=list)  # unreadable files, filled while iterating
     identity: dict[str, Any] | None = None
     resume_from: Callable[..., Iterable[Sample]] | None = None
+    used: bool = False  # set by pretokenize
 
 
 class _DecodedImages(torch.utils.data.Dataset):
@@ -326,15 +329,28 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
     each encodes its contiguous part of the source; every process must call this, and each gets
     the result of the whole run.
     """
-    from softvq.training.accelerator import decided_by_main_process
-
     if shard_size < 1 or batch_size < 1:
         raise ValueError("batch_size and shard_size must be positive")
     rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     if processes > 1 and source.resume_from is None:
         raise ValueError("this source cannot be split between processes (it has no resume_from); run one process")
+    if source.used:  # its samples were read and its skipped files counted by an earlier call
+        raise ValueError("this LatentSource served an earlier pretokenize; make a new one (folder_source(...) or "
+                         "bundled_source(...)) for each call")
     out = Path(out_dir)
-    tokenizer = tokenizer.eval()
+    was_training = tokenizer.training
+    try:
+        return _pretokenize(tokenizer.eval(), source, out, tokenizer_spec, batch_size, shard_size, progress,
+                            accelerator, rank, processes)
+    finally:
+        tokenizer.train(was_training)  # the caller's model comes back in the mode it was given
+
+
+def _pretokenize(tokenizer: "Tokenizer", source: LatentSource, out: Path, tokenizer_spec: str | None,
+                 batch_size: int, shard_size: int, progress: bool, accelerator: "Accelerator | None",
+                 rank: int, processes: int) -> PretokenizeResult:
+    from softvq.training.accelerator import decided_by_main_process
+
     settings = {"source": source.identity, "count": source.count, "tokenizer": tokenizer_spec,
                 "latent_shape": [tokenizer.num_tokens, tokenizer.latent_dim], "precision": tokenizer.precision,
                 "shard_size": shard_size, "processes": processes,
@@ -346,6 +362,7 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
     state = (_Progress.load(saved) if resuming and saved.is_file()
              else _Progress(settings, position=part.start, exact_total=0, exact_sq_total=0))
     if not state.finished:
+        source.used = True
         _encode_part(tokenizer, source, out, part, state, batch_size, shard_size, progress and rank == 0)
     if processes > 1:
         accelerator.wait_for_everyone()
