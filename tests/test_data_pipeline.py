@@ -246,3 +246,30 @@ def test_an_image_past_pillows_size_limit_is_an_unreadable_file_not_a_crash(tmp_
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: past twice the limit, a "bomb"
     with pytest.raises(ImageReadError, match=r"big.png: too large to open safely .*MAX_IMAGE_PIXELS"):
         load_rgb(tmp_path / "big.png")  # was a DecompressionBombError traceback in every command
+
+
+def test_every_command_lists_the_same_images_and_classes(tmp_path):
+    """Hidden files and folders are never images or classes, a symlinked class folder is followed,
+    a folder reached twice (or a symlink loop) is read once: for training, encoding, eval and plots."""
+    import os
+
+    from PIL import Image
+
+    from softvq.data.folder import scan_folder
+    from softvq.data.images import images_by_class, list_images
+
+    for cls in ("cats", "dogs"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / cls / "a.png")
+    (tmp_path / "data" / ".hidden_dir").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / ".hidden_dir" / "x.png")
+    (tmp_path / "data" / "cats" / "._a.png").write_bytes(b"macOS resource fork")
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "b.png")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "linked")  # a class folder linked in
+    os.symlink(tmp_path / "data" / "cats", tmp_path / "data" / "cats" / "loop")  # a loop
+    data = tmp_path / "data"
+    names = [p.relative_to(data).as_posix() for p in list_images(data)]
+    assert names == ["cats/a.png", "dogs/a.png", "linked/b.png"]
+    assert [p.relative_to(data).as_posix() for p in scan_folder(data)[0]] == names
+    assert list(images_by_class(data)[0]) == ["cats", "dogs", "linked"]

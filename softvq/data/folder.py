@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb, require_folder, to_tensor
+from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb, require_folder, to_tensor, walk_files
 from softvq.data.transforms import random_crop, random_flip, sample_rng
 
 Sample = tuple[torch.Tensor, list[str]]
@@ -27,7 +27,7 @@ def scan_folder(folder: str | Path, fix: str = "set data.path to a folder of ima
     that named the folder.
     """
     folder = require_folder(folder, fix)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = walk_files(folder)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if not images:

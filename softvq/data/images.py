@@ -7,6 +7,7 @@ grayscale / RGBA / palette / CMYK images become RGB; unreadable files raise
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -134,11 +135,43 @@ def require_folder(folder: str | Path, fix: str | None = None) -> Path:
     return folder
 
 
+def walk_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """Every visible file under ``folder``, sorted: the one listing every command reads folders with.
+
+    Hidden names (``.DS_Store``, macOS ``._photo.jpg``, ``.git/``, a ``.cache/`` folder) are left
+    out wherever they sit, so no command counts them as images or classes. Symlinked folders are
+    followed (class folders linked into an ImageNet subset, say), each real folder once, so a
+    symlink loop ends.
+    """
+    seen: set[str] = set()
+    files: list[Path] = []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a loop, or a folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        files += [Path(top) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(top, n))]
+    return sorted(files)
+
+
 def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` by suffix, sorted for a deterministic order."""
+    """Image files under ``folder`` by suffix (see :func:`walk_files`), sorted for a deterministic order."""
     folder = require_folder(folder)
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return [p for p in walk_files(folder, recursive) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def images_by_class(folder: str | Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """({first-level sub-folder: its images, recursively}, images directly in ``folder``), by
+    :func:`list_images`, so every command that reads classes sees the same ones."""
+    folder = require_folder(folder)
+    classes: dict[str, list[Path]] = {}
+    loose: list[Path] = []
+    for path in list_images(folder):
+        parts = path.relative_to(folder).parts
+        (classes.setdefault(parts[0], []) if len(parts) > 1 else loose).append(path)
+    return dict(sorted(classes.items())), loose
 
 
 # Colour photographs that ship inside always-installable wheels (CC0 / public domain in

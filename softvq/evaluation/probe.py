@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from softvq.data.images import ImageReadError, center_crop_resize, list_images, load_rgb, to_tensor
+from softvq.data.images import ImageReadError, center_crop_resize, images_by_class, load_rgb, to_tensor
 
 
 class Lamb(torch.optim.Optimizer):
@@ -180,15 +180,14 @@ def labelled_images(folder: str | Path) -> tuple[list[Path], Tensor, list[str]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"labelled image folder {folder} does not exist")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and list_images(d))
-    if len(classes) < 2:
-        raise ValueError(f"{folder} needs at least two class sub-folders with images, found {len(classes)}")
+    by_class = images_by_class(folder)[0]
+    if len(by_class) < 2:
+        raise ValueError(f"{folder} needs at least two class sub-folders with images, found {len(by_class)}")
     paths, labels = [], []
-    for c, name in enumerate(classes):
-        files = list_images(folder / name)
+    for c, files in enumerate(by_class.values()):
         paths += files
         labels += [c] * len(files)
-    return paths, torch.tensor(labels), classes
+    return paths, torch.tensor(labels), list(by_class)
 
 
 @torch.inference_mode()

@@ -116,7 +116,7 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
     """
     from PIL import Image
 
-    from softvq.data.images import ImageReadError, bundled_photos, center_crop_resize, list_images, load_rgb
+    from softvq.data.images import ImageReadError, bundled_photos, center_crop_resize, images_by_class, load_rgb
 
     rng = random.Random(seed)
     pils: list[Image.Image] = []
@@ -152,15 +152,14 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
                 labels.append(c)
     else:
         folder = Path(images)
-        classes = sorted(d for d in folder.iterdir() if d.is_dir() and list_images(d)) if folder.is_dir() else []
-        if classes:
-            classes = classes[:max_classes]
-            names = [d.name for d in classes]
-            for c, d in enumerate(classes):
-                add_readable(list_images(d), per_class, c)
+        by_class, loose = images_by_class(folder)
+        if by_class:
+            names = list(by_class)[:max_classes]
+            for c, name in enumerate(names):
+                add_readable(by_class[name], per_class, c)
         else:
             names = [folder.name]
-            add_readable(list_images(folder), per_class * max_classes, 0)
+            add_readable(loose, per_class * max_classes, 0)
     if skipped:
         log(f"skipped {len(skipped)} unreadable image file(s) for the pictures, e.g. {skipped[0]}")
     if not pils:
