@@ -217,7 +217,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     (and ``"already_finished": True``, with no losses, when the run had already reached ``steps``).
 
     The first Ctrl-C or SIGTERM finishes the step, writes a checkpoint and returns with
-    ``stopped`` True, ``steps`` the step reached and no export; calling again continues.
+    ``stopped`` True, ``steps`` the step reached and no export; calling again continues. It seeds
+    torch's global random generator from ``seed`` (so that a run repeats exactly).
     """
     from tqdm.auto import tqdm
 

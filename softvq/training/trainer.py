@@ -123,6 +123,11 @@ class Trainer:
         objective_factory: ``(config, tokenizer) -> objective`` (default: the paper's
             ``TokenizerObjective``); lets tests substitute a cheaper loss.
 
+    Constructing one seeds Python's, NumPy's and torch's global random generators from
+    ``schedule.seed`` (so that a run repeats exactly), creates ``run_dir`` with ``config.yaml`` and
+    opens its log; ``fit()`` runs once and closes the log. A folder that already holds checkpoints
+    needs ``resume``.
+
     In your own multi-process script, call ``torch.distributed.destroy_process_group()`` once
     training is done (``softvq train`` does): a gloo group left alive at exit can abort the
     finished process.
