@@ -166,6 +166,14 @@ def test_webdataset_shards_give_the_same_images_as_a_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_image_refs(str(tmp_path / "val-{000..001}.tar"))
 
+    # a truncated shard is read up to the damage, and the damage is one skipped, named item, as in
+    # training (it ended the whole evaluation)
+    whole = shard.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[:refs[1].offset + 100])  # inside the second image
+    report = evaluate_tokenizer(tiny(), cut, options)
+    assert report["num_images"] == 1 and report["skipped_images"] >= 1
+    assert any("cut.tar:" in note and "unreadable" in note for note in report["notes"])
 
 def test_cli_eval_on_a_run_folder_writes_json_and_markdown(tmp_path, capsys):
     write_photos(tmp_path / "imgs", 2)
