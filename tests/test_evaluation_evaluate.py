@@ -166,6 +166,19 @@ def test_webdataset_shards_give_the_same_images_as_a_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_image_refs(str(tmp_path / "val-{000..001}.tar"))
 
+    # one image per webdataset sample, the one training reads: keys end at the name's first dot
+    odd = tmp_path / "odd.tar"
+    with tarfile.open(odd, "w") as tar:
+        for name, path in (("photo.bmp", paths[0]), ("photo.png", paths[1]), ("a/1.v2.png", paths[2]),
+                           ("readme.md", None), ("b.jpg", paths[2])):
+            data = path.read_bytes() if path else b"text"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert [r.member for r in list_image_refs(odd)[0]] == ["photo.png", "b.jpg"]
+    from softvq.data.shards import image_members
+    assert image_members(["photo.bmp", "photo.png", "a/1.v2.png", "readme.md", "b.jpg"]) == ["photo.png", "b.jpg"]
+
     # a truncated shard is read up to the damage, and the damage is one skipped, named item, as in
     # training (it ended the whole evaluation)
     whole = shard.read_bytes()

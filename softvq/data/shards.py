@@ -1,7 +1,9 @@
 """WebDataset tar shards for ImageNet-scale training.
 
-Each shard is a tar of samples ``<key>.<ext>``; the first member with an image extension is the
-image (``jpg``, ``jpeg``, ``png``, ``webp``, ...; other members such as ``cls`` are ignored).
+Each shard is a tar of samples ``<key>.<ext>`` (the extension starts at the file name's first
+dot, as webdataset reads it); a sample's image is its member whose extension comes first in
+``png, jpg, jpeg, bmp, gif, webp, tif, tiff, ppm, pgm`` (other members such as ``cls`` are
+ignored). ``softvq eval`` reads shards the same way (:func:`image_members`).
 Shards are listed from a brace pattern (``/data/train-{000000..001023}.tar``), re-shuffled every
 epoch from the run seed, and split between processes and DataLoader workers, so every image is
 seen once per epoch. Unreadable samples are skipped and reported with the batch, like
@@ -19,6 +21,7 @@ worker count) a resumed stream starts a fresh epoch order instead.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,6 +32,26 @@ from softvq.data.images import IMAGE_SUFFIXES, decode_rgb, to_tensor
 from softvq.data.transforms import random_crop, random_flip
 
 _IMAGE_KEYS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
+# webdataset's split of a member name into sample key and extension: the extension starts at the
+# first dot of the file name ("a/0001.cls" -> key "a/0001", extension "cls")
+_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def image_members(names: list[str]) -> list[str]:
+    """The member that is each sample's image, in tar order: members grouped by sample key as
+    webdataset groups them, and per sample the first of :data:`_IMAGE_KEYS` present, as the
+    training stream picks it. Evaluation uses this too, so both read the same images."""
+    by_key: dict[str, dict[str, str]] = {}
+    for name in names:
+        match = _KEY_AND_EXTENSION.match(name)
+        if match:
+            by_key.setdefault(match.group(1), {})[match.group(2).lower()] = name
+    chosen = []
+    for members in by_key.values():
+        ext = next((k for k in _IMAGE_KEYS if k in members), None)
+        if ext is not None:
+            chosen.append(members[ext])
+    return chosen
 
 
 def expand_shards(pattern: str) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, center_crop_resize, decode_rgb, list_images, load_rgb
+from softvq.data.shards import image_members
 from softvq.data.workers import ignore_stop_signals, stack_readable
 
 
@@ -76,7 +77,8 @@ def _shard_members(shard: Path) -> list[ImageRef]:
     members read before the damage, and one more ref for the rest, which reads as unreadable: so
     the damage is named, skipped and counted like a corrupt image, as training does, instead of
     ending the evaluation."""
-    refs: list[ImageRef] = []
+    members: dict[str, tarfile.TarInfo] = {}
+    damage = None
     try:
         try:
             tar, plain = tarfile.open(shard, "r:"), True  # uncompressed: byte ranges are valid
@@ -84,11 +86,14 @@ def _shard_members(shard: Path) -> list[ImageRef]:
             tar, plain = tarfile.open(shard, "r:*"), False
         with tar:
             for m in tar:
-                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
-                    refs.append(ImageRef(shard, m.name, m.offset_data if plain else None, m.size if plain else None))
+                if m.isfile():
+                    members[m.name] = m
     except (OSError, EOFError, tarfile.TarError) as exc:
-        refs.append(ImageRef(shard, f"(the rest of the shard: {type(exc).__name__})"))
-    return refs
+        damage = ImageRef(shard, f"(the rest of the shard: {type(exc).__name__})")
+    # one image per sample, the one training reads (webdataset's keys; see image_members)
+    refs = [ImageRef(shard, m.name, m.offset_data if plain else None, m.size if plain else None)
+            for m in (members[name] for name in image_members(list(members)))]
+    return refs + ([damage] if damage else [])
 
 
 def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[ImageRef], list[Path], Path | None]:
