@@ -195,7 +195,8 @@ class Tokenizer(nn.Module):
         generative decoder (WeTok Sec. 3.3), the starting point of its second training stage.
 
         The new input weights are zero, so the copy decodes exactly like this tokenizer until it
-        is trained (``run.init_from`` does the same when training from a stage-1 export).
+        is trained (``run.init_from`` does the same when training from a stage-1 export). It keeps
+        this tokenizer's mode, device, dtype, slicing and compute precision.
         """
         if noise_dim <= self.config.decoder_noise_dim:
             raise ValueError(f"noise_dim must exceed the current decoder_noise_dim "
@@ -204,6 +205,7 @@ class Tokenizer(nn.Module):
         weight = self.from_latent.weight
         widened = Tokenizer(config).to(device=weight.device, dtype=weight.dtype)
         widened.load_weights_of(self, str(getattr(self, "source", "this tokenizer")))
+        widened.slice_size, widened.compute_dtype = self.slice_size, self.compute_dtype
         return widened.train(self.training)
 
     def load_weights_of(self, other: "Tokenizer", source: str) -> "Tokenizer":

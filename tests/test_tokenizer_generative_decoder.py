@@ -46,6 +46,9 @@ def test_stage_two_starts_as_the_stage_one_decoder(stage1):
     # Everything else is the stage-1 model, value for value.
     old = stage1.state_dict()
     assert all(torch.equal(v, old[k]) for k, v in stage2.state_dict().items() if k != "from_latent.weight")
+    # ... and it is used the same way: slicing and compute precision carry over (they were dropped)
+    sliced = stage1.enable_slicing(2).enable_autocast("bf16").with_generative_decoder(NOISE)
+    assert (sliced.slice_size, sliced.precision) == (2, "bf16")
 
 
 def test_trained_noise_weights_make_decoding_stochastic_and_seedable(stage1):
