@@ -255,6 +255,14 @@ def test_reads_tau_and_latent_statistics_from_config_json(tmp_path):
     assert float(model.bottleneck.temperature) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("field, value", [("tau", None), ("vq_mean", None), ("vq_std", "x")])
+def test_a_config_json_number_that_is_not_one_is_named(tmp_path, field, value):
+    folder, _, config = tiny_release(tmp_path, 1)
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(CheckpointError, match=f"config.json: {field} must be a number, got {json.dumps(value)}"):
+        load_official(folder)  # a null was a TypeError traceback; a string named neither file nor field
+
+
 def test_lists_the_keys_it_ignores(tmp_path):
     folder, _, _ = tiny_release(tmp_path, 1)
     model = load_official(folder)

@@ -168,7 +168,8 @@ def read_official_config(folder: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{file} does not hold a JSON object")
     if meta.get("format") == "softvq-tokenizer":
-        raise CheckpointError(f"{folder} is already in softvq's own format; load it with Tokenizer.from_pretrained")
+        raise CheckpointError(f"{folder} is already in softvq's own format: load it with Tokenizer.from_pretrained "
+                              f"(on the command line, drop the official: prefix)")
     flat = dict(meta)
     if isinstance(meta.get("config"), dict):
         flat.update(meta["config"])
@@ -215,7 +216,7 @@ def infer_config(
     if official.get("codebook_l2_norm") is False:
         raise CheckpointError("this release was trained without codebook_l2_norm; only the cosine "
                               "(l2-normalised) SoftVQ of the released models is supported")
-    tau = float(official.get("tau", RELEASED_TAU))
+    tau = _number(official, "tau", RELEASED_TAU)
     image_size = side * patch
     if "image_size" in official and int(official["image_size"]) != image_size:
         log.warning("config.json says image_size %s but the position embeddings are for %d px; using %d",
@@ -321,8 +322,16 @@ def load_official(
                  len(converted.ignored), ", ".join(_summarise(converted.ignored)))
     for name, ours in (("vq_mean", "latent_mean"), ("vq_std", "latent_std")):
         if name in official:
-            setattr(model, ours, float(official[name]))
+            setattr(model, ours, _number(official, name))
     return model.to(map_location).eval()
+
+
+def _number(official: dict[str, Any], key: str, default: float | None = None) -> float:
+    """``config.json``'s ``key`` as a float, or a one-line error that names the field."""
+    value = official.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{CONFIG_NAME}: {key} must be a number, got {json.dumps(value)}; fix or remove it")
+    return float(value)
 
 
 def _summarise(keys: list[str]) -> list[str]:
