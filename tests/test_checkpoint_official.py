@@ -284,6 +284,14 @@ def test_missing_key_is_named_in_the_release_spelling(tmp_path, drop):
         load_official(folder)
 
 
+def test_a_mis_shaped_key_is_named_in_the_release_spelling(tmp_path):
+    folder, state, config = tiny_release(tmp_path, 1)
+    state["post_quant_conv.weight"] = state["post_quant_conv.weight"][:, :2].contiguous()
+    write_release(folder, state, config)
+    with pytest.raises(CheckpointError, match=r"shape mismatches post_quant_conv[.]weight: file \(192, 2\)"):
+        load_official(folder)  # it said from_latent.weight, a name the user's file does not have
+
+
 @pytest.mark.parametrize("extra", ["encoder.model.blocks.0.attn.q_norm.weight", "discriminator.head.weight"])
 def test_unexpected_key_is_named(tmp_path, extra):
     folder, state, config = tiny_release(tmp_path, 1)

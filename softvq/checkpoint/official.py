@@ -315,7 +315,7 @@ def load_official(
         names = [official_key(k) for k in missing]
         shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
         raise CheckpointError(f"{folder / WEIGHTS_NAME} is missing needed key(s) {shown}")
-    load_strict(model, converted.state, f"{folder / WEIGHTS_NAME} (converted)")
+    load_strict(model, converted.state, str(folder / WEIGHTS_NAME), spelling=official_key)
     model.ignored_keys = converted.ignored
     if converted.ignored:
         log.info("ignored %d release key(s) not needed to encode or decode: %s",

@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -140,12 +141,14 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file {file} is corrupt or unreadable ({type(exc).__name__})") from None
 
 
-def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True) with an error that names missing/unexpected/mis-shaped keys."""
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                spelling: Callable[[str], str] = str) -> None:
+    """load_state_dict(strict=True) with an error that names missing/unexpected/mis-shaped keys,
+    each as ``spelling`` writes it (the release's own names for a converted release)."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+    missing = sorted(spelling(k) for k in set(own) - set(state))
+    unexpected = sorted(spelling(k) for k in set(state) - set(own))
+    shapes = [f"{spelling(k)}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         parts = []
