@@ -363,3 +363,19 @@ def test_inferred_config_of_each_release_equals_our_preset(name):
                              books=4, codewords=8192)
     state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     assert infer_config(state, {"tau": 0.07}).to_dict() == preset(name).to_dict()
+
+
+def test_a_release_cut_after_a_block_is_flagged(caplog):
+    """Depth comes from the highest block number: a file missing S's last encoder block would
+    load as an 11-block model, so the mismatch with the released shape is said."""
+    shapes = released_shapes(enc=(384, 11), dec=(384, 12), image=32, patch=16, tokens=4, dim=4, books=1,
+                             codewords=8)
+    state = {k: torch.zeros(s) for k, s in shapes.items()}
+    with caplog.at_level("WARNING"):
+        config = infer_config(state)
+    assert config.encoder.depth == 11
+    assert "encoder depth 11 and decoder depth 12, but the released model of these widths has 12 and 12" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        infer_config(random_released_state(released_shapes(**TINY, books=1)))
+    assert "is the file complete" not in caplog.text  # widths of no release: nothing to compare with

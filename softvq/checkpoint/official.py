@@ -221,13 +221,15 @@ def infer_config(
     if "image_size" in official and int(official["image_size"]) != image_size:
         log.warning("config.json says image_size %s but the position embeddings are for %d px; using %d",
                     official["image_size"], image_size, image_size)
+    encoder, decoder = _vit(state, "encoder", enc_width, encoder_heads), _vit(state, "decoder", dec_width, decoder_heads)
+    _warn_if_short_of_a_release(encoder, decoder)
     return TokenizerConfig(
         image_size=image_size,
         patch_size=patch,
         num_tokens=num_tokens,
         in_channels=in_channels,
-        encoder=_vit(state, "encoder", enc_width, encoder_heads),
-        decoder=_vit(state, "decoder", dec_width, decoder_heads),
+        encoder=encoder,
+        decoder=decoder,
         bottleneck=BottleneckConfig(
             kind="softvq",
             latent_dim=latent_dim,
@@ -239,6 +241,22 @@ def infer_config(
             segments=book.shape[0],
         ),
     ).validate()
+
+
+# (encoder width, depth), (decoder width, depth) of the released S, B, BL and L models
+RELEASED_SHAPES = (((384, 12), (384, 12)), ((768, 12), (768, 12)), ((768, 12), (1024, 24)), ((1024, 24), (1024, 24)))
+
+
+def _warn_if_short_of_a_release(encoder: "ViTConfig", decoder: "ViTConfig") -> None:
+    """Depth is read from the highest block number, so a file cut after its last block would load
+    as a shallower model; where the widths are a release's but a depth is not, say so."""
+    shape = ((encoder.width, encoder.depth), (decoder.width, decoder.depth))
+    for released in RELEASED_SHAPES:
+        widths_match = (released[0][0], released[1][0]) == (encoder.width, decoder.width)
+        if widths_match and released != shape:
+            log.warning("the file's blocks give encoder depth %d and decoder depth %d, but the released model of "
+                        "these widths has %d and %d: is the file complete?", encoder.depth, decoder.depth,
+                        released[0][1], released[1][1])
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> ConvertedState:
