@@ -328,3 +328,8 @@ def test_eval_under_a_launcher_is_refused_instead_of_run_once_per_process(tmp_pa
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun --nproc_per_node 2: each process evaluated every image
     code, _, err = _run(capsys, "eval", "--model", "softvq-tiny", "--images", str(tmp_path))
     assert code == 2 and "eval runs in one process on one device" in _one_line_error(err)
+
+
+def test_official_prefix_without_a_release_is_named(capsys):
+    code, _, err = _run(capsys, "info", "official:")
+    assert code == 2 and "official: needs a release folder or hub id after it" in _one_line_error(err)

@@ -165,6 +165,9 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                   f"until it is trained (pass --model with a checkpoint)", file=sys.stderr)
     elif spec.startswith(OFFICIAL_PREFIX):
         target = spec[len(OFFICIAL_PREFIX):]
+        if not target.strip():  # it read the current folder and said two confusing things
+            raise ValueError(f"{OFFICIAL_PREFIX} needs a release folder or hub id after it, e.g. "
+                             f"{OFFICIAL_PREFIX}SoftVQVAE/softvq-b-64")
         model = Tokenizer.from_official(target)
         model.source = f"released SoftVQ-VAE checkpoint {target}"
     else:
