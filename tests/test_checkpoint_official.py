@@ -379,3 +379,13 @@ def test_a_release_cut_after_a_block_is_flagged(caplog):
     with caplog.at_level("WARNING"):
         infer_config(random_released_state(released_shapes(**TINY, books=1)))
     assert "is the file complete" not in caplog.text  # widths of no release: nothing to compare with
+
+
+def test_config_json_shapes_that_contradict_the_weights_are_said(tmp_path, caplog):
+    folder, _, config = tiny_release(tmp_path, 1)
+    (folder / "config.json").write_text(json.dumps({**config, "codebook_size": 16384, "num_latent_tokens": 32}))
+    with caplog.at_level("WARNING"):
+        model = load_official(folder)
+    assert model.config.bottleneck.codebook_size == 16 and model.num_tokens == 8  # the weights decide
+    assert "config.json says codebook_size 16384 but the weights have 16" in caplog.text
+    assert "config.json says num_latent_tokens 32 but the weights have 8" in caplog.text

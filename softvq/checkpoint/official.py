@@ -218,6 +218,12 @@ def infer_config(
                               "(l2-normalised) SoftVQ of the released models is supported")
     tau = _number(official, "tau", RELEASED_TAU)
     image_size = side * patch
+    # config.json's own account of the shapes: the tensors decide, a disagreement is said
+    for field, from_tensors in (("num_latent_tokens", num_tokens), ("codebook_embed_dim", latent_dim),
+                                ("codebook_size", book.shape[1]), ("num_codebooks", book.shape[0])):
+        if field in official and official[field] != from_tensors:
+            log.warning("config.json says %s %s but the weights have %s; using the weights'", field,
+                        official[field], from_tensors)
     if "image_size" in official and int(official["image_size"]) != image_size:
         log.warning("config.json says image_size %s but the position embeddings are for %d px; using %d",
                     official["image_size"], image_size, image_size)
