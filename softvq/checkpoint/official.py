@@ -219,11 +219,11 @@ def infer_config(
     tau = _number(official, "tau", RELEASED_TAU)
     image_size = side * patch
     # config.json's own account of the shapes: the tensors decide, a disagreement is said
-    for field, from_tensors in (("num_latent_tokens", num_tokens), ("codebook_embed_dim", latent_dim),
-                                ("codebook_size", book.shape[1]), ("num_codebooks", book.shape[0])):
-        if field in official and official[field] != from_tensors:
-            log.warning("config.json says %s %s but the weights have %s; using the weights'", field,
-                        official[field], from_tensors)
+    for name, from_tensors in (("num_latent_tokens", num_tokens), ("codebook_embed_dim", latent_dim),
+                               ("codebook_size", book.shape[1]), ("num_codebooks", book.shape[0])):
+        if name in official and official[name] != from_tensors:
+            log.warning("config.json says %s %s but the weights have %s; using the weights'", name,
+                        official[name], from_tensors)
     if "image_size" in official and int(official["image_size"]) != image_size:
         log.warning("config.json says image_size %s but the position embeddings are for %d px; using %d",
                     official["image_size"], image_size, image_size)
