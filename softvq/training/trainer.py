@@ -275,8 +275,9 @@ class Trainer:
                     elapsed = time.time() - window_start
                     # the only place logged tensors are read back (one sync per log step)
                     means = self._reduce_means({k: float(v) / window_steps for k, v in window.items()})
+                    if self.data.num_items:  # shards do not say how many images an epoch holds: no epoch then
+                        means["epoch"] = step * cfg.schedule.batch_size / self.data.num_items
                     means.update(images_per_s=window_steps * cfg.schedule.batch_size / max(elapsed, 1e-9),
-                                 epoch=step * cfg.schedule.batch_size / self.data.num_items if self.data.num_items else 0.0,
                                  nonfinite_steps=float(self.nonfinite_steps),
                                  skipped_files=float(len(self._skipped_everywhere())))
                     self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0)
