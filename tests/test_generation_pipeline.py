@@ -162,6 +162,7 @@ def test_bench_gen_prints_flops_beside_the_paper(capsys):
     assert "14.50" in row and "14.52" in row  # ours (linear layers) beside Tab. 1
     mar = next(line for line in lines if line.startswith("MAR-H") and "SoftVQ-BL" in line)
     assert "86.33" in mar and "86.55" in mar  # MAR-H on 64 tokens beside Tab. 1
+    assert lines[0].startswith("generator efficiency (GMACs only, nothing timed)")  # not "batch 64, 250 steps"
 
 
 def _interrupt_encoding_at_call(monkeypatch, n):

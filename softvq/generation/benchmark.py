@@ -116,8 +116,9 @@ def format_table(rows: list[Row], device_label: str, sampling_steps: int = 250, 
     paper_ips = {(k, lay): v[1] for (k, lay), v in PAPER_TABLE1.items()}
     head = (f"{'model':<8} {'layout':<10} {'tok':>4} {'params':>8} {'GMACs lin':>10} {'GMACs all':>10} "
             f"{'paper-conv':>10} {'paper':>7} {'Δ%':>6} {'img/s':>9} {'paper img/s':>11}  note")
-    lines = [f"generator efficiency (batch {batch}, fp32, {sampling_steps} sampling steps, no CFG) on {device_label}",
-             head, "-" * len(head)]
+    timed = any(r.images_per_s is not None for r in rows)
+    setting = f"batch {batch}, fp32, {sampling_steps} sampling steps, no CFG" if timed else "GMACs only, nothing timed"
+    lines = [f"generator efficiency ({setting}) on {device_label}", head, "-" * len(head)]
     for r in rows:
         name = f"{DISPLAY[r.kind]}-{r.size}"
         delta = f"{100 * (r.gmacs_paper_convention / r.paper_gflops - 1):+.1f}" if r.paper_gflops else ""
