@@ -389,3 +389,11 @@ def test_config_json_shapes_that_contradict_the_weights_are_said(tmp_path, caplo
     assert model.config.bottleneck.codebook_size == 16 and model.num_tokens == 8  # the weights decide
     assert "config.json says codebook_size 16384 but the weights have 16" in caplog.text
     assert "config.json says num_latent_tokens 32 but the weights have 8" in caplog.text
+
+
+def test_a_stray_key_of_one_more_block_is_named_as_such(tmp_path):
+    folder, state, config = tiny_release(tmp_path, 1)
+    state["encoder.model.blocks.2.norm1.weight"] = torch.ones(128)  # TINY's encoder has blocks 0 and 1
+    write_release(folder, state, config)
+    with pytest.raises(CheckpointError, match=r"encoder.model.blocks.2.\* has 1 of the 14 keys every other block has"):
+        load_official(folder)  # it was "missing needed key(s) encoder.model.blocks.2.norm1.bias, ... (+5 more)"

@@ -129,13 +129,21 @@ def _need(state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
 
 
 def _depth(state: dict[str, torch.Tensor], prefix: str) -> int:
-    ids = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
-    if not ids:
+    keys: dict[int, int] = {}  # block index -> how many keys it has
+    for k in state:
+        if m := re.match(re.escape(prefix) + r"(\d+)\.", k):
+            keys[int(m.group(1))] = keys.get(int(m.group(1)), 0) + 1
+    if not keys:
         raise CheckpointError(f"the released checkpoint has no {prefix}* blocks")
-    missing = sorted(set(range(max(ids) + 1)) - ids)
+    missing = sorted(set(range(max(keys) + 1)) - set(keys))
     if missing:
         raise CheckpointError(f"the released checkpoint lacks block(s) {missing} under {prefix}*")
-    return max(ids) + 1
+    last = max(keys)
+    full = min((n for i, n in keys.items() if i < last), default=0)
+    if last > 0 and 2 * keys[last] < full:  # a block of mostly missing keys: a stray key reads better
+        raise CheckpointError(f"{prefix}{last}.* has {keys[last]} of the {full} keys every other block has: a "
+                              f"stray key, or a file cut inside its last block")
+    return last + 1
 
 
 def _vit(state: dict[str, torch.Tensor], stack: str, width: int, heads: int | None) -> ViTConfig:
