@@ -210,6 +210,14 @@ def test_cli_eval_on_a_run_folder_writes_json_and_markdown(tmp_path, capsys):
     assert main(["eval", "--model", "softvq-tiny", "--images", str(tmp_path / "nope")]) == 2
     assert "neither an image folder" in capsys.readouterr().err
 
+    # a preset's random weights are seeded: two evaluations agree (they differed on every run)
+    psnrs = []
+    for out in ("a", "b"):
+        assert main(["eval", "--model", "softvq-tiny", "--images", str(tmp_path / "imgs"), "--num-images", "2",
+                     "--no-fid", "--no-lpips", "--no-progress", "--no-flops", "--out", str(tmp_path / out)]) == 0
+        psnrs.append(json.loads((tmp_path / out / "eval.json").read_text())["psnr"])
+    assert psnrs[0] == psnrs[1]
+
 
 @needs_fid
 @pytest.mark.parametrize("layout", ["folder", "generate"])

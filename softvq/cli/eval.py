@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from softvq.cli.common import (
     add_model_arguments, is_preset, load_tokenizer, non_negative_int, positive_int, resolve_device,
 )
@@ -62,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", default=None, metavar="DIR", help="score generated samples against --images")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for a preset's random weights (so two evaluations of one preset agree)")
     p.set_defaults(func=run)
 
 
@@ -120,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.model:
             raise ValueError("pass --model SPEC (a checkpoint folder, a run folder, official:ID or a preset)")
         spec, home = resolve_model_spec(args.model)
+        torch.manual_seed(args.seed)  # a preset's random weights: the same ones on every run
         model = load_tokenizer(spec, device, precision=args.precision)
         options = EvalOptions(
             num_images=args.num_images, batch_size=args.batch_size, image_size=args.image_size,
