@@ -21,7 +21,6 @@ and, with pytorch-fid's weights, the Inception Score.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -99,7 +98,9 @@ def samples_report_folder(samples: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from softvq.evaluation.evaluate import EvalOptions, evaluate_samples, evaluate_tokenizer, to_markdown, write_report
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from softvq.training.accelerator import launched_worker
+
+    if launched_worker():
         # every process would evaluate every image and write the same report
         raise ValueError("eval runs in one process on one device; start it without torchrun / accelerate "
                          "launch")

@@ -121,11 +121,6 @@ def release_process_group() -> None:
         dist.destroy_process_group()
 
 
-def launched_worker() -> bool:
-    """True in one of several processes started by torchrun or ``accelerate launch``."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def run(argv: list[str] | None = None) -> NoReturn:
     """The ``softvq`` executable: :func:`main`, then exit with its status.
 
@@ -137,6 +132,8 @@ def run(argv: list[str] | None = None) -> NoReturn:
     Everything a command writes is closed (checkpoints atomically) before ``main`` returns, so
     skipping finalisation loses nothing.
     """
+    from softvq.training.accelerator import launched_worker
+
     status = main(argv)
     if launched_worker():
         sys.stdout.flush()

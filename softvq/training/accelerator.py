@@ -42,6 +42,11 @@ def new_accelerator(**kwargs: Any):
     return Accelerator(**kwargs)
 
 
+def launched_worker() -> bool:
+    """True in one of several processes started by torchrun or ``accelerate launch``."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def first_launched_process() -> bool:
     """Whether this is process 0 of a ``torchrun`` / ``accelerate launch`` run (or not launched):
     the one that speaks for all, before or without an ``Accelerator``."""
@@ -51,7 +56,7 @@ def first_launched_process() -> bool:
 def launched_accelerator(cpu: bool):
     """An ``Accelerator`` when ``torchrun`` / ``accelerate launch`` started several processes, else None
     (a command run alone keeps its own device choice and no process group)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched_worker():
         return None
     return new_accelerator(cpu=cpu)
 
