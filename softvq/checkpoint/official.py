@@ -50,7 +50,7 @@ from softvq.checkpoint.pretrained import (
     resolve,
     save_pretrained,
 )
-from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig
+from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig, preset
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
@@ -257,15 +257,18 @@ def infer_config(
     ).validate()
 
 
-# (encoder width, depth), (decoder width, depth) of the released S, B, BL and L models
-RELEASED_SHAPES = (((384, 12), (384, 12)), ((768, 12), (768, 12)), ((768, 12), (1024, 24)), ((1024, 24), (1024, 24)))
+def _released_shapes() -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(encoder width, depth), (decoder width, depth) of the S, B, BL and L presets, which are the
+    release's shapes (the format document's table)."""
+    configs = [preset(f"softvq-{size}-64") for size in ("s", "b", "bl", "l")]
+    return [((c.encoder.width, c.encoder.depth), (c.decoder.width, c.decoder.depth)) for c in configs]
 
 
 def _warn_if_short_of_a_release(encoder: "ViTConfig", decoder: "ViTConfig") -> None:
     """Depth is read from the highest block number, so a file cut after its last block would load
     as a shallower model; where the widths are a release's but a depth is not, say so."""
     shape = ((encoder.width, encoder.depth), (decoder.width, decoder.depth))
-    for released in RELEASED_SHAPES:
+    for released in _released_shapes():
         widths_match = (released[0][0], released[1][0]) == (encoder.width, decoder.width)
         if widths_match and released != shape:
             log.warning("the file's blocks give encoder depth %d and decoder depth %d, but the released model of "
