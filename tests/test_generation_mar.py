@@ -128,6 +128,23 @@ def test_unguided_sampling_is_reproducible_and_shaped():
     assert a.shape == (3, 6, 4) and torch.equal(a, b) and torch.isfinite(a).all()
 
 
+def test_sampling_borrows_eval_mode_and_gives_the_training_mode_back():
+    model = tiny(num_tokens=6, attn_dropout=0.5, proj_dropout=0.5)
+    with torch.no_grad():  # the head's zero-initialised output layer would hide the condition
+        for p in model.head.parameters():
+            p.normal_(0, 0.2)
+    draw = lambda: model.sample(torch.tensor([0, 1]), ar_steps=2, diffusion_steps=3,
+                                generator=torch.Generator().manual_seed(1))
+    in_training = draw()  # dropout must be off while sampling even though the model is training
+    assert model.training
+    model.eval()
+    assert torch.equal(in_training, draw())
+    model.train()
+    with pytest.raises(ValueError):
+        model.sample(torch.tensor([0]), cfg=-1.0)
+    assert model.training
+
+
 def test_guided_head_sampling_mixes_eps_and_keeps_the_conditional_variance(monkeypatch):
     torch.manual_seed(0)
     head = DiffusionLoss(token_dim=3, cond_dim=5, width=16, depth=1, diffusion_steps=20)

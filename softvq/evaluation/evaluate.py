@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor
 
+from softvq.eval_mode import evaluating
 from softvq.evaluation import fid as fidlib
 from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quantize_to_uint8, ssim
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
@@ -266,12 +267,8 @@ def evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpti
         raise TypeError(f"model must be a softvq.Tokenizer, got {type(model).__name__}; load a folder with "
                         f"softvq.Tokenizer.from_pretrained")
     device = torch.device(device)
-    was_training = model.training
-    try:
-        return _evaluate_tokenizer(model.to(device).eval(), source, options, device, model_name, state_file,
-                                   save_every_s)
-    finally:
-        model.train(was_training)  # the caller's model comes back in the mode it was given
+    with evaluating(model.to(device)):  # the caller's model comes back in the mode it was given
+        return _evaluate_tokenizer(model, source, options, device, model_name, state_file, save_every_s)
 
 
 def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOptions, device: torch.device,

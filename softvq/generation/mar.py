@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from softvq.config import strict_fields
+from softvq.eval_mode import evaluating
 from softvq.generation.diffloss import DiffusionLoss
 from softvq.generation.embeddings import LabelEmbedder
 from softvq.networks.vit import Attention, Mlp
@@ -317,15 +318,13 @@ class MaskedAutoregressive(nn.Module):
         null = torch.full_like(labels, self.null_class) if guided else None
         orders = random_orders(b, length, generator, device)
         tokens = torch.zeros(b, length, c.latent_dim, device=device, dtype=dtype)
-        was_training = self.training
-        self.eval()
         steps = range(len(schedule))
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc="MAR sampling", leave=False)
         masked = length
-        try:
+        with evaluating(self):
             for k in steps:
                 if guided:
                     both = torch.cat([orders, orders])
@@ -345,7 +344,5 @@ class MaskedAutoregressive(nn.Module):
                     generator=generator, clip_x0=clip_x0)
                 tokens = tokens.scatter(1, at.expand(-1, -1, c.latent_dim), new.reshape(b, -1, c.latent_dim).to(dtype))
                 masked = left
-        finally:
-            self.train(was_training)
         return tokens
 

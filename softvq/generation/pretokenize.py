@@ -46,6 +46,7 @@ from torch import Tensor
 from softvq.checkpoint.pretrained import atomic_write
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
+from softvq.eval_mode import evaluating
 from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable
 from softvq.resume import changed_settings, weights_sha1
 
@@ -338,12 +339,9 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
         raise ValueError("this LatentSource served an earlier pretokenize; make a new one (folder_source(...) or "
                          "bundled_source(...)) for each call")
     out = Path(out_dir)
-    was_training = tokenizer.training
-    try:
-        return _pretokenize(tokenizer.eval(), source, out, tokenizer_spec, batch_size, shard_size, progress,
+    with evaluating(tokenizer):  # the caller's model comes back in the mode it was given
+        return _pretokenize(tokenizer, source, out, tokenizer_spec, batch_size, shard_size, progress,
                             accelerator, rank, processes)
-    finally:
-        tokenizer.train(was_training)  # the caller's model comes back in the mode it was given
 
 
 def _pretokenize(tokenizer: "Tokenizer", source: LatentSource, out: Path, tokenizer_spec: str | None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from softvq.eval_mode import evaluating
+
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:
     """Per-image PSNR in dB for images in [-1, 1], measured on the [0, 1] scale (peak 1), after
@@ -18,11 +20,9 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
 @torch.no_grad()
 def reconstruct_all(model: nn.Module, images: Tensor, *, batch_size: int = 16, autocast=None) -> Tensor:
     """Reconstructions of ``images`` (on the model's device) in eval mode, batch by batch."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     outs = []
-    try:
+    with evaluating(model):
         for chunk in images.split(batch_size):
             chunk = chunk.to(device)
             if autocast is not None:
@@ -30,8 +30,6 @@ def reconstruct_all(model: nn.Module, images: Tensor, *, batch_size: int = 16, a
                     outs.append(model(chunk).reconstruction.float().cpu())
             else:
                 outs.append(model(chunk).reconstruction.float().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(outs)
 
 
