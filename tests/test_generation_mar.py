@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from softvq.generation.diffloss import DiffusionLoss
-from softvq.generation.flops import PAPER_TABLE2_MAR, analytic_mar_macs, count_mar_macs
+from softvq.generation.flops import PAPER_TABLE1_MAR, analytic_mar_macs, count_mar_macs
 from softvq.generation.mar import (MARConfig, MaskedAutoregressive, draw_mask_ratio, mar_config, masking_schedule,
                                    random_orders)
 from softvq.generation.models import build_generator
@@ -175,7 +175,7 @@ def test_guided_head_sampling_mixes_eps_and_keeps_the_conditional_variance(monke
 def test_mar_h_matches_the_paper_in_parameters_and_tab2_gflops():
     cfg = mar_config("H", num_tokens=256, latent_dim=16)
     assert abs(build_generator(cfg, device="meta").num_parameters() / 1e6 - 943) < 2  # MAR paper: MAR-H 943M
-    for (tokens, dim), (name, paper) in PAPER_TABLE2_MAR.items():
+    for (tokens, dim), (name, paper) in PAPER_TABLE1_MAR.items():
         cfg = mar_config("H", num_tokens=tokens, latent_dim=dim)
         counted, analytic = count_mar_macs(cfg), analytic_mar_macs(cfg)
         assert counted.linear == analytic.linear and counted.attention == analytic.attention
@@ -212,6 +212,25 @@ def test_bad_configs_and_inputs_are_named():
                                   ("lr", -1.0, "--lr must be positive")]:
         with pytest.raises(ValueError, match=message):
             GeneratorTrainConfig(latents="x", **{field: value}).validate()
+
+
+def test_recipe_lengths_follow_sec_4_1_and_supp_c2_in_steps_or_epochs():
+    # MAR-H: 500 epochs with a 100-epoch warm-up; 10,000 latents at batch 2048 = 4.88 steps an epoch
+    mar = GeneratorTrainConfig(latents="x", objective="mar").validate().resolved(count=10_000)
+    assert (mar.steps, mar.warmup_steps) == (math.ceil(500 * 10_000 / 2048), math.ceil(100 * 10_000 / 2048))
+    # a length given in one unit keeps the recipe's other unit out; the warm-up keeps its recipe
+    short = GeneratorTrainConfig(latents="x", objective="mar", steps=40, batch_size=100).resolved(count=1000)
+    assert (short.steps, short.epochs, short.warmup_steps) == (40, None, 1000)
+    # DiT / SiT XL: 3M steps, no warm-up; epochs work for them too
+    sit = GeneratorTrainConfig(latents="x").resolved(count=512)
+    assert (sit.size, sit.steps, sit.warmup_steps) == ("XL", 3_000_000, 0)
+    assert GeneratorTrainConfig(latents="x", epochs=3, batch_size=100).resolved(count=1000).steps == 30
+    with pytest.raises(ValueError, match="give --steps or --epochs, not both"):
+        GeneratorTrainConfig(latents="x", steps=5, epochs=2).validate()
+    with pytest.raises(ValueError, match="give --warmup-steps or --warmup-epochs, not both"):
+        GeneratorTrainConfig(latents="x", warmup_steps=5, warmup_epochs=2).validate()
+    with pytest.raises(ValueError, match="--steps and --epochs must be positive"):
+        GeneratorTrainConfig(latents="x", epochs=0).validate()
 
 
 def test_mar_recipe_warmup_and_no_decay_on_biases_and_norms():

@@ -9,7 +9,9 @@ The encoder projection carries one extra channel per token (``input_dim = latent
 channels [0, D) are ẑ, channel D is the raw weight w, and ω = softplus(w + b) with the constant
 b = softplus⁻¹(1/τ₀) so that a fresh model (w ≈ 0) starts at SoftVQ's temperature τ₀ (0.07 by
 default). The paper states only that the encoder predicts ω; softplus (for positivity) and the
-offset are our choices. The codebook still feeds the decoder directly (B.2: no reparametrisation).
+offset are our choices. One ω per token follows B.2's "data-dependent temperature parameters"; "the
+weights of the Gaussian component" could also be read as one ω per codeword (a K-vector per token),
+which is not built. The codebook still feeds the decoder directly (B.2: no reparametrisation).
 """
 
 from __future__ import annotations

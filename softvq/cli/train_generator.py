@@ -2,10 +2,11 @@
 
     softvq train-generator --latents runs/latents --out runs/sit --objective sit --size XL
     softvq train-generator --latents runs/latents --out runs/sit-tiny --width 128 --depth 4 --heads 4 --steps 600
-    softvq train-generator --latents runs/latents --out runs/mar-h --objective mar --warmup-steps 62500
+    softvq train-generator --latents runs/latents --out runs/mar-h --objective mar --epochs 500
 
-Fields left unset take the objective's recipe (paper supp. C.2): DiT/SiT XL, lr 1e-4, batch 256;
-MAR H, lr 2e-4, batch 2048, AdamW β2 0.95, weight decay 0.02, gradient clipping 3.0.
+Fields left unset take the objective's recipe (paper Sec. 4.1 and supp. C.2): DiT/SiT XL for 3M
+steps, lr 1e-4, batch 256; MAR H for 500 epochs with 100 of warm-up, lr 2e-4, batch 2048, AdamW β2
+0.95, weight decay 0.02, gradient clipping 3.0.
 
 Same machinery as the tokenizer trainer: Accelerate (``accelerate launch -m softvq.cli.main
 train-generator ...`` for several processes), EMA, atomic checkpoints, progress bar, JSONL log. A

@@ -89,7 +89,7 @@ def quantize_to_uint8(images: Tensor) -> Tensor:
 
 
 class CodebookUsage:
-    """Exact code counts over a whole data set (paper Tab. 6 reports usage).
+    """Exact code counts over a whole data set (the "Codebook Usage" of WeTok Tab. 3).
 
     ``update`` takes hard indices of shape (N,) or (N, P), where P indexes parallel codebooks
     (product / residual / per-segment codebooks); each codebook keeps its own counts.

@@ -3,7 +3,7 @@
 * :func:`plot_reconstructions`  original | reconstruction | error map, one row per image;
 * :func:`plot_training_curves`  every logged scalar of ``log.jsonl`` against the step;
 * :func:`plot_codebook_usage`   code counts in index order and sorted (rank plot), usage and
-  perplexity in the title (paper Tab. 6 reports usage);
+  perplexity in the title (WeTok Tab. 3 reports usage);
 * :func:`plot_latent_projection` 2D projection of ẑ (encoder output) and z (decoder input)
   coloured by class, as paper Fig. 4 (UMAP there; PCA built in, UMAP when ``umap-learn`` is
   installed);

@@ -149,12 +149,12 @@ def mar_table() -> str:
     """MAR-H GFLOPs per image (meta device) beside the paper's Tab. 1 (256 px), for the three tokenizers
     it lists. Convention (:func:`softvq.generation.flops.count_mar_macs`): the first sampling step
     of the transformer plus one diffusion-head evaluation per token."""
-    from softvq.generation.flops import PAPER_TABLE2_MAR, analytic_mar_macs, count_mar_macs
+    from softvq.generation.flops import PAPER_TABLE1_MAR, analytic_mar_macs, count_mar_macs
     from softvq.generation.mar import mar_config
 
     head = f"{'model':<6} {'tokenizer':<18} {'tok':>4} {'D':>3} {'params':>8} {'GMACs':>7} {'paper':>7} {'Δ%':>6}"
     lines = ["MAR-H generator cost (paper Tab. 1, 256x256)", head, "-" * len(head)]
-    for (tokens, dim), (name, paper) in PAPER_TABLE2_MAR.items():
+    for (tokens, dim), (name, paper) in PAPER_TABLE1_MAR.items():
         cfg = mar_config("H", num_tokens=tokens, latent_dim=dim)
         counted = count_mar_macs(cfg)
         if abs(counted.total - analytic_mar_macs(cfg).total) > 1e-6 * counted.total:

@@ -101,7 +101,7 @@ def repa_projector_macs(config: GeneratorConfig, projector_dim: int = 2048, z_di
 # --- MAR (paper Tab. 1) -------------------------------------------------------------------------
 
 # SoftVQ paper Tab. 1: MAR-H generator GFLOPs at 256x256, keyed by the tokenizer's (tokens, D).
-PAPER_TABLE2_MAR: dict[tuple[int, int], tuple[str, float]] = {
+PAPER_TABLE1_MAR: dict[tuple[int, int], tuple[str, float]] = {
     (256, 16): ("KL-16 (MAR's VAE)", 145.08),
     (64, 32): ("SoftVQ-BL", 86.55),
     (32, 64): ("SoftVQ-L", 67.93),

@@ -3,11 +3,12 @@
 The recipes of the paper's supp. C.2, chosen by ``objective`` (every field can be overridden):
 
 * DiT / SiT: AdamW (β2 0.999), constant learning rate 1e-4, no weight decay, global batch 256,
-  size XL;
+  size XL for 3M steps (Sec. 4.1's main runs; its Tab. 3 runs are SiT-L for 400K: ``--size L
+  --steps 400000``);
 * MAR: AdamW with β = (0.9, 0.95), weight decay 0.02 (not on biases and norms), maximum
-  learning rate 2e-4 ("a higher learning rate leads to NaN"), a linear warm-up (100 epochs in the
-  paper: set ``warmup_steps`` to 100 epochs of your data) then constant, gradient clipping at 3.0
-  (MAR's release), global batch 2048, size H;
+  learning rate 2e-4 ("a higher learning rate leads to NaN"), a 100-epoch linear warm-up then
+  constant, 500 epochs in all (epochs of the latent set, turned into steps at the start of a run),
+  gradient clipping at 3.0 (MAR's release), global batch 2048, size H;
 
 and for all: EMA of the weights (decay 0.9999) used for sampling, class-label dropout 0.1,
 latents normalised as (z − mean) / std. The loop runs under ``accelerate`` (CPU, one or many
@@ -60,7 +61,11 @@ class GeneratorTrainConfig:
     width / depth / heads (and MAR's head_width / head_depth) override the named ``size``.
     buffer_size / diffusion_batch_mul / grad_checkpointing: MAR only (defaults 64, 4, off); a
                   smaller buffer makes CPU-sized runs on few tokens much cheaper.
-    warmup_steps: linear learning-rate warm-up from 0, then constant.
+    steps / epochs: training length, in optimiser steps or in passes over the latent set
+                  (ceil(epochs · count / batch_size) steps); give one. Recipe: DiT/SiT 3M steps,
+                  MAR 500 epochs.
+    warmup_steps / warmup_epochs: linear learning-rate warm-up from 0, then constant; give one.
+                  Recipe: DiT/SiT none, MAR 100 epochs.
     ema_warmup: decay min(ema_decay, (1+n)/(10+n)) so short runs do not average the random init.
     """
 
@@ -81,12 +86,14 @@ class GeneratorTrainConfig:
     diffusion_steps: int = 1000
     vlb_weight: float = 1.0
     class_dropout: float = 0.1
-    steps: int = 400_000
+    steps: int | None = None
+    epochs: float | None = None
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float | None = None
     adam_beta2: float | None = None
-    warmup_steps: int = 0
+    warmup_steps: int | None = None
+    warmup_epochs: float | None = None
     max_grad_norm: float | None = None
     ema_decay: float = 0.9999
     ema_warmup: bool = True
@@ -98,12 +105,24 @@ class GeneratorTrainConfig:
     tokenizer: str | None = None
     cpu: bool = False
 
-    def resolved(self) -> "GeneratorTrainConfig":
-        """A copy with every ``None`` recipe field filled from the objective's recipe."""
+    def resolved(self, count: int | None = None) -> "GeneratorTrainConfig":
+        """A copy with every ``None`` recipe field filled from the objective's recipe; given the
+        latent set's ``count``, epochs become steps too (``steps`` / ``warmup_steps`` set).
+
+        A length the user gave in steps or in epochs keeps the recipe's other unit out."""
         if self.objective not in RECIPES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(RECIPES)}")
-        recipe = RECIPES[self.objective]
-        return dataclasses.replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
+        given = {k for k in RECIPES[self.objective] if getattr(self, k) is not None}
+        for pair in LENGTHS:
+            if any(getattr(self, k) is not None for k in pair):
+                given |= set(pair)
+        out = dataclasses.replace(self, **{k: v for k, v in RECIPES[self.objective].items() if k not in given})
+        if count is not None:
+            def in_steps(steps: int | None, epochs: float | None) -> int:
+                return steps if steps is not None else math.ceil((epochs or 0) * count / out.batch_size)
+            out = dataclasses.replace(out, steps=in_steps(out.steps, out.epochs),
+                                      warmup_steps=in_steps(out.warmup_steps, out.warmup_epochs))
+        return out
 
     def validate(self) -> "GeneratorTrainConfig":
         if not self.latents:
@@ -112,8 +131,16 @@ class GeneratorTrainConfig:
         mar_only = [name for name in MAR_ONLY if getattr(self, name) not in (None, False)]
         if self.objective != "mar" and mar_only:
             raise ValueError(f"{', '.join(mar_only)} only apply to MAR (--objective mar); DiT and SiT have none")
-        if self.steps < 1 or resolved.batch_size < 1 or self.warmup_steps < 0:
-            raise ValueError("steps and batch size must be positive, warmup_steps non-negative")
+        for steps, epochs in LENGTHS:
+            if getattr(self, steps) is not None and getattr(self, epochs) is not None:
+                flags = " or ".join("--" + name.replace("_", "-") for name in (steps, epochs))
+                raise ValueError(f"give {flags}, not both")
+        if (resolved.steps is not None and resolved.steps < 1) or (resolved.epochs is not None and resolved.epochs <= 0):
+            raise ValueError("--steps and --epochs must be positive")
+        if (resolved.warmup_steps or 0) < 0 or (resolved.warmup_epochs or 0) < 0:
+            raise ValueError("--warmup-steps and --warmup-epochs must be non-negative")
+        if resolved.batch_size < 1:
+            raise ValueError(f"--batch-size must be 1 or more, got {resolved.batch_size}")
         positive = ("width", "depth", "heads", "head_width", "head_depth", "buffer_size", "diffusion_batch_mul",
                     "diffusion_steps", "log_every", "checkpoint_every", "keep_checkpoints")
         for name in positive:
@@ -130,12 +157,17 @@ class GeneratorTrainConfig:
 
 
 MAR_ONLY = ("head_width", "head_depth", "buffer_size", "diffusion_batch_mul", "grad_checkpointing")
+LENGTHS = (("steps", "epochs"), ("warmup_steps", "warmup_epochs"))  # one unit or the other
 
-# Per-objective defaults (SoftVQ supp. C.2; MAR's release for β2, clipping and what is not decayed).
+# Per-objective defaults: SoftVQ Sec. 4.1 (XL for 3M steps, MAR-H 500 epochs) and supp. C.2 (the
+# rest); MAR's release for β2, clipping and what is not decayed.
+_DIT_SIT = {"size": "XL", "steps": 3_000_000, "warmup_steps": 0, "batch_size": 256, "lr": 1e-4, "weight_decay": 0.0,
+            "adam_beta2": 0.999, "max_grad_norm": 0.0}
 RECIPES: dict[str, dict[str, Any]] = {
-    "sit": {"size": "XL", "batch_size": 256, "lr": 1e-4, "weight_decay": 0.0, "adam_beta2": 0.999, "max_grad_norm": 0.0},
-    "dit": {"size": "XL", "batch_size": 256, "lr": 1e-4, "weight_decay": 0.0, "adam_beta2": 0.999, "max_grad_norm": 0.0},
-    "mar": {"size": "H", "batch_size": 2048, "lr": 2e-4, "weight_decay": 0.02, "adam_beta2": 0.95, "max_grad_norm": 3.0},
+    "sit": dict(_DIT_SIT),
+    "dit": dict(_DIT_SIT),
+    "mar": {"size": "H", "epochs": 500, "warmup_epochs": 100, "batch_size": 2048, "lr": 2e-4, "weight_decay": 0.02,
+            "adam_beta2": 0.95, "max_grad_norm": 3.0},
 }
 
 
@@ -159,7 +191,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 def learning_rate(cfg: GeneratorTrainConfig, step: int) -> float:
     """Linear warm-up over ``warmup_steps`` (step 0 gets lr/warmup), then constant."""
-    return cfg.lr * lr_factor(step, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, kind="constant")
+    return cfg.lr * lr_factor(step, total_steps=cfg.steps or 1, warmup_steps=cfg.warmup_steps or 0, kind="constant")
 
 
 def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> torch.Tensor:
@@ -171,7 +203,7 @@ def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> t
 # What a rerun may change when it continues a run: how long it trains, how often it logs and
 # saves, where the folders are now, and the device. Anything else would make a run that no
 # uninterrupted run makes.
-CHANGEABLE_ON_RESUME = ("out", "latents", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "cpu")
+CHANGEABLE_ON_RESUME = ("out", "latents", "steps", "epochs", "log_every", "checkpoint_every", "keep_checkpoints", "cpu")
 
 
 def latent_set_sha1(meta: dict[str, Any]) -> str:
@@ -228,9 +260,12 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     from softvq.training.ema import EMA
     from softvq.training.stopping import StopRequests, on_any_process
 
-    cfg = cfg.validate().resolved()
+    data = load_latents(cfg.validate().latents)
+    cfg = cfg.resolved(count=data.latents.shape[0])  # epochs -> steps
+    if cfg.steps < 1:
+        raise ValueError(f"--epochs {cfg.epochs} of {data.latents.shape[0]} latents at batch {cfg.batch_size} is "
+                         f"less than one step; pass more --epochs or --steps")
     run = Path(cfg.out)
-    data = load_latents(cfg.latents)
     # without CUDA a launched run must ask for CPU processes, or accelerate gives each one a run of its own
     acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
     torch.manual_seed(cfg.seed + acc.process_index)
@@ -382,16 +417,19 @@ FLAG_HELP: dict[str, str] = {
     "diffusion_steps": "DiT / MAR diffusion steps T (default 1000)",
     "vlb_weight": "DiT: weight of the L_vlb term that trains σ (default 1)",
     "class_dropout": "probability of dropping the label, for classifier-free guidance (default 0.1)",
-    "steps": "optimiser steps (default 400000)",
+    "steps": "optimiser steps (recipe: DiT/SiT 3000000, Sec. 4.1's XL runs; Tab. 3's SiT-L: 400000)",
+    "epochs": "training length in passes over the latent set, instead of --steps (recipe: MAR 500)",
     "batch_size": "global batch (recipe: 256; MAR 2048)",
     "lr": "peak learning rate (recipe: 1e-4; MAR 2e-4)",
     "weight_decay": "AdamW weight decay, not on biases and norms (recipe: 0; MAR 0.02)",
     "adam_beta2": "AdamW β2 (recipe: 0.999; MAR 0.95)",
-    "warmup_steps": "linear learning-rate warm-up from 0, then constant (default 0)",
+    "warmup_steps": "linear learning-rate warm-up from 0, then constant (recipe: DiT/SiT 0)",
+    "warmup_epochs": "the warm-up in passes over the latent set, instead of --warmup-steps (recipe: MAR 100)",
     "max_grad_norm": "gradient clipping norm, 0 = off (recipe: off; MAR 3.0)",
     "ema_decay": "EMA decay of the exported weights (default 0.9999)",
-    "ema_warmup": "EMA decay min(decay, (1+n)/(10+n)), so short runs do not average the random init",
-    "mixed_precision": "no, bf16 or fp16 (Accelerate's autocast)",
+    "ema_warmup": "EMA decay min(decay, (1+n)/(10+n)), so short runs do not average the random init (ours; "
+                  "DiT/SiT's plain decay: --no-ema-warmup, which differs from it only in the first ~10^5 steps)",
+    "mixed_precision": "no, bf16 or fp16 (Accelerate's autocast; the paper's DiT runs used bf16, supp. C.2)",
     "seed": "seed of the initialisation, the batch order and the noise",
     "log_every": "steps between log lines (default 50)",
     "checkpoint_every": "steps between checkpoints (default 5000; also written when stopped)",

@@ -3,7 +3,8 @@
 * hinge loss (Lim & Ye 2017), as in the release:
       L_D = ½ (E[relu(1 − D(x))] + E[relu(1 + D(x̂))]),   L_adv = −E[D(x̂)]
 * consistency regularisation, bCR (Zhao et al. 2021), weight 4.0:
-      L_cr = mean‖D(T(x)) − D(x)‖²  over real and reconstructed images alike
+      L_cr = mean‖D(T(x)) − D(x)‖²  over real and reconstructed images alike, where D(x) are the
+      logits the hinge loss sees (of the DiffAugment-ed images when DiffAugment is on)
 * LeCAM (Tseng et al. 2021), weight 0.001, with EMAs (decay 0.999) of the mean logits:
       R = E[relu(D(x) − ema_fake)²] + E[relu(ema_real − D(x̂))²]
 * VQGAN's adaptive weight (Esser et al. 2021), optional (C.1: "We did not use the adaptive
