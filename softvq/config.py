@@ -2,13 +2,17 @@
 
 Every constructor argument of :class:`softvq.Tokenizer` lives here, so ``config.json`` written next
 to the weights rebuilds exactly the same model. Preset shapes follow the released SoftVQ-VAE
-checkpoints (``shared/reference/official-checkpoint-format.md``; paper Tab. 1 sizes S/B/BL/L).
+checkpoints (``shared/reference/official-checkpoint-format.md``; paper Sec. 4.1 sizes S/B/BL/L).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -121,10 +125,7 @@ class TokenizerConfig:
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}; "
                                 f"build nested settings from dicts with TokenizerConfig.from_dict")
-        for name in ("image_size", "patch_size", "num_tokens", "in_channels", "decoder_noise_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise TypeError(f"{name} must be a whole number, got {value!r}")
+        check_field_types(self)
         for name in ("image_size", "patch_size", "in_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -144,11 +145,14 @@ class TokenizerConfig:
                 raise ValueError(f"{name}.width {vit.width} is not divisible by {name}.heads {vit.heads}")
             if vit.depth < 1:
                 raise ValueError(f"{name}.depth must be at least 1, got {vit.depth}")
-        b = self.bottleneck
-        if b.segments > 1 and self.num_tokens % b.segments:
-            raise ValueError(f"num_tokens {self.num_tokens} is not divisible by segments {b.segments}")
-        if b.groups > 1 and b.latent_dim % b.groups:
-            raise ValueError(f"latent_dim {b.latent_dim} is not divisible by groups {b.groups}")
+            if not (vit.mlp_ratio > 0 and vit.norm_eps > 0 and math.isfinite(vit.mlp_ratio)):
+                raise ValueError(f"{name}.mlp_ratio and {name}.norm_eps must be positive, got {vit.mlp_ratio} "
+                                 f"and {vit.norm_eps}")
+        from softvq.bottlenecks.factory import check_config  # the bottleneck's own rules live with it
+
+        check_config(self.bottleneck)
+        if self.bottleneck.segments > 1 and self.num_tokens % self.bottleneck.segments:
+            raise ValueError(f"num_tokens {self.num_tokens} is not divisible by segments {self.bottleneck.segments}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,31 +162,102 @@ class TokenizerConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TokenizerConfig":
         """Build from a (possibly nested) dict; unknown keys are an error naming the key."""
-        data = dict(data)
-        nested = {"encoder": ViTConfig, "decoder": ViTConfig, "bottleneck": BottleneckConfig}
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in nested:
-                if not isinstance(value, dict):
-                    raise TypeError(f"{key} must be a dict of {nested[key].__name__} fields, got {value!r}")
-                kwargs[key] = strict_fields(nested[key], value, prefix=f"{key}.")
-            else:
-                kwargs[key] = value
-        return strict_fields(cls, kwargs).validate()
+        return strict_fields(cls, data).validate()
 
 
-def strict_fields(cls: type, values: Any, prefix: str = "", what: str = "config") -> Any:
-    """``cls(**values)`` for a dataclass, with unknown keys an error that names them and the valid ones."""
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type. A TypeError for Python callers; a ValueError too, so the
+    command line's one-line error handling catches it with the range errors."""
+
+
+def strict_fields(cls: type, values: Any, path: str = "", what: str = "config") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, recursing into nested dataclasses and checking
+    every value against its annotation; errors name the dotted key and what it accepts.
+
+    Unknown keys are a ValueError naming them and the valid ones; a value of the wrong type is a
+    :class:`ConfigTypeError`. Whole numbers given as floats (``8.0``, as YAML may write them)
+    become ints."""
     if isinstance(values, cls):
         return values
-    known = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(values, Mapping):
+        raise ConfigTypeError(f"config section {path or '<root>'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(
-            f"unknown {what} key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys are {', '.join(prefix + k for k in sorted(known))}"
+            f"unknown {what} key {', '.join(prefix + k for k in unknown)}; valid keys"
+            f"{' under ' + path if path else ''}: {', '.join(sorted(known))}"
         )
-    return cls(**values)
+    return cls(**{key: typed_value(hints[key], value, prefix + key) for key, value in values.items()})
+
+
+def check_field_types(obj: Any, path: str = "") -> None:
+    """Check (and normalise, as :func:`strict_fields` does) every field of a dataclass instance
+    built in Python, nested dataclasses included."""
+    hints = typing.get_type_hints(type(obj))
+    prefix = f"{path}." if path else ""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_field_types(value, prefix + f.name)
+        else:
+            setattr(obj, f.name, typed_value(hints[f.name], value, prefix + f.name))
+
+
+def typed_value(hint: Any, value: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``hint``; nested dataclasses are built from mappings."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return typed_value(arg, value, key)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ConfigTypeError(errors[0] if errors else f"{key} cannot be null")
+    if dataclasses.is_dataclass(hint):
+        return strict_fields(hint, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigTypeError(f"{key} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [typed_value(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigTypeError(f"{key} must be a mapping, got {value!r}")
+        if len(args) == 2:
+            return {k: typed_value(args[1], v, f"{key}.{k}") for k, v in value.items()}
+        return dict(value)
+    if hint in _SCALARS:
+        accepts, what = _SCALARS[hint]
+        if not accepts(value):
+            raise ConfigTypeError(f"{key} must be {what}, got {value!r}")
+        return hint(value)
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # YAML's true is not 1
+
+
+# Scalar field type -> (does a YAML / command-line / Python value fit it, how the error describes it).
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: _is_number(v) and float(v).is_integer(), "an integer"),
+    float: (_is_number, "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
 
 
 # --- presets ---------------------------------------------------------------------------------

@@ -8,10 +8,13 @@ import torch.nn.functional as F
 
 from softvq.bottlenecks.factory import build_bottleneck
 from softvq.bottlenecks.gaussian import GaussianPosterior
+from softvq.bottlenecks.identity import Identity
+from softvq.bottlenecks.lfq import GroupedLookupFree
 from softvq.bottlenecks.product import ProductQuantizer
 from softvq.bottlenecks.residual import ResidualQuantizer
 from softvq.bottlenecks.segments import SegmentCodebooks
 from softvq.bottlenecks.softvq import SoftVQ
+from softvq.bottlenecks.vq import VQ
 from softvq.config import BottleneckConfig
 
 D, K = 8, 16
@@ -134,6 +137,21 @@ def test_segments_split_the_sequence_and_pool_the_entropy_like_the_release():
     assert math.isclose(separate.item(), expected.item(), rel_tol=1e-4, abs_tol=1e-5)
 
 
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: VQ(8, 0), ValueError, "codebook_size must be at least 1, got 0"),  # was a ZeroDivisionError in forward
+    (lambda: VQ(-1, 16), ValueError, "latent_dim must be at least 1"),  # was a torch "negative dimension"
+    (lambda: SoftVQ(8.0, 16), TypeError, "latent_dim must be a whole number, got 8.0"),  # was inside torch.randn
+    (lambda: SoftVQ(8, 16, temperature=float("nan")), ValueError, "temperature must be a positive finite"),
+    (lambda: GaussianPosterior(0), ValueError, "latent_dim must be at least 1"),
+    (lambda: Identity(-1), ValueError, "latent_dim must be at least 1"),
+    (lambda: GroupedLookupFree(8, entropy_temperature=0.0), ValueError, "entropy_temperature must be a positive"),
+    (lambda: Identity(8)(torch.randn(2, 4, 5)), ValueError, r"Identity expects inputs \(\.\.\., 8\)"),
+])
+def test_bottleneck_classes_name_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
 def test_segments_reject_token_counts_that_do_not_split():
     with pytest.raises(ValueError, match="divisible by 4"):
         build(segments=4)(torch.randn(1, 6, D))
@@ -145,7 +163,14 @@ def test_segments_reject_token_counts_that_do_not_split():
     (dict(segments=2, groups=2), "per_segment"),
     (dict(kind="gmmvq", learnable_temperature=True), "learnable_temperature"),
     (dict(residual_levels=0), "at least 1"),
-    (dict(kind="vq", codebook_size=-1), "codebook_size must be positive, got -1"),  # was a torch shape error
+    (dict(kind="vq", codebook_size=-1), "codebook_size must be at least 1, got -1"),  # was a torch shape error
+    (dict(temperature=0.0), "temperature must be a positive finite number, got 0.0"),
+    (dict(temperature=float("nan")), "temperature must be a positive finite number, got nan"),
+    # each of these used to pass and then skip every training step, or fail mid-forward
+    (dict(kind="lfq", lfq_groups=2, entropy_temperature=0.0), "entropy_temperature must be a positive"),
+    (dict(chunk_size=-1), r"chunk_size must be None \(auto\), 0"),
+    (dict(kind="vq", commitment_weight=-1.0), "commitment_weight must be 0 or more"),
+    (dict(kind="lfq", latent_dim=32), "2\\^32 codes per group"),
     (dict(kind="kl", latent_dim=0), "latent_dim must be at least 1"),
     (dict(kind="lfq", lfq_groups=0), "lfq_groups must be at least 1"),
     (dict(kind="lfq", residual_levels=2), r"kind='lfq' cancels itself \(each level codes ±1"),

@@ -1,6 +1,7 @@
 """The tokenizer's architecture (paper Sec. 3.1): shapes, what the encoder keeps, resolution changes."""
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -316,11 +317,23 @@ def test_enable_autocast_rejects_what_autocast_cannot_run():
 def test_constructing_from_the_wrong_type_names_the_right_one():
     with pytest.raises(TypeError, match="for a named preset use Tokenizer.from_preset"):
         softvq.Tokenizer("softvq-tiny")
-    with pytest.raises(TypeError, match="image_size must be a whole number, got '64'"):
+    with pytest.raises(TypeError, match="image_size must be an integer, got '64'"):
         softvq.Tokenizer.from_preset("softvq-tiny", image_size="64")
     with pytest.raises(TypeError, match="encoder must be a ViTConfig, got dict; .*TokenizerConfig.from_dict"):
         softvq.Tokenizer(TokenizerConfig(encoder={"width": 96}))
-    with pytest.raises(TypeError, match="encoder must be a dict of ViTConfig fields, got 64"):
+    with pytest.raises(TypeError, match="config section encoder must be a mapping, got 64"):
         TokenizerConfig.from_dict({"encoder": 64})
+    # nested fields are checked too (these used to fail inside torch.randn / empty, or compare a str)
+    with pytest.raises(TypeError, match="bottleneck.temperature must be a number, got '0.07'"):
+        softvq.Tokenizer.from_preset("softvq-tiny", bottleneck={"temperature": "0.07"})
+    with pytest.raises(TypeError, match="encoder.norm_eps must be a number, got '1e-6'"):
+        softvq.Tokenizer.from_preset("softvq-tiny", encoder={"norm_eps": "1e-6"})
+    with pytest.raises(ValueError, match="encoder.mlp_ratio and encoder.norm_eps must be positive, got 0"):
+        softvq.Tokenizer.from_preset("softvq-tiny", encoder={"mlp_ratio": 0})
+    # whole numbers written as floats (as YAML and JSON may) are taken as the integers they are
+    tok = softvq.Tokenizer.from_preset("softvq-tiny", bottleneck={"codebook_size": 64.0}, encoder={"width": 96.0})
+    assert tok.config.bottleneck.codebook_size == 64 and type(tok.config.encoder.width) is int
+    built = TokenizerConfig(encoder=dataclasses.replace(tok.config.encoder, depth=2.0)).validate()
+    assert type(built.encoder.depth) is int
     config = softvq.Tokenizer.from_preset("softvq-tiny").config.to_dict()
     assert softvq.Tokenizer(config).config == TokenizerConfig.from_dict(config)  # a dict is taken as its config

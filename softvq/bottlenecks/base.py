@@ -7,7 +7,10 @@ the training objective (paper Eq. 7), never here: ``losses`` are unweighted.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -91,3 +94,26 @@ class Bottleneck(nn.Module):
 def float32_region(device: torch.device):
     """Disable autocast so quantizer math stays float32 under bf16 mixed precision."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def check_count(name: str, value: Any) -> None:
+    """``value`` must be a whole number of at least 1 (a width, a codebook size, a group count)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """``value`` must be a finite number above 0 (a temperature)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+
+
+def check_chunk_size(name: str, value: Any) -> None:
+    """The memory-lean path's chunk: ``None`` (automatic), 0 (straightforward) or a positive count."""
+    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{name} must be None (auto), 0 (straightforward) or positive, got {value!r}")
+

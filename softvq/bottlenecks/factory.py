@@ -10,11 +10,11 @@ Composition, innermost first (each optional):
 
 from __future__ import annotations
 
-from softvq.bottlenecks.base import Bottleneck
+from softvq.bottlenecks.base import Bottleneck, check_chunk_size, check_count, check_positive
 from softvq.bottlenecks.gaussian import GaussianPosterior
 from softvq.bottlenecks.gmmvq import GMMVQ
 from softvq.bottlenecks.identity import Identity
-from softvq.bottlenecks.lfq import GroupedLookupFree
+from softvq.bottlenecks.lfq import MAX_GROUP_BITS, GroupedLookupFree
 from softvq.bottlenecks.product import ProductQuantizer
 from softvq.bottlenecks.residual import ResidualQuantizer
 from softvq.bottlenecks.segments import SegmentCodebooks
@@ -36,8 +36,6 @@ def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
         )
         if cfg.kind == "softvq":
             kwargs["learnable_temperature"] = cfg.learnable_temperature
-        elif cfg.learnable_temperature:
-            raise ValueError("kind 'gmmvq' predicts per-token weights; set learnable_temperature=False")
         return cls(dim, cfg.codebook_size, **kwargs)
     if cfg.kind == "vq":
         return VQ(dim, cfg.codebook_size, distance=cfg.distance)
@@ -51,14 +49,33 @@ def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
 
 
 def check_config(cfg: BottleneckConfig) -> None:
-    """Reject impossible compositions with a message that names the fix."""
-    if cfg.kind in ("softvq", "gmmvq", "vq") and cfg.codebook_size < 1:
-        raise ValueError(f"bottleneck.codebook_size must be positive, got {cfg.codebook_size}")
-    for name in ("latent_dim", "groups", "residual_levels", "segments", "lfq_groups"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"bottleneck.{name} must be at least 1, got {getattr(cfg, name)}")
+    """Reject impossible values and compositions with a message that names the key and the fix
+    (run by ``TokenizerConfig.validate``, so a bad config fails when it is read, not mid-training)."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown bottleneck kind {cfg.kind!r}; choose one of: {', '.join(KINDS)}")
+    counts = ("latent_dim", "groups", "residual_levels", "segments", "lfq_groups")
+    for name in counts + (("codebook_size",) if cfg.kind in ("softvq", "gmmvq", "vq") else ()):
+        check_count(f"bottleneck.{name}", getattr(cfg, name))
+    if cfg.kind in ("softvq", "gmmvq"):
+        check_positive("bottleneck.temperature", cfg.temperature)
+    if cfg.entropy_temperature is not None:
+        check_positive("bottleneck.entropy_temperature", cfg.entropy_temperature)
+    check_chunk_size("bottleneck.chunk_size", cfg.chunk_size)
+    if not cfg.commitment_weight >= 0:
+        raise ValueError(f"bottleneck.commitment_weight must be 0 or more, got {cfg.commitment_weight}")
     if cfg.latent_dim % cfg.groups:
         raise ValueError(f"latent_dim {cfg.latent_dim} is not divisible by groups {cfg.groups}")
+    if cfg.kind == "gmmvq" and cfg.learnable_temperature:
+        raise ValueError("kind 'gmmvq' predicts per-token weights; set learnable_temperature=False")
+    if cfg.kind == "lfq":
+        bits, left = divmod(cfg.latent_dim // cfg.groups, cfg.lfq_groups)
+        if left:
+            raise ValueError(f"lfq_groups={cfg.lfq_groups} must divide the quantized channels "
+                             f"({cfg.latent_dim // cfg.groups}); choose a divisor")
+        if bits > MAX_GROUP_BITS:
+            raise ValueError(f"{bits} channels per LFQ group means 2^{bits} codes per group, too many to enumerate "
+                             f"for the entropy loss; raise lfq_groups so that latent_dim / lfq_groups <= "
+                             f"{MAX_GROUP_BITS}")
     if cfg.segment_entropy not in ("pooled", "per_segment"):
         raise ValueError(f"segment_entropy must be 'pooled' or 'per_segment', got {cfg.segment_entropy!r}")
     if cfg.kind == "lfq" and cfg.residual_levels > 1:

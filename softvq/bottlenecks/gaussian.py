@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, float32_region
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count, float32_region
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -29,6 +29,7 @@ class GaussianPosterior(Bottleneck):
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
+        check_count("latent_dim", latent_dim)
         self.latent_dim = latent_dim
         self.input_dim = 2 * latent_dim
 

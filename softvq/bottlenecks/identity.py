@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count
 
 
 class Identity(Bottleneck):
@@ -12,7 +12,9 @@ class Identity(Bottleneck):
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
+        check_count("latent_dim", latent_dim)
         self.input_dim = self.latent_dim = latent_dim
 
     def forward(self, z: Tensor) -> BottleneckOutput:
+        self.check_input(z)
         return BottleneckOutput(latents=z)

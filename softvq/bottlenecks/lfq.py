@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, float32_region
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count, check_positive, float32_region
 from softvq.bottlenecks.softvq import entropy
 
 MAX_GROUP_BITS = 16  # 2^16 codes per group: the LFQ baseline of WeTok Tab. 7 (d' = 16)
@@ -49,7 +49,11 @@ class GroupedLookupFree(Bottleneck):
 
     def __init__(self, latent_dim: int, *, groups: int = 1, entropy_temperature: float | None = None) -> None:
         super().__init__()
-        if groups < 1 or latent_dim % groups:
+        check_count("latent_dim", latent_dim)
+        check_count("lfq_groups", groups)
+        if entropy_temperature is not None:
+            check_positive("entropy_temperature", entropy_temperature)
+        if latent_dim % groups:
             raise ValueError(
                 f"lfq_groups={groups} must divide the quantized channels ({latent_dim}); "
                 f"choose a divisor of {latent_dim}"

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, EntropyTerms, float32_region
+from softvq.bottlenecks.base import (Bottleneck, BottleneckOutput, EntropyTerms, check_chunk_size, check_count,
+                                     check_positive, float32_region)
 from softvq.bottlenecks.soft_assign import affinity, soft_assign, soft_latents  # noqa: F401 (affinity re-exported)
 
 
@@ -81,12 +82,12 @@ class SoftVQ(Bottleneck):
         super().__init__()
         if distance not in ("l2", "cosine"):
             raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine' (release)")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if entropy_temperature is not None and entropy_temperature <= 0:
-            raise ValueError(f"entropy_temperature must be positive or None, got {entropy_temperature}")
-        if codebook_size < 1 or latent_dim < 1:
-            raise ValueError(f"codebook_size and latent_dim must be positive, got {codebook_size}, {latent_dim}")
+        check_count("latent_dim", latent_dim)
+        check_count("codebook_size", codebook_size)
+        check_positive("temperature", temperature)
+        if entropy_temperature is not None:
+            check_positive("entropy_temperature", entropy_temperature)
+        check_chunk_size("chunk_size", chunk_size)
         self.input_dim = self.latent_dim = latent_dim
         self.distance = distance
         self.detach_codebook_in_logits = detach_codebook_in_logits

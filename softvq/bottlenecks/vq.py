@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, float32_region
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count, float32_region
 from softvq.bottlenecks.extremes import last_axis_argmin
 from softvq.bottlenecks.softvq import entropy
 
@@ -52,6 +52,8 @@ class VQ(Bottleneck):
         super().__init__()
         if distance not in ("l2", "cosine"):
             raise ValueError(f"unknown distance {distance!r}; use 'l2' (paper) or 'cosine'")
+        check_count("latent_dim", latent_dim)
+        check_count("codebook_size", codebook_size)
         self.input_dim = self.latent_dim = latent_dim
         self.distance = distance
         self.codebook = nn.Parameter(torch.randn(codebook_size, latent_dim) / math.sqrt(latent_dim))

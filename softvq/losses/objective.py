@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The unweighted losses the bottlenecks return (BottleneckOutput.losses): SoftVQ/GMMVQ/KL "kl",
+# VQ "codebook" + "commit", LFQ "entropy" + "commit".
+BOTTLENECK_LOSSES = ("kl", "entropy", "codebook", "commit")
+
 _CHOICES = {
     "reconstruction": ("l1", "l2"),
     "perceptual_net": ("vgg", "alex"),
@@ -140,6 +144,12 @@ class ObjectiveConfig:
         for name in ("diffaug_prob", "diffaug_cutout", "consistency_cutout", "lecam_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"objective.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name, weight in self.bottleneck_loss_weights.items():
+            if name not in BOTTLENECK_LOSSES:
+                raise ValueError(f"objective.bottleneck_loss_weights has no loss {name!r}; bottlenecks return "
+                                 f"{', '.join(BOTTLENECK_LOSSES)}")
+            if weight < 0:
+                raise ValueError(f"objective.bottleneck_loss_weights.{name} must be >= 0, got {weight}")
         return self
 
     @classmethod

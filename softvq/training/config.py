@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
-from softvq.config import TokenizerConfig, preset
+from softvq.config import TokenizerConfig, preset, strict_fields
 from softvq.losses.objective import ObjectiveConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -90,6 +88,8 @@ class OptimConfig:
     lr:
         peak learning rate at a global batch of 256; with ``scale_lr`` it is multiplied by
         global_batch / 256 (paper: 1e-4).
+    grad_clip:
+        maximum global gradient norm (paper C.1: 1.0); ``0`` or ``None`` turns clipping off.
     disc_lr / disc_betas / disc_weight_decay:
         the discriminator's own optimizer; ``None`` copies the tokenizer's values.
     """
@@ -139,6 +139,7 @@ class RunConfig:
     """Where results go and how often things happen (all cadences in optimizer steps; 0 = never).
 
     output:           run folder; ``None`` -> ``runs/<name>``.
+    keep_checkpoints: how many checkpoints stay on disk (0 keeps them all).
     max_nonfinite:    the run stops with an error after this many skipped non-finite steps.
     max_minutes:      stop cleanly (checkpoint, export, metrics) after this much wall time.
     eval_lpips:       also compute held-out LPIPS (VGG) at the end.
@@ -195,10 +196,33 @@ class TrainConfig:
             raise ValueError("schedule.batch_size and schedule.grad_accum must be positive")
         if not 0.0 <= s.ema_decay < 1.0:
             raise ValueError(f"schedule.ema_decay must be in [0, 1), got {s.ema_decay}")
-        if len(self.optim.betas) != 2:
-            raise ValueError(f"optim.betas needs two numbers, got {self.optim.betas}")
-        if self.optim.lr <= 0:
-            raise ValueError(f"optim.lr must be positive, got {self.optim.lr}")
+        if s.warmup_steps < 0 or not 0.0 <= s.min_lr_ratio <= 1.0:
+            raise ValueError(f"schedule.warmup_steps must be 0 or more and schedule.min_lr_ratio in [0, 1], got "
+                             f"{s.warmup_steps} and {s.min_lr_ratio}")
+        o = self.optim
+        for name in ("betas", "disc_betas"):
+            betas = getattr(o, name)
+            if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
+                raise ValueError(f"optim.{name} needs two numbers in [0, 1), got {betas}")
+        if o.lr <= 0 or (o.disc_lr is not None and o.disc_lr <= 0):
+            raise ValueError(f"optim.lr must be positive, got {o.lr}" if o.lr <= 0 else
+                             f"optim.disc_lr must be positive or null, got {o.disc_lr}")
+        if o.eps <= 0 or o.weight_decay < 0 or (o.disc_weight_decay or 0) < 0:
+            raise ValueError("optim.eps must be positive and optim.weight_decay / disc_weight_decay 0 or more")
+        if o.grad_clip is not None and o.grad_clip < 0:  # torch would flip the gradient's sign
+            raise ValueError(f"optim.grad_clip must be positive, or 0 / null for no clipping, got {o.grad_clip}")
+        d = self.data
+        if d.num_eval_images < 1 or d.bundled_crops_per_photo < 1 or d.prefetch_factor < 1:
+            raise ValueError("data.num_eval_images, data.bundled_crops_per_photo and data.prefetch_factor must be "
+                             f"1 or more, got {d.num_eval_images}, {d.bundled_crops_per_photo}, {d.prefetch_factor}")
+        if not 0.0 < d.min_crop_fraction <= 1.0:
+            raise ValueError(f"data.min_crop_fraction must be in (0, 1], got {d.min_crop_fraction}")
+        r = self.run
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "grid_every", "grid_images", "max_nonfinite"):
+            if getattr(r, name) < 0:
+                raise ValueError(f"run.{name} must be 0 or more, got {getattr(r, name)} (0 turns it off; see RunConfig)")
+        if r.max_minutes is not None and r.max_minutes <= 0:
+            raise ValueError(f"run.max_minutes must be positive or null, got {r.max_minutes}")
         if self.data.workers < 0 or (self.data.image_size is not None and self.data.image_size < 1):
             raise ValueError(f"data.workers must be 0 or more and data.image_size positive, got "
                              f"{self.data.workers} and {self.data.image_size}")
@@ -322,15 +346,19 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def config_from_dict(tree: Mapping[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig`; unknown keys are an error naming the dotted key."""
     tree = dict(tree)
-    model = dict(tree.pop("model", None) or {})
+    model = tree.pop("model", None) or {}
+    if not isinstance(model, Mapping):
+        raise ValueError(f"model must be a section of settings, got {model!r}"
+                         + (f"; did you mean model.preset={model}?" if isinstance(model, str) else ""))
+    model = dict(model)
     # model.preset in YAML and overrides; model_preset where a resolved config was saved.
     name, saved_name = model.pop("preset", None), tree.pop("model_preset", None)
     if name and saved_name and name != saved_name:
         raise ValueError(f"model.preset={name} and model_preset={saved_name} disagree; set model.preset only")
     name = name or saved_name
     base = preset(name).to_dict() if name else TokenizerConfig().to_dict()
-    model_cfg = build(TokenizerConfig, deep_merge(base, model), "model")
-    cfg = build(TrainConfig, {**tree, "model": model_cfg}, "")
+    model_cfg = strict_fields(TokenizerConfig, deep_merge(base, model), "model")
+    cfg = strict_fields(TrainConfig, {**tree, "model": model_cfg})
     cfg.model_preset = name
     return cfg.validate()
 
@@ -348,78 +376,3 @@ def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     atomic_write(path, lambda p: p.write_text(text))
     return path
-
-
-# --- strict typed construction ---------------------------------------------------------------
-
-
-def build(cls: type, values: Any, path: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, recursing into nested dataclasses and checking
-    every value against its annotation; errors name the dotted key and what it accepts."""
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, Mapping):
-        raise ValueError(f"config section {path or '<root>'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    prefix = f"{path}." if path else ""
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown config key {', '.join(prefix + k for k in unknown)}; valid keys"
-            f"{' under ' + path if path else ''}: {', '.join(sorted(known))}"
-        )
-    kwargs = {key: _coerce(hints[key], value, prefix + key) for key, value in values.items()}
-    obj = cls(**kwargs)
-    return obj
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, key)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"{key} cannot be null")
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{key}={value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list, got {value!r}")
-        inner = args[0] if args else Any
-        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    if hint in _SCALARS:
-        accepts, what = _SCALARS[hint]
-        if not accepts(value):
-            raise ValueError(f"{key} must be {what}, got {value!r}")
-        return hint(value)
-    return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)  # YAML's true is not 1
-
-
-# Scalar field type -> (does a YAML / command-line value fit it, how the error describes it).
-_SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
-    bool: (lambda v: isinstance(v, bool), "true or false"),
-    int: (lambda v: _is_number(v) and float(v).is_integer(), "an integer"),
-    float: (_is_number, "a number"),
-    str: (lambda v: isinstance(v, str), "a string"),
-}
