@@ -107,7 +107,7 @@ def main() -> None:
         sweeps[f"tau-{tau}"] = (f"softmax temperature tau={tau}", {"temperature": float(tau)})
     sweeps["tau-learnable"] = ("learnable temperature (initialised at 0.07)", {"learnable_temperature": True})
     runs = [(name, title, change, "ablation-base.yaml") for name, (title, change) in variants.items()]
-    runs += [(name, f"{title}, on + PQ (G=4)", change, sweep_base) for name, (title, change) in sweeps.items()]
+    runs += [(name, f"{title}, starting from + PQ (G=4)", change, sweep_base) for name, (title, change) in sweeps.items()]
     for name, title, bottleneck, parent in runs:
         bottleneck = dict(bottleneck)
         model: dict = {}
