@@ -112,11 +112,13 @@ class TokenizerConfig:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """(rows, columns) of image patches at the trained size."""
         side = self.image_size // self.patch_size
         return side, side
 
     @property
     def num_patches(self) -> int:
+        """N, image tokens at the trained size."""
         return self.grid[0] * self.grid[1]
 
     def validate(self) -> "TokenizerConfig":

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from softvq.bottlenecks.base import BottleneckOutput
+from softvq.bottlenecks.base import BottleneckOutput, full_precision
 from softvq.bottlenecks.factory import build_bottleneck
-from softvq.config import TokenizerConfig, preset
+from softvq.config import PRESETS, TokenizerConfig, preset
 from softvq.networks.decoder import TokenDecoder
 from softvq.networks.encoder import TokenEncoder
 
@@ -115,16 +115,17 @@ class Tokenizer(nn.Module):
         residual stream, and so every LayerNorm's input, stays float32
         (:func:`softvq.networks.vit._residual` keeps the plain form under autocast), and the
         bottleneck always computes in float32. What leaves the model (latents, features, images)
-        is float32. ``dtype``: ``torch.bfloat16`` / ``"bf16"`` or ``torch.float16`` / ``"fp16"``;
-        ``torch.float32`` / ``"fp32"`` turns it off. In bf16 an H100 encodes softvq-s-64 3.5x and
+        is float32. ``dtype``: ``torch.bfloat16`` / ``"bf16"`` / ``"bfloat16"`` or ``torch.float16`` /
+        ``"fp16"`` / ``"float16"``; ``torch.float32`` / ``"fp32"`` / ``"float32"`` turns it off. In bf16 an H100 encodes softvq-s-64 3.5x and
         decodes it 4.8x faster than the fp32 explicit-attention baseline at batch 64, and a 2-core
         CPU with AMX 2.2x and 2.7x at batch 8 (README). A CPU without bf16 matrix instructions
         (AMX, AVX512-BF16) emulates it and is likely slower than float32.
         """
         if isinstance(dtype, str):
-            if dtype not in PRECISIONS:
-                raise ValueError(f"unknown precision {dtype!r}; use one of {', '.join(PRECISIONS)}")
-            dtype = PRECISIONS[dtype]
+            by_name = {**PRECISIONS, **{str(d).removeprefix("torch."): d for d in PRECISIONS.values()}}
+            if dtype not in by_name:  # "bf16" or torch's own name, "bfloat16"
+                raise ValueError(f"unknown precision {dtype!r}; use one of {', '.join(by_name)}")
+            dtype = by_name[dtype]
         if dtype not in PRECISIONS.values():
             raise ValueError(f"autocast runs in torch.bfloat16 or torch.float16, not {dtype}")
         self.compute_dtype = dtype
@@ -184,11 +185,19 @@ class Tokenizer(nn.Module):
         return load_pretrained(path_or_id, map_location=map_location)
 
     @classmethod
-    def from_official(cls, path_or_id: str | Path, **kwargs: Any) -> "Tokenizer":
-        """Load a released SoftVQ-VAE checkpoint (``SoftVQVAE/softvq-*``), mapping its keys."""
+    def from_official(cls, path_or_id: str | Path, *, map_location: str | torch.device = "cpu",
+                      encoder_heads: int | None = None, decoder_heads: int | None = None) -> "Tokenizer":
+        """Load a released SoftVQ-VAE checkpoint (``SoftVQVAE/softvq-*``: a folder or hub id with
+        ``config.json`` and ``model.safetensors``), mapping its keys, in eval mode.
+
+        The attention head counts are not in the weights; by default they are width / 64, the
+        64-channel heads of every release (S 6, B 12, L 16). ``encoder_heads`` / ``decoder_heads``
+        override them for a checkpoint of another head size.
+        """
         from softvq.checkpoint.official import load_official
 
-        return load_official(path_or_id, **kwargs)
+        return load_official(path_or_id, map_location=map_location, encoder_heads=encoder_heads,
+                             decoder_heads=decoder_heads)
 
     def with_generative_decoder(self, noise_dim: int) -> "Tokenizer":
         """A copy whose decoder also reads ``noise_dim`` Gaussian channels per token: WeTok's
@@ -221,11 +230,11 @@ class Tokenizer(nn.Module):
             differ = _config_differences(other.config.to_dict(), self.config.to_dict(), skip={"decoder_noise_dim"})
             if not differ:
                 raise
-            settings = " ".join(f"model.{key}={_as_override(theirs)}" for key, theirs, _ in differ[:4])
-            raise CheckpointError(
-                f"{error}. Its model differs from this config's in "
-                f"{'; '.join(f'{k} {theirs!r} (this config: {ours!r})' for k, theirs, ours in differ[:6])}: "
-                f"repeat the overrides that made it, e.g. {settings}") from None
+            shown = "; ".join(f"{k} {theirs!r} (this config: {ours!r})" for k, theirs, ours in differ[:6])
+            more = f" (+{len(differ) - 6} more)" if len(differ) > 6 else ""
+            raise CheckpointError(f"{error}. Its model differs from this config's in {shown}{more}: repeat the "
+                                  f"overrides that made it: {_overrides_to_reach(other.config.to_dict(), differ)}"
+                                  ) from None
         self.latent_mean, self.latent_std = other.latent_mean, other.latent_std
         return self
 
@@ -324,7 +333,8 @@ class Tokenizer(nn.Module):
 
     def decode(self, latents: Tensor, image_size: int | tuple[int, int] | None = None, *,
                noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Latents (B, L, D) -> images (B, C, H, W) in about [-1, 1] (default: the trained size).
+        """Latents (B, L, D) -> images (B, C, H, W) in about [-1, 1] (default: the trained size),
+        float32 whatever the compute precision (float64 for a float64 model), as ``encode``'s latents.
 
         With a generative decoder (``config.decoder_noise_dim > 0``, WeTok Sec. 3.3) each call
         samples noise (B, L, decoder_noise_dim) ~ N(0, I), from ``generator`` when given; pass
@@ -339,14 +349,23 @@ class Tokenizer(nn.Module):
             raise ValueError(
                 f"expected latents of shape (B, {self.num_tokens}, {self.latent_dim}), got {tuple(latents.shape)}"
             )
+        if not latents.is_floating_point():
+            raise TypeError(f"latents must be floating point, got {latents.dtype}; decode takes the latents "
+                            f"encode returns (for LFQ / VQ codes, the ±1 or codeword vectors, not the indices)")
+        if latents.shape[0] == 0:
+            raise ValueError("latents is an empty batch (B = 0); pass at least one")
         self._check_placement(latents, "latents")
+        if not self.training and not torch.compiler.is_compiling() and not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents contain NaN or infinite values")  # inference only: a host sync
         self._check_output_size(image_size)
         x = decoder_input(latents.to(self.from_latent.weight.dtype), self.config.decoder_noise_dim,
                           noise, generator)
         if self.slice_size and latents.shape[0] > self.slice_size:
             # Noise is drawn once for the whole batch above, so slicing does not change it.
-            return torch.cat([self._decode_input(part, image_size) for part in x.split(self.slice_size)])
-        return self._decode_input(x, image_size)
+            images = torch.cat([self._decode_input(part, image_size) for part in x.split(self.slice_size)])
+        else:
+            images = self._decode_input(x, image_size)
+        return full_precision(images)  # float32 like the latents (float64 for a float64 model)
 
     def _check_output_size(self, image_size: int | tuple[int, int] | None) -> None:
         """The decoder paints whole patches, so a size that is not a positive multiple of the patch
@@ -386,14 +405,20 @@ class Tokenizer(nn.Module):
 
 
 def _concat_encodings(parts: list[Encoding]) -> Encoding:
-    """Join per-slice encodings along the batch; scalar losses/metrics are averaged."""
+    """Join per-slice encodings along the batch; scalar losses/metrics are averaged over the slices
+    weighted by their images (a per-image mean comes out exact; batch statistics such as
+    perplexity, usage and SoftVQ's H(E q) are the slices' weighted average, not the whole batch's)."""
+    sizes = torch.tensor([float(p.latents.shape[0]) for p in parts])
+    weights = sizes / sizes.sum()
+
     def cat(name: str) -> Tensor | None:
         values = [getattr(p, name) for p in parts]
         return None if values[0] is None else torch.cat(values)
 
     def mean(name: str) -> dict[str, Tensor]:
         keys = getattr(parts[0], name).keys()
-        return {k: torch.stack([getattr(p, name)[k] for p in parts]).mean() for k in keys}
+        return {k: (torch.stack([getattr(p, name)[k].float() for p in parts])
+                    * weights.to(parts[0].latents.device)).sum() for k in keys}
 
     return Encoding(latents=cat("latents"), features=cat("features"), indices=cat("indices"),
                     probs=cat("probs"), losses=mean("losses"), metrics=mean("metrics"))
@@ -411,6 +436,17 @@ def _config_differences(theirs: dict, ours: dict, skip: set[str], prefix: str = 
         elif a != b:
             out.append((f"{prefix}{key}", a, b))
     return out
+
+
+def _overrides_to_reach(theirs: dict, differ: list[tuple[str, Any, Any]]) -> str:
+    """The shortest ``model.…=`` overrides that turn this config into ``theirs``: every differing
+    key, or a preset plus what still differs from it when that is shorter."""
+    best = [f"model.{key}={_as_override(value)}" for key, value, _ in differ]
+    for name, config in PRESETS.items():
+        rest = _config_differences(theirs, config.to_dict(), skip={"decoder_noise_dim"})
+        if len(rest) + 1 < len(best):
+            best = [f"model.preset={name}"] + [f"model.{key}={_as_override(value)}" for key, value, _ in rest]
+    return " ".join(best)
 
 
 def _as_override(value: Any) -> str:

@@ -321,6 +321,18 @@ def test_convert_then_load_ours_is_bit_identical(tmp_path):
     assert torch.equal(original.reconstruct(x), again.reconstruct(x))
 
 
+def test_a_pickled_release_loads_and_a_folder_without_weights_is_named(tmp_path):
+    folder, state, _ = tiny_release(tmp_path, 2)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    expected = load_official(folder).reconstruct(x)
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")  # what PyTorchModelHubMixin wrote before safetensors
+    assert torch.equal(load_official(folder).reconstruct(x), expected)
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"holds no model.safetensors or pytorch_model.bin \(it holds: config.json\)"):
+        load_official(folder)
+
+
 def test_hub_id_goes_through_huggingface_hub(tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -329,7 +341,7 @@ def test_hub_id_goes_through_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, allow_patterns: asked.append((repo, allow_patterns)) or str(folder))
     model = Tokenizer.from_official("SoftVQVAE/softvq-test")
-    assert asked == [("SoftVQVAE/softvq-test", ["config.json", "model.safetensors"])]
+    assert asked == [("SoftVQVAE/softvq-test", ["config.json", "model.safetensors", "pytorch_model.bin"])]
     assert model.num_tokens == 8
 
     def offline(repo, allow_patterns):

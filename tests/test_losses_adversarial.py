@@ -264,3 +264,14 @@ def test_dino_discriminator_crops_or_resizes_large_inputs() -> None:
     # eval always resizes; training crops about half of the time, so some passes differ
     assert any(not torch.allclose(f, resized) for f in train_feats)
     assert any(torch.allclose(f, resized) for f in train_feats)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_patchgan_names_images_too_small_for_its_convolutions(layers):
+    d = PatchGAN(width=8, layers=layers)
+    side = d.min_side
+    assert d(torch.rand(2, 3, side, side)).shape[0] == 2
+    with pytest.raises(RuntimeError):  # what torch says one pixel below: the bound is tight
+        d.net(torch.rand(2, 3, side - 1, side - 1))
+    with pytest.raises(ValueError, match=f"needs images of at least {side}x{side}, got \\({side - 1}, {side}\\)"):
+        d(torch.rand(2, 3, side - 1, side))

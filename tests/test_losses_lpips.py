@@ -188,8 +188,15 @@ def test_bad_input_is_named() -> None:
     lpips = LPIPS("alex")
     with pytest.raises(ValueError, match="equal shape"):
         lpips(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 16))
-    with pytest.raises(ValueError, match="at least 16x16"):
-        lpips(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="LPIPS-alex needs images of at least 31x31"):
+        lpips(torch.zeros(1, 3, 20, 20), torch.zeros(1, 3, 20, 20))  # was a max-pool error inside torch
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with pytest.raises(TypeError, match="float images in \\[-1, 1\\], got a torch.uint8 tensor"):
+        lpips(x.mul(127.5).add(127.5).to(torch.uint8), x)  # was NaN: the scale buffer became 0
+    # float64 and half inputs meet the float32 weights (they were a dtype error inside conv2d)
+    y = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(lpips(x.double(), y.double()), lpips(x, y))
+    torch.testing.assert_close(lpips(x.half(), y.half()), lpips(x.half().float(), y.half().float()))
 
 
 def test_channels_last_inference_path_gives_the_same_taps_in_the_usual_layout():

@@ -1,6 +1,7 @@
 """The tokenizer's architecture (paper Sec. 3.1): shapes, what the encoder keeps, resolution changes."""
 
 import contextlib
+import copy
 import dataclasses
 
 import pytest
@@ -171,6 +172,16 @@ def test_inference_refuses_8_bit_values_nan_and_empty_batches_but_training_skips
         model.train().encode(pixels)  # a training step pays no host sync for the check
     with pytest.raises(ValueError, match="positive multiple of the patch size 8; got 64.0"):
         model.decode(torch.zeros(1, model.num_tokens, model.latent_dim), 64.0)
+    # decode checks as encode does (it returned NaN images, an empty batch, decoded integer tensors)
+    z = torch.zeros(1, model.num_tokens, model.latent_dim)
+    with pytest.raises(ValueError, match="latents contain NaN"):
+        model.eval().decode(z * float("nan"))
+    with pytest.raises(ValueError, match="empty batch"):
+        model.decode(z[:0])
+    with pytest.raises(TypeError, match="latents must be floating point, got torch.int64"):
+        model.decode(z.long())
+    with pytest.raises(TypeError, match="noise must be a float tensor of shape"):
+        model.with_generative_decoder(2).decode(z, noise="x")  # was an AttributeError on .shape
 
 
 def test_a_kl_preset_encodes_the_same_latents_both_ways():
@@ -208,6 +219,19 @@ def test_slicing_gives_the_same_latents_and_images():
     torch.testing.assert_close(sliced.encoding.latents, full.encoding.latents)
     torch.testing.assert_close(sliced.reconstruction, full.reconstruction)
     assert torch.equal(sliced.encoding.indices, full.encoding.indices)
+
+
+def test_sliced_losses_weight_each_slice_by_its_images():
+    # LayerScale 1, not 1e-5: a fresh encoder's output would hardly depend on the image
+    model = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, bottleneck={"kind": "kl"},
+                                         encoder={"depth": 1, "layerscale_init": 1.0}, decoder={"depth": 1})
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    x[4] *= 0.1  # an image whose KL differs from the others'
+    with torch.no_grad():
+        full = model.encode(x).losses["kl"]
+        sliced = model.enable_slicing(4).encode(x).losses["kl"]  # slices of 4 and 1 images
+    # the KL is a mean over images, so the weighted slice average equals it (a plain mean did not)
+    torch.testing.assert_close(sliced, full)
 
 
 def test_fused_residual_update_equals_the_plain_block_and_its_gradients():
@@ -310,6 +334,7 @@ def test_enable_autocast_rejects_what_autocast_cannot_run():
     with pytest.raises(ValueError, match="torch.bfloat16 or torch.float16"):
         model.enable_autocast(torch.float64)
     assert model.enable_autocast(torch.float16).precision == "fp16"
+    assert model.enable_autocast("bfloat16").precision == "bf16"  # torch's name too, not only "bf16"
     assert model.enable_autocast("fp32").precision == "fp32" and model.compute_dtype == torch.float32
     assert model.enable_autocast("bf16").enable_autocast(torch.float32).precision == "fp32"
 
@@ -337,3 +362,20 @@ def test_constructing_from_the_wrong_type_names_the_right_one():
     assert type(built.encoder.depth) is int
     config = softvq.Tokenizer.from_preset("softvq-tiny").config.to_dict()
     assert softvq.Tokenizer(config).config == TokenizerConfig.from_dict(config)  # a dict is taken as its config
+
+
+@pytest.mark.parametrize("kind", ["softvq", "gmmvq", "vq", "kl", "lfq", "ae"])
+def test_latents_and_images_come_back_in_float32_or_in_a_float64_models_precision(kind):
+    bottleneck = {"kind": kind, **({"lfq_groups": 2} if kind == "lfq" else {})}
+    torch.manual_seed(0)
+    model = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, bottleneck=bottleneck,
+                                         encoder={"depth": 1}, decoder={"depth": 1})
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    reference = model.encode(x).latents
+    wide = copy.deepcopy(model).double()  # float64 for gradient checks: the bottleneck used to drop to float32
+    latents = wide.encode(x.double()).latents
+    assert latents.dtype == wide.decode(latents).dtype == torch.float64
+    torch.testing.assert_close(latents.float(), reference, atol=1e-5, rtol=1e-5)
+    narrow = copy.deepcopy(model).bfloat16()  # bf16 weights: the bottleneck (and the LFQ codes) in float32
+    latents = narrow.encode(x).latents
+    assert latents.dtype == narrow.decode(latents).dtype == torch.float32

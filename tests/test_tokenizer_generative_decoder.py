@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from softvq.checkpoint.pretrained import CheckpointError
-from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig
+from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig, preset
 from softvq.tokenizer import Tokenizer
 from softvq.training.config import config_from_dict
 from softvq.training.trainer import Trainer
@@ -152,3 +152,14 @@ def test_stage_two_of_another_bottleneck_names_the_overrides_to_repeat():
     assert "bottleneck.kind 'lfq' (this config: 'softvq')" in message
     assert "model.bottleneck.kind=lfq" in message and "model.bottleneck.lfq_groups=2" in message
     assert "decoder_noise_dim" not in message  # the one setting stage 2 is meant to change
+
+
+def test_stage_two_of_a_preset_model_suggests_the_preset_not_a_partial_list():
+    """A stage-1 model of the tiny preset, stage 2 configured from the S preset: six and more keys
+    differ, and the one override that fixes them all is the preset."""
+    stage1 = Tokenizer.from_preset("softvq-tiny")
+    stage2 = preset("softvq-s-64")
+    stage2.decoder_noise_dim = NOISE
+    with pytest.raises(CheckpointError) as error:
+        Tokenizer(stage2).load_weights_of(stage1, "run.init_from stage1")
+    assert str(error.value).endswith("repeat the overrides that made it: model.preset=softvq-tiny")

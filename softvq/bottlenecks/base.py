@@ -65,6 +65,7 @@ class Bottleneck(nn.Module):
     latent_dim: int
 
     def forward(self, z: Tensor) -> BottleneckOutput:  # pragma: no cover - interface
+        """Encoder projection z (..., input_dim) -> :class:`BottleneckOutput` (latents (..., latent_dim))."""
         raise NotImplementedError
 
     def latents(self, z: Tensor) -> Tensor:
@@ -89,6 +90,12 @@ class Bottleneck(nn.Module):
     def codebook_size(self) -> int | None:
         """Codewords per codebook, or None for continuous bottlenecks."""
         return None
+
+
+def full_precision(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 when it already is: quantizer math never runs in half precision
+    (autocast, bf16 weights), nor below a float64 model's own precision (gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def float32_region(device: torch.device):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count, float32_region
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count, float32_region, full_precision
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -34,9 +34,10 @@ class GaussianPosterior(Bottleneck):
         self.input_dim = 2 * latent_dim
 
     def forward(self, z: Tensor) -> BottleneckOutput:
+        """Mean / log-variance channels -> a reparametrised sample in training, the mean in eval mode; loss ``kl``."""
         self.check_input(z)
         with float32_region(z.device):
-            z = z.float()
+            z = full_precision(z)
             mean, logvar = z[..., : self.latent_dim], z[..., self.latent_dim:]
             logvar = logvar.clamp(*LOGVAR_RANGE)
             var = logvar.exp()

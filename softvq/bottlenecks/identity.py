@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count, full_precision
 
 
 class Identity(Bottleneck):
@@ -16,5 +16,6 @@ class Identity(Bottleneck):
         self.input_dim = self.latent_dim = latent_dim
 
     def forward(self, z: Tensor) -> BottleneckOutput:
+        """The input unchanged (in float32) as the latents; no losses."""
         self.check_input(z)
-        return BottleneckOutput(latents=z)
+        return BottleneckOutput(latents=full_precision(z))  # float32 like every other kind

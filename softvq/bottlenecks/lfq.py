@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count, check_positive, float32_region
+from softvq.bottlenecks.base import (Bottleneck, BottleneckOutput, check_count, check_positive, float32_region,
+                                     full_precision)
 from softvq.bottlenecks.softvq import entropy
 
 MAX_GROUP_BITS = 16  # 2^16 codes per group: the LFQ baseline of WeTok Tab. 7 (d' = 16)
@@ -77,16 +78,17 @@ class GroupedLookupFree(Bottleneck):
         return 2**self.group_bits
 
     def forward(self, z: Tensor) -> BottleneckOutput:
+        """sign(u) with a straight-through gradient; losses ``entropy`` (Eq. 7 − Eq. 9) and ``commit``."""
         self.check_input(z)
         with float32_region(z.device):
-            u = z.float()
+            u = full_precision(z)
             lead = u.shape[:-1]
             quantized = torch.where(u > 0, 1.0, -1.0)
             latents = u + (quantized - u).detach()
             commit = (u - quantized).pow(2).sum(-1).mean()
 
             grouped = u.reshape(-1, self.groups, self.group_bits)
-            logits = 2.0 * grouped @ self.codes.t() / self.entropy_temperature  # (T, g, 2^d')
+            logits = 2.0 * grouped @ self.codes.to(u.dtype).t() / self.entropy_temperature  # (T, g, 2^d')
             log_q = torch.log_softmax(logits, dim=-1)
             q = log_q.exp()
             token_entropy = -(q * log_q).sum(-1).sum(-1).mean()  # Eq. 7

@@ -37,13 +37,16 @@ class ProductQuantizer(Bottleneck):
 
     @property
     def groups(self) -> int:
+        """G, the channel groups (one codebook each)."""
         return len(self.parts)
 
     @property
     def codebook_size(self) -> int | None:
+        """Codewords per group's codebook."""
         return self.parts[0].codebook_size
 
     def forward(self, z: Tensor) -> BottleneckOutput:
+        """Each channel group through its own quantizer, latents concatenated, losses summed (Eq. 12)."""
         self.check_input(z)
         signal = z[..., : self.latent_dim].split(self.group_dim, dim=-1)
         side = z[..., self.latent_dim:].split(self.group_side, dim=-1) if self.group_side else None

@@ -41,9 +41,11 @@ class ResidualQuantizer(Bottleneck):
 
     @property
     def codebook_size(self) -> int | None:
+        """Codewords per level's codebook."""
         return self.levels[0].codebook_size
 
     def forward(self, z: Tensor) -> BottleneckOutput:
+        """Each level quantizes what the previous ones left; latents summed, losses summed (Eq. 13)."""
         self.check_input(z)
         residual = z[..., : self.latent_dim]
         side = z[..., self.latent_dim:].split(self.level_side, dim=-1) if self.level_side else None

@@ -51,10 +51,12 @@ class SegmentCodebooks(Bottleneck):
 
     @property
     def segments(self) -> int:
+        """S, the contiguous blocks of the token sequence (one codebook each)."""
         return len(self.parts)
 
     @property
     def codebook_size(self) -> int | None:
+        """Codewords per segment's codebook."""
         return self.parts[0].codebook_size
 
     def _segments(self, z: Tensor) -> tuple[Tensor, ...]:
@@ -71,9 +73,11 @@ class SegmentCodebooks(Bottleneck):
         return z.split(length // self.segments, dim=1)
 
     def latents(self, z: Tensor) -> Tensor:
+        """``forward(z).latents`` alone, each segment through its part's fast path."""
         return torch.cat([part.latents(chunk) for part, chunk in zip(self.parts, self._segments(z))], dim=1)
 
     def forward(self, z: Tensor) -> BottleneckOutput:
+        """Each block of tokens through its own codebook; the entropy pooled or per segment (``entropy``)."""
         outputs = [part(chunk) for part, chunk in zip(self.parts, self._segments(z))]
         losses = mean_losses(outputs)
         terms = None

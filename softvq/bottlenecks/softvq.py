@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import (Bottleneck, BottleneckOutput, EntropyTerms, check_chunk_size, check_count,
-                                     check_positive, float32_region)
+                                     check_positive, float32_region, full_precision)
 from softvq.bottlenecks.soft_assign import affinity, soft_assign, soft_latents  # noqa: F401 (affinity re-exported)
 
 
@@ -36,7 +36,10 @@ def entropy_regulariser(logits: Tensor) -> Tensor:
     """L_kl = mean_tokens H(q) − H(mean_tokens q) for logits (T, K) (Eq. 4 / B.1).
 
     Low when each posterior is sharp (first term) and the batch uses the codebook evenly
-    (second term), i.e. the KL to the uniform prior over codewords.
+    (second term). B.1 derives it from the KL to the uniform prior U, with the batch-averaged
+    posterior in the cross-entropy term; as computed it equals KL(E q ‖ U) − mean KL(q ‖ U), which
+    is ≤ 0 (H is concave), so the logged ``kl`` loss is negative (0 when every token has the same
+    posterior, −log K at best).
     """
     probs = logits.softmax(-1)
     return entropy(probs).mean() - entropy(probs.mean(0))
@@ -104,20 +107,22 @@ class SoftVQ(Bottleneck):
 
     @property
     def codebook_size(self) -> int:
+        """K, the codewords of the codebook."""
         return self.codebook.shape[0]
 
     @property
     def temperature(self) -> Tensor:
+        """τ as a 0-dim tensor (a parameter when learnable)."""
         return self.log_temperature.exp()
 
     def normalized_codebook(self) -> Tensor:
         """The codebook as the decoder sees it (L2-normalised rows for the cosine variant)."""
-        c = self.codebook.float()
+        c = full_precision(self.codebook)
         return F.normalize(c, dim=-1) if self.distance == "cosine" else c
 
     def inverse_temperature(self, z: Tensor) -> Tensor:
         """1/τ; GMMVQ overrides this with per-token weights ω(ẑ) (supplementary B.2)."""
-        return 1.0 / self.temperature.float()
+        return 1.0 / full_precision(self.temperature)
 
     def split_input(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(ẑ, 1/τ) from the encoder projection; GMMVQ also reads ω from extra channels."""
@@ -125,7 +130,7 @@ class SoftVQ(Bottleneck):
 
     def _flat_tokens(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(T, D) signal tokens as the assignment reads them (normalised for cosine) and the scale."""
-        signal, scale = self.split_input(z.float())
+        signal, scale = self.split_input(full_precision(z))
         flat = signal.reshape(-1, self.latent_dim)
         if scale.dim():
             scale = scale.reshape(-1)
@@ -148,6 +153,7 @@ class SoftVQ(Bottleneck):
             return latents.reshape(*z.shape[:-1], self.latent_dim)
 
     def forward(self, z: Tensor) -> BottleneckOutput:
+        """z = q(z|x) C with loss ``kl`` = H(q) − H(E q), the argmax indices and, when kept, the posterior (Eq. 4)."""
         self.check_input(z)
         with float32_region(z.device):
             lead = z.shape[:-1]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count, float32_region
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count, float32_region, full_precision
 from softvq.bottlenecks.extremes import last_axis_argmin
 from softvq.bottlenecks.softvq import entropy
 
@@ -60,16 +60,19 @@ class VQ(Bottleneck):
 
     @property
     def codebook_size(self) -> int:
+        """K, the codewords of the codebook."""
         return self.codebook.shape[0]
 
     def normalized_codebook(self) -> Tensor:
-        c = self.codebook.float()
+        """The codebook as lookups read it (L2-normalised rows for the cosine variant)."""
+        c = full_precision(self.codebook)
         return F.normalize(c, dim=-1) if self.distance == "cosine" else c
 
     def forward(self, z: Tensor) -> BottleneckOutput:
+        """Nearest codeword with a straight-through gradient; losses ``codebook`` and ``commit`` (Eq. 2)."""
         self.check_input(z)
         with float32_region(z.device):
-            z = z.float()
+            z = full_precision(z)
             lead = z.shape[:-1]
             flat = z.reshape(-1, self.latent_dim)
             if self.distance == "cosine":

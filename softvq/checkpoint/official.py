@@ -325,6 +325,20 @@ def _split_codebooks(embedding: torch.Tensor, own: dict[str, torch.Tensor]) -> d
     raise CheckpointError("the model's bottleneck has no codebook to receive quantize.embedding")
 
 
+# The release's weights file, then the pickle PyTorchModelHubMixin wrote before safetensors.
+RELEASE_WEIGHTS = (WEIGHTS_NAME, "pytorch_model.bin")
+
+
+def release_weights(folder: Path) -> Path:
+    """The weights file of a release folder, or a one-line error listing what the folder holds."""
+    for name in RELEASE_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    held = sorted(p.name for p in folder.iterdir())[:8]
+    raise CheckpointError(f"{folder} holds no {' or '.join(RELEASE_WEIGHTS)} (it holds: {', '.join(held) or 'nothing'}); "
+                          f"a release folder has config.json and model.safetensors")
+
+
 def load_official(
     path_or_id: str | Path,
     *,
@@ -339,9 +353,10 @@ def load_official(
     """
     from softvq.tokenizer import Tokenizer
 
-    folder = resolve(path_or_id, [CONFIG_NAME, WEIGHTS_NAME])
+    folder = resolve(path_or_id, [CONFIG_NAME, *RELEASE_WEIGHTS])
+    weights = release_weights(folder)
     official = read_official_config(folder)
-    state = read_state_dict(folder / WEIGHTS_NAME)
+    state = read_state_dict(weights)
     config = infer_config(state, official, encoder_heads=encoder_heads, decoder_heads=decoder_heads)
     model = Tokenizer(config)
     converted = convert_state_dict(state, model)
@@ -349,8 +364,8 @@ def load_official(
     if missing:
         names = [official_key(k) for k in missing]
         shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-        raise CheckpointError(f"{folder / WEIGHTS_NAME} is missing needed key(s) {shown}")
-    load_strict(model, converted.state, str(folder / WEIGHTS_NAME), spelling=official_key)
+        raise CheckpointError(f"{weights} is missing needed key(s) {shown}")
+    load_strict(model, converted.state, str(weights), spelling=official_key)
     model.ignored_keys = converted.ignored
     if converted.ignored:
         log.info("ignored %d release key(s) not needed to encode or decode: %s",

@@ -97,6 +97,8 @@ def read_folder_config(path_or_id: str | Path, fmt: str, what: str, hint: str) -
 
 
 def save_pretrained(model: "Tokenizer", directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` of ``model`` into ``directory`` atomically;
+    returns the folder."""
     meta: dict[str, Any] = {"format": FORMAT, "config": model.config.to_dict()}
     if model.latent_mean is not None:
         meta["latent_mean"], meta["latent_std"] = model.latent_mean, model.latent_std

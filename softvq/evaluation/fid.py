@@ -60,6 +60,7 @@ class FeatureStats:
 
     @classmethod
     def from_features(cls, features: np.ndarray | torch.Tensor) -> "FeatureStats":
+        """Mean and covariance (float64) of an (N, F) feature matrix."""
         acc = RunningStats()
         acc.update(features)
         return acc.finalize()
@@ -80,6 +81,7 @@ class RunningStats:
         self.rows: list[np.ndarray] | None = []  # kept while count <= D (low-rank FID)
 
     def update(self, features: np.ndarray | torch.Tensor) -> None:
+        """Add a batch of (B, F) features to the running sums."""
         x = _as_float64(features)
         if x.ndim != 2:
             raise ValueError(f"features must be (N, D), got shape {x.shape}")
@@ -99,6 +101,7 @@ class RunningStats:
                 self.rows = None
 
     def finalize(self) -> FeatureStats:
+        """The :class:`FeatureStats` of everything added so far."""
         if self.count < 2:
             raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
         mean_d = self.sum / self.count

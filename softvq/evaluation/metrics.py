@@ -109,11 +109,13 @@ class CodebookUsage:
         self.prob_rows = 0
 
     def update(self, indices: Tensor) -> None:
+        """Count the codes of a batch: indices (N,) for one codebook, (N, P) for P parallel ones."""
         idx = indices.detach().long().cpu()
         if idx.dim() == 1:
             idx = idx.unsqueeze(1)
         if idx.dim() != 2 or idx.shape[1] != self.num_codebooks:
-            raise ValueError(f"indices must be (N,) or (N, {self.num_codebooks}), got {tuple(indices.shape)}")
+            shapes = "(N,) or (N, 1)" if self.num_codebooks == 1 else f"(N, {self.num_codebooks}): one column per codebook"
+            raise ValueError(f"indices must be {shapes}, got {tuple(indices.shape)}")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.codebook_size):
             raise ValueError(f"indices outside [0, {self.codebook_size})")
         offsets = torch.arange(self.num_codebooks) * self.codebook_size
@@ -133,15 +135,20 @@ class CodebookUsage:
 
     @property
     def total(self) -> int:
+        """Codes counted so far (per codebook)."""
         return int(self.counts[0].sum())
 
     def usage_per_codebook(self) -> Tensor:
+        """Fraction of each codebook's K codes chosen at least once."""
         return (self.counts > 0).double().mean(1)
 
     def perplexity_per_codebook(self) -> Tensor:
+        """exp(H(p)) of each codebook's empirical code distribution."""
         return torch.exp(_entropy(self.counts.double()))
 
     def summary(self) -> dict[str, float]:
+        """``codebook_usage`` and ``codebook_perplexity`` averaged over the codebooks, the sizes, the codes
+        counted and, when posteriors were added, ``soft_perplexity``."""
         out = {
             "codebook_usage": float(self.usage_per_codebook().mean()),
             "codebook_perplexity": float(self.perplexity_per_codebook().mean()),
@@ -177,6 +184,7 @@ class RunningMoments:
         self.sumsq: Tensor | None = None
 
     def update(self, latents: Tensor) -> None:
+        """Add latents (..., D): per-channel sums and sums of squares in float64."""
         x = latents.detach().double().cpu().reshape(-1, latents.shape[-1])
         if self.sum is None:
             self.sum = torch.zeros(x.shape[1], dtype=torch.float64)
@@ -186,6 +194,7 @@ class RunningMoments:
         self.n += x.shape[0]
 
     def summary(self) -> dict[str, object]:
+        """Mean and std over all values and per channel of everything added so far."""
         if not self.n:
             raise ValueError("no latents were accumulated")
         mean_c = self.sum / self.n

@@ -63,6 +63,7 @@ class LeCAM(nn.Module):
 
     @torch.no_grad()
     def update(self, logits_real: Tensor, logits_fake: Tensor) -> None:
+        """Move the EMAs of the mean real and fake logits towards this batch's."""
         means = torch.stack([logits_real.detach().float().mean(), logits_fake.detach().float().mean()])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(means)
@@ -71,6 +72,7 @@ class LeCAM(nn.Module):
         self.ema_fake.mul_(self.decay).add_(means[1].to(self.ema_fake) * (1 - self.decay))
 
     def penalty(self, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+        """R = E[relu(D(x) − ema_fake)²] + E[relu(ema_real − D(x̂))²] for this batch's logits."""
         return (F.relu(logits_real.float() - self.ema_fake).pow(2).mean()
                 + F.relu(self.ema_real - logits_fake.float()).pow(2).mean())
 

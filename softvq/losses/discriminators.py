@@ -98,16 +98,20 @@ class Discriminator(FrozenHolder):
     (trainable part) -> (B, M) logits; ``forward`` composes them."""
 
     def features(self, x: Tensor) -> list[Tensor]:
+        """The frozen part: a list of feature maps of images x (B, 3, H, W) in [-1, 1]."""
         raise NotImplementedError
 
     def logits(self, features: list[Tensor]) -> Tensor:
+        """The trainable part: (B, M) logits from :meth:`features`, one block per head."""
         b = features[0].shape[0]
         return torch.cat([head(f).reshape(b, -1) for head, f in zip(self.heads, features)], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, M) logits of images x."""
         return self.logits(self.features(x))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        """The heads' parameters, what the discriminator optimizer updates."""
         return [p for p in self.parameters() if p.requires_grad]
 
 
@@ -202,7 +206,27 @@ class PatchGAN(Discriminator):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def min_side(self) -> int:
+        """Smallest image side that leaves the last conv at least one output pixel."""
+        convs = [m for m in self.net if isinstance(m, nn.Conv2d)]
+        side = 1
+        while not self._fits(side, convs):
+            side += 1
+        return side
+
+    @staticmethod
+    def _fits(side: int, convs: list[nn.Conv2d]) -> bool:
+        for conv in convs:
+            side = (side + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+            if side < 1:
+                return False
+        return True
+
     def features(self, x: Tensor) -> list[Tensor]:
+        if min(x.shape[-2:]) < self.min_side:
+            raise ValueError(f"this PatchGAN needs images of at least {self.min_side}x{self.min_side}, got "
+                             f"{tuple(x.shape[-2:])}; use fewer layers or larger images")
         return [x]
 
     def logits(self, features: list[Tensor]) -> Tensor:

@@ -38,6 +38,9 @@ def load_lpips_heads(path: str | Path) -> list[Tensor]:
         raise ValueError(f"{path} is not an LPIPS head file (missing {exc.args[0]})") from None
 
 
+# Smallest image side each backbone's pooling stages leave at least one pixel for (measured).
+MIN_SIDE = {"vgg": 16, "alex": 31}
+
 class LPIPS(FrozenHolder):
     """Frozen LPIPS distance. ``forward(x, y)`` -> (B,) for images (B, 3, H, W) in [−1, 1].
 
@@ -77,14 +80,25 @@ class LPIPS(FrozenHolder):
         return self.frozen("backbone")  # type: ignore[return-value]
 
     def check(self, x: Tensor) -> None:
+        """Fail with a clear message on images LPIPS cannot score: the wrong shape or dtype, or too
+        small for the backbone's pooling."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"LPIPS takes float images in [-1, 1], got {what}; convert 8-bit images with "
+                            f"x.float() / 127.5 - 1")
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS expects images of shape (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}")
-        if x.shape[-1] < 16 or x.shape[-2] < 16:
-            raise ValueError(f"LPIPS needs images of at least 16x16 pixels (VGG pools 4 times), got {tuple(x.shape[-2:])}")
+        smallest = MIN_SIDE[self.net]
+        if x.shape[-1] < smallest or x.shape[-2] < smallest:
+            raise ValueError(f"LPIPS-{self.net} needs images of at least {smallest}x{smallest} pixels (its pooling "
+                             f"stages), got {tuple(x.shape[-2:])}")
 
     def features(self, x: Tensor) -> list[Tensor]:
         """The five tapped activations of the scaled input (shallow to deep)."""
         self.check(x)
+        weights = next(self.backbone.parameters()).dtype
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weights)  # float64 / half inputs meet float32 weights; autocast casts by itself
         return self.backbone((x - self.shift.to(x.dtype)) / self.scale.to(x.dtype))
 
     def distance(self, fx: list[Tensor], fy: list[Tensor]) -> Tensor:

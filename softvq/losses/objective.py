@@ -132,6 +132,7 @@ class ObjectiveConfig:
     bottleneck_loss_weights: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> "ObjectiveConfig":
+        """Check choices and ranges (weights non-negative, probabilities in [0, 1]); returns ``self``."""
         for name, allowed in _CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -154,9 +155,11 @@ class ObjectiveConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ObjectiveConfig":
+        """Build from a dict, checking keys and types (see :func:`softvq.config.strict_fields`)."""
         return strict_fields(cls, data, what="objective").validate()
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain values."""
         return dataclasses.asdict(self)
 
 
@@ -250,6 +253,7 @@ class TokenizerObjective(nn.Module):
         return self.discriminator is not None and step >= self.cfg.discriminator_start
 
     def bottleneck_loss_weight(self, name: str) -> float:
+        """The weight of a loss the bottleneck returned, e.g. λ4 for ``kl`` (Eq. 7)."""
         if name not in self.loss_weights:
             raise ValueError(
                 f"the bottleneck returned a loss named {name!r} with no weight; set "

@@ -39,6 +39,9 @@ def decoder_input(latents: Tensor, noise_dim: int, noise: Tensor | None = None,
     expected = (*latents.shape[:-1], noise_dim)
     if noise is None:
         noise = standard_normal(expected, generator, latents.device, latents.dtype)
+    elif not isinstance(noise, Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a float tensor of shape {expected}, got "
+                        f"{noise.dtype if isinstance(noise, Tensor) else type(noise).__name__}")
     elif tuple(noise.shape) != expected:
         raise ValueError(f"noise must have shape {expected} (batch, tokens, decoder_noise_dim), "
                          f"got {tuple(noise.shape)}")

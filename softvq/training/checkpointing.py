@@ -26,6 +26,7 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """``RUN/checkpoints/step-NNNNNNNN.pt`` for a step."""
     return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt"
 
 
@@ -39,6 +40,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -97,6 +99,7 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state dict, with a one-line error when the file is damaged."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training checkpoint {path} does not exist")
@@ -121,6 +124,7 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Put back the Python, NumPy and torch random states :func:`capture_rng` saved."""
     python = state["python"]
     random.setstate((python[-2], tuple(python[:-2]), python[-1]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]

@@ -186,9 +186,11 @@ class TrainConfig:
 
     @property
     def image_size(self) -> int:
+        """The training resolution: ``data.image_size``, else the model's."""
         return self.data.image_size or self.model.image_size
 
     def validate(self) -> "TrainConfig":
+        """Check every section's ranges and their agreement; returns ``self``. Errors name the key."""
         s = self.schedule
         if s.steps < 1:
             raise ValueError(f"schedule.steps must be positive, got {s.steps}")
@@ -240,6 +242,7 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a nested dict, with ``model.preset`` first where one was named."""
         out = dataclasses.asdict(self)
         preset_name = out.pop("model_preset")
         if preset_name:
@@ -293,6 +296,7 @@ def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` merged into ``base`` section by section (the child config over its parent)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
@@ -315,6 +319,7 @@ _Loader.add_implicit_resolver(
 
 
 def yaml_load(text: str) -> Any:
+    """YAML 1.2-style parsing of one value or file (``2e-4`` is a number)."""
     return yaml.load(text, Loader=_Loader)
 
 
@@ -327,6 +332,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of a config tree with ``section.key=value`` overrides applied."""
     tree = dict(tree)
     for text in overrides:
         keys, value = parse_override(text)
@@ -370,6 +376,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically); :func:`load_config` reads it back equal."""
     from softvq.checkpoint.pretrained import atomic_write
 
     path = Path(path)

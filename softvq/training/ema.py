@@ -35,12 +35,14 @@ class EMA:
         return [params[n] for n in self.names]
 
     def current_decay(self) -> float:
+        """The decay of the next update (warm-up rule or the fixed decay)."""
         if not self.warmup:
             return self.decay
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """shadow ← decay · shadow + (1 − decay) · weights, for every tracked parameter (in float32)."""
         decay = self.current_decay()
         params = [p.detach().float() for p in self._params(model)]
         torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
@@ -62,10 +64,12 @@ class EMA:
                     p.copy_(b)
 
     def state_dict(self) -> dict:
+        """The shadow weights and the update count."""
         return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
                 "shadow": dict(zip(self.names, [s.clone() for s in self.shadow]))}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
         shadow = state["shadow"]
         missing = [n for n in self.names if n not in shadow]
         if missing:
