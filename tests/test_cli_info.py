@@ -12,7 +12,9 @@ import torch
 from softvq import PRESETS, Tokenizer
 from softvq.checkpoint.official import load_official
 from softvq.checkpoint.pretrained import CheckpointError, load_pretrained
+from softvq.cli.info import _bottleneck_line, architecture, describe, presets_table
 from softvq.cli.main import main
+from softvq.config import BottleneckConfig, TokenizerConfig, preset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_checkpoint_official import tiny_release  # noqa: E402  (the release-layout fixture)
@@ -39,13 +41,57 @@ def test_info_on_a_preset(capsys):
     assert "architecture only" in out
 
 
-def test_info_without_spec_lists_every_preset(capsys):
+def test_info_without_spec_lists_every_preset_and_explains_the_columns(capsys):
     assert main(["info"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    table, legend = capsys.readouterr().out.strip().split("\n\n")
+    lines = table.splitlines()
     assert lines[0].split()[0] == "preset" and len(lines) == 1 + len(PRESETS)
     row = next(line.split() for line in lines if line.startswith("softvq-s-64 "))
     # 256*256*3*8 / (64*32*32) = 24; 256*256/64 = 1024 pixels per token
     assert row[3:6] == ["64", "32", "8192"] and row[-3:] == ["24.0", "48.0", "1024"]
+    # every column that is not a plain word is explained; x codes only appears with discrete rows
+    explained = [line.split(":")[0] for line in legend.splitlines()]
+    assert explained == ["K", "x 32-bit, x 16-bit", "px/token"]
+    assert "per codebook" in legend and "x codes" not in lines[0]
+
+
+def _with_bottleneck(**bottleneck) -> TokenizerConfig:
+    config = preset("softvq-tiny")
+    config.bottleneck = BottleneckConfig(**bottleneck)
+    return config.validate()
+
+
+def test_lfq_and_vq_compress_to_their_code_bits(tmp_path, capsys):
+    # LFQ latents are signs: 16 tokens x 8 channels = 128 bits, not 16*8 floats; 98304 / 128 = 768
+    Tokenizer(_with_bottleneck(kind="lfq", latent_dim=8, lfq_groups=2)).save_pretrained(tmp_path / "lfq")
+    assert main(["info", str(tmp_path / "lfq")]) == 0
+    out = capsys.readouterr().out
+    assert _field(out, "bottleneck") == "lfq, 2 groups of 4 sign channels (2^4 = 16 implicit codes each; 2^8 per token)"
+    assert _field(out, "latent bits").startswith("128 (L*D = 16 x 8 sign bits")
+    assert _field(out, "compression") == "768.0x (code bits)"
+    # channel groups of LFQ groups: 4 groups of 2 signs; segments share LFQ's fixed codes
+    line = _bottleneck_line(architecture(_with_bottleneck(kind="lfq", latent_dim=8, groups=2, lfq_groups=2)))
+    assert line.startswith("lfq, 4 groups of 2 sign channels (2^2 = 4 implicit codes each; 2^8 per token)")
+    line = _bottleneck_line(architecture(_with_bottleneck(kind="lfq", latent_dim=8, segments=4)))
+    assert "codewords" not in line and "codebooks (release)" not in line and "no extra codebooks" in line
+    # VQ: one index of log2 K bits per channel group: 16 x 2 x 8 = 256 bits
+    vq = describe(architecture(_with_bottleneck(kind="vq", latent_dim=8, codebook_size=256, groups=2)), "vq")
+    assert _field(vq, "latent bits").startswith("256 (L x 2 code indices per token, log2 K = 8 bits each)")
+    assert _field(vq, "compression") == "384.0x (code bits)"
+
+
+def test_the_overview_gives_discrete_rows_their_code_compression():
+    configs = {"lfq": _with_bottleneck(kind="lfq", latent_dim=8, lfq_groups=2), "tiny": preset("softvq-tiny"),
+               "vq": _with_bottleneck(kind="vq", latent_dim=8, codebook_size=1024)}
+    table, legend = presets_table(configs).split("\n\n")
+    header, *rows = table.splitlines()
+    assert "x codes" in header
+    cells = {row.split()[0]: row.split() for row in rows}
+    # K is per LFQ group (2^4); floats give no honest size for discrete rows
+    assert cells["lfq"][5] == "16" and cells["lfq"][-4:] == ["-", "-", "768.0", "256"]
+    assert cells["vq"][-4:] == ["-", "-", f"{98304 / (16 * 10):.1f}", "256"]
+    assert cells["tiny"][-4:] == ["24.0", "48.0", "-", "256"]
+    assert "x codes:" in legend
 
 
 def test_info_on_a_release_lists_ignored_keys_and_saves_our_format(tmp_path, capsys):

@@ -1,8 +1,10 @@
 """``softvq info [SPEC] [--save DIR]``: what a tokenizer is and how much it compresses.
 
-Without SPEC, one line per preset. With SPEC, a table: image and token shapes, parameters of
-encoder / bottleneck / decoder, and the compression ratio, i.e. bits of an 8-bit RGB image
-(H·W·3·8) over bits of its latents (L·D floats at 16 or 32 bits), plus pixels per token.
+Without SPEC, one line per preset and a legend of the columns. With SPEC, a table: image and
+token shapes, parameters of encoder / bottleneck / decoder, and the compression ratio, i.e. bits
+of an 8-bit RGB image (H·W·3·8) over bits of its latents, plus pixels per token. The latents'
+bits are L·D floats at 16 or 32 bits for softvq, gmmvq, kl and ae, and the bits of the discrete
+code for lfq (one sign bit per channel, as WeTok counts) and vq (log2 K bits per index).
 ``--save DIR`` writes the model in softvq's format: with ``official:...`` this converts a
 released checkpoint once so later loads skip the conversion.
 """
@@ -10,13 +12,15 @@ released checkpoint once so later loads skip the conversion.
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from softvq.cli.common import OFFICIAL_PREFIX, SPEC_HELP, is_preset, load_tokenizer, refuse_to_overwrite
-from softvq.config import PRESETS, TokenizerConfig
+from softvq.config import PRESETS, BottleneckConfig, TokenizerConfig
 from softvq.tokenizer import Tokenizer
 
 
@@ -31,6 +35,7 @@ class Summary:
     encoder_params: int
     bottleneck_params: int
     decoder_params: int
+    code_bits_per_token: float | None = None  # None: the latents are floats
 
     @property
     def total_params(self) -> int:
@@ -47,8 +52,29 @@ class Summary:
         return self.image_bits / self.latent_bits(float_bits)
 
     @property
+    def code_bits(self) -> float | None:
+        return None if self.code_bits_per_token is None else self.num_tokens * self.code_bits_per_token
+
+    @property
+    def code_ratio(self) -> float | None:
+        return None if self.code_bits is None else self.image_bits / self.code_bits
+
+    @property
     def pixels_per_token(self) -> float:
         return self.image_size * self.image_size / self.num_tokens
+
+
+def code_bits_per_token(b: BottleneckConfig) -> float | None:
+    """Bits of one token's discrete code, or None where the latents are floats.
+
+    lfq stores the sign of each channel (WeTok states compression in these bits); vq one index of
+    log2 K bits per channel group and residual level (segments only pick the codebook). softvq and
+    gmmvq mix codewords with soft weights, and kl and ae pass floats: no code to count."""
+    if b.kind == "lfq":
+        return float(b.latent_dim)
+    if b.kind == "vq":
+        return b.groups * b.residual_levels * math.log2(b.codebook_size)
+    return None
 
 
 def _count(*modules: torch.nn.Module) -> int:
@@ -64,6 +90,7 @@ def summarize(model: Tokenizer) -> Summary:
         encoder_params=_count(model.encoder, model.to_latent),
         bottleneck_params=_count(model.bottleneck),
         decoder_params=_count(model.from_latent, model.decoder),
+        code_bits_per_token=code_bits_per_token(c.bottleneck),
     )
 
 
@@ -73,8 +100,26 @@ def architecture(config: TokenizerConfig) -> Tokenizer:
         return Tokenizer(config)
 
 
+def _lfq_line(b: BottleneckConfig) -> str:
+    """LFQ has no learned codebook: name its groups of sign channels and the implicit codes."""
+    groups = b.groups * b.lfq_groups
+    bits = b.latent_dim // groups
+    if groups == 1:
+        text = f"lfq, {bits} sign channels (2^{bits} = {2**bits} implicit codes)"
+    else:
+        text = (f"lfq, {groups} groups of {bits} sign channels "
+                f"(2^{bits} = {2**bits} implicit codes each; 2^{b.latent_dim} per token)")
+    if b.groups > 1:
+        text += f", as {b.groups} channel groups (PQ) x lfq_groups {b.lfq_groups}"
+    if b.segments > 1:  # each segment has its own entropy term; the codes are the same fixed ones
+        text += f", {b.segments} sequence segments (entropy per segment, no extra codebooks)"
+    return text
+
+
 def _bottleneck_line(model: Tokenizer) -> str:
     b = model.config.bottleneck
+    if b.kind == "lfq":
+        return _lfq_line(b)
     text = b.kind
     if b.kind in ("softvq", "gmmvq"):
         text += f", {b.distance} distance, tau {b.temperature:g}{' (learnable)' if b.learnable_temperature else ''}"
@@ -86,6 +131,26 @@ def _bottleneck_line(model: Tokenizer) -> str:
         if value > 1:
             text += f", {value} {what}"
     return text
+
+
+def _bits(n: float) -> str:
+    """A bit count: whole (log2 K is whole for the usual power-of-two K), else to a tenth."""
+    return f"{n:,.0f}" if float(n).is_integer() else f"{n:,.1f}"
+
+
+def _size_rows(s: Summary, b: BottleneckConfig) -> list[tuple[str, str]]:
+    """Latent bits and compression: code bits for discrete latents, else floats at 32 and 16 bits."""
+    if s.code_bits is None:
+        return [("latent bits", f"{s.latent_bits(32):,} at 32-bit, {s.latent_bits(16):,} at 16-bit (L*D floats)"),
+                ("compression", f"{s.ratio(32):.1f}x at 32-bit, {s.ratio(16):.1f}x at 16-bit")]
+    if b.kind == "lfq":
+        how = f"L*D = {s.num_tokens} x {s.latent_dim} sign bits: each channel is +1 or -1"
+    else:
+        indices = b.groups * b.residual_levels
+        how = (f"L x {indices} code ind{'ices' if indices > 1 else 'ex'} per token, "
+               f"log2 K = {math.log2(b.codebook_size):.3g} bits each")
+    return [("latent bits", f"{_bits(s.code_bits)} ({how})"),
+            ("compression", f"{s.code_ratio:.1f}x (code bits)")]
 
 
 def _millions(n: int) -> str:
@@ -113,8 +178,7 @@ def describe(model: Tokenizer, source: str) -> str:
         ("params decoder", _millions(s.decoder_params)),
         ("params total", _millions(s.total_params)),
         ("image bits", f"{s.image_bits:,} (H*W*3*8)"),
-        ("latent bits", f"{s.latent_bits(32):,} at 32-bit, {s.latent_bits(16):,} at 16-bit (L*D floats)"),
-        ("compression", f"{s.ratio(32):.1f}x at 32-bit, {s.ratio(16):.1f}x at 16-bit"),
+        *_size_rows(s, model.config.bottleneck),
         ("pixels per token", f"{s.pixels_per_token:g}"),
     ]
     if model.config.decoder_noise_dim:
@@ -130,17 +194,34 @@ def describe(model: Tokenizer, source: str) -> str:
     return _table(rows)
 
 
-def presets_table() -> str:
-    header = ("preset", "image", "patch", "L", "D", "K", "params", "x 32-bit", "x 16-bit", "px/token")
+def _legend(discrete: bool) -> list[str]:
+    """What the overview's columns mean; ``discrete``: some row has code bits (the x codes column)."""
+    lines = ["K: codewords per codebook; each sequence segment and channel group has its own "
+             "(lfq: 2^(channels per group) fixed codes)",
+             "x 32-bit, x 16-bit: image bits (H*W*3*8) over the latents' bits as L*D floats of 32 / 16 bits"]
+    if discrete:
+        lines[-1] += " (- for discrete latents)"
+        lines.append("x codes: image bits over the discrete code's bits (lfq: 1 per channel; vq: log2 K per index)")
+    return lines + ["px/token: image pixels per latent token"]
+
+
+def presets_table(configs: Mapping[str, TokenizerConfig] = PRESETS) -> str:
+    """One row per config, then a legend of the columns (``x codes`` only when a row is discrete)."""
+    models = {name: architecture(configs[name]) for name in sorted(configs)}
+    summaries = {name: summarize(model) for name, model in models.items()}
+    discrete = any(s.code_bits is not None for s in summaries.values())
+    header = ("preset", "image", "patch", "L", "D", "K", "params", "x 32-bit", "x 16-bit",
+              *(("x codes",) if discrete else ()), "px/token")
     lines = [header]
-    for name in sorted(PRESETS):
-        model = architecture(PRESETS[name])
-        s = summarize(model)
+    for name, s in summaries.items():
+        floats = ("-", "-") if s.code_bits is not None else (f"{s.ratio(32):.1f}", f"{s.ratio(16):.1f}")
+        codes = (f"{s.code_ratio:.1f}" if s.code_bits is not None else "-",) if discrete else ()
         lines.append((name, str(s.image_size), str(s.patch_size), str(s.num_tokens), str(s.latent_dim),
-                      str(model.bottleneck.codebook_size or "-"), f"{s.total_params / 1e6:.2f} M",
-                      f"{s.ratio(32):.1f}", f"{s.ratio(16):.1f}", f"{s.pixels_per_token:g}"))
+                      str(models[name].bottleneck.codebook_size or "-"), f"{s.total_params / 1e6:.2f} M",
+                      *floats, *codes, f"{s.pixels_per_token:g}"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
+    return "\n".join(table + [""] + _legend(discrete))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
