@@ -45,6 +45,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
+from softvq.cli.common import positive_int
 from softvq.cpu_allocator import retain_freed_memory
 from softvq.networks.vit import reference_math
 
@@ -144,10 +145,12 @@ def uncounted_floor_ms(vit_pass) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="softvq-s-64")
+    # Bad values are usage errors before any model is built or profiled, as in ``softvq bench gen``.
+    parser.add_argument("--preset", default="softvq-s-64", choices=sorted(softvq.PRESETS), metavar="PRESET",
+                        help="preset to profile (default softvq-s-64; softvq info lists them)")
     parser.add_argument("--part", choices=["encode", "decode"], default="encode")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--passes", type=int, default=3, help="profiled passes (the table is their mean)")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--passes", type=positive_int, default=3, help="profiled passes (the table is their mean)")
     parser.add_argument("--plot", metavar="PNG", help="also draw the table: per class, time at the peak, "
                                                       "the uncounted floor and what lies above it")
     args = parser.parse_args()

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import softvq
+from softvq.cli.common import positive_int
 from softvq.cpu_allocator import retain_freed_memory
 from softvq.networks.vit import reference_math
 
@@ -72,9 +73,12 @@ def set_fused_attention(module: torch.nn.Module, fused: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="*", default=["softvq-s-64", "softvq-b-64"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=9)
+    # Bad values are usage errors before timm is imported or anything is timed, as in ``softvq bench gen``.
+    parser.add_argument("--presets", nargs="+", default=["softvq-s-64", "softvq-b-64"],
+                        choices=sorted(softvq.PRESETS), metavar="PRESET",
+                        help="presets whose encoder shape to compare (default softvq-s-64 softvq-b-64)")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=9)
     args = parser.parse_args()
     timm_vit = import_timm()
     retain_freed_memory()  # as bench_tokenizer does; both models run under the same allocator

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from softvq.cli.common import device_argument
+from softvq.cli.common import device_argument, non_negative_int, positive_int
 
 
 def write_jpegs(folder: Path, count: int) -> None:
@@ -43,21 +43,27 @@ def write_jpegs(folder: Path, count: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="softvq-tiny", help="preset or checkpoint (default softvq-tiny)")
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    # Bad values are usage errors before the JPEGs are written, as in ``softvq bench gen``.
+    parser.add_argument("--images", type=positive_int, default=256, help="JPEGs to write and pretokenize (default 256)")
+    parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, 2],
+                        help="decoding worker counts to time (default 0 1 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--device", type=device_argument, default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = parser.parse_args()
 
+    from softvq.checkpoint.pretrained import CheckpointError
     from softvq.cli.common import load_tokenizer
     from softvq.cpu_allocator import retain_freed_memory
     from softvq.generation.pretokenize import folder_source, pretokenize
 
     retain_freed_memory()  # as `softvq pretokenize` does
     device = torch.device(args.device)
-    tokenizer = load_tokenizer(args.model, device, quiet=True, precision=args.precision)
+    try:
+        tokenizer = load_tokenizer(args.model, device, quiet=True, precision=args.precision)
+    except (CheckpointError, ValueError) as exc:  # an unknown or broken --model: a usage error too
+        parser.error(f"argument --model: {exc}")
     size = tokenizer.config.image_size
     seconds: dict[int, list[float]] = {w: [] for w in args.workers}
     decode_seconds: dict[int, list[float]] = {w: [] for w in args.workers}

@@ -36,7 +36,7 @@ import time
 import torch
 
 from softvq.bottlenecks.soft_assign import auto_chunk_size, soft_assign
-from softvq.cli.common import device_argument
+from softvq.cli.common import device_argument, non_negative_int, positive_int
 
 
 def make_inputs(tokens: int, codes: int, dim: int, device: str, distance: str):
@@ -76,7 +76,7 @@ def worker(args) -> None:
     cuda = args.device.startswith("cuda")
     tau_h = None if args.entropy_temperature <= 0 else args.entropy_temperature
     x, book, scale, up = make_inputs(args.tokens, args.codes, args.dim, args.device, args.distance)
-    run = lambda: step(x, book, scale, up, args.chunk, args.distance, not args.no_detach, tau_h)
+    run = lambda: step(x, book, scale, up, args.lean_chunk, args.distance, not args.no_detach, tau_h)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -112,7 +112,7 @@ def check(args) -> None:
 
 
 def spawn(args, mode: str, chunk: int) -> dict:
-    cmd = [sys.executable, __file__, f"--{mode}", "--chunk", str(chunk), "--lean-chunk", str(chunk)]
+    cmd = [sys.executable, __file__, f"--{mode}", "--lean-chunk", str(chunk)]  # 0: straightforward
     for key in ("tokens", "codes", "dim", "device", "distance", "repeats", "threads", "entropy_temperature"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.no_detach:
@@ -125,18 +125,19 @@ def spawn(args, mode: str, chunk: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, default=16384, help="B*L tokens (issue: 256 x 64)")
-    p.add_argument("--codes", type=int, default=8192, help="codebook size K")
-    p.add_argument("--dim", type=int, default=32, help="latent dim D")
+    # Bad values are usage errors before any process is started, as in ``softvq bench gen``.
+    p.add_argument("--tokens", type=positive_int, default=16384, help="B*L tokens (issue: 256 x 64)")
+    p.add_argument("--codes", type=positive_int, default=8192, help="codebook size K")
+    p.add_argument("--dim", type=positive_int, default=32, help="latent dim D")
     p.add_argument("--distance", choices=["cosine", "l2"], default="cosine")
     p.add_argument("--entropy-temperature", type=float, default=0.01, help="<=0: the posterior's own")
     p.add_argument("--no-detach", action="store_true", help="codebook not detached in the logits")
     p.add_argument("--device", default="cpu", type=device_argument)
-    p.add_argument("--chunk", type=int, default=None, help="lean chunk (default: the automatic one)")
-    p.add_argument("--lean-chunk", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--repeats", type=int, default=2, help="timed steps per process")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both variants")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--chunk", type=positive_int, default=None, help="lean chunk (default: the automatic one)")
+    p.add_argument("--lean-chunk", type=non_negative_int, default=None, help=argparse.SUPPRESS)  # a spawned variant's
+    p.add_argument("--repeats", type=positive_int, default=2, help="timed steps per process")
+    p.add_argument("--rounds", type=positive_int, default=2, help="alternating rounds of both variants")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

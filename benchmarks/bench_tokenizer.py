@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
-from softvq.cli.common import device_argument
+from softvq.cli.common import device_argument, positive_int
 from softvq.networks.vit import reference_math
 from softvq.tokenizer import PRECISIONS
 
@@ -180,9 +180,12 @@ def percent(row: dict, label: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="*", default=[p for p in softvq.PRESETS if p != "softvq-tiny"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    # Bad values are usage errors before any model is built or timed, as in ``softvq bench gen``.
+    parser.add_argument("--presets", nargs="+", default=[p for p in softvq.PRESETS if p != "softvq-tiny"],
+                        choices=sorted(softvq.PRESETS), metavar="PRESET",
+                        help="presets to time (default: all but softvq-tiny; softvq info lists them)")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per pass (default 5)")
     parser.add_argument("--device", default="cpu", type=device_argument)
     parser.add_argument("--dtype", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--baseline", action="store_true", help="also time the fp32 explicit-softmax-attention baseline")

@@ -30,7 +30,7 @@ import torch
 
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
-from softvq.cli.common import device_argument
+from softvq.cli.common import device_argument, positive_int
 from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
 from softvq.networks.vit import reference_math
 from softvq.tokenizer import PRECISIONS
@@ -123,15 +123,19 @@ def profile(preset: str, batch: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="*", default=["softvq-tiny", "softvq-s-64"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2)
+    # Bad values are usage errors here, not failures of the per-preset processes, as in ``softvq bench gen``.
+    parser.add_argument("--presets", nargs="+", default=["softvq-tiny", "softvq-s-64"],
+                        choices=sorted(softvq.PRESETS), metavar="PRESET",
+                        help="presets to time (default softvq-tiny softvq-s-64; softvq info lists them)")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=2)
     parser.add_argument("--device", default="cpu", type=device_argument)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--baseline", action="store_true", help="also time explicit fp32 attention")
     parser.add_argument("--syncs", action="store_true",
                         help="also time the step with the ~6 host-device syncs the trainer used to make")
-    parser.add_argument("--profile", metavar="PRESET")
+    parser.add_argument("--profile", metavar="PRESET", choices=sorted(softvq.PRESETS),
+                        help="print the torch profiler's table of one step of PRESET instead")
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="apply softvq.cpu_allocator.retain_freed_memory instead of glibc's defaults")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one preset, print JSON
@@ -154,7 +158,10 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", f"{preset}:{explicit}:{syncs}", "--device", args.device,
                    "--dtype", dtype, "--batch", str(args.batch), "--steps", str(args.steps)]
             cmd += ["--retain-freed-memory"] if args.retain_freed_memory else []
-            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:  # the child's own error, not a CalledProcessError around its command line
+                raise SystemExit(f"{preset} ({dtype}) failed:\n{done.stderr[-2000:]}")
+            result = json.loads(done.stdout.splitlines()[-1])
             result["variant"] = (f"{dtype}, {'plain (explicit attention, unfused)' if explicit == '1' else 'SDPA, fused'}"
                                  f"{', ~6 syncs/step (old trainer)' if syncs == '1' else ''}")
             rows.append(result)
