@@ -37,7 +37,7 @@ from softvq.cli.common import positive_int
 from softvq.cpu_allocator import retain_freed_memory
 from softvq.networks.vit import reference_math
 
-from bench_tokenizer import MatmulPeak, count_flops, machine, paired  # this folder: run as ``python benchmarks/...``
+from bench_tokenizer import MatmulPeak, count_flops, machine, paired, significant  # this folder: run as ``python benchmarks/...``
 
 
 def import_timm():
@@ -124,7 +124,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         q1, q3 = row["spread"]
-        print(f"| {row['preset']} | {row['label']} | {row['tokens']} | {row['flops'] / args.batch / 1e9:.1f} | "
+        print(f"| {row['preset']} | {row['label']} | {row['tokens']} | {significant(row['flops'] / args.batch / 1e9)} | "
               f"{row['img_s']:.2f} | {100 * row['fraction']:.1f}% ({100 * q1:.0f}-{100 * q3:.0f}) | {row['x_timm']} |")
 
 

@@ -24,6 +24,7 @@ which the baseline shares; ``--default-malloc`` keeps glibc's defaults to show w
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -172,6 +173,15 @@ def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: b
     return row
 
 
+def significant(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant figures, never in exponent form: 0.0736, 14.9, 1234.
+    (softvq-tiny encodes 0.07 GFLOP an image; one decimal printed 0.1, from which the GFLOP/s
+    columns could not be rebuilt.)"""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    return f"{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}"
+
+
 def percent(row: dict, label: str) -> str:
     """A %peak cell: the median and, in brackets, the interquartile range over calls."""
     q1, q3 = row[f"{label}_peak_iqr"]
@@ -223,9 +233,9 @@ def main() -> None:
     print("|" + "---|" * len(header))
     for r in rows:
         cells = [r["preset"], f"{r['params_M']:.2f}",
-                 f"{r['enc_gflop_per_img']:.1f}", f"{r['enc_img_s']:.2f}", f"{r['enc_gflops']:.0f}",
+                 significant(r["enc_gflop_per_img"]), f"{r['enc_img_s']:.2f}", f"{r['enc_gflops']:.0f}",
                  percent(r, "enc"), percent(r, "vit"), percent(r, "full"),
-                 f"{r['dec_gflop_per_img']:.1f}", f"{r['dec_img_s']:.2f}", f"{r['dec_gflops']:.0f}",
+                 significant(r["dec_gflop_per_img"]), f"{r['dec_img_s']:.2f}", f"{r['dec_gflops']:.0f}",
                  percent(r, "dec")]
         if args.baseline:
             cells += [f"{r['enc_speedup']:.2f}x", f"{r['dec_speedup']:.2f}x"]
