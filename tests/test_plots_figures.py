@@ -165,3 +165,14 @@ def test_a_continued_run_replaces_the_logged_steps_of_the_line_it_left():
     series = plots.numeric_series(records)
     assert series["loss"][0].tolist() == [1, 2, 3] and series["loss"][1].tolist() == [5.0, 4.5, 3.5]
     assert series["psnr"][0].tolist() == [3]  # a second record of the same step is not a restart
+
+
+def test_short_logs_draw_their_raw_curve_solid_and_long_ones_add_the_smoothed_line(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    for count in (plots.MIN_POINTS_TO_SMOOTH - 1, plots.MIN_POINTS_TO_SMOOTH):
+        plots.plot_training_curves([{"step": s, "loss": 1 / (1 + s)} for s in range(count)], tmp_path / "c.png")
+    short, long = (fig.axes[0].lines for fig in drawn)
+    assert len(short) == 1 and short[0].get_alpha() in (None, 1.0)  # nothing to smooth: not faint
+    raw, ema = long
+    assert raw.get_alpha() < 1 and ema.get_alpha() in (None, 1.0)

@@ -1,7 +1,8 @@
 """``softvq plot RUN_DIR... --out DIR``: pictures of training runs (or checkpoint folders).
 
 Per run, under ``DIR/<run name>/``:
-  training_curves.png   every scalar of log.jsonl against the step (raw and smoothed);
+  training_curves.png   every scalar of log.jsonl against the step: raw (faint) and smoothed
+                        from 10 log points on, else the raw line alone;
   reconstructions.png   original | reconstruction | error map, with PSNR per row;
   codebook_usage.png    code counts (from eval/eval.json when `softvq eval` ran, else from the
                         plot images), usage and perplexity;

@@ -123,8 +123,8 @@ def _ema(values: np.ndarray, weight: float) -> np.ndarray:
 def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
                          keys: Sequence[str] | None = None, smoothing: float = 0.6,
                          title: str | None = None) -> Path:
-    """One panel per logged scalar against the step: raw (faint) and, from ten log records on,
-    a bias-corrected EMA (``smoothing``)."""
+    """One panel per logged scalar against the step: from ten log records on, raw (faint) and a
+    bias-corrected EMA (``smoothing``); with fewer, or ``smoothing=0``, the raw line alone, solid."""
     series = numeric_series(records)
     if keys is not None:
         series = {k: series[k] for k in keys if k in series}
@@ -137,11 +137,14 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
     axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
     for ax, name in zip(axes, names):
         x, y = series[name]
+        smoothed = len(y) >= MIN_POINTS_TO_SMOOTH and smoothing > 0
         if len(y) < 3:  # a line through one or two log records is invisible: mark the points
             ax.plot(x, y, color="tab:blue", marker="o", linewidth=0.8)
-        else:
+        elif smoothed:  # faint under its EMA
             ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
-        if len(y) >= MIN_POINTS_TO_SMOOTH and smoothing > 0:
+        else:  # nothing drawn over it: a faint line alone reads as missing data
+            ax.plot(x, y, color="tab:blue", linewidth=1.5)
+        if smoothed:
             ax.plot(x, _ema(y, smoothing), color="tab:blue", linewidth=1.5)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
