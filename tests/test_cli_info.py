@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,3 +120,12 @@ def test_a_training_run_folder_stands_for_its_export_and_an_unfinished_run_is_na
     (tmp_path / "unfinished" / "config.yaml").write_text("model: {preset: softvq-tiny}\n")
     assert main(["info", str(tmp_path / "unfinished")]) == 2
     assert "is a training run without an export/ yet" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly():
+    # `softvq info | head`: the pipe is closed before softvq writes (it is still importing torch)
+    proc = subprocess.Popen([sys.executable, "-m", "softvq.cli.main", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""  # no BrokenPipeError traceback

@@ -134,7 +134,14 @@ def run(argv: list[str] | None = None) -> NoReturn:
     """
     from softvq.training.accelerator import launched_worker
 
-    status = main(argv)
+    try:
+        status = main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe may only show when the buffer is written
+    except BrokenPipeError:
+        # The reader left (``softvq info | head``): nothing more to say, and nowhere to say it.
+        # stdout goes to devnull so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 141  # 128 + SIGPIPE, what a program killed by SIGPIPE reports (as 130 for Ctrl-C)
     if launched_worker():
         sys.stdout.flush()
         sys.stderr.flush()
