@@ -6,6 +6,7 @@ import math
 import re
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -72,3 +73,10 @@ def test_a_folder_stands_for_its_images_and_its_unreadable_files_are_skipped(tmp
     (tmp_path / "notes" / "a.txt").write_text("no pictures here")
     assert main(["reconstruct", str(tmp_path / "notes"), "--out", str(tmp_path / "o3")]) == 2
     assert "holds no image files" in capsys.readouterr().err  # data.folder.scan_folder's error, as for train
+
+
+def test_help_names_where_the_reconstructions_go(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["reconstruct", "--help"])
+    assert stop.value.code == 0
+    assert "output folder (default: reconstructions)" in " ".join(capsys.readouterr().out.split())

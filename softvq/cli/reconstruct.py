@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="*", metavar="IMG", help="image files or folders (default: the bundled photos)")
     add_model_arguments(p)
-    p.add_argument("--out", default="reconstructions", metavar="DIR", help="output folder")
+    p.add_argument("--out", default="reconstructions", metavar="DIR", help="output folder (default: reconstructions)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--resize", action="store_true", help="centre-crop and resize to the model's image size")
     size.add_argument("--native-size", action="store_true",
