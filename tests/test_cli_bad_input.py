@@ -52,6 +52,15 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert np.array_equal(rgb[..., 1], np.round(deep / 257).astype(np.uint8))
 
 
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_float_tiffs_are_read_in_0_1_or_in_8_bit_units(tmp_path, scale):
+    grey = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(grey * scale, mode="F").save(tmp_path / "f.tif")
+    rgb = np.asarray(load_rgb(tmp_path / "f.tif"))  # [0, 1] floats came out black
+    assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert np.abs(rgb[..., 0].astype(np.float64) - grey * 255).max() <= 0.5 + 1e-3
+
+
 def test_rgba_is_composited_on_white(tmp_path):
     rgba = np.zeros((64, 64, 4), np.uint8)
     rgba[..., 0] = 200            # red everywhere

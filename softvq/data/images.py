@@ -69,6 +69,12 @@ def _as_rgb(img: Image.Image) -> Image.Image:
         # 16-bit greyscale (PNG/TIFF): Pillow's convert("RGB") clips at 255; scale instead.
         grey = np.asarray(img, dtype=np.float64) / 257.0
         return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "F":
+        # 32-bit float greyscale (TIFF): convert("RGB") truncates, so [0, 1] data came out black.
+        # Read [0, 1] when every value lies there, else 8-bit units, as image viewers do.
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if grey.size and grey.min() >= 0.0 and grey.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.round(grey * scale), 0, 255).astype(np.uint8), mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
