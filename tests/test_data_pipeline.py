@@ -178,6 +178,17 @@ def test_shards_stream_every_image_once_per_epoch_and_report_bad_ones(tmp_path):
         ShardStream(str(tmp_path / "missing-{0..1}.tar"), 32)
 
 
+def test_metadata_only_samples_are_not_skipped_images_and_imageless_shards_stop(tmp_path):
+    # a sample of metadata alone is not an unreadable image (eval leaves it out the same way)
+    _write_shard(tmp_path / "m-0.tar", [("a.png", _png_bytes(0)), ("meta.json", b"{}"), ("b.png", _png_bytes(1))])
+    stream = iter(ShardStream(str(tmp_path / "m-0.tar"), 32, seed=0))
+    assert [bad for _, bad, _ in (next(stream) for _ in range(4))] == [[], [], [], []]
+    # shards without one readable image used to loop for ever
+    _write_shard(tmp_path / "x-0.tar", [("a.json", b"{}"), ("b.png", b"garbage")])
+    with pytest.raises(ValueError, match=r"no readable image in the shards .*x-0.tar \(1 unreadable samples\)"):
+        next(iter(ShardStream(str(tmp_path / "x-0.tar"), 32, seed=0)))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_shard_stream_resumes_exactly_from_saved_positions(tmp_path, workers):
     """Stop after 5 batches (mid-epoch, with a corrupt sample), resume from the positions the

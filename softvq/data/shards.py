@@ -112,21 +112,28 @@ class ShardStream(IterableDataset):
 
         while True:
             urls = [{"url": u} for u in self._my_shards(epoch, logical, workers)]
+            served = False
             for index, sample in enumerate(wds.tarfile_samples(urls, handler=skip)):
                 if index < position:  # consumed before the resume: skip without decoding
+                    served = True
                     continue
                 key = next((k for k in _IMAGE_KEYS if k in sample), None)
+                if key is None:  # a sample of other files only (metadata): not an image, as eval reads it
+                    continue
                 try:
-                    if key is None:
-                        raise ValueError("no image member")
                     img = decode_rgb(sample[key])
-                except Exception:  # corrupt or missing image: skip it, report it
+                except Exception:  # corrupt image: skip it, report it
                     pending.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
                     continue
+                served = True
                 rng = np.random.default_rng([self.seed, epoch, self.rank, logical, index])
                 img = random_crop(img, self.size, rng, self.min_crop_fraction)
                 if self.hflip:
                     img = random_flip(img, rng)
                 yield to_tensor(img), pending[:], (logical, epoch, index + 1)
                 pending.clear()
+            if not served:  # a whole pass without one image would loop for ever
+                shards = ", ".join(u["url"] for u in urls[:3]) + (" ..." if len(urls) > 3 else "")
+                raise ValueError(f"no readable image in the shards {shards} ({len(pending)} unreadable samples); "
+                                 f"check data.path, or give this worker shards with images")
             epoch, position = epoch + 1, 0
