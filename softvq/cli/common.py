@@ -162,7 +162,8 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
         model.source = f"preset {spec.lower()} (random weights, untrained)"
         if not quiet:
             print(f"softvq: warning: {spec} is a preset with RANDOM weights; outputs are meaningless "
-                  f"until it is trained (pass --model with a checkpoint)", file=sys.stderr)
+                  f"until it is trained (its fresh decoder hardly reads the latents: every image decodes "
+                  f"alike). Pass --model with a checkpoint", file=sys.stderr)
     elif spec.startswith(OFFICIAL_PREFIX):
         target = spec[len(OFFICIAL_PREFIX):]
         if not target.strip():  # it read the current folder and said two confusing things
