@@ -342,3 +342,26 @@ def test_eval_under_a_launcher_is_refused_instead_of_run_once_per_process(tmp_pa
 def test_official_prefix_without_a_release_is_named(capsys):
     code, _, err = _run(capsys, "info", "official:")
     assert code == 2 and "official: needs a release folder or hub id after it" in _one_line_error(err)
+
+
+# --- generation ---------------------------------------------------------------------------------------
+
+
+def _tiny_generator(folder, objective="sit", tokenizer=None):
+    from softvq.generation.checkpoint import GeneratorMeta, save_generator
+    from softvq.generation.models import GeneratorConfig, build_generator
+
+    model = build_generator(GeneratorConfig(kind=objective, width=32, depth=1, heads=2, num_tokens=16, latent_dim=8,
+                                            num_classes=2))
+    return save_generator(model, GeneratorMeta(objective=objective, tokenizer=tokenizer, classes=["a", "b"]), folder)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--temperature", "1.0"], "--temperature only applies to MAR generators; "),
+    (["--cfg-schedule", "constant", "--ar-steps", "2"], "--ar-steps, --cfg-schedule only apply to MAR generators; "),
+])
+def test_generate_refuses_mar_options_on_a_sit_instead_of_ignoring_them(tmp_path, capsys, flags, named):
+    gen = _tiny_generator(tmp_path / "gen")
+    code, _, err = _run(capsys, "generate", str(gen), "--out", str(tmp_path / "s"), "--device", "cpu", *flags)
+    assert code == 2 and named in _one_line_error(err) and "is a SiT one: drop" in err
+    assert not (tmp_path / "s").exists()

@@ -194,7 +194,7 @@ def test_bad_configs_and_inputs_are_named():
         SamplerSpec(guidance=Guidance(2.0, 0.0, 0.7)).resolved("mar")
     with pytest.raises(ValueError, match="samples with 'mar'"):
         SamplerSpec(method="sde").resolved("mar")
-    with pytest.raises(ValueError, match="ar_steps only applies to MAR; a SIT generator"):  # were silently ignored
+    with pytest.raises(ValueError, match="ar_steps only applies to MAR; a SiT generator"):  # were silently ignored
         SamplerSpec(ar_steps=4).resolved("sit")
     with pytest.raises(ValueError, match="clip_x0 must be positive"):
         SamplerSpec(clip_x0=-1.0).resolved("mar")

@@ -137,5 +137,5 @@ def test_clipping_x0_bounds_dit_samples_and_sit_refuses_it():
                              generator=torch.Generator().manual_seed(0))
     assert float(free.abs().max()) > 100
     assert float(clipped.abs().max()) < 2.5  # the last step's mean mixes a clipped x̂_0 with a near-x̂_0 x_1
-    with pytest.raises(ValueError, match="a SIT generator integrates a velocity"):
+    with pytest.raises(ValueError, match="a SiT generator integrates a velocity"):
         SamplerSpec(clip_x0=5.0).resolved("sit")

@@ -193,3 +193,43 @@ def test_a_mismatched_tokenizer_or_meta_is_named_before_any_sampling(parts, tmp_
         sample_latents(model, GeneratorMeta(objective="dit"), [0])
     with pytest.raises(ValueError, match="no labels to sample"):
         sample_latents(model, meta, [])
+
+
+@pytest.mark.parametrize("spec, named", [
+    (SamplerSpec(method="sde", steps=1), "the SDE sampler needs at least 2 steps, got 1"),
+    (SamplerSpec(temperature=2.0), "temperature and cfg_schedule only apply to MAR; a SiT generator"),
+    (SamplerSpec(cfg_schedule="constant"), "only apply to MAR; a SiT generator"),
+    (SamplerSpec(method="ddpm"), "a SiT generator samples with euler"),
+])
+def test_a_refused_sampler_setting_writes_nothing_and_the_corrected_rerun_proceeds(parts, tmp_path, spec, named):
+    tok, model, meta = parts
+    with pytest.raises(ValueError, match=named):
+        write_samples(model, meta, tok, [0], spec, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()  # no samples.json to call the corrected rerun "other settings"
+    assert write_samples(model, meta, tok, [0], SPEC, tmp_path / "s", progress=False).made == 1
+
+
+def test_a_samples_folder_without_images_is_made_afresh_with_new_settings(parts, tmp_path):
+    tok, model, meta = parts
+    write_samples(model, meta, tok, [0], SPEC, tmp_path, seed=1, progress=False)
+    for image in (tmp_path / "images").iterdir():
+        image.unlink()  # as a run stopped before its first batch leaves it
+    assert write_samples(model, meta, tok, [0], SPEC, tmp_path, seed=2, progress=False).made == 1
+    assert json.loads((tmp_path / "samples.json").read_text())["seed"] == 2
+
+
+def test_model_limits_are_checked_before_sampling():
+    from softvq.generation.mar import MARConfig, MaskedAutoregressive
+
+    mar = MaskedAutoregressive(MARConfig(num_tokens=4, latent_dim=2, num_classes=2, width=16, depth=1, heads=2,
+                                         head_width=16, head_depth=1, buffer_size=2))
+    with pytest.raises(ValueError, match=r"ar_steps 40 exceeds the 4 tokens this MAR samples .* pass 1..4"):
+        SamplerSpec(ar_steps=40).check(mar, GeneratorMeta(objective="mar"))
+    with pytest.raises(ValueError, match=r"temperature must be 0 or more .* got -1.0"):
+        SamplerSpec(temperature=-1.0).check(mar, GeneratorMeta(objective="mar"))
+    dit = build_generator(GeneratorConfig(kind="dit", width=32, depth=1, heads=2, num_tokens=4, latent_dim=2,
+                                          num_classes=2))
+    with pytest.raises(ValueError, match=r"trained with 1000 diffusion steps; .* steps must be 1..1000, got 2000"):
+        SamplerSpec(steps=2000).check(dit, GeneratorMeta(objective="dit"))
+    with pytest.raises(ValueError, match="ar_steps only applies to MAR; a DiT generator"):  # not "a DIT generator"
+        SamplerSpec(ar_steps=2).check(dit, GeneratorMeta(objective="dit"))

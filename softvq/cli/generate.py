@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
                    help="guidance interval in noise level τ (0 data .. 1 noise); the paper uses 0 0.7 for SiT")
     p.add_argument("--ar-steps", type=positive_int, help="MAR: autoregressive steps (default: one per token)")
-    p.add_argument("--temperature", type=float, default=1.0, help="MAR: noise temperature of the diffusion head")
-    p.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear",
+    p.add_argument("--temperature", type=float, help="MAR: noise temperature of the diffusion head (default 1)")
+    p.add_argument("--cfg-schedule", choices=["linear", "constant"],
                    help="MAR: guidance scale ramped linearly over the steps (default) or constant")
     p.add_argument("--clip-x0", type=float, metavar="C",
                    help="MAR and DiT: clamp the predicted clean latent to [-C, C] in normalised latent units "
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.data.images import require_folder
     from softvq.generation.checkpoint import load_generator
     from softvq.generation.guidance import Guidance
-    from softvq.generation.sampling import SamplerSpec
+    from softvq.generation.sampling import NAMES, SamplerSpec
     from softvq.generation.samples import write_samples
 
     if args.fid_ref:  # checked before sampling, which may take hours, not after
@@ -99,15 +99,22 @@ def run(args: argparse.Namespace) -> int:
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")  # torchrun: split the batches
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
     model, meta = load_generator(args.generator, map_location=str(device))
+    mar_only = [flag for flag, value in (("--ar-steps", args.ar_steps), ("--temperature", args.temperature),
+                                         ("--cfg-schedule", args.cfg_schedule)) if value is not None]
+    if meta.objective != "mar" and mar_only:  # given but ignored would read as "it made no difference"
+        raise ValueError(f"{', '.join(mar_only)} only appl{'ies' if len(mar_only) == 1 else 'y'} to MAR generators; "
+                         f"{args.generator} is a {NAMES.get(meta.objective, meta.objective)} one: drop "
+                         f"{'it' if len(mar_only) == 1 else 'them'}")
+    spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *args.interval),
+                       ar_steps=args.ar_steps, temperature=1.0 if args.temperature is None else args.temperature,
+                       cfg_schedule=args.cfg_schedule or "linear", clip_x0=args.clip_x0)
+    spec.check(model, meta)  # before the tokenizer is loaded (a download, perhaps) and anything is written
     spec_name = args.tokenizer or meta.tokenizer
     if not spec_name:
         raise ValueError(f"{args.generator} does not say which tokenizer made its latents; pass --tokenizer SPEC")
     tokenizer = load_tokenizer(spec_name, device, precision=args.precision)
     classes = parse_classes(args.classes, meta.classes, model.config.num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
-    spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *args.interval),
-                       ar_steps=args.ar_steps, temperature=args.temperature, cfg_schedule=args.cfg_schedule,
-                       clip_x0=args.clip_x0)
     generator_path = Path(args.generator).expanduser()
     record = {"generator": str(generator_path.resolve()) if generator_path.exists() else str(args.generator),
               "tokenizer": spec_name}

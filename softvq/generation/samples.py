@@ -94,6 +94,9 @@ def _claim(folder: Path, record: dict[str, Any]) -> None:
             raise FileExistsError(f"{record_path} was not written by this version's resumable sampler; "
                                   f"choose an empty --out for new samples")
         changed = changed_settings(old, record, ignore=["finished"])
+        images = folder / SAMPLE_IMAGES
+        if changed and not (images.is_dir() and any(images.iterdir())):
+            return  # a run that stopped before its first image: nothing to mix, so it is made afresh
         if changed:
             raise FileExistsError(
                 f"{folder} holds samples made with other settings ({'; '.join(changed)}); their images would be "
@@ -133,7 +136,9 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         raise ValueError(f"{getattr(tokenizer, 'source', 'the tokenizer')} makes ({tokenizer.num_tokens}, "
                          f"{tokenizer.latent_dim}) latents but the generator models {tuple(model.input_shape)}: "
                          f"pass the tokenizer it was trained on")
-    method, steps = spec.resolved(meta.objective), spec.resolved_steps(meta.objective)
+    # every sampler setting is checked here, before the folder is claimed: a refused one must not
+    # leave a samples.json that makes the corrected rerun "other settings"
+    method, steps = spec.check(model, meta), spec.resolved_steps(meta.objective)
     names = [meta.classes[c] if c < len(meta.classes) else str(c) for c in labels.tolist()]
     settings: dict[str, Any] = {
         **(record or {}), "objective": meta.objective, "method": method, "steps": steps,

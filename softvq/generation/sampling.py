@@ -29,6 +29,7 @@ Method = Literal["euler", "heun", "sde", "ddpm", "mar"]
 SIT_METHODS = ("euler", "heun", "sde")
 DEFAULT_METHOD = {"sit": "sde", "dit": "ddpm", "mar": "mar"}
 DEFAULT_STEPS = {"sit": 250, "dit": 250, "mar": 100}
+NAMES = {"sit": "SiT", "dit": "DiT", "mar": "MAR"}  # as the papers spell them, in messages
 
 
 @dataclass(frozen=True)
@@ -62,18 +63,43 @@ class SamplerSpec:
         if objective == "sit" and method not in SIT_METHODS:
             raise ValueError(f"a SiT generator samples with {', '.join(SIT_METHODS)}, not {method!r}")
         if objective in ("dit", "mar") and method != DEFAULT_METHOD[objective]:
-            raise ValueError(f"a {objective.upper()} generator samples with {DEFAULT_METHOD[objective]!r}, not {method!r}")
+            raise ValueError(f"a {NAMES[objective]} generator samples with {DEFAULT_METHOD[objective]!r}, not {method!r}")
         if objective == "mar" and (self.guidance.low, self.guidance.high) != (0.0, 1.0):
             raise ValueError("MAR guides with a scale ramped over its steps (cfg_schedule), not a guidance interval")
         if objective != "mar" and self.ar_steps is not None:
-            raise ValueError(f"ar_steps only applies to MAR; a {objective.upper()} generator has no autoregressive steps")
+            raise ValueError(f"ar_steps only applies to MAR; a {NAMES[objective]} generator has no autoregressive steps")
+        # MAR-only settings away from their defaults would be silently ignored by DiT / SiT
+        if objective != "mar" and (self.temperature != 1.0 or self.cfg_schedule != "linear"):
+            raise ValueError(f"temperature and cfg_schedule only apply to MAR; a {NAMES[objective]} generator "
+                             f"guides with a scale and an interval")
         if objective == "sit" and self.clip_x0 is not None:
-            raise ValueError("clip_x0 applies to the DDPM samplers of DiT and MAR; a SIT generator integrates a "
+            raise ValueError("clip_x0 applies to the DDPM samplers of DiT and MAR; a SiT generator integrates a "
                              "velocity and predicts no clean latent to clamp")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be 0 or more (MAR's noise scale; 1 = the release's), got {self.temperature}")
+        if self.cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be 1 or more, got {self.steps}")
+        if method == "sde" and self.steps is not None and self.steps < 2:  # its last step is a plain Euler one
+            raise ValueError(f"the SDE sampler needs at least 2 steps, got {self.steps}; pass more steps or "
+                             f"method euler / heun")
         if self.ar_steps is not None and self.ar_steps < 1:  # 0 was taken as "the default" by MAR's `or`
             raise ValueError(f"ar_steps must be 1 or more (None: one per token), got {self.ar_steps}")
         if self.clip_x0 is not None and self.clip_x0 <= 0:
             raise ValueError(f"clip_x0 must be positive (a bound in normalised latent units), got {self.clip_x0}")
+        return method
+
+    def check(self, model: Generator, meta: GeneratorMeta) -> Method:
+        """:meth:`resolved`, plus the limits the model sets (MAR's token count, DiT's T): every
+        setting a sampler would refuse, refused before anything is sampled or written."""
+        method = self.resolved(meta.objective)
+        if meta.objective == "mar" and self.ar_steps is not None and self.ar_steps > model.config.num_tokens:
+            raise ValueError(f"ar_steps {self.ar_steps} exceeds the {model.config.num_tokens} tokens this MAR "
+                             f"samples (at most one step per token); pass 1..{model.config.num_tokens}")
+        if meta.objective == "dit" and self.resolved_steps("dit") > meta.diffusion_steps:
+            raise ValueError(f"this DiT was trained with {meta.diffusion_steps} diffusion steps; sampling respaces "
+                             f"them, so steps must be 1..{meta.diffusion_steps}, got {self.resolved_steps('dit')}")
         return method
 
     def resolved_steps(self, objective: str) -> int:
@@ -101,7 +127,7 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Seque
         raise ValueError(f"labels must be a 1D sequence of integer class indices, got a {labels.dtype} "
                          f"tensor of shape {tuple(labels.shape)}")
     labels = labels.to(device=device, dtype=torch.long)
-    method = spec.resolved(meta.objective)  # an unknown objective is named here
+    method = spec.check(model, meta)  # an unknown objective is named here
     steps = spec.resolved_steps(meta.objective)
     kind = "mar" if isinstance(model, MaskedAutoregressive) else model.config.kind
     if kind != meta.objective:
