@@ -233,3 +233,22 @@ def test_model_limits_are_checked_before_sampling():
         SamplerSpec(steps=2000).check(dit, GeneratorMeta(objective="dit"))
     with pytest.raises(ValueError, match="ar_steps only applies to MAR; a DiT generator"):  # not "a DIT generator"
         SamplerSpec(ar_steps=2).check(dit, GeneratorMeta(objective="dit"))
+
+
+@pytest.mark.parametrize("labels, error, named", [
+    ([0.5], TypeError, r"class indices 0..2 or class names, got 0.5 \(float\)"),
+    (torch.tensor([1.0]), TypeError, "integer class indices, got a torch.float32 tensor"),
+    (["dog"], ValueError, "unknown class name 'dog'; names are one of a, b, c"),
+    ([7], ValueError, "class index 7 is out of range: this generator has classes 0..2"),
+])
+def test_labels_are_class_indices_or_names_not_truncated(parts, tmp_path, labels, error, named):
+    tok, model, meta = parts
+    with pytest.raises(error, match=named):
+        write_samples(model, meta, tok, labels, SPEC, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_class_names_are_looked_up_in_the_meta(parts, tmp_path):
+    tok, model, meta = parts
+    write_samples(model, meta, tok, ["c", "a"], SPEC, tmp_path, progress=False)
+    assert json.loads((tmp_path / "samples.json").read_text())["labels"] == [2, 0]

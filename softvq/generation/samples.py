@@ -108,12 +108,13 @@ def _claim(folder: Path, record: dict[str, Any]) -> None:
                               f"samples this command can continue; choose an empty --out")
 
 
-def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer", labels: Tensor | Sequence[int],
+def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer", labels: Tensor | Sequence[int | str],
                   spec: SamplerSpec, folder: str | Path, *, seed: int = 0, batch_size: int = 64,
                   record: dict[str, Any] | None = None, progress: bool = True,
                   accelerator: "Accelerator | None" = None) -> GeneratedSamples:
     """Sample one image per label, decode it with ``tokenizer``, and write the folder described in
-    the module docstring; continue an interrupted run with the same settings.
+    the module docstring; continue an interrupted run with the same settings. ``labels`` are class
+    indices or names from ``meta.classes``; index ``num_classes`` samples unconditionally.
 
     ``record`` adds JSON-able entries to ``samples.json`` (the CLI puts the generator and tokenizer
     it was given there); together with the sampler settings, seed, batch size and labels they are
@@ -127,7 +128,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     from softvq.data.images import to_pil
 
     folder = Path(folder)
-    labels = torch.as_tensor(labels).reshape(-1).long()
+    labels = _label_indices(labels, meta.classes, model.config.num_classes)
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
     if len(labels) == 0:
@@ -193,6 +194,35 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     if world > 1:
         accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
     return GeneratedSamples(folder, len(labels), made, diverged)
+
+
+def _label_indices(labels: Tensor | Sequence[int | str], classes: list[str], num_classes: int) -> Tensor:
+    """``labels`` as a 1D long tensor of class indices, class names looked up in ``classes``.
+    A float or an unknown name is refused, not truncated to some other class."""
+    if isinstance(labels, Tensor):
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integer class indices, got a {labels.dtype} tensor")
+        values: list[Any] = labels.reshape(-1).tolist()
+    elif isinstance(labels, (str, bytes)):  # a name would otherwise be read as a sequence of letters
+        values = [labels]
+    else:
+        values = list(labels)
+    out = []
+    for value in values:
+        if isinstance(value, str):
+            if value not in classes:
+                known = f"one of {', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}" if classes else \
+                    "none: this generator's meta lists no class names"
+                raise ValueError(f"unknown class name {value!r}; names are {known}")
+            value = classes.index(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"labels must be class indices 0..{num_classes - 1} or class names, got {value!r} "
+                            f"({type(value).__name__})")
+        if not 0 <= value <= num_classes:
+            raise ValueError(f"class index {value} is out of range: this generator has classes 0..{num_classes - 1} "
+                             f"({num_classes} samples unconditionally)")
+        out.append(int(value))
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _intact_png(path: Path) -> bool:
