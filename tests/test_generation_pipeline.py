@@ -485,3 +485,43 @@ def test_two_launched_processes_train_one_generator_and_continue_it_exactly(tmp_
     launch(tmp_path / "cut", 6)
     a = (tmp_path / "straight" / "generator" / "model.safetensors").read_bytes()
     assert (tmp_path / "cut" / "generator" / "model.safetensors").read_bytes() == a
+
+
+def test_tokenizer_paths_are_absolute_and_generate_warns_about_other_tokenizer_weights(tmp_path, monkeypatch, capsys):
+    from softvq.cli.main import main
+    from softvq.resume import weights_sha1
+
+    tok = tiny_tokenizer(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    pretokenize(tok, source(), "lat", tokenizer_spec="tok", progress=False)  # relative, as in the README
+    meta = load_latents(tmp_path / "lat").meta
+    assert meta["tokenizer"] == str(tmp_path / "tok") and meta["tokenizer_sha1"] == weights_sha1(tok)
+    with pytest.raises(ValueError, match="--tokenizer lat is a latent set"):
+        train_generator(GeneratorTrainConfig(latents="lat", out="bad", tokenizer="lat", cpu=True), progress=False)
+    with pytest.raises(ValueError, match="--tokenizer 'tokrun' is not a preset name, a tokenizer folder"):
+        train_generator(GeneratorTrainConfig(latents="lat", out="bad", tokenizer="tokrun", cpu=True), progress=False)
+    train_generator(GeneratorTrainConfig(latents="lat", out="gen", objective="sit", width=32, depth=1, heads=2,
+                                         batch_size=4, steps=1, cpu=True, tokenizer="tok"), progress=False)
+    assert load_generator(tmp_path / "gen")[1].tokenizer == str(tmp_path / "tok")
+
+    other = Tokenizer.from_pretrained(tmp_path / "tok")
+    with torch.no_grad():
+        other.decoder.to_pixel.weight.add_(0.01)  # training continued under another folder
+    other.save_pretrained(tmp_path / "tok2")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the recorded tokenizer is found from any folder
+    command = ["generate", str(tmp_path / "gen"), "--classes", "0", "--per-class", "1", "--steps", "2",
+               "--device", "cpu", "--out"]
+    capsys.readouterr()
+    assert main([*command, "same"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([*command, "other", "--tokenizer", str(tmp_path / "tok2")]) == 0
+    err = capsys.readouterr().err
+    assert f"whose weights (sha1 {weights_sha1(other)[:10]}) are not the ones that made the generator's latents " \
+           f"(sha1 {weights_sha1(tok)[:10]})" in err
+    config = tmp_path / "gen" / "generator" / "config.json"  # a generator of a set made before sha1s were kept
+    payload = json.loads(config.read_text())
+    del payload["meta"]["tokenizer_sha1"]
+    config.write_text(json.dumps(payload))
+    assert main([*command, "old", "--tokenizer", str(tmp_path / "tok2")]) == 0
+    assert "warning" not in capsys.readouterr().err

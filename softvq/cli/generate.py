@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.generation.guidance import Guidance
     from softvq.generation.sampling import NAMES, SamplerSpec
     from softvq.generation.samples import write_samples
+    from softvq.resume import weights_sha1
 
     if args.fid_ref:  # checked before sampling, which may take hours, not after
         reference = Path(args.fid_ref).expanduser()
@@ -113,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     if not spec_name:
         raise ValueError(f"{args.generator} does not say which tokenizer made its latents; pass --tokenizer SPEC")
     tokenizer = load_tokenizer(spec_name, device, precision=args.precision)
+    if meta.tokenizer_sha1 is not None and (actual := weights_sha1(tokenizer)) != meta.tokenizer_sha1:
+        print(f"warning: decoding with {spec_name}, whose weights (sha1 {actual[:10]}) are not the ones that made "
+              f"the generator's latents (sha1 {meta.tokenizer_sha1[:10]}): the images may not show what the generator "
+              f"learned; pass --tokenizer with the tokenizer pretokenize used", file=sys.stderr)
     classes = parse_classes(args.classes, meta.classes, model.config.num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
     generator_path = Path(args.generator).expanduser()

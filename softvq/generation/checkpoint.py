@@ -31,6 +31,9 @@ class GeneratorMeta:
     schedule:    DiT noise schedule, ``cosine`` or ``linear``; ``diffusion_steps`` T.
     latent_mean / latent_std: scalars of the training latents; samples are de-normalised with them.
     tokenizer:   how to load the decoder (a folder, hub id, or ``preset:NAME``).
+    tokenizer_sha1: sha1 of the weights that encoded the latents (:func:`softvq.resume.weights_sha1`;
+                 None for latent sets made before it was recorded): ``generate`` warns when the
+                 tokenizer it decodes with has others.
     classes:     class names, index = label.
     """
 
@@ -41,6 +44,7 @@ class GeneratorMeta:
     latent_mean: float = 0.0
     latent_std: float = 1.0
     tokenizer: str | None = None
+    tokenizer_sha1: str | None = None
     classes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

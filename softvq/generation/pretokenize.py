@@ -4,7 +4,8 @@ A shard folder holds
 
 * ``latents-00000.safetensors``, ... : tensors ``latents`` (N, L, D) float32 and ``labels`` (N,)
   int64, with the sample names as JSON in the file's metadata (key ``names``);
-* ``meta.json``: the tokenizer that made them, L, D, the class names, and the latent statistics
+* ``meta.json``: the tokenizer that made them (its spec, a local folder as an absolute path, and
+  ``tokenizer_sha1``, the sha1 of its weights), L, D, the class names, and the latent statistics
   ``latent_mean`` / ``latent_std`` (scalars over every element of the set) that the generator
   normalises with, (z − mean) / std (the release stores such scalars with each tokenizer). Their
   sums are exact (:func:`exact_sum`), so they come out bit for bit the same however the set was
@@ -304,6 +305,9 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
         current = dict(settings)
         if "tokenizer_sha1" not in progress.settings:  # runs before the weights were recorded
             del current["tokenizer_sha1"]
+        if progress.settings.get("tokenizer") and Path(progress.settings["tokenizer"]).expanduser().resolve() == \
+                Path(current["tokenizer"] or "").expanduser().resolve():  # recorded relative, before specs were absolute
+            current["tokenizer"] = progress.settings["tokenizer"]
         changed = changed_settings({"processes": 1, **progress.settings}, current)  # runs before "processes": one
         if changed:
             raise FileExistsError(f"{out} holds an interrupted pretokenize with other settings ({'; '.join(changed)}); "
@@ -325,6 +329,8 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
     """Encode every sample of ``source`` with ``tokenizer`` (eval mode) and write shards of exactly
     ``shard_size`` latents (the last one fewer) + meta.json; continue an interrupted run in ``out_dir``
     (see the module docstring). ``batch_size`` is a speed knob and may change between the two.
+    ``tokenizer_spec``, how ``generate`` will load the decoder, is recorded with a local folder
+    made absolute.
 
     With an ``accelerate.Accelerator`` of several processes (``torchrun`` / ``accelerate launch``),
     each encodes its contiguous part of the source; every process must call this, and each gets
@@ -339,6 +345,10 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
         raise ValueError("this LatentSource served an earlier pretokenize; make a new one (folder_source(...) or "
                          "bundled_source(...)) for each call")
     out = Path(out_dir)
+    if tokenizer_spec is not None:
+        from softvq.cli.common import portable_spec
+
+        tokenizer_spec = portable_spec(tokenizer_spec)  # a relative folder names another one from elsewhere
     with evaluating(tokenizer):  # the caller's model comes back in the mode it was given
         return _pretokenize(tokenizer, source, out, tokenizer_spec, batch_size, shard_size, progress,
                             accelerator, rank, processes)
@@ -470,6 +480,7 @@ def _merge_parts(out: Path, parts: list[_Part], tokenizer, tokenizer_spec: str |
         mean = sum(s.total for s in states) / elements
         mean_square = sum(s.sq_total for s in states) / elements
     std = math.sqrt(max(mean_square - mean * mean, 0.0))
+    sha1s = {s.settings.get("tokenizer_sha1") for s in states}  # None: a part started before they were recorded
     meta = {
         "format": FORMAT,
         "count": count,
@@ -481,6 +492,8 @@ def _merge_parts(out: Path, parts: list[_Part], tokenizer, tokenizer_spec: str |
         "tokenizer_latent_mean": tokenizer.latent_mean,
         "tokenizer_latent_std": tokenizer.latent_std,
         "tokenizer": tokenizer_spec,
+        # the weights, as the path may hold others later (training continued): generate checks them
+        **({"tokenizer_sha1": next(iter(sha1s))} if len(sha1s) == 1 and None not in sha1s else {}),
         "tokenizer_precision": tokenizer.precision,
         "classes": classes,
         "shards": [name for s in states for name in s.shards],

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from softvq.checkpoint.pretrained import atomic_write
-from softvq.generation.checkpoint import EXPORT_NAME, GeneratorMeta, save_generator
+from softvq.generation.checkpoint import EXPORT_NAME, FORMAT as GENERATOR_FORMAT, GeneratorMeta, save_generator
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, ObjectiveConfig
@@ -183,6 +183,35 @@ def build_model_config(cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: i
     return generator_config(cfg.objective, cfg.size, **fields)
 
 
+def tokenizer_spec(spec: str) -> str:
+    """``--tokenizer`` checked now, not when ``generate`` first loads it after a long run, and
+    recorded as :func:`softvq.cli.common.portable_spec` does (a local folder made absolute)."""
+    from softvq.checkpoint.pretrained import CONFIG_NAME, FORMAT as TOKENIZER_FORMAT, training_run_export
+    from softvq.cli.common import OFFICIAL_PREFIX, is_preset, portable_spec
+    from softvq.generation.pretokenize import META_NAME
+
+    kinds = "a preset name, a tokenizer folder or training run, a hub id 'org/name', or official:FOLDER_OR_HUB_ID"
+    if is_preset(spec) or (spec.startswith(OFFICIAL_PREFIX) and spec[len(OFFICIAL_PREFIX):].strip()):
+        return portable_spec(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        folder = training_run_export(path) or path
+        try:
+            found = json.loads((folder / CONFIG_NAME).read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found == TOKENIZER_FORMAT:
+            return portable_spec(spec)
+        what = ("a latent set (pretokenize's output)" if (path / META_NAME).is_file() else
+                "a DiT/SiT/MAR generator" if found == GENERATOR_FORMAT or (path / EXPORT_NAME / CONFIG_NAME).is_file() else "not a softvq tokenizer folder")
+        raise ValueError(f"--tokenizer {spec} is {what}; pass the tokenizer that decodes the latents: {kinds}")
+    text = spec.strip()
+    if not path.exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")) \
+            and not path.parent.is_dir():  # a hub id; generate downloads it
+        return spec
+    raise ValueError(f"--tokenizer {spec!r} is not {kinds}")
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on every matrix and embedding, not on biases and norm scales (1-D tensors),
     as MAE / MAR do; with ``weight_decay`` 0 (DiT / SiT) this is plain AdamW."""
@@ -214,6 +243,8 @@ def latent_set_sha1(meta: dict[str, Any]) -> str:
 def check_same_run(run: Path, model: dict[str, Any], train: dict[str, Any], latents_sha1: str) -> None:
     """A run folder resumes only the run it was started with: another generator, other training
     settings or another latent set is a clear error before any weights are loaded."""
+    from softvq.cli.common import portable_spec
+
     saved_file = run / "config.json"
     if not saved_file.is_file():
         return
@@ -225,7 +256,11 @@ def check_same_run(run: Path, model: dict[str, Any], train: dict[str, Any], late
     if changed:
         raise ValueError(f"{run} holds checkpoints of another generator ({', '.join(changed)}); resuming needs the "
                          f"same settings, or pass a new --out to start a fresh run")
-    changed = changed_settings(saved.get("train", {}), train, ignore=CHANGEABLE_ON_RESUME)
+    saved_train = dict(saved.get("train", {}))
+    if saved_train.get("tokenizer") and train.get("tokenizer") and \
+            portable_spec(saved_train["tokenizer"]) == train["tokenizer"]:  # recorded before specs were absolute
+        saved_train["tokenizer"] = train["tokenizer"]
+    changed = changed_settings(saved_train, train, ignore=CHANGEABLE_ON_RESUME)
     if saved.get("latents_sha1", latents_sha1) != latents_sha1:
         changed.append(f"latent set {saved['train'].get('latents')!r} -> {train['latents']!r} (another meta.json)")
     if changed:
@@ -261,6 +296,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     from softvq.training.stopping import StopRequests, on_any_process
 
     data = load_latents(cfg.validate().latents)
+    if cfg.tokenizer is not None:
+        cfg = dataclasses.replace(cfg, tokenizer=tokenizer_spec(cfg.tokenizer))
     cfg = cfg.resolved(count=data.latents.shape[0])  # epochs -> steps
     if cfg.steps < 1:
         raise ValueError(f"--epochs {cfg.epochs} of {data.latents.shape[0]} latents at batch {cfg.batch_size} is "
@@ -387,10 +424,14 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     acc.wait_for_everyone()
     export = run / EXPORT_NAME
     if acc.is_main_process:
+        from softvq.cli.common import portable_spec  # latent sets made before their specs were absolute
+
         unwrapped = acc.unwrap_model(model)
+        tokenizer = cfg.tokenizer or data.meta.get("tokenizer")
         meta = GeneratorMeta(objective=cfg.objective, path=cfg.path, schedule=cfg.schedule,
                              diffusion_steps=cfg.diffusion_steps, latent_mean=data.mean, latent_std=data.std,
-                             tokenizer=cfg.tokenizer or data.meta.get("tokenizer"), classes=data.classes)
+                             tokenizer=tokenizer and portable_spec(tokenizer),
+                             tokenizer_sha1=data.meta.get("tokenizer_sha1"), classes=data.classes)
         with ema.swapped_into(unwrapped):
             save_generator(unwrapped, meta, export, step=cfg.steps)
     return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": cfg.steps, "export": str(export),
@@ -434,7 +475,8 @@ FLAG_HELP: dict[str, str] = {
     "log_every": "steps between log lines (default 50)",
     "checkpoint_every": "steps between checkpoints (default 5000; also written when stopped)",
     "keep_checkpoints": "checkpoints kept (default 3)",
-    "tokenizer": "tokenizer SPEC `generate` decodes with (default: the one in the latents' meta.json)",
+    "tokenizer": "tokenizer SPEC `generate` decodes with (default: the one in the latents' meta.json): a preset, "
+                 "a tokenizer folder or run, a hub id or official:...; checked at the start",
     "cpu": "train on the CPU even where a GPU is present",
 }
 FLAG_CHOICES: dict[str, tuple[str, ...]] = {
