@@ -6,7 +6,8 @@
     softvq generate GEN --out OUT --per-class 50 --fid-ref stats.npz      # + gFID
 
 Writes OUT/images/000000.png ... (one file per sample, readable by FID tools), OUT/grid.png
-(one row per class, at most 16 x 16), and OUT/samples.json (labels, class names, sampler settings).
+(one row per class, at most 16 x 16), OUT/samples.json (labels, class names, sampler settings), and
+with --fid-ref OUT/fid.json (the gFID, its reference and the sample count).
 Images are written batch by batch: an interrupted run continues when the same command is run
 again, and makes the same images it would have made without the interruption. Under torchrun or
 accelerate launch the batches are split over the processes (one per GPU), with the same images:
@@ -18,12 +19,15 @@ Guidance interval: noise levels τ in [low, high] with τ = 0 data and τ = 1 no
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 from softvq.cli.common import add_precision_argument, positive_int, resolve_device
+
+FID_RECORD = "fid.json"  # gFID of --fid-ref, written into OUT beside samples.json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     add_precision_argument(p)  # the tokenizer's decode; the generator samples in float32
     p.add_argument("--fid-ref", metavar="NPZ_OR_FOLDER",
-                   help="reference Inception statistics (.npz with mu/sigma) or an image folder: also print gFID")
+                   help="reference Inception statistics (.npz with mu/sigma) or an image folder: also print gFID "
+                        "and write it to OUT/fid.json")
     p.set_defaults(func=run)
 
 
@@ -81,6 +86,7 @@ def parse_classes(text: str, names: list[str], num_classes: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from softvq.checkpoint.pretrained import atomic_write
     from softvq.cli.common import load_tokenizer
     from softvq.data.images import require_folder
     from softvq.generation.checkpoint import load_generator
@@ -139,8 +145,14 @@ def run(args: argparse.Namespace) -> int:
                 else "the generator is not trained enough (or its latents' statistics do not match this tokenizer)")
         print(f"warning: some samples diverged (|latent| > 50 standard deviations): {hint}", file=sys.stderr)
     if args.fid_ref:
-        print(f"gFID vs {args.fid_ref}: {generation_fid(result.folder, args.fid_ref, device):.3f} "
-              f"({result.count} samples; the paper's protocol uses 50,000)")
+        gfid = generation_fid(result.folder, args.fid_ref, device)
+        reference = Path(args.fid_ref).expanduser()
+        # kept beside the images it scores: the printed line alone is lost with the terminal
+        atomic_write(result.folder / FID_RECORD, lambda p: p.write_text(json.dumps(
+            {"gfid": gfid, "reference": str(reference.resolve()) if reference.exists() else args.fid_ref,
+             "samples": result.count}, indent=2)))
+        print(f"gFID vs {args.fid_ref}: {gfid:.3f} ({result.count} samples; the paper's protocol uses 50,000); "
+              f"saved to {result.folder / FID_RECORD}")
     return 0
 
 
