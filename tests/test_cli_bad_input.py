@@ -365,3 +365,20 @@ def test_generate_refuses_mar_options_on_a_sit_instead_of_ignoring_them(tmp_path
     code, _, err = _run(capsys, "generate", str(gen), "--out", str(tmp_path / "s"), "--device", "cpu", *flags)
     assert code == 2 and named in _one_line_error(err) and "is a SiT one: drop" in err
     assert not (tmp_path / "s").exists()
+
+
+def test_generate_says_what_a_folder_that_is_not_a_generator_is(tmp_path, capsys):
+    Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "tokrun" / "export")  # a `softvq train` run
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "meta.json").write_text(json.dumps({"format": "softvq-latents"}))
+    (tmp_path / "genrun").mkdir()  # train-generator stopped before its export
+    (tmp_path / "genrun" / "config.json").write_text(json.dumps({"train": {}, "model": {}, "latents_sha1": "0"}))
+    for folder, named in (("tokrun", "is a tokenizer training run (its tokenizer is"),
+                          ("tokrun/export", "is a tokenizer, not a generator; pass it as --tokenizer"),
+                          ("lat", "is a latent set (meta.json, written by pretokenize), not a generator; train one on "
+                                  "it with `softvq train-generator --latents"),
+                          ("genrun", "is a train-generator run with no generator/ yet (it stopped before its last "
+                                     "step); rerun the same train-generator command to finish it")):
+        code, _, err = _run(capsys, "generate", str(tmp_path / folder), "--out", str(tmp_path / "s"), "--device", "cpu")
+        assert code == 2 and named in _one_line_error(err), folder
+    assert not (tmp_path / "s").exists()

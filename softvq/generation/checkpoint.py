@@ -8,6 +8,7 @@ class names. Loading is strict (missing / unexpected keys are named).
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[G
     run_export = Path(path_or_id).expanduser() / EXPORT_NAME
     if (run_export / CONFIG_NAME).is_file():
         path_or_id = run_export
+    else:
+        _refuse_other_folders(Path(path_or_id).expanduser())
     folder, payload = read_folder_config(path_or_id, FORMAT, "softvq generator",
                                          "tokenizers load with softvq.Tokenizer.from_pretrained")
     model = build_generator(payload["config"])
@@ -76,3 +79,32 @@ def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[G
     known = GeneratorMeta.__dataclass_fields__
     meta = GeneratorMeta(**{k: v for k, v in payload.get("meta", {}).items() if k in known})
     return model.to(map_location).eval(), meta
+
+
+def _refuse_other_folders(path: Path) -> None:
+    """A one-line CheckpointError saying what ``path`` is when it is another softvq folder a user
+    may pass by mistake: a latent set, a tokenizer run, or a generator run that has no export yet."""
+    from softvq.checkpoint.pretrained import FORMAT as TOKENIZER_FORMAT, CheckpointError, training_run_export
+    from softvq.generation.pretokenize import FORMAT as LATENTS_FORMAT, META_NAME
+
+    def read(file: Path) -> dict[str, Any]:
+        try:
+            payload = json.loads(file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return payload if isinstance(payload, dict) else {}
+
+    if read(path / META_NAME).get("format") == LATENTS_FORMAT:
+        raise CheckpointError(f"{path} is a latent set ({META_NAME}, written by pretokenize), not a generator; train "
+                              f"one on it with `softvq train-generator --latents {path} --out RUN`, then generate RUN")
+    if (export := training_run_export(path)) is not None:
+        raise CheckpointError(f"{path} is a tokenizer training run (its tokenizer is {export}), not a generator; "
+                              f"pass it as --tokenizer, and a generator (train-generator's RUN) first")
+    config = read(path / CONFIG_NAME)
+    if config.get("format") == TOKENIZER_FORMAT:
+        raise CheckpointError(f"{path} is a tokenizer, not a generator; pass it as --tokenizer, and a generator "
+                              f"(train-generator's RUN) first")
+    if "train" in config and "model" in config:  # train-generator's run config: the export comes at the end
+        raise CheckpointError(f"{path} is a train-generator run with no {EXPORT_NAME}/ yet (it stopped before its "
+                              f"last step); rerun the same train-generator command to finish it, from its last "
+                              f"checkpoint")
