@@ -22,7 +22,8 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any], ignore: Ite
     """``"key old -> new"`` for each key whose value differs, in the saved order, then new keys.
 
     ``current`` is compared as JSON would store it (tuples become lists), since ``saved`` was read
-    back from JSON; keys in ``ignore`` are not compared.
+    back from JSON; keys in ``ignore`` are not compared. Nested dicts are compared key by key
+    (``"source.seed 0 -> 3"``).
     """
     current = json.loads(json.dumps(current))
     skip = set(ignore)
@@ -31,12 +32,13 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any], ignore: Ite
         old, new = saved.get(key), current.get(key)
         if key in skip or old == new:
             continue
-        if any(isinstance(v, list) and len(v) > LONG_LIST for v in (old, new)):
+        if isinstance(old, dict) and isinstance(new, dict):  # "source.seed 0 -> 3", not both dicts whole
+            out += [f"{key}.{line}" for line in changed_settings(old, new)]
+        elif any(isinstance(v, list) and len(v) > LONG_LIST for v in (old, new)):
             out.append(f"{key} differ ({len(old or [])} -> {len(new or [])} items)")
         else:
             out.append(f"{key} {old!r} -> {new!r}")
     return out
-
 
 
 def weights_sha1(module: nn.Module) -> str:

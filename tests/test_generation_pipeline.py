@@ -528,3 +528,17 @@ def test_tokenizer_paths_are_absolute_and_generate_warns_about_other_tokenizer_w
     config.write_text(json.dumps(payload))
     assert main([*command, "old", "--tokenizer", str(tmp_path / "tok2")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_changed_source_setting_is_named_alone(tmp_path, monkeypatch, capsys):
+    from softvq.cli.main import main
+
+    command = ["pretokenize", str(tmp_path / "lat"), "--bundled", "--model", "softvq-tiny", "--crops-per-photo", "1",
+               "--batch-size", "1", "--shard-size", "1", "--device", "cpu"]
+    _interrupt_encoding_at_call(monkeypatch, 2)
+    assert main(command) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*command, "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (source.seed 0 -> 3); rerun" in err and "'photos'" not in err  # not the source twice
