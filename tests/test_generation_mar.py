@@ -229,7 +229,7 @@ def test_recipe_lengths_follow_sec_4_1_and_supp_c2_in_steps_or_epochs():
         GeneratorTrainConfig(latents="x", steps=5, epochs=2).validate()
     with pytest.raises(ValueError, match="give --warmup-steps or --warmup-epochs, not both"):
         GeneratorTrainConfig(latents="x", warmup_steps=5, warmup_epochs=2).validate()
-    with pytest.raises(ValueError, match="--steps and --epochs must be positive"):
+    with pytest.raises(ValueError, match="--epochs must be positive, got 0"):
         GeneratorTrainConfig(latents="x", epochs=0).validate()
 
 

@@ -1,6 +1,7 @@
 """pretokenize -> generator training (resume) -> generate, on a tiny tokenizer and tiny SiT / DiT."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -542,3 +543,28 @@ def test_a_changed_source_setting_is_named_alone(tmp_path, monkeypatch, capsys):
     assert main([*command, "--seed", "3"]) == 2
     err = capsys.readouterr().err
     assert "other settings (source.seed 0 -> 3); rerun" in err and "'photos'" not in err  # not the source twice
+
+
+def test_train_generator_says_what_is_wrong_with_its_latents_or_run(tmp_path, monkeypatch, capsys):
+    from softvq.cli.main import main
+
+    tiny_tokenizer(tmp_path)
+    run = ["train-generator", "--out", str(tmp_path / "g"), "--width", "32", "--depth", "1", "--heads", "2",
+           "--batch-size", "4", "--steps", "1", "--cpu", "--quiet"]
+    _interrupt_encoding_at_call(monkeypatch, 2)
+    assert main(["pretokenize", str(tmp_path / "cut"), "--bundled", "--crops-per-photo", "1", "--batch-size", "1",
+                 "--shard-size", "1", "--device", "cpu", "--model", str(tmp_path / "tok")]) == 130
+    monkeypatch.undo()
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat", progress=False)
+    for latents, named in ((tmp_path / "nope", "latent folder .*nope does not exist"),
+                           (tmp_path / "cut", "is an unfinished latent set .*rerun the same pretokenize command"),
+                           (tmp_path / "lat" / "meta.json", f"is a file; pass the latent folder that holds it, "
+                                                            f"{tmp_path / 'lat'}")):
+        capsys.readouterr()
+        assert main([*run, "--latents", str(latents)]) == 2
+        assert re.search(named, capsys.readouterr().err), latents
+    assert main([*run, "--latents", str(tmp_path / "lat"), "--steps", "0"]) == 2
+    assert "--steps must be positive, got 0" in capsys.readouterr().err
+    assert main([*run, "--latents", str(tmp_path / "lat")]) == 0
+    assert main([*run, "--steps", "3"]) == 2  # a rerun to continue, without the flags it was started with
+    assert "continuing " + str(tmp_path / "g") + " needs the flags it was started with" in capsys.readouterr().err

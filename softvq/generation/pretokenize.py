@@ -336,8 +336,9 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
     each encodes its contiguous part of the source; every process must call this, and each gets
     the result of the whole run.
     """
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError("batch_size and shard_size must be positive")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be 1 or more, got {value}")
     rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     if processes > 1 and source.resume_from is None:
         raise ValueError("this source cannot be split between processes (it has no resume_from); run one process")
@@ -533,6 +534,14 @@ def load_latents(folder: str | Path) -> LatentSet:
 
     folder = Path(folder)
     meta_file = folder / META_NAME
+    if not folder.exists():
+        raise FileNotFoundError(f"latent folder {folder} does not exist; make one with `softvq pretokenize {folder} ...`")
+    if folder.is_file():
+        holder = f" that holds it, {folder.parent}" if folder.name == META_NAME else ""
+        raise ValueError(f"{folder} is a file; pass the latent folder{holder}")
+    if not meta_file.is_file() and any(folder.glob("progress*.json")):
+        raise ValueError(f"{folder} is an unfinished latent set (pretokenize was interrupted: it has progress files "
+                         f"but no {META_NAME}); rerun the same pretokenize command to finish it")
     if not meta_file.is_file():
         raise FileNotFoundError(f"{folder} has no {META_NAME}; make it with `softvq pretokenize`")
     try:

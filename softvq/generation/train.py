@@ -126,6 +126,10 @@ class GeneratorTrainConfig:
 
     def validate(self) -> "GeneratorTrainConfig":
         if not self.latents:
+            saved = Path(self.out) / "config.json"
+            if saved.is_file():  # a rerun to continue a run: its flags are not kept between commands
+                raise ValueError(f"no --latents given; continuing {self.out} needs the flags it was started with "
+                                 f"({saved} lists them under \"train\": --latents and the rest)")
             raise ValueError("no latent folder given; make one with `softvq pretokenize` and pass --latents")
         resolved = self.resolved()  # names an unknown objective
         mar_only = [name for name in MAR_ONLY if getattr(self, name) not in (None, False)]
@@ -135,10 +139,14 @@ class GeneratorTrainConfig:
             if getattr(self, steps) is not None and getattr(self, epochs) is not None:
                 flags = " or ".join("--" + name.replace("_", "-") for name in (steps, epochs))
                 raise ValueError(f"give {flags}, not both")
-        if (resolved.steps is not None and resolved.steps < 1) or (resolved.epochs is not None and resolved.epochs <= 0):
-            raise ValueError("--steps and --epochs must be positive")
-        if (resolved.warmup_steps or 0) < 0 or (resolved.warmup_epochs or 0) < 0:
-            raise ValueError("--warmup-steps and --warmup-epochs must be non-negative")
+        for name in ("steps", "epochs"):
+            value = getattr(resolved, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name} must be positive, got {value}")
+        for name in ("warmup_steps", "warmup_epochs"):
+            value = getattr(resolved, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
         if resolved.batch_size < 1:
             raise ValueError(f"--batch-size must be 1 or more, got {resolved.batch_size}")
         positive = ("width", "depth", "heads", "head_width", "head_depth", "buffer_size", "diffusion_batch_mul",
