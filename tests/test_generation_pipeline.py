@@ -568,3 +568,29 @@ def test_train_generator_says_what_is_wrong_with_its_latents_or_run(tmp_path, mo
     assert main([*run, "--latents", str(tmp_path / "lat")]) == 0
     assert main([*run, "--steps", "3"]) == 2  # a rerun to continue, without the flags it was started with
     assert "continuing " + str(tmp_path / "g") + " needs the flags it was started with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--objective", "sit", "--schedule", "linear"], "--schedule (the noise schedule) only applies to DiT and MAR"),
+    (["--objective", "dit", "--path", "linear"], "--path (the interpolant) only applies to SiT; DiT takes"),
+    (["--objective", "sit", "--buffer-size", "4"], "--buffer-size only applies to MAR (--objective mar)"),
+    (["--objective", "dit", "--head-width", "8", "--head-depth", "1"], "--head-width, --head-depth only apply to MAR"),
+])
+def test_train_generator_refuses_settings_its_objective_does_not_use(flags, named, capsys):
+    from softvq.cli.main import main
+
+    assert main(["train-generator", "--latents", "lat", *flags]) == 2  # before the latents are read
+    assert named in capsys.readouterr().err
+
+
+def test_log_lines_time_the_steps_actually_run(tmp_path, monkeypatch):
+    from softvq.generation import train as train_module
+
+    tiny_tokenizer(tmp_path)
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat", progress=False)
+    clock = iter(range(0, 10_000, 10))  # every reading of the clock 10 s after the last
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))
+    train_generator(GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(tmp_path / "g"), width=32, depth=1,
+                                         heads=2, batch_size=4, steps=5, log_every=4, cpu=True), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "g" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["sec_per_step"]) for r in log] == [(4, 10 / 4), (5, 10 / 1)]  # not 10 / 4 for one step

@@ -81,8 +81,8 @@ class GeneratorTrainConfig:
     buffer_size: int | None = None
     diffusion_batch_mul: int | None = None
     grad_checkpointing: bool = False
-    path: str = "cosine"
-    schedule: str = "cosine"
+    path: str | None = None
+    schedule: str | None = None
     diffusion_steps: int = 1000
     vlb_weight: float = 1.0
     class_dropout: float = 0.1
@@ -117,6 +117,8 @@ class GeneratorTrainConfig:
             if any(getattr(self, k) is not None for k in pair):
                 given |= set(pair)
         out = dataclasses.replace(self, **{k: v for k, v in RECIPES[self.objective].items() if k not in given})
+        # the one not used is resolved too, as runs before these were optional recorded both
+        out = dataclasses.replace(out, path=out.path or "cosine", schedule=out.schedule or "cosine")
         if count is not None:
             def in_steps(steps: int | None, epochs: float | None) -> int:
                 return steps if steps is not None else math.ceil((epochs or 0) * count / out.batch_size)
@@ -132,9 +134,16 @@ class GeneratorTrainConfig:
                                  f"({saved} lists them under \"train\": --latents and the rest)")
             raise ValueError("no latent folder given; make one with `softvq pretokenize` and pass --latents")
         resolved = self.resolved()  # names an unknown objective
-        mar_only = [name for name in MAR_ONLY if getattr(self, name) not in (None, False)]
+        mar_only = ["--" + name.replace("_", "-") for name in MAR_ONLY if getattr(self, name) not in (None, False)]
         if self.objective != "mar" and mar_only:
-            raise ValueError(f"{', '.join(mar_only)} only apply to MAR (--objective mar); DiT and SiT have none")
+            raise ValueError(f"{', '.join(mar_only)} only appl{'ies' if len(mar_only) == 1 else 'y'} to MAR "
+                             f"(--objective mar); DiT and SiT have none")
+        # given but unused would read as "it made no difference"
+        if self.objective != "sit" and self.path is not None:
+            name = {"dit": "DiT", "mar": "MAR"}.get(self.objective, self.objective)
+            raise ValueError(f"--path (the interpolant) only applies to SiT; {name} takes a noise --schedule")
+        if self.objective == "sit" and self.schedule is not None:
+            raise ValueError("--schedule (the noise schedule) only applies to DiT and MAR; SiT takes an interpolant --path")
         for steps, epochs in LENGTHS:
             if getattr(self, steps) is not None and getattr(self, epochs) is not None:
                 flags = " or ".join("--" + name.replace("_", "-") for name in (steps, epochs))
@@ -370,7 +379,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     first_loss = last_loss = math.nan
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.objective}",
                disable=not (progress and acc.is_main_process))
-    tick = time.perf_counter()
+    tick, ticked_at = time.perf_counter(), start
     model.train()
     say = (lambda text: print(text, file=sys.stderr)) if acc.is_main_process else (lambda text: None)
     stop = StopRequests(lambda name: say(f"received {name}: stopping after this step with a checkpoint "
@@ -403,11 +412,12 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
             if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
                 elapsed = time.perf_counter() - tick
                 record = {"step": done, **{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
-                          "ema_decay": ema.current_decay(), "sec_per_step": elapsed / cfg.log_every}
+                          # the steps since the last line: fewer than log_every at the end and after a resume
+                          "ema_decay": ema.current_decay(), "sec_per_step": elapsed / (done - ticked_at)}
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 with log_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                tick = time.perf_counter()
+                tick, ticked_at = time.perf_counter(), done
             # Every process must stop at the same step: with several, they agree every 10 steps.
             stopping = stop.requested if acc.num_processes == 1 else (
                 done % 10 == 0 and on_any_process([stop.requested], acc.device)[0])
@@ -461,8 +471,8 @@ FLAG_HELP: dict[str, str] = {
     "buffer_size": "MAR: class-embedding buffer tokens (default 64; 4 is far cheaper on few tokens)",
     "diffusion_batch_mul": "MAR: noise draws per token for the head's loss (default 4)",
     "grad_checkpointing": "MAR: recompute activations in backward to save memory",
-    "path": "SiT interpolant: cosine (GVP) or linear",
-    "schedule": "DiT / MAR noise schedule: cosine (supp. C.2) or linear",
+    "path": "SiT interpolant: cosine (GVP, default) or linear",
+    "schedule": "DiT / MAR noise schedule: cosine (supp. C.2, default) or linear",
     "diffusion_steps": "DiT / MAR diffusion steps T (default 1000)",
     "vlb_weight": "DiT: weight of the L_vlb term that trains σ (default 1)",
     "class_dropout": "probability of dropping the label, for classifier-free guidance (default 0.1)",
