@@ -594,3 +594,19 @@ def test_log_lines_time_the_steps_actually_run(tmp_path, monkeypatch):
                                          heads=2, batch_size=4, steps=5, log_every=4, cpu=True), progress=False)
     log = [json.loads(line) for line in (tmp_path / "g" / "log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["sec_per_step"]) for r in log] == [(4, 10 / 4), (5, 10 / 1)]  # not 10 / 4 for one step
+
+
+def test_config_json_records_no_size_when_the_flags_override_all_it_sets(tmp_path):
+    tiny_tokenizer(tmp_path)
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat", progress=False)
+    cfg = GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(tmp_path / "g"), width=32, depth=1, heads=2,
+                               batch_size=4, steps=1, cpu=True)
+    train_generator(cfg, progress=False)
+    config = tmp_path / "g" / "config.json"
+    saved = json.loads(config.read_text())
+    assert saved["train"]["size"] is None and saved["model"]["width"] == 32  # not "XL" for a 32-wide run
+    saved["train"]["size"] = "XL"  # as runs before this recorded it: they still resume
+    config.write_text(json.dumps(saved))
+    import dataclasses
+
+    assert train_generator(dataclasses.replace(cfg, steps=2), progress=False)["steps"] == 2

@@ -252,6 +252,16 @@ def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> t
 CHANGEABLE_ON_RESUME = ("out", "latents", "steps", "epochs", "log_every", "checkpoint_every", "keep_checkpoints", "cpu")
 
 
+def recorded_train(cfg: GeneratorTrainConfig) -> dict[str, Any]:
+    """``cfg`` as config.json records it: ``size`` null when the flags override everything it sets
+    (the model section holds what was built), so "XL" is not read as the size of a 32-wide run."""
+    sized = ("width", "depth", "heads") + (("head_width", "head_depth") if cfg.objective == "mar" else ())
+    record = dataclasses.asdict(cfg)
+    if all(getattr(cfg, name) is not None for name in sized):
+        record["size"] = None
+    return record
+
+
 def latent_set_sha1(meta: dict[str, Any]) -> str:
     """Identity of a latent set: its ``meta.json`` (shards, statistics, tokenizer), wherever it lies."""
     return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()
@@ -277,7 +287,8 @@ def check_same_run(run: Path, model: dict[str, Any], train: dict[str, Any], late
     if saved_train.get("tokenizer") and train.get("tokenizer") and \
             portable_spec(saved_train["tokenizer"]) == train["tokenizer"]:  # recorded before specs were absolute
         saved_train["tokenizer"] = train["tokenizer"]
-    changed = changed_settings(saved_train, train, ignore=CHANGEABLE_ON_RESUME)
+    # size is compared as the model it built (above): runs before it could be null recorded "XL"
+    changed = changed_settings(saved_train, train, ignore=(*CHANGEABLE_ON_RESUME, "size"))
     if saved.get("latents_sha1", latents_sha1) != latents_sha1:
         changed.append(f"latent set {saved['train'].get('latents')!r} -> {train['latents']!r} (another meta.json)")
     if changed:
@@ -336,7 +347,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     start = 0
     latest = latest_checkpoint(run)
     if latest is not None:
-        check_same_run(run, model_cfg.to_dict(), dataclasses.asdict(cfg), latent_set_sha1(data.meta))
+        check_same_run(run, model_cfg.to_dict(), recorded_train(cfg), latent_set_sha1(data.meta))
         state = load_checkpoint(latest)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -367,7 +378,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
             print(f"resuming {run} from step {start} ({latest.name})", file=sys.stderr)
     elif acc.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
-        resolved = {"train": dataclasses.asdict(cfg), "model": model_cfg.to_dict(),
+        resolved = {"train": recorded_train(cfg), "model": model_cfg.to_dict(),
                     "latents_sha1": latent_set_sha1(data.meta)}
         atomic_write(run / "config.json", lambda p: p.write_text(json.dumps(resolved, indent=2)))
 
