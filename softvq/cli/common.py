@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset
 from softvq.config import PRESETS
 from softvq.tokenizer import PRECISIONS, Tokenizer
 
-OFFICIAL_PREFIX = "official:"
 DEFAULT_MODEL = "softvq-tiny"
 SPEC_HELP = (f"preset name (random weights), a softvq checkpoint folder or hub id, or "
              f"{OFFICIAL_PREFIX}FOLDER_OR_HUB_ID for a released SoftVQ-VAE checkpoint")
@@ -119,18 +119,6 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; 0 or more")
     return value
-
-
-def is_preset(spec: str) -> bool:
-    return spec.lower() in PRESETS
-
-
-def portable_spec(spec: str) -> str:
-    """SPEC as a file should record it: a local folder as an absolute path, so the file still names
-    its model when read from another working directory; presets and hub ids as given."""
-    prefix = OFFICIAL_PREFIX if spec.startswith(OFFICIAL_PREFIX) else ""
-    folder = Path(spec[len(prefix):]).expanduser()
-    return prefix + str(folder.resolve()) if folder.is_dir() else spec
 
 
 def _generator_meta(folder: str) -> dict | None:

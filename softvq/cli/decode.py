@@ -14,7 +14,8 @@ from pathlib import Path, PurePosixPath
 import torch
 from tqdm import tqdm
 
-from softvq.cli.common import (add_model_arguments, load_tokenizer, make_distinct, portable_spec, positive_int,
+from softvq.checkpoint.specs import portable_spec
+from softvq.cli.common import (add_model_arguments, load_tokenizer, make_distinct, positive_int,
                                refuse_to_overwrite)
 from softvq.cli.encode import read_latents
 from softvq.data.images import to_pil

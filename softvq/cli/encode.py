@@ -19,9 +19,8 @@ import torch
 from tqdm import tqdm
 
 from softvq.checkpoint.pretrained import CheckpointError, atomic_write
-from softvq.cli.common import (
-    add_model_arguments, is_preset, load_tokenizer, portable_spec, positive_int, refuse_to_overwrite,
-)
+from softvq.checkpoint.specs import is_preset, portable_spec
+from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int, refuse_to_overwrite
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, read_image
 

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from softvq.cli.common import (
-    add_model_arguments, is_preset, load_tokenizer, non_negative_int, positive_int, resolve_device,
-)
+from softvq.checkpoint.specs import is_preset
+from softvq.cli.common import add_model_arguments, load_tokenizer, non_negative_int, positive_int, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

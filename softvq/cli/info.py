@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from softvq.cli.common import OFFICIAL_PREFIX, SPEC_HELP, is_preset, load_tokenizer, refuse_to_overwrite
+from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset
+from softvq.cli.common import SPEC_HELP, load_tokenizer, refuse_to_overwrite
 from softvq.config import PRESETS, BottleneckConfig, TokenizerConfig
 from softvq.tokenizer import Tokenizer
 

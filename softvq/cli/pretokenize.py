@@ -15,9 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from softvq.cli.common import (
-    add_model_arguments, is_preset, load_tokenizer, non_negative_int, portable_spec, positive_int, resolve_device,
-)
+from softvq.checkpoint.specs import is_preset, portable_spec
+from softvq.cli.common import add_model_arguments, load_tokenizer, non_negative_int, positive_int, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -347,7 +347,7 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
                          "bundled_source(...)) for each call")
     out = Path(out_dir)
     if tokenizer_spec is not None:
-        from softvq.cli.common import portable_spec
+        from softvq.checkpoint.specs import portable_spec
 
         tokenizer_spec = portable_spec(tokenizer_spec)  # a relative folder names another one from elsewhere
     with evaluating(tokenizer):  # the caller's model comes back in the mode it was given

@@ -202,9 +202,9 @@ def build_model_config(cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: i
 
 def tokenizer_spec(spec: str) -> str:
     """``--tokenizer`` checked now, not when ``generate`` first loads it after a long run, and
-    recorded as :func:`softvq.cli.common.portable_spec` does (a local folder made absolute)."""
+    recorded as :func:`softvq.checkpoint.specs.portable_spec` does (a local folder made absolute)."""
     from softvq.checkpoint.pretrained import CONFIG_NAME, FORMAT as TOKENIZER_FORMAT, training_run_export
-    from softvq.cli.common import OFFICIAL_PREFIX, is_preset, portable_spec
+    from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset, portable_spec
     from softvq.generation.pretokenize import META_NAME
 
     kinds = "a preset name, a tokenizer folder or training run, a hub id 'org/name', or official:FOLDER_OR_HUB_ID"
@@ -270,7 +270,7 @@ def latent_set_sha1(meta: dict[str, Any]) -> str:
 def check_same_run(run: Path, model: dict[str, Any], train: dict[str, Any], latents_sha1: str) -> None:
     """A run folder resumes only the run it was started with: another generator, other training
     settings or another latent set is a clear error before any weights are loaded."""
-    from softvq.cli.common import portable_spec
+    from softvq.checkpoint.specs import portable_spec
 
     saved_file = run / "config.json"
     if not saved_file.is_file():
@@ -453,7 +453,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     acc.wait_for_everyone()
     export = run / EXPORT_NAME
     if acc.is_main_process:
-        from softvq.cli.common import portable_spec  # latent sets made before their specs were absolute
+        from softvq.checkpoint.specs import portable_spec  # latent sets made before their specs were absolute
 
         unwrapped = acc.unwrap_model(model)
         tokenizer = cfg.tokenizer or data.meta.get("tokenizer")

@@ -1,0 +1,28 @@
+"""Model SPECs, the strings that name a tokenizer in files and on the command line.
+
+A SPEC is a preset name (random weights), a softvq checkpoint folder or hub id, a training run
+folder (its ``export/``), or ``official:FOLDER_OR_HUB_ID`` for a released checkpoint. Loading one
+is :func:`softvq.cli.common.load_tokenizer`; this module holds what files that record a SPEC
+(latent sets, generators) need without the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from softvq.config import PRESETS
+
+OFFICIAL_PREFIX = "official:"
+
+
+def is_preset(spec: str) -> bool:
+    """Whether SPEC names a preset (case-insensitive)."""
+    return spec.lower() in PRESETS
+
+
+def portable_spec(spec: str) -> str:
+    """SPEC as a file should record it: a local folder as an absolute path, so the file still names
+    its model when read from another working directory; presets and hub ids as given."""
+    prefix = OFFICIAL_PREFIX if spec.startswith(OFFICIAL_PREFIX) else ""
+    folder = Path(spec[len(prefix):]).expanduser()
+    return prefix + str(folder.resolve()) if folder.is_dir() else spec
