@@ -167,6 +167,14 @@ class TokenizerConfig:
         return strict_fields(cls, data).validate()
 
 
+class UnknownNameError(KeyError, ValueError):
+    """An unknown preset or size name. A KeyError for lookups; a ValueError too, so the command
+    line reports it in one line like any other bad value."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # KeyError would quote the message
+
+
 class ConfigTypeError(TypeError, ValueError):
     """A config value of the wrong type. A TypeError for Python callers; a ValueError too, so the
     command line's one-line error handling catches it with the range errors."""
@@ -322,5 +330,5 @@ def preset(name: str) -> TokenizerConfig:
     """A fresh copy of a named preset; an unknown name lists the known ones."""
     key = name.lower()
     if key not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        raise UnknownNameError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
     return TokenizerConfig.from_dict(PRESETS[key].to_dict())

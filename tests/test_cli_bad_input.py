@@ -382,3 +382,24 @@ def test_generate_says_what_a_folder_that_is_not_a_generator_is(tmp_path, capsys
         code, _, err = _run(capsys, "generate", str(tmp_path / folder), "--out", str(tmp_path / "s"), "--device", "cpu")
         assert code == 2 and named in _one_line_error(err), folder
     assert not (tmp_path / "s").exists()
+
+
+def test_bugs_keep_their_traceback_and_softvq_traceback_shows_any(capsys, monkeypatch):
+    import softvq.cli.info as info
+
+    # an unknown preset is the user's to fix: one line, without KeyError's quotes around it
+    code, _, err = _run(capsys, "train", "demo", "model.preset=softvq-xxl")
+    assert code == 2 and _one_line_error(err) == ("softvq train: error: unknown preset 'softvq-xxl'; choose one of: "
+                                                  "softvq-b-32, softvq-b-64, softvq-bl-32, softvq-bl-64, "
+                                                  "softvq-bl-64-512, softvq-l-32, softvq-l-32-512, softvq-l-64, "
+                                                  "softvq-s-32, softvq-s-64, softvq-tiny")
+
+    def internal_bug(args):
+        raise KeyError("a lookup inside softvq that failed")  # was printed as a one-line user error
+
+    monkeypatch.setattr(info, "run", internal_bug)
+    with pytest.raises(KeyError, match="a lookup inside softvq"):
+        main(["info"])
+    monkeypatch.setenv("SOFTVQ_TRACEBACK", "1")  # and a ValueError's traceback on request
+    with pytest.raises(ValueError, match="unknown preset"):
+        main(["train", "demo", "model.preset=softvq-xxl"])

@@ -100,5 +100,5 @@ def test_missing_weights_say_what_to_install(tmp_path, monkeypatch):
 
 
 def test_tf_weight_mapping_rejects_unknown_keys():
-    with pytest.raises(KeyError, match="unexpected layer"):
+    with pytest.raises(inc.FIDWeightsError, match="unexpected layer"):
         inc.convert_tf_state_dict({"net.layers.mixed_11.conv.weight": torch.zeros(1)})

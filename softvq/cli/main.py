@@ -1,8 +1,10 @@
 """The ``softvq`` command line. Each sub-command lives in its own module ``softvq.cli.<name>``
 exposing ``register(subparsers)``, which adds a parser whose ``func(args) -> int`` runs it.
 
-Errors a user can fix (bad paths, bad images, bad checkpoints, bad config keys) print one line
-and exit with status 2; anything else is a bug and keeps its traceback.
+Errors a user can fix (bad paths, bad images, bad checkpoints, bad config values) print one line
+and exit with status 2; anything else is a bug and keeps its traceback. The library reports bad
+values as ValueErrors, so a bug that raises one would print one line too: ``SOFTVQ_TRACEBACK=1``
+shows the traceback of any error.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     # The OSErrors are paths a user named: an output that is a file, a folder where a file goes,
     # a folder that may not be written to, shards that must not be overwritten.
     return (CheckpointError, ImageReadError, FileNotFoundError, FileExistsError, IsADirectoryError,
-            NotADirectoryError, PermissionError, KeyError, ValueError)
+            NotADirectoryError, PermissionError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = int(args.func(args) or 0)
     except user_errors() as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"softvq {args.command}: error: {message}", file=sys.stderr)
+        if os.environ.get("SOFTVQ_TRACEBACK"):
+            raise
+        print(f"softvq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         from softvq.training.accelerator import first_launched_process

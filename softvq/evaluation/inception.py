@@ -268,7 +268,7 @@ def convert_tf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
         name = key.removeprefix("net.").removeprefix("layers.")
         layer, _, param = name.rpartition(".")
         if param not in _TF_PARAMS:
-            raise KeyError(f"unexpected parameter {key!r} in the TF-named FID Inception weights")
+            raise FIDWeightsError(f"unexpected parameter {key!r} in the TF-named FID Inception weights")
         head, _, rest = layer.partition(".")
         if head in _TF_STEM and not rest:
             target = _TF_STEM[head]
@@ -276,10 +276,10 @@ def convert_tf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
             block = _TF_BLOCKS[head]
             branches = _TF_BRANCHES[_BLOCK_KIND[block]]
             if rest not in branches:
-                raise KeyError(f"unexpected layer {key!r} in the TF-named FID Inception weights")
+                raise FIDWeightsError(f"unexpected layer {key!r} in the TF-named FID Inception weights")
             target = f"{block}.{branches[rest]}"
         else:
-            raise KeyError(f"unexpected layer {key!r} in the TF-named FID Inception weights")
+            raise FIDWeightsError(f"unexpected layer {key!r} in the TF-named FID Inception weights")
         out[f"{target}.{_TF_PARAMS[param]}"] = value.float()
         if param == "beta":
             out[f"{target}.bn.weight"] = torch.ones_like(value, dtype=torch.float32)

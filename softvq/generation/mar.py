@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from softvq.config import strict_fields
+from softvq.config import UnknownNameError, strict_fields
 from softvq.eval_mode import evaluating
 from softvq.generation.diffloss import DiffusionLoss
 from softvq.generation.embeddings import LabelEmbedder
@@ -124,7 +124,7 @@ def mar_config(size: str, **fields: Any) -> MARConfig:
     ``mar_config("H", num_tokens=64, latent_dim=32)``."""
     key = size.upper()
     if key not in MAR_SIZES:
-        raise KeyError(f"unknown MAR size {size!r}; choose one of {', '.join(MAR_SIZES)}")
+        raise UnknownNameError(f"unknown MAR size {size!r}; choose one of {', '.join(MAR_SIZES)}")
     width, depth, heads, head_depth, head_width = MAR_SIZES[key]
     base = {"width": width, "depth": depth, "heads": heads, "head_depth": head_depth, "head_width": head_width}
     base.update(fields)

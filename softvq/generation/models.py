@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from softvq.config import strict_fields
+from softvq.config import UnknownNameError, strict_fields
 from softvq.generation.embeddings import LabelEmbedder, TimestepEmbedder, sincos_grid, sincos_sequence
 from softvq.generation.mar import MARConfig, MaskedAutoregressive
 from softvq.networks.vit import Attention, Mlp, patchify, unpatchify
@@ -117,7 +117,7 @@ def generator_config(kind: GeneratorKind, size: str, **fields: Any) -> Generator
     ``generator_config("sit", "XL", num_tokens=64, latent_dim=32)``."""
     key = size.upper()
     if key not in GENERATOR_SIZES:
-        raise KeyError(f"unknown generator size {size!r}; choose one of {', '.join(GENERATOR_SIZES)}")
+        raise UnknownNameError(f"unknown generator size {size!r}; choose one of {', '.join(GENERATOR_SIZES)}")
     width, depth, heads = GENERATOR_SIZES[key]
     base = {"kind": kind, "width": width, "depth": depth, "heads": heads}
     if fields.get("layout") == "2d":
