@@ -88,6 +88,9 @@ class Tokenizer(nn.Module):
         self.latent_std: float | None = None
         self.slice_size: int | None = None
         self.compute_dtype = torch.float32  # enable_autocast changes it
+        # Where the weights came from, for reports and messages (the loaders and the CLI set it).
+        self.source = "an in-memory Tokenizer"
+        self.ignored_keys: list[str] = []  # release keys from_official dropped on purpose
 
     def enable_slicing(self, slice_size: int = 8) -> "Tokenizer":
         """Encode/decode large batches ``slice_size`` images at a time, bounding peak memory.
@@ -174,7 +177,9 @@ class Tokenizer(nn.Module):
                 cfg[key].update(value)
             else:
                 cfg[key] = value
-        return cls(TokenizerConfig.from_dict(cfg)).eval()
+        model = cls(TokenizerConfig.from_dict(cfg)).eval()
+        model.source = f"preset {name.lower()} (random weights, untrained)"
+        return model
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, map_location: str = "cpu") -> "Tokenizer":
@@ -213,8 +218,9 @@ class Tokenizer(nn.Module):
         config = TokenizerConfig.from_dict({**self.config.to_dict(), "decoder_noise_dim": noise_dim})
         weight = self.from_latent.weight
         widened = Tokenizer(config).to(device=weight.device, dtype=weight.dtype)
-        widened.load_weights_of(self, str(getattr(self, "source", "this tokenizer")))
+        widened.load_weights_of(self, self.source)
         widened.slice_size, widened.compute_dtype = self.slice_size, self.compute_dtype
+        widened.source = self.source
         return widened.train(self.training)
 
     def load_weights_of(self, other: "Tokenizer", source: str) -> "Tokenizer":

@@ -324,7 +324,9 @@ def test_convert_then_load_ours_is_bit_identical(tmp_path):
 def test_a_pickled_release_loads_and_a_folder_without_weights_is_named(tmp_path):
     folder, state, _ = tiny_release(tmp_path, 2)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
-    expected = load_official(folder).reconstruct(x)
+    release = load_official(folder)
+    assert release.source == f"released SoftVQ-VAE checkpoint {folder}" and "projection.0.weight" in release.ignored_keys
+    expected = release.reconstruct(x)
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")  # what PyTorchModelHubMixin wrote before safetensors
     assert torch.equal(load_official(folder).reconstruct(x), expected)

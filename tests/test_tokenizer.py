@@ -379,3 +379,11 @@ def test_latents_and_images_come_back_in_float32_or_in_a_float64_models_precisio
     narrow = copy.deepcopy(model).bfloat16()  # bf16 weights: the bottleneck (and the LFQ codes) in float32
     latents = narrow.encode(x).latents
     assert latents.dtype == narrow.decode(latents).dtype == torch.float32
+
+
+def test_every_loader_says_where_the_weights_came_from(tmp_path):
+    tok = softvq.Tokenizer.from_preset("softvq-tiny", encoder={"depth": 1}, decoder={"depth": 1})
+    assert tok.source == "preset softvq-tiny (random weights, untrained)" and tok.ignored_keys == []
+    tok.save_pretrained(tmp_path / "ckpt")
+    assert softvq.Tokenizer.from_pretrained(tmp_path / "ckpt").source == f"softvq checkpoint {tmp_path / 'ckpt'}"
+    assert tok.with_generative_decoder(2).source == tok.source

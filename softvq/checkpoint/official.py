@@ -367,6 +367,7 @@ def load_official(
         raise CheckpointError(f"{weights} is missing needed key(s) {shown}")
     load_strict(model, converted.state, str(weights), spelling=official_key)
     model.ignored_keys = converted.ignored
+    model.source = f"released SoftVQ-VAE checkpoint {path_or_id}"
     if converted.ignored:
         log.info("ignored %d release key(s) not needed to encode or decode: %s",
                  len(converted.ignored), ", ".join(_summarise(converted.ignored)))

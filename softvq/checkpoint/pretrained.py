@@ -184,4 +184,5 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str = "cpu") -> "To
     model = Tokenizer(config)
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
     model.latent_mean, model.latent_std = meta.get("latent_mean"), meta.get("latent_std")
+    model.source = f"softvq checkpoint {path_or_id}"
     return model.to(map_location).eval()

@@ -147,7 +147,6 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
     check_precision(precision, device)
     if is_preset(spec):
         model = Tokenizer.from_preset(spec)
-        model.source = f"preset {spec.lower()} (random weights, untrained)"
         if not quiet:
             print(f"softvq: warning: {spec} is a preset with RANDOM weights; outputs are meaningless "
                   f"until it is trained (its fresh decoder hardly reads the latents: every image decodes "
@@ -158,7 +157,6 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
             raise ValueError(f"{OFFICIAL_PREFIX} needs a release folder or hub id after it, e.g. "
                              f"{OFFICIAL_PREFIX}SoftVQVAE/softvq-b-64")
         model = Tokenizer.from_official(target)
-        model.source = f"released SoftVQ-VAE checkpoint {target}"
     else:
         from softvq.checkpoint.pretrained import CheckpointError, training_run_export
 
@@ -186,5 +184,4 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                     f"pass a checkpoint folder, or finish the run with softvq train --resume -o {spec}"
                 ) from None
             raise
-        model.source = f"softvq checkpoint {spec}"
     return model.to(device).eval().enable_autocast(precision)

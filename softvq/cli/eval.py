@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         # (not for a random preset: its weights differ on every load)
         state = None if is_preset(args.model) else out / STATE_NAME
         report = evaluate_tokenizer(model, args.images, options, device=device,
-                                    model_name=getattr(model, "source", args.model), state_file=state)
+                                    model_name=model.source, state_file=state)
         if args.probe:
             from softvq.evaluation.probe import probe_folder
 

@@ -187,7 +187,7 @@ def describe(model: Tokenizer, source: str) -> str:
                                           f"(WeTok generative decoder)"))
     if model.latent_mean is not None:
         rows.append(("latent mean / std", f"{model.latent_mean:g} / {model.latent_std:g}"))
-    ignored = getattr(model, "ignored_keys", None)
+    ignored = model.ignored_keys
     if ignored:
         from softvq.checkpoint.official import ignored_summary
 

@@ -387,7 +387,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
         raise ValueError(f"rFID needs at least 2 readable images, {source} has {evaluated}")
 
     report: dict[str, Any] = {
-        "model": model_name or getattr(model, "source", type(model).__name__),
+        "model": model_name or model.source,
         "source": str(source),
         "num_images": evaluated,
         "skipped_images": len(skipped),
