@@ -89,8 +89,9 @@ def test_unreadable_labelled_images_are_left_out_with_their_labels(tmp_path):
     skipped = []
     feats, labels = _readable(model, paths, torch.tensor([0, 0, 1, 1]), skipped, batch_size=2, progress=False)
     assert skipped == [paths[1]] and labels.tolist() == [0, 1, 1]
-    readable = tokenizer_features(model, [paths[0], paths[2], paths[3]], batch_size=3, progress=False)
+    readable = tokenizer_features(model.train(), [paths[0], paths[2], paths[3]], batch_size=3, progress=False)
     torch.testing.assert_close(feats, readable, rtol=1e-5, atol=1e-6)
+    assert model.training  # the caller's model is given back in its mode (it was left in eval mode)
     with pytest.raises(ImageReadError, match="2.png"):
         tokenizer_features(model, paths, progress=False)  # without a list to count them in, it is an error
     r = probe_folder(model, tmp_path, val_fraction=0.5, epochs=1, progress=False)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from softvq.data.images import ImageReadError, center_crop_resize, images_by_class, load_rgb, to_tensor
+from softvq.eval_mode import evaluating
 
 
 class Lamb(torch.optim.Optimizer):
@@ -204,23 +205,24 @@ def tokenizer_features(model, paths: list[Path], *, which: Literal["latents", "f
 
     if which not in ("latents", "features"):
         raise ValueError(f"which must be 'latents' (z) or 'features' (ẑ), got {which!r}")
-    model = model.to(device).eval()
+    model = model.to(device)
     size = model.config.image_size
     out = []
-    for start in tqdm(range(0, len(paths), batch_size), desc=f"probe {which}", unit="batch",
-                      disable=not progress):
-        images = []
-        for path in paths[start:start + batch_size]:
-            try:
-                images.append(to_tensor(center_crop_resize(load_rgb(path), size)))
-            except ImageReadError:
-                if skipped is None:
-                    raise
-                skipped.append(path)
-        if not images:
-            continue
-        enc = model.encode(torch.stack(images).to(device))
-        out.append(getattr(enc, which).flatten(1).float().cpu())
+    with evaluating(model):  # the caller's model comes back in the mode it was given
+        for start in tqdm(range(0, len(paths), batch_size), desc=f"probe {which}", unit="batch",
+                          disable=not progress):
+            images = []
+            for path in paths[start:start + batch_size]:
+                try:
+                    images.append(to_tensor(center_crop_resize(load_rgb(path), size)))
+                except ImageReadError:
+                    if skipped is None:
+                        raise
+                    skipped.append(path)
+            if not images:
+                continue
+            enc = model.encode(torch.stack(images).to(device))
+            out.append(getattr(enc, which).flatten(1).float().cpu())
     if not out:
         raise ImageReadError(f"none of the {len(paths)} labelled images could be read"
                              + (f", e.g. {skipped[0]}" if skipped else ""))
