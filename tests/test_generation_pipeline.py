@@ -137,6 +137,10 @@ def test_pretokenize_cli_keeps_a_random_preset_so_decoding_matches(tmp_path, cap
     assert data.latents.shape[1:] == (16, 8) and len(data.classes) == len(data.labels)
     saved = Tokenizer.from_pretrained(data.meta["tokenizer"])  # the exact weights that encoded them
     assert data.meta["tokenizer"] == str(tmp_path / "lat" / "tokenizer") and saved.num_tokens == 16
+    # --seed (default 0) seeds the preset's weights, as encode's --seed does: they were whatever the RNG held
+    torch.manual_seed(0)
+    assert torch.equal(saved.state_dict()["to_latent.weight"],
+                       Tokenizer.from_preset("softvq-tiny").state_dict()["to_latent.weight"])
 
 
 def test_pretokenize_skips_and_counts_unreadable_images(tmp_path, capsys):

@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --images: processes that decode images (default 0: this one); on a GPU, "
                         "decoding is the bottleneck without them")
     p.add_argument("--shard-size", type=positive_int, default=4096, help="samples per shard file")
-    p.add_argument("--seed", type=int, default=0, help="crop seed for --bundled")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of a preset's random weights (as encode's) and of --bundled's crops")
     p.set_defaults(func=run)
 
 
@@ -69,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
             if main_process:
                 print(f"continuing with the {args.model} weights saved at {kept}")
         elif main_process:
+            import torch
+
+            torch.manual_seed(args.seed)  # the same random weights as encode / eval --model PRESET --seed
             load_tokenizer(args.model, device, precision=args.precision).save_pretrained(kept)
             print(f"saved the randomly initialised {args.model} next to the latents: {spec}")
         if accelerator is not None:
