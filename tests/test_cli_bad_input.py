@@ -403,3 +403,15 @@ def test_bugs_keep_their_traceback_and_softvq_traceback_shows_any(capsys, monkey
     monkeypatch.setenv("SOFTVQ_TRACEBACK", "1")  # and a ValueError's traceback on request
     with pytest.raises(ValueError, match="unknown preset"):
         main(["train", "demo", "model.preset=softvq-xxl"])
+
+
+def test_library_warnings_speak_in_the_cli_voice(tmp_path, capsys):
+    import json as _json
+
+    from test_checkpoint_official import tiny_release
+
+    folder, _, config = tiny_release(tmp_path, 1)
+    (folder / "config.json").write_text(_json.dumps({**config, "image_size": 64}))
+    code, _, err = _run(capsys, "info", f"official:{folder}")
+    assert code == 0
+    assert "softvq: warning: config.json says image_size 64 but the position embeddings are for 32 px" in err

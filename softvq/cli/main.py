@@ -56,7 +56,28 @@ def user_errors() -> tuple[type[BaseException], ...]:
             NotADirectoryError, PermissionError, ValueError)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes, not when the handler was made."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def show_library_warnings() -> None:
+    """The library's ``logging`` warnings (a release's config.json contradicting its weights, a
+    discriminator without its weights) in the CLI's own voice, once per process."""
+    logger = logging.getLogger("softvq")
+    if not any(getattr(h, "softvq_cli", False) for h in logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("softvq: warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        handler.softvq_cli = True
+        logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    show_library_warnings()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse ends a nargs="*" positional at the first option, so ``train CONFIG -o DIR k=v`` would
