@@ -24,36 +24,12 @@ from torch import Tensor, nn
 
 from softvq.bottlenecks.base import (Bottleneck, BottleneckOutput, EntropyTerms, check_chunk_size, check_count,
                                      check_positive, float32_region, full_precision)
-from softvq.bottlenecks.soft_assign import affinity, soft_assign, soft_latents  # noqa: F401 (affinity re-exported)
+from softvq.bottlenecks.soft_assign import soft_assign, soft_latents
 
 
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
     """Shannon entropy in nats, with 0·log 0 = 0."""
     return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim)
-
-
-def entropy_regulariser(logits: Tensor) -> Tensor:
-    """L_kl = mean_tokens H(q) − H(mean_tokens q) for logits (T, K) (Eq. 4 / B.1).
-
-    Low when each posterior is sharp (first term) and the batch uses the codebook evenly
-    (second term). B.1 derives it from the KL to the uniform prior U, with the batch-averaged
-    posterior in the cross-entropy term; as computed it equals KL(E q ‖ U) − mean KL(q ‖ U), which
-    is ≤ 0 (H is concave), so the logged ``kl`` loss is negative (0 when every token has the same
-    posterior, −log K at best).
-    """
-    probs = logits.softmax(-1)
-    return entropy(probs).mean() - entropy(probs.mean(0))
-
-
-def codebook_metrics(probs: Tensor, indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
-    """Perplexity of the batch-averaged posterior and the fraction of codewords chosen by argmax."""
-    avg = probs.reshape(-1, codebook_size).mean(0)
-    used = torch.zeros(codebook_size, device=indices.device, dtype=torch.bool)
-    used[indices.reshape(-1)] = True
-    return {
-        "perplexity": torch.exp(entropy(avg)).detach(),
-        "usage": used.float().mean(),
-    }
 
 
 class SoftVQ(Bottleneck):
@@ -153,7 +129,14 @@ class SoftVQ(Bottleneck):
             return latents.reshape(*z.shape[:-1], self.latent_dim)
 
     def forward(self, z: Tensor) -> BottleneckOutput:
-        """z = q(z|x) C with loss ``kl`` = H(q) − H(E q), the argmax indices and, when kept, the posterior (Eq. 4)."""
+        """z = q(z|x) C with loss ``kl`` = H(q) − H(E q), the argmax indices and, when kept, the posterior (Eq. 4).
+
+        ``kl`` = mean_tokens H(q) − H(mean_tokens q) (Eq. 4 / B.1) is low when each posterior is
+        sharp (first term) and the batch uses the codebook evenly (second term). B.1 derives it from
+        the KL to the uniform prior U, with the batch-averaged posterior in the cross-entropy term;
+        as computed it equals KL(E q ‖ U) − mean KL(q ‖ U), which is ≤ 0 (H is concave), so the
+        logged ``kl`` loss is negative (0 when every token has the same posterior, −log K at best).
+        """
         self.check_input(z)
         with float32_region(z.device):
             lead = z.shape[:-1]
