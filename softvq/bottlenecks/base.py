@@ -50,6 +50,19 @@ class EntropyTerms:
     mean_posterior: Tensor
 
 
+def entropy(probs: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy H(p) = −Σ p log p in nats along ``dim``, with 0·log 0 = 0 exactly.
+
+    The one entropy of the categorical regularisers (SoftVQ's H(q) − H(E q), Eq. 4 / B.1; WeTok's
+    codebook entropy, Eq. 9) and of the codebook perplexity metrics. The log is taken of 1 where
+    p = 0, so that zeros add exactly 0 and get a finite gradient (d/dp p·log p → −∞ there; an
+    upstream softmax multiplies it by p = 0, and 0·∞ would be NaN), while every p > 0, however
+    small, keeps its exact term and gradient: no eps floor, in float32 or float64.
+    """
+    safe = torch.where(probs > 0, probs, torch.ones_like(probs))
+    return -(probs * safe.log()).sum(dim)
+
+
 class Bottleneck(nn.Module):
     """Base class. Subclasses set ``input_dim`` (channels they read from the encoder projection)
     and ``latent_dim`` (channels of the latents they emit), and implement ``forward``.

@@ -31,9 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from softvq.bottlenecks.base import (Bottleneck, BottleneckOutput, check_count, check_positive, float32_region,
-                                     full_precision)
-from softvq.bottlenecks.softvq import entropy
+from softvq.bottlenecks.base import (Bottleneck, BottleneckOutput, check_count, check_positive, entropy,
+                                     float32_region, full_precision)
 
 MAX_GROUP_BITS = 16  # 2^16 codes per group: the LFQ baseline of WeTok Tab. 7 (d' = 16)
 
@@ -91,6 +90,8 @@ class GroupedLookupFree(Bottleneck):
             logits = 2.0 * grouped @ self.codes.to(u.dtype).t() / self.entropy_temperature  # (T, g, 2^d')
             log_q = torch.log_softmax(logits, dim=-1)
             q = log_q.exp()
+            # log_softmax gives log q straight from the logits (exact where q underflows), so this
+            # is not entropy(q), which would take the log of q again.
             token_entropy = -(q * log_q).sum(-1).sum(-1).mean()  # Eq. 7
             group_mean = q.mean(0)  # (g, 2^d')
             codebook_entropy = entropy(group_mean).sum()  # Eq. 9

@@ -30,9 +30,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, EntropyTerms
+from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, EntropyTerms, entropy
 from softvq.bottlenecks.merge import mean_losses, mean_metrics, shared_widths
-from softvq.bottlenecks.softvq import entropy
 
 SegmentEntropy = Literal["pooled", "per_segment"]
 

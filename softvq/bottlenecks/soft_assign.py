@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from softvq.bottlenecks.base import entropy
 from softvq.bottlenecks.extremes import last_axis_argmax
 
 # Elements of one (chunk × K) working tensor in the chunked path. CPU: 2^21 floats = 8 MiB, which
@@ -115,7 +116,8 @@ def _softmax_jvp(grad: Tensor, probs: Tensor) -> Tensor:
 
 
 def _entropy_sum(rho: Tensor, post: Tensor, top: Tensor) -> Tensor:
-    """Σ_t H(π_t) for π = softmax(ρ) (rows t), without another pass of exp or log over (T, K).
+    """Σ_t H(π_t) for π = softmax(ρ) (rows t), without another pass of exp or log over (T, K)
+    (hence not :func:`~softvq.bottlenecks.base.entropy`, which takes log π over every entry).
 
     With m_t = ρ_t,top at the row's argmax, lse(ρ_t) = m_t − log π_t,top exactly, so
     H(π_t) = lse(ρ_t) − ⟨π_t, ρ_t⟩ = −log π_t,top − ⟨π_t, ρ_t − m_t⟩: a sum of two non-negative
@@ -149,7 +151,7 @@ def soft_assign_reference(
         post = probs
     else:
         post = (aff / entropy_temperature).softmax(-1)
-    token_entropy = -(post * torch.log(post.clamp_min(1e-30))).sum(-1).mean()
+    token_entropy = entropy(post).mean()
     return SoftAssignment(
         latents=latents,
         token_entropy=token_entropy,

@@ -23,13 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import (Bottleneck, BottleneckOutput, EntropyTerms, check_chunk_size, check_count,
-                                     check_positive, float32_region, full_precision)
+                                     check_positive, entropy, float32_region, full_precision)
 from softvq.bottlenecks.soft_assign import soft_assign, soft_latents
-
-
-def entropy(probs: Tensor, dim: int = -1) -> Tensor:
-    """Shannon entropy in nats, with 0·log 0 = 0."""
-    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim)
 
 
 class SoftVQ(Bottleneck):

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softvq.bottlenecks.base import Bottleneck, BottleneckOutput, check_count, float32_region, full_precision
+from softvq.bottlenecks.base import (Bottleneck, BottleneckOutput, check_count, entropy, float32_region,
+                                     full_precision)
 from softvq.bottlenecks.extremes import last_axis_argmin
-from softvq.bottlenecks.softvq import entropy
 
 _SEARCH_CHUNK_ELEMENTS = 1 << 22  # distances computed at a time in the nearest-codeword search
 

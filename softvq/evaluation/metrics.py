@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from softvq.bottlenecks.base import entropy
+
 
 def _check_range(x: Tensor, data_range: float, name: str) -> None:
     if data_range <= 0:
@@ -144,7 +146,7 @@ class CodebookUsage:
 
     def perplexity_per_codebook(self) -> Tensor:
         """exp(H(p)) of each codebook's empirical code distribution."""
-        return torch.exp(_entropy(self.counts.double()))
+        return torch.exp(entropy_of_weights(self.counts.double()))
 
     def summary(self) -> dict[str, float]:
         """``codebook_usage`` and ``codebook_perplexity`` averaged over the codebooks, the sizes, the codes
@@ -157,15 +159,14 @@ class CodebookUsage:
             "codes_counted": int(self.counts.sum()),
         }
         if self.prob_rows:
-            out["soft_perplexity"] = float(torch.exp(_entropy(self.prob_sums)).mean())
+            out["soft_perplexity"] = float(torch.exp(entropy_of_weights(self.prob_sums)).mean())
         return out
 
 
-def _entropy(weights: Tensor) -> Tensor:
-    """Entropy (nats) of each row of non-negative weights normalised to a distribution; 0·log 0 = 0."""
-    p = weights / weights.sum(-1, keepdim=True).clamp_min(1e-300)
-    logp = torch.where(p > 0, p.log(), torch.zeros_like(p))
-    return -(p * logp).sum(-1)
+def entropy_of_weights(weights: Tensor) -> Tensor:
+    """Entropy (nats) of each row of non-negative weights (counts) normalised to a distribution;
+    0·log 0 = 0, and a row of zeros has entropy 0."""
+    return entropy(weights / weights.sum(-1, keepdim=True).clamp_min(1e-300))
 
 
 # --- latents -------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softvq.evaluation.metrics import entropy_of_weights
+
 DPI = 100
 
 
@@ -165,10 +167,8 @@ def plot_codebook_usage(counts: Tensor | np.ndarray, path: str | Path, *, title:
     if c.sum() <= 0:
         raise ValueError("no code was counted; encode some images first")
     k = c.shape[1]
-    p = c / c.sum(1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -(np.where(p > 0, p * np.log(p), 0.0)).sum(1)
-    usage, perplexity = float((c > 0).mean()), float(np.exp(entropy).mean())
+    usage = float((c > 0).mean())
+    perplexity = float(torch.exp(entropy_of_weights(torch.from_numpy(c))).mean())
     fig = _figure(10, 3.4)
     left, right = fig.subplots(1, 2)
     edges = np.arange(k + 1) - 0.5
