@@ -33,7 +33,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -297,11 +297,3 @@ def precision_recall(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.T
     precision = _coverage(r, knn_radii(r, k, batch_size), f, batch_size)
     recall = _coverage(f, knn_radii(f, k, batch_size), r, batch_size)
     return precision, recall
-
-
-def stats_of(batches: Iterable[np.ndarray | torch.Tensor]) -> FeatureStats:
-    """FeatureStats of a stream of (N, D) feature batches."""
-    acc = RunningStats()
-    for b in batches:
-        acc.update(b)
-    return acc.finalize()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -208,8 +207,3 @@ class RunningMoments:
             "latent_channel_mean": mean_c.tolist(),
             "latent_channel_std": var_c.sqrt().tolist(),
         }
-
-
-def as_numpy_uint8(images: Tensor) -> np.ndarray:
-    """(B, 3, H, W) uint8 tensor -> (B, H, W, 3) numpy, for image writers and scikit-image."""
-    return images.permute(0, 2, 3, 1).cpu().numpy()

@@ -13,8 +13,6 @@ of ``named_modules()`` makes that structural rather than a convention:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from torch import nn
 
 from softvq.networks.vgg import freeze
@@ -34,15 +32,6 @@ class FrozenHolder(nn.Module):
 
     def frozen(self, name: str) -> nn.Module:
         return self._frozen[name]
-
-    def frozen_modules(self) -> Iterator[nn.Module]:
-        """Every frozen network this module or any child holds."""
-        seen: set[int] = set()
-        for module in self.modules():
-            for held in getattr(module, "_frozen", {}).values():
-                if id(held) not in seen:
-                    seen.add(id(held))
-                    yield held
 
     def _apply(self, fn, recurse: bool = True):  # noqa: D401 - torch hook
         super()._apply(fn, recurse)

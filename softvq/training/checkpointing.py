@@ -132,35 +132,3 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_state(module: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """The part of ``module``'s state that training changes: the given parameters and every
-    persistent buffer (e.g. spectral-norm vectors), but not frozen pretrained backbones' weights."""
-    ids = {id(p) for p in trainable}
-    state = {}
-    for name, p in module.named_parameters():
-        if id(p) in ids:
-            state[name] = p.detach().cpu().clone()
-    for name, b in module.named_buffers():
-        if b is not None and name.rsplit(".", 1)[-1] not in module_non_persistent(module, name):
-            state[name] = b.detach().cpu().clone()
-    return state
-
-
-def module_non_persistent(root: torch.nn.Module, buffer_name: str) -> set[str]:
-    owner = root
-    for part in buffer_name.split(".")[:-1]:
-        owner = getattr(owner, part)
-    return set(getattr(owner, "_non_persistent_buffers_set", set()))
-
-
-def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load :func:`trainable_state` back; every saved key must exist in the module."""
-    own = module.state_dict()
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise CheckpointError(f"{source}: objective state has keys this objective lacks: {unknown[:6]}")
-    missing = [k for k in own if k not in state]
-    module.load_state_dict(state, strict=False)
-    del missing  # frozen backbones are rebuilt from their own weights, not from the checkpoint
