@@ -213,9 +213,10 @@ class GaussianDiffusion:
         original = [int(self.timestep_map[k]) for k in keep]
         return GaussianDiffusion(1 - kept / prev, self.variance, self.channel_dim, original, self.original_steps)
 
-    def noise_level(self, i: int) -> float:
-        """τ ∈ [0, 1] of this process's step i (original index / original T), for guidance intervals."""
-        return float(self.timestep_map[i]) / self.original_steps
+    def noise_level(self, t: Tensor) -> Tensor:
+        """τ ∈ [0, 1] (float64) for the original step indices ``t`` the model is called with
+        (original index / original T), for guidance intervals."""
+        return t.to(torch.float64) / self.original_steps
 
     @torch.inference_mode()
     def p_sample_loop(self, model: ModelFn, noise: Tensor, generator: torch.Generator | None = None,

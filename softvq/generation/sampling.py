@@ -158,8 +158,7 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Seque
     channels = (channel_dim, model.config.latent_dim) if model.config.sigma_learned else None
 
     def eps_model(x: Tensor, t: Tensor) -> Tensor:
-        tau = t.to(torch.float64) / diffusion.original_steps
-        return guided(model, x, t, labels, spec.guidance, null, tau=tau, guided_channels=channels)
+        return guided(model, x, t, labels, spec.guidance, null, tau=diffusion.noise_level(t), guided_channels=channels)
 
     return diffusion.p_sample_loop(eps_model, noise, generator=generator, progress=progress, clip_x0=spec.clip_x0)
 
