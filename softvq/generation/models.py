@@ -218,13 +218,6 @@ class LatentTransformer(nn.Module):
     def null_class(self) -> int:
         return self.y_embed.null_class
 
-    def split_output(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(prediction, variance values or None): DiT's learned-sigma output is [ε, v] along channels."""
-        if not self.config.sigma_learned:
-            return out, None
-        dim = -1 if self.config.layout == "1d" else 1
-        return out.chunk(2, dim=dim)
-
     def check_input(self, x: Tensor) -> None:
         if tuple(x.shape[1:]) != self.input_shape:
             what = "(B, L, D) latent tokens" if self.config.layout == "1d" else "(B, C, H, W) latent grids"
