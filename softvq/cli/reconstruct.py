@@ -11,7 +11,6 @@ multiple of the patch; position embeddings are resized) is given.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -23,13 +22,14 @@ from tqdm import tqdm
 from softvq.cli.common import add_model_arguments, load_tokenizer, make_distinct, positive_int
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, bundled_photos, read_image, to_pil
+from softvq.evaluation import metrics
 
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (peak 255); ``inf`` when they are identical."""
-    diff = original.astype(np.float64) - reconstruction.astype(np.float64)
-    mse = float(np.mean(diff * diff))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+    """PSNR in dB of two uint8 (H, W, 3) images (peak 255); ``inf`` when they are identical."""
+    # torch.tensor copies: PIL's arrays are read-only, which torch.from_numpy warns about.
+    pair = [torch.tensor(image).permute(2, 0, 1)[None] for image in (original, reconstruction)]
+    return float(metrics.psnr(*pair, data_range=255))
 
 
 def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:

@@ -42,10 +42,15 @@ def _pair(x: Tensor, y: Tensor, data_range: float) -> tuple[Tensor, Tensor]:
     return x.double(), y.double()
 
 
-def psnr(x: Tensor, y: Tensor, *, data_range: float) -> Tensor:
-    """Peak signal-to-noise ratio per image, 10·log10(range² / MSE), (B,) float64; inf if equal."""
+def psnr(x: Tensor, y: Tensor, *, data_range: float, min_mse: float = 0.0) -> Tensor:
+    """Peak signal-to-noise ratio per image, 10·log10(range² / MSE), (B,) float64; inf if equal.
+
+    The one PSNR of the package. ``min_mse`` > 0 floors the MSE, capping PSNR at
+    10·log10(range² / min_mse) instead of inf (for logs that must stay finite JSON)."""
     x, y = _pair(x, y, data_range)
     mse = (x - y).pow(2).flatten(1).mean(1)
+    if min_mse > 0:
+        mse = mse.clamp_min(min_mse)
     return 10 * torch.log10(data_range**2 / mse)
 
 

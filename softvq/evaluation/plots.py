@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softvq.evaluation.metrics import entropy_of_weights
+from softvq.evaluation.metrics import entropy_of_weights, psnr
 
 DPI = 100
 
@@ -65,13 +65,12 @@ def plot_reconstructions(originals: Tensor, reconstructions: Tensor, path: str |
     n = len(a)
     fig = _figure(7.5, 2.5 * n + 0.4)
     axes = np.atleast_2d(fig.subplots(n, 3))
+    scores = psnr(torch.from_numpy(a).permute(0, 3, 1, 2), torch.from_numpy(b).permute(0, 3, 1, 2), data_range=1.0)
     for i in range(n):
-        mse = float(((a[i] - b[i]) ** 2).mean())
-        psnr = 10 * math.log10(1 / mse) if mse > 0 else math.inf
         axes[i, 0].imshow(a[i])
         axes[i, 1].imshow(b[i])
         im = axes[i, 2].imshow(err[i], cmap="magma", vmin=0, vmax=vmax)
-        axes[i, 1].set_xlabel(f"PSNR {psnr:.2f} dB", fontsize=8)
+        axes[i, 1].set_xlabel(f"PSNR {float(scores[i]):.2f} dB", fontsize=8)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])

@@ -6,15 +6,12 @@ import torch
 from torch import Tensor, nn
 
 from softvq.eval_mode import evaluating
+from softvq.evaluation.metrics import psnr
 
 
-def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """Per-image PSNR in dB for images in [-1, 1], measured on the [0, 1] scale (peak 1), after
-    clamping the reconstruction to the valid range as a saved image would be."""
-    x01 = (x.float().clamp(-1, 1) + 1) / 2
-    y01 = (y.float().clamp(-1, 1) + 1) / 2
-    mse = (x01 - y01).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+def _unit(images: Tensor) -> Tensor:
+    """[-1, 1] images on the [0, 1] scale (peak 1), clamped to the valid range as a saved image would be."""
+    return (images.float().clamp(-1, 1) + 1) / 2
 
 
 @torch.no_grad()
@@ -37,7 +34,8 @@ def reconstruct_all(model: nn.Module, images: Tensor, *, batch_size: int = 16, a
 def reconstruction_metrics(images: Tensor, reconstructions: Tensor, lpips: nn.Module | None = None,
                            *, batch_size: int = 16) -> dict[str, float]:
     """Mean PSNR (dB) and, when an LPIPS module is given, mean LPIPS over the held-out images."""
-    out = {"psnr": float(psnr(images, reconstructions).mean())}
+    # The MSE floor caps PSNR at 100 dB: an exact reconstruction logs a finite number, not inf.
+    out = {"psnr": float(psnr(_unit(images), _unit(reconstructions), data_range=1.0, min_mse=1e-10).mean())}
     if lpips is not None:
         device = next((b.device for b in lpips.buffers()), torch.device("cpu"))
         values = [lpips(a.to(device), b.clamp(-1, 1).to(device)).float().cpu()
