@@ -31,7 +31,8 @@ class GeneratorMeta:
     path:        SiT interpolant, ``linear`` or ``cosine`` (GVP).
     schedule:    DiT noise schedule, ``cosine`` or ``linear``; ``diffusion_steps`` T.
     latent_mean / latent_std: scalars of the training latents; samples are de-normalised with them.
-    tokenizer:   how to load the decoder (a folder, hub id, or ``preset:NAME``).
+    tokenizer:   how to load the decoder, a model SPEC (:mod:`softvq.checkpoint.specs`: a preset name,
+                 a folder or hub id, a training run, or ``official:FOLDER_OR_HUB_ID``).
     tokenizer_sha1: sha1 of the weights that encoded the latents (:func:`softvq.resume.weights_sha1`;
                  None for latent sets made before it was recorded): ``generate`` warns when the
                  tokenizer it decodes with has others.

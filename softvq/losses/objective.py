@@ -336,7 +336,7 @@ class TokenizerObjective(nn.Module):
 
     def discriminator_loss(self, images: Tensor, reconstruction: Tensor, step: int, *,
                            as_tensors: bool = False) -> tuple[Tensor, dict[str, Any]]:
-        """Hinge + consistency + LeCAM; returns zero tensor with requires_grad=False semantics handled when before discriminator_start or disabled.
+        """Discriminator loss (total, logs): hinge, plus LeCAM and consistency regularisation when enabled.
 
         Before ``discriminator_start`` or with λ2 = 0 the result is a constant 0 that does not
         require grad (and the logs are empty): skip ``backward`` when ``not loss.requires_grad``.

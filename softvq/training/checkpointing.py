@@ -1,11 +1,14 @@
 """Training checkpoints that survive crashes: written atomically, the last K kept, resumable exactly.
 
-A checkpoint ``run_dir/checkpoints/step-00001234.pt`` is one ``torch.save`` dict holding the
-tokenizer and EMA weights, the objective's trainable parts (alignment projector, discriminator
-heads and their buffers), both optimizers and schedulers, the step, counters, and the RNG states
-(python / numpy / torch / CUDA) of every process. The data order needs no state: it is a function
-of the seed and the step (``softvq.data.sampler``). Everything in it loads with
-``torch.load(weights_only=True)``.
+A checkpoint ``run_dir/checkpoints/step-00001234.pt`` is one ``torch.save`` dict. The tokenizer
+trainer's holds the tokenizer and EMA weights, the objective's trainable parts (alignment
+projector, discriminator heads and their buffers), both optimizers and schedulers, the step,
+counters, and the RNG states (python / numpy / torch / CUDA) of every process. A map-style data
+set's order needs no state: it is a function of the seed and the step (``softvq.data.sampler``);
+tar shards are streamed, so the checkpoint also records where each process's logical data workers
+stopped (``data_stream``) and a resumed run continues there. The generator trainer saves its
+model, optimizer, EMA, step and RNG states through the same functions. Everything in a checkpoint
+loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
