@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,8 +45,6 @@ from softvq.networks.vgg import FeatureStack, pretrained_features
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer, TokenizerOutput
-
-log = logging.getLogger(__name__)
 
 # The unweighted losses the bottlenecks return (BottleneckOutput.losses): SoftVQ/GMMVQ/KL "kl",
 # VQ "codebook" + "commit", LFQ "entropy" + "commit".
