@@ -2,7 +2,10 @@
 
 Every long job that continues from saved work (the generator trainer, ``pretokenize``, ``eval``,
 ``generate``) compares the settings it saved with the ones it is given now and refuses to mix
-the two, naming what differs so the user can rerun as before or start afresh.
+the two, naming what differs so the user can rerun as before or start afresh. The tokenizer
+trainer compares the same way but refuses only model settings under which the saved weights no
+longer load; other changes (a lower learning rate after a divergence, more steps) are allowed and
+named in its log.
 """
 
 from __future__ import annotations

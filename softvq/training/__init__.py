@@ -1,5 +1,7 @@
-"""Training a tokenizer: typed YAML configs (:mod:`.config`), the Accelerate trainer
-(:mod:`.trainer`), and its parts (EMA, lr schedule, optimizers, checkpoints, logging, grids).
+"""Training runs. The tokenizer's: typed YAML configs (:mod:`.config`), the Accelerate trainer
+(:mod:`.trainer`), its logging, image grids and held-out metrics. Shared with the generator
+trainer (and, for launching processes, ``pretokenize``, ``eval`` and ``generate``): processes and
+launching (:mod:`.accelerator`), checkpoints, EMA, lr schedule, optimizer groups, stop requests.
 
     from softvq.training import load_config, Trainer
     cfg = load_config("demo", ["schedule.steps=500"])       # a bundled config name or a YAML path
