@@ -149,12 +149,14 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Seque
                               diffusion=spec.sde_diffusion, generator=generator, progress=progress)
         return sample_ode(velocity, noise, steps=steps, method=method, progress=progress)
 
+    # The output's channel axis, for the diffusion's [ε, v] split and for guiding ε alone:
+    # last for token sequences (B, L, D), 1 for grids (B, C, H, W).
+    channel_dim = -1 if model.config.layout == "1d" else 1
     diffusion = GaussianDiffusion.from_schedule(
         meta.schedule, meta.diffusion_steps,
         variance="learned" if model.config.sigma_learned else "fixed-large",
-        channel_dim=-1 if model.config.layout == "1d" else 1,
+        channel_dim=channel_dim,
     ).respaced(steps)
-    channel_dim = 2 if model.config.layout == "1d" else 1
     channels = (channel_dim, model.config.latent_dim) if model.config.sigma_learned else None
 
     def eps_model(x: Tensor, t: Tensor) -> Tensor:
