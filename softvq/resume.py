@@ -21,23 +21,33 @@ from torch import nn
 LONG_LIST = 8  # lists longer than this (labels, class names) are summarised by their lengths
 
 
-def changed_settings(saved: dict[str, Any], current: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
-    """``"key old -> new"`` for each key whose value differs, in the saved order, then new keys.
+def differences(saved: dict[str, Any], current: dict[str, Any], ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` for each setting that differs, in the saved
+    order, then new keys; nested dicts are compared key by key (``source.seed``).
 
     ``current`` is compared as JSON would store it (tuples become lists), since ``saved`` was read
-    back from JSON; keys in ``ignore`` are not compared. Nested dicts are compared key by key
-    (``"source.seed 0 -> 3"``).
+    back from JSON; top-level keys in ``ignore`` are not compared.
     """
     current = json.loads(json.dumps(current))
     skip = set(ignore)
-    out = []
+    out: list[tuple[str, Any, Any]] = []
     for key in dict.fromkeys([*saved, *current]):
         old, new = saved.get(key), current.get(key)
         if key in skip or old == new:
             continue
-        if isinstance(old, dict) and isinstance(new, dict):  # "source.seed 0 -> 3", not both dicts whole
-            out += [f"{key}.{line}" for line in changed_settings(old, new)]
-        elif any(isinstance(v, list) and len(v) > LONG_LIST for v in (old, new)):
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += [(f"{key}.{inner}", a, b) for inner, a, b in differences(old, new)]
+        else:
+            out.append((key, old, new))
+    return out
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """:func:`differences` as ``"key old -> new"`` lines (``"source.seed 0 -> 3"``); long lists
+    (labels, class names) are summarised by their lengths."""
+    out = []
+    for key, old, new in differences(saved, current, ignore):
+        if any(isinstance(v, list) and len(v) > LONG_LIST for v in (old, new)):
             out.append(f"{key} differ ({len(old or [])} -> {len(new or [])} items)")
         else:
             out.append(f"{key} {old!r} -> {new!r}")

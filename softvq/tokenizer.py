@@ -23,6 +23,7 @@ from softvq.bottlenecks.factory import build_bottleneck
 from softvq.config import PRESETS, TokenizerConfig, preset
 from softvq.networks.decoder import TokenDecoder
 from softvq.networks.encoder import TokenEncoder
+from softvq.resume import differences
 
 # Names accepted for a compute precision (``enable_autocast``, the CLI's --precision).
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -233,7 +234,7 @@ class Tokenizer(nn.Module):
         try:
             load_strict(self, widen_noise_inputs(other.state_dict(), self.state_dict()), source)
         except CheckpointError as error:
-            differ = _config_differences(other.config.to_dict(), self.config.to_dict(), skip={"decoder_noise_dim"})
+            differ = differences(other.config.to_dict(), self.config.to_dict(), ignore={"decoder_noise_dim"})
             if not differ:
                 raise
             shown = "; ".join(f"{k} {theirs!r} (this config: {ours!r})" for k, theirs, ours in differ[:6])
@@ -430,26 +431,12 @@ def _concat_encodings(parts: list[Encoding]) -> Encoding:
                     probs=cat("probs"), losses=mean("losses"), metrics=mean("metrics"))
 
 
-def _config_differences(theirs: dict, ours: dict, skip: set[str], prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, their value, our value) for every setting two config dicts disagree on."""
-    out = []
-    for key in dict.fromkeys([*theirs, *ours]):
-        if key in skip:
-            continue
-        a, b = theirs.get(key), ours.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_differences(a, b, skip, f"{prefix}{key}.")
-        elif a != b:
-            out.append((f"{prefix}{key}", a, b))
-    return out
-
-
 def _overrides_to_reach(theirs: dict, differ: list[tuple[str, Any, Any]]) -> str:
     """The shortest ``model.…=`` overrides that turn this config into ``theirs``: every differing
     key, or a preset plus what still differs from it when that is shorter."""
     best = [f"model.{key}={_as_override(value)}" for key, value, _ in differ]
     for name, config in PRESETS.items():
-        rest = _config_differences(theirs, config.to_dict(), skip={"decoder_noise_dim"})
+        rest = differences(theirs, config.to_dict(), ignore={"decoder_noise_dim"})
         if len(rest) + 1 < len(best):
             best = [f"model.preset={name}"] + [f"model.{key}={_as_override(value)}" for key, value, _ in rest]
     return " ".join(best)
