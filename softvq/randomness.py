@@ -1,4 +1,5 @@
-"""Gaussian noise that a seeded generator reproduces on any device.
+"""Seeding: the global random generators, and Gaussian noise that a seeded generator reproduces
+on any device.
 
 A ``torch.Generator`` draws only on its own device, so a CPU generator cannot feed a sampler
 running on a GPU directly. Drawing on the generator's device and copying keeps one seed giving
@@ -9,8 +10,18 @@ is drawn where it is used, from the global RNG.
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 from torch import Tensor
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global random generators (NumPy takes ``seed`` mod 2**32)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def standard_normal(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None,

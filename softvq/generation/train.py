@@ -318,8 +318,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     from tqdm.auto import tqdm
 
     from softvq.training.accelerator import gather_objects, new_accelerator
-    from softvq.training.checkpointing import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
-                                               save_checkpoint)
+    from softvq.training.checkpointing import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+    from softvq.training.resuming import restore_or_reseed_rng
     from softvq.training.ema import EMA
     from softvq.training.stopping import StopRequests, on_any_process
 
@@ -362,14 +362,10 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                       file=sys.stderr)
             return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / EXPORT_NAME),
                     "stopped": False, "already_finished": True}
-        saved_rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict: one process
-        if len(saved_rngs) == acc.num_processes:
-            restore_rng(saved_rngs[acc.process_index])
-        else:  # another process count cannot replay the same random streams
-            torch.manual_seed(cfg.seed + 7919 * start + acc.process_index)
-            if acc.is_main_process:
-                print(f"resumed with {acc.num_processes} processes instead of {len(saved_rngs)}: random streams "
-                      f"are re-seeded, so losses will not match an uninterrupted run", file=sys.stderr)
+        note = restore_or_reseed_rng(state["rng"], rank=acc.process_index, world=acc.num_processes, seed=cfg.seed,
+                                     step=start)
+        if note is not None and acc.is_main_process:
+            print(note, file=sys.stderr)
         if acc.is_main_process and start == cfg.steps:
             old = exported_step(run / EXPORT_NAME)
             print(f"{run} trained to step {start}; its export is {'missing' if old is None else f'from step {old}'}"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import time
 import warnings
 from collections import defaultdict
@@ -35,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, atomic_write, load_strict
 from softvq.data.loader import Batch, HeldOut, build_data
+from softvq.randomness import seed_everything
 from softvq.resume import changed_settings
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
@@ -52,6 +51,7 @@ from softvq.training.grid import save_grid
 from softvq.training.heldout import reconstruct_all, reconstruction_metrics
 from softvq.training.logging import RunLogger, format_value
 from softvq.training.optim import build_optimizer
+from softvq.training.resuming import restore_or_reseed_rng
 from softvq.training.schedule import build_scheduler, load_training_state, scaled_lr
 from softvq.training.stopping import StopRequests, on_any_process
 
@@ -158,12 +158,12 @@ class Trainer:
             raise FileExistsError(f"{self.run_dir} already holds a run's checkpoints: pass resume=True to continue it, "
                                   f"or choose another folder (a new run never overwrites one)")
         checkpoint = self._checkpoint_to_resume(resume) if resume else None
-        _seed_everything(sched.seed)
+        seed_everything(sched.seed)
         self.tokenizer = Tokenizer(config.model)
         if checkpoint is None:  # a fresh start, also a --resume of a run stopped before its first checkpoint
             _initial_weights(self.tokenizer, config.run)
         self.objective = (objective_factory or default_objective)(config, self.tokenizer)
-        _seed_everything(sched.seed + 1 + self.rank)
+        seed_everything(sched.seed + 1 + self.rank)
 
         gen_extra = list(self.objective.generator_parameters())
         self.disc_params = list(self.objective.discriminator_parameters())
@@ -598,13 +598,10 @@ class Trainer:
         return dict(self.stream_positions)
 
     def _restore_rng(self, state: dict[str, Any]) -> None:
-        rngs = state["rng"]
-        if len(rngs) == self.world:
-            ckpt.restore_rng(rngs[self.rank])
-        else:  # a different process count cannot replay the same random streams
-            _seed_everything(self.cfg.schedule.seed + 7919 * self.step + self.rank)
-            self.pending_notes.append(f"resumed with {self.world} processes instead of {len(rngs)}: "
-                                      f"random streams are re-seeded, so losses will not match exactly")
+        note = restore_or_reseed_rng(state["rng"], rank=self.rank, world=self.world, seed=self.cfg.schedule.seed,
+                                     step=self.step)
+        if note is not None:
+            self.pending_notes.append(note)
 
     # --- outputs ---------------------------------------------------------------------------------
 
@@ -747,8 +744,3 @@ def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
                 raise ValueError(f"run.init_encoder=dinov2: {exc}; set run.init_encoder=null") from None
         init_encoder_from_dino(tokenizer.encoder, load_dino(source, "set run.init_encoder to that file (or to null: a random start)"))
 
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
