@@ -45,6 +45,7 @@ from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, ObjectiveConfig
 from softvq.generation.pretokenize import load_latents
+from softvq.randomness import derived_seed
 from softvq.resume import changed_settings
 from softvq.training.optim import param_groups
 from softvq.training.accelerator import first_launched_process
@@ -241,8 +242,9 @@ def learning_rate(cfg: GeneratorTrainConfig, step: int) -> float:
 
 
 def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> torch.Tensor:
-    """The batch of a (seed, step, rank): independent of how the run was interrupted."""
-    g = torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+    """The batch of a (seed, step, rank): independent of how the run was interrupted, and of the
+    Python version (:func:`softvq.randomness.derived_seed`)."""
+    g = torch.Generator().manual_seed(derived_seed(seed, step, rank))
     return torch.randint(0, count, (batch,), generator=g)
 
 
