@@ -248,6 +248,10 @@ def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> t
     return torch.randint(0, count, (batch,), generator=g)
 
 
+# With several processes, the steps between their agreements on a stop request (see the loop).
+STOP_AGREEMENT_EVERY = 10
+
+
 # What a rerun may change when it continues a run: how long it trains, how often it logs and
 # saves, where the folders are now, and the device. Anything else would make a run that no
 # uninterrupted run makes.
@@ -427,9 +431,14 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                 with log_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 tick, ticked_at = time.perf_counter(), done
-            # Every process must stop at the same step: with several, they agree every 10 steps.
+            # Every process must stop at the same step. With several, they agree by an all-reduce,
+            # whose result is read back on the host: a wait for every step still queued on the GPU.
+            # The tokenizer trainer waits once a step anyway and agrees every step; this loop waits
+            # only where it reads a number (log steps, checkpoints), so it agrees every
+            # STOP_AGREEMENT_EVERY steps: a stop comes up to that many steps later. One process needs
+            # no agreement and stops after this step.
             stopping = stop.requested if acc.num_processes == 1 else (
-                done % 10 == 0 and on_any_process([stop.requested], acc.device)[0])
+                done % STOP_AGREEMENT_EVERY == 0 and on_any_process([stop.requested], acc.device)[0])
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
                 rngs = gather_objects(capture_rng(), acc.num_processes)  # each process's own stream
                 if acc.is_main_process:
