@@ -454,12 +454,22 @@ def test_damaged_latent_folders_and_run_folders_get_clear_answers(tmp_path):
 
 
 def test_every_generator_training_flag_is_described_and_choices_are_checked(capsys):
+    import argparse
     import dataclasses
 
     from softvq.cli.main import main
-    from softvq.generation.train import FLAG_HELP, GeneratorTrainConfig
+    from softvq.cli.train_generator import FLAG_HELP, add_arguments
 
     assert set(FLAG_HELP) == {f.name for f in dataclasses.fields(GeneratorTrainConfig)}  # none stale, none missing
+    actions = {a.dest: a for a in add_arguments(argparse.ArgumentParser())._actions}
+    for name, text in FLAG_HELP.items():
+        assert actions[name].help.startswith(text) and actions[name].option_strings[0] == "--" + name.replace("_", "-")
+    # typed by the annotations: int | None takes an int, float | None a float, bool an --x / --no-x pair
+    assert actions["width"].type is int and actions["epochs"].type is float and actions["size"].type is str
+    assert actions["seed"].type is int and actions["ema_warmup"].option_strings == ["--ema-warmup", "--no-ema-warmup"]
+    with pytest.raises(SystemExit):
+        main(["train-generator", "--latents", "x", "--width", "3.5"])
+    assert "--width: invalid int value: '3.5'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train-generator", "--latents", "x", "--objective", "flow"])
     assert "--objective: invalid choice: 'flow'" in capsys.readouterr().err

@@ -13,17 +13,89 @@ train-generator ...`` for several processes), EMA, atomic checkpoints, progress 
 run resumes by itself: when ``--out`` already holds checkpoints, training continues from the newest
 (with the same model settings; others are an error). Ctrl-C or SIGTERM writes a checkpoint after
 the current step and stops (exit status 130); a second one stops at once. Every flag is a field of
-:class:`softvq.generation.train.GeneratorTrainConfig`.
+:class:`softvq.generation.train.GeneratorTrainConfig`, which holds the recipes and the loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import typing
+
+# --help of each GeneratorTrainConfig field; "(recipe)" marks fields that default to the objective's recipe.
+FLAG_HELP: dict[str, str] = {
+    "latents": "latent folder written by `softvq pretokenize` (required)",
+    "out": "run folder: checkpoints, log.jsonl, config.json and generator/ (default runs/generator); "
+           "a folder with checkpoints continues",
+    "objective": "sit (velocity, paper's main), dit (ε + learned σ) or mar (masked autoregressive + diffusion head)",
+    "size": "DiT/SiT S, B, L, XL or MAR B, L, H (recipe: XL / H)",
+    "width": "transformer width; overrides --size's",
+    "depth": "number of blocks; overrides --size's",
+    "heads": "attention heads; overrides --size's",
+    "head_width": "MAR: width of the diffusion head's MLP; overrides --size's",
+    "head_depth": "MAR: residual blocks of the diffusion head; overrides --size's",
+    "buffer_size": "MAR: class-embedding buffer tokens (default 64; 4 is far cheaper on few tokens)",
+    "diffusion_batch_mul": "MAR: noise draws per token for the head's loss (default 4)",
+    "grad_checkpointing": "MAR: recompute activations in backward to save memory",
+    "path": "SiT interpolant: cosine (GVP, default) or linear",
+    "schedule": "DiT / MAR noise schedule: cosine (supp. C.2, default) or linear",
+    "diffusion_steps": "DiT / MAR diffusion steps T (default 1000)",
+    "vlb_weight": "DiT: weight of the L_vlb term that trains σ (default 1)",
+    "class_dropout": "probability of dropping the label, for classifier-free guidance (default 0.1)",
+    "steps": "optimiser steps (recipe: DiT/SiT 3000000, Sec. 4.1's XL runs; Tab. 3's SiT-L: 400000)",
+    "epochs": "training length in passes over the latent set, instead of --steps (recipe: MAR 500)",
+    "batch_size": "global batch (recipe: 256; MAR 2048)",
+    "lr": "peak learning rate (recipe: 1e-4; MAR 2e-4)",
+    "weight_decay": "AdamW weight decay, not on biases and norms (recipe: 0; MAR 0.02)",
+    "adam_beta2": "AdamW β2 (recipe: 0.999; MAR 0.95)",
+    "warmup_steps": "linear learning-rate warm-up from 0, then constant (recipe: DiT/SiT 0)",
+    "warmup_epochs": "the warm-up in passes over the latent set, instead of --warmup-steps (recipe: MAR 100)",
+    "max_grad_norm": "gradient clipping norm, 0 = off (recipe: off; MAR 3.0)",
+    "ema_decay": "EMA decay of the exported weights (default 0.9999)",
+    "ema_warmup": "EMA decay min(decay, (1+n)/(10+n)), so short runs do not average the random init (ours; "
+                  "DiT/SiT's plain decay: --no-ema-warmup, which differs from it only in the first ~10^5 steps)",
+    "mixed_precision": "no, bf16 or fp16 (Accelerate's autocast; the paper's DiT runs used bf16, supp. C.2)",
+    "seed": "seed of the initialisation, the batch order and the noise",
+    "log_every": "steps between log lines (default 50)",
+    "checkpoint_every": "steps between checkpoints (default 5000; also written when stopped)",
+    "keep_checkpoints": "checkpoints kept (default 3)",
+    "tokenizer": "tokenizer SPEC `generate` decodes with (default: the one in the latents' meta.json): a preset, "
+                 "a tokenizer folder or run, a hub id or official:...; checked at the start",
+    "cpu": "train on the CPU even where a GPU is present",
+}
+FLAG_CHOICES: dict[str, tuple[str, ...]] = {
+    "objective": ("sit", "dit", "mar"), "size": ("S", "B", "L", "XL", "H"), "path": ("cosine", "linear"),
+    "schedule": ("cosine", "linear"), "mixed_precision": ("no", "bf16", "fp16"),
+}
+
+
+def flag_type(hint: typing.Any) -> type:
+    """The argparse type of a field annotated ``hint``: ``int`` for ``int`` and for ``int | None``."""
+    members = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+    if len(members) != 1 or not isinstance(members[0], type):
+        raise TypeError(f"no command-line type for a field of type {hint!r}")
+    return members[0]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """One ``--flag`` per :class:`~softvq.generation.train.GeneratorTrainConfig` field, typed by its
+    annotation, defaulting to its default; ``--quiet`` turns the progress bar off."""
+    from softvq.generation.train import GeneratorTrainConfig
+
+    hints, defaults = typing.get_type_hints(GeneratorTrainConfig), GeneratorTrainConfig()
+    for f in dataclasses.fields(GeneratorTrainConfig):
+        flag, kind, default = "--" + f.name.replace("_", "-"), flag_type(hints[f.name]), getattr(defaults, f.name)
+        help_text = FLAG_HELP[f.name]  # a new field without help fails here and in the tests
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text, choices=FLAG_CHOICES.get(f.name))
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from softvq.generation.train import add_arguments
-
     p = subparsers.add_parser("train-generator", help="train a DiT/SiT/MAR on pretokenized latents",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
@@ -31,7 +103,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softvq.generation.train import run_from_args
+    from softvq.generation.train import GeneratorTrainConfig, train_generator
+    from softvq.training.accelerator import first_launched_process
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    return run_from_args(fields)
+    cfg = GeneratorTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GeneratorTrainConfig)})
+    result = train_generator(cfg, progress=not args.quiet)
+    if first_launched_process():  # one result line for a launched run, not one per process
+        print(json.dumps(result))
+    return 130 if result["stopped"] else 0

@@ -20,13 +20,16 @@ continues exactly), shows a progress bar, and appends one JSON line per ``log_ev
 (``softvq.training.stopping``). At the end the EMA weights are exported to ``RUN/generator``
 for ``softvq generate``.
 
-    python -m softvq.generation.train --latents runs/latents --out runs/sit-tiny \\
-        --objective sit --width 128 --depth 4 --heads 4 --steps 300 --batch-size 32
+The command line is ``softvq train-generator`` (:mod:`softvq.cli.train_generator`, one flag per
+field of :class:`GeneratorTrainConfig`); from Python:
+
+    from softvq.generation.train import GeneratorTrainConfig, train_generator
+    train_generator(GeneratorTrainConfig(latents="runs/latents", out="runs/sit-tiny", objective="sit",
+                                         width=128, depth=4, heads=4, steps=300, batch_size=32))
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -48,7 +51,6 @@ from softvq.generation.pretokenize import load_latents
 from softvq.randomness import derived_seed
 from softvq.resume import changed_settings
 from softvq.training.optim import param_groups
-from softvq.training.accelerator import first_launched_process
 from softvq.training.schedule import lr_factor
 
 
@@ -472,93 +474,3 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
             save_generator(unwrapped, meta, export, step=cfg.steps)
     return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": cfg.steps, "export": str(export),
             "stopped": False}
-
-
-# --help of each GeneratorTrainConfig field; "(recipe)" marks fields that default to the objective's recipe.
-FLAG_HELP: dict[str, str] = {
-    "latents": "latent folder written by `softvq pretokenize` (required)",
-    "out": "run folder: checkpoints, log.jsonl, config.json and generator/ (default runs/generator); "
-           "a folder with checkpoints continues",
-    "objective": "sit (velocity, paper's main), dit (ε + learned σ) or mar (masked autoregressive + diffusion head)",
-    "size": "DiT/SiT S, B, L, XL or MAR B, L, H (recipe: XL / H)",
-    "width": "transformer width; overrides --size's",
-    "depth": "number of blocks; overrides --size's",
-    "heads": "attention heads; overrides --size's",
-    "head_width": "MAR: width of the diffusion head's MLP; overrides --size's",
-    "head_depth": "MAR: residual blocks of the diffusion head; overrides --size's",
-    "buffer_size": "MAR: class-embedding buffer tokens (default 64; 4 is far cheaper on few tokens)",
-    "diffusion_batch_mul": "MAR: noise draws per token for the head's loss (default 4)",
-    "grad_checkpointing": "MAR: recompute activations in backward to save memory",
-    "path": "SiT interpolant: cosine (GVP, default) or linear",
-    "schedule": "DiT / MAR noise schedule: cosine (supp. C.2, default) or linear",
-    "diffusion_steps": "DiT / MAR diffusion steps T (default 1000)",
-    "vlb_weight": "DiT: weight of the L_vlb term that trains σ (default 1)",
-    "class_dropout": "probability of dropping the label, for classifier-free guidance (default 0.1)",
-    "steps": "optimiser steps (recipe: DiT/SiT 3000000, Sec. 4.1's XL runs; Tab. 3's SiT-L: 400000)",
-    "epochs": "training length in passes over the latent set, instead of --steps (recipe: MAR 500)",
-    "batch_size": "global batch (recipe: 256; MAR 2048)",
-    "lr": "peak learning rate (recipe: 1e-4; MAR 2e-4)",
-    "weight_decay": "AdamW weight decay, not on biases and norms (recipe: 0; MAR 0.02)",
-    "adam_beta2": "AdamW β2 (recipe: 0.999; MAR 0.95)",
-    "warmup_steps": "linear learning-rate warm-up from 0, then constant (recipe: DiT/SiT 0)",
-    "warmup_epochs": "the warm-up in passes over the latent set, instead of --warmup-steps (recipe: MAR 100)",
-    "max_grad_norm": "gradient clipping norm, 0 = off (recipe: off; MAR 3.0)",
-    "ema_decay": "EMA decay of the exported weights (default 0.9999)",
-    "ema_warmup": "EMA decay min(decay, (1+n)/(10+n)), so short runs do not average the random init (ours; "
-                  "DiT/SiT's plain decay: --no-ema-warmup, which differs from it only in the first ~10^5 steps)",
-    "mixed_precision": "no, bf16 or fp16 (Accelerate's autocast; the paper's DiT runs used bf16, supp. C.2)",
-    "seed": "seed of the initialisation, the batch order and the noise",
-    "log_every": "steps between log lines (default 50)",
-    "checkpoint_every": "steps between checkpoints (default 5000; also written when stopped)",
-    "keep_checkpoints": "checkpoints kept (default 3)",
-    "tokenizer": "tokenizer SPEC `generate` decodes with (default: the one in the latents' meta.json): a preset, "
-                 "a tokenizer folder or run, a hub id or official:...; checked at the start",
-    "cpu": "train on the CPU even where a GPU is present",
-}
-FLAG_CHOICES: dict[str, tuple[str, ...]] = {
-    "objective": ("sit", "dit", "mar"), "size": ("S", "B", "L", "XL", "H"), "path": ("cosine", "linear"),
-    "schedule": ("cosine", "linear"), "mixed_precision": ("no", "bf16", "fp16"),
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """One ``--flag`` per :class:`GeneratorTrainConfig` field (shared by ``softvq train-generator``)."""
-    defaults = GeneratorTrainConfig()
-    for f in dataclasses.fields(GeneratorTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(defaults, f.name)
-        help_text = FLAG_HELP[f.name]  # a new field without help fails here and in the tests
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
-        else:
-            kind = {"int | None": int, "str | None": str, "float | None": float}.get(str(f.type), type(value) if value is not None else str)
-            parser.add_argument(flag, type=kind, default=value, help=help_text, choices=FLAG_CHOICES.get(f.name))
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(
-        prog="python -m softvq.generation.train",
-        description="Train a DiT or SiT on latent shards made by `softvq pretokenize`."))
-
-
-def run_from_args(args: dict) -> int:
-    args = dict(args)
-    quiet = args.pop("quiet")
-    result = train_generator(GeneratorTrainConfig(**args), progress=not quiet)
-    if first_launched_process():  # one result line for a launched run, not one per process
-        print(json.dumps(result))
-    return 130 if result["stopped"] else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        return run_from_args(vars(build_parser().parse_args(argv)))
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"softvq generator training: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
