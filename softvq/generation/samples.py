@@ -31,6 +31,7 @@ from torch import Tensor
 from softvq.checkpoint.pretrained import atomic_write
 from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
+from softvq.randomness import derived_seed
 from softvq.resume import changed_settings, weights_sha1
 from softvq.training.accelerator import decided_by_main_process
 
@@ -66,9 +67,8 @@ class GeneratedSamples:
 
 def batch_seed(seed: int, first_index: int) -> int:
     """The seed of the batch whose first sample has index ``first_index`` (independent streams
-    per batch, through numpy's SeedSequence, so no two (seed, index) pairs collide by arithmetic)."""
-    high, low = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, first_index]).generate_state(2)
-    return int(high) << 31 | int(low) >> 1  # 63 bits: within torch.manual_seed's range
+    per batch: :func:`softvq.randomness.derived_seed`)."""
+    return derived_seed(seed, first_index)
 
 
 def image_path(folder: Path, index: int) -> Path:

@@ -555,7 +555,7 @@ class Trainer:
         state = ckpt.load_checkpoint(path)
         if state.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a softvq training checkpoint")
-        changed = changed_settings(_dotted(state.get("config", {})), _dotted(self.cfg.to_dict()))
+        changed = changed_settings(state.get("config", {}), self.cfg.to_dict())  # "model.encoder.width 96 -> 64"
         model_changes = [c for c in changed if c.startswith("model.")]
         try:
             load_strict(self.unwrapped, state["model"], str(path))
@@ -717,17 +717,6 @@ class Trainer:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as ``{"section.key": value}``, values as JSON would store them."""
-    flat: dict[str, Any] = {}
-    for key, value in json.loads(json.dumps(tree)).items():
-        if isinstance(value, dict) and value:
-            flat.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
