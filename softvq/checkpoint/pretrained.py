@@ -7,13 +7,13 @@ through ``huggingface_hub``; offline, the error says so in one line.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from softvq.atomic import atomic_write, write_json
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
@@ -28,29 +28,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not match the model."""
 
 
-def _new_file_mode() -> int:
-    """The mode ``open()`` gives a new file under the process's umask (0o644 under umask 022)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file. The
-    file gets the permissions a plainly written one would (``mkstemp`` alone makes it owner-only,
-    so colleagues could not read shared checkpoints and latents)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_folder(directory: str | Path, state: dict[str, torch.Tensor], payload: dict[str, Any]) -> Path:
     """Write ``payload`` as config.json and ``state`` as model.safetensors, each atomically."""
     from safetensors.torch import save_file
@@ -61,7 +38,7 @@ def write_folder(directory: str | Path, state: dict[str, torch.Tensor], payload:
                                  f"{WEIGHTS_NAME}), so pass a folder path")
     weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2)))
+    write_json(directory / CONFIG_NAME, payload)
     return directory
 
 

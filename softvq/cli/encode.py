@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from softvq.checkpoint.pretrained import CheckpointError, atomic_write
+from softvq.atomic import atomic_write
+from softvq.checkpoint.pretrained import CheckpointError
 from softvq.checkpoint.specs import is_preset, portable_spec
 from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int, refuse_to_overwrite
 from softvq.data.folder import scan_folder

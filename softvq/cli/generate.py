@@ -19,7 +19,6 @@ Guidance interval: noise levels τ in [low, high] with τ = 0 data and τ = 1 no
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def parse_classes(text: str, names: list[str], num_classes: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softvq.checkpoint.pretrained import atomic_write
+    from softvq.atomic import write_json
     from softvq.cli.common import load_tokenizer
     from softvq.data.images import require_folder
     from softvq.generation.checkpoint import load_generator
@@ -148,9 +147,9 @@ def run(args: argparse.Namespace) -> int:
         gfid = generation_fid(result.folder, args.fid_ref, device)
         reference = Path(args.fid_ref).expanduser()
         # kept beside the images it scores: the printed line alone is lost with the terminal
-        atomic_write(result.folder / FID_RECORD, lambda p: p.write_text(json.dumps(
-            {"gfid": gfid, "reference": str(reference.resolve()) if reference.exists() else args.fid_ref,
-             "samples": result.count}, indent=2)))
+        write_json(result.folder / FID_RECORD,
+                   {"gfid": gfid, "reference": str(reference.resolve()) if reference.exists() else args.fid_ref,
+                    "samples": result.count})
         print(f"gFID vs {args.fid_ref}: {gfid:.3f} ({result.count} samples; the paper's protocol uses 50,000); "
               f"saved to {result.folder / FID_RECORD}")
     return 0

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import sys
 import time
@@ -215,7 +214,7 @@ def _resume_evaluation(state_file: Path | None, identity: dict[str, Any]) -> dic
 
 
 def _save_evaluation(state_file: Path, state: dict[str, Any]) -> None:
-    from softvq.checkpoint.pretrained import atomic_write
+    from softvq.atomic import atomic_write
 
     atomic_write(state_file, lambda p: torch.save(state, p))
 
@@ -640,11 +639,11 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """``eval.json`` (everything) and ``eval.md`` (the table) into ``out_dir``."""
-    from softvq.checkpoint.pretrained import atomic_write
+    from softvq.atomic import atomic_write, write_json
 
     out = Path(out_dir)
     json_path, md_path = out / "eval.json", out / "eval.md"
-    atomic_write(json_path, lambda p: p.write_text(json.dumps(report, indent=2, default=_jsonable)))
+    write_json(json_path, report, default=_jsonable)
     atomic_write(md_path, lambda p: p.write_text(to_markdown(report)))
     return json_path, md_path
 

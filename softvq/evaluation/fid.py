@@ -171,7 +171,7 @@ def save_reference_stats(path: str | Path, stats: FeatureStats, checksum: str,
                          protocol: dict[str, Any], features: np.ndarray | torch.Tensor | None = None) -> Path:
     """Write μ, Σ, the count, the checksum and the protocol to ``path`` (.npz), atomically; with
     ``features``, also those rows (float32: precision / recall need the first N real features)."""
-    from softvq.checkpoint.pretrained import atomic_write
+    from softvq.atomic import atomic_write
 
     path = Path(path)
     if path.suffix != ".npz":

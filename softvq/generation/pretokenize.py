@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softvq.checkpoint.pretrained import atomic_write
+from softvq.atomic import atomic_write, write_json
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 from softvq.eval_mode import evaluating
@@ -208,7 +208,7 @@ class _Progress:
     finished: bool = False
 
     def save(self, path: Path) -> None:
-        atomic_write(path, lambda p: p.write_text(json.dumps(self.__dict__, indent=2)))
+        write_json(path, self.__dict__)
 
     @classmethod
     def load(cls, path: Path) -> "_Progress":
@@ -500,7 +500,7 @@ def _merge_parts(out: Path, parts: list[_Part], tokenizer, tokenizer_spec: str |
         "shards": [name for s in states for name in s.shards],
         "skipped": skipped,
     }
-    atomic_write(out / META_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    write_json(out / META_NAME, meta)
     for part in parts:
         (out / part.progress_name).unlink(missing_ok=True)
     return meta

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softvq.checkpoint.pretrained import atomic_write
+from softvq.atomic import atomic_write, write_json
 from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
 from softvq.randomness import derived_seed
@@ -156,7 +156,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
 
     def claim() -> None:
         _claim(folder, settings)
-        atomic_write(folder / SAMPLE_RECORD, lambda p: p.write_text(json.dumps({**settings, "finished": False}, indent=2)))
+        write_json(folder / SAMPLE_RECORD, {**settings, "finished": False})
         (folder / SAMPLE_IMAGES).mkdir(parents=True, exist_ok=True)
 
     decided_by_main_process(accelerator, claim)  # one process claims the folder; all learn its verdict
@@ -189,8 +189,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         made, diverged = int(totals[0]), bool(totals[1])
     if rank == 0:
         _write_grid(folder, labels)
-        atomic_write(folder / SAMPLE_RECORD,
-                     lambda p: p.write_text(json.dumps({**settings, "finished": True}, indent=2)))
+        write_json(folder / SAMPLE_RECORD, {**settings, "finished": True})
     if world > 1:
         accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
     return GeneratedSamples(folder, len(labels), made, diverged)

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from softvq.checkpoint.pretrained import atomic_write
+from softvq.atomic import write_json
 from softvq.generation.checkpoint import EXPORT_NAME, FORMAT as GENERATOR_FORMAT, GeneratorMeta, save_generator
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
@@ -384,7 +384,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         run.mkdir(parents=True, exist_ok=True)
         resolved = {"train": recorded_train(cfg), "model": model_cfg.to_dict(),
                     "latents_sha1": latent_set_sha1(data.meta)}
-        atomic_write(run / "config.json", lambda p: p.write_text(json.dumps(resolved, indent=2)))
+        write_json(run / "config.json", resolved)
 
     model, optimizer = acc.prepare(model, optimizer)
     latents = (data.latents - data.mean) / data.std  # (z - mean) / std, supp. C.2 / the release

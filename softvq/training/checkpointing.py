@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from softvq.checkpoint.pretrained import CheckpointError, atomic_write
+from softvq.atomic import atomic_write
+from softvq.checkpoint.pretrained import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)\.pt$")

@@ -377,7 +377,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically); :func:`load_config` reads it back equal."""
-    from softvq.checkpoint.pretrained import atomic_write
+    from softvq.atomic import atomic_write
 
     path = Path(path)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from softvq.checkpoint.pretrained import atomic_write
+from softvq.atomic import atomic_write
 from softvq.data.images import to_pil
 
 

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, atomic_write, load_strict
+from softvq.atomic import write_json
+from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, load_strict
 from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.randomness import seed_everything
 from softvq.resume import changed_settings
@@ -678,7 +679,7 @@ class Trainer:
             "parameters": self.unwrapped.num_parameters(),
             "data": self.data.description,
         }
-        atomic_write(self.run_dir / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+        write_json(self.run_dir / "metrics.json", metrics)
         text = f"held-out ({len(held.names)} images, EMA weights): PSNR {metrics['psnr']:.2f} dB"
         if "lpips" in metrics:
             text += f", LPIPS {metrics['lpips']:.4f}"

@@ -1,0 +1,43 @@
+"""Files written whole or not at all: checkpoints, latents, reports, records of resumable work.
+
+Every file a long job leaves is written to a temporary name beside it and renamed over the
+target, so a crash, Ctrl-C or full disk never leaves half a file that a rerun would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (0o644 under umask 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file. The
+    file gets the permissions a plainly written one would (``mkstemp`` alone makes it owner-only,
+    so colleagues could not read shared checkpoints and latents)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, _new_file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, value: Any, **dumps_options: Any) -> None:
+    """``value`` as indented JSON at ``path``, atomically (``dumps_options``: e.g. ``default=``)."""
+    text = json.dumps(value, indent=2, **dumps_options)  # before the file exists: a bad value leaves none
+    atomic_write(path, lambda p: p.write_text(text))
