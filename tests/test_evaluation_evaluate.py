@@ -219,22 +219,64 @@ def test_cli_eval_on_a_run_folder_writes_json_and_markdown(tmp_path, capsys):
     assert psnrs[0] == psnrs[1]
 
 
+def write_altered(real_paths, folder, seed=0):
+    """Samples unlike the reference: mirrored, noised copies of the first two of ``real_paths``, and
+    two pictures that are no photo (noise, a colour ramp), so precision is below 1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for path in real_paths[:2]:
+        arr = np.array(Image.open(path).convert("RGB"))[:, ::-1].astype(np.int16)
+        arr = np.clip(arr + rng.integers(-40, 41, arr.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / path.name)
+    size = np.array(Image.open(real_paths[0])).shape[0]
+    ramp = np.linspace(0, 255, size)
+    across, down = np.meshgrid(ramp, ramp)
+    pictures = [rng.integers(0, 256, (size, size, 3)), np.stack([across, down, 255 - across], -1)]
+    for i, arr in enumerate(pictures):
+        Image.fromarray(arr.astype(np.uint8)).save(folder / f"{len(real_paths) + i:03d}_synthetic.png")
+
+
+def read_u8(paths):
+    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+
+
+def lowrank_fid_reference(x, y):
+    """Independent float64 FID for n < D: the non-zero eigenvalues of Σx Σy are those of the
+    n x n matrix Xc Ycᵀ Yc Xcᵀ / ((nx-1)(ny-1)); tr (ΣxΣy)^{1/2} via scipy.linalg.sqrtm of it."""
+    import scipy.linalg
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    small = xc @ yc.T @ yc @ xc.T / ((len(x) - 1) * (len(y) - 1))
+    cross = np.trace(scipy.linalg.sqrtm(small)).real
+    tr = np.trace(np.cov(x, rowvar=False)) + np.trace(np.cov(y, rowvar=False))
+    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + tr - 2 * cross)
+
+
 @needs_fid
 @pytest.mark.parametrize("layout", ["folder", "generate"])
 def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
-    write_photos(tmp_path / "real", 4, size=64)
-    if layout == "folder":
-        write_photos(tmp_path / "fake", 4, size=64)
-    else:  # `softvq generate`'s output: images/, samples.json and a grid picture that is no sample
-        write_photos(tmp_path / "fake" / "images", 4, size=64)
+    from test_evaluation_fid import naive_precision_recall
+
+    real_paths = write_photos(tmp_path / "real", 4, size=64)
+    fake_dir = tmp_path / "fake" if layout == "folder" else tmp_path / "fake" / "images"
+    write_altered(real_paths, fake_dir)  # other images than the reference: gFID > 0
+    if layout == "generate":  # `softvq generate`'s output: images/, samples.json and a grid picture that is no sample
         (tmp_path / "fake" / "samples.json").write_text("{}")
         write_photos(tmp_path / "fake", 1, size=200)
+    # the features straight from the extractor (the images are already 64 px: no crop, no resize)
+    extractor = inception.InceptionFeatureExtractor()
+    real = extractor(read_u8(real_paths)).double().numpy()
+    fake = extractor(read_u8(sorted(fake_dir.glob("*.png")))).double().numpy()
+    expected_fid = lowrank_fid_reference(real, fake)
+    expected_pr = naive_precision_recall(real, fake, 2)
+    assert expected_fid > 1.0 and expected_pr[0] < 1  # not the scores of a set against itself
     cache = tmp_path / "cache"
     report = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2,
                               cache_dir=cache)
     assert report["num_samples"] == 4 and report["image_size"] == 64
-    assert report["gfid"] == pytest.approx(0.0, abs=1e-3)  # the same images
-    assert report["precision"] == 1.0 and report["recall"] == 1.0
+    assert report["gfid"] == pytest.approx(expected_fid, rel=1e-4)
+    assert (report["precision"], report["recall"]) == pytest.approx(expected_pr, abs=1e-12)
     assert any("precision/recall on only 4 samples per side (protocol: 10000)" in n for n in report["notes"])
     assert any("reference statistics cached in" in n for n in report["notes"])
     # another set of samples against the same reference: its statistics and P/R features come from the cache
@@ -251,7 +293,7 @@ def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
         (tmp_path / "real" / "000_broken.png").write_bytes(b"\x89PNG truncated")
         skipping = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2,
                                     cache_dir=cache)  # another file list: not the cached statistics
-        assert skipping["num_reference"] == 4 and skipping["gfid"] == pytest.approx(0.0, abs=1e-3)
+        assert skipping["num_reference"] == 4 and skipping["gfid"] == pytest.approx(expected_fid, rel=1e-4)
         assert any(n.startswith("reference: skipped 1 unreadable image(s) of the first 5") for n in skipping["notes"])
         (tmp_path / "broken").mkdir()
         (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
