@@ -48,6 +48,41 @@ def tiny(cls=softvq.Tokenizer):
     return cls(softvq.preset("softvq-tiny"))
 
 
+def write_altered(real_paths, folder, seed=0):
+    """Samples unlike the reference: mirrored, noised copies of the first two of ``real_paths``, and
+    two pictures that are no photo (noise, a colour ramp), so precision is below 1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for path in real_paths[:2]:
+        arr = np.array(Image.open(path).convert("RGB"))[:, ::-1].astype(np.int16)
+        arr = np.clip(arr + rng.integers(-40, 41, arr.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / path.name)
+    size = np.array(Image.open(real_paths[0])).shape[0]
+    ramp = np.linspace(0, 255, size)
+    across, down = np.meshgrid(ramp, ramp)
+    pictures = [rng.integers(0, 256, (size, size, 3)), np.stack([across, down, 255 - across], -1)]
+    for i, arr in enumerate(pictures):
+        Image.fromarray(arr.astype(np.uint8)).save(folder / f"{len(real_paths) + i:03d}_synthetic.png")
+
+
+def read_u8(paths):
+    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+
+
+def lowrank_fid_reference(x, y):
+    """Independent float64 FID for n < D (the textbook formula through np.cov): the non-zero
+    eigenvalues of Σx Σy are those of the symmetric PSD n x n matrix Xc Ycᵀ Yc Xcᵀ / ((nx-1)(ny-1)),
+    so tr (ΣxΣy)^{1/2} is the sum of the square roots of its eigenvalues (scipy)."""
+    import scipy.linalg
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    small = xc @ yc.T @ yc @ xc.T / ((len(x) - 1) * (len(y) - 1))
+    cross = np.sqrt(np.clip(scipy.linalg.eigvalsh(small), 0, None)).sum()
+    tr = np.trace(np.cov(x, rowvar=False)) + np.trace(np.cov(y, rowvar=False))
+    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + tr - 2 * cross)
+
+
 @pytest.mark.parametrize("bottleneck, codebooks", [
     ({"kind": "lfq", "lfq_groups": 2, "segments": 1}, 2),
     ({"kind": "lfq", "lfq_groups": 2, "groups": 2, "segments": 1}, 4),
@@ -90,6 +125,8 @@ def test_a_perfect_reconstruction_scores_perfectly_and_the_reference_cache_is_re
 
 
 def test_report_of_a_real_tokenizer_is_consistent_with_direct_computation(tmp_path):
+    from skimage.metrics import structural_similarity
+
     paths = write_photos(tmp_path / "imgs", 3)
     model = tiny()
     options = EvalOptions(num_images=2, batch_size=2, fid=False, lpips_nets=(), progress=False)
@@ -101,6 +138,13 @@ def test_report_of_a_real_tokenizer_is_consistent_with_direct_computation(tmp_pa
         enc = model.encode(x.float() / 127.5 - 1)
         rec = quantize_to_uint8(model.decode(enc.latents))
     assert report["psnr"] == pytest.approx(psnr(x.double(), rec.double(), data_range=255).mean().item(), rel=1e-9)
+    # SSIM per image on the uint8 arrays, 0..255 range, channels averaged, as scikit-image computes
+    # it with the Gaussian window of Wang et al.
+    x_np, rec_np = x.permute(0, 2, 3, 1).numpy(), rec.permute(0, 2, 3, 1).numpy()
+    ssim_ref = np.mean([structural_similarity(a, b, channel_axis=-1, data_range=255, gaussian_weights=True,
+                                              sigma=1.5, use_sample_covariance=False)
+                        for a, b in zip(x_np, rec_np)])
+    assert 0 < ssim_ref < 0.99 and report["ssim"] == pytest.approx(ssim_ref, rel=1e-9)
     assert report["latent_mean"] == pytest.approx(enc.latents.double().mean().item(), rel=1e-6, abs=1e-9)
     assert report["codes_counted"] == 2 * model.num_tokens
     assert sum(report["codebook_counts"][0]) == 2 * model.num_tokens
@@ -122,6 +166,29 @@ def test_report_of_a_real_tokenizer_is_consistent_with_direct_computation(tmp_pa
     assert mixed["compute_precision"] == "bf16"
     assert to_markdown(mixed).startswith("### tiny on 2 images at 64 px, bf16\n")
     assert mixed["psnr"] == pytest.approx(report["psnr"], abs=0.1) and mixed["psnr"] != report["psnr"]
+
+
+@needs_fid
+def test_rfid_and_lpips_of_a_real_tokenizer_equal_direct_computation(tmp_path):
+    from softvq.losses.lpips import LPIPS
+
+    paths = write_photos(tmp_path / "imgs", 3)
+    model = tiny()
+    options = EvalOptions(num_images=2, batch_size=2, lpips_nets=("vgg",), cache_dir=None, progress=False,
+                          count_flops=False)
+    report = evaluate_tokenizer(model, tmp_path / "imgs", options)
+    x = torch.stack([torch.from_numpy(np.array(center_crop_resize(load_rgb(p), 64))).permute(2, 0, 1)
+                     for p in paths[:2]])
+    with torch.inference_mode():
+        rec = quantize_to_uint8(model.decode(model.encode(x.float() / 127.5 - 1).latents))
+    # rFID: the originals' against the reconstructions' Inception features, an independent FID
+    extractor = inception.InceptionFeatureExtractor()
+    expected = lowrank_fid_reference(extractor(x).double().numpy(), extractor(rec).double().numpy())
+    assert expected > 1.0 and report["rfid"] == pytest.approx(expected, rel=1e-4)
+    if "lpips_vgg" in report:  # present when the LPIPS weights are installed
+        with torch.inference_mode():  # per image on [-1, 1] inputs, the 8-bit reconstruction, averaged
+            lpips_ref = LPIPS("vgg")(x.float() / 127.5 - 1, rec.float() / 127.5 - 1).double().mean().item()
+        assert lpips_ref > 0.01 and report["lpips_vgg"] == pytest.approx(lpips_ref, rel=1e-5)
 
 
 def test_unreadable_images_are_skipped_counted_and_named_and_the_rest_measured(tmp_path):
@@ -217,40 +284,6 @@ def test_cli_eval_on_a_run_folder_writes_json_and_markdown(tmp_path, capsys):
                      "--no-fid", "--no-lpips", "--no-progress", "--no-flops", "--out", str(tmp_path / out)]) == 0
         psnrs.append(json.loads((tmp_path / out / "eval.json").read_text())["psnr"])
     assert psnrs[0] == psnrs[1]
-
-
-def write_altered(real_paths, folder, seed=0):
-    """Samples unlike the reference: mirrored, noised copies of the first two of ``real_paths``, and
-    two pictures that are no photo (noise, a colour ramp), so precision is below 1."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for path in real_paths[:2]:
-        arr = np.array(Image.open(path).convert("RGB"))[:, ::-1].astype(np.int16)
-        arr = np.clip(arr + rng.integers(-40, 41, arr.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(folder / path.name)
-    size = np.array(Image.open(real_paths[0])).shape[0]
-    ramp = np.linspace(0, 255, size)
-    across, down = np.meshgrid(ramp, ramp)
-    pictures = [rng.integers(0, 256, (size, size, 3)), np.stack([across, down, 255 - across], -1)]
-    for i, arr in enumerate(pictures):
-        Image.fromarray(arr.astype(np.uint8)).save(folder / f"{len(real_paths) + i:03d}_synthetic.png")
-
-
-def read_u8(paths):
-    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
-
-
-def lowrank_fid_reference(x, y):
-    """Independent float64 FID for n < D: the non-zero eigenvalues of Σx Σy are those of the
-    n x n matrix Xc Ycᵀ Yc Xcᵀ / ((nx-1)(ny-1)); tr (ΣxΣy)^{1/2} via scipy.linalg.sqrtm of it."""
-    import scipy.linalg
-
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    small = xc @ yc.T @ yc @ xc.T / ((len(x) - 1) * (len(y) - 1))
-    cross = np.trace(scipy.linalg.sqrtm(small)).real
-    tr = np.trace(np.cov(x, rowvar=False)) + np.trace(np.cov(y, rowvar=False))
-    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + tr - 2 * cross)
 
 
 @needs_fid
