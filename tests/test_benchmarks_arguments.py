@@ -20,6 +20,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_train_step.py", ["--presets", "bogus", "--batch", "1", "--steps", "1"], "--presets"),
     ("bench_pretokenize.py", ["--images", "0"], "--images"),
     ("bench_peer_vit.py", ["--repeats", "0"], "--repeats"),
+    ("bench_cpu_allocator.py", ["--processes", "0"], "--processes"),
+    ("bench_cpu_allocator.py", ["--workloads", "nope"], "--workloads"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(script, argv, flag, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import bench_tokenizer from their folder
