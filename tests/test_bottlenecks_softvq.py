@@ -56,6 +56,42 @@ def test_regulariser_equals_naive_float64_entropies(distance):
     assert math.isclose(kl.item(), expected.item(), rel_tol=1e-5, abs_tol=1e-6)
 
 
+def naive_posterior(z, book, tau, distance):
+    """Eq. 4 in float64, one token and one codeword at a time: q = softmax(-‖z - c‖₂ / τ) (l2, the
+    distance not squared) or softmax(ẑ·ĉ / τ) of normalised vectors (cosine)."""
+    rows = []
+    for token in z.reshape(-1, z.shape[-1]).double():
+        if distance == "l2":
+            logits = [-math.sqrt(sum((a - b) ** 2 for a, b in zip(token.tolist(), c.tolist()))) / tau
+                      for c in book.double()]
+        else:
+            logits = [float(F.normalize(token, dim=0) @ F.normalize(c, dim=0)) / tau for c in book.double()]
+        top = max(logits)
+        weights = [math.exp(v - top) for v in logits]
+        rows.append([w / sum(weights) for w in weights])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_latents_and_probs_equal_naive_float64_eq4_at_a_finite_temperature(distance, chunk_size):
+    vq = make(distance, chunk_size=chunk_size, temperature=0.3)
+    z = torch.randn(2, 5, 6) * 1.5
+    q = naive_posterior(z, vq.codebook.detach(), 0.3, distance)
+    book = vq.codebook.detach().double()
+    expected = q @ (F.normalize(book, dim=-1) if distance == "cosine" else book)  # z = q C (unit rows: cosine)
+    assert 0.05 < q.max(-1).values.mean() < 0.95  # a soft posterior: neither uniform nor one-hot
+    with torch.no_grad():
+        out = vq(z)
+    torch.testing.assert_close(out.probs.reshape(-1, 20).double(), q, rtol=0, atol=2e-6)
+    torch.testing.assert_close(out.latents.reshape(-1, 6).double(), expected, rtol=0, atol=2e-6)
+    assert torch.equal(out.indices.reshape(-1), q.argmax(-1))
+    with torch.no_grad():  # the decoder-only path
+        torch.testing.assert_close(vq.latents(z).reshape(-1, 6).double(), expected, rtol=0, atol=2e-6)
+    lean = vq(z.clone().requires_grad_())  # recording gradients: the memory-lean path's latents
+    torch.testing.assert_close(lean.latents.detach().reshape(-1, 6).double(), expected, rtol=0, atol=2e-6)
+
+
 def test_release_entropy_temperature_is_used_for_the_regulariser_only():
     vq = make("cosine", entropy_temperature=0.01)
     plain = make("cosine")
