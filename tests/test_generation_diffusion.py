@@ -54,11 +54,54 @@ def test_learned_sigma_interpolates_between_posterior_and_beta():
 
 
 def test_hybrid_loss_terms_and_vlb_trains_only_the_variance():
+    from torch.distributions import Normal, kl_divergence
+
     d = GaussianDiffusion.from_schedule("cosine", 1000, variance="learned", channel_dim=-1)
-    x0 = torch.randn(4, 3, 2)
-    raw = torch.zeros(4, 3, 4, requires_grad=True)
-    terms = d.training_losses(lambda x_t, t: raw * 1.0, x0, torch.tensor([0, 3, 400, 999]))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 2, generator=g, dtype=torch.float64) * 1.8 - 0.9  # inside the open outer bins
+    noise = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    eps_out = noise + 0.3 * torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    v = torch.rand(4, 3, 2, generator=g, dtype=torch.float64) * 2 - 1
+    raw = torch.cat([eps_out, v], -1).requires_grad_()
+    t = torch.tensor([0, 3, 400, 999])
+    seen = []
+
+    def model(x_t, steps):
+        seen.append((x_t.detach(), steps))
+        return raw * 1.0
+
+    terms = d.training_losses(model, x0, t, noise=noise)
     assert set(terms) == {"mse", "vb", "loss"} and bool((terms["vb"] >= 0).all())
+
+    # Independently, in float64: x_t, the true posterior q(x_{t-1} | x_t, x_0) (DDPM Eq. 6-7),
+    # the model's p(x_{t-1} | x_t) from x̂_0 = (x_t - √(1-ᾱ) ε_θ)/√ᾱ and log σ² = f log β + (1-f) log β̃
+    # with f = (v+1)/2 (IDDPM Eq. 15), and the KL between them averaged over the dims, in bits.
+    ab, ab_prev = (a[t].view(-1, 1, 1) for a in (d.alphas_cumprod, torch.cat([torch.ones(1, dtype=torch.float64),
+                                                                           d.alphas_cumprod[:-1]])))
+    beta = 1 - ab / ab_prev
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    assert torch.equal(seen[0][1], t) and torch.allclose(seen[0][0], x_t, rtol=1e-12, atol=1e-12)
+    tilde = (1 - ab_prev) * beta / (1 - ab)  # β̃_t; β̃_0 = 0, whose log IDDPM replaces by β̃_1's
+    tilde_clipped = torch.where(t.view(-1, 1, 1) == 0, d.posterior_variance[1], tilde)
+
+    def posterior_mean(start):  # DDPM Eq. 7 (at t = 0: start itself)
+        return (beta * ab_prev.sqrt() * start + (1 - ab_prev) * (1 - beta).sqrt() * x_t) / (1 - ab)
+
+    pred_x0 = (x_t - (1 - ab).sqrt() * eps_out) / ab.sqrt()
+    frac = (v + 1) / 2
+    p_std = torch.exp(0.5 * (frac * beta.log() + (1 - frac) * tilde_clipped.log()))
+    p_mean = posterior_mean(pred_x0)
+    kl = kl_divergence(Normal(posterior_mean(x0)[1:], tilde[1:].sqrt()), Normal(p_mean[1:], p_std[1:]))
+    torch.testing.assert_close(terms["vb"][1:], kl.flatten(1).mean(1) / math.log(2), rtol=1e-9, atol=1e-12)
+    # t = 0: the decoder NLL, -log of the Gaussian's mass on the 8-bit bin [x - 1/255, x + 1/255]
+    p0 = Normal(p_mean[0], p_std[0])
+    nll = -torch.log(p0.cdf(x0[0] + 1 / 255) - p0.cdf(x0[0] - 1 / 255))
+    torch.testing.assert_close(terms["vb"][0], nll.mean() / math.log(2), rtol=1e-6, atol=1e-9)
+    mse = ((noise - eps_out) ** 2).mean(dim=(1, 2))  # per sample, over every token and channel
+    torch.testing.assert_close(terms["mse"], mse, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(terms["loss"], mse + terms["vb"], rtol=1e-12, atol=1e-15)
+    assert bool((kl.flatten(1).mean(1) > 1e-4).all())  # a non-trivial KL at every t > 0
+
     terms["vb"].sum().backward()
     assert raw.grad[..., :2].abs().sum() == 0 and raw.grad[..., 2:].abs().sum() > 0
 
