@@ -79,6 +79,35 @@ def test_an_interrupted_run_resumes_to_the_same_images(parts, tmp_path, monkeypa
     assert images_of(tmp_path / "cut") == images_of(tmp_path / "straight")
 
 
+def test_samples_are_decoded_from_latents_taken_back_to_the_tokenizer_scale(parts, tmp_path):
+    """The generator models (z - mean) / std; the images are decode(x · std + mean) of its samples."""
+    import numpy as np
+
+    from softvq.generation.sampling import sample_latents
+
+    tok, model, meta = parts
+    meta = GeneratorMeta(objective="sit", classes=meta.classes, latent_mean=0.3, latent_std=2.0)
+    labels, batch_size, seed = [0, 1, 2], 2, 5
+    write_samples(model, meta, tok, labels, SPEC, tmp_path / "s", seed=seed, batch_size=batch_size, progress=False)
+    written = [np.array(Image.open(p)) for p in sorted((tmp_path / "s" / "images").glob("*.png"))]
+    expected, unscaled = [], []
+    for start in range(0, len(labels), batch_size):  # each batch's own seed, as write_samples draws it
+        generator = torch.Generator().manual_seed(batch_seed(seed, start))
+        x = sample_latents(model, meta, labels[start:start + batch_size], SPEC, generator=generator)
+        state = generator.get_state()
+        with torch.inference_mode():
+            expected += list(tok.decode(x * 2.0 + 0.3, generator=generator))
+            unscaled += list(tok.decode(x, generator=torch.Generator().set_state(state)))
+
+    def to_u8(image):
+        return ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+    assert len(written) == 3
+    for got, want, plain in zip(written, expected, unscaled):
+        np.testing.assert_array_equal(got, to_u8(want))
+        assert np.abs(got.astype(int) - to_u8(plain).astype(int)).mean() > 1  # the scale shows in the images
+
+
 def test_each_batch_has_its_own_noise(parts, tmp_path):
     tok, model, meta = parts
     write_samples(model, meta, tok, [1, 1], SPEC, tmp_path / "s", seed=0, batch_size=1, progress=False)
