@@ -173,6 +173,38 @@ def test_resuming_a_finished_run_keeps_its_outputs_and_changed_settings_are_said
         Trainer(other_model, tmp_path, resume=True)
 
 
+def fixed_crops(folder, photos, size=32):
+    """Whole photos centre-cropped to ``size`` px: with hflip off and min_crop_fraction 1 the
+    training crop of each is the image itself."""
+    from softvq.data.images import bundled_photos, center_crop_resize, load_rgb
+
+    folder.mkdir(parents=True)
+    for i, path in enumerate(bundled_photos()[photos]):
+        center_crop_resize(load_rgb(path), size).save(folder / f"{i}.png")
+    return np.stack([np.asarray(Image.open(p), dtype=np.float64) / 127.5 - 1 for p in sorted(folder.glob("*.png"))])
+
+
+def test_a_short_run_on_fixed_crops_learns_to_reconstruct_them(tmp_path):
+    images = fixed_crops(tmp_path / "train", slice(0, 4))
+    fixed_crops(tmp_path / "held", slice(4, 6))
+    # LayerScale starts at 1 (not 1e-5), so the blocks shape the output within 40 steps
+    vit = {"layerscale_init": 1.0}
+    cfg = config_from_dict(tiny_tree(
+        model={"encoder": {**tiny_tree()["model"]["encoder"], **vit}, "decoder": {**tiny_tree()["model"]["decoder"], **vit}},
+        data={"source": "folder", "path": str(tmp_path / "train"), "eval_path": str(tmp_path / "held"),
+              "hflip": False, "min_crop_fraction": 1.0},
+        schedule={"steps": 40, "batch_size": 4, "warmup_steps": 2},
+        optim={"lr": 5e-3}, run={"checkpoint_every": 1000}))
+    Trainer(cfg, tmp_path / "run").fit()
+    rec = losses(tmp_path / "run", "rec")  # the pixel MSE of each step's batch (the 4 crops)
+    assert sorted(rec) == list(range(1, 41))
+    assert rec[40] < 0.5 * rec[1]
+    # below the best reconstruction that ignores the latents (every crop decoded as their mean
+    # image): the latents carry what tells the crops apart
+    latent_blind = ((images - images.mean(0)) ** 2).mean()
+    assert rec[40] < 0.85 * latent_blind
+
+
 def test_keeps_only_the_last_checkpoints(tmp_path):
     cfg = config_from_dict(tiny_tree(schedule={"steps": 5}, run={"checkpoint_every": 1, "keep_checkpoints": 2}))
     Trainer(cfg, tmp_path).fit()
