@@ -205,6 +205,37 @@ def test_a_short_run_on_fixed_crops_learns_to_reconstruct_them(tmp_path):
     assert rec[40] < 0.85 * latent_blind
 
 
+@pytest.mark.parametrize("clip", [1e-3, 1e3])
+def test_the_optimizer_sees_gradients_clipped_to_the_norm_and_the_log_the_raw_norm(tmp_path, clip):
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 3}, optim={"grad_clip": clip}, run={"checkpoint_every": 1000}))
+    trainer = Trainer(cfg, tmp_path)
+
+    def global_norm():
+        grads = [p.grad.double() for group in trainer.optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        assert grads
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    raw, seen = [], []
+    average, step = trainer._average_unwrapped_grads, trainer.optimizer.step
+
+    def before_clipping():  # the gradients are complete here, and clipping comes next
+        average()
+        raw.append(global_norm())
+
+    def optimizer_step(*args, **kwargs):
+        seen.append(global_norm())
+        return step(*args, **kwargs)
+
+    trainer._average_unwrapped_grads, trainer.optimizer.step = before_clipping, optimizer_step
+    assert trainer.fit().status == "finished"
+    assert len(raw) == len(seen) == 3 and min(raw) > 1e-2  # a norm the 1e-3 clip really cuts
+    for r, s in zip(raw, seen):
+        assert s == pytest.approx(min(r, clip), rel=1e-5)
+    logged = losses(tmp_path, "grad_norm")
+    assert [logged[i] for i in (1, 2, 3)] == pytest.approx(raw, rel=1e-5)  # the norm before clipping
+
+
 def test_keeps_only_the_last_checkpoints(tmp_path):
     cfg = config_from_dict(tiny_tree(schedule={"steps": 5}, run={"checkpoint_every": 1, "keep_checkpoints": 2}))
     Trainer(cfg, tmp_path).fit()
