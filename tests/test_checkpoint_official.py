@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from softvq import BottleneckConfig, Tokenizer, preset
-from softvq.bottlenecks.factory import build_bottleneck
+from softvq import Tokenizer, preset
 from softvq.checkpoint.official import convert_official, infer_config, load_official
 from softvq.checkpoint.pretrained import CheckpointError, load_pretrained
 
@@ -97,13 +96,7 @@ def random_released_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> 
 TINY = dict(enc=(128, 2), dec=(192, 2), image=32, patch=8, tokens=8, dim=4, codewords=16)
 
 
-def segments_supported() -> bool:
-    cfg = BottleneckConfig(latent_dim=4, codebook_size=16, distance="cosine", segments=4)
-    return hasattr(build_bottleneck(cfg), "parts")
-
-
-SEGMENTS = [1, pytest.param(4, marks=pytest.mark.skipif(
-    not segments_supported(), reason="per-sequence-segment codebooks (bottleneck.parts) not built yet"))]
+SEGMENTS = [1, 4]  # one codebook, or the release's per-sequence-segment codebooks (bottleneck.parts)
 
 
 def write_release(folder: Path, state: dict[str, torch.Tensor], config: dict | None = None) -> Path:
