@@ -132,6 +132,29 @@ def test_inception_score_extremes_and_missing_classifier():
         fidlib.inception_score(None)
 
 
+def numpy_inception_score(logits, splits):
+    """Salimans et al.'s IS in numpy float64: per split exp(mean_i KL(p_i ‖ mean_j p_j)), then the
+    mean and the (population) std over the splits."""
+    logits = np.asarray(logits, dtype=np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for part in np.array_split(p, splits):
+        marginal = part.mean(0, keepdims=True)
+        scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(marginal)), axis=1))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+@pytest.mark.parametrize("n, splits", [(100, 10), (103, 4)])  # 103: splits of unequal size
+def test_inception_score_of_random_logits_equals_a_numpy_implementation(n, splits):
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((n, 1008)) * 3 + rng.standard_normal(1008)  # a shared class bias
+    mean, std = fidlib.inception_score(torch.from_numpy(logits).float(), splits=splits)
+    ref_mean, ref_std = numpy_inception_score(torch.from_numpy(logits).float().numpy(), splits)
+    assert mean == pytest.approx(ref_mean, rel=1e-9) and std == pytest.approx(ref_std, rel=1e-6)
+    assert mean > 1.5 and std > 0  # neither extreme
+
+
 def naive_precision_recall(real, fake, k):
     from sklearn.neighbors import NearestNeighbors
 
