@@ -79,9 +79,20 @@ def test_gaussian_training_samples_with_reparametrisation():
 
 
 def test_gaussian_logvar_is_clamped():
+    """log σ² is clamped to [-30, 20] (latent-diffusion's bounds): the KL is the closed form there."""
     g = GaussianPosterior(1).eval()
-    out = g(torch.tensor([[[0.0, 1000.0]]]))
-    assert torch.isfinite(out.losses["kl"])
+
+    def kl(mu, logvar):  # ½ (μ² + σ² − 1 − log σ²)
+        return 0.5 * (mu**2 + math.exp(logvar) - 1 - logvar)
+
+    for mu, raw, bound in ((0.5, 1000.0, 20.0), (-1.0, -1000.0, -30.0)):  # one token beyond each bound
+        out = g(torch.tensor([[[mu, raw]]]))
+        assert out.losses["kl"].item() == pytest.approx(kl(mu, bound), rel=1e-6)
+        assert out.metrics["posterior_std"].item() == pytest.approx(math.exp(bound / 2), rel=1e-6)
+    g.train()  # a sample's spread is the clamped σ too: e^10 around the mean
+    torch.manual_seed(0)
+    draws = g(torch.tensor([[0.0, 1000.0]]).expand(4000, 1, 2)).latents
+    assert draws.std().item() == pytest.approx(math.exp(10), rel=0.05)
 
 
 # --- GMMVQ -----------------------------------------------------------------------------------
