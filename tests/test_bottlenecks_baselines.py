@@ -186,8 +186,17 @@ def test_lfq_rejects_groups_that_do_not_fit():
 @pytest.mark.parametrize("module", [VQ(4, 8), GaussianPosterior(4), GMMVQ(4, 8), GroupedLookupFree(4, groups=2)],
                          ids=["vq", "kl", "gmmvq", "lfq"])
 def test_bf16_autocast_leaves_outputs_float32(module):
+    module.eval()  # the Gaussian's mean, not a random draw: the two runs must be comparable
+    torch.manual_seed(0)
     z = torch.randn(2, 3, module.input_dim)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(z.bfloat16())
     assert out.latents.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in out.losses.values())
+    # the same (bf16-rounded) input in plain float32: the bottleneck computes in float32 under
+    # autocast, so the values agree to float32 rounding, far inside bf16's 8e-3 (a bf16 computation
+    # whose result was merely cast back would not)
+    ref = module(z.bfloat16().float())
+    torch.testing.assert_close(out.latents, ref.latents, rtol=1e-6, atol=1e-6)
+    for name, value in ref.losses.items():
+        torch.testing.assert_close(out.losses[name], value, rtol=1e-6, atol=1e-6)
