@@ -175,12 +175,16 @@ def test_guided_head_sampling_mixes_eps_and_keeps_the_conditional_variance(monke
 def test_mar_h_matches_the_paper_in_parameters_and_tab2_gflops():
     cfg = mar_config("H", num_tokens=256, latent_dim=16)
     assert abs(build_generator(cfg, device="meta").num_parameters() / 1e6 - 943) < 2  # MAR paper: MAR-H 943M
-    for (tokens, dim), (name, paper) in PAPER_TABLE1_MAR.items():
+    for tokens, dim in PAPER_TABLE1_MAR:  # the counter and the shapes agree on every row
         cfg = mar_config("H", num_tokens=tokens, latent_dim=dim)
         counted, analytic = count_mar_macs(cfg), analytic_mar_macs(cfg)
         assert counted.linear == analytic.linear and counted.attention == analytic.attention
-        if tokens in (64, 32):  # the SoftVQ rows; the KL row is not reproduced (see the benchmark)
-            assert abs(counted.total / 1e9 / paper - 1) < 0.01, name
+    # SoftVQ paper Tab. 1, MAR-H GFLOPs as printed there (the KL row is not reproduced: see the benchmark)
+    paper = {(64, 32): ("SoftVQ-BL", 86.55), (32, 64): ("SoftVQ-L", 67.93)}
+    for (tokens, dim), (name, gflops) in paper.items():
+        assert PAPER_TABLE1_MAR[(tokens, dim)] == (name, gflops)  # what the benchmark prints beside ours
+        counted = count_mar_macs(mar_config("H", num_tokens=tokens, latent_dim=dim))
+        assert abs(counted.total / 1e9 / gflops - 1) < 0.01, name
 
 
 def test_bad_configs_and_inputs_are_named():

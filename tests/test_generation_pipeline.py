@@ -164,12 +164,21 @@ def test_pretokenize_skips_and_counts_unreadable_images(tmp_path, capsys):
 def test_bench_gen_prints_flops_beside_the_paper(capsys):
     from softvq.cli.main import main
 
+    from softvq.generation.flops import analytic_macs, analytic_mar_macs
+    from softvq.generation.mar import mar_config
+    from softvq.generation.models import generator_config
+
     assert main(["bench", "gen", "--kinds", "dit", "--sizes", "XL", "--layouts", "32 tokens", "--no-throughput"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    row = next(line for line in lines if line.startswith("DiT-XL"))
-    assert "14.50" in row and "14.52" in row  # ours (linear layers) beside Tab. 1
-    mar = next(line for line in lines if line.startswith("MAR-H") and "SoftVQ-BL" in line)
-    assert "86.33" in mar and "86.55" in mar  # MAR-H on 64 tokens beside Tab. 1
+    # ours from the shapes (the analytic count), beside SoftVQ Tab. 1 as printed in the paper
+    dit = analytic_macs(generator_config("dit", "XL", num_classes=1000, layout="1d", num_tokens=32, latent_dim=64))
+    row = next(line for line in lines if line.startswith("DiT-XL")).split()
+    # DiT-XL, 32, tokens, 32, params, GMACs lin, GMACs all, paper-conv (DiT: the linear layers), paper, Δ%
+    assert row[5:9] == [f"{dit.linear / 1e9:.2f}", f"{dit.total / 1e9:.2f}", f"{dit.linear / 1e9:.2f}", "14.52"]
+    assert row[9] == f"{100 * (dit.linear / 1e9 / 14.52 - 1):+.1f}"
+    mar = analytic_mar_macs(mar_config("H", num_tokens=64, latent_dim=32))
+    row = next(line for line in lines if line.startswith("MAR-H") and "SoftVQ-BL" in line).split()
+    assert row[-3:-1] == [f"{mar.total / 1e9:.2f}", "86.55"]  # MAR-H on 64 tokens beside Tab. 1
     assert lines[0].startswith("generator efficiency (GMACs only, nothing timed)")  # not "batch 64, 250 steps"
 
 
