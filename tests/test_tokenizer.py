@@ -111,12 +111,61 @@ def test_last_decoder_block_updating_only_the_image_tokens_changes_nothing(plain
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_other_resolution_resizes_position_embeddings():
+def naive_bicubic(grid, size):
+    """Separable bicubic resampling of (h, w, C) to ``size`` in float64, written out: Keys' cubic
+    with a = -0.75 (PyTorch's and OpenCV's), half-pixel centres (align_corners=False), edge pixels
+    repeated beyond the border."""
+    import math
+
+    def cubic(x, a=-0.75):
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
+        return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a if x < 2 else 0.0
+
+    def along(values, axis, out):  # resample one axis
+        n = values.shape[axis]
+        rows = []
+        for i in range(out):
+            src = (i + 0.5) * n / out - 0.5
+            base = math.floor(src)
+            acc = 0
+            for k in range(base - 1, base + 3):
+                acc = acc + cubic(src - k) * values.select(axis, min(max(k, 0), n - 1))
+            rows.append(acc)
+        return torch.stack(rows, axis)
+
+    return along(along(grid.double(), 0, size[0]), 1, size[1])
+
+
+def test_other_resolution_resizes_position_embeddings(monkeypatch):
+    from softvq.networks import decoder, encoder
+
     model = tiny(image_size=32).eval()
+    calls = []
+
+    def recording(pos_embed, grid):
+        calls.append((tuple(pos_embed.shape), tuple(grid)))
+        return resize_grid_embed(pos_embed, grid)
+
+    monkeypatch.setattr(encoder, "resize_grid_embed", recording)
+    monkeypatch.setattr(decoder, "resize_grid_embed", recording)
     with torch.no_grad():
         out = model(torch.rand(1, 3, 48, 64) * 2 - 1)
     assert out.reconstruction.shape == (1, 3, 48, 64)
     assert out.encoding.latents.shape == (1, 6, 4)
+    # the encoder's and the decoder's trained 4x4 grids (32 px, patch 8) are resized to 6x8
+    assert sorted(grid for _, grid in calls) == [(6, 8), (6, 8)]
+    assert all(shape[1] == 16 for shape, _ in calls)
+
+    torch.manual_seed(0)
+    embed = torch.randn(1, 16, 5)
+    resized = resize_grid_embed(embed, (6, 8))
+    expected = naive_bicubic(embed.reshape(4, 4, 5), (6, 8)).reshape(1, 48, 5)  # row-major grid
+    torch.testing.assert_close(resized.double(), expected, rtol=1e-5, atol=1e-6)
+    shrunk = naive_bicubic(embed.reshape(4, 4, 5), (3, 2)).reshape(1, 6, 5)
+    torch.testing.assert_close(resize_grid_embed(embed, (3, 2)).double(), shrunk, rtol=1e-5, atol=1e-6)
+    assert torch.equal(resize_grid_embed(embed, (4, 4)), embed)  # the trained grid: unchanged
 
 
 def test_explicit_attention_matches_sdpa():
