@@ -284,3 +284,21 @@ def test_every_command_lists_the_same_images_and_classes(tmp_path):
     assert names == ["cats/a.png", "dogs/a.png", "linked/b.png"]
     assert [p.relative_to(data).as_posix() for p in scan_folder(data)[0]] == names
     assert list(images_by_class(data)[0]) == ["cats", "dogs", "linked"]
+
+
+def test_center_crop_resize_cuts_the_middle_square_and_resizes_it_bicubically():
+    from softvq.data.images import center_crop_resize
+
+    rows, cols = np.mgrid[0:60, 0:100]
+    wide = np.stack([cols, rows, (cols * 7 + rows * 3) % 256], -1).astype(np.uint8)  # R = column index
+    out = np.asarray(center_crop_resize(Image.fromarray(wide), 60))
+    np.testing.assert_array_equal(out, wide[:, 20:80])  # (100 - 60) / 2 columns off each side
+    tall = np.ascontiguousarray(wide.transpose(1, 0, 2))  # 60 wide, 100 high: rows 20..79
+    np.testing.assert_array_equal(np.asarray(center_crop_resize(Image.fromarray(tall), 60)), tall[20:80])
+    odd = np.concatenate([wide, wide[:, :1]], 1)  # 101 wide: the extra column goes to the right margin
+    np.testing.assert_array_equal(np.asarray(center_crop_resize(Image.fromarray(odd), 60)), odd[:, 20:80])
+    # a smaller size: PIL's bicubic resize of that crop
+    expected = np.asarray(Image.fromarray(np.ascontiguousarray(wide[:, 20:80])).resize((24, 24), Image.BICUBIC))
+    small = np.asarray(center_crop_resize(Image.fromarray(wide), 24))
+    assert small.shape == (24, 24, 3)
+    np.testing.assert_array_equal(small, expected)
