@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from softvq.data.bundled import BundledCropsDataset, heldout_crops, split_bundled
 from softvq.data.folder import ImageFolderDataset, scan_folder, split_holdout
-from softvq.data.images import ImageReadError, center_crop_resize, load_rgb, to_tensor
+from softvq.data.images import ImageReadError, read_image
 from softvq.data.sampler import StreamBatchSampler
 from softvq.data.shards import ShardStream
 from softvq.data.workers import ignore_stop_signals
@@ -115,7 +115,7 @@ def load_eval_files(files: list[Path], size: int) -> HeldOut:
     images, names, skipped = [], [], []
     for path in files:
         try:
-            images.append(to_tensor(center_crop_resize(load_rgb(path), size)))
+            images.append(read_image(path, size, resize=True))
             names.append(path.stem)
         except ImageReadError:
             skipped.append(str(path))

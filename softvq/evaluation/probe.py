@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from softvq.data.images import ImageReadError, center_crop_resize, images_by_class, load_rgb, to_tensor
+from softvq.data.images import ImageReadError, images_by_class, read_image
 from softvq.eval_mode import evaluating
 
 
@@ -214,7 +214,7 @@ def tokenizer_features(model, paths: list[Path], *, which: Literal["latents", "f
             images = []
             for path in paths[start:start + batch_size]:
                 try:
-                    images.append(to_tensor(center_crop_resize(load_rgb(path), size)))
+                    images.append(read_image(path, size, resize=True))
                 except ImageReadError:
                     if skipped is None:
                         raise
