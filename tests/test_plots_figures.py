@@ -140,6 +140,18 @@ def test_pictures_skip_unreadable_files_and_take_the_next_readable_ones(tmp_path
     assert len(messages) == 1 and messages[0].startswith("skipped 1 unreadable image file(s)")
 
 
+def test_bundled_picture_images_are_each_photo_whole_then_seeded_crops():
+    from softvq.data.images import bundled_photos, center_crop_resize, load_rgb
+
+    images, labels, names = plot_images(32, per_class=3, max_classes=2, seed=5)
+    assert names == [p.stem for p in bundled_photos()[:2]] and images.dtype == torch.uint8
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    whole = np.asarray(center_crop_resize(load_rgb(bundled_photos()[0]), 32))  # the first crop: the whole photo
+    assert np.abs(images[0].permute(1, 2, 0).numpy().astype(int) - whole.astype(int)).max() <= 1
+    assert torch.equal(images, plot_images(32, per_class=3, max_classes=2, seed=5)[0])
+    assert not torch.equal(images, plot_images(32, per_class=3, max_classes=2, seed=6)[0])
+
+
 def test_cli_plot(tmp_path, capsys):
     make_run(tmp_path / "run", with_eval=False)
     code = main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--per-class", "2",

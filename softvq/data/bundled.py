@@ -61,16 +61,17 @@ class BundledCropsDataset(Dataset):
         return to_tensor(img), []
 
 
-def heldout_crops(photos: list[Path], size: int, count: int, scales: tuple[float, float]) -> tuple[torch.Tensor, list[str]]:
-    """``count`` fixed crops spread over the held-out photos, interleaved photo by photo so any
-    prefix (e.g. a grid's first 8) shows every photo: each photo's first crop is the whole photo
-    (centre square), the others are at fixed random places and scales.
-    Returns (images (count, 3, size, size), names)."""
+def heldout_crops(photos: list[Path], size: int, count: int, scales: tuple[float, float],
+                  seed: int = _EVAL_SEED) -> tuple[torch.Tensor, list[str]]:
+    """``count`` fixed crops spread over the photos, interleaved photo by photo so any prefix
+    (e.g. a grid's first 8) shows every photo: each photo's first crop is the whole photo (centre
+    square), the others are at random places and scales fixed by ``seed``.
+    Returns (images (count, 3, size, size), names ``<photo stem>-<k>``)."""
     per_photo = [count // len(photos) + (i < count % len(photos)) for i in range(len(photos))]
     crops: list[list[tuple[torch.Tensor, str]]] = []
     for p_index, (path, n) in enumerate(zip(photos, per_photo)):
         img = load_rgb(path)
-        rng = np.random.default_rng([_EVAL_SEED, p_index])
+        rng = np.random.default_rng([seed, p_index])
         mine = []
         for k in range(n):
             source, crop_scales = (_centre_square(img), (1.0, 1.0)) if k == 0 else (img, scales)

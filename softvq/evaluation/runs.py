@@ -10,7 +10,6 @@ skipped with a note. A plain checkpoint folder (``config.json`` + ``model.safete
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,16 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
 
     from softvq.data.images import ImageReadError, bundled_photos, center_crop_resize, images_by_class, load_rgb
 
-    rng = random.Random(seed)
+    if images is None:  # crops as the held-out ones training draws: each photo whole, then at random
+        from softvq.data.bundled import heldout_crops
+        from softvq.evaluation.metrics import quantize_to_uint8
+
+        photos = bundled_photos()[:max_classes]
+        names = [p.stem for p in photos]
+        crops, crop_names = heldout_crops(photos, size, per_class * len(photos), scales=(0.4, 0.9), seed=seed)
+        labels = [names.index(name.rsplit("-", 1)[0]) for name in crop_names]
+        return quantize_to_uint8(crops), np.asarray(labels), names
+
     pils: list[Image.Image] = []
     labels: list[int] = []
     skipped: list[Path] = []
@@ -136,30 +144,16 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
                 continue
             labels.append(label)
             taken += 1
-    if images is None:
-        photos = bundled_photos()[:max_classes]
-        names = [p.stem for p in photos]
-        for c, p in enumerate(photos):
-            img = load_rgb(p)
-            w, h = img.size
-            for j in range(per_class):
-                side = min(w, h) if j == 0 else int(min(w, h) * rng.uniform(0.4, 0.9))
-                left, top = rng.randint(0, w - side), rng.randint(0, h - side)
-                if j == 0:
-                    left, top = (w - side) // 2, (h - side) // 2
-                crop = img.crop((left, top, left + side, top + side))
-                pils.append(crop.resize((size, size), Image.BICUBIC))
-                labels.append(c)
+
+    folder = Path(images)
+    by_class, loose = images_by_class(folder)
+    if by_class:
+        names = list(by_class)[:max_classes]
+        for c, name in enumerate(names):
+            add_readable(by_class[name], per_class, c)
     else:
-        folder = Path(images)
-        by_class, loose = images_by_class(folder)
-        if by_class:
-            names = list(by_class)[:max_classes]
-            for c, name in enumerate(names):
-                add_readable(by_class[name], per_class, c)
-        else:
-            names = [folder.name]
-            add_readable(loose, per_class * max_classes, 0)
+        names = [folder.name]
+        add_readable(loose, per_class * max_classes, 0)
     if skipped:
         log(f"skipped {len(skipped)} unreadable image file(s) for the pictures, e.g. {skipped[0]}")
     if not pils:
