@@ -281,3 +281,21 @@ def test_class_names_are_looked_up_in_the_meta(parts, tmp_path):
     tok, model, meta = parts
     write_samples(model, meta, tok, ["c", "a"], SPEC, tmp_path, progress=False)
     assert json.loads((tmp_path / "samples.json").read_text())["labels"] == [2, 0]
+
+
+@pytest.mark.parametrize("kind", ["sit", "dit"])
+def test_sampling_a_training_generator_uses_eval_mode_and_gives_the_mode_back(kind):
+    from softvq.generation.sampling import sample_latents
+
+    torch.manual_seed(0)
+    model = build_generator(GeneratorConfig(kind=kind, width=32, depth=1, heads=2, num_tokens=16, latent_dim=8,
+                                            num_classes=3, class_dropout=0.5))
+    for p in model.parameters():  # the zero-initialised head would make every sample its noise
+        torch.nn.init.normal_(p, std=0.05)
+    meta = GeneratorMeta(objective=kind, classes=["a", "b", "c"])
+    draw = lambda: sample_latents(model, meta, [0, 1, 2, 0], SamplerSpec(steps=4),  # noqa: E731
+                                  generator=torch.Generator().manual_seed(1))
+    in_training = draw()  # label dropout drew on the global RNG and replaced labels by the null class
+    assert model.training
+    assert torch.equal(in_training, draw())  # a function of the generator alone
+    assert torch.equal(in_training, (model.eval(), draw())[1])

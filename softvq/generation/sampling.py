@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from softvq.eval_mode import evaluating
 from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.diffusion import GaussianDiffusion
 from softvq.generation.guidance import Guidance, guided
@@ -119,7 +120,6 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Seque
     ``labels`` are integer class indices (a tensor or a list); the null class ``num_classes``
     samples unconditionally."""
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     labels = torch.as_tensor(labels)
     if labels.numel() == 0:
         raise ValueError("no labels to sample: pass at least one class index")
@@ -133,6 +133,13 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Seque
     if kind != meta.objective:
         raise ValueError(f"the meta says objective {meta.objective!r} but the model is a {kind!r} generator; "
                          f"load both with softvq.generation.checkpoint.load_generator")
+    with evaluating(model):  # label dropout off, and the caller's model back in its mode
+        return _sample(model, meta, labels, spec, method, steps, generator, progress)
+
+
+def _sample(model: Generator, meta: GeneratorMeta, labels: Tensor, spec: SamplerSpec, method: str, steps: int,
+            generator: torch.Generator | None, progress: bool) -> Tensor:
+    device, dtype = labels.device, next(model.parameters()).dtype
     if meta.objective == "mar":
         return model.sample(labels, ar_steps=spec.ar_steps, diffusion_steps=steps, cfg=spec.guidance.scale,
                             cfg_schedule=spec.cfg_schedule, temperature=spec.temperature,
