@@ -28,7 +28,8 @@ def derived_seed(seed: int, *indices: int) -> int:
     """A torch seed (63 bits) that is a fixed function of a run ``seed`` and non-negative ``indices``,
     such as (step, rank): NumPy's ``SeedSequence`` over the seed's two 32-bit words and the indices,
     so nearby keys give independent streams and the value does not change between Python versions
-    (``hash()`` of a tuple is not guaranteed to stay the same). Batches of the generator trainer and
+    (``hash()`` of a tuple is not guaranteed to stay the same). Each use passes a fixed number of
+    indices: SeedSequence pads with zeros, so ``(s, i)`` and ``(s, i, 0)`` give the same seed. Batches of the generator trainer and
     of :func:`softvq.generation.samples.batch_seed` are seeded with it."""
     high, low = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, *indices]).generate_state(2)
     return int(high) << 31 | int(low) >> 1

@@ -527,6 +527,11 @@ def test_tokenizer_paths_are_absolute_and_generate_warns_about_other_tokenizer_w
         train_generator(GeneratorTrainConfig(latents="lat", out="bad", tokenizer="lat", cpu=True), progress=False)
     with pytest.raises(ValueError, match="--tokenizer 'tokrun' is not a preset name, a tokenizer folder"):
         train_generator(GeneratorTrainConfig(latents="lat", out="bad", tokenizer="tokrun", cpu=True), progress=False)
+    # a tokenizer of other latents is refused at the start (it failed in generate, after the training)
+    with pytest.raises(ValueError, match=r"--tokenizer softvq-s-64 makes \(64, 32\) latents but the latent set "
+                                         r"holds \(16, 8\)"):
+        train_generator(GeneratorTrainConfig(latents="lat", out="bad", tokenizer="softvq-s-64", cpu=True),
+                        progress=False)
     train_generator(GeneratorTrainConfig(latents="lat", out="gen", objective="sit", width=32, depth=1, heads=2,
                                          batch_size=4, steps=1, cpu=True, tokenizer="tok"), progress=False)
     assert load_generator(tmp_path / "gen")[1].tokenizer == str(tmp_path / "tok")
@@ -633,3 +638,38 @@ def test_config_json_records_no_size_when_the_flags_override_all_it_sets(tmp_pat
     import dataclasses
 
     assert train_generator(dataclasses.replace(cfg, steps=2), progress=False)["steps"] == 2
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path, capsys):
+    tiny_tokenizer(tmp_path)
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat",
+                tokenizer_spec=str(tmp_path / "tok"), progress=False)
+    # MAR's recipe warm-up is 100 epochs; a short --steps run would never reach the peak lr, silently
+    train_generator(GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(tmp_path / "m"), objective="mar",
+                                         width=32, depth=1, heads=2, head_width=32, head_depth=1, buffer_size=2,
+                                         batch_size=4, steps=2, cpu=True), progress=False)
+    err = capsys.readouterr().err
+    assert "softvq: warning: the learning-rate warm-up (--warmup-epochs 100: " in err
+    assert "is not shorter than the run (--steps 2)" in err
+
+
+def test_generate_continues_across_spellings_of_the_same_folders_and_checks_fid_ref_first(tmp_path, monkeypatch,
+                                                                                             capsys):
+    from softvq.cli.main import main
+
+    tiny_tokenizer(tmp_path)
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat",
+                tokenizer_spec=str(tmp_path / "tok"), progress=False)
+    train_generator(GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(tmp_path / "sit"), width=32, depth=1,
+                                         heads=2, batch_size=4, steps=2, cpu=True), progress=False)
+    monkeypatch.chdir(tmp_path)
+    make = ["--out", "o", "--per-class", "1", "--steps", "2", "--device", "cpu"]
+    assert main(["generate", "sit", "--tokenizer", "tok", *make]) == 0
+    capsys.readouterr()
+    # the run folder and its export, a relative and an absolute path: the same settings, nothing to redo
+    assert main(["generate", "sit/generator", "--tokenizer", str(tmp_path / "tok"), *make]) == 0
+    assert "already holds all 3 images" in capsys.readouterr().out
+    (tmp_path / "bad.npz").write_text("not statistics")
+    assert main(["generate", "sit", *make[:1], "o2", *make[2:], "--fid-ref", "bad.npz"]) == 2
+    assert "bad.npz is not a reference-statistics .npz" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()  # refused before sampling

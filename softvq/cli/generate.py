@@ -86,9 +86,11 @@ def parse_classes(text: str, names: list[str], num_classes: int) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from softvq.atomic import write_json
+    from softvq.checkpoint.pretrained import CONFIG_NAME, training_run_export
+    from softvq.checkpoint.specs import OFFICIAL_PREFIX, portable_spec
     from softvq.cli.common import load_tokenizer
     from softvq.data.images import require_folder
-    from softvq.generation.checkpoint import load_generator
+    from softvq.generation.checkpoint import EXPORT_NAME, load_generator
     from softvq.generation.guidance import Guidance
     from softvq.generation.sampling import NAMES, SamplerSpec
     from softvq.generation.samples import write_samples
@@ -98,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         reference = Path(args.fid_ref).expanduser()
         if reference.suffix == ".npz" and not reference.is_file():
             raise FileNotFoundError(f"--fid-ref {reference} does not exist")
+        if reference.suffix == ".npz":
+            from softvq.evaluation.fid import load_reference_stats
+
+            load_reference_stats(reference)  # a file that is not reference statistics is named now
         if reference.suffix != ".npz":
             require_folder(reference, "--fid-ref takes a .npz of reference statistics or an image folder")
     from softvq.training.accelerator import launched_accelerator
@@ -120,14 +126,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.generator} does not say which tokenizer made its latents; pass --tokenizer SPEC")
     tokenizer = load_tokenizer(spec_name, device, precision=args.precision)
     if meta.tokenizer_sha1 is not None and (actual := weights_sha1(tokenizer)) != meta.tokenizer_sha1:
-        print(f"warning: decoding with {spec_name}, whose weights (sha1 {actual[:10]}) are not the ones that made "
+        print(f"softvq: warning: decoding with {spec_name}, whose weights (sha1 {actual[:10]}) are not the ones that made "
               f"the generator's latents (sha1 {meta.tokenizer_sha1[:10]}): the images may not show what the generator "
               f"learned; pass --tokenizer with the tokenizer pretokenize used", file=sys.stderr)
     classes = parse_classes(args.classes, meta.classes, model.config.num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
+    # recorded as the folders they load, so RUN and RUN/generator, or tok and /abs/tok, continue one another
     generator_path = Path(args.generator).expanduser()
-    record = {"generator": str(generator_path.resolve()) if generator_path.exists() else str(args.generator),
-              "tokenizer": spec_name}
+    if (generator_path / EXPORT_NAME / CONFIG_NAME).is_file():
+        generator_path = generator_path / EXPORT_NAME
+    tokenizer_path = training_run_export(spec_name) if not spec_name.startswith(OFFICIAL_PREFIX) else None
+    record = {"generator": portable_spec(str(generator_path)),
+              "tokenizer": portable_spec(str(tokenizer_path or spec_name))}
     result = write_samples(model, meta, tokenizer, labels, spec, args.out, seed=args.seed,
                            batch_size=args.batch_size, record=record, accelerator=accelerator)
     if accelerator is not None and not accelerator.is_main_process:
@@ -142,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         hint = (f"the {what} is not trained enough for the unclipped first steps; sample again with "
                 "--clip-x0 5 into another --out" if meta.objective in ("mar", "dit") and args.clip_x0 is None
                 else "the generator is not trained enough (or its latents' statistics do not match this tokenizer)")
-        print(f"warning: some samples diverged (|latent| > 50 standard deviations): {hint}", file=sys.stderr)
+        print(f"softvq: warning: some samples diverged (|latent| > 50 standard deviations): {hint}", file=sys.stderr)
     if args.fid_ref:
         gfid = generation_fid(result.folder, args.fid_ref, device)
         reference = Path(args.fid_ref).expanduser()
@@ -164,5 +174,5 @@ def generation_fid(samples: Path, reference: str, device: torch.device) -> float
     report = evaluate_samples(samples, reference, num_images=sys.maxsize, device=device, pr_samples=0)
     for note in report["notes"]:
         if note.startswith("reference: "):
-            print(f"warning: --fid-ref: {note.removeprefix('reference: ')}", file=sys.stderr)
+            print(f"softvq: warning: --fid-ref: {note.removeprefix('reference: ')}", file=sys.stderr)
     return report["gfid"]

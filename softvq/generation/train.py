@@ -203,27 +203,40 @@ def build_model_config(cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: i
     return generator_config(cfg.objective, cfg.size, **fields)
 
 
-def tokenizer_spec(spec: str) -> str:
+def tokenizer_spec(spec: str, latent_shape: tuple[int, int] | None = None) -> str:
     """``--tokenizer`` checked now, not when ``generate`` first loads it after a long run, and
-    recorded as :func:`softvq.checkpoint.specs.portable_spec` does (a local folder made absolute)."""
+    recorded as :func:`softvq.checkpoint.specs.portable_spec` does (a local folder made absolute).
+    A preset or local folder whose latents are not ``latent_shape`` (L, D) is refused too."""
     from softvq.checkpoint.pretrained import CONFIG_NAME, FORMAT as TOKENIZER_FORMAT, training_run_export
     from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset, portable_spec
+    from softvq.config import PRESETS
     from softvq.generation.pretokenize import META_NAME
 
+    def same_shape(config: dict[str, Any]) -> str:
+        shape = (config.get("num_tokens"), (config.get("bottleneck") or {}).get("latent_dim"))
+        if latent_shape is not None and shape != tuple(latent_shape):
+            raise ValueError(f"--tokenizer {spec} makes {shape} latents but the latent set holds {tuple(latent_shape)}; "
+                             f"pass the tokenizer pretokenize used (its meta.json names it)")
+        return portable_spec(spec)
+
     kinds = "a preset name, a tokenizer folder or training run, a hub id 'org/name', or official:FOLDER_OR_HUB_ID"
-    if is_preset(spec) or (spec.startswith(OFFICIAL_PREFIX) and spec[len(OFFICIAL_PREFIX):].strip()):
+    if is_preset(spec):
+        return same_shape(PRESETS[spec.lower()].to_dict())
+    if spec.startswith(OFFICIAL_PREFIX) and spec[len(OFFICIAL_PREFIX):].strip():
         return portable_spec(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         folder = training_run_export(path) or path
         try:
-            found = json.loads((folder / CONFIG_NAME).read_text()).get("format")
+            payload = json.loads((folder / CONFIG_NAME).read_text())
+            found = payload.get("format")
         except (OSError, ValueError, AttributeError):
-            found = None
+            payload, found = {}, None
         if found == TOKENIZER_FORMAT:
-            return portable_spec(spec)
+            return same_shape(payload.get("config") or {})
+        generator = found == GENERATOR_FORMAT or (path / EXPORT_NAME / CONFIG_NAME).is_file()
         what = ("a latent set (pretokenize's output)" if (path / META_NAME).is_file() else
-                "a DiT/SiT/MAR generator" if found == GENERATOR_FORMAT or (path / EXPORT_NAME / CONFIG_NAME).is_file() else "not a softvq tokenizer folder")
+                "a DiT/SiT/MAR generator" if generator else "not a softvq tokenizer folder")
         raise ValueError(f"--tokenizer {spec} is {what}; pass the tokenizer that decodes the latents: {kinds}")
     text = spec.strip()
     if not path.exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")) \
@@ -333,11 +346,9 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
 
     data = load_latents(cfg.validate().latents)
     if cfg.tokenizer is not None:
-        cfg = dataclasses.replace(cfg, tokenizer=tokenizer_spec(cfg.tokenizer))
+        cfg = dataclasses.replace(cfg, tokenizer=tokenizer_spec(cfg.tokenizer, tuple(data.latents.shape[1:])))
     cfg = cfg.resolved(count=data.latents.shape[0])  # epochs -> steps
-    if cfg.steps < 1:
-        raise ValueError(f"--epochs {cfg.epochs} of {data.latents.shape[0]} latents at batch {cfg.batch_size} is "
-                         f"less than one step; pass more --epochs or --steps")
+    length = f"--epochs {cfg.epochs:g} ({cfg.steps} steps)" if cfg.epochs is not None else f"--steps {cfg.steps}"
     run = Path(cfg.out)
     # without CUDA a launched run must ask for CPU processes, or accelerate gives each one a run of its own
     acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
@@ -362,12 +373,12 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         ema.load_state_dict(state["ema"])
         start = int(state["step"])
         if start > cfg.steps:
-            raise ValueError(f"{run} is already at step {start}; --steps {cfg.steps} would train nothing "
-                             f"(pass --steps above {start} to continue it)")
+            raise ValueError(f"{run} is already at step {start}; {length} would train nothing "
+                             f"(pass --steps above {start}, or more --epochs, to continue it)")
         if start == cfg.steps and exported_step(run / EXPORT_NAME) in (start, "unknown"):  # finished: leave it
             if acc.is_main_process:
-                print(f"{run} already finished at step {start}; pass --steps above {start} to train it further",
-                      file=sys.stderr)
+                print(f"{run} already finished at step {start}; pass --steps above {start} (or more --epochs) "
+                      f"to train it further", file=sys.stderr)
             return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / EXPORT_NAME),
                     "stopped": False, "already_finished": True}
         note = restore_or_reseed_rng(state["rng"], rank=acc.process_index, world=acc.num_processes, seed=cfg.seed,
@@ -381,6 +392,12 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         elif acc.is_main_process:
             print(f"resuming {run} from step {start} ({latest.name})", file=sys.stderr)
     elif acc.is_main_process:
+        if cfg.warmup_steps >= cfg.steps:  # e.g. MAR's 100-epoch recipe warm-up under a short --steps
+            warm = (f"--warmup-epochs {cfg.warmup_epochs:g}" if cfg.warmup_epochs is not None
+                    else f"--warmup-steps {cfg.warmup_steps}")
+            print(f"softvq: warning: the learning-rate warm-up ({warm}: {cfg.warmup_steps} steps) is not shorter "
+                  f"than the run ({length}), so the lr never reaches its peak {cfg.lr:g}; pass a shorter "
+                  f"--warmup-steps or --warmup-epochs", file=sys.stderr)
         run.mkdir(parents=True, exist_ok=True)
         resolved = {"train": recorded_train(cfg), "model": model_cfg.to_dict(),
                     "latents_sha1": latent_set_sha1(data.meta)}

@@ -155,6 +155,10 @@ class Trainer:
         # Identical initialisation on every process; afterwards each process draws its own
         # randomness (augmentations inside the loss) from seed + rank.
         self.pending_notes: list[str] = []  # said once the logger exists
+        if sched.warmup_steps >= sched.steps:  # a short run of a config whose warm-up is sized for 250k steps
+            self.pending_notes.append(f"warning: schedule.warmup_steps {sched.warmup_steps} is not shorter than "
+                                      f"schedule.steps {sched.steps}: the lr never reaches its peak; pass a shorter "
+                                      f"schedule.warmup_steps")
         if not resume and ckpt.list_checkpoints(self.run_dir):
             raise FileExistsError(f"{self.run_dir} already holds a run's checkpoints: pass resume=True to continue it, "
                                   f"or choose another folder (a new run never overwrites one)")
