@@ -126,7 +126,7 @@ def spawn(args, mode: str, chunk: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # Bad values are usage errors before any process is started, as in ``softvq bench gen``.
-    p.add_argument("--tokens", type=positive_int, default=16384, help="B*L tokens (issue: 256 x 64)")
+    p.add_argument("--tokens", type=positive_int, default=16384, help="B*L tokens (default: batch 256 x 64 tokens)")
     p.add_argument("--codes", type=positive_int, default=8192, help="codebook size K")
     p.add_argument("--dim", type=positive_int, default=32, help="latent dim D")
     p.add_argument("--distance", choices=["cosine", "l2"], default="cosine")

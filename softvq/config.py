@@ -154,7 +154,8 @@ class TokenizerConfig:
 
         check_config(self.bottleneck)
         if self.bottleneck.segments > 1 and self.num_tokens % self.bottleneck.segments:
-            raise ValueError(f"num_tokens {self.num_tokens} is not divisible by segments {self.bottleneck.segments}")
+            raise ValueError(f"num_tokens {self.num_tokens} is not divisible by bottleneck.segments "
+                             f"{self.bottleneck.segments}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

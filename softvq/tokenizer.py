@@ -194,7 +194,8 @@ class Tokenizer(nn.Module):
     def from_official(cls, path_or_id: str | Path, *, map_location: str | torch.device = "cpu",
                       encoder_heads: int | None = None, decoder_heads: int | None = None) -> "Tokenizer":
         """Load a released SoftVQ-VAE checkpoint (``SoftVQVAE/softvq-*``: a folder or hub id with
-        ``config.json`` and ``model.safetensors``), mapping its keys, in eval mode.
+        ``config.json`` and ``model.safetensors``, or an older ``pytorch_model.bin``), mapping its keys,
+        in eval mode.
 
         The attention head counts are not in the weights; by default they are width / 64, the
         64-channel heads of every release (S 6, B 12, L 16). ``encoder_heads`` / ``decoder_heads``

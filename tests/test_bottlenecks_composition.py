@@ -140,7 +140,7 @@ def test_segments_split_the_sequence_and_pool_the_entropy_like_the_release():
 @pytest.mark.parametrize("make, error, match", [
     (lambda: VQ(8, 0), ValueError, "codebook_size must be at least 1, got 0"),  # was a ZeroDivisionError in forward
     (lambda: VQ(-1, 16), ValueError, "latent_dim must be at least 1"),  # was a torch "negative dimension"
-    (lambda: SoftVQ(8.0, 16), TypeError, "latent_dim must be a whole number, got 8.0"),  # was inside torch.randn
+    (lambda: SoftVQ(8.0, 16), TypeError, "latent_dim must be an int, got 8.0"),  # was inside torch.randn
     (lambda: SoftVQ(8, 16, temperature=float("nan")), ValueError, "temperature must be a positive finite"),
     (lambda: GaussianPosterior(0), ValueError, "latent_dim must be at least 1"),
     (lambda: Identity(-1), ValueError, "latent_dim must be at least 1"),
@@ -158,7 +158,7 @@ def test_segments_reject_token_counts_that_do_not_split():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(groups=3), "not divisible by groups"),
+    (dict(groups=3), "not divisible by bottleneck.groups"),
     (dict(kind="lfq", lfq_groups=3), "lfq_groups=3"),
     (dict(segments=2, groups=2), "per_segment"),
     (dict(kind="gmmvq", learnable_temperature=True), "learnable_temperature"),

@@ -400,6 +400,8 @@ def test_bugs_keep_their_traceback_and_softvq_traceback_shows_any(capsys, monkey
     monkeypatch.setattr(info, "run", internal_bug)
     with pytest.raises(KeyError, match="a lookup inside softvq"):
         main(["info"])
+    monkeypatch.setenv("SOFTVQ_TRACEBACK", "0")  # off is off
+    assert _run(capsys, "train", "demo", "model.preset=softvq-xxl")[0] == 2
     monkeypatch.setenv("SOFTVQ_TRACEBACK", "1")  # and a ValueError's traceback on request
     with pytest.raises(ValueError, match="unknown preset"):
         main(["train", "demo", "model.preset=softvq-xxl"])

@@ -112,3 +112,12 @@ def test_latent_moments_equal_direct_computation():
     assert s["latent_mean"] == pytest.approx(z.double().mean().item(), rel=1e-12)
     assert s["latent_std"] == pytest.approx(z.double().std(unbiased=False).item(), rel=1e-10)
     np.testing.assert_allclose(s["latent_channel_std"], z.double().reshape(-1, 3).std(0, unbiased=False), rtol=1e-10)
+
+
+def test_entropy_of_weights_takes_counts_of_any_dtype_and_a_zero_row_has_none():
+    from softvq.evaluation.metrics import entropy_of_weights
+
+    for dtype in (torch.int64, torch.float32, torch.float64):  # float32 rows of zeros gave NaN
+        h = entropy_of_weights(torch.tensor([[0, 0, 0], [1, 1, 0], [2, 2, 4]], dtype=dtype))
+        expected = [0.0, math.log(2), -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5))]
+        assert torch.allclose(h, torch.tensor(expected, dtype=torch.float64), atol=1e-12)

@@ -138,6 +138,9 @@ def test_init_from_another_architecture_names_the_mismatch(tmp_path):
     with pytest.raises(CheckpointError, match="shape mismatches .*encoder") as error:
         Trainer(config_from_dict(tree), tmp_path / "run")
     assert "encoder.width 64 (this config: 32)" in str(error.value)
+    missing = {**TREE, "run": {**TREE["run"], "init_from": str(tmp_path / "nowhere")}}
+    with pytest.raises(CheckpointError, match="^run.init_from: no checkpoint folder at"):  # the setting is named
+        Trainer(config_from_dict(missing), tmp_path / "run2")
 
 
 def test_stage_two_of_another_bottleneck_names_the_overrides_to_repeat():

@@ -109,11 +109,18 @@ def test_inheritance_and_overrides(tmp_path):
     (["objective.bottleneck_loss_weights={kll: 5.0}"], "bottleneck_loss_weights has no loss 'kll'; bottlenecks return kl,"),
     (["objective.bottleneck_loss_weights={kl: abc}"], "objective.bottleneck_loss_weights.kl must be a number, got 'abc'"),
     (["model=softvq-s-64"], "did you mean model.preset=softvq-s-64?"),
-    (["data.num_eval_images=0"], "data.num_eval_images, data.bundled_crops_per_photo and data.prefetch_factor must be 1"),
+    (["data.num_eval_images=0"], "data.num_eval_images must be 1 or more, got 0"),
+    (["optim.weight_decay=-1"], "optim.weight_decay must be 0 or more, got -1"),
     (["schedule.warmup_steps=-5"], "schedule.warmup_steps must be 0 or more"),
     (["optim.betas=[1.5, 0.9]"], "optim.betas needs two numbers in [0, 1), got [1.5, 0.9]"),
     (["run.log_every=-1"], "run.log_every must be 0 or more"),
     (["data.min_crop_fraction=0"], "data.min_crop_fraction must be in (0, 1]"),
+    # the model's own checks name the whole key too
+    (["model.bottleneck.codebook_size=0"], "model.bottleneck.codebook_size must be at least 1, got 0"),
+    (["model.image_size=60"], "model.image_size 60 is not a multiple of patch_size 8"),
+    # at the first discriminator step (the paper's step 20,000) it failed after the run folder was made
+    (["model.image_size=16", "objective.adversarial_weight=0.1", "objective.discriminator=patchgan"],
+     "objective.discriminator patchgan needs images of at least 24 px, but they are 16 px"),
 ])
 def test_bad_keys_and_values_fail_naming_them(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -119,7 +119,7 @@ def float32_region(device: torch.device):
 def check_count(name: str, value: Any) -> None:
     """``value`` must be a whole number of at least 1 (a width, a codebook size, a group count)."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a whole number, got {value!r}")
+        raise TypeError(f"{name} must be an int, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}")
 

@@ -64,20 +64,21 @@ def check_config(cfg: BottleneckConfig) -> None:
     if not cfg.commitment_weight >= 0:
         raise ValueError(f"bottleneck.commitment_weight must be 0 or more, got {cfg.commitment_weight}")
     if cfg.latent_dim % cfg.groups:
-        raise ValueError(f"latent_dim {cfg.latent_dim} is not divisible by groups {cfg.groups}")
+        raise ValueError(f"bottleneck.latent_dim {cfg.latent_dim} is not divisible by bottleneck.groups {cfg.groups}")
     if cfg.kind == "gmmvq" and cfg.learnable_temperature:
-        raise ValueError("kind 'gmmvq' predicts per-token weights; set learnable_temperature=False")
+        raise ValueError("bottleneck.kind 'gmmvq' predicts per-token weights; set bottleneck.learnable_temperature "
+                         "to false")
     if cfg.kind == "lfq":
         bits, left = divmod(cfg.latent_dim // cfg.groups, cfg.lfq_groups)
         if left:
-            raise ValueError(f"lfq_groups={cfg.lfq_groups} must divide the quantized channels "
-                             f"({cfg.latent_dim // cfg.groups}); choose a divisor")
+            raise ValueError(f"bottleneck.lfq_groups={cfg.lfq_groups} must divide the quantized channels "
+                             f"({cfg.latent_dim // cfg.groups}); choose a divisor of {cfg.latent_dim // cfg.groups}")
         if bits > MAX_GROUP_BITS:
-            raise ValueError(f"{bits} channels per LFQ group means 2^{bits} codes per group, too many to enumerate "
-                             f"for the entropy loss; raise lfq_groups so that latent_dim / lfq_groups <= "
-                             f"{MAX_GROUP_BITS}")
+            raise ValueError(f"bottleneck.lfq_groups={cfg.lfq_groups}: {bits} channels per LFQ group means 2^{bits} "
+                             f"codes per group, too many to enumerate for the entropy loss; raise it so that "
+                             f"latent_dim / lfq_groups <= {MAX_GROUP_BITS}")
     if cfg.segment_entropy not in ("pooled", "per_segment"):
-        raise ValueError(f"segment_entropy must be 'pooled' or 'per_segment', got {cfg.segment_entropy!r}")
+        raise ValueError(f"bottleneck.segment_entropy must be 'pooled' or 'per_segment', got {cfg.segment_entropy!r}")
     if cfg.kind == "lfq" and cfg.residual_levels > 1:
         # every LFQ level codes sign(u) = ±1, so the second level codes -sign(u) where |u| < 1 and the
         # sum is 0 there: the latents collapse (all zeros at initialisation)
@@ -87,8 +88,8 @@ def check_config(cfg: BottleneckConfig) -> None:
     composed = cfg.groups > 1 or cfg.residual_levels > 1
     if cfg.segments > 1 and cfg.segment_entropy == "pooled" and composed and cfg.kind in ("softvq", "gmmvq"):
         raise ValueError(
-            "segment_entropy='pooled' (the release) pools one categorical posterior per segment and is "
-            "not defined for segments that are product/residual quantizers; set segment_entropy='per_segment'"
+            "bottleneck.segment_entropy='pooled' (the release) pools one categorical posterior per segment and is "
+            "not defined for segments that are product/residual quantizers; set it to 'per_segment'"
         )
 
 

@@ -336,7 +336,7 @@ def release_weights(folder: Path) -> Path:
             return folder / name
     held = sorted(p.name for p in folder.iterdir())[:8]
     raise CheckpointError(f"{folder} holds no {' or '.join(RELEASE_WEIGHTS)} (it holds: {', '.join(held) or 'nothing'}); "
-                          f"a release folder has config.json and model.safetensors")
+                          f"a release folder has config.json and model.safetensors (or pytorch_model.bin)")
 
 
 def load_official(

@@ -150,7 +150,7 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
         if not quiet:
             print(f"softvq: warning: {spec} is a preset with RANDOM weights; outputs are meaningless "
                   f"until it is trained (its fresh decoder hardly reads the latents: every image decodes "
-                  f"alike). Pass --model with a checkpoint", file=sys.stderr)
+                  f"alike): name a trained checkpoint instead of a preset", file=sys.stderr)
     elif spec.startswith(OFFICIAL_PREFIX):
         target = spec[len(OFFICIAL_PREFIX):]
         if not target.strip():  # it read the current folder and said two confusing things

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     out = Path(args.out)
     files = [out / _safe_relative(n) for n in output_names(data.names)]
-    refuse_to_overwrite(files, "choose another --out (decoding into the encoded folder would replace the originals)")
+    refuse_to_overwrite(files, "choose another --out (decode never replaces images, such as the originals it encoded)")
     # A preset's random weights are only the encoding model's when drawn from the same seed.
     torch.manual_seed(args.seed if args.seed is not None else int(data.meta.get("seed", 0)))
     model = load_tokenizer(spec, args.device, precision=args.precision)

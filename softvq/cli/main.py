@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = int(args.func(args) or 0)
     except user_errors() as exc:
-        if os.environ.get("SOFTVQ_TRACEBACK"):
+        if os.environ.get("SOFTVQ_TRACEBACK", "").strip().lower() in ("1", "true", "yes"):
             raise
         print(f"softvq {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -100,7 +100,7 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
         else:
             _, held_photos = split_bundled(cfg.holdout)
             held = HeldOut(*heldout_crops(held_photos, image_size, cfg.num_eval_images, tuple(cfg.bundled_scales)))
-        return TrainData(loader, f"webdataset shards {cfg.path} ({len(stream.shards)} shards)"), held
+        return TrainData(loader, f"webdataset shards {cfg.path} ({len(stream.shards)} shard{'s' if len(stream.shards) != 1 else ''})"), held
 
     sampler = StreamBatchSampler(len(dataset), global_batch, rank=rank, world_size=world_size, seed=seed, start=start)
     generator = torch.Generator().manual_seed(seed)  # keeps DataLoader from drawing on the global RNG

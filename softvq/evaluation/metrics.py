@@ -170,6 +170,7 @@ class CodebookUsage:
 def entropy_of_weights(weights: Tensor) -> Tensor:
     """Entropy (nats) of each row of non-negative weights (counts) normalised to a distribution;
     0·log 0 = 0, and a row of zeros has entropy 0."""
+    weights = weights.double()  # counts may be integers, and 1e-300 would underflow to 0 in float32
     return entropy(weights / weights.sum(-1, keepdim=True).clamp_min(1e-300))
 
 

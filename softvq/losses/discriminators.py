@@ -226,7 +226,7 @@ class PatchGAN(Discriminator):
     def features(self, x: Tensor) -> list[Tensor]:
         if min(x.shape[-2:]) < self.min_side:
             raise ValueError(f"this PatchGAN needs images of at least {self.min_side}x{self.min_side}, got "
-                             f"{tuple(x.shape[-2:])}; use fewer layers or larger images")
+                             f"{tuple(x.shape[-2:])}; use larger images, or another discriminator")
         return [x]
 
     def logits(self, features: list[Tensor]) -> Tensor:

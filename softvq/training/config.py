@@ -191,44 +191,44 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every section's ranges and their agreement; returns ``self``. Errors name the key."""
-        s = self.schedule
-        if s.steps < 1:
-            raise ValueError(f"schedule.steps must be positive, got {s.steps}")
-        if s.batch_size < 1 or s.grad_accum < 1:
-            raise ValueError("schedule.batch_size and schedule.grad_accum must be positive")
-        if not 0.0 <= s.ema_decay < 1.0:
-            raise ValueError(f"schedule.ema_decay must be in [0, 1), got {s.ema_decay}")
-        if s.warmup_steps < 0 or not 0.0 <= s.min_lr_ratio <= 1.0:
-            raise ValueError(f"schedule.warmup_steps must be 0 or more and schedule.min_lr_ratio in [0, 1], got "
-                             f"{s.warmup_steps} and {s.min_lr_ratio}")
-        o = self.optim
+        s, o, d, r = self.schedule, self.optim, self.data, self.run
+        ranges = [  # (key, value, whether it holds, what the key must be)
+            ("schedule.steps", s.steps, s.steps >= 1, "positive"),
+            ("schedule.batch_size", s.batch_size, s.batch_size >= 1, "positive"),
+            ("schedule.grad_accum", s.grad_accum, s.grad_accum >= 1, "positive"),
+            ("schedule.ema_decay", s.ema_decay, 0.0 <= s.ema_decay < 1.0, "in [0, 1)"),
+            ("schedule.warmup_steps", s.warmup_steps, s.warmup_steps >= 0, "0 or more"),
+            ("schedule.min_lr_ratio", s.min_lr_ratio, 0.0 <= s.min_lr_ratio <= 1.0, "in [0, 1]"),
+            ("optim.lr", o.lr, o.lr > 0, "positive"),
+            ("optim.disc_lr", o.disc_lr, o.disc_lr is None or o.disc_lr > 0, "positive or null"),
+            ("optim.eps", o.eps, o.eps > 0, "positive"),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "0 or more"),
+            ("optim.disc_weight_decay", o.disc_weight_decay, (o.disc_weight_decay or 0) >= 0, "0 or more, or null"),
+            # a negative clip would flip the gradient's sign inside torch: gradient ascent
+            ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip >= 0,
+             "positive, or 0 / null for no clipping"),
+            ("data.workers", d.workers, d.workers >= 0, "0 or more"),
+            ("data.image_size", d.image_size, d.image_size is None or d.image_size >= 1, "positive, or null (the model's)"),
+            ("data.num_eval_images", d.num_eval_images, d.num_eval_images >= 1, "1 or more"),
+            ("data.bundled_crops_per_photo", d.bundled_crops_per_photo, d.bundled_crops_per_photo >= 1, "1 or more"),
+            ("data.prefetch_factor", d.prefetch_factor, d.prefetch_factor >= 1, "1 or more"),
+            ("data.min_crop_fraction", d.min_crop_fraction, 0.0 < d.min_crop_fraction <= 1.0, "in (0, 1]"),
+            *[(f"run.{name}", getattr(r, name), getattr(r, name) >= 0, "0 or more (0 turns it off)")
+              for name in ("log_every", "checkpoint_every", "keep_checkpoints", "grid_every", "grid_images",
+                           "max_nonfinite")],
+            ("run.max_minutes", r.max_minutes, r.max_minutes is None or r.max_minutes > 0, "positive or null"),
+        ]
+        for key, value, holds, what in ranges:
+            if not holds:
+                raise ValueError(f"{key} must be {what}, got {value}")
         for name in ("betas", "disc_betas"):
             betas = getattr(o, name)
             if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
                 raise ValueError(f"optim.{name} needs two numbers in [0, 1), got {betas}")
-        if o.lr <= 0 or (o.disc_lr is not None and o.disc_lr <= 0):
-            raise ValueError(f"optim.lr must be positive, got {o.lr}" if o.lr <= 0 else
-                             f"optim.disc_lr must be positive or null, got {o.disc_lr}")
-        if o.eps <= 0 or o.weight_decay < 0 or (o.disc_weight_decay or 0) < 0:
-            raise ValueError("optim.eps must be positive and optim.weight_decay / disc_weight_decay 0 or more")
-        if o.grad_clip is not None and o.grad_clip < 0:  # torch would flip the gradient's sign
-            raise ValueError(f"optim.grad_clip must be positive, or 0 / null for no clipping, got {o.grad_clip}")
-        d = self.data
-        if d.num_eval_images < 1 or d.bundled_crops_per_photo < 1 or d.prefetch_factor < 1:
-            raise ValueError("data.num_eval_images, data.bundled_crops_per_photo and data.prefetch_factor must be "
-                             f"1 or more, got {d.num_eval_images}, {d.bundled_crops_per_photo}, {d.prefetch_factor}")
-        if not 0.0 < d.min_crop_fraction <= 1.0:
-            raise ValueError(f"data.min_crop_fraction must be in (0, 1], got {d.min_crop_fraction}")
-        r = self.run
-        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "grid_every", "grid_images", "max_nonfinite"):
-            if getattr(r, name) < 0:
-                raise ValueError(f"run.{name} must be 0 or more, got {getattr(r, name)} (0 turns it off; see RunConfig)")
-        if r.max_minutes is not None and r.max_minutes <= 0:
-            raise ValueError(f"run.max_minutes must be positive or null, got {r.max_minutes}")
-        if self.data.workers < 0 or (self.data.image_size is not None and self.data.image_size < 1):
-            raise ValueError(f"data.workers must be 0 or more and data.image_size positive, got "
-                             f"{self.data.workers} and {self.data.image_size}")
-        self.model.validate()  # first: the checks below divide by its sizes
+        try:  # first: the checks below divide by its sizes
+            self.model.validate()
+        except (TypeError, ValueError) as exc:  # its messages start with the key inside the model section
+            raise type(exc)(f"model.{exc}") from None
         if self.data.source != "bundled" and not self.data.path:
             raise ValueError(f"data.source={self.data.source} needs data.path (a folder or shard pattern)")
         if self.image_size % self.model.patch_size:
@@ -239,7 +239,28 @@ class TrainConfig:
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.bundled_scales must satisfy 0 < min <= max <= 1, got {self.data.bundled_scales}")
         self.objective.validate()
+        self._check_discriminator_fits()
         return self
+
+    def _check_discriminator_fits(self) -> None:
+        """Images too small for the convolutional discriminators fail when the config is read, not at
+        the first discriminator step (``discriminator_start``: step 20,000 in the paper's recipe)."""
+        obj = self.objective
+        if obj.adversarial_weight <= 0:
+            return
+        kind = obj.discriminator
+        if kind == "auto":
+            kind = "dino" if obj.discriminator_weights else "vgg"
+        if kind == "patchgan":
+            from softvq.losses.discriminators import PatchGAN
+
+            need = PatchGAN(width=1).min_side
+        else:
+            need = 16 if kind == "vgg" else 1  # VGG pools four times; DINO resizes its input to 224
+        if self.image_size < need:
+            raise ValueError(f"objective.discriminator {kind} needs images of at least {need} px, but they are "
+                             f"{self.image_size} px: use a larger model.image_size, another "
+                             f"objective.discriminator, or objective.adversarial_weight=0")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a nested dict, with ``model.preset`` first where one was named."""

@@ -730,7 +730,11 @@ def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
         raise ValueError("run.init_from and run.init_encoder both set: init_from already brings an encoder; "
                          "drop one of them")
     if run.init_from:
-        tokenizer.load_weights_of(Tokenizer.from_pretrained(run.init_from), f"run.init_from {run.init_from}")
+        try:
+            start = Tokenizer.from_pretrained(run.init_from)
+        except CheckpointError as exc:  # name the setting that points there
+            raise CheckpointError(f"run.init_from: {exc}") from None
+        tokenizer.load_weights_of(start, f"run.init_from {run.init_from}")
     elif run.init_encoder:
         from softvq.networks.dinov2 import dinov2_for_width, init_encoder_from_dino, load_dino
 
