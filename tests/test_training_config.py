@@ -139,6 +139,12 @@ def test_unreadable_config_files_fail_in_one_line(tmp_path, content, message):
     assert "\n" not in str(error.value)
 
 
+def test_a_missing_parent_config_names_the_file_that_inherits_it(tmp_path):
+    (tmp_path / "x.yaml").write_text("inherit: nothere.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"x.yaml inherits 'nothere.yaml', which is not next to it: config"):
+        load_config(tmp_path / "x.yaml")
+
+
 def test_unknown_yaml_key_fails_with_its_dotted_name(tmp_path):
     (tmp_path / "x.yaml").write_text("data:\n  source: bundled\n  worker: 3\n")
     with pytest.raises(ValueError, match=r"unknown config key data\.worker; valid keys under data: .*workers"):

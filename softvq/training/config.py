@@ -311,7 +311,10 @@ def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for parent in [parents] if isinstance(parents, str) else parents:
         local = path.parent / parent
-        parent_path = local if local.is_file() else find_config(parent)
+        try:
+            parent_path = local if local.is_file() else find_config(parent)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{path} inherits {parent!r}, which is not next to it: {exc}") from None
         merged = deep_merge(merged, read_yaml_tree(parent_path, _seen + (path,)))
     return deep_merge(merged, data)
 
