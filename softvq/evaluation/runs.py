@@ -217,7 +217,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
         else:
             log(f"{run.name}: no log.jsonl, no training curves")
         if run.export is None:
-            log(f"{run.name}: no exported tokenizer (export/), no reconstruction / codebook / latent plots")
+            generator = (run.path / "generator" / "config.json").is_file()
+            log(f"{run.name}: " + ("a generator run: its training curves only" if generator else
+                                  "no exported tokenizer (export/), no reconstruction / codebook / latent plots"))
             continue
         model = Tokenizer.from_pretrained(run.export).to(device).eval()
         size = model.config.image_size
