@@ -367,6 +367,14 @@ def test_generate_refuses_mar_options_on_a_sit_instead_of_ignoring_them(tmp_path
     assert not (tmp_path / "s").exists()
 
 
+def test_generate_refuses_a_guidance_interval_without_guidance(tmp_path, capsys):
+    gen = _tiny_generator(tmp_path / "gen")
+    code, _, err = _run(capsys, "generate", str(gen), "--out", str(tmp_path / "s"), "--device", "cpu",
+                        "--interval", "0.2", "0.5")  # accepted with the default --cfg 1, and had no effect
+    assert code == 2 and "--interval says where guidance applies, and --cfg 1" in _one_line_error(err)
+    assert not (tmp_path / "s").exists()
+
+
 def test_generate_says_what_a_folder_that_is_not_a_generator_is(tmp_path, capsys):
     Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "tokrun" / "export")  # a `softvq train` run
     (tmp_path / "lat").mkdir()

@@ -42,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int,
                    help="sampling steps (default 250; MAR: 100 diffusion steps per token)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
-                   help="guidance interval in noise level τ (0 data .. 1 noise); the paper uses 0 0.7 for SiT")
+    p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="guidance interval in noise level τ (0 data .. 1 noise; default 0 1, all steps); the "
+                        "paper uses 0 0.7 for SiT")
     p.add_argument("--ar-steps", type=positive_int, help="MAR: autoregressive steps (default: one per token)")
     p.add_argument("--temperature", type=float, help="MAR: noise temperature of the diffusion head (default 1)")
     p.add_argument("--cfg-schedule", choices=["linear", "constant"],
@@ -117,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(mar_only)} only appl{'ies' if len(mar_only) == 1 else 'y'} to MAR generators; "
                          f"{args.generator} is a {NAMES.get(meta.objective, meta.objective)} one: drop "
                          f"{'it' if len(mar_only) == 1 else 'them'}")
-    spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *args.interval),
+    if args.interval is not None and args.cfg == 1.0:  # given but ignored would read as "it made no difference"
+        raise ValueError("--interval says where guidance applies, and --cfg 1 (the default) guides nowhere: pass a "
+                         "--cfg above 1, or drop --interval")
+    spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *(args.interval or (0.0, 1.0))),
                        ar_steps=args.ar_steps, temperature=1.0 if args.temperature is None else args.temperature,
                        cfg_schedule=args.cfg_schedule or "linear", clip_x0=args.clip_x0)
     spec.check(model, meta)  # before the tokenizer is loaded (a download, perhaps) and anything is written
