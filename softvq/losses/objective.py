@@ -31,12 +31,12 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from softvq.config import strict_fields
+from softvq.config import check_field_types, strict_fields
 from softvq.losses.adversarial import LeCAM, adaptive_weight, build_discriminator, consistency_loss, hinge_d_loss, hinge_g_loss
 from softvq.losses.alignment import RepresentationAlignment, VGGTarget, build_alignment_target
 from softvq.losses.diffaug import DiffAugment
@@ -49,14 +49,6 @@ if TYPE_CHECKING:
 # The unweighted losses the bottlenecks return (BottleneckOutput.losses): SoftVQ/GMMVQ/KL "kl",
 # VQ "codebook" + "commit", LFQ "entropy" + "commit".
 BOTTLENECK_LOSSES = ("kl", "entropy", "codebook", "commit")
-
-_CHOICES = {
-    "reconstruction": ("l1", "l2"),
-    "perceptual_net": ("vgg", "alex"),
-    "discriminator": ("dino", "vgg", "patchgan", "auto"),
-    "alignment_target": ("dinov2", "vgg", "auto"),
-    "alignment_loss": ("neg_cos", "one_minus_cos"),
-}
 
 
 @dataclass
@@ -99,13 +91,13 @@ class ObjectiveConfig:
     bottleneck_loss_weights: per-name overrides for any loss a bottleneck returns.
     """
 
-    reconstruction: str = "l2"
+    reconstruction: Literal["l1", "l2"] = "l2"
     reconstruction_weight: float = 1.0
     perceptual_weight: float = 1.0
     perceptual_warmup_steps: int = 10_000
-    perceptual_net: str = "vgg"
+    perceptual_net: Literal["vgg", "alex"] = "vgg"
     adversarial_weight: float = 0.2
-    discriminator: str = "auto"
+    discriminator: Literal["dino", "vgg", "patchgan", "auto"] = "auto"
     discriminator_weights: str | None = None
     discriminator_start: int = 20_000
     adaptive_weight: bool = False
@@ -119,9 +111,9 @@ class ObjectiveConfig:
     lecam_weight: float = 0.001
     lecam_decay: float = 0.999
     alignment_weight: float = 0.1
-    alignment_target: str = "auto"
+    alignment_target: Literal["dinov2", "vgg", "auto"] = "auto"
     alignment_weights: str | None = None
-    alignment_loss: str = "neg_cos"
+    alignment_loss: Literal["neg_cos", "one_minus_cos"] = "neg_cos"
     alignment_patch_size: int | None = None
     bottleneck_weight: float = 0.01
     codebook_weight: float = 1.0
@@ -130,10 +122,7 @@ class ObjectiveConfig:
 
     def validate(self) -> "ObjectiveConfig":
         """Check choices and ranges (weights non-negative, probabilities in [0, 1]); returns ``self``."""
-        for name, allowed in _CHOICES.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"objective.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+        check_field_types(self, "objective")  # the Literal choices too, for a config built in Python
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.endswith(("_weight", "_steps", "_start", "_prob", "_cutout")) and value is not None:
@@ -153,7 +142,7 @@ class ObjectiveConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ObjectiveConfig":
         """Build from a dict, checking keys and types (see :func:`softvq.config.strict_fields`)."""
-        return strict_fields(cls, data, what="objective").validate()
+        return strict_fields(cls, data, "objective", what="objective").validate()
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain values."""
