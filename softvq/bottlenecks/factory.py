@@ -10,6 +10,8 @@ Composition, innermost first (each optional):
 
 from __future__ import annotations
 
+import typing
+
 from softvq.bottlenecks.base import Bottleneck, check_chunk_size, check_count, check_positive
 from softvq.bottlenecks.gaussian import GaussianPosterior
 from softvq.bottlenecks.gmmvq import GMMVQ
@@ -20,9 +22,9 @@ from softvq.bottlenecks.residual import ResidualQuantizer
 from softvq.bottlenecks.segments import SegmentCodebooks
 from softvq.bottlenecks.softvq import SoftVQ
 from softvq.bottlenecks.vq import VQ
-from softvq.config import BottleneckConfig
+from softvq.config import BottleneckConfig, BottleneckKind
 
-KINDS = ("softvq", "gmmvq", "vq", "kl", "lfq", "ae")
+KINDS: tuple[str, ...] = typing.get_args(BottleneckKind)  # the config type lists them once
 
 
 def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
