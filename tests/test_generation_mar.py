@@ -213,7 +213,10 @@ def test_bad_configs_and_inputs_are_named():
                                   ("heads", 0, "--heads must be 1 or more"),
                                   ("diffusion_steps", -5, "--diffusion-steps must be 1 or more"),
                                   ("ema_decay", 5.0, r"--ema-decay must be in \[0, 1\)"),
-                                  ("lr", -1.0, "--lr must be positive")]:
+                                  ("lr", -1.0, "--lr must be positive"),
+                                  # types and choices of a config built in Python (argparse checks the CLI's)
+                                  ("size", "XXL", "size='XXL' is not one of 'S', 'B', 'L', 'XL', 'H'"),
+                                  ("steps", 3.5, "steps must be an integer, got 3.5")]:
         with pytest.raises(ValueError, match=message):
             GeneratorTrainConfig(latents="x", **{field: value}).validate()
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
 import typing
+from typing import Literal
 
 # --help of each GeneratorTrainConfig field; "(recipe)" marks fields that default to the objective's recipe.
 FLAG_HELP: dict[str, str] = {
@@ -64,18 +66,16 @@ FLAG_HELP: dict[str, str] = {
                  "a tokenizer folder or run, a hub id or official:...; checked at the start",
     "cpu": "train on the CPU even where a GPU is present",
 }
-FLAG_CHOICES: dict[str, tuple[str, ...]] = {
-    "objective": ("sit", "dit", "mar"), "size": ("S", "B", "L", "XL", "H"), "path": ("cosine", "linear"),
-    "schedule": ("cosine", "linear"), "mixed_precision": ("no", "bf16", "fp16"),
-}
-
-
-def flag_type(hint: typing.Any) -> type:
-    """The argparse type of a field annotated ``hint``: ``int`` for ``int`` and for ``int | None``."""
-    members = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+def flag_type(hint: typing.Any) -> tuple[type, tuple[str, ...] | None]:
+    """The argparse type and choices of a field annotated ``hint``: ``int`` for ``int`` and for
+    ``int | None``; ``str`` and the values of a ``Literal[...]`` (with or without ``| None``)."""
+    unions = (typing.Union, types.UnionType)
+    members = [arg for arg in typing.get_args(hint) if arg is not type(None)] if typing.get_origin(hint) in unions else [hint]
+    if len(members) == 1 and typing.get_origin(members[0]) is Literal:
+        return str, typing.get_args(members[0])
     if len(members) != 1 or not isinstance(members[0], type):
         raise TypeError(f"no command-line type for a field of type {hint!r}")
-    return members[0]
+    return members[0], None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -85,12 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     hints, defaults = typing.get_type_hints(GeneratorTrainConfig), GeneratorTrainConfig()
     for f in dataclasses.fields(GeneratorTrainConfig):
-        flag, kind, default = "--" + f.name.replace("_", "-"), flag_type(hints[f.name]), getattr(defaults, f.name)
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        kind, choices = flag_type(hints[f.name])
         help_text = FLAG_HELP[f.name]  # a new field without help fails here and in the tests
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text, choices=FLAG_CHOICES.get(f.name))
+            parser.add_argument(flag, type=kind, default=default, help=help_text, choices=choices)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

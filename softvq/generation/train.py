@@ -38,11 +38,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from softvq.atomic import write_json
+from softvq.config import check_field_types
 from softvq.generation.checkpoint import EXPORT_NAME, FORMAT as GENERATOR_FORMAT, GeneratorMeta, save_generator
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
@@ -74,8 +75,8 @@ class GeneratorTrainConfig:
 
     latents: str = ""
     out: str = "runs/generator"
-    objective: str = "sit"
-    size: str | None = None
+    objective: Literal["sit", "dit", "mar"] = "sit"
+    size: Literal["S", "B", "L", "XL", "H"] | None = None
     width: int | None = None
     depth: int | None = None
     heads: int | None = None
@@ -84,8 +85,8 @@ class GeneratorTrainConfig:
     buffer_size: int | None = None
     diffusion_batch_mul: int | None = None
     grad_checkpointing: bool = False
-    path: str | None = None
-    schedule: str | None = None
+    path: Literal["cosine", "linear"] | None = None
+    schedule: Literal["cosine", "linear"] | None = None
     diffusion_steps: int = 1000
     vlb_weight: float = 1.0
     class_dropout: float = 0.1
@@ -100,7 +101,7 @@ class GeneratorTrainConfig:
     max_grad_norm: float | None = None
     ema_decay: float = 0.9999
     ema_warmup: bool = True
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 5000
@@ -130,6 +131,8 @@ class GeneratorTrainConfig:
         return out
 
     def validate(self) -> "GeneratorTrainConfig":
+        """Check every field (types and choices, ranges, what applies to the objective); returns ``self``."""
+        check_field_types(self)  # for a config built in Python: argparse checks the command line's
         if not self.latents:
             saved = Path(self.out) / "config.json"
             if saved.is_file():  # a rerun to continue a run: its flags are not kept between commands
@@ -171,8 +174,6 @@ class GeneratorTrainConfig:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if resolved.lr <= 0:
             raise ValueError(f"--lr must be positive, got {resolved.lr}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         return self
 
 
