@@ -10,6 +10,7 @@ happens inside the model's label embedder (training mode). Loss weights live her
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,14 +20,14 @@ from softvq.generation.transport import Interpolant, velocity_loss
 
 
 @dataclass
-class ObjectiveConfig:
+class GenerationObjectiveConfig:
     """kind: ``sit`` | ``dit`` | ``mar``. path: SiT interpolant (``cosine`` per supp. C.2, or ``linear``).
     schedule / diffusion_steps / vlb_weight: DiT (cosine schedule per supp. C.2, T = 1000, λ = 1
     on the per-step L_t, i.e. IDDPM's λ = 0.001 on Σ_t L_t)."""
 
-    kind: str = "sit"
-    path: str = "cosine"
-    schedule: str = "cosine"
+    kind: Literal["sit", "dit", "mar"] = "sit"
+    path: Literal["cosine", "linear"] = "cosine"
+    schedule: Literal["cosine", "linear"] = "cosine"
     diffusion_steps: int = 1000
     vlb_weight: float = 1.0
 
@@ -34,7 +35,7 @@ class ObjectiveConfig:
 class GenerationObjective:
     """``objective(model, x, y) -> {"loss": scalar, ...per-term means}``."""
 
-    def __init__(self, config: ObjectiveConfig, channel_dim: int = -1, learned_sigma: bool = True) -> None:
+    def __init__(self, config: GenerationObjectiveConfig, channel_dim: int = -1, learned_sigma: bool = True) -> None:
         self.config = config
         if config.kind == "mar":
             pass  # the model computes its own loss

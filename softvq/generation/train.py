@@ -47,7 +47,7 @@ from softvq.config import check_field_types
 from softvq.generation.checkpoint import EXPORT_NAME, FORMAT as GENERATOR_FORMAT, GeneratorMeta, save_generator
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
-from softvq.generation.objective import GenerationObjective, ObjectiveConfig
+from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
 from softvq.generation.pretokenize import load_latents
 from softvq.randomness import derived_seed
 from softvq.resume import changed_settings
@@ -358,7 +358,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     model_cfg = build_model_config(cfg, data.latents.shape[1], data.latents.shape[2], len(data.classes))
     model = build_generator(model_cfg)
     objective = GenerationObjective(
-        ObjectiveConfig(cfg.objective, cfg.path, cfg.schedule, cfg.diffusion_steps, cfg.vlb_weight),
+        GenerationObjectiveConfig(cfg.objective, cfg.path, cfg.schedule, cfg.diffusion_steps, cfg.vlb_weight),
         learned_sigma=getattr(model_cfg, "sigma_learned", True))
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(0.9, cfg.adam_beta2))
