@@ -87,11 +87,11 @@ def parse_classes(text: str, names: list[str], num_classes: int) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from softvq.atomic import write_json
-    from softvq.checkpoint.pretrained import CONFIG_NAME, training_run_export
-    from softvq.checkpoint.specs import OFFICIAL_PREFIX, portable_spec
+    from softvq.checkpoint.pretrained import training_run_export
+    from softvq.checkpoint.specs import portable_spec
     from softvq.cli.common import load_tokenizer
     from softvq.data.images import require_folder
-    from softvq.generation.checkpoint import EXPORT_NAME, load_generator
+    from softvq.generation.checkpoint import generator_run_export, load_generator
     from softvq.generation.guidance import Guidance
     from softvq.generation.sampling import NAMES, SamplerSpec
     from softvq.generation.samples import write_samples
@@ -136,12 +136,8 @@ def run(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes, meta.classes, model.config.num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
     # recorded as the folders they load, so RUN and RUN/generator, or tok and /abs/tok, continue one another
-    generator_path = Path(args.generator).expanduser()
-    if (generator_path / EXPORT_NAME / CONFIG_NAME).is_file():
-        generator_path = generator_path / EXPORT_NAME
-    tokenizer_path = training_run_export(spec_name) if not spec_name.startswith(OFFICIAL_PREFIX) else None
-    record = {"generator": portable_spec(str(generator_path)),
-              "tokenizer": portable_spec(str(tokenizer_path or spec_name))}
+    record = {"generator": portable_spec(str(generator_run_export(args.generator) or args.generator)),
+              "tokenizer": portable_spec(str(training_run_export(spec_name) or spec_name))}
     result = write_samples(model, meta, tokenizer, labels, spec, args.out, seed=args.seed,
                            batch_size=args.batch_size, record=record, accelerator=accelerator)
     if accelerator is not None and not accelerator.is_main_process:

@@ -65,14 +65,51 @@ def save_generator(model: Generator, meta: GeneratorMeta, directory: str | Path,
 EXPORT_NAME = "generator"  # where softvq train-generator exports its EMA weights in a run folder
 
 
+def generator_run_export(folder: str | Path) -> Path | None:
+    """``folder/generator`` where ``folder`` is a ``train-generator`` run that has exported, else None
+    (the twin of :func:`softvq.checkpoint.pretrained.training_run_export` for tokenizer runs)."""
+    export = Path(folder).expanduser() / EXPORT_NAME
+    return export if (export / CONFIG_NAME).is_file() else None
+
+
+def folder_kind(path: str | Path) -> str | None:
+    """What softvq wrote in the folder ``path``: ``"latent set"`` (pretokenize), ``"tokenizer run"``,
+    ``"tokenizer"``, ``"generator run"``, ``"unfinished generator run"`` (no export yet),
+    ``"generator"``, or None for anything else. Commands name it when given the wrong kind."""
+    from softvq.checkpoint.pretrained import FORMAT as TOKENIZER_FORMAT, training_run_export
+    from softvq.generation.pretokenize import FORMAT as LATENTS_FORMAT, META_NAME
+
+    path = Path(path).expanduser()
+    if _json_object(path / META_NAME).get("format") == LATENTS_FORMAT:
+        return "latent set"
+    if training_run_export(path) is not None:
+        return "tokenizer run"
+    if generator_run_export(path) is not None:
+        return "generator run"
+    config = _json_object(path / CONFIG_NAME)
+    if config.get("format") == TOKENIZER_FORMAT:
+        return "tokenizer"
+    if config.get("format") == FORMAT:
+        return "generator"
+    if "train" in config and "model" in config:  # train-generator's run config: the export comes at the end
+        return "unfinished generator run"
+    return None
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    """The JSON object in ``file``, or {} when it is missing, unreadable or not an object."""
+    try:
+        payload = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
 def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[Generator, GeneratorMeta]:
     """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`; a
     ``train-generator`` run folder stands for its export, ``RUN/generator``."""
-    run_export = Path(path_or_id).expanduser() / EXPORT_NAME
-    if (run_export / CONFIG_NAME).is_file():
-        path_or_id = run_export
-    else:
-        _refuse_other_folders(Path(path_or_id).expanduser())
+    path_or_id = generator_run_export(path_or_id) or path_or_id
+    _refuse_other_folders(Path(path_or_id).expanduser())
     folder, payload = read_folder_config(path_or_id, FORMAT, "softvq generator",
                                          "tokenizers load with softvq.Tokenizer.from_pretrained")
     model = build_generator(payload["config"])
@@ -85,27 +122,20 @@ def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[G
 def _refuse_other_folders(path: Path) -> None:
     """A one-line CheckpointError saying what ``path`` is when it is another softvq folder a user
     may pass by mistake: a latent set, a tokenizer run, or a generator run that has no export yet."""
-    from softvq.checkpoint.pretrained import FORMAT as TOKENIZER_FORMAT, CheckpointError, training_run_export
-    from softvq.generation.pretokenize import FORMAT as LATENTS_FORMAT, META_NAME
+    from softvq.checkpoint.pretrained import CheckpointError, training_run_export
+    from softvq.generation.pretokenize import META_NAME
 
-    def read(file: Path) -> dict[str, Any]:
-        try:
-            payload = json.loads(file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return payload if isinstance(payload, dict) else {}
-
-    if read(path / META_NAME).get("format") == LATENTS_FORMAT:
+    kind = folder_kind(path)
+    if kind == "latent set":
         raise CheckpointError(f"{path} is a latent set ({META_NAME}, written by pretokenize), not a generator; train "
                               f"one on it with `softvq train-generator --latents {path} --out RUN`, then generate RUN")
-    if (export := training_run_export(path)) is not None:
-        raise CheckpointError(f"{path} is a tokenizer training run (its tokenizer is {export}), not a generator; "
-                              f"pass it as --tokenizer, and a generator (train-generator's RUN) first")
-    config = read(path / CONFIG_NAME)
-    if config.get("format") == TOKENIZER_FORMAT:
+    if kind == "tokenizer run":
+        raise CheckpointError(f"{path} is a tokenizer training run (its tokenizer is {training_run_export(path)}), not "
+                              f"a generator; pass it as --tokenizer, and a generator (train-generator's RUN) first")
+    if kind == "tokenizer":
         raise CheckpointError(f"{path} is a tokenizer, not a generator; pass it as --tokenizer, and a generator "
                               f"(train-generator's RUN) first")
-    if "train" in config and "model" in config:  # train-generator's run config: the export comes at the end
+    if kind == "unfinished generator run":
         raise CheckpointError(f"{path} is a train-generator run with no {EXPORT_NAME}/ yet (it stopped before its "
                               f"last step); rerun the same train-generator command to finish it, from its last "
                               f"checkpoint")

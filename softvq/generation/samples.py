@@ -134,7 +134,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     if len(labels) == 0:
         raise ValueError("no labels to sample")
     if (tokenizer.num_tokens, tokenizer.latent_dim) != tuple(model.input_shape):
-        raise ValueError(f"{getattr(tokenizer, 'source', 'the tokenizer')} makes ({tokenizer.num_tokens}, "
+        raise ValueError(f"{tokenizer.source} makes ({tokenizer.num_tokens}, "
                          f"{tokenizer.latent_dim}) latents but the generator models {tuple(model.input_shape)}: "
                          f"pass the tokenizer it was trained on")
     # every sampler setting is checked here, before the folder is claimed: a refused one must not

@@ -44,7 +44,7 @@ import torch
 
 from softvq.atomic import write_json
 from softvq.config import check_field_types
-from softvq.generation.checkpoint import EXPORT_NAME, FORMAT as GENERATOR_FORMAT, GeneratorMeta, save_generator
+from softvq.generation.checkpoint import EXPORT_NAME, GeneratorMeta, folder_kind, save_generator
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
@@ -208,10 +208,9 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, int] | None = None) -> st
     """``--tokenizer`` checked now, not when ``generate`` first loads it after a long run, and
     recorded as :func:`softvq.checkpoint.specs.portable_spec` does (a local folder made absolute).
     A preset or local folder whose latents are not ``latent_shape`` (L, D) is refused too."""
-    from softvq.checkpoint.pretrained import CONFIG_NAME, FORMAT as TOKENIZER_FORMAT, training_run_export
+    from softvq.checkpoint.pretrained import CONFIG_NAME, training_run_export
     from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset, portable_spec
     from softvq.config import PRESETS
-    from softvq.generation.pretokenize import META_NAME
 
     def same_shape(config: dict[str, Any]) -> str:
         shape = (config.get("num_tokens"), (config.get("bottleneck") or {}).get("latent_dim"))
@@ -227,18 +226,14 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, int] | None = None) -> st
         return portable_spec(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        folder = training_run_export(path) or path
-        try:
-            payload = json.loads((folder / CONFIG_NAME).read_text())
-            found = payload.get("format")
-        except (OSError, ValueError, AttributeError):
-            payload, found = {}, None
-        if found == TOKENIZER_FORMAT:
+        kind = folder_kind(path)
+        if kind in ("tokenizer", "tokenizer run"):
+            payload = json.loads(((training_run_export(path) or path) / CONFIG_NAME).read_text())
             return same_shape(payload.get("config") or {})
-        generator = found == GENERATOR_FORMAT or (path / EXPORT_NAME / CONFIG_NAME).is_file()
-        what = ("a latent set (pretokenize's output)" if (path / META_NAME).is_file() else
-                "a DiT/SiT/MAR generator" if generator else "not a softvq tokenizer folder")
-        raise ValueError(f"--tokenizer {spec} is {what}; pass the tokenizer that decodes the latents: {kinds}")
+        what = {"latent set": "a latent set (pretokenize's output)", "generator": "a DiT/SiT/MAR generator",
+                "generator run": "a DiT/SiT/MAR generator", "unfinished generator run": "a DiT/SiT/MAR generator run"}
+        raise ValueError(f"--tokenizer {spec} is {what.get(kind, 'not a softvq tokenizer folder')}; pass the "
+                         f"tokenizer that decodes the latents: {kinds}")
     text = spec.strip()
     if not path.exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")) \
             and not path.parent.is_dir():  # a hub id; generate downloads it
