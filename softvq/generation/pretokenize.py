@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from softvq.atomic import atomic_write, write_json
+from softvq.checkpoint.specs import portable_spec
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 from softvq.eval_mode import evaluating
@@ -305,9 +306,9 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
         current = dict(settings)
         if "tokenizer_sha1" not in progress.settings:  # runs before the weights were recorded
             del current["tokenizer_sha1"]
-        if progress.settings.get("tokenizer") and Path(progress.settings["tokenizer"]).expanduser().resolve() == \
-                Path(current["tokenizer"] or "").expanduser().resolve():  # recorded relative, before specs were absolute
-            current["tokenizer"] = progress.settings["tokenizer"]
+        saved_spec = progress.settings.get("tokenizer")
+        if saved_spec and portable_spec(saved_spec) == current["tokenizer"]:  # recorded before specs were absolute
+            current["tokenizer"] = saved_spec
         changed = changed_settings({"processes": 1, **progress.settings}, current)  # runs before "processes": one
         if changed:
             raise FileExistsError(f"{out} holds an interrupted pretokenize with other settings ({'; '.join(changed)}); "
@@ -347,8 +348,6 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
                          "bundled_source(...)) for each call")
     out = Path(out_dir)
     if tokenizer_spec is not None:
-        from softvq.checkpoint.specs import portable_spec
-
         tokenizer_spec = portable_spec(tokenizer_spec)  # a relative folder names another one from elsewhere
     with evaluating(tokenizer):  # the caller's model comes back in the mode it was given
         return _pretokenize(tokenizer, source, out, tokenizer_spec, batch_size, shard_size, progress,
