@@ -89,7 +89,8 @@ class Tokenizer(nn.Module):
         self.latent_std: float | None = None
         self.slice_size: int | None = None
         self.compute_dtype = torch.float32  # enable_autocast changes it
-        # Where the weights came from, for reports and messages (the loaders and the CLI set it).
+        # Where the weights came from, for reports and messages (from_preset, from_pretrained and
+        # from_official set it).
         self.source = "an in-memory Tokenizer"
         self.ignored_keys: list[str] = []  # release keys from_official dropped on purpose
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from softvq.bottlenecks.base import entropy
+from softvq.bottlenecks.base import check_chunk_size, entropy
 from softvq.bottlenecks.extremes import last_axis_argmax
 
 # Elements of one (chunk × K) working tensor in the chunked path. CPU: 2^21 floats = 8 MiB, which
@@ -279,8 +279,7 @@ class ChunkedSoftAssign(torch.autograd.Function):
 def _resolve_chunk(chunk_size: int | None, tokens: int, num_codes: int, device: torch.device) -> int:
     """Tokens per chunk of the chunked version for ``chunk_size`` (see :func:`soft_assign`), or 0
     for the straightforward version (``0``, or a problem of at most 2^18 pairs under ``None``)."""
-    if chunk_size is not None and chunk_size < 0:
-        raise ValueError(f"chunk_size must be None (auto), 0 (straightforward) or positive, got {chunk_size}")
+    check_chunk_size("chunk_size", chunk_size)
     if chunk_size is None:
         return 0 if tokens * num_codes <= _SMALL_PROBLEM_ELEMENTS else auto_chunk_size(num_codes, device)
     return chunk_size
