@@ -28,11 +28,11 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 from softvq.cli.common import positive_int
+
 
 WORKLOADS = {"blocks-under-32MiB": (8, 3), "block-over-32MiB": (24, 1)}  # name: (batch, depth)
 POLICIES = ("default", "retain")
@@ -70,12 +70,11 @@ def worker(args) -> None:
 
 
 def spawn(args, policy: str, batch: int, depth: int) -> dict:
+    from bench_tokenizer import child_result  # this folder; imported here, not in the measured children
+
     cmd = [sys.executable, __file__, "--worker", "--policy", policy, "--batch", str(batch), "--depth", str(depth),
            "--forwards", str(args.forwards), "--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"{policy} (batch {batch}, depth {depth}) failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_result(cmd, f"{policy} (batch {batch}, depth {depth})")
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,6 +36,7 @@ import torch
 
 from softvq.bottlenecks.soft_assign import auto_chunk_size, soft_assign
 from softvq.cli.common import device_argument, non_negative_int, positive_int
+
 
 
 def make_inputs(tokens: int, codes: int, dim: int, device: str, distance: str):
@@ -112,15 +112,14 @@ def check(args) -> None:
 
 
 def spawn(args, mode: str, chunk: int) -> dict:
+    from bench_tokenizer import child_result  # this folder; imported here, not in the measured children
+
     cmd = [sys.executable, __file__, f"--{mode}", "--lean-chunk", str(chunk)]  # 0: straightforward
     for key in ("tokens", "codes", "dim", "device", "distance", "repeats", "threads", "entropy_temperature"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.no_detach:
         cmd.append("--no-detach")
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"{mode} (chunk {chunk}) failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_result(cmd, f"{mode} (chunk {chunk})")
 
 
 def main() -> None:

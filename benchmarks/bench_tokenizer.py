@@ -24,8 +24,10 @@ which the baseline shares; ``--default-malloc`` keeps glibc's defaults to show w
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import subprocess
 import time
 
 import torch
@@ -52,6 +54,15 @@ def machine(device: torch.device) -> str:
     matrix = [name.upper().replace("_", "-") for name in ("amx_bf16", "amx_fp16", "avx512_bf16") if caps.get(name)]
     features = ", ".join([torch.backends.cpu.get_cpu_capability(), *matrix])
     return f"CPU {caps.get('cpu_name', '?')} ({features}), {torch.get_num_threads()} threads"
+
+
+def child_result(cmd: list[str], what: str) -> dict:
+    """Run one measurement in a fresh process and return the JSON of its last output line; a failed
+    child ends the benchmark with its own error, not a CalledProcessError around its command line."""
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import resource
-import subprocess
 import sys
 import time
 
@@ -35,7 +34,7 @@ from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
 from softvq.networks.vit import reference_math
 from softvq.tokenizer import PRECISIONS
 
-from bench_tokenizer import machine  # this folder: run as ``python benchmarks/bench_train_step.py``
+from bench_tokenizer import child_result, machine  # this folder: run as ``python benchmarks/bench_train_step.py``
 
 
 def build(preset: str, device: torch.device):
@@ -158,10 +157,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", f"{preset}:{explicit}:{syncs}", "--device", args.device,
                    "--dtype", dtype, "--batch", str(args.batch), "--steps", str(args.steps)]
             cmd += ["--retain-freed-memory"] if args.retain_freed_memory else []
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode:  # the child's own error, not a CalledProcessError around its command line
-                raise SystemExit(f"{preset} ({dtype}) failed:\n{done.stderr[-2000:]}")
-            result = json.loads(done.stdout.splitlines()[-1])
+            result = child_result(cmd, f"{preset} ({dtype})")
             result["variant"] = (f"{dtype}, {'plain (explicit attention, unfused)' if explicit == '1' else 'SDPA, fused'}"
                                  f"{', ~6 syncs/step (old trainer)' if syncs == '1' else ''}")
             rows.append(result)
