@@ -14,7 +14,9 @@ import softvq
 from softvq.cli.main import main
 from softvq.data.images import bundled_photos, center_crop_resize, load_rgb
 from softvq.evaluation import inception
-from softvq.evaluation.evaluate import EvalOptions, evaluate_samples, evaluate_tokenizer, to_markdown, write_report
+from softvq.evaluation.evaluate import EvalOptions, evaluate_tokenizer
+from softvq.evaluation.generated import evaluate_samples
+from softvq.evaluation.report import to_markdown, write_report
 from softvq.evaluation.metrics import psnr, quantize_to_uint8
 from softvq.evaluation.sources import list_image_refs
 

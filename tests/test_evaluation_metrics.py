@@ -8,7 +8,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from softvq.data.images import bundled_photos, read_image
-from softvq.evaluation.evaluate import codebook_rows, probs_rows
+from softvq.evaluation.metrics import codebook_rows, probs_rows
 from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quantize_to_uint8, ssim
 
 

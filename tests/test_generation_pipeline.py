@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from softvq import Tokenizer
-from softvq.evaluation.evaluate import sample_folder
+from softvq.evaluation.generated import sample_folder
 from softvq.generation.checkpoint import load_generator
 from softvq.generation.pretokenize import LatentSource, load_latents, pretokenize
 from softvq.generation.train import GeneratorTrainConfig, train_generator

@@ -155,7 +155,7 @@ def test_the_grid_is_bounded_to_the_first_classes_and_samples(tmp_path):
 
 
 def test_scoring_an_unfinished_run_says_so(parts, tmp_path):
-    from softvq.evaluation.evaluate import evaluate_samples
+    from softvq.evaluation.generated import evaluate_samples
     from softvq.evaluation.inception import fid_helper_weights_path
 
     if fid_helper_weights_path() is None:

@@ -95,7 +95,9 @@ def samples_report_folder(samples: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softvq.evaluation.evaluate import EvalOptions, evaluate_samples, evaluate_tokenizer, to_markdown, write_report
+    from softvq.evaluation.evaluate import EvalOptions, evaluate_tokenizer
+    from softvq.evaluation.generated import evaluate_samples
+    from softvq.evaluation.report import to_markdown, write_report
 
     from softvq.training.accelerator import launched_worker
 

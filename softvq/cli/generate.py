@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 def generation_fid(samples: Path, reference: str, device: torch.device) -> float:
     """FID of the PNGs under ``samples`` (as written, 8-bit, the usual protocol) against a .npz of
     reference statistics or a folder of images; unreadable reference images are skipped and named."""
-    from softvq.evaluation.evaluate import evaluate_samples
+    from softvq.evaluation.generated import evaluate_samples
 
     # every sample and every reference image; no precision/recall here (`softvq eval --samples` has them)
     report = evaluate_samples(samples, reference, num_images=sys.maxsize, device=device, pr_samples=0)

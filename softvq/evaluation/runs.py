@@ -164,7 +164,7 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
 
 @torch.inference_mode()
 def _encode_all(model, images: torch.Tensor, batch_size: int, device: torch.device):
-    from softvq.evaluation.evaluate import codebook_rows
+    from softvq.evaluation.metrics import codebook_rows
     from softvq.evaluation.metrics import quantize_to_uint8
     from softvq.evaluation.sources import uint8_to_model
 

@@ -1,6 +1,6 @@
 """A folder of generated samples, written as they are made and resumed after an interruption.
 
-The layout (what ``softvq eval --samples`` and :func:`softvq.evaluation.evaluate.sample_folder`
+The layout (what ``softvq eval --samples`` and :func:`softvq.evaluation.generated.sample_folder`
 read):
 
 * ``images/000000.png`` ...: one PNG per sample, in label order, each written atomically;

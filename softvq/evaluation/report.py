@@ -1,0 +1,74 @@
+"""The report of an evaluation: ``eval.json`` with everything, ``eval.md`` with the headline
+numbers as a markdown table, the protocol and the notes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+
+# (key, label, format) in the order of the printed table.
+TABLE_ROWS = (
+    ("rfid", "rFID ↓", "{:.3f}"),
+    ("gfid", "gFID ↓", "{:.3f}"),
+    ("inception_score", "Inception Score ↑", "{:.2f}"),
+    ("precision", "precision ↑", "{:.3f}"),
+    ("recall", "recall ↑", "{:.3f}"),
+    ("psnr", "PSNR (dB) ↑", "{:.2f}"),
+    ("ssim", "SSIM ↑", "{:.4f}"),
+    ("lpips_vgg", "LPIPS-VGG ↓", "{:.4f}"),
+    ("lpips_alex", "LPIPS-Alex ↓", "{:.4f}"),
+    ("codebook_usage", "codebook usage", "{:.2%}"),
+    ("codebook_perplexity", "codebook perplexity", "{:.1f}"),
+    ("soft_perplexity", "soft-posterior perplexity", "{:.1f}"),
+    ("latent_mean", "latent mean", "{:.4f}"),
+    ("latent_std", "latent std", "{:.4f}"),
+    ("linear_probe_top1", "linear probe top-1", "{:.2%}"),
+    ("encoder_gmacs", "encoder GMACs / image", "{:.3g}"),  # 3 significant digits: tiny models too
+    ("decoder_gmacs", "decoder GMACs / image", "{:.3g}"),
+    ("encode_images_per_s", "encode throughput (img/s)", "{:.1f}"),
+    ("decode_images_per_s", "decode throughput (img/s)", "{:.1f}"),
+)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """A markdown table of the headline numbers, then the protocol in one line and the notes."""
+    precision = report.get("compute_precision", "fp32")
+    lines = [f"### {report.get('model', 'tokenizer')} on {report.get('num_images', '?')} images "
+             f"at {report.get('image_size', '?')} px" + ("" if precision == "fp32" else f", {precision}"),
+             "", "| metric | value |", "|---|---|"]
+    for key, label, fmt in TABLE_ROWS:
+        value = report.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        lines.append(f"| {label} | {fmt.format(value)} |")
+    protocol = report.get("protocol", {})
+    if protocol:
+        # the protocol's num_images counts the files considered, unreadable ones included
+        shown = {("files considered" if k == "num_images" else k): v for k, v in protocol.items()}
+        lines += ["", "Protocol: " + "; ".join(f"{k} = {v}" for k, v in shown.items())]
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """``eval.json`` (everything) and ``eval.md`` (the table) into ``out_dir``."""
+    from softvq.atomic import atomic_write, write_json
+
+    out = Path(out_dir)
+    json_path, md_path = out / "eval.json", out / "eval.md"
+    write_json(json_path, report, default=_jsonable)
+    atomic_write(md_path, lambda p: p.write_text(to_markdown(report)))
+    return json_path, md_path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
