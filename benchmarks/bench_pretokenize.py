@@ -56,7 +56,8 @@ def main() -> None:
     from softvq.checkpoint.pretrained import CheckpointError
     from softvq.cli.common import load_tokenizer
     from softvq.cpu_allocator import retain_freed_memory
-    from softvq.generation.pretokenize import folder_source, pretokenize
+    from softvq.generation.latent_sources import folder_source
+    from softvq.generation.pretokenize import pretokenize
 
     retain_freed_memory()  # as `softvq pretokenize` does
     device = torch.device(args.device)

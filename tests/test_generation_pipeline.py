@@ -9,7 +9,9 @@ import torch
 from softvq import Tokenizer
 from softvq.evaluation.generated import sample_folder
 from softvq.generation.checkpoint import load_generator
-from softvq.generation.pretokenize import LatentSource, load_latents, pretokenize
+from softvq.generation.latent_sources import LatentSource
+from softvq.generation.latents import load_latents
+from softvq.generation.pretokenize import pretokenize
 from softvq.generation.train import GeneratorTrainConfig, train_generator
 
 
@@ -198,7 +200,8 @@ def _interrupt_encoding_at_call(monkeypatch, n):
 def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monkeypatch):
     from PIL import Image
 
-    from softvq.generation.pretokenize import PROGRESS_NAME, folder_source
+    from softvq.generation.latent_sources import folder_source
+    from softvq.generation.latents import PROGRESS_NAME
 
     tok = tiny_tokenizer(tmp_path)
     (tmp_path / "imgs" / "a").mkdir(parents=True)
@@ -245,7 +248,7 @@ def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monk
 
 def test_pretokenize_cli_continues_a_random_preset_with_its_saved_weights(tmp_path, monkeypatch, capsys):
     from softvq.cli.main import main
-    from softvq.generation.pretokenize import bundled_source
+    from softvq.generation.latent_sources import bundled_source
 
     command = ["pretokenize", str(tmp_path / "lat"), "--bundled", "--model", "softvq-tiny", "--crops-per-photo", "2",
                "--batch-size", "2", "--shard-size", "2", "--device", "cpu"]
@@ -317,7 +320,7 @@ def test_generator_training_stops_on_sigterm_with_a_checkpoint_and_continues_exa
 def test_folder_source_decodes_in_worker_processes_in_order(tmp_path):
     from PIL import Image
 
-    from softvq.generation.pretokenize import folder_source
+    from softvq.generation.latent_sources import folder_source
 
     for cls in ("x", "y"):
         (tmp_path / cls).mkdir()
@@ -337,7 +340,7 @@ def test_folder_source_decodes_in_worker_processes_in_order(tmp_path):
 
 
 def test_bundled_source_parts_are_slices_of_the_whole():
-    from softvq.generation.pretokenize import bundled_source
+    from softvq.generation.latent_sources import bundled_source
 
     whole = list(bundled_source(16, crops_per_photo=3).samples)
     part = list(bundled_source(16, crops_per_photo=3).resume_from(2, 7))  # across a photo boundary

@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softvq.generation.pretokenize import (bundled_source, folder_source, interrupted_run, interrupted_tokenizer,
-                                               pretokenize)
+    from softvq.generation.latent_sources import bundled_source, folder_source
+    from softvq.generation.pretokenize import interrupted_run, interrupted_tokenizer, pretokenize
     from softvq.training.accelerator import decided_by_main_process, launched_accelerator
 
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")

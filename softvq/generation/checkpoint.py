@@ -77,7 +77,7 @@ def folder_kind(path: str | Path) -> str | None:
     ``"tokenizer"``, ``"generator run"``, ``"unfinished generator run"`` (no export yet),
     ``"generator"``, or None for anything else. Commands name it when given the wrong kind."""
     from softvq.checkpoint.pretrained import FORMAT as TOKENIZER_FORMAT, training_run_export
-    from softvq.generation.pretokenize import FORMAT as LATENTS_FORMAT, META_NAME
+    from softvq.generation.latents import FORMAT as LATENTS_FORMAT, META_NAME
 
     path = Path(path).expanduser()
     if _json_object(path / META_NAME).get("format") == LATENTS_FORMAT:
@@ -123,7 +123,7 @@ def _refuse_other_folders(path: Path) -> None:
     """A one-line CheckpointError saying what ``path`` is when it is another softvq folder a user
     may pass by mistake: a latent set, a tokenizer run, or a generator run that has no export yet."""
     from softvq.checkpoint.pretrained import CheckpointError, training_run_export
-    from softvq.generation.pretokenize import META_NAME
+    from softvq.generation.latents import META_NAME
 
     kind = folder_kind(path)
     if kind == "latent set":

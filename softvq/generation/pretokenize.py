@@ -11,9 +11,9 @@ A shard folder holds
   sums are exact (:func:`exact_sum`), so they come out bit for bit the same however the set was
   split into shards, parts and interruptions.
 
-Sources: an image folder (one class per sub-folder, or a single class when the images sit
-directly in it), or random crops of the photos bundled in scikit-image / scikit-learn (one class
-per photo, or a single class).
+Sources (:mod:`softvq.generation.latent_sources`): an image folder, or random crops of the photos
+bundled in scikit-image / scikit-learn. :func:`softvq.generation.latents.load_latents` reads a
+finished folder back.
 
 Encoding ImageNet takes hours, so the work is kept as it is done: each shard holds exactly
 ``shard_size`` latents and is written atomically, and ``progress.json`` records after each shard
@@ -31,10 +31,9 @@ the same number of processes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -46,129 +45,15 @@ from torch import Tensor
 
 from softvq.atomic import atomic_write, write_json
 from softvq.checkpoint.specs import portable_spec
-from softvq.data.folder import scan_folder
-from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 from softvq.eval_mode import evaluating
-from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable
+from softvq.generation.latent_sources import LatentSource
+from softvq.generation.latents import FORMAT, META_NAME, PROGRESS_NAME
 from softvq.resume import changed_settings, weights_sha1
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from softvq.tokenizer import Tokenizer
-
-META_NAME = "meta.json"
-PROGRESS_NAME = "progress.json"
-FORMAT = "softvq-latents"
-
-Sample = tuple[Tensor, int, str]  # image (3, H, W) in [-1, 1], label, name
-
-
-@dataclass
-class LatentSource:
-    """Samples to encode, their class names, and how many there are.
-
-    A source that can continue an interrupted run, or be split between processes, also has
-    ``identity`` (JSON-able, what makes its samples: a resumed run must have the same) and
-    ``resume_from(start, stop=None)``, the samples from source position ``start`` up to ``stop``;
-    positions count every item, unreadable files included, in ``samples``' order.
-
-    A source serves one :func:`pretokenize` call (``samples`` is read once, ``skipped`` filled once).
-    """
-
-    samples: Iterable[Sample]
-    classes: list[str]
-    count: int
-    skipped: list[str] = field(default_factory=list)  # unreadable files, filled while iterating
-    identity: dict[str, Any] | None = None
-    resume_from: Callable[..., Iterable[Sample]] | None = None
-    used: bool = False  # set by pretokenize
-
-
-class _DecodedImages(torch.utils.data.Dataset):
-    """Files read as (3, S, S) tensors in [-1, 1] (centre crop + resize); an unreadable file comes
-    out as its error message, so the sample stream can skip and count it in order."""
-
-    def __init__(self, files: list[Path], image_size: int) -> None:
-        self.files, self.image_size = files, image_size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> Tensor | str:
-        try:
-            return read_image(self.files[i], self.image_size, resize=True)
-        except ImageReadError as exc:
-            return str(exc)
-
-
-def folder_source(folder: str | Path, image_size: int, single_class: bool = False, workers: int = 0) -> LatentSource:
-    """Images under ``folder``, centre-cropped and resized to ``image_size``. Labels come from the
-    first-level sub-folder names (sorted); images directly in ``folder`` form one class.
-
-    ``workers`` > 0 decodes in that many DataLoader processes, in order: ImageNet's JPEGs take
-    a few ms each to decode and resize, more than a GPU takes to encode them.
-    """
-    if workers < 0:
-        raise ValueError(f"workers must be 0 (decode in this process) or more, got {workers}")
-    folder = Path(folder)
-    files = scan_folder(folder, "pass --images a folder of images (sub-folders = classes)")[0]
-    names = sorted({f.relative_to(folder).parts[0] for f in files if len(f.relative_to(folder).parts) > 1})
-    if single_class or not names:
-        classes, label_of = [folder.name or "images"], (lambda f: 0)
-    else:
-        if any(len(f.relative_to(folder).parts) == 1 for f in files):
-            raise ValueError(f"{folder} mixes images and class sub-folders; move the loose images into a "
-                             f"sub-folder or pass --single-class")
-        index = {n: i for i, n in enumerate(names)}
-        classes, label_of = names, (lambda f: index[f.relative_to(folder).parts[0]])
-
-    skipped: list[str] = []
-
-    def samples(start: int = 0, stop: int | None = None) -> Iterator[Sample]:
-        todo = files[start:stop]
-        decoded: Iterable[Tensor | str] = _DecodedImages(todo, image_size)
-        if workers:
-            loader = torch.utils.data.DataLoader(decoded, batch_size=16, shuffle=False, num_workers=workers,
-                                                 collate_fn=stack_readable, worker_init_fn=ignore_stop_signals)
-            decoded = (item for chunk in loader for item in unstack_readable(*chunk))
-        for f, image in zip(todo, decoded):
-            if isinstance(image, str):  # a corrupt file is skipped and counted, not the end of the run
-                skipped.append(image)
-                continue
-            yield image, label_of(f), str(f.relative_to(folder))
-
-    listing = hashlib.sha1("\n".join(str(f.relative_to(folder)) for f in files).encode()).hexdigest()
-    identity = {"kind": "folder", "folder": str(folder.resolve()), "files": len(files), "listing_sha1": listing,
-                "classes": classes, "image_size": image_size}
-    return LatentSource(samples(), classes, len(files), skipped, identity, samples)
-
-
-def bundled_source(image_size: int, crops_per_photo: int = 32, seed: int = 0, single_class: bool = False,
-                   scales: tuple[float, float] = (0.25, 1.0)) -> LatentSource:
-    """Random square crops (side a log-uniform fraction ``scales`` of the shorter side, random
-    horizontal flip) of each bundled photo, resized to ``image_size``; one class per photo."""
-    from softvq.data.transforms import random_flip, random_scale_crop, sample_rng
-
-    photos = bundled_photos()
-    classes = ["photos"] if single_class else [p.stem for p in photos]
-
-    def samples(start: int = 0, stop: int | None = None) -> Iterator[Sample]:
-        stop = len(photos) * crops_per_photo if stop is None else stop
-        for label, path in enumerate(photos):
-            first = label * crops_per_photo
-            if first + crops_per_photo <= start or first >= stop:
-                continue
-            img = load_rgb(path)
-            for k in range(max(0, start - first), min(crops_per_photo, stop - first)):
-                rng = sample_rng(seed, label * crops_per_photo + k)  # one stream per position
-                crop = random_flip(random_scale_crop(img, image_size, rng, scales), rng)
-                yield to_tensor(crop), 0 if single_class else label, f"{path.stem}-{k:04d}"
-
-    identity = {"kind": "bundled", "photos": [p.stem for p in photos], "crops_per_photo": crops_per_photo,
-                "seed": seed, "single_class": single_class, "scales": list(scales), "image_size": image_size}
-    return LatentSource(samples(), classes, len(photos) * crops_per_photo, identity=identity, resume_from=samples)
-
 
 @dataclass
 class PretokenizeResult:
@@ -503,66 +388,3 @@ def _merge_parts(out: Path, parts: list[_Part], tokenizer, tokenizer_spec: str |
     for part in parts:
         (out / part.progress_name).unlink(missing_ok=True)
     return meta
-
-
-@dataclass
-class LatentSet:
-    """A whole shard folder in memory: latents (N, L, D), labels (N,), names, and its meta."""
-
-    latents: Tensor
-    labels: Tensor
-    names: list[str]
-    meta: dict
-
-    @property
-    def mean(self) -> float:
-        return float(self.meta["latent_mean"])
-
-    @property
-    def std(self) -> float:
-        return float(self.meta["latent_std"])
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-
-def load_latents(folder: str | Path) -> LatentSet:
-    """Read every shard listed in ``meta.json`` (errors name the missing or corrupt file)."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    meta_file = folder / META_NAME
-    if not folder.exists():
-        raise FileNotFoundError(f"latent folder {folder} does not exist; make one with `softvq pretokenize {folder} ...`")
-    if folder.is_file():
-        holder = f" that holds it, {folder.parent}" if folder.name == META_NAME else ""
-        raise ValueError(f"{folder} is a file; pass the latent folder{holder}")
-    if not meta_file.is_file() and any(folder.glob("progress*.json")):
-        raise ValueError(f"{folder} is an unfinished latent set (pretokenize was interrupted: it has progress files "
-                         f"but no {META_NAME}); rerun the same pretokenize command to finish it")
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{folder} has no {META_NAME}; make it with `softvq pretokenize`")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{meta_file} is not valid JSON ({exc}); make the latents again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_file} is not a softvq latent folder")
-    missing = [key for key in ("shards", "classes", "latent_mean", "latent_std") if key not in meta]
-    if missing:
-        raise ValueError(f"{meta_file} lacks {', '.join(missing)}: it is damaged or was not written by softvq "
-                         f"pretokenize; make the latents again")
-    latents, labels, names = [], [], []
-    for shard in meta["shards"]:
-        path = folder / shard
-        if not path.is_file():
-            raise FileNotFoundError(f"latent shard {path} listed in {META_NAME} is missing")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                latents.append(f.get_tensor("latents"))
-                labels.append(f.get_tensor("labels"))
-                names += json.loads((f.metadata() or {}).get("names", "[]"))
-        except Exception as exc:
-            raise ValueError(f"latent shard {path} is corrupt ({type(exc).__name__})") from None
-    return LatentSet(torch.cat(latents), torch.cat(labels), names, meta)

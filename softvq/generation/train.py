@@ -48,7 +48,7 @@ from softvq.generation.checkpoint import EXPORT_NAME, GeneratorMeta, folder_kind
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
-from softvq.generation.pretokenize import load_latents
+from softvq.generation.latents import load_latents
 from softvq.randomness import derived_seed
 from softvq.resume import changed_settings
 from softvq.training.optim import param_groups
