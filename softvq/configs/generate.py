@@ -23,7 +23,11 @@ def main() -> None:
     # Main models (paper Tab. 1 / Sec. 4.1): the released bottleneck, 256 px.
     for size in ("s", "b", "bl", "l"):
         for tokens in (32, 64):
-            write(f"softvq-{size}-{tokens}", f"SoftVQ-{size.upper()} with {tokens} tokens at 256 px (paper Tab. 1, 3)",
+            comment = f"SoftVQ-{size.upper()} with {tokens} tokens at 256 px (paper Tab. 1, 3)"
+            if (size, tokens) == ("b", 64):  # Tab. 4's DINOv2-B/DINOv2-B row repeats this model's numbers
+                comment += ("; aligns to the release's DINOv2-L, where paper Tab. 4 names DINOv2-B "
+                            "(that reading: tab4-dinov2-dinov2)")
+            write(f"softvq-{size}-{tokens}", comment,
                   {"model": {"preset": f"softvq-{size}-{tokens}"}, "run": {"name": f"softvq-{size}-{tokens}"}})
     for name in ("softvq-bl-64-512", "softvq-l-32-512"):
         write(name, f"{name} at 512 px (paper Tab. 2, 512 px)",
@@ -32,7 +36,8 @@ def main() -> None:
     # Tab. 3: SoftVQ-S against VQ-S and AE-S over L / D = 256/8, 128/16, 64/32, 32/64; KL-S is ours
     # (Tab. 3's only KL row is SD's 1024-token VAE), trained the same way as the others.
     baselines = {
-        "softvq": ("SoftVQ-S", {}),
+        "softvq": ("SoftVQ-S with the release's bottleneck (cosine, 4 segment codebooks; Eq. 4's L2 "
+                   "reading, PQ G=4 at 64 x 32: ablation-pq4)", {}),
         "vq": ("VQ-S (VQ-VAE Eq. 2, straight-through)", {"kind": "vq", "distance": "l2", "segments": 1,
                                                          "detach_codebook_in_logits": False,
                                                          "entropy_temperature": None}),
