@@ -119,11 +119,31 @@ def test_plot_runs_draws_everything_a_run_allows(tmp_path):
     written = plot_runs([tmp_path / "run", tmp_path / "empty"], tmp_path / "out", per_class=3,
                         num_reconstructions=3, projection="pca", log=messages.append)
     names = sorted(p.name for p in written)
-    assert names == ["codebook_usage.png", "latents.png", "rate_quality.png", "reconstructions.png",
-                     "training_curves.png"]
+    assert names == ["codebook_usage.png", "comparison.md", "latents.png", "rate_quality.png",
+                     "reconstructions.png", "training_curves.png"]
     for path in written:
-        assert_picture(path)
+        if path.suffix == ".png":
+            assert_picture(path)
     assert any("empty: no log.jsonl" in m for m in messages)
+    # a row per run; the eval report wins over metrics.json, and columns nobody has are left out
+    lines = (tmp_path / "out" / "comparison.md").read_text().splitlines()
+    assert lines[0] == "| run | bottleneck | tokens | measured on | rFID ↓ | PSNR (dB) ↑ |"
+    assert lines[2] == "| run | softvq | 16 x 8 | eval, ? images at ? px | 80.000 | 12.00 |"
+    assert lines[3] == "| empty | – | – | – | – | – |" and len(lines) == 4
+
+
+def test_comparison_rows_fall_back_to_held_out_metrics_and_name_the_protocol(tmp_path):
+    from softvq.evaluation.report import comparison_markdown
+    from softvq.evaluation.runs import comparison_row
+
+    make_run(tmp_path / "run", with_eval=False)
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"psnr": 12.5, "lpips": 0.25, "heldout_images": 16,
+                                                               "image_size": 32}))
+    row = comparison_row(read_run(tmp_path / "run"))
+    assert row["measured_on"] == "held-out, 16 images at 32 px" and row["lpips_vgg"] == 0.25
+    table = comparison_markdown([row, {"name": "b", "psnr": float("nan"), "rfid": 1.5}])
+    assert table.splitlines()[2:] == ["| run | softvq | 16 x 8 | held-out, 16 images at 32 px | – | 12.50 | 0.2500 |",
+                                      "| b | – | – | – | 1.500 | – | – |"]
 
 
 def test_pictures_skip_unreadable_files_and_take_the_next_readable_ones(tmp_path):
@@ -158,7 +178,7 @@ def test_cli_plot(tmp_path, capsys):
                  "--num-reconstructions", "2", "--projection", "pca", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out.split()
-    assert len(printed) == 5 and all(p.endswith(".png") for p in printed)
+    assert len(printed) == 6 and sum(p.endswith(".png") for p in printed) == 5 and printed[-2].endswith("comparison.md")
     assert main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
 
 

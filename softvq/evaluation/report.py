@@ -1,5 +1,6 @@
 """The report of an evaluation: ``eval.json`` with everything, ``eval.md`` with the headline
-numbers as a markdown table, the protocol and the notes."""
+numbers as a markdown table, the protocol and the notes; and one table comparing several runs'
+reports, a row per run, as the paper's tables do (Tab. 3, supp. Tab. 6)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,28 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.tolist()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    """A markdown table with a row per run: ``name``, ``bottleneck``, ``tokens`` (L x D) and
+    ``measured on`` (which protocol gave the numbers), then a column for every :data:`TABLE_ROWS`
+    metric that at least one row has; a row without it shows ``–``. Runs measured with different
+    protocols or image counts are not comparable: the ``measured on`` column says which is which."""
+    present = [(key, label, fmt) for key, label, fmt in TABLE_ROWS
+               if any(_number(row.get(key)) is not None for row in rows)]
+    head = ["run", "bottleneck", "tokens", "measured on"] + [label for _, label, _ in present]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [str(row.get(key) or "–") for key in ("name", "kind", "tokens", "measured_on")]
+        for key, _, fmt in present:
+            value = _number(row.get(key))
+            cells.append("–" if value is None else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: Any) -> float | None:
+    """A finite number, or None (missing, NaN, or not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)

@@ -102,6 +102,24 @@ def rate_point(run: RunFolder) -> dict[str, Any]:
     }
 
 
+def comparison_row(run: RunFolder) -> dict[str, Any]:
+    """The run's row of ``comparison.md``: its ``softvq eval`` report when it has one, else the
+    held-out PSNR / LPIPS-VGG of ``metrics.json`` (another protocol, named in ``measured_on``)."""
+    point = rate_point(run)
+    tokens = (f"{point['num_tokens']} x {point['latent_dim']}"
+              if point["num_tokens"] is not None and point["latent_dim"] is not None else None)
+    row: dict[str, Any] = {"name": run.name, "kind": point["kind"], "tokens": tokens}
+    ev, me = run.evaluation, run.metrics
+    if ev:
+        row.update(ev)
+        row["measured_on"] = f"eval, {ev.get('num_images', '?')} images at {ev.get('image_size', '?')} px"
+    elif me:
+        row.update(psnr=me.get("psnr"), lpips_vgg=me.get("lpips"))
+        row["measured_on"] = f"held-out, {me.get('heldout_images', '?')} images at {me.get('image_size', '?')} px"
+    row["name"] = run.name  # an eval report's "model" / "source" keys must not rename the row
+    return row
+
+
 # --- images to draw with -------------------------------------------------------------------------
 
 
@@ -196,7 +214,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
               num_reconstructions: int = 6, per_class: int = 8, projection: str = "auto",
               device: str | torch.device = "cpu", batch_size: int = 16,
               log=print) -> list[Path]:
-    """Every picture the runs allow, under ``out/<run name>/``, plus ``out/rate_quality.png``."""
+    """Every picture the runs allow, under ``out/<run name>/``, plus ``out/rate_quality.png`` and
+    ``out/comparison.md`` (a row per run: the rows of a paper table)."""
     from softvq.tokenizer import Tokenizer
 
     out = Path(out)
@@ -243,6 +262,14 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
             written.append(plots.plot_latent_projection(feats, lats, labels, folder / "latents.png",
                                                         class_names=names, method=projection,
                                                         title=run.name))
+    rows = [comparison_row(r) for r in runs]
+    if any(row.get("measured_on") for row in rows):
+        from softvq.atomic import atomic_write
+        from softvq.evaluation.report import comparison_markdown
+
+        table = comparison_markdown(rows)
+        atomic_write(out / "comparison.md", lambda p: p.write_text(table))
+        written.append(out / "comparison.md")
     points = [rate_point(r) for r in runs]
     if any(p["rfid"] is not None or p["psnr"] is not None for p in points):
         written.append(plots.plot_rate_quality(points, out / "rate_quality.png"))
