@@ -22,6 +22,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_peer_vit.py", ["--repeats", "0"], "--repeats"),
     ("bench_cpu_allocator.py", ["--processes", "0"], "--processes"),
     ("bench_cpu_allocator.py", ["--workloads", "nope"], "--workloads"),
+    ("bench_lfq_memory.py", ["--dims", "0"], "--dims"),
+    ("bench_lfq_memory.py", ["--device", "tpu"], "--device"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(script, argv, flag, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import bench_tokenizer from their folder
