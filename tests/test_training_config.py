@@ -121,6 +121,10 @@ def test_inheritance_and_overrides(tmp_path):
     # at the first discriminator step (the paper's step 20,000) it failed after the run folder was made
     (["model.image_size=16", "objective.adversarial_weight=0.1", "objective.discriminator=patchgan"],
      "objective.discriminator patchgan needs images of at least 24 px, but they are 16 px"),
+    # Eq. 5's repetition needs L | N: it failed at the first step, after the run folder was made;
+    # 96 px is the next size whose 12 x 12 patches 48 tokens divide
+    (["model.num_tokens=48", "objective.alignment_weight=0.1"],
+     "the 64 patches of a 64 px image (Eq. 5), which needs a multiple of 48: use model.image_size=96,"),
 ])
 def test_bad_keys_and_values_fail_naming_them(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -240,7 +240,23 @@ class TrainConfig:
             raise ValueError(f"data.bundled_scales must satisfy 0 < min <= max <= 1, got {self.data.bundled_scales}")
         self.objective.validate()
         self._check_discriminator_fits()
+        self._check_alignment_fits()
         return self
+
+    def _check_alignment_fits(self) -> None:
+        """Eq. 5 repeats each of the L latent tokens N/L times to meet the N image patches: a token
+        count that does not divide N fails here, not at the first step."""
+        if self.objective.alignment_weight <= 0:
+            return
+        side, patch, tokens = self.image_size, self.model.patch_size, self.model.num_tokens
+        if (side // patch) ** 2 % tokens == 0:
+            return
+        fits = next((s for s in range(side + patch, 64 * side, patch) if (s // patch) ** 2 % tokens == 0), None)
+        raise ValueError(f"objective.alignment_weight > 0 repeats each of the model.num_tokens={tokens} latent "
+                         f"tokens over the {(side // patch) ** 2} patches of a {side} px image (Eq. 5), which "
+                         f"needs a multiple of {tokens}: use "
+                         + (f"model.image_size={fits}, " if fits else "another model.image_size, ")
+                         + "fewer tokens, or objective.alignment_weight=0")
 
     def _check_discriminator_fits(self) -> None:
         """Images too small for the convolutional discriminators fail when the config is read, not at
