@@ -3,6 +3,8 @@ input weights at the start of stage 2, and stage 2 trained from a stage-1 export
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -139,8 +141,17 @@ def test_init_from_another_architecture_names_the_mismatch(tmp_path):
         Trainer(config_from_dict(tree), tmp_path / "run")
     assert "encoder.width 64 (this config: 32)" in str(error.value)
     missing = {**TREE, "run": {**TREE["run"], "init_from": str(tmp_path / "nowhere")}}
-    with pytest.raises(CheckpointError, match="^run.init_from: no checkpoint folder at"):  # the setting is named
+    with pytest.raises(CheckpointError, match="^run.init_from: no checkpoint folder at") as error:  # the setting is named
         Trainer(config_from_dict(missing), tmp_path / "run2")
+    assert "relative to" not in str(error.value) and "train the run it names first" in str(error.value)
+
+
+def test_a_relative_init_from_that_is_missing_says_where_it_looked(tmp_path, monkeypatch):
+    # wetok-gd-s-64 ships run.init_from=runs/wetok-gq-s-64/export: found only from stage 1's directory
+    monkeypatch.chdir(tmp_path)
+    missing = {**TREE, "run": {**TREE["run"], "init_from": "runs/stage1/export"}}
+    with pytest.raises(CheckpointError, match=f"relative to {re.escape(str(tmp_path))}\\); train the run it names"):
+        Trainer(config_from_dict(missing), tmp_path / "run")
 
 
 def test_stage_two_of_another_bottleneck_names_the_overrides_to_repeat():

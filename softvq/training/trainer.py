@@ -732,8 +732,10 @@ def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
     if run.init_from:
         try:
             start = Tokenizer.from_pretrained(run.init_from)
-        except CheckpointError as exc:  # name the setting that points there
-            raise CheckpointError(f"run.init_from: {exc}") from None
+        except CheckpointError as exc:  # name the setting that points there, and where a relative one looked
+            where = "" if Path(run.init_from).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+            raise CheckpointError(f"run.init_from: {exc}{where}; train the run it names first, or set "
+                                  f"run.init_from=<that run>/export") from None
         tokenizer.load_weights_of(start, f"run.init_from {run.init_from}")
     elif run.init_encoder:
         from softvq.networks.dinov2 import dinov2_for_width, init_encoder_from_dino, load_dino
