@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,10 +226,12 @@ class Tokenizer(nn.Module):
         widened.source = self.source
         return widened.train(self.training)
 
-    def load_weights_of(self, other: "Tokenizer", source: str) -> "Tokenizer":
+    def load_weights_of(self, other: "Tokenizer", source: str, *, config_keys: Collection[str] = ()) -> "Tokenizer":
         """Copy ``other``'s weights into this tokenizer (same architecture, or a stage-1 one whose
         decoder takes fewer noise channels: those extra inputs get zero weights). Mismatches are a
-        :class:`~softvq.checkpoint.pretrained.CheckpointError` that names the keys."""
+        :class:`~softvq.checkpoint.pretrained.CheckpointError` that names the keys and the
+        ``model.…=`` overrides that would reach ``other``'s config; ``config_keys``: the model keys
+        the training config sets itself, which a ``model.preset=`` override leaves as they are."""
         from softvq.checkpoint.pretrained import CheckpointError, load_strict
         from softvq.networks.generative import widen_noise_inputs
 
@@ -242,7 +244,7 @@ class Tokenizer(nn.Module):
             shown = "; ".join(f"{k} {theirs!r} (this config: {ours!r})" for k, theirs, ours in differ[:6])
             more = f" (+{len(differ) - 6} more)" if len(differ) > 6 else ""
             raise CheckpointError(f"{error}. Its model differs from this config's in {shown}{more}: repeat the "
-                                  f"overrides that made it: {_overrides_to_reach(other.config.to_dict(), differ)}"
+                                  f"overrides that made it: {_overrides_to_reach(other.config.to_dict(), differ, config_keys)}"
                                   ) from None
         self.latent_mean, self.latent_std = other.latent_mean, other.latent_std
         return self
@@ -433,14 +435,20 @@ def _concat_encodings(parts: list[Encoding]) -> Encoding:
                     probs=cat("probs"), losses=mean("losses"), metrics=mean("metrics"))
 
 
-def _overrides_to_reach(theirs: dict, differ: list[tuple[str, Any, Any]]) -> str:
+def _overrides_to_reach(theirs: dict, differ: list[tuple[str, Any, Any]], config_keys: Collection[str] = ()) -> str:
     """The shortest ``model.…=`` overrides that turn this config into ``theirs``: every differing
-    key, or a preset plus what still differs from it when that is shorter."""
+    key, or a preset plus what still differs when that is shorter. ``model.preset=`` replaces only
+    the preset: a key in ``config_keys`` keeps this config's value, so it is repeated where that
+    differs from ``theirs``, and needs nothing where it already agrees."""
     best = [f"model.{key}={_as_override(value)}" for key, value, _ in differ]
+    own, differing = set(config_keys), {key for key, _, _ in differ}
     for name, config in PRESETS.items():
         rest = differences(theirs, config.to_dict(), ignore={"decoder_noise_dim"})
-        if len(rest) + 1 < len(best):
-            best = [f"model.preset={name}"] + [f"model.{key}={_as_override(value)}" for key, value, _ in rest]
+        value_of = {key: value for key, value, _ in rest + differ}  # theirs, first in both
+        from_preset = {key for key, _, _ in rest}
+        keys = [key for key in value_of if (key in differing if key in own else key in from_preset)]
+        if len(keys) + 1 < len(best):
+            best = [f"model.preset={name}"] + [f"model.{key}={_as_override(value_of[key])}" for key in keys]
     return " ".join(best)
 
 

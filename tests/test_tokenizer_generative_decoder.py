@@ -177,3 +177,22 @@ def test_stage_two_of_a_preset_model_suggests_the_preset_not_a_partial_list():
     with pytest.raises(CheckpointError) as error:
         Tokenizer(stage2).load_weights_of(stage1, "run.init_from stage1")
     assert str(error.value).endswith("repeat the overrides that made it: model.preset=softvq-tiny")
+
+
+def test_the_suggested_overrides_reach_stage_one_when_the_config_sets_model_keys_itself(tmp_path):
+    """demo.yaml sets the encoder depth, LayerScale and distance itself, which model.preset= does
+    not replace: the suggestion repeats them, and applied as given it loads stage 1."""
+    from softvq.training.config import load_config
+
+    stage1 = load_config("ablation-pq4", ["model.preset=softvq-tiny"]).model
+    Tokenizer(stage1).save_pretrained(tmp_path / "stage1")
+    stage2 = ["model.decoder_noise_dim=8", f"run.init_from={tmp_path / 'stage1'}", "run.tensorboard=false",
+              "run.progress=false"]
+    with pytest.raises(CheckpointError) as error:
+        Trainer(load_config("demo", stage2), tmp_path / "run")
+    suggested = str(error.value).split("repeat the overrides that made it: ")[1].split()
+    assert "model.encoder.depth=4" in suggested and "model.bottleneck.distance=l2" in suggested
+    trainer = Trainer(load_config("demo", stage2 + suggested), tmp_path / "run2")
+    theirs = Tokenizer.from_pretrained(tmp_path / "stage1").state_dict()
+    ours = trainer.tokenizer.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs if ours[k].shape == theirs[k].shape)

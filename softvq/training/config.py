@@ -278,6 +278,14 @@ class TrainConfig:
                              f"{self.image_size} px: use a larger model.image_size, another "
                              f"objective.discriminator, or objective.adversarial_weight=0")
 
+    def own_model_keys(self) -> set[str]:
+        """The ``model`` keys (dotted) this config sets to other values than its preset's (or the
+        defaults', without a preset): those a ``model.preset=`` override leaves as they are."""
+        from softvq.resume import differences
+
+        base = preset(self.model_preset) if self.model_preset else TokenizerConfig()
+        return {key for key, _, _ in differences(base.to_dict(), self.model.to_dict())}
+
     def to_dict(self) -> dict[str, Any]:
         """The config as a nested dict, with ``model.preset`` first where one was named."""
         out = dataclasses.asdict(self)

@@ -46,7 +46,7 @@ from softvq.resume import changed_settings
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
 from softvq.training.accelerator import gather_objects
-from softvq.training.config import RunConfig, TrainConfig, save_config
+from softvq.training.config import TrainConfig, save_config
 from softvq.training.ema import EMA
 from softvq.training.grid import save_grid
 from softvq.training.heldout import reconstruct_all, reconstruction_metrics
@@ -166,7 +166,7 @@ class Trainer:
         seed_everything(sched.seed)
         self.tokenizer = Tokenizer(config.model)
         if checkpoint is None:  # a fresh start, also a --resume of a run stopped before its first checkpoint
-            _initial_weights(self.tokenizer, config.run)
+            _initial_weights(self.tokenizer, config)
         self.objective = (objective_factory or default_objective)(config, self.tokenizer)
         seed_everything(sched.seed + 1 + self.rank)
 
@@ -724,8 +724,9 @@ class Trainer:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
+def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
     """Load ``run.init_from`` (a whole tokenizer) or ``run.init_encoder`` (DINO weights) into a fresh model."""
+    run = config.run
     if run.init_from and run.init_encoder:
         raise ValueError("run.init_from and run.init_encoder both set: init_from already brings an encoder; "
                          "drop one of them")
@@ -736,7 +737,7 @@ def _initial_weights(tokenizer: Tokenizer, run: RunConfig) -> None:
             where = "" if Path(run.init_from).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
             raise CheckpointError(f"run.init_from: {exc}{where}; train the run it names first, or set "
                                   f"run.init_from=<that run>/export") from None
-        tokenizer.load_weights_of(start, f"run.init_from {run.init_from}")
+        tokenizer.load_weights_of(start, f"run.init_from {run.init_from}", config_keys=config.own_model_keys())
     elif run.init_encoder:
         from softvq.networks.dinov2 import dinov2_for_width, init_encoder_from_dino, load_dino
 
