@@ -2,7 +2,7 @@
 
 Every constructor argument of :class:`softvq.Tokenizer` lives here, so ``config.json`` written next
 to the weights rebuilds exactly the same model. Preset shapes follow the released SoftVQ-VAE
-checkpoints (``shared/reference/official-checkpoint-format.md``; paper Sec. 4.1 sizes S/B/BL/L).
+checkpoints (their layout: :mod:`softvq.checkpoint.official`; paper Sec. 4.1 sizes S/B/BL/L).
 """
 
 from __future__ import annotations

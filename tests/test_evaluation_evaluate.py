@@ -499,6 +499,7 @@ def test_an_interrupted_sample_evaluation_continues_to_the_same_report(tmp_path,
     assert calls == [1, 1]  # only the reference's remaining 3 images were read: the samples came from nothing
     for key in ("gfid", "precision", "recall", "num_samples", "num_reference"):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-9, abs=1e-9), key
+    assert straight["skipped_samples"] == resumed["skipped_samples"] == 1 and resumed["skipped_reference"] == 0
     assert "reference: continued an interrupted extraction after 2 images" in resumed["notes"]
     assert sum("samples: skipped 1 unreadable" in n for n in resumed["notes"]) == 1  # kept with the features
     assert not list((tmp_path / "out").glob("*.pt"))

@@ -7,8 +7,7 @@ A release folder holds ``config.json`` (the training code's flat ``ModelArgs``) 
    latent dim, codebook count and size) and from ``config.json`` (τ, latent statistics);
 2. builds a :class:`~softvq.config.TokenizerConfig` with the *released* bottleneck semantics
    (cosine SoftVQ on L2-normalised vectors, detached codebook in the logits, entropy at
-   temperature 0.01, one codebook per sequence segment; see
-   ``shared/reference/official-checkpoint-format.md`` and ``softvq.config._released_bottleneck``);
+   temperature 0.01, one codebook per sequence segment; see ``softvq.config._released_bottleneck``);
 3. renames every key to ours and loads **strictly**: a needed key the file lacks, or a key it
    has that nothing explains, is a :class:`CheckpointError` naming it. Keys that are known and
    not needed to encode or decode are ignored on purpose and listed (``Tokenizer.ignored_keys``).

@@ -19,7 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="efficiency tables (bench gen: generator GFLOPs and throughput)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)
-    gen = targets.add_parser("gen", help="DiT / SiT GFLOPs per image and sampling throughput (paper Tab. 1)")
+    gen = targets.add_parser("gen", help="DiT / SiT GFLOPs per image and sampling throughput (paper Tab. 1)",
+                             description="DiT / SiT forward GFLOPs per image (multiply-accumulates, counted on the "
+                                         "meta device) and sampling throughput in images/s for every kind, size and "
+                                         "latent layout, beside paper Tab. 1; then MAR-H's GFLOPs.")
     add_gen_arguments(gen)
     gen.set_defaults(func=run_gen)
 

@@ -19,7 +19,8 @@ from softvq.config import PRESETS
 from softvq.tokenizer import PRECISIONS, Tokenizer
 
 DEFAULT_MODEL = "softvq-tiny"
-SPEC_HELP = (f"preset name (random weights), a softvq checkpoint folder or hub id, or "
+SPEC_HELP = (f"preset name (random weights), a softvq checkpoint folder or hub id, a training run folder "
+             f"(its export/), or "
              f"{OFFICIAL_PREFIX}FOLDER_OR_HUB_ID for a released SoftVQ-VAE checkpoint")
 
 

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("latents", metavar="LATENTS", help="file written by softvq encode")
     add_model_arguments(p, default=None)  # None: the SPEC recorded in the latents file
-    p.add_argument("--out", default="decoded", metavar="DIR", help="output folder")
+    p.add_argument("--out", default="decoded", metavar="DIR", help="output folder (default: decoded)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=None,
                    help="seed for a preset's random weights and a generative decoder's noise "

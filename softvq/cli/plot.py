@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="plots", metavar="DIR", help="output folder (default: plots)")
     p.add_argument("--images", default=None, metavar="FOLDER",
                    help="images to reconstruct and project (class sub-folders give the colours)")
-    p.add_argument("--per-class", type=positive_int, default=8, help="images per class for the latent plot")
-    p.add_argument("--num-reconstructions", type=positive_int, default=6)
+    p.add_argument("--per-class", type=positive_int, default=8, help="images per class for the latent plot (default: 8)")
+    p.add_argument("--num-reconstructions", type=positive_int, default=6,
+                   help="rows of reconstructions.png, one per class first (default: 6)")
     p.add_argument("--projection", choices=("auto", "pca", "umap"), default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.set_defaults(func=run)

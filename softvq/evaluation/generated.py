@@ -65,6 +65,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     size = sample_refs[0].open_rgb().size[0]
 
     states: list[Path | None] = []
+    skipped_counts: dict[str, int] = {}  # unreadable files per side: the report's skipped_<side>
 
     def features(refs, files, root, desc):
         protocol = protocol_of(EvalOptions(fid_weights=fid_weights, fid_normalization=normalization), size,
@@ -76,6 +77,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
                                                    state, {"side": desc, "checksum": checksum}, save_every_s)
         if resumed:
             notes.append(f"{desc}: continued an interrupted extraction after {resumed} images")
+        skipped_counts[desc] = len(skipped)
         if skipped:
             notes.append(f"{desc}: " + skipped_note(skipped, len(refs)))
         return out
@@ -102,6 +104,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
                 fidlib.save_reference_stats(cache, ref_stats, checksum, protocol, features=real[:pr_samples])
                 notes.append(f"reference statistics cached in {cache}")
         report["num_reference"] = ref_stats.count
+    report.update({f"skipped_{side}": count for side, count in skipped_counts.items()})
     report["gfid"] = fidlib.frechet_distance(ref_stats, fidlib.FeatureStats.from_features(fake))
     if real is not None and pr_samples > 0:
         m = min(pr_samples, len(real), len(fake))
