@@ -66,8 +66,13 @@ class BottleneckConfig:
         with segments > 1, how the entropy regulariser treats them: ``pooled`` (the release:
         one batch posterior averaged over the tokens of all segments) or ``per_segment`` (each
         codebook's own H(q) − H(E q), averaged).
+    codebook_loss / commit_loss:
+        ``softvq`` / ``gmmvq`` only: also return VQ's codebook loss ‖sg[ẑ] − z‖² / commit loss
+        ‖ẑ − sg[z]‖² (Eq. 2) with z the soft output q·C, as in supplementary Tab. 5's
+        "SoftVQ-S-64 + codebook loss" / "+ commit loss" rows (``supp-tab5-*``). Off: the paper's
+        SoftVQ has neither (Eq. 7). See ``SoftVQ.vq_losses``.
     commitment_weight:
-        β of VQ's commit loss relative to its codebook loss (VQ-VAE uses 0.25). Read by the
+        β of the commit loss relative to the codebook loss (VQ-VAE uses 0.25). Read by the
         training objective, which weights the bottleneck's unweighted ``commit`` loss by it.
     chunk_size:
         tokens processed at a time by the memory-lean soft assignment
@@ -90,6 +95,8 @@ class BottleneckConfig:
     residual_levels: int = 1
     segments: int = 1
     segment_entropy: Literal["pooled", "per_segment"] = "pooled"
+    codebook_loss: bool = False
+    commit_loss: bool = False
     commitment_weight: float = 0.25
     chunk_size: int | None = None
     lfq_groups: int = 1

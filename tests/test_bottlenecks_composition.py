@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softvq.bottlenecks.factory import build_bottleneck
+from softvq.bottlenecks.factory import bottleneck_losses, build_bottleneck
 from softvq.bottlenecks.gaussian import GaussianPosterior
 from softvq.bottlenecks.identity import Identity
 from softvq.bottlenecks.lfq import GroupedLookupFree
@@ -174,6 +174,9 @@ def test_segments_reject_token_counts_that_do_not_split():
     (dict(kind="kl", latent_dim=0), "latent_dim must be at least 1"),
     (dict(kind="lfq", lfq_groups=0), "lfq_groups must be at least 1"),
     (dict(kind="lfq", residual_levels=2), r"kind='lfq' cancels itself \(each level codes ±1"),
+    # SoftVQ's opt-in VQ losses (supp. Tab. 5) would do nothing on another kind
+    (dict(kind="vq", codebook_loss=True), "kind 'vq' always returns it; set bottleneck.codebook_loss=false"),
+    (dict(kind="ae", commit_loss=True), "kind 'ae' has no such loss; set bottleneck.commit_loss=false"),
 ])
 def test_factory_rejects_bad_compositions_with_the_fix(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -190,6 +193,21 @@ def test_every_kind_composes_with_product_residual_and_segments(kind):
     loss = out.latents.pow(2).sum() + sum(out.losses.values(), torch.zeros(()))
     loss.backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("softvq", {}), ("softvq", dict(codebook_loss=True)), ("softvq", dict(commit_loss=True)),
+    ("gmmvq", dict(codebook_loss=True, commit_loss=True)), ("vq", {}), ("kl", {}), ("lfq", {}), ("ae", {}),
+])
+@pytest.mark.parametrize("layout", [{}, dict(segments=2), dict(groups=2, residual_levels=2, segments=2,
+                                                               segment_entropy="per_segment")])
+def test_bottleneck_losses_names_exactly_what_the_built_bottleneck_returns(kind, options, layout):
+    # what the training config checks loss weights against (a weight for any other name is a no-op)
+    if kind == "lfq":
+        layout = {**layout, "residual_levels": 1, "lfq_groups": 2}
+    cfg = BottleneckConfig(**{"latent_dim": D, "codebook_size": K, "kind": kind, **options, **layout})
+    b = build_bottleneck(cfg)
+    assert set(b(torch.randn(2, 4, b.input_dim)).losses) == set(bottleneck_losses(cfg))
 
 
 @pytest.mark.parametrize("composite, noun", [(ProductQuantizer, "group"), (ResidualQuantizer, "level"),

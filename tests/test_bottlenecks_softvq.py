@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from softvq.bottlenecks.soft_assign import ChunkedSoftAssign, affinity, soft_assign
+from softvq.bottlenecks.gmmvq import GMMVQ
 from softvq.bottlenecks.softvq import SoftVQ
 from softvq.bottlenecks.vq import VQ
 
@@ -132,6 +133,76 @@ def test_bad_settings_and_inputs_give_clear_errors():
         SoftVQ(4, 8)(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="chunk_size"):
         soft_assign(torch.randn(3, 4), torch.randn(8, 4), scale=torch.tensor(1.0), distance="l2", chunk_size=-1)
+
+
+# --- supplementary Tab. 5: VQ's codebook / commit losses, opt-in ---------------------------------
+
+def _grads(loss, *tensors):
+    """d loss / d tensor for each tensor, zeros where the loss does not reach it."""
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+
+
+def test_vq_losses_are_off_by_default_and_leave_the_rest_unchanged():
+    z = torch.randn(2, 5, 6)
+    plain = make()(z)
+    assert set(plain.losses) == {"kl"}
+    both = make(codebook_loss=True, commit_loss=True)(z)  # same seed: same codebook
+    assert set(both.losses) == {"kl", "codebook", "commit"}
+    assert torch.equal(both.latents, plain.latents) and torch.equal(both.losses["kl"], plain.losses["kl"])
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_vq_losses_equal_a_naive_float64_computation(distance, chunk_size):
+    vq = make(distance, chunk_size=chunk_size, temperature=0.3, codebook_loss=True, commit_loss=True)
+    z = (torch.randn(2, 5, 6) * 1.5).requires_grad_()
+    out = vq(z)
+    # Independent reference: Eq. 4 one token at a time, z = qC, ‖ẑ − z‖² per token, mean over tokens.
+    q = naive_posterior(z.detach(), vq.codebook.detach(), 0.3, distance)
+    x, book = z.detach().reshape(-1, 6).double(), vq.codebook.detach().double()
+    if distance == "cosine":
+        x, book = F.normalize(x, dim=-1), F.normalize(book, dim=-1)
+    expected = ((x - q @ book) ** 2).sum(-1).mean()
+    with torch.no_grad():  # evaluation: no stop-gradient to honour, the same values
+        quiet = vq(z)
+    for name in ("codebook", "commit"):
+        assert math.isclose(out.losses[name].item(), expected.item(), rel_tol=1e-5), name
+        assert math.isclose(quiet.losses[name].item(), expected.item(), rel_tol=1e-5), name
+    # commit = mean_t ‖ẑ_t − sg[z_t]‖²: its gradient on the (l2) encoder output is 2(ẑ − z)/T
+    if distance == "l2":
+        g_z, = _grads(out.losses["commit"], z)
+        torch.testing.assert_close(g_z.reshape(-1, 6).double(), 2 * (x - q @ book) / x.shape[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_codebook_loss_gradient_equals_autograd_of_the_naive_loss_with_the_encoder_output_fixed(chunk_size):
+    vq = make("l2", chunk_size=chunk_size, temperature=0.3, codebook_loss=True)
+    z = torch.randn(2, 5, 6) * 1.5
+    g_book, = _grads(vq(z).losses["codebook"], vq.codebook)
+    book = vq.codebook.detach().double().requires_grad_()
+    x = z.reshape(-1, 6).double()
+    q = torch.softmax(-torch.cdist(x, book) / 0.3, -1)  # depends on C, not on a parameter of ẑ
+    ((x - q @ book) ** 2).sum(-1).mean().backward()
+    torch.testing.assert_close(g_book.double(), book.grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["softvq", "gmmvq"])
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_codebook_loss_moves_only_the_codebook_and_commit_loss_only_the_encoder(kind, chunk_size):
+    torch.manual_seed(0)
+    extra = dict(learnable_temperature=True) if kind == "softvq" else {}
+    vq = (SoftVQ if kind == "softvq" else GMMVQ)(6, 20, chunk_size=chunk_size, codebook_loss=True, commit_loss=True,
+                                                 **extra)
+    z = torch.randn(2, 5, vq.input_dim, requires_grad=True)  # GMMVQ: channel 6 is ω's
+    params = [p for p in vq.parameters()]  # the codebook, and log τ when learnable
+    out = vq(z)
+    g_z, g_book, *g_rest = _grads(out.losses["codebook"], z, *params)
+    assert g_z.abs().sum() == 0 and g_book.abs().sum() > 0  # Eq. 2: sg[ẑ], the codewords move
+    assert all(g.abs().sum() == 0 for g in g_rest)  # nor τ: only the codebook
+    g_z, *g_params = _grads(out.losses["commit"], z, *params)
+    assert g_z[..., :6].abs().sum() > 0 and all(g.abs().sum() == 0 for g in g_params)  # sg[z]: the encoder moves
+    assert g_z[..., 6:].abs().sum() == 0  # ... through ẑ alone, not GMMVQ's ω
 
 
 # --- the memory-lean path equals the straightforward one -------------------------------------

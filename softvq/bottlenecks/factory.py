@@ -35,6 +35,7 @@ def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
             temperature=cfg.temperature, distance=cfg.distance,
             detach_codebook_in_logits=cfg.detach_codebook_in_logits,
             entropy_temperature=cfg.entropy_temperature, chunk_size=cfg.chunk_size,
+            codebook_loss=cfg.codebook_loss, commit_loss=cfg.commit_loss,
         )
         if cfg.kind == "softvq":
             kwargs["learnable_temperature"] = cfg.learnable_temperature
@@ -48,6 +49,22 @@ def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
     if cfg.kind == "ae":
         return Identity(dim)
     raise ValueError(f"unknown bottleneck kind {cfg.kind!r}; choose one of: {', '.join(KINDS)}")
+
+
+def bottleneck_losses(cfg: BottleneckConfig) -> tuple[str, ...]:
+    """The names of the unweighted losses the bottleneck ``cfg`` builds returns (its
+    ``BottleneckOutput.losses``), so that a weight for any other name can be refused: SoftVQ /
+    GMMVQ ``kl`` (Eq. 4, B.2) plus the opt-in ``codebook`` / ``commit`` (supp. Tab. 5), VQ
+    ``codebook`` and ``commit`` (Eq. 2), KL-VAE ``kl`` (Eq. 1), LFQ ``entropy`` and ``commit``
+    (WeTok Eq. 3, 5), AE none. Groups, levels and segments combine their parts' losses under the
+    same names."""
+    if cfg.kind in ("softvq", "gmmvq"):
+        opted_in = [name for name in ("codebook", "commit") if getattr(cfg, f"{name}_loss")]
+        return ("kl", *opted_in)
+    known = {"vq": ("codebook", "commit"), "kl": ("kl",), "lfq": ("entropy", "commit"), "ae": ()}
+    if cfg.kind not in known:
+        raise ValueError(f"unknown bottleneck kind {cfg.kind!r}; choose one of: {', '.join(KINDS)}")
+    return known[cfg.kind]
 
 
 def check_config(cfg: BottleneckConfig) -> None:
@@ -65,6 +82,11 @@ def check_config(cfg: BottleneckConfig) -> None:
     check_chunk_size("bottleneck.chunk_size", cfg.chunk_size)
     if not cfg.commitment_weight >= 0:
         raise ValueError(f"bottleneck.commitment_weight must be 0 or more, got {cfg.commitment_weight}")
+    for name in ("codebook_loss", "commit_loss"):
+        if getattr(cfg, name) and cfg.kind not in ("softvq", "gmmvq"):
+            what = "always returns it" if name.removesuffix("_loss") in bottleneck_losses(cfg) else "has no such loss"
+            raise ValueError(f"bottleneck.{name} is SoftVQ's opt-in VQ loss (supp. Tab. 5), but kind {cfg.kind!r} "
+                             f"{what}; set bottleneck.{name}=false")
     if cfg.latent_dim % cfg.groups:
         raise ValueError(f"bottleneck.latent_dim {cfg.latent_dim} is not divisible by bottleneck.groups {cfg.groups}")
     if cfg.kind == "gmmvq" and cfg.learnable_temperature:

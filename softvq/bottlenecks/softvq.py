@@ -4,8 +4,10 @@
     latent     z = q · C                       (a weighted sum of all codewords)
     regulariser L_kl = H(q(z|x)) - H(E_x q(z|x))  (supplementary B.1; unweighted here)
 
-Everything is differentiable: no straight-through estimator, no codebook or commit loss.
-The arithmetic lives in :mod:`softvq.bottlenecks.soft_assign`, by default in its memory-lean
+Everything is differentiable: no straight-through estimator, no codebook or commit loss (Sec. 3.2,
+Eq. 7: "Neither codebook nor commit loss as in VQ is needed"). Supplementary Tab. 5 nevertheless
+trains SoftVQ-S-64 with VQ's losses added, one at a time; ``codebook_loss`` / ``commit_loss``
+switch them on (off by default, see :meth:`SoftVQ.vq_losses`). The arithmetic lives in :mod:`softvq.bottlenecks.soft_assign`, by default in its memory-lean
 chunked form (``chunk_size=None``); ``chunk_size=0`` selects the straightforward autograd form.
 Two distances are supported and named after their source:
 
@@ -36,8 +38,11 @@ class SoftVQ(Bottleneck):
     (0.01) for the regulariser, ``None`` = the posterior's own (paper); chunk_size: tokens per
     chunk of the memory-lean path, ``None`` = automatic, ``0`` = straightforward autograd.
 
+    codebook_loss / commit_loss: also return VQ's Eq. 2 losses ``codebook`` / ``commit`` (supp.
+    Tab. 5; off by default, as in the paper's SoftVQ; see :meth:`vq_losses`).
+
     losses: ``kl`` = H(q) − H(E q) over the tokens of the batch (unweighted; λ4 lives in the
-    objective). metrics: ``perplexity`` of E q, ``usage`` (fraction of codewords chosen by argmax),
+    objective), plus ``codebook`` and ``commit`` where switched on. metrics: ``perplexity`` of E q, ``usage`` (fraction of codewords chosen by argmax),
     ``temperature`` (τ, or 1/mean ω for GMMVQ).
     """
 
@@ -52,6 +57,8 @@ class SoftVQ(Bottleneck):
         detach_codebook_in_logits: bool = False,
         entropy_temperature: float | None = None,
         chunk_size: int | None = None,
+        codebook_loss: bool = False,
+        commit_loss: bool = False,
     ) -> None:
         super().__init__()
         if distance not in ("l2", "cosine"):
@@ -67,6 +74,8 @@ class SoftVQ(Bottleneck):
         self.detach_codebook_in_logits = detach_codebook_in_logits
         self.entropy_temperature = entropy_temperature
         self.chunk_size = chunk_size
+        self.codebook_loss = codebook_loss
+        self.commit_loss = commit_loss
         # Codewords start at about unit norm, the scale ẑ has after the encoder's final LayerNorm
         # and a fresh linear projection.
         self.codebook = nn.Parameter(torch.randn(codebook_size, latent_dim) / math.sqrt(latent_dim))
@@ -142,6 +151,7 @@ class SoftVQ(Bottleneck):
                 entropy_temperature=self.entropy_temperature, chunk_size=self.chunk_size,
             )
             kl = out.token_entropy - entropy(out.mean_posterior)
+            losses = {"kl": kl, **self.vq_losses(flat, scale, out.latents)}
             used = torch.zeros(self.codebook_size, device=z.device, dtype=torch.bool)
             used[out.indices] = True
             metrics = {
@@ -151,12 +161,46 @@ class SoftVQ(Bottleneck):
             }
             return BottleneckOutput(
                 latents=out.latents.reshape(*lead, self.latent_dim),
-                losses={"kl": kl},
+                losses=losses,
                 metrics=metrics,
                 indices=out.indices.reshape(lead),
                 probs=None if out.probs is None else out.probs.reshape(*lead, self.codebook_size),
                 entropy_terms=EntropyTerms(out.token_entropy, out.mean_posterior),
             )
+
+    def vq_losses(self, flat: Tensor, scale: Tensor, latents: Tensor) -> dict[str, Tensor]:
+        """VQ's codebook and commit losses (Eq. 2) on SoftVQ, where switched on (supp. Tab. 5).
+
+            codebook = ‖sg[ẑ] − z(sg[ẑ])‖²     commit = ‖ẑ − sg[z]‖²
+
+        ẑ is ``flat``, the encoder output as the assignment reads it (L2-normalised for cosine, as
+        in :class:`~softvq.bottlenecks.vq.VQ`). Eq. 2 measures ẑ against the chosen codeword c;
+        supp. Tab. 5 does not say what takes its place in SoftVQ. We read it as z = q·C, the soft
+        output the decoder reads (where VQ's decoder reads c), not the argmax codeword.
+
+        The stop-gradients keep Eq. 2's division of labour. In VQ, c depends on ẑ only through
+        argmin, which has no gradient, so the codebook loss moves only the codebook. SoftVQ's z
+        depends on ẑ through q, so ‖sg[ẑ] − z‖² would still reach the encoder; the codebook term
+        therefore evaluates z at sg[ẑ] (a second soft assignment, its scale 1/τ or ω detached
+        too), and its gradient reaches the codebook alone, through the codewords and, unless
+        ``detach_codebook_in_logits``, the logits. The commit term detaches z and reaches the
+        encoder alone. Both have the same value, ‖ẑ − z‖².
+
+        Per-token squared norm summed over channels, mean over tokens, unweighted: VQ's
+        convention, so the objective weights them as VQ's (codebook 1, commit β).
+        """
+        losses = {}
+        if self.codebook_loss:
+            if torch.is_grad_enabled():
+                held = soft_assign(flat.detach(), self.normalized_codebook(), scale=scale.detach(),
+                                   distance=self.distance, detach_codebook_in_logits=self.detach_codebook_in_logits,
+                                   chunk_size=self.chunk_size).latents
+            else:  # no gradient to stop: z(sg[ẑ]) is z
+                held = latents
+            losses["codebook"] = (flat.detach() - held).pow(2).sum(-1).mean()
+        if self.commit_loss:
+            losses["commit"] = (flat - latents.detach()).pow(2).sum(-1).mean()
+        return losses
 
     def posterior(self, z: Tensor) -> Tensor:
         """q(z|x) (..., K) for encoder outputs ``z`` (..., input_dim), without gradients."""
