@@ -66,6 +66,23 @@ def test_bottleneck_weights_and_unknown_losses() -> None:
     assert custom.bottleneck_loss_weight("kl") == 0.5
 
 
+def test_softvq_vq_losses_are_weighted_like_vq_by_default() -> None:
+    # supp. Tab. 5's "+ codebook loss" / "+ commit loss": Eq. 2's weights, codebook 1 and commit β
+    torch.manual_seed(0)
+    cfg = softvq.config.preset("softvq-tiny").to_dict()
+    cfg["bottleneck"].update(codebook_loss=True, commit_loss=True, commitment_weight=0.3)
+    tok = softvq.Tokenizer(cfg)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = tok(x)
+    loss, logs = TokenizerObjective(ObjectiveConfig(**OFF), tok).generator_loss(x, out, step=0)
+    losses = {name: value.item() for name, value in out.encoding.losses.items()}
+    assert set(losses) == {"kl", "codebook", "commit"}
+    assert logs["bottleneck/codebook_weighted"] == pytest.approx(losses["codebook"], rel=1e-6)
+    assert logs["bottleneck/commit_weighted"] == pytest.approx(0.3 * losses["commit"], rel=1e-6)
+    expected = logs["rec"] + 0.01 * losses["kl"] + losses["codebook"] + 0.3 * losses["commit"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ValueError, match="unknown objective key"):
         ObjectiveConfig.from_dict({"perceptual_wieght": 1.0})

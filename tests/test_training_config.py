@@ -58,7 +58,9 @@ def test_ablation_configs_change_only_their_field():
     expected = {"ablation-pq4": (plain, {"groups": 4}), "ablation-rpq4": (plain, {"groups": 4, "residual_levels": 2}),
                 "ablation-gmmvq": (plain, {"kind": "gmmvq"}),
                 "ablation-k512": (pq4, {"codebook_size": 512}), "ablation-k8192": (pq4, {}),
-                "ablation-tau-learnable": (pq4, {"learnable_temperature": True}), "ablation-tau-0.07": (pq4, {})}
+                "ablation-tau-learnable": (pq4, {"learnable_temperature": True}), "ablation-tau-0.07": (pq4, {}),
+                # supp. Tab. 5: the same SoftVQ-S-64 plus one of VQ's losses, weighted by the same objective
+                "supp-tab5-codebook": (plain, {"codebook_loss": True}), "supp-tab5-commit": (plain, {"commit_loss": True})}
     for name, (parent, change) in expected.items():
         cfg = load_config(name)
         assert cfg.model.bottleneck == dataclasses.replace(parent, **change), name
