@@ -64,6 +64,10 @@ def test_bottleneck_weights_and_unknown_losses() -> None:
         obj.bottleneck_loss_weight("mystery")
     custom = TokenizerObjective(ObjectiveConfig(**OFF, bottleneck_loss_weights={"kl": 0.5}), tok)
     assert custom.bottleneck_loss_weight("kl") == 0.5
+    # a weight for a loss this tokenizer's SoftVQ never returns would do nothing: refused
+    for weights in (dict(commit_weight=0.5), dict(bottleneck_loss_weights={"entropy": 0.1})):
+        with pytest.raises(ValueError, match="never returns, so it would do nothing; this bottleneck returns kl"):
+            TokenizerObjective(ObjectiveConfig(**OFF, **weights), tok)
 
 
 def test_softvq_vq_losses_are_weighted_like_vq_by_default() -> None:

@@ -110,6 +110,14 @@ def test_inheritance_and_overrides(tmp_path):
     (["model.bottleneck.chunk_size=-1"], "bottleneck.chunk_size must be None (auto)"),
     (["objective.bottleneck_loss_weights={kll: 5.0}"], "bottleneck_loss_weights has no loss 'kll'; bottlenecks return kl,"),
     (["objective.bottleneck_loss_weights={kl: abc}"], "objective.bottleneck_loss_weights.kl must be a number, got 'abc'"),
+    # a weight for a loss the chosen bottleneck never returns: accepted, saved in config.yaml, no effect
+    (["objective.bottleneck_loss_weights={codebook: 1.0}"],
+     "objective.bottleneck_loss_weights.codebook weights a 'codebook' loss that model.bottleneck (kind 'softvq') "
+     "never returns, so it would do nothing; this bottleneck returns kl: set model.bottleneck.codebook_loss=true"),
+    (["model.bottleneck.kind=vq", "objective.bottleneck_loss_weights={kl: 1.0}"],
+     "this bottleneck returns codebook, commit: remove objective.bottleneck_loss_weights.kl, or choose"),
+    (["objective.commit_weight=0.5"], "objective.commit_weight weights a 'commit' loss that model.bottleneck"),
+    (["model.bottleneck.kind=ae", "objective.codebook_weight=2"], "this bottleneck returns no losses: remove"),
     (["model=softvq-s-64"], "did you mean model.preset=softvq-s-64?"),
     (["data.num_eval_images=0"], "data.num_eval_images must be 1 or more, got 0"),
     (["optim.weight_decay=-1"], "optim.weight_decay must be 0 or more, got -1"),
@@ -131,6 +139,19 @@ def test_inheritance_and_overrides(tmp_path):
 def test_bad_keys_and_values_fail_naming_them(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config("demo", overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.bottleneck.codebook_loss=true", "objective.bottleneck_loss_weights={codebook: 2.0}"],
+    ["model.bottleneck.commit_loss=true", "objective.commit_weight=0.5"],
+    ["model.bottleneck.kind=vq", "objective.codebook_weight=0.5", "objective.commit_weight=0.1"],
+    ["model.bottleneck.kind=lfq", "objective.bottleneck_loss_weights={entropy: 0.1, commit: 0.2}"],
+    ["objective.codebook_weight=1.0", "objective.bottleneck_loss_weights={kl: 0.5}"],  # Eq. 2's default: unchanged
+])
+def test_weights_of_losses_the_bottleneck_returns_are_accepted(overrides, tmp_path):
+    cfg = load_config("demo", overrides)
+    save_config(cfg, tmp_path / "resolved.yaml")  # and read back, as --resume does
+    assert load_config(tmp_path / "resolved.yaml") == cfg
 
 
 @pytest.mark.parametrize("content, message", [

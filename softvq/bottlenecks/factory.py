@@ -67,6 +67,13 @@ def bottleneck_losses(cfg: BottleneckConfig) -> tuple[str, ...]:
     return known[cfg.kind]
 
 
+# Every loss name some bottleneck can return (the soft kinds with both opt-in losses on).
+LOSS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(
+    name for kind in KINDS
+    for name in bottleneck_losses(BottleneckConfig(kind=kind, codebook_loss=True, commit_loss=True))
+))
+
+
 def check_config(cfg: BottleneckConfig) -> None:
     """Reject impossible values and compositions with a message that names the key and the fix
     (run by ``TokenizerConfig.validate``, so a bad config fails when it is read, not mid-training)."""

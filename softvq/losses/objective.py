@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from softvq.config import check_field_types, strict_fields
+from softvq.bottlenecks.factory import LOSS_NAMES, bottleneck_losses
+from softvq.config import BottleneckConfig, check_field_types, strict_fields
 from softvq.losses.adversarial import LeCAM, adaptive_weight, build_discriminator, consistency_loss, hinge_d_loss, hinge_g_loss
 from softvq.losses.alignment import RepresentationAlignment, VGGTarget, build_alignment_target
 from softvq.losses.diffaug import DiffAugment
@@ -45,10 +46,6 @@ from softvq.networks.vgg import FeatureStack, pretrained_features
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer, TokenizerOutput
-
-# The unweighted losses the bottlenecks return (BottleneckOutput.losses): SoftVQ/GMMVQ/KL "kl",
-# VQ "codebook" + "commit", LFQ "entropy" + "commit".
-BOTTLENECK_LOSSES = ("kl", "entropy", "codebook", "commit")
 
 
 @dataclass
@@ -87,8 +84,10 @@ class ObjectiveConfig:
     bottleneck_weight: λ4 = 0.01 on the bottleneck's "kl" (SoftVQ's entropy regulariser Eq. 4, or
         the KL-VAE's KL) and "entropy" losses.
     codebook_weight / commit_weight: VQ's codebook loss weight (1, VQ-VAE Eq. 2) and commitment β
-        (None = the tokenizer's ``bottleneck.commitment_weight``, 0.25 by default).
+        (None = the tokenizer's ``bottleneck.commitment_weight``, 0.25 by default); they also weigh
+        SoftVQ's opt-in codebook / commit losses (supp. Tab. 5) and LFQ's commit loss.
     bottleneck_loss_weights: per-name overrides for any loss a bottleneck returns.
+    A weight for a loss the chosen bottleneck never returns is refused (:meth:`check_bottleneck`).
     """
 
     reconstruction: Literal["l1", "l2"] = "l2"
@@ -132,12 +131,36 @@ class ObjectiveConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"objective.{name} must be in [0, 1], got {getattr(self, name)}")
         for name, weight in self.bottleneck_loss_weights.items():
-            if name not in BOTTLENECK_LOSSES:
+            if name not in LOSS_NAMES:
                 raise ValueError(f"objective.bottleneck_loss_weights has no loss {name!r}; bottlenecks return "
-                                 f"{', '.join(BOTTLENECK_LOSSES)}")
+                                 f"{', '.join(LOSS_NAMES)}")
             if weight < 0:
                 raise ValueError(f"objective.bottleneck_loss_weights.{name} must be >= 0, got {weight}")
         return self
+
+    def check_bottleneck(self, bottleneck: BottleneckConfig) -> None:
+        """Refuse a weight for a loss that ``bottleneck`` never returns (``bottleneck_losses``): it
+        would be accepted, saved in config.yaml, and do nothing. Checked where a weight is known to
+        be the user's: every ``bottleneck_loss_weights`` entry, ``commit_weight`` when set (None
+        follows the bottleneck's β), ``codebook_weight`` when changed from Eq. 2's 1 (its default
+        is written into every saved config, so an unchanged 1 cannot be told from a chosen one).
+        """
+        returned = bottleneck_losses(bottleneck)
+        keys = [(f"bottleneck_loss_weights.{name}", name) for name in self.bottleneck_loss_weights]
+        if self.commit_weight is not None:
+            keys.append(("commit_weight", "commit"))
+        if self.codebook_weight != ObjectiveConfig.codebook_weight:
+            keys.append(("codebook_weight", "codebook"))
+        for key, name in keys:
+            if name in returned:
+                continue
+            if bottleneck.kind in ("softvq", "gmmvq") and name in ("codebook", "commit"):
+                fix = f"set model.bottleneck.{name}_loss=true to add it (supp. Tab. 5), or remove objective.{key}"
+            else:
+                fix = f"remove objective.{key}, or choose a model.bottleneck.kind that returns {name!r}"
+            raise ValueError(f"objective.{key} weights a {name!r} loss that model.bottleneck (kind "
+                             f"{bottleneck.kind!r}) never returns, so it would do nothing; this bottleneck returns "
+                             f"{', '.join(returned) or 'no losses'}: {fix}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ObjectiveConfig":
@@ -172,6 +195,7 @@ class TokenizerObjective(nn.Module):
         object.__setattr__(self, "_tokenizer", tokenizer)
         self.patch_size = tokenizer.config.patch_size
         bottleneck_cfg = tokenizer.config.bottleneck
+        cfg.check_bottleneck(bottleneck_cfg)
         self.loss_weights = {
             "kl": cfg.bottleneck_weight,
             "entropy": cfg.bottleneck_weight,

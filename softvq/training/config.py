@@ -239,6 +239,7 @@ class TrainConfig:
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.bundled_scales must satisfy 0 < min <= max <= 1, got {self.data.bundled_scales}")
         self.objective.validate()
+        self.objective.check_bottleneck(self.model.bottleneck)  # a weight no loss of the model reads
         self._check_discriminator_fits()
         self._check_alignment_fits()
         return self
