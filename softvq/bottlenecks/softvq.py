@@ -7,8 +7,9 @@
 Everything is differentiable: no straight-through estimator, no codebook or commit loss (Sec. 3.2,
 Eq. 7: "Neither codebook nor commit loss as in VQ is needed"). Supplementary Tab. 5 nevertheless
 trains SoftVQ-S-64 with VQ's losses added, one at a time; ``codebook_loss`` / ``commit_loss``
-switch them on (off by default, see :meth:`SoftVQ.vq_losses`). The arithmetic lives in :mod:`softvq.bottlenecks.soft_assign`, by default in its memory-lean
-chunked form (``chunk_size=None``); ``chunk_size=0`` selects the straightforward autograd form.
+switch them on (off by default, see :meth:`SoftVQ.vq_losses`). The arithmetic lives in
+:mod:`softvq.bottlenecks.soft_assign`, by default in its memory-lean chunked form
+(``chunk_size=None``); ``chunk_size=0`` selects the straightforward autograd form.
 Two distances are supported and named after their source:
 
 * ``distance="l2"``      the paper's Eq. 4, ‖ẑ − c‖₂ (not squared).
@@ -42,8 +43,8 @@ class SoftVQ(Bottleneck):
     Tab. 5; off by default, as in the paper's SoftVQ; see :meth:`vq_losses`).
 
     losses: ``kl`` = H(q) − H(E q) over the tokens of the batch (unweighted; λ4 lives in the
-    objective), plus ``codebook`` and ``commit`` where switched on. metrics: ``perplexity`` of E q, ``usage`` (fraction of codewords chosen by argmax),
-    ``temperature`` (τ, or 1/mean ω for GMMVQ).
+    objective), plus ``codebook`` and ``commit`` where switched on. metrics: ``perplexity`` of E q,
+    ``usage`` (fraction of codewords chosen by argmax), ``temperature`` (τ, or 1/mean ω for GMMVQ).
     """
 
     def __init__(
