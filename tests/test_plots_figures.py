@@ -119,7 +119,7 @@ def test_plot_runs_draws_everything_a_run_allows(tmp_path):
     written = plot_runs([tmp_path / "run", tmp_path / "empty"], tmp_path / "out", per_class=3,
                         num_reconstructions=3, projection="pca", log=messages.append)
     names = sorted(p.name for p in written)
-    assert names == ["codebook_usage.png", "comparison.md", "latents.png", "rate_quality.png",
+    assert names == ["codebook_usage.png", "codewords.png", "comparison.md", "latents.png", "rate_quality.png",
                      "reconstructions.png", "training_curves.png"]
     for path in written:
         if path.suffix == ".png":
@@ -178,7 +178,7 @@ def test_cli_plot(tmp_path, capsys):
                  "--num-reconstructions", "2", "--projection", "pca", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out.split()
-    assert len(printed) == 6 and sum(p.endswith(".png") for p in printed) == 5 and printed[-2].endswith("comparison.md")
+    assert len(printed) == 7 and sum(p.endswith(".png") for p in printed) == 6 and printed[-2].endswith("comparison.md")
     assert main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
 
 
@@ -208,3 +208,36 @@ def test_short_logs_draw_their_raw_curve_solid_and_long_ones_add_the_smoothed_li
     assert len(short) == 1 and short[0].get_alpha() in (None, 1.0)  # nothing to smooth: not faint
     raw, ema = long
     assert raw.get_alpha() < 1 and ema.get_alpha() in (None, 1.0)
+
+
+def test_the_first_codebook_is_compared_with_the_tokens_it_reads():
+    """Supp. Fig. 5's picture: the release's segment codebooks read the first L/S tokens,
+    L2-normalised for the cosine distance; GMMVQ's ω channel is not a coordinate; a bottleneck
+    without one codebook over whole tokens has no such picture."""
+    from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig
+    from softvq.evaluation.runs import first_codebook
+
+    vit = ViTConfig(width=32, depth=1, heads=2)
+
+    def model(**bottleneck):
+        return softvq.Tokenizer(TokenizerConfig(image_size=32, patch_size=8, num_tokens=8, encoder=vit, decoder=vit,
+                                                bottleneck=BottleneckConfig(latent_dim=4, codebook_size=16,
+                                                                            **bottleneck)))
+
+    features = torch.randn(3, 8, 4)
+    release = model(kind="softvq", segments=4, distance="cosine")
+    codewords, tokens = first_codebook(release, features)
+    part = release.bottleneck.parts[0]
+    assert torch.equal(codewords, torch.nn.functional.normalize(part.codebook.detach(), dim=-1))
+    assert torch.allclose(tokens, torch.nn.functional.normalize(features[:, :2].reshape(-1, 4), dim=-1))
+    codewords, tokens = first_codebook(model(kind="gmmvq"), torch.randn(3, 8, 5))
+    assert codewords.shape == (16, 4) and tokens.shape == (24, 4)
+    assert first_codebook(model(kind="ae"), features) is None
+    assert first_codebook(model(kind="softvq", groups=2), features) is None  # channel groups: half-tokens
+
+
+def test_codewords_picture_refuses_codewords_of_another_width(tmp_path):
+    with pytest.raises(ValueError, match="tokens have 4 channels but codewords 3"):
+        plots.plot_codewords(torch.randn(5, 3), torch.randn(10, 4), tmp_path / "c.png")
+    assert_picture(plots.plot_codewords(torch.randn(5, 4), torch.randn(10, 4), tmp_path / "c.png",
+                                        counts=np.array([3, 0, 1, 0, 9])))

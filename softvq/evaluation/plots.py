@@ -255,6 +255,43 @@ def plot_latent_projection(features: Tensor | np.ndarray, latents: Tensor | np.n
     return _save(fig, path)
 
 
+def plot_codewords(codewords: Tensor | np.ndarray, tokens: Tensor | np.ndarray, path: str | Path, *,
+                   counts: np.ndarray | None = None, title: str | None = None) -> Path:
+    """Supp. Fig. 5: the codewords among the encoder's tokens, in the tokens' first two principal
+    components (both sets projected with the tokens' basis, so the axes are the data's). Tokens are
+    orange; codewords are coloured by how often argmax picked them (``counts``), never-picked ones
+    drawn as grey crosses. A codebook spread over the whole token cloud is what the paper shows
+    for SoftVQ; codewords off to one side, or a few used ones, is collapse."""
+    t = np.asarray(tokens, dtype=np.float64).reshape(len(tokens), -1)
+    c = np.asarray(codewords, dtype=np.float64).reshape(len(codewords), -1)
+    if t.shape[1] != c.shape[1]:
+        raise ValueError(f"tokens have {t.shape[1]} channels but codewords {c.shape[1]}")
+    if len(t) < 2:
+        raise ValueError("need at least 2 tokens to project")
+    centre = t.mean(0)
+    _, _, vt = np.linalg.svd(t - centre, full_matrices=False)
+    basis = vt[:2].T if vt.shape[0] >= 2 else np.pad(vt.T, ((0, 0), (0, 2 - vt.shape[0])))
+    txy, cxy = (t - centre) @ basis, (c - centre) @ basis
+    fig = _figure(6, 5)
+    ax = fig.subplots()
+    used = np.ones(len(c), bool) if counts is None else np.asarray(counts) > 0
+    # unused codewords below the tokens, the used ones on top: what the eye should find first
+    ax.scatter(cxy[~used, 0], cxy[~used, 1], s=9, marker="x", color="0.35", linewidths=0.5,
+               label=f"{(~used).sum()} codewords never picked")
+    ax.scatter(txy[:, 0], txy[:, 1], s=7, color="tab:orange", alpha=0.35, linewidths=0, label=f"{len(t)} tokens ẑ")
+    if counts is None:
+        ax.scatter(cxy[:, 0], cxy[:, 1], s=12, color="tab:blue", linewidths=0, label=f"{len(c)} codewords")
+    else:
+        points = ax.scatter(cxy[used, 0], cxy[used, 1], s=16, c=np.log10(np.asarray(counts)[used]), cmap="viridis",
+                            linewidths=0, label=f"{used.sum()} codewords picked")
+        fig.colorbar(points, ax=ax, label="log10 times picked (argmax)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, loc="upper right", markerscale=2)
+    ax.set_title(title or "codewords among the tokens (PCA of the tokens)", fontsize=10)
+    return _save(fig, path)
+
+
 def _class_colours(n: int) -> list:
     from matplotlib import colormaps
 

@@ -191,14 +191,33 @@ def _encode_all(model, images: torch.Tensor, batch_size: int, device: torch.devi
         x = uint8_to_model(chunk).to(device)
         enc = model.encode(x)
         recs.append(quantize_to_uint8(model.decode(enc.latents, x.shape[-1])).cpu())
-        feats.append(enc.features.flatten(1).float().cpu())
+        feats.append(enc.features.float().cpu())
         lats.append(enc.latents.flatten(1).float().cpu())
         if enc.indices is not None:
             idx.append(enc.indices.cpu())
     indices = torch.cat(idx) if idx else None
     segments = max(model.config.bottleneck.segments, 1)
     rows = codebook_rows(indices, segments) if indices is not None else None
-    return torch.cat(feats), torch.cat(lats), torch.cat(recs), rows
+    return torch.cat(feats), torch.cat(lats), torch.cat(recs), rows  # features (N, L, D_in)
+
+
+def first_codebook(model, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codewords (K, D), tokens (N·L', D)) of the model's first codebook and the tokens it reads,
+    as its assignment compares them (L2-normalised for the cosine distance): all L tokens, or the
+    first segment's L/S with the release's segment codebooks. None where no one codebook reads
+    whole tokens (continuous bottlenecks, LFQ, channel groups, residual levels)."""
+    from softvq.bottlenecks.segments import SegmentCodebooks
+
+    bottleneck, tokens = model.bottleneck, features
+    if isinstance(bottleneck, SegmentCodebooks):
+        bottleneck, tokens = bottleneck.parts[0], features[:, : features.shape[1] // len(bottleneck.parts)]
+    if not hasattr(bottleneck, "normalized_codebook"):
+        return None
+    codewords = bottleneck.normalized_codebook().detach().float().cpu()
+    tokens = tokens[..., : codewords.shape[1]].reshape(-1, codewords.shape[1]).float()  # GMMVQ: ω's channel off
+    if getattr(bottleneck, "distance", "l2") == "cosine":
+        tokens = torch.nn.functional.normalize(tokens, dim=-1)
+    return codewords, tokens
 
 
 def codebook_counts(rows: torch.Tensor, codebook_size: int) -> np.ndarray:
@@ -258,8 +277,13 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
         if counts is not None:
             written.append(plots.plot_codebook_usage(counts, folder / "codebook_usage.png",
                                                      title=f"{run.name} ({where})"))
+        view = first_codebook(model, feats)
+        if view is not None:
+            picked = codebook_counts(rows, model.bottleneck.codebook_size)[0] if rows is not None else None
+            written.append(plots.plot_codewords(*view, folder / "codewords.png", counts=picked,
+                                                title=f"{run.name}: codewords among the tokens ({len(imgs)} plot images)"))
         if len(np.unique(labels)) > 1 or len(labels) > 2:
-            written.append(plots.plot_latent_projection(feats, lats, labels, folder / "latents.png",
+            written.append(plots.plot_latent_projection(feats.flatten(1), lats, labels, folder / "latents.png",
                                                         class_names=names, method=projection,
                                                         title=run.name))
     rows = [comparison_row(r) for r in runs]
