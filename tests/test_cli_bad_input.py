@@ -381,8 +381,15 @@ def test_generate_says_what_a_folder_that_is_not_a_generator_is(tmp_path, capsys
     (tmp_path / "lat" / "meta.json").write_text(json.dumps({"format": "softvq-latents"}))
     (tmp_path / "genrun").mkdir()  # train-generator stopped before its export
     (tmp_path / "genrun" / "config.json").write_text(json.dumps({"train": {}, "model": {}, "latents_sha1": "0"}))
+    (tmp_path / "tokrun" / "config.yaml").write_text("model: {}\n")  # and one of its training checkpoints
+    (tmp_path / "tokrun" / "checkpoints").mkdir()
+    torch.save({"step": 1}, tmp_path / "tokrun" / "checkpoints" / "step-00000001.pt")
     for folder, named in (("tokrun", "is a tokenizer training run (its tokenizer is"),
                           ("tokrun/export", "is a tokenizer, not a generator; pass it as --tokenizer"),
+                          ("tokrun/checkpoints/step-00000001.pt", "is a checkpoint of a tokenizer training run, not "
+                                                                  "of a generator; pass it as --tokenizer"),
+                          ("tokrun/export/config.json", "is a file that is not a generator checkpoint; pass a "
+                                                        "generator folder"),
                           ("lat", "is a latent set (meta.json, written by pretokenize), not a generator; train one on "
                                   "it with `softvq train-generator --latents"),
                           ("genrun", "is a train-generator run with no generator/ yet (it stopped before its last "

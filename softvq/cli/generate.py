@@ -4,6 +4,11 @@
     softvq generate GEN --out OUT --classes 207,360 --per-class 8 --cfg 1.75 --interval 0 0.7
     softvq generate MAR_GEN --out OUT --cfg 3.0 --ar-steps 64 --temperature 1.0   # MAR (paper: cfg 3.0)
     softvq generate GEN --out OUT --per-class 50 --fid-ref stats.npz      # + gFID
+    softvq generate RUN/checkpoints/step-00400000.pt --out OUT --per-class 50   # a step along training (Tab. 8)
+
+GEN is a generator folder (RUN/generator, or RUN/generator-step-NNNNNNNN from train-generator
+--export-at), the run folder RUN, or a training checkpoint RUN/checkpoints/step-NNNNNNNN.pt (its EMA
+weights, as an export at that step would hold them).
 
 Writes OUT/images/000000.png ... (one file per sample, readable by FID tools), OUT/grid.png
 (one row per class, at most 16 x 16), OUT/samples.json (labels, class names, sampler settings), and
@@ -32,7 +37,9 @@ FID_RECORD = "fid.json"  # gFID of --fid-ref, written into OUT beside samples.js
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="sample images from a trained DiT / SiT / MAR generator",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("generator", help="generator folder (RUN/generator written by the generator trainer), or the run folder RUN")
+    p.add_argument("generator", help="generator folder (RUN/generator written by the generator trainer, or "
+                                     "RUN/generator-step-N of --export-at), the run folder RUN, or a training "
+                                     "checkpoint RUN/checkpoints/step-N.pt (its EMA weights)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", metavar="SPEC", help="tokenizer to decode with (default: the one the latents came from)")
     p.add_argument("--classes", default="all", help="comma-separated class indices or names, or 'all' (default)")
@@ -136,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes, meta.classes, model.config.num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
     # recorded as the folders they load, so RUN and RUN/generator, or tok and /abs/tok, continue one another
-    record = {"generator": portable_spec(str(generator_run_export(args.generator) or args.generator)),
+    checkpoint = Path(args.generator).expanduser()
+    record = {"generator": str(checkpoint.resolve()) if checkpoint.is_file()
+              else portable_spec(str(generator_run_export(args.generator) or args.generator)),
               "tokenizer": portable_spec(str(training_run_export(spec_name) or spec_name))}
     result = write_samples(model, meta, tokenizer, labels, spec, args.out, seed=args.seed,
                            batch_size=args.batch_size, record=record, accelerator=accelerator)

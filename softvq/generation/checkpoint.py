@@ -4,6 +4,11 @@
 the backbone config, the objective (SiT path or DiT schedule), the latent statistics the
 generator was trained on ((z − mean) / std), the tokenizer that decodes its latents, and the
 class names. Loading is strict (missing / unexpected keys are named).
+
+A ``train-generator`` run folder holds such a folder at the end (``RUN/generator``) and at the
+steps of ``--export-at`` (``RUN/generator-step-NNNNNNNN``); its training checkpoints
+(``RUN/checkpoints/step-NNNNNNNN.pt``) load as generators too, with their EMA weights: paper
+Tab. 8 (supp. Tab. 9) samples along training, at 400K, 1M, 2M, 3M and 4M steps.
 """
 
 from __future__ import annotations
@@ -63,6 +68,26 @@ def save_generator(model: Generator, meta: GeneratorMeta, directory: str | Path,
 
 
 EXPORT_NAME = "generator"  # where softvq train-generator exports its EMA weights in a run folder
+MILESTONE_PREFIX = "generator-step-"  # and where --export-at exports them along the way
+
+
+def milestone_export(run: str | Path, step: int) -> Path:
+    """``RUN/generator-step-NNNNNNNN``, the EMA generator ``--export-at`` writes at ``step`` (paper
+    Tab. 8's generation over training); unlike checkpoints, never deleted by ``keep_checkpoints``."""
+    return Path(run) / f"{MILESTONE_PREFIX}{step:08d}"
+
+
+def run_meta(train: dict[str, Any], latents_meta: dict[str, Any]) -> GeneratorMeta:
+    """The meta of a ``train-generator`` run from its resolved training settings (``config.json``'s
+    ``train``) and its latent set's ``meta.json``: the tokenizer is ``--tokenizer`` or the set's."""
+    from softvq.checkpoint.specs import portable_spec  # latent sets made before their specs were absolute
+
+    tokenizer = train.get("tokenizer") or latents_meta.get("tokenizer")
+    return GeneratorMeta(objective=train["objective"], path=train["path"], schedule=train["schedule"],
+                         diffusion_steps=train["diffusion_steps"], latent_mean=float(latents_meta["latent_mean"]),
+                         latent_std=float(latents_meta["latent_std"]),
+                         tokenizer=tokenizer and portable_spec(tokenizer),
+                         tokenizer_sha1=latents_meta.get("tokenizer_sha1"), classes=list(latents_meta["classes"]))
 
 
 def generator_run_export(folder: str | Path) -> Path | None:
@@ -107,16 +132,63 @@ def _json_object(file: Path) -> dict[str, Any]:
 
 def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[Generator, GeneratorMeta]:
     """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`; a
-    ``train-generator`` run folder stands for its export, ``RUN/generator``."""
+    ``train-generator`` run folder stands for its export, ``RUN/generator``, and a training
+    checkpoint of a run, ``RUN/checkpoints/step-N.pt``, gives the EMA weights of step N (what an
+    export at N would hold) with the run's config."""
+    if Path(path_or_id).expanduser().is_file():
+        model, meta = _from_training_checkpoint(Path(path_or_id).expanduser())
+        return model.to(map_location).eval(), meta
     path_or_id = generator_run_export(path_or_id) or path_or_id
     _refuse_other_folders(Path(path_or_id).expanduser())
     folder, payload = read_folder_config(path_or_id, FORMAT, "softvq generator",
                                          "tokenizers load with softvq.Tokenizer.from_pretrained")
     model = build_generator(payload["config"])
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
+    return model.to(map_location).eval(), _meta(payload.get("meta", {}))
+
+
+def _meta(fields: dict[str, Any]) -> GeneratorMeta:
     known = GeneratorMeta.__dataclass_fields__
-    meta = GeneratorMeta(**{k: v for k, v in payload.get("meta", {}).items() if k in known})
-    return model.to(map_location).eval(), meta
+    return GeneratorMeta(**{k: v for k, v in fields.items() if k in known})
+
+
+def _from_training_checkpoint(file: Path) -> tuple[Generator, GeneratorMeta]:
+    """The generator of a ``train-generator`` checkpoint file: the run's backbone config
+    (``RUN/config.json``), the checkpoint's weights with its EMA in place of the trained ones (the
+    weights sampling uses, as in an export), and the meta the checkpoint records."""
+    from softvq.checkpoint.pretrained import CheckpointError
+    from softvq.training.checkpointing import CHECKPOINT_DIR, checkpoint_step, load_checkpoint
+
+    run = file.parent.parent
+    config = _json_object(run / CONFIG_NAME)
+    in_run = file.parent.name == CHECKPOINT_DIR and checkpoint_step(file) is not None
+    kinds = "a generator folder (train-generator's RUN/generator), its run RUN, or one of its checkpoints RUN/checkpoints/step-N.pt"
+    if in_run and (run / "config.yaml").is_file():  # the tokenizer trainer's run config
+        raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass it as "
+                              f"--tokenizer (its run {run}, once exported), and as the generator {kinds}")
+    if not (in_run and "train" in config and "model" in config):
+        raise CheckpointError(f"{file} is a file that is not a generator checkpoint; pass {kinds}")
+    state = load_checkpoint(file)
+    model = build_generator(config["model"])
+    load_strict(model, {**state["model"], **state["ema"]["shadow"]}, str(file))
+    meta = _meta(state["meta"]) if "meta" in state else _older_checkpoint_meta(file, config)
+    return model, meta
+
+
+def _older_checkpoint_meta(file: Path, config: dict[str, Any]) -> GeneratorMeta:
+    """Checkpoints written before they recorded the meta: it is rebuilt from the latent set the run
+    was started on, when that set is still where ``config.json`` says (and is the same set)."""
+    from softvq.checkpoint.pretrained import CheckpointError
+    from softvq.generation.latents import META_NAME
+    from softvq.generation.train import latent_set_sha1
+
+    latents = Path(str(config["train"].get("latents", ""))).expanduser()
+    data = _json_object(latents / META_NAME)
+    if not data or latent_set_sha1(data) != config.get("latents_sha1", latent_set_sha1(data)):
+        raise CheckpointError(f"{file} was written before checkpoints recorded their latent statistics, and the "
+                              f"latent set its run was started on is not at {latents} any more; put it back there "
+                              f"(its {META_NAME} is enough)")
+    return run_meta(config["train"], data)
 
 
 def _refuse_other_folders(path: Path) -> None:
@@ -136,6 +208,10 @@ def _refuse_other_folders(path: Path) -> None:
         raise CheckpointError(f"{path} is a tokenizer, not a generator; pass it as --tokenizer, and a generator "
                               f"(train-generator's RUN) first")
     if kind == "unfinished generator run":
+        from softvq.training.checkpointing import latest_checkpoint
+
+        latest = latest_checkpoint(path)
+        sample = f", or sample its last checkpoint: generate {latest}" if latest is not None else ""
         raise CheckpointError(f"{path} is a train-generator run with no {EXPORT_NAME}/ yet (it stopped before its "
                               f"last step); rerun the same train-generator command to finish it, from its last "
-                              f"checkpoint")
+                              f"checkpoint{sample}")

@@ -34,6 +34,12 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt"
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step in a checkpoint file's name (``step-00001234.pt`` -> 1234), or None for another name."""
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Checkpoints of a run, oldest first (half-written temporary files are never listed)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
