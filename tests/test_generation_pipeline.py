@@ -676,3 +676,70 @@ def test_generate_continues_across_spellings_of_the_same_folders_and_checks_fid_
     assert main(["generate", "sit", *make[:1], "o2", *make[2:], "--fid-ref", "bad.npz"]) == 2
     assert "bad.npz is not a reference-statistics .npz" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()  # refused before sampling
+
+
+def test_export_at_keeps_the_ema_of_its_steps_and_generate_takes_a_training_checkpoint(tmp_path, capsys):
+    """Paper Tab. 8 samples one run along training: --export-at folders hold the EMA of their step
+    (what the checkpoint of that step holds), outlive --keep-checkpoints, and a kept checkpoint
+    loads as the generator an export at its step would be."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from softvq.checkpoint.pretrained import CheckpointError
+    from softvq.cli.main import main
+    from softvq.training.checkpointing import checkpoint_path, list_checkpoints
+
+    tiny_tokenizer(tmp_path)
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat",
+                tokenizer_spec=str(tmp_path / "tok"), progress=False)
+    run = tmp_path / "run"
+    common = dict(latents=str(tmp_path / "lat"), out=str(run), objective="sit", width=32, depth=1, heads=2,
+                  batch_size=4, checkpoint_every=2, keep_checkpoints=1, cpu=True)
+    train_generator(GeneratorTrainConfig(steps=2, export_at=[2], **common), progress=False)
+    milestone = run / "generator-step-00000002"
+    state = torch.load(checkpoint_path(run, 2), weights_only=True)
+    exported = load_file(str(milestone / "model.safetensors"))
+    shadow = state["ema"]["shadow"]
+    assert set(exported) == set(state["model"]) and set(shadow) <= set(exported)
+    assert all(torch.equal(exported[k], shadow.get(k, state["model"][k])) for k in exported)
+    assert any(not torch.equal(state["model"][k], v) for k, v in shadow.items())  # the EMA, not the trained weights
+    assert json.loads((milestone / "config.json").read_text())["step"] == 2
+
+    # continued with more milestones: step 1 has passed unexported, step 9 lies beyond the end
+    capsys.readouterr()
+    train_generator(GeneratorTrainConfig(steps=4, export_at=[1, 2, 9], **common), progress=False)
+    err = capsys.readouterr().err
+    assert "--export-at 1: the run resumes at step 2, past it, so it cannot be exported" in err
+    assert "--export-at 9 is beyond the run's 4 steps" in err and "--export-at 2" not in err
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000004.pt"]  # step 2's checkpoint is gone ...
+    assert load_file(str(milestone / "model.safetensors")).keys() == exported.keys()  # ... its export is kept
+    assert all(torch.equal(load_file(str(milestone / "model.safetensors"))[k], v) for k, v in exported.items())
+    assert not (run / "generator-step-00000001").exists() and not (run / "generator-step-00000009").exists()
+
+    # the last checkpoint loads as exactly the final export, weights and meta
+    final, final_meta = load_generator(run / "generator")
+    from_checkpoint, meta = load_generator(checkpoint_path(run, 4))
+    assert meta == final_meta and meta.classes == ["a", "b", "c"] and meta.tokenizer == str(tmp_path / "tok")
+    for (name, a), b in zip(final.state_dict().items(), from_checkpoint.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not from_checkpoint.training
+
+    # a checkpoint written before checkpoints held the meta takes it from the run's latent set
+    old = tmp_path / "old" / "checkpoints" / "step-00000004.pt"
+    old.parent.mkdir(parents=True)
+    shutil.copy(run / "config.json", tmp_path / "old" / "config.json")
+    torch.save({k: v for k, v in torch.load(checkpoint_path(run, 4), weights_only=True).items() if k != "meta"}, old)
+    assert load_generator(old)[1] == meta
+    shutil.move(tmp_path / "lat", tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="before checkpoints recorded their latent statistics, and the latent "
+                                              "set its run was started on is not at"):
+        load_generator(old)
+    shutil.move(tmp_path / "elsewhere", tmp_path / "lat")
+
+    # softvq generate from the intermediate checkpoint writes images
+    out = tmp_path / "samples"
+    assert main(["generate", str(checkpoint_path(run, 4)), "--out", str(out), "--classes", "0,1",
+                 "--per-class", "1", "--steps", "2", "--device", "cpu"]) == 0
+    assert len(list((out / "images").glob("*.png"))) == 2
+    assert json.loads((out / "samples.json").read_text())["generator"] == str(checkpoint_path(run, 4).resolve())

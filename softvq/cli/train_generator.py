@@ -3,6 +3,11 @@
     softvq train-generator --latents runs/latents --out runs/sit --objective sit --size XL
     softvq train-generator --latents runs/latents --out runs/sit-tiny --width 128 --depth 4 --heads 4 --steps 600
     softvq train-generator --latents runs/latents --out runs/mar-h --objective mar --epochs 500
+    softvq train-generator --latents runs/latents --out runs/sit-xl --steps 4000000 --export-at 400000 1000000 2000000 3000000
+
+``--export-at`` also writes the EMA generator at those steps to ``RUN/generator-step-NNNNNNNN`` (paper
+Tab. 8's generation over training; kept whatever ``--keep-checkpoints`` deletes), and ``softvq
+generate`` also takes a kept checkpoint, ``RUN/checkpoints/step-NNNNNNNN.pt``, with its EMA weights.
 
 Fields left unset take the objective's recipe (paper Sec. 4.1 and supp. C.2): DiT/SiT XL for 3M
 steps, lr 1e-4, batch 256; MAR H for 500 epochs with 100 of warm-up, lr 2e-4, batch 2048, AdamW β2
@@ -62,13 +67,18 @@ FLAG_HELP: dict[str, str] = {
     "log_every": "steps between log lines (default 50)",
     "checkpoint_every": "steps between checkpoints (default 5000; also written when stopped)",
     "keep_checkpoints": "checkpoints kept (default 3)",
+    "export_at": "steps at which the EMA generator is also exported, to RUN/generator-step-NNNNNNNN, kept whatever "
+                 "--keep-checkpoints deletes (paper Tab. 8: 400000 1000000 2000000 3000000 4000000)",
     "tokenizer": "tokenizer SPEC `generate` decodes with (default: the one in the latents' meta.json): a preset, "
                  "a tokenizer folder or run, a hub id or official:...; checked at the start",
     "cpu": "train on the CPU even where a GPU is present",
 }
 def flag_type(hint: typing.Any) -> tuple[type, tuple[str, ...] | None]:
-    """The argparse type and choices of a field annotated ``hint``: ``int`` for ``int`` and for
-    ``int | None``; ``str`` and the values of a ``Literal[...]`` (with or without ``| None``)."""
+    """The argparse type and choices of a field annotated ``hint``: ``int`` for ``int``, for
+    ``int | None`` and for ``list[int]`` (one or more values); ``str`` and the values of a
+    ``Literal[...]`` (with or without ``| None``)."""
+    if typing.get_origin(hint) is list:
+        return flag_type(typing.get_args(hint)[0])
     unions = (typing.Union, types.UnionType)
     members = [arg for arg in typing.get_args(hint) if arg is not type(None)] if typing.get_origin(hint) in unions else [hint]
     if len(members) == 1 and typing.get_origin(members[0]) is Literal:
@@ -90,6 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help_text = FLAG_HELP[f.name]  # a new field without help fails here and in the tests
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(hints[f.name]) is list:
+            parser.add_argument(flag, type=kind, nargs="+", default=default, help=help_text, metavar="STEP")
         else:
             parser.add_argument(flag, type=kind, default=default, help=help_text, choices=choices)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

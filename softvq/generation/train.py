@@ -18,7 +18,9 @@ optimizer, step and RNG states; batches are a function of (seed, step, rank), so
 continues exactly), shows a progress bar, and appends one JSON line per ``log_every`` steps to
 ``log.jsonl``. Ctrl-C or SIGTERM finishes the step and writes a checkpoint before stopping
 (``softvq.training.stopping``). At the end the EMA weights are exported to ``RUN/generator``
-for ``softvq generate``.
+for ``softvq generate``, and at each step of ``export_at`` to ``RUN/generator-step-NNNNNNNN``
+(paper Tab. 8 / supp. Tab. 9: gFID and IS at 400K, 1M, 2M, 3M and 4M steps of one run), which
+``keep_checkpoints`` never deletes.
 
 The command line is ``softvq train-generator`` (:mod:`softvq.cli.train_generator`, one flag per
 field of :class:`GeneratorTrainConfig`); from Python:
@@ -36,7 +38,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +46,7 @@ import torch
 
 from softvq.atomic import write_json
 from softvq.config import check_field_types
-from softvq.generation.checkpoint import EXPORT_NAME, GeneratorMeta, folder_kind, save_generator
+from softvq.generation.checkpoint import EXPORT_NAME, folder_kind, milestone_export, run_meta, save_generator
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
@@ -71,6 +73,8 @@ class GeneratorTrainConfig:
     warmup_steps / warmup_epochs: linear learning-rate warm-up from 0, then constant; give one.
                   Recipe: DiT/SiT none, MAR 100 epochs.
     ema_warmup: decay min(ema_decay, (1+n)/(10+n)) so short runs do not average the random init.
+    export_at:  steps at which the EMA generator is also exported, to ``RUN/generator-step-NNNNNNNN``
+                (paper Tab. 8: 400000 1000000 2000000 3000000 4000000).
     """
 
     latents: str = ""
@@ -106,6 +110,7 @@ class GeneratorTrainConfig:
     log_every: int = 50
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
+    export_at: list[int] = field(default_factory=list)
     tokenizer: str | None = None
     cpu: bool = False
 
@@ -170,6 +175,8 @@ class GeneratorTrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
+        if any(step < 1 for step in self.export_at):
+            raise ValueError(f"--export-at takes steps of 1 or more, got {' '.join(map(str, self.export_at))}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if resolved.lr <= 0:
@@ -266,7 +273,8 @@ STOP_AGREEMENT_EVERY = 10
 # What a rerun may change when it continues a run: how long it trains, how often it logs and
 # saves, where the folders are now, and the device. Anything else would make a run that no
 # uninterrupted run makes.
-CHANGEABLE_ON_RESUME = ("out", "latents", "steps", "epochs", "log_every", "checkpoint_every", "keep_checkpoints", "cpu")
+CHANGEABLE_ON_RESUME = ("out", "latents", "steps", "epochs", "log_every", "checkpoint_every", "keep_checkpoints",
+                        "export_at", "cpu")
 
 
 def recorded_train(cfg: GeneratorTrainConfig) -> dict[str, Any]:
@@ -322,6 +330,25 @@ def exported_step(export: Path) -> int | str | None:
         return json.loads((export / "config.json").read_text()).get("step", "unknown")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def milestone_warnings(cfg: GeneratorTrainConfig, run: Path, start: int) -> list[str]:
+    """What ``--export-at`` will not do: steps beyond the run's end, and steps a resumed run has
+    passed without their export (given only now); the latter may still be in a checkpoint."""
+    from softvq.training.checkpointing import checkpoint_path
+
+    notes = []
+    for step in sorted(set(cfg.export_at)):
+        if step > cfg.steps:
+            notes.append(f"--export-at {step} is beyond the run's {cfg.steps} steps, so it is not exported; "
+                         f"continue the run with --steps {step} or more to reach it")
+        elif step <= start and not milestone_export(run, step).is_dir():
+            kept = checkpoint_path(run, step)
+            where = (f"sample it from its checkpoint with `softvq generate {kept}`" if kept.is_file()
+                     else "its checkpoint is not kept either")
+            notes.append(f"--export-at {step}: the run resumes at step {start}, past it, so it cannot be exported "
+                         f"any more; {where}")
+    return notes
 
 
 def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[str, Any]:
@@ -399,6 +426,11 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                     "latents_sha1": latent_set_sha1(data.meta)}
         write_json(run / "config.json", resolved)
 
+    if acc.is_main_process:
+        for note in milestone_warnings(cfg, run, start):
+            print(f"softvq: warning: {note}", file=sys.stderr)
+    # what generate needs besides the weights, in every checkpoint and export
+    meta = run_meta(dataclasses.asdict(cfg), data.meta)
     model, optimizer = acc.prepare(model, optimizer)
     latents = (data.latents - data.mean) / data.std  # (z - mean) / std, supp. C.2 / the release
     labels = data.labels
@@ -454,12 +486,16 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
             # no agreement and stops after this step.
             stopping = stop.requested if acc.num_processes == 1 else (
                 done % STOP_AGREEMENT_EVERY == 0 and on_any_process([stop.requested], acc.device)[0])
+            if done in cfg.export_at and acc.is_main_process:  # before the checkpoint: a resume past it has it
+                unwrapped = acc.unwrap_model(model)
+                with ema.swapped_into(unwrapped):
+                    save_generator(unwrapped, meta, milestone_export(run, done), step=done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
                 rngs = gather_objects(capture_rng(), acc.num_processes)  # each process's own stream
                 if acc.is_main_process:
                     unwrapped = acc.unwrap_model(model)
                     save_checkpoint({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "ema": ema.state_dict(), "step": done, "rng": rngs},
+                                     "ema": ema.state_dict(), "step": done, "rng": rngs, "meta": meta.to_dict()},
                                     run, done, keep=cfg.keep_checkpoints)
             if stopping and done < cfg.steps:
                 stopped_at = done
@@ -475,14 +511,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     acc.wait_for_everyone()
     export = run / EXPORT_NAME
     if acc.is_main_process:
-        from softvq.checkpoint.specs import portable_spec  # latent sets made before their specs were absolute
-
         unwrapped = acc.unwrap_model(model)
-        tokenizer = cfg.tokenizer or data.meta.get("tokenizer")
-        meta = GeneratorMeta(objective=cfg.objective, path=cfg.path, schedule=cfg.schedule,
-                             diffusion_steps=cfg.diffusion_steps, latent_mean=data.mean, latent_std=data.std,
-                             tokenizer=tokenizer and portable_spec(tokenizer),
-                             tokenizer_sha1=data.meta.get("tokenizer_sha1"), classes=data.classes)
         with ema.swapped_into(unwrapped):
             save_generator(unwrapped, meta, export, step=cfg.steps)
     return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": cfg.steps, "export": str(export),
