@@ -75,7 +75,7 @@ def test_probe_on_a_labelled_folder_beats_chance(tmp_path):
 
 
 def test_unreadable_labelled_images_are_left_out_with_their_labels(tmp_path):
-    from softvq.evaluation.probe import _readable, tokenizer_features
+    from softvq.evaluation.probe import readable_features, tokenizer_features
 
     photos = bundled_photos()[:2]
     (tmp_path / "a").mkdir()
@@ -87,7 +87,7 @@ def test_unreadable_labelled_images_are_left_out_with_their_labels(tmp_path):
     paths = [tmp_path / "a" / "1.png", tmp_path / "a" / "2.png", tmp_path / "b" / "1.png", tmp_path / "b" / "3.png"]
     model = softvq.Tokenizer.from_preset("softvq-tiny")
     skipped = []
-    feats, labels = _readable(model, paths, torch.tensor([0, 0, 1, 1]), skipped, batch_size=2, progress=False)
+    feats, labels = readable_features(model, paths, torch.tensor([0, 0, 1, 1]), skipped, batch_size=2, progress=False)
     assert skipped == [paths[1]] and labels.tolist() == [0, 1, 1]
     readable = tokenizer_features(model.train(), [paths[0], paths[2], paths[3]], batch_size=3, progress=False)
     torch.testing.assert_close(feats, readable, rtol=1e-5, atol=1e-6)

@@ -229,7 +229,8 @@ def tokenizer_features(model, paths: list[Path], *, which: Literal["latents", "f
     return torch.cat(out)
 
 
-def _readable(model, paths: list[Path], labels: Tensor, skipped: list[Path], **options) -> tuple[Tensor, Tensor]:
+def readable_features(model, paths: list[Path], labels: Tensor, skipped: list[Path],
+                      **options) -> tuple[Tensor, Tensor]:
     """(features, labels) of the readable ``paths``; the unreadable ones are appended to ``skipped``."""
     before = len(skipped)
     feats = tokenizer_features(model, paths, skipped=skipped, **options)
@@ -251,9 +252,9 @@ def probe_folder(model, folder: str | Path, *, val_folder: str | Path | None = N
             raise ValueError(f"validation classes {vclasses} differ from training classes {classes}")
     skipped: list[Path] = []
     options = dict(which=which, batch_size=batch_size, device=device, progress=progress)
-    feats, labels = _readable(model, paths, labels, skipped, **options)
+    feats, labels = readable_features(model, paths, labels, skipped, **options)
     if val_folder is not None:
-        vfeats, vlabels = _readable(model, vpaths, vlabels, skipped, **options)
+        vfeats, vlabels = readable_features(model, vpaths, vlabels, skipped, **options)
         result = train_probe(feats, labels, vfeats, vlabels, seed=seed, which=which, **train_kwargs)
     else:
         tr, va = stratified_split(labels, val_fraction, seed)
