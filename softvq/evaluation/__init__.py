@@ -12,5 +12,6 @@ Modules (each importable on its own; none is imported by ``import softvq``):
 * :mod:`~softvq.evaluation.saved_state` — what an interrupted evaluation keeps to continue;
 * :mod:`~softvq.evaluation.report`    — ``eval.json`` and the ``eval.md`` table;
 * :mod:`~softvq.evaluation.probe`     — linear probing of frozen latents (paper C.3);
+* :mod:`~softvq.evaluation.generator_probe` — the same probe on a DiT / SiT's block features (Fig. 3(b));
 * :mod:`~softvq.evaluation.plots` / :mod:`~softvq.evaluation.runs` — the ``softvq plot`` pictures.
 """
