@@ -100,3 +100,62 @@ def test_a_layer_past_the_depth_a_mar_or_a_noise_level_outside_0_1_is_named():
     with pytest.raises(ValueError, match=r"latents are \(3, 2\) per image but the generator takes \(4, 2\)"):
         generator_features(model, sit, torch.randn(2, 3, 2), layer=2, progress=False)
 
+
+def _labelled_folder(root, per_class=6):
+    """Two classes of flat-colour 32 px images (dark and light), with a little noise."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c, (name, level) in enumerate((("dark", 40), ("light", 210))):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (level + 30 * torch.rand(32, 32, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_eval_probe_generator_writes_the_probe_into_the_report(tmp_path, capsys):
+    from softvq import Tokenizer
+    from softvq.cli.main import main
+    from softvq.generation.latent_sources import folder_source
+    from softvq.generation.pretokenize import pretokenize
+
+    torch.manual_seed(0)
+    tok = Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
+    tok.save_pretrained(tmp_path / "tok")
+    images = _labelled_folder(tmp_path / "labelled")
+    pretokenize(tok, folder_source(images, 32), tmp_path / "lat", tokenizer_spec=str(tmp_path / "tok"),
+                progress=False)
+    model = tiny(depth=2, tokens=tok.num_tokens, dim=tok.latent_dim, classes=2)
+    data = json.loads((tmp_path / "lat" / "meta.json").read_text())
+    meta = GeneratorMeta(objective="sit", tokenizer=str(tmp_path / "tok"), latent_mean=data["latent_mean"],
+                         latent_std=data["latent_std"], classes=["dark", "light"])
+    gen = save_generator(model, meta, tmp_path / "gen")
+
+    # images encoded by the generator's tokenizer are the latent set pretokenize made of them
+    from_images = labelled_latents(images, tok, progress=False)
+    from_set = labelled_latents(tmp_path / "lat", progress=False)
+    torch.testing.assert_close(from_images[0], from_set[0], atol=1e-5, rtol=1e-5)
+    assert from_images[1].tolist() == from_set[1].tolist() and from_images[2] == from_set[2]
+
+    for data_folder in (images, tmp_path / "lat"):
+        out = tmp_path / f"eval-{data_folder.name}"
+        assert main(["eval", "--probe-generator", str(gen), "--probe", str(data_folder), "--probe-layer", "2",
+                     "--probe-t", "0.3", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+        report = json.loads((out / "eval.json").read_text())
+        assert 0.0 <= report["linear_probe_top1"] <= 1.0 and report["linear_probe"]["feature_dim"] == 16
+        assert report["linear_probe"]["which"] == "sit block 2 at t=0.3, null label"
+        assert report["protocol"]["probe layer"] == 2 and report["image_size"] == 32
+        assert "linear probe top-1" in (out / "eval.md").read_text()
+    capsys.readouterr()
+
+    def error(*argv):
+        assert main(["eval", *argv, "--device", "cpu"]) == 2
+        return capsys.readouterr().err.strip()
+
+    assert "which has depth 2: pass a layer from 1 to 2" in error("--probe-generator", str(gen), "--probe", str(images))
+    assert "--probe-layer applies to --probe-generator GEN" in error("--model", "softvq-tiny", "--images", str(images),
+                                                                      "--probe-layer", "3")
+    assert "needs --probe FOLDER" in error("--probe-generator", str(gen))
+    assert "drop --images" in error("--probe-generator", str(gen), "--probe", str(images), "--images", str(images))
+    assert "pass --images DATA" in error("--model", "softvq-tiny")

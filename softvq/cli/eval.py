@@ -16,6 +16,15 @@ saved to ``OUT/eval-state.pt``: after an interruption the same command continues
 ``--probe FOLDER`` adds linear-probe accuracy (paper C.3) on a labelled folder (one sub-folder per
 class). ``--samples DIR`` instead scores generated samples against DATA: gFID, precision/recall
 and, with pytorch-fid's weights, the Inception Score.
+
+``--probe-generator GEN --probe FOLDER`` instead probes a trained DiT / SiT (paper Fig. 3(b)): the
+mean-pooled output of block ``--probe-layer`` (default 20) for latents noised to ``--probe-t``
+(default 0.5, ours: the paper gives none), with the null class label so the label does not leak
+into the features (see ``softvq.evaluation.generator_probe``). FOLDER is a labelled image folder,
+encoded by the generator's tokenizer (or ``--model``), or a latent set from ``softvq pretokenize``
+(for ImageNet, pretokenize first: it continues after an interruption and splits over GPUs). GEN is
+a generator folder, its train-generator run, or a checkpoint RUN/checkpoints/step-N.pt; no
+``--images`` is needed, and the report goes to GEN/eval (a folder) or ./eval.
 """
 
 from __future__ import annotations
@@ -34,8 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="rFID / PSNR / SSIM / LPIPS / codebook use of a tokenizer on an image set",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, default=None)
-    p.add_argument("--images", required=True, metavar="DATA",
-                   help="image folder or .tar shards (the reference images with --samples)")
+    p.add_argument("--images", default=None, metavar="DATA",
+                   help="image folder or .tar shards (the reference images with --samples); required but "
+                        "with --probe-generator")
     p.add_argument("--num-images", type=positive_int, default=50_000,
                    help="first N images in sorted order (default 50000)")
     p.add_argument("--batch-size", type=positive_int, default=16)
@@ -59,6 +69,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "epochs (the report says how many)")
     p.add_argument("--probe-which", choices=("latents", "features"), default="latents",
                    help="probe z (latents, default) or the pre-bottleneck ẑ (features)")
+    p.add_argument("--probe-generator", default=None, metavar="GEN",
+                   help="probe a DiT/SiT generator's block features on --probe (Fig. 3b) instead of a tokenizer: "
+                        "a generator folder, its run, or a checkpoint RUN/checkpoints/step-N.pt")
+    p.add_argument("--probe-layer", type=positive_int, default=None,
+                   help="with --probe-generator: the block whose output is probed, counted from 1 (default 20, "
+                        "Fig. 3b)")
+    p.add_argument("--probe-t", type=float, default=None,
+                   help="with --probe-generator: the noise level the latents get, 0 data .. 1 noise (SiT's t; "
+                        "t/T for DiT); default 0.5 (ours: the paper gives none)")
     p.add_argument("--samples", default=None, metavar="DIR", help="score generated samples against --images")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true")
@@ -106,6 +125,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("eval runs in one process on one device; start it without torchrun / accelerate "
                          "launch")
     device = resolve_device(args.device)
+    given = [flag for flag, value in (("--probe-layer", args.probe_layer), ("--probe-t", args.probe_t))
+             if value is not None]
+    if given and not args.probe_generator:  # given but ignored would read as "it made no difference"
+        raise ValueError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --probe-generator GEN; "
+                         f"pass it, or drop {'it' if len(given) == 1 else 'them'}")
+    if args.probe_generator:
+        if args.samples or args.images:
+            raise ValueError("--probe-generator probes a generator on the labelled --probe data alone: drop "
+                             + ("--samples (score samples in a separate eval)" if args.samples else "--images"))
+        report, out = generator_probe_report(args, device)
+        json_path, md_path = write_report(report, out)
+        print(to_markdown(report))
+        print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+        return 0
+    if not args.images:
+        raise ValueError("pass --images DATA: the image folder or .tar shards to evaluate on")
     if args.samples:
         if args.model or args.probe:
             raise ValueError("--samples scores generated images against --images; --model and --probe evaluate a "
@@ -146,14 +181,70 @@ def run(args: argparse.Namespace) -> int:
             result = probe_folder(model, args.probe, val_folder=args.probe_val, which=args.probe_which,
                                   device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
                                   progress=not args.no_progress)
-            report["linear_probe"] = result.to_dict()
-            if result.epochs > args.probe_epochs:
-                report["notes"].append(f"linear probe: {result.epochs} epochs instead of {args.probe_epochs}, "
-                                       f"to reach the minimum of 1000 optimizer steps on this small folder")
-            report["linear_probe_top1"] = result.top1
-            if result.skipped_images:
-                report["notes"].append(f"linear probe: skipped {result.skipped_images} unreadable labelled image(s)")
+            add_probe(report, result, args.probe_epochs)
     json_path, md_path = write_report(report, out)
     print(to_markdown(report))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0
+
+
+def add_probe(report: dict, result, epochs: int) -> None:
+    """A linear probe's result into a report, with notes on what differs from the asked protocol."""
+    report["linear_probe"] = result.to_dict()
+    report["linear_probe_top1"] = result.top1
+    if result.epochs > epochs:
+        report["notes"].append(f"linear probe: {result.epochs} epochs instead of {epochs}, "
+                               f"to reach the minimum of 1000 optimizer steps on this small folder")
+    if result.skipped_images:
+        report["notes"].append(f"linear probe: skipped {result.skipped_images} unreadable labelled image(s)")
+
+
+def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tuple[dict, Path]:
+    """``--probe-generator``: the report of a linear probe on a DiT / SiT's block features (Fig. 3(b)),
+    and the folder it goes to."""
+    from softvq.evaluation.generator_probe import (DEFAULT_LAYER, DEFAULT_T, check_probe_target, latent_set_meta,
+                                                   probe_generator)
+    from softvq.generation.checkpoint import load_generator
+    from softvq.resume import weights_sha1
+
+    if not args.probe:
+        raise ValueError("--probe-generator needs --probe FOLDER: a labelled image folder (one sub-folder per class) "
+                         "or a latent set from softvq pretokenize")
+    model, meta = load_generator(args.probe_generator, map_location=str(device))
+    layer = DEFAULT_LAYER if args.probe_layer is None else args.probe_layer
+    t = DEFAULT_T if args.probe_t is None else args.probe_t
+    check_probe_target(model, meta, layer, t)  # before a tokenizer is loaded (a download, perhaps)
+    notes: list[str] = []
+    folders = [folder for folder in (args.probe, args.probe_val) if folder]
+    sets = {folder: latent_set_meta(folder) for folder in folders}
+    tokenizer = None
+    for folder, data in sets.items():
+        if data is not None and None not in (data.get("tokenizer_sha1"), meta.tokenizer_sha1) \
+                and data["tokenizer_sha1"] != meta.tokenizer_sha1:
+            notes.append(f"{folder} was encoded by other tokenizer weights (sha1 {data['tokenizer_sha1'][:10]}) than "
+                         f"the generator's latents (sha1 {meta.tokenizer_sha1[:10]})")
+    if any(data is None for data in sets.values()):  # image folders: encoded by the generator's tokenizer
+        spec = args.model or meta.tokenizer
+        if not spec:
+            raise ValueError(f"{args.probe_generator} does not say which tokenizer made its latents; pass --model SPEC "
+                             f"to encode --probe's images")
+        tokenizer = load_tokenizer(resolve_model_spec(spec)[0], device, precision=args.precision)
+        if meta.tokenizer_sha1 is not None and (actual := weights_sha1(tokenizer)) != meta.tokenizer_sha1:
+            notes.append(f"--probe's images were encoded by {spec}, whose weights (sha1 {actual[:10]}) are not the "
+                         f"ones that made the generator's latents (sha1 {meta.tokenizer_sha1[:10]}); pass --model "
+                         f"with the tokenizer pretokenize used")
+    for note in notes:
+        print(f"softvq: warning: {note}", file=sys.stderr)
+    result = probe_generator(model, meta, args.probe, val_folder=args.probe_val, tokenizer=tokenizer, layer=layer,
+                             t=t, device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
+                             progress=not args.no_progress)
+    sizes = [data.get("image_size") for data in sets.values() if data is not None]
+    report = {"model": f"generator {args.probe_generator}, block {layer} at t = {t:g}",
+              "num_images": result.num_train + result.num_val,
+              "image_size": tokenizer.config.image_size if tokenizer is not None else (sizes[0] if sizes else None),
+              "protocol": {"probe layer": layer, "noise level t": t, "class label": "null (unconditional)",
+                           "pooling": "mean over tokens", "objective": meta.objective},
+              "notes": notes}
+    add_probe(report, result, args.probe_epochs)
+    home = Path(args.probe_generator).expanduser()
+    return report, Path(args.out) if args.out else (home / "eval" if home.is_dir() else Path("eval"))
