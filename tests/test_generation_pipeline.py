@@ -710,12 +710,16 @@ def test_export_at_keeps_the_ema_of_its_steps_and_generate_takes_a_training_chec
     capsys.readouterr()
     train_generator(GeneratorTrainConfig(steps=4, export_at=[1, 2, 9], **common), progress=False)
     err = capsys.readouterr().err
-    assert "--export-at 1: the run resumes at step 2, past it, so it cannot be exported" in err
+    assert "--export-at 1: the run is already at step 2, past it, so it cannot be exported any more; its " \
+           "checkpoint is not kept either" in err
     assert "--export-at 9 is beyond the run's 4 steps" in err and "--export-at 2" not in err
     assert [p.name for p in list_checkpoints(run)] == ["step-00000004.pt"]  # step 2's checkpoint is gone ...
     assert load_file(str(milestone / "model.safetensors")).keys() == exported.keys()  # ... its export is kept
     assert all(torch.equal(load_file(str(milestone / "model.safetensors"))[k], v) for k, v in exported.items())
     assert not (run / "generator-step-00000001").exists() and not (run / "generator-step-00000009").exists()
+    again = train_generator(GeneratorTrainConfig(steps=4, export_at=[4], **common), progress=False)  # finished
+    assert again["already_finished"] and f"sample it from its checkpoint with `softvq generate {checkpoint_path(run, 4)}`" \
+        in capsys.readouterr().err
 
     # the last checkpoint loads as exactly the final export, weights and meta
     final, final_meta = load_generator(run / "generator")

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, default=None)
     p.add_argument("--images", default=None, metavar="DATA",
-                   help="image folder or .tar shards (the reference images with --samples); required but "
+                   help="image folder or .tar shards (the reference images with --samples); required except "
                         "with --probe-generator")
     p.add_argument("--num-images", type=positive_int, default=50_000,
                    help="first N images in sorted order (default 50000)")

@@ -346,8 +346,8 @@ def milestone_warnings(cfg: GeneratorTrainConfig, run: Path, start: int) -> list
             kept = checkpoint_path(run, step)
             where = (f"sample it from its checkpoint with `softvq generate {kept}`" if kept.is_file()
                      else "its checkpoint is not kept either")
-            notes.append(f"--export-at {step}: the run resumes at step {start}, past it, so it cannot be exported "
-                         f"any more; {where}")
+            notes.append(f"--export-at {step}: the run is already at step {start}, past it, so it cannot be "
+                         f"exported any more; {where}")
     return notes
 
 
@@ -400,6 +400,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                              f"(pass --steps above {start}, or more --epochs, to continue it)")
         if start == cfg.steps and exported_step(run / EXPORT_NAME) in (start, "unknown"):  # finished: leave it
             if acc.is_main_process:
+                for note in milestone_warnings(cfg, run, start):  # --export-at given only now
+                    print(f"softvq: warning: {note}", file=sys.stderr)
                 print(f"{run} already finished at step {start}; pass --steps above {start} (or more --epochs) "
                       f"to train it further", file=sys.stderr)
             return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / EXPORT_NAME),
