@@ -100,7 +100,10 @@ def test_inheritance_and_overrides(tmp_path):
     (["optim.lr"], "must look like section.key=value"),
     (["model_preset=softvq-s-32"], "model.preset=softvq-tiny and model_preset=softvq-s-32 disagree"),
     (["model.patch_size=0"], "patch_size must be positive, got 0"),  # was a ZeroDivisionError
-    (["model.encoder.heads=0"], "encoder.width and encoder.heads must be positive"),
+    (["model.encoder.heads=0"], "model.encoder.width and model.encoder.heads must be positive"),
+    # the model's keys are named in full, its fix too (was "set bottleneck.codebook_loss=false")
+    (["model.bottleneck.kind=vq", "model.bottleneck.codebook_loss=true"],
+     "always returns it; set model.bottleneck.codebook_loss=false"),
     (["optim.lr=-1"], "optim.lr must be positive, got -1"),
     (["data.workers=-1"], "data.workers must be 0 or more"),
     # accepted once, and then: gradient ascent (torch flips the sign for a negative clip), every
@@ -112,11 +115,11 @@ def test_inheritance_and_overrides(tmp_path):
     (["objective.bottleneck_loss_weights={kl: abc}"], "objective.bottleneck_loss_weights.kl must be a number, got 'abc'"),
     # a weight for a loss the chosen bottleneck never returns: accepted, saved in config.yaml, no effect
     (["objective.bottleneck_loss_weights={codebook: 1.0}"],
-     "objective.bottleneck_loss_weights.codebook weights a 'codebook' loss that model.bottleneck (kind 'softvq') "
+     "objective.bottleneck_loss_weights.codebook weights the 'codebook' loss, which model.bottleneck (kind 'softvq') "
      "never returns, so it would do nothing; this bottleneck returns kl: set model.bottleneck.codebook_loss=true"),
     (["model.bottleneck.kind=vq", "objective.bottleneck_loss_weights={kl: 1.0}"],
      "this bottleneck returns codebook, commit: remove objective.bottleneck_loss_weights.kl, or choose"),
-    (["objective.commit_weight=0.5"], "objective.commit_weight weights a 'commit' loss that model.bottleneck"),
+    (["objective.commit_weight=0.5"], "objective.commit_weight weights the 'commit' loss, which model.bottleneck"),
     (["model.bottleneck.kind=ae", "objective.codebook_weight=2"], "this bottleneck returns no losses: remove"),
     (["model=softvq-s-64"], "did you mean model.preset=softvq-s-64?"),
     (["data.num_eval_images=0"], "data.num_eval_images must be 1 or more, got 0"),
@@ -135,6 +138,11 @@ def test_inheritance_and_overrides(tmp_path):
     # 96 px is the next size whose 12 x 12 patches 48 tokens divide
     (["model.num_tokens=48", "objective.alignment_weight=0.1"],
      "the 64 patches of a 64 px image (Eq. 5), which needs a multiple of 48: use model.image_size=96,"),
+    # λ4 and β changed for a bottleneck without the loss they weigh: saved, and silently nothing
+    (["model.bottleneck.kind=vq", "objective.bottleneck_weight=0.5"],
+     "objective.bottleneck_weight weights the 'kl' or 'entropy' losses, which model.bottleneck (kind 'vq') never"),
+    (["model.bottleneck.kind=kl", "model.bottleneck.commitment_weight=0.5"],
+     "model.bottleneck.commitment_weight weights the 'commit' loss, which model.bottleneck (kind 'kl') never"),
 ])
 def test_bad_keys_and_values_fail_naming_them(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -147,6 +155,8 @@ def test_bad_keys_and_values_fail_naming_them(overrides, message):
     ["model.bottleneck.kind=vq", "objective.codebook_weight=0.5", "objective.commit_weight=0.1"],
     ["model.bottleneck.kind=lfq", "objective.bottleneck_loss_weights={entropy: 0.1, commit: 0.2}"],
     ["objective.codebook_weight=1.0", "objective.bottleneck_loss_weights={kl: 0.5}"],  # Eq. 2's default: unchanged
+    ["model.bottleneck.kind=lfq", "objective.bottleneck_weight=0.5", "model.bottleneck.commitment_weight=0.5"],
+    ["model.bottleneck.kind=ae", "objective.bottleneck_weight=0"],  # λ4 = 0: the usual "off", not a weight
 ])
 def test_weights_of_losses_the_bottleneck_returns_are_accepted(overrides, tmp_path):
     cfg = load_config("demo", overrides)

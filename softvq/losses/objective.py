@@ -142,24 +142,31 @@ class ObjectiveConfig:
         """Refuse a weight for a loss that ``bottleneck`` never returns (``bottleneck_losses``): it
         would be accepted, saved in config.yaml, and do nothing. Checked where a weight is known to
         be the user's: every ``bottleneck_loss_weights`` entry, ``commit_weight`` when set (None
-        follows the bottleneck's β), ``codebook_weight`` when changed from Eq. 2's 1 (its default
-        is written into every saved config, so an unchanged 1 cannot be told from a chosen one).
+        follows the bottleneck's β), and ``codebook_weight``, λ4 (``bottleneck_weight``) and the
+        bottleneck's β (``commitment_weight``) when changed from their defaults (a default is written
+        into every saved config, so an unchanged one cannot be told from a chosen one; λ4 = 0 is off).
         """
         returned = bottleneck_losses(bottleneck)
-        keys = [(f"bottleneck_loss_weights.{name}", name) for name in self.bottleneck_loss_weights]
+        keys = [(f"objective.bottleneck_loss_weights.{name}", (name,)) for name in self.bottleneck_loss_weights]
         if self.commit_weight is not None:
-            keys.append(("commit_weight", "commit"))
+            keys.append(("objective.commit_weight", ("commit",)))
         if self.codebook_weight != ObjectiveConfig.codebook_weight:
-            keys.append(("codebook_weight", "codebook"))
-        for key, name in keys:
-            if name in returned:
+            keys.append(("objective.codebook_weight", ("codebook",)))
+        if self.bottleneck_weight not in (0.0, ObjectiveConfig.bottleneck_weight):
+            keys.append(("objective.bottleneck_weight", ("kl", "entropy")))
+        if bottleneck.commitment_weight != BottleneckConfig.commitment_weight:
+            keys.append(("model.bottleneck.commitment_weight", ("commit",)))
+        for key, names in keys:
+            if any(name in returned for name in names):
                 continue
+            name = names[0]
             if bottleneck.kind in ("softvq", "gmmvq") and name in ("codebook", "commit"):
-                fix = f"set model.bottleneck.{name}_loss=true to add it (supp. Tab. 5), or remove objective.{key}"
+                fix = f"set model.bottleneck.{name}_loss=true to add it (supp. Tab. 5), or remove {key}"
             else:
-                fix = f"remove objective.{key}, or choose a model.bottleneck.kind that returns {name!r}"
-            raise ValueError(f"objective.{key} weights a {name!r} loss that model.bottleneck (kind "
-                             f"{bottleneck.kind!r}) never returns, so it would do nothing; this bottleneck returns "
+                fix = f"remove {key}, or choose a model.bottleneck.kind that returns {name!r}"
+            losses = " or ".join(repr(n) for n in names) + (" losses" if len(names) > 1 else " loss")
+            raise ValueError(f"{key} weights the {losses}, which model.bottleneck (kind {bottleneck.kind!r}) never "
+                             f"returns, so it would do nothing; this bottleneck returns "
                              f"{', '.join(returned) or 'no losses'}: {fix}")
 
     @classmethod

@@ -227,8 +227,8 @@ class TrainConfig:
                 raise ValueError(f"optim.{name} needs two numbers in [0, 1), got {betas}")
         try:  # first: the checks below divide by its sizes
             self.model.validate()
-        except (TypeError, ValueError) as exc:  # its messages start with the key inside the model section
-            raise type(exc)(f"model.{exc}") from None
+        except (TypeError, ValueError) as exc:  # its messages name keys inside the model section
+            raise type(exc)(_in_model_section(str(exc))) from None
         if self.data.source != "bundled" and not self.data.path:
             raise ValueError(f"data.source={self.data.source} needs data.path (a folder or shard pattern)")
         if self.image_size % self.model.patch_size:
@@ -396,6 +396,13 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node[key]
         node[keys[-1]] = value
     return tree
+
+
+def _in_model_section(message: str) -> str:
+    """A model check's message with its keys named in full: it starts with a key of the model
+    section, and names the sub-sections' keys as ``bottleneck.x`` (the Python API's spelling)."""
+    message = re.sub(r"(?<![\w.])(bottleneck|encoder|decoder)\.(?=\w)", r"model.\1.", message)
+    return message if message.startswith("model.") else f"model.{message}"
 
 
 def config_from_dict(tree: Mapping[str, Any]) -> TrainConfig:
