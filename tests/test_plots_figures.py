@@ -128,7 +128,7 @@ def test_plot_runs_draws_everything_a_run_allows(tmp_path):
     # a row per run; the eval report wins over metrics.json, and columns nobody has are left out
     lines = (tmp_path / "out" / "comparison.md").read_text().splitlines()
     assert lines[0] == "| run | bottleneck | tokens | measured on | rFID ↓ | PSNR (dB) ↑ |"
-    assert lines[2] == "| run | softvq | 16 x 8 | eval, ? images at ? px | 80.000 | 12.00 |"
+    assert lines[2] == "| run | softvq K=256 τ=0.07 | 16 x 8 | eval, ? images at ? px | 80.000 | 12.00 |"
     assert lines[3] == "| empty | – | – | – | – | – |" and len(lines) == 4
 
 
@@ -142,7 +142,7 @@ def test_comparison_rows_fall_back_to_held_out_metrics_and_name_the_protocol(tmp
     row = comparison_row(read_run(tmp_path / "run"))
     assert row["measured_on"] == "held-out, 16 images at 32 px" and row["lpips_vgg"] == 0.25
     table = comparison_markdown([row, {"name": "b", "psnr": float("nan"), "rfid": 1.5}])
-    assert table.splitlines()[2:] == ["| run | softvq | 16 x 8 | held-out, 16 images at 32 px | – | 12.50 | 0.2500 |",
+    assert table.splitlines()[2:] == ["| run | softvq K=256 τ=0.07 | 16 x 8 | held-out, 16 images at 32 px | – | 12.50 | 0.2500 |",
                                       "| b | – | – | – | 1.500 | – | – |"]
 
 
@@ -226,14 +226,21 @@ def test_the_first_codebook_is_compared_with_the_tokens_it_reads():
 
     features = torch.randn(3, 8, 4)
     release = model(kind="softvq", segments=4, distance="cosine")
-    codewords, tokens = first_codebook(release, features)
+    codewords, tokens, which = first_codebook(release, features)
     part = release.bottleneck.parts[0]
     assert torch.equal(codewords, torch.nn.functional.normalize(part.codebook.detach(), dim=-1))
     assert torch.allclose(tokens, torch.nn.functional.normalize(features[:, :2].reshape(-1, 4), dim=-1))
-    codewords, tokens = first_codebook(model(kind="gmmvq"), torch.randn(3, 8, 5))
+    assert which == "segment 1 of 4 (tokens 0-1)"
+    codewords, tokens, _ = first_codebook(model(kind="gmmvq"), torch.randn(3, 8, 5))
     assert codewords.shape == (16, 4) and tokens.shape == (24, 4)
     assert first_codebook(model(kind="ae"), features) is None
-    assert first_codebook(model(kind="softvq", groups=2), features) is None  # channel groups: half-tokens
+    assert first_codebook(model(kind="lfq", lfq_groups=2), features) is None  # fixed corners, nothing learned
+    # PQ: group 1's codebook over the tokens' first D/G channels; RQ: level 1 reads ẑ itself
+    pq_rq = model(kind="softvq", groups=2, residual_levels=2)
+    codewords, tokens, which = first_codebook(pq_rq, features)
+    assert torch.equal(codewords, pq_rq.bottleneck.levels[0].parts[0].codebook.detach())
+    assert torch.equal(tokens, features[..., :2].reshape(-1, 2))
+    assert which == "level 1 of 2, group 1 of 2 (channels 0-1)"
 
 
 def test_codewords_picture_refuses_codewords_of_another_width(tmp_path):
@@ -241,3 +248,38 @@ def test_codewords_picture_refuses_codewords_of_another_width(tmp_path):
         plots.plot_codewords(torch.randn(5, 3), torch.randn(10, 4), tmp_path / "c.png")
     assert_picture(plots.plot_codewords(torch.randn(5, 4), torch.randn(10, 4), tmp_path / "c.png",
                                         counts=np.array([3, 0, 1, 0, 9])))
+
+
+def test_comparison_rows_name_exports_by_their_run_tell_bottlenecks_apart_and_leave_generators_out(tmp_path):
+    from softvq.evaluation.runs import bottleneck_label
+
+    for run in ("a", "b"):
+        make_run(tmp_path / run)
+        (tmp_path / run / "export" / "eval.json").write_text(json.dumps({"psnr": 20.0}))  # eval of the export
+    (tmp_path / "gen" / "generator").mkdir(parents=True)  # a train-generator run with a probe report
+    (tmp_path / "gen" / "generator" / "config.json").write_text("{}")
+    (tmp_path / "gen" / "eval.json").write_text(json.dumps({"linear_probe_top1": 0.5}))
+    plot_runs([tmp_path / "a" / "export", tmp_path / "b" / "export", tmp_path / "a" / "export", tmp_path / "gen"],
+              tmp_path / "out", per_class=2, num_reconstructions=2, projection="pca", log=lambda m: None)
+    names = [line.split(" | ")[0].strip("| ") for line in (tmp_path / "out" / "comparison.md").read_text().splitlines()[2:]]
+    assert names == ["a", "b", "a-1"]  # as the picture folders are named; the generator has no row
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "a-1", "b", "comparison.md", "rate_quality.png"]
+    assert bottleneck_label({"bottleneck": {"kind": "softvq", "distance": "cosine", "codebook_size": 8192,
+                                            "temperature": 0.07, "segments": 4, "commit_loss": True}}) == \
+        "softvq cos K=8192 τ=0.07 S=4 +commit"
+    assert bottleneck_label({"bottleneck": {"kind": "lfq", "lfq_groups": 4, "groups": 1}}) == "lfq g=4"
+    assert bottleneck_label({"bottleneck": {"kind": "ae"}}) == "ae" and bottleneck_label(None) is None
+
+
+def test_a_plot_without_metrics_removes_the_table_and_chart_an_earlier_plot_left(tmp_path):
+    make_run(tmp_path / "run")
+    plot_runs([tmp_path / "run"], tmp_path / "out", per_class=2, num_reconstructions=2, projection="pca",
+              log=lambda m: None)
+    assert (tmp_path / "out" / "comparison.md").is_file() and (tmp_path / "out" / "rate_quality.png").is_file()
+    (tmp_path / "run" / "eval" / "eval.json").unlink()
+    (tmp_path / "run" / "metrics.json").unlink()
+    messages = []
+    plot_runs([tmp_path / "run"], tmp_path / "out", per_class=2, num_reconstructions=2, projection="pca",
+              log=messages.append)
+    assert not (tmp_path / "out" / "comparison.md").exists() and not (tmp_path / "out" / "rate_quality.png").exists()
+    assert any("no comparison.md" in m for m in messages)

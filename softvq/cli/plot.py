@@ -6,8 +6,9 @@ Per run, under ``DIR/<run name>/``:
   reconstructions.png   original | reconstruction | error map, with PSNR per row;
   codebook_usage.png    code counts (from eval/eval.json when `softvq eval` ran, else from the
                         plot images), usage and perplexity;
-  codewords.png         the first codebook's codewords among the encoder's tokens, PCA of the
-                        tokens, coloured by use (supp. Fig. 5; discrete bottlenecks);
+  codewords.png         the first codebook's codewords among the tokens it reads (first segment,
+                        level, group), PCA of the tokens, coloured by use (supp. Fig. 5; learned
+                        codebooks: not KL / AE / LFQ);
   latents.png           2D projection of ẑ and z coloured by class (UMAP if umap-learn is
                         installed, else PCA; --projection chooses).
 Across runs: DIR/rate_quality.png, tokens x dim against rFID / PSNR (from eval/eval.json or

@@ -275,16 +275,29 @@ def plot_codewords(codewords: Tensor | np.ndarray, tokens: Tensor | np.ndarray, 
     fig = _figure(6, 5)
     ax = fig.subplots()
     used = np.ones(len(c), bool) if counts is None else np.asarray(counts) > 0
-    # unused codewords below the tokens, the used ones on top: what the eye should find first
-    ax.scatter(cxy[~used, 0], cxy[~used, 1], s=9, marker="x", color="0.35", linewidths=0.5,
+    # unused codewords below the tokens, the used ones on top: what the eye should find first;
+    # thousands of unused ones (K = 8192) are drawn small and faint so the tokens still show
+    many = (~used).sum() > 1000
+    ax.scatter(cxy[~used, 0], cxy[~used, 1], s=3 if many else 9, marker="x", color="0.35",
+               linewidths=0.3 if many else 0.5, alpha=0.4 if many else 1.0,
                label=f"{(~used).sum()} codewords never picked")
     ax.scatter(txy[:, 0], txy[:, 1], s=7, color="tab:orange", alpha=0.35, linewidths=0, label=f"{len(t)} tokens ẑ")
     if counts is None:
         ax.scatter(cxy[:, 0], cxy[:, 1], s=12, color="tab:blue", linewidths=0, label=f"{len(c)} codewords")
     else:
-        points = ax.scatter(cxy[used, 0], cxy[used, 1], s=16, c=np.log10(np.asarray(counts)[used]), cmap="viridis",
-                            linewidths=0, label=f"{used.sum()} codewords picked")
-        fig.colorbar(points, ax=ax, label="log10 times picked (argmax)")
+        from matplotlib.colors import LogNorm
+
+        picked = np.asarray(counts)[used]
+        points = ax.scatter(cxy[used, 0], cxy[used, 1], s=16, c=picked, cmap="viridis", linewidths=0,
+                            norm=LogNorm(vmin=max(picked.min(), 1), vmax=max(picked.max(), picked.min() + 1)),
+                            label=f"{used.sum()} codewords picked")
+        from matplotlib.ticker import FuncFormatter
+
+        bar = fig.colorbar(points, ax=ax, label="times picked (argmax)")
+        counts_label = FuncFormatter(lambda value, _: f"{value:g}")  # 12, 50, 100: not 1.2×10¹
+        bar.ax.yaxis.set_major_formatter(counts_label)
+        if picked.max() < 10 * picked.min():  # within a decade the minor ticks are the only labels
+            bar.ax.yaxis.set_minor_formatter(counts_label)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=7, loc="upper right", markerscale=2)

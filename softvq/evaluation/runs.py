@@ -64,7 +64,9 @@ def read_run(path: str | Path) -> RunFolder:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {path} does not exist")
-    run = RunFolder(path=path, name=path.resolve().name)
+    resolved = path.resolve()
+    # a run's export/ is named after its run: two exports side by side must not both be "export"
+    run = RunFolder(path=path, name=resolved.parent.name if resolved.name == EXPORT_NAME else resolved.name)
     if (path / "log.jsonl").exists():
         run.records, bad = read_jsonl(path / "log.jsonl")
         if bad:
@@ -102,13 +104,49 @@ def rate_point(run: RunFolder) -> dict[str, Any]:
     }
 
 
-def comparison_row(run: RunFolder) -> dict[str, Any]:
+def bottleneck_label(model_config: dict[str, Any] | None) -> str | None:
+    """The bottleneck in a table cell, with what tells the paper's rows apart (supp. Tabs. 5-6):
+    ``softvq K=8192 τ=0.07 G=4``, ``softvq cos K=8192 τ=0.07 S=4 +commit``, ``lfq g=4``."""
+    b = (model_config or {}).get("bottleneck") or {}
+    if not b.get("kind"):
+        return None
+    parts = [b["kind"]]
+    if b["kind"] in ("softvq", "gmmvq", "vq"):
+        if b.get("distance") == "cosine":
+            parts.append("cos")
+        parts.append(f"K={b.get('codebook_size')}")
+    if b["kind"] in ("softvq", "gmmvq"):
+        parts.append("τ learnable" if b.get("learnable_temperature") else f"τ={b.get('temperature')}")
+    for key, short in (("lfq_groups", "g"), ("groups", "G"), ("residual_levels", "R"), ("segments", "S")):
+        if (b.get(key) or 1) > 1:
+            parts.append(f"{short}={b[key]}")
+    parts += [f"+{loss}" for loss in ("codebook", "commit") if b.get(f"{loss}_loss")]
+    return " ".join(parts)
+
+
+def unique_names(runs: list[RunFolder]) -> list[str]:
+    """The runs' names, a repeated one numbered (``name``, ``name-1``, ...): folders and table rows."""
+    seen: dict[str, int] = {}
+    names = []
+    for run in runs:
+        n = seen.get(run.name, 0)
+        seen[run.name] = n + 1
+        names.append(run.name if n == 0 else f"{run.name}-{n}")
+    return names
+
+
+def is_generator_run(run: RunFolder) -> bool:
+    """A ``softvq train-generator`` run: its eval report (a generator probe) is no tokenizer's row."""
+    return (run.path / "generator" / "config.json").is_file()
+
+
+def comparison_row(run: RunFolder, name: str | None = None) -> dict[str, Any]:
     """The run's row of ``comparison.md``: its ``softvq eval`` report when it has one, else the
     held-out PSNR / LPIPS-VGG of ``metrics.json`` (another protocol, named in ``measured_on``)."""
     point = rate_point(run)
     tokens = (f"{point['num_tokens']} x {point['latent_dim']}"
               if point["num_tokens"] is not None and point["latent_dim"] is not None else None)
-    row: dict[str, Any] = {"name": run.name, "kind": point["kind"], "tokens": tokens}
+    row: dict[str, Any] = {"name": name or run.name, "kind": bottleneck_label(run.model_config), "tokens": tokens}
     ev, me = run.evaluation, run.metrics
     if ev:
         row.update(ev)
@@ -116,7 +154,7 @@ def comparison_row(run: RunFolder) -> dict[str, Any]:
     elif me:
         row.update(psnr=me.get("psnr"), lpips_vgg=me.get("lpips"))
         row["measured_on"] = f"held-out, {me.get('heldout_images', '?')} images at {me.get('image_size', '?')} px"
-    row["name"] = run.name  # an eval report's "model" / "source" keys must not rename the row
+    row["name"] = name or run.name  # an eval report's "model" / "source" keys must not rename the row
     return row
 
 
@@ -201,23 +239,33 @@ def _encode_all(model, images: torch.Tensor, batch_size: int, device: torch.devi
     return torch.cat(feats), torch.cat(lats), torch.cat(recs), rows  # features (N, L, D_in)
 
 
-def first_codebook(model, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(codewords (K, D), tokens (N·L', D)) of the model's first codebook and the tokens it reads,
-    as its assignment compares them (L2-normalised for the cosine distance): all L tokens, or the
-    first segment's L/S with the release's segment codebooks. None where no one codebook reads
-    whole tokens (continuous bottlenecks, LFQ, channel groups, residual levels)."""
+def first_codebook(model, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """(codewords (K, d), tokens (M, d), which) of the model's first codebook and what it reads, as
+    its assignment compares them (L2-normalised for the cosine distance): the first of S sequence
+    segments (the release's codebooks), the first residual level (it reads ẑ itself), the first of
+    G channel groups. None where there is no learned codebook (continuous bottlenecks, LFQ)."""
+    from softvq.bottlenecks.product import ProductQuantizer
+    from softvq.bottlenecks.residual import ResidualQuantizer
     from softvq.bottlenecks.segments import SegmentCodebooks
 
-    bottleneck, tokens = model.bottleneck, features
+    bottleneck, tokens, which = model.bottleneck, features, []
     if isinstance(bottleneck, SegmentCodebooks):
-        bottleneck, tokens = bottleneck.parts[0], features[:, : features.shape[1] // len(bottleneck.parts)]
+        count = len(bottleneck.parts)
+        bottleneck, tokens = bottleneck.parts[0], features[:, : features.shape[1] // count]
+        which.append(f"segment 1 of {count} (tokens 0-{tokens.shape[1] - 1})")
+    if isinstance(bottleneck, ResidualQuantizer):
+        which.append(f"level 1 of {len(bottleneck.levels)}")
+        bottleneck = bottleneck.levels[0]
+    if isinstance(bottleneck, ProductQuantizer):
+        which.append(f"group 1 of {bottleneck.groups} (channels 0-{bottleneck.group_dim - 1})")
+        bottleneck, tokens = bottleneck.parts[0], tokens[..., : bottleneck.group_dim]
     if not hasattr(bottleneck, "normalized_codebook"):
         return None
     codewords = bottleneck.normalized_codebook().detach().float().cpu()
     tokens = tokens[..., : codewords.shape[1]].reshape(-1, codewords.shape[1]).float()  # GMMVQ: ω's channel off
     if getattr(bottleneck, "distance", "l2") == "cosine":
         tokens = torch.nn.functional.normalize(tokens, dim=-1)
-    return codewords, tokens
+    return codewords, tokens, ", ".join(which) or "the codebook"
 
 
 def codebook_counts(rows: torch.Tensor, codebook_size: int) -> np.ndarray:
@@ -240,23 +288,21 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
     out = Path(out)
     written: list[Path] = []
     runs = [read_run(d) for d in run_dirs]
-    seen: dict[str, int] = {}
-    for run in runs:
-        n = seen.get(run.name, 0)
-        seen[run.name] = n + 1
-        folder = out / (run.name if n == 0 else f"{run.name}-{n}")
+    run_names = unique_names(runs)
+    for run, name in zip(runs, run_names):
+        folder = out / name
         for note in run.notes:
-            log(f"{run.name}: {note}")
+            log(f"{name}: {note}")
         if run.records:
             try:
-                written.append(plots.plot_training_curves(run.records, folder / "training_curves.png", title=run.name))
+                written.append(plots.plot_training_curves(run.records, folder / "training_curves.png", title=name))
             except ValueError as exc:
-                log(f"{run.name}: no training curves ({exc})")
+                log(f"{name}: no training curves ({exc})")
         else:
-            log(f"{run.name}: no log.jsonl, no training curves")
+            log(f"{name}: no log.jsonl, no training curves")
         if run.export is None:
-            generator = (run.path / "generator" / "config.json").is_file()
-            log(f"{run.name}: " + ("a generator run: its training curves only" if generator else
+            generator = is_generator_run(run)
+            log(f"{name}: " + ("a generator run: its training curves only" if generator else
                                   "no exported tokenizer (export/), no reconstruction / codebook / latent plots"))
             continue
         model = Tokenizer.from_pretrained(run.export).to(device).eval()
@@ -265,7 +311,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
         feats, lats, recs, rows = _encode_all(model, imgs, batch_size, torch.device(device))
         first = _first_of_each_class(labels, num_reconstructions)
         written.append(plots.plot_reconstructions(imgs[first], recs[first], folder / "reconstructions.png",
-                                                  max_images=num_reconstructions, title=run.name))
+                                                  max_images=num_reconstructions, title=name))
         saved = run.evaluation.get("codebook_counts")
         if saved is not None:
             counts, where = np.asarray(saved), f"{run.evaluation.get('num_images', '?')} eval images"
@@ -273,20 +319,23 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
             counts, where = codebook_counts(rows, model.bottleneck.codebook_size), f"{len(imgs)} plot images"
         else:
             counts = None
-            log(f"{run.name}: continuous bottleneck, no codebook plot")
+            log(f"{name}: continuous bottleneck, no codebook plot")
         if counts is not None:
             written.append(plots.plot_codebook_usage(counts, folder / "codebook_usage.png",
-                                                     title=f"{run.name} ({where})"))
+                                                     title=f"{name} ({where})"))
         view = first_codebook(model, feats)
         if view is not None:
+            codewords, tokens, which = view
             picked = codebook_counts(rows, model.bottleneck.codebook_size)[0] if rows is not None else None
-            written.append(plots.plot_codewords(*view, folder / "codewords.png", counts=picked,
-                                                title=f"{run.name}: codewords among the tokens ({len(imgs)} plot images)"))
+            written.append(plots.plot_codewords(codewords, tokens, folder / "codewords.png", counts=picked,
+                                                title=f"{name}: {which}, {len(imgs)} plot images"))
+        elif counts is not None:  # LFQ: its codes are fixed corners, no learned codewords to place
+            log(f"{name}: a lookup-free (fixed) codebook, no codewords picture")
         if len(np.unique(labels)) > 1 or len(labels) > 2:
             written.append(plots.plot_latent_projection(feats.flatten(1), lats, labels, folder / "latents.png",
                                                         class_names=names, method=projection,
-                                                        title=run.name))
-    rows = [comparison_row(r) for r in runs]
+                                                        title=name))
+    rows = [comparison_row(r, name) for r, name in zip(runs, run_names) if not is_generator_run(r)]
     if any(row.get("measured_on") for row in rows):
         from softvq.atomic import atomic_write
         from softvq.evaluation.report import comparison_markdown
@@ -294,10 +343,14 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
         table = comparison_markdown(rows)
         atomic_write(out / "comparison.md", lambda p: p.write_text(table))
         written.append(out / "comparison.md")
-    points = [rate_point(r) for r in runs]
+    else:  # an earlier plot's table in the same folder would pass for these runs'
+        (out / "comparison.md").unlink(missing_ok=True)
+        log("no tokenizer run has an eval report or metrics.json: no comparison.md")
+    points = [rate_point(r) for r in runs if not is_generator_run(r)]
     if any(p["rfid"] is not None or p["psnr"] is not None for p in points):
         written.append(plots.plot_rate_quality(points, out / "rate_quality.png"))
     else:
+        (out / "rate_quality.png").unlink(missing_ok=True)
         log("no run has rFID or PSNR (run `softvq eval` or finish training): no rate-quality chart")
     return written
 
