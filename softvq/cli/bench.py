@@ -1,6 +1,6 @@
 """``softvq bench TARGET``: efficiency tables measured on this machine.
 
-    softvq bench gen                          # DiT/SiT S..XL x {32, 64 tokens, 16x16/2, 32x32/2}
+    softvq bench gen                          # DiT/SiT S..XL x {32, 64 tokens, 16x16/2, 32x32/2, 64x64/2}
     softvq bench gen --sizes XL --no-throughput   # GFLOPs only (counted on the meta device, nothing timed)
     softvq bench gen --device cuda            # throughput of every size on a GPU
     (then the MAR-H GFLOPs of paper Tab. 1; --no-mar leaves them out)

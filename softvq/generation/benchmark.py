@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from softvq.generation.flops import PAPER_TABLE1, analytic_macs, count_macs, repa_projector_macs
+from softvq.generation.flops import PAPER_GFLOPS, analytic_macs, count_macs, repa_projector_macs
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 
 LAYOUTS: dict[str, dict] = {
@@ -31,6 +31,7 @@ LAYOUTS: dict[str, dict] = {
     "64 tokens": {"layout": "1d", "num_tokens": 64, "latent_dim": 32},
     "16x16/2": {"layout": "2d", "grid": 16, "latent_dim": 4, "patch_size": 2},
     "32x32/2": {"layout": "2d", "grid": 32, "latent_dim": 4, "patch_size": 2},
+    "64x64/2": {"layout": "2d", "grid": 64, "latent_dim": 4, "patch_size": 2},  # 512 px, Tab. 2
 }
 
 
@@ -95,7 +96,7 @@ def generator_table(kinds=("dit", "sit"), sizes=("S", "B", "L", "XL"), layouts=t
         with torch.device("meta"):
             params = build_generator(cfg).num_parameters() / 1e6
         paper_conv = counted.linear + (repa_projector_macs(cfg) if kind == "sit" else 0.0)
-        paper = PAPER_TABLE1.get((kind, layout)) if size == "XL" else None
+        paper = PAPER_GFLOPS.get((kind, layout)) if size == "XL" else None
         ips, note = None, ""
         if throughput:
             per_image = counted.total / 1e9
@@ -113,7 +114,7 @@ def generator_table(kinds=("dit", "sit"), sizes=("S", "B", "L", "XL"), layouts=t
 
 def format_table(rows: list[Row], device_label: str, sampling_steps: int = 250, batch: int = 64) -> str:
     """A plain-text table with the paper's values beside ours, and the 1D/2D GFLOP ratios."""
-    paper_ips = {(k, lay): v[1] for (k, lay), v in PAPER_TABLE1.items()}
+    paper_ips = {(k, lay): v[1] for (k, lay), v in PAPER_GFLOPS.items()}
     head = (f"{'model':<8} {'layout':<10} {'tok':>4} {'params':>8} {'GMACs lin':>10} {'GMACs all':>10} "
             f"{'paper-conv':>10} {'paper':>7} {'Δ%':>6} {'img/s':>9} {'paper img/s':>11}  note")
     timed = any(r.images_per_s is not None for r in rows)
@@ -139,8 +140,9 @@ def format_table(rows: list[Row], device_label: str, sampling_steps: int = 250, 
     if ratios:
         lines += ["", "fewer GMACs (all matmuls) than the same model on a 32x32 grid with patch 2:"] + ["  " + s for s in ratios]
     lines += ["", "GMACs lin: linear layers only; all: + attention matmuls (DiT paper convention); paper-conv: "
-              "linear + the REPA projector the released SiT runs (reproduces Tab. 1). paper: Tab. 1 "
-              "(its 2D rows 80.73/81.92 follow neither convention: DiT's own count for XL/2 is 118.6). "
+              "linear + the REPA projector the released SiT runs (reproduces Tab. 1). paper: Tab. 1, 64x64/2 Tab. 2 "
+              "(its 2D rows, 80.73/81.92 and 373.34/373.32, follow neither convention: DiT's own counts for XL/2 are 118.6 "
+              "at 256 px and 524.6 at 512 px, our 'all'). "
               "img/s: batch / (median forward time x sampling steps)."]
     return "\n".join(lines)
 
