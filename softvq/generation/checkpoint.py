@@ -159,9 +159,10 @@ def _from_training_checkpoint(file: Path) -> tuple[Generator, GeneratorMeta]:
     from softvq.checkpoint.pretrained import CheckpointError
     from softvq.training.checkpointing import CHECKPOINT_DIR, checkpoint_step, load_checkpoint
 
-    run = file.parent.parent
+    where = file.resolve()  # a bare "step-N.pt" given inside RUN/checkpoints has no parents of its own
+    run = where.parent.parent
     config = _json_object(run / CONFIG_NAME)
-    in_run = file.parent.name == CHECKPOINT_DIR and checkpoint_step(file) is not None
+    in_run = where.parent.name == CHECKPOINT_DIR and checkpoint_step(where) is not None
     kinds = "a generator folder (train-generator's RUN/generator), its run RUN, or one of its checkpoints RUN/checkpoints/step-N.pt"
     if in_run and (run / "config.yaml").is_file():  # the tokenizer trainer's run config
         raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass it as "
