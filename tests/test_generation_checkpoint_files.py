@@ -50,3 +50,39 @@ def test_a_checkpoint_given_by_a_bare_relative_name_loads(made, monkeypatch, tmp
         assert same_weights(load_generator(name)[0], final)
     assert main(["generate", "step-00000004.pt", "--out", str(tmp_path / "s"), "--classes", "0", "--per-class", "1",
                  "--steps", "2", "--device", "cpu"]) == 0, capsys.readouterr().err
+
+
+def old_run(run, folder, latents, out):
+    """A copy of ``run`` in ``folder`` as train-generator wrote it before checkpoints held their meta:
+    config.json records ``latents`` and ``out`` as given on the command line."""
+    shutil.copytree(run, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["train"].update(latents=latents, out=out)
+    (folder / "config.json").write_text(json.dumps(config))
+    file = checkpoint_path(folder, 4)
+    torch.save({k: v for k, v in torch.load(file, weights_only=True).items() if k not in ("meta", "model_config")}, file)
+    return file
+
+
+def test_an_old_checkpoint_finds_its_relative_latent_set_from_another_directory(made, monkeypatch, tmp_path):
+    root, run = made
+    meta = load_generator(run / "generator")[1]
+    # trained in root as --latents lat --out old/run, loaded from elsewhere: was "not at lat any more"
+    file = old_run(run, root / "old" / "run", "lat", "old/run")
+    monkeypatch.chdir(tmp_path)
+    assert load_generator(file)[1] == meta
+    # trained in root/old as --latents ../lat --out run: found from the run's parent
+    file = old_run(run, root / "old2" / "run", "../lat", "elsewhere/run")
+    assert load_generator(file)[1] == meta
+    # not found: the message says where it looked
+    file = old_run(run, root / "old3" / "run", "gone", "old3/run")
+    with pytest.raises(CheckpointError, match=rf"latent set its run was started on \('gone' in .*config.json\) is at none "
+                                              rf"of {tmp_path}/gone, {root}/gone, {root}/old3/gone; put it back"):
+        load_generator(file)
+
+
+def test_new_runs_record_their_latent_set_absolute(made, monkeypatch, tmp_path):
+    root, _ = made
+    monkeypatch.chdir(root)
+    train_generator(GeneratorTrainConfig(latents="lat", out=str(tmp_path / "r"), steps=1, **TINY), progress=False)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["latents"] == str(root / "lat")

@@ -172,24 +172,41 @@ def _from_training_checkpoint(file: Path) -> tuple[Generator, GeneratorMeta]:
     state = load_checkpoint(file)
     model = build_generator(config["model"])
     load_strict(model, {**state["model"], **state["ema"]["shadow"]}, str(file))
-    meta = _meta(state["meta"]) if "meta" in state else _older_checkpoint_meta(file, config)
+    meta = _meta(state["meta"]) if "meta" in state else _older_checkpoint_meta(file, run, config)
     return model, meta
 
 
-def _older_checkpoint_meta(file: Path, config: dict[str, Any]) -> GeneratorMeta:
+def _older_checkpoint_meta(file: Path, run: Path, config: dict[str, Any]) -> GeneratorMeta:
     """Checkpoints written before they recorded the meta: it is rebuilt from the latent set the run
-    was started on, when that set is still where ``config.json`` says (and is the same set)."""
+    was started on, found where ``config.json`` says (and the same set)."""
     from softvq.checkpoint.pretrained import CheckpointError
     from softvq.generation.latents import META_NAME
     from softvq.generation.train import latent_set_sha1
 
-    latents = Path(str(config["train"].get("latents", ""))).expanduser()
-    data = _json_object(latents / META_NAME)
-    if not data or latent_set_sha1(data) != config.get("latents_sha1", latent_set_sha1(data)):
-        raise CheckpointError(f"{file} was written before checkpoints recorded their latent statistics, and the "
-                              f"latent set its run was started on is not at {latents} any more; put it back there "
-                              f"(its {META_NAME} is enough)")
-    return run_meta(config["train"], data)
+    recorded = str(config["train"].get("latents", ""))
+    looked = _latent_set_places(run, config["train"])
+    for latents in looked:
+        data = _json_object(latents / META_NAME)
+        if data and latent_set_sha1(data) == config.get("latents_sha1", latent_set_sha1(data)):
+            return run_meta(config["train"], data)
+    places = ", ".join(map(str, looked))
+    raise CheckpointError(f"{file} was written before checkpoints recorded their latent statistics, and the latent "
+                          f"set its run was started on ({recorded!r} in {run / CONFIG_NAME}) is at none of {places}; "
+                          f"put it back at one of them (its {META_NAME} is enough)")
+
+
+def _latent_set_places(run: Path, train: dict[str, Any]) -> list[Path]:
+    """Where the latent set of ``run`` (resolved) may be, made absolute: as ``config.json`` records
+    it, and, when that is relative (runs before it was recorded absolute), from the folder training
+    ran in (where the run is ``--out``) and from the run's parent."""
+    latents = Path(str(train.get("latents", ""))).expanduser()
+    places = [latents]
+    if not latents.is_absolute():
+        out = Path(str(train.get("out", "")))
+        if not out.is_absolute() and out.parts and run.parts[-len(out.parts):] == out.parts:
+            places.append(run.parents[len(out.parts) - 1] / latents)
+        places.append(run.parent / latents)
+    return list(dict.fromkeys(place.resolve() for place in places))
 
 
 def _refuse_other_folders(path: Path) -> None:

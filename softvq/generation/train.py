@@ -279,9 +279,12 @@ CHANGEABLE_ON_RESUME = ("out", "latents", "steps", "epochs", "log_every", "check
 
 def recorded_train(cfg: GeneratorTrainConfig) -> dict[str, Any]:
     """``cfg`` as config.json records it: ``size`` null when the flags override everything it sets
-    (the model section holds what was built), so "XL" is not read as the size of a 32-wide run."""
+    (the model section holds what was built), so "XL" is not read as the size of a 32-wide run, and
+    ``latents`` absolute, as :func:`~softvq.checkpoint.specs.portable_spec` records tokenizer folders,
+    so the file names its latent set from any working directory."""
     sized = ("width", "depth", "heads") + (("head_width", "head_depth") if cfg.objective == "mar" else ())
     record = dataclasses.asdict(cfg)
+    record["latents"] = str(Path(cfg.latents).expanduser().resolve())
     if all(getattr(cfg, name) is not None for name in sized):
         record["size"] = None
     return record
