@@ -86,3 +86,45 @@ def test_new_runs_record_their_latent_set_absolute(made, monkeypatch, tmp_path):
     monkeypatch.chdir(root)
     train_generator(GeneratorTrainConfig(latents="lat", out=str(tmp_path / "r"), steps=1, **TINY), progress=False)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["latents"] == str(root / "lat")
+
+
+def test_a_missing_checkpoint_names_what_its_run_holds(made, capsys):
+    _, run = made
+    assert main(["generate", str(checkpoint_path(run, 3)), "--out", "unused", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err  # was "no checkpoint folder at ... (and it is not a hub id like 'org/name')"
+    assert f"no such checkpoint file {checkpoint_path(run, 3)}: train-generator keeps only the last " \
+           f"--keep-checkpoints" in err
+    assert f"its run {run} holds checkpoints/step-00000002.pt, checkpoints/step-00000004.pt and the generators " \
+           f"generator-step-00000002, generator" in err
+
+
+def test_a_checkpoint_copied_out_of_its_run_loads_on_its_own(made, tmp_path):
+    _, run = made
+    loose = tmp_path / "loose.pt"
+    shutil.copy(checkpoint_path(run, 4), loose)
+    model, meta = load_generator(loose)  # was "a file that is not a generator checkpoint"
+    final, final_meta = load_generator(run / "generator")
+    assert same_weights(model, final) and meta == final_meta
+    # one from before checkpoints held their backbone config says what it needs
+    state = torch.load(loose, weights_only=True)
+    del state["model_config"]
+    torch.save(state, loose)
+    with pytest.raises(CheckpointError, match=r"loose.pt is a train-generator checkpoint outside its run folder, .*"
+                                              r"put it back as RUN/checkpoints/step-00000004.pt of its run RUN"):
+        load_generator(loose)
+    torch.save({"format": "softvq-train", "config": {}, "model": {}, "ema": {}}, tmp_path / "tok.pt")
+    with pytest.raises(CheckpointError, match="tok.pt is a checkpoint of a tokenizer training run, not of a generator"):
+        load_generator(tmp_path / "tok.pt")
+    (tmp_path / "other.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="other.pt is a file that is not a generator checkpoint"):
+        load_generator(tmp_path / "other.pt")
+
+
+def test_a_run_stopped_before_its_export_names_its_milestone_exports(made, tmp_path):
+    _, run = made
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    shutil.rmtree(stopped / "generator")
+    with pytest.raises(CheckpointError, match=rf"generate {stopped}/checkpoints/step-00000004.pt; its --export-at "
+                                              rf"generators {stopped}/generator-step-00000002 are ready to generate"):
+        load_generator(stopped)

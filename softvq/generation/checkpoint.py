@@ -8,7 +8,9 @@ class names. Loading is strict (missing / unexpected keys are named).
 A ``train-generator`` run folder holds such a folder at the end (``RUN/generator``) and at the
 steps of ``--export-at`` (``RUN/generator-step-NNNNNNNN``); its training checkpoints
 (``RUN/checkpoints/step-NNNNNNNN.pt``) load as generators too, with their EMA weights: paper
-Tab. 8 (supp. Tab. 9) samples along training, at 400K, 1M, 2M, 3M and 4M steps.
+Tab. 8 (supp. Tab. 9) samples along training, at 400K, 1M, 2M, 3M and 4M steps. A checkpoint
+records the backbone config and the meta, so it loads wherever it lies; one written before it did
+loads from its run folder.
 """
 
 from __future__ import annotations
@@ -134,10 +136,15 @@ def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[G
     """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`; a
     ``train-generator`` run folder stands for its export, ``RUN/generator``, and a training
     checkpoint of a run, ``RUN/checkpoints/step-N.pt``, gives the EMA weights of step N (what an
-    export at N would hold) with the run's config."""
-    if Path(path_or_id).expanduser().is_file():
-        model, meta = _from_training_checkpoint(Path(path_or_id).expanduser())
+    export at N would hold)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_file():
+        model, meta = _from_training_checkpoint(path)
         return model.to(map_location).eval(), meta
+    if path.suffix == ".pt" and not path.exists():  # a checkpoint keep_checkpoints deleted, or a typo
+        from softvq.checkpoint.pretrained import CheckpointError
+
+        raise CheckpointError(_no_checkpoint_file(path))
     path_or_id = generator_run_export(path_or_id) or path_or_id
     _refuse_other_folders(Path(path_or_id).expanduser())
     folder, payload = read_folder_config(path_or_id, FORMAT, "softvq generator",
@@ -152,25 +159,73 @@ def _meta(fields: dict[str, Any]) -> GeneratorMeta:
     return GeneratorMeta(**{k: v for k, v in fields.items() if k in known})
 
 
+KINDS = "a generator folder (train-generator's RUN/generator), its run RUN, or one of its checkpoints RUN/checkpoints/step-N.pt"
+MODEL_CONFIG_KEY = "model_config"  # the backbone config in a training checkpoint, which so loads on its own
+
+
+def run_exports(run: str | Path) -> list[Path]:
+    """The generators a ``train-generator`` run holds: its ``--export-at`` folders in step order,
+    then its final export."""
+    found = sorted(p for p in Path(run).glob(f"{MILESTONE_PREFIX}*") if (p / CONFIG_NAME).is_file())
+    return found + [export] if (export := generator_run_export(run)) is not None else found
+
+
+def _no_checkpoint_file(path: Path) -> str:
+    """The error for a checkpoint file that is not there, naming what its run holds instead."""
+    from softvq.training.checkpointing import CHECKPOINT_DIR, list_checkpoints
+
+    run = path.resolve().parent.parent
+    if path.resolve().parent.name != CHECKPOINT_DIR or folder_kind(run) not in ("generator run",
+                                                                                "unfinished generator run"):
+        return f"no such checkpoint file {path}; pass {KINDS}"
+    kept = ", ".join(f"{CHECKPOINT_DIR}/{p.name}" for p in list_checkpoints(run)) or "no checkpoints"
+    exports = ", ".join(p.name for p in run_exports(run)) or "none"
+    return (f"no such checkpoint file {path}: train-generator keeps only the last --keep-checkpoints of them, and "
+            f"never deletes the generator-step-* folders of --export-at; its run {run} holds {kept} and the "
+            f"generators {exports}")
+
+
 def _from_training_checkpoint(file: Path) -> tuple[Generator, GeneratorMeta]:
-    """The generator of a ``train-generator`` checkpoint file: the run's backbone config
-    (``RUN/config.json``), the checkpoint's weights with its EMA in place of the trained ones (the
-    weights sampling uses, as in an export), and the meta the checkpoint records."""
+    """The generator of a ``train-generator`` checkpoint file: the backbone config it records (or,
+    in checkpoints from before it did, its run's ``RUN/config.json``), its weights with the EMA in
+    place of the trained ones (the weights sampling uses, as in an export), and the meta it records
+    (or, before that, the meta its run's latent set gives)."""
     from softvq.checkpoint.pretrained import CheckpointError
     from softvq.training.checkpointing import CHECKPOINT_DIR, checkpoint_step, load_checkpoint
 
     where = file.resolve()  # a bare "step-N.pt" given inside RUN/checkpoints has no parents of its own
     run = where.parent.parent
-    config = _json_object(run / CONFIG_NAME)
     in_run = where.parent.name == CHECKPOINT_DIR and checkpoint_step(where) is not None
-    kinds = "a generator folder (train-generator's RUN/generator), its run RUN, or one of its checkpoints RUN/checkpoints/step-N.pt"
+    config = _json_object(run / CONFIG_NAME) if in_run else {}
+    run_config = "train" in config and "model" in config
     if in_run and (run / "config.yaml").is_file():  # the tokenizer trainer's run config
         raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass it as "
-                              f"--tokenizer (its run {run}, once exported), and as the generator {kinds}")
-    if not (in_run and "train" in config and "model" in config):
-        raise CheckpointError(f"{file} is a file that is not a generator checkpoint; pass {kinds}")
-    state = load_checkpoint(file)
-    model = build_generator(config["model"])
+                              f"--tokenizer (its run {run}, once exported), and as the generator {KINDS}")
+    not_one = f"{file} is a file that is not a generator checkpoint; pass {KINDS}"
+    try:
+        state = load_checkpoint(file)
+    except CheckpointError:
+        if run_config:  # a damaged checkpoint of a generator run: that error names it
+            raise
+        raise CheckpointError(not_one) from None
+    if not (isinstance(state, dict) and "model" in state and "ema" in state):
+        raise CheckpointError(not_one)
+    model_config = state.get(MODEL_CONFIG_KEY) or (config["model"] if run_config else None)
+    if model_config is None:
+        from softvq.training.trainer import FORMAT as TOKENIZER_CHECKPOINT
+
+        if state.get("format") == TOKENIZER_CHECKPOINT:
+            raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass "
+                                  f"its run's export as --tokenizer, and as the generator {KINDS}")
+        if "meta" in state:  # written before checkpoints held the backbone config
+            from softvq.training.checkpointing import checkpoint_path
+
+            raise CheckpointError(f"{file} is a train-generator checkpoint outside its run folder, from before "
+                                  f"checkpoints held their backbone config (the run's {CONFIG_NAME} has it): put it "
+                                  f"back as {checkpoint_path('RUN', int(state.get('step', 0)))} of its run RUN, or "
+                                  f"pass the run's export RUN/{EXPORT_NAME}")
+        raise CheckpointError(not_one)
+    model = build_generator(model_config)
     load_strict(model, {**state["model"], **state["ema"]["shadow"]}, str(file))
     meta = _meta(state["meta"]) if "meta" in state else _older_checkpoint_meta(file, run, config)
     return model, meta
@@ -230,6 +285,8 @@ def _refuse_other_folders(path: Path) -> None:
 
         latest = latest_checkpoint(path)
         sample = f", or sample its last checkpoint: generate {latest}" if latest is not None else ""
+        exports = ", ".join(map(str, run_exports(path)))  # --export-at's, made before it stopped
+        made = f"; its --export-at generators {exports} are ready to generate" if exports else ""
         raise CheckpointError(f"{path} is a train-generator run with no {EXPORT_NAME}/ yet (it stopped before its "
                               f"last step); rerun the same train-generator command to finish it, from its last "
-                              f"checkpoint{sample}")
+                              f"checkpoint{sample}{made}")

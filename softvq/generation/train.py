@@ -46,7 +46,8 @@ import torch
 
 from softvq.atomic import write_json
 from softvq.config import check_field_types
-from softvq.generation.checkpoint import EXPORT_NAME, folder_kind, milestone_export, run_meta, save_generator
+from softvq.generation.checkpoint import (EXPORT_NAME, MODEL_CONFIG_KEY, folder_kind, milestone_export, run_meta,
+                                         save_generator)
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
@@ -500,7 +501,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                 if acc.is_main_process:
                     unwrapped = acc.unwrap_model(model)
                     save_checkpoint({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "ema": ema.state_dict(), "step": done, "rng": rngs, "meta": meta.to_dict()},
+                                     "ema": ema.state_dict(), "step": done, "rng": rngs, "meta": meta.to_dict(),
+                                     MODEL_CONFIG_KEY: model_cfg.to_dict()},  # loads without the run folder
                                     run, done, keep=cfg.keep_checkpoints)
             if stopping and done < cfg.steps:
                 stopped_at = done
