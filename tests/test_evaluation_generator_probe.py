@@ -13,12 +13,12 @@ from softvq.generation.checkpoint import GeneratorMeta, save_generator
 from softvq.generation.models import GeneratorConfig, build_generator
 
 
-def tiny(kind="sit", depth=3, tokens=4, dim=2, classes=3):
+def tiny(kind="sit", depth=3, tokens=4, dim=2, classes=3, class_dropout=0.1):
     """A tiny DiT / SiT with every weight random: at DiT's adaLN-Zero initialisation every block is
     the identity, and the output of any block would equal any other's."""
     torch.manual_seed(0)
     model = build_generator(GeneratorConfig(kind=kind, width=16, depth=depth, heads=2, num_tokens=tokens,
-                                            latent_dim=dim, num_classes=classes))
+                                            latent_dim=dim, num_classes=classes, class_dropout=class_dropout))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return model.eval()
@@ -97,6 +97,9 @@ def test_a_layer_past_the_depth_a_mar_or_a_noise_level_outside_0_1_is_named():
         check_probe_target(model, sit, 2, 1.5)
     with pytest.raises(ValueError, match="takes a DiT or SiT .*this is a MAR generator"):
         check_probe_target(model, GeneratorMeta(objective="mar"), 2, 0.5)
+    with pytest.raises(ValueError, match=r"the probe gives the generator the null \(unconditional\) label, .* this "
+                                         r"generator has none: it was trained with --class-dropout 0"):
+        check_probe_target(tiny(class_dropout=0.0), sit, 2, 0.5)  # was "it cannot do CFG"
     with pytest.raises(ValueError, match=r"latents are \(3, 2\) per image but the generator takes \(4, 2\)"):
         generator_features(model, sit, torch.randn(2, 3, 2), layer=2, progress=False)
 
@@ -157,5 +160,13 @@ def test_eval_probe_generator_writes_the_probe_into_the_report(tmp_path, capsys)
     assert "--probe-layer applies to --probe-generator GEN" in error("--model", "softvq-tiny", "--images", str(images),
                                                                       "--probe-layer", "3")
     assert "needs --probe FOLDER" in error("--probe-generator", str(gen))
+    # eval takes a tokenizer as --model (generate's --tokenizer is no flag of eval's)
+    assert f"{tmp_path / 'tok'} is a tokenizer, not a generator; pass it as --model, and a generator" in \
+        error("--probe-generator", str(tmp_path / "tok"), "--probe", str(images))
+    moved = save_generator(model, GeneratorMeta(**{**meta.to_dict(), "tokenizer": str(tmp_path / "gone")}),
+                           tmp_path / "moved")
+    assert f"{moved} records its latents' tokenizer as {tmp_path / 'gone'}, which does not load: no checkpoint " \
+           f"folder at" in (err := error("--probe-generator", str(moved), "--probe", str(images), "--probe-layer", "1"))
+    assert err.endswith("pass --model SPEC with that tokenizer where it is now")
     assert "drop --images" in error("--probe-generator", str(gen), "--probe", str(images), "--images", str(images))
     assert "pass --images DATA" in error("--model", "softvq-tiny")

@@ -128,3 +128,16 @@ def test_a_run_stopped_before_its_export_names_its_milestone_exports(made, tmp_p
     with pytest.raises(CheckpointError, match=rf"generate {stopped}/checkpoints/step-00000004.pt; its --export-at "
                                               rf"generators {stopped}/generator-step-00000002 are ready to generate"):
         load_generator(stopped)
+
+
+def test_generate_names_a_recorded_tokenizer_that_is_gone(made, tmp_path, capsys):
+    _, run = made
+    gen = tmp_path / "gen"
+    shutil.copytree(run / "generator", gen)
+    config = json.loads((gen / "config.json").read_text())
+    config["meta"]["tokenizer"] = str(tmp_path / "gone")
+    (gen / "config.json").write_text(json.dumps(config))
+    assert main(["generate", str(gen), "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
+    assert f"{gen} records its latents' tokenizer as {tmp_path / 'gone'}, which does not load: no checkpoint folder " \
+           f"at" in (err := capsys.readouterr().err)  # was the bare loader's "no checkpoint folder at ..." alone
+    assert err.strip().endswith("pass --tokenizer SPEC with that tokenizer where it is now")

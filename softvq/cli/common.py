@@ -186,3 +186,23 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                 ) from None
             raise
     return model.to(device).eval().enable_autocast(precision)
+
+
+def generator_tokenizer(generator: str, recorded: str | None, given: str | None, flag: str,
+                        device: str | torch.device, precision: str = "fp32") -> tuple[str, Tokenizer]:
+    """(SPEC, tokenizer) for a generator's latents: ``given`` with the command's ``flag``, else the
+    one the generator records. A recorded one that no longer loads (a moved or deleted folder) is
+    named as the generator's, with the flag that replaces it: the bare loader's "no checkpoint
+    folder at ..." does not say where the path came from."""
+    from softvq.checkpoint.pretrained import CheckpointError
+
+    spec = given or recorded
+    if not spec:
+        raise ValueError(f"{generator} does not say which tokenizer made its latents; pass {flag} SPEC")
+    try:
+        return spec, load_tokenizer(spec, device, precision=precision)
+    except (CheckpointError, FileNotFoundError) as exc:
+        if given:
+            raise
+        raise CheckpointError(f"{generator} records its latents' tokenizer as {spec}, which does not load: {exc}; "
+                              f"pass {flag} SPEC with that tokenizer where it is now") from None

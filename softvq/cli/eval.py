@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from softvq.checkpoint.specs import is_preset
-from softvq.cli.common import add_model_arguments, load_tokenizer, non_negative_int, positive_int, resolve_device
+from softvq.cli.common import (add_model_arguments, generator_tokenizer, load_tokenizer, non_negative_int, positive_int,
+                               resolve_device)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -210,7 +211,7 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tu
     if not args.probe:
         raise ValueError("--probe-generator needs --probe FOLDER: a labelled image folder (one sub-folder per class) "
                          "or a latent set from softvq pretokenize")
-    model, meta = load_generator(args.probe_generator, map_location=str(device))
+    model, meta = load_generator(args.probe_generator, map_location=str(device), tokenizer_flag="--model")
     layer = DEFAULT_LAYER if args.probe_layer is None else args.probe_layer
     t = DEFAULT_T if args.probe_t is None else args.probe_t
     check_probe_target(model, meta, layer, t)  # before a tokenizer is loaded (a download, perhaps)
@@ -224,11 +225,8 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tu
             notes.append(f"{folder} was encoded by other tokenizer weights (sha1 {data['tokenizer_sha1'][:10]}) than "
                          f"the generator's latents (sha1 {meta.tokenizer_sha1[:10]})")
     if any(data is None for data in sets.values()):  # image folders: encoded by the generator's tokenizer
-        spec = args.model or meta.tokenizer
-        if not spec:
-            raise ValueError(f"{args.probe_generator} does not say which tokenizer made its latents; pass --model SPEC "
-                             f"to encode --probe's images")
-        tokenizer = load_tokenizer(resolve_model_spec(spec)[0], device, precision=args.precision)
+        spec, tokenizer = generator_tokenizer(args.probe_generator, meta.tokenizer, args.model, "--model", device,
+                                              args.precision)  # to encode --probe's images
         if meta.tokenizer_sha1 is not None and (actual := weights_sha1(tokenizer)) != meta.tokenizer_sha1:
             notes.append(f"--probe's images were encoded by {spec}, whose weights (sha1 {actual[:10]}) are not the "
                          f"ones that made the generator's latents (sha1 {meta.tokenizer_sha1[:10]}); pass --model "

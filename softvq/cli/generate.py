@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.atomic import write_json
     from softvq.checkpoint.pretrained import training_run_export
     from softvq.checkpoint.specs import portable_spec
-    from softvq.cli.common import load_tokenizer
+    from softvq.cli.common import generator_tokenizer
     from softvq.data.images import require_folder
     from softvq.generation.checkpoint import generator_run_export, load_generator
     from softvq.generation.guidance import Guidance
@@ -133,10 +133,8 @@ def run(args: argparse.Namespace) -> int:
                        ar_steps=args.ar_steps, temperature=1.0 if args.temperature is None else args.temperature,
                        cfg_schedule=args.cfg_schedule or "linear", clip_x0=args.clip_x0)
     spec.check(model, meta)  # before the tokenizer is loaded (a download, perhaps) and anything is written
-    spec_name = args.tokenizer or meta.tokenizer
-    if not spec_name:
-        raise ValueError(f"{args.generator} does not say which tokenizer made its latents; pass --tokenizer SPEC")
-    tokenizer = load_tokenizer(spec_name, device, precision=args.precision)
+    spec_name, tokenizer = generator_tokenizer(args.generator, meta.tokenizer, args.tokenizer, "--tokenizer", device,
+                                               args.precision)
     if meta.tokenizer_sha1 is not None and (actual := weights_sha1(tokenizer)) != meta.tokenizer_sha1:
         print(f"softvq: warning: decoding with {spec_name}, whose weights (sha1 {actual[:10]}) are not the ones that made "
               f"the generator's latents (sha1 {meta.tokenizer_sha1[:10]}): the images may not show what the generator "

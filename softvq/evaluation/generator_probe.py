@@ -46,10 +46,15 @@ DEFAULT_T = 0.5  # ours: the paper gives no noise level
 
 
 def check_probe_target(model, meta, layer: int, t: float) -> None:
-    """A one-line ValueError unless ``model`` is a DiT / SiT with a block ``layer`` and ``t`` is a noise level."""
-    if meta.objective == "mar" or not hasattr(model, "blocks") or not hasattr(model, "null_class"):
+    """A one-line ValueError unless ``model`` is a DiT / SiT with a null label and a block ``layer``, and
+    ``t`` is a noise level."""
+    if meta.objective == "mar" or not hasattr(model, "blocks") or not hasattr(model, "y_embed"):
         raise ValueError("linear probing of generator features takes a DiT or SiT (paper Fig. 3(b) probes SiT); this "
                          "is a MAR generator, whose encoder sees masked rather than noised tokens")
+    if not model.y_embed.has_null:
+        raise ValueError("the probe gives the generator the null (unconditional) label, so that the true label cannot "
+                         "leak into its features, and this generator has none: it was trained with --class-dropout 0; "
+                         "probe one trained with label dropout (train-generator's default --class-dropout 0.1)")
     depth = len(model.blocks)
     if not 1 <= layer <= depth:
         raise ValueError(f"probe layer {layer} is not a block of this generator, which has depth {depth}: pass a "

@@ -132,21 +132,23 @@ def _json_object(file: Path) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {}
 
 
-def load_generator(path_or_id: str | Path, map_location: str = "cpu") -> tuple[Generator, GeneratorMeta]:
+def load_generator(path_or_id: str | Path, map_location: str = "cpu", *,
+                   tokenizer_flag: str = "--tokenizer") -> tuple[Generator, GeneratorMeta]:
     """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`; a
     ``train-generator`` run folder stands for its export, ``RUN/generator``, and a training
     checkpoint of a run, ``RUN/checkpoints/step-N.pt``, gives the EMA weights of step N (what an
-    export at N would hold)."""
+    export at N would hold). A tokenizer given instead is refused naming ``tokenizer_flag``, the
+    caller's flag for one (``generate --tokenizer``, ``eval --model``)."""
     path = Path(path_or_id).expanduser()
     if path.is_file():
-        model, meta = _from_training_checkpoint(path)
+        model, meta = _from_training_checkpoint(path, tokenizer_flag)
         return model.to(map_location).eval(), meta
     if path.suffix == ".pt" and not path.exists():  # a checkpoint keep_checkpoints deleted, or a typo
         from softvq.checkpoint.pretrained import CheckpointError
 
         raise CheckpointError(_no_checkpoint_file(path))
     path_or_id = generator_run_export(path_or_id) or path_or_id
-    _refuse_other_folders(Path(path_or_id).expanduser())
+    _refuse_other_folders(Path(path_or_id).expanduser(), tokenizer_flag)
     folder, payload = read_folder_config(path_or_id, FORMAT, "softvq generator",
                                          "tokenizers load with softvq.Tokenizer.from_pretrained")
     model = build_generator(payload["config"])
@@ -185,7 +187,7 @@ def _no_checkpoint_file(path: Path) -> str:
             f"generators {exports}")
 
 
-def _from_training_checkpoint(file: Path) -> tuple[Generator, GeneratorMeta]:
+def _from_training_checkpoint(file: Path, tokenizer_flag: str) -> tuple[Generator, GeneratorMeta]:
     """The generator of a ``train-generator`` checkpoint file: the backbone config it records (or,
     in checkpoints from before it did, its run's ``RUN/config.json``), its weights with the EMA in
     place of the trained ones (the weights sampling uses, as in an export), and the meta it records
@@ -200,7 +202,7 @@ def _from_training_checkpoint(file: Path) -> tuple[Generator, GeneratorMeta]:
     run_config = "train" in config and "model" in config
     if in_run and (run / "config.yaml").is_file():  # the tokenizer trainer's run config
         raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass it as "
-                              f"--tokenizer (its run {run}, once exported), and as the generator {KINDS}")
+                              f"{tokenizer_flag} (its run {run}, once exported), and as the generator {KINDS}")
     not_one = f"{file} is a file that is not a generator checkpoint; pass {KINDS}"
     try:
         state = load_checkpoint(file)
@@ -216,7 +218,7 @@ def _from_training_checkpoint(file: Path) -> tuple[Generator, GeneratorMeta]:
 
         if state.get("format") == TOKENIZER_CHECKPOINT:
             raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass "
-                                  f"its run's export as --tokenizer, and as the generator {KINDS}")
+                                  f"its run's export as {tokenizer_flag}, and as the generator {KINDS}")
         if "meta" in state:  # written before checkpoints held the backbone config
             from softvq.training.checkpointing import checkpoint_path
 
@@ -264,9 +266,9 @@ def _latent_set_places(run: Path, train: dict[str, Any]) -> list[Path]:
     return list(dict.fromkeys(place.resolve() for place in places))
 
 
-def _refuse_other_folders(path: Path) -> None:
+def _refuse_other_folders(path: Path, tokenizer_flag: str) -> None:
     """A one-line CheckpointError saying what ``path`` is when it is another softvq folder a user
-    may pass by mistake: a latent set, a tokenizer run, or a generator run that has no export yet."""
+    may pass by mistake: a latent set, a tokenizer (run), or a generator run that has no export yet."""
     from softvq.checkpoint.pretrained import CheckpointError, training_run_export
     from softvq.generation.latents import META_NAME
 
@@ -276,10 +278,11 @@ def _refuse_other_folders(path: Path) -> None:
                               f"one on it with `softvq train-generator --latents {path} --out RUN`, then generate RUN")
     if kind == "tokenizer run":
         raise CheckpointError(f"{path} is a tokenizer training run (its tokenizer is {training_run_export(path)}), not "
-                              f"a generator; pass it as --tokenizer, and a generator (train-generator's RUN) first")
+                              f"a generator; pass it as {tokenizer_flag}, and a generator (train-generator's RUN) in "
+                              f"its place")
     if kind == "tokenizer":
-        raise CheckpointError(f"{path} is a tokenizer, not a generator; pass it as --tokenizer, and a generator "
-                              f"(train-generator's RUN) first")
+        raise CheckpointError(f"{path} is a tokenizer, not a generator; pass it as {tokenizer_flag}, and a generator "
+                              f"(train-generator's RUN) in its place")
     if kind == "unfinished generator run":
         from softvq.training.checkpointing import latest_checkpoint
 
