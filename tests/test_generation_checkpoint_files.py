@@ -141,3 +141,15 @@ def test_generate_names_a_recorded_tokenizer_that_is_gone(made, tmp_path, capsys
     assert f"{gen} records its latents' tokenizer as {tmp_path / 'gone'}, which does not load: no checkpoint folder " \
            f"at" in (err := capsys.readouterr().err)  # was the bare loader's "no checkpoint folder at ..." alone
     assert err.strip().endswith("pass --tokenizer SPEC with that tokenizer where it is now")
+
+
+def test_config_json_describes_a_continued_run(made, tmp_path):
+    root, _ = made
+    common = dict(latents=str(root / "lat"), out=str(tmp_path / "run"), **TINY)
+    train_generator(GeneratorTrainConfig(steps=2, export_at=[1], **common), progress=False)
+    train_generator(GeneratorTrainConfig(steps=4, export_at=[3], **common), progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["steps"] == 4 and config["train"]["export_at"] == [1, 3]  # were 2 and [1]
+    assert config["continued"] == [{"at_step": 2, "from_steps": 2, "to_steps": 4}]
+    train_generator(GeneratorTrainConfig(steps=4, **common), progress=False)  # finished: nothing to add
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == config

@@ -60,7 +60,8 @@ from softvq.training.schedule import lr_factor
 
 @dataclass
 class GeneratorTrainConfig:
-    """Everything a generator run needs; written resolved to ``RUN/config.json``.
+    """Everything a generator run needs; written resolved to ``RUN/config.json`` (a rerun that
+    continues the run updates it: :func:`record_continuation`).
 
     objective:    ``sit``, ``dit`` or ``mar``; fields left at ``None`` take that objective's recipe
                   (:data:`RECIPES`).
@@ -75,7 +76,7 @@ class GeneratorTrainConfig:
                   Recipe: DiT/SiT none, MAR 100 epochs.
     ema_warmup: decay min(ema_decay, (1+n)/(10+n)) so short runs do not average the random init.
     export_at:  steps at which the EMA generator is also exported, to ``RUN/generator-step-NNNNNNNN``
-                (paper Tab. 8: 400000 1000000 2000000 3000000 4000000).
+                (paper Tab. 8: 400000 1000000 2000000 3000000 4000000); a rerun may add steps.
     """
 
     latents: str = ""
@@ -336,6 +337,29 @@ def exported_step(export: Path) -> int | str | None:
         return None
 
 
+def record_continuation(run: Path, cfg: GeneratorTrainConfig, start: int, model: dict[str, Any],
+                        latents_sha1: str) -> None:
+    """Bring ``RUN/config.json`` up to a rerun that continues the run from ``start``: ``train`` takes
+    the settings a rerun may change as now given (``steps``: the length it now trains to) and
+    ``export_at`` becomes every step asked for over the run's commands (the union; those reached are
+    its generator-step-* folders); a rerun that changes ``steps`` is appended to ``continued`` as
+    {"at_step", "from_steps", "to_steps"}, so the file says the run was lengthened and where."""
+    file = run / "config.json"
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):  # lost since the run began: check_same_run had nothing to check
+        saved = {"train": {}, "model": model, "latents_sha1": latents_sha1}
+    old, now = saved.get("train", {}), recorded_train(cfg)
+    train = {**old, **{name: now[name] for name in CHANGEABLE_ON_RESUME}} if old else now
+    train["export_at"] = sorted(set(old.get("export_at", [])) | set(cfg.export_at))
+    continued = list(saved.get("continued", []))
+    if old and old.get("steps") != cfg.steps:
+        continued.append({"at_step": start, "from_steps": old.get("steps"), "to_steps": cfg.steps})
+    updated = {**saved, "train": train, **({"continued": continued} if continued else {})}
+    if updated != saved:
+        write_json(file, updated)
+
+
 def milestone_warnings(cfg: GeneratorTrainConfig, run: Path, start: int) -> list[str]:
     """What ``--export-at`` will not do: steps beyond the run's end, and steps a resumed run has
     passed without their export (given only now); the latter may still be in a checkpoint."""
@@ -390,6 +414,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                                   betas=(0.9, cfg.adam_beta2))
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
 
+    # what generate needs besides the weights, in every checkpoint and export
+    meta = run_meta(dataclasses.asdict(cfg), data.meta)
     start = 0
     latest = latest_checkpoint(run)
     if latest is not None:
@@ -402,6 +428,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         if start > cfg.steps:
             raise ValueError(f"{run} is already at step {start}; {length} would train nothing "
                              f"(pass --steps above {start}, or more --epochs, to continue it)")
+        if acc.is_main_process:
+            record_continuation(run, cfg, start, model_cfg.to_dict(), latent_set_sha1(data.meta))
         if start == cfg.steps and exported_step(run / EXPORT_NAME) in (start, "unknown"):  # finished: leave it
             if acc.is_main_process:
                 for note in milestone_warnings(cfg, run, start):  # --export-at given only now
@@ -435,8 +463,6 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     if acc.is_main_process:
         for note in milestone_warnings(cfg, run, start):
             print(f"softvq: warning: {note}", file=sys.stderr)
-    # what generate needs besides the weights, in every checkpoint and export
-    meta = run_meta(dataclasses.asdict(cfg), data.meta)
     model, optimizer = acc.prepare(model, optimizer)
     latents = (data.latents - data.mean) / data.std  # (z - mean) / std, supp. C.2 / the release
     labels = data.labels
