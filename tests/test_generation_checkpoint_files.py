@@ -143,6 +143,23 @@ def test_generate_names_a_recorded_tokenizer_that_is_gone(made, tmp_path, capsys
     assert err.strip().endswith("pass --tokenizer SPEC with that tokenizer where it is now")
 
 
+def test_export_at_the_step_a_run_is_at_exports_the_ema_it_loads(made, tmp_path, capsys):
+    root, run = made
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "generator-step-00000002")
+    capsys.readouterr()
+    again = train_generator(GeneratorTrainConfig(latents=str(root / "lat"), out=str(copy), steps=4, export_at=[2, 4],
+                                                 **TINY), progress=False)
+    err = capsys.readouterr().err
+    assert again["already_finished"] and "--export-at 4" not in err  # was "already at step 4, past it"
+    assert same_weights(load_generator(copy / "generator-step-00000004")[0], load_generator(copy / "generator")[0])
+    assert json.loads((copy / "generator-step-00000004" / "config.json").read_text())["step"] == 4
+    # a step passed: its kept checkpoint is named
+    assert f"--export-at 2: the run is already at step 4, past it, so it cannot be exported any more; sample it " \
+           f"from its checkpoint with `softvq generate {checkpoint_path(copy, 2)}`" in err
+
+
 def test_config_json_describes_a_continued_run(made, tmp_path):
     root, _ = made
     common = dict(latents=str(root / "lat"), out=str(tmp_path / "run"), **TINY)

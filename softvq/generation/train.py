@@ -76,7 +76,8 @@ class GeneratorTrainConfig:
                   Recipe: DiT/SiT none, MAR 100 epochs.
     ema_warmup: decay min(ema_decay, (1+n)/(10+n)) so short runs do not average the random init.
     export_at:  steps at which the EMA generator is also exported, to ``RUN/generator-step-NNNNNNNN``
-                (paper Tab. 8: 400000 1000000 2000000 3000000 4000000); a rerun may add steps.
+                (supp. Tab. 9, arXiv Tab. 8: 400000 1000000 2000000 3000000 4000000); a rerun may
+                add steps, and the one it resumes at is exported from the EMA it loads.
     """
 
     latents: str = ""
@@ -362,7 +363,8 @@ def record_continuation(run: Path, cfg: GeneratorTrainConfig, start: int, model:
 
 def milestone_warnings(cfg: GeneratorTrainConfig, run: Path, start: int) -> list[str]:
     """What ``--export-at`` will not do: steps beyond the run's end, and steps a resumed run has
-    passed without their export (given only now); the latter may still be in a checkpoint."""
+    passed without their export (given only now); the latter may still be in a checkpoint. (The
+    step it resumes at is exported from the EMA it loads.)"""
     from softvq.training.checkpointing import checkpoint_path
 
     notes = []
@@ -370,7 +372,7 @@ def milestone_warnings(cfg: GeneratorTrainConfig, run: Path, start: int) -> list
         if step > cfg.steps:
             notes.append(f"--export-at {step} is beyond the run's {cfg.steps} steps, so it is not exported; "
                          f"continue the run with --steps {step} or more to reach it")
-        elif step <= start and not milestone_export(run, step).is_dir():
+        elif step < start and not milestone_export(run, step).is_dir():
             kept = checkpoint_path(run, step)
             where = (f"sample it from its checkpoint with `softvq generate {kept}`" if kept.is_file()
                      else "its checkpoint is not kept either")
@@ -430,6 +432,12 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                              f"(pass --steps above {start}, or more --epochs, to continue it)")
         if acc.is_main_process:
             record_continuation(run, cfg, start, model_cfg.to_dict(), latent_set_sha1(data.meta))
+            if start in cfg.export_at and not milestone_export(run, start).is_dir():
+                # given only now: the EMA of this step is the one just loaded, and the loop will not pass it
+                with ema.swapped_into(model):
+                    save_generator(model, meta, milestone_export(run, start), step=start)
+                print(f"exported the EMA generator of step {start} ({latest.name}) to {milestone_export(run, start)}",
+                      file=sys.stderr)
         if start == cfg.steps and exported_step(run / EXPORT_NAME) in (start, "unknown"):  # finished: leave it
             if acc.is_main_process:
                 for note in milestone_warnings(cfg, run, start):  # --export-at given only now
