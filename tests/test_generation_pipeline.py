@@ -679,7 +679,7 @@ def test_generate_continues_across_spellings_of_the_same_folders_and_checks_fid_
 
 
 def test_export_at_keeps_the_ema_of_its_steps_and_generate_takes_a_training_checkpoint(tmp_path, capsys):
-    """Paper Tab. 8 samples one run along training: --export-at folders hold the EMA of their step
+    """Supp. Tab. 9 (arXiv Tab. 8) samples one run along training: --export-at folders hold the EMA of their step
     (what the checkpoint of that step holds), outlive --keep-checkpoints, and a kept checkpoint
     loads as the generator an export at its step would be."""
     import shutil

@@ -4,7 +4,7 @@
     softvq generate GEN --out OUT --classes 207,360 --per-class 8 --cfg 1.75 --interval 0 0.7
     softvq generate MAR_GEN --out OUT --cfg 3.0 --ar-steps 64 --temperature 1.0   # MAR (paper: cfg 3.0)
     softvq generate GEN --out OUT --per-class 50 --fid-ref stats.npz      # + gFID
-    softvq generate RUN/checkpoints/step-00400000.pt --out OUT --per-class 50   # a step along training (Tab. 8)
+    softvq generate RUN/checkpoints/step-00400000.pt --out OUT --per-class 50   # supp. Tab. 9 (arXiv Tab. 8)
 
 GEN is a generator folder (RUN/generator, or RUN/generator-step-NNNNNNNN from train-generator
 --export-at), the run folder RUN, or a training checkpoint RUN/checkpoints/step-NNNNNNNN.pt (its EMA

@@ -5,9 +5,10 @@
     softvq train-generator --latents runs/latents --out runs/mar-h --objective mar --epochs 500
     softvq train-generator --latents runs/latents --out runs/sit-xl --steps 4000000 --export-at 400000 1000000 2000000 3000000
 
-``--export-at`` also writes the EMA generator at those steps to ``RUN/generator-step-NNNNNNNN`` (paper
-Tab. 8's generation over training; kept whatever ``--keep-checkpoints`` deletes), and ``softvq
-generate`` also takes a kept checkpoint, ``RUN/checkpoints/step-NNNNNNNN.pt``, with its EMA weights.
+``--export-at`` also writes the EMA generator at those steps to ``RUN/generator-step-NNNNNNNN`` (the
+generation over training of supp. Tab. 9, arXiv Tab. 8; kept whatever ``--keep-checkpoints`` deletes),
+and ``softvq generate`` also takes a kept checkpoint, ``RUN/checkpoints/step-NNNNNNNN.pt``, with its
+EMA weights.
 
 Fields left unset take the objective's recipe (paper Sec. 4.1 and supp. C.2): DiT/SiT XL for 3M
 steps, lr 1e-4, batch 256; MAR H for 500 epochs with 100 of warm-up, lr 2e-4, batch 2048, AdamW β2
@@ -68,7 +69,8 @@ FLAG_HELP: dict[str, str] = {
     "checkpoint_every": "steps between checkpoints (default 5000; also written when stopped)",
     "keep_checkpoints": "checkpoints kept (default 3)",
     "export_at": "steps at which the EMA generator is also exported, to RUN/generator-step-NNNNNNNN, kept whatever "
-                 "--keep-checkpoints deletes (paper Tab. 8: 400000 1000000 2000000 3000000 4000000)",
+                 "--keep-checkpoints deletes (supp. Tab. 9, arXiv Tab. 8: 400000 1000000 2000000 3000000 4000000); "
+                 "a rerun may add steps, and exports the one it is at from its last checkpoint",
     "tokenizer": "tokenizer SPEC `generate` decodes with (default: the one in the latents' meta.json): a preset, "
                  "a tokenizer folder or run, a hub id or official:...; checked at the start",
     "cpu": "train on the CPU even where a GPU is present",

@@ -7,8 +7,8 @@ class names. Loading is strict (missing / unexpected keys are named).
 
 A ``train-generator`` run folder holds such a folder at the end (``RUN/generator``) and at the
 steps of ``--export-at`` (``RUN/generator-step-NNNNNNNN``); its training checkpoints
-(``RUN/checkpoints/step-NNNNNNNN.pt``) load as generators too, with their EMA weights: paper
-Tab. 8 (supp. Tab. 9) samples along training, at 400K, 1M, 2M, 3M and 4M steps. A checkpoint
+(``RUN/checkpoints/step-NNNNNNNN.pt``) load as generators too, with their EMA weights: supp.
+Tab. 9 (arXiv Tab. 8) samples along training, at 400K, 1M, 2M, 3M and 4M steps. A checkpoint
 records the backbone config and the meta, so it loads wherever it lies; one written before it did
 loads from its run folder.
 """
@@ -74,8 +74,9 @@ MILESTONE_PREFIX = "generator-step-"  # and where --export-at exports them along
 
 
 def milestone_export(run: str | Path, step: int) -> Path:
-    """``RUN/generator-step-NNNNNNNN``, the EMA generator ``--export-at`` writes at ``step`` (paper
-    Tab. 8's generation over training); unlike checkpoints, never deleted by ``keep_checkpoints``."""
+    """``RUN/generator-step-NNNNNNNN``, the EMA generator ``--export-at`` writes at ``step`` (supp.
+    Tab. 9's generation over training, arXiv Tab. 8); unlike checkpoints, never deleted by
+    ``keep_checkpoints``."""
     return Path(run) / f"{MILESTONE_PREFIX}{step:08d}"
 
 
@@ -161,7 +162,8 @@ def _meta(fields: dict[str, Any]) -> GeneratorMeta:
     return GeneratorMeta(**{k: v for k, v in fields.items() if k in known})
 
 
-KINDS = "a generator folder (train-generator's RUN/generator), its run RUN, or one of its checkpoints RUN/checkpoints/step-N.pt"
+KINDS = ("a generator folder (train-generator's RUN/generator), its run RUN, or one of its checkpoints "
+         "RUN/checkpoints/step-N.pt")
 MODEL_CONFIG_KEY = "model_config"  # the backbone config in a training checkpoint, which so loads on its own
 
 

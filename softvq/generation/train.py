@@ -19,7 +19,7 @@ continues exactly), shows a progress bar, and appends one JSON line per ``log_ev
 ``log.jsonl``. Ctrl-C or SIGTERM finishes the step and writes a checkpoint before stopping
 (``softvq.training.stopping``). At the end the EMA weights are exported to ``RUN/generator``
 for ``softvq generate``, and at each step of ``export_at`` to ``RUN/generator-step-NNNNNNNN``
-(paper Tab. 8 / supp. Tab. 9: gFID and IS at 400K, 1M, 2M, 3M and 4M steps of one run), which
+(supp. Tab. 9 / arXiv Tab. 8: gFID and IS at 400K, 1M, 2M, 3M and 4M steps of one run), which
 ``keep_checkpoints`` never deletes.
 
 The command line is ``softvq train-generator`` (:mod:`softvq.cli.train_generator`, one flag per
