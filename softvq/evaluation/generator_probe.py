@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from softvq.eval_mode import evaluating
-from softvq.evaluation.probe import ProbeResult, labelled_images, readable_features, stratified_split, train_probe
+from softvq.evaluation.probe import ProbeResult, fit_probe, labelled_images, readable_features
 
 DEFAULT_LAYER = 20  # Fig. 3(b)
 DEFAULT_T = 0.5  # ours: the paper gives no noise level
@@ -188,10 +188,9 @@ def probe_generator(model, meta, folder: str | Path, *, tokenizer=None, val_fold
         vlatents, vlabels, vclasses = labelled_latents(val_folder, tokenizer, skipped=skipped, **options)
         if vclasses != classes:
             raise ValueError(f"validation classes {vclasses} differ from training classes {classes}")
-        vfeats = generator_features(model, latents=vlatents, seed=seed + 1, **features)  # other noise draws
-        result = train_probe(feats, labels, vfeats, vlabels, seed=seed, which=which, **train_kwargs)
+        val = generator_features(model, latents=vlatents, seed=seed + 1, **features), vlabels  # other noise draws
     else:
-        tr, va = stratified_split(labels, val_fraction, seed)
-        result = train_probe(feats[tr], labels[tr], feats[va], labels[va], seed=seed, which=which, **train_kwargs)
+        val = None
+    result = fit_probe(feats, labels, val, val_fraction=val_fraction, seed=seed, which=which, **train_kwargs)
     result.skipped_images = len(skipped)
     return result

@@ -240,6 +240,16 @@ def readable_features(model, paths: list[Path], labels: Tensor, skipped: list[Pa
     return feats, labels
 
 
+def fit_probe(feats: Tensor, labels: Tensor, val: tuple[Tensor, Tensor] | None = None, *, val_fraction: float = 0.2,
+              seed: int = 0, which: str = "latents", **train_kwargs) -> ProbeResult:
+    """The probe trained on ``feats``, scored on ``val`` (features, labels) or, without one, on a
+    stratified ``val_fraction`` of ``feats`` held out from training."""
+    if val is not None:
+        return train_probe(feats, labels, *val, seed=seed, which=which, **train_kwargs)
+    tr, va = stratified_split(labels, val_fraction, seed)
+    return train_probe(feats[tr], labels[tr], feats[va], labels[va], seed=seed, which=which, **train_kwargs)
+
+
 def probe_folder(model, folder: str | Path, *, val_folder: str | Path | None = None,
                  val_fraction: float = 0.2, which: Literal["latents", "features"] = "latents",
                  device: str | torch.device = "cpu", batch_size: int = 32, seed: int = 0,
@@ -253,11 +263,7 @@ def probe_folder(model, folder: str | Path, *, val_folder: str | Path | None = N
     skipped: list[Path] = []
     options = dict(which=which, batch_size=batch_size, device=device, progress=progress)
     feats, labels = readable_features(model, paths, labels, skipped, **options)
-    if val_folder is not None:
-        vfeats, vlabels = readable_features(model, vpaths, vlabels, skipped, **options)
-        result = train_probe(feats, labels, vfeats, vlabels, seed=seed, which=which, **train_kwargs)
-    else:
-        tr, va = stratified_split(labels, val_fraction, seed)
-        result = train_probe(feats[tr], labels[tr], feats[va], labels[va], seed=seed, which=which, **train_kwargs)
+    val = readable_features(model, vpaths, vlabels, skipped, **options) if val_folder is not None else None
+    result = fit_probe(feats, labels, val, val_fraction=val_fraction, seed=seed, which=which, **train_kwargs)
     result.skipped_images = len(skipped)
     return result
