@@ -51,12 +51,14 @@ def resolve_run_dir(output: Path | None, name: str, resume: bool) -> Path:
     """``--output`` as given (refused when it holds files and we are not resuming); otherwise
     ``runs/<name>``, or ``runs/<name>-2``... when that folder already holds a run and we are not
     resuming it (results are never overwritten)."""
+    from softvq.run_lock import ensure_not_in_use
     from softvq.training.accelerator import first_launched_process
 
     if output is not None:
         # Only the first process checks: under torchrun / accelerate the others may look after it
         # has begun writing the run.
         if not resume and first_launched_process() and _has_run(output):
+            ensure_not_in_use(output)  # a run still going there: say so, not just "not empty"
             raise FileExistsError(f"{output} is not empty; pass --resume to continue the run there, "
                                   f"or choose another --output (a new run never overwrites one)")
         return output
@@ -70,7 +72,10 @@ def resolve_run_dir(output: Path | None, name: str, resume: bool) -> Path:
 
 
 def _has_run(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
+    from softvq.run_lock import LOCK_NAME
+
+    # a lock file alone is what a run killed while setting up leaves: nothing to keep
+    return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, load_stri
 from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.randomness import seed_everything
 from softvq.resume import changed_settings
+from softvq.run_lock import lock_run_folder
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
 from softvq.training.accelerator import gather_objects
@@ -152,6 +153,18 @@ class Trainer:
             )
         self.micro_batch = int(per_micro)
 
+        # Held until fit() ends (or set-up fails): a second run, or a --resume of this one while it
+        # still trains, is refused before it writes anything here.
+        self._lock = lock_run_folder(self.run_dir, acc)
+        try:
+            self._set_up(resume, objective_factory)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _set_up(self, resume: bool | str | Path | None,
+                objective_factory: Callable[[TrainConfig, Tokenizer], nn.Module] | None) -> None:
+        config, sched, acc = self.cfg, self.cfg.schedule, self.accelerator
         # Identical initialisation on every process; afterwards each process draws its own
         # randomness (augmentations inside the loss) from seed + rank.
         self.pending_notes: list[str] = []  # said once the logger exists
@@ -229,6 +242,12 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to ``schedule.steps`` (or until the time limit or a stop signal), then write the
         final checkpoint, export the EMA weights, a last grid and ``metrics.json``."""
+        try:
+            return self._fit()
+        finally:  # however it ends, the folder is free for a --resume
+            self._lock.release()
+
+    def _fit(self) -> TrainResult:
         if self._fitted:
             raise RuntimeError("a Trainer runs fit() once; to continue its run, make a new "
                                "Trainer(config, run_dir, resume=True)")

@@ -1,0 +1,140 @@
+"""One process per run folder: a lock held for a training run's whole life.
+
+Two runs writing one folder interleave their checkpoints, logs and exports, and nothing afterwards
+tells them apart; the "folder is not empty" check cannot stop two starts made at the same moment,
+nor a ``--resume`` of a run that is still going. A run therefore holds an exclusive, non-blocking
+OS lock on ``RUN/.lock`` (``fcntl.flock``; ``msvcrt.locking`` where fcntl is missing). The OS drops
+the lock when its process dies, however it dies, so a killed run never leaves a folder locked; the
+file itself holds the holder's pid and host, only for the message.
+
+Under torchrun / accelerate only the main process takes the lock (:func:`lock_run_folder`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
+LOCK_NAME = ".lock"
+_WINDOWS_BYTE = 1 << 20  # msvcrt locks a byte range, which others can then not read: lock one past the pid
+
+
+class RunFolderInUse(FileExistsError):
+    """Another live process holds the folder's lock (a user error: the CLI prints it in one line)."""
+
+
+def _try_lock(file: IO[str]) -> bool:
+    try:
+        if fcntl is not None:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            file.seek(_WINDOWS_BYTE)
+            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _unlock(file: IO[str]) -> None:
+    if fcntl is not None:
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+    else:
+        file.seek(_WINDOWS_BYTE)
+        msvcrt.locking(file.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+def _holder(path: Path) -> str:
+    """' (pid N)' or ' (pid N on HOST)' from the lock file, '' when it cannot be read."""
+    try:
+        pid, _, host = path.read_text().strip().partition(" ")
+    except OSError:
+        return ""
+    if not pid.isdigit():
+        return ""
+    return f" (pid {pid})" if host in ("", socket.gethostname()) else f" (pid {pid} on {host})"
+
+
+class RunLock:
+    """The lock on ``folder/.lock``; :meth:`acquire` raises :class:`RunFolderInUse` when another
+    process holds it. Usable as a context manager; :meth:`release` is safe to call twice."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._file: IO[str] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> "RunLock":
+        if self.held:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            file = open(self.path, "a+")
+            if not _try_lock(file):
+                file.close()
+                raise RunFolderInUse(f"another softvq process is using {self.folder}{_holder(self.path)}; "
+                                     f"wait for it to finish or choose another folder")
+            # The previous holder deletes the file when it lets go: a lock on a file that was
+            # deleted meanwhile guards nothing, so take the one now at that path instead.
+            try:
+                same = os.path.samestat(os.fstat(file.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            _unlock(file)
+            file.close()
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()} {socket.gethostname()}\n")
+        file.flush()
+        self._file = file
+        return self
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        if fcntl is not None:  # deleted while still locked, so that no other process locks this file after us
+            self.path.unlink(missing_ok=True)
+        _unlock(self._file)
+        self._file.close()
+        self._file = None
+        if fcntl is None:  # Windows deletes no open file; a stale one is harmless (its lock is gone)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def ensure_not_in_use(folder: str | Path) -> None:
+    """Raise :class:`RunFolderInUse` if a live process holds ``folder``'s lock (for a clearer
+    refusal than "not empty"); creates nothing when the folder has no lock file."""
+    if (Path(folder) / LOCK_NAME).exists():
+        RunLock(folder).acquire().release()
+
+
+def lock_run_folder(folder: str | Path, accelerator=None) -> RunLock:
+    """The run folder's lock, taken by the main process only (the others get an unheld one); a
+    refusal is raised on every process, so that none waits for the others at a collective."""
+    from softvq.training.accelerator import decided_by_main_process
+
+    lock = RunLock(folder)
+    decided_by_main_process(accelerator, lambda: lock.acquire() and None)
+    return lock

@@ -1,0 +1,83 @@
+"""One process per run folder: two trainings (or a --resume of a run still going) cannot share one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from softvq.cli.main import main
+from softvq.run_lock import LOCK_NAME, RunFolderInUse, RunLock
+from softvq.training.config import config_from_dict, load_config, save_config
+from softvq.training.trainer import Trainer
+from tests.test_training_run import tiny_tree
+
+torch.set_num_threads(1)
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return next(line for line in err.splitlines() if ": error: " in line)
+
+
+def test_a_second_lock_on_a_folder_is_refused_with_the_holder_and_freed_on_release(tmp_path):
+    first = RunLock(tmp_path / "run").acquire()
+    with pytest.raises(RunFolderInUse, match=rf"another softvq process is using {tmp_path / 'run'} "
+                                             rf"\(pid {os.getpid()}\); wait for it"):
+        RunLock(tmp_path / "run").acquire()
+    first.release()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()  # a finished run leaves no trace
+    with RunLock(tmp_path / "run") as second:
+        assert second.held
+    first.release()  # twice is harmless
+
+
+def test_a_lock_held_by_another_process_refuses_until_that_process_dies(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from softvq.run_lock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+                               "print('held', flush=True); sys.stdin.read()", str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderInUse, match=rf"\(pid {holder.pid}\)"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed: no release, the lock file stays
+        holder.wait()
+    assert (tmp_path / LOCK_NAME).exists()
+    RunLock(tmp_path).acquire().release()  # the OS dropped the lock with its process
+
+
+def test_a_trainer_refuses_a_folder_in_use_before_writing_and_frees_its_own(tmp_path):
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 1}, run={"checkpoint_every": 0}))
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RunFolderInUse):
+            Trainer(cfg, tmp_path / "run")
+        assert [p.name for p in (tmp_path / "run").iterdir()] == [LOCK_NAME]
+    trainer = Trainer(cfg, tmp_path / "run")
+    with pytest.raises(RunFolderInUse):  # held from set-up ...
+        RunLock(tmp_path / "run").acquire()
+    assert trainer.fit().status == "finished"
+    RunLock(tmp_path / "run").acquire().release()  # ... to the end of fit()
+    with pytest.raises(FileExistsError, match="already holds a run's checkpoints"):
+        Trainer(cfg, tmp_path / "run")
+    RunLock(tmp_path / "run").acquire().release()  # a refused set-up lets go too
+
+
+def test_train_refuses_a_run_folder_another_process_is_using(tmp_path, capsys):
+    run = tmp_path / "run"
+    with RunLock(run):  # two starts into one empty folder: the second is refused
+        assert main(["train", "demo", "-o", str(run), "model.preset=softvq-tiny", "schedule.steps=1"]) == 2
+        assert f"softvq train: error: another softvq process is using {run} (pid {os.getpid()})" in _error(capsys)
+        assert [p.name for p in run.iterdir()] == [LOCK_NAME]
+        save_config(load_config("demo", ["model.preset=softvq-tiny"]), run / "config.yaml")
+        # a --resume of a run that is still going, and a fresh start into it
+        for extra in (["--resume"], ["demo"]):
+            assert main(["train", *extra, "-o", str(run)]) == 2
+            assert f"another softvq process is using {run}" in _error(capsys)
