@@ -396,3 +396,39 @@ def test_a_trainer_in_a_notebook_gives_back_ctrl_c_and_refuses_what_would_mix_ru
     with pytest.raises(RuntimeError, match=r"runs fit\(\) once; .*resume=True"):
         trainer.fit()  # crashed on the closed log
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_unreadable_held_out_files_are_skipped_and_others_drawn(tmp_path, capsys):
+    """2 good and 3 corrupt files with 2 held out: was 'none of the 2 held-out files could be read'."""
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):  # the fixed held-out order draws 2, 4, 3, 0, 1: the corrupt ones first
+        if i < 2:
+            Image.fromarray(rng.integers(0, 255, (40, 44, 3), dtype=np.uint8)).save(data / f"{i}-good.png")
+        else:
+            (data / f"{i}-bad.png").write_bytes(b"\x89PNG garbage")
+    cfg = config_from_dict(tiny_tree(data={"source": "folder", "path": str(data), "num_eval_images": 2},
+                                     schedule={"steps": 2, "batch_size": 2}, run={"checkpoint_every": 0}))
+    result = Trainer(cfg, tmp_path / "run").fit()
+    assert result.status == "finished"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["heldout_images"] == 1  # the other good file is left to train on
+    out = capsys.readouterr().out
+    assert "held-out set: skipped" in out and "bad" in out.split("held-out set: skipped")[1].splitlines()[0]
+    assert metrics["skipped_files"] == 3
+
+
+def test_a_folder_without_two_readable_images_is_a_clear_error(tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(3):
+        (data / f"bad{i}.png").write_bytes(b"\x89PNG garbage")
+    cfg = config_from_dict(tiny_tree(data={"source": "folder", "path": str(data), "num_eval_images": 1}))
+    with pytest.raises(ValueError, match=r"none of the 3 image files in .*images could be read \(e\.g\. .*bad.*\); "
+                                         r"replace the unreadable files"):
+        Trainer(cfg, tmp_path / "run")
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(data / "good.png")
+    with pytest.raises(ValueError, match=r"only 1 of the 4 image files .* could be read \(.*good\.png\): a run needs "
+                                         r"one to train on and one held out"):
+        Trainer(cfg, tmp_path / "run")

@@ -36,16 +36,19 @@ def scan_folder(folder: str | Path, fix: str = "set data.path to a folder of ima
     return images, others
 
 
+def holdout_order(files: list[Path]) -> list[Path]:
+    """``files`` in the fixed shuffle the held-out set is drawn from, front first: the split never
+    depends on the run seed."""
+    return [files[i] for i in np.random.default_rng(0).permutation(len(files)).tolist()]
+
+
 def split_holdout(files: list[Path], count: int) -> tuple[list[Path], list[Path]]:
-    """(train, held-out): ``count`` files chosen by a fixed shuffle, so the split never depends on
-    the run seed and the held-out files are never trained on."""
+    """(train, held-out): the first ``count`` files of :func:`holdout_order` (at most half), so
+    the held-out files are never trained on."""
     if count <= 0 or len(files) < 2:
         return files, []
-    count = min(count, len(files) // 2)
-    order = np.random.default_rng(0).permutation(len(files))
-    held = set(order[:count].tolist())
-    return ([f for i, f in enumerate(files) if i not in held],
-            [f for i, f in enumerate(files) if i in held])
+    held = set(holdout_order(files)[:min(count, len(files) // 2)])
+    return [f for f in files if f not in held], [f for f in files if f in held]
 
 
 class ImageFolderDataset(Dataset):

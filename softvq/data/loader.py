@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from softvq.data.bundled import BundledCropsDataset, heldout_crops, split_bundled
-from softvq.data.folder import ImageFolderDataset, scan_folder, split_holdout
-from softvq.data.images import ImageReadError, read_image
+from softvq.data.folder import ImageFolderDataset, holdout_order, scan_folder
+from softvq.data.images import ImageReadError, load_rgb, read_image
 from softvq.data.sampler import StreamBatchSampler
 from softvq.data.shards import ShardStream
 from softvq.data.workers import ignore_stop_signals
@@ -78,8 +78,7 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
             train_files, held = files, load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images,
                                                         "to hold out files of data.path")
         else:
-            train_files, held_files = split_holdout(files, cfg.num_eval_images)
-            held = load_eval_files(held_files, image_size)
+            train_files, held = hold_out_readable(files, cfg.num_eval_images, image_size, Path(cfg.path))
         dataset = ImageFolderDataset(train_files, image_size, seed=seed, hflip=cfg.hflip,
                                      min_crop_fraction=cfg.min_crop_fraction)
         description = f"folder {cfg.path}: {len(train_files)} image files for training, {len(held.names)} held out"
@@ -110,23 +109,70 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
     return TrainData(loader, description, len(dataset), ignored), held
 
 
-def load_eval_files(files: list[Path], size: int) -> HeldOut:
-    """Centre-cropped, resized evaluation images; unreadable files are left out and listed."""
+def load_eval_files(files: list[Path], size: int, count: int = 0) -> HeldOut:
+    """The first ``count`` readable files (0: all), centre-cropped and resized; an unreadable file
+    is left out, listed, and the next one drawn in its place."""
     images, names, skipped = [], [], []
     for path in files:
+        if count and len(images) == count:
+            break
         try:
             images.append(read_image(path, size, resize=True))
             names.append(path.stem)
         except ImageReadError:
             skipped.append(str(path))
     if not images:
-        raise ValueError(f"none of the {len(files)} held-out files could be read")
+        raise ImageReadError(f"none of the {len(files)} held-out image files could be read "
+                             f"(e.g. {', '.join(skipped[:3])})")
     return HeldOut(torch.stack(images), names, skipped)
 
 
+def hold_out_readable(files: list[Path], count: int, size: int, folder: Path) -> tuple[list[Path], HeldOut]:
+    """(training files, held-out images) of one folder: up to ``count`` readable files (at most half
+    the folder), drawn in :func:`holdout_order`. An unreadable file is skipped (listed in
+    ``skipped``, left out of training too) and the next one drawn; the last held-out image goes
+    back to training when no other file can be read, since a run needs both."""
+    fix = "replace the unreadable files, or point data.path at another folder"
+    if len(files) < 2:
+        raise ValueError(f"{folder} holds {len(files)} image file: a run needs one to train on and one held out "
+                         f"(data.num_eval_images); add images, or set data.eval_path to a folder of held-out ones")
+    order = holdout_order(files)
+    want, tried = min(count, len(files) // 2), 0
+    held: list[tuple[Path, torch.Tensor]] = []
+    skipped: list[str] = []
+    for path in order:
+        if len(held) == want:
+            break
+        tried += 1
+        try:
+            held.append((path, read_image(path, size, resize=True)))
+        except ImageReadError:
+            skipped.append(str(path))
+    rest = order[tried:]
+    if not held:
+        raise ImageReadError(f"none of the {len(files)} image files in {folder} could be read "
+                             f"(e.g. {', '.join(skipped[:3])}); {fix}")
+    if not any(_readable(p) for p in rest):  # stops at the first readable file: one read as a rule
+        if len(held) == 1:
+            raise ImageReadError(f"only 1 of the {len(files)} image files in {folder} could be read "
+                                 f"({held[0][0]}): a run needs one to train on and one held out; {fix}")
+        rest.append(held.pop()[0])
+    kept = {p for p, _ in held} | set(map(Path, skipped))
+    train = [f for f in files if f not in kept]
+    return train, HeldOut(torch.stack([image for _, image in held]), [p.stem for p, _ in held], skipped)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        load_rgb(path)
+    except ImageReadError:
+        return False
+    return True
+
+
 def load_folder_eval(folder: Path, size: int, count: int, without: str) -> HeldOut:
-    """The first ``count`` images of ``data.eval_path``; ``without`` says, for the error, what
-    ``data.eval_path=null`` holds out instead with this data source."""
+    """The first ``count`` readable images of ``data.eval_path``; ``without`` says, for the error,
+    what ``data.eval_path=null`` holds out instead with this data source."""
     files, _ = scan_folder(folder, fix=f"set data.eval_path to a folder of held-out images, or data.eval_path=null "
                                        f"{without}")
-    return load_eval_files(files[:count] if count > 0 else files, size)
+    return load_eval_files(files, size, count)

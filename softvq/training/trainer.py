@@ -228,6 +228,10 @@ class Trainer:
             stream_positions=self._restore_stream_positions(resume_state),
             pin_memory=self.device.type == "cuda")
         self.skipped_files.update(self.heldout.skipped)
+        if self.heldout.skipped:
+            shown = self.heldout.skipped
+            self.pending_notes.append(f"held-out set: skipped {len(shown)} unreadable file(s) ({', '.join(shown[:3])}"
+                                      f"{', ...' if len(shown) > 3 else ''}) and drew others in their place")
         if resume_state is not None:
             self._restore_rng(resume_state)
         if self.is_main and not (self.run_dir / "config.yaml").is_file():
