@@ -432,3 +432,10 @@ def test_library_warnings_speak_in_the_cli_voice(tmp_path, capsys):
     code, _, err = _run(capsys, "info", f"official:{folder}")
     assert code == 0
     assert "softvq: warning: config.json says image_size 64 but the position embeddings are for 32 px" in err
+
+
+def test_a_bad_seed_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
+    code, _, err = _run(capsys, "train", "demo", "-o", str(tmp_path / "run"), "model.preset=softvq-tiny",
+                        "schedule.steps=1", "schedule.seed=-1")
+    assert code == 2 and "schedule.seed must be 0 or more" in _one_line_error(err)
+    assert not (tmp_path / "run").exists()  # was: config.yaml, grids/, log.jsonl, so a rerun needed --resume

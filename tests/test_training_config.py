@@ -128,6 +128,9 @@ def test_inheritance_and_overrides(tmp_path):
     (["optim.betas=[1.5, 0.9]"], "optim.betas needs two numbers in [0, 1), got [1.5, 0.9]"),
     (["run.log_every=-1"], "run.log_every must be 0 or more"),
     (["data.min_crop_fraction=0"], "data.min_crop_fraction must be in (0, 1]"),
+    # NumPy's "expected non-negative integer" at the first step, after config.yaml, grids/, log.jsonl
+    (["schedule.seed=-1"], "schedule.seed must be 0 or more and below 2**63, got -1"),
+    (["schedule.seed=18446744073709551616"], "schedule.seed must be 0 or more and below 2**63"),
     # the model's own checks name the whole key too
     (["model.bottleneck.codebook_size=0"], "model.bottleneck.codebook_size must be at least 1, got 0"),
     (["model.image_size=60"], "model.image_size 60 is not a multiple of patch_size 8"),

@@ -199,6 +199,9 @@ class TrainConfig:
             ("schedule.ema_decay", s.ema_decay, 0.0 <= s.ema_decay < 1.0, "in [0, 1)"),
             ("schedule.warmup_steps", s.warmup_steps, s.warmup_steps >= 0, "0 or more"),
             ("schedule.min_lr_ratio", s.min_lr_ratio, 0.0 <= s.min_lr_ratio <= 1.0, "in [0, 1]"),
+            # NumPy refuses negative seeds and torch ones past 64 bits, at the first step: after the
+            # run folder was made (seed + 1 + rank seeds each process)
+            ("schedule.seed", s.seed, 0 <= s.seed < 2**63, "0 or more and below 2**63"),
             ("optim.lr", o.lr, o.lr > 0, "positive"),
             ("optim.disc_lr", o.disc_lr, o.disc_lr is None or o.disc_lr > 0, "positive or null"),
             ("optim.eps", o.eps, o.eps > 0, "positive"),
