@@ -114,6 +114,8 @@ def test_straight_run_writes_everything_and_resume_after_crash_and_ctrl_c_is_exa
     Trainer(cfg, interrupted, resume=True).fit()
 
     for run_dir in (crashed, interrupted):
+        # the crashed run's step 4, logged after its checkpoint, is not there twice
+        assert [r["step"] for r in read_log(run_dir)] == [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
         assert losses(run_dir) == reference, run_dir.name  # same losses, bit for bit
         assert losses(run_dir, "d/loss") == reference_d
         final, expected = exported(run_dir), exported(run)
@@ -334,6 +336,9 @@ def test_continuing_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path,
     assert (aside / "export").is_dir() and json.loads((aside / "metrics.json").read_text())["step"] == 6
     assert not (tmp_path / "export").exists() and not (tmp_path / "metrics.json").exists()
     assert "the line it leaves is kept in" in capsys.readouterr().out
+    # the log reads like one run's; the records of the line set aside go with it
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_log(aside)] == [4, 5, 6]
     # a plain --resume now continues the new line, not the abandoned step 6
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003.pt", "step-00000004.pt"]
     stale = tmp_path / "checkpoints" / ".step-00000005.pt.x1y2.tmp"  # what a SIGKILL mid-write leaves
@@ -343,7 +348,8 @@ def test_continuing_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path,
     # going back to step 3 a second time keeps the first abandoned line as it is
     Trainer(cfg, tmp_path, resume=older)
     assert (aside / "step-00000006.pt").read_bytes() == newer
-    assert [p.name for p in (tmp_path / "checkpoints" / "abandoned-after-00000003-2").iterdir()] == ["step-00000004.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "abandoned-after-00000003-2").iterdir()) == [
+        "log.jsonl", "step-00000004.pt"]
 
 
 def test_a_second_signal_inside_an_update_writes_no_half_updated_checkpoint(tmp_path, monkeypatch, capsys):
@@ -432,3 +438,15 @@ def test_a_folder_without_two_readable_images_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"only 1 of the 4 image files .* could be read \(.*good\.png\): a run needs "
                                          r"one to train on and one held out"):
         Trainer(cfg, tmp_path / "run")
+
+
+def test_a_resume_drops_the_log_records_past_its_checkpoint_and_a_half_written_line(tmp_path, capsys):
+    """A SIGKILL after step 5's record (checkpoint at 3) and during the next line's write."""
+    cfg = config_from_dict(tiny_tree())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(cfg, tmp_path, objective_factory=factory(crash_at=5)).fit()
+    with (tmp_path / "log.jsonl").open("a") as log:
+        log.write('{"step": 6, "loss": 0.')
+    Trainer(cfg, tmp_path, resume=True).fit()
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]  # was 1, 2, 3, 4, 5, 4, 5, 6
+    assert "log.jsonl: dropped 3 record(s) logged past step 3" in capsys.readouterr().out

@@ -14,6 +14,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from softvq.atomic import atomic_write
+
 
 class RunLogger:
     """Console + JSONL + TensorBoard for one run. Disabled loggers (non-main processes) do nothing."""
@@ -75,3 +77,27 @@ def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """The JSONL records of a run (for tests, plots and reports)."""
     path = Path(run_dir) / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def drop_records_after(path: str | Path, step: int) -> list[str]:
+    """Rewrite the JSONL log at ``path`` without its records past ``step``, atomically; returns the
+    lines dropped. For a resume from the checkpoint of ``step``: a run killed after that checkpoint
+    logged steps the resumed run logs again, and the log must read like one uninterrupted run's
+    (its steps increasing). A half-written last line goes too. Records without a step are kept."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    kept, dropped = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            late = isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] > step
+        except json.JSONDecodeError:
+            late = True
+        (dropped if late else kept).append(line)
+    if dropped:
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(path, lambda p: p.write_text(text))
+    return dropped

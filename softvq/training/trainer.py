@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from softvq.atomic import write_json
+from softvq.atomic import atomic_write, write_json
 from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, load_strict
 from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.randomness import seed_everything
@@ -51,7 +51,7 @@ from softvq.training.config import TrainConfig, save_config
 from softvq.training.ema import EMA
 from softvq.training.grid import save_grid
 from softvq.training.heldout import reconstruct_all, reconstruction_metrics
-from softvq.training.logging import RunLogger, format_value
+from softvq.training.logging import RunLogger, drop_records_after, format_value
 from softvq.training.optim import build_optimizer
 from softvq.training.resuming import restore_or_reseed_rng
 from softvq.training.schedule import build_scheduler, load_training_state, scaled_lr
@@ -220,7 +220,10 @@ class Trainer:
         self._stop = StopRequests()  # fit() installs the real one
         self._mid_step = False  # True while a step updates weights, optimizer and EMA
         self._fitted = False
+        self._set_aside: Path | None = None  # where an explicit older checkpoint moved the line it leaves
         resume_state = self._load_resume(checkpoint, explicit=resume is not True) if checkpoint else None
+        if resume and self.is_main:
+            self._trim_log()
 
         self.data, self.heldout = build_data(
             config.data, image_size=config.image_size, micro_batch=self.micro_batch, rank=self.rank,
@@ -609,7 +612,7 @@ class Trainer:
         if self.is_main and ckpt.remove_stale_temporaries(self.run_dir):
             self.pending_notes.append("removed the half-written checkpoint a killed process left behind")
         if explicit and self.is_main:
-            aside = ckpt.set_aside_newer(self.run_dir, self.step, keep=path)
+            aside = self._set_aside = ckpt.set_aside_newer(self.run_dir, self.step, keep=path)
             if aside is not None:
                 self.pending_notes.append(f"continuing from step {self.step}, an older checkpoint: the line it "
                                           f"leaves is kept in {aside}, out of this run's way")
@@ -619,6 +622,18 @@ class Trainer:
         self.skipped_files = set(state["skipped_files"])
         self.last_checkpoint, self.checkpoint_step = path, self.step
         return state
+
+    def _trim_log(self) -> None:
+        """Drop the log records a killed run wrote past the checkpoint resumed from: the resumed run
+        logs those steps again. Those of a line set aside go with its checkpoints."""
+        dropped = drop_records_after(self.run_dir / "log.jsonl", self.step)
+        if not dropped:
+            return
+        if self._set_aside is not None:
+            text = "".join(line + "\n" for line in dropped)
+            atomic_write(self._set_aside / "log.jsonl", lambda p: p.write_text(text))
+        self.pending_notes.append(f"log.jsonl: dropped {len(dropped)} record(s) logged past step {self.step}, "
+                                  f"which this run logs again")
 
     def _restore_stream_positions(self, state: dict[str, Any] | None) -> dict[int, tuple[int, int]] | None:
         """Restore and return this process's saved shard-stream positions, or None when they cannot
