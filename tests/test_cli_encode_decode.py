@@ -130,3 +130,36 @@ def test_encode_in_bf16_records_it_and_stays_close_to_float32(tmp_path, capsys, 
     assert main(["encode", str(folder), "--model", str(ckpt), "--out", str(tmp_path / "y.safetensors"),
                  "--precision", "bf16"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_an_interrupted_decode_continues_and_another_decode_is_refused(tmp_path, capsys, monkeypatch):
+    folder, names = _folder(tmp_path)
+    latents = str(tmp_path / "z.safetensors")
+    assert main(["encode", str(folder), "--model", "softvq-tiny", "--out", latents]) == 0
+    assert main(["decode", latents, "--out", str(tmp_path / "straight"), "--batch-size", "1"]) == 0
+    real, calls = Tokenizer.decode, []
+
+    def stopped_at_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Tokenizer, "decode", stopped_at_second_batch)
+    out = tmp_path / "cut"
+    assert main(["decode", latents, "--out", str(out), "--batch-size", "1"]) == 130
+    assert "run the same command again to decode the rest" in capsys.readouterr().err
+    assert [p.name for p in out.rglob("*.png")] == ["a.png"]
+    monkeypatch.undo()
+    # was: "a.png already exists; choose another --out"
+    assert main(["decode", latents, "--out", str(out), "--batch-size", "1"]) == 0
+    assert "(1 already there from an earlier run)" in capsys.readouterr().out
+    for name in ("a.png", "sub/b.png", "sub/c.png"):
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    # a decode with other options would mix two decodes in one folder
+    assert main(["decode", latents, "--out", str(out), "--batch-size", "2", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a decode of other latents or options (" in err and "seed 0 -> 3; batch_size 1 -> 2" in err
+    assert "run that decode again to continue it, or choose another --out" in err
+    (tmp_path / "file").write_text("x")
+    assert main(["decode", latents, "--out", str(tmp_path / "file")]) == 2  # was: [Errno 20] Not a directory
+    assert f"--out {tmp_path / 'file'} is a file; decode writes a folder of images" in capsys.readouterr().err

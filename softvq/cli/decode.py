@@ -2,23 +2,32 @@
 
 Reads a file written by ``softvq encode``; each row becomes ``DIR/<its image name>.png`` (the
 sub-folders of the encoded folder are kept). Without ``--model`` the SPEC recorded in the file
-is used.
+is used. ``DIR/decode.json`` records what was decoded: an interrupted decode continues when run
+again with the same latents and options (each image is written whole or not at all); a
+different decode into that folder is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from pathlib import Path, PurePosixPath
 
 import torch
 from tqdm import tqdm
 
+from softvq.atomic import atomic_write, write_json
 from softvq.checkpoint.specs import portable_spec
 from softvq.cli.common import (add_model_arguments, load_tokenizer, make_distinct, positive_int,
                                refuse_to_overwrite)
 from softvq.cli.encode import read_latents
 from softvq.data.images import to_pil
+from softvq.randomness import derived_seed
+from softvq.resume import changed_settings, weights_sha1
+
+RECORD = "decode.json"  # what the images in --out were decoded from, for a rerun to continue
 
 
 def output_names(names: list[str]) -> list[str]:
@@ -62,10 +71,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"softvq: warning: {args.latents} was encoded with {recorded}; decoding with {args.model}",
               file=sys.stderr)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; decode writes a folder of images: choose another --out")
     files = [out / _safe_relative(n) for n in output_names(data.names)]
-    refuse_to_overwrite(files, "choose another --out (decode never replaces images, such as the originals it encoded)")
+    saved = _saved_record(out)
+    if saved is None:
+        refuse_to_overwrite(files, "choose another --out (decode never replaces images, such as the originals it encoded)")
+    seed = args.seed if args.seed is not None else int(data.meta.get("seed") or 0)
     # A preset's random weights are only the encoding model's when drawn from the same seed.
-    torch.manual_seed(args.seed if args.seed is not None else int(data.meta.get("seed", 0)))
+    torch.manual_seed(seed)
     model = load_tokenizer(spec, args.device, precision=args.precision)
     expected = (model.num_tokens, model.latent_dim)
     if tuple(data.latents.shape[1:]) != expected:
@@ -76,14 +90,49 @@ def run(args: argparse.Namespace) -> int:
     size = data.image_size or model.config.image_size
     if size % model.config.patch_size:
         raise ValueError(f"recorded image size {size} is not a multiple of the patch size {model.config.patch_size}")
-    device = next(model.parameters()).device
     batch = args.batch_size
+    record = {"latents": str(Path(args.latents).resolve()), "latents_sha1": _file_sha1(args.latents),
+              "model": portable_spec(spec), "tokenizer_sha1": weights_sha1(model), "seed": seed,
+              "precision": model.precision, "batch_size": batch, "image_size": size, "images": len(files)}
+    if saved is not None:
+        changed = changed_settings(saved, record)
+        if changed and any(f.exists() for f in files):  # none made yet: nothing to mix, start afresh
+            raise FileExistsError(f"{out} holds a decode of other latents or options ({'; '.join(changed)}); run "
+                                  f"that decode again to continue it, or choose another --out")
+    write_json(out / RECORD, record)
+    device = next(model.parameters()).device
+    starts = [s for s in range(0, len(files), batch) if not all(f.is_file() for f in files[s:s + batch])]
     with torch.inference_mode():
-        for start in tqdm(range(0, len(files), batch), desc="decode", unit="batch", disable=None):
+        for start in tqdm(starts, desc="decode", unit="batch", disable=None):
             z = data.latents[start:start + batch].to(device)
-            images = model.decode(z, size).float().cpu()
+            # each batch its own noise (a generative decoder): a continued decode makes the same images
+            generator = torch.Generator().manual_seed(derived_seed(seed, start))
+            images = model.decode(z, size, generator=generator).float().cpu()
             for image, file in zip(images, files[start:start + batch]):
-                file.parent.mkdir(parents=True, exist_ok=True)
-                to_pil(image).save(file)
-    print(f"decoded {len(files)} image(s) with {model.source} -> {out}")
+                atomic_write(file, lambda p, im=image: to_pil(im).save(p, format="PNG"))
+    made = sum(len(files[s:s + batch]) for s in starts)
+    kept = f" ({len(files) - made} already there from an earlier run)" if made < len(files) else ""
+    print(f"decoded {made} image(s) with {model.source} -> {out}{kept}")
     return 0
+
+
+def _saved_record(out: Path) -> dict | None:
+    """The settings an earlier decode into ``out`` recorded, or None where it holds no record."""
+    path = out / RECORD
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise FileExistsError(f"{path} is not a record softvq decode wrote; choose another --out")
+    return saved
+
+
+def _file_sha1(path: str | Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -24,10 +24,10 @@ COMMANDS = ("info", "reconstruct", "encode", "decode", "train", "eval", "plot", 
 # Commands that run inference forwards, which stop page-faulting when freed memory is kept.
 # Training keeps glibc's defaults: there it measured no gain (see softvq.cpu_allocator).
 RETAIN_FREED_MEMORY = ("reconstruct", "encode", "decode", "eval", "pretokenize", "generate")
-# Long jobs that keep their work on Ctrl-C (eval saves its running sums; pretokenize and generate
-# have written whole shards and images): a scheduler's SIGTERM (preemption) gets the same stop.
-# Training installs its own handlers (finish the step, write a checkpoint).
-STOP_ON_SIGTERM = ("eval", "pretokenize", "generate")
+# Long jobs that keep their work on Ctrl-C (eval saves its running sums; pretokenize, generate and
+# decode have written whole shards and images): a scheduler's SIGTERM (preemption) gets the same
+# stop. Training installs its own handlers (finish the step, write a checkpoint).
+STOP_ON_SIGTERM = ("eval", "pretokenize", "generate", "decode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +123,7 @@ RESUME_HINTS = {
     "train-generator": "the last checkpoint is kept: run the same command again to continue",
     "pretokenize": "the complete shards are kept: run the same command again to continue",
     "generate": "the images written are kept: run the same command again to make the rest",
+    "decode": "the images written are kept: run the same command again to decode the rest",
     "eval": "the work so far is kept (not for a random preset): run the same command again to continue",
 }
 
