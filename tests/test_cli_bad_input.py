@@ -439,3 +439,47 @@ def test_a_bad_seed_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
                         "schedule.steps=1", "schedule.seed=-1")
     assert code == 2 and "schedule.seed must be 0 or more" in _one_line_error(err)
     assert not (tmp_path / "run").exists()  # was: config.yaml, grids/, log.jsonl, so a rerun needed --resume
+
+
+def test_paths_of_the_wrong_kind_are_named_as_such(tmp_path, capsys):
+    """Each was a "does not exist", an [Errno 17]/[Errno 20], or torch's own advice."""
+    run = tmp_path / "run"
+    assert _run(capsys, "train", "demo", "-o", str(run), "model.preset=softvq-tiny", "schedule.steps=2",
+                "run.checkpoint_every=1", "run.eval_lpips=false", "run.progress=false")[0] == 0
+    code, _, err = _run(capsys, "train", "--resume", "model.x=1", "-o", str(run))
+    assert code == 2 and "--resume took 'model.x=1' as its CHECKPOINT, but it looks like an override: put " \
+                         "key=value overrides before --resume" in _one_line_error(err)
+    code, _, err = _run(capsys, "train", "--resume", str(run / "checkpoints"), "-o", str(run))
+    assert code == 2 and f"is a folder, not a checkpoint file: name one of its files (the newest is " \
+                         f"{run / 'checkpoints' / 'step-00000002.pt'})" in _one_line_error(err)
+    newest = run / "checkpoints" / "step-00000002.pt"
+    torch.save({"x": np.zeros(2)}, newest)  # weights-only loading refuses it, with advice meant for code
+    code, _, err = _run(capsys, "train", "--resume", "-o", str(run), "schedule.steps=3")
+    line = _one_line_error(err)
+    assert code == 2 and f"{newest} is corrupt or unreadable (UnpicklingError); delete it to continue from the " \
+                         f"previous checkpoint, {run / 'checkpoints' / 'step-00000001.pt'}" in line
+    assert "weights_only" not in line and "trust" not in line
+    newest.unlink()
+    (run / "grids").rename(tmp_path / "grids")
+    (run / "grids").write_text("")
+    code, _, err = _run(capsys, "train", "--resume", "-o", str(run), "schedule.steps=3")
+    assert code == 2 and f"{run / 'grids'} is a file, but the run writes its grids/ folder there" in _one_line_error(err)
+
+    (tmp_path / "file").write_text("x")
+    for argv, said in ((["plot", str(tmp_path / "file")], "is a file; plot takes run folders"),
+                       (["reconstruct", str(tmp_path / "grids"), "--resize", "--model", str(run / "export"),
+                         "--out", str(tmp_path / "file")], "is a file; reconstruct writes a folder of images"),
+                       (["pretokenize", str(tmp_path / "file"), "--images", str(tmp_path / "grids"), "--model",
+                         str(run / "export")], "is a file; pretokenize writes a folder of latent shards")):
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and said in _one_line_error(err), argv
+
+    gen = tmp_path / "gen"  # a generator run: its config.json names the tokenizer
+    gen.mkdir()
+    (gen / "config.json").write_text(json.dumps({"train": {"tokenizer": str(run / "export")}, "model": {}}))
+    for argv in (["info", str(gen)], ["encode", str(tmp_path / "grids"), "--resize", "--model", str(gen),
+                                      "--out", str(tmp_path / "z.safetensors")]):
+        code, _, err = _run(capsys, *argv)
+        line = _one_line_error(err)
+        assert code == 2 and f"{gen} is a generator run (train-generator), not a tokenizer" in line, argv
+        assert f"its latents come from the tokenizer {run / 'export'}" in line and "official:" not in line

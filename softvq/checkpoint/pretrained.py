@@ -34,8 +34,8 @@ def write_folder(directory: str | Path, state: dict[str, torch.Tensor], payload:
 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"{directory} is a file; a checkpoint is a folder (config.json + "
-                                 f"{WEIGHTS_NAME}), so pass a folder path")
+        raise NotADirectoryError(f"cannot write a checkpoint to {directory}: it is a file, and a checkpoint is a "
+                                 f"folder (config.json + {WEIGHTS_NAME}); move the file away or name another path")
     weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     write_json(directory / CONFIG_NAME, payload)

@@ -136,6 +136,31 @@ def _generator_meta(folder: str) -> dict | None:
     return payload.get("meta", {}) if isinstance(payload, dict) and payload.get("format") == FORMAT else None
 
 
+def _generator_run_tokenizer(folder: str) -> str | None:
+    """For a train-generator run folder, where its tokenizer is named; None for any other folder."""
+    import json
+
+    from softvq.generation.checkpoint import folder_kind
+
+    if folder_kind(folder) not in ("generator run", "unfinished generator run"):
+        return None
+    config = Path(folder).expanduser() / "config.json"
+    try:
+        train = json.loads(config.read_text()).get("train", {})
+    except (OSError, ValueError, AttributeError):
+        train = {}
+    train = train if isinstance(train, dict) else {}
+    tokenizer, latents = train.get("tokenizer"), train.get("latents")
+    if not tokenizer and latents:  # recorded by pretokenize in the latent set the run trained on
+        try:
+            tokenizer = json.loads((Path(str(latents)).expanduser() / "meta.json").read_text()).get("tokenizer")
+        except (OSError, ValueError, AttributeError):
+            tokenizer = None
+    if tokenizer:
+        return f"its latents come from the tokenizer {tokenizer} (see {config}): pass that"
+    return f"pass the tokenizer its latents come from ({config} names its latent set)"
+
+
 def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool = False,
                    precision: str = "fp32") -> Tokenizer:
     """The tokenizer a SPEC names, in eval mode on ``device``, computing in ``precision``.
@@ -174,6 +199,10 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
             if generator is not None:
                 raise CheckpointError(f"{spec} is a DiT/SiT/MAR generator (train-generator's export), not a tokenizer; "
                                       f"its latents come from the tokenizer {generator.get('tokenizer')}") from None
+            made_by = _generator_run_tokenizer(spec)
+            if made_by is not None:  # was: "if it is a released SoftVQ-VAE checkpoint, name it official:..."
+                raise CheckpointError(f"{spec} is a generator run (train-generator), not a tokenizer, which this "
+                                      f"command takes; {made_by}") from None
             if "from_official" in str(exc):  # a released folder passed without the prefix
                 raise CheckpointError(
                     f"{spec} is not in softvq's format; if it is a released SoftVQ-VAE checkpoint, "

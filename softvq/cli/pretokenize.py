@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
     main_process = accelerator is None or accelerator.is_main_process
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file; pretokenize writes a folder of latent shards: name another OUT")
     # a finished set is refused here, before anything is written
     resuming = decided_by_main_process(accelerator, lambda: interrupted_run(out))
     kept = out / "tokenizer"

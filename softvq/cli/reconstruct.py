@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     if not images:
         raise ImageReadError("none of the images given could be read")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; reconstruct writes a folder of images: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     print(f"model: {model.source}")
     scores: list[float] = []

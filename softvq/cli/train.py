@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     config_name, overrides = split_items(args.items)
     resume = args.resume
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        # argparse gives --resume the word after it: `--resume model.x=1` named no checkpoint
+        raise ValueError(f"--resume took {resume!r} as its CHECKPOINT, but it looks like an override: put key=value "
+                         f"overrides before --resume (softvq train {resume} --resume -o RUN)")
     if resume and config_name is None:
         # Continue with the run's own resolved config (overrides still apply).
         run_dir = args.output or Path("runs") / load_config(None, overrides).run.name

@@ -62,6 +62,8 @@ def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
 
 def read_run(path: str | Path) -> RunFolder:
     path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; plot takes run folders (softvq train's -o, or their export/)")
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {path} does not exist")
     resolved = path.resolve()

@@ -113,11 +113,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"training checkpoint {path} is a folder; name a checkpoint file (step-N.pt) in it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"training checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        # torch's own advice (weights_only=False, "likely corrupted") is for code, not for a run
+        earlier = [p for p in list_checkpoints(path.parent.parent) if p.resolve() != path.resolve()
+                   and (checkpoint_step(p) or 0) < (checkpoint_step(path) or 0)] if checkpoint_step(path) else []
+        then = (f"to continue from the previous checkpoint, {earlier[-1]}" if earlier
+                else "to start its run again from step 0")
+        raise CheckpointError(f"training checkpoint {path} is corrupt or unreadable ({type(exc).__name__}); "
+                              f"delete it {then}") from None
 
 
 def capture_rng() -> dict[str, Any]:

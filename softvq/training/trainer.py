@@ -46,7 +46,7 @@ from softvq.resume import changed_settings
 from softvq.run_lock import lock_run_folder
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
-from softvq.training.accelerator import gather_objects
+from softvq.training.accelerator import decided_by_main_process, gather_objects
 from softvq.training.config import TrainConfig, save_config
 from softvq.training.ema import EMA
 from softvq.training.grid import save_grid
@@ -172,6 +172,7 @@ class Trainer:
             self.pending_notes.append(f"warning: schedule.warmup_steps {sched.warmup_steps} is not shorter than "
                                       f"schedule.steps {sched.steps}: the lr never reaches its peak; pass a shorter "
                                       f"schedule.warmup_steps")
+        decided_by_main_process(acc, lambda: check_run_layout(self.run_dir))
         if not resume and ckpt.list_checkpoints(self.run_dir):
             raise FileExistsError(f"{self.run_dir} already holds a run's checkpoints: pass resume=True to continue it, "
                                   f"or choose another folder (a new run never overwrites one)")
@@ -572,6 +573,12 @@ class Trainer:
         if self.cfg.run.distributed == "fsdp" and self.world > 1:
             raise ValueError("resuming an FSDP run is not supported yet; resume it with run.distributed=ddp")
         path = ckpt.latest_checkpoint(self.run_dir) if resume is True else Path(resume)
+        if path is not None and path.is_dir():
+            run = path.parent if path.name == ckpt.CHECKPOINT_DIR else path
+            newest = ckpt.latest_checkpoint(run)
+            raise CheckpointError(f"--resume {path} is a folder, not a checkpoint file: name one of its files"
+                                  + (f" (the newest is {newest})" if newest else "")
+                                  + ", or give --resume alone to continue the newest checkpoint of --output")
         if path is None and (self.run_dir / "config.yaml").is_file():
             self.pending_notes.append(f"--resume: {self.run_dir} has no checkpoint yet (the run stopped before "
                                       f"its first one): starting from step 0")
@@ -760,6 +767,19 @@ class Trainer:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def check_run_layout(run_dir: Path) -> None:
+    """Refuse a run folder where a file stands in the way of a folder the run writes, or the
+    reverse: found only when the first grid, checkpoint or export was due ("[Errno 17] File exists")."""
+    for name in (ckpt.CHECKPOINT_DIR, "grids", EXPORT_NAME, "tensorboard"):
+        if (run_dir / name).exists() and not (run_dir / name).is_dir():
+            raise NotADirectoryError(f"{run_dir / name} is a file, but the run writes its {name}/ folder there: "
+                                     f"move the file away, or choose another --output")
+    for name in ("config.yaml", "log.jsonl", "metrics.json"):
+        if (run_dir / name).is_dir():
+            raise IsADirectoryError(f"{run_dir / name} is a folder, but the run writes its {name} file there: "
+                                    f"move the folder away, or choose another --output")
 
 
 def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
