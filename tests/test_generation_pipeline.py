@@ -746,3 +746,23 @@ def test_export_at_keeps_the_ema_of_its_steps_and_generate_takes_a_training_chec
                  "--per-class", "1", "--steps", "2", "--device", "cpu"]) == 0
     assert len(list((out / "images").glob("*.png"))) == 2
     assert json.loads((out / "samples.json").read_text())["generator"] == str(checkpoint_path(run, 4).resolve())
+
+
+def test_pretokenize_refuses_a_folder_of_other_files(tmp_path, capsys):
+    from PIL import Image
+
+    from softvq.cli.main import main
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 0)).save(tmp_path / "imgs" / f"{i}.png")
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "notes.txt").write_text("mine")  # was: written into, beside the shards
+    argv = ["pretokenize", str(tmp_path / "lat"), "--images", str(tmp_path / "imgs"), "--model", "softvq-tiny",
+            "--device", "cpu"]
+    assert main(argv) == 2
+    assert "lat is not empty (it holds notes.txt) and holds no latent set or interrupted pretokenize; choose an " \
+           "empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["notes.txt"]
+    (tmp_path / "lat" / "notes.txt").unlink()
+    assert main(argv) == 0  # an empty one is fine, as before

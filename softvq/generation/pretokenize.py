@@ -159,6 +159,14 @@ def interrupted_run(out: str | Path) -> bool:
     if any(out.glob("latents-*.safetensors")):
         raise FileExistsError(f"{out} already holds latent shards but no {PROGRESS_NAME} to continue from; "
                               f"choose an empty folder")
+    # "tokenizer" holds a preset's weights, kept by the CLI before the folder is claimed; dot files
+    # are temporaries of atomic writes (or a desktop's own)
+    others = sorted(p.name for p in out.iterdir() if p.name != "tokenizer" and not p.name.startswith(".")) \
+        if out.is_dir() else []
+    if others:
+        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+        raise FileExistsError(f"{out} is not empty (it holds {others[0]}{more}) and holds no latent set or "
+                              f"interrupted pretokenize; choose an empty folder")
     return False
 
 
