@@ -527,3 +527,14 @@ def test_sample_reports_go_inside_each_generated_folder(tmp_path):
     assert samples_report_folder(tmp_path / "dit" / "images") == tmp_path / "dit" / "eval"
     (tmp_path / "pngs").mkdir()
     assert samples_report_folder(tmp_path / "pngs") == Path("eval")  # not written into a user's image folder
+
+
+def test_a_report_of_other_images_is_named_as_it_is_replaced(tmp_path, caplog):
+    """eval --out ev replaced a 1500-image eval.json with a 10-image one without a word."""
+    write_report({"model": "runs/a/export", "num_images": 1500, "psnr": 25.0}, tmp_path)
+    with caplog.at_level("WARNING", logger="softvq"):
+        write_report({"model": "runs/a/export", "num_images": 1500, "psnr": 25.0}, tmp_path)  # a rerun: no word
+        assert not caplog.records
+        write_report({"model": "runs/a/export", "num_images": 10, "psnr": 24.0}, tmp_path)
+    assert "replacing" in caplog.text and "1500 images) with this evaluation (model runs/a/export, 10 images)" \
+        in caplog.text and "give another --out to keep both" in caplog.text

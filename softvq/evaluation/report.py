@@ -62,9 +62,30 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pat
 
     out = Path(out_dir)
     json_path, md_path = out / "eval.json", out / "eval.md"
+    _say_what_is_replaced(json_path, report)
     write_json(json_path, report, default=_jsonable)
     atomic_write(md_path, lambda p: p.write_text(to_markdown(report)))
     return json_path, md_path
+
+
+def _say_what_is_replaced(json_path: Path, report: dict[str, Any]) -> None:
+    """Reports are written afresh (README), but an earlier one of another model or image count is
+    named as it goes: a 10-image check must not silently stand where a 1500-image result was."""
+    import json
+    import logging
+
+    try:
+        old = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(old, dict):
+        return
+    keys = ("model", "num_images")
+    if all(old.get(k) == report.get(k) for k in keys):
+        return
+    logging.getLogger("softvq.evaluation").warning(
+        f"replacing {json_path} (model {old.get('model')}, {old.get('num_images')} images) with this evaluation "
+        f"(model {report.get('model')}, {report.get('num_images')} images); give another --out to keep both")
 
 
 def _jsonable(value: Any) -> Any:
