@@ -298,6 +298,63 @@ def latent_set_sha1(meta: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
+def _is_run_config(payload: Any) -> bool:
+    """Whether ``payload`` (a parsed config.json) is train-generator's run config, not a
+    tokenizer's or an export's (those have a ``format``)."""
+    return isinstance(payload, dict) and "train" in payload and "model" in payload
+
+
+def check_out_folder(run: Path) -> None:
+    """``--out`` must be new, empty or a train-generator run (its config.json says so, or, where
+    that file was lost, its checkpoints): training writes config.json and checkpoints into it, so any
+    other folder would be overwritten (a tokenizer's or an export's config.json) or misread as a run."""
+    from softvq.generation.latents import META_NAME
+    from softvq.training.checkpointing import latest_checkpoint
+
+    if run.is_file():
+        raise NotADirectoryError(f"--out {run} is a file; pass a folder for the run")
+    # half-written files of our own atomic writes (a process of a launched run may be writing config.json)
+    if not run.is_dir() or not [p for p in run.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))]:
+        return
+    file = run / "config.json"
+    try:
+        payload, why = json.loads(file.read_text()), None
+    except FileNotFoundError:
+        payload, why = None, None
+    except (OSError, ValueError) as exc:
+        payload, why = None, f"is not valid JSON ({exc})"
+    if _is_run_config(payload):
+        return
+    fresh = "a new or empty folder as --out"
+    kind = folder_kind(run)
+    if (run / "config.yaml").is_file() or kind == "tokenizer run":
+        raise ValueError(f"--out {run} is a tokenizer training run (softvq train's), not a train-generator run; "
+                         f"pass {fresh}")
+    if kind == "tokenizer":
+        raise ValueError(f"--out {run} is a tokenizer, not a train-generator run: training would overwrite its "
+                         f"config.json; pass {fresh}")
+    if kind == "latent set":
+        raise ValueError(f"--out {run} is a latent set ({META_NAME}, written by pretokenize), not a train-generator "
+                         f"run; pass it as --latents and {fresh}")
+    if kind == "generator":
+        parent = folder_kind(run.parent) in ("generator run", "unfinished generator run")
+        again = f", or its run {run.parent} to continue that run" if parent else ""
+        raise ValueError(f"--out {run} is an exported generator, not a train-generator run: training would overwrite "
+                         f"its config.json; pass {fresh}{again}")
+    kept = latest_checkpoint(run) is not None
+    if not file.exists():
+        if kept:
+            return  # a run whose config.json was lost: its last checkpoint's settings are checked instead
+        raise ValueError(f"--out {run} is a folder that is not a train-generator run (no config.json of one, and no "
+                         f"checkpoints); pass {fresh}")
+    if why is None:
+        why = (f"holds a {type(payload).__name__}, not a run's settings" if not isinstance(payload, dict)
+               else "has no run settings (\"train\" and \"model\")")
+    fix = ("restore it, or delete it to continue from the settings the run's checkpoints record, or pass a new --out "
+           "to start a fresh run" if kept else f"pass {fresh}")
+    raise ValueError(f"--out {run} is not a train-generator run: its {file.name} {why}; {fix}")
+
+
 def check_same_run(run: Path, model: dict[str, Any], train: dict[str, Any], latents_sha1: str) -> None:
     """A run folder resumes only the run it was started with: another generator, other training
     settings or another latent set is a clear error before any weights are loaded."""
@@ -397,7 +454,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     from softvq.training.ema import EMA
     from softvq.training.stopping import StopRequests, on_any_process
 
-    data = load_latents(cfg.validate().latents)
+    check_out_folder(Path(cfg.validate().out))  # before anything is read or written
+    data = load_latents(cfg.latents)
     if cfg.tokenizer is not None:
         cfg = dataclasses.replace(cfg, tokenizer=tokenizer_spec(cfg.tokenizer, tuple(data.latents.shape[1:])))
     cfg = cfg.resolved(count=data.latents.shape[0])  # epochs -> steps
