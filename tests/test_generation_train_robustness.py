@@ -2,7 +2,6 @@
 theirs, settings that make the loss non-finite, a run whose config.json was lost, a run killed mid-write,
 and sampling settings that are not numbers a sampler can use."""
 
-import dataclasses
 import json
 import shutil
 
@@ -73,3 +72,140 @@ def test_out_that_is_not_a_run_of_its_own_is_refused_untouched(made, tmp_path, c
     (tmp_path / "empty").mkdir()
     assert train_cli(root, tmp_path / "empty", "--steps", "1") == 0
     assert train_cli(root, tmp_path / "run", "--steps", "5") == 0  # its own run continues
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--lr", "1e38"], "--lr 1e+38 is too large for AdamW's float32 step"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    (["--weight-decay", "1e38"], "--lr × --weight-decay must be below 1"),
+    (["--adam-beta2", "1.5"], "--adam-beta2 (AdamW's β2) must be in [0, 1), got 1.5"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be 0 or more, got -1.0"),
+    (["--objective", "dit", "--vlb-weight", "nan"], "--vlb-weight must be a finite number, got nan"),
+    (["--class-dropout", "1"], "--class-dropout (a probability) must be in [0, 1), got 1.0"),
+    (["--max-nonfinite", "0"], "--max-nonfinite must be 1 or more, got 0"),
+    (["--epochs", "inf"], "--epochs must be a finite number, got inf"),
+    (["--epochs", "nan"], "--epochs must be a finite number, got nan"),
+    (["--steps", "3", "--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
+    (["--steps", "3", "--warmup-epochs", "nan"], "--warmup-epochs must be a finite number, got nan"),
+])
+def test_settings_that_cannot_train_are_named_before_anything_is_written(made, tmp_path, flags, named, capsys):
+    root, _ = made
+    length = [] if "--epochs" in flags or "--steps" in flags else ["--steps", "2"]
+    assert main(["train-generator", "--latents", str(root / "lat"), "--out", str(tmp_path / "g"), *FLAGS, *length,
+                 *flags]) == 2  # were NaN runs that exited 0, torch tracebacks, or a NaN norm taken as "no clipping"
+    err = capsys.readouterr().err
+    assert err.startswith(f"softvq train-generator: error: {named}") and err.count("\n") == 1, err
+    assert not (tmp_path / "g").exists()
+
+
+def rewrite_latent_set(root, folder, std=None, poison=False):
+    """A copy of ``root/lat`` in ``folder`` with meta.json's latent_std replaced, or a NaN latent."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(root / "lat", folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    if std is not None:
+        meta["latent_std"] = std
+        (folder / "meta.json").write_text(json.dumps(meta))
+    if poison:
+        shard = folder / meta["shards"][0]
+        with safe_open(str(shard), framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        tensors["latents"][0, 0, 0] = float("nan")
+        save_file(tensors, str(shard), metadata=metadata)
+    return folder
+
+
+@pytest.mark.parametrize("std, poison, named", [
+    (0, False, "gives latent_mean .* and latent_std 0; training normalises the latents as \\(z - mean\\) / std"),
+    (float("nan"), False, "and latent_std nan; training normalises"),
+    (None, True, "holds NaN or infinite latents"),
+])
+def test_a_latent_set_that_cannot_be_normalised_is_refused_at_load(made, tmp_path, std, poison, named, capsys):
+    import re
+
+    root, _ = made
+    latents = rewrite_latent_set(root, tmp_path / "lat", std=std, poison=poison)
+    assert main(["train-generator", "--latents", str(latents), "--out", str(tmp_path / "g"), *FLAGS,
+                 "--steps", "2"]) == 2  # trained on NaN and exported an all-NaN generator
+    assert re.search(named, capsys.readouterr().err)
+    assert not (tmp_path / "g").exists()
+
+
+def poisoned_objective(monkeypatch, calls, weights=False):
+    """Make the loss of the objective's ``calls``-th calls (counted from 1) NaN, or with ``weights``
+    put an infinite weight into the model first (as a finite-loss step with a huge lr would)."""
+    from softvq.generation import train as train_module
+
+    count = [0]
+
+    class Poisoned(train_module.GenerationObjective):
+        def __call__(self, model, x, y):
+            count[0] += 1
+            if weights and count[0] in calls:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("inf"))
+            terms = super().__call__(model, x, y)
+            if count[0] in calls:
+                terms["loss"] = terms["loss"] * float("nan")
+            return terms
+
+    monkeypatch.setattr(train_module, "GenerationObjective", Poisoned)
+
+
+def all_finite(state):
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(v) for v in state)
+    return True
+
+
+def test_a_nonfinite_step_is_skipped_and_too_many_stop_the_run_at_its_last_good_checkpoint(made, tmp_path,
+                                                                                           monkeypatch, capsys):
+    from softvq.generation.checkpoint import load_generator
+    from softvq.training.checkpointing import checkpoint_path, list_checkpoints
+
+    root, _ = made
+    cfg = GeneratorTrainConfig(latents=str(root / "lat"), out=str(tmp_path / "one"), steps=6, log_every=1, **TINY)
+    poisoned_objective(monkeypatch, {3})  # one bad batch: skipped, counted and logged; the run goes on
+    result = train_generator(cfg, progress=False)
+    assert result["steps"] == 6 and not result["stopped"]
+    assert "step 3: non-finite loss or gradient, step skipped (1/20)" in capsys.readouterr().err
+    log = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_steps"] for r in log] == [0, 0, 1, 1, 1, 1] and log[2]["loss"] == "nan"
+    assert all(all_finite(torch.load(p, weights_only=True)) for p in list_checkpoints(tmp_path / "one"))
+    assert all(torch.isfinite(p).all() for p in load_generator(tmp_path / "one")[0].parameters())
+
+    # every step from 3 on is bad: at the third the run stops, writing nothing more (was: NaN checkpoints
+    # rotating the good ones out, an all-NaN export and exit status 0)
+    poisoned_objective(monkeypatch, set(range(3, 100)))
+    assert main(["train-generator", "--latents", str(root / "lat"), "--out", str(tmp_path / "two"), *FLAGS,
+                 "--steps", "10", "--checkpoint-every", "2", "--max-nonfinite", "3"]) == 3
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("softvq train-generator: error: stopped at step 5: 3 steps had a non-finite loss or "
+                          "gradient and were skipped (limit --max-nonfinite 3), and nothing was written; the last "
+                          f"good weights are in {checkpoint_path(tmp_path / 'two', 4)}. Start a new run"), err
+    assert list_checkpoints(tmp_path / "two") == [checkpoint_path(tmp_path / "two", s) for s in (2, 4)]
+    assert all(all_finite(torch.load(p, weights_only=True)) for p in list_checkpoints(tmp_path / "two"))
+    assert not (tmp_path / "two" / "generator").exists()
+
+
+def test_nonfinite_weights_are_never_saved(made, tmp_path, monkeypatch, capsys):
+    from softvq.training.checkpointing import checkpoint_path, list_checkpoints
+
+    root, _ = made
+    poisoned_objective(monkeypatch, {3}, weights=True)  # the weights are infinite from step 3 on
+    assert main(["train-generator", "--latents", str(root / "lat"), "--out", str(tmp_path / "g"), *FLAGS,
+                 "--steps", "10", "--checkpoint-every", "2"]) == 3
+    assert ("stopped at step 4: the weights became non-finite (a step with a finite loss moved them to infinity), "
+            f"and nothing was written; the last good weights are in {checkpoint_path(tmp_path / 'g', 2)}") \
+        in capsys.readouterr().err
+    assert list_checkpoints(tmp_path / "g") == [checkpoint_path(tmp_path / "g", 2)]

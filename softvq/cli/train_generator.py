@@ -18,7 +18,9 @@ Same machinery as the tokenizer trainer: Accelerate (``accelerate launch -m soft
 train-generator ...`` for several processes), EMA, atomic checkpoints, progress bar, JSONL log. A
 run resumes by itself: when ``--out`` already holds checkpoints, training continues from the newest
 (with the same model settings; others are an error). Ctrl-C or SIGTERM writes a checkpoint after
-the current step and stops (exit status 130); a second one stops at once. Every flag is a field of
+the current step and stops (exit status 130); a second one stops at once. A step whose loss or
+gradient is not finite is skipped; after ``--max-nonfinite`` of them the run stops (exit status 3),
+naming its last good checkpoint, and never saves non-finite weights. Every flag is a field of
 :class:`softvq.generation.train.GeneratorTrainConfig`, which holds the recipes and the loop.
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import types
 import typing
 from typing import Literal
@@ -63,6 +66,8 @@ FLAG_HELP: dict[str, str] = {
     "ema_decay": "EMA decay of the exported weights (default 0.9999)",
     "ema_warmup": "EMA decay min(decay, (1+n)/(10+n)), so short runs do not average the random init (ours; "
                   "DiT/SiT's plain decay: --no-ema-warmup, which differs from it only in the first ~10^5 steps)",
+    "max_nonfinite": "steps with a non-finite loss or gradient are skipped; the run stops after this many "
+                     "(default 20)",
     "mixed_precision": "no, bf16 or fp16 (Accelerate's autocast; the paper's DiT runs used bf16, supp. C.2)",
     "seed": "seed of the initialisation, the batch order and the noise",
     "log_every": "steps between log lines (default 50)",
@@ -120,9 +125,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from softvq.generation.train import GeneratorTrainConfig, train_generator
     from softvq.training.accelerator import first_launched_process
+    from softvq.training.trainer import NonFiniteLossError
 
     cfg = GeneratorTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GeneratorTrainConfig)})
-    result = train_generator(cfg, progress=not args.quiet)
+    try:
+        result = train_generator(cfg, progress=not args.quiet)
+    except NonFiniteLossError as exc:  # every process stops; one says why
+        if first_launched_process():
+            print(f"softvq train-generator: error: {exc}", file=sys.stderr)
+        return 3
     if first_launched_process():  # one result line for a launched run, not one per process
         print(json.dumps(result))
     return 130 if result["stopped"] else 0

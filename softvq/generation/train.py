@@ -17,7 +17,9 @@ checkpoints every ``checkpoint_every`` steps (``softvq.training.checkpointing``:
 optimizer, step and RNG states; batches are a function of (seed, step, rank), so a resumed run
 continues exactly), shows a progress bar, and appends one JSON line per ``log_every`` steps to
 ``log.jsonl``. Ctrl-C or SIGTERM finishes the step and writes a checkpoint before stopping
-(``softvq.training.stopping``). At the end the EMA weights are exported to ``RUN/generator``
+(``softvq.training.stopping``). A step with a non-finite loss or gradient is skipped; after
+``max_nonfinite`` of them the run stops with :class:`~softvq.training.trainer.NonFiniteLossError`,
+and non-finite weights are never saved. At the end the EMA weights are exported to ``RUN/generator``
 for ``softvq generate``, and at each step of ``export_at`` to ``RUN/generator-step-NNNNNNNN``
 (supp. Tab. 9 / arXiv Tab. 8: gFID and IS at 400K, 1M, 2M, 3M and 4M steps of one run), which
 ``keep_checkpoints`` never deletes.
@@ -51,7 +53,7 @@ from softvq.generation.checkpoint import (EXPORT_NAME, MODEL_CONFIG_KEY, folder_
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
-from softvq.generation.latents import load_latents
+from softvq.generation.latents import LatentSet, load_latents
 from softvq.randomness import derived_seed
 from softvq.resume import changed_settings
 from softvq.training.optim import param_groups
@@ -75,6 +77,8 @@ class GeneratorTrainConfig:
     warmup_steps / warmup_epochs: linear learning-rate warm-up from 0, then constant; give one.
                   Recipe: DiT/SiT none, MAR 100 epochs.
     ema_warmup: decay min(ema_decay, (1+n)/(10+n)) so short runs do not average the random init.
+    max_nonfinite: a step whose loss or gradient is not finite is skipped (no update); after this many
+                in the run, it stops with an error naming its last checkpoint, as the tokenizer trainer does.
     export_at:  steps at which the EMA generator is also exported, to ``RUN/generator-step-NNNNNNNN``
                 (supp. Tab. 9, arXiv Tab. 8: 400000 1000000 2000000 3000000 4000000); a rerun may
                 add steps, and the one it resumes at is exported from the EMA it loads.
@@ -108,6 +112,7 @@ class GeneratorTrainConfig:
     max_grad_norm: float | None = None
     ema_decay: float = 0.9999
     ema_warmup: bool = True
+    max_nonfinite: int = 20
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     log_every: int = 50
@@ -162,6 +167,13 @@ class GeneratorTrainConfig:
             if getattr(self, steps) is not None and getattr(self, epochs) is not None:
                 flags = " or ".join("--" + name.replace("_", "-") for name in (steps, epochs))
                 raise ValueError(f"give {flags}, not both")
+        # NaN passes every comparison below: NaN or infinite settings would train on NaN or fail in torch
+        numbers = {name: getattr(resolved, name) for name in ("lr", "weight_decay", "adam_beta2", "max_grad_norm",
+                                                               "vlb_weight", "class_dropout", "ema_decay", "epochs",
+                                                               "warmup_epochs")}
+        for name, value in numbers.items():
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         for name in ("steps", "epochs"):
             value = getattr(resolved, name)
             if value is not None and value <= 0:
@@ -173,7 +185,7 @@ class GeneratorTrainConfig:
         if resolved.batch_size < 1:
             raise ValueError(f"--batch-size must be 1 or more, got {resolved.batch_size}")
         positive = ("width", "depth", "heads", "head_width", "head_depth", "buffer_size", "diffusion_batch_mul",
-                    "diffusion_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+                    "diffusion_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -184,6 +196,19 @@ class GeneratorTrainConfig:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if resolved.lr <= 0:
             raise ValueError(f"--lr must be positive, got {resolved.lr}")
+        for name in ("weight_decay", "max_grad_norm", "vlb_weight"):
+            if getattr(resolved, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(resolved, name)}")
+        # AdamW's first step, lr / (1 - β1) with β1 0.9, must fit a float32, or torch fails inside its step
+        if resolved.lr / 0.1 >= torch.finfo(torch.float32).max:
+            raise ValueError(f"--lr {resolved.lr:g} is too large for AdamW's float32 step; the recipes use 1e-4 and 2e-4")
+        if resolved.lr * resolved.weight_decay >= 1:
+            raise ValueError(f"--lr × --weight-decay must be below 1 (AdamW multiplies the weights by 1 - lr × weight "
+                             f"decay each step), got {resolved.lr:g} × {resolved.weight_decay:g}")
+        if not 0.0 <= resolved.adam_beta2 < 1.0:
+            raise ValueError(f"--adam-beta2 (AdamW's β2) must be in [0, 1), got {resolved.adam_beta2}")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"--class-dropout (a probability) must be in [0, 1), got {self.class_dropout}")
         return self
 
 
@@ -251,6 +276,26 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, int] | None = None) -> st
     raise ValueError(f"--tokenizer {spec!r} is not {kinds}")
 
 
+def check_latent_set(data: LatentSet, folder: str) -> None:
+    """Training normalises the latents as (z − mean) / std: a std of 0 or a non-finite statistic or
+    latent makes every loss NaN from the first step, so such a set is refused before training."""
+    from softvq.generation.latents import META_NAME
+
+    stats = {name: data.meta[name] for name in ("latent_mean", "latent_std")}
+    try:
+        usable = math.isfinite(data.mean) and math.isfinite(data.std) and data.std > 0
+    except (TypeError, ValueError):  # null or text in meta.json
+        usable = False
+    if not usable:
+        given = " and ".join(f"{name} {value!r}" for name, value in stats.items())
+        raise ValueError(f"{Path(folder) / META_NAME} gives {given}; training normalises the latents as "
+                         f"(z - mean) / std, which needs a finite mean and a positive finite std: make the latent "
+                         f"set again with softvq pretokenize")
+    if not bool(torch.isfinite(data.latents).all()):
+        raise ValueError(f"the latent set {folder} holds NaN or infinite latents (its tokenizer made them); make it "
+                         f"again with softvq pretokenize, e.g. with --precision fp32")
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on every matrix and embedding, not on biases and norm scales (1-D tensors),
     as MAE / MAR do; with ``weight_decay`` 0 (DiT / SiT) this is plain AdamW."""
@@ -277,7 +322,7 @@ STOP_AGREEMENT_EVERY = 10
 # saves, where the folders are now, and the device. Anything else would make a run that no
 # uninterrupted run makes.
 CHANGEABLE_ON_RESUME = ("out", "latents", "steps", "epochs", "log_every", "checkpoint_every", "keep_checkpoints",
-                        "export_at", "cpu")
+                        "export_at", "cpu", "max_nonfinite")
 
 
 def recorded_train(cfg: GeneratorTrainConfig) -> dict[str, Any]:
@@ -438,6 +483,33 @@ def milestone_warnings(cfg: GeneratorTrainConfig, run: Path, start: int) -> list
     return notes
 
 
+def nonfinite_stop(cfg: GeneratorTrainConfig, run: Path, step: int, count: int | None) -> str:
+    """Why a run stops at ``step`` on non-finite values (``count`` skipped steps, or None: weights),
+    where its last good weights are and what to try. Nothing is written at the stop: the run keeps
+    its settings, so continuing it would repeat the same steps."""
+    from softvq.training.checkpointing import latest_checkpoint
+
+    why = (f"{count} steps had a non-finite loss or gradient and were skipped (limit --max-nonfinite "
+           f"{cfg.max_nonfinite})" if count is not None
+           else "the weights became non-finite (a step with a finite loss moved them to infinity)")
+    kept = latest_checkpoint(run)
+    last = f"the last good weights are in {kept}" if kept is not None else "no checkpoint had been written yet"
+    fp32 = ", --mixed-precision no" if cfg.mixed_precision != "no" else ""
+    rare = "; if such steps are rare, continue this run with a higher --max-nonfinite" if count is not None else ""
+    return (f"stopped at step {step}: {why}, and nothing was written; {last}. Start a new run (a new --out) with a "
+            f"lower --lr, a warm-up (--warmup-steps), gradient clipping (--max-grad-norm){fp32}, or check the latent "
+            f"set{rare}")
+
+
+def refuse_nonfinite(tensors: list[torch.Tensor], cfg: GeneratorTrainConfig, run: Path, step: int) -> None:
+    """Never save non-finite weights: skipped steps keep them finite, but a step with a finite loss
+    can still move them to infinity (a huge --lr or --weight-decay)."""
+    from softvq.training.trainer import NonFiniteLossError
+
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise NonFiniteLossError(nonfinite_stop(cfg, run, step, None))
+
+
 def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) training; returns {"first_loss", "last_loss", "steps", "export", "stopped"}
     (and ``"already_finished": True``, with no losses, when the run had already reached ``steps``).
@@ -453,9 +525,11 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     from softvq.training.resuming import restore_or_reseed_rng
     from softvq.training.ema import EMA
     from softvq.training.stopping import StopRequests, on_any_process
+    from softvq.training.trainer import NonFiniteLossError
 
     check_out_folder(Path(cfg.validate().out))  # before anything is read or written
     data = load_latents(cfg.latents)
+    check_latent_set(data, cfg.latents)
     if cfg.tokenizer is not None:
         cfg = dataclasses.replace(cfg, tokenizer=tokenizer_spec(cfg.tokenizer, tuple(data.latents.shape[1:])))
     cfg = cfg.resolved(count=data.latents.shape[0])  # epochs -> steps
@@ -476,7 +550,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
 
     # what generate needs besides the weights, in every checkpoint and export
     meta = run_meta(dataclasses.asdict(cfg), data.meta)
-    start = 0
+    start = nonfinite = 0
     latest = latest_checkpoint(run)
     if latest is not None:
         check_same_run(run, model_cfg.to_dict(), recorded_train(cfg), latent_set_sha1(data.meta))
@@ -485,6 +559,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start = int(state["step"])
+        nonfinite = int(state.get("nonfinite_steps", 0))  # counted over the run, as the tokenizer trainer does
         if start > cfg.steps:
             raise ValueError(f"{run} is already at step {start}; {length} would train nothing "
                              f"(pass --steps above {start}, or more --epochs, to continue it)")
@@ -556,44 +631,60 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
             with acc.autocast():
                 terms = objective(model, x, y)
             acc.backward(terms["loss"])
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            # A non-finite loss gives non-finite gradients, so their norm (computed when clipping anyway)
+            # tells a step to skip. Under fp16 the grad scaler's step skips overflowing gradients itself
+            # (and lowers its scale): overflow is routine there, so only the loss counts.
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+            finite = torch.isfinite(terms["loss"].detach())
+            if cfg.mixed_precision != "fp16":
+                finite = finite & torch.isfinite(grad_norm)
+            # Reading it waits for the device once a step, as the tokenizer trainer does. With several
+            # processes they agree on it (a loss may be non-finite on one alone) and on a stop
+            # request, so that every process skips and stops at the same step.
+            bad = not bool(finite)
+            stopping = stop.requested
+            if acc.num_processes > 1:
+                bad, stopping = on_any_process([bad, stopping], acc.device)
+            if not bad or cfg.mixed_precision == "fp16":
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            ema.update(acc.unwrap_model(model))
-            # Reading a loss waits for the device; do it only where a number is needed (the first
-            # step, log steps, the end), so a GPU can run ahead of Python between them.
+            done = step + 1
+            if bad:
+                nonfinite += 1
+                say(f"step {done}: non-finite loss or gradient, step skipped ({nonfinite}/{cfg.max_nonfinite})")
+                if nonfinite >= cfg.max_nonfinite:
+                    raise NonFiniteLossError(nonfinite_stop(cfg, run, done, nonfinite))
+            else:
+                ema.update(acc.unwrap_model(model))
             last_loss = terms["loss"].detach()
             if step == start:
                 first_loss = float(last_loss)
-            done = step + 1
             if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
                 elapsed = time.perf_counter() - tick
                 record = {"step": done, **{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
                           # the steps since the last line: fewer than log_every at the end and after a resume
-                          "ema_decay": ema.current_decay(), "sec_per_step": elapsed / (done - ticked_at)}
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                          "ema_decay": ema.current_decay(), "sec_per_step": elapsed / (done - ticked_at),
+                          "nonfinite_steps": nonfinite}
+                # strict JSON has no NaN: written as text, as the tokenizer trainer's log does
+                record = {k: v if math.isfinite(v) else str(v) for k, v in record.items()}
+                bar.set_postfix(loss=f"{record['loss']:.4f}" if not bad else str(record["loss"]))
                 with log_file.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 tick, ticked_at = time.perf_counter(), done
-            # Every process must stop at the same step. With several, they agree by an all-reduce,
-            # whose result is read back on the host: a wait for every step still queued on the GPU.
-            # The tokenizer trainer waits once a step anyway and agrees every step; this loop waits
-            # only where it reads a number (log steps, checkpoints), so it agrees every
-            # STOP_AGREEMENT_EVERY steps: a stop comes up to that many steps later. One process needs
-            # no agreement and stops after this step.
-            stopping = stop.requested if acc.num_processes == 1 else (
-                done % STOP_AGREEMENT_EVERY == 0 and on_any_process([stop.requested], acc.device)[0])
-            if done in cfg.export_at and acc.is_main_process:  # before the checkpoint: a resume past it has it
-                unwrapped = acc.unwrap_model(model)
-                with ema.swapped_into(unwrapped):
-                    save_generator(unwrapped, meta, milestone_export(run, done), step=done)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
-                rngs = gather_objects(capture_rng(), acc.num_processes)  # each process's own stream
+            if done in cfg.export_at:  # before the checkpoint: a resume past it has it
+                refuse_nonfinite(ema.shadow, cfg, run, done)  # on every process: all stop together
                 if acc.is_main_process:
                     unwrapped = acc.unwrap_model(model)
+                    with ema.swapped_into(unwrapped):
+                        save_generator(unwrapped, meta, milestone_export(run, done), step=done)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                rngs = gather_objects(capture_rng(), acc.num_processes)  # each process's own stream
+                unwrapped = acc.unwrap_model(model)
+                refuse_nonfinite([*unwrapped.parameters(), *ema.shadow], cfg, run, done)
+                if acc.is_main_process:
                     save_checkpoint({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                                      "ema": ema.state_dict(), "step": done, "rng": rngs, "meta": meta.to_dict(),
+                                     "nonfinite_steps": nonfinite,
                                      MODEL_CONFIG_KEY: model_cfg.to_dict()},  # loads without the run folder
                                     run, done, keep=cfg.keep_checkpoints)
             if stopping and done < cfg.steps:
@@ -609,6 +700,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     bar.close()
     acc.wait_for_everyone()
     export = run / EXPORT_NAME
+    refuse_nonfinite(ema.shadow, cfg, run, cfg.steps)
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
         with ema.swapped_into(unwrapped):
