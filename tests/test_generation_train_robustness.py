@@ -209,3 +209,46 @@ def test_nonfinite_weights_are_never_saved(made, tmp_path, monkeypatch, capsys):
             f"and nothing was written; the last good weights are in {checkpoint_path(tmp_path / 'g', 2)}") \
         in capsys.readouterr().err
     assert list_checkpoints(tmp_path / "g") == [checkpoint_path(tmp_path / "g", 2)]
+
+
+def test_a_run_that_lost_its_config_json_resumes_only_with_the_settings_its_checkpoint_records(made, tmp_path,
+                                                                                               capsys):
+    from softvq.training.checkpointing import checkpoint_path
+
+    root, run = made
+    shutil.copytree(run, tmp_path / "run")
+    config = tmp_path / "run" / "config.json"
+    original = json.loads(config.read_text())
+    config.unlink()
+    for flags, named in ((["--lr", "5e-4", "--seed", "3"], "was trained with other settings (lr 0.0001 -> 0.0005; "
+                                                           "seed 0 -> 3); a rerun continues it with the same ones"),
+                         (["--width", "64"], "holds checkpoints of another generator (width 32 -> 64)")):
+        # were a silent resume with the new settings, and torch's "size mismatch" traceback
+        assert train_cli(root, tmp_path / "run", "--steps", "6", *flags) == 2
+        assert f"softvq train-generator: error: {tmp_path / 'run'} {named}" in capsys.readouterr().err
+    assert not config.exists()
+    # a config.json of another run does not bring its model to the checkpoint either
+    other = json.loads(json.dumps(original))
+    other["model"]["width"] = other["train"]["width"] = 64
+    config.write_text(json.dumps(other))
+    assert train_cli(root, tmp_path / "run", "--steps", "6", "--width", "64") == 2
+    assert "holds checkpoints of another generator (width 32 -> 64)" in capsys.readouterr().err
+    config.write_text("[]")  # was AttributeError: 'list' object has no attribute 'get'
+    assert train_cli(root, tmp_path / "run", "--steps", "6") == 2
+    assert ("its config.json holds a list, not a run's settings; restore it, or delete it to continue from the "
+            "settings the run's checkpoints record") in capsys.readouterr().err
+    config.unlink()
+    assert train_cli(root, tmp_path / "run", "--steps", "6") == 0  # the same settings continue it
+    rebuilt = json.loads(config.read_text())
+    assert rebuilt["model"] == original["model"] and rebuilt["latents_sha1"] == original["latents_sha1"]
+    assert rebuilt["continued"] == [{"at_step": 4, "from_steps": 4, "to_steps": 6}]
+
+    # a checkpoint from before they recorded the settings cannot be checked without config.json
+    config.unlink()
+    file = checkpoint_path(tmp_path / "run", 6)
+    torch.save({k: v for k, v in torch.load(file, weights_only=True).items() if k not in ("train", "latents_sha1")},
+               file)
+    assert train_cli(root, tmp_path / "run", "--steps", "8") == 2
+    assert (f"{tmp_path / 'run'} has no config.json, and its checkpoint step-00000006.pt is from before checkpoints "
+            f"recorded the run's settings, so continuing it cannot be checked: restore {config}") \
+        in capsys.readouterr().err

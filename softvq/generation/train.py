@@ -47,6 +47,7 @@ from typing import Any, Literal
 import torch
 
 from softvq.atomic import write_json
+from softvq.checkpoint.pretrained import load_strict
 from softvq.config import check_field_types
 from softvq.generation.checkpoint import (EXPORT_NAME, MODEL_CONFIG_KEY, folder_kind, milestone_export, run_meta,
                                          save_generator)
@@ -400,34 +401,56 @@ def check_out_folder(run: Path) -> None:
     raise ValueError(f"--out {run} is not a train-generator run: its {file.name} {why}; {fix}")
 
 
-def check_same_run(run: Path, model: dict[str, Any], train: dict[str, Any], latents_sha1: str) -> None:
+def run_record(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """The run's settings as a checkpoint records them, in config.json's layout ({"model", "train",
+    "latents_sha1"}; checkpoints before them hold the model alone, and before that nothing). A file
+    that is no generator checkpoint is refused before any of it is loaded."""
+    from softvq.checkpoint.pretrained import CheckpointError
+
+    if not (isinstance(state, dict) and {"model", "ema", "step"} <= set(state)):
+        raise CheckpointError(f"{checkpoint} is not a train-generator checkpoint; pass a new or empty folder as --out")
+    return {key: state[name] for key, name in (("model", MODEL_CONFIG_KEY), ("train", "train"),
+                                               ("latents_sha1", "latents_sha1")) if name in state}
+
+
+def check_same_run(run: Path, saved: dict[str, Any], model: dict[str, Any], train: dict[str, Any],
+                   latents_sha1: str) -> None:
     """A run folder resumes only the run it was started with: another generator, other training
-    settings or another latent set is a clear error before any weights are loaded."""
+    settings or another latent set than ``saved`` (config.json, or a checkpoint's :func:`run_record`)
+    records is a clear error before any weights are loaded; what ``saved`` lacks is not compared."""
     from softvq.checkpoint.specs import portable_spec
 
-    saved_file = run / "config.json"
-    if not saved_file.is_file():
-        return
-    try:
-        saved = json.loads(saved_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{saved_file} is damaged ({exc}); restore it, or pass a new --out to start a fresh run") from None
-    changed = changed_settings(saved.get("model", {}), model)
+    changed = changed_settings(saved["model"], model) if "model" in saved else []
     if changed:
         raise ValueError(f"{run} holds checkpoints of another generator ({', '.join(changed)}); resuming needs the "
                          f"same settings, or pass a new --out to start a fresh run")
-    saved_train = dict(saved.get("train", {}))
+    saved_train = dict(saved.get("train", train))
     if saved_train.get("tokenizer") and train.get("tokenizer") and \
             portable_spec(saved_train["tokenizer"]) == train["tokenizer"]:  # recorded before specs were absolute
         saved_train["tokenizer"] = train["tokenizer"]
     # size is compared as the model it built (above): runs before it could be null recorded "XL"
     changed = changed_settings(saved_train, train, ignore=(*CHANGEABLE_ON_RESUME, "size"))
     if saved.get("latents_sha1", latents_sha1) != latents_sha1:
-        changed.append(f"latent set {saved['train'].get('latents')!r} -> {train['latents']!r} (another meta.json)")
+        changed.append(f"latent set {saved_train.get('latents')!r} -> {train['latents']!r} (another meta.json)")
     if changed:
         flags = ", ".join("--" + name.replace("_", "-") for name in CHANGEABLE_ON_RESUME[2:])
         raise ValueError(f"{run} was trained with other settings ({'; '.join(changed)}); a rerun continues it "
                          f"with the same ones (only {flags} may change), or pass a new --out to start a fresh run")
+
+
+def saved_settings(run: Path, state: dict[str, Any], checkpoint: Path) -> list[dict[str, Any]]:
+    """What a resume from ``checkpoint`` is checked against: the run's config.json (a run config:
+    :func:`check_out_folder` saw to it) and the checkpoint's own record, so that a lost or replaced
+    config.json neither lets other settings through nor brings another model's weights to
+    ``load_state_dict``. The first is what config.json is rebuilt from when it was lost."""
+    file = run / "config.json"
+    records = [json.loads(file.read_text())] if file.is_file() else []
+    own = run_record(state, checkpoint)
+    if not records and "train" not in own:
+        raise ValueError(f"{run} has no config.json, and its checkpoint {checkpoint.name} is from before checkpoints "
+                         f"recorded the run's settings, so continuing it cannot be checked: restore {file}, or pass a "
+                         f"new --out to start a fresh run")
+    return records + [own]
 
 
 def exported_step(export: Path) -> int | str | None:
@@ -440,18 +463,14 @@ def exported_step(export: Path) -> int | str | None:
         return None
 
 
-def record_continuation(run: Path, cfg: GeneratorTrainConfig, start: int, model: dict[str, Any],
-                        latents_sha1: str) -> None:
+def record_continuation(run: Path, cfg: GeneratorTrainConfig, start: int, saved: dict[str, Any]) -> None:
     """Bring ``RUN/config.json`` up to a rerun that continues the run from ``start``: ``train`` takes
     the settings a rerun may change as now given (``steps``: the length it now trains to) and
     ``export_at`` becomes every step asked for over the run's commands (the union; those reached are
     its generator-step-* folders); a rerun that changes ``steps`` is appended to ``continued`` as
-    {"at_step", "from_steps", "to_steps"}, so the file says the run was lengthened and where."""
+    {"at_step", "from_steps", "to_steps"}, so the file says the run was lengthened and where.
+    ``saved`` is config.json as read, or, where it was lost, the checkpoint's record it is rebuilt from."""
     file = run / "config.json"
-    try:
-        saved = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError):  # lost since the run began: check_same_run had nothing to check
-        saved = {"train": {}, "model": model, "latents_sha1": latents_sha1}
     old, now = saved.get("train", {}), recorded_train(cfg)
     train = {**old, **{name: now[name] for name in CHANGEABLE_ON_RESUME}} if old else now
     train["export_at"] = sorted(set(old.get("export_at", [])) | set(cfg.export_at))
@@ -459,7 +478,7 @@ def record_continuation(run: Path, cfg: GeneratorTrainConfig, start: int, model:
     if old and old.get("steps") != cfg.steps:
         continued.append({"at_step": start, "from_steps": old.get("steps"), "to_steps": cfg.steps})
     updated = {**saved, "train": train, **({"continued": continued} if continued else {})}
-    if updated != saved:
+    if updated != saved or not file.is_file():
         write_json(file, updated)
 
 
@@ -553,9 +572,11 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     start = nonfinite = 0
     latest = latest_checkpoint(run)
     if latest is not None:
-        check_same_run(run, model_cfg.to_dict(), recorded_train(cfg), latent_set_sha1(data.meta))
         state = load_checkpoint(latest)
-        model.load_state_dict(state["model"])
+        saved = saved_settings(run, state, latest)
+        for record in saved:
+            check_same_run(run, record, model_cfg.to_dict(), recorded_train(cfg), latent_set_sha1(data.meta))
+        load_strict(model, state["model"], str(latest))  # a mismatch left is named, not torch's traceback
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start = int(state["step"])
@@ -564,7 +585,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
             raise ValueError(f"{run} is already at step {start}; {length} would train nothing "
                              f"(pass --steps above {start}, or more --epochs, to continue it)")
         if acc.is_main_process:
-            record_continuation(run, cfg, start, model_cfg.to_dict(), latent_set_sha1(data.meta))
+            record_continuation(run, cfg, start, saved[0])
             if start in cfg.export_at and not milestone_export(run, start).is_dir():
                 # given only now: the EMA of this step is the one just loaded, and the loop will not pass it
                 with ema.swapped_into(model):
@@ -684,8 +705,9 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
                 if acc.is_main_process:
                     save_checkpoint({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                                      "ema": ema.state_dict(), "step": done, "rng": rngs, "meta": meta.to_dict(),
-                                     "nonfinite_steps": nonfinite,
-                                     MODEL_CONFIG_KEY: model_cfg.to_dict()},  # loads without the run folder
+                                     "nonfinite_steps": nonfinite, MODEL_CONFIG_KEY: model_cfg.to_dict(),
+                                     # loads, and resumes with its settings checked, without config.json
+                                     "train": recorded_train(cfg), "latents_sha1": latent_set_sha1(data.meta)},
                                     run, done, keep=cfg.keep_checkpoints)
             if stopping and done < cfg.steps:
                 stopped_at = done
