@@ -252,3 +252,26 @@ def test_a_run_that_lost_its_config_json_resumes_only_with_the_settings_its_chec
     assert (f"{tmp_path / 'run'} has no config.json, and its checkpoint step-00000006.pt is from before checkpoints "
             f"recorded the run's settings, so continuing it cannot be checked: restore {config}") \
         in capsys.readouterr().err
+
+
+def test_a_killed_run_leaves_no_half_written_files_and_no_repeated_log_steps_once_resumed(made, tmp_path, capsys):
+    from softvq.training.checkpointing import checkpoint_path
+
+    root, run = made
+    killed = tmp_path / "run"
+    shutil.copytree(run, killed)
+    # as SIGKILL after logging steps 3 and 4 leaves it: the last checkpoint at 2, a checkpoint, an
+    # export and config.json half-written, and the log's last line cut off
+    checkpoint_path(killed, 4).unlink()
+    shutil.rmtree(killed / "generator")
+    stale = [killed / "checkpoints" / ".step-00000004.pt.k1l2d3.tmp", killed / ".config.json.a1b2c3.tmp",
+             killed / "generator" / ".model.safetensors.x9y8z7.tmp"]
+    for file in stale:
+        file.parent.mkdir(exist_ok=True)
+        file.write_bytes(b"half")
+    log = killed / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    assert train_cli(root, killed, "--steps", "5", "--log-every", "1") == 0
+    assert "removed 3 half-written files a killed process left in" in capsys.readouterr().err
+    assert not [file for file in stale if file.exists()]  # were left behind for good
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]  # was 1..4, 3, 4, 5

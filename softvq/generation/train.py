@@ -482,6 +482,46 @@ def record_continuation(run: Path, cfg: GeneratorTrainConfig, start: int, saved:
         write_json(file, updated)
 
 
+def tidy_run(run: Path, step: int) -> None:
+    """Before a run (re)starts at ``step``: delete the half-written files a killed process left
+    (checkpoints, as the tokenizer trainer does, and config.json or exports), and drop the
+    ``log.jsonl`` records past ``step``, which the rerun logs again. Main process only."""
+    from softvq.training.checkpointing import remove_stale_temporaries
+
+    removed = remove_stale_temporaries(run)
+    for folder in [run, *run.glob(f"{EXPORT_NAME}*")]:
+        for stale in folder.glob(".*.tmp") if folder.is_dir() else []:  # atomic_write's temporary names
+            stale.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        print(f"removed {removed} half-written file{'s' if removed > 1 else ''} a killed process left in {run}",
+              file=sys.stderr)
+    trim_log(run / "log.jsonl", step)
+
+
+def trim_log(file: Path, step: int) -> None:
+    """Keep the records of ``file`` up to ``step``, rewritten atomically where any goes: a run killed
+    after logging past its last checkpoint would log those steps twice. A line cut off by the kill
+    goes too, or the next record would be appended to it."""
+    from softvq.atomic import atomic_write
+
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        return
+
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    lines = text.splitlines()
+    keep = [line for line in lines if kept(line)]
+    if len(keep) < len(lines) or (text and not text.endswith("\n")):
+        atomic_write(file, lambda path: path.write_text("".join(line + "\n" for line in keep)))
+
+
 def milestone_warnings(cfg: GeneratorTrainConfig, run: Path, start: int) -> list[str]:
     """What ``--export-at`` will not do: steps beyond the run's end, and steps a resumed run has
     passed without their export (given only now); the latter may still be in a checkpoint. (The
@@ -585,6 +625,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
             raise ValueError(f"{run} is already at step {start}; {length} would train nothing "
                              f"(pass --steps above {start}, or more --epochs, to continue it)")
         if acc.is_main_process:
+            tidy_run(run, start)
             record_continuation(run, cfg, start, saved[0])
             if start in cfg.export_at and not milestone_export(run, start).is_dir():
                 # given only now: the EMA of this step is the one just loaded, and the loop will not pass it
@@ -617,6 +658,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
             print(f"softvq: warning: the learning-rate warm-up ({warm}: {cfg.warmup_steps} steps) is not shorter "
                   f"than the run ({length}), so the lr never reaches its peak {cfg.lr:g}; pass a shorter "
                   f"--warmup-steps or --warmup-epochs", file=sys.stderr)
+        tidy_run(run, 0)  # a run killed before its first checkpoint starts again
         run.mkdir(parents=True, exist_ok=True)
         resolved = {"train": recorded_train(cfg), "model": model_cfg.to_dict(),
                     "latents_sha1": latent_set_sha1(data.meta)}
