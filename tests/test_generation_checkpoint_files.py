@@ -125,8 +125,9 @@ def test_a_run_stopped_before_its_export_names_its_milestone_exports(made, tmp_p
     stopped = tmp_path / "stopped"
     shutil.copytree(run, stopped)
     shutil.rmtree(stopped / "generator")
-    with pytest.raises(CheckpointError, match=rf"generate {stopped}/checkpoints/step-00000004.pt; its --export-at "
-                                              rf"generators {stopped}/generator-step-00000002 are ready to generate"):
+    with pytest.raises(CheckpointError, match=rf"or pass its last checkpoint {stopped}/checkpoints/step-00000004.pt or "
+                                              rf"one of its --export-at generators {stopped}/generator-step-00000002 "
+                                              rf"in its place"):
         load_generator(stopped)
 
 

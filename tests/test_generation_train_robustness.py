@@ -275,3 +275,54 @@ def test_a_killed_run_leaves_no_half_written_files_and_no_repeated_log_steps_onc
     assert "removed 3 half-written files a killed process left in" in capsys.readouterr().err
     assert not [file for file in stale if file.exists()]  # were left behind for good
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]  # was 1..4, 3, 4, 5
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--cfg", "nan"], "argument --cfg: the guidance scale is a finite number of 0 or more (1 = off), got nan"),
+    (["--cfg", "inf"], "argument --cfg: the guidance scale is a finite number of 0 or more (1 = off), got inf"),
+    (["--cfg", "-1"], "argument --cfg: the guidance scale is a finite number of 0 or more (1 = off), got -1"),
+    (["--cfg", "2", "--interval", "nan", "0.7"], "argument --interval: noise levels lie in [0, 1] (0 data .. 1 noise), "
+                                                 "got nan"),
+    (["--cfg", "2", "--interval", "0", "inf"], "argument --interval: noise levels lie in [0, 1]"),
+    (["--temperature", "nan"], "argument --temperature: the temperature is a finite number of 0 or more"),
+    (["--clip-x0", "inf"], "argument --clip-x0: the bound is a finite positive number"),
+])
+def test_generate_refuses_sampling_settings_that_are_not_usable_numbers(made, tmp_path, flags, named, capsys):
+    _, run = made
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+        main(["generate", str(run), "--out", str(tmp_path / "s"), "--device", "cpu", *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"softvq generate: error: {named}")
+    assert not (tmp_path / "s").exists()  # was "latents contain NaN" after an empty images/ and samples.json
+
+
+def test_guidance_from_a_generator_without_label_dropout_says_how_to_get_one(made, tmp_path, capsys):
+    from softvq.generation.guidance import Guidance
+
+    root, _ = made
+    train_generator(GeneratorTrainConfig(latents=str(root / "lat"), out=str(tmp_path / "g"), steps=1,
+                                         class_dropout=0.0, **TINY), progress=False)
+    assert main(["generate", str(tmp_path / "g"), "--out", str(tmp_path / "s"), "--cfg", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err  # was "it cannot do CFG"
+    assert "this one was trained with --class-dropout 0: sample it with --cfg 1, or retrain it with --class-dropout " \
+           "above 0" in err
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="finite number of 0 or more"):
+        Guidance(float("nan"))
+
+
+def test_messages_shared_with_eval_name_no_generate_command(made, tmp_path, capsys):
+    root, run = made
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    shutil.rmtree(stopped / "generator")
+    for given, named in ((stopped, "rerun the same train-generator command to finish it (it continues from its last "
+                                   f"checkpoint); or pass its last checkpoint {stopped}/checkpoints/step-00000004.pt "
+                                   f"in its place"),
+                         (root / "lat", f"train one on it with `softvq train-generator --latents {root / 'lat'} "
+                                        f"--out RUN` and pass RUN in its place")):
+        for command in (["eval", "--probe-generator", str(given), "--probe", str(root / "lat")],
+                        ["generate", str(given), "--out", str(tmp_path / "s")]):
+            assert main([*command, "--device", "cpu"]) == 2
+            err = capsys.readouterr().err
+            assert named in err and "generate " not in err.split(": error: ", 1)[1], err  # was "... generate RUN"

@@ -24,6 +24,7 @@ Guidance interval: noise levels τ in [low, high] with τ = 0 data and τ = 1 no
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -48,16 +49,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="sampler (default: sde for SiT, ddpm for DiT, mar for MAR)")
     p.add_argument("--steps", type=positive_int,
                    help="sampling steps (default 250; MAR: 100 diffusion steps per token)")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off, the default; paper supp. C.2: SiT 1.75 / 2.25 on "
+    p.add_argument("--cfg", type=guidance_scale, default=1.0, help="classifier-free guidance scale (1 = off, the default; paper supp. C.2: SiT 1.75 / 2.25 on "
                         "--interval 0 0.7, DiT 1.35 / 1.45, for 64 / 32 tokens; MAR 3.0; the figures' samples 4.0, at 512 px 2.0)")
-    p.add_argument("--interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+    p.add_argument("--interval", type=noise_level, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="guidance interval in noise level τ (0 data .. 1 noise; default 0 1, all steps); the "
                         "paper uses 0 0.7 for SiT")
     p.add_argument("--ar-steps", type=positive_int, help="MAR: autoregressive steps (default: one per token)")
-    p.add_argument("--temperature", type=float, help="MAR: noise temperature of the diffusion head (default 1)")
+    p.add_argument("--temperature", type=temperature, help="MAR: noise temperature of the diffusion head (default 1)")
     p.add_argument("--cfg-schedule", choices=["linear", "constant"],
                    help="MAR: guidance scale ramped linearly over the steps (default) or constant")
-    p.add_argument("--clip-x0", type=float, metavar="C",
+    p.add_argument("--clip-x0", type=clip_bound, metavar="C",
                    help="MAR and DiT: clamp the predicted clean latent to [-C, C] in normalised latent units "
                         "in each DDPM step (off, as in their releases; try 5 if a small run's samples diverge)")
     p.add_argument("--seed", type=int, default=0, help="base seed: each batch's noise comes from a seed derived from it (default 0)")
@@ -70,6 +71,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reference Inception statistics (.npz with mu/sigma) or an image folder: also print gFID "
                         "and write it to OUT/fid.json")
     p.set_defaults(func=run)
+
+
+def _number(text: str, usable, wants: str) -> float:
+    """``text`` as a float that ``usable`` accepts, else argparse's usage error saying what ``wants``:
+    NaN and infinity parse as floats and pass plain comparisons, then sample NaN images."""
+    value = float(text)  # argparse turns a ValueError into "invalid ... value"
+    if not (math.isfinite(value) and usable(value)):
+        raise argparse.ArgumentTypeError(f"{wants}, got {text}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    return _number(text, lambda v: v >= 0, "the guidance scale is a finite number of 0 or more (1 = off)")
+
+
+def noise_level(text: str) -> float:
+    return _number(text, lambda v: 0 <= v <= 1, "noise levels lie in [0, 1] (0 data .. 1 noise)")
+
+
+def temperature(text: str) -> float:
+    return _number(text, lambda v: v >= 0, "the temperature is a finite number of 0 or more (1 = the release's)")
+
+
+def clip_bound(text: str) -> float:
+    return _number(text, lambda v: v > 0, "the bound is a finite positive number (normalised latent units)")
 
 
 def parse_classes(text: str, names: list[str], num_classes: int) -> list[int]:

@@ -277,7 +277,8 @@ def _refuse_other_folders(path: Path, tokenizer_flag: str) -> None:
     kind = folder_kind(path)
     if kind == "latent set":
         raise CheckpointError(f"{path} is a latent set ({META_NAME}, written by pretokenize), not a generator; train "
-                              f"one on it with `softvq train-generator --latents {path} --out RUN`, then generate RUN")
+                              f"one on it with `softvq train-generator --latents {path} --out RUN` and pass RUN in its "
+                              f"place")
     if kind == "tokenizer run":
         raise CheckpointError(f"{path} is a tokenizer training run (its tokenizer is {training_run_export(path)}), not "
                               f"a generator; pass it as {tokenizer_flag}, and a generator (train-generator's RUN) in "
@@ -289,9 +290,11 @@ def _refuse_other_folders(path: Path, tokenizer_flag: str) -> None:
         from softvq.training.checkpointing import latest_checkpoint
 
         latest = latest_checkpoint(path)
-        sample = f", or sample its last checkpoint: generate {latest}" if latest is not None else ""
         exports = ", ".join(map(str, run_exports(path)))  # --export-at's, made before it stopped
-        made = f"; its --export-at generators {exports} are ready to generate" if exports else ""
+        # worded for every command that loads generators (generate, eval --probe-generator)
+        instead = ([f"its last checkpoint {latest}"] if latest is not None else []) + \
+            ([f"one of its --export-at generators {exports}"] if exports else [])
+        usable = f"; or pass {' or '.join(instead)} in its place" if instead else ""
         raise CheckpointError(f"{path} is a train-generator run with no {EXPORT_NAME}/ yet (it stopped before its "
-                              f"last step); rerun the same train-generator command to finish it, from its last "
-                              f"checkpoint{sample}{made}")
+                              f"last step); rerun the same train-generator command to finish it (it continues from "
+                              f"its last checkpoint){usable}")

@@ -16,6 +16,7 @@ conditional model's (as in DiT's ``forward_with_cfg``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,8 +35,8 @@ class Guidance:
     high: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.scale < 0:
-            raise ValueError(f"guidance scale must be non-negative, got {self.scale}")
+        if not (math.isfinite(self.scale) and self.scale >= 0):  # NaN passes a plain comparison
+            raise ValueError(f"guidance scale must be a finite number of 0 or more (1 = off), got {self.scale}")
         if not 0.0 <= self.low <= self.high <= 1.0:
             raise ValueError(f"guidance interval must satisfy 0 <= low <= high <= 1, got [{self.low}, {self.high}]")
 

@@ -11,6 +11,7 @@ and interval) is applied in the package's time convention (τ = 0 data, τ = 1 n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -76,7 +77,7 @@ class SamplerSpec:
         if objective == "sit" and self.clip_x0 is not None:
             raise ValueError("clip_x0 applies to the DDPM samplers of DiT and MAR; a SiT generator integrates a "
                              "velocity and predicts no clean latent to clamp")
-        if self.temperature < 0:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN passes a plain comparison
             raise ValueError(f"temperature must be 0 or more (MAR's noise scale; 1 = the release's), got {self.temperature}")
         if self.cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
@@ -87,7 +88,7 @@ class SamplerSpec:
                              f"method euler / heun")
         if self.ar_steps is not None and self.ar_steps < 1:  # 0 was taken as "the default" by MAR's `or`
             raise ValueError(f"ar_steps must be 1 or more (None: one per token), got {self.ar_steps}")
-        if self.clip_x0 is not None and self.clip_x0 <= 0:
+        if self.clip_x0 is not None and not (math.isfinite(self.clip_x0) and self.clip_x0 > 0):
             raise ValueError(f"clip_x0 must be positive (a bound in normalised latent units), got {self.clip_x0}")
         return method
 
@@ -95,6 +96,12 @@ class SamplerSpec:
         """:meth:`resolved`, plus the limits the model sets (MAR's token count, DiT's T): every
         setting a sampler would refuse, refused before anything is sampled or written."""
         method = self.resolved(meta.objective)
+        # DiT / SiT trained without label dropout have no null label; MAR has one, never trained
+        if self.guidance.scale != 1.0 and model.config.class_dropout == 0:
+            raise ValueError("classifier-free guidance (a scale other than 1, generate's --cfg) needs a generator "
+                             "trained with label dropout, which teaches it the null (unconditional) label, and this "
+                             "one was trained with --class-dropout 0: sample it with --cfg 1, or retrain it with "
+                             "--class-dropout above 0 (train-generator's default is 0.1)")
         if meta.objective == "mar" and self.ar_steps is not None and self.ar_steps > model.config.num_tokens:
             raise ValueError(f"ar_steps {self.ar_steps} exceeds the {model.config.num_tokens} tokens this MAR "
                              f"samples (at most one step per token); pass 1..{model.config.num_tokens}")
