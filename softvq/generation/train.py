@@ -315,10 +315,6 @@ def _batch_indices(count: int, batch: int, seed: int, step: int, rank: int) -> t
     return torch.randint(0, count, (batch,), generator=g)
 
 
-# With several processes, the steps between their agreements on a stop request (see the loop).
-STOP_AGREEMENT_EVERY = 10
-
-
 # What a rerun may change when it continues a run: how long it trains, how often it logs and
 # saves, where the folders are now, and the device. Anything else would make a run that no
 # uninterrupted run makes.
