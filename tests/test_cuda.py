@@ -192,7 +192,7 @@ def test_a_cpu_run_then_a_gpu_run_in_one_process_each_get_their_device():
 
 def test_generator_training_on_the_gpu_resumes_to_the_straight_run(tmp_path):
     """The GPU loop copies its batches through pinned memory without waiting for the queued steps
-    and reads its loss only where it logs; interrupted after 2 of 4 steps and resumed, it must end
+    and reads back one flag a step (is the step finite?); interrupted after 2 of 4 steps and resumed, it must end
     where a straight run ends (the CPU draws other noise, so the GPU is compared with itself)."""
     from softvq.generation.latent_sources import LatentSource
     from softvq.generation.pretokenize import pretokenize
