@@ -202,10 +202,11 @@ class GeneratorTrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(resolved, name)}")
         # AdamW's first step, lr / (1 - β1) with β1 0.9, must fit a float32, or torch fails inside its step
         if resolved.lr / 0.1 >= torch.finfo(torch.float32).max:
-            raise ValueError(f"--lr {resolved.lr:g} is too large for AdamW's float32 step; the recipes use 1e-4 and 2e-4")
+            raise ValueError(f"--lr {resolved.lr:g} is too large for AdamW's float32 step; the recipes use 1e-4 "
+                             f"and 2e-4")
         if resolved.lr * resolved.weight_decay >= 1:
-            raise ValueError(f"--lr × --weight-decay must be below 1 (AdamW multiplies the weights by 1 - lr × weight "
-                             f"decay each step), got {resolved.lr:g} × {resolved.weight_decay:g}")
+            raise ValueError(f"--lr × --weight-decay must be below 1 (AdamW multiplies the weights by 1 - lr × "
+                             f"weight decay each step), got {resolved.lr:g} × {resolved.weight_decay:g}")
         if not 0.0 <= resolved.adam_beta2 < 1.0:
             raise ValueError(f"--adam-beta2 (AdamW's β2) must be in [0, 1), got {resolved.adam_beta2}")
         if not 0.0 <= self.class_dropout < 1.0:
