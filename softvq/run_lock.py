@@ -70,13 +70,14 @@ class RunLock:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self._file: IO[str] | None = None
+        self._held_by_main = False  # a launched run's other processes: the main process holds it
 
     @property
     def held(self) -> bool:
         return self._file is not None
 
     def acquire(self) -> "RunLock":
-        if self.held:
+        if self.held or self._held_by_main:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
@@ -137,4 +138,5 @@ def lock_run_folder(folder: str | Path, accelerator=None) -> RunLock:
 
     lock = RunLock(folder)
     decided_by_main_process(accelerator, lambda: lock.acquire() and None)
+    lock._held_by_main = not lock.held  # so that `with lock_run_folder(...)` takes nothing twice
     return lock

@@ -326,3 +326,22 @@ def test_messages_shared_with_eval_name_no_generate_command(made, tmp_path, caps
             assert main([*command, "--device", "cpu"]) == 2
             err = capsys.readouterr().err
             assert named in err and "generate " not in err.split(": error: ", 1)[1], err  # was "... generate RUN"
+
+
+def test_a_generator_run_folder_is_locked_for_the_run_and_a_killed_runs_lock_file_is_no_content(made, tmp_path,
+                                                                                                 capsys):
+    from softvq.run_lock import LOCK_NAME, RunFolderInUse, RunLock
+
+    root, run = made
+    out = tmp_path / "gen"
+    with RunLock(out):  # another process training into it: refused before anything is written
+        with pytest.raises(RunFolderInUse, match=f"another softvq process is using {out}"):
+            train_generator(GeneratorTrainConfig(latents=str(root / "lat"), out=str(out), steps=2, **TINY),
+                            progress=False)
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]
+        assert train_cli(root, out, "--steps", "2") == 2
+        assert f"another softvq process is using {out}" in capsys.readouterr().err
+    (out / LOCK_NAME).write_text("12345 elsewhere\n")  # what a SIGKILL-ed run leaves: no lock is held on it
+    result = train_generator(GeneratorTrainConfig(latents=str(root / "lat"), out=str(out), steps=2, **TINY),
+                             progress=False)
+    assert result["steps"] == 2 and not (out / LOCK_NAME).exists()  # let go when the run ended

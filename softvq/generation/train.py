@@ -357,7 +357,13 @@ def check_out_folder(run: Path) -> None:
     if run.is_file():
         raise NotADirectoryError(f"--out {run} is a file; pass a folder for the run")
     # half-written files of our own atomic writes (a process of a launched run may be writing config.json)
-    if not run.is_dir() or not [p for p in run.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))]:
+    from softvq.run_lock import LOCK_NAME, ensure_not_in_use
+    from softvq.training.accelerator import first_launched_process
+
+    if first_launched_process():  # the others of a launch may look after their main process locked it
+        ensure_not_in_use(run)  # a run still going: "in use", not what its files make it look like
+    if not run.is_dir() or not [p for p in run.iterdir()
+                                if not (p.name.startswith(".") and p.name.endswith(".tmp")) and p.name != LOCK_NAME]:
         return
     file = run / "config.json"
     try:
@@ -484,6 +490,7 @@ def tidy_run(run: Path, step: int) -> None:
     (checkpoints, as the tokenizer trainer does, and config.json or exports), and drop the
     ``log.jsonl`` records past ``step``, which the rerun logs again. Main process only."""
     from softvq.training.checkpointing import remove_stale_temporaries
+    from softvq.training.logging import drop_records_after
 
     removed = remove_stale_temporaries(run)
     for folder in [run, *run.glob(f"{EXPORT_NAME}*")]:
@@ -493,30 +500,7 @@ def tidy_run(run: Path, step: int) -> None:
     if removed:
         print(f"removed {removed} half-written file{'s' if removed > 1 else ''} a killed process left in {run}",
               file=sys.stderr)
-    trim_log(run / "log.jsonl", step)
-
-
-def trim_log(file: Path, step: int) -> None:
-    """Keep the records of ``file`` up to ``step``, rewritten atomically where any goes: a run killed
-    after logging past its last checkpoint would log those steps twice. A line cut off by the kill
-    goes too, or the next record would be appended to it."""
-    from softvq.atomic import atomic_write
-
-    try:
-        text = file.read_text()
-    except FileNotFoundError:
-        return
-
-    def kept(line: str) -> bool:
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):
-            return False
-
-    lines = text.splitlines()
-    keep = [line for line in lines if kept(line)]
-    if len(keep) < len(lines) or (text and not text.endswith("\n")):
-        atomic_write(file, lambda path: path.write_text("".join(line + "\n" for line in keep)))
+    drop_records_after(run / "log.jsonl", step)
 
 
 def milestone_warnings(cfg: GeneratorTrainConfig, run: Path, start: int) -> list[str]:
@@ -574,14 +558,8 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     ``stopped`` True, ``steps`` the step reached and no export; calling again continues. It seeds
     torch's global random generator from ``seed`` (so that a run repeats exactly).
     """
-    from tqdm.auto import tqdm
-
-    from softvq.training.accelerator import gather_objects, new_accelerator
-    from softvq.training.checkpointing import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
-    from softvq.training.resuming import restore_or_reseed_rng
-    from softvq.training.ema import EMA
-    from softvq.training.stopping import StopRequests, on_any_process
-    from softvq.training.trainer import NonFiniteLossError
+    from softvq.run_lock import lock_run_folder
+    from softvq.training.accelerator import new_accelerator
 
     check_out_folder(Path(cfg.validate().out))  # before anything is read or written
     data = load_latents(cfg.latents)
@@ -593,6 +571,24 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     run = Path(cfg.out)
     # without CUDA a launched run must ask for CPU processes, or accelerate gives each one a run of its own
     acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
+    lock = lock_run_folder(run, acc)  # one process per run folder, for the run's whole life (main only)
+    try:
+        return _train(cfg, data, run, acc, length, progress)
+    finally:
+        lock.release()
+
+
+def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: str, progress: bool) -> dict[str, Any]:
+    """The run itself, in the locked ``run`` folder (:func:`train_generator`)."""
+    from tqdm.auto import tqdm
+
+    from softvq.training.accelerator import gather_objects
+    from softvq.training.checkpointing import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+    from softvq.training.resuming import restore_or_reseed_rng
+    from softvq.training.ema import EMA
+    from softvq.training.stopping import StopRequests, on_any_process
+    from softvq.training.trainer import NonFiniteLossError
+
     torch.manual_seed(cfg.seed + acc.process_index)
 
     model_cfg = build_model_config(cfg, data.latents.shape[1], data.latents.shape[2], len(data.classes))

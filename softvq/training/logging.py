@@ -87,8 +87,9 @@ def drop_records_after(path: str | Path, step: int) -> list[str]:
     path = Path(path)
     if not path.is_file():
         return []
+    text = path.read_text()
     kept, dropped = [], []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         try:
@@ -97,7 +98,7 @@ def drop_records_after(path: str | Path, step: int) -> list[str]:
         except json.JSONDecodeError:
             late = True
         (dropped if late else kept).append(line)
-    if dropped:
-        text = "".join(line + "\n" for line in kept)
-        atomic_write(path, lambda p: p.write_text(text))
+    if dropped or (text and not text.endswith("\n")):  # a whole last line without its end: the next would join it
+        fixed = "".join(line + "\n" for line in kept)
+        atomic_write(path, lambda p: p.write_text(fixed))
     return dropped

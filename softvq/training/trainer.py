@@ -517,8 +517,7 @@ class Trainer:
     def _should_stop(self, started: float) -> str | None:
         # Agreed before every step. Reading the all-reduced flags back waits for the device, but
         # each step here waits anyway (train_step reads its non-finite check), so this costs one
-        # small collective a step. The generator trainer, which keeps the GPU running ahead of
-        # Python, agrees only every STOP_AGREEMENT_EVERY steps (softvq.generation.train).
+        # small collective a step.
         limit = self.cfg.run.max_minutes
         interrupted, late = on_any_process(
             [self._stop.requested, limit is not None and time.time() - started > limit * 60], self.device)
