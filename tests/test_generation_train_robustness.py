@@ -8,14 +8,10 @@ import shutil
 import pytest
 import torch
 
-from softvq import Tokenizer
 from softvq.cli.main import main
-from softvq.generation.latent_sources import LatentSource
-from softvq.generation.pretokenize import pretokenize
 from softvq.generation.train import GeneratorTrainConfig, train_generator
+from tests.tiny_generation import TINY, tiny_latent_set
 
-TINY = dict(objective="sit", width=32, depth=1, heads=2, batch_size=4, checkpoint_every=2, keep_checkpoints=3,
-            cpu=True)
 FLAGS = ["--width", "32", "--depth", "1", "--heads", "2", "--batch-size", "4", "--cpu", "--quiet"]
 
 
@@ -24,13 +20,7 @@ def made(tmp_path_factory):
     """(root, run): a tiny tokenizer ``root/tok``, its latent set ``root/lat`` and a SiT run ``root/run``
     trained 4 steps. Tests that change a run copy it first."""
     root = tmp_path_factory.mktemp("robust")
-    torch.manual_seed(0)
-    tok = Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
-    tok.save_pretrained(root / "tok")
-    g = torch.Generator().manual_seed(0)
-    samples = [(torch.rand(3, 32, 32, generator=g) * 2 - 1, i % 3, f"img{i}") for i in range(12)]
-    pretokenize(tok, LatentSource(iter(samples), ["a", "b", "c"], 12), root / "lat", tokenizer_spec=str(root / "tok"),
-                progress=False)
+    tiny_latent_set(root)
     train_generator(GeneratorTrainConfig(latents=str(root / "lat"), out=str(root / "run"), steps=4, **TINY),
                     progress=False)
     return root, root / "run"
