@@ -2,9 +2,9 @@
 
 The output file holds one tensor ``latents`` (N, L, D) float32 and, in its metadata, the image
 names (paths relative to FOLDER, in the order of the rows), the model SPEC, the image size and,
-where the checkpoint has them (released ones do), the latent mean / std, so ``softvq decode`` can turn it back into named images. Unreadable
-files are skipped and listed at the end; an image of the wrong size is an error unless
-``--resize`` is given.
+where the checkpoint has them (released ones do), the latent mean / std, so ``softvq decode`` can
+turn it back into named images. Unreadable files are skipped and listed at the end; an image of
+the wrong size is an error unless ``--resize`` is given.
 """
 
 from __future__ import annotations

@@ -49,8 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="sampler (default: sde for SiT, ddpm for DiT, mar for MAR)")
     p.add_argument("--steps", type=positive_int,
                    help="sampling steps (default 250; MAR: 100 diffusion steps per token)")
-    p.add_argument("--cfg", type=guidance_scale, default=1.0, help="classifier-free guidance scale (1 = off, the default; paper supp. C.2: SiT 1.75 / 2.25 on "
-                        "--interval 0 0.7, DiT 1.35 / 1.45, for 64 / 32 tokens; MAR 3.0; the figures' samples 4.0, at 512 px 2.0)")
+    p.add_argument("--cfg", type=guidance_scale, default=1.0,
+                   help="classifier-free guidance scale (1 = off, the default; paper supp. C.2: SiT 1.75 / 2.25 "
+                        "on --interval 0 0.7, DiT 1.35 / 1.45, for 64 / 32 tokens; MAR 3.0; the figures' samples "
+                        "4.0, at 512 px 2.0)")
     p.add_argument("--interval", type=noise_level, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="guidance interval in noise level τ (0 data .. 1 noise; default 0 1, all steps); the "
                         "paper uses 0 0.7 for SiT")

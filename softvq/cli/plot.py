@@ -13,8 +13,9 @@ Per run, under ``DIR/<run name>/``:
                         installed, else PCA; --projection chooses).
 Across runs: DIR/rate_quality.png, tokens x dim against rFID / PSNR (from eval/eval.json or
 metrics.json), and DIR/comparison.md, a row per run with every metric of its eval report (else
-its held-out PSNR / LPIPS; a column says which): e.g. Tab. 3's rows from its runs. Missing files are skipped with a note. Images: --images FOLDER (class
-sub-folders colour the latent plot), default the bundled photos, several crops of each.
+its held-out PSNR / LPIPS; a column says which): e.g. Tab. 3's rows from its runs. Missing files
+are skipped with a note. Images: --images FOLDER (class sub-folders colour the latent plot),
+default the bundled photos, several crops of each.
 """
 
 from __future__ import annotations
