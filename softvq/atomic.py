@@ -37,6 +37,18 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
             os.remove(tmp)
 
 
+def remove_stale_temporaries(folder: Path, *, recursive: bool = False) -> int:
+    """Delete the half-written files of :func:`atomic_write` that a process killed mid-write
+    (SIGKILL, power loss) left in ``folder`` (and below it with ``recursive``); returns the count.
+    Call it only where no other process is writing there."""
+    if not folder.is_dir():
+        return 0
+    stale = list(folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def write_json(path: Path, value: Any, **dumps_options: Any) -> None:
     """``value`` as indented JSON at ``path``, atomically (``dumps_options``: e.g. ``default=``)."""
     text = json.dumps(value, indent=2, **dumps_options)  # before the file exists: a bad value leaves none

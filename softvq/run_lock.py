@@ -84,7 +84,12 @@ class RunLock:
             file = open(self.path, "a+")
             if not _try_lock(file):
                 file.close()
-                raise RunFolderInUse(f"another softvq process is using {self.folder}{_holder(self.path)}; "
+                holder = _holder(self.path)
+                if holder == f" (pid {os.getpid()})":  # this very process, through an earlier object
+                    raise RunFolderInUse(f"this process already holds {self.folder}: an earlier Trainer or "
+                                         f"train_generator on it has not ended; let its fit() end or call its "
+                                         f"close(), or choose another folder")
+                raise RunFolderInUse(f"another softvq process is using {self.folder}{holder}; "
                                      f"wait for it to finish or choose another folder")
             # The previous holder deletes the file when it lets go: a lock on a file that was
             # deleted meanwhile guards nothing, so take the one now at that path instead.

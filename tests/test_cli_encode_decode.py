@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -150,9 +151,15 @@ def test_an_interrupted_decode_continues_and_another_decode_is_refused(tmp_path,
     assert "run the same command again to decode the rest" in capsys.readouterr().err
     assert [p.name for p in out.rglob("*.png")] == ["a.png"]
     monkeypatch.undo()
+    (out / "sub").mkdir(exist_ok=True)
+    (out / "sub" / ".b.png.x1y2z3.tmp").write_bytes(b"half")  # what a SIGKILL mid-write leaves
+    moved = str(tmp_path / "moved.safetensors")  # the same latents elsewhere: the same decode
+    Path(latents).rename(moved)
     # was: "a.png already exists; choose another --out"
-    assert main(["decode", latents, "--out", str(out), "--batch-size", "1"]) == 0
+    assert main(["decode", moved, "--out", str(out), "--batch-size", "1"]) == 0
     assert "(1 already there from an earlier run)" in capsys.readouterr().out
+    assert not list(out.rglob("*.tmp"))
+    latents = moved
     for name in ("a.png", "sub/b.png", "sub/c.png"):
         assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     # a decode with other options would mix two decodes in one folder

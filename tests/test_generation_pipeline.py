@@ -233,7 +233,9 @@ def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monk
     with pytest.raises(ValueError, match="latents-00000.safetensors, listed in .* is damaged"):
         pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
     shard.write_bytes(whole)
+    (tmp_path / "cut" / ".latents-00001.safetensors.k3j2.tmp").write_bytes(b"half")  # a SIGKILL mid-write
     resumed = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **{**run, "batch_size": 2})
+    assert not list((tmp_path / "cut").glob("*.tmp"))  # no dead shard left in the finished set
     a, b = load_latents(tmp_path / "straight"), load_latents(tmp_path / "cut")
     assert b.names == a.names == [f"a/{i:02d}.png" for i in range(12)]  # none lost, none twice
     assert torch.allclose(a.latents, b.latents, atol=1e-5) and torch.equal(a.labels, b.labels)

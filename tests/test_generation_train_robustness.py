@@ -325,12 +325,12 @@ def test_a_generator_run_folder_is_locked_for_the_run_and_a_killed_runs_lock_fil
     root, run = made
     out = tmp_path / "gen"
     with RunLock(out):  # another process training into it: refused before anything is written
-        with pytest.raises(RunFolderInUse, match=f"another softvq process is using {out}"):
+        with pytest.raises(RunFolderInUse, match=f"this process already holds {out}"):
             train_generator(GeneratorTrainConfig(latents=str(root / "lat"), out=str(out), steps=2, **TINY),
                             progress=False)
         assert [p.name for p in out.iterdir()] == [LOCK_NAME]
         assert train_cli(root, out, "--steps", "2") == 2
-        assert f"another softvq process is using {out}" in capsys.readouterr().err
+        assert f"this process already holds {out}" in capsys.readouterr().err
     (out / LOCK_NAME).write_text("12345 elsewhere\n")  # what a SIGKILL-ed run leaves: no lock is held on it
     result = train_generator(GeneratorTrainConfig(latents=str(root / "lat"), out=str(out), steps=2, **TINY),
                              progress=False)

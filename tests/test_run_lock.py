@@ -27,8 +27,10 @@ def _error(capsys) -> str:
 
 def test_a_second_lock_on_a_folder_is_refused_with_the_holder_and_freed_on_release(tmp_path):
     first = RunLock(tmp_path / "run").acquire()
-    with pytest.raises(RunFolderInUse, match=rf"another softvq process is using {tmp_path / 'run'} "
-                                             rf"\(pid {os.getpid()}\); wait for it"):
+    # held by this very process (another Trainer, a notebook cell run twice): said so, with the way out
+    with pytest.raises(RunFolderInUse, match=rf"this process already holds {tmp_path / 'run'}: an earlier Trainer "
+                                             rf"or train_generator on it has not ended; let its fit\(\) end or call "
+                                             rf"its close\(\)"):
         RunLock(tmp_path / "run").acquire()
     first.release()
     assert not (tmp_path / "run" / LOCK_NAME).exists()  # a finished run leaves no trace
@@ -74,10 +76,19 @@ def test_train_refuses_a_run_folder_another_process_is_using(tmp_path, capsys):
     run = tmp_path / "run"
     with RunLock(run):  # two starts into one empty folder: the second is refused
         assert main(["train", "demo", "-o", str(run), "model.preset=softvq-tiny", "schedule.steps=1"]) == 2
-        assert f"softvq train: error: another softvq process is using {run} (pid {os.getpid()})" in _error(capsys)
+        assert f"softvq train: error: this process already holds {run}" in _error(capsys)
         assert [p.name for p in run.iterdir()] == [LOCK_NAME]
         save_config(load_config("demo", ["model.preset=softvq-tiny"]), run / "config.yaml")
         # a --resume of a run that is still going, and a fresh start into it
         for extra in (["--resume"], ["demo"]):
             assert main(["train", *extra, "-o", str(run)]) == 2
-            assert f"another softvq process is using {run}" in _error(capsys)
+            assert f"this process already holds {run}" in _error(capsys)
+
+
+def test_a_trainer_made_and_not_used_frees_its_folder_with_close(tmp_path):
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 1}, run={"checkpoint_every": 0}))
+    unused = Trainer(cfg, tmp_path / "run")
+    with pytest.raises(RunFolderInUse, match="this process already holds"):
+        Trainer(cfg, tmp_path / "run")
+    unused.close()
+    assert Trainer(cfg, tmp_path / "run").fit().status == "finished"

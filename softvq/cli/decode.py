@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from tqdm import tqdm
 
-from softvq.atomic import atomic_write, write_json
+from softvq.atomic import atomic_write, remove_stale_temporaries, write_json
 from softvq.checkpoint.specs import portable_spec
 from softvq.cli.common import (add_model_arguments, load_tokenizer, make_distinct, positive_int,
                                refuse_to_overwrite)
@@ -95,11 +95,14 @@ def run(args: argparse.Namespace) -> int:
               "model": portable_spec(spec), "tokenizer_sha1": weights_sha1(model), "seed": seed,
               "precision": model.precision, "batch_size": batch, "image_size": size, "images": len(files)}
     if saved is not None:
-        changed = changed_settings(saved, record)
+        # where the latents and the tokenizer are is no part of what was decoded: their sha1s are
+        changed = changed_settings({k: v for k, v in saved.items() if k not in ("latents", "model")},
+                                   {k: v for k, v in record.items() if k not in ("latents", "model")})
         if changed and any(f.exists() for f in files):  # none made yet: nothing to mix, start afresh
             raise FileExistsError(f"{out} holds a decode of other latents or options ({'; '.join(changed)}); run "
                                   f"that decode again to continue it, or choose another --out")
     write_json(out / RECORD, record)
+    remove_stale_temporaries(out, recursive=True)  # images a killed decode was writing
     device = next(model.parameters()).device
     starts = [s for s in range(0, len(files), batch) if not all(f.is_file() for f in files[s:s + batch])]
     with torch.inference_mode():

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softvq.atomic import atomic_write, write_json
+from softvq.atomic import atomic_write, remove_stale_temporaries, write_json
 from softvq.checkpoint.specs import portable_spec
 from softvq.eval_mode import evaluating
 from softvq.generation.latent_sources import LatentSource
@@ -213,6 +213,7 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
         if damaged:
             raise ValueError(f"{out / damaged[0]}, listed in {saved}, is damaged (truncated or overwritten); "
                              f"delete the folder to start over")
+    remove_stale_temporaries(out)  # shards a killed run was writing: the continuation writes them again
     return True
 
 

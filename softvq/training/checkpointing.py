@@ -59,11 +59,9 @@ def remove_stale_temporaries(run_dir: str | Path) -> int:
     """Delete the half-written files a process killed mid-write (SIGKILL, power loss) left in the
     checkpoint folder; ``atomic_write`` removes its own on any error it survives. Returns the count.
     Call it only where no other process is writing a checkpoint of this run."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    stale = list(folder.glob(".step-*.pt.*.tmp")) if folder.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return len(stale)
+    from softvq.atomic import remove_stale_temporaries as remove_in
+
+    return remove_in(Path(run_dir) / CHECKPOINT_DIR)
 
 
 def set_aside_newer(run_dir: str | Path, step: int, keep: Path) -> Path | None:

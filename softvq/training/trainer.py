@@ -245,6 +245,11 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=config.run.tensorboard)
         self._lpips: nn.Module | None = None
 
+    def close(self) -> None:
+        """Free the run folder without training (``fit()`` frees it when it ends): for a Trainer
+        made and then not used, e.g. a notebook cell run again before ``fit()``."""
+        self._lock.release()
+
     # --- the loop ------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
