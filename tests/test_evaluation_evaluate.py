@@ -538,3 +538,11 @@ def test_a_report_of_other_images_is_named_as_it_is_replaced(tmp_path, caplog):
         write_report({"model": "runs/a/export", "num_images": 10, "psnr": 24.0}, tmp_path)
     assert "replacing" in caplog.text and "1500 images) with this evaluation (model runs/a/export, 10 images)" \
         in caplog.text and "give another --out to keep both" in caplog.text
+    # the same weights named from another directory are the same model; other weights are not
+    write_report({"model": "a/export", "weights_sha1": "f00d", "num_images": 10}, tmp_path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="softvq"):
+        write_report({"model": "../x/a/export", "weights_sha1": "f00d", "num_images": 10}, tmp_path)
+        assert not caplog.records
+        write_report({"model": "../x/a/export", "weights_sha1": "beef", "num_images": 10}, tmp_path)
+    assert "replacing" in caplog.text

@@ -308,6 +308,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
 
     report: dict[str, Any] = {
         "model": model_name or model.source,
+        "weights_sha1": identity.get("weights_sha1") or weights_sha1(model),  # which weights, however spelled
         "source": str(source),
         "num_images": evaluated,
         "skipped_images": len(skipped),

@@ -80,8 +80,9 @@ def _say_what_is_replaced(json_path: Path, report: dict[str, Any]) -> None:
         return
     if not isinstance(old, dict):
         return
-    keys = ("model", "num_images")
-    if all(old.get(k) == report.get(k) for k in keys):
+    # the same weights named by another path are the same model
+    same_weights = old.get("weights_sha1") is not None and old.get("weights_sha1") == report.get("weights_sha1")
+    if (same_weights or old.get("model") == report.get("model")) and old.get("num_images") == report.get("num_images"):
         return
     logging.getLogger("softvq.evaluation").warning(
         f"replacing {json_path} (model {old.get('model')}, {old.get('num_images')} images) with this evaluation "
