@@ -80,9 +80,10 @@ def _say_what_is_replaced(json_path: Path, report: dict[str, Any]) -> None:
         return
     if not isinstance(old, dict):
         return
-    # the same weights named by another path are the same model
-    same_weights = old.get("weights_sha1") is not None and old.get("weights_sha1") == report.get("weights_sha1")
-    if (same_weights or old.get("model") == report.get("model")) and old.get("num_images") == report.get("num_images"):
+    # weights, where both reports name them: the same weights by another path are the same model,
+    # other weights at the same path (trained further) are not
+    key = "weights_sha1" if old.get("weights_sha1") and report.get("weights_sha1") else "model"
+    if old.get(key) == report.get(key) and old.get("num_images") == report.get("num_images"):
         return
     logging.getLogger("softvq.evaluation").warning(
         f"replacing {json_path} (model {old.get('model')}, {old.get('num_images')} images) with this evaluation "
