@@ -100,6 +100,12 @@ def generator_run_export(folder: str | Path) -> Path | None:
     return export if (export / CONFIG_NAME).is_file() else None
 
 
+def is_run_config(payload: Any) -> bool:
+    """Whether ``payload`` (a parsed config.json) is a ``train-generator`` run's config, not a
+    tokenizer's or an export's (those have a ``format``)."""
+    return isinstance(payload, dict) and "train" in payload and "model" in payload
+
+
 def folder_kind(path: str | Path) -> str | None:
     """What softvq wrote in the folder ``path``: ``"latent set"`` (pretokenize), ``"tokenizer run"``,
     ``"tokenizer"``, ``"generator run"``, ``"unfinished generator run"`` (no export yet),
@@ -119,7 +125,7 @@ def folder_kind(path: str | Path) -> str | None:
         return "tokenizer"
     if config.get("format") == FORMAT:
         return "generator"
-    if "train" in config and "model" in config:  # train-generator's run config: the export comes at the end
+    if is_run_config(config):  # the export comes at the end
         return "unfinished generator run"
     return None
 
@@ -201,7 +207,7 @@ def _from_training_checkpoint(file: Path, tokenizer_flag: str) -> tuple[Generato
     run = where.parent.parent
     in_run = where.parent.name == CHECKPOINT_DIR and checkpoint_step(where) is not None
     config = _json_object(run / CONFIG_NAME) if in_run else {}
-    run_config = "train" in config and "model" in config
+    run_config = is_run_config(config)
     if in_run and (run / "config.yaml").is_file():  # the tokenizer trainer's run config
         raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass it as "
                               f"{tokenizer_flag} (its run {run}, once exported), and as the generator {KINDS}")

@@ -49,8 +49,8 @@ import torch
 from softvq.atomic import write_json
 from softvq.checkpoint.pretrained import load_strict
 from softvq.config import check_field_types
-from softvq.generation.checkpoint import (EXPORT_NAME, MODEL_CONFIG_KEY, folder_kind, milestone_export, run_meta,
-                                         save_generator)
+from softvq.generation.checkpoint import (EXPORT_NAME, MODEL_CONFIG_KEY, folder_kind, is_run_config, milestone_export,
+                                         run_meta, save_generator)
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
@@ -341,27 +341,21 @@ def latent_set_sha1(meta: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
-def _is_run_config(payload: Any) -> bool:
-    """Whether ``payload`` (a parsed config.json) is train-generator's run config, not a
-    tokenizer's or an export's (those have a ``format``)."""
-    return isinstance(payload, dict) and "train" in payload and "model" in payload
-
-
 def check_out_folder(run: Path) -> None:
     """``--out`` must be new, empty or a train-generator run (its config.json says so, or, where
     that file was lost, its checkpoints): training writes config.json and checkpoints into it, so any
     other folder would be overwritten (a tokenizer's or an export's config.json) or misread as a run."""
     from softvq.generation.latents import META_NAME
+    from softvq.run_lock import LOCK_NAME, ensure_not_in_use
+    from softvq.training.accelerator import first_launched_process
     from softvq.training.checkpointing import latest_checkpoint
 
     if run.is_file():
         raise NotADirectoryError(f"--out {run} is a file; pass a folder for the run")
-    # half-written files of our own atomic writes (a process of a launched run may be writing config.json)
-    from softvq.run_lock import LOCK_NAME, ensure_not_in_use
-    from softvq.training.accelerator import first_launched_process
-
     if first_launched_process():  # the others of a launch may look after their main process locked it
         ensure_not_in_use(run)  # a run still going: "in use", not what its files make it look like
+    # half-written files of our own atomic writes (a process of a launched run may be writing config.json)
+    # and a killed run's lock file are no content
     if not run.is_dir() or not [p for p in run.iterdir()
                                 if not (p.name.startswith(".") and p.name.endswith(".tmp")) and p.name != LOCK_NAME]:
         return
@@ -372,7 +366,7 @@ def check_out_folder(run: Path) -> None:
         payload, why = None, None
     except (OSError, ValueError) as exc:
         payload, why = None, f"is not valid JSON ({exc})"
-    if _is_run_config(payload):
+    if is_run_config(payload):
         return
     fresh = "a new or empty folder as --out"
     kind = folder_kind(run)
@@ -489,14 +483,11 @@ def tidy_run(run: Path, step: int) -> None:
     """Before a run (re)starts at ``step``: delete the half-written files a killed process left
     (checkpoints, as the tokenizer trainer does, and config.json or exports), and drop the
     ``log.jsonl`` records past ``step``, which the rerun logs again. Main process only."""
+    from softvq.atomic import remove_stale_temporaries as remove_in
     from softvq.training.checkpointing import remove_stale_temporaries
     from softvq.training.logging import drop_records_after
 
-    removed = remove_stale_temporaries(run)
-    for folder in [run, *run.glob(f"{EXPORT_NAME}*")]:
-        for stale in folder.glob(".*.tmp") if folder.is_dir() else []:  # atomic_write's temporary names
-            stale.unlink(missing_ok=True)
-            removed += 1
+    removed = remove_stale_temporaries(run) + sum(remove_in(folder) for folder in [run, *run.glob(f"{EXPORT_NAME}*")])
     if removed:
         print(f"removed {removed} half-written file{'s' if removed > 1 else ''} a killed process left in {run}",
               file=sys.stderr)
@@ -602,13 +593,15 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
 
     # what generate needs besides the weights, in every checkpoint and export
     meta = run_meta(dataclasses.asdict(cfg), data.meta)
+    # the run's settings as config.json and every checkpoint record them, and a resume checks them
+    train_record, latents_sha1 = recorded_train(cfg), latent_set_sha1(data.meta)
     start = nonfinite = 0
     latest = latest_checkpoint(run)
     if latest is not None:
         state = load_checkpoint(latest)
         saved = saved_settings(run, state, latest)
         for record in saved:
-            check_same_run(run, record, model_cfg.to_dict(), recorded_train(cfg), latent_set_sha1(data.meta))
+            check_same_run(run, record, model_cfg.to_dict(), train_record, latents_sha1)
         load_strict(model, state["model"], str(latest))  # a mismatch left is named, not torch's traceback
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
@@ -653,8 +646,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
                   f"--warmup-steps or --warmup-epochs", file=sys.stderr)
         tidy_run(run, 0)  # a run killed before its first checkpoint starts again
         run.mkdir(parents=True, exist_ok=True)
-        resolved = {"train": recorded_train(cfg), "model": model_cfg.to_dict(),
-                    "latents_sha1": latent_set_sha1(data.meta)}
+        resolved = {"train": train_record, "model": model_cfg.to_dict(), "latents_sha1": latents_sha1}
         write_json(run / "config.json", resolved)
 
     if acc.is_main_process:
@@ -742,7 +734,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
                                      "ema": ema.state_dict(), "step": done, "rng": rngs, "meta": meta.to_dict(),
                                      "nonfinite_steps": nonfinite, MODEL_CONFIG_KEY: model_cfg.to_dict(),
                                      # loads, and resumes with its settings checked, without config.json
-                                     "train": recorded_train(cfg), "latents_sha1": latent_set_sha1(data.meta)},
+                                     "train": train_record, "latents_sha1": latents_sha1},
                                     run, done, keep=cfg.keep_checkpoints)
             if stopping and done < cfg.steps:
                 stopped_at = done
