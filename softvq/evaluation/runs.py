@@ -315,10 +315,13 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
         written.append(plots.plot_reconstructions(imgs[first], recs[first], folder / "reconstructions.png",
                                                   max_images=num_reconstructions, title=name))
         saved = run.evaluation.get("codebook_counts")
+        # the plot images' own counts: the histogram's without an eval report, and codewords.png's always
+        plot_counts = (codebook_counts(rows, model.bottleneck.codebook_size)
+                       if rows is not None and model.bottleneck.codebook_size else None)
         if saved is not None:
             counts, where = np.asarray(saved), f"{run.evaluation.get('num_images', '?')} eval images"
-        elif rows is not None and model.bottleneck.codebook_size:
-            counts, where = codebook_counts(rows, model.bottleneck.codebook_size), f"{len(imgs)} plot images"
+        elif plot_counts is not None:
+            counts, where = plot_counts, f"{len(imgs)} plot images"
         else:
             counts = None
             log(f"{name}: continuous bottleneck, no codebook plot")
@@ -328,7 +331,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
         view = first_codebook(model, feats)
         if view is not None:
             codewords, tokens, which = view
-            picked = codebook_counts(rows, model.bottleneck.codebook_size)[0] if rows is not None else None
+            picked = plot_counts[0] if plot_counts is not None else None
             written.append(plots.plot_codewords(codewords, tokens, folder / "codewords.png", counts=picked,
                                                 title=f"{name}: {which}, {len(imgs)} plot images"))
         elif counts is not None:  # LFQ: its codes are fixed corners, no learned codewords to place

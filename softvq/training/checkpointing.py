@@ -111,8 +111,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"training checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"training checkpoint {path} is a folder; name a checkpoint file (step-N.pt) in it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
