@@ -16,7 +16,7 @@ from softvq.bottlenecks.factory import build_bottleneck
 from softvq.cli.main import main
 from softvq.tokenizer import Tokenizer
 from softvq.training.config import (
-    CONFIG_DIR, load_config, parse_override, save_config,
+    CONFIG_DIR, anchor_paths, load_config, parse_override, save_config,
 )
 from softvq.training.ema import EMA
 from softvq.training.optim import build_optimizer, param_groups
@@ -85,6 +85,24 @@ def test_inheritance_and_overrides(tmp_path):
     assert parse_override("optim.lr=2e-4") == (["optim", "lr"], 2e-4)  # YAML 1.1 would read a string
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_anchor_paths_makes_only_local_relative_paths_absolute(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "shards").mkdir()
+    cfg = load_config(None, ["data.source=folder", "data.path=imgs", "data.eval_path=missing",
+                             "run.init_from=someone/softvq-s-64", "run.init_encoder=dinov2"])
+    anchored = anchor_paths(cfg, tmp_path)
+    assert anchored.data.path == str(tmp_path / "imgs")
+    # absent paths and hub names stay as given; the input config is not changed
+    assert (anchored.data.eval_path, anchored.run.init_from, anchored.run.init_encoder) == (
+        "missing", "someone/softvq-s-64", "dinov2")
+    assert cfg.data.path == "imgs"
+    shards = load_config(None, ["data.source=shards", "data.path=shards/train-{000..009}.tar"])
+    assert anchor_paths(shards, tmp_path).data.path == str(tmp_path / "shards" / "train-{000..009}.tar")
+    url = load_config(None, ["data.source=shards", "data.path=https://host/train-{0..9}.tar"])
+    assert anchor_paths(url, tmp_path).data.path == "https://host/train-{0..9}.tar"
+    assert anchor_paths(anchored, tmp_path / "shards") == anchored  # already absolute
 
 
 @pytest.mark.parametrize("overrides, message", [

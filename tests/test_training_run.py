@@ -450,3 +450,23 @@ def test_a_resume_drops_the_log_records_past_its_checkpoint_and_a_half_written_l
     Trainer(cfg, tmp_path, resume=True).fit()
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]  # was 1, 2, 3, 4, 5, 4, 5, 6
     assert "log.jsonl: dropped 3 record(s) logged past step 3" in capsys.readouterr().out
+
+
+def test_a_run_started_on_a_relative_folder_resumes_from_another_folder(tmp_path, monkeypatch):
+    """config.yaml names the images by their absolute path: `softvq train --resume -o RUN` from
+    elsewhere used to look for the relative data.path under the new current folder."""
+    from softvq.cli.main import main
+    from softvq.training.config import save_config
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(10):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    save_config(config_from_dict(tiny_tree(schedule={"steps": 2}, run={"checkpoint_every": 1})), tmp_path / "tiny.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "tiny.yaml", "data.source=folder", "data.path=imgs", "-o", "run"]) == 0
+    assert load_config(tmp_path / "run" / "config.yaml").data.path == str(tmp_path / "imgs")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", "--resume", "-o", str(tmp_path / "run"), "schedule.steps=3"]) == 0
+    assert max(losses(tmp_path / "run")) == 3

@@ -22,6 +22,7 @@ that names the full dotted key. :func:`save_config` writes the fully resolved tr
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ class DataConfig:
         ``bundled``: random crops of the photos shipped in scikit-image / scikit-learn (the
         embedded default); ``folder``: every image under ``path`` (recursive, unreadable files
         skipped and counted); ``shards``: webdataset tar shards matching ``path`` (brace
-        patterns like ``train-{000000..000146}.tar``).
+        patterns like ``train-{000000..000146}.tar``). A relative ``path`` or ``eval_path`` is
+        written absolute into the run's ``config.yaml`` (:func:`anchor_paths`).
     eval_path:
         folder of held-out images for grids and metrics. ``None``: the ``holdout`` photos for
         ``bundled``, ``num_eval_images`` files of the folder chosen by a fixed shuffle (excluded
@@ -432,6 +434,31 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     """Read a YAML config (default: the CPU demo), apply ``key=value`` overrides, validate."""
     tree = read_yaml_tree(find_config(name_or_path or DEFAULT_CONFIG))
     return config_from_dict(apply_overrides(tree, overrides or []))
+
+
+def anchor_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
+    """A copy of ``cfg`` whose relative local paths (``data.path``, ``data.eval_path``,
+    ``run.init_from``, ``run.init_encoder``) are made absolute against ``base`` (default: the
+    current folder), so that a run folder's ``config.yaml`` names the same files when ``--resume``,
+    ``eval`` or ``plot`` run from another folder. Only paths found under ``base`` change (for a
+    shard pattern, its folder); hub ids, URLs and absent paths stay as given."""
+    base = Path(base) if base is not None else Path.cwd()
+
+    def anchored(value: str | None, pattern: bool = False) -> str | None:
+        if not value or "://" in value or value.startswith("pipe:"):
+            return value
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return str(path)
+        here = base / path
+        found = here.exists() or (pattern and here.parent.is_dir())  # a pattern names no file itself
+        return os.path.abspath(here) if found else value
+
+    data = dataclasses.replace(cfg.data, path=anchored(cfg.data.path, pattern=cfg.data.source == "shards"),
+                               eval_path=anchored(cfg.data.eval_path))
+    run = dataclasses.replace(cfg.run, init_from=anchored(cfg.run.init_from),
+                              init_encoder=anchored(cfg.run.init_encoder))
+    return dataclasses.replace(cfg, data=data, run=run)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:

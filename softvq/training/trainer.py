@@ -47,7 +47,7 @@ from softvq.run_lock import lock_run_folder
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
 from softvq.training.accelerator import decided_by_main_process, gather_objects
-from softvq.training.config import TrainConfig, save_config
+from softvq.training.config import TrainConfig, anchor_paths, save_config
 from softvq.training.ema import EMA
 from softvq.training.grid import save_grid
 from softvq.training.heldout import reconstruct_all, reconstruction_metrics
@@ -137,7 +137,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool | str | Path | None = None,
                  objective_factory: Callable[[TrainConfig, Tokenizer], nn.Module] | None = None) -> None:
-        self.cfg = config.validate()
+        # relative paths made absolute: config.yaml must name the same files from any folder
+        self.cfg = anchor_paths(config.validate())
         self.run_dir = Path(run_dir)
         self.accelerator = make_accelerator(config)
         acc = self.accelerator
