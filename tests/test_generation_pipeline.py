@@ -768,3 +768,17 @@ def test_pretokenize_refuses_a_folder_of_other_files(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["notes.txt"]
     (tmp_path / "lat" / "notes.txt").unlink()
     assert main(argv) == 0  # an empty one is fine, as before
+
+
+def test_pretokenize_cli_warns_when_the_latents_collapsed(tmp_path, capsys):
+    from softvq.cli.main import main
+
+    tok = tiny_tokenizer(tmp_path)
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.zero_()  # a zero codebook: every latent is 0
+    tok.save_pretrained(tmp_path / "zero")
+    assert main(["pretokenize", str(tmp_path / "lat"), "--bundled", "--model", str(tmp_path / "zero"),
+                 "--crops-per-photo", "1", "--device", "cpu"]) == 0
+    assert load_latents(tmp_path / "lat").std == 0
+    assert "the tokenizer's latents collapsed" in capsys.readouterr().err

@@ -97,4 +97,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.count} latents of shape ({tokenizer.num_tokens}, {tokenizer.latent_dim}) in "
           f"{len(result.shards)} shard(s) to {result.folder}{processes}; {len(source.classes)} class(es); "
           f"latent mean {result.latent_mean:.4f}, std {result.latent_std:.4f}")
+    if result.latent_std == 0:  # said now, not when train-generator refuses the set later
+        print("warning: every latent is the same number (std 0): the tokenizer's latents collapsed, and "
+              "train-generator cannot normalise them, (z - mean) / std; check the tokenizer's weights",
+              file=sys.stderr)
     return 0
