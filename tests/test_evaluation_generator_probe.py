@@ -73,6 +73,31 @@ def test_features_use_the_null_label_so_no_label_leaks_in():
     assert not torch.allclose(generator_features(model, meta, z, layer=2, t=0.3, seed=8, progress=False), feats)
 
 
+def test_stopped_generator_features_continue_from_the_saved_rows(tmp_path):
+    model = tiny()
+    meta = GeneratorMeta(objective="sit", path="cosine", latent_mean=0.5, latent_std=2.0)
+    z = torch.randn(6, 4, 2)
+    whole = generator_features(model, meta, z, layer=2, t=0.3, batch_size=2, progress=False)
+    forward, calls = model.forward, []
+
+    def stopping(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(*args)
+
+    model.forward = stopping
+    state = tmp_path / "probe-train-block.pt"
+    with pytest.raises(KeyboardInterrupt):
+        generator_features(model, meta, z, layer=2, t=0.3, batch_size=2, progress=False, state_file=state)
+    calls.clear()
+    model.forward = lambda *args: (calls.append(1), forward(*args))[1]
+    again = generator_features(model, meta, z, layer=2, t=0.3, batch_size=2, progress=False, state_file=state)
+    assert len(calls) == 2 and torch.equal(again, whole)  # the first batch came from the state
+    with pytest.raises(ValueError, match=r"t 0.3 -> 0.5"):  # other settings: refused by name
+        generator_features(model, meta, z, layer=2, t=0.5, batch_size=2, progress=False, state_file=state)
+
+
 def test_dit_latents_are_noised_by_the_cosine_forward_process_at_step_round_t_times_T():
     meta = GeneratorMeta(objective="dit", schedule="cosine", diffusion_steps=1000)
     x, noise = torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(3, 4, 2, dtype=torch.float64)

@@ -101,3 +101,78 @@ def test_unreadable_labelled_images_are_left_out_with_their_labels(tmp_path):
 def test_folder_without_classes_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="two class sub-folders"):
         probe_folder(softvq.Tokenizer.from_preset("softvq-tiny"), tmp_path, progress=False)
+
+
+def _two_class_folder(root, per_class=6):
+    for c, photo in enumerate(bundled_photos()[:2]):
+        (root / "ab"[c]).mkdir(parents=True)
+        img = load_rgb(photo)
+        for j in range(per_class):
+            img.rotate(15 * j).resize((32, 32)).save(root / "ab"[c] / f"{j}.png")
+    return root
+
+
+def test_stopped_feature_extraction_continues_from_its_saved_rows(tmp_path):
+    """Ctrl-C in the third batch keeps the first two in the state file; the rerun encodes only the
+    rest and gives the same features as one uninterrupted pass; other weights are refused."""
+    from softvq.evaluation.probe import labelled_images, tokenizer_features
+
+    paths, _, _ = labelled_images(_two_class_folder(tmp_path / "data"))
+    torch.manual_seed(0)
+    model = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
+    whole = tokenizer_features(model, paths, batch_size=4, progress=False)
+    state = tmp_path / "probe-train.pt"
+    encode, calls = model.encode, []
+
+    def stopping(x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode(x)
+
+    model.encode = stopping
+    with pytest.raises(KeyboardInterrupt):
+        tokenizer_features(model, paths, batch_size=4, progress=False, state_file=state)
+    assert state.is_file()
+    calls.clear()
+    model.encode = lambda x: (calls.append(len(x)), encode(x))[1]
+    again = tokenizer_features(model, paths, batch_size=4, progress=False, state_file=state)
+    assert calls == [4] and torch.equal(again, whole)  # only the third batch was encoded
+    with torch.no_grad():
+        model.to_latent.weight.add_(1.0)
+    with pytest.raises(ValueError, match="interrupted evaluation of other weights"):
+        tokenizer_features(model, paths, batch_size=4, progress=False, state_file=state)
+
+
+def test_eval_with_a_probe_stopped_in_the_probe_keeps_the_finished_evaluation(tmp_path, capsys, monkeypatch):
+    """The evaluation's report waits in eval-state.pt while the probe runs: a stop in the probe
+    costs the probe's unfinished rows only, and the rerun leaves no state behind."""
+    import json
+
+    import softvq.evaluation.probe as probe
+    from softvq.cli.main import main
+
+    data = _two_class_folder(tmp_path / "data")
+    torch.manual_seed(0)
+    softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1},
+                                 decoder={"depth": 1}).save_pretrained(tmp_path / "tok")
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tmp_path / "tok"), "--images", str(data / "a"), "--probe", str(data),
+            "--probe-epochs", "1", "--no-fid", "--no-lpips", "--no-flops", "--batch-size", "4", "--device", "cpu",
+            "--no-progress", "--out", str(out)]
+    fit = probe.fit_probe
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe, "fit_probe", stop)
+    assert main(argv) == 130
+    assert (out / "eval-state.pt").is_file() and (out / "probe-train.pt").is_file()
+    monkeypatch.setattr(probe, "fit_probe", fit)
+    monkeypatch.setattr("softvq.evaluation.evaluate.uint8_to_model", None)  # the evaluation must not run again
+    monkeypatch.setattr(softvq.Tokenizer, "encode", None)  # nor the probe's extraction
+    assert main(argv) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["num_images"] == 6 and 0 <= report["linear_probe_top1"] <= 1
+    assert any("finished earlier" in note for note in report["notes"])
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md"]

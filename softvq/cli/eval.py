@@ -14,7 +14,8 @@ saved to ``OUT/eval-state.pt``: after an interruption the same command continues
 ``OUT/eval-reference-state.pt``).
 
 ``--probe FOLDER`` adds linear-probe accuracy (paper C.3) on a labelled folder (one sub-folder per
-class). ``--samples DIR`` instead scores generated samples against DATA: gFID, precision/recall
+class); the features extracted so far are kept in ``OUT/probe-*.pt`` and the finished evaluation
+in ``OUT/eval-state.pt`` until the report is written, so a stopped probe continues too. ``--samples DIR`` instead scores generated samples against DATA: gFID, precision/recall
 and, with pytorch-fid's weights, the Inception Score.
 
 ``--probe-generator GEN --probe FOLDER`` instead probes a trained DiT / SiT (paper Fig. 3(b)): the
@@ -142,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.images:
         raise ValueError("pass --images DATA: the image folder or .tar shards to evaluate on")
+    state = None  # the tokenizer evaluation's saved state, removed once the report is written
     if args.samples:
         if args.model or args.probe:
             raise ValueError("--samples scores generated images against --images; --model and --probe evaluate a "
@@ -174,16 +176,19 @@ def run(args: argparse.Namespace) -> int:
         # hours of work on a CPU: the running sums go here, and the same command continues from them
         # (not for a random preset: its weights differ on every load)
         state = None if is_preset(args.model) else out / STATE_NAME
+        # with --probe the finished report stays in the state until the probe too is done
         report = evaluate_tokenizer(model, args.images, options, device=device,
-                                    model_name=model.source, state_file=state)
+                                    model_name=model.source, state_file=state, keep_state=bool(args.probe))
         if args.probe:
             from softvq.evaluation.probe import probe_folder
 
             result = probe_folder(model, args.probe, val_folder=args.probe_val, which=args.probe_which,
                                   device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, state_dir=None if state is None else out)
             add_probe(report, result, args.probe_epochs)
     json_path, md_path = write_report(report, out)
+    if state is not None:
+        state.unlink(missing_ok=True)
     print(to_markdown(report))
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return 0
@@ -233,9 +238,12 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tu
                          f"with the tokenizer pretokenize used")
     for note in notes:
         print(f"softvq: warning: {note}", file=sys.stderr)
+    home = Path(args.probe_generator).expanduser()
+    out = Path(args.out) if args.out else (home / "eval" if home.is_dir() else Path("eval"))
+    # the latents and features extracted so far are kept in OUT; the same command continues from them
     result = probe_generator(model, meta, args.probe, val_folder=args.probe_val, tokenizer=tokenizer, layer=layer,
                              t=t, device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, state_dir=out)
     sizes = [data.get("image_size") for data in sets.values() if data is not None]
     report = {"model": f"generator {args.probe_generator}, block {layer} at t = {t:g}",
               "num_images": result.num_train + result.num_val,
@@ -244,5 +252,4 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tu
                            "pooling": "mean over tokens", "objective": meta.objective},
               "notes": notes}
     add_probe(report, result, args.probe_epochs)
-    home = Path(args.probe_generator).expanduser()
-    return report, Path(args.out) if args.out else (home / "eval" if home.is_dir() else Path("eval"))
+    return report, out

@@ -172,12 +172,15 @@ def _evaluation_identity(model, refs: list, size: int, options: EvalOptions) -> 
 @torch.inference_mode()
 def evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOptions | None = None, *,
                        device: str | torch.device = "cpu", model_name: str | None = None,
-                       state_file: str | Path | None = None, save_every_s: float = 300.0) -> dict[str, Any]:
+                       state_file: str | Path | None = None, save_every_s: float = 300.0,
+                       keep_state: bool = False) -> dict[str, Any]:
     """Run the protocol (module docstring) and return the report as a JSON-ready dict.
 
     ``state_file``: where the running sums are saved every ``save_every_s`` seconds, and read back
     to continue an interrupted evaluation of the same weights, images and options (a different
-    one is refused by name); it is removed once the report is complete. ``model`` is moved to
+    one is refused by name); it is removed once the report is complete, unless ``keep_state``:
+    then it holds the finished report, which the same call returns at once, until the caller
+    removes it (``softvq eval --probe`` does, once the probe too is done). ``model`` is moved to
     ``device`` and evaluated in eval mode, then given back in the mode it came in.
     """
     options = options or EvalOptions()
@@ -188,11 +191,12 @@ def evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpti
                         f"softvq.Tokenizer.from_pretrained")
     device = torch.device(device)
     with evaluating(model.to(device)):  # the caller's model comes back in the mode it was given
-        return _evaluate_tokenizer(model, source, options, device, model_name, state_file, save_every_s)
+        return _evaluate_tokenizer(model, source, options, device, model_name, state_file, save_every_s, keep_state)
 
 
 def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOptions, device: torch.device,
-                        model_name: str | None, state_file: str | Path | None, save_every_s: float) -> dict[str, Any]:
+                        model_name: str | None, state_file: str | Path | None, save_every_s: float,
+                        keep_state: bool = False) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     size = options.image_size or model.config.image_size
@@ -230,6 +234,9 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     state_file = Path(state_file).expanduser() if state_file is not None else None
     identity = _evaluation_identity(model, refs, size, options) if state_file else {}
     saved = load_saved_state(state_file, identity)
+    if saved is not None and "report" in saved:  # finished, kept for a caller that was stopped later
+        return {**saved["report"], "notes": [*saved["report"]["notes"],
+                                             f"the evaluation finished earlier, kept in {state_file}"]}
     if saved is not None:
         if saved["acc"].real.count == 0 and saved["evaluated"] and extractor is not None and ref_stats is None:
             raise ValueError(f"{state_file} relied on cached reference statistics that are gone; delete it to "
@@ -347,7 +354,9 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
         report["flops_convention"] = "GMACs = multiply-accumulates; GFLOPs = 2 x GMACs (torch.utils.flop_counter)"
     report["protocol"] = protocol_of(options, size, n, weights_name if extractor is not None else None)
     report["notes"] = notes
-    if state_file is not None:
+    if state_file is not None and keep_state:
+        save_state(state_file, {"identity": identity, "report": report})
+    elif state_file is not None:
         state_file.unlink(missing_ok=True)
     return report
 

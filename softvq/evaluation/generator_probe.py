@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from softvq.eval_mode import evaluating
-from softvq.evaluation.probe import ProbeResult, fit_probe, labelled_images, readable_features
+from softvq.evaluation.probe import (ProbeResult, fit_probe, labelled_images, probe_state_files,
+                                     readable_features, remove_files)
 
 DEFAULT_LAYER = 20  # Fig. 3(b)
 DEFAULT_T = 0.5  # ours: the paper gives no noise level
@@ -115,10 +116,12 @@ def image_noise(indices: range, shape: tuple[int, ...], seed: int) -> Tensor:
 @torch.inference_mode()
 def generator_features(model, meta, latents: Tensor, *, layer: int = DEFAULT_LAYER, t: float = DEFAULT_T,
                        seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu",
-                       progress: bool = True) -> Tensor:
+                       progress: bool = True, state_file: str | Path | None = None) -> Tensor:
     """Mean-pooled output of block ``layer`` for tokenizer latents (N, L, D): (N, width) float32 on
-    the CPU, with the null class label (steps 2-5 of the module docstring)."""
-    from tqdm.auto import tqdm
+    the CPU, with the null class label (steps 2-5 of the module docstring). With ``state_file``, an
+    interrupted extraction continues from the rows saved there (the caller removes it)."""
+    from softvq.evaluation.saved_state import rows_resumably
+    from softvq.resume import weights_sha1
 
     check_probe_target(model, meta, layer, t)
     if tuple(latents.shape[1:]) != tuple(model.input_shape):
@@ -126,17 +129,27 @@ def generator_features(model, meta, latents: Tensor, *, layer: int = DEFAULT_LAY
                          f"{tuple(model.input_shape)}: encode them with the generator's tokenizer "
                          f"({meta.tokenizer or 'its meta names none'})")
     model = model.to(device)
-    out = []
+
+    def compute(start: int, stop: int) -> tuple[Tensor, list[str]]:
+        z = latents[start:stop].float()
+        x = ((z - meta.latent_mean) / meta.latent_std).to(device)
+        noise = image_noise(range(start, stop), tuple(z.shape[1:]), seed).to(device)
+        x_t, time = noised(x, meta, t, noise)
+        null = torch.full((len(z),), model.null_class, dtype=torch.long, device=device)
+        return block_output(model, x_t, time, null, layer).mean(dim=1).float().cpu(), []
+
+    state_file = Path(state_file).expanduser() if state_file is not None else None
+    identity = {}
+    if state_file is not None:
+        import hashlib
+
+        identity = {"weights_sha1": weights_sha1(model), "layer": layer, "t": t, "seed": seed,
+                    "latents_sha1": hashlib.sha1(latents.float().contiguous().numpy().tobytes()).hexdigest(),
+                    "latent_mean": meta.latent_mean, "latent_std": meta.latent_std}
     with evaluating(model):  # no label dropout; the caller's model comes back in its mode
-        for start in tqdm(range(0, len(latents), batch_size), desc=f"probe block {layer}", unit="batch",
-                          disable=not progress):
-            z = latents[start:start + batch_size].float()
-            x = ((z - meta.latent_mean) / meta.latent_std).to(device)
-            noise = image_noise(range(start, start + len(z)), tuple(z.shape[1:]), seed).to(device)
-            x_t, time = noised(x, meta, t, noise)
-            null = torch.full((len(z),), model.null_class, dtype=torch.long, device=device)
-            out.append(block_output(model, x_t, time, null, layer).mean(dim=1).float().cpu())
-    return torch.cat(out)
+        rows, _ = rows_resumably(compute, len(latents), batch_size, state_file=state_file, identity=identity,
+                                 desc=f"probe block {layer}", progress=progress)
+    return torch.cat(rows)
 
 
 def latent_set_meta(folder: str | Path) -> dict | None:
@@ -153,10 +166,11 @@ def latent_set_meta(folder: str | Path) -> dict | None:
 
 
 def labelled_latents(folder: str | Path, tokenizer=None, *, skipped: list[Path] | None = None,
-                     batch_size: int = 32, device: str | torch.device = "cpu",
-                     progress: bool = True) -> tuple[Tensor, Tensor, list[str]]:
+                     batch_size: int = 32, device: str | torch.device = "cpu", progress: bool = True,
+                     state_file: str | Path | None = None) -> tuple[Tensor, Tensor, list[str]]:
     """(latents (N, L, D), labels (N,), class names) of a latent set, or of a labelled image folder
-    (one sub-folder per class) encoded by ``tokenizer``; unreadable images go to ``skipped``."""
+    (one sub-folder per class) encoded by ``tokenizer`` (resumably, with ``state_file``);
+    unreadable images go to ``skipped``."""
     if latent_set_meta(folder) is not None:
         from softvq.generation.latents import load_latents
 
@@ -166,31 +180,38 @@ def labelled_latents(folder: str | Path, tokenizer=None, *, skipped: list[Path] 
         raise ValueError(f"{folder} is not a latent set: encoding its images needs the generator's tokenizer")
     paths, labels, classes = labelled_images(folder)
     flat, labels = readable_features(tokenizer, paths, labels, [] if skipped is None else skipped,
-                                     which="latents", batch_size=batch_size, device=device, progress=progress)
+                                     which="latents", batch_size=batch_size, device=device, progress=progress,
+                                     state_file=state_file)
     return flat.reshape(len(flat), tokenizer.num_tokens, tokenizer.latent_dim), labels, classes
 
 
 def probe_generator(model, meta, folder: str | Path, *, tokenizer=None, val_folder: str | Path | None = None,
                     val_fraction: float = 0.2, layer: int = DEFAULT_LAYER, t: float = DEFAULT_T,
                     device: str | torch.device = "cpu", batch_size: int = 32, seed: int = 0,
-                    progress: bool = True, **train_kwargs) -> ProbeResult:
+                    progress: bool = True, state_dir: str | Path | None = None, **train_kwargs) -> ProbeResult:
     """Linear-probe accuracy of a frozen DiT / SiT's block ``layer`` features at noise level ``t``
     (Fig. 3(b)) on a labelled image folder or latent set; a stratified ``val_fraction`` of it, or
-    ``val_folder``, is held out. ``tokenizer`` encodes image folders (the generator's own)."""
+    ``val_folder``, is held out. ``tokenizer`` encodes image folders (the generator's own).
+    ``state_dir``: where the latents and features extracted so far are kept (``probe-*.pt``), so that
+    an interrupted probe continues; removed once the probe is trained."""
     check_probe_target(model, meta, layer, t)  # before any image is encoded
+    states = probe_state_files(state_dir, "train-latents", "train-block", "val-latents", "val-block")
     skipped: list[Path] = []
     options = dict(batch_size=batch_size, device=device, progress=progress)
-    latents, labels, classes = labelled_latents(folder, tokenizer, skipped=skipped, **options)
+    latents, labels, classes = labelled_latents(folder, tokenizer, skipped=skipped, state_file=states[0], **options)
     features = dict(meta=meta, layer=layer, t=t, **options)
-    feats = generator_features(model, latents=latents, seed=seed, **features)
+    feats = generator_features(model, latents=latents, seed=seed, state_file=states[1], **features)
     which = f"{meta.objective} block {layer} at t={t:g}, null label"
     if val_folder is not None:
-        vlatents, vlabels, vclasses = labelled_latents(val_folder, tokenizer, skipped=skipped, **options)
+        vlatents, vlabels, vclasses = labelled_latents(val_folder, tokenizer, skipped=skipped, state_file=states[2],
+                                                       **options)
         if vclasses != classes:
             raise ValueError(f"validation classes {vclasses} differ from training classes {classes}")
-        val = generator_features(model, latents=vlatents, seed=seed + 1, **features), vlabels  # other noise draws
+        val = (generator_features(model, latents=vlatents, seed=seed + 1, state_file=states[3], **features),
+               vlabels)  # other noise draws
     else:
         val = None
     result = fit_probe(feats, labels, val, val_fraction=val_fraction, seed=seed, which=which, **train_kwargs)
     result.skipped_images = len(skipped)
+    remove_files(states)
     return result

@@ -194,39 +194,58 @@ def labelled_images(folder: str | Path) -> tuple[list[Path], Tensor, list[str]]:
 @torch.inference_mode()
 def tokenizer_features(model, paths: list[Path], *, which: Literal["latents", "features"] = "latents",
                        batch_size: int = 32, device: str | torch.device = "cpu",
-                       progress: bool = True, skipped: list[Path] | None = None) -> Tensor:
+                       progress: bool = True, skipped: list[Path] | None = None,
+                       state_file: str | Path | None = None) -> Tensor:
     """Flattened z (``latents``) or ẑ (``features``) of each image, (N, L·D) float32 on the CPU.
 
     Images are centre-cropped and resized to the model's resolution (the evaluation protocol).
     With ``skipped`` given, unreadable files are left out (rows follow the readable paths in
-    order) and appended to it; without it they raise :class:`ImageReadError`.
+    order) and appended to it; without it they raise :class:`ImageReadError`. With
+    ``state_file``, an interrupted extraction continues from the rows saved there (the caller
+    removes it; :func:`~softvq.evaluation.saved_state.rows_resumably`).
     """
-    from tqdm.auto import tqdm
+    from softvq.evaluation.saved_state import rows_resumably
 
     if which not in ("latents", "features"):
         raise ValueError(f"which must be 'latents' (z) or 'features' (ẑ), got {which!r}")
     model = model.to(device)
     size = model.config.image_size
-    out = []
+
+    def compute(start: int, stop: int) -> tuple[Tensor | None, list[str]]:
+        images, unreadable = [], []
+        for path in paths[start:stop]:
+            try:
+                images.append(read_image(path, size, resize=True))
+            except ImageReadError:
+                if skipped is None:
+                    raise
+                unreadable.append(str(path))
+        if not images:
+            return None, unreadable
+        enc = model.encode(torch.stack(images).to(device))
+        return getattr(enc, which).flatten(1).float().cpu(), unreadable
+
+    state_file = Path(state_file).expanduser() if state_file is not None else None
+    identity = _extraction_identity(model, paths, which=which, image_size=size) if state_file else {}
     with evaluating(model):  # the caller's model comes back in the mode it was given
-        for start in tqdm(range(0, len(paths), batch_size), desc=f"probe {which}", unit="batch",
-                          disable=not progress):
-            images = []
-            for path in paths[start:start + batch_size]:
-                try:
-                    images.append(read_image(path, size, resize=True))
-                except ImageReadError:
-                    if skipped is None:
-                        raise
-                    skipped.append(path)
-            if not images:
-                continue
-            enc = model.encode(torch.stack(images).to(device))
-            out.append(getattr(enc, which).flatten(1).float().cpu())
+        out, unreadable = rows_resumably(compute, len(paths), batch_size, state_file=state_file, identity=identity,
+                                         desc=f"probe {which}", progress=progress)
+    if skipped is not None:
+        skipped += [Path(name) for name in unreadable]
     if not out:
         raise ImageReadError(f"none of the {len(paths)} labelled images could be read"
                              + (f", e.g. {skipped[0]}" if skipped else ""))
     return torch.cat(out)
+
+
+def _extraction_identity(model, paths: list[Path], **options) -> dict:
+    """What saved probe features depend on: the weights, the images in their order, the options."""
+    import hashlib
+
+    from softvq.resume import weights_sha1
+
+    listing = hashlib.sha1("\n".join(str(p) for p in paths).encode()).hexdigest()
+    return {"weights_sha1": weights_sha1(model), "images": len(paths), "images_sha1": listing, **options}
 
 
 def readable_features(model, paths: list[Path], labels: Tensor, skipped: list[Path],
@@ -253,17 +272,37 @@ def fit_probe(feats: Tensor, labels: Tensor, val: tuple[Tensor, Tensor] | None =
 def probe_folder(model, folder: str | Path, *, val_folder: str | Path | None = None,
                  val_fraction: float = 0.2, which: Literal["latents", "features"] = "latents",
                  device: str | torch.device = "cpu", batch_size: int = 32, seed: int = 0,
-                 progress: bool = True, **train_kwargs) -> ProbeResult:
-    """Linear-probe accuracy of a frozen tokenizer on a labelled image folder (C.3)."""
+                 progress: bool = True, state_dir: str | Path | None = None, **train_kwargs) -> ProbeResult:
+    """Linear-probe accuracy of a frozen tokenizer on a labelled image folder (C.3).
+
+    ``state_dir``: where the features extracted so far are kept (``probe-*.pt``), so that an
+    interrupted probe of the same weights and images continues; removed once the probe is trained.
+    """
     paths, labels, classes = labelled_images(folder)
     if val_folder is not None:
         vpaths, vlabels, vclasses = labelled_images(val_folder)
         if vclasses != classes:
             raise ValueError(f"validation classes {vclasses} differ from training classes {classes}")
+    states = probe_state_files(state_dir, "train", "val")
     skipped: list[Path] = []
     options = dict(which=which, batch_size=batch_size, device=device, progress=progress)
-    feats, labels = readable_features(model, paths, labels, skipped, **options)
-    val = readable_features(model, vpaths, vlabels, skipped, **options) if val_folder is not None else None
+    feats, labels = readable_features(model, paths, labels, skipped, state_file=states[0], **options)
+    val = (readable_features(model, vpaths, vlabels, skipped, state_file=states[1], **options)
+           if val_folder is not None else None)
     result = fit_probe(feats, labels, val, val_fraction=val_fraction, seed=seed, which=which, **train_kwargs)
     result.skipped_images = len(skipped)
+    remove_files(states)
     return result
+
+
+def probe_state_files(state_dir: str | Path | None, *names: str) -> list[Path | None]:
+    """``state_dir/probe-<name>.pt`` for each name (all None without a ``state_dir``)."""
+    if state_dir is None:
+        return [None] * len(names)
+    return [Path(state_dir).expanduser() / f"probe-{name}.pt" for name in names]
+
+
+def remove_files(paths: list[Path | None]) -> None:
+    for path in paths:
+        if path is not None:
+            path.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from softvq.resume import changed_settings
 
@@ -68,3 +69,48 @@ class KeptWork:
                 self.save()
                 print(f"eval: saved {what} in {self.state_file}; the same command continues", file=sys.stderr)
             raise
+
+
+def rows_resumably(compute: Callable[[int, int], tuple[Tensor | None, list[str]]], total: int, batch_size: int, *,
+                   state_file: Path | None, identity: dict[str, Any], desc: str, progress: bool = True,
+                   save_every_s: float = 300.0) -> tuple[list[Tensor], list[str]]:
+    """The rows ``compute(start, stop)`` returns for items [0, total) in batches, in order, and the
+    names of the items it skipped (``compute`` gives both for its batch; rows may be None when it
+    skipped them all).
+
+    With ``state_file``, the rows so far are saved there every ``save_every_s`` seconds and when
+    Ctrl-C / SIGTERM stops the loop, and a rerun with the same ``identity`` continues after them;
+    the caller removes the file once its result is safe (linear probes: once the probe is trained).
+    """
+    from tqdm.auto import tqdm
+
+    rows: list[Tensor] = []
+    skipped: list[str] = []
+    done = 0
+    saved = load_saved_state(state_file, identity)
+    if saved is not None:
+        rows, skipped, done = [saved["rows"]] if saved["rows"] is not None else [], saved["skipped"], saved["done"]
+
+    def save() -> None:
+        save_state(state_file, {"identity": identity, "rows": torch.cat(rows) if rows else None,
+                                "skipped": skipped, "done": done})
+
+    starts = (start for start in range(done, total, batch_size))  # a generator: KeptWork closes it
+    bar = tqdm(total=total, initial=done, unit="img", desc=desc, disable=not progress)
+    kept = KeptWork(state_file, save, save_every_s, starts)
+    with kept.kept_when_stopped(lambda: f"the {desc} features of {done} images" if done else None):
+        for start in starts:
+            stop = min(start + batch_size, total)
+            batch_rows, batch_skipped = compute(start, stop)
+            kept.updating = True  # rows, skipped and done agree again once this is False
+            if batch_rows is not None and len(batch_rows):
+                rows.append(batch_rows)
+            skipped += batch_skipped
+            done = stop
+            kept.updating = False
+            bar.update(stop - start)
+            kept.tick()
+    bar.close()
+    if state_file is not None and (saved is None or done > saved["done"]):
+        save()  # whole, until the caller's result is safe
+    return rows, skipped
