@@ -277,13 +277,22 @@ class Tokenizer(nn.Module):
     def check_images(self, images: Tensor) -> None:
         """Fail early, naming the problem, on inputs the encoder cannot take: not a (B, C, H, W)
         float tensor, an empty batch, a size that is not a multiple of the patch, another device;
-        and, outside training, NaN or 8-bit values passed as floats."""
+        and, outside training, NaN and values far outside [-1, 1] (8-bit pixels, ImageNet-normalised
+        images). In training mode the value checks are skipped: they would read two numbers back
+        from the device at every step."""
         if not isinstance(images, Tensor):
-            raise TypeError(f"images must be a torch.Tensor (B, C, H, W), got {type(images).__name__}")
-        if images.dim() != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
-            )
+            raise TypeError(f"images must be a torch.Tensor (B, C, H, W) in [-1, 1], got {type(images).__name__}"
+                            + _tensor_hint(images))
+        c = self.config.in_channels
+        if images.dim() != 4 or images.shape[1] != c:
+            hint = ""
+            if images.dim() == 3 and images.shape[0] == c:
+                hint = "; one image: add the batch axis, images.unsqueeze(0)"
+            elif images.dim() == 4 and images.shape[-1] == c:
+                hint = "; channels last: images.permute(0, 3, 1, 2)"
+            elif images.dim() == 3 and images.shape[-1] == c:
+                hint = "; one channels-last image: images.permute(2, 0, 1).unsqueeze(0)"
+            raise ValueError(f"expected images of shape (B, {c}, H, W), got {tuple(images.shape)}{hint}")
         p = self.config.patch_size
         if images.shape[-1] % p or images.shape[-2] % p:
             raise ValueError(
@@ -300,9 +309,12 @@ class Tokenizer(nn.Module):
             lo, hi = (float(v) for v in torch.aminmax(images.detach()))
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError("images contain NaN or infinite values")
-            if lo >= 0 and hi > 1.5:  # the one range mistake that is certain: 8-bit values as floats
+            if lo >= 0 and hi > 1.5:  # 8-bit values as floats
                 raise ValueError(f"images range over [{lo:g}, {hi:g}], like 8-bit pixels; the tokenizer takes "
                                  f"[-1, 1]: pass images / 127.5 - 1")
+            if lo < -1.5 or hi > 1.5:  # far outside [-1, 1]: resampling overshoots by a few percent at most
+                raise ValueError(f"images range over [{lo:g}, {hi:g}]; the tokenizer takes [-1, 1] (x * 2 - 1 of "
+                                 f"images in [0, 1]); ImageNet mean/std normalisation must be undone first")
 
     def _as_input(self, images: Tensor) -> Tensor:
         """Checked images in the weights' dtype (float64 or float16 images of a float32 model
@@ -413,6 +425,16 @@ class Tokenizer(nn.Module):
     def num_parameters(self) -> int:
         """All parameters: encoder, bottleneck (codebooks included) and decoder."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _tensor_hint(value: Any) -> str:
+    """How to turn a NumPy array or a PIL image into the tensor the tokenizer takes."""
+    kind = type(value).__module__.split(".")[0]
+    if kind == "numpy":
+        return "; from a NumPy array (B, H, W, 3) of uint8: torch.from_numpy(a).permute(0, 3, 1, 2) / 127.5 - 1"
+    if kind == "PIL":
+        return "; from a PIL image: softvq.data.images.to_tensor(img).unsqueeze(0)"
+    return ""
 
 
 def _concat_encodings(parts: list[Encoding]) -> Encoding:

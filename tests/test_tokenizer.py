@@ -204,6 +204,18 @@ def test_bad_inputs_give_clear_errors():
         model.enable_slicing(0)  # would silently turn slicing off
     with pytest.raises(TypeError, match="torch.Tensor"):
         model.encode([[0.0]])
+    # the usual layout mistakes are named with their fix
+    from softvq.data.images import to_pil
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with pytest.raises(ValueError, match=r"images.unsqueeze\(0\)"):
+        model.encode(x[0])
+    with pytest.raises(ValueError, match=r"channels last: images.permute\(0, 3, 1, 2\)"):
+        model.encode(x.permute(0, 2, 3, 1))
+    with pytest.raises(TypeError, match=r"from a NumPy array .* torch.from_numpy"):
+        model.encode(x.numpy())
+    with pytest.raises(TypeError, match="from a PIL image: softvq.data.images.to_tensor"):
+        model.encode(to_pil(x[0]))
 
 
 def test_inference_refuses_8_bit_values_nan_and_empty_batches_but_training_skips_the_read_back():
@@ -214,10 +226,13 @@ def test_inference_refuses_8_bit_values_nan_and_empty_batches_but_training_skips
         model.encode_latents(pixels)
     with pytest.raises(ValueError, match="NaN or infinite"):
         model.encode(torch.full((1, 3, 32, 32), float("nan")))
+    imagenet = (torch.rand(1, 3, 32, 32) - 0.45) / 0.225  # mean/std normalised: about [-2, 2.4]
+    with pytest.raises(ValueError, match="ImageNet mean/std normalisation must be undone"):
+        model.encode(imagenet)
     with pytest.raises(ValueError, match="empty batch"):
         model.encode(torch.zeros(0, 3, 32, 32))
     with torch.no_grad():
-        model.encode(torch.randn(1, 3, 32, 32))  # outside [-1, 1] but not 8-bit: not refused
+        model.encode(torch.rand(1, 3, 32, 32) * 2.2 - 1.1)  # a resampling overshoot: not refused
         model.train().encode(pixels)  # a training step pays no host sync for the check
     with pytest.raises(ValueError, match="positive multiple of the patch size 8; got 64.0"):
         model.decode(torch.zeros(1, model.num_tokens, model.latent_dim), 64.0)
