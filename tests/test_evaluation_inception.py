@@ -84,6 +84,14 @@ def test_preprocessing_uint8_and_float_agree(extractor, photos):
     ends = extractor.preprocess(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 299, 2)
                                 .contiguous().repeat_interleave(150, dim=-1)[..., :299])
     assert ends.min().item() == pytest.approx(-1.0) and ends.max().item() == pytest.approx(127 / 128)
+    # 8-bit values as floats were clamped to [-1, 1]: nearly white images, wrong features, no error
+    with pytest.raises(ValueError, match=r"got values in \[0, 255\]; pass x / 127.5 - 1 of 8-bit pixels"):
+        extractor(as_uint8.float())
+    with pytest.raises(ValueError, match="NaN"):
+        extractor(photos * float("nan"))
+    with pytest.raises(TypeError, match="torch.from_numpy"):
+        extractor(as_uint8.permute(0, 2, 3, 1).numpy())
+    extractor.preprocess(photos * 1.02)  # a resampling overshoot is clamped, as before
 
 
 def test_missing_weights_say_what_to_install(tmp_path, monkeypatch):

@@ -193,6 +193,15 @@ def test_bad_input_is_named() -> None:
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with pytest.raises(TypeError, match="float images in \\[-1, 1\\], got a torch.uint8 tensor"):
         lpips(x.mul(127.5).add(127.5).to(torch.uint8), x)  # was NaN: the scale buffer became 0
+    # 8-bit values as floats, or [0, 1] images off by far: a wrong score before, now named
+    with pytest.raises(ValueError, match=r"pass x / 127.5 - 1 of 8-bit pixels"):
+        lpips(x.mul(127.5).add(127.5), x.mul(127.5).add(127.5))
+    with pytest.raises(ValueError, match=r"got values in \[-3, 0.5\]; pass x \* 2 - 1"):
+        lpips(torch.full_like(x, -3.0).clamp_max_(0).index_fill_(0, torch.tensor([1]), 0.5), x)
+    with pytest.raises(ValueError, match="NaN"):
+        lpips(x * float("nan"), x)
+    unchecked = LPIPS("alex", check_values=False)  # the training loss: no read-back per step
+    assert torch.isnan(unchecked(x * float("nan"), x)).all()
     # float64 and half inputs meet the float32 weights (they were a dtype error inside conv2d)
     y = torch.rand(2, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(lpips(x.double(), y.double()), lpips(x, y))

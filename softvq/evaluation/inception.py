@@ -368,11 +368,16 @@ def load_fid_inception(weights: str | Path | None = None) -> FIDInceptionV3:
 
 
 def to_byte_scale(images: Tensor) -> Tensor:
-    """uint8 [0, 255] or float [-1, 1] images -> float32 on the 0..255 scale."""
+    """uint8 [0, 255] or float [-1, 1] images -> float32 on the 0..255 scale. Floats far outside
+    [-1, 1] (8-bit values as floats, [0, 255] scaled wrong) are refused: clamped, they would give
+    wrong features silently; a resampling overshoot of a few percent is clamped."""
     if images.dtype == torch.uint8:
         return images.float()
     if not images.is_floating_point():
         raise TypeError(f"images must be uint8 in [0, 255] or float in [-1, 1], got {images.dtype}")
+    from softvq.losses.lpips import check_unit_range
+
+    check_unit_range(images, "the Inception feature extractor")
     return (images.float().clamp(-1, 1) + 1) * 127.5
 
 
@@ -400,6 +405,9 @@ class InceptionFeatureExtractor:
 
     def preprocess(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) uint8 or [-1, 1] float -> the network's normalised 299x299 input."""
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor (B, 3, H, W), uint8 or float in [-1, 1], got "
+                            f"{type(images).__name__}; from NumPy (B, H, W, 3): torch.from_numpy(a).permute(0, 3, 1, 2)")
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected RGB images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = to_byte_scale(images.to(self.device))
@@ -411,6 +419,8 @@ class InceptionFeatureExtractor:
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """One batch -> (features (B, 2048), logits (B, 1008) or None), float32 on the CPU."""
         feats, logits = [], []
+        if not isinstance(images, Tensor):
+            self.preprocess(images)  # names the problem
         for chunk in images.split(self.batch_size):
             f, lg = self.model(self.preprocess(chunk))
             feats.append(f.float().cpu())

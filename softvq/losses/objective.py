@@ -226,7 +226,8 @@ class TokenizerObjective(nn.Module):
 
         self.lpips = None
         if cfg.perceptual_weight > 0:
-            self.lpips = LPIPS(cfg.perceptual_net, backbone=vgg if cfg.perceptual_net == "vgg" else None)
+            self.lpips = LPIPS(cfg.perceptual_net, backbone=vgg if cfg.perceptual_net == "vgg" else None,
+                               check_values=False)  # no host sync per step; reconstructions may stray
 
         self.discriminator = None
         self.augment = self.consistency_augment = self.lecam = None

@@ -138,6 +138,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool | str | Path | None = None,
                  objective_factory: Callable[[TrainConfig, Tokenizer], nn.Module] | None = None) -> None:
         # relative paths made absolute: config.yaml must name the same files from any folder
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}; make one with "
+                            f"softvq.training.config.load_config(name, overrides) or config_from_dict(tree)")
         self.cfg = anchor_paths(config.validate())
         self.run_dir = Path(run_dir)
         self.accelerator = make_accelerator(config)
@@ -588,8 +591,8 @@ class Trainer:
             self.pending_notes.append(f"--resume: {self.run_dir} has no checkpoint yet (the run stopped before "
                                       f"its first one): starting from step 0")
         elif path is None:
-            raise CheckpointError(f"--resume: no checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR}; "
-                                  f"start without --resume or point --output at the run to continue")
+            raise CheckpointError(f"--resume: no checkpoint in {self.run_dir / ckpt.CHECKPOINT_DIR}; start without "
+                                  f"--resume (resume=None), or point --output (run_dir) at the run to continue")
         return path
 
     def _load_resume(self, path: Path, explicit: bool) -> dict[str, Any]:
@@ -698,7 +701,7 @@ class Trainer:
         if self._lpips is None:
             from softvq.losses.lpips import LPIPS
 
-            self._lpips = LPIPS("vgg").to(self.device)
+            self._lpips = LPIPS("vgg", check_values=False).to(self.device)  # NaN weights: a NaN metric
         return self._lpips
 
     def final_metrics(self, wall_seconds: float, start_step: int) -> dict[str, Any]:
