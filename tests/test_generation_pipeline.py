@@ -782,3 +782,12 @@ def test_pretokenize_cli_warns_when_the_latents_collapsed(tmp_path, capsys):
                  "--crops-per-photo", "1", "--device", "cpu"]) == 0
     assert load_latents(tmp_path / "lat").std == 0
     assert "the tokenizer's latents collapsed" in capsys.readouterr().err
+
+
+def test_pretokenize_refuses_images_of_another_size_than_the_tokenizers(tmp_path):
+    """The tokenizer would encode them (its position embeddings stretch), and meta.json would
+    record its own size: generate would then decode to images of the wrong size."""
+    tok = tiny_tokenizer(tmp_path)
+    small = LatentSource(iter([(torch.rand(3, 16, 16) * 2 - 1, 0, "a")]), ["a"], 1)
+    with pytest.raises(ValueError, match=r"gives 16x16 images but the tokenizer takes 32x32; .*folder_source"):
+        pretokenize(tok, small, tmp_path / "lat", progress=False)

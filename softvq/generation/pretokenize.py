@@ -341,6 +341,11 @@ def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state:
     buffered = 0
     for batch in _batches(marked(), batch_size):
         images = torch.stack([b[0] for b in batch]).to(device)
+        side = tokenizer.config.image_size
+        if tuple(images.shape[-2:]) != (side, side):  # meta.json records the tokenizer's size for generate
+            raise ValueError(f"the source gives {images.shape[-2]}x{images.shape[-1]} images but the tokenizer takes "
+                             f"{side}x{side}; make the source at its size, e.g. folder_source(folder, "
+                             f"tokenizer.config.image_size)")
         z = tokenizer.encode_latents(images).float().cpu()
         pending.append((z, torch.tensor([b[1] for b in batch], dtype=torch.long), [b[2] for b in batch],
                         [b[3] for b in batch]))
