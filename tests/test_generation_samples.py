@@ -299,3 +299,28 @@ def test_sampling_a_training_generator_uses_eval_mode_and_gives_the_mode_back(ki
     assert model.training
     assert torch.equal(in_training, draw())  # a function of the generator alone
     assert torch.equal(in_training, (model.eval(), draw())[1])
+
+
+def test_class_names_sample_like_their_indices_and_other_tokenizer_weights_are_warned_about(parts, tmp_path):
+    from softvq.generation.sampling import sample_latents
+    from softvq.generation.samples import OtherTokenizerWarning
+    from softvq.resume import weights_sha1
+
+    tok, model, meta = parts
+    by_name = sample_latents(model, meta, ["b", "c"], SPEC, generator=torch.Generator().manual_seed(1))
+    by_index = sample_latents(model, meta, [1, 2], SPEC, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(by_name, by_index)  # was "too many dimensions 'str'"
+    with pytest.raises(ValueError, match="unknown class name 'z'"):
+        sample_latents(model, meta, ["z"], SPEC)
+    with pytest.raises(ValueError, match="labels must be 1D"):
+        sample_latents(model, meta, torch.zeros(2, 2, dtype=torch.long), SPEC)
+    # the CLI warned; write_samples called from Python said nothing
+    other = GeneratorMeta(**{**meta.to_dict(), "tokenizer_sha1": "0" * 40})
+    with pytest.warns(OtherTokenizerWarning, match="not the ones that made the generator's latents"):
+        write_samples(model, other, tok, [0], SPEC, tmp_path / "other", progress=False)
+    same = GeneratorMeta(**{**meta.to_dict(), "tokenizer_sha1": weights_sha1(tok)})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OtherTokenizerWarning)
+        write_samples(model, same, tok, [0], SPEC, tmp_path / "same", progress=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.generation.checkpoint import generator_run_export, load_generator
     from softvq.generation.guidance import Guidance
     from softvq.generation.sampling import NAMES, SamplerSpec
-    from softvq.generation.samples import write_samples
+    from softvq.generation.samples import OtherTokenizerWarning, write_samples
     from softvq.resume import weights_sha1
 
     if args.fid_ref:  # checked before sampling, which may take hours, not after
@@ -174,8 +175,10 @@ def run(args: argparse.Namespace) -> int:
     record = {"generator": str(checkpoint.resolve()) if checkpoint.is_file()
               else portable_spec(str(generator_run_export(args.generator) or args.generator)),
               "tokenizer": portable_spec(str(training_run_export(spec_name) or spec_name))}
-    result = write_samples(model, meta, tokenizer, labels, spec, args.out, seed=args.seed,
-                           batch_size=args.batch_size, record=record, accelerator=accelerator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OtherTokenizerWarning)  # said above, before any work
+        result = write_samples(model, meta, tokenizer, labels, spec, args.out, seed=args.seed,
+                               batch_size=args.batch_size, record=record, accelerator=accelerator)
     if accelerator is not None and not accelerator.is_main_process:
         return 0
     if result.made == 0:

@@ -19,18 +19,18 @@ other settings is refused, since its samples would be scored together with these
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from softvq.atomic import atomic_write, write_json
 from softvq.generation.checkpoint import Generator, GeneratorMeta
-from softvq.generation.sampling import SamplerSpec, denormalize, sample_latents
+from softvq.generation.sampling import SamplerSpec, denormalize, label_indices, sample_latents
 from softvq.randomness import derived_seed
 from softvq.resume import changed_settings, weights_sha1
 from softvq.training.accelerator import decided_by_main_process
@@ -108,6 +108,11 @@ def _claim(folder: Path, record: dict[str, Any]) -> None:
                               f"samples this command can continue; choose an empty --out")
 
 
+class OtherTokenizerWarning(UserWarning):
+    """:func:`write_samples` decodes with other tokenizer weights than those that made the
+    generator's latents (``meta.tokenizer_sha1``)."""
+
+
 def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer", labels: Tensor | Sequence[int | str],
                   spec: SamplerSpec, folder: str | Path, *, seed: int = 0, batch_size: int = 64,
                   record: dict[str, Any] | None = None, progress: bool = True,
@@ -128,7 +133,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     from softvq.data.images import to_pil
 
     folder = Path(folder)
-    labels = _label_indices(labels, meta.classes, model.config.num_classes)
+    labels = label_indices(labels, meta.classes, model.config.num_classes)
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
     if len(labels) == 0:
@@ -137,6 +142,12 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         raise ValueError(f"{tokenizer.source} makes ({tokenizer.num_tokens}, "
                          f"{tokenizer.latent_dim}) latents but the generator models {tuple(model.input_shape)}: "
                          f"pass the tokenizer it was trained on")
+    tokenizer_sha1 = weights_sha1(tokenizer)
+    if meta.tokenizer_sha1 is not None and tokenizer_sha1 != meta.tokenizer_sha1:
+        warnings.warn(f"decoding with {tokenizer.source}, whose weights (sha1 {tokenizer_sha1[:10]}) are not the ones "
+                      f"that made the generator's latents (sha1 {meta.tokenizer_sha1[:10]}): the images may not show "
+                      f"what the generator learned; pass the tokenizer pretokenize used", OtherTokenizerWarning,
+                      stacklevel=2)
     # every sampler setting is checked here, before the folder is claimed: a refused one must not
     # leave a samples.json that makes the corrected rerun "other settings"
     method, steps = spec.check(model, meta), spec.resolved_steps(meta.objective)
@@ -149,7 +160,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         **({"clip_x0": spec.clip_x0} if meta.objective != "sit" else {}),
         "precision": tokenizer.precision, "seed": seed, "batch_size": batch_size,
         # the paths above may hold other weights by now (a generator trained further, say)
-        "generator_sha1": weights_sha1(model), "tokenizer_sha1": weights_sha1(tokenizer),
+        "generator_sha1": weights_sha1(model), "tokenizer_sha1": tokenizer_sha1,
         "labels": labels.tolist(), "class_names": names,
     }
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
@@ -193,35 +204,6 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     if world > 1:
         accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
     return GeneratedSamples(folder, len(labels), made, diverged)
-
-
-def _label_indices(labels: Tensor | Sequence[int | str], classes: list[str], num_classes: int) -> Tensor:
-    """``labels`` as a 1D long tensor of class indices, class names looked up in ``classes``.
-    A float or an unknown name is refused, not truncated to some other class."""
-    if isinstance(labels, Tensor):
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be integer class indices, got a {labels.dtype} tensor")
-        values: list[Any] = labels.reshape(-1).tolist()
-    elif isinstance(labels, (str, bytes)):  # a name would otherwise be read as a sequence of letters
-        values = [labels]
-    else:
-        values = list(labels)
-    out = []
-    for value in values:
-        if isinstance(value, str):
-            if value not in classes:
-                known = f"one of {', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}" if classes else \
-                    "none: this generator's meta lists no class names"
-                raise ValueError(f"unknown class name {value!r}; names are {known}")
-            value = classes.index(value)
-        elif isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"labels must be class indices 0..{num_classes - 1} or class names, got {value!r} "
-                            f"({type(value).__name__})")
-        if not 0 <= value <= num_classes:
-            raise ValueError(f"class index {value} is out of range: this generator has classes 0..{num_classes - 1} "
-                             f"({num_classes} samples unconditionally)")
-        out.append(int(value))
-    return torch.tensor(out, dtype=torch.long)
 
 
 def _intact_png(path: Path) -> bool:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -119,21 +120,18 @@ class SamplerSpec:
         return 2 * steps - 1 if method == "heun" else steps
 
 
-def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Sequence[int],
+def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Sequence[int | str],
                    spec: SamplerSpec = SamplerSpec(), generator: torch.Generator | None = None,
                    progress: bool = False) -> Tensor:
     """Sample normalised latents ((z − mean)/std space) for ``labels`` (B,) on the model's device.
 
-    ``labels`` are integer class indices (a tensor or a list); the null class ``num_classes``
-    samples unconditionally."""
+    ``labels`` are class indices (a tensor or a list) or names from ``meta.classes``; the null
+    class ``num_classes`` samples unconditionally."""
     device = next(model.parameters()).device
-    labels = torch.as_tensor(labels)
+    labels = label_indices(labels, meta.classes, model.config.num_classes)
     if labels.numel() == 0:
         raise ValueError("no labels to sample: pass at least one class index")
-    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be a 1D sequence of integer class indices, got a {labels.dtype} "
-                         f"tensor of shape {tuple(labels.shape)}")
-    labels = labels.to(device=device, dtype=torch.long)
+    labels = labels.to(device=device)
     method = spec.check(model, meta)  # an unknown objective is named here
     steps = spec.resolved_steps(meta.objective)
     kind = "mar" if isinstance(model, MaskedAutoregressive) else model.config.kind
@@ -182,3 +180,34 @@ def _sample(model: Generator, meta: GeneratorMeta, labels: Tensor, spec: Sampler
 def denormalize(latents: Tensor, meta: GeneratorMeta) -> Tensor:
     """Generator space -> tokenizer latents: z = x · std + mean."""
     return latents * meta.latent_std + meta.latent_mean
+
+
+def label_indices(labels: Tensor | Sequence[int | str], classes: list[str], num_classes: int) -> Tensor:
+    """``labels`` as a 1D long tensor of class indices, class names looked up in ``classes``.
+    A float or an unknown name is refused, not truncated to some other class."""
+    if isinstance(labels, Tensor):
+        if labels.dim() > 1:
+            raise ValueError(f"labels must be 1D (one class per sample), got a tensor of shape {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integer class indices, got a {labels.dtype} tensor")
+        values: list[Any] = labels.reshape(-1).tolist()
+    elif isinstance(labels, (str, bytes)):  # a name would otherwise be read as a sequence of letters
+        values = [labels]
+    else:
+        values = list(labels)
+    out = []
+    for value in values:
+        if isinstance(value, str):
+            if value not in classes:
+                known = f"one of {', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}" if classes else \
+                    "none: this generator's meta lists no class names"
+                raise ValueError(f"unknown class name {value!r}; names are {known}")
+            value = classes.index(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"labels must be class indices 0..{num_classes - 1} or class names, got {value!r} "
+                            f"({type(value).__name__})")
+        if not 0 <= value <= num_classes:
+            raise ValueError(f"class index {value} is out of range: this generator has classes 0..{num_classes - 1} "
+                             f"({num_classes} samples unconditionally)")
+        out.append(int(value))
+    return torch.tensor(out, dtype=torch.long)

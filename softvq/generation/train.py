@@ -64,7 +64,9 @@ from softvq.training.schedule import lr_factor
 @dataclass
 class GeneratorTrainConfig:
     """Everything a generator run needs; written resolved to ``RUN/config.json`` (a rerun that
-    continues the run updates it: :func:`record_continuation`).
+    continues the run updates it: :func:`record_continuation`). Each field is the
+    ``train-generator`` flag of the same name (``batch_size`` is ``--batch-size``), and errors name
+    fields by their flags.
 
     objective:    ``sit``, ``dit`` or ``mar``; fields left at ``None`` take that objective's recipe
                   (:data:`RECIPES`).
