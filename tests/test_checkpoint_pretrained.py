@@ -110,3 +110,12 @@ def test_saved_files_get_the_permissions_of_plainly_written_ones(tmp_path):
     plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
     for name in ("config.json", "model.safetensors"):  # mkstemp alone made them 0600: unreadable to colleagues
         assert stat.S_IMODE((tmp_path / "tok" / name).stat().st_mode) == plain == 0o644
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_named_with_the_fix(saved):
+    folder = saved[1]
+    with pytest.raises(ValueError, match="CUDA is not available here; load with map_location='cpu'"):
+        load_pretrained(folder, map_location="cuda")  # was a bare AssertionError from torch
+    with pytest.raises(ValueError, match="'gpu' is not a device"):
+        load_pretrained(folder, map_location="gpu")

@@ -203,6 +203,16 @@ def test_a_missing_parent_config_names_the_file_that_inherits_it(tmp_path):
         load_config(tmp_path / "x.yaml")
 
 
+def test_python_callers_get_type_errors_that_say_what_to_pass(tmp_path):
+    from softvq.training.trainer import Trainer
+
+    with pytest.raises(TypeError, match=r"overrides is a list of 'key=value' strings; pass \['schedule.steps=5'\]"):
+        load_config("demo", "schedule.steps=5")  # was read letter by letter: "override 's' must look like"
+    with pytest.raises(TypeError, match="config must be a TrainConfig, got dict; make one with"):
+        Trainer({"model": {"preset": "softvq-tiny"}}, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_yaml_key_fails_with_its_dotted_name(tmp_path):
     (tmp_path / "x.yaml").write_text("data:\n  source: bundled\n  worker: 3\n")
     with pytest.raises(ValueError, match=r"unknown config key data\.worker; valid keys under data: .*workers"):

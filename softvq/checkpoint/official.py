@@ -48,6 +48,7 @@ from softvq.checkpoint.pretrained import (
     read_state_dict,
     resolve,
     save_pretrained,
+    usable_device,
 )
 from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig, preset
 
@@ -373,7 +374,7 @@ def load_official(
     for name, ours in (("vq_mean", "latent_mean"), ("vq_std", "latent_std")):
         if name in official:
             setattr(model, ours, _number(official, name))
-    return model.to(map_location).eval()
+    return model.to(usable_device(map_location)).eval()
 
 
 def _number(official: dict[str, Any], key: str, default: float | None = None) -> float:

@@ -162,4 +162,18 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str = "cpu") -> "To
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
     model.latent_mean, model.latent_std = meta.get("latent_mean"), meta.get("latent_std")
     model.source = f"softvq checkpoint {path_or_id}"
-    return model.to(map_location).eval()
+    return model.to(usable_device(map_location)).eval()
+
+
+def usable_device(name: str | torch.device) -> torch.device:
+    """``name`` as a device this process can use, or a ValueError naming the fix (torch's own
+    failure for a missing CUDA is a bare AssertionError)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"map_location {name!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location {name!r}: CUDA is not available here; load with map_location='cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"map_location {name!r}: MPS is not available here; load with map_location='cpu'")
+    return device

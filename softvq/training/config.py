@@ -432,6 +432,8 @@ def config_from_dict(tree: Mapping[str, Any]) -> TrainConfig:
 
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (default: the CPU demo), apply ``key=value`` overrides, validate."""
+    if isinstance(overrides, str):  # a string is a sequence too: it would be read letter by letter
+        raise TypeError(f"overrides is a list of 'key=value' strings; pass [{overrides!r}]")
     tree = read_yaml_tree(find_config(name_or_path or DEFAULT_CONFIG))
     return config_from_dict(apply_overrides(tree, overrides or []))
 
