@@ -323,7 +323,11 @@ class Tokenizer(nn.Module):
         return images.to(self.from_latent.weight.dtype)
 
     def encode(self, images: Tensor) -> Encoding:
-        """Images (B, C, H, W) in [-1, 1] -> :class:`Encoding` with latents (B, L, D)."""
+        """Images (B, C, H, W) in [-1, 1] -> :class:`Encoding` with latents (B, L, D).
+
+        Sizes other than ``config.image_size`` (multiples of the patch) are encoded with
+        interpolated position embeddings, off the trained distribution; :meth:`decode` returns
+        the trained size unless given ``image_size``."""
         images = self._as_input(images)
         if self.slice_size and images.shape[0] > self.slice_size:  # checked once, not per slice
             return _concat_encodings([self._encode(part) for part in images.split(self.slice_size)])

@@ -48,6 +48,10 @@ def test_wrong_data_range_is_an_error_and_a_wrong_range_changes_ssim():
     # The research code's data_range=2.0 on [0, 1] images gives a different (wrong) SSIM.
     right = ssim(x / 255, y / 255, data_range=1.0)
     assert not torch.allclose(right, ssim(x / 255, y / 255, data_range=2.0))
+    with pytest.raises(ValueError, match="second image batch contains NaN"):
+        psnr(x / 255, y * float("nan"), data_range=1.0)  # was a NaN score
+    with pytest.raises(TypeError, match=r"torch.from_numpy\(a\).permute\(0, 3, 1, 2\)"):
+        psnr(x.numpy(), y.numpy(), data_range=255)  # was an AttributeError from inside
 
 
 def test_identical_images():

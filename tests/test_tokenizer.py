@@ -216,6 +216,8 @@ def test_bad_inputs_give_clear_errors():
         model.encode(x.numpy())
     with pytest.raises(TypeError, match="from a PIL image: softvq.data.images.to_tensor"):
         model.encode(to_pil(x[0]))
+    with pytest.raises(ValueError, match=r"to_pil takes one image \(3, H, W\), got \(2, 3, 32, 32\); for a batch"):
+        to_pil(x)  # was a permute error from inside torch
 
 
 def test_inference_refuses_8_bit_values_nan_and_empty_batches_but_training_skips_the_read_back():

@@ -99,6 +99,11 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def to_pil(x: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) in [-1, 1] -> PIL RGB (clamped)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"to_pil takes one image (3, H, W), got {shape}"
+                         + ("; for a batch: [to_pil(image) for image in batch]" if len(getattr(x, "shape", ())) == 4
+                            else ""))
     arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
 

@@ -27,6 +27,8 @@ def _check_range(x: Tensor, data_range: float, name: str) -> None:
     if data_range <= 0:
         raise ValueError(f"data_range must be positive, got {data_range}")
     lo, hi = float(x.min()), float(x.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN would come back as a NaN score
+        raise ValueError(f"{name} contains NaN or infinite values")
     slack = 1e-3 * data_range
     if lo < -slack or hi > data_range + slack:
         hint = " (images in [-1, 1]: map them with (x + 1) / 2 first)" if lo < 0 else (
@@ -35,6 +37,11 @@ def _check_range(x: Tensor, data_range: float, name: str) -> None:
 
 
 def _pair(x: Tensor, y: Tensor, data_range: float) -> tuple[Tensor, Tensor]:
+    for name, value in (("first", x), ("second", y)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"the {name} image batch must be a torch.Tensor (B, C, H, W), got {type(value).__name__}"
+                            + ("; from NumPy (B, H, W, C): torch.from_numpy(a).permute(0, 3, 1, 2)"
+                               if type(value).__module__ == "numpy" else ""))
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"expected two (B, C, H, W) batches of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     _check_range(x, data_range, "first image batch")
