@@ -92,7 +92,7 @@ class ShardStream(IterableDataset):
         mine = [self.shards[i] for i in order[self.rank :: self.world_size]]
         return mine[worker::workers]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], tuple[int, int, int]]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if len(self.shards) < self.world_size * workers:
