@@ -184,7 +184,7 @@ class Tokenizer(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, *, map_location: str = "cpu") -> "Tokenizer":
+    def from_pretrained(cls, path_or_id: str | Path, *, map_location: str | torch.device = "cpu") -> "Tokenizer":
         """Load our format (``config.json`` + ``model.safetensors``) from a folder or hub id, in
         eval mode (a training run's weights are in ``RUN/export``)."""
         from softvq.checkpoint.pretrained import load_pretrained

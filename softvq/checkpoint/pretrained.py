@@ -146,7 +146,7 @@ def _few(items: list[str], n: int = 8) -> str:
     return shown + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def load_pretrained(path_or_id: str | Path, *, map_location: str = "cpu") -> "Tokenizer":
+def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device = "cpu") -> "Tokenizer":
     """:meth:`Tokenizer.from_pretrained`: a folder written by :func:`save_pretrained`, in eval mode."""
     from softvq.config import TokenizerConfig
     from softvq.tokenizer import Tokenizer

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from softvq.checkpoint.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_strict, read_folder_config, read_state_dict, write_folder
 from softvq.generation.mar import MaskedAutoregressive
 from softvq.generation.models import LatentTransformer, build_generator
@@ -139,7 +141,7 @@ def _json_object(file: Path) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {}
 
 
-def load_generator(path_or_id: str | Path, map_location: str = "cpu", *,
+def load_generator(path_or_id: str | Path, map_location: str | torch.device = "cpu", *,
                    tokenizer_flag: str = "--tokenizer") -> tuple[Generator, GeneratorMeta]:
     """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`; a
     ``train-generator`` run folder stands for its export, ``RUN/generator``, and a training
