@@ -111,7 +111,7 @@ def full_precision(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def float32_region(device: torch.device):
+def float32_region(device: torch.device) -> torch.autocast:
     """Disable autocast so quantizer math stays float32 under bf16 mixed precision."""
     return torch.autocast(device_type=device.type, enabled=False)
 
