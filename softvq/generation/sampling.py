@@ -30,7 +30,7 @@ from softvq.randomness import standard_normal
 
 Method = Literal["euler", "heun", "sde", "ddpm", "mar"]
 SIT_METHODS = ("euler", "heun", "sde")
-DEFAULT_METHOD = {"sit": "sde", "dit": "ddpm", "mar": "mar"}
+DEFAULT_METHOD: dict[str, Method] = {"sit": "sde", "dit": "ddpm", "mar": "mar"}
 DEFAULT_STEPS = {"sit": 250, "dit": 250, "mar": 100}
 NAMES = {"sit": "SiT", "dit": "DiT", "mar": "MAR"}  # as the papers spell them, in messages
 
