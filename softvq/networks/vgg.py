@@ -24,6 +24,7 @@ import functools
 import importlib.util
 import pickle
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -201,7 +202,10 @@ def pretrained_features(net: str = "vgg", weights: str | Path | None = None) -> 
     return freeze(stack)
 
 
-def freeze(module: nn.Module) -> nn.Module:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def freeze(module: _M) -> _M:
     """Eval mode and no gradients: a pretrained network used as a fixed function."""
     module.eval()
     module.requires_grad_(False)
