@@ -21,6 +21,8 @@ from softvq.networks.vgg import freeze
 class FrozenHolder(nn.Module):
     """Base for modules that own frozen networks; see the module docstring."""
 
+    _frozen: dict[str, nn.Module]  # set with object.__setattr__: kept out of _modules
+
     def __init__(self) -> None:
         super().__init__()
         object.__setattr__(self, "_frozen", {})
