@@ -16,6 +16,7 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ class StopRequests:
     def __init__(self, announce: Callable[[str], None] | None = None) -> None:
         self.announce = announce
         self.count = 0
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     @property
     def requested(self) -> bool:
