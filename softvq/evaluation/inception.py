@@ -186,6 +186,8 @@ class FIDInceptionV3(nn.Module):
     into it as is). Input: (B, 3, 299, 299) already normalised; see :class:`InceptionFeatureExtractor`.
     """
 
+    weights_name: str  # the weights file, set by load_fid_inception
+
     def __init__(self, with_logits: bool = False) -> None:
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
