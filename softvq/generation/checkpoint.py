@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from softvq.checkpoint.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_strict, read_folder_config, read_state_dict, write_folder
+from softvq.checkpoint.pretrained import (CONFIG_NAME, WEIGHTS_NAME, load_strict, read_folder_config,
+                                         read_state_dict, usable_device, write_folder)
 from softvq.generation.mar import MaskedAutoregressive
 from softvq.generation.models import LatentTransformer, build_generator
 
@@ -151,7 +152,7 @@ def load_generator(path_or_id: str | Path, map_location: str | torch.device = "c
     path = Path(path_or_id).expanduser()
     if path.is_file():
         model, meta = _from_training_checkpoint(path, tokenizer_flag)
-        return model.to(map_location).eval(), meta
+        return model.to(usable_device(map_location)).eval(), meta
     if path.suffix == ".pt" and not path.exists():  # a checkpoint keep_checkpoints deleted, or a typo
         from softvq.checkpoint.pretrained import CheckpointError
 
@@ -162,7 +163,7 @@ def load_generator(path_or_id: str | Path, map_location: str | torch.device = "c
                                          "tokenizers load with softvq.Tokenizer.from_pretrained")
     model = build_generator(payload["config"])
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
-    return model.to(map_location).eval(), _meta(payload.get("meta", {}))
+    return model.to(usable_device(map_location)).eval(), _meta(payload.get("meta", {}))
 
 
 def _meta(fields: dict[str, Any]) -> GeneratorMeta:
