@@ -470,3 +470,21 @@ def test_a_run_started_on_a_relative_folder_resumes_from_another_folder(tmp_path
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["train", "--resume", "-o", str(tmp_path / "run"), "schedule.steps=3"]) == 0
     assert max(losses(tmp_path / "run")) == 3
+
+
+def test_training_gives_the_callers_random_generators_back(tmp_path):
+    import random
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(2)
+
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    expected = draws()
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    Trainer(config_from_dict(tiny_tree(schedule={"steps": 1})), tmp_path / "run").fit()
+    got = draws()
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])  # the run seeded them from its own seed
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    Trainer(config_from_dict(tiny_tree(schedule={"steps": 1})), tmp_path / "unused").close()
+    got = draws()
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])

@@ -549,9 +549,11 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
 
     The first Ctrl-C or SIGTERM finishes the step, writes a checkpoint and returns with
     ``stopped`` True, ``steps`` the step reached and no export; calling again continues. It seeds
-    torch's global random generator from ``seed`` (so that a run repeats exactly).
+    torch's global random generator from ``seed`` (so that a run repeats exactly), and gives the
+    global generators back their states when it returns.
     """
     from softvq.run_lock import lock_run_folder
+    from softvq.training.checkpointing import capture_rng, restore_rng
     from softvq.training.accelerator import new_accelerator
 
     check_out_folder(Path(cfg.validate().out))  # before anything is read or written
@@ -565,10 +567,12 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     # without CUDA a launched run must ask for CPU processes, or accelerate gives each one a run of its own
     acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
     lock = lock_run_folder(run, acc)  # one process per run folder, for the run's whole life (main only)
+    caller_rng = capture_rng()  # the run seeds the global generators; the caller gets its states back
     try:
         return _train(cfg, data, run, acc, length, progress)
     finally:
         lock.release()
+        restore_rng(caller_rng)
 
 
 def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: str, progress: bool) -> dict[str, Any]:

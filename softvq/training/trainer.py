@@ -126,7 +126,8 @@ class Trainer:
             ``TokenizerObjective``); lets tests substitute a cheaper loss.
 
     Constructing one seeds Python's, NumPy's and torch's global random generators from
-    ``schedule.seed`` (so that a run repeats exactly), creates ``run_dir`` with ``config.yaml`` and
+    ``schedule.seed`` (so that a run repeats exactly; ``fit()`` or ``close()`` gives them back the
+    states they had before, so a notebook's later draws do not depend on training), creates ``run_dir`` with ``config.yaml`` and
     opens its log; ``fit()`` runs once and closes the log. A folder that already holds checkpoints
     needs ``resume``.
 
@@ -160,10 +161,11 @@ class Trainer:
         # Held until fit() ends (or set-up fails): a second run, or a --resume of this one while it
         # still trains, is refused before it writes anything here.
         self._lock = lock_run_folder(self.run_dir, acc)
+        self._caller_rng: dict[str, Any] | None = ckpt.capture_rng()  # given back when the run ends
         try:
             self._set_up(resume, objective_factory)
         except BaseException:
-            self._lock.release()
+            self._release()
             raise
 
     def _set_up(self, resume: bool | str | Path | None,
@@ -252,7 +254,14 @@ class Trainer:
     def close(self) -> None:
         """Free the run folder without training (``fit()`` frees it when it ends): for a Trainer
         made and then not used, e.g. a notebook cell run again before ``fit()``."""
+        self._release()
+
+    def _release(self) -> None:
+        """Free the run folder and give the caller's random generators back their states."""
         self._lock.release()
+        if self._caller_rng is not None:
+            ckpt.restore_rng(self._caller_rng)
+            self._caller_rng = None
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -262,7 +271,7 @@ class Trainer:
         try:
             return self._fit()
         finally:  # however it ends, the folder is free for a --resume
-            self._lock.release()
+            self._release()
 
     def _fit(self) -> TrainResult:
         if self._fitted:
