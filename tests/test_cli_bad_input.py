@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from softvq import Tokenizer
 from softvq.cli.main import main
-from softvq.data.images import load_rgb
+from softvq.data.images import _as_rgb, load_rgb
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -71,6 +71,16 @@ def test_rgba_is_composited_on_white(tmp_path):
     assert rgb.shape == (64, 64, 3)
     assert (rgb[:32] == [200, 0, 0]).all()
     assert (rgb[32:] == 255).all()
+
+
+@pytest.mark.parametrize("mode, transparent", [("L", 0), ("RGB", (0, 0, 0))])
+def test_a_transparency_key_is_composited_on_white_as_alpha_is(tmp_path, mode, transparent):
+    """PNG's tRNS chunk on a grey or RGB image marks one colour transparent; it came out black."""
+    Image.new(mode, (8, 8), transparent).save(tmp_path / "t.png", transparency=transparent)
+    assert (np.asarray(load_rgb(tmp_path / "t.png")) == 255).all()
+    pa = Image.new("PA", (8, 8), (0, 0))  # palette + alpha, fully transparent
+    pa.putpalette([0, 0, 0] * 256)
+    assert (np.asarray(_as_rgb(pa)) == 255).all()
 
 
 def test_palette_is_expanded_to_its_colours(tmp_path):

@@ -7,6 +7,7 @@ grayscale / RGBA / palette / CMYK images become RGB; unreadable files raise
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+log = logging.getLogger(__name__)
 
 
 class ImageReadError(ValueError):
@@ -75,7 +78,7 @@ def _as_rgb(img: Image.Image) -> Image.Image:
         grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
         scale = 255.0 if grey.size and grey.min() >= 0.0 and grey.max() <= 1.0 else 1.0
         return Image.fromarray(np.clip(np.round(grey * scale), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # tRNS of P, L and RGB images too
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
@@ -152,19 +155,36 @@ def walk_files(folder: Path, recursive: bool = True) -> list[Path]:
     Hidden names (``.DS_Store``, macOS ``._photo.jpg``, ``.git/``, a ``.cache/`` folder) are left
     out wherever they sit, so no command counts them as images or classes. Symlinked folders are
     followed (class folders linked into an ImageNet subset, say), each real folder once, so a
-    symlink loop ends.
+    symlink loop ends; a link to a folder the tree holds anyway is skipped, so the real folder
+    keeps its name (as a class). A folder that cannot be listed is left out with a warning (the
+    ``softvq`` logger; the CLI prints it) naming it.
     """
+    def unlisted(exc: OSError) -> None:
+        log.warning("%s: cannot list this folder (%s); its files are left out", exc.filename,
+                    type(exc).__name__)
+
+    # the real folders of the tree, reached without following links
+    inside = {os.path.realpath(top) for top, dirs, _ in _visible_walk(folder, followlinks=False)} if recursive \
+        else set()
     seen: set[str] = set()
     files: list[Path] = []
-    for top, dirs, names in os.walk(folder, followlinks=True):
+    for top, dirs, names in _visible_walk(folder, followlinks=True, onerror=unlisted):
         real = os.path.realpath(top)
         if real in seen:  # a loop, or a folder linked twice
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        dirs[:] = [d for d in dirs if not (os.path.islink(os.path.join(top, d))
+                                           and os.path.realpath(os.path.join(top, d)) in inside)] if recursive else []
         files += [Path(top) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(top, n))]
     return sorted(files)
+
+
+def _visible_walk(folder: Path, **options):
+    """``os.walk`` top-down, hidden folders pruned, sub-folders in name order."""
+    for top, dirs, names in os.walk(folder, **options):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield top, dirs, names
 
 
 def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
