@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from softvq.data.bundled import BundledCropsDataset, heldout_crops, split_bundled
-from softvq.data.folder import ImageFolderDataset, scan_folder, split_holdout
+from softvq.data.folder import ImageFolderDataset, scan_folder
 from softvq.data.loader import build_data
 from softvq.data.sampler import StreamBatchSampler
 from softvq.data.shards import ShardStream
@@ -125,11 +125,18 @@ def test_a_missing_folder_names_the_setting_to_change(tmp_path):
         build_data(DataConfig(source="folder", path=str(tmp_path / "notes" / "a.txt")), image_size=32, micro_batch=2)
 
 
-def test_folder_holdout_is_disjoint_and_seed_independent(tmp_path):
-    files = [tmp_path / f"{i}.png" for i in range(10)]
-    train, held = split_holdout(files, 3)
-    assert len(held) == 3 and not set(train) & set(held) and len(train) == 7
-    assert split_holdout(files, 3) == (train, held)
+def test_folder_holdout_is_disjoint_seed_independent_and_not_trained_on_through_a_symlink(tmp_path):
+    from softvq.data.loader import hold_out_readable
+
+    for i in range(6):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        os.symlink(tmp_path / f"{i}.png", tmp_path / f"link-{i}.png")  # every image under a second name
+    files = scan_folder(tmp_path)[0]
+    train, held = hold_out_readable(files, 3, 8, tmp_path)
+    assert len(held.names) == 3 and hold_out_readable(files, 3, 8, tmp_path)[0] == train
+    real = {os.path.realpath(f) for f in train}
+    held_files = [f for f in files if f not in train]
+    assert len(train) == 6 and not real & {os.path.realpath(f) for f in held_files}  # was: the twins trained on
 
 
 def test_bundled_split_and_heldout_crops():
@@ -284,6 +291,30 @@ def test_every_command_lists_the_same_images_and_classes(tmp_path):
     assert names == ["cats/a.png", "dogs/a.png", "linked/b.png"]
     assert [p.relative_to(data).as_posix() for p in scan_folder(data)[0]] == names
     assert list(images_by_class(data)[0]) == ["cats", "dogs", "linked"]
+    # a link to a class folder the tree holds anyway is skipped, so the class keeps its own name
+    os.symlink(data / "dogs", data / "aaa_alias")  # walked first by name order
+    assert list(images_by_class(data)[0]) == ["cats", "dogs", "linked"]  # was ["aaa_alias", "cats", "linked"]
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_silently_dropped(tmp_path, monkeypatch, caplog):
+    import os
+
+    from softvq.data.images import list_images
+
+    for cls in ("a", "locked"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / cls / "x.png")
+    scandir = os.scandir
+
+    def refusing(path="."):  # what a folder without read permission does (root ignores chmod 000)
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with caplog.at_level("WARNING", logger="softvq"):
+        assert [p.name for p in list_images(tmp_path)] == ["x.png"]
+    assert f"{tmp_path / 'locked'}: cannot list this folder (PermissionError)" in caplog.text
 
 
 def test_center_crop_resize_cuts_the_middle_square_and_resizes_it_bicubically():

@@ -42,15 +42,6 @@ def holdout_order(files: list[Path]) -> list[Path]:
     return [files[i] for i in np.random.default_rng(0).permutation(len(files)).tolist()]
 
 
-def split_holdout(files: list[Path], count: int) -> tuple[list[Path], list[Path]]:
-    """(train, held-out): the first ``count`` files of :func:`holdout_order` (at most half), so
-    the held-out files are never trained on."""
-    if count <= 0 or len(files) < 2:
-        return files, []
-    held = set(holdout_order(files)[:min(count, len(files) // 2)])
-    return [f for f in files if f not in held], [f for f in files if f in held]
-
-
 class ImageFolderDataset(Dataset):
     """Random-cropped, randomly flipped ``size`` x ``size`` training images from a list of files.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,7 +130,8 @@ def load_eval_files(files: list[Path], size: int, count: int = 0) -> HeldOut:
 
 def hold_out_readable(files: list[Path], count: int, size: int, folder: Path) -> tuple[list[Path], HeldOut]:
     """(training files, held-out images) of one folder: up to ``count`` readable files (at most half
-    the folder), drawn in :func:`holdout_order`. An unreadable file is skipped (listed in
+    the folder), drawn in :func:`holdout_order`, never trained on, not even through a symlink to
+    one. An unreadable file is skipped (listed in
     ``skipped``, left out of training too) and the next one drawn; the last held-out image goes
     back to training when no other file can be read, since a run needs both."""
     fix = "replace the unreadable files, or point data.path at another folder"
@@ -158,7 +160,8 @@ def hold_out_readable(files: list[Path], count: int, size: int, folder: Path) ->
                                  f"({held[0][0]}): a run needs one to train on and one held out; {fix}")
         rest.append(held.pop()[0])
     kept = {p for p, _ in held} | set(map(Path, skipped))
-    train = [f for f in files if f not in kept]
+    held_real = {os.path.realpath(p) for p, _ in held}  # nor the same file under another name (a symlink)
+    train = [f for f in files if f not in kept and os.path.realpath(f) not in held_real]
     return train, HeldOut(torch.stack([image for _, image in held]), [p.stem for p, _ in held], skipped)
 
 
