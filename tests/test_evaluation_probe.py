@@ -176,3 +176,12 @@ def test_eval_with_a_probe_stopped_in_the_probe_keeps_the_finished_evaluation(tm
     assert report["num_images"] == 6 and 0 <= report["linear_probe_top1"] <= 1
     assert any("finished earlier" in note for note in report["notes"])
     assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md"]
+
+
+def test_a_class_left_without_readable_images_cannot_make_a_one_class_probe(tmp_path):
+    data = _two_class_folder(tmp_path / "data")
+    for path in (data / "b").iterdir():
+        path.write_bytes(b"broken")
+    model = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
+    with pytest.raises(ValueError, match="at least two classes, and 1 class"):
+        probe_folder(model, data, epochs=1, progress=False)  # was top-1 100% on a single class

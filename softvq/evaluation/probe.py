@@ -263,6 +263,10 @@ def fit_probe(feats: Tensor, labels: Tensor, val: tuple[Tensor, Tensor] | None =
               seed: int = 0, which: str = "latents", **train_kwargs) -> ProbeResult:
     """The probe trained on ``feats``, scored on ``val`` (features, labels) or, without one, on a
     stratified ``val_fraction`` of ``feats`` held out from training."""
+    present = torch.unique(labels).numel()
+    if present < 2:  # one class left once unreadable files are out: 100% accuracy that means nothing
+        raise ValueError(f"the probe needs readable images of at least two classes, and {present} class(es) have "
+                         f"any; replace the unreadable files or remove the classes that hold only those")
     if val is not None:
         return train_probe(feats, labels, *val, seed=seed, which=which, **train_kwargs)
     tr, va = stratified_split(labels, val_fraction, seed)
