@@ -493,3 +493,12 @@ def test_paths_of_the_wrong_kind_are_named_as_such(tmp_path, capsys):
         line = _one_line_error(err)
         assert code == 2 and f"{gen} is a generator run (train-generator), not a tokenizer" in line, argv
         assert f"its latents come from the tokenizer {run / 'export'}" in line and "official:" not in line
+
+
+def test_an_image_past_pillows_warning_size_is_named_in_a_warning(tmp_path, monkeypatch, caplog):
+    """Pillow warns between MAX_IMAGE_PIXELS and twice that without naming the file."""
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 pixels: in the warning band
+    with caplog.at_level("WARNING", logger="softvq"):
+        assert load_rgb(tmp_path / "big.png").size == (40, 40)
+    assert f"{tmp_path / 'big.png'} is 40x40" in caplog.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,15 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Open an image as 8-bit RGB. Alpha is composited on white; palettes and grey are expanded."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _as_rgb(img)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+                    # Pillow's own warning does not say which file, and each is decoded whole in memory
+                    log.warning("%s is %dx%d (%.0f megapixels), decoded whole in memory; check that it is "
+                                "meant to be this large", path, *img.size, img.size[0] * img.size[1] / 1e6)
+                return _as_rgb(img)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
     except Image.DecompressionBombError as exc:
