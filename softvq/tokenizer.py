@@ -147,9 +147,11 @@ class Tokenizer(nn.Module):
         return next(name for name, dtype in PRECISIONS.items() if dtype == self.compute_dtype)
 
     def _in_precision(self, network: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        """``network(x)``, under autocast when it is enabled, and then returned as float32."""
+        """``network(x)``, under autocast when it is enabled, and then returned as float32 (in
+        ``x``'s dtype: float64 for a float64 model), also under an autocast of the caller's own."""
         if self.compute_dtype == torch.float32:
-            return network(x)
+            y = network(x)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         with torch.autocast(x.device.type, dtype=self.compute_dtype):
             return network(x).float()
 

@@ -383,6 +383,10 @@ def test_autocast_runs_the_vits_in_bf16_keeps_the_residual_stream_float32_and_re
 
         model.disable_autocast()
         again = model.encode(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's own autocast: float32 out as well
+            theirs = model.encode(x)
+            theirs_images = model.decode(theirs.latents)
+    assert (theirs.features.dtype, theirs.latents.dtype, theirs_images.dtype) == (torch.float32,) * 3  # was bf16
     for out in (mixed.latents, mixed.features, mixed_latents, mixed_images):
         assert out.dtype == torch.float32
     assert torch.equal(mixed_latents, mixed.latents)
