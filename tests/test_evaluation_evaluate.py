@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -135,6 +136,31 @@ def test_a_perfect_reconstruction_scores_perfectly_and_the_reference_cache_is_re
     assert any("loaded" in n for n in again["notes"])
     assert again["rfid"] == pytest.approx(report["rfid"], abs=1e-9)
     assert again["fid_reference_checksum"] == report["fid_reference_checksum"]
+
+
+def write_bmps(folder, pictures, mtime_s):
+    """64 px BMPs 000.bmp, 001.bmp, ...: a BMP's size depends on its dimensions only, so two folders
+    of other pictures hold the same names and sizes; every file gets the modification time ``mtime_s``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, picture in enumerate(pictures):
+        picture.save(folder / f"{i:03d}.bmp")
+        os.utime(folder / f"{i:03d}.bmp", ns=(mtime_s * 10**9, mtime_s * 10**9))
+    return sorted(folder.iterdir())
+
+
+@needs_fid
+def test_gfid_reference_folders_of_the_same_names_and_sizes_do_not_share_statistics(tmp_path):
+    photos = [center_crop_resize(load_rgb(p), 64) for p in bundled_photos()[:9]]
+    write_bmps(tmp_path / "samples", photos[:3], 1_700_000_000)
+    write_bmps(tmp_path / "ref-a", photos[3:6], 1_700_000_000)
+    write_bmps(tmp_path / "ref-b", photos[6:], 1_700_000_100)
+    run = dict(num_images=3, progress=False, k=2, pr_samples=3, cache_dir=tmp_path / "cache")
+    with_a = evaluate_samples(tmp_path / "samples", tmp_path / "ref-a", **run)
+    with_b = evaluate_samples(tmp_path / "samples", tmp_path / "ref-b", **run)
+    fresh_b = evaluate_samples(tmp_path / "samples", tmp_path / "ref-b", **{**run, "cache_dir": None})
+    assert not any("reference statistics loaded" in n for n in with_b["notes"])
+    assert with_b["gfid"] == pytest.approx(fresh_b["gfid"], rel=1e-9)
+    assert abs(with_b["gfid"] - with_a["gfid"]) > 1.0
 
 
 def test_report_of_a_real_tokenizer_is_consistent_with_direct_computation(tmp_path):

@@ -1,5 +1,9 @@
 """FID, reference-statistics caching, Inception Score and precision/recall on feature arrays."""
 
+import hashlib
+import json
+import os
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -118,6 +122,68 @@ def test_reference_stats_cache_round_trip_and_checksum(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(fidlib.ReferenceStatsError):
         fidlib.load_reference_stats(tmp_path / "bad.npz")
+
+
+def same_names_and_sizes(folder, fill, mtime_s):
+    """Two files whose names and sizes do not depend on ``fill``, only their bytes do."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, name in enumerate(("a.bmp", "sub/b.bmp")):
+        path = folder / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(bytes([fill + i]) * 100)
+        os.utime(path, ns=(mtime_s * 10**9, mtime_s * 10**9))
+        files.append(path)
+    return files
+
+
+def test_checksum_tells_same_named_same_sized_files_apart_by_modification_time(tmp_path):
+    protocol = {"image_size": 64, "num_images": 2}
+    noise = same_names_and_sizes(tmp_path / "noise", 0, 1_700_000_000)
+    white = same_names_and_sizes(tmp_path / "white", 255 - 1, 1_700_000_100)
+    # the paths are relative to the root: another folder of the same names and sizes used to share the key
+    assert fidlib.dataset_checksum(noise, protocol, tmp_path / "noise") != \
+        fidlib.dataset_checksum(white, protocol, tmp_path / "white")
+    key = fidlib.dataset_checksum(noise, protocol, tmp_path / "noise")
+    # a renamed (or moved) dataset folder keeps its key: rename keeps the files' times
+    (tmp_path / "noise").rename(tmp_path / "renamed")
+    moved = [tmp_path / "renamed" / f.relative_to(tmp_path / "noise") for f in noise]
+    assert fidlib.dataset_checksum(moved, protocol, tmp_path / "renamed") == key
+    # a file rewritten with the same size (a regenerated image) misses it
+    moved[1].write_bytes(b"\x07" * 100)
+    assert fidlib.dataset_checksum(moved, protocol, tmp_path / "renamed") != key
+    # a missing file is counted, not an error
+    assert fidlib.dataset_checksum([*moved, tmp_path / "gone.bmp"], protocol) != \
+        fidlib.dataset_checksum(moved, protocol)
+
+    # shards are keyed by their own path, size and time the same way
+    shard = tmp_path / "val-000.tar"
+    shard.write_bytes(b"\0" * 1024)
+    os.utime(shard, ns=(10**18, 10**18))
+    before = fidlib.dataset_checksum([str(shard)], protocol)
+    shard.write_bytes(b"\1" * 1024)
+    assert fidlib.dataset_checksum([str(shard)], protocol) != before
+    os.utime(shard, ns=(10**18, 10**18))
+    assert fidlib.dataset_checksum([str(shard)], protocol) == before  # the time stands for the content
+
+
+def test_cache_of_the_old_key_is_not_misread(tmp_path):
+    stats = fidlib.FeatureStats.from_features(correlated(30, 8, 4))
+    protocol = {"image_size": 64, "num_images": 30}
+    files = same_names_and_sizes(tmp_path / "imgs", 0, 1_700_000_000)
+    key = fidlib.dataset_checksum(files, protocol, tmp_path / "imgs")
+    path = fidlib.save_reference_stats(tmp_path / "ref.npz", stats, key, protocol)
+    assert fidlib.load_reference_stats(path, key).count == 30
+    # a file written by softvq before the key had modification times: sha256 of the paths and sizes
+    h = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode())
+    for entry in sorted(f"{f.relative_to(tmp_path / 'imgs').as_posix()}\t{f.stat().st_size}" for f in files):
+        h.update(b"\n" + entry.encode())
+    old = tmp_path / "old.npz"
+    np.savez(old, mu=stats.mean, sigma=stats.cov, count=np.int64(30), checksum=np.str_(h.hexdigest()),
+             protocol=np.str_(json.dumps(protocol, sort_keys=True)))
+    assert h.hexdigest() != key  # the cache folder never finds it under today's name
+    with pytest.raises(fidlib.ReferenceStatsError, match="older softvq, whose checksum left out"):
+        fidlib.load_reference_stats(old, key)
 
 
 def test_inception_score_extremes_and_missing_classifier():

@@ -22,9 +22,15 @@ B Bᵀ with B = F1 F2ᵀ / sqrt((n1−1)(n2−1)), whose square roots are B's si
 n1 x n2 SVD instead of two D x D eigen-decompositions.
 
 Reference statistics (μ, Σ of the real images) are cached as ``.npz`` files that carry a
-checksum: sha256 of the sorted list of image files (relative path and size) and the protocol
-(image size, crop, resize, number of images, Inception weights, normalisation). Loading
-verifies it, so a cache made with another protocol or another image set is never used silently.
+checksum: sha256 of the protocol (image size, crop, resize, number of images, Inception weights,
+normalisation) and the sorted list of image files (or shards), each with its path relative to the
+dataset folder, its size and its modification time (``st_mtime_ns``). Loading verifies it, so a
+cache made with another protocol or another image set is never used silently. The files' content is
+not hashed, which would read every image once more before the evaluation (50,000 ImageNet images:
+about 6 GB); their modification time stands for it, so a regenerated or replaced file, or another
+folder of the same names and sizes, misses the cache, while a dataset folder that was moved or
+renamed keeps it. Checksums made before modification times were part of them (files without
+``key_version``) never equal today's, so such files are recomputed, not misread.
 """
 
 from __future__ import annotations
@@ -152,16 +158,26 @@ def frechet_distance(stats1: FeatureStats, stats2: FeatureStats) -> float:
 # --- cached reference statistics -----------------------------------------------------------------
 
 
+KEY_VERSION = 2  # 1 (no key_version in the file): paths and sizes only; 2: with modification times
+
+
 def dataset_checksum(files: Sequence[str | Path], protocol: dict[str, Any], root: str | Path | None = None) -> str:
-    """sha256 over the sorted file list (paths relative to ``root``, with sizes) and the protocol."""
+    """sha256 over the protocol and the sorted file list: each file's path (relative to ``root``,
+    so that moving or renaming the dataset folder keeps its cache), size and modification time in
+    nanoseconds (a missing or unstat-able file counts as size and time -1). One ``stat`` per file:
+    no image is read (see the module docstring)."""
     h = hashlib.sha256()
     h.update(json.dumps(protocol, sort_keys=True).encode())
     entries = []
     for f in files:
         p = Path(f)
         rel = p.relative_to(root).as_posix() if root is not None else p.as_posix()
-        size = p.stat().st_size if p.exists() else -1
-        entries.append(f"{rel}\t{size}")
+        try:
+            st = p.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size = mtime = -1
+        entries.append(f"{rel}\t{size}\t{mtime}")
     for entry in sorted(entries):
         h.update(b"\n" + entry.encode())
     return h.hexdigest()
@@ -169,8 +185,9 @@ def dataset_checksum(files: Sequence[str | Path], protocol: dict[str, Any], root
 
 def save_reference_stats(path: str | Path, stats: FeatureStats, checksum: str,
                          protocol: dict[str, Any], features: np.ndarray | torch.Tensor | None = None) -> Path:
-    """Write μ, Σ, the count, the checksum and the protocol to ``path`` (.npz), atomically; with
-    ``features``, also those rows (float32: precision / recall need the first N real features)."""
+    """Write μ, Σ, the count, the checksum (with its ``key_version``) and the protocol to ``path``
+    (.npz), atomically; with ``features``, also those rows (float32: precision / recall need the
+    first N real features)."""
     from softvq.atomic import atomic_write
 
     path = Path(path)
@@ -183,8 +200,8 @@ def save_reference_stats(path: str | Path, stats: FeatureStats, checksum: str,
             extra["features"] = _as_float64(features).astype(np.float32)
         with open(tmp, "wb") as fh:
             np.savez(fh, mu=stats.mean, sigma=stats.cov, count=np.int64(stats.count),
-                     checksum=np.str_(checksum), protocol=np.str_(json.dumps(protocol, sort_keys=True)),
-                     **extra)
+                     checksum=np.str_(checksum), key_version=np.int64(KEY_VERSION),
+                     protocol=np.str_(json.dumps(protocol, sort_keys=True)), **extra)
 
     atomic_write(path, write)
     return path
@@ -204,6 +221,7 @@ def load_reference_stats(path: str | Path, checksum: str | None = None) -> Featu
             centred = data["centred"].astype(np.float64) if "centred" in data else None
             stored = str(data["checksum"]) if "checksum" in data else None
             protocol = str(data["protocol"]) if "protocol" in data else None
+            old_key = stored is not None and "key_version" not in data
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -211,8 +229,9 @@ def load_reference_stats(path: str | Path, checksum: str | None = None) -> Featu
     if checksum is not None and stored != checksum:
         raise ReferenceStatsError(
             f"{path} was computed for other images or another protocol (stored checksum "
-            f"{(stored or 'none')[:12]}…, expected {checksum[:12]}…; its protocol: {protocol}); "
-            f"delete it or pass another --reference-stats path to recompute"
+            f"{(stored or 'none')[:12]}…, expected {checksum[:12]}…; its protocol: {protocol})"
+            + (" or by an older softvq, whose checksum left out the files' modification times" if old_key else "")
+            + "; delete it or pass another --reference-stats path to recompute"
         )
     if mean.ndim != 1 or cov.shape != (mean.shape[0], mean.shape[0]):
         raise ReferenceStatsError(f"{path}: mu {mean.shape} and sigma {cov.shape} do not match")

@@ -42,8 +42,12 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     the classifier. A ``softvq generate`` folder whose run was interrupted is scored with a note.
 
     A reference folder's statistics and its first ``pr_samples`` features are cached in
-    ``cache_dir`` under a checksum of its file list and the protocol (as rFID's are), so scoring
-    several generators against the same images computes the reference features once.
+    ``cache_dir`` under a checksum of the protocol and its files' relative paths, sizes and
+    modification times (as rFID's are), so scoring several generators against the same images
+    computes the reference features once, and a replaced or regenerated reference misses the cache.
+    A cache hit reads no reference image (that is its point), so unlike rFID it cannot check the
+    images' content: a reference rewritten with its old sizes and modification times restored
+    (``touch -r``, an archive's stored times) needs its cache file deleted by hand.
 
     ``state_dir``: where the features extracted so far are saved every ``save_every_s`` seconds and
     when stopped (``eval-samples-state.pt``, ``eval-reference-state.pt``), so that an interrupted
