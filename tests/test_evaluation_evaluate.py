@@ -149,6 +149,55 @@ def write_bmps(folder, pictures, mtime_s):
 
 
 @needs_fid
+def test_folders_of_the_same_names_and_sizes_do_not_share_reference_statistics(tmp_path, capsys):
+    """The cache was keyed by relative paths and sizes only: a second folder of the same names and
+    sizes got the first one's statistics (a perfect reconstruction then scored an rFID far from 0),
+    and a file that became unreadable left 2 images measured against the cached statistics of 3."""
+    photos = [center_crop_resize(load_rgb(p), 64) for p in bundled_photos()[:6]]
+    write_bmps(tmp_path / "a", photos[:3], 1_700_000_000)
+    b = write_bmps(tmp_path / "b", photos[3:], 1_700_000_100)
+    assert [f.stat().st_size for f in b] == [f.stat().st_size for f in sorted((tmp_path / "a").iterdir())]
+    cache = tmp_path / "cache"
+    options = EvalOptions(num_images=3, batch_size=2, cache_dir=cache, lpips_nets=(), progress=False,
+                          count_flops=False)
+
+    def rfid_of(folder):
+        report = evaluate_tokenizer(tiny(PerfectTokenizer), tmp_path / folder, options)
+        return report["rfid"], report["notes"]
+
+    first, notes = rfid_of("a")
+    assert first == pytest.approx(0.0, abs=1e-3) and any("cached in" in n for n in notes)
+    second, notes = rfid_of("b")
+    assert second == pytest.approx(0.0, abs=1e-3), "b was measured against a's statistics"
+    assert not any("reference statistics loaded" in n for n in notes) and len(list(cache.glob("*.npz"))) == 2
+
+    # names, sizes and times all alike (an archive's stored times, `touch -r`): the key cannot tell,
+    # but the digest of the images measured does, and the statistics are made again
+    for f in b:
+        os.utime(f, ns=(1_700_000_000 * 10**9,) * 2)
+    capsys.readouterr()
+    again, notes = rfid_of("b")
+    assert again == pytest.approx(0.0, abs=1e-3)
+    assert any("made from other pixels than the 3 images measured now" in n for n in notes)
+    assert "made from other pixels" in capsys.readouterr().err
+
+    # a file turns unreadable under the same size and time: the count names it, and rFID stays honest
+    broken = b[1]
+    broken.write_bytes(b"\0" * broken.stat().st_size)
+    os.utime(broken, ns=(1_700_000_000 * 10**9,) * 2)
+    report = evaluate_tokenizer(tiny(PerfectTokenizer), tmp_path / "b", options)
+    stale = [n for n in report["notes"] if "holds the statistics of 3 images, but 2" in n]
+    assert report["num_images"] == 2 and stale and str(cache) in stale[0]
+    assert report["rfid"] == pytest.approx(0.0, abs=1e-3)
+    assert "holds the statistics of 3 images, but 2" in capsys.readouterr().err
+    # the replaced file is the statistics of those 2 images, and is used as they are
+    report = evaluate_tokenizer(tiny(PerfectTokenizer), tmp_path / "b", options)
+    assert any("reference statistics loaded" in n for n in report["notes"])
+    assert not any("holds the statistics" in n for n in report["notes"])
+    assert report["rfid"] == pytest.approx(0.0, abs=1e-3)
+
+
+@needs_fid
 def test_gfid_reference_folders_of_the_same_names_and_sizes_do_not_share_statistics(tmp_path):
     photos = [center_crop_resize(load_rgb(p), 64) for p in bundled_photos()[:9]]
     write_bmps(tmp_path / "samples", photos[:3], 1_700_000_000)

@@ -167,12 +167,25 @@ def test_checksum_tells_same_named_same_sized_files_apart_by_modification_time(t
     assert fidlib.dataset_checksum([str(shard)], protocol) == before  # the time stands for the content
 
 
-def test_cache_of_the_old_key_is_not_misread(tmp_path):
+def test_image_digest_depends_on_the_pixels_not_on_the_batching_or_order():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8))
+    whole = fidlib.image_digest(images)
+    assert (fidlib.image_digest(images[:2]) + fidlib.image_digest(images[2:])) % (1 << 128) == whole
+    assert fidlib.image_digest(images.flip(0)) == whole
+    changed = images.clone()
+    changed[3, 0, 0, 0] ^= 1
+    assert fidlib.image_digest(changed) != whole
+    assert fidlib.image_digest(images[:4]) != whole
+
+
+def test_cache_of_the_old_key_is_not_misread_and_the_digest_round_trips(tmp_path):
     stats = fidlib.FeatureStats.from_features(correlated(30, 8, 4))
     protocol = {"image_size": 64, "num_images": 30}
     files = same_names_and_sizes(tmp_path / "imgs", 0, 1_700_000_000)
     key = fidlib.dataset_checksum(files, protocol, tmp_path / "imgs")
-    path = fidlib.save_reference_stats(tmp_path / "ref.npz", stats, key, protocol)
+    path = fidlib.save_reference_stats(tmp_path / "ref.npz", stats, key, protocol, digest=2**127 + 5)
+    assert fidlib.load_reference_digest(path) == 2**127 + 5
     assert fidlib.load_reference_stats(path, key).count == 30
     # a file written by softvq before the key had modification times: sha256 of the paths and sizes
     h = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode())
@@ -184,6 +197,7 @@ def test_cache_of_the_old_key_is_not_misread(tmp_path):
     assert h.hexdigest() != key  # the cache folder never finds it under today's name
     with pytest.raises(fidlib.ReferenceStatsError, match="older softvq, whose checksum left out"):
         fidlib.load_reference_stats(old, key)
+    assert fidlib.load_reference_digest(old) is None
 
 
 def test_inception_score_extremes_and_missing_classifier():

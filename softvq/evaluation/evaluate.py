@@ -12,8 +12,11 @@ Protocol (fixed, and written into every report under ``protocol``):
   metric compares 8-bit originals with 8-bit reconstructions;
 * rFID: FID between Inception pool3 features of the originals and of the reconstructions
   (:mod:`softvq.evaluation.inception`, :mod:`softvq.evaluation.fid`); the originals' statistics
-  are cached in a checksummed ``.npz``. FID is biased upwards at small N: compare numbers only
-  at equal N;
+  are cached in a ``.npz`` keyed by the protocol and the files' relative paths, sizes and
+  modification times, with the number and a digest of the images they were made from: when the
+  images measured are not those (a file became unreadable, or changed under the same size and
+  time), the statistics are recomputed in a second pass over the originals, with a note. FID is
+  biased upwards at small N: compare numbers only at equal N;
 * PSNR / SSIM: per image on the 0..255 scale (``data_range=255``), averaged;
 * LPIPS (VGG and AlexNet, v0.1 heads): per image on [-1, 1] inputs, averaged;
 * codebook usage / perplexity: exact counts of the argmax codes over the whole set;
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +92,7 @@ class _Accumulators:
     real: fidlib.RunningStats = field(default_factory=fidlib.RunningStats)
     fake: fidlib.RunningStats = field(default_factory=fidlib.RunningStats)
     moments: RunningMoments = field(default_factory=RunningMoments)
+    digest: int = 0  # fidlib.image_digest of the originals measured: checks cached statistics
     encode_s: float = 0.0
     decode_s: float = 0.0
     timed_images: int = 0
@@ -206,7 +211,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     if n < options.num_images:
         notes.append(f"only {n} images available (asked for {options.num_images})")
 
-    extractor, ref_stats, cache_path, checksum = None, None, None, None
+    extractor, ref_stats, cache_path, checksum, cached_digest = None, None, None, None, None
     if options.fid:
         from softvq.evaluation.inception import InceptionFeatureExtractor
 
@@ -220,6 +225,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
         cache_path = _reference_cache(options, checksum)
         if cache_path is not None and cache_path.exists():
             ref_stats = fidlib.load_reference_stats(cache_path, checksum)
+            cached_digest = fidlib.load_reference_digest(cache_path)
             notes.append(f"reference statistics loaded from {cache_path}")
         if n < 2:
             raise ValueError(f"rFID needs at least 2 images, the source has {n}")
@@ -301,6 +307,8 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
                     notes.append(f"codebook usage skipped: {exc}")
                     usage = None
             acc.moments.update(enc.latents)
+            if extractor is not None:
+                acc.digest = (acc.digest + fidlib.image_digest(batch_u8)) % (1 << 128)
             evaluated += len(x)
             done_batches += 1
             skipped_done = len(skipped)
@@ -332,11 +340,23 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     for net, values in acc.lpips.items():
         report[f"lpips_{net}"] = _mean(values)
     if extractor is not None:
+        if ref_stats is not None:
+            stale = _stale_reference(cache_path, ref_stats.count, cached_digest, evaluated, acc.digest)
+            if stale:
+                print(f"softvq: warning: {stale}", file=sys.stderr)
+                notes[notes.index(f"reference statistics loaded from {cache_path}")] = stale
+                acc.real, digest = _real_features(extractor, refs, size, options)
+                ref_stats = None
+                if (acc.real.count, digest) != (evaluated, acc.digest):
+                    cache_path = None  # statistics of neither the images measured nor those on disk now
+                    notes.append(f"the images changed during the evaluation: {evaluated} were measured, "
+                                 f"{acc.real.count} read again for the reference statistics (other pixels, or "
+                                 f"other files readable); rerun it")
         if ref_stats is None:
             ref_stats = acc.real.finalize()
             if cache_path is not None:
                 fidlib.save_reference_stats(cache_path, ref_stats, checksum,
-                                            protocol_of(options, size, n, weights_name))
+                                            protocol_of(options, size, n, weights_name), digest=acc.digest)
                 notes.append(f"reference statistics cached in {cache_path}")
         report["rfid"] = fidlib.frechet_distance(ref_stats, acc.fake.finalize())
         report["fid_reference_checksum"] = checksum
@@ -359,6 +379,35 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     elif state_file is not None:
         state_file.unlink(missing_ok=True)
     return report
+
+
+def _stale_reference(cache_path: Path, count: int, cached_digest: int | None, evaluated: int,
+                     digest: int) -> str | None:
+    """Why cached reference statistics are not those of the images just measured (None: they are)."""
+    if count != evaluated:
+        return (f"{cache_path} holds the statistics of {count} images, but {evaluated} of the same files were "
+                f"readable now: the rFID would compare other sets, so the originals' statistics were computed "
+                f"again in a second pass")
+    if cached_digest is not None and cached_digest != digest:
+        return (f"{cache_path} was made from other pixels than the {evaluated} images measured now (same names, "
+                f"sizes and modification times, other content): the originals' statistics were computed again "
+                f"in a second pass")
+    return None
+
+
+def _real_features(extractor, refs: list, size: int, options: EvalOptions) -> tuple[fidlib.RunningStats, int]:
+    """The originals' Inception statistics in a pass of their own (unreadable images skipped), and
+    the :func:`fidlib.image_digest` of the images read."""
+    from tqdm.auto import tqdm
+
+    real, digest, skipped = fidlib.RunningStats(), 0, []
+    bar = tqdm(total=len(refs), unit="img", desc="reference", disable=not options.progress)
+    for batch in readable_batches(refs, size, options.batch_size, options.workers, skipped):
+        real.update(extractor(batch))
+        digest = (digest + fidlib.image_digest(batch)) % (1 << 128)
+        bar.update(real.count + len(skipped) - bar.n)
+    bar.close()
+    return real, digest
 
 
 def _sync(device: torch.device) -> None:

@@ -31,6 +31,11 @@ about 6 GB); their modification time stands for it, so a regenerated or replaced
 folder of the same names and sizes, misses the cache, while a dataset folder that was moved or
 renamed keeps it. Checksums made before modification times were part of them (files without
 ``key_version``) never equal today's, so such files are recomputed, not misread.
+
+A cache also records how many images its statistics were made from (``count``) and, for rFID, a
+digest of the decoded images (:func:`image_digest`): an evaluation reads every image anyway, so it
+can tell, at no cost in reading, when the cached statistics are not those of the images it measured
+(a file that became unreadable, content changed under an unchanged modification time).
 """
 
 from __future__ import annotations
@@ -183,11 +188,23 @@ def dataset_checksum(files: Sequence[str | Path], protocol: dict[str, Any], root
     return h.hexdigest()
 
 
+def image_digest(images: torch.Tensor) -> int:
+    """An order-free digest of a batch of uint8 images (B, C, H, W): the sum of each image's
+    128-bit BLAKE2b, modulo 2^128. Sums of batches add up to the digest of the whole set whatever
+    the batching (and survive a saved state as a plain int), and the set of images is what FID
+    statistics depend on."""
+    total = 0
+    for image in images.detach().cpu().contiguous():
+        total += int.from_bytes(hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest(), "big")
+    return total % (1 << 128)
+
+
 def save_reference_stats(path: str | Path, stats: FeatureStats, checksum: str,
-                         protocol: dict[str, Any], features: np.ndarray | torch.Tensor | None = None) -> Path:
+                         protocol: dict[str, Any], features: np.ndarray | torch.Tensor | None = None,
+                         digest: int | None = None) -> Path:
     """Write μ, Σ, the count, the checksum (with its ``key_version``) and the protocol to ``path``
     (.npz), atomically; with ``features``, also those rows (float32: precision / recall need the
-    first N real features)."""
+    first N real features); with ``digest``, the :func:`image_digest` of the images measured."""
     from softvq.atomic import atomic_write
 
     path = Path(path)
@@ -198,6 +215,8 @@ def save_reference_stats(path: str | Path, stats: FeatureStats, checksum: str,
         extra = {"centred": stats.centred} if stats.centred is not None else {}
         if features is not None:
             extra["features"] = _as_float64(features).astype(np.float32)
+        if digest is not None:
+            extra["digest"] = np.str_(f"{digest:032x}")
         with open(tmp, "wb") as fh:
             np.savez(fh, mu=stats.mean, sigma=stats.cov, count=np.int64(stats.count),
                      checksum=np.str_(checksum), key_version=np.int64(KEY_VERSION),
@@ -242,6 +261,12 @@ def load_reference_features(path: str | Path) -> np.ndarray | None:
     """The feature rows a cached ``.npz`` keeps beside its statistics (None when it keeps none)."""
     with np.load(Path(path), allow_pickle=False) as data:
         return data["features"].astype(np.float64) if "features" in data else None
+
+
+def load_reference_digest(path: str | Path) -> int | None:
+    """The :func:`image_digest` a cached ``.npz`` records of its images (None when it has none)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        return int(str(data["digest"]), 16) if "digest" in data else None
 
 
 # --- Inception Score -----------------------------------------------------------------------------
