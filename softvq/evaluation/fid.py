@@ -30,7 +30,9 @@ not hashed, which would read every image once more before the evaluation (50,000
 about 6 GB); their modification time stands for it, so a regenerated or replaced file, or another
 folder of the same names and sizes, misses the cache, while a dataset folder that was moved or
 renamed keeps it. Checksums made before modification times were part of them (files without
-``key_version``) never equal today's, so such files are recomputed, not misread.
+``key_version``) never equal today's: such a file is not found under its old name in the cache
+folder (the statistics are computed afresh; the old file is left, unused), and given by path
+(``--reference-stats``) it is refused by name instead of misread.
 
 A cache also records how many images its statistics were made from (``count``) and, for rFID, a
 digest of the decoded images (:func:`image_digest`): an evaluation reads every image anyway, so it
