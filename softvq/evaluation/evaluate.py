@@ -34,8 +34,8 @@ report an uninterrupted one gives (throughput aside).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,7 +343,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
         if ref_stats is not None:
             stale = _stale_reference(cache_path, ref_stats.count, cached_digest, evaluated, acc.digest)
             if stale:
-                print(f"softvq: warning: {stale}", file=sys.stderr)
+                logging.getLogger(__name__).warning(stale)  # the CLI prints it as "softvq: warning: ..."
                 notes[notes.index(f"reference statistics loaded from {cache_path}")] = stale
                 acc.real, digest = _real_features(extractor, refs, size, options)
                 ref_stats = None
