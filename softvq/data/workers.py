@@ -7,15 +7,23 @@ worker ... is killed by signal" from its SIGCHLD handler, in the middle of the c
 signal asked for (the trainers' last checkpoint, eval's saved sums). So workers ignore both
 signals and stop when the main process shuts them down; PyTorch's workers also exit by
 themselves when the main process is gone.
+
+So the main process must shut them down: :func:`worker_batches`. Ignoring SIGTERM also makes them
+deaf to ``multiprocessing``'s exit handler, which terminates (SIGTERM) leftover daemon processes
+and then joins them: a loader iterator still alive when the interpreter exits hangs it for good.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -37,3 +45,55 @@ def unstack_readable(images: Tensor | None, order: list[str | None]) -> Iterator
     rows = iter(images) if images is not None else iter(())
     for marker in order:
         yield next(rows) if marker is None else marker
+
+
+@contextlib.contextmanager
+def worker_batches(loader: Iterable[T]) -> Iterator[Iterator[T]]:
+    """``iter(loader)`` for the ``with`` block; its worker processes are shut down when the block
+    ends, however it ends, and an error a worker raised comes out as that worker raised it.
+
+    Leaving the shutdown to the iterator's ``__del__`` is not enough: an error from a worker is
+    re-raised by a frame that keeps the new exception in a local (``ExceptionWrapper.reraise``),
+    a reference cycle through the traceback that holds the DataLoader's frames, and with them the
+    iterator, until the garbage collector runs. At the interpreter's exit it has not, PyTorch's
+    own shutdown has turned itself off, and ``multiprocessing`` waits forever for workers that
+    ignore its SIGTERM (:func:`ignore_stop_signals`).
+    """
+    batches = iter(loader)
+    try:
+        yield batches
+    except Exception as exc:
+        original = worker_error(exc)
+        if original is None:
+            raise
+        raise original from None
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # absent without workers
+        if shutdown is not None:
+            shutdown()  # idempotent: an iterator that ran out has done it already
+
+
+def worker_error(exc: BaseException) -> BaseException | None:
+    """The error a DataLoader worker raised, rebuilt from ``exc`` (PyTorch's copy of it in the main
+    process, whose message is "Caught X in DataLoader worker process N." and the worker's whole
+    traceback) with the worker's own message, as the same code raises it without workers; the
+    worker's traceback becomes a note, shown where a traceback is. None when ``exc`` is not such a
+    copy or its message cannot be found."""
+    text = str(exc)
+    kind = type(exc)
+    if not text.startswith(f"Caught {kind.__name__} in DataLoader worker process "):
+        return None
+    # traceback.format_exception's last line names the type so, then gives the message
+    name = kind.__qualname__
+    if kind.__module__ not in ("__main__", "builtins"):
+        name = f"{kind.__module__}.{name}"
+    head = f"\n{name}: "
+    start = text.rfind(head)
+    if start < 0:  # an error without a message, or one PyTorch could not rebuild as its type
+        return None
+    try:
+        original = kind(text[start + len(head):].rstrip("\n"))
+    except Exception:
+        return None
+    original.add_note("in a DataLoader worker process:\n" + text.split("\n", 1)[1].removeprefix("Original "))
+    return original

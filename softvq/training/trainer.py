@@ -41,6 +41,7 @@ from tqdm import tqdm
 from softvq.atomic import atomic_write, write_json
 from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, load_strict
 from softvq.data.loader import Batch, HeldOut, build_data
+from softvq.data.workers import worker_batches
 from softvq.randomness import seed_everything
 from softvq.resume import changed_settings
 from softvq.run_lock import lock_run_folder
@@ -301,42 +302,46 @@ class Trainer:
         window: dict[str, float] = defaultdict(float)
         window_steps, window_start = 0, time.time()
         shown_at = 0.0
-        data_iter: Iterator[Batch] = iter(self.data.loader)
         try:
-            if self.step == 0 and run.grid_every:
-                self.write_grid()
-            while self.step < cfg.schedule.steps:
-                reason = self._should_stop(started)
-                if reason:
-                    status = reason
-                    break
-                logs = self.train_step(data_iter)
-                for k, v in logs.items():
-                    window[k] += v
-                window_steps += 1
-                bar.update(1)
-                if self.is_main and run.progress and "loss" in logs and time.time() - shown_at > 1.0:
-                    shown_at = time.time()  # reading the losses syncs the device: at most once a second
-                    shown = {k: format_value(float(logs[k])) for k in ("loss", "rec", "perceptual", "d/loss") if k in logs}
-                    shown["img/s"] = f"{window_steps * cfg.schedule.batch_size / max(time.time() - window_start, 1e-9):.1f}"
-                    bar.set_postfix(shown, refresh=False)
-                step = self.step
-                if run.log_every and (step % run.log_every == 0 or step == cfg.schedule.steps):
-                    elapsed = time.time() - window_start
-                    # the only place logged tensors are read back (one sync per log step)
-                    means = self._reduce_means({k: float(v) / window_steps for k, v in window.items()})
-                    if self.data.num_items:  # shards do not say how many images an epoch holds: no epoch then
-                        means["epoch"] = step * cfg.schedule.batch_size / self.data.num_items
-                    means.update(images_per_s=window_steps * cfg.schedule.batch_size / max(elapsed, 1e-9),
-                                 nonfinite_steps=float(self.nonfinite_steps),
-                                 skipped_files=float(len(self._skipped_everywhere())))
-                    self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0)
-                    window.clear()
-                    window_steps, window_start = 0, time.time()
-                if run.grid_every and step % run.grid_every == 0 and step < cfg.schedule.steps:
+            # closed by the block, not left to __del__: a worker's error is a reference cycle
+            # that keeps the iterator, and so its workers, alive (see worker_batches)
+            with worker_batches(self.data.loader) as data_iter:
+                if self.step == 0 and run.grid_every:
                     self.write_grid()
-                if run.checkpoint_every and step % run.checkpoint_every == 0 and step < cfg.schedule.steps:
-                    self.save_checkpoint()
+                while self.step < cfg.schedule.steps:
+                    reason = self._should_stop(started)
+                    if reason:
+                        status = reason
+                        break
+                    logs = self.train_step(data_iter)
+                    for k, v in logs.items():
+                        window[k] += v
+                    window_steps += 1
+                    bar.update(1)
+                    if self.is_main and run.progress and "loss" in logs and time.time() - shown_at > 1.0:
+                        shown_at = time.time()  # reading the losses syncs the device: at most once a second
+                        shown = {k: format_value(float(logs[k]))
+                                 for k in ("loss", "rec", "perceptual", "d/loss") if k in logs}
+                        rate = window_steps * cfg.schedule.batch_size / max(time.time() - window_start, 1e-9)
+                        shown["img/s"] = f"{rate:.1f}"
+                        bar.set_postfix(shown, refresh=False)
+                    step = self.step
+                    if run.log_every and (step % run.log_every == 0 or step == cfg.schedule.steps):
+                        elapsed = time.time() - window_start
+                        # the only place logged tensors are read back (one sync per log step)
+                        means = self._reduce_means({k: float(v) / window_steps for k, v in window.items()})
+                        if self.data.num_items:  # shards do not say how many images an epoch holds: no epoch then
+                            means["epoch"] = step * cfg.schedule.batch_size / self.data.num_items
+                        means.update(images_per_s=window_steps * cfg.schedule.batch_size / max(elapsed, 1e-9),
+                                     nonfinite_steps=float(self.nonfinite_steps),
+                                     skipped_files=float(len(self._skipped_everywhere())))
+                        self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0)
+                        window.clear()
+                        window_steps, window_start = 0, time.time()
+                    if run.grid_every and step % run.grid_every == 0 and step < cfg.schedule.steps:
+                        self.write_grid()
+                    if run.checkpoint_every and step % run.checkpoint_every == 0 and step < cfg.schedule.steps:
+                        self.save_checkpoint()
         except KeyboardInterrupt:
             status = "interrupted"
             at_once = True
