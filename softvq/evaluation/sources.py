@@ -21,7 +21,7 @@ from PIL import Image
 
 from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, center_crop_resize, decode_rgb, list_images, load_rgb
 from softvq.data.shards import image_members
-from softvq.data.workers import ignore_stop_signals, stack_readable
+from softvq.data.workers import ignore_stop_signals, stack_readable, worker_batches
 
 
 @dataclass(frozen=True)
@@ -158,11 +158,12 @@ def readable_batches(refs: list[ImageRef], size: int, batch_size: int, workers: 
     loader = torch.utils.data.DataLoader(EvalImages(refs, size), batch_size=batch_size, num_workers=workers,
                                          shuffle=False, collate_fn=stack_readable, worker_init_fn=ignore_stop_signals)
     readable = 0
-    for images, order in loader:
-        skipped += [name for name in order if name is not None]
-        if images is not None:
-            readable += len(images)
-            yield images
+    with worker_batches(loader) as batches:  # the workers stop with the generator, an error or close()
+        for images, order in batches:
+            skipped += [name for name in order if name is not None]
+            if images is not None:
+                readable += len(images)
+                yield images
     if require_readable and refs and not readable:
         raise ImageReadError(f"none of the first {len(refs)} images given is readable, e.g. {skipped[-1]}")
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
-from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable
+from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable, worker_batches
 
 Sample = tuple[Tensor, int, str]  # image (3, H, W) in [-1, 1], label, name
 
@@ -83,18 +83,23 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
 
     skipped: list[str] = []
 
-    def samples(start: int = 0, stop: int | None = None) -> Iterator[Sample]:
-        todo = files[start:stop]
-        decoded: Iterable[Tensor | str] = _DecodedImages(todo, image_size)
-        if workers:
-            loader = torch.utils.data.DataLoader(decoded, batch_size=16, shuffle=False, num_workers=workers,
-                                                 collate_fn=stack_readable, worker_init_fn=ignore_stop_signals)
-            decoded = (item for chunk in loader for item in unstack_readable(*chunk))
+    def labelled(todo: list[Path], decoded: Iterable[Tensor | str]) -> Iterator[Sample]:
         for f, image in zip(todo, decoded):
             if isinstance(image, str):  # a corrupt file is skipped and counted, not the end of the run
                 skipped.append(image)
                 continue
             yield image, label_of(f), str(f.relative_to(folder))
+
+    def samples(start: int = 0, stop: int | None = None) -> Iterator[Sample]:
+        todo = files[start:stop]
+        decoded = _DecodedImages(todo, image_size)
+        if not workers:
+            yield from labelled(todo, decoded)
+            return
+        loader = torch.utils.data.DataLoader(decoded, batch_size=16, shuffle=False, num_workers=workers,
+                                             collate_fn=stack_readable, worker_init_fn=ignore_stop_signals)
+        with worker_batches(loader) as chunks:  # the workers stop with the generator, an error or close()
+            yield from labelled(todo, (item for chunk in chunks for item in unstack_readable(*chunk)))
 
     listing = hashlib.sha1("\n".join(str(f.relative_to(folder)) for f in files).encode()).hexdigest()
     identity = {"kind": "folder", "folder": str(folder.resolve()), "files": len(files), "listing_sha1": listing,
