@@ -3,9 +3,13 @@ files, the bundled photos split, and webdataset shards."""
 
 from __future__ import annotations
 
+import gc
 import io
+import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -253,6 +257,93 @@ def test_loader_workers_outlive_the_stop_signals_the_main_process_handles():
             os.kill(int(pid), signal.SIGTERM)
             os.kill(int(pid), signal.SIGINT)
     assert seen == list(range(40)) and len(signalled) == 2  # both workers signalled, no item lost
+
+
+
+def test_a_data_worker_error_ends_train_with_its_one_line_instead_of_hanging(tmp_path):
+    """Every training file unreadable, read in 2 workers: the worker's error used to print its
+    whole traceback, then the process waited forever at exit for workers that ignore SIGTERM."""
+    from launching import cpu_process_env
+
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    bad.mkdir()
+    good.mkdir()
+    for name in ("a.png", "b.png"):
+        (bad / name).write_bytes(b"broken")
+    for i in range(6):
+        Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(good / f"{i}.png")
+    command = [sys.executable, "-m", "softvq.cli.main", "train", "demo", "schedule.steps=2",
+               "schedule.warmup_steps=1", "data.source=folder", f"data.path={bad}", f"data.eval_path={good}",
+               "data.workers=2", "run.progress=false", "-o", str(tmp_path / "run")]
+    # a session of its own, so that a hung run and its workers (deaf to SIGTERM) can all be killed
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cpu_process_env(), start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)  # about 5 s of work on 2 cores
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("softvq train did not exit after a DataLoader worker's error")
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines()[-1] == (f"softvq train: error: none of the 2 image files could be read "
+                                            f"(e.g. {bad / 'a.png'})")
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    # the workers are gone with their process, not orphaned (their session holds no one else)
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+
+
+def _broken(self, i):
+    raise ValueError(f"image {i} is broken")
+
+
+def _workers_left_after(read):
+    """(the processes ``read()`` started and left alive after raising, while its error is still
+    held as a caller holds it; the error's message)."""
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError) as caught:
+        read()
+    left = [p for p in multiprocessing.active_children() if p not in before]
+    message = str(caught.value)
+    del caught
+    gc.collect()  # the iterator the error held goes, but as garbage it cannot stop its workers:
+    for process in left:  # kill what it left, or pytest's exit waits for them forever
+        process.kill()
+        process.join()
+    return left, message
+
+
+def test_an_error_in_an_eval_worker_stops_the_workers_and_keeps_its_message(tmp_path, monkeypatch):
+    from softvq.evaluation.sources import EvalImages, ImageRef, readable_batches
+
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(EvalImages, "__getitem__", _broken)  # the forked workers inherit it
+    refs = [ImageRef(p) for p in sorted(tmp_path.glob("*.png"))]
+    left, message = _workers_left_after(lambda: list(readable_batches(refs, 32, 2, 2, [])))
+    assert left == [] and message == "image 0 is broken"
+
+
+def test_an_error_in_a_pretokenize_worker_stops_the_workers_and_keeps_its_message(tmp_path, monkeypatch):
+    from softvq.generation.latent_sources import _DecodedImages, folder_source
+
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(_DecodedImages, "__getitem__", _broken)
+    left, message = _workers_left_after(lambda: list(folder_source(tmp_path, 32, workers=2).samples))
+    assert left == [] and message == "image 0 is broken"
+
+
+def test_worker_batches_stops_the_workers_of_a_loop_left_early():
+    from softvq.data.workers import ignore_stop_signals, worker_batches
+
+    loader = torch.utils.data.DataLoader(_WhoServes(), batch_size=None, num_workers=2,
+                                         worker_init_fn=ignore_stop_signals)
+    with worker_batches(loader) as batches:
+        next(batches)
+        workers = list(batches._workers)
+    assert len(workers) == 2 and not any(w.is_alive() for w in workers)
 
 
 def test_an_image_past_pillows_size_limit_is_an_unreadable_file_not_a_crash(tmp_path, monkeypatch):
