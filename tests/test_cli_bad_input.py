@@ -502,3 +502,9 @@ def test_an_image_past_pillows_warning_size_is_named_in_a_warning(tmp_path, monk
     with caplog.at_level("WARNING", logger="softvq"):
         assert load_rgb(tmp_path / "big.png").size == (40, 40)
     assert f"{tmp_path / 'big.png'} is 40x40" in caplog.text
+    import warnings
+
+    with warnings.catch_warnings():  # Pillow's documented way to refuse such files still works
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(Image.DecompressionBombWarning):
+            load_rgb(tmp_path / "big.png")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +36,10 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Open an image as 8-bit RGB. Alpha is composited on white; palettes and grey are expanded."""
     path = Path(path)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
-                    # Pillow's own warning does not say which file, and each is decoded whole in memory
-                    log.warning("%s is %dx%d (%.0f megapixels), decoded whole in memory; check that it is "
-                                "meant to be this large", path, *img.size, img.size[0] * img.size[1] / 1e6)
-                return _as_rgb(img)
+        with Image.open(path) as img:
+            _name_if_huge(img, path)
+            img.load()
+            return _as_rgb(img)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
     except Image.DecompressionBombError as exc:
@@ -60,12 +54,22 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            _name_if_huge(img, name)
             img.load()
             return _as_rgb(img)
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{name}: {_too_large(exc)}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{name}: not a readable image ({type(exc).__name__})") from None
+
+
+def _name_if_huge(img: Image.Image, name: str | Path) -> None:
+    """Pillow warns past ``MAX_IMAGE_PIXELS`` (and refuses past twice that) without naming the
+    file; each is decoded whole in memory, so say which one it is."""
+    pixels = img.size[0] * img.size[1]
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+        log.warning("%s is %dx%d (%.0f megapixels), decoded whole in memory; check that it is meant to be "
+                    "this large", name, *img.size, pixels / 1e6)
 
 
 def _too_large(exc: Exception) -> str:
