@@ -90,6 +90,7 @@ def test_inheritance_and_overrides(tmp_path):
 def test_anchor_paths_makes_only_local_relative_paths_absolute(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "shards").mkdir()
+    (tmp_path / "dinov2").mkdir()  # a clone of the DINOv2 repository, say: the keyword stays a keyword
     cfg = load_config(None, ["data.source=folder", "data.path=imgs", "data.eval_path=missing",
                              "run.init_from=someone/softvq-s-64", "run.init_encoder=dinov2"])
     anchored = anchor_paths(cfg, tmp_path)

@@ -452,7 +452,7 @@ def test_a_resume_drops_the_log_records_past_its_checkpoint_and_a_half_written_l
     assert "log.jsonl: dropped 3 record(s) logged past step 3" in capsys.readouterr().out
 
 
-def test_a_run_started_on_a_relative_folder_resumes_from_another_folder(tmp_path, monkeypatch):
+def test_a_run_started_on_a_relative_folder_resumes_from_another_folder(tmp_path, monkeypatch, capsys):
     """config.yaml names the images by their absolute path: `softvq train --resume -o RUN` from
     elsewhere used to look for the relative data.path under the new current folder."""
     from softvq.cli.main import main
@@ -470,6 +470,16 @@ def test_a_run_started_on_a_relative_folder_resumes_from_another_folder(tmp_path
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["train", "--resume", "-o", str(tmp_path / "run"), "schedule.steps=3"]) == 0
     assert max(losses(tmp_path / "run")) == 3
+    # a checkpoint of an older softvq recorded the path as given: resuming where it was given names no change
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    state = torch.load(newest, weights_only=False)
+    state["config"]["data"]["path"] = "imgs"
+    torch.save(state, newest)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--resume", "-o", "run", "schedule.steps=4"]) == 0
+    notes = capsys.readouterr().out
+    assert "schedule.steps 3 -> 4" in notes and "data.path" not in notes
 
 
 def test_training_gives_the_callers_random_generators_back(tmp_path):

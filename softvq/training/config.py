@@ -438,16 +438,29 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     return config_from_dict(apply_overrides(tree, overrides or []))
 
 
+PATH_KEYS = (("data", "path"), ("data", "eval_path"), ("run", "init_from"), ("run", "init_encoder"))
+
+
 def anchor_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     """A copy of ``cfg`` whose relative local paths (``data.path``, ``data.eval_path``,
     ``run.init_from``, ``run.init_encoder``) are made absolute against ``base`` (default: the
     current folder), so that a run folder's ``config.yaml`` names the same files when ``--resume``,
     ``eval`` or ``plot`` run from another folder. Only paths found under ``base`` change (for a
-    shard pattern, its folder); hub ids, URLs and absent paths stay as given."""
+    shard pattern, its folder), as the loaders resolve them; hub ids, URLs, absent paths and the
+    ``init_encoder`` keyword ``dinov2`` stay as given."""
+    tree = anchor_path_keys(cfg.to_dict(), base)
+    data = dataclasses.replace(cfg.data, path=tree["data"]["path"], eval_path=tree["data"]["eval_path"])
+    run = dataclasses.replace(cfg.run, init_from=tree["run"]["init_from"], init_encoder=tree["run"]["init_encoder"])
+    return dataclasses.replace(cfg, data=data, run=run)
+
+
+def anchor_path_keys(tree: dict[str, Any], base: str | Path | None = None) -> dict[str, Any]:
+    """:func:`anchor_paths` on a config as a nested dict (a checkpoint's record of its config, say,
+    saved before its paths were absolute); returns a copy."""
     base = Path(base) if base is not None else Path.cwd()
 
-    def anchored(value: str | None, pattern: bool = False) -> str | None:
-        if not value or "://" in value or value.startswith("pipe:"):
+    def anchored(value: Any, pattern: bool = False) -> Any:
+        if not isinstance(value, str) or not value or "://" in value or value.startswith("pipe:"):
             return value
         path = Path(value).expanduser()
         if path.is_absolute():
@@ -456,11 +469,15 @@ def anchor_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfi
         found = here.exists() or (pattern and here.parent.is_dir())  # a pattern names no file itself
         return os.path.abspath(here) if found else value
 
-    data = dataclasses.replace(cfg.data, path=anchored(cfg.data.path, pattern=cfg.data.source == "shards"),
-                               eval_path=anchored(cfg.data.eval_path))
-    run = dataclasses.replace(cfg.run, init_from=anchored(cfg.run.init_from),
-                              init_encoder=anchored(cfg.run.init_encoder))
-    return dataclasses.replace(cfg, data=data, run=run)
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in tree.items()}
+    for section, key in PATH_KEYS:
+        values = out.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        if (section, key) == ("run", "init_encoder") and values[key] == "dinov2":
+            continue  # a keyword (the DINOv2 of the encoder's width) before any path
+        values[key] = anchored(values[key], pattern=(key == "path" and values.get("source") == "shards"))
+    return out
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:

@@ -48,7 +48,7 @@ from softvq.run_lock import lock_run_folder
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
 from softvq.training.accelerator import decided_by_main_process, gather_objects
-from softvq.training.config import TrainConfig, anchor_paths, save_config
+from softvq.training.config import TrainConfig, anchor_path_keys, anchor_paths, save_config
 from softvq.training.ema import EMA
 from softvq.training.grid import save_grid
 from softvq.training.heldout import reconstruct_all, reconstruction_metrics
@@ -615,7 +615,8 @@ class Trainer:
         state = ckpt.load_checkpoint(path)
         if state.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a softvq training checkpoint")
-        changed = changed_settings(state.get("config", {}), self.cfg.to_dict())  # "model.encoder.width 96 -> 64"
+        # "model.encoder.width 96 -> 64"; paths as this config has them (older runs saved them relative)
+        changed = changed_settings(anchor_path_keys(state.get("config", {})), self.cfg.to_dict())
         model_changes = [c for c in changed if c.startswith("model.")]
         try:
             load_strict(self.unwrapped, state["model"], str(path))
