@@ -174,8 +174,19 @@ def test_eval_with_a_probe_stopped_in_the_probe_keeps_the_finished_evaluation(tm
     assert main(argv) == 0
     report = json.loads((out / "eval.json").read_text())
     assert report["num_images"] == 6 and 0 <= report["linear_probe_top1"] <= 1
-    assert any("finished earlier" in note for note in report["notes"])
+    assert any("had finished before the run was stopped" in note for note in report["notes"])
     assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md"]
+    # a finished report kept in a state is given back once, and the state goes when nobody keeps it
+    from softvq.evaluation.evaluate import EvalOptions, evaluate_tokenizer
+
+    monkeypatch.undo()
+    options = EvalOptions(num_images=6, batch_size=4, fid=False, lpips_nets=(), progress=False, count_flops=False)
+    model = softvq.Tokenizer.from_pretrained(tmp_path / "tok")
+    state = tmp_path / "state.pt"
+    first = evaluate_tokenizer(model, data / "a", options, state_file=state, keep_state=True)
+    assert state.is_file()
+    again = evaluate_tokenizer(model, data / "a", options, state_file=state)
+    assert again["psnr"] == first["psnr"] and not state.exists()  # was left behind
 
 
 def test_a_class_left_without_readable_images_cannot_make_a_one_class_probe(tmp_path):

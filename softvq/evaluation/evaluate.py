@@ -241,8 +241,11 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     identity = _evaluation_identity(model, refs, size, options) if state_file else {}
     saved = load_saved_state(state_file, identity)
     if saved is not None and "report" in saved:  # finished, kept for a caller that was stopped later
+        if not keep_state:
+            state_file.unlink(missing_ok=True)
         return {**saved["report"], "notes": [*saved["report"]["notes"],
-                                             f"the evaluation finished earlier, kept in {state_file}"]}
+                                             "the evaluation had finished before the run was stopped; its report "
+                                             "was kept"]}
     if saved is not None:
         if saved["acc"].real.count == 0 and saved["evaluated"] and extractor is not None and ref_stats is None:
             raise ValueError(f"{state_file} relied on cached reference statistics that are gone; delete it to "
