@@ -210,3 +210,25 @@ def test_generator_training_on_the_gpu_resumes_to_the_straight_run(tmp_path):
     resumed = train_generator(GeneratorTrainConfig(out=str(tmp_path / "b"), steps=4, **common), progress=False)
     assert all(map(math.isfinite, (straight["first_loss"], straight["last_loss"])))
     assert abs(resumed["last_loss"] - straight["last_loss"]) <= 1e-5 * abs(straight["last_loss"])
+
+
+def test_a_run_started_before_cuda_gives_the_cuda_generator_back_as_if_it_had_not_run():
+    """In a fresh process CUDA starts lazily, seeded with torch's seed; a run that seeds and draws
+    on the GPU must leave the caller's next GPU draws as they would have been."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from softvq.training.checkpointing import capture_rng, restore_rng
+torch.manual_seed(5)
+state = capture_rng()
+if {train}:
+    torch.manual_seed(123)  # what a run does
+    torch.randn(10, device="cuda")
+    restore_rng(state)
+print(torch.randn(3, device="cuda").tolist())
+"""
+    draws = [subprocess.run([sys.executable, "-c", script.format(train=train)], capture_output=True, text=True,
+                            check=True).stdout for train in (False, True)]
+    assert draws[0] == draws[1]

@@ -133,6 +133,8 @@ def capture_rng() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    elif torch.cuda.is_available():  # CUDA not started yet: its generators will be seeded with this seed
+        state["cuda_seed"] = torch.initial_seed()
     return state
 
 
@@ -145,3 +147,5 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    elif "cuda_seed" in state and torch.cuda.is_available():  # as CUDA would have started without the run
+        torch.cuda.manual_seed_all(state["cuda_seed"])
