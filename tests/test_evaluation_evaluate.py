@@ -494,6 +494,33 @@ def test_an_interrupted_evaluation_continues_to_the_same_report(tmp_path, capsys
     assert sum(n.startswith("skipped 1 unreadable") for n in resumed["notes"]) == 1
 
 
+@needs_fid
+def test_sums_saved_by_an_older_softvq_continue_without_their_cache_or_digest(tmp_path, capsys, caplog):
+    """A state saved before the cache key took modification times relied on a cache file whose
+    name is gone now, and has no image digest: it continues, reading the originals once more."""
+    write_photos(tmp_path / "imgs", 5)
+    cache = tmp_path / "cache"
+    options = EvalOptions(num_images=5, batch_size=2, cache_dir=cache, lpips_nets=(), progress=False,
+                          count_flops=False)
+    straight = evaluate_tokenizer(tiny(InterruptedTokenizer), tmp_path / "imgs", options)  # makes the cache
+    model = tiny(InterruptedTokenizer)
+    model.stop_at = 2
+    state = tmp_path / "eval-state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_tokenizer(model, tmp_path / "imgs", options, state_file=state, save_every_s=1e9)
+    saved = torch.load(state, weights_only=False)
+    assert saved["acc"].real.count == 0  # the cache stood in for the originals' features
+    del vars(saved["acc"])["digest"]  # as pickled before the digest existed
+    torch.save(saved, state)
+    for f in cache.glob("*.npz"):
+        f.unlink()  # its name came from the old key
+    with caplog.at_level("WARNING", logger="softvq"):
+        resumed = evaluate_tokenizer(tiny(InterruptedTokenizer), tmp_path / "imgs", options, state_file=state)
+    assert resumed["rfid"] == pytest.approx(straight["rfid"], rel=1e-6, abs=1e-6)  # was "relied on cached ..."
+    assert any("computed in a pass of their own" in n for n in resumed["notes"])
+    assert "other pixels" not in caplog.text
+
+
 def test_cli_eval_stopped_by_sigterm_keeps_its_sums_and_continues(tmp_path, monkeypatch, capsys):
     import os
     import signal

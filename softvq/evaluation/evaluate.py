@@ -92,7 +92,7 @@ class _Accumulators:
     real: fidlib.RunningStats = field(default_factory=fidlib.RunningStats)
     fake: fidlib.RunningStats = field(default_factory=fidlib.RunningStats)
     moments: RunningMoments = field(default_factory=RunningMoments)
-    digest: int = 0  # fidlib.image_digest of the originals measured: checks cached statistics
+    digest: int | None = 0  # fidlib.image_digest of the originals measured (None: unknown): checks caches
     encode_s: float = 0.0
     decode_s: float = 0.0
     timed_images: int = 0
@@ -246,12 +246,14 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
         return {**saved["report"], "notes": [*saved["report"]["notes"],
                                              "the evaluation had finished before the run was stopped; its report "
                                              "was kept"]}
+    real_pass = False  # the originals' statistics need a pass of their own at the end
     if saved is not None:
-        if saved["acc"].real.count == 0 and saved["evaluated"] and extractor is not None and ref_stats is None:
-            raise ValueError(f"{state_file} relied on cached reference statistics that are gone; delete it to "
-                             f"start over, or restore the cache")
+        # the saved sums relied on cached statistics that are gone now (another cache key, say)
+        real_pass = saved["acc"].real.count == 0 and saved["evaluated"] and extractor is not None and ref_stats is None
         acc, usage, skipped, evaluated, done_batches = (saved["acc"], saved["usage"], saved["skipped"],
                                                         saved["evaluated"], saved["batches"])
+        if "digest" not in vars(acc):  # sums saved before the digest existed: it is unknown
+            acc.digest = None
         notes.append(f"continued an interrupted evaluation after {evaluated + len(skipped)} images "
                      f"(throughput: this process's batches only)")
     loop_notes = len(notes)  # notes from here on belong to the running sums and are saved with them
@@ -310,7 +312,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
                     notes.append(f"codebook usage skipped: {exc}")
                     usage = None
             acc.moments.update(enc.latents)
-            if extractor is not None:
+            if extractor is not None and acc.digest is not None:
                 acc.digest = (acc.digest + fidlib.image_digest(batch_u8)) % (1 << 128)
             evaluated += len(x)
             done_batches += 1
@@ -350,11 +352,15 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
                 notes[notes.index(f"reference statistics loaded from {cache_path}")] = stale
                 acc.real, digest = _real_features(extractor, refs, size, options)
                 ref_stats = None
-                if (acc.real.count, digest) != (evaluated, acc.digest):
+                if acc.real.count != evaluated or acc.digest not in (None, digest):
                     cache_path = None  # statistics of neither the images measured nor those on disk now
                     notes.append(f"the images changed during the evaluation: {evaluated} were measured, "
                                  f"{acc.real.count} read again for the reference statistics (other pixels, or "
                                  f"other files readable); rerun it")
+        elif real_pass:
+            notes.append("the saved sums relied on cached reference statistics that are gone: the originals' "
+                         "statistics were computed in a pass of their own")
+            acc.real, acc.digest = _real_features(extractor, refs, size, options)
         if ref_stats is None:
             ref_stats = acc.real.finalize()
             if cache_path is not None:
@@ -385,13 +391,13 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
 
 
 def _stale_reference(cache_path: Path, count: int, cached_digest: int | None, evaluated: int,
-                     digest: int) -> str | None:
+                     digest: int | None) -> str | None:
     """Why cached reference statistics are not those of the images just measured (None: they are)."""
     if count != evaluated:
         return (f"{cache_path} holds the statistics of {count} images, but {evaluated} of the same files were "
                 f"readable now: the rFID would compare other sets, so the originals' statistics were computed "
                 f"again in a second pass")
-    if cached_digest is not None and cached_digest != digest:
+    if None not in (cached_digest, digest) and cached_digest != digest:
         return (f"{cache_path} was made from other pixels than the {evaluated} images measured now (same names, "
                 f"sizes and modification times, other content): the originals' statistics were computed again "
                 f"in a second pass")
