@@ -424,3 +424,18 @@ def test_center_crop_resize_cuts_the_middle_square_and_resizes_it_bicubically():
     small = np.asarray(center_crop_resize(Image.fromarray(wide), 24))
     assert small.shape == (24, 24, 3)
     np.testing.assert_array_equal(small, expected)
+
+
+def test_a_workers_error_is_rebuilt_with_its_own_message_except_where_str_is_not_the_message():
+    from softvq.data.workers import worker_error
+
+    def as_torch_gives_it(kind, line):
+        return kind(f"Caught {kind.__name__} in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                    f"last):\n  File \"x.py\", line 1, in f\n{line}\n")
+
+    rebuilt = worker_error(as_torch_gives_it(ValueError, "ValueError: none of the 2 image files could be read"))
+    assert type(rebuilt) is ValueError and str(rebuilt) == "none of the 2 image files could be read"
+    assert "x.py" in rebuilt.__notes__[0]
+    # KeyError's str() quotes its argument and OSError's carries errno and filename: passed through
+    assert worker_error(as_torch_gives_it(KeyError, "KeyError: 'missing'")) is None
+    assert worker_error(as_torch_gives_it(FileNotFoundError, "FileNotFoundError: [Errno 2] x")) is None

@@ -243,7 +243,9 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tu
     # the latents and features extracted so far are kept in OUT; the same command continues from them
     result = probe_generator(model, meta, args.probe, val_folder=args.probe_val, tokenizer=tokenizer, layer=layer,
                              t=t, device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
-                             progress=not args.no_progress, state_dir=out)
+                             progress=not args.no_progress,
+                             # a random preset's weights differ on every load: nothing to continue
+                             state_dir=None if args.model and is_preset(args.model) else out)
     sizes = [data.get("image_size") for data in sets.values() if data is not None]
     report = {"model": f"generator {args.probe_generator}, block {layer} at t = {t:g}",
               "num_images": result.num_train + result.num_val,

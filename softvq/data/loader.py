@@ -160,8 +160,10 @@ def hold_out_readable(files: list[Path], count: int, size: int, folder: Path) ->
                                  f"({held[0][0]}): a run needs one to train on and one held out; {fix}")
         rest.append(held.pop()[0])
     kept = {p for p, _ in held} | set(map(Path, skipped))
-    held_real = {os.path.realpath(p) for p, _ in held}  # nor the same file under another name (a symlink)
-    train = [f for f in files if f not in kept and os.path.realpath(f) not in held_real]
+    # nor the same file under another name: a link to a held-out file, or the file a held-out link names
+    held_real = {os.path.realpath(p) for p, _ in held}
+    train = [f for f in files if f not in kept and os.path.abspath(f) not in held_real  # abspath: no system call
+             and not (os.path.islink(f) and os.path.realpath(f) in held_real)]
     return train, HeldOut(torch.stack([image for _, image in held]), [p.stem for p, _ in held], skipped)
 
 

@@ -81,6 +81,8 @@ def worker_error(exc: BaseException) -> BaseException | None:
     copy or its message cannot be found."""
     text = str(exc)
     kind = type(exc)
+    if issubclass(kind, (KeyError, OSError)):  # their str() is not their argument (quotes; errno, filename)
+        return None
     if not text.startswith(f"Caught {kind.__name__} in DataLoader worker process "):
         return None
     # traceback.format_exception's last line names the type so, then gives the message

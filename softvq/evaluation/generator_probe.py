@@ -144,7 +144,8 @@ def generator_features(model, meta, latents: Tensor, *, layer: int = DEFAULT_LAY
         import hashlib
 
         identity = {"weights_sha1": weights_sha1(model), "layer": layer, "t": t, "seed": seed,
-                    "latents_sha1": hashlib.sha1(latents.float().contiguous().numpy().tobytes()).hexdigest(),
+                    # hashed in place: a copy of ImageNet's latents would be gigabytes
+                    "latents_sha1": hashlib.sha1(latents.float().contiguous().numpy()).hexdigest(),
                     "latent_mean": meta.latent_mean, "latent_std": meta.latent_std}
     with evaluating(model):  # no label dropout; the caller's model comes back in its mode
         rows, _ = rows_resumably(compute, len(latents), batch_size, state_file=state_file, identity=identity,

@@ -226,7 +226,8 @@ def tokenizer_features(model, paths: list[Path], *, which: Literal["latents", "f
         return getattr(enc, which).flatten(1).float().cpu(), unreadable
 
     state_file = Path(state_file).expanduser() if state_file is not None else None
-    identity = _extraction_identity(model, paths, which=which, image_size=size) if state_file else {}
+    identity = (_extraction_identity(model, paths, which=which, image_size=size, precision=model.precision)
+                if state_file else {})
     with evaluating(model):  # the caller's model comes back in the mode it was given
         out, unreadable = rows_resumably(compute, len(paths), batch_size, state_file=state_file, identity=identity,
                                          desc=f"probe {which}", progress=progress)

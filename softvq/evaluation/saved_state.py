@@ -89,11 +89,10 @@ def rows_resumably(compute: Callable[[int, int], tuple[Tensor | None, list[str]]
     done = 0
     saved = load_saved_state(state_file, identity)
     if saved is not None:
-        rows, skipped, done = [saved["rows"]] if saved["rows"] is not None else [], saved["skipped"], saved["done"]
+        rows, skipped, done = list(saved["rows"]), saved["skipped"], saved["done"]
 
-    def save() -> None:
-        save_state(state_file, {"identity": identity, "rows": torch.cat(rows) if rows else None,
-                                "skipped": skipped, "done": done})
+    def save() -> None:  # the batches as they are: concatenating would copy every row at each save
+        save_state(state_file, {"identity": identity, "rows": rows, "skipped": skipped, "done": done})
 
     starts = (start for start in range(done, total, batch_size))  # a generator: KeptWork closes it
     bar = tqdm(total=total, initial=done, unit="img", desc=desc, disable=not progress)

@@ -49,8 +49,9 @@ def check_unit_range(x: Tensor, who: str) -> None:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{who}: images contain NaN or infinite values")
     if lo < -1.5 or hi > 1.5:
-        fix = "x / 127.5 - 1 of 8-bit pixels" if lo >= 0 and hi > 1.5 else "x * 2 - 1 of images in [0, 1]"
-        raise ValueError(f"{who} takes float images in [-1, 1], got values in [{lo:g}, {hi:g}]; pass {fix}")
+        fix = ("pass x / 127.5 - 1 of 8-bit pixels" if lo >= 0 else
+               "undo any mean/std normalisation first (images in [0, 1] map with x * 2 - 1)")
+        raise ValueError(f"{who} takes float images in [-1, 1], got values in [{lo:g}, {hi:g}]; {fix}")
 
 
 class LPIPS(FrozenHolder):
