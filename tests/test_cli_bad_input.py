@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from softvq import Tokenizer
 from softvq.cli.main import main
-from softvq.data.images import _as_rgb, load_rgb
+from softvq.data.images import ImageReadError, _as_rgb, load_rgb
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -508,3 +508,11 @@ def test_an_image_past_pillows_warning_size_is_named_in_a_warning(tmp_path, monk
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with pytest.raises(Image.DecompressionBombWarning):
             load_rgb(tmp_path / "big.png")
+
+
+def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "x.png")
+    with pytest.raises(ImageReadError, match="not a regular file"):
+        load_rgb(tmp_path / "x.png")  # was a hang: opening a FIFO waits for a writer

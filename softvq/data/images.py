@@ -35,6 +35,8 @@ class ImageSizeError(ImageReadError):
 def load_rgb(path: str | Path) -> Image.Image:
     """Open an image as 8-bit RGB. Alpha is composited on white; palettes and grey are expanded."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or device: opening it would wait for a writer
+        raise ImageReadError(f"{path}: not a regular file")
     try:
         with Image.open(path) as img:
             _name_if_huge(img, path)
