@@ -165,15 +165,16 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device 
     return model.to(usable_device(map_location)).eval()
 
 
-def usable_device(name: str | torch.device) -> torch.device:
-    """``name`` as a device this process can use, or a ValueError naming the fix (torch's own
-    failure for a missing CUDA is a bare AssertionError)."""
+def usable_device(name: str | torch.device, *, named_by: str | None = "map_location",
+                  fix: str = "load with map_location='cpu'", choices: str = "cpu, cuda, cuda:N or mps") -> torch.device:
+    """``name`` as a device this process can use, or a ValueError saying which argument named it
+    (``named_by``) and the ``fix`` (torch's own failure for a missing CUDA is a bare AssertionError)."""
+    by = f" ({named_by})" if named_by else ""
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"map_location {name!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"map_location {name!r}: CUDA is not available here; load with map_location='cpu'")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"map_location {name!r}: MPS is not available here; load with map_location='cpu'")
+        raise ValueError(f"unknown device {name!r}{by}; use {choices}") from None
+    for kind, available in (("cuda", torch.cuda.is_available), ("mps", torch.backends.mps.is_available)):
+        if device.type == kind and not available():
+            raise ValueError(f"device {name!r}{by} asked for but {kind.upper()} is not available; {fix}")
     return device
