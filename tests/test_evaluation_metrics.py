@@ -104,6 +104,13 @@ def test_segment_codebooks_are_counted_separately():
     assert rows.tolist() == [[1, 5], [1, 5], [1, 5]]
     probs = torch.nn.functional.one_hot(idx, 8).float()
     assert probs_rows(probs, segments=2).argmax(-1).tolist() == rows.tolist()
+    # segments x groups (or residual levels): each (segment, group) pair is a codebook of its own;
+    # the segments were merged into the groups' codebooks before
+    idx = torch.tensor([[[1, 2], [1, 2], [5, 6], [5, 6]]])  # (B, L=4, P=2), 2 segments of 2 tokens
+    rows = codebook_rows(idx, segments=2)
+    assert rows.tolist() == [[1, 2, 5, 6], [1, 2, 5, 6]]
+    assert probs_rows(torch.nn.functional.one_hot(idx, 8).float(), segments=2).argmax(-1).tolist() == rows.tolist()
+    assert codebook_rows(idx).tolist() == [[1, 2], [1, 2], [5, 6], [5, 6]]  # one segment: as before
 
 
 def test_latent_moments_equal_direct_computation():

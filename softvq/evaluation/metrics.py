@@ -178,25 +178,21 @@ def codebook_rows(indices: Tensor, segments: int = 1) -> Tensor:
     """Hard indices (B, L) / (B, L, P) -> (rows, codebooks) for :class:`CodebookUsage`.
 
     With per-segment codebooks (the release's ``segments``) token l of S segments uses codebook
-    l // (L / S), so (B, L) becomes (B·L/S, S).
+    l // (L / S), so (B, L) becomes (B·L/S, S), and (B, L, P) (P groups or residual levels per
+    token, each its own codebook) becomes (B·L/S, S·P), segment-major.
     """
     if indices.dim() == 2:
-        if segments > 1:
-            b, length = indices.shape
-            return indices.reshape(b, segments, length // segments).transpose(1, 2).reshape(-1, segments)
-        return indices.reshape(-1, 1)
-    return indices.reshape(-1, indices.shape[-1])
+        indices = indices.unsqueeze(-1)
+    b, length, parts = indices.shape
+    return indices.reshape(b, segments, length // segments, parts).transpose(1, 2).reshape(-1, segments * parts)
 
 
 def probs_rows(probs: Tensor, segments: int = 1) -> Tensor:
     """Soft posteriors (B, L, K) / (B, L, P, K) -> (rows, codebooks, K), like :func:`codebook_rows`."""
     if probs.dim() == 3:
-        if segments > 1:
-            b, length, k = probs.shape
-            return probs.reshape(b, segments, length // segments, k).transpose(1, 2).reshape(-1, segments, k)
-        return probs.reshape(-1, 1, probs.shape[-1])
-    return probs.reshape(-1, probs.shape[-2], probs.shape[-1])
-
+        probs = probs.unsqueeze(-2)
+    b, length, parts, k = probs.shape
+    return probs.reshape(b, segments, length // segments, parts, k).transpose(1, 2).reshape(-1, segments * parts, k)
 
 
 def entropy_of_weights(weights: Tensor) -> Tensor:
