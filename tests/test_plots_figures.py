@@ -283,3 +283,36 @@ def test_a_plot_without_metrics_removes_the_table_and_chart_an_earlier_plot_left
               log=messages.append)
     assert not (tmp_path / "out" / "comparison.md").exists() and not (tmp_path / "out" / "rate_quality.png").exists()
     assert any("no comparison.md" in m for m in messages)
+
+
+def test_curves_mark_nonfinite_steps_leave_schedules_unsmoothed_and_tick_whole_steps(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    records = [{"step": s, "loss": 1 / s, "lr": 1e-3 * (1 - s / 40), "bottleneck/temperature": 0.07}
+               for s in range(1, 31)]
+    records[9]["loss"] = "nan"  # as the trainers write a NaN; the line used to join over it unmarked
+    records[19]["loss"] = float("inf")
+    plots.plot_training_curves(records, tmp_path / "c.png")
+    panels = {ax.get_title().split("  ")[0]: ax for ax in drawn[0].axes if ax.get_visible()}
+    assert panels["loss"].get_title() == "loss  (2 non-finite, red)"
+    marks = [line for line in panels["loss"].lines if line.get_linestyle() == ":"]
+    assert sorted(float(line.get_xdata()[0]) for line in marks) == [10.0, 20.0]
+    lr = panels["lr"].lines  # a schedule: its raw line alone (a smoothed lr lagged 19x at a cosine's end)
+    assert len(lr) == 1 and np.allclose(lr[0].get_ydata(), [r["lr"] for r in records])
+    assert len(panels["bottleneck/temperature"].lines) == 1
+    plots.plot_training_curves(records[:2], tmp_path / "short.png")
+    ticks = drawn[1].axes[0].get_xticks()
+    assert np.allclose(ticks, np.round(ticks))  # a two-step run read 0.96 ... 1.04
+
+
+def test_reconstruction_rows_name_their_photo_and_whether_the_run_trained_on_it(tmp_path, monkeypatch):
+    make_run(tmp_path / "run", with_eval=False)
+    (tmp_path / "run" / "config.yaml").write_text("data: {source: bundled, holdout: [chelsea, china]}\n")
+    seen = {}
+    real = plots.plot_reconstructions
+    monkeypatch.setattr(plots, "plot_reconstructions",
+                        lambda *a, row_labels=None, **k: seen.setdefault("rows", row_labels) and real(*a, **k))
+    plot_runs([tmp_path / "run"], tmp_path / "out", per_class=1, num_reconstructions=12, projection="pca",
+              log=lambda m: None)
+    rows = seen["rows"]
+    assert "chelsea (held out)" in rows and "astronaut (trained on)" in rows  # was: unnamed rows, no word

@@ -52,9 +52,11 @@ def _to_unit(images: Tensor) -> np.ndarray:
 
 
 def plot_reconstructions(originals: Tensor, reconstructions: Tensor, path: str | Path, *,
-                         max_images: int = 8, title: str | None = None) -> Path:
+                         max_images: int = 8, title: str | None = None,
+                         row_labels: Sequence[str] | None = None) -> Path:
     """Rows of original | reconstruction | per-pixel error (mean |difference| over RGB, in [0, 1]
-    units, one colour scale for the whole figure) with each row's PSNR."""
+    units, one colour scale for the whole figure) with each row's PSNR and, given, its label (the
+    image's name, and whether the model trained on it)."""
     if originals.shape != reconstructions.shape or originals.dim() != 4:
         raise ValueError(f"need two (B, 3, H, W) batches of one shape, got {tuple(originals.shape)} "
                          f"and {tuple(reconstructions.shape)}")
@@ -71,6 +73,8 @@ def plot_reconstructions(originals: Tensor, reconstructions: Tensor, path: str |
         axes[i, 1].imshow(b[i])
         im = axes[i, 2].imshow(err[i], cmap="magma", vmin=0, vmax=vmax)
         axes[i, 1].set_xlabel(f"PSNR {float(scores[i]):.2f} dB", fontsize=8)
+        if row_labels is not None and i < len(row_labels):
+            axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -108,7 +112,27 @@ def numeric_series(records: Sequence[dict[str, Any]], skip: Sequence[str] = ("st
     return {k: (np.asarray(x), np.asarray(y)) for k, (x, y) in series.items()}
 
 
+def nonfinite_steps(records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """{key: steps} where a logged value was NaN or infinite (the trainers write those as the
+    strings "nan" / "inf" / "-inf", JSON having no such numbers)."""
+    out: dict[str, list[float]] = {}
+    for i, rec in enumerate(records):
+        for key, value in rec.items():
+            bad = (isinstance(value, float) and not math.isfinite(value)) or value in ("nan", "inf", "-inf")
+            if bad:
+                out.setdefault(key, []).append(float(rec.get("step", i)))
+    return out
+
+
 MIN_POINTS_TO_SMOOTH = 10  # below this an EMA mostly shows its own lag
+# Set by a schedule or counted, not noisy: an EMA would only misstate them (a smoothed lr lags by
+# an order of magnitude at the end of a cosine decay).
+UNSMOOTHED = ("lr", "ema_decay", "temperature", "nonfinite_steps", "skipped_files", "epoch")
+
+
+def _smoothable(key: str) -> bool:
+    last = key.rsplit("/", 1)[-1]
+    return not (last in UNSMOOTHED or last.endswith(("_lr", "_weight")))
 
 
 def _ema(values: np.ndarray, weight: float) -> np.ndarray:
@@ -124,9 +148,14 @@ def _ema(values: np.ndarray, weight: float) -> np.ndarray:
 def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
                          keys: Sequence[str] | None = None, smoothing: float = 0.6,
                          title: str | None = None) -> Path:
-    """One panel per logged scalar against the step: from ten log records on, raw (faint) and a
-    bias-corrected EMA (``smoothing``); with fewer, or ``smoothing=0``, the raw line alone, solid."""
+    """One panel per logged scalar of the training batches against the step: from ten log records
+    on, raw (faint) and a bias-corrected EMA (``smoothing``); with fewer, ``smoothing=0``, or a
+    scheduled or counted value (:data:`UNSMOOTHED`: lr, EMA decay, ...), the raw line alone, solid.
+    Steps where a value was NaN or infinite are red dotted lines, counted in the panel's title."""
+    from matplotlib.ticker import MaxNLocator
+
     series = numeric_series(records)
+    broken = nonfinite_steps(records)
     if keys is not None:
         series = {k: series[k] for k in keys if k in series}
     if not series:
@@ -138,7 +167,7 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
     axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
     for ax, name in zip(axes, names):
         x, y = series[name]
-        smoothed = len(y) >= MIN_POINTS_TO_SMOOTH and smoothing > 0
+        smoothed = len(y) >= MIN_POINTS_TO_SMOOTH and smoothing > 0 and _smoothable(name)
         if len(y) < 3:  # a line through one or two log records is invisible: mark the points
             ax.plot(x, y, color="tab:blue", marker="o", linewidth=0.8)
         elif smoothed:  # faint under its EMA
@@ -147,16 +176,21 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
             ax.plot(x, y, color="tab:blue", linewidth=1.5)
         if smoothed:
             ax.plot(x, _ema(y, smoothing), color="tab:blue", linewidth=1.5)
-        ax.set_title(name, fontsize=9)
+        for step in broken.get(name, []):
+            ax.axvline(step, color="tab:red", linestyle=":", linewidth=1.0)
+        bad = len(broken.get(name, []))
+        ax.set_title(name + (f"  ({bad} non-finite, red)" if bad else ""), fontsize=9,
+                     color="tab:red" if bad else "black")
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 0.96 in a short run
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if (y > 0).all() and y.max() / max(y.min(), 1e-12) > 100:
             ax.set_yscale("log")
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    if title:
-        fig.suptitle(title, fontsize=11)
+    what = "training batches, as logged" + (f"; EMA {smoothing:g} over the faint raw line" if smoothing > 0 else "")
+    fig.suptitle(f"{title}\n{what}" if title else what, fontsize=10)
     return _save(fig, path)
 
 
@@ -301,15 +335,20 @@ def plot_codewords(codewords: Tensor | np.ndarray, tokens: Tensor | np.ndarray, 
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=7, loc="upper right", markerscale=2)
-    ax.set_title(title or "codewords among the tokens (PCA of the tokens)", fontsize=10)
+    import textwrap
+
+    ax.set_title(textwrap.fill(title or "codewords among the tokens (PCA of the tokens)", 90), fontsize=9)
     return _save(fig, path)
 
 
 def _class_colours(n: int) -> list:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"]
-    return [cmap(i / max(n - 1, 1)) if n > 20 else cmap(i) for i in range(n)]
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:  # tab20 pairs a dark and a light shade of each hue: the ten dark ones first
+        return [colormaps["tab20"](2 * i if i < 10 else 2 * (i - 10) + 1) for i in range(n)]
+    return [colormaps["turbo"](i / (n - 1)) for i in range(n)]
 
 
 def plot_rate_quality(runs: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:

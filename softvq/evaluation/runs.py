@@ -31,6 +31,7 @@ class RunFolder:
     model_config: dict[str, Any] | None = None
     export: Path | None = None
     notes: list[str] = field(default_factory=list)
+    bundled_holdout: list[str] | None = None  # the bundled photos a run trained on the others kept out
 
 
 def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -81,14 +82,20 @@ def read_run(path: str | Path) -> RunFolder:
             meta = _read_json(candidate / CONFIG_NAME, run.notes)
             run.model_config = meta.get("config")
             break
-    if run.model_config is None and (path / "config.yaml").exists():
+    if (path / "config.yaml").exists():
         import yaml
 
         try:
             cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
-            run.model_config = cfg.get("model") if isinstance(cfg, dict) else None
         except yaml.YAMLError:
+            cfg = None
             run.notes.append("config.yaml is not valid YAML; ignored")
+        if isinstance(cfg, dict):
+            if run.model_config is None:
+                run.model_config = cfg.get("model")
+            data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+            if data.get("source", "bundled") == "bundled":
+                run.bundled_holdout = list(data.get("holdout") or [])
     return run
 
 
@@ -312,8 +319,12 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
         imgs, labels, names = plot_images(size, images, per_class=per_class, log=log)
         feats, lats, recs, rows = _encode_all(model, imgs, batch_size, torch.device(device))
         first = _first_of_each_class(labels, num_reconstructions)
+        rows_named = [names[labels[i]] for i in first]
+        if images is None and run.bundled_holdout is not None:  # the run trained on the other bundled photos
+            rows_named = [f"{n} ({'held out' if n in run.bundled_holdout else 'trained on'})" for n in rows_named]
         written.append(plots.plot_reconstructions(imgs[first], recs[first], folder / "reconstructions.png",
-                                                  max_images=num_reconstructions, title=name))
+                                                  max_images=num_reconstructions, title=name,
+                                                  row_labels=rows_named))
         saved = run.evaluation.get("codebook_counts")
         # the plot images' own counts: the histogram's without an eval report, and codewords.png's always
         plot_counts = (codebook_counts(rows, model.bottleneck.codebook_size)
