@@ -225,17 +225,15 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tu
     sets = {folder: latent_set_meta(folder) for folder in folders}
     tokenizer = None
     for folder, data in sets.items():
-        if data is not None and None not in (data.get("tokenizer_sha1"), meta.tokenizer_sha1) \
-                and data["tokenizer_sha1"] != meta.tokenizer_sha1:
-            notes.append(f"{folder} was encoded by other tokenizer weights (sha1 {data['tokenizer_sha1'][:10]}) than "
-                         f"the generator's latents (sha1 {meta.tokenizer_sha1[:10]})")
+        if data is not None and data.get("tokenizer_sha1") is not None:
+            other = meta.other_tokenizer(data["tokenizer_sha1"], f"{folder} was encoded by a tokenizer")
+            notes += [other] if other is not None else []
     if any(data is None for data in sets.values()):  # image folders: encoded by the generator's tokenizer
         spec, tokenizer = generator_tokenizer(args.probe_generator, meta.tokenizer, args.model, "--model", device,
                                               args.precision)  # to encode --probe's images
-        if meta.tokenizer_sha1 is not None and (actual := weights_sha1(tokenizer)) != meta.tokenizer_sha1:
-            notes.append(f"--probe's images were encoded by {spec}, whose weights (sha1 {actual[:10]}) are not the "
-                         f"ones that made the generator's latents (sha1 {meta.tokenizer_sha1[:10]}); pass --model "
-                         f"with the tokenizer pretokenize used")
+        other = meta.other_tokenizer(weights_sha1(tokenizer), f"--probe's images were encoded by {spec}")
+        if other is not None:
+            notes.append(f"{other}; pass --model with the tokenizer pretokenize used")
     for note in notes:
         print(f"softvq: warning: {note}", file=sys.stderr)
     home = Path(args.probe_generator).expanduser()

@@ -164,10 +164,9 @@ def run(args: argparse.Namespace) -> int:
     spec.check(model, meta)  # before the tokenizer is loaded (a download, perhaps) and anything is written
     spec_name, tokenizer = generator_tokenizer(args.generator, meta.tokenizer, args.tokenizer, "--tokenizer", device,
                                                args.precision)
-    if meta.tokenizer_sha1 is not None and (actual := weights_sha1(tokenizer)) != meta.tokenizer_sha1:
-        print(f"softvq: warning: decoding with {spec_name}, whose weights (sha1 {actual[:10]}) are not the ones that made "
-              f"the generator's latents (sha1 {meta.tokenizer_sha1[:10]}): the images may not show what the generator "
-              f"learned; pass --tokenizer with the tokenizer pretokenize used", file=sys.stderr)
+    if (other := meta.other_tokenizer(weights_sha1(tokenizer), f"decoding with {spec_name}")) is not None:
+        print(f"softvq: warning: {other}: the images may not show what the generator learned; pass --tokenizer "
+              f"with the tokenizer pretokenize used", file=sys.stderr)
     classes = parse_classes(args.classes, meta.classes, model.config.num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)])
     # recorded as the folders they load, so RUN and RUN/generator, or tok and /abs/tok, continue one another

@@ -62,6 +62,15 @@ class GeneratorMeta:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def other_tokenizer(self, tokenizer_sha1: str, name: str) -> str | None:
+        """"``name``, whose weights (sha1 …) are not the ones that made the generator's latents
+        (sha1 …)" where the tokenizer weights of ``tokenizer_sha1`` are not those this meta records;
+        None where they are, or where it records none (sets made before their sha1 was kept)."""
+        if self.tokenizer_sha1 is None or tokenizer_sha1 == self.tokenizer_sha1:
+            return None
+        return (f"{name}, whose weights (sha1 {tokenizer_sha1[:10]}) are not the ones that made the generator's "
+                f"latents (sha1 {self.tokenizer_sha1[:10]})")
+
 
 def save_generator(model: Generator, meta: GeneratorMeta, directory: str | Path,
                    state: dict[str, Any] | None = None, step: int | None = None) -> Path:

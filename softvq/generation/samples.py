@@ -143,11 +143,10 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
                          f"{tokenizer.latent_dim}) latents but the generator models {tuple(model.input_shape)}: "
                          f"pass the tokenizer it was trained on")
     tokenizer_sha1 = weights_sha1(tokenizer)
-    if meta.tokenizer_sha1 is not None and tokenizer_sha1 != meta.tokenizer_sha1:
-        warnings.warn(f"decoding with {tokenizer.source}, whose weights (sha1 {tokenizer_sha1[:10]}) are not the ones "
-                      f"that made the generator's latents (sha1 {meta.tokenizer_sha1[:10]}): the images may not show "
-                      f"what the generator learned; pass the tokenizer pretokenize used", OtherTokenizerWarning,
-                      stacklevel=2)
+    other = meta.other_tokenizer(tokenizer_sha1, f"decoding with {tokenizer.source}")
+    if other is not None:
+        warnings.warn(f"{other}: the images may not show what the generator learned; pass the tokenizer "
+                      f"pretokenize used", OtherTokenizerWarning, stacklevel=2)
     # every sampler setting is checked here, before the folder is claimed: a refused one must not
     # leave a samples.json that makes the corrected rerun "other settings"
     method, steps = spec.check(model, meta), spec.resolved_steps(meta.objective)
