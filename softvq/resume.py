@@ -62,3 +62,9 @@ def weights_sha1(module: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def listing_sha1(names: Iterable[str]) -> str:
+    """sha1 of ``names`` in their order, one per line: which files, in which order, saved work
+    was made from (the files' content is the weights' and settings' business, not this)."""
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()

@@ -33,7 +33,6 @@ report an uninterrupted one gives (throughput aside).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -50,7 +49,7 @@ from softvq.evaluation.metrics import (CodebookUsage, RunningMoments, codebook_r
                                        quantize_to_uint8, ssim)
 from softvq.evaluation.saved_state import KeptWork, load_saved_state, save_state
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
-from softvq.resume import weights_sha1
+from softvq.resume import listing_sha1, weights_sha1
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
@@ -167,7 +166,7 @@ def _reference_cache(options: EvalOptions, checksum: str) -> Path | None:
 
 def _evaluation_identity(model, refs: list, size: int, options: EvalOptions) -> dict[str, Any]:
     """What an evaluation's running sums depend on: a resumed run must match it exactly."""
-    images = hashlib.sha1("\n".join(ref.name for ref in refs).encode()).hexdigest()
+    images = listing_sha1(ref.name for ref in refs)
     return {"weights_sha1": weights_sha1(model), "precision": model.precision, "images": len(refs),
             "images_sha1": images, "image_size": size, "batch_size": options.batch_size, "fid": options.fid,
             "fid_weights": options.fid_weights, "fid_normalization": options.fid_normalization,

@@ -241,12 +241,10 @@ def tokenizer_features(model, paths: list[Path], *, which: Literal["latents", "f
 
 def _extraction_identity(model, paths: list[Path], **options) -> dict:
     """What saved probe features depend on: the weights, the images in their order, the options."""
-    import hashlib
+    from softvq.resume import listing_sha1, weights_sha1
 
-    from softvq.resume import weights_sha1
-
-    listing = hashlib.sha1("\n".join(str(p) for p in paths).encode()).hexdigest()
-    return {"weights_sha1": weights_sha1(model), "images": len(paths), "images_sha1": listing, **options}
+    return {"weights_sha1": weights_sha1(model), "images": len(paths),
+            "images_sha1": listing_sha1(str(p) for p in paths), **options}
 
 
 def readable_features(model, paths: list[Path], labels: Tensor, skipped: list[Path],

@@ -6,7 +6,6 @@ split it."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import Tensor
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable, worker_batches
+from softvq.resume import listing_sha1
 
 Sample = tuple[Tensor, int, str]  # image (3, H, W) in [-1, 1], label, name
 
@@ -101,7 +101,7 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
         with worker_batches(loader) as chunks:  # the workers stop with the generator, an error or close()
             yield from labelled(todo, (item for chunk in chunks for item in unstack_readable(*chunk)))
 
-    listing = hashlib.sha1("\n".join(str(f.relative_to(folder)) for f in files).encode()).hexdigest()
+    listing = listing_sha1(str(f.relative_to(folder)) for f in files)
     identity = {"kind": "folder", "folder": str(folder.resolve()), "files": len(files), "listing_sha1": listing,
                 "classes": classes, "image_size": image_size}
     return LatentSource(samples(), classes, len(files), skipped, identity, samples)
