@@ -176,9 +176,17 @@ def walk_files(folder: Path, recursive: bool = True) -> list[Path]:
         log.warning("%s: cannot list this folder (%s); its files are left out", exc.filename,
                     type(exc).__name__)
 
-    # the real folders of the tree, reached without following links
-    inside = {os.path.realpath(top) for top, dirs, _ in _visible_walk(folder, followlinks=False)} if recursive \
-        else set()
+    root = os.path.realpath(folder)
+
+    def walked_anyway(link: str) -> bool:
+        """A link to a visible folder of the tree itself (or to its top): the walk reaches that
+        folder under its own name, with no links followed, so no second listing is needed."""
+        try:
+            parts = Path(os.path.relpath(os.path.realpath(link), root)).parts
+        except ValueError:  # another drive (Windows)
+            return False
+        return not parts or (parts[0] != os.pardir and not any(p.startswith(".") for p in parts))
+
     seen: set[str] = set()
     files: list[Path] = []
     for top, dirs, names in _visible_walk(folder, followlinks=True, onerror=unlisted):
@@ -188,7 +196,7 @@ def walk_files(folder: Path, recursive: bool = True) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not (os.path.islink(os.path.join(top, d))
-                                           and os.path.realpath(os.path.join(top, d)) in inside)] if recursive else []
+                                           and walked_anyway(os.path.join(top, d)))] if recursive else []
         files += [Path(top) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(top, n))]
     return sorted(files)
 
