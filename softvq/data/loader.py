@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,9 +131,9 @@ def load_eval_files(files: list[Path], size: int, count: int = 0) -> HeldOut:
 def hold_out_readable(files: list[Path], count: int, size: int, folder: Path) -> tuple[list[Path], HeldOut]:
     """(training files, held-out images) of one folder: up to ``count`` readable files (at most half
     the folder), drawn in :func:`holdout_order`, never trained on, not even through a symlink to
-    one. An unreadable file is skipped (listed in
-    ``skipped``, left out of training too) and the next one drawn; the last held-out image goes
-    back to training when no other file can be read, since a run needs both."""
+    one. An unreadable file is skipped (listed in ``skipped``, left out of training too) and the
+    next one drawn; the last held-out image goes back to training when no other file can be read,
+    since a run needs both."""
     fix = "replace the unreadable files, or point data.path at another folder"
     if len(files) < 2:
         raise ValueError(f"{folder} holds {len(files)} image file: a run needs one to train on and one held out "

@@ -128,8 +128,8 @@ class Trainer:
 
     Constructing one seeds Python's, NumPy's and torch's global random generators from
     ``schedule.seed`` (so that a run repeats exactly; ``fit()`` or ``close()`` gives them back the
-    states they had before, so a notebook's later draws do not depend on training), creates ``run_dir`` with ``config.yaml`` and
-    opens its log; ``fit()`` runs once and closes the log. A folder that already holds checkpoints
+    states they had before, so a notebook's later draws do not depend on training), creates
+    ``run_dir`` with ``config.yaml`` and opens its log; ``fit()`` runs once and closes the log. A folder that already holds checkpoints
     needs ``resume``.
 
     In your own multi-process script, call ``torch.distributed.destroy_process_group()`` once
@@ -139,10 +139,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool | str | Path | None = None,
                  objective_factory: Callable[[TrainConfig, Tokenizer], nn.Module] | None = None) -> None:
-        # relative paths made absolute: config.yaml must name the same files from any folder
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}; make one with "
                             f"softvq.training.config.load_config(name, overrides) or config_from_dict(tree)")
+        # relative paths made absolute: config.yaml must name the same files from any folder
         self.cfg = anchor_paths(config.validate())
         self.run_dir = Path(run_dir)
         self.accelerator = make_accelerator(config)
