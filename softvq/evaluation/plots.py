@@ -16,6 +16,7 @@ Matplotlib is imported inside the functions (``import softvq`` stays fast) and o
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -335,8 +336,6 @@ def plot_codewords(codewords: Tensor | np.ndarray, tokens: Tensor | np.ndarray, 
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=7, loc="upper right", markerscale=2)
-    import textwrap
-
     ax.set_title(textwrap.fill(title or "codewords among the tokens (PCA of the tokens)", 90), fontsize=9)
     return _save(fig, path)
 
