@@ -316,3 +316,17 @@ def test_reconstruction_rows_name_their_photo_and_whether_the_run_trained_on_it(
               log=lambda m: None)
     rows = seen["rows"]
     assert "chelsea (held out)" in rows and "astronaut (trained on)" in rows  # was: unnamed rows, no word
+
+
+def test_held_out_curves_follow_the_losses_unsmoothed_and_the_title_says_what_they_measure(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    records = []  # as the trainer writes them: a grid's record after the batches' record of its step
+    for s in range(0, 41):
+        records += [{"step": s, "loss": 1 / s, "rec": 2 / s}] if s else []
+        records += [{"step": s, "heldout/psnr": 10 + s / 4}] if s % 4 == 0 else []  # 11 points: enough to smooth
+    plots.plot_training_curves(records, tmp_path / "c.png")
+    shown = [ax for ax in drawn[0].axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["loss", "heldout/psnr", "rec"]
+    assert len(shown[1].lines) == 1 and np.allclose(shown[1].lines[0].get_ydata(), [10 + s / 4 for s in range(0, 41, 4)])
+    assert "heldout/*: the EMA weights on the held-out images" in drawn[0]._suptitle.get_text()

@@ -91,6 +91,7 @@ def test_straight_run_writes_everything_and_resume_after_crash_and_ctrl_c_is_exa
     assert load_config(run / "config.yaml") == cfg  # the saved config is the resolved one
     metrics = json.loads((run / "metrics.json").read_text())
     assert np.isfinite(metrics["psnr"]) and metrics["step"] == 6 and metrics["weights"] == "ema"
+    assert read_log(run)[-1]["heldout/psnr"] == metrics["psnr"]  # the end's grid, in the last step's record
     assert [p.name for p in list_checkpoints(run)] == ["step-00000003.pt", "step-00000006.pt"]
     reference = losses(run)
     reference_d = losses(run, "d/loss")
@@ -196,7 +197,7 @@ def test_a_short_run_on_fixed_crops_learns_to_reconstruct_them(tmp_path):
         data={"source": "folder", "path": str(tmp_path / "train"), "eval_path": str(tmp_path / "held"),
               "hflip": False, "min_crop_fraction": 1.0},
         schedule={"steps": 40, "batch_size": 4, "warmup_steps": 2},
-        optim={"lr": 5e-3}, run={"checkpoint_every": 1000}))
+        optim={"lr": 5e-3}, run={"checkpoint_every": 1000, "grid_every": 20}))
     Trainer(cfg, tmp_path / "run").fit()
     rec = losses(tmp_path / "run", "rec")  # the pixel MSE of each step's batch (the 4 crops)
     assert sorted(rec) == list(range(1, 41))
@@ -205,6 +206,24 @@ def test_a_short_run_on_fixed_crops_learns_to_reconstruct_them(tmp_path):
     # image): the latents carry what tells the crops apart
     latent_blind = ((images - images.mean(0)) ** 2).mean()
     assert rec[40] < 0.85 * latent_blind
+    # the held-out curve: the EMA weights measured at each grid, the last point being metrics.json's
+    held = losses(tmp_path / "run", "heldout/psnr")
+    assert sorted(held) == [0, 20, 40] and len(set(held.values())) == 3  # (4 crops overfit: it need not rise)
+    # one record per step: a grid's metrics join its step's record, step 0's (before training) stands alone
+    assert [r["step"] for r in read_log(tmp_path / "run")] == list(range(41))
+    assert held[40] == json.loads((tmp_path / "run" / "metrics.json").read_text())["psnr"]
+    assert sorted(p.name for p in (tmp_path / "run" / "grids").iterdir()) == [
+        "step-00000000.png", "step-00000020.png", "step-00000040.png"]
+
+
+def test_a_run_stopped_by_its_time_limit_logs_the_held_out_metrics_of_where_it_stopped(tmp_path):
+    cfg = config_from_dict(tiny_tree(run={"max_minutes": 1e-6, "log_every": 4}))
+    result = Trainer(cfg, tmp_path).fit()
+    assert result.status == "time limit" and result.step < 6
+    records = read_log(tmp_path)
+    assert len({r["step"] for r in records}) == len(records)  # one record per step
+    assert records[-1]["step"] == result.step
+    assert records[-1]["heldout/psnr"] == json.loads((tmp_path / "metrics.json").read_text())["psnr"]
 
 
 @pytest.mark.parametrize("clip", [1e-3, 1e3])

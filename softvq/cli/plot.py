@@ -2,7 +2,8 @@
 
 Per run, under ``DIR/<run name>/``:
   training_curves.png   every scalar of log.jsonl against the step: raw (faint) and smoothed
-                        from 10 log points on, else the raw line alone;
+                        from 10 log points on, else the raw line alone; the held-out PSNR /
+                        LPIPS of each grid (heldout/*) after the losses, unsmoothed;
   reconstructions.png   original | reconstruction | error map, with PSNR per row;
   codebook_usage.png    code counts (from eval/eval.json when `softvq eval` ran, else from the
                         plot images), usage and perplexity;

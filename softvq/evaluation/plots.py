@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from softvq.evaluation.metrics import entropy_of_weights, psnr
+from softvq.training.logging import HELDOUT_PREFIX  # measured at each grid, not noisy: unsmoothed
 
 DPI = 100
 
@@ -133,7 +134,7 @@ UNSMOOTHED = ("lr", "ema_decay", "temperature", "nonfinite_steps", "skipped_file
 
 def _smoothable(key: str) -> bool:
     last = key.rsplit("/", 1)[-1]
-    return not (last in UNSMOOTHED or last.endswith(("_lr", "_weight")))
+    return not (key.startswith(HELDOUT_PREFIX) or last in UNSMOOTHED or last.endswith(("_lr", "_weight")))
 
 
 def _ema(values: np.ndarray, weight: float) -> np.ndarray:
@@ -150,8 +151,9 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
                          keys: Sequence[str] | None = None, smoothing: float = 0.6,
                          title: str | None = None) -> Path:
     """One panel per logged scalar of the training batches against the step: from ten log records
-    on, raw (faint) and a bias-corrected EMA (``smoothing``); with fewer, ``smoothing=0``, or a
-    scheduled or counted value (:data:`UNSMOOTHED`: lr, EMA decay, ...), the raw line alone, solid.
+    on, raw (faint) and a bias-corrected EMA (``smoothing``); with fewer, ``smoothing=0``, a
+    scheduled or counted value (:data:`UNSMOOTHED`: lr, EMA decay, ...) or a held-out measurement
+    (``heldout/*``, after the losses), the raw line alone, solid.
     Steps where a value was NaN or infinite are red dotted lines, counted in the panel's title."""
     from matplotlib.ticker import MaxNLocator
 
@@ -161,7 +163,7 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
         series = {k: series[k] for k in keys if k in series}
     if not series:
         raise ValueError("the log has no numeric values to plot")
-    names = sorted(series, key=lambda k: (not k.startswith("loss"), k))
+    names = sorted(series, key=lambda k: (not k.startswith("loss"), not k.startswith(HELDOUT_PREFIX), k))
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig = _figure(4.2 * cols, 2.8 * rows + 0.3)
@@ -191,6 +193,8 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
     for ax in axes[len(names):]:
         ax.set_visible(False)
     what = "training batches, as logged" + (f"; EMA {smoothing:g} over the faint raw line" if smoothing > 0 else "")
+    if any(name.startswith(HELDOUT_PREFIX) for name in names):
+        what += f"; {HELDOUT_PREFIX}*: the EMA weights on the held-out images"
     fig.suptitle(f"{title}\n{what}" if title else what, fontsize=10)
     return _save(fig, path)
 

@@ -144,7 +144,9 @@ class RunConfig:
     keep_checkpoints: how many checkpoints stay on disk (0 keeps them all).
     max_nonfinite:    the run stops with an error after this many skipped non-finite steps.
     max_minutes:      stop cleanly (checkpoint, export, metrics) after this much wall time.
-    eval_lpips:       also compute held-out LPIPS (VGG) at the end.
+    grid_every:       steps between held-out grids (``grids/``, the first ``grid_images`` held-out
+                      images) and the EMA weights' held-out PSNR / LPIPS in the log (``heldout/*``).
+    eval_lpips:       also compute held-out LPIPS (VGG) at each grid and at the end.
     distributed:      ``ddp`` or ``fsdp`` (full sharding through Accelerate, for L-size presets).
     init_from:        a softvq tokenizer folder or hub id (e.g. a finished run's ``export/``) whose
                       weights start this run. With a larger ``model.decoder_noise_dim`` than it

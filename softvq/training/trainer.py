@@ -52,7 +52,7 @@ from softvq.training.config import TrainConfig, anchor_path_keys, anchor_paths, 
 from softvq.training.ema import EMA
 from softvq.training.grid import save_grid
 from softvq.training.heldout import reconstruct_all, reconstruction_metrics
-from softvq.training.logging import RunLogger, drop_records_after, format_value
+from softvq.training.logging import HELDOUT_PREFIX, RunLogger, drop_records_after, format_value
 from softvq.training.optim import build_optimizer
 from softvq.training.resuming import restore_or_reseed_rng
 from softvq.training.schedule import build_scheduler, load_training_state, scaled_lr
@@ -220,6 +220,7 @@ class Trainer:
 
         self.step = 0
         self.nonfinite_steps = 0
+        self._heldout_of: tuple[int, dict[str, float]] = (-1, {})  # the step of the last grid, its metrics
         self.skipped_files: set[str] = set()
         # shards: where each logical data worker stopped, so --resume continues at the next sample
         self.stream_positions: dict[int, tuple[int, int]] = {}
@@ -307,7 +308,7 @@ class Trainer:
             # that keeps the iterator, and so its workers, alive (see worker_batches)
             with worker_batches(self.data.loader) as data_iter:
                 if self.step == 0 and run.grid_every:
-                    self.write_grid()
+                    self._log_heldout(0, self.write_grid())
                 while self.step < cfg.schedule.steps:
                     reason = self._should_stop(started)
                     if reason:
@@ -326,7 +327,10 @@ class Trainer:
                         shown["img/s"] = f"{rate:.1f}"
                         bar.set_postfix(shown, refresh=False)
                     step = self.step
-                    if run.log_every and (step % run.log_every == 0 or step == cfg.schedule.steps):
+                    # the grid before the log, so that a log step's record carries its held-out metrics
+                    grid_due = (run.grid_every and step % run.grid_every == 0) or step == cfg.schedule.steps
+                    heldout = self.write_grid() if grid_due else {}
+                    if self._log_due(step):
                         elapsed = time.time() - window_start
                         # the only place logged tensors are read back (one sync per log step)
                         means = self._reduce_means({k: float(v) / window_steps for k, v in window.items()})
@@ -334,12 +338,14 @@ class Trainer:
                             means["epoch"] = step * cfg.schedule.batch_size / self.data.num_items
                         means.update(images_per_s=window_steps * cfg.schedule.batch_size / max(elapsed, 1e-9),
                                      nonfinite_steps=float(self.nonfinite_steps),
-                                     skipped_files=float(len(self._skipped_everywhere())))
-                        self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0)
+                                     skipped_files=float(len(self._skipped_everywhere())),
+                                     **{HELDOUT_PREFIX + k: v for k, v in heldout.items()})
+                        self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0
+                                            or bool(heldout))
                         window.clear()
                         window_steps, window_start = 0, time.time()
-                    if run.grid_every and step % run.grid_every == 0 and step < cfg.schedule.steps:
-                        self.write_grid()
+                    else:
+                        self._log_heldout(step, heldout)
                     if run.checkpoint_every and step % run.checkpoint_every == 0 and step < cfg.schedule.steps:
                         self.save_checkpoint()
         except KeyboardInterrupt:
@@ -687,16 +693,31 @@ class Trainer:
         return reconstruct_all(self.model, images, batch_size=max(1, self.micro_batch),
                                autocast=self.accelerator.autocast)
 
-    def write_grid(self) -> Path | None:
-        """Held-out originals / EMA reconstructions / |error| as ``grids/step-XXXXXXXX.png``."""
-        images = self.heldout.images[: self.cfg.run.grid_images]
+    def write_grid(self) -> dict[str, float]:
+        """Held-out originals / EMA reconstructions / |error| as ``grids/step-XXXXXXXX.png``, and the
+        EMA weights' PSNR (and LPIPS, with ``run.eval_lpips``) on all held-out images: the training
+        loop logs them as ``heldout/psnr`` / ``heldout/lpips``, the held-out curve beside the
+        batches' losses. Returns those metrics on the main process ({} on the others)."""
+        held: HeldOut = self.heldout
         with self.ema.swapped_into(self.unwrapped):
-            recon = self._heldout_reconstructions(images)
+            ema_reconstructions = self._heldout_reconstructions(held.images)
         if not self.is_main:
-            return None
-        path = save_grid(images, recon, self.run_dir / "grids" / f"step-{self.step:08d}.png")
+            return {}
+        count = self.cfg.run.grid_images
+        path = save_grid(held.images[:count], ema_reconstructions[:count],
+                         self.run_dir / "grids" / f"step-{self.step:08d}.png")
         self.logger.image("heldout/reconstruction", path, self.step)
-        return path
+        self._heldout_of = (self.step, reconstruction_metrics(held.images, ema_reconstructions, self.lpips()))
+        return self._heldout_of[1]
+
+    def _log_due(self, step: int) -> bool:
+        every = self.cfg.run.log_every
+        return step > 0 and bool(every) and (step % every == 0 or step == self.cfg.schedule.steps)
+
+    def _log_heldout(self, step: int, metrics: dict[str, float]) -> None:
+        """The held-out metrics of a step without a log record as a record of their own (one per step)."""
+        if metrics and not self._log_due(step):
+            self.logger.scalars(step, {HELDOUT_PREFIX + k: v for k, v in metrics.items()})
 
     def export(self) -> Path:
         """The EMA weights in our pretrained format (``Tokenizer.from_pretrained(run_dir/'export')``)."""
@@ -723,15 +744,17 @@ class Trainer:
         """Held-out PSNR / LPIPS of the EMA and the raw weights, the last grid, ``metrics.json``."""
         held: HeldOut = self.heldout
         raw = self._heldout_reconstructions(held.images)
-        with self.ema.swapped_into(self.unwrapped):
-            ema = self._heldout_reconstructions(held.images)
-        self.write_grid()
+        # the last step's grid measured these weights; a run stopped early (max_minutes) or a
+        # finished one making its export again has none yet
+        if self._heldout_of[0] == self.step:
+            ema_metrics = self._heldout_of[1]
+        else:
+            ema_metrics = self.write_grid()
+            self._log_heldout(self.step, ema_metrics)
         skipped = self._skipped_everywhere()
         if not self.is_main:
             return {}
-        lpips = self.lpips()
-        ema_metrics = reconstruction_metrics(held.images, ema, lpips)
-        raw_metrics = reconstruction_metrics(held.images, raw, lpips)
+        raw_metrics = reconstruction_metrics(held.images, raw, self.lpips())
         steps_run = self.step - start_step
         metrics: dict[str, Any] = {
             "step": self.step,
