@@ -3,6 +3,7 @@ settings refused, a bounded grid, and an unfinished run named when it is scored.
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -152,6 +153,23 @@ def test_the_grid_is_bounded_to_the_first_classes_and_samples(tmp_path):
         assert grid.size == (GRID_COLUMNS * 10 + 2, GRID_ROWS * 8 + 2)
         # row 1 starts with the first sample of class 1, not sample GRID_COLUMNS of class 0
         assert grid.getpixel((2, 8 + 2)) == ((GRID_COLUMNS + 3) % 256, 0, 0)
+
+
+def test_the_grid_names_each_row_in_a_margin_and_shifts_the_samples_right(tmp_path):
+    (tmp_path / "images").mkdir()
+    labels = [3, 3, 7, 7]
+    for i in range(len(labels)):
+        Image.new("RGB", (40, 40), (0, 200, 0)).save(tmp_path / "images" / f"{i:06d}.png")
+    samples_module._write_grid(tmp_path, torch.tensor(labels), {3: "3: a very long class name, cut short", 7: "unconditional"})
+    with Image.open(tmp_path / "grid.png") as grid:
+        pixels = np.asarray(grid.convert("RGB")).astype(int)
+    margin = pixels.shape[1] - (2 * 42 + 2)
+    assert margin > 20 and pixels.shape[0] == 2 * 42 + 2
+    for row in (0, 1):  # dark caption pixels in each row's margin; the samples start after it
+        band = pixels[2 + row * 42: 42 + row * 42, :margin]
+        assert (band.sum(axis=2) < 200).any()
+    assert tuple(pixels[20, margin + 2]) == (0, 200, 0) and tuple(pixels[20, margin - 1]) == (255, 255, 255)
+    assert samples_module._shortened("3: a very long class name, cut short") == "3: a very long class name..."
 
 
 def test_scoring_an_unfinished_run_says_so(parts, tmp_path):

@@ -198,7 +198,9 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         totals = accelerator.reduce(torch.tensor([made, int(diverged)], device=accelerator.device), reduction="sum")
         made, diverged = int(totals[0]), bool(totals[1])
     if rank == 0:
-        _write_grid(folder, labels)
+        captions = {c: "unconditional" if c == model.config.num_classes else
+                    f"{c}: {meta.classes[c]}" if c < len(meta.classes) else str(c) for c in set(labels.tolist())}
+        _write_grid(folder, labels, captions)
         write_json(folder / SAMPLE_RECORD, {**settings, "finished": True})
     if world > 1:
         accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
@@ -220,10 +222,11 @@ def _intact_png(path: Path) -> bool:
         return False
 
 
-def _write_grid(folder: Path, labels: Tensor) -> None:
+def _write_grid(folder: Path, labels: Tensor, captions: dict[int, str] | None = None) -> None:
     """One row per class (the first GRID_ROWS classes), its first GRID_COLUMNS samples, read back
-    from the PNGs so a resumed run draws the same grid."""
-    from PIL import Image
+    from the PNGs so a resumed run draws the same grid. ``captions`` ({label: text}, e.g.
+    "207: golden retriever") are written in a margin left of each row."""
+    from PIL import Image, ImageDraw, ImageFont
 
     rows: dict[int, list[int]] = {}
     for index, label in enumerate(labels.tolist()):
@@ -235,9 +238,22 @@ def _write_grid(folder: Path, labels: Tensor) -> None:
     with Image.open(image_path(folder, 0)) as first:
         w, h = first.size
     gap = 2
-    canvas = Image.new("RGB", (columns * (w + gap) + gap, len(rows) * (h + gap) + gap), (255, 255, 255))
-    for r, cells in enumerate(rows.values()):
+    font = ImageFont.load_default(size=max(9, min(h // 5, 16)))
+    texts = [_shortened(captions[label]) if captions and label in captions else "" for label in rows]
+    margin = max((ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font) for t in texts), default=0)
+    margin = int(margin) + 2 * gap + 4 if margin else 0
+    canvas = Image.new("RGB", (margin + columns * (w + gap) + gap, len(rows) * (h + gap) + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (cells, text) in enumerate(zip(rows.values(), texts)):
+        top = gap + r * (h + gap)
+        if text:  # centred on the row by its box (anchors need FreeType, which a Pillow build may lack)
+            left, upper, _, lower = draw.textbbox((0, 0), text, font=font)
+            draw.text((gap + 2 - left, top + (h - (lower - upper)) / 2 - upper), text, fill=(0, 0, 0), font=font)
         for c, index in enumerate(cells):
             with Image.open(image_path(folder, index)) as tile:
-                canvas.paste(tile.convert("RGB"), (gap + c * (w + gap), gap + r * (h + gap)))
+                canvas.paste(tile.convert("RGB"), (margin + gap + c * (w + gap), top))
     atomic_write(folder / SAMPLE_GRID, lambda p: canvas.save(p, format="PNG"))
+
+
+def _shortened(text: str, limit: int = 28) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -9,9 +9,10 @@ A run is described by one :class:`TrainConfig` tree::
     schedule:   steps, warm-up, batch, accumulation, EMA, precision      (ScheduleConfig)
     run:        output folder, logging / checkpoint / grid cadence       (RunConfig)
 
-Defaults are the paper's recipe (supplementary C.1): 250k iterations at batch 256, AdamW
-(β 0.9/0.95, weight decay 1e-4), lr 1e-4 scaled by batch/256, cosine decay after a 5k-step linear
-warm-up, gradient clipping 1.0, EMA 0.9999, bf16 on GPU.
+Defaults are the paper's recipe (Sec. 4.1 / supplementary C.1): 250k iterations at batch 256,
+AdamW (β 0.9/0.95, weight decay 1e-4), lr 1e-4 scaled by batch/256, cosine decay after a 5k-step
+linear warm-up; the paper is silent on the rest, which comes from the released recipe: gradient
+clipping 1.0, EMA 0.9999, bf16 on GPU (the paper names bf16 for its generators only).
 
 YAML files may start with ``inherit: other.yaml`` (a path relative to the file, or the name of a
 bundled config); the child's keys are merged over the parent's. Unknown keys anywhere are an error
@@ -91,7 +92,8 @@ class OptimConfig:
         peak learning rate at a global batch of 256; with ``scale_lr`` it is multiplied by
         global_batch / 256 (paper: 1e-4).
     grad_clip:
-        maximum global gradient norm (paper C.1: 1.0); ``0`` or ``None`` turns clipping off.
+        maximum global gradient norm (the released recipe: 1.0; the paper gives none); ``0`` or
+        ``None`` turns clipping off.
     disc_lr / disc_betas / disc_weight_decay:
         the discriminator's own optimizer; ``None`` copies the tokenizer's values.
     """
@@ -117,7 +119,8 @@ class ScheduleConfig:
     grad_accum:      micro-batches per optimizer step on each process.
     warmup_steps:    linear warm-up from 0 to the peak lr (paper: 5k).
     lr_schedule:     ``cosine`` decay to ``min_lr_ratio`` x peak after warm-up, or ``constant``.
-    ema_decay:       EMA of the tokenizer weights used for evaluation and export (paper: 0.9999).
+    ema_decay:       EMA of the tokenizer weights used for evaluation and export (the released
+                     recipe: 0.9999; the paper gives none).
     ema_warmup:      use min(ema_decay, (1 + n) / (10 + n)) after n updates so short runs get a
                      useful average (TensorFlow's ExponentialMovingAverage num_updates rule).
     precision:       ``auto`` = bf16 autocast on GPU, fp32 on CPU; or force ``bf16`` / ``fp32``.

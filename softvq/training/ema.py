@@ -1,5 +1,5 @@
 """Exponential moving average of the tokenizer's weights, used for evaluation and export
-(paper supplementary C.1 / the release: decay 0.9999)."""
+(the released recipe: decay 0.9999; the paper gives no EMA)."""
 
 from __future__ import annotations
 
