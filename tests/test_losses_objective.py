@@ -87,6 +87,30 @@ def test_softvq_vq_losses_are_weighted_like_vq_by_default() -> None:
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_the_released_codes_element_mean_divides_vq_losses_by_the_channels() -> None:
+    torch.manual_seed(0)
+    cfg = softvq.config.preset("softvq-tiny").to_dict()
+    cfg["bottleneck"].update(kind="vq", distance="l2", segments=1, detach_codebook_in_logits=False,
+                             entropy_temperature=None)
+    tok = softvq.Tokenizer(cfg)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = tok(x)
+    objective = TokenizerObjective(ObjectiveConfig(**OFF, vq_loss_reduction="element_mean"), tok)
+    loss, logs = objective.generator_loss(x, out, step=0)
+    # naive reference: the mean over every token and channel of ẑ's squared distance to its codeword
+    naive = (out.encoding.features.double() - out.encoding.latents.double()).pow(2).mean().item()
+    assert logs["bottleneck/commit"] == pytest.approx(naive, rel=1e-5)
+    assert logs["bottleneck/codebook"] == pytest.approx(naive, rel=1e-5)
+    dim = tok.config.bottleneck.latent_dim
+    for name in ("codebook", "commit"):
+        assert logs[f"bottleneck/{name}"] == pytest.approx(out.encoding.losses[name].item() / dim, rel=1e-6)
+    expected = logs["rec"] + (out.encoding.losses["codebook"].item() + 0.25 * out.encoding.losses["commit"].item()) / dim
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # SoftVQ without its opt-in VQ losses has nothing to reduce: the setting would do nothing
+    with pytest.raises(ValueError, match="objective.vq_loss_reduction weights the 'codebook' or 'commit' losses"):
+        TokenizerObjective(ObjectiveConfig(**OFF, vq_loss_reduction="element_mean"), _tok())
+
+
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ValueError, match="unknown objective key"):
         ObjectiveConfig.from_dict({"perceptual_wieght": 1.0})

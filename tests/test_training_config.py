@@ -64,12 +64,16 @@ def test_ablation_configs_change_only_their_field():
     for name, (parent, change) in expected.items():
         cfg = load_config(name)
         assert cfg.model.bottleneck == dataclasses.replace(parent, **change), name
-        assert cfg.objective == base.objective and cfg.schedule == base.schedule
+        # VQ's losses as the released code reduces them (over tokens and channels), as in tab3-vq
+        reduction = "element_mean" if name.startswith("supp-tab5") else "token_sum"
+        assert cfg.objective == dataclasses.replace(base.objective, vq_loss_reduction=reduction), name
+        assert cfg.schedule == base.schedule
     ld = load_config("ablation-ld-32x128")
     assert (ld.model.num_tokens, ld.model.bottleneck.latent_dim, ld.model.bottleneck.groups) == (32, 128, 4)
     vq = load_config("tab3-vq-s-32")
     assert (vq.model.bottleneck.kind, vq.model.num_tokens, vq.model.bottleneck.latent_dim) == ("vq", 32, 64)
-    # KL-S: LDM's 1e-6 per latent element, with our KL summed over channels and averaged over tokens
+    assert vq.objective.vq_loss_reduction == "element_mean"  # the same weight against the reconstruction at every D
+    # KL-S: the released code's 1e-6 on a token-summed KL; ours averages over the L tokens
     for tokens in (32, 256):
         kl = load_config(f"tab3-kl-s-{tokens}")
         assert kl.model.bottleneck.kind == "kl"

@@ -8,7 +8,8 @@ The paper writes the two losses with the norm ‖·‖₂; we use the squared no
 (van den Oord et al. 2017), which is also what WeTok's Eq. 3 writes. Each loss is a per-token
 squared norm summed over the D channels and averaged over tokens, so that product quantization
 (which sums its groups' losses) reproduces the ungrouped value exactly. Note the scale: this is D
-times the per-element mean (``F.mse_loss``) that taming-style code reports.
+times the per-element mean (``F.mse_loss``) that taming-style code and the SoftVQ release use;
+``objective.vq_loss_reduction=element_mean`` divides by D to train with that one (``tab3-vq-*``).
 
 β, the commitment weight (``BottleneckConfig.commitment_weight``, 0.25), belongs to the training
 objective, which weights ``commit`` by β and ``codebook`` by 1; both losses are returned

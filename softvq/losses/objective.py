@@ -87,6 +87,12 @@ class ObjectiveConfig:
         (None = the tokenizer's ``bottleneck.commitment_weight``, 0.25 by default); they also weigh
         SoftVQ's opt-in codebook / commit losses (supp. Tab. 5) and LFQ's commit loss.
     bottleneck_loss_weights: per-name overrides for any loss a bottleneck returns.
+    vq_loss_reduction: how the ``codebook`` and ``commit`` losses (VQ, SoftVQ's opt-in ones, LFQ's
+        commit) reduce over channels: ``token_sum``, Eq. 2's squared norm of each token (summed
+        over its D channels) averaged over tokens, as VQ-VAE writes it; or ``element_mean``, the
+        released code's (LlamaGen's) mean over tokens and channels, D times smaller. With L x D
+        fixed, as in Tab. 3, ``token_sum`` weighs these losses more against the reconstruction
+        the wider the tokens; ``element_mean`` weighs them the same for every D.
     A weight for a loss the chosen bottleneck never returns is refused (:meth:`check_bottleneck`).
     """
 
@@ -118,6 +124,7 @@ class ObjectiveConfig:
     codebook_weight: float = 1.0
     commit_weight: float | None = None
     bottleneck_loss_weights: dict[str, float] = field(default_factory=dict)
+    vq_loss_reduction: Literal["token_sum", "element_mean"] = "token_sum"
 
     def validate(self) -> "ObjectiveConfig":
         """Check choices and ranges (weights non-negative, probabilities in [0, 1]); returns ``self``."""
@@ -156,6 +163,8 @@ class ObjectiveConfig:
             keys.append(("objective.bottleneck_weight", ("kl", "entropy")))
         if bottleneck.commitment_weight != BottleneckConfig.commitment_weight:
             keys.append(("model.bottleneck.commitment_weight", ("commit",)))
+        if self.vq_loss_reduction != ObjectiveConfig.vq_loss_reduction:
+            keys.append(("objective.vq_loss_reduction", ("codebook", "commit")))
         for key, names in keys:
             if any(name in returned for name in names):
                 continue
@@ -210,6 +219,9 @@ class TokenizerObjective(nn.Module):
             "commit": bottleneck_cfg.commitment_weight if cfg.commit_weight is None else cfg.commit_weight,
             **cfg.bottleneck_loss_weights,
         }
+        # element_mean: each token's squared norm over its D channels, divided by D
+        self.per_channel = {name: bottleneck_cfg.latent_dim if cfg.vq_loss_reduction == "element_mean" else 1
+                            for name in ("codebook", "commit")}
 
         use_adv = cfg.adversarial_weight > 0
         disc_kind = cfg.discriminator
@@ -327,6 +339,7 @@ class TokenizerObjective(nn.Module):
         for name, value in out.encoding.losses.items():
             w = self.bottleneck_loss_weight(name)
             if w:
+                value = value / self.per_channel.get(name, 1)
                 parts[f"bottleneck/{name}"], weighted[f"bottleneck/{name}"] = value, w * value
 
         for name, value in out.encoding.metrics.items():  # watched, never optimised (no _weighted twin)
