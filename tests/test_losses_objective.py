@@ -106,6 +106,13 @@ def test_the_released_codes_element_mean_divides_vq_losses_by_the_channels() -> 
         assert logs[f"bottleneck/{name}"] == pytest.approx(out.encoding.losses[name].item() / dim, rel=1e-6)
     expected = logs["rec"] + (out.encoding.losses["codebook"].item() + 0.25 * out.encoding.losses["commit"].item()) / dim
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # LFQ's commit loss likewise (WeTok's configs): the mean over channels of (u - sign(u))^2
+    cfg["bottleneck"].update(kind="lfq", lfq_groups=2)
+    lfq = softvq.Tokenizer(cfg)
+    out = lfq(x)
+    _, logs = TokenizerObjective(ObjectiveConfig(**OFF, vq_loss_reduction="element_mean"), lfq).generator_loss(x, out, step=0)
+    features = out.encoding.features.double()
+    assert logs["bottleneck/commit"] == pytest.approx((features - features.sign()).pow(2).mean().item(), rel=1e-5)
     # SoftVQ without its opt-in VQ losses has nothing to reduce: the setting would do nothing
     with pytest.raises(ValueError, match="objective.vq_loss_reduction weights the 'codebook' or 'commit' losses"):
         TokenizerObjective(ObjectiveConfig(**OFF, vq_loss_reduction="element_mean"), _tok())

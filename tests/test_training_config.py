@@ -295,6 +295,7 @@ def test_wetok_configs_are_gq_then_a_generative_decoder_from_its_export():
     gq = load_config("wetok-gq-s-64")
     b = gq.model.bottleneck
     assert (b.kind, b.latent_dim, b.lfq_groups, b.latent_dim // b.lfq_groups) == ("lfq", 32, 4, 8)  # WeTok Tab. 9
+    assert gq.objective.vq_loss_reduction == "element_mean"  # LFQ's commit loss as its implementations average it
     gd = load_config("wetok-gd-s-64")
     assert gd.model.decoder_noise_dim == 8 and gd.model.bottleneck == b
     assert (gd.run.init_from, gd.run.init_encoder) == ("runs/wetok-gq-s-64/export", None)
