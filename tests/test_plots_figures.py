@@ -54,8 +54,11 @@ def test_pca_matches_scikit_learn_up_to_sign():
 
     x = np.random.default_rng(1).standard_normal((40, 10)) @ np.diag(np.arange(10, 0, -1.0))
     ours = plots.pca_2d(x)
-    ref = PCA(2).fit_transform(x)
-    np.testing.assert_allclose(np.abs(ours), np.abs(ref), rtol=1e-8, atol=1e-10)
+    ref = PCA(2).fit(x)
+    np.testing.assert_allclose(np.abs(ours), np.abs(ref.transform(x)), rtol=1e-8, atol=1e-10)
+    # the projection names the share of the variance its two axes explain, as scikit-learn measures it
+    first, second = (round(100 * r) for r in ref.explained_variance_ratio_)
+    assert plots.project_2d(x, "pca")[1] == f"PCA, {first}% + {second}% of the variance"
 
 
 def test_latent_projection_and_rate_quality(tmp_path):

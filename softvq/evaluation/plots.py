@@ -239,17 +239,26 @@ def plot_codebook_usage(counts: Tensor | np.ndarray, path: str | Path, *, title:
 
 def pca_2d(x: Tensor | np.ndarray) -> np.ndarray:
     """First two principal components (centred data, SVD), (N, 2)."""
+    return _principal_components(x)[0]
+
+
+def _principal_components(x: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first two principal components (N, 2) and the share of the variance each explains (2,)."""
     a = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     a = a - a.mean(0)
     if len(a) < 2:
         raise ValueError("need at least 2 points to project")
     u, s, _ = np.linalg.svd(a, full_matrices=False)
+    total = float((s ** 2).sum())
+    share = np.pad((s[:2] ** 2) / total if total > 0 else np.zeros(min(2, len(s))), (0, max(0, 2 - len(s))))
     out = u[:, :2] * s[:2]
-    return out if out.shape[1] == 2 else np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
+    return (out if out.shape[1] == 2 else np.pad(out, ((0, 0), (0, 2 - out.shape[1])))), share
 
 
 def project_2d(x: Tensor | np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
-    """2D embedding by ``pca``, ``umap`` (needs ``umap-learn``) or ``auto`` (UMAP if installed)."""
+    """2D embedding by ``pca``, ``umap`` (needs ``umap-learn``) or ``auto`` (UMAP if installed), and
+    its name: "UMAP", or "PCA, 31% + 12% of the variance" (what the two axes explain: a picture of
+    a few percent shows little of the latent space)."""
     if method not in ("auto", "pca", "umap"):
         raise ValueError(f"unknown projection {method!r}; use auto, pca or umap")
     if method in ("auto", "umap"):
@@ -263,7 +272,8 @@ def project_2d(x: Tensor | np.ndarray, method: str = "auto", seed: int = 0) -> t
             a = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
             neighbours = max(2, min(15, len(a) - 1))
             return umap.UMAP(n_neighbors=neighbours, random_state=seed).fit_transform(a), "UMAP"
-    return pca_2d(x), "PCA"
+    xy, share = _principal_components(x)
+    return xy, f"PCA, {share[0]:.0%} + {share[1]:.0%} of the variance"
 
 
 def plot_latent_projection(features: Tensor | np.ndarray, latents: Tensor | np.ndarray,
