@@ -161,6 +161,25 @@ def test_pretokenize_skips_and_counts_unreadable_images(tmp_path, capsys):
     data = load_latents(tmp_path / "lat")
     assert len(data.labels) == 4 and data.labels.tolist() == [0, 0, 1, 1] and data.classes == ["a", "b"]
     assert len(data.meta["skipped"]) == 1 and "broken.png" in data.meta["skipped"][0]
+    assert data.meta["class_counts"] == [2, 2]
+
+
+def test_pretokenize_warns_of_a_class_left_without_latents(tmp_path, capsys):
+    from PIL import Image
+
+    from softvq.cli.main import main
+
+    for cls in ("cat", "dog", "owl"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 0)).save(tmp_path / "imgs" / "cat" / f"{i}.png")
+        Image.new("RGB", (64, 64), (90, 40 * i, 0)).save(tmp_path / "imgs" / "owl" / f"{i}.png")
+        (tmp_path / "imgs" / "dog" / f"{i}.png").write_bytes(b"\x89PNG not really")
+    assert main(["pretokenize", str(tmp_path / "lat"), "--images", str(tmp_path / "imgs"), "--model", "softvq-tiny",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 3 class(es) have no latents, all their files unreadable or none there: dog." in err
+    assert load_latents(tmp_path / "lat").meta["class_counts"] == [2, 0, 2]
 
 
 def test_bench_gen_prints_flops_beside_the_paper(capsys):

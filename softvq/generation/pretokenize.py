@@ -32,6 +32,7 @@ the same number of processes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from softvq.tokenizer import Tokenizer
+
+_LOG = logging.getLogger(__name__)
+
 
 @dataclass
 class PretokenizeResult:
@@ -92,6 +96,7 @@ class _Progress:
     elements: int = 0
     skipped: list[str] = field(default_factory=list)
     finished: bool = False
+    class_counts: dict[str, int] | None = None  # latents per label; None: a run started before they were counted
 
     def save(self, path: Path) -> None:
         write_json(path, self.__dict__)
@@ -262,7 +267,7 @@ def _pretokenize(tokenizer: "Tokenizer", source: LatentSource, out: Path, tokeni
     resuming = decided_by_main_process(accelerator, lambda: _claim(out, settings))
     saved = out / part.progress_name
     state = (_Progress.load(saved) if resuming and saved.is_file()
-             else _Progress(settings, position=part.start, exact_total=0, exact_sq_total=0))
+             else _Progress(settings, position=part.start, exact_total=0, exact_sq_total=0, class_counts={}))
     if not state.finished:
         source.used = True
         _encode_part(tokenizer, source, out, part, state, batch_size, shard_size, progress and rank == 0)
@@ -309,6 +314,9 @@ def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state:
             state.exact_sq_total += exact_sum(squares)
         state.elements += z.size
         state.count += len(names)
+        if state.class_counts is not None:
+            for label in labels.tolist():
+                state.class_counts[str(label)] = state.class_counts.get(str(label), 0) + 1
         # samples already read past this shard are read again on resume, with the files skipped among them
         state.position, skipped_before = marks[-1]
         state.skipped = source.skipped[:skipped_before]
@@ -379,6 +387,15 @@ def _merge_parts(out: Path, parts: list[_Part], tokenizer, tokenizer_spec: str |
         mean = sum(s.total for s in states) / elements
         mean_square = sum(s.sq_total for s in states) / elements
     std = math.sqrt(max(mean_square - mean * mean, 0.0))
+    counted = all(s.class_counts is not None for s in states)
+    per_class = [sum(s.class_counts.get(str(c), 0) for s in states) for c in range(len(classes))] if counted else None
+    if per_class is not None:
+        empty = [name for name, n in zip(classes, per_class) if n == 0]
+        if empty:
+            shown = ", ".join(empty[:8]) + (f" and {len(empty) - 8} more" if len(empty) > 8 else "")
+            _LOG.warning(f"{len(empty)} of {len(classes)} class(es) have no latents, all their files unreadable or "
+                         f"none there: {shown}. A generator trained on {out} never sees them; their samples show "
+                         f"nothing learned. Fix or remove those folders and pretokenize into a new folder")
     sha1s = {s.settings.get("tokenizer_sha1") for s in states}  # None: a part started before they were recorded
     meta = {
         "format": FORMAT,
@@ -395,6 +412,7 @@ def _merge_parts(out: Path, parts: list[_Part], tokenizer, tokenizer_spec: str |
         **({"tokenizer_sha1": next(iter(sha1s))} if len(sha1s) == 1 and None not in sha1s else {}),
         "tokenizer_precision": tokenizer.precision,
         "classes": classes,
+        **({"class_counts": per_class} if per_class is not None else {}),
         "shards": [name for s in states for name in s.shards],
         "skipped": skipped,
     }
