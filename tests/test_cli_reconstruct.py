@@ -75,6 +75,24 @@ def test_a_folder_stands_for_its_images_and_its_unreadable_files_are_skipped(tmp
     assert "holds no image files" in capsys.readouterr().err  # data.folder.scan_folder's error, as for train
 
 
+def test_outputs_under_a_folder_given_are_not_reconstructed_again(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = bundled_photos()[0]
+    (folder / photo.name).write_bytes(photo.read_bytes())
+    command = ["reconstruct", str(folder), "--resize", "--out", str(folder / "recon")]
+    for run in range(2):  # the second run finds the first one's two PNGs under the folder
+        assert main(command) == 0
+        out, err = capsys.readouterr()
+        assert "mean PSNR over 1 image(s)" in out
+        assert ("left out 2 file(s) under --out" in err) == (run == 1)
+    assert sorted(p.name for p in (folder / "recon").iterdir()) == [f"{photo.stem}_recon.png",
+                                                                    f"{photo.stem}_side_by_side.png"]
+    # only outputs given: a one-line error, not "none could be read"
+    assert main(["reconstruct", str(folder / "recon"), "--resize", "--out", str(folder / "recon")]) == 2
+    assert "every file given lies under --out" in capsys.readouterr().err
+
+
 def test_help_names_where_the_reconstructions_go(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["reconstruct", "--help"])

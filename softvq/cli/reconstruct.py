@@ -11,6 +11,7 @@ multiple of the patch; position embeddings are resized) is given.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,16 @@ def run(args: argparse.Namespace) -> int:
         # The bundled photos come in many sizes: resizing them is the only sensible default.
         resize = not args.native_size
         print(f"no images given: using the {len(entries)} photos bundled with scikit-image/scikit-learn")
+    out = Path(args.out)
+    # --out inside a folder given: a second run would reconstruct the first run's outputs
+    inside = [p for p, named in entries if not named and Path(os.path.realpath(p)).is_relative_to(os.path.realpath(out))]
+    if inside:
+        entries = [(p, named) for p, named in entries if named or p not in inside]
+        print(f"left out {len(inside)} file(s) under --out {out}: earlier outputs, not images to reconstruct",
+              file=sys.stderr)
+        if not entries:
+            raise ImageReadError(f"every file given lies under --out {out}; pass the folder of the originals, or "
+                                 f"another --out")
     torch.manual_seed(args.seed)
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     c = model.config
@@ -102,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}", file=sys.stderr)
     if not images:
         raise ImageReadError("none of the images given could be read")
-    out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; reconstruct writes a folder of images: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
