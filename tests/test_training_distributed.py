@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,8 +153,9 @@ def test_launched_processes_agree_on_a_stop_any_one_of_them_heard(tmp_path):
 
 @pytest.mark.slow
 def test_a_launched_run_stopped_by_sigterm_keeps_a_checkpoint_and_resumes_exactly(tmp_path):
-    """A scheduler's SIGTERM to torchrun (which passes it to its workers) stops the run after the
-    step in progress with a checkpoint; --resume then continues with the losses a straight run has."""
+    """A scheduler's SIGTERM, sent as Slurm sends it, to every process (the workers, then torchrun,
+    which relays its own to them: two per worker), stops the run after the step in progress with a
+    checkpoint; --resume then continues with the losses a straight run has."""
     import json
     import signal
     import time
@@ -173,6 +175,11 @@ def test_a_launched_run_stopped_by_sigterm_keeps_a_checkpoint_and_resumes_exactl
     deadline = time.monotonic() + 120
     while not (log.is_file() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
         time.sleep(0.2)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2
+    for pid in workers:  # Slurm's signal and torchrun's relay of its own, here without the relay's delay
+        os.kill(int(pid), signal.SIGTERM)
+        os.kill(int(pid), signal.SIGTERM)  # this second request used to stop the worker at once, unsaved
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     stopped = len(read_log(run))

@@ -670,7 +670,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     model.train()
     say = (lambda text: print(text, file=sys.stderr)) if acc.is_main_process else (lambda text: None)
     stop = StopRequests(lambda name: say(f"received {name}: stopping after this step with a checkpoint "
-                                         f"(again to stop at once)")).install()
+                                         f"(Ctrl-C again to stop at once)")).install()
     stopped_at = None
     try:
         for step in bar:

@@ -297,7 +297,7 @@ class Trainer:
         start_step, started = self.step, time.time()
         status = "finished"
         self._stop = StopRequests(lambda name: self.logger.info(
-            f"received {name}: stopping after this step (again to stop at once)")).install()
+            f"received {name}: stopping after this step (Ctrl-C again to stop at once)")).install()
         bar = tqdm(total=cfg.schedule.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=0.5,
                    disable=not (self.is_main and run.progress), desc="train")
         window: dict[str, float] = defaultdict(float)
