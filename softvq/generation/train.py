@@ -566,6 +566,9 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     run = Path(cfg.out)
     # without CUDA a launched run must ask for CPU processes, or accelerate gives each one a run of its own
     acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
+    if cfg.batch_size % acc.num_processes:  # each process takes batch / n: a remainder would be dropped unsaid
+        raise ValueError(f"--batch-size {cfg.batch_size} must split evenly into {acc.num_processes} processes; pass a "
+                         f"multiple of {acc.num_processes}")
     lock = lock_run_folder(run, acc)  # one process per run folder, for the run's whole life (main only)
     caller_rng = capture_rng()  # the run seeds the global generators; the caller gets its states back
     try:
@@ -661,7 +664,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     model, optimizer = acc.prepare(model, optimizer)
     latents = (data.latents - data.mean) / data.std  # (z - mean) / std, supp. C.2 / the release
     labels = data.labels
-    per_process = max(1, cfg.batch_size // acc.num_processes)
+    per_process = cfg.batch_size // acc.num_processes
     log_file = run / "log.jsonl"
     first_loss = last_loss = math.nan
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.objective}",
