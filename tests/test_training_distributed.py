@@ -184,7 +184,9 @@ def test_a_launched_run_stopped_by_sigterm_keeps_a_checkpoint_and_resumes_exactl
     out, err = proc.communicate(timeout=120)
     stopped = len(read_log(run))
     assert 3 <= stopped < 100_000, err[-3000:]
-    assert f"stopped at step {stopped}; continue with: softvq train --resume" in out, out[-2000:] + err[-2000:]
+    # the hint names the launcher: a resume on one process would train on with other losses
+    assert (f"stopped at step {stopped}; continue with: torchrun --nproc_per_node 2 -m softvq.cli.main train "
+            f"--resume --output {run}") in out, out[-2000:] + err[-2000:]
     assert (run / "checkpoints" / f"step-{stopped:08d}.pt").is_file()
 
     target = stopped + 2

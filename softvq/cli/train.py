@@ -15,6 +15,7 @@ config comes from the run folder unless CONFIG is given. Several processes:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -122,14 +123,14 @@ def run(args: argparse.Namespace) -> int:
 
         if first_launched_process():
             saved = (run_dir / "config.yaml").is_file()
-            print("softvq train: interrupted; " + (f"continue with: softvq train --resume --output {run_dir}" if saved
+            print("softvq train: interrupted; " + (f"continue with: {resume_command(run_dir)}" if saved
                                                    else "nothing was written: run the same command again"),
                   file=sys.stderr)
         return 130
     if not trainer.is_main:
         return 0
     if result.status == "interrupted":
-        print(f"stopped at step {result.step}; continue with: softvq train --resume --output {run_dir}")
+        print(f"stopped at step {result.step}; continue with: {resume_command(run_dir)}")
         return 130
     m = result.metrics
     line = f"{result.status} at step {result.step}: held-out PSNR {m.get('psnr', float('nan')):.2f} dB"
@@ -138,3 +139,14 @@ def run(args: argparse.Namespace) -> int:
     print(line + f" ({m.get('wall_seconds', 0):.0f} s)")
     print(f"run folder {run_dir}: export/ (EMA weights), grids/, checkpoints/, metrics.json, log.jsonl")
     return 0
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run: under a launcher, with it and the same process count (a
+    resume on another count trains on, but its losses no longer match an uninterrupted run's)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+        return (f"torchrun --nproc_per_node {local} -m softvq.cli.main train --resume --output {run_dir} (or "
+                f"your launcher, with {world} processes again)")
+    return f"softvq train --resume --output {run_dir}"

@@ -378,7 +378,8 @@ class Trainer:
             self._stop.restore()
         wall = time.time() - started
         if status == "interrupted":
-            self.logger.info(f"interrupted at step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
+            kept = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint yet"
+            self.logger.info(f"interrupted at step {result.step}: {kept}; continue with --resume")
         else:
             result.export = self.export()
             result.metrics = self.final_metrics(wall, start_step)
