@@ -82,7 +82,7 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
     if objective == "sit":  # another generator into the same folder: a clear error, not a size mismatch
         wider = [f for f in flags if not f.startswith("--width=")] + ["--width=64"]
         assert main(["train-generator", f"--out={tmp_path / 'b'}", "--steps=6", *wider]) == 2
-        assert "holds checkpoints of another generator (width 32 -> 64)" in capsys.readouterr().err
+        assert "was trained with other settings (another generator: width 32 -> 64)" in capsys.readouterr().err
         assert main(["train-generator", f"--out={tmp_path / 'b'}", "--steps=2", *flags]) == 2
         assert "is already at step 4; --steps 2 would train nothing" in capsys.readouterr().err
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]

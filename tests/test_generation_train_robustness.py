@@ -212,7 +212,10 @@ def test_a_run_that_lost_its_config_json_resumes_only_with_the_settings_its_chec
     config.unlink()
     for flags, named in ((["--lr", "5e-4", "--seed", "3"], "was trained with other settings (lr 0.0001 -> 0.0005; "
                                                            "seed 0 -> 3); a rerun continues it with the same ones"),
-                         (["--width", "64"], "holds checkpoints of another generator (width 32 -> 64)")):
+                         (["--width", "64"], "was trained with other settings (another generator: width 32 -> 64)"),
+                         # all differences in one message, not one per rerun
+                         (["--width", "64", "--lr", "5e-4"], "was trained with other settings (another generator: "
+                                                             "width 32 -> 64; lr 0.0001 -> 0.0005)")):
         # were a silent resume with the new settings, and torch's "size mismatch" traceback
         assert train_cli(root, tmp_path / "run", "--steps", "6", *flags) == 2
         assert f"softvq train-generator: error: {tmp_path / 'run'} {named}" in capsys.readouterr().err
@@ -222,7 +225,7 @@ def test_a_run_that_lost_its_config_json_resumes_only_with_the_settings_its_chec
     other["model"]["width"] = other["train"]["width"] = 64
     config.write_text(json.dumps(other))
     assert train_cli(root, tmp_path / "run", "--steps", "6", "--width", "64") == 2
-    assert "holds checkpoints of another generator (width 32 -> 64)" in capsys.readouterr().err
+    assert "was trained with other settings (another generator: width 32 -> 64)" in capsys.readouterr().err
     config.write_text("[]")  # was AttributeError: 'list' object has no attribute 'get'
     assert train_cli(root, tmp_path / "run", "--steps", "6") == 2
     assert ("its config.json holds a list, not a run's settings; restore it, or delete it to continue from the "

@@ -419,10 +419,8 @@ def check_same_run(run: Path, saved: dict[str, Any], model: dict[str, Any], trai
     records is a clear error before any weights are loaded; what ``saved`` lacks is not compared."""
     from softvq.checkpoint.specs import portable_spec
 
-    changed = changed_settings(saved["model"], model) if "model" in saved else []
-    if changed:
-        raise ValueError(f"{run} holds checkpoints of another generator ({', '.join(changed)}); resuming needs the "
-                         f"same settings, or pass a new --out to start a fresh run")
+    # every difference at once: naming one at a time makes the user rerun to find the next
+    model_changed = changed_settings(saved["model"], model) if "model" in saved else []
     saved_train = dict(saved.get("train", train))
     if saved_train.get("tokenizer") and train.get("tokenizer") and \
             portable_spec(saved_train["tokenizer"]) == train["tokenizer"]:  # recorded before specs were absolute
@@ -431,10 +429,12 @@ def check_same_run(run: Path, saved: dict[str, Any], model: dict[str, Any], trai
     changed = changed_settings(saved_train, train, ignore=(*CHANGEABLE_ON_RESUME, "size"))
     if saved.get("latents_sha1", latents_sha1) != latents_sha1:
         changed.append(f"latent set {saved_train.get('latents')!r} -> {train['latents']!r} (another meta.json)")
-    if changed:
+    if model_changed or changed:
         flags = ", ".join("--" + name.replace("_", "-") for name in CHANGEABLE_ON_RESUME[2:])
-        raise ValueError(f"{run} was trained with other settings ({'; '.join(changed)}); a rerun continues it "
-                         f"with the same ones (only {flags} may change), or pass a new --out to start a fresh run")
+        changed = [c for c in changed if c not in model_changed]  # a width is in both records
+        what = "; ".join(([f"another generator: {', '.join(model_changed)}"] if model_changed else []) + changed)
+        raise ValueError(f"{run} was trained with other settings ({what}); a rerun continues it with the same ones "
+                         f"(only {flags} may change), or pass a new --out to start a fresh run")
 
 
 def saved_settings(run: Path, state: dict[str, Any], checkpoint: Path) -> list[dict[str, Any]]:
