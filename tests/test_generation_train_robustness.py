@@ -319,6 +319,13 @@ def test_messages_shared_with_eval_name_no_generate_command(made, tmp_path, caps
             assert main([*command, "--device", "cpu"]) == 2
             err = capsys.readouterr().err
             assert named in err and "generate " not in err.split(": error: ", 1)[1], err  # was "... generate RUN"
+    from softvq.run_lock import RunLock
+
+    with RunLock(stopped):  # still training: a rerun of train-generator would be refused by the lock
+        assert main(["generate", str(stopped), "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+    assert (f"{stopped} is a train-generator run still training (another process holds its lock), with no "
+            f"generator/ yet; wait until it finishes; or pass its last checkpoint") in err
 
 
 def test_a_generator_run_folder_is_locked_for_the_run_and_a_killed_runs_lock_file_is_no_content(made, tmp_path,
