@@ -1,7 +1,9 @@
 """Files written whole or not at all: checkpoints, latents, reports, records of resumable work.
 
-Every file a long job leaves is written to a temporary name beside it and renamed over the
-target, so a crash, Ctrl-C or full disk never leaves half a file that a rerun would trust.
+Every file a long job leaves is written to a temporary name beside it, flushed to the disk, and
+renamed over the target, so a crash, Ctrl-C, full disk or power loss never leaves half a file
+that a rerun would trust. (Without the flush, a file system may persist the rename before the
+data: after a power loss the name would hold a truncated or empty file. It costs ~0.2 ms a file.)
 """
 
 from __future__ import annotations
@@ -22,19 +24,36 @@ def _new_file_mode() -> int:
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file. The
-    file gets the permissions a plainly written one would (``mkstemp`` alone makes it owner-only,
-    so colleagues could not read shared checkpoints and latents)."""
+    """Call ``write(tmp_path)``, flush it to the disk, then rename over ``path``: a crash or power
+    loss never leaves half a file. The file gets the permissions a plainly written one would
+    (``mkstemp`` alone makes it owner-only, so colleagues could not read shared checkpoints and
+    latents)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, _new_file_mode())
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Persist the rename itself (POSIX; Windows cannot open a folder, and commits renames itself)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and FUSE mounts) refuse fsync on a folder: the data is safe anyway
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temporaries(folder: Path, *, recursive: bool = False) -> int:

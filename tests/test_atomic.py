@@ -1,0 +1,47 @@
+"""Files written whole or not at all: the data reaches the disk before the rename makes it the file."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from softvq import atomic
+
+
+def test_the_data_is_flushed_before_the_rename_and_the_rename_after_it(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "?"
+        events.append(("fsync", os.path.basename(target)))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    atomic.write_json(tmp_path / "state.json", {"step": 3})
+    assert (tmp_path / "state.json").read_text() == '{\n  "step": 3\n}'
+    names = [name for _, name in events]
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    if os.path.exists("/proc/self/fd"):  # the temporary file's data, then the folder holding the new name
+        assert names[0].startswith(".state.json.") and names[0].endswith(".tmp") and names[2] == tmp_path.name
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left
+    assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == atomic._new_file_mode()
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    (tmp_path / "kept.txt").write_text("old")
+
+    def half_then_fail(path):
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic.atomic_write(tmp_path / "kept.txt", half_then_fail)
+    assert (tmp_path / "kept.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
