@@ -224,3 +224,16 @@ def test_launched_processes_log_the_unreadable_files_of_all_of_them(tmp_path):
     # each file once, from every process (the log counted process 0's only); those of the held-out
     # file and of both halves of the one batch
     assert logged[-1] == final >= 2, (logged, final)
+
+
+def test_a_refusal_the_main_process_decides_is_printed_once(tmp_path):
+    """Every process raises it (none may wait at a later collective), but it is one error."""
+    out = tmp_path / "lat"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's")
+    proc = subprocess.run(torchrun(2) + ["-m", "softvq.cli.main", "pretokenize", str(out), "--bundled", "--model",
+                                         "softvq-tiny", "--device", "cpu"],
+                          env=cpu_process_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"softvq pretokenize: error: {out} is not empty (it holds notes.txt") == 1, \
+        proc.stderr[-3000:]

@@ -89,5 +89,7 @@ def decided_by_main_process(accelerator, decide: Callable[[], T]) -> T:
             verdict = ("refused", exc)
     kind, value = broadcast_object_list([verdict])[0]
     if kind == "refused":
+        if not accelerator.is_main_process:  # the same refusal everywhere: the CLI prints the main one's
+            value.shown_by_main_process = True
         raise value
     return value
