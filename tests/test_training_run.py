@@ -216,6 +216,19 @@ def test_a_short_run_on_fixed_crops_learns_to_reconstruct_them(tmp_path):
         "step-00000000.png", "step-00000020.png", "step-00000040.png"]
 
 
+def test_measuring_the_held_out_images_more_often_trains_the_same_weights(tmp_path):
+    """LPIPS' construction and a generative decoder's noise draw from the global generators: the
+    grids and held-out metrics must not move the run's data order, noise and losses."""
+    model = {**tiny_tree()["model"], "decoder_noise_dim": 2}
+    exports = []
+    for name, every in (("never", 0), ("often", 2)):
+        Trainer(config_from_dict(tiny_tree(model=model, run={"grid_every": every, "eval_lpips": True})),
+                tmp_path / name).fit()
+        exports.append(exported(tmp_path / name))
+    assert sorted(losses(tmp_path / "often", "heldout/lpips")) == [0, 2, 4, 6]
+    assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
+
+
 def test_a_run_stopped_by_its_time_limit_logs_the_held_out_metrics_of_where_it_stopped(tmp_path):
     cfg = config_from_dict(tiny_tree(run={"max_minutes": 1e-6, "log_every": 4}))
     result = Trainer(cfg, tmp_path).fit()

@@ -699,6 +699,13 @@ class Trainer:
         EMA weights' PSNR (and LPIPS, with ``run.eval_lpips``) on all held-out images: the training
         loop logs them as ``heldout/psnr`` / ``heldout/lpips``, the held-out curve beside the
         batches' losses. Returns those metrics on the main process ({} on the others)."""
+        # Measuring must not change what is trained: LPIPS' construction and a generative decoder's
+        # noise draw from the global generators, which the run's data and losses also draw from.
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            return self._grid_and_metrics()
+
+    def _grid_and_metrics(self) -> dict[str, float]:
         held: HeldOut = self.heldout
         with self.ema.swapped_into(self.unwrapped):
             ema_reconstructions = self._heldout_reconstructions(held.images)
