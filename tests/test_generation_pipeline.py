@@ -246,12 +246,6 @@ def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monk
         retrained.decoder.to_pixel.weight.add_(0.01)
     with pytest.raises(FileExistsError, match="other settings .*tokenizer_sha1"):
         pretokenize(retrained, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
-    shard = tmp_path / "cut" / "latents-00000.safetensors"
-    whole = shard.read_bytes()
-    shard.write_bytes(whole[:-16])  # a damaged shard is named, not continued into a set that fails later
-    with pytest.raises(ValueError, match="latents-00000.safetensors, listed in .* is damaged"):
-        pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
-    shard.write_bytes(whole)
     (tmp_path / "cut" / ".latents-00001.safetensors.k3j2.tmp").write_bytes(b"half")  # a SIGKILL mid-write
     resumed = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **{**run, "batch_size": 2})
     assert not list((tmp_path / "cut").glob("*.tmp"))  # no dead shard left in the finished set
@@ -265,6 +259,45 @@ def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monk
     assert not (tmp_path / "cut" / PROGRESS_NAME).exists()
     with pytest.raises(FileExistsError, match="already holds a finished latent set"):
         pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+
+
+@pytest.mark.parametrize("damaged, whole_before", [("latents-00000", 0), ("latents-00001", 1)])
+def test_a_damaged_shard_is_encoded_again_from_the_last_whole_one_before_it(tmp_path, monkeypatch, caplog,
+                                                                            damaged, whole_before):
+    """Not "delete the folder": the shards before it are kept (ImageNet's are hours of encoding)."""
+    from PIL import Image
+
+    from softvq.generation.latent_sources import folder_source
+    from softvq.generation.latents import PROGRESS_NAME
+
+    tok = tiny_tokenizer(tmp_path)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(12):
+        Image.new("RGB", (40, 40), (20 * i, 255 - 20 * i, 7 * i)).save(tmp_path / "imgs" / "a" / f"{i:02d}.png")
+    (tmp_path / "imgs" / "a" / "04_broken.png").write_bytes(b"\x89PNG not really")  # read inside shard 1
+    run = dict(tokenizer_spec="tok", batch_size=3, shard_size=4, progress=False)
+    straight = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "straight", **run)
+    _interrupt_encoding_at_call(monkeypatch, 4)  # 9 samples read: shards 0 and 1 written
+    with pytest.raises(KeyboardInterrupt):
+        pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+    monkeypatch.undo()
+    progress = json.loads((tmp_path / "cut" / PROGRESS_NAME).read_text())
+    assert progress["shards"] == ["latents-00000.safetensors", "latents-00001.safetensors"]
+    assert len(progress["skipped"]) == 1
+    shard = tmp_path / "cut" / f"{damaged}.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-16])  # a copy cut short, a crash on a file system without order
+    kept = (tmp_path / "cut" / "latents-00000.safetensors").stat().st_mtime_ns
+    with caplog.at_level("WARNING", logger="softvq"):
+        resumed = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+    assert (f"{shard} is damaged (truncated or overwritten): encoding again from it, after the {whole_before} "
+            f"whole shard(s) before it") in caplog.text
+    if whole_before:  # the whole shard was kept, not written again
+        assert (tmp_path / "cut" / "latents-00000.safetensors").stat().st_mtime_ns == kept
+    a, b = load_latents(tmp_path / "straight"), load_latents(tmp_path / "cut")
+    assert b.names == a.names and torch.allclose(a.latents, b.latents, atol=1e-5) and torch.equal(a.labels, b.labels)
+    assert (resumed.latent_mean, resumed.latent_std) == (straight.latent_mean, straight.latent_std)
+    assert resumed.skipped == straight.skipped and len(resumed.skipped) == 1  # the broken file counted once
+    assert b.meta["class_counts"] == a.meta["class_counts"] == [12]
 
 
 def test_pretokenize_cli_continues_a_random_preset_with_its_saved_weights(tmp_path, monkeypatch, capsys):

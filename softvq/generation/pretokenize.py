@@ -31,6 +31,7 @@ the same number of processes.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -97,6 +98,27 @@ class _Progress:
     skipped: list[str] = field(default_factory=list)
     finished: bool = False
     class_counts: dict[str, int] | None = None  # latents per label; None: a run started before they were counted
+    # the fields of REWOUND (and len(skipped)) after 0, 1, 2, ... shards, so that a damaged shard is
+    # encoded again from there; None: a run started before they were kept
+    after_shards: list[dict[str, Any]] | None = None
+
+    REWOUND = ("count", "position", "total", "sq_total", "exact_total", "exact_sq_total", "elements", "class_counts")
+
+    def mark(self) -> None:
+        """Remember the state after the shards written so far (call after each shard)."""
+        if self.after_shards is not None:
+            self.after_shards.append({**{k: copy.deepcopy(getattr(self, k)) for k in self.REWOUND},
+                                      "skipped": len(self.skipped)})
+
+    def rewind(self, shards: int) -> None:
+        """Back to the state after the first ``shards`` shards (``after_shards`` must reach it)."""
+        assert self.after_shards is not None and shards < len(self.after_shards)
+        kept = self.after_shards[shards]
+        for key in self.REWOUND:
+            setattr(self, key, copy.deepcopy(kept[key]))
+        self.skipped = self.skipped[:kept["skipped"]]
+        self.shards, self.after_shards = self.shards[:shards], self.after_shards[:shards + 1]
+        self.finished = False
 
     def save(self, path: Path) -> None:
         write_json(path, self.__dict__)
@@ -211,13 +233,20 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
         if changed:
             raise FileExistsError(f"{out} holds an interrupted pretokenize with other settings ({'; '.join(changed)}); "
                                   f"rerun it with the same ones to continue, or choose an empty folder")
-        missing = [name for name in progress.shards if not (out / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{out / missing[0]}, listed in {saved}, is missing; delete the folder to start over")
-        damaged = [name for name in progress.shards if not _whole_shard(out / name)]
-        if damaged:
-            raise ValueError(f"{out / damaged[0]}, listed in {saved}, is damaged (truncated or overwritten); "
-                             f"delete the folder to start over")
+        bad = next(((i, "missing" if not (out / name).is_file() else "damaged (truncated or overwritten)")
+                    for i, name in enumerate(progress.shards)
+                    if not (out / name).is_file() or not _whole_shard(out / name)), None)
+        if bad is not None:
+            index, what = bad
+            if progress.after_shards is None or index >= len(progress.after_shards):  # a run from before they were kept
+                raise ValueError(f"{out / progress.shards[index]}, listed in {saved}, is {what}; delete the folder to "
+                                 f"start over")
+            for name in progress.shards[index:]:
+                (out / name).unlink(missing_ok=True)
+            _LOG.warning(f"{out / progress.shards[index]} is {what}: encoding again from it, after the "
+                         f"{index} whole shard(s) before it")
+            progress.rewind(index)
+            progress.save(saved)
     remove_stale_temporaries(out)  # shards a killed run was writing: the continuation writes them again
     return True
 
@@ -267,7 +296,11 @@ def _pretokenize(tokenizer: "Tokenizer", source: LatentSource, out: Path, tokeni
     resuming = decided_by_main_process(accelerator, lambda: _claim(out, settings))
     saved = out / part.progress_name
     state = (_Progress.load(saved) if resuming and saved.is_file()
-             else _Progress(settings, position=part.start, exact_total=0, exact_sq_total=0, class_counts={}))
+             else _Progress(settings, position=part.start, exact_total=0, exact_sq_total=0, class_counts={},
+                            after_shards=[]))
+    if not state.shards:
+        state.after_shards = [] if state.after_shards is not None else None
+        state.mark()  # the part's start: a damaged first shard is redone from here
     if not state.finished:
         source.used = True
         _encode_part(tokenizer, source, out, part, state, batch_size, shard_size, progress and rank == 0)
@@ -320,6 +353,7 @@ def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state:
         # samples already read past this shard are read again on resume, with the files skipped among them
         state.position, skipped_before = marks[-1]
         state.skipped = source.skipped[:skipped_before]
+        state.mark()
         state.save(out / part.progress_name)
 
     def flush(final: bool) -> None:
