@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -229,14 +230,25 @@ def test_measuring_the_held_out_images_more_often_trains_the_same_weights(tmp_pa
     assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
 
 
-def test_a_run_stopped_by_its_time_limit_logs_the_held_out_metrics_of_where_it_stopped(tmp_path):
-    cfg = config_from_dict(tiny_tree(run={"max_minutes": 1e-6, "log_every": 4}))
-    result = Trainer(cfg, tmp_path).fit()
-    assert result.status == "time limit" and result.step < 6
-    records = read_log(tmp_path)
-    assert len({r["step"] for r in records}) == len(records)  # one record per step
-    assert records[-1]["step"] == result.step
-    assert records[-1]["heldout/psnr"] == json.loads((tmp_path / "metrics.json").read_text())["psnr"]
+@pytest.mark.parametrize("log_every", [1, 4])  # the stop at step 3 on a log step, and between them
+def test_a_run_stopped_by_its_time_limit_logs_the_held_out_metrics_of_where_it_stopped(tmp_path, monkeypatch,
+                                                                                    log_every):
+    monkeypatch.setattr(Trainer, "_should_stop", lambda self, started: "time limit" if self.step == 3 else None)
+    result = Trainer(config_from_dict(tiny_tree(run={"log_every": log_every})), tmp_path).fit()
+    assert result.status == "time limit" and result.step == 3
+    measured = [r["heldout/psnr"] for r in read_log(tmp_path) if "heldout/psnr" in r]
+    assert measured == [json.loads((tmp_path / "metrics.json").read_text())["psnr"]]
+    assert read_log(tmp_path)[-1]["step"] == 3
+
+
+def test_a_finished_run_making_its_export_again_does_not_log_its_end_twice(tmp_path):
+    cfg = config_from_dict(tiny_tree(run={"log_every": 0}))
+    Trainer(cfg, tmp_path).fit()
+    before = read_log(tmp_path)
+    assert [r["step"] for r in before] == [6] and "heldout/psnr" in before[0]
+    shutil.rmtree(tmp_path / "export")  # lost: the resume makes it again, and measures again
+    Trainer(cfg, tmp_path, resume=True).fit()
+    assert (tmp_path / "export").is_dir() and read_log(tmp_path) == before
 
 
 @pytest.mark.parametrize("clip", [1e-3, 1e3])

@@ -709,7 +709,8 @@ class Trainer:
         held: HeldOut = self.heldout
         with self.ema.swapped_into(self.unwrapped):
             ema_reconstructions = self._heldout_reconstructions(held.images)
-        if not self.is_main:
+        if not self.is_main:  # every process knows the step measured: final_metrics must agree on reusing it
+            self._heldout_of = (self.step, {})
             return {}
         count = self.cfg.run.grid_images
         path = save_grid(held.images[:count], ema_reconstructions[:count],
@@ -722,9 +723,11 @@ class Trainer:
         every = self.cfg.run.log_every
         return step > 0 and bool(every) and (step % every == 0 or step == self.cfg.schedule.steps)
 
-    def _log_heldout(self, step: int, metrics: dict[str, float]) -> None:
-        """The held-out metrics of a step without a log record as a record of their own (one per step)."""
-        if metrics and not self._log_due(step):
+    def _log_heldout(self, step: int, metrics: dict[str, float], *, after_its_record: bool = False) -> None:
+        """The held-out metrics of a step whose log record does not carry them, as a record of their
+        own: a step without a log record, or (``after_its_record``) one whose record was written
+        before its grid was due (a run stopped early at a log step)."""
+        if metrics and (after_its_record or not self._log_due(step)):
             self.logger.scalars(step, {HELDOUT_PREFIX + k: v for k, v in metrics.items()})
 
     def export(self) -> Path:
@@ -752,13 +755,14 @@ class Trainer:
         """Held-out PSNR / LPIPS of the EMA and the raw weights, the last grid, ``metrics.json``."""
         held: HeldOut = self.heldout
         raw = self._heldout_reconstructions(held.images)
-        # the last step's grid measured these weights; a run stopped early (max_minutes) or a
-        # finished one making its export again has none yet
+        # the last step's grid measured these weights; a run stopped early (max_minutes) has none
+        # yet, nor has a finished one making its export again (its log has them: not logged twice)
         if self._heldout_of[0] == self.step:
             ema_metrics = self._heldout_of[1]
         else:
             ema_metrics = self.write_grid()
-            self._log_heldout(self.step, ema_metrics)
+            if self.step > start_step:
+                self._log_heldout(self.step, ema_metrics, after_its_record=True)
         skipped = self._skipped_everywhere()
         if not self.is_main:
             return {}
