@@ -85,12 +85,16 @@ def test_outputs_under_a_folder_given_are_not_reconstructed_again(tmp_path, caps
         assert main(command) == 0
         out, err = capsys.readouterr()
         assert "mean PSNR over 1 image(s)" in out
-        assert ("left out 2 file(s) under --out" in err) == (run == 1)
+        assert ("left out 2 earlier output(s) of reconstruct under --out" in err) == (run == 1)
     assert sorted(p.name for p in (folder / "recon").iterdir()) == [f"{photo.stem}_recon.png",
                                                                     f"{photo.stem}_side_by_side.png"]
+    # originals in --out itself are still read, their outputs beside them are not
+    for run in range(2):
+        assert main(["reconstruct", str(folder), "--resize", "--out", str(folder)]) == 0
+        assert "mean PSNR over 1 image(s)" in capsys.readouterr().out
     # only outputs given: a one-line error, not "none could be read"
     assert main(["reconstruct", str(folder / "recon"), "--resize", "--out", str(folder / "recon")]) == 2
-    assert "every file given lies under --out" in capsys.readouterr().err
+    assert "the folders given hold only earlier outputs of reconstruct" in capsys.readouterr().err
 
 
 def test_help_names_where_the_reconstructions_go(capsys):

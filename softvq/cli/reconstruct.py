@@ -75,6 +75,9 @@ def named_and_found(arguments: list[str]) -> list[tuple[Path, bool]]:
     return entries
 
 
+OUTPUT_SUFFIXES = ("_recon.png", "_side_by_side.png")  # what each image becomes under --out
+
+
 def run(args: argparse.Namespace) -> int:
     entries = named_and_found(args.images)
     resize = args.resize
@@ -85,14 +88,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"no images given: using the {len(entries)} photos bundled with scikit-image/scikit-learn")
     out = Path(args.out)
     # --out inside a folder given: a second run would reconstruct the first run's outputs
-    inside = [p for p, named in entries if not named and Path(os.path.realpath(p)).is_relative_to(os.path.realpath(out))]
-    if inside:
-        entries = [(p, named) for p, named in entries if named or p not in inside]
-        print(f"left out {len(inside)} file(s) under --out {out}: earlier outputs, not images to reconstruct",
-              file=sys.stderr)
+    where = os.path.realpath(out)
+    ours = {p for p, named in entries if not named and p.name.endswith(OUTPUT_SUFFIXES)
+            and Path(os.path.realpath(p)).is_relative_to(where)}
+    if ours:
+        entries = [(p, named) for p, named in entries if p not in ours]
+        print(f"left out {len(ours)} earlier output(s) of reconstruct under --out {out}", file=sys.stderr)
         if not entries:
-            raise ImageReadError(f"every file given lies under --out {out}; pass the folder of the originals, or "
-                                 f"another --out")
+            raise ImageReadError(f"the folders given hold only earlier outputs of reconstruct (under --out {out}); "
+                                 f"pass the folder of the originals")
     torch.manual_seed(args.seed)
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     c = model.config
@@ -130,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
                 original, result = to_pil(images[k]), to_pil(recon[i])
                 score = psnr(np.asarray(original), np.asarray(result))
                 scores.append(score)
-                result.save(out / f"{stems[k]}_recon.png")
-                side_by_side(original, result).save(out / f"{stems[k]}_side_by_side.png")
+                result.save(out / f"{stems[k]}{OUTPUT_SUFFIXES[0]}")
+                side_by_side(original, result).save(out / f"{stems[k]}{OUTPUT_SUFFIXES[1]}")
                 print(f"{paths[k]}: PSNR {score:.2f} dB -> {out / (stems[k] + '_recon.png')}")
     print(f"mean PSNR over {len(scores)} image(s): {float(np.mean(scores)):.2f} dB")
     return 0
