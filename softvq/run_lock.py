@@ -129,6 +129,32 @@ class RunLock:
         self.release()
 
 
+def in_use(folder: str | Path) -> bool:
+    """Whether a live process holds ``folder``'s lock, asked without taking it or writing anything
+    (for commands that only read a run: its folder may be read-only to them, and a stale lock file
+    stays as it is). False where it cannot tell (no lock file, an unreadable one)."""
+    path = Path(folder) / LOCK_NAME
+    if fcntl is None:  # Windows: msvcrt can only ask by locking
+        try:
+            ensure_not_in_use(folder)
+        except RunFolderInUse:
+            return True
+        except OSError:
+            return False
+        return False
+    try:
+        file = open(path)
+    except OSError:
+        return False
+    with file:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while a run holds LOCK_EX
+        except OSError:
+            return True
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+    return False
+
+
 def ensure_not_in_use(folder: str | Path) -> None:
     """Raise :class:`RunFolderInUse` if a live process holds ``folder``'s lock (for a clearer
     refusal than "not empty"); creates nothing when the folder has no lock file."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from softvq.cli.main import main
-from softvq.run_lock import LOCK_NAME, RunFolderInUse, RunLock
+from softvq.run_lock import LOCK_NAME, RunFolderInUse, RunLock, in_use
 from softvq.training.config import config_from_dict, load_config, save_config
 from softvq.training.trainer import Trainer
 from tests.test_training_run import tiny_tree
@@ -53,7 +53,22 @@ def test_a_lock_held_by_another_process_refuses_until_that_process_dies(tmp_path
         holder.send_signal(signal.SIGKILL)  # killed: no release, the lock file stays
         holder.wait()
     assert (tmp_path / LOCK_NAME).exists()
+    assert not in_use(tmp_path) and (tmp_path / LOCK_NAME).exists()  # asked, not taken: the stale file stays
     RunLock(tmp_path).acquire().release()  # the OS dropped the lock with its process
+
+
+def test_asking_whether_a_folder_is_in_use_takes_nothing_and_needs_no_write_access(tmp_path):
+    assert not in_use(tmp_path / "nowhere") and not in_use(tmp_path)
+    with RunLock(tmp_path / "run"):
+        before = (tmp_path / "run" / LOCK_NAME).read_text()
+        assert in_use(tmp_path / "run")
+        os.chmod(tmp_path / "run", 0o555)  # a reader of the run who may not write there
+        try:
+            assert in_use(tmp_path / "run")
+        finally:
+            os.chmod(tmp_path / "run", 0o755)
+        assert (tmp_path / "run" / LOCK_NAME).read_text() == before
+    assert not in_use(tmp_path / "run")
 
 
 def test_a_trainer_refuses_a_folder_in_use_before_writing_and_frees_its_own(tmp_path):

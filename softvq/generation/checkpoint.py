@@ -313,13 +313,11 @@ def _refuse_other_folders(path: Path, tokenizer_flag: str) -> None:
         instead = ([f"its last checkpoint {latest}"] if latest is not None else []) + \
             ([f"one of its --export-at generators {exports}"] if exports else [])
         usable = f"; or pass {' or '.join(instead)} in its place" if instead else ""
-        from softvq.run_lock import RunFolderInUse, ensure_not_in_use
+        from softvq.run_lock import in_use
 
-        try:
-            ensure_not_in_use(path)
-        except RunFolderInUse:  # a rerun of train-generator would be refused by the lock
+        if in_use(path):  # a rerun of train-generator would be refused by the lock
             raise CheckpointError(f"{path} is a train-generator run still training (another process holds its lock), "
-                                  f"with no {EXPORT_NAME}/ yet; wait until it finishes{usable}") from None
+                                  f"with no {EXPORT_NAME}/ yet; wait until it finishes{usable}")
         raise CheckpointError(f"{path} is a train-generator run with no {EXPORT_NAME}/ yet (it stopped before its "
                               f"last step); rerun the same train-generator command to finish it (it continues from "
                               f"its last checkpoint){usable}")
