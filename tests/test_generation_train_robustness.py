@@ -375,7 +375,8 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(made, tmp_pat
 
     import softvq.training.accelerator as accelerator_module
 
-    monkeypatch.setattr(accelerator_module, "new_accelerator", lambda **kwargs: SimpleNamespace(num_processes=2))
+    monkeypatch.setattr(accelerator_module, "new_accelerator",
+                        lambda **kwargs: SimpleNamespace(num_processes=2, is_main_process=True))
     root, _ = made
     assert main(["train-generator", "--latents", str(root / "lat"), "--out", str(tmp_path / "g"),
                  "--width", "32", "--depth", "1", "--heads", "2", "--batch-size", "15", "--cpu", "--quiet",

@@ -324,10 +324,10 @@ def test_reconstruction_rows_name_their_photo_and_whether_the_run_trained_on_it(
 def test_held_out_curves_follow_the_losses_unsmoothed_and_the_title_says_what_they_measure(tmp_path, monkeypatch):
     drawn = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
-    records = []  # as the trainer writes them: a grid's record after the batches' record of its step
+    records = []  # as the trainer writes them: a grid's metrics in its step's record, step 0's alone
     for s in range(0, 41):
-        records += [{"step": s, "loss": 1 / s, "rec": 2 / s}] if s else []
-        records += [{"step": s, "heldout/psnr": 10 + s / 4}] if s % 4 == 0 else []  # 11 points: enough to smooth
+        record = {"step": s, **({"loss": 1 / s, "rec": 2 / s} if s else {})}
+        records.append({**record, **({"heldout/psnr": 10 + s / 4} if s % 4 == 0 else {})})  # 11 points: smoothable
     plots.plot_training_curves(records, tmp_path / "c.png")
     shown = [ax for ax in drawn[0].axes if ax.get_visible()]
     assert [ax.get_title() for ax in shown] == ["loss", "heldout/psnr", "rec"]

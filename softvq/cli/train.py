@@ -145,8 +145,10 @@ def resume_command(run_dir: Path) -> str:
     """The command that continues the run: under a launcher, with it and the same process count (a
     resume on another count trains on, but its losses no longer match an uninterrupted run's)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
-        return (f"torchrun --nproc_per_node {local} -m softvq.cli.main train --resume --output {run_dir} (or "
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    if world > 1 and local == world:
+        return (f"torchrun --nproc_per_node {world} -m softvq.cli.main train --resume --output {run_dir} (or "
                 f"your launcher, with {world} processes again)")
+    if world > 1:  # several machines: their rendezvous is the user's
+        return f"your launch command with -m softvq.cli.main train --resume --output {run_dir}, {world} processes again"
     return f"softvq train --resume --output {run_dir}"

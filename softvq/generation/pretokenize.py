@@ -31,7 +31,6 @@ the same number of processes.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -102,23 +101,33 @@ class _Progress:
     # encoded again from there; None: a run started before they were kept
     after_shards: list[dict[str, Any]] | None = None
 
-    REWOUND = ("count", "position", "total", "sq_total", "exact_total", "exact_sq_total", "elements", "class_counts")
+    # (class_counts are counted again from the kept shards' labels: a copy per shard would grow the
+    # file by classes x shards, megabytes for ImageNet, rewritten after every shard)
+    REWOUND = ("count", "position", "total", "sq_total", "exact_total", "exact_sq_total", "elements")
 
     def mark(self) -> None:
         """Remember the state after the shards written so far (call after each shard)."""
         if self.after_shards is not None:
-            self.after_shards.append({**{k: copy.deepcopy(getattr(self, k)) for k in self.REWOUND},
-                                      "skipped": len(self.skipped)})
+            self.after_shards.append({**{k: getattr(self, k) for k in self.REWOUND}, "skipped": len(self.skipped)})
 
-    def rewind(self, shards: int) -> None:
-        """Back to the state after the first ``shards`` shards (``after_shards`` must reach it)."""
+    def rewind(self, shards: int, folder: Path) -> None:
+        """Back to the state after the first ``shards`` shards in ``folder`` (``after_shards`` must
+        reach it)."""
+        from safetensors import safe_open
+
         assert self.after_shards is not None and shards < len(self.after_shards)
         kept = self.after_shards[shards]
         for key in self.REWOUND:
-            setattr(self, key, copy.deepcopy(kept[key]))
+            setattr(self, key, kept[key])
         self.skipped = self.skipped[:kept["skipped"]]
         self.shards, self.after_shards = self.shards[:shards], self.after_shards[:shards + 1]
         self.finished = False
+        if self.class_counts is not None:
+            self.class_counts = {}
+            for name in self.shards:
+                with safe_open(str(folder / name), "pt") as shard:
+                    for label in shard.get_tensor("labels").tolist():
+                        self.class_counts[str(label)] = self.class_counts.get(str(label), 0) + 1
 
     def save(self, path: Path) -> None:
         write_json(path, self.__dict__)
@@ -245,7 +254,7 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
                 (out / name).unlink(missing_ok=True)
             _LOG.warning(f"{out / progress.shards[index]} is {what}: encoding again from it, after the "
                          f"{index} whole shard(s) before it")
-            progress.rewind(index)
+            progress.rewind(index, out)
             progress.save(saved)
     remove_stale_temporaries(out)  # shards a killed run was writing: the continuation writes them again
     return True

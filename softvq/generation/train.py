@@ -567,8 +567,10 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     # without CUDA a launched run must ask for CPU processes, or accelerate gives each one a run of its own
     acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
     if cfg.batch_size % acc.num_processes:  # each process takes batch / n: a remainder would be dropped unsaid
-        raise ValueError(f"--batch-size {cfg.batch_size} must split evenly into {acc.num_processes} processes; pass a "
-                         f"multiple of {acc.num_processes}")
+        error = ValueError(f"--batch-size {cfg.batch_size} must split evenly into {acc.num_processes} processes; "
+                           f"pass a multiple of {acc.num_processes}")
+        error.shown_by_main_process = not acc.is_main_process  # every process finds it: the CLI says it once
+        raise error
     lock = lock_run_folder(run, acc)  # one process per run folder, for the run's whole life (main only)
     caller_rng = capture_rng()  # the run seeds the global generators; the caller gets its states back
     try:
