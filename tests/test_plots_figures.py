@@ -332,4 +332,5 @@ def test_held_out_curves_follow_the_losses_unsmoothed_and_the_title_says_what_th
     shown = [ax for ax in drawn[0].axes if ax.get_visible()]
     assert [ax.get_title() for ax in shown] == ["loss", "heldout/psnr", "rec"]
     assert len(shown[1].lines) == 1 and np.allclose(shown[1].lines[0].get_ydata(), [10 + s / 4 for s in range(0, 41, 4)])
+    assert shown[1].lines[0].get_marker() == "o" and shown[0].lines[0].get_marker() in ("None", None, "")
     assert "heldout/*: the EMA weights on the held-out images" in drawn[0]._suptitle.get_text()

@@ -173,6 +173,8 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
         smoothed = len(y) >= MIN_POINTS_TO_SMOOTH and smoothing > 0 and _smoothable(name)
         if len(y) < 3:  # a line through one or two log records is invisible: mark the points
             ax.plot(x, y, color="tab:blue", marker="o", linewidth=0.8)
+        elif name.startswith(HELDOUT_PREFIX):  # measured at a few grids: the points, not a trend between them
+            ax.plot(x, y, color="tab:blue", marker="o", markersize=4, linewidth=1.2)
         elif smoothed:  # faint under its EMA
             ax.plot(x, y, color="tab:blue", alpha=0.3, linewidth=0.8)
         else:  # nothing drawn over it: a faint line alone reads as missing data
