@@ -300,3 +300,10 @@ def test_wetok_configs_are_gq_then_a_generative_decoder_from_its_export():
     assert gd.model.decoder_noise_dim == 8 and gd.model.bottleneck == b
     assert (gd.run.init_from, gd.run.init_encoder) == ("runs/wetok-gq-s-64/export", None)
     assert gd.objective == gq.objective and gd.schedule == gq.schedule
+    # Fig. 3: one compression (d = 16 bits), three ways to factorise the entropy; Fig. 4: g groups of d' = 8
+    for name, groups, bits in (("fig3-lfq", 1, 16), ("fig3-bsq", 16, 1), ("fig3-gq", 2, 8), ("fig4-g1", 1, 8),
+                               ("fig4-g8", 8, 8)):
+        cfg = load_config(f"wetok-{name}")
+        b = cfg.model.bottleneck
+        assert (b.kind, b.lfq_groups, b.latent_dim // b.lfq_groups, b.latent_dim) == ("lfq", groups, bits, groups * bits)
+        assert cfg.objective == gq.objective and cfg.model.encoder == gq.model.encoder, name

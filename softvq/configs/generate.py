@@ -91,6 +91,25 @@ def main() -> None:
               "run": {"name": "wetok-gd-s-64", "init_from": "runs/wetok-gq-s-64/export", "init_encoder": None},
           }, parent="wetok-gq-s-64.yaml")
 
+    # WeTok Fig. 3 (settings: its Tabs. 6-8): the quantizer at one compression, d = g·d' = 16 bits a token:
+    # LFQ (g=1, d'=16), BSQ as WeTok casts it (g=16, d'=1: the entropy factorised bit by bit, Sec. 3.2;
+    # BSQ's own projection onto the sphere is not part of it) and GQ (g=2, d'=8). Fig. 4: g = 1, 2, 4, 8
+    # groups of d'=8 bits (Fig. 4 names only g; d'=8 as Tabs. 6 and 9). All on SoftVQ-S-64 with the
+    # SoftVQ recipe, as wetok-gq-s-64, not WeTok's convolutional tokenizer and constant-lr Adam(0.5, 0.9).
+    fig3 = {"lfq": (1, 16), "bsq": (16, 1), "gq": (2, 8)}
+    for method, (groups, bits) in fig3.items():
+        label = "BSQ as WeTok casts it (entropy bit by bit)" if method == "bsq" else method.upper()
+        write(f"wetok-fig3-{method}", f"WeTok Fig. 3, {label}: g={groups} group(s) of d'={bits} bit(s), "
+              f"d=16 (WeTok Tabs. 6-8)", {
+                  "model": {"bottleneck": {"latent_dim": groups * bits, "lfq_groups": groups}},
+                  "run": {"name": f"wetok-fig3-{method}"},
+              }, parent="wetok-gq-s-64.yaml")
+    for groups in (1, 2, 4, 8):
+        write(f"wetok-fig4-g{groups}", f"WeTok Fig. 4: g={groups} group(s) of d'=8 bits, d={8 * groups}", {
+            "model": {"bottleneck": {"latent_dim": 8 * groups, "lfq_groups": groups}},
+            "run": {"name": f"wetok-fig4-g{groups}"},
+        }, parent="wetok-gq-s-64.yaml")
+
     # Supplementary Tab. 6 ablations on SoftVQ-S, 64 tokens x 32, in the PAPER's formulation
     # (Eq. 4 L2 distance, one codebook, no detach) so that PQ / RQ mean channel groups / levels.
     write("ablation-base", ("Ablation base: SoftVQ-S, 64 x 32, K=8192, tau=0.07, paper Eq. 4 (supp. Tab. 6; "
