@@ -102,17 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as exc:
         if os.environ.get("SOFTVQ_TRACEBACK", "").strip().lower() in ("1", "true", "yes"):
             raise
-        if not getattr(exc, "shown_by_main_process", False):  # (decided_by_main_process)
+        from softvq.training.accelerator import said_elsewhere
+
+        if not said_elsewhere(exc):
             print(f"softvq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from softvq.training.accelerator import first_launched_process
+        from softvq.training.accelerator import first_launched_process, launched_worker
 
         hint = RESUME_HINTS.get(args.command)
         if first_launched_process():  # once for a launched run, not once per process
             # a launcher also stops the other processes with SIGTERM when one of them fails
-            peer = "; if another process stopped with an error (above), fix that first" \
-                if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+            peer = "; if another process stopped with an error (above), fix that first" if launched_worker() else ""
             print(f"softvq {args.command}: interrupted" + peer + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
     finally:

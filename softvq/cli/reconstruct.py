@@ -134,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
                 original, result = to_pil(images[k]), to_pil(recon[i])
                 score = psnr(np.asarray(original), np.asarray(result))
                 scores.append(score)
-                result.save(out / f"{stems[k]}{OUTPUT_SUFFIXES[0]}")
+                written = out / f"{stems[k]}{OUTPUT_SUFFIXES[0]}"
+                result.save(written)
                 side_by_side(original, result).save(out / f"{stems[k]}{OUTPUT_SUFFIXES[1]}")
-                print(f"{paths[k]}: PSNR {score:.2f} dB -> {out / (stems[k] + '_recon.png')}")
+                print(f"{paths[k]}: PSNR {score:.2f} dB -> {written}")
     print(f"mean PSNR over {len(scores)} image(s): {float(np.mean(scores)):.2f} dB")
     return 0

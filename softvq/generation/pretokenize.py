@@ -126,8 +126,13 @@ class _Progress:
             self.class_counts = {}
             for name in self.shards:
                 with safe_open(str(folder / name), "pt") as shard:
-                    for label in shard.get_tensor("labels").tolist():
-                        self.class_counts[str(label)] = self.class_counts.get(str(label), 0) + 1
+                    self.count_labels(shard.get_tensor("labels"))
+
+    def count_labels(self, labels: Tensor) -> None:
+        """Add a shard's labels to ``class_counts`` (kept as JSON: string keys)."""
+        if self.class_counts is not None:
+            for label in labels.tolist():
+                self.class_counts[str(label)] = self.class_counts.get(str(label), 0) + 1
 
     def save(self, path: Path) -> None:
         write_json(path, self.__dict__)
@@ -356,9 +361,7 @@ def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state:
             state.exact_sq_total += exact_sum(squares)
         state.elements += z.size
         state.count += len(names)
-        if state.class_counts is not None:
-            for label in labels.tolist():
-                state.class_counts[str(label)] = state.class_counts.get(str(label), 0) + 1
+        state.count_labels(labels)
         # samples already read past this shard are read again on resume, with the files skipped among them
         state.position, skipped_before = marks[-1]
         state.skipped = source.skipped[:skipped_before]

@@ -554,7 +554,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     """
     from softvq.run_lock import lock_run_folder
     from softvq.training.checkpointing import capture_rng, restore_rng
-    from softvq.training.accelerator import new_accelerator
+    from softvq.training.accelerator import new_accelerator, said_by_main_process
 
     check_out_folder(Path(cfg.validate().out))  # before anything is read or written
     data = load_latents(cfg.latents)
@@ -567,10 +567,9 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     # without CUDA a launched run must ask for CPU processes, or accelerate gives each one a run of its own
     acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
     if cfg.batch_size % acc.num_processes:  # each process takes batch / n: a remainder would be dropped unsaid
-        error = ValueError(f"--batch-size {cfg.batch_size} must split evenly into {acc.num_processes} processes; "
-                           f"pass a multiple of {acc.num_processes}")
-        error.shown_by_main_process = not acc.is_main_process  # every process finds it: the CLI says it once
-        raise error
+        raise said_by_main_process(ValueError(f"--batch-size {cfg.batch_size} must split evenly into "
+                                              f"{acc.num_processes} processes; pass a multiple of {acc.num_processes}"),
+                                   acc.is_main_process)  # every process finds it: the CLI says it once
     lock = lock_run_folder(run, acc)  # one process per run folder, for the run's whole life (main only)
     caller_rng = capture_rng()  # the run seeds the global generators; the caller gets its states back
     try:

@@ -89,7 +89,19 @@ def decided_by_main_process(accelerator, decide: Callable[[], T]) -> T:
             verdict = ("refused", exc)
     kind, value = broadcast_object_list([verdict])[0]
     if kind == "refused":
-        if not accelerator.is_main_process:  # the same refusal everywhere: the CLI prints the main one's
-            value.shown_by_main_process = True
-        raise value
+        raise said_by_main_process(value, accelerator.is_main_process)
     return value
+
+
+def said_by_main_process(error: BaseException, is_main: bool) -> BaseException:
+    """``error`` marked, on every process but the main one, as one the main process says: a
+    refusal every process raises (none may wait at a later collective) is printed once by the CLI
+    (:func:`said_elsewhere`)."""
+    if not is_main:
+        error.shown_by_main_process = True  # type: ignore[attr-defined]
+    return error
+
+
+def said_elsewhere(error: BaseException) -> bool:
+    """Whether the main process prints ``error`` (see :func:`said_by_main_process`)."""
+    return getattr(error, "shown_by_main_process", False)
