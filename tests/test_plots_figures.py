@@ -149,6 +149,28 @@ def test_comparison_rows_fall_back_to_held_out_metrics_and_name_the_protocol(tmp
                                       "| b | – | – | – | 1.500 | – | – |"]
 
 
+def test_rate_quality_tells_held_out_psnr_from_eval_psnr(tmp_path, monkeypatch):
+    from softvq.evaluation.runs import rate_point
+
+    make_run(tmp_path / "trained", with_eval=False)
+    (tmp_path / "trained" / "metrics.json").write_text(json.dumps({"psnr": 12.5, "lpips": 0.25}))
+    trained = rate_point(read_run(tmp_path / "trained"))
+    assert (trained["psnr"], trained["psnr_on"], trained["rfid"]) == (12.5, "held-out", None)
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    evaluated = dict(trained, name="evaluated", psnr=14.0, psnr_on="eval", rfid=3.0)
+    plots.plot_rate_quality([trained, evaluated], tmp_path / "rate.png")
+    psnr_axes = drawn[0].axes[1]
+    faces = {round(line.get_ydata()[0], 1): line.get_markerfacecolor() for line in psnr_axes.lines}
+    assert faces[12.5] == "white" and faces[14.0] != "white"
+    assert any("hollow: training's held-out images" in t.get_text() for t in psnr_axes.texts)
+    # with eval points only, no note
+    drawn.clear()
+    plots.plot_rate_quality([evaluated], tmp_path / "rate.png")
+    assert not any("hollow" in t.get_text() for t in drawn[0].axes[1].texts)
+
+
 def test_pictures_skip_unreadable_files_and_take_the_next_readable_ones(tmp_path):
     from softvq.data.images import bundled_photos
 

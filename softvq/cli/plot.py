@@ -12,8 +12,8 @@ Per run, under ``DIR/<run name>/``:
                         codebooks: not KL / AE / LFQ);
   latents.png           2D projection of ẑ and z coloured by class (UMAP if umap-learn is
                         installed, else PCA; --projection chooses).
-Across runs: DIR/rate_quality.png, tokens x dim against rFID / PSNR (from eval/eval.json or
-metrics.json), and DIR/comparison.md, a row per run with every metric of its eval report (else
+Across runs: DIR/rate_quality.png, tokens x dim against rFID / PSNR (from eval/eval.json, else the
+held-out PSNR of metrics.json, drawn hollow), and DIR/comparison.md, a row per run with every metric of its eval report (else
 its held-out PSNR / LPIPS; a column says which): e.g. Tab. 3's rows from its runs. Missing files
 are skipped with a note. Images: --images FOLDER (class sub-folders colour the latent plot),
 default the bundled photos, several crops of each.

@@ -370,9 +370,11 @@ def plot_rate_quality(runs: Sequence[dict[str, Any]], path: str | Path, *, title
     """Rate (tokens x dim per image) against rFID and PSNR, one labelled point per run, coloured
     by bottleneck kind.
 
-    Each run: ``{"name", "num_tokens", "latent_dim", "kind"?, "rfid"?, "psnr"?}``. A run without
-    a panel's metric is named under that panel; names of runs at the same rate are stacked, so
-    they do not print over each other.
+    Each run: ``{"name", "num_tokens", "latent_dim", "kind"?, "rfid"?, "psnr"?, "psnr_on"?}``. A run
+    without a panel's metric is named under that panel; names of runs at the same rate are stacked,
+    so they do not print over each other. PSNR measured on training's held-out images
+    (``psnr_on="held-out"``) is another protocol than ``softvq eval``'s: those points are hollow,
+    and a note under the panel says so.
     """
     from matplotlib.text import OffsetFrom
 
@@ -395,7 +397,9 @@ def plot_rate_quality(runs: Sequence[dict[str, Any]], path: str | Path, *, title
             column = OffsetFrom(ax.transData, (x, float(group[0][metric])))
             for row, r in enumerate(group):
                 y, kind = float(r[metric]), str(r.get("kind") or "?")
-                ax.plot([x], [y], "o", color=colours[kind], label=kind)
+                hollow = metric == "psnr" and r.get("psnr_on") == "held-out"
+                ax.plot([x], [y], "o", color=colours[kind], label=kind,
+                        markerfacecolor="white" if hollow else colours[kind])
                 ax.annotate(r.get("name", "?"), (x, y), xytext=(8, 3 - 10 * row), textcoords=column, fontsize=7,
                             va="center", arrowprops=dict(arrowstyle="-", color="silver", linewidth=0.5,
                                                          shrinkA=0, shrinkB=3))
@@ -403,10 +407,14 @@ def plot_rate_quality(runs: Sequence[dict[str, Any]], path: str | Path, *, title
         if unique:
             ax.legend(unique.values(), unique.keys(), fontsize=7, title="bottleneck", title_fontsize=7)
         ax.margins(x=0.25, y=0.12)
+        notes = []
         missing = [str(r.get("name", "?")) for r in runs if not any(r is s for s in shown)]
         if missing:
-            ax.text(0.0, -0.2, f"not shown (no {metric}): {', '.join(missing)}", transform=ax.transAxes,
-                    fontsize=7, color="dimgray", va="top")
+            notes.append(f"not shown (no {metric}): {', '.join(missing)}")
+        if metric == "psnr" and any(r.get("psnr_on") == "held-out" for r in shown):
+            notes.append("hollow: training's held-out images, not softvq eval")
+        for row, note in enumerate(notes):
+            ax.text(0.0, -0.2 - 0.06 * row, note, transform=ax.transAxes, fontsize=7, color="dimgray", va="top")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens x dim per image")
         ax.set_ylabel(labels[metric])

@@ -100,16 +100,20 @@ def read_run(path: str | Path) -> RunFolder:
 
 
 def rate_point(run: RunFolder) -> dict[str, Any]:
-    """{name, kind, num_tokens, latent_dim, rfid, psnr} from the run's eval report, metrics and config."""
+    """{name, kind, num_tokens, latent_dim, rfid, psnr, psnr_on} from the run's eval report, metrics
+    and config. PSNR comes from the eval report when it has one, else from training's held-out
+    images (another protocol); ``psnr_on`` says which ("eval" / "held-out"), so a chart can tell them apart."""
     cfg = run.model_config or {}
     ev, me = run.evaluation, run.metrics
+    psnr_on = "eval" if ev.get("psnr") is not None else "held-out" if me.get("psnr") is not None else None
     return {
         "name": run.name,
         "kind": (cfg.get("bottleneck") or {}).get("kind"),
         "num_tokens": ev.get("num_tokens") or cfg.get("num_tokens"),
         "latent_dim": ev.get("latent_dim") or (cfg.get("bottleneck") or {}).get("latent_dim"),
-        "rfid": ev.get("rfid", me.get("rfid")),
-        "psnr": ev.get("psnr", me.get("psnr")),
+        "rfid": ev.get("rfid"),  # training measures no rFID: only `softvq eval` does
+        "psnr": ev["psnr"] if psnr_on == "eval" else me.get("psnr"),
+        "psnr_on": psnr_on,
     }
 
 
