@@ -546,6 +546,8 @@ def refuse_nonfinite(tensors: list[torch.Tensor], cfg: GeneratorTrainConfig, run
 def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) training; returns {"first_loss", "last_loss", "steps", "export", "stopped"}
     (and ``"already_finished": True``, with no losses, when the run had already reached ``steps``).
+    The losses are of the first and last step this call trained: after a resume, ``first_loss`` is
+    the resumed step's, not step 1's (the run's whole curve is in its ``log.jsonl``).
 
     The first Ctrl-C or SIGTERM finishes the step, writes a checkpoint and returns with
     ``stopped`` True, ``steps`` the step reached and no export; calling again continues. It seeds
