@@ -328,6 +328,20 @@ def test_folder_with_corrupt_and_non_image_files_trains_and_reports(tmp_path, ca
     assert read_log(tmp_path / "run")[-1]["skipped_files"] == 2.0
 
 
+def test_the_last_skipped_line_says_how_many_unreadable_files_were_held_out(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    for name in ("train", "held"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 44, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+        (tmp_path / name / "broken.png").write_bytes(b"\x89PNG not really")
+    cfg = config_from_dict(tiny_tree(data={"source": "folder", "path": str(tmp_path / "train"),
+                                           "eval_path": str(tmp_path / "held"), "num_eval_images": 5},
+                                     schedule={"steps": 2, "batch_size": 4}))
+    Trainer(cfg, tmp_path / "run").fit()
+    assert "skipped 2 unreadable image file(s) (1 of them held-out), e.g." in capsys.readouterr().out
+
+
 def test_resume_from_webdataset_shards_is_exact(tmp_path):
     """Shards with 2 data workers, a corrupt sample and a crash at step index 4: the resumed run
     continues each worker's stream where the checkpoint left it, so the losses match bit for bit."""

@@ -792,7 +792,9 @@ class Trainer:
             text += f", LPIPS {metrics['lpips']:.4f}"
         self.logger.info(text + f"  | raw weights: PSNR {metrics['raw_psnr']:.2f} dB")
         if skipped:
-            self.logger.info(f"skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")
+            held_skipped = len(set(held.skipped).intersection(skipped))  # also told apart at the start
+            part = f" ({held_skipped} of them held-out)" if held_skipped else ""
+            self.logger.info(f"skipped {len(skipped)} unreadable image file(s){part}, e.g. {skipped[0]}")
         if self.data.ignored_files:
             self.logger.info(f"ignored {len(self.data.ignored_files)} non-image file(s) in the data folder")
         return metrics
