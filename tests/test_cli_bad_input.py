@@ -444,6 +444,23 @@ def test_library_warnings_speak_in_the_cli_voice(tmp_path, capsys):
     assert "softvq: warning: config.json says image_size 64 but the position embeddings are for 32 px" in err
 
 
+def test_in_a_launched_run_only_process_0_repeats_what_every_process_would_warn(capsys, monkeypatch):
+    import logging
+
+    from softvq.cli.main import show_library_warnings
+
+    show_library_warnings()
+    log = logging.getLogger("softvq.data.images")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        log.warning("cannot list folder x (rank %s)", rank)
+        log.warning("image y is huge (rank %s)", rank, extra={"every_process": True})
+    assert capsys.readouterr().err.splitlines() == ["softvq: warning: cannot list folder x (rank 0)",
+                                                    "softvq: warning: image y is huge (rank 0)",
+                                                    "softvq: warning: image y is huge (rank 1)"]
+
+
 def test_a_bad_seed_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
     code, _, err = _run(capsys, "train", "demo", "-o", str(tmp_path / "run"), "model.preset=softvq-tiny",
                         "schedule.steps=1", "schedule.seed=-1")

@@ -64,14 +64,25 @@ class _CurrentStderr(logging.StreamHandler):
         super().emit(record)
 
 
+def _said_by_first_process(record: logging.LogRecord) -> bool:
+    """In a launched run, only process 0 prints the library's warnings: every process builds the
+    same model from the same config and lists the same folders, so the others would repeat them.
+    A warning about what one process alone met (an image it decoded) carries ``every_process``."""
+    from softvq.training.accelerator import first_launched_process
+
+    return first_launched_process() or getattr(record, "every_process", False)
+
+
 def show_library_warnings() -> None:
     """The library's ``logging`` warnings (a release's config.json contradicting its weights, a
-    discriminator without its weights) in the CLI's own voice, once per process."""
+    discriminator without its weights) in the CLI's own voice, once per process, and in a launched
+    run once for all of its processes."""
     logger = logging.getLogger("softvq")
     if not any(getattr(h, "softvq_cli", False) for h in logger.handlers):
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("softvq: warning: %(message)s"))
         handler.setLevel(logging.WARNING)
+        handler.addFilter(_said_by_first_process)
         handler.softvq_cli = True
         logger.addHandler(handler)
 

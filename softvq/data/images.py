@@ -71,7 +71,8 @@ def _name_if_huge(img: Image.Image, name: str | Path) -> None:
     pixels = img.size[0] * img.size[1]
     if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
         log.warning("%s is %dx%d (%.0f megapixels), decoded whole in memory; check that it is meant to be "
-                    "this large", name, *img.size, pixels / 1e6)
+                    "this large", name, *img.size, pixels / 1e6,
+                    extra={"every_process": True})  # in a launched run, only the process that read it says so
 
 
 def _too_large(exc: Exception) -> str:
