@@ -324,7 +324,9 @@ def test_curves_mark_nonfinite_steps_leave_schedules_unsmoothed_and_tick_whole_s
     assert sorted(float(line.get_xdata()[0]) for line in marks) == [10.0, 20.0]
     lr = panels["lr"].lines  # a schedule: its raw line alone (a smoothed lr lagged 19x at a cosine's end)
     assert len(lr) == 1 and np.allclose(lr[0].get_ydata(), [r["lr"] for r in records])
-    assert len(panels["bottleneck/temperature"].lines) == 1
+    # a fixed τ is one line of text in a shared panel, not a flat line of its own
+    assert "bottleneck/temperature" not in panels and not panels["unchanged over the run"].lines
+    assert [t.get_text() for t in panels["unchanged over the run"].texts] == ["bottleneck/temperature = 0.07"]
     plots.plot_training_curves(records[:2], tmp_path / "short.png")
     ticks = drawn[1].axes[0].get_xticks()
     assert np.allclose(ticks, np.round(ticks))  # a two-step run read 0.96 ... 1.04

@@ -154,7 +154,9 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
     on, raw (faint) and a bias-corrected EMA (``smoothing``); with fewer, ``smoothing=0``, a
     scheduled or counted value (:data:`UNSMOOTHED`: lr, EMA decay, ...) or a held-out measurement
     (``heldout/*``, after the losses), the raw line alone, solid.
-    Steps where a value was NaN or infinite are red dotted lines, counted in the panel's title."""
+    Steps where a value was NaN or infinite are red dotted lines, counted in the panel's title.
+    Values that never changed over two or more records (a loss not switched on, no skipped files)
+    share one last panel as ``name = value`` lines instead of a flat line each."""
     from matplotlib.ticker import MaxNLocator
 
     series = numeric_series(records)
@@ -163,9 +165,13 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
         series = {k: series[k] for k in keys if k in series}
     if not series:
         raise ValueError("the log has no numeric values to plot")
-    names = sorted(series, key=lambda k: (not k.startswith("loss"), not k.startswith(HELDOUT_PREFIX), k))
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
+    constant = {k: float(y[0]) for k, (_, y) in series.items()
+                if len(y) >= 2 and not broken.get(k) and (y == y[0]).all()}
+    names = sorted((k for k in series if k not in constant),
+                   key=lambda k: (not k.startswith("loss"), not k.startswith(HELDOUT_PREFIX), k))
+    panels = len(names) + bool(constant)
+    cols = min(3, panels)
+    rows = math.ceil(panels / cols)
     fig = _figure(4.2 * cols, 2.8 * rows + 0.3)
     axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
     for ax, name in zip(axes, names):
@@ -194,6 +200,16 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
             ax.set_yscale("log")
     for ax in axes[len(names):]:
         ax.set_visible(False)
+    if constant:
+        ax = axes[len(names)]
+        ax.set_visible(True)
+        ax.axis("off")
+        ax.set_title("unchanged over the run", fontsize=9)
+        shown = sorted(constant)[:14]
+        lines = [f"{k} = {constant[k]:.4g}" for k in shown]
+        if len(constant) > len(shown):
+            lines.append(f"... and {len(constant) - len(shown)} more")
+        ax.text(0.02, 0.98, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="top", family="monospace")
     what = "training batches, as logged" + (f"; EMA {smoothing:g} over the faint raw line" if smoothing > 0 else "")
     if any(name.startswith(HELDOUT_PREFIX) for name in names):
         what += f"; {HELDOUT_PREFIX}*: the EMA weights on the held-out images"
