@@ -39,6 +39,29 @@ def test_reconstruction_grid(tmp_path):
         plots.plot_reconstructions(x, y[:2], tmp_path / "bad.png")
 
 
+def test_training_grid_names_its_rows_and_writes_each_psnr_that_fits(tmp_path):
+    from softvq.evaluation.metrics import psnr
+    from softvq.training.grid import column_captions, reconstruction_grid, save_grid
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    expected = psnr((x + 1) / 2, (y + 1) / 2, data_range=1.0)
+    assert column_captions(x, y) == [f"{v:.1f} dB" for v in expected.tolist()]
+    # the shorter forms when the long one does not fit under a tile, none when nothing does
+    assert column_captions(x, y, fits=lambda t: "dB" not in t) == [f"{v:.1f}" for v in expected.tolist()]
+    assert column_captions(x, y, fits=lambda t: False) == []
+    grid = reconstruction_grid(x, y)
+    tiles = np.asarray(grid)
+    # the left margin holds the row names (dark text), the tiles start after it
+    margin = grid.width - 3 * (64 + 2) - 2
+    assert margin > 20 and tiles[:, :margin].min() < 100
+    assert grid.height > 3 * (64 + 2) + 2  # and a strip of PSNRs under the columns
+    assert_picture(save_grid(x, y, tmp_path / "grid.png"), min_size=(200, 200))
+    with pytest.raises(ValueError, match="originals vs"):
+        reconstruction_grid(x, y[:2])
+
+
 def test_training_curves_and_codebook_histogram(tmp_path):
     records = [{"step": s, "time": 0.0, "loss": 1 / (1 + s), "lr": 1e-4, "note": "text"} for s in range(0, 50, 5)]
     assert set(plots.numeric_series(records)) == {"loss", "lr"}  # step/time/strings are not curves

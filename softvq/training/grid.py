@@ -1,34 +1,74 @@
-"""Reconstruction grids: originals, reconstructions and their absolute error, one row each."""
+"""Reconstruction grids: originals, reconstructions and their absolute error, one labelled row each,
+with each reconstruction's PSNR under its column."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from softvq.atomic import atomic_write
 from softvq.data.images import to_pil
+from softvq.evaluation.metrics import psnr
+
+
+def row_labels(error_gain: float) -> list[str]:
+    """The names written left of the grid's three rows."""
+    return ["original", "reconstruction", f"|error| x{error_gain:g}"]
+
+
+def column_captions(originals: torch.Tensor, reconstructions: torch.Tensor,
+                    fits=lambda text: True) -> list[str]:
+    """Each reconstruction's PSNR on the [0, 1] scale, as training logs the held-out mean
+    (``softvq.training.heldout``): "21.3 dB", else "21.3" or "21" when ``fits`` refuses the longer
+    form for some column; [] when none fits (tiles too narrow for any)."""
+    unit = [(t.detach().float().cpu().clamp(-1, 1) + 1) / 2 for t in (originals, reconstructions)]
+    values = psnr(*unit, data_range=1.0, min_mse=1e-10).tolist()
+    for form in ("{:.1f} dB", "{:.1f}", "{:.0f}"):
+        captions = [form.format(value) for value in values]
+        if all(map(fits, captions)):
+            return captions
+    return []
 
 
 def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, *, error_gain: float = 4.0,
                         pad: int = 2) -> Image.Image:
     """A PIL image with three rows for images in [-1, 1]: x, x̂, and |x − x̂| per channel shown as
-    ``error_gain`` x the error on a [0, 1] scale (so gain 4 saturates at a quarter of the range)."""
+    ``error_gain`` x the error on a [0, 1] scale (so gain 4 saturates at a quarter of the range).
+    The rows are named in a left margin and each column's PSNR is written under it, so a grid
+    read alone (in TensorBoard, in a paper draft) says what it shows."""
     if originals.shape != reconstructions.shape:
         raise ValueError(f"grid: {tuple(originals.shape)} originals vs {tuple(reconstructions.shape)} reconstructions")
     x, y = originals.detach().float().cpu().clamp(-1, 1), reconstructions.detach().float().cpu().clamp(-1, 1)
     error = ((x - y).abs() / 2 * error_gain).clamp(0, 1) * 2 - 1
     rows = [x, y, error]
     n, _, h, w = x.shape
-    canvas = Image.new("RGB", (n * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
-    for r, row in enumerate(rows):
+    font = ImageFont.load_default(size=max(9, min(h // 5, 14)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = row_labels(error_gain)
+    captions = column_captions(x, y, fits=lambda text: measure.textlength(text, font=font) <= w)
+    margin = int(max(measure.textlength(t, font=font) for t in labels)) + 3 * pad
+    _, upper, _, lower = measure.textbbox((0, 0), "0123456789 dB", font=font)
+    strip = lower - upper + 2 * pad if captions else 0
+    canvas = Image.new("RGB", (margin + n * (w + pad) + pad, len(rows) * (h + pad) + pad + strip), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        top = pad + r * (h + pad)
+        # centred on the row by its box (anchors need FreeType, which a Pillow build may lack)
+        left, up, _, low = draw.textbbox((0, 0), label, font=font)
+        draw.text((pad - left, top + (h - (low - up)) / 2 - up), label, fill=(0, 0, 0), font=font)
         for i in range(n):
-            canvas.paste(to_pil(row[i]), (pad + i * (w + pad), pad + r * (h + pad)))
+            canvas.paste(to_pil(row[i]), (margin + pad + i * (w + pad), top))
+    for i, caption in enumerate(captions):
+        left, _, right, _ = draw.textbbox((0, 0), caption, font=font)
+        draw.text((margin + pad + i * (w + pad) + (w - (right - left)) / 2 - left, len(rows) * (h + pad) + pad - upper),
+                  caption, fill=(0, 0, 0), font=font)
     return canvas
 
 
 def save_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path) -> Path:
+    """:func:`reconstruction_grid` written atomically as a PNG at ``path``."""
     path = Path(path)
     grid = reconstruction_grid(originals, reconstructions)
     atomic_write(path, lambda p: grid.save(p, format="PNG"))
