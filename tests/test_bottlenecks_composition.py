@@ -239,3 +239,24 @@ def test_latents_alone_equal_the_forward_latents(kind, layout, chunk_size):
     assert torch.equal(latents, b(z).latents)
     latents.sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["softvq", "gmmvq", "vq", "kl", "lfq", "ae"])
+@pytest.mark.parametrize("layout", [{}, dict(groups=2, residual_levels=2, segments=2, lfq_groups=2)])
+def test_float64_inputs_and_float32_weights_meet_in_float64(kind, layout):
+    # A float64 input used to meet a float32 codebook in a matmul dtype error; it now computes in
+    # float64, exactly as the same bottleneck in float64 does (float32 weights widen exactly).
+    if kind == "lfq":
+        layout = {**layout, "residual_levels": 1}
+    b = build(kind=kind, segment_entropy="per_segment", **layout).eval()
+    wide = build(kind=kind, segment_entropy="per_segment", **layout).eval()
+    wide.load_state_dict(b.state_dict())
+    wide.double()
+    z = torch.randn(2, 8, b.input_dim, dtype=torch.float64)
+    out, ref = b(z), wide(z)
+    assert out.latents.dtype == torch.float64
+    torch.testing.assert_close(out.latents, ref.latents, rtol=1e-12, atol=1e-12)
+    assert out.latents.dtype == b.latents(z).dtype
+    # and the other way round: a float64 codebook reads float32 inputs in float64
+    if kind in ("softvq", "gmmvq", "vq"):
+        assert wide(z.float()).latents.dtype == torch.float64

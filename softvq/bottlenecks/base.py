@@ -105,10 +105,13 @@ class Bottleneck(nn.Module):
         return None
 
 
-def full_precision(x: Tensor) -> Tensor:
-    """``x`` in float32, or float64 when it already is: quantizer math never runs in half precision
-    (autocast, bf16 weights), nor below a float64 model's own precision (gradient checks)."""
-    return x if x.dtype == torch.float64 else x.float()
+def full_precision(x: Tensor, *alongside: Tensor) -> Tensor:
+    """``x`` in float32, or float64 when it or a tensor it meets (``alongside``: the codebook for the
+    inputs, the inputs for the codebook) is: quantizer math never runs in half precision (autocast,
+    bf16 weights), nor below a float64 model's or input's own precision (gradient checks), and a
+    float64 input meets a float32 codebook in float64 rather than in a dtype-mismatch error."""
+    wide = any(t.dtype == torch.float64 for t in (x, *alongside))
+    return x.to(torch.float64 if wide else torch.float32)
 
 
 def float32_region(device: torch.device) -> torch.autocast:

@@ -96,14 +96,15 @@ class SoftVQ(Bottleneck):
         """τ as a 0-dim tensor (a parameter when learnable)."""
         return self.log_temperature.exp()
 
-    def normalized_codebook(self) -> Tensor:
-        """The codebook as the decoder sees it (L2-normalised rows for the cosine variant)."""
-        c = full_precision(self.codebook)
+    def normalized_codebook(self, *alongside: Tensor) -> Tensor:
+        """The codebook as the decoder sees it (L2-normalised rows for the cosine variant), in the
+        precision it meets ``alongside`` tensors in (:func:`~softvq.bottlenecks.base.full_precision`)."""
+        c = full_precision(self.codebook, *alongside)
         return F.normalize(c, dim=-1) if self.distance == "cosine" else c
 
     def inverse_temperature(self, z: Tensor) -> Tensor:
         """1/τ; GMMVQ overrides this with per-token weights ω(ẑ) (supplementary B.2)."""
-        return 1.0 / full_precision(self.temperature)
+        return 1.0 / full_precision(self.log_temperature, z).exp()
 
     def split_input(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(ẑ, 1/τ) from the encoder projection; GMMVQ also reads ω from extra channels."""
@@ -111,7 +112,7 @@ class SoftVQ(Bottleneck):
 
     def _flat_tokens(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(T, D) signal tokens as the assignment reads them (normalised for cosine) and the scale."""
-        signal, scale = self.split_input(full_precision(z))
+        signal, scale = self.split_input(full_precision(z, self.codebook))
         flat = signal.reshape(-1, self.latent_dim)
         if scale.dim():
             scale = scale.reshape(-1)
@@ -129,7 +130,7 @@ class SoftVQ(Bottleneck):
         self.check_input(z)
         with float32_region(z.device):
             flat, scale = self._flat_tokens(z)
-            latents = soft_latents(flat, self.normalized_codebook(), scale=scale, distance=self.distance,
+            latents = soft_latents(flat, self.normalized_codebook(flat), scale=scale, distance=self.distance,
                                    chunk_size=self.chunk_size)
             return latents.reshape(*z.shape[:-1], self.latent_dim)
 
@@ -147,7 +148,7 @@ class SoftVQ(Bottleneck):
             lead = z.shape[:-1]
             flat, scale = self._flat_tokens(z)
             out = soft_assign(
-                flat, self.normalized_codebook(), scale=scale, distance=self.distance,
+                flat, self.normalized_codebook(flat), scale=scale, distance=self.distance,
                 detach_codebook_in_logits=self.detach_codebook_in_logits,
                 entropy_temperature=self.entropy_temperature, chunk_size=self.chunk_size,
             )
@@ -193,7 +194,7 @@ class SoftVQ(Bottleneck):
         losses = {}
         if self.codebook_loss:
             if torch.is_grad_enabled():
-                held = soft_assign(flat.detach(), self.normalized_codebook(), scale=scale.detach(),
+                held = soft_assign(flat.detach(), self.normalized_codebook(flat), scale=scale.detach(),
                                    distance=self.distance, detach_codebook_in_logits=self.detach_codebook_in_logits,
                                    chunk_size=self.chunk_size).latents
             else:  # no gradient to stop: z(sg[ẑ]) is z

@@ -64,21 +64,22 @@ class VQ(Bottleneck):
         """K, the codewords of the codebook."""
         return self.codebook.shape[0]
 
-    def normalized_codebook(self) -> Tensor:
-        """The codebook as lookups read it (L2-normalised rows for the cosine variant)."""
-        c = full_precision(self.codebook)
+    def normalized_codebook(self, *alongside: Tensor) -> Tensor:
+        """The codebook as lookups read it (L2-normalised rows for the cosine variant), in the
+        precision it meets ``alongside`` tensors in (:func:`~softvq.bottlenecks.base.full_precision`)."""
+        c = full_precision(self.codebook, *alongside)
         return F.normalize(c, dim=-1) if self.distance == "cosine" else c
 
     def forward(self, z: Tensor) -> BottleneckOutput:
         """Nearest codeword with a straight-through gradient; losses ``codebook`` and ``commit`` (Eq. 2)."""
         self.check_input(z)
         with float32_region(z.device):
-            z = full_precision(z)
+            z = full_precision(z, self.codebook)
             lead = z.shape[:-1]
             flat = z.reshape(-1, self.latent_dim)
             if self.distance == "cosine":
                 flat = F.normalize(flat, dim=-1)
-            book = self.normalized_codebook()
+            book = self.normalized_codebook(flat)
             with torch.no_grad():
                 indices = nearest_codeword(flat, book)
             chosen = book[indices]
