@@ -45,6 +45,11 @@ def test_wrong_data_range_is_an_error_and_a_wrong_range_changes_ssim():
         ssim(x, y, data_range=1.0)
     with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
         psnr(x / 127.5 - 1, y / 127.5 - 1, data_range=1.0)
+    # a reconstruction a little past [0, 1] (decoders overshoot) was told to map [-1, 1] again
+    overshoot = (y / 255) * 1.08 - 0.04
+    with pytest.raises(ValueError, match=r"overshoots its range a little: clamp it first, x.clamp\(0, 1\)"):
+        psnr(x / 255, overshoot, data_range=1.0)
+    assert torch.isfinite(psnr(x / 255, overshoot.clamp(0, 1), data_range=1.0)).all()
     # The research code's data_range=2.0 on [0, 1] images gives a different (wrong) SSIM.
     right = ssim(x / 255, y / 255, data_range=1.0)
     assert not torch.allclose(right, ssim(x / 255, y / 255, data_range=2.0))

@@ -31,8 +31,13 @@ def _check_range(x: Tensor, data_range: float, name: str) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
     slack = 1e-3 * data_range
     if lo < -slack or hi > data_range + slack:
-        hint = " (images in [-1, 1]: map them with (x + 1) / 2 first)" if lo < 0 else (
-            " (looks like [0, 255] images: pass data_range=255)" if hi > 1.5 and data_range == 1 else "")
+        if -0.25 * data_range <= lo and hi <= 1.25 * data_range:  # the right scale, overshooting a little
+            hint = (f" (a decoder's output overshoots its range a little: clamp it first, "
+                    f"x.clamp(0, {data_range:g}), as a saved image would be)")
+        elif lo < 0:
+            hint = " (images in [-1, 1]: map them with (x + 1) / 2 first)"
+        else:
+            hint = " (looks like [0, 255] images: pass data_range=255)" if hi > 1.5 and data_range == 1 else ""
         raise ValueError(f"{name} values span [{lo:.3g}, {hi:.3g}], outside [0, {data_range}]{hint}")
 
 
