@@ -425,7 +425,10 @@ class Tokenizer(nn.Module):
 
     @torch.inference_mode()
     def reconstruct(self, images: Tensor) -> Tensor:
-        """Encode and decode without gradients (images in and out in [-1, 1])."""
+        """Encode and decode without gradients (images in and out in about [-1, 1]: clamp before
+        saving or scoring). Runs under ``torch.inference_mode``, so the result is an inference
+        tensor: read it freely, but ``.clone()`` it before changing it in place (``clamp_``) or
+        using it in a graph that records gradients."""
         return self.forward(images).reconstruction
 
     def num_parameters(self) -> int:

@@ -304,7 +304,8 @@ class MaskedAutoregressive(nn.Module):
         """Generate (B, L, D) tokens for ``labels`` (B,) in ``ar_steps`` steps (default L: MAR's
         evaluation setting of one step per token at most; the masking schedule decides how many
         tokens each step reveals). ``clip_x0``: see :meth:`DiffusionLoss.sample` (off in MAR).
-        Runs in eval mode whatever the module's mode."""
+        Runs in eval mode whatever the module's mode, under ``torch.inference_mode``: ``.clone()``
+        the tokens before changing them in place or using them where gradients are recorded."""
         if cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         if cfg < 0 or temperature < 0:
