@@ -110,3 +110,16 @@ def test_missing_weights_say_what_to_install(tmp_path, monkeypatch):
 def test_tf_weight_mapping_rejects_unknown_keys():
     with pytest.raises(inc.FIDWeightsError, match="unexpected layer"):
         inc.convert_tf_state_dict({"net.layers.mixed_11.conv.weight": torch.zeros(1)})
+
+
+def test_loading_the_frozen_networks_leaves_the_global_random_stream_alone():
+    # Their random initialisation is thrown away for real weights; it used to advance the caller's
+    # stream, so building LPIPS or the FID Inception inside a seeded script changed what came next.
+    from softvq.losses.lpips import LPIPS
+
+    for build in (inc.load_fid_inception, LPIPS):
+        torch.manual_seed(5)
+        expected = torch.rand(4)
+        torch.manual_seed(5)
+        build()
+        assert torch.equal(torch.rand(4), expected), build.__name__

@@ -51,6 +51,18 @@ def test_separable_features_are_learned(optimizer):
     assert r.num_classes == 4 and r.feature_dim == 16
 
 
+def test_the_probe_is_seeded_by_its_seed_and_leaves_the_global_stream_alone():
+    g = torch.Generator().manual_seed(1)
+    x, labels = torch.randn(40, 8, generator=g), torch.arange(40) % 2
+    results = []
+    for caller_seed in (123, 999):
+        torch.manual_seed(caller_seed)
+        expected_next = torch.rand(3, generator=torch.Generator().manual_seed(caller_seed))
+        results.append(train_probe(x[:30], labels[:30], x[30:], labels[30:], epochs=1, min_steps=5))
+        assert torch.equal(torch.rand(3), expected_next)  # was overwritten by manual_seed(seed)
+    assert results[0] == results[1]  # the same seed, the same probe, whatever the caller's stream
+
+
 def test_probe_on_a_labelled_folder_beats_chance(tmp_path):
     """Three classes = random crops of three different photos; a frozen random tokenizer whose
     blocks are not muted (LayerScale 1) separates them linearly well above chance (1/3)."""

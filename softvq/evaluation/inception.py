@@ -354,7 +354,8 @@ def load_fid_inception(weights: str | Path | None = None) -> FIDInceptionV3:
             raise FIDWeightsError(
                 f"{path} is not a readable FID Inception weights file ({type(exc).__name__}: {exc})"
             ) from None
-    model = FIDInceptionV3(with_logits="fc.weight" in state)
+    with torch.random.fork_rng(devices=[]):  # its random initialisation is replaced: leave the caller's stream
+        model = FIDInceptionV3(with_logits="fc.weight" in state)
     model.weights_name = PYTORCH_FID_FILENAME if weights == "download" else path.name
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -123,15 +123,17 @@ def train_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, 
     The learning rate follows a per-step cosine decay from ``lr`` to 0 (C.3). On ImageNet the
     paper's 90 epochs at batch 16,384 are about 7,000 steps; on a small folder 90 epochs can be
     90 steps of one full batch, too few for LAMB's relative updates, so training runs for at least
-    ``min_steps`` steps (more epochs; the result reports the epochs actually run).
+    ``min_steps`` steps (more epochs; the result reports the epochs actually run). Everything random
+    is drawn from ``seed``; torch's global random state is left as it was.
     """
     if train_x.dim() != 2 or val_x.dim() != 2 or train_x.shape[1] != val_x.shape[1]:
         raise ValueError(f"features must be (N, F) with the same F, got {tuple(train_x.shape)}, {tuple(val_x.shape)}")
     if len(train_x) < 2:
         raise ValueError(f"need at least 2 training samples, got {len(train_x)}")
-    torch.manual_seed(seed)
     num_classes = int(max(train_y.max(), val_y.max() if len(val_y) else 0)) + 1
-    probe = LinearProbe(train_x.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's stream alone
+        torch.manual_seed(seed)
+        probe = LinearProbe(train_x.shape[1], num_classes)
     params = probe.parameters()
     if optimizer == "lamb":
         opt: torch.optim.Optimizer = Lamb(params, lr=lr, weight_decay=weight_decay)

