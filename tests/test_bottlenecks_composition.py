@@ -260,3 +260,15 @@ def test_float64_inputs_and_float32_weights_meet_in_float64(kind, layout):
     # and the other way round: a float64 codebook reads float32 inputs in float64
     if kind in ("softvq", "gmmvq", "vq"):
         assert wide(z.float()).latents.dtype == torch.float64
+
+
+def test_the_package_exports_every_bottleneck_the_factory_builds():
+    import softvq.bottlenecks as package
+
+    built = {type(build(kind=kind, **layout)) for kind in ("softvq", "gmmvq", "vq", "kl", "lfq", "ae")
+             for layout in ({}, dict(groups=2), dict(segments=2))}
+    built.add(type(build(kind="softvq", residual_levels=2)))
+    exported = {getattr(package, name) for name in package.__all__}
+    assert built <= exported, built - exported  # a user imports from softvq.bottlenecks, not its modules
+    assert all(issubclass(cls, package.Bottleneck) for cls in exported if isinstance(cls, type)
+               and cls is not package.BottleneckOutput)
