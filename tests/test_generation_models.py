@@ -44,6 +44,25 @@ def test_bad_input_shape_names_the_expected_shape():
         model(torch.randn(2, 8, 6), torch.rand(2), torch.tensor([0, 9]))
 
 
+def test_forward_takes_a_number_for_t_a_list_or_int_for_y_and_names_a_dtype_mismatch():
+    torch.manual_seed(0)
+    model = build_generator(tiny()).eval()
+    for block in model.blocks:  # out of adaLN-Zero's identity, so that t and y change the output
+        torch.nn.init.normal_(block.modulation[-1].weight, std=0.1)
+    for layer in (model.final.linear, model.final.modulation[-1]):
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    x = torch.randn(2, 8, 6)
+    expected = model(x, torch.full((2,), 0.5), torch.tensor([3, 3]))
+    assert torch.equal(model(x, 0.5, [3, 3]), expected)  # was AttributeError: 'float' ... 'numel'
+    assert torch.equal(model(x, torch.tensor(0.5), 3), expected)
+    assert not torch.equal(model(x, 0.25, 3), expected)
+    with pytest.raises(TypeError, match=r"x is torch.float64 but the generator's weights are torch.float32: "
+                                        r"pass x.to\(torch.float32\)"):
+        model(x.double(), 0.5, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision takes other dtypes
+        assert model(x.bfloat16(), 0.5, 3).shape == x.shape
+
+
 @pytest.mark.parametrize("field, value", [("depth", 0), ("heads", 0), ("latent_dim", -1), ("num_tokens", 0)])
 def test_configs_without_layers_or_channels_are_refused(field, value):
     with pytest.raises(ValueError, match=f"sizes must be positive, got {field}={value}"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -228,15 +229,24 @@ class LatentTransformer(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, force_drop: Tensor | None = None) -> Tensor:
-        """x (B, L, D) noisy latents (or (B, C, H, W) in the 2D layout); t (B,) or a scalar: DiT's
-        integer step 0..T−1 or SiT's time in [0, 1] (0 = data); y (B,) integer class indices,
-        ``num_classes`` = unconditional; ``force_drop`` (B,) bool replaces chosen labels by the null
-        class (classifier-free guidance's training dropout). Returns the output with x's shape
-        (2x the channels for a learned-sigma DiT)."""
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | Sequence[int] | int,
+                force_drop: Tensor | None = None) -> Tensor:
+        """x (B, L, D) noisy latents (or (B, C, H, W) in the 2D layout); t (B,) or a scalar (a number
+        or a 0-dim tensor): DiT's integer step 0..T−1 or SiT's time in [0, 1] (0 = data); y (B,)
+        integer class indices (a tensor, a list or one int for the whole batch), ``num_classes`` =
+        unconditional; ``force_drop`` (B,) bool replaces chosen labels by the null class
+        (classifier-free guidance's training dropout). Returns the output with x's shape (2x the
+        channels for a learned-sigma DiT). Outside autocast, x must have the weights' dtype."""
         self.check_input(x)
+        weights = self.x_embed.weight.dtype
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the generator's weights are {weights}: pass x.to({weights}), "
+                            f"or run under torch.autocast for mixed precision")
+        t = t if isinstance(t, Tensor) else torch.as_tensor(t, device=x.device)
+        y = y if isinstance(y, Tensor) else torch.as_tensor(y, device=x.device)
         if y.is_floating_point():
             raise TypeError(f"y must be integer class indices, got a {y.dtype} tensor; pass y.long()")
+        y = y.reshape(-1).expand(x.shape[0]) if y.numel() == 1 else y
         c = self.config
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         tokens = x if c.layout == "1d" else patchify(x, c.patch_size)
