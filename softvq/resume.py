@@ -67,4 +67,5 @@ def weights_sha1(module: nn.Module) -> str:
 def listing_sha1(names: Iterable[str]) -> str:
     """sha1 of ``names`` in their order, one per line: which files, in which order, saved work
     was made from (the files' content is the weights' and settings' business, not this)."""
-    return hashlib.sha1("\n".join(names).encode()).hexdigest()
+    # surrogateescape: a file name that is not UTF-8 (Latin-1 in scraped data) hashes as its own bytes
+    return hashlib.sha1("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()

@@ -349,6 +349,24 @@ def test_eval_under_a_launcher_is_refused_instead_of_run_once_per_process(tmp_pa
     assert code == 2 and "eval runs in one process on one device" in _one_line_error(err)
 
 
+def test_a_file_name_that_is_not_utf8_is_evaluated_like_any_other(tmp_path, capsys):
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in (b"caf\xe9.png", b"plain.png"):  # a Latin-1 name, as scraped data has them
+        Image.fromarray(_gradient()).convert("RGB").save(os.path.join(os.fsencode(folder), name))
+    Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "tok")  # saved weights: a resumable eval
+    code, _, err = _run(capsys, "eval", "--model", str(tmp_path / "tok"), "--images", str(folder), "--no-fid",
+                        "--no-lpips", "--no-flops", "--no-progress", "--out", str(tmp_path / "eval"))
+    assert code == 0, err  # was: 'utf-8' codec can't encode character '\udce9', naming no file
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["num_images"] == 2
+    from softvq.evaluation.fid import dataset_checksum  # rFID's reference cache and generate --fid-ref
+
+    files = sorted(folder.iterdir())
+    assert dataset_checksum(files, {}, folder) != dataset_checksum(files[:1], {}, folder)
+
+
 def test_official_prefix_without_a_release_is_named(capsys):
     code, _, err = _run(capsys, "info", "official:")
     assert code == 2 and "official: needs a release folder or hub id after it" in _one_line_error(err)

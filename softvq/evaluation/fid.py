@@ -186,7 +186,7 @@ def dataset_checksum(files: Sequence[str | Path], protocol: dict[str, Any], root
             size = mtime = -1
         entries.append(f"{rel}\t{size}\t{mtime}")
     for entry in sorted(entries):
-        h.update(b"\n" + entry.encode())
+        h.update(b"\n" + entry.encode("utf-8", "surrogateescape"))  # a name that is not UTF-8: its own bytes
     return h.hexdigest()
 
 
