@@ -52,13 +52,30 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert np.array_equal(rgb[..., 1], np.round(deep / 257).astype(np.uint8))
 
 
-@pytest.mark.parametrize("scale", [1.0, 255.0])
-def test_float_tiffs_are_read_in_0_1_or_in_8_bit_units(tmp_path, scale):
+@pytest.mark.parametrize("scale", [1.0, 255.0, 65535.0])
+def test_float_tiffs_are_read_in_0_1_or_in_8_or_16_bit_units(tmp_path, scale):
     grey = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     Image.fromarray(grey * scale, mode="F").save(tmp_path / "f.tif")
-    rgb = np.asarray(load_rgb(tmp_path / "f.tif"))  # [0, 1] floats came out black
+    rgb = np.asarray(load_rgb(tmp_path / "f.tif"))  # [0, 1] floats came out black, 16-bit units white
     assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 2]).all()
     assert np.abs(rgb[..., 0].astype(np.float64) - grey * 255).max() <= 0.5 + 1e-3
+
+
+def test_a_float_tiff_overshooting_0_1_a_little_stays_a_0_1_image(tmp_path):
+    grey = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    over = grey * 1.0001
+    over[0, 0] = -0.001  # one pixel past the end used to turn the whole image into 8-bit units: black
+    Image.fromarray(over, mode="F").save(tmp_path / "f.tif")
+    rgb = np.asarray(load_rgb(tmp_path / "f.tif"))
+    assert np.abs(rgb[..., 0].astype(np.float64) - np.clip(over, 0, 1) * 255).max() <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("top", [255, 65535, 2**31 - 1])
+def test_32_bit_integer_tiffs_are_read_in_the_units_their_values_use(tmp_path, top):
+    grey = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    Image.fromarray(np.round(grey * top).astype(np.int32), mode="I").save(tmp_path / "i.tif")
+    rgb = np.asarray(load_rgb(tmp_path / "i.tif"))  # 0..255 data was divided by 257: black
+    assert np.abs(rgb[..., 1].astype(np.float64) - grey * 255).max() <= 0.5 + 1e-3
 
 
 def test_rgba_is_composited_on_white(tmp_path):

@@ -81,17 +81,34 @@ def _too_large(exc: Exception) -> str:
             f"if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS")
 
 
+def _grey_units(grey: np.ndarray, unit_interval: bool) -> float:
+    """The factor that brings one-channel data of unknown depth to 8-bit units, read from its
+    values as image viewers do: [0, 1] (floats only, ``unit_interval``; 1% past either end is an
+    overshoot, clipped), 8-bit, 16-bit, else the data's own maximum (32-bit integers)."""
+    if not grey.size:
+        return 1.0
+    lo, hi = float(grey.min()), float(grey.max())
+    if unit_interval and lo >= -0.01 and hi <= 1.01:
+        return 255.0
+    if hi <= 255.5:
+        return 1.0
+    if hi <= 65535.5:
+        return 1 / 257.0
+    return 255.0 / hi
+
+
 def _as_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "I" or img.mode.startswith("I;16"):
+    if img.mode.startswith("I;16"):
         # 16-bit greyscale (PNG/TIFF): Pillow's convert("RGB") clips at 255; scale instead.
         grey = np.asarray(img, dtype=np.float64) / 257.0
         return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if img.mode == "F":
-        # 32-bit float greyscale (TIFF): convert("RGB") truncates, so [0, 1] data came out black.
-        # Read [0, 1] when every value lies there, else 8-bit units, as image viewers do.
-        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        scale = 255.0 if grey.size and grey.min() >= 0.0 and grey.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.round(grey * scale), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("I", "F"):
+        # 32-bit integer or float greyscale (TIFF; a 16-bit PNG under Pillow < 11 is "I" too): its depth
+        # is not in the mode, so read it from the values. convert("RGB") clips or truncates: a
+        # [0, 1] float image came out black, an "I" image holding 0..255 black after a 16-bit /257.
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        grey = grey * _grey_units(grey, unit_interval=img.mode == "F")
+        return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # tRNS of P, L and RGB images too
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
