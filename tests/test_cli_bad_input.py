@@ -78,6 +78,25 @@ def test_32_bit_integer_tiffs_are_read_in_the_units_their_values_use(tmp_path, t
     assert np.abs(rgb[..., 1].astype(np.float64) - grey * 255).max() <= 0.5 + 1e-3
 
 
+def test_an_unreadable_file_says_why_in_a_few_words(tmp_path):
+    import os
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.png").write_text("not an image")
+    os.symlink("loop.png", tmp_path / "loop.png")
+    reasons = {}
+    for name in ("cut.jpg", "notes.png", "loop.png"):
+        with pytest.raises(ImageReadError) as info:
+            load_rgb(tmp_path / name)
+        reasons[name] = str(info.value).split(": not a readable image ")[1]
+    # was "(OSError)" for both a truncated file and a link loop
+    assert reasons == {"cut.jpg": "(OSError: Truncated File Read)",
+                       "notes.png": "(not a format Pillow reads, or not an image at all)",
+                       "loop.png": "(OSError: Too many levels of symbolic links)"}
+
+
 def test_rgba_is_composited_on_white(tmp_path):
     rgba = np.zeros((64, 64, 4), np.uint8)
     rgba[..., 0] = 200            # red everywhere

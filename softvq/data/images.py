@@ -47,7 +47,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{path}: {_too_large(exc)}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: not a readable image ({type(exc).__name__})") from None
+        raise ImageReadError(f"{path}: not a readable image ({_reason(exc)})") from None
 
 
 def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -62,7 +62,18 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{name}: {_too_large(exc)}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{name}: not a readable image ({type(exc).__name__})") from None
+        raise ImageReadError(f"{name}: not a readable image ({_reason(exc)})") from None
+
+
+def _reason(exc: Exception) -> str:
+    """Why Pillow could not read a file, in a few words: its message without the path it repeats
+    ("Truncated File Read", "Too many levels of symbolic links"), or what an unknown format means."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a format Pillow reads, or not an image at all"
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    text = " ".join(text.split())
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _name_if_huge(img: Image.Image, name: str | Path) -> None:
