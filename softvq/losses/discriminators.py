@@ -97,6 +97,8 @@ class Discriminator(FrozenHolder):
     """Interface: ``features(x)`` (frozen part; may be the image itself) and ``logits(features)``
     (trainable part) -> (B, M) logits; ``forward`` composes them."""
 
+    heads: nn.ModuleList  # built by the subclasses that use this logits()
+
     def features(self, x: Tensor) -> list[Tensor]:
         """The frozen part: a list of feature maps of images x (B, 3, H, W) in [-1, 1]."""
         raise NotImplementedError
@@ -159,6 +161,9 @@ class DinoDiscriminator(Discriminator):
 class VGGDiscriminator(Discriminator):
     """Frozen ImageNet VGG16 + one trainable 2-D head per tapped depth (offline substitute)."""
 
+    shift: Tensor  # buffers registered in __init__
+    scale: Tensor
+
     def __init__(
         self,
         vgg: FeatureStack,
@@ -218,6 +223,7 @@ class PatchGAN(Discriminator):
     @staticmethod
     def _fits(side: int, convs: list[nn.Conv2d]) -> bool:
         for conv in convs:
+            assert not isinstance(conv.padding, str)  # PatchGAN's convs take numeric padding
             side = (side + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
             if side < 1:
                 return False

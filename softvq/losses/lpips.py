@@ -67,6 +67,9 @@ class LPIPS(FrozenHolder):
         loss, whose reconstructions may stray early on, turns it off.
     """
 
+    shift: Tensor  # buffers registered in __init__
+    scale: Tensor
+
     def __init__(
         self,
         net: str = "vgg",

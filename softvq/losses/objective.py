@@ -204,6 +204,8 @@ def _excluded_from_graph(params: list[nn.Parameter]) -> Iterator[None]:
 class TokenizerObjective(nn.Module):
     """Eq. 7 for a :class:`~softvq.Tokenizer`, plus the discriminator's loss. See the module docstring."""
 
+    _tokenizer: Tokenizer  # set in __init__ without registering it (see there)
+
     def __init__(self, cfg: ObjectiveConfig, tokenizer: "Tokenizer") -> None:
         super().__init__()
         self.cfg = cfg = cfg.validate()

@@ -154,6 +154,7 @@ def _residual(x: Tensor, h: Tensor, inner: Callable[[Tensor], Tensor], out_layer
     if not fusable:
         update = out_layer(inner(h))
         return scale.residual(x, update) if isinstance(scale, LayerScale) else x + scale(update)
+    assert isinstance(scale, LayerScale)  # fusable checked it
     u = inner(h)
     gamma = scale.gamma
     # A fresh tensor, so the GEMM may accumulate into it in place (addmm_ needs no copy of it,
@@ -208,14 +209,14 @@ def reference_math(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for m in attention:
             m.explicit = True
-        for m in fusable:
-            m.fused = False
+        for f in fusable:
+            f.fused = False
         yield model
     finally:
         for m, flag in zip(attention, saved[0]):
             m.explicit = flag
-        for m, flag in zip(fusable, saved[1]):
-            m.fused = flag
+        for f, flag in zip(fusable, saved[1]):
+            f.fused = flag
 
 
 def resize_grid_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
