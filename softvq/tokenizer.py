@@ -459,7 +459,9 @@ def _concat_encodings(parts: list[Encoding]) -> Encoding:
         return {k: (torch.stack([getattr(p, name)[k].float() for p in parts])
                     * weights.to(parts[0].latents.device)).sum() for k in keys}
 
-    return Encoding(latents=cat("latents"), features=cat("features"), indices=cat("indices"),
+    latents, features = cat("latents"), cat("features")
+    assert latents is not None and features is not None  # every Encoding has them
+    return Encoding(latents=latents, features=features, indices=cat("indices"),
                     probs=cat("probs"), losses=mean("losses"), metrics=mean("metrics"))
 
 

@@ -60,6 +60,7 @@ class ResidualQuantizer(Bottleneck):
             total = out.latents if total is None else total + out.latents
             residual = residual - out.latents
         indices, probs = stack_codes(outputs, token_dims=z.dim() - 1)
+        assert total is not None  # shared_widths refused an empty list of levels
         return BottleneckOutput(
             latents=total,
             losses=sum_losses(outputs),

@@ -241,6 +241,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     saved = load_saved_state(state_file, identity)
     if saved is not None and "report" in saved:  # finished, kept for a caller that was stopped later
         if not keep_state:
+            assert state_file is not None  # load_saved_state read it
             state_file.unlink(missing_ok=True)
         return {**saved["report"], "notes": [*saved["report"]["notes"],
                                              "the evaluation had finished before the run was stopped; its report "
@@ -268,6 +269,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     skipped_done = len(skipped)  # the loader may already have named the next batch's unreadable files
 
     def save() -> None:
+        assert state_file is not None  # KeptWork saves only with a state file
         save_state(state_file, {"identity": identity, "acc": acc, "usage": usage,
                                       "skipped": skipped[:skipped_done], "evaluated": evaluated,
                                       "batches": done_batches, "notes": notes[loop_notes:]})
@@ -344,7 +346,9 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     for net, values in acc.lpips.items():
         report[f"lpips_{net}"] = _mean(values)
     if extractor is not None:
+        assert checksum is not None  # computed with the extractor
         if ref_stats is not None:
+            assert cache_path is not None  # ref_stats were loaded from it
             stale = _stale_reference(cache_path, ref_stats.count, cached_digest, evaluated, acc.digest)
             if stale:
                 logging.getLogger(__name__).warning(stale)  # the CLI prints it as "softvq: warning: ..."

@@ -117,6 +117,7 @@ class RunningStats:
         """The :class:`FeatureStats` of everything added so far."""
         if self.count < 2:
             raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
+        assert self.shift is not None and self.sum is not None and self.outer is not None  # set by update
         mean_d = self.sum / self.count
         cov = (self.outer - self.count * np.outer(mean_d, mean_d)) / (self.count - 1)
         centred = np.concatenate(self.rows) - mean_d if self.rows else None

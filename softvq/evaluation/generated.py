@@ -150,6 +150,7 @@ def _extract_resumably(extractor, refs: list, size: int, batch_size: int, worker
     skipped_done = len(skipped)
 
     def save() -> None:
+        assert state_file is not None  # KeptWork saves only with a state file
         save_state(state_file, {"identity": identity, "features": torch.cat(feats),
                                       "logits": torch.cat(logits) if logits else None,
                                       "skipped": skipped[:skipped_done]})

@@ -123,6 +123,7 @@ class DiffusionLoss(nn.Module):
         def model(x: Tensor, t: Tensor) -> Tensor:
             if not guided:
                 return self.net(x, t, cond)
+            assert uncond is not None  # guided
             both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
             c, u = both.chunk(2)
             eps = u[:, :d] + cfg * (c[:, :d] - u[:, :d])

@@ -326,7 +326,7 @@ class MaskedAutoregressive(nn.Module):
         masked = length
         with evaluating(self):
             for k in steps:
-                if guided:
+                if null is not None:  # guided
                     both = torch.cat([orders, orders])
                     z = self.condition(self.encode(torch.cat([tokens, tokens]), both, masked,
                                                    torch.cat([labels, null])), both, masked)
@@ -340,7 +340,7 @@ class MaskedAutoregressive(nn.Module):
                 pick = at.expand(-1, -1, c.width)
                 new = self.head.sample(
                     z_cond.gather(1, pick).reshape(-1, c.width), diffusion_steps, temperature,
-                    uncond=z_uncond.gather(1, pick).reshape(-1, c.width) if guided else None, cfg=scale,
+                    uncond=z_uncond.gather(1, pick).reshape(-1, c.width) if z_uncond is not None else None, cfg=scale,
                     generator=generator, clip_x0=clip_x0)
                 tokens = tokens.scatter(1, at.expand(-1, -1, c.latent_dim), new.reshape(b, -1, c.latent_dim).to(dtype))
                 masked = left

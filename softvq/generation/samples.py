@@ -194,6 +194,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         bar.update(1)
     bar.close()
     if world > 1:
+        assert accelerator is not None  # world comes from it
         accelerator.wait_for_everyone()
         totals = accelerator.reduce(torch.tensor([made, int(diverged)], device=accelerator.device), reduction="sum")
         made, diverged = int(totals[0]), bool(totals[1])
@@ -203,6 +204,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         _write_grid(folder, labels, captions)
         write_json(folder / SAMPLE_RECORD, {**settings, "finished": True})
     if world > 1:
+        assert accelerator is not None
         accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
     return GeneratedSamples(folder, len(labels), made, diverged)
 

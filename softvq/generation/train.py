@@ -140,8 +140,10 @@ class GeneratorTrainConfig:
         # the one not used is resolved too, as runs before these were optional recorded both
         out = dataclasses.replace(out, path=out.path or "cosine", schedule=out.schedule or "cosine")
         if count is not None:
+            batch_size = out.batch_size
+            assert batch_size is not None  # every recipe has one
             def in_steps(steps: int | None, epochs: float | None) -> int:
-                return steps if steps is not None else math.ceil((epochs or 0) * count / out.batch_size)
+                return steps if steps is not None else math.ceil((epochs or 0) * count / batch_size)
             out = dataclasses.replace(out, steps=in_steps(out.steps, out.epochs),
                                       warmup_steps=in_steps(out.warmup_steps, out.warmup_epochs))
         return out
@@ -156,6 +158,9 @@ class GeneratorTrainConfig:
                                  f"({saved} lists them under \"train\": --latents and the rest)")
             raise ValueError("no latent folder given; make one with `softvq pretokenize` and pass --latents")
         resolved = self.resolved()  # names an unknown objective
+        # every recipe sets these (steps may wait for the latent set's count)
+        assert (resolved.batch_size is not None and resolved.lr is not None and resolved.weight_decay is not None
+                and resolved.adam_beta2 is not None)
         mar_only = ["--" + name.replace("_", "-") for name in MAR_ONLY if getattr(self, name) not in (None, False)]
         if self.objective != "mar" and mar_only:
             raise ValueError(f"{', '.join(mar_only)} only appl{'ies' if len(mar_only) == 1 else 'y'} to MAR "
@@ -238,12 +243,13 @@ def build_model_config(cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: i
                               "class_dropout": cfg.class_dropout}
     names = ("width", "depth", "heads") + (MAR_ONLY if cfg.objective == "mar" else ())
     fields.update({name: getattr(cfg, name) for name in names if getattr(cfg, name) is not None})
+    assert cfg.size is not None  # every recipe names one
     if cfg.objective == "mar":
         return mar_config(cfg.size, schedule=cfg.schedule, diffusion_steps=cfg.diffusion_steps, **fields)
     return generator_config(cfg.objective, cfg.size, **fields)
 
 
-def tokenizer_spec(spec: str, latent_shape: tuple[int, int] | None = None) -> str:
+def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None) -> str:
     """``--tokenizer`` checked now, not when ``generate`` first loads it after a long run, and
     recorded as :func:`softvq.checkpoint.specs.portable_spec` does (a local folder made absolute).
     A preset or local folder whose latents are not ``latent_shape`` (L, D) is refused too."""
@@ -308,6 +314,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 def learning_rate(cfg: GeneratorTrainConfig, step: int) -> float:
     """Linear warm-up over ``warmup_steps`` (step 0 gets lr/warmup), then constant."""
+    assert cfg.lr is not None  # a resolved config
     return cfg.lr * lr_factor(step, total_steps=cfg.steps or 1, warmup_steps=cfg.warmup_steps or 0, kind="constant")
 
 
@@ -503,6 +510,7 @@ def milestone_warnings(cfg: GeneratorTrainConfig, run: Path, start: int) -> list
     from softvq.training.checkpointing import checkpoint_path
 
     notes = []
+    assert cfg.steps is not None  # resolved with the latent set's count
     for step in sorted(set(cfg.export_at)):
         if step > cfg.steps:
             notes.append(f"--export-at {step} is beyond the run's {cfg.steps} steps, so it is not exported; "
@@ -591,6 +599,10 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     from softvq.training.trainer import NonFiniteLossError
 
     torch.manual_seed(cfg.seed + acc.process_index)
+    # resolved with the latent set's count: the recipe's fields and the lengths in steps are set
+    assert (cfg.steps is not None and cfg.warmup_steps is not None and cfg.lr is not None
+            and cfg.weight_decay is not None and cfg.adam_beta2 is not None and cfg.path is not None
+            and cfg.schedule is not None)
 
     model_cfg = build_model_config(cfg, data.latents.shape[1], data.latents.shape[2], len(data.classes))
     model = build_generator(model_cfg)

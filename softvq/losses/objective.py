@@ -322,6 +322,7 @@ class TokenizerObjective(nn.Module):
         real_vgg: list[Tensor] | None = None
         lam1 = self.perceptual_weight_at(step) if self.lpips is not None else 0.0
         if lam1 > 0:
+            assert self.lpips is not None  # lam1 is 0 without it
             with torch.no_grad():
                 real_features = self.lpips.features(images)
             perceptual = self.lpips.distance(real_features, self.lpips.features(recon)).mean()
@@ -330,6 +331,7 @@ class TokenizerObjective(nn.Module):
                 real_vgg = real_features
 
         if self.alignment is not None:
+            assert self.alignment_target is not None  # built together
             grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
             if isinstance(self.alignment_target, VGGTarget) and real_vgg is not None:
                 target = self.alignment_target(images, grid, relu4_3=real_vgg[3])  # reuse LPIPS' pass
@@ -349,6 +351,7 @@ class TokenizerObjective(nn.Module):
 
         extras: dict[str, float] = {"perceptual_weight": lam1}
         if self.discriminator_active(step):
+            assert self.discriminator is not None  # discriminator_active checked it
             fake = self.augment(recon)[0] if self.augment is not None else recon
             with _excluded_from_graph(self.discriminator_parameters()):
                 adv = hinge_g_loss(self.discriminator(fake))
@@ -377,6 +380,7 @@ class TokenizerObjective(nn.Module):
         """
         if not self.discriminator_active(step):
             return torch.zeros((), device=images.device), {}
+        assert self.discriminator is not None  # discriminator_active checked it
         cfg = self.cfg
         real, fake = images.detach(), reconstruction.detach()
         batches = [real, fake]

@@ -46,6 +46,7 @@ class RunLogger:
         if not self.enabled:
             return
         clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in values.items()}
+        assert self._jsonl is not None, "RunLogger.scalars after close()"  # enabled loggers open it in __init__
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
         if self.writer is not None:
             for key, value in values.items():

@@ -491,15 +491,15 @@ class Trainer:
         """DDP averages the tokenizer's gradients; the objective's trainable parts are averaged here."""
         if self.world == 1:
             return
-        params = [p for p in self.gen_extra + self.disc_params if p.grad is not None]
-        if params:
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
+        grads = [p.grad for p in self.gen_extra + self.disc_params if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
             torch.distributed.all_reduce(flat)
             flat /= self.world
             offset = 0
-            for p in params:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            for g in grads:
+                n = g.numel()
+                g.copy_(flat[offset:offset + n].view_as(g))
                 offset += n
 
     def _clip(self, model: nn.Module, extra: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -643,6 +643,7 @@ class Trainer:
         # the saved moments and schedule position, with this config's lr, betas and weight decay
         load_training_state(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])
         if self.disc_optimizer is not None and state.get("disc_optimizer"):
+            assert self.disc_scheduler is not None  # built with disc_optimizer
             load_training_state(self.disc_optimizer, self.disc_scheduler, state["disc_optimizer"],
                                 state["disc_scheduler"])
         self.step = int(state["step"])
