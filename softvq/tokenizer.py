@@ -413,7 +413,8 @@ class Tokenizer(nn.Module):
     def _decode_input(self, x: Tensor, image_size: int | tuple[int, int] | None) -> Tensor:
         grid = None
         if image_size is not None:
-            h, w = (image_size, image_size) if isinstance(image_size, numbers.Integral) else image_size
+            # int spelled out for mypy, which does not know that int is an Integral
+            h, w = (image_size, image_size) if isinstance(image_size, (int, numbers.Integral)) else image_size
             grid = (h // self.config.patch_size, w // self.config.patch_size)
         return self._in_precision(lambda t: self.decoder(self.from_latent(t), grid), x)
 
@@ -421,7 +422,7 @@ class Tokenizer(nn.Module):
         """Encode and decode (what training calls): the reconstruction at the input's size, and the
         :class:`Encoding` with the bottleneck's losses and metrics."""
         enc = self.encode(images)
-        return TokenizerOutput(self.decode(enc.latents, tuple(images.shape[-2:])), enc)
+        return TokenizerOutput(self.decode(enc.latents, (images.shape[-2], images.shape[-1])), enc)
 
     @torch.inference_mode()
     def reconstruct(self, images: Tensor) -> Tensor:

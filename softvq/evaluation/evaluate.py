@@ -52,6 +52,7 @@ from softvq.evaluation.sources import list_image_refs, readable_batches, skipped
 from softvq.resume import listing_sha1, weights_sha1
 
 if TYPE_CHECKING:
+    from softvq.evaluation.inception import Normalization
     from softvq.tokenizer import Tokenizer
 
 PAPER_NUM_IMAGES = 50_000
@@ -67,7 +68,7 @@ class EvalOptions:
     image_size: int | None = None          # default: the model's training resolution
     fid: bool = True
     fid_weights: str | None = None          # see softvq.evaluation.inception.find_fid_weights
-    fid_normalization: str = "tf"
+    fid_normalization: Normalization = "tf"
     reference_stats: str | Path | None = None  # .npz cache of the originals' statistics
     cache_dir: str | Path | None = DEFAULT_CACHE
     lpips_nets: Sequence[str] = ("vgg", "alex")
@@ -412,7 +413,8 @@ def _real_features(extractor, refs: list, size: int, options: EvalOptions) -> tu
     the :func:`fidlib.image_digest` of the images read."""
     from tqdm.auto import tqdm
 
-    real, digest, skipped = fidlib.RunningStats(), 0, []
+    skipped: list[str] = []
+    real, digest = fidlib.RunningStats(), 0
     bar = tqdm(total=len(refs), unit="img", desc="reference", disable=not options.progress)
     for batch in readable_batches(refs, size, options.batch_size, options.workers, skipped):
         real.update(extractor(batch))

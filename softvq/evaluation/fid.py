@@ -215,7 +215,7 @@ def save_reference_stats(path: str | Path, stats: FeatureStats, checksum: str,
         raise ValueError(f"reference statistics are saved as .npz, got {path}")
 
     def write(tmp: Path) -> None:
-        extra = {"centred": stats.centred} if stats.centred is not None else {}
+        extra: dict[str, Any] = {"centred": stats.centred} if stats.centred is not None else {}
         if features is not None:
             extra["features"] = _as_float64(features).astype(np.float32)
         if digest is not None:

@@ -120,7 +120,7 @@ def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[
         shards, root = expand_shards(text), None
     else:
         raise FileNotFoundError(f"{text} is neither an image folder nor webdataset .tar shards")
-    refs: list[ImageRef] = []
+    refs = []  # typed by the image-folder branch above
     used: list[Path] = []
     for shard in shards:
         members = _shard_members(shard)

@@ -126,7 +126,8 @@ def mar_config(size: str, **fields: Any) -> MARConfig:
     if key not in MAR_SIZES:
         raise UnknownNameError(f"unknown MAR size {size!r}; choose one of {', '.join(MAR_SIZES)}")
     width, depth, heads, head_depth, head_width = MAR_SIZES[key]
-    base = {"width": width, "depth": depth, "heads": heads, "head_depth": head_depth, "head_width": head_width}
+    base: dict[str, Any] = {"width": width, "depth": depth, "heads": heads, "head_depth": head_depth,
+                            "head_width": head_width}
     base.update(fields)
     return MARConfig(**base).validate()
 

@@ -275,8 +275,9 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None) -> st
         if kind in ("tokenizer", "tokenizer run"):
             payload = json.loads(((training_run_export(path) or path) / CONFIG_NAME).read_text())
             return same_shape(payload.get("config") or {})
-        what = {"latent set": "a latent set (pretokenize's output)", "generator": "a DiT/SiT/MAR generator",
-                "generator run": "a DiT/SiT/MAR generator", "unfinished generator run": "a DiT/SiT/MAR generator run"}
+        what: dict[str | None, str] = {
+            "latent set": "a latent set (pretokenize's output)", "generator": "a DiT/SiT/MAR generator",
+            "generator run": "a DiT/SiT/MAR generator", "unfinished generator run": "a DiT/SiT/MAR generator run"}
         raise ValueError(f"--tokenizer {spec} is {what.get(kind, 'not a softvq tokenizer folder')}; pass the "
                          f"tokenizer that decodes the latents: {kinds}")
     text = spec.strip()
@@ -618,6 +619,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     # the run's settings as config.json and every checkpoint record them, and a resume checks them
     train_record, latents_sha1 = recorded_train(cfg), latent_set_sha1(data.meta)
     start = nonfinite = 0
+    note: str | None  # printed for the user: warnings, and the random generators' state on a resume
     latest = latest_checkpoint(run)
     if latest is not None:
         state = load_checkpoint(latest)
@@ -679,7 +681,8 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     labels = data.labels
     per_process = cfg.batch_size // acc.num_processes
     log_file = run / "log.jsonl"
-    first_loss = last_loss = math.nan
+    first_loss = math.nan
+    last_loss: float | torch.Tensor = math.nan  # the last step's loss, read from the device at the end
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.objective}",
                disable=not (progress and acc.is_main_process))
     tick, ticked_at = time.perf_counter(), start

@@ -22,6 +22,7 @@ statistics (VAR's "bn" option; its default SyncBatchNorm has the same statistics
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ class Residual(nn.Module):
 
 def _conv(dims: int, cin: int, cout: int, kernel: int, circular: bool = False) -> nn.Module:
     conv_cls = nn.Conv1d if dims == 1 else nn.Conv2d
-    pad_mode = "circular" if circular else "zeros"
+    pad_mode: Literal["circular", "zeros"] = "circular" if circular else "zeros"
     return spectral_norm(conv_cls(cin, cout, kernel, padding=kernel // 2, padding_mode=pad_mode))
 
 

@@ -154,7 +154,8 @@ class ObjectiveConfig:
         into every saved config, so an unchanged one cannot be told from a chosen one; λ4 = 0 is off).
         """
         returned = bottleneck_losses(bottleneck)
-        keys = [(f"objective.bottleneck_loss_weights.{name}", (name,)) for name in self.bottleneck_loss_weights]
+        keys: list[tuple[str, tuple[str, ...]]] = [
+            (f"objective.bottleneck_loss_weights.{name}", (name,)) for name in self.bottleneck_loss_weights]
         if self.commit_weight is not None:
             keys.append(("objective.commit_weight", ("commit",)))
         if self.codebook_weight != ObjectiveConfig.codebook_weight:
@@ -340,6 +341,7 @@ class TokenizerObjective(nn.Module):
             align = self.alignment(out.encoding.latents, target)
             parts["align"], weighted["align"] = align, cfg.alignment_weight * align
 
+        w: float | Tensor  # a term's weight; the adaptive adversarial one is a tensor
         for name, value in out.encoding.losses.items():
             w = self.bottleneck_loss_weight(name)
             if w:

@@ -92,7 +92,8 @@ def drop_records_after(path: str | Path, step: int) -> list[str]:
     if not path.is_file():
         return []
     text = path.read_text()
-    kept, dropped = [], []
+    kept: list[str] = []
+    dropped: list[str] = []
     for line in text.splitlines():
         if not line.strip():
             continue
