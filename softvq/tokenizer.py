@@ -155,7 +155,8 @@ class Tokenizer(nn.Module):
         with torch.autocast(x.device.type, dtype=self.compute_dtype):
             return network(x).float()
 
-    def compile(self, *args: Any, **kwargs: Any) -> "Tokenizer":
+    # returns self for chaining, where nn.Module.compile returns None
+    def compile(self, *args: Any, **kwargs: Any) -> "Tokenizer":  # type: ignore[override]
         """``torch.compile`` the encoder and decoder ViTs, so ``encode``/``decode`` use them too.
 
         ``nn.Module.compile`` would only wrap ``forward``; ``encode`` and ``decode`` would stay

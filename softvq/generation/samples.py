@@ -189,7 +189,8 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         with torch.inference_mode():
             x = tokenizer.decode(denormalize(x_norm, meta).to(device), generator=generator).clamp(-1, 1).cpu()
         for i, image in enumerate(x):
-            atomic_write(image_path(folder, start + i), lambda p, im=image: to_pil(im).save(p, format="PNG"))
+            # mypy cannot infer the type of a lambda with a default argument (im binds this image)
+            atomic_write(image_path(folder, start + i), lambda p, im=image: to_pil(im).save(p, format="PNG"))  # type: ignore[misc]
         made += len(batch)
         bar.update(1)
     bar.close()
