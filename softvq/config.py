@@ -240,7 +240,7 @@ def typed_value(hint: Any, value: Any, key: str) -> Any:
             except ValueError as exc:
                 errors.append(str(exc))
         raise ConfigTypeError(errors[0] if errors else f"{key} cannot be null")
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return strict_fields(hint, value, key)
     if origin is Literal:
         if value not in args:

@@ -20,7 +20,7 @@ from typing import IO
 try:
     import fcntl
 except ImportError:  # Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # mypy's idiom for an optional module; checked before each use
     import msvcrt
 
 LOCK_NAME = ".lock"

@@ -155,7 +155,8 @@ class Tokenizer(nn.Module):
         with torch.autocast(x.device.type, dtype=self.compute_dtype):
             return network(x).float()
 
-    def compile(self, *args: Any, **kwargs: Any) -> "Tokenizer":
+    # returns self for chaining, where nn.Module.compile returns None
+    def compile(self, *args: Any, **kwargs: Any) -> "Tokenizer":  # type: ignore[override]
         """``torch.compile`` the encoder and decoder ViTs, so ``encode``/``decode`` use them too.
 
         ``nn.Module.compile`` would only wrap ``forward``; ``encode`` and ``decode`` would stay
@@ -413,7 +414,8 @@ class Tokenizer(nn.Module):
     def _decode_input(self, x: Tensor, image_size: int | tuple[int, int] | None) -> Tensor:
         grid = None
         if image_size is not None:
-            h, w = (image_size, image_size) if isinstance(image_size, numbers.Integral) else image_size
+            # int spelled out for mypy, which does not know that int is an Integral
+            h, w = (image_size, image_size) if isinstance(image_size, (int, numbers.Integral)) else image_size
             grid = (h // self.config.patch_size, w // self.config.patch_size)
         return self._in_precision(lambda t: self.decoder(self.from_latent(t), grid), x)
 
@@ -421,7 +423,7 @@ class Tokenizer(nn.Module):
         """Encode and decode (what training calls): the reconstruction at the input's size, and the
         :class:`Encoding` with the bottleneck's losses and metrics."""
         enc = self.encode(images)
-        return TokenizerOutput(self.decode(enc.latents, tuple(images.shape[-2:])), enc)
+        return TokenizerOutput(self.decode(enc.latents, (images.shape[-2], images.shape[-1])), enc)
 
     @torch.inference_mode()
     def reconstruct(self, images: Tensor) -> Tensor:
@@ -462,7 +464,9 @@ def _concat_encodings(parts: list[Encoding]) -> Encoding:
         return {k: (torch.stack([getattr(p, name)[k].float() for p in parts])
                     * weights.to(parts[0].latents.device)).sum() for k in keys}
 
-    return Encoding(latents=cat("latents"), features=cat("features"), indices=cat("indices"),
+    latents, features = cat("latents"), cat("features")
+    assert latents is not None and features is not None  # every Encoding has them
+    return Encoding(latents=latents, features=features, indices=cat("indices"),
                     probs=cat("probs"), losses=mean("losses"), metrics=mean("metrics"))
 
 

@@ -50,7 +50,11 @@ def _naive_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int, reg
         att = att.transpose(1, 2).reshape(b, -1, c) @ g("attn.proj.weight").t() + g("attn.proj.bias")
         t = t + g("ls1.gamma") * att
         y = F.layer_norm(t, (c,), g("norm2.weight"), g("norm2.bias"), 1e-6)
-        y = F.gelu(y @ g("mlp.fc1.weight").t() + g("mlp.fc1.bias")) @ g("mlp.fc2.weight").t() + g("mlp.fc2.bias")
+        if f"blocks.{i}.mlp.w12.weight" in sd:  # ViT-g's SwiGLU
+            a, gate = (y @ g("mlp.w12.weight").t() + g("mlp.w12.bias")).chunk(2, dim=-1)
+            y = (F.silu(a) * gate) @ g("mlp.w3.weight").t() + g("mlp.w3.bias")
+        else:
+            y = F.gelu(y @ g("mlp.fc1.weight").t() + g("mlp.fc1.bias")) @ g("mlp.fc2.weight").t() + g("mlp.fc2.bias")
         t = t + g("ls2.gamma") * y
     t = F.layer_norm(t, (c,), sd["norm.weight"], sd["norm.bias"], 1e-6)
     return t[:, 1 + registers:]
@@ -64,6 +68,14 @@ def test_forward_matches_naive_float64(registers: int) -> None:
     assert ours["patches"].shape == (2, 16, 128) and ours["registers"].shape == (2, registers, 128)
     ref = _naive_forward(model.state_dict(), x, heads=2, registers=registers)
     torch.testing.assert_close(ours["patches"].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_swiglu_forward_matches_naive_float64() -> None:
+    """ViT-g's SwiGLU blocks run (they have no hidden / fc2 split for the fused residual)."""
+    model = _random_dino(swiglu=True)
+    x = torch.randn(2, 3, 56, 56)
+    ref = _naive_forward(model.state_dict(), x, heads=2, registers=0)
+    torch.testing.assert_close(model(x)["patches"].double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_official_file_round_trip_with_ignored_keys(tmp_path: Path) -> None:

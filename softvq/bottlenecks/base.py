@@ -131,7 +131,7 @@ def check_positive(name: str, value: Any) -> None:
     """``value`` must be a finite number above 0 (a temperature)."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and value > 0):  # type: ignore[operator]  # typeshed's numbers.Real has no __gt__
         raise ValueError(f"{name} must be a positive finite number, got {value}")
 
 

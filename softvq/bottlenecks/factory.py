@@ -24,14 +24,14 @@ from softvq.bottlenecks.softvq import SoftVQ
 from softvq.bottlenecks.vq import VQ
 from softvq.config import BottleneckConfig, BottleneckKind
 
-KINDS: tuple[str, ...] = typing.get_args(BottleneckKind)  # the config type lists them once
+KINDS: tuple[BottleneckKind, ...] = typing.get_args(BottleneckKind)  # the config type lists them once
 
 
 def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
     """One plain bottleneck of ``cfg.kind`` over ``dim`` channels (no PQ/RQ/segments)."""
     if cfg.kind in ("softvq", "gmmvq"):
         cls = SoftVQ if cfg.kind == "softvq" else GMMVQ
-        kwargs = dict(
+        kwargs: dict[str, typing.Any] = dict(
             temperature=cfg.temperature, distance=cfg.distance,
             detach_codebook_in_logits=cfg.detach_codebook_in_logits,
             entropy_temperature=cfg.entropy_temperature, chunk_size=cfg.chunk_size,

@@ -47,6 +47,9 @@ def binary_codes(bits: int) -> Tensor:
 class GroupedLookupFree(Bottleneck):
     """WeTok GQ with ``groups`` groups over ``latent_dim`` channels: ``kind="lfq"``."""
 
+    codes: Tensor  # buffers registered in __init__
+    bit_values: Tensor
+
     def __init__(self, latent_dim: int, *, groups: int = 1, entropy_temperature: float | None = None) -> None:
         super().__init__()
         check_count("latent_dim", latent_dim)

@@ -64,14 +64,17 @@ def stack_codes(outputs: list[BottleneckOutput], token_dims: int) -> tuple[Tenso
     are (tokens) or (tokens, P); they are concatenated along a new/its code axis. Probs are
     stacked only when every part has them with the same K; otherwise None.
     """
-    if any(out.indices is None for out in outputs):
+    # the parts' tensors, None left out: as many as there are parts when every part has them
+    index_parts = [out.indices for out in outputs if out.indices is not None]
+    if len(index_parts) < len(outputs):
         indices = None
     else:
-        parts = [o.indices if o.indices.dim() > token_dims else o.indices.unsqueeze(-1) for o in outputs]
+        parts = [i if i.dim() > token_dims else i.unsqueeze(-1) for i in index_parts]
         indices = torch.cat(parts, dim=-1)
     probs = None
-    if all(out.probs is not None for out in outputs):
-        parts = [o.probs if o.probs.dim() > token_dims + 1 else o.probs.unsqueeze(-2) for o in outputs]
+    prob_parts = [out.probs for out in outputs if out.probs is not None]
+    if len(prob_parts) == len(outputs):
+        parts = [p if p.dim() > token_dims + 1 else p.unsqueeze(-2) for p in prob_parts]
         if len({p.shape[-1] for p in parts}) == 1:
             probs = torch.cat(parts, dim=-2)
     return indices, probs

@@ -18,6 +18,8 @@ This is *channel* grouping; the release's four codebooks split the token *sequen
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -43,7 +45,7 @@ class ProductQuantizer(Bottleneck):
     @property
     def codebook_size(self) -> int | None:
         """Codewords per group's codebook."""
-        return self.parts[0].codebook_size
+        return cast(Bottleneck, self.parts[0]).codebook_size  # ModuleList items are typed Module
 
     def forward(self, z: Tensor) -> BottleneckOutput:
         """Each channel group through its own quantizer, latents concatenated, losses summed (Eq. 12)."""

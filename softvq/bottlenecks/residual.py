@@ -22,6 +22,8 @@ gradient; the encoder still receives the decoder's gradient unchanged through th
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -42,7 +44,7 @@ class ResidualQuantizer(Bottleneck):
     @property
     def codebook_size(self) -> int | None:
         """Codewords per level's codebook."""
-        return self.levels[0].codebook_size
+        return cast(Bottleneck, self.levels[0]).codebook_size  # ModuleList items are typed Module
 
     def forward(self, z: Tensor) -> BottleneckOutput:
         """Each level quantizes what the previous ones left; latents summed, losses summed (Eq. 13)."""
@@ -58,6 +60,7 @@ class ResidualQuantizer(Bottleneck):
             total = out.latents if total is None else total + out.latents
             residual = residual - out.latents
         indices, probs = stack_codes(outputs, token_dims=z.dim() - 1)
+        assert total is not None  # shared_widths refused an empty list of levels
         return BottleneckOutput(
             latents=total,
             losses=sum_losses(outputs),

@@ -25,7 +25,8 @@ Other losses are averaged over segments (the segments partition the tokens, see 
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +57,7 @@ class SegmentCodebooks(Bottleneck):
     @property
     def codebook_size(self) -> int | None:
         """Codewords per segment's codebook."""
-        return self.parts[0].codebook_size
+        return cast(Bottleneck, self.parts[0]).codebook_size  # ModuleList items are typed Module
 
     def _segments(self, z: Tensor) -> tuple[Tensor, ...]:
         """The S contiguous blocks of the token sequence, after checking that they exist."""
@@ -73,7 +74,8 @@ class SegmentCodebooks(Bottleneck):
 
     def latents(self, z: Tensor) -> Tensor:
         """``forward(z).latents`` alone, each segment through its part's fast path."""
-        return torch.cat([part.latents(chunk) for part, chunk in zip(self.parts, self._segments(z))], dim=1)
+        parts = cast(Iterable[Bottleneck], self.parts)  # ModuleList items are typed Module
+        return torch.cat([part.latents(chunk) for part, chunk in zip(parts, self._segments(z))], dim=1)
 
     def forward(self, z: Tensor) -> BottleneckOutput:
         """Each block of tokens through its own codebook; the entropy pooled or per segment (``entropy``)."""

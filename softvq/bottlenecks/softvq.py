@@ -207,4 +207,6 @@ class SoftVQ(Bottleneck):
     def posterior(self, z: Tensor) -> Tensor:
         """q(z|x) (..., K) for encoder outputs ``z`` (..., input_dim), without gradients."""
         with torch.no_grad():
-            return self.forward(z).probs
+            probs = self.forward(z).probs
+            assert probs is not None  # always materialised under no_grad
+            return probs

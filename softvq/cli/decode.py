@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             generator = torch.Generator().manual_seed(derived_seed(seed, start))
             images = model.decode(z, size, generator=generator).float().cpu()
             for image, file in zip(images, files[start:start + batch]):
-                atomic_write(file, lambda p, im=image: to_pil(im).save(p, format="PNG"))
+                # mypy cannot infer the type of a lambda with a default argument (im binds this image)
+                atomic_write(file, lambda p, im=image: to_pil(im).save(p, format="PNG"))  # type: ignore[misc]
     made = sum(len(files[s:s + batch]) for s in starts)
     kept = f" ({len(files) - made} already there from an earlier run)" if made < len(files) else ""
     print(f"decoded {made} image(s) with {model.source} -> {out}{kept}")

@@ -121,7 +121,7 @@ def _bottleneck_line(model: Tokenizer) -> str:
     b = model.config.bottleneck
     if b.kind == "lfq":
         return _lfq_line(b)
-    text = b.kind
+    text: str = b.kind
     if b.kind in ("softvq", "gmmvq"):
         text += f", {b.distance} distance, tau {b.temperature:g}{' (learnable)' if b.learnable_temperature else ''}"
     if model.bottleneck.codebook_size:

@@ -59,6 +59,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 class _CurrentStderr(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record comes, not when the handler was made."""
 
+    softvq_cli: bool  # set on the CLI's own handler, so it is added once
+
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)

@@ -141,7 +141,7 @@ def main() -> None:
     # cosine), the one its released models were trained with; that both score 1.03 suggests the
     # release's segments are what supp. Tab. 6 calls "PQ (G=4)". Both readings stay runnable.
     sweep_base = "ablation-pq4.yaml"
-    variants = {
+    variants: dict[str, tuple[str, dict[str, object]]] = {
         "pq2": ("+ PQ with G=2 channel groups (Eq. 12)", {"groups": 2}),
         "pq4": ("+ PQ with G=4 channel groups (Eq. 12)", {"groups": 4}),
         "rq": ("+ RQ with 2 residual levels (Eq. 13; the level count is not given in the paper)",
@@ -149,7 +149,7 @@ def main() -> None:
         "rpq4": ("+ R-PQ: 2 residual levels of G=4 groups", {"groups": 4, "residual_levels": 2}),
         "gmmvq": ("GMMVQ-S: data-dependent per-token weights (supp. B.2)", {"kind": "gmmvq"}),
     }
-    sweeps = {}
+    sweeps: dict[str, tuple[str, dict[str, object]]] = {}
     for k in (512, 1024, 2048, 4096, 8192, 16384):
         sweeps[f"k{k}"] = (f"codebook size K={k} per group", {"codebook_size": k})
     for tokens, dim in ((64, 16), (64, 32), (64, 64), (32, 32), (32, 64), (32, 128)):

@@ -133,7 +133,7 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     img = img.crop((left, top, left + side, top + side))
-    return img if side == size else img.resize((size, size), Image.BICUBIC)
+    return img if side == size else img.resize((size, size), Image.Resampling.BICUBIC)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

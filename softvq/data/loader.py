@@ -63,16 +63,19 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
     global_batch = micro_batch * world_size
     start = start_micro_step * global_batch
     ignored: list[str] = []
+    dataset: BundledCropsDataset | ImageFolderDataset
     if cfg.source == "bundled":
         train_photos, held_photos = split_bundled(cfg.holdout)
-        dataset = BundledCropsDataset(train_photos, image_size, seed=seed, scales=tuple(cfg.bundled_scales),
+        lo, hi = cfg.bundled_scales  # two numbers: TrainConfig.validate unpacks them the same way
+        dataset = BundledCropsDataset(train_photos, image_size, seed=seed, scales=(lo, hi),
                                       crops_per_photo=cfg.bundled_crops_per_photo, hflip=cfg.hflip)
         description = (f"bundled photos: random crops of {len(train_photos)} photos "
                        f"({', '.join(dataset.names)}), held out: {', '.join(p.stem for p in held_photos)}")
         held = (load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images,
                                  "to hold out the bundled photos of data.holdout") if cfg.eval_path
-                else HeldOut(*heldout_crops(held_photos, image_size, cfg.num_eval_images, tuple(cfg.bundled_scales))))
+                else HeldOut(*heldout_crops(held_photos, image_size, cfg.num_eval_images, (lo, hi))))
     elif cfg.source == "folder":
+        assert cfg.path is not None  # TrainConfig.validate requires it for a folder
         files, others = scan_folder(cfg.path)
         ignored = [str(p) for p in others]
         if cfg.eval_path:
@@ -86,6 +89,7 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
         if others:
             description += f", {len(others)} non-image files ignored"
     else:
+        assert cfg.path is not None  # TrainConfig.validate requires it for shards
         exact = start_micro_step == 0 or stream_positions is not None
         stream = ShardStream(cfg.path, image_size, seed=seed, rank=rank, world_size=world_size,
                              start_epoch=0 if exact else start_micro_step,  # no positions: a fresh order
@@ -99,7 +103,8 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
                                     "to evaluate on the bundled photos of data.holdout")
         else:
             _, held_photos = split_bundled(cfg.holdout)
-            held = HeldOut(*heldout_crops(held_photos, image_size, cfg.num_eval_images, tuple(cfg.bundled_scales)))
+            lo, hi = cfg.bundled_scales
+            held = HeldOut(*heldout_crops(held_photos, image_size, cfg.num_eval_images, (lo, hi)))
         return TrainData(loader, f"webdataset shards {cfg.path} ({len(stream.shards)} shard{'s' if len(stream.shards) != 1 else ''})"), held
 
     sampler = StreamBatchSampler(len(dataset), global_batch, rank=rank, world_size=world_size, seed=seed, start=start)
@@ -113,7 +118,9 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
 def load_eval_files(files: list[Path], size: int, count: int = 0) -> HeldOut:
     """The first ``count`` readable files (0: all), centre-cropped and resized; an unreadable file
     is left out, listed, and the next one drawn in its place."""
-    images, names, skipped = [], [], []
+    images: list[torch.Tensor] = []
+    names: list[str] = []
+    skipped: list[str] = []
     for path in files:
         if count and len(images) == count:
             break

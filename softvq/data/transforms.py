@@ -30,7 +30,7 @@ def random_crop(img: Image.Image, size: int, rng: np.random.Generator, min_fract
     w, h = img.size
     scale = short / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.BICUBIC)
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left = int(rng.integers(0, new_w - size + 1))
     top = int(rng.integers(0, new_h - size + 1))
     return img.crop((left, top, left + size, top + size))
@@ -47,9 +47,9 @@ def random_scale_crop(img: Image.Image, size: int, rng: np.random.Generator,
     left = int(rng.integers(0, w - side + 1))
     top = int(rng.integers(0, h - side + 1))
     crop = img.crop((left, top, left + side, top + side))
-    return crop if side == size else crop.resize((size, size), Image.BICUBIC)
+    return crop if side == size else crop.resize((size, size), Image.Resampling.BICUBIC)
 
 
 def random_flip(img: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
     """Horizontal flip with probability ``p``."""
-    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < p else img
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else img

@@ -52,6 +52,7 @@ from softvq.evaluation.sources import list_image_refs, readable_batches, skipped
 from softvq.resume import listing_sha1, weights_sha1
 
 if TYPE_CHECKING:
+    from softvq.evaluation.inception import Normalization
     from softvq.tokenizer import Tokenizer
 
 PAPER_NUM_IMAGES = 50_000
@@ -67,7 +68,7 @@ class EvalOptions:
     image_size: int | None = None          # default: the model's training resolution
     fid: bool = True
     fid_weights: str | None = None          # see softvq.evaluation.inception.find_fid_weights
-    fid_normalization: str = "tf"
+    fid_normalization: Normalization = "tf"
     reference_stats: str | Path | None = None  # .npz cache of the originals' statistics
     cache_dir: str | Path | None = DEFAULT_CACHE
     lpips_nets: Sequence[str] = ("vgg", "alex")
@@ -241,6 +242,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     saved = load_saved_state(state_file, identity)
     if saved is not None and "report" in saved:  # finished, kept for a caller that was stopped later
         if not keep_state:
+            assert state_file is not None  # load_saved_state read it
             state_file.unlink(missing_ok=True)
         return {**saved["report"], "notes": [*saved["report"]["notes"],
                                              "the evaluation had finished before the run was stopped; its report "
@@ -268,6 +270,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     skipped_done = len(skipped)  # the loader may already have named the next batch's unreadable files
 
     def save() -> None:
+        assert state_file is not None  # KeptWork saves only with a state file
         save_state(state_file, {"identity": identity, "acc": acc, "usage": usage,
                                       "skipped": skipped[:skipped_done], "evaluated": evaluated,
                                       "batches": done_batches, "notes": notes[loop_notes:]})
@@ -344,7 +347,9 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     for net, values in acc.lpips.items():
         report[f"lpips_{net}"] = _mean(values)
     if extractor is not None:
+        assert checksum is not None  # computed with the extractor
         if ref_stats is not None:
+            assert cache_path is not None  # ref_stats were loaded from it
             stale = _stale_reference(cache_path, ref_stats.count, cached_digest, evaluated, acc.digest)
             if stale:
                 logging.getLogger(__name__).warning(stale)  # the CLI prints it as "softvq: warning: ..."
@@ -408,7 +413,8 @@ def _real_features(extractor, refs: list, size: int, options: EvalOptions) -> tu
     the :func:`fidlib.image_digest` of the images read."""
     from tqdm.auto import tqdm
 
-    real, digest, skipped = fidlib.RunningStats(), 0, []
+    skipped: list[str] = []
+    real, digest = fidlib.RunningStats(), 0
     bar = tqdm(total=len(refs), unit="img", desc="reference", disable=not options.progress)
     for batch in readable_batches(refs, size, options.batch_size, options.workers, skipped):
         real.update(extractor(batch))

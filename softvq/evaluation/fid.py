@@ -117,6 +117,7 @@ class RunningStats:
         """The :class:`FeatureStats` of everything added so far."""
         if self.count < 2:
             raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
+        assert self.shift is not None and self.sum is not None and self.outer is not None  # set by update
         mean_d = self.sum / self.count
         cov = (self.outer - self.count * np.outer(mean_d, mean_d)) / (self.count - 1)
         centred = np.concatenate(self.rows) - mean_d if self.rows else None
@@ -214,7 +215,7 @@ def save_reference_stats(path: str | Path, stats: FeatureStats, checksum: str,
         raise ValueError(f"reference statistics are saved as .npz, got {path}")
 
     def write(tmp: Path) -> None:
-        extra = {"centred": stats.centred} if stats.centred is not None else {}
+        extra: dict[str, Any] = {"centred": stats.centred} if stats.centred is not None else {}
         if features is not None:
             extra["features"] = _as_float64(features).astype(np.float32)
         if digest is not None:

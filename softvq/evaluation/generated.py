@@ -5,7 +5,7 @@ and ``softvq generate --fid-reference`` run."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -15,6 +15,9 @@ from softvq.evaluation.evaluate import DEFAULT_CACHE, PAPER_NUM_IMAGES, EvalOpti
 from softvq.evaluation.saved_state import KeptWork, load_saved_state, save_state
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note
 from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD, sample_record
+
+if TYPE_CHECKING:
+    from softvq.evaluation.inception import Normalization
 
 
 def sample_folder(samples: str | Path) -> str | Path:
@@ -28,7 +31,7 @@ def sample_folder(samples: str | Path) -> str | Path:
 
 @torch.inference_mode()
 def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: int = PAPER_NUM_IMAGES,
-                     batch_size: int = 32, fid_weights: str | None = None, normalization: str = "tf",
+                     batch_size: int = 32, fid_weights: str | None = None, normalization: Normalization = "tf",
                      pr_samples: int = 10_000, k: int = 3, device: str | torch.device = "cpu",
                      workers: int = 0, progress: bool = True,
                      cache_dir: str | Path | None = DEFAULT_CACHE, state_dir: str | Path | None = None,
@@ -150,6 +153,7 @@ def _extract_resumably(extractor, refs: list, size: int, batch_size: int, worker
     skipped_done = len(skipped)
 
     def save() -> None:
+        assert state_file is not None  # KeptWork saves only with a state file
         save_state(state_file, {"identity": identity, "features": torch.cat(feats),
                                       "logits": torch.cat(logits) if logits else None,
                                       "skipped": skipped[:skipped_done]})

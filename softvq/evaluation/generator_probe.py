@@ -34,6 +34,7 @@ tokens, so steps 3-4 have no counterpart there.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -145,7 +146,7 @@ def generator_features(model, meta, latents: Tensor, *, layer: int = DEFAULT_LAY
 
         identity = {"weights_sha1": weights_sha1(model), "layer": layer, "t": t, "seed": seed,
                     # hashed in place: a copy of ImageNet's latents would be gigabytes
-                    "latents_sha1": hashlib.sha1(latents.float().contiguous().numpy()).hexdigest(),
+                    "latents_sha1": hashlib.sha1(latents.float().contiguous().numpy().data).hexdigest(),
                     "latent_mean": meta.latent_mean, "latent_std": meta.latent_std}
     with evaluating(model):  # no label dropout; the caller's model comes back in its mode
         rows, _ = rows_resumably(compute, len(latents), batch_size, state_file=state_file, identity=identity,
@@ -198,7 +199,7 @@ def probe_generator(model, meta, folder: str | Path, *, tokenizer=None, val_fold
     check_probe_target(model, meta, layer, t)  # before any image is encoded
     states = probe_state_files(state_dir, "train-latents", "train-block", "val-latents", "val-block")
     skipped: list[Path] = []
-    options = dict(batch_size=batch_size, device=device, progress=progress)
+    options: dict[str, Any] = dict(batch_size=batch_size, device=device, progress=progress)
     latents, labels, classes = labelled_latents(folder, tokenizer, skipped=skipped, state_file=states[0], **options)
     features = dict(meta=meta, layer=layer, t=t, **options)
     feats = generator_features(model, latents=latents, seed=seed, state_file=states[1], **features)

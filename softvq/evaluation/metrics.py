@@ -225,7 +225,7 @@ class RunningMoments:
     def update(self, latents: Tensor) -> None:
         """Add latents (..., D): per-channel sums and sums of squares in float64."""
         x = latents.detach().double().cpu().reshape(-1, latents.shape[-1])
-        if self.sum is None:
+        if self.sum is None or self.sumsq is None:  # both set together, at the first update
             self.sum = torch.zeros(x.shape[1], dtype=torch.float64)
             self.sumsq = torch.zeros(x.shape[1], dtype=torch.float64)
         self.sum += x.sum(0)
@@ -236,6 +236,7 @@ class RunningMoments:
         """Mean and std over all values and per channel of everything added so far."""
         if not self.n:
             raise ValueError("no latents were accumulated")
+        assert self.sum is not None and self.sumsq is not None  # set by the first update
         mean_c = self.sum / self.n
         var_c = (self.sumsq / self.n - mean_c**2).clamp_min(0)
         mean = float(self.sum.sum() / (self.n * len(self.sum)))

@@ -281,7 +281,7 @@ def project_2d(x: Tensor | np.ndarray, method: str = "auto", seed: int = 0) -> t
         raise ValueError(f"unknown projection {method!r}; use auto, pca or umap")
     if method in ("auto", "umap"):
         try:
-            import umap  # type: ignore[import-not-found]
+            import umap
         except ImportError:
             if method == "umap":
                 # ValueError: the option cannot be met on this install, a one-line error in the CLI

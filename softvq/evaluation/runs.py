@@ -93,7 +93,8 @@ def read_run(path: str | Path) -> RunFolder:
         if isinstance(cfg, dict):
             if run.model_config is None:
                 run.model_config = cfg.get("model")
-            data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+            data = cfg.get("data")
+            data = data if isinstance(data, dict) else {}
             if data.get("source", "bundled") == "bundled":
                 run.bundled_holdout = list(data.get("holdout") or [])
     return run
@@ -197,7 +198,7 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
         return quantize_to_uint8(crops), np.asarray(labels), names
 
     pils: list[Image.Image] = []
-    labels: list[int] = []
+    labels = []  # list[int], as in the bundled branch above
     skipped: list[Path] = []
 
     def add_readable(paths: list[Path], limit: int, label: int) -> None:

@@ -92,6 +92,7 @@ def rows_resumably(compute: Callable[[int, int], tuple[Tensor | None, list[str]]
         rows, skipped, done = list(saved["rows"]), saved["skipped"], saved["done"]
 
     def save() -> None:  # the batches as they are: concatenating would copy every row at each save
+        assert state_file is not None  # KeptWork saves only with a state file
         save_state(state_file, {"identity": identity, "rows": rows, "skipped": skipped, "done": done})
 
     starts = (start for start in range(done, total, batch_size))  # a generator: KeptWork closes it

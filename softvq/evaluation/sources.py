@@ -43,8 +43,12 @@ class ImageRef:
             with open(self.path, "rb") as fh:
                 fh.seek(self.offset)
                 return fh.read(self.size)
+        assert self.member is not None  # open_rgb reads a ref without a member as a file
         with tarfile.open(self.path, "r:*") as tar:
-            return tar.extractfile(self.member).read()
+            member = tar.extractfile(self.member)
+            if member is None:  # not a regular file: the AttributeError open_rgb reports as unreadable
+                raise AttributeError(f"{self.name} is not a regular file")
+            return member.read()
 
     def open_rgb(self) -> Image.Image:
         if self.member is None:
@@ -116,7 +120,7 @@ def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[
         shards, root = expand_shards(text), None
     else:
         raise FileNotFoundError(f"{text} is neither an image folder nor webdataset .tar shards")
-    refs: list[ImageRef] = []
+    refs = []  # typed by the image-folder branch above
     used: list[Path] = []
     for shard in shards:
         members = _shard_members(shard)

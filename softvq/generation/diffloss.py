@@ -15,10 +15,13 @@ The Gaussian diffusion itself is :mod:`softvq.generation.diffusion`, shared with
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
-from softvq.generation.diffusion import GaussianDiffusion
+from softvq.generation.diffusion import GaussianDiffusion, ScheduleKind
 from softvq.generation.embeddings import TimestepEmbedder
 from softvq.randomness import standard_normal
 
@@ -64,9 +67,12 @@ class DenoisingMLP(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
+        for layer in self.time_embed.linears():
             nn.init.normal_(layer.weight, std=0.02)
-        for layer in [b.modulation[-1] for b in self.blocks] + [self.final_modulation[-1], self.output]:
+        # Sequential / ModuleList items are typed Module: these are the blocks' and the head's Linears
+        blocks = cast(Iterable[AdaLNResidualBlock], self.blocks)
+        modulations = cast(list[nn.Linear], [b.modulation[-1] for b in blocks] + [self.final_modulation[-1]])
+        for layer in modulations + [self.output]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -89,7 +95,8 @@ class DiffusionLoss(nn.Module):
         super().__init__()
         self.token_dim = token_dim
         self.net = DenoisingMLP(token_dim, cond_dim, width, depth)
-        self.diffusion = GaussianDiffusion.from_schedule(schedule, diffusion_steps, variance="learned", channel_dim=-1)
+        kind = cast(ScheduleKind, schedule)  # a plain string from MARConfig; make_betas rejects other names
+        self.diffusion = GaussianDiffusion.from_schedule(kind, diffusion_steps, variance="learned", channel_dim=-1)
 
     def forward(self, target: Tensor, cond: Tensor) -> dict[str, Tensor]:
         """Hybrid loss of each token at one random step, averaged: {"loss", "mse", "vb"}."""
@@ -116,6 +123,7 @@ class DiffusionLoss(nn.Module):
         def model(x: Tensor, t: Tensor) -> Tensor:
             if not guided:
                 return self.net(x, t, cond)
+            assert uncond is not None  # guided
             both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]))
             c, u = both.chunk(2)
             eps = u[:, :d] + cfg * (c[:, :d] - u[:, :d])

@@ -152,7 +152,8 @@ class GaussianDiffusion:
     def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.variance != "learned":
             return out, None
-        return out.chunk(2, dim=self.channel_dim)
+        eps, v = out.chunk(2, dim=self.channel_dim)
+        return eps, v
 
     def p_mean_variance(self, out: Tensor, x_t: Tensor, t: Tensor, clip_x0: float | None = None) -> dict[str, Tensor]:
         """Mean, log variance and x̂_0 of p(x_{t−1} | x_t) from the network output (ε [, v]);
@@ -160,6 +161,7 @@ class GaussianDiffusion:
         with c = 1 for images; off in DiT's and MAR's latent samplers)."""
         eps, v = self.split(out)
         if self.variance == "learned":
+            assert v is not None  # split gives v for a learned variance
             min_log = _take(self.posterior_log_variance_clipped, t, x_t)
             max_log = _take(torch.log(self.betas), t, x_t)
             frac = (v + 1) / 2  # IDDPM Eq. 15: v in [-1, 1] interpolates log β̃_t .. log β_t

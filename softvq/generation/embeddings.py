@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -59,13 +60,17 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_dim = frequency_dim
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
-        for layer in (self.mlp[0], self.mlp[2]):
+        for layer in self.linears():
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
 
+    def linears(self) -> tuple[nn.Linear, nn.Linear]:
+        """The MLP's two Linear layers (Sequential indexing is typed Module)."""
+        return cast(nn.Linear, self.mlp[0]), cast(nn.Linear, self.mlp[2])
+
     def forward(self, t: Tensor) -> Tensor:
         features = timestep_frequencies(t, self.frequency_dim)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        return self.mlp(features.to(self.linears()[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

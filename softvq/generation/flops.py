@@ -58,6 +58,7 @@ class MacCount:
 
 def example_inputs(config: GeneratorConfig, batch: int = 1, device: str | torch.device = "meta"):
     """Random (x, t, y) of the right shapes for ``config``."""
+    shape: tuple[int, ...]
     if config.layout == "1d":
         shape = (batch, config.num_tokens, config.latent_dim)
     else:

@@ -94,7 +94,7 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
         todo = files[start:stop]
         decoded = _DecodedImages(todo, image_size)
         if not workers:
-            yield from labelled(todo, decoded)
+            yield from labelled(todo, iter(decoded))  # iter: mypy knows the __getitem__ protocol only there
             return
         loader = torch.utils.data.DataLoader(decoded, batch_size=16, shuffle=False, num_workers=workers,
                                              collate_fn=stack_readable, worker_init_fn=ignore_stop_signals)

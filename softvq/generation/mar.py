@@ -126,7 +126,8 @@ def mar_config(size: str, **fields: Any) -> MARConfig:
     if key not in MAR_SIZES:
         raise UnknownNameError(f"unknown MAR size {size!r}; choose one of {', '.join(MAR_SIZES)}")
     width, depth, heads, head_depth, head_width = MAR_SIZES[key]
-    base = {"width": width, "depth": depth, "heads": heads, "head_depth": head_depth, "head_width": head_width}
+    base: dict[str, Any] = {"width": width, "depth": depth, "heads": heads, "head_depth": head_depth,
+                            "head_width": head_width}
     base.update(fields)
     return MARConfig(**base).validate()
 
@@ -327,7 +328,7 @@ class MaskedAutoregressive(nn.Module):
         masked = length
         with evaluating(self):
             for k in steps:
-                if guided:
+                if null is not None:  # guided
                     both = torch.cat([orders, orders])
                     z = self.condition(self.encode(torch.cat([tokens, tokens]), both, masked,
                                                    torch.cat([labels, null])), both, masked)
@@ -341,7 +342,7 @@ class MaskedAutoregressive(nn.Module):
                 pick = at.expand(-1, -1, c.width)
                 new = self.head.sample(
                     z_cond.gather(1, pick).reshape(-1, c.width), diffusion_steps, temperature,
-                    uncond=z_uncond.gather(1, pick).reshape(-1, c.width) if guided else None, cfg=scale,
+                    uncond=z_uncond.gather(1, pick).reshape(-1, c.width) if z_uncond is not None else None, cfg=scale,
                     generator=generator, clip_x0=clip_x0)
                 tokens = tokens.scatter(1, at.expand(-1, -1, c.latent_dim), new.reshape(b, -1, c.latent_dim).to(dtype))
                 masked = left

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -171,6 +171,8 @@ class LatentTransformer(nn.Module):
     for a learned-sigma DiT). ``t`` is (B,) (DiT: step index 0..T−1; SiT: time in [0, 1]),
     ``y`` is (B,) class indices, ``num_classes`` meaning "unconditional"."""
 
+    pos_embed: Tensor  # buffer registered in __init__
+
     def __init__(self, config: GeneratorConfig) -> None:
         super().__init__()
         self.config = c = config.validate()
@@ -196,12 +198,13 @@ class LatentTransformer(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.y_embed.table.weight, std=0.02)
-        for layer in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+        for layer in self.t_embed.linears():
             nn.init.normal_(layer.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.modulation[-1].weight)
-            nn.init.zeros_(block.modulation[-1].bias)
-        for layer in (self.final.modulation[-1], self.final.linear):
+        for block in cast(Iterable[AdaLNZeroBlock], self.blocks):  # ModuleList / Sequential items are typed Module
+            modulation = cast(nn.Linear, block.modulation[-1])
+            nn.init.zeros_(modulation.weight)
+            nn.init.zeros_(modulation.bias)
+        for layer in (cast(nn.Linear, self.final.modulation[-1]), self.final.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -264,12 +267,18 @@ class LatentTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+@overload
+def build_generator(config: GeneratorConfig, device: str | torch.device | None = None) -> LatentTransformer: ...
+@overload
+def build_generator(config: MARConfig, device: str | torch.device | None = None) -> MaskedAutoregressive: ...
+@overload
+def build_generator(config: GeneratorConfig | MARConfig | dict[str, Any],
+                    device: str | torch.device | None = None) -> LatentTransformer | MaskedAutoregressive: ...
 def build_generator(config: GeneratorConfig | MARConfig | dict[str, Any],
                     device: str | torch.device | None = None) -> LatentTransformer | MaskedAutoregressive:
     """Construct a DiT / SiT, or a MAR for a MAR config (a dict with ``kind: mar``); use
     ``device="meta"`` to count parameters or FLOPs for free."""
     if isinstance(config, dict):
         config = MARConfig.from_dict(config) if config.get("kind") == "mar" else GeneratorConfig.from_dict(config)
-    model_class = MaskedAutoregressive if isinstance(config, MARConfig) else LatentTransformer
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        return model_class(config)
+        return MaskedAutoregressive(config) if isinstance(config, MARConfig) else LatentTransformer(config)

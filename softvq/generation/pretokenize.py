@@ -319,6 +319,7 @@ def _pretokenize(tokenizer: "Tokenizer", source: LatentSource, out: Path, tokeni
         source.used = True
         _encode_part(tokenizer, source, out, part, state, batch_size, shard_size, progress and rank == 0)
     if processes > 1:
+        assert accelerator is not None  # processes come from it
         accelerator.wait_for_everyone()
     meta = decided_by_main_process(
         accelerator, lambda: _merge_parts(out, [_Part.of(r, processes, source.count) for r in range(processes)],
@@ -357,6 +358,7 @@ def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state:
         state.total += float(sums.sum())
         state.sq_total += float(squares.sum())
         if state.exact_total is not None:
+            assert state.exact_sq_total is not None  # the exact sums are kept together
             state.exact_total += exact_sum(sums)
             state.exact_sq_total += exact_sum(squares)
         state.elements += z.size
@@ -426,15 +428,19 @@ def _merge_parts(out: Path, parts: list[_Part], tokenizer, tokenizer_spec: str |
     if count == 0:
         raise ValueError(f"no samples to pretokenize ({len(skipped)} unreadable file(s) skipped)")
     elements = sum(s.elements for s in states)
-    if all(s.exact_total is not None for s in states):
-        mean = _exact_quotient(sum(s.exact_total for s in states), elements)
-        mean_square = _exact_quotient(sum(s.exact_sq_total for s in states), elements)
+    # the exact sums (kept together) of every part that has them
+    exact = [(s.exact_total, s.exact_sq_total) for s in states
+             if s.exact_total is not None and s.exact_sq_total is not None]
+    if len(exact) == len(states):
+        mean = _exact_quotient(sum(t for t, _ in exact), elements)
+        mean_square = _exact_quotient(sum(q for _, q in exact), elements)
     else:  # a run interrupted before the sums were exact
         mean = sum(s.total for s in states) / elements
         mean_square = sum(s.sq_total for s in states) / elements
     std = math.sqrt(max(mean_square - mean * mean, 0.0))
-    counted = all(s.class_counts is not None for s in states)
-    per_class = [sum(s.class_counts.get(str(c), 0) for s in states) for c in range(len(classes))] if counted else None
+    class_counts = [s.class_counts for s in states if s.class_counts is not None]
+    counted = len(class_counts) == len(states)
+    per_class = [sum(n.get(str(c), 0) for n in class_counts) for c in range(len(classes))] if counted else None
     if per_class is not None:
         empty = [name for name, n in zip(classes, per_class) if n == 0]
         if empty:

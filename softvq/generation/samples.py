@@ -189,11 +189,13 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         with torch.inference_mode():
             x = tokenizer.decode(denormalize(x_norm, meta).to(device), generator=generator).clamp(-1, 1).cpu()
         for i, image in enumerate(x):
-            atomic_write(image_path(folder, start + i), lambda p, im=image: to_pil(im).save(p, format="PNG"))
+            # mypy cannot infer the type of a lambda with a default argument (im binds this image)
+            atomic_write(image_path(folder, start + i), lambda p, im=image: to_pil(im).save(p, format="PNG"))  # type: ignore[misc]
         made += len(batch)
         bar.update(1)
     bar.close()
     if world > 1:
+        assert accelerator is not None  # world comes from it
         accelerator.wait_for_everyone()
         totals = accelerator.reduce(torch.tensor([made, int(diverged)], device=accelerator.device), reduction="sum")
         made, diverged = int(totals[0]), bool(totals[1])
@@ -203,6 +205,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         _write_grid(folder, labels, captions)
         write_json(folder / SAMPLE_RECORD, {**settings, "finished": True})
     if world > 1:
+        assert accelerator is not None
         accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
     return GeneratedSamples(folder, len(labels), made, diverged)
 

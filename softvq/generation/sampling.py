@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -22,10 +22,10 @@ from torch import Tensor
 
 from softvq.eval_mode import evaluating
 from softvq.generation.checkpoint import Generator, GeneratorMeta
-from softvq.generation.diffusion import GaussianDiffusion
+from softvq.generation.diffusion import GaussianDiffusion, ScheduleKind
 from softvq.generation.guidance import Guidance, guided
 from softvq.generation.mar import MaskedAutoregressive
-from softvq.generation.transport import Interpolant, sample_ode, sample_sde
+from softvq.generation.transport import Interpolant, PathKind, sample_ode, sample_sde
 from softvq.randomness import standard_normal
 
 Method = Literal["euler", "heun", "sde", "ddpm", "mar"]
@@ -142,10 +142,10 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Seque
         return _sample(model, meta, labels, spec, method, steps, generator, progress)
 
 
-def _sample(model: Generator, meta: GeneratorMeta, labels: Tensor, spec: SamplerSpec, method: str, steps: int,
+def _sample(model: Generator, meta: GeneratorMeta, labels: Tensor, spec: SamplerSpec, method: Method, steps: int,
             generator: torch.Generator | None, progress: bool) -> Tensor:
     device, dtype = labels.device, next(model.parameters()).dtype
-    if meta.objective == "mar":
+    if isinstance(model, MaskedAutoregressive):  # meta.objective == "mar": sample_latents checked they agree
         return model.sample(labels, ar_steps=spec.ar_steps, diffusion_steps=steps, cfg=spec.guidance.scale,
                             cfg_schedule=spec.cfg_schedule, temperature=spec.temperature,
                             generator=generator, progress=progress, clip_x0=spec.clip_x0)
@@ -156,16 +156,17 @@ def _sample(model: Generator, meta: GeneratorMeta, labels: Tensor, spec: Sampler
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             return guided(model, x, t, labels, spec.guidance, null)
 
-        if method == "sde":
-            return sample_sde(velocity, noise, Interpolant(meta.path), steps=steps,
+        if method == "sde":  # meta.path: meta.json's plain string, which Interpolant checks
+            return sample_sde(velocity, noise, Interpolant(cast(PathKind, meta.path)), steps=steps,
                               diffusion=spec.sde_diffusion, generator=generator, progress=progress)
+        assert method in ("euler", "heun")  # SamplerSpec.resolved allows no other SiT method
         return sample_ode(velocity, noise, steps=steps, method=method, progress=progress)
 
     # The output's channel axis, for the diffusion's [ε, v] split and for guiding ε alone:
     # last for token sequences (B, L, D), 1 for grids (B, C, H, W).
     channel_dim = -1 if model.config.layout == "1d" else 1
     diffusion = GaussianDiffusion.from_schedule(
-        meta.schedule, meta.diffusion_steps,
+        cast(ScheduleKind, meta.schedule), meta.diffusion_steps,  # meta.json's plain string; make_betas refuses others
         variance="learned" if model.config.sigma_learned else "fixed-large",
         channel_dim=channel_dim,
     ).respaced(steps)

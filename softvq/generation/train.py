@@ -140,8 +140,10 @@ class GeneratorTrainConfig:
         # the one not used is resolved too, as runs before these were optional recorded both
         out = dataclasses.replace(out, path=out.path or "cosine", schedule=out.schedule or "cosine")
         if count is not None:
+            batch_size = out.batch_size
+            assert batch_size is not None  # every recipe has one
             def in_steps(steps: int | None, epochs: float | None) -> int:
-                return steps if steps is not None else math.ceil((epochs or 0) * count / out.batch_size)
+                return steps if steps is not None else math.ceil((epochs or 0) * count / batch_size)
             out = dataclasses.replace(out, steps=in_steps(out.steps, out.epochs),
                                       warmup_steps=in_steps(out.warmup_steps, out.warmup_epochs))
         return out
@@ -156,6 +158,9 @@ class GeneratorTrainConfig:
                                  f"({saved} lists them under \"train\": --latents and the rest)")
             raise ValueError("no latent folder given; make one with `softvq pretokenize` and pass --latents")
         resolved = self.resolved()  # names an unknown objective
+        # every recipe sets these (steps may wait for the latent set's count)
+        assert (resolved.batch_size is not None and resolved.lr is not None and resolved.weight_decay is not None
+                and resolved.adam_beta2 is not None)
         mar_only = ["--" + name.replace("_", "-") for name in MAR_ONLY if getattr(self, name) not in (None, False)]
         if self.objective != "mar" and mar_only:
             raise ValueError(f"{', '.join(mar_only)} only appl{'ies' if len(mar_only) == 1 else 'y'} to MAR "
@@ -238,12 +243,13 @@ def build_model_config(cfg: GeneratorTrainConfig, num_tokens: int, latent_dim: i
                               "class_dropout": cfg.class_dropout}
     names = ("width", "depth", "heads") + (MAR_ONLY if cfg.objective == "mar" else ())
     fields.update({name: getattr(cfg, name) for name in names if getattr(cfg, name) is not None})
+    assert cfg.size is not None  # every recipe names one
     if cfg.objective == "mar":
         return mar_config(cfg.size, schedule=cfg.schedule, diffusion_steps=cfg.diffusion_steps, **fields)
     return generator_config(cfg.objective, cfg.size, **fields)
 
 
-def tokenizer_spec(spec: str, latent_shape: tuple[int, int] | None = None) -> str:
+def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None) -> str:
     """``--tokenizer`` checked now, not when ``generate`` first loads it after a long run, and
     recorded as :func:`softvq.checkpoint.specs.portable_spec` does (a local folder made absolute).
     A preset or local folder whose latents are not ``latent_shape`` (L, D) is refused too."""
@@ -269,8 +275,9 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, int] | None = None) -> st
         if kind in ("tokenizer", "tokenizer run"):
             payload = json.loads(((training_run_export(path) or path) / CONFIG_NAME).read_text())
             return same_shape(payload.get("config") or {})
-        what = {"latent set": "a latent set (pretokenize's output)", "generator": "a DiT/SiT/MAR generator",
-                "generator run": "a DiT/SiT/MAR generator", "unfinished generator run": "a DiT/SiT/MAR generator run"}
+        what: dict[str | None, str] = {
+            "latent set": "a latent set (pretokenize's output)", "generator": "a DiT/SiT/MAR generator",
+            "generator run": "a DiT/SiT/MAR generator", "unfinished generator run": "a DiT/SiT/MAR generator run"}
         raise ValueError(f"--tokenizer {spec} is {what.get(kind, 'not a softvq tokenizer folder')}; pass the "
                          f"tokenizer that decodes the latents: {kinds}")
     text = spec.strip()
@@ -308,6 +315,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 def learning_rate(cfg: GeneratorTrainConfig, step: int) -> float:
     """Linear warm-up over ``warmup_steps`` (step 0 gets lr/warmup), then constant."""
+    assert cfg.lr is not None  # a resolved config
     return cfg.lr * lr_factor(step, total_steps=cfg.steps or 1, warmup_steps=cfg.warmup_steps or 0, kind="constant")
 
 
@@ -503,6 +511,7 @@ def milestone_warnings(cfg: GeneratorTrainConfig, run: Path, start: int) -> list
     from softvq.training.checkpointing import checkpoint_path
 
     notes = []
+    assert cfg.steps is not None  # resolved with the latent set's count
     for step in sorted(set(cfg.export_at)):
         if step > cfg.steps:
             notes.append(f"--export-at {step} is beyond the run's {cfg.steps} steps, so it is not exported; "
@@ -593,6 +602,10 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     from softvq.training.trainer import NonFiniteLossError
 
     torch.manual_seed(cfg.seed + acc.process_index)
+    # resolved with the latent set's count: the recipe's fields and the lengths in steps are set
+    assert (cfg.steps is not None and cfg.warmup_steps is not None and cfg.lr is not None
+            and cfg.weight_decay is not None and cfg.adam_beta2 is not None and cfg.path is not None
+            and cfg.schedule is not None)
 
     model_cfg = build_model_config(cfg, data.latents.shape[1], data.latents.shape[2], len(data.classes))
     model = build_generator(model_cfg)
@@ -608,6 +621,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     # the run's settings as config.json and every checkpoint record them, and a resume checks them
     train_record, latents_sha1 = recorded_train(cfg), latent_set_sha1(data.meta)
     start = nonfinite = 0
+    note: str | None  # printed for the user: warnings, and the random generators' state on a resume
     latest = latest_checkpoint(run)
     if latest is not None:
         state = load_checkpoint(latest)
@@ -669,7 +683,8 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     labels = data.labels
     per_process = cfg.batch_size // acc.num_processes
     log_file = run / "log.jsonl"
-    first_loss = last_loss = math.nan
+    first_loss = math.nan
+    last_loss: float | torch.Tensor = math.nan  # the last step's loss, read from the device at the end
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.objective}",
                disable=not (progress and acc.is_main_process))
     tick, ticked_at = time.perf_counter(), start

@@ -55,6 +55,9 @@ class LeCAM(nn.Module):
     ranks hold the same EMAs (and match a single process with the same global batch).
     """
 
+    ema_real: Tensor  # buffers registered in __init__
+    ema_fake: Tensor
+
     def __init__(self, decay: float = 0.999) -> None:
         super().__init__()
         self.decay = decay

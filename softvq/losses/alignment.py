@@ -98,6 +98,7 @@ class DinoV2Target(AlignmentTarget):
                 weight = dino.patch_embed.proj.weight
                 new = nn.Conv2d(3, dino.width, patch_size, patch_size)
                 new.weight.copy_(resample_patch_kernel(weight, patch_size))
+                assert new.bias is not None and dino.patch_embed.proj.bias is not None  # both built with bias
                 new.bias.copy_(dino.patch_embed.proj.bias)
             dino.patch_embed.proj = new
             dino.patch_size = patch_size
@@ -119,6 +120,8 @@ class VGGTarget(AlignmentTarget):
     """Offline fallback: VGG16 relu4_3 (512-d), average-pooled to the grid."""
 
     feature_dim = 512
+    shift: Tensor  # buffers registered in __init__
+    scale: Tensor
 
     def __init__(self, vgg: FeatureStack) -> None:
         super().__init__()

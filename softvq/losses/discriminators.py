@@ -22,6 +22,7 @@ statistics (VAR's "bn" option; its default SyncBatchNorm has the same statistics
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ class Residual(nn.Module):
 
 def _conv(dims: int, cin: int, cout: int, kernel: int, circular: bool = False) -> nn.Module:
     conv_cls = nn.Conv1d if dims == 1 else nn.Conv2d
-    pad_mode = "circular" if circular else "zeros"
+    pad_mode: Literal["circular", "zeros"] = "circular" if circular else "zeros"
     return spectral_norm(conv_cls(cin, cout, kernel, padding=kernel // 2, padding_mode=pad_mode))
 
 
@@ -96,6 +97,8 @@ def scoring_head(dims: int, channels: int, width: int, kernel: int, circular: bo
 class Discriminator(FrozenHolder):
     """Interface: ``features(x)`` (frozen part; may be the image itself) and ``logits(features)``
     (trainable part) -> (B, M) logits; ``forward`` composes them."""
+
+    heads: nn.ModuleList  # built by the subclasses that use this logits()
 
     def features(self, x: Tensor) -> list[Tensor]:
         """The frozen part: a list of feature maps of images x (B, 3, H, W) in [-1, 1]."""
@@ -159,6 +162,9 @@ class DinoDiscriminator(Discriminator):
 class VGGDiscriminator(Discriminator):
     """Frozen ImageNet VGG16 + one trainable 2-D head per tapped depth (offline substitute)."""
 
+    shift: Tensor  # buffers registered in __init__
+    scale: Tensor
+
     def __init__(
         self,
         vgg: FeatureStack,
@@ -218,6 +224,7 @@ class PatchGAN(Discriminator):
     @staticmethod
     def _fits(side: int, convs: list[nn.Conv2d]) -> bool:
         for conv in convs:
+            assert not isinstance(conv.padding, str)  # PatchGAN's convs take numeric padding
             side = (side + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
             if side < 1:
                 return False

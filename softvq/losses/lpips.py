@@ -67,6 +67,9 @@ class LPIPS(FrozenHolder):
         loss, whose reconstructions may stray early on, turns it off.
     """
 
+    shift: Tensor  # buffers registered in __init__
+    scale: Tensor
+
     def __init__(
         self,
         net: str = "vgg",
@@ -128,6 +131,7 @@ class LPIPS(FrozenHolder):
             diff = (unit_normalize(a.float()) - unit_normalize(b.float())).pow(2)
             layer = (diff * getattr(self, f"head{j}").float()).sum(dim=1).mean(dim=(1, 2))
             total = layer if total is None else total + layer
+        assert total is not None, "distance needs the features of at least one layer"
         return total
 
     def forward(self, x: Tensor, y: Tensor, *, x_features: list[Tensor] | None = None) -> Tensor:

@@ -154,7 +154,8 @@ class ObjectiveConfig:
         into every saved config, so an unchanged one cannot be told from a chosen one; λ4 = 0 is off).
         """
         returned = bottleneck_losses(bottleneck)
-        keys = [(f"objective.bottleneck_loss_weights.{name}", (name,)) for name in self.bottleneck_loss_weights]
+        keys: list[tuple[str, tuple[str, ...]]] = [
+            (f"objective.bottleneck_loss_weights.{name}", (name,)) for name in self.bottleneck_loss_weights]
         if self.commit_weight is not None:
             keys.append(("objective.commit_weight", ("commit",)))
         if self.codebook_weight != ObjectiveConfig.codebook_weight:
@@ -203,6 +204,8 @@ def _excluded_from_graph(params: list[nn.Parameter]) -> Iterator[None]:
 
 class TokenizerObjective(nn.Module):
     """Eq. 7 for a :class:`~softvq.Tokenizer`, plus the discriminator's loss. See the module docstring."""
+
+    _tokenizer: Tokenizer  # set in __init__ without registering it (see there)
 
     def __init__(self, cfg: ObjectiveConfig, tokenizer: "Tokenizer") -> None:
         super().__init__()
@@ -320,6 +323,7 @@ class TokenizerObjective(nn.Module):
         real_vgg: list[Tensor] | None = None
         lam1 = self.perceptual_weight_at(step) if self.lpips is not None else 0.0
         if lam1 > 0:
+            assert self.lpips is not None  # lam1 is 0 without it
             with torch.no_grad():
                 real_features = self.lpips.features(images)
             perceptual = self.lpips.distance(real_features, self.lpips.features(recon)).mean()
@@ -328,6 +332,7 @@ class TokenizerObjective(nn.Module):
                 real_vgg = real_features
 
         if self.alignment is not None:
+            assert self.alignment_target is not None  # built together
             grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
             if isinstance(self.alignment_target, VGGTarget) and real_vgg is not None:
                 target = self.alignment_target(images, grid, relu4_3=real_vgg[3])  # reuse LPIPS' pass
@@ -336,6 +341,7 @@ class TokenizerObjective(nn.Module):
             align = self.alignment(out.encoding.latents, target)
             parts["align"], weighted["align"] = align, cfg.alignment_weight * align
 
+        w: float | Tensor  # a term's weight; the adaptive adversarial one is a tensor
         for name, value in out.encoding.losses.items():
             w = self.bottleneck_loss_weight(name)
             if w:
@@ -347,6 +353,7 @@ class TokenizerObjective(nn.Module):
 
         extras: dict[str, float] = {"perceptual_weight": lam1}
         if self.discriminator_active(step):
+            assert self.discriminator is not None  # discriminator_active checked it
             fake = self.augment(recon)[0] if self.augment is not None else recon
             with _excluded_from_graph(self.discriminator_parameters()):
                 adv = hinge_g_loss(self.discriminator(fake))
@@ -375,6 +382,7 @@ class TokenizerObjective(nn.Module):
         """
         if not self.discriminator_active(step):
             return torch.zeros((), device=images.device), {}
+        assert self.discriminator is not None  # discriminator_active checked it
         cfg = self.cfg
         real, fake = images.detach(), reconstruction.detach()
         batches = [real, fake]

@@ -35,6 +35,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ from torch import Tensor, nn
 
 from softvq.checkpoint.pretrained import CheckpointError, read_state_dict
 from softvq.networks.vit import Block
+
+if TYPE_CHECKING:
+    from softvq.networks.encoder import TokenEncoder
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +104,24 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
+class _PatchEmbed(nn.Module):
+    """Holds ``proj`` under the official key ``patch_embed.proj``."""
+
+    proj: nn.Conv2d  # set by DinoViT
+
+
 class DinoViT(nn.Module):
     """DINO / DINOv2 vision transformer (eval use; no dropout, no drop-path)."""
+
+    mean: Tensor  # buffers registered in __init__
+    std: Tensor
 
     def __init__(self, config: DinoConfig | None = None) -> None:
         super().__init__()
         c = self.config = config or DinoConfig()
         self.patch_size = c.patch_size
         self.num_registers = c.registers
-        self.patch_embed = nn.Module()
+        self.patch_embed = _PatchEmbed()
         self.patch_embed.proj = nn.Conv2d(3, c.width, kernel_size=c.patch_size, stride=c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + c.pos_grid**2, c.width))
@@ -344,7 +357,7 @@ def dinov2_for_width(width: int) -> str:
 
 
 @torch.no_grad()
-def init_encoder_from_dino(encoder: nn.Module, dino: DinoViT) -> list[str]:
+def init_encoder_from_dino(encoder: TokenEncoder, dino: DinoViT) -> list[str]:
     """Copy DINOv2 weights into a :class:`~softvq.networks.encoder.TokenEncoder` (paper Sec. 4.1:
     "we initialize our encoder from the pre-trained DINOv2 weights"). Returns the copied names.
 
@@ -356,7 +369,7 @@ def init_encoder_from_dino(encoder: nn.Module, dino: DinoViT) -> list[str]:
     """
     blocks = encoder.blocks
     width = encoder.cls_token.shape[-1]
-    heads = blocks[0].attn.heads
+    heads = cast(Block, blocks[0]).attn.heads  # ModuleList is untyped; stack_blocks fills it with Blocks
     c = dino.config
     if c.width != width or c.heads != heads or c.swiglu:
         raise ValueError(
@@ -367,6 +380,7 @@ def init_encoder_from_dino(encoder: nn.Module, dino: DinoViT) -> list[str]:
         raise ValueError(f"the encoder has {len(blocks)} blocks but the DINO model only {c.depth}")
     copied = []
     encoder.patch_embed.weight.copy_(resample_patch_kernel(dino.patch_embed.proj.weight, encoder.patch_embed.weight.shape[-1]))
+    assert encoder.patch_embed.bias is not None and dino.patch_embed.proj.bias is not None  # both built with bias
     encoder.patch_embed.bias.copy_(dino.patch_embed.proj.bias)
     encoder.cls_token.copy_(dino.cls_token)
     encoder.pos_embed.copy_(dino.position_embedding(encoder.grid))

@@ -119,10 +119,11 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, heads, qkv_bias=qkv_bias)
-        self.ls1 = LayerScale(dim, layerscale_init)
+        # DinoViT swaps in Identity scales (DINO v1) and a SwiGLU MLP (DINOv2 ViT-g)
+        self.ls1: nn.Module = LayerScale(dim, layerscale_init)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, layerscale_init)
+        self.mlp: nn.Module = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2: nn.Module = LayerScale(dim, layerscale_init)
         self.fused = True  # see _residual; reference_math() turns it off
 
     def forward(self, x: Tensor, rows: slice | None = None) -> Tensor:
@@ -132,6 +133,9 @@ class Block(nn.Module):
         if rows is not None:
             x = x[:, rows]
         x = _residual(x, h, lambda t: self.attn.mix(t, rows), self.attn.proj, self.ls1, self.fused)
+        if not isinstance(self.mlp, Mlp):  # SwiGLU has no hidden / output-layer split to fold
+            update = self.mlp(self.norm2(x))
+            return self.ls2.residual(x, update) if isinstance(self.ls2, LayerScale) else x + self.ls2(update)
         return _residual(x, self.norm2(x), self.mlp.hidden, self.mlp.fc2, self.ls2, self.fused)
 
 
@@ -150,6 +154,7 @@ def _residual(x: Tensor, h: Tensor, inner: Callable[[Tensor], Tensor], out_layer
     if not fusable:
         update = out_layer(inner(h))
         return scale.residual(x, update) if isinstance(scale, LayerScale) else x + scale(update)
+    assert isinstance(scale, LayerScale)  # fusable checked it
     u = inner(h)
     gamma = scale.gamma
     # A fresh tensor, so the GEMM may accumulate into it in place (addmm_ needs no copy of it,
@@ -204,14 +209,14 @@ def reference_math(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for m in attention:
             m.explicit = True
-        for m in fusable:
-            m.fused = False
+        for f in fusable:
+            f.fused = False
         yield model
     finally:
         for m, flag in zip(attention, saved[0]):
             m.explicit = flag
-        for m, flag in zip(fusable, saved[1]):
-            m.fused = flag
+        for f, flag in zip(fusable, saved[1]):
+            f.fused = flag
 
 
 def resize_grid_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -77,7 +77,7 @@ def set_aside_newer(run_dir: str | Path, step: int, keep: Path) -> Path | None:
     run_dir = Path(run_dir)
     keep = keep.resolve()
     moving = [p for p in list_checkpoints(run_dir)
-              if int(_NAME.match(p.name).group(1)) >= step and p.resolve() != keep]
+              if (m := _NAME.match(p.name)) and int(m.group(1)) >= step and p.resolve() != keep]
     try:
         made_at = json.loads((run_dir / "metrics.json").read_text()).get("step", -1)
     except (OSError, ValueError):
@@ -125,7 +125,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def capture_rng() -> dict[str, Any]:
     """This process's RNG states, in a form ``weights_only`` loading accepts."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    legacy = np.random.get_state()
+    assert isinstance(legacy, tuple)  # the global RandomState is an MT19937: its state is the legacy tuple
+    kind, keys, pos, has_gauss, gauss = legacy
     state: dict[str, Any] = {
         "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],

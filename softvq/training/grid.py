@@ -50,7 +50,7 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
     captions = column_captions(x, y, fits=lambda text: measure.textlength(text, font=font) <= w)
     margin = int(max(measure.textlength(t, font=font) for t in labels)) + 3 * pad
     _, upper, _, lower = measure.textbbox((0, 0), "0123456789 dB", font=font)
-    strip = lower - upper + 2 * pad if captions else 0
+    strip = int(lower - upper) + 2 * pad if captions else 0
     canvas = Image.new("RGB", (margin + n * (w + pad) + pad, len(rows) * (h + pad) + pad + strip), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for r, (row, label) in enumerate(zip(rows, labels)):

@@ -46,6 +46,7 @@ class RunLogger:
         if not self.enabled:
             return
         clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in values.items()}
+        assert self._jsonl is not None, "RunLogger.scalars after close()"  # enabled loggers open it in __init__
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
         if self.writer is not None:
             for key, value in values.items():
@@ -91,7 +92,8 @@ def drop_records_after(path: str | Path, step: int) -> list[str]:
     if not path.is_file():
         return []
     text = path.read_text()
-    kept, dropped = [], []
+    kept: list[str] = []
+    dropped: list[str] = []
     for line in text.splitlines():
         if not line.strip():
             continue

@@ -30,7 +30,9 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
                  no_decay_names: tuple[str, ...] = NO_DECAY_NAMES) -> list[dict]:
     """Two AdamW groups: decayed weight matrices and everything else at weight decay 0.
     ``no_decay_names=()`` decays every tensor of two or more dimensions, embeddings included (MAE / MAR)."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for name, p in named:
         if not p.requires_grad or id(p) in seen:
             continue
@@ -46,9 +48,10 @@ def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], *, name: str, lr:
     """``adamw``: decoupled decay on weight matrices only. ``adam``: the release's torch Adam, whose
     ``weight_decay`` is an L2 term added to the gradient of every parameter."""
     named = list(named)
+    beta1, beta2 = betas  # two numbers (TrainConfig.validate); torch's Adam unpacks them the same way
     if name == "adamw":
-        return torch.optim.AdamW(param_groups(named, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+        return torch.optim.AdamW(param_groups(named, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps)
     if name == "adam":
         params = [p for _, p in named if p.requires_grad]
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; use 'adamw' (paper) or 'adam' (release)")

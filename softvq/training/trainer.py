@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -57,6 +57,9 @@ from softvq.training.optim import build_optimizer
 from softvq.training.resuming import restore_or_reseed_rng
 from softvq.training.schedule import build_scheduler, load_training_state, scaled_lr
 from softvq.training.stopping import StopRequests, on_any_process
+
+if TYPE_CHECKING:
+    from softvq.losses.objective import TokenizerObjective
 
 FORMAT = "softvq-train"
 
@@ -109,7 +112,7 @@ def make_accelerator(cfg: TrainConfig):
     return new_accelerator(mixed_precision=mixed, cpu=not cuda, **kwargs)
 
 
-def default_objective(cfg: TrainConfig, tokenizer: Tokenizer) -> nn.Module:
+def default_objective(cfg: TrainConfig, tokenizer: Tokenizer) -> TokenizerObjective:
     from softvq.losses.objective import TokenizerObjective
 
     return TokenizerObjective(cfg.objective, tokenizer)
@@ -138,7 +141,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool | str | Path | None = None,
-                 objective_factory: Callable[[TrainConfig, Tokenizer], nn.Module] | None = None) -> None:
+                 objective_factory: Callable[[TrainConfig, Tokenizer], TokenizerObjective] | None = None) -> None:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}; make one with "
                             f"softvq.training.config.load_config(name, overrides) or config_from_dict(tree)")
@@ -170,7 +173,7 @@ class Trainer:
             raise
 
     def _set_up(self, resume: bool | str | Path | None,
-                objective_factory: Callable[[TrainConfig, Tokenizer], nn.Module] | None) -> None:
+                objective_factory: Callable[[TrainConfig, Tokenizer], TokenizerObjective] | None) -> None:
         config, sched, acc = self.cfg, self.cfg.schedule, self.accelerator
         # Identical initialisation on every process; afterwards each process draws its own
         # randomness (augmentations inside the loss) from seed + rank.
@@ -211,8 +214,8 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(self.tokenizer, self.optimizer)
         self.unwrapped: Tokenizer = acc.unwrap_model(self.model)
         self.objective.to(self.device)
-        schedule_args = dict(total_steps=sched.steps, warmup_steps=sched.warmup_steps, kind=sched.lr_schedule,
-                             min_ratio=sched.min_lr_ratio)
+        schedule_args: dict[str, Any] = dict(total_steps=sched.steps, warmup_steps=sched.warmup_steps,
+                                             kind=sched.lr_schedule, min_ratio=sched.min_lr_ratio)
         self.scheduler = build_scheduler(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
                                          else self.optimizer, **schedule_args)
         self.disc_scheduler = build_scheduler(self.disc_optimizer, **schedule_args) if self.disc_optimizer else None
@@ -300,7 +303,7 @@ class Trainer:
             f"received {name}: stopping after this step (Ctrl-C again to stop at once)")).install()
         bar = tqdm(total=cfg.schedule.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=0.5,
                    disable=not (self.is_main and run.progress), desc="train")
-        window: dict[str, float] = defaultdict(float)
+        window: dict[str, float | torch.Tensor] = defaultdict(float)  # summed on the device until a log step
         window_steps, window_start = 0, time.time()
         shown_at = 0.0
         try:
@@ -321,8 +324,8 @@ class Trainer:
                     bar.update(1)
                     if self.is_main and run.progress and "loss" in logs and time.time() - shown_at > 1.0:
                         shown_at = time.time()  # reading the losses syncs the device: at most once a second
-                        shown = {k: format_value(float(logs[k]))
-                                 for k in ("loss", "rec", "perceptual", "d/loss") if k in logs}
+                        shown: dict[str, str] = {k: format_value(float(logs[k]))
+                                                 for k in ("loss", "rec", "perceptual", "d/loss") if k in logs}
                         rate = window_steps * cfg.schedule.batch_size / max(time.time() - window_start, 1e-9)
                         shown["img/s"] = f"{rate:.1f}"
                         bar.set_postfix(shown, refresh=False)
@@ -405,7 +408,7 @@ class Trainer:
             return None
         return saved
 
-    def train_step(self, data_iter: Iterator[Batch]) -> dict[str, float]:
+    def train_step(self, data_iter: Iterator[Batch]) -> dict[str, float | torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its logged scalars."""
         sched, acc = self.cfg.schedule, self.accelerator
         step = self.step
@@ -491,15 +494,15 @@ class Trainer:
         """DDP averages the tokenizer's gradients; the objective's trainable parts are averaged here."""
         if self.world == 1:
             return
-        params = [p for p in self.gen_extra + self.disc_params if p.grad is not None]
-        if params:
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
+        grads = [p.grad for p in self.gen_extra + self.disc_params if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
             torch.distributed.all_reduce(flat)
             flat /= self.world
             offset = 0
-            for p in params:
-                n = p.grad.numel()
-                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            for g in grads:
+                n = g.numel()
+                g.copy_(flat[offset:offset + n].view_as(g))
                 offset += n
 
     def _clip(self, model: nn.Module, extra: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -596,7 +599,7 @@ class Trainer:
         self.last_checkpoint, self.checkpoint_step = path, self.step
         return path
 
-    def _checkpoint_to_resume(self, resume: bool | str | Path) -> Path | None:
+    def _checkpoint_to_resume(self, resume: Literal[True] | str | Path) -> Path | None:
         """The checkpoint ``resume`` names (the newest for ``True``); None for a run stopped before
         its first checkpoint, which then starts again in its folder."""
         if self.cfg.run.distributed == "fsdp" and self.world > 1:
@@ -643,6 +646,7 @@ class Trainer:
         # the saved moments and schedule position, with this config's lr, betas and weight decay
         load_training_state(self.optimizer, self.scheduler, state["optimizer"], state["scheduler"])
         if self.disc_optimizer is not None and state.get("disc_optimizer"):
+            assert self.disc_scheduler is not None  # built with disc_optimizer
             load_training_state(self.disc_optimizer, self.disc_scheduler, state["disc_optimizer"],
                                 state["disc_scheduler"])
         self.step = int(state["step"])
