@@ -162,12 +162,19 @@ def test_native_size_needs_a_multiple_of_the_patch(tmp_path, capsys):
     assert code == 0 and Image.open(tmp_path / "ok_recon.png").size == (96, 32)
 
 
-def test_encode_wrong_size_is_an_error_not_a_skip(tmp_path, capsys):
+def test_encode_wrong_size_is_an_error_not_a_skip(tmp_path, capsys, monkeypatch):
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "imgs" / "a.png")
     Image.new("RGB", (65, 64)).save(tmp_path / "imgs" / "b.png")
-    code, _, err = _run(capsys, "encode", str(tmp_path / "imgs"), "--out", str(tmp_path / "z.safetensors"))
-    assert code == 2 and "b.png" in _one_line_error(err) and "--resize" in err
+    Image.new("RGB", (32, 48)).save(tmp_path / "imgs" / "c.png")
+    (tmp_path / "imgs" / "d.png").write_text("no")  # unreadable: skipped later, not a size problem
+    encoded = []
+    monkeypatch.setattr(Tokenizer, "encode_latents", lambda self, x: encoded.append(x) or x)
+    code, _, err = _run(capsys, "encode", str(tmp_path / "imgs"), "--out", str(tmp_path / "z.safetensors"),
+                        "--batch-size", "1")
+    # every wrong size named at once, before anything is encoded (was: the first, after the work before it)
+    assert code == 2 and "2 of the 4 images are not 64x64" in _one_line_error(err) and "--resize" in err
+    assert "b.png: 65x64" in err and "c.png: 32x48" in err and "d.png" not in err and not encoded
     assert not (tmp_path / "z.safetensors").exists()
 
 

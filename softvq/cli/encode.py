@@ -23,7 +23,7 @@ from softvq.checkpoint.pretrained import CheckpointError
 from softvq.checkpoint.specs import is_preset, portable_spec
 from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int, refuse_to_overwrite
 from softvq.data.folder import scan_folder
-from softvq.data.images import ImageReadError, ImageSizeError, read_image
+from softvq.data.images import ImageReadError, ImageSizeError, read_image, wrong_sizes
 
 LATENTS_FORMAT = "softvq-latents"
 
@@ -102,6 +102,12 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     size = model.config.image_size
+    if not args.resize:  # before hours of encoding, all of it at once
+        wrong = wrong_sizes(paths, size)
+        if wrong:
+            shown = "\n  ".join(wrong[:10]) + (f"\n  ... and {len(wrong) - 10} more" if len(wrong) > 10 else "")
+            raise ImageSizeError(f"{len(wrong)} of the {len(paths)} images are not {size}x{size}, the size the model "
+                                 f"takes; pass --resize to centre-crop and resize them:\n  {shown}")
     device = next(model.parameters()).device
     chunks: list[torch.Tensor] = []
     names: list[str] = []

@@ -179,6 +179,22 @@ def read_image(path: str | Path, size: int | None = None, *, resize: bool = Fals
     return to_tensor(img)
 
 
+def wrong_sizes(paths: list[Path], size: int) -> list[str]:
+    """"path: WxH" for each file whose header says it is not ``size`` x ``size``: read before any
+    work, so that a folder needing ``--resize`` fails at once and names every such file. Files
+    that cannot be opened are left to the reading itself, which skips and counts them."""
+    wrong = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:  # the header only: no pixels are decoded
+                w, h = img.size
+        except Exception:  # any failure to open: the reader skips the file and names it
+            continue
+        if (w, h) != (size, size):
+            wrong.append(f"{path}: {w}x{h}")
+    return wrong
+
+
 def require_folder(folder: str | Path, fix: str | None = None) -> Path:
     """``folder`` as a Path if it is a folder; otherwise an error saying whether it is missing or a
     file, ended by ``fix`` (the setting or argument to change) where given."""
