@@ -160,6 +160,18 @@ def test_native_size_needs_a_multiple_of_the_patch(tmp_path, capsys):
     Image.new("RGB", (96, 32)).save(tmp_path / "ok.png")
     code, _, _ = _run(capsys, "reconstruct", str(tmp_path / "ok.png"), "--native-size", "--out", str(tmp_path))
     assert code == 0 and Image.open(tmp_path / "ok_recon.png").size == (96, 32)
+    # past 4x the trained side: refused from the header (a 12000 px photo ran for hours, then ran out of memory)
+    Image.new("RGB", (264, 64)).save(tmp_path / "huge.png")
+    code, _, err = _run(capsys, "reconstruct", str(tmp_path / "huge.png"), "--native-size", "--out", str(tmp_path))
+    assert code == 2 and "huge.png: 264x64, over 4x the 64 px the model was trained at" in _one_line_error(err)
+    # a folder's wrong sizes are named all at once, before any compute
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, side in enumerate((64, 50, 72)):
+        Image.new("RGB", (side, side)).save(folder / f"{i}.png")
+    code, out, err = _run(capsys, "reconstruct", str(folder), "--out", str(tmp_path / "o"))
+    assert code == 2 and "2 of the 3 images do not fit the model as they are" in _one_line_error(err)
+    assert "1.png: 50x50, not 64x64" in err and "2.png: 72x72, not 64x64" in err and "PSNR" not in out
 
 
 def test_encode_wrong_size_is_an_error_not_a_skip(tmp_path, capsys, monkeypatch):

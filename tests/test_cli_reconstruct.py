@@ -55,6 +55,23 @@ def test_mean_psnr_over_several_images(tmp_path, capsys):
     assert len(scores) == 2 and abs(mean - sum(scores) / 2) <= 0.01
 
 
+def test_a_folder_is_read_batch_by_batch_not_all_before_the_first_batch(tmp_path, capsys, monkeypatch):
+    import softvq.cli.reconstruct as command
+    from softvq import Tokenizer
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in bundled_photos()[:3]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    events = []
+    reading = command.read_image
+    monkeypatch.setattr(command, "read_image", lambda *a, **k: events.append("read") or reading(*a, **k))
+    forward = Tokenizer.forward
+    monkeypatch.setattr(Tokenizer, "forward", lambda self, x: events.append("model") or forward(self, x))
+    assert main(["reconstruct", str(folder), "--resize", "--batch-size", "2", "--out", str(tmp_path / "out")]) == 0
+    assert events == ["read", "read", "model", "read", "model"]  # a 50,000-image folder used to be held whole
+
+
 def test_a_folder_stands_for_its_images_and_its_unreadable_files_are_skipped(tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -63,7 +80,8 @@ def test_a_folder_stands_for_its_images_and_its_unreadable_files_are_skipped(tmp
     (folder / "broken.png").write_bytes(b"not a png")
     assert main(["reconstruct", str(folder), "--resize", "--out", str(tmp_path / "out")]) == 0
     out, err = capsys.readouterr()
-    assert "mean PSNR over 2 image(s)" in out and "skipped 1 unreadable image file(s), e.g." in err
+    assert "mean PSNR over 2 image(s)" in out and "skipped 1 unreadable image file(s):" in err
+    assert "broken.png: not a readable image (not a format Pillow reads" in err  # each named, with its reason
     assert sorted(p.name for p in (tmp_path / "out").glob("*_recon.png")) == sorted(
         f"{p.stem}_recon.png" for p in bundled_photos()[:2])
     # named on the command line, the same file is an error before any compute

@@ -2,10 +2,11 @@
 
 For each image writes ``<name>_recon.png`` and ``<name>_side_by_side.png`` (original |
 reconstruction) and prints its PSNR, then the mean. IMG may be a folder (its images, recursively;
-unreadable ones are skipped and counted, where an unreadable named file is an error). Without IMG
+unreadable ones are skipped and listed, where an unreadable named file is an error). Without IMG
 the photos bundled with scikit-image / scikit-learn are used. Images must have the model's size
 unless ``--resize`` (centre-crop + bicubic resize) or ``--native-size`` (any size that is a
-multiple of the patch; position embeddings are resized) is given.
+multiple of the patch, up to 4x the trained side; position embeddings are resized) is given.
+Sizes are checked from the files' headers before any compute; images are then read batch by batch.
 """
 
 from __future__ import annotations
@@ -78,6 +79,43 @@ def named_and_found(arguments: list[str]) -> list[tuple[Path, bool]]:
 OUTPUT_SUFFIXES = ("_recon.png", "_side_by_side.png")  # what each image becomes under --out
 
 
+# --native-size up to 4x the trained side: the position embeddings are interpolated from the trained
+# grid, and attention's cost grows with the square of the tokens (a 12000 px photo: 560,000 tokens).
+NATIVE_SIDE_FACTOR = 4
+
+
+def check_before_reading(entries: list[tuple[Path, bool]], size: int | None, resize: bool, patch: int,
+                         trained: int) -> None:
+    """Fail before any compute: a named file that does not open, and every image whose size needs
+    --resize (all named at once), read from the files' headers. Folder files that do not open are
+    left to the reading, which skips and lists them."""
+    wrong, named_bad = [], None
+    for path, named in entries:
+        try:
+            with Image.open(path) as img:  # the header only
+                w, h = img.size
+        except Exception:
+            if named and named_bad is None:
+                named_bad = path
+            continue
+        if resize:
+            continue
+        if size is not None and (w, h) != (size, size):
+            wrong.append(f"{path}: {w}x{h}, not {size}x{size}")
+        elif size is None and (w % patch or h % patch):
+            wrong.append(f"{path}: {w}x{h}, not a multiple of the patch size {patch}")
+        elif size is None and max(w, h) > NATIVE_SIDE_FACTOR * trained:
+            wrong.append(f"{path}: {w}x{h}, over {NATIVE_SIDE_FACTOR}x the {trained} px the model was trained at")
+    if named_bad is not None:
+        read_image(named_bad)  # raises the reader's own message, which says why
+    if len(wrong) == 1:
+        raise ImageSizeError(f"{wrong[0]}; pass --resize to centre-crop and resize it")
+    if wrong:
+        shown = "\n  ".join(wrong[:10]) + (f"\n  ... and {len(wrong) - 10} more" if len(wrong) > 10 else "")
+        raise ImageSizeError(f"{len(wrong)} of the {len(entries)} images do not fit the model as they are; "
+                             f"pass --resize to centre-crop and resize them:\n  {shown}")
+
+
 def run(args: argparse.Namespace) -> int:
     entries = named_and_found(args.images)
     resize = args.resize
@@ -101,42 +139,48 @@ def run(args: argparse.Namespace) -> int:
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     c = model.config
     size = None if args.native_size else c.image_size
-    # Read everything first: a bad named file fails before any compute, naming the file.
-    images, paths, skipped = [], [], []
-    for path, named in entries:
-        try:
-            images.append(read_image(path, size, resize=resize, multiple_of=c.patch_size))
-            paths.append(path)
-        except ImageSizeError:
-            raise
-        except ImageReadError:
-            if named:
-                raise
-            skipped.append(path)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}", file=sys.stderr)
-    if not images:
-        raise ImageReadError("none of the images given could be read")
+    check_before_reading(entries, size, resize, c.patch_size, c.image_size)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; reconstruct writes a folder of images: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     print(f"model: {model.source}")
+    # Streamed batch by batch: a folder of 50,000 images is never held in memory at once.
     scores: list[float] = []
-    stems = unique_stems(paths)
+    skipped: list[str] = []
+    stems = iter(unique_stems([path for path, _ in entries]))
     batch = max(1, args.batch_size if size is not None else 1)
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(images), batch), desc="reconstruct", unit="batch", disable=None):
-            x = torch.stack(images[start:start + batch]).to(device)
-            recon = model(x).reconstruction.float().cpu()
-            for i in range(x.shape[0]):
-                k = start + i
-                original, result = to_pil(images[k]), to_pil(recon[i])
+    with torch.inference_mode(), tqdm(total=len(entries), desc="reconstruct", unit="img", disable=None) as bar:
+        for start in range(0, len(entries), batch):
+            images, paths, names = [], [], []
+            for (path, named), stem in zip(entries[start:start + batch], stems):
+                try:
+                    images.append(read_image(path, size, resize=resize, multiple_of=c.patch_size))
+                    paths.append(path)
+                    names.append(stem)
+                except ImageReadError as exc:
+                    if named or isinstance(exc, ImageSizeError):
+                        raise
+                    skipped.append(str(exc))
+            bar.update(len(entries[start:start + batch]))
+            if not images:
+                continue
+            recon = model(torch.stack(images).to(device)).reconstruction.float().cpu()
+            for image, result_tensor, path, stem in zip(images, recon, paths, names):
+                original, result = to_pil(image), to_pil(result_tensor)
                 score = psnr(np.asarray(original), np.asarray(result))
                 scores.append(score)
-                written = out / f"{stems[k]}{OUTPUT_SUFFIXES[0]}"
+                written = out / f"{stem}{OUTPUT_SUFFIXES[0]}"
                 result.save(written)
-                side_by_side(original, result).save(out / f"{stems[k]}{OUTPUT_SUFFIXES[1]}")
-                print(f"{paths[k]}: PSNR {score:.2f} dB -> {written}")
+                side_by_side(original, result).save(out / f"{stem}{OUTPUT_SUFFIXES[1]}")
+                tqdm.write(f"{path}: PSNR {score:.2f} dB -> {written}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image file(s):", file=sys.stderr)
+        for line in skipped[:10]:
+            print(f"  {line}", file=sys.stderr)
+        if len(skipped) > 10:
+            print(f"  ... and {len(skipped) - 10} more", file=sys.stderr)
+    if not scores:
+        raise ImageReadError("none of the images given could be read")
     print(f"mean PSNR over {len(scores)} image(s): {float(np.mean(scores)):.2f} dB")
     return 0
