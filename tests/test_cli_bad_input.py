@@ -592,12 +592,31 @@ def test_an_image_past_pillows_warning_size_is_named_in_a_warning(tmp_path, monk
     with caplog.at_level("WARNING", logger="softvq"):
         assert load_rgb(tmp_path / "big.png").size == (40, 40)
     assert f"{tmp_path / 'big.png'} is 40x40" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="softvq"):
+        load_rgb(tmp_path / "big.png")
+    assert "big.png" not in caplog.text  # once per file: training named it at every epoch's read
     import warnings
 
     with warnings.catch_warnings():  # Pillow's documented way to refuse such files still works
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with pytest.raises(Image.DecompressionBombWarning):
             load_rgb(tmp_path / "big.png")
+
+
+def test_the_pixel_limit_can_be_raised_for_the_commands_by_an_environment_variable(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
+    script = ("import PIL.Image as I; I.MAX_IMAGE_PIXELS = 500\n"  # 1600 px: past twice the limit, refused
+              "import softvq.data.images as m\n"  # reads the variable, as the CLI's user sets it, at import
+              f"print(m.load_rgb({str(tmp_path / 'big.png')!r}).size)")
+    for value, expected in (("", "SOFTVQ_MAX_IMAGE_PIXELS=<pixels>"), ("0", "(40, 40)"), ("5000", "(40, 40)")):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={**os.environ, "SOFTVQ_MAX_IMAGE_PIXELS": value})
+        assert expected in done.stdout + done.stderr, (value, done.stderr[-500:])
 
 
 def test_a_named_pipe_is_refused_not_waited_on(tmp_path):

@@ -76,11 +76,25 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+PIXEL_LIMIT_VARIABLE = "SOFTVQ_MAX_IMAGE_PIXELS"
+if os.environ.get(PIXEL_LIMIT_VARIABLE, "").strip():
+    # The user's explicit choice, so that the CLI (and its DataLoader workers) can open trusted huge
+    # files; Pillow's own default stays untouched otherwise. 0 lifts the limit.
+    try:
+        Image.MAX_IMAGE_PIXELS = int(os.environ[PIXEL_LIMIT_VARIABLE]) or None
+    except ValueError:  # said, not raised: this runs at import, before any command can report an error
+        log.warning("%s=%r is not a whole number of pixels (0 lifts Pillow's limit); Pillow's limit stays",
+                    PIXEL_LIMIT_VARIABLE, os.environ[PIXEL_LIMIT_VARIABLE])
+
+_named_huge: set[str] = set()  # each huge file is named once per process, not at every epoch's read
+
+
 def _name_if_huge(img: Image.Image, name: str | Path) -> None:
     """Pillow warns past ``MAX_IMAGE_PIXELS`` (and refuses past twice that) without naming the
-    file; each is decoded whole in memory, so say which one it is."""
+    file; each is decoded whole in memory, so say which one it is (once per file and process)."""
     pixels = img.size[0] * img.size[1]
-    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS and str(name) not in _named_huge:
+        _named_huge.add(str(name))
         log.warning("%s is %dx%d (%.0f megapixels), decoded whole in memory; check that it is meant to be "
                     "this large", name, *img.size, pixels / 1e6,
                     extra={"every_process": True})  # in a launched run, only the process that read it says so
@@ -89,7 +103,8 @@ def _name_if_huge(img: Image.Image, name: str | Path) -> None:
 def _too_large(exc: Exception) -> str:
     """Pillow refuses images past its decompression-bomb limit (~179 MP): say so and how to lift it."""
     return (f"too large to open safely ({exc.args[0].split(' exceeds')[0] if exc.args else 'over the limit'}); "
-            f"if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS")
+            f"if you trust the file, raise the limit: {PIXEL_LIMIT_VARIABLE}=<pixels> for softvq's commands "
+            f"(0: no limit), PIL.Image.MAX_IMAGE_PIXELS from Python")
 
 
 def _grey_units(grey: np.ndarray, unit_interval: bool) -> float:
