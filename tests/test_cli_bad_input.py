@@ -219,6 +219,18 @@ def test_encode_skips_corrupt_files_and_lists_them(tmp_path, capsys):
     assert load_file(str(tmp_path / "z.safetensors"))["latents"].shape == (2, 16, 8)
 
 
+def test_encode_reads_tga_and_names_the_photos_pillow_cannot_read(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(_gradient()).convert("RGB").save(tmp_path / "imgs" / "a.png")
+    Image.fromarray(_gradient()).convert("RGB").save(tmp_path / "imgs" / "b.tga")  # was left out unnamed
+    (tmp_path / "imgs" / "c.HEIC").write_bytes(b"ftypheic")
+    (tmp_path / "imgs" / "notes.txt").write_text("a caption file: not an image, not named")
+    code, out, err = _run(capsys, "encode", str(tmp_path / "imgs"), "--out", str(tmp_path / "z.safetensors"))
+    assert code == 0 and "encoded 2 image(s) of 2" in out
+    assert "softvq: warning: left out 1 image file(s) in formats Pillow does not read (.heic), e.g." in err
+    assert "c.HEIC" in err and "notes.txt" not in err
+
+
 def test_encode_folder_of_only_corrupt_files_fails(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "x.png").write_text("no")

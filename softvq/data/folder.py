@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb, require_folder, to_tensor, walk_files
+from softvq.data.images import (IMAGE_SUFFIXES, ImageReadError, load_rgb, name_unread_images, require_folder,
+                                to_tensor, walk_files)
 from softvq.data.transforms import random_crop, random_flip, sample_rng
 
 Sample = tuple[torch.Tensor, list[str]]
@@ -28,6 +29,7 @@ def scan_folder(folder: str | Path, fix: str = "set data.path to a folder of ima
     """
     folder = require_folder(folder, fix)
     files = walk_files(folder)
+    name_unread_images(files)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if not images:

@@ -15,7 +15,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                  ".tga", ".jp2", ".avif")  # AVIF: Pillow >= 11.3; an older one skips and names such files
+# Photo and image formats Pillow does not read (HEIC, camera raw, vector and HDR formats): left out
+# like any other file, but named, since a user would expect them to be used.
+UNREAD_IMAGE_SUFFIXES = (".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf",
+                         ".svg", ".exr", ".hdr", ".jxl")
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +276,20 @@ def _visible_walk(folder: Path, **options):
 def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     """Image files under ``folder`` by suffix (see :func:`walk_files`), sorted for a deterministic order."""
     folder = require_folder(folder)
-    return [p for p in walk_files(folder, recursive) if p.suffix.lower() in IMAGE_SUFFIXES]
+    files = walk_files(folder, recursive)
+    name_unread_images(files)
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def name_unread_images(files: list[Path]) -> list[Path]:
+    """Warn once about the photos among ``files`` in formats Pillow cannot read (HEIC, camera raw,
+    ...: :data:`UNREAD_IMAGE_SUFFIXES`), which every command leaves out; returns them."""
+    unread = [p for p in files if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES]
+    if unread:
+        kinds = ", ".join(sorted({p.suffix.lower() for p in unread}))
+        log.warning("left out %d image file(s) in formats Pillow does not read (%s), e.g. %s; convert them "
+                    "to PNG or JPEG to use them", len(unread), kinds, unread[0])
+    return unread
 
 
 def images_by_class(folder: str | Path) -> tuple[dict[str, list[Path]], list[Path]]:
