@@ -231,6 +231,20 @@ def test_encode_reads_tga_and_names_the_photos_pillow_cannot_read(tmp_path, caps
     assert "c.HEIC" in err and "notes.txt" not in err
 
 
+def test_dead_links_in_a_folder_are_skipped_and_named_not_lost(tmp_path, capsys):
+    import os
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(_gradient()).convert("RGB").save(tmp_path / "imgs" / "a.png")
+    os.symlink("gone.png", tmp_path / "imgs" / "broken.png")
+    os.symlink("loop.png", tmp_path / "imgs" / "loop.png")
+    code, out, err = _run(capsys, "encode", str(tmp_path / "imgs"), "--out", str(tmp_path / "z.safetensors"))
+    # both used to vanish from the listing, neither used nor counted
+    assert code == 0 and "encoded 1 image(s) of 3" in out and "skipped 2 unreadable file(s)" in err
+    assert "broken.png: a link to gone.png, which does not exist" in err
+    assert "loop.png: not a readable image (OSError: Too many levels of symbolic links)" in err
+
+
 def test_encode_folder_of_only_corrupt_files_fails(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "x.png").write_text("no")

@@ -124,6 +124,17 @@ def _two_class_folder(root, per_class=6):
     return root
 
 
+def test_images_beside_the_class_folders_are_named_as_left_out(tmp_path, caplog):
+    from softvq.evaluation.probe import labelled_images
+
+    root = _two_class_folder(tmp_path / "data", per_class=2)
+    load_rgb(bundled_photos()[0]).resize((32, 32)).save(root / "loose.png")
+    with caplog.at_level("WARNING", logger="softvq"):
+        paths, labels, names = labelled_images(root)
+    assert len(paths) == 4 and names == ["a", "b"]  # the classes alone, as before
+    assert "left out 1 image(s) directly in" in caplog.text and "(e.g. loose.png)" in caplog.text  # was silent
+
+
 def test_stopped_feature_extraction_continues_from_its_saved_rows(tmp_path):
     """Ctrl-C in the third batch keeps the first two in the state file; the rerun encodes only the
     rest and gives the same features as one uninterrupted pass; other weights are refused."""

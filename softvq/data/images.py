@@ -48,6 +48,8 @@ def load_rgb(path: str | Path) -> Image.Image:
             img.load()
             return _as_rgb(img)
     except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageReadError(f"{path}: a link to {os.readlink(path)}, which does not exist") from None
         raise ImageReadError(f"{path}: no such file") from None
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{path}: {_too_large(exc)}") from None
@@ -231,7 +233,8 @@ def walk_files(folder: Path, recursive: bool = True) -> list[Path]:
     """Every visible file under ``folder``, sorted: the one listing every command reads folders with.
 
     Hidden names (``.DS_Store``, macOS ``._photo.jpg``, ``.git/``, a ``.cache/`` folder) are left
-    out wherever they sit, so no command counts them as images or classes. Symlinked folders are
+    out wherever they sit, so no command counts them as images or classes. A broken or looping link
+    to a file is listed: reading it fails, and the file is skipped and named like any unreadable one. Symlinked folders are
     followed (class folders linked into an ImageNet subset, say), each real folder once, so a
     symlink loop ends; a link to a folder the tree holds anyway is skipped, so the real folder
     keeps its name (as a class). A folder that cannot be listed is left out with a warning (the
@@ -262,8 +265,14 @@ def walk_files(folder: Path, recursive: bool = True) -> list[Path]:
         seen.add(real)
         dirs[:] = [d for d in dirs if not (os.path.islink(os.path.join(top, d))
                                            and walked_anyway(os.path.join(top, d)))] if recursive else []
-        files += [Path(top) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(top, n))]
+        files += [Path(top) / n for n in names if not n.startswith(".") and _file_or_dead_link(os.path.join(top, n))]
     return sorted(files)
+
+
+def _file_or_dead_link(path: str) -> bool:
+    """A file, or a link that leads nowhere (broken, or a loop): such a link stays in the listing, so
+    that the reading skips it and names it like any unreadable file instead of it vanishing."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
 
 
 def _visible_walk(folder: Path, **options):
@@ -294,7 +303,8 @@ def name_unread_images(files: list[Path]) -> list[Path]:
 
 def images_by_class(folder: str | Path) -> tuple[dict[str, list[Path]], list[Path]]:
     """({first-level sub-folder: its images, recursively}, images directly in ``folder``), by
-    :func:`list_images`, so every command that reads classes sees the same ones."""
+    :func:`list_images`, so every command that reads classes sees the same ones. A caller that
+    reads the classes alone names the loose images it leaves out with :func:`name_loose_images`."""
     folder = require_folder(folder)
     classes: dict[str, list[Path]] = {}
     loose: list[Path] = []
@@ -302,6 +312,13 @@ def images_by_class(folder: str | Path) -> tuple[dict[str, list[Path]], list[Pat
         parts = path.relative_to(folder).parts
         (classes.setdefault(parts[0], []) if len(parts) > 1 else loose).append(path)
     return dict(sorted(classes.items())), loose
+
+
+def name_loose_images(folder: str | Path, loose: list[Path]) -> None:
+    """Warn that the images directly in ``folder``, beside its class sub-folders, are left out."""
+    if loose:
+        log.warning("left out %d image(s) directly in %s, beside its class sub-folders (e.g. %s); move them "
+                    "into a class folder to use them", len(loose), folder, loose[0].name)
 
 
 # Colour photographs that ship inside always-installable wheels (CC0 / public domain in

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from softvq.data.images import ImageReadError, images_by_class, read_image
+from softvq.data.images import ImageReadError, images_by_class, name_loose_images, read_image
 from softvq.eval_mode import evaluating
 
 
@@ -183,9 +183,10 @@ def labelled_images(folder: str | Path) -> tuple[list[Path], Tensor, list[str]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"labelled image folder {folder} does not exist")
-    by_class = images_by_class(folder)[0]
+    by_class, loose = images_by_class(folder)
     if len(by_class) < 2:
         raise ValueError(f"{folder} needs at least two class sub-folders with images, found {len(by_class)}")
+    name_loose_images(folder, loose)
     paths, labels = [], []
     for c, files in enumerate(by_class.values()):
         paths += files

@@ -185,7 +185,8 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
     """
     from PIL import Image
 
-    from softvq.data.images import ImageReadError, bundled_photos, center_crop_resize, images_by_class, load_rgb
+    from softvq.data.images import (ImageReadError, bundled_photos, center_crop_resize, images_by_class, load_rgb,
+                                    name_loose_images)
 
     if images is None:  # crops as the held-out ones training draws: each photo whole, then at random
         from softvq.data.bundled import heldout_crops
@@ -218,6 +219,7 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
     folder = Path(images)
     by_class, loose = images_by_class(folder)
     if by_class:
+        name_loose_images(folder, loose)
         names = list(by_class)[:max_classes]
         for c, name in enumerate(names):
             add_readable(by_class[name], per_class, c)
