@@ -253,7 +253,9 @@ class Tokenizer(nn.Module):
         return self
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` atomically into ``directory``."""
+        """Write ``config.json`` and ``model.safetensors`` atomically into ``directory`` (made if missing;
+        a checkpoint already there is replaced, as ``save_pretrained`` does elsewhere; the CLI's
+        ``info --save`` refuses to)."""
         from softvq.checkpoint.pretrained import save_pretrained
 
         return save_pretrained(self, directory)

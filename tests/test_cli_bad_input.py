@@ -506,6 +506,11 @@ def test_generate_says_what_a_folder_that_is_not_a_generator_is(tmp_path, capsys
         code, _, err = _run(capsys, "generate", str(tmp_path / folder), "--out", str(tmp_path / "s"), "--device", "cpu")
         assert code == 2 and named in _one_line_error(err), folder
     assert not (tmp_path / "s").exists()
+    from softvq.checkpoint.pretrained import CheckpointError
+    from softvq.generation.checkpoint import load_generator
+
+    with pytest.raises(CheckpointError, match="pass it as the tokenizer"):  # from Python: no CLI flag to name
+        load_generator(tmp_path / "tokrun" / "export")
 
 
 def test_bugs_keep_their_traceback_and_softvq_traceback_shows_any(capsys, monkeypatch):

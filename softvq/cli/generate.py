@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")  # torchrun: split the batches
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
-    model, meta = load_generator(args.generator, map_location=str(device))
+    model, meta = load_generator(args.generator, map_location=str(device), tokenizer_flag="--tokenizer")
     mar_only = [flag for flag, value in (("--ar-steps", args.ar_steps), ("--temperature", args.temperature),
                                          ("--cfg-schedule", args.cfg_schedule)) if value is not None]
     if meta.objective != "mar" and mar_only:  # given but ignored would read as "it made no difference"

@@ -152,12 +152,12 @@ def _json_object(file: Path) -> dict[str, Any]:
 
 
 def load_generator(path_or_id: str | Path, map_location: str | torch.device = "cpu", *,
-                   tokenizer_flag: str = "--tokenizer") -> tuple[Generator, GeneratorMeta]:
+                   tokenizer_flag: str = "the tokenizer") -> tuple[Generator, GeneratorMeta]:
     """Load ``(model in eval mode, meta)`` from a folder written by :func:`save_generator`; a
     ``train-generator`` run folder stands for its export, ``RUN/generator``, and a training
     checkpoint of a run, ``RUN/checkpoints/step-N.pt``, gives the EMA weights of step N (what an
     export at N would hold). A tokenizer given instead is refused naming ``tokenizer_flag``, the
-    caller's flag for one (``generate --tokenizer``, ``eval --model``)."""
+    caller's name for one (the commands pass their flag: ``generate --tokenizer``, ``eval --model``)."""
     path = Path(path_or_id).expanduser()
     if path.is_file():
         model, meta = _from_training_checkpoint(path, tokenizer_flag)
