@@ -57,6 +57,20 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: not a readable image ({_reason(exc)})") from None
 
 
+def why_unreadable(name: str | Path) -> str:
+    """``name`` with the reason it cannot be read ("x.png: not a readable image (OSError: Truncated
+    File Read)"), found by reading it once more: for the one example a summary line shows, where the
+    reading itself kept only the name. A tar member, or a file that now reads, gives the name alone."""
+    path = Path(name)
+    if not (path.is_file() or path.is_symlink()):
+        return str(name)
+    try:
+        load_rgb(path)
+    except ImageReadError as exc:
+        return str(exc)
+    return str(name)
+
+
 def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
     """Like :func:`load_rgb` for the bytes of an image file (e.g. a member of a tar shard)."""
     import io

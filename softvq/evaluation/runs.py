@@ -186,7 +186,7 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
     from PIL import Image
 
     from softvq.data.images import (ImageReadError, bundled_photos, center_crop_resize, images_by_class, load_rgb,
-                                    name_loose_images)
+                                    name_loose_images, why_unreadable)
 
     if images is None:  # crops as the held-out ones training draws: each photo whole, then at random
         from softvq.data.bundled import heldout_crops
@@ -227,7 +227,7 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
         names = [folder.name]
         add_readable(loose, per_class * max_classes, 0)
     if skipped:
-        log(f"skipped {len(skipped)} unreadable image file(s) for the pictures, e.g. {skipped[0]}")
+        log(f"skipped {len(skipped)} unreadable image file(s) for the pictures, e.g. {why_unreadable(skipped[0])}")
     if not pils:
         raise FileNotFoundError(f"no images to plot with in {images}")
     arr = np.stack([np.asarray(p, dtype=np.uint8) for p in pils])

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from softvq.data.images import IMAGE_SUFFIXES, ImageReadError, center_crop_resize, decode_rgb, list_images, load_rgb
+from softvq.data.images import (IMAGE_SUFFIXES, ImageReadError, center_crop_resize, decode_rgb, list_images, load_rgb,
+                                why_unreadable)
 from softvq.data.shards import image_members
 from softvq.data.workers import ignore_stop_signals, stack_readable, worker_batches
 
@@ -174,7 +175,7 @@ def readable_batches(refs: list[ImageRef], size: int, batch_size: int, workers: 
 
 def skipped_note(skipped: list[str], considered: int) -> str:
     """One line for a report's notes about the images :func:`readable_batches` left out."""
-    return f"skipped {len(skipped)} unreadable image(s) of the first {considered}, e.g. {skipped[0]}"
+    return f"skipped {len(skipped)} unreadable image(s) of the first {considered}, e.g. {why_unreadable(skipped[0])}"
 
 
 def uint8_to_model(images: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from softvq.atomic import atomic_write, write_json
 from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, load_strict
+from softvq.data.images import why_unreadable
 from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.data.workers import worker_batches
 from softvq.randomness import seed_everything
@@ -798,7 +799,7 @@ class Trainer:
         if skipped:
             held_skipped = len(set(held.skipped).intersection(skipped))  # also told apart at the start
             part = f" ({held_skipped} of them held-out)" if held_skipped else ""
-            self.logger.info(f"skipped {len(skipped)} unreadable image file(s){part}, e.g. {skipped[0]}")
+            self.logger.info(f"skipped {len(skipped)} unreadable image file(s){part}, e.g. {why_unreadable(skipped[0])}")
         if self.data.ignored_files:
             self.logger.info(f"ignored {len(self.data.ignored_files)} non-image file(s) in the data folder")
         return metrics
