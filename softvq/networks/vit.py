@@ -133,15 +133,15 @@ class Block(nn.Module):
         if rows is not None:
             x = x[:, rows]
         x = _residual(x, h, lambda t: self.attn.mix(t, rows), self.attn.proj, self.ls1, self.fused)
-        if not isinstance(self.mlp, Mlp):  # SwiGLU has no hidden / output-layer split to fold
-            update = self.mlp(self.norm2(x))
-            return self.ls2.residual(x, update) if isinstance(self.ls2, LayerScale) else x + self.ls2(update)
+        if not isinstance(self.mlp, Mlp):  # SwiGLU (DINOv2 ViT-g): no hidden / output-layer split to fold
+            return _residual(x, self.norm2(x), self.mlp, None, self.ls2, fused=False)
         return _residual(x, self.norm2(x), self.mlp.hidden, self.mlp.fc2, self.ls2, self.fused)
 
 
-def _residual(x: Tensor, h: Tensor, inner: Callable[[Tensor], Tensor], out_layer: nn.Linear, scale: nn.Module,
+def _residual(x: Tensor, h: Tensor, inner: Callable[[Tensor], Tensor], out_layer: nn.Linear | None, scale: nn.Module,
               fused: bool = True) -> Tensor:
-    """x + scale(out_layer(inner(h))), the residual update of a pre-norm block.
+    """x + scale(out_layer(inner(h))), the residual update of a pre-norm block (``out_layer`` None:
+    ``inner`` is the whole branch).
 
     With LayerScale γ and a linear output layer (W, b) the update is folded into one GEMM that
     accumulates onto the residual stream:  x + γ⊙(uWᵀ + b) = (x + γ⊙b) + u(γ⊙W)ᵀ.  That removes
@@ -149,12 +149,10 @@ def _residual(x: Tensor, h: Tensor, inner: Callable[[Tensor], Tensor], out_layer
     (~7% of a CPU forward). Under autocast the plain form is kept, so the residual stream stays
     float32 while the GEMMs run in low precision.
     """
-    fusable = (fused and isinstance(scale, LayerScale) and out_layer.bias is not None
-               and not torch.is_autocast_enabled(x.device.type))
-    if not fusable:
-        update = out_layer(inner(h))
+    if not (fused and isinstance(scale, LayerScale) and out_layer is not None and out_layer.bias is not None
+            and not torch.is_autocast_enabled(x.device.type)):
+        update = inner(h) if out_layer is None else out_layer(inner(h))
         return scale.residual(x, update) if isinstance(scale, LayerScale) else x + scale(update)
-    assert isinstance(scale, LayerScale)  # fusable checked it
     u = inner(h)
     gamma = scale.gamma
     # A fresh tensor, so the GEMM may accumulate into it in place (addmm_ needs no copy of it,
