@@ -332,7 +332,9 @@ class Tokenizer(nn.Module):
 
         Sizes other than ``config.image_size`` (multiples of the patch) are encoded with
         interpolated position embeddings, off the trained distribution; :meth:`decode` returns
-        the trained size unless given ``image_size``."""
+        the trained size unless given ``image_size``. Images of another floating dtype (float64,
+        float16) are computed in the weights' dtype; the latents are float32 (float64 for a
+        float64 model), whatever :meth:`enable_autocast` computes in."""
         images = self._as_input(images)
         if self.slice_size and images.shape[0] > self.slice_size:  # checked once, not per slice
             return _concat_encodings([self._encode(part) for part in images.split(self.slice_size)])
