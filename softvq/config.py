@@ -273,7 +273,8 @@ def _is_number(value: Any) -> bool:
 _SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
     bool: (lambda v: isinstance(v, bool), "true or false"),
     int: (lambda v: _is_number(v) and float(v).is_integer(), "an integer"),
-    float: (_is_number, "a number"),
+    # inf / nan would pass every range check (nan compares false) and surface as non-finite losses
+    float: (lambda v: _is_number(v) and math.isfinite(v), "a finite number"),
     str: (lambda v: isinstance(v, str), "a string"),
 }
 

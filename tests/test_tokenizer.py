@@ -419,9 +419,9 @@ def test_constructing_from_the_wrong_type_names_the_right_one():
     with pytest.raises(TypeError, match="config section encoder must be a mapping, got 64"):
         TokenizerConfig.from_dict({"encoder": 64})
     # nested fields are checked too (these used to fail inside torch.randn / empty, or compare a str)
-    with pytest.raises(TypeError, match="bottleneck.temperature must be a number, got '0.07'"):
+    with pytest.raises(TypeError, match="bottleneck.temperature must be a finite number, got '0.07'"):
         softvq.Tokenizer.from_preset("softvq-tiny", bottleneck={"temperature": "0.07"})
-    with pytest.raises(TypeError, match="encoder.norm_eps must be a number, got '1e-6'"):
+    with pytest.raises(TypeError, match="encoder.norm_eps must be a finite number, got '1e-6'"):
         softvq.Tokenizer.from_preset("softvq-tiny", encoder={"norm_eps": "1e-6"})
     with pytest.raises(ValueError, match="encoder.mlp_ratio and encoder.norm_eps must be positive, got 0"):
         softvq.Tokenizer.from_preset("softvq-tiny", encoder={"mlp_ratio": 0})

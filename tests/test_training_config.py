@@ -89,6 +89,14 @@ def test_inheritance_and_overrides(tmp_path):
     assert parse_override("optim.lr=2e-4") == (["optim", "lr"], 2e-4)  # YAML 1.1 would read a string
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+    # a section given whole merges, as a child config's does (it used to put the library's
+    # defaults, batch 256 and a 5000-step warm-up, under every key it left out)
+    merged = load_config(tmp_path / "child.yaml", ["optim={lr: 5e-4}", "schedule={warmup_steps: 3}"])
+    assert merged.optim.lr == 5e-4 and merged.optim.weight_decay == 0.5
+    assert merged.schedule.steps == 7 and merged.schedule.warmup_steps == 3
+    (tmp_path / "empty-model.yaml").write_text("inherit: parent.yaml\nmodel:\n")
+    with pytest.raises(ValueError, match="config section model is empty"):
+        load_config(tmp_path / "empty-model.yaml")  # was: the library's default model, silently
 
 
 def test_anchor_paths_makes_only_local_relative_paths_absolute(tmp_path):
@@ -135,7 +143,14 @@ def test_anchor_paths_makes_only_local_relative_paths_absolute(tmp_path):
     (["model.bottleneck.kind=lfq", "model.bottleneck.entropy_temperature=0"], "entropy_temperature must be a positive"),
     (["model.bottleneck.chunk_size=-1"], "bottleneck.chunk_size must be None (auto)"),
     (["objective.bottleneck_loss_weights={kll: 5.0}"], "bottleneck_loss_weights has no loss 'kll'; bottlenecks return kl,"),
-    (["objective.bottleneck_loss_weights={kl: abc}"], "objective.bottleneck_loss_weights.kl must be a number, got 'abc'"),
+    (["objective.bottleneck_loss_weights={kl: abc}"], "objective.bottleneck_loss_weights.kl must be a finite number, got 'abc'"),
+    # inf and nan passed every range check: a run of skipped steps, or "finished" with Adam's updates at zero
+    (["optim.lr=.inf"], "optim.lr must be a finite number, got inf"),
+    (["optim.eps=.inf"], "optim.eps must be a finite number, got inf"),
+    (["objective.bottleneck_weight=.nan"], "objective.bottleneck_weight must be a finite number, got nan"),
+    (["model.encoder.layerscale_init=.nan"], "model.encoder.layerscale_init must be a finite number, got nan"),
+    # an empty model section meant the library's defaults (256 px, width 384), silently
+    (["model="], "config section model is empty; give it settings"),
     # a weight for a loss the chosen bottleneck never returns: accepted, saved in config.yaml, no effect
     (["objective.bottleneck_loss_weights={codebook: 1.0}"],
      "objective.bottleneck_loss_weights.codebook weights the 'codebook' loss, which model.bottleneck (kind 'softvq') "

@@ -150,6 +150,13 @@ class GeneratorTrainConfig:
 
     def validate(self) -> "GeneratorTrainConfig":
         """Check every field (types and choices, ranges, what applies to the objective); returns ``self``."""
+        # NaN passes every range comparison: NaN or infinite settings would train on NaN or fail in torch.
+        # Named by their flags, before the type check (which would name the field) sees them.
+        for name in ("lr", "weight_decay", "adam_beta2", "max_grad_norm", "vlb_weight", "class_dropout",
+                     "ema_decay", "epochs", "warmup_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         check_field_types(self)  # for a config built in Python: argparse checks the command line's
         if not self.latents:
             saved = Path(self.out) / "config.json"
@@ -175,13 +182,6 @@ class GeneratorTrainConfig:
             if getattr(self, steps) is not None and getattr(self, epochs) is not None:
                 flags = " or ".join("--" + name.replace("_", "-") for name in (steps, epochs))
                 raise ValueError(f"give {flags}, not both")
-        # NaN passes every comparison below: NaN or infinite settings would train on NaN or fail in torch
-        numbers = {name: getattr(resolved, name) for name in ("lr", "weight_decay", "adam_beta2", "max_grad_norm",
-                                                               "vlb_weight", "class_dropout", "ema_decay", "epochs",
-                                                               "warmup_epochs")}
-        for name, value in numbers.items():
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         for name in ("steps", "epochs"):
             value = getattr(resolved, name)
             if value is not None and value <= 0:

@@ -391,7 +391,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of a config tree with ``section.key=value`` overrides applied."""
+    """A copy of a config tree with ``section.key=value`` overrides applied; a section given whole
+    (``schedule={steps: 10}``) merges into the one there."""
     tree = dict(tree)
     for text in overrides:
         keys, value = parse_override(text)
@@ -404,7 +405,11 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ValueError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is not a section")
             node[key] = dict(child)
             node = node[key]
-        node[keys[-1]] = value
+        current = node.get(keys[-1])
+        # a section given whole merges into the one there (as a child config's does): replacing it
+        # would put library defaults under every key the override leaves out
+        node[keys[-1]] = deep_merge(current, value) if isinstance(current, Mapping) and isinstance(value, Mapping) \
+            else value
     return tree
 
 
@@ -418,6 +423,9 @@ def _in_model_section(message: str) -> str:
 def config_from_dict(tree: Mapping[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig`; unknown keys are an error naming the dotted key."""
     tree = dict(tree)
+    if "model" in tree and tree["model"] is None:  # an empty `model:` would silently mean the library defaults
+        raise ValueError("config section model is empty; give it settings (e.g. model.preset=softvq-s-64) or "
+                         "leave the key out to keep the parent config's model")
     model = tree.pop("model", None) or {}
     if not isinstance(model, Mapping):
         raise ValueError(f"model must be a section of settings, got {model!r}"
