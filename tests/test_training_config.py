@@ -97,6 +97,11 @@ def test_inheritance_and_overrides(tmp_path):
     (tmp_path / "empty-model.yaml").write_text("inherit: parent.yaml\nmodel:\n")
     with pytest.raises(ValueError, match="config section model is empty"):
         load_config(tmp_path / "empty-model.yaml")  # was: the library's default model, silently
+    # over a saved config.yaml (every model field spelled out) another preset only renamed the model
+    with pytest.raises(ValueError, match="model.preset=softvq-s-64: this config spells out every model field"):
+        load_config(tmp_path / "resolved.yaml", ["model.preset=softvq-s-64"])
+    assert load_config(tmp_path / "resolved.yaml", ["model.preset=softvq-tiny"]) == cfg  # the same one: fine
+    assert load_config(tmp_path / "child.yaml", ["model.preset=softvq-s-64"]).model.encoder.width == 384
 
 
 def test_anchor_paths_makes_only_local_relative_paths_absolute(tmp_path):

@@ -448,7 +448,23 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     if isinstance(overrides, str):  # a string is a sequence too: it would be read letter by letter
         raise TypeError(f"overrides is a list of 'key=value' strings; pass [{overrides!r}]")
     tree = read_yaml_tree(find_config(name_or_path or DEFAULT_CONFIG))
+    _refuse_relabelling(tree, overrides or [])
     return config_from_dict(apply_overrides(tree, overrides or []))
+
+
+def _refuse_relabelling(tree: Mapping[str, Any], overrides: list[str]) -> None:
+    """A saved config.yaml spells out every model field; over it, another ``model.preset`` would
+    only rename the model, every field staying the old preset's. Refuse that instead."""
+    model = tree.get("model")
+    if not isinstance(model, Mapping) or not {f.name for f in dataclasses.fields(TokenizerConfig)} <= set(model):
+        return
+    old = model.get("preset") or tree.get("model_preset")
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["model", "preset"] and value != old:
+            raise ValueError(f"model.preset={value}: this config spells out every model field (a run's saved "
+                             f"config.yaml), so another preset would only rename its {old or 'model'}; start a new "
+                             f"run from a bundled config (e.g. softvq train {value} ...), or override the fields")
 
 
 PATH_KEYS = (("data", "path"), ("data", "eval_path"), ("run", "init_from"), ("run", "init_encoder"))
