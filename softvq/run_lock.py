@@ -71,6 +71,7 @@ class RunLock:
         self.path = self.folder / LOCK_NAME
         self._file: IO[str] | None = None
         self._held_by_main = False  # a launched run's other processes: the main process holds it
+        self._made_folder = False  # acquire() made the folder: release() takes it away again if still empty
 
     @property
     def held(self) -> bool:
@@ -79,6 +80,7 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self.held or self._held_by_main:
             return self
+        self._made_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             file = open(self.path, "a+")
@@ -119,6 +121,11 @@ class RunLock:
         if fcntl is None:  # Windows deletes no open file; a stale one is harmless (its lock is gone)
             try:
                 self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        if self._made_folder:  # a run that failed while setting up leaves no empty folder behind
+            try:
+                self.folder.rmdir()  # only succeeds while empty
             except OSError:
                 pass
 

@@ -107,3 +107,19 @@ def test_a_trainer_made_and_not_used_frees_its_folder_with_close(tmp_path):
         Trainer(cfg, tmp_path / "run")
     unused.close()
     assert Trainer(cfg, tmp_path / "run").fit().status == "finished"
+
+
+def test_a_folder_the_lock_made_goes_away_again_if_nothing_was_written(tmp_path, capsys):
+    lock = RunLock(tmp_path / "new").acquire()
+    lock.release()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays, empty or not
+    RunLock(tmp_path / "kept").acquire().release()
+    assert (tmp_path / "kept").is_dir()
+    lock = RunLock(tmp_path / "used").acquire()
+    (tmp_path / "used" / "config.yaml").write_text("x")
+    lock.release()
+    assert (tmp_path / "used" / "config.yaml").exists()
+    # a train that fails while setting up (here: its data folder is missing) left an empty run folder
+    code = main(["train", "demo", "-o", str(tmp_path / "run"), "data.source=folder", f"data.path={tmp_path / 'no'}"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err and not (tmp_path / "run").exists()
