@@ -334,6 +334,7 @@ def test_a_generator_run_folder_is_locked_for_the_run_and_a_killed_runs_lock_fil
 
     root, run = made
     out = tmp_path / "gen"
+    out.mkdir()  # a lock that made the folder would take it away again on release, as it stays empty
     with RunLock(out):  # another process training into it: refused before anything is written
         with pytest.raises(RunFolderInUse, match=f"this process already holds {out}"):
             train_generator(GeneratorTrainConfig(latents=str(root / "lat"), out=str(out), steps=2, **TINY),
