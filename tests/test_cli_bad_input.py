@@ -409,6 +409,12 @@ def test_eval_of_samples_refuses_tokenizer_options_instead_of_ignoring_them(tmp_
     assert not (tmp_path / "eval").exists()
 
 
+def test_train_into_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a run")
+    code, _, err = _run(capsys, "train", "demo", "-o", str(tmp_path / "taken"), "schedule.steps=1")
+    assert code == 2 and "is a file; a run is a folder: choose another --output" in _one_line_error(err)  # was Errno 17
+
+
 def test_a_train_stopped_during_set_up_says_how_to_go_on(tmp_path, capsys, monkeypatch):
     import softvq.training.trainer as trainer_module
 

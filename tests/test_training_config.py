@@ -176,7 +176,9 @@ def test_anchor_paths_makes_only_local_relative_paths_absolute(tmp_path):
     (["schedule.seed=18446744073709551616"], "schedule.seed must be 0 or more and below 2**63"),
     # the model's own checks name the whole key too
     (["model.bottleneck.codebook_size=0"], "model.bottleneck.codebook_size must be at least 1, got 0"),
-    (["model.image_size=60"], "model.image_size 60 is not a multiple of patch_size 8"),
+    (["model.image_size=60"], "model.image_size 60 is not a multiple of model.patch_size 8"),
+    (["run.name=''"], "run.name must be a folder name under runs/ (not empty, no '/'; -o chooses any folder), got ''"),
+    (["run.name=a/b"], "run.name must be a folder name under runs/"),
     # at the first discriminator step (the paper's step 20,000) it failed after the run folder was made
     (["model.image_size=16", "objective.adversarial_weight=0.1", "objective.discriminator=patchgan"],
      "objective.discriminator patchgan needs images of at least 24 px, but they are 16 px"),

@@ -56,6 +56,8 @@ def resolve_run_dir(output: Path | None, name: str, resume: bool) -> Path:
     from softvq.training.accelerator import first_launched_process
 
     if output is not None:
+        if output.exists() and not output.is_dir():
+            raise NotADirectoryError(f"--output {output} is a file; a run is a folder: choose another --output")
         # Only the first process checks: under torchrun / accelerate the others may look after it
         # has begun writing the run.
         if not resume and first_launched_process() and _has_run(output):

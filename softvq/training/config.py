@@ -200,6 +200,9 @@ class TrainConfig:
         """Check every section's ranges and their agreement; returns ``self``. Errors name the key."""
         s, o, d, r = self.schedule, self.optim, self.data, self.run
         ranges = [  # (key, value, whether it holds, what the key must be)
+            # an empty name made runs/ itself the run folder (then ./-2 beside it)
+            ("run.name", r.name, bool(r.name.strip()) and "/" not in r.name and r.name not in (".", ".."),
+             "a folder name under runs/ (not empty, no '/'; -o chooses any folder)"),
             ("schedule.steps", s.steps, s.steps >= 1, "positive"),
             ("schedule.batch_size", s.batch_size, s.batch_size >= 1, "positive"),
             ("schedule.grad_accum", s.grad_accum, s.grad_accum >= 1, "positive"),
@@ -230,7 +233,7 @@ class TrainConfig:
         ]
         for key, value, holds, what in ranges:
             if not holds:
-                raise ValueError(f"{key} must be {what}, got {value}")
+                raise ValueError(f"{key} must be {what}, got {repr(value) if isinstance(value, str) else value}")
         for name in ("betas", "disc_betas"):
             betas = getattr(o, name)
             if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
@@ -417,6 +420,7 @@ def _in_model_section(message: str) -> str:
     """A model check's message with its keys named in full: it starts with a key of the model
     section, and names the sub-sections' keys as ``bottleneck.x`` (the Python API's spelling)."""
     message = re.sub(r"(?<![\w.])(bottleneck|encoder|decoder)\.(?=\w)", r"model.\1.", message)
+    message = re.sub(r"(?<![\w.])patch_size\b", "model.patch_size", message)  # the key a fix would change
     return message if message.startswith("model.") else f"model.{message}"
 
 
