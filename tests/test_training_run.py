@@ -164,8 +164,11 @@ def test_resuming_a_finished_run_keeps_its_outputs_and_changed_settings_are_said
     shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-same-lr")
     more = config_from_dict(tiny_tree(schedule={"steps": 4}, optim={"lr": 1e-3}))
     assert Trainer(more, tmp_path, resume=True).fit().step == 4
-    assert ("resumed with settings other than the checkpoint's: optim.lr 0.003 -> 0.001; schedule.steps 3 -> 4"
-            in capsys.readouterr().out)
+    assert ("resumed with settings other than the checkpoint's: optim.lr 0.003 -> 0.001; schedule.steps 3 -> 4 "
+            "(the earlier ones: config-until-step-00000003.yaml)" in capsys.readouterr().out)
+    # the run's history stays in its folder: config.yaml alone said 1e-3 for every step
+    assert load_config(tmp_path / "config-until-step-00000003.yaml").optim.lr == 3e-3
+    assert load_config(tmp_path / "config.yaml").optim.lr == 1e-3
     # ... and the lower lr is the one used (the checkpoint's optimizer state used to put 3e-3 back)
     assert losses(tmp_path, "lr")[4] == pytest.approx(1e-3 * lr_factor(3, total_steps=4, warmup_steps=2), rel=1e-12)
     same = tmp_path.parent / f"{tmp_path.name}-same-lr"

@@ -179,6 +179,7 @@ class Trainer:
         # Identical initialisation on every process; afterwards each process draws its own
         # randomness (augmentations inside the loss) from seed + rank.
         self.pending_notes: list[str] = []  # said once the logger exists
+        self._settings_until: int | None = None  # the step a resume with other settings starts from
         if sched.warmup_steps >= sched.steps:  # a short run of a config whose warm-up is sized for 250k steps
             self.pending_notes.append(f"warning: schedule.warmup_steps {sched.warmup_steps} is not shorter than "
                                       f"schedule.steps {sched.steps}: the lr never reaches its peak; pass a shorter "
@@ -296,7 +297,11 @@ class Trainer:
             return TrainResult(self.run_dir, self.step, "already finished", finished, self.last_checkpoint, export)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            current = self.run_dir / "config.yaml"
+            if self._settings_until is not None and current.is_file():  # the run's history stays readable
+                text = current.read_text()
+                atomic_write(self.run_dir / self._earlier_config_name(), lambda p: p.write_text(text))
+            save_config(cfg, current)
         self._describe()
         start_step, started = self.step, time.time()
         status = "finished"
@@ -658,12 +663,18 @@ class Trainer:
             if aside is not None:
                 self.pending_notes.append(f"continuing from step {self.step}, an older checkpoint: the line it "
                                           f"leaves is kept in {aside}, out of this run's way")
-        if changed:  # allowed (a lower lr after a divergence, more steps), but said
-            self.pending_notes.append(f"resumed with settings other than the checkpoint's: {'; '.join(changed)}")
+        if changed:  # allowed (a lower lr after a divergence, more steps), but said, and the old ones kept
+            self._settings_until = self.step
+            self.pending_notes.append(f"resumed with settings other than the checkpoint's: {'; '.join(changed)} "
+                                      f"(the earlier ones: {self._earlier_config_name()})")
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.skipped_files = set(state["skipped_files"])
         self.last_checkpoint, self.checkpoint_step = path, self.step
         return state
+
+    def _earlier_config_name(self) -> str:
+        """Where config.yaml is copied when a resume changes settings: the steps up to here ran with it."""
+        return f"config-until-step-{self._settings_until:08d}.yaml"
 
     def _trim_log(self) -> None:
         """Drop the log records a killed run wrote past the checkpoint resumed from: the resumed run
