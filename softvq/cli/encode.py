@@ -23,7 +23,7 @@ from softvq.checkpoint.pretrained import CheckpointError
 from softvq.checkpoint.specs import is_preset, portable_spec
 from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int, refuse_to_overwrite
 from softvq.data.folder import scan_folder
-from softvq.data.images import ImageReadError, ImageSizeError, read_image, wrong_sizes
+from softvq.data.images import ImageReadError, ImageSizeError, header_sizes, read_image
 
 LATENTS_FORMAT = "softvq-latents"
 
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     size = model.config.image_size
     if not args.resize:  # before hours of encoding, all of it at once
-        wrong = wrong_sizes(paths, size)
+        wrong = [f"{path}: {found[0]}x{found[1]}" for path, found in zip(paths, header_sizes(paths))
+                 if found is not None and found != (size, size)]
         if wrong:
             shown = "\n  ".join(wrong[:10]) + (f"\n  ... and {len(wrong) - 10} more" if len(wrong) > 10 else "")
             raise ImageSizeError(f"{len(wrong)} of the {len(paths)} images are not {size}x{size}, the size the model "

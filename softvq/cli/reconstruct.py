@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from softvq.cli.common import add_model_arguments, load_tokenizer, make_distinct, positive_int
 from softvq.data.folder import scan_folder
-from softvq.data.images import ImageReadError, ImageSizeError, bundled_photos, read_image, to_pil
+from softvq.data.images import ImageReadError, ImageSizeError, bundled_photos, header_sizes, read_image, to_pil
 from softvq.evaluation import metrics
 
 
@@ -90,14 +90,12 @@ def check_before_reading(entries: list[tuple[Path, bool]], size: int | None, res
     --resize (all named at once), read from the files' headers. Folder files that do not open are
     left to the reading, which skips and lists them."""
     wrong, named_bad = [], None
-    for path, named in entries:
-        try:
-            with Image.open(path) as img:  # the header only
-                w, h = img.size
-        except Exception:
+    for (path, named), found in zip(entries, header_sizes([path for path, _ in entries])):
+        if found is None:
             if named and named_bad is None:
                 named_bad = path
             continue
+        w, h = found
         if resize:
             continue
         if size is not None and (w, h) != (size, size):

@@ -215,20 +215,18 @@ def read_image(path: str | Path, size: int | None = None, *, resize: bool = Fals
     return to_tensor(img)
 
 
-def wrong_sizes(paths: list[Path], size: int) -> list[str]:
-    """"path: WxH" for each file whose header says it is not ``size`` x ``size``: read before any
-    work, so that a folder needing ``--resize`` fails at once and names every such file. Files
-    that cannot be opened are left to the reading itself, which skips and counts them."""
-    wrong = []
+def header_sizes(paths: list[Path]) -> list[tuple[int, int] | None]:
+    """Each file's (width, height) from its header alone (no pixels decoded), or None where it does
+    not open: read before any work, so that sizes needing ``--resize`` fail at once, all named.
+    Files that do not open are left to the reading itself, which skips and names them."""
+    sizes: list[tuple[int, int] | None] = []
     for path in paths:
         try:
-            with Image.open(path) as img:  # the header only: no pixels are decoded
-                w, h = img.size
-        except Exception:  # any failure to open: the reader skips the file and names it
-            continue
-        if (w, h) != (size, size):
-            wrong.append(f"{path}: {w}x{h}")
-    return wrong
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except Exception:  # any failure to open: the reader says why
+            sizes.append(None)
+    return sizes
 
 
 def require_folder(folder: str | Path, fix: str | None = None) -> Path:
