@@ -129,3 +129,20 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == ""  # no BrokenPipeError traceback
+
+
+def test_info_checks_a_training_config_whole_and_describes_its_model_without_training(tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "ablation-gmmvq"]) == 0  # GMMVQ on the meta device read its τ buffer: .item() failed
+    out = capsys.readouterr().out
+    assert "config ablation-gmmvq (architecture only; every setting valid)" in out and "gmmvq" in out
+    assert "training: 250000 steps at batch 256" in out
+    assert main(["info", "demo", "model.num_tokens=32", "model.bottleneck.latent_dim=4"]) == 0
+    assert re.search(r"latents \(L x D\)\s+32 x 4", capsys.readouterr().out)
+    # a setting train would refuse is refused here, before any run folder or training
+    assert main(["info", "demo", "optim.lr=.inf"]) == 2
+    assert "optim.lr must be a finite number, got inf" in capsys.readouterr().err
+    assert main(["info", "ablation-pq4", "--save", str(tmp_path / "x")]) == 2
+    assert "a training config has none" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written

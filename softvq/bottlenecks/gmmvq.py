@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -41,7 +42,10 @@ class GMMVQ(SoftVQ):
             raise ValueError("GMMVQ predicts its weights ω(ẑ) per token; learnable_temperature does not apply")
         super().__init__(latent_dim, codebook_size, **kwargs)
         self.input_dim = latent_dim + 1
-        self.weight_offset = inverse_softplus(1.0 / float(self.temperature))
+        # τ as the buffer holds it (rounded as log τ is stored), computed on the CPU: a model built on
+        # the meta device has no values to read
+        tau = float(torch.tensor(math.log(kwargs.get("temperature", 0.07)), device="cpu").exp())
+        self.weight_offset = inverse_softplus(1.0 / tau)
 
     def split_input(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(ẑ, ω) with ω = softplus(w + b) read from the last channel."""

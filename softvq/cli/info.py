@@ -1,5 +1,8 @@
 """``softvq info [SPEC] [--save DIR]``: what a tokenizer is and how much it compresses.
 
+``softvq info CONFIG [KEY=VALUE ...]`` checks a training config whole (every section, as ``train``
+does) and describes its model without training or writing anything.
+
 Without SPEC, one line per preset and a legend of the columns. With SPEC, a table: image and
 token shapes, parameters of encoder / bottleneck / decoder, and the compression ratio, i.e. bits
 of an 8-bit RGB image (H·W·3·8) over bits of its latents, plus pixels per token. The latents'
@@ -225,10 +228,22 @@ def presets_table(configs: Mapping[str, TokenizerConfig] = PRESETS) -> str:
     return "\n".join(table + [""] + _legend(discrete))
 
 
+def is_training_config(spec: str) -> bool:
+    """A YAML file, or a bundled training config's name that is not a preset's (a preset's config
+    builds the preset's own model) nor an existing checkpoint folder."""
+    from softvq.training.config import CONFIG_DIR
+
+    if spec.endswith((".yaml", ".yml")):
+        return True
+    return not is_preset(spec) and not Path(spec).exists() and (CONFIG_DIR / f"{spec}.yaml").is_file()
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="parameters, tokens and compression ratio of a model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", nargs="?", metavar="SPEC", help=SPEC_HELP + "; omit to list the presets")
+    p.add_argument("spec", nargs="?", metavar="SPEC", help=SPEC_HELP + "; or a training config (a bundled name such "
+                   "as ablation-pq4, or a .yaml file), checked whole without training; omit to list the presets")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="with a training config: overrides, as for train")
     p.add_argument("--save", metavar="DIR", help=f"write the model in softvq's format (converts {OFFICIAL_PREFIX}...)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights when saving a preset")
     p.set_defaults(func=run)
@@ -245,6 +260,22 @@ def run(args: argparse.Namespace) -> int:
 
         refuse_to_overwrite([Path(args.save) / WEIGHTS_NAME, Path(args.save) / CONFIG_NAME],
                             "choose another --save folder")
+    stray = [item for item in args.overrides if "=" not in item]
+    if stray:
+        raise ValueError(f"unexpected argument {stray[0]!r}: after SPEC, info takes only key=value overrides "
+                         f"of a training config")
+    if is_training_config(args.spec) or args.overrides:
+        if args.save:
+            raise ValueError("--save writes a model's weights; a training config has none: train it, or pass a preset")
+        from softvq.training.config import load_config
+
+        cfg = load_config(args.spec, args.overrides)  # every section checked, as train checks it
+        print(describe(architecture(cfg.model), f"config {args.spec} (architecture only; every setting valid)"))
+        s, o = cfg.schedule, cfg.optim
+        print(f"training: {s.steps} steps at batch {s.batch_size} (grad_accum {s.grad_accum}), lr {o.lr:g}"
+              f"{' x batch/256' if o.scale_lr else ''}, warm-up {s.warmup_steps} steps; data: {cfg.data.source}"
+              f"{' ' + str(cfg.data.path) if cfg.data.source != 'bundled' else ''}")
+        return 0
     if is_preset(args.spec) and not args.save:
         model = architecture(PRESETS[args.spec.lower()])
         source = f"preset {args.spec.lower()} (architecture only, no weights)"
