@@ -229,7 +229,9 @@ def _write_grid(folder: Path, labels: Tensor, captions: dict[int, str] | None = 
     """One row per class (the first GRID_ROWS classes), its first GRID_COLUMNS samples, read back
     from the PNGs so a resumed run draws the same grid. ``captions`` ({label: text}, e.g.
     "207: golden retriever") are written in a margin left of each row."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
+
+    from softvq.captions import draw_beside, text_width, tile_font
 
     rows: dict[int, list[int]] = {}
     for index, label in enumerate(labels.tolist()):
@@ -241,17 +243,16 @@ def _write_grid(folder: Path, labels: Tensor, captions: dict[int, str] | None = 
     with Image.open(image_path(folder, 0)) as first:
         w, h = first.size
     gap = 2
-    font = ImageFont.load_default(size=max(9, min(h // 5, 16)))
+    font = tile_font(h, largest=16)
     texts = [_shortened(captions[label]) if captions and label in captions else "" for label in rows]
-    margin = max((ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font) for t in texts), default=0)
+    margin = text_width(texts, font)
     margin = int(margin) + 2 * gap + 4 if margin else 0
     canvas = Image.new("RGB", (margin + columns * (w + gap) + gap, len(rows) * (h + gap) + gap), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for r, (cells, text) in enumerate(zip(rows.values(), texts)):
         top = gap + r * (h + gap)
-        if text:  # centred on the row by its box (anchors need FreeType, which a Pillow build may lack)
-            left, upper, _, lower = draw.textbbox((0, 0), text, font=font)
-            draw.text((gap + 2 - left, top + (h - (lower - upper)) / 2 - upper), text, fill=(0, 0, 0), font=font)
+        if text:
+            draw_beside(draw, text, gap + 2, top, h, font)
         for c, index in enumerate(cells):
             with Image.open(image_path(folder, index)) as tile:
                 canvas.paste(tile.convert("RGB"), (margin + gap + c * (w + gap), top))

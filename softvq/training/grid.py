@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from softvq.atomic import atomic_write
+from softvq.captions import draw_beside, draw_under, ink_box, text_width, tile_font
 from softvq.data.images import to_pil
 from softvq.evaluation.metrics import psnr
 
@@ -44,26 +45,21 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
     error = ((x - y).abs() / 2 * error_gain).clamp(0, 1) * 2 - 1
     rows = [x, y, error]
     n, _, h, w = x.shape
-    font = ImageFont.load_default(size=max(9, min(h // 5, 14)))
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = tile_font(h, largest=14)
     labels = row_labels(error_gain)
-    captions = column_captions(x, y, fits=lambda text: measure.textlength(text, font=font) <= w)
-    margin = int(max(measure.textlength(t, font=font) for t in labels)) + 3 * pad
-    _, upper, _, lower = measure.textbbox((0, 0), "0123456789 dB", font=font)
+    captions = column_captions(x, y, fits=lambda text: text_width([text], font) <= w)
+    margin = int(text_width(labels, font)) + 3 * pad
+    _, upper, _, lower = ink_box("0123456789 dB", font)  # one line for every caption
     strip = int(lower - upper) + 2 * pad if captions else 0
     canvas = Image.new("RGB", (margin + n * (w + pad) + pad, len(rows) * (h + pad) + pad + strip), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for r, (row, label) in enumerate(zip(rows, labels)):
         top = pad + r * (h + pad)
-        # centred on the row by its box (anchors need FreeType, which a Pillow build may lack)
-        left, up, _, low = draw.textbbox((0, 0), label, font=font)
-        draw.text((pad - left, top + (h - (low - up)) / 2 - up), label, fill=(0, 0, 0), font=font)
+        draw_beside(draw, label, pad, top, h, font)
         for i in range(n):
             canvas.paste(to_pil(row[i]), (margin + pad + i * (w + pad), top))
     for i, caption in enumerate(captions):
-        left, _, right, _ = draw.textbbox((0, 0), caption, font=font)
-        draw.text((margin + pad + i * (w + pad) + (w - (right - left)) / 2 - left, len(rows) * (h + pad) + pad - upper),
-                  caption, fill=(0, 0, 0), font=font)
+        draw_under(draw, caption, margin + pad + i * (w + pad), w, len(rows) * (h + pad) + pad - upper, font)
     return canvas
 
 
