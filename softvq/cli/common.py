@@ -75,6 +75,13 @@ def device_argument(name: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def indented_lines(lines: list[str], limit: int = 10) -> str:
+    """The first ``limit`` of ``lines``, each on its own indented line after a newline, then
+    "... and N more": a list of files that a message names without flooding the terminal."""
+    shown = "".join(f"\n  {line}" for line in lines[:limit])
+    return shown + (f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else "")
+
+
 def refuse_to_overwrite(paths: list[Path], fix: str) -> None:
     """Never lose work: a FileExistsError naming the first of ``paths`` that already exists."""
     taken = [path for path in paths if path.exists()]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from softvq.atomic import atomic_write
 from softvq.checkpoint.pretrained import CheckpointError
 from softvq.checkpoint.specs import is_preset, portable_spec
-from softvq.cli.common import add_model_arguments, load_tokenizer, positive_int, refuse_to_overwrite
+from softvq.cli.common import add_model_arguments, indented_lines, load_tokenizer, positive_int, refuse_to_overwrite
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, header_sizes, read_image
 
@@ -106,9 +106,8 @@ def run(args: argparse.Namespace) -> int:
         wrong = [f"{path}: {found[0]}x{found[1]}" for path, found in zip(paths, header_sizes(paths))
                  if found is not None and found != (size, size)]
         if wrong:
-            shown = "\n  ".join(wrong[:10]) + (f"\n  ... and {len(wrong) - 10} more" if len(wrong) > 10 else "")
             raise ImageSizeError(f"{len(wrong)} of the {len(paths)} images are not {size}x{size}, the size the model "
-                                 f"takes; pass --resize to centre-crop and resize them:\n  {shown}")
+                                 f"takes; pass --resize to centre-crop and resize them:{indented_lines(wrong)}")
     device = next(model.parameters()).device
     chunks: list[torch.Tensor] = []
     names: list[str] = []

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from softvq.cli.common import add_model_arguments, load_tokenizer, make_distinct, positive_int
+from softvq.cli.common import add_model_arguments, indented_lines, load_tokenizer, make_distinct, positive_int
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, bundled_photos, header_sizes, read_image, to_pil
 from softvq.evaluation import metrics
@@ -109,9 +109,8 @@ def check_before_reading(entries: list[tuple[Path, bool]], size: int | None, res
     if len(wrong) == 1:
         raise ImageSizeError(f"{wrong[0]}; pass --resize to centre-crop and resize it")
     if wrong:
-        shown = "\n  ".join(wrong[:10]) + (f"\n  ... and {len(wrong) - 10} more" if len(wrong) > 10 else "")
         raise ImageSizeError(f"{len(wrong)} of the {len(entries)} images do not fit the model as they are; "
-                             f"pass --resize to centre-crop and resize them:\n  {shown}")
+                             f"pass --resize to centre-crop and resize them:{indented_lines(wrong)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,11 +172,7 @@ def run(args: argparse.Namespace) -> int:
                 side_by_side(original, result).save(out / f"{stem}{OUTPUT_SUFFIXES[1]}")
                 tqdm.write(f"{path}: PSNR {score:.2f} dB -> {written}")
     if skipped:
-        print(f"skipped {len(skipped)} unreadable image file(s):", file=sys.stderr)
-        for line in skipped[:10]:
-            print(f"  {line}", file=sys.stderr)
-        if len(skipped) > 10:
-            print(f"  ... and {len(skipped) - 10} more", file=sys.stderr)
+        print(f"skipped {len(skipped)} unreadable image file(s):{indented_lines(skipped)}", file=sys.stderr)
     if not scores:
         raise ImageReadError("none of the images given could be read")
     print(f"mean PSNR over {len(scores)} image(s): {float(np.mean(scores)):.2f} dB")
