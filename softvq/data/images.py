@@ -302,15 +302,14 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def name_unread_images(files: list[Path]) -> list[Path]:
+def name_unread_images(files: list[Path]) -> None:
     """Warn once about the photos among ``files`` in formats Pillow cannot read (HEIC, camera raw,
-    ...: :data:`UNREAD_IMAGE_SUFFIXES`), which every command leaves out; returns them."""
+    ...: :data:`UNREAD_IMAGE_SUFFIXES`), which every command leaves out."""
     unread = [p for p in files if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES]
     if unread:
         kinds = ", ".join(sorted({p.suffix.lower() for p in unread}))
         log.warning("left out %d image file(s) in formats Pillow does not read (%s), e.g. %s; convert them "
                     "to PNG or JPEG to use them", len(unread), kinds, unread[0])
-    return unread
 
 
 def images_by_class(folder: str | Path) -> tuple[dict[str, list[Path]], list[Path]]:
