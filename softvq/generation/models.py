@@ -245,13 +245,10 @@ class LatentTransformer(nn.Module):
         if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x is {x.dtype} but the generator's weights are {weights}: pass x.to({weights}), "
                             f"or run under torch.autocast for mixed precision")
-        t = t if isinstance(t, Tensor) else torch.as_tensor(t, device=x.device)
-        y = y if isinstance(y, Tensor) else torch.as_tensor(y, device=x.device)
+        t, y = _per_sample(t, x), _per_sample(y, x)
         if y.is_floating_point():
             raise TypeError(f"y must be integer class indices, got a {y.dtype} tensor; pass y.long()")
-        y = y.reshape(-1).expand(x.shape[0]) if y.numel() == 1 else y
         c = self.config
-        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         tokens = x if c.layout == "1d" else patchify(x, c.patch_size)
         h = self.x_embed(tokens) + self.pos_embed.to(tokens.dtype)
         cond = self.t_embed(t) + self.y_embed(y, force_drop)
@@ -265,6 +262,13 @@ class LatentTransformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _per_sample(value: Tensor | float | Sequence[int], x: Tensor) -> Tensor:
+    """``value`` (a tensor, a number or a list) as a tensor on x's device, one value repeated for
+    each of x's samples when a single one is given."""
+    value = value if isinstance(value, Tensor) else torch.as_tensor(value, device=x.device)
+    return value.reshape(-1).expand(x.shape[0]) if value.numel() == 1 else value
 
 
 @overload
