@@ -16,7 +16,7 @@ from softvq.bottlenecks.factory import build_bottleneck
 from softvq.cli.main import main
 from softvq.tokenizer import Tokenizer
 from softvq.training.config import (
-    CONFIG_DIR, anchor_paths, load_config, parse_override, save_config,
+    CONFIG_DIR, anchor_paths, load_config, parse_override, read_yaml_tree, save_config,
 )
 from softvq.training.ema import EMA
 from softvq.training.optim import build_optimizer, param_groups
@@ -222,6 +222,20 @@ def test_unreadable_config_files_fail_in_one_line(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as error:
         load_config(tmp_path / "x.yaml")
     assert "\n" not in str(error.value)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    # plain YAML keeps the second lr silently: the user who edited the first would train with the other
+    (tmp_path / "x.yaml").write_text("model: {preset: softvq-tiny}\noptim:\n  lr: 1e-4\n  lr: 2e-4\n")
+    with pytest.raises(ValueError, match=r"line 4: key 'lr' appears twice in one mapping \(first on line 3\)"):
+        load_config(tmp_path / "x.yaml")
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    (tmp_path / "x.yaml").write_text("model: {preset: softvq-tiny}\nbase: &b {lr: 1e-4, warmup_steps: 3}\n"
+                                     "optim:\n  <<: *b\n  lr: 2e-4\n")
+    tree = read_yaml_tree(tmp_path / "x.yaml")
+    assert tree["optim"] == {"lr": 2e-4, "warmup_steps": 3}
 
 
 def test_a_missing_parent_config_names_the_file_that_inherits_it(tmp_path):

@@ -27,6 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Hashable
 from typing import Any, Literal, Mapping
 
 import yaml
@@ -369,7 +370,22 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads ``1e-4`` as a float (YAML 1.1 insists on ``1.0e-4``)."""
+    """Safe YAML that also reads ``1e-4`` as a float (YAML 1.1 insists on ``1.0e-4``) and refuses
+    a key given twice in one mapping: plain YAML keeps the last silently, so an edited copy of a
+    config could train with the value the user did not look at."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` keys may be overridden below them, as YAML means
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first on line "
+                    f"{seen[key].start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
