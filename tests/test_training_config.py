@@ -343,3 +343,16 @@ def test_wetok_configs_are_gq_then_a_generative_decoder_from_its_export():
         b = cfg.model.bottleneck
         assert (b.kind, b.lfq_groups, b.latent_dim // b.lfq_groups, b.latent_dim) == ("lfq", groups, bits, groups * bits)
         assert cfg.objective == gq.objective and cfg.model.encoder == gq.model.encoder, name
+
+
+@pytest.mark.parametrize("overrides, unread", [
+    (["model.bottleneck.kind=kl", "model.bottleneck.temperature=0.5"],
+     ["model.bottleneck.distance", "model.bottleneck.temperature"]),  # demo.yaml chose the cosine distance
+    (["model.preset=softvq-s-64", "model.bottleneck.kind=kl"], []),  # the preset's own values are not the user's
+    (["model.bottleneck.kind=vq", "model.bottleneck.segment_entropy=per_segment", "model.bottleneck.lfq_groups=2"],
+     ["model.bottleneck.lfq_groups", "model.bottleneck.segment_entropy"]),
+    (["model.bottleneck.kind=lfq", "model.bottleneck.entropy_temperature=0.1"], ["model.bottleneck.distance"]),
+    (["model.bottleneck.temperature=0.5", "model.bottleneck.chunk_size=64"], []),
+])
+def test_bottleneck_settings_the_kind_never_reads_are_found(overrides, unread):
+    assert load_config("demo", overrides).unread_model_keys() == unread

@@ -562,3 +562,12 @@ def test_training_gives_the_callers_random_generators_back(tmp_path):
     Trainer(config_from_dict(tiny_tree(schedule={"steps": 1})), tmp_path / "unused").close()
     got = draws()
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_a_bottleneck_setting_the_kind_never_reads_is_named_in_the_log(tmp_path, capsys):
+    tree = tiny_tree(schedule={"steps": 1, "warmup_steps": 0})
+    tree["model"]["bottleneck"] = {**tree["model"]["bottleneck"], "kind": "kl", "temperature": 0.5}
+    Trainer(config_from_dict(tree), tmp_path).fit()
+    warning = ("warning: model.bottleneck.codebook_size=32, model.bottleneck.temperature=0.5 have no effect: "
+               "bottleneck kind 'kl' does not read them")
+    assert warning in capsys.readouterr().out

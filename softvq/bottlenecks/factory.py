@@ -10,6 +10,7 @@ Composition, innermost first (each optional):
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 
 from softvq.bottlenecks.base import Bottleneck, check_chunk_size, check_count, check_positive
@@ -49,6 +50,28 @@ def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
     if cfg.kind == "ae":
         return Identity(dim)
     raise ValueError(f"unknown bottleneck kind {cfg.kind!r}; choose one of: {', '.join(KINDS)}")
+
+
+_SOFT_SETTINGS = ("codebook_size", "temperature", "learnable_temperature", "distance", "detach_codebook_in_logits",
+                  "entropy_temperature", "chunk_size", "codebook_loss", "commit_loss")
+# The BottleneckConfig fields each kind reads besides the shape ones every kind reads (kind,
+# latent_dim, groups, residual_levels, segments); see build_quantizer and the objective (β).
+_KIND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "softvq": _SOFT_SETTINGS, "gmmvq": _SOFT_SETTINGS, "vq": ("codebook_size", "distance", "commitment_weight"),
+    "kl": (), "lfq": ("entropy_temperature", "lfq_groups", "commitment_weight"), "ae": (),
+}
+
+
+def unread_settings(cfg: BottleneckConfig) -> tuple[str, ...]:
+    """The fields of ``cfg`` that the bottleneck it builds never reads (``temperature`` for
+    ``kind='kl'``, ``segment_entropy`` with one segment, β without a commit loss...), so a value
+    chosen for one of them can be named as having no effect."""
+    reads = {"kind", "latent_dim", "groups", "residual_levels", "segments", *_KIND_SETTINGS[cfg.kind]}
+    if cfg.segments > 1:
+        reads.add("segment_entropy")
+    if "commit" not in bottleneck_losses(cfg):
+        reads.discard("commitment_weight")
+    return tuple(f.name for f in dataclasses.fields(cfg) if f.name not in reads)
 
 
 def bottleneck_losses(cfg: BottleneckConfig) -> tuple[str, ...]:

@@ -301,6 +301,16 @@ class TrainConfig:
         base = preset(self.model_preset) if self.model_preset else TokenizerConfig()
         return {key for key, _, _ in differences(base.to_dict(), self.model.to_dict())}
 
+    def unread_model_keys(self) -> list[str]:
+        """The ``model.bottleneck`` keys this config sets (against its preset, as
+        :meth:`own_model_keys`) that its bottleneck kind never reads: ``temperature`` with
+        ``kind: kl``, say. A preset's own values for them are not named: switching a released
+        SoftVQ preset to ``kind: kl`` leaves its cosine distance unread, by no choice of the user."""
+        from softvq.bottlenecks.factory import unread_settings
+
+        unread = {f"bottleneck.{name}" for name in unread_settings(self.model.bottleneck)}
+        return sorted(f"model.{key}" for key in self.own_model_keys() & unread)
+
     def to_dict(self) -> dict[str, Any]:
         """The config as a nested dict, with ``model.preset`` first where one was named."""
         out = dataclasses.asdict(self)

@@ -184,6 +184,13 @@ class Trainer:
             self.pending_notes.append(f"warning: schedule.warmup_steps {sched.warmup_steps} is not shorter than "
                                       f"schedule.steps {sched.steps}: the lr never reaches its peak; pass a shorter "
                                       f"schedule.warmup_steps")
+        unread = config.unread_model_keys()
+        if unread:  # accepted, saved in config.yaml, and doing nothing: say so where the run is logged
+            bottleneck = config.model.bottleneck
+            settings = ", ".join(f"{key}={getattr(bottleneck, key.rsplit('.', 1)[1])!r}" for key in unread)
+            self.pending_notes.append(f"warning: {settings} {'has' if len(unread) == 1 else 'have'} no effect: "
+                                      f"bottleneck kind {bottleneck.kind!r} does not read "
+                                      f"{'it' if len(unread) == 1 else 'them'}")
         decided_by_main_process(acc, lambda: check_run_layout(self.run_dir))
         if not resume and ckpt.list_checkpoints(self.run_dir):
             raise FileExistsError(f"{self.run_dir} already holds a run's checkpoints: pass resume=True to continue it, "
