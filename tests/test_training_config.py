@@ -335,10 +335,16 @@ def test_wetok_configs_are_gq_then_a_generative_decoder_from_its_export():
     gd = load_config("wetok-gd-s-64")
     assert gd.model.decoder_noise_dim == 8 and gd.model.bottleneck == b
     assert (gd.run.init_from, gd.run.init_encoder) == ("runs/wetok-gq-s-64/export", None)
-    assert gd.objective == gq.objective and gd.schedule == gq.schedule
+    # stage 2 is a run from step 0: WeTok Tab. 10's constant lr without warm-up, and the GAN that gives the
+    # noise its use (Eq. 11) on from the start instead of after the recipe's 20k steps
+    assert (gd.schedule.lr_schedule, gd.schedule.warmup_steps) == ("constant", 0)
+    assert (gd.objective.discriminator_start, gd.objective.perceptual_warmup_steps) == (0, 0)
+    assert gq.objective.discriminator_start == 20_000 and gq.schedule.lr_schedule == "cosine"
+    assert gd.objective.adversarial_weight == gq.objective.adversarial_weight > 0
+    assert gd.optim == gq.optim and gd.schedule.steps == gq.schedule.steps
     # Fig. 3: one compression (d = 16 bits), three ways to factorise the entropy; Fig. 4: g groups of d' = 8
     for name, groups, bits in (("fig3-lfq", 1, 16), ("fig3-bsq", 16, 1), ("fig3-gq", 2, 8), ("fig4-g1", 1, 8),
-                               ("fig4-g8", 8, 8)):
+                               ("fig4-g8", 8, 8), ("fig4-g32", 32, 8)):  # supp. A.1 sweeps g up to 32
         cfg = load_config(f"wetok-{name}")
         b = cfg.model.bottleneck
         assert (b.kind, b.lfq_groups, b.latent_dim // b.lfq_groups, b.latent_dim) == ("lfq", groups, bits, groups * bits)

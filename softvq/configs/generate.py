@@ -85,16 +85,21 @@ def main() -> None:
               "objective": {"vq_loss_reduction": "element_mean"},
               "run": {"name": "wetok-gq-s-64"},
           })
+    # Stage 2 is a new run (step 0) from stage 1's export: the recipe's ramps would start over, training
+    # the new noise inputs first without the GAN that gives them a use (Eq. 11). Tab. 10: a constant
+    # lr with no warm-up; the GAN and LPIPS are on from its first step (the discriminator starts anew).
     write("wetok-gd-s-64", "WeTok stage 2 (generative decoder, Sec. 3.3, Tab. 10): wetok-gq-s-64's export plus "
-          "8 noise channels per token (WeTok gives no noise width)", {
+          "8 noise channels per token (WeTok gives no noise width); constant lr, no warm-ups, GAN from step 0", {
               "model": {"decoder_noise_dim": 8},
+              "objective": {"discriminator_start": 0, "perceptual_warmup_steps": 0},
+              "schedule": {"warmup_steps": 0, "lr_schedule": "constant"},
               "run": {"name": "wetok-gd-s-64", "init_from": "runs/wetok-gq-s-64/export", "init_encoder": None},
           }, parent="wetok-gq-s-64.yaml")
 
     # WeTok Fig. 3 (settings: its Tabs. 6-8): the quantizer at one compression, d = g·d' = 16 bits a token:
     # LFQ (g=1, d'=16), BSQ as WeTok casts it (g=16, d'=1: the entropy factorised bit by bit, Sec. 3.2;
-    # BSQ's own projection onto the sphere is not part of it) and GQ (g=2, d'=8). Fig. 4: g = 1, 2, 4, 8
-    # groups of d'=8 bits (Fig. 4 names only g; d'=8 as Tabs. 6 and 9). All on SoftVQ-S-64 with the
+    # BSQ's own projection onto the sphere is not part of it) and GQ (g=2, d'=8). Fig. 4: g = 1 to 32
+    # groups of d'=8 bits (supp. A.1, Tabs. 11-16). All on SoftVQ-S-64 with the
     # SoftVQ recipe, as wetok-gq-s-64, not WeTok's convolutional tokenizer and constant-lr Adam(0.5, 0.9).
     fig3 = {"lfq": (1, 16), "bsq": (16, 1), "gq": (2, 8)}
     for method, (groups, bits) in fig3.items():
@@ -104,8 +109,9 @@ def main() -> None:
                   "model": {"bottleneck": {"latent_dim": groups * bits, "lfq_groups": groups}},
                   "run": {"name": f"wetok-fig3-{method}"},
               }, parent="wetok-gq-s-64.yaml")
-    for groups in (1, 2, 4, 8):
-        write(f"wetok-fig4-g{groups}", f"WeTok Fig. 4: g={groups} group(s) of d'=8 bits, d={8 * groups}", {
+    for groups in (1, 2, 4, 8, 16, 32):
+        write(f"wetok-fig4-g{groups}", f"WeTok Fig. 4: g={groups} group(s) of d'=8 bits, d={8 * groups} "
+              f"(supp. Tabs. 11-16)", {
             "model": {"bottleneck": {"latent_dim": 8 * groups, "lfq_groups": groups}},
             "run": {"name": f"wetok-fig4-g{groups}"},
         }, parent="wetok-gq-s-64.yaml")
