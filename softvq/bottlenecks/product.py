@@ -10,7 +10,9 @@ Input layout follows :class:`~softvq.bottlenecks.base.Bottleneck`: [signal (D), 
 where s is the inner kind's side channels (1 for GMMVQ's ω, D/G for the Gaussian's log σ²);
 group g receives [signal group g, side group g].
 
-Losses of the same name are summed over groups, metrics averaged (see :mod:`.merge`); indices
+Losses of the same name are summed over groups (Eq. 12 does not say; the sum makes SoftVQ's H(q)
+the entropy of the joint, factorised posterior over the K^G product codes, so λ4 weighs at G = 4
+what it weighs at G = 1 over the same code space), metrics averaged (see :mod:`.merge`); indices
 are (B, L, G) (or (B, L, G·P) for inner kinds with P codes per token), probs (B, L, G, K).
 This is *channel* grouping; the release's four codebooks split the token *sequence* instead
 (:class:`~softvq.bottlenecks.segments.SegmentCodebooks`).

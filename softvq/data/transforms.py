@@ -1,4 +1,6 @@
-"""Training augmentations (paper Sec. 4.1: random crop and horizontal flip), driven by an explicit RNG.
+"""Training augmentations, driven by an explicit RNG: random crop and horizontal flip, as in the
+LlamaGen codebase the paper trains with (Sec. 4.1 names the codebase; neither text names the
+augmentations).
 
 Every random choice takes a ``numpy.random.Generator`` made from (run seed, sample position), so
 an image's crop does not depend on which worker or process loads it, and a resumed run sees the

