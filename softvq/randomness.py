@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1: torch takes 64 bits, NumPy no negatives, a run seeds seed + 1 + rank
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global random generators (NumPy takes ``seed`` mod 2**32)."""

@@ -281,6 +281,22 @@ def test_counts_below_one_are_refused_when_parsed(argv, capsys):
     assert exit_.value.code == 2 and "is not a positive whole number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["encode", ".", "--out", "z", "--seed", str(2**70)],  # torch: "Overflow when unpacking"
+                                  ["generate", "g", "--out", "o", "--seed", "-1"],
+                                  ["pretokenize", ".", "--out", "o", "--seed", str(2**63)]])
+def test_seeds_torch_cannot_take_are_refused_when_parsed(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "is not a seed: use a whole number from 0 to 2**63 - 1" in capsys.readouterr().err
+
+
+def test_train_generator_refuses_a_seed_torch_cannot_take():
+    from softvq.generation.train import GeneratorTrainConfig
+
+    with pytest.raises(ValueError, match=r"--seed must be 0 or more and below 2\*\*63, got -1"):
+        GeneratorTrainConfig(latents="lat", out="o", seed=-1).validate()
+
+
 # --- checkpoints --------------------------------------------------------------------------------------
 
 

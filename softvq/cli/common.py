@@ -16,6 +16,7 @@ import torch
 
 from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset
 from softvq.config import PRESETS
+from softvq.randomness import SEED_LIMIT
 from softvq.tokenizer import PRECISIONS, Tokenizer
 
 DEFAULT_MODEL = "softvq-tiny"
@@ -120,6 +121,15 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; 0 or more")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse ``type`` for seeds: 0 or more and below 2**63, as torch and NumPy take them (past
+    64 bits torch fails with "Overflow when unpacking long long", naming no flag)."""
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed: use a whole number from 0 to 2**63 - 1")
     return value
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from softvq.atomic import atomic_write, remove_stale_temporaries, write_json
 from softvq.checkpoint.specs import portable_spec
 from softvq.cli.common import (add_model_arguments, load_tokenizer, make_distinct, positive_int,
-                               refuse_to_overwrite)
+                               refuse_to_overwrite, seed_int)
 from softvq.cli.encode import read_latents
 from softvq.data.images import to_pil
 from softvq.randomness import derived_seed
@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p, default=None)  # None: the SPEC recorded in the latents file
     p.add_argument("--out", default="decoded", metavar="DIR", help="output folder (default: decoded)")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=seed_int, default=None,
                    help="seed for a preset's random weights and a generative decoder's noise "
                         "(default: the one encode recorded for a preset, else 0)")
     p.set_defaults(func=run)

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from softvq.atomic import atomic_write
 from softvq.checkpoint.pretrained import CheckpointError
 from softvq.checkpoint.specs import is_preset, portable_spec
-from softvq.cli.common import add_model_arguments, indented_lines, load_tokenizer, positive_int, refuse_to_overwrite
+from softvq.cli.common import (add_model_arguments, indented_lines, load_tokenizer, positive_int,
+                               refuse_to_overwrite, seed_int)
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, header_sizes, read_image
 
@@ -88,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="latents file to write (.safetensors)")
     p.add_argument("--resize", action="store_true", help="centre-crop and resize to the model's image size")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for a preset's random weights")
     p.set_defaults(func=run)
 
 

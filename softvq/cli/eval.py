@@ -38,7 +38,7 @@ import torch
 
 from softvq.checkpoint.specs import is_preset
 from softvq.cli.common import (add_model_arguments, generator_tokenizer, load_tokenizer, non_negative_int, positive_int,
-                               resolve_device)
+                               resolve_device, seed_int)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", default=None, metavar="DIR", help="score generated samples against --images")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="seed for a preset's random weights (so two evaluations of one preset agree)")
     p.set_defaults(func=run)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from softvq.cli.common import add_precision_argument, positive_int, resolve_device
+from softvq.cli.common import add_precision_argument, positive_int, resolve_device, seed_int
 
 FID_RECORD = "fid.json"  # gFID of --fid-ref, written into OUT beside samples.json
 
@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-x0", type=clip_bound, metavar="C",
                    help="MAR and DiT: clamp the predicted clean latent to [-C, C] in normalised latent units "
                         "in each DDPM step (off, as in their releases; try 5 if a small run's samples diverge)")
-    p.add_argument("--seed", type=int, default=0, help="base seed: each batch's noise comes from a seed derived from it (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="base seed: each batch's noise comes from a seed derived from it (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="samples per batch (default 64); each batch has its own seed, so the images depend on it "
                         "and a continued run must keep it")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset
-from softvq.cli.common import SPEC_HELP, load_tokenizer, refuse_to_overwrite
+from softvq.cli.common import SPEC_HELP, load_tokenizer, refuse_to_overwrite, seed_int
 from softvq.config import PRESETS, BottleneckConfig, TokenizerConfig
 from softvq.tokenizer import Tokenizer
 
@@ -245,7 +245,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "as ablation-pq4, or a .yaml file), checked whole without training; omit to list the presets")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="with a training config: overrides, as for train")
     p.add_argument("--save", metavar="DIR", help=f"write the model in softvq's format (converts {OFFICIAL_PREFIX}...)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights when saving a preset")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the random weights when saving a preset")
     p.set_defaults(func=run)
 
 

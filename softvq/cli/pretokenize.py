@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from softvq.checkpoint.specs import is_preset, portable_spec
-from softvq.cli.common import add_model_arguments, load_tokenizer, non_negative_int, positive_int, resolve_device
+from softvq.cli.common import (add_model_arguments, load_tokenizer, non_negative_int, positive_int,
+                               resolve_device, seed_int)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --images: processes that decode images (default 0: this one); on a GPU, "
                         "decoding is the bottleneck without them")
     p.add_argument("--shard-size", type=positive_int, default=4096, help="samples per shard file")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="seed of a preset's random weights (as encode's) and of --bundled's crops")
     p.set_defaults(func=run)
 

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from softvq.cli.common import add_model_arguments, indented_lines, load_tokenizer, make_distinct, positive_int
+from softvq.cli.common import (add_model_arguments, indented_lines, load_tokenizer, make_distinct,
+                               positive_int, seed_int)
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, bundled_photos, header_sizes, read_image, to_pil
 from softvq.evaluation import metrics
@@ -59,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     size.add_argument("--native-size", action="store_true",
                       help="keep each image's size (sides must be multiples of the patch size)")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="seed for a preset's random weights and a generative decoder's noise")
     p.set_defaults(func=run)
 

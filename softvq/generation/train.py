@@ -55,7 +55,7 @@ from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
 from softvq.generation.latents import LatentSet, load_latents
-from softvq.randomness import derived_seed
+from softvq.randomness import SEED_LIMIT, derived_seed
 from softvq.resume import changed_settings
 from softvq.training.optim import param_groups
 from softvq.training.schedule import lr_factor
@@ -150,7 +150,7 @@ class GeneratorTrainConfig:
 
     def validate(self) -> "GeneratorTrainConfig":
         """Check every field (types and choices, ranges, what applies to the objective); returns ``self``."""
-        # NaN passes every range comparison: NaN or infinite settings would train on NaN or fail in torch.
+        # NaN slips past every `if value < 0` check below: NaN or infinite settings would train on NaN or fail in torch.
         # Named by their flags, before the type check (which would name the field) sees them.
         for name in ("lr", "weight_decay", "adam_beta2", "max_grad_norm", "vlb_weight", "class_dropout",
                      "ema_decay", "epochs", "warmup_epochs"):
@@ -216,6 +216,8 @@ class GeneratorTrainConfig:
                              f"weight decay each step), got {resolved.lr:g} × {resolved.weight_decay:g}")
         if not 0.0 <= resolved.adam_beta2 < 1.0:
             raise ValueError(f"--adam-beta2 (AdamW's β2) must be in [0, 1), got {resolved.adam_beta2}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"--seed must be 0 or more and below 2**63, got {self.seed}")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ValueError(f"--class-dropout (a probability) must be in [0, 1), got {self.class_dropout}")
         return self

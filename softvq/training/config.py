@@ -33,6 +33,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from softvq.config import TokenizerConfig, preset, strict_fields
+from softvq.randomness import SEED_LIMIT
 from softvq.losses.objective import ObjectiveConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -213,7 +214,7 @@ class TrainConfig:
             ("schedule.min_lr_ratio", s.min_lr_ratio, 0.0 <= s.min_lr_ratio <= 1.0, "in [0, 1]"),
             # NumPy refuses negative seeds and torch ones past 64 bits, at the first step: after the
             # run folder was made (seed + 1 + rank seeds each process)
-            ("schedule.seed", s.seed, 0 <= s.seed < 2**63, "0 or more and below 2**63"),
+            ("schedule.seed", s.seed, 0 <= s.seed < SEED_LIMIT, "0 or more and below 2**63"),
             ("optim.lr", o.lr, o.lr > 0, "positive"),
             ("optim.disc_lr", o.disc_lr, o.disc_lr is None or o.disc_lr > 0, "positive or null"),
             ("optim.eps", o.eps, o.eps > 0, "positive"),
