@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from softvq.data.bundled import BundledCropsDataset, heldout_crops, split_bundle
 from softvq.data.folder import ImageFolderDataset, scan_folder
 from softvq.data.loader import build_data
 from softvq.data.sampler import StreamBatchSampler
-from softvq.data.shards import ShardStream
+from softvq.data.shards import ShardStream, expand_shards
 from softvq.data.transforms import random_crop, random_flip, random_scale_crop, sample_rng
 from softvq.training.config import DataConfig
 
@@ -187,6 +188,26 @@ def test_shards_stream_every_image_once_per_epoch_and_report_bad_ones(tmp_path):
     assert set(r0._my_shards(0, 0, 1)).isdisjoint(r1._my_shards(0, 0, 1))
     with pytest.raises(FileNotFoundError, match="do not exist"):
         ShardStream(str(tmp_path / "missing-{0..1}.tar"), 32)
+
+
+def test_training_and_eval_read_the_same_shard_patterns(tmp_path, monkeypatch):
+    from softvq.evaluation.sources import local_shards
+
+    for i in range(3):
+        _write_shard(tmp_path / f"s-{i}.tar", [("a.png", _png_bytes(i))])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    every = [str(tmp_path / f"s-{i}.tar") for i in range(3)]
+    # a comma inside braces is an alternative, not a list separator (it used to split the pattern in two)
+    assert expand_shards(f"{tmp_path}/s-{{0,1}}.tar, {tmp_path}/s-2.tar") == every
+    assert expand_shards(f"{tmp_path}/*.tar") == every  # globs: eval took them, training did not
+    assert expand_shards(str(tmp_path)) == every  # a folder of shards, as eval takes it
+    assert expand_shards("~/s-{2..0}.tar,~/s-2.tar") == every[::-1]  # the order given, each once, ~ expanded
+    assert expand_shards("https://host/t-{0..1}.tar") == ["https://host/t-0.tar", "https://host/t-1.tar"]
+    assert local_shards(f"{tmp_path}/s-{{2..0}}.tar") == [Path(p) for p in every]  # eval's protocol order
+    with pytest.raises(FileNotFoundError, match=r"no shards match '.*/q\*\.tar'"):
+        expand_shards(f"{tmp_path}/q*.tar")
+    with pytest.raises(FileNotFoundError, match="reads local shards only, not https://host/t.tar"):
+        local_shards("https://host/t.tar")
 
 
 def test_metadata_only_samples_are_not_skipped_images_and_imageless_shards_stop(tmp_path):

@@ -21,8 +21,10 @@ worker count) a resumed stream starts a fresh epoch order instead.
 
 from __future__ import annotations
 
+import glob
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,18 +56,55 @@ def image_members(names: list[str]) -> list[str]:
     return chosen
 
 
+def is_remote(name: str) -> bool:
+    """A URL or a ``pipe:`` command, which webdataset opens itself: nothing to check on disk."""
+    return "://" in name or name.startswith("pipe:")
+
+
+def _top_level_parts(pattern: str) -> list[str]:
+    """``pattern`` split at the commas outside braces: ``a-{0,1}.tar,b.tar`` is two parts."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(pattern):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+    return [p.strip() for p in [*parts, pattern[start:]] if p.strip()]
+
+
 def expand_shards(pattern: str) -> list[str]:
-    """Shard paths from a brace pattern or a comma-separated list; missing local files are an error."""
-    from pathlib import Path
+    """The shards ``pattern`` names, in its order, each once: a brace pattern
+    (``train-{000..099}.tar``), a glob (``*.tar``, sorted), a folder (its ``.tar`` files, sorted),
+    URLs and ``pipe:`` commands (kept as given), or a comma-separated list of these. Training
+    (``data.source=shards``) and ``softvq eval`` both read shards through it. A missing local
+    shard, or a glob or folder with none, is an error naming it."""
+    import braceexpand  # installed with webdataset
 
-    import braceexpand
-
-    urls = [u for part in pattern.split(",") for u in braceexpand.braceexpand(part.strip())]
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not Path(u).expanduser().exists()]
+    names: list[str] = []
+    for part in _top_level_parts(pattern):
+        for name in braceexpand.braceexpand(part):
+            local = Path(name).expanduser()
+            if is_remote(name):
+                names.append(name)
+            elif local.is_dir():
+                found = sorted(str(p) for p in local.glob("*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"{name} holds no .tar shards")
+                names += found
+            elif any(ch in name for ch in "*?["):
+                found = sorted(glob.glob(str(local)))
+                if not found:
+                    raise FileNotFoundError(f"no shards match {name!r}")
+                names += found
+            else:
+                names.append(str(local))
+    names = list(dict.fromkeys(names))
+    missing = [n for n in names if not is_remote(n) and not Path(n).expanduser().is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) of {pattern!r} do not exist, e.g. {missing[0]}")
-    return urls
+    if not names:
+        raise FileNotFoundError(f"no shards in {pattern!r}")
+    return names
 
 
 class ShardStream(IterableDataset):

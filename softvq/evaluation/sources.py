@@ -9,7 +9,6 @@ Every image is centre-cropped to a square and resized to the model's size with P
 
 from __future__ import annotations
 
-import glob
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from PIL import Image
 
 from softvq.data.images import (IMAGE_SUFFIXES, ImageReadError, center_crop_resize, decode_rgb, list_images, load_rgb,
                                 why_unreadable)
-from softvq.data.shards import image_members
+from softvq.data.shards import expand_shards, image_members, is_remote
 from softvq.data.workers import ignore_stop_signals, stack_readable, worker_batches
 
 
@@ -61,20 +60,14 @@ class ImageRef:
         return decode_rgb(data, self.name)
 
 
-def expand_shards(spec: str) -> list[Path]:
-    """``a-{000..009}.tar`` / ``*.tar`` / a single ``.tar`` -> sorted existing shard paths."""
-    import braceexpand  # installed with webdataset
-
-    paths: list[Path] = []
-    for pattern in braceexpand.braceexpand(spec):
-        matches = glob.glob(pattern) if any(ch in pattern for ch in "*?[") else [pattern]
-        paths += [Path(m) for m in matches]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"shard {missing[0]} does not exist ({len(missing)} missing)")
-    if not paths:
-        raise FileNotFoundError(f"no shards match {spec!r}")
-    return sorted(set(paths))
+def local_shards(spec: str) -> list[Path]:
+    """The shards ``spec`` names (:func:`softvq.data.shards.expand_shards`), sorted: the protocol's
+    image order does not depend on how the pattern was written. Evaluation reads local files only."""
+    names = expand_shards(spec)
+    remote = [n for n in names if is_remote(n)]
+    if remote:
+        raise FileNotFoundError(f"softvq eval reads local shards only, not {remote[0]}; download them first")
+    return sorted({Path(n).expanduser() for n in names})
 
 
 def _shard_members(shard: Path) -> list[ImageRef]:
@@ -117,8 +110,8 @@ def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[
         if not shards:
             raise FileNotFoundError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
         root = path
-    elif path.suffix == ".tar" or any(ch in text for ch in "{*?["):
-        shards, root = expand_shards(text), None
+    elif path.suffix == ".tar" or any(ch in text for ch in "{*?[,") or is_remote(text):
+        shards, root = local_shards(text), None
     else:
         raise FileNotFoundError(f"{text} is neither an image folder nor webdataset .tar shards")
     refs = []  # typed by the image-folder branch above
