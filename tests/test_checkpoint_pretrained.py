@@ -120,3 +120,18 @@ def test_a_device_this_machine_lacks_is_named_with_the_fix(saved):
         load_pretrained(folder, map_location="cuda")  # was a bare AssertionError from torch
     with pytest.raises(ValueError, match=r"unknown device 'gpu' \(map_location\); use cpu, cuda"):
         load_pretrained(folder, map_location="gpu")
+
+
+def test_hub_ids_are_told_from_mistyped_local_paths_in_one_place(tmp_path, monkeypatch):
+    from softvq.checkpoint.pretrained import resolve
+    from softvq.checkpoint.specs import looks_like_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    assert looks_like_hub_id("SoftVQVAE/softvq-b-64")
+    for local in ("runs/nop", "runs/demo", "./org/name", "/org/name", "~/org/name", "name", "a/b/c"):
+        assert not looks_like_hub_id(local), local
+    with pytest.raises(CheckpointError, match=r"no checkpoint folder at 'runs/nop'; runs/ holds demo$"):
+        resolve("runs/nop", ["config.json"])  # a mistyped run, not a repository to download
+    with pytest.raises(CheckpointError, match=r"no checkpoint folder at 'a/b/c' \(and it is not a hub id"):
+        resolve("a/b/c", ["config.json"])

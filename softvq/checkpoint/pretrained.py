@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from softvq.atomic import atomic_write, write_json
+from softvq.checkpoint.specs import looks_like_hub_id
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
@@ -88,11 +89,12 @@ def resolve(path_or_id: str | Path, filenames: list[str]) -> Path:
     if path.is_dir():
         return path
     text = str(path_or_id)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not looks_like_hub_id(text):
+        if not path.exists() and str(path.parent) != "." and path.parent.is_dir():  # a mistyped folder
+            near = sorted(p.name for p in path.parent.iterdir() if p.is_dir())[:8]
+            raise CheckpointError(f"no checkpoint folder at {text!r}; {path.parent}/ holds "
+                                  f"{', '.join(near) or 'no folders'}")
         raise CheckpointError(f"no checkpoint folder at {text!r} (and it is not a hub id like 'org/name')")
-    if path.parent.is_dir():  # "runs/nop" with a local runs/: a mistyped folder, not a hub id
-        near = sorted(p.name for p in path.parent.iterdir() if p.is_dir())[:8]
-        raise CheckpointError(f"no checkpoint folder at {text!r}; {path.parent}/ holds {', '.join(near) or 'no folders'}")
     try:
         from huggingface_hub import snapshot_download
 

@@ -20,6 +20,15 @@ def is_preset(spec: str) -> bool:
     return spec.lower() in PRESETS
 
 
+def looks_like_hub_id(text: str) -> bool:
+    """Whether ``text`` can only be a Hugging Face hub id (``org/name``): one slash, not written as
+    a path (``./``, ``/``, ``~``), nothing at that path, and no local folder named like its org
+    (``runs/nop`` beside a ``runs/`` folder is a mistyped run, not a repository to download)."""
+    path = Path(text).expanduser()
+    return (text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
+            and not path.parent.is_dir())
+
+
 def portable_spec(spec: str) -> str:
     """SPEC as a file should record it: a local folder as an absolute path, so the file still names
     its model when read from another working directory; presets and hub ids as given."""

@@ -48,6 +48,7 @@ import torch
 
 from softvq.atomic import write_json
 from softvq.checkpoint.pretrained import load_strict
+from softvq.checkpoint.specs import looks_like_hub_id
 from softvq.config import check_field_types
 from softvq.generation.checkpoint import (EXPORT_NAME, MODEL_CONFIG_KEY, folder_kind, is_run_config, milestone_export,
                                          run_meta, save_generator)
@@ -283,8 +284,7 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None) -> st
         raise ValueError(f"--tokenizer {spec} is {what.get(kind, 'not a softvq tokenizer folder')}; pass the "
                          f"tokenizer that decodes the latents: {kinds}")
     text = spec.strip()
-    if not path.exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")) \
-            and not path.parent.is_dir():  # a hub id; generate downloads it
+    if looks_like_hub_id(text):  # generate downloads it
         return spec
     raise ValueError(f"--tokenizer {spec!r} is not {kinds}")
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softvq.checkpoint.pretrained import CheckpointError, read_state_dict
+from softvq.checkpoint.specs import looks_like_hub_id
 from softvq.networks.vit import Block
 
 if TYPE_CHECKING:
@@ -318,7 +319,7 @@ def load_dino(source: str | Path, fix: str = "pass the local file path") -> Dino
                 f"{HUB_URLS[text]} elsewhere and {fix}"
             ) from None
         return dino_from_state_dict(state, text)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if looks_like_hub_id(text):
         from softvq.checkpoint.pretrained import resolve
 
         folder = resolve(text, ["model.safetensors", "pytorch_model.bin", "config.json"])
