@@ -133,7 +133,7 @@ def test_generate_names_a_recorded_tokenizer_that_is_gone(made, tmp_path, capsys
     assert err.strip().endswith("pass --tokenizer SPEC with that tokenizer where it is now")
 
 
-def test_export_at_the_step_a_run_is_at_exports_the_ema_it_loads(made, tmp_path, capsys):
+def test_export_at_the_step_a_run_is_at_exports_the_ema_it_loads(made, tmp_path, capsys, caplog):
     root, run = made
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -141,7 +141,7 @@ def test_export_at_the_step_a_run_is_at_exports_the_ema_it_loads(made, tmp_path,
     capsys.readouterr()
     again = train_generator(GeneratorTrainConfig(latents=str(root / "lat"), out=str(copy), steps=4, export_at=[2, 4],
                                                  **TINY), progress=False)
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err + caplog.text  # the run's lines and its warnings
     assert again["already_finished"] and "--export-at 4" not in err  # was "already at step 4, past it"
     assert same_weights(load_generator(copy / "generator-step-00000004")[0], load_generator(copy / "generator")[0])
     assert json.loads((copy / "generator-step-00000004" / "config.json").read_text())["step"] == 4

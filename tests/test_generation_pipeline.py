@@ -697,7 +697,7 @@ def test_config_json_records_no_size_when_the_flags_override_all_it_sets(tmp_pat
     assert train_generator(dataclasses.replace(cfg, steps=2), progress=False)["steps"] == 2
 
 
-def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path, capsys):
+def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path, caplog):
     tiny_tokenizer(tmp_path)
     pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat",
                 tokenizer_spec=str(tmp_path / "tok"), progress=False)
@@ -705,9 +705,9 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path, capsys):
     train_generator(GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(tmp_path / "m"), objective="mar",
                                          width=32, depth=1, heads=2, head_width=32, head_depth=1, buffer_size=2,
                                          batch_size=4, steps=2, cpu=True), progress=False)
-    err = capsys.readouterr().err
-    assert "softvq: warning: the learning-rate warm-up (--warmup-epochs 100: " in err
-    assert "is not shorter than the run (--steps 2)" in err
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]  # the CLI prints it
+    assert warning.startswith("the learning-rate warm-up (--warmup-epochs 100: ")
+    assert "is not shorter than the run (--steps 2)" in warning
 
 
 def test_generate_continues_across_spellings_of_the_same_folders_and_checks_fid_ref_first(tmp_path, monkeypatch,
@@ -732,7 +732,7 @@ def test_generate_continues_across_spellings_of_the_same_folders_and_checks_fid_
     assert not (tmp_path / "o2").exists()  # refused before sampling
 
 
-def test_export_at_keeps_the_ema_of_its_steps_and_generate_takes_a_training_checkpoint(tmp_path, capsys):
+def test_export_at_keeps_the_ema_of_its_steps_and_generate_takes_a_training_checkpoint(tmp_path, capsys, caplog):
     """Supp. Tab. 9 (arXiv Tab. 8) samples one run along training: --export-at folders hold the EMA of their step
     (what the checkpoint of that step holds), outlive --keep-checkpoints, and a kept checkpoint
     loads as the generator an export at its step would be."""
@@ -763,7 +763,7 @@ def test_export_at_keeps_the_ema_of_its_steps_and_generate_takes_a_training_chec
     # continued with more milestones: step 1 has passed unexported, step 9 lies beyond the end
     capsys.readouterr()
     train_generator(GeneratorTrainConfig(steps=4, export_at=[1, 2, 9], **common), progress=False)
-    err = capsys.readouterr().err
+    err = caplog.text  # warnings, which the CLI prints as "softvq: warning: ..."
     assert "--export-at 1: the run is already at step 2, past it, so it cannot be exported any more; its " \
            "checkpoint is not kept either" in err
     assert "--export-at 9 is beyond the run's 4 steps" in err and "--export-at 2" not in err

@@ -211,7 +211,7 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                 raise CheckpointError(f"{spec} is a DiT/SiT/MAR generator (train-generator's export), not a tokenizer; "
                                       f"its latents come from the tokenizer {generator.get('tokenizer')}") from None
             made_by = _generator_run_tokenizer(spec)
-            if made_by is not None:  # was: "if it is a released SoftVQ-VAE checkpoint, name it official:..."
+            if made_by is not None:
                 raise CheckpointError(f"{spec} is a generator run (train-generator), not a tokenizer, which this "
                                       f"command takes; {made_by}") from None
             if "from_official" in str(exc):  # a released folder passed without the prefix

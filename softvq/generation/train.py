@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import sys
 import time
@@ -60,6 +61,8 @@ from softvq.randomness import SEED_LIMIT, derived_seed
 from softvq.resume import changed_settings
 from softvq.training.optim import param_groups
 from softvq.training.schedule import lr_factor
+
+_LOG = logging.getLogger(__name__)  # the CLI prints its warnings as "softvq: warning: ..."
 
 
 @dataclass
@@ -650,7 +653,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
         if start == cfg.steps and exported_step(run / EXPORT_NAME) in (start, "unknown"):  # finished: leave it
             if acc.is_main_process:
                 for note in milestone_warnings(cfg, run, start):  # --export-at given only now
-                    print(f"softvq: warning: {note}", file=sys.stderr)
+                    _LOG.warning(note)
                 print(f"{run} already finished at step {start}; pass --steps above {start} (or more --epochs) "
                       f"to train it further", file=sys.stderr)
             return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / EXPORT_NAME),
@@ -669,9 +672,9 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
         if cfg.warmup_steps >= cfg.steps:  # e.g. MAR's 100-epoch recipe warm-up under a short --steps
             warm = (f"--warmup-epochs {cfg.warmup_epochs:g}" if cfg.warmup_epochs is not None
                     else f"--warmup-steps {cfg.warmup_steps}")
-            print(f"softvq: warning: the learning-rate warm-up ({warm}: {cfg.warmup_steps} steps) is not shorter "
-                  f"than the run ({length}), so the lr never reaches its peak {cfg.lr:g}; pass a shorter "
-                  f"--warmup-steps or --warmup-epochs", file=sys.stderr)
+            _LOG.warning(f"the learning-rate warm-up ({warm}: {cfg.warmup_steps} steps) is not shorter than the run "
+                         f"({length}), so the lr never reaches its peak {cfg.lr:g}; pass a shorter --warmup-steps "
+                         f"or --warmup-epochs")
         tidy_run(run, 0)  # a run killed before its first checkpoint starts again
         run.mkdir(parents=True, exist_ok=True)
         resolved = {"train": train_record, "model": model_cfg.to_dict(), "latents_sha1": latents_sha1}
@@ -679,7 +682,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
 
     if acc.is_main_process:
         for note in milestone_warnings(cfg, run, start):
-            print(f"softvq: warning: {note}", file=sys.stderr)
+            _LOG.warning(note)
     model, optimizer = acc.prepare(model, optimizer)
     latents = (data.latents - data.mean) / data.std  # (z - mean) / std, supp. C.2 / the release
     labels = data.labels

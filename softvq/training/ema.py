@@ -1,5 +1,6 @@
-"""Exponential moving average of the tokenizer's weights, used for evaluation and export
-(the released recipe: decay 0.9999; the paper gives no EMA)."""
+"""Exponential moving average of a model's weights, used for evaluation and export: the
+tokenizer's (the released recipe: decay 0.9999; the paper gives no EMA) and the generators'
+(decay 0.9999, as the DiT and SiT codebases keep it)."""
 
 from __future__ import annotations
 
