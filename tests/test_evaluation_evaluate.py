@@ -18,7 +18,8 @@ from softvq.evaluation import inception
 from softvq.evaluation.evaluate import EvalOptions, evaluate_tokenizer
 from softvq.evaluation.generated import evaluate_samples
 from softvq.evaluation.report import to_markdown, write_report
-from softvq.evaluation.metrics import psnr, quantize_to_uint8
+from softvq.data.images import quantize_to_uint8
+from softvq.evaluation.metrics import psnr
 from softvq.evaluation.sources import list_image_refs
 
 needs_fid = pytest.mark.skipif(inception.fid_helper_weights_path() is None,

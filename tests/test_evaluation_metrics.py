@@ -9,7 +9,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from softvq.data.images import bundled_photos, read_image
 from softvq.evaluation.metrics import codebook_rows, probs_rows
-from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, quantize_to_uint8, ssim
+from softvq.data.images import quantize_to_uint8
+from softvq.evaluation.metrics import CodebookUsage, RunningMoments, psnr, ssim
 
 
 def image_pair():

@@ -178,6 +178,17 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def to_unit_interval(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images on the [0, 1] scale (peak 1) in float32, clamped to the range as a saved image
+    would be: the scale PSNR and the plots use."""
+    return (images.float().clamp(-1, 1) + 1) / 2
+
+
+def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 as a PNG writer would store them (clamp, scale, round)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_pil(x: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) in [-1, 1] -> PIL RGB (clamped)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != 3:
@@ -185,7 +196,7 @@ def to_pil(x: torch.Tensor) -> Image.Image:
         raise ValueError(f"to_pil takes one image (3, H, W), got {shape}"
                          + ("; for a batch: [to_pil(image) for image in batch]" if len(getattr(x, "shape", ())) == 4
                             else ""))
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    arr = quantize_to_uint8(x.detach()).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
 
 

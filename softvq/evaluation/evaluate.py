@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor
 
+from softvq.data.images import quantize_to_uint8
 from softvq.eval_mode import evaluating
 from softvq.evaluation import fid as fidlib
-from softvq.evaluation.metrics import (CodebookUsage, RunningMoments, codebook_rows, probs_rows, psnr,
-                                       quantize_to_uint8, ssim)
+from softvq.evaluation.metrics import CodebookUsage, RunningMoments, codebook_rows, probs_rows, psnr, ssim
 from softvq.evaluation.saved_state import KeptWork, load_saved_state, save_state
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
 from softvq.resume import listing_sha1, weights_sha1

@@ -98,11 +98,6 @@ def ssim(x: Tensor, y: Tensor, *, data_range: float, sigma: float = 1.5,
     return s.mean(dim=(1, 2, 3))
 
 
-def quantize_to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8 as a PNG writer would store them (clamp, scale, round)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 # --- codebook ------------------------------------------------------------------------------------
 
 

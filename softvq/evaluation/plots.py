@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softvq.data.images import to_unit_interval
 from softvq.evaluation.metrics import entropy_of_weights, psnr
 from softvq.training.logging import HELDOUT_PREFIX  # measured at each grid, not noisy: unsmoothed
 
@@ -49,7 +50,7 @@ def _save(fig, path: str | Path) -> Path:
 def _to_unit(images: Tensor) -> np.ndarray:
     """uint8 [0, 255] or float [-1, 1] (B, 3, H, W) -> float (B, H, W, 3) in [0, 1]."""
     x = images.detach().cpu()
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else (x.float().clamp(-1, 1) + 1) / 2
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else to_unit_interval(x)
     return x.permute(0, 2, 3, 1).numpy()
 
 

@@ -190,7 +190,7 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
 
     if images is None:  # crops as the held-out ones training draws: each photo whole, then at random
         from softvq.data.bundled import heldout_crops
-        from softvq.evaluation.metrics import quantize_to_uint8
+        from softvq.data.images import quantize_to_uint8
 
         photos = bundled_photos()[:max_classes]
         names = [p.stem for p in photos]
@@ -237,7 +237,7 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
 @torch.inference_mode()
 def _encode_all(model, images: torch.Tensor, batch_size: int, device: torch.device):
     from softvq.evaluation.metrics import codebook_rows
-    from softvq.evaluation.metrics import quantize_to_uint8
+    from softvq.data.images import quantize_to_uint8
     from softvq.evaluation.sources import uint8_to_model
 
     feats, lats, recs, idx = [], [], [], []

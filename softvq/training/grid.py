@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from softvq.atomic import atomic_write
 from softvq.captions import draw_beside, draw_under, ink_box, text_width, tile_font
 from softvq.data.images import to_pil
-from softvq.evaluation.metrics import psnr
+from softvq.training.heldout import heldout_psnr
 
 
 def row_labels(error_gain: float) -> list[str]:
@@ -21,11 +21,10 @@ def row_labels(error_gain: float) -> list[str]:
 
 def column_captions(originals: torch.Tensor, reconstructions: torch.Tensor,
                     fits=lambda text: True) -> list[str]:
-    """Each reconstruction's PSNR on the [0, 1] scale, as training logs the held-out mean
-    (``softvq.training.heldout``): "21.3 dB", else "21.3" or "21" when ``fits`` refuses the longer
+    """Each reconstruction's PSNR (:func:`~softvq.training.heldout.heldout_psnr`, whose mean training
+    logs): "21.3 dB", else "21.3" or "21" when ``fits`` refuses the longer
     form for some column; [] when none fits (tiles too narrow for any)."""
-    unit = [(t.detach().float().cpu().clamp(-1, 1) + 1) / 2 for t in (originals, reconstructions)]
-    values = psnr(*unit, data_range=1.0, min_mse=1e-10).tolist()
+    values = heldout_psnr(originals, reconstructions).tolist()
     for form in ("{:.1f} dB", "{:.1f}", "{:.0f}"):
         captions = [form.format(value) for value in values]
         if all(map(fits, captions)):

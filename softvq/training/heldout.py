@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from softvq.data.images import to_unit_interval
 from softvq.eval_mode import evaluating
 from softvq.evaluation.metrics import psnr
 
 
-def _unit(images: Tensor) -> Tensor:
-    """[-1, 1] images on the [0, 1] scale (peak 1), clamped to the valid range as a saved image would be."""
-    return (images.float().clamp(-1, 1) + 1) / 2
+def heldout_psnr(images: Tensor, reconstructions: Tensor) -> Tensor:
+    """Each reconstruction's PSNR (dB) on the [0, 1] scale of a saved image: what training logs (the
+    mean) and writes under each column of its grid. The MSE floor caps PSNR at 100 dB, so an exact
+    reconstruction logs a finite number, not inf."""
+    return psnr(to_unit_interval(images.detach().cpu()), to_unit_interval(reconstructions.detach().cpu()),
+                data_range=1.0, min_mse=1e-10)
 
 
 @torch.no_grad()
@@ -34,8 +38,7 @@ def reconstruct_all(model: nn.Module, images: Tensor, *, batch_size: int = 16, a
 def reconstruction_metrics(images: Tensor, reconstructions: Tensor, lpips: nn.Module | None = None,
                            *, batch_size: int = 16) -> dict[str, float]:
     """Mean PSNR (dB) and, when an LPIPS module is given, mean LPIPS over the held-out images."""
-    # The MSE floor caps PSNR at 100 dB: an exact reconstruction logs a finite number, not inf.
-    out = {"psnr": float(psnr(_unit(images), _unit(reconstructions), data_range=1.0, min_mse=1e-10).mean())}
+    out = {"psnr": float(heldout_psnr(images, reconstructions).mean())}
     if lpips is not None:
         device = next((b.device for b in lpips.buffers()), torch.device("cpu"))
         values = [lpips(a.to(device), b.clamp(-1, 1).to(device)).float().cpu()
