@@ -498,11 +498,12 @@ def tidy_run(run: Path, step: int) -> None:
     """Before a run (re)starts at ``step``: delete the half-written files a killed process left
     (checkpoints, as the tokenizer trainer does, and config.json or exports), and drop the
     ``log.jsonl`` records past ``step``, which the rerun logs again. Main process only."""
-    from softvq.atomic import remove_stale_temporaries as remove_in
-    from softvq.training.checkpointing import remove_stale_temporaries
+    from softvq.atomic import remove_stale_temporaries
+    from softvq.training.checkpointing import remove_stale_checkpoint_temporaries
     from softvq.training.logging import drop_records_after
 
-    removed = remove_stale_temporaries(run) + sum(remove_in(folder) for folder in [run, *run.glob(f"{EXPORT_NAME}*")])
+    removed = remove_stale_checkpoint_temporaries(run) + sum(
+        remove_stale_temporaries(folder) for folder in [run, *run.glob(f"{EXPORT_NAME}*")])
     if removed:
         print(f"removed {removed} half-written file{'s' if removed > 1 else ''} a killed process left in {run}",
               file=sys.stderr)

@@ -55,13 +55,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def remove_stale_temporaries(run_dir: str | Path) -> int:
+def remove_stale_checkpoint_temporaries(run_dir: str | Path) -> int:
     """Delete the half-written files a process killed mid-write (SIGKILL, power loss) left in the
-    checkpoint folder; ``atomic_write`` removes its own on any error it survives. Returns the count.
-    Call it only where no other process is writing a checkpoint of this run."""
-    from softvq.atomic import remove_stale_temporaries as remove_in
+    run's checkpoint folder (:func:`softvq.atomic.remove_stale_temporaries` on it); ``atomic_write``
+    removes its own on any error it survives. Returns the count. Call it only where no other
+    process is writing a checkpoint of this run."""
+    from softvq.atomic import remove_stale_temporaries
 
-    return remove_in(Path(run_dir) / CHECKPOINT_DIR)
+    return remove_stale_temporaries(Path(run_dir) / CHECKPOINT_DIR)
 
 
 def set_aside_newer(run_dir: str | Path, step: int, keep: Path) -> Path | None:

@@ -663,7 +663,7 @@ class Trainer:
             load_training_state(self.disc_optimizer, self.disc_scheduler, state["disc_optimizer"],
                                 state["disc_scheduler"])
         self.step = int(state["step"])
-        if self.is_main and ckpt.remove_stale_temporaries(self.run_dir):
+        if self.is_main and ckpt.remove_stale_checkpoint_temporaries(self.run_dir):
             self.pending_notes.append("removed the half-written checkpoint a killed process left behind")
         if explicit and self.is_main:
             aside = self._set_aside = ckpt.set_aside_newer(self.run_dir, self.step, keep=path)
