@@ -651,8 +651,19 @@ def test_train_generator_says_what_is_wrong_with_its_latents_or_run(tmp_path, mo
     assert main([*run, "--latents", str(tmp_path / "lat"), "--steps", "0"]) == 2
     assert "--steps must be positive, got 0" in capsys.readouterr().err
     assert main([*run, "--latents", str(tmp_path / "lat")]) == 0
-    assert main([*run, "--steps", "3"]) == 2  # a rerun to continue, without the flags it was started with
-    assert "continuing " + str(tmp_path / "g") + " needs the flags it was started with" in capsys.readouterr().err
+    # a rerun without --latents takes the run's settings from its config.json: --steps alone lengthens it
+    capsys.readouterr()
+    assert main(["train-generator", "--out", str(tmp_path / "g"), "--steps", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"continuing {tmp_path / 'g'} with the settings its config.json records and the flags given (--steps)" in err
+    saved = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert saved["train"]["steps"] == 2 and saved["train"]["width"] == 32 and saved["continued"] == [
+        {"at_step": 1, "from_steps": 1, "to_steps": 2}]
+    assert main(["train-generator", "--out", str(tmp_path / "g"), "--width", "64", "--quiet"]) == 2  # still checked
+    assert "other settings" in capsys.readouterr().err
+    (tmp_path / "g" / "config.json").write_text("{}")
+    assert main(["train-generator", "--out", str(tmp_path / "g"), "--quiet"]) == 2
+    assert "config.json records no settings to continue with (damaged?); pass --latents" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -3,6 +3,7 @@ theirs, settings that make the loss non-finite, a run whose config.json was lost
 and sampling settings that are not numbers a sampler can use."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -384,3 +385,23 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(made, tmp_pat
                  "--steps", "1"]) == 2
     assert "--batch-size 15 must split evenly into 2 processes; pass a multiple of 2" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("given", [
+    dict(objective="sit"),
+    dict(objective="dit", steps=50, warmup_steps=5),
+    dict(objective="mar", epochs=2.5, warmup_epochs=0.5),  # the recipe's unit for MAR; steps recorded beside
+    dict(objective="mar", steps=30),  # steps given: the recipe's warm-up stays in epochs
+])
+def test_a_run_recorded_in_config_json_is_rebuilt_from_it(given):
+    from softvq.generation.train import GeneratorTrainConfig, config_from_record, recorded_train
+
+    def record(cfg):
+        return recorded_train(cfg.validate().resolved(count=40))
+
+    saved = record(GeneratorTrainConfig(latents="/lat", out="/run", width=32, depth=1, heads=2, **given))
+    assert record(config_from_record(saved)) == saved  # what `train-generator --out RUN` continues with
+    longer = record(config_from_record(saved, epochs=9.0))  # a new length replaces the recorded pair
+    assert longer["epochs"] == 9.0 and longer["steps"] == math.ceil(9.0 * 40 / saved["batch_size"])
+    assert {k: v for k, v in longer.items() if k not in ("steps", "epochs")} == \
+        {k: v for k, v in saved.items() if k not in ("steps", "epochs")}

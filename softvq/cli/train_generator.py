@@ -17,7 +17,8 @@ steps, lr 1e-4, batch 256; MAR H for 500 epochs with 100 of warm-up, lr 2e-4, ba
 Same machinery as the tokenizer trainer: Accelerate (``accelerate launch -m softvq.cli.main
 train-generator ...`` for several processes), EMA, atomic checkpoints, progress bar, JSONL log. A
 run resumes by itself: when ``--out`` already holds checkpoints, training continues from the newest
-(with the same model settings; others are an error). Ctrl-C or SIGTERM writes a checkpoint after
+(with the same model settings; others are an error). Without ``--latents``, the settings come from
+``RUN/config.json``: ``--out RUN`` alone continues a run, ``--out RUN --steps N`` lengthens it. Ctrl-C or SIGTERM writes a checkpoint after
 the current step and stops (exit status 130); a second one stops at once. A step whose loss or
 gradient is not finite is skipped; after ``--max-nonfinite`` of them the run stops (exit status 3),
 naming its last good checkpoint, and never saves non-finite weights. Every flag is a field of
@@ -32,7 +33,11 @@ import json
 import sys
 import types
 import typing
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from softvq.generation.train import GeneratorTrainConfig
 
 # --help of each GeneratorTrainConfig field; "(recipe)" marks fields that default to the objective's recipe.
 FLAG_HELP: dict[str, str] = {
@@ -97,22 +102,54 @@ def flag_type(hint: typing.Any) -> tuple[type, tuple[str, ...] | None]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """One ``--flag`` per :class:`~softvq.generation.train.GeneratorTrainConfig` field, typed by its
-    annotation, defaulting to its default; ``--quiet`` turns the progress bar off."""
+    annotation; ``--quiet`` turns the progress bar off. A flag not given is absent from the parsed
+    namespace (no default), so :func:`given_config` can tell it from one given at its default."""
     from softvq.generation.train import GeneratorTrainConfig
 
-    hints, defaults = typing.get_type_hints(GeneratorTrainConfig), GeneratorTrainConfig()
+    hints = typing.get_type_hints(GeneratorTrainConfig)
     for f in dataclasses.fields(GeneratorTrainConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        flag, unset = "--" + f.name.replace("_", "-"), argparse.SUPPRESS
         kind, choices = flag_type(hints[f.name])
         help_text = FLAG_HELP[f.name]  # a new field without help fails here and in the tests
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=unset, help=help_text)
         elif typing.get_origin(hints[f.name]) is list:
-            parser.add_argument(flag, type=kind, nargs="+", default=default, help=help_text, metavar="STEP")
+            parser.add_argument(flag, type=kind, nargs="+", default=unset, help=help_text, metavar="STEP")
         else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text, choices=choices)
+            parser.add_argument(flag, type=kind, default=unset, help=help_text, choices=choices)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def given_config(args: argparse.Namespace) -> "GeneratorTrainConfig":
+    """The flags given, over the library's defaults; without ``--latents``, over the settings of
+    the run in ``--out`` as its ``config.json`` records them, so ``--out RUN`` alone continues a
+    run and ``--out RUN --steps N`` lengthens it (what a rerun may change is checked when it starts)."""
+    from softvq.generation.train import GeneratorTrainConfig, config_from_record
+
+    names = {f.name for f in dataclasses.fields(GeneratorTrainConfig)}
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    saved = Path(given.get("out", GeneratorTrainConfig.out)).expanduser() / "config.json"
+    if "latents" in given or not saved.is_file():
+        return GeneratorTrainConfig(**given)
+    try:
+        recorded = json.loads(saved.read_text()).get("train")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{saved} records no settings to continue with (damaged?); pass --latents and the flags "
+                         f"the run was started with")
+    unknown = sorted(set(recorded) - names)
+    if unknown:
+        raise ValueError(f"{saved} records settings this version does not have ({', '.join(unknown)}); continue it "
+                         f"with the softvq version that started it, or pass --latents and the flags yourself")
+    from softvq.training.accelerator import first_launched_process
+
+    flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given) if name != "out")
+    if first_launched_process():
+        print(f"continuing {saved.parent} with the settings its config.json records"
+              + (f" and the flags given ({flags})" if flags else ""), file=sys.stderr)
+    return config_from_record(recorded, **{**given, "out": str(saved.parent)})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -123,11 +160,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softvq.generation.train import GeneratorTrainConfig, train_generator
+    from softvq.generation.train import train_generator
     from softvq.training.accelerator import first_launched_process
     from softvq.training.trainer import NonFiniteLossError
 
-    cfg = GeneratorTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GeneratorTrainConfig)})
+    cfg = given_config(args)
     try:
         result = train_generator(cfg, progress=not args.quiet)
     except NonFiniteLossError as exc:  # every process stops; one says why

@@ -351,6 +351,23 @@ def recorded_train(cfg: GeneratorTrainConfig) -> dict[str, Any]:
     return record
 
 
+def config_from_record(record: dict[str, Any], **given: Any) -> GeneratorTrainConfig:
+    """The config a run's ``config.json`` records (:func:`recorded_train`, resolved), with ``given``
+    fields over it, such that resolving it again gives the record back: the lengths in the unit the
+    run was given them in (a length in epochs also records its steps), a new ``steps`` or ``epochs``
+    replacing the recorded pair, and only the noise setting of the objective (SiT's ``path``,
+    DiT's and MAR's ``schedule``; both are recorded)."""
+    fields = dict(record)
+    for steps, epochs in LENGTHS:
+        if fields.get(epochs) is not None:
+            fields[steps] = None
+        if steps in given or epochs in given:
+            fields[steps] = fields[epochs] = None
+    objective = given.get("objective", fields.get("objective"))
+    fields["schedule" if objective == "sit" else "path"] = None
+    return GeneratorTrainConfig(**{**fields, **given})
+
+
 def latent_set_sha1(meta: dict[str, Any]) -> str:
     """Identity of a latent set: its ``meta.json`` (shards, statistics, tokenizer), wherever it lies."""
     return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()
