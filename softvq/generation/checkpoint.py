@@ -81,7 +81,7 @@ def save_generator(model: Generator, meta: GeneratorMeta, directory: str | Path,
     return write_folder(directory, state or model.state_dict(), payload)
 
 
-EXPORT_NAME = "generator"  # where softvq train-generator exports its EMA weights in a run folder
+GENERATOR_EXPORT = "generator"  # where softvq train-generator exports its EMA weights in a run folder
 MILESTONE_PREFIX = "generator-step-"  # and where --export-at exports them along the way
 
 
@@ -108,7 +108,7 @@ def run_meta(train: dict[str, Any], latents_meta: dict[str, Any]) -> GeneratorMe
 def generator_run_export(folder: str | Path) -> Path | None:
     """``folder/generator`` where ``folder`` is a ``train-generator`` run that has exported, else None
     (the twin of :func:`softvq.checkpoint.pretrained.training_run_export` for tokenizer runs)."""
-    export = Path(folder).expanduser() / EXPORT_NAME
+    export = Path(folder).expanduser() / GENERATOR_EXPORT
     return export if (export / CONFIG_NAME).is_file() else None
 
 
@@ -245,7 +245,7 @@ def _from_training_checkpoint(file: Path, tokenizer_flag: str) -> tuple[Generato
             raise CheckpointError(f"{file} is a train-generator checkpoint outside its run folder, from before "
                                   f"checkpoints held their backbone config (the run's {CONFIG_NAME} has it): put it "
                                   f"back as {checkpoint_path('RUN', int(state.get('step', 0)))} of its run RUN, or "
-                                  f"pass the run's export RUN/{EXPORT_NAME}")
+                                  f"pass the run's export RUN/{GENERATOR_EXPORT}")
         raise CheckpointError(not_one)
     model = build_generator(model_config)
     load_strict(model, {**state["model"], **state["ema"]["shadow"]}, str(file))
@@ -317,7 +317,7 @@ def _refuse_other_folders(path: Path, tokenizer_flag: str) -> None:
 
         if in_use(path):  # a rerun of train-generator would be refused by the lock
             raise CheckpointError(f"{path} is a train-generator run still training (another process holds its lock), "
-                                  f"with no {EXPORT_NAME}/ yet; wait until it finishes{usable}")
-        raise CheckpointError(f"{path} is a train-generator run with no {EXPORT_NAME}/ yet (it stopped before its "
+                                  f"with no {GENERATOR_EXPORT}/ yet; wait until it finishes{usable}")
+        raise CheckpointError(f"{path} is a train-generator run with no {GENERATOR_EXPORT}/ yet (it stopped before its "
                               f"last step); rerun the same train-generator command to finish it (it continues from "
                               f"its last checkpoint){usable}")

@@ -51,7 +51,7 @@ from softvq.atomic import write_json
 from softvq.checkpoint.pretrained import load_strict
 from softvq.checkpoint.specs import looks_like_hub_id
 from softvq.config import check_field_types
-from softvq.generation.checkpoint import (EXPORT_NAME, MODEL_CONFIG_KEY, folder_kind, is_run_config, milestone_export,
+from softvq.generation.checkpoint import (GENERATOR_EXPORT, MODEL_CONFIG_KEY, folder_kind, is_run_config, milestone_export,
                                          run_meta, save_generator)
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
@@ -520,7 +520,7 @@ def tidy_run(run: Path, step: int) -> None:
     from softvq.training.logging import drop_records_after
 
     removed = remove_stale_checkpoint_temporaries(run) + sum(
-        remove_stale_temporaries(folder) for folder in [run, *run.glob(f"{EXPORT_NAME}*")])
+        remove_stale_temporaries(folder) for folder in [run, *run.glob(f"{GENERATOR_EXPORT}*")])
     if removed:
         print(f"removed {removed} half-written file{'s' if removed > 1 else ''} a killed process left in {run}",
               file=sys.stderr)
@@ -668,20 +668,20 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
                     save_generator(model, meta, milestone_export(run, start), step=start)
                 print(f"exported the EMA generator of step {start} ({latest.name}) to {milestone_export(run, start)}",
                       file=sys.stderr)
-        if start == cfg.steps and exported_step(run / EXPORT_NAME) in (start, "unknown"):  # finished: leave it
+        if start == cfg.steps and exported_step(run / GENERATOR_EXPORT) in (start, "unknown"):  # finished: leave it
             if acc.is_main_process:
                 for note in milestone_warnings(cfg, run, start):  # --export-at given only now
                     _LOG.warning(note)
                 print(f"{run} already finished at step {start}; pass --steps above {start} (or more --epochs) "
                       f"to train it further", file=sys.stderr)
-            return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / EXPORT_NAME),
+            return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / GENERATOR_EXPORT),
                     "stopped": False, "already_finished": True}
         note = restore_or_reseed_rng(state["rng"], rank=acc.process_index, world=acc.num_processes, seed=cfg.seed,
                                      step=start)
         if note is not None and acc.is_main_process:
             print(note, file=sys.stderr)
         if acc.is_main_process and start == cfg.steps:
-            old = exported_step(run / EXPORT_NAME)
+            old = exported_step(run / GENERATOR_EXPORT)
             print(f"{run} trained to step {start}; its export is {'missing' if old is None else f'from step {old}'}"
                   f": exporting again", file=sys.stderr)
         elif acc.is_main_process:
@@ -798,7 +798,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
                 "stopped": True}
     bar.close()
     acc.wait_for_everyone()
-    export = run / EXPORT_NAME
+    export = run / GENERATOR_EXPORT
     refuse_nonfinite(ema.shadow, cfg, run, cfg.steps)
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
