@@ -43,6 +43,23 @@ def test_respacing_keeps_cumulative_alphas():
     assert torch.allclose(twice.alphas_cumprod, d.alphas_cumprod[twice.timestep_map], rtol=1e-12)
 
 
+def test_one_step_sampling_predicts_x0_in_one_call():
+    # `generate --steps 1` on a DiT failed inside torch: a one-step process has no β̃_1 to clip β̃_0 to
+    d = GaussianDiffusion.from_schedule("cosine", 1000, variance="learned", channel_dim=-1).respaced(1)
+    assert d.timestep_map.tolist() == [999] and bool(torch.isfinite(d.posterior_log_variance_clipped).all())
+    noise = torch.randn(2, 3, 4, dtype=torch.float64)
+    calls = []
+
+    def model(x, t):  # ε = 0 and the middle of the learned σ range: x̂_0 = x_t / sqrt(ᾱ)
+        calls.append(t.tolist())
+        return torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+
+    x0 = d.p_sample_loop(model, noise)
+    assert calls == [[999, 999]]
+    assert torch.allclose(x0, noise / d.alphas_cumprod[0].sqrt(), rtol=1e-12)
+    assert bool(torch.isfinite(GaussianDiffusion.from_schedule("linear", 1).posterior_log_variance_clipped).all())
+
+
 def test_learned_sigma_interpolates_between_posterior_and_beta():
     d = GaussianDiffusion.from_schedule("linear", 1000, variance="learned", channel_dim=-1)
     x = torch.randn(2, 3, 4, dtype=torch.float64)

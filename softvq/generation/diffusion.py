@@ -126,9 +126,10 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
         # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, β̃_t)   (DDPM Eq. 6-7)
         self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
-        # β̃_0 = 0: clip its log to β̃_1 as IDDPM does
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        # β̃_0 = 0: clip its log to β̃_1 as IDDPM does; a one-step process has no β̃_1 and takes β_0
+        # (its only step adds no noise when sampling, so the value only bounds a learned σ's range)
+        later = self.posterior_variance[1:]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([later[:1] if len(later) else betas[:1], later]))
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * alphas.sqrt() / (1 - self.alphas_cumprod)
 
