@@ -128,6 +128,14 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
                  "--per-class", "1", "--steps", "2", "--device", "cpu"]) == 2
     assert "choose an empty --out" in capsys.readouterr().err
     assert len(list((out / "images").glob("*.png"))) == 4
+    # an image folder (or a run, or a latent set) is not a samples folder: it would gain images/ as a class
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    (tmp_path / "photos" / ".DS_Store").write_bytes(b"")
+    assert main(["generate", str(tmp_path / "a" / "generator"), "--out", str(tmp_path / "photos"), "--classes", "0",
+                 "--per-class", "1", "--steps", "2", "--device", "cpu"]) == 2
+    assert f"{tmp_path / 'photos'} is not empty (it holds cat) and holds no samples.json: writing images/" \
+        in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == [".DS_Store", "cat"]
 
 
 def test_pretokenize_cli_keeps_a_random_preset_so_decoding_matches(tmp_path, capsys):

@@ -106,6 +106,17 @@ def _claim(folder: Path, record: dict[str, Any]) -> None:
     if images.is_dir() and any(images.iterdir()):
         raise FileExistsError(f"{images} already holds files but {folder} has no {SAMPLE_RECORD}: they are not "
                               f"samples this command can continue; choose an empty --out")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; --out is the folder the samples are written to")
+    # an image folder, a run or a latent set would gain images/, grid.png and samples.json (and an image
+    # folder a class named "images"): only a new or empty folder becomes a samples folder (dot files are
+    # temporaries of atomic writes, or a desktop's own)
+    held = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+    if held:
+        more = f" and {len(held) - 1} more" if len(held) > 1 else ""
+        raise FileExistsError(f"{folder} is not empty (it holds {held[0]}{more}) and holds no {SAMPLE_RECORD}: "
+                              f"writing images/, grid.png and {SAMPLE_RECORD} there would mix them with its files; "
+                              f"choose a new or empty --out")
 
 
 class OtherTokenizerWarning(UserWarning):
