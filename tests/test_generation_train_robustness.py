@@ -405,3 +405,11 @@ def test_a_run_recorded_in_config_json_is_rebuilt_from_it(given):
     assert longer["epochs"] == 9.0 and longer["steps"] == math.ceil(9.0 * 40 / saved["batch_size"])
     assert {k: v for k, v in longer.items() if k not in ("steps", "epochs")} == \
         {k: v for k, v in saved.items() if k not in ("steps", "epochs")}
+
+
+def test_fp16_is_refused_on_a_cpu_where_it_would_train_in_float32(tmp_path):
+    lat = tiny_latent_set(tmp_path)
+    with pytest.raises(ValueError, match="--mixed-precision fp16 needs a GPU .* pass --mixed-precision bf16 or no"):
+        train_generator(GeneratorTrainConfig(latents=str(lat), out=str(tmp_path / "g"), steps=1,
+                                             mixed_precision="fp16", **TINY), progress=False)
+    assert not (tmp_path / "g").exists()

@@ -73,7 +73,8 @@ FLAG_HELP: dict[str, str] = {
                   "DiT/SiT's plain decay: --no-ema-warmup, which differs from it only in the first ~10^5 steps)",
     "max_nonfinite": "steps with a non-finite loss or gradient are skipped; the run stops after this many "
                      "(default 20)",
-    "mixed_precision": "no, bf16 or fp16 (Accelerate's autocast; the paper's DiT runs used bf16, supp. C.2)",
+    "mixed_precision": "no, bf16 or fp16 (Accelerate's autocast, fp16 on a GPU only; the paper's DiT runs used bf16, "
+                       "supp. C.2)",
     "seed": "seed of the initialisation, the batch order and the noise",
     "log_every": "steps between log lines (default 50)",
     "checkpoint_every": "steps between checkpoints (default 5000; also written when stopped)",

@@ -599,7 +599,11 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     length = f"--epochs {cfg.epochs:g} ({cfg.steps} steps)" if cfg.epochs is not None else f"--steps {cfg.steps}"
     run = Path(cfg.out)
     # without CUDA a launched run must ask for CPU processes, or accelerate gives each one a run of its own
-    acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not torch.cuda.is_available())
+    on_cpu = cfg.cpu or not torch.cuda.is_available()
+    if on_cpu and cfg.mixed_precision == "fp16":  # Accelerate has no fp16 autocast on a CPU: it trained in fp32
+        raise ValueError("--mixed-precision fp16 needs a GPU (on a CPU it would train in float32 and record fp16); "
+                         "pass --mixed-precision bf16 or no")
+    acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu)
     if cfg.batch_size % acc.num_processes:  # each process takes batch / n: a remainder would be dropped unsaid
         raise said_by_main_process(ValueError(f"--batch-size {cfg.batch_size} must split evenly into "
                                               f"{acc.num_processes} processes; pass a multiple of {acc.num_processes}"),
