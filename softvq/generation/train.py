@@ -351,6 +351,23 @@ def recorded_train(cfg: GeneratorTrainConfig) -> dict[str, Any]:
     return record
 
 
+def run_header(cfg: GeneratorTrainConfig, model: torch.nn.Module, model_cfg: Any, data: LatentSet, acc: Any,
+               start: int) -> str:
+    """The lines a run starts with: what is trained, on what, where and for how long (as ``softvq
+    train`` says it), and for a recipe-sized model on a CPU, what a laptop run should take instead."""
+    params = sum(p.numel() for p in model.parameters())
+    shape = "x".join(map(str, data.latents.shape[1:]))
+    lines = [f"run {cfg.out}: {cfg.objective.upper()}, width {model_cfg.width}, depth {model_cfg.depth}, "
+             f"{model_cfg.heads} heads, {params / 1e6:.1f} M parameters; {len(data.latents)} latents of {shape}, "
+             f"{len(data.classes)} class(es)",
+             f"{acc.num_processes} process(es) on {acc.device.type} (mixed precision {cfg.mixed_precision}), "
+             f"batch {cfg.batch_size}, lr {cfg.lr:g}, {cfg.steps} steps from step {start}"]
+    if acc.device.type == "cpu" and params > 100e6:  # the paper's XL / H: minutes a step on a laptop
+        lines.append(f"note: {params / 1e6:.0f} M parameters is a GPU recipe; on a CPU try --size S, or --width 128 "
+                     f"--depth 4 --heads 4 --steps 600 (README, Generation)")
+    return "\n".join(lines)
+
+
 def config_from_record(record: dict[str, Any], **given: Any) -> GeneratorTrainConfig:
     """The config a run's ``config.json`` records (:func:`recorded_train`, resolved), with ``given``
     fields over it, such that resolving it again gives the record back: the lengths in the unit the
@@ -705,6 +722,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     if acc.is_main_process:
         for note in milestone_warnings(cfg, run, start):
             _LOG.warning(note)
+        print(run_header(cfg, model, model_cfg, data, acc, start), file=sys.stderr)
     model, optimizer = acc.prepare(model, optimizer)
     latents = (data.latents - data.mean) / data.std  # (z - mean) / std, supp. C.2 / the release
     labels = data.labels
