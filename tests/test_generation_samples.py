@@ -342,3 +342,14 @@ def test_class_names_sample_like_their_indices_and_other_tokenizer_weights_are_w
     with warnings.catch_warnings():
         warnings.simplefilter("error", OtherTokenizerWarning)
         write_samples(model, same, tok, [0], SPEC, tmp_path / "same", progress=False)
+
+
+def test_class_folders_named_by_numbers_are_chosen_by_name():
+    from softvq.cli.generate import parse_classes
+
+    names = ["0", "1", "10", "2"]  # folders 0 1 2 10, sorted as strings
+    assert parse_classes("2,10", names, 4) == [3, 2]  # '2' was index 2, the folder named 10
+    assert parse_classes("cat,1", ["cat", "dog"], 2) == [0, 1]  # indices where no class has the name
+    assert parse_classes("all", names, 4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="class index 7 is out of range 0..3"):
+        parse_classes("7", names, 4)

@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "checkpoint RUN/checkpoints/step-N.pt (its EMA weights)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", metavar="SPEC", help="tokenizer to decode with (default: the one the latents came from)")
-    p.add_argument("--classes", default="all", help="comma-separated class indices or names, or 'all' (default)")
+    p.add_argument("--classes", default="all", help="comma-separated class names or indices (a name wins: with class folders 0 1 2 10, '2' is folder 2), "
+                        "or 'all' (default)")
     p.add_argument("--per-class", type=positive_int, default=4, help="samples per class (default 4)")
     p.add_argument("--method", choices=["euler", "heun", "sde", "ddpm", "mar"],
                    help="sampler (default: sde for SiT, ddpm for DiT, mar for MAR)")
@@ -102,15 +103,16 @@ def clip_bound(text: str) -> float:
 
 
 def parse_classes(text: str, names: list[str], num_classes: int) -> list[int]:
-    """'all' | '3,7' | 'chelsea,coffee' -> class indices, with an error naming a bad entry."""
+    """'all' | '3,7' | 'chelsea,coffee' -> class indices, with an error naming a bad entry. A class
+    name wins over an index: with folders named 0, 1, 2, 10 (sorted 0, 1, 10, 2), '2' is folder 2."""
     if text.strip().lower() == "all":
         return list(range(num_classes))
     out = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        if part.lstrip("-").isdigit():
-            index = int(part)
-        elif part in names:
+        if part in names:
             index = names.index(part)
+        elif part.lstrip("-").isdigit():
+            index = int(part)
         else:
             raise ValueError(f"unknown class {part!r}; use indices 0..{num_classes - 1}"
                              + (f" or names {', '.join(names[:12])}" if names else ""))
