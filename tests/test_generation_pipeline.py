@@ -183,10 +183,13 @@ def test_pretokenize_warns_of_a_class_left_without_latents(tmp_path, capsys):
         Image.new("RGB", (64, 64), (40 * i, 90, 0)).save(tmp_path / "imgs" / "cat" / f"{i}.png")
         Image.new("RGB", (64, 64), (90, 40 * i, 0)).save(tmp_path / "imgs" / "owl" / f"{i}.png")
         (tmp_path / "imgs" / "dog" / f"{i}.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "imgs" / "emu").mkdir()  # no images at all: no class, and the indices after it shift
     assert main(["pretokenize", str(tmp_path / "lat"), "--images", str(tmp_path / "imgs"), "--model", "softvq-tiny",
                  "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "1 of 3 class(es) have no latents, all their files unreadable or none there: dog." in err
+    assert (f"softvq: warning: left out 1 sub-folder(s) of {tmp_path / 'imgs'} without readable-format images (emu): "
+            f"they are no classes, so the class indices count without them") in err
     assert load_latents(tmp_path / "lat").meta["class_counts"] == [2, 0, 2]
 
 

@@ -6,6 +6,7 @@ split it."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable, worker_batches
 from softvq.resume import listing_sha1
+
+_LOG = logging.getLogger(__name__)  # the CLI prints its warnings as "softvq: warning: ..."
 
 Sample = tuple[Tensor, int, str]  # image (3, H, W) in [-1, 1], label, name
 
@@ -80,6 +83,13 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
                              f"sub-folder or pass --single-class")
         index = {n: i for i, n in enumerate(names)}
         classes, label_of = names, (lambda f: index[f.relative_to(folder).parts[0]])
+        # a class folder without images is no class: the indices of those after it shift down by one
+        empty = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                       and p.name not in index)
+        if empty:
+            _LOG.warning("left out %d sub-folder(s) of %s without readable-format images (%s): they are no "
+                         "classes, so the class indices count without them", len(empty), folder,
+                         ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
 
     skipped: list[str] = []
 
