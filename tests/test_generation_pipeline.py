@@ -582,7 +582,8 @@ def test_two_launched_processes_train_one_generator_and_continue_it_exactly(tmp_
     assert (tmp_path / "cut" / "generator" / "model.safetensors").read_bytes() == a
 
 
-def test_tokenizer_paths_are_absolute_and_generate_warns_about_other_tokenizer_weights(tmp_path, monkeypatch, capsys):
+def test_tokenizer_paths_are_absolute_and_generate_warns_about_other_tokenizer_weights(tmp_path, monkeypatch, capsys,
+                                                                                        caplog):
     from softvq.cli.main import main
     from softvq.resume import weights_sha1
 
@@ -625,6 +626,18 @@ def test_tokenizer_paths_are_absolute_and_generate_warns_about_other_tokenizer_w
     config.write_text(json.dumps(payload))
     assert main([*command, "old", "--tokenizer", str(tmp_path / "tok2")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+    # train-generator says so at its start, not only generate after the whole run
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # not for the tokenizer that made them
+    small = dict(objective="sit", width=32, depth=1, heads=2, batch_size=4, steps=1, cpu=True)
+    for tokenizer, said in ((str(tmp_path / "tok2"), f"has weights (sha1 {weights_sha1(other)[:10]}) other than those "
+                                                     f"that made the latents ({weights_sha1(tok)[:10]}, "),
+                            ("softvq-tiny", f"softvq-tiny is a preset with random weights; the latents were made by "
+                                            f"{tmp_path / 'tok'}")):
+        caplog.clear()
+        train_generator(GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(tmp_path / f"gen-{tokenizer[-4:]}"),
+                                             tokenizer=tokenizer, **small), progress=False)
+        assert said in caplog.text and "pass the tokenizer pretokenize used" in caplog.text
 
 
 def test_a_changed_source_setting_is_named_alone(tmp_path, monkeypatch, capsys):

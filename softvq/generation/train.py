@@ -292,6 +292,28 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None) -> st
     raise ValueError(f"--tokenizer {spec!r} is not {kinds}")
 
 
+def other_tokenizer(spec: str, latents_meta: dict[str, Any]) -> str | None:
+    """How ``spec`` (as :func:`tokenizer_spec` returns it) differs from the tokenizer that made the
+    latents, where that can be told without a download: a local tokenizer's weights by their sha1, a
+    preset by its name (its weights are random); None where it is the same or cannot be told."""
+    from softvq.checkpoint.pretrained import training_run_export
+    from softvq.checkpoint.specs import is_preset
+    from softvq.resume import weights_sha1
+    from softvq.tokenizer import Tokenizer
+
+    made_by, made_sha1 = latents_meta.get("tokenizer"), latents_meta.get("tokenizer_sha1")
+    if is_preset(spec):
+        same = made_by is not None and str(made_by).lower() == spec.lower()
+        return None if same or made_by is None else f"{spec} is a preset with random weights; the latents were " \
+                                                    f"made by {made_by}"
+    path = Path(spec).expanduser()
+    if made_sha1 is None or not path.is_dir():  # a hub id or official: release, read only by generate
+        return None
+    sha1 = weights_sha1(Tokenizer.from_pretrained(training_run_export(path) or path))
+    return None if sha1 == made_sha1 else f"{spec} has weights (sha1 {sha1[:10]}) other than those that made the " \
+                                          f"latents ({made_sha1[:10]}, {made_by})"
+
+
 def check_latent_set(data: LatentSet, folder: str) -> None:
     """Training normalises the latents as (z − mean) / std: a std of 0 or a non-finite statistic or
     latent makes every loss NaN from the first step, so such a set is refused before training."""
@@ -612,6 +634,10 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     check_latent_set(data, cfg.latents)
     if cfg.tokenizer is not None:
         cfg = dataclasses.replace(cfg, tokenizer=tokenizer_spec(cfg.tokenizer, tuple(data.latents.shape[1:])))
+        other = other_tokenizer(cfg.tokenizer, data.meta)
+        if other is not None:  # generate would say it only after the whole run
+            _LOG.warning(f"--tokenizer {other}: generate would decode this run's samples with other weights than "
+                         f"the latents were made with; pass the tokenizer pretokenize used, or leave --tokenizer out")
     cfg = cfg.resolved(count=data.latents.shape[0])  # epochs -> steps
     length = f"--epochs {cfg.epochs:g} ({cfg.steps} steps)" if cfg.epochs is not None else f"--steps {cfg.steps}"
     run = Path(cfg.out)
