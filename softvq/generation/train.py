@@ -633,8 +633,9 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     data = load_latents(cfg.latents)
     check_latent_set(data, cfg.latents)
     if cfg.tokenizer is not None:
-        cfg = dataclasses.replace(cfg, tokenizer=tokenizer_spec(cfg.tokenizer, tuple(data.latents.shape[1:])))
-        other = other_tokenizer(cfg.tokenizer, data.meta)
+        spec = tokenizer_spec(cfg.tokenizer, tuple(data.latents.shape[1:]))
+        cfg = dataclasses.replace(cfg, tokenizer=spec)
+        other = other_tokenizer(spec, data.meta)
         if other is not None:  # generate would say it only after the whole run
             _LOG.warning(f"--tokenizer {other}: generate would decode this run's samples with other weights than "
                          f"the latents were made with; pass the tokenizer pretokenize used, or leave --tokenizer out")
