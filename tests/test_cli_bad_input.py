@@ -487,6 +487,15 @@ def _tiny_generator(folder, objective="sit", tokenizer=None):
     return save_generator(model, GeneratorMeta(objective=objective, tokenizer=tokenizer, classes=["a", "b"]), folder)
 
 
+def test_generate_takes_quiet_like_the_other_long_jobs(tmp_path, capsys):
+    gen = _tiny_generator(tmp_path / "gen", tokenizer="softvq-tiny")
+    make = ["generate", str(gen), "--classes", "0", "--per-class", "1", "--steps", "2", "--device", "cpu", "--out"]
+    code, _, err = _run(capsys, *make, str(tmp_path / "loud"))
+    assert code == 0 and "batch" in err  # the progress bar
+    code, _, err = _run(capsys, *make, str(tmp_path / "quiet"), "--quiet")
+    assert code == 0 and "batch" not in err and len(list((tmp_path / "quiet" / "images").glob("*.png"))) == 1
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--temperature", "1.0"], "--temperature only applies to MAR generators; "),
     (["--cfg-schedule", "constant", "--ar-steps", "2"], "--ar-steps, --cfg-schedule only apply to MAR generators; "),

@@ -124,6 +124,11 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` (also ``--no-progress``): no progress bar, the same flag on every long job."""
+    parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
+
+
 def seed_int(text: str) -> int:
     """argparse ``type`` for seeds: 0 or more and below 2**63, as torch and NumPy take them (past
     64 bits torch fails with "Overflow when unpacking long long", naming no flag)."""

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from softvq.checkpoint.specs import is_preset
-from softvq.cli.common import (add_model_arguments, generator_tokenizer, load_tokenizer, non_negative_int, positive_int,
-                               resolve_device, seed_int)
+from softvq.cli.common import (add_model_arguments, add_quiet_argument, generator_tokenizer, load_tokenizer,
+                               non_negative_int, positive_int, resolve_device, seed_int)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "t/T for DiT); default 0.5 (ours: the paper gives none)")
     p.add_argument("--samples", default=None, metavar="DIR", help="score generated samples against --images")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
-    p.add_argument("--no-progress", action="store_true")
+    add_quiet_argument(p)
     p.add_argument("--seed", type=seed_int, default=0,
                    help="seed for a preset's random weights (so two evaluations of one preset agree)")
     p.set_defaults(func=run)
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_samples(args.samples, args.images, num_images=args.num_images,
                                   batch_size=args.batch_size, fid_weights=args.fid_weights,
                                   normalization=args.fid_normalization, device=device,
-                                  workers=args.workers, progress=not args.no_progress, state_dir=out)
+                                  workers=args.workers, progress=not args.quiet, state_dir=out)
         report["model"] = f"samples {args.samples}"
         report["num_images"] = report["num_samples"]
     else:
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             num_images=args.num_images, batch_size=args.batch_size, image_size=args.image_size,
             fid=not args.no_fid, fid_weights=args.fid_weights, fid_normalization=args.fid_normalization,
             reference_stats=args.reference_stats, lpips_nets=() if args.no_lpips else ("vgg", "alex"),
-            workers=args.workers, progress=not args.no_progress, count_flops=not args.no_flops,
+            workers=args.workers, progress=not args.quiet, count_flops=not args.no_flops,
         )
         out = Path(args.out) if args.out else (home / "eval" if home else Path("eval"))
         # hours of work on a CPU: the running sums go here, and the same command continues from them
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
             result = probe_folder(model, args.probe, val_folder=args.probe_val, which=args.probe_which,
                                   device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
-                                  progress=not args.no_progress, state_dir=None if state is None else out)
+                                  progress=not args.quiet, state_dir=None if state is None else out)
             add_probe(report, result, args.probe_epochs)
     json_path, md_path = write_report(report, out)
     if state is not None:
@@ -241,7 +241,7 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tu
     # the latents and features extracted so far are kept in OUT; the same command continues from them
     result = probe_generator(model, meta, args.probe, val_folder=args.probe_val, tokenizer=tokenizer, layer=layer,
                              t=t, device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
-                             progress=not args.no_progress,
+                             progress=not args.quiet,
                              # a random preset's weights differ on every load: nothing to continue
                              state_dir=None if args.model and is_preset(args.model) else out)
     sizes = [data.get("image_size") for data in sets.values() if data is not None]

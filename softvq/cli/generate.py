@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from softvq.cli.common import add_precision_argument, positive_int, resolve_device, seed_int
+from softvq.cli.common import add_precision_argument, add_quiet_argument, positive_int, resolve_device, seed_int
 
 FID_RECORD = "fid.json"  # gFID of --fid-ref, written into OUT beside samples.json
 
@@ -70,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="samples per batch (default 64); each batch has its own seed, so the images depend on it "
                         "and a continued run must keep it")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    add_quiet_argument(p)
     add_precision_argument(p)  # the tokenizer's decode; the generator samples in float32
     p.add_argument("--fid-ref", metavar="NPZ_OR_FOLDER",
                    help="reference Inception statistics (.npz with mu/sigma) or an image folder: also print gFID "
@@ -179,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OtherTokenizerWarning)  # said above, before any work
         result = write_samples(model, meta, tokenizer, labels, spec, args.out, seed=args.seed,
-                               batch_size=args.batch_size, record=record, accelerator=accelerator)
+                               batch_size=args.batch_size, record=record, accelerator=accelerator,
+                               progress=not args.quiet)
     if accelerator is not None and not accelerator.is_main_process:
         return 0
     if result.made == 0:

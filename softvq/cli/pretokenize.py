@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from softvq.checkpoint.specs import is_preset, portable_spec
-from softvq.cli.common import (add_model_arguments, load_tokenizer, non_negative_int, positive_int,
+from softvq.cli.common import (add_model_arguments, add_quiet_argument, load_tokenizer, non_negative_int, positive_int,
                                resolve_device, seed_int)
 
 
@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=positive_int, default=4096, help="samples per shard file")
     p.add_argument("--seed", type=seed_int, default=0,
                    help="seed of a preset's random weights (as encode's) and of --bundled's crops")
+    add_quiet_argument(p)
     p.set_defaults(func=run)
 
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = folder_source(args.images, size, single_class=args.single_class, workers=args.workers)
     result = pretokenize(tokenizer, source, args.out, tokenizer_spec=portable_spec(spec), batch_size=args.batch_size,
-                         shard_size=args.shard_size, accelerator=accelerator)
+                         shard_size=args.shard_size, accelerator=accelerator, progress=not args.quiet)
     if not main_process:
         return 0
     if result.skipped:

@@ -36,6 +36,8 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from softvq.cli.common import add_quiet_argument
+
 if TYPE_CHECKING:
     from softvq.generation.train import GeneratorTrainConfig
 
@@ -118,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             parser.add_argument(flag, type=kind, nargs="+", default=unset, help=help_text, metavar="STEP")
         else:
             parser.add_argument(flag, type=kind, default=unset, help=help_text, choices=choices)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_argument(parser)
     return parser
 
 
