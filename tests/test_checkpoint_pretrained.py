@@ -79,7 +79,7 @@ def test_a_mistyped_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypat
 
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=r"no checkpoint folder at 'runs/demoo'; runs/ holds demo"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint folder at 'runs/demoo'; runs/ holds the folders demo"):
         resolve("runs/demoo", ["config.json"])
 
 
@@ -131,7 +131,11 @@ def test_hub_ids_are_told_from_mistyped_local_paths_in_one_place(tmp_path, monke
     assert looks_like_hub_id("SoftVQVAE/softvq-b-64")
     for local in ("runs/nop", "runs/demo", "./org/name", "/org/name", "~/org/name", "name", "a/b/c"):
         assert not looks_like_hub_id(local), local
-    with pytest.raises(CheckpointError, match=r"no checkpoint folder at 'runs/nop'; runs/ holds demo$"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint folder at 'runs/nop'; runs/ holds the folders demo$"):
         resolve("runs/nop", ["config.json"])  # a mistyped run, not a repository to download
     with pytest.raises(CheckpointError, match=r"no checkpoint folder at 'a/b/c' \(and it is not a hub id"):
         resolve("a/b/c", ["config.json"])
+    for i in range(9):
+        (tmp_path / "runs" / f"r{i}").mkdir()  # a long listing says how much it leaves out
+    with pytest.raises(CheckpointError, match=r"runs/ holds the folders demo, r0, .*, r6 and 2 more$"):
+        resolve("runs/nop", ["config.json"])

@@ -334,8 +334,9 @@ def release_weights(folder: Path) -> Path:
     for name in RELEASE_WEIGHTS:
         if (folder / name).is_file():
             return folder / name
-    held = sorted(p.name for p in folder.iterdir())[:8]
-    raise CheckpointError(f"{folder} holds no {' or '.join(RELEASE_WEIGHTS)} (it holds: {', '.join(held) or 'nothing'}); "
+    held = sorted(p.name for p in folder.iterdir())
+    shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
+    raise CheckpointError(f"{folder} holds no {' or '.join(RELEASE_WEIGHTS)} (it holds: {shown or 'nothing'}); "
                           f"a release folder has config.json and model.safetensors (or pytorch_model.bin)")
 
 
