@@ -123,7 +123,8 @@ class SamplerSpec:
 def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Sequence[int | str],
                    spec: SamplerSpec = SamplerSpec(), generator: torch.Generator | None = None,
                    progress: bool = False) -> Tensor:
-    """Sample normalised latents ((z − mean)/std space) for ``labels`` (B,) on the model's device.
+    """Sample normalised latents ((z − mean)/std space) for ``labels`` (B,) on the model's device;
+    :func:`denormalize` turns them into the tokenizer's latents (``tok.decode(denormalize(x, meta))``).
 
     ``labels`` are class indices (a tensor or a list) or names from ``meta.classes``; the null
     class ``num_classes`` samples unconditionally."""
