@@ -45,7 +45,7 @@ def test_vq_picks_nearest_codeword_and_returns_unweighted_losses():
     assert vq.codebook.grad.abs().sum() > 0
     counts = torch.bincount(naive, minlength=16).double()
     p = counts / counts.sum()
-    assert math.isclose(out.metrics["perplexity"].item(), math.exp(-(p[p > 0] * p[p > 0].log()).sum()), rel_tol=1e-5)
+    assert math.isclose(out.metrics["codebook_perplexity"].item(), math.exp(-(p[p > 0] * p[p > 0].log()).sum()), rel_tol=1e-5)
     assert out.metrics["usage"].item() == (counts > 0).double().mean().item()
 
 

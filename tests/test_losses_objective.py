@@ -47,9 +47,9 @@ def test_reconstruction_and_bottleneck_terms_match_naive(kind: str) -> None:
     kl = out.encoding.losses["kl"].item()
     assert loss.item() == pytest.approx(rec.item() + 0.01 * kl, rel=1e-5)
     assert set(logs) == {"rec", "rec_weighted", "bottleneck/kl", "bottleneck/kl_weighted", "loss", "perceptual_weight",
-                         "bottleneck/perplexity", "bottleneck/usage", "bottleneck/temperature"}
+                         "bottleneck/soft_perplexity", "bottleneck/usage", "bottleneck/temperature"}
     # the bottleneck's metrics are logged as they are (a learnable τ can be watched), not added to the loss
-    for name in ("perplexity", "usage", "temperature"):
+    for name in ("soft_perplexity", "usage", "temperature"):
         assert logs[f"bottleneck/{name}"] == pytest.approx(out.encoding.metrics[name].item(), rel=1e-6)
     assert obj.lpips is None and obj.discriminator is None and obj.alignment is None  # nothing built
     assert list(obj.parameters()) == []

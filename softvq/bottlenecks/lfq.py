@@ -106,7 +106,7 @@ class GroupedLookupFree(Bottleneck):
             metrics = {
                 "token_entropy": token_entropy.detach(),
                 "codebook_entropy": codebook_entropy.detach(),
-                "perplexity": torch.exp(entropy(group_mean.detach())).mean(),
+                "soft_perplexity": torch.exp(entropy(group_mean.detach())).mean(),
                 "usage": used.float().mean(),
             }
             return BottleneckOutput(

@@ -43,7 +43,8 @@ class SoftVQ(Bottleneck):
     Tab. 5; off by default, as in the paper's SoftVQ; see :meth:`vq_losses`).
 
     losses: ``kl`` = H(q) − H(E q) over the tokens of the batch (unweighted; λ4 lives in the
-    objective), plus ``codebook`` and ``commit`` where switched on. metrics: ``perplexity`` of E q,
+    objective), plus ``codebook`` and ``commit`` where switched on. metrics: ``soft_perplexity``,
+    exp H(E q) (the posterior's; VQ's ``codebook_perplexity`` counts argmax codes, as eval's does),
     ``usage`` (fraction of codewords chosen by argmax), ``temperature`` (τ, or 1/mean ω for GMMVQ).
     """
 
@@ -157,7 +158,7 @@ class SoftVQ(Bottleneck):
             used = torch.zeros(self.codebook_size, device=z.device, dtype=torch.bool)
             used[out.indices] = True
             metrics = {
-                "perplexity": torch.exp(entropy(out.mean_probs)).detach(),
+                "soft_perplexity": torch.exp(entropy(out.mean_probs)).detach(),
                 "usage": used.float().mean(),
                 "temperature": (1.0 / scale.detach().float().mean()),
             }

@@ -89,7 +89,7 @@ class VQ(Bottleneck):
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
             freq = counts / counts.sum().clamp_min(1)
             metrics = {
-                "perplexity": torch.exp(entropy(freq)),
+                "codebook_perplexity": torch.exp(entropy(freq)),
                 "usage": (counts > 0).float().mean(),
             }
             return BottleneckOutput(

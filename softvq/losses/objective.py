@@ -307,7 +307,7 @@ class TokenizerObjective(nn.Module):
 
         Log keys: each term ``t`` in {rec, perceptual, align, adversarial, bottleneck/<name>} as
         ``t`` (unweighted) and ``t_weighted``; the bottleneck's detached metrics as
-        ``bottleneck/<metric>`` (perplexity, usage and temperature of this batch, for SoftVQ);
+        ``bottleneck/<metric>`` (soft_perplexity, usage and temperature of this batch, for SoftVQ);
         ``perceptual_weight`` (λ1 now), ``adaptive_weight`` when on, and ``loss`` (the total).
         """
         cfg = self.cfg
