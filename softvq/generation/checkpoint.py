@@ -24,6 +24,7 @@ import torch
 
 from softvq.checkpoint.pretrained import (CONFIG_NAME, WEIGHTS_NAME, load_strict, read_folder_config,
                                          read_state_dict, usable_device, write_folder)
+from softvq.generation.latents import latent_set_sha1
 from softvq.generation.mar import MaskedAutoregressive
 from softvq.generation.models import LatentTransformer, build_generator
 
@@ -258,7 +259,6 @@ def _older_checkpoint_meta(file: Path, run: Path, config: dict[str, Any]) -> Gen
     was started on, found where ``config.json`` says (and the same set)."""
     from softvq.checkpoint.pretrained import CheckpointError
     from softvq.generation.latents import META_NAME
-    from softvq.generation.train import latent_set_sha1
 
     recorded = str(config["train"].get("latents", ""))
     looked = _latent_set_places(run, config["train"])

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +37,11 @@ class LatentSet:
     @property
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
+
+
+def latent_set_sha1(meta: dict[str, Any]) -> str:
+    """Identity of a latent set: its ``meta.json`` (shards, statistics, tokenizer), wherever it lies."""
+    return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def load_latents(folder: str | Path) -> LatentSet:

@@ -35,7 +35,6 @@ field of :class:`GeneratorTrainConfig`); from Python:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -56,7 +55,7 @@ from softvq.generation.checkpoint import (GENERATOR_EXPORT, MODEL_CONFIG_KEY, fo
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
-from softvq.generation.latents import LatentSet, load_latents
+from softvq.generation.latents import LatentSet, latent_set_sha1, load_latents
 from softvq.randomness import SEED_LIMIT, derived_seed
 from softvq.resume import changed_settings
 from softvq.training.optim import param_groups
@@ -405,11 +404,6 @@ def config_from_record(record: dict[str, Any], **given: Any) -> GeneratorTrainCo
     objective = given.get("objective", fields.get("objective"))
     fields["schedule" if objective == "sit" else "path"] = None
     return GeneratorTrainConfig(**{**fields, **given})
-
-
-def latent_set_sha1(meta: dict[str, Any]) -> str:
-    """Identity of a latent set: its ``meta.json`` (shards, statistics, tokenizer), wherever it lies."""
-    return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def check_out_folder(run: Path) -> None:
