@@ -78,8 +78,10 @@ def main() -> None:
     # channels (WeTok Tabs. 9 and 10), then stage 2, the generative decoder, from stage 1's export.
     # WeTok gives no commit weight or reduction: LFQ's implementations (MAGVIT-v2's family) average the
     # commit loss over channels, which this takes (per-token sums started it at 12x the reconstruction).
+    # Nor an entropy weight: the entropy loss (WeTok Eqs. 7-9) takes SoftVQ's λ4 = 0.01 (paper.yaml).
     write("wetok-gq-s-64", "WeTok GQ on SoftVQ-S-64: 64 tokens x 32 binary channels in g=4 groups of d'=8 "
-          "(WeTok Sec. 3.2, Tab. 9); commit loss averaged over channels, as LFQ's implementations do", {
+          "(WeTok Sec. 3.2, Tab. 9); commit loss averaged over channels, as LFQ's implementations do; entropy "
+          "weight SoftVQ's lambda4 = 0.01 (WeTok gives none)", {
               "model": {"preset": "softvq-s-64",
                         "bottleneck": {"kind": "lfq", "latent_dim": 32, "lfq_groups": 4, "segments": 1}},
               "objective": {"vq_loss_reduction": "element_mean"},
