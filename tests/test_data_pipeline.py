@@ -429,7 +429,7 @@ def test_a_folder_that_cannot_be_listed_is_named_not_silently_dropped(tmp_path, 
     assert f"{tmp_path / 'locked'}: cannot list this folder (PermissionError)" in caplog.text
 
 
-def test_center_crop_resize_cuts_the_middle_square_and_resizes_it_bicubically():
+def test_center_crop_resize_is_adms_box_halvings_then_bicubic_then_the_middle_square():
     from softvq.data.images import center_crop_resize
 
     rows, cols = np.mgrid[0:60, 0:100]
@@ -440,11 +440,20 @@ def test_center_crop_resize_cuts_the_middle_square_and_resizes_it_bicubically():
     np.testing.assert_array_equal(np.asarray(center_crop_resize(Image.fromarray(tall), 60)), tall[20:80])
     odd = np.concatenate([wide, wide[:, :1]], 1)  # 101 wide: the extra column goes to the right margin
     np.testing.assert_array_equal(np.asarray(center_crop_resize(Image.fromarray(odd), 60)), odd[:, 20:80])
-    # a smaller size: PIL's bicubic resize of that crop
-    expected = np.asarray(Image.fromarray(np.ascontiguousarray(wide[:, 20:80])).resize((24, 24), Image.BICUBIC))
+    # a smaller size, as guided-diffusion's center_crop_arr makes it: 60 >= 2 x 24, so one box halving to
+    # 50 x 30, a bicubic resize to 40 x 24, then columns 8..31 (the crop-then-resize it replaced differs)
+    halved = Image.fromarray(wide).resize((50, 30), Image.BOX)
+    expected = np.asarray(halved.resize((40, 24), Image.BICUBIC))[:, 8:32]
     small = np.asarray(center_crop_resize(Image.fromarray(wide), 24))
     assert small.shape == (24, 24, 3)
     np.testing.assert_array_equal(small, expected)
+    cropped_first = np.asarray(Image.fromarray(np.ascontiguousarray(wide[:, 20:80])).resize((24, 24), Image.BICUBIC))
+    assert np.abs(small.astype(int) - cropped_first.astype(int)).max() > 0
+    # a photo-sized 640 x 427 to 64: halved to 320 x 213, then 160 x 106 (106 < 128 stops it), bicubic to 97 x 64
+    photo = np.random.default_rng(0).integers(0, 256, (427, 640, 3), dtype=np.uint8)
+    steps = Image.fromarray(photo).resize((320, 213), Image.BOX).resize((160, 106), Image.BOX)
+    expected = np.asarray(steps.resize((97, 64), Image.BICUBIC))[:, 16:80]
+    np.testing.assert_array_equal(np.asarray(center_crop_resize(Image.fromarray(photo), 64)), expected)
 
 
 def test_a_workers_error_is_rebuilt_with_its_own_message_except_where_str_is_not_the_message():

@@ -209,12 +209,17 @@ def test_pictures_skip_unreadable_files_and_take_the_next_readable_ones(tmp_path
 
 
 def test_bundled_picture_images_are_each_photo_whole_then_seeded_crops():
-    from softvq.data.images import bundled_photos, center_crop_resize, load_rgb
+    from PIL import Image
+
+    from softvq.data.images import bundled_photos, load_rgb
 
     images, labels, names = plot_images(32, per_class=3, max_classes=2, seed=5)
     assert names == [p.stem for p in bundled_photos()[:2]] and images.dtype == torch.uint8
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
-    whole = np.asarray(center_crop_resize(load_rgb(bundled_photos()[0]), 32))  # the first crop: the whole photo
+    photo = load_rgb(bundled_photos()[0])  # the first crop: the whole photo's centre square, resized
+    side = min(photo.size)
+    left, top = (photo.width - side) // 2, (photo.height - side) // 2
+    whole = np.asarray(photo.crop((left, top, left + side, top + side)).resize((32, 32), Image.BICUBIC))
     assert np.abs(images[0].permute(1, 2, 0).numpy().astype(int) - whole.astype(int)).max() <= 1
     assert torch.equal(images, plot_images(32, per_class=3, max_classes=2, seed=5)[0])
     assert not torch.equal(images, plot_images(32, per_class=3, max_classes=2, seed=6)[0])

@@ -7,7 +7,8 @@ Protocol (fixed, and written into every report under ``protocol``):
   path; shards: shard then member order). The paper's rFID uses the 50,000 ImageNet validation
   images (Sec. 4.1), hence the default ``num_images=50000``. Unreadable files among them are
   skipped and counted (``skipped_images``; the report's ``num_images`` counts the images measured);
-* each image is centre-cropped to a square and resized to the model's resolution (PIL bicubic);
+* each image is resized and centre-cropped to the model's resolution as ADM does (box halvings,
+  PIL bicubic, middle square: ``center_crop_resize``);
 * reconstructions are clamped to [-1, 1] and rounded to 8 bits, as a saved PNG would be; every
   metric compares 8-bit originals with 8-bit reconstructions;
 * rFID: FID between Inception pool3 features of the originals and of the reconstructions

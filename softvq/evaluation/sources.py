@@ -3,8 +3,8 @@
 Order (part of the evaluation protocol): a folder's images sorted by relative path (recursive);
 shards in sorted order (``data/val-{000..063}.tar`` brace patterns and ``*`` globs expand, then
 sort), and inside each shard the tar member order. The first ``limit`` images are used.
-Every image is centre-cropped to a square and resized to the model's size with PIL bicubic
-(:func:`softvq.data.images.center_crop_resize`, the ADM/DiT evaluation crop).
+Every image is resized and centre-cropped to the model's size as ADM does (box halvings, then PIL
+bicubic, then the middle square: :func:`softvq.data.images.center_crop_resize`).
 """
 
 from __future__ import annotations
