@@ -54,7 +54,7 @@ def test_pytorch_fid_weight_file_path(extractor, photos, tmp_path, monkeypatch):
     monkeypatch.delenv("SOFTVQ_FID_WEIGHTS", raising=False)
     assert inc.find_fid_weights() == path  # the hub-cache file is preferred: it has the classifier
 
-    ours = inc.InceptionFeatureExtractor(normalization="pytorch-fid")
+    ours = inc.InceptionFeatureExtractor(normalization="pytorch-fid", resize="pytorch-fid")
     assert ours.has_logits and ours.weights_name == inc.PYTORCH_FID_FILENAME
     feats, logits = ours.features_and_logits(photos[:1])
     torch.testing.assert_close(logits, feats @ state["fc.weight"].T + state["fc.bias"], rtol=1e-4, atol=1e-4)
@@ -123,3 +123,42 @@ def test_loading_the_frozen_networks_leaves_the_global_random_stream_alone():
         torch.manual_seed(5)
         build()
         assert torch.equal(torch.rand(4), expected), build.__name__
+
+
+def test_the_tf_resize_samples_without_half_pixel_centres():
+    """TF1's ResizeBilinear (the FID graph's, align_corners=False): output i reads input i·in/out.
+    Against a float64 loop written from that definition, and at a 2x upscale by hand."""
+    x = torch.rand(2, 3, 5, 7, dtype=torch.float64)
+    got = inc.tf_bilinear_resize(x, 9)
+    expected = torch.empty(2, 3, 9, 9, dtype=torch.float64)
+    for i in range(9):
+        for j in range(9):
+            y, xx = i * 5 / 9, j * 7 / 9
+            y0, x0 = int(y), int(xx)
+            y1, x1 = min(y0 + 1, 4), min(x0 + 1, 6)
+            dy, dx = y - y0, xx - x0
+            top = x[..., y0, x0] * (1 - dx) + x[..., y0, x1] * dx
+            bottom = x[..., y1, x0] * (1 - dx) + x[..., y1, x1] * dx
+            expected[..., i, j] = top * (1 - dy) + bottom * dy
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    row = torch.tensor([[[[0.0, 2.0, 4.0]]]]).expand(1, 1, 3, 3)
+    assert inc.tf_bilinear_resize(row, 6)[0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 4.0]  # edge clamped
+    half_pixel = torch.nn.functional.interpolate(row, size=(6, 6), mode="bilinear", align_corners=False)
+    assert half_pixel[0, 0, 0].tolist() != [0.0, 1.0, 2.0, 3.0, 4.0, 4.0]  # pytorch-fid's differs
+
+
+def test_the_fid_resize_is_chosen_and_recorded_in_the_protocol(extractor, photos):
+    import copy
+
+    from softvq.evaluation.evaluate import EvalOptions, protocol_of
+
+    x = ((photos[:1] + 1) * 127.5).round().to(torch.uint8)
+    assert extractor.resize == "tf"  # the default: the graph behind published gFIDs
+    torch.testing.assert_close(extractor.preprocess(x), (inc.tf_bilinear_resize(x.float(), 299) - 128) / 128)
+    pytorch_fid_resize = copy.copy(extractor)
+    pytorch_fid_resize.resize = "pytorch-fid"
+    assert not torch.allclose(extractor.preprocess(x), pytorch_fid_resize.preprocess(x))
+    keys = [protocol_of(EvalOptions(fid_resize=r), 64, 10, "w")["fid_resize"] for r in ("tf", "pytorch-fid")]
+    assert keys[0] != keys[1]  # reference statistics of one are never read back for the other
+    with pytest.raises(ValueError, match="resize must be 'tf' or 'pytorch-fid', got 'nearest'"):
+        inc.InceptionFeatureExtractor(resize="nearest")

@@ -61,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: found automatically)")
     p.add_argument("--fid-normalization", choices=("tf", "pytorch-fid"), default="tf",
                    help="Inception input scaling: TF graph (x-128)/128 (default) or pytorch-fid x/127.5-1")
+    p.add_argument("--fid-resize", choices=("tf", "pytorch-fid"), default="tf",
+                   help="resize to 299: the TF graph's bilinear without half-pixel centres, as ADM's evaluator "
+                        "(default), or pytorch-fid's F.interpolate")
     p.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception pass)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--no-flops", action="store_true", help="skip counting encoder/decoder FLOPs")
@@ -156,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         # the features extracted so far are kept in OUT, and the same command continues from them
         report = evaluate_samples(args.samples, args.images, num_images=args.num_images,
                                   batch_size=args.batch_size, fid_weights=args.fid_weights,
-                                  normalization=args.fid_normalization, device=device,
+                                  normalization=args.fid_normalization, resize=args.fid_resize, device=device,
                                   workers=args.workers, progress=not args.quiet, state_dir=out)
         report["model"] = f"samples {args.samples}"
         report["num_images"] = report["num_samples"]
@@ -169,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         options = EvalOptions(
             num_images=args.num_images, batch_size=args.batch_size, image_size=args.image_size,
             fid=not args.no_fid, fid_weights=args.fid_weights, fid_normalization=args.fid_normalization,
+            fid_resize=args.fid_resize,
             reference_stats=args.reference_stats, lpips_nets=() if args.no_lpips else ("vgg", "alex"),
             workers=args.workers, progress=not args.quiet, count_flops=not args.no_flops,
         )

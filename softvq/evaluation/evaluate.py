@@ -53,7 +53,7 @@ from softvq.evaluation.sources import list_image_refs, readable_batches, skipped
 from softvq.resume import listing_sha1, weights_sha1
 
 if TYPE_CHECKING:
-    from softvq.evaluation.inception import Normalization
+    from softvq.evaluation.inception import Normalization, Resize
     from softvq.tokenizer import Tokenizer
 
 PAPER_NUM_IMAGES = 50_000
@@ -70,6 +70,7 @@ class EvalOptions:
     fid: bool = True
     fid_weights: str | None = None          # see softvq.evaluation.inception.find_fid_weights
     fid_normalization: Normalization = "tf"
+    fid_resize: Resize = "tf"               # the TF graph's bilinear resize to 299, or pytorch-fid's
     reference_stats: str | Path | None = None  # .npz cache of the originals' statistics
     cache_dir: str | Path | None = DEFAULT_CACHE
     lpips_nets: Sequence[str] = ("vgg", "alex")
@@ -151,9 +152,9 @@ def _load_lpips(nets: Sequence[str], device: torch.device) -> tuple[dict[str, An
 def protocol_of(options: EvalOptions, image_size: int, num_images: int, fid_weights: str | None) -> dict[str, Any]:
     """The part of the protocol that decides the reference statistics (hashed into the cache key)."""
     return {
-        "num_images": num_images, "image_size": image_size, "crop": "center square",
-        "resize": "PIL bicubic", "order": "sorted path / shard then member order",
-        "quantization": "uint8", "fid_resize": "bilinear to 299, align_corners=False",
+        "num_images": num_images, "image_size": image_size, "crop": "ADM center_crop_arr",
+        "resize": "box halvings, then PIL bicubic", "order": "sorted path / shard then member order",
+        "quantization": "uint8", "fid_resize": f"bilinear to 299, {options.fid_resize}",
         "fid_normalization": options.fid_normalization, "fid_weights": fid_weights,
     }
 
@@ -172,6 +173,7 @@ def _evaluation_identity(model, refs: list, size: int, options: EvalOptions) -> 
     return {"weights_sha1": weights_sha1(model), "precision": model.precision, "images": len(refs),
             "images_sha1": images, "image_size": size, "batch_size": options.batch_size, "fid": options.fid,
             "fid_weights": options.fid_weights, "fid_normalization": options.fid_normalization,
+            "fid_resize": options.fid_resize,
             "lpips_nets": list(options.lpips_nets)}
 
 
@@ -218,7 +220,8 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
 
         extractor = InceptionFeatureExtractor(options.fid_weights, device=device,
                                               batch_size=options.batch_size,
-                                              normalization=options.fid_normalization)
+                                              normalization=options.fid_normalization,
+                                              resize=options.fid_resize)
         weights_name = extractor.weights_name
         protocol = protocol_of(options, size, n, weights_name)
         checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files,

