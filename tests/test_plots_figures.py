@@ -92,7 +92,7 @@ def test_latent_projection_and_rate_quality(tmp_path):
     path = plots.plot_latent_projection(feats, lats, labels, tmp_path / "latents.png",
                                         class_names=["a", "b", "c"], method="pca")
     assert_picture(path)
-    runs = [{"name": f"L{t}", "num_tokens": t, "latent_dim": 32, "rfid": 4.0 / t, "psnr": 20 + t / 16}
+    runs = [{"name": f"L{t}", "num_tokens": t, "latent_dim": 32, "rfid": 4.0 / t, "psnr_eval": 20 + t / 16}
             for t in (16, 32, 64)]
     assert_picture(plots.plot_rate_quality(runs, tmp_path / "rate.png"))
 
@@ -100,13 +100,22 @@ def test_latent_projection_and_rate_quality(tmp_path):
 def test_rate_quality_colours_by_kind_stacks_names_and_names_runs_it_cannot_place(tmp_path, monkeypatch):
     drawn = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
-    runs = [{"name": "vq", "kind": "vq", "num_tokens": 64, "latent_dim": 32, "rfid": 4.0, "psnr": 20.1},
-            {"name": "kl", "kind": "kl", "num_tokens": 64, "latent_dim": 32, "rfid": 4.05, "psnr": 20.2},
-            {"name": "ae", "kind": "ae", "num_tokens": 64, "latent_dim": 32, "psnr": 20.0}]
+    runs = [{"name": "vq", "kind": "vq", "num_tokens": 64, "latent_dim": 32, "rfid": 4.0, "psnr_eval": 20.1},
+            {"name": "kl", "kind": "kl", "num_tokens": 64, "latent_dim": 32, "rfid": 4.05, "psnr_eval": 20.2},
+            {"name": "ae", "kind": "ae", "num_tokens": 64, "latent_dim": 32, "psnr_eval": 20.0}]
     plots.plot_rate_quality(runs, tmp_path / "rate.png")
     rfid_axes, psnr_axes = drawn[0].axes
-    assert [t.get_text() for t in rfid_axes.get_legend().get_texts()] == ["kl", "vq"]
-    assert any("not shown (no rfid): ae" == t.get_text() for t in rfid_axes.texts)
+    assert [t.get_text() for t in rfid_axes.get_legend().get_texts()] == ["vq", "kl"]  # the kinds' fixed order
+    assert any("not shown (no rFID, softvq eval): ae" == t.get_text() for t in rfid_axes.texts)
+    # a kind keeps its colour whichever runs a chart shows, and the panels share the rate axis
+    colour = {line.get_label(): line.get_color() for line in rfid_axes.lines}
+    drawn.clear()
+    plots.plot_rate_quality(runs[1:], tmp_path / "rate.png")
+    assert {line.get_label(): line.get_color() for line in drawn[0].axes[0].lines}["kl"] == colour["kl"]
+    assert drawn[0].axes[0].get_xlim() == drawn[0].axes[1].get_xlim()
+    drawn.clear()
+    plots.plot_rate_quality(runs, tmp_path / "rate.png")
+    rfid_axes, psnr_axes = drawn[0].axes
     assert not any("not shown" in t.get_text() for t in psnr_axes.texts)
     # runs at one rate: their names sit one under the other, not on top of each other
     drawn[0].canvas.draw()
@@ -172,26 +181,27 @@ def test_comparison_rows_fall_back_to_held_out_metrics_and_name_the_protocol(tmp
                                       "| b | – | – | – | 1.500 | – | – |"]
 
 
-def test_rate_quality_tells_held_out_psnr_from_eval_psnr(tmp_path, monkeypatch):
+def test_rate_quality_puts_psnr_of_one_protocol_on_its_axis(tmp_path, monkeypatch):
     from softvq.evaluation.runs import rate_point
 
     make_run(tmp_path / "trained", with_eval=False)
     (tmp_path / "trained" / "metrics.json").write_text(json.dumps({"psnr": 12.5, "lpips": 0.25}))
     trained = rate_point(read_run(tmp_path / "trained"))
-    assert (trained["psnr"], trained["psnr_on"], trained["rfid"]) == (12.5, "held-out", None)
+    assert (trained["psnr_eval"], trained["psnr_heldout"], trained["rfid"]) == (None, 12.5, None)
 
     drawn = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
-    evaluated = dict(trained, name="evaluated", psnr=14.0, psnr_on="eval", rfid=3.0)
+    # evaluated on other images (14.0) but 11.0 on the held-out ones: beside a run with held-out PSNR
+    # alone, both are drawn by the held-out images, or the chart ranks them by how they were measured
+    evaluated = dict(trained, name="evaluated", psnr_eval=14.0, psnr_heldout=11.0, rfid=3.0)
     plots.plot_rate_quality([trained, evaluated], tmp_path / "rate.png")
     psnr_axes = drawn[0].axes[1]
-    faces = {round(line.get_ydata()[0], 1): line.get_markerfacecolor() for line in psnr_axes.lines}
-    assert faces[12.5] == "white" and faces[14.0] != "white"
-    assert any("hollow: training's held-out images" in t.get_text() for t in psnr_axes.texts)
-    # with eval points only, no note
+    assert sorted(round(line.get_ydata()[0], 1) for line in psnr_axes.lines) == [11.0, 12.5]
+    assert psnr_axes.get_ylabel() == "PSNR dB, held-out images (higher is better)"
     drawn.clear()
-    plots.plot_rate_quality([evaluated], tmp_path / "rate.png")
-    assert not any("hollow" in t.get_text() for t in drawn[0].axes[1].texts)
+    plots.plot_rate_quality([evaluated, dict(evaluated, name="other", psnr_eval=15.0)], tmp_path / "rate.png")
+    assert sorted(round(line.get_ydata()[0], 1) for line in drawn[0].axes[1].lines) == [14.0, 15.0]
+    assert drawn[0].axes[1].get_ylabel() == "PSNR dB, softvq eval (higher is better)"
 
 
 def test_pictures_skip_unreadable_files_and_take_the_next_readable_ones(tmp_path):

@@ -12,8 +12,9 @@ Per run, under ``DIR/<run name>/``:
                         codebooks: not KL / AE / LFQ);
   latents.png           2D projection of ẑ and z coloured by class (UMAP if umap-learn is
                         installed, else PCA; --projection chooses).
-Across runs: DIR/rate_quality.png, tokens x dim against rFID / PSNR (from eval/eval.json, else the
-held-out PSNR of metrics.json, drawn hollow), and DIR/comparison.md, a row per run with every metric of its eval report (else
+Across runs: DIR/rate_quality.png, tokens x dim against rFID / PSNR (PSNR from every run's
+eval/eval.json, or, where a run has none, from every run's held-out images: one protocol per
+axis), and DIR/comparison.md, a row per run with every metric of its eval report (else
 its held-out PSNR / LPIPS; a column says which): e.g. Tab. 3's rows from its runs. Missing files
 are skipped with a note. Images: --images FOLDER (class sub-folders colour the latent plot),
 default the bundled photos, several crops of each.

@@ -385,53 +385,56 @@ def _class_colours(n: int) -> list:
 
 def plot_rate_quality(runs: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
     """Rate (tokens x dim per image) against rFID and PSNR, one labelled point per run, coloured
-    by bottleneck kind.
+    by bottleneck kind (the same colour for a kind in every chart).
 
-    Each run: ``{"name", "num_tokens", "latent_dim", "kind"?, "rfid"?, "psnr"?, "psnr_on"?}``. A run
-    without a panel's metric is named under that panel; names of runs at the same rate are stacked,
-    so they do not print over each other. PSNR measured on training's held-out images
-    (``psnr_on="held-out"``) is another protocol than ``softvq eval``'s: those points are hollow,
-    and a note under the panel says so.
+    Each run: ``{"name", "num_tokens", "latent_dim", "kind"?, "rfid"?, "psnr_eval"?, "psnr_heldout"?}``
+    (:func:`softvq.evaluation.runs.rate_point`). The PSNR panel uses one protocol for every point:
+    ``softvq eval``'s where every run has it, else training's held-out images; mixing the two ranked
+    runs by how they were measured. A run without a panel's metric is named under that panel; names
+    of runs at the same rate are stacked, so they do not print over each other; both panels share
+    the rate axis.
     """
     from matplotlib.text import OffsetFrom
 
-    metrics = [m for m in ("rfid", "psnr") if any(r.get(m) is not None for r in runs)]
+    has = {"eval": [r for r in runs if r.get("psnr_eval") is not None],
+           "held-out": [r for r in runs if r.get("psnr_heldout") is not None]}
+    with_psnr = [r for r in runs if r.get("psnr_eval") is not None or r.get("psnr_heldout") is not None]
+    psnr_on = "eval" if with_psnr and len(has["eval"]) == len(with_psnr) else "held-out"
+    psnr_key = "psnr_eval" if psnr_on == "eval" else "psnr_heldout"
+    metrics = [(m, key) for m, key in (("rfid", "rfid"), ("psnr", psnr_key)) if any(r.get(key) is not None for r in runs)]
     if not metrics:
         raise ValueError("no run has rFID or PSNR to plot")
     fig = _figure(5 * len(metrics), 4.4)
-    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
-    labels = {"rfid": "rFID (lower is better)", "psnr": "PSNR dB (higher is better)"}
-    kinds = list(dict.fromkeys(str(r.get("kind") or "?") for r in runs))
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharex=True))
+    labels = {"rfid": "rFID, softvq eval (lower is better)",
+              "psnr": f"PSNR dB, {'softvq eval' if psnr_on == 'eval' else 'held-out images'} (higher is better)"}
+    known = ["softvq", "gmmvq", "vq", "kl", "ae", "lfq"]
+    kinds = known + sorted({str(r.get("kind") or "?") for r in runs} - set(known))
     colours = dict(zip(kinds, _class_colours(len(kinds))))
-    for ax, metric in zip(axes, metrics):
-        shown = [r for r in runs if r.get(metric) is not None and r.get("num_tokens") and r.get("latent_dim")]
+    for ax, (metric, key) in zip(axes, metrics):
+        shown = [r for r in runs if r.get(key) is not None and r.get("num_tokens") and r.get("latent_dim")]
         at_rate: dict[int, list[dict[str, Any]]] = {}
         for r in shown:
             at_rate.setdefault(r["num_tokens"] * r["latent_dim"], []).append(r)
         for x, group in at_rate.items():
-            group.sort(key=lambda r: -float(r[metric]))
+            group.sort(key=lambda r: -float(r[key]))
             # names of runs at one rate form a column from the highest point down, each tied to its point
-            column = OffsetFrom(ax.transData, (x, float(group[0][metric])))
+            column = OffsetFrom(ax.transData, (x, float(group[0][key])))
             for row, r in enumerate(group):
-                y, kind = float(r[metric]), str(r.get("kind") or "?")
-                hollow = metric == "psnr" and r.get("psnr_on") == "held-out"
-                ax.plot([x], [y], "o", color=colours[kind], label=kind,
-                        markerfacecolor="white" if hollow else colours[kind])
+                y, kind = float(r[key]), str(r.get("kind") or "?")
+                ax.plot([x], [y], "o", color=colours[kind], label=kind)
                 ax.annotate(r.get("name", "?"), (x, y), xytext=(8, 3 - 10 * row), textcoords=column, fontsize=7,
                             va="center", arrowprops=dict(arrowstyle="-", color="silver", linewidth=0.5,
                                                          shrinkA=0, shrinkB=3))
-        unique = dict(zip(*reversed(ax.get_legend_handles_labels())))
-        if unique:
-            ax.legend(unique.values(), unique.keys(), fontsize=7, title="bottleneck", title_fontsize=7)
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
+        if handles:
+            ordered = sorted(handles, key=kinds.index)
+            ax.legend([handles[k] for k in ordered], ordered, fontsize=7, title="bottleneck", title_fontsize=7)
         ax.margins(x=0.25, y=0.12)
-        notes = []
         missing = [str(r.get("name", "?")) for r in runs if not any(r is s for s in shown)]
         if missing:
-            notes.append(f"not shown (no {metric}): {', '.join(missing)}")
-        if metric == "psnr" and any(r.get("psnr_on") == "held-out" for r in shown):
-            notes.append("hollow: training's held-out images, not softvq eval")
-        for row, note in enumerate(notes):
-            ax.text(0.0, -0.2 - 0.06 * row, note, transform=ax.transAxes, fontsize=7, color="dimgray", va="top")
+            ax.text(0.0, -0.2, f"not shown (no {labels[metric].split(' (')[0]}): {', '.join(missing)}",
+                    transform=ax.transAxes, fontsize=7, color="dimgray", va="top")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens x dim per image")
         ax.set_ylabel(labels[metric])

@@ -101,20 +101,19 @@ def read_run(path: str | Path) -> RunFolder:
 
 
 def rate_point(run: RunFolder) -> dict[str, Any]:
-    """{name, kind, num_tokens, latent_dim, rfid, psnr, psnr_on} from the run's eval report, metrics
-    and config. PSNR comes from the eval report when it has one, else from training's held-out
-    images (another protocol); ``psnr_on`` says which ("eval" / "held-out"), so a chart can tell them apart."""
+    """{name, kind, num_tokens, latent_dim, rfid, psnr_eval, psnr_heldout} from the run's eval report,
+    metrics and config: PSNR by both protocols where the run has them (``softvq eval``'s report, and
+    training's held-out images), so that a chart can put runs measured alike on one axis."""
     cfg = run.model_config or {}
     ev, me = run.evaluation, run.metrics
-    psnr_on = "eval" if ev.get("psnr") is not None else "held-out" if me.get("psnr") is not None else None
     return {
         "name": run.name,
         "kind": (cfg.get("bottleneck") or {}).get("kind"),
         "num_tokens": ev.get("num_tokens") or cfg.get("num_tokens"),
         "latent_dim": ev.get("latent_dim") or (cfg.get("bottleneck") or {}).get("latent_dim"),
         "rfid": ev.get("rfid"),  # training measures no rFID: only `softvq eval` does
-        "psnr": ev["psnr"] if psnr_on == "eval" else me.get("psnr"),
-        "psnr_on": psnr_on,
+        "psnr_eval": ev.get("psnr"),
+        "psnr_heldout": me.get("psnr"),
     }
 
 
@@ -370,7 +369,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
         (out / "comparison.md").unlink(missing_ok=True)
         log("no tokenizer run has an eval report or metrics.json: no comparison.md")
     points = [rate_point(r) for r in runs if not is_generator_run(r)]
-    if any(p["rfid"] is not None or p["psnr"] is not None for p in points):
+    if any(p["rfid"] is not None or p["psnr_eval"] is not None or p["psnr_heldout"] is not None for p in points):
         written.append(plots.plot_rate_quality(points, out / "rate_quality.png"))
     else:
         (out / "rate_quality.png").unlink(missing_ok=True)
