@@ -392,7 +392,30 @@ def test_held_out_curves_follow_the_losses_unsmoothed_and_the_title_says_what_th
         records.append({**record, **({"heldout/psnr": 10 + s / 4} if s % 4 == 0 else {})})  # 11 points: smoothable
     plots.plot_training_curves(records, tmp_path / "c.png")
     shown = [ax for ax in drawn[0].axes if ax.get_visible()]
-    assert [ax.get_title() for ax in shown] == ["loss", "heldout/psnr", "rec"]
+    assert [ax.get_title() for ax in shown] == ["loss", "heldout/psnr  (dB, higher is better)", "rec"]
     assert len(shown[1].lines) == 1 and np.allclose(shown[1].lines[0].get_ydata(), [10 + s / 4 for s in range(0, 41, 4)])
     assert shown[1].lines[0].get_marker() == "o" and shown[0].lines[0].get_marker() in ("None", None, "")
     assert "heldout/*: the EMA weights on the held-out images" in drawn[0]._suptitle.get_text()
+
+
+def test_a_spike_does_not_flatten_its_curve_and_the_subtitle_says_only_what_is_drawn(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    rng = np.random.default_rng(0)
+    gan = 1.0 + 0.05 * rng.standard_normal(200)
+    gan[120] = 40.0  # one GAN spike in a long run
+    falling = np.linspace(2.0, 0.05, 200)  # the plateau near the end is what matters
+    signed = 0.1 * rng.standard_normal(200)
+    signed[50] = -30.0
+    plots.plot_training_curves([{"step": s, "adversarial": gan[s], "rec": falling[s], "align": signed[s]}
+                                for s in range(200)], tmp_path / "c.png")
+    axes = {ax.get_title().split("  ")[0]: ax for ax in drawn[0].axes if ax.get_visible()}
+    assert axes["rec"].get_yscale() == "log"  # 40x from start to end
+    assert axes["adversarial"].get_yscale() == "log"  # a positive spike: log keeps both in view
+    low, high = axes["align"].get_ylim()
+    assert low > -1 and high < 1 and "1 outlier(s) off the scale" in axes["align"].get_title()
+    assert all(ax.get_xlim() == axes["rec"].get_xlim() for ax in axes.values())
+    assert "EMA 0.6" in drawn[0]._suptitle.get_text()
+    drawn.clear()  # five records: nothing is smoothed, and the subtitle must not say it is
+    plots.plot_training_curves([{"step": s, "rec": 1.0 / (s + 1)} for s in range(5)], tmp_path / "c.png")
+    assert "EMA" not in drawn[0]._suptitle.get_text()

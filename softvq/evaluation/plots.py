@@ -175,9 +175,13 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
     rows = math.ceil(panels / cols)
     fig = _figure(4.2 * cols, 2.8 * rows + 0.3)
     axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+    for ax in axes[1:len(names)]:
+        ax.sharex(axes[0])  # one step range for every panel; each keeps its own tick labels
+    any_smoothed = False
     for ax, name in zip(axes, names):
         x, y = series[name]
         smoothed = len(y) >= MIN_POINTS_TO_SMOOTH and smoothing > 0 and _smoothable(name)
+        any_smoothed |= smoothed
         if len(y) < 3:  # a line through one or two log records is invisible: mark the points
             ax.plot(x, y, color="tab:blue", marker="o", linewidth=0.8)
         elif name.startswith(HELDOUT_PREFIX):  # measured at a few grids: the points, not a trend between them
@@ -191,14 +195,16 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
         for step in broken.get(name, []):
             ax.axvline(step, color="tab:red", linestyle=":", linewidth=1.0)
         bad = len(broken.get(name, []))
-        ax.set_title(name + (f"  ({bad} non-finite, red)" if bad else ""), fontsize=9,
+        clipped = _clip_outliers(ax, y)
+        notes = [note for note in (PANEL_UNITS.get(name), f"{bad} non-finite, red" if bad else None,
+                                   f"{clipped} outlier(s) off the scale" if clipped else None) if note]
+        ax.set_title(name + (f"  ({'; '.join(notes)})" if notes else ""), fontsize=9,
                      color="tab:red" if bad else "black")
         ax.set_xlabel("step", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 0.96 in a short run
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if (y > 0).all() and y.max() / max(y.min(), 1e-12) > 100:
-            ax.set_yscale("log")
+
     for ax in axes[len(names):]:
         ax.set_visible(False)
     if constant:
@@ -211,11 +217,34 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
         if len(constant) > len(shown):
             lines.append(f"... and {len(constant) - len(shown)} more")
         ax.text(0.02, 0.98, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="top", family="monospace")
-    what = "training batches, as logged" + (f"; EMA {smoothing:g} over the faint raw line" if smoothing > 0 else "")
+    what = "training batches, as logged" + (f"; EMA {smoothing:g} over the faint raw line" if any_smoothed else "")
     if any(name.startswith(HELDOUT_PREFIX) for name in names):
         what += f"; {HELDOUT_PREFIX}*: the EMA weights on the held-out images"
     fig.suptitle(f"{title}\n{what}" if title else what, fontsize=10)
     return _save(fig, path)
+
+
+# What a panel's number is, where its name does not say.
+PANEL_UNITS = {f"{HELDOUT_PREFIX}psnr": "dB, higher is better", f"{HELDOUT_PREFIX}lpips": "lower is better"}
+
+
+def _clip_outliers(ax, y: np.ndarray) -> int:
+    """Scale a panel so that a few spikes do not flatten the curve: a positive series spanning more
+    than 10x is drawn on a log scale; otherwise, when the whole range is over 4x the 1st-99th
+    percentile range, the axis shows that range (plus a margin) and the count of points left off
+    the scale is returned for the title."""
+    finite = y[np.isfinite(y)]
+    if finite.size < 10:
+        return 0
+    if (finite > 0).all() and finite.max() / finite.min() > 10:
+        ax.set_yscale("log")
+        return 0
+    low, high = np.percentile(finite, [1, 99])
+    if high <= low or finite.max() - finite.min() <= 4 * (high - low):
+        return 0
+    margin = 0.15 * (high - low)
+    ax.set_ylim(low - margin, high + margin)
+    return int(((finite < low - margin) | (finite > high + margin)).sum())
 
 
 def plot_codebook_usage(counts: Tensor | np.ndarray, path: str | Path, *, title: str | None = None) -> Path:
