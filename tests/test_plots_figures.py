@@ -419,3 +419,19 @@ def test_a_spike_does_not_flatten_its_curve_and_the_subtitle_says_only_what_is_d
     drawn.clear()  # five records: nothing is smoothed, and the subtitle must not say it is
     plots.plot_training_curves([{"step": s, "rec": 1.0 / (s + 1)} for s in range(5)], tmp_path / "c.png")
     assert "EMA" not in drawn[0]._suptitle.get_text()
+
+
+def test_codebook_usage_of_several_codebooks_gives_each_its_own_row(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    counts = np.zeros((4, 64))
+    counts[np.arange(4), np.arange(4) * 10] = [5, 50, 500, 1]  # codebook j uses code 10 j alone
+    plots.plot_codebook_usage(counts, tmp_path / "u.png", title="run")
+    left, right = drawn[0].axes[:2]
+    [image] = left.images  # a heatmap row per codebook: overlaid outlines hid each other
+    data = np.ma.filled(image.get_array().astype(float), np.nan)
+    assert data.shape == (4, 64) and np.nanargmax(data, axis=1).tolist() == [0, 10, 20, 30]
+    assert np.isnan(data).sum() == 4 * 63  # unused codes are blank, not the lowest colour
+    title = drawn[0]._suptitle.get_text()
+    assert title == "run: argmax codes: usage 1.6% of 64, perplexity 1.0 (mean of 4 codebooks); 556 tokens"
+    assert right.yaxis.get_major_formatter()(20.0, 0) == "20"  # not 2×10¹

@@ -248,27 +248,41 @@ def _clip_outliers(ax, y: np.ndarray) -> int:
 
 
 def plot_codebook_usage(counts: Tensor | np.ndarray, path: str | Path, *, title: str | None = None) -> Path:
-    """Code counts (K,) or (P, K): per code index (left) and sorted by frequency (right, log)."""
+    """Argmax code counts (K,) or (P, K) of P codebooks: per code index (left: a filled outline for
+    one codebook, a row per codebook of a heatmap for several) and sorted by frequency (right, log)."""
     c = np.atleast_2d(np.asarray(counts, dtype=np.float64))
     if c.sum() <= 0:
         raise ValueError("no code was counted; encode some images first")
     k = c.shape[1]
     usage = float((c > 0).mean())
     perplexity = float(torch.exp(entropy_of_weights(torch.from_numpy(c))).mean())
-    fig = _figure(10, 3.4)
+    fig = _figure(10 if len(c) == 1 else 11.5, 3.4)  # room for the heatmap's colour bar
     left, right = fig.subplots(1, 2)
-    edges = np.arange(k + 1) - 0.5
+    if len(c) == 1:  # one filled outline, not K bar patches: 8192 bars took seconds to draw
+        left.stairs(c[0], np.arange(k + 1) - 0.5, fill=True)
+        left.set_ylabel("count")
+    else:  # overlaid outlines of several codebooks hid each other: a row each, unused codes blank
+        from matplotlib.colors import LogNorm
+
+        shown = np.where(c > 0, c, np.nan)
+        image = left.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis",
+                            norm=LogNorm(vmin=max(np.nanmin(shown), 1), vmax=max(np.nanmax(shown), 1)),
+                            extent=(-0.5, k - 0.5, len(c) - 0.5, -0.5))
+        fig.colorbar(image, ax=left, label="count (blank: unused)")
+        left.set_ylabel("codebook")
+        left.set_yticks(range(len(c)))
     for j, row in enumerate(c):
-        label = f"codebook {j}" if len(c) > 1 else None
-        # one filled outline, not K bar patches: 8192 bars per codebook took seconds to draw
-        left.stairs(row, edges, fill=True, alpha=0.6 if len(c) > 1 else 1.0, label=label)
         ranked = np.sort(row)[::-1]
-        right.plot(np.arange(1, k + 1), np.where(ranked > 0, ranked, np.nan), label=label)
+        right.plot(np.arange(1, k + 1), np.where(ranked > 0, ranked, np.nan),
+                   label=f"codebook {j}" if len(c) > 1 else None)
     left.set_xlabel("code index")
-    left.set_ylabel("count")
     right.set_xlabel("rank")
     right.set_ylabel("count")
     right.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    right.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 2, 20, not 2×10⁰
+    right.yaxis.set_minor_formatter(NullFormatter())
     if k >= 16:  # a log axis over a handful of codes (LFQ's small groups) only shows odd tick labels
         right.set_xscale("log")
     else:
@@ -279,8 +293,10 @@ def plot_codebook_usage(counts: Tensor | np.ndarray, path: str | Path, *, title:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     if len(c) > 1:
-        left.legend(fontsize=7, loc="upper right")  # "best" searches all K steps, slowly
-    heading = f"usage {usage:.1%} of {k} codes, perplexity {perplexity:.1f}, {int(c.sum())} tokens"
+        right.legend(fontsize=7, loc="upper right")
+    books = f" (mean of {len(c)} codebooks)" if len(c) > 1 else ""
+    heading = (f"argmax codes: usage {usage:.1%} of {k}, perplexity {perplexity:.1f}{books}; "
+               f"{int(c.sum())} tokens")
     fig.suptitle(f"{title}: {heading}" if title else heading, fontsize=10)
     return _save(fig, path)
 
