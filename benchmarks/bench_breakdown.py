@@ -245,21 +245,32 @@ def main() -> None:
 
 def plot_breakdown(bars: list[tuple[str, float, float, float]], title: str, path: str) -> None:
     """One horizontal bar per class: its FLOPs at the matmul peak, the work FLOP counters do not
-    see (the floor's softmax, GELU and LayerNorm), and the time above that floor."""
+    see (the floor's softmax, GELU and LayerNorm), and the time above that floor; a class measured
+    below its floor (faster than the peak measured around it) gets a black mark at its measured time."""
     from softvq.evaluation.plots import _figure, _save  # the package's Agg figure, no pyplot state
 
     labels = [b[0] for b in bars][::-1]
     at_peak, uncounted, over = ([b[i] for b in bars][::-1] for i in (1, 2, 3))
     fig = _figure(9, 0.45 * len(bars) + 1.6)
     ax = fig.add_subplot()
-    ax.barh(labels, at_peak, color="#2b6cb0", label="FLOPs at the matmul peak")
-    ax.barh(labels, uncounted, left=at_peak, color="#90cdf4", label="uncounted work (ATen's kernel alone)")
+    from matplotlib.colors import to_rgba
+
+    def shades(colour: str) -> list:  # a floor the class beat is drawn faint: its time is the black mark
+        return [to_rgba(colour, 0.3 if o < 0 else 1.0) for o in over]
+
+    ax.barh(labels, at_peak, color=shades("#2b6cb0"), label="FLOPs at the matmul peak")
+    ax.barh(labels, uncounted, left=at_peak, color=shades("#90cdf4"), label="uncounted work (ATen's kernel alone)")
     starts = [a + u for a, u in zip(at_peak, uncounted)]
     ax.barh(labels, [max(o, 0.0) for o in over], left=starts, color="#e53e3e", label="above the floor")
-    gap = 0.01 * max(start + max(extra, 0.0) for start, extra in zip(starts, over))
+    below = [(y, start + extra) for y, (start, extra) in enumerate(zip(starts, over)) if extra < 0]
+    if below:  # the floor's bar would read as the class's time: mark what was measured
+        ax.scatter([t for _, t in below], [y for y, _ in below], marker="|", s=300, color="black", zorder=3,
+                   label="measured, below the floor")
+    end = max(start + max(extra, 0.0) for start, extra in zip(starts, over))
     for y, (start, extra) in enumerate(zip(starts, over)):
-        ax.text(start + max(extra, 0.0) + gap, y, f"{extra:+.1f} ms", va="center", fontsize=8)
-    ax.margins(x=0.12)  # room for the longest bar's label
+        note = f"{extra:+.1f} ms" + (" (below the floor)" if extra < 0 else "")
+        ax.text(start + max(extra, 0.0) + 0.01 * end, y, note, va="center", fontsize=8)
+    ax.set_xlim(0, 1.3 * end)  # room for the longest bar's note inside the axes
     ax.set_xlabel("ms per pass")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
