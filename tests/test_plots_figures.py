@@ -58,6 +58,13 @@ def test_training_grid_names_its_rows_and_writes_each_psnr_that_fits(tmp_path):
     assert margin > 20 and tiles[:, :margin].min() < 100
     assert grid.height > 3 * (64 + 2) + 2  # and a strip of PSNRs under the columns
     assert_picture(save_grid(x, y, tmp_path / "grid.png"), min_size=(200, 200))
+    # the error row is the channels' mean |x - y| x 4 in grey (per-channel colour read as false hues)
+    error_tile = tiles[2 * (64 + 2) + 2:3 * (64 + 2), margin + 2:margin + 2 + 64].astype(int)
+    assert (error_tile[..., 0] == error_tile[..., 1]).all() and (error_tile[..., 1] == error_tile[..., 2]).all()
+    expected_grey = ((x[0] - y[0]).abs().mean(0) / 2 * 4).clamp(0, 1) * 255
+    assert np.abs(error_tile[..., 0] - expected_grey.numpy()).max() <= 1
+    titled = reconstruction_grid(x, y, title="step 7: EMA weights on held-out images")
+    assert titled.height > grid.height and np.asarray(titled)[:12].min() < 100  # the title's dark text on top
     with pytest.raises(ValueError, match="originals vs"):
         reconstruction_grid(x, y[:2])
 

@@ -33,15 +33,16 @@ def column_captions(originals: torch.Tensor, reconstructions: torch.Tensor,
 
 
 def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, *, error_gain: float = 4.0,
-                        pad: int = 2) -> Image.Image:
-    """A PIL image with three rows for images in [-1, 1]: x, x̂, and |x − x̂| per channel shown as
-    ``error_gain`` x the error on a [0, 1] scale (so gain 4 saturates at a quarter of the range).
-    The rows are named in a left margin and each column's PSNR is written under it, so a grid
+                        pad: int = 2, title: str | None = None) -> Image.Image:
+    """A PIL image with three rows for images in [-1, 1]: x, x̂, and |x − x̂| averaged over the
+    channels, in grey, as ``error_gain`` x the error on a [0, 1] scale (gain 4 turns white at a
+    quarter of the range; per-channel errors in colour read as false cyan and red). The rows are
+    named in a left margin, each column's PSNR is written under it and ``title`` above, so a grid
     read alone (in TensorBoard, in a paper draft) says what it shows."""
     if originals.shape != reconstructions.shape:
         raise ValueError(f"grid: {tuple(originals.shape)} originals vs {tuple(reconstructions.shape)} reconstructions")
     x, y = originals.detach().float().cpu().clamp(-1, 1), reconstructions.detach().float().cpu().clamp(-1, 1)
-    error = ((x - y).abs() / 2 * error_gain).clamp(0, 1) * 2 - 1
+    error = ((x - y).abs().mean(1, keepdim=True) / 2 * error_gain).clamp(0, 1).expand_as(x) * 2 - 1
     rows = [x, y, error]
     n, _, h, w = x.shape
     font = tile_font(h, largest=14)
@@ -50,21 +51,26 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
     margin = int(text_width(labels, font)) + 3 * pad
     _, upper, _, lower = ink_box("0123456789 dB", font)  # one line for every caption
     strip = int(lower - upper) + 2 * pad if captions else 0
-    canvas = Image.new("RGB", (margin + n * (w + pad) + pad, len(rows) * (h + pad) + pad + strip), (255, 255, 255))
+    header = int(lower - upper) + 2 * pad if title else 0
+    canvas = Image.new("RGB", (margin + n * (w + pad) + pad, header + len(rows) * (h + pad) + pad + strip),
+                       (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad - upper), title, fill=(0, 0, 0), font=font)
     for r, (row, label) in enumerate(zip(rows, labels)):
-        top = pad + r * (h + pad)
+        top = header + pad + r * (h + pad)
         draw_beside(draw, label, pad, top, h, font)
         for i in range(n):
             canvas.paste(to_pil(row[i]), (margin + pad + i * (w + pad), top))
     for i, caption in enumerate(captions):
-        draw_under(draw, caption, margin + pad + i * (w + pad), w, len(rows) * (h + pad) + pad - upper, font)
+        draw_under(draw, caption, margin + pad + i * (w + pad), w, header + len(rows) * (h + pad) + pad - upper, font)
     return canvas
 
 
-def save_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path) -> Path:
+def save_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path, *,
+              title: str | None = None) -> Path:
     """:func:`reconstruction_grid` written atomically as a PNG at ``path``."""
     path = Path(path)
-    grid = reconstruction_grid(originals, reconstructions)
+    grid = reconstruction_grid(originals, reconstructions, title=title)
     atomic_write(path, lambda p: grid.save(p, format="PNG"))
     return path

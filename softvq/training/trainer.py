@@ -737,7 +737,8 @@ class Trainer:
             return {}
         count = self.cfg.run.grid_images
         path = save_grid(held.images[:count], ema_reconstructions[:count],
-                         self.run_dir / "grids" / f"step-{self.step:08d}.png")
+                         self.run_dir / "grids" / f"step-{self.step:08d}.png",
+                         title=f"step {self.step}: EMA weights on held-out images")
         self.logger.image("heldout/reconstruction", path, self.step)
         self._heldout_of = (self.step, reconstruction_metrics(held.images, ema_reconstructions, self.lpips()))
         return self._heldout_of[1]
