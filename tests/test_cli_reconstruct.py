@@ -30,8 +30,14 @@ def test_reconstruct_bundled_photo_writes_pngs_and_prints_psnr(tmp_path, capsys)
     recon = np.asarray(Image.open(tmp_path / f"{photo.stem}_recon.png"))
     pair = np.asarray(Image.open(tmp_path / f"{photo.stem}_side_by_side.png"))
     original = np.asarray(center_crop_resize(load_rgb(photo), 64))
-    assert recon.shape == (64, 64, 3) and pair.shape == (64, 128, 3)
-    assert np.array_equal(pair[:, :64], original) and np.array_equal(pair[:, 64:], recon)
+    gutter = 4
+    assert recon.shape == (64, 64, 3) and pair.shape[1:] == (128 + gutter, 3) and pair.shape[0] > 64
+    assert np.array_equal(pair[:64, :64], original) and np.array_equal(pair[:64, 64 + gutter:], recon)
+    assert (pair[:64, 64:64 + gutter] == 255).all() and pair[64:].min() < 100  # a gutter; names and PSNR under
+    score = float(re.search(r"PSNR ([\d.]+) dB", out).group(1))
+    table = (tmp_path / "psnr.csv").read_text().splitlines()
+    assert table[0] == "image,reconstruction,psnr_db" and table[1].startswith(f"{photo},{photo.stem}_recon.png,")
+    assert float(table[1].rsplit(",", 1)[1]) == pytest.approx(score, abs=0.006) and table[2].startswith("mean,,")
 
     # The written reconstruction is the model's own (seeded preset), not some other image.
     torch.manual_seed(3)
@@ -105,7 +111,7 @@ def test_outputs_under_a_folder_given_are_not_reconstructed_again(tmp_path, caps
         assert "mean PSNR over 1 image(s)" in out
         assert ("left out 2 earlier output(s) of reconstruct under --out" in err) == (run == 1)
     assert sorted(p.name for p in (folder / "recon").iterdir()) == [f"{photo.stem}_recon.png",
-                                                                    f"{photo.stem}_side_by_side.png"]
+                                                                    f"{photo.stem}_side_by_side.png", "psnr.csv"]
     # originals in --out itself are still read, their outputs beside them are not
     for run in range(2):
         assert main(["reconstruct", str(folder), "--resize", "--out", str(folder)]) == 0

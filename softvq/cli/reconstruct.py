@@ -1,7 +1,8 @@
 """``softvq reconstruct [IMG ...] --model SPEC --out DIR``: encode and decode images.
 
 For each image writes ``<name>_recon.png`` and ``<name>_side_by_side.png`` (original |
-reconstruction) and prints its PSNR, then the mean. IMG may be a folder (its images, recursively;
+reconstruction, named, with the PSNR under it) and prints its PSNR, then the mean; ``psnr.csv``
+keeps every PSNR and the mean. IMG may be a folder (its images, recursively;
 unreadable ones are skipped and listed, where an unreadable named file is an error). Without IMG
 the photos bundled with scikit-image / scikit-learn are used. Images must have the model's size
 unless ``--resize`` (centre-crop + bicubic resize) or ``--native-size`` (any size that is a
@@ -12,6 +13,8 @@ Sizes are checked from the files' headers before any compute; images are then re
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import os
 import sys
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from softvq.atomic import atomic_write
 from softvq.cli.common import (add_model_arguments, indented_lines, load_tokenizer, make_distinct,
                                positive_int, seed_int)
 from softvq.data.folder import scan_folder
@@ -35,12 +39,37 @@ def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
     return float(metrics.psnr(*pair, data_range=255))
 
 
-def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
-    """One image with ``left`` and ``right`` next to each other (same height)."""
-    canvas = Image.new("RGB", (left.width + right.width, max(left.height, right.height)), (255, 255, 255))
+def side_by_side(left: Image.Image, right: Image.Image, psnr_db: float | None = None) -> Image.Image:
+    """``left`` (the original) and ``right`` (its reconstruction) next to each other with a white
+    gutter between them, named under each, with the PSNR under the reconstruction."""
+    from PIL import ImageDraw
+
+    from softvq.captions import draw_under, ink_box, text_width, tile_font
+
+    gutter = SIDE_BY_SIDE_GUTTER
+    height = max(left.height, right.height)
+    font = tile_font(height, largest=14)
+    score = f"{psnr_db:.1f} dB" if psnr_db is not None else ""
+    captions = ["original"]
+    for text in (f"reconstruction, {score}" if score else "reconstruction", score, ""):
+        if text_width([text], font) <= right.width:
+            captions.append(text)
+            break
+    if text_width(captions[:1], font) > left.width:
+        captions[0] = ""
+    _, upper, _, lower = ink_box("original reconstruction 0123456789 dB", font)
+    strip = int(lower - upper) + 4
+    canvas = Image.new("RGB", (left.width + gutter + right.width, height + strip), (255, 255, 255))
     canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width, 0))
+    canvas.paste(right, (left.width + gutter, 0))
+    draw = ImageDraw.Draw(canvas)
+    for text, x, width in ((captions[0], 0, left.width), (captions[1], left.width + gutter, right.width)):
+        if text:
+            draw_under(draw, text, x, width, height + 2 - upper, font)
     return canvas
+
+
+SIDE_BY_SIDE_GUTTER = 4  # px of white between the original and its reconstruction
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
@@ -78,6 +107,7 @@ def named_and_found(arguments: list[str]) -> list[tuple[Path, bool]]:
 
 
 OUTPUT_SUFFIXES = ("_recon.png", "_side_by_side.png")  # what each image becomes under --out
+PSNR_FILE = "psnr.csv"  # every image's PSNR and the mean, beside the images
 
 
 # --native-size up to 4x the trained side: the position embeddings are interpolated from the trained
@@ -144,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {model.source}")
     # Streamed batch by batch: a folder of 50,000 images is never held in memory at once.
     scores: list[float] = []
+    rows: list[list[str]] = []  # psnr.csv: image, its reconstruction's file, PSNR
     skipped: list[str] = []
     stems = iter(unique_stems([path for path, _ in entries]))
     batch = max(1, args.batch_size if size is not None else 1)
@@ -170,11 +201,17 @@ def run(args: argparse.Namespace) -> int:
                 scores.append(score)
                 written = out / f"{stem}{OUTPUT_SUFFIXES[0]}"
                 result.save(written)
-                side_by_side(original, result).save(out / f"{stem}{OUTPUT_SUFFIXES[1]}")
+                side_by_side(original, result, score).save(out / f"{stem}{OUTPUT_SUFFIXES[1]}")
+                rows.append([str(path), written.name, f"{score:.4f}"])
                 tqdm.write(f"{path}: PSNR {score:.2f} dB -> {written}")
     if skipped:
         print(f"skipped {len(skipped)} unreadable image file(s):{indented_lines(skipped)}", file=sys.stderr)
     if not scores:
         raise ImageReadError("none of the images given could be read")
-    print(f"mean PSNR over {len(scores)} image(s): {float(np.mean(scores)):.2f} dB")
+    mean = float(np.mean(scores))
+    table = io.StringIO()
+    csv.writer(table, lineterminator="\n").writerows([["image", "reconstruction", "psnr_db"], *rows,
+                                                      ["mean", "", f"{mean:.4f}"]])
+    atomic_write(out / PSNR_FILE, lambda p: p.write_text(table.getvalue()))
+    print(f"mean PSNR over {len(scores)} image(s): {mean:.2f} dB (each in {out / PSNR_FILE})")
     return 0
