@@ -220,6 +220,9 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
     if by_class:
         name_loose_images(folder, loose)
         names = list(by_class)[:max_classes]
+        if len(by_class) > max_classes:  # a legend of more classes is unreadable: say which are drawn
+            log(f"drawing the first {max_classes} of {len(by_class)} classes (sorted by name: {names[0]} to "
+                f"{names[-1]}); put the classes to compare in a folder of their own")
         for c, name in enumerate(names):
             add_readable(by_class[name], per_class, c)
     else:
