@@ -225,7 +225,7 @@ def test_pictures_skip_unreadable_files_and_take_the_next_readable_ones(tmp_path
     assert len(messages) == 1 and messages[0].startswith("skipped 1 unreadable image file(s)")
     messages.clear()  # more classes than a legend holds: the ones drawn are named
     names = plot_images(32, tmp_path, per_class=1, max_classes=1, log=messages.append)[2]
-    assert names == ["a"] and messages[-1].startswith("drawing the first 1 of 2 classes (sorted by name: a to a)")
+    assert names == ["a"] and messages[0].startswith("drawing the first 1 of 2 classes (sorted by name: a to a)")
 
 
 def test_bundled_picture_images_are_each_photo_whole_then_seeded_crops():
