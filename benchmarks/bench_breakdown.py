@@ -37,6 +37,7 @@ import argparse
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -154,6 +155,8 @@ def main() -> None:
     parser.add_argument("--plot", metavar="PNG", help="also draw the table: per class, time at the peak, "
                                                       "the uncounted floor and what lies above it")
     args = parser.parse_args()
+    if args.plot:  # checked before minutes of profiling, not after
+        args.plot = plot_path(parser, args.plot)
     retain_freed_memory()
     torch.manual_seed(0)
 
@@ -239,8 +242,26 @@ def main() -> None:
     if args.plot:
         title = (f"{args.preset} {args.part}, batch {args.batch}, fp32: {achieved:.1f}% of the matmul peak "
                  f"({peak:.0f} GFLOP/s), ceiling {ceiling:.1f}%\n{machine(torch.device('cpu'))}")
-        plot_breakdown(bars, title, args.plot)
+        plot_breakdown(bars, title, str(args.plot))
         print(f"wrote {args.plot}")
+
+
+def plot_path(parser: argparse.ArgumentParser, text: str) -> Path:
+    """``--plot``'s file: ``.png`` added where no suffix is given (as matplotlib would, unsaid), in a
+    folder that exists and can be written; anything else is a usage error before the profile."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        parser.error(f"--plot {text} is a folder; name the PNG to write, e.g. {path / 'breakdown.png'}")
+    path = path if path.suffix else path.with_suffix(".png")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        parser.error(f"--plot {text}: cannot write {path} ({exc.strerror or type(exc).__name__})")
+    if not existed:
+        path.unlink()
+    return path
 
 
 def plot_breakdown(bars: list[tuple[str, float, float, float]], title: str, path: str) -> None:

@@ -97,6 +97,7 @@ def main() -> None:
           f"{args.processes} fresh processes, each the median of {args.forwards} forwards")
     if platform.libc_ver()[0] != "glibc":
         print("(not glibc: retain_freed_memory does nothing here, both policies are the same)")
+    print("vs default: ms/forward over the default policy's (below 1 is faster)")
     header = f"{'workload':<20}{'policy':<9}{'faults/forward (min-max)':>26}{'ms/forward (median)':>21}{'vs default':>12}"
     print(header)
     for name in args.workloads:

@@ -1,4 +1,5 @@
-"""Generator efficiency table (paper Tab. 1): DiT / SiT GFLOPs per image and sampling throughput
+"""Generator efficiency table (paper Tab. 1): DiT / SiT GMACs per image (the "GFLOPs" of the paper
+and of DiT: multiply-accumulates) and sampling throughput
 for sizes S..XL on 1D latent tokens (32, 64) and 2D grids (16x16, 32x32, patch 2).
 
 Same as ``softvq bench gen``; every flag of that command works here:

@@ -163,6 +163,7 @@ def main() -> None:
           f"threads={args.threads or torch.get_num_threads()}")
     print("memory: " + ("CUDA max_memory_allocated" if args.device.startswith("cuda")
                         else "RSS high-water of a fresh process minus RSS before the step"))
+    print("vs plain: this variant's peak memory and time over the straightforward one's (lower is better)")
     print(f"{'variant':<22}{'peak MiB':>10}{'vs plain':>10}{'time ms':>10}{'vs plain':>10}")
     for name, runs in results.items():
         peak = max(r["peak"] for r in runs)

@@ -98,7 +98,8 @@ class MatmulPeak:
         return (f"matmul (2048^3, {dtype_name}) measured before and after every timed call: "
                 f"{min(self.seen):.0f}-{max(self.seen):.0f} GFLOP/s (median {statistics.median(self.seen):.0f}); "
                 f"%peak = median over calls of achieved / the mean of its two neighbours "
-                f"(in brackets: the 25th-75th percentile over calls)")
+                f"(in brackets: the 25th-75th percentile over calls). It differs from GFLOP/s / the median "
+                f"matmul when the host's speed drifts, and passes 100% for a call whose neighbours ran slow")
 
 
 def paired(fn, flops: int, peak: MatmulPeak, device: torch.device, repeats: int, warmup: int = 1):
@@ -118,7 +119,8 @@ def paired(fn, flops: int, peak: MatmulPeak, device: torch.device, repeats: int,
         after = peak()
         seconds.append(t)
         fractions.append(flops / t / 1e9 / ((before + after) / 2))
-    q1, _, q3 = statistics.quantiles(fractions, n=4) if len(fractions) > 1 else fractions * 3
+    # "inclusive": the quartiles of the calls seen; the default extrapolates past them (below 0 at two calls)
+    q1, _, q3 = statistics.quantiles(fractions, n=4, method="inclusive") if len(fractions) > 1 else fractions * 3
     return statistics.median(seconds), statistics.median(fractions), (q1, q3)
 
 
@@ -215,11 +217,19 @@ def main() -> None:
                         help="torch.compile with inductor freezing (weights as constants; inference only)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's allocation defaults instead of softvq.cpu_allocator.retain_freed_memory")
+    parser.add_argument("--slow-bf16", action="store_true",
+                        help="run --dtype bf16/fp16 on a CPU without those matrix instructions anyway")
     args = parser.parse_args()
-    retained = not args.default_malloc and retain_freed_memory()
-
     device = torch.device(args.device)
     dtype = PRECISIONS[args.dtype]
+    if device.type == "cpu" and args.dtype != "fp32" and not args.slow_bf16:
+        caps = torch.cpu.get_capabilities()
+        if not (caps.get(f"amx_{args.dtype}") or caps.get(f"avx512_{args.dtype}")):
+            # emulated: a 2048^3 matmul (the peak, twice around every timed call) takes over a minute
+            parser.error(f"this CPU has no {args.dtype} matrix instructions (AMX or AVX512-{args.dtype.upper()}): "
+                         f"{args.dtype} runs emulated, over 10x slower than fp32, and this benchmark would take "
+                         f"hours; time fp32, or pass --slow-bf16 to run it anyway")
+    retained = not args.default_malloc and retain_freed_memory()
     torch.manual_seed(0)
     if args.freeze:
         import torch._inductor.config as inductor_config
@@ -244,9 +254,9 @@ def main() -> None:
     print("|" + "---|" * len(header))
     for r in rows:
         cells = [r["preset"], f"{r['params_M']:.2f}",
-                 significant(r["enc_gflop_per_img"]), f"{r['enc_img_s']:.2f}", f"{r['enc_gflops']:.0f}",
+                 significant(r["enc_gflop_per_img"]), f"{r['enc_img_s']:.2f}", significant(r["enc_gflops"]),
                  percent(r, "enc"), percent(r, "vit"), percent(r, "full"),
-                 significant(r["dec_gflop_per_img"]), f"{r['dec_img_s']:.2f}", f"{r['dec_gflops']:.0f}",
+                 significant(r["dec_gflop_per_img"]), f"{r['dec_img_s']:.2f}", significant(r["dec_gflops"]),
                  percent(r, "dec")]
         if args.baseline:
             cells += [f"{r['enc_speedup']:.2f}x", f"{r['dec_speedup']:.2f}x"]

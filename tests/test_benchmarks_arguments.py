@@ -34,3 +34,42 @@ def test_bad_arguments_are_one_line_usage_errors(script, argv, flag, monkeypatch
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 1
     assert err.strip().splitlines()[-1].startswith(f"{script}: error: argument {flag}")
+
+
+@pytest.mark.parametrize("script, argv, said", [
+    ("bench_breakdown.py", ["--plot", "{tmp}"], "--plot {tmp} is a folder; name the PNG to write"),
+    ("bench_breakdown.py", ["--plot", "{tmp}/missing/x.png"], "cannot write {tmp}/missing/x.png"),
+])
+def test_a_plot_path_that_cannot_be_written_is_refused_before_the_profile(script, argv, said, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", [script, *(a.format(tmp=tmp_path) for a in argv)])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+    assert stop.value.code == 2 and said.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_emulated_bf16_is_refused_instead_of_running_for_hours(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})  # no AMX, no AVX512-BF16
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", ["bench_tokenizer.py", "--presets", "softvq-tiny", "--dtype", "bf16"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(BENCHMARKS / "bench_tokenizer.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "this CPU has no bf16 matrix instructions" in err and "--slow-bf16" in err
+
+
+def test_quartiles_of_a_few_calls_stay_within_them(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_tokenizer
+
+    class Peak:  # a matmul peak that stays put: the per-call fractions are then the calls' own
+        def __call__(self):
+            return 1.0
+
+    times = iter([10.0, 0.5])
+    monkeypatch.setattr(bench_tokenizer, "timed", lambda fn, device, n, warmup=0: next(times))
+    _, median, (q1, q3) = bench_tokenizer.paired(lambda: None, 1e9, Peak(), None, repeats=2, warmup=0)
+    assert 0.1 <= q1 <= median <= q3 <= 2.0  # the default "exclusive" quartiles gave q1 < 0 here

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from softvq.cli.common import device_argument, positive_int
+from softvq.cli.common import device_argument, non_negative_float, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def add_gen_arguments(p: argparse.ArgumentParser) -> None:
                    help="network evaluations per image to extrapolate to")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed forward passes (default 1 on CPU, 5 on GPU)")
-    p.add_argument("--max-gmacs-cpu", type=float, default=6.0,
+    p.add_argument("--max-gmacs-cpu", type=non_negative_float, default=6.0,
                    help="on CPU, skip throughput of models above this many GMACs per image (default 6)")
     p.add_argument("--no-throughput", action="store_true", help="GFLOPs and parameters only")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")

@@ -9,6 +9,7 @@ A model SPEC is one of
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -113,6 +114,14 @@ def positive_int(text: str) -> int:
     value = int(text)  # argparse turns a ValueError into "invalid positive_int value"
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive whole number (1 or more)")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse ``type`` for limits that 0 turns off: a finite number, 0 or more."""
+    value = float(text)  # argparse turns a ValueError into "invalid non_negative_float value"
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of 0 or more")
     return value
 
 
