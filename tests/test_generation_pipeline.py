@@ -685,9 +685,17 @@ def test_train_generator_says_what_is_wrong_with_its_latents_or_run(tmp_path, mo
         {"at_step": 1, "from_steps": 1, "to_steps": 2}]
     assert main(["train-generator", "--out", str(tmp_path / "g"), "--width", "64", "--quiet"]) == 2  # still checked
     assert "other settings" in capsys.readouterr().err
+    # a latent set that moved: --latents says where it is now, the other settings still come from the run
+    import shutil
+
+    shutil.move(tmp_path / "lat", tmp_path / "lat-moved")
+    assert main(["train-generator", "--out", str(tmp_path / "g"), "--latents", str(tmp_path / "lat-moved"),
+                 "--steps", "3", "--quiet"]) == 0
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["train"]["width"] == 32
     (tmp_path / "g" / "config.json").write_text("{}")
     assert main(["train-generator", "--out", str(tmp_path / "g"), "--quiet"]) == 2
-    assert "config.json records no settings to continue with (damaged?); pass --latents" in capsys.readouterr().err
+    assert "config.json holds no train-generator run's settings to continue with; pass --latents" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -359,6 +359,9 @@ def test_wetok_configs_are_gq_then_a_generative_decoder_from_its_export():
      ["model.bottleneck.lfq_groups", "model.bottleneck.segment_entropy"]),
     (["model.bottleneck.kind=lfq", "model.bottleneck.entropy_temperature=0.1"], ["model.bottleneck.distance"]),
     (["model.bottleneck.temperature=0.5", "model.bottleneck.chunk_size=64"], []),
+    (["model.bottleneck.commit_loss=true", "model.bottleneck.commitment_weight=0.5"], []),  # SoftVQ's opt-in β
+    (["model.bottleneck.kind=vq", "model.bottleneck.segments=2", "model.bottleneck.segment_entropy=per_segment"],
+     ["model.bottleneck.segment_entropy"]),  # VQ has no entropy terms to pool
 ])
 def test_bottleneck_settings_the_kind_never_reads_are_found(overrides, unread):
     assert load_config("demo", overrides).unread_model_keys() == unread

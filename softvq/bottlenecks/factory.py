@@ -55,10 +55,10 @@ def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
 _SOFT_SETTINGS = ("codebook_size", "temperature", "learnable_temperature", "distance", "detach_codebook_in_logits",
                   "entropy_temperature", "chunk_size", "codebook_loss", "commit_loss")
 # The BottleneckConfig fields each kind reads besides the shape ones every kind reads (kind,
-# latent_dim, groups, residual_levels, segments); see build_quantizer and the objective (β).
+# latent_dim, groups, residual_levels, segments; β where a commit loss is returned): see build_quantizer.
 _KIND_SETTINGS: dict[str, tuple[str, ...]] = {
-    "softvq": _SOFT_SETTINGS, "gmmvq": _SOFT_SETTINGS, "vq": ("codebook_size", "distance", "commitment_weight"),
-    "kl": (), "lfq": ("entropy_temperature", "lfq_groups", "commitment_weight"), "ae": (),
+    "softvq": _SOFT_SETTINGS, "gmmvq": _SOFT_SETTINGS, "vq": ("codebook_size", "distance"),
+    "kl": (), "lfq": ("entropy_temperature", "lfq_groups"), "ae": (),
 }
 
 
@@ -67,10 +67,10 @@ def unread_settings(cfg: BottleneckConfig) -> tuple[str, ...]:
     ``kind='kl'``, ``segment_entropy`` with one segment, β without a commit loss...), so a value
     chosen for one of them can be named as having no effect."""
     reads = {"kind", "latent_dim", "groups", "residual_levels", "segments", *_KIND_SETTINGS[cfg.kind]}
-    if cfg.segments > 1:
+    if cfg.segments > 1 and cfg.kind in ("softvq", "gmmvq"):  # only their entropy terms are pooled or not
         reads.add("segment_entropy")
-    if "commit" not in bottleneck_losses(cfg):
-        reads.discard("commitment_weight")
+    if "commit" in bottleneck_losses(cfg):  # β weighs it in the objective (SoftVQ's opt-in one too)
+        reads.add("commitment_weight")
     return tuple(f.name for f in dataclasses.fields(cfg) if f.name not in reads)
 
 

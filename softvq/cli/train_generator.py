@@ -125,23 +125,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def given_config(args: argparse.Namespace) -> "GeneratorTrainConfig":
-    """The flags given, over the library's defaults; without ``--latents``, over the settings of
-    the run in ``--out`` as its ``config.json`` records them, so ``--out RUN`` alone continues a
-    run and ``--out RUN --steps N`` lengthens it (what a rerun may change is checked when it starts)."""
+    """The flags given, over the settings of the run in ``--out`` as its ``config.json`` records
+    them where it is a train-generator run (else over the library's defaults): ``--out RUN`` alone
+    continues a run, ``--out RUN --steps N`` lengthens it, ``--latents`` says where its latent set
+    is now (what a rerun may change is checked when it starts)."""
+    from softvq.generation.checkpoint import is_run_config
     from softvq.generation.train import GeneratorTrainConfig, config_from_record
 
     names = {f.name for f in dataclasses.fields(GeneratorTrainConfig)}
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
     saved = Path(given.get("out", GeneratorTrainConfig.out)).expanduser() / "config.json"
-    if "latents" in given or not saved.is_file():
-        return GeneratorTrainConfig(**given)
     try:
-        recorded = json.loads(saved.read_text()).get("train")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        raise ValueError(f"{saved} records no settings to continue with (damaged?); pass --latents and the flags "
-                         f"the run was started with")
+        payload = json.loads(saved.read_text()) if saved.is_file() else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        payload = None  # damaged: the run's checkpoints still record its settings, checked at the start
+    if not is_run_config(payload) or not isinstance(payload["train"], dict):
+        return GeneratorTrainConfig(**given)  # a new run; another kind of folder is named when it starts
+    recorded = payload["train"]
     unknown = sorted(set(recorded) - names)
     if unknown:
         raise ValueError(f"{saved} records settings this version does not have ({', '.join(unknown)}); continue it "

@@ -163,9 +163,10 @@ class GeneratorTrainConfig:
         check_field_types(self)  # for a config built in Python: argparse checks the command line's
         if not self.latents:
             saved = Path(self.out) / "config.json"
-            if saved.is_file():  # a rerun to continue a run: its flags are not kept between commands
-                raise ValueError(f"no --latents given; continuing {self.out} needs the flags it was started with "
-                                 f"({saved} lists them under \"train\": --latents and the rest)")
+            if saved.is_file():  # the CLI continues a run from it; this one is damaged or not a run's
+                raise ValueError(f"no --latents given, and {saved} holds no train-generator run's settings to "
+                                 f"continue with; pass --latents and the other flags (from Python, continue a "
+                                 f"run with softvq.generation.train.config_from_record)")
             raise ValueError("no latent folder given; make one with `softvq pretokenize` and pass --latents")
         resolved = self.resolved()  # names an unknown objective
         # every recipe sets these (steps may wait for the latent set's count)
