@@ -203,6 +203,8 @@ def test_training_and_eval_read_the_same_shard_patterns(tmp_path, monkeypatch):
     assert expand_shards(str(tmp_path)) == every  # a folder of shards, as eval takes it
     assert expand_shards("~/s-{2..0}.tar,~/s-2.tar") == every[::-1]  # the order given, each once, ~ expanded
     assert expand_shards("https://host/t-{0..1}.tar") == ["https://host/t-0.tar", "https://host/t-1.tar"]
+    _write_shard(tmp_path / "my,set.tar", [("a.png", _png_bytes(9))])  # an existing name is not a list
+    assert expand_shards(str(tmp_path / "my,set.tar")) == [str(tmp_path / "my,set.tar")]
     assert local_shards(f"{tmp_path}/s-{{2..0}}.tar") == [Path(p) for p in every]  # eval's protocol order
     with pytest.raises(FileNotFoundError, match=r"no shards match '.*/q\*\.tar'"):
         expand_shards(f"{tmp_path}/q*.tar")

@@ -120,6 +120,9 @@ def test_anchor_paths_makes_only_local_relative_paths_absolute(tmp_path):
     assert anchor_paths(shards, tmp_path).data.path == str(tmp_path / "shards" / "train-{000..009}.tar")
     url = load_config(None, ["data.source=shards", "data.path=https://host/train-{0..9}.tar"])
     assert anchor_paths(url, tmp_path).data.path == "https://host/train-{0..9}.tar"
+    listed = load_config(None, ["data.source=shards", "data.path='shards/a-{0,1}.tar, https://host/b.tar,shards/c.tar'"])
+    assert anchor_paths(listed, tmp_path).data.path == ",".join([  # each part, as expand_shards reads them
+        str(tmp_path / "shards" / "a-{0,1}.tar"), "https://host/b.tar", str(tmp_path / "shards" / "c.tar")])
     assert anchor_paths(anchored, tmp_path / "shards") == anchored  # already absolute
 
 

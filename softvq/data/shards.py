@@ -61,8 +61,9 @@ def is_remote(name: str) -> bool:
     return "://" in name or name.startswith("pipe:")
 
 
-def _top_level_parts(pattern: str) -> list[str]:
-    """``pattern`` split at the commas outside braces: ``a-{0,1}.tar,b.tar`` is two parts."""
+def pattern_parts(pattern: str) -> list[str]:
+    """``pattern`` split at the commas outside braces: ``a-{0,1}.tar,b.tar`` is two parts (the
+    list :func:`expand_shards` reads; a config's relative parts are anchored one by one)."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(pattern):
         depth += {"{": 1, "}": -1}.get(ch, 0)
@@ -81,7 +82,9 @@ def expand_shards(pattern: str) -> list[str]:
     import braceexpand  # installed with webdataset
 
     names: list[str] = []
-    for part in _top_level_parts(pattern):
+    whole = Path(pattern).expanduser()
+    parts = [pattern] if whole.exists() else pattern_parts(pattern)  # "my,set.tar" is one file
+    for part in parts:
         for name in braceexpand.braceexpand(part):
             local = Path(name).expanduser()
             if is_remote(name):

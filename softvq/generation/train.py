@@ -384,9 +384,10 @@ def run_header(cfg: GeneratorTrainConfig, model: torch.nn.Module, model_cfg: Any
              f"{len(data.classes)} class(es)",
              f"{acc.num_processes} process(es) on {acc.device.type} (mixed precision {cfg.mixed_precision}), "
              f"batch {cfg.batch_size}, lr {cfg.lr:g}, {cfg.steps} steps from step {start}"]
-    if acc.device.type == "cpu" and params > 100e6:  # the paper's XL / H: minutes a step on a laptop
-        lines.append(f"note: {params / 1e6:.0f} M parameters is a GPU recipe; on a CPU try --size S, or --width 128 "
-                     f"--depth 4 --heads 4 --steps 600 (README, Generation)")
+    if acc.device.type == "cpu" and params > 100e6 and start == 0:  # the recipes' XL / H: minutes a step
+        smallest = "B" if cfg.objective == "mar" else "S"
+        lines.append(f"note: {params / 1e6:.0f} M parameters is a GPU recipe; on a CPU try --size {smallest}, or "
+                     f"--width 128 --depth 4 --heads 4 --steps 600 (README, Generation)")
     return "\n".join(lines)
 
 

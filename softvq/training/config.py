@@ -537,7 +537,14 @@ def anchor_path_keys(tree: dict[str, Any], base: str | Path | None = None) -> di
             continue
         if (section, key) == ("run", "init_encoder") and values[key] == "dinov2":
             continue  # a keyword (the DINOv2 of the encoder's width) before any path
-        values[key] = anchored(values[key], pattern=(key == "path" and values.get("source") == "shards"))
+        shards = key == "path" and values.get("source") == "shards"
+        value = values[key]
+        if shards and isinstance(value, str) and not (base / Path(value).expanduser()).exists():
+            from softvq.data.shards import pattern_parts
+
+            values[key] = ",".join(str(anchored(part, pattern=True)) for part in pattern_parts(value))
+        else:
+            values[key] = anchored(value, pattern=shards)
     return out
 
 
