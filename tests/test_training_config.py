@@ -239,6 +239,15 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
                                      "optim:\n  <<: *b\n  lr: 2e-4\n")
     tree = read_yaml_tree(tmp_path / "x.yaml")
     assert tree["optim"] == {"lr": 2e-4, "warmup_steps": 3}
+    # a merged mapping used again by its alias: its merged key beside its own override is no duplicate
+    (tmp_path / "y.yaml").write_text("b: &b {x: 1}\nm: {<<: &d {<<: *b, x: 5}, y: 1}\no: *d\n")
+    assert read_yaml_tree(tmp_path / "y.yaml")["o"] == {"x": 5}
+
+
+def test_an_override_that_is_not_yaml_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"override 'model.bottleneck=\{kind: kl, kind: vq\}': its value is not "
+                                         r"valid YAML \(key 'kind' appears twice"):
+        load_config("demo", ["model.bottleneck={kind: kl, kind: vq}"])
 
 
 def test_a_missing_parent_config_names_the_file_that_inherits_it(tmp_path):

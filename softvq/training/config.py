@@ -27,7 +27,6 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Hashable
 from typing import Any, Literal, Mapping
 
 import yaml
@@ -386,18 +385,21 @@ class _Loader(yaml.SafeLoader):
     a key given twice in one mapping: plain YAML keeps the last silently, so an edited copy of a
     config could train with the value the user did not look at."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Node] = {}
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        # checked as written, before construction flattens `<<` merges into the mapping (whose keys
+        # may be overridden below them, as YAML means)
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], yaml.Node] = {}
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *base` keys may be overridden below them, as YAML means
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping (first on line "
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.composer.ComposerError(
+                    None, None, f"key {key_node.value!r} appears twice in one mapping (first on line "
                     f"{seen[key].start_mark.line + 1}); keep one", key_node.start_mark)
             seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
+        return node
 
 
 _Loader.add_implicit_resolver(
@@ -418,7 +420,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"override {text!r} must look like section.key=value, e.g. optim.lr=2e-4")
-    return key.strip().split("."), (yaml_load(raw) if raw.strip() else None)
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"override {text!r}: its value is not valid YAML ({problem})") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
