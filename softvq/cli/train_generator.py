@@ -139,9 +139,9 @@ def given_config(args: argparse.Namespace) -> "GeneratorTrainConfig":
         payload = json.loads(saved.read_text()) if saved.is_file() else None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         payload = None  # damaged: the run's checkpoints still record its settings, checked at the start
-    if not is_run_config(payload) or not isinstance(payload["train"], dict):
+    recorded = payload.get("train") if isinstance(payload, dict) and is_run_config(payload) else None
+    if not isinstance(recorded, dict):
         return GeneratorTrainConfig(**given)  # a new run; another kind of folder is named when it starts
-    recorded = payload["train"]
     unknown = sorted(set(recorded) - names)
     if unknown:
         raise ValueError(f"{saved} records settings this version does not have ({', '.join(unknown)}); continue it "
