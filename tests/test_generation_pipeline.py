@@ -257,6 +257,14 @@ def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monk
         retrained.decoder.to_pixel.weight.add_(0.01)
     with pytest.raises(FileExistsError, match="other settings .*tokenizer_sha1"):
         pretokenize(retrained, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+    # shards cut by an older crop (the source's identity before it named its crop) are not continued
+    saved = json.loads((tmp_path / "cut" / PROGRESS_NAME).read_text())
+    older = json.loads(json.dumps(saved))
+    del older["settings"]["source"]["crop"]
+    (tmp_path / "cut" / PROGRESS_NAME).write_text(json.dumps(older))
+    with pytest.raises(FileExistsError, match="other settings .source.crop None -> 'ADM center_crop_arr'"):
+        pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+    (tmp_path / "cut" / PROGRESS_NAME).write_text(json.dumps(saved))
     (tmp_path / "cut" / ".latents-00001.safetensors.k3j2.tmp").write_bytes(b"half")  # a SIGKILL mid-write
     resumed = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **{**run, "batch_size": 2})
     assert not list((tmp_path / "cut").glob("*.tmp"))  # no dead shard left in the finished set

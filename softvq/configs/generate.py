@@ -88,10 +88,13 @@ def main() -> None:
               "run": {"name": "wetok-gq-s-64"},
           })
     # Stage 2 is a new run (step 0) from stage 1's export: the recipe's ramps would start over, training
-    # the new noise inputs first without the GAN that gives them a use (Eq. 11). Tab. 10: a constant
-    # lr with no warm-up; the GAN and LPIPS are on from its first step (the discriminator starts anew).
+    # the new noise inputs first without the GAN that gives them a use (Eq. 11). WeTok trains both
+    # stages at a constant lr without warm-up (Tabs. 9-10); stage 1 here keeps the SoftVQ recipe, stage 2
+    # takes WeTok's constant lr instead of a second warm-up and decay. The GAN and LPIPS on from its
+    # first step are our choice (WeTok gives no start step; the discriminator starts anew).
     write("wetok-gd-s-64", "WeTok stage 2 (generative decoder, Sec. 3.3, Tab. 10): wetok-gq-s-64's export plus "
-          "8 noise channels per token (WeTok gives no noise width); constant lr, no warm-ups, GAN from step 0", {
+          "8 noise channels per token (WeTok gives no noise width); constant lr without warm-up (Tabs. 9-10); GAN and "
+          "LPIPS from step 0 (ours: WeTok gives no start step)", {
               "model": {"decoder_noise_dim": 8},
               "objective": {"discriminator_start": 0, "perceptual_warmup_steps": 0},
               "schedule": {"warmup_steps": 0, "lr_schedule": "constant"},

@@ -163,6 +163,9 @@ def _as_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+CENTER_CROP = "ADM center_crop_arr"  # recorded wherever saved work depends on the crop (eval, pretokenize)
+
+
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     """ADM's centre crop (guided-diffusion's ``center_crop_arr``, which DiT, LlamaGen and the SoftVQ
     release preprocess with): halve the image with a box filter while its shorter side is at least

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor
 
-from softvq.data.images import quantize_to_uint8
+from softvq.data.images import CENTER_CROP, quantize_to_uint8
 from softvq.eval_mode import evaluating
 from softvq.evaluation import fid as fidlib
 from softvq.evaluation.metrics import CodebookUsage, RunningMoments, codebook_rows, probs_rows, psnr, ssim
@@ -152,7 +152,7 @@ def _load_lpips(nets: Sequence[str], device: torch.device) -> tuple[dict[str, An
 def protocol_of(options: EvalOptions, image_size: int, num_images: int, fid_weights: str | None) -> dict[str, Any]:
     """The part of the protocol that decides the reference statistics (hashed into the cache key)."""
     return {
-        "num_images": num_images, "image_size": image_size, "crop": "ADM center_crop_arr",
+        "num_images": num_images, "image_size": image_size, "crop": CENTER_CROP,
         "resize": "box halvings, then PIL bicubic", "order": "sorted path / shard then member order",
         "quantization": "uint8", "fid_resize": f"bilinear to 299, {options.fid_resize}",
         "fid_normalization": options.fid_normalization, "fid_weights": fid_weights,
@@ -173,7 +173,7 @@ def _evaluation_identity(model, refs: list, size: int, options: EvalOptions) -> 
     return {"weights_sha1": weights_sha1(model), "precision": model.precision, "images": len(refs),
             "images_sha1": images, "image_size": size, "batch_size": options.batch_size, "fid": options.fid,
             "fid_weights": options.fid_weights, "fid_normalization": options.fid_normalization,
-            "fid_resize": options.fid_resize,
+            "fid_resize": options.fid_resize, "crop": CENTER_CROP,
             "lpips_nets": list(options.lpips_nets)}
 
 

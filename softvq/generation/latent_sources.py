@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from softvq.data.folder import scan_folder
-from softvq.data.images import ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
+from softvq.data.images import CENTER_CROP, ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable, worker_batches
 from softvq.resume import listing_sha1
 
@@ -113,6 +113,7 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
 
     listing = listing_sha1(str(f.relative_to(folder)) for f in files)
     identity = {"kind": "folder", "folder": str(folder.resolve()), "files": len(files), "listing_sha1": listing,
+                "crop": CENTER_CROP,  # shards cut another way must not be continued with these
                 "classes": classes, "image_size": image_size}
     return LatentSource(samples(), classes, len(files), skipped, identity, samples)
 
