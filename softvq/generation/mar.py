@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from softvq.config import UnknownNameError, strict_fields
+from softvq.typed_config import UnknownNameError, strict_fields
 from softvq.eval_mode import evaluating
 from softvq.generation.diffloss import DiffusionLoss
 from softvq.generation.embeddings import LabelEmbedder

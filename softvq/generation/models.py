@@ -24,7 +24,7 @@ from typing import Any, Literal, cast, overload
 import torch
 from torch import Tensor, nn
 
-from softvq.config import UnknownNameError, strict_fields
+from softvq.typed_config import UnknownNameError, strict_fields
 from softvq.generation.embeddings import LabelEmbedder, TimestepEmbedder, sincos_grid, sincos_sequence
 from softvq.generation.mar import MARConfig, MaskedAutoregressive
 from softvq.networks.vit import Attention, Mlp, patchify, unpatchify

@@ -49,7 +49,7 @@ import torch
 from softvq.atomic import write_json
 from softvq.checkpoint.pretrained import load_strict
 from softvq.checkpoint.specs import looks_like_hub_id
-from softvq.config import check_field_types
+from softvq.typed_config import check_field_types
 from softvq.generation.checkpoint import (GENERATOR_EXPORT, MODEL_CONFIG_KEY, folder_kind, is_run_config, milestone_export,
                                          run_meta, save_generator)
 from softvq.generation.mar import MARConfig, mar_config

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from softvq.bottlenecks.factory import LOSS_NAMES, bottleneck_losses
-from softvq.config import BottleneckConfig, check_field_types, strict_fields
+from softvq.config import BottleneckConfig
+from softvq.typed_config import check_field_types, strict_fields
 from softvq.losses.adversarial import LeCAM, adaptive_weight, build_discriminator, consistency_loss, hinge_d_loss, hinge_g_loss
 from softvq.losses.alignment import RepresentationAlignment, VGGTarget, build_alignment_target
 from softvq.losses.diffaug import DiffAugment
@@ -183,7 +184,7 @@ class ObjectiveConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ObjectiveConfig":
-        """Build from a dict, checking keys and types (see :func:`softvq.config.strict_fields`)."""
+        """Build from a dict, checking keys and types (see :func:`softvq.typed_config.strict_fields`)."""
         return strict_fields(cls, data, "objective", what="objective").validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,7 +31,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from softvq.config import TokenizerConfig, preset, strict_fields
+from softvq.config import TokenizerConfig, preset
+from softvq.typed_config import strict_fields
 from softvq.randomness import SEED_LIMIT
 from softvq.losses.objective import ObjectiveConfig
 
