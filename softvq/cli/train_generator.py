@@ -165,7 +165,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from softvq.generation.train import train_generator
     from softvq.training.accelerator import first_launched_process
-    from softvq.training.trainer import NonFiniteLossError
+    from softvq.training.stopping import NonFiniteLossError
 
     cfg = given_config(args)
     try:

@@ -18,7 +18,7 @@ optimizer, step and RNG states; batches are a function of (seed, step, rank), so
 continues exactly), shows a progress bar, and appends one JSON line per ``log_every`` steps to
 ``log.jsonl``. Ctrl-C or SIGTERM finishes the step and writes a checkpoint before stopping
 (``softvq.training.stopping``). A step with a non-finite loss or gradient is skipped; after
-``max_nonfinite`` of them the run stops with :class:`~softvq.training.trainer.NonFiniteLossError`,
+``max_nonfinite`` of them the run stops with :class:`~softvq.training.stopping.NonFiniteLossError`,
 and non-finite weights are never saved. At the end the EMA weights are exported to ``RUN/generator``
 for ``softvq generate``, and at each step of ``export_at`` to ``RUN/generator-step-NNNNNNNN``
 (supp. Tab. 9 / arXiv Tab. 8: gFID and IS at 400K, 1M, 2M, 3M and 4M steps of one run), which
@@ -60,6 +60,7 @@ from softvq.randomness import SEED_LIMIT, derived_seed
 from softvq.resume import changed_settings
 from softvq.training.optim import param_groups
 from softvq.training.schedule import lr_factor
+from softvq.training.stopping import NonFiniteLossError, StopRequests, on_any_process
 
 _LOG = logging.getLogger(__name__)  # the CLI prints its warnings as "softvq: warning: ..."
 
@@ -604,7 +605,6 @@ def nonfinite_stop(cfg: GeneratorTrainConfig, run: Path, step: int, count: int |
 def refuse_nonfinite(tensors: list[torch.Tensor], cfg: GeneratorTrainConfig, run: Path, step: int) -> None:
     """Never save non-finite weights: skipped steps keep them finite, but a step with a finite loss
     can still move them to infinity (a huge --lr or --weight-decay)."""
-    from softvq.training.trainer import NonFiniteLossError
 
     if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
         raise NonFiniteLossError(nonfinite_stop(cfg, run, step, None))
@@ -665,8 +665,6 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     from softvq.training.checkpointing import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
     from softvq.training.resuming import restore_or_reseed_rng
     from softvq.training.ema import EMA
-    from softvq.training.stopping import StopRequests, on_any_process
-    from softvq.training.trainer import NonFiniteLossError
 
     torch.manual_seed(cfg.seed + acc.process_index)
     # resolved with the latent set's count: the recipe's fields and the lengths in steps are set

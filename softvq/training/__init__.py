@@ -15,7 +15,11 @@ __all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer", "load_
 
 def __getattr__(name: str):
     # The trainer imports Accelerate; load it only when asked for.
-    if name in ("Trainer", "TrainResult", "NonFiniteLossError"):
+    if name == "NonFiniteLossError":  # both trainers raise it; its module imports no Accelerate
+        from softvq.training.stopping import NonFiniteLossError
+
+        return NonFiniteLossError
+    if name in ("Trainer", "TrainResult"):
         from softvq.training import trainer
 
         return getattr(trainer, name)

@@ -27,6 +27,11 @@ from typing import Any
 
 import torch
 
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after too many non-finite losses or gradients (both trainers); the message
+    names the last good checkpoint and what to try."""
+
+
 REPEAT_AFTER_SECONDS = 2.0  # a SIGINT sooner than this after the first signal is the same request, relayed
 
 

@@ -57,16 +57,12 @@ from softvq.training.logging import HELDOUT_PREFIX, RunLogger, drop_records_afte
 from softvq.training.optim import build_optimizer
 from softvq.training.resuming import restore_or_reseed_rng
 from softvq.training.schedule import build_scheduler, load_training_state, scaled_lr
-from softvq.training.stopping import StopRequests, on_any_process
+from softvq.training.stopping import NonFiniteLossError, StopRequests, on_any_process
 
 if TYPE_CHECKING:
     from softvq.losses.objective import TokenizerObjective
 
 FORMAT = "softvq-train"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced too many non-finite losses or gradients; the message says what to try."""
 
 
 @dataclass
