@@ -58,6 +58,7 @@ from softvq.generation.objective import GenerationObjective, GenerationObjective
 from softvq.generation.latents import LatentSet, latent_set_sha1, load_latents
 from softvq.randomness import SEED_LIMIT, derived_seed
 from softvq.resume import changed_settings
+from softvq.training.logging import RunLogger
 from softvq.training.optim import param_groups
 from softvq.training.schedule import lr_factor
 from softvq.training.stopping import NonFiniteLossError, StopRequests, on_any_process
@@ -748,7 +749,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     latents = (data.latents - data.mean) / data.std  # (z - mean) / std, supp. C.2 / the release
     labels = data.labels
     per_process = cfg.batch_size // acc.num_processes
-    log_file = run / "log.jsonl"
+    log = RunLogger(run, enabled=acc.is_main_process, tensorboard=False)  # log.jsonl, as the tokenizer trainer's
     first_loss = math.nan
     last_loss: float | torch.Tensor = math.nan  # the last step's loss, read from the device at the end
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.objective}",
@@ -802,15 +803,12 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
                 first_loss = float(last_loss)
             if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
                 elapsed = time.perf_counter() - tick
-                record = {"step": done, **{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
+                record = {**{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
                           # the steps since the last line: fewer than log_every at the end and after a resume
                           "ema_decay": ema.current_decay(), "sec_per_step": elapsed / (done - ticked_at),
                           "nonfinite_steps": nonfinite}
-                # strict JSON has no NaN: written as text, as the tokenizer trainer's log does
-                record = {k: v if math.isfinite(v) else str(v) for k, v in record.items()}
                 bar.set_postfix(loss=f"{record['loss']:.4f}" if not bad else str(record["loss"]))
-                with log_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                log.scalars(done, record, echo=False)  # non-finite values as text: strict JSON has no NaN
                 tick, ticked_at = time.perf_counter(), done
             if done in cfg.export_at:  # before the checkpoint: a resume past it has it
                 refuse_nonfinite(ema.shadow, cfg, run, done)  # on every process: all stop together
@@ -834,6 +832,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
                 break
     finally:
         stop.restore()
+        log.close()
     if stopped_at is not None:
         bar.close()
         say(f"stopped at step {stopped_at} with a checkpoint; run the same command again to continue")
