@@ -34,7 +34,7 @@ tokens, so steps 3-4 have no counterpart there.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -42,6 +42,10 @@ from torch import Tensor
 from softvq.eval_mode import evaluating
 from softvq.evaluation.probe import (ProbeResult, fit_probe, labelled_images, probe_state_files,
                                      readable_features, remove_files)
+
+if TYPE_CHECKING:
+    from softvq.generation.checkpoint import Generator, GeneratorMeta
+    from softvq.tokenizer import Tokenizer
 
 DEFAULT_LAYER = 20  # Fig. 3(b)
 DEFAULT_T = 0.5  # ours: the paper gives no noise level
@@ -115,7 +119,7 @@ def image_noise(indices: range, shape: tuple[int, ...], seed: int) -> Tensor:
 
 
 @torch.inference_mode()
-def generator_features(model, meta, latents: Tensor, *, layer: int = DEFAULT_LAYER, t: float = DEFAULT_T,
+def generator_features(model: Generator, meta: GeneratorMeta, latents: Tensor, *, layer: int = DEFAULT_LAYER, t: float = DEFAULT_T,
                        seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu",
                        progress: bool = True, state_file: str | Path | None = None) -> Tensor:
     """Mean-pooled output of block ``layer`` for tokenizer latents (N, L, D): (N, width) float32 on
@@ -167,7 +171,7 @@ def latent_set_meta(folder: str | Path) -> dict | None:
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
-def labelled_latents(folder: str | Path, tokenizer=None, *, skipped: list[Path] | None = None,
+def labelled_latents(folder: str | Path, tokenizer: Tokenizer | None = None, *, skipped: list[Path] | None = None,
                      batch_size: int = 32, device: str | torch.device = "cpu", progress: bool = True,
                      state_file: str | Path | None = None) -> tuple[Tensor, Tensor, list[str]]:
     """(latents (N, L, D), labels (N,), class names) of a latent set, or of a labelled image folder
@@ -187,7 +191,7 @@ def labelled_latents(folder: str | Path, tokenizer=None, *, skipped: list[Path] 
     return flat.reshape(len(flat), tokenizer.num_tokens, tokenizer.latent_dim), labels, classes
 
 
-def probe_generator(model, meta, folder: str | Path, *, tokenizer=None, val_folder: str | Path | None = None,
+def probe_generator(model: Generator, meta: GeneratorMeta, folder: str | Path, *, tokenizer: Tokenizer | None = None, val_folder: str | Path | None = None,
                     val_fraction: float = 0.2, layer: int = DEFAULT_LAYER, t: float = DEFAULT_T,
                     device: str | torch.device = "cpu", batch_size: int = 32, seed: int = 0,
                     progress: bool = True, state_dir: str | Path | None = None, **train_kwargs) -> ProbeResult:

@@ -16,13 +16,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from softvq.data.images import ImageReadError, images_by_class, name_loose_images, read_image
 from softvq.eval_mode import evaluating
+
+if TYPE_CHECKING:
+    from softvq.tokenizer import Tokenizer
 
 
 class Lamb(torch.optim.Optimizer):
@@ -195,7 +198,7 @@ def labelled_images(folder: str | Path) -> tuple[list[Path], Tensor, list[str]]:
 
 
 @torch.inference_mode()
-def tokenizer_features(model, paths: list[Path], *, which: Literal["latents", "features"] = "latents",
+def tokenizer_features(model: Tokenizer, paths: list[Path], *, which: Literal["latents", "features"] = "latents",
                        batch_size: int = 32, device: str | torch.device = "cpu",
                        progress: bool = True, skipped: list[Path] | None = None,
                        state_file: str | Path | None = None) -> Tensor:
@@ -250,7 +253,7 @@ def _extraction_identity(model, paths: list[Path], **options) -> dict:
             "images_sha1": listing_sha1(str(p) for p in paths), **options}
 
 
-def readable_features(model, paths: list[Path], labels: Tensor, skipped: list[Path],
+def readable_features(model: Tokenizer, paths: list[Path], labels: Tensor, skipped: list[Path],
                       **options) -> tuple[Tensor, Tensor]:
     """(features, labels) of the readable ``paths``; the unreadable ones are appended to ``skipped``."""
     before = len(skipped)
@@ -275,7 +278,7 @@ def fit_probe(feats: Tensor, labels: Tensor, val: tuple[Tensor, Tensor] | None =
     return train_probe(feats[tr], labels[tr], feats[va], labels[va], seed=seed, which=which, **train_kwargs)
 
 
-def probe_folder(model, folder: str | Path, *, val_folder: str | Path | None = None,
+def probe_folder(model: Tokenizer, folder: str | Path, *, val_folder: str | Path | None = None,
                  val_fraction: float = 0.2, which: Literal["latents", "features"] = "latents",
                  device: str | torch.device = "cpu", batch_size: int = 32, seed: int = 0,
                  progress: bool = True, state_dir: str | Path | None = None, **train_kwargs) -> ProbeResult:

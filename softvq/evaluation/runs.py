@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from softvq.checkpoint.pretrained import CONFIG_NAME, EXPORT_NAME, WEIGHTS_NAME
 from softvq.evaluation import plots
+
+if TYPE_CHECKING:
+    from softvq.tokenizer import Tokenizer
 
 
 @dataclass
@@ -237,7 +240,7 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
 
 
 @torch.inference_mode()
-def _encode_all(model, images: torch.Tensor, batch_size: int, device: torch.device):
+def _encode_all(model: Tokenizer, images: torch.Tensor, batch_size: int, device: torch.device):
     from softvq.evaluation.metrics import codebook_rows
     from softvq.data.images import quantize_to_uint8
     from softvq.evaluation.sources import uint8_to_model
@@ -257,7 +260,7 @@ def _encode_all(model, images: torch.Tensor, batch_size: int, device: torch.devi
     return torch.cat(feats), torch.cat(lats), torch.cat(recs), rows  # features (N, L, D_in)
 
 
-def first_codebook(model, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+def first_codebook(model: Tokenizer, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """(codewords (K, d), tokens (M, d), which) of the model's first codebook and what it reads, as
     its assignment compares them (L2-normalised for the cosine distance): the first of S sequence
     segments (the release's codebooks), the first residual level (it reads ẑ itself), the first of
@@ -266,7 +269,8 @@ def first_codebook(model, features: torch.Tensor) -> tuple[torch.Tensor, torch.T
     from softvq.bottlenecks.residual import ResidualQuantizer
     from softvq.bottlenecks.segments import SegmentCodebooks
 
-    bottleneck, tokens, which = model.bottleneck, features, []
+    bottleneck: Any = model.bottleneck  # walked down through its compositions to the first codebook
+    tokens, which = features, []
     if isinstance(bottleneck, SegmentCodebooks):
         count = len(bottleneck.parts)
         bottleneck, tokens = bottleneck.parts[0], features[:, : features.shape[1] // count]

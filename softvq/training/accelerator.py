@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 T = TypeVar("T")
 
@@ -32,7 +35,7 @@ def check_processes_fit_gpus(cpu: bool) -> None:
             f"CPU processes with gloo")
 
 
-def new_accelerator(**kwargs: Any):
+def new_accelerator(**kwargs: Any) -> Accelerator:
     """``Accelerator(**kwargs)`` for a new run (see the module docstring)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -53,7 +56,7 @@ def first_launched_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def launched_accelerator(cpu: bool):
+def launched_accelerator(cpu: bool) -> Accelerator | None:
     """An ``Accelerator`` when ``torchrun`` / ``accelerate launch`` started several processes, else None
     (a command run alone keeps its own device choice and no process group)."""
     if not launched_worker():
