@@ -13,7 +13,7 @@ import math
 import numbers
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 
@@ -119,3 +119,11 @@ _SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
     float: (lambda v: _is_number(v) and math.isfinite(v), "a finite number"),
     str: (lambda v: isinstance(v, str), "a string"),
 }
+
+
+def check_ranges(rows: Iterable[tuple[str, Any, bool, str]]) -> None:
+    """Refuse the first ``(key, value, holds, what)`` row whose condition does not hold, as
+    "key must be what, got value": one table of ranges per config, read top to bottom."""
+    for key, value, holds, what in rows:
+        if not holds:
+            raise ValueError(f"{key} must be {what}, got {repr(value) if isinstance(value, str) else value}")

@@ -49,7 +49,7 @@ import torch
 from softvq.atomic import write_json
 from softvq.checkpoint.pretrained import load_strict
 from softvq.checkpoint.specs import looks_like_hub_id
-from softvq.typed_config import check_field_types
+from softvq.typed_config import check_field_types, check_ranges
 from softvq.generation.checkpoint import (GENERATOR_EXPORT, MODEL_CONFIG_KEY, folder_kind, is_run_config, milestone_export,
                                          run_meta, save_generator)
 from softvq.generation.mar import MARConfig, mar_config
@@ -188,31 +188,32 @@ class GeneratorTrainConfig:
             if getattr(self, steps) is not None and getattr(self, epochs) is not None:
                 flags = " or ".join("--" + name.replace("_", "-") for name in (steps, epochs))
                 raise ValueError(f"give {flags}, not both")
-        for name in ("steps", "epochs"):
-            value = getattr(resolved, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name} must be positive, got {value}")
-        for name in ("warmup_steps", "warmup_epochs"):
-            value = getattr(resolved, name)
-            if value is not None and value < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
-        if resolved.batch_size < 1:
-            raise ValueError(f"--batch-size must be 1 or more, got {resolved.batch_size}")
-        positive = ("width", "depth", "heads", "head_width", "head_depth", "buffer_size", "diffusion_batch_mul",
-                    "diffusion_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite")
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
+        r = resolved
+
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        def at_least(source: Any, names: tuple[str, ...], low: float, what: str) -> list[tuple[str, Any, bool, str]]:
+            return [(flag(n), getattr(source, n), getattr(source, n) is None or getattr(source, n) >= low, what)
+                    for n in names]
+
+        counts = ("width", "depth", "heads", "head_width", "head_depth", "buffer_size", "diffusion_batch_mul",
+                  "diffusion_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite")
+        check_ranges([  # (flag, value, whether it holds, what the flag must be); None: the recipe's or unused
+            *[(flag(n), getattr(r, n), getattr(r, n) is None or getattr(r, n) > 0, "positive")
+              for n in ("steps", "epochs")],
+            *at_least(r, ("warmup_steps", "warmup_epochs"), 0, "0 or more"),
+            ("--batch-size", resolved.batch_size, resolved.batch_size >= 1, "1 or more"),
+            *at_least(self, counts, 1, "1 or more"),
+            ("--ema-decay", self.ema_decay, 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
+            ("--lr", resolved.lr, resolved.lr > 0, "positive"),
+            *at_least(r, ("weight_decay", "max_grad_norm", "vlb_weight"), 0, "0 or more"),
+            ("--adam-beta2 (AdamW's β2)", resolved.adam_beta2, 0.0 <= resolved.adam_beta2 < 1.0, "in [0, 1)"),
+            ("--seed", self.seed, 0 <= self.seed < SEED_LIMIT, "0 or more and below 2**63"),
+            ("--class-dropout (a probability)", self.class_dropout, 0.0 <= self.class_dropout < 1.0, "in [0, 1)"),
+        ])
         if any(step < 1 for step in self.export_at):
             raise ValueError(f"--export-at takes steps of 1 or more, got {' '.join(map(str, self.export_at))}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if resolved.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {resolved.lr}")
-        for name in ("weight_decay", "max_grad_norm", "vlb_weight"):
-            if getattr(resolved, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(resolved, name)}")
         # AdamW's first step, lr / (1 - β1) with β1 0.9, must fit a float32, or torch fails inside its step
         if resolved.lr / 0.1 >= torch.finfo(torch.float32).max:
             raise ValueError(f"--lr {resolved.lr:g} is too large for AdamW's float32 step; the recipes use 1e-4 "
@@ -220,12 +221,6 @@ class GeneratorTrainConfig:
         if resolved.lr * resolved.weight_decay >= 1:
             raise ValueError(f"--lr × --weight-decay must be below 1 (AdamW multiplies the weights by 1 - lr × "
                              f"weight decay each step), got {resolved.lr:g} × {resolved.weight_decay:g}")
-        if not 0.0 <= resolved.adam_beta2 < 1.0:
-            raise ValueError(f"--adam-beta2 (AdamW's β2) must be in [0, 1), got {resolved.adam_beta2}")
-        if not 0 <= self.seed < SEED_LIMIT:
-            raise ValueError(f"--seed must be 0 or more and below 2**63, got {self.seed}")
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise ValueError(f"--class-dropout (a probability) must be in [0, 1), got {self.class_dropout}")
         return self
 
 

@@ -32,7 +32,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from softvq.config import TokenizerConfig, preset
-from softvq.typed_config import strict_fields
+from softvq.typed_config import check_ranges, strict_fields
 from softvq.randomness import SEED_LIMIT
 from softvq.losses.objective import ObjectiveConfig
 
@@ -234,9 +234,7 @@ class TrainConfig:
                            "max_nonfinite")],
             ("run.max_minutes", r.max_minutes, r.max_minutes is None or r.max_minutes > 0, "positive or null"),
         ]
-        for key, value, holds, what in ranges:
-            if not holds:
-                raise ValueError(f"{key} must be {what}, got {repr(value) if isinstance(value, str) else value}")
+        check_ranges(ranges)
         for name in ("betas", "disc_betas"):
             betas = getattr(o, name)
             if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
