@@ -445,3 +445,13 @@ def test_codebook_usage_of_several_codebooks_gives_each_its_own_row(tmp_path, mo
     title = drawn[0]._suptitle.get_text()
     assert title == "run: argmax codes: usage 1.6% of 64, perplexity 1.0 (mean of 4 codebooks); 556 tokens"
     assert right.yaxis.get_major_formatter()(20.0, 0) == "20"  # not 2×10¹
+
+
+def test_a_term_at_weight_one_is_drawn_once(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    records = [{"step": s, "rec": 1 / (s + 1), "rec_weighted": 1 / (s + 1),  # λ = 1: the same numbers
+                "align": 2 / (s + 1), "align_weighted": 0.2 / (s + 1)} for s in range(12)]
+    plots.plot_training_curves(records, tmp_path / "c.png")
+    titles = sorted(ax.get_title().split("  ")[0] for ax in drawn[0].axes if ax.get_visible())
+    assert titles == ["align", "align_weighted", "rec"]

@@ -157,13 +157,19 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
     (``heldout/*``, after the losses), the raw line alone, solid.
     Steps where a value was NaN or infinite are red dotted lines, counted in the panel's title.
     Values that never changed over two or more records (a loss not switched on, no skipped files)
-    share one last panel as ``name = value`` lines instead of a flat line each."""
+    share one last panel as ``name = value`` lines instead of a flat line each, and a
+    ``<term>_weighted`` equal to its ``<term>`` at every step (weight 1) is not drawn twice."""
     from matplotlib.ticker import MaxNLocator
 
     series = numeric_series(records)
     broken = nonfinite_steps(records)
     if keys is not None:
         series = {k: series[k] for k in keys if k in series}
+    # a term logged at weight 1 (the reconstruction's) repeats its unweighted panel: one is enough
+    series = {k: v for k, v in series.items() if not (
+        k.endswith("_weighted") and k.removesuffix("_weighted") in series
+        and np.array_equal(v[0], series[k.removesuffix("_weighted")][0])
+        and np.array_equal(v[1], series[k.removesuffix("_weighted")][1]))}
     if not series:
         raise ValueError("the log has no numeric values to plot")
     constant = {k: float(y[0]) for k, (_, y) in series.items()
