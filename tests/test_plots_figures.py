@@ -323,6 +323,15 @@ def test_codewords_picture_refuses_codewords_of_another_width(tmp_path):
                                         counts=np.array([3, 0, 1, 0, 9])))
 
 
+def test_codewords_axes_say_what_they_are_whatever_the_title(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    plots.plot_codewords(torch.randn(5, 4), torch.randn(10, 4), tmp_path / "c.png", title="run: 3 of 5 picked")
+    ax = drawn[0].axes[0]
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == (
+        "run: 3 of 5 picked", "PC 1 of the tokens", "PC 2 of the tokens")
+
+
 def test_comparison_rows_name_exports_by_their_run_tell_bottlenecks_apart_and_leave_generators_out(tmp_path):
     from softvq.evaluation.runs import bottleneck_label
 

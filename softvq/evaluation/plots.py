@@ -419,6 +419,8 @@ def plot_codewords(codewords: Tensor | np.ndarray, tokens: Tensor | np.ndarray, 
             bar.ax.yaxis.set_minor_formatter(counts_label)
     ax.set_xticks([])
     ax.set_yticks([])
+    ax.set_xlabel("PC 1 of the tokens", fontsize=8)  # a title given replaces the default's "(PCA ...)"
+    ax.set_ylabel("PC 2 of the tokens", fontsize=8)
     ax.legend(fontsize=7, loc="upper right", markerscale=2)
     ax.set_title(textwrap.fill(title or "codewords among the tokens (PCA of the tokens)", 90), fontsize=9)
     return _save(fig, path)
