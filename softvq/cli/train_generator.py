@@ -107,11 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """One ``--flag`` per :class:`~softvq.generation.train.GeneratorTrainConfig` field, typed by its
     annotation; ``--quiet`` turns the progress bar off. A flag not given is absent from the parsed
     namespace (no default), so :func:`given_config` can tell it from one given at its default."""
-    from softvq.generation.train import GeneratorTrainConfig
+    from softvq.generation.train import GeneratorTrainConfig, flag_name
 
     hints = typing.get_type_hints(GeneratorTrainConfig)
     for f in dataclasses.fields(GeneratorTrainConfig):
-        flag, unset = "--" + f.name.replace("_", "-"), argparse.SUPPRESS
+        flag, unset = flag_name(f.name), argparse.SUPPRESS
         kind, choices = flag_type(hints[f.name])
         help_text = FLAG_HELP[f.name]  # a new field without help fails here and in the tests
         if kind is bool:
@@ -130,7 +130,7 @@ def given_config(args: argparse.Namespace) -> "GeneratorTrainConfig":
     continues a run, ``--out RUN --steps N`` lengthens it, ``--latents`` says where its latent set
     is now (what a rerun may change is checked when it starts)."""
     from softvq.generation.checkpoint import is_run_config
-    from softvq.generation.train import GeneratorTrainConfig, config_from_record
+    from softvq.generation.train import GeneratorTrainConfig, config_from_record, flag_name
 
     names = {f.name for f in dataclasses.fields(GeneratorTrainConfig)}
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
@@ -148,7 +148,7 @@ def given_config(args: argparse.Namespace) -> "GeneratorTrainConfig":
                          f"with the softvq version that started it, or pass --latents and the flags yourself")
     from softvq.training.accelerator import first_launched_process
 
-    flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given) if name != "out")
+    flags = ", ".join(flag_name(name) for name in sorted(given) if name != "out")
     if first_launched_process():
         print(f"continuing {saved.parent} with the settings its config.json records"
               + (f" and the flags given ({flags})" if flags else ""), file=sys.stderr)

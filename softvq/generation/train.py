@@ -66,6 +66,12 @@ from softvq.training.stopping import NonFiniteLossError, StopRequests, on_any_pr
 _LOG = logging.getLogger(__name__)  # the CLI prints its warnings as "softvq: warning: ..."
 
 
+def flag_name(field: str) -> str:
+    """The ``train-generator`` flag of a :class:`GeneratorTrainConfig` field: ``batch_size`` is
+    ``--batch-size`` (errors name fields by their flags)."""
+    return "--" + field.replace("_", "-")
+
+
 @dataclass
 class GeneratorTrainConfig:
     """Everything a generator run needs; written resolved to ``RUN/config.json`` (a rerun that
@@ -155,13 +161,13 @@ class GeneratorTrainConfig:
 
     def validate(self) -> "GeneratorTrainConfig":
         """Check every field (types and choices, ranges, what applies to the objective); returns ``self``."""
-        # NaN slips past every `if value < 0` check below: NaN or infinite settings would train on NaN or fail in torch.
-        # Named by their flags, before the type check (which would name the field) sees them.
+        # NaN or infinite settings would train on NaN or fail in torch: named as not finite (the range table
+        # below would call NaN out of range and let inf pass), by their flags, before the type check.
         for name in ("lr", "weight_decay", "adam_beta2", "max_grad_norm", "vlb_weight", "class_dropout",
                      "ema_decay", "epochs", "warmup_epochs"):
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+                raise ValueError(f"{flag_name(name)} must be a finite number, got {value}")
         check_field_types(self)  # for a config built in Python: argparse checks the command line's
         if not self.latents:
             saved = Path(self.out) / "config.json"
@@ -174,7 +180,7 @@ class GeneratorTrainConfig:
         # every recipe sets these (steps may wait for the latent set's count)
         assert (resolved.batch_size is not None and resolved.lr is not None and resolved.weight_decay is not None
                 and resolved.adam_beta2 is not None)
-        mar_only = ["--" + name.replace("_", "-") for name in MAR_ONLY if getattr(self, name) not in (None, False)]
+        mar_only = [flag_name(name) for name in MAR_ONLY if getattr(self, name) not in (None, False)]
         if self.objective != "mar" and mar_only:
             raise ValueError(f"{', '.join(mar_only)} only appl{'ies' if len(mar_only) == 1 else 'y'} to MAR "
                              f"(--objective mar); DiT and SiT have none")
@@ -186,21 +192,18 @@ class GeneratorTrainConfig:
             raise ValueError("--schedule (the noise schedule) only applies to DiT and MAR; SiT takes an interpolant --path")
         for steps, epochs in LENGTHS:
             if getattr(self, steps) is not None and getattr(self, epochs) is not None:
-                flags = " or ".join("--" + name.replace("_", "-") for name in (steps, epochs))
+                flags = " or ".join(flag_name(name) for name in (steps, epochs))
                 raise ValueError(f"give {flags}, not both")
         r = resolved
 
-        def flag(name: str) -> str:
-            return "--" + name.replace("_", "-")
-
         def at_least(source: Any, names: tuple[str, ...], low: float, what: str) -> list[tuple[str, Any, bool, str]]:
-            return [(flag(n), getattr(source, n), getattr(source, n) is None or getattr(source, n) >= low, what)
+            return [(flag_name(n), getattr(source, n), getattr(source, n) is None or getattr(source, n) >= low, what)
                     for n in names]
 
         counts = ("width", "depth", "heads", "head_width", "head_depth", "buffer_size", "diffusion_batch_mul",
                   "diffusion_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite")
         check_ranges([  # (flag, value, whether it holds, what the flag must be); None: the recipe's or unused
-            *[(flag(n), getattr(r, n), getattr(r, n) is None or getattr(r, n) > 0, "positive")
+            *[(flag_name(n), getattr(r, n), getattr(r, n) is None or getattr(r, n) > 0, "positive")
               for n in ("steps", "epochs")],
             *at_least(r, ("warmup_steps", "warmup_epochs"), 0, "0 or more"),
             ("--batch-size", resolved.batch_size, resolved.batch_size >= 1, "1 or more"),
@@ -492,7 +495,7 @@ def check_same_run(run: Path, saved: dict[str, Any], model: dict[str, Any], trai
     if saved.get("latents_sha1", latents_sha1) != latents_sha1:
         changed.append(f"latent set {saved_train.get('latents')!r} -> {train['latents']!r} (another meta.json)")
     if model_changed or changed:
-        flags = ", ".join("--" + name.replace("_", "-") for name in CHANGEABLE_ON_RESUME[2:])
+        flags = ", ".join(flag_name(name) for name in CHANGEABLE_ON_RESUME[2:])
         changed = [c for c in changed if c not in model_changed]  # a width is in both records
         what = "; ".join(([f"another generator: {', '.join(model_changed)}"] if model_changed else []) + changed)
         raise ValueError(f"{run} was trained with other settings ({what}); a rerun continues it with the same ones "
@@ -802,7 +805,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
                           # the steps since the last line: fewer than log_every at the end and after a resume
                           "ema_decay": ema.current_decay(), "sec_per_step": elapsed / (done - ticked_at),
                           "nonfinite_steps": nonfinite}
-                bar.set_postfix(loss=f"{record['loss']:.4f}" if not bad else str(record["loss"]))
+                bar.set_postfix(loss=f"{record['loss']:.4f}")  # "nan" / "inf" for a skipped step
                 log.scalars(done, record, echo=False)  # non-finite values as text: strict JSON has no NaN
                 tick, ticked_at = time.perf_counter(), done
             if done in cfg.export_at:  # before the checkpoint: a resume past it has it
