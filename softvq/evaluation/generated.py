@@ -77,8 +77,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     skipped_counts: dict[str, int] = {}  # unreadable files per side: the report's skipped_<side>
 
     def features(refs, files, root, desc):
-        protocol = protocol_of(options, size,
-                               len(refs), extractor.weights_name)
+        protocol = protocol_of(options, size, len(refs), extractor.weights_name)
         checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
         state = Path(state_dir).expanduser() / f"eval-{desc}-state.pt" if state_dir is not None else None
         states.append(state)
@@ -99,8 +98,8 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         report["notes"].append("precision/recall need reference images, not statistics: skipped")
     else:
         real_refs, files, root = list_image_refs(reference, num_images)
-        protocol = {**protocol_of(options, size,
-                                  len(real_refs), extractor.weights_name), "precision_recall_features": pr_samples}
+        protocol = {**protocol_of(options, size, len(real_refs), extractor.weights_name),
+                    "precision_recall_features": pr_samples}
         checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
         cache = Path(cache_dir).expanduser() / f"reference-{checksum[:24]}.npz" if cache_dir else None
         if cache is not None and cache.is_file():

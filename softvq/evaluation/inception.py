@@ -437,10 +437,9 @@ class InceptionFeatureExtractor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected RGB images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = to_byte_scale(images.to(self.device))
-        if x.shape[-2:] != (FID_INPUT_SIZE, FID_INPUT_SIZE) and self.resize == "tf":
-            x = tf_bilinear_resize(x, FID_INPUT_SIZE)
-        elif x.shape[-2:] != (FID_INPUT_SIZE, FID_INPUT_SIZE):
-            x = F.interpolate(x, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False)
+        if x.shape[-2:] != (FID_INPUT_SIZE, FID_INPUT_SIZE):
+            x = (tf_bilinear_resize(x, FID_INPUT_SIZE) if self.resize == "tf" else
+                 F.interpolate(x, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False))
         return (x - 128.0) / 128.0 if self.normalization == "tf" else x / 127.5 - 1.0
 
     @torch.inference_mode()

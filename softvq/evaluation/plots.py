@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from softvq.config import BottleneckKind
 from softvq.data.images import to_unit_interval
 from softvq.evaluation.metrics import entropy_of_weights, psnr
 from softvq.training.logging import HELDOUT_PREFIX  # measured at each grid, not noisy: unsmoothed
@@ -166,10 +168,11 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
     if keys is not None:
         series = {k: series[k] for k in keys if k in series}
     # a term logged at weight 1 (the reconstruction's) repeats its unweighted panel: one is enough
-    series = {k: v for k, v in series.items() if not (
-        k.endswith("_weighted") and k.removesuffix("_weighted") in series
-        and np.array_equal(v[0], series[k.removesuffix("_weighted")][0])
-        and np.array_equal(v[1], series[k.removesuffix("_weighted")][1]))}
+    def repeats_its_term(name: str) -> bool:
+        term = name.removesuffix("_weighted")
+        return term != name and term in series and all(map(np.array_equal, series[name], series[term]))
+
+    series = {k: v for k, v in series.items() if not repeats_its_term(k)}
     if not series:
         raise ValueError("the log has no numeric values to plot")
     constant = {k: float(y[0]) for k, (_, y) in series.items()
@@ -210,7 +213,6 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 0.96 in a short run
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-
     for ax in axes[len(names):]:
         ax.set_visible(False)
     if constant:
@@ -449,10 +451,8 @@ def plot_rate_quality(runs: Sequence[dict[str, Any]], path: str | Path, *, title
     """
     from matplotlib.text import OffsetFrom
 
-    has = {"eval": [r for r in runs if r.get("psnr_eval") is not None],
-           "held-out": [r for r in runs if r.get("psnr_heldout") is not None]}
     with_psnr = [r for r in runs if r.get("psnr_eval") is not None or r.get("psnr_heldout") is not None]
-    psnr_on = "eval" if with_psnr and len(has["eval"]) == len(with_psnr) else "held-out"
+    psnr_on = "eval" if with_psnr and all(r.get("psnr_eval") is not None for r in with_psnr) else "held-out"
     psnr_key = "psnr_eval" if psnr_on == "eval" else "psnr_heldout"
     metrics = [(m, key) for m, key in (("rfid", "rfid"), ("psnr", psnr_key)) if any(r.get(key) is not None for r in runs)]
     if not metrics:
@@ -461,7 +461,7 @@ def plot_rate_quality(runs: Sequence[dict[str, Any]], path: str | Path, *, title
     axes = np.atleast_1d(fig.subplots(1, len(metrics), sharex=True))
     labels = {"rfid": "rFID, softvq eval (lower is better)",
               "psnr": f"PSNR dB, {'softvq eval' if psnr_on == 'eval' else 'held-out images'} (higher is better)"}
-    known = ["softvq", "gmmvq", "vq", "kl", "ae", "lfq"]
+    known: list[str] = list(typing.get_args(BottleneckKind))  # a kind's colour does not depend on the runs drawn
     kinds = known + sorted({str(r.get("kind") or "?") for r in runs} - set(known))
     colours = dict(zip(kinds, _class_colours(len(kinds))))
     for ax, (metric, key) in zip(axes, metrics):
