@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
-from softvq.cli.common import device_argument, positive_int
+from softvq.cli.common import cpu_has_matrix_instructions, device_argument, positive_int
 from softvq.networks.vit import reference_math
 from softvq.tokenizer import PRECISIONS
 
@@ -222,13 +222,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = PRECISIONS[args.dtype]
-    if device.type == "cpu" and args.dtype != "fp32" and not args.slow_bf16:
-        caps = torch.cpu.get_capabilities()
-        if not (caps.get(f"amx_{args.dtype}") or caps.get(f"avx512_{args.dtype}")):
-            # emulated: a 2048^3 matmul (the peak, twice around every timed call) takes over a minute
-            parser.error(f"this CPU has no {args.dtype} matrix instructions (AMX or AVX512-{args.dtype.upper()}): "
-                         f"{args.dtype} runs emulated, over 10x slower than fp32, and this benchmark would take "
-                         f"hours; time fp32, or pass --slow-bf16 to run it anyway")
+    emulated = device.type == "cpu" and args.dtype != "fp32" and not cpu_has_matrix_instructions(args.dtype)
+    if emulated and not args.slow_bf16:  # the peak's 2048^3 matmul, twice around every timed call, takes minutes
+        parser.error(f"this CPU has no {args.dtype} matrix instructions (AMX or AVX512-{args.dtype.upper()}): "
+                     f"{args.dtype} runs emulated, over 10x slower than fp32, and this benchmark would take "
+                     f"hours; time fp32, or pass --slow-bf16 to run it anyway")
     retained = not args.default_malloc and retain_freed_memory()
     torch.manual_seed(0)
     if args.freeze:

@@ -144,18 +144,21 @@ def _grey_units(grey: np.ndarray, unit_interval: bool) -> float:
     return 255.0 / hi
 
 
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    """One-channel data already in 8-bit units -> an RGB image (rounded, clipped to 0..255)."""
+    return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+
 def _as_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16"):
         # 16-bit greyscale (PNG/TIFF): Pillow's convert("RGB") clips at 255; scale instead.
-        grey = np.asarray(img, dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return _grey_to_rgb(np.asarray(img, dtype=np.float64) / 257.0)
     if img.mode in ("I", "F"):
         # 32-bit integer or float greyscale (TIFF; a 16-bit PNG under Pillow < 11 is "I" too): its depth
         # is not in the mode, so read it from the values. convert("RGB") clips or truncates: a
         # [0, 1] float image came out black, an "I" image holding 0..255 black after a 16-bit /257.
         grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        grey = grey * _grey_units(grey, unit_interval=img.mode == "F")
-        return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return _grey_to_rgb(grey * _grey_units(grey, unit_interval=img.mode == "F"))
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # tRNS of P, L and RGB images too
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

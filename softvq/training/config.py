@@ -347,8 +347,7 @@ def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"{path} is not valid YAML ({where}{problem})") from None
+        raise ValueError(f"{path} is not valid YAML ({where}{_yaml_problem(exc)})") from None
     if data is None:
         raise ValueError(f"{path} is empty; a config names at least its model (model.preset) or a parent "
                          f"(inherit: demo.yaml)")
@@ -409,6 +408,11 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, in one line (its marked errors carry it as ``problem``)."""
+    return getattr(exc, "problem", None) or str(exc).splitlines()[0]
+
+
 def yaml_load(text: str) -> Any:
     """YAML 1.2-style parsing of one value or file (``2e-4`` is a number)."""
     return yaml.load(text, Loader=_Loader)
@@ -422,8 +426,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"override {text!r}: its value is not valid YAML ({problem})") from None
+        raise ValueError(f"override {text!r}: its value is not valid YAML ({_yaml_problem(exc)})") from None
     return key.strip().split("."), value
 
 
