@@ -395,7 +395,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(made, tmp_pat
     dict(objective="mar", steps=30),  # steps given: the recipe's warm-up stays in epochs
 ])
 def test_a_run_recorded_in_config_json_is_rebuilt_from_it(given):
-    from softvq.generation.train import GeneratorTrainConfig, config_from_record, recorded_train
+    from softvq.generation.train_config import GeneratorTrainConfig, config_from_record, recorded_train
 
     def record(cfg):
         return recorded_train(cfg.validate().resolved(count=40))

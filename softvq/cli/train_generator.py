@@ -22,7 +22,7 @@ run resumes by itself: when ``--out`` already holds checkpoints, training contin
 the current step and stops (exit status 130); a second one stops at once. A step whose loss or
 gradient is not finite is skipped; after ``--max-nonfinite`` of them the run stops (exit status 3),
 naming its last good checkpoint, and never saves non-finite weights. Every flag is a field of
-:class:`softvq.generation.train.GeneratorTrainConfig`, which holds the recipes and the loop.
+:class:`softvq.generation.train_config.GeneratorTrainConfig`, which holds the recipes (the loop is :mod:`softvq.generation.train`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Literal
 from softvq.cli.common import add_quiet_argument
 
 if TYPE_CHECKING:
-    from softvq.generation.train import GeneratorTrainConfig
+    from softvq.generation.train_config import GeneratorTrainConfig
 
 # --help of each GeneratorTrainConfig field; "(recipe)" marks fields that default to the objective's recipe.
 FLAG_HELP: dict[str, str] = {
@@ -104,10 +104,10 @@ def flag_type(hint: typing.Any) -> tuple[type, tuple[str, ...] | None]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """One ``--flag`` per :class:`~softvq.generation.train.GeneratorTrainConfig` field, typed by its
+    """One ``--flag`` per :class:`~softvq.generation.train_config.GeneratorTrainConfig` field, typed by its
     annotation; ``--quiet`` turns the progress bar off. A flag not given is absent from the parsed
     namespace (no default), so :func:`given_config` can tell it from one given at its default."""
-    from softvq.generation.train import GeneratorTrainConfig, flag_name
+    from softvq.generation.train_config import GeneratorTrainConfig, flag_name
 
     hints = typing.get_type_hints(GeneratorTrainConfig)
     for f in dataclasses.fields(GeneratorTrainConfig):
@@ -130,7 +130,7 @@ def given_config(args: argparse.Namespace) -> "GeneratorTrainConfig":
     continues a run, ``--out RUN --steps N`` lengthens it, ``--latents`` says where its latent set
     is now (what a rerun may change is checked when it starts)."""
     from softvq.generation.checkpoint import is_run_config
-    from softvq.generation.train import GeneratorTrainConfig, config_from_record, flag_name
+    from softvq.generation.train_config import GeneratorTrainConfig, config_from_record, flag_name
 
     names = {f.name for f in dataclasses.fields(GeneratorTrainConfig)}
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
