@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from softvq.bottlenecks.base import BottleneckOutput, full_precision
 from softvq.bottlenecks.factory import build_bottleneck
 from softvq.config import PRESETS, TokenizerConfig, preset
+from softvq.messages import first_few
 from softvq.networks.decoder import TokenDecoder
 from softvq.networks.encoder import TokenEncoder
 from softvq.resume import differences
@@ -244,9 +245,8 @@ class Tokenizer(nn.Module):
             differ = differences(other.config.to_dict(), self.config.to_dict(), ignore={"decoder_noise_dim"})
             if not differ:
                 raise
-            shown = "; ".join(f"{k} {theirs!r} (this config: {ours!r})" for k, theirs, ours in differ[:6])
-            more = f" (+{len(differ) - 6} more)" if len(differ) > 6 else ""
-            raise CheckpointError(f"{error}. Its model differs from this config's in {shown}{more}: repeat the "
+            shown = first_few([f"{k} {theirs!r} (this config: {ours!r})" for k, theirs, ours in differ], 6, "; ")
+            raise CheckpointError(f"{error}. Its model differs from this config's in {shown}: repeat the "
                                   f"overrides that made it: {_overrides_to_reach(other.config.to_dict(), differ, config_keys)}"
                                   ) from None
         self.latent_mean, self.latent_std = other.latent_mean, other.latent_std

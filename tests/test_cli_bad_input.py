@@ -393,7 +393,7 @@ def test_outputs_that_would_replace_work_are_refused(tmp_path, capsys):
     trained = Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "ckpt")
     weights = (trained / "model.safetensors").read_bytes()
     code, _, err = _run(capsys, "info", "softvq-tiny", "--save", str(trained))
-    assert code == 2 and "model.safetensors already exists" in _one_line_error(err)
+    assert code == 2 and "model.safetensors and 1 more already exist;" in _one_line_error(err)
     assert (trained / "model.safetensors").read_bytes() == weights
 
     (tmp_path / "imgs").mkdir()

@@ -51,6 +51,7 @@ from softvq.checkpoint.pretrained import (
     usable_device,
 )
 from softvq.config import BottleneckConfig, TokenizerConfig, ViTConfig, preset
+from softvq.messages import first_few
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
@@ -296,8 +297,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -
         else:
             unknown.append(key)
     if unknown:
-        shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
-        raise CheckpointError(f"the released checkpoint has unexpected keys {shown}; softvq does not know what they are")
+        raise CheckpointError(f"the released checkpoint has unexpected keys {first_few(sorted(unknown))}; softvq does not know what they are")
     # The temperature is fixed in the release and lives in config.json, not in the weights.
     derived = [k for k in own if k.startswith("bottleneck.") and k.endswith("log_temperature") and k not in out]
     for key in derived:
@@ -335,8 +335,7 @@ def release_weights(folder: Path) -> Path:
         if (folder / name).is_file():
             return folder / name
     held = sorted(p.name for p in folder.iterdir())
-    shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
-    raise CheckpointError(f"{folder} holds no {' or '.join(RELEASE_WEIGHTS)} (it holds: {shown or 'nothing'}); "
+    raise CheckpointError(f"{folder} holds no {' or '.join(RELEASE_WEIGHTS)} (it holds: {first_few(held) or 'nothing'}); "
                           f"a release folder has config.json and model.safetensors (or pytorch_model.bin)")
 
 
@@ -364,8 +363,7 @@ def load_official(
     missing = [k for k in model.state_dict() if k not in converted.state]
     if missing:
         names = [official_key(k) for k in missing]
-        shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-        raise CheckpointError(f"{weights} is missing needed key(s) {shown}")
+        raise CheckpointError(f"{weights} is missing needed key(s) {first_few(names)}")
     load_strict(model, converted.state, str(weights), spelling=official_key)
     model.ignored_keys = converted.ignored
     model.source = f"released SoftVQ-VAE checkpoint {path_or_id}"

@@ -15,6 +15,7 @@ import torch
 
 from softvq.atomic import atomic_write, write_json
 from softvq.checkpoint.specs import looks_like_hub_id
+from softvq.messages import first_few
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
@@ -92,9 +93,8 @@ def resolve(path_or_id: str | Path, filenames: list[str]) -> Path:
     if not looks_like_hub_id(text):
         if not path.exists() and str(path.parent) != "." and path.parent.is_dir():  # a mistyped folder
             near = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and not p.name.startswith("."))
-            shown = ", ".join(near[:8]) + (f" and {len(near) - 8} more" if len(near) > 8 else "")
             raise CheckpointError(f"no checkpoint folder at {text!r}; {path.parent}/ holds the folders "
-                                  f"{shown or 'none'}")
+                                  f"{first_few(near) or 'none'}")
         raise CheckpointError(f"no checkpoint folder at {text!r} (and it is not a hub id like 'org/name')")
     try:
         from huggingface_hub import snapshot_download

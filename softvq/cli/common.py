@@ -17,6 +17,7 @@ import torch
 
 from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset
 from softvq.config import PRESETS
+from softvq.messages import first_few
 from softvq.randomness import SEED_LIMIT
 from softvq.tokenizer import PRECISIONS, Tokenizer
 
@@ -93,8 +94,7 @@ def refuse_to_overwrite(paths: list[Path], fix: str) -> None:
     """Never lose work: a FileExistsError naming the first of ``paths`` that already exists."""
     taken = [path for path in paths if path.exists()]
     if taken:
-        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
-        raise FileExistsError(f"{taken[0]} already exists{more}; {fix}")
+        raise FileExistsError(f"{first_few(taken, 1)} already exist{'s' if len(taken) == 1 else ''}; {fix}")
 
 
 def make_distinct(names: list[str]) -> list[str]:

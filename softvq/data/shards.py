@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from softvq.data.images import IMAGE_SUFFIXES, decode_rgb, to_tensor
 from softvq.data.transforms import random_crop, random_flip
+from softvq.messages import first_few
 
 _IMAGE_KEYS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 # webdataset's split of a member name into sample key and extension: the extension starts at the
@@ -175,7 +176,7 @@ class ShardStream(IterableDataset):
                 yield to_tensor(img), pending[:], (logical, epoch, index + 1)
                 pending.clear()
             if not served:  # a whole pass without one image would loop for ever
-                shards = ", ".join(u["url"] for u in urls[:3]) + (" ..." if len(urls) > 3 else "")
+                shards = first_few([u["url"] for u in urls], 3)
                 raise ValueError(f"no readable image in the shards {shards} ({len(pending)} unreadable samples); "
                                  f"check data.path, or give this worker shards with images")
             epoch, position = epoch + 1, 0

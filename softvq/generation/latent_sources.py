@@ -18,6 +18,7 @@ from torch import Tensor
 from softvq.data.folder import scan_folder
 from softvq.data.images import CENTER_CROP, ImageReadError, bundled_photos, load_rgb, read_image, to_tensor
 from softvq.data.workers import ignore_stop_signals, stack_readable, unstack_readable, worker_batches
+from softvq.messages import first_few
 from softvq.resume import listing_sha1
 
 _LOG = logging.getLogger(__name__)  # the CLI prints its warnings as "softvq: warning: ..."
@@ -89,7 +90,7 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
         if empty:
             _LOG.warning("left out %d sub-folder(s) of %s without readable-format images (%s): they are no "
                          "classes, so the class indices count without them", len(empty), folder,
-                         ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
+                         first_few(empty, 5))
 
     skipped: list[str] = []
 

@@ -49,6 +49,7 @@ from softvq.checkpoint.specs import portable_spec
 from softvq.eval_mode import evaluating
 from softvq.generation.latent_sources import LatentSource
 from softvq.generation.latents import FORMAT, META_NAME, PROGRESS_NAME
+from softvq.messages import first_few
 from softvq.resume import changed_settings, weights_sha1
 
 if TYPE_CHECKING:
@@ -205,8 +206,7 @@ def interrupted_run(out: str | Path) -> bool:
     others = sorted(p.name for p in out.iterdir() if p.name != "tokenizer" and not p.name.startswith(".")) \
         if out.is_dir() else []
     if others:
-        more = f" and {len(others) - 1} more" if len(others) > 1 else ""
-        raise FileExistsError(f"{out} is not empty (it holds {others[0]}{more}) and holds no latent set or "
+        raise FileExistsError(f"{out} is not empty (it holds {first_few(others, 1)}) and holds no latent set or "
                               f"interrupted pretokenize; choose an empty folder")
     return False
 
@@ -444,7 +444,7 @@ def _merge_parts(out: Path, parts: list[_Part], tokenizer, tokenizer_spec: str |
     if per_class is not None:
         empty = [name for name, n in zip(classes, per_class) if n == 0]
         if empty:
-            shown = ", ".join(empty[:8]) + (f" and {len(empty) - 8} more" if len(empty) > 8 else "")
+            shown = first_few(empty)
             _LOG.warning(f"{len(empty)} of {len(classes)} class(es) have no latents, all their files unreadable or "
                          f"none there: {shown}. A generator trained on {out} never sees them; their samples show "
                          f"nothing learned. Fix or remove those folders and pretokenize into a new folder")

@@ -31,6 +31,7 @@ from torch import Tensor
 from softvq.atomic import atomic_write, write_json
 from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.sampling import SamplerSpec, denormalize, label_indices, sample_latents
+from softvq.messages import first_few
 from softvq.randomness import derived_seed
 from softvq.resume import changed_settings, weights_sha1
 from softvq.training.accelerator import decided_by_main_process
@@ -113,8 +114,7 @@ def _claim(folder: Path, record: dict[str, Any]) -> None:
     # temporaries of atomic writes, or a desktop's own)
     held = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
     if held:
-        more = f" and {len(held) - 1} more" if len(held) > 1 else ""
-        raise FileExistsError(f"{folder} is not empty (it holds {held[0]}{more}) and holds no {SAMPLE_RECORD}: "
+        raise FileExistsError(f"{folder} is not empty (it holds {first_few(held, 1)}) and holds no {SAMPLE_RECORD}: "
                               f"writing images/, grid.png and {SAMPLE_RECORD} there would mix them with its files; "
                               f"choose a new or empty --out")
 
