@@ -13,7 +13,7 @@ from softvq.generation import samples as samples_module
 from softvq.generation.checkpoint import GeneratorMeta
 from softvq.generation.guidance import Guidance
 from softvq.generation.models import GeneratorConfig, build_generator
-from softvq.generation.samples import GRID_COLUMNS, GRID_ROWS, batch_seed, write_samples
+from softvq.generation.samples import GRID_COLUMNS, GRID_ROWS, batch_seed, pack_npz, write_samples
 from softvq.generation.sampling import SamplerSpec
 
 
@@ -40,6 +40,30 @@ LABELS = [0, 0, 1, 1, 2, 2, 0]  # 7 samples: batches of 3, 3 and 1
 def images_of(folder):
     return {p.name: p.read_bytes() for p in sorted((folder / "images").glob("*.png"))}
 
+
+
+def test_pack_npz_holds_every_image_in_order_as_adm_evaluator_reads_it(parts, tmp_path):
+    """samples.npz: arr_0 the PNGs stacked (N, H, W, 3) uint8 in sample order, arr_1 the labels."""
+    tok, model, meta = parts
+    folder = tmp_path / "s"
+    write_samples(model, meta, tok, LABELS, SPEC, folder, seed=3, batch_size=3, progress=False)
+    path = pack_npz(folder)
+    assert path == folder / "samples.npz"
+    expected = np.stack([np.asarray(Image.open(folder / "images" / f"{i:06d}.png").convert("RGB"))
+                         for i in range(len(LABELS))])
+    with np.load(path) as batch:
+        assert sorted(batch.files) == ["arr_0", "arr_1"]
+        assert batch["arr_0"].dtype == np.uint8 and batch["arr_0"].shape == (7, 32, 32, 3)
+        assert np.array_equal(batch["arr_0"], expected)
+        assert batch["arr_1"].tolist() == LABELS
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+    record = json.loads((folder / "samples.json").read_text())
+    (folder / "samples.json").write_text(json.dumps({**record, "finished": False}))
+    with pytest.raises(ValueError, match="not finished; run the same generate command again"):
+        pack_npz(folder)
+    with pytest.raises(FileNotFoundError, match="holds no samples.json of softvq generate"):
+        pack_npz(tmp_path / "elsewhere")
 
 def test_an_interrupted_run_resumes_to_the_same_images(parts, tmp_path, monkeypatch):
     tok, model, meta = parts

@@ -11,8 +11,10 @@ GEN is a generator folder (RUN/generator, or RUN/generator-step-NNNNNNNN from tr
 weights, as an export at that step would hold them).
 
 Writes OUT/images/000000.png ... (one file per sample, readable by FID tools), OUT/grid.png
-(one row per class, at most 16 x 16), OUT/samples.json (labels, class names, sampler settings), and
-with --fid-ref OUT/fid.json (the gFID, its reference and the sample count).
+(one row per class, at most 16 x 16), OUT/samples.json (labels, class names, sampler settings),
+with --fid-ref OUT/fid.json (the gFID, its reference and the sample count), and with --npz
+OUT/samples.npz (the images as one array: the sample batch of ADM's evaluator, from which the
+papers report gFID).
 Images are written batch by batch: an interrupted run continues when the same command is run
 again, and makes the same images it would have made without the interruption. Under torchrun or
 accelerate launch the batches are split over the processes (one per GPU), with the same images:
@@ -75,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fid-ref", metavar="NPZ_OR_FOLDER",
                    help="reference Inception statistics (.npz with mu/sigma) or an image folder: also print gFID "
                         "and write it to OUT/fid.json")
+    p.add_argument("--npz", action="store_true",
+                   help="also pack the images into OUT/samples.npz (arr_0: N x H x W x 3 uint8, arr_1: labels), "
+                        "the sample batch ADM's reference evaluator reads (the papers' gFID)")
     p.set_defaults(func=run)
 
 
@@ -134,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.generation.checkpoint import generator_run_export, load_generator
     from softvq.generation.guidance import Guidance
     from softvq.generation.sampling import NAMES, SamplerSpec
-    from softvq.generation.samples import OtherTokenizerWarning, write_samples
+    from softvq.generation.samples import OtherTokenizerWarning, pack_npz, write_samples
     from softvq.resume import weights_sha1
 
     if args.fid_ref:  # checked before sampling, which may take hours, not after
@@ -195,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
                 "--clip-x0 5 into another --out" if meta.objective in ("mar", "dit") and args.clip_x0 is None
                 else "the generator is not trained enough (or its latents' statistics do not match this tokenizer)")
         print(f"softvq: warning: some samples diverged (|latent| > 50 standard deviations): {hint}", file=sys.stderr)
+    if args.npz:
+        print(f"packed the {result.count} images into {pack_npz(result.folder)} for ADM's evaluator")
     if args.fid_ref:
         gfid = generation_fid(result.folder, args.fid_ref, device)
         reference = Path(args.fid_ref).expanduser()
