@@ -52,10 +52,12 @@ def gan_tree(**sections):
 class Sabotage(TokenizerObjective):
     """The real objective, plus a side effect at chosen steps (crash, Ctrl-C, NaN)."""
 
-    def __init__(self, cfg, tokenizer, *, crash_at=None, sigint_at=None, nan_at=(), snapshots=None):
+    def __init__(self, cfg, tokenizer, *, crash_at=None, sigint_at=None, nan_at=(), snapshots=None,
+                 interrupt_at=None, blow_up_at=None):
         super().__init__(cfg, tokenizer)
         object.__setattr__(self, "tok", tokenizer)
         self.crash_at, self.sigint_at, self.nan_at, self.snapshots = crash_at, sigint_at, set(nan_at), snapshots
+        self.interrupt_at, self.blow_up_at = interrupt_at, blow_up_at
 
     def generator_loss(self, images, out, step, **kwargs):
         if self.snapshots is not None:
@@ -64,6 +66,11 @@ class Sabotage(TokenizerObjective):
             raise RuntimeError("simulated crash")
         if step == self.sigint_at:
             os.kill(os.getpid(), signal.SIGINT)
+        if step == self.interrupt_at:  # a second Ctrl-C ("stop at once") before the step's update
+            raise KeyboardInterrupt
+        if step == self.blow_up_at:  # what a finite-loss step with a huge lr does to the weights
+            with torch.no_grad():
+                next(self.tok.parameters()).fill_(float("inf"))
         loss, logs = super().generator_loss(images, out, step, **kwargs)
         if step in self.nan_at:
             loss = loss * float("nan")
@@ -350,7 +357,8 @@ def test_the_last_skipped_line_says_how_many_unreadable_files_were_held_out(tmp_
 
 def test_resume_from_webdataset_shards_is_exact(tmp_path):
     """Shards with 2 data workers, a corrupt sample and a crash at step index 4: the resumed run
-    continues each worker's stream where the checkpoint left it, so the losses match bit for bit."""
+    continues each worker's stream where the checkpoint left it, and the GAN's augmentations draw
+    the same numbers (the loader takes no draw from the global RNG), so the losses match bit for bit."""
     import io
     import tarfile
 
@@ -366,8 +374,8 @@ def test_resume_from_webdataset_shards_is_exact(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    cfg = config_from_dict(tiny_tree(data={"source": "shards", "path": str(tmp_path / "s-{0..3}.tar"),
-                                           "workers": 2, "prefetch_factor": 2}))
+    cfg = config_from_dict(gan_tree(data={"source": "shards", "path": str(tmp_path / "s-{0..3}.tar"),
+                                          "workers": 2, "prefetch_factor": 2}))
     Trainer(cfg, tmp_path / "straight").fit()
     with pytest.raises(RuntimeError, match="simulated crash"):
         Trainer(cfg, tmp_path / "crashed", objective_factory=factory(crash_at=4)).fit()
@@ -459,7 +467,7 @@ def test_a_trainer_in_a_notebook_gives_back_ctrl_c_and_refuses_what_would_mix_ru
     with pytest.raises(RuntimeError, match="simulated crash"):
         Trainer(cfg, tmp_path / "a", objective_factory=factory(crash_at=4)).fit()
     assert signal.getsignal(signal.SIGINT) is before  # an error other than Ctrl-C left the handler installed
-    with pytest.raises(FileExistsError, match="already holds a run's checkpoints: pass resume=True"):
+    with pytest.raises(FileExistsError, match="already holds a run.s checkpoints: pass resume=True"):
         Trainer(cfg, tmp_path / "a")  # started over silently, mixing two runs' checkpoints
     trainer = Trainer(cfg, tmp_path / "a", resume=True)
     assert trainer.fit().status == "finished"
@@ -571,3 +579,88 @@ def test_a_bottleneck_setting_the_kind_never_reads_is_named_in_the_log(tmp_path,
     warning = ("warning: model.bottleneck.codebook_size=32, model.bottleneck.temperature=0.5 have no effect: "
                "bottleneck kind 'kl' does not read them")
     assert warning in capsys.readouterr().out
+
+
+def test_the_logged_means_average_each_value_over_the_steps_that_made_it(tmp_path):
+    """A skipped step logs no loss: a window's mean is over the steps that have one, not halved."""
+    runs = {}
+    for every in (1, 2):
+        cfg = config_from_dict(tiny_tree(schedule={"steps": 2}, run={"log_every": every, "checkpoint_every": 0}))
+        Trainer(cfg, tmp_path / f"every-{every}", objective_factory=factory(nan_at={1})).fit()
+        runs[every] = {r["step"]: r for r in read_log(tmp_path / f"every-{every}") if "lr" in r}
+    assert "loss" not in runs[1][2]  # the skipped step has none of its own
+    for key in ("loss", "rec", "grad_norm"):
+        assert runs[2][2][key] == pytest.approx(runs[1][1][key], rel=1e-6)
+    assert runs[2][2]["nonfinite"] == 0.5  # one of the window's two steps was skipped
+
+
+def test_the_earlier_settings_file_keeps_what_the_checkpoint_ran_with(tmp_path):
+    """A resume with other settings that crashes before its next checkpoint, resumed again, still
+    has config-until-step-N.yaml holding the settings steps 1..N trained with."""
+    run = tmp_path / "run"
+    Trainer(config_from_dict(tiny_tree(schedule={"steps": 3})), run).fit()
+    changed = config_from_dict(tiny_tree(schedule={"steps": 6}, optim={"lr": 1e-3, "scale_lr": False}))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(changed, run, resume=True, objective_factory=factory(crash_at=4)).fit()
+    Trainer(changed, run, resume=True).fit()
+    assert load_config(run / "config-until-step-00000003.yaml").optim.lr == 3e-3
+    assert load_config(run / "config.yaml").optim.lr == 1e-3
+
+
+def test_a_new_run_from_python_refuses_a_folder_with_another_runs_files(tmp_path):
+    """A run that crashed before its first checkpoint left config.yaml and log.jsonl: a fresh
+    Trainer there would append a second history to that log (steps 1, 2, 1, 2, ...)."""
+    cfg = config_from_dict(tiny_tree())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(cfg, tmp_path / "run", objective_factory=factory(crash_at=2)).fit()
+    with pytest.raises(FileExistsError, match=r"holds another run's files \(log.jsonl\): pass resume=True to continue it"):
+        Trainer(cfg, tmp_path / "run")
+    assert Trainer(cfg, tmp_path / "run", resume=True).fit().status == "finished"
+    assert [r["step"] for r in read_log(tmp_path / "run") if "lr" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_restart_from_step_0_logs_the_held_out_metrics_of_step_0_once(tmp_path):
+    cfg = config_from_dict(tiny_tree(run={"grid_every": 3, "checkpoint_every": 0}))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(cfg, tmp_path, objective_factory=factory(crash_at=1)).fit()
+    Trainer(cfg, tmp_path, resume=True).fit()
+    steps = [r["step"] for r in read_log(tmp_path)]
+    assert steps.count(0) == 1 and steps == sorted(steps)
+
+
+def test_an_interrupt_at_once_before_the_update_checkpoints_the_step_start(tmp_path):
+    """Stopped at once while step 5's batch is in hand (before its update): the checkpoint of step 4
+    must not record the shard streams and random states past that batch, or the resumed run skips it."""
+    import io
+    import tarfile
+
+    for s in range(3):
+        with tarfile.open(tmp_path / f"s-{s}.tar", "w") as tar:
+            for i in range(6):
+                buf = io.BytesIO()
+                pixels = np.random.default_rng(10 * s + i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(buf, "PNG")
+                info = tarfile.TarInfo(f"s{s}i{i}.png")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+    cfg = config_from_dict(gan_tree(data={"source": "shards", "path": str(tmp_path / "s-{0..2}.tar"), "workers": 1},
+                                    run={"checkpoint_every": 0}))
+    Trainer(cfg, tmp_path / "straight").fit()
+    result = Trainer(cfg, tmp_path / "cut", objective_factory=factory(interrupt_at=4)).fit()
+    assert result.status == "interrupted" and result.step == 4
+    Trainer(cfg, tmp_path / "cut", resume=True).fit()
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+    straight, resumed = exported(tmp_path / "straight"), exported(tmp_path / "cut")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path):
+    """A step with a finite loss moved the weights to infinity: the steps after it are skipped, and
+    the stop names the last checkpoint with finite weights instead of writing the infinite ones."""
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 6}, run={"max_nonfinite": 2, "checkpoint_every": 2}))
+    with pytest.raises(NonFiniteLossError, match="the weights became non-finite") as info:
+        Trainer(cfg, tmp_path, objective_factory=factory(blow_up_at=3)).fit()
+    assert "step-00000002.pt" in str(info.value) and "nothing was written" in str(info.value)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002.pt"]
+    state = torch.load(list_checkpoints(tmp_path)[-1], weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

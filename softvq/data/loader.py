@@ -97,7 +97,10 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
                              hflip=cfg.hflip, min_crop_fraction=cfg.min_crop_fraction)
         loader = DataLoader(stream, batch_size=micro_batch, collate_fn=collate, num_workers=cfg.workers,
                             prefetch_factor=cfg.prefetch_factor if cfg.workers else None,
-                            persistent_workers=False, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
+                            persistent_workers=False, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+                            # as below: a DataLoader without one draws its workers' seeds from the global
+                            # RNG, so a resumed run's augmentations would draw other numbers than the run's
+                            generator=torch.Generator().manual_seed(seed))
         if cfg.eval_path:
             held = load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images,
                                     "to evaluate on the bundled photos of data.holdout")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -43,6 +44,7 @@ from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, load_stri
 from softvq.data.images import why_unreadable
 from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.data.workers import worker_batches
+from softvq.messages import first_few
 from softvq.randomness import seed_everything
 from softvq.resume import changed_settings
 from softvq.run_lock import lock_run_folder
@@ -176,6 +178,7 @@ class Trainer:
         # randomness (augmentations inside the loss) from seed + rank.
         self.pending_notes: list[str] = []  # said once the logger exists
         self._settings_until: int | None = None  # the step a resume with other settings starts from
+        self._earlier_settings: dict[str, Any] = {}  # and the checkpoint's settings, which it changes
         if sched.warmup_steps >= sched.steps:  # a short run of a config whose warm-up is sized for 250k steps
             self.pending_notes.append(f"warning: schedule.warmup_steps {sched.warmup_steps} is not shorter than "
                                       f"schedule.steps {sched.steps}: the lr never reaches its peak; pass a shorter "
@@ -188,9 +191,11 @@ class Trainer:
                                       f"bottleneck kind {bottleneck.kind!r} does not read "
                                       f"{'it' if len(unread) == 1 else 'them'}")
         decided_by_main_process(acc, lambda: check_run_layout(self.run_dir))
-        if not resume and ckpt.list_checkpoints(self.run_dir):
-            raise FileExistsError(f"{self.run_dir} already holds a run's checkpoints: pass resume=True to continue it, "
-                                  f"or choose another folder (a new run never overwrites one)")
+        traces = run_traces(self.run_dir)
+        if not resume and traces:  # the CLI refuses any non-empty --output; Python callers get this
+            what = "a run's checkpoints" if ckpt.CHECKPOINT_DIR in traces else f"another run's files ({first_few(traces)})"
+            raise FileExistsError(f"{self.run_dir} already holds {what}: pass resume=True to continue it, or choose "
+                                  f"another folder (a new run never overwrites one, nor adds its log to another's)")
         checkpoint = self._checkpoint_to_resume(resume) if resume else None
         seed_everything(sched.seed)
         self.tokenizer = Tokenizer(config.model)
@@ -236,6 +241,7 @@ class Trainer:
         self.checkpoint_step = 0  # the step of last_checkpoint
         self._stop = StopRequests()  # fit() installs the real one
         self._mid_step = False  # True while a step updates weights, optimizer and EMA
+        self._step_start: tuple[dict[int, tuple[int, int]], dict[str, Any]] | None = None  # set by train_step
         self._fitted = False
         self._set_aside: Path | None = None  # where an explicit older checkpoint moved the line it leaves
         resume_state = self._load_resume(checkpoint, explicit=resume is not True) if checkpoint else None
@@ -301,8 +307,10 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             current = self.run_dir / "config.yaml"
-            if self._settings_until is not None and current.is_file():  # the run's history stays readable
-                text = current.read_text()
+            if self._settings_until is not None:  # the run's history stays readable
+                # the checkpoint's own settings: config.yaml may already hold those of a resume that
+                # changed them and stopped before its first checkpoint
+                text = yaml.safe_dump(self._earlier_settings, sort_keys=False)
                 atomic_write(self.run_dir / self._earlier_config_name(), lambda p: p.write_text(text))
             save_config(cfg, current)
         self._describe()
@@ -313,6 +321,9 @@ class Trainer:
         bar = tqdm(total=cfg.schedule.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=0.5,
                    disable=not (self.is_main and run.progress), desc="train")
         window: dict[str, float | torch.Tensor] = defaultdict(float)  # summed on the device until a log step
+        # each value is averaged over the steps that logged it (a skipped step logs no loss), except
+        # "nonfinite", which only skipped steps log: the share of the window's steps they were
+        window_counts: dict[str, int] = defaultdict(int)
         window_steps, window_start = 0, time.time()
         shown_at = 0.0
         try:
@@ -329,6 +340,7 @@ class Trainer:
                     logs = self.train_step(data_iter)
                     for k, v in logs.items():
                         window[k] += v
+                        window_counts[k] += 1
                     window_steps += 1
                     bar.update(1)
                     if self.is_main and run.progress and "loss" in logs and time.time() - shown_at > 1.0:
@@ -345,7 +357,8 @@ class Trainer:
                     if self._log_due(step):
                         elapsed = time.time() - window_start
                         # the only place logged tensors are read back (one sync per log step)
-                        means = self._reduce_means({k: float(v) / window_steps for k, v in window.items()})
+                        means = self._reduce_means({k: float(v) / (window_steps if k == "nonfinite" else window_counts[k])
+                                                    for k, v in window.items()})
                         if self.data.num_items:  # shards do not say how many images an epoch holds: no epoch then
                             means["epoch"] = step * cfg.schedule.batch_size / self.data.num_items
                         means.update(images_per_s=window_steps * cfg.schedule.batch_size / max(elapsed, 1e-9),
@@ -355,6 +368,7 @@ class Trainer:
                         self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0
                                             or bool(heldout))
                         window.clear()
+                        window_counts.clear()
                         window_steps, window_start = 0, time.time()
                     else:
                         self._log_heldout(step, heldout)
@@ -383,6 +397,9 @@ class Trainer:
                 self.logger.info(f"stopped {where}: no checkpoint of an inconsistent state is written; --resume "
                                  f"continues from {self.last_checkpoint or 'step 0 (no checkpoint yet)'}")
             elif self.step > start_step or self.last_checkpoint is None:
+                if self._step_start is not None:  # stopped at once before the step's update
+                    self.stream_positions, rng = self._step_start
+                    ckpt.restore_rng(rng)
                 result.checkpoint = self.save_checkpoint()
             else:
                 result.checkpoint = self.last_checkpoint
@@ -425,6 +442,9 @@ class Trainer:
         self.objective.train()
         logs: dict[str, Any] = defaultdict(float)
         lr = self.scheduler.get_last_lr()[0]
+        # what a stop at once before this step's update puts back, so that its checkpoint (of the step
+        # before) neither skips this step's samples on resume nor draws other random numbers
+        self._step_start = (dict(self.stream_positions), ckpt.capture_rng())
         # Everything stays on the device until one sync at the end of the step: a non-finite loss
         # gives non-finite gradients, so the gradient norms (identical on every process after
         # DDP's all-reduce) decide whether to skip, and logged values are converted at log steps.
@@ -481,6 +501,7 @@ class Trainer:
                     f"in {path}. Try a lower optim.lr, a longer schedule.warmup_steps, "
                     f"schedule.precision=fp32, or check the data; continue with --resume and overrides."
                 )
+            self._step_start = None
             return {"nonfinite": 1.0, "lr": lr}
 
         # From here until the step is counted, the weights, optimizers, schedules and EMA are at two
@@ -493,6 +514,7 @@ class Trainer:
         self._advance_schedules()
         self.ema.update(self.unwrapped)
         self._mid_step = False
+        self._step_start = None
         logs["grad_norm"] = grad_norm
         logs["lr"] = lr
         return dict(logs)
@@ -600,6 +622,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        self._refuse_nonfinite_weights()
         state = self.state_dict()
         path = ckpt.checkpoint_path(self.run_dir, self.step)
         if self.is_main:
@@ -607,6 +630,22 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.last_checkpoint, self.checkpoint_step = path, self.step
         return path
+
+    def _refuse_nonfinite_weights(self) -> None:
+        """Never save non-finite weights (collective). Skipped steps keep them finite, but a step with
+        a finite loss can still move them to infinity (a huge lr); then every later step is skipped,
+        and a checkpoint would keep the broken weights as the run's latest."""
+        tensors = [*self.unwrapped.parameters(), *self.ema.shadow]
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        (broken,) = on_any_process([not finite], self.device)
+        if not broken:
+            return
+        last = (f"the last good weights are in {self.last_checkpoint}: continue from it with --resume "
+                f"{self.last_checkpoint} (Trainer(..., resume=that path)) and" if self.last_checkpoint is not None
+                else "no checkpoint had been written yet: start again with")
+        raise NonFiniteLossError(f"stopped at step {self.step}: the weights became non-finite (a step with a finite "
+                                 f"loss moved them to infinity), and nothing was written; {last} a lower optim.lr, "
+                                 f"a longer schedule.warmup_steps, optim.grad_clip or schedule.precision=fp32")
 
     def _checkpoint_to_resume(self, resume: Literal[True] | str | Path) -> Path | None:
         """The checkpoint ``resume`` names (the newest for ``True``); None for a run stopped before
@@ -635,7 +674,8 @@ class Trainer:
         if state.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a softvq training checkpoint")
         # "model.encoder.width 96 -> 64"; paths as this config has them (older runs saved them relative)
-        changed = changed_settings(anchor_path_keys(state.get("config", {})), self.cfg.to_dict())
+        saved_settings = anchor_path_keys(state.get("config", {}))
+        changed = changed_settings(saved_settings, self.cfg.to_dict())
         model_changes = [c for c in changed if c.startswith("model.")]
         try:
             load_strict(self.unwrapped, state["model"], str(path))
@@ -667,7 +707,7 @@ class Trainer:
                 self.pending_notes.append(f"continuing from step {self.step}, an older checkpoint: the line it "
                                           f"leaves is kept in {aside}, out of this run's way")
         if changed:  # allowed (a lower lr after a divergence, more steps), but said, and the old ones kept
-            self._settings_until = self.step
+            self._settings_until, self._earlier_settings = self.step, saved_settings
             self.pending_notes.append(f"resumed with settings other than the checkpoint's: {'; '.join(changed)} "
                                       f"(the earlier ones: {self._earlier_config_name()})")
         self.nonfinite_steps = int(state["nonfinite_steps"])
@@ -682,14 +722,16 @@ class Trainer:
     def _trim_log(self) -> None:
         """Drop the log records a killed run wrote past the checkpoint resumed from: the resumed run
         logs those steps again. Those of a line set aside go with its checkpoints."""
-        dropped = drop_records_after(self.run_dir / "log.jsonl", self.step)
+        # a run (re)started at step 0 logs step 0's held-out metrics again
+        dropped = drop_records_after(self.run_dir / "log.jsonl", self.step if self.step else -1)
         if not dropped:
             return
         if self._set_aside is not None:
             text = "".join(line + "\n" for line in dropped)
             atomic_write(self._set_aside / "log.jsonl", lambda p: p.write_text(text))
-        self.pending_notes.append(f"log.jsonl: dropped {len(dropped)} record(s) logged past step {self.step}, "
-                                  f"which this run logs again")
+        since = f"past step {self.step}" if self.step else "from step 0 on"
+        self.pending_notes.append(f"log.jsonl: dropped {len(dropped)} record(s) logged {since}, which this run logs "
+                                  f"again")
 
     def _restore_stream_positions(self, state: dict[str, Any] | None) -> dict[int, tuple[int, int]] | None:
         """Restore and return this process's saved shard-stream positions, or None when they cannot
@@ -847,6 +889,17 @@ class Trainer:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def run_traces(run_dir: Path) -> list[str]:
+    """What in ``run_dir`` shows that a run trained there: its log records, checkpoints or outputs.
+    A new run there would mix its files with those (a crashed run's log would read as two
+    histories). A config.yaml alone, of a run set up and never trained, is only replaced."""
+    log = run_dir / "log.jsonl"
+    traces = ["log.jsonl"] if log.is_file() and log.stat().st_size else []
+    if ckpt.list_checkpoints(run_dir):
+        traces.append(ckpt.CHECKPOINT_DIR)
+    return traces + [name for name in ("metrics.json", EXPORT_NAME) if (run_dir / name).exists()]
 
 
 def check_run_layout(run_dir: Path) -> None:
