@@ -664,3 +664,19 @@ def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002.pt"]
     state = torch.load(list_checkpoints(tmp_path)[-1], weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_new_run_from_python_refuses_a_folder_of_other_files(tmp_path):
+    """A photo folder or a tokenizer's export as run_dir: the run's config.yaml, log and
+    checkpoints would land among the user's files (the CLI refuses any non-empty --output)."""
+    cfg = config_from_dict(tiny_tree())
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    (tmp_path / "photos" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"photos holds files that are not a training run's \(cat, notes.txt\)"):
+        Trainer(cfg, tmp_path / "photos")
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["cat", "notes.txt"]  # nothing written
+    export = Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "tok")
+    with pytest.raises(FileExistsError, match="config.json, model.safetensors"):
+        Trainer(cfg, export)
+    with pytest.raises(NotADirectoryError, match="is a file; a run is a folder"):
+        Trainer(cfg, tmp_path / "photos" / "notes.txt")

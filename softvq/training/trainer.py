@@ -65,6 +65,9 @@ if TYPE_CHECKING:
     from softvq.losses.objective import TokenizerObjective
 
 FORMAT = "softvq-train"
+# what a run writes into its folder (and config-until-step-N.yaml; dot files are temporaries and the lock)
+RUN_FILES = frozenset({"config.yaml", "log.jsonl", "metrics.json", ckpt.CHECKPOINT_DIR, EXPORT_NAME, "grids",
+                       "tensorboard"})
 
 
 @dataclass
@@ -147,6 +150,8 @@ class Trainer:
         # relative paths made absolute: config.yaml must name the same files from any folder
         self.cfg = anchor_paths(config.validate())
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise NotADirectoryError(f"run_dir {self.run_dir} is a file; a run is a folder: choose another")
         self.accelerator = make_accelerator(config)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -191,8 +196,14 @@ class Trainer:
                                       f"bottleneck kind {bottleneck.kind!r} does not read "
                                       f"{'it' if len(unread) == 1 else 'them'}")
         decided_by_main_process(acc, lambda: check_run_layout(self.run_dir))
+        foreign = sorted(p.name for p in self.run_dir.iterdir() if not is_run_file(p.name)) if not resume and \
+            self.run_dir.is_dir() else []
+        if foreign:  # the CLI refuses any non-empty --output; a Python caller may have meant another folder
+            raise FileExistsError(f"{self.run_dir} holds files that are not a training run's ({first_few(foreign)}): a "
+                                  f"run would write its config.yaml, log and checkpoints among them; choose a new or "
+                                  f"empty folder")
         traces = run_traces(self.run_dir)
-        if not resume and traces:  # the CLI refuses any non-empty --output; Python callers get this
+        if not resume and traces:
             what = "a run's checkpoints" if ckpt.CHECKPOINT_DIR in traces else f"another run's files ({first_few(traces)})"
             raise FileExistsError(f"{self.run_dir} already holds {what}: pass resume=True to continue it, or choose "
                                   f"another folder (a new run never overwrites one, nor adds its log to another's)")
@@ -889,6 +900,12 @@ class Trainer:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def is_run_file(name: str) -> bool:
+    """Whether a training run writes ``name`` into its folder (or it is a temporary or lock of one)."""
+    return name.startswith(".") or name in RUN_FILES or (name.startswith("config-until-step-") and
+                                                         name.endswith(".yaml"))
 
 
 def run_traces(run_dir: Path) -> list[str]:
