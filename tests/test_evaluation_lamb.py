@@ -92,3 +92,25 @@ def test_lamb_step_length_is_the_trust_ratio_times_the_learning_rate() -> None:
         opt.step()
         step_length = (w.detach() - before).norm().item()
         assert step_length == pytest.approx(0.01 * before.norm().item(), rel=1e-9)
+
+
+def test_lamb_takes_a_closure_that_recomputes_the_loss() -> None:
+    """``step(closure)`` as torch's optimizers take it: the closure runs backward, so it must run with
+    gradients on (``step`` itself does not record them); the step equals one taken after backward."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    twin = torch.nn.Parameter(w.detach().clone())
+    target = torch.tensor([0.3, 0.1, -0.4], dtype=torch.float64)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((w - target) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt = Lamb([w], lr=0.1, weight_decay=0.01)
+    loss = opt.step(closure)
+    assert float(loss) == pytest.approx(float(((twin - target) ** 2).sum()))
+    plain = Lamb([twin], lr=0.1, weight_decay=0.01)
+    ((twin - target) ** 2).sum().backward()
+    plain.step()
+    assert torch.equal(w.detach(), twin.detach())

@@ -153,3 +153,23 @@ def test_zero_temperature_is_the_deterministic_mean_path():
     assert torch.allclose(x0, x, rtol=1e-10, atol=1e-10)
     _, other = run_and_record(d, x_T, -0.2, 0.0, seed=4)
     assert torch.equal(other, x0)
+
+
+@pytest.mark.parametrize("variance", ["fixed-large", "fixed-small", "learned"])
+def test_a_one_step_sampler_takes_the_mean_step_for_every_variance(variance):
+    """Respaced to one step (``generate --steps 1``), the process's only step is t = 0: x_0 = μ_θ(x_T)
+    with no noise (Ho et al. Algorithm 2), whatever the variance. fixed-large used to find no β̃_1
+    to put at t = 0 and failed with an IndexError."""
+    d = GaussianDiffusion.from_schedule("linear", 1000, variance=variance).respaced(1)
+    beta = 1 - alpha_bars(linear_betas_ref(1000))[-1]  # the one kept step spans the whole schedule
+    x_T = torch.randn(2, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    steps = []
+
+    def model(x, t):  # a constant ε, and for a learned variance v = 0 stacked after it (unused at t = 0)
+        steps.append(t.tolist())
+        eps = torch.full_like(x, 0.3)
+        return torch.cat([eps, torch.zeros_like(x)], -1) if variance == "learned" else eps
+
+    out = d.p_sample_loop(model, x_T, generator=torch.Generator().manual_seed(0))
+    assert steps == [[999, 999]]  # one call, at the original step the kept one stands for
+    assert torch.allclose(out, ddpm_mean(x_T, 0.3, beta, 1 - beta), rtol=1e-9, atol=1e-9)

@@ -38,7 +38,11 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        if closure is not None:  # it recomputes the loss and calls backward: gradients must be on for it
+            with torch.enable_grad():
+                loss = closure()
+        else:
+            loss = None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:

@@ -168,7 +168,9 @@ class GaussianDiffusion:
             frac = (v + 1) / 2  # IDDPM Eq. 15: v in [-1, 1] interpolates log β̃_t .. log β_t
             log_var = frac * max_log + (1 - frac) * min_log
         elif self.variance == "fixed-large":
-            large = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+            # σ² = β_t, with β̃_1 at t = 0 as IDDPM does (a one-step process has no β̃_1: β_0, as above)
+            large = torch.cat([self.posterior_variance[1:2] if self.num_timesteps > 1 else self.betas[:1],
+                               self.betas[1:]])
             log_var = _take(torch.log(large), t, x_t).expand_as(x_t)
         else:
             log_var = _take(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
