@@ -35,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
-from softvq.cli.common import cpu_has_matrix_instructions, device_argument, positive_int
+from softvq.cli.common import device_argument, positive_int
+from softvq.tokenizer import cpu_has_matrix_instructions
 from softvq.networks.vit import reference_math
 from softvq.tokenizer import PRECISIONS
 

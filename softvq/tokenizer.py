@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable, Collection
@@ -28,6 +29,15 @@ from softvq.resume import differences
 
 # Names accepted for a compute precision (``enable_autocast``, the CLI's --precision).
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+_LOG = logging.getLogger(__name__)  # the CLI prints its warnings as "softvq: warning: ..."
+
+
+def cpu_has_matrix_instructions(precision: str) -> bool:
+    """Whether this CPU computes ``precision`` ("bf16", "fp16") in hardware (AMX or AVX512-BF16/FP16);
+    without, torch emulates it, over 10x slower than fp32 on a 2048^3 matmul."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get(f"amx_{precision}") or caps.get(f"avx512_{precision}"))
 
 
 @dataclass
@@ -90,6 +100,7 @@ class Tokenizer(nn.Module):
         self.latent_std: float | None = None
         self.slice_size: int | None = None
         self.compute_dtype = torch.float32  # enable_autocast changes it
+        self._said_emulated = False  # whether the slow emulated low precision on a CPU was warned of
         # Where the weights came from, for reports and messages (from_preset, from_pretrained and
         # from_official set it).
         self.source = "an in-memory Tokenizer"
@@ -153,6 +164,11 @@ class Tokenizer(nn.Module):
         if self.compute_dtype == torch.float32:
             y = network(x)
             return y if y.dtype == x.dtype else y.to(x.dtype)
+        if x.device.type == "cpu" and not self._said_emulated and not cpu_has_matrix_instructions(self.precision):
+            self._said_emulated = True  # once per tokenizer, at its first low-precision pass on a CPU
+            _LOG.warning(f"this CPU has no {self.precision} matrix instructions (AMX or AVX512-"
+                         f"{self.precision.upper()}): {self.precision} runs emulated and is likely slower than "
+                         f"float32 (--precision fp32; from Python, Tokenizer.disable_autocast())")
         with torch.autocast(x.device.type, dtype=self.compute_dtype):
             return network(x).float()
 

@@ -409,6 +409,28 @@ def test_enable_autocast_rejects_what_autocast_cannot_run():
     assert model.enable_autocast("bf16").enable_autocast(torch.float32).precision == "fp32"
 
 
+
+@pytest.mark.parametrize("hardware", [False, True])
+def test_low_precision_on_a_cpu_that_emulates_it_is_warned_once(monkeypatch, caplog, hardware):
+    """Without AMX or AVX512-BF16 torch emulates bf16, several times slower than float32: the Python
+    API says so at the first low-precision pass, as the CLI does, and once per tokenizer."""
+    from softvq import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "cpu_has_matrix_instructions", lambda precision: hardware)
+    model = tiny().enable_autocast("bf16")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with caplog.at_level("WARNING", logger="softvq.tokenizer"), torch.no_grad():
+        model.decode(model.encode_latents(x))
+        model.encode_latents(x)
+    said = [r.getMessage() for r in caplog.records if "matrix instructions" in r.getMessage()]
+    assert said == ([] if hardware else [said[0]])
+    if not hardware:
+        assert "no bf16 matrix instructions" in said[0] and "disable_autocast()" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="softvq.tokenizer"), torch.no_grad():
+        model.disable_autocast().encode_latents(x)  # float32: nothing emulated
+    assert not caplog.records
+
 def test_constructing_from_the_wrong_type_names_the_right_one():
     with pytest.raises(TypeError, match="for a named preset use Tokenizer.from_preset"):
         softvq.Tokenizer("softvq-tiny")

@@ -42,23 +42,13 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
                              "faster on GPUs and on CPUs with AMX")
 
 
-def cpu_has_matrix_instructions(precision: str) -> bool:
-    """Whether this CPU computes ``precision`` ("bf16", "fp16") in hardware (AMX or AVX512-BF16/FP16);
-    without, torch emulates it, over 10x slower than fp32 on a 2048^3 matmul."""
-    caps = torch.cpu.get_capabilities()
-    return bool(caps.get(f"amx_{precision}") or caps.get(f"avx512_{precision}"))
-
-
 def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse a precision ``device`` cannot run; warn where it would run emulated (slower than fp32)."""
+    """Refuse a precision ``device`` cannot run."""
     if precision == "fp32":
         return
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16 support; use --precision fp16")
-    if device.type == "cpu" and not cpu_has_matrix_instructions(precision):
-        print(f"softvq: warning: this CPU has no {precision} matrix instructions (AMX or "
-              f"AVX512-{precision.upper()}); {precision} runs emulated and is likely slower than "
-              f"--precision fp32", file=sys.stderr)
+    # on a CPU without bf16/fp16 matrix instructions the tokenizer warns at its first pass
 
 
 def resolve_device(name: str = "auto") -> torch.device:
