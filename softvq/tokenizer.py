@@ -295,6 +295,15 @@ class Tokenizer(nn.Module):
             raise ValueError(f"{what} are on {tensor.device} but the tokenizer is on {device}; "
                              f"move one of them, e.g. {what}.to({str(device)!r})")
 
+    def _check_recordable(self, tensor: Tensor, what: str) -> None:
+        """An inference tensor (made under ``torch.inference_mode``) cannot be saved for backward:
+        with gradients on, the first layer would fail deep inside torch."""
+        if tensor.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and \
+                any(p.requires_grad for p in self.parameters()):
+            raise ValueError(f"{what} were made under torch.inference_mode(), and gradients are on here, so autograd "
+                             f"cannot record them; call this under torch.inference_mode() (or torch.no_grad()) too, "
+                             f"or pass {what}.clone() made outside inference mode")
+
     def check_images(self, images: Tensor) -> None:
         """Fail early, naming the problem, on inputs the encoder cannot take: not a (B, C, H, W)
         float tensor, an empty batch, a size that is not a multiple of the patch, another device;
@@ -325,6 +334,7 @@ class Tokenizer(nn.Module):
         if images.shape[0] == 0:
             raise ValueError("images is an empty batch (B = 0); pass at least one image")
         self._check_placement(images, "images")
+        self._check_recordable(images, "images")
         if not self.training and not torch.compiler.is_compiling():
             # Inference only: the check reads two numbers back (a host sync a training step need not pay).
             lo, hi = (float(v) for v in torch.aminmax(images.detach()))
@@ -405,6 +415,7 @@ class Tokenizer(nn.Module):
         if latents.shape[0] == 0:
             raise ValueError("latents is an empty batch (B = 0); pass at least one")
         self._check_placement(latents, "latents")
+        self._check_recordable(latents, "latents")
         if not self.training and not torch.compiler.is_compiling() and not bool(torch.isfinite(latents).all()):
             raise ValueError("latents contain NaN or infinite values")  # inference only: a host sync
         self._check_output_size(image_size)

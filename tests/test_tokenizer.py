@@ -431,6 +431,24 @@ def test_low_precision_on_a_cpu_that_emulates_it_is_warned_once(monkeypatch, cap
         model.disable_autocast().encode_latents(x)  # float32: nothing emulated
     assert not caplog.records
 
+
+def test_tensors_made_in_inference_mode_get_a_clear_error_when_gradients_are_on():
+    """The README encodes under torch.inference_mode(); feeding those latents (or reconstructions)
+    back with gradients on failed deep inside torch ("Inference tensors cannot be saved for backward")."""
+    model = tiny()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.inference_mode():
+        z, rec = model.encode_latents(x), model.reconstruct(x)
+    with pytest.raises(ValueError, match=r"latents were made under torch.inference_mode\(\).*latents.clone\(\)"):
+        model.decode(z)
+    with pytest.raises(ValueError, match=r"images were made under torch.inference_mode\(\)"):
+        model.encode(rec)
+    with torch.no_grad():  # what the error suggests works, and so do clones
+        assert torch.equal(model.decode(z), model.decode(z.clone()))
+    assert model.decode(z.clone()).requires_grad
+    model.requires_grad_(False)  # a frozen tokenizer records nothing: no error
+    assert model.decode(z).shape == (2, 3, 32, 32)
+
 def test_constructing_from_the_wrong_type_names_the_right_one():
     with pytest.raises(TypeError, match="for a named preset use Tokenizer.from_preset"):
         softvq.Tokenizer("softvq-tiny")
