@@ -240,7 +240,8 @@ class Tokenizer(nn.Module):
                              f"{self.config.decoder_noise_dim}, got {noise_dim}")
         config = TokenizerConfig.from_dict({**self.config.to_dict(), "decoder_noise_dim": noise_dim})
         weight = self.from_latent.weight
-        widened = Tokenizer(config).to(device=weight.device, dtype=weight.dtype)
+        with torch.random.fork_rng(devices=[]):  # its weights are copied in: leave the caller's stream
+            widened = Tokenizer(config).to(device=weight.device, dtype=weight.dtype)
         widened.load_weights_of(self, self.source)
         widened.slice_size, widened.compute_dtype = self.slice_size, self.compute_dtype
         widened.source = self.source

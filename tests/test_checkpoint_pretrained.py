@@ -139,3 +139,15 @@ def test_hub_ids_are_told_from_mistyped_local_paths_in_one_place(tmp_path, monke
         (tmp_path / "runs" / f"r{i}").mkdir()  # a long listing says how much it leaves out
     with pytest.raises(CheckpointError, match=r"runs/ holds the folders demo, r0, .*, r6 and 2 more$"):
         resolve("runs/nop", ["config.json"])
+
+
+def test_loading_a_checkpoint_leaves_the_callers_random_stream_alone(tmp_path):
+    """The model is built at random and its weights then replaced: that draw must not move the
+    caller's global generator (a seeded script would sample differently after a load)."""
+    saved = Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "tok")
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    loaded = Tokenizer.from_pretrained(saved)
+    loaded.with_generative_decoder(4)
+    assert torch.equal(torch.rand(3), expected)

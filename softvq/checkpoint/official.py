@@ -358,7 +358,8 @@ def load_official(
     official = read_official_config(folder)
     state = read_state_dict(weights)
     config = infer_config(state, official, encoder_heads=encoder_heads, decoder_heads=decoder_heads)
-    model = Tokenizer(config)
+    with torch.random.fork_rng(devices=[]):  # a random initialisation the weights replace: leave the caller's stream
+        model = Tokenizer(config)
     converted = convert_state_dict(state, model)
     missing = [k for k in model.state_dict() if k not in converted.state]
     if missing:

@@ -161,7 +161,8 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device 
         config = TokenizerConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or damaged config.json
         raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from None
-    model = Tokenizer(config)
+    with torch.random.fork_rng(devices=[]):  # a random initialisation the weights replace: leave the caller's stream
+        model = Tokenizer(config)
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
     model.latent_mean, model.latent_std = meta.get("latent_mean"), meta.get("latent_std")
     model.source = f"softvq checkpoint {path_or_id}"
