@@ -424,3 +424,13 @@ def test_a_run_starts_by_saying_what_it_trains_and_where(tmp_path, capsys):
                      r"\d+ latents of 16x8, \d class\(es\)\n1 process\(es\) on cpu \(mixed precision no\), batch 4, "
                      r"lr 0\.0001, 1 steps from step 0", err), err
     assert "is a GPU recipe" not in err  # said for a recipe-sized model on a CPU only
+
+
+def test_folders_may_be_given_as_paths_and_are_recorded_as_text(tmp_path):
+    """pretokenize and from_pretrained take pathlib.Path; so does the generator's config, which
+    writes them to config.json as text."""
+    from pathlib import Path
+
+    cfg = GeneratorTrainConfig(latents=Path("runs/latents"), out=tmp_path / "run", tokenizer=Path("tok"))
+    assert (cfg.latents, cfg.out, cfg.tokenizer) == ("runs/latents", str(tmp_path / "run"), "tok")
+    cfg.validate()  # was: "latents must be a string, got PosixPath('runs/latents')"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,6 +101,13 @@ class GeneratorTrainConfig:
     export_at: list[int] = field(default_factory=list)
     tokenizer: str | None = None
     cpu: bool = False
+
+    def __post_init__(self) -> None:
+        # folders may be given as Path, as pretokenize and from_pretrained take them; recorded as text
+        for name in ("latents", "out", "tokenizer"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
 
     def resolved(self, count: int | None = None) -> "GeneratorTrainConfig":
         """A copy with every ``None`` recipe field filled from the objective's recipe; given the
