@@ -71,6 +71,10 @@ class Tokenizer(nn.Module):
     :meth:`from_official`; see the README for the full API."""
 
     def __init__(self, config: TokenizerConfig | dict[str, Any]) -> None:
+        """A randomly initialised tokenizer of ``config`` (a :class:`~softvq.config.TokenizerConfig` or
+        its dict), in training mode as any new ``nn.Module``: call ``.eval()`` before inference, where
+        the input checks also look at the values (NaN, [0, 255] pixels). :meth:`from_preset` and
+        :meth:`from_pretrained` return it in eval mode."""
         super().__init__()
         if isinstance(config, dict):
             config = TokenizerConfig.from_dict(config)

@@ -17,6 +17,7 @@ which is not built. The codebook still feeds the decoder directly (B.2: no repar
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class GMMVQ(SoftVQ):
     ``learnable_temperature`` is not used (ω is predicted, not a parameter).
     """
 
-    def __init__(self, latent_dim: int, codebook_size: int, **kwargs) -> None:
+    def __init__(self, latent_dim: int, codebook_size: int, **kwargs: Any) -> None:
         if kwargs.pop("learnable_temperature", False):
             raise ValueError("GMMVQ predicts its weights ω(ẑ) per token; learnable_temperature does not apply")
         super().__init__(latent_dim, codebook_size, **kwargs)

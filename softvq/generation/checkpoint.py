@@ -61,6 +61,7 @@ class GeneratorMeta:
     classes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict, as checkpoints and exports record them."""
         return asdict(self)
 
     def other_tokenizer(self, tokenizer_sha1: str, name: str) -> str | None:

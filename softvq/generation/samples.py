@@ -75,6 +75,7 @@ def batch_seed(seed: int, first_index: int) -> int:
 
 
 def image_path(folder: Path, index: int) -> Path:
+    """Where sample ``index`` of a samples folder is written: ``images/NNNNNN.png``."""
     return folder / SAMPLE_IMAGES / f"{index:06d}.png"
 
 

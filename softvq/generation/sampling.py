@@ -60,6 +60,8 @@ class SamplerSpec:
     clip_x0: float | None = None
 
     def resolved(self, objective: str) -> Method:
+        """The sampler this spec runs for a generator of ``objective``: ``method``, or the
+        objective's default (SiT sde, DiT ddpm, MAR mar), checked against it."""
         if objective not in DEFAULT_METHOD:
             raise ValueError(f"unknown generator objective {objective!r}; expected one of {', '.join(DEFAULT_METHOD)}")
         method = self.method or DEFAULT_METHOD[objective]
@@ -112,6 +114,7 @@ class SamplerSpec:
         return method
 
     def resolved_steps(self, objective: str) -> int:
+        """``steps``, or the objective's default number of sampling steps."""
         return self.steps if self.steps is not None else DEFAULT_STEPS[objective]
 
     def evaluations(self, objective: str) -> int:

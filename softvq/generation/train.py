@@ -83,7 +83,7 @@ def run_header(cfg: GeneratorTrainConfig, model: torch.nn.Module, model_cfg: Any
     params = sum(p.numel() for p in model.parameters())
     shape = "x".join(map(str, data.latents.shape[1:]))
     lines = [f"run {cfg.out}: {cfg.objective.upper()}, width {model_cfg.width}, depth {model_cfg.depth}, "
-             f"{model_cfg.heads} heads, {params / 1e6:.1f} M parameters; {len(data.latents)} latents of {shape}, "
+             f"{model_cfg.heads} heads, {params / 1e6:.2f} M parameters; {len(data.latents)} latents of {shape}, "
              f"{len(data.classes)} class(es)",
              f"{acc.num_processes} process(es) on {acc.device.type} (mixed precision {cfg.mixed_precision}), "
              f"batch {cfg.batch_size}, lr {cfg.lr:g}, {cfg.steps} steps from step {start}"]

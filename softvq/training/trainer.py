@@ -62,6 +62,8 @@ from softvq.training.schedule import build_scheduler, load_training_state, scale
 from softvq.training.stopping import NonFiniteLossError, StopRequests, on_any_process
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from softvq.losses.objective import TokenizerObjective
 
 FORMAT = "softvq-train"
@@ -89,7 +91,7 @@ def _cpu_copy(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in (state or {}).items()}
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig) -> "Accelerator":
     """An ``accelerate.Accelerator``: bf16 autocast on GPU (``schedule.precision=auto``), fp32 on CPU;
     DDP when launched with several processes, or FSDP (full sharding) when asked."""
     from accelerate.utils import DistributedDataParallelKwargs
@@ -115,6 +117,8 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def default_objective(cfg: TrainConfig, tokenizer: Tokenizer) -> TokenizerObjective:
+    """The paper's objective (:class:`~softvq.losses.objective.TokenizerObjective`) with the config's
+    weights; a ``Trainer``'s ``objective_factory`` replaces it."""
     from softvq.losses.objective import TokenizerObjective
 
     return TokenizerObjective(cfg.objective, tokenizer)
@@ -633,6 +637,8 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        """Write the run's state at this step to ``checkpoints/step-NNNNNNNN.pt`` (atomically, keeping
+        the last ``run.keep_checkpoints``) and return its path; collective: every process calls it."""
         self._refuse_nonfinite_weights()
         state = self.state_dict()
         path = ckpt.checkpoint_path(self.run_dir, self.step)
@@ -816,6 +822,8 @@ class Trainer:
         return target
 
     def lpips(self) -> nn.Module | None:
+        """The LPIPS network the held-out grids are scored with (loaded at first use), or None when
+        ``run.eval_lpips`` is off."""
         if not self.cfg.run.eval_lpips:
             return None
         if self._lpips is None:
