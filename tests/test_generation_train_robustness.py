@@ -420,7 +420,7 @@ def test_a_run_starts_by_saying_what_it_trains_and_where(tmp_path, capsys):
     lat = tiny_latent_set(tmp_path)
     train_generator(GeneratorTrainConfig(latents=str(lat), out=str(tmp_path / "g"), steps=1, **TINY), progress=False)
     err = capsys.readouterr().err
-    assert re.search(rf"run {re.escape(str(tmp_path / 'g'))}: SIT, width 32, depth 1, 2 heads, 0\.\d M parameters; "
+    assert re.search(rf"run {re.escape(str(tmp_path / 'g'))}: SIT, width 32, depth 1, 2 heads, 0\.\d\d M parameters; "
                      r"\d+ latents of 16x8, \d class\(es\)\n1 process\(es\) on cpu \(mixed precision no\), batch 4, "
                      r"lr 0\.0001, 1 steps from step 0", err), err
     assert "is a GPU recipe" not in err  # said for a recipe-sized model on a CPU only
