@@ -556,10 +556,11 @@ class Trainer:
         (a tensor: reading it is left to the caller's single sync)."""
         max_norm = self.cfg.optim.grad_clip or float("inf")
         if self.cfg.run.distributed == "fsdp" and self.world > 1:
-            norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            if extra:
-                torch.nn.utils.clip_grad_norm_(extra, max_norm)
-            return torch.as_tensor(norm)
+            norm = torch.as_tensor(self.accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            if extra:  # its norm joins the model's, so that a non-finite projector gradient skips the step too
+                extra_norm = torch.nn.utils.clip_grad_norm_(extra, max_norm)
+                norm = torch.hypot(norm.float(), extra_norm.float().to(norm.device))
+            return norm
         params = [p for p in list(model.parameters()) + extra if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
