@@ -361,3 +361,12 @@ def test_latents_alone_run_one_softmax_per_chunk_and_nothing_for_the_regulariser
     assert full.softmaxes() == 2 * chunks and full.counts["aten.argmax"] >= 1
     assert alone.softmaxes() == chunks and alone.counts["aten.argmax"] == 0
     assert alone.counts["aten.log"] == 0  # no entropy term
+
+
+def test_a_bottleneck_named_what_it_takes_when_given_no_tensor():
+    import numpy as np
+
+    from softvq.bottlenecks import SoftVQ
+
+    with pytest.raises(TypeError, match=r"SoftVQ takes a torch.Tensor \(\.\.\., 4\), got ndarray; convert it"):
+        SoftVQ(latent_dim=4, codebook_size=8)(np.zeros((2, 3, 4), dtype=np.float32))

@@ -80,6 +80,8 @@ def test_sampling_takes_integer_labels_as_a_list_and_names_other_labels_and_obje
     from_list = sample_latents(model, meta, [0, 3], spec, generator=torch.Generator().manual_seed(0))
     from_tensor = sample_latents(model, meta, torch.tensor([0, 3]), spec, generator=torch.Generator().manual_seed(0))
     assert torch.equal(from_list, from_tensor)
+    one = sample_latents(model, meta, 3, spec, generator=torch.Generator().manual_seed(0))  # one label, not a list
+    assert torch.equal(one, sample_latents(model, meta, [3], spec, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(TypeError, match="integer class indices, got a torch.float32"):
         sample_latents(model, meta, torch.tensor([0.0, 3.0]), spec)
     with pytest.raises(ValueError, match="unknown generator objective 'flow'"):

@@ -196,3 +196,16 @@ def test_the_suggested_overrides_reach_stage_one_when_the_config_sets_model_keys
     theirs = Tokenizer.from_pretrained(tmp_path / "stage1").state_dict()
     ours = trainer.tokenizer.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs if ours[k].shape == theirs[k].shape)
+
+
+def test_decode_names_a_generator_that_is_not_one_and_noise_given_with_a_generator():
+    from softvq import Tokenizer
+
+    tok = Tokenizer.from_preset("softvq-tiny").with_generative_decoder(4)
+    z = torch.zeros(1, tok.num_tokens, tok.latent_dim)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got str"):
+        tok.decode(z, generator="seed")
+    noise = torch.zeros(1, tok.num_tokens, 4)
+    with pytest.raises(ValueError, match="pass noise or generator, not both"):
+        tok.decode(z, noise=noise, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tok.decode(z, noise=noise), tok.decode(z, noise=noise))

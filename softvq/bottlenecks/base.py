@@ -92,7 +92,10 @@ class Bottleneck(nn.Module):
         return self.input_dim - self.latent_dim
 
     def check_input(self, z: Tensor) -> None:
-        """Fail with a clear message when the encoder projection has the wrong width."""
+        """Fail with a clear message when the encoder projection is no tensor or has the wrong width."""
+        if not isinstance(z, Tensor):
+            raise TypeError(f"{type(self).__name__} takes a torch.Tensor (..., {self.input_dim}), got "
+                            f"{type(z).__name__}; convert it with torch.as_tensor(z, dtype=torch.float32)")
         if z.dim() < 2 or z.shape[-1] != self.input_dim:
             raise ValueError(
                 f"{type(self).__name__} expects inputs (..., {self.input_dim}) "

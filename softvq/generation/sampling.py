@@ -26,6 +26,7 @@ from softvq.generation.diffusion import GaussianDiffusion, ScheduleKind
 from softvq.generation.guidance import Guidance, guided
 from softvq.generation.mar import MaskedAutoregressive
 from softvq.generation.transport import Interpolant, PathKind, sample_ode, sample_sde
+from softvq.messages import first_few
 from softvq.randomness import standard_normal
 
 Method = Literal["euler", "heun", "sde", "ddpm", "mar"]
@@ -196,7 +197,7 @@ def label_indices(labels: Tensor | Sequence[int | str], classes: list[str], num_
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must be integer class indices, got a {labels.dtype} tensor")
         values: list[Any] = labels.reshape(-1).tolist()
-    elif isinstance(labels, (str, bytes)):  # a name would otherwise be read as a sequence of letters
+    elif isinstance(labels, (str, bytes, int, np.integer)):  # one label (a name would read as its letters)
         values = [labels]
     else:
         values = list(labels)
@@ -204,7 +205,7 @@ def label_indices(labels: Tensor | Sequence[int | str], classes: list[str], num_
     for value in values:
         if isinstance(value, str):
             if value not in classes:
-                known = f"one of {', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}" if classes else \
+                known = f"one of {first_few(classes, 12)}" if classes else \
                     "none: this generator's meta lists no class names"
                 raise ValueError(f"unknown class name {value!r}; names are {known}")
             value = classes.index(value)

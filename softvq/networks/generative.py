@@ -36,6 +36,11 @@ def decoder_input(latents: Tensor, noise_dim: int, noise: Tensor | None = None,
             raise ValueError("this tokenizer's decoder is deterministic (decoder_noise_dim=0) and takes no "
                              "noise; build one with Tokenizer.with_generative_decoder(noise_dim)")
         return latents
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}; e.g. "
+                        f"torch.Generator().manual_seed(0)")
+    if noise is not None and generator is not None:  # the noise is given: a generator would draw nothing
+        raise ValueError("pass noise or generator, not both: the generator only draws the noise")
     expected = (*latents.shape[:-1], noise_dim)
     if noise is None:
         noise = standard_normal(expected, generator, latents.device, latents.dtype)
