@@ -210,3 +210,14 @@ def test_weights_files_select_the_papers_networks(tmp_path) -> None:
     d_loss, _ = obj.discriminator_loss(x, tok(x).reconstruction.detach(), step=0)
     d_loss.backward()
     assert all(p.grad is None for p in obj.discriminator.frozen("backbone").parameters())
+
+
+def test_both_losses_name_a_reconstruction_of_another_shape() -> None:
+    """The discriminator reads images and reconstructions as one batch: a 32 px reconstruction of
+    64 px images failed inside torch.cat instead of naming the mismatch."""
+    tok = _tok()
+    obj = TokenizerObjective(ObjectiveConfig(**OFF), tok)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    small = torch.zeros(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"reconstruction \(2, 3, 16, 16\) and images \(2, 3, 32, 32\) differ"):
+        obj.discriminator_loss(x, small, step=0)

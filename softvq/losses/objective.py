@@ -383,6 +383,9 @@ class TokenizerObjective(nn.Module):
         require grad (and the logs are empty): skip ``backward`` when ``not loss.requires_grad``.
         The frozen backbone runs once, without gradients, on all images of the step together.
         """
+        if reconstruction.shape != images.shape:  # the discriminator sees both in one batch
+            raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and images {tuple(images.shape)} differ "
+                             f"in shape")
         if not self.discriminator_active(step):
             return torch.zeros((), device=images.device), {}
         assert self.discriminator is not None  # discriminator_active checked it
