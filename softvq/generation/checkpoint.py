@@ -236,7 +236,7 @@ def _from_training_checkpoint(file: Path, tokenizer_flag: str) -> tuple[Generato
         raise CheckpointError(not_one)
     model_config = state.get(MODEL_CONFIG_KEY) or (config["model"] if run_config else None)
     if model_config is None:
-        from softvq.training.trainer import FORMAT as TOKENIZER_CHECKPOINT
+        from softvq.training.checkpointing import FORMAT as TOKENIZER_CHECKPOINT
 
         if state.get("format") == TOKENIZER_CHECKPOINT:
             raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass "

@@ -20,6 +20,8 @@ import torch
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from softvq.training.config import TrainConfig
+
 T = TypeVar("T")
 
 
@@ -108,3 +110,26 @@ def said_by_main_process(error: BaseException, is_main: bool) -> BaseException:
 def said_elsewhere(error: BaseException) -> bool:
     """Whether the main process prints ``error`` (see :func:`said_by_main_process`)."""
     return getattr(error, "shown_by_main_process", False)
+
+
+def make_accelerator(cfg: TrainConfig) -> "Accelerator":
+    """An ``accelerate.Accelerator``: bf16 autocast on GPU (``schedule.precision=auto``), fp32 on CPU;
+    DDP when launched with several processes, or FSDP (full sharding) when asked."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cuda = torch.cuda.is_available()
+    precision = cfg.schedule.precision
+    mixed = "bf16" if precision == "bf16" or (precision == "auto" and cuda) else "no"
+    kwargs: dict[str, Any] = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
+    if cfg.run.distributed == "fsdp":
+        if not cuda:
+            raise ValueError("run.distributed=fsdp needs CUDA GPUs; use run.distributed=ddp on CPU")
+        from accelerate import FullyShardedDataParallelPlugin
+
+        # Each ViT block is its own FSDP unit, so only one block's full weights exist at a time.
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            sharding_strategy="FULL_SHARD", use_orig_params=True, sync_module_states=True,
+            state_dict_type="FULL_STATE_DICT", auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["Block"],
+        )
+    return new_accelerator(mixed_precision=mixed, cpu=not cuda, **kwargs)

@@ -26,6 +26,7 @@ from softvq.atomic import atomic_write
 from softvq.checkpoint.pretrained import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"
+FORMAT = "softvq-train"  # the tokenizer trainer's checkpoints
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -152,3 +153,10 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     elif "cuda_seed" in state and torch.cuda.is_available():  # as CUDA would have started without the run
         torch.cuda.manual_seed_all(state["cuda_seed"])
+
+
+def cpu_copy(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A state dict's tensors copied to the CPU. On the CPU ``state_dict()`` hands out the parameters
+    themselves (``.cpu()`` returns them as they are), so without the copy a state taken inside
+    ``EMA.swapped_into`` turns back into the training weights when the block ends."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in (state or {}).items()}

@@ -50,7 +50,7 @@ from softvq.resume import changed_settings
 from softvq.run_lock import lock_run_folder
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
-from softvq.training.accelerator import decided_by_main_process, gather_objects
+from softvq.training.accelerator import decided_by_main_process, gather_objects, make_accelerator
 from softvq.training.config import TrainConfig, anchor_path_keys, anchor_paths, save_config
 from softvq.training.ema import EMA
 from softvq.training.grid import save_grid
@@ -58,18 +58,13 @@ from softvq.training.heldout import reconstruct_all, reconstruction_metrics
 from softvq.training.logging import HELDOUT_PREFIX, RunLogger, drop_records_after, format_value
 from softvq.training.optim import build_optimizer
 from softvq.training.resuming import restore_or_reseed_rng
+from softvq.training.run_folder import check_run_layout, is_run_file, run_traces
 from softvq.training.schedule import build_scheduler, load_training_state, scaled_lr
 from softvq.training.stopping import NonFiniteLossError, StopRequests, on_any_process
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
-
     from softvq.losses.objective import TokenizerObjective
 
-FORMAT = "softvq-train"
-# what a run writes into its folder (and config-until-step-N.yaml; dot files are temporaries and the lock)
-RUN_FILES = frozenset({"config.yaml", "log.jsonl", "metrics.json", ckpt.CHECKPOINT_DIR, EXPORT_NAME, "grids",
-                       "tensorboard"})
 
 
 @dataclass
@@ -82,38 +77,6 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     export: Path | None = None
-
-
-def _cpu_copy(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """A state dict's tensors copied to the CPU. On the CPU ``state_dict()`` hands out the parameters
-    themselves (``.cpu()`` returns them as they are), so without the copy a state taken inside
-    ``EMA.swapped_into`` turns back into the training weights when the block ends."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in (state or {}).items()}
-
-
-def make_accelerator(cfg: TrainConfig) -> "Accelerator":
-    """An ``accelerate.Accelerator``: bf16 autocast on GPU (``schedule.precision=auto``), fp32 on CPU;
-    DDP when launched with several processes, or FSDP (full sharding) when asked."""
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    from softvq.training.accelerator import new_accelerator
-
-    cuda = torch.cuda.is_available()
-    precision = cfg.schedule.precision
-    mixed = "bf16" if precision == "bf16" or (precision == "auto" and cuda) else "no"
-    kwargs: dict[str, Any] = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=False)]}
-    if cfg.run.distributed == "fsdp":
-        if not cuda:
-            raise ValueError("run.distributed=fsdp needs CUDA GPUs; use run.distributed=ddp on CPU")
-        from accelerate import FullyShardedDataParallelPlugin
-
-        # Each ViT block is its own FSDP unit, so only one block's full weights exist at a time.
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            sharding_strategy="FULL_SHARD", use_orig_params=True, sync_module_states=True,
-            state_dict_type="FULL_STATE_DICT", auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["Block"],
-        )
-    return new_accelerator(mixed_precision=mixed, cpu=not cuda, **kwargs)
 
 
 def default_objective(cfg: TrainConfig, tokenizer: Tokenizer) -> TokenizerObjective:
@@ -614,11 +577,11 @@ class Trainer:
         rng = ckpt.capture_rng()
         rngs = gather_objects(rng, self.world)
         skipped = self._skipped_everywhere()
-        model_state = _cpu_copy(self.accelerator.get_state_dict(self.model))
+        model_state = ckpt.cpu_copy(self.accelerator.get_state_dict(self.model))
         with self.ema.swapped_into(self.unwrapped):
-            ema_state = _cpu_copy(self.accelerator.get_state_dict(self.model))
+            ema_state = ckpt.cpu_copy(self.accelerator.get_state_dict(self.model))
         return {
-            "format": FORMAT,
+            "format": ckpt.FORMAT,
             "step": self.step,
             "world_size": self.world,
             "config": self.cfg.to_dict(),
@@ -689,7 +652,7 @@ class Trainer:
         """Load ``path`` into the model, EMA, objective and optimizers; ``explicit``: named by the
         user (maybe an older one), so the line of training it leaves is set aside."""
         state = ckpt.load_checkpoint(path)
-        if state.get("format") != FORMAT:
+        if state.get("format") != ckpt.FORMAT:
             raise CheckpointError(f"{path} is not a softvq training checkpoint")
         # "model.encoder.width 96 -> 64"; paths as this config has them (older runs saved them relative)
         saved_settings = anchor_path_keys(state.get("config", {}))
@@ -814,7 +777,7 @@ class Trainer:
         """The EMA weights in our pretrained format (``Tokenizer.from_pretrained(run_dir/'export')``)."""
         target = self.run_dir / EXPORT_NAME
         with self.ema.swapped_into(self.unwrapped):
-            state = _cpu_copy(self.accelerator.get_state_dict(self.model))
+            state = ckpt.cpu_copy(self.accelerator.get_state_dict(self.model))
         if self.is_main:
             copy = Tokenizer(self.cfg.model)
             load_strict(copy, state, "EMA weights")
@@ -906,39 +869,6 @@ class Trainer:
             self.logger.info(f"weights initialised from {c.run.init_from}")
         if c.run.init_encoder and self.step == 0:
             self.logger.info(f"encoder initialised from DINO weights {c.run.init_encoder} (paper Sec. 4.1)")
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-
-def is_run_file(name: str) -> bool:
-    """Whether a training run writes ``name`` into its folder (or it is a temporary or lock of one)."""
-    return name.startswith(".") or name in RUN_FILES or (name.startswith("config-until-step-") and
-                                                         name.endswith(".yaml"))
-
-
-def run_traces(run_dir: Path) -> list[str]:
-    """What in ``run_dir`` shows that a run trained there: its log records, checkpoints or outputs.
-    A new run there would mix its files with those (a crashed run's log would read as two
-    histories). A config.yaml alone, of a run set up and never trained, is only replaced."""
-    log = run_dir / "log.jsonl"
-    traces = ["log.jsonl"] if log.is_file() and log.stat().st_size else []
-    if ckpt.list_checkpoints(run_dir):
-        traces.append(ckpt.CHECKPOINT_DIR)
-    return traces + [name for name in ("metrics.json", EXPORT_NAME) if (run_dir / name).exists()]
-
-
-def check_run_layout(run_dir: Path) -> None:
-    """Refuse a run folder where a file stands in the way of a folder the run writes, or the
-    reverse: found only when the first grid, checkpoint or export was due ("[Errno 17] File exists")."""
-    for name in (ckpt.CHECKPOINT_DIR, "grids", EXPORT_NAME, "tensorboard"):
-        if (run_dir / name).exists() and not (run_dir / name).is_dir():
-            raise NotADirectoryError(f"{run_dir / name} is a file, but the run writes its {name}/ folder there: "
-                                     f"move the file away, or choose another --output")
-    for name in ("config.yaml", "log.jsonl", "metrics.json"):
-        if (run_dir / name).is_dir():
-            raise IsADirectoryError(f"{run_dir / name} is a folder, but the run writes its {name} file there: "
-                                    f"move the folder away, or choose another --output")
 
 
 def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
