@@ -13,8 +13,8 @@ One optimizer step (paper supplementary C.1):
    on the detached reconstruction, backward (once the objective switches the GAN on);
 2. if any process saw a non-finite loss or gradient norm, nothing is updated and the step is
    counted; after ``run.max_nonfinite`` such steps the run stops with an explanation;
-3. gradient clipping, AdamW steps for tokenizer (+ projector) and discriminator, the
-   warm-up + cosine schedules, the EMA update.
+3. gradient clipping, optimizer steps (AdamW by default, ``optim.name``) for tokenizer (+ projector)
+   and discriminator, the warm-up + cosine schedules, the EMA update.
 
 Checkpoints hold everything needed to continue exactly (``softvq.training.checkpointing``);
 SIGINT / SIGTERM finish the current step, write a checkpoint and stop; the EMA weights are
@@ -69,7 +69,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainResult:
-    """How a run ended: ``finished``, ``time limit`` or ``interrupted``; where its outputs are."""
+    """How a run ended: ``finished``, ``time limit``, ``interrupted`` or ``already finished`` (a finished
+    run resumed again, its outputs kept); where its outputs are."""
 
     run_dir: Path
     step: int
@@ -147,7 +148,7 @@ class Trainer:
                 objective_factory: Callable[[TrainConfig, Tokenizer], TokenizerObjective] | None) -> None:
         config, sched, acc = self.cfg, self.cfg.schedule, self.accelerator
         # Identical initialisation on every process; afterwards each process draws its own
-        # randomness (augmentations inside the loss) from seed + rank.
+        # randomness (augmentations inside the loss) from seed + 1 + rank.
         self.pending_notes: list[str] = []  # said once the logger exists
         self._settings_until: int | None = None  # the step a resume with other settings starts from
         self._earlier_settings: dict[str, Any] = {}  # and the checkpoint's settings, which it changes
@@ -817,7 +818,7 @@ class Trainer:
             "step": self.step,
             "heldout_images": len(held.names),
             "image_size": self.cfg.image_size,
-            **{f"{k}": v for k, v in ema_metrics.items()},
+            **ema_metrics,
             **{f"raw_{k}": v for k, v in raw_metrics.items()},
             "weights": "ema",
             "wall_seconds": round(wall_seconds, 1),
