@@ -36,9 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
 from softvq.cli.common import device_argument, positive_int
-from softvq.tokenizer import cpu_has_matrix_instructions
 from softvq.networks.vit import reference_math
-from softvq.tokenizer import PRECISIONS
+from softvq.precision import PRECISIONS, cpu_has_matrix_instructions
 
 
 def sync(device: torch.device) -> None:

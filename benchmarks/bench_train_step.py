@@ -32,7 +32,7 @@ from softvq.cpu_allocator import retain_freed_memory
 from softvq.cli.common import device_argument, positive_int
 from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
 from softvq.networks.vit import reference_math
-from softvq.tokenizer import PRECISIONS
+from softvq.precision import PRECISIONS
 
 from bench_tokenizer import child_result, machine  # this folder: run as ``python benchmarks/bench_train_step.py``
 

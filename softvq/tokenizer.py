@@ -25,19 +25,10 @@ from softvq.config import PRESETS, TokenizerConfig, preset
 from softvq.messages import first_few
 from softvq.networks.decoder import TokenDecoder
 from softvq.networks.encoder import TokenEncoder
+from softvq.precision import PRECISIONS, cpu_has_matrix_instructions
 from softvq.resume import differences
 
-# Names accepted for a compute precision (``enable_autocast``, the CLI's --precision).
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 _LOG = logging.getLogger(__name__)  # the CLI prints its warnings as "softvq: warning: ..."
-
-
-def cpu_has_matrix_instructions(precision: str) -> bool:
-    """Whether this CPU computes ``precision`` ("bf16", "fp16") in hardware (AMX or AVX512-BF16/FP16);
-    without, torch emulates it, over 10x slower than fp32 on a 2048^3 matmul."""
-    caps = torch.cpu.get_capabilities()
-    return bool(caps.get(f"amx_{precision}") or caps.get(f"avx512_{precision}"))
 
 
 @dataclass
@@ -420,7 +411,8 @@ class Tokenizer(nn.Module):
         if latents.shape[0] == 0:
             raise ValueError("latents is an empty batch (B = 0); pass at least one")
         self._check_placement(latents, "latents")
-        self._check_recordable(latents, "latents")
+        if not self.config.decoder_noise_dim:  # a generative decoder's input is a fresh concatenation
+            self._check_recordable(latents, "latents")
         if not self.training and not torch.compiler.is_compiling() and not bool(torch.isfinite(latents).all()):
             raise ValueError("latents contain NaN or infinite values")  # inference only: a host sync
         self._check_output_size(image_size)

@@ -47,6 +47,7 @@ def test_pack_npz_holds_every_image_in_order_as_adm_evaluator_reads_it(parts, tm
     tok, model, meta = parts
     folder = tmp_path / "s"
     write_samples(model, meta, tok, LABELS, SPEC, folder, seed=3, batch_size=3, progress=False)
+    (folder / ".samples.npz.killed.tmp").write_bytes(b"half a pack")  # a pack killed mid-write
     path = pack_npz(folder)
     assert path == folder / "samples.npz"
     expected = np.stack([np.asarray(Image.open(folder / "images" / f"{i:06d}.png").convert("RGB"))

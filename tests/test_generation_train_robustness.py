@@ -431,6 +431,9 @@ def test_folders_may_be_given_as_paths_and_are_recorded_as_text(tmp_path):
     writes them to config.json as text."""
     from pathlib import Path
 
+    from softvq.generation import train, train_config
+
+    assert train.config_from_record is train_config.config_from_record  # its home before the split
     cfg = GeneratorTrainConfig(latents=Path("runs/latents"), out=tmp_path / "run", tokenizer=Path("tok"))
     assert (cfg.latents, cfg.out, cfg.tokenizer) == ("runs/latents", str(tmp_path / "run"), "tok")
     cfg.validate()  # was: "latents must be a string, got PosixPath('runs/latents')"

@@ -213,11 +213,16 @@ def test_weights_files_select_the_papers_networks(tmp_path) -> None:
 
 
 def test_both_losses_name_a_reconstruction_of_another_shape() -> None:
-    """The discriminator reads images and reconstructions as one batch: a 32 px reconstruction of
-    64 px images failed inside torch.cat instead of naming the mismatch."""
+    """The discriminator reads images and reconstructions as one batch: a 16 px reconstruction of
+    32 px images failed inside torch.cat instead of naming the mismatch; the generator loss too."""
     tok = _tok()
-    obj = TokenizerObjective(ObjectiveConfig(**OFF), tok)
+    gan = {**OFF, "adversarial_weight": 0.1, "discriminator": "patchgan", "discriminator_start": 0, "diffaug": False}
+    obj = TokenizerObjective(ObjectiveConfig(**gan), tok)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     small = torch.zeros(2, 3, 16, 16)
+    assert obj.discriminator_active(0)
     with pytest.raises(ValueError, match=r"reconstruction \(2, 3, 16, 16\) and images \(2, 3, 32, 32\) differ"):
         obj.discriminator_loss(x, small, step=0)
+    out = tok(x)
+    with pytest.raises(ValueError, match=r"reconstruction \(2, 3, 32, 32\) and images \(2, 3, 64, 64\) differ"):
+        obj.generator_loss(torch.zeros(2, 3, 64, 64), out, step=0)

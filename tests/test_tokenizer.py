@@ -448,6 +448,8 @@ def test_tensors_made_in_inference_mode_get_a_clear_error_when_gradients_are_on(
     assert model.decode(z.clone()).requires_grad
     model.requires_grad_(False)  # a frozen tokenizer records nothing: no error
     assert model.decode(z).shape == (2, 3, 32, 32)
+    generative = tiny().with_generative_decoder(2)  # its decoder input is a fresh concatenation: it works
+    assert generative.decode(z).requires_grad
 
 def test_constructing_from_the_wrong_type_names_the_right_one():
     with pytest.raises(TypeError, match="for a named preset use Tokenizer.from_preset"):

@@ -135,18 +135,13 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing keys {_few(missing)}")
+            parts.append(f"missing keys {first_few(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {_few(unexpected)}")
+            parts.append(f"unexpected keys {first_few(unexpected)}")
         if shapes:
-            parts.append(f"shape mismatches {_few(shapes)}")
+            parts.append(f"shape mismatches {first_few(shapes)}")
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
-
-
-def _few(items: list[str], n: int = 8) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device = "cpu") -> "Tokenizer":

@@ -18,8 +18,9 @@ import torch
 from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset
 from softvq.config import PRESETS
 from softvq.messages import first_few
+from softvq.precision import PRECISIONS
 from softvq.randomness import SEED_LIMIT
-from softvq.tokenizer import PRECISIONS, Tokenizer
+from softvq.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "softvq-tiny"
 SPEC_HELP = (f"preset name (random weights), a softvq checkpoint folder or hub id, a training run folder "

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from softvq.cli.common import add_precision_argument, add_quiet_argument, positive_int, resolve_device, seed_int
+from softvq.messages import first_few
 
 FID_RECORD = "fid.json"  # gFID of --fid-ref, written into OUT beside samples.json
 
@@ -121,7 +122,7 @@ def parse_classes(text: str, names: list[str], num_classes: int) -> list[int]:
             index = int(part)
         else:
             raise ValueError(f"unknown class {part!r}; use indices 0..{num_classes - 1}"
-                             + (f" or names {', '.join(names[:12])}" if names else ""))
+                             + (f" or names {first_few(names, 12)}" if names else ""))
         if not 0 <= index < num_classes:
             raise ValueError(f"class index {index} is out of range 0..{num_classes - 1}")
         out.append(index)

@@ -240,10 +240,13 @@ def pack_npz(folder: str | Path) -> Path:
     import numpy as np
     from PIL import Image
 
+    from softvq.atomic import remove_stale_temporaries
+
     folder = Path(folder).expanduser()
     record = sample_record(folder)
     if record is None:
         raise FileNotFoundError(f"{folder} holds no {SAMPLE_RECORD} of softvq generate: not a samples folder")
+    remove_stale_temporaries(folder)  # a pack killed mid-write left a temporary as large as the samples
     if not record["finished"]:
         raise ValueError(f"the samples in {folder} are not finished; run the same generate command again to "
                          f"finish them, then pack them")

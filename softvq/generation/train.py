@@ -45,14 +45,16 @@ from softvq.generation.objective import GenerationObjective, GenerationObjective
 from softvq.generation.run_folder import (check_out_folder, check_same_run, exported_step, milestone_warnings, nonfinite_stop,
                                           record_continuation, refuse_nonfinite, saved_settings, tidy_run)
 from softvq.generation.run_inputs import check_latent_set, other_tokenizer, tokenizer_spec
-from softvq.generation.train_config import GeneratorTrainConfig, build_model_config, recorded_train
+from softvq.generation.train_config import GeneratorTrainConfig, build_model_config, config_from_record, recorded_train
 from softvq.randomness import derived_seed
 from softvq.training.logging import RunLogger
 from softvq.training.optim import param_groups
 from softvq.training.schedule import lr_factor
 from softvq.training.stopping import NonFiniteLossError, StopRequests, on_any_process
 
-__all__ = ["GeneratorTrainConfig", "train_generator", "learning_rate", "parameter_groups"]
+# config_from_record and recorded_train lived here before the settings had a module of their own
+__all__ = ["GeneratorTrainConfig", "train_generator", "learning_rate", "parameter_groups", "config_from_record",
+           "recorded_train"]
 
 _LOG = logging.getLogger(__name__)  # the CLI prints its warnings as "softvq: warning: ..."
 

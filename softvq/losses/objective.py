@@ -313,8 +313,7 @@ class TokenizerObjective(nn.Module):
         """
         cfg = self.cfg
         recon = out.reconstruction
-        if recon.shape != images.shape:
-            raise ValueError(f"reconstruction {tuple(recon.shape)} and images {tuple(images.shape)} differ in shape")
+        _check_same_shape(recon, images)
         parts: dict[str, Tensor] = {}
         weighted: dict[str, Tensor] = {}
 
@@ -383,9 +382,7 @@ class TokenizerObjective(nn.Module):
         require grad (and the logs are empty): skip ``backward`` when ``not loss.requires_grad``.
         The frozen backbone runs once, without gradients, on all images of the step together.
         """
-        if reconstruction.shape != images.shape:  # the discriminator sees both in one batch
-            raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and images {tuple(images.shape)} differ "
-                             f"in shape")
+        _check_same_shape(reconstruction, images)  # the discriminator sees both in one batch
         if not self.discriminator_active(step):
             return torch.zeros((), device=images.device), {}
         assert self.discriminator is not None  # discriminator_active checked it
@@ -426,3 +423,10 @@ def _to_floats(parts: dict[str, Tensor], weighted: dict[str, Tensor], total: Ten
     if as_tensors:
         return {**dict(zip(keys, values)), **extras}
     return {**dict(zip(keys, torch.stack(values).tolist())), **extras}
+
+
+def _check_same_shape(reconstruction: Tensor, images: Tensor) -> None:
+    """Name a reconstruction of another shape than its images before a loss compares the two."""
+    if reconstruction.shape != images.shape:
+        raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and images {tuple(images.shape)} differ in "
+                         f"shape")

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from softvq.checkpoint.pretrained import CheckpointError, read_state_dict
 from softvq.checkpoint.specs import looks_like_hub_id
+from softvq.messages import first_few
 from softvq.networks.vit import Block
 
 if TYPE_CHECKING:
@@ -291,7 +292,7 @@ def dino_from_state_dict(state: dict[str, Tensor], source: str = "state dict") -
     model = DinoViT(config_from_state_dict(state))
     load_strict(model, {k: v.float() for k, v in state.items()}, source)
     if ignored:
-        log.info("%s: ignored keys not used at inference: %s", source, ", ".join(ignored[:6]))
+        log.info("%s: ignored keys not used at inference: %s", source, first_few(ignored, 6))
     return model.eval()
 
 

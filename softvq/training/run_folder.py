@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from softvq.checkpoint.pretrained import EXPORT_NAME
+from softvq.messages import first_few
 from softvq.training import checkpointing as ckpt
 
 # what a run writes into its folder (and config-until-step-N.yaml; dot files are temporaries and the lock)
@@ -15,8 +16,8 @@ RUN_FILES = frozenset({"config.yaml", "log.jsonl", "metrics.json", ckpt.CHECKPOI
 
 def is_run_file(name: str) -> bool:
     """Whether a training run writes ``name`` into its folder (or it is a temporary or lock of one)."""
-    return name.startswith(".") or name in RUN_FILES or (name.startswith("config-until-step-") and
-                                                         name.endswith(".yaml"))
+    earlier_settings = name.startswith("config-until-step-") and name.endswith(".yaml")
+    return name.startswith(".") or name in RUN_FILES or earlier_settings
 
 
 def run_traces(run_dir: Path) -> list[str]:
@@ -41,3 +42,22 @@ def check_run_layout(run_dir: Path) -> None:
         if (run_dir / name).is_dir():
             raise IsADirectoryError(f"{run_dir / name} is a folder, but the run writes its {name} file there: "
                                     f"move the folder away, or choose another --output")
+
+
+def check_run_folder(run_dir: Path, *, new_run: bool) -> None:
+    """Refuse ``run_dir`` for a run: a layout it cannot write (:func:`check_run_layout`), and, for a
+    new run, a folder of other files (a photo folder, a tokenizer's export: the CLI refuses any
+    non-empty ``--output``) or one where another run trained (:func:`run_traces`)."""
+    check_run_layout(run_dir)
+    if not new_run or not run_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if not is_run_file(p.name))
+    if foreign:
+        raise FileExistsError(f"{run_dir} holds files that are not a training run's ({first_few(foreign)}): a run "
+                              f"would write its config.yaml, log and checkpoints among them; choose a new or empty "
+                              f"folder")
+    traces = run_traces(run_dir)
+    if traces:
+        what = "a run's checkpoints" if ckpt.CHECKPOINT_DIR in traces else f"another run's files ({first_few(traces)})"
+        raise FileExistsError(f"{run_dir} already holds {what}: pass resume=True to continue it, or choose another "
+                              f"folder (a new run never overwrites one, nor adds its log to another's)")

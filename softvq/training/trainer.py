@@ -58,13 +58,12 @@ from softvq.training.heldout import reconstruct_all, reconstruction_metrics
 from softvq.training.logging import HELDOUT_PREFIX, RunLogger, drop_records_after, format_value
 from softvq.training.optim import build_optimizer
 from softvq.training.resuming import restore_or_reseed_rng
-from softvq.training.run_folder import check_run_layout, is_run_file, run_traces
+from softvq.training.run_folder import check_run_folder
 from softvq.training.schedule import build_scheduler, load_training_state, scaled_lr
 from softvq.training.stopping import NonFiniteLossError, StopRequests, on_any_process
 
 if TYPE_CHECKING:
     from softvq.losses.objective import TokenizerObjective
-
 
 
 @dataclass
@@ -102,8 +101,9 @@ class Trainer:
     Constructing one seeds Python's, NumPy's and torch's global random generators from
     ``schedule.seed`` (so that a run repeats exactly; ``fit()`` or ``close()`` gives them back the
     states they had before, so a notebook's later draws do not depend on training), creates
-    ``run_dir`` with ``config.yaml`` and opens its log; ``fit()`` runs once and closes the log. A folder that already holds checkpoints
-    needs ``resume``.
+    ``run_dir`` with ``config.yaml`` and opens its log; ``fit()`` runs once and closes the log. A new
+    run takes a new or empty folder: one holding another run's log, checkpoints or outputs needs
+    ``resume``, and one holding other files is refused.
 
     In your own multi-process script, call ``torch.distributed.destroy_process_group()`` once
     training is done (``softvq train`` does): a gloo group left alive at exit can abort the
@@ -163,18 +163,8 @@ class Trainer:
             self.pending_notes.append(f"warning: {settings} {'has' if len(unread) == 1 else 'have'} no effect: "
                                       f"bottleneck kind {bottleneck.kind!r} does not read "
                                       f"{'it' if len(unread) == 1 else 'them'}")
-        decided_by_main_process(acc, lambda: check_run_layout(self.run_dir))
-        foreign = sorted(p.name for p in self.run_dir.iterdir() if not is_run_file(p.name)) if not resume and \
-            self.run_dir.is_dir() else []
-        if foreign:  # the CLI refuses any non-empty --output; a Python caller may have meant another folder
-            raise FileExistsError(f"{self.run_dir} holds files that are not a training run's ({first_few(foreign)}): a "
-                                  f"run would write its config.yaml, log and checkpoints among them; choose a new or "
-                                  f"empty folder")
-        traces = run_traces(self.run_dir)
-        if not resume and traces:
-            what = "a run's checkpoints" if ckpt.CHECKPOINT_DIR in traces else f"another run's files ({first_few(traces)})"
-            raise FileExistsError(f"{self.run_dir} already holds {what}: pass resume=True to continue it, or choose "
-                                  f"another folder (a new run never overwrites one, nor adds its log to another's)")
+        # the main process alone reads the folder: the others may look after it began writing there
+        decided_by_main_process(acc, lambda: check_run_folder(self.run_dir, new_run=not resume))
         checkpoint = self._checkpoint_to_resume(resume) if resume else None
         seed_everything(sched.seed)
         self.tokenizer = Tokenizer(config.model)
@@ -235,8 +225,8 @@ class Trainer:
         self.skipped_files.update(self.heldout.skipped)
         if self.heldout.skipped:
             shown = self.heldout.skipped
-            self.pending_notes.append(f"held-out set: skipped {len(shown)} unreadable file(s) ({', '.join(shown[:3])}"
-                                      f"{', ...' if len(shown) > 3 else ''}) and drew others in their place")
+            self.pending_notes.append(f"held-out set: skipped {len(shown)} unreadable file(s) ({first_few(shown, 3)}) "
+                                      f"and drew others in their place")
         if resume_state is not None:
             self._restore_rng(resume_state)
         if self.is_main and not (self.run_dir / "config.yaml").is_file():
@@ -252,7 +242,9 @@ class Trainer:
         self._release()
 
     def _release(self) -> None:
-        """Free the run folder and give the caller's random generators back their states."""
+        """Close the log, free the run folder and give the caller's random generators back their states."""
+        if hasattr(self, "logger"):  # a set-up that failed before the log was opened
+            self.logger.close()
         self._lock.release()
         if self._caller_rng is not None:
             ckpt.restore_rng(self._caller_rng)
@@ -472,6 +464,7 @@ class Trainer:
                              f"({self.nonfinite_steps}/{self.cfg.run.max_nonfinite})")
             self._advance_schedules()
             self._mid_step = False
+            self._step_start = None  # the skipped step is counted: a checkpoint from here is of its end
             if self.nonfinite_steps >= self.cfg.run.max_nonfinite:
                 path = self.save_checkpoint()
                 raise NonFiniteLossError(
@@ -480,7 +473,6 @@ class Trainer:
                     f"in {path}. Try a lower optim.lr, a longer schedule.warmup_steps, "
                     f"schedule.precision=fp32, or check the data; continue with --resume and overrides."
                 )
-            self._step_start = None
             return {"nonfinite": 1.0, "lr": lr}
 
         # From here until the step is counted, the weights, optimizers, schedules and EMA are at two
@@ -617,7 +609,7 @@ class Trainer:
         """Never save non-finite weights (collective). Skipped steps keep them finite, but a step with
         a finite loss can still move them to infinity (a huge lr); then every later step is skipped,
         and a checkpoint would keep the broken weights as the run's latest."""
-        tensors = [*self.unwrapped.parameters(), *self.ema.shadow]
+        tensors = [*self.unwrapped.parameters(), *self.ema.shadow, *self.gen_extra, *self.disc_params]
         finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
         (broken,) = on_any_process([not finite], self.device)
         if not broken:
