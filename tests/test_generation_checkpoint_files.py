@@ -160,3 +160,19 @@ def test_config_json_describes_a_continued_run(made, tmp_path):
     assert config["continued"] == [{"at_step": 2, "from_steps": 2, "to_steps": 4}]
     train_generator(GeneratorTrainConfig(steps=4, **common), progress=False)  # finished: nothing to add
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == config
+
+
+def test_generate_of_a_run_says_when_its_export_is_behind_its_checkpoints(made, tmp_path, capsys):
+    """A run lengthened with --steps and stopped before its new end keeps the export of its old end:
+    `generate RUN` samples that, so it says so and names the newer checkpoint."""
+    _, run = made
+    sample = ["--classes", "0", "--per-class", "1", "--steps", "2", "--device", "cpu"]
+    assert main(["generate", str(run), "--out", str(tmp_path / "s"), *sample]) == 0
+    assert "warning" not in capsys.readouterr().err  # the export is the run's last step
+    lengthened = tmp_path / "lengthened"
+    shutil.copytree(run, lengthened)
+    shutil.copy(checkpoint_path(lengthened, 4), checkpoint_path(lengthened, 6))  # as a run stopped at step 6 leaves it
+    assert main(["generate", str(lengthened), "--out", str(tmp_path / "t"), *sample]) == 0
+    err = capsys.readouterr().err
+    assert f"{lengthened}/generator is the EMA of step 4, but the run has trained to step 6" in err
+    assert f"softvq generate {checkpoint_path(lengthened, 6)}" in err

@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.data.images import require_folder
     from softvq.generation.checkpoint import generator_run_export, load_generator
     from softvq.generation.guidance import Guidance
+    from softvq.generation.run_folder import stale_export_note
     from softvq.generation.sampling import NAMES, SamplerSpec
     from softvq.generation.samples import OtherTokenizerWarning, pack_npz, write_samples
     from softvq.resume import weights_sha1
@@ -158,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")  # torchrun: split the batches
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
     model, meta = load_generator(args.generator, map_location=str(device), tokenizer_flag="--tokenizer")
+    if generator_run_export(args.generator) is not None and (stale := stale_export_note(Path(args.generator))):
+        print(f"softvq: warning: {stale}", file=sys.stderr)
     mar_only = [flag for flag, value in (("--ar-steps", args.ar_steps), ("--temperature", args.temperature),
                                          ("--cfg-schedule", args.cfg_schedule)) if value is not None]
     if meta.objective != "mar" and mar_only:  # given but ignored would read as "it made no difference"

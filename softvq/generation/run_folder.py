@@ -218,3 +218,23 @@ def refuse_nonfinite(tensors: list[torch.Tensor], cfg: GeneratorTrainConfig, run
 
     if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
         raise NonFiniteLossError(nonfinite_stop(cfg, run, step, None))
+
+
+def stale_export_note(run: Path) -> str | None:
+    """Why sampling ``RUN`` (its ``RUN/generator`` export) may not sample what the run has become:
+    the run is still training, or it was lengthened and stopped before its end, so its newest
+    checkpoint is past the export. None when the export is the run's latest."""
+    from softvq.run_lock import in_use
+    from softvq.training.checkpointing import checkpoint_step, latest_checkpoint
+
+    exported = exported_step(run / GENERATOR_EXPORT)
+    latest = latest_checkpoint(run)
+    newer = latest is not None and isinstance(exported, int) and (checkpoint_step(latest) or 0) > exported
+    if in_use(run):
+        return f"{run} is still training: its {GENERATOR_EXPORT}/ is the EMA of step {exported}, not of where it is now"
+    if newer:
+        assert latest is not None
+        return (f"{run}/{GENERATOR_EXPORT} is the EMA of step {exported}, but the run has trained to step "
+                f"{checkpoint_step(latest)} and stopped before its end (it was lengthened): sample that step with "
+                f"`softvq generate {latest}`, or finish the run to export it")
+    return None
