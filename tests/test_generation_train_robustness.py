@@ -437,3 +437,21 @@ def test_folders_may_be_given_as_paths_and_are_recorded_as_text(tmp_path):
     cfg = GeneratorTrainConfig(latents=Path("runs/latents"), out=tmp_path / "run", tokenizer=Path("tok"))
     assert (cfg.latents, cfg.out, cfg.tokenizer) == ("runs/latents", str(tmp_path / "run"), "tok")
     cfg.validate()  # was: "latents must be a string, got PosixPath('runs/latents')"
+
+
+def test_a_run_continued_from_python_without_latents_is_told_how(tmp_path):
+    """The CLI continues a run from its config.json alone; from Python the error named that file as
+    holding no run's settings. It now says how, and config_from_record takes the whole file."""
+    import json
+
+    from softvq.generation.train_config import config_from_record
+    from tests.tiny_generation import TINY, tiny_latent_set
+
+    tiny_latent_set(tmp_path)
+    run = tmp_path / "run"
+    train_generator(GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(run), steps=2, **TINY), progress=False)
+    with pytest.raises(ValueError, match=r"records the run's settings: continue it with config_from_record\("):
+        train_generator(GeneratorTrainConfig(out=str(run), steps=3), progress=False)
+    record = json.loads((run / "config.json").read_text())
+    assert config_from_record(record, steps=3) == config_from_record(record["train"], steps=3)
+    assert train_generator(config_from_record(record, steps=3), progress=False)["steps"] == 3

@@ -18,6 +18,7 @@ latents normalised as (z − mean) / std.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from softvq.generation.checkpoint import is_run_config
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, generator_config
 from softvq.randomness import SEED_LIMIT
@@ -144,10 +146,13 @@ class GeneratorTrainConfig:
         check_field_types(self)  # for a config built in Python: argparse checks the command line's
         if not self.latents:
             saved = Path(self.out) / "config.json"
-            if saved.is_file():  # the CLI continues a run from it; this one is damaged or not a run's
+            if _run_record(saved) is not None:  # the CLI continues the run from it; from Python that is one call
+                raise ValueError(f"no latents given; {saved} records the run's settings: continue it with "
+                                 f"config_from_record(json.loads(Path({str(saved)!r}).read_text()), steps=...) "
+                                 f"(softvq.generation.train_config), or on the command line with --out {self.out}")
+            if saved.is_file():  # the CLI would continue a run from it; this one is damaged or not a run's
                 raise ValueError(f"no --latents given, and {saved} holds no train-generator run's settings to "
-                                 f"continue with; pass --latents and the other flags (from Python, continue a "
-                                 f"run with softvq.generation.train_config.config_from_record)")
+                                 f"continue with; pass --latents and the other flags")
             raise ValueError("no latent folder given; make one with `softvq pretokenize` and pass --latents")
         resolved = self.resolved()  # names an unknown objective
         # every recipe sets these (steps may wait for the latent set's count)
@@ -249,11 +254,14 @@ def recorded_train(cfg: GeneratorTrainConfig) -> dict[str, Any]:
 
 
 def config_from_record(record: dict[str, Any], **given: Any) -> GeneratorTrainConfig:
-    """The config a run's ``config.json`` records (:func:`recorded_train`, resolved), with ``given``
+    """The config a run's ``config.json`` records (its ``train`` section, :func:`recorded_train`,
+    resolved; the whole file is taken too), with ``given``
     fields over it, such that resolving it again gives the record back: the lengths in the unit the
     run was given them in (a length in epochs also records its steps), a new ``steps`` or ``epochs``
     replacing the recorded pair, and only the noise setting of the objective (SiT's ``path``,
     DiT's and MAR's ``schedule``; both are recorded)."""
+    if is_run_config(record):  # the whole config.json: its "train" section holds the fields
+        record = record["train"]
     fields = dict(record)
     for steps, epochs in LENGTHS:
         if fields.get(epochs) is not None:
@@ -263,3 +271,12 @@ def config_from_record(record: dict[str, Any], **given: Any) -> GeneratorTrainCo
     objective = given.get("objective", fields.get("objective"))
     fields["schedule" if objective == "sit" else "path"] = None
     return GeneratorTrainConfig(**{**fields, **given})
+
+
+def _run_record(file: Path) -> dict[str, Any] | None:
+    """The train-generator run settings ``file`` (a config.json) holds, or None."""
+    try:
+        payload = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return payload if is_run_config(payload) else None
