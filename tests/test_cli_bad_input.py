@@ -487,13 +487,21 @@ def _tiny_generator(folder, objective="sit", tokenizer=None):
     return save_generator(model, GeneratorMeta(objective=objective, tokenizer=tokenizer, classes=["a", "b"]), folder)
 
 
-def test_generate_takes_quiet_like_the_other_long_jobs(tmp_path, capsys):
+def test_generate_takes_quiet_like_the_other_long_jobs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # --fid-ref caches reference statistics under ~/.cache
     gen = _tiny_generator(tmp_path / "gen", tokenizer="softvq-tiny")
     make = ["generate", str(gen), "--classes", "0", "--per-class", "1", "--steps", "2", "--device", "cpu", "--out"]
     code, _, err = _run(capsys, *make, str(tmp_path / "loud"))
     assert code == 0 and "batch" in err  # the progress bar
     code, _, err = _run(capsys, *make, str(tmp_path / "quiet"), "--quiet")
     assert code == 0 and "batch" not in err and len(list((tmp_path / "quiet" / "images").glob("*.png"))) == 1
+    (tmp_path / "ref").mkdir()
+    for i in range(2):
+        Image.fromarray(_gradient()).convert("RGB").save(tmp_path / "ref" / f"{i}.png")
+    two = [flag if flag != "1" else "2" for flag in make]  # --per-class 2: FID needs two samples
+    code, out, err = _run(capsys, *two, str(tmp_path / "scored"), "--quiet", "--fid-ref", str(tmp_path / "ref"))
+    assert code == 0, err
+    assert "gFID vs" in out and "samples:" not in err and "reference:" not in err  # scoring's bars too
 
 
 @pytest.mark.parametrize("flags, named", [

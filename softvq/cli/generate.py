@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     if args.npz:
         print(f"packed the {result.count} images into {pack_npz(result.folder)} for ADM's evaluator")
     if args.fid_ref:
-        gfid = generation_fid(result.folder, args.fid_ref, device)
+        gfid = generation_fid(result.folder, args.fid_ref, device, progress=not args.quiet)
         reference = Path(args.fid_ref).expanduser()
         # kept beside the images it scores: the printed line alone is lost with the terminal
         write_json(result.folder / FID_RECORD,
@@ -218,13 +218,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def generation_fid(samples: Path, reference: str, device: torch.device) -> float:
+def generation_fid(samples: Path, reference: str, device: torch.device, progress: bool = True) -> float:
     """FID of the PNGs under ``samples`` (as written, 8-bit, the usual protocol) against a .npz of
     reference statistics or a folder of images; unreadable reference images are skipped and named."""
     from softvq.evaluation.generated import evaluate_samples
 
     # every sample and every reference image; no precision/recall here (`softvq eval --samples` has them)
-    report = evaluate_samples(samples, reference, num_images=sys.maxsize, device=device, pr_samples=0)
+    report = evaluate_samples(samples, reference, num_images=sys.maxsize, device=device, pr_samples=0,
+                              progress=progress)
     for note in report["notes"]:
         if note.startswith("reference: "):
             print(f"softvq: warning: --fid-ref: {note.removeprefix('reference: ')}", file=sys.stderr)

@@ -138,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
 # What an interrupted long job keeps, said where it stops.
 RESUME_HINTS = {
-    "train-generator": "the last checkpoint is kept: run the same command again to continue",
+    "train-generator": "its checkpoints, if it wrote any, are kept: run the same command again to continue",
     "pretokenize": "the complete shards are kept: run the same command again to continue",
-    "generate": "the images written are kept: run the same command again to make the rest",
+    "generate": "the images written are kept: run the same command again to make the rest (and score them)",
     "decode": "the images written are kept: run the same command again to decode the rest",
-    "eval": "the work so far is kept (not for a random preset): run the same command again to continue",
+    "eval": "the features measured so far are kept (not those of a random preset's model): run the same command "
+            "again to continue",
 }
 
 
