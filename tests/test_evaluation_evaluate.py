@@ -634,6 +634,18 @@ def test_sample_reports_go_inside_each_generated_folder(tmp_path):
     assert samples_report_folder(tmp_path / "pngs") == Path("eval")  # not written into a user's image folder
 
 
+def test_a_samples_report_scored_against_other_reference_images_is_named_as_it_is_replaced(tmp_path, caplog):
+    """eval --samples against another reference folder replaced the gFID report without a word."""
+    first = {"samples": "s", "reference": "ref-a", "num_reference": 44, "num_samples": 12, "gfid": 528.7}
+    write_report(first, tmp_path)
+    with caplog.at_level("WARNING", logger="softvq"):
+        write_report(dict(first), tmp_path)  # a rerun: no word
+        assert not caplog.records
+        write_report({**first, "reference": "ref-b", "num_reference": 24, "gfid": 539.2}, tmp_path)
+    assert "(12 samples against 44 images of ref-a) with this evaluation (12 samples against 24 images of ref-b)" \
+        in caplog.text
+
+
 def test_a_report_of_other_images_is_named_as_it_is_replaced(tmp_path, caplog):
     """eval --out ev replaced a 1500-image eval.json with a 10-image one without a word."""
     write_report({"model": "runs/a/export", "num_images": 1500, "psnr": 25.0}, tmp_path)

@@ -83,11 +83,18 @@ def _say_what_is_replaced(json_path: Path, report: dict[str, Any]) -> None:
     # weights, where both reports name them: the same weights by another path are the same model,
     # other weights at the same path (trained further) are not
     key = "weights_sha1" if old.get("weights_sha1") and report.get("weights_sha1") else "model"
-    if old.get(key) == report.get(key) and old.get("num_images") == report.get("num_images"):
+    # a samples report (gFID) has no model: its reference images are what make two of them comparable
+    compared = (key, "num_images", "reference", "num_reference", "num_samples")
+    if all(old.get(name) == report.get(name) for name in compared):
         return
+    def measured(r: dict[str, Any]) -> str:
+        if "samples" in report:
+            return f"{r.get('num_samples')} samples against {r.get('num_reference')} images of {r.get('reference')}"
+        return f"model {r.get('model')}, {r.get('num_images')} images"
+
     logging.getLogger("softvq.evaluation").warning(
-        f"replacing {json_path} (model {old.get('model')}, {old.get('num_images')} images) with this evaluation "
-        f"(model {report.get('model')}, {report.get('num_images')} images); give another --out to keep both")
+        f"replacing {json_path} ({measured(old)}) with this evaluation ({measured(report)}); give another --out to "
+        f"keep both")
 
 
 def _jsonable(value: Any) -> Any:
