@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--crops-per-photo", type=positive_int, default=32,
                    help="with --bundled: crops of each photo (default 32)")
     p.add_argument("--single-class", action="store_true", help="put every image in one class 0")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="images encoded at once (default 32; larger is faster on a GPU while memory allows)")
     p.add_argument("--workers", type=non_negative_int, default=0,
                    help="with --images: processes that decode images (default 0: this one); on a GPU, "
                         "decoding is the bottleneck without them")

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 # --help of each GeneratorTrainConfig field; "(recipe)" marks fields that default to the objective's recipe.
 FLAG_HELP: dict[str, str] = {
-    "latents": "latent folder written by `softvq pretokenize` (required)",
+    "latents": "latent folder written by `softvq pretokenize` (required for a new run; a rerun with --out RUN continues from its config.json)",
     "out": "run folder: checkpoints, log.jsonl, config.json and generator/ (default runs/generator); "
            "a folder with checkpoints continues",
     "objective": "sit (velocity, paper's main), dit (ε + learned σ) or mar (masked autoregressive + diffusion head)",
