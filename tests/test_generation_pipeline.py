@@ -337,7 +337,8 @@ def test_pretokenize_cli_continues_a_random_preset_with_its_saved_weights(tmp_pa
     images = torch.stack([s[0] for s in bundled_source(tok.config.image_size, 2).samples])
     assert torch.allclose(data.latents, tok.encode_latents(images), atol=1e-5)  # both halves: the same weights
     assert main(command) == 2  # a finished set is refused before its tokenizer could be replaced
-    assert "already holds a finished latent set" in capsys.readouterr().err
+    assert "already holds a finished latent set (meta.json): train on it with train-generator --latents" in \
+        capsys.readouterr().err
     assert (tmp_path / "lat" / "tokenizer" / "model.safetensors").read_bytes() == saved
 
 

@@ -195,7 +195,8 @@ def interrupted_run(out: str | Path) -> bool:
     latent set, or shards with no progress record, is a FileExistsError: never written over."""
     out = Path(out)
     if (out / META_NAME).is_file():
-        raise FileExistsError(f"{out} already holds a finished latent set ({META_NAME}); choose an empty folder")
+        raise FileExistsError(f"{out} already holds a finished latent set ({META_NAME}): train on it with "
+                              f"train-generator --latents {out}, or choose an empty folder to make another")
     if any(out.glob("progress*.json")):
         return True
     if any(out.glob("latents-*.safetensors")):
