@@ -409,6 +409,17 @@ def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
     assert any("reference statistics loaded from" in n for n in again["notes"]) and again["num_reference"] == 4
     assert again["gfid"] == pytest.approx(report["gfid"], abs=1e-9)
     assert (again["precision"], again["recall"]) == (report["precision"], report["recall"])
+    # generate --fid-ref scores without precision/recall: the same cache serves it (it made its own before)
+    fid_only = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, pr_samples=0,
+                                cache_dir=cache)
+    assert any("reference statistics loaded from" in n for n in fid_only["notes"]) and len(list(cache.iterdir())) == 1
+    assert fid_only["gfid"] == pytest.approx(report["gfid"], abs=1e-9) and "precision" not in fid_only
+    # the other way round: a cache made without features is measured again when precision/recall need them
+    fresh = tmp_path / "fresh-cache"
+    evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, pr_samples=0, cache_dir=fresh)
+    both = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2, cache_dir=fresh)
+    assert any("reference statistics cached in" in n for n in both["notes"]) and len(list(fresh.iterdir())) == 1
+    assert (both["precision"], both["recall"]) == (report["precision"], report["recall"])
     if "inception_score" not in report:  # fid-helper's weights have no classifier
         assert any("Inception Score not computed" in n for n in report["notes"])
     report["model"], report["num_images"] = "samples", 4

@@ -98,12 +98,15 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         report["notes"].append("precision/recall need reference images, not statistics: skipped")
     else:
         real_refs, files, root = list_image_refs(reference, num_images)
-        protocol = {**protocol_of(options, size, len(real_refs), extractor.weights_name),
-                    "precision_recall_features": pr_samples}
+        # keyed by the images and the FID protocol alone: generate --fid-ref (no precision/recall) and
+        # eval --samples share one cache, which keeps the features precision/recall needs when asked
+        protocol = protocol_of(options, size, len(real_refs), extractor.weights_name)
         checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
         cache = Path(cache_dir).expanduser() / f"reference-{checksum[:24]}.npz" if cache_dir else None
-        if cache is not None and cache.is_file():
-            ref_stats, real = fidlib.load_reference_stats(cache, checksum), fidlib.load_reference_features(cache)
+        wanted = min(pr_samples, len(real_refs))
+        real = fidlib.load_reference_features(cache) if cache is not None and cache.is_file() else None
+        if cache is not None and cache.is_file() and (wanted == 0 or (real is not None and len(real) >= wanted)):
+            ref_stats = fidlib.load_reference_stats(cache, checksum)
             notes.append(f"reference statistics loaded from {cache}")
         else:
             real, _ = features(real_refs, files, root, "reference")
