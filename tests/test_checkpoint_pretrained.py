@@ -139,6 +139,8 @@ def test_hub_ids_are_told_from_mistyped_local_paths_in_one_place(tmp_path, monke
         (tmp_path / "runs" / f"r{i}").mkdir()  # a long listing says how much it leaves out
     with pytest.raises(CheckpointError, match=r"runs/ holds the folders demo, r0, .*, r6 and 2 more$"):
         resolve("runs/nop", ["config.json"])
+    with pytest.raises(CheckpointError, match=r"no checkpoint folder at '/nonexistent-softvq'; / holds the folders"):
+        resolve("/nonexistent-softvq", ["config.json"])  # the root is "/", not "//"
 
 
 def test_loading_a_checkpoint_leaves_the_callers_random_stream_alone(tmp_path):

@@ -695,3 +695,30 @@ def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / "x.png")
     with pytest.raises(ImageReadError, match="not a regular file"):
         load_rgb(tmp_path / "x.png")  # was a hang: opening a FIFO waits for a writer
+
+
+def test_a_launched_runs_other_processes_leave_refusals_before_they_meet_to_process_0(capsys, monkeypatch):
+    """Under torchrun every process parses the same command line and reads the same files, so a usage
+    error or a refusal before the processes meet was printed once per process; process 0 says it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            main(["generate", "--bogus"])
+        assert exit_.value.code == 2 and ("arguments are required: generator, --out" in capsys.readouterr().err) == said
+        assert main(["train", "demo", "schedule.steps=-1"]) == 2
+        assert ("schedule.steps" in capsys.readouterr().err) == said
+
+
+def test_a_ctrl_c_after_the_work_is_done_ends_quietly(monkeypatch):
+    """A launched run's process that had already left main() printed a KeyboardInterrupt traceback
+    when Ctrl-C came as it flushed its output and left."""
+    import softvq.cli.main as cli
+
+    def done_then_interrupted(argv=None):  # the signal lands between main's return and the exit
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", done_then_interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run([])
+    assert exit_.value.code == 130

@@ -37,3 +37,5 @@ def test_another_process_count_reseeds_from_seed_step_and_rank_and_says_so():
     drawn = torch.rand(3)
     torch.manual_seed(3 + RESEED_STRIDE * 10 + 1)
     assert torch.equal(drawn, torch.rand(3))
+    fewer = restore_or_reseed_rng(states * 2, rank=0, world=1, seed=3, step=10)
+    assert fewer is not None and "resumed with 1 process instead of 2" in fewer

@@ -7,6 +7,7 @@ through ``huggingface_hub``; offline, the error says so in one line.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -93,7 +94,7 @@ def resolve(path_or_id: str | Path, filenames: list[str]) -> Path:
     if not looks_like_hub_id(text):
         if not path.exists() and str(path.parent) != "." and path.parent.is_dir():  # a mistyped folder
             near = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and not p.name.startswith("."))
-            raise CheckpointError(f"no checkpoint folder at {text!r}; {path.parent}/ holds the folders "
+            raise CheckpointError(f"no checkpoint folder at {text!r}; {os.path.join(path.parent, '')} holds the folders "
                                   f"{first_few(near) or 'none'}")
         raise CheckpointError(f"no checkpoint folder at {text!r} (and it is not a hub id like 'org/name')")
     try:

@@ -30,8 +30,21 @@ RETAIN_FREED_MEMORY = ("reconstruct", "encode", "decode", "eval", "pretokenize",
 STOP_ON_SIGTERM = ("eval", "pretokenize", "generate", "decode")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed once for a launched run (torchrun): every process parses
+    the same command line, so the others would print the same error. Subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        from softvq.training.accelerator import first_launched_process
+
+        if first_launched_process():
+            self.print_usage(sys.stderr)
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="softvq", description="SoftVQ-VAE 1D image tokenizers and generators on their latents."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -115,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as exc:
         if os.environ.get("SOFTVQ_TRACEBACK", "").strip().lower() in ("1", "true", "yes"):
             raise
-        from softvq.training.accelerator import said_elsewhere
+        import torch.distributed as dist
 
-        if not said_elsewhere(exc):
+        from softvq.training.accelerator import first_launched_process, said_elsewhere
+
+        # Before the processes of a launched run talk to each other, each meets the same command line
+        # and files, so the same refusal: process 0 says it. Later, an error may be one process's own.
+        said_by_all = not (dist.is_available() and dist.is_initialized())
+        if not said_elsewhere(exc) and (first_launched_process() or not said_by_all):
             print(f"softvq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -181,6 +199,8 @@ def run(argv: list[str] | None = None) -> NoReturn:
     try:
         status = main(argv)
         sys.stdout.flush()  # inside the try: a closed pipe may only show when the buffer is written
+    except KeyboardInterrupt:  # Ctrl-C after the work was done (a launched run's other process is done too)
+        status = 130
     except BrokenPipeError:
         # The reader left (``softvq info | head``): nothing more to say, and nowhere to say it.
         # stdout goes to devnull so that the interpreter's last flush does not fail again.

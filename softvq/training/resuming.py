@@ -32,5 +32,5 @@ def restore_or_reseed_rng(saved: list[dict[str, Any]] | dict[str, Any], *, rank:
         restore_rng(states[rank])
         return None
     seed_everything(seed + RESEED_STRIDE * step + rank)
-    return (f"resumed with {world} processes instead of {len(states)}: random streams are re-seeded, "
-            f"so losses will not match an uninterrupted run")
+    return (f"resumed with {world} process{'es' if world != 1 else ''} instead of {len(states)}: random streams "
+            f"are re-seeded, so losses will not match an uninterrupted run")
