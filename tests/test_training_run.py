@@ -680,3 +680,18 @@ def test_a_new_run_from_python_refuses_a_folder_of_other_files(tmp_path):
         Trainer(cfg, export)
     with pytest.raises(NotADirectoryError, match="is a file; a run is a folder"):
         Trainer(cfg, tmp_path / "photos" / "notes.txt")
+
+
+def test_a_stop_between_log_lines_logs_the_steps_since_the_last_one(tmp_path):
+    """Ctrl-C after step 5 with a log line every 3 steps: steps 4 and 5 were in no record (the resumed
+    run logs from step 6 on); the stop now logs their mean before its checkpoint."""
+    every_step = config_from_dict(tiny_tree(run={"log_every": 1}))
+    Trainer(every_step, tmp_path / "each").fit()
+    each = losses(tmp_path / "each")
+    cfg = config_from_dict(tiny_tree(run={"log_every": 3}))
+    result = Trainer(cfg, tmp_path / "cut", objective_factory=factory(sigint_at=4)).fit()
+    assert result.status == "interrupted" and result.step == 5
+    assert sorted(losses(tmp_path / "cut")) == [3, 5]
+    assert losses(tmp_path / "cut")[5] == pytest.approx((each[4] + each[5]) / 2, rel=1e-6)
+    Trainer(cfg, tmp_path / "cut", resume=True).fit()
+    assert sorted(losses(tmp_path / "cut")) == [3, 5, 6] and losses(tmp_path / "cut")[6] == pytest.approx(each[6])

@@ -79,6 +79,29 @@ class TrainResult:
     export: Path | None = None
 
 
+class _LogWindow:
+    """The logged values of the steps since the last log line, summed on the device. Each is averaged
+    over the steps that logged it (a skipped step logs no loss), except ``nonfinite``, which only
+    skipped steps log: the share of the window's steps they were."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.steps, self.start = 0, time.time()
+
+    def add(self, logs: dict[str, float | torch.Tensor]) -> None:
+        for k, v in logs.items():
+            self.sums[k] += v
+            self.counts[k] += 1
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / (self.steps if k == "nonfinite" else self.counts[k]) for k, v in self.sums.items()}
+
+
 def default_objective(cfg: TrainConfig, tokenizer: Tokenizer) -> TokenizerObjective:
     """The paper's objective (:class:`~softvq.losses.objective.TokenizerObjective`) with the config's
     weights; a ``Trainer``'s ``objective_factory`` replaces it."""
@@ -291,11 +314,7 @@ class Trainer:
             f"received {name}: stopping after this step (Ctrl-C again to stop at once)")).install()
         bar = tqdm(total=cfg.schedule.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=0.5,
                    disable=not (self.is_main and run.progress), desc="train")
-        window: dict[str, float | torch.Tensor] = defaultdict(float)  # summed on the device until a log step
-        # each value is averaged over the steps that logged it (a skipped step logs no loss), except
-        # "nonfinite", which only skipped steps log: the share of the window's steps they were
-        window_counts: dict[str, int] = defaultdict(int)
-        window_steps, window_start = 0, time.time()
+        window = _LogWindow()
         shown_at = 0.0
         try:
             # closed by the block, not left to __del__: a worker's error is a reference cycle
@@ -309,16 +328,13 @@ class Trainer:
                         status = reason
                         break
                     logs = self.train_step(data_iter)
-                    for k, v in logs.items():
-                        window[k] += v
-                        window_counts[k] += 1
-                    window_steps += 1
+                    window.add(logs)
                     bar.update(1)
                     if self.is_main and run.progress and "loss" in logs and time.time() - shown_at > 1.0:
                         shown_at = time.time()  # reading the losses syncs the device: at most once a second
                         shown: dict[str, str] = {k: format_value(float(logs[k]))
                                                  for k in ("loss", "rec", "perceptual", "d/loss") if k in logs}
-                        rate = window_steps * cfg.schedule.batch_size / max(time.time() - window_start, 1e-9)
+                        rate = window.steps * cfg.schedule.batch_size / max(time.time() - window.start, 1e-9)
                         shown["img/s"] = f"{rate:.1f}"
                         bar.set_postfix(shown, refresh=False)
                     step = self.step
@@ -326,21 +342,7 @@ class Trainer:
                     grid_due = (run.grid_every and step % run.grid_every == 0) or step == cfg.schedule.steps
                     heldout = self.write_grid() if grid_due else {}
                     if self._log_due(step):
-                        elapsed = time.time() - window_start
-                        # the only place logged tensors are read back (one sync per log step)
-                        means = self._reduce_means({k: float(v) / (window_steps if k == "nonfinite" else window_counts[k])
-                                                    for k, v in window.items()})
-                        if self.data.num_items:  # shards do not say how many images an epoch holds: no epoch then
-                            means["epoch"] = step * cfg.schedule.batch_size / self.data.num_items
-                        means.update(images_per_s=window_steps * cfg.schedule.batch_size / max(elapsed, 1e-9),
-                                     nonfinite_steps=float(self.nonfinite_steps),
-                                     skipped_files=float(len(self._skipped_everywhere())),
-                                     **{HELDOUT_PREFIX + k: v for k, v in heldout.items()})
-                        self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0
-                                            or bool(heldout))
-                        window.clear()
-                        window_counts.clear()
-                        window_steps, window_start = 0, time.time()
+                        self._log_window(step, window, heldout)
                     else:
                         self._log_heldout(step, heldout)
                     if run.checkpoint_every and step % run.checkpoint_every == 0 and step < cfg.schedule.steps:
@@ -371,6 +373,8 @@ class Trainer:
                 if self._step_start is not None:  # stopped at once before the step's update
                     self.stream_positions, rng = self._step_start
                     ckpt.restore_rng(rng)
+                if window.steps and run.log_every:  # the steps since the last log line: a resumed run would not
+                    self._log_window(self.step, window, {})
                 result.checkpoint = self.save_checkpoint()
             else:
                 result.checkpoint = self.last_checkpoint
@@ -754,6 +758,19 @@ class Trainer:
         self.logger.image("heldout/reconstruction", path, self.step)
         self._heldout_of = (self.step, reconstruction_metrics(held.images, ema_reconstructions, self.lpips()))
         return self._heldout_of[1]
+
+    def _log_window(self, step: int, window: "_LogWindow", heldout: dict[str, float]) -> None:
+        """One log record at ``step``: the window's means (the only place logged tensors are read
+        back: one sync per log step) with the rates, counters and held-out metrics; collective."""
+        cfg, run = self.cfg, self.cfg.run
+        means = self._reduce_means(window.means())
+        if self.data.num_items:  # shards do not say how many images an epoch holds: no epoch then
+            means["epoch"] = step * cfg.schedule.batch_size / self.data.num_items
+        means.update(images_per_s=window.steps * cfg.schedule.batch_size / max(time.time() - window.start, 1e-9),
+                     nonfinite_steps=float(self.nonfinite_steps), skipped_files=float(len(self._skipped_everywhere())),
+                     **{HELDOUT_PREFIX + k: v for k, v in heldout.items()})
+        self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0 or bool(heldout))
+        window.clear()
 
     def _log_due(self, step: int) -> bool:
         every = self.cfg.run.log_every
