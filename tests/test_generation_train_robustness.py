@@ -455,3 +455,16 @@ def test_a_run_continued_from_python_without_latents_is_told_how(tmp_path):
     record = json.loads((run / "config.json").read_text())
     assert config_from_record(record, steps=3) == config_from_record(record["train"], steps=3)
     assert train_generator(config_from_record(record, steps=3), progress=False)["steps"] == 3
+
+
+def test_keep_checkpoints_0_keeps_them_all_as_the_tokenizer_trainer_does(tmp_path):
+    from tests.tiny_generation import TINY, tiny_latent_set
+
+    tiny_latent_set(tmp_path)
+    cfg = GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(tmp_path / "run"),
+                               **{**TINY, "steps": 4, "checkpoint_every": 1, "keep_checkpoints": 0})
+    train_generator(cfg, progress=False)  # was: "--keep-checkpoints must be 1 or more"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        f"step-{s:08d}.pt" for s in (1, 2, 3, 4)]
+    with pytest.raises(ValueError, match=r"--keep-checkpoints must be 0 \(keep all\) or more, got -1"):
+        GeneratorTrainConfig(latents="lat", keep_checkpoints=-1).validate()

@@ -80,7 +80,7 @@ FLAG_HELP: dict[str, str] = {
     "seed": "seed of the initialisation, the batch order and the noise",
     "log_every": "steps between log lines (default 50)",
     "checkpoint_every": "steps between checkpoints (default 5000; also written when stopped)",
-    "keep_checkpoints": "checkpoints kept (default 3)",
+    "keep_checkpoints": "checkpoints kept (default 3; 0 keeps them all, as softvq train's run.keep_checkpoints)",
     "export_at": "steps at which the EMA generator is also exported, to RUN/generator-step-NNNNNNNN, kept whatever "
                  "--keep-checkpoints deletes (supp. Tab. 9, arXiv Tab. 8: 400000 1000000 2000000 3000000 4000000); "
                  "a rerun may add steps, and exports the one it is at from its last checkpoint",

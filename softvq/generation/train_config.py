@@ -179,13 +179,14 @@ class GeneratorTrainConfig:
                     for n in names]
 
         counts = ("width", "depth", "heads", "head_width", "head_depth", "buffer_size", "diffusion_batch_mul",
-                  "diffusion_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite")
+                  "diffusion_steps", "log_every", "checkpoint_every", "max_nonfinite")
         check_ranges([  # (flag, value, whether it holds, what the flag must be); None: the recipe's or unused
             *[(flag_name(n), getattr(r, n), getattr(r, n) is None or getattr(r, n) > 0, "positive")
               for n in ("steps", "epochs")],
             *at_least(r, ("warmup_steps", "warmup_epochs"), 0, "0 or more"),
             ("--batch-size", resolved.batch_size, resolved.batch_size >= 1, "1 or more"),
             *at_least(self, counts, 1, "1 or more"),
+            *at_least(self, ("keep_checkpoints",), 0, "0 (keep all) or more"),
             ("--ema-decay", self.ema_decay, 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
             ("--lr", resolved.lr, resolved.lr > 0, "positive"),
             *at_least(r, ("weight_decay", "max_grad_norm", "vlb_weight"), 0, "0 or more"),
