@@ -703,14 +703,21 @@ def test_a_launched_runs_other_processes_leave_refusals_before_they_meet_to_proc
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, said in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
         with pytest.raises(SystemExit) as exit_:
             main(["generate", "--bogus"])
         assert exit_.value.code == 2 and ("arguments are required: generator, --out" in capsys.readouterr().err) == said
         assert main(["train", "demo", "schedule.steps=-1"]) == 2
         assert ("schedule.steps" in capsys.readouterr().err) == said
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the first process of another machine, whose files may differ: it says it
+    assert main(["train", "demo", "schedule.steps=-1"]) == 2 and "schedule.steps" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a scheduler's RANK without a launch: every error is said
+    monkeypatch.delenv("LOCAL_RANK")
+    assert main(["train", "demo", "schedule.steps=-1"]) == 2 and "schedule.steps" in capsys.readouterr().err
 
 
-def test_a_ctrl_c_after_the_work_is_done_ends_quietly(monkeypatch):
+def test_a_ctrl_c_after_the_work_is_done_ends_quietly(monkeypatch, capsys):
     """A launched run's process that had already left main() printed a KeyboardInterrupt traceback
     when Ctrl-C came as it flushed its output and left."""
     import softvq.cli.main as cli
@@ -721,4 +728,4 @@ def test_a_ctrl_c_after_the_work_is_done_ends_quietly(monkeypatch):
     monkeypatch.setattr(cli, "main", done_then_interrupted)
     with pytest.raises(SystemExit) as exit_:
         cli.run([])
-    assert exit_.value.code == 130
+    assert exit_.value.code == 130 and capsys.readouterr().err == ""

@@ -430,6 +430,10 @@ def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
                                     cache_dir=cache)  # another file list: not the cached statistics
         assert skipping["num_reference"] == 4 and skipping["gfid"] == pytest.approx(expected_fid, rel=1e-4)
         assert any(n.startswith("reference: skipped 1 unreadable image(s) of the first 5") for n in skipping["notes"])
+        rerun = evaluate_samples(tmp_path / "fake", tmp_path / "real", num_images=8, progress=False, k=2,
+                                 cache_dir=cache)  # its cache holds the 4 readable images' features: a hit
+        assert any("reference statistics loaded from" in n for n in rerun["notes"])
+        assert rerun["precision"] == skipping["precision"]
         (tmp_path / "broken").mkdir()
         (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
         with pytest.raises(ValueError, match="none of the first 1 images given is readable, e.g. .*a.png"):
@@ -655,6 +659,11 @@ def test_a_samples_report_scored_against_other_reference_images_is_named_as_it_i
         write_report({**first, "reference": "ref-b", "num_reference": 24, "gfid": 539.2}, tmp_path)
     assert "(12 samples against 44 images of ref-a) with this evaluation (12 samples against 24 images of ref-b)" \
         in caplog.text
+    write_report({"model": "runs/a/export", "num_images": 50}, tmp_path)  # each report as what it measured
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="softvq"):
+        write_report(first, tmp_path)
+    assert "(model runs/a/export, 50 images) with this evaluation (12 samples against 44 images of ref-a)" in caplog.text
 
 
 def test_a_report_of_other_images_is_named_as_it_is_replaced(tmp_path, caplog):

@@ -159,7 +159,9 @@ def run(args: argparse.Namespace) -> int:
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")  # torchrun: split the batches
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
     model, meta = load_generator(args.generator, map_location=str(device), tokenizer_flag="--tokenizer")
-    if generator_run_export(args.generator) is not None and (stale := stale_export_note(Path(args.generator))):
+    main_process = accelerator is None or accelerator.is_main_process
+    if main_process and generator_run_export(args.generator) is not None and \
+            (stale := stale_export_note(Path(args.generator))):
         print(f"softvq: warning: {stale}", file=sys.stderr)
     mar_only = [flag for flag, value in (("--ar-steps", args.ar_steps), ("--temperature", args.temperature),
                                          ("--cfg-schedule", args.cfg_schedule)) if value is not None]

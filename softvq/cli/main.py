@@ -130,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         import torch.distributed as dist
 
-        from softvq.training.accelerator import first_launched_process, said_elsewhere
+        from softvq.training.accelerator import first_process_on_its_machine, said_elsewhere
 
-        # Before the processes of a launched run talk to each other, each meets the same command line
-        # and files, so the same refusal: process 0 says it. Later, an error may be one process's own.
+        # Before the processes of a launched run talk to each other, those of one machine meet the same
+        # command line and files, so the same refusal: its first process says it. Later, an error may
+        # be one process's own.
         said_by_all = not (dist.is_available() and dist.is_initialized())
-        if not said_elsewhere(exc) and (first_launched_process() or not said_by_all):
+        if not said_elsewhere(exc) and (first_process_on_its_machine() or not said_by_all):
             print(f"softvq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -46,9 +46,11 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     the classifier. A ``softvq generate`` folder whose run was interrupted is scored with a note.
 
     A reference folder's statistics and its first ``pr_samples`` features are cached in
-    ``cache_dir`` under a checksum of the protocol and its files' relative paths, sizes and
+    ``cache_dir`` under a checksum of the FID protocol and its files' relative paths, sizes and
     modification times (as rFID's are), so scoring several generators against the same images
     computes the reference features once, and a replaced or regenerated reference misses the cache.
+    A cache made with ``pr_samples=0`` (``generate --fid-ref``) holds no features: a later scoring
+    with precision / recall measures the reference again and caches them.
     A cache hit reads no reference image (that is its point), so unlike rFID it cannot check the
     images' content: a reference rewritten with its old sizes and modification times restored
     (``touch -r``, an archive's stored times) needs its cache file deleted by hand.
@@ -103,10 +105,11 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         protocol = protocol_of(options, size, len(real_refs), extractor.weights_name)
         checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
         cache = Path(cache_dir).expanduser() / f"reference-{checksum[:24]}.npz" if cache_dir else None
-        wanted = min(pr_samples, len(real_refs))
-        real = fidlib.load_reference_features(cache) if cache is not None and cache.is_file() else None
-        if cache is not None and cache.is_file() and (wanted == 0 or (real is not None and len(real) >= wanted)):
-            ref_stats = fidlib.load_reference_stats(cache, checksum)
+        cached = fidlib.load_reference_stats(cache, checksum) if cache is not None and cache.is_file() else None
+        real = fidlib.load_reference_features(cache) if cache is not None and cached is not None else None
+        wanted = min(pr_samples, cached.count) if cached is not None else 0  # of the images it could read
+        if cached is not None and (wanted == 0 or (real is not None and len(real) >= wanted)):
+            ref_stats = cached
             notes.append(f"reference statistics loaded from {cache}")
         else:
             real, _ = features(real_refs, files, root, "reference")

@@ -88,7 +88,7 @@ def _say_what_is_replaced(json_path: Path, report: dict[str, Any]) -> None:
     if all(old.get(name) == report.get(name) for name in compared):
         return
     def measured(r: dict[str, Any]) -> str:
-        if "samples" in report:
+        if "samples" in r:
             return f"{r.get('num_samples')} samples against {r.get('num_reference')} images of {r.get('reference')}"
         return f"model {r.get('model')}, {r.get('num_images')} images"
 

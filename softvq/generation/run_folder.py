@@ -227,11 +227,16 @@ def stale_export_note(run: Path) -> str | None:
     from softvq.run_lock import in_use
     from softvq.training.checkpointing import checkpoint_step, latest_checkpoint
 
+    run = run.expanduser()
     exported = exported_step(run / GENERATOR_EXPORT)
-    latest = latest_checkpoint(run)
+    try:
+        latest = latest_checkpoint(run)
+    except OSError:  # an unreadable checkpoints/ folder: nothing to tell, and the export still samples
+        return None
     newer = latest is not None and isinstance(exported, int) and (checkpoint_step(latest) or 0) > exported
     if in_use(run):
-        return f"{run} is still training: its {GENERATOR_EXPORT}/ is the EMA of step {exported}, not of where it is now"
+        of = f"the EMA of step {exported}" if isinstance(exported, int) else "an earlier EMA"
+        return f"{run} is still training: its {GENERATOR_EXPORT}/ is {of}, not of where it is now"
     if newer:
         assert latest is not None
         return (f"{run}/{GENERATOR_EXPORT} is the EMA of step {exported}, but the run has trained to step "

@@ -148,8 +148,9 @@ class GeneratorTrainConfig:
             saved = Path(self.out) / "config.json"
             if _run_record(saved) is not None:  # the CLI continues the run from it; from Python that is one call
                 raise ValueError(f"no latents given; {saved} records the run's settings: continue it with "
-                                 f"config_from_record(json.loads(Path({str(saved)!r}).read_text()), steps=...) "
-                                 f"(softvq.generation.train_config), or on the command line with --out {self.out}")
+                                 f"config_from_record(json.loads(Path({str(saved)!r}).read_text()), "
+                                 f"out={str(self.out)!r}, steps=...) (softvq.generation.train_config), or on the "
+                                 f"command line with --out {self.out}")
             if saved.is_file():  # the CLI would continue a run from it; this one is damaged or not a run's
                 raise ValueError(f"no --latents given, and {saved} holds no train-generator run's settings to "
                                  f"continue with; pass --latents and the other flags")

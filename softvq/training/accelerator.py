@@ -54,8 +54,15 @@ def launched_worker() -> bool:
 
 def first_launched_process() -> bool:
     """Whether this is process 0 of a ``torchrun`` / ``accelerate launch`` run (or not launched):
-    the one that speaks for all, before or without an ``Accelerator``."""
-    return os.environ.get("RANK", "0") == "0"
+    the one that speaks for all, before or without an ``Accelerator``. A ``RANK`` without a launch
+    (``WORLD_SIZE`` 1 or unset: a job scheduler's variable) does not make a process a follower."""
+    return not launched_worker() or os.environ.get("RANK", "0") == "0"
+
+
+def first_process_on_its_machine() -> bool:
+    """Whether this is the first process of a launched run on its machine (``LOCAL_RANK`` 0), or not
+    launched: what it met before the processes talk (its machine's files) it may have met alone."""
+    return not launched_worker() or os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
 
 
 def launched_accelerator(cpu: bool) -> Accelerator | None:

@@ -764,13 +764,14 @@ class Trainer:
         back: one sync per log step) with the rates, counters and held-out metrics; collective."""
         cfg, run = self.cfg, self.cfg.run
         means = self._reduce_means(window.means())
+        images_per_s = window.steps * cfg.schedule.batch_size / max(time.time() - window.start, 1e-9)
+        window.clear()  # before the write: a stop between the two must not log these steps again
         if self.data.num_items:  # shards do not say how many images an epoch holds: no epoch then
             means["epoch"] = step * cfg.schedule.batch_size / self.data.num_items
-        means.update(images_per_s=window.steps * cfg.schedule.batch_size / max(time.time() - window.start, 1e-9),
-                     nonfinite_steps=float(self.nonfinite_steps), skipped_files=float(len(self._skipped_everywhere())),
+        means.update(images_per_s=images_per_s, nonfinite_steps=float(self.nonfinite_steps),
+                     skipped_files=float(len(self._skipped_everywhere())),
                      **{HELDOUT_PREFIX + k: v for k, v in heldout.items()})
         self.logger.scalars(step, means, echo=not run.progress or step % (run.log_every * 10) == 0 or bool(heldout))
-        window.clear()
 
     def _log_due(self, step: int) -> bool:
         every = self.cfg.run.log_every
