@@ -729,3 +729,24 @@ def test_a_ctrl_c_after_the_work_is_done_ends_quietly(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.run([])
     assert exit_.value.code == 130 and capsys.readouterr().err == ""
+
+
+def test_a_launched_runs_sampler_flag_refusal_is_said_by_its_main_process(tmp_path, monkeypatch):
+    """Under torchrun every process loads the generator and refuses a MAR-only flag on a SiT: the
+    processes other than the main one leave the message to it (it was printed once per process)."""
+    import softvq.cli.generate as generate_cli
+    from softvq.cli.main import build_parser
+    from softvq.training.accelerator import said_elsewhere
+
+    gen = _tiny_generator(tmp_path / "gen", tokenizer="softvq-tiny")
+
+    class Follower:  # what launched_accelerator gives a process other than the main one
+        is_main_process = False
+        device = torch.device("cpu")
+
+    monkeypatch.setattr("softvq.training.accelerator.launched_accelerator", lambda cpu: Follower())
+    args = build_parser().parse_args(["generate", str(gen), "--out", str(tmp_path / "s"), "--device", "cpu",
+                                      "--temperature", "1.0"])
+    with pytest.raises(ValueError, match="--temperature only applies to MAR generators") as info:
+        generate_cli.run(args)
+    assert said_elsewhere(info.value)

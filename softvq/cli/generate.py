@@ -30,11 +30,15 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from softvq.cli.common import add_precision_argument, add_quiet_argument, positive_int, resolve_device, seed_int
 from softvq.messages import first_few
+
+if TYPE_CHECKING:
+    from softvq.generation.sampling import SamplerSpec
 
 FID_RECORD = "fid.json"  # gFID of --fid-ref, written into OUT beside samples.json
 
@@ -138,9 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.cli.common import generator_tokenizer
     from softvq.data.images import require_folder
     from softvq.generation.checkpoint import generator_run_export, load_generator
-    from softvq.generation.guidance import Guidance
     from softvq.generation.run_folder import stale_export_note
-    from softvq.generation.sampling import NAMES, SamplerSpec
     from softvq.generation.samples import OtherTokenizerWarning, pack_npz, write_samples
     from softvq.resume import weights_sha1
 
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             load_reference_stats(reference)  # a file that is not reference statistics is named now
         if reference.suffix != ".npz":
             require_folder(reference, "--fid-ref takes a .npz of reference statistics or an image folder")
-    from softvq.training.accelerator import launched_accelerator
+    from softvq.training.accelerator import launched_accelerator, said_by_main_process
 
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")  # torchrun: split the batches
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
@@ -163,19 +165,10 @@ def run(args: argparse.Namespace) -> int:
     if main_process and generator_run_export(args.generator) is not None and \
             (stale := stale_export_note(Path(args.generator))):
         print(f"softvq: warning: {stale}", file=sys.stderr)
-    mar_only = [flag for flag, value in (("--ar-steps", args.ar_steps), ("--temperature", args.temperature),
-                                         ("--cfg-schedule", args.cfg_schedule)) if value is not None]
-    if meta.objective != "mar" and mar_only:  # given but ignored would read as "it made no difference"
-        raise ValueError(f"{', '.join(mar_only)} only appl{'ies' if len(mar_only) == 1 else 'y'} to MAR generators; "
-                         f"{args.generator} is a {NAMES.get(meta.objective, meta.objective)} one: drop "
-                         f"{'it' if len(mar_only) == 1 else 'them'}")
-    if args.interval is not None and args.cfg == 1.0:  # given but ignored would read as "it made no difference"
-        raise ValueError("--interval says where guidance applies, and --cfg 1 (the default) guides nowhere: pass a "
-                         "--cfg above 1, or drop --interval")
-    spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *(args.interval or (0.0, 1.0))),
-                       ar_steps=args.ar_steps, temperature=1.0 if args.temperature is None else args.temperature,
-                       cfg_schedule=args.cfg_schedule or "linear", clip_x0=args.clip_x0)
-    spec.check(model, meta)  # before the tokenizer is loaded (a download, perhaps) and anything is written
+    try:
+        spec = sampler_spec(args, model, meta)
+    except ValueError as exc:  # every process of a launched run finds it: the main process says it
+        raise said_by_main_process(exc, main_process) from None
     spec_name, tokenizer = generator_tokenizer(args.generator, meta.tokenizer, args.tokenizer, "--tokenizer", device,
                                                args.precision)
     if (other := meta.other_tokenizer(weights_sha1(tokenizer), f"decoding with {spec_name}")) is not None:
@@ -218,6 +211,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"gFID vs {args.fid_ref}: {gfid:.3f} ({result.count} samples; the paper's protocol uses 50,000); "
               f"saved to {result.folder / FID_RECORD}")
     return 0
+
+
+def sampler_spec(args: argparse.Namespace, model: Any, meta: Any) -> SamplerSpec:
+    """The sampler the flags ask for, checked against the generator (before the tokenizer is loaded,
+    a download perhaps, and before anything is written): flags it would ignore are refused."""
+    from softvq.generation.guidance import Guidance
+    from softvq.generation.sampling import NAMES, SamplerSpec
+
+    mar_only = [flag for flag, value in (("--ar-steps", args.ar_steps), ("--temperature", args.temperature),
+                                         ("--cfg-schedule", args.cfg_schedule)) if value is not None]
+    if meta.objective != "mar" and mar_only:  # given but ignored would read as "it made no difference"
+        raise ValueError(f"{', '.join(mar_only)} only appl{'ies' if len(mar_only) == 1 else 'y'} to MAR generators; "
+                         f"{args.generator} is a {NAMES.get(meta.objective, meta.objective)} one: drop "
+                         f"{'it' if len(mar_only) == 1 else 'them'}")
+    if args.interval is not None and args.cfg == 1.0:  # given but ignored would read as "it made no difference"
+        raise ValueError("--interval says where guidance applies, and --cfg 1 (the default) guides nowhere: pass a "
+                         "--cfg above 1, or drop --interval")
+    spec = SamplerSpec(method=args.method, steps=args.steps, guidance=Guidance(args.cfg, *(args.interval or (0.0, 1.0))),
+                       ar_steps=args.ar_steps, temperature=1.0 if args.temperature is None else args.temperature,
+                       cfg_schedule=args.cfg_schedule or "linear", clip_x0=args.clip_x0)
+    spec.check(model, meta)
+    return spec
 
 
 def generation_fid(samples: Path, reference: str, device: torch.device, progress: bool = True) -> float:
