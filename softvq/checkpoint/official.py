@@ -297,7 +297,8 @@ def convert_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -
         else:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"the released checkpoint has unexpected keys {first_few(sorted(unknown))}; softvq does not know what they are")
+        raise CheckpointError(f"the released checkpoint has unexpected keys {first_few(sorted(unknown))}; softvq does "
+                              f"not know what they are")
     # The temperature is fixed in the release and lives in config.json, not in the weights.
     derived = [k for k in own if k.startswith("bottleneck.") and k.endswith("log_temperature") and k not in out]
     for key in derived:
@@ -335,7 +336,8 @@ def release_weights(folder: Path) -> Path:
         if (folder / name).is_file():
             return folder / name
     held = sorted(p.name for p in folder.iterdir())
-    raise CheckpointError(f"{folder} holds no {' or '.join(RELEASE_WEIGHTS)} (it holds: {first_few(held) or 'nothing'}); "
+    raise CheckpointError(f"{folder} holds no {' or '.join(RELEASE_WEIGHTS)} (it holds: "
+                          f"{first_few(held) or 'nothing'}); "
                           f"a release folder has config.json and model.safetensors (or pytorch_model.bin)")
 
 

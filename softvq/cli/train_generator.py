@@ -22,7 +22,8 @@ run resumes by itself: when ``--out`` already holds checkpoints, training contin
 the current step and stops (exit status 130); a second one stops at once. A step whose loss or
 gradient is not finite is skipped; after ``--max-nonfinite`` of them the run stops (exit status 3),
 naming its last good checkpoint, and never saves non-finite weights. Every flag is a field of
-:class:`softvq.generation.train_config.GeneratorTrainConfig`, which holds the recipes (the loop is :mod:`softvq.generation.train`).
+:class:`softvq.generation.train_config.GeneratorTrainConfig`, which holds the recipes (the loop is
+:mod:`softvq.generation.train`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
 
 # --help of each GeneratorTrainConfig field; "(recipe)" marks fields that default to the objective's recipe.
 FLAG_HELP: dict[str, str] = {
-    "latents": "latent folder written by `softvq pretokenize` (required for a new run; a rerun with --out RUN continues from its config.json)",
+    "latents": "latent folder written by `softvq pretokenize` (required for a new run; a rerun with --out RUN "
+               "continues from its config.json)",
     "out": "run folder: checkpoints, log.jsonl, config.json and generator/ (default runs/generator); "
            "a folder with checkpoints continues",
     "objective": "sit (velocity, paper's main), dit (ε + learned σ) or mar (masked autoregressive + diffusion head)",

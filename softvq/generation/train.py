@@ -42,8 +42,9 @@ from softvq.generation.checkpoint import GENERATOR_EXPORT, MODEL_CONFIG_KEY, mil
 from softvq.generation.latents import LatentSet, latent_set_sha1, load_latents
 from softvq.generation.models import build_generator
 from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
-from softvq.generation.run_folder import (check_out_folder, check_same_run, exported_step, milestone_warnings, nonfinite_stop,
-                                          record_continuation, refuse_nonfinite, saved_settings, tidy_run)
+from softvq.generation.run_folder import (check_out_folder, check_same_run, exported_step, milestone_warnings,
+                                          nonfinite_stop, record_continuation, refuse_nonfinite, saved_settings,
+                                          tidy_run)
 from softvq.generation.run_inputs import check_latent_set, other_tokenizer, tokenizer_spec
 from softvq.generation.train_config import GeneratorTrainConfig, build_model_config, config_from_record, recorded_train
 from softvq.randomness import derived_seed
