@@ -683,3 +683,23 @@ def test_a_report_of_other_images_is_named_as_it_is_replaced(tmp_path, caplog):
         assert not caplog.records
         write_report({"model": "../x/a/export", "weights_sha1": "beef", "num_images": 10}, tmp_path)
     assert "replacing" in caplog.text
+
+
+def test_a_sample_batch_npz_scores_as_the_folder_of_its_images(tmp_path):
+    """generate --npz (and ADM's samplers) write the samples as one uint8 array: eval --samples reads
+    it in place, row by row, to the same gFID and precision/recall as the PNGs it was packed from."""
+    real_paths = write_photos(tmp_path / "real", 4, size=64)
+    write_altered(real_paths, tmp_path / "fake")
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((tmp_path / "fake").glob("*.png"))])
+    np.savez(tmp_path / "samples.npz", pixels, np.arange(len(pixels)))  # arr_0 images, arr_1 labels
+    common = dict(num_images=8, progress=False, k=2, cache_dir=tmp_path / "cache")
+    folder = evaluate_samples(tmp_path / "fake", tmp_path / "real", **common)
+    packed = evaluate_samples(tmp_path / "samples.npz", tmp_path / "real", **common)
+    assert packed["num_samples"] == 4 and packed["gfid"] == pytest.approx(folder["gfid"], abs=1e-9)
+    assert (packed["precision"], packed["recall"]) == (folder["precision"], folder["recall"])
+    np.savez_compressed(tmp_path / "squeezed.npz", pixels)
+    with pytest.raises(ValueError, match="is compressed .*save it with np.savez"):
+        evaluate_samples(tmp_path / "squeezed.npz", tmp_path / "real", **common)
+    np.savez(tmp_path / "floats.npz", pixels.astype(np.float32))
+    with pytest.raises(ValueError, match=r"arr_0 is float32 of shape \(4, 64, 64, 3\); a sample batch is"):
+        evaluate_samples(tmp_path / "floats.npz", tmp_path / "real", **common)

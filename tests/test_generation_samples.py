@@ -57,6 +57,10 @@ def test_pack_npz_holds_every_image_in_order_as_adm_evaluator_reads_it(parts, tm
         assert batch["arr_0"].dtype == np.uint8 and batch["arr_0"].shape == (7, 32, 32, 3)
         assert np.array_equal(batch["arr_0"], expected)
         assert batch["arr_1"].tolist() == LABELS
+    from softvq.evaluation.sources import list_image_refs
+
+    refs, files, _ = list_image_refs(path)  # eval --samples reads the pack in place (its zip64 header too)
+    assert files == [path] and np.array_equal(np.stack([np.asarray(r.open_rgb()) for r in refs]), expected)
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
     record = json.loads((folder / "samples.json").read_text())

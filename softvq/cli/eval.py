@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-t", type=float, default=None,
                    help="with --probe-generator: the noise level the latents get, 0 data .. 1 noise (SiT's t; "
                         "t/T for DiT); default 0.5 (ours: the paper gives none)")
-    p.add_argument("--samples", default=None, metavar="DIR", help="score generated samples against --images")
+    p.add_argument("--samples", default=None, metavar="DIR_OR_NPZ",
+                   help="score generated samples (a folder, generate's OUT, or a sample batch .npz) against --images")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     add_quiet_argument(p)
     p.add_argument("--seed", type=seed_int, default=0,
@@ -113,6 +114,8 @@ def samples_report_folder(samples: Path) -> Path:
 
     if (samples / SAMPLE_RECORD).is_file():
         return samples / "eval"
+    if samples.suffix == ".npz" and (samples.parent / SAMPLE_RECORD).is_file():  # generate --npz's pack
+        return samples.parent / "eval"
     if samples.name == SAMPLE_IMAGES and (samples.parent / SAMPLE_RECORD).is_file():
         return samples.parent / "eval"
     return Path("eval")

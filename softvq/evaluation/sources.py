@@ -1,15 +1,19 @@
-"""Where evaluation images come from, in a fixed order: an image folder or webdataset shards.
+"""Where evaluation images come from, in a fixed order: an image folder, webdataset shards, or a
+sample batch ``.npz`` (``arr_0``: N x H x W x 3 uint8, as ``generate --npz`` and ADM's samplers write).
 
 Order (part of the evaluation protocol): a folder's images sorted by relative path (recursive);
 shards in sorted order (``data/val-{000..063}.tar`` brace patterns and ``*`` globs expand, then
-sort), and inside each shard the tar member order. The first ``limit`` images are used.
+sort), and inside each shard the tar member order; a sample batch's rows in order. The first
+``limit`` images are used.
 Every image is resized and centre-cropped to the model's size as ADM does (box halvings, then PIL
 bicubic, then the middle square: :func:`softvq.data.images.center_crop_resize`).
 """
 
 from __future__ import annotations
 
+import struct
 import tarfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +64,62 @@ class ImageRef:
         return decode_rgb(data, self.name)
 
 
+@dataclass(frozen=True)
+class ArrayImageRef:
+    """One image of a sample batch ``.npz``: row ``index`` of its uncompressed ``arr_0``, whose
+    pixels start at byte ``offset`` of the file (read directly: no unzipping, fork-safe)."""
+
+    path: Path
+    index: int
+    offset: int
+    height: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}[{self.index}]"
+
+    def open_rgb(self) -> Image.Image:
+        count = self.height * self.width * 3
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + self.index * count)
+            data = fh.read(count)
+        if len(data) != count:
+            raise ImageReadError(f"{self.name}: the file ends inside this image")
+        return Image.fromarray(np.frombuffer(data, np.uint8).reshape(self.height, self.width, 3))
+
+
+def sample_batch_refs(path: Path, limit: int | None = None) -> list[ArrayImageRef]:
+    """The images of a sample batch ``.npz`` (``arr_0`` of shape (N, H, W, 3), uint8, stored
+    uncompressed: what ``np.savez``, ADM's samplers and ``generate --npz`` write)."""
+    with zipfile.ZipFile(path) as archive:
+        try:
+            info = archive.getinfo("arr_0.npy")
+        except KeyError:
+            raise FileNotFoundError(f"{path} holds no arr_0 (a sample batch's images); a .npz of reference "
+                                    f"statistics (mu, sigma) scores samples, it is not a set of them") from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{path} is compressed (np.savez_compressed): its images cannot be read in place; "
+                             f"save it with np.savez, or pass a folder of the images")
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"{path}: arr_0 is a .npy of version {version}, which this reader does not know")
+            shape, fortran, dtype = read_header(member)
+            header_bytes = member.tell()
+    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] != 3:
+        raise ValueError(f"{path}: arr_0 is {dtype} of shape {shape}; a sample batch is (N, H, W, 3) uint8 "
+                         f"(C order)")
+    with open(path, "rb") as fh:  # the member's data follows its local header, whose extra field may differ
+        fh.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", fh.read(4))
+    start = info.header_offset + 30 + name_length + extra_length + header_bytes
+    count = shape[0] if not limit else min(limit, shape[0])
+    return [ArrayImageRef(path, i, start, shape[1], shape[2]) for i in range(count)]
+
+
 def local_shards(spec: str) -> list[Path]:
     """The shards ``spec`` names (:func:`softvq.data.shards.expand_shards`), sorted: the protocol's
     image order does not depend on how the pattern was written. Evaluation reads local files only."""
@@ -97,10 +157,13 @@ def _shard_members(shard: Path) -> list[ImageRef]:
 def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[ImageRef], list[Path], Path | None]:
     """-> (the first ``limit`` images in protocol order, the files they live in, the folder root).
 
-    ``source``: an image folder, a folder of ``.tar`` shards, a ``.tar`` file, or a shard pattern.
+    ``source``: an image folder, a folder of ``.tar`` shards, a ``.tar`` file, a shard pattern, or a
+    sample batch ``.npz``.
     """
     text = str(source)
     path = Path(text).expanduser()
+    if path.suffix == ".npz" and path.is_file():
+        return sample_batch_refs(path, limit), [path], None  # type: ignore[return-value]
     if path.is_dir():
         files = list_images(path)
         if files:
