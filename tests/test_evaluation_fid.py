@@ -262,3 +262,11 @@ def test_precision_recall_extremes():
     x = rng.standard_normal((60, 4))
     assert fidlib.precision_recall(x, x.copy()) == (1.0, 1.0)
     assert fidlib.precision_recall(x, x + 100.0) == (0.0, 0.0)
+
+
+def test_a_sample_batch_given_as_reference_statistics_is_named_as_one(tmp_path):
+    """generate --npz's pack passed to --fid-ref read as 'mu is not a file in the archive'."""
+    np.savez(tmp_path / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8), np.arange(2))
+    with pytest.raises(fidlib.ReferenceStatsError, match=r"is a sample batch \(images in arr_0\), not reference "
+                                                      r"statistics .*eval --samples"):
+        fidlib.load_reference_stats(tmp_path / "samples.npz")

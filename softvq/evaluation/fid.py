@@ -238,13 +238,17 @@ def load_reference_stats(path: str | Path, checksum: str | None = None) -> Featu
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
+            if "mu" not in data and "arr_0" in data:  # generate --npz's pack, or an ADM sample batch
+                raise ReferenceStatsError(f"{path} is a sample batch (images in arr_0), not reference statistics "
+                                          f"(mu, sigma): score it with eval --samples {path}, against a folder of "
+                                          f"reference images or such statistics")
             mean, cov = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
             count = int(data["count"]) if "count" in data else 0
             centred = data["centred"].astype(np.float64) if "centred" in data else None
             stored = str(data["checksum"]) if "checksum" in data else None
             protocol = str(data["protocol"]) if "protocol" in data else None
             old_key = stored is not None and "key_version" not in data
-    except FileNotFoundError:
+    except (FileNotFoundError, ReferenceStatsError):
         raise
     except (OSError, ValueError, KeyError) as exc:
         raise ReferenceStatsError(f"{path} is not a reference-statistics .npz with mu and sigma ({exc})") from None
