@@ -105,8 +105,9 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         protocol = protocol_of(options, size, len(real_refs), extractor.weights_name)
         checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
         cache = Path(cache_dir).expanduser() / f"reference-{checksum[:24]}.npz" if cache_dir else None
-        cached = fidlib.load_reference_stats(cache, checksum) if cache is not None and cache.is_file() else None
-        real = fidlib.load_reference_features(cache) if cache is not None and cached is not None else None
+        hit = cache if cache is not None and cache.is_file() else None
+        cached = fidlib.load_reference_stats(hit, checksum) if hit is not None else None
+        real = fidlib.load_reference_features(hit) if hit is not None else None
         wanted = min(pr_samples, cached.count) if cached is not None else 0  # of the images it could read
         if cached is not None and (wanted == 0 or (real is not None and len(real) >= wanted)):
             ref_stats = cached

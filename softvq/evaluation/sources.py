@@ -89,6 +89,9 @@ class ArrayImageRef:
         return Image.fromarray(np.frombuffer(data, np.uint8).reshape(self.height, self.width, 3))
 
 
+ImageSource = ImageRef | ArrayImageRef  # what evaluation reads an image from
+
+
 def sample_batch_refs(path: Path, limit: int | None = None) -> list[ArrayImageRef]:
     """The images of a sample batch ``.npz`` (``arr_0`` of shape (N, H, W, 3), uint8, stored
     uncompressed: what ``np.savez``, ADM's samplers and ``generate --npz`` write)."""
@@ -154,7 +157,7 @@ def _shard_members(shard: Path) -> list[ImageRef]:
     return refs + ([damage] if damage else [])
 
 
-def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[ImageRef], list[Path], Path | None]:
+def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[ImageSource], list[Path], Path | None]:
     """-> (the first ``limit`` images in protocol order, the files they live in, the folder root).
 
     ``source``: an image folder, a folder of ``.tar`` shards, a ``.tar`` file, a shard pattern, or a
@@ -163,11 +166,11 @@ def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[
     text = str(source)
     path = Path(text).expanduser()
     if path.suffix == ".npz" and path.is_file():
-        return sample_batch_refs(path, limit), [path], None  # type: ignore[return-value]
+        return list(sample_batch_refs(path, limit)), [path], None
     if path.is_dir():
         files = list_images(path)
         if files:
-            refs = [ImageRef(p) for p in (files[:limit] if limit else files)]
+            refs: list[ImageSource] = [ImageRef(p) for p in (files[:limit] if limit else files)]
             return refs, [r.path for r in refs], path
         shards = sorted(path.glob("*.tar"))
         if not shards:
@@ -195,7 +198,7 @@ class EvalImages(torch.utils.data.Dataset):
     """Images in protocol order as uint8 tensors (3, size, size): centre crop + bicubic resize.
     An unreadable image comes out as its name instead, for :func:`readable_batches` to skip."""
 
-    def __init__(self, refs: list[ImageRef], size: int) -> None:
+    def __init__(self, refs: list[ImageSource], size: int) -> None:
         self.refs = refs
         self.size = size
 
@@ -210,7 +213,7 @@ class EvalImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def readable_batches(refs: list[ImageRef], size: int, batch_size: int, workers: int,
+def readable_batches(refs: list[ImageSource], size: int, batch_size: int, workers: int,
                      skipped: list[str], require_readable: bool = True) -> Iterator[torch.Tensor]:
     """uint8 batches (B, 3, size, size) of ``refs`` in protocol order, batch k from refs
     [k·batch_size, (k+1)·batch_size). Unreadable images are left out and their names appended to

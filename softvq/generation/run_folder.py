@@ -16,7 +16,7 @@ from softvq.atomic import write_json
 from softvq.generation.checkpoint import GENERATOR_EXPORT, MODEL_CONFIG_KEY, folder_kind, is_run_config, milestone_export
 from softvq.generation.train_config import CHANGEABLE_ON_RESUME, GeneratorTrainConfig, flag_name, recorded_train
 from softvq.resume import changed_settings
-from softvq.training.stopping import NonFiniteLossError
+from softvq.training.stopping import NonFiniteLossError, all_finite
 
 
 def check_out_folder(run: Path) -> None:
@@ -216,7 +216,7 @@ def refuse_nonfinite(tensors: list[torch.Tensor], cfg: GeneratorTrainConfig, run
     """Never save non-finite weights: skipped steps keep them finite, but a step with a finite loss
     can still move them to infinity (a huge --lr or --weight-decay)."""
 
-    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+    if not all_finite(tensors):
         raise NonFiniteLossError(nonfinite_stop(cfg, run, step, None))
 
 

@@ -92,3 +92,9 @@ def on_any_process(flags: Sequence[bool], device: torch.device | str) -> list[bo
     t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite: one read back from the device for the whole set.
+    Both trainers check their weights with it before they save them."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

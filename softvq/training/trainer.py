@@ -60,7 +60,7 @@ from softvq.training.optim import build_optimizer
 from softvq.training.resuming import restore_or_reseed_rng
 from softvq.training.run_folder import check_run_folder
 from softvq.training.schedule import build_scheduler, load_training_state, scaled_lr
-from softvq.training.stopping import NonFiniteLossError, StopRequests, on_any_process
+from softvq.training.stopping import NonFiniteLossError, StopRequests, all_finite, on_any_process
 
 if TYPE_CHECKING:
     from softvq.losses.objective import TokenizerObjective
@@ -614,8 +614,7 @@ class Trainer:
         a finite loss can still move them to infinity (a huge lr); then every later step is skipped,
         and a checkpoint would keep the broken weights as the run's latest."""
         tensors = [*self.unwrapped.parameters(), *self.ema.shadow, *self.gen_extra, *self.disc_params]
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-        (broken,) = on_any_process([not finite], self.device)
+        (broken,) = on_any_process([not all_finite(tensors)], self.device)
         if not broken:
             return
         last = (f"the last good weights are in {self.last_checkpoint}: continue from it with --resume "
