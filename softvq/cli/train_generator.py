@@ -131,17 +131,14 @@ def given_config(args: argparse.Namespace) -> "GeneratorTrainConfig":
     them where it is a train-generator run (else over the library's defaults): ``--out RUN`` alone
     continues a run, ``--out RUN --steps N`` lengthens it, ``--latents`` says where its latent set
     is now (what a rerun may change is checked when it starts)."""
-    from softvq.generation.checkpoint import is_run_config
-    from softvq.generation.train_config import GeneratorTrainConfig, config_from_record, flag_name
+    from softvq.generation.train_config import GeneratorTrainConfig, config_from_record, flag_name, recorded_run
 
     names = {f.name for f in dataclasses.fields(GeneratorTrainConfig)}
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
     saved = Path(given.get("out", GeneratorTrainConfig.out)).expanduser() / "config.json"
-    try:
-        payload = json.loads(saved.read_text()) if saved.is_file() else None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        payload = None  # damaged: the run's checkpoints still record its settings, checked at the start
-    recorded = payload.get("train") if isinstance(payload, dict) and is_run_config(payload) else None
+    # None where damaged: the run's checkpoints still record its settings, checked at the start
+    payload = recorded_run(saved)
+    recorded = payload.get("train") if payload is not None else None
     if not isinstance(recorded, dict):
         return GeneratorTrainConfig(**given)  # a new run; another kind of folder is named when it starts
     unknown = sorted(set(recorded) - names)

@@ -233,13 +233,12 @@ def stale_export_note(run: Path) -> str | None:
         latest = latest_checkpoint(run)
     except OSError:  # an unreadable checkpoints/ folder: nothing to tell, and the export still samples
         return None
-    newer = latest is not None and isinstance(exported, int) and (checkpoint_step(latest) or 0) > exported
     if in_use(run):
         of = f"the EMA of step {exported}" if isinstance(exported, int) else "an earlier EMA"
         return f"{run} is still training: its {GENERATOR_EXPORT}/ is {of}, not of where it is now"
-    if newer:
-        assert latest is not None
+    trained_to = checkpoint_step(latest) if latest is not None else None
+    if isinstance(exported, int) and trained_to is not None and trained_to > exported:
         return (f"{run}/{GENERATOR_EXPORT} is the EMA of step {exported}, but the run has trained to step "
-                f"{checkpoint_step(latest)} and stopped before its end (it was lengthened): sample that step with "
+                f"{trained_to} and stopped before its end (it was lengthened): sample that step with "
                 f"`softvq generate {latest}`, or finish the run to export it")
     return None

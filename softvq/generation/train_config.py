@@ -146,7 +146,7 @@ class GeneratorTrainConfig:
         check_field_types(self)  # for a config built in Python: argparse checks the command line's
         if not self.latents:
             saved = Path(self.out) / "config.json"
-            if _run_record(saved) is not None:  # the CLI continues the run from it; from Python that is one call
+            if recorded_run(saved) is not None:  # the CLI continues the run from it; from Python that is one call
                 raise ValueError(f"no latents given; {saved} records the run's settings: continue it with "
                                  f"config_from_record(json.loads(Path({str(saved)!r}).read_text()), "
                                  f"out={str(self.out)!r}, steps=...) (softvq.generation.train_config), or on the "
@@ -275,8 +275,9 @@ def config_from_record(record: dict[str, Any], **given: Any) -> GeneratorTrainCo
     return GeneratorTrainConfig(**{**fields, **given})
 
 
-def _run_record(file: Path) -> dict[str, Any] | None:
-    """The train-generator run settings ``file`` (a config.json) holds, or None."""
+def recorded_run(file: Path) -> dict[str, Any] | None:
+    """The train-generator run ``file`` (a run's config.json) records, or None where it is missing,
+    damaged or another kind of config.json."""
     try:
         payload = json.loads(file.read_text())
     except (OSError, ValueError):
