@@ -733,6 +733,50 @@ def test_log_lines_time_the_steps_actually_run(tmp_path, monkeypatch):
     assert [(r["step"], r["sec_per_step"]) for r in log] == [(4, 10 / 4), (5, 10 / 1)]  # not 10 / 4 for one step
 
 
+def test_log_lines_hold_the_means_of_their_steps_and_a_stop_logs_the_steps_since_the_last(tmp_path, monkeypatch):
+    """Each record is the mean over the steps since the last one, as DiT's release logs (was: the
+    loss of the log step alone), and a stop between lines logs its steps (was: in no record)."""
+    import os
+    import signal
+
+    from softvq.generation import train as train_module
+
+    tiny_tokenizer(tmp_path)
+    pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat", progress=False)
+    common = dict(latents=str(tmp_path / "lat"), objective="sit", width=32, depth=1, heads=2, batch_size=4,
+                  checkpoint_every=100, cpu=True, steps=6)
+
+    def records(name):
+        return [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+
+    train_generator(GeneratorTrainConfig(out=str(tmp_path / "each"), log_every=1, **common), progress=False)
+    each = records("each")
+    terms = [k for k in each[0] if k not in ("step", "time", "lr", "ema_decay", "sec_per_step", "nonfinite_steps")]
+    assert "loss" in terms and len({r["loss"] for r in each}) == 6  # the steps' losses differ
+
+    def means(steps):
+        return {k: pytest.approx(sum(each[s - 1][k] for s in steps) / len(steps), rel=1e-5) for k in terms}
+
+    train_generator(GeneratorTrainConfig(out=str(tmp_path / "four"), log_every=4, **common), progress=False)
+    assert [(r["step"], {k: r[k] for k in terms}) for r in records("four")] == \
+        [(4, means([1, 2, 3, 4])), (6, means([5, 6]))]
+
+    real_lr = train_module.learning_rate
+
+    def preempted(cfg, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # during step 3, between log lines
+        return real_lr(cfg, step)
+
+    monkeypatch.setattr(train_module, "learning_rate", preempted)
+    assert train_generator(GeneratorTrainConfig(out=str(tmp_path / "cut"), log_every=4, **common),
+                           progress=False)["stopped"]
+    monkeypatch.undo()
+    train_generator(GeneratorTrainConfig(out=str(tmp_path / "cut"), log_every=4, **common), progress=False)
+    assert [(r["step"], {k: r[k] for k in terms}) for r in records("cut")] == \
+        [(3, means([1, 2, 3])), (4, means([4])), (6, means([5, 6]))]
+
+
 def test_config_json_records_no_size_when_the_flags_override_all_it_sets(tmp_path):
     tiny_tokenizer(tmp_path)
     pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat", progress=False)

@@ -8,8 +8,9 @@ It runs under ``accelerate`` (CPU, one or many GPUs, optional bf16), keeps an EM
 (``softvq.training.ema``), writes atomic resumable checkpoints every ``checkpoint_every`` steps
 (``softvq.training.checkpointing``: model, EMA, optimizer, step and RNG states; batches are a
 function of (seed, step, rank), so a resumed run continues exactly), shows a progress bar, and
-appends one JSON line per ``log_every`` steps to ``log.jsonl``. Ctrl-C or SIGTERM finishes the
-step and writes a checkpoint before stopping (``softvq.training.stopping``). A step with a
+appends one JSON line per ``log_every`` steps to ``log.jsonl``: the mean loss terms of those steps
+over every process, as DiT's release logs them. Ctrl-C or SIGTERM finishes the step, logs the steps
+since the last line and writes a checkpoint before stopping (``softvq.training.stopping``). A step with a
 non-finite loss or gradient is skipped; after ``max_nonfinite`` of them the run stops with
 :class:`~softvq.training.stopping.NonFiniteLossError`, and non-finite weights are never saved. At
 the end the EMA weights are exported to ``RUN/generator`` for ``softvq generate``, and at each
@@ -48,7 +49,7 @@ from softvq.generation.run_folder import (check_out_folder, check_same_run, expo
 from softvq.generation.run_inputs import check_latent_set, other_tokenizer, tokenizer_spec
 from softvq.generation.train_config import GeneratorTrainConfig, build_model_config, config_from_record, recorded_train
 from softvq.randomness import derived_seed
-from softvq.training.logging import RunLogger
+from softvq.training.logging import LogWindow, RunLogger
 from softvq.training.optim import param_groups
 from softvq.training.schedule import lr_factor
 from softvq.training.stopping import NonFiniteLossError, StopRequests, on_any_process
@@ -148,7 +149,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     """The run itself, in the locked ``run`` folder (:func:`train_generator`)."""
     from tqdm.auto import tqdm
 
-    from softvq.training.accelerator import gather_objects
+    from softvq.training.accelerator import gather_objects, mean_over_processes
     from softvq.training.checkpointing import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
     from softvq.training.resuming import restore_or_reseed_rng
     from softvq.training.ema import EMA
@@ -240,7 +241,22 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     last_loss: float | torch.Tensor = math.nan  # the last step's loss, read from the device at the end
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.objective}",
                disable=not (progress and acc.is_main_process))
-    tick, ticked_at = time.perf_counter(), start
+    window, tick = LogWindow(), time.perf_counter()
+
+    def log_window(step: int, lr: float) -> None:
+        """One log record: the means of the steps since the last one over every process
+        (collective), with the lr and EMA decay of ``step`` and the time those steps took."""
+        nonlocal tick
+        means = mean_over_processes(window.means(), acc.num_processes, acc.device)
+        # the steps since the last line: fewer than log_every at the end, after a resume and at a stop
+        record = {**means, "lr": lr, "ema_decay": ema.current_decay(),
+                  "sec_per_step": (time.perf_counter() - tick) / window.steps, "nonfinite_steps": nonfinite}
+        window.clear()
+        tick = time.perf_counter()
+        if "loss" in record:  # a window of skipped steps only has none
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+        log.scalars(step, record, echo=False)  # non-finite values as text: strict JSON has no NaN
+
     model.train()
     say = (lambda text: print(text, file=sys.stderr)) if acc.is_main_process else (lambda text: None)
     stop = StopRequests(lambda name: say(f"received {name}: stopping after this step with a checkpoint "
@@ -279,23 +295,18 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
             done = step + 1
             if bad:
                 nonfinite += 1
+                window.add({"nonfinite": 1.0})  # its loss stays out of the window's mean
                 say(f"step {done}: non-finite loss or gradient, step skipped ({nonfinite}/{cfg.max_nonfinite})")
                 if nonfinite >= cfg.max_nonfinite:
                     raise NonFiniteLossError(nonfinite_stop(cfg, run, done, nonfinite))
             else:
                 ema.update(acc.unwrap_model(model))
+                window.add({k: v.detach().float() for k, v in terms.items()})
             last_loss = terms["loss"].detach()
             if step == start:
                 first_loss = float(last_loss)
-            if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
-                elapsed = time.perf_counter() - tick
-                record = {**{k: float(v.detach()) for k, v in terms.items()}, "lr": lr,
-                          # the steps since the last line: fewer than log_every at the end and after a resume
-                          "ema_decay": ema.current_decay(), "sec_per_step": elapsed / (done - ticked_at),
-                          "nonfinite_steps": nonfinite}
-                bar.set_postfix(loss=f"{record['loss']:.4f}")  # "nan" / "inf" for a skipped step
-                log.scalars(done, record, echo=False)  # non-finite values as text: strict JSON has no NaN
-                tick, ticked_at = time.perf_counter(), done
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                log_window(done, lr)
             if done in cfg.export_at:  # before the checkpoint: a resume past it has it
                 refuse_nonfinite(ema.shadow, cfg, run, done)  # on every process: all stop together
                 if acc.is_main_process:
@@ -315,6 +326,8 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
                                     run, done, keep=cfg.keep_checkpoints)
             if stopping and done < cfg.steps:
                 stopped_at = done
+                if window.steps:  # the steps since the last line: a resumed run does not run them again
+                    log_window(done, lr)
                 break
     finally:
         stop.restore()

@@ -82,6 +82,17 @@ def gather_objects(obj: Any, world: int) -> list[Any]:
     return out
 
 
+def mean_over_processes(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Logged scalars averaged over the ``world`` processes, so that a log shows the global batch
+    (collective: every process calls it, with the same keys)."""
+    if world == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    summed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(summed)
+    return {k: float(v) / world for k, v in zip(keys, summed.tolist())}
+
+
 def decided_by_main_process(accelerator, decide: Callable[[], T]) -> T:
     """``decide()`` run on the main process alone, its result given to every process.
 

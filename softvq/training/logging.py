@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from softvq.atomic import atomic_write
+
+if TYPE_CHECKING:
+    import torch
 
 # Keys of the EMA weights' metrics on the held-out images, measured at each grid (not batch means).
 HELDOUT_PREFIX = "heldout/"
@@ -69,6 +73,32 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class LogWindow:
+    """The logged values of the steps since the last log line, summed where they were computed (on
+    the device: adding them waits for nothing). Each is averaged over the steps that logged it (a
+    skipped step logs no loss), except ``nonfinite``, which only skipped steps log: the share of the
+    window's steps they were. Both trainers log these means, as DiT's release logs the mean loss
+    since its last line rather than one step's."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.steps, self.start = 0, time.time()
+
+    def add(self, logs: dict[str, float | torch.Tensor]) -> None:
+        for k, v in logs.items():
+            self.sums[k] += v
+            self.counts[k] += 1
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        """The window's means (reading device values back: one sync)."""
+        return {k: float(v) / (self.steps if k == "nonfinite" else self.counts[k]) for k, v in self.sums.items()}
 
 
 def format_value(value: Any) -> str:

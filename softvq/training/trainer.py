@@ -50,12 +50,12 @@ from softvq.resume import changed_settings
 from softvq.run_lock import lock_run_folder
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
-from softvq.training.accelerator import decided_by_main_process, gather_objects, make_accelerator
+from softvq.training.accelerator import decided_by_main_process, gather_objects, make_accelerator, mean_over_processes
 from softvq.training.config import TrainConfig, anchor_path_keys, anchor_paths, save_config
 from softvq.training.ema import EMA
 from softvq.training.grid import save_grid
 from softvq.training.heldout import reconstruct_all, reconstruction_metrics
-from softvq.training.logging import HELDOUT_PREFIX, RunLogger, drop_records_after, format_value
+from softvq.training.logging import HELDOUT_PREFIX, LogWindow, RunLogger, drop_records_after, format_value
 from softvq.training.optim import build_optimizer
 from softvq.training.resuming import restore_or_reseed_rng
 from softvq.training.run_folder import check_run_folder
@@ -77,29 +77,6 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     export: Path | None = None
-
-
-class _LogWindow:
-    """The logged values of the steps since the last log line, summed on the device. Each is averaged
-    over the steps that logged it (a skipped step logs no loss), except ``nonfinite``, which only
-    skipped steps log: the share of the window's steps they were."""
-
-    def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.steps, self.start = 0, time.time()
-
-    def add(self, logs: dict[str, float | torch.Tensor]) -> None:
-        for k, v in logs.items():
-            self.sums[k] += v
-            self.counts[k] += 1
-        self.steps += 1
-
-    def means(self) -> dict[str, float]:
-        return {k: float(v) / (self.steps if k == "nonfinite" else self.counts[k]) for k, v in self.sums.items()}
 
 
 def default_objective(cfg: TrainConfig, tokenizer: Tokenizer) -> TokenizerObjective:
@@ -314,7 +291,7 @@ class Trainer:
             f"received {name}: stopping after this step (Ctrl-C again to stop at once)")).install()
         bar = tqdm(total=cfg.schedule.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=0.5,
                    disable=not (self.is_main and run.progress), desc="train")
-        window = _LogWindow()
+        window = LogWindow()
         shown_at = 0.0
         try:
             # closed by the block, not left to __del__: a worker's error is a reference cycle
@@ -539,15 +516,6 @@ class Trainer:
                 self.disc_scheduler.step()
         self.step += 1
 
-    def _reduce_means(self, values: dict[str, float]) -> dict[str, float]:
-        """Average logged scalars over processes so the log shows the global batch."""
-        if self.world == 1 or not values:
-            return dict(values)
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.tolist())}
-
     def _skipped_everywhere(self) -> list[str]:
         """Unreadable files met so far by any process, each once (every process calls this)."""
         return sorted(set().union(*gather_objects(sorted(self.skipped_files), self.world)))
@@ -758,11 +726,11 @@ class Trainer:
         self._heldout_of = (self.step, reconstruction_metrics(held.images, ema_reconstructions, self.lpips()))
         return self._heldout_of[1]
 
-    def _log_window(self, step: int, window: "_LogWindow", heldout: dict[str, float]) -> None:
+    def _log_window(self, step: int, window: "LogWindow", heldout: dict[str, float]) -> None:
         """One log record at ``step``: the window's means (the only place logged tensors are read
         back: one sync per log step) with the rates, counters and held-out metrics; collective."""
         cfg, run = self.cfg, self.cfg.run
-        means = self._reduce_means(window.means())
+        means = mean_over_processes(window.means(), self.world, self.device)
         images_per_s = window.steps * cfg.schedule.batch_size / max(time.time() - window.start, 1e-9)
         window.clear()  # before the write: a stop between the two must not log these steps again
         if self.data.num_items:  # shards do not say how many images an epoch holds: no epoch then
