@@ -53,8 +53,7 @@ from softvq.training import checkpointing as ckpt
 from softvq.training.accelerator import decided_by_main_process, gather_objects, make_accelerator, mean_over_processes
 from softvq.training.config import TrainConfig, anchor_path_keys, anchor_paths, save_config
 from softvq.training.ema import EMA
-from softvq.training.grid import save_grid
-from softvq.training.heldout import reconstruct_all, reconstruction_metrics
+from softvq.training.heldout import HeldOutMonitor
 from softvq.training.logging import HELDOUT_PREFIX, LogWindow, RunLogger, drop_records_after, format_value
 from softvq.training.optim import build_optimizer
 from softvq.training.resuming import restore_or_reseed_rng
@@ -202,7 +201,6 @@ class Trainer:
 
         self.step = 0
         self.nonfinite_steps = 0
-        self._heldout_of: tuple[int, dict[str, float]] = (-1, {})  # the step of the last grid, its metrics
         self.skipped_files: set[str] = set()
         # shards: where each logical data worker stopped, so --resume continues at the next sample
         self.stream_positions: dict[int, tuple[int, int]] = {}
@@ -234,7 +232,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.yaml")
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=config.run.tensorboard)
-        self._lpips: nn.Module | None = None
+        self.monitor = HeldOutMonitor(self.heldout, self.run_dir, grid_images=config.run.grid_images,
+                                      eval_lpips=config.run.eval_lpips, batch_size=max(1, self.micro_batch),
+                                      autocast=acc.autocast, device=self.device, is_main=self.is_main,
+                                      log_image=self.logger.image)
 
     def close(self) -> None:
         """Free the run folder without training (``fit()`` frees it when it ends): for a Trainer
@@ -695,36 +696,12 @@ class Trainer:
 
     # --- outputs ---------------------------------------------------------------------------------
 
-    def _heldout_reconstructions(self, images: torch.Tensor) -> torch.Tensor:
-        # Through the wrapped model on every process: FSDP units must run under their root.
-        return reconstruct_all(self.model, images, batch_size=max(1, self.micro_batch),
-                               autocast=self.accelerator.autocast)
-
     def write_grid(self) -> dict[str, float]:
         """Held-out originals / EMA reconstructions / |error| as ``grids/step-XXXXXXXX.png``, and the
         EMA weights' PSNR (and LPIPS, with ``run.eval_lpips``) on all held-out images: the training
         loop logs them as ``heldout/psnr`` / ``heldout/lpips``, the held-out curve beside the
         batches' losses. Returns those metrics on the main process ({} on the others)."""
-        # Measuring must not change what is trained: LPIPS' construction and a generative decoder's
-        # noise draw from the global generators, which the run's data and losses also draw from.
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            return self._grid_and_metrics()
-
-    def _grid_and_metrics(self) -> dict[str, float]:
-        held: HeldOut = self.heldout
-        with self.ema.swapped_into(self.unwrapped):
-            ema_reconstructions = self._heldout_reconstructions(held.images)
-        if not self.is_main:  # every process knows the step measured: final_metrics must agree on reusing it
-            self._heldout_of = (self.step, {})
-            return {}
-        count = self.cfg.run.grid_images
-        path = save_grid(held.images[:count], ema_reconstructions[:count],
-                         self.run_dir / "grids" / f"step-{self.step:08d}.png",
-                         title=f"step {self.step}: EMA weights on held-out images")
-        self.logger.image("heldout/reconstruction", path, self.step)
-        self._heldout_of = (self.step, reconstruction_metrics(held.images, ema_reconstructions, self.lpips()))
-        return self._heldout_of[1]
+        return self.monitor.grid(self.model, self.ema, self.unwrapped, self.step)
 
     def _log_window(self, step: int, window: "LogWindow", heldout: dict[str, float]) -> None:
         """One log record at ``step``: the window's means (the only place logged tensors are read
@@ -766,22 +743,16 @@ class Trainer:
     def lpips(self) -> nn.Module | None:
         """The LPIPS network the held-out grids are scored with (loaded at first use), or None when
         ``run.eval_lpips`` is off."""
-        if not self.cfg.run.eval_lpips:
-            return None
-        if self._lpips is None:
-            from softvq.losses.lpips import LPIPS
-
-            self._lpips = LPIPS("vgg", check_values=False).to(self.device)  # NaN weights: a NaN metric
-        return self._lpips
+        return self.monitor.lpips()
 
     def final_metrics(self, wall_seconds: float, start_step: int) -> dict[str, Any]:
         """Held-out PSNR / LPIPS of the EMA and the raw weights, the last grid, ``metrics.json``."""
         held: HeldOut = self.heldout
-        raw = self._heldout_reconstructions(held.images)
+        raw = self.monitor.reconstructions(self.model)
         # the last step's grid measured these weights; a run stopped early (max_minutes) has none
         # yet, nor has a finished one making its export again (its log has them: not logged twice)
-        if self._heldout_of[0] == self.step:
-            ema_metrics = self._heldout_of[1]
+        if self.monitor.last[0] == self.step:
+            ema_metrics = self.monitor.last[1]
         else:
             ema_metrics = self.write_grid()
             if self.step > start_step:
@@ -789,7 +760,7 @@ class Trainer:
         skipped = self._skipped_everywhere()
         if not self.is_main:
             return {}
-        raw_metrics = reconstruction_metrics(held.images, raw, self.lpips())
+        raw_metrics = self.monitor.metrics(raw)
         steps_run = self.step - start_step
         metrics: dict[str, Any] = {
             "step": self.step,
