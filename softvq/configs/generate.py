@@ -23,7 +23,8 @@ def main() -> None:
     # Main models (paper Tab. 1 / Sec. 4.1): the released bottleneck, 256 px.
     for size in ("s", "b", "bl", "l"):
         for tokens in (32, 64):
-            comment = f"SoftVQ-{size.upper()} with {tokens} tokens at 256 px (paper Tab. 1, 3)"
+            table = f"Tab. 3's SoftVQ-S row; the model of tab3-softvq-s-{tokens}" if size == "s" else "Tab. 1"
+            comment = f"SoftVQ-{size.upper()} with {tokens} tokens at 256 px (paper {table})"
             if (size, tokens) == ("b", 64):  # Tab. 4's DINOv2-B/DINOv2-B row repeats this model's numbers
                 comment += ("; aligns to the release's DINOv2-L, where paper Tab. 4 names DINOv2-B "
                             "(that reading: tab4-dinov2-dinov2)")
@@ -74,38 +75,44 @@ def main() -> None:
                 "run": {"name": f"tab4-{init}-{align}", "init_encoder": "dinov2_vitb14" if init == "dinov2" else None},
             })
 
-    # WeTok's two ideas on SoftVQ-S-64 with the SoftVQ recipe: GQ with g = 4 groups of d' = 8 binary
-    # channels (WeTok Tabs. 9 and 10), then stage 2, the generative decoder, from stage 1's export.
+    # WeTok's two ideas on SoftVQ-S-64: GQ with g = 4 groups of d' = 8 binary channels (WeTok Tabs. 9
+    # and 10), then stage 2, the generative decoder, from stage 1's export. The optimizer and schedule
+    # are WeTok's ablation recipe (Sec. 4 "Settings", supp. Tabs. 6-8 and 11-16): Adam with betas
+    # (0.5, 0.9) and no weight decay, a constant lr of 1e-4 at global batch 128 (not rescaled), no
+    # warm-up, 250250 steps; Tab. 9's large run is schedule.batch_size=1056 schedule.steps=550550. The
+    # network is SoftVQ-S's ViT, not WeTok's Open-MAGVIT2 CNN, so its losses stay those of paper.yaml
+    # (LPIPS, the DINO discriminator, alignment): WeTok's Eq. 3 has no alignment term.
     # WeTok gives no commit weight or reduction: LFQ's implementations (MAGVIT-v2's family) average the
     # commit loss over channels, which this takes (per-token sums started it at 12x the reconstruction).
     # Nor an entropy weight: the entropy loss (WeTok Eqs. 7-9) takes SoftVQ's λ4 = 0.01 (paper.yaml).
     write("wetok-gq-s-64", "WeTok GQ on SoftVQ-S-64: 64 tokens x 32 binary channels in g=4 groups of d'=8 "
-          "(WeTok Sec. 3.2, Tab. 9); commit loss averaged over channels, as LFQ's implementations do; entropy "
-          "weight SoftVQ's lambda4 = 0.01 (WeTok gives none)", {
+          "(WeTok Sec. 3.2, Tab. 9); WeTok's ablation recipe (Adam 0.5/0.9, no weight decay, constant lr 1e-4 "
+          "at batch 128, no warm-up, 250250 steps; supp. Tabs. 6-8); commit loss averaged over channels, as "
+          "LFQ's implementations do; entropy weight SoftVQ's lambda4 = 0.01 (WeTok gives none)", {
               "model": {"preset": "softvq-s-64",
                         "bottleneck": {"kind": "lfq", "latent_dim": 32, "lfq_groups": 4, "segments": 1}},
               "objective": {"vq_loss_reduction": "element_mean"},
+              "optim": {"name": "adam", "lr": 1.0e-4, "scale_lr": False, "betas": [0.5, 0.9], "weight_decay": 0.0},
+              "schedule": {"steps": 250250, "batch_size": 128, "warmup_steps": 0, "lr_schedule": "constant"},
               "run": {"name": "wetok-gq-s-64"},
           })
-    # Stage 2 is a new run (step 0) from stage 1's export: the recipe's ramps would start over, training
-    # the new noise inputs first without the GAN that gives them a use (Eq. 11). WeTok trains both
-    # stages at a constant lr without warm-up (Tabs. 9-10); stage 1 here keeps the SoftVQ recipe, stage 2
-    # takes WeTok's constant lr instead of a second warm-up and decay. The GAN and LPIPS on from its
-    # first step are our choice (WeTok gives no start step; the discriminator starts anew).
+    # Stage 2 is a new run (step 0) from stage 1's export, with stage 1's recipe (Tab. 10 repeats Tab.
+    # 9's): the loss ramps would start over, training the new noise inputs first without the GAN that
+    # gives them a use (Eq. 11). The GAN and LPIPS on from its first step are our choice (WeTok gives
+    # no start step; the discriminator starts anew).
     write("wetok-gd-s-64", "WeTok stage 2 (generative decoder, Sec. 3.3, Tab. 10): wetok-gq-s-64's export plus "
-          "8 noise channels per token (WeTok gives no noise width); constant lr without warm-up (Tabs. 9-10); GAN and "
-          "LPIPS from step 0 (ours: WeTok gives no start step)", {
+          "8 noise channels per token (WeTok gives no noise width); stage 1's recipe; GAN and LPIPS from step 0 "
+          "(ours: WeTok gives no start step)", {
               "model": {"decoder_noise_dim": 8},
               "objective": {"discriminator_start": 0, "perceptual_warmup_steps": 0},
-              "schedule": {"warmup_steps": 0, "lr_schedule": "constant"},
               "run": {"name": "wetok-gd-s-64", "init_from": "runs/wetok-gq-s-64/export", "init_encoder": None},
           }, parent="wetok-gq-s-64.yaml")
 
     # WeTok Fig. 3 (settings: its Tabs. 6-8): the quantizer at one compression, d = g·d' = 16 bits a token:
     # LFQ (g=1, d'=16), BSQ as WeTok casts it (g=16, d'=1: the entropy factorised bit by bit, Sec. 3.2;
     # BSQ's own projection onto the sphere is not part of it) and GQ (g=2, d'=8). Fig. 4: g = 1 to 32
-    # groups of d'=8 bits (supp. A.1, Tabs. 11-16). All on SoftVQ-S-64 with the
-    # SoftVQ recipe, as wetok-gq-s-64, not WeTok's convolutional tokenizer and constant-lr Adam(0.5, 0.9).
+    # groups of d'=8 bits (supp. A.1, Tabs. 11-16). All on SoftVQ-S-64 with WeTok's ablation recipe,
+    # as wetok-gq-s-64, not on WeTok's convolutional tokenizer.
     fig3 = {"lfq": (1, 16), "bsq": (16, 1), "gq": (2, 8)}
     for method, (groups, bits) in fig3.items():
         label = "BSQ as WeTok casts it (entropy bit by bit)" if method == "bsq" else method.upper()
