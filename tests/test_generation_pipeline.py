@@ -210,8 +210,34 @@ def test_bench_gen_prints_flops_beside_the_paper(capsys):
     assert row[9] == f"{100 * (dit.linear / 1e9 / 14.52 - 1):+.1f}"
     mar = analytic_mar_macs(mar_config("H", num_tokens=64, latent_dim=32))
     row = next(line for line in lines if line.startswith("MAR-H") and "SoftVQ-BL" in line).split()
-    assert row[-3:-1] == [f"{mar.total / 1e9:.2f}", "86.55"]  # MAR-H on 64 tokens beside Tab. 1
+    assert row[5:7] == [f"{mar.total / 1e9:.2f}", "86.55"]  # MAR-H on 64 tokens beside Tab. 1
     assert lines[0].startswith("generator efficiency (GMACs only, nothing timed)")  # not "batch 64, 250 steps"
+
+
+def test_bench_gen_times_mar_sampling_whole_at_its_evaluation_setting(monkeypatch, capsys):
+    """MAR's throughput column (paper Tab. 1: 0.89 / 2.08 img/s for MAR-H): its sampler timed whole,
+    one AR step per token with 100 head steps, no guidance; MAR-H skipped on a CPU above the bound."""
+    from softvq.generation import benchmark
+    from softvq.generation.mar import MaskedAutoregressive, mar_config
+
+    tiny = mar_config("B", num_tokens=4, latent_dim=3, width=16, depth=1, heads=2, head_width=8, head_depth=1,
+                      buffer_size=2, num_classes=5)
+    calls, real_sample = [], MaskedAutoregressive.sample
+
+    def sample(self, labels, ar_steps=None, diffusion_steps=100, **kwargs):
+        calls.append((len(labels), ar_steps, diffusion_steps, kwargs.get("cfg", 1.0)))
+        return real_sample(self, labels, ar_steps, diffusion_steps, **kwargs)
+
+    monkeypatch.setattr(MaskedAutoregressive, "sample", sample)
+    seconds = benchmark.time_mar_sampling(tiny, 3, torch.device("cpu"), diffusion_steps=5)
+    assert seconds > 0 and calls == [(3, 1, 1, 1.0), (3, None, 5, 1.0)]  # warm-up, then the timed whole run
+
+    monkeypatch.setattr(benchmark, "time_mar_sampling", lambda cfg, batch, device, steps: batch / 2.0)
+    text = benchmark.mar_table(throughput=True, device="cpu", batch=8, max_gmacs_cpu=80.0, progress=False)
+    rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("MAR-H")}
+    assert rows["SoftVQ-L"].split()[-2:] == ["2", "2.08"]  # measured beside the paper's, on 32 tokens (68 GMACs)
+    assert "0.89  throughput skipped on CPU (86 GMACs/img)" in rows["SoftVQ-BL"]
+    assert benchmark.mar_table(throughput=False).splitlines()[3].split()[-2:] == ["-", "0.12"]
 
 
 def _interrupt_encoding_at_call(monkeypatch, n):

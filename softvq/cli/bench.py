@@ -3,7 +3,7 @@
     softvq bench gen                          # DiT/SiT S..XL x {32, 64 tokens, 16x16/2, 32x32/2, 64x64/2}
     softvq bench gen --sizes XL --no-throughput   # GFLOPs only (counted on the meta device, nothing timed)
     softvq bench gen --device cuda            # throughput of every size on a GPU
-    (then the MAR-H GFLOPs of paper Tab. 1; --no-mar leaves them out)
+    (then MAR-H's GFLOPs and sampling throughput, paper Tab. 1; --no-mar leaves them out)
 
 Targets are sub-commands so others (e.g. the tokenizer) can be added beside ``gen``.
 """
@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen = targets.add_parser("gen", help="DiT / SiT GFLOPs per image and sampling throughput (paper Tab. 1)",
                              description="DiT / SiT forward GFLOPs per image (multiply-accumulates, counted on the "
                                          "meta device) and sampling throughput in images/s for every kind, size and "
-                                         "latent layout, beside paper Tab. 1; then MAR-H's GFLOPs.")
+                                         "latent layout, beside paper Tab. 1; then MAR-H's GFLOPs and "
+                                         "sampling throughput.")
     add_gen_arguments(gen)
     gen.set_defaults(func=run_gen)
 
@@ -43,7 +44,7 @@ def add_gen_arguments(p: argparse.ArgumentParser) -> None:
                    help="on CPU, skip throughput of models above this many GMACs per image (default 6)")
     p.add_argument("--no-throughput", action="store_true", help="GFLOPs and parameters only")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--no-mar", action="store_true", help="leave out the MAR-H GFLOPs table (paper Tab. 1)")
+    p.add_argument("--no-mar", action="store_true", help="leave out the MAR-H table (paper Tab. 1: GFLOPs and sampling throughput)")
 
 
 def run_gen(args: argparse.Namespace) -> int:
@@ -62,5 +63,6 @@ def run_gen(args: argparse.Namespace) -> int:
     print(format_table(rows, label, args.sampling_steps, args.batch))
     if not args.no_mar:
         print()
-        print(mar_table())
+        print(mar_table(throughput=not args.no_throughput, device=device, batch=args.batch,
+                        max_gmacs_cpu=args.max_gmacs_cpu))
     return 0

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from softvq.generation.flops import PAPER_GFLOPS, analytic_macs, count_macs, repa_projector_macs
+from softvq.generation.mar import MARConfig
 from softvq.generation.models import GeneratorConfig, build_generator, generator_config
 
 LAYOUTS: dict[str, dict] = {
@@ -147,26 +148,58 @@ def format_table(rows: list[Row], device_label: str, sampling_steps: int = 250, 
     return "\n".join(lines)
 
 
-def mar_table() -> str:
+def time_mar_sampling(config: MARConfig, batch: int, device: torch.device, diffusion_steps: int = 100) -> float:
+    """Seconds MAR's own sampler takes for ``batch`` images (after a one-step warm-up): one
+    autoregressive step per token with ``diffusion_steps`` head steps each (MAR's evaluation
+    setting), without guidance, as the DiT / SiT rows. Timed whole, not extrapolated: the head's
+    batch shrinks and grows with the tokens each step reveals."""
+    torch.manual_seed(0)
+    model = build_generator(config).to(device).eval()
+    labels = torch.randint(0, config.num_classes, (batch,), device=device)
+    model.sample(labels, ar_steps=1, diffusion_steps=1)  # kernels and allocator warmed up
+    _sync(device)
+    start = time.perf_counter()
+    model.sample(labels, diffusion_steps=diffusion_steps)
+    _sync(device)
+    del model
+    return time.perf_counter() - start
+
+
+def mar_table(*, throughput: bool = False, device: str | torch.device = "cpu", batch: int = 64,
+              diffusion_steps: int = 100, max_gmacs_cpu: float = 30.0, progress: bool = True) -> str:
     """MAR-H GFLOPs per image (meta device) beside the paper's Tab. 1 (256 px), for the three tokenizers
     it lists. Convention (:func:`softvq.generation.flops.count_mar_macs`): the first sampling step
-    of the transformer plus one diffusion-head evaluation per token."""
+    of the transformer plus one diffusion-head evaluation per token. With ``throughput``, also
+    images/s of the whole sampler at ``batch`` in fp32 (:func:`time_mar_sampling`; Sec. 4.1: batch
+    64, fp32, one MI250), skipped on a CPU above ``max_gmacs_cpu`` GMACs per image."""
     from softvq.generation.flops import PAPER_TABLE1_MAR, analytic_mar_macs, count_mar_macs
     from softvq.generation.mar import mar_config
 
-    head = f"{'model':<6} {'tokenizer':<18} {'tok':>4} {'D':>3} {'params':>8} {'GMACs':>7} {'paper':>7} {'Δ%':>6}"
-    lines = ["MAR-H generator cost (paper Tab. 1, 256x256)", head, "-" * len(head)]
-    for (tokens, dim), (name, paper) in PAPER_TABLE1_MAR.items():
+    device = torch.device(device)
+    head = (f"{'model':<6} {'tokenizer':<18} {'tok':>4} {'D':>3} {'params':>8} {'GMACs':>7} {'paper':>7} {'Δ%':>6} "
+            f"{'img/s':>9} {'paper img/s':>11}  note")
+    lines = ["MAR-H generator cost (paper Tab. 1, 256x256" +
+             (f"; img/s: batch {batch}, fp32, {diffusion_steps} head steps, no CFG)" if throughput else ")"),
+             head, "-" * len(head)]
+    for (tokens, dim), (name, paper, paper_ips) in PAPER_TABLE1_MAR.items():
         cfg = mar_config("H", num_tokens=tokens, latent_dim=dim)
         counted = count_mar_macs(cfg)
         if abs(counted.total - analytic_mar_macs(cfg).total) > 1e-6 * counted.total:
             raise RuntimeError(f"FLOP counter and analytic count disagree for MAR-H on {tokens} tokens")
         params = build_generator(cfg, device="meta").num_parameters() / 1e6
         gmacs = counted.total / 1e9
+        ips, note = "-", ""
+        if throughput and device.type == "cpu" and gmacs > max_gmacs_cpu:
+            note = f"throughput skipped on CPU ({gmacs:.0f} GMACs/img)"
+        elif throughput:
+            if progress:
+                print(f"  timing MAR-H on {tokens} tokens ...", flush=True)
+            ips = f"{batch / time_mar_sampling(cfg, batch, device, diffusion_steps):.3g}"
         lines.append(f"{'MAR-H':<6} {name:<18} {tokens:>4} {dim:>3} {params:>7.1f}M {gmacs:>7.2f} {paper:>7.2f} "
-                     f"{100 * (gmacs / paper - 1):>+6.1f}")
+                     f"{100 * (gmacs / paper - 1):>+6.1f} {ips:>9} {paper_ips:>11.2f}  {note}")
     lines += ["", "GMACs: the transformer at the first sampling step (encoder on the 64 buffer tokens, decoder "
               "on all) + one diffusion-head pass per token, attention included. This reproduces the SoftVQ rows "
               "within 1%; the paper's KL-16 row (145.08) is below the decoder on 320 tokens plus the head "
-              "(126 + 39 GMACs), so it was counted some other way."]
+              "(126 + 39 GMACs), so it was counted some other way. img/s: batch / the sampler's whole time "
+              "(one step per token), measured, not extrapolated."]
     return "\n".join(lines)
