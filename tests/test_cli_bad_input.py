@@ -4,6 +4,7 @@ missing or corrupt checkpoints give one-line errors (exit status 2, no traceback
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -750,3 +751,54 @@ def test_a_launched_runs_sampler_flag_refusal_is_said_by_its_main_process(tmp_pa
     with pytest.raises(ValueError, match="--temperature only applies to MAR generators") as info:
         generate_cli.run(args)
     assert said_elsewhere(info.value)
+
+
+# --- outputs that cannot be written: refused before the work, not after it ----------------------
+
+
+def _no_work(monkeypatch):
+    """Make every long evaluation / encoding fail loudly: the refusal must come before them."""
+    from softvq.cli import encode as encode_cli
+    from softvq.evaluation import evaluate, generated
+
+    def never(*args, **kwargs):
+        raise AssertionError("the work started before --out was checked")
+
+    monkeypatch.setattr(evaluate, "evaluate_tokenizer", never)
+    monkeypatch.setattr(generated, "evaluate_samples", never)
+    monkeypatch.setattr(encode_cli, "load_tokenizer", never)
+
+
+@pytest.mark.parametrize("command", ["eval-model", "eval-samples", "encode"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, monkeypatch, command):
+    """Was: eval and encode ran to the end (hours on 50,000 images), then failed on a raw errno
+    (Not a directory, Operation not permitted) and kept nothing."""
+    from softvq.cli import common
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("mine")
+    _no_work(monkeypatch)
+
+    def argv(out):
+        return {"eval-model": ["eval", "--model", "softvq-tiny", "--images", str(tmp_path), "--out", out],
+                "eval-samples": ["eval", "--samples", str(tmp_path), "--images", str(tmp_path), "--out", out],
+                "encode": ["encode", str(tmp_path), "--out", f"{out}/x.safetensors"]}[command]
+
+    writes = "encode writes the latents file into that folder" if command == "encode" else \
+        "eval writes its report there"
+    notes, below = tmp_path / "notes.txt", tmp_path / "notes.txt" / "deeper"
+    code, _, err = _run(capsys, *argv(str(below if command == "encode" else notes)))
+    expected = (f"--out {below} lies under {notes}, a file; {writes}" if command == "encode"
+                else f"--out {notes} is a file; {writes}: choose another --out")
+    assert code == 2 and expected in _one_line_error(err)
+    code, _, err = _run(capsys, *argv(str(below)))
+    assert code == 2 and f"--out {below} lies under {notes}, a file" in _one_line_error(err)
+
+    locked = tmp_path / "locked"  # read-only or immutable: root passes chmod, so the check itself is faked
+    locked.mkdir()
+    real_access = common.os.access
+    monkeypatch.setattr(common.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    code, _, err = _run(capsys, *argv(str(locked / "new")))
+    assert code == 2 and (f"--out {locked / 'new'}: {locked}, where it would be made, is not writable "
+                          f"(read-only, or another user's)") in _one_line_error(err)
+    assert notes.read_text() == "mine" and not (locked / "new").exists()

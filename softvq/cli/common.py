@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,25 @@ DEFAULT_MODEL = "softvq-tiny"
 SPEC_HELP = (f"preset name (random weights), a softvq checkpoint folder or hub id, a training run folder "
              f"(its export/), or "
              f"{OFFICIAL_PREFIX}FOLDER_OR_HUB_ID for a released SoftVQ-VAE checkpoint")
+
+
+def refuse_unwritable(target: str | Path, flag: str, writes: str) -> None:
+    """Refuse, before any work, an output folder a command could not write into at its end:
+    ``target`` is a file, lies under a file, or it (or, not made yet, the nearest folder above it)
+    is not writable (read-only, immutable, another user's). ``writes``: what the command writes
+    there ("eval writes its report there"), for the message."""
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{flag} {target} is a file; {writes}: choose another {flag}")
+    existing = target
+    while not existing.exists():  # a relative path ends at "."
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {target} lies under {existing}, a file; {writes}: choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == target else f"{existing}, where it would be made,"
+        raise PermissionError(f"{flag} {target}: {where} is not writable (read-only, or another user's); "
+                              f"{writes}: choose another {flag}")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from softvq.atomic import atomic_write, remove_stale_temporaries, write_json
 from softvq.checkpoint.specs import portable_spec
-from softvq.cli.common import (add_model_arguments, load_tokenizer, make_distinct, positive_int,
-                               refuse_to_overwrite, seed_int)
+from softvq.cli.common import (add_model_arguments, load_tokenizer, make_distinct, positive_int, refuse_to_overwrite,
+                               refuse_unwritable, seed_int)
 from softvq.cli.encode import read_latents
 from softvq.data.images import to_pil
 from softvq.randomness import derived_seed
@@ -71,8 +71,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"softvq: warning: {args.latents} was encoded with {recorded}; decoding with {args.model}",
               file=sys.stderr)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; decode writes a folder of images: choose another --out")
+    refuse_unwritable(out, "--out", "decode writes a folder of images")
     files = [out / _safe_relative(n) for n in output_names(data.names)]
     saved = _saved_record(out)
     if saved is None:

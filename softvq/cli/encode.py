@@ -21,8 +21,8 @@ from tqdm import tqdm
 from softvq.atomic import atomic_write
 from softvq.checkpoint.pretrained import CheckpointError
 from softvq.checkpoint.specs import is_preset, portable_spec
-from softvq.cli.common import (add_model_arguments, indented_lines, load_tokenizer, positive_int,
-                               refuse_to_overwrite, seed_int)
+from softvq.cli.common import (add_model_arguments, indented_lines, load_tokenizer, positive_int, refuse_to_overwrite,
+                               refuse_unwritable, seed_int)
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, header_sizes, read_image
 
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; name the latents file to write, e.g. {out / 'latents.safetensors'}")
     refuse_to_overwrite([out], "choose another --out, or delete it first")  # before the encoding, not after
+    refuse_unwritable(out.parent, "--out", "encode writes the latents file into that folder")
     torch.manual_seed(args.seed)
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     size = model.config.image_size

@@ -38,7 +38,7 @@ import torch
 
 from softvq.checkpoint.specs import is_preset
 from softvq.cli.common import (add_model_arguments, add_quiet_argument, generator_tokenizer, load_tokenizer,
-                               non_negative_int, positive_int, resolve_device, seed_int)
+                               non_negative_int, positive_int, refuse_unwritable, resolve_device, seed_int)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
                              "reference statistics are cached by checksum in ~/.cache/softvq/fid-stats/, "
                              "or pass a .npz of them as --images")
         out = Path(args.out) if args.out else samples_report_folder(Path(args.samples))
+        refuse_unwritable(out, "--out", "eval writes its report there")
         # the features extracted so far are kept in OUT, and the same command continues from them
         report = evaluate_samples(args.samples, args.images, num_images=args.num_images,
                                   batch_size=args.batch_size, fid_weights=args.fid_weights,
@@ -170,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.model:
             raise ValueError("pass --model SPEC (a checkpoint folder, a run folder, official:ID or a preset)")
         spec, home = resolve_model_spec(args.model)
+        out = Path(args.out) if args.out else (home / "eval" if home else Path("eval"))
+        refuse_unwritable(out, "--out", "eval writes its report there")
         torch.manual_seed(args.seed)  # a preset's random weights: the same ones on every run
         model = load_tokenizer(spec, device, precision=args.precision)
         options = EvalOptions(
@@ -179,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
             reference_stats=args.reference_stats, lpips_nets=() if args.no_lpips else ("vgg", "alex"),
             workers=args.workers, progress=not args.quiet, count_flops=not args.no_flops,
         )
-        out = Path(args.out) if args.out else (home / "eval" if home else Path("eval"))
         # hours of work on a CPU: the running sums go here, and the same command continues from them
         # (not for a random preset: its weights differ on every load)
         state = None if is_preset(args.model) else out / STATE_NAME
@@ -245,6 +247,7 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tu
         print(f"softvq: warning: {note}", file=sys.stderr)
     home = Path(args.probe_generator).expanduser()
     out = Path(args.out) if args.out else (home / "eval" if home.is_dir() else Path("eval"))
+    refuse_unwritable(out, "--out", "eval writes its report there")
     # the latents and features extracted so far are kept in OUT; the same command continues from them
     result = probe_generator(model, meta, args.probe, val_folder=args.probe_val, tokenizer=tokenizer, layer=layer,
                              t=t, device=device, batch_size=args.batch_size, epochs=args.probe_epochs,

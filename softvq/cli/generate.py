@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from softvq.cli.common import add_precision_argument, add_quiet_argument, positive_int, resolve_device, seed_int
+from softvq.cli.common import (add_precision_argument, add_quiet_argument, positive_int, refuse_unwritable,
+                               resolve_device, seed_int)
 from softvq.messages import first_few
 
 if TYPE_CHECKING:
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.generation.samples import OtherTokenizerWarning, pack_npz, write_samples
     from softvq.resume import weights_sha1
 
+    refuse_unwritable(Path(args.out), "--out", "generate writes the samples there")
     if args.fid_ref:  # checked before sampling, which may take hours, not after
         reference = Path(args.fid_ref).expanduser()
         if reference.suffix == ".npz" and not reference.is_file():

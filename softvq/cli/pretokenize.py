@@ -17,7 +17,7 @@ from pathlib import Path
 
 from softvq.checkpoint.specs import is_preset, portable_spec
 from softvq.cli.common import (add_model_arguments, add_quiet_argument, load_tokenizer, non_negative_int, positive_int,
-                               resolve_device, seed_int)
+                               refuse_unwritable, resolve_device, seed_int)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file; pretokenize writes a folder of latent shards: name another OUT")
+    refuse_unwritable(out, "OUT", "pretokenize writes its latent shards there")
     # a finished set is refused here, before anything is written
     resuming = decided_by_main_process(accelerator, lambda: interrupted_run(out))
     kept = out / "tokenizer"

@@ -25,8 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from softvq.atomic import atomic_write
-from softvq.cli.common import (add_model_arguments, indented_lines, load_tokenizer, make_distinct,
-                               positive_int, seed_int)
+from softvq.cli.common import (add_model_arguments, indented_lines, load_tokenizer, make_distinct, positive_int,
+                               refuse_unwritable, seed_int)
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, bundled_photos, header_sizes, read_image, to_pil
 from softvq.evaluation import metrics
@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         resize = not args.native_size
         print(f"no images given: using the {len(entries)} photos bundled with scikit-image/scikit-learn")
     out = Path(args.out)
+    refuse_unwritable(out, "--out", "reconstruct writes a folder of images")
     # --out inside a folder given: a second run would reconstruct the first run's outputs
     where = os.path.realpath(out)
     ours = {p for p, named in entries if not named and p.name.endswith(OUTPUT_SUFFIXES)
@@ -168,8 +169,6 @@ def run(args: argparse.Namespace) -> int:
     c = model.config
     size = None if args.native_size else c.image_size
     check_before_reading(entries, size, resize, c.patch_size, c.image_size)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; reconstruct writes a folder of images: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     print(f"model: {model.source}")
     # Streamed batch by batch: a folder of 50,000 images is never held in memory at once.
