@@ -168,6 +168,17 @@ def test_an_interrupted_decode_continues_and_another_decode_is_refused(tmp_path,
     err = capsys.readouterr().err
     assert "holds a decode of other latents or options (" in err and "seed 0 -> 3; batch_size 1 -> 2" in err
     assert "run that decode again to continue it, or choose another --out" in err
+    # other latents whose images have other names: refused too (was: taken over, the first decode's
+    # record replaced, so that it could no longer continue)
+    others = tmp_path / "others"
+    others.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(others / "zzz.png")
+    assert main(["encode", str(others), "--model", "softvq-tiny", "--out", str(tmp_path / "o.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["decode", str(tmp_path / "o.safetensors"), "--out", str(out), "--batch-size", "1"]) == 2
+    assert "holds a decode of other latents or options (latents_sha1 " in capsys.readouterr().err
+    assert not (out / "zzz.png").exists()
+    assert main(["decode", latents, "--out", str(out), "--batch-size", "1"]) == 0  # the first still continues
     (tmp_path / "file").write_text("x")
     assert main(["decode", latents, "--out", str(tmp_path / "file")]) == 2  # was: [Errno 20] Not a directory
     assert f"--out {tmp_path / 'file'} is a file; decode writes a folder of images" in capsys.readouterr().err

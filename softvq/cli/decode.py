@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         # where the latents and the tokenizer are is no part of what was decoded: their sha1s are
         changed = changed_settings({k: v for k, v in saved.items() if k not in ("latents", "model")},
                                    {k: v for k, v in record.items() if k not in ("latents", "model")})
-        if changed and any(f.exists() for f in files):  # none made yet: nothing to mix, start afresh
+        # images there, under this decode's names or the earlier one's: none made yet, nothing to mix
+        if changed and _holds_images(out):
             raise FileExistsError(f"{out} holds a decode of other latents or options ({'; '.join(changed)}); run "
                                   f"that decode again to continue it, or choose another --out")
     write_json(out / RECORD, record)
@@ -131,6 +132,11 @@ def _saved_record(out: Path) -> dict | None:
     if not isinstance(saved, dict):
         raise FileExistsError(f"{path} is not a record softvq decode wrote; choose another --out")
     return saved
+
+
+def _holds_images(out: Path) -> bool:
+    """Whether ``out`` holds a finished image of any decode (a killed one's temporaries aside)."""
+    return any(p.suffix == ".png" and not p.name.startswith(".") and p.is_file() for p in out.rglob("*"))
 
 
 def _file_sha1(path: str | Path) -> str:
