@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -89,11 +90,21 @@ def test_a_preset_seed_is_recorded_so_decode_rebuilds_the_same_weights(tmp_path,
     with torch.inference_mode():
         expected = to_pil(model.decode(read_latents(latents_file).latents[:1])[0])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "a.png")), np.asarray(expected))
-    # decoding with another model than the file records is allowed, with a warning
+    # decoding with other weights than encode's is allowed, with a warning; the file records the
+    # weights' sha1, so the same weights elsewhere pass, and other weights under encode's path do not
     other = Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "other")
     capsys.readouterr()
     assert main(["decode", latents_file, "--model", str(other), "--out", str(tmp_path / "b")]) == 0
-    assert "was encoded with softvq-tiny; decoding with" in capsys.readouterr().err
+    assert (f"{latents_file} was encoded by other weights than {other}'s (encode had softvq-tiny; trained further "
+            f"since, or another model)") in capsys.readouterr().err
+    model.save_pretrained(tmp_path / "same")  # seed 7's weights, saved: was "encoded with softvq-tiny; decoding with"
+    assert main(["decode", latents_file, "--model", str(tmp_path / "same"), "--out", str(tmp_path / "c")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["encode", str(folder), "--model", str(tmp_path / "same"), "--out", str(tmp_path / "y.safetensors")]) == 0
+    Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "same")  # trained further, as it were
+    capsys.readouterr()
+    assert main(["decode", str(tmp_path / "y.safetensors"), "--out", str(tmp_path / "d")]) == 0  # was: no word
+    assert "was encoded by other weights than" in capsys.readouterr().err
 
 
 def test_output_names_keep_folders_and_avoid_collisions():
@@ -182,3 +193,21 @@ def test_an_interrupted_decode_continues_and_another_decode_is_refused(tmp_path,
     (tmp_path / "file").write_text("x")
     assert main(["decode", latents, "--out", str(tmp_path / "file")]) == 2  # was: [Errno 20] Not a directory
     assert f"--out {tmp_path / 'file'} is a file; decode writes a folder of images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tensor, metadata, named", [
+    (torch.zeros(2, 16, 8, dtype=torch.int32), {}, "'latents' is a (2, 16, 8) int32 tensor; softvq encode writes (N, L, D) floats"),
+    (torch.zeros(2, 16, 8), {"names": "[1, 2]"}, "its 'names' metadata is not a JSON list of file names"),
+    (torch.zeros(2, 16, 8), {"names": "a.png,b.png"}, "its 'names' metadata is not a JSON list of file names"),
+    (torch.zeros(2, 16, 8), {"names": '["a.png", ""]'}, "its 'names' metadata is not a JSON list of file names"),
+    (torch.zeros(2, 16, 8), {"image_size": "abc"}, "its 'image_size' metadata 'abc' is not a size in pixels"),
+])
+def test_a_hand_edited_latents_file_is_named_not_a_traceback(tmp_path, capsys, tensor, metadata, named):
+    """Was: TypeError / ValueError tracebacks, or a JSON error that named neither the file nor the field."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "z.safetensors"
+    save_file({"latents": tensor}, str(path), metadata={"format": "softvq-latents", "model": "softvq-tiny", **metadata})
+    assert main(["decode", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"softvq decode: error: {path}: {named}" in err

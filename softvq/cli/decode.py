@@ -67,9 +67,6 @@ def run(args: argparse.Namespace) -> int:
     spec = args.model or recorded
     if not spec:
         raise ValueError(f"{args.latents} does not record its model; pass --model SPEC")
-    if args.model and recorded and portable_spec(args.model) != recorded:
-        print(f"softvq: warning: {args.latents} was encoded with {recorded}; decoding with {args.model}",
-              file=sys.stderr)
     out = Path(args.out)
     refuse_unwritable(out, "--out", "decode writes a folder of images")
     files = [out / _safe_relative(n) for n in output_names(data.names)]
@@ -89,9 +86,16 @@ def run(args: argparse.Namespace) -> int:
     size = data.image_size or model.config.image_size
     if size % model.config.patch_size:
         raise ValueError(f"recorded image size {size} is not a multiple of the patch size {model.config.patch_size}")
+    weights = weights_sha1(model)
+    encoded_by = data.meta.get("tokenizer_sha1")  # older files record the model's path alone
+    if encoded_by is not None and encoded_by != weights or \
+            encoded_by is None and args.model and recorded and portable_spec(args.model) != recorded:
+        print(f"softvq: warning: {args.latents} was encoded by other weights than {spec}'s (encode had "
+              f"{recorded}; trained further since, or another model): the images may not show what was encoded; "
+              f"pass the --model that encoded them", file=sys.stderr)
     batch = args.batch_size
     record = {"latents": str(Path(args.latents).resolve()), "latents_sha1": _file_sha1(args.latents),
-              "model": portable_spec(spec), "tokenizer_sha1": weights_sha1(model), "seed": seed,
+              "model": portable_spec(spec), "tokenizer_sha1": weights, "seed": seed,
               "precision": model.precision, "batch_size": batch, "image_size": size, "images": len(files)}
     if saved is not None:
         # where the latents and the tokenizer are is no part of what was decoded: their sha1s are

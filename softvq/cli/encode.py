@@ -25,6 +25,7 @@ from softvq.cli.common import (add_model_arguments, indented_lines, load_tokeniz
                                refuse_unwritable, seed_int)
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, header_sizes, read_image
+from softvq.resume import weights_sha1
 
 LATENTS_FORMAT = "softvq-latents"
 
@@ -73,11 +74,22 @@ def read_latents(path: str | Path) -> LatentsFile:
         raise
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
-    if latents.dim() != 3:
-        raise CheckpointError(f"{path}: 'latents' has shape {tuple(latents.shape)}, expected (N, L, D)")
-    names = json.loads(meta.pop("names")) if "names" in meta else [f"{i:06d}" for i in range(len(latents))]
+    if latents.dim() != 3 or not latents.is_floating_point():
+        raise CheckpointError(f"{path}: 'latents' is a {tuple(latents.shape)} {str(latents.dtype).removeprefix('torch.')} "
+                              f"tensor; softvq encode writes (N, L, D) floats")
+    names: object = [f"{i:06d}" for i in range(len(latents))]
+    if "names" in meta:
+        try:
+            names = json.loads(meta.pop("names"))
+        except ValueError:
+            names = None
+    if not (isinstance(names, list) and all(isinstance(n, str) and n.strip("/.") for n in names)):
+        raise CheckpointError(f"{path}: its 'names' metadata is not a JSON list of file names, as softvq encode "
+                              f"writes it")
     if len(names) != len(latents):
         raise CheckpointError(f"{path}: {len(latents)} latents but {len(names)} names")
+    if not meta.get("image_size", "1").isdigit() or meta.get("image_size") == "0":
+        raise CheckpointError(f"{path}: its 'image_size' metadata {meta['image_size']!r} is not a size in pixels")
     return LatentsFile(latents, names, meta)
 
 
@@ -138,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         raise ImageReadError(f"none of the {len(paths)} image file(s) in {folder} could be read")
     latents = torch.cat(chunks)
     meta = {"model": portable_spec(args.model), "seed": args.seed if is_preset(args.model) else None,
+            "tokenizer_sha1": weights_sha1(model),  # decode warns when other weights decode these
             "compute_precision": model.precision, "image_size": size,
             "num_tokens": model.num_tokens, "latent_dim": model.latent_dim,
             "latent_mean": model.latent_mean, "latent_std": model.latent_std}
