@@ -498,6 +498,13 @@ def test_an_interrupted_evaluation_continues_to_the_same_report(tmp_path, capsys
     with pytest.raises(ValueError, match="other weights, images or options .*batch_size 2 -> 3"):
         evaluate_tokenizer(tiny(), tmp_path / "imgs", EvalOptions(**{**options.__dict__, "batch_size": 3}),
                            state_file=state)
+    first = sorted((tmp_path / "imgs").iterdir())[0]
+    kept, stat = first.read_bytes(), first.stat()
+    Image.new("RGB", (64, 64)).save(first)  # replaced after its sums began: was mixed into the resumed report
+    with pytest.raises(ValueError, match=r"other weights, images or options \(image_files \(names, sizes, times\) "):
+        evaluate_tokenizer(tiny(), tmp_path / "imgs", options, state_file=state)
+    first.write_bytes(kept)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     resumed = evaluate_tokenizer(tiny(InterruptedTokenizer), tmp_path / "imgs", options, state_file=state)
     assert any("continued an interrupted evaluation after 4 images" in n for n in resumed["notes"])
     assert not state.exists()

@@ -167,11 +167,15 @@ def _reference_cache(options: EvalOptions, checksum: str) -> Path | None:
     return None
 
 
-def _evaluation_identity(model, refs: list, size: int, options: EvalOptions) -> dict[str, Any]:
-    """What an evaluation's running sums depend on: a resumed run must match it exactly."""
+def _evaluation_identity(model, refs: list, files: list, root: Path | None, size: int,
+                         options: EvalOptions) -> dict[str, Any]:
+    """What an evaluation's running sums depend on: a resumed run must match it exactly. The image
+    files are known by name, size and modification time (one ``stat`` each, as the FID cache key):
+    an image replaced after the sums began is not mixed in."""
     images = listing_sha1(ref.name for ref in refs)
+    stats = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, {}, root)
     return {"weights_sha1": weights_sha1(model), "precision": model.precision, "images": len(refs),
-            "images_sha1": images, "image_size": size, "batch_size": options.batch_size, "fid": options.fid,
+            "images_sha1": images, "image_files (names, sizes, times)": stats[:16], "image_size": size, "batch_size": options.batch_size, "fid": options.fid,
             "fid_weights": options.fid_weights, "fid_normalization": options.fid_normalization,
             "fid_resize": options.fid_resize, "crop": CENTER_CROP,
             "lpips_nets": list(options.lpips_nets)}
@@ -242,7 +246,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     skipped: list[str] = []
     evaluated = done_batches = 0
     state_file = Path(state_file).expanduser() if state_file is not None else None
-    identity = _evaluation_identity(model, refs, size, options) if state_file else {}
+    identity = _evaluation_identity(model, refs, files, root, size, options) if state_file else {}
     saved = load_saved_state(state_file, identity)
     if saved is not None and "report" in saved:  # finished, kept for a caller that was stopped later
         if not keep_state:
