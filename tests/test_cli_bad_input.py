@@ -802,3 +802,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, c
     assert code == 2 and (f"--out {locked / 'new'}: {locked}, where it would be made, is not writable "
                           f"(read-only, or another user's)") in _one_line_error(err)
     assert notes.read_text() == "mine" and not (locked / "new").exists()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--no-fid"], "--no-fid applies to a tokenizer's evaluation (--model)"),
+    (["--image-size", "32", "--no-lpips"], "--no-lpips, --image-size apply to a tokenizer's evaluation (--model)"),
+    (["--precision", "bf16", "--seed", "3", "--no-flops"], "--no-flops, --precision, --seed apply to a tokenizer's"),
+])
+def test_eval_samples_refuses_the_tokenizer_flags_it_would_ignore(tmp_path, capsys, monkeypatch, flags, named):
+    """Was: accepted and dropped, so that --no-fid still ran Inception and --image-size 32 reported 64."""
+    _no_work(monkeypatch)
+    code, _, err = _run(capsys, "eval", "--samples", str(tmp_path), "--images", str(tmp_path), *flags)
+    assert code == 2 and named in _one_line_error(err) and "drop " in err

@@ -39,6 +39,7 @@ import torch
 from softvq.checkpoint.specs import is_preset
 from softvq.cli.common import (add_model_arguments, add_quiet_argument, generator_tokenizer, load_tokenizer,
                                non_negative_int, positive_int, refuse_unwritable, resolve_device, seed_int)
+from softvq.messages import first_few
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -87,8 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="score generated samples (a folder, generate's OUT, or a sample batch .npz) against --images")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     add_quiet_argument(p)
-    p.add_argument("--seed", type=seed_int, default=0,
-                   help="seed for a preset's random weights (so two evaluations of one preset agree)")
+    p.add_argument("--seed", type=seed_int, default=None,
+                   help="seed for a preset's random weights (so two evaluations of one preset agree; default 0)")
     p.set_defaults(func=run)
 
 
@@ -154,6 +155,15 @@ def run(args: argparse.Namespace) -> int:
         if args.model or args.probe:
             raise ValueError("--samples scores generated images against --images; --model and --probe evaluate a "
                              "tokenizer instead: run them as a separate eval")
+        # given but ignored would read as "it made no difference"
+        tokenizer_only = [flag for flag, given in (
+            ("--no-fid", args.no_fid), ("--no-lpips", args.no_lpips), ("--no-flops", args.no_flops),
+            ("--image-size", args.image_size is not None), ("--precision", args.precision != "fp32"),
+            ("--seed", args.seed is not None)) if given]
+        if tokenizer_only:
+            raise ValueError(f"{first_few(tokenizer_only)} appl{'ies' if len(tokenizer_only) == 1 else 'y'} to a "
+                             f"tokenizer's evaluation (--model); --samples always measures gFID and precision/"
+                             f"recall, at the samples' own size: drop {'it' if len(tokenizer_only) == 1 else 'them'}")
         if args.reference_stats:
             raise ValueError("--reference-stats is the rFID statistics file of --model; with --samples the "
                              "reference statistics are cached by checksum in ~/.cache/softvq/fid-stats/, "
@@ -173,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         spec, home = resolve_model_spec(args.model)
         out = Path(args.out) if args.out else (home / "eval" if home else Path("eval"))
         refuse_unwritable(out, "--out", "eval writes its report there")
-        torch.manual_seed(args.seed)  # a preset's random weights: the same ones on every run
+        torch.manual_seed(args.seed or 0)  # a preset's random weights: the same ones on every run
         model = load_tokenizer(spec, device, precision=args.precision)
         options = EvalOptions(
             num_images=args.num_images, batch_size=args.batch_size, image_size=args.image_size,
