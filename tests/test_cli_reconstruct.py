@@ -109,8 +109,8 @@ def test_outputs_under_a_folder_given_are_not_reconstructed_again(tmp_path, caps
         assert main(command) == 0
         out, err = capsys.readouterr()
         assert "mean PSNR over 1 image(s)" in out
-        assert ("left out 2 earlier output(s) of reconstruct under --out" in err) == (run == 1)
-    assert sorted(p.name for p in (folder / "recon").iterdir()) == [f"{photo.stem}_recon.png",
+        assert ("left out 2 earlier output(s) of reconstruct (named in their folder" in err) == (run == 1)
+    assert sorted(p.name for p in (folder / "recon").iterdir()) == [".reconstruct-outputs", f"{photo.stem}_recon.png",
                                                                     f"{photo.stem}_side_by_side.png", "psnr.csv"]
     # originals in --out itself are still read, their outputs beside them are not
     for run in range(2):
@@ -119,6 +119,25 @@ def test_outputs_under_a_folder_given_are_not_reconstructed_again(tmp_path, caps
     # only outputs given: a one-line error, not "none could be read"
     assert main(["reconstruct", str(folder / "recon"), "--resize", "--out", str(folder / "recon")]) == 2
     assert "the folders given hold only earlier outputs of reconstruct" in capsys.readouterr().err
+
+
+def test_a_photo_named_like_an_output_is_an_input_and_never_replaced(tmp_path, capsys):
+    """Was: any *_recon.png under --out counted as an earlier output, so with --out the folder given,
+    the user's own a_recon.png was left out of the inputs and overwritten by a.png's reconstruction."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = bundled_photos()[0]
+    (folder / "a.png").write_bytes(photo.read_bytes())
+    (folder / "a_recon.png").write_bytes(photo.read_bytes())  # the user's own file
+    mine = (folder / "a_recon.png").read_bytes()
+    assert main(["reconstruct", str(folder), "--resize", "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {folder} holds a_recon.png, which reconstruct did not write and would replace" in err
+    assert (folder / "a_recon.png").read_bytes() == mine and not (folder / "a_side_by_side.png").exists()
+    assert main(["reconstruct", str(folder), "--resize", "--out", str(tmp_path / "out")]) == 0
+    assert "mean PSNR over 2 image(s)" in capsys.readouterr().out  # a_recon.png is an input like any other
+    assert main(["reconstruct", str(folder), "--resize", "--out", str(tmp_path / "out")]) == 0  # its own: replaced
+    assert "mean PSNR over 2 image(s)" in capsys.readouterr().out
 
 
 def test_help_names_where_the_reconstructions_go(capsys):

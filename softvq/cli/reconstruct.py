@@ -2,7 +2,9 @@
 
 For each image writes ``<name>_recon.png`` and ``<name>_side_by_side.png`` (original |
 reconstruction, named, with the PSNR under it) and prints its PSNR, then the mean; ``psnr.csv``
-keeps every PSNR and the mean. IMG may be a folder (its images, recursively;
+keeps every PSNR and the mean. ``--out``'s ``.reconstruct-outputs`` names every file reconstruct
+wrote there: a rerun replaces those, refuses to replace any other file, and does not read them
+back as inputs. IMG may be a folder (its images, recursively;
 unreadable ones are skipped and listed, where an unreadable named file is an error). Without IMG
 the photos bundled with scikit-image / scikit-learn are used. Images must have the model's size
 unless ``--resize`` (centre-crop + bicubic resize) or ``--native-size`` (any size that is a
@@ -30,6 +32,7 @@ from softvq.cli.common import (add_model_arguments, indented_lines, load_tokeniz
 from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, bundled_photos, header_sizes, read_image, to_pil
 from softvq.evaluation import metrics
+from softvq.messages import first_few
 
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -108,6 +111,25 @@ def named_and_found(arguments: list[str]) -> list[tuple[Path, bool]]:
 
 OUTPUT_SUFFIXES = ("_recon.png", "_side_by_side.png")  # what each image becomes under --out
 PSNR_FILE = "psnr.csv"  # every image's PSNR and the mean, beside the images
+# every file reconstruct has written into --out, a name a line, each before its image: what a rerun
+# may replace, and which of a folder's images are outputs rather than inputs
+OUTPUTS_RECORD = ".reconstruct-outputs"
+
+
+def written_before(out: Path) -> set[str]:
+    """The names of the files earlier runs of reconstruct wrote into ``out`` (its record; for a
+    folder made before the record existed, the outputs its finished ``psnr.csv`` names)."""
+    record = out / OUTPUTS_RECORD
+    if record.is_file():
+        return {line for line in record.read_text(errors="surrogateescape").splitlines() if line}
+    names: set[str] = set()
+    if (out / PSNR_FILE).is_file():
+        with open(out / PSNR_FILE, newline="", errors="surrogateescape") as table:
+            for row in csv.reader(table):
+                if len(row) == 3 and row[1].endswith(OUTPUT_SUFFIXES[0]):
+                    stem = row[1][:-len(OUTPUT_SUFFIXES[0])]
+                    names.update(stem + suffix for suffix in OUTPUT_SUFFIXES)
+    return names
 
 
 # --native-size up to 4x the trained side: the position embeddings are interpolated from the trained
@@ -154,16 +176,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"no images given: using the {len(entries)} photos bundled with scikit-image/scikit-learn")
     out = Path(args.out)
     refuse_unwritable(out, "--out", "reconstruct writes a folder of images")
-    # --out inside a folder given: a second run would reconstruct the first run's outputs
-    where = os.path.realpath(out)
-    ours = {p for p, named in entries if not named and p.name.endswith(OUTPUT_SUFFIXES)
-            and Path(os.path.realpath(p)).is_relative_to(where)}
+    # an --out inside a folder given: a second run would reconstruct the first run's outputs
+    written = written_before(out)
+    records = {out.resolve(): written}  # each folder's record, read once
+
+    def an_output(path: Path) -> bool:
+        folder = path.parent.resolve()
+        if folder not in records:
+            records[folder] = written_before(folder)
+        return path.name in records[folder]
+
+    ours = {p for p, named in entries if not named and an_output(p)}
     if ours:
         entries = [(p, named) for p, named in entries if p not in ours]
-        print(f"left out {len(ours)} earlier output(s) of reconstruct under --out {out}", file=sys.stderr)
+        print(f"left out {len(ours)} earlier output(s) of reconstruct (named in their folder's {OUTPUTS_RECORD})",
+              file=sys.stderr)
         if not entries:
-            raise ImageReadError(f"the folders given hold only earlier outputs of reconstruct (under --out {out}); "
-                                 f"pass the folder of the originals")
+            raise ImageReadError("the folders given hold only earlier outputs of reconstruct; pass the folder of "
+                                 "the originals")
+    planned = [stem + suffix for stem in unique_stems([path for path, _ in entries]) for suffix in OUTPUT_SUFFIXES]
+    theirs = [name for name in planned if name not in written and os.path.lexists(out / name)]
+    if theirs:  # e.g. a photo of the user's called a_recon.png, in the folder given as --out too
+        raise FileExistsError(f"--out {out} holds {first_few(theirs, 3)}, which reconstruct did not write and "
+                              f"would replace: choose another --out")
     torch.manual_seed(args.seed)
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     c = model.config
@@ -178,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
     stems = iter(unique_stems([path for path, _ in entries]))
     batch = max(1, args.batch_size if size is not None else 1)
     device = next(model.parameters()).device
-    with torch.inference_mode(), tqdm(total=len(entries), desc="reconstruct", unit="img", disable=None) as bar:
+    with open(out / OUTPUTS_RECORD, "a", errors="surrogateescape") as record, torch.inference_mode(), \
+            tqdm(total=len(entries), desc="reconstruct", unit="img", disable=None) as bar:
         for start in range(0, len(entries), batch):
             images, paths, names = [], [], []
             for (path, named), stem in zip(entries[start:start + batch], stems):
@@ -198,11 +234,15 @@ def run(args: argparse.Namespace) -> int:
                 original, result = to_pil(image), to_pil(result_tensor)
                 score = psnr(np.asarray(original), np.asarray(result))
                 scores.append(score)
-                written = out / f"{stem}{OUTPUT_SUFFIXES[0]}"
-                result.save(written)
+                names_out = [stem + suffix for suffix in OUTPUT_SUFFIXES if stem + suffix not in written]
+                record.write("".join(name + "\n" for name in names_out))
+                record.flush()  # before the images: a run stopped between the two still owns them
+                written.update(names_out)
+                recon_file = out / f"{stem}{OUTPUT_SUFFIXES[0]}"
+                result.save(recon_file)
                 side_by_side(original, result, score).save(out / f"{stem}{OUTPUT_SUFFIXES[1]}")
-                rows.append([str(path), written.name, f"{score:.4f}"])
-                tqdm.write(f"{path}: PSNR {score:.2f} dB -> {written}")
+                rows.append([str(path), recon_file.name, f"{score:.4f}"])
+                tqdm.write(f"{path}: PSNR {score:.2f} dB -> {recon_file}")
     if skipped:
         print(f"skipped {len(skipped)} unreadable image file(s):{indented_lines(skipped)}", file=sys.stderr)
     if not scores:
