@@ -814,3 +814,15 @@ def test_eval_samples_refuses_the_tokenizer_flags_it_would_ignore(tmp_path, caps
     _no_work(monkeypatch)
     code, _, err = _run(capsys, "eval", "--samples", str(tmp_path), "--images", str(tmp_path), *flags)
     assert code == 2 and named in _one_line_error(err) and "drop " in err
+
+
+def test_eval_names_a_missing_source_and_an_image_size_off_the_patch_grid(tmp_path, capsys):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    code, _, err = _run(capsys, "eval", "--model", "softvq-tiny", "--images", str(tmp_path / "nowhere"), "--no-fid",
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and f"{tmp_path / 'nowhere'} does not exist" in _one_line_error(err)  # was: "is neither ..."
+    code, _, err = _run(capsys, "eval", "--model", "softvq-tiny", "--images", str(tmp_path), "--no-fid",
+                        "--image-size", "60", "--out", str(tmp_path / "o"))
+    # was: "... crop or resize the images (the CLI's --resize does this)", a flag eval does not have
+    assert code == 2 and "image size 60 is not a multiple of the model's patch size 8: evaluate at 56 or 64 " \
+                         "(--image-size)" in _one_line_error(err)

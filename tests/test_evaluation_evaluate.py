@@ -366,7 +366,7 @@ def test_cli_eval_on_a_run_folder_writes_json_and_markdown(tmp_path, capsys):
     assert main(["eval", "--images", str(tmp_path / "imgs")]) == 2
     assert "pass --model" in capsys.readouterr().err
     assert main(["eval", "--model", "softvq-tiny", "--images", str(tmp_path / "nope")]) == 2
-    assert "neither an image folder" in capsys.readouterr().err
+    assert "nope does not exist: pass an image folder" in capsys.readouterr().err
 
     # a preset's random weights are seeded: two evaluations agree (they differed on every run)
     psnrs = []

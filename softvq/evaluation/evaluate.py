@@ -212,6 +212,10 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     from tqdm.auto import tqdm
 
     size = options.image_size or model.config.image_size
+    patch = model.config.patch_size
+    if size % patch:  # before any image is read; the tokenizer's own message would suggest a --resize eval lacks
+        raise ValueError(f"image size {size} is not a multiple of the model's patch size {patch}: evaluate at "
+                         f"{size // patch * patch or patch} or {(size // patch + 1) * patch} (--image-size)")
     refs, files, root = list_image_refs(source, options.num_images)
     n = len(refs)
     notes: list[str] = []

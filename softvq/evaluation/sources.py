@@ -178,6 +178,9 @@ def list_image_refs(source: str | Path, limit: int | None = None) -> tuple[list[
         root = path
     elif path.suffix == ".tar" or any(ch in text for ch in "{*?[,") or is_remote(text):
         shards, root = local_shards(text), None
+    elif not path.exists():
+        raise FileNotFoundError(f"{text} does not exist: pass an image folder, webdataset .tar shards or a sample "
+                                f"batch .npz")
     else:
         raise FileNotFoundError(f"{text} is neither an image folder nor webdataset .tar shards")
     refs = []  # typed by the image-folder branch above
