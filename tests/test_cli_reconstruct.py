@@ -145,3 +145,27 @@ def test_help_names_where_the_reconstructions_go(capsys):
         main(["reconstruct", "--help"])
     assert stop.value.code == 0
     assert "output folder (default: reconstructions)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_interrupted_reconstruct_keeps_the_psnrs_of_the_images_it_made(tmp_path, capsys, monkeypatch):
+    """Was: Ctrl-C after a thousand images left no psnr.csv at all."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in bundled_photos()[:3]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    real, calls = Tokenizer.forward, []
+
+    def stopped_at_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "forward", stopped_at_second_batch)
+    assert main(["reconstruct", str(folder), "--resize", "--batch-size", "1", "--out", str(tmp_path / "o")]) == 130
+    assert f"the PSNRs of the 1 image(s) reconstructed so far are in {tmp_path / 'o' / 'psnr.csv'}" in \
+        capsys.readouterr().err
+    rows = (tmp_path / "o" / "psnr.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[-1].startswith("mean of the 1 done (interrupted),,")
+    assert rows[1].split(",")[1] == f"{sorted(folder.iterdir())[0].stem}_recon.png"
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp")]

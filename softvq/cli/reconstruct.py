@@ -2,7 +2,8 @@
 
 For each image writes ``<name>_recon.png`` and ``<name>_side_by_side.png`` (original |
 reconstruction, named, with the PSNR under it) and prints its PSNR, then the mean; ``psnr.csv``
-keeps every PSNR and the mean. ``--out``'s ``.reconstruct-outputs`` names every file reconstruct
+keeps every PSNR and the mean (after a Ctrl-C, those of the images done; a rerun makes them all
+again). Each PNG is written whole (atomically). ``--out``'s ``.reconstruct-outputs`` names every file reconstruct
 wrote there: a rerun replaces those, refuses to replace any other file, and does not read them
 back as inputs. IMG may be a folder (its images, recursively;
 unreadable ones are skipped and listed, where an unreadable named file is an error). Without IMG
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from softvq.atomic import atomic_write
+from softvq.atomic import atomic_write, remove_stale_temporaries
 from softvq.cli.common import (add_model_arguments, indented_lines, load_tokenizer, make_distinct, positive_int,
                                refuse_unwritable, seed_int)
 from softvq.data.folder import scan_folder
@@ -79,6 +80,11 @@ def unique_stems(paths: list[Path]) -> list[str]:
     """File stems, made unique with a counter where two inputs share a name (``a.png``, ``a.jpg``
     -> ``a``, ``a-1``), also against an input whose own stem is ``a-1``."""
     return make_distinct([path.stem for path in paths])
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    """Whole files only: a run stopped mid-write leaves no half PNG under the output's name."""
+    atomic_write(path, lambda p: image.save(p, format="PNG"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -213,44 +219,57 @@ def run(args: argparse.Namespace) -> int:
     stems = iter(unique_stems([path for path, _ in entries]))
     batch = max(1, args.batch_size if size is not None else 1)
     device = next(model.parameters()).device
-    with open(out / OUTPUTS_RECORD, "a", errors="surrogateescape") as record, torch.inference_mode(), \
-            tqdm(total=len(entries), desc="reconstruct", unit="img", disable=None) as bar:
-        for start in range(0, len(entries), batch):
-            images, paths, names = [], [], []
-            for (path, named), stem in zip(entries[start:start + batch], stems):
-                try:
-                    images.append(read_image(path, size, resize=resize, multiple_of=c.patch_size))
-                    paths.append(path)
-                    names.append(stem)
-                except ImageReadError as exc:
-                    if named or isinstance(exc, ImageSizeError):
-                        raise
-                    skipped.append(str(exc))
-            bar.update(len(entries[start:start + batch]))
-            if not images:
-                continue
-            recon = model(torch.stack(images).to(device)).reconstruction.float().cpu()
-            for image, result_tensor, path, stem in zip(images, recon, paths, names):
-                original, result = to_pil(image), to_pil(result_tensor)
-                score = psnr(np.asarray(original), np.asarray(result))
-                scores.append(score)
-                names_out = [stem + suffix for suffix in OUTPUT_SUFFIXES if stem + suffix not in written]
-                record.write("".join(name + "\n" for name in names_out))
-                record.flush()  # before the images: a run stopped between the two still owns them
-                written.update(names_out)
-                recon_file = out / f"{stem}{OUTPUT_SUFFIXES[0]}"
-                result.save(recon_file)
-                side_by_side(original, result, score).save(out / f"{stem}{OUTPUT_SUFFIXES[1]}")
-                rows.append([str(path), recon_file.name, f"{score:.4f}"])
-                tqdm.write(f"{path}: PSNR {score:.2f} dB -> {recon_file}")
+    remove_stale_temporaries(out)  # PNGs a killed run was writing
+
+    def write_table(mean_label: str) -> float:
+        mean = float(np.mean(scores))
+        table = io.StringIO()
+        csv.writer(table, lineterminator="\n").writerows([["image", "reconstruction", "psnr_db"], *rows,
+                                                          [mean_label, "", f"{mean:.4f}"]])
+        atomic_write(out / PSNR_FILE, lambda p: p.write_text(table.getvalue()))
+        return mean
+
+    try:
+        with open(out / OUTPUTS_RECORD, "a", errors="surrogateescape") as record, torch.inference_mode(), \
+                tqdm(total=len(entries), desc="reconstruct", unit="img", disable=None) as bar:
+            for start in range(0, len(entries), batch):
+                images, paths, names = [], [], []
+                for (path, named), stem in zip(entries[start:start + batch], stems):
+                    try:
+                        images.append(read_image(path, size, resize=resize, multiple_of=c.patch_size))
+                        paths.append(path)
+                        names.append(stem)
+                    except ImageReadError as exc:
+                        if named or isinstance(exc, ImageSizeError):
+                            raise
+                        skipped.append(str(exc))
+                bar.update(len(entries[start:start + batch]))
+                if not images:
+                    continue
+                recon = model(torch.stack(images).to(device)).reconstruction.float().cpu()
+                for image, result_tensor, path, stem in zip(images, recon, paths, names):
+                    original, result = to_pil(image), to_pil(result_tensor)
+                    score = psnr(np.asarray(original), np.asarray(result))
+                    scores.append(score)
+                    names_out = [stem + suffix for suffix in OUTPUT_SUFFIXES if stem + suffix not in written]
+                    record.write("".join(name + "\n" for name in names_out))
+                    record.flush()  # before the images: a run stopped between the two still owns them
+                    written.update(names_out)
+                    recon_file = out / f"{stem}{OUTPUT_SUFFIXES[0]}"
+                    _save_png(result, recon_file)
+                    _save_png(side_by_side(original, result, score), out / f"{stem}{OUTPUT_SUFFIXES[1]}")
+                    rows.append([str(path), recon_file.name, f"{score:.4f}"])
+                    tqdm.write(f"{path}: PSNR {score:.2f} dB -> {recon_file}")
+    except KeyboardInterrupt:  # the images done keep their PSNRs (a rerun makes them all again)
+        if scores:
+            write_table(f"mean of the {len(scores)} done (interrupted)")
+            print(f"the PSNRs of the {len(scores)} image(s) reconstructed so far are in {out / PSNR_FILE}",
+                  file=sys.stderr)
+        raise
     if skipped:
         print(f"skipped {len(skipped)} unreadable image file(s):{indented_lines(skipped)}", file=sys.stderr)
     if not scores:
         raise ImageReadError("none of the images given could be read")
-    mean = float(np.mean(scores))
-    table = io.StringIO()
-    csv.writer(table, lineterminator="\n").writerows([["image", "reconstruction", "psnr_db"], *rows,
-                                                      ["mean", "", f"{mean:.4f}"]])
-    atomic_write(out / PSNR_FILE, lambda p: p.write_text(table.getvalue()))
+    mean = write_table("mean")
     print(f"mean PSNR over {len(scores)} image(s): {mean:.2f} dB (each in {out / PSNR_FILE})")
     return 0
