@@ -169,3 +169,21 @@ def test_an_interrupted_reconstruct_keeps_the_psnrs_of_the_images_it_made(tmp_pa
     assert len(rows) == 3 and rows[-1].startswith("mean of the 1 done (interrupted),,")
     assert rows[1].split(",")[1] == f"{sorted(folder.iterdir())[0].stem}_recon.png"
     assert not [p for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_folder_from_before_the_outputs_record_is_still_reconstructed_into(tmp_path, capsys):
+    """A folder an older softvq wrote has psnr.csv but no .reconstruct-outputs: its outputs stay
+    reconstruct's on every later run (was: the first rerun left an empty record, and the next
+    refused the folder's own outputs)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = bundled_photos()[0]
+    (folder / "a.png").write_bytes(photo.read_bytes())
+    command = ["reconstruct", str(folder), "--resize", "--out", str(tmp_path / "o")]
+    assert main(command) == 0
+    (tmp_path / "o" / ".reconstruct-outputs").unlink()
+    for _ in range(2):
+        assert main(command) == 0
+        assert "mean PSNR over 1 image(s)" in capsys.readouterr().out
+    assert sorted((tmp_path / "o" / ".reconstruct-outputs").read_text().split()) == ["a_recon.png",
+                                                                                    "a_side_by_side.png"]

@@ -220,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
     batch = max(1, args.batch_size if size is not None else 1)
     device = next(model.parameters()).device
     remove_stale_temporaries(out)  # PNGs a killed run was writing
+    record_path = out / OUTPUTS_RECORD
+    carried = sorted(written) if not record_path.is_file() else []  # a folder made before the record existed
 
     def write_table(mean_label: str) -> float:
         mean = float(np.mean(scores))
@@ -230,8 +232,9 @@ def run(args: argparse.Namespace) -> int:
         return mean
 
     try:
-        with open(out / OUTPUTS_RECORD, "a", errors="surrogateescape") as record, torch.inference_mode(), \
+        with open(record_path, "a", errors="surrogateescape") as record, torch.inference_mode(), \
                 tqdm(total=len(entries), desc="reconstruct", unit="img", disable=None) as bar:
+            record.write("".join(name + "\n" for name in carried))  # the outputs its psnr.csv names
             for start in range(0, len(entries), batch):
                 images, paths, names = [], [], []
                 for (path, named), stem in zip(entries[start:start + batch], stems):
