@@ -759,6 +759,7 @@ def test_a_launched_runs_sampler_flag_refusal_is_said_by_its_main_process(tmp_pa
 def _no_work(monkeypatch):
     """Make every long evaluation / encoding fail loudly: the refusal must come before them."""
     from softvq.cli import encode as encode_cli
+    from softvq.cli import eval as eval_cli
     from softvq.evaluation import evaluate, generated
 
     def never(*args, **kwargs):
@@ -767,6 +768,7 @@ def _no_work(monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate_tokenizer", never)
     monkeypatch.setattr(generated, "evaluate_samples", never)
     monkeypatch.setattr(encode_cli, "load_tokenizer", never)
+    monkeypatch.setattr(eval_cli, "load_tokenizer", never)  # a checkpoint's load may be a download
 
 
 @pytest.mark.parametrize("command", ["eval-model", "eval-samples", "encode"])
@@ -784,22 +786,27 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, c
                 "eval-samples": ["eval", "--samples", str(tmp_path), "--images", str(tmp_path), "--out", out],
                 "encode": ["encode", str(tmp_path), "--out", f"{out}/x.safetensors"]}[command]
 
-    writes = "encode writes the latents file into that folder" if command == "encode" else \
-        "eval writes its report there"
+    writes = "encode writes the latents file there" if command == "encode" else "eval writes its report there"
     notes, below = tmp_path / "notes.txt", tmp_path / "notes.txt" / "deeper"
-    code, _, err = _run(capsys, *argv(str(below if command == "encode" else notes)))
-    expected = (f"--out {below} lies under {notes}, a file; {writes}" if command == "encode"
-                else f"--out {notes} is a file; {writes}: choose another --out")
-    assert code == 2 and expected in _one_line_error(err)
+
+    def shown(out):  # what --out named
+        return out / "x.safetensors" if command == "encode" else out
+
+    code, _, err = _run(capsys, *argv(str(notes)))
+    where = f"lies under {notes}, a file" if command == "encode" else "is a file"
+    assert code == 2 and f"--out {shown(notes)} {where}; {writes}: choose another --out" in _one_line_error(err)
     code, _, err = _run(capsys, *argv(str(below)))
-    assert code == 2 and f"--out {below} lies under {notes}, a file" in _one_line_error(err)
+    assert code == 2 and f"--out {shown(below)} lies under {notes}, a file" in _one_line_error(err)
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # would fail at the end: mkdir on a broken link
+    code, _, err = _run(capsys, *argv(str(tmp_path / "gone")))
+    assert code == 2 and f"{tmp_path / 'gone'} is a broken symbolic link" in _one_line_error(err)
 
     locked = tmp_path / "locked"  # read-only or immutable: root passes chmod, so the check itself is faked
     locked.mkdir()
     real_access = common.os.access
     monkeypatch.setattr(common.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
     code, _, err = _run(capsys, *argv(str(locked / "new")))
-    assert code == 2 and (f"--out {locked / 'new'}: {locked}, where it would be made, is not writable "
+    assert code == 2 and (f"--out {shown(locked / 'new')}: {locked}, where it would be made, is not writable "
                           f"(read-only, or another user's)") in _one_line_error(err)
     assert notes.read_text() == "mine" and not (locked / "new").exists()
 

@@ -29,22 +29,26 @@ SPEC_HELP = (f"preset name (random weights), a softvq checkpoint folder or hub i
              f"{OFFICIAL_PREFIX}FOLDER_OR_HUB_ID for a released SoftVQ-VAE checkpoint")
 
 
-def refuse_unwritable(target: str | Path, flag: str, writes: str) -> None:
+def refuse_unwritable(folder: str | Path, flag: str, writes: str, *, given: str | Path | None = None) -> None:
     """Refuse, before any work, an output folder a command could not write into at its end:
-    ``target`` is a file, lies under a file, or it (or, not made yet, the nearest folder above it)
-    is not writable (read-only, immutable, another user's). ``writes``: what the command writes
-    there ("eval writes its report there"), for the message."""
-    target = Path(target).expanduser()
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{flag} {target} is a file; {writes}: choose another {flag}")
-    existing = target
-    while not existing.exists():  # a relative path ends at "."
+    ``folder`` is a file or a broken symbolic link, lies under a file, or it (or, not made yet, the
+    nearest folder above it) is not writable (read-only, immutable, another user's). ``writes``:
+    what the command writes there, for the message; ``given``: the path ``flag`` named, where that
+    is a file to write in ``folder`` (default: ``folder``)."""
+    folder = Path(folder).expanduser()
+    shown = Path(given).expanduser() if given is not None else folder
+    existing = folder
+    while not os.path.lexists(existing):  # a relative path ends at "."
         existing = existing.parent
+    if existing.is_symlink() and not existing.exists():
+        raise NotADirectoryError(f"{flag} {shown}: {existing} is a broken symbolic link; {writes}: choose another "
+                                 f"{flag}, or remove the link")
     if not existing.is_dir():
-        raise NotADirectoryError(f"{flag} {target} lies under {existing}, a file; {writes}: choose another {flag}")
+        where = "is a file" if existing == shown else f"lies under {existing}, a file"
+        raise NotADirectoryError(f"{flag} {shown} {where}; {writes}: choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        where = "it" if existing == target else f"{existing}, where it would be made,"
-        raise PermissionError(f"{flag} {target}: {where} is not writable (read-only, or another user's); "
+        where = "it" if existing == shown else f"{existing}, where it would be made,"
+        raise PermissionError(f"{flag} {shown}: {where} is not writable (read-only, or another user's); "
                               f"{writes}: choose another {flag}")
 
 

@@ -75,8 +75,9 @@ def read_latents(path: str | Path) -> LatentsFile:
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
     if latents.dim() != 3 or not latents.is_floating_point():
-        raise CheckpointError(f"{path}: 'latents' is a {tuple(latents.shape)} {str(latents.dtype).removeprefix('torch.')} "
-                              f"tensor; softvq encode writes (N, L, D) floats")
+        dtype = str(latents.dtype).removeprefix("torch.")
+        raise CheckpointError(f"{path}: 'latents' is a {tuple(latents.shape)} {dtype} tensor; softvq encode writes "
+                              f"(N, L, D) floats")
     names: object = [f"{i:06d}" for i in range(len(latents))]
     if "names" in meta:
         try:
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; name the latents file to write, e.g. {out / 'latents.safetensors'}")
     refuse_to_overwrite([out], "choose another --out, or delete it first")  # before the encoding, not after
-    refuse_unwritable(out.parent, "--out", "encode writes the latents file into that folder")
+    refuse_unwritable(out.parent, "--out", "encode writes the latents file there", given=out)
     torch.manual_seed(args.seed)
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     size = model.config.image_size

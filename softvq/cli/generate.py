@@ -147,7 +147,12 @@ def run(args: argparse.Namespace) -> int:
     from softvq.generation.samples import OtherTokenizerWarning, pack_npz, write_samples
     from softvq.resume import weights_sha1
 
-    refuse_unwritable(Path(args.out), "--out", "generate writes the samples there")
+    from softvq.training.accelerator import first_launched_process, launched_accelerator, said_by_main_process
+
+    try:
+        refuse_unwritable(Path(args.out), "--out", "generate writes the samples there")
+    except OSError as exc:  # every process of a launched run finds it: the first one says it
+        raise said_by_main_process(exc, first_launched_process()) from None
     if args.fid_ref:  # checked before sampling, which may take hours, not after
         reference = Path(args.fid_ref).expanduser()
         if reference.suffix == ".npz" and not reference.is_file():
@@ -158,7 +163,6 @@ def run(args: argparse.Namespace) -> int:
             load_reference_stats(reference)  # a file that is not reference statistics is named now
         if reference.suffix != ".npz":
             require_folder(reference, "--fid-ref takes a .npz of reference statistics or an image folder")
-    from softvq.training.accelerator import launched_accelerator, said_by_main_process
 
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")  # torchrun: split the batches
     device = accelerator.device if accelerator is not None else resolve_device(args.device)

@@ -48,15 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from softvq.generation.latent_sources import bundled_source, folder_source
     from softvq.generation.pretokenize import interrupted_run, interrupted_tokenizer, pretokenize
-    from softvq.training.accelerator import decided_by_main_process, launched_accelerator
+    from softvq.training.accelerator import decided_by_main_process, launched_accelerator, said_by_main_process
 
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
     main_process = accelerator is None or accelerator.is_main_process
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} is a file; pretokenize writes a folder of latent shards: name another OUT")
-    refuse_unwritable(out, "OUT", "pretokenize writes its latent shards there")
+    try:
+        refuse_unwritable(out, "OUT", "pretokenize writes a folder of latent shards")
+    except OSError as exc:  # every process of a launched run finds it: the main process says it
+        raise said_by_main_process(exc, main_process) from None
     # a finished set is refused here, before anything is written
     resuming = decided_by_main_process(accelerator, lambda: interrupted_run(out))
     kept = out / "tokenizer"
