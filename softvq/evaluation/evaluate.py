@@ -175,7 +175,8 @@ def _evaluation_identity(model, refs: list, files: list, root: Path | None, size
     images = listing_sha1(ref.name for ref in refs)
     stats = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, {}, root)
     return {"weights_sha1": weights_sha1(model), "precision": model.precision, "images": len(refs),
-            "images_sha1": images, "image_files (names, sizes, times)": stats[:16], "image_size": size, "batch_size": options.batch_size, "fid": options.fid,
+            "images_sha1": images, "image_files_sha256": stats[:16], "image_size": size,
+            "batch_size": options.batch_size, "fid": options.fid,
             "fid_weights": options.fid_weights, "fid_normalization": options.fid_normalization,
             "fid_resize": options.fid_resize, "crop": CENTER_CROP,
             "lpips_nets": list(options.lpips_nets)}
@@ -214,8 +215,9 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     size = options.image_size or model.config.image_size
     patch = model.config.patch_size
     if size % patch:  # before any image is read; the tokenizer's own message would suggest a --resize eval lacks
+        nearest = sorted({size // patch * patch or patch, (size // patch + 1) * patch})
         raise ValueError(f"image size {size} is not a multiple of the model's patch size {patch}: evaluate at "
-                         f"{size // patch * patch or patch} or {(size // patch + 1) * patch} (--image-size)")
+                         f"{' or '.join(map(str, nearest))} (--image-size)")
     refs, files, root = list_image_refs(source, options.num_images)
     n = len(refs)
     notes: list[str] = []

@@ -29,7 +29,8 @@ def load_saved_state(state_file: Path | None, identity: dict[str, Any]) -> dict[
     except Exception as exc:  # noqa: BLE001 - any unreadable state means the same thing to the user
         raise ValueError(f"{state_file} (the state of an interrupted evaluation) is unreadable "
                          f"({type(exc).__name__}); delete it to start over") from None
-    changed = changed_settings(saved, identity)
+    # a key an older softvq did not record is not held against its state
+    changed = changed_settings(saved, identity, ignore=[key for key in identity if key not in saved])
     if changed:
         raise ValueError(f"{state_file} holds an interrupted evaluation of other weights, images or options "
                          f"({'; '.join(changed)}); rerun it as it was to continue, or delete the file to start over")
