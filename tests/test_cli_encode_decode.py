@@ -100,7 +100,8 @@ def test_a_preset_seed_is_recorded_so_decode_rebuilds_the_same_weights(tmp_path,
     model.save_pretrained(tmp_path / "same")  # seed 7's weights, saved: was "encoded with softvq-tiny; decoding with"
     assert main(["decode", latents_file, "--model", str(tmp_path / "same"), "--out", str(tmp_path / "c")]) == 0
     assert "warning" not in capsys.readouterr().err
-    assert main(["encode", str(folder), "--model", str(tmp_path / "same"), "--out", str(tmp_path / "y.safetensors")]) == 0
+    assert main(["encode", str(folder), "--model", str(tmp_path / "same"),
+                 "--out", str(tmp_path / "y.safetensors")]) == 0
     Tokenizer.from_preset("softvq-tiny").save_pretrained(tmp_path / "same")  # trained further, as it were
     capsys.readouterr()
     assert main(["decode", str(tmp_path / "y.safetensors"), "--out", str(tmp_path / "d")]) == 0  # was: no word
@@ -196,7 +197,8 @@ def test_an_interrupted_decode_continues_and_another_decode_is_refused(tmp_path,
 
 
 @pytest.mark.parametrize("tensor, metadata, named", [
-    (torch.zeros(2, 16, 8, dtype=torch.int32), {}, "'latents' is a (2, 16, 8) int32 tensor; softvq encode writes (N, L, D) floats"),
+    (torch.zeros(2, 16, 8, dtype=torch.int32), {},
+     "'latents' is a (2, 16, 8) int32 tensor; softvq encode writes (N, L, D) floats"),
     (torch.zeros(2, 16, 8), {"names": "[1, 2]"}, "its 'names' metadata is not a JSON list of file names"),
     (torch.zeros(2, 16, 8), {"names": "a.png,b.png"}, "its 'names' metadata is not a JSON list of file names"),
     (torch.zeros(2, 16, 8), {"names": '["a.png", ""]'}, "its 'names' metadata is not a JSON list of file names"),

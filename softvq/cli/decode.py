@@ -87,12 +87,15 @@ def run(args: argparse.Namespace) -> int:
     if size % model.config.patch_size:
         raise ValueError(f"recorded image size {size} is not a multiple of the patch size {model.config.patch_size}")
     weights = weights_sha1(model)
-    encoded_by = data.meta.get("tokenizer_sha1")  # older files record the model's path alone
-    if encoded_by is not None and encoded_by != weights or \
-            encoded_by is None and args.model and recorded and portable_spec(args.model) != recorded:
+    encoded_by = data.meta.get("tokenizer_sha1")
+    if encoded_by is not None and encoded_by != weights:
         print(f"softvq: warning: {args.latents} was encoded by other weights than {spec}'s (encode had "
               f"{recorded}; trained further since, or another model): the images may not show what was encoded; "
               f"pass the --model that encoded them", file=sys.stderr)
+    elif encoded_by is None and args.model and recorded and portable_spec(args.model) != recorded:
+        # a file of an older softvq records the model's path alone
+        print(f"softvq: warning: {args.latents} was encoded with {recorded}; decoding with {args.model}",
+              file=sys.stderr)
     batch = args.batch_size
     record = {"latents": str(Path(args.latents).resolve()), "latents_sha1": _file_sha1(args.latents),
               "model": portable_spec(spec), "tokenizer_sha1": weights, "seed": seed,
