@@ -313,6 +313,9 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
                     unwrapped = acc.unwrap_model(model)
                     with ema.swapped_into(unwrapped):
                         save_generator(unwrapped, meta, milestone_export(run, done), step=done)
+            if stopping and done < cfg.steps and window.steps:
+                # the steps since the last line, before the checkpoint that a resumed run starts after
+                log_window(done, lr)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
                 rngs = gather_objects(capture_rng(), acc.num_processes)  # each process's own stream
                 unwrapped = acc.unwrap_model(model)
@@ -326,8 +329,6 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
                                     run, done, keep=cfg.keep_checkpoints)
             if stopping and done < cfg.steps:
                 stopped_at = done
-                if window.steps:  # the steps since the last line: a resumed run does not run them again
-                    log_window(done, lr)
                 break
     finally:
         stop.restore()
