@@ -44,7 +44,8 @@ def add_gen_arguments(p: argparse.ArgumentParser) -> None:
                    help="on CPU, skip throughput of models above this many GMACs per image (default 6)")
     p.add_argument("--no-throughput", action="store_true", help="GFLOPs and parameters only")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--no-mar", action="store_true", help="leave out the MAR-H table (paper Tab. 1: GFLOPs and sampling throughput)")
+    p.add_argument("--no-mar", action="store_true",
+                   help="leave out the MAR-H table (paper Tab. 1: GFLOPs and sampling throughput)")
 
 
 def run_gen(args: argparse.Namespace) -> int:

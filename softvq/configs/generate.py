@@ -79,7 +79,8 @@ def main() -> None:
     # and 10), then stage 2, the generative decoder, from stage 1's export. The optimizer and schedule
     # are WeTok's ablation recipe (Sec. 4 "Settings", supp. Tabs. 6-8 and 11-16): Adam with betas
     # (0.5, 0.9) and no weight decay, a constant lr of 1e-4 at global batch 128 (not rescaled), no
-    # warm-up, 250250 steps; Tab. 9's large run is schedule.batch_size=1056 schedule.steps=550550. The
+    # warm-up, 250250 steps; Tab. 9's large run is schedule.batch_size=1056 schedule.steps=550550. WeTok
+    # gives no gradient clipping and no EMA decay (its tables say "ema: True"): paper.yaml's 1.0 and 0.9999 stay. The
     # network is SoftVQ-S's ViT, not WeTok's Open-MAGVIT2 CNN, so its losses stay those of paper.yaml
     # (LPIPS, the DINO discriminator, alignment): WeTok's Eq. 3 has no alignment term.
     # WeTok gives no commit weight or reduction: LFQ's implementations (MAGVIT-v2's family) average the
@@ -87,7 +88,7 @@ def main() -> None:
     # Nor an entropy weight: the entropy loss (WeTok Eqs. 7-9) takes SoftVQ's λ4 = 0.01 (paper.yaml).
     write("wetok-gq-s-64", "WeTok GQ on SoftVQ-S-64: 64 tokens x 32 binary channels in g=4 groups of d'=8 "
           "(WeTok Sec. 3.2, Tab. 9); WeTok's ablation recipe (Adam 0.5/0.9, no weight decay, constant lr 1e-4 "
-          "at batch 128, no warm-up, 250250 steps; supp. Tabs. 6-8); commit loss averaged over channels, as "
+          "at batch 128, no warm-up, 250250 steps; Sec. 4, supp. Tabs. 6-16); commit loss averaged over channels, as "
           "LFQ's implementations do; entropy weight SoftVQ's lambda4 = 0.01 (WeTok gives none)", {
               "model": {"preset": "softvq-s-64",
                         "bottleneck": {"kind": "lfq", "latent_dim": 32, "lfq_groups": 4, "segments": 1}},
