@@ -188,6 +188,22 @@ def test_offline_fallbacks_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert "VGG16-feature discriminator" in text and "instead of the paper's DINOv2" in text
 
 
+@needs_vgg
+@pytest.mark.parametrize("perceptual_weight", [0.0, 1.0])
+def test_the_offline_keys_work_whatever_lpips_does(perceptual_weight) -> None:
+    """paper.yaml's DINO names stay in the weights keys under the README's offline keys
+    (discriminator=vgg, alignment_target=vgg). Was: with LPIPS off they were read as VGG files
+    ("no weights file at dino_vits16"); with LPIPS on, ignored."""
+    from softvq.losses.alignment import VGGTarget
+    from softvq.losses.discriminators import VGGDiscriminator
+
+    cfg = ObjectiveConfig(perceptual_weight=perceptual_weight, discriminator="vgg", discriminator_weights="dino_vits16",
+                          alignment_target="vgg", alignment_weights="dinov2_vitl14")
+    obj = TokenizerObjective(cfg, _tok())
+    assert isinstance(obj.discriminator, VGGDiscriminator) and isinstance(obj.alignment_target, VGGTarget)
+    assert obj.discriminator.frozen("backbone") is obj.alignment_target.frozen("backbone")  # one VGG16 for both
+
+
 def test_weights_files_select_the_papers_networks(tmp_path) -> None:
     from softvq.losses.alignment import DinoV2Target
     from softvq.losses.discriminators import DinoDiscriminator

