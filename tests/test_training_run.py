@@ -695,3 +695,41 @@ def test_a_stop_between_log_lines_logs_the_steps_since_the_last_one(tmp_path):
     assert losses(tmp_path / "cut")[5] == pytest.approx((each[4] + each[5]) / 2, rel=1e-6)
     Trainer(cfg, tmp_path / "cut", resume=True).fit()
     assert sorted(losses(tmp_path / "cut")) == [3, 5, 6] and losses(tmp_path / "cut")[6] == pytest.approx(each[6])
+
+
+def test_a_log_line_holds_its_last_steps_lr_and_a_rate_without_grids(tmp_path, monkeypatch):
+    """The lr of a record is its step's (was: the window's mean, 3e-5 where the step had 5e-5), and
+    images/s counts the steps' own time (was: the held-out grid's too, 10x slower at grid steps)."""
+    import time
+
+    every_step = config_from_dict(tiny_tree(run={"log_every": 1}))
+    Trainer(every_step, tmp_path / "each").fit()
+    each = losses(tmp_path / "each", "lr")
+    assert len(set(each.values())) > 2  # warm-up, then the cosine: the lr moves every step
+
+    real_grid = Trainer.write_grid
+
+    def slow_grid(self):
+        time.sleep(1.0)  # a held-out grid of many images, say
+        return real_grid(self)
+
+    monkeypatch.setattr(Trainer, "write_grid", slow_grid)
+    cfg = config_from_dict(tiny_tree(run={"log_every": 3, "grid_every": 3}))
+    Trainer(cfg, tmp_path / "three").fit()
+    assert losses(tmp_path / "three", "lr") == {3: each[3], 6: each[6]}
+    # 3 steps of 4 images: with the grid's second in it, the rate could not pass 12 images/s
+    assert all(rate > 24 for rate in losses(tmp_path / "three", "images_per_s").values())
+
+
+def test_a_constant_logged_over_windows_of_any_length_stays_one_number():
+    """Summed in float32, 0.07 came out 0.0700000028 over 3 steps and 0.0700000003 over 1-2, so that
+    `softvq plot` drew a flat temperature as a curve with a dip at each resume."""
+    from softvq.training.logging import LogWindow
+
+    means = []
+    for steps in (3, 1, 2, 7):
+        window = LogWindow()
+        for _ in range(steps):
+            window.add({"bottleneck/temperature": torch.tensor(0.07)})  # float32, as the model logs it
+        means.append(window.means()["bottleneck/temperature"])
+    assert len(set(means)) == 1 and means[0] == float(torch.tensor(0.07))

@@ -241,18 +241,17 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     last_loss: float | torch.Tensor = math.nan  # the last step's loss, read from the device at the end
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.objective}",
                disable=not (progress and acc.is_main_process))
-    window, tick = LogWindow(), time.perf_counter()
+    window = LogWindow()
 
     def log_window(step: int, lr: float) -> None:
         """One log record: the means of the steps since the last one over every process
-        (collective), with the lr and EMA decay of ``step`` and the time those steps took."""
-        nonlocal tick
+        (collective), with the lr and EMA decay of ``step`` and the time those steps took (the
+        steps' own: exports and checkpoints between them left out)."""
         means = mean_over_processes(window.means(), acc.num_processes, acc.device)
         # the steps since the last line: fewer than log_every at the end, after a resume and at a stop
         record = {**means, "lr": lr, "ema_decay": ema.current_decay(),
-                  "sec_per_step": (time.perf_counter() - tick) / window.steps, "nonfinite_steps": nonfinite}
+                  "sec_per_step": window.seconds / window.steps, "nonfinite_steps": nonfinite}
         window.clear()
-        tick = time.perf_counter()
         if "loss" in record:  # a window of skipped steps only has none
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         log.scalars(step, record, echo=False)  # non-finite values as text: strict JSON has no NaN
@@ -264,6 +263,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     stopped_at = None
     try:
         for step in bar:
+            begun = time.perf_counter()
             idx = _batch_indices(len(latents), per_process, cfg.seed, step, acc.process_index)
             x, y = latents[idx], labels[idx]
             if acc.device.type == "cuda":  # pinned, so the copy need not wait for the steps still queued
@@ -295,13 +295,13 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
             done = step + 1
             if bad:
                 nonfinite += 1
-                window.add({"nonfinite": 1.0})  # its loss stays out of the window's mean
+                window.add({"nonfinite": 1.0}, seconds=time.perf_counter() - begun)  # no loss in the mean
                 say(f"step {done}: non-finite loss or gradient, step skipped ({nonfinite}/{cfg.max_nonfinite})")
                 if nonfinite >= cfg.max_nonfinite:
                     raise NonFiniteLossError(nonfinite_stop(cfg, run, done, nonfinite))
             else:
                 ema.update(acc.unwrap_model(model))
-                window.add({k: v.detach().float() for k, v in terms.items()})
+                window.add({k: v.detach() for k, v in terms.items()}, seconds=time.perf_counter() - begun)
             last_loss = terms["loss"].detach()
             if step == start:
                 first_loss = float(last_loss)

@@ -11,14 +11,13 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from softvq.atomic import atomic_write
 
-if TYPE_CHECKING:
-    import torch
 
 # Keys of the EMA weights' metrics on the held-out images, measured at each grid (not batch means).
 HELDOUT_PREFIX = "heldout/"
@@ -77,10 +76,13 @@ class RunLogger:
 
 class LogWindow:
     """The logged values of the steps since the last log line, summed where they were computed (on
-    the device: adding them waits for nothing). Each is averaged over the steps that logged it (a
-    skipped step logs no loss), except ``nonfinite``, which only skipped steps log: the share of the
-    window's steps they were. Both trainers log these means, as DiT's release logs the mean loss
-    since its last line rather than one step's."""
+    the device: adding them waits for nothing; in float64, so that a constant stays one). Each is
+    averaged over the steps that logged it (a skipped step logs no loss), except ``nonfinite``,
+    which only skipped steps log: the share of the window's steps they were. Both trainers log these
+    means, as DiT's release logs the mean loss since its last line rather than one step's.
+
+    ``latest`` values (the lr) are the last step's, not a mean; ``seconds`` sums the time spent in
+    the steps themselves, so that a rate leaves out held-out grids and checkpoints."""
 
     def __init__(self) -> None:
         self.clear()
@@ -88,17 +90,22 @@ class LogWindow:
     def clear(self) -> None:
         self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
-        self.steps, self.start = 0, time.time()
+        self.latest: dict[str, float] = {}
+        self.steps, self.seconds = 0, 0.0
 
-    def add(self, logs: dict[str, float | torch.Tensor]) -> None:
+    def add(self, logs: dict[str, float | torch.Tensor], *, seconds: float = 0.0,
+            latest: dict[str, float] | None = None) -> None:
         for k, v in logs.items():
-            self.sums[k] += v
+            self.sums[k] = self.sums[k] + (v.detach().double() if isinstance(v, torch.Tensor) else float(v))
             self.counts[k] += 1
+        self.latest.update(latest or {})
         self.steps += 1
+        self.seconds += seconds
 
     def means(self) -> dict[str, float]:
-        """The window's means (reading device values back: one sync)."""
-        return {k: float(v) / (self.steps if k == "nonfinite" else self.counts[k]) for k, v in self.sums.items()}
+        """The window's means and latest values (reading device values back: one sync)."""
+        means = {k: float(v) / (self.steps if k == "nonfinite" else self.counts[k]) for k, v in self.sums.items()}
+        return {**means, **self.latest}
 
 
 def format_value(value: Any) -> str:

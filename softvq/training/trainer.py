@@ -305,14 +305,16 @@ class Trainer:
                     if reason:
                         status = reason
                         break
+                    begun = time.perf_counter()
                     logs = self.train_step(data_iter)
-                    window.add(logs)
+                    lr = logs.pop("lr")  # the step's own, not a mean over the window
+                    window.add(logs, seconds=time.perf_counter() - begun, latest={"lr": float(lr)})
                     bar.update(1)
                     if self.is_main and run.progress and "loss" in logs and time.time() - shown_at > 1.0:
                         shown_at = time.time()  # reading the losses syncs the device: at most once a second
                         shown: dict[str, str] = {k: format_value(float(logs[k]))
                                                  for k in ("loss", "rec", "perceptual", "d/loss") if k in logs}
-                        rate = window.steps * cfg.schedule.batch_size / max(time.time() - window.start, 1e-9)
+                        rate = window.steps * cfg.schedule.batch_size / max(window.seconds, 1e-9)
                         shown["img/s"] = f"{rate:.1f}"
                         bar.set_postfix(shown, refresh=False)
                     step = self.step
@@ -708,7 +710,8 @@ class Trainer:
         back: one sync per log step) with the rates, counters and held-out metrics; collective."""
         cfg, run = self.cfg, self.cfg.run
         means = mean_over_processes(window.means(), self.world, self.device)
-        images_per_s = window.steps * cfg.schedule.batch_size / max(time.time() - window.start, 1e-9)
+        # the steps' own time: the held-out grids and checkpoints between them would swing it 10x
+        images_per_s = window.steps * cfg.schedule.batch_size / max(window.seconds, 1e-9)
         window.clear()  # before the write: a stop between the two must not log these steps again
         if self.data.num_items:  # shards do not say how many images an epoch holds: no epoch then
             means["epoch"] = step * cfg.schedule.batch_size / self.data.num_items
