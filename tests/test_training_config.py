@@ -383,3 +383,21 @@ def test_wetok_configs_are_gq_then_a_generative_decoder_from_its_export():
 ])
 def test_bottleneck_settings_the_kind_never_reads_are_found(overrides, unread):
     assert load_config("demo", overrides).unread_model_keys() == unread
+
+
+def test_a_short_run_is_told_which_ramps_it_ends_before():
+    """Was: only the lr warm-up was named; a 2-step run of a 250k-step config logged perceptual_weight
+    5e-05 and never started its GAN without a word."""
+    from softvq.training.trainer import late_ramps
+
+    shrunk = load_config("wetok-gq-s-64", ["schedule.steps=2"])
+    notes = late_ramps(shrunk)
+    assert len(notes) == 2 and "schedule.warmup_steps" not in " ".join(notes)  # WeTok's recipe has no lr warm-up
+    assert notes[0].startswith("warning: objective.perceptual_warmup_steps 10000 is not shorter than schedule.steps 2: "
+                               "LPIPS never reaches its weight 1")
+    assert notes[1].startswith("warning: objective.discriminator_start 20000 is not before schedule.steps 2: the GAN "
+                               "never starts")
+    assert late_ramps(load_config("paper", ["schedule.steps=30000"])) == []
+    assert len(late_ramps(load_config("paper", ["schedule.steps=3000"]))) == 3
+    assert late_ramps(load_config("paper", ["schedule.steps=3000", "objective.adversarial_weight=0",
+                                            "objective.perceptual_weight=0", "schedule.warmup_steps=10"])) == []

@@ -151,10 +151,7 @@ class Trainer:
         self.pending_notes: list[str] = []  # said once the logger exists
         self._settings_until: int | None = None  # the step a resume with other settings starts from
         self._earlier_settings: dict[str, Any] = {}  # and the checkpoint's settings, which it changes
-        if sched.warmup_steps >= sched.steps:  # a short run of a config whose warm-up is sized for 250k steps
-            self.pending_notes.append(f"warning: schedule.warmup_steps {sched.warmup_steps} is not shorter than "
-                                      f"schedule.steps {sched.steps}: the lr never reaches its peak; pass a shorter "
-                                      f"schedule.warmup_steps")
+        self.pending_notes += late_ramps(config)  # a short run of a config sized for 250k steps
         unread = config.unread_model_keys()
         if unread:  # accepted, saved in config.yaml, and doing nothing: say so where the run is logged
             bottleneck = config.model.bottleneck
@@ -821,6 +818,25 @@ class Trainer:
             self.logger.info(f"weights initialised from {c.run.init_from}")
         if c.run.init_encoder and self.step == 0:
             self.logger.info(f"encoder initialised from DINO weights {c.run.init_encoder} (paper Sec. 4.1)")
+
+
+def late_ramps(config: TrainConfig) -> list[str]:
+    """Warnings for what a run ends before: an lr warm-up, LPIPS's warm-up or the GAN's start at or
+    past ``schedule.steps`` (a config sized for 250k steps, shrunk to a few hundred)."""
+    sched, obj = config.schedule, config.objective
+    notes = []
+    if sched.warmup_steps >= sched.steps:
+        notes.append(f"warning: schedule.warmup_steps {sched.warmup_steps} is not shorter than schedule.steps "
+                     f"{sched.steps}: the lr never reaches its peak; pass a shorter schedule.warmup_steps")
+    if obj.perceptual_weight > 0 and obj.perceptual_warmup_steps >= sched.steps:
+        notes.append(f"warning: objective.perceptual_warmup_steps {obj.perceptual_warmup_steps} is not shorter than "
+                     f"schedule.steps {sched.steps}: LPIPS never reaches its weight {obj.perceptual_weight:g}; pass "
+                     f"a shorter objective.perceptual_warmup_steps")
+    if obj.adversarial_weight > 0 and obj.discriminator_start >= sched.steps:
+        notes.append(f"warning: objective.discriminator_start {obj.discriminator_start} is not before schedule.steps "
+                     f"{sched.steps}: the GAN never starts; pass an earlier objective.discriminator_start (or "
+                     f"objective.adversarial_weight=0 to say so)")
+    return notes
 
 
 def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
