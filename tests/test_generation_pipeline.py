@@ -236,7 +236,7 @@ def test_bench_gen_times_mar_sampling_whole_at_its_evaluation_setting(monkeypatc
     text = benchmark.mar_table(throughput=True, device="cpu", batch=8, max_gmacs_cpu=80.0, progress=False)
     rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("MAR-H")}
     assert rows["SoftVQ-L"].split()[-2:] == ["2", "2.08"]  # measured beside the paper's, on 32 tokens (68 GMACs)
-    assert "0.89  throughput skipped on CPU (86 GMACs/img)" in rows["SoftVQ-BL"]
+    assert "0.89  throughput skipped on CPU (86 GMACs/img; --max-gmacs-cpu)" in rows["SoftVQ-BL"]
     assert benchmark.mar_table(throughput=False).splitlines()[3].split()[-2:] == ["-", "0.12"]
 
 

@@ -102,7 +102,7 @@ def generator_table(kinds=("dit", "sit"), sizes=("S", "B", "L", "XL"), layouts=t
         if throughput:
             per_image = counted.total / 1e9
             if device.type == "cpu" and per_image > max_gmacs_cpu:
-                note = f"throughput skipped on CPU ({per_image:.0f} GMACs/img)"
+                note = f"throughput skipped on CPU ({per_image:.0f} GMACs/img; --max-gmacs-cpu)"
             else:
                 if progress:
                     print(f"  timing {kind}-{size} {layout} ...", flush=True)
@@ -143,8 +143,8 @@ def format_table(rows: list[Row], device_label: str, sampling_steps: int = 250, 
     lines += ["", "GMACs lin: linear layers only; all: + attention matmuls (DiT paper convention); paper-conv: "
               "linear + the REPA projector the released SiT runs (reproduces Tab. 1). paper: Tab. 1, 64x64/2 Tab. 2 "
               "(its 2D rows, 80.73/81.92 and 373.34/373.32, follow neither convention: DiT's own counts for XL/2 are 118.6 "
-              "at 256 px and 524.6 at 512 px, our 'all'). "
-              "img/s: batch / (median forward time x sampling steps)."]
+              "at 256 px and 524.6 at 512 px, our 'all')."
+              + (" img/s: batch / (median forward time x sampling steps)." if timed else "")]
     return "\n".join(lines)
 
 
@@ -190,7 +190,7 @@ def mar_table(*, throughput: bool = False, device: str | torch.device = "cpu", b
         gmacs = counted.total / 1e9
         ips, note = "-", ""
         if throughput and device.type == "cpu" and gmacs > max_gmacs_cpu:
-            note = f"throughput skipped on CPU ({gmacs:.0f} GMACs/img)"
+            note = f"throughput skipped on CPU ({gmacs:.0f} GMACs/img; --max-gmacs-cpu)"
         elif throughput:
             if progress:
                 print(f"  timing MAR-H on {tokens} tokens ...", flush=True)
@@ -200,6 +200,7 @@ def mar_table(*, throughput: bool = False, device: str | torch.device = "cpu", b
     lines += ["", "GMACs: the transformer at the first sampling step (encoder on the 64 buffer tokens, decoder "
               "on all) + one diffusion-head pass per token, attention included. This reproduces the SoftVQ rows "
               "within 1%; the paper's KL-16 row (145.08) is below the decoder on 320 tokens plus the head "
-              "(126 + 39 GMACs), so it was counted some other way. img/s: batch / the sampler's whole time "
-              "(one step per token), measured, not extrapolated."]
+              "(126 + 39 GMACs), so it was counted some other way."]
+    if throughput:
+        lines[-1] += " img/s: batch / the sampler's whole time (one step per token), measured, not extrapolated."
     return "\n".join(lines)
