@@ -131,51 +131,48 @@ def test_a_launched_worker_exits_without_interpreter_finalisation(world_size, fi
     assert bad.returncode == 2 and "no-such-preset" in bad.stderr
 
 
-def test_launched_processes_agree_on_a_stop_any_one_of_them_heard(tmp_path):
-    """Both trainers stop when any process got Ctrl-C / SIGTERM: the flag is all-reduced."""
-    script = tmp_path / "agree.py"
+def _ranks_write(tmp_path, body: str) -> list[str]:
+    """Run ``body`` (script lines that set ``result``) on 2 launched CPU processes; each rank's
+    ``repr(result)``, in rank order."""
+    script = tmp_path / "ranks.py"
     script.write_text(
         "from softvq.cli.main import release_process_group\n"
-        "from softvq.training.stopping import on_any_process\n"
         "from softvq.training.accelerator import new_accelerator\n"
         "acc = new_accelerator(cpu=True)\n"
         "rank = acc.process_index\n"
-        "answers = (on_any_process([rank == 1], acc.device)[0], on_any_process([False], acc.device)[0])\n"
-        f"open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(repr(answers))\n"
+        + body +
+        f"open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(repr(result))\n"
         "release_process_group()\n"
     )
     proc = subprocess.run(torchrun(2) + [str(script)], env=cpu_process_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+
+
+def test_launched_processes_agree_on_a_stop_any_one_of_them_heard(tmp_path):
+    """Both trainers stop when any process got Ctrl-C / SIGTERM: the flag is all-reduced."""
+    answers = _ranks_write(tmp_path, "from softvq.training.stopping import on_any_process\n"
+                                     "result = (on_any_process([rank == 1], acc.device)[0], "
+                                     "on_any_process([False], acc.device)[0])\n")
     # rank 0 did not hear it, yet learns that rank 1 did; nobody heard anything in the second call
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["(True, False)", "(True, False)"]
+    assert answers == ["(True, False)", "(True, False)"]
 
 
-@pytest.mark.slow
 def test_launched_processes_log_the_mean_of_their_windows(tmp_path):
     """Both trainers' log lines are the mean over processes (mean_over_processes): each rank's
     window means, averaged key by key, and the same record on every rank."""
-    script = tmp_path / "means.py"
-    script.write_text(
-        "from softvq.cli.main import release_process_group\n"
-        "from softvq.training.accelerator import mean_over_processes, new_accelerator\n"
-        "from softvq.training.logging import LogWindow\n"
-        "acc = new_accelerator(cpu=True)\n"
-        "rank = acc.process_index\n"
-        "window = LogWindow()\n"
-        "for step in range(3):\n"
-        "    window.add({'loss': 10.0 * rank + step}, latest={'lr': 0.5})\n"
-        "means = mean_over_processes(window.means(), acc.num_processes, acc.device)\n"
-        f"open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(repr(sorted(means.items())))\n"
-        "release_process_group()\n"
-    )
-    proc = subprocess.run(torchrun(2) + [str(script)], env=cpu_process_env(), capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    means = _ranks_write(tmp_path, "from softvq.training.accelerator import mean_over_processes\n"
+                                   "from softvq.training.logging import LogWindow\n"
+                                   "window = LogWindow()\n"
+                                   "for step in range(3):\n"
+                                   "    window.add({'loss': 10.0 * rank + step}, latest={'lr': 0.5})\n"
+                                   "result = sorted(mean_over_processes(window.means(), 2, acc.device).items())\n")
     # rank 0's steps log 0, 1, 2 (mean 1); rank 1's 10, 11, 12 (mean 11): the line says 6 on both
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["[('loss', 6.0), ('lr', 0.5)]"] * 2
+    assert means == ["[('loss', 6.0), ('lr', 0.5)]"] * 2
 
 
+@pytest.mark.slow
 def test_a_launched_run_stopped_by_sigterm_keeps_a_checkpoint_and_resumes_exactly(tmp_path):
     """A scheduler's SIGTERM, sent as Slurm sends it, to every process (the workers, then torchrun,
     which relays its own to them: two per worker), stops the run after the step in progress with a
