@@ -717,8 +717,11 @@ def test_a_log_line_holds_its_last_steps_lr_and_a_rate_without_grids(tmp_path, m
     cfg = config_from_dict(tiny_tree(run={"log_every": 3, "grid_every": 3}))
     Trainer(cfg, tmp_path / "three").fit()
     assert losses(tmp_path / "three", "lr") == {3: each[3], 6: each[6]}
-    # 3 steps of 4 images: with the grid's second in it, the rate could not pass 12 images/s
+    # 3 steps of 4 images: with the grid's second in it, the rate could not pass 12 images/s; nor
+    # could metrics.json's over the 6 steps with its two grids
     assert all(rate > 24 for rate in losses(tmp_path / "three", "images_per_s").values())
+    metrics = json.loads((tmp_path / "three" / "metrics.json").read_text())
+    assert metrics["steps_this_run"] == 6 and metrics["images_per_second"] > 24
 
 
 def test_a_constant_logged_over_windows_of_any_length_stays_one_number():

@@ -207,6 +207,7 @@ class Trainer:
         self._mid_step = False  # True while a step updates weights, optimizer and EMA
         self._step_start: tuple[dict[int, tuple[int, int]], dict[str, Any]] | None = None  # set by train_step
         self._fitted = False
+        self._step_seconds = 0.0  # the time this call's steps took, grids and checkpoints left out
         self._set_aside: Path | None = None  # where an explicit older checkpoint moved the line it leaves
         resume_state = self._load_resume(checkpoint, explicit=resume is not True) if checkpoint else None
         if resume and self.is_main:
@@ -305,7 +306,9 @@ class Trainer:
                     begun = time.perf_counter()
                     logs = self.train_step(data_iter)
                     lr = logs.pop("lr")  # the step's own, not a mean over the window
-                    window.add(logs, seconds=time.perf_counter() - begun, latest={"lr": float(lr)})
+                    spent = time.perf_counter() - begun
+                    self._step_seconds += spent
+                    window.add(logs, seconds=spent, latest={"lr": float(lr)})
                     bar.update(1)
                     if self.is_main and run.progress and "loss" in logs and time.time() - shown_at > 1.0:
                         shown_at = time.time()  # reading the losses syncs the device: at most once a second
@@ -769,9 +772,12 @@ class Trainer:
             **ema_metrics,
             **{f"raw_{k}": v for k, v in raw_metrics.items()},
             "weights": "ema",
+            # this call's: a resumed run's steps before it are not in them
             "wall_seconds": round(wall_seconds, 1),
-            # None when this process only made the outputs of steps trained before
-            "images_per_second": (round(steps_run * self.cfg.schedule.batch_size / max(wall_seconds, 1e-9), 2)
+            "steps_this_run": steps_run,
+            # the steps' own time, as the log's images_per_s (grids, checkpoints and start-up would make
+            # a short resumed part look slower); None when this call only made the outputs of earlier steps
+            "images_per_second": (round(steps_run * self.cfg.schedule.batch_size / max(self._step_seconds, 1e-9), 2)
                                   if steps_run else None),
             "nonfinite_steps": self.nonfinite_steps,
             "skipped_files": len(skipped),
