@@ -833,3 +833,6 @@ def test_eval_names_a_missing_source_and_an_image_size_off_the_patch_grid(tmp_pa
     # was: "... crop or resize the images (the CLI's --resize does this)", a flag eval does not have
     assert code == 2 and "image size 60 is not a multiple of the model's patch size 8: evaluate at 56 or 64 " \
                          "(--image-size)" in _one_line_error(err)
+    code, _, err = _run(capsys, "eval", "--model", "softvq-tiny", "--images", str(tmp_path), "--no-fid",
+                        "--image-size", "4", "--out", str(tmp_path / "o"))
+    assert code == 2 and "patch size 8: evaluate at 8 (--image-size)" in _one_line_error(err)  # was: "8 or 8"
