@@ -209,3 +209,28 @@ def test_decode_names_a_generator_that_is_not_one_and_noise_given_with_a_generat
     with pytest.raises(ValueError, match="pass noise or generator, not both"):
         tok.decode(z, noise=noise, generator=torch.Generator().manual_seed(0))
     assert torch.equal(tok.decode(z, noise=noise), tok.decode(z, noise=noise))
+
+
+def test_decode_continues_across_batch_sizes_only_without_decoder_noise(stage1, tmp_path, capsys):
+    """A generative decoder draws each batch's noise from (seed, batch start): another --batch-size
+    would make other images beside the first ones, so it stays refused; a deterministic decoder's
+    images do not depend on it (see tests/test_cli_encode_decode.py)."""
+    import numpy as np
+    from PIL import Image
+
+    from softvq.cli.main import main
+
+    stage2 = stage1.with_generative_decoder(NOISE).eval()
+    with torch.no_grad():
+        stage2.from_latent.weight[:, 4:].normal_(0, 0.5)
+    stage2.save_pretrained(tmp_path / "gd")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    latents = str(tmp_path / "z.safetensors")
+    assert main(["encode", str(folder), "--model", str(tmp_path / "gd"), "--out", latents]) == 0
+    assert main(["decode", latents, "--out", str(tmp_path / "out"), "--batch-size", "1"]) == 0
+    capsys.readouterr()
+    assert main(["decode", latents, "--out", str(tmp_path / "out"), "--batch-size", "2"]) == 2
+    assert "holds a decode of other latents or options (batch_size 1 -> 2)" in capsys.readouterr().err

@@ -101,9 +101,11 @@ def run(args: argparse.Namespace) -> int:
               "model": portable_spec(spec), "tokenizer_sha1": weights, "seed": seed,
               "precision": model.precision, "batch_size": batch, "image_size": size, "images": len(files)}
     if saved is not None:
-        # where the latents and the tokenizer are is no part of what was decoded: their sha1s are
-        changed = changed_settings({k: v for k, v in saved.items() if k not in ("latents", "model")},
-                                   {k: v for k, v in record.items() if k not in ("latents", "model")})
+        # where the latents and the tokenizer are is no part of what was decoded: their sha1s are;
+        # nor, without a generative decoder's per-batch noise, is the batch size
+        apart = ("latents", "model") + (() if model.config.decoder_noise_dim else ("batch_size",))
+        changed = changed_settings({k: v for k, v in saved.items() if k not in apart},
+                                   {k: v for k, v in record.items() if k not in apart})
         # images there, under this decode's names or the earlier one's: none made yet, nothing to mix
         if changed and _holds_images(out):
             raise FileExistsError(f"{out} holds a decode of other latents or options ({'; '.join(changed)}); run "
