@@ -3,8 +3,9 @@
 Reads a file written by ``softvq encode``; each row becomes ``DIR/<its image name>.png`` (the
 sub-folders of the encoded folder are kept). Without ``--model`` the SPEC recorded in the file
 is used. ``DIR/decode.json`` records what was decoded: an interrupted decode continues when run
-again with the same latents and options (each image is written whole or not at all); a
-different decode into that folder is refused.
+again with the same latents and options (each image is written whole or not at all; the batch
+size may change unless the decoder is generative, whose noise is drawn per batch); a different
+decode into that folder is refused.
 """
 
 from __future__ import annotations
