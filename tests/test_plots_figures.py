@@ -464,3 +464,18 @@ def test_a_term_at_weight_one_is_drawn_once(tmp_path, monkeypatch):
     plots.plot_training_curves(records, tmp_path / "c.png")
     titles = sorted(ax.get_title().split("  ")[0] for ax in drawn[0].axes if ax.get_visible())
     assert titles == ["align", "align_weighted", "rec"]
+
+
+def test_too_few_plot_images_for_a_projection_are_named(tmp_path):
+    """Was: latents.png left out without the note the help promises (one class of 2 images)."""
+    from PIL import Image
+
+    make_run(tmp_path / "run", with_eval=False)
+    (tmp_path / "imgs" / "cats").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((64, 64, 3), 90 * i, np.uint8)).save(tmp_path / "imgs" / "cats" / f"{i}.png")
+    messages = []
+    plot_runs([tmp_path / "run"], tmp_path / "out", images=tmp_path / "imgs", per_class=2, num_reconstructions=2,
+              projection="pca", log=messages.append)
+    assert not list((tmp_path / "out").rglob("latents.png"))
+    assert any("no latents.png: 2 plot image(s) of one class" in m for m in messages), messages

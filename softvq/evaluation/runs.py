@@ -364,6 +364,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
             written.append(plots.plot_latent_projection(feats.flatten(1), lats, labels, folder / "latents.png",
                                                         class_names=names, method=projection,
                                                         title=name))
+        else:  # a 2D projection of one class's one or two points says nothing
+            log(f"{name}: no latents.png: {len(labels)} plot image(s) of one class; pass --images with more "
+                f"images, or class sub-folders")
     rows = [comparison_row(r, name) for r, name in zip(runs, run_names) if not is_generator_run(r)]
     if any(row.get("measured_on") for row in rows):
         from softvq.atomic import atomic_write
