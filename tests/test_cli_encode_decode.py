@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from interrupting import interrupt_at_call
 
 from softvq import Tokenizer
 from softvq.cli.decode import output_names
@@ -151,14 +152,7 @@ def test_an_interrupted_decode_continues_and_another_decode_is_refused(tmp_path,
     latents = str(tmp_path / "z.safetensors")
     assert main(["encode", str(folder), "--model", "softvq-tiny", "--out", latents]) == 0
     assert main(["decode", latents, "--out", str(tmp_path / "straight"), "--batch-size", "1"]) == 0
-    real, calls = Tokenizer.decode, []
-
-    def stopped_at_second_batch(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(Tokenizer, "decode", stopped_at_second_batch)
+    interrupt_at_call(monkeypatch, Tokenizer, "decode", 2)  # at the second batch
     out = tmp_path / "cut"
     assert main(["decode", latents, "--out", str(out), "--batch-size", "1"]) == 130
     assert "run the same command again to decode the rest" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from interrupting import interrupt_at_call
 
 from softvq import Tokenizer
 from softvq.cli.main import main
@@ -153,15 +154,7 @@ def test_an_interrupted_reconstruct_keeps_the_psnrs_of_the_images_it_made(tmp_pa
     folder.mkdir()
     for photo in bundled_photos()[:3]:
         (folder / photo.name).write_bytes(photo.read_bytes())
-    real, calls = Tokenizer.forward, []
-
-    def stopped_at_second_batch(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Tokenizer, "forward", stopped_at_second_batch)
+    interrupt_at_call(monkeypatch, Tokenizer, "forward", 2)  # at the second batch
     assert main(["reconstruct", str(folder), "--resize", "--batch-size", "1", "--out", str(tmp_path / "o")]) == 130
     assert f"the PSNRs of the 1 image(s) reconstructed so far are in {tmp_path / 'o' / 'psnr.csv'}" in \
         capsys.readouterr().err

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from interrupting import interrupt_at_call
 
 from softvq import Tokenizer
 from softvq.evaluation.generated import sample_folder
@@ -240,19 +241,6 @@ def test_bench_gen_times_mar_sampling_whole_at_its_evaluation_setting(monkeypatc
     assert benchmark.mar_table(throughput=False).splitlines()[3].split()[-2:] == ["-", "0.12"]
 
 
-def _interrupt_encoding_at_call(monkeypatch, n):
-    """Make Tokenizer.encode_latents raise KeyboardInterrupt (Ctrl-C) on its n-th call."""
-    real, calls = Tokenizer.encode_latents, []
-
-    def encode_latents(self, images):
-        calls.append(1)
-        if len(calls) == n:
-            raise KeyboardInterrupt
-        return real(self, images)
-
-    monkeypatch.setattr(Tokenizer, "encode_latents", encode_latents)
-
-
 def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monkeypatch):
     from PIL import Image
 
@@ -268,7 +256,8 @@ def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monk
     run = dict(tokenizer_spec="tok", batch_size=3, shard_size=4, progress=False)
     straight = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "straight", **run)
 
-    _interrupt_encoding_at_call(monkeypatch, 3)  # batches 1-2 read 00..05 (+ the broken file): one shard
+    # batches 1-2 read 00..05 (+ the broken file): one shard
+    interrupt_at_call(monkeypatch, Tokenizer, "encode_latents", 3)
     with pytest.raises(KeyboardInterrupt):
         pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
     monkeypatch.undo()
@@ -322,7 +311,7 @@ def test_a_damaged_shard_is_encoded_again_from_the_last_whole_one_before_it(tmp_
     (tmp_path / "imgs" / "a" / "04_broken.png").write_bytes(b"\x89PNG not really")  # read inside shard 1
     run = dict(tokenizer_spec="tok", batch_size=3, shard_size=4, progress=False)
     straight = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "straight", **run)
-    _interrupt_encoding_at_call(monkeypatch, 4)  # 9 samples read: shards 0 and 1 written
+    interrupt_at_call(monkeypatch, Tokenizer, "encode_latents", 4)  # 9 samples read: shards 0 and 1 written
     with pytest.raises(KeyboardInterrupt):
         pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
     monkeypatch.undo()
@@ -351,7 +340,7 @@ def test_pretokenize_cli_continues_a_random_preset_with_its_saved_weights(tmp_pa
 
     command = ["pretokenize", str(tmp_path / "lat"), "--bundled", "--model", "softvq-tiny", "--crops-per-photo", "2",
                "--batch-size", "2", "--shard-size", "2", "--device", "cpu"]
-    _interrupt_encoding_at_call(monkeypatch, 3)
+    interrupt_at_call(monkeypatch, Tokenizer, "encode_latents", 3)
     assert main(command) == 130  # Ctrl-C: "interrupted"
     monkeypatch.undo()
     saved = (tmp_path / "lat" / "tokenizer" / "model.safetensors").read_bytes()
@@ -374,7 +363,7 @@ def test_pretokenize_cli_names_the_model_an_interrupted_set_was_started_with(tmp
     tiny_tokenizer(tmp_path)
     command = ["pretokenize", str(tmp_path / "lat"), "--bundled", "--crops-per-photo", "2", "--batch-size", "2",
                "--shard-size", "2", "--device", "cpu", "--model"]
-    _interrupt_encoding_at_call(monkeypatch, 3)
+    interrupt_at_call(monkeypatch, Tokenizer, "encode_latents", 3)
     assert main([*command, str(tmp_path / "tok")]) == 130
     monkeypatch.undo()
     assert "interrupted; the complete shards are kept: run the same command again" in capsys.readouterr().err
@@ -680,7 +669,7 @@ def test_a_changed_source_setting_is_named_alone(tmp_path, monkeypatch, capsys):
 
     command = ["pretokenize", str(tmp_path / "lat"), "--bundled", "--model", "softvq-tiny", "--crops-per-photo", "1",
                "--batch-size", "1", "--shard-size", "1", "--device", "cpu"]
-    _interrupt_encoding_at_call(monkeypatch, 2)
+    interrupt_at_call(monkeypatch, Tokenizer, "encode_latents", 2)
     assert main(command) == 130
     monkeypatch.undo()
     capsys.readouterr()
@@ -695,7 +684,7 @@ def test_train_generator_says_what_is_wrong_with_its_latents_or_run(tmp_path, mo
     tiny_tokenizer(tmp_path)
     run = ["train-generator", "--out", str(tmp_path / "g"), "--width", "32", "--depth", "1", "--heads", "2",
            "--batch-size", "4", "--steps", "1", "--cpu", "--quiet"]
-    _interrupt_encoding_at_call(monkeypatch, 2)
+    interrupt_at_call(monkeypatch, Tokenizer, "encode_latents", 2)
     assert main(["pretokenize", str(tmp_path / "cut"), "--bundled", "--crops-per-photo", "1", "--batch-size", "1",
                  "--shard-size", "1", "--device", "cpu", "--model", str(tmp_path / "tok")]) == 130
     monkeypatch.undo()
