@@ -743,11 +743,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return target
 
-    def lpips(self) -> nn.Module | None:
-        """The LPIPS network the held-out grids are scored with (loaded at first use), or None when
-        ``run.eval_lpips`` is off."""
-        return self.monitor.lpips()
-
     def final_metrics(self, wall_seconds: float, start_step: int) -> dict[str, Any]:
         """Held-out PSNR / LPIPS of the EMA and the raw weights, the last grid, ``metrics.json``."""
         held: HeldOut = self.heldout
