@@ -122,6 +122,14 @@ def samples_report_folder(samples: Path) -> Path:
     return Path("eval")
 
 
+def report_folder(args: argparse.Namespace, default: Path) -> Path:
+    """Where the report (and an interrupted evaluation's state) goes: ``--out``, else ``default``;
+    refused before any work where it could not be written."""
+    out = Path(args.out) if args.out else default
+    refuse_unwritable(out, "--out", "eval writes its report there")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from softvq.evaluation.evaluate import EvalOptions, evaluate_tokenizer
     from softvq.evaluation.generated import evaluate_samples
@@ -168,8 +176,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--reference-stats is the rFID statistics file of --model; with --samples the "
                              "reference statistics are cached by checksum in ~/.cache/softvq/fid-stats/, "
                              "or pass a .npz of them as --images")
-        out = Path(args.out) if args.out else samples_report_folder(Path(args.samples))
-        refuse_unwritable(out, "--out", "eval writes its report there")
+        out = report_folder(args, samples_report_folder(Path(args.samples)))
         # the features extracted so far are kept in OUT, and the same command continues from them
         report = evaluate_samples(args.samples, args.images, num_images=args.num_images,
                                   batch_size=args.batch_size, fid_weights=args.fid_weights,
@@ -181,8 +188,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.model:
             raise ValueError("pass --model SPEC (a checkpoint folder, a run folder, official:ID or a preset)")
         spec, home = resolve_model_spec(args.model)
-        out = Path(args.out) if args.out else (home / "eval" if home else Path("eval"))
-        refuse_unwritable(out, "--out", "eval writes its report there")
+        out = report_folder(args, home / "eval" if home else Path("eval"))
         torch.manual_seed(args.seed or 0)  # a preset's random weights: the same ones on every run
         model = load_tokenizer(spec, device, precision=args.precision)
         options = EvalOptions(
@@ -256,8 +262,7 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tu
     for note in notes:
         print(f"softvq: warning: {note}", file=sys.stderr)
     home = Path(args.probe_generator).expanduser()
-    out = Path(args.out) if args.out else (home / "eval" if home.is_dir() else Path("eval"))
-    refuse_unwritable(out, "--out", "eval writes its report there")
+    out = report_folder(args, home / "eval" if home.is_dir() else Path("eval"))
     # the latents and features extracted so far are kept in OUT; the same command continues from them
     result = probe_generator(model, meta, args.probe, val_folder=args.probe_val, tokenizer=tokenizer, layer=layer,
                              t=t, device=device, batch_size=args.batch_size, epochs=args.probe_epochs,

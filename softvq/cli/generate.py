@@ -146,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
     from softvq.generation.run_folder import stale_export_note
     from softvq.generation.samples import OtherTokenizerWarning, pack_npz, write_samples
     from softvq.resume import weights_sha1
-
     from softvq.training.accelerator import first_launched_process, launched_accelerator, said_by_main_process
 
     try:

@@ -200,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
         if not entries:
             raise ImageReadError("the folders given hold only earlier outputs of reconstruct; pass the folder of "
                                  "the originals")
-    planned = [stem + suffix for stem in unique_stems([path for path, _ in entries]) for suffix in OUTPUT_SUFFIXES]
+    all_stems = unique_stems([path for path, _ in entries])
+    planned = [stem + suffix for stem in all_stems for suffix in OUTPUT_SUFFIXES]
     theirs = [name for name in planned if name not in written and os.path.lexists(out / name)]
     if theirs:  # e.g. a photo of the user's called a_recon.png, in the folder given as --out too
         raise FileExistsError(f"--out {out} holds {first_few(theirs, 3)}, which reconstruct did not write and "
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     scores: list[float] = []
     rows: list[list[str]] = []  # psnr.csv: image, its reconstruction's file, PSNR
     skipped: list[str] = []
-    stems = iter(unique_stems([path for path, _ in entries]))
+    stems = iter(all_stems)
     batch = max(1, args.batch_size if size is not None else 1)
     device = next(model.parameters()).device
     remove_stale_temporaries(out)  # PNGs a killed run was writing

@@ -173,7 +173,7 @@ def _evaluation_identity(model, refs: list, files: list, root: Path | None, size
     files are known by name, size and modification time (one ``stat`` each, as the FID cache key):
     an image replaced after the sums began is not mixed in."""
     images = listing_sha1(ref.name for ref in refs)
-    stats = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, {}, root)
+    stats = fidlib.dataset_checksum(files, {}, root)
     return {"weights_sha1": weights_sha1(model), "precision": model.precision, "images": len(refs),
             "images_sha1": images, "image_files_sha256": stats[:16], "image_size": size,
             "batch_size": options.batch_size, "fid": options.fid,

@@ -59,6 +59,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _skipped_on_cpu(device: torch.device, gmacs_per_image: float, max_gmacs_cpu: float) -> str:
+    """The note of a model too large to time on a CPU (minutes a pass on 2 cores), or "" to time it."""
+    if device.type == "cpu" and gmacs_per_image > max_gmacs_cpu:
+        return f"throughput skipped on CPU ({gmacs_per_image:.0f} GMACs/img; --max-gmacs-cpu)"
+    return ""
+
+
 def time_forward(config: GeneratorConfig, batch: int, device: torch.device, repeats: int = 3) -> float:
     """Median seconds of one fp32 forward pass at ``batch`` (after one warm-up pass)."""
     torch.manual_seed(0)
@@ -101,9 +108,8 @@ def generator_table(kinds=("dit", "sit"), sizes=("S", "B", "L", "XL"), layouts=t
         ips, note = None, ""
         if throughput:
             per_image = counted.total / 1e9
-            if device.type == "cpu" and per_image > max_gmacs_cpu:
-                note = f"throughput skipped on CPU ({per_image:.0f} GMACs/img; --max-gmacs-cpu)"
-            else:
+            note = _skipped_on_cpu(device, per_image, max_gmacs_cpu)
+            if not note:
                 if progress:
                     print(f"  timing {kind}-{size} {layout} ...", flush=True)
                 seconds = time_forward(cfg, batch, device, repeats)
@@ -188,10 +194,8 @@ def mar_table(*, throughput: bool = False, device: str | torch.device = "cpu", b
             raise RuntimeError(f"FLOP counter and analytic count disagree for MAR-H on {tokens} tokens")
         params = build_generator(cfg, device="meta").num_parameters() / 1e6
         gmacs = counted.total / 1e9
-        ips, note = "-", ""
-        if throughput and device.type == "cpu" and gmacs > max_gmacs_cpu:
-            note = f"throughput skipped on CPU ({gmacs:.0f} GMACs/img; --max-gmacs-cpu)"
-        elif throughput:
+        ips, note = "-", _skipped_on_cpu(device, gmacs, max_gmacs_cpu) if throughput else ""
+        if throughput and not note:
             if progress:
                 print(f"  timing MAR-H on {tokens} tokens ...", flush=True)
             ips = f"{batch / time_mar_sampling(cfg, batch, device, diffusion_steps):.3g}"

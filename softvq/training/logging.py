@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from softvq.atomic import atomic_write
 
-
 # Keys of the EMA weights' metrics on the held-out images, measured at each grid (not batch means).
 HELDOUT_PREFIX = "heldout/"
 
