@@ -14,7 +14,7 @@ from PIL import Image
 import softvq
 from softvq.cli.main import main
 from softvq.data.images import bundled_photos, center_crop_resize, load_rgb
-from softvq.evaluation import inception
+from softvq.evaluation import fid as fidlib, inception
 from softvq.evaluation.evaluate import EvalOptions, evaluate_tokenizer
 from softvq.evaluation.generated import evaluate_samples
 from softvq.evaluation.report import to_markdown, write_report
@@ -481,7 +481,7 @@ class InterruptedTokenizer(softvq.Tokenizer):
 
 
 @needs_fid
-def test_an_interrupted_evaluation_continues_to_the_same_report(tmp_path, capsys):
+def test_an_interrupted_evaluation_continues_to_the_same_report(tmp_path, capsys, monkeypatch):
     write_photos(tmp_path / "imgs", 6)
     (tmp_path / "imgs" / "002_broken.png").write_bytes(b"\x89PNG not really")
     options = EvalOptions(num_images=7, batch_size=2, cache_dir=None, lpips_nets=("vgg",), progress=False,
@@ -491,8 +491,11 @@ def test_an_interrupted_evaluation_continues_to_the_same_report(tmp_path, capsys
 
     model = tiny(InterruptedTokenizer)
     model.stop_at = 3  # batches 1 and 2 (4 files, 3 readable) are summed, then Ctrl-C
+    listed, real_entries = [], fidlib.file_entries  # the FID cache key and the resume key: one stat per file
+    monkeypatch.setattr(fidlib, "file_entries", lambda *a: listed.append(a) or real_entries(*a))
     with pytest.raises(KeyboardInterrupt):
         evaluate_tokenizer(model, tmp_path / "imgs", options, state_file=state, save_every_s=1e9)
+    assert len(listed) == 1 and len(listed[0][0]) == 7
     assert "saved the sums of 3 images" in capsys.readouterr().err and state.is_file()
 
     with pytest.raises(ValueError, match="other weights, images or options .*batch_size 2 -> 3"):

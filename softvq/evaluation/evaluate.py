@@ -167,13 +167,13 @@ def _reference_cache(options: EvalOptions, checksum: str) -> Path | None:
     return None
 
 
-def _evaluation_identity(model, refs: list, files: list, root: Path | None, size: int,
+def _evaluation_identity(model, refs: list, file_entries: list[str], size: int,
                          options: EvalOptions) -> dict[str, Any]:
     """What an evaluation's running sums depend on: a resumed run must match it exactly. The image
-    files are known by name, size and modification time (one ``stat`` each, as the FID cache key):
-    an image replaced after the sums began is not mixed in."""
+    files are known by name, size and modification time (``fid.file_entries``, as the FID cache
+    key): an image replaced after the sums began is not mixed in."""
     images = listing_sha1(ref.name for ref in refs)
-    stats = fidlib.dataset_checksum(files, {}, root)
+    stats = fidlib.entries_checksum(file_entries, {})
     return {"weights_sha1": weights_sha1(model), "precision": model.precision, "images": len(refs),
             "images_sha1": images, "image_files_sha256": stats[:16], "image_size": size,
             "batch_size": options.batch_size, "fid": options.fid,
@@ -225,6 +225,8 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
         notes.append(f"only {n} images available (asked for {options.num_images})")
 
     extractor, ref_stats, cache_path, checksum, cached_digest = None, None, None, None, None
+    # one stat per file, shared by the FID cache key and the resume key
+    entries = fidlib.file_entries(files, root) if options.fid or state_file is not None else []
     if options.fid:
         from softvq.evaluation.inception import InceptionFeatureExtractor
 
@@ -234,8 +236,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
                                               resize=options.fid_resize)
         weights_name = extractor.weights_name
         protocol = protocol_of(options, size, n, weights_name)
-        checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files,
-                                           protocol, root)
+        checksum = fidlib.entries_checksum(entries, protocol)
         cache_path = _reference_cache(options, checksum)
         if cache_path is not None and cache_path.exists():
             ref_stats = fidlib.load_reference_stats(cache_path, checksum)
@@ -252,7 +253,7 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     skipped: list[str] = []
     evaluated = done_batches = 0
     state_file = Path(state_file).expanduser() if state_file is not None else None
-    identity = _evaluation_identity(model, refs, files, root, size, options) if state_file else {}
+    identity = _evaluation_identity(model, refs, entries, size, options) if state_file else {}
     saved = load_saved_state(state_file, identity)
     if saved is not None and "report" in saved:  # finished, kept for a caller that was stopped later
         if not keep_state:

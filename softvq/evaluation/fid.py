@@ -169,13 +169,11 @@ def frechet_distance(stats1: FeatureStats, stats2: FeatureStats) -> float:
 KEY_VERSION = 2  # 1 (no key_version in the file): paths and sizes only; 2: with modification times
 
 
-def dataset_checksum(files: Sequence[str | Path], protocol: dict[str, Any], root: str | Path | None = None) -> str:
-    """sha256 over the protocol and the sorted file list: each file's path (relative to ``root``,
-    so that moving or renaming the dataset folder keeps its cache), size and modification time in
-    nanoseconds (a missing or unstat-able file counts as size and time -1). One ``stat`` per file:
-    no image is read (see the module docstring)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(protocol, sort_keys=True).encode())
+def file_entries(files: Sequence[str | Path], root: str | Path | None = None) -> list[str]:
+    """Each file's path (relative to ``root``, so that moving or renaming the dataset folder keeps its
+    cache), size and modification time in nanoseconds, as one line: what :func:`dataset_checksum`
+    hashes. One ``stat`` per file, no image read; a missing or unstat-able file counts as size and
+    time -1."""
     entries = []
     for f in files:
         p = Path(f)
@@ -186,6 +184,20 @@ def dataset_checksum(files: Sequence[str | Path], protocol: dict[str, Any], root
         except OSError:
             size = mtime = -1
         entries.append(f"{rel}\t{size}\t{mtime}")
+    return entries
+
+
+def dataset_checksum(files: Sequence[str | Path], protocol: dict[str, Any], root: str | Path | None = None) -> str:
+    """sha256 over the protocol and the sorted :func:`file_entries` of ``files`` (see the module
+    docstring)."""
+    return entries_checksum(file_entries(files, root), protocol)
+
+
+def entries_checksum(entries: Sequence[str], protocol: dict[str, Any]) -> str:
+    """:func:`dataset_checksum` from entries already made: a caller that keys several things on the
+    same files stats each file once."""
+    h = hashlib.sha256()
+    h.update(json.dumps(protocol, sort_keys=True).encode())
     for entry in sorted(entries):
         h.update(b"\n" + entry.encode("utf-8", "surrogateescape"))  # a name that is not UTF-8: its own bytes
     return h.hexdigest()

@@ -80,7 +80,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
 
     def features(refs, files, root, desc):
         protocol = protocol_of(options, size, len(refs), extractor.weights_name)
-        checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
+        checksum = fidlib.dataset_checksum(files, protocol, root)
         state = Path(state_dir).expanduser() / f"eval-{desc}-state.pt" if state_dir is not None else None
         states.append(state)
         out, skipped, resumed = _extract_resumably(extractor, refs, size, batch_size, workers, desc, progress,
@@ -103,7 +103,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         # keyed by the images and the FID protocol alone: generate --fid-ref (no precision/recall) and
         # eval --samples share one cache, which keeps the features precision/recall needs when asked
         protocol = protocol_of(options, size, len(real_refs), extractor.weights_name)
-        checksum = fidlib.dataset_checksum([str(f) for f in files] if root is None else files, protocol, root)
+        checksum = fidlib.dataset_checksum(files, protocol, root)
         cache = Path(cache_dir).expanduser() / f"reference-{checksum[:24]}.npz" if cache_dir else None
         hit = cache if cache is not None and cache.is_file() else None
         cached = fidlib.load_reference_stats(hit, checksum) if hit is not None else None
