@@ -757,46 +757,67 @@ def test_a_launched_runs_sampler_flag_refusal_is_said_by_its_main_process(tmp_pa
 
 
 def _no_work(monkeypatch):
-    """Make every long evaluation / encoding fail loudly: the refusal must come before them."""
+    """Make every long evaluation, encoding, sampling or reconstruction fail loudly: the refusal must
+    come before them."""
     from softvq.cli import encode as encode_cli
     from softvq.cli import eval as eval_cli
+    from softvq.cli import pretokenize as pretokenize_cli
+    from softvq.cli import reconstruct as reconstruct_cli
     from softvq.evaluation import evaluate, generated
+    from softvq.generation import checkpoint, pretokenize
 
     def never(*args, **kwargs):
         raise AssertionError("the work started before --out was checked")
 
     monkeypatch.setattr(evaluate, "evaluate_tokenizer", never)
     monkeypatch.setattr(generated, "evaluate_samples", never)
-    monkeypatch.setattr(encode_cli, "load_tokenizer", never)
-    monkeypatch.setattr(eval_cli, "load_tokenizer", never)  # a checkpoint's load may be a download
+    monkeypatch.setattr(checkpoint, "load_generator", never)
+    monkeypatch.setattr(pretokenize, "pretokenize", never)
+    for cli in (encode_cli, eval_cli, pretokenize_cli, reconstruct_cli):  # a checkpoint's load may be a download
+        monkeypatch.setattr(cli, "load_tokenizer", never)
 
 
-@pytest.mark.parametrize("command", ["eval-model", "eval-samples", "encode"])
+# command -> (argv for images IMGS and an output OUT, the flag that names OUT, what the command writes there)
+_WRITERS = {
+    "eval-model": (lambda imgs, out: ["eval", "--model", "softvq-tiny", "--images", imgs, "--out", out],
+                   "--out", "eval writes its report there"),
+    "eval-samples": (lambda imgs, out: ["eval", "--samples", imgs, "--images", imgs, "--out", out],
+                     "--out", "eval writes its report there"),
+    "encode": (lambda imgs, out: ["encode", imgs, "--out", f"{out}/x.safetensors"],
+               "--out", "encode writes the latents file there"),
+    "generate": (lambda imgs, out: ["generate", imgs, "--out", out], "--out", "generate writes the samples there"),
+    "reconstruct": (lambda imgs, out: ["reconstruct", imgs, "--out", out],
+                    "--out", "reconstruct writes a folder of images"),
+    "pretokenize": (lambda imgs, out: ["pretokenize", out, "--images", imgs],
+                    "OUT", "pretokenize writes a folder of latent shards"),
+}
+
+
+@pytest.mark.parametrize("command", list(_WRITERS))
 def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, capsys, monkeypatch, command):
     """Was: eval and encode ran to the end (hours on 50,000 images), then failed on a raw errno
-    (Not a directory, Operation not permitted) and kept nothing."""
+    (Not a directory, Operation not permitted) and kept nothing. Every command that writes a folder
+    checks it first."""
     from softvq.cli import common
 
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "notes.txt").write_text("mine")
     _no_work(monkeypatch)
+    make_argv, flag, writes = _WRITERS[command]
 
     def argv(out):
-        return {"eval-model": ["eval", "--model", "softvq-tiny", "--images", str(tmp_path), "--out", out],
-                "eval-samples": ["eval", "--samples", str(tmp_path), "--images", str(tmp_path), "--out", out],
-                "encode": ["encode", str(tmp_path), "--out", f"{out}/x.safetensors"]}[command]
+        return make_argv(str(tmp_path), out)
 
-    writes = "encode writes the latents file there" if command == "encode" else "eval writes its report there"
     notes, below = tmp_path / "notes.txt", tmp_path / "notes.txt" / "deeper"
 
-    def shown(out):  # what --out named
+    def shown(out):  # what the flag named
         return out / "x.safetensors" if command == "encode" else out
 
     code, _, err = _run(capsys, *argv(str(notes)))
     where = f"lies under {notes}, a file" if command == "encode" else "is a file"
-    assert code == 2 and f"--out {shown(notes)} {where}; {writes}: choose another --out" in _one_line_error(err)
+    assert code == 2 and f"{flag} {shown(notes)} {where}; {writes}: choose another {flag}" in _one_line_error(err)
     code, _, err = _run(capsys, *argv(str(below)))
-    assert code == 2 and f"--out {shown(below)} lies under {notes}, a file" in _one_line_error(err)
+    assert code == 2 and f"{flag} {shown(below)} lies under {notes}, a file" in _one_line_error(err)
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # would fail at the end: mkdir on a broken link
     code, _, err = _run(capsys, *argv(str(tmp_path / "gone")))
     assert code == 2 and f"{tmp_path / 'gone'} is a broken symbolic link" in _one_line_error(err)
@@ -806,7 +827,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, c
     real_access = common.os.access
     monkeypatch.setattr(common.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
     code, _, err = _run(capsys, *argv(str(locked / "new")))
-    assert code == 2 and (f"--out {shown(locked / 'new')}: {locked}, where it would be made, is not writable "
+    assert code == 2 and (f"{flag} {shown(locked / 'new')}: {locked}, where it would be made, is not writable "
                           f"(read-only, or another user's)") in _one_line_error(err)
     assert notes.read_text() == "mine" and not (locked / "new").exists()
 
