@@ -272,3 +272,46 @@ def test_the_package_exports_every_bottleneck_the_factory_builds():
     assert built <= exported, built - exported  # a user imports from softvq.bottlenecks, not its modules
     assert all(issubclass(cls, package.Bottleneck) for cls in exported if isinstance(cls, type)
                and cls is not package.BottleneckOutput)
+
+
+@pytest.mark.parametrize("options", [
+    {"kind": "vq"}, {"kind": "vq", "distance": "cosine"}, {"kind": "lfq"}, {"kind": "lfq", "lfq_groups": 4},
+    {"kind": "vq", "groups": 2}, {"kind": "lfq", "lfq_groups": 2, "groups": 2}, {"kind": "vq", "residual_levels": 3},
+    {"kind": "vq", "groups": 2, "residual_levels": 2}, {"kind": "vq", "segments": 2},
+    {"kind": "lfq", "lfq_groups": 2, "segments": 2},
+])
+def test_a_hard_quantizers_indices_give_back_its_latents(options):
+    """For an autoregressive model on the codes: indices -> the codewords they name, whatever the
+    composition (groups concatenate code columns, levels add, segments split the sequence)."""
+    b = build(**options)
+    out = b(torch.randn(3, 6, b.input_dim))
+    width = b.codes_per_token
+    assert out.indices.shape == ((3, 6) if not b.indices_have_code_axis else (3, 6, width))
+    rebuilt = b.indices_to_latents(out.indices)
+    # equal but for the straight-through sum's rounding, z + (c - z)
+    torch.testing.assert_close(rebuilt, out.latents.detach(), rtol=0, atol=1e-6)
+    assert not torch.equal(b.indices_to_latents(out.indices.roll(1, dims=1)), rebuilt)  # the indices are read
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, "):
+        b.indices_to_latents(out.indices + b.codebook_size)
+    with pytest.raises(TypeError, match="integer torch.Tensor"):
+        b.indices_to_latents(out.indices.float())
+    if b.indices_have_code_axis:
+        with pytest.raises(ValueError, match=rf"indices are \(tokens\.\.\., {width}\), got \(3, 6, {width + 1}\)"):
+            b.indices_to_latents(torch.cat([out.indices, out.indices[..., :1]], dim=-1))
+
+
+@pytest.mark.parametrize("options", [{"kind": "softvq"}, {"kind": "gmmvq"}, {"kind": "kl"}, {"kind": "ae"},
+                                     {"kind": "softvq", "groups": 2}, {"kind": "softvq", "segments": 2}])
+def test_indices_that_do_not_determine_the_latents_are_refused_with_the_reason(options):
+    b = build(**options)
+    assert b.codes_per_token is None
+    with pytest.raises(TypeError, match="indices do not determine its latents .* keep and decode the latents"):
+        b.indices_to_latents(torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_empty_inputs_are_refused_instead_of_nan_losses():
+    for options in ({"kind": "softvq"}, {"kind": "vq"}, {"kind": "lfq"}, {"kind": "kl"}):
+        b = build(**options)
+        for shape in ((0, 4, b.input_dim), (2, 0, b.input_dim)):
+            with pytest.raises(ValueError, match="no tokens"):
+                b(torch.randn(shape))

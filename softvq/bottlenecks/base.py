@@ -92,7 +92,8 @@ class Bottleneck(nn.Module):
         return self.input_dim - self.latent_dim
 
     def check_input(self, z: Tensor) -> None:
-        """Fail with a clear message when the encoder projection is no tensor or has the wrong width."""
+        """Fail with a clear message when the encoder projection is no tensor, has the wrong width or
+        holds no tokens."""
         if not isinstance(z, Tensor):
             raise TypeError(f"{type(self).__name__} takes a torch.Tensor (..., {self.input_dim}), got "
                             f"{type(z).__name__}; convert it with torch.as_tensor(z, dtype=torch.float32)")
@@ -101,11 +102,47 @@ class Bottleneck(nn.Module):
                 f"{type(self).__name__} expects inputs (..., {self.input_dim}) "
                 f"({self.latent_dim} signal + {self.side_dim} side channels), got {tuple(z.shape)}"
             )
+        if z.numel() == 0:  # the losses would be means over nothing: NaN
+            raise ValueError(f"{type(self).__name__} got no tokens, inputs {tuple(z.shape)}; pass at least one")
 
     @property
     def codebook_size(self) -> int | None:
         """Codewords per codebook, or None for continuous bottlenecks."""
         return None
+
+    # Hard quantizers' indices determine their latents: VQ's (tokens) and every other kind's
+    # (tokens, P), P = codes_per_token. Soft and continuous kinds keep the defaults below.
+    indices_have_code_axis = True
+
+    @property
+    def codes_per_token(self) -> int | None:
+        """P, the indices one token has under a hard quantizer (1 for VQ, the groups for LFQ, summed
+        over a product's groups or a residual's levels), or None where indices do not determine the
+        latents (SoftVQ's are an argmax of a weighted sum; continuous kinds have none)."""
+        return None
+
+    def indices_to_latents(self, indices: Tensor) -> Tensor:
+        """A hard quantizer's latents from its ``forward(z).indices``: the codewords they name,
+        float32. Equal to ``forward(z).latents`` up to the straight-through sum's rounding (a few
+        ulp). Kinds whose indices do not determine their latents refuse, naming why."""
+        raise TypeError(f"{type(self).__name__}'s indices do not determine its latents (SoftVQ and GMMVQ latents "
+                        f"are softmax-weighted sums of codewords, of which the index is only the argmax; KL and AE "
+                        f"latents are continuous): keep and decode the latents instead")
+
+    def check_indices(self, indices: Tensor) -> Tensor:
+        """``indices`` as long, after checking the dtype, the code axis's width and the range."""
+        if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.is_complex() or \
+                indices.dtype == torch.bool:
+            raise TypeError(f"indices must be an integer torch.Tensor, as forward(z).indices returns; got "
+                            f"{getattr(indices, 'dtype', type(indices).__name__)}")
+        width = self.codes_per_token
+        if self.indices_have_code_axis and (indices.dim() < 2 or indices.shape[-1] != width):
+            raise ValueError(f"{type(self).__name__} indices are (tokens..., {width}), got {tuple(indices.shape)}")
+        size = self.codebook_size
+        if indices.numel() and size is not None and (int(indices.min()) < 0 or int(indices.max()) >= size):
+            raise ValueError(f"indices must lie in [0, {size}) (the codebook size), got "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        return indices.long()
 
 
 def full_precision(x: Tensor, *alongside: Tensor) -> Tensor:

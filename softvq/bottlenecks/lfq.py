@@ -79,6 +79,16 @@ class GroupedLookupFree(Bottleneck):
         """Codes per group, 2^{d'}."""
         return 2**self.group_bits
 
+    @property
+    def codes_per_token(self) -> int:
+        """One code per group."""
+        return self.groups
+
+    def indices_to_latents(self, indices: Tensor) -> Tensor:
+        """The ±1 codes that ``indices`` (tokens..., groups) name: (tokens..., D)."""
+        indices = self.check_indices(indices)
+        return self.codes[indices.to(self.codes.device)].flatten(-2)
+
     def forward(self, z: Tensor) -> BottleneckOutput:
         """sign(u) with a straight-through gradient; losses ``entropy`` (Eq. 7 − Eq. 9) and ``commit``."""
         self.check_input(z)

@@ -11,10 +11,15 @@ Rules, one per way of splitting the work:
   **averaged**, which reproduces the mean over all tokens.
 * metrics (perplexity, usage, temperature, ...) are averaged over parts in every case.
 
-Every composite also needs its parts to agree on their widths (:func:`shared_widths`).
+Every composite also needs its parts to agree on their widths (:func:`shared_widths`); hard
+parts' indices are concatenated along a code axis (:func:`stack_codes`, undone by
+:func:`split_codes`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -78,3 +83,21 @@ def stack_codes(outputs: list[BottleneckOutput], token_dims: int) -> tuple[Tenso
         if len({p.shape[-1] for p in parts}) == 1:
             probs = torch.cat(parts, dim=-2)
     return indices, probs
+
+
+def codes_per_token(parts: Iterable[Bottleneck]) -> int | None:
+    """The index columns of parts whose indices are concatenated along the code axis
+    (:func:`stack_codes`): their sum, or None when a part's indices do not determine its latents."""
+    widths = [part.codes_per_token for part in parts]
+    return None if None in widths else sum(cast(list[int], widths))
+
+
+def split_codes(parts: Iterable[Bottleneck], indices: Tensor) -> list[Tensor]:
+    """Undo :func:`stack_codes` on checked indices (tokens..., P_total): each part's own indices."""
+    out, start = [], 0
+    for part in parts:
+        width = cast(int, part.codes_per_token)
+        chunk = indices[..., start:start + width]
+        out.append(chunk if part.indices_have_code_axis else chunk.squeeze(-1))
+        start += width
+    return out

@@ -20,13 +20,14 @@ This is *channel* grouping; the release's four codebooks split the token *sequen
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
-from softvq.bottlenecks.merge import mean_metrics, shared_widths, stack_codes, sum_losses
+from softvq.bottlenecks.merge import codes_per_token, mean_metrics, shared_widths, split_codes, stack_codes, sum_losses
 
 
 class ProductQuantizer(Bottleneck):
@@ -48,6 +49,19 @@ class ProductQuantizer(Bottleneck):
     def codebook_size(self) -> int | None:
         """Codewords per group's codebook."""
         return cast(Bottleneck, self.parts[0]).codebook_size  # ModuleList items are typed Module
+
+    @property
+    def codes_per_token(self) -> int | None:
+        """The groups' index columns together (None unless every group is a hard quantizer)."""
+        return codes_per_token(cast(Iterable[Bottleneck], self.parts))
+
+    def indices_to_latents(self, indices: Tensor) -> Tensor:
+        """Each group's codewords from its columns of ``indices``, concatenated over channels."""
+        if self.codes_per_token is None:
+            return super().indices_to_latents(indices)
+        parts = cast(list[Bottleneck], list(self.parts))
+        chunks = split_codes(parts, self.check_indices(indices))
+        return torch.cat([part.indices_to_latents(chunk) for part, chunk in zip(parts, chunks)], dim=-1)
 
     def forward(self, z: Tensor) -> BottleneckOutput:
         """Each channel group through its own quantizer, latents concatenated, losses summed (Eq. 12)."""

@@ -22,13 +22,14 @@ gradient; the encoder still receives the decoder's gradient unchanged through th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
-from softvq.bottlenecks.merge import mean_metrics, shared_widths, stack_codes, sum_losses
+from softvq.bottlenecks.merge import codes_per_token, mean_metrics, shared_widths, split_codes, stack_codes, sum_losses
 
 
 class ResidualQuantizer(Bottleneck):
@@ -45,6 +46,19 @@ class ResidualQuantizer(Bottleneck):
     def codebook_size(self) -> int | None:
         """Codewords per level's codebook."""
         return cast(Bottleneck, self.levels[0]).codebook_size  # ModuleList items are typed Module
+
+    @property
+    def codes_per_token(self) -> int | None:
+        """The levels' index columns together (None unless every level is a hard quantizer)."""
+        return codes_per_token(cast(Iterable[Bottleneck], self.levels))
+
+    def indices_to_latents(self, indices: Tensor) -> Tensor:
+        """The sum over levels of each level's codewords, from its columns of ``indices``."""
+        if self.codes_per_token is None:
+            return super().indices_to_latents(indices)
+        levels = cast(list[Bottleneck], list(self.levels))
+        chunks = split_codes(levels, self.check_indices(indices))
+        return torch.stack([level.indices_to_latents(chunk) for level, chunk in zip(levels, chunks)]).sum(0)
 
     def forward(self, z: Tensor) -> BottleneckOutput:
         """Each level quantizes what the previous ones left; latents summed, losses summed (Eq. 13)."""

@@ -59,6 +59,28 @@ class SegmentCodebooks(Bottleneck):
         """Codewords per segment's codebook."""
         return cast(Bottleneck, self.parts[0]).codebook_size  # ModuleList items are typed Module
 
+    @property
+    def indices_have_code_axis(self) -> bool:  # type: ignore[override]  # the parts' layout
+        return cast(Bottleneck, self.parts[0]).indices_have_code_axis
+
+    @property
+    def codes_per_token(self) -> int | None:
+        """The parts' (each token has one part's codes)."""
+        widths = {cast(Bottleneck, part).codes_per_token for part in self.parts}
+        return widths.pop() if len(widths) == 1 else None
+
+    def indices_to_latents(self, indices: Tensor) -> Tensor:
+        """Each block of tokens' codewords from its own codebook, concatenated along the sequence."""
+        if self.codes_per_token is None:
+            return super().indices_to_latents(indices)
+        indices = self.check_indices(indices)
+        if indices.dim() < 2 or indices.shape[1] % self.segments:
+            raise ValueError(f"SegmentCodebooks indices are (B, L{', P' if self.indices_have_code_axis else ''}) "
+                             f"with L divisible by {self.segments}, got {tuple(indices.shape)}")
+        chunks = indices.split(indices.shape[1] // self.segments, dim=1)
+        return torch.cat([cast(Bottleneck, part).indices_to_latents(chunk)
+                          for part, chunk in zip(self.parts, chunks)], dim=1)
+
     def _segments(self, z: Tensor) -> tuple[Tensor, ...]:
         """The S contiguous blocks of the token sequence, after checking that they exist."""
         self.check_input(z)

@@ -70,6 +70,19 @@ class VQ(Bottleneck):
         c = full_precision(self.codebook, *alongside)
         return F.normalize(c, dim=-1) if self.distance == "cosine" else c
 
+    indices_have_code_axis = False  # (tokens): one codeword per token
+
+    @property
+    def codes_per_token(self) -> int:
+        """One codeword per token."""
+        return 1
+
+    def indices_to_latents(self, indices: Tensor) -> Tensor:
+        """The codewords (normalised for ``cosine``) that ``indices`` (tokens...) name: (tokens..., D)."""
+        indices = self.check_indices(indices)
+        with torch.no_grad():
+            return self.normalized_codebook()[indices.to(self.codebook.device)]
+
     def forward(self, z: Tensor) -> BottleneckOutput:
         """Nearest codeword with a straight-through gradient; losses ``codebook`` and ``commit`` (Eq. 2)."""
         self.check_input(z)
