@@ -2,11 +2,11 @@
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
 from softvq.config import PRESETS, BottleneckConfig, TokenizerConfig, ViTConfig, preset
-from softvq.tokenizer import Encoding, Tokenizer, TokenizerOutput
+from softvq.tokenizer import Encoding, ImageRangeWarning, Tokenizer, TokenizerOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bottleneck", "BottleneckOutput", "BottleneckConfig", "Encoding", "PRESETS", "Tokenizer",
+    "Bottleneck", "BottleneckOutput", "BottleneckConfig", "Encoding", "ImageRangeWarning", "PRESETS", "Tokenizer",
     "TokenizerConfig", "TokenizerOutput", "ViTConfig", "preset", "__version__",
 ]

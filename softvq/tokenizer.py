@@ -8,12 +8,18 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import numbers
-from collections.abc import Callable, Collection
+import sys
+import warnings
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -29,6 +35,26 @@ from softvq.precision import PRECISIONS, cpu_has_matrix_instructions
 from softvq.resume import differences
 
 _LOG = logging.getLogger(__name__)  # the CLI prints its warnings as "softvq: warning: ..."
+
+
+class ImageRangeWarning(UserWarning):
+    """Images given to a tokenizer lie in [0, 1], as ``torchvision``'s ``ToTensor`` makes them,
+    where it takes [-1, 1]: they are valid values, so it is a warning, not an error."""
+
+
+_FROM_SOFTVQ_LOADERS: ContextVar[bool] = ContextVar("images_from_softvq_loaders", default=False)
+
+
+@contextmanager
+def images_from_softvq_loaders() -> Iterator[None]:
+    """Within it, the images given to tokenizers come from softvq's own loaders, in [-1, 1] by
+    construction: a batch of bright images (all at or above mid-grey) raises no
+    :class:`ImageRangeWarning`. Also a decorator."""
+    token = _FROM_SOFTVQ_LOADERS.set(True)
+    try:
+        yield
+    finally:
+        _FROM_SOFTVQ_LOADERS.reset(token)
 
 
 @dataclass
@@ -72,7 +98,9 @@ class Tokenizer(nn.Module):
         if not isinstance(config, TokenizerConfig):
             raise TypeError(f"Tokenizer takes a TokenizerConfig or a dict of its fields, got {config!r}; for a named "
                             f"preset use Tokenizer.from_preset, for a folder Tokenizer.from_pretrained")
-        self.config = config.validate()
+        # its own copy: a shared one (softvq.PRESETS' own objects) edited through tok.config would
+        # change the preset for every later tokenizer
+        self.config = copy.deepcopy(config).validate()
         c = self.config
         self.encoder = TokenEncoder(
             c.encoder, image_size=c.image_size, patch_size=c.patch_size,
@@ -186,7 +214,8 @@ class Tokenizer(nn.Module):
         """A randomly initialised tokenizer of a named preset (``softvq.PRESETS``), in eval mode
         like :meth:`from_pretrained` (call ``.train()`` to train it yourself).
 
-        ``overrides`` replace top-level config fields, e.g. ``num_tokens=32``.
+        ``overrides`` replace top-level config fields, e.g. ``num_tokens=32``; a dict is merged
+        into a nested config, e.g. ``encoder={"depth": 2}`` keeps the encoder's other fields.
         """
         cfg = preset(name).to_dict()
         for key, value in overrides.items():
@@ -304,8 +333,9 @@ class Tokenizer(nn.Module):
         """Fail early, naming the problem, on inputs the encoder cannot take: not a (B, C, H, W)
         float tensor, an empty batch, a size that is not a multiple of the patch, another device;
         and, outside training, NaN and values far outside [-1, 1] (8-bit pixels, ImageNet-normalised
-        images). In training mode the value checks are skipped: they would read two numbers back
-        from the device at every step."""
+        images). Images in [0, 1] are valid values: they get an :class:`ImageRangeWarning`. In
+        training mode the value checks are skipped: they would read two numbers back from the
+        device at every step."""
         if not isinstance(images, Tensor):
             raise TypeError(f"images must be a torch.Tensor (B, C, H, W) in [-1, 1], got {type(images).__name__}"
                             + _tensor_hint(images))
@@ -342,6 +372,13 @@ class Tokenizer(nn.Module):
             if lo < -1.5 or hi > 1.5:  # far outside [-1, 1]: resampling overshoots by a few percent at most
                 raise ValueError(f"images range over [{lo:g}, {hi:g}]; the tokenizer takes [-1, 1] (x * 2 - 1 of "
                                  f"images in [0, 1]); ImageNet mean/std normalisation must be undone first")
+            # [0, 1] images (ToTensor's) are valid values, and would give wrong latents without a word;
+            # real [-1, 1] images rarely have no pixel darker than mid-grey (0), and a flat grey test
+            # batch (hi <= 0.5) is left alone
+            if lo >= 0 and 0.5 < hi <= 1 and not _FROM_SOFTVQ_LOADERS.get():
+                warnings.warn("images lie in [0, 1] (no value below 0): if that is their range (as torchvision's "
+                              "ToTensor makes them), pass images * 2 - 1; the tokenizer takes [-1, 1]",
+                              ImageRangeWarning, stacklevel=_callers_stacklevel())
 
     def _as_input(self, images: Tensor) -> Tensor:
         """Checked images in the weights' dtype (float64 or float16 images of a float32 model
@@ -401,13 +438,13 @@ class Tokenizer(nn.Module):
 
         if not isinstance(latents, Tensor):
             raise TypeError(f"latents must be a torch.Tensor (B, L, D), got {type(latents).__name__}")
+        if not latents.is_floating_point():  # before the shape: indices have another shape too
+            raise TypeError(f"latents must be floating point, got {latents.dtype}; decode takes the latents "
+                            f"encode returns; for LFQ / VQ code indices use decode_indices")
         if latents.dim() != 3 or latents.shape[1:] != (self.num_tokens, self.latent_dim):
             raise ValueError(
                 f"expected latents of shape (B, {self.num_tokens}, {self.latent_dim}), got {tuple(latents.shape)}"
             )
-        if not latents.is_floating_point():
-            raise TypeError(f"latents must be floating point, got {latents.dtype}; decode takes the latents "
-                            f"encode returns (for LFQ / VQ codes, the ±1 or codeword vectors, not the indices)")
         if latents.shape[0] == 0:
             raise ValueError("latents is an empty batch (B = 0); pass at least one")
         self._check_placement(latents, "latents")
@@ -424,6 +461,15 @@ class Tokenizer(nn.Module):
         else:
             images = self._decode_input(x, image_size)
         return full_precision(images)  # float32 like the latents (float64 for a float64 model)
+
+    def decode_indices(self, indices: Tensor, image_size: int | tuple[int, int] | None = None, *,
+                       noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """A hard quantizer's (VQ, LFQ / WeTok GQ, and their groups, levels and segments) code
+        indices, as ``encode(images).indices`` gives them, -> images: :meth:`decode` of the
+        codewords they name (``bottleneck.indices_to_latents``). For an autoregressive model on the
+        codes. SoftVQ's indices (an argmax) do not determine its latents: it refuses, naming why."""
+        latents = self.bottleneck.indices_to_latents(indices)
+        return self.decode(latents.to(self.from_latent.weight.device), image_size, noise=noise, generator=generator)
 
     def _check_output_size(self, image_size: int | tuple[int, int] | None) -> None:
         """The decoder paints whole patches, so a size that is not a positive multiple of the patch
@@ -464,6 +510,17 @@ class Tokenizer(nn.Module):
     def num_parameters(self) -> int:
         """All parameters: encoder, bottleneck (codebooks included) and decoder."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _callers_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from the function that calls this, that names the first
+    frame outside softvq and torch: the user's line, whichever public method (or ``nn.Module``
+    call) it went through."""
+    frame: FrameType | None = sys._getframe(2)
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("softvq", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _tensor_hint(value: Any) -> str:

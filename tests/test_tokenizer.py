@@ -220,6 +220,39 @@ def test_bad_inputs_give_clear_errors():
         to_pil(x)  # was a permute error from inside torch
 
 
+def test_images_in_0_1_are_warned_at_the_users_line_but_not_where_softvq_loaded_them(tmp_path, capsys):
+    """[0, 1] images (ToTensor's) are valid [-1, 1] values, so they gave wrong latents without a word."""
+    import warnings
+
+    from softvq.cli.main import main
+    from softvq.tokenizer import images_from_softvq_loaders
+
+    model = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
+    unit = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        for call in (model.encode, model.encode_latents, model.reconstruct, model):
+            with pytest.warns(softvq.ImageRangeWarning, match=r"pass images \* 2 - 1") as caught:
+                call(unit)
+            assert caught[0].filename == __file__, call  # the user's line, not softvq's or torch's
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model.encode(unit * 2 - 1)
+            model.encode(torch.zeros(1, 3, 32, 32))  # a flat grey test batch
+            model.encode(torch.rand(1, 3, 32, 32) * 0.5)  # ...or a dim one, no brighter than mid-grey
+            with images_from_softvq_loaders():  # softvq's own loaders: a bright batch is just bright
+                model.encode(unit)
+            model.train().encode(unit)  # training skips the value checks (no host sync per step)
+    from PIL import Image  # the CLI reads its images: a white picture is not a mistake
+
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "white.png")
+    model.eval().save_pretrained(tmp_path / "tok")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["reconstruct", str(tmp_path / "white.png"), "--model", str(tmp_path / "tok"),
+                     "--out", str(tmp_path / "out")]) == 0
+    assert "ImageRangeWarning" not in capsys.readouterr().err
+
+
 def test_inference_refuses_8_bit_values_nan_and_empty_batches_but_training_skips_the_read_back():
     model = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
     assert not model.training  # from_preset gives eval mode, as from_pretrained does
@@ -499,3 +532,28 @@ def test_every_loader_says_where_the_weights_came_from(tmp_path):
     tok.save_pretrained(tmp_path / "ckpt")
     assert softvq.Tokenizer.from_pretrained(tmp_path / "ckpt").source == f"softvq checkpoint {tmp_path / 'ckpt'}"
     assert tok.with_generative_decoder(2).source == tok.source
+
+
+def test_code_indices_decode_to_the_images_of_their_latents():
+    """VQ and LFQ (WeTok GQ) users keep indices, for an autoregressive model on them."""
+    for bottleneck in ({"kind": "vq"}, {"kind": "lfq", "lfq_groups": 2}):
+        tok = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, bottleneck=bottleneck)
+        with torch.inference_mode():
+            enc = tok.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+            torch.testing.assert_close(tok.decode_indices(enc.indices), tok.decode(enc.latents), rtol=0, atol=1e-5)
+            with pytest.raises(TypeError, match="for LFQ / VQ code indices use decode_indices"):
+                tok.decode(enc.indices)  # was a shape error that hid this hint
+    softvq_tok = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32)
+    with torch.inference_mode(), pytest.raises(TypeError, match="SoftVQ and GMMVQ latents are softmax-weighted"):
+        softvq_tok.decode_indices(softvq_tok.encode(torch.rand(1, 3, 32, 32) * 2 - 1).indices)
+
+
+def test_a_tokenizer_keeps_its_own_config():
+    """Tokenizer(softvq.PRESETS[name]) shared the preset's object: editing tok.config changed the
+    preset for every later tokenizer."""
+    shared = softvq.PRESETS["softvq-tiny"]
+    size = shared.image_size
+    tok = softvq.Tokenizer(shared)
+    tok.config.image_size = size * 2
+    tok.config.encoder.depth += 1
+    assert shared.image_size == size and softvq.Tokenizer.from_preset("softvq-tiny").config == shared

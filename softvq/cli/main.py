@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in STOP_ON_SIGTERM and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        status = int(args.func(args) or 0)
+        from softvq.tokenizer import images_from_softvq_loaders
+
+        with images_from_softvq_loaders():  # every command reads its images through softvq's loaders
+            status = int(args.func(args) or 0)
     except user_errors() as exc:
         if os.environ.get("SOFTVQ_TRACEBACK", "").strip().lower() in ("1", "true", "yes"):
             raise

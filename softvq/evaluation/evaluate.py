@@ -51,6 +51,7 @@ from softvq.evaluation.metrics import CodebookUsage, RunningMoments, codebook_ro
 from softvq.evaluation.saved_state import KeptWork, load_saved_state, save_state
 from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note, uint8_to_model
 from softvq.resume import listing_sha1, weights_sha1
+from softvq.tokenizer import images_from_softvq_loaders
 
 if TYPE_CHECKING:
     from softvq.evaluation.inception import Normalization, Resize
@@ -183,6 +184,7 @@ def _evaluation_identity(model, refs: list, file_entries: list[str], size: int,
 
 
 @torch.inference_mode()
+@images_from_softvq_loaders()
 def evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOptions | None = None, *,
                        device: str | torch.device = "cpu", model_name: str | None = None,
                        state_file: str | Path | None = None, save_every_s: float = 300.0,

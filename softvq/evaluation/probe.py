@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from softvq.data.images import ImageReadError, images_by_class, name_loose_images, read_image
 from softvq.eval_mode import evaluating
+from softvq.tokenizer import images_from_softvq_loaders
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
@@ -202,6 +203,7 @@ def labelled_images(folder: str | Path) -> tuple[list[Path], Tensor, list[str]]:
 
 
 @torch.inference_mode()
+@images_from_softvq_loaders()
 def tokenizer_features(model: Tokenizer, paths: list[Path], *, which: Literal["latents", "features"] = "latents",
                        batch_size: int = 32, device: str | torch.device = "cpu",
                        progress: bool = True, skipped: list[Path] | None = None,

@@ -19,6 +19,7 @@ import torch
 
 from softvq.checkpoint.pretrained import CONFIG_NAME, EXPORT_NAME, WEIGHTS_NAME
 from softvq.evaluation import plots
+from softvq.tokenizer import images_from_softvq_loaders
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
@@ -240,6 +241,7 @@ def plot_images(size: int, images: str | Path | None = None, *, per_class: int =
 
 
 @torch.inference_mode()
+@images_from_softvq_loaders()
 def _encode_all(model: Tokenizer, images: torch.Tensor, batch_size: int, device: torch.device):
     from softvq.evaluation.metrics import codebook_rows
     from softvq.data.images import quantize_to_uint8

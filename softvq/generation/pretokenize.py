@@ -51,6 +51,7 @@ from softvq.generation.latent_sources import LatentSource
 from softvq.generation.latents import FORMAT, META_NAME, PROGRESS_NAME
 from softvq.messages import first_few
 from softvq.resume import changed_settings, weights_sha1
+from softvq.tokenizer import images_from_softvq_loaders
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -267,6 +268,7 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
 
 
 @torch.inference_mode()
+@images_from_softvq_loaders()
 def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Path, *, tokenizer_spec: str | None = None,
                 batch_size: int = 32, shard_size: int = 4096, progress: bool = True,
                 accelerator: "Accelerator | None" = None) -> PretokenizeResult:

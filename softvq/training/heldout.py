@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from softvq.data.images import to_unit_interval
 from softvq.eval_mode import evaluating
 from softvq.evaluation.metrics import psnr
+from softvq.tokenizer import images_from_softvq_loaders
 
 if TYPE_CHECKING:
     from softvq.data.loader import HeldOut
@@ -28,6 +29,7 @@ def heldout_psnr(images: Tensor, reconstructions: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+@images_from_softvq_loaders()
 def reconstruct_all(model: nn.Module, images: Tensor, *, batch_size: int = 16, autocast=None) -> Tensor:
     """Reconstructions of ``images`` (on the model's device) in eval mode, batch by batch."""
     device = next(model.parameters()).device
