@@ -307,3 +307,30 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_and_gradients():
     assert float(grads[0][1]["encoder_blocks.0.mlp.fc1.weight"].norm()) > 0
     for name, g in grads[0][1].items():
         assert torch.allclose(g, grads[1][1][name], atol=1e-6), name
+
+
+def test_mar_takes_labels_as_dit_does_and_names_bad_ones_and_settings():
+    """Lists and one int failed on .device / .to, a 0-dim tensor on an index, floats deep in
+    F.embedding; ar_steps=0 silently ran the default, a NaN temperature gave NaN tokens."""
+    model = tiny().eval()
+    x = torch.randn(2, model.config.num_tokens, model.config.latent_dim)
+    torch.manual_seed(0)
+    from_list = model(x, [0, 1])["loss"]
+    torch.manual_seed(0)
+    assert torch.equal(from_list, model(x, torch.tensor([0, 1]))["loss"])
+    with pytest.raises(TypeError, match="x is torch.float64 but the MAR's weights are torch.float32"):
+        model(x.double(), [0, 1])
+    settings = dict(ar_steps=2, diffusion_steps=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.sample([1], **settings),
+                       model.sample(torch.tensor(1), **{**settings, "generator": torch.Generator().manual_seed(0)}))
+    for labels, error, said in ((torch.tensor([0.7]), TypeError, "labels must be integer class indices"),
+                                ([model.config.num_classes], ValueError, r"labels must be class indices in \[0, "),
+                                (torch.zeros(2, 2, dtype=torch.long), ValueError, r"labels has shape \(2, 2\)")):
+        with pytest.raises(error, match=said):
+            model.sample(labels, ar_steps=2, diffusion_steps=2)
+    for bad, said in (({"ar_steps": 0}, "ar_steps must be a whole number of 1 or more, got 0"),
+                      ({"diffusion_steps": 2.5}, "diffusion_steps must be a whole number"),
+                      ({"temperature": float("nan")}, "cfg and temperature must be finite"),
+                      ({"cfg": float("nan")}, "cfg and temperature must be finite")):
+        with pytest.raises(ValueError, match=said):
+            model.sample([0], **{"ar_steps": 2, "diffusion_steps": 2, **bad})

@@ -161,3 +161,16 @@ def test_clipping_x0_bounds_dit_samples_and_sit_refuses_it():
     assert float(clipped.abs().max()) < 2.5  # the last step's mean mixes a clipped x̂_0 with a near-x̂_0 x_1
     with pytest.raises(ValueError, match="a SiT generator integrates a velocity"):
         SamplerSpec(clip_x0=5.0).resolved("sit")
+
+
+def test_the_backbone_refuses_t_or_y_of_another_batch_size_instead_of_stretching_the_batch():
+    """x of 1 sample with y = [0, 1] returned 2 outputs, t of 3 values 3 outputs."""
+    model = build_generator(generator_config("sit", "S", num_tokens=4, latent_dim=2, num_classes=3)).eval()
+    x = torch.zeros(1, 4, 2)
+    with pytest.raises(ValueError, match=r"y has shape \(2,\): pass one class index per sample, \(1,\)"):
+        model(x, 0.5, [0, 1])
+    with pytest.raises(ValueError, match=r"t has shape \(3,\) for a batch of 1: pass one value per sample"):
+        model(x, torch.rand(3), 0)
+    two = torch.randn(2, 4, 2)
+    with torch.no_grad():  # one value for all, a list, and a (B,) tensor on another dtype agree
+        assert torch.equal(model(two, 0.5, 1), model(two, torch.tensor([0.5, 0.5]), [1, 1]))

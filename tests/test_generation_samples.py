@@ -382,3 +382,9 @@ def test_class_folders_named_by_numbers_are_chosen_by_name():
     assert parse_classes("all", names, 4) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="class index 7 is out of range 0..3"):
         parse_classes("7", names, 4)
+
+
+@pytest.mark.parametrize("field, value", [("steps", 2.5), ("steps", "2"), ("ar_steps", 1.5), ("steps", True)])
+def test_sampler_step_counts_must_be_whole_numbers(field, value):
+    with pytest.raises(TypeError, match=f"{field} must be a whole number, got {value!r}"):  # was deep in linspace
+        SamplerSpec(**{field: value}).resolved("mar" if field == "ar_steps" else "sit")

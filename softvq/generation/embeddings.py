@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -71,6 +72,24 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         features = timestep_frequencies(t, self.frequency_dim)
         return self.mlp(features.to(self.linears()[0].weight.dtype))
+
+
+def class_indices(labels: Tensor | Sequence[int] | int, batch: int | None, device: torch.device,
+                  name: str = "y") -> Tensor:
+    """Class labels given as a tensor, a list or one int -> a (B,) long tensor on ``device``: one
+    label is repeated over a ``batch`` of B (``batch=None``: the labels decide B). Anything but
+    integers, or another count than B, is refused by name."""
+    value = labels.to(device) if isinstance(labels, Tensor) else torch.as_tensor(labels, device=device)
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be integer class indices, got a {value.dtype} tensor; pass {name}.long()")
+    if value.numel() == 1 and batch is not None:
+        return value.reshape(1).expand(batch).long()
+    value = value.reshape(1) if value.dim() == 0 else value
+    if value.dim() != 1 or (batch is not None and value.shape[0] != batch):
+        per = f"({batch},)" if batch is not None else "(B,)"
+        raise ValueError(f"{name} has shape {tuple(value.shape)}: pass one class index per sample, {per}, "
+                         f"or a single one for all")
+    return value.long()
 
 
 class LabelEmbedder(nn.Module):

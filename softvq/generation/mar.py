@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -44,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from softvq.typed_config import UnknownNameError, strict_fields
 from softvq.eval_mode import evaluating
 from softvq.generation.diffloss import DiffusionLoss
-from softvq.generation.embeddings import LabelEmbedder
+from softvq.generation.embeddings import LabelEmbedder, class_indices
 from softvq.networks.vit import Attention, Mlp
 
 # name -> (width, depth per side, heads, head depth, head width): MAR's mar_base / large / huge.
@@ -237,6 +239,10 @@ class MaskedAutoregressive(nn.Module):
         if x.dim() != 3 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"this MAR models (B, {self.input_shape[0]}, {self.input_shape[1]}) latent tokens, "
                              f"got {tuple(x.shape)}; check the tokenizer's num_tokens / latent_dim")
+        weights = self.token_proj.weight.dtype
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the MAR's weights are {weights}: pass x.to({weights}), "
+                            f"or run under torch.autocast for mixed precision")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -282,9 +288,11 @@ class MaskedAutoregressive(nn.Module):
 
     # --- training -----------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """Loss terms {"loss", "mse", "vb"} for tokens x (B, L, D), averaged over masked tokens."""
+    def forward(self, x: Tensor, labels: Tensor | Sequence[int] | int) -> dict[str, Tensor]:
+        """Loss terms {"loss", "mse", "vb"} for tokens x (B, L, D) and class ``labels`` (B,) (a
+        tensor, a list or one int for the whole batch), averaged over masked tokens."""
         self.check_input(x)
+        labels = class_indices(labels, x.shape[0], x.device, "labels")
         b, length, d = x.shape
         masked = math.ceil(length * draw_mask_ratio(self.config.mask_ratio_min))
         orders = random_orders(b, length, device=x.device)
@@ -298,22 +306,29 @@ class MaskedAutoregressive(nn.Module):
     # --- sampling -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def sample(self, labels: Tensor, ar_steps: int | None = None, diffusion_steps: int = 100, cfg: float = 1.0,
-               cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
+    def sample(self, labels: Tensor | Sequence[int] | int, ar_steps: int | None = None, diffusion_steps: int = 100,
+               cfg: float = 1.0, cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
                generator: torch.Generator | None = None, progress: bool = False,
                clip_x0: float | None = None) -> Tensor:
-        """Generate (B, L, D) tokens for ``labels`` (B,) in ``ar_steps`` steps (default L: MAR's
-        evaluation setting of one step per token at most; the masking schedule decides how many
-        tokens each step reveals). ``clip_x0``: see :meth:`DiffusionLoss.sample` (off in MAR).
-        Runs in eval mode whatever the module's mode, under ``torch.inference_mode``: ``.clone()``
-        the tokens before changing them in place or using them where gradients are recorded."""
+        """Generate (B, L, D) tokens for class ``labels`` (B,) (a tensor, a list or one int) in
+        ``ar_steps`` steps (default L: MAR's evaluation setting of one step per token at most; the
+        masking schedule decides how many tokens each step reveals). ``clip_x0``: see
+        :meth:`DiffusionLoss.sample` (off in MAR). Runs in eval mode whatever the module's mode,
+        under ``torch.inference_mode``: ``.clone()`` the tokens before changing them in place or
+        using them where gradients are recorded."""
         if cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
-        if cfg < 0 or temperature < 0:
-            raise ValueError("cfg and temperature must be non-negative")
+        if not (cfg >= 0 and temperature >= 0 and math.isfinite(cfg) and math.isfinite(temperature)):  # NaN too
+            raise ValueError(f"cfg and temperature must be finite and non-negative, got {cfg} and {temperature}")
+        for name, steps in (("ar_steps", ar_steps), ("diffusion_steps", diffusion_steps)):
+            if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
+                raise ValueError(f"{name} must be a whole number of 1 or more, got {steps!r}")
         c = self.config
         device, dtype = self.condition_pos.device, self.condition_pos.dtype
-        labels = labels.to(device)
+        labels = class_indices(labels, None, device, "labels")
+        if int(labels.min()) < 0 or int(labels.max()) >= c.num_classes:
+            raise ValueError(f"labels must be class indices in [0, {c.num_classes}), got [{int(labels.min())}, "
+                             f"{int(labels.max())}]")
         b, length = labels.shape[0], c.num_tokens
         schedule = masking_schedule(length, ar_steps or length)
         guided = cfg != 1.0

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from softvq.typed_config import UnknownNameError, strict_fields
-from softvq.generation.embeddings import LabelEmbedder, TimestepEmbedder, sincos_grid, sincos_sequence
+from softvq.generation.embeddings import (LabelEmbedder, TimestepEmbedder, class_indices, sincos_grid,
+                                         sincos_sequence)
 from softvq.generation.mar import MARConfig, MaskedAutoregressive
 from softvq.networks.vit import Attention, Mlp, patchify, unpatchify
 
@@ -245,9 +246,7 @@ class LatentTransformer(nn.Module):
         if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x is {x.dtype} but the generator's weights are {weights}: pass x.to({weights}), "
                             f"or run under torch.autocast for mixed precision")
-        t, y = _per_sample(t, x), _per_sample(y, x)
-        if y.is_floating_point():
-            raise TypeError(f"y must be integer class indices, got a {y.dtype} tensor; pass y.long()")
+        t, y = _per_sample(t, x, "t"), class_indices(y, x.shape[0], x.device)
         c = self.config
         tokens = x if c.layout == "1d" else patchify(x, c.patch_size)
         h = self.x_embed(tokens) + self.pos_embed.to(tokens.dtype)
@@ -264,11 +263,17 @@ class LatentTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _per_sample(value: Tensor | float | Sequence[int], x: Tensor) -> Tensor:
+def _per_sample(value: Tensor | float | Sequence[int], x: Tensor, name: str) -> Tensor:
     """``value`` (a tensor, a number or a list) as a tensor on x's device, one value repeated for
-    each of x's samples when a single one is given."""
-    value = value if isinstance(value, Tensor) else torch.as_tensor(value, device=x.device)
-    return value.reshape(-1).expand(x.shape[0]) if value.numel() == 1 else value
+    each of x's samples when a single one is given; any other count than one per sample is
+    refused (it broadcast the whole batch to its length)."""
+    value = value.to(x.device) if isinstance(value, Tensor) else torch.as_tensor(value, device=x.device)
+    if value.numel() == 1:
+        return value.reshape(-1).expand(x.shape[0])
+    if tuple(value.shape) != (x.shape[0],):
+        raise ValueError(f"{name} has shape {tuple(value.shape)} for a batch of {x.shape[0]}: pass one value per "
+                         f"sample, ({x.shape[0]},), or a single value for all")
+    return value
 
 
 @overload

@@ -12,6 +12,7 @@ and interval) is applied in the package's time convention (τ = 0 data, τ = 1 n
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -85,6 +86,10 @@ class SamplerSpec:
             raise ValueError(f"temperature must be 0 or more (MAR's noise scale; 1 = the release's), got {self.temperature}")
         if self.cfg_schedule not in ("linear", "constant"):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
+        for name in ("steps", "ar_steps"):  # 2.5 or "2" failed deep inside torch.linspace
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise TypeError(f"{name} must be a whole number, got {value!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be 1 or more, got {self.steps}")
         if method == "sde" and self.steps is not None and self.steps < 2:  # its last step is a plain Euler one
