@@ -334,3 +334,17 @@ def test_mar_takes_labels_as_dit_does_and_names_bad_ones_and_settings():
                       ({"cfg": float("nan")}, "cfg and temperature must be finite")):
         with pytest.raises(ValueError, match=said):
             model.sample([0], **{"ar_steps": 2, "diffusion_steps": 2, **bad})
+
+
+@pytest.mark.parametrize("build, said", [
+    (lambda: MARConfig(heads=0).validate(), "heads must be a whole number of 1 or more, got 0"),  # ZeroDivisionError
+    (lambda: MARConfig(width="32").validate(), "width must be an integer, got '32'"),  # a % format error
+    (lambda: MARConfig(mlp_ratio=0).validate(), "mlp_ratio must be positive"),
+    (lambda: MARConfig(diffusion_steps=0).validate(), "diffusion_steps must be a whole number of 1 or more"),
+    (lambda: MARConfig(mlp_ratio=float("nan")).validate(), "mlp_ratio must be a finite number"),
+    (lambda: mar_config("B", num_token=3), "unknown MAR config key num_token; valid keys: "),
+    (lambda: mar_config("B", num_tokens="3"), "num_tokens must be an integer, got '3'"),
+])
+def test_mar_configs_name_bad_fields(build, said):
+    with pytest.raises(ValueError, match=said):  # ConfigTypeError is a ValueError too, for the command line
+        build()

@@ -174,3 +174,10 @@ def test_the_backbone_refuses_t_or_y_of_another_batch_size_instead_of_stretching
     two = torch.randn(2, 4, 2)
     with torch.no_grad():  # one value for all, a list, and a (B,) tensor on another dtype agree
         assert torch.equal(model(two, 0.5, 1), model(two, torch.tensor([0.5, 0.5]), [1, 1]))
+
+
+def test_a_generator_config_built_in_python_has_its_types_checked():
+    with pytest.raises(ValueError, match="width must be an integer, got '32'"):  # was a TypeError in a comparison
+        GeneratorConfig(width="32").validate()
+    with pytest.raises(ValueError, match="mlp_ratio must be a finite number, got nan"):  # was accepted
+        GeneratorConfig(mlp_ratio=float("nan")).validate()

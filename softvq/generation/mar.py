@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from softvq.typed_config import UnknownNameError, strict_fields
+from softvq.typed_config import UnknownNameError, check_field_types, check_ranges, strict_fields
 from softvq.eval_mode import evaluating
 from softvq.generation.diffloss import DiffusionLoss
 from softvq.generation.embeddings import LabelEmbedder, class_indices
@@ -93,20 +93,24 @@ class MARConfig:
     grad_checkpointing: bool = False
 
     def validate(self) -> "MARConfig":
+        check_field_types(self)  # for a config built in Python ("32" for width failed as a % format)
         if self.kind != "mar":
             raise ValueError(f"a MAR config has kind 'mar', got {self.kind!r}")
+        positive = ("num_tokens", "latent_dim", "width", "depth", "heads", "head_width", "head_depth",
+                    "diffusion_steps")
+        check_ranges([
+            *((key, getattr(self, key), getattr(self, key) >= 1, "a whole number of 1 or more") for key in positive),
+            ("buffer_size", self.buffer_size, self.buffer_size >= 1, "at least 1: the buffer carries the class "
+                                                                     "embedding"),
+            ("mlp_ratio", self.mlp_ratio, self.mlp_ratio > 0, "positive"),  # NaN: check_field_types
+            ("mask_ratio_min", self.mask_ratio_min, 0.0 < self.mask_ratio_min <= 1.0, "in (0, 1]"),
+            ("diffusion_batch_mul", self.diffusion_batch_mul, self.diffusion_batch_mul >= 1, "at least 1"),
+            ("attn_dropout", self.attn_dropout, 0.0 <= self.attn_dropout < 1.0, "a probability in [0, 1)"),
+            ("proj_dropout", self.proj_dropout, 0.0 <= self.proj_dropout < 1.0, "a probability in [0, 1)"),
+            ("class_dropout", self.class_dropout, 0.0 <= self.class_dropout < 1.0, "a probability in [0, 1)"),
+        ])
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by {self.heads} heads")
-        if min(self.num_tokens, self.latent_dim, self.depth, self.head_width, self.head_depth) < 1:
-            raise ValueError("num_tokens, latent_dim, depth, head_width and head_depth must be positive")
-        if self.buffer_size < 1:
-            raise ValueError("buffer_size must be at least 1: the buffer carries the class embedding")
-        if not 0.0 < self.mask_ratio_min <= 1.0:
-            raise ValueError(f"mask_ratio_min must lie in (0, 1], got {self.mask_ratio_min}")
-        if self.diffusion_batch_mul < 1:
-            raise ValueError(f"diffusion_batch_mul must be at least 1, got {self.diffusion_batch_mul}")
-        if not (0.0 <= self.attn_dropout < 1.0 and 0.0 <= self.proj_dropout < 1.0):
-            raise ValueError("dropout probabilities must lie in [0, 1)")
         return self
 
     @property
@@ -131,7 +135,7 @@ def mar_config(size: str, **fields: Any) -> MARConfig:
     base: dict[str, Any] = {"width": width, "depth": depth, "heads": heads, "head_depth": head_depth,
                             "head_width": head_width}
     base.update(fields)
-    return MARConfig(**base).validate()
+    return MARConfig.from_dict(base)  # unknown or mistyped fields named, as generator_config does
 
 
 # --- masking --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, Literal, cast, overload
 import torch
 from torch import Tensor, nn
 
-from softvq.typed_config import UnknownNameError, strict_fields
+from softvq.typed_config import UnknownNameError, check_field_types, strict_fields
 from softvq.generation.embeddings import (LabelEmbedder, TimestepEmbedder, class_indices, sincos_grid,
                                          sincos_sequence)
 from softvq.generation.mar import MARConfig, MaskedAutoregressive
@@ -86,13 +86,14 @@ class GeneratorConfig:
         return (self.grid // self.patch_size) ** 2
 
     def validate(self) -> "GeneratorConfig":
+        check_field_types(self)  # for a config built in Python ("32" for width failed in a comparison)
         if self.kind not in ("sit", "dit"):
             raise ValueError(f"generator kind must be 'sit' or 'dit', got {self.kind!r}")
         if self.layout not in ("1d", "2d"):
             raise ValueError(f"layout must be '1d' or '2d', got {self.layout!r}")
         sizes = {"num_tokens": self.num_tokens, "grid": self.grid, "patch_size": self.patch_size,
                  "latent_dim": self.latent_dim, "width": self.width, "depth": self.depth, "heads": self.heads}
-        if (bad := [f"{k}={v}" for k, v in sizes.items() if v < 1]) or self.mlp_ratio <= 0:
+        if (bad := [f"{k}={v}" for k, v in sizes.items() if v < 1]) or self.mlp_ratio <= 0:  # NaN: the type check
             raise ValueError(f"generator sizes must be positive, got {', '.join(bad) or f'mlp_ratio={self.mlp_ratio}'}")
         if not 0 <= self.class_dropout < 1:
             raise ValueError(f"class_dropout is a probability in [0, 1), got {self.class_dropout}")
