@@ -350,10 +350,10 @@ class Tokenizer(nn.Module):
                 hint = "; one channels-last image: images.permute(2, 0, 1).unsqueeze(0)"
             raise ValueError(f"expected images of shape (B, {c}, H, W), got {tuple(images.shape)}{hint}")
         p = self.config.patch_size
-        if images.shape[-1] % p or images.shape[-2] % p:
+        if images.shape[-1] % p or images.shape[-2] % p or 0 in images.shape[-2:]:
             raise ValueError(
-                f"image size {images.shape[-2]}x{images.shape[-1]} is not a multiple of the patch "
-                f"size {p}; crop or resize the images (the CLI's --resize does this)"
+                f"image size {images.shape[-2]}x{images.shape[-1]} is not a positive multiple of the "
+                f"patch size {p}; crop or resize the images (the CLI's --resize does this)"
             )
         if not images.is_floating_point():
             raise TypeError("images must be floating point in [-1, 1]; divide uint8 by 127.5 and subtract 1")

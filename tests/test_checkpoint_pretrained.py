@@ -153,3 +153,25 @@ def test_loading_a_checkpoint_leaves_the_callers_random_stream_alone(tmp_path):
     loaded = Tokenizer.from_pretrained(saved)
     loaded.with_generative_decoder(4)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_latent_statistics_that_would_break_a_generator_are_refused_on_save_and_load(tmp_path):
+    """A NaN latent_mean was written as the invalid JSON literal NaN, a std of 0 was kept (a
+    generator divides by it), and a mean without a std saved neither."""
+    model = Tokenizer.from_preset("softvq-tiny")
+    for mean, std, said in ((float("nan"), 1.0, "finite mean and a positive std, got nan and 1.0"),
+                            (0.1, 0.0, "finite mean and a positive std, got 0.1 and 0.0"),
+                            (0.1, None, "must be numbers, got 0.1 and None")):
+        model.latent_mean, model.latent_std = mean, std
+        with pytest.raises(ValueError, match=said):
+            model.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    model.latent_mean, model.latent_std = 0.25, 2.0
+    folder = model.save_pretrained(tmp_path / "good")
+    loaded = Tokenizer.from_pretrained(folder)
+    assert (loaded.latent_mean, loaded.latent_std) == (0.25, 2.0)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "latent_std": -1.0}))  # edited by hand
+    with pytest.raises(CheckpointError, match=r"config.json: latent_mean / latent_std must be a finite mean and a "
+                                              r"positive std, got 0.25 and -1.0"):
+        Tokenizer.from_pretrained(folder)

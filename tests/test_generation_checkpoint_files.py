@@ -176,3 +176,19 @@ def test_generate_of_a_run_says_when_its_export_is_behind_its_checkpoints(made, 
     err = capsys.readouterr().err
     assert f"{lengthened}/generator is the EMA of step 4, but the run has trained to step 6" in err
     assert f"softvq generate {checkpoint_path(lengthened, 6)}" in err
+
+
+def test_loading_a_generator_leaves_the_callers_random_stream_and_the_tokenizer_loader_points_to_it(made):
+    """load_generator drew its throwaway initialisation from the global RNG (the tokenizer loaders
+    fork it); Tokenizer.from_pretrained on a generator pointed to from_official."""
+    from softvq import Tokenizer
+
+    _, run = made
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    for source in (run / "generator", run / "checkpoints" / "step-00000004.pt"):
+        torch.manual_seed(7)
+        load_generator(source)
+        assert torch.equal(torch.rand(3), expected), source
+    with pytest.raises(CheckpointError, match="it is a generator: load it with softvq.generation.checkpoint"):
+        Tokenizer.from_pretrained(run / "generator")

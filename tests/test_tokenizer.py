@@ -266,6 +266,10 @@ def test_inference_refuses_8_bit_values_nan_and_empty_batches_but_training_skips
         model.encode(imagenet)
     with pytest.raises(ValueError, match="empty batch"):
         model.encode(torch.zeros(0, 3, 32, 32))
+    for mode in (model.eval, model.train):  # an aminmax error in eval mode, a convolution's in training
+        with pytest.raises(ValueError, match="image size 0x32 is not a positive multiple of the patch size"):
+            mode().encode(torch.zeros(1, 3, 0, 32))
+    model.eval()
     with torch.no_grad():
         model.encode(torch.rand(1, 3, 32, 32) * 2.2 - 1.1)  # a resampling overshoot: not refused
         model.train().encode(pixels)  # a training step pays no host sync for the check

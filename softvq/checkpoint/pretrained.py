@@ -7,6 +7,7 @@ through ``huggingface_hub``; offline, the error says so in one line.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from collections.abc import Callable
@@ -54,11 +55,13 @@ def training_run_export(folder: str | Path) -> Path | None:
     return None
 
 
-def read_folder_config(path_or_id: str | Path, fmt: str, what: str, hint: str) -> tuple[Path, dict[str, Any]]:
+def read_folder_config(path_or_id: str | Path, fmt: str, what: str, hint: str,
+                       hints: dict[str, str] | None = None) -> tuple[Path, dict[str, Any]]:
     """Resolve a checkpoint folder and read its config.json, checking its ``format`` is ``fmt``.
 
     Every failure is a one-line :class:`CheckpointError`; ``what`` names the expected kind of
-    checkpoint and ``hint`` says where a checkpoint of another kind belongs.
+    checkpoint and ``hint`` says where a checkpoint of another kind belongs (``hints``: the hint
+    for a known other format, by its name).
     """
     folder = resolve(path_or_id, [CONFIG_NAME, WEIGHTS_NAME])
     config_file = folder / CONFIG_NAME
@@ -72,7 +75,7 @@ def read_folder_config(path_or_id: str | Path, fmt: str, what: str, hint: str) -
         raise CheckpointError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         found = payload.get("format") if isinstance(payload, dict) else None
-        raise CheckpointError(f"{config_file} is not a {what} (format {found!r}); {hint}")
+        raise CheckpointError(f"{config_file} is not a {what} (format {found!r}); {(hints or {}).get(found, hint)}")
     return folder, payload
 
 
@@ -80,9 +83,24 @@ def save_pretrained(model: "Tokenizer", directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` of ``model`` into ``directory`` atomically;
     returns the folder."""
     meta: dict[str, Any] = {"format": FORMAT, "config": model.config.to_dict()}
-    if model.latent_mean is not None:
-        meta["latent_mean"], meta["latent_std"] = model.latent_mean, model.latent_std
+    if model.latent_mean is not None or model.latent_std is not None:
+        meta["latent_mean"], meta["latent_std"] = latent_statistics(model.latent_mean, model.latent_std,
+                                                                    "the tokenizer's latent_mean / latent_std")
     return write_folder(directory, model.state_dict(), meta)
+
+
+def latent_statistics(mean: Any, std: Any, where: str) -> tuple[float, float]:
+    """(mean, std) that generators normalise latents with, (z - mean) / std: finite numbers and a
+    positive std, or a ValueError naming ``where`` they came from (NaN was written as invalid JSON,
+    a std of 0 divided by zero)."""
+    try:
+        mean, std = float(mean), float(std)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be numbers, got {mean!r} and {std!r}") from None
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise ValueError(f"{where} must be a finite mean and a positive std, got {mean} and {std}; set both "
+                         f"from real latents, or both to None")
+    return mean, std
 
 
 def resolve(path_or_id: str | Path, filenames: list[str]) -> Path:
@@ -152,7 +170,8 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device 
 
     folder, meta = read_folder_config(
         path_or_id, FORMAT, "softvq checkpoint",
-        "for the released SoftVQ-VAE checkpoints use Tokenizer.from_official")
+        "for the released SoftVQ-VAE checkpoints use Tokenizer.from_official",
+        {"softvq-generator": "it is a generator: load it with softvq.generation.checkpoint.load_generator"})
     try:
         config = TokenizerConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or damaged config.json
@@ -160,7 +179,12 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device 
     with torch.random.fork_rng(devices=[]):  # a random initialisation the weights replace: leave the caller's stream
         model = Tokenizer(config)
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
-    model.latent_mean, model.latent_std = meta.get("latent_mean"), meta.get("latent_std")
+    if meta.get("latent_mean") is not None or meta.get("latent_std") is not None:
+        try:
+            model.latent_mean, model.latent_std = latent_statistics(meta.get("latent_mean"), meta.get("latent_std"),
+                                                                    "latent_mean / latent_std")
+        except ValueError as exc:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from None
     model.source = f"softvq checkpoint {path_or_id}"
     return model.to(usable_device(map_location)).eval()
 

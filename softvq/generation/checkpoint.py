@@ -172,7 +172,8 @@ def load_generator(path_or_id: str | Path, map_location: str | torch.device = "c
     _refuse_other_folders(Path(path_or_id).expanduser(), tokenizer_flag)
     folder, payload = read_folder_config(path_or_id, FORMAT, "softvq generator",
                                          "tokenizers load with softvq.Tokenizer.from_pretrained")
-    model = build_generator(payload["config"])
+    with torch.random.fork_rng(devices=[]):  # a random initialisation the weights replace: leave the caller's stream
+        model = build_generator(payload["config"])
     load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
     return model.to(usable_device(map_location)).eval(), _meta(payload.get("meta", {}))
 
@@ -249,7 +250,8 @@ def _from_training_checkpoint(file: Path, tokenizer_flag: str) -> tuple[Generato
                                   f"back as {checkpoint_path('RUN', int(state.get('step', 0)))} of its run RUN, or "
                                   f"pass the run's export RUN/{GENERATOR_EXPORT}")
         raise CheckpointError(not_one)
-    model = build_generator(model_config)
+    with torch.random.fork_rng(devices=[]):  # a random initialisation the weights replace: leave the caller's stream
+        model = build_generator(model_config)
     load_strict(model, {**state["model"], **state["ema"]["shadow"]}, str(file))
     meta = _meta(state["meta"]) if "meta" in state else _older_checkpoint_meta(file, run, config)
     return model, meta
