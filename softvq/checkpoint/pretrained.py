@@ -75,7 +75,7 @@ def read_folder_config(path_or_id: str | Path, fmt: str, what: str, hint: str,
         raise CheckpointError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         found = payload.get("format") if isinstance(payload, dict) else None
-        raise CheckpointError(f"{config_file} is not a {what} (format {found!r}); {(hints or {}).get(found, hint)}")
+        raise CheckpointError(f"{config_file} is not a {what} (format {found!r}); {(hints or {}).get(str(found), hint)}")
     return folder, payload
 
 

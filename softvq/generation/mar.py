@@ -324,9 +324,9 @@ class MaskedAutoregressive(nn.Module):
             raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         if not (cfg >= 0 and temperature >= 0 and math.isfinite(cfg) and math.isfinite(temperature)):  # NaN too
             raise ValueError(f"cfg and temperature must be finite and non-negative, got {cfg} and {temperature}")
-        for name, steps in (("ar_steps", ar_steps), ("diffusion_steps", diffusion_steps)):
-            if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
-                raise ValueError(f"{name} must be a whole number of 1 or more, got {steps!r}")
+        for name, count in (("ar_steps", ar_steps), ("diffusion_steps", diffusion_steps)):
+            if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1):
+                raise ValueError(f"{name} must be a whole number of 1 or more, got {count!r}")
         c = self.config
         device, dtype = self.condition_pos.device, self.condition_pos.dtype
         labels = class_indices(labels, None, device, "labels")
