@@ -378,6 +378,39 @@ def test_cli_eval_on_a_run_folder_writes_json_and_markdown(tmp_path, capsys):
 
 
 @needs_fid
+def test_an_adm_reference_batch_gives_gfid_from_its_statistics_and_precision_recall_from_its_images(tmp_path):
+    """ADM's VIRTUAL_imagenet256_labeled.npz holds arr_0 (the images) and mu/sigma: precision and
+    recall were skipped (only mu/sigma were read), and an arr_0-only batch was refused."""
+    from test_evaluation_fid import naive_precision_recall
+
+    real_paths = write_photos(tmp_path / "real", 4, size=64)
+    write_altered(real_paths, tmp_path / "fake")
+    extractor = inception.InceptionFeatureExtractor()
+    real = extractor(read_u8(real_paths)).double().numpy()
+    fake = extractor(read_u8(sorted((tmp_path / "fake").glob("*.png")))).double().numpy()
+    # statistics that are not those of arr_0 (ADM's are of its 10,000 images with TF's Inception): read, not remade
+    rng = np.random.default_rng(0)
+    mu = real.mean(0) + rng.normal(0, 0.05, real.shape[1])
+    basis = rng.normal(0, 0.1, (6, real.shape[1]))
+    sigma = basis.T @ basis
+    images = read_u8(real_paths).permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "VIRTUAL_labeled.npz", arr_0=images, arr_1=np.zeros(4, np.int64), mu=mu, sigma=sigma)
+    np.savez(tmp_path / "images_only.npz", arr_0=images)
+    run = dict(num_images=8, progress=False, k=2, cache_dir=None)
+    adm = evaluate_samples(tmp_path / "fake", tmp_path / "VIRTUAL_labeled.npz", **run)
+    fake_stats = fidlib.FeatureStats.from_features(torch.from_numpy(fake))  # the wiring: the file's mu/sigma are used
+    assert adm["gfid"] == pytest.approx(fidlib.frechet_distance(fidlib.FeatureStats(mu, sigma, 0), fake_stats),
+                                        rel=1e-6)
+    assert adm["gfid"] != pytest.approx(lowrank_fid_reference(real, fake), rel=1e-2)  # not arr_0's own
+    assert (adm["precision"], adm["recall"]) == pytest.approx(naive_precision_recall(real, fake, 2), abs=1e-12)
+    assert any("gFID against VIRTUAL_labeled.npz's mu/sigma; precision/recall against its first 4 images" in n
+               for n in adm["notes"])
+    alone = evaluate_samples(tmp_path / "fake", tmp_path / "images_only.npz", **run)  # was refused
+    assert alone["gfid"] == pytest.approx(lowrank_fid_reference(real, fake), rel=1e-4)
+    assert (alone["precision"], alone["recall"]) == (adm["precision"], adm["recall"])
+
+
+@needs_fid
 @pytest.mark.parametrize("layout", ["folder", "generate"])
 def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
     from test_evaluation_fid import naive_precision_recall

@@ -63,6 +63,12 @@ def test_bad_initial_weights_are_named(tmp_path):
         Trainer(config_from_dict(tiny_tree(init_encoder="dinov2")), tmp_path / "b")
     with pytest.raises(ValueError, match="init_from and run.init_encoder both set"):
         Trainer(config_from_dict(tiny_tree(init_encoder="dinov2", init_from=str(tmp_path))), tmp_path / "c")
+    # found when the config is read, so `softvq info` names it too: the README's WeTok stage 2 left
+    # the preset's init_encoder=dinov2 beside init_from and failed only at `train`
+    with pytest.raises(ValueError, match=r"both set: .* \(run.init_encoder=null: the SoftVQ presets start from"):
+        load_config("softvq-s-64", ["model.decoder_noise_dim=8", f"run.init_from={tmp_path}"])
+    assert load_config("softvq-s-64", ["model.decoder_noise_dim=8", f"run.init_from={tmp_path}",
+                                       "run.init_encoder=null"]).run.init_from
 
 
 def test_paper_recipe_and_table4_configs_choose_the_encoder_start():

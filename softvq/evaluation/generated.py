@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,10 +41,10 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     """Generation metrics of a folder of samples against real images (paper Sec. 4.1).
 
     gFID against ``reference`` (an image folder / shards, centre-cropped and resized to the
-    samples' size, or a ``.npz`` of reference statistics such as ADM's ``VIRTUAL_imagenet256``
-    batch); improved precision / recall (k = 3) on the first ``pr_samples`` features of each side
-    (needs reference images, not a ``.npz``; 0 skips them); Inception Score when the weights have
-    the classifier. A ``softvq generate`` folder whose run was interrupted is scored with a note.
+    samples' size, or a ``.npz``: ADM's ``VIRTUAL_imagenet256_labeled`` reference batch, whose
+    ``mu`` / ``sigma`` gFID uses and whose images ``arr_0`` precision / recall use, or either
+    alone); improved precision / recall (k = 3) on the first ``pr_samples`` features of each side
+    (needs reference images; 0 skips them); Inception Score when the weights have the classifier. A ``softvq generate`` folder whose run was interrupted is scored with a note.
 
     A reference folder's statistics and its first ``pr_samples`` features are cached in
     ``cache_dir`` under a checksum of the FID protocol and its files' relative paths, sizes and
@@ -96,8 +97,27 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     report: dict[str, Any] = {"samples": str(samples), "reference": str(reference),
                               "num_samples": len(fake), "image_size": size, "notes": notes}
     if Path(reference).suffix == ".npz":
-        ref_stats, real = fidlib.load_reference_stats(reference), None
-        report["notes"].append("precision/recall need reference images, not statistics: skipped")
+        # ADM's reference batch holds both: its images (arr_0) for precision/recall, and the statistics
+        # (mu, sigma) of all of them, which gFID uses as the papers do; either alone works too
+        path = Path(reference).expanduser()
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                has_images, has_stats = "arr_0" in data, "mu" in data
+        except (OSError, ValueError) as exc:  # not there, or not an .npz
+            raise fidlib.ReferenceStatsError(f"{path} is not a readable .npz ({exc})") from None
+        # neither: load_reference_stats names what the file lacks
+        ref_stats = fidlib.load_reference_stats(path) if has_stats or not has_images else None
+        real = None
+        if has_images and (pr_samples > 0 or not has_stats):
+            real_refs, files, root = list_image_refs(path, min(pr_samples, num_images) if has_stats else num_images)
+            real, _ = features(real_refs, files, root, "reference")
+            ref_stats = ref_stats or fidlib.FeatureStats.from_features(real)
+            if has_stats:
+                notes.append(f"gFID against {path.name}'s mu/sigma; precision/recall against its first "
+                             f"{len(real)} images (arr_0)")
+        elif pr_samples > 0:
+            notes.append("precision/recall need reference images (a folder, or an .npz with arr_0), not "
+                         "statistics: skipped")
     else:
         real_refs, files, root = list_image_refs(reference, num_images)
         # keyed by the images and the FID protocol alone: generate --fid-ref (no precision/recall) and

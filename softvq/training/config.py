@@ -235,6 +235,9 @@ class TrainConfig:
             ("run.max_minutes", r.max_minutes, r.max_minutes is None or r.max_minutes > 0, "positive or null"),
         ]
         check_ranges(ranges)
+        if r.init_from and r.init_encoder:  # here, so that `softvq info` finds it before a run is made
+            raise ValueError("run.init_from and run.init_encoder both set: init_from already brings an encoder; drop "
+                             "one of them (run.init_encoder=null: the SoftVQ presets start from DINOv2)")
         for name in ("betas", "disc_betas"):
             betas = getattr(o, name)
             if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):

@@ -842,10 +842,7 @@ def late_ramps(config: TrainConfig) -> list[str]:
 
 def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
     """Load ``run.init_from`` (a whole tokenizer) or ``run.init_encoder`` (DINO weights) into a fresh model."""
-    run = config.run
-    if run.init_from and run.init_encoder:
-        raise ValueError("run.init_from and run.init_encoder both set: init_from already brings an encoder; "
-                         "drop one of them")
+    run = config.run  # validate() refused both set
     if run.init_from:
         try:
             start = Tokenizer.from_pretrained(run.init_from)
