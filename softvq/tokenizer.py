@@ -156,8 +156,8 @@ class Tokenizer(nn.Module):
         (:func:`softvq.networks.vit._residual` keeps the plain form under autocast), and the
         bottleneck always computes in float32. What leaves the model (latents, features, images)
         is float32. ``dtype``: ``torch.bfloat16`` / ``"bf16"`` / ``"bfloat16"`` or ``torch.float16`` /
-        ``"fp16"`` / ``"float16"``; ``torch.float32`` / ``"fp32"`` / ``"float32"`` turns it off. In bf16 an H100 encodes softvq-s-64 3.5x and
-        decodes it 4.8x faster than the fp32 explicit-attention baseline at batch 64, and a 2-core
+        ``"fp16"`` / ``"float16"``; ``torch.float32`` / ``"fp32"`` / ``"float32"`` turns it off. In
+        bf16 an H100 encodes softvq-s-64 3.5x and decodes it 4.8x faster than the fp32 explicit-attention baseline at batch 64, and a 2-core
         CPU with AMX 2.2x and 2.7x at batch 8 (README). A CPU without bf16 matrix instructions
         (AMX, AVX512-BF16) emulates it and is likely slower than float32.
         """
@@ -167,7 +167,8 @@ class Tokenizer(nn.Module):
                 raise ValueError(f"unknown precision {dtype!r}; use one of {', '.join(by_name)}")
             dtype = by_name[dtype]
         if dtype not in PRECISIONS.values():
-            raise ValueError(f"autocast runs in torch.bfloat16 or torch.float16, not {dtype}")
+            raise ValueError(f"autocast runs in torch.bfloat16 or torch.float16 (torch.float32 turns it off), "
+                             f"not {dtype!r}")
         self.compute_dtype = dtype
         return self
 
@@ -356,7 +357,8 @@ class Tokenizer(nn.Module):
                 f"patch size {p}; crop or resize the images (the CLI's --resize does this)"
             )
         if not images.is_floating_point():
-            raise TypeError("images must be floating point in [-1, 1]; divide uint8 by 127.5 and subtract 1")
+            fix = "divide uint8 by 127.5 and subtract 1" if images.dtype == torch.uint8 else "pass real float images"
+            raise TypeError(f"images must be floating point in [-1, 1], got {images.dtype}; {fix}")
         if images.shape[0] == 0:
             raise ValueError("images is an empty batch (B = 0); pass at least one image")
         self._check_placement(images, "images")

@@ -281,6 +281,10 @@ def test_inference_refuses_8_bit_values_nan_and_empty_batches_but_training_skips
         model.eval().decode(z * float("nan"))
     with pytest.raises(ValueError, match="empty batch"):
         model.decode(z[:0])
+    for dtype, fix in ((torch.uint8, "divide uint8 by 127.5"), (torch.int64, "pass real float images"),
+                       (torch.complex64, "pass real float images")):
+        with pytest.raises(TypeError, match=f"images must be floating point in \\[-1, 1\\], got {dtype}; {fix}"):
+            model.encode(torch.zeros(1, 3, 32, 32, dtype=dtype))
     with pytest.raises(TypeError, match="latents must be floating point, got torch.int64"):
         model.decode(z.long())
     with pytest.raises(TypeError, match="noise must be a float tensor of shape"):
@@ -438,8 +442,10 @@ def test_enable_autocast_rejects_what_autocast_cannot_run():
     model = tiny()
     with pytest.raises(ValueError, match="unknown precision 'fp64'; use one of fp32, bf16, fp16"):
         model.enable_autocast("fp64")
-    with pytest.raises(ValueError, match="torch.bfloat16 or torch.float16"):
+    with pytest.raises(ValueError, match=r"torch.bfloat16 or torch.float16 \(torch.float32 turns it off\)"):
         model.enable_autocast(torch.float64)
+    with pytest.raises(ValueError, match="not None"):
+        model.enable_autocast(None)
     assert model.enable_autocast(torch.float16).precision == "fp16"
     assert model.enable_autocast("bfloat16").precision == "bf16"  # torch's name too, not only "bf16"
     assert model.enable_autocast("fp32").precision == "fp32" and model.compute_dtype == torch.float32

@@ -109,12 +109,12 @@ def test_anchor_paths_makes_only_local_relative_paths_absolute(tmp_path):
     (tmp_path / "shards").mkdir()
     (tmp_path / "dinov2").mkdir()  # a clone of the DINOv2 repository, say: the keyword stays a keyword
     cfg = load_config(None, ["data.source=folder", "data.path=imgs", "data.eval_path=missing",
-                             "run.init_from=someone/softvq-s-64", "run.init_encoder=dinov2"])
+                             "run.init_from=someone/softvq-s-64"])
     anchored = anchor_paths(cfg, tmp_path)
     assert anchored.data.path == str(tmp_path / "imgs")
     # absent paths and hub names stay as given; the input config is not changed
-    assert (anchored.data.eval_path, anchored.run.init_from, anchored.run.init_encoder) == (
-        "missing", "someone/softvq-s-64", "dinov2")
+    assert (anchored.data.eval_path, anchored.run.init_from) == ("missing", "someone/softvq-s-64")
+    assert anchor_paths(load_config(None, ["run.init_encoder=dinov2"]), tmp_path).run.init_encoder == "dinov2"
     assert cfg.data.path == "imgs"
     shards = load_config(None, ["data.source=shards", "data.path=shards/train-{000..009}.tar"])
     assert anchor_paths(shards, tmp_path).data.path == str(tmp_path / "shards" / "train-{000..009}.tar")

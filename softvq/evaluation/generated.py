@@ -111,13 +111,15 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         if has_images and (pr_samples > 0 or not has_stats):
             real_refs, files, root = list_image_refs(path, min(pr_samples, num_images) if has_stats else num_images)
             real, _ = features(real_refs, files, root, "reference")
-            ref_stats = ref_stats or fidlib.FeatureStats.from_features(real)
-            if has_stats:
+            if ref_stats is None:
+                ref_stats = fidlib.FeatureStats.from_features(real)
+            else:
                 notes.append(f"gFID against {path.name}'s mu/sigma; precision/recall against its first "
                              f"{len(real)} images (arr_0)")
         elif pr_samples > 0:
             notes.append("precision/recall need reference images (a folder, or an .npz with arr_0), not "
                          "statistics: skipped")
+        assert ref_stats is not None  # a file with neither images nor statistics was refused above
     else:
         real_refs, files, root = list_image_refs(reference, num_images)
         # keyed by the images and the FID protocol alone: generate --fid-ref (no precision/recall) and
