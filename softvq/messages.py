@@ -13,3 +13,12 @@ def first_few(items: Sequence[object], limit: int = 8, sep: str = ", ") -> str:
         raise ValueError(f"limit must be 1 or more, got {limit}")
     shown = sep.join(str(item) for item in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def ignored_flags(flags: Sequence[str], where: str, *, reason: str = "", instead: str = "") -> ValueError:
+    """The error for ``flags`` given where they would be ignored, which would read as "it made no
+    difference": "--a, --b apply only to WHERE; REASON: INSTEAD, or drop them"."""
+    one = len(flags) == 1
+    text = f"{first_few(flags)} appl{'ies' if one else 'y'} only to {where}" + (f"; {reason}" if reason else "")
+    return ValueError(f"{text}: {instead + ', or ' if instead else ''}drop {'it' if one else 'them'}")
+

@@ -506,8 +506,8 @@ def test_generate_takes_quiet_like_the_other_long_jobs(tmp_path, capsys, monkeyp
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--temperature", "1.0"], "--temperature only applies to MAR generators; "),
-    (["--cfg-schedule", "constant", "--ar-steps", "2"], "--ar-steps, --cfg-schedule only apply to MAR generators; "),
+    (["--temperature", "1.0"], "--temperature applies only to MAR generators; "),
+    (["--cfg-schedule", "constant", "--ar-steps", "2"], "--ar-steps, --cfg-schedule apply only to MAR generators; "),
 ])
 def test_generate_refuses_mar_options_on_a_sit_instead_of_ignoring_them(tmp_path, capsys, flags, named):
     gen = _tiny_generator(tmp_path / "gen")
@@ -748,7 +748,7 @@ def test_a_launched_runs_sampler_flag_refusal_is_said_by_its_main_process(tmp_pa
     monkeypatch.setattr("softvq.training.accelerator.launched_accelerator", lambda cpu: Follower())
     args = build_parser().parse_args(["generate", str(gen), "--out", str(tmp_path / "s"), "--device", "cpu",
                                       "--temperature", "1.0"])
-    with pytest.raises(ValueError, match="--temperature only applies to MAR generators") as info:
+    with pytest.raises(ValueError, match="--temperature applies only to MAR generators") as info:
         generate_cli.run(args)
     assert said_elsewhere(info.value)
 
@@ -833,9 +833,9 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, c
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--no-fid"], "--no-fid applies to a tokenizer's evaluation (--model)"),
-    (["--image-size", "32", "--no-lpips"], "--no-lpips, --image-size apply to a tokenizer's evaluation (--model)"),
-    (["--precision", "bf16", "--seed", "3", "--no-flops"], "--no-flops, --precision, --seed apply to a tokenizer's"),
+    (["--no-fid"], "--no-fid applies only to a tokenizer's evaluation (--model)"),
+    (["--image-size", "32", "--no-lpips"], "--no-lpips, --image-size apply only to a tokenizer's evaluation (--model)"),
+    (["--precision", "bf16", "--seed", "3", "--no-flops"], "--no-flops, --precision, --seed apply only to a tokenizer's"),
 ])
 def test_eval_samples_refuses_the_tokenizer_flags_it_would_ignore(tmp_path, capsys, monkeypatch, flags, named):
     """Was: accepted and dropped, so that --no-fid still ran Inception and --image-size 32 reported 64."""

@@ -182,8 +182,8 @@ def test_eval_probe_generator_writes_the_probe_into_the_report(tmp_path, capsys)
         return capsys.readouterr().err.strip()
 
     assert "which has depth 2: pass a layer from 1 to 2" in error("--probe-generator", str(gen), "--probe", str(images))
-    assert "--probe-layer applies to --probe-generator GEN" in error("--model", "softvq-tiny", "--images", str(images),
-                                                                      "--probe-layer", "3")
+    assert "--probe-layer applies only to --probe-generator GEN: pass it, or drop it" in error(
+        "--model", "softvq-tiny", "--images", str(images), "--probe-layer", "3")
     assert "needs --probe FOLDER" in error("--probe-generator", str(gen))
     # eval takes a tokenizer as --model (generate's --tokenizer is no flag of eval's)
     assert f"{tmp_path / 'tok'} is a tokenizer, not a generator; pass it as --model, and a generator" in \

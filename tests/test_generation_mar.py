@@ -206,7 +206,8 @@ def test_bad_configs_and_inputs_are_named():
         SamplerSpec(clip_x0=-1.0).resolved("mar")
     with pytest.raises(ValueError, match=r"ar_steps must be 1 or more \(None: one per token\), got 0"):
         SamplerSpec(ar_steps=0).resolved("mar")
-    with pytest.raises(ValueError, match="--head-width, --buffer-size only apply to MAR"):
+    with pytest.raises(ValueError, match=r"--head-width, --buffer-size apply only to MAR \(--objective mar\); DiT "
+                                         r"and SiT have none: drop them"):
         GeneratorTrainConfig(latents="x", objective="sit", head_width=8, buffer_size=4).validate()
     # Values that used to fail deep inside training (a division by zero after the first step, a
     # random_ range error, an init error) are named before it starts.

@@ -29,3 +29,12 @@ def test_refusing_to_overwrite_names_the_first_file_and_counts_the_others(tmp_pa
     with pytest.raises(FileExistsError, match=r"c\.png already exists; pass --force$"):
         refuse_to_overwrite(paths[2:], "pass --force")
     refuse_to_overwrite(paths[3:], "unused")  # nothing there: no error
+
+
+def test_flags_given_where_they_would_be_ignored_are_refused_in_one_grammar():
+    from softvq.messages import ignored_flags
+
+    assert str(ignored_flags(["--a"], "MAR generators", reason="g is a SiT one")) == \
+        "--a applies only to MAR generators; g is a SiT one: drop it"
+    assert str(ignored_flags(["--a", "--b"], "--probe-generator GEN", instead="pass it")) == \
+        "--a, --b apply only to --probe-generator GEN: pass it, or drop them"

@@ -39,7 +39,7 @@ import torch
 from softvq.checkpoint.specs import is_preset
 from softvq.cli.common import (add_model_arguments, add_quiet_argument, generator_tokenizer, load_tokenizer,
                                non_negative_int, positive_int, refuse_unwritable, resolve_device, seed_int)
-from softvq.messages import first_few
+from softvq.messages import ignored_flags
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -144,9 +144,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     given = [flag for flag, value in (("--probe-layer", args.probe_layer), ("--probe-t", args.probe_t))
              if value is not None]
-    if given and not args.probe_generator:  # given but ignored would read as "it made no difference"
-        raise ValueError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --probe-generator GEN; "
-                         f"pass it, or drop {'it' if len(given) == 1 else 'them'}")
+    if given and not args.probe_generator:
+        raise ignored_flags(given, "--probe-generator GEN", instead="pass it")
     if args.probe_generator:
         if args.samples or args.images:
             raise ValueError("--probe-generator probes a generator on the labelled --probe data alone: drop "
@@ -163,15 +162,13 @@ def run(args: argparse.Namespace) -> int:
         if args.model or args.probe:
             raise ValueError("--samples scores generated images against --images; --model and --probe evaluate a "
                              "tokenizer instead: run them as a separate eval")
-        # given but ignored would read as "it made no difference"
         tokenizer_only = [flag for flag, given in (
             ("--no-fid", args.no_fid), ("--no-lpips", args.no_lpips), ("--no-flops", args.no_flops),
             ("--image-size", args.image_size is not None), ("--precision", args.precision != "fp32"),
             ("--seed", args.seed is not None)) if given]
         if tokenizer_only:
-            raise ValueError(f"{first_few(tokenizer_only)} appl{'ies' if len(tokenizer_only) == 1 else 'y'} to a "
-                             f"tokenizer's evaluation (--model); --samples always measures gFID and precision/"
-                             f"recall, at the samples' own size: drop {'it' if len(tokenizer_only) == 1 else 'them'}")
+            raise ignored_flags(tokenizer_only, "a tokenizer's evaluation (--model)",
+                                reason="--samples always measures gFID and precision/recall, at the samples' own size")
         if args.reference_stats:
             raise ValueError("--reference-stats is the rFID statistics file of --model; with --samples the "
                              "reference statistics are cached by checksum in ~/.cache/softvq/fid-stats/, "

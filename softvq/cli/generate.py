@@ -36,7 +36,7 @@ import torch
 
 from softvq.cli.common import (add_precision_argument, add_quiet_argument, positive_int, refuse_unwritable,
                                resolve_device, seed_int)
-from softvq.messages import first_few
+from softvq.messages import first_few, ignored_flags
 
 if TYPE_CHECKING:
     from softvq.generation.sampling import SamplerSpec
@@ -226,10 +226,9 @@ def sampler_spec(args: argparse.Namespace, model: Any, meta: Any) -> SamplerSpec
 
     mar_only = [flag for flag, value in (("--ar-steps", args.ar_steps), ("--temperature", args.temperature),
                                          ("--cfg-schedule", args.cfg_schedule)) if value is not None]
-    if meta.objective != "mar" and mar_only:  # given but ignored would read as "it made no difference"
-        raise ValueError(f"{', '.join(mar_only)} only appl{'ies' if len(mar_only) == 1 else 'y'} to MAR generators; "
-                         f"{args.generator} is a {NAMES.get(meta.objective, meta.objective)} one: drop "
-                         f"{'it' if len(mar_only) == 1 else 'them'}")
+    if meta.objective != "mar" and mar_only:
+        raise ignored_flags(mar_only, "MAR generators",
+                            reason=f"{args.generator} is a {NAMES.get(meta.objective, meta.objective)} one")
     if args.interval is not None and args.cfg == 1.0:  # given but ignored would read as "it made no difference"
         raise ValueError("--interval says where guidance applies, and --cfg 1 (the default) guides nowhere: pass a "
                          "--cfg above 1, or drop --interval")

@@ -30,6 +30,7 @@ import torch
 from softvq.generation.checkpoint import is_run_config
 from softvq.generation.mar import MARConfig, mar_config
 from softvq.generation.models import GeneratorConfig, generator_config
+from softvq.messages import ignored_flags
 from softvq.randomness import SEED_LIMIT
 from softvq.typed_config import check_field_types, check_ranges
 
@@ -161,8 +162,7 @@ class GeneratorTrainConfig:
                 and resolved.adam_beta2 is not None)
         mar_only = [flag_name(name) for name in MAR_ONLY if getattr(self, name) not in (None, False)]
         if self.objective != "mar" and mar_only:
-            raise ValueError(f"{', '.join(mar_only)} only appl{'ies' if len(mar_only) == 1 else 'y'} to MAR "
-                             f"(--objective mar); DiT and SiT have none")
+            raise ignored_flags(mar_only, "MAR (--objective mar)", reason="DiT and SiT have none")
         # given but unused would read as "it made no difference"
         if self.objective != "sit" and self.path is not None:
             name = {"dit": "DiT", "mar": "MAR"}.get(self.objective, self.objective)
