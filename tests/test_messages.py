@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from softvq.cli.common import refuse_to_overwrite
-from softvq.messages import first_few
+from softvq.messages import first_few, ignored_flags
 
 
 def test_first_few_cuts_after_the_limit_and_counts_the_rest():
@@ -32,8 +32,6 @@ def test_refusing_to_overwrite_names_the_first_file_and_counts_the_others(tmp_pa
 
 
 def test_flags_given_where_they_would_be_ignored_are_refused_in_one_grammar():
-    from softvq.messages import ignored_flags
-
     assert str(ignored_flags(["--a"], "MAR generators", reason="g is a SiT one")) == \
         "--a applies only to MAR generators; g is a SiT one: drop it"
     assert str(ignored_flags(["--a", "--b"], "--probe-generator GEN", instead="pass it")) == \
