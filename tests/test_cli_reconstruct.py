@@ -180,3 +180,57 @@ def test_a_folder_from_before_the_outputs_record_is_still_reconstructed_into(tmp
         assert "mean PSNR over 1 image(s)" in capsys.readouterr().out
     assert sorted((tmp_path / "o" / ".reconstruct-outputs").read_text().split()) == ["a_recon.png",
                                                                                     "a_side_by_side.png"]
+
+
+def test_an_interrupted_reconstruct_continues_where_it_stopped(tmp_path, capsys, monkeypatch):
+    """Was: a rerun made every image again (a Ctrl-C after 49,000 of 50,000 images lost them all)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in bundled_photos()[:4]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    command = ["reconstruct", str(folder), "--resize", "--batch-size", "1"]
+    assert main([*command, "--out", str(tmp_path / "whole")]) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, Tokenizer, "forward", 3)  # two images made, then Ctrl-C
+        assert main([*command, "--out", str(tmp_path / "o")]) == 130
+    assert "rerun the same command to continue" in capsys.readouterr().err
+    calls = []
+    real_forward = Tokenizer.forward
+    monkeypatch.setattr(Tokenizer, "forward", lambda self, x: calls.append(len(x)) or real_forward(self, x))
+    assert main([*command, "--batch-size", "2", "--out", str(tmp_path / "o")]) == 0  # another batch size: same images
+    assert calls == [2] and "continued an interrupted run: 2 image(s)" in capsys.readouterr().out
+    assert (tmp_path / "o" / "psnr.csv").read_text() == (tmp_path / "whole" / "psnr.csv").read_text()
+    for png in (tmp_path / "whole").glob("*.png"):
+        assert (tmp_path / "o" / png.name).read_bytes() == png.read_bytes(), png.name
+    assert not (tmp_path / "o" / ".reconstruct-progress").exists()  # finished: a rerun makes them all again
+    calls.clear()
+    assert main([*command, "--out", str(tmp_path / "o")]) == 0 and calls == [1, 1, 1, 1]
+
+
+def test_a_reconstruct_continues_only_what_the_same_weights_made_from_the_same_inputs(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in bundled_photos()[:3]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    command = ["reconstruct", str(folder), "--resize", "--batch-size", "1", "--out", str(tmp_path / "o")]
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, Tokenizer, "forward", 3)
+        assert main(command) == 130
+    progress = tmp_path / "o" / ".reconstruct-progress"
+    with open(progress, "a") as cut:  # a kill while a line was written: it is left out, not misread
+        cut.write(f"{folder / 'x.png'},x_recon.png,3")
+    calls = []
+    real_forward = Tokenizer.forward
+    monkeypatch.setattr(Tokenizer, "forward", lambda self, x: calls.append(len(x)) or real_forward(self, x))
+    first = sorted(folder.iterdir())[0]
+    first.write_bytes(first.read_bytes() + b"")  # rewritten: a new modification time, so made again
+    import os
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert main(command) == 0 and calls == [1, 1] and "continued an interrupted run: 1 image(s)" in \
+        capsys.readouterr().out
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, Tokenizer, "forward", 3)
+        assert main(command) == 130
+    calls.clear()  # other weights (the --seed of a preset's random ones): all made again
+    assert main([*command, "--seed", "1"]) == 0 and calls == [1, 1, 1]
+    assert "continued" not in capsys.readouterr().out

@@ -2,10 +2,17 @@
 
 For each image writes ``<name>_recon.png`` and ``<name>_side_by_side.png`` (original |
 reconstruction, named, with the PSNR under it) and prints its PSNR, then the mean; ``psnr.csv``
-keeps every PSNR and the mean (after a Ctrl-C, those of the images done; a rerun makes them all
-again). Each PNG is written whole (atomically). ``--out``'s ``.reconstruct-outputs`` names every file reconstruct
-wrote there: a rerun replaces those, refuses to replace any other file, and does not read them
-back as inputs. IMG may be a folder (its images, recursively;
+keeps every PSNR and the mean (after a Ctrl-C, those of the images done). Each PNG is written
+whole (atomically). ``--out``'s ``.reconstruct-outputs`` names every file reconstruct wrote there:
+a rerun replaces those, refuses to replace any other file, and does not read them back as inputs.
+
+An interrupted run (Ctrl-C, a kill, a crash) continues when rerun with the same weights and size
+settings: ``--out``'s ``.reconstruct-progress`` lists the images done, and those whose input is
+unchanged and whose PNGs are there are not made again (a generative decoder draws its noise per
+batch, so the images made after the stop are other samples than an unbroken run's). A finished run
+removes it, and a rerun then makes them all again.
+
+IMG may be a folder (its images, recursively;
 unreadable ones are skipped and listed, where an unreadable named file is an error). Without IMG
 the photos bundled with scikit-image / scikit-learn are used. Images must have the model's size
 unless ``--resize`` (centre-crop + bicubic resize) or ``--native-size`` (any size that is a
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,6 +42,7 @@ from softvq.data.folder import scan_folder
 from softvq.data.images import ImageReadError, ImageSizeError, bundled_photos, header_sizes, read_image, to_pil
 from softvq.evaluation import metrics
 from softvq.messages import first_few
+from softvq.resume import weights_sha1
 
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -138,6 +147,30 @@ def written_before(out: Path) -> set[str]:
     return names
 
 
+# an unfinished run's settings (a JSON line) and then, a CSV line each, the images it has made:
+# input, reconstruction file, PSNR (all its digits), and the input's size and modification time
+PROGRESS_FILE = ".reconstruct-progress"
+
+
+def _input_key(path: Path) -> list[str]:
+    """An input's size and modification time: an image replaced after it was made is made again."""
+    st = path.stat()
+    return [str(st.st_size), str(st.st_mtime_ns)]
+
+
+def done_before(out: Path, settings: dict) -> dict[str, list[str]]:
+    """The images an interrupted run with these ``settings`` made: input -> (reconstruction file,
+    PSNR, size, modification time); {} when there is none, or it ran with other settings (a
+    last line cut by a kill is left out)."""
+    try:
+        with open(out / PROGRESS_FILE, newline="", errors="surrogateescape") as progress:
+            if json.loads(progress.readline() or "null") != settings:
+                return {}
+            return {row[0]: row[1:] for row in csv.reader(progress) if len(row) == 5}
+    except (OSError, ValueError):  # none, unreadable, or a header cut short
+        return {}
+
+
 # --native-size up to 4x the trained side: the position embeddings are interpolated from the trained
 # grid, and attention's cost grows with the square of the tokens (a 12000 px photo: 560,000 tokens).
 NATIVE_SIDE_FACTOR = 4
@@ -213,6 +246,11 @@ def run(args: argparse.Namespace) -> int:
     check_before_reading(entries, size, resize, c.patch_size, c.image_size)
     out.mkdir(parents=True, exist_ok=True)
     print(f"model: {model.source}")
+    settings = {"weights_sha1": weights_sha1(model), "precision": args.precision, "size": size, "resize": resize,
+                **({"seed": args.seed, "batch_size": args.batch_size} if c.decoder_noise_dim else {})}
+    done = done_before(out, settings)
+    if not done:
+        atomic_write(out / PROGRESS_FILE, lambda p: p.write_text(json.dumps(settings) + "\n"))
     # Streamed batch by batch: a folder of 50,000 images is never held in memory at once.
     scores: list[float] = []
     rows: list[list[str]] = []  # psnr.csv: image, its reconstruction's file, PSNR
@@ -232,13 +270,35 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(out / PSNR_FILE, lambda p: p.write_text(table.getvalue()))
         return mean
 
+    carried_over: list[Path] = []
+
+    def made_before(path: Path, stem: str) -> bool:
+        """Carries an image an interrupted run made (unchanged input, both PNGs there) into the table."""
+        row = done.get(str(path))
+        if row is None or row[0] != stem + OUTPUT_SUFFIXES[0] or \
+                not all((out / (stem + suffix)).is_file() for suffix in OUTPUT_SUFFIXES):
+            return False
+        try:
+            if row[2:] != _input_key(path):
+                return False
+        except OSError:
+            return False
+        scores.append(float(row[1]))
+        rows.append([str(path), row[0], f"{scores[-1]:.4f}"])
+        carried_over.append(path)
+        return True
+
     try:
-        with open(record_path, "a", errors="surrogateescape") as record, torch.inference_mode(), \
-                tqdm(total=len(entries), desc="reconstruct", unit="img", disable=None) as bar:
+        with open(record_path, "a", errors="surrogateescape") as record, \
+                open(out / PROGRESS_FILE, "a", newline="", errors="surrogateescape") as progress_file, \
+                torch.inference_mode(), tqdm(total=len(entries), desc="reconstruct", unit="img", disable=None) as bar:
             record.write("".join(name + "\n" for name in carried))  # the outputs its psnr.csv names
+            progress = csv.writer(progress_file)
             for start in range(0, len(entries), batch):
                 images, paths, names = [], [], []
                 for (path, named), stem in zip(entries[start:start + batch], stems):
+                    if made_before(path, stem):
+                        continue
                     try:
                         images.append(read_image(path, size, resize=resize, multiple_of=c.patch_size))
                         paths.append(path)
@@ -263,17 +323,22 @@ def run(args: argparse.Namespace) -> int:
                     _save_png(result, recon_file)
                     _save_png(side_by_side(original, result, score), out / f"{stem}{OUTPUT_SUFFIXES[1]}")
                     rows.append([str(path), recon_file.name, f"{score:.4f}"])
+                    progress.writerow([str(path), recon_file.name, repr(score), *_input_key(path)])  # the mean's own
+                    progress_file.flush()  # after the images: what it lists is there
                     tqdm.write(f"{path}: PSNR {score:.2f} dB -> {recon_file}")
-    except KeyboardInterrupt:  # the images done keep their PSNRs (a rerun makes them all again)
+    except KeyboardInterrupt:  # the images done keep their PSNRs, and a rerun continues after them
         if scores:
             write_table(f"mean of the {len(scores)} done (interrupted)")
-            print(f"the PSNRs of the {len(scores)} image(s) reconstructed so far are in {out / PSNR_FILE}",
-                  file=sys.stderr)
+            print(f"the PSNRs of the {len(scores)} image(s) reconstructed so far are in {out / PSNR_FILE}; rerun "
+                  f"the same command to continue", file=sys.stderr)
         raise
     if skipped:
         print(f"skipped {len(skipped)} unreadable image file(s):{indented_lines(skipped)}", file=sys.stderr)
     if not scores:
         raise ImageReadError("none of the images given could be read")
     mean = write_table("mean")
+    (out / PROGRESS_FILE).unlink(missing_ok=True)  # finished: a rerun makes them all again
+    if carried_over:
+        print(f"continued an interrupted run: {len(carried_over)} image(s) were made before it stopped")
     print(f"mean PSNR over {len(scores)} image(s): {mean:.2f} dB (each in {out / PSNR_FILE})")
     return 0
