@@ -577,8 +577,9 @@ def test_every_generator_training_flag_is_described_and_choices_are_checked(caps
 
 
 def test_two_launched_processes_train_one_generator_and_continue_it_exactly(tmp_path):
-    """Under torchrun on CPUs the processes share one run (not a run each), and a continued run
-    replays each process's own random stream."""
+    """Under torchrun on CPUs the processes share one run (not a run each), a log line is the mean
+    of its steps over both processes (each process writes down its own step losses here), and a
+    continued run replays each process's own random stream."""
     import subprocess
 
     from launching import cpu_process_env, torchrun
@@ -586,20 +587,37 @@ def test_two_launched_processes_train_one_generator_and_continue_it_exactly(tmp_
     tiny_tokenizer(tmp_path)
     pretokenize(Tokenizer.from_pretrained(tmp_path / "tok"), source(), tmp_path / "lat",
                 tokenizer_spec=str(tmp_path / "tok"), progress=False)
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import os, sys\n"
+        "from softvq.training.logging import LogWindow\n"
+        "from softvq.cli.main import main\n"
+        "real_add = LogWindow.add\n"
+        "def add(self, values, **kw):\n"
+        "    if 'loss' in values:\n"
+        f"        with open(f'{tmp_path}/rank{{os.environ[\"RANK\"]}}-losses.txt', 'a') as f:\n"
+        "            f.write(repr(float(values['loss'])) + '\\n')\n"
+        "    return real_add(self, values, **kw)\n"
+        "LogWindow.add = add\n"
+        "sys.exit(main(sys.argv[1:]))\n")
 
-    def launch(out, steps):
-        command = [*torchrun(2), "-m", "softvq.cli.main", "train-generator", "--latents", str(tmp_path / "lat"),
+    def launch(out, steps, log_every=1):
+        command = [*torchrun(2), str(script), "train-generator", "--latents", str(tmp_path / "lat"),
                    "--out", str(out), "--objective", "sit", "--width", "32", "--depth", "1", "--heads", "2",
-                   "--batch-size", "4", "--steps", str(steps), "--log-every", "1", "--checkpoint-every", "3",
-                   "--quiet"]
+                   "--batch-size", "4", "--steps", str(steps), "--log-every", str(log_every),
+                   "--checkpoint-every", "3", "--quiet"]
         done = subprocess.run(command, capture_output=True, text=True, env=cpu_process_env(), timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
-    straight = launch(tmp_path / "straight", 6)
+    straight = launch(tmp_path / "straight", 6, log_every=2)
     assert straight.stdout.count('"steps": 6') == 1  # one result, from the main process
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # one run, logged once (not one per process)
+    assert [r["step"] for r in log] == [2, 4, 6]  # one run, logged once (not one per process)
+    ranks = [[float(v) for v in (tmp_path / f"rank{r}-losses.txt").read_text().split()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 6 and ranks[0] != ranks[1]  # each process its own batches
+    for record, first in zip(log, (0, 2, 4)):  # the two steps of each line, over both processes
+        assert record["loss"] == pytest.approx(sum(sum(r[first:first + 2]) for r in ranks) / 4, rel=1e-6)
     launch(tmp_path / "cut", 3)
     launch(tmp_path / "cut", 6)
     a = (tmp_path / "straight" / "generator" / "model.safetensors").read_bytes()
