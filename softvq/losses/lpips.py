@@ -135,9 +135,8 @@ class LPIPS(FrozenHolder):
         assert total is not None, "distance needs the features of at least one layer"
         return total
 
-    def forward(self, x: Tensor, y: Tensor, *, x_features: list[Tensor] | None = None) -> Tensor:
-        """(B,) distances. ``x_features`` lets a caller reuse features of ``x`` it already has."""
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """(B,) distances."""
         if x.shape != y.shape:
             raise ValueError(f"LPIPS compares images of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        fx = self.features(x) if x_features is None else x_features
-        return self.distance(fx, self.features(y))
+        return self.distance(self.features(x), self.features(y))
