@@ -13,7 +13,7 @@ Rules, one per way of splitting the work:
 
 Every composite also needs its parts to agree on their widths (:func:`shared_widths`); hard
 parts' indices are concatenated along a code axis (:func:`stack_codes`, undone by
-:func:`split_codes`).
+:func:`parts_latents`).
 """
 
 from __future__ import annotations
@@ -92,12 +92,16 @@ def codes_per_token(parts: Iterable[Bottleneck]) -> int | None:
     return None if None in widths else sum(cast(list[int], widths))
 
 
-def split_codes(parts: Iterable[Bottleneck], indices: Tensor) -> list[Tensor]:
-    """Undo :func:`stack_codes` on checked indices (tokens..., P_total): each part's own indices."""
-    out, start = [], 0
+def parts_latents(owner: Bottleneck, parts: Iterable[Bottleneck], indices: Tensor) -> list[Tensor]:
+    """Each part's latents from its columns of ``indices`` (tokens..., P_total), undoing
+    :func:`stack_codes`; ``owner``'s refusal where a part's indices do not determine its latents."""
+    parts = list(parts)
+    if codes_per_token(parts) is None:
+        Bottleneck.indices_to_latents(owner, indices)  # raises, naming why
+    indices, start, out = owner.check_indices(indices), 0, []
     for part in parts:
         width = cast(int, part.codes_per_token)
         chunk = indices[..., start:start + width]
-        out.append(chunk if part.indices_have_code_axis else chunk.squeeze(-1))
+        out.append(part.indices_to_latents(chunk if part.indices_have_code_axis else chunk.squeeze(-1)))
         start += width
     return out

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
-from softvq.bottlenecks.merge import codes_per_token, mean_metrics, shared_widths, split_codes, stack_codes, sum_losses
+from softvq.bottlenecks.merge import codes_per_token, mean_metrics, parts_latents, shared_widths, stack_codes, sum_losses
 
 
 class ProductQuantizer(Bottleneck):
@@ -57,11 +57,7 @@ class ProductQuantizer(Bottleneck):
 
     def indices_to_latents(self, indices: Tensor) -> Tensor:
         """Each group's codewords from its columns of ``indices``, concatenated over channels."""
-        if self.codes_per_token is None:
-            return super().indices_to_latents(indices)
-        parts = cast(list[Bottleneck], list(self.parts))
-        chunks = split_codes(parts, self.check_indices(indices))
-        return torch.cat([part.indices_to_latents(chunk) for part, chunk in zip(parts, chunks)], dim=-1)
+        return torch.cat(parts_latents(self, cast(Iterable[Bottleneck], self.parts), indices), dim=-1)
 
     def forward(self, z: Tensor) -> BottleneckOutput:
         """Each channel group through its own quantizer, latents concatenated, losses summed (Eq. 12)."""

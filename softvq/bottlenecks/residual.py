@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from softvq.bottlenecks.base import Bottleneck, BottleneckOutput
-from softvq.bottlenecks.merge import codes_per_token, mean_metrics, shared_widths, split_codes, stack_codes, sum_losses
+from softvq.bottlenecks.merge import codes_per_token, mean_metrics, parts_latents, shared_widths, stack_codes, sum_losses
 
 
 class ResidualQuantizer(Bottleneck):
@@ -54,11 +54,7 @@ class ResidualQuantizer(Bottleneck):
 
     def indices_to_latents(self, indices: Tensor) -> Tensor:
         """The sum over levels of each level's codewords, from its columns of ``indices``."""
-        if self.codes_per_token is None:
-            return super().indices_to_latents(indices)
-        levels = cast(list[Bottleneck], list(self.levels))
-        chunks = split_codes(levels, self.check_indices(indices))
-        return torch.stack([level.indices_to_latents(chunk) for level, chunk in zip(levels, chunks)]).sum(0)
+        return torch.stack(parts_latents(self, cast(Iterable[Bottleneck], self.levels), indices)).sum(0)
 
     def forward(self, z: Tensor) -> BottleneckOutput:
         """Each level quantizes what the previous ones left; latents summed, losses summed (Eq. 13)."""
