@@ -175,3 +175,15 @@ def test_latent_statistics_that_would_break_a_generator_are_refused_on_save_and_
     with pytest.raises(CheckpointError, match=r"config.json: latent_mean / latent_std must be a finite mean and a "
                                               r"positive std, got 0.25 and -1.0"):
         Tokenizer.from_pretrained(folder)
+
+
+def test_a_float64_model_comes_back_in_float64(tmp_path):
+    """It was loaded as float32 without a word: the saved digits were rounded away."""
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset("softvq-tiny").double()
+    loaded = Tokenizer.from_pretrained(model.save_pretrained(tmp_path / "f64"))
+    assert loaded.to_latent.weight.dtype == torch.float64
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    x = torch.rand(1, 3, model.config.image_size, model.config.image_size, dtype=torch.float64) * 2 - 1
+    with torch.inference_mode():
+        assert torch.equal(loaded.encode_latents(x), model.encode_latents(x))

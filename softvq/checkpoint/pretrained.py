@@ -164,7 +164,8 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
 
 
 def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device = "cpu") -> "Tokenizer":
-    """:meth:`Tokenizer.from_pretrained`: a folder written by :func:`save_pretrained`, in eval mode."""
+    """:meth:`Tokenizer.from_pretrained`: a folder written by :func:`save_pretrained`, in eval mode
+    and in the dtype its weights were saved in (float32 unless it was another)."""
     from softvq.config import TokenizerConfig
     from softvq.tokenizer import Tokenizer
 
@@ -178,7 +179,11 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device 
         raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from None
     with torch.random.fork_rng(devices=[]):  # a random initialisation the weights replace: leave the caller's stream
         model = Tokenizer(config)
-    load_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
+    state = read_state_dict(folder / WEIGHTS_NAME)
+    stored = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(stored) == 1 and (dtype := stored.pop()) != torch.float32:  # a float64 (or bf16) model comes back as saved
+        model = model.to(dtype)
+    load_strict(model, state, str(folder / WEIGHTS_NAME))
     if meta.get("latent_mean") is not None or meta.get("latent_std") is not None:
         try:
             model.latent_mean, model.latent_std = latent_statistics(meta.get("latent_mean"), meta.get("latent_std"),
