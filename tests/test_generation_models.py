@@ -181,3 +181,16 @@ def test_a_generator_config_built_in_python_has_its_types_checked():
         GeneratorConfig(width="32").validate()
     with pytest.raises(ValueError, match="mlp_ratio must be a finite number, got nan"):  # was accepted
         GeneratorConfig(mlp_ratio=float("nan")).validate()
+
+
+def test_a_number_for_t_is_checked_against_the_generators_convention():
+    """DiT takes a step index, SiT a time in [0, 1]: the other's t ran without a word."""
+    x = torch.zeros(1, 4, 2)
+    dit = build_generator(generator_config("dit", "S", num_tokens=4, latent_dim=2, num_classes=3)).eval()
+    sit = build_generator(generator_config("sit", "S", num_tokens=4, latent_dim=2, num_classes=3)).eval()
+    with pytest.raises(ValueError, match="a DiT's t is a diffusion step index 0..T-1, got 0.5"):
+        dit(x, 0.5, 0)
+    with pytest.raises(ValueError, match=r"a SiT's t is a time in \[0, 1\] \(0 = data\), got 500"):
+        sit(x, 500, 0)
+    with torch.no_grad():
+        assert dit(x, 500, 0).shape[0] == sit(x, 0.5, 0).shape[0] == 1

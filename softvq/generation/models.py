@@ -247,6 +247,12 @@ class LatentTransformer(nn.Module):
         if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x is {x.dtype} but the generator's weights are {weights}: pass x.to({weights}), "
                             f"or run under torch.autocast for mixed precision")
+        if isinstance(t, (int, float)) and not isinstance(t, bool):  # a number: checked without a device sync
+            kind = self.config.kind
+            if kind == "dit" and not (float(t).is_integer() and t >= 0):
+                raise ValueError(f"a DiT's t is a diffusion step index 0..T-1, got {t}; SiT takes a time in [0, 1]")
+            if kind == "sit" and not 0 <= t <= 1:
+                raise ValueError(f"a SiT's t is a time in [0, 1] (0 = data), got {t}; DiT takes a step index")
         t, y = _per_sample(t, x, "t"), class_indices(y, x.shape[0], x.device)
         c = self.config
         tokens = x if c.layout == "1d" else patchify(x, c.patch_size)
