@@ -50,7 +50,7 @@ from softvq.cli.common import positive_int
 from softvq.cpu_allocator import retain_freed_memory
 from softvq.networks.vit import reference_math
 
-from bench_tokenizer import MatmulPeak, machine, timed  # this folder: run as ``python benchmarks/bench_breakdown.py``
+from bench_tokenizer import MatmulPeak, machine, significant, timed  # this folder: run as ``python benchmarks/bench_breakdown.py``
 
 GEMM = "GEMM (linear layers)"
 # aten names of the calls made from Python, by class. SDPA is counted whole (its inner GEMMs are
@@ -233,7 +233,8 @@ def main() -> None:
         floor = f / peak / 1e9 + floor_ms.get(label, 0.0) / 1e3
         floor_total += floor
         bars.append((label, 1e3 * f / peak / 1e9, floor_ms.get(label, 0.0), 1e3 * (s - floor)))
-        print(f"| {label} | {1e3 * s:.1f} | {100 * s / profiled:.1f}% | {f / 1e9:.2f} | {rate} | {frac} | "
+        gflop = significant(f / 1e9) if f else ""  # a tiny preset's classes are below 0.01 GFLOP
+        print(f"| {label} | {1e3 * s:.1f} | {100 * s / profiled:.1f}% | {gflop} | {rate} | {frac} | "
               f"{1e3 * over:+.1f} | {1e3 * floor:.1f} | {1e3 * (s - floor):+.1f} |")
     ceiling = 100 * total_flops / floor_total / 1e9 / peak
     print(f"floor {1e3 * floor_total:.1f} ms (FLOPs at the peak + ATen's softmax, GELU and LayerNorm "

@@ -32,7 +32,7 @@ import sys
 import torch
 
 from softvq.bottlenecks.lfq import MAX_GROUP_BITS, GroupedLookupFree
-from softvq.cli.common import device_argument, positive_int
+from softvq.cli.common import positive_int, timing_device_argument
 
 GQ_BITS = 8  # WeTok Tab. 1: "We set d' = 8 in GFQ"
 
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--dims", type=positive_int, nargs="+", default=[8, 16, 24, 32, 40],
                    help="latent widths d (WeTok Tab. 1: 8 16 24 32 40)")
     p.add_argument("--tokens", type=positive_int, default=4096, help="tokens in the batch (B x L)")
-    p.add_argument("--device", default="cpu", type=device_argument)
+    p.add_argument("--device", default="cpu", type=timing_device_argument)
     p.add_argument("--worker", nargs=2, type=positive_int, metavar=("DIM", "GROUPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.device = str(args.device)

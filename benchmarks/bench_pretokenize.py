@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from softvq.cli.common import device_argument, non_negative_int, positive_int
+from softvq.cli.common import non_negative_int, positive_int, timing_device_argument
 
 
 def write_jpegs(folder: Path, count: int) -> None:
@@ -49,9 +49,11 @@ def main() -> None:
                         help="decoding worker counts to time (default 0 1 2)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--device", type=device_argument, default="cpu")
+    parser.add_argument("--device", type=timing_device_argument, default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = parser.parse_args()
+    if len(set(args.workers)) < len(args.workers):  # one output folder per count and round
+        parser.error(f"argument --workers: give each count once, got {' '.join(map(str, args.workers))}")
 
     from softvq.checkpoint.pretrained import CheckpointError
     from softvq.cli.common import load_tokenizer

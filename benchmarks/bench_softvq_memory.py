@@ -35,7 +35,7 @@ import time
 import torch
 
 from softvq.bottlenecks.soft_assign import auto_chunk_size, soft_assign
-from softvq.cli.common import device_argument, non_negative_int, positive_int
+from softvq.cli.common import non_negative_int, positive_int, timing_device_argument
 
 
 
@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--distance", choices=["cosine", "l2"], default="cosine")
     p.add_argument("--entropy-temperature", type=float, default=0.01, help="<=0: the posterior's own")
     p.add_argument("--no-detach", action="store_true", help="codebook not detached in the logits")
-    p.add_argument("--device", default="cpu", type=device_argument)
+    p.add_argument("--device", default="cpu", type=timing_device_argument)
     p.add_argument("--chunk", type=positive_int, default=None, help="lean chunk (default: the automatic one)")
     p.add_argument("--lean-chunk", type=non_negative_int, default=None, help=argparse.SUPPRESS)  # a spawned variant's
     p.add_argument("--repeats", type=positive_int, default=2, help="timed steps per process")

@@ -10,7 +10,8 @@ for ``Tokenizer.encode`` (which also returns the posterior, the argmax indices a
 regulariser) and for decode. Every timed call is
 bracketed by matmul measurements (see :func:`paired`), so the ratios stay honest on a host whose
 speed drifts. ``--baseline`` also times the plain research implementation (explicit fp32 softmax
-attention, unfused residuals, out-of-place GELU) and prints the speed ratio. The process keeps
+attention, the residual update as its own ``addcmul`` after the linear layer, out-of-place GELU;
+docs/performance.md says what it shares with ours) and prints the speed ratio. The process keeps
 freed memory for reuse (:mod:`softvq.cpu_allocator`, as ``softvq``'s inference commands do),
 which the baseline shares; ``--default-malloc`` keeps glibc's defaults to show what that is worth.
 
@@ -35,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
-from softvq.cli.common import device_argument, positive_int
+from softvq.cli.common import positive_int, timing_device_argument
 from softvq.networks.vit import reference_math
 from softvq.precision import PRECISIONS, cpu_has_matrix_instructions
 
@@ -82,10 +83,12 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
 class MatmulPeak:
     """Dense n x n x n matmul throughput: the machine's practical peak for this dtype."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, n: int = 2048) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, n: int | None = None) -> None:
+        # a GPU finishes 2048^3 in ~25 us, where launch and sync overheads would understate its peak
+        n = n or (8192 if device.type == "cuda" else 2048)
         self.a = torch.randn(n, n, device=device, dtype=dtype)
         self.b = torch.randn(n, n, device=device, dtype=dtype)
-        self.device, self.flops = device, 2 * n**3
+        self.device, self.n, self.flops = device, n, 2 * n**3
         self.seen: list[float] = []
 
     def __call__(self, repeats: int = 3) -> float:
@@ -95,11 +98,17 @@ class MatmulPeak:
 
     def legend(self, dtype_name: str) -> str:
         """The line under a table of ``paired`` results: the peaks seen and how %peak was taken."""
-        return (f"matmul (2048^3, {dtype_name}) measured before and after every timed call: "
-                f"{min(self.seen):.0f}-{max(self.seen):.0f} GFLOP/s (median {statistics.median(self.seen):.0f}); "
+        return (f"matmul ({self.n}^3, {dtype_name}) measured before and after every timed call: "
+                f"{min(self.seen):.0f}-{max(self.seen):.0f} GFLOP/s (median {self.median:.0f}); "
                 f"%peak = median over calls of achieved / the mean of its two neighbours "
-                f"(in brackets: the 25th-75th percentile over calls). It differs from GFLOP/s / the median "
-                f"matmul when the host's speed drifts, and passes 100% for a call whose neighbours ran slow")
+                f"(in brackets: the 25th-75th percentile over calls). It differs from the plain ratio, "
+                f"GFLOP/s / the median matmul (% of median), when the host's speed drifts, and passes 100% for "
+                f"a call whose neighbours ran slow. x baseline: the baseline's time / ours, each against its "
+                f"own neighbouring matmuls (in brackets: the plain ratio of the median times)")
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seen)
 
 
 def paired(fn, flops: int, peak: MatmulPeak, device: torch.device, repeats: int, warmup: int = 1):
@@ -176,13 +185,14 @@ def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: b
         row[f"{label}_peak_fraction"] = fraction
         row[f"{label}_peak_iqr"] = spread
         row[f"{label}_gflop_per_img"] = flops / batch / 1e9
-        if baseline and label in ("enc", "dec"):  # the plain research baseline: explicit softmax attention, unfused, fp32
+        if baseline and label in ("enc", "dec"):  # the plain research baseline: explicit softmax attention, fp32
             model.disable_autocast()
             with reference_math(model):
-                _, base_fraction, _ = paired(fn, flops, peak, device, repeats)
+                base_seconds, base_fraction, _ = paired(fn, flops, peak, device, repeats)
             model.enable_autocast(dtype)
             # Both are normalised by the peak measured around them, so host drift cancels.
             row[f"{label}_speedup"] = fraction / base_fraction
+            row[f"{label}_time_ratio"] = base_seconds / seconds
     return row
 
 
@@ -209,7 +219,7 @@ def main() -> None:
                         help="presets to time (default: all but softvq-tiny; softvq info lists them)")
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per pass (default 5)")
-    parser.add_argument("--device", default="cpu", type=device_argument)
+    parser.add_argument("--device", default="cpu", type=timing_device_argument)
     parser.add_argument("--dtype", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--baseline", action="store_true", help="also time the fp32 explicit-softmax-attention baseline")
     parser.add_argument("--compile", action="store_true", help="time the encoder/decoder under torch.compile")
@@ -242,10 +252,12 @@ def main() -> None:
 
     mode = "torch.compile (freezing)" if args.freeze else "torch.compile" if args.compile else "eager"
     allocator = "freed memory retained" if retained else "default malloc"
-    print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {mode}, {machine(device)}, {allocator}")
+    print(f"\nTokenizer throughput: batch {args.batch}, {args.dtype}, {mode}, {args.repeats} timed calls a pass, "
+          f"{machine(device)}, {allocator}")
     print(peak.legend(args.dtype))
-    header = ("preset", "params M", "enc GFLOP/img", "enc img/s", "enc GFLOP/s", "enc %peak", "enc ViT %peak",
-              "encode() %peak", "dec GFLOP/img", "dec img/s", "dec GFLOP/s", "dec %peak")
+    header = ("preset", "params M", "enc GFLOP/img", "enc img/s", "enc GFLOP/s", "enc %peak", "enc % of median",
+              "enc ViT %peak", "encode() %peak", "dec GFLOP/img", "dec img/s", "dec GFLOP/s", "dec %peak",
+              "dec % of median")
     if args.baseline:
         header += ("enc x baseline", "dec x baseline")
     print("| " + " | ".join(header) + " |")
@@ -253,11 +265,11 @@ def main() -> None:
     for r in rows:
         cells = [r["preset"], f"{r['params_M']:.2f}",
                  significant(r["enc_gflop_per_img"]), f"{r['enc_img_s']:.2f}", significant(r["enc_gflops"]),
-                 percent(r, "enc"), percent(r, "vit"), percent(r, "full"),
-                 significant(r["dec_gflop_per_img"]), f"{r['dec_img_s']:.2f}", significant(r["dec_gflops"]),
-                 percent(r, "dec")]
+                 percent(r, "enc"), f"{100 * r['enc_gflops'] / peak.median:.1f}%", percent(r, "vit"),
+                 percent(r, "full"), significant(r["dec_gflop_per_img"]), f"{r['dec_img_s']:.2f}",
+                 significant(r["dec_gflops"]), percent(r, "dec"), f"{100 * r['dec_gflops'] / peak.median:.1f}%"]
         if args.baseline:
-            cells += [f"{r['enc_speedup']:.2f}x", f"{r['dec_speedup']:.2f}x"]
+            cells += [f"{r[f'{side}_speedup']:.2f}x ({r[f'{side}_time_ratio']:.2f}x)" for side in ("enc", "dec")]
         print("| " + " | ".join(cells) + " |")
 
 

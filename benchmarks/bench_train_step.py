@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import resource
+import statistics
 import sys
 import time
 
@@ -29,94 +30,123 @@ import torch
 
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
-from softvq.cli.common import device_argument, positive_int
+from softvq.cli.common import positive_int, timing_device_argument
 from softvq.losses.objective import ObjectiveConfig, TokenizerObjective
+from softvq.messages import ignored_flags
 from softvq.networks.vit import reference_math
 from softvq.precision import PRECISIONS
+from softvq.training.ema import EMA
 
 from bench_tokenizer import child_result, machine  # this folder: run as ``python benchmarks/bench_train_step.py``
 
 
-def build(preset: str, device: torch.device):
-    torch.manual_seed(0)
-    model = softvq.Tokenizer.from_preset(preset).to(device).train()
-    cfg = ObjectiveConfig(perceptual_warmup_steps=0, discriminator_start=0, discriminator="vgg",
-                          alignment_target="vgg")
-    objective = TokenizerObjective(cfg, model).to(device)
-    opt_g = torch.optim.AdamW(list(model.parameters()) + objective.generator_parameters(), lr=1e-4,
-                              betas=(0.9, 0.95), weight_decay=1e-4)
-    opt_d = torch.optim.AdamW(objective.discriminator_parameters(), lr=1e-4, betas=(0.9, 0.95))
-    return model, objective, opt_g, opt_d
+class Run:
+    """What a training step touches, as the trainer builds it: the tokenizer, its objective, both
+    AdamW optimizers with the recipe's lr schedule, and the EMA of the weights."""
+
+    def __init__(self, preset: str, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.model = softvq.Tokenizer.from_preset(preset).to(device).train()
+        cfg = ObjectiveConfig(perceptual_warmup_steps=0, discriminator_start=0, discriminator="vgg",
+                              alignment_target="vgg")
+        self.objective = TokenizerObjective(cfg, self.model).to(device)
+        self.gen_params = list(self.model.parameters()) + self.objective.generator_parameters()
+        self.opt_g = torch.optim.AdamW(self.gen_params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+        self.opt_d = torch.optim.AdamW(self.objective.discriminator_parameters(), lr=1e-4, betas=(0.9, 0.95))
+        self.schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5000))
+                          for opt in (self.opt_g, self.opt_d)]
+        self.ema = EMA(self.model)
 
 
-def step(model, objective, opt_g, opt_d, images, index, autocast, syncs: bool = False):
-    """One step. ``syncs=True`` reads values back to the host the way the trainer did before it
-    was changed (loss and D-loss finiteness, both log dicts, the gradient norm: ~6 syncs a step);
-    ``False`` is the trainer's current single sync."""
+def step(run: Run, images, index, autocast, syncs: bool = False):
+    """One step, as ``Trainer.train_step`` makes it (one micro-batch, one process): both losses and
+    backward passes, both gradients clipped (paper.yaml's 1.0), both optimizers and schedules
+    stepped, the EMA updated. ``syncs=True`` reads values back to the host the way the trainer did
+    before it was changed (loss and D-loss finiteness, both log dicts, the gradient norm: ~6 syncs
+    a step); ``False`` is the trainer's current single sync."""
     with autocast:
-        out = model(images)
-        loss, _ = objective.generator_loss(images, out, index, as_tensors=not syncs)
+        out = run.model(images)
+        loss, _ = run.objective.generator_loss(images, out, index, as_tensors=not syncs)
     if syncs:
         bool(torch.isfinite(loss).item())
-    opt_g.zero_grad(set_to_none=True)
+    run.opt_g.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     with autocast:
-        d_loss, _ = objective.discriminator_loss(images, out.reconstruction.detach(), index, as_tensors=not syncs)
+        d_loss, _ = run.objective.discriminator_loss(images, out.reconstruction.detach(), index,
+                                                     as_tensors=not syncs)
+    run.opt_d.zero_grad(set_to_none=True)
     if d_loss.requires_grad:
         if syncs:
             bool(torch.isfinite(d_loss).item()), float(d_loss)
-        opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_([p for p in run.gen_params if p.grad is not None], 1.0)
+    disc_grads = [p for p in run.objective.discriminator_parameters() if p.grad is not None]
+    disc_norm = torch.nn.utils.clip_grad_norm_(disc_grads, 1.0) if disc_grads else torch.zeros(())
     if syncs:
         float(norm), float(loss)
     else:
-        bool(torch.isfinite(torch.stack([norm, loss.detach(), d_loss.detach()])).all())
-    opt_g.step()
-    if d_loss.requires_grad:
-        opt_d.step()
+        bool(torch.isfinite(torch.stack([norm, disc_norm.to(norm.device), loss.detach(), d_loss.detach()])).all())
+    run.opt_g.step()
+    if disc_grads:
+        run.opt_d.step()
+    for schedule in run.schedules:
+        schedule.step()
+    run.ema.update(run.model)
 
 
 def measure(preset: str, device_name: str, dtype_name: str, batch: int, steps: int, explicit: bool,
             syncs: bool = False) -> dict:
     device = torch.device(device_name)
     dtype = PRECISIONS[dtype_name]  # --dtype offers fp32 and bf16
-    model, objective, opt_g, opt_d = build(preset, device)
-    # the plain research baseline (explicit attention, unfused residuals) for the whole measurement
-    with reference_math(model) if explicit else contextlib.nullcontext():
-        return _time_steps(model, objective, opt_g, opt_d, preset, device, dtype, batch, steps, syncs)
+    run = Run(preset, device)
+    # the plain research baseline (explicit attention, residual updates in their own pass) for the whole step
+    with reference_math(run.model) if explicit else contextlib.nullcontext():
+        return _time_steps(run, preset, device, dtype, batch, steps, syncs)
 
 
-def _time_steps(model, objective, opt_g, opt_d, preset, device, dtype, batch, steps, syncs) -> dict:
-    size = model.config.image_size
+def _memory_mib(device: torch.device) -> tuple[float, float]:
+    """(memory now, its high-water mark) in MiB: CUDA's allocated memory, or the process's
+    resident set (/proc's statm, and ru_maxrss, which Linux counts in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return (resident_pages * resource.getpagesize() / 2**20,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _time_steps(run: Run, preset, device, dtype, batch, steps, syncs) -> dict:
+    size = run.model.config.image_size
     images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    step(model, objective, opt_g, opt_d, images, 0, autocast, syncs)  # warm-up
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    built, _ = _memory_mib(device)  # the networks and the inputs, before any step
+    step(run, images, 0, autocast, syncs)  # warm-up: also makes the optimizers' moments
+    times = []
     for i in range(steps):
-        step(model, objective, opt_g, opt_d, images, i + 1, autocast, syncs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    seconds = (time.perf_counter() - start) / steps
-    return {"preset": preset, "image_size": size, "batch": batch, "img_s": batch / seconds,
-            "s_per_step": seconds, "peak_MiB": peak}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(run, images, i + 1, autocast, syncs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    _, peak = _memory_mib(device)
+    seconds = statistics.median(times)
+    return {"preset": preset, "image_size": size, "batch": batch, "img_s": batch / seconds, "s_per_step": seconds,
+            "s_range": (min(times), max(times)), "peak_MiB": peak, "step_MiB": peak - built}
 
 
 def profile(preset: str, batch: int) -> None:
-    model, objective, opt_g, opt_d = build(preset, torch.device("cpu"))
-    size = model.config.image_size
+    run = Run(preset, torch.device("cpu"))
+    size = run.model.config.image_size
     images = torch.rand(batch, 3, size, size) * 2 - 1
-    step(model, objective, opt_g, opt_d, images, 0, contextlib.nullcontext())
+    step(run, images, 0, contextlib.nullcontext())
     from torch.profiler import profile as torch_profile
 
     with torch_profile() as prof:
-        step(model, objective, opt_g, opt_d, images, 1, contextlib.nullcontext())
+        step(run, images, 1, contextlib.nullcontext())
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
@@ -128,7 +158,7 @@ def main() -> None:
                         help="presets to time (default softvq-tiny softvq-s-64; softvq info lists them)")
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--steps", type=positive_int, default=2)
-    parser.add_argument("--device", default="cpu", type=device_argument)
+    parser.add_argument("--device", default="cpu", type=timing_device_argument)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--baseline", action="store_true", help="also time explicit fp32 attention")
     parser.add_argument("--syncs", action="store_true",
@@ -142,6 +172,11 @@ def main() -> None:
     retained = args.retain_freed_memory and retain_freed_memory()
 
     if args.profile:
+        given = [flag for flag, value in (("--device", args.device != "cpu"), ("--dtype", args.dtype != "fp32"),
+                                          ("--baseline", args.baseline), ("--syncs", args.syncs)) if value]
+        if given:  # the profile is of one CPU fp32 step
+            refusal = ignored_flags(given, "the timing table", reason="--profile profiles one CPU fp32 step")
+            parser.error(f"argument --profile: {refusal}")
         profile(args.profile, args.batch)
         return
     if args.one:
@@ -165,12 +200,18 @@ def main() -> None:
 
     where = machine(torch.device(args.device))
     allocator = "freed memory retained" if retained else "default malloc"
-    print(f"\nTraining step, all losses on (VGG discriminator + VGG alignment target), batch {args.batch}, {where}, "
-          f"{allocator}")
-    print("| preset | px | variant | img/s | s/step | peak MiB |")
-    print("|---|---|---|---|---|---|")
+    memory = ("CUDA allocated memory" if torch.device(args.device).type == "cuda" else
+              "the process's resident set (ru_maxrss)")
+    print(f"\nTraining step, all losses on (VGG discriminator + VGG alignment target), clips, EMA and schedules as "
+          f"the trainer makes them, batch {args.batch}, median of {args.steps} steps after one warm-up, {where}, "
+          f"{allocator}. Memory: {memory}; peak = its high-water mark, step = the peak less what the built "
+          f"networks held before the first step (the optimizers' moments, activations, gradients)")
+    print("| preset | px | variant | img/s | s/step (min-max) | peak MiB | step MiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['preset']} | {r['image_size']} | {r['variant']} | {r['img_s']:.2f} | {r['s_per_step']:.2f} | {r['peak_MiB']:.0f} |")
+        low, high = r["s_range"]
+        print(f"| {r['preset']} | {r['image_size']} | {r['variant']} | {r['img_s']:.2f} | {r['s_per_step']:.2f} "
+              f"({low:.2f}-{high:.2f}) | {r['peak_MiB']:.0f} | {r['step_MiB']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_cpu_allocator.py", ["--workloads", "nope"], "--workloads"),
     ("bench_lfq_memory.py", ["--dims", "0"], "--dims"),
     ("bench_lfq_memory.py", ["--device", "tpu"], "--device"),
+    ("bench_pretokenize.py", ["--workers", "2", "2"], "--workers"),  # was a FileExistsError after the JPEGs
+    ("bench_train_step.py", ["--profile", "softvq-tiny", "--dtype", "bf16"], "--profile"),  # was ignored
 ])
 def test_bad_arguments_are_one_line_usage_errors(script, argv, flag, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import bench_tokenizer from their folder
@@ -73,3 +75,15 @@ def test_quartiles_of_a_few_calls_stay_within_them(monkeypatch):
     monkeypatch.setattr(bench_tokenizer, "timed", lambda fn, device, n, warmup=0: next(times))
     _, median, (q1, q3) = bench_tokenizer.paired(lambda: None, 1e9, Peak(), None, repeats=2, warmup=0)
     assert 0.1 <= q1 <= median <= q3 <= 2.0  # the default "exclusive" quartiles gave q1 < 0 here
+
+
+def test_benchmarks_time_only_devices_they_synchronise_and_measure(monkeypatch):
+    """mps passed: its timings would be of queued work, its ru_maxrss in other units."""
+    import argparse
+
+    from softvq.cli import common
+
+    monkeypatch.setattr(common, "resolve_device", lambda name: __import__("torch").device(name))
+    assert common.timing_device_argument("cuda:1") == "cuda:1" and common.timing_device_argument("cpu") == "cpu"
+    with pytest.raises(argparse.ArgumentTypeError, match="measured on cpu or cuda devices, not mps"):
+        common.timing_device_argument("mps")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from softvq.cli.common import device_argument, non_negative_float, positive_int
+from softvq.cli.common import non_negative_float, positive_int, timing_device_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def add_gen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kinds", nargs="+", default=["dit", "sit"], choices=["dit", "sit"])
     p.add_argument("--sizes", nargs="+", default=["S", "B", "L", "XL"], choices=["S", "B", "L", "XL"])
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    p.add_argument("--device", default="cpu", type=device_argument, help="cpu (default), cuda, auto")
+    p.add_argument("--device", default="cpu", type=timing_device_argument, help="cpu (default), cuda, auto")
     p.add_argument("--batch", type=positive_int, default=64, help="batch for throughput (paper: 64)")
     p.add_argument("--sampling-steps", type=positive_int, default=250,
                    help="network evaluations per image to extrapolate to")

@@ -98,6 +98,16 @@ def device_argument(name: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def timing_device_argument(name: str) -> str:
+    """:func:`device_argument` for what times or measures memory: only CPUs and CUDA, where the
+    timings are synchronised and the memory counted (``mps`` would time queued, not finished, work,
+    and read macOS's ``ru_maxrss`` in other units)."""
+    device = device_argument(name)
+    if not device.startswith(("cpu", "cuda")):
+        raise argparse.ArgumentTypeError(f"timings and memory are measured on cpu or cuda devices, not {device}")
+    return device
+
+
 def indented_lines(lines: list[str], limit: int = 10) -> str:
     """The first ``limit`` of ``lines``, each on its own indented line after a newline, then
     "... and N more": a list of files that a message names without flooding the terminal."""

@@ -198,7 +198,8 @@ def init_vit_weights(module: nn.Module, params: list[nn.Parameter]) -> None:
 @contextlib.contextmanager
 def reference_math(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model``'s ViT blocks as the plain research implementation: explicit float32 softmax
-    attention, unfused residual updates and an out-of-place GELU. Same arithmetic; used as the speed baseline and for
+    attention, each residual update as the linear layer and then its own ``addcmul`` (not one GEMM
+    onto ``x + γ⊙b``), and an out-of-place GELU. Same arithmetic; used as the speed baseline and for
     FLOP counting (``FlopCounterMode`` has no formula for the CPU fused SDPA kernel or for
     in-place GEMMs, and would leave those FLOPs out)."""
     attention = [m for m in model.modules() if isinstance(m, Attention)]
