@@ -743,8 +743,8 @@ def test_train_generator_says_what_is_wrong_with_its_latents_or_run(tmp_path, mo
 @pytest.mark.parametrize("flags, named", [
     (["--objective", "sit", "--schedule", "linear"], "--schedule (the noise schedule) only applies to DiT and MAR"),
     (["--objective", "dit", "--path", "linear"], "--path (the interpolant) only applies to SiT; DiT takes"),
-    (["--objective", "sit", "--buffer-size", "4"], "--buffer-size only applies to MAR (--objective mar)"),
-    (["--objective", "dit", "--head-width", "8", "--head-depth", "1"], "--head-width, --head-depth only apply to MAR"),
+    (["--objective", "sit", "--buffer-size", "4"], "--buffer-size applies only to MAR (--objective mar)"),
+    (["--objective", "dit", "--head-width", "8", "--head-depth", "1"], "--head-width, --head-depth apply only to MAR"),
 ])
 def test_train_generator_refuses_settings_its_objective_does_not_use(flags, named, capsys):
     from softvq.cli.main import main
@@ -974,3 +974,39 @@ def test_pretokenize_refuses_images_of_another_size_than_the_tokenizers(tmp_path
     small = LatentSource(iter([(torch.rand(3, 16, 16) * 2 - 1, 0, "a")]), ["a"], 1)
     with pytest.raises(ValueError, match=r"gives 16x16 images but the tokenizer takes 32x32; .*folder_source"):
         pretokenize(tok, small, tmp_path / "lat", progress=False)
+
+
+def test_a_pretokenize_killed_right_after_its_first_shard_continues(tmp_path, monkeypatch):
+    """A kill between the first shard and its progress record left "shards but no progress.json":
+    the same command could never continue. The record is now written before the first shard."""
+    from PIL import Image
+
+    from softvq.generation import pretokenize as module
+    from softvq.generation.latent_sources import folder_source
+    from softvq.run_lock import RunFolderInUse, RunLock
+
+    tok = tiny_tokenizer(tmp_path)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 9, 200)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    run = dict(tokenizer_spec="tok", batch_size=2, shard_size=4, progress=False)
+    straight = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "straight", **run)
+    real_save, saves = module._Progress.save, []
+
+    def killed_after_the_first_shard(self, path):
+        saves.append(len(self.shards))
+        if self.shards:  # the shard is on disk, its record is not: as a SIGKILL there leaves it
+            raise KeyboardInterrupt
+        real_save(self, path)
+
+    monkeypatch.setattr(module._Progress, "save", killed_after_the_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+    monkeypatch.undo()
+    assert saves == [0, 1] and (tmp_path / "cut" / "latents-00000.safetensors").is_file()
+    with RunLock(tmp_path / "cut"), pytest.raises(RunFolderInUse, match="this process already holds"):
+        pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)  # one at a time
+    resumed = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "cut", **run)
+    a, b = load_latents(tmp_path / "straight"), load_latents(tmp_path / "cut")
+    assert b.names == a.names and torch.allclose(a.latents, b.latents, atol=1e-5)
+    assert (resumed.latent_mean, resumed.latent_std) == (straight.latent_mean, straight.latent_std)

@@ -388,3 +388,16 @@ def test_class_folders_named_by_numbers_are_chosen_by_name():
 def test_sampler_step_counts_must_be_whole_numbers(field, value):
     with pytest.raises(TypeError, match=f"{field} must be a whole number, got {value!r}"):  # was deep in linspace
         SamplerSpec(**{field: value}).resolved("mar" if field == "ar_steps" else "sit")
+
+
+def test_two_samplers_cannot_share_a_folder(parts, tmp_path):
+    """Two generate runs into one --out both finished, their images mixed under one samples.json,
+    and each removed the other's temporaries mid-write. The folder is locked while sampling."""
+    from softvq.run_lock import LOCK_NAME, RunFolderInUse, RunLock
+
+    tok, model, meta = parts
+    with RunLock(tmp_path / "s"), pytest.raises(RunFolderInUse, match=f"this process already holds {tmp_path / 's'}"):
+        write_samples(model, meta, tok, LABELS, SPEC, tmp_path / "s", batch_size=3, progress=False)
+    assert not (tmp_path / "s").exists()  # nothing was claimed, and the lock's folder went away
+    write_samples(model, meta, tok, LABELS, SPEC, tmp_path / "s", batch_size=3, progress=False)
+    assert not (tmp_path / "s" / LOCK_NAME).exists() and len(images_of(tmp_path / "s")) == len(LABELS)

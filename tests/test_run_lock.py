@@ -123,3 +123,20 @@ def test_a_folder_the_lock_made_goes_away_again_if_nothing_was_written(tmp_path,
     # a train that fails while setting up (here: its data folder is missing) left an empty run folder
     code = main(["train", "demo", "-o", str(tmp_path / "run"), "data.source=folder", f"data.path={tmp_path / 'no'}"])
     assert code == 2 and "does not exist" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_decode_and_reconstruct_take_their_output_folders_lock(tmp_path, capsys):
+    """Two decodes (or reconstructs) into one --out both exited 0 with each other's images."""
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 90)).save(tmp_path / "imgs" / "a.png")
+    assert main(["encode", str(tmp_path / "imgs"), "--out", str(tmp_path / "z.safetensors")]) == 0
+    for argv in (["decode", str(tmp_path / "z.safetensors")], ["reconstruct", str(tmp_path / "imgs")]):
+        out = tmp_path / f"out-{argv[0]}"
+        with RunLock(out):
+            assert main([*argv, "--out", str(out)]) == 2
+            assert f"this process already holds {out}" in _error(capsys)
+            assert [p.name for p in out.iterdir()] == [LOCK_NAME]
+        assert main([*argv, "--out", str(out)]) == 0 and not (out / LOCK_NAME).exists()
+        assert any(out.rglob("*.png"))

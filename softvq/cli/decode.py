@@ -63,13 +63,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from softvq.run_lock import RunLock
+
+    out = Path(args.out)
+    refuse_unwritable(out, "--out", "decode writes a folder of images")
+    with RunLock(out):  # one decode per folder: two would overwrite each other's images, and temporaries
+        return _decode(args, out)
+
+
+def _decode(args: argparse.Namespace, out: Path) -> int:
     data = read_latents(args.latents)
     recorded = data.meta.get("model")
     spec = args.model or recorded
     if not spec:
         raise ValueError(f"{args.latents} does not record its model; pass --model SPEC")
-    out = Path(args.out)
-    refuse_unwritable(out, "--out", "decode writes a folder of images")
     files = [out / _safe_relative(n) for n in output_names(data.names)]
     saved = _saved_record(out)
     if saved is None:

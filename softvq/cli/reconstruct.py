@@ -206,6 +206,15 @@ def check_before_reading(entries: list[tuple[Path, bool]], size: int | None, res
 
 
 def run(args: argparse.Namespace) -> int:
+    from softvq.run_lock import RunLock
+
+    out = Path(args.out)
+    refuse_unwritable(out, "--out", "reconstruct writes a folder of images")
+    with RunLock(out):  # one reconstruct per folder: two would overwrite each other's images and records
+        return _reconstruct(args, out)
+
+
+def _reconstruct(args: argparse.Namespace, out: Path) -> int:
     entries = named_and_found(args.images)
     resize = args.resize
     if not entries:
@@ -213,8 +222,6 @@ def run(args: argparse.Namespace) -> int:
         # The bundled photos come in many sizes: resizing them is the only sensible default.
         resize = not args.native_size
         print(f"no images given: using the {len(entries)} photos bundled with scikit-image/scikit-learn")
-    out = Path(args.out)
-    refuse_unwritable(out, "--out", "reconstruct writes a folder of images")
     # an --out inside a folder given: a second run would reconstruct the first run's outputs
     written = written_before(out)
     records = {out.resolve(): written}  # each folder's record, read once

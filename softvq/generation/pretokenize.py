@@ -51,6 +51,7 @@ from softvq.generation.latent_sources import LatentSource
 from softvq.generation.latents import FORMAT, META_NAME, PROGRESS_NAME
 from softvq.messages import first_few
 from softvq.resume import changed_settings, weights_sha1
+from softvq.run_lock import lock_run_folder
 from softvq.tokenizer import images_from_softvq_loaders
 
 if TYPE_CHECKING:
@@ -294,7 +295,10 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
     out = Path(out_dir)
     if tokenizer_spec is not None:
         tokenizer_spec = portable_spec(tokenizer_spec)  # a relative folder names another one from elsewhere
-    with evaluating(tokenizer):  # the caller's model comes back in the mode it was given
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; pretokenize writes a folder of latent shards")
+    # one pretokenize per folder: two would write shards of other weights under one meta.json
+    with evaluating(tokenizer), lock_run_folder(out, accelerator):  # the caller's model comes back as it was
         return _pretokenize(tokenizer, source, out, tokenizer_spec, batch_size, shard_size, progress,
                             accelerator, rank, processes)
 
@@ -346,6 +350,8 @@ def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state:
     else:
         samples = source.resume_from(state.position, part.stop)
     source.skipped[:0] = state.skipped  # this process re-reads none of them
+    if not state.shards:  # before the first shard: a run killed right after it has a record to continue from
+        state.save(out / part.progress_name)
     device = next(tokenizer.parameters()).device
     # per batch: latents, labels, names, and for each sample (source position after it, files skipped before it)
     pending: list[tuple[Tensor, Tensor, list[str], list[tuple[int, int]]]] = []

@@ -36,6 +36,7 @@ from softvq.generation.sampling import SamplerSpec, denormalize, label_indices, 
 from softvq.messages import first_few
 from softvq.randomness import derived_seed
 from softvq.resume import changed_settings, weights_sha1
+from softvq.run_lock import lock_run_folder
 from softvq.training.accelerator import decided_by_main_process
 
 if TYPE_CHECKING:
@@ -110,8 +111,6 @@ def _claim(folder: Path, record: dict[str, Any]) -> None:
     if images.is_dir() and any(images.iterdir()):
         raise FileExistsError(f"{images} already holds files but {folder} has no {SAMPLE_RECORD}: they are not "
                               f"samples this command can continue; choose an empty --out")
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} is a file; --out is the folder the samples are written to")
     # an image folder, a run or a latent set would gain images/, grid.png and samples.json (and an image
     # folder a class named "images"): only a new or empty folder becomes a samples folder (dot files are
     # temporaries of atomic writes, or a desktop's own)
@@ -183,45 +182,50 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         write_json(folder / SAMPLE_RECORD, {**settings, "finished": False})
         (folder / SAMPLE_IMAGES).mkdir(parents=True, exist_ok=True)
 
-    decided_by_main_process(accelerator, claim)  # one process claims the folder; all learn its verdict
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; --out is the folder the samples are written to")
+    # one sampler per folder: two would write each other's images, and clear each other's temporaries
+    with lock_run_folder(folder, accelerator):
+        decided_by_main_process(accelerator, claim)  # one process claims the folder; all learn its verdict
 
-    device = next(tokenizer.parameters()).device
-    starts = range(0, len(labels), batch_size)
-    mine = [s for b, s in enumerate(starts) if b % world == rank]
-    todo = [s for s in mine
-            if not all(_intact_png(image_path(folder, i)) for i in range(s, min(s + batch_size, len(labels))))]
-    made, diverged = 0, False
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress or rank != 0, unit="batch",
-               desc=f"generate ({method}, {steps} steps)" + (", resumed" if len(todo) < len(mine) else "")
-               + (f", {world} processes" if world > 1 else ""))
-    for start in todo:
-        batch = labels[start:start + batch_size]
-        generator = torch.Generator().manual_seed(batch_seed(seed, start))
-        x_norm = sample_latents(model, meta, batch, spec, generator=generator)
-        if float(x_norm.abs().max()) > DIVERGED:
-            diverged = True
-        with torch.inference_mode():
-            x = tokenizer.decode(denormalize(x_norm, meta).to(device), generator=generator).clamp(-1, 1).cpu()
-        for i, image in enumerate(x):
-            # mypy cannot infer the type of a lambda with a default argument (im binds this image)
-            atomic_write(image_path(folder, start + i), lambda p, im=image: to_pil(im).save(p, format="PNG"))  # type: ignore[misc]
-        made += len(batch)
-        bar.update(1)
-    bar.close()
-    if world > 1:
-        assert accelerator is not None  # world comes from it
-        accelerator.wait_for_everyone()
-        totals = accelerator.reduce(torch.tensor([made, int(diverged)], device=accelerator.device), reduction="sum")
-        made, diverged = int(totals[0]), bool(totals[1])
-    if rank == 0:
-        captions = {c: "unconditional" if c == model.config.num_classes else
-                    f"{c}: {meta.classes[c]}" if c < len(meta.classes) else str(c) for c in set(labels.tolist())}
-        _write_grid(folder, labels, captions)
-        write_json(folder / SAMPLE_RECORD, {**settings, "finished": True})
-    if world > 1:
-        assert accelerator is not None
-        accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
-    return GeneratedSamples(folder, len(labels), made, diverged)
+        device = next(tokenizer.parameters()).device
+        starts = range(0, len(labels), batch_size)
+        mine = [s for b, s in enumerate(starts) if b % world == rank]
+        todo = [s for s in mine
+                if not all(_intact_png(image_path(folder, i)) for i in range(s, min(s + batch_size, len(labels))))]
+        made, diverged = 0, False
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress or rank != 0, unit="batch",
+                   desc=f"generate ({method}, {steps} steps)" + (", resumed" if len(todo) < len(mine) else "")
+                   + (f", {world} processes" if world > 1 else ""))
+        for start in todo:
+            batch = labels[start:start + batch_size]
+            generator = torch.Generator().manual_seed(batch_seed(seed, start))
+            x_norm = sample_latents(model, meta, batch, spec, generator=generator)
+            if float(x_norm.abs().max()) > DIVERGED:
+                diverged = True
+            with torch.inference_mode():
+                x = tokenizer.decode(denormalize(x_norm, meta).to(device), generator=generator).clamp(-1, 1).cpu()
+            for i, image in enumerate(x):
+                # mypy cannot infer the type of a lambda with a default argument (im binds this image)
+                atomic_write(image_path(folder, start + i),
+                             lambda p, im=image: to_pil(im).save(p, format="PNG"))  # type: ignore[misc]
+            made += len(batch)
+            bar.update(1)
+        bar.close()
+        if world > 1:
+            assert accelerator is not None  # world comes from it
+            accelerator.wait_for_everyone()
+            totals = accelerator.reduce(torch.tensor([made, int(diverged)], device=accelerator.device), reduction="sum")
+            made, diverged = int(totals[0]), bool(totals[1])
+        if rank == 0:
+            captions = {c: "unconditional" if c == model.config.num_classes else
+                        f"{c}: {meta.classes[c]}" if c < len(meta.classes) else str(c) for c in set(labels.tolist())}
+            _write_grid(folder, labels, captions)
+            write_json(folder / SAMPLE_RECORD, {**settings, "finished": True})
+        if world > 1:
+            assert accelerator is not None
+            accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
+        return GeneratedSamples(folder, len(labels), made, diverged)
 
 
 def pack_npz(folder: str | Path) -> Path:
