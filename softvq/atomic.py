@@ -8,6 +8,7 @@ data: after a power loss the name would hold a truncated or empty file. It costs
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -23,13 +24,39 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+class OutOfSpaceError(OSError):
+    """The disk (or the user's quota) filled while a file was written; nothing half-written was
+    kept, so the same command continues once there is room."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.ENOSPC, f"no space left on the device while writing {path} (nothing half-written is "
+                                       f"kept): free some space, then continue with the same command (train: "
+                                       f"with --resume)")
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # without OSError's "[Errno 28]" prefix: the message says it
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """Whether a failed write ran out of room: ENOSPC / EDQUOT, or torch.save's writer, which
+    reports a short write as a RuntimeError ("unexpected pos ...")."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "failed writing" in str(exc))
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """Call ``write(tmp_path)``, flush it to the disk, then rename over ``path``: a crash or power
     loss never leaves half a file. The file gets the permissions a plainly written one would
     (``mkstemp`` alone makes it owner-only, so colleagues could not read shared checkpoints and
-    latents)."""
+    latents). A full disk is an :class:`OutOfSpaceError` naming the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if _out_of_space(exc):
+            raise OutOfSpaceError(path) from None
+        raise
     os.close(fd)
     try:
         write(Path(tmp))
@@ -37,6 +64,10 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if _out_of_space(exc):
+            raise OutOfSpaceError(path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -45,3 +45,40 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic.atomic_write(tmp_path / "kept.txt", half_then_fail)
     assert (tmp_path / "kept.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(28, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3592512 vs 3592400"),  # torch.save's
+])
+def test_a_full_disk_is_named_and_leaves_the_old_file_whole(tmp_path, failure):
+    """A full disk ended train, generate and pretokenize in a traceback that named no file."""
+    target = tmp_path / "ckpt.pt"
+    target.write_text("the last good one")
+
+    def write(path):
+        path.write_text("half")
+        raise failure
+
+    with pytest.raises(atomic.OutOfSpaceError, match=f"no space left on the device while writing {target}"):
+        atomic.atomic_write(target, write)
+    assert target.read_text() == "the last good one" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    with pytest.raises(RuntimeError, match="another failure"):  # not every write error is a full disk
+        atomic.atomic_write(target, lambda path: (_ for _ in ()).throw(RuntimeError("another failure")))
+
+
+def test_the_command_line_says_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from softvq.cli.main import main
+
+    Image.new("RGB", (64, 64), (200, 40, 9)).save(tmp_path / "a.png")
+
+    def no_room(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", no_room)
+    assert main(["encode", str(tmp_path), "--out", str(tmp_path / "z.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and (f"softvq encode: error: no space left on the device while writing "
+                                       f"{tmp_path / 'z.safetensors'}") in err

@@ -233,3 +233,31 @@ def test_a_reconstruct_continues_only_what_the_same_weights_made_from_the_same_i
     calls.clear()  # other weights (the --seed of a preset's random ones): all made again
     assert main([*command, "--seed", "1"]) == 0 and calls == [1, 1, 1]
     assert "continued" not in capsys.readouterr().out
+
+
+def test_a_scheduler_sigterm_stops_reconstruct_as_ctrl_c_does(tmp_path):
+    """SIGTERM killed it outright: no psnr.csv of the images done, no word of how to continue."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from launching import cpu_process_env
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(150):  # far more than it makes before the signal
+        Image.new("RGB", (64, 64), (i, 90, 200 - i)).save(folder / f"{i:03d}.png")
+    out = tmp_path / "o"
+    job = subprocess.Popen([sys.executable, "-m", "softvq.cli.main", "reconstruct", str(folder), "--batch-size", "1",
+                            "--out", str(out)], env=cpu_process_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*_side_by_side.png")) and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err[-2000:]
+    assert "softvq reconstruct: interrupted; the images written are kept: run the same command again" in err
+    rows = (out / "psnr.csv").read_text().splitlines()
+    assert rows[-1].startswith("mean of the") and "(interrupted)" in rows[-1]

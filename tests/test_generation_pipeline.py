@@ -526,10 +526,14 @@ def test_rerunning_a_finished_generator_run_leaves_it_as_it_is(tmp_path, capsys)
     # an export older than the last checkpoint (stopped between the two) is made again, not kept
     state = (tmp_path / "g" / "generator" / "config.json")
     state.write_text(state.read_text().replace('"step": 2', '"step": 1'))
+    killed = tmp_path / "g" / "generator" / ".model.safetensors.k1ll.tmp"  # the export a SIGKILL cut short
+    killed.write_bytes(b"as large as the model")
     again = train_generator(dataclasses.replace(cfg, latents=str(tmp_path / "moved")), progress=False)
     assert not again.get("already_finished") and "export is from step 1: exporting again" in capsys.readouterr().err
-    assert json.loads(state.read_text())["step"] == 2
+    assert json.loads(state.read_text())["step"] == 2 and not killed.exists()
     assert (tmp_path / "g" / "generator" / "model.safetensors").read_bytes() == exported
+    # no step trained in this call: no loss, and JSON strict parsers take (was NaN)
+    assert again["first_loss"] is None and again["last_loss"] is None and "NaN" not in json.dumps(again)
 
 
 def test_damaged_latent_folders_and_run_folders_get_clear_answers(tmp_path):

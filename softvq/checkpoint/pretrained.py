@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from softvq.atomic import atomic_write, write_json
+from softvq.atomic import atomic_write, remove_stale_temporaries, write_json
 from softvq.checkpoint.specs import looks_like_hub_id
 from softvq.messages import first_few
 
@@ -41,6 +41,7 @@ def write_folder(directory: str | Path, state: dict[str, torch.Tensor], payload:
         raise NotADirectoryError(f"cannot write a checkpoint to {directory}: it is a file, and a checkpoint is a "
                                  f"folder (config.json + {WEIGHTS_NAME}); move the file away or name another path")
     weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    remove_stale_temporaries(directory)  # a weights file a killed export was writing: as large as the model
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     write_json(directory / CONFIG_NAME, payload)
     return directory

@@ -10,6 +10,7 @@ shows the traceback of any error.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -24,10 +25,10 @@ COMMANDS = ("info", "reconstruct", "encode", "decode", "train", "eval", "plot", 
 # Commands that run inference forwards, which stop page-faulting when freed memory is kept.
 # Training keeps glibc's defaults: there it measured no gain (see softvq.cpu_allocator).
 RETAIN_FREED_MEMORY = ("reconstruct", "encode", "decode", "eval", "pretokenize", "generate")
-# Long jobs that keep their work on Ctrl-C (eval saves its running sums; pretokenize, generate and
-# decode have written whole shards and images): a scheduler's SIGTERM (preemption) gets the same
-# stop. Training installs its own handlers (finish the step, write a checkpoint).
-STOP_ON_SIGTERM = ("eval", "pretokenize", "generate", "decode")
+# Long jobs that keep their work on Ctrl-C (eval saves its running sums; pretokenize, generate,
+# decode and reconstruct have written whole shards and images; encode writes nothing half): a
+# scheduler's SIGTERM (preemption) gets the same stop. Training installs its own handlers (finish the step, write a checkpoint).
+STOP_ON_SIGTERM = ("eval", "pretokenize", "generate", "decode", "reconstruct", "encode")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,9 +65,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from softvq.data.images import ImageReadError
 
     # The OSErrors are paths a user named: an output that is a file, a folder where a file goes,
-    # a folder that may not be written to, shards that must not be overwritten.
+    # a folder that may not be written to, shards that must not be overwritten; and a full disk.
+    from softvq.atomic import OutOfSpaceError
+
     return (CheckpointError, ImageReadError, FileNotFoundError, FileExistsError, IsADirectoryError,
-            NotADirectoryError, PermissionError, ValueError)
+            NotADirectoryError, PermissionError, ValueError, OutOfSpaceError)
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -142,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         if not said_elsewhere(exc) and (first_process_on_its_machine() or not said_by_all):
             print(f"softvq {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk met outside softvq's own file writes (a log line, a library's file)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"softvq {args.command}: error: no space left on the device ({exc}): free some space, then continue "
+              f"with the same command (train: with --resume)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         from softvq.training.accelerator import first_launched_process, launched_worker
 
@@ -164,6 +173,7 @@ RESUME_HINTS = {
     "pretokenize": "the complete shards are kept: run the same command again to continue",
     "generate": "the images written are kept: run the same command again to make the rest (and score them)",
     "decode": "the images written are kept: run the same command again to decode the rest",
+    "reconstruct": "the images written are kept: run the same command again to make the rest",
     "eval": "the features measured so far are kept (not those of a random preset's model): run the same command "
             "again to continue",
 }

@@ -336,8 +336,8 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     if stopped_at is not None:
         bar.close()
         say(f"stopped at step {stopped_at} with a checkpoint; run the same command again to continue")
-        return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": stopped_at, "export": None,
-                "stopped": True}
+        return {"first_loss": _trained(first_loss), "last_loss": _trained(last_loss), "steps": stopped_at,
+                "export": None, "stopped": True}
     bar.close()
     acc.wait_for_everyone()
     export = run / GENERATOR_EXPORT
@@ -346,5 +346,12 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
         unwrapped = acc.unwrap_model(model)
         with ema.swapped_into(unwrapped):
             save_generator(unwrapped, meta, export, step=cfg.steps)
-    return {"first_loss": first_loss, "last_loss": float(last_loss), "steps": cfg.steps, "export": str(export),
-            "stopped": False}
+    return {"first_loss": _trained(first_loss), "last_loss": _trained(last_loss), "steps": cfg.steps,
+            "export": str(export), "stopped": False}
+
+
+def _trained(loss: float | torch.Tensor) -> float | None:
+    """A loss of this call's steps, or None where it trained none (a finished run exported again):
+    its NaN placeholder printed as JSON that strict parsers refuse."""
+    value = float(loss)
+    return None if math.isnan(value) else value
