@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -160,8 +161,19 @@ def test_an_interrupted_decode_continues_and_another_decode_is_refused(tmp_path,
     monkeypatch.undo()
     (out / "sub").mkdir(exist_ok=True)
     (out / "sub" / ".b.png.x1y2z3.tmp").write_bytes(b"half")  # what a SIGKILL mid-write leaves
-    moved = str(tmp_path / "moved.safetensors")  # the same latents elsewhere: the same decode
-    Path(latents).rename(moved)
+    # the same images encoded again, elsewhere: the same decode, though safetensors writes the
+    # metadata in another order each time (was refused: "latents_sha1 '7436…' -> '5543…'")
+    moved = str(tmp_path / "moved.safetensors")
+    for _ in range(5):  # the order is random: another file, almost always at the first try
+        Path(moved).unlink(missing_ok=True)
+        assert main(["encode", str(folder), "--model", "softvq-tiny", "--out", moved]) == 0
+        if Path(moved).read_bytes() != Path(latents).read_bytes():
+            break
+    assert Path(moved).read_bytes() != Path(latents).read_bytes()
+    Path(latents).unlink()
+    record = json.loads((out / "decode.json").read_text())  # as an older softvq recorded it: the file's sha1
+    record["latents_sha1"] = hashlib.sha1(Path(moved).read_bytes()).hexdigest()
+    (out / "decode.json").write_text(json.dumps(record))
     # was: "a.png already exists; choose another --out"
     assert main(["decode", moved, "--out", str(out), "--batch-size", "1"]) == 0
     assert "(1 already there from an earlier run)" in capsys.readouterr().out

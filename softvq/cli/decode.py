@@ -23,7 +23,7 @@ from softvq.atomic import atomic_write, remove_stale_temporaries, write_json
 from softvq.checkpoint.specs import portable_spec
 from softvq.cli.common import (add_model_arguments, load_tokenizer, make_distinct, positive_int, refuse_to_overwrite,
                                refuse_unwritable, seed_int)
-from softvq.cli.encode import read_latents
+from softvq.cli.encode import LatentsFile, read_latents
 from softvq.data.images import to_pil
 from softvq.randomness import derived_seed
 from softvq.resume import changed_settings, weights_sha1
@@ -105,10 +105,13 @@ def _decode(args: argparse.Namespace, out: Path) -> int:
         print(f"softvq: warning: {args.latents} was encoded with {recorded}; decoding with {args.model}",
               file=sys.stderr)
     batch = args.batch_size
-    record = {"latents": str(Path(args.latents).resolve()), "latents_sha1": _file_sha1(args.latents),
+    digest = _latents_sha1(data)
+    record = {"latents": str(Path(args.latents).resolve()), "latents_sha1": digest,
               "model": portable_spec(spec), "tokenizer_sha1": weights, "seed": seed,
               "precision": model.precision, "batch_size": batch, "image_size": size, "images": len(files)}
     if saved is not None:
+        if saved.get("latents_sha1") not in (None, digest) and saved["latents_sha1"] == _file_sha1(args.latents):
+            saved["latents_sha1"] = digest  # an older softvq recorded the file's own sha1
         # where the latents and the tokenizer are is no part of what was decoded: their sha1s are;
         # nor, without a generative decoder's per-batch noise, is the batch size
         apart = ("latents", "model") + (() if model.config.decoder_noise_dim else ("batch_size",))
@@ -154,6 +157,15 @@ def _saved_record(out: Path) -> dict | None:
 def _holds_images(out: Path) -> bool:
     """Whether ``out`` holds a finished image of any decode (a killed one's temporaries aside)."""
     return any(p.suffix == ".png" and not p.name.startswith(".") and p.is_file() for p in out.rglob("*"))
+
+
+def _latents_sha1(data: LatentsFile) -> str:
+    """sha1 of what a latents file holds (the latents, their names, the sorted metadata), not of its
+    bytes: safetensors writes the metadata in another order in every process, so the same images
+    encoded again made another file."""
+    digest = hashlib.sha1(json.dumps([data.names, data.meta], sort_keys=True).encode("utf-8", "surrogateescape"))
+    digest.update(data.latents.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _file_sha1(path: str | Path) -> str:
