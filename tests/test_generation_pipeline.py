@@ -1014,3 +1014,9 @@ def test_a_pretokenize_killed_right_after_its_first_shard_continues(tmp_path, mo
     a, b = load_latents(tmp_path / "straight"), load_latents(tmp_path / "cut")
     assert b.names == a.names and torch.allclose(a.latents, b.latents, atol=1e-5)
     assert (resumed.latent_mean, resumed.latent_std) == (straight.latent_mean, straight.latent_std)
+    # a run that failed before its first shard (images of the wrong size) leaves nothing to continue:
+    # the corrected rerun is made afresh, not refused as "other settings"
+    with pytest.raises(ValueError, match="the source gives 16x16 images but the tokenizer takes 32x32"):
+        pretokenize(tok, folder_source(tmp_path / "imgs", 16), tmp_path / "fresh", **run)
+    pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "fresh", **{**run, "shard_size": 5})
+    assert load_latents(tmp_path / "fresh").names == a.names

@@ -80,6 +80,8 @@ def class_indices(labels: Tensor | Sequence[int] | int, batch: int | None, devic
     label is repeated over a ``batch`` of B (``batch=None``: the labels decide B). Anything but
     integers, or another count than B, is refused by name."""
     value = labels.to(device) if isinstance(labels, Tensor) else torch.as_tensor(labels, device=device)
+    if value.numel() == 0 and not isinstance(labels, Tensor):  # [] makes a float tensor
+        value = value.long()
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must be integer class indices, got a {value.dtype} tensor; pass {name}.long()")
     if value.numel() == 1 and batch is not None:

@@ -330,9 +330,12 @@ class MaskedAutoregressive(nn.Module):
         c = self.config
         device, dtype = self.condition_pos.device, self.condition_pos.dtype
         labels = class_indices(labels, None, device, "labels")
-        if int(labels.min()) < 0 or int(labels.max()) >= c.num_classes:
-            raise ValueError(f"labels must be class indices in [0, {c.num_classes}), got [{int(labels.min())}, "
-                             f"{int(labels.max())}]")
+        if labels.numel() == 0:
+            raise ValueError("no labels to sample: pass one class index per sample")
+        top = c.num_classes + int(self.class_embed.has_null)  # the null class samples unconditionally
+        if int(labels.min()) < 0 or int(labels.max()) >= top:
+            raise ValueError(f"labels must be class indices in [0, {top}) ({c.num_classes}: unconditional), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
         b, length = labels.shape[0], c.num_tokens
         schedule = masking_schedule(length, ar_steps or length)
         guided = cfg != 1.0

@@ -247,6 +247,12 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
         if saved_spec and portable_spec(saved_spec) == current["tokenizer"]:  # recorded before specs were absolute
             current["tokenizer"] = saved_spec
         changed = changed_settings({"processes": 1, **progress.settings}, current)  # runs before "processes": one
+        if changed and not any(_Progress.load(other).shards for other in out.glob("progress*.json")):
+            # stopped (or failed) before its first shard: nothing to mix, so it is made afresh
+            for other in out.glob("progress*.json"):
+                other.unlink()
+            remove_stale_temporaries(out)
+            return False
         if changed:
             raise FileExistsError(f"{out} holds an interrupted pretokenize with other settings ({'; '.join(changed)}); "
                                   f"rerun it with the same ones to continue, or choose an empty folder")

@@ -237,7 +237,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     labels = data.labels
     per_process = cfg.batch_size // acc.num_processes
     log = RunLogger(run, enabled=acc.is_main_process, tensorboard=False)  # log.jsonl, as the tokenizer trainer's
-    first_loss = math.nan
+    first_loss, ran = math.nan, False  # ran: whether this call trained a step
     last_loss: float | torch.Tensor = math.nan  # the last step's loss, read from the device at the end
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.objective}",
                disable=not (progress and acc.is_main_process))
@@ -302,7 +302,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
             else:
                 ema.update(acc.unwrap_model(model))
                 window.add({k: v.detach() for k, v in terms.items()}, seconds=time.perf_counter() - begun)
-            last_loss = terms["loss"].detach()
+            last_loss, ran = terms["loss"].detach(), True
             if step == start:
                 first_loss = float(last_loss)
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -336,7 +336,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     if stopped_at is not None:
         bar.close()
         say(f"stopped at step {stopped_at} with a checkpoint; run the same command again to continue")
-        return {"first_loss": _trained(first_loss), "last_loss": _trained(last_loss), "steps": stopped_at,
+        return {"first_loss": _trained(first_loss, ran), "last_loss": _trained(last_loss, ran), "steps": stopped_at,
                 "export": None, "stopped": True}
     bar.close()
     acc.wait_for_everyone()
@@ -346,12 +346,11 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
         unwrapped = acc.unwrap_model(model)
         with ema.swapped_into(unwrapped):
             save_generator(unwrapped, meta, export, step=cfg.steps)
-    return {"first_loss": _trained(first_loss), "last_loss": _trained(last_loss), "steps": cfg.steps,
+    return {"first_loss": _trained(first_loss, ran), "last_loss": _trained(last_loss, ran), "steps": cfg.steps,
             "export": str(export), "stopped": False}
 
 
-def _trained(loss: float | torch.Tensor) -> float | None:
-    """A loss of this call's steps, or None where it trained none (a finished run exported again):
-    its NaN placeholder printed as JSON that strict parsers refuse."""
-    value = float(loss)
-    return None if math.isnan(value) else value
+def _trained(loss: float | torch.Tensor, ran: bool) -> float | None:
+    """A loss of this call's steps (NaN where that step was not finite), or None where it ran no
+    step (a finished run exported again): its NaN placeholder printed as JSON strict parsers refuse."""
+    return float(loss) if ran else None
