@@ -227,6 +227,18 @@ def test_a_reconstruct_continues_only_what_the_same_weights_made_from_the_same_i
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
     assert main(command) == 0 and calls == [1, 1] and "continued an interrupted run: 1 image(s)" in \
         capsys.readouterr().out
+    # the row written after the cut line is read back too (it was glued onto the cut line and lost)
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, Tokenizer, "forward", 2)
+        assert main(command) == 130
+    with open(progress, "a") as cut:
+        cut.write(f"{folder / 'x.png'},x_re")
+    with monkeypatch.context() as patch:
+        interrupt_at_call(patch, Tokenizer, "forward", 2)  # one more made after the cut line, then stopped
+        assert main(command) == 130
+    calls.clear()
+    assert main(command) == 0 and calls == [1] and "continued an interrupted run: 2 image(s)" in \
+        capsys.readouterr().out
     with monkeypatch.context() as patch:
         interrupt_at_call(patch, Tokenizer, "forward", 3)
         assert main(command) == 130

@@ -158,15 +158,22 @@ def _input_key(path: Path) -> list[str]:
     return [str(st.st_size), str(st.st_mtime_ns)]
 
 
-def done_before(out: Path, settings: dict) -> dict[str, list[str]]:
-    """The images an interrupted run with these ``settings`` made: input -> (reconstruction file,
-    PSNR, size, modification time); {} when there is none, or it ran with other settings (a
-    last line cut by a kill is left out)."""
+def done_before(out: Path, settings: dict) -> dict[tuple[str, str], list[str]]:
+    """The images an interrupted run with these ``settings`` made: (input, reconstruction file) ->
+    (PSNR, size, modification time); {} when there is none, or it ran with other settings (a last
+    line cut by a kill is left out, and ended, so that the next row starts a line of its own)."""
+    path = out / PROGRESS_FILE
     try:
-        with open(out / PROGRESS_FILE, newline="", errors="surrogateescape") as progress:
+        with open(path, newline="", errors="surrogateescape") as progress:
             if json.loads(progress.readline() or "null") != settings:
                 return {}
-            return {row[0]: row[1:] for row in csv.reader(progress) if len(row) == 5}
+            done = {(row[0], row[1]): row[2:] for row in csv.reader(progress) if len(row) == 5}
+        with open(path, "rb+") as raw:
+            if raw.seek(0, os.SEEK_END):
+                raw.seek(-1, os.SEEK_END)
+                if raw.read(1) != b"\n":
+                    raw.write(b"\n")
+        return done
     except (OSError, ValueError):  # none, unreadable, or a header cut short
         return {}
 
@@ -281,17 +288,16 @@ def _reconstruct(args: argparse.Namespace, out: Path) -> int:
 
     def made_before(path: Path, stem: str) -> bool:
         """Carries an image an interrupted run made (unchanged input, both PNGs there) into the table."""
-        row = done.get(str(path))
-        if row is None or row[0] != stem + OUTPUT_SUFFIXES[0] or \
-                not all((out / (stem + suffix)).is_file() for suffix in OUTPUT_SUFFIXES):
+        row = done.get((str(path), stem + OUTPUT_SUFFIXES[0]))  # the same file given twice has two stems
+        if row is None or not all((out / (stem + suffix)).is_file() for suffix in OUTPUT_SUFFIXES):
             return False
         try:
-            if row[2:] != _input_key(path):
+            if row[1:] != _input_key(path):
                 return False
         except OSError:
             return False
-        scores.append(float(row[1]))
-        rows.append([str(path), row[0], f"{scores[-1]:.4f}"])
+        scores.append(float(row[0]))
+        rows.append([str(path), stem + OUTPUT_SUFFIXES[0], f"{scores[-1]:.4f}"])
         carried_over.append(path)
         return True
 
