@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,8 @@ class OutOfSpaceError(OSError):
     """The disk (or the user's quota) filled while a file was written; nothing half-written was
     kept, so the same command continues once there is room."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
         super().__init__(errno.ENOSPC, f"no space left on the device while writing {path} (nothing half-written is "
                                        f"kept): free some space, then continue with the same command (train: "
                                        f"with --resume)")
@@ -36,13 +38,28 @@ class OutOfSpaceError(OSError):
     def __str__(self) -> str:
         return str(self.strerror)  # without OSError's "[Errno 28]" prefix: the message says it
 
+    def __reduce__(self):  # OSError's would call __init__ with (errno, message)
+        return (OutOfSpaceError, (self.path,))
 
-def _out_of_space(exc: BaseException) -> bool:
-    """Whether a failed write ran out of room: ENOSPC / EDQUOT, or torch.save's writer, which
-    reports a short write as a RuntimeError ("unexpected pos ...")."""
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_ROOM_LEFT_BYTES = 16 << 20  # what a disk that refused a write and "has" no more than is full
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of room: ENOSPC / EDQUOT, or a serializer's own error for a
+    short write (torch.save's "unexpected pos", safetensors' "os error 28") on a disk that is
+    indeed (nearly) full: the same messages come from a file too large for its file system."""
     if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "failed writing" in str(exc))
+        return exc.errno in _FULL_ERRNOS
+    text = str(exc)
+    if not any(sign in text for sign in ("unexpected pos", "failed writing", "os error 28", "os error 122",
+                                         "No space left")):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < _ROOM_LEFT_BYTES
+    except OSError:
+        return False
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -54,7 +71,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        if _out_of_space(exc):
+        if _out_of_space(exc, path.parent):
             raise OutOfSpaceError(path) from None
         raise
     os.close(fd)
@@ -64,8 +81,8 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        if _out_of_space(exc):
+    except Exception as exc:  # safetensors' SafetensorError is a plain Exception
+        if _out_of_space(exc, path.parent):
             raise OutOfSpaceError(path) from None
         raise
     finally:

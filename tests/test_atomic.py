@@ -47,12 +47,21 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert (tmp_path / "kept.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
 
 
+class SafetensorError(Exception):
+    """What safetensors raises for a failed write: a plain Exception, not an OSError."""
+
+
 @pytest.mark.parametrize("failure", [
     OSError(28, "No space left on device"),
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3592512 vs 3592400"),  # torch.save's
+    SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left "
+                    "on device\" }) (os error 28)"),
 ])
-def test_a_full_disk_is_named_and_leaves_the_old_file_whole(tmp_path, failure):
+def test_a_full_disk_is_named_and_leaves_the_old_file_whole(tmp_path, monkeypatch, failure):
     """A full disk ended train, generate and pretokenize in a traceback that named no file."""
+    import pickle
+    import shutil
+
     target = tmp_path / "ckpt.pt"
     target.write_text("the last good one")
 
@@ -60,9 +69,18 @@ def test_a_full_disk_is_named_and_leaves_the_old_file_whole(tmp_path, failure):
         path.write_text("half")
         raise failure
 
-    with pytest.raises(atomic.OutOfSpaceError, match=f"no space left on the device while writing {target}"):
+    # a serializer's own error is a full disk only where the disk is (nearly) full: the same words
+    # come from a file too large for its file system
+    free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: free._replace(free=1 << 20))
+    with pytest.raises(atomic.OutOfSpaceError, match=f"no space left on the device while writing {target}") as caught:
         atomic.atomic_write(target, write)
     assert target.read_text() == "the last good one" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)  # crosses process boundaries
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: free._replace(free=1 << 40))
+    if not isinstance(failure, OSError):  # room left: the serializer's error stays its own
+        with pytest.raises(type(failure)):
+            atomic.atomic_write(target, write)
     with pytest.raises(RuntimeError, match="another failure"):  # not every write error is a full disk
         atomic.atomic_write(target, lambda path: (_ for _ in ()).throw(RuntimeError("another failure")))
 

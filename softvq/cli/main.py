@@ -146,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"softvq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk met outside softvq's own file writes (a log line, a library's file)
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or \
+                os.environ.get("SOFTVQ_TRACEBACK", "").strip().lower() in ("1", "true", "yes"):
             raise
-        print(f"softvq {args.command}: error: no space left on the device ({exc}): free some space, then continue "
-              f"with the same command (train: with --resume)", file=sys.stderr)
+        from softvq.training.accelerator import first_launched_process
+
+        if first_launched_process():  # every process of a launched run meets the same full disk
+            print(f"softvq {args.command}: error: no space left on the device ({exc}): free some space, then "
+                  f"continue with the same command (train: with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         from softvq.training.accelerator import first_launched_process, launched_worker
