@@ -242,6 +242,12 @@ def test_images_in_0_1_are_warned_at_the_users_line_but_not_where_softvq_loaded_
             with images_from_softvq_loaders():  # softvq's own loaders: a bright batch is just bright
                 model.encode(unit)
             model.train().encode(unit)  # training skips the value checks (no host sync per step)
+    from softvq.generation.latent_sources import LatentSource
+    from softvq.generation.pretokenize import pretokenize
+
+    own = LatentSource(iter([(unit[i], 0, f"{i}.png") for i in range(2)]), ["a"], 2)  # the caller's tensors
+    with pytest.warns(softvq.ImageRangeWarning):
+        pretokenize(model.eval(), own, tmp_path / "lat", progress=False)
     from PIL import Image  # the CLI reads its images: a white picture is not a mistake
 
     Image.new("RGB", (32, 32), "white").save(tmp_path / "white.png")

@@ -45,6 +45,9 @@ class LatentSource:
     identity: dict[str, Any] | None = None
     resume_from: Callable[..., Iterable[Sample]] | None = None
     used: bool = False  # set by pretokenize
+    # images softvq's own loaders made, in [-1, 1] by construction: a bright batch is no mistake to
+    # warn of (softvq.ImageRangeWarning); a source of the caller's own tensors keeps the warning
+    from_softvq_loader: bool = False
 
 
 class _DecodedImages(torch.utils.data.Dataset):
@@ -116,7 +119,7 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
     identity = {"kind": "folder", "folder": str(folder.resolve()), "files": len(files), "listing_sha1": listing,
                 "crop": CENTER_CROP,  # shards cut another way must not be continued with these
                 "classes": classes, "image_size": image_size}
-    return LatentSource(samples(), classes, len(files), skipped, identity, samples)
+    return LatentSource(samples(), classes, len(files), skipped, identity, samples, from_softvq_loader=True)
 
 
 def bundled_source(image_size: int, crops_per_photo: int = 32, seed: int = 0, single_class: bool = False,
@@ -142,4 +145,5 @@ def bundled_source(image_size: int, crops_per_photo: int = 32, seed: int = 0, si
 
     identity = {"kind": "bundled", "photos": [p.stem for p in photos], "crops_per_photo": crops_per_photo,
                 "seed": seed, "single_class": single_class, "scales": list(scales), "image_size": image_size}
-    return LatentSource(samples(), classes, len(photos) * crops_per_photo, identity=identity, resume_from=samples)
+    return LatentSource(samples(), classes, len(photos) * crops_per_photo, identity=identity, resume_from=samples,
+                        from_softvq_loader=True)

@@ -31,6 +31,7 @@ the same number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -275,7 +276,6 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
 
 
 @torch.inference_mode()
-@images_from_softvq_loaders()
 def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Path, *, tokenizer_spec: str | None = None,
                 batch_size: int = 32, shard_size: int = 4096, progress: bool = True,
                 accelerator: "Accelerator | None" = None) -> PretokenizeResult:
@@ -304,7 +304,8 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; pretokenize writes a folder of latent shards")
     # one pretokenize per folder: two would write shards of other weights under one meta.json
-    with evaluating(tokenizer), lock_run_folder(out, accelerator):  # the caller's model comes back as it was
+    with evaluating(tokenizer), lock_run_folder(out, accelerator), \
+            images_from_softvq_loaders() if source.from_softvq_loader else contextlib.nullcontext():
         return _pretokenize(tokenizer, source, out, tokenizer_spec, batch_size, shard_size, progress,
                             accelerator, rank, processes)
 
