@@ -90,8 +90,9 @@ class RunLock:
                 holder = _holder(self.path)
                 if holder == f" (pid {os.getpid()})":  # this very process, through an earlier object
                     raise RunFolderInUse(f"this process already holds {self.folder}: an earlier Trainer or "
-                                         f"train_generator on it has not ended; let its fit() end or call its "
-                                         f"close(), or choose another folder")
+                                         f"train_generator on it has not ended (let its fit() end or call its "
+                                         f"close()), or a pretokenize or write_samples call into it is still "
+                                         f"running; or choose another folder")
                 raise RunFolderInUse(f"another softvq process is using {self.folder}{holder}; "
                                      f"wait for it to finish or choose another folder")
             # The previous holder deletes the file when it lets go: a lock on a file that was
@@ -170,12 +171,39 @@ def ensure_not_in_use(folder: str | Path) -> None:
         RunLock(folder).acquire().release()
 
 
-def lock_run_folder(folder: str | Path, accelerator=None) -> RunLock:
+# folders this process's commands have locked (every process of a launched run keeps the same
+# entries, its main process's lock or an unheld one), for library calls inside a command that holds
+# the folder already
+_LOCKED_HERE: dict[Path, RunLock] = {}
+
+
+def lock_run_folder(folder: str | Path, accelerator=None, *, inside_command: bool = False) -> RunLock:
     """The run folder's lock, taken by the main process only (the others get an unheld one); a
-    refusal is raised on every process, so that none waits for the others at a collective."""
+    refusal is raised on every process, so that none waits for the others at a collective.
+    ``inside_command``: a library call (pretokenize, write_samples) that a command holding the
+    folder's lock already makes gets an unheld lock instead of a refusal."""
     from softvq.training.accelerator import decided_by_main_process
 
-    lock = RunLock(folder)
+    key = Path(folder).resolve()
+    if inside_command and key in _LOCKED_HERE:
+        outer = RunLock(folder)
+        outer._held_by_main = True  # takes and releases nothing: the command's lock stays
+        return outer
+    lock = _RegisteredLock(folder, key)
     decided_by_main_process(accelerator, lambda: lock.acquire() and None)
     lock._held_by_main = not lock.held  # so that `with lock_run_folder(...)` takes nothing twice
+    _LOCKED_HERE[key] = lock
     return lock
+
+
+class _RegisteredLock(RunLock):
+    """A :func:`lock_run_folder` lock, known to the library calls made while it is held."""
+
+    def __init__(self, folder: str | Path, key: Path) -> None:
+        super().__init__(folder)
+        self._key = key
+
+    def release(self) -> None:
+        if _LOCKED_HERE.get(self._key) is self:
+            del _LOCKED_HERE[self._key]
+        super().release()

@@ -29,8 +29,8 @@ def test_a_second_lock_on_a_folder_is_refused_with_the_holder_and_freed_on_relea
     first = RunLock(tmp_path / "run").acquire()
     # held by this very process (another Trainer, a notebook cell run twice): said so, with the way out
     with pytest.raises(RunFolderInUse, match=rf"this process already holds {tmp_path / 'run'}: an earlier Trainer "
-                                             rf"or train_generator on it has not ended; let its fit\(\) end or call "
-                                             rf"its close\(\)"):
+                                             rf"or train_generator on it has not ended \(let its fit\(\) end or call "
+                                             rf"its close\(\)\), or a pretokenize or write_samples call"):
         RunLock(tmp_path / "run").acquire()
     first.release()
     assert not (tmp_path / "run" / LOCK_NAME).exists()  # a finished run leaves no trace

@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from softvq.generation.run_folder import stale_export_note
     from softvq.generation.samples import OtherTokenizerWarning, pack_npz, write_samples
     from softvq.resume import weights_sha1
+    from softvq.run_lock import lock_run_folder
     from softvq.training.accelerator import first_launched_process, launched_accelerator, said_by_main_process
 
     try:
@@ -186,36 +187,41 @@ def run(args: argparse.Namespace) -> int:
     record = {"generator": str(checkpoint.resolve()) if checkpoint.is_file()
               else portable_spec(str(generator_run_export(args.generator) or args.generator)),
               "tokenizer": portable_spec(str(training_run_export(spec_name) or spec_name))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", OtherTokenizerWarning)  # said above, before any work
-        result = write_samples(model, meta, tokenizer, labels, spec, args.out, seed=args.seed,
-                               batch_size=args.batch_size, record=record, accelerator=accelerator,
-                               progress=not args.quiet)
-    if accelerator is not None and not accelerator.is_main_process:
+    # the folder's lock for the whole command: samples, then their pack and their FID record
+    with lock_run_folder(Path(args.out), accelerator):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OtherTokenizerWarning)  # said above, before any work
+            result = write_samples(model, meta, tokenizer, labels, spec, args.out, seed=args.seed,
+                                   batch_size=args.batch_size, record=record, accelerator=accelerator,
+                                   progress=not args.quiet)
+        if accelerator is not None and not accelerator.is_main_process:
+            return 0
+        if result.made == 0:
+            print(f"{result.images} already holds all {result.count} images of these settings; grid {result.grid}")
+        else:
+            kept = ("" if result.made == result.count else
+                    f" ({result.count - result.made} kept from an interrupted run)")
+            print(f"wrote {result.count} images to {result.images}{kept} and the grid {result.grid}")
+        if result.diverged:
+            what = "diffusion head" if meta.objective == "mar" else "generator"
+            hint = (f"the {what} is not trained enough for the unclipped first steps; sample again with "
+                    "--clip-x0 5 into another --out" if meta.objective in ("mar", "dit") and args.clip_x0 is None
+                    else "the generator is not trained enough (or its latents' statistics do not match this "
+                         "tokenizer)")
+            print(f"softvq: warning: some samples diverged (|latent| > 50 standard deviations): {hint}",
+                  file=sys.stderr)
+        if args.npz:
+            print(f"packed the {result.count} images into {pack_npz(result.folder)} for ADM's evaluator")
+        if args.fid_ref:
+            gfid = generation_fid(result.folder, args.fid_ref, device, progress=not args.quiet)
+            reference = Path(args.fid_ref).expanduser()
+            # kept beside the images it scores: the printed line alone is lost with the terminal
+            write_json(result.folder / FID_RECORD,
+                       {"gfid": gfid, "reference": str(reference.resolve()) if reference.exists() else args.fid_ref,
+                        "samples": result.count})
+            print(f"gFID vs {args.fid_ref}: {gfid:.3f} ({result.count} samples; the paper's protocol uses 50,000); "
+                  f"saved to {result.folder / FID_RECORD}")
         return 0
-    if result.made == 0:
-        print(f"{result.images} already holds all {result.count} images of these settings; grid {result.grid}")
-    else:
-        kept = "" if result.made == result.count else f" ({result.count - result.made} kept from an interrupted run)"
-        print(f"wrote {result.count} images to {result.images}{kept} and the grid {result.grid}")
-    if result.diverged:
-        what = "diffusion head" if meta.objective == "mar" else "generator"
-        hint = (f"the {what} is not trained enough for the unclipped first steps; sample again with "
-                "--clip-x0 5 into another --out" if meta.objective in ("mar", "dit") and args.clip_x0 is None
-                else "the generator is not trained enough (or its latents' statistics do not match this tokenizer)")
-        print(f"softvq: warning: some samples diverged (|latent| > 50 standard deviations): {hint}", file=sys.stderr)
-    if args.npz:
-        print(f"packed the {result.count} images into {pack_npz(result.folder)} for ADM's evaluator")
-    if args.fid_ref:
-        gfid = generation_fid(result.folder, args.fid_ref, device, progress=not args.quiet)
-        reference = Path(args.fid_ref).expanduser()
-        # kept beside the images it scores: the printed line alone is lost with the terminal
-        write_json(result.folder / FID_RECORD,
-                   {"gfid": gfid, "reference": str(reference.resolve()) if reference.exists() else args.fid_ref,
-                    "samples": result.count})
-        print(f"gFID vs {args.fid_ref}: {gfid:.3f} ({result.count} samples; the paper's protocol uses 50,000); "
-              f"saved to {result.folder / FID_RECORD}")
-    return 0
 
 
 def sampler_spec(args: argparse.Namespace, model: Any, meta: Any) -> SamplerSpec:

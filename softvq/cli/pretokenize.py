@@ -46,9 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from softvq.generation.latent_sources import bundled_source, folder_source
-    from softvq.generation.pretokenize import interrupted_run, interrupted_tokenizer, pretokenize
-    from softvq.training.accelerator import decided_by_main_process, launched_accelerator, said_by_main_process
+    from softvq.run_lock import lock_run_folder
+    from softvq.training.accelerator import launched_accelerator, said_by_main_process
 
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
@@ -58,6 +57,15 @@ def run(args: argparse.Namespace) -> int:
         refuse_unwritable(out, "OUT", "pretokenize writes a folder of latent shards")
     except OSError as exc:  # every process of a launched run finds it: the main process says it
         raise said_by_main_process(exc, main_process) from None
+    with lock_run_folder(out, accelerator):  # one pretokenize per folder, its kept tokenizer included
+        return _in_locked_folder(args, out, accelerator, device, main_process)
+
+
+def _in_locked_folder(args: argparse.Namespace, out: Path, accelerator, device, main_process: bool) -> int:
+    from softvq.generation.latent_sources import bundled_source, folder_source
+    from softvq.generation.pretokenize import interrupted_run, interrupted_tokenizer, pretokenize
+    from softvq.training.accelerator import decided_by_main_process
+
     # a finished set is refused here, before anything is written
     resuming = decided_by_main_process(accelerator, lambda: interrupted_run(out))
     kept = out / "tokenizer"

@@ -304,7 +304,7 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; pretokenize writes a folder of latent shards")
     # one pretokenize per folder: two would write shards of other weights under one meta.json
-    with evaluating(tokenizer), lock_run_folder(out, accelerator), \
+    with evaluating(tokenizer), lock_run_folder(out, accelerator, inside_command=True), \
             images_from_softvq_loaders() if source.from_softvq_loader else contextlib.nullcontext():
         return _pretokenize(tokenizer, source, out, tokenizer_spec, batch_size, shard_size, progress,
                             accelerator, rank, processes)

@@ -185,7 +185,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} is a file; --out is the folder the samples are written to")
     # one sampler per folder: two would write each other's images, and clear each other's temporaries
-    with lock_run_folder(folder, accelerator):
+    with lock_run_folder(folder, accelerator, inside_command=True):
         decided_by_main_process(accelerator, claim)  # one process claims the folder; all learn its verdict
 
         device = next(tokenizer.parameters()).device
