@@ -403,8 +403,17 @@ def test_an_adm_reference_batch_gives_gfid_from_its_statistics_and_precision_rec
                                         rel=1e-6)
     assert adm["gfid"] != pytest.approx(lowrank_fid_reference(real, fake), rel=1e-2)  # not arr_0's own
     assert (adm["precision"], adm["recall"]) == pytest.approx(naive_precision_recall(real, fake, 2), abs=1e-12)
-    assert any("gFID against VIRTUAL_labeled.npz's mu/sigma; precision/recall against its first 4 images" in n
-               for n in adm["notes"])
+    assert any("gFID against VIRTUAL_labeled.npz's mu/sigma; precision/recall against its images" in n
+               for n in adm["notes"]) and adm["num_reference"] == 4
+    cached = dict(run, cache_dir=tmp_path / "cache")  # its images' features are measured once, as a folder's
+    evaluate_samples(tmp_path / "fake", tmp_path / "VIRTUAL_labeled.npz", **cached)
+    again = evaluate_samples(tmp_path / "fake", tmp_path / "VIRTUAL_labeled.npz", **cached)
+    assert any("reference statistics loaded from" in n for n in again["notes"])
+    assert (again["gfid"], again["precision"], again["recall"]) == (adm["gfid"], adm["precision"], adm["recall"])
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images, mu=mu, sigma=sigma)  # arr_0 unreadable in place
+    squeezed = evaluate_samples(tmp_path / "fake", tmp_path / "compressed.npz", **run)
+    assert squeezed["gfid"] == pytest.approx(adm["gfid"], rel=1e-9) and "precision" not in squeezed
+    assert any(n.startswith("precision/recall skipped: ") and "compressed" in n for n in squeezed["notes"])
     alone = evaluate_samples(tmp_path / "fake", tmp_path / "images_only.npz", **run)  # was refused
     assert alone["gfid"] == pytest.approx(lowrank_fid_reference(real, fake), rel=1e-4)
     assert (alone["precision"], alone["recall"]) == (adm["precision"], adm["recall"])

@@ -96,32 +96,32 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     fake, logits = features(sample_refs, sample_files, sample_root, "samples")
     report: dict[str, Any] = {"samples": str(samples), "reference": str(reference),
                               "num_samples": len(fake), "image_size": size, "notes": notes}
-    if Path(reference).suffix == ".npz":
-        # ADM's reference batch holds both: its images (arr_0) for precision/recall, and the statistics
-        # (mu, sigma) of all of them, which gFID uses as the papers do; either alone works too
-        path = Path(reference).expanduser()
+    path = Path(reference).expanduser()
+    # ADM's reference batch (an .npz) holds both: its images (arr_0) for precision/recall, and the
+    # statistics (mu, sigma) of all of them, which gFID uses as the papers do; either alone works too
+    file_stats, use_images = None, True
+    if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
                 has_images, has_stats = "arr_0" in data, "mu" in data
         except (OSError, ValueError) as exc:  # not there, or not an .npz
             raise fidlib.ReferenceStatsError(f"{path} is not a readable .npz ({exc})") from None
-        # neither: load_reference_stats names what the file lacks
-        ref_stats = fidlib.load_reference_stats(path) if has_stats or not has_images else None
-        real = None
-        if has_images and (pr_samples > 0 or not has_stats):
-            real_refs, files, root = list_image_refs(path, min(pr_samples, num_images) if has_stats else num_images)
-            real, _ = features(real_refs, files, root, "reference")
-            if ref_stats is None:
-                ref_stats = fidlib.FeatureStats.from_features(real)
-            else:
-                notes.append(f"gFID against {path.name}'s mu/sigma; precision/recall against its first "
-                             f"{len(real)} images (arr_0)")
-        elif pr_samples > 0:
+        if has_stats or not has_images:  # neither: load_reference_stats names what the file lacks
+            file_stats = fidlib.load_reference_stats(path)
+        use_images = has_images and (pr_samples > 0 or file_stats is None)
+        if not has_images and pr_samples > 0:
             notes.append("precision/recall need reference images (a folder, or an .npz with arr_0), not "
                          "statistics: skipped")
-        assert ref_stats is not None  # a file with neither images nor statistics was refused above
-    else:
-        real_refs, files, root = list_image_refs(reference, num_images)
+    real = None
+    real_refs: list = []  # the reference images, when there are any to measure
+    if use_images:
+        try:
+            real_refs, files, root = list_image_refs(reference, num_images)
+        except ValueError as exc:  # a compressed arr_0 cannot be read in place; its mu/sigma still score
+            if file_stats is None:
+                raise
+            notes.append(f"precision/recall skipped: {exc}")
+    if real_refs:
         # keyed by the images and the FID protocol alone: generate --fid-ref (no precision/recall) and
         # eval --samples share one cache, which keeps the features precision/recall needs when asked
         protocol = protocol_of(options, size, len(real_refs), extractor.weights_name)
@@ -141,6 +141,10 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
                 fidlib.save_reference_stats(cache, ref_stats, checksum, protocol, features=real[:pr_samples])
                 notes.append(f"reference statistics cached in {cache}")
         report["num_reference"] = ref_stats.count
+    if file_stats is not None:
+        if real is not None:
+            notes.append(f"gFID against {path.name}'s mu/sigma; precision/recall against its images (arr_0)")
+        ref_stats = file_stats
     report.update({f"skipped_{side}": count for side, count in skipped_counts.items()})
     report["gfid"] = fidlib.frechet_distance(ref_stats, fidlib.FeatureStats.from_features(fake))
     if real is not None and pr_samples > 0:
