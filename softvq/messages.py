@@ -21,4 +21,3 @@ def ignored_flags(flags: Sequence[str], where: str, *, reason: str = "", instead
     one = len(flags) == 1
     text = f"{first_few(flags)} appl{'ies' if one else 'y'} only to {where}" + (f"; {reason}" if reason else "")
     return ValueError(f"{text}: {instead + ', or ' if instead else ''}drop {'it' if one else 'them'}")
-

@@ -172,7 +172,7 @@ def test_the_backbone_refuses_t_or_y_of_another_batch_size_instead_of_stretching
     with pytest.raises(ValueError, match=r"t has shape \(3,\) for a batch of 1: pass one value per sample"):
         model(x, torch.rand(3), 0)
     two = torch.randn(2, 4, 2)
-    with torch.no_grad():  # one value for all, a list, and a (B,) tensor on another dtype agree
+    with torch.no_grad():  # one value for all, a list, and a (B,) tensor agree
         assert torch.equal(model(two, 0.5, 1), model(two, torch.tensor([0.5, 0.5]), [1, 1]))
 
 

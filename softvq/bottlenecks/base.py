@@ -110,8 +110,9 @@ class Bottleneck(nn.Module):
         """Codewords per codebook, or None for continuous bottlenecks."""
         return None
 
-    # Hard quantizers' indices determine their latents: VQ's (tokens) and every other kind's
-    # (tokens, P), P = codes_per_token. Soft and continuous kinds keep the defaults below.
+    # Hard quantizers' indices determine their latents: VQ's are (tokens), every other hard kind's
+    # (tokens, P), P = codes_per_token. Read only where codes_per_token is set (soft and continuous
+    # kinds keep the defaults below and refuse indices_to_latents).
     indices_have_code_axis = True
 
     @property
