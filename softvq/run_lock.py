@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import weakref
 from pathlib import Path
 from typing import IO
 
@@ -173,8 +174,9 @@ def ensure_not_in_use(folder: str | Path) -> None:
 
 # folders this process's commands have locked (every process of a launched run keeps the same
 # entries, its main process's lock or an unheld one), for library calls inside a command that holds
-# the folder already
-_LOCKED_HERE: dict[Path, RunLock] = {}
+# the folder already. Weak: a lock its owner dropped (a Trainer made and never closed) is freed
+# with it, as before there was this list.
+_LOCKED_HERE: "weakref.WeakValueDictionary[Path, RunLock]" = weakref.WeakValueDictionary()
 
 
 def lock_run_folder(folder: str | Path, accelerator=None, *, inside_command: bool = False) -> RunLock:
