@@ -1,12 +1,13 @@
 """One process per run folder: a lock held for a training run's whole life, and for that of every
 command that fills a folder (pretokenize, generate, decode, reconstruct).
 
-Two runs writing one folder interleave their checkpoints, logs and exports (or shards, or images),
-and nothing afterwards tells them apart; the "folder is not empty" check cannot stop two starts made at the same moment,
-nor a ``--resume`` of a run that is still going. A run therefore holds an exclusive, non-blocking
-OS lock on ``RUN/.lock`` (``fcntl.flock``; ``msvcrt.locking`` where fcntl is missing). The OS drops
-the lock when its process dies, however it dies, so a killed run never leaves a folder locked; the
-file itself holds the holder's pid and host, only for the message.
+Two runs writing one folder interleave their checkpoints, logs and exports (or shards, or
+images), and nothing afterwards tells them apart; the "folder is not empty" check cannot stop two
+starts made at the same moment, nor a ``--resume`` of a run that is still going. A run therefore
+holds an exclusive, non-blocking OS lock on ``RUN/.lock`` (``fcntl.flock``; ``msvcrt.locking``
+where fcntl is missing). The OS drops the lock when its process dies, however it dies, so a killed
+run never leaves a folder locked; the file itself holds the holder's pid and host, only for the
+message.
 
 Under torchrun / accelerate only the main process takes the lock (:func:`lock_run_folder`).
 """

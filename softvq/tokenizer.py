@@ -157,8 +157,9 @@ class Tokenizer(nn.Module):
         bottleneck always computes in float32. What leaves the model (latents, features, images)
         is float32. ``dtype``: ``torch.bfloat16`` / ``"bf16"`` / ``"bfloat16"`` or ``torch.float16`` /
         ``"fp16"`` / ``"float16"``; ``torch.float32`` / ``"fp32"`` / ``"float32"`` turns it off. In
-        bf16 an H100 encodes softvq-s-64 3.5x and decodes it 4.8x faster than the fp32 explicit-attention baseline at batch 64, and a 2-core
-        CPU with AMX 2.2x and 2.7x at batch 8 (README). A CPU without bf16 matrix instructions
+        bf16 an H100 encodes softvq-s-64 3.5x and decodes it 4.8x faster than the fp32
+        explicit-attention baseline at batch 64, and a 2-core CPU with AMX 2.2x and 2.7x at batch 8
+        (README). A CPU without bf16 matrix instructions
         (AMX, AVX512-BF16) emulates it and is likely slower than float32.
         """
         if isinstance(dtype, str):

@@ -27,7 +27,8 @@ COMMANDS = ("info", "reconstruct", "encode", "decode", "train", "eval", "plot", 
 RETAIN_FREED_MEMORY = ("reconstruct", "encode", "decode", "eval", "pretokenize", "generate")
 # Long jobs that keep their work on Ctrl-C (eval saves its running sums; pretokenize, generate,
 # decode and reconstruct have written whole shards and images; encode writes nothing half): a
-# scheduler's SIGTERM (preemption) gets the same stop. Training installs its own handlers (finish the step, write a checkpoint).
+# scheduler's SIGTERM (preemption) gets the same stop. Training installs its own handlers (finish
+# the step, write a checkpoint).
 STOP_ON_SIGTERM = ("eval", "pretokenize", "generate", "decode", "reconstruct", "encode")
 
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         with images_from_softvq_loaders():  # every command reads its images through softvq's loaders
             status = int(args.func(args) or 0)
     except user_errors() as exc:
-        if os.environ.get("SOFTVQ_TRACEBACK", "").strip().lower() in ("1", "true", "yes"):
+        if _wants_traceback():
             raise
         import torch.distributed as dist
 
@@ -146,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"softvq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk met outside softvq's own file writes (a log line, a library's file)
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or \
-                os.environ.get("SOFTVQ_TRACEBACK", "").strip().lower() in ("1", "true", "yes"):
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or _wants_traceback():
             raise
         from softvq.training.accelerator import first_launched_process
 
@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
     release_process_group()
     return status
+
+
+def _wants_traceback() -> bool:
+    """``SOFTVQ_TRACEBACK=1``: the full traceback instead of a one-line error."""
+    return os.environ.get("SOFTVQ_TRACEBACK", "").strip().lower() in ("1", "true", "yes")
 
 
 # What an interrupted long job keeps, said where it stops.

@@ -257,8 +257,7 @@ def _reconstruct(args: argparse.Namespace, out: Path) -> int:
     model = load_tokenizer(args.model, args.device, precision=args.precision)
     c = model.config
     size = None if args.native_size else c.image_size
-    check_before_reading(entries, size, resize, c.patch_size, c.image_size)
-    out.mkdir(parents=True, exist_ok=True)
+    check_before_reading(entries, size, resize, c.patch_size, c.image_size)  # --out exists: its lock made it
     print(f"model: {model.source}")
     settings = {"weights_sha1": weights_sha1(model), "precision": args.precision, "size": size, "resize": resize,
                 **({"seed": args.seed, "batch_size": args.batch_size} if c.decoder_noise_dim else {})}

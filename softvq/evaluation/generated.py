@@ -44,7 +44,8 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
     samples' size, or a ``.npz``: ADM's ``VIRTUAL_imagenet256_labeled`` reference batch, whose
     ``mu`` / ``sigma`` gFID uses and whose images ``arr_0`` precision / recall use, or either
     alone); improved precision / recall (k = 3) on the first ``pr_samples`` features of each side
-    (needs reference images; 0 skips them); Inception Score when the weights have the classifier. A ``softvq generate`` folder whose run was interrupted is scored with a note.
+    (needs reference images; 0 skips them); Inception Score when the weights have the classifier.
+    A ``softvq generate`` folder whose run was interrupted is scored with a note.
 
     A reference folder's statistics and its first ``pr_samples`` features are cached in
     ``cache_dir`` under a checksum of the FID protocol and its files' relative paths, sizes and

@@ -239,8 +239,9 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     if not interrupted_run(out):
         return False
-    for saved in sorted(out.glob("progress*.json")):
-        progress = _Progress.load(saved)
+    records = {saved: _Progress.load(saved) for saved in sorted(out.glob("progress*.json"))}
+    started = any(progress.shards for progress in records.values())
+    for saved, progress in records.items():
         current = dict(settings)
         if "tokenizer_sha1" not in progress.settings:  # runs before the weights were recorded
             del current["tokenizer_sha1"]
@@ -248,9 +249,9 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
         if saved_spec and portable_spec(saved_spec) == current["tokenizer"]:  # recorded before specs were absolute
             current["tokenizer"] = saved_spec
         changed = changed_settings({"processes": 1, **progress.settings}, current)  # runs before "processes": one
-        if changed and not any(_Progress.load(other).shards for other in out.glob("progress*.json")):
+        if changed and not started:
             # stopped (or failed) before its first shard: nothing to mix, so it is made afresh
-            for other in out.glob("progress*.json"):
+            for other in records:
                 other.unlink()
             remove_stale_temporaries(out)
             return False
