@@ -36,6 +36,7 @@ from softvq.messages import ignored_flags
 from softvq.networks.vit import reference_math
 from softvq.precision import PRECISIONS
 from softvq.training.ema import EMA
+from softvq.training.schedule import build_scheduler
 
 from bench_tokenizer import child_result, machine  # this folder: run as ``python benchmarks/bench_train_step.py``
 
@@ -53,7 +54,8 @@ class Run:
         self.gen_params = list(self.model.parameters()) + self.objective.generator_parameters()
         self.opt_g = torch.optim.AdamW(self.gen_params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
         self.opt_d = torch.optim.AdamW(self.objective.discriminator_parameters(), lr=1e-4, betas=(0.9, 0.95))
-        self.schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5000))
+        # the recipe's warm-up and cosine decay (paper.yaml: 5k of 250k steps), as the trainer builds them
+        self.schedules = [build_scheduler(opt, total_steps=250_000, warmup_steps=5_000)
                           for opt in (self.opt_g, self.opt_d)]
         self.ema = EMA(self.model)
 

@@ -322,7 +322,8 @@ def test_mar_takes_labels_as_dit_does_and_names_bad_ones_and_settings():
     with pytest.raises(TypeError, match="x is torch.float64 but the MAR's weights are torch.float32"):
         model(x.double(), [0, 1])
     settings = dict(ar_steps=2, diffusion_steps=2, generator=torch.Generator().manual_seed(0))
-    model.sample([model.config.num_classes], ar_steps=2, diffusion_steps=2)  # the null class: unconditional
+    unconditional = model.sample([model.config.num_classes], ar_steps=2, diffusion_steps=2)  # the null class
+    assert unconditional.shape == (1, model.config.num_tokens, model.config.latent_dim)
     assert torch.equal(model.sample([1], **settings),
                        model.sample(torch.tensor(1), **{**settings, "generator": torch.Generator().manual_seed(0)}))
     for labels, error, said in ((torch.tensor([0.7]), TypeError, "labels must be integer class indices"),
