@@ -1,5 +1,5 @@
 """One process per run folder: a lock held for a training run's whole life, and for that of every
-command that fills a folder (pretokenize, generate, decode, reconstruct).
+command that fills a folder (pretokenize, generate, decode, reconstruct, eval).
 
 Two runs writing one folder interleave their checkpoints, logs and exports (or shards, or
 images), and nothing afterwards tells them apart; the "folder is not empty" check cannot stop two

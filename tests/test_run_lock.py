@@ -125,18 +125,21 @@ def test_a_folder_the_lock_made_goes_away_again_if_nothing_was_written(tmp_path,
     assert code == 2 and "does not exist" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
-def test_decode_and_reconstruct_take_their_output_folders_lock(tmp_path, capsys):
-    """Two decodes (or reconstructs) into one --out both exited 0 with each other's images."""
+def test_decode_reconstruct_and_eval_take_their_output_folders_lock(tmp_path, capsys):
+    """Two decodes (or reconstructs) into one --out both exited 0 with each other's images; two
+    evals into one --out each resumed from, and then deleted, the other's saved state."""
     from PIL import Image
 
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (64, 64), (200, 30, 90)).save(tmp_path / "imgs" / "a.png")
     assert main(["encode", str(tmp_path / "imgs"), "--out", str(tmp_path / "z.safetensors")]) == 0
-    for argv in (["decode", str(tmp_path / "z.safetensors")], ["reconstruct", str(tmp_path / "imgs")]):
+    for argv in (["decode", str(tmp_path / "z.safetensors")], ["reconstruct", str(tmp_path / "imgs")],
+                 ["eval", "--model", "softvq-tiny", "--images", str(tmp_path / "imgs"), "--no-fid", "--no-lpips",
+                  "--no-flops", "--no-progress"]):
         out = tmp_path / f"out-{argv[0]}"
         with RunLock(out):
             assert main([*argv, "--out", str(out)]) == 2
             assert f"this process already holds {out}" in _error(capsys)
             assert [p.name for p in out.iterdir()] == [LOCK_NAME]
         assert main([*argv, "--out", str(out)]) == 0 and not (out / LOCK_NAME).exists()
-        assert any(out.rglob("*.png"))
+        assert any(out.rglob("eval.json" if argv[0] == "eval" else "*.png"))

@@ -31,6 +31,7 @@ a generator folder, its train-generator run, or a checkpoint RUN/checkpoints/ste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -122,15 +123,24 @@ def samples_report_folder(samples: Path) -> Path:
     return Path("eval")
 
 
-def report_folder(args: argparse.Namespace, default: Path) -> Path:
+def report_folder(args: argparse.Namespace, default: Path, held: contextlib.ExitStack) -> Path:
     """Where the report (and an interrupted evaluation's state) goes: ``--out``, else ``default``;
-    refused before any work where it could not be written."""
+    refused before any work where it could not be written, and locked until ``held`` closes (two
+    evals into one folder would each resume from, and then delete, the other's saved state)."""
+    from softvq.run_lock import RunLock
+
     out = Path(args.out) if args.out else default
     refuse_unwritable(out, "--out", "eval writes its report there")
+    held.enter_context(RunLock(out))
     return out
 
 
 def run(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as held:  # the report folder's lock, once its place is known
+        return _evaluate(args, held)
+
+
+def _evaluate(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from softvq.evaluation.evaluate import EvalOptions, evaluate_tokenizer
     from softvq.evaluation.generated import evaluate_samples
     from softvq.evaluation.report import to_markdown, write_report
@@ -150,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         if args.samples or args.images:
             raise ValueError("--probe-generator probes a generator on the labelled --probe data alone: drop "
                              + ("--samples (score samples in a separate eval)" if args.samples else "--images"))
-        report, out = generator_probe_report(args, device)
+        report, out = generator_probe_report(args, device, held)
         json_path, md_path = write_report(report, out)
         print(to_markdown(report))
         print(f"wrote {json_path} and {md_path}", file=sys.stderr)
@@ -173,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--reference-stats is the rFID statistics file of --model; with --samples the "
                              "reference statistics are cached by checksum in ~/.cache/softvq/fid-stats/, "
                              "or pass a .npz of them as --images")
-        out = report_folder(args, samples_report_folder(Path(args.samples)))
+        out = report_folder(args, samples_report_folder(Path(args.samples)), held)
         # the features extracted so far are kept in OUT, and the same command continues from them
         report = evaluate_samples(args.samples, args.images, num_images=args.num_images,
                                   batch_size=args.batch_size, fid_weights=args.fid_weights,
@@ -185,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.model:
             raise ValueError("pass --model SPEC (a checkpoint folder, a run folder, official:ID or a preset)")
         spec, home = resolve_model_spec(args.model)
-        out = report_folder(args, home / "eval" if home else Path("eval"))
+        out = report_folder(args, home / "eval" if home else Path("eval"), held)
         torch.manual_seed(args.seed or 0)  # a preset's random weights: the same ones on every run
         model = load_tokenizer(spec, device, precision=args.precision)
         options = EvalOptions(
@@ -227,7 +237,8 @@ def add_probe(report: dict, result, epochs: int) -> None:
         report["notes"].append(f"linear probe: skipped {result.skipped_images} unreadable labelled image(s)")
 
 
-def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tuple[dict, Path]:
+def generator_probe_report(args: argparse.Namespace, device: torch.device,
+                           held: contextlib.ExitStack) -> tuple[dict, Path]:
     """``--probe-generator``: the report of a linear probe on a DiT / SiT's block features (Fig. 3(b)),
     and the folder it goes to."""
     from softvq.evaluation.generator_probe import (DEFAULT_LAYER, DEFAULT_T, check_probe_target, latent_set_meta,
@@ -259,7 +270,7 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device) -> tu
     for note in notes:
         print(f"softvq: warning: {note}", file=sys.stderr)
     home = Path(args.probe_generator).expanduser()
-    out = report_folder(args, home / "eval" if home.is_dir() else Path("eval"))
+    out = report_folder(args, home / "eval" if home.is_dir() else Path("eval"), held)
     # the latents and features extracted so far are kept in OUT; the same command continues from them
     result = probe_generator(model, meta, args.probe, val_folder=args.probe_val, tokenizer=tokenizer, layer=layer,
                              t=t, device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
