@@ -127,7 +127,7 @@ def test_a_folder_the_lock_made_goes_away_again_if_nothing_was_written(tmp_path,
 
 def test_decode_reconstruct_and_eval_take_their_output_folders_lock(tmp_path, capsys):
     """Two decodes (or reconstructs) into one --out both exited 0 with each other's images; two
-    evals into one --out each resumed from, and then deleted, the other's saved state."""
+    evals into one --out raced on its saved state and its report."""
     from PIL import Image
 
     (tmp_path / "imgs").mkdir()

@@ -126,7 +126,7 @@ def samples_report_folder(samples: Path) -> Path:
 def report_folder(args: argparse.Namespace, default: Path, held: contextlib.ExitStack) -> Path:
     """Where the report (and an interrupted evaluation's state) goes: ``--out``, else ``default``;
     refused before any work where it could not be written, and locked until ``held`` closes (two
-    evals into one folder would each resume from, and then delete, the other's saved state)."""
+    evals into one folder would race on its saved state and its report)."""
     from softvq.run_lock import RunLock
 
     out = Path(args.out) if args.out else default
