@@ -478,7 +478,7 @@ def test_generated_samples_get_gfid_and_precision_recall(tmp_path, layout):
         assert rerun["precision"] == skipping["precision"]
         (tmp_path / "broken").mkdir()
         (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
-        with pytest.raises(ValueError, match="none of the first 1 images given is readable, e.g. .*a.png"):
+        with pytest.raises(ValueError, match="none of the first 1 images given is readable, e.g. .*a.png: not a readable image"):
             evaluate_samples(tmp_path / "fake", tmp_path / "broken", num_images=8, progress=False, k=2,
                              cache_dir=None)
 
@@ -678,6 +678,26 @@ def test_an_interrupted_sample_evaluation_continues_to_the_same_report(tmp_path,
     assert "reference: continued an interrupted extraction after 2 images" in resumed["notes"]
     assert sum("samples: skipped 1 unreadable" in n for n in resumed["notes"]) == 1  # kept with the features
     assert not list((tmp_path / "out").glob("*.pt"))
+
+
+def test_samples_whose_first_file_is_unreadable_are_scored_at_the_first_readable_ones_size(tmp_path):
+    """Was: the samples' size was read from the first file alone, so an unreadable first sample ended
+    the evaluation (the third one was skipped and counted), and a 120 x 40 first sample set every
+    sample's crop to its width."""
+    from softvq.data.images import ImageReadError
+
+    write_photos(tmp_path / "real", 3, size=48)
+    paths = write_photos(tmp_path / "fake", 3, size=48)
+    paths[0].write_bytes(b"\x89PNG truncated")
+    run = dict(num_images=8, batch_size=2, progress=False, k=1, cache_dir=None)
+    report = evaluate_samples(tmp_path / "fake", tmp_path / "real", **run)
+    assert report["skipped_samples"] == 1 and report["num_samples"] == 2 and report["image_size"] == 48
+    Image.fromarray(np.zeros((40, 120, 3), np.uint8)).save(paths[0])  # wide: scored on its short side
+    assert evaluate_samples(tmp_path / "fake", tmp_path / "real", **run)["image_size"] == 40
+    for path in paths:
+        path.write_bytes(b"not an image")
+    with pytest.raises(ImageReadError, match=f"none of the 3 samples is readable, e.g. {paths[0]}: not a readable"):
+        evaluate_samples(tmp_path / "fake", tmp_path / "real", **run)
 
 
 def test_evaluation_options_and_arguments_of_the_wrong_kind_are_named():

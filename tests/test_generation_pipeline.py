@@ -108,6 +108,15 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
                  "--fid-ref", str(tmp_path / "lat" / "meta.json"), "--device", "cpu"])
     assert code == 2 and "is a file, not a folder of images (--fid-ref takes a .npz" in capsys.readouterr().err
     assert not (tmp_path / "s2").exists()
+    (tmp_path / "no-images").mkdir()  # were found only once every sample was made
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+    for reference, named in (("no-images", "no-images holds no images (.png"),
+                             ("broken", f"--fid-ref {tmp_path / 'broken'}: none of its 1 images is readable, e.g. "
+                                        f"{tmp_path / 'broken' / 'a.png'}: not a readable image")):
+        code = main(["generate", str(tmp_path / "a" / "generator"), "--out", str(tmp_path / "s2"),
+                     "--fid-ref", str(tmp_path / reference), "--device", "cpu"])
+        assert code == 2 and named in capsys.readouterr().err and not (tmp_path / "s2").exists()
     from softvq.evaluation.inception import fid_helper_weights_path
 
     if objective == "sit" and fid_helper_weights_path() is not None:

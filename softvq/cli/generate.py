@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             load_reference_stats(reference)  # a file that is not reference statistics is named now
         if reference.suffix != ".npz":
             require_folder(reference, "--fid-ref takes a .npz of reference statistics or an image folder")
+            check_reference_images(reference)
 
     accelerator = launched_accelerator(cpu=resolve_device(args.device).type == "cpu")  # torchrun: split the batches
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
@@ -243,6 +244,18 @@ def sampler_spec(args: argparse.Namespace, model: Any, meta: Any) -> SamplerSpec
                        cfg_schedule=args.cfg_schedule or "linear", clip_x0=args.clip_x0)
     spec.check(model, meta)
     return spec
+
+
+def check_reference_images(reference: Path) -> None:
+    """A ``--fid-ref`` folder has images and one of them reads: found before sampling, not after
+    (the others are read when scoring, where unreadable ones are skipped and named)."""
+    from softvq.data.images import ImageReadError, why_unreadable
+    from softvq.evaluation.sources import first_readable, list_image_refs
+
+    refs, _, _ = list_image_refs(reference, sys.maxsize)
+    if first_readable(refs) is None:
+        raise ImageReadError(f"--fid-ref {reference}: none of its {len(refs)} images is readable, "
+                             f"e.g. {why_unreadable(refs[0].name)}")
 
 
 def generation_fid(samples: Path, reference: str, device: torch.device, progress: bool = True) -> float:

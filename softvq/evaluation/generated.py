@@ -14,7 +14,8 @@ from torch import Tensor
 from softvq.evaluation import fid as fidlib
 from softvq.evaluation.evaluate import DEFAULT_CACHE, PAPER_NUM_IMAGES, EvalOptions, protocol_of
 from softvq.evaluation.saved_state import KeptWork, load_saved_state, save_state
-from softvq.evaluation.sources import list_image_refs, readable_batches, skipped_note
+from softvq.data.images import ImageReadError, why_unreadable
+from softvq.evaluation.sources import first_readable, list_image_refs, readable_batches, skipped_note
 from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD, sample_record
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         notes.append(f"the sampling run that wrote {samples} did not finish: rerun its softvq generate command "
                      f"to complete it")
     sample_refs, sample_files, sample_root = list_image_refs(samples, num_images)
-    size = sample_refs[0].open_rgb().size[0]
+    size = _samples_side(sample_refs)
 
     states: list[Path | None] = []
     skipped_counts: dict[str, int] = {}  # unreadable files per side: the report's skipped_<side>
@@ -165,6 +166,16 @@ def evaluate_samples(samples: str | Path, reference: str | Path, *, num_images: 
         if state is not None:
             state.unlink(missing_ok=True)
     return report
+
+
+def _samples_side(refs: list) -> int:
+    """The side the samples are scored at: the short side of the first one that reads (generated
+    samples are square; the others are centre-cropped and resized to it, as the reference is). An
+    unreadable sample is skipped and counted later, as everywhere; only none readable is an error."""
+    first = first_readable(refs)
+    if first is not None:
+        return min(first.size)
+    raise ImageReadError(f"none of the {len(refs)} samples is readable, e.g. {why_unreadable(refs[0].name)}")
 
 
 def _extract_resumably(extractor, refs: list, size: int, batch_size: int, workers: int, desc: str, progress: bool,

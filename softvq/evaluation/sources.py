@@ -232,7 +232,19 @@ def readable_batches(refs: list[ImageSource], size: int, batch_size: int, worker
                 readable += len(images)
                 yield images
     if require_readable and refs and not readable:
-        raise ImageReadError(f"none of the first {len(refs)} images given is readable, e.g. {skipped[-1]}")
+        raise ImageReadError(f"none of the first {len(refs)} images given is readable, "
+                             f"e.g. {why_unreadable(skipped[0])}")
+
+
+def first_readable(refs: list[ImageSource]) -> Image.Image | None:
+    """The first of ``refs`` that reads (the others before it are tried and passed over), or None:
+    what a check before a long run needs to know of a set that is skipped past when read."""
+    for ref in refs:
+        try:
+            return ref.open_rgb()
+        except ImageReadError:
+            continue
+    return None
 
 
 def skipped_note(skipped: list[str], considered: int) -> str:
