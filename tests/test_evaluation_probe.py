@@ -219,3 +219,28 @@ def test_a_class_left_without_readable_images_cannot_make_a_one_class_probe(tmp_
     model = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
     with pytest.raises(ValueError, match="at least two classes, and 1 class"):
         probe_folder(model, data, epochs=1, progress=False)  # was top-1 100% on a single class
+
+
+def test_a_class_with_no_readable_image_is_left_out_and_named(tmp_path, caplog):
+    """Was: still counted (num_classes 3, one output never trained), and named nowhere."""
+    from PIL import Image
+
+    data = _two_class_folder(tmp_path / "data")
+    (data / "a-broken").mkdir()  # sorts between a and b: b's label moves down to fill its place
+    for j in range(3):
+        (data / "a-broken" / f"{j}.png").write_bytes(b"broken")
+    val = _two_class_folder(tmp_path / "val", per_class=2)
+    (val / "a-broken").mkdir()
+    Image.new("RGB", (32, 32)).save(val / "a-broken" / "0.png")  # readable, but of a class nothing trained on
+    model = softvq.Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
+    with caplog.at_level("WARNING", logger="softvq.evaluation.probe"):
+        r = probe_folder(model, data, epochs=1, progress=False)
+    assert r.num_classes == 2 and r.empty_classes == ["a-broken"] and r.skipped_images == 3
+    assert "left out 1 class(es) with no readable training image: a-broken" in caplog.text
+    r = probe_folder(model, data, val_folder=val, epochs=1, progress=False)
+    assert (r.num_classes, r.num_train, r.num_val, r.empty_classes) == (2, 12, 4, ["a-broken"])
+    from softvq.cli.eval import add_probe
+
+    report: dict = {"notes": []}
+    add_probe(report, r, epochs=1)  # eval's report says it too
+    assert "linear probe: left out 1 class(es) with no readable training image: a-broken" in report["notes"]

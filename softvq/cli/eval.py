@@ -235,6 +235,9 @@ def add_probe(report: dict, result, epochs: int) -> None:
                                f"to reach the minimum of 1000 optimizer steps on this small folder")
     if result.skipped_images:
         report["notes"].append(f"linear probe: skipped {result.skipped_images} unreadable labelled image(s)")
+    if result.empty_classes:
+        report["notes"].append(f"linear probe: left out {len(result.empty_classes)} class(es) with no readable "
+                               f"training image: {', '.join(result.empty_classes)}")
 
 
 def generator_probe_report(args: argparse.Namespace, device: torch.device,

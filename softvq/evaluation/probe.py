@@ -13,8 +13,9 @@ a stratified, seeded held-out split (or a separate validation folder) gives the 
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -27,6 +28,8 @@ from softvq.tokenizer import images_from_softvq_loaders
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -96,6 +99,7 @@ class ProbeResult:
     optimizer: str
     which: str = "latents"
     skipped_images: int = 0  # unreadable files left out of the labelled set(s)
+    empty_classes: list[str] = field(default_factory=list)  # class folders with no readable training image
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -292,6 +296,8 @@ def probe_folder(model: Tokenizer, folder: str | Path, *, val_folder: str | Path
 
     ``state_dir``: where the features extracted so far are kept (``probe-*.pt``), so that an
     interrupted probe of the same weights and images continues; removed once the probe is trained.
+    Unreadable images are skipped and counted; a class left with none to train on is left out, with
+    its validation images, and named (``empty_classes``).
     """
     paths, labels, classes = labelled_images(folder)
     if val_folder is not None:
@@ -304,8 +310,21 @@ def probe_folder(model: Tokenizer, folder: str | Path, *, val_folder: str | Path
     feats, labels = readable_features(model, paths, labels, skipped, state_file=states[0], **options)
     val = (readable_features(model, vpaths, vlabels, skipped, state_file=states[1], **options)
            if val_folder is not None else None)
+    # a class whose files all fail to read would still be a class (an output never trained, a
+    # num_classes that counts it): it is left out, on the validation side too, and named
+    present = labels.unique()
+    empty = [name for c, name in enumerate(classes) if c not in present]
+    if empty:
+        log.warning("left out %d class(es) with no readable training image: %s", len(empty), ", ".join(empty))
+        new_label = torch.full((len(classes),), -1, dtype=torch.long)
+        new_label[present] = torch.arange(len(present))
+        labels = new_label[labels]
+        if val is not None:
+            kept = new_label[val[1]] >= 0
+            val = (val[0][kept], new_label[val[1][kept]])
     result = fit_probe(feats, labels, val, val_fraction=val_fraction, seed=seed, which=which, **train_kwargs)
     result.skipped_images = len(skipped)
+    result.empty_classes = empty
     remove_files(states)
     return result
 
