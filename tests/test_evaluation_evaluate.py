@@ -346,6 +346,30 @@ def test_webdataset_shards_give_the_same_images_as_a_folder(tmp_path):
     assert report["num_images"] == 1 and report["skipped_images"] >= 1
     assert any("cut.tar:" in note and "unreadable" in note for note in report["notes"])
 
+def test_a_stopped_eval_of_a_preset_continues_as_a_checkpoints_does(tmp_path, capsys, monkeypatch):
+    """Was: nothing kept for a preset ("its weights differ on every load", though --seed fixes
+    them), while the message said the features were kept."""
+    write_photos(tmp_path / "imgs", 3)
+    command = ["eval", "--model", "softvq-tiny", "--images", str(tmp_path / "imgs"), "--batch-size", "1",
+               "--no-fid", "--no-lpips", "--no-flops", "--no-progress", "--out", str(tmp_path / "out")]
+    real_decode, calls = softvq.Tokenizer.decode, []
+
+    def decode(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_decode(self, *args, **kwargs)
+    monkeypatch.setattr(softvq.Tokenizer, "decode", decode)
+    assert main(command) == 130
+    assert "the features measured so far are kept: run the same command again" in capsys.readouterr().err
+    assert main([*command, "--seed", "1"]) == 2  # other random weights: named, not mixed in
+    assert "other weights, images or options (weights_sha1" in capsys.readouterr().err
+    assert main(command) == 0 and len(calls) == 2 + 2  # the first image's sums were kept
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["num_images"] == 3 and any("continued an interrupted evaluation after 1 images" in n
+                                             for n in report["notes"])
+
+
 def test_cli_eval_on_a_run_folder_writes_json_and_markdown(tmp_path, capsys):
     write_photos(tmp_path / "imgs", 2)
     tiny().save_pretrained(tmp_path / "run" / "export")

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-from softvq.checkpoint.specs import is_preset
 from softvq.cli.common import (add_model_arguments, add_quiet_argument, generator_tokenizer, load_tokenizer,
                                non_negative_int, positive_int, refuse_unwritable, resolve_device, seed_int)
 from softvq.messages import ignored_flags
@@ -90,7 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     add_quiet_argument(p)
     p.add_argument("--seed", type=seed_int, default=None,
-                   help="seed for a preset's random weights (so two evaluations of one preset agree; default 0)")
+                   help="seed for a preset's random weights (so two evaluations of one preset agree, and a stopped "
+                        "one continues; default 0)")
     p.set_defaults(func=run)
 
 
@@ -206,8 +206,8 @@ def _evaluate(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
             workers=args.workers, progress=not args.quiet, count_flops=not args.no_flops,
         )
         # hours of work on a CPU: the running sums go here, and the same command continues from them
-        # (not for a random preset: its weights differ on every load)
-        state = None if is_preset(args.model) else out / STATE_NAME
+        # (a preset's random weights too: seeded above, and the saved state names the weights it measured)
+        state = out / STATE_NAME
         # with --probe the finished report stays in the state until the probe too is done
         report = evaluate_tokenizer(model, args.images, options, device=device,
                                     model_name=model.source, state_file=state, keep_state=bool(args.probe))
@@ -265,6 +265,7 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device,
             other = meta.other_tokenizer(data["tokenizer_sha1"], f"{folder} was encoded by a tokenizer")
             notes += [other] if other is not None else []
     if any(data is None for data in sets.values()):  # image folders: encoded by the generator's tokenizer
+        torch.manual_seed(args.seed or 0)  # a preset's random weights: the same ones on every run
         spec, tokenizer = generator_tokenizer(args.probe_generator, meta.tokenizer, args.model, "--model", device,
                                               args.precision)  # to encode --probe's images
         other = meta.other_tokenizer(weights_sha1(tokenizer), f"--probe's images were encoded by {spec}")
@@ -277,9 +278,7 @@ def generator_probe_report(args: argparse.Namespace, device: torch.device,
     # the latents and features extracted so far are kept in OUT; the same command continues from them
     result = probe_generator(model, meta, args.probe, val_folder=args.probe_val, tokenizer=tokenizer, layer=layer,
                              t=t, device=device, batch_size=args.batch_size, epochs=args.probe_epochs,
-                             progress=not args.quiet,
-                             # a random preset's weights differ on every load: nothing to continue
-                             state_dir=None if args.model and is_preset(args.model) else out)
+                             progress=not args.quiet, state_dir=out)
     sizes = [data.get("image_size") for data in sets.values() if data is not None]
     report = {"model": f"generator {args.probe_generator}, block {layer} at t = {t:g}",
               "num_images": result.num_train + result.num_val,

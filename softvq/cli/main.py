@@ -183,8 +183,7 @@ RESUME_HINTS = {
     "generate": "the images written are kept: run the same command again to make the rest (and score them)",
     "decode": "the images written are kept: run the same command again to decode the rest",
     "reconstruct": "the images written are kept: run the same command again to make the rest",
-    "eval": "the features measured so far are kept (not those of a random preset's model): run the same command "
-            "again to continue",
+    "eval": "the features measured so far are kept: run the same command again to continue",
 }
 
 
