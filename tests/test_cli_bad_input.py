@@ -684,10 +684,29 @@ def test_the_pixel_limit_can_be_raised_for_the_commands_by_an_environment_variab
     script = ("import PIL.Image as I; I.MAX_IMAGE_PIXELS = 500\n"  # 1600 px: past twice the limit, refused
               "import softvq.data.images as m\n"  # reads the variable, as the CLI's user sets it, at import
               f"print(m.load_rgb({str(tmp_path / 'big.png')!r}).size)")
-    for value, expected in (("", "SOFTVQ_MAX_IMAGE_PIXELS=<pixels>"), ("0", "(40, 40)"), ("5000", "(40, 40)")):
+    for value, expected in (("", "(Image size (1600 pixels), over twice MAX_IMAGE_PIXELS = 500); if you trust the "
+                                 "file, raise the limit: SOFTVQ_MAX_IMAGE_PIXELS=<pixels>"),
+                            ("0", "(40, 40)"), ("5000", "(40, 40)"),
+                            ("-5", "SOFTVQ_MAX_IMAGE_PIXELS='-5' is not a whole, non-negative number of pixels")):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               env={**os.environ, "SOFTVQ_MAX_IMAGE_PIXELS": value})
         assert expected in done.stdout + done.stderr, (value, done.stderr[-500:])
+
+
+def test_the_commands_name_a_huge_image_once_without_pillows_nameless_warning(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "imgs" / "big.png")  # 1600 pixels: Pillow's warning band
+    done = subprocess.run([sys.executable, "-m", "softvq.cli.main", "eval", "--model", "softvq-tiny", "--images",
+                           str(tmp_path / "imgs"), "--no-fid", "--no-lpips", "--no-flops", "--no-progress",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          env={**os.environ, "SOFTVQ_MAX_IMAGE_PIXELS": "1000"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{tmp_path / 'imgs' / 'big.png'} is 40x40" in done.stderr
+    assert "DecompressionBombWarning" not in done.stderr  # was printed too, with Pillow's path and no file name
 
 
 def test_a_named_pipe_is_refused_not_waited_on(tmp_path):

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from typing import NoReturn
 
 # Order is the order of `softvq --help`.
@@ -104,6 +105,11 @@ def show_library_warnings() -> None:
         handler.addFilter(_said_by_first_process)
         handler.softvq_cli = True
         logger.addHandler(handler)
+        # softvq's loaders name each image past Pillow's size warning themselves; Pillow's own copy names
+        # no file (appended: a user's -W / PYTHONWARNINGS filter still decides first)
+        from PIL import Image
+
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, append=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,10 +102,13 @@ if os.environ.get(PIXEL_LIMIT_VARIABLE, "").strip():
     # The user's explicit choice, so that the CLI (and its DataLoader workers) can open trusted huge
     # files; Pillow's own default stays untouched otherwise. 0 lifts the limit.
     try:
-        Image.MAX_IMAGE_PIXELS = int(os.environ[PIXEL_LIMIT_VARIABLE]) or None
+        _limit = int(os.environ[PIXEL_LIMIT_VARIABLE])
+        if _limit < 0:  # Pillow would refuse every image
+            raise ValueError
+        Image.MAX_IMAGE_PIXELS = _limit or None
     except ValueError:  # said, not raised: this runs at import, before any command can report an error
-        log.warning("%s=%r is not a whole number of pixels (0 lifts Pillow's limit); Pillow's limit stays",
-                    PIXEL_LIMIT_VARIABLE, os.environ[PIXEL_LIMIT_VARIABLE])
+        log.warning("%s=%r is not a whole, non-negative number of pixels (0 lifts Pillow's limit); Pillow's "
+                    "limit stays", PIXEL_LIMIT_VARIABLE, os.environ[PIXEL_LIMIT_VARIABLE])
 
 _named_huge: set[str] = set()  # each huge file is named once per process, not at every epoch's read
 
@@ -123,9 +126,11 @@ def _name_if_huge(img: Image.Image, name: str | Path) -> None:
 
 def _too_large(exc: Exception) -> str:
     """Pillow refuses images past its decompression-bomb limit (~179 MP): say so and how to lift it."""
-    return (f"too large to open safely ({exc.args[0].split(' exceeds')[0] if exc.args else 'over the limit'}); "
-            f"if you trust the file, raise the limit: {PIXEL_LIMIT_VARIABLE}=<pixels> for softvq's commands "
-            f"(0: no limit), PIL.Image.MAX_IMAGE_PIXELS from Python")
+    size = exc.args[0].split(" exceeds")[0] if exc.args else "over the limit"
+    limit = f", over twice MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}" if Image.MAX_IMAGE_PIXELS else ""
+    return (f"too large to open safely ({size}{limit}); if you trust the file, raise the limit: "
+            f"{PIXEL_LIMIT_VARIABLE}=<pixels> for softvq's commands (0: no limit), PIL.Image.MAX_IMAGE_PIXELS "
+            f"from Python")
 
 
 def _grey_units(grey: np.ndarray, unit_interval: bool) -> float:
