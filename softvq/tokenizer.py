@@ -239,19 +239,22 @@ class Tokenizer(nn.Module):
 
     @classmethod
     def from_official(cls, path_or_id: str | Path, *, map_location: str | torch.device = "cpu",
-                      encoder_heads: int | None = None, decoder_heads: int | None = None) -> "Tokenizer":
+                      encoder_heads: int | None = None, decoder_heads: int | None = None,
+                      other_depths: bool = False) -> "Tokenizer":
         """Load a released SoftVQ-VAE checkpoint (``SoftVQVAE/softvq-*``: a folder or hub id with
         ``config.json`` and ``model.safetensors``, or an older ``pytorch_model.bin``), mapping its keys,
         in eval mode.
 
         The attention head counts are not in the weights; by default they are width / 64, the
         64-channel heads of every release (S 6, B 12, L 16). ``encoder_heads`` / ``decoder_heads``
-        override them for a checkpoint of another head size.
+        override them for a checkpoint of another head size. The depth is read from the block
+        numbers; a file with a release's widths and fewer blocks is refused as cut short, unless
+        ``other_depths`` says the model was trained at other depths.
         """
         from softvq.checkpoint.official import load_official
 
         return load_official(path_or_id, map_location=map_location, encoder_heads=encoder_heads,
-                             decoder_heads=decoder_heads)
+                             decoder_heads=decoder_heads, other_depths=other_depths)
 
     def with_generative_decoder(self, noise_dim: int) -> "Tokenizer":
         """A copy whose decoder also reads ``noise_dim`` Gaussian channels per token: WeTok's

@@ -8,6 +8,7 @@ forward pass written from the doc's "forward semantics" section, independent of 
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -372,20 +373,21 @@ def test_inferred_config_of_each_release_equals_our_preset(name):
     assert infer_config(state, {"tau": 0.07}).to_dict() == preset(name).to_dict()
 
 
-def test_a_release_cut_after_a_block_is_flagged(caplog):
-    """Depth comes from the highest block number: a file missing S's last encoder block would
-    load as an 11-block model, so the mismatch with the released shape is said."""
+def test_a_release_cut_after_a_block_is_refused(tmp_path):
+    """Depth comes from the highest block number: a file missing S's last encoder block loaded as an
+    11-block model, with only a warning."""
     shapes = released_shapes(enc=(384, 11), dec=(384, 12), image=32, patch=16, tokens=4, dim=4, books=1,
                              codewords=8)
     state = {k: torch.zeros(s) for k, s in shapes.items()}
-    with caplog.at_level("WARNING"):
-        config = infer_config(state)
-    assert config.encoder.depth == 11
-    assert "encoder depth 11 and decoder depth 12, but the released model of these widths has 12 and 12" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING"):
-        infer_config(random_released_state(released_shapes(**TINY, books=1)))
-    assert "is the file complete" not in caplog.text  # widths of no release: nothing to compare with
+    with pytest.raises(CheckpointError, match="encoder depth 11 and decoder depth 12, but the released model of "
+                                              "these widths has 12 and 12: the file lacks whole blocks"):
+        infer_config(state)
+    assert infer_config(state, other_depths=True).encoder.depth == 11  # a model trained at other depths
+    folder = write_release(tmp_path / "cut", random_released_state(shapes), {"tau": 0.07})
+    with pytest.raises(CheckpointError, match="the file lacks whole blocks"):
+        Tokenizer.from_official(folder)
+    assert Tokenizer.from_official(folder, other_depths=True).config.encoder.depth == 11
+    assert infer_config(random_released_state(released_shapes(**TINY, books=1))).encoder.depth == TINY["enc"][1]
 
 
 def test_config_json_shapes_that_contradict_the_weights_are_said(tmp_path, caplog):
@@ -396,6 +398,63 @@ def test_config_json_shapes_that_contradict_the_weights_are_said(tmp_path, caplo
     assert model.config.bottleneck.codebook_size == 16 and model.num_tokens == 8  # the weights decide
     assert "config.json says codebook_size 16384 but the weights have 16" in caplog.text
     assert "config.json says num_latent_tokens 32 but the weights have 8" in caplog.text
+
+
+def test_config_json_values_are_checked_as_softvqs_own_are(tmp_path, caplog):
+    """Was: vq_std 0 loaded (and divided by zero downstream), image_size "big" ended in a bare
+    int() error naming no field, and "8" for 8 warned that the weights disagreed with 8."""
+    folder, _, config = tiny_release(tmp_path, 1)
+    (folder / "config.json").write_text(json.dumps({**config, "vq_std": 0}))
+    with pytest.raises(CheckpointError, match=r"^config.json: vq_mean / vq_std must be a finite mean and a positive "
+                                              r"std, got 0.25 and 0.0; fix or remove them"):
+        load_official(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "image_size": "big", "num_latent_tokens": "8"}))
+    with caplog.at_level("WARNING"):
+        model = load_official(folder)
+    assert model.config.image_size == 32 and (model.latent_mean, model.latent_std) == (0.25, 1.75)
+    assert 'config.json says image_size "big" but the position embeddings are for 32 px' in caplog.text
+    assert "num_latent_tokens" not in caplog.text
+
+
+def test_one_block_of_another_mlp_width_is_the_block_named(tmp_path):
+    """Was: the MLP width came from block 0 alone, so a bad block 0 blamed every other block."""
+    folder, state, config = tiny_release(tmp_path, 1)
+    state["encoder.model.blocks.0.mlp.fc1.weight"] = torch.zeros(100, 128)
+    write_release(folder, state, config)
+    with pytest.raises(CheckpointError, match=r"^encoder.model.blocks.0.mlp.fc1.weight has 100 rows where 1 of the "
+                                              r"2 blocks have 512"):
+        load_official(folder)
+
+
+def test_a_file_given_for_its_folder_is_named_as_a_file(tmp_path):
+    folder, _, _ = tiny_release(tmp_path, 1)
+    with pytest.raises(CheckpointError, match=f"model.safetensors is a file, not a checkpoint folder: pass the folder "
+                                              f"that holds it, {re.escape(str(folder))}$"):
+        load_official(folder / "model.safetensors")  # was "no checkpoint folder at" a file that is there
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-00000020.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a training checkpoint file, not a model folder: pass its run folder"):
+        Tokenizer.from_pretrained(tmp_path / "run" / "checkpoints" / "step-00000020.pt")
+
+
+def test_training_starts_from_a_release_named_official(tmp_path):
+    """run.init_from=official:FOLDER: was "no checkpoint folder at 'official:...'", and the folder
+    itself was refused with a Python-only hint and "train the run it names first"."""
+    from softvq.training.config import config_from_dict
+    from softvq.training.trainer import Trainer
+    from test_tokenizer_generative_decoder import TREE
+
+    folder, _, _ = tiny_release(tmp_path, 1)
+    release = load_official(folder)
+    tree = {**TREE, "model": release.config.to_dict(), "run": {**TREE["run"], "init_from": f"official:{folder}"}}
+    trainer = Trainer(config_from_dict(tree), tmp_path / "run")
+    start = trainer.unwrapped.state_dict()
+    for key, value in release.state_dict().items():
+        assert torch.equal(start[key].cpu(), value), key
+    trainer.close()
+    tree["run"] = {**tree["run"], "init_from": str(folder)}
+    with pytest.raises(CheckpointError, match=f"set run.init_from=official:{re.escape(str(folder))}$"):
+        Trainer(config_from_dict(tree), tmp_path / "run2")
 
 
 def test_a_stray_key_of_one_more_block_is_named_as_such(tmp_path):

@@ -120,6 +120,11 @@ def test_anchor_paths_makes_only_local_relative_paths_absolute(tmp_path):
     assert anchor_paths(shards, tmp_path).data.path == str(tmp_path / "shards" / "train-{000..009}.tar")
     url = load_config(None, ["data.source=shards", "data.path=https://host/train-{0..9}.tar"])
     assert anchor_paths(url, tmp_path).data.path == "https://host/train-{0..9}.tar"
+    (tmp_path / "release").mkdir()  # run.init_from=official:FOLDER: the folder after the prefix is anchored
+    release = load_config(None, ["run.init_from=official:release"])
+    assert anchor_paths(release, tmp_path).run.init_from == f"official:{tmp_path / 'release'}"
+    hub = load_config(None, ["run.init_from=official:SoftVQVAE/softvq-b-64"])
+    assert anchor_paths(hub, tmp_path).run.init_from == "official:SoftVQVAE/softvq-b-64"
     listed = load_config(None, ["data.source=shards", "data.path='shards/a-{0,1}.tar, https://host/b.tar,shards/c.tar'"])
     assert anchor_paths(listed, tmp_path).data.path == ",".join([  # each part, as expand_shards reads them
         str(tmp_path / "shards" / "a-{0,1}.tar"), "https://host/b.tar", str(tmp_path / "shards" / "c.tar")])

@@ -44,6 +44,7 @@ from softvq.checkpoint.pretrained import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
+    latent_statistics,
     load_strict,
     read_state_dict,
     resolve,
@@ -149,7 +150,14 @@ def _depth(state: dict[str, torch.Tensor], prefix: str) -> int:
 
 def _vit(state: dict[str, torch.Tensor], stack: str, width: int, heads: int | None) -> ViTConfig:
     depth = _depth(state, f"{stack}.model.blocks.")
-    hidden = _need(state, f"{stack}.model.blocks.0.mlp.fc1.weight").shape[0]
+    # the MLP width of every block, so that one odd block is named, not the others it would make look wrong
+    hiddens = [_need(state, f"{stack}.model.blocks.{i}.mlp.fc1.weight").shape[0] for i in range(depth)]
+    hidden = max(set(hiddens), key=hiddens.count)
+    odd = [i for i, h in enumerate(hiddens) if h != hidden]
+    if odd:
+        raise CheckpointError(f"{stack}.model.blocks.{odd[0]}.mlp.fc1.weight has {hiddens[odd[0]]} rows where "
+                              f"{hiddens.count(hidden)} of the {depth} blocks have {hidden}: a damaged or "
+                              f"mixed-up file")
     if heads is None:
         if width % HEAD_DIM:
             raise CheckpointError(
@@ -191,11 +199,16 @@ def infer_config(
     *,
     encoder_heads: int | None = None,
     decoder_heads: int | None = None,
+    other_depths: bool = False,
 ) -> TokenizerConfig:
     """Our :class:`TokenizerConfig` for a state dict in the released layout.
 
     Shapes come from the tensors; heads are not stored in any tensor, so they are
     ``width // 64`` unless given; τ comes from ``config.json``'s ``tau`` (default 0.07).
+    Depth is the highest block number plus one, so a file cut after a whole block would read as a
+    shallower model: where the widths are a release's, its depths are required too, unless
+    ``other_depths`` (a model trained at other depths: the research code takes them from timm's
+    ``vit_small`` / ``vit_base`` / ``vit_large``, so only an edited copy makes one).
     """
     official = official or {}
     patch_w = _need(state, "encoder.model.patch_embed.proj.weight")
@@ -230,14 +243,15 @@ def infer_config(
     # config.json's own account of the shapes: the tensors decide, a disagreement is said
     for name, from_tensors in (("num_latent_tokens", num_tokens), ("codebook_embed_dim", latent_dim),
                                ("codebook_size", book.shape[1]), ("num_codebooks", book.shape[0])):
-        if name in official and official[name] != from_tensors:
+        if name in official and not _says(official[name], from_tensors):
             log.warning("config.json says %s %s but the weights have %s; using the weights'", name,
-                        official[name], from_tensors)
-    if "image_size" in official and int(official["image_size"]) != image_size:
+                        json.dumps(official[name]), from_tensors)
+    if "image_size" in official and not _says(official["image_size"], image_size):
         log.warning("config.json says image_size %s but the position embeddings are for %d px; using %d",
-                    official["image_size"], image_size, image_size)
+                    json.dumps(official["image_size"]), image_size, image_size)
     encoder, decoder = _vit(state, "encoder", enc_width, encoder_heads), _vit(state, "decoder", dec_width, decoder_heads)
-    _warn_if_short_of_a_release(encoder, decoder)
+    if not other_depths:
+        _refuse_short_of_a_release(encoder, decoder)
     return TokenizerConfig(
         image_size=image_size,
         patch_size=patch,
@@ -258,6 +272,15 @@ def infer_config(
     ).validate()
 
 
+def _says(value: Any, number: int) -> bool:
+    """Whether a config.json field states ``number`` (also as "64" or 64.0: only a field the tensors
+    contradict, or that is no number at all, is worth a warning)."""
+    try:
+        return not isinstance(value, bool) and float(value) == number
+    except (TypeError, ValueError):
+        return False
+
+
 def _released_shapes() -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """(encoder width, depth), (decoder width, depth) of the S, B, BL and L presets, which are the
     release's shapes (the format document's table)."""
@@ -265,16 +288,18 @@ def _released_shapes() -> list[tuple[tuple[int, int], tuple[int, int]]]:
     return [((c.encoder.width, c.encoder.depth), (c.decoder.width, c.decoder.depth)) for c in configs]
 
 
-def _warn_if_short_of_a_release(encoder: "ViTConfig", decoder: "ViTConfig") -> None:
-    """Depth is read from the highest block number, so a file cut after its last block would load
-    as a shallower model; where the widths are a release's but a depth is not, say so."""
+def _refuse_short_of_a_release(encoder: "ViTConfig", decoder: "ViTConfig") -> None:
+    """A file whose widths are a release's but whose block count is not: most likely cut short
+    (the format asks a loader to fail on any missing key)."""
     shape = ((encoder.width, encoder.depth), (decoder.width, decoder.depth))
     for released in _released_shapes():
         widths_match = (released[0][0], released[1][0]) == (encoder.width, decoder.width)
         if widths_match and released != shape:
-            log.warning("the file's blocks give encoder depth %d and decoder depth %d, but the released model of "
-                        "these widths has %d and %d: is the file complete?", encoder.depth, decoder.depth,
-                        released[0][1], released[1][1])
+            raise CheckpointError(
+                f"the file's blocks give encoder depth {encoder.depth} and decoder depth {decoder.depth}, but the "
+                f"released model of these widths has {released[0][1]} and {released[1][1]}: the file lacks whole "
+                f"blocks (download it again); a model trained at other depths loads with "
+                f"Tokenizer.from_official(..., other_depths=True)")
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> ConvertedState:
@@ -330,6 +355,18 @@ def _split_codebooks(embedding: torch.Tensor, own: dict[str, torch.Tensor]) -> d
 RELEASE_WEIGHTS = (WEIGHTS_NAME, "pytorch_model.bin")
 
 
+def looks_released(folder: str | Path) -> bool:
+    """Whether a local folder holds a release's weights and no config.json of softvq's own format."""
+    folder = Path(folder).expanduser()
+    if not any((folder / name).is_file() for name in RELEASE_WEIGHTS):
+        return False
+    try:
+        meta = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return True  # a release without config.json loads too
+    return not (isinstance(meta, dict) and "format" in meta)
+
+
 def release_weights(folder: Path) -> Path:
     """The weights file of a release folder, or a one-line error listing what the folder holds."""
     for name in RELEASE_WEIGHTS:
@@ -347,6 +384,7 @@ def load_official(
     map_location: str | torch.device = "cpu",
     encoder_heads: int | None = None,
     decoder_heads: int | None = None,
+    other_depths: bool = False,
 ) -> "Tokenizer":
     """Build a :class:`Tokenizer` from a released checkpoint folder or hub id, loading strictly.
 
@@ -359,7 +397,8 @@ def load_official(
     weights = release_weights(folder)
     official = read_official_config(folder)
     state = read_state_dict(weights)
-    config = infer_config(state, official, encoder_heads=encoder_heads, decoder_heads=decoder_heads)
+    config = infer_config(state, official, encoder_heads=encoder_heads, decoder_heads=decoder_heads,
+                          other_depths=other_depths)
     with torch.random.fork_rng(devices=[]):  # a random initialisation the weights replace: leave the caller's stream
         model = Tokenizer(config)
     converted = convert_state_dict(state, model)
@@ -373,9 +412,13 @@ def load_official(
     if converted.ignored:
         log.info("ignored %d release key(s) not needed to encode or decode: %s",
                  len(converted.ignored), ", ".join(_summarise(converted.ignored)))
-    for name, ours in (("vq_mean", "latent_mean"), ("vq_std", "latent_std")):
-        if name in official:
-            setattr(model, ours, _number(official, name))
+    if "vq_mean" in official or "vq_std" in official:  # the pair generators divide by: checked as from_pretrained does
+        try:
+            model.latent_mean, model.latent_std = latent_statistics(
+                _number(official, "vq_mean", 0.0), _number(official, "vq_std", 1.0), "vq_mean / vq_std",
+                fix="fix or remove them")
+        except ValueError as exc:
+            raise CheckpointError(f"{CONFIG_NAME}: {exc}") from None
     return model.to(usable_device(map_location)).eval()
 
 

@@ -90,17 +90,17 @@ def save_pretrained(model: "Tokenizer", directory: str | Path) -> Path:
     return write_folder(directory, model.state_dict(), meta)
 
 
-def latent_statistics(mean: Any, std: Any, where: str) -> tuple[float, float]:
+def latent_statistics(mean: Any, std: Any, where: str,
+                      fix: str = "set both from real latents, or both to None") -> tuple[float, float]:
     """(mean, std) that generators normalise latents with, (z - mean) / std: finite numbers and a
-    positive std, or a ValueError naming ``where`` they came from (NaN was written as invalid JSON,
-    a std of 0 divided by zero)."""
+    positive std, or a ValueError naming ``where`` they came from and the ``fix`` (NaN was written
+    as invalid JSON, a std of 0 divided by zero)."""
     try:
         mean, std = float(mean), float(std)
     except (TypeError, ValueError):
         raise ValueError(f"{where} must be numbers, got {mean!r} and {std!r}") from None
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise ValueError(f"{where} must be a finite mean and a positive std, got {mean} and {std}; set both "
-                         f"from real latents, or both to None")
+        raise ValueError(f"{where} must be a finite mean and a positive std, got {mean} and {std}; {fix}")
     return mean, std
 
 
@@ -110,6 +110,13 @@ def resolve(path_or_id: str | Path, filenames: list[str]) -> Path:
     if path.is_dir():
         return path
     text = str(path_or_id)
+    if path.is_file():  # was "no checkpoint folder at" a file that is there
+        if path.parent.name == "checkpoints":
+            raise CheckpointError(f"{text} is a training checkpoint file, not a model folder: pass its run folder "
+                                  f"{path.parent.parent} (which stands for its export/), or continue training from "
+                                  f"it with softvq train --resume {text}")
+        raise CheckpointError(f"{text} is a file, not a checkpoint folder: pass the folder that holds it, "
+                              f"{path.parent}")
     if not looks_like_hub_id(text):
         if not path.exists() and str(path.parent) != "." and path.parent.is_dir():  # a mistyped folder
             near = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -172,7 +179,8 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device 
 
     folder, meta = read_folder_config(
         path_or_id, FORMAT, "softvq checkpoint",
-        "for the released SoftVQ-VAE checkpoints use Tokenizer.from_official",
+        "a released SoftVQ-VAE checkpoint loads with Tokenizer.from_official (on the command line: "
+        "official:FOLDER, or softvq info official:FOLDER --save DIR converts it)",
         {"softvq-generator": "it is a generator: load it with softvq.generation.checkpoint.load_generator"})
     try:
         config = TokenizerConfig.from_dict(meta["config"])

@@ -31,6 +31,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from softvq.checkpoint.specs import OFFICIAL_PREFIX
 from softvq.config import TokenizerConfig, preset
 from softvq.typed_config import check_ranges, strict_fields
 from softvq.randomness import SEED_LIMIT
@@ -154,8 +155,9 @@ class RunConfig:
                       images) and the EMA weights' held-out PSNR / LPIPS in the log (``heldout/*``).
     eval_lpips:       also compute held-out LPIPS (VGG) at each grid and at the end.
     distributed:      ``ddp`` or ``fsdp`` (full sharding through Accelerate, for L-size presets).
-    init_from:        a softvq tokenizer folder or hub id (e.g. a finished run's ``export/``) whose
-                      weights start this run. With a larger ``model.decoder_noise_dim`` than it
+    init_from:        a softvq tokenizer folder or hub id (e.g. a finished run's ``export/``), or
+                      ``official:FOLDER_OR_ID`` (a released SoftVQ-VAE checkpoint), whose weights
+                      start this run. With a larger ``model.decoder_noise_dim`` than it
                       has, the new noise inputs start at zero: WeTok's stage 2, the generative
                       decoder (WeTok Sec. 3.3). Ignored when resuming (the checkpoint wins).
     init_encoder:     DINO / DINOv2 weights the encoder starts from (paper Sec. 4.1: "we initialize
@@ -535,6 +537,8 @@ def anchor_path_keys(tree: dict[str, Any], base: str | Path | None = None) -> di
     def anchored(value: Any, pattern: bool = False) -> Any:
         if not isinstance(value, str) or not value or "://" in value or value.startswith("pipe:"):
             return value
+        if value.startswith(OFFICIAL_PREFIX):  # init_from=official:FOLDER: the folder after it
+            return OFFICIAL_PREFIX + anchored(value.removeprefix(OFFICIAL_PREFIX))
         path = Path(value).expanduser()
         if path.is_absolute():
             return str(path)

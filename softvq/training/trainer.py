@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from softvq.atomic import atomic_write, write_json
 from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, load_strict
+from softvq.checkpoint.specs import OFFICIAL_PREFIX
 from softvq.data.images import why_unreadable
 from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.data.workers import worker_batches
@@ -842,14 +843,19 @@ def late_ramps(config: TrainConfig) -> list[str]:
 
 def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
     """Load ``run.init_from`` (a whole tokenizer) or ``run.init_encoder`` (DINO weights) into a fresh model."""
+    from softvq.checkpoint.official import looks_released
+
     run = config.run  # validate() refused both set
     if run.init_from:
+        release = run.init_from.startswith(OFFICIAL_PREFIX)  # a released SoftVQ-VAE checkpoint
+        target = run.init_from.removeprefix(OFFICIAL_PREFIX)
         try:
-            start = Tokenizer.from_pretrained(run.init_from)
+            start = Tokenizer.from_official(target) if release else Tokenizer.from_pretrained(target)
         except CheckpointError as exc:  # name the setting that points there, and where a relative one looked
-            where = "" if Path(run.init_from).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
-            raise CheckpointError(f"run.init_from: {exc}{where}; train the run it names first, or set "
-                                  f"run.init_from=<that run>/export") from None
+            where = "" if Path(target).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+            fix = ("" if release else f"; set run.init_from={OFFICIAL_PREFIX}{target}" if looks_released(target)
+                   else "; train the run it names first, or set run.init_from=<that run>/export")
+            raise CheckpointError(f"run.init_from: {exc}{where}{fix}") from None
         tokenizer.load_weights_of(start, f"run.init_from {run.init_from}", config_keys=config.own_model_keys())
     elif run.init_encoder:
         from softvq.networks.dinov2 import dinov2_for_width, init_encoder_from_dino, load_dino
