@@ -414,6 +414,14 @@ def test_config_json_values_are_checked_as_softvqs_own_are(tmp_path, caplog):
     assert model.config.image_size == 32 and (model.latent_mean, model.latent_std) == (0.25, 1.75)
     assert 'config.json says image_size "big" but the position embeddings are for 32 px' in caplog.text
     assert "num_latent_tokens" not in caplog.text
+    # the fields that change the forward pass but no tensor: were ignored, so the outputs would be wrong
+    for field, value in (("use_rope", True), ("dec_cls_token", False), ("to_pixel", "conv")):
+        (folder / "config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(CheckpointError, match=f"^config.json: {field} {json.dumps(value)}: this checkpoint's "
+                                                  f"forward pass is not the released SoftVQ-VAE's"):
+            load_official(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "use_rope": False, "use_ape": True, "to_pixel": "linear"}))
+    load_official(folder)  # the released values load
 
 
 def test_one_block_of_another_mlp_width_is_the_block_named(tmp_path):

@@ -235,6 +235,11 @@ def infer_config(
         raise CheckpointError(
             f"{CODEBOOK_KEY} has shape {tuple(book.shape)}; expected (codebooks, K, {latent_dim})"
         )
+    for field, ours in _FORWARD_FIELDS.items():  # what the weights cannot tell: said only in config.json
+        if field in official and official[field] != ours:
+            raise CheckpointError(f"config.json: {field} {json.dumps(official[field])}: this checkpoint's forward pass "
+                                  f"is not the released SoftVQ-VAE's, which softvq implements ({field} "
+                                  f"{json.dumps(ours)}), so its outputs would be wrong; it cannot be loaded")
     if official.get("codebook_l2_norm") is False:
         raise CheckpointError("this release was trained without codebook_l2_norm; only the cosine "
                               "(l2-normalised) SoftVQ of the released models is supported")
@@ -270,6 +275,13 @@ def infer_config(
             segments=book.shape[0],
         ),
     ).validate()
+
+
+# The research code's ModelArgs fields that change the forward pass without changing any tensor's
+# name or shape, at the released models' values: learned absolute positions, no rotary ones, cls
+# tokens in both ViTs, a linear to_pixel head, ViT encoder and decoder.
+_FORWARD_FIELDS: dict[str, Any] = {"use_rope": False, "use_ape": True, "enc_cls_token": True, "dec_cls_token": True,
+                                   "to_pixel": "linear", "enc_type": "vit", "dec_type": "vit"}
 
 
 def _says(value: Any, number: int) -> bool:
