@@ -447,10 +447,19 @@ def test_a_train_stopped_during_set_up_says_how_to_go_on(tmp_path, capsys, monke
     assert code == 130 and f"continue with: softvq train --resume --output {tmp_path / 'run2'}" in err
 
 
-def test_eval_under_a_launcher_is_refused_instead_of_run_once_per_process(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun --nproc_per_node 2: each process evaluated every image
-    code, _, err = _run(capsys, "eval", "--model", "softvq-tiny", "--images", str(tmp_path))
-    assert code == 2 and "eval runs in one process on one device" in _one_line_error(err)
+@pytest.mark.parametrize("argv", [["eval", "--model", "softvq-tiny", "--images", "."], ["encode", ".", "--out", "z.safetensors"],
+                                  ["decode", "z.safetensors"], ["reconstruct", "."], ["info"], ["plot", "run"]])
+def test_one_process_commands_under_a_launcher_are_refused_instead_of_run_once_per_process(capsys, monkeypatch,
+                                                                                          argv):
+    """torchrun --nproc_per_node 2: each process evaluated every image (eval), or wrote the same
+    file (encode: the second failed on the first's) or images (decode, reconstruct: one held the
+    lock, the other failed, and torchrun killed both half done)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        code, _, err = _run(capsys, *argv)
+        said = f"softvq {argv[0]}: error: {argv[0]} runs in one process on one device; start it without torchrun"
+        assert code == 2 and (said in err if rank == "0" else err == ""), rank  # said once, by process 0
 
 
 def test_a_file_name_that_is_not_utf8_is_evaluated_like_any_other(tmp_path, capsys):

@@ -235,10 +235,10 @@ def infer_config(
         raise CheckpointError(
             f"{CODEBOOK_KEY} has shape {tuple(book.shape)}; expected (codebooks, K, {latent_dim})"
         )
-    for field, ours in _FORWARD_FIELDS.items():  # what the weights cannot tell: said only in config.json
-        if field in official and official[field] != ours:
-            raise CheckpointError(f"config.json: {field} {json.dumps(official[field])}: this checkpoint's forward pass "
-                                  f"is not the released SoftVQ-VAE's, which softvq implements ({field} "
+    for key, ours in _FORWARD_FIELDS.items():  # what the weights cannot tell: said only in config.json
+        if key in official and official[key] != ours:
+            raise CheckpointError(f"config.json: {key} {json.dumps(official[key])}: this checkpoint's forward pass "
+                                  f"is not the released SoftVQ-VAE's, which softvq implements ({key} "
                                   f"{json.dumps(ours)}), so its outputs would be wrong; it cannot be loaded")
     if official.get("codebook_l2_norm") is False:
         raise CheckpointError("this release was trained without codebook_l2_norm; only the cosine "

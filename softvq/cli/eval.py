@@ -145,12 +145,6 @@ def _evaluate(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from softvq.evaluation.generated import evaluate_samples
     from softvq.evaluation.report import to_markdown, write_report
 
-    from softvq.training.accelerator import launched_worker
-
-    if launched_worker():
-        # every process would evaluate every image and write the same report
-        raise ValueError("eval runs in one process on one device; start it without torchrun / accelerate "
-                         "launch")
     device = resolve_device(args.device)
     given = [flag for flag, value in (("--probe-layer", args.probe_layer), ("--probe-t", args.probe_t))
              if value is not None]

@@ -31,6 +31,9 @@ RETAIN_FREED_MEMORY = ("reconstruct", "encode", "decode", "eval", "pretokenize",
 # scheduler's SIGTERM (preemption) gets the same stop. Training installs its own handlers (finish
 # the step, write a checkpoint).
 STOP_ON_SIGTERM = ("eval", "pretokenize", "generate", "decode", "reconstruct", "encode")
+# Commands that run in one process: under torchrun every process would do all of the work into the
+# same output (eval: the same report; encode: the same file; decode, reconstruct: the same images)
+ONE_PROCESS = ("eval", "encode", "decode", "reconstruct", "info", "plot")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    from softvq.training.accelerator import first_launched_process, launched_worker
+
+    if args.command in ONE_PROCESS and launched_worker():
+        if first_launched_process():
+            print(f"softvq {args.command}: error: {args.command} runs in one process on one device; start it "
+                  f"without torchrun / accelerate launch", file=sys.stderr)
+        return 2
     if args.command in RETAIN_FREED_MEMORY:
         from softvq.cpu_allocator import retain_freed_memory
 
