@@ -479,3 +479,33 @@ def test_too_few_plot_images_for_a_projection_are_named(tmp_path):
               projection="pca", log=messages.append)
     assert not list((tmp_path / "out").rglob("latents.png"))
     assert any("no latents.png: 2 plot image(s) of one class" in m for m in messages), messages
+
+
+def test_near_constant_and_once_logged_values_are_text_and_four_panels_are_two_by_two(tmp_path, monkeypatch):
+    """Were: a held-out PSNR of 7.014727 ± 1e-8 drew an axis "1e-8+7.014727" over its title, a run of
+    one log record drew a panel per value on a step axis of -0.045 ... 0.045, and four panels left
+    the lower two thirds of the figure blank."""
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    records = [{"step": s, "loss": 1 / s, "rec": 2 / s, "lr": 1e-3 * (1 - s / 40),
+                "heldout/psnr": 7.014727 + 1e-8 * (s % 2)} for s in range(1, 31)]
+    plots.plot_training_curves(records, tmp_path / "c.png")
+    shown = {ax.get_title().split("  ")[0]: ax for ax in drawn[0].axes if ax.get_visible()}
+    assert set(shown) == {"loss", "rec", "lr", "unchanged over the run"}
+    assert [t.get_text() for t in shown["unchanged over the run"].texts] == ["heldout/psnr = 7.015"]
+    assert drawn[0].axes[0].get_subplotspec().get_gridspec().get_geometry() == (2, 2)
+    plots.plot_training_curves(records[:1], tmp_path / "one.png")
+    shown = [ax for ax in drawn[1].axes if ax.get_visible()]
+    assert len(shown) == 1 and shown[0].get_title() == "logged once, at step 1"
+    assert shown[0].texts[0].get_text().splitlines()[0] == "heldout/psnr = 7.015"
+
+
+def test_the_latent_projection_names_its_axes_and_the_rate_chart_has_a_title(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    rng = np.random.default_rng(2)
+    plots.plot_latent_projection(rng.standard_normal((12, 6)), rng.standard_normal((12, 6)), np.arange(12) % 3,
+                                 tmp_path / "latents.png", method="pca")
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in drawn[0].axes] == [("PC 1", "PC 2")] * 2
+    plots.plot_rate_quality([{"name": "a", "num_tokens": 64, "latent_dim": 32, "rfid": 1.0}], tmp_path / "r.png")
+    assert drawn[1]._suptitle.get_text() == "reconstruction quality against rate, one point per run"

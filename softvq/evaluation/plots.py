@@ -175,12 +175,15 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
     series = {k: v for k, v in series.items() if not repeats_its_term(k)}
     if not series:
         raise ValueError("the log has no numeric values to plot")
+    # equal to a millionth (a PSNR of 7.014727 ± 1e-8 drew an offset axis over its title), or logged
+    # once: a line of text, not a panel of its own whose axis spans nothing
     constant = {k: float(y[0]) for k, (_, y) in series.items()
-                if len(y) >= 2 and not broken.get(k) and (y == y[0]).all()}
+                if not broken.get(k) and np.allclose(y, y[0], rtol=1e-6, atol=0)}
+    once = {k: int(series[k][0][0]) for k in constant if len(series[k][1]) == 1}
     names = sorted((k for k in series if k not in constant),
                    key=lambda k: (not k.startswith("loss"), not k.startswith(HELDOUT_PREFIX), k))
     panels = len(names) + bool(constant)
-    cols = min(3, panels)
+    cols = 2 if panels == 4 else min(3, panels)  # four panels as 2 x 2, not 3 + 1 over a blank row
     rows = math.ceil(panels / cols)
     fig = _figure(4.2 * cols, 2.8 * rows + 0.3)
     axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
@@ -211,7 +214,9 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
                      color="tab:red" if bad else "black")
         ax.set_xlabel("step", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 0.96 in a short run
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)  # a log scale labels minor ticks too
+        if ax.get_yscale() == "linear":
+            ax.ticklabel_format(axis="y", useOffset=False)  # "1e-8+7.01" printed over the title
         ax.grid(alpha=0.3)
     for ax in axes[len(names):]:
         ax.set_visible(False)
@@ -219,9 +224,12 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path, *,
         ax = axes[len(names)]
         ax.set_visible(True)
         ax.axis("off")
-        ax.set_title("unchanged over the run", fontsize=9)
+        steps = set(once.values())
+        ax.set_title("unchanged over the run" if len(once) < len(constant) else
+                     "logged once" + (f", at step {steps.pop()}" if len(steps) == 1 else ""), fontsize=9)
         shown = sorted(constant)[:14]
-        lines = [f"{k} = {constant[k]:.4g}" for k in shown]
+        lines = [f"{k} = {constant[k]:.4g}" + (f" (once, step {once[k]})" if k in once and len(once) < len(constant)
+                                               else "") for k in shown]
         if len(constant) > len(shown):
             lines.append(f"... and {len(constant) - len(shown)} more")
         ax.text(0.02, 0.98, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="top", family="monospace")
@@ -367,6 +375,9 @@ def plot_latent_projection(features: Tensor | np.ndarray, latents: Tensor | np.n
             label = class_names[int(c)] if class_names is not None else str(c)
             ax.scatter(xy[mask, 0], xy[mask, 1], s=14, color=cmap[i], label=label, alpha=0.85, linewidths=0)
         ax.set_title(f"{name}, {used}", fontsize=10)
+        axis = "PC" if used.startswith("PCA") else "UMAP"
+        ax.set_xlabel(f"{axis} 1", fontsize=8)
+        ax.set_ylabel(f"{axis} 2", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     if len(classes) <= 20:
@@ -492,6 +503,5 @@ def plot_rate_quality(runs: Sequence[dict[str, Any]], path: str | Path, *, title
         ax.set_xlabel("tokens x dim per image")
         ax.set_ylabel(labels[metric])
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=11)
+    fig.suptitle(title or "reconstruction quality against rate, one point per run", fontsize=11)
     return _save(fig, path)
