@@ -119,16 +119,16 @@ def test_a_launched_worker_exits_without_interpreter_finalisation(world_size, fi
         "import atexit\n"
         "atexit.register(lambda: print('FINALISED'))\n"
         "from softvq.cli.main import run\n"
-        "run(['info', 'softvq-s-32'])\n"
+        "run(['train', '--list'])\n"  # a command that takes a launcher, and needs no process group to list
     )
     env = {**os.environ, "WORLD_SIZE": world_size}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "softvq-s-32" in proc.stdout  # the command's output survived the hard exit
+    assert "wetok-gq-s-64" in proc.stdout  # the command's output survived the hard exit
     assert ("FINALISED" in proc.stdout) == finalised
-    bad = subprocess.run([sys.executable, "-c", script.replace("softvq-s-32", "no-such-preset")],
+    bad = subprocess.run([sys.executable, "-c", script.replace("'--list'", "'no-such-config'")],
                          capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and "no-such-preset" in bad.stderr
+    assert bad.returncode == 2 and "config 'no-such-config' is neither a file nor a bundled config" in bad.stderr
 
 
 def _ranks_write(tmp_path, body: str) -> list[str]:
@@ -258,3 +258,22 @@ def test_a_refusal_the_main_process_decides_is_printed_once(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count(f"softvq pretokenize: error: {out} is not empty (it holds notes.txt") == 1, \
         proc.stderr[-3000:]
+
+
+def test_processes_given_other_settings_are_refused_instead_of_waiting_forever(tmp_path):
+    """A hand-made launch whose process 1 had another step count waited at a collective until a
+    timeout killed it; one with another seed (generate, pretokenize) mixed two runs unsaid."""
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump(TREE))
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**TREE, "schedule": {**TREE["schedule"], "steps": 3}}))
+    per_rank = tmp_path / "per_rank.py"  # what a launch script that builds each process's command line may do
+    per_rank.write_text("import os, sys\nfrom softvq.cli.main import run\n"
+                        f"config = {str(one)!r} if os.environ['RANK'] == '0' else {str(other)!r}\n"
+                        f"run(['train', config, '-o', {str(tmp_path / 'run')!r}])\n")
+    proc = subprocess.run(torchrun(2) + [str(per_rank)], env=cpu_process_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode != 0
+    assert ("the 2 processes of this launch were given different settings (process 0 -> process 1: schedule.steps "
+            "5 -> 3); start every process with the same command line") in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -314,13 +314,14 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
 def _pretokenize(tokenizer: "Tokenizer", source: LatentSource, out: Path, tokenizer_spec: str | None,
                  batch_size: int, shard_size: int, progress: bool, accelerator: "Accelerator | None",
                  rank: int, processes: int) -> PretokenizeResult:
-    from softvq.training.accelerator import decided_by_main_process
+    from softvq.training.accelerator import decided_by_main_process, same_on_every_process
 
     settings = {"source": source.identity, "count": source.count, "tokenizer": tokenizer_spec,
                 "latent_shape": [tokenizer.num_tokens, tokenizer.latent_dim], "precision": tokenizer.precision,
                 "shard_size": shard_size, "processes": processes,
                 # the weights too: other weights at the same path must not continue these shards
                 "tokenizer_sha1": weights_sha1(tokenizer)}
+    same_on_every_process({**settings, "batch_size": batch_size, "out": str(out)}, processes)
     part = _Part.of(rank, processes, source.count)
     resuming = decided_by_main_process(accelerator, lambda: _claim(out, settings))
     saved = out / part.progress_name

@@ -37,7 +37,7 @@ from softvq.messages import first_few
 from softvq.randomness import derived_seed
 from softvq.resume import changed_settings, weights_sha1
 from softvq.run_lock import lock_run_folder
-from softvq.training.accelerator import decided_by_main_process
+from softvq.training.accelerator import decided_by_main_process, same_on_every_process
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -176,6 +176,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
         "labels": labels.tolist(), "class_names": names,
     }
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    same_on_every_process({**settings, "out": str(folder)}, world)  # another seed on one process mixed two runs
 
     def claim() -> None:
         _claim(folder, settings)

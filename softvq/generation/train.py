@@ -111,7 +111,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     """
     from softvq.run_lock import lock_run_folder
     from softvq.training.checkpointing import capture_rng, restore_rng
-    from softvq.training.accelerator import new_accelerator, said_by_main_process
+    from softvq.training.accelerator import new_accelerator, said_by_main_process, same_on_every_process
 
     check_out_folder(Path(cfg.validate().out))  # before anything is read or written
     data = load_latents(cfg.latents)
@@ -132,6 +132,7 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         raise ValueError("--mixed-precision fp16 needs a GPU (on a CPU it would train in float32 and record fp16); "
                          "pass --mixed-precision bf16 or no")
     acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu)
+    same_on_every_process(dataclasses.asdict(cfg), acc.num_processes)
     if cfg.batch_size % acc.num_processes:  # each process takes batch / n: a remainder would be dropped unsaid
         raise said_by_main_process(ValueError(f"--batch-size {cfg.batch_size} must split evenly into "
                                               f"{acc.num_processes} processes; pass a multiple of {acc.num_processes}"),

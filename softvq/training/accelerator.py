@@ -82,6 +82,24 @@ def gather_objects(obj: Any, world: int) -> list[Any]:
     return out
 
 
+def same_on_every_process(settings: dict[str, Any], world: int) -> None:
+    """Refuse, on every process, a launch whose processes were given different ``settings``
+    (collective: every process calls it). torchrun gives each process one command line, but a
+    hand-made or multi-node launch may not: its processes would mix their work (another seed per
+    process), or wait forever at a collective (another step count)."""
+    if world == 1:
+        return
+    from softvq.resume import changed_settings
+
+    seen = gather_objects(settings, world)
+    for rank, theirs in enumerate(seen[1:], start=1):
+        changed = changed_settings(seen[0], theirs)
+        if changed:
+            raise ValueError(f"the {world} processes of this launch were given different settings (process 0 -> "
+                             f"process {rank}: {'; '.join(changed)}); start every process with the same command "
+                             f"line and files")
+
+
 def mean_over_processes(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
     """Logged scalars averaged over the ``world`` processes, so that a log shows the global batch
     (collective: every process calls it, with the same keys)."""

@@ -51,7 +51,8 @@ from softvq.resume import changed_settings
 from softvq.run_lock import lock_run_folder
 from softvq.tokenizer import Tokenizer
 from softvq.training import checkpointing as ckpt
-from softvq.training.accelerator import decided_by_main_process, gather_objects, make_accelerator, mean_over_processes
+from softvq.training.accelerator import (decided_by_main_process, gather_objects, make_accelerator, mean_over_processes,
+                                        same_on_every_process)
 from softvq.training.config import TrainConfig, anchor_path_keys, anchor_paths, save_config
 from softvq.training.ema import EMA
 from softvq.training.heldout import HeldOutMonitor
@@ -123,6 +124,7 @@ class Trainer:
         self.accelerator = make_accelerator(config)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        same_on_every_process(config.to_dict(), self.world)  # before anything could wait for a peer
         self.is_main = acc.is_main_process
         self.device = acc.device
         sched = config.schedule
