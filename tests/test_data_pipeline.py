@@ -128,6 +128,18 @@ def test_a_missing_folder_names_the_setting_to_change(tmp_path):
         build_data(DataConfig(source="folder", path=str(tmp_path / "notes")), image_size=32, micro_batch=2)
     with pytest.raises(NotADirectoryError, match=r"a\.txt is a file, not a folder of images \(set data\.path"):
         build_data(DataConfig(source="folder", path=str(tmp_path / "notes" / "a.txt")), image_size=32, micro_batch=2)
+    (tmp_path / "notes" / "train-000.tar").write_bytes(b"")  # webdataset shards given as a folder of images
+    with pytest.raises(FileNotFoundError, match=r"set data\.path to a folder of images; its 1 \.tar file\(s\) are "
+                                                r"read as webdataset shards with data\.source=shards"):
+        build_data(DataConfig(source="folder", path=str(tmp_path / "notes")), image_size=32, micro_batch=2)
+
+
+def test_a_held_out_folder_that_is_the_training_folder_is_warned_of(tmp_path, caplog):
+    train = _write_folder(tmp_path / "train")
+    with caplog.at_level("WARNING", logger="softvq.data.loader"):
+        build_data(DataConfig(source="folder", path=str(train), eval_path=str(tmp_path / "." / "train"),
+                              num_eval_images=2), image_size=32, micro_batch=2)
+    assert "data.eval_path is data.path" in caplog.text and "the held-out images are trained on too" in caplog.text
 
 
 def test_folder_holdout_is_disjoint_seed_independent_and_not_trained_on_through_a_symlink(tmp_path):

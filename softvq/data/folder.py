@@ -21,11 +21,12 @@ from softvq.data.transforms import random_crop, random_flip, sample_rng
 Sample = tuple[torch.Tensor, list[str]]
 
 
-def scan_folder(folder: str | Path, fix: str = "set data.path to a folder of images") -> tuple[list[Path], list[Path]]:
+def scan_folder(folder: str | Path, fix: str = "set data.path to a folder of images",
+                shards_fix: str | None = None) -> tuple[list[Path], list[Path]]:
     """(image files by suffix, other files) under ``folder``, recursively, sorted.
 
     ``fix`` ends the error for a missing folder or one without images: it names the config key
-    that named the folder.
+    that named the folder; ``shards_fix`` is added where the folder holds .tar files instead.
     """
     folder = require_folder(folder, fix)
     files = walk_files(folder)
@@ -33,8 +34,10 @@ def scan_folder(folder: str | Path, fix: str = "set data.path to a folder of ima
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if not images:
+        shards = sum(p.suffix.lower() == ".tar" for p in others)
+        hint = f"; its {shards} .tar file(s) {shards_fix}" if shards and shards_fix else ""
         raise FileNotFoundError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}; "
-                                f"{len(others)} other file(s)); {fix}")
+                                f"{len(others)} other file(s)); {fix}{hint}")
     return images, others
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from softvq.data.workers import ignore_stop_signals
 
 if TYPE_CHECKING:
     from softvq.training.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,9 +79,13 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
                 else HeldOut(*heldout_crops(held_photos, image_size, cfg.num_eval_images, (lo, hi))))
     elif cfg.source == "folder":
         assert cfg.path is not None  # TrainConfig.validate requires it for a folder
-        files, others = scan_folder(cfg.path)
+        files, others = scan_folder(cfg.path, shards_fix="are read as webdataset shards with data.source=shards "
+                                                          "(data.path may stay this folder)")
         ignored = [str(p) for p in others]
         if cfg.eval_path:
+            if Path(cfg.eval_path).resolve() == Path(cfg.path).resolve():  # the held-out numbers would be training's
+                log.warning("data.eval_path is data.path (%s): the held-out images are trained on too; set "
+                            "data.eval_path=null to hold out some of its images instead", cfg.path)
             train_files, held = files, load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images,
                                                         "to hold out files of data.path")
         else:
