@@ -1029,3 +1029,18 @@ def test_a_pretokenize_killed_right_after_its_first_shard_continues(tmp_path, mo
         pretokenize(tok, folder_source(tmp_path / "imgs", 16), tmp_path / "fresh", **run)
     pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "fresh", **{**run, "shard_size": 5})
     assert load_latents(tmp_path / "fresh").names == a.names
+
+
+def test_a_folder_mixing_images_and_class_folders_names_both_ways_out(tmp_path):
+    from PIL import Image
+
+    from softvq.generation.latent_sources import folder_source
+
+    (tmp_path / "cat").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "cat" / "0.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "loose.png")
+    with pytest.raises(ValueError, match=r"mixes images and class sub-folders; move the loose images into a sub-folder, "
+                                         r"or take the whole folder as one class \(--single-class; from Python, "
+                                         r"single_class=True\)"):
+        folder_source(tmp_path, 32)  # said only the CLI's flag to a Python caller
+    assert folder_source(tmp_path, 32, single_class=True).count == 2

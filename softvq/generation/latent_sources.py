@@ -84,7 +84,8 @@ def folder_source(folder: str | Path, image_size: int, single_class: bool = Fals
     else:
         if any(len(f.relative_to(folder).parts) == 1 for f in files):
             raise ValueError(f"{folder} mixes images and class sub-folders; move the loose images into a "
-                             f"sub-folder or pass --single-class")
+                             f"sub-folder, or take the whole folder as one class (--single-class; from Python, "
+                             f"single_class=True)")
         index = {n: i for i, n in enumerate(names)}
         classes, label_of = names, (lambda f: index[f.relative_to(folder).parts[0]])
         # a class folder without images is no class: the indices of those after it shift down by one
