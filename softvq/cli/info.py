@@ -111,7 +111,8 @@ def _lfq_line(b: BottleneckConfig) -> str:
     if groups == 1:
         text = f"lfq, {bits} sign channels (2^{bits} = {2**bits} implicit codes)"
     else:
-        text = (f"lfq, {groups} groups of {bits} sign channels "
+        channels = "1 sign channel" if bits == 1 else f"{bits} sign channels"
+        text = (f"lfq, {groups} groups of {channels} "
                 f"(2^{bits} = {2**bits} implicit codes each; 2^{b.latent_dim} per token)")
     if b.groups > 1:
         text += f", as {b.groups} channel groups (PQ) x lfq_groups {b.lfq_groups}"
