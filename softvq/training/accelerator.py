@@ -94,10 +94,11 @@ def same_on_every_process(settings: dict[str, Any], world: int) -> None:
     seen = gather_objects(settings, world)
     for rank, theirs in enumerate(seen[1:], start=1):
         changed = changed_settings(seen[0], theirs)
-        if changed:
-            raise ValueError(f"the {world} processes of this launch were given different settings (process 0 -> "
-                             f"process {rank}: {'; '.join(changed)}); start every process with the same command "
-                             f"line and files")
+        if changed:  # found by every process alike: said once
+            raise said_by_main_process(ValueError(
+                f"the {world} processes of this launch were given different settings (process 0 -> process {rank}: "
+                f"{'; '.join(changed)}); start every process with the same command line and files"),
+                torch.distributed.get_rank() == 0)
 
 
 def mean_over_processes(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
