@@ -195,6 +195,11 @@ def test_rate_quality_puts_psnr_of_one_protocol_on_its_axis(tmp_path, monkeypatc
     (tmp_path / "trained" / "metrics.json").write_text(json.dumps({"psnr": 12.5, "lpips": 0.25}))
     trained = rate_point(read_run(tmp_path / "trained"))
     assert (trained["psnr_eval"], trained["psnr_heldout"], trained["rfid"]) == (None, 12.5, None)
+    (tmp_path / "trained" / "metrics.json").unlink()  # still training: the log's last held-out PSNR (was none)
+    (tmp_path / "trained" / "log.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 10, "loss": 1.0, "heldout/psnr": 9.5}, {"step": 20, "loss": 0.5, "heldout/psnr": 11.25},
+        {"step": 25, "loss": 0.4})) + "\n")
+    assert rate_point(read_run(tmp_path / "trained"))["psnr_heldout"] == 11.25
 
     drawn = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)

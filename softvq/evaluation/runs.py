@@ -20,6 +20,7 @@ import torch
 from softvq.checkpoint.pretrained import CONFIG_NAME, EXPORT_NAME, WEIGHTS_NAME
 from softvq.evaluation import plots
 from softvq.tokenizer import images_from_softvq_loaders
+from softvq.training.logging import HELDOUT_PREFIX
 
 if TYPE_CHECKING:
     from softvq.tokenizer import Tokenizer
@@ -110,6 +111,11 @@ def rate_point(run: RunFolder) -> dict[str, Any]:
     training's held-out images), so that a chart can put runs measured alike on one axis."""
     cfg = run.model_config or {}
     ev, me = run.evaluation, run.metrics
+    heldout = me.get("psnr")
+    if heldout is None:  # a run still training (no metrics.json yet): its last held-out measurement
+        logged = [r[f"{HELDOUT_PREFIX}psnr"] for r in run.records
+                  if isinstance(r.get(f"{HELDOUT_PREFIX}psnr"), (int, float))]
+        heldout = logged[-1] if logged else None
     return {
         "name": run.name,
         "kind": (cfg.get("bottleneck") or {}).get("kind"),
@@ -117,7 +123,7 @@ def rate_point(run: RunFolder) -> dict[str, Any]:
         "latent_dim": ev.get("latent_dim") or (cfg.get("bottleneck") or {}).get("latent_dim"),
         "rfid": ev.get("rfid"),  # training measures no rFID: only `softvq eval` does
         "psnr_eval": ev.get("psnr"),
-        "psnr_heldout": me.get("psnr"),
+        "psnr_heldout": heldout,
     }
 
 
@@ -385,7 +391,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
         written.append(plots.plot_rate_quality(points, out / "rate_quality.png"))
     else:
         (out / "rate_quality.png").unlink(missing_ok=True)
-        log("no run has rFID or PSNR (run `softvq eval` or finish training): no rate-quality chart")
+        log("no run has rFID or PSNR (run `softvq eval`, or train until a held-out measurement): no rate-quality chart")
     return written
 
 
