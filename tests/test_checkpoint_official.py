@@ -471,3 +471,22 @@ def test_a_stray_key_of_one_more_block_is_named_as_such(tmp_path):
     write_release(folder, state, config)
     with pytest.raises(CheckpointError, match=r"encoder.model.blocks.2.\* has 1 of the 14 keys every other block has"):
         load_official(folder)  # it was "missing needed key(s) encoder.model.blocks.2.norm1.bias, ... (+5 more)"
+
+
+def test_the_commands_name_the_release_keys_they_leave_out(tmp_path, capsys):
+    """The format asks a loader to say which keys it ignores; only `info` said it (the library logs
+    them at INFO, which a command does not show)."""
+    from PIL import Image
+
+    from softvq.cli.main import main
+
+    folder, _, _ = tiny_release(tmp_path, 1)
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (32, 32), (90, 20, 200)).save(tmp_path / "imgs" / "a.png")
+    assert main(["encode", str(tmp_path / "imgs"), "--model", f"official:{folder}",
+                 "--out", str(tmp_path / "z.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert f"softvq: note: {folder}: left out " in err and "quantize.codebook_used (1 key): codebook usage counter" in err
+    assert main(["info", f"official:{folder}"]) == 0
+    out, err = capsys.readouterr()
+    assert "softvq: note:" not in err and "codebook usage counter" in out  # its table lists them once

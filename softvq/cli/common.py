@@ -217,12 +217,13 @@ def _generator_run_tokenizer(folder: str) -> str | None:
 
 
 def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool = False,
-                   precision: str = "fp32") -> Tokenizer:
+                   precision: str = "fp32", name_ignored_keys: bool = True) -> Tokenizer:
     """The tokenizer a SPEC names, in eval mode on ``device``, computing in ``precision``.
 
     The returned model carries ``source`` (a one-line description for printing). A preset gets
     random weights and a warning on stderr unless ``quiet``. A training run folder stands for its
-    ``export/``.
+    ``export/``. A release's keys left out (not needed to encode or decode) are named on stderr,
+    as the checkpoint format asks, unless ``name_ignored_keys`` is False (``info`` lists them).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     check_precision(precision, device)
@@ -238,6 +239,11 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
             raise ValueError(f"{OFFICIAL_PREFIX} needs a release folder or hub id after it, e.g. "
                              f"{OFFICIAL_PREFIX}SoftVQVAE/softvq-b-64")
         model = Tokenizer.from_official(target)
+        if name_ignored_keys and model.ignored_keys:
+            from softvq.checkpoint.official import ignored_summary
+
+            print(f"softvq: note: {target}: left out {'; '.join(ignored_summary(model.ignored_keys))}",
+                  file=sys.stderr)
     else:
         from softvq.checkpoint.pretrained import CheckpointError, training_run_export
 

@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
         source = f"preset {args.spec.lower()} (architecture only, no weights)"
     else:
         torch.manual_seed(args.seed)
-        model = load_tokenizer(args.spec, "cpu")
+        model = load_tokenizer(args.spec, "cpu", name_ignored_keys=False)  # its table lists them
         source = model.source
     print(describe(model, source))
     if args.save:
