@@ -95,6 +95,17 @@ def test_a_folder_stands_for_its_images_and_its_unreadable_files_are_skipped(tmp
     # named on the command line, the same file is an error before any compute
     assert main(["reconstruct", str(folder / "broken.png"), "--resize", "--out", str(tmp_path / "o2")]) == 2
     assert "broken.png: not a readable image" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+    # one whose header reads (its size is checked first) but whose pixels do not: found while reconstructing
+    whole = bundled_photos()[0].read_bytes()
+    (folder / "cut.png").write_bytes(whole[:len(whole) // 2])
+    assert main(["reconstruct", str(folder / "cut.png"), "--resize", "--out", str(tmp_path / "o4")]) == 2
+    assert "cut.png: not a readable image" in capsys.readouterr().err
+    assert not (tmp_path / "o4").exists()  # was left holding only reconstruct's records of nothing
+    (tmp_path / "o5").mkdir()  # a folder that was there stays, without the records
+    assert main(["reconstruct", str(folder / "cut.png"), "--resize", "--out", str(tmp_path / "o5")]) == 2
+    assert list((tmp_path / "o5").iterdir()) == []
+    (folder / "cut.png").unlink()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("no pictures here")
     assert main(["reconstruct", str(tmp_path / "notes"), "--out", str(tmp_path / "o3")]) == 2

@@ -152,6 +152,14 @@ def written_before(out: Path) -> set[str]:
 PROGRESS_FILE = ".reconstruct-progress"
 
 
+def _forget_records_of_nothing(out: Path, written: set[str]) -> None:
+    """A run that failed before any image was made (in this run or an earlier one) leaves no
+    records behind: an otherwise empty --out it made goes away with its lock."""
+    if not written:
+        for name in (PROGRESS_FILE, OUTPUTS_RECORD):
+            (out / name).unlink(missing_ok=True)
+
+
 def _input_key(path: Path) -> list[str]:
     """An input's size and modification time: an image replaced after it was made is made again."""
     st = path.stat()
@@ -344,9 +352,13 @@ def _reconstruct(args: argparse.Namespace, out: Path) -> int:
             print(f"the PSNRs of the {len(scores)} image(s) reconstructed so far are in {out / PSNR_FILE}; rerun "
                   f"the same command to continue", file=sys.stderr)
         raise
+    except BaseException:
+        _forget_records_of_nothing(out, written)
+        raise
     if skipped:
         print(f"skipped {len(skipped)} unreadable image file(s):{indented_lines(skipped)}", file=sys.stderr)
     if not scores:
+        _forget_records_of_nothing(out, written)
         raise ImageReadError("none of the images given could be read")
     mean = write_table("mean")
     (out / PROGRESS_FILE).unlink(missing_ok=True)  # finished: a rerun makes them all again
