@@ -131,6 +131,7 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
         assert "gFID vs" in captured.out
         saved = json.loads((tmp_path / "s3" / "fid.json").read_text())  # kept with the samples, not only printed
         assert f"{saved['gfid']:.3f}" in captured.out and saved["samples"] == 2
+        assert (saved["num_reference"], saved["skipped_reference"]) == (3, 1)  # were in the console's warning alone
         assert saved["reference"] == str(tmp_path / "ref")
         assert "--fid-ref: skipped 1 unreadable image(s) of the first 4, e.g." in captured.err
     # a second run into the same folder would mix its samples with these: refused

@@ -214,12 +214,14 @@ def run(args: argparse.Namespace) -> int:
         if args.npz:
             print(f"packed the {result.count} images into {pack_npz(result.folder)} for ADM's evaluator")
         if args.fid_ref:
-            gfid = generation_fid(result.folder, args.fid_ref, device, progress=not args.quiet)
+            scored = generation_fid(result.folder, args.fid_ref, device, progress=not args.quiet)
+            gfid = scored["gfid"]
             reference = Path(args.fid_ref).expanduser()
             # kept beside the images it scores: the printed line alone is lost with the terminal
             write_json(result.folder / FID_RECORD,
                        {"gfid": gfid, "reference": str(reference.resolve()) if reference.exists() else args.fid_ref,
-                        "samples": result.count})
+                        "samples": result.count,
+                        **{key: scored[key] for key in ("num_reference", "skipped_reference") if key in scored}})
             print(f"gFID vs {args.fid_ref}: {gfid:.3f} ({result.count} samples; the paper's protocol uses 50,000); "
                   f"saved to {result.folder / FID_RECORD}")
         return 0
@@ -258,9 +260,10 @@ def check_reference_images(reference: Path) -> None:
                              f"e.g. {why_unreadable(refs[0].name)}")
 
 
-def generation_fid(samples: Path, reference: str, device: torch.device, progress: bool = True) -> float:
+def generation_fid(samples: Path, reference: str, device: torch.device, progress: bool = True) -> dict[str, Any]:
     """FID of the PNGs under ``samples`` (as written, 8-bit, the usual protocol) against a .npz of
-    reference statistics or a folder of images; unreadable reference images are skipped and named."""
+    reference statistics or a folder of images, as ``evaluate_samples``' report (``gfid``, and for a
+    folder ``num_reference`` and ``skipped_reference``); unreadable reference images are skipped and named."""
     from softvq.evaluation.generated import evaluate_samples
 
     # every sample and every reference image; no precision/recall here (`softvq eval --samples` has them)
@@ -269,4 +272,4 @@ def generation_fid(samples: Path, reference: str, device: torch.device, progress
     for note in report["notes"]:
         if note.startswith("reference: "):
             print(f"softvq: warning: --fid-ref: {note.removeprefix('reference: ')}", file=sys.stderr)
-    return report["gfid"]
+    return report
