@@ -448,18 +448,30 @@ def test_a_train_stopped_during_set_up_says_how_to_go_on(tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("argv", [["eval", "--model", "softvq-tiny", "--images", "."], ["encode", ".", "--out", "z.safetensors"],
-                                  ["decode", "z.safetensors"], ["reconstruct", "."], ["info"], ["plot", "run"]])
+                                  ["decode", "z.safetensors"], ["reconstruct", "."]])
 def test_one_process_commands_under_a_launcher_are_refused_instead_of_run_once_per_process(capsys, monkeypatch,
                                                                                           argv):
     """torchrun --nproc_per_node 2: each process evaluated every image (eval), or wrote the same
     file (encode: the second failed on the first's) or images (decode, reconstruct: one held the
     lock, the other failed, and torchrun killed both half done)."""
+    said = f"softvq {argv[0]}: error: {argv[0]} runs in one process on one device; start it without torchrun"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank in ("0", "1"):
+    for rank in ("0", "1"):  # a launcher sets LOCAL_RANK: the first process on the machine says it
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
         code, _, err = _run(capsys, *argv)
-        said = f"softvq {argv[0]}: error: {argv[0]} runs in one process on one device; start it without torchrun"
-        assert code == 2 and (said in err if rank == "0" else err == ""), rank  # said once, by process 0
+        assert code == 2 and (said in err if rank == "0" else err == ""), rank
+    monkeypatch.delenv("LOCAL_RANK")  # a shell that only exported WORLD_SIZE and RANK: said, not a silent 2
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and said in err
+
+
+def test_info_and_plot_run_under_a_launcher(capsys, monkeypatch):
+    """A training script under torchrun may call them on its first process: they write one table or
+    picture, which a second process would only write again."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, _ = _run(capsys, "info", "softvq-tiny")
+    assert code == 0 and "softvq-tiny" in out
 
 
 def test_a_file_name_that_is_not_utf8_is_evaluated_like_any_other(tmp_path, capsys):

@@ -33,7 +33,7 @@ RETAIN_FREED_MEMORY = ("reconstruct", "encode", "decode", "eval", "pretokenize",
 STOP_ON_SIGTERM = ("eval", "pretokenize", "generate", "decode", "reconstruct", "encode")
 # Commands that run in one process: under torchrun every process would do all of the work into the
 # same output (eval: the same report; encode: the same file; decode, reconstruct: the same images)
-ONE_PROCESS = ("eval", "encode", "decode", "reconstruct", "info", "plot")
+ONE_PROCESS = ("eval", "encode", "decode", "reconstruct")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    from softvq.training.accelerator import first_launched_process, launched_worker
+    from softvq.training.accelerator import first_process_on_its_machine, launched_worker
 
     if args.command in ONE_PROCESS and launched_worker():
-        if first_launched_process():
+        # said once per machine under a launcher (which sets LOCAL_RANK); by every process where a
+        # shell merely exported WORLD_SIZE and RANK, so that none fails without a word
+        if first_process_on_its_machine() or "LOCAL_RANK" not in os.environ:
             print(f"softvq {args.command}: error: {args.command} runs in one process on one device; start it "
-                  f"without torchrun / accelerate launch", file=sys.stderr)
+                  f"without torchrun / accelerate launch (or unset WORLD_SIZE)", file=sys.stderr)
         return 2
     if args.command in RETAIN_FREED_MEMORY:
         from softvq.cpu_allocator import retain_freed_memory
