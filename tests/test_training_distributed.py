@@ -278,3 +278,22 @@ def test_processes_given_other_settings_are_refused_instead_of_waiting_forever(t
                              "schedule.steps 5 -> 3); start every process with the same command line") == 1, \
         proc.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_settings_check_compares_as_json_and_leaves_each_process_its_own_keys(monkeypatch):
+    """A config built in Python with betas=(0.9, 0.95) was refused by every process: its tuple and
+    the same values as a list "differed". A process's own loading workers may differ."""
+    from softvq.training import accelerator
+
+    settings = {"optim": {"betas": (0.9, 0.95)}, "data": {"workers": 4, "path": "/data"}}
+
+    def process_one_sends(mine, world):  # the same settings, but one loading worker, as JSON unpickles them
+        theirs = {"optim": {"betas": [0.9, 0.95]}, "data": {"path": "/data"}}
+        if "workers" in mine["data"]:
+            theirs["data"]["workers"] = 1
+        return [mine, theirs]
+    monkeypatch.setattr(accelerator, "gather_objects", process_one_sends)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    accelerator.same_on_every_process(settings, 2, ignore=("data.workers",))
+    with pytest.raises(ValueError, match=r"process 0 -> process 1: data.workers 4 -> 1\)"):
+        accelerator.same_on_every_process(settings, 2)

@@ -321,7 +321,7 @@ def _pretokenize(tokenizer: "Tokenizer", source: LatentSource, out: Path, tokeni
                 "shard_size": shard_size, "processes": processes,
                 # the weights too: other weights at the same path must not continue these shards
                 "tokenizer_sha1": weights_sha1(tokenizer)}
-    same_on_every_process({**settings, "batch_size": batch_size, "out": str(out)}, processes)
+    same_on_every_process({**settings, "out": str(out)}, processes)  # batch size: each its own (same latents)
     part = _Part.of(rank, processes, source.count)
     resuming = decided_by_main_process(accelerator, lambda: _claim(out, settings))
     saved = out / part.progress_name

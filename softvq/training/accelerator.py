@@ -11,6 +11,7 @@ under ``torchrun`` are unaffected.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -82,16 +83,26 @@ def gather_objects(obj: Any, world: int) -> list[Any]:
     return out
 
 
-def same_on_every_process(settings: dict[str, Any], world: int) -> None:
+def same_on_every_process(settings: dict[str, Any], world: int, ignore: tuple[str, ...] = ()) -> None:
     """Refuse, on every process, a launch whose processes were given different ``settings``
     (collective: every process calls it). torchrun gives each process one command line, but a
     hand-made or multi-node launch may not: its processes would mix their work (another seed per
-    process), or wait forever at a collective (another step count)."""
+    process), or wait forever at a collective (another step count). ``ignore``: dotted keys each
+    process may set for itself (its data-loading workers, say)."""
     if world == 1:
         return
     from softvq.resume import changed_settings
 
-    seen = gather_objects(settings, world)
+    # as JSON, so that a tuple and a list of the same values agree; then without the process's own keys
+    plain = json.loads(json.dumps(settings, default=str))
+    for key in ignore:
+        *path, last = key.split(".")
+        inner = plain
+        for part in path:
+            inner = inner.get(part) if isinstance(inner, dict) else None
+        if isinstance(inner, dict):
+            inner.pop(last, None)
+    seen = gather_objects(plain, world)
     for rank, theirs in enumerate(seen[1:], start=1):
         changed = changed_settings(seen[0], theirs)
         if changed:  # found by every process alike: said once

@@ -124,7 +124,8 @@ class Trainer:
         self.accelerator = make_accelerator(config)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
-        same_on_every_process(config.to_dict(), self.world)  # before anything could wait for a peer
+        same_on_every_process(config.to_dict(), self.world,  # before anything could wait for a peer
+                              ignore=("data.workers", "data.prefetch_factor", "run.progress"))
         self.is_main = acc.is_main_process
         self.device = acc.device
         sched = config.schedule
