@@ -432,6 +432,11 @@ def test_one_block_of_another_mlp_width_is_the_block_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"^encoder.model.blocks.0.mlp.fc1.weight has 100 rows where 1 of the "
                                               r"2 blocks have 512"):
         load_official(folder)
+    state["encoder.model.blocks.0.mlp.fc1.weight"] = torch.zeros(512, 128)  # one against one: the ratio-4 block stands
+    state["encoder.model.blocks.1.mlp.fc1.weight"] = torch.zeros(100, 128)
+    write_release(folder, state, config)
+    with pytest.raises(CheckpointError, match=r"^encoder.model.blocks.1.mlp.fc1.weight has 100 rows"):
+        load_official(folder)
 
 
 def test_a_file_given_for_its_folder_is_named_as_a_file(tmp_path):
@@ -460,6 +465,8 @@ def test_training_starts_from_a_release_named_official(tmp_path):
     for key, value in release.state_dict().items():
         assert torch.equal(start[key].cpu(), value), key
     trainer.close()
+    with pytest.raises(ValueError, match="run.init_from=official: needs a release folder or hub id after it"):
+        Trainer(config_from_dict({**tree, "run": {**tree["run"], "init_from": "official:"}}), tmp_path / "run3")
     tree["run"] = {**tree["run"], "init_from": str(folder)}
     with pytest.raises(CheckpointError, match=f"set run.init_from=official:{re.escape(str(folder))}$"):
         Trainer(config_from_dict(tree), tmp_path / "run2")

@@ -75,6 +75,8 @@ def test_lfq_and_vq_compress_to_their_code_bits(tmp_path, capsys):
     assert line.startswith("lfq, 4 groups of 2 sign channels (2^2 = 4 implicit codes each; 2^8 per token)")
     line = _bottleneck_line(architecture(_with_bottleneck(kind="lfq", latent_dim=8, lfq_groups=8)))
     assert line.startswith("lfq, 8 groups of 1 sign channel (2^1 = 2 implicit codes each")  # was "1 sign channels"
+    line = _bottleneck_line(architecture(_with_bottleneck(kind="lfq", latent_dim=1)))
+    assert line.startswith("lfq, 1 sign channel (2^1 = 2 implicit codes)")
     line = _bottleneck_line(architecture(_with_bottleneck(kind="lfq", latent_dim=8, segments=4)))
     assert "codewords" not in line and "codebooks (release)" not in line and "no extra codebooks" in line
     # VQ: one index of log2 K bits per channel group: 16 x 2 x 8 = 256 bits

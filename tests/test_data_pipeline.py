@@ -132,6 +132,11 @@ def test_a_missing_folder_names_the_setting_to_change(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"set data\.path to a folder of images; its 1 \.tar file\(s\) are "
                                                 r"read as webdataset shards with data\.source=shards"):
         build_data(DataConfig(source="folder", path=str(tmp_path / "notes")), image_size=32, micro_batch=2)
+    (tmp_path / "nested" / "part1").mkdir(parents=True)  # a shards folder reads its own .tar files, not deeper ones
+    (tmp_path / "nested" / "part1" / "train-000.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as error:
+        build_data(DataConfig(source="folder", path=str(tmp_path / "nested")), image_size=32, micro_batch=2)
+    assert "data.source=shards" not in str(error.value)
 
 
 def test_a_held_out_folder_that_is_the_training_folder_is_warned_of(tmp_path, caplog):
@@ -140,6 +145,16 @@ def test_a_held_out_folder_that_is_the_training_folder_is_warned_of(tmp_path, ca
         build_data(DataConfig(source="folder", path=str(train), eval_path=str(tmp_path / "." / "train"),
                               num_eval_images=2), image_size=32, micro_batch=2)
     assert "data.eval_path is data.path" in caplog.text and "the held-out images are trained on too" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="softvq.data.loader"):  # a folder inside it is trained on as well
+        build_data(DataConfig(source="folder", path=str(tmp_path), eval_path=str(train), num_eval_images=2),
+                   image_size=32, micro_batch=2)
+    assert f"data.eval_path lies inside data.path ({tmp_path})" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="softvq.data.loader"):  # a folder beside it: nothing to say
+        build_data(DataConfig(source="folder", path=str(train), eval_path=str(_write_folder(tmp_path / "val")),
+                              num_eval_images=2), image_size=32, micro_batch=2)
+    assert "data.eval_path" not in caplog.text
 
 
 def test_folder_holdout_is_disjoint_seed_independent_and_not_trained_on_through_a_symlink(tmp_path):

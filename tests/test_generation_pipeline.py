@@ -112,7 +112,7 @@ def test_training_resumes_exactly_and_generate_writes_images(tmp_path, objective
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
     for reference, named in (("no-images", "no-images holds no images (.png"),
-                             ("broken", f"--fid-ref {tmp_path / 'broken'}: none of its 1 images is readable, e.g. "
+                             ("broken", f"--fid-ref {tmp_path / 'broken'}: none of its first 1 images is readable, e.g. "
                                         f"{tmp_path / 'broken' / 'a.png'}: not a readable image")):
         code = main(["generate", str(tmp_path / "a" / "generator"), "--out", str(tmp_path / "s2"),
                      "--fid-ref", str(tmp_path / reference), "--device", "cpu"])

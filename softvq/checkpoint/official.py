@@ -152,7 +152,7 @@ def _vit(state: dict[str, torch.Tensor], stack: str, width: int, heads: int | No
     depth = _depth(state, f"{stack}.model.blocks.")
     # the MLP width of every block, so that one odd block is named, not the others it would make look wrong
     hiddens = [_need(state, f"{stack}.model.blocks.{i}.mlp.fc1.weight").shape[0] for i in range(depth)]
-    hidden = max(set(hiddens), key=hiddens.count)
+    hidden = max(set(hiddens), key=lambda h: (hiddens.count(h), h == 4 * width))  # a tie: the release's ratio 4
     odd = [i for i, h in enumerate(hiddens) if h != hidden]
     if odd:
         raise CheckpointError(f"{stack}.model.blocks.{odd[0]}.mlp.fc1.weight has {hiddens[odd[0]]} rows where "
@@ -310,8 +310,9 @@ def _refuse_short_of_a_release(encoder: "ViTConfig", decoder: "ViTConfig") -> No
             raise CheckpointError(
                 f"the file's blocks give encoder depth {encoder.depth} and decoder depth {decoder.depth}, but the "
                 f"released model of these widths has {released[0][1]} and {released[1][1]}: the file lacks whole "
-                f"blocks (download it again); a model trained at other depths loads with "
-                f"Tokenizer.from_official(..., other_depths=True)")
+                f"blocks (download it again); a model trained at other depths loads in Python with "
+                f"Tokenizer.from_official(..., other_depths=True), and its .save_pretrained(DIR) is a folder every "
+                f"command takes")
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module) -> ConvertedState:

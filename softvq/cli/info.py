@@ -108,10 +108,10 @@ def _lfq_line(b: BottleneckConfig) -> str:
     """LFQ has no learned codebook: name its groups of sign channels and the implicit codes."""
     groups = b.groups * b.lfq_groups
     bits = b.latent_dim // groups
+    channels = "1 sign channel" if bits == 1 else f"{bits} sign channels"
     if groups == 1:
-        text = f"lfq, {bits} sign channels (2^{bits} = {2**bits} implicit codes)"
+        text = f"lfq, {channels} (2^{bits} = {2**bits} implicit codes)"
     else:
-        channels = "1 sign channel" if bits == 1 else f"{bits} sign channels"
         text = (f"lfq, {groups} groups of {channels} "
                 f"(2^{bits} = {2**bits} implicit codes each; 2^{b.latent_dim} per token)")
     if b.groups > 1:

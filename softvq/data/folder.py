@@ -34,7 +34,7 @@ def scan_folder(folder: str | Path, fix: str = "set data.path to a folder of ima
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if not images:
-        shards = sum(p.suffix.lower() == ".tar" for p in others)
+        shards = sum(p.suffix.lower() == ".tar" and p.parent == folder for p in others)  # what a shards folder reads
         hint = f"; its {shards} .tar file(s) {shards_fix}" if shards and shards_fix else ""
         raise FileNotFoundError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}; "
                                 f"{len(others)} other file(s)); {fix}{hint}")

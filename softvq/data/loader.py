@@ -83,9 +83,11 @@ def build_data(cfg: "DataConfig", *, image_size: int, micro_batch: int, rank: in
                                                           "(data.path may stay this folder)")
         ignored = [str(p) for p in others]
         if cfg.eval_path:
-            if Path(cfg.eval_path).resolve() == Path(cfg.path).resolve():  # the held-out numbers would be training's
-                log.warning("data.eval_path is data.path (%s): the held-out images are trained on too; set "
-                            "data.eval_path=null to hold out some of its images instead", cfg.path)
+            held_out, trained = Path(cfg.eval_path).resolve(), Path(cfg.path).resolve()
+            if held_out.is_relative_to(trained):  # the held-out numbers would be training's
+                where = "is data.path" if held_out == trained else f"lies inside data.path ({cfg.path})"
+                log.warning("data.eval_path %s: the held-out images are trained on too; move them out of "
+                            "data.path, or set data.eval_path=null to hold out some of its images instead", where)
             train_files, held = files, load_folder_eval(Path(cfg.eval_path), image_size, cfg.num_eval_images,
                                                         "to hold out files of data.path")
         else:

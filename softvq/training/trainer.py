@@ -852,6 +852,9 @@ def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
     if run.init_from:
         release = run.init_from.startswith(OFFICIAL_PREFIX)  # a released SoftVQ-VAE checkpoint
         target = run.init_from.removeprefix(OFFICIAL_PREFIX)
+        if release and not target.strip():  # it would read the current folder
+            raise ValueError(f"run.init_from={OFFICIAL_PREFIX} needs a release folder or hub id after it, e.g. "
+                             f"{OFFICIAL_PREFIX}SoftVQVAE/softvq-b-64")
         try:
             start = Tokenizer.from_official(target) if release else Tokenizer.from_pretrained(target)
         except CheckpointError as exc:  # name the setting that points there, and where a relative one looked
