@@ -195,3 +195,22 @@ def test_eval_probe_generator_writes_the_probe_into_the_report(tmp_path, capsys)
     assert err.endswith("pass --model SPEC with that tokenizer where it is now")
     assert "drop --images" in error("--probe-generator", str(gen), "--probe", str(images), "--images", str(images))
     assert "pass --images DATA" in error("--model", "softvq-tiny")
+
+
+def test_a_class_with_no_readable_image_is_left_out_of_the_generator_probe_too(tmp_path, caplog):
+    """The tokenizer probe's fix, in its sibling: the class was counted, and named nowhere."""
+    from softvq import Tokenizer
+    from softvq.evaluation.generator_probe import probe_generator
+
+    torch.manual_seed(0)
+    tok = Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
+    images = _labelled_folder(tmp_path / "labelled")
+    (images / "broken").mkdir()  # sorts first: the other classes' labels move down
+    for i in range(3):
+        (images / "broken" / f"{i}.png").write_bytes(b"not a png")
+    model = tiny(depth=2, tokens=tok.num_tokens, dim=tok.latent_dim, classes=2)
+    meta = GeneratorMeta(objective="sit", tokenizer="tok", classes=["dark", "light"])
+    with caplog.at_level("WARNING", logger="softvq.evaluation.probe"):
+        result = probe_generator(model, meta, images, tokenizer=tok, layer=1, epochs=1, progress=False)
+    assert (result.num_classes, result.empty_classes, result.skipped_images) == (2, ["broken"], 3)
+    assert "left out 1 class(es) with no readable training image: broken" in caplog.text

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from softvq.eval_mode import evaluating
-from softvq.evaluation.probe import (ProbeResult, fit_probe, labelled_images, probe_state_files,
+from softvq.evaluation.probe import (ProbeResult, drop_empty_classes, fit_probe, labelled_images, probe_state_files,
                                      readable_features, remove_files)
 
 if TYPE_CHECKING:
@@ -217,7 +217,9 @@ def probe_generator(model: Generator, meta: GeneratorMeta, folder: str | Path, *
                vlabels)  # other noise draws
     else:
         val = None
+    labels, val, empty = drop_empty_classes(labels, val, classes)
     result = fit_probe(feats, labels, val, val_fraction=val_fraction, seed=seed, which=which, **train_kwargs)
     result.skipped_images = len(skipped)
+    result.empty_classes = empty
     remove_files(states)
     return result

@@ -274,6 +274,24 @@ def readable_features(model: Tokenizer, paths: list[Path], labels: Tensor, skipp
     return feats, labels
 
 
+def drop_empty_classes(labels: Tensor, val: tuple[Tensor, Tensor] | None,
+                       classes: list[str]) -> tuple[Tensor, tuple[Tensor, Tensor] | None, list[str]]:
+    """A class whose files all failed to read would still be a class (an output never trained, a
+    num_classes that counts it): (training labels renumbered without it, the validation set without
+    its images, the names of the classes left out, which are logged)."""
+    present = labels.unique()
+    empty = [name for c, name in enumerate(classes) if c not in present]
+    if not empty:
+        return labels, val, []
+    log.warning("left out %d class(es) with no readable training image: %s", len(empty), ", ".join(empty))
+    new_label = torch.full((len(classes),), -1, dtype=torch.long)
+    new_label[present] = torch.arange(len(present))
+    if val is not None:
+        kept = new_label[val[1]] >= 0
+        val = (val[0][kept], new_label[val[1][kept]])
+    return new_label[labels], val, empty
+
+
 def fit_probe(feats: Tensor, labels: Tensor, val: tuple[Tensor, Tensor] | None = None, *, val_fraction: float = 0.2,
               seed: int = 0, which: str = "latents", **train_kwargs) -> ProbeResult:
     """The probe trained on ``feats``, scored on ``val`` (features, labels) or, without one, on a
@@ -310,18 +328,7 @@ def probe_folder(model: Tokenizer, folder: str | Path, *, val_folder: str | Path
     feats, labels = readable_features(model, paths, labels, skipped, state_file=states[0], **options)
     val = (readable_features(model, vpaths, vlabels, skipped, state_file=states[1], **options)
            if val_folder is not None else None)
-    # a class whose files all fail to read would still be a class (an output never trained, a
-    # num_classes that counts it): it is left out, on the validation side too, and named
-    present = labels.unique()
-    empty = [name for c, name in enumerate(classes) if c not in present]
-    if empty:
-        log.warning("left out %d class(es) with no readable training image: %s", len(empty), ", ".join(empty))
-        new_label = torch.full((len(classes),), -1, dtype=torch.long)
-        new_label[present] = torch.arange(len(present))
-        labels = new_label[labels]
-        if val is not None:
-            kept = new_label[val[1]] >= 0
-            val = (val[0][kept], new_label[val[1][kept]])
+    labels, val, empty = drop_empty_classes(labels, val, classes)
     result = fit_probe(feats, labels, val, val_fraction=val_fraction, seed=seed, which=which, **train_kwargs)
     result.skipped_images = len(skipped)
     result.empty_classes = empty
