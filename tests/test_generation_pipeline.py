@@ -1045,3 +1045,30 @@ def test_a_folder_mixing_images_and_class_folders_names_both_ways_out(tmp_path):
                                          r"single_class=True\)"):
         folder_source(tmp_path, 32)  # said only the CLI's flag to a Python caller
     assert folder_source(tmp_path, 32, single_class=True).count == 2
+
+
+def test_pretokenize_names_a_custom_sources_bad_sample_and_whole_number_sizes(tmp_path):
+    """Were: label 5 of 2 classes written into the set (a generator failed on it at its first step),
+    a NumPy image failed inside torch.stack, and batch_size=2.5 encoded the whole source at once."""
+    import numpy as np
+
+    from softvq import Tokenizer
+    from softvq.generation.latent_sources import LatentSource
+    from softvq.generation.pretokenize import pretokenize
+
+    tok = Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
+    image = torch.zeros(3, 32, 32)
+
+    def source(*samples):
+        return LatentSource(samples=list(samples), classes=["a", "b"], count=len(samples))
+
+    with pytest.raises(ValueError, match=r"sample 'x1' has label 5; labels are class indices 0 to 1 of its 2 classes"):
+        pretokenize(tok, source((image, 0, "x0"), (image, 5, "x1")), tmp_path / "a", progress=False)
+    with pytest.raises(TypeError, match=r"sample 'x0' is a ndarray: a LatentSource yields \(3, H, W\) float tensors"):
+        pretokenize(tok, source((np.zeros((3, 32, 32), np.float32), 0, "x0")), tmp_path / "b", progress=False)
+    for flag, value in (("batch_size", 2.5), ("shard_size", "8")):
+        with pytest.raises(TypeError, match=f"{flag} must be a whole number, got {value!r}"):
+            pretokenize(tok, source((image, 0, "x0")), tmp_path / "c", progress=False, **{flag: value})
+    made = pretokenize(tok, source((image, torch.tensor(1), "x0"), (image, np.int64(0), "x1")), tmp_path / "d",
+                       progress=False)  # integer tensors and NumPy integers are class indices too
+    assert load_latents(made.folder).labels.tolist() == [1, 0]

@@ -344,6 +344,10 @@ def test_sampling_a_training_generator_uses_eval_mode_and_gives_the_mode_back(ki
                                   generator=torch.Generator().manual_seed(1))
     in_training = draw()  # label dropout drew on the global RNG and replaced labels by the null class
     assert model.training
+    model.blocks[0].eval()  # a caller's block held in eval mode inside a training model stays so
+    draw()
+    assert model.training and not model.blocks[0].training and model.final.training  # was: all set to training
+    model.blocks[0].train()
     assert torch.equal(in_training, draw())  # a function of the generator alone
     assert torch.equal(in_training, (model.eval(), draw())[1])
 

@@ -470,3 +470,14 @@ def test_keep_checkpoints_0_keeps_them_all_as_the_tokenizer_trainer_does(tmp_pat
         f"step-{s:08d}.pt" for s in (1, 2, 3, 4)]
     with pytest.raises(ValueError, match=r"--keep-checkpoints must be 0 \(keep all\) or more, got -1"):
         GeneratorTrainConfig(latents="lat", keep_checkpoints=-1).validate()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_training_inside_a_callers_no_grad_trains_all_the_same(made, tmp_path, mode):
+    """A notebook cell under torch.no_grad() ended the run in "element 0 of tensors does not require
+    grad" after its run folder was made."""
+    root, _ = made
+    with getattr(torch, mode)():
+        result = train_generator(GeneratorTrainConfig(latents=str(root / "lat"), out=str(tmp_path / "run"), steps=2,
+                                                      **TINY), progress=False)
+    assert result["steps"] == 2 and result["last_loss"] is not None

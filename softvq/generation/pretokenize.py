@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import math
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -71,6 +72,25 @@ class PretokenizeResult:
     latent_std: float
     shards: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+
+
+def _checked_image(image: Any, name: str) -> Tensor:
+    """A custom source's image, or a TypeError naming the sample (torch.stack's said neither)."""
+    if not isinstance(image, Tensor):
+        raise TypeError(f"the source's sample {name!r} is a {type(image).__name__}: a LatentSource yields "
+                        f"(3, H, W) float tensors in [-1, 1] (torch.from_numpy(...) for an array)")
+    return image
+
+
+def _class_index(label: Any, name: str, classes: int) -> int:
+    """A custom source's label as a class index, or an error naming the sample: one outside the
+    classes was written into the set and failed only when a generator trained on it."""
+    if isinstance(label, Tensor) and label.numel() == 1 and not label.is_floating_point():
+        label = label.item()
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= int(label) < classes:
+        raise ValueError(f"the source's sample {name!r} has label {label!r}; labels are class indices 0 to "
+                         f"{classes - 1} of its {classes} classes")
+    return int(label)
 
 
 def _batches(samples: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -291,6 +311,8 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
     the result of the whole run.
     """
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # 2.5 made one batch of everything
+            raise TypeError(f"{name} must be a whole number, got {value!r}")
         if value < 1:
             raise ValueError(f"{name} must be 1 or more, got {value}")
     rank, processes = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
@@ -409,7 +431,8 @@ def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state:
 
     def marked(received: int = state.count) -> Iterator[tuple[Tensor, int, str, tuple[int, int]]]:
         for image, label, name in samples:  # source.skipped holds exactly the files skipped before this one
-            yield image, label, name, (part.start + received + len(source.skipped) + 1, len(source.skipped))
+            yield (_checked_image(image, name), _class_index(label, name, len(source.classes)), name,
+                   (part.start + received + len(source.skipped) + 1, len(source.skipped)))
             received += 1
 
     buffered = 0

@@ -39,6 +39,7 @@ import torch
 
 from softvq.atomic import write_json
 from softvq.checkpoint.pretrained import load_strict
+from softvq.eval_mode import with_gradients
 from softvq.generation.checkpoint import GENERATOR_EXPORT, MODEL_CONFIG_KEY, milestone_export, run_meta, save_generator
 from softvq.generation.latents import LatentSet, latent_set_sha1, load_latents
 from softvq.generation.models import build_generator
@@ -98,6 +99,7 @@ def run_header(cfg: GeneratorTrainConfig, model: torch.nn.Module, model_cfg: Any
     return "\n".join(lines)
 
 
+@with_gradients
 def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) training; returns {"first_loss", "last_loss", "steps", "export", "stopped"}
     (and ``"already_finished": True``, with no losses, when the run had already reached ``steps``).

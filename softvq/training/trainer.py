@@ -43,6 +43,7 @@ from softvq.atomic import atomic_write, write_json
 from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, load_strict
 from softvq.checkpoint.specs import OFFICIAL_PREFIX
 from softvq.data.images import why_unreadable
+from softvq.eval_mode import with_gradients
 from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.data.workers import worker_batches
 from softvq.messages import first_few
@@ -255,6 +256,7 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
 
+    @with_gradients
     def fit(self) -> TrainResult:
         """Train to ``schedule.steps`` (or until the time limit or a stop signal), then write the
         final checkpoint, export the EMA weights, a last grid and ``metrics.json``."""
