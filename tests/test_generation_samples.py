@@ -405,3 +405,21 @@ def test_two_samplers_cannot_share_a_folder(parts, tmp_path):
     assert not (tmp_path / "s").exists()  # nothing was claimed, and the lock's folder went away
     write_samples(model, meta, tok, LABELS, SPEC, tmp_path / "s", batch_size=3, progress=False)
     assert not (tmp_path / "s" / LOCK_NAME).exists() and len(images_of(tmp_path / "s")) == len(LABELS)
+
+
+def test_a_generator_without_a_null_class_refuses_unconditional_labels_in_one_voice():
+    """Was: label_indices took the null class of a generator trained without label dropout, and the
+    model then refused it with "(or 3 for the null class)"."""
+    from softvq.generation.sampling import sample_latents
+
+    torch.manual_seed(0)
+    model = build_generator(GeneratorConfig(kind="sit", width=32, depth=1, heads=2, num_tokens=4, latent_dim=2,
+                                            num_classes=3, class_dropout=0.0))
+    meta = GeneratorMeta(objective="sit", classes=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"class index 3 is out of range: this generator has classes 0..2 and no null "
+                                         r"class to sample unconditionally with"):
+        sample_latents(model, meta, [3], SamplerSpec(steps=2))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 2\] \(this model has no null class: it was built without "
+                                         r"label dropout\), got values in \[3, 3\]"):
+        model(torch.zeros(1, 4, 2), 0.5, 3)
+    assert sample_latents(model, meta, [2], SamplerSpec(steps=2)).shape == (1, 4, 2)

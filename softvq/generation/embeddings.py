@@ -124,10 +124,10 @@ class LabelEmbedder(nn.Module):
         ``force_drop`` (B,) bool drops exactly those entries regardless of mode."""
         highest = self.num_classes if self.has_null else self.num_classes - 1
         if labels.device.type != "meta" and labels.numel() and bool(((labels < 0) | (labels > highest)).any()):
-            raise ValueError(
-                f"class labels must lie in [0, {self.num_classes - 1}] (or {self.num_classes} for the null "
-                f"class), got values in [{int(labels.min())}, {int(labels.max())}]"
-            )
+            null = (f"or {self.num_classes} for the null class" if self.has_null else
+                    "this model has no null class: it was built without label dropout")
+            raise ValueError(f"class labels must lie in [0, {self.num_classes - 1}] ({null}), got values in "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
         drop = None
         if self.training and self.dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from softvq.atomic import atomic_write, write_json
 from softvq.generation.checkpoint import Generator, GeneratorMeta
-from softvq.generation.sampling import SamplerSpec, denormalize, label_indices, sample_latents
+from softvq.generation.sampling import SamplerSpec, denormalize, has_null_class, label_indices, sample_latents
 from softvq.messages import first_few
 from softvq.randomness import derived_seed
 from softvq.resume import changed_settings, weights_sha1
@@ -146,7 +146,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     from softvq.data.images import to_pil
 
     folder = Path(folder)
-    labels = label_indices(labels, meta.classes, model.config.num_classes)
+    labels = label_indices(labels, meta.classes, model.config.num_classes, has_null_class(model))
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
     if len(labels) == 0:

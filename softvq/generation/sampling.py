@@ -138,7 +138,7 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Seque
     ``labels`` are class indices (a tensor or a list) or names from ``meta.classes``; the null
     class ``num_classes`` samples unconditionally."""
     device = next(model.parameters()).device
-    labels = label_indices(labels, meta.classes, model.config.num_classes)
+    labels = label_indices(labels, meta.classes, model.config.num_classes, has_null_class(model))
     if labels.numel() == 0:
         raise ValueError("no labels to sample: pass at least one class index")
     labels = labels.to(device=device)
@@ -193,9 +193,20 @@ def denormalize(latents: Tensor, meta: GeneratorMeta) -> Tensor:
     return latents * meta.latent_std + meta.latent_mean
 
 
-def label_indices(labels: Tensor | Sequence[int | str], classes: list[str], num_classes: int) -> Tensor:
+def has_null_class(model: Generator) -> bool:
+    """Whether ``model`` has the null class that samples unconditionally (label dropout in training)."""
+    try:
+        model.null_class
+    except ValueError:
+        return False
+    return True
+
+
+def label_indices(labels: Tensor | Sequence[int | str], classes: list[str], num_classes: int,
+                  has_null: bool = True) -> Tensor:
     """``labels`` as a 1D long tensor of class indices, class names looked up in ``classes``.
-    A float or an unknown name is refused, not truncated to some other class."""
+    A float or an unknown name is refused, not truncated to some other class; so is the null class
+    ``num_classes`` of a generator that has none (``has_null`` False: trained without label dropout)."""
     if isinstance(labels, Tensor):
         if labels.dim() > 1:
             raise ValueError(f"labels must be 1D (one class per sample), got a tensor of shape {tuple(labels.shape)}")
@@ -217,8 +228,10 @@ def label_indices(labels: Tensor | Sequence[int | str], classes: list[str], num_
         elif isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"labels must be class indices 0..{num_classes - 1} or class names, got {value!r} "
                             f"({type(value).__name__})")
-        if not 0 <= value <= num_classes:
+        if not 0 <= value <= num_classes or (value == num_classes and not has_null):
+            null = (f"({num_classes} samples unconditionally)" if has_null else
+                    "and no null class to sample unconditionally with (it was trained without label dropout)")
             raise ValueError(f"class index {value} is out of range: this generator has classes 0..{num_classes - 1} "
-                             f"({num_classes} samples unconditionally)")
+                             f"{null}")
         out.append(int(value))
     return torch.tensor(out, dtype=torch.long)
