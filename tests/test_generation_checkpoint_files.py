@@ -192,3 +192,26 @@ def test_loading_a_generator_leaves_the_callers_random_stream_and_the_tokenizer_
         assert torch.equal(torch.rand(3), expected), source
     with pytest.raises(CheckpointError, match="it is a generator: load it with softvq.generation.checkpoint"):
         Tokenizer.from_pretrained(run / "generator")
+
+
+def test_an_export_refuses_a_folder_of_another_kind_and_a_meta_of_another_generator(made, tmp_path):
+    """Were written without a word: a generator over a tokenizer (which then no longer loaded), one
+    into a latent set, and a meta of another objective, found only when sampling."""
+    from softvq import Tokenizer
+    from softvq.generation.checkpoint import GeneratorMeta, save_generator
+
+    root, run = made
+    model, meta = load_generator(run / "generator")
+    with pytest.raises(FileExistsError, match=f"{root / 'tok'} holds a softvq-tokenizer checkpoint; writing a "
+                                              f"softvq-generator checkpoint there would replace"):
+        save_generator(model, meta, root / "tok")
+    Tokenizer.from_pretrained(root / "tok")  # still there
+    with pytest.raises(FileExistsError, match="holds a latent set"):
+        save_generator(model, meta, root / "lat")
+    with pytest.raises(FileExistsError, match="holds a softvq-generator checkpoint; writing a softvq-tokenizer"):
+        Tokenizer.from_pretrained(root / "tok").save_pretrained(run / "generator")
+    with pytest.raises(ValueError, match="the meta says objective 'dit' but the model is a 'sit' generator"):
+        save_generator(model, GeneratorMeta(**{**meta.to_dict(), "objective": "dit"}), tmp_path / "g")
+    with pytest.raises(TypeError, match="meta must be a GeneratorMeta, got dict"):
+        save_generator(model, meta.to_dict(), tmp_path / "g")
+    save_generator(model, meta, run / "generator")  # its own kind: written again, as a re-export does

@@ -40,11 +40,30 @@ def write_folder(directory: str | Path, state: dict[str, torch.Tensor], payload:
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"cannot write a checkpoint to {directory}: it is a file, and a checkpoint is a "
                                  f"folder (config.json + {WEIGHTS_NAME}); move the file away or name another path")
+    held = _held_format(directory)
+    if held is not None and held != payload.get("format"):  # a tokenizer saved over a generator, or the reverse
+        what = f"a {held} checkpoint" if held.startswith("softvq-") else held
+        raise FileExistsError(f"{directory} holds {what}; writing a {payload.get('format')} checkpoint there would "
+                              f"replace or mix with it: choose another folder")
     weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     remove_stale_temporaries(directory)  # a weights file a killed export was writing: as large as the model
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     write_json(directory / CONFIG_NAME, payload)
     return directory
+
+
+def _held_format(directory: Path) -> str | None:
+    """What a folder already holds, for a checkpoint about to be written into it: the ``format`` of
+    its config.json ("another program's config.json" without one), "a latent set" for pretokenize's
+    output, or None (nothing, or files that are no model)."""
+    try:
+        meta = json.loads((directory / CONFIG_NAME).read_text())
+    except FileNotFoundError:
+        return "a latent set" if (directory / "meta.json").is_file() and any(directory.glob("*.safetensors")) else None
+    except (OSError, ValueError):
+        return f"a {CONFIG_NAME} softvq cannot read"
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    return fmt if isinstance(fmt, str) else f"another program's {CONFIG_NAME}"
 
 
 def training_run_export(folder: str | Path) -> Path | None:

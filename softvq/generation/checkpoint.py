@@ -77,7 +77,14 @@ class GeneratorMeta:
 def save_generator(model: Generator, meta: GeneratorMeta, directory: str | Path,
                    state: dict[str, Any] | None = None, step: int | None = None) -> Path:
     """Write the generator (``state`` overrides the weights, e.g. the EMA copy) atomically;
-    ``step``, the training step of the weights, goes into ``config.json``."""
+    ``step``, the training step of the weights, goes into ``config.json``. A ``meta`` of another
+    kind of generator, or a folder that holds a tokenizer or a latent set, is refused."""
+    if not isinstance(meta, GeneratorMeta):
+        raise TypeError(f"meta must be a GeneratorMeta, got {type(meta).__name__} (GeneratorMeta(**fields) makes "
+                        f"one of a dict)")
+    if meta.objective != model.config.kind:  # found only when sampling, after the export was shipped
+        raise ValueError(f"the meta says objective {meta.objective!r} but the model is a {model.config.kind!r} "
+                         f"generator; give the meta the model's kind")
     payload = {"format": FORMAT, "config": model.config.to_dict(), "meta": meta.to_dict(),
                **({"step": step} if step is not None else {})}
     return write_folder(directory, state or model.state_dict(), payload)
