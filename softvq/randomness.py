@@ -10,6 +10,7 @@ is drawn where it is used, from the global RNG.
 
 from __future__ import annotations
 
+import numbers
 import random
 
 import numpy as np
@@ -17,6 +18,16 @@ import torch
 from torch import Tensor
 
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1: torch takes 64 bits, NumPy no negatives, a run seeds seed + 1 + rank
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """``seed`` as a whole number from 0 to 2**63 - 1, or an error naming ``name``: a seed past 64
+    bits gave the same streams as another (only its low bits are used), and 1.5 a bare TypeError."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number, got {seed!r}")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"{name} must be 0 or more and below 2**63, got {seed}")
+    return int(seed)
 
 
 def seed_everything(seed: int) -> None:

@@ -353,3 +353,11 @@ def test_mar_takes_labels_as_dit_does_and_names_bad_ones_and_settings():
 def test_mar_configs_name_bad_fields(build, said):
     with pytest.raises(ValueError, match=said):  # ConfigTypeError is a ValueError too, for the command line
         build()
+
+
+def test_a_numpy_input_is_named():
+    import numpy as np
+
+    model = tiny()
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got ndarray"):  # was "has no attribute 'dim'"
+        model.check_input(np.zeros((1, *model.input_shape), np.float32))

@@ -423,3 +423,24 @@ def test_a_generator_without_a_null_class_refuses_unconditional_labels_in_one_vo
                                          r"label dropout\), got values in \[3, 3\]"):
         model(torch.zeros(1, 4, 2), 0.5, 3)
     assert sample_latents(model, meta, [2], SamplerSpec(steps=2)).shape == (1, 4, 2)
+
+
+def test_wrong_kinds_of_argument_are_named_not_failed_on_inside(parts, tmp_path):
+    """Were: a NumPy x "'str' object has no attribute 'type'", guidance=1.5 "'float' object has no
+    attribute 'scale'", seed 2**64 the images of seed 0 and seed 1.5 a bare TypeError, and a dict
+    for train_generator "'dict' object has no attribute 'validate'"."""
+    import numpy as np
+
+    from softvq.generation.train import train_generator
+
+    tok, model, meta = parts
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got ndarray \(torch.from_numpy"):
+        model(np.zeros((1, *model.input_shape), np.float32), 0.5, 0)
+    with pytest.raises(TypeError, match=r"guidance must be a Guidance, e.g. Guidance\(1.75, 0.0, 0.7\)"):
+        SamplerSpec(guidance=1.5)
+    for seed, error, said in ((2**64, ValueError, "must be 0 or more and below 2\\*\\*63"),
+                              (1.5, TypeError, "must be a whole number")):
+        with pytest.raises(error, match=f"seed {said}, got {seed}"):
+            write_samples(model, meta, tok, [0], SPEC, tmp_path / "s", seed=seed, progress=False)
+    with pytest.raises(TypeError, match=r"cfg must be a GeneratorTrainConfig, got dict"):
+        train_generator({"latents": "lat", "out": str(tmp_path / "run")})

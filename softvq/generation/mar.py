@@ -240,6 +240,9 @@ class MaskedAutoregressive(nn.Module):
         return self.class_embed.null_class
 
     def check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__} (torch.from_numpy(...) makes one of an "
+                            f"array)")
         if x.dim() != 3 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"this MAR models (B, {self.input_shape[0]}, {self.input_shape[1]}) latent tokens, "
                              f"got {tuple(x.shape)}; check the tokenizer's num_tokens / latent_dim")

@@ -225,6 +225,9 @@ class LatentTransformer(nn.Module):
         return self.y_embed.null_class
 
     def check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__} (torch.from_numpy(...) makes one of an "
+                            f"array)")
         if tuple(x.shape[1:]) != self.input_shape:
             what = "(B, L, D) latent tokens" if self.config.layout == "1d" else "(B, C, H, W) latent grids"
             raise ValueError(

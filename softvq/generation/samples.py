@@ -34,7 +34,7 @@ from softvq.atomic import atomic_write, write_json
 from softvq.generation.checkpoint import Generator, GeneratorMeta
 from softvq.generation.sampling import SamplerSpec, denormalize, has_null_class, label_indices, sample_latents
 from softvq.messages import first_few
-from softvq.randomness import derived_seed
+from softvq.randomness import check_seed, derived_seed
 from softvq.resume import changed_settings, weights_sha1
 from softvq.run_lock import lock_run_folder
 from softvq.training.accelerator import decided_by_main_process, same_on_every_process
@@ -146,6 +146,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     from softvq.data.images import to_pil
 
     folder = Path(folder)
+    seed = check_seed(seed)
     labels = label_indices(labels, meta.classes, model.config.num_classes, has_null_class(model))
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, got {batch_size}")

@@ -61,6 +61,11 @@ class SamplerSpec:
     cfg_schedule: Literal["linear", "constant"] = "linear"
     clip_x0: float | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.guidance, Guidance):  # was "'float' object has no attribute 'scale'" when sampling
+            raise TypeError(f"guidance must be a Guidance, e.g. Guidance(1.75, 0.0, 0.7) (scale and interval), got "
+                            f"{self.guidance!r}")
+
     def resolved(self, objective: str) -> Method:
         """The sampler this spec runs for a generator of ``objective``: ``method``, or the
         objective's default (SiT sde, DiT ddpm, MAR mar), checked against it."""
@@ -136,7 +141,9 @@ def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Seque
     :func:`denormalize` turns them into the tokenizer's latents (``tok.decode(denormalize(x, meta))``).
 
     ``labels`` are class indices (a tensor or a list) or names from ``meta.classes``; the null
-    class ``num_classes`` samples unconditionally."""
+    class ``num_classes`` samples unconditionally. The samples are made under
+    ``torch.inference_mode()`` and come back as inference tensors: ``.clone()`` them to change them in
+    place or to use them where autograd records."""
     device = next(model.parameters()).device
     labels = label_indices(labels, meta.classes, model.config.num_classes, has_null_class(model))
     if labels.numel() == 0:

@@ -115,6 +115,9 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
     from softvq.training.checkpointing import capture_rng, restore_rng
     from softvq.training.accelerator import new_accelerator, said_by_main_process, same_on_every_process
 
+    if not isinstance(cfg, GeneratorTrainConfig):
+        raise TypeError(f"cfg must be a GeneratorTrainConfig, got {type(cfg).__name__} (GeneratorTrainConfig(**fields) "
+                        f"makes one of a dict)")
     check_out_folder(Path(cfg.validate().out))  # before anything is read or written
     data = load_latents(cfg.latents)
     check_latent_set(data, cfg.latents)
