@@ -263,7 +263,7 @@ def test_an_interrupted_pretokenize_continues_from_its_last_shard(tmp_path, monk
         Image.new("RGB", (40, 40), (20 * i, 255 - 20 * i, 7 * i)).save(tmp_path / "imgs" / "a" / f"{i:02d}.png")
     # read in the batch that crosses the first shard's end, but after its last sample
     (tmp_path / "imgs" / "a" / "04_broken.png").write_bytes(b"\x89PNG not really")
-    run = dict(tokenizer_spec="tok", batch_size=3, shard_size=4, progress=False)
+    run = dict(tokenizer_spec=str(tmp_path / "tok"), batch_size=3, shard_size=4, progress=False)
     straight = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "straight", **run)
 
     # batches 1-2 read 00..05 (+ the broken file): one shard
@@ -319,7 +319,7 @@ def test_a_damaged_shard_is_encoded_again_from_the_last_whole_one_before_it(tmp_
     for i in range(12):
         Image.new("RGB", (40, 40), (20 * i, 255 - 20 * i, 7 * i)).save(tmp_path / "imgs" / "a" / f"{i:02d}.png")
     (tmp_path / "imgs" / "a" / "04_broken.png").write_bytes(b"\x89PNG not really")  # read inside shard 1
-    run = dict(tokenizer_spec="tok", batch_size=3, shard_size=4, progress=False)
+    run = dict(tokenizer_spec=str(tmp_path / "tok"), batch_size=3, shard_size=4, progress=False)
     straight = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "straight", **run)
     interrupt_at_call(monkeypatch, Tokenizer, "encode_latents", 4)  # 9 samples read: shards 0 and 1 written
     with pytest.raises(KeyboardInterrupt):
@@ -1003,7 +1003,7 @@ def test_a_pretokenize_killed_right_after_its_first_shard_continues(tmp_path, mo
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     for i in range(6):
         Image.new("RGB", (40, 40), (40 * i, 9, 200)).save(tmp_path / "imgs" / "a" / f"{i}.png")
-    run = dict(tokenizer_spec="tok", batch_size=2, shard_size=4, progress=False)
+    run = dict(tokenizer_spec=str(tmp_path / "tok"), batch_size=2, shard_size=4, progress=False)
     straight = pretokenize(tok, folder_source(tmp_path / "imgs", 32), tmp_path / "straight", **run)
     real_save, saves = module._Progress.save, []
 
@@ -1072,3 +1072,25 @@ def test_pretokenize_names_a_custom_sources_bad_sample_and_whole_number_sizes(tm
     made = pretokenize(tok, source((image, torch.tensor(1), "x0"), (image, np.int64(0), "x1")), tmp_path / "d",
                        progress=False)  # integer tensors and NumPy integers are class indices too
     assert load_latents(made.folder).labels.tolist() == [1, 0]
+
+
+def test_pretokenize_checks_the_tokenizer_spec_it_records(tmp_path):
+    """Was recorded unchecked into meta.json and every generator export: a folder that does not
+    exist, or a preset of other latents, failed only in generate after the training."""
+    from softvq import Tokenizer
+    from softvq.generation.latent_sources import LatentSource
+    from softvq.generation.pretokenize import pretokenize
+
+    tok = Tokenizer.from_preset("softvq-tiny", image_size=32, encoder={"depth": 1}, decoder={"depth": 1})
+
+    def source():
+        return LatentSource(samples=[(torch.zeros(3, 32, 32), 0, "x0")], classes=["a"], count=1)
+
+    with pytest.raises(ValueError, match=r"tokenizer_spec softvq-s-64 makes \(64, 32\) latents but the tokenizer given "
+                                         r"makes \(16, 8\)"):
+        pretokenize(tok, source(), tmp_path / "a", tokenizer_spec="softvq-s-64", progress=False)
+    with pytest.raises(ValueError, match=f"tokenizer_spec '{tmp_path / 'nowhere'}' is not a preset name"):
+        pretokenize(tok, source(), tmp_path / "b", tokenizer_spec=str(tmp_path / "nowhere"), progress=False)
+    tok.save_pretrained(tmp_path / "tok")
+    made = pretokenize(tok, source(), tmp_path / "c", tokenizer_spec=str(tmp_path / "tok"), progress=False)
+    assert load_latents(made.folder).meta["tokenizer"] == str(tmp_path / "tok")

@@ -322,8 +322,11 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
         raise ValueError("this LatentSource served an earlier pretokenize; make a new one (folder_source(...) or "
                          "bundled_source(...)) for each call")
     out = Path(out_dir)
-    if tokenizer_spec is not None:
-        tokenizer_spec = portable_spec(tokenizer_spec)  # a relative folder names another one from elsewhere
+    if tokenizer_spec is not None:  # checked now, and a relative folder made absolute (it names another from elsewhere)
+        from softvq.generation.run_inputs import tokenizer_spec as checked_spec
+
+        tokenizer_spec = checked_spec(tokenizer_spec, (tokenizer.num_tokens, tokenizer.latent_dim),
+                                      named="tokenizer_spec", holds="the tokenizer given makes")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; pretokenize writes a folder of latent shards")
     # one pretokenize per folder: two would write shards of other weights under one meta.json

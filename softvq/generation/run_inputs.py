@@ -16,10 +16,12 @@ from softvq.generation.checkpoint import folder_kind
 from softvq.generation.latents import LatentSet
 
 
-def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None) -> str:
-    """``--tokenizer`` checked now, not when ``generate`` first loads it after a long run, and
-    recorded as :func:`softvq.checkpoint.specs.portable_spec` does (a local folder made absolute).
-    A preset or local folder whose latents are not ``latent_shape`` (L, D) is refused too."""
+def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None, *, named: str = "--tokenizer",
+                   holds: str = "the latent set holds") -> str:
+    """``--tokenizer`` (the setting ``named``) checked now, not when ``generate`` first loads it after
+    a long run, and recorded as :func:`softvq.checkpoint.specs.portable_spec` does (a local folder
+    made absolute). A preset or local folder whose latents are not ``latent_shape`` (L, D), what
+    ``holds`` names, is refused too."""
     from softvq.checkpoint.pretrained import CONFIG_NAME, training_run_export
     from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset, portable_spec
     from softvq.config import PRESETS
@@ -27,7 +29,7 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None) -> st
     def same_shape(config: dict[str, Any]) -> str:
         shape = (config.get("num_tokens"), (config.get("bottleneck") or {}).get("latent_dim"))
         if latent_shape is not None and shape != tuple(latent_shape):
-            raise ValueError(f"--tokenizer {spec} makes {shape} latents but the latent set holds {tuple(latent_shape)}; "
+            raise ValueError(f"{named} {spec} makes {shape} latents but {holds} {tuple(latent_shape)}; "
                              f"pass the tokenizer pretokenize used (its meta.json names it)")
         return portable_spec(spec)
 
@@ -45,12 +47,12 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None) -> st
         what: dict[str | None, str] = {
             "latent set": "a latent set (pretokenize's output)", "generator": "a DiT/SiT/MAR generator",
             "generator run": "a DiT/SiT/MAR generator", "unfinished generator run": "a DiT/SiT/MAR generator run"}
-        raise ValueError(f"--tokenizer {spec} is {what.get(kind, 'not a softvq tokenizer folder')}; pass the "
+        raise ValueError(f"{named} {spec} is {what.get(kind, 'not a softvq tokenizer folder')}; pass the "
                          f"tokenizer that decodes the latents: {kinds}")
     text = spec.strip()
     if looks_like_hub_id(text):  # generate downloads it
         return spec
-    raise ValueError(f"--tokenizer {spec!r} is not {kinds}")
+    raise ValueError(f"{named} {spec!r} is not {kinds}")
 
 
 def other_tokenizer(spec: str, latents_meta: dict[str, Any]) -> str | None:
