@@ -1071,6 +1071,13 @@ def test_pretokenize_names_a_custom_sources_bad_sample_and_whole_number_sizes(tm
             pretokenize(tok, source((image, 0, "x0")), tmp_path / "c", progress=False, **{flag: value})
     made = pretokenize(tok, source((image, torch.tensor(1), "x0"), (image, np.int64(0), "x1")), tmp_path / "d",
                        progress=False)  # integer tensors and NumPy integers are class indices too
+    # a count that is not the samples' (it splits the work between processes): was taken as it was
+    fewer = LatentSource(samples=[(image, 0, "x0")], classes=["a", "b"], count=3)
+    with pytest.raises(ValueError, match=r"the source gave 1 of the 3 samples its count, 3, promises"):
+        pretokenize(tok, fewer, tmp_path / "e", progress=False)
+    more = LatentSource(samples=[(image, 0, "x0"), (image, 1, "x1")], classes=["a", "b"], count=1)
+    with pytest.raises(ValueError, match=r"the source gave more samples than its count, 1"):
+        pretokenize(tok, more, tmp_path / "f", progress=False)
     assert load_latents(made.folder).labels.tolist() == [1, 0]
 
 

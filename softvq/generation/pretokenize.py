@@ -434,8 +434,12 @@ def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state:
 
     def marked(received: int = state.count) -> Iterator[tuple[Tensor, int, str, tuple[int, int]]]:
         for image, label, name in samples:  # source.skipped holds exactly the files skipped before this one
+            position = part.start + received + len(source.skipped) + 1
+            if position > part.stop:  # a wrong count splits the work between processes wrongly, and ends bars early
+                raise ValueError(f"the source gave more samples than its count, {source.count}: set "
+                                 f"LatentSource.count to how many it gives")
             yield (_checked_image(image, name), _class_index(label, name, len(source.classes)), name,
-                   (part.start + received + len(source.skipped) + 1, len(source.skipped)))
+                   (position, len(source.skipped)))
             received += 1
 
     buffered = 0
@@ -455,6 +459,10 @@ def _encode_part(tokenizer, source: LatentSource, out: Path, part: _Part, state:
             buffered = sum(len(p[2]) for p in pending)
         bar.update(len(batch))
     bar.close()
+    given = part.start + state.count + sum(len(p[2]) for p in pending) + len(source.skipped)
+    if given != part.stop:
+        raise ValueError(f"the source gave {given - part.start} of the {part.stop - part.start} samples its count, "
+                         f"{source.count}, promises: set LatentSource.count to how many it gives")
     flush(final=True)
     state.position, state.skipped, state.finished = part.stop, list(source.skipped), True
     state.save(out / part.progress_name)
