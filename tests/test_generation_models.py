@@ -194,3 +194,12 @@ def test_a_number_for_t_is_checked_against_the_generators_convention():
         sit(x, 500, 0)
     with torch.no_grad():
         assert dit(x, 500, 0).shape[0] == sit(x, 0.5, 0).shape[0] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_building_on_a_missing_cuda_is_named():
+    with pytest.raises(ValueError, match=r"device 'cuda' \(device\) asked for but CUDA is not available; build on "
+                                         r"the CPU"):  # was torch's bare "Torch not compiled with CUDA enabled"
+        build_generator(GeneratorConfig(width=32, depth=1, heads=2, num_tokens=4, latent_dim=2), device="cuda")
+    assert build_generator(GeneratorConfig(width=32, depth=1, heads=2, num_tokens=4, latent_dim=2),
+                           device="meta").num_parameters() > 0

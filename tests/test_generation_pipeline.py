@@ -240,8 +240,10 @@ def test_bench_gen_times_mar_sampling_whole_at_its_evaluation_setting(monkeypatc
         return real_sample(self, labels, ar_steps, diffusion_steps, **kwargs)
 
     monkeypatch.setattr(MaskedAutoregressive, "sample", sample)
+    state = torch.get_rng_state()
     seconds = benchmark.time_mar_sampling(tiny, 3, torch.device("cpu"), diffusion_steps=5)
     assert seconds > 0 and calls == [(3, 1, 1, 1.0), (3, None, 5, 1.0)]  # warm-up, then the timed whole run
+    assert torch.equal(torch.get_rng_state(), state)  # its seeding is its own: the caller's stream is given back
 
     monkeypatch.setattr(benchmark, "time_mar_sampling", lambda cfg, batch, device, steps: batch / 2.0)
     text = benchmark.mar_table(throughput=True, device="cpu", batch=8, max_gmacs_cpu=80.0, progress=False)
@@ -1101,3 +1103,11 @@ def test_pretokenize_checks_the_tokenizer_spec_it_records(tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     made = pretokenize(tok, source(), tmp_path / "c", tokenizer_spec=str(tmp_path / "tok"), progress=False)
     assert load_latents(made.folder).meta["tokenizer"] == str(tmp_path / "tok")
+
+
+def test_bundled_source_wants_a_crop_per_photo():
+    from softvq.generation.latent_sources import bundled_source
+
+    for value in (0, 2.5):  # 0 was taken, and failed later on an empty set
+        with pytest.raises(ValueError, match=f"crops_per_photo must be a whole number of 1 or more, got {value}"):
+            bundled_source(32, crops_per_photo=value)

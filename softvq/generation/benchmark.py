@@ -66,8 +66,18 @@ def _skipped_on_cpu(device: torch.device, gmacs_per_image: float, max_gmacs_cpu:
     return ""
 
 
+def _own_random_streams(device: torch.device):
+    """The timings seed torch for repeatable random weights: the caller's random streams are given back."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def time_forward(config: GeneratorConfig, batch: int, device: torch.device, repeats: int = 3) -> float:
     """Median seconds of one fp32 forward pass at ``batch`` (after one warm-up pass)."""
+    with _own_random_streams(device):
+        return _time_forward(config, batch, device, repeats)
+
+
+def _time_forward(config: GeneratorConfig, batch: int, device: torch.device, repeats: int) -> float:
     torch.manual_seed(0)
     model = build_generator(config).to(device).eval()
     x = torch.randn((batch, *model.input_shape), device=device)
@@ -159,6 +169,11 @@ def time_mar_sampling(config: MARConfig, batch: int, device: torch.device, diffu
     autoregressive step per token with ``diffusion_steps`` head steps each (MAR's evaluation
     setting), without guidance, as the DiT / SiT rows. Timed whole, not extrapolated: the head's
     batch shrinks and grows with the tokens each step reveals."""
+    with _own_random_streams(device):
+        return _time_mar_sampling(config, batch, device, diffusion_steps)
+
+
+def _time_mar_sampling(config: MARConfig, batch: int, device: torch.device, diffusion_steps: int) -> float:
     torch.manual_seed(0)
     model = build_generator(config).to(device).eval()
     labels = torch.randint(0, config.num_classes, (batch,), device=device)

@@ -299,5 +299,10 @@ def build_generator(config: GeneratorConfig | MARConfig | dict[str, Any],
     ``device="meta"`` to count parameters or FLOPs for free."""
     if isinstance(config, dict):
         config = MARConfig.from_dict(config) if config.get("kind") == "mar" else GeneratorConfig.from_dict(config)
+    if device is not None:  # torch's own refusal of a missing CUDA is a bare AssertionError
+        from softvq.checkpoint.pretrained import usable_device
+
+        device = usable_device(device, named_by="device", fix="build on the CPU (device='cpu')",
+                               choices="cpu, cuda, cuda:N, mps or meta")
     with torch.device(device) if device is not None else contextlib.nullcontext():
         return MaskedAutoregressive(config) if isinstance(config, MARConfig) else LatentTransformer(config)
