@@ -125,8 +125,6 @@ class Trainer:
         self.accelerator = make_accelerator(config)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
-        same_on_every_process(config.to_dict(), self.world,  # before anything could wait for a peer
-                              ignore=("data.workers", "data.prefetch_factor", "run.progress"))
         self.is_main = acc.is_main_process
         self.device = acc.device
         sched = config.schedule
@@ -137,6 +135,8 @@ class Trainer:
                 f"{sched.grad_accum} accumulation steps"
             )
         self.micro_batch = int(per_micro)
+        same_on_every_process(config.to_dict(), self.world,  # before anything could wait for a peer
+                              ignore=("data.workers", "data.prefetch_factor", "run.progress"))
 
         # Held until fit() ends (or set-up fails): a second run, or a --resume of this one while it
         # still trains, is refused before it writes anything here.
