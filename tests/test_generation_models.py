@@ -203,3 +203,20 @@ def test_building_on_a_missing_cuda_is_named():
         build_generator(GeneratorConfig(width=32, depth=1, heads=2, num_tokens=4, latent_dim=2), device="cuda")
     assert build_generator(GeneratorConfig(width=32, depth=1, heads=2, num_tokens=4, latent_dim=2),
                            device="meta").num_parameters() > 0
+
+
+def test_an_objective_of_another_kind_than_its_model_is_named():
+    """Were shape errors inside torch: a SiT objective on a DiT, and DiT's learned-σ objective on a
+    DiT built without the variance head."""
+    from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
+
+    small = dict(width=32, depth=1, heads=2, num_tokens=4, latent_dim=2, num_classes=3)
+    dit = build_generator(GeneratorConfig(kind="dit", **small))
+    x, y = torch.randn(2, 4, 2), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"a 'sit' objective on a 'dit' generator"):
+        GenerationObjective(GenerationObjectiveConfig("sit"))(dit, x, y)
+    plain = build_generator(GeneratorConfig(kind="dit", learn_sigma=False, **small))
+    with pytest.raises(ValueError, match=r"learned_sigma=True but the DiT's variance head is absent"):
+        GenerationObjective(GenerationObjectiveConfig("dit"))(plain, x, y)
+    loss = GenerationObjective(GenerationObjectiveConfig("dit"), learned_sigma=False)(plain, x, y)["loss"]
+    assert torch.isfinite(loss)

@@ -47,8 +47,23 @@ class GenerationObjective:
                                                              channel_dim=channel_dim)
         else:
             raise ValueError(f"unknown objective {config.kind!r}; choose 'sit', 'dit' or 'mar'")
+        self.learned_sigma = learned_sigma
+
+    def check_model(self, model: nn.Module) -> None:
+        """A model of this objective's kind (and, for DiT, its variance head): another failed inside
+        torch with a shape error."""
+        config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model
+        kind = getattr(config, "kind", None)
+        if kind is not None and kind != self.config.kind:
+            raise ValueError(f"a {self.config.kind!r} objective on a {kind!r} generator: build the objective with "
+                             f"GenerationObjectiveConfig({kind!r}, ...)")
+        if kind == "dit" and config is not None and config.sigma_learned != self.learned_sigma:
+            raise ValueError(f"the objective has learned_sigma={self.learned_sigma} but the DiT's variance head is "
+                             f"{'there' if config.sigma_learned else 'absent'}: pass "
+                             f"learned_sigma=model.config.sigma_learned")
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        self.check_model(model)
         if self.config.kind == "mar":
             return model(x, y)
         if self.config.kind == "sit":
