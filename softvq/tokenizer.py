@@ -300,8 +300,9 @@ class Tokenizer(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` atomically into ``directory`` (made if missing;
-        a checkpoint already there is replaced, as ``save_pretrained`` does elsewhere; the CLI's
-        ``info --save`` refuses to)."""
+        a tokenizer checkpoint already there is replaced, as ``save_pretrained`` does elsewhere, and the
+        CLI's ``info --save`` refuses to; a folder holding anything else with a config.json, such as a
+        generator, a train-generator run or a released checkpoint, or a latent set, is refused)."""
         from softvq.checkpoint.pretrained import save_pretrained
 
         return save_pretrained(self, directory)

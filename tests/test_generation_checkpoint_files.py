@@ -214,4 +214,6 @@ def test_an_export_refuses_a_folder_of_another_kind_and_a_meta_of_another_genera
         save_generator(model, GeneratorMeta(**{**meta.to_dict(), "objective": "dit"}), tmp_path / "g")
     with pytest.raises(TypeError, match="meta must be a GeneratorMeta, got dict"):
         save_generator(model, meta.to_dict(), tmp_path / "g")
+    with pytest.raises(FileExistsError, match="holds a train-generator run; writing"):
+        Tokenizer.from_pretrained(root / "tok").save_pretrained(run)  # its config.json is the run's record
     save_generator(model, meta, run / "generator")  # its own kind: written again, as a re-export does

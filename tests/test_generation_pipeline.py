@@ -1096,7 +1096,7 @@ def test_pretokenize_checks_the_tokenizer_spec_it_records(tmp_path):
         return LatentSource(samples=[(torch.zeros(3, 32, 32), 0, "x0")], classes=["a"], count=1)
 
     with pytest.raises(ValueError, match=r"tokenizer_spec softvq-s-64 makes \(64, 32\) latents but the tokenizer given "
-                                         r"makes \(16, 8\)"):
+                                         r"makes \(16, 8\); pass the spec that loads the tokenizer you encode with$"):
         pretokenize(tok, source(), tmp_path / "a", tokenizer_spec="softvq-s-64", progress=False)
     with pytest.raises(ValueError, match=f"tokenizer_spec '{tmp_path / 'nowhere'}' is not a preset name"):
         pretokenize(tok, source(), tmp_path / "b", tokenizer_spec=str(tmp_path / "nowhere"), progress=False)
@@ -1111,3 +1111,6 @@ def test_bundled_source_wants_a_crop_per_photo():
     for value in (0, 2.5):  # 0 was taken, and failed later on an empty set
         with pytest.raises(ValueError, match=f"crops_per_photo must be a whole number of 1 or more, got {value}"):
             bundled_source(32, crops_per_photo=value)
+    import numpy as np
+
+    assert bundled_source(32, crops_per_photo=np.int64(1)).count == bundled_source(32, crops_per_photo=1).count

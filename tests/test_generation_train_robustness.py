@@ -381,6 +381,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(made, tmp_pat
 
     monkeypatch.setattr(accelerator_module, "new_accelerator",
                         lambda **kwargs: SimpleNamespace(num_processes=2, is_main_process=True))
+    monkeypatch.setattr(accelerator_module, "same_on_every_process", lambda *a, **k: None)  # no peer to ask
     root, _ = made
     assert main(["train-generator", "--latents", str(root / "lat"), "--out", str(tmp_path / "g"),
                  "--width", "32", "--depth", "1", "--heads", "2", "--batch-size", "15", "--cpu", "--quiet",

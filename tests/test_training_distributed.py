@@ -260,13 +260,16 @@ def test_a_refusal_the_main_process_decides_is_printed_once(tmp_path):
         proc.stderr[-3000:]
 
 
-def test_processes_given_other_settings_are_refused_instead_of_waiting_forever(tmp_path):
+@pytest.mark.parametrize("key, value, said", [("steps", 3, "schedule.steps 5 -> 3"),
+                                              ("batch_size", 7, "schedule.batch_size 8 -> 7")])
+def test_processes_given_other_settings_are_refused_instead_of_waiting_forever(tmp_path, key, value, said):
     """A hand-made launch whose process 1 had another step count waited at a collective until a
-    timeout killed it; one with another seed (generate, pretokenize) mixed two runs unsaid."""
+    timeout killed it; one with another seed (generate, pretokenize) mixed two runs unsaid. The
+    check comes before each process's own refusals (7 does not split over 2 processes)."""
     one = tmp_path / "one.yaml"
     one.write_text(yaml.safe_dump(TREE))
     other = tmp_path / "other.yaml"
-    other.write_text(yaml.safe_dump({**TREE, "schedule": {**TREE["schedule"], "steps": 3}}))
+    other.write_text(yaml.safe_dump({**TREE, "schedule": {**TREE["schedule"], key: value}}))
     per_rank = tmp_path / "per_rank.py"  # what a launch script that builds each process's command line may do
     per_rank.write_text("import os, sys\nfrom softvq.cli.main import run\n"
                         f"config = {str(one)!r} if os.environ['RANK'] == '0' else {str(other)!r}\n"
@@ -274,9 +277,8 @@ def test_processes_given_other_settings_are_refused_instead_of_waiting_forever(t
     proc = subprocess.run(torchrun(2) + [str(per_rank)], env=cpu_process_env(), capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode != 0
-    assert proc.stderr.count("the 2 processes of this launch were given different settings (process 0 -> process 1: "
-                             "schedule.steps 5 -> 3); start every process with the same command line") == 1, \
-        proc.stderr[-3000:]
+    assert proc.stderr.count(f"the 2 processes of this launch were given different settings (process 0 -> process 1: "
+                             f"{said}); start every process with the same command line") == 1, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -738,14 +738,15 @@ def test_a_constant_logged_over_windows_of_any_length_stays_one_number():
     assert len(set(means)) == 1 and means[0] == float(torch.tensor(0.07))
 
 
-def test_a_trainer_fit_inside_a_callers_no_grad_trains_all_the_same(tmp_path):
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_trainer_inside_a_callers_no_grad_trains_all_the_same(tmp_path, mode):
     from softvq.training.config import config_from_dict
     from softvq.training.trainer import Trainer
     from tests.test_tokenizer_generative_decoder import TREE
 
-    trainer = Trainer(config_from_dict(TREE), tmp_path / "run")
-    before = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
-    with torch.no_grad():  # was "element 0 of tensors does not require grad" at the first step
+    with getattr(torch, mode)():  # was "element 0 of tensors does not require grad" at the first step
+        trainer = Trainer(config_from_dict(TREE), tmp_path / "run")
+        before = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
         result = trainer.fit()
     assert (result.step, result.status) == (3, "finished")
     assert any(not torch.equal(before[k], v) for k, v in trainer.unwrapped.state_dict().items())

@@ -63,7 +63,11 @@ def _held_format(directory: Path) -> str | None:
     except (OSError, ValueError):
         return f"a {CONFIG_NAME} softvq cannot read"
     fmt = meta.get("format") if isinstance(meta, dict) else None
-    return fmt if isinstance(fmt, str) else f"another program's {CONFIG_NAME}"
+    if isinstance(fmt, str):
+        return fmt
+    if isinstance(meta, dict) and "train" in meta and "model" in meta:  # train-generator's run record
+        return "a train-generator run"
+    return f"another program's {CONFIG_NAME}"
 
 
 def training_run_export(folder: str | Path) -> Path | None:

@@ -7,6 +7,7 @@ split it."""
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,8 +130,9 @@ def bundled_source(image_size: int, crops_per_photo: int = 32, seed: int = 0, si
     horizontal flip) of each bundled photo, resized to ``image_size``; one class per photo."""
     from softvq.data.transforms import random_flip, random_scale_crop, sample_rng
 
-    if isinstance(crops_per_photo, bool) or not isinstance(crops_per_photo, int) or crops_per_photo < 1:
+    if isinstance(crops_per_photo, bool) or not isinstance(crops_per_photo, numbers.Integral) or crops_per_photo < 1:
         raise ValueError(f"crops_per_photo must be a whole number of 1 or more, got {crops_per_photo!r}")
+    crops_per_photo = int(crops_per_photo)
     photos = bundled_photos()
     classes = ["photos"] if single_class else [p.stem for p in photos]
 

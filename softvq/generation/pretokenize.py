@@ -326,7 +326,8 @@ def pretokenize(tokenizer: "Tokenizer", source: LatentSource, out_dir: str | Pat
         from softvq.generation.run_inputs import tokenizer_spec as checked_spec
 
         tokenizer_spec = checked_spec(tokenizer_spec, (tokenizer.num_tokens, tokenizer.latent_dim),
-                                      named="tokenizer_spec", holds="the tokenizer given makes")
+                                      named="tokenizer_spec", holds="the tokenizer given makes",
+                                      fix="pass the spec that loads the tokenizer you encode with")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; pretokenize writes a folder of latent shards")
     # one pretokenize per folder: two would write shards of other weights under one meta.json

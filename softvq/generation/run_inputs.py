@@ -17,7 +17,8 @@ from softvq.generation.latents import LatentSet
 
 
 def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None, *, named: str = "--tokenizer",
-                   holds: str = "the latent set holds") -> str:
+                   holds: str = "the latent set holds",
+                   fix: str = "pass the tokenizer pretokenize used (its meta.json names it)") -> str:
     """``--tokenizer`` (the setting ``named``) checked now, not when ``generate`` first loads it after
     a long run, and recorded as :func:`softvq.checkpoint.specs.portable_spec` does (a local folder
     made absolute). A preset or local folder whose latents are not ``latent_shape`` (L, D), what
@@ -29,8 +30,7 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None, *, na
     def same_shape(config: dict[str, Any]) -> str:
         shape = (config.get("num_tokens"), (config.get("bottleneck") or {}).get("latent_dim"))
         if latent_shape is not None and shape != tuple(latent_shape):
-            raise ValueError(f"{named} {spec} makes {shape} latents but {holds} {tuple(latent_shape)}; "
-                             f"pass the tokenizer pretokenize used (its meta.json names it)")
+            raise ValueError(f"{named} {spec} makes {shape} latents but {holds} {tuple(latent_shape)}; {fix}")
         return portable_spec(spec)
 
     kinds = "a preset name, a tokenizer folder or training run, a hub id 'org/name', or official:FOLDER_OR_HUB_ID"

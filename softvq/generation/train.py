@@ -137,11 +137,12 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> dict[st
         raise ValueError("--mixed-precision fp16 needs a GPU (on a CPU it would train in float32 and record fp16); "
                          "pass --mixed-precision bf16 or no")
     acc = new_accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu)
+    # first: the refusals after it assume every process meets them alike
+    same_on_every_process(dataclasses.asdict(cfg), acc.num_processes)
     if cfg.batch_size % acc.num_processes:  # each process takes batch / n: a remainder would be dropped unsaid
         raise said_by_main_process(ValueError(f"--batch-size {cfg.batch_size} must split evenly into "
                                               f"{acc.num_processes} processes; pass a multiple of {acc.num_processes}"),
                                    acc.is_main_process)  # every process finds it: the CLI says it once
-    same_on_every_process(dataclasses.asdict(cfg), acc.num_processes)
     lock = lock_run_folder(run, acc)  # one process per run folder, for the run's whole life (main only)
     caller_rng = capture_rng()  # the run seeds the global generators; the caller gets its states back
     try:

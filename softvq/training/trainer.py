@@ -112,6 +112,7 @@ class Trainer:
     finished process.
     """
 
+    @with_gradients  # its networks built inside a caller's inference_mode() would be inference tensors
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool | str | Path | None = None,
                  objective_factory: Callable[[TrainConfig, Tokenizer], TokenizerObjective] | None = None) -> None:
         if not isinstance(config, TrainConfig):
@@ -125,6 +126,9 @@ class Trainer:
         self.accelerator = make_accelerator(config)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        # first: the refusals after it assume every process meets them alike
+        same_on_every_process(config.to_dict(), self.world,
+                              ignore=("data.workers", "data.prefetch_factor", "run.progress"))
         self.is_main = acc.is_main_process
         self.device = acc.device
         sched = config.schedule
@@ -135,8 +139,6 @@ class Trainer:
                 f"{sched.grad_accum} accumulation steps"
             )
         self.micro_batch = int(per_micro)
-        same_on_every_process(config.to_dict(), self.world,  # before anything could wait for a peer
-                              ignore=("data.workers", "data.prefetch_factor", "run.progress"))
 
         # Held until fit() ends (or set-up fails): a second run, or a --resume of this one while it
         # still trains, is refused before it writes anything here.
