@@ -15,6 +15,17 @@ from softvq.config import PRESETS
 OFFICIAL_PREFIX = "official:"
 
 
+def official_target(spec: str, setting: str = "") -> str:
+    """The release folder or hub id after ``official:`` in ``spec`` (which starts with it), or a
+    ValueError where nothing follows: an empty one would read the current folder. ``setting`` is
+    how the error spells where the spec was given (``"run.init_from="``)."""
+    target = spec[len(OFFICIAL_PREFIX):]
+    if not target.strip():
+        raise ValueError(f"{setting}{OFFICIAL_PREFIX} needs a release folder or hub id after it, e.g. "
+                         f"{OFFICIAL_PREFIX}SoftVQVAE/softvq-b-64")
+    return target
+
+
 def is_preset(spec: str) -> bool:
     """Whether SPEC names a preset (case-insensitive)."""
     return spec.lower() in PRESETS

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset
+from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset, official_target
 from softvq.config import PRESETS
 from softvq.messages import first_few
 from softvq.precision import PRECISIONS
@@ -234,10 +234,7 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                   f"until it is trained (its fresh decoder hardly reads the latents: every image decodes "
                   f"alike): name a trained checkpoint instead of a preset", file=sys.stderr)
     elif spec.startswith(OFFICIAL_PREFIX):
-        target = spec[len(OFFICIAL_PREFIX):]
-        if not target.strip():  # it read the current folder and said two confusing things
-            raise ValueError(f"{OFFICIAL_PREFIX} needs a release folder or hub id after it, e.g. "
-                             f"{OFFICIAL_PREFIX}SoftVQVAE/softvq-b-64")
+        target = official_target(spec)
         model = Tokenizer.from_official(target)
         if name_ignored_keys and model.ignored_keys:
             from softvq.checkpoint.official import ignored_summary

@@ -41,11 +41,11 @@ from tqdm import tqdm
 
 from softvq.atomic import atomic_write, write_json
 from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, load_strict
-from softvq.checkpoint.specs import OFFICIAL_PREFIX
+from softvq.checkpoint.specs import OFFICIAL_PREFIX, official_target
 from softvq.data.images import why_unreadable
-from softvq.eval_mode import with_gradients
 from softvq.data.loader import Batch, HeldOut, build_data
 from softvq.data.workers import worker_batches
+from softvq.eval_mode import with_gradients
 from softvq.messages import first_few
 from softvq.randomness import seed_everything
 from softvq.resume import changed_settings
@@ -855,10 +855,7 @@ def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
     run = config.run  # validate() refused both set
     if run.init_from:
         release = run.init_from.startswith(OFFICIAL_PREFIX)  # a released SoftVQ-VAE checkpoint
-        target = run.init_from.removeprefix(OFFICIAL_PREFIX)
-        if release and not target.strip():  # it would read the current folder
-            raise ValueError(f"run.init_from={OFFICIAL_PREFIX} needs a release folder or hub id after it, e.g. "
-                             f"{OFFICIAL_PREFIX}SoftVQVAE/softvq-b-64")
+        target = official_target(run.init_from, "run.init_from=") if release else run.init_from
         try:
             start = Tokenizer.from_official(target) if release else Tokenizer.from_pretrained(target)
         except CheckpointError as exc:  # name the setting that points there, and where a relative one looked
