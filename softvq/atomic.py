@@ -42,7 +42,7 @@ class OutOfSpaceError(OSError):
         return (OutOfSpaceError, (self.path,))
 
 
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no room left: the disk's, or the user's quota
 _ROOM_LEFT_BYTES = 16 << 20  # what a disk that refused a write and "has" no more than is full
 
 
@@ -51,7 +51,7 @@ def _out_of_space(exc: BaseException, folder: Path) -> bool:
     short write (torch.save's "unexpected pos", safetensors' "os error 28") on a disk that is
     indeed (nearly) full: the same messages come from a file too large for its file system."""
     if isinstance(exc, OSError):
-        return exc.errno in _FULL_ERRNOS
+        return exc.errno in FULL_DISK_ERRNOS
     text = str(exc)
     if not any(sign in text for sign in ("unexpected pos", "failed writing", "os error 28", "os error 122",
                                          "No space left")):

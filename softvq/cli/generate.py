@@ -254,13 +254,10 @@ REFERENCE_CHECKED = 1000  # reference images looked at before sampling
 def check_reference_images(reference: Path) -> None:
     """A ``--fid-ref`` folder has images and one of them reads: found before sampling, not after
     (the others are read when scoring, where unreadable ones are skipped and named)."""
-    from softvq.data.images import ImageReadError, why_unreadable
     from softvq.evaluation.sources import first_readable, list_image_refs
 
     refs, _, _ = list_image_refs(reference, REFERENCE_CHECKED)  # a shard folder's first ones: not a million
-    if first_readable(refs) is None:
-        raise ImageReadError(f"--fid-ref {reference}: none of its first {len(refs)} images is readable, "
-                             f"e.g. {why_unreadable(refs[0].name)}")
+    first_readable(refs, f"--fid-ref {reference}: none of its first {len(refs)} images is readable")
 
 
 def generation_fid(samples: Path, reference: str, device: torch.device, progress: bool = True) -> dict[str, Any]:

@@ -10,7 +10,6 @@ shows the traceback of any error.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
 import os
@@ -165,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"softvq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk met outside softvq's own file writes (a log line, a library's file)
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or _wants_traceback():
+        from softvq.atomic import FULL_DISK_ERRNOS
+
+        if exc.errno not in FULL_DISK_ERRNOS or _wants_traceback():
             raise
         from softvq.training.accelerator import first_launched_process
 

@@ -14,7 +14,6 @@ from torch import Tensor
 from softvq.evaluation import fid as fidlib
 from softvq.evaluation.evaluate import DEFAULT_CACHE, PAPER_NUM_IMAGES, EvalOptions, protocol_of
 from softvq.evaluation.saved_state import KeptWork, load_saved_state, save_state
-from softvq.data.images import ImageReadError, why_unreadable
 from softvq.evaluation.sources import first_readable, list_image_refs, readable_batches, skipped_note
 from softvq.generation.samples import SAMPLE_IMAGES, SAMPLE_RECORD, sample_record
 
@@ -172,10 +171,7 @@ def _samples_side(refs: list) -> int:
     """The side the samples are scored at: the short side of the first one that reads (generated
     samples are square; the others are centre-cropped and resized to it, as the reference is). An
     unreadable sample is skipped and counted later, as everywhere; only none readable is an error."""
-    first = first_readable(refs)
-    if first is not None:
-        return min(first.size)
-    raise ImageReadError(f"none of the {len(refs)} samples is readable, e.g. {why_unreadable(refs[0].name)}")
+    return min(first_readable(refs, f"none of the {len(refs)} samples is readable").size)
 
 
 def _extract_resumably(extractor, refs: list, size: int, batch_size: int, workers: int, desc: str, progress: bool,

@@ -236,15 +236,16 @@ def readable_batches(refs: list[ImageSource], size: int, batch_size: int, worker
                              f"e.g. {why_unreadable(skipped[0])}")
 
 
-def first_readable(refs: list[ImageSource]) -> Image.Image | None:
-    """The first of ``refs`` that reads (the others before it are tried and passed over), or None:
-    what a check before a long run needs to know of a set that is skipped past when read."""
+def first_readable(refs: list[ImageSource], none_read: str) -> Image.Image:
+    """The first of ``refs`` that reads (the others before it are tried and passed over): what a
+    check before a long run needs to know of a set that is skipped past when read. Where none
+    reads, an :class:`ImageReadError` of ``none_read``, with the first one and why."""
     for ref in refs:
         try:
             return ref.open_rgb()
         except ImageReadError:
             continue
-    return None
+    raise ImageReadError(f"{none_read}, e.g. {why_unreadable(refs[0].name)}")
 
 
 def skipped_note(skipped: list[str], considered: int) -> str:
