@@ -78,9 +78,12 @@ class RunLock:
 
     @property
     def held(self) -> bool:
+        """Whether this object holds the lock now."""
         return self._file is not None
 
     def acquire(self) -> "RunLock":
+        """Take the lock (making the folder if needed) or raise :class:`RunFolderInUse` naming the holder;
+        returns ``self``. A lock file left by a dead process is taken over: the operating system freed its lock."""
         if self.held or self._held_by_main:
             return self
         self._made_folder = not self.folder.exists()
@@ -115,6 +118,7 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Let go of the lock and delete the lock file (and the folder, if acquire made it and it is empty)."""
         if self._file is None:
             return
         if fcntl is not None:  # deleted while still locked, so that no other process locks this file after us

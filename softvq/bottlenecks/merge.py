@@ -42,6 +42,7 @@ def shared_widths(parts: list[Bottleneck], fields: tuple[str, str], owner: str, 
 
 
 def sum_losses(outputs: list[BottleneckOutput]) -> dict[str, Tensor]:
+    """Each loss name summed over the parts' outputs (a name only some parts return is their sum)."""
     merged: dict[str, Tensor] = {}
     for out in outputs:
         for name, value in out.losses.items():
@@ -50,10 +51,12 @@ def sum_losses(outputs: list[BottleneckOutput]) -> dict[str, Tensor]:
 
 
 def mean_losses(outputs: list[BottleneckOutput]) -> dict[str, Tensor]:
+    """Each loss name summed over the parts and divided by the number of parts."""
     return {name: value / len(outputs) for name, value in sum_losses(outputs).items()}
 
 
 def mean_metrics(outputs: list[BottleneckOutput]) -> dict[str, Tensor]:
+    """Each metric name averaged, in float32, over the parts that report it."""
     names = {name for out in outputs for name in out.metrics}
     merged = {}
     for name in sorted(names):

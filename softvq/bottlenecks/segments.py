@@ -60,7 +60,8 @@ class SegmentCodebooks(Bottleneck):
         return cast(Bottleneck, self.parts[0]).codebook_size  # ModuleList items are typed Module
 
     @property
-    def indices_have_code_axis(self) -> bool:  # type: ignore[override]  # the parts' layout
+    def indices_have_code_axis(self) -> bool:  # type: ignore[override]
+        """The parts' layout: whether each token's indices carry a trailing codebook axis."""
         return cast(Bottleneck, self.parts[0]).indices_have_code_axis
 
     @property

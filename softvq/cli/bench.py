@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_gen_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``softvq bench gen`` (Tab. 1's generator GFLOPs and throughput)."""
     from softvq.generation.benchmark import LAYOUTS
 
     p.add_argument("--kinds", nargs="+", default=["dit", "sit"], choices=["dit", "sit"])
@@ -49,6 +50,7 @@ def add_gen_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_gen(args: argparse.Namespace) -> int:
+    """Print Tab. 1's generator table measured on this machine."""
     import torch
 
     from softvq.generation.benchmark import format_table, generator_table, mar_table

@@ -40,6 +40,7 @@ class LatentsFile:
 
     @property
     def image_size(self) -> int | None:
+        """The resolution the latents were encoded at, where the file records it."""
         return int(self.meta["image_size"]) if "image_size" in self.meta else None
 
 

@@ -99,18 +99,22 @@ def _number(text: str, usable, wants: str) -> float:
 
 
 def guidance_scale(text: str) -> float:
+    """Parse a CFG scale (argparse type): finite and 0 or more."""
     return _number(text, lambda v: v >= 0, "the guidance scale is a finite number of 0 or more (1 = off)")
 
 
 def noise_level(text: str) -> float:
+    """Parse a noise level (argparse type): in [0, 1]."""
     return _number(text, lambda v: 0 <= v <= 1, "noise levels lie in [0, 1] (0 data .. 1 noise)")
 
 
 def temperature(text: str) -> float:
+    """Parse a sampling temperature (argparse type): finite and 0 or more."""
     return _number(text, lambda v: v >= 0, "the temperature is a finite number of 0 or more (1 = the release's)")
 
 
 def clip_bound(text: str) -> float:
+    """Parse a latent clipping bound (argparse type): finite and positive."""
     return _number(text, lambda v: v > 0, "the bound is a finite positive number (normalised latent units)")
 
 

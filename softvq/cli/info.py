@@ -43,28 +43,35 @@ class Summary:
 
     @property
     def total_params(self) -> int:
+        """Encoder, bottleneck and decoder parameters together."""
         return self.encoder_params + self.bottleneck_params + self.decoder_params
 
     @property
     def image_bits(self) -> int:
+        """Bits of one 8-bit RGB image at the model's resolution."""
         return self.image_size * self.image_size * 3 * 8
 
     def latent_bits(self, float_bits: int) -> int:
+        """Bits of one image's latents stored as ``float_bits``-bit floats."""
         return self.num_tokens * self.latent_dim * float_bits
 
     def ratio(self, float_bits: int) -> float:
+        """Compression of the raw image into latents stored as ``float_bits``-bit floats."""
         return self.image_bits / self.latent_bits(float_bits)
 
     @property
     def code_bits(self) -> float | None:
+        """Bits of one image's discrete codes; None for a continuous bottleneck."""
         return None if self.code_bits_per_token is None else self.num_tokens * self.code_bits_per_token
 
     @property
     def code_ratio(self) -> float | None:
+        """Compression of the raw image into discrete codes; None for a continuous bottleneck."""
         return None if self.code_bits is None else self.image_bits / self.code_bits
 
     @property
     def pixels_per_token(self) -> float:
+        """Pixels each latent token stands for."""
         return self.image_size * self.image_size / self.num_tokens
 
 
@@ -168,6 +175,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def describe(model: Tokenizer, source: str) -> str:
+    """The ``softvq info`` table of a tokenizer: layout, parameters, compression and FLOPs."""
     s = summarize(model)
     grid = s.image_size // s.patch_size
     rows = [

@@ -49,6 +49,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``softvq`` parser with every sub-command this build has."""
     parser = _Parser(
         prog="softvq", description="SoftVQ-VAE 1D image tokenizers and generators on their latents."
     )
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the user's to fix: printed as one line, without a traceback."""
     from softvq.checkpoint.pretrained import CheckpointError
     from softvq.data.images import ImageReadError
 
@@ -115,6 +117,7 @@ def show_library_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``softvq`` with ``argv`` (default: the command line) and return its exit status."""
     show_library_warnings()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -44,6 +44,8 @@ class HeldOut:
 
 @dataclass
 class TrainData:
+    """A run's training stream: its DataLoader, a one-line description for the log, the number of
+    images when known (not for tar shards), and the non-image files a folder held."""
     loader: DataLoader
     description: str
     num_items: int | None = None

@@ -49,6 +49,7 @@ class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
         self._cache: tuple[int, np.ndarray] | None = None
 
     def order(self, epoch: int) -> np.ndarray:
+        """The item order of ``epoch``: a permutation seeded by (seed, epoch) when shuffling."""
         if self._cache is None or self._cache[0] != epoch:
             perm = (np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
                     if self.shuffle else np.arange(self.num_items))
@@ -56,6 +57,7 @@ class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
         return self._cache[1]
 
     def item_at(self, position: int) -> int:
+        """The item index at stream ``position`` (epochs follow each other)."""
         epoch, offset = divmod(position, self.num_items)
         return int(self.order(epoch)[offset])
 

@@ -84,6 +84,7 @@ def _avg_pool(x: Tensor) -> Tensor:
 
 
 class InceptionA(nn.Module):
+    """Mixed_5b-5d: 1x1, 5x5, double 3x3 and average-pool branches, concatenated (35x35 grid)."""
     def __init__(self, cin: int, pool_features: int) -> None:
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 64, 1)
@@ -104,6 +105,7 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
+    """Mixed_6a: the 35 -> 17 grid reduction (strided 3x3, double 3x3 and max-pool branches)."""
     def __init__(self, cin: int) -> None:
         super().__init__()
         self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
@@ -120,6 +122,7 @@ class InceptionB(nn.Module):
 
 
 class InceptionC(nn.Module):
+    """Mixed_6b-6e: factorised 7x7 branches of width ``c7`` (17x17 grid)."""
     def __init__(self, cin: int, c7: int) -> None:
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 192, 1)
@@ -143,6 +146,7 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
+    """Mixed_7a: the 17 -> 8 grid reduction."""
     def __init__(self, cin: int) -> None:
         super().__init__()
         self.branch3x3_1 = BasicConv2d(cin, 192, 1)
@@ -214,6 +218,7 @@ class FIDInceptionV3(nn.Module):
 
     @property
     def has_logits(self) -> bool:
+        """Whether the loaded weights include the classifier (needed for the Inception Score)."""
         return self.fc is not None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:

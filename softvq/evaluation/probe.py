@@ -42,6 +42,7 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One LAMB update of every parameter; ``closure`` recomputes the loss, as in ``torch.optim``."""
         if closure is not None:  # it recomputes the loss and calls backward: gradients must be on for it
             with torch.enable_grad():
                 loss = closure()
@@ -88,6 +89,8 @@ class LinearProbe(nn.Module):
 
 @dataclass
 class ProbeResult:
+    """What one linear probe measured (paper supp. C.3), as written to ``probe.json``: accuracies in [0, 1],
+    the labelled set's sizes, and what was left out of it."""
     top1: float            # held-out accuracy
     top5: float | None     # held-out top-5 (only with more than 5 classes)
     train_top1: float
@@ -102,6 +105,7 @@ class ProbeResult:
     empty_classes: list[str] = field(default_factory=list)  # class folders with no readable training image
 
     def to_dict(self) -> dict:
+        """The result as plain JSON-ready fields."""
         return asdict(self)
 
 
@@ -344,6 +348,7 @@ def probe_state_files(state_dir: str | Path | None, *names: str) -> list[Path | 
 
 
 def remove_files(paths: list[Path | None]) -> None:
+    """Delete the given files where they exist; ``None`` entries are skipped."""
     for path in paths:
         if path is not None:
             path.unlink(missing_ok=True)

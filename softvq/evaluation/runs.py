@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class RunFolder:
+    """One training run (or checkpoint folder) as ``softvq plot`` reads it: its log records, held-out
+    metrics, evaluation, model config, export folder, and notes on what it could not read."""
     path: Path
     name: str
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -67,6 +69,8 @@ def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
 
 
 def read_run(path: str | Path) -> RunFolder:
+    """Read a run folder for plotting: what is missing or damaged becomes a note, not an error;
+    a path that is no run folder at all is refused by name."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} is a file; plot takes run folders (softvq train's -o, or their export/)")

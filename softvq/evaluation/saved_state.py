@@ -38,6 +38,7 @@ def load_saved_state(state_file: Path | None, identity: dict[str, Any]) -> dict[
 
 
 def save_state(state_file: Path, state: dict[str, Any]) -> None:
+    """Write an evaluation's running state to ``state_file`` atomically."""
     from softvq.atomic import atomic_write
 
     atomic_write(state_file, lambda p: torch.save(state, p))
@@ -54,6 +55,7 @@ class KeptWork:
         self.last_save = time.monotonic()
 
     def tick(self) -> None:
+        """Save, when ``save_every_s`` seconds have passed since the last save."""
         if self.state_file is not None and time.monotonic() - self.last_save >= self.save_every_s:
             self.save()
             self.last_save = time.monotonic()

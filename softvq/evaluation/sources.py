@@ -39,9 +39,11 @@ class ImageRef:
 
     @property
     def name(self) -> str:
+        """The image's file, with ``:member`` for a tar member."""
         return f"{self.path}:{self.member}" if self.member else str(self.path)
 
     def read_member(self) -> bytes:
+        """The tar member's bytes."""
         if self.offset is not None and self.size is not None:
             # Plain .tar: read the byte range directly (no header scan per image, fork-safe).
             with open(self.path, "rb") as fh:
@@ -55,6 +57,7 @@ class ImageRef:
             return member.read()
 
     def open_rgb(self) -> Image.Image:
+        """The image as RGB, or :class:`ImageReadError` naming it."""
         if self.member is None:
             return load_rgb(self.path)
         try:
@@ -77,9 +80,11 @@ class ArrayImageRef:
 
     @property
     def name(self) -> str:
+        """The ``.npz`` file, with ``[row]``."""
         return f"{self.path}[{self.index}]"
 
     def open_rgb(self) -> Image.Image:
+        """The row's pixels as an RGB image."""
         count = self.height * self.width * 3
         with open(self.path, "rb") as fh:
             fh.seek(self.offset + self.index * count)

@@ -41,6 +41,9 @@ DISPLAY = {"dit": "DiT", "sit": "SiT"}
 
 @dataclass
 class Row:
+    """One line of Tab. 1's efficiency table: a generator's size and layout, its parameters (millions),
+    GMACs per forward counted three ways (linear layers, everything, and the paper's convention), the
+    paper's GFLOPs where it gives them, and the measured images/s."""
     kind: str
     size: str
     layout: str

@@ -49,6 +49,8 @@ def linear_betas(steps: int) -> Tensor:
 
 
 def make_betas(kind: ScheduleKind, steps: int = 1000) -> Tensor:
+    """The β schedule named ``kind`` over ``steps`` steps, in float64: ``cosine`` (improved DDPM) or
+    ``linear`` (DDPM, scaled to the step count)."""
     if kind == "cosine":
         return cosine_betas(steps)
     if kind == "linear":
@@ -135,6 +137,7 @@ class GaussianDiffusion:
 
     @classmethod
     def from_schedule(cls, schedule: ScheduleKind = "cosine", steps: int = 1000, **kwargs) -> "GaussianDiffusion":
+        """A diffusion on the named β schedule; ``kwargs`` go to the constructor."""
         return cls(make_betas(schedule, steps), **kwargs)
 
     # --- forward process ----------------------------------------------------------------------
@@ -151,6 +154,7 @@ class GaussianDiffusion:
     # --- reverse process ----------------------------------------------------------------------
 
     def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The network output as (ε, v): v, the variance interpolation, only for a learned variance."""
         if self.variance != "learned":
             return out, None
         eps, v = out.chunk(2, dim=self.channel_dim)

@@ -115,6 +115,7 @@ class LabelEmbedder(nn.Module):
 
     @property
     def null_class(self) -> int:
+        """Row ``num_classes``, the null class of classifier-free guidance; raises if there is none."""
         if not self.has_null:
             raise ValueError("this model was built without a null class (label dropout 0): it cannot do CFG")
         return self.num_classes

@@ -53,6 +53,7 @@ class MacCount:
 
     @property
     def total(self) -> float:
+        """Multiply-accumulates of the linear layers and attention together."""
         return self.linear + self.attention
 
 

@@ -28,14 +28,17 @@ class LatentSet:
 
     @property
     def mean(self) -> float:
+        """The scalar latent mean over the whole set (what a generator normalises with)."""
         return float(self.meta["latent_mean"])
 
     @property
     def std(self) -> float:
+        """The scalar latent standard deviation over the whole set."""
         return float(self.meta["latent_std"])
 
     @property
     def classes(self) -> list[str]:
+        """Class names, in label order."""
         return list(self.meta["classes"])
 
 

@@ -93,6 +93,7 @@ class MARConfig:
     grad_checkpointing: bool = False
 
     def validate(self) -> "MARConfig":
+        """Check every field's type and range; returns the config, so it chains."""
         check_field_types(self)  # for a config built in Python ("32" for width failed as a % format)
         if self.kind != "mar":
             raise ValueError(f"a MAR config has kind 'mar', got {self.kind!r}")
@@ -115,13 +116,16 @@ class MARConfig:
 
     @property
     def sequence_length(self) -> int:
+        """Tokens the transformer runs: the latent tokens plus the class buffer."""
         return self.num_tokens + self.buffer_size
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, for ``config.json``."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MARConfig":
+        """A validated config from ``config.json``'s fields; an unknown field is refused by name."""
         return strict_fields(cls, data, what="MAR config").validate()
 
 
@@ -233,13 +237,16 @@ class MaskedAutoregressive(nn.Module):
 
     @property
     def input_shape(self) -> tuple[int, int]:
+        """The (L, D) of the latent tokens this model takes."""
         return (self.config.num_tokens, self.config.latent_dim)
 
     @property
     def null_class(self) -> int:
+        """The label index that samples unconditionally (raises if trained without label dropout)."""
         return self.class_embed.null_class
 
     def check_input(self, x: Tensor) -> None:
+        """Refuse, by name, latents that are no tensor or have another shape or dtype than this model's."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__} (torch.from_numpy(...) makes one of an "
                             f"array)")
@@ -252,6 +259,7 @@ class MaskedAutoregressive(nn.Module):
                             f"or run under torch.autocast for mixed precision")
 
     def num_parameters(self) -> int:
+        """Parameters of the whole model, diffusion head included."""
         return sum(p.numel() for p in self.parameters())
 
     # --- transformer --------------------------------------------------------------------------

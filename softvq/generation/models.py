@@ -72,10 +72,12 @@ class GeneratorConfig:
 
     @property
     def out_channels(self) -> int:
+        """Output width per token: the latent width, doubled for a learned variance."""
         return self.latent_dim * (2 if self.sigma_learned else 1)
 
     @property
     def sigma_learned(self) -> bool:
+        """Whether the model also predicts the variance (``learn_sigma``; by default DiT does and SiT does not)."""
         return (self.kind == "dit") if self.learn_sigma is None else bool(self.learn_sigma)
 
     @property
@@ -86,6 +88,7 @@ class GeneratorConfig:
         return (self.grid // self.patch_size) ** 2
 
     def validate(self) -> "GeneratorConfig":
+        """Check every field's type and range; returns the config, so it chains."""
         check_field_types(self)  # for a config built in Python ("32" for width failed in a comparison)
         if self.kind not in ("sit", "dit"):
             raise ValueError(f"generator kind must be 'sit' or 'dit', got {self.kind!r}")
@@ -108,10 +111,12 @@ class GeneratorConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, for ``config.json``."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GeneratorConfig":
+        """A validated config from ``config.json``'s fields; an unknown field is refused by name."""
         return strict_fields(cls, data, what="generator config").validate()
 
 
@@ -222,9 +227,11 @@ class LatentTransformer(nn.Module):
 
     @property
     def null_class(self) -> int:
+        """The label index that samples unconditionally (raises if trained without label dropout)."""
         return self.y_embed.null_class
 
     def check_input(self, x: Tensor) -> None:
+        """Refuse, by name, latents that are no tensor or have another shape or dtype than this model's."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__} (torch.from_numpy(...) makes one of an "
                             f"array)")
@@ -270,6 +277,7 @@ class LatentTransformer(nn.Module):
         return unpatchify(out, (side, side), c.patch_size, c.out_channels)
 
     def num_parameters(self) -> int:
+        """Parameters of the whole model."""
         return sum(p.numel() for p in self.parameters())
 
 

@@ -66,6 +66,9 @@ _LOG = logging.getLogger(__name__)
 
 @dataclass
 class PretokenizeResult:
+    """What :func:`pretokenize` wrote: the folder, how many latents it holds, the scalar mean and std over
+    every latent element (what a generator normalises with), the shard files, and the unreadable images
+    left out."""
     folder: Path
     count: int
     latent_mean: float

@@ -62,10 +62,12 @@ class GeneratedSamples:
 
     @property
     def images(self) -> Path:
+        """The folder of sample PNGs."""
         return self.folder / SAMPLE_IMAGES
 
     @property
     def grid(self) -> Path:
+        """The PNG grid of the first samples."""
         return self.folder / SAMPLE_GRID
 
 

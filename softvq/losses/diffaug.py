@@ -69,6 +69,8 @@ class DiffAugment:
         self.per_sample = per_sample
 
     def sample(self, x: Tensor, generator: torch.Generator | None = None) -> AugmentParams:
+        """Draw one augmentation of a batch like ``x`` (which ops apply to which sample, and their
+        strengths) from ``generator``."""
         b, _, h, w = x.shape
         dev = x.device
 
@@ -101,6 +103,7 @@ class DiffAugment:
         )
 
     def apply(self, x: Tensor, p: AugmentParams) -> Tensor:
+        """Apply the drawn augmentation to ``x`` (the same batch size as it was drawn for)."""
         if x.shape[0] != p.shift.shape[0]:
             raise ValueError(f"augmentation drawn for batch {p.shift.shape[0]}, applied to batch {x.shape[0]}")
         if "color" in self.policy:
@@ -120,6 +123,7 @@ class DiffAugment:
 
 
 def color(x: Tensor, p: AugmentParams) -> Tensor:
+    """DiffAugment's colour op: brightness, then saturation, then contrast."""
     x = x + p.brightness.to(x.dtype)
     mean = x.mean(dim=1, keepdim=True)
     x = (x - mean) * p.saturation.to(x.dtype) + mean

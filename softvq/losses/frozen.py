@@ -33,6 +33,7 @@ class FrozenHolder(nn.Module):
         return module
 
     def frozen(self, name: str) -> nn.Module:
+        """The frozen module kept under ``name``."""
         return self._frozen[name]
 
     def _apply(self, fn, recurse: bool = True):  # noqa: D401 - torch hook

@@ -99,6 +99,7 @@ class LPIPS(FrozenHolder):
 
     @property
     def backbone(self) -> FeatureStack:
+        """The frozen feature network."""
         return self.frozen("backbone")  # type: ignore[return-value]
 
     def check(self, x: Tensor) -> None:

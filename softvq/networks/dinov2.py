@@ -88,6 +88,7 @@ class DinoConfig:
 
     @classmethod
     def named(cls, size: str, *, registers: int = 0) -> "DinoConfig":
+        """The config of a DINOv2 size (``s``, ``b``, ``l``, ``g``)."""
         width, depth, heads = SIZES[size]
         return cls(width, depth, heads, registers=registers, swiglu=size == "g")
 
@@ -144,6 +145,7 @@ class DinoViT(nn.Module):
 
     @property
     def width(self) -> int:
+        """Feature width."""
         return self.config.width
 
     def normalize(self, images: Tensor) -> Tensor:

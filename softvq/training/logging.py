@@ -45,6 +45,8 @@ class RunLogger:
             tqdm.write(message)
 
     def scalars(self, step: int, values: dict[str, float], *, echo: bool = True) -> None:
+        """Append one ``log.jsonl`` record of ``values`` at ``step`` (non-finite values as strings), also to
+        TensorBoard when on, and print them unless ``echo`` is False."""
         if not self.enabled:
             return
         clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in values.items()}
@@ -58,6 +60,7 @@ class RunLogger:
             self.info(f"step {step}: " + "  ".join(f"{k} {format_value(v)}" for k, v in values.items()))
 
     def image(self, tag: str, path: Path, step: int) -> None:
+        """Add the PNG at ``path`` to TensorBoard, when it is on."""
         if self.writer is not None:
             import numpy as np
             from PIL import Image
@@ -65,6 +68,7 @@ class RunLogger:
             self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
+        """Close the log file and TensorBoard writer; safe to call twice."""
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
@@ -87,6 +91,7 @@ class LogWindow:
         self.clear()
 
     def clear(self) -> None:
+        """Start a new window: nothing summed, no steps."""
         self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.latest: dict[str, float] = {}
@@ -94,6 +99,7 @@ class LogWindow:
 
     def add(self, logs: dict[str, float | torch.Tensor], *, seconds: float = 0.0,
             latest: dict[str, float] | None = None) -> None:
+        """Add one step's values (device tensors stay on the device), its seconds and its latest values."""
         for k, v in logs.items():
             self.sums[k] = self.sums[k] + (v.detach().double() if isinstance(v, torch.Tensor) else float(v))
             self.counts[k] += 1
@@ -108,6 +114,7 @@ class LogWindow:
 
 
 def format_value(value: Any) -> str:
+    """A value as a log line shows it: floats to four significant digits."""
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

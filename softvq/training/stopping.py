@@ -54,6 +54,7 @@ class StopRequests:
 
     @property
     def requested(self) -> bool:
+        """Whether a stop signal has arrived."""
         return self.count > 0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -66,12 +67,14 @@ class StopRequests:
             raise KeyboardInterrupt
 
     def install(self) -> "StopRequests":
+        """Catch SIGINT and SIGTERM (from the main thread only; elsewhere nothing is installed)."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def restore(self) -> None:
+        """Put back the signal handlers that were there before :meth:`install`."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
