@@ -324,10 +324,15 @@ def test_labels_are_class_indices_or_names_not_truncated(parts, tmp_path, labels
     assert not (tmp_path / "s").exists()
 
 
-def test_class_names_are_looked_up_in_the_meta(parts, tmp_path):
+def test_class_names_are_looked_up_in_the_meta_and_the_null_class_is_called_unconditional(parts, tmp_path):
     tok, model, meta = parts
-    write_samples(model, meta, tok, ["c", "a"], SPEC, tmp_path, progress=False)
-    assert json.loads((tmp_path / "samples.json").read_text())["labels"] == [2, 0]
+    write_samples(model, meta, tok, ["c", "a", 3], SPEC, tmp_path, progress=False)
+    record = json.loads((tmp_path / "samples.json").read_text())
+    assert record["labels"] == [2, 0, 3] and record["class_names"] == ["c", "a", "unconditional"]  # was "3"
+    # a folder of an earlier version, which named the null class by its index, still continues
+    (tmp_path / "samples.json").write_text(json.dumps({**record, "class_names": ["c", "a", "3"], "finished": False}))
+    (tmp_path / "images" / "000002.png").unlink()
+    assert write_samples(model, meta, tok, ["c", "a", 3], SPEC, tmp_path, progress=False).made == 3
 
 
 @pytest.mark.parametrize("kind", ["sit", "dit"])

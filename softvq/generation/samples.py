@@ -100,7 +100,9 @@ def _claim(folder: Path, record: dict[str, Any]) -> None:
         if old is None:
             raise FileExistsError(f"{record_path} was not written by this version's resumable sampler; "
                                   f"choose an empty --out for new samples")
-        changed = changed_settings(old, record, ignore=["finished"])
+        # class_names follow from the labels and the generator's meta (its weights' sha1 is compared);
+        # folders of earlier versions name the null class by its index
+        changed = changed_settings(old, record, ignore=["finished", "class_names"])
         images = folder / SAMPLE_IMAGES
         if changed and not (images.is_dir() and any(images.iterdir())):
             return  # a run that stopped before its first image: nothing to mix, so it is made afresh
@@ -166,7 +168,7 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
     # every sampler setting is checked here, before the folder is claimed: a refused one must not
     # leave a samples.json that makes the corrected rerun "other settings"
     method, steps = spec.check(model, meta), spec.resolved_steps(meta.objective)
-    names = [meta.classes[c] if c < len(meta.classes) else str(c) for c in labels.tolist()]
+    names = [_class_name(c, meta, model.config.num_classes) for c in labels.tolist()]
     settings: dict[str, Any] = {
         **(record or {}), "objective": meta.objective, "method": method, "steps": steps,
         "cfg": spec.guidance.scale, "interval": [spec.guidance.low, spec.guidance.high],
@@ -222,14 +224,23 @@ def write_samples(model: Generator, meta: GeneratorMeta, tokenizer: "Tokenizer",
             totals = accelerator.reduce(torch.tensor([made, int(diverged)], device=accelerator.device), reduction="sum")
             made, diverged = int(totals[0]), bool(totals[1])
         if rank == 0:
-            captions = {c: "unconditional" if c == model.config.num_classes else
-                        f"{c}: {meta.classes[c]}" if c < len(meta.classes) else str(c) for c in set(labels.tolist())}
+            captions = {c: _class_name(c, meta, model.config.num_classes, caption=True) for c in set(labels.tolist())}
             _write_grid(folder, labels, captions)
             write_json(folder / SAMPLE_RECORD, {**settings, "finished": True})
         if world > 1:
             assert accelerator is not None
             accelerator.wait_for_everyone()  # nobody reads the folder before it is finished
         return GeneratedSamples(folder, len(labels), made, diverged)
+
+
+def _class_name(index: int, meta: GeneratorMeta, num_classes: int, caption: bool = False) -> str:
+    """What ``samples.json`` and the grid call class ``index``: its name in the meta, "unconditional"
+    for the null class, else the index; a ``caption`` puts the index before a name."""
+    if index == num_classes:
+        return "unconditional"
+    if index < len(meta.classes):
+        return f"{index}: {meta.classes[index]}" if caption else meta.classes[index]
+    return str(index)
 
 
 def pack_npz(folder: str | Path) -> Path:
