@@ -208,6 +208,12 @@ def test_an_export_refuses_a_folder_of_another_kind_and_a_meta_of_another_genera
     Tokenizer.from_pretrained(root / "tok")  # still there
     with pytest.raises(FileExistsError, match="holds a latent set"):
         save_generator(model, meta, root / "lat")
+    unfinished = tmp_path / "unfinished"  # an interrupted pretokenize: shards and its progress file
+    unfinished.mkdir()
+    (unfinished / "progress.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="holds an interrupted pretokenize's latent set; writing a softvq-"):
+        save_generator(model, meta, unfinished)
+    assert sorted(p.name for p in unfinished.iterdir()) == ["progress.json"]
     with pytest.raises(FileExistsError, match="holds a softvq-generator checkpoint; writing a softvq-tokenizer"):
         Tokenizer.from_pretrained(root / "tok").save_pretrained(run / "generator")
     with pytest.raises(ValueError, match="the meta says objective 'dit' but the model is a 'sit' generator"):

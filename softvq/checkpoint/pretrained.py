@@ -55,11 +55,15 @@ def write_folder(directory: str | Path, state: dict[str, torch.Tensor], payload:
 def _held_format(directory: Path) -> str | None:
     """What a folder already holds, for a checkpoint about to be written into it: the ``format`` of
     its config.json ("another program's config.json" without one), "a latent set" for pretokenize's
-    output, or None (nothing, or files that are no model)."""
+    output (finished, or interrupted: its progress files), or None (nothing, or files that are no model)."""
     try:
         meta = json.loads((directory / CONFIG_NAME).read_text())
     except FileNotFoundError:
-        return "a latent set" if (directory / "meta.json").is_file() and any(directory.glob("*.safetensors")) else None
+        if (directory / "meta.json").is_file() and any(directory.glob("*.safetensors")):
+            return "a latent set"
+        if any(directory.glob("progress*.json")):
+            return "an interrupted pretokenize's latent set"
+        return None
     except (OSError, ValueError):
         return f"a {CONFIG_NAME} softvq cannot read"
     fmt = meta.get("format") if isinstance(meta, dict) else None
