@@ -150,3 +150,16 @@ def test_info_checks_a_training_config_whole_and_describes_its_model_without_tra
     assert main(["info", "ablation-pq4", "--save", str(tmp_path / "x")]) == 2
     assert "a training config has none" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_info_save_refuses_a_folder_of_another_kind_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import softvq.cli.info as info_module
+
+    latents = tmp_path / "latents"  # an interrupted pretokenize: the convert would have mixed with its shards
+    latents.mkdir()
+    (latents / "progress.json").write_text("{}")
+    loaded = []
+    monkeypatch.setattr(info_module, "load_tokenizer", lambda *args, **kwargs: loaded.append(args))
+    assert main(["info", "softvq-tiny", "--save", str(latents)]) == 2
+    assert "holds an interrupted pretokenize's latent set; writing a softvq-tokenizer" in capsys.readouterr().err
+    assert loaded == [] and sorted(p.name for p in latents.iterdir()) == ["progress.json"]

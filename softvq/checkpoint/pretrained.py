@@ -37,19 +37,25 @@ def write_folder(directory: str | Path, state: dict[str, torch.Tensor], payload:
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"cannot write a checkpoint to {directory}: it is a file, and a checkpoint is a "
-                                 f"folder (config.json + {WEIGHTS_NAME}); move the file away or name another path")
-    held = _held_format(directory)
-    if held is not None and held != payload.get("format"):  # a tokenizer saved over a generator, or the reverse
-        what = f"a {held} checkpoint" if held.startswith("softvq-") else held
-        raise FileExistsError(f"{directory} holds {what}; writing a {payload.get('format')} checkpoint there would "
-                              f"replace or mix with it: choose another folder")
+    check_folder_takes(directory, payload.get("format"))
     weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     remove_stale_temporaries(directory)  # a weights file a killed export was writing: as large as the model
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     write_json(directory / CONFIG_NAME, payload)
     return directory
+
+
+def check_folder_takes(directory: Path, fmt: Any) -> None:
+    """Refuse, before any work, a checkpoint folder that is a file or holds something of another kind
+    than ``fmt`` (a tokenizer saved over a generator, or into a latent set)."""
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot write a checkpoint to {directory}: it is a file, and a checkpoint is a "
+                                 f"folder (config.json + {WEIGHTS_NAME}); move the file away or name another path")
+    held = _held_format(directory)
+    if held is not None and held != fmt:
+        what = f"a {held} checkpoint" if held.startswith("softvq-") else held
+        raise FileExistsError(f"{directory} holds {what}; writing a {fmt} checkpoint there would replace or mix "
+                              f"with it: choose another folder")
 
 
 def _held_format(directory: Path) -> str | None:

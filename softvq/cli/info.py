@@ -264,9 +264,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--save needs a SPEC to save")
         print(presets_table())
         return 0
-    if args.save:
-        from softvq.checkpoint.pretrained import CONFIG_NAME, WEIGHTS_NAME
+    if args.save:  # refused before a release is loaded and converted
+        from softvq.checkpoint.pretrained import CONFIG_NAME, FORMAT, WEIGHTS_NAME, check_folder_takes
 
+        check_folder_takes(Path(args.save).expanduser(), FORMAT)
         refuse_to_overwrite([Path(args.save) / WEIGHTS_NAME, Path(args.save) / CONFIG_NAME],
                             "choose another --save folder")
     stray = [item for item in args.overrides if "=" not in item]
