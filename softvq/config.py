@@ -79,6 +79,11 @@ class BottleneckConfig:
     lfq_groups:
         WeTok GLFQ: the latent_dim binary channels are split into this many groups, each with
         an implicit codebook of size 2^(latent_dim / lfq_groups).
+    lfq_entropy:
+        how WeTok's entropy loss treats the groups: ``per_group`` (the paper, Eqs. 7 and 9: each
+        group's token entropy and codebook entropy, summed over groups) or ``pooled`` (WeTok's
+        released GFQ: the token entropy averaged over tokens and groups, and one codebook entropy
+        of the code distribution averaged over tokens and groups together).
     """
 
     kind: BottleneckKind = "softvq"
@@ -98,6 +103,7 @@ class BottleneckConfig:
     commitment_weight: float = 0.25
     chunk_size: int | None = None
     lfq_groups: int = 1
+    lfq_entropy: Literal["per_group", "pooled"] = "per_group"
 
 
 @dataclass

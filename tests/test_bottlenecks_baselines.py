@@ -176,6 +176,47 @@ def test_lfq_entropy_terms_follow_eq7_and_eq9(groups):
     assert math.isclose(out.losses["commit"].item(), sq.item(), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_lfq_pooled_entropy_is_the_released_gfq_form(groups):
+    """The release's GFQ: token entropy averaged over tokens and groups; one codebook entropy of the
+    code distribution averaged over tokens and groups together. Reference: each group's posterior
+    from the naive float64 softmax over its own {-1,1}^d' codes."""
+    torch.manual_seed(7)
+    tau, d = 0.5, 4 // groups
+    u = torch.randn(2, 15, 4)
+    out = GroupedLookupFree(4, groups=groups, entropy_temperature=tau, entropy_form="pooled")(u)
+    per_group = GroupedLookupFree(4, groups=groups, entropy_temperature=tau)(u)
+    h = lambda p: -(p * p.clamp_min(1e-300).log()).sum(-1)
+    flat = u.reshape(-1, 4)
+    posteriors = torch.stack([_naive_joint(flat[:, k * d:(k + 1) * d], tau) for k in range(groups)], 1)  # (T, g, K)
+    token = h(posteriors).mean()
+    codebook = h(posteriors.mean((0, 1)))
+    assert math.isclose(out.metrics["token_entropy"].item(), token.item(), rel_tol=1e-5)
+    assert math.isclose(out.metrics["codebook_entropy"].item(), codebook.item(), rel_tol=1e-5)
+    assert math.isclose(out.losses["entropy"].item(), (token - codebook).item(), rel_tol=1e-5, abs_tol=1e-6)
+    # the token term is the paper's divided by g; at g = 1 the two forms are one
+    assert math.isclose(out.metrics["token_entropy"].item() * groups, per_group.metrics["token_entropy"].item(),
+                        rel_tol=1e-5)
+    if groups == 1:
+        assert math.isclose(out.losses["entropy"].item(), per_group.losses["entropy"].item(), rel_tol=1e-6)
+    else:  # pooling the groups' codes is not summing their entropies
+        assert not math.isclose(out.metrics["codebook_entropy"].item() * groups,
+                                per_group.metrics["codebook_entropy"].item(), rel_tol=1e-3)
+    assert torch.equal(out.latents, per_group.latents) and torch.equal(out.indices, per_group.indices)
+
+
+def test_lfq_entropy_form_is_a_config_setting_named_when_wrong():
+    from softvq.bottlenecks import build_bottleneck
+    from softvq.config import BottleneckConfig
+
+    built = build_bottleneck(BottleneckConfig(kind="lfq", latent_dim=8, lfq_groups=2, lfq_entropy="pooled"))
+    assert built.entropy_form == "pooled"
+    with pytest.raises(ValueError, match="lfq_entropy must be 'per_group' .* or 'pooled'"):
+        build_bottleneck(BottleneckConfig(kind="lfq", latent_dim=8, lfq_groups=2, lfq_entropy="mean"))
+    with pytest.raises(ValueError, match="entropy_form must be 'per_group'"):
+        GroupedLookupFree(4, entropy_form="sum")
+
+
 def test_lfq_rejects_groups_that_do_not_fit():
     with pytest.raises(ValueError, match="divide"):
         GroupedLookupFree(6, groups=4)

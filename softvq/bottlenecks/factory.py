@@ -17,7 +17,7 @@ from softvq.bottlenecks.base import Bottleneck, check_chunk_size, check_count, c
 from softvq.bottlenecks.gaussian import GaussianPosterior
 from softvq.bottlenecks.gmmvq import GMMVQ
 from softvq.bottlenecks.identity import Identity
-from softvq.bottlenecks.lfq import MAX_GROUP_BITS, GroupedLookupFree
+from softvq.bottlenecks.lfq import ENTROPY_FORMS, MAX_GROUP_BITS, GroupedLookupFree
 from softvq.bottlenecks.product import ProductQuantizer
 from softvq.bottlenecks.residual import ResidualQuantizer
 from softvq.bottlenecks.segments import SegmentCodebooks
@@ -46,7 +46,8 @@ def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
     if cfg.kind == "kl":
         return GaussianPosterior(dim)
     if cfg.kind == "lfq":
-        return GroupedLookupFree(dim, groups=cfg.lfq_groups, entropy_temperature=cfg.entropy_temperature)
+        return GroupedLookupFree(dim, groups=cfg.lfq_groups, entropy_temperature=cfg.entropy_temperature,
+                                 entropy_form=cfg.lfq_entropy)
     if cfg.kind == "ae":
         return Identity(dim)
     raise ValueError(f"unknown bottleneck kind {cfg.kind!r}; choose one of: {', '.join(KINDS)}")
@@ -58,7 +59,7 @@ _SOFT_SETTINGS = ("codebook_size", "temperature", "learnable_temperature", "dist
 # latent_dim, groups, residual_levels, segments; β where a commit loss is returned): see build_quantizer.
 _KIND_SETTINGS: dict[str, tuple[str, ...]] = {
     "softvq": _SOFT_SETTINGS, "gmmvq": _SOFT_SETTINGS, "vq": ("codebook_size", "distance"),
-    "kl": (), "lfq": ("entropy_temperature", "lfq_groups"), "ae": (),
+    "kl": (), "lfq": ("entropy_temperature", "lfq_groups", "lfq_entropy"), "ae": (),
 }
 
 
@@ -131,6 +132,9 @@ def check_config(cfg: BottleneckConfig) -> None:
             raise ValueError(f"bottleneck.lfq_groups={cfg.lfq_groups}: {bits} channels per LFQ group means 2^{bits} "
                              f"codes per group, too many to enumerate for the entropy loss; raise it so that "
                              f"latent_dim / lfq_groups <= {MAX_GROUP_BITS}")
+    if cfg.lfq_entropy not in ENTROPY_FORMS:
+        raise ValueError(f"bottleneck.lfq_entropy must be 'per_group' (WeTok Eqs. 7, 9) or 'pooled' (its released "
+                         f"GFQ), got {cfg.lfq_entropy!r}")
     if cfg.segment_entropy not in ("pooled", "per_segment"):
         raise ValueError(f"bottleneck.segment_entropy must be 'pooled' or 'per_segment', got {cfg.segment_entropy!r}")
     if cfg.kind == "lfq" and cfg.residual_levels > 1:

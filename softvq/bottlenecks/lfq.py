@@ -21,6 +21,15 @@ WeTok does not spell out q_G; we use LFQ's distance-based soft assignment (MAGVI
 2024a, on which WeTok builds): q_G(c|u) ∝ exp(−‖u − c‖² / τ) = softmax_c(2 u·c / τ), with
 τ = ``entropy_temperature`` (default 0.01). g = 1 is LFQ, g = D is BSQ-like (WeTok Sec. 3.2).
 
+WeTok's released GFQ computes the same two terms pooled over the groups instead of summed
+(``entropy_form="pooled"``): the token entropy is averaged over tokens and groups, (1/(T g))
+Σ_t Σ_k H(q_G(c_k|u_{t,k})), and the codebook entropy is one entropy of the code distribution
+averaged over tokens and groups together, H((1/(T g)) Σ_t Σ_k q_G(c_k|u_{t,k})). At g = 1 the two
+forms agree. The default, ``per_group``, is the paper's.
+
+Code indices are big-endian (the group's first channel is the most significant bit); the release
+numbers codes little-endian. Both name the same 2^{d'} codes.
+
 losses: ``entropy`` (Eq. 5 group-wise) and ``commit`` = ‖u − sg[Q]‖² (the commitment term of
 Eq. 3, which LFQ keeps; per-token squared norm, mean over tokens). No codebook loss: the codebook
 is fixed.
@@ -35,6 +44,7 @@ from softvq.bottlenecks.base import (Bottleneck, BottleneckOutput, check_count, 
                                      float32_region, full_precision)
 
 MAX_GROUP_BITS = 16  # 2^16 codes per group: the LFQ baseline of WeTok Tab. 7 (d' = 16)
+ENTROPY_FORMS = ("per_group", "pooled")  # the paper's Eqs. 7 and 9; the released GFQ's
 
 
 def binary_codes(bits: int) -> Tensor:
@@ -45,15 +55,21 @@ def binary_codes(bits: int) -> Tensor:
 
 
 class GroupedLookupFree(Bottleneck):
-    """WeTok GQ with ``groups`` groups over ``latent_dim`` channels: ``kind="lfq"``."""
+    """WeTok GQ with ``groups`` groups over ``latent_dim`` channels: ``kind="lfq"``; ``entropy_form``
+    ``per_group`` (the paper) or ``pooled`` (the release), see the module docstring."""
 
     codes: Tensor  # buffers registered in __init__
     bit_values: Tensor
 
-    def __init__(self, latent_dim: int, *, groups: int = 1, entropy_temperature: float | None = None) -> None:
+    def __init__(self, latent_dim: int, *, groups: int = 1, entropy_temperature: float | None = None,
+                 entropy_form: str = "per_group") -> None:
         super().__init__()
         check_count("latent_dim", latent_dim)
         check_count("lfq_groups", groups)
+        if entropy_form not in ENTROPY_FORMS:
+            raise ValueError(f"entropy_form must be 'per_group' (WeTok Eqs. 7, 9) or 'pooled' (its released GFQ), "
+                             f"got {entropy_form!r}")
+        self.entropy_form = entropy_form
         if entropy_temperature is not None:
             check_positive("entropy_temperature", entropy_temperature)
         if latent_dim % groups:
@@ -105,9 +121,13 @@ class GroupedLookupFree(Bottleneck):
             q = log_q.exp()
             # log_softmax gives log q straight from the logits (exact where q underflows), so this
             # is not entropy(q), which would take the log of q again.
-            token_entropy = -(q * log_q).sum(-1).sum(-1).mean()  # Eq. 7
             group_mean = q.mean(0)  # (g, 2^d')
-            codebook_entropy = entropy(group_mean).sum()  # Eq. 9
+            if self.entropy_form == "per_group":
+                token_entropy = -(q * log_q).sum(-1).sum(-1).mean()  # Eq. 7
+                codebook_entropy = entropy(group_mean).sum()  # Eq. 9
+            else:  # the release: means over tokens and groups
+                token_entropy = -(q * log_q).sum(-1).mean()
+                codebook_entropy = entropy(group_mean.mean(0))
 
             bits = quantized.reshape(-1, self.groups, self.group_bits) > 0
             indices = (bits.long() * self.bit_values).sum(-1)  # (T, g)
