@@ -750,3 +750,37 @@ def test_a_trainer_inside_a_callers_no_grad_trains_all_the_same(tmp_path, mode):
         result = trainer.fit()
     assert (result.step, result.status) == (3, "finished")
     assert any(not torch.equal(before[k], v) for k, v in trainer.unwrapped.state_dict().items())
+
+
+def test_frozen_parts_keep_their_weights_and_the_rest_trains(tmp_path):
+    """run.freeze=[encoder, bottleneck]: WeTok's released stage 2, the decoder trained alone."""
+    from softvq.training.checkpointing import load_checkpoint
+
+    snapshots = {}
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 3}, run={"freeze": ["encoder", "bottleneck"]}))
+    trainer = Trainer(cfg, tmp_path, objective_factory=factory(snapshots=snapshots))
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for n, p in trainer.unwrapped.named_parameters()
+                       if n.split(".")[0] in ("decoder", "from_latent")}
+    trainer.fit()
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    start, export = snapshots[0], exported(tmp_path)
+    for name, value in state["model"].items():
+        frozen = name.split(".")[0] in ("encoder", "to_latent", "bottleneck")
+        assert torch.equal(value, start[name]) is frozen, name
+        if frozen:  # the export (EMA weights) holds them unchanged too
+            assert torch.equal(export[name], start[name]), name
+    with pytest.raises(CheckpointError, match=r"other frozen parts \(run.freeze .*a run's frozen parts cannot change"):
+        Trainer(config_from_dict(tiny_tree(schedule={"steps": 4}, run={"freeze": ["encoder"]})), tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("freeze, extra, error", [
+    (["encoders"], {}, "run.freeze names 'encoders'; the parts are encoder, bottleneck, decoder"),
+    (["encoder", "bottleneck", "decoder"], {}, "lists every part of the tokenizer: nothing would train"),
+    (["decoder"], {"objective": {"adaptive_weight": True}}, "adaptive_weight compares gradients at the decoder"),
+    (["encoder"], {"run": {"distributed": "fsdp"}}, "run.freeze with run.distributed=fsdp is not supported"),
+])
+def test_freeze_settings_that_cannot_work_are_refused(freeze, extra, error):
+    sections = {**extra, "run": {"freeze": freeze, **extra.get("run", {})}}
+    with pytest.raises(ValueError, match=error):
+        config_from_dict(tiny_tree(**sections))

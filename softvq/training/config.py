@@ -165,6 +165,10 @@ class RunConfig:
                       a torch-hub name (``dinov2_vitb14``), a Hugging Face id, or ``dinov2`` for the
                       DINOv2 of the encoder's width (384: ViT-S/14, 768: B/14, 1024: L/14). ``None``:
                       random initialisation. Ignored when resuming.
+    freeze:           parts of the tokenizer that do not train: any of ``encoder`` (with its
+                      projection to the latents), ``bottleneck``, ``decoder`` (with its projection
+                      from the latents). WeTok's released stage 2 freezes ``[encoder, bottleneck]``
+                      and trains the generative decoder alone; the paper does not say (Sec. 3.3).
     """
 
     name: str = "softvq"
@@ -182,6 +186,10 @@ class RunConfig:
     distributed: Literal["ddp", "fsdp"] = "ddp"
     init_from: str | None = None
     init_encoder: str | None = None
+    freeze: list[str] = field(default_factory=list)
+
+
+FREEZABLE = ("encoder", "bottleneck", "decoder")
 
 
 @dataclass
@@ -240,6 +248,16 @@ class TrainConfig:
         if r.init_from and r.init_encoder:  # here, so that `softvq info` finds it before a run is made
             raise ValueError("run.init_from and run.init_encoder both set: init_from already brings an encoder; drop "
                              "one of them (run.init_encoder=null: the SoftVQ presets start from DINOv2)")
+        if unknown := [part for part in r.freeze if part not in FREEZABLE]:
+            raise ValueError(f"run.freeze names {unknown[0]!r}; the parts are {', '.join(FREEZABLE)}")
+        if set(FREEZABLE) <= set(r.freeze):
+            raise ValueError("run.freeze lists every part of the tokenizer: nothing would train; drop one")
+        if "decoder" in r.freeze and self.objective.adaptive_weight:
+            raise ValueError("objective.adaptive_weight compares gradients at the decoder's last layer, which "
+                             "run.freeze=[..., decoder] freezes; turn one of them off")
+        if r.freeze and r.distributed == "fsdp":
+            raise ValueError("run.freeze with run.distributed=fsdp is not supported (FSDP shards frozen and trained "
+                             "weights together); use run.distributed=ddp")
         for name in ("betas", "disc_betas"):
             betas = getattr(o, name)
             if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):

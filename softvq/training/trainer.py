@@ -173,6 +173,7 @@ class Trainer:
         self.tokenizer = Tokenizer(config.model)
         if checkpoint is None:  # a fresh start, also a --resume of a run stopped before its first checkpoint
             _initial_weights(self.tokenizer, config)
+        _freeze(self.tokenizer, config.run.freeze)  # before the optimizer, which takes only what trains
         self.objective = (objective_factory or default_objective)(config, self.tokenizer)
         seed_everything(sched.seed + 1 + self.rank)
 
@@ -633,6 +634,10 @@ class Trainer:
         saved_settings = anchor_path_keys(state.get("config", {}))
         changed = changed_settings(saved_settings, self.cfg.to_dict())
         model_changes = [c for c in changed if c.startswith("model.")]
+        if frozen := [c for c in changed if c.startswith("run.freeze")]:  # other weights would train and average
+            raise CheckpointError(f"{path} was trained with other frozen parts ({frozen[0]}); a run's frozen parts "
+                                  f"cannot change: drop that override, or start a new run from its export "
+                                  f"(run.init_from)")
         try:
             load_strict(self.unwrapped, state["model"], str(path))
         except CheckpointError:
@@ -846,6 +851,15 @@ def late_ramps(config: TrainConfig) -> list[str]:
                      f"{sched.steps}: the GAN never starts; pass an earlier objective.discriminator_start (or "
                      f"objective.adversarial_weight=0 to say so)")
     return notes
+
+
+def _freeze(tokenizer: Tokenizer, parts: list[str]) -> None:
+    """Stop ``run.freeze``'s parts from training: each with the projection on its side of the latents."""
+    modules = {"encoder": (tokenizer.encoder, tokenizer.to_latent), "bottleneck": (tokenizer.bottleneck,),
+               "decoder": (tokenizer.from_latent, tokenizer.decoder)}
+    for part in parts:
+        for module in modules[part]:
+            module.requires_grad_(False)
 
 
 def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
