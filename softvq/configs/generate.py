@@ -111,23 +111,44 @@ def main() -> None:
               "run": {"name": "wetok-gd-s-64", "init_from": "runs/wetok-gq-s-64/export", "init_encoder": None},
           }, parent="wetok-gq-s-64.yaml")
 
+    # The release's forms of both stages (WeTok's code, github.com/zhuangshaobin/WeTok, where the paper is
+    # silent or differs): its GFQ pools the entropy loss over the groups (lfq_entropy=pooled) at weight 0.1
+    # (its codebook_weight); its stage 2 freezes the encoder and quantizer and trains the decoder alone
+    # (so the entropy and commit losses do nothing; alignment is off, which the release never had), with
+    # as many noise channels as latent channels (its randn_like(z): 32).
+    write("wetok-gq-s-64-release", "wetok-gq-s-64 with the released GFQ's entropy loss: pooled over the groups "
+          "(lfq_entropy=pooled), weight 0.1 (WeTok's code; the paper: summed, Eqs. 7 and 9, weight not given)", {
+              "model": {"bottleneck": {"lfq_entropy": "pooled"}},
+              "objective": {"bottleneck_weight": 0.1},
+              "run": {"name": "wetok-gq-s-64-release"},
+          }, parent="wetok-gq-s-64.yaml")
+    write("wetok-gd-s-64-release", "WeTok stage 2 as released: wetok-gq-s-64-release's export with its encoder and "
+          "quantizer frozen, the generative decoder trained alone with 32 noise channels (randn_like(z)); the "
+          "paper does not say what stage 2 trains (Sec. 3.3)", {
+              "model": {"decoder_noise_dim": 32},
+              "objective": {"discriminator_start": 0, "perceptual_warmup_steps": 0, "alignment_weight": 0.0},
+              "run": {"name": "wetok-gd-s-64-release", "init_from": "runs/wetok-gq-s-64-release/export",
+                      "init_encoder": None, "freeze": ["encoder", "bottleneck"]},
+          }, parent="wetok-gq-s-64-release.yaml")
+
     # WeTok Fig. 3 (settings: its Tabs. 6-8): the quantizer at one compression, d = g·d' = 16 bits a token:
     # LFQ (g=1, d'=16), BSQ as WeTok casts it (g=16, d'=1: the entropy factorised bit by bit, Sec. 3.2;
     # BSQ's own projection onto the sphere is not part of it) and GQ (g=2, d'=8). Fig. 4: g = 1 to 32
-    # groups of d'=8 bits (supp. A.1, Tabs. 11-16). All on SoftVQ-S-64 with WeTok's ablation recipe,
-    # as wetok-gq-s-64, not on WeTok's convolutional tokenizer.
+    # groups of d'=8 bits (supp. A.1, Tabs. 11-16). All on SoftVQ-S's ViT with WeTok's ablation recipe,
+    # as wetok-gq-s-64, not on WeTok's convolutional tokenizer. Those tables downsample 16x16: a 16x16
+    # grid of codes for a 256 px image, so 256 tokens here (wetok-gq-s-64's 64 match Tab. 9's 32x32).
     fig3 = {"lfq": (1, 16), "bsq": (16, 1), "gq": (2, 8)}
     for method, (groups, bits) in fig3.items():
         label = "BSQ as WeTok casts it (entropy bit by bit)" if method == "bsq" else method.upper()
         write(f"wetok-fig3-{method}", f"WeTok Fig. 3, {label}: g={groups} group(s) of d'={bits} bit(s), "
-              f"d=16 (WeTok Tabs. 6-8)", {
-                  "model": {"bottleneck": {"latent_dim": groups * bits, "lfq_groups": groups}},
+              f"d=16, 256 tokens (downsample 16x16; WeTok Tabs. 6-8)", {
+                  "model": {"num_tokens": 256, "bottleneck": {"latent_dim": groups * bits, "lfq_groups": groups}},
                   "run": {"name": f"wetok-fig3-{method}"},
               }, parent="wetok-gq-s-64.yaml")
     for groups in (1, 2, 4, 8, 16, 32):
-        write(f"wetok-fig4-g{groups}", f"WeTok Fig. 4: g={groups} group(s) of d'=8 bits, d={8 * groups} "
-              f"(supp. Tabs. 11-16)", {
-            "model": {"bottleneck": {"latent_dim": 8 * groups, "lfq_groups": groups}},
+        write(f"wetok-fig4-g{groups}", f"WeTok Fig. 4: g={groups} group(s) of d'=8 bits, d={8 * groups}, "
+              f"256 tokens (downsample 16x16; supp. Tabs. 11-16)", {
+            "model": {"num_tokens": 256, "bottleneck": {"latent_dim": 8 * groups, "lfq_groups": groups}},
             "run": {"name": f"wetok-fig4-g{groups}"},
         }, parent="wetok-gq-s-64.yaml")
 
