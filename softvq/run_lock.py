@@ -180,7 +180,7 @@ def ensure_not_in_use(folder: str | Path) -> None:
 # folders this process's commands have locked (every process of a launched run keeps the same
 # entries, its main process's lock or an unheld one), for library calls inside a command that holds
 # the folder already. Weak: a lock its owner dropped (a Trainer made and never closed) is freed
-# with it, as before there was this list.
+# with it.
 _LOCKED_HERE: "weakref.WeakValueDictionary[Path, RunLock]" = weakref.WeakValueDictionary()
 
 

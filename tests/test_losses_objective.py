@@ -70,6 +70,29 @@ def test_bottleneck_weights_and_unknown_losses() -> None:
             TokenizerObjective(ObjectiveConfig(**OFF, **weights), tok)
 
 
+def test_one_loss_weighted_by_two_settings_with_two_values_is_refused() -> None:
+    """objective.bottleneck_loss_weights.commit silently beat objective.commit_weight, which beat the
+    bottleneck's β: whichever the user meant, one setting was ignored."""
+    from softvq.config import BottleneckConfig
+
+    vq = BottleneckConfig(kind="vq", latent_dim=8, codebook_size=16)
+    cases = [
+        (ObjectiveConfig(**OFF, commit_weight=0.5, bottleneck_loss_weights={"commit": 2.0}), vq,
+         "objective.bottleneck_loss_weights.commit=2.0, objective.commit_weight=0.5: 2 settings weigh the 'commit'"),
+        (ObjectiveConfig(**OFF, commit_weight=0.5), BottleneckConfig(**{**vq.__dict__, "commitment_weight": 0.3}),
+         "objective.commit_weight=0.5, model.bottleneck.commitment_weight=0.3: 2 settings"),
+        (ObjectiveConfig(**OFF, codebook_weight=2.0, bottleneck_loss_weights={"codebook": 1.5}), vq,
+         "weigh the 'codebook' loss, and only one would count; set it in one place"),
+        (ObjectiveConfig(**OFF, bottleneck_weight=0.1, bottleneck_loss_weights={"kl": 0.5}), BottleneckConfig(),
+         "weigh the 'kl' loss"),
+    ]
+    for cfg, bottleneck, error in cases:
+        with pytest.raises(ValueError, match=error.replace(".", r"\.").replace("(", r"\(")):
+            cfg.check_bottleneck(bottleneck)
+    # the same value given twice is one intent, not a conflict
+    ObjectiveConfig(**OFF, commit_weight=0.5, bottleneck_loss_weights={"commit": 0.5}).check_bottleneck(vq)
+
+
 def test_softvq_vq_losses_are_weighted_like_vq_by_default() -> None:
     # supp. Tab. 5's "+ codebook loss" / "+ commit loss": Eq. 2's weights, codebook 1 and commit β
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Index of each row's largest (or smallest) entry, over a codebook-sized last axis, fast on CPU.
 
-Every bottleneck reports hard code indices: SoftVQ the argmax of its posterior, VQ the argmin of
-its distances, over K = 8192 codewords per token. PyTorch's CPU ``argmax``/``argmin`` along the
+The codebook bottlenecks report hard code indices: SoftVQ the argmax of its posterior, VQ the argmin
+of its distances, over K = 8192 codewords per token. PyTorch's CPU ``argmax``/``argmin`` along the
 last axis run a scalar loop, about 15x slower than the vectorised ``amax``/``amin`` over the same
 tensor (0.5-1.2 ms against 0.08 ms for 128 x 8192 floats on 2 threads).
 :func:`last_axis_argmax` gets the same indices in two vectorised passes: the maxima of blocks of

@@ -204,10 +204,3 @@ class SoftVQ(Bottleneck):
         if self.commit_loss:
             losses["commit"] = (flat - latents.detach()).pow(2).sum(-1).mean()
         return losses
-
-    def posterior(self, z: Tensor) -> Tensor:
-        """q(z|x) (..., K) for encoder outputs ``z`` (..., input_dim), without gradients."""
-        with torch.no_grad():
-            probs = self.forward(z).probs
-            assert probs is not None  # always materialised under no_grad
-            return probs

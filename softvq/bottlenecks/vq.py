@@ -11,9 +11,9 @@ squared norm summed over the D channels and averaged over tokens, so that produc
 times the per-element mean (``F.mse_loss``) that taming-style code and the SoftVQ release use;
 ``objective.vq_loss_reduction=element_mean`` divides by D to train with that one (``tab3-vq-*``).
 
-β, the commitment weight (``BottleneckConfig.commitment_weight``, 0.25), belongs to the training
-objective, which weights ``commit`` by β and ``codebook`` by 1; both losses are returned
-unweighted. The KL term of Eq. 2 is the constant log K and is not returned.
+Both losses are returned unweighted: the training objective weights ``codebook`` by 1 and
+``commit`` by β, the commitment weight (``BottleneckConfig.commitment_weight``, 0.25, or
+``objective.commit_weight``). The KL term of Eq. 2 is the constant log K and is not returned.
 
 ``distance="cosine"`` L2-normalises ẑ and the codewords first (the unit-sphere lookup of
 ViT-VQGAN-style and the SoftVQ release); ``l2`` is Eq. 2 as written.

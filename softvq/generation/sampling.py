@@ -62,7 +62,7 @@ class SamplerSpec:
     clip_x0: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.guidance, Guidance):  # was "'float' object has no attribute 'scale'" when sampling
+        if not isinstance(self.guidance, Guidance):  # a bare number would fail only when sampling starts
             raise TypeError(f"guidance must be a Guidance, e.g. Guidance(1.75, 0.0, 0.7) (scale and interval), got "
                             f"{self.guidance!r}")
 
@@ -100,7 +100,7 @@ class SamplerSpec:
         if method == "sde" and self.steps is not None and self.steps < 2:  # its last step is a plain Euler one
             raise ValueError(f"the SDE sampler needs at least 2 steps, got {self.steps}; pass more steps or "
                              f"method euler / heun")
-        if self.ar_steps is not None and self.ar_steps < 1:  # 0 was taken as "the default" by MAR's `or`
+        if self.ar_steps is not None and self.ar_steps < 1:  # MAR's `ar_steps or num_tokens` would read 0 as None
             raise ValueError(f"ar_steps must be 1 or more (None: one per token), got {self.ar_steps}")
         if self.clip_x0 is not None and not (math.isfinite(self.clip_x0) and self.clip_x0 > 0):
             raise ValueError(f"clip_x0 must be positive (a bound in normalised latent units), got {self.clip_x0}")
@@ -127,11 +127,6 @@ class SamplerSpec:
     def resolved_steps(self, objective: str) -> int:
         """``steps``, or the objective's default number of sampling steps."""
         return self.steps if self.steps is not None else DEFAULT_STEPS[objective]
-
-    def evaluations(self, objective: str) -> int:
-        """Network evaluations per image without guidance (for throughput extrapolation)."""
-        method, steps = self.resolved(objective), self.resolved_steps(objective)
-        return 2 * steps - 1 if method == "heun" else steps
 
 
 def sample_latents(model: Generator, meta: GeneratorMeta, labels: Tensor | Sequence[int | str],

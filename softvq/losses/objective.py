@@ -168,6 +168,17 @@ class ObjectiveConfig:
             keys.append(("objective.bottleneck_weight", ("kl", "entropy")))
         if bottleneck.commitment_weight != BottleneckConfig.commitment_weight:
             keys.append(("model.bottleneck.commitment_weight", ("commit",)))
+        # one loss weighted by two chosen keys with two values: one would win without a word
+        values = {"objective.commit_weight": self.commit_weight, "objective.codebook_weight": self.codebook_weight,
+                  "objective.bottleneck_weight": self.bottleneck_weight,
+                  "model.bottleneck.commitment_weight": bottleneck.commitment_weight,
+                  **{f"objective.bottleneck_loss_weights.{n}": w for n, w in self.bottleneck_loss_weights.items()}}
+        for name in LOSS_NAMES:
+            chosen = [key for key, names in keys if name in names and key in values]
+            if len({values[key] for key in chosen}) > 1:
+                said = ", ".join(f"{key}={values[key]}" for key in chosen)
+                raise ValueError(f"{said}: {len(chosen)} settings weigh the {name!r} loss, and only one would "
+                                 f"count; set it in one place")
         if self.vq_loss_reduction != ObjectiveConfig.vq_loss_reduction:
             keys.append(("objective.vq_loss_reduction", ("codebook", "commit")))
         for key, names in keys:
