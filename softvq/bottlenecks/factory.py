@@ -168,4 +168,4 @@ def build_bottleneck(cfg: BottleneckConfig) -> Bottleneck:
 
     if cfg.segments == 1:
         return stage()
-    return SegmentCodebooks([stage() for _ in range(cfg.segments)], entropy=cfg.segment_entropy)
+    return SegmentCodebooks([stage() for _ in range(cfg.segments)], entropy_form=cfg.segment_entropy)

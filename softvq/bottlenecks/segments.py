@@ -10,7 +10,7 @@ Each segment is a full bottleneck (``parts[i]``; the official converter maps
 ``quantize.embedding[i]`` to ``bottleneck.parts.{i}.codebook``). Latents, indices and probs are
 concatenated back along the sequence; metrics are averaged over segments.
 
-The entropy regulariser ``kl`` comes in two forms (``entropy``):
+The entropy regulariser ``kl`` comes in two forms (``entropy_form``):
 
 * ``"pooled"`` (the release): H(q) is averaged over all tokens and the batch posterior E q is
   averaged over the tokens of *all* segments before its entropy is taken, exactly as the
@@ -40,14 +40,14 @@ SegmentEntropy = Literal["pooled", "per_segment"]
 class SegmentCodebooks(Bottleneck):
     """S bottlenecks over S contiguous blocks of the token sequence; children in ``parts``."""
 
-    def __init__(self, parts: list[Bottleneck], *, entropy: SegmentEntropy = "pooled") -> None:
+    def __init__(self, parts: list[Bottleneck], *, entropy_form: SegmentEntropy = "pooled") -> None:
         super().__init__()
         self.input_dim, self.latent_dim = shared_widths(parts, ("input_dim", "latent_dim"), "SegmentCodebooks",
                                                         "segment")
-        if entropy not in ("pooled", "per_segment"):
-            raise ValueError(f"unknown segment entropy {entropy!r}; use 'pooled' (release) or 'per_segment'")
+        if entropy_form not in ("pooled", "per_segment"):
+            raise ValueError(f"unknown segment entropy form {entropy_form!r}; use 'pooled' (release) or 'per_segment'")
         self.parts = nn.ModuleList(parts)
-        self.entropy = entropy
+        self.entropy_form = entropy_form
 
     @property
     def segments(self) -> int:
@@ -101,7 +101,7 @@ class SegmentCodebooks(Bottleneck):
         return torch.cat([part.latents(chunk) for part, chunk in zip(parts, self._segments(z))], dim=1)
 
     def forward(self, z: Tensor) -> BottleneckOutput:
-        """Each block of tokens through its own codebook; the entropy pooled or per segment (``entropy``)."""
+        """Each block of tokens through its own codebook; the entropy pooled or per segment (``entropy_form``)."""
         outputs = [part(chunk) for part, chunk in zip(self.parts, self._segments(z))]
         losses = mean_losses(outputs)
         terms = None
@@ -110,7 +110,7 @@ class SegmentCodebooks(Bottleneck):
                 token_entropy=torch.stack([o.entropy_terms.token_entropy for o in outputs]).mean(),
                 mean_posterior=torch.stack([o.entropy_terms.mean_posterior for o in outputs]).mean(0),
             )
-        if self.entropy == "pooled" and terms is not None:
+        if self.entropy_form == "pooled" and terms is not None:
             losses["kl"] = terms.token_entropy - entropy(terms.mean_posterior)
         indices = None if any(o.indices is None for o in outputs) else torch.cat([o.indices for o in outputs], 1)
         probs = None if any(o.probs is None for o in outputs) else torch.cat([o.probs for o in outputs], 1)
