@@ -60,7 +60,7 @@ def test_one_step_sampling_predicts_x0_in_one_call():
     assert bool(torch.isfinite(GaussianDiffusion.from_schedule("linear", 1).posterior_log_variance_clipped).all())
 
 
-def test_learned_sigma_interpolates_between_posterior_and_beta():
+def test_sigma_learned_interpolates_between_posterior_and_beta():
     d = GaussianDiffusion.from_schedule("linear", 1000, variance="learned", channel_dim=-1)
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     t = torch.tensor([5, 500])

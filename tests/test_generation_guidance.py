@@ -37,7 +37,7 @@ def test_guidance_inside_interval_follows_the_formula_and_is_off_outside():
     assert not torch.allclose(out[:2], cond[:2], atol=1e-3)
 
 
-def test_only_the_eps_channels_are_guided_for_learned_sigma():
+def test_only_the_eps_channels_are_guided_for_sigma_learned():
     model = randomised_model()
     x, y, t = torch.randn(2, 8, 4), torch.tensor([1, 3]), torch.tensor([300, 300])
     out = guided(model, x, t, y, Guidance(3.0), null_class=5, tau=t / 1000, guided_channels=(-1, 4))

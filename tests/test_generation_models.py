@@ -216,7 +216,7 @@ def test_an_objective_of_another_kind_than_its_model_is_named():
     with pytest.raises(ValueError, match=r"a 'sit' objective on a 'dit' generator"):
         GenerationObjective(GenerationObjectiveConfig("sit"))(dit, x, y)
     plain = build_generator(GeneratorConfig(kind="dit", learn_sigma=False, **small))
-    with pytest.raises(ValueError, match=r"learned_sigma=True but the DiT's variance head is absent"):
+    with pytest.raises(ValueError, match=r"sigma_learned=True but the DiT's variance head is absent"):
         GenerationObjective(GenerationObjectiveConfig("dit"))(plain, x, y)
-    loss = GenerationObjective(GenerationObjectiveConfig("dit"), learned_sigma=False)(plain, x, y)["loss"]
+    loss = GenerationObjective(GenerationObjectiveConfig("dit"), sigma_learned=False)(plain, x, y)["loss"]
     assert torch.isfinite(loss)

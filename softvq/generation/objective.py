@@ -35,7 +35,7 @@ class GenerationObjectiveConfig:
 class GenerationObjective:
     """``objective(model, x, y) -> {"loss": scalar, ...per-term means}``."""
 
-    def __init__(self, config: GenerationObjectiveConfig, channel_dim: int = -1, learned_sigma: bool = True) -> None:
+    def __init__(self, config: GenerationObjectiveConfig, channel_dim: int = -1, sigma_learned: bool = True) -> None:
         self.config = config
         if config.kind == "mar":
             pass  # the model computes its own loss
@@ -43,11 +43,11 @@ class GenerationObjective:
             self.path = Interpolant(config.path)
         elif config.kind == "dit":
             self.diffusion = GaussianDiffusion.from_schedule(config.schedule, config.diffusion_steps,
-                                                             variance="learned" if learned_sigma else "fixed-large",
+                                                             variance="learned" if sigma_learned else "fixed-large",
                                                              channel_dim=channel_dim)
         else:
             raise ValueError(f"unknown objective {config.kind!r}; choose 'sit', 'dit' or 'mar'")
-        self.learned_sigma = learned_sigma
+        self.sigma_learned = sigma_learned
 
     def check_model(self, model: nn.Module) -> None:
         """A model of this objective's kind (and, for DiT, its variance head): another failed inside
@@ -57,10 +57,10 @@ class GenerationObjective:
         if kind is not None and kind != self.config.kind:
             raise ValueError(f"a {self.config.kind!r} objective on a {kind!r} generator: build the objective with "
                              f"GenerationObjectiveConfig({kind!r}, ...)")
-        if kind == "dit" and config is not None and config.sigma_learned != self.learned_sigma:
-            raise ValueError(f"the objective has learned_sigma={self.learned_sigma} but the DiT's variance head is "
+        if kind == "dit" and config is not None and config.sigma_learned != self.sigma_learned:
+            raise ValueError(f"the objective has sigma_learned={self.sigma_learned} but the DiT's variance head is "
                              f"{'there' if config.sigma_learned else 'absent'}: pass "
-                             f"learned_sigma=model.config.sigma_learned")
+                             f"sigma_learned=model.config.sigma_learned")
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         self.check_model(model)

@@ -171,7 +171,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     model = build_generator(model_cfg)
     objective = GenerationObjective(
         GenerationObjectiveConfig(cfg.objective, cfg.path, cfg.schedule, cfg.diffusion_steps, cfg.vlb_weight),
-        learned_sigma=getattr(model_cfg, "sigma_learned", True))
+        sigma_learned=getattr(model_cfg, "sigma_learned", True))
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(0.9, cfg.adam_beta2))
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
