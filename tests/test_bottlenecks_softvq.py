@@ -370,3 +370,25 @@ def test_a_bottleneck_named_what_it_takes_when_given_no_tensor():
 
     with pytest.raises(TypeError, match=r"SoftVQ takes a torch.Tensor \(\.\.\., 4\), got ndarray; convert it"):
         SoftVQ(latent_dim=4, codebook_size=8)(np.zeros((2, 3, 4), dtype=np.float32))
+
+
+def test_constructor_defaults_are_the_config_defaults():
+    """Building a bottleneck in Python gives the model the config gives: SoftVQ(D, K) once had τ
+    only in the config (a changed constructor default went unseen by every config-built test)."""
+    import inspect
+
+    from softvq.bottlenecks import VQ, GroupedLookupFree, SegmentCodebooks, SoftVQ
+    from softvq.config import BottleneckConfig
+
+    same = {
+        SoftVQ: {name: name for name in ("temperature", "learnable_temperature", "distance", "entropy_temperature",
+                                         "detach_codebook_in_logits", "chunk_size", "codebook_loss", "commit_loss")},
+        VQ: {"distance": "distance"},
+        GroupedLookupFree: {"groups": "lfq_groups", "entropy_form": "lfq_entropy"},
+        SegmentCodebooks: {"entropy_form": "segment_entropy"},
+    }
+    config = BottleneckConfig()
+    for cls, fields in same.items():
+        parameters = inspect.signature(cls.__init__).parameters
+        for argument, field_name in fields.items():
+            assert parameters[argument].default == getattr(config, field_name), (cls.__name__, argument)

@@ -36,6 +36,11 @@ def test_respacing_keeps_cumulative_alphas():
     d = GaussianDiffusion.from_schedule("cosine", 1000)
     keep = space_timesteps(1000, 250)
     assert len(keep) == 250 and keep[0] == 0 and keep[-1] == 999
+    # IDDPM's round(i · 999/249), in exact arithmetic (no i lands on a half, where rounding modes differ)
+    from fractions import Fraction
+
+    exact = [int(Fraction(999 * i, 249) + Fraction(1, 2)) for i in range(250)]
+    assert keep == exact and keep[100:103] == [401, 405, 409]
     r = d.respaced(250)
     assert torch.allclose(r.alphas_cumprod, d.alphas_cumprod[keep], rtol=1e-12)
     assert r.timestep_map.tolist() == keep

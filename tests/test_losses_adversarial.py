@@ -29,9 +29,14 @@ def test_hinge_losses_match_naive() -> None:
 
 
 def test_consistency_matches_naive() -> None:
-    a, b = torch.randn(3, 5), torch.randn(3, 5)
+    a, b = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
     naive = sum((x - y) ** 2 for x, y in zip(a.flatten().tolist(), b.flatten().tolist())) / 15
-    assert consistency_loss(a, b).item() == pytest.approx(naive, rel=1e-6)
+    loss = consistency_loss(a, b)
+    assert loss.item() == pytest.approx(naive, rel=1e-6)
+    # bCR trains D through both D(x) and D(T(x)): the gradient reaches each side
+    loss.backward()
+    torch.testing.assert_close(a.grad, 2 * (a - b).detach() / 15)
+    torch.testing.assert_close(b.grad, -a.grad)
 
 
 def test_lecam_ema_and_penalty_match_naive() -> None:

@@ -123,3 +123,17 @@ def test_generator_adversarial_term_is_minus_the_fake_logit() -> None:
         expected = 2 * (f - r) / n - 0.2 * A / n
         torch.testing.assert_close(fake.grad[i], torch.full_like(fake.grad[i], expected), rtol=1e-5, atol=1e-12)
     assert all(p.grad is None for p in obj.discriminator_parameters())
+
+
+def test_consistency_pairs_each_image_with_its_own_augmentation() -> None:
+    """bCR (Zhao et al. 2021): L_cr = mean (D(x) − D(T(x)))² over the real and the reconstructed images,
+    each against its own augmentation. With T the identity it is 0; with T adding a constant c to
+    every pixel it is (A·c)², whatever the real and fake logits are."""
+    tok, obj = _objective()
+    obj.cfg = dataclasses.replace(obj.cfg, consistency_weight=4.0)
+    real, fake = _constant_images(REAL), _constant_images(FAKE)
+    for shift in (0.0, 0.1):
+        obj.consistency_augment = lambda r, f, paired, c=shift: (r + c, f + c)
+        loss, logs = obj.discriminator_loss(real, fake, step=0)
+        assert logs["d/consistency"] == pytest.approx((A * shift) ** 2, rel=1e-5, abs=1e-12)
+        assert loss.item() == pytest.approx(logs["d/hinge"] + 4.0 * (A * shift) ** 2, rel=1e-5)

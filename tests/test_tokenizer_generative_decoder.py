@@ -35,16 +35,34 @@ def latents_of(model: Tokenizer, batch: int = 3) -> torch.Tensor:
         return model.encode(images).latents
 
 
+def open_residual_branches(model: Tokenizer) -> Tokenizer:
+    """LayerScale starts at 1e-5, so a fresh decoder's output barely reads its input (real and random
+    latents decode within 5e-7 of each other): set it to 1, as after training."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.fill_(1.0)
+    return model
+
+
 def test_stage_two_starts_as_the_stage_one_decoder(stage1):
+    stage1 = open_residual_branches(stage1)
     stage2 = stage1.with_generative_decoder(NOISE).eval()
     latents = latents_of(stage1)
     weight = stage2.from_latent.weight
     assert weight.shape == (32, 4 + NOISE)
     assert torch.equal(weight[:, :4], stage1.from_latent.weight) and not weight[:, 4:].any()
     with torch.no_grad():
+        reference = stage1.decode(latents)
+        assert not torch.allclose(stage1.decode(torch.randn_like(latents) * 3), reference, atol=1e-3)  # it reads them
         for seed in (0, 1):
             out = stage2.decode(latents, generator=torch.Generator().manual_seed(seed))
-            torch.testing.assert_close(out, stage1.decode(latents), rtol=0, atol=1e-6)
+            torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+    # [latents; z] along channels (Eq. 11), in that order: the zero columns are the noise's
+    from softvq.networks.generative import decoder_input
+
+    noise = torch.randn(*latents.shape[:-1], NOISE)
+    assert torch.equal(decoder_input(latents, NOISE, noise=noise), torch.cat([latents, noise], -1))
     # Everything else is the stage-1 model, value for value.
     old = stage1.state_dict()
     assert all(torch.equal(v, old[k]) for k, v in stage2.state_dict().items() if k != "from_latent.weight")
