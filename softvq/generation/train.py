@@ -40,7 +40,8 @@ import torch
 from softvq.atomic import write_json
 from softvq.checkpoint.pretrained import load_strict
 from softvq.eval_mode import with_gradients
-from softvq.generation.checkpoint import GENERATOR_EXPORT, MODEL_CONFIG_KEY, milestone_export, run_meta, save_generator
+from softvq.generation.checkpoint import (GENERATOR_EXPORT, MODEL_CONFIG_KEY, Generator, GeneratorMeta, milestone_export,
+                                         run_meta, save_generator)
 from softvq.generation.latents import LatentSet, latent_set_sha1, load_latents
 from softvq.generation.models import build_generator
 from softvq.generation.objective import GenerationObjective, GenerationObjectiveConfig
@@ -50,6 +51,7 @@ from softvq.generation.run_folder import (check_out_folder, check_same_run, expo
 from softvq.generation.run_inputs import check_latent_set, other_tokenizer, tokenizer_spec
 from softvq.generation.train_config import GeneratorTrainConfig, build_model_config, config_from_record, recorded_train
 from softvq.randomness import derived_seed
+from softvq.training.ema import EMA
 from softvq.training.logging import LogWindow, RunLogger
 from softvq.training.optim import param_groups
 from softvq.training.schedule import lr_factor
@@ -157,9 +159,7 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     from tqdm.auto import tqdm
 
     from softvq.training.accelerator import gather_objects, mean_over_processes
-    from softvq.training.checkpointing import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
-    from softvq.training.resuming import restore_or_reseed_rng
-    from softvq.training.ema import EMA
+    from softvq.training.checkpointing import capture_rng, save_checkpoint
 
     torch.manual_seed(cfg.seed + acc.process_index)
     # resolved with the latent set's count: the recipe's fields and the lengths in steps are set
@@ -180,60 +180,11 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
     meta = run_meta(dataclasses.asdict(cfg), data.meta)
     # the run's settings as config.json and every checkpoint record them, and a resume checks them
     train_record, latents_sha1 = recorded_train(cfg), latent_set_sha1(data.meta)
-    start = nonfinite = 0
-    note: str | None  # printed for the user: warnings, and the random generators' state on a resume
-    latest = latest_checkpoint(run)
-    if latest is not None:
-        state = load_checkpoint(latest)
-        saved = saved_settings(run, state, latest)
-        for record in saved:
-            check_same_run(run, record, model_cfg.to_dict(), train_record, latents_sha1)
-        load_strict(model, state["model"], str(latest))  # a mismatch left is named, not torch's traceback
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        start = int(state["step"])
-        nonfinite = int(state.get("nonfinite_steps", 0))  # counted over the run, as the tokenizer trainer does
-        if start > cfg.steps:
-            raise ValueError(f"{run} is already at step {start}; {length} would train nothing "
-                             f"(pass --steps above {start}, or more --epochs, to continue it)")
-        if acc.is_main_process:
-            tidy_run(run, start)
-            record_continuation(run, cfg, start, saved[0])
-            if start in cfg.export_at and not milestone_export(run, start).is_dir():
-                # given only now: the EMA of this step is the one just loaded, and the loop will not pass it
-                with ema.swapped_into(model):
-                    save_generator(model, meta, milestone_export(run, start), step=start)
-                print(f"exported the EMA generator of step {start} ({latest.name}) to {milestone_export(run, start)}",
-                      file=sys.stderr)
-        if start == cfg.steps and exported_step(run / GENERATOR_EXPORT) in (start, "unknown"):  # finished: leave it
-            if acc.is_main_process:
-                for note in milestone_warnings(cfg, run, start):  # --export-at given only now
-                    _LOG.warning(note)
-                print(f"{run} already finished at step {start}; pass --steps above {start} (or more --epochs) "
-                      f"to train it further", file=sys.stderr)
-            return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / GENERATOR_EXPORT),
-                    "stopped": False, "already_finished": True}
-        note = restore_or_reseed_rng(state["rng"], rank=acc.process_index, world=acc.num_processes, seed=cfg.seed,
-                                     step=start)
-        if note is not None and acc.is_main_process:
-            print(note, file=sys.stderr)
-        if acc.is_main_process and start == cfg.steps:
-            old = exported_step(run / GENERATOR_EXPORT)
-            print(f"{run} trained to step {start}; its export is {'missing' if old is None else f'from step {old}'}"
-                  f": exporting again", file=sys.stderr)
-        elif acc.is_main_process:
-            print(f"resuming {run} from step {start} ({latest.name})", file=sys.stderr)
-    elif acc.is_main_process:
-        if cfg.warmup_steps >= cfg.steps:  # e.g. MAR's 100-epoch recipe warm-up under a short --steps
-            warm = (f"--warmup-epochs {cfg.warmup_epochs:g}" if cfg.warmup_epochs is not None
-                    else f"--warmup-steps {cfg.warmup_steps}")
-            _LOG.warning(f"the learning-rate warm-up ({warm}: {cfg.warmup_steps} steps) is not shorter than the run "
-                         f"({length}), so the lr never reaches its peak {cfg.lr:g}; pass a shorter --warmup-steps "
-                         f"or --warmup-epochs")
-        tidy_run(run, 0)  # a run killed before its first checkpoint starts again
-        run.mkdir(parents=True, exist_ok=True)
-        resolved = {"train": train_record, "model": model_cfg.to_dict(), "latents_sha1": latents_sha1}
-        write_json(run / "config.json", resolved)
+    resumed = _resume_or_begin(cfg, run, acc, model, model_cfg, optimizer, ema, meta, train_record, latents_sha1,
+                               length)
+    if isinstance(resumed, dict):  # a finished run, left as it is
+        return resumed
+    start, nonfinite = resumed
 
     if acc.is_main_process:
         for note in milestone_warnings(cfg, run, start):
@@ -355,6 +306,74 @@ def _train(cfg: GeneratorTrainConfig, data: LatentSet, run: Path, acc, length: s
             save_generator(unwrapped, meta, export, step=cfg.steps)
     return {"first_loss": _trained(first_loss, ran), "last_loss": _trained(last_loss, ran), "steps": cfg.steps,
             "export": str(export), "stopped": False}
+
+
+def _resume_or_begin(cfg: GeneratorTrainConfig, run: Path, acc, model: Generator, model_cfg: Any,
+                     optimizer: torch.optim.Optimizer, ema: EMA, meta: GeneratorMeta, train_record: dict[str, Any],
+                     latents_sha1: str, length: str) -> tuple[int, int] | dict[str, Any]:
+    """Load the run's last checkpoint into ``model``, ``optimizer`` and ``ema`` (its settings checked
+    against these) and return (step, non-finite steps so far); or begin the run folder at step 0;
+    or, for a run already finished and exported, the result that says so."""
+    from softvq.training.checkpointing import latest_checkpoint, load_checkpoint
+    from softvq.training.resuming import restore_or_reseed_rng
+
+    assert cfg.steps is not None and cfg.warmup_steps is not None and cfg.lr is not None  # resolved by _train's caller
+    start = nonfinite = 0
+    note: str | None  # printed for the user: warnings, and the random generators' state on a resume
+    latest = latest_checkpoint(run)
+    if latest is not None:
+        state = load_checkpoint(latest)
+        saved = saved_settings(run, state, latest)
+        for record in saved:
+            check_same_run(run, record, model_cfg.to_dict(), train_record, latents_sha1)
+        load_strict(model, state["model"], str(latest))  # a mismatch left is named, not torch's traceback
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        start = int(state["step"])
+        nonfinite = int(state.get("nonfinite_steps", 0))  # counted over the run, as the tokenizer trainer does
+        if start > cfg.steps:
+            raise ValueError(f"{run} is already at step {start}; {length} would train nothing "
+                             f"(pass --steps above {start}, or more --epochs, to continue it)")
+        if acc.is_main_process:
+            tidy_run(run, start)
+            record_continuation(run, cfg, start, saved[0])
+            if start in cfg.export_at and not milestone_export(run, start).is_dir():
+                # given only now: the EMA of this step is the one just loaded, and the loop will not pass it
+                with ema.swapped_into(model):
+                    save_generator(model, meta, milestone_export(run, start), step=start)
+                print(f"exported the EMA generator of step {start} ({latest.name}) to {milestone_export(run, start)}",
+                      file=sys.stderr)
+        if start == cfg.steps and exported_step(run / GENERATOR_EXPORT) in (start, "unknown"):  # finished: leave it
+            if acc.is_main_process:
+                for note in milestone_warnings(cfg, run, start):  # --export-at given only now
+                    _LOG.warning(note)
+                print(f"{run} already finished at step {start}; pass --steps above {start} (or more --epochs) "
+                      f"to train it further", file=sys.stderr)
+            return {"first_loss": None, "last_loss": None, "steps": start, "export": str(run / GENERATOR_EXPORT),
+                    "stopped": False, "already_finished": True}
+        note = restore_or_reseed_rng(state["rng"], rank=acc.process_index, world=acc.num_processes, seed=cfg.seed,
+                                     step=start)
+        if note is not None and acc.is_main_process:
+            print(note, file=sys.stderr)
+        if acc.is_main_process and start == cfg.steps:
+            old = exported_step(run / GENERATOR_EXPORT)
+            print(f"{run} trained to step {start}; its export is {'missing' if old is None else f'from step {old}'}"
+                  f": exporting again", file=sys.stderr)
+        elif acc.is_main_process:
+            print(f"resuming {run} from step {start} ({latest.name})", file=sys.stderr)
+    elif acc.is_main_process:
+        if cfg.warmup_steps >= cfg.steps:  # e.g. MAR's 100-epoch recipe warm-up under a short --steps
+            warm = (f"--warmup-epochs {cfg.warmup_epochs:g}" if cfg.warmup_epochs is not None
+                    else f"--warmup-steps {cfg.warmup_steps}")
+            _LOG.warning(f"the learning-rate warm-up ({warm}: {cfg.warmup_steps} steps) is not shorter than the run "
+                         f"({length}), so the lr never reaches its peak {cfg.lr:g}; pass a shorter --warmup-steps "
+                         f"or --warmup-epochs")
+        tidy_run(run, 0)  # a run killed before its first checkpoint starts again
+        run.mkdir(parents=True, exist_ok=True)
+        resolved = {"train": train_record, "model": model_cfg.to_dict(), "latents_sha1": latents_sha1}
+        write_json(run / "config.json", resolved)
+
+    return start, nonfinite
 
 
 def _trained(loss: float | torch.Tensor, ran: bool) -> float | None:
