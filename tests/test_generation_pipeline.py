@@ -225,6 +225,14 @@ def test_bench_gen_prints_flops_beside_the_paper(capsys):
     assert lines[0].startswith("generator efficiency (GMACs only, nothing timed)")  # not "batch 64, 250 steps"
 
 
+def test_bench_gen_takes_batch_size_as_the_other_commands_call_it():
+    from softvq.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["bench", "gen", "--batch-size", "8"]).batch == 8
+    assert parser.parse_args(["bench", "gen", "--batch", "16"]).batch == 16
+
+
 def test_bench_gen_times_mar_sampling_whole_at_its_evaluation_setting(monkeypatch, capsys):
     """MAR's throughput column (paper Tab. 1: 0.89 / 2.08 img/s for MAR-H): its sampler timed whole,
     one AR step per token with 100 head steps, no guidance; MAR-H skipped on a CPU above the bound."""

@@ -36,7 +36,8 @@ def add_gen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", nargs="+", default=["S", "B", "L", "XL"], choices=["S", "B", "L", "XL"])
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--device", default="cpu", type=timing_device_argument, help="cpu (default), cuda, auto")
-    p.add_argument("--batch", type=positive_int, default=64, help="batch for throughput (paper: 64)")
+    p.add_argument("--batch", "--batch-size", dest="batch", type=positive_int, default=64,
+                   help="batch for throughput (paper: 64); --batch-size as the other commands call it")
     p.add_argument("--sampling-steps", type=positive_int, default=250,
                    help="network evaluations per image to extrapolate to")
     p.add_argument("--repeats", type=positive_int, default=None,
