@@ -365,30 +365,9 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
         report[f"lpips_{net}"] = _mean(values)
     if extractor is not None:
         assert checksum is not None  # computed with the extractor
-        if ref_stats is not None:
-            assert cache_path is not None  # ref_stats were loaded from it
-            stale = _stale_reference(cache_path, ref_stats.count, cached_digest, evaluated, acc.digest)
-            if stale:
-                logging.getLogger(__name__).warning(stale)  # the CLI prints it as "softvq: warning: ..."
-                notes[notes.index(f"reference statistics loaded from {cache_path}")] = stale
-                acc.real, digest = _real_features(extractor, refs, size, options)
-                ref_stats = None
-                if acc.real.count != evaluated or acc.digest not in (None, digest):
-                    cache_path = None  # statistics of neither the images measured nor those on disk now
-                    notes.append(f"the images changed during the evaluation: {evaluated} were measured, "
-                                 f"{acc.real.count} read again for the reference statistics (other pixels, or "
-                                 f"other files readable); rerun it")
-        elif real_pass:
-            notes.append("the saved sums relied on cached reference statistics that are gone: the originals' "
-                         "statistics were computed in a pass of their own")
-            acc.real, acc.digest = _real_features(extractor, refs, size, options)
-        if ref_stats is None:
-            ref_stats = acc.real.finalize()
-            if cache_path is not None:
-                fidlib.save_reference_stats(cache_path, ref_stats, checksum,
-                                            protocol_of(options, size, n, weights_name), digest=acc.digest)
-                notes.append(f"reference statistics cached in {cache_path}")
-        report["rfid"] = fidlib.frechet_distance(ref_stats, acc.fake.finalize())
+        report["rfid"] = _rfid(extractor, acc, refs, size, options, evaluated, notes, checksum=checksum,
+                               cache_path=cache_path, ref_stats=ref_stats, cached_digest=cached_digest,
+                               real_pass=real_pass, protocol=protocol_of(options, size, n, weights_name))
         report["fid_reference_checksum"] = checksum
         if evaluated < 10_000:
             notes.append(f"rFID on {evaluated} images is biased upwards; the paper uses {PAPER_NUM_IMAGES}")
@@ -409,6 +388,37 @@ def _evaluate_tokenizer(model: "Tokenizer", source: str | Path, options: EvalOpt
     elif state_file is not None:
         state_file.unlink(missing_ok=True)
     return report
+
+
+def _rfid(extractor: Any, acc: _Accumulators, refs: list, size: int, options: EvalOptions, evaluated: int,
+          notes: list[str], *, checksum: str, cache_path: Path | None, ref_stats: Any, cached_digest: int | None,
+          real_pass: bool, protocol: dict[str, Any]) -> float:
+    """rFID of the summed reconstructions against the originals' statistics: the cached ones where
+    they are those of the images just measured, else the running sums' or a pass of their own (and
+    cached then). What happened is added to ``notes``."""
+    if ref_stats is not None:
+        assert cache_path is not None  # ref_stats were loaded from it
+        stale = _stale_reference(cache_path, ref_stats.count, cached_digest, evaluated, acc.digest)
+        if stale:
+            logging.getLogger(__name__).warning(stale)  # the CLI prints it as "softvq: warning: ..."
+            notes[notes.index(f"reference statistics loaded from {cache_path}")] = stale
+            acc.real, digest = _real_features(extractor, refs, size, options)
+            ref_stats = None
+            if acc.real.count != evaluated or acc.digest not in (None, digest):
+                cache_path = None  # statistics of neither the images measured nor those on disk now
+                notes.append(f"the images changed during the evaluation: {evaluated} were measured, "
+                             f"{acc.real.count} read again for the reference statistics (other pixels, or "
+                             f"other files readable); rerun it")
+    elif real_pass:
+        notes.append("the saved sums relied on cached reference statistics that are gone: the originals' "
+                     "statistics were computed in a pass of their own")
+        acc.real, acc.digest = _real_features(extractor, refs, size, options)
+    if ref_stats is None:
+        ref_stats = acc.real.finalize()
+        if cache_path is not None:
+            fidlib.save_reference_stats(cache_path, ref_stats, checksum, protocol, digest=acc.digest)
+            notes.append(f"reference statistics cached in {cache_path}")
+    return fidlib.frechet_distance(ref_stats, acc.fake.finalize())
 
 
 def _stale_reference(cache_path: Path, count: int, cached_digest: int | None, evaluated: int,
