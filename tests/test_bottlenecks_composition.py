@@ -315,3 +315,22 @@ def test_empty_inputs_are_refused_instead_of_nan_losses():
         for shape in ((0, 4, b.input_dim), (2, 0, b.input_dim)):
             with pytest.raises(ValueError, match="no tokens"):
                 b(torch.randn(shape))
+
+
+def test_pooled_segment_regulariser_has_the_gradient_of_the_release_formula():
+    """The release's pooled H(q) − H(E q) over all segments' tokens, differentiated in float64 as
+    written (the value alone is checked elsewhere, without gradients)."""
+    torch.manual_seed(0)
+    seg = build_bottleneck(BottleneckConfig(kind="softvq", latent_dim=8, codebook_size=16, segments=4,
+                                            distance="cosine", detach_codebook_in_logits=True,
+                                            entropy_temperature=0.5))  # not saturated: every term has a gradient
+    z = torch.randn(2, 8, 8, requires_grad=True)
+    grad, = torch.autograd.grad(seg(z).losses["kl"], z)
+    z64 = z.detach().double().requires_grad_()
+    x = F.normalize(z64, dim=-1)
+    books = [F.normalize(part.codebook.detach().double(), dim=-1) for part in seg.parts]
+    logits = torch.cat([(x[:, 2 * i:2 * i + 2] @ book.t()).reshape(-1, 16) for i, book in enumerate(books)])
+    q = torch.softmax(logits / 0.5, -1)
+    h = lambda p: -(p * p.clamp_min(1e-300).log()).sum(-1)
+    reference, = torch.autograd.grad(h(q).mean() - h(q.mean(0)), z64)
+    torch.testing.assert_close(grad.double(), reference, rtol=1e-4, atol=1e-6)

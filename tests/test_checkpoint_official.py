@@ -497,3 +497,10 @@ def test_the_commands_name_the_release_keys_they_leave_out(tmp_path, capsys):
     assert main(["info", f"official:{folder}"]) == 0
     out, err = capsys.readouterr()
     assert "softvq: note:" not in err and "codebook usage counter" in out  # its table lists them once
+
+
+def test_a_release_config_without_tau_takes_the_released_temperature(tmp_path):
+    """The hub's config.json may leave τ out: the release trained with 0.07 (paper Sec. 4.1)."""
+    folder, _, config = tiny_release(tmp_path, 1)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "tau"}))
+    assert load_official(folder).config.bottleneck.temperature == pytest.approx(0.07)

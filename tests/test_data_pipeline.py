@@ -478,6 +478,11 @@ def test_center_crop_resize_is_adms_box_halvings_then_bicubic_then_the_middle_sq
     np.testing.assert_array_equal(small, expected)
     cropped_first = np.asarray(Image.fromarray(np.ascontiguousarray(wide[:, 20:80])).resize((24, 24), Image.BICUBIC))
     assert np.abs(small.astype(int) - cropped_first.astype(int)).max() > 0
+    # a short side of exactly twice the size is halved too (ADM's `while min(size) >= 2 * image_size`),
+    # leaving 50 x 30, already the size: only the middle columns are cut
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8))
+    expected = np.asarray(noisy.resize((50, 30), Image.BOX))[:, 10:40]
+    np.testing.assert_array_equal(np.asarray(center_crop_resize(noisy, 30)), expected)
     # a photo-sized 640 x 427 to 64: halved to 320 x 213, then 160 x 106 (106 < 128 stops it), bicubic to 97 x 64
     photo = np.random.default_rng(0).integers(0, 256, (427, 640, 3), dtype=np.uint8)
     steps = Image.fromarray(photo).resize((320, 213), Image.BOX).resize((160, 106), Image.BOX)

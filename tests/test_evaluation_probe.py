@@ -1,5 +1,6 @@
 """Linear probing (paper C.3): LAMB, the parameter-free BN + linear probe, the folder pipeline."""
 
+import math
 import random
 
 import pytest
@@ -244,3 +245,28 @@ def test_a_class_with_no_readable_image_is_left_out_and_named(tmp_path, caplog):
     report: dict = {"notes": []}
     add_probe(report, r, epochs=1)  # eval's report says it too
     assert "linear probe: left out 1 class(es) with no readable training image: a-broken" in report["notes"]
+
+
+def test_the_probe_lr_follows_a_cosine_from_its_peak_over_the_steps(monkeypatch):
+    from softvq.evaluation import probe
+
+    seen = []
+    step = probe.Lamb.step
+
+    def recording(self, closure=None):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, closure)
+
+    monkeypatch.setattr(probe.Lamb, "step", recording)
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    train_probe(x, y, x, y, epochs=1, batch_size=40, lr=1e-2, min_steps=10)
+    assert seen == pytest.approx([0.5 * 1e-2 * (1 + math.cos(math.pi * s / 10)) for s in range(10)])
+
+
+def test_top5_counts_a_label_anywhere_in_the_five_highest():
+    from softvq.evaluation.probe import _accuracy
+
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0, -1]] * 2)
+    labels = torch.tensor([4, 5])  # fifth and sixth highest
+    assert _accuracy(logits, labels) == 0.0 and _accuracy(logits, labels, 5) == 0.5

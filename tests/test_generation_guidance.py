@@ -44,3 +44,10 @@ def test_only_the_eps_channels_are_guided_for_sigma_learned():
     cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 5))
     assert torch.allclose(out[..., :4], uncond[..., :4] + 3 * (cond[..., :4] - uncond[..., :4]), atol=1e-5)
     assert torch.allclose(out[..., 4:], cond[..., 4:], atol=1e-5)
+
+
+def test_the_guidance_interval_is_closed_at_both_ends():
+    """CFG applies for low <= τ <= high (the release's interval): DiT's last step sits at τ = 0."""
+    times = torch.tensor([0.0, 0.7, 0.70001, 1.0], dtype=torch.float64)
+    assert Guidance(scale=2.0, low=0.0, high=0.7).active(times).tolist() == [True, True, False, False]
+    assert bool(Guidance(2.0, 0.3, 0.7).active(torch.tensor([0.3], dtype=torch.float64)))

@@ -361,3 +361,14 @@ def test_a_numpy_input_is_named():
     model = tiny()
     with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got ndarray"):  # was "has no attribute 'dim'"
         model.check_input(np.zeros((1, *model.input_shape), np.float32))
+
+
+def test_the_diffusion_head_trains_on_every_step_including_the_first():
+    """t ~ U{0, ..., T−1} (MAR's DiffLoss, from DiT's training loop): step 0 holds the hybrid loss's
+    decoder NLL term."""
+    torch.manual_seed(0)
+    head = DiffusionLoss(4, 8, 16, 1, "cosine", 10)
+    seen, losses = [], head.diffusion.training_losses
+    head.diffusion.training_losses = lambda f, x, t: (seen.append(t), losses(f, x, t))[1]
+    head(torch.randn(500, 4), torch.randn(500, 8))
+    assert set(seen[0].tolist()) == set(range(10))

@@ -161,3 +161,33 @@ def test_encoder_initialisation_copies_blocks() -> None:
 def test_missing_weights_message() -> None:
     with pytest.raises(CheckpointError, match="torch-hub name"):
         load_dino("no-such-file.pth")
+
+
+def test_inputs_in_minus_one_to_one_are_normalised_with_imagenet_statistics():
+    """[-1, 1] images → [0, 1] → (x − mean) / std with ImageNet's constants, DINOv2's preprocessing;
+    the alignment target and the DINO discriminator both read images through it."""
+    from softvq.networks.dinov2 import DinoConfig, DinoViT
+
+    model = DinoViT(DinoConfig(width=128, depth=1, heads=2, patch_size=14, pos_grid=4))
+    x = torch.tensor([-1.0, 0.0, 1.0]).reshape(1, 3, 1, 1).expand(1, 3, 2, 2)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected = ((torch.tensor([0.0, 0.5, 1.0]) - mean) / std).reshape(1, 3, 1, 1).expand(1, 3, 2, 2)
+    torch.testing.assert_close(model.normalize(x), expected)
+
+
+def test_position_embeddings_resize_as_dinov2s_interpolate_pos_encoding():
+    """DINOv2 resizes its M x M grid by a scale factor of (h + 0.1) / M, bicubic, without aligned
+    corners; written out here on a random embedding (a constant one is the same under any resize)."""
+    from softvq.networks.dinov2 import DinoConfig, DinoViT
+
+    torch.manual_seed(0)
+    model = DinoViT(DinoConfig(width=128, depth=1, heads=2, patch_size=14, pos_grid=4))
+    with torch.no_grad():
+        model.pos_embed.normal_()
+    h, w, m = 6, 5, 4
+    grid = model.pos_embed[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    reference = F.interpolate(grid, scale_factor=((h + 0.1) / m, (w + 0.1) / m), mode="bicubic")
+    got = model.position_embedding((h, w))
+    torch.testing.assert_close(got[:, 1:], reference.permute(0, 2, 3, 1).reshape(1, -1, 128))
+    plain = F.interpolate(grid, size=(h, w), mode="bicubic").permute(0, 2, 3, 1).reshape(1, -1, 128)
+    assert not torch.allclose(got[:, 1:], plain)  # the 0.1 offset changes the result

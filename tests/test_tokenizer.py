@@ -347,13 +347,15 @@ def test_sliced_losses_weight_each_slice_by_its_images():
     torch.testing.assert_close(sliced, full)
 
 
-def test_fused_residual_update_equals_the_plain_block_and_its_gradients():
+@pytest.mark.parametrize("mlp_ratio", [4.0, 1.0])  # 1: every residual W square, so γ on the wrong axis still runs
+def test_fused_residual_update_equals_the_plain_block_and_its_gradients(mlp_ratio):
     """x + γ⊙(uWᵀ + b) folded into one in-place GEMM must match the plain block, values and grads."""
     from softvq.networks.vit import Block, reference_math
 
     torch.manual_seed(0)
-    block = Block(32, 4, layerscale_init=0.7)
-    torch.nn.init.normal_(block.ls2.gamma)
+    block = Block(32, 4, mlp_ratio=mlp_ratio, layerscale_init=0.7)
+    torch.nn.init.normal_(block.ls1.gamma)  # non-uniform: γ scales W's rows (a uniform γ scales
+    torch.nn.init.normal_(block.ls2.gamma)  # its columns alike)
     x = torch.randn(2, 9, 32, requires_grad=True)
     fused = block(x)
     grads = torch.autograd.grad(fused.square().sum(), [x, *block.parameters()])

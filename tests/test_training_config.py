@@ -406,3 +406,16 @@ def test_a_short_run_is_told_which_ramps_it_ends_before():
     assert len(late_ramps(load_config("paper", ["schedule.steps=3000"]))) == 3
     assert late_ramps(load_config("paper", ["schedule.steps=3000", "objective.adversarial_weight=0",
                                             "objective.perceptual_weight=0", "schedule.warmup_steps=10"])) == []
+
+
+def test_the_cosine_floor_scales_the_whole_curve_not_only_its_end():
+    """lr = min_ratio + (1 − min_ratio) · ½(1 + cos(π t)): the floor is reached at the end, and the
+    start and the middle sit on the scaled curve (at t = 1 alone the two forms agree)."""
+    factor = lambda step: lr_factor(step, total_steps=100, warmup_steps=0, min_ratio=0.1)
+    assert factor(0) == pytest.approx(1.0) and factor(50) == pytest.approx(0.55) and factor(100) == pytest.approx(0.1)
+
+
+def test_adamw_takes_the_betas_in_their_order():
+    optimizer = build_optimizer(nn.Linear(3, 3).named_parameters(), name="adamw", lr=1e-4, betas=[0.9, 0.95],
+                                weight_decay=1e-4)
+    assert [group["betas"] for group in optimizer.param_groups] == [(0.9, 0.95), (0.9, 0.95)]
