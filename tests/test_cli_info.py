@@ -163,3 +163,12 @@ def test_info_save_refuses_a_folder_of_another_kind_before_loading_the_model(tmp
     assert main(["info", "softvq-tiny", "--save", str(latents)]) == 2
     assert "holds an interrupted pretokenize's latent set; writing a softvq-tokenizer" in capsys.readouterr().err
     assert loaded == [] and sorted(p.name for p in latents.iterdir()) == ["progress.json"]
+
+
+def test_info_names_the_release_forms_of_a_wetok_config(capsys):
+    assert main(["info", "wetok-gd-s-64-release"]) == 0
+    out = capsys.readouterr().out
+    assert "entropy pooled over the groups (the released GFQ)" in out and "; frozen: encoder, bottleneck" in out
+    assert main(["info", "wetok-gq-s-64"]) == 0  # the paper's form says nothing extra
+    out = capsys.readouterr().out
+    assert "pooled" not in out and "frozen" not in out

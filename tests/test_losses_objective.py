@@ -85,6 +85,9 @@ def test_one_loss_weighted_by_two_settings_with_two_values_is_refused() -> None:
          "weigh the 'codebook' loss, and only one would count; set it in one place"),
         (ObjectiveConfig(**OFF, bottleneck_weight=0.1, bottleneck_loss_weights={"kl": 0.5}), BottleneckConfig(),
          "weigh the 'kl' loss"),
+        # λ4 = 0 (off) against a per-loss weight that would still train the term
+        (ObjectiveConfig(**OFF, bottleneck_weight=0.0, bottleneck_loss_weights={"kl": 6.4e-5}),
+         BottleneckConfig(kind="kl", latent_dim=8), "objective.bottleneck_weight=0.0: 2 settings weigh the 'kl'"),
     ]
     for cfg, bottleneck, error in cases:
         with pytest.raises(ValueError, match=error.replace(".", r"\.").replace("(", r"\(")):

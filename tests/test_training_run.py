@@ -753,34 +753,68 @@ def test_a_trainer_inside_a_callers_no_grad_trains_all_the_same(tmp_path, mode):
 
 
 def test_frozen_parts_keep_their_weights_and_the_rest_trains(tmp_path):
-    """run.freeze=[encoder, bottleneck]: WeTok's released stage 2, the decoder trained alone."""
+    """run.freeze=[encoder, bottleneck]: WeTok's released stage 2, the decoder trained alone from a
+    stage-1 export, with the frozen parts in eval mode."""
     from softvq.training.checkpointing import load_checkpoint
 
-    snapshots = {}
-    cfg = config_from_dict(tiny_tree(schedule={"steps": 3}, run={"freeze": ["encoder", "bottleneck"]}))
-    trainer = Trainer(cfg, tmp_path, objective_factory=factory(snapshots=snapshots))
+    stage1 = tmp_path / "stage1"
+    Tokenizer(config_from_dict(tiny_tree()).model).save_pretrained(stage1)
+    snapshots, modes = {}, []
+    run = tmp_path / "run"
+    cfg = config_from_dict(tiny_tree(schedule={"steps": 3},
+                                     run={"freeze": ["encoder", "bottleneck"], "init_from": str(stage1)}))
+    trainer = Trainer(cfg, run, objective_factory=factory(snapshots=snapshots))
     trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert trained == {id(p) for n, p in trainer.unwrapped.named_parameters()
                        if n.split(".")[0] in ("decoder", "from_latent")}
+    trainer.unwrapped.encoder.register_forward_hook(lambda module, *_: modes.append(module.training))
     trainer.fit()
-    state = load_checkpoint(list_checkpoints(tmp_path)[-1])
-    start, export = snapshots[0], exported(tmp_path)
+    assert modes and not any(modes)  # eval mode in every training step
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    start, export = snapshots[0], exported(run)
+    assert all(torch.equal(start[n], v) for n, v in Tokenizer.from_pretrained(stage1).state_dict().items())
     for name, value in state["model"].items():
         frozen = name.split(".")[0] in ("encoder", "to_latent", "bottleneck")
         assert torch.equal(value, start[name]) is frozen, name
         if frozen:  # the export (EMA weights) holds them unchanged too
             assert torch.equal(export[name], start[name]), name
-    with pytest.raises(CheckpointError, match=r"other frozen parts \(run.freeze .*a run's frozen parts cannot change"):
-        Trainer(config_from_dict(tiny_tree(schedule={"steps": 4}, run={"freeze": ["encoder"]})), tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match=r"frozen parts \['bottleneck', 'encoder'\], this run freezes "
+                                              r"\['encoder'\]; a run's frozen parts cannot change"):
+        Trainer(config_from_dict(tiny_tree(schedule={"steps": 4}, run={"freeze": ["encoder"],
+                                                                       "init_from": str(stage1)})), run, resume=True)
+    # the same parts in another order are the same run
+    again = Trainer(config_from_dict(tiny_tree(schedule={"steps": 4}, run={"freeze": ["bottleneck", "encoder"],
+                                                                           "init_from": str(stage1)})), run, resume=True)
+    assert again.step == 3
+    again.close()
+
+
+def test_a_checkpoint_from_before_run_freeze_resumes(tmp_path):
+    """Saved configs of earlier versions have no run.freeze: they froze nothing, as the default."""
+    from softvq.training.checkpointing import load_checkpoint, save_checkpoint
+
+    Trainer(config_from_dict(tiny_tree(schedule={"steps": 3})), tmp_path).fit()
+    path = list_checkpoints(tmp_path)[-1]
+    state = load_checkpoint(path)
+    del state["config"]["run"]["freeze"]
+    path.unlink()
+    save_checkpoint(state, tmp_path, 3)
+    assert Trainer(config_from_dict(tiny_tree(schedule={"steps": 4})), tmp_path, resume=True).fit().step == 4
 
 
 @pytest.mark.parametrize("freeze, extra, error", [
     (["encoders"], {}, "run.freeze names 'encoders'; the parts are encoder, bottleneck, decoder"),
-    (["encoder", "bottleneck", "decoder"], {}, "lists every part of the tokenizer: nothing would train"),
+    (["encoder", "encoder"], {}, "names a part twice"),
+    (["encoder", "bottleneck", "decoder"], {}, "leaves nothing of the tokenizer to train"),
+    (["encoder", "decoder"], {"model": {"bottleneck": {"kind": "lfq", "latent_dim": 4, "lfq_groups": 1,
+                                                       "codebook_size": 8192, "distance": "l2"}}},
+     r"leaves nothing of the tokenizer to train \(a lfq bottleneck has no weights\)"),
     (["decoder"], {"objective": {"adaptive_weight": True}}, "adaptive_weight compares gradients at the decoder"),
-    (["encoder"], {"run": {"distributed": "fsdp"}}, "run.freeze with run.distributed=fsdp is not supported"),
+    (["decoder"], {"run": {"distributed": "fsdp"}}, "run.freeze with run.distributed=fsdp is not supported"),
+    (["encoder"], {"run": {"init_from": None}}, "keep the encoder at its random initialisation"),
+    (["bottleneck"], {"run": {"init_from": None, "init_encoder": "dinov2"}}, "keep the codebook at its random"),
 ])
 def test_freeze_settings_that_cannot_work_are_refused(freeze, extra, error):
-    sections = {**extra, "run": {"freeze": freeze, **extra.get("run", {})}}
+    sections = {**extra, "run": {"init_from": "runs/stage1/export", "freeze": freeze, **extra.get("run", {})}}
     with pytest.raises(ValueError, match=error):
         config_from_dict(tiny_tree(**sections))

@@ -125,6 +125,8 @@ def _lfq_line(b: BottleneckConfig) -> str:
         text += f", as {b.groups} channel groups (PQ) x lfq_groups {b.lfq_groups}"
     if b.segments > 1:  # each segment has its own entropy term; the codes are the same fixed ones
         text += f", {b.segments} sequence segments (entropy per segment, no extra codebooks)"
+    if b.lfq_entropy == "pooled":
+        text += ", entropy pooled over the groups (the released GFQ)"
     return text
 
 
@@ -284,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
         s, o = cfg.schedule, cfg.optim
         print(f"training: {s.steps} steps at batch {s.batch_size} (grad_accum {s.grad_accum}), lr {o.lr:g}"
               f"{' x batch/256' if o.scale_lr else ''}, warm-up {s.warmup_steps} steps; data: {cfg.data.source}"
-              f"{' ' + str(cfg.data.path) if cfg.data.source != 'bundled' else ''}")
+              f"{' ' + str(cfg.data.path) if cfg.data.source != 'bundled' else ''}"
+              f"{'; frozen: ' + ', '.join(cfg.run.freeze) if cfg.run.freeze else ''}")
         return 0
     if is_preset(args.spec) and not args.save:
         model = architecture(PRESETS[args.spec.lower()])

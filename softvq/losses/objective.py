@@ -168,13 +168,16 @@ class ObjectiveConfig:
             keys.append(("objective.bottleneck_weight", ("kl", "entropy")))
         if bottleneck.commitment_weight != BottleneckConfig.commitment_weight:
             keys.append(("model.bottleneck.commitment_weight", ("commit",)))
+        # λ4 = 0 turns the term off, so it is no "unused weight" below, but it still clashes with a per-loss one
+        conflicting = [*keys, *([("objective.bottleneck_weight", ("kl", "entropy"))]
+                                if self.bottleneck_weight == 0.0 != ObjectiveConfig.bottleneck_weight else [])]
         # one loss weighted by two chosen keys with two values: one would win without a word
         values = {"objective.commit_weight": self.commit_weight, "objective.codebook_weight": self.codebook_weight,
                   "objective.bottleneck_weight": self.bottleneck_weight,
                   "model.bottleneck.commitment_weight": bottleneck.commitment_weight,
                   **{f"objective.bottleneck_loss_weights.{n}": w for n, w in self.bottleneck_loss_weights.items()}}
         for name in LOSS_NAMES:
-            chosen = [key for key, names in keys if name in names and key in values]
+            chosen = [key for key, names in conflicting if name in names and key in values]
             if len({values[key] for key in chosen}) > 1:
                 said = ", ".join(f"{key}={values[key]}" for key in chosen)
                 raise ValueError(f"{said}: {len(chosen)} settings weigh the {name!r} loss, and only one would "

@@ -190,6 +190,7 @@ class RunConfig:
 
 
 FREEZABLE = ("encoder", "bottleneck", "decoder")
+WEIGHTLESS_BOTTLENECKS = ("kl", "ae", "lfq")  # nothing of their own to train or to freeze
 
 
 @dataclass
@@ -250,8 +251,19 @@ class TrainConfig:
                              "one of them (run.init_encoder=null: the SoftVQ presets start from DINOv2)")
         if unknown := [part for part in r.freeze if part not in FREEZABLE]:
             raise ValueError(f"run.freeze names {unknown[0]!r}; the parts are {', '.join(FREEZABLE)}")
-        if set(FREEZABLE) <= set(r.freeze):
-            raise ValueError("run.freeze lists every part of the tokenizer: nothing would train; drop one")
+        if len(set(r.freeze)) != len(r.freeze):
+            raise ValueError(f"run.freeze names a part twice ({r.freeze}); name each once")
+        weightless = self.model.bottleneck.kind in WEIGHTLESS_BOTTLENECKS
+        if set(FREEZABLE) <= set(r.freeze) or (weightless and {"encoder", "decoder"} <= set(r.freeze)):
+            raise ValueError(f"run.freeze={r.freeze} leaves nothing of the tokenizer to train"
+                             f"{' (a ' + self.model.bottleneck.kind + ' bottleneck has no weights)' if weightless else ''}"
+                             f"; drop one")
+        if "encoder" in r.freeze and not (r.init_from or r.init_encoder):
+            raise ValueError("run.freeze=[encoder, ...] would keep the encoder at its random initialisation: set "
+                             "run.init_from (a trained tokenizer, e.g. a stage-1 export) or run.init_encoder")
+        if "bottleneck" in r.freeze and not weightless and not r.init_from:
+            raise ValueError("run.freeze=[bottleneck, ...] would keep the codebook at its random initialisation: set "
+                             "run.init_from (a trained tokenizer, e.g. a stage-1 export)")
         if "decoder" in r.freeze and self.objective.adaptive_weight:
             raise ValueError("objective.adaptive_weight compares gradients at the decoder's last layer, which "
                              "run.freeze=[..., decoder] freezes; turn one of them off")

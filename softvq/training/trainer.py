@@ -173,7 +173,8 @@ class Trainer:
         self.tokenizer = Tokenizer(config.model)
         if checkpoint is None:  # a fresh start, also a --resume of a run stopped before its first checkpoint
             _initial_weights(self.tokenizer, config)
-        _freeze(self.tokenizer, config.run.freeze)  # before the optimizer, which takes only what trains
+        # before the optimizer, which takes only what trains
+        self.frozen_modules = _freeze(self.tokenizer, config.run.freeze)
         self.objective = (objective_factory or default_objective)(config, self.tokenizer)
         seed_everything(sched.seed + 1 + self.rank)
 
@@ -403,6 +404,8 @@ class Trainer:
         sched, acc = self.cfg.schedule, self.accelerator
         step = self.step
         self.model.train()
+        for module in self.frozen_modules:  # as the release's stage 2: a KL posterior gives its mean
+            module.eval()
         self.objective.train()
         logs: dict[str, Any] = defaultdict(float)
         lr = self.scheduler.get_last_lr()[0]
@@ -634,10 +637,12 @@ class Trainer:
         saved_settings = anchor_path_keys(state.get("config", {}))
         changed = changed_settings(saved_settings, self.cfg.to_dict())
         model_changes = [c for c in changed if c.startswith("model.")]
-        if frozen := [c for c in changed if c.startswith("run.freeze")]:  # other weights would train and average
-            raise CheckpointError(f"{path} was trained with other frozen parts ({frozen[0]}); a run's frozen parts "
-                                  f"cannot change: drop that override, or start a new run from its export "
-                                  f"(run.init_from)")
+        # other weights would train and average; a checkpoint from before run.freeze froze nothing
+        frozen_then = set(saved_settings.get("run", {}).get("freeze") or [])
+        if frozen_then != set(self.cfg.run.freeze):
+            raise CheckpointError(f"{path} was trained with frozen parts {sorted(frozen_then) or 'none'}, this run "
+                                  f"freezes {sorted(self.cfg.run.freeze) or 'none'}; a run's frozen parts cannot "
+                                  f"change: drop that override, or start a new run from its export (run.init_from)")
         try:
             load_strict(self.unwrapped, state["model"], str(path))
         except CheckpointError:
@@ -830,6 +835,8 @@ class Trainer:
             self.logger.info(f"generative decoder (WeTok Sec. 3.3): {c.model.decoder_noise_dim} noise channels per token")
         if c.run.init_from and self.step == 0:
             self.logger.info(f"weights initialised from {c.run.init_from}")
+        if c.run.freeze:
+            self.logger.info(f"frozen (not trained): {', '.join(c.run.freeze)}")
         if c.run.init_encoder and self.step == 0:
             self.logger.info(f"encoder initialised from DINO weights {c.run.init_encoder} (paper Sec. 4.1)")
 
@@ -853,13 +860,15 @@ def late_ramps(config: TrainConfig) -> list[str]:
     return notes
 
 
-def _freeze(tokenizer: Tokenizer, parts: list[str]) -> None:
-    """Stop ``run.freeze``'s parts from training: each with the projection on its side of the latents."""
+def _freeze(tokenizer: Tokenizer, parts: list[str]) -> list[nn.Module]:
+    """Stop ``run.freeze``'s parts from training, each with the projection on its side of the latents;
+    returns their modules (kept in eval mode while the rest trains)."""
     modules = {"encoder": (tokenizer.encoder, tokenizer.to_latent), "bottleneck": (tokenizer.bottleneck,),
                "decoder": (tokenizer.from_latent, tokenizer.decoder)}
-    for part in parts:
-        for module in modules[part]:
-            module.requires_grad_(False)
+    frozen = [module for part in parts for module in modules[part]]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
 
 
 def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
