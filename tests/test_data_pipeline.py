@@ -503,3 +503,31 @@ def test_a_workers_error_is_rebuilt_with_its_own_message_except_where_str_is_not
     # KeyError's str() quotes its argument and OSError's carries errno and filename: passed through
     assert worker_error(as_torch_gives_it(KeyError, "KeyError: 'missing'")) is None
     assert worker_error(as_torch_gives_it(FileNotFoundError, "FileNotFoundError: [Errno 2] x")) is None
+
+
+def test_shard_order_is_shuffled_anew_every_epoch(tmp_path):
+    """The module's promise: shards are re-shuffled every epoch from the run seed. Each shard holds
+    one flat-coloured image, so an image names its shard."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+    from softvq.data.shards import ShardStream
+
+    n = 6
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((36, 36, 3), 30 * i, dtype=np.uint8)).save(buf, "PNG")
+        with tarfile.open(tmp_path / f"s-{i}.tar", "w") as tar:
+            info = tarfile.TarInfo("k.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    it = iter(ShardStream(str(tmp_path / f"s-{{0..{n - 1}}}.tar"), 32, seed=0, hflip=False))
+    orders: dict[int, list[int]] = {}
+    for _ in range(4 * n):
+        image, _, (_, epoch, _) = next(it)
+        value = (float(image.mean()) + 1) * 127.5
+        orders.setdefault(epoch, []).append(round(value / 30))
+    assert all(sorted(o) == list(range(n)) for o in orders.values())  # every shard once per epoch
+    assert len({tuple(o) for o in orders.values()}) > 1, orders  # 4 epochs, 720 orders: not all the same

@@ -802,3 +802,37 @@ def test_a_sample_batch_npz_scores_as_the_folder_of_its_images(tmp_path):
     np.savez(tmp_path / "floats.npz", pixels.astype(np.float32))
     with pytest.raises(ValueError, match=r"arr_0 is float32 of shape \(4, 64, 64, 3\); a sample batch is"):
         evaluate_samples(tmp_path / "floats.npz", tmp_path / "real", **common)
+
+
+def test_the_inception_score_of_samples_is_reported_as_score_and_std(tmp_path, monkeypatch):
+    """With weights that have the classifier (here the local FID weights plus stand-in logits),
+    evaluate_samples reports fidlib.inception_score of the samples' logits: the score, then its
+    std."""
+    import numpy as np
+    from PIL import Image
+
+    from softvq.evaluation import fid as fidlib
+    from softvq.evaluation import inception
+    from softvq.evaluation.generated import evaluate_samples
+
+    seen: list[torch.Tensor] = []
+
+    class WithLogits(inception.InceptionFeatureExtractor):
+        def features_and_logits(self, batch):
+            f, _ = super().features_and_logits(batch)
+            logits = f[:, :10].double() * 5 + torch.arange(10, dtype=torch.float64)
+            seen.append(logits)
+            return f, logits
+
+    monkeypatch.setattr(inception, "InceptionFeatureExtractor", WithLogits)
+    rng = np.random.default_rng(0)
+    (tmp_path / "fake").mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "fake" / f"{i}.png")
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    report = evaluate_samples(tmp_path / "fake", ref, num_images=12, progress=False, pr_samples=0, cache_dir=None)
+    score, std = fidlib.inception_score(torch.cat(seen))
+    assert report["inception_score"] == pytest.approx(float(score), rel=1e-9)
+    assert report["inception_score_std"] == pytest.approx(float(std), rel=1e-9, abs=1e-12)
+    assert report["inception_score"] > 1.0

@@ -220,3 +220,22 @@ def test_an_objective_of_another_kind_than_its_model_is_named():
         GenerationObjective(GenerationObjectiveConfig("dit"))(plain, x, y)
     loss = GenerationObjective(GenerationObjectiveConfig("dit"), sigma_learned=False)(plain, x, y)["loss"]
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("layout", ["1d", "2d"])
+def test_force_drop_replaces_exactly_the_chosen_labels_by_the_null_class(layout):
+    """LatentTransformer.forward's force_drop (B,) bool: those samples see the null class."""
+    from softvq.generation.models import GeneratorConfig, build_generator
+
+    torch.manual_seed(0)
+    extra = {"grid": 4, "patch_size": 2} if layout == "2d" else {"num_tokens": 8}
+    model = build_generator(GeneratorConfig(kind="sit", layout=layout, width=32, depth=1, heads=2, latent_dim=4,
+                                            num_classes=3, class_dropout=0.1, **extra)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, *model.input_shape)
+    t = torch.tensor([0.3, 0.6])
+    dropped = model(x, t, torch.tensor([1, 2]), force_drop=torch.tensor([True, False]))
+    expected = model(x, t, torch.tensor([3, 2]))
+    assert torch.allclose(dropped, expected, atol=1e-6)
+    assert not torch.allclose(dropped, model(x, t, torch.tensor([1, 2])), atol=1e-4)

@@ -1122,3 +1122,21 @@ def test_bundled_source_wants_a_crop_per_photo():
     import numpy as np
 
     assert bundled_source(32, crops_per_photo=np.int64(1)).count == bundled_source(32, crops_per_photo=1).count
+
+
+def test_a_continuation_records_every_export_at_of_the_runs_commands(tmp_path):
+    """record_continuation: export_at becomes the union over the run's commands, and a changed
+    steps is appended to `continued`."""
+    import json
+
+    from softvq.generation.run_folder import record_continuation
+    from softvq.generation.train_config import GeneratorTrainConfig, recorded_train
+
+    first = GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(tmp_path), steps=2, export_at=[2])
+    saved = {"model": {"kind": "sit"}, "train": recorded_train(first)}
+    again = GeneratorTrainConfig(latents=str(tmp_path / "lat"), out=str(tmp_path), steps=4, export_at=[1, 9])
+    record_continuation(tmp_path, again, 2, saved)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["train"]["export_at"] == [1, 2, 9]
+    assert written["train"]["steps"] == 4
+    assert written["continued"] == [{"at_step": 2, "from_steps": 2, "to_steps": 4}]

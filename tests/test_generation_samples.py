@@ -449,3 +449,30 @@ def test_wrong_kinds_of_argument_are_named_not_failed_on_inside(parts, tmp_path)
             write_samples(model, meta, tok, [0], SPEC, tmp_path / "s", seed=seed, progress=False)
     with pytest.raises(TypeError, match=r"cfg must be a GeneratorTrainConfig, got dict"):
         train_generator({"latents": "lat", "out": str(tmp_path / "run")})
+
+
+@pytest.mark.parametrize("kind", ["sit", "dit"])
+def test_guidance_leaves_unconditional_samples_unchanged(kind):
+    """Classifier-free guidance mixes uncond + s·(cond − uncond) with uncond from the null class:
+    for the null label itself cond == uncond, so any scale samples what scale 1 does."""
+    from softvq.generation.checkpoint import GeneratorMeta
+    from softvq.generation.guidance import Guidance
+    from softvq.generation.models import GeneratorConfig, build_generator
+    from softvq.generation.sampling import SamplerSpec, sample_latents
+
+    torch.manual_seed(0)
+    model = build_generator(GeneratorConfig(kind=kind, width=32, depth=1, heads=2, num_tokens=8, latent_dim=4,
+                                            num_classes=3, class_dropout=0.1))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    model.eval()
+    meta = GeneratorMeta(objective=kind, classes=["a", "b", "c"], diffusion_steps=1000) if kind == "dit" \
+        else GeneratorMeta(objective=kind, classes=["a", "b", "c"])
+
+    def draw(scale, labels):
+        spec = SamplerSpec(steps=3, guidance=Guidance(scale), clip_x0=3.0 if kind == "dit" else None)
+        return sample_latents(model, meta, labels, spec, generator=torch.Generator().manual_seed(1))
+
+    plain, guided = draw(1.0, [3, 3]), draw(3.0, [3, 3])
+    assert torch.allclose(plain, guided, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(draw(1.0, [0, 0]), draw(3.0, [0, 0]), atol=1e-3)  # guidance does act on a class

@@ -280,3 +280,35 @@ def test_patchgan_names_images_too_small_for_its_convolutions(layers):
         d.net(torch.rand(2, 3, side - 1, side - 1))
     with pytest.raises(ValueError, match=f"needs images of at least {side}x{side}, got \\({side - 1}, {side}\\)"):
         d(torch.rand(2, 3, side - 1, side))
+
+
+def test_diffaug_magnitudes_follow_diffaugment():
+    """brightness U(−0.5, 0.5), saturation U(0, 2), contrast U(0.5, 1.5) (DiffAugment's rand_*),
+    and for an even cutout square the centre is drawn from [0, size + 1) as the release does."""
+    from softvq.losses.diffaug import DiffAugment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(20000, 3, 32, 32)
+    p = DiffAugment(cutout_ratio=0.5).sample(x[:, :, :, :], generator=g)  # 16 px square: even
+    for values, lo, hi in ((p.brightness, -0.5, 0.5), (p.saturation, 0.0, 2.0), (p.contrast, 0.5, 1.5)):
+        assert lo <= float(values.min()) < lo + 0.01 and hi - 0.01 < float(values.max()) <= hi
+    assert p.cutout_size == (16, 16)
+    assert p.cutout_center.amin(0).tolist() == [0, 0] and p.cutout_center.amax(0).tolist() == [32, 32]
+    odd = DiffAugment(cutout_ratio=0.47).sample(x, generator=g)  # round(15.04) = 15 px: odd
+    assert odd.cutout_size == (15, 15) and odd.cutout_center.amax(0).tolist() == [31, 31]
+
+
+def test_diffaug_colour_equals_diffaugments_reference_ops():
+    """colour = rand_brightness, then rand_saturation (mean over channels per pixel), then
+    rand_contrast (mean over the whole image), written out as DiffAugment's release has them."""
+    from softvq.losses.diffaug import DiffAugment, color
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    p = DiffAugment().sample(x, generator=g)
+    ref = x + p.brightness.double()
+    m = ref.mean(dim=1, keepdim=True)
+    ref = (ref - m) * p.saturation.double() + m
+    m = ref.mean(dim=[1, 2, 3], keepdim=True)
+    ref = (ref - m) * p.contrast.double() + m
+    assert torch.allclose(color(x, p), ref, atol=1e-12)

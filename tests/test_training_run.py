@@ -818,3 +818,60 @@ def test_freeze_settings_that_cannot_work_are_refused(freeze, extra, error):
     sections = {**extra, "run": {"init_from": "runs/stage1/export", "freeze": freeze, **extra.get("run", {})}}
     with pytest.raises(ValueError, match=error):
         config_from_dict(tiny_tree(**sections))
+
+
+def test_grad_accumulation_logs_the_same_gradient_norm_as_one_micro_batch(tmp_path):
+    """grad_accum splits the global batch; the gradient is the mean over micro-batches, so the
+    first step's (same weights, same images) gradient norm equals the unsplit one (a loss not divided
+    by grad_accum trains alike under Adam and clipping, but clips at another threshold)."""
+    norms = {}
+    for accum in (1, 2):
+        tree = tiny_tree(schedule={"steps": 1, "grad_accum": accum, "batch_size": 4},
+                          objective={"bottleneck_weight": 0.0},  # batch-level term: not split-invariant
+                          run={"checkpoint_every": 0})
+        Trainer(config_from_dict(tree), tmp_path / f"a{accum}").fit()
+        norms[accum] = [r["grad_norm"] for r in read_log(tmp_path / f"a{accum}") if "grad_norm" in r]
+    assert len(norms[1]) == 1 and len(norms[2]) == 1
+    assert norms[2][0] == pytest.approx(norms[1][0], rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step")
+def test_the_discriminator_steps_every_step_from_its_start_with_clipped_gradients(tmp_path):
+    """Every step from objective.discriminator_start updates the discriminator, and the gradient
+    it applies has norm <= optim.grad_clip (as the generator's)."""
+    clip = 1e-4  # far below the discriminator's gradient norm, so the clip is active
+    cfg = config_from_dict(gan_tree(optim={"grad_clip": clip}, run={"checkpoint_every": 0}))
+    trainer = Trainer(cfg, tmp_path / "gan")
+    seen = []
+    inner = trainer.disc_optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad.detach().reshape(-1) for p in trainer.disc_params if p.grad is not None]
+        seen.append((trainer.step, float(torch.cat(grads).norm())))
+        return inner(*args, **kwargs)
+
+    trainer.disc_optimizer.step = step
+    trainer.fit()
+    start = cfg.objective.discriminator_start
+    assert [s for s, _ in seen] == list(range(start, cfg.schedule.steps))
+    assert all(norm <= clip * (1 + 1e-5) for _, norm in seen), seen
+
+
+def test_set_aside_moves_another_lines_checkpoint_at_the_resumed_step_too(tmp_path):
+    """Resuming an explicit checkpoint (here one kept outside checkpoints/) at step 4 sets aside
+    every other checkpoint at or after step 4, the run's own step-4 one included: left in place it
+    is the abandoned line's."""
+    from softvq.training.checkpointing import checkpoint_path, set_aside_newer
+
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        path = checkpoint_path(run, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    keep = tmp_path / "elsewhere" / "step-00000004.pt"
+    keep.parent.mkdir()
+    keep.write_bytes(b"y")
+    aside = set_aside_newer(run, 4, keep)
+    assert aside is not None
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000004.pt", "step-00000006.pt"]
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002.pt"]
