@@ -865,7 +865,7 @@ def _freeze(tokenizer: Tokenizer, parts: list[str]) -> list[nn.Module]:
     returns their modules (kept in eval mode while the rest trains)."""
     modules = {"encoder": (tokenizer.encoder, tokenizer.to_latent), "bottleneck": (tokenizer.bottleneck,),
                "decoder": (tokenizer.from_latent, tokenizer.decoder)}
-    frozen = [module for part in parts for module in modules[part]]
+    frozen: list[nn.Module] = [module for part in parts for module in modules[part]]
     for module in frozen:
         module.requires_grad_(False)
     return frozen
