@@ -114,8 +114,8 @@ def main() -> None:
     # The release's forms of both stages (WeTok's code, github.com/zhuangshaobin/WeTok, where the paper is
     # silent or differs): its GFQ pools the entropy loss over the groups (lfq_entropy=pooled) at weight 0.1
     # (its codebook_weight); its stage 2 freezes the encoder and quantizer and trains the decoder alone
-    # (so the entropy and commit losses do nothing; alignment is off, which the release never had), with
-    # as many noise channels as latent channels (its randn_like(z): 32).
+    # and drops the entropy and commit losses (frozen, they would only shift the logged loss) and has no
+    # alignment loss, with as many noise channels as latent channels (its randn_like(z): 32).
     write("wetok-gq-s-64-release", "wetok-gq-s-64 with the released GFQ's entropy loss: pooled over the groups "
           "(lfq_entropy=pooled), weight 0.1 (WeTok's code; the paper: summed, Eqs. 7 and 9, weight not given)", {
               "model": {"bottleneck": {"lfq_entropy": "pooled"}},
@@ -123,10 +123,11 @@ def main() -> None:
               "run": {"name": "wetok-gq-s-64-release"},
           }, parent="wetok-gq-s-64.yaml")
     write("wetok-gd-s-64-release", "WeTok stage 2 as released: wetok-gq-s-64-release's export with its encoder and "
-          "quantizer frozen, the generative decoder trained alone with 32 noise channels (randn_like(z)); the "
-          "paper does not say what stage 2 trains (Sec. 3.3)", {
+          "quantizer frozen and their losses dropped, the generative decoder trained alone with 32 noise channels "
+          "(randn_like(z)); the paper does not say what stage 2 trains (Sec. 3.3)", {
               "model": {"decoder_noise_dim": 32},
-              "objective": {"discriminator_start": 0, "perceptual_warmup_steps": 0, "alignment_weight": 0.0},
+              "objective": {"discriminator_start": 0, "perceptual_warmup_steps": 0, "alignment_weight": 0.0,
+                            "bottleneck_weight": 0.0, "commit_weight": 0.0},
               "run": {"name": "wetok-gd-s-64-release", "init_from": "runs/wetok-gq-s-64-release/export",
                       "init_encoder": None, "freeze": ["encoder", "bottleneck"]},
           }, parent="wetok-gq-s-64-release.yaml")
