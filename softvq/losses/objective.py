@@ -158,34 +158,30 @@ class ObjectiveConfig:
         into every saved config, so an unchanged one cannot be told from a chosen one; λ4 = 0 is off).
         """
         returned = bottleneck_losses(bottleneck)
-        keys: list[tuple[str, tuple[str, ...]]] = [
-            (f"objective.bottleneck_loss_weights.{name}", (name,)) for name in self.bottleneck_loss_weights]
+        # (setting, the losses it weighs, its value) for each setting the user chose
+        chosen: list[tuple[str, tuple[str, ...], Any]] = [
+            (f"objective.bottleneck_loss_weights.{name}", (name,), weight)
+            for name, weight in self.bottleneck_loss_weights.items()]
         if self.commit_weight is not None:
-            keys.append(("objective.commit_weight", ("commit",)))
+            chosen.append(("objective.commit_weight", ("commit",), self.commit_weight))
         if self.codebook_weight != ObjectiveConfig.codebook_weight:
-            keys.append(("objective.codebook_weight", ("codebook",)))
-        if self.bottleneck_weight not in (0.0, ObjectiveConfig.bottleneck_weight):
-            keys.append(("objective.bottleneck_weight", ("kl", "entropy")))
+            chosen.append(("objective.codebook_weight", ("codebook",), self.codebook_weight))
+        if self.bottleneck_weight != ObjectiveConfig.bottleneck_weight:
+            chosen.append(("objective.bottleneck_weight", ("kl", "entropy"), self.bottleneck_weight))
         if bottleneck.commitment_weight != BottleneckConfig.commitment_weight:
-            keys.append(("model.bottleneck.commitment_weight", ("commit",)))
-        # λ4 = 0 turns the term off, so it is no "unused weight" below, but it still clashes with a per-loss one
-        conflicting = [*keys, *([("objective.bottleneck_weight", ("kl", "entropy"))]
-                                if self.bottleneck_weight == 0.0 != ObjectiveConfig.bottleneck_weight else [])]
-        # one loss weighted by two chosen keys with two values: one would win without a word
-        values = {"objective.commit_weight": self.commit_weight, "objective.codebook_weight": self.codebook_weight,
-                  "objective.bottleneck_weight": self.bottleneck_weight,
-                  "model.bottleneck.commitment_weight": bottleneck.commitment_weight,
-                  **{f"objective.bottleneck_loss_weights.{n}": w for n, w in self.bottleneck_loss_weights.items()}}
+            chosen.append(("model.bottleneck.commitment_weight", ("commit",), bottleneck.commitment_weight))
+        # one loss weighted by two chosen settings with two values: one would win without a word
         for name in LOSS_NAMES:
-            chosen = [key for key, names in conflicting if name in names and key in values]
-            if len({values[key] for key in chosen}) > 1:
-                said = ", ".join(f"{key}={values[key]}" for key in chosen)
-                raise ValueError(f"{said}: {len(chosen)} settings weigh the {name!r} loss, and only one would "
+            weighing = [(key, value) for key, names, value in chosen if name in names]
+            if len({value for _, value in weighing}) > 1:
+                said = ", ".join(f"{key}={value}" for key, value in weighing)
+                raise ValueError(f"{said}: {len(weighing)} settings weigh the {name!r} loss, and only one would "
                                  f"count; set it in one place")
         if self.vq_loss_reduction != ObjectiveConfig.vq_loss_reduction:
-            keys.append(("objective.vq_loss_reduction", ("codebook", "commit")))
-        for key, names in keys:
-            if any(name in returned for name in names):
+            chosen.append(("objective.vq_loss_reduction", ("codebook", "commit"), self.vq_loss_reduction))
+        for key, names, value in chosen:
+            off = key == "objective.bottleneck_weight" and value == 0.0  # λ4 = 0 turns the term off: no unused weight
+            if off or any(name in returned for name in names):
                 continue
             name = names[0]
             if bottleneck.kind in ("softvq", "gmmvq") and name in ("codebook", "commit"):
