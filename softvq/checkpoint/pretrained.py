@@ -65,9 +65,11 @@ def _held_format(directory: Path) -> str | None:
     try:
         meta = json.loads((directory / CONFIG_NAME).read_text())
     except FileNotFoundError:
-        if (directory / "meta.json").is_file() and any(directory.glob("*.safetensors")):
+        from softvq.generation.latents import META_NAME, PROGRESS_GLOB
+
+        if (directory / META_NAME).is_file() and any(directory.glob("*.safetensors")):
             return "a latent set"
-        if any(directory.glob("progress*.json")):
+        if any(directory.glob(PROGRESS_GLOB)):
             return "an interrupted pretokenize's latent set"
         return None
     except (OSError, ValueError):

@@ -14,6 +14,7 @@ from torch import Tensor
 
 META_NAME = "meta.json"
 PROGRESS_NAME = "progress.json"
+PROGRESS_GLOB = "progress*.json"  # an unfinished pretokenize's progress files (one per process)
 FORMAT = "softvq-latents"
 
 
@@ -58,7 +59,7 @@ def load_latents(folder: str | Path) -> LatentSet:
     if folder.is_file():
         holder = f" that holds it, {folder.parent}" if folder.name == META_NAME else ""
         raise ValueError(f"{folder} is a file; pass the latent folder{holder}")
-    if not meta_file.is_file() and any(folder.glob("progress*.json")):
+    if not meta_file.is_file() and any(folder.glob(PROGRESS_GLOB)):
         raise ValueError(f"{folder} is an unfinished latent set (pretokenize was interrupted: it has progress files "
                          f"but no {META_NAME}); rerun the same pretokenize command to finish it")
     if not meta_file.is_file():

@@ -50,7 +50,7 @@ from softvq.atomic import atomic_write, remove_stale_temporaries, write_json
 from softvq.checkpoint.specs import portable_spec
 from softvq.eval_mode import evaluating
 from softvq.generation.latent_sources import LatentSource
-from softvq.generation.latents import FORMAT, META_NAME, PROGRESS_NAME
+from softvq.generation.latents import FORMAT, META_NAME, PROGRESS_GLOB, PROGRESS_NAME
 from softvq.messages import first_few
 from softvq.resume import changed_settings, weights_sha1
 from softvq.run_lock import lock_run_folder
@@ -223,7 +223,7 @@ def interrupted_run(out: str | Path) -> bool:
     if (out / META_NAME).is_file():
         raise FileExistsError(f"{out} already holds a finished latent set ({META_NAME}): train on it with "
                               f"train-generator --latents {out}, or choose an empty folder to make another")
-    if any(out.glob("progress*.json")):
+    if any(out.glob(PROGRESS_GLOB)):
         return True
     if any(out.glob("latents-*.safetensors")):
         raise FileExistsError(f"{out} already holds latent shards but no {PROGRESS_NAME} to continue from; "
@@ -251,7 +251,7 @@ def _whole_shard(path: Path) -> bool:
 
 def interrupted_tokenizer(out: str | Path) -> str | None:
     """The tokenizer spec an interrupted pretokenize in ``out`` was started with (None: none saved)."""
-    for saved in sorted(Path(out).glob("progress*.json")):
+    for saved in sorted(Path(out).glob(PROGRESS_GLOB)):
         return _Progress.load(saved).settings.get("tokenizer")
     return None
 
@@ -262,7 +262,7 @@ def _claim(out: Path, settings: dict[str, Any]) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     if not interrupted_run(out):
         return False
-    records = {saved: _Progress.load(saved) for saved in sorted(out.glob("progress*.json"))}
+    records = {saved: _Progress.load(saved) for saved in sorted(out.glob(PROGRESS_GLOB))}
     started = any(progress.shards for progress in records.values())
     for saved, progress in records.items():
         current = dict(settings)
