@@ -15,6 +15,8 @@ from typing import Any, Literal
 from softvq.typed_config import UnknownNameError, check_field_types, strict_fields
 
 BottleneckKind = Literal["softvq", "gmmvq", "vq", "kl", "ae", "lfq"]
+SOFT_KINDS: tuple[BottleneckKind, ...] = ("softvq", "gmmvq")  # a softmax over a codebook: τ, entropy terms, chunks
+CODEBOOK_KINDS: tuple[BottleneckKind, ...] = (*SOFT_KINDS, "vq")  # a learned codebook of K codewords; the rest have no weights
 
 
 @dataclass

@@ -23,14 +23,14 @@ from softvq.bottlenecks.residual import ResidualQuantizer
 from softvq.bottlenecks.segments import SegmentCodebooks
 from softvq.bottlenecks.softvq import SoftVQ
 from softvq.bottlenecks.vq import VQ
-from softvq.config import BottleneckConfig, BottleneckKind
+from softvq.config import CODEBOOK_KINDS, SOFT_KINDS, BottleneckConfig, BottleneckKind
 
 KINDS: tuple[BottleneckKind, ...] = typing.get_args(BottleneckKind)  # the config type lists them once
 
 
 def build_quantizer(cfg: BottleneckConfig, dim: int) -> Bottleneck:
     """One plain bottleneck of ``cfg.kind`` over ``dim`` channels (no PQ/RQ/segments)."""
-    if cfg.kind in ("softvq", "gmmvq"):
+    if cfg.kind in SOFT_KINDS:
         cls = SoftVQ if cfg.kind == "softvq" else GMMVQ
         kwargs: dict[str, typing.Any] = dict(
             temperature=cfg.temperature, distance=cfg.distance,
@@ -68,7 +68,7 @@ def unread_settings(cfg: BottleneckConfig) -> tuple[str, ...]:
     ``kind='kl'``, ``segment_entropy`` with one segment, β without a commit loss...), so a value
     chosen for one of them can be named as having no effect."""
     reads = {"kind", "latent_dim", "groups", "residual_levels", "segments", *_KIND_SETTINGS[cfg.kind]}
-    if cfg.segments > 1 and cfg.kind in ("softvq", "gmmvq"):  # only their entropy terms are pooled or not
+    if cfg.segments > 1 and cfg.kind in SOFT_KINDS:  # only their entropy terms are pooled or not
         reads.add("segment_entropy")
     if "commit" in bottleneck_losses(cfg):  # β weighs it in the objective (SoftVQ's opt-in one too)
         reads.add("commitment_weight")
@@ -82,7 +82,7 @@ def bottleneck_losses(cfg: BottleneckConfig) -> tuple[str, ...]:
     ``codebook`` and ``commit`` (Eq. 2), KL-VAE ``kl`` (Eq. 1), LFQ ``entropy`` and ``commit``
     (WeTok Eq. 3, 5), AE none. Groups, levels and segments combine their parts' losses under the
     same names."""
-    if cfg.kind in ("softvq", "gmmvq"):
+    if cfg.kind in SOFT_KINDS:
         opted_in = [name for name in ("codebook", "commit") if getattr(cfg, f"{name}_loss")]
         return ("kl", *opted_in)
     known = {"vq": ("codebook", "commit"), "kl": ("kl",), "lfq": ("entropy", "commit"), "ae": ()}
@@ -104,9 +104,9 @@ def check_config(cfg: BottleneckConfig) -> None:
     if cfg.kind not in KINDS:
         raise ValueError(f"unknown bottleneck kind {cfg.kind!r}; choose one of: {', '.join(KINDS)}")
     counts = ("latent_dim", "groups", "residual_levels", "segments", "lfq_groups")
-    for name in counts + (("codebook_size",) if cfg.kind in ("softvq", "gmmvq", "vq") else ()):
+    for name in counts + (("codebook_size",) if cfg.kind in CODEBOOK_KINDS else ()):
         check_count(f"bottleneck.{name}", getattr(cfg, name))
-    if cfg.kind in ("softvq", "gmmvq"):
+    if cfg.kind in SOFT_KINDS:
         check_positive("bottleneck.temperature", cfg.temperature)
     if cfg.entropy_temperature is not None:
         check_positive("bottleneck.entropy_temperature", cfg.entropy_temperature)
@@ -114,7 +114,7 @@ def check_config(cfg: BottleneckConfig) -> None:
     if not cfg.commitment_weight >= 0:
         raise ValueError(f"bottleneck.commitment_weight must be 0 or more, got {cfg.commitment_weight}")
     for name in ("codebook_loss", "commit_loss"):
-        if getattr(cfg, name) and cfg.kind not in ("softvq", "gmmvq"):
+        if getattr(cfg, name) and cfg.kind not in SOFT_KINDS:
             what = "always returns it" if name.removesuffix("_loss") in bottleneck_losses(cfg) else "has no such loss"
             raise ValueError(f"bottleneck.{name} is SoftVQ's opt-in VQ loss (supp. Tab. 5), but kind {cfg.kind!r} "
                              f"{what}; set bottleneck.{name}=false")
@@ -144,7 +144,7 @@ def check_config(cfg: BottleneckConfig) -> None:
                          "so level 2 undoes level 1); use lfq_groups for WeTok's group-wise LFQ, or a residual "
                          "vq / softvq")
     composed = cfg.groups > 1 or cfg.residual_levels > 1
-    if cfg.segments > 1 and cfg.segment_entropy == "pooled" and composed and cfg.kind in ("softvq", "gmmvq"):
+    if cfg.segments > 1 and cfg.segment_entropy == "pooled" and composed and cfg.kind in SOFT_KINDS:
         raise ValueError(
             "bottleneck.segment_entropy='pooled' (the release) pools one categorical posterior per segment and is "
             "not defined for segments that are product/residual quantizers; set it to 'per_segment'"

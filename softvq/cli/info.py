@@ -24,7 +24,7 @@ import torch
 
 from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset
 from softvq.cli.common import SPEC_HELP, load_tokenizer, refuse_to_overwrite, seed_int
-from softvq.config import PRESETS, BottleneckConfig, TokenizerConfig
+from softvq.config import PRESETS, SOFT_KINDS, BottleneckConfig, TokenizerConfig
 from softvq.tokenizer import Tokenizer
 
 
@@ -135,7 +135,7 @@ def _bottleneck_line(model: Tokenizer) -> str:
     if b.kind == "lfq":
         return _lfq_line(b)
     text: str = b.kind
-    if b.kind in ("softvq", "gmmvq"):
+    if b.kind in SOFT_KINDS:
         text += f", {b.distance} distance, tau {b.temperature:g}{' (learnable)' if b.learnable_temperature else ''}"
     if model.bottleneck.codebook_size:
         text += f", K = {model.bottleneck.codebook_size} codewords"

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from softvq.checkpoint.pretrained import CONFIG_NAME, EXPORT_NAME, WEIGHTS_NAME
+from softvq.config import CODEBOOK_KINDS, SOFT_KINDS
 from softvq.evaluation import plots
 from softvq.tokenizer import images_from_softvq_loaders
 from softvq.training.logging import HELDOUT_PREFIX
@@ -138,11 +139,11 @@ def bottleneck_label(model_config: dict[str, Any] | None) -> str | None:
     if not b.get("kind"):
         return None
     parts = [b["kind"]]
-    if b["kind"] in ("softvq", "gmmvq", "vq"):
+    if b["kind"] in CODEBOOK_KINDS:
         if b.get("distance") == "cosine":
             parts.append("cos")
         parts.append(f"K={b.get('codebook_size')}")
-    if b["kind"] in ("softvq", "gmmvq"):
+    if b["kind"] in SOFT_KINDS:
         parts.append("τ learnable" if b.get("learnable_temperature") else f"τ={b.get('temperature')}")
     for key, short in (("lfq_groups", "g"), ("groups", "G"), ("residual_levels", "R"), ("segments", "S")):
         if (b.get(key) or 1) > 1:

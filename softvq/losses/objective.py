@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from softvq.bottlenecks.factory import LOSS_NAMES, bottleneck_losses
-from softvq.config import BottleneckConfig
+from softvq.config import SOFT_KINDS, BottleneckConfig
 from softvq.typed_config import check_field_types, strict_fields
 from softvq.losses.adversarial import LeCAM, adaptive_weight, build_discriminator, consistency_loss, hinge_d_loss, hinge_g_loss
 from softvq.losses.alignment import RepresentationAlignment, VGGTarget, build_alignment_target
@@ -184,7 +184,7 @@ class ObjectiveConfig:
             if off or any(name in returned for name in names):
                 continue
             name = names[0]
-            if bottleneck.kind in ("softvq", "gmmvq") and name in ("codebook", "commit"):
+            if bottleneck.kind in SOFT_KINDS and name in ("codebook", "commit"):
                 fix = f"set model.bottleneck.{name}_loss=true to add it (supp. Tab. 5), or remove {key}"
             else:
                 fix = f"remove {key}, or choose a model.bottleneck.kind that returns {name!r}"

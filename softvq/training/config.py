@@ -32,7 +32,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from softvq.checkpoint.specs import OFFICIAL_PREFIX
-from softvq.config import TokenizerConfig, preset
+from softvq.config import CODEBOOK_KINDS, TokenizerConfig, preset
 from softvq.typed_config import check_ranges, strict_fields
 from softvq.randomness import SEED_LIMIT
 from softvq.losses.objective import ObjectiveConfig
@@ -190,7 +190,6 @@ class RunConfig:
 
 
 FREEZABLE = ("encoder", "bottleneck", "decoder")
-WEIGHTLESS_BOTTLENECKS = ("kl", "ae", "lfq")  # nothing of their own to train or to freeze
 
 
 @dataclass
@@ -253,7 +252,7 @@ class TrainConfig:
             raise ValueError(f"run.freeze names {unknown[0]!r}; the parts are {', '.join(FREEZABLE)}")
         if len(set(r.freeze)) != len(r.freeze):
             raise ValueError(f"run.freeze names a part twice ({r.freeze}); name each once")
-        weightless = self.model.bottleneck.kind in WEIGHTLESS_BOTTLENECKS
+        weightless = self.model.bottleneck.kind not in CODEBOOK_KINDS  # nothing of its own to train or freeze
         if set(FREEZABLE) <= set(r.freeze) or (weightless and {"encoder", "decoder"} <= set(r.freeze)):
             raise ValueError(f"run.freeze={r.freeze} leaves nothing of the tokenizer to train"
                              f"{' (a ' + self.model.bottleneck.kind + ' bottleneck has no weights)' if weightless else ''}"
