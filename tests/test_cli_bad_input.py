@@ -284,7 +284,8 @@ def test_counts_below_one_are_refused_when_parsed(argv, capsys):
 
 @pytest.mark.parametrize("argv", [["encode", ".", "--out", "z", "--seed", str(2**70)],  # torch: "Overflow when unpacking"
                                   ["generate", "g", "--out", "o", "--seed", "-1"],
-                                  ["pretokenize", ".", "--out", "o", "--seed", str(2**63)]])
+                                  ["pretokenize", ".", "--out", "o", "--seed", str(2**63)],
+                                  ["reconstruct", ".", "--out", "o", "--seed", "1.5"]])  # argparse: "invalid seed_int value"
 def test_seeds_torch_cannot_take_are_refused_when_parsed(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -20,7 +20,7 @@ from softvq.checkpoint.specs import OFFICIAL_PREFIX, is_preset, official_target
 from softvq.config import PRESETS
 from softvq.messages import first_few
 from softvq.precision import PRECISIONS
-from softvq.randomness import SEED_LIMIT
+from softvq.randomness import check_seed
 from softvq.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "softvq-tiny"
@@ -169,12 +169,13 @@ def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def seed_int(text: str) -> int:
-    """argparse ``type`` for seeds: 0 or more and below 2**63, as torch and NumPy take them (past
-    64 bits torch fails with "Overflow when unpacking long long", naming no flag)."""
-    value = int(text)
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"{value} is not a seed: use a whole number from 0 to 2**63 - 1")
-    return value
+    """argparse ``type`` for seeds, :func:`softvq.randomness.check_seed`'s range: 0 or more and
+    below 2**63, as torch and NumPy take them (past 64 bits torch fails with "Overflow when
+    unpacking long long", naming no flag)."""
+    try:
+        return check_seed(int(text))
+    except ValueError:  # int("1.5") too
+        raise argparse.ArgumentTypeError(f"{text} is not a seed: use a whole number from 0 to 2**63 - 1") from None
 
 
 def _generator_meta(folder: str) -> dict | None:
