@@ -47,6 +47,7 @@ from softvq.typed_config import UnknownNameError, check_field_types, check_range
 from softvq.eval_mode import evaluating
 from softvq.generation.diffloss import DiffusionLoss
 from softvq.generation.embeddings import LabelEmbedder, class_indices
+from softvq.generation.latent_generator import LatentGenerator
 from softvq.networks.vit import Attention, Mlp
 
 # name -> (width, depth per side, heads, head depth, head width): MAR's mar_base / large / huge.
@@ -191,9 +192,11 @@ class MARBlock(nn.Module):
         return x + self.drop(self.mlp.fc2(self.drop(self.mlp.hidden(self.norm2(x)))))
 
 
-class MaskedAutoregressive(nn.Module):
+class MaskedAutoregressive(LatentGenerator):
     """MAR on 1D latent tokens. ``model(x, y)`` returns the training loss terms for tokens
     x (B, L, D) and labels y (B,); ``model.sample(labels)`` generates tokens."""
+
+    model_name = "MAR"
 
     def __init__(self, config: MARConfig) -> None:
         super().__init__()
@@ -241,26 +244,14 @@ class MaskedAutoregressive(nn.Module):
         return (self.config.num_tokens, self.config.latent_dim)
 
     @property
-    def null_class(self) -> int:
-        """The label index that samples unconditionally (raises if trained without label dropout)."""
-        return self.class_embed.null_class
+    def label_embedder(self) -> LabelEmbedder:
+        """The class-label table class_embed."""
+        return self.class_embed
 
-    def check_input(self, x: Tensor) -> None:
-        """Refuse, by name, latents that are no tensor or have another shape or dtype than this model's."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__} (torch.from_numpy(...) makes one of an "
-                            f"array)")
-        if x.dim() != 3 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"this MAR models (B, {self.input_shape[0]}, {self.input_shape[1]}) latent tokens, "
-                             f"got {tuple(x.shape)}; check the tokenizer's num_tokens / latent_dim")
-        weights = self.token_proj.weight.dtype
-        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x is {x.dtype} but the MAR's weights are {weights}: pass x.to({weights}), "
-                            f"or run under torch.autocast for mixed precision")
-
-    def num_parameters(self) -> int:
-        """Parameters of the whole model, diffusion head included."""
-        return sum(p.numel() for p in self.parameters())
+    @property
+    def input_layer(self) -> nn.Linear:
+        """The token projection token_proj."""
+        return self.token_proj
 
     # --- transformer --------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from softvq.typed_config import UnknownNameError, check_field_types, strict_fields
 from softvq.generation.embeddings import (LabelEmbedder, TimestepEmbedder, class_indices, sincos_grid,
                                          sincos_sequence)
+from softvq.generation.latent_generator import LatentGenerator
 from softvq.generation.mar import MARConfig, MaskedAutoregressive
 from softvq.networks.vit import Attention, Mlp, patchify, unpatchify
 
@@ -173,7 +174,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class LatentTransformer(nn.Module):
+class LatentTransformer(LatentGenerator):
     """DiT / SiT backbone: ``model(x, t, y) -> output`` with the shape of ``x`` (2x the channels
     for a learned-sigma DiT). ``t`` is (B,) (DiT: step index 0..T−1; SiT: time in [0, 1]),
     ``y`` is (B,) class indices, ``num_classes`` meaning "unconditional"."""
@@ -226,21 +227,14 @@ class LatentTransformer(nn.Module):
         return (c.latent_dim, c.grid, c.grid)
 
     @property
-    def null_class(self) -> int:
-        """The label index that samples unconditionally (raises if trained without label dropout)."""
-        return self.y_embed.null_class
+    def label_embedder(self) -> LabelEmbedder:
+        """The class-label table y_embed."""
+        return self.y_embed
 
-    def check_input(self, x: Tensor) -> None:
-        """Refuse, by name, latents that are no tensor or have another shape or dtype than this model's."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__} (torch.from_numpy(...) makes one of an "
-                            f"array)")
-        if tuple(x.shape[1:]) != self.input_shape:
-            what = "(B, L, D) latent tokens" if self.config.layout == "1d" else "(B, C, H, W) latent grids"
-            raise ValueError(
-                f"this generator takes {what} of shape (B, {', '.join(map(str, self.input_shape))}), "
-                f"got {tuple(x.shape)}; check the tokenizer's num_tokens / latent_dim"
-            )
+    @property
+    def input_layer(self) -> nn.Linear:
+        """The token embedding x_embed."""
+        return self.x_embed
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -253,10 +247,6 @@ class LatentTransformer(nn.Module):
         (classifier-free guidance's training dropout). Returns the output with x's shape (2x the
         channels for a learned-sigma DiT). Outside autocast, x must have the weights' dtype."""
         self.check_input(x)
-        weights = self.x_embed.weight.dtype
-        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x is {x.dtype} but the generator's weights are {weights}: pass x.to({weights}), "
-                            f"or run under torch.autocast for mixed precision")
         if isinstance(t, (int, float)) and not isinstance(t, bool):  # a number: checked without a device sync
             kind = self.config.kind
             if kind == "dit" and not (float(t).is_integer() and t >= 0):
@@ -275,10 +265,6 @@ class LatentTransformer(nn.Module):
             return out
         side = c.grid // c.patch_size
         return unpatchify(out, (side, side), c.patch_size, c.out_channels)
-
-    def num_parameters(self) -> int:
-        """Parameters of the whole model."""
-        return sum(p.numel() for p in self.parameters())
 
 
 def _per_sample(value: Tensor | float | Sequence[int], x: Tensor, name: str) -> Tensor:
