@@ -670,7 +670,8 @@ def test_paths_of_the_wrong_kind_are_named_as_such(tmp_path, capsys):
     gen = tmp_path / "gen"  # a generator run: its config.json names the tokenizer
     gen.mkdir()
     (gen / "config.json").write_text(json.dumps({"train": {"tokenizer": str(run / "export")}, "model": {}}))
-    for argv in (["info", str(gen)], ["encode", str(tmp_path / "grids"), "--resize", "--model", str(gen),
+    for argv in (["reconstruct", str(tmp_path / "grids"), "--resize", "--model", str(gen), "--out",
+                  str(tmp_path / "r")], ["encode", str(tmp_path / "grids"), "--resize", "--model", str(gen),
                                       "--out", str(tmp_path / "z.safetensors")]):
         code, _, err = _run(capsys, *argv)
         line = _one_line_error(err)

@@ -10,6 +10,10 @@ bits are L·D floats at 16 or 32 bits for softvq, gmmvq, kl and ae, and the bits
 code for lfq (one sign bit per channel, as WeTok counts) and vq (log2 K bits per index).
 ``--save DIR`` writes the model in softvq's format: with ``official:...`` this converts a
 released checkpoint once so later loads skip the conversion.
+
+``softvq info LATENTS`` describes a latent set (``pretokenize``'s output): images, shape, classes,
+statistics, tokenizer; ``softvq info GENERATOR`` a generator (an export, its ``train-generator``
+run, or ``RUN/checkpoints/step-N.pt``): objective, size, parameters, GFLOPs, classes, tokenizer.
 """
 
 from __future__ import annotations
@@ -167,11 +171,13 @@ def _size_rows(s: Summary, b: BottleneckConfig) -> list[tuple[str, str]]:
             ("compression", f"{s.code_ratio:.1f}x (code bits)")]
 
 
-def _millions(n: int) -> str:
+def millions(n: int) -> str:
+    """A parameter count in millions, with the exact count: "1.23 M (1,234,567)"."""
     return f"{n / 1e6:.2f} M ({n:,})"
 
 
-def _table(rows: list[tuple[str, str]]) -> str:
+def table(rows: list[tuple[str, str]]) -> str:
+    """Two columns, names left-aligned to the longest."""
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -188,10 +194,10 @@ def describe(model: Tokenizer, source: str) -> str:
                               f"{model.config.encoder.heads} / width {model.config.decoder.width} depth "
                               f"{model.config.decoder.depth} heads {model.config.decoder.heads}"),
         ("bottleneck", _bottleneck_line(model)),
-        ("params encoder", _millions(s.encoder_params)),
-        ("params bottleneck", _millions(s.bottleneck_params)),
-        ("params decoder", _millions(s.decoder_params)),
-        ("params total", _millions(s.total_params)),
+        ("params encoder", millions(s.encoder_params)),
+        ("params bottleneck", millions(s.bottleneck_params)),
+        ("params decoder", millions(s.decoder_params)),
+        ("params total", millions(s.total_params)),
         ("image bits", f"{s.image_bits:,} (H*W*3*8)"),
         *_size_rows(s, model.config.bottleneck),
         ("pixels per token", f"{s.pixels_per_token:g}"),
@@ -206,7 +212,7 @@ def describe(model: Tokenizer, source: str) -> str:
         from softvq.checkpoint.official import ignored_summary
 
         rows += [("ignored keys" if i == 0 else "", line) for i, line in enumerate(ignored_summary(ignored))]
-    return _table(rows)
+    return table(rows)
 
 
 def _legend(discrete: bool) -> list[str]:
@@ -249,11 +255,35 @@ def is_training_config(spec: str) -> bool:
     return not is_preset(spec) and not Path(spec).exists() and (CONFIG_DIR / f"{spec}.yaml").is_file()
 
 
+def _generation_kind(spec: str) -> str | None:
+    """``"latent set"`` or ``"generator"`` where ``spec`` is what pretokenize or train-generator
+    wrote (a generator's export, its run, or a checkpoint of the run); None for anything else. An
+    unfinished latent set is refused, naming how to finish it."""
+    from softvq.generation.checkpoint import folder_kind
+    from softvq.generation.latents import META_NAME, PROGRESS_GLOB
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        runs = ("generator run", "unfinished generator run")
+        return "generator" if path.suffix == ".pt" and folder_kind(path.parent.parent) in runs else None
+    kind = folder_kind(path)
+    if kind == "latent set":
+        return kind
+    if kind in ("generator", "generator run", "unfinished generator run"):
+        return "generator"
+    if path.is_dir() and not (path / META_NAME).exists() and any(path.glob(PROGRESS_GLOB)):
+        raise ValueError(f"{spec} is an unfinished latent set (pretokenize was interrupted); rerun the same "
+                         f"pretokenize command to finish it, then describe it")
+    return None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("info", help="parameters, tokens and compression ratio of a model",
+    p = subparsers.add_parser("info", help="parameters, tokens and compression ratio of a model; "
+                              "what a latent set or generator holds",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", metavar="SPEC", help=SPEC_HELP + "; or a training config (a bundled name such "
-                   "as ablation-pq4, or a .yaml file), checked whole without training; omit to list the presets")
+                   "as ablation-pq4, or a .yaml file), checked whole without training; or a latent set (pretokenize) or "
+                   "generator (train-generator's export, run or checkpoint); omit to list the presets")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="with a training config: overrides, as for train")
     p.add_argument("--save", metavar="DIR", help=f"write the model in softvq's format (converts {OFFICIAL_PREFIX}...)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the random weights when saving a preset")
@@ -265,6 +295,15 @@ def run(args: argparse.Namespace) -> int:
         if args.save:
             raise ValueError("--save needs a SPEC to save")
         print(presets_table())
+        return 0
+    generation = _generation_kind(args.spec)
+    if generation is not None:
+        if args.save or args.overrides:
+            raise ValueError(f"{args.spec} is a {generation}: info describes it as it is (--save and overrides "
+                             f"are for tokenizers and training configs); drop them")
+        from softvq.cli.info_generation import describe_generator, describe_latent_set
+
+        print(describe_latent_set(args.spec) if generation == "latent set" else describe_generator(args.spec))
         return 0
     if args.save:  # refused before a release is loaded and converted
         from softvq.checkpoint.pretrained import CONFIG_NAME, FORMAT, WEIGHTS_NAME, check_folder_takes
