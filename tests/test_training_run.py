@@ -152,6 +152,47 @@ def test_the_export_and_the_checkpoint_hold_the_ema_of_the_steps_weights(tmp_pat
     assert max(float((state["model"][n] - export[n]).abs().max()) for n in names) > 1e-4  # not the raw weights
 
 
+def test_a_checkpoint_loads_as_the_tokenizer_of_its_step_and_stands_in_for_a_missing_export(tmp_path):
+    """``RUN/checkpoints/step-N.pt`` is a model SPEC: the EMA weights of step N (what an export at N
+    holds), so a run can be evaluated and plotted while it trains."""
+    import re
+
+    from softvq.cli.common import load_tokenizer
+    from softvq.evaluation.runs import plot_runs
+    from softvq.training.checkpointing import checkpoint_path, load_checkpoint
+
+    run = tmp_path / "run"
+    Trainer(config_from_dict(tiny_tree(model={"preset": "softvq-tiny", "image_size": 32}, schedule={"steps": 6})),
+            run).fit()  # checkpoints at 3 and 6; the model named by a preset
+    export = Tokenizer.from_pretrained(run / "export")
+    last, middle = Tokenizer.from_pretrained(checkpoint_path(run, 6)), load_tokenizer(str(checkpoint_path(run, 3)))
+    assert not last.training and "training checkpoint" in last.source and "(step 6)" in last.source
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), export.state_dict().values()))
+    saved = load_checkpoint(checkpoint_path(run, 3))["ema"]
+    assert all(torch.equal(middle.state_dict()[name], value) for name, value in saved.items())
+    assert not all(torch.equal(middle.state_dict()[n], v) for n, v in export.state_dict().items())
+
+    shutil.rmtree(run / "export")  # as while it trains
+    with pytest.raises(CheckpointError, match=f"or its newest checkpoint {re.escape(str(checkpoint_path(run, 6)))} "
+                                              r"\(the EMA weights of that step\)"):
+        load_tokenizer(str(run))
+    said = []
+    written = plot_runs([run], tmp_path / "plots", per_class=2, num_reconstructions=2, projection="pca",
+                        log=said.append)
+    assert "reconstructions.png" in {p.name for p in written}
+    assert any("no export/ yet: reconstructions and codebook plots show the EMA weights of its newest checkpoint, "
+               "step 6" in line for line in said), said
+
+    other = tmp_path / "generator.pt"  # what train-generator saves: refused by what it is
+    torch.save({"model": {}, "ema": {"shadow": {}}, "step": 1}, other)
+    with pytest.raises(CheckpointError, match="is a checkpoint of a generator \\(train-generator\\), not of a "
+                                              "tokenizer"):
+        Tokenizer.from_pretrained(other)
+    torch.save({"anything": 1}, other)
+    with pytest.raises(CheckpointError, match="generator.pt is not a softvq train checkpoint"):
+        Tokenizer.from_pretrained(other)
+
+
 def test_resuming_a_finished_run_keeps_its_outputs_and_changed_settings_are_said(tmp_path, capsys):
     cfg = config_from_dict(tiny_tree(schedule={"steps": 3}))
     Trainer(cfg, tmp_path).fit()

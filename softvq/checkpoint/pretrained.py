@@ -208,10 +208,14 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
 
 def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device = "cpu") -> "Tokenizer":
     """:meth:`Tokenizer.from_pretrained`: a folder written by :func:`save_pretrained`, in eval mode
-    and in the dtype its weights were saved in (float32 unless it was another)."""
+    and in the dtype its weights were saved in (float32 unless it was another); or a training
+    checkpoint ``RUN/checkpoints/step-N.pt``, whose EMA weights it loads (what an export at step N
+    would hold)."""
     from softvq.config import TokenizerConfig
     from softvq.tokenizer import Tokenizer
 
+    if (file := Path(path_or_id).expanduser()).is_file() and file.suffix == ".pt":
+        return _from_training_checkpoint(file).to(usable_device(map_location)).eval()
     folder, meta = read_folder_config(
         path_or_id, FORMAT, "softvq checkpoint",
         "a released SoftVQ-VAE checkpoint loads with Tokenizer.from_official (on the command line: "
@@ -236,6 +240,32 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device 
             raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from None
     model.source = f"softvq checkpoint {path_or_id}"
     return model.to(usable_device(map_location)).eval()
+
+
+def _from_training_checkpoint(file: Path) -> "Tokenizer":
+    """The tokenizer of a ``softvq train`` checkpoint with its EMA weights (the weights ``export/``
+    holds at the end); a generator's checkpoint or another file is refused by name."""
+    from softvq.config import TokenizerConfig
+    from softvq.tokenizer import Tokenizer
+    from softvq.training.checkpointing import FORMAT as TRAIN_FORMAT, load_checkpoint
+
+    state = load_checkpoint(file)  # a damaged file: its error names the checkpoint before it
+    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+        generator = isinstance(state, dict) and {"model", "ema", "step"} <= set(state)
+        raise CheckpointError(f"{file} is a checkpoint of a generator (train-generator), not of a tokenizer; generate "
+                              f"and eval take it as the generator" if generator else
+                              f"{file} is not a softvq train checkpoint; pass a checkpoint folder, a run, or one of "
+                              f"its RUN/checkpoints/step-N.pt")
+    try:
+        model_fields = {k: v for k, v in state["config"]["model"].items() if k != "preset"}
+        config = TokenizerConfig.from_dict(model_fields)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: its model config does not load ({exc})") from None
+    with torch.random.fork_rng(devices=[]):  # a random initialisation the weights replace: leave the caller's stream
+        model = Tokenizer(config)
+    load_strict(model, state["ema"], f"{file} (EMA weights)")
+    model.source = f"EMA weights of training checkpoint {file} (step {state.get('step')})"
+    return model
 
 
 def usable_device(name: str | torch.device, *, named_by: str | None = "map_location",

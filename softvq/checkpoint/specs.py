@@ -1,7 +1,8 @@
 """Model SPECs, the strings that name a tokenizer in files and on the command line.
 
 A SPEC is a preset name (random weights), a softvq checkpoint folder or hub id, a training run
-folder (its ``export/``), or ``official:FOLDER_OR_HUB_ID`` for a released checkpoint. Loading one
+folder (its ``export/``) or one of its ``checkpoints/step-N.pt`` (that step's EMA weights), or
+``official:FOLDER_OR_HUB_ID`` for a released checkpoint. Loading one
 is :func:`softvq.cli.common.load_tokenizer`; this module holds what files that record a SPEC
 (latent sets, generators) need without the command line.
 """

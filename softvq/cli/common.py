@@ -25,7 +25,7 @@ from softvq.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "softvq-tiny"
 SPEC_HELP = (f"preset name (random weights), a softvq checkpoint folder or hub id, a training run folder "
-             f"(its export/), or "
+             f"(its export/) or one of its checkpoints/step-N.pt (that step's EMA weights), or "
              f"{OFFICIAL_PREFIX}FOLDER_OR_HUB_ID for a released SoftVQ-VAE checkpoint")
 
 
@@ -223,8 +223,9 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
 
     The returned model carries ``source`` (a one-line description for printing). A preset gets
     random weights and a warning on stderr unless ``quiet``. A training run folder stands for its
-    ``export/``. A release's keys left out (not needed to encode or decode) are named on stderr,
-    as the checkpoint format asks, unless ``name_ignored_keys`` is False (``info`` lists them).
+    ``export/``, and its ``checkpoints/step-N.pt`` for the EMA weights of step N. A release's keys
+    left out (not needed to encode or decode) are named on stderr, as the checkpoint format asks,
+    unless ``name_ignored_keys`` is False (``info`` lists them).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     check_precision(precision, device)
@@ -268,9 +269,13 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                     f"name it {OFFICIAL_PREFIX}{spec}"
                 ) from None
             if (Path(spec).expanduser() / "config.yaml").is_file():
+                from softvq.training.checkpointing import latest_checkpoint
+
+                newest = latest_checkpoint(spec)
+                meanwhile = f", or its newest checkpoint {newest} (the EMA weights of that step)" if newest else ""
                 raise CheckpointError(
                     f"{spec} is a training run without an export/ yet (training writes it when it ends); "
-                    f"pass a checkpoint folder, or finish the run with softvq train --resume -o {spec}"
+                    f"pass a checkpoint folder{meanwhile}, or finish the run with softvq train --resume -o {spec}"
                 ) from None
             raise
     return model.to(device).eval().enable_autocast(precision)

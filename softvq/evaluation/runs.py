@@ -37,7 +37,7 @@ class RunFolder:
     metrics: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     model_config: dict[str, Any] | None = None
-    export: Path | None = None
+    export: Path | None = None  # export/, or the newest checkpoint of a run still training
     notes: list[str] = field(default_factory=list)
     bundled_holdout: list[str] | None = None  # the bundled photos a run trained on the others kept out
 
@@ -92,6 +92,13 @@ def read_run(path: str | Path) -> RunFolder:
             meta = _read_json(candidate / CONFIG_NAME, run.notes)
             run.model_config = meta.get("config")
             break
+    else:  # a run still training: its newest checkpoint's EMA weights, what export/ will hold
+        from softvq.training.checkpointing import checkpoint_step, latest_checkpoint
+
+        if (newest := latest_checkpoint(path)) is not None and (path / "config.yaml").exists():
+            run.export = newest
+            run.notes.append(f"no export/ yet: reconstructions and codebook plots show the EMA weights of its "
+                             f"newest checkpoint, step {checkpoint_step(newest)}")
     if (path / "config.yaml").exists():
         import yaml
 

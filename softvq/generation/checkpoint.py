@@ -232,7 +232,7 @@ def _from_training_checkpoint(file: Path, tokenizer_flag: str) -> tuple[Generato
     run_config = is_run_config(config)
     if in_run and (run / "config.yaml").is_file():  # the tokenizer trainer's run config
         raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass it as "
-                              f"{tokenizer_flag} (its run {run}, once exported), and as the generator {KINDS}")
+                              f"{tokenizer_flag}, and as the generator {KINDS}")
     not_one = f"{file} is a file that is not a generator checkpoint; pass {KINDS}"
     try:
         state = load_checkpoint(file)
@@ -248,7 +248,7 @@ def _from_training_checkpoint(file: Path, tokenizer_flag: str) -> tuple[Generato
 
         if state.get("format") == TOKENIZER_CHECKPOINT:
             raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass "
-                                  f"its run's export as {tokenizer_flag}, and as the generator {KINDS}")
+                                  f"it as {tokenizer_flag}, and as the generator {KINDS}")
         if "meta" in state:  # written before checkpoints held the backbone config
             from softvq.training.checkpointing import checkpoint_path
 
