@@ -176,6 +176,16 @@ def test_a_checkpoint_loads_as_the_tokenizer_of_its_step_and_stands_in_for_a_mis
     with pytest.raises(CheckpointError, match=f"or its newest checkpoint {re.escape(str(checkpoint_path(run, 6)))} "
                                               r"\(the EMA weights of that step\)"):
         load_tokenizer(str(run))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    from softvq.cli.main import main
+
+    assert main(["eval", "--model", str(checkpoint_path(run, 3)), "--images", str(photos), "--num-images", "2",
+                 "--no-fid", "--no-lpips", "--no-flops", "--quiet", "--device", "cpu"]) == 0
+    report = json.loads((run / "eval" / "step-00000003" / "eval.json").read_text())  # each step its own report
+    assert report["num_images"] == 2 and "step-00000003.pt" in report["model"]
     said = []
     written = plot_runs([run], tmp_path / "plots", per_class=2, num_reconstructions=2, projection="pca",
                         log=said.append)

@@ -2,8 +2,9 @@
 
 Prints a markdown table (rFID, PSNR, SSIM, LPIPS-VGG/Alex, codebook usage and perplexity,
 latent mean/std, encoder/decoder GMACs and throughput) and writes ``eval.json`` + ``eval.md`` to
-``--out`` (default: ``RUN/eval`` for a run folder or checkpoint folder, ``SAMPLES/eval`` for a
-folder ``generate`` wrote, else ``./eval``).
+``--out`` (default: ``RUN/eval`` for a run folder or checkpoint folder, ``RUN/eval/step-N`` for a
+run's checkpoint ``RUN/checkpoints/step-N.pt``, ``SAMPLES/eval`` for a folder ``generate`` wrote,
+else ``./eval``).
 
 DATA is an image folder (sorted by path) or webdataset ``.tar`` shards (a folder of them, a
 file, or a pattern such as ``val-{000..063}.tar``). The first ``--num-images`` images (default
@@ -94,15 +95,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def resolve_model_spec(spec: str) -> tuple[str, Path | None]:
-    """A training run folder stands for its ``export/``; returns (spec, folder for default output)."""
+def resolve_model_spec(spec: str) -> tuple[str, Path]:
+    """(spec, where its report goes without ``--out``): a training run folder stands for its
+    ``export/`` and is reported in ``RUN/eval``, as any checkpoint folder in ``FOLDER/eval``; a
+    run's checkpoint ``RUN/checkpoints/step-N.pt`` in ``RUN/eval/step-N``, so the steps of a run
+    each keep their report; anything else (a preset, a hub id) in ``./eval``."""
     from softvq.checkpoint.pretrained import training_run_export
+    from softvq.training.checkpointing import CHECKPOINT_DIR, checkpoint_step
 
     path = Path(spec).expanduser()
     export = training_run_export(spec)
     if export is not None:
-        return str(export), path
-    return spec, (path if path.is_dir() else None)
+        return str(export), path / "eval"
+    if path.is_file() and checkpoint_step(path) is not None and path.resolve().parent.name == CHECKPOINT_DIR:
+        return spec, path.resolve().parent.parent / "eval" / path.stem
+    return spec, (path / "eval" if path.is_dir() else Path("eval"))
 
 
 STATE_NAME = "eval-state.pt"  # an interrupted evaluation's running sums, beside its report
@@ -188,8 +195,8 @@ def _evaluate(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     else:
         if not args.model:
             raise ValueError("pass --model SPEC (a checkpoint folder, a run folder, official:ID or a preset)")
-        spec, home = resolve_model_spec(args.model)
-        out = report_folder(args, home / "eval" if home else Path("eval"), held)
+        spec, default_out = resolve_model_spec(args.model)
+        out = report_folder(args, default_out, held)
         torch.manual_seed(args.seed or 0)  # a preset's random weights: the same ones on every run
         model = load_tokenizer(spec, device, precision=args.precision)
         options = EvalOptions(
