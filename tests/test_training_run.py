@@ -152,7 +152,7 @@ def test_the_export_and_the_checkpoint_hold_the_ema_of_the_steps_weights(tmp_pat
     assert max(float((state["model"][n] - export[n]).abs().max()) for n in names) > 1e-4  # not the raw weights
 
 
-def test_a_checkpoint_loads_as_the_tokenizer_of_its_step_and_stands_in_for_a_missing_export(tmp_path):
+def test_a_checkpoint_loads_as_the_tokenizer_of_its_step_and_stands_in_for_a_missing_export(tmp_path, capsys):
     """``RUN/checkpoints/step-N.pt`` is a model SPEC: the EMA weights of step N (what an export at N
     holds), so a run can be evaluated and plotted while it trains."""
     import re
@@ -186,6 +186,15 @@ def test_a_checkpoint_loads_as_the_tokenizer_of_its_step_and_stands_in_for_a_mis
                  "--no-fid", "--no-lpips", "--no-flops", "--quiet", "--device", "cpu"]) == 0
     report = json.loads((run / "eval" / "step-00000003" / "eval.json").read_text())  # each step its own report
     assert report["num_images"] == 2 and "step-00000003.pt" in report["model"]
+    # a latent set records its tokenizer for later, when keep_checkpoints may have deleted the file
+    assert main(["pretokenize", str(tmp_path / "lat"), "--images", str(photos), "--model",
+                 str(checkpoint_path(run, 3))]) == 2
+    assert f"is a file; the tokenizer is recorded for generate to load later, and a run keeps only its last " \
+           f"checkpoints: save it as a folder first (softvq info {checkpoint_path(run, 3)} --save DIR)" \
+        in capsys.readouterr().err
+    assert main(["info", str(checkpoint_path(run, 3)), "--save", str(tmp_path / "step3")]) == 0  # the fix it names
+    saved_three = Tokenizer.from_pretrained(tmp_path / "step3")
+    assert all(torch.equal(a, b) for a, b in zip(saved_three.state_dict().values(), middle.state_dict().values()))
     said = []
     written = plot_runs([run], tmp_path / "plots", per_class=2, num_reconstructions=2, projection="pca",
                         log=said.append)

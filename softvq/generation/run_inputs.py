@@ -49,6 +49,10 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None, *, na
             "generator run": "a DiT/SiT/MAR generator", "unfinished generator run": "a DiT/SiT/MAR generator run"}
         raise ValueError(f"{named} {spec} is {what.get(kind, 'not a softvq tokenizer folder')}; pass the "
                          f"tokenizer that decodes the latents: {kinds}")
+    if path.is_file():  # a training checkpoint loads, but a run deletes all but its last few
+        raise ValueError(f"{named} {spec} is a file; the tokenizer is recorded for generate to load later, and a "
+                         f"run keeps only its last checkpoints: save it as a folder first (softvq info {spec} --save "
+                         f"DIR) and pass DIR")
     text = spec.strip()
     if looks_like_hub_id(text):  # generate downloads it
         return spec
