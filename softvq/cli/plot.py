@@ -16,7 +16,8 @@ Across runs: DIR/rate_quality.png, tokens x dim against rFID / PSNR (PSNR from e
 eval/eval.json, or, where a run has none, from every run's held-out images: one protocol per
 axis), and DIR/comparison.md, a row per run with every metric of its eval report (else
 its held-out PSNR / LPIPS; a column says which): e.g. Tab. 3's rows from its runs. Missing files
-are skipped with a note. Images: --images FOLDER (class sub-folders colour the latent plot),
+are skipped with a note; a run still training, with no export/ yet, is pictured from the EMA
+weights of its newest checkpoint. Images: --images FOLDER (class sub-folders colour the latent plot),
 default the bundled photos, several crops of each.
 """
 
