@@ -186,6 +186,9 @@ def test_a_checkpoint_loads_as_the_tokenizer_of_its_step_and_stands_in_for_a_mis
                  "--no-fid", "--no-lpips", "--no-flops", "--quiet", "--device", "cpu"]) == 0
     report = json.loads((run / "eval" / "step-00000003" / "eval.json").read_text())  # each step its own report
     assert report["num_images"] == 2 and "step-00000003.pt" in report["model"]
+    assert main(["info", str(run)]) == 0  # described from its newest checkpoint meanwhile
+    assert f"EMA weights of training checkpoint {checkpoint_path(run, 6)} (step 6) (the run has no " \
+           f"export/ yet: its newest checkpoint)" in capsys.readouterr().out
     # a latent set records its tokenizer for later, when keep_checkpoints may have deleted the file
     assert main(["pretokenize", str(tmp_path / "lat"), "--images", str(photos), "--model",
                  str(checkpoint_path(run, 3))]) == 2

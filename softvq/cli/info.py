@@ -255,6 +255,19 @@ def is_training_config(spec: str) -> bool:
     return not is_preset(spec) and not Path(spec).exists() and (CONFIG_DIR / f"{spec}.yaml").is_file()
 
 
+def _newest_checkpoint_of_unexported_run(spec: str) -> str | None:
+    """The newest ``checkpoints/step-N.pt`` of a tokenizer training run that has not exported yet
+    (it is still training, or stopped early), which ``info`` then describes; else None."""
+    from softvq.checkpoint.pretrained import training_run_export
+    from softvq.training.checkpointing import latest_checkpoint
+
+    path = Path(spec).expanduser()
+    if not (path / "config.yaml").is_file() or training_run_export(path) is not None:
+        return None
+    newest = latest_checkpoint(path)
+    return str(newest) if newest is not None else None
+
+
 def _generation_kind(spec: str) -> str | None:
     """``"latent set"`` or ``"generator"`` where ``spec`` is what pretokenize or train-generator
     wrote (a generator's export, its run, or a checkpoint of the run); None for anything else. An
@@ -333,8 +346,9 @@ def run(args: argparse.Namespace) -> int:
         source = f"preset {args.spec.lower()} (architecture only, no weights)"
     else:
         torch.manual_seed(args.seed)
-        model = load_tokenizer(args.spec, "cpu", name_ignored_keys=False)  # its table lists them
-        source = model.source
+        spec = args.spec if args.save else _newest_checkpoint_of_unexported_run(args.spec) or args.spec
+        model = load_tokenizer(spec, "cpu", name_ignored_keys=False)  # its table lists them
+        source = model.source + (" (the run has no export/ yet: its newest checkpoint)" if spec != args.spec else "")
     print(describe(model, source))
     if args.save:
         path = model.save_pretrained(args.save)
