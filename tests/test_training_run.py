@@ -172,6 +172,11 @@ def test_a_checkpoint_loads_as_the_tokenizer_of_its_step_and_stands_in_for_a_mis
     assert all(torch.equal(middle.state_dict()[name], value) for name, value in saved.items())
     assert not all(torch.equal(middle.state_dict()[n], v) for n, v in export.state_dict().items())
 
+    model = {"preset": "softvq-tiny", "image_size": 32}  # a new run started from step 3's weights
+    again = Trainer(config_from_dict(tiny_tree(model=model, run={"init_from": str(checkpoint_path(run, 3))})),
+                    tmp_path / "again")
+    assert all(torch.equal(again.tokenizer.state_dict()[name], value) for name, value in saved.items())
+
     shutil.rmtree(run / "export")  # as while it trains
     with pytest.raises(CheckpointError, match=f"or its newest checkpoint {re.escape(str(checkpoint_path(run, 6)))} "
                                               r"\(the EMA weights of that step\)"):

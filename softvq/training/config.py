@@ -155,7 +155,8 @@ class RunConfig:
                       images) and the EMA weights' held-out PSNR / LPIPS in the log (``heldout/*``).
     eval_lpips:       also compute held-out LPIPS (VGG) at each grid and at the end.
     distributed:      ``ddp`` or ``fsdp`` (full sharding through Accelerate, for L-size presets).
-    init_from:        a softvq tokenizer folder or hub id (e.g. a finished run's ``export/``), or
+    init_from:        a softvq tokenizer folder or hub id (e.g. a finished run's ``export/``), a
+                      run's checkpoint ``RUN/checkpoints/step-N.pt`` (its EMA weights), or
                       ``official:FOLDER_OR_ID`` (a released SoftVQ-VAE checkpoint), whose weights
                       start this run. With a larger ``model.decoder_noise_dim`` than it
                       has, the new noise inputs start at zero: WeTok's stage 2, the generative

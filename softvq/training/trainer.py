@@ -884,7 +884,8 @@ def _initial_weights(tokenizer: Tokenizer, config: TrainConfig) -> None:
         except CheckpointError as exc:  # name the setting that points there, and where a relative one looked
             where = "" if Path(target).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
             fix = ("" if release else f"; set run.init_from={OFFICIAL_PREFIX}{target}" if looks_released(target)
-                   else "; train the run it names first, or set run.init_from=<that run>/export")
+                   else "; train the run it names first, or set run.init_from=<that run>/export (or one of its "
+                        "checkpoints/step-N.pt)")
             raise CheckpointError(f"run.init_from: {exc}{where}{fix}") from None
         tokenizer.load_weights_of(start, f"run.init_from {run.init_from}", config_keys=config.own_model_keys())
     elif run.init_encoder:
