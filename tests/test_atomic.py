@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import stat
 
 import pytest
@@ -100,3 +102,54 @@ def test_the_command_line_says_a_full_disk_in_one_line(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "Traceback" not in err and (f"softvq encode: error: no space left on the device while writing "
                                        f"{tmp_path / 'z.safetensors'}") in err
+
+
+def test_an_atomic_file_gets_the_mode_the_umask_gives():
+    """A file written atomically gets the mode a plain open would (0o666 less the umask), not 0o666."""
+    import tempfile
+    from pathlib import Path
+
+    old = os.umask(0o027)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            atomic.write_json(Path(folder) / "a.json", {"x": 1})
+            assert stat.S_IMODE((Path(folder) / "a.json").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def _failing_write(error):
+    def write(path):
+        path.write_text("half")
+        raise error
+    return write
+
+
+def test_a_full_quota_is_an_out_of_space_error(tmp_path):
+    """A full quota (EDQUOT) is a full disk too: the old file stays and the temporary is removed."""
+    (tmp_path / "f").write_text("old")
+    with pytest.raises(atomic.OutOfSpaceError, match="no space left on the device while writing"):
+        atomic.atomic_write(tmp_path / "f", _failing_write(OSError(errno.EDQUOT, "Disk quota exceeded")))
+    assert (tmp_path / "f").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_a_serializer_error_on_a_disk_with_a_gigabyte_free_is_not_a_full_disk(tmp_path, monkeypatch):
+    """A serializer's error is taken for a full disk only when little room is left (16 MiB)."""
+    free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: free._replace(free=1 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # e.g. a file too large for its file system
+        atomic.atomic_write(tmp_path / "f", _failing_write(RuntimeError("unexpected pos 10 vs 5")))
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: free._replace(free=1 << 20))
+    with pytest.raises(atomic.OutOfSpaceError):
+        atomic.atomic_write(tmp_path / "f", _failing_write(RuntimeError("unexpected pos 10 vs 5")))
+
+
+def test_a_serializer_error_stays_its_own_when_the_free_space_is_unknown(tmp_path, monkeypatch):
+    """Where the free space cannot be read, a serializer's own error is raised as it is."""
+    def no_answer(folder):
+        raise OSError(errno.EIO, "cannot stat")
+
+    monkeypatch.setattr(atomic.shutil, "disk_usage", no_answer)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        atomic.atomic_write(tmp_path / "f", _failing_write(RuntimeError("unexpected pos 10 vs 5")))
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@ missing or corrupt checkpoints give one-line errors (exit status 2, no traceback
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -899,3 +900,50 @@ def test_eval_names_a_missing_source_and_an_image_size_off_the_patch_grid(tmp_pa
     code, _, err = _run(capsys, "eval", "--model", "softvq-tiny", "--images", str(tmp_path), "--no-fid",
                         "--image-size", "4", "--out", str(tmp_path / "o"))
     assert code == 2 and "patch size 8: evaluate at 8 (--image-size)" in _one_line_error(err)  # was: "8 or 8"
+
+
+def test_non_negative_float_takes_zero_and_refuses_infinity():
+    """Flags of 0 or more (bench --max-gmacs-cpu) take 0 and refuse infinity and NaN."""
+    from softvq.cli.common import non_negative_float
+
+    assert non_negative_float("0") == 0.0 and non_negative_float("2.5") == 2.5
+    for text in ("inf", "-1", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a number of 0 or more"):
+            non_negative_float(text)
+
+
+def test_non_negative_int_takes_zero():
+    """Counts of 0 or more take 0."""
+    from softvq.cli.common import non_negative_int
+
+    assert non_negative_int("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError, match="-1 is negative"):
+        non_negative_int("-1")
+
+
+def test_a_repeat_is_not_renamed_to_the_name_of_a_later_input():
+    """Output names made distinct never take a later input's own name."""
+    from softvq.cli.common import make_distinct
+
+    assert make_distinct(["a.png", "a.png", "a-1.png"]) == ["a.png", "a-2.png", "a-1.png"]
+
+
+def test_a_symbolic_link_to_a_folder_is_a_fine_output_folder(tmp_path):
+    """A symbolic link to a folder is a fine output folder; a broken one is refused by name."""
+    from softvq.cli.common import refuse_unwritable
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    refuse_unwritable(tmp_path / "link", "--out", "it writes images")
+    refuse_unwritable(tmp_path / "link" / "new", "--out", "it writes images")
+    (tmp_path / "broken").symlink_to(tmp_path / "gone")
+    with pytest.raises(NotADirectoryError, match="is a broken symbolic link"):
+        refuse_unwritable(tmp_path / "broken", "--out", "it writes images")
+
+
+def test_a_given_tokenizer_overrides_the_recorded_one(tmp_path):
+    """A tokenizer given on the command line wins over the one a generator records."""
+    from softvq.cli.common import generator_tokenizer
+
+    spec, tokenizer = generator_tokenizer("gen", str(tmp_path / "moved-away"), "softvq-tiny", "--tokenizer", "cpu")
+    assert spec == "softvq-tiny" and tokenizer.config.num_tokens == 16

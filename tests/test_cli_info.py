@@ -172,3 +172,54 @@ def test_info_names_the_release_forms_of_a_wetok_config(capsys):
     assert main(["info", "wetok-gq-s-64"]) == 0  # the paper's form says nothing extra
     out = capsys.readouterr().out
     assert "pooled" not in out and "frozen" not in out
+
+
+def _vq(**bottleneck):
+    from softvq.cli.info import architecture, describe
+
+    config = preset("softvq-tiny")
+    config.bottleneck = BottleneckConfig(kind="vq", latent_dim=8, **bottleneck)
+    return describe(architecture(config.validate()), "vq")
+
+
+def test_residual_levels_multiply_the_code_bits():
+    """Residual levels multiply a VQ's code bits."""
+    out = _vq(codebook_size=256, residual_levels=2)  # 16 tokens x 2 levels x 8 bits = 256; 98304 / 256 = 384
+    assert _field(out, "latent bits").startswith("256 (L x 2 code indices per token, log2 K = 8 bits each)")
+    assert _field(out, "compression") == "384.0x (code bits)"
+
+
+def test_a_fractional_bit_count_keeps_its_tenth():
+    """A code of a fractional bit count (K not a power of two) keeps a tenth of a bit."""
+    out = _vq(codebook_size=1000)  # 16 x log2(1000) = 159.45 bits
+    assert _field(out, "latent bits").startswith("159.5 (")
+    assert _field(out, "compression") == "616.5x (code bits)"
+
+
+def test_one_code_index_per_token_is_singular():
+    """One code index per token is said in the singular."""
+    assert _field(_vq(codebook_size=256), "latent bits") == \
+        "128 (L x 1 code index per token, log2 K = 8 bits each)"
+
+
+def test_the_image_row_counts_the_image_tokens(capsys):
+    """The image row counts (image / patch)^2 image tokens."""
+    assert main(["info", "softvq-tiny"]) == 0
+    config = preset("softvq-tiny")
+    assert _field(capsys.readouterr().out, "image") == \
+        f"64x64 px, patch {config.patch_size} -> {config.num_patches} image tokens"
+    assert config.num_patches == (64 // config.patch_size) ** 2
+
+
+def test_a_checkpoint_folder_named_like_a_bundled_config_is_described_as_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """A checkpoint folder that has a bundled config's name is described as the checkpoint."""
+    from softvq import Tokenizer
+    from softvq.cli.info import is_training_config
+
+    monkeypatch.chdir(tmp_path)
+    assert is_training_config("demo")  # the bundled config, while no folder has its name
+    Tokenizer.from_preset("softvq-tiny", num_tokens=12).save_pretrained("demo")
+    assert not is_training_config("demo")
+    assert main(["info", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert _field(out, "model") == "softvq checkpoint demo" and _field(out, "latents (L x D)") == "12 x 8"

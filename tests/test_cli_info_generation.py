@@ -124,3 +124,30 @@ def test_save_and_unfinished_latent_sets_are_refused_by_name(made, tmp_path, cap
     assert main(["info", str(unfinished)]) == 2
     assert "is an unfinished latent set (pretokenize was interrupted); rerun the same pretokenize command" \
         in capsys.readouterr().err
+
+
+def _latent_set(folder, **meta):
+    from softvq.generation.latents import FORMAT, META_NAME
+
+    folder.mkdir()
+    (folder / META_NAME).write_text(json.dumps({
+        "format": FORMAT, "count": 10, "num_tokens": 16, "latent_dim": 8, "image_size": 32,
+        "classes": ["a", "b"], "class_counts": [5, 5], "latent_mean": 0.5, "latent_std": 2.0,
+        "tokenizer": "softvq-tiny", "shards": ["latents-00000.safetensors"], **meta}))
+    return folder
+
+
+def test_overrides_given_with_a_latent_set_are_refused(tmp_path, capsys):
+    """Overrides given with a latent set are refused, not ignored."""
+    latents = _latent_set(tmp_path / "lat")
+    assert main(["info", str(latents), "model.num_tokens=4"]) == 2
+    captured = capsys.readouterr()
+    assert "is a latent set: info describes it as it is" in captured.err and "drop them" in captured.err
+    assert captured.out == ""
+
+
+def test_skipped_images_of_a_latent_set_are_reported(tmp_path, capsys):
+    """A latent set's skipped (unreadable) images are counted in its images row."""
+    rows = _info(_latent_set(tmp_path / "lat", skipped=2), capsys)
+    assert rows["images"] == "10 (2 unreadable, skipped)"
+    assert _info(_latent_set(tmp_path / "lat2"), capsys)["images"] == "10"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from softvq.cli.main import main
-from softvq.run_lock import LOCK_NAME, RunFolderInUse, RunLock, in_use
+from softvq.run_lock import LOCK_NAME, RunFolderInUse, RunLock, ensure_not_in_use, in_use, lock_run_folder
 from softvq.training.config import config_from_dict, load_config, save_config
 from softvq.training.trainer import Trainer
 from tests.test_training_run import tiny_tree
@@ -143,3 +145,74 @@ def test_decode_reconstruct_and_eval_take_their_output_folders_lock(tmp_path, ca
             assert [p.name for p in out.iterdir()] == [LOCK_NAME]
         assert main([*argv, "--out", str(out)]) == 0 and not (out / LOCK_NAME).exists()
         assert any(out.rglob("eval.json" if argv[0] == "eval" else "*.png"))
+
+
+def test_a_holder_that_has_not_written_its_pid_yet_is_not_named():
+    """A holder that has locked but not yet written its pid is not named by a half-read pid."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        with open(folder / LOCK_NAME, "a+") as other:  # another holder, between its lock and its pid
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(RunFolderInUse) as caught:
+                RunLock(folder).acquire()
+        assert str(caught.value) == (f"another softvq process is using {folder}; wait for it to finish or "
+                                     f"choose another folder")
+
+
+def test_a_lock_file_deleted_by_its_last_holder_while_we_locked_it_is_made_again(tmp_path, monkeypatch):
+    """A lock file its last holder deleted while we locked it is made again, and the new one is locked."""
+    import softvq.run_lock as run_lock
+
+    real, calls = run_lock._try_lock, []
+
+    def racing(file):
+        ok = real(file)
+        if not calls:  # the previous holder's release deletes the file we opened and just locked
+            calls.append(1)
+            os.unlink(file.name)
+        return ok
+
+    monkeypatch.setattr(run_lock, "_try_lock", racing)
+    lock = RunLock(tmp_path).acquire()
+    monkeypatch.setattr(run_lock, "_try_lock", real)
+    try:
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+        assert in_use(tmp_path)
+        with pytest.raises(RunFolderInUse):  # the lock guards the file at the path, not a deleted one
+            RunLock(tmp_path).acquire()
+    finally:
+        lock.release()
+
+
+def test_a_stale_lock_file_is_overwritten_not_appended_to(tmp_path):
+    """A stale lock file left by a killed run is overwritten, not appended to."""
+    (tmp_path / LOCK_NAME).write_text("424242 elsewhere\n")  # left by a killed run on another machine
+    with RunLock(tmp_path):
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+        with pytest.raises(RunFolderInUse, match="this process already holds"):
+            RunLock(tmp_path).acquire()
+
+
+def test_asking_about_a_folder_without_a_lock_creates_no_folders(tmp_path):
+    """Asking whether a folder is in use creates neither it nor a lock file."""
+    ensure_not_in_use(tmp_path / "a" / "run")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "b").mkdir()
+    ensure_not_in_use(tmp_path / "b")
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_a_released_command_lock_no_longer_covers_library_calls(tmp_path):
+    """Once a command's lock is released, a library call inside the command locks the folder itself."""
+    outer = lock_run_folder(tmp_path / "run")
+    assert outer.held
+    outer.release()
+    inner = lock_run_folder(tmp_path / "run", inside_command=True)  # nothing holds the folder now
+    try:
+        assert inner.held and in_use(tmp_path / "run")
+    finally:
+        inner.release()
+    del outer

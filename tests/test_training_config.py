@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 import re
+from typing import Literal
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from softvq.bottlenecks.factory import build_bottleneck
 from softvq.cli.main import main
 from softvq.tokenizer import Tokenizer
+from softvq.typed_config import ConfigTypeError, typed_value
 from softvq.training.config import (
     CONFIG_DIR, anchor_paths, load_config, parse_override, read_yaml_tree, save_config,
 )
@@ -419,3 +421,34 @@ def test_adamw_takes_the_betas_in_their_order():
     optimizer = build_optimizer(nn.Linear(3, 3).named_parameters(), name="adamw", lr=1e-4, betas=[0.9, 0.95],
                                 weight_decay=1e-4)
     assert [group["betas"] for group in optimizer.param_groups] == [(0.9, 0.95), (0.9, 0.95)]
+
+
+def test_a_union_without_none_refuses_null():
+    """None is refused for a union without None, taken for an optional one."""
+    with pytest.raises(ConfigTypeError, match="k must be an integer, got None"):
+        typed_value(int | str, None, "k")
+    assert typed_value(int | None, None, "k") is None
+
+
+def test_a_bad_choice_in_an_optional_literal_is_a_config_type_error():
+    """A bad choice for an optional Literal is a ConfigTypeError naming the choices."""
+    with pytest.raises(ConfigTypeError, match=r"k='c' is not one of 'a', 'b'"):
+        typed_value(Literal["a", "b"] | None, "c", "k")
+    assert typed_value(Literal["a", "b"] | None, "b", "k") == "b"
+
+
+def test_a_bad_list_item_is_named_by_its_zero_based_index():
+    """A bad list item is named by its zero-based index, as in the YAML."""
+    from softvq.training.config import load_config
+
+    with pytest.raises(ValueError, match=re.escape("optim.betas[1] must be a finite number, got 'fast'")):
+        load_config("demo", ["optim.betas=[0.9, fast]"])
+
+
+def test_a_python_caller_may_give_a_tuple_for_a_list_field():
+    """A Python caller may give a tuple for a list field."""
+    from softvq.training.config import config_from_dict
+    from tests.test_training_run import tiny_tree
+
+    cfg = config_from_dict(tiny_tree(optim={"betas": (0.8, 0.9)}))
+    assert cfg.optim.betas == [0.8, 0.9]
