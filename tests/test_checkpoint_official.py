@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from softvq import Tokenizer, preset
-from softvq.checkpoint.official import convert_official, infer_config, load_official
+from softvq.checkpoint.official import convert_official, infer_config, load_official, official_key
 from softvq.checkpoint.pretrained import CheckpointError, load_pretrained
 
 # --- a state dict in the released layout -------------------------------------------------------
@@ -506,3 +506,38 @@ def test_a_release_config_without_tau_takes_the_released_temperature(tmp_path):
     folder, _, config = tiny_release(tmp_path, 1)
     (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "tau"}))
     assert load_official(folder).config.bottleneck.temperature == pytest.approx(0.07)
+
+
+def test_only_vq_mean_in_config_json_still_sets_the_latent_statistics(tmp_path):
+    """A config.json that gives only one of the pair still counts: vq_mean alone gives (mean, std 1.0),
+    and a lone vq_std of 0 is refused, not silently dropped."""
+    folder, _, config = tiny_release(tmp_path, 1, extras=False)
+    only_mean = {k: v for k, v in config.items() if k != "vq_std"}
+    (folder / "config.json").write_text(json.dumps(only_mean))
+    model = load_official(folder)
+    assert (model.latent_mean, model.latent_std) == (0.25, 1.0)
+    only_std = {k: v for k, v in config.items() if k != "vq_mean"}
+    (folder / "config.json").write_text(json.dumps({**only_std, "vq_std": 0}))
+    with pytest.raises(CheckpointError, match="vq_mean / vq_std must be a finite mean and a positive std"):
+        load_official(folder)
+
+
+def test_the_single_codebook_is_named_as_the_releases_first_codebook():
+    """official_key gives the release's spelling of our keys: the single codebook is
+    quantize.embedding[0] (the release stores it as (1, K, D)), part s is quantize.embedding[s].
+    (No loading path reaches this branch today: it is checked on the public function.)"""
+    assert official_key("bottleneck.codebook") == "quantize.embedding[0]"
+    assert official_key("bottleneck.parts.2.codebook") == "quantize.embedding[2]"
+    assert official_key("decoder.to_pixel.weight") == "decoder.to_pixel.model.weight"
+
+
+def test_a_release_pickle_wrapped_under_model_loads_like_the_flat_one(tmp_path):
+    """A pytorch_model.bin that holds {"model": state_dict} (a research training checkpoint's layout)
+    is unwrapped, and loads to exactly the weights of the flat release."""
+    flat_folder, state, config = tiny_release(tmp_path, 1, extras=False, name="flat")
+    wrapped = tmp_path / "wrapped"
+    wrapped.mkdir()
+    torch.save({"model": state}, wrapped / "pytorch_model.bin")
+    (wrapped / "config.json").write_text(json.dumps(config))
+    a, b = load_official(flat_folder).state_dict(), load_official(wrapped).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

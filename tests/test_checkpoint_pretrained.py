@@ -187,3 +187,28 @@ def test_a_float64_model_comes_back_in_float64(tmp_path):
     x = torch.rand(1, 3, model.config.image_size, model.config.image_size, dtype=torch.float64) * 2 - 1
     with torch.inference_mode():
         assert torch.equal(loaded.encode_latents(x), model.encode_latents(x))
+
+
+def test_a_config_json_with_a_mean_and_no_std_is_refused(tmp_path):
+    """A hand-edited config.json with latent_mean but latent_std null must be refused by name, not
+    loaded with no latent statistics at all."""
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset("softvq-tiny")
+    model.latent_mean, model.latent_std = 0.25, 2.0
+    folder = model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "latent_std": None}))
+    with pytest.raises(CheckpointError, match=r"config.json: latent_mean / latent_std must be numbers, "
+                                              r"got 0.25 and None"):
+        Tokenizer.from_pretrained(folder)
+
+
+def test_a_real_generator_checkpoint_with_all_its_keys_is_named_a_generator(tmp_path):
+    """train-generator's checkpoints hold more than model/ema/step (optimizer, rng, meta, ...): they are
+    still named a generator's checkpoint, not "not a softvq train checkpoint"."""
+    file = tmp_path / "step-00000002.pt"
+    torch.save({"model": {}, "optimizer": {}, "ema": {"shadow": {}}, "step": 2, "rng": [], "meta": {},
+                "nonfinite_steps": 0, "train": {}, "latents_sha1": "x"}, file)
+    with pytest.raises(CheckpointError, match=r"is a checkpoint of a generator \(train-generator\), not of a "
+                                              r"tokenizer"):
+        Tokenizer.from_pretrained(file)

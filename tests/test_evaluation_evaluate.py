@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -836,3 +837,31 @@ def test_the_inception_score_of_samples_is_reported_as_score_and_std(tmp_path, m
     assert report["inception_score"] == pytest.approx(float(score), rel=1e-9)
     assert report["inception_score_std"] == pytest.approx(float(std), rel=1e-9, abs=1e-12)
     assert report["inception_score"] > 1.0
+
+
+def test_eval_md_formats_usage_as_percent_and_ssim_to_four_places():
+    """eval.md gives codebook usage as a percentage and SSIM to four places."""
+    table = to_markdown({"model": "m", "num_images": 2, "image_size": 32, "codebook_usage": 0.5, "ssim": 0.91234})
+    assert "| codebook usage | 50.00% |" in table
+    assert "| SSIM ↑ | 0.9123 |" in table
+
+
+def test_eval_md_leaves_out_nan_metrics():
+    """A NaN metric is left out of eval.md, not printed as "nan"."""
+    table = to_markdown({"model": "m", "psnr": float("nan"), "ssim": 0.5})
+    assert "PSNR" not in table and "nan" not in table and "| SSIM ↑ | 0.5000 |" in table
+
+
+def test_the_protocols_image_count_is_labelled_files_considered():
+    """The protocol line calls the image count "files considered"."""
+    table = to_markdown({"model": "m", "protocol": {"num_images": 12, "image_size": 32}})
+    assert "Protocol: files considered = 12; image_size = 32" in table
+
+
+def test_a_report_that_adds_a_weights_digest_to_the_same_model_is_not_named_as_replaced(tmp_path, caplog):
+    """Rerunning the same model on the same images, where only one of the two reports has a weights
+    digest (one written by an older softvq), compares by model path: no warning."""
+    write_report({"model": "runs/a/export", "num_images": 10, "psnr": 20.0}, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="softvq"):
+        write_report({"model": "runs/a/export", "weights_sha1": "f00d", "num_images": 10, "psnr": 20.0}, tmp_path)
+    assert "replacing" not in caplog.text

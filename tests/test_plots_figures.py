@@ -11,7 +11,8 @@ from PIL import Image
 import softvq
 from softvq.cli.main import main
 from softvq.evaluation import plots
-from softvq.evaluation.runs import plot_images, plot_runs, read_run
+from softvq.evaluation.report import comparison_markdown
+from softvq.evaluation.runs import RunFolder, bottleneck_label, comparison_row, plot_images, plot_runs, read_run
 
 
 def assert_picture(path, min_size=(300, 200), min_std=8.0):
@@ -514,3 +515,81 @@ def test_the_latent_projection_names_its_axes_and_the_rate_chart_has_a_title(tmp
     assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in drawn[0].axes] == [("PC 1", "PC 2")] * 2
     plots.plot_rate_quality([{"name": "a", "num_tokens": 64, "latent_dim": 32, "rfid": 1.0}], tmp_path / "r.png")
     assert drawn[1]._suptitle.get_text() == "reconstruction quality against rate, one point per run"
+
+
+def _fake_export(folder, bottleneck):
+    """An export folder as read_run sees it: config.json of our format and a weights file."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"format": "softvq-tokenizer",
+                                                    "config": {"num_tokens": 16, "bottleneck": bottleneck}}))
+    (folder / "model.safetensors").write_bytes(b"")
+
+
+def test_an_export_with_weights_but_no_config_is_not_taken_for_the_model(tmp_path):
+    """An export/ a killed export left with model.safetensors and no config.json is no model: the
+    run stands for its newest checkpoint instead, as while it trains."""
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "model.safetensors").write_bytes(b"")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step-00000004.pt").write_bytes(b"")
+    (run / "config.yaml").write_text("model: {num_tokens: 16}\n")
+    folder = read_run(run)
+    assert folder.export == run / "checkpoints" / "step-00000004.pt"
+    assert folder.model_config == {"num_tokens": 16}
+
+
+def test_a_generator_runs_checkpoints_do_not_stand_in_for_a_tokenizer_export(tmp_path):
+    """A train-generator run has checkpoints/ but no config.yaml: its newest checkpoint is a
+    generator's, not a tokenizer to draw reconstructions with."""
+    run = tmp_path / "gen"
+    (run / "generator").mkdir(parents=True)
+    (run / "generator" / "config.json").write_text("{}")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step-00000002.pt").write_bytes(b"")
+    folder = read_run(run)
+    assert folder.export is None and not any("no export/ yet" in n for n in folder.notes)
+    said = []
+    plot_runs([run], tmp_path / "out", log=said.append)  # its curves only; no tokenizer is loaded
+    assert any("a generator run: its training curves only" in m for m in said), said
+
+
+def test_the_exports_model_config_is_not_replaced_by_config_yaml(tmp_path):
+    """The export's config.json gives the bottleneck; a config.yaml without a model section (or with
+    another) must not replace it."""
+    _fake_export(tmp_path / "run" / "export", {"kind": "softvq", "codebook_size": 256, "temperature": 0.07})
+    (tmp_path / "run" / "config.yaml").write_text("data: {source: bundled, holdout: [chelsea]}\n")
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"psnr": 12.5}))
+    run = read_run(tmp_path / "run")
+    assert run.model_config["bottleneck"]["codebook_size"] == 256 and run.bundled_holdout == ["chelsea"]
+    assert comparison_row(run)["kind"] == "softvq K=256 τ=0.07"
+
+
+def test_a_learnable_temperature_is_labelled_as_such():
+    """A learnable τ is labelled as such, a fixed one by its value."""
+    assert bottleneck_label({"bottleneck": {"kind": "softvq", "codebook_size": 8, "temperature": 0.07,
+                                            "learnable_temperature": True}}) == "softvq K=8 τ learnable"
+    assert bottleneck_label({"bottleneck": {"kind": "softvq", "codebook_size": 8, "temperature": 0.07,
+                                            "learnable_temperature": False}}) == "softvq K=8 τ=0.07"
+
+
+def test_tokens_cell_needs_both_the_token_count_and_the_latent_width(tmp_path):
+    """A run whose report gives the token count but no latent width has no "L x D" cell (not "16 x None")."""
+    run = RunFolder(path=tmp_path, name="r", evaluation={"num_tokens": 16, "psnr": 20.0})
+    assert comparison_row(run)["tokens"] is None
+    run = RunFolder(path=tmp_path, name="r", evaluation={"num_tokens": 16, "latent_dim": 8, "psnr": 20.0})
+    assert comparison_row(run)["tokens"] == "16 x 8"
+
+
+def test_measured_on_names_the_image_count_then_the_image_size(tmp_path):
+    """comparison.md says "eval, N images at S px", count first."""
+    run = RunFolder(path=tmp_path, name="r", evaluation={"num_images": 50, "image_size": 256, "psnr": 20.0})
+    assert comparison_row(run)["measured_on"] == "eval, 50 images at 256 px"
+
+
+def test_comparison_table_separator_has_one_cell_per_column():
+    """The separator row of comparison.md has one cell per column."""
+    lines = comparison_markdown([{"name": "a", "psnr": 20.0, "rfid": 1.0}]).splitlines()
+    columns = lines[0].count("|") - 1
+    assert columns == 6 and lines[1] == "|" + "---|" * columns
+    assert all(line.count("|") - 1 == columns for line in lines)
