@@ -3,6 +3,7 @@ its run folder or one of the run's checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -57,7 +58,8 @@ def test_a_latent_set_is_described_from_its_meta(made, capsys):
 def test_a_generator_is_described_as_export_run_or_checkpoint(made, capsys):
     root, run = made
     model, meta = load_generator(run / "generator")
-    gflops = f"{2 * analytic_macs(model.config).total / 1e9:.4g}"  # the shape formula, not the counter info uses
+    # multiply-accumulates, as paper Tab. 1 and bench gen call GFLOPs; the shape formula, not the counter info uses
+    gflops = f"{analytic_macs(model.config).total / 1e9:.4g}"
     for spec, step in ((run / "generator", 4), (run, 4), (run / "checkpoints" / "step-00000002.pt", 2)):
         rows = _info(spec, capsys)
         assert rows["generator"] == f"{spec} (step {step})"
@@ -65,11 +67,22 @@ def test_a_generator_is_described_as_export_run_or_checkpoint(made, capsys):
         assert rows["input"] == "16 latent tokens x 8 channels (1D)"
         assert rows["transformer"] == "width 32, depth 1, heads 2, MLP ratio 4"
         assert rows["params"] == f"{model.num_parameters() / 1e6:.2f} M ({model.num_parameters():,})"
-        assert rows["GFLOPs"] == f"{gflops} per image for one forward pass"
+        assert rows["GFLOPs"] == f"{gflops} per image for one forward pass (multiply-accumulates, as paper Tab. 1 " \
+                                 f"and bench gen count them)"
         assert rows["classes"] == "3: a, b, c"
         assert rows["guidance"].startswith("null class 3 (label dropout 0.1)")
         assert rows["latent mean / std"].startswith(f"{meta.latent_mean:g} / {meta.latent_std:g} ")
         assert rows["tokenizer"].startswith(f"{meta.tokenizer} (weights sha1 {meta.tokenizer_sha1[:10]})")
+
+
+def test_a_generator_checkpoint_is_told_apart_by_name_inside_its_run_or_by_its_contents(made, tmp_path, monkeypatch,
+                                                                                      capsys):
+    _, run = made
+    monkeypatch.chdir(run / "checkpoints")
+    assert _info("step-00000002.pt", capsys)["generator"] == "step-00000002.pt (step 2)"
+    copied = tmp_path / "kept.pt"  # copied out of its run
+    shutil.copy(run / "checkpoints" / "step-00000004.pt", copied)
+    assert _info(copied, capsys)["classes"] == "3: a, b, c"
 
 
 def test_a_run_that_has_not_exported_is_described_by_its_newest_checkpoint(made, tmp_path, capsys):
@@ -91,7 +104,7 @@ def test_dit_and_mar_name_their_objectives(tmp_path, capsys):
     save_generator(dit, GeneratorMeta(objective="dit", schedule="linear", diffusion_steps=50), tmp_path / "dit")
     rows = _info(tmp_path / "dit", capsys)
     assert rows["objective"] == "DiT: noise ε and the learned variance, linear schedule, T = 50"
-    assert rows["guidance"] == "no null class (trained without label dropout): no guidance"
+    assert rows["guidance"] == "trained without label dropout: no classifier-free guidance"
     assert rows["tokenizer"] == "not recorded: pass generate --tokenizer"
     assert rows["generator"] == f"{tmp_path / 'dit'}"  # saved without a step
 
@@ -106,9 +119,14 @@ def test_dit_and_mar_name_their_objectives(tmp_path, capsys):
     rows = _info(tmp_path / "mar", capsys)
     assert rows["objective"] == "MAR: masked autoregressive, a 1-block diffusion head 8 wide (cosine schedule, T = 20)"
     assert rows["transformer"] == "width 16, depth 1 + 1 (encoder + decoder), heads 2, MLP ratio 4"
-    assert rows["GFLOPs"] == f"{2 * analytic_mar_macs(cfg).total / 1e9:.4g} per image for one sampling step " \
-                             f"(MAR Tab. 1's convention)"
+    assert rows["GFLOPs"].startswith(f"{analytic_mar_macs(cfg).total / 1e9:.4g} per image for one sampling step "
+                                     f"(MAR Tab. 1's convention)")
     assert rows["generator"] == f"{tmp_path / 'mar'} (step 7)"
+    assert rows["guidance"].startswith("null class 2 (label dropout 0.1)")
+    # MAR keeps its null row without label dropout too, but sampling refuses guidance then
+    unguided = dataclasses.replace(cfg, class_dropout=0.0)
+    save_generator(build_generator(unguided), GeneratorMeta(objective="mar"), tmp_path / "mar0")
+    assert _info(tmp_path / "mar0", capsys)["guidance"] == "trained without label dropout: no classifier-free guidance"
 
 
 def test_save_and_unfinished_latent_sets_are_refused_by_name(made, tmp_path, capsys):
@@ -148,6 +166,6 @@ def test_overrides_given_with_a_latent_set_are_refused(tmp_path, capsys):
 
 def test_skipped_images_of_a_latent_set_are_reported(tmp_path, capsys):
     """A latent set's skipped (unreadable) images are counted in its images row."""
-    rows = _info(_latent_set(tmp_path / "lat", skipped=2), capsys)
+    rows = _info(_latent_set(tmp_path / "lat", skipped=["x.png: truncated", "y.png: not an image"]), capsys)
     assert rows["images"] == "10 (2 unreadable, skipped)"
     assert _info(_latent_set(tmp_path / "lat2"), capsys)["images"] == "10"

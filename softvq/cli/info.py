@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,26 @@ def _newest_checkpoint_of_unexported_run(spec: str) -> str | None:
     return str(newest) if newest is not None else None
 
 
+def _is_generator_checkpoint(file: Path) -> bool:
+    """Whether a ``.pt`` file is a train-generator checkpoint: by its run folder (the path as
+    written or resolved: a bare name inside RUN/checkpoints, a symlink), else by its contents (a
+    checkpoint copied out of its run)."""
+    from softvq.generation.checkpoint import folder_kind
+    from softvq.training.checkpointing import FORMAT as TOKENIZER_CHECKPOINT
+
+    for where in (Path(os.path.abspath(file)), file.resolve()):
+        run = where.parent.parent
+        if folder_kind(run) in ("generator run", "unfinished generator run"):
+            return True
+        if (run / "config.yaml").is_file():  # a tokenizer run's
+            return False
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:  # damaged or not a checkpoint: the tokenizer loader names it
+        return False
+    return isinstance(state, dict) and {"model", "ema"} <= set(state) and state.get("format") != TOKENIZER_CHECKPOINT
+
+
 def _generation_kind(spec: str) -> str | None:
     """``"latent set"`` or ``"generator"`` where ``spec`` is what pretokenize or train-generator
     wrote (a generator's export, its run, or a checkpoint of the run); None for anything else. An
@@ -277,8 +298,7 @@ def _generation_kind(spec: str) -> str | None:
 
     path = Path(spec).expanduser()
     if path.is_file():
-        runs = ("generator run", "unfinished generator run")
-        return "generator" if path.suffix == ".pt" and folder_kind(path.parent.parent) in runs else None
+        return "generator" if path.suffix == ".pt" and _is_generator_checkpoint(path) else None
     kind = folder_kind(path)
     if kind == "latent set":
         return kind

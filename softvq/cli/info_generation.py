@@ -2,14 +2,13 @@
 (``train-generator``'s export, its run folder, or one of its checkpoints).
 
 A latent set is described from its ``meta.json`` alone (no shard is read); a generator is loaded
-to count its parameters, and its per-sample forward FLOPs are counted on the meta device as
-``softvq bench gen`` counts them (paper Tab. 1's GFLOPs).
+to count its parameters, and its per-sample forward multiply-accumulates are counted on the meta
+device, the "GFLOPs" of paper Tab. 1 and ``softvq bench gen``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,18 @@ def describe_latent_set(folder: str | Path) -> str:
     if counts and len(counts) > 1:
         spread = f"; {min(counts):,}{'' if min(counts) == max(counts) else f' to {max(counts):,}'} images per class"
     sha1 = meta.get("tokenizer_sha1")
+    skipped = meta.get("skipped") or []  # the unreadable files, each with its reason
+    skipped = len(skipped) if isinstance(skipped, list) else int(skipped)
     rows = [
         ("latent set", f"{folder} (softvq pretokenize)"),
-        ("images", f"{meta.get('count', 0):,}" + (f" ({meta['skipped']:,} unreadable, skipped)"
-                                                  if meta.get("skipped") else "")),
+        ("images", f"{meta.get('count', 0):,}" + (f" ({skipped:,} unreadable, skipped)" if skipped else "")),
         ("latents (L x D)", f"{meta.get('num_tokens')} x {meta.get('latent_dim')} per image, of "
                             f"{meta.get('image_size')} px images"),
         ("classes", f"{len(classes)}: {first_few(classes)}{spread}" if classes else "none"),
         ("latent mean / std", f"{float(meta['latent_mean']):g} / {float(meta['latent_std']):g} (generators train "
                               f"on (z - mean) / std)"),
-        ("tokenizer", f"{meta.get('tokenizer')}" + (f" (weights sha1 {sha1[:10]})" if sha1 else "")
+        ("tokenizer", f"{meta.get('tokenizer') or 'not recorded: pass generate --tokenizer'}"
+                      + (f" (weights sha1 {sha1[:10]})" if sha1 else "")
                       + (f", encoded in {meta['tokenizer_precision']}" if meta.get("tokenizer_precision") else "")),
         ("shards", str(len(meta.get("shards") or []))),
     ]
@@ -48,10 +49,10 @@ def _step(path: Path) -> int | str | None:
     """The training step of the generator at ``path`` (an export, a run, or ``step-N.pt``)."""
     from softvq.generation.checkpoint import generator_run_export
     from softvq.generation.run_folder import exported_step
+    from softvq.training.checkpointing import checkpoint_step
 
     if path.is_file():
-        found = re.fullmatch(r"step-0*(\d+)\.pt", path.name)
-        return int(found.group(1)) if found else None
+        return checkpoint_step(path)
     step = exported_step(generator_run_export(path) or path)
     return None if step == "unknown" else step  # saved by save_generator without a step
 
@@ -91,7 +92,7 @@ def describe_generator(spec: str) -> str:
             shape = (f"a {c.grid}x{c.grid} latent grid of {c.latent_dim} channels, patch {c.patch_size} -> "
                      f"{c.sequence_length} tokens (2D)")
         macs, per = count_macs(c), "one forward pass"
-    has_null = model.label_embedder.has_null
+    guided = c.class_dropout > 0  # sampling's rule: MAR keeps a null row even without label dropout
     sha1 = meta.tokenizer_sha1
     rows = [
         ("generator", f"{spec}" + (f" (step {step}{unfinished})" if step is not None else "")),
@@ -99,10 +100,11 @@ def describe_generator(spec: str) -> str:
         ("input", shape),
         ("transformer", f"width {c.width}, depth {blocks}, heads {c.heads}, MLP ratio {c.mlp_ratio:g}"),
         ("params", millions(model.num_parameters())),
-        ("GFLOPs", f"{2 * macs.total / 1e9:.4g} per image for {per}"),
+        ("GFLOPs", f"{macs.total / 1e9:.4g} per image for {per} (multiply-accumulates, as paper Tab. 1 "
+                   f"and bench gen count them)"),
         ("classes", f"{c.num_classes}" + (f": {first_few(meta.classes)}" if meta.classes else "")),
         ("guidance", f"null class {c.num_classes} (label dropout {c.class_dropout:g}): classifier-free guidance "
-                     f"works" if has_null else "no null class (trained without label dropout): no guidance"),
+                     f"works" if guided else "trained without label dropout: no classifier-free guidance"),
         ("latent mean / std", f"{meta.latent_mean:g} / {meta.latent_std:g} (samples are de-normalised with them)"),
         ("tokenizer", f"{meta.tokenizer or 'not recorded: pass generate --tokenizer'}"
                       + (f" (weights sha1 {sha1[:10]})" if sha1 else "")),
