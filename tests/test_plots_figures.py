@@ -593,3 +593,16 @@ def test_comparison_table_separator_has_one_cell_per_column():
     columns = lines[0].count("|") - 1
     assert columns == 6 and lines[1] == "|" + "---|" * columns
     assert all(line.count("|") - 1 == columns for line in lines)
+
+
+def test_a_damaged_export_is_a_note_and_the_other_runs_are_still_drawn(tmp_path):
+    make_run(tmp_path / "bad")
+    make_run(tmp_path / "good")
+    (tmp_path / "bad" / "export" / "model.safetensors").write_bytes(b"cut short")
+    said = []
+    written = plot_runs([tmp_path / "bad", tmp_path / "good"], tmp_path / "out", per_class=2, num_reconstructions=2,
+                        projection="pca", log=said.append)
+    assert any(line.startswith("bad: no reconstruction / codebook / latent plots: checkpoint file") and
+               "is corrupt or unreadable" in line for line in said), said
+    assert {p.parent.name for p in written if p.name == "reconstructions.png"} == {"good"}
+    assert (tmp_path / "out" / "bad" / "training_curves.png").exists()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from softvq.checkpoint.pretrained import CONFIG_NAME, EXPORT_NAME, WEIGHTS_NAME
+from softvq.checkpoint.pretrained import CONFIG_NAME, EXPORT_NAME, WEIGHTS_NAME, CheckpointError
 from softvq.config import CODEBOOK_KINDS, SOFT_KINDS
 from softvq.evaluation import plots
 from softvq.tokenizer import images_from_softvq_loaders
@@ -347,7 +347,11 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, images: str | Path
             log(f"{name}: " + ("a generator run: its training curves only" if generator else
                                   "no exported tokenizer (export/), no reconstruction / codebook / latent plots"))
             continue
-        model = Tokenizer.from_pretrained(run.export).to(device).eval()
+        try:
+            model = Tokenizer.from_pretrained(run.export).to(device).eval()
+        except CheckpointError as exc:  # a damaged export, or a checkpoint training has just deleted
+            log(f"{name}: no reconstruction / codebook / latent plots: {exc}")
+            continue
         size = model.config.image_size
         imgs, labels, names = plot_images(size, images, per_class=per_class, log=log)
         feats, lats, recs, rows = _encode_all(model, imgs, batch_size, torch.device(device))
