@@ -197,9 +197,10 @@ def test_a_checkpoint_loads_as_the_tokenizer_of_its_step_and_stands_in_for_a_mis
     # a latent set records its tokenizer for later, when keep_checkpoints may have deleted the file
     assert main(["pretokenize", str(tmp_path / "lat"), "--images", str(photos), "--model",
                  str(checkpoint_path(run, 3))]) == 2
-    assert f"is a file; the tokenizer is recorded for generate to load later, and a run keeps only its last " \
-           f"checkpoints: save it as a folder first (softvq info {checkpoint_path(run, 3)} --save DIR)" \
-        in capsys.readouterr().err
+    assert f"--model {checkpoint_path(run, 3)} is a file; the tokenizer is recorded for generate to load later, and " \
+           f"a run keeps only its last checkpoints: save it as a folder first (softvq info {checkpoint_path(run, 3)} " \
+           f"--save DIR)" in capsys.readouterr().err
+    assert not (tmp_path / "lat").exists()  # refused before its folder is made
     assert main(["info", str(checkpoint_path(run, 3)), "--save", str(tmp_path / "step3")]) == 0  # the fix it names
     saved_three = Tokenizer.from_pretrained(tmp_path / "step3")
     assert all(torch.equal(a, b) for a, b in zip(saved_three.state_dict().values(), middle.state_dict().values()))
@@ -218,6 +219,48 @@ def test_a_checkpoint_loads_as_the_tokenizer_of_its_step_and_stands_in_for_a_mis
     torch.save({"anything": 1}, other)
     with pytest.raises(CheckpointError, match="generator.pt is not a softvq train checkpoint"):
         Tokenizer.from_pretrained(other)
+
+
+def test_checkpoint_specs_are_recorded_absolute_and_missing_ones_are_named(tmp_path, monkeypatch, capsys):
+    """A checkpoint file given relative to the working directory is recorded absolute (decode finds
+    it from elsewhere); one that keep_checkpoints deleted is named with what its run still holds;
+    eval reports beside the run also through a symlinked checkpoints/ folder."""
+    import os
+
+    from safetensors import safe_open
+
+    from softvq.cli.common import load_tokenizer
+    from softvq.cli.eval import resolve_model_spec
+    from softvq.cli.main import main
+    from softvq.training.checkpointing import checkpoint_path
+
+    run = tmp_path / "run"
+    Trainer(config_from_dict(tiny_tree(schedule={"steps": 6})), run).fit()  # checkpoints at 3 and 6
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "photos" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["encode", "photos", "--model", "run/checkpoints/step-00000003.pt", "--out", "z.safetensors"]) == 0
+    assert "which its run deletes once it has newer ones; then decode needs --model" in capsys.readouterr().err
+    with safe_open(tmp_path / "z.safetensors", "pt") as file:
+        assert file.metadata()["model"] == str(checkpoint_path(run, 3).resolve())
+    monkeypatch.chdir(run)
+    assert main(["decode", str(tmp_path / "z.safetensors"), "--out", "decoded"]) == 0  # from another folder
+
+    held = "checkpoints/step-00000003.pt, checkpoints/step-00000006.pt and export/"
+    with pytest.raises(CheckpointError, match=f"no such checkpoint file .*step-00000001.pt: training keeps only the "
+                                              f"last run.keep_checkpoints of them; its run .* holds {held}$"):
+        Tokenizer.from_pretrained(checkpoint_path(run, 1))
+    monkeypatch.chdir(run / "checkpoints")  # a bare name inside the folder, as the loader takes it
+    with pytest.raises(CheckpointError, match=f"holds {held}$"):
+        load_tokenizer("step-00000001.pt")
+    monkeypatch.chdir(tmp_path)
+
+    (tmp_path / "scratch").mkdir()  # checkpoints kept on another disk, linked into the run
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    shutil.copy(run / "config.yaml", linked / "config.yaml")
+    os.symlink(run / "checkpoints", linked / "checkpoints")
+    assert resolve_model_spec(str(linked / "checkpoints" / "step-00000003.pt"))[1] == linked / "eval" / "step-00000003"
 
 
 def test_resuming_a_finished_run_keeps_its_outputs_and_changed_settings_are_said(tmp_path, capsys):

@@ -214,7 +214,9 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device 
     from softvq.config import TokenizerConfig
     from softvq.tokenizer import Tokenizer
 
-    if (file := Path(path_or_id).expanduser()).is_file() and file.suffix == ".pt":
+    if (file := Path(path_or_id).expanduser()).suffix == ".pt" and not file.is_dir():
+        if not file.exists():
+            raise CheckpointError(_no_training_checkpoint(file))
         return _from_training_checkpoint(file).to(usable_device(map_location)).eval()
     folder, meta = read_folder_config(
         path_or_id, FORMAT, "softvq checkpoint",
@@ -242,6 +244,20 @@ def load_pretrained(path_or_id: str | Path, *, map_location: str | torch.device 
     return model.to(usable_device(map_location)).eval()
 
 
+def _no_training_checkpoint(file: Path) -> str:
+    """The error for a ``step-N.pt`` that is not there, naming what its run holds instead."""
+    from softvq.training.checkpointing import CHECKPOINT_DIR, list_checkpoints
+
+    where = Path(os.path.abspath(file))  # its parents as written (a bare name inside RUN/checkpoints too)
+    run = where.parent.parent
+    if where.parent.name != CHECKPOINT_DIR or not (run / "config.yaml").is_file():
+        return f"no such checkpoint file {file}"
+    kept = ", ".join(f"{CHECKPOINT_DIR}/{p.name}" for p in list_checkpoints(run)) or "no checkpoints"
+    export = f" and {EXPORT_NAME}/" if training_run_export(run) is not None else ""
+    return (f"no such checkpoint file {file}: training keeps only the last run.keep_checkpoints of them; its run "
+            f"{run} holds {kept}{export}")
+
+
 def _from_training_checkpoint(file: Path) -> "Tokenizer":
     """The tokenizer of a ``softvq train`` checkpoint with its EMA weights (the weights ``export/``
     holds at the end); a generator's checkpoint or another file is refused by name."""
@@ -264,7 +280,7 @@ def _from_training_checkpoint(file: Path) -> "Tokenizer":
     with torch.random.fork_rng(devices=[]):  # a random initialisation the weights replace: leave the caller's stream
         model = Tokenizer(config)
     load_strict(model, state["ema"], f"{file} (EMA weights)")
-    model.source = f"EMA weights of training checkpoint {file} (step {state.get('step')})"
+    model.source = f"EMA weights of training checkpoint {os.path.abspath(file)} (step {state.get('step')})"
     return model
 
 

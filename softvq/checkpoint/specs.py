@@ -42,8 +42,9 @@ def looks_like_hub_id(text: str) -> bool:
 
 
 def portable_spec(spec: str) -> str:
-    """SPEC as a file should record it: a local folder as an absolute path, so the file still names
-    its model when read from another working directory; presets and hub ids as given."""
+    """SPEC as a file should record it: a local folder (or checkpoint file) as an absolute path, so
+    the file still names its model when read from another working directory; presets and hub ids
+    as given."""
     prefix = OFFICIAL_PREFIX if spec.startswith(OFFICIAL_PREFIX) else ""
-    folder = Path(spec[len(prefix):]).expanduser()
-    return prefix + str(folder.resolve()) if folder.is_dir() else spec
+    local = Path(spec[len(prefix):]).expanduser()
+    return prefix + str(local.resolve()) if local.exists() else spec

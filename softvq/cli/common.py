@@ -246,7 +246,7 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
     else:
         from softvq.checkpoint.pretrained import CheckpointError, training_run_export
 
-        if not Path(spec).expanduser().exists() and "/" not in spec:
+        if not Path(spec).expanduser().exists() and "/" not in spec and not spec.endswith(".pt"):
             raise CheckpointError(
                 f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), not a folder, "
                 f"and not a hub id like 'org/name'"

@@ -158,4 +158,7 @@ def run(args: argparse.Namespace) -> int:
             "latent_mean": model.latent_mean, "latent_std": model.latent_std}
     write_latents(args.out, latents, names, meta)
     print(f"encoded {len(names)} image(s) of {len(paths)} -> {args.out} latents {tuple(latents.shape)}")
+    if Path(args.model).expanduser().is_file():  # decode loads the model the latents name
+        print(f"softvq: note: the latents name the training checkpoint {meta['model']}, which its run deletes once "
+              f"it has newer ones; then decode needs --model", file=sys.stderr)
     return 0

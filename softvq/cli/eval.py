@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -107,8 +108,11 @@ def resolve_model_spec(spec: str) -> tuple[str, Path]:
     export = training_run_export(spec)
     if export is not None:
         return str(export), path / "eval"
-    if path.is_file() and checkpoint_step(path) is not None and path.resolve().parent.name == CHECKPOINT_DIR:
-        return spec, path.resolve().parent.parent / "eval" / path.stem
+    where = Path(os.path.abspath(path))  # its parents as written: a symlinked checkpoints/ keeps its name
+    run = where.parent.parent
+    if (path.is_file() and checkpoint_step(path) is not None and where.parent.name == CHECKPOINT_DIR
+            and (run / "config.yaml").is_file()):  # a tokenizer run's (a generator's is refused when loaded)
+        return spec, run / "eval" / path.stem
     return spec, (path / "eval" if path.is_dir() else Path("eval"))
 
 

@@ -53,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
     device = accelerator.device if accelerator is not None else resolve_device(args.device)
     main_process = accelerator is None or accelerator.is_main_process
     out = Path(args.out)
+    if Path(args.model).expanduser().is_file():  # before OUT is made
+        from softvq.generation.run_inputs import checkpoint_file_refused
+
+        raise said_by_main_process(checkpoint_file_refused("--model", args.model), main_process)
     try:
         refuse_unwritable(out, "OUT", "pretokenize writes a folder of latent shards")
     except OSError as exc:  # every process of a launched run finds it: the main process says it

@@ -49,14 +49,20 @@ def tokenizer_spec(spec: str, latent_shape: tuple[int, ...] | None = None, *, na
             "generator run": "a DiT/SiT/MAR generator", "unfinished generator run": "a DiT/SiT/MAR generator run"}
         raise ValueError(f"{named} {spec} is {what.get(kind, 'not a softvq tokenizer folder')}; pass the "
                          f"tokenizer that decodes the latents: {kinds}")
-    if path.is_file():  # a training checkpoint loads, but a run deletes all but its last few
-        raise ValueError(f"{named} {spec} is a file; the tokenizer is recorded for generate to load later, and a "
-                         f"run keeps only its last checkpoints: save it as a folder first (softvq info {spec} --save "
-                         f"DIR) and pass DIR")
+    if path.is_file():
+        raise checkpoint_file_refused(named, spec)
     text = spec.strip()
     if looks_like_hub_id(text):  # generate downloads it
         return spec
     raise ValueError(f"{named} {spec!r} is not {kinds}")
+
+
+def checkpoint_file_refused(named: str, spec: str) -> ValueError:
+    """The error for a training checkpoint file given as the tokenizer a latent set or generator
+    records: it loads, but a run deletes all but its last few checkpoints, and the record outlives it."""
+    return ValueError(f"{named} {spec} is a file; the tokenizer is recorded for generate to load later, and a run "
+                      f"keeps only its last checkpoints: save it as a folder first (softvq info {spec} --save DIR) "
+                      f"and pass DIR")
 
 
 def other_tokenizer(spec: str, latents_meta: dict[str, Any]) -> str | None:
