@@ -196,9 +196,9 @@ def _generator_run_tokenizer(folder: str) -> str | None:
     """For a train-generator run folder, where its tokenizer is named; None for any other folder."""
     import json
 
-    from softvq.generation.checkpoint import folder_kind
+    from softvq.generation.checkpoint import RUN_KINDS, folder_kind
 
-    if folder_kind(folder) not in ("generator run", "unfinished generator run"):
+    if folder_kind(folder) not in RUN_KINDS:
         return None
     config = Path(folder).expanduser() / "config.json"
     try:

@@ -127,6 +127,9 @@ def is_run_config(payload: Any) -> bool:
     return isinstance(payload, dict) and "train" in payload and "model" in payload
 
 
+RUN_KINDS = ("generator run", "unfinished generator run")  # what folder_kind calls a train-generator run
+
+
 def folder_kind(path: str | Path) -> str | None:
     """What softvq wrote in the folder ``path``: ``"latent set"`` (pretokenize), ``"tokenizer run"``,
     ``"tokenizer"``, ``"generator run"``, ``"unfinished generator run"`` (no export yet),
@@ -207,8 +210,7 @@ def _no_checkpoint_file(path: Path) -> str:
     from softvq.training.checkpointing import CHECKPOINT_DIR, list_checkpoints
 
     run = path.resolve().parent.parent
-    if path.resolve().parent.name != CHECKPOINT_DIR or folder_kind(run) not in ("generator run",
-                                                                                "unfinished generator run"):
+    if path.resolve().parent.name != CHECKPOINT_DIR or folder_kind(run) not in RUN_KINDS:
         return f"no such checkpoint file {path}; pass {KINDS}"
     kept = ", ".join(f"{CHECKPOINT_DIR}/{p.name}" for p in list_checkpoints(run)) or "no checkpoints"
     exports = ", ".join(p.name for p in run_exports(run)) or "none"

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from softvq.atomic import write_json
-from softvq.generation.checkpoint import GENERATOR_EXPORT, MODEL_CONFIG_KEY, folder_kind, is_run_config, milestone_export
+from softvq.generation.checkpoint import (GENERATOR_EXPORT, MODEL_CONFIG_KEY, RUN_KINDS, folder_kind, is_run_config,
+                                         milestone_export)
 from softvq.generation.train_config import CHANGEABLE_ON_RESUME, GeneratorTrainConfig, flag_name, recorded_train
 from softvq.resume import changed_settings
 from softvq.training.stopping import NonFiniteLossError, all_finite
@@ -58,7 +59,7 @@ def check_out_folder(run: Path) -> None:
         raise ValueError(f"--out {run} is a latent set ({META_NAME}, written by pretokenize), not a train-generator "
                          f"run; pass it as --latents and {fresh}")
     if kind == "generator":
-        parent = folder_kind(run.parent) in ("generator run", "unfinished generator run")
+        parent = folder_kind(run.parent) in RUN_KINDS
         again = f", or its run {run.parent} to continue that run" if parent else ""
         raise ValueError(f"--out {run} is an exported generator, not a train-generator run: training would overwrite "
                          f"its config.json; pass {fresh}{again}")
