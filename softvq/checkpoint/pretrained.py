@@ -82,6 +82,25 @@ def _held_format(directory: Path) -> str | None:
     return f"another program's {CONFIG_NAME}"
 
 
+def checkpoint_run(file: str | Path) -> Path | None:
+    """The tokenizer training run whose ``checkpoints/`` holds ``file``, by the path as written (a
+    bare name inside RUN/checkpoints, a symlinked checkpoints/ folder), or None."""
+    from softvq.training.checkpointing import CHECKPOINT_DIR
+
+    where = Path(os.path.abspath(Path(file).expanduser()))
+    run = where.parent.parent
+    return run if where.parent.name == CHECKPOINT_DIR and (run / "config.yaml").is_file() else None
+
+
+def newest_run_checkpoint(folder: str | Path) -> Path | None:
+    """The newest ``checkpoints/step-N.pt`` of a tokenizer training run (a folder with its
+    config.yaml), which stands in for its export while it has none; None for any other folder."""
+    from softvq.training.checkpointing import latest_checkpoint
+
+    folder = Path(folder).expanduser()
+    return latest_checkpoint(folder) if (folder / "config.yaml").is_file() else None
+
+
 def training_run_export(folder: str | Path) -> Path | None:
     """``folder/export`` where ``folder`` is a training run (no checkpoint of its own, its
     tokenizer in ``export/``), else None."""
@@ -248,9 +267,8 @@ def _no_training_checkpoint(file: Path) -> str:
     """The error for a ``step-N.pt`` that is not there, naming what its run holds instead."""
     from softvq.training.checkpointing import CHECKPOINT_DIR, list_checkpoints
 
-    where = Path(os.path.abspath(file))  # its parents as written (a bare name inside RUN/checkpoints too)
-    run = where.parent.parent
-    if where.parent.name != CHECKPOINT_DIR or not (run / "config.yaml").is_file():
+    run = checkpoint_run(file)
+    if run is None:
         return f"no such checkpoint file {file}"
     kept = ", ".join(f"{CHECKPOINT_DIR}/{p.name}" for p in list_checkpoints(run)) or "no checkpoints"
     export = f" and {EXPORT_NAME}/" if training_run_export(run) is not None else ""

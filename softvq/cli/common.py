@@ -269,9 +269,9 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                     f"name it {OFFICIAL_PREFIX}{spec}"
                 ) from None
             if (Path(spec).expanduser() / "config.yaml").is_file():
-                from softvq.training.checkpointing import latest_checkpoint
+                from softvq.checkpoint.pretrained import newest_run_checkpoint
 
-                newest = latest_checkpoint(spec)
+                newest = newest_run_checkpoint(spec)
                 meanwhile = f", or its newest checkpoint {newest} (the EMA weights of that step)" if newest else ""
                 raise CheckpointError(
                     f"{spec} is a training run without an export/ yet (training writes it when it ends); "

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -101,17 +100,15 @@ def resolve_model_spec(spec: str) -> tuple[str, Path]:
     ``export/`` and is reported in ``RUN/eval``, as any checkpoint folder in ``FOLDER/eval``; a
     run's checkpoint ``RUN/checkpoints/step-N.pt`` in ``RUN/eval/step-N``, so the steps of a run
     each keep their report; anything else (a preset, a hub id) in ``./eval``."""
-    from softvq.checkpoint.pretrained import training_run_export
-    from softvq.training.checkpointing import CHECKPOINT_DIR, checkpoint_step
+    from softvq.checkpoint.pretrained import checkpoint_run, training_run_export
+    from softvq.training.checkpointing import checkpoint_step
 
     path = Path(spec).expanduser()
     export = training_run_export(spec)
     if export is not None:
         return str(export), path / "eval"
-    where = Path(os.path.abspath(path))  # its parents as written: a symlinked checkpoints/ keeps its name
-    run = where.parent.parent
-    if (path.is_file() and checkpoint_step(path) is not None and where.parent.name == CHECKPOINT_DIR
-            and (run / "config.yaml").is_file()):  # a tokenizer run's (a generator's is refused when loaded)
+    run = checkpoint_run(path)  # a tokenizer run's (a generator's is refused when loaded)
+    if path.is_file() and checkpoint_step(path) is not None and run is not None:
         return spec, run / "eval" / path.stem
     return spec, (path / "eval" if path.is_dir() else Path("eval"))
 

@@ -256,31 +256,18 @@ def is_training_config(spec: str) -> bool:
     return not is_preset(spec) and not Path(spec).exists() and (CONFIG_DIR / f"{spec}.yaml").is_file()
 
 
-def _newest_checkpoint_of_unexported_run(spec: str) -> str | None:
-    """The newest ``checkpoints/step-N.pt`` of a tokenizer training run that has not exported yet
-    (it is still training, or stopped early), which ``info`` then describes; else None."""
-    from softvq.checkpoint.pretrained import training_run_export
-    from softvq.training.checkpointing import latest_checkpoint
-
-    path = Path(spec).expanduser()
-    if not (path / "config.yaml").is_file() or training_run_export(path) is not None:
-        return None
-    newest = latest_checkpoint(path)
-    return str(newest) if newest is not None else None
-
-
 def _is_generator_checkpoint(file: Path) -> bool:
     """Whether a ``.pt`` file is a train-generator checkpoint: by its run folder (the path as
     written or resolved: a bare name inside RUN/checkpoints, a symlink), else by its contents (a
     checkpoint copied out of its run)."""
-    from softvq.generation.checkpoint import folder_kind
+    from softvq.checkpoint.pretrained import checkpoint_run
+    from softvq.generation.checkpoint import RUN_KINDS, folder_kind
     from softvq.training.checkpointing import FORMAT as TOKENIZER_CHECKPOINT
 
     for where in (Path(os.path.abspath(file)), file.resolve()):
-        run = where.parent.parent
-        if folder_kind(run) in ("generator run", "unfinished generator run"):
+        if folder_kind(where.parent.parent) in RUN_KINDS:
             return True
-        if (run / "config.yaml").is_file():  # a tokenizer run's
+        if checkpoint_run(where) is not None:
             return False
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -293,7 +280,7 @@ def _generation_kind(spec: str) -> str | None:
     """``"latent set"`` or ``"generator"`` where ``spec`` is what pretokenize or train-generator
     wrote (a generator's export, its run, or a checkpoint of the run); None for anything else. An
     unfinished latent set is refused, naming how to finish it."""
-    from softvq.generation.checkpoint import folder_kind
+    from softvq.generation.checkpoint import RUN_KINDS, folder_kind
     from softvq.generation.latents import META_NAME, PROGRESS_GLOB
 
     path = Path(spec).expanduser()
@@ -302,7 +289,7 @@ def _generation_kind(spec: str) -> str | None:
     kind = folder_kind(path)
     if kind == "latent set":
         return kind
-    if kind in ("generator", "generator run", "unfinished generator run"):
+    if kind == "generator" or kind in RUN_KINDS:
         return "generator"
     if path.is_dir() and not (path / META_NAME).exists() and any(path.glob(PROGRESS_GLOB)):
         raise ValueError(f"{spec} is an unfinished latent set (pretokenize was interrupted); rerun the same "
@@ -366,7 +353,11 @@ def run(args: argparse.Namespace) -> int:
         source = f"preset {args.spec.lower()} (architecture only, no weights)"
     else:
         torch.manual_seed(args.seed)
-        spec = args.spec if args.save else _newest_checkpoint_of_unexported_run(args.spec) or args.spec
+        from softvq.checkpoint.pretrained import newest_run_checkpoint, training_run_export
+
+        # a run not yet exported (still training, or stopped early) is described by its newest checkpoint
+        newest = None if args.save or training_run_export(args.spec) else newest_run_checkpoint(args.spec)
+        spec = str(newest) if newest else args.spec
         model = load_tokenizer(spec, "cpu", name_ignored_keys=False)  # its table lists them
         source = model.source + (" (the run has no export/ yet: its newest checkpoint)" if spec != args.spec else "")
     print(describe(model, source))

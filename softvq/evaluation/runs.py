@@ -93,9 +93,10 @@ def read_run(path: str | Path) -> RunFolder:
             run.model_config = meta.get("config")
             break
     else:  # a run still training: its newest checkpoint's EMA weights, what export/ will hold
-        from softvq.training.checkpointing import checkpoint_step, latest_checkpoint
+        from softvq.checkpoint.pretrained import newest_run_checkpoint
+        from softvq.training.checkpointing import checkpoint_step
 
-        if (newest := latest_checkpoint(path)) is not None and (path / "config.yaml").exists():
+        if (newest := newest_run_checkpoint(path)) is not None:
             run.export = newest
             run.notes.append(f"no export/ yet: reconstructions and codebook plots show the EMA weights of its "
                              f"newest checkpoint, step {checkpoint_step(newest)}")
