@@ -26,6 +26,7 @@ FORMAT = "softvq-tokenizer"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 EXPORT_NAME = "export"  # the folder of a training run that holds its tokenizer (the EMA weights)
+RUN_CONFIG_NAME = "config.yaml"  # a tokenizer training run's settings: the mark of its folder
 
 
 class CheckpointError(RuntimeError):
@@ -82,6 +83,11 @@ def _held_format(directory: Path) -> str | None:
     return f"another program's {CONFIG_NAME}"
 
 
+def is_tokenizer_run(folder: str | Path) -> bool:
+    """Whether ``folder`` is a tokenizer training run: the trainer writes its settings there first."""
+    return (Path(folder).expanduser() / RUN_CONFIG_NAME).is_file()
+
+
 def checkpoint_run(file: str | Path) -> Path | None:
     """The tokenizer training run whose ``checkpoints/`` holds ``file``, by the path as written (a
     bare name inside RUN/checkpoints, a symlinked checkpoints/ folder), or None."""
@@ -89,7 +95,7 @@ def checkpoint_run(file: str | Path) -> Path | None:
 
     where = Path(os.path.abspath(Path(file).expanduser()))
     run = where.parent.parent
-    return run if where.parent.name == CHECKPOINT_DIR and (run / "config.yaml").is_file() else None
+    return run if where.parent.name == CHECKPOINT_DIR and is_tokenizer_run(run) else None
 
 
 def newest_run_checkpoint(folder: str | Path) -> Path | None:
@@ -98,7 +104,7 @@ def newest_run_checkpoint(folder: str | Path) -> Path | None:
     from softvq.training.checkpointing import latest_checkpoint
 
     folder = Path(folder).expanduser()
-    return latest_checkpoint(folder) if (folder / "config.yaml").is_file() else None
+    return latest_checkpoint(folder) if is_tokenizer_run(folder) else None
 
 
 def training_run_export(folder: str | Path) -> Path | None:

@@ -268,9 +268,9 @@ def load_tokenizer(spec: str, device: str | torch.device = "cpu", *, quiet: bool
                     f"{spec} is not in softvq's format; if it is a released SoftVQ-VAE checkpoint, "
                     f"name it {OFFICIAL_PREFIX}{spec}"
                 ) from None
-            if (Path(spec).expanduser() / "config.yaml").is_file():
-                from softvq.checkpoint.pretrained import newest_run_checkpoint
+            from softvq.checkpoint.pretrained import is_tokenizer_run, newest_run_checkpoint
 
+            if is_tokenizer_run(spec):
                 newest = newest_run_checkpoint(spec)
                 meanwhile = f", or its newest checkpoint {newest} (the EMA weights of that step)" if newest else ""
                 raise CheckpointError(

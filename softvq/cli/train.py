@@ -82,6 +82,7 @@ def _has_run(folder: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from softvq.checkpoint.pretrained import RUN_CONFIG_NAME, is_tokenizer_run
     from softvq.training.config import CONFIG_DIR, load_config
 
     if args.list:
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if resume and config_name is None:
         # Continue with the run's own resolved config (overrides still apply).
         run_dir = args.output or Path("runs") / load_config(None, overrides).run.name
-        saved = run_dir / "config.yaml"
+        saved = run_dir / RUN_CONFIG_NAME
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {saved} not found; pass --output RUN_DIR of the run to continue")
         cfg = load_config(saved, overrides)
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         from softvq.training.accelerator import first_launched_process
 
         if first_launched_process():
-            saved = (run_dir / "config.yaml").is_file()
+            saved = is_tokenizer_run(run_dir)
             print("softvq train: interrupted; " + (f"continue with: {resume_command(run_dir)}" if saved
                                                    else "nothing was written: run the same command again"),
                   file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from softvq.checkpoint.pretrained import CONFIG_NAME, EXPORT_NAME, WEIGHTS_NAME, CheckpointError
+from softvq.checkpoint.pretrained import CONFIG_NAME, EXPORT_NAME, RUN_CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from softvq.config import CODEBOOK_KINDS, SOFT_KINDS
 from softvq.evaluation import plots
 from softvq.tokenizer import images_from_softvq_loaders
@@ -100,11 +100,11 @@ def read_run(path: str | Path) -> RunFolder:
             run.export = newest
             run.notes.append(f"no export/ yet: reconstructions and codebook plots show the EMA weights of its "
                              f"newest checkpoint, step {checkpoint_step(newest)}")
-    if (path / "config.yaml").exists():
+    if (path / RUN_CONFIG_NAME).exists():
         import yaml
 
         try:
-            cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+            cfg = yaml.safe_load((path / RUN_CONFIG_NAME).read_text()) or {}
         except yaml.YAMLError:
             cfg = None
             run.notes.append("config.yaml is not valid YAML; ignored")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from softvq.checkpoint.pretrained import (CONFIG_NAME, WEIGHTS_NAME, load_strict, read_folder_config,
+from softvq.checkpoint.pretrained import (CONFIG_NAME, WEIGHTS_NAME, is_tokenizer_run, load_strict, read_folder_config,
                                          read_state_dict, usable_device, write_folder)
 from softvq.generation.latents import latent_set_sha1
 from softvq.generation.mar import MaskedAutoregressive
@@ -232,7 +232,7 @@ def _from_training_checkpoint(file: Path, tokenizer_flag: str) -> tuple[Generato
     in_run = where.parent.name == CHECKPOINT_DIR and checkpoint_step(where) is not None
     config = _json_object(run / CONFIG_NAME) if in_run else {}
     run_config = is_run_config(config)
-    if in_run and (run / "config.yaml").is_file():  # the tokenizer trainer's run config
+    if in_run and is_tokenizer_run(run):
         raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass it as "
                               f"{tokenizer_flag}, and as the generator {KINDS}")
     not_one = f"{file} is a file that is not a generator checkpoint; pass {KINDS}"

@@ -24,6 +24,7 @@ def check_out_folder(run: Path) -> None:
     """``--out`` must be new, empty or a train-generator run (its config.json says so, or, where
     that file was lost, its checkpoints): training writes config.json and checkpoints into it, so any
     other folder would be overwritten (a tokenizer's or an export's config.json) or misread as a run."""
+    from softvq.checkpoint.pretrained import is_tokenizer_run
     from softvq.generation.latents import META_NAME
     from softvq.run_lock import LOCK_NAME, ensure_not_in_use
     from softvq.training.accelerator import first_launched_process
@@ -49,7 +50,7 @@ def check_out_folder(run: Path) -> None:
         return
     fresh = "a new or empty folder as --out"
     kind = folder_kind(run)
-    if (run / "config.yaml").is_file() or kind == "tokenizer run":
+    if is_tokenizer_run(run) or kind == "tokenizer run":
         raise ValueError(f"--out {run} is a tokenizer training run (softvq train's), not a train-generator run; "
                          f"pass {fresh}")
     if kind == "tokenizer":

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from softvq.checkpoint.pretrained import EXPORT_NAME
+from softvq.checkpoint.pretrained import EXPORT_NAME, RUN_CONFIG_NAME
 from softvq.messages import first_few
 from softvq.training import checkpointing as ckpt
 
 # what a run writes into its folder (and config-until-step-N.yaml; dot files are temporaries and the lock)
-RUN_FILES = frozenset({"config.yaml", "log.jsonl", "metrics.json", ckpt.CHECKPOINT_DIR, EXPORT_NAME, "grids",
+RUN_FILES = frozenset({RUN_CONFIG_NAME, "log.jsonl", "metrics.json", ckpt.CHECKPOINT_DIR, EXPORT_NAME, "grids",
                        "tensorboard"})
 
 
@@ -38,7 +38,7 @@ def check_run_layout(run_dir: Path) -> None:
         if (run_dir / name).exists() and not (run_dir / name).is_dir():
             raise NotADirectoryError(f"{run_dir / name} is a file, but the run writes its {name}/ folder there: "
                                      f"move the file away, or choose another --output")
-    for name in ("config.yaml", "log.jsonl", "metrics.json"):
+    for name in (RUN_CONFIG_NAME, "log.jsonl", "metrics.json"):
         if (run_dir / name).is_dir():
             raise IsADirectoryError(f"{run_dir / name} is a folder, but the run writes its {name} file there: "
                                     f"move the folder away, or choose another --output")

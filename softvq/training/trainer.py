@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from softvq.atomic import atomic_write, write_json
-from softvq.checkpoint.pretrained import EXPORT_NAME, CheckpointError, load_strict
+from softvq.checkpoint.pretrained import EXPORT_NAME, RUN_CONFIG_NAME, CheckpointError, is_tokenizer_run, load_strict
 from softvq.checkpoint.specs import OFFICIAL_PREFIX, official_target
 from softvq.data.images import why_unreadable
 from softvq.data.loader import Batch, HeldOut, build_data
@@ -234,10 +234,10 @@ class Trainer:
                                       f"and drew others in their place")
         if resume_state is not None:
             self._restore_rng(resume_state)
-        if self.is_main and not (self.run_dir / "config.yaml").is_file():
+        if self.is_main and not is_tokenizer_run(self.run_dir):
             # before the log or anything else: a run stopped from here on continues with --resume
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir / "config.yaml")
+            save_config(config, self.run_dir / RUN_CONFIG_NAME)
         self.logger = RunLogger(self.run_dir, enabled=self.is_main, tensorboard=config.run.tensorboard)
         self.monitor = HeldOutMonitor(self.heldout, self.run_dir, grid_images=config.run.grid_images,
                                       eval_lpips=config.run.eval_lpips, batch_size=max(1, self.micro_batch),
@@ -286,7 +286,7 @@ class Trainer:
             return TrainResult(self.run_dir, self.step, "already finished", finished, self.last_checkpoint, export)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            current = self.run_dir / "config.yaml"
+            current = self.run_dir / RUN_CONFIG_NAME
             if self._settings_until is not None:  # the run's history stays readable
                 # the checkpoint's own settings: config.yaml may already hold those of a resume that
                 # changed them and stopped before its first checkpoint
@@ -619,7 +619,7 @@ class Trainer:
             raise CheckpointError(f"--resume {path} is a folder, not a checkpoint file: name one of its files"
                                   + (f" (the newest is {newest})" if newest else "")
                                   + ", or give --resume alone to continue the newest checkpoint of --output")
-        if path is None and (self.run_dir / "config.yaml").is_file():
+        if path is None and is_tokenizer_run(self.run_dir):
             self.pending_notes.append(f"--resume: {self.run_dir} has no checkpoint yet (the run stopped before "
                                       f"its first one): starting from step 0")
         elif path is None:
