@@ -107,6 +107,29 @@ def test_a_checkpoint_copied_out_of_its_run_loads_on_its_own(made, tmp_path):
     (tmp_path / "other.pt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="other.pt is a file that is not a generator checkpoint"):
         load_generator(tmp_path / "other.pt")
+    # weights and EMA without the step every train-generator checkpoint records: some other program's
+    torch.save({"model": {}, "ema": {"shadow": {}}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt is a file that is not a generator checkpoint"):
+        load_generator(tmp_path / "other.pt")
+
+
+def test_the_loaders_and_info_tell_a_generator_checkpoint_by_the_same_contents(made, tmp_path):
+    """One test tells a generator checkpoint copied out of its run, for load_generator, info and the
+    tokenizer loader's refusal alike: a softvq train checkpoint (which also holds model, ema and
+    step), or weights without a step, is none."""
+    from softvq.checkpoint.pretrained import _from_training_checkpoint
+    from softvq.generation.checkpoint import holds_generator_checkpoint
+
+    _, run = made
+    state = torch.load(checkpoint_path(run, 4), weights_only=True)
+    assert holds_generator_checkpoint(state)
+    assert not holds_generator_checkpoint({k: v for k, v in state.items() if k != "step"})
+    assert not holds_generator_checkpoint({**state, "format": "softvq-train"})
+    assert not holds_generator_checkpoint([state])
+    loose = tmp_path / "loose.pt"
+    shutil.copy(checkpoint_path(run, 4), loose)
+    with pytest.raises(CheckpointError, match="loose.pt is a checkpoint of a generator"):
+        _from_training_checkpoint(loose)
 
 
 def test_a_run_stopped_before_its_export_names_its_milestone_exports(made, tmp_path):

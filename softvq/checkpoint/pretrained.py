@@ -291,7 +291,9 @@ def _from_training_checkpoint(file: Path) -> "Tokenizer":
 
     state = load_checkpoint(file)  # a damaged file: its error names the checkpoint before it
     if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
-        generator = isinstance(state, dict) and {"model", "ema", "step"} <= set(state)
+        from softvq.generation.checkpoint import holds_generator_checkpoint
+
+        generator = holds_generator_checkpoint(state)
         raise CheckpointError(f"{file} is a checkpoint of a generator (train-generator), not of a tokenizer; generate "
                               f"and eval take it as the generator" if generator else
                               f"{file} is not a softvq train checkpoint; pass a checkpoint folder, a run, or one of "

@@ -261,8 +261,7 @@ def _is_generator_checkpoint(file: Path) -> bool:
     written or resolved: a bare name inside RUN/checkpoints, a symlink), else by its contents (a
     checkpoint copied out of its run)."""
     from softvq.checkpoint.pretrained import checkpoint_run
-    from softvq.generation.checkpoint import RUN_KINDS, folder_kind
-    from softvq.training.checkpointing import FORMAT as TOKENIZER_CHECKPOINT
+    from softvq.generation.checkpoint import RUN_KINDS, folder_kind, holds_generator_checkpoint
 
     for where in (Path(os.path.abspath(file)), file.resolve()):
         if folder_kind(where.parent.parent) in RUN_KINDS:
@@ -273,7 +272,7 @@ def _is_generator_checkpoint(file: Path) -> bool:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception:  # damaged or not a checkpoint: the tokenizer loader names it
         return False
-    return isinstance(state, dict) and {"model", "ema"} <= set(state) and state.get("format") != TOKENIZER_CHECKPOINT
+    return holds_generator_checkpoint(state)
 
 
 def _generation_kind(spec: str) -> str | None:

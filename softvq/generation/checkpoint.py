@@ -205,6 +205,15 @@ def run_exports(run: str | Path) -> list[Path]:
     return found + [export] if (export := generator_run_export(run)) is not None else found
 
 
+def holds_generator_checkpoint(state: Any) -> bool:
+    """Whether a loaded ``.pt`` holds what every train-generator checkpoint does: the weights, their
+    EMA and the step. A ``softvq train`` checkpoint holds those too and is told apart by its format."""
+    from softvq.training.checkpointing import FORMAT as TOKENIZER_CHECKPOINT
+
+    return (isinstance(state, dict) and {"model", "ema", "step"} <= set(state)
+            and state.get("format") != TOKENIZER_CHECKPOINT)
+
+
 def _no_checkpoint_file(path: Path) -> str:
     """The error for a checkpoint file that is not there, naming what its run holds instead."""
     from softvq.training.checkpointing import CHECKPOINT_DIR, list_checkpoints
@@ -242,15 +251,15 @@ def _from_training_checkpoint(file: Path, tokenizer_flag: str) -> tuple[Generato
         if run_config:  # a damaged checkpoint of a generator run: that error names it
             raise
         raise CheckpointError(not_one) from None
-    if not (isinstance(state, dict) and "model" in state and "ema" in state):
+    if not holds_generator_checkpoint(state):
+        from softvq.training.checkpointing import FORMAT as TOKENIZER_CHECKPOINT
+
+        if isinstance(state, dict) and state.get("format") == TOKENIZER_CHECKPOINT:
+            raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass "
+                                  f"it as {tokenizer_flag}, and as the generator {KINDS}")
         raise CheckpointError(not_one)
     model_config = state.get(MODEL_CONFIG_KEY) or (config["model"] if run_config else None)
     if model_config is None:
-        from softvq.training.checkpointing import FORMAT as TOKENIZER_CHECKPOINT
-
-        if state.get("format") == TOKENIZER_CHECKPOINT:
-            raise CheckpointError(f"{file} is a checkpoint of a tokenizer training run, not of a generator; pass "
-                                  f"it as {tokenizer_flag}, and as the generator {KINDS}")
         if "meta" in state:  # written before checkpoints held the backbone config
             from softvq.training.checkpointing import checkpoint_path
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from softvq.atomic import write_json
-from softvq.generation.checkpoint import (GENERATOR_EXPORT, MODEL_CONFIG_KEY, RUN_KINDS, folder_kind, is_run_config,
-                                         milestone_export)
+from softvq.generation.checkpoint import (GENERATOR_EXPORT, MODEL_CONFIG_KEY, RUN_KINDS, folder_kind,
+                                         holds_generator_checkpoint, is_run_config, milestone_export)
 from softvq.generation.train_config import CHANGEABLE_ON_RESUME, GeneratorTrainConfig, flag_name, recorded_train
 from softvq.resume import changed_settings
 from softvq.training.stopping import NonFiniteLossError, all_finite
@@ -84,7 +84,7 @@ def run_record(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
     that is no generator checkpoint is refused before any of it is loaded."""
     from softvq.checkpoint.pretrained import CheckpointError
 
-    if not (isinstance(state, dict) and {"model", "ema", "step"} <= set(state)):
+    if not holds_generator_checkpoint(state):
         raise CheckpointError(f"{checkpoint} is not a train-generator checkpoint; pass a new or empty folder as --out")
     return {key: state[name] for key, name in (("model", MODEL_CONFIG_KEY), ("train", "train"),
                                                ("latents_sha1", "latents_sha1")) if name in state}
