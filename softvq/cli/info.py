@@ -269,7 +269,8 @@ def _is_generator_checkpoint(file: Path) -> bool:
         if checkpoint_run(where) is not None:
             return False
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        # mapped, not read: only the keys are looked at, and describing it loads the file again
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # damaged or not a checkpoint: the tokenizer loader names it
         return False
     return holds_generator_checkpoint(state)
