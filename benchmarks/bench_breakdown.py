@@ -15,7 +15,9 @@ Columns: ms per pass; GFLOP and GFLOP/s where the class does dense arithmetic; `
 the class's time minus its FLOPs at the matmul peak (the whole row for classes without FLOPs).
 The ``ms over peak`` column sums to the forward's whole gap to the peak, so the largest entries
 are where any further speed must come from. The profiler costs a few microseconds per call; the
-unprofiled time of the same forward is printed beside it.
+unprofiled time of the same forward is printed beside it. Both run the whole batch at once
+(:func:`softvq.cpu_streams.whole_batch`): the classes are ATen calls on one thread, as the
+whole-batch path makes them (``bench_tokenizer.py`` times the split path too).
 
 Not all of that gap can go. FLOP counters count only multiply-adds, yet a ViT must also
 exponentiate every attention score, take an erf per MLP hidden unit and normalise every token. The
@@ -48,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import softvq
 from softvq.cli.common import positive_int
 from softvq.cpu_allocator import retain_freed_memory
+from softvq.cpu_streams import whole_batch
 from softvq.networks.vit import reference_math
 
 from bench_tokenizer import MatmulPeak, machine, significant, timed  # this folder: run as ``python benchmarks/bench_breakdown.py``
@@ -174,7 +177,7 @@ def main() -> None:
                 return model.bottleneck.latents(features)
 
     def decode():
-        with torch.inference_mode():
+        with torch.inference_mode(), whole_batch():
             return model.decode(latents)
 
     fn = encode if args.part == "encode" else decode

@@ -14,12 +14,16 @@ attention, the residual update as its own ``addcmul`` after the linear layer, ou
 docs/performance.md says what it shares with ours) and prints the speed ratio. The process keeps
 freed memory for reuse (:mod:`softvq.cpu_allocator`, as ``softvq``'s inference commands do),
 which the baseline shares; ``--default-malloc`` keeps glibc's defaults to show what that is worth.
+On a multi-core CPU our path computes one piece of the batch per core (:mod:`softvq.cpu_streams`);
+the baseline runs the whole batch at once, as plain PyTorch does, and ``--whole-batch`` also times
+our path that way and prints what the pieces gain.
 
     python benchmarks/bench_tokenizer.py                       # CPU, fp32, all presets
     python benchmarks/bench_tokenizer.py --presets softvq-s-64 softvq-b-64 --baseline
     python benchmarks/bench_tokenizer.py --presets softvq-s-64 --freeze      # torch.compile, freezing
     python benchmarks/bench_tokenizer.py --device cuda --dtype bf16 --baseline   # on a GPU
     python benchmarks/bench_tokenizer.py --presets softvq-s-64 --default-malloc  # glibc's defaults
+    python benchmarks/bench_tokenizer.py --presets softvq-s-64 --whole-batch     # the pieces' gain
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import softvq
 from softvq.cpu_allocator import retain_freed_memory
+from softvq.cpu_streams import split_over_cores, whole_batch
 from softvq.cli.common import positive_int, timing_device_argument
 from softvq.networks.vit import reference_math
 from softvq.precision import PRECISIONS, cpu_has_matrix_instructions
@@ -104,7 +109,8 @@ class MatmulPeak:
                 f"(in brackets: the 25th-75th percentile over calls). It differs from the plain ratio, "
                 f"GFLOP/s / the median matmul (% of median), when the host's speed drifts, and passes 100% for "
                 f"a call whose neighbours ran slow. x baseline: the baseline's time / ours, each against its "
-                f"own neighbouring matmuls (in brackets: the plain ratio of the median times)")
+                f"own neighbouring matmuls (in brackets: the plain ratio of the median times); x whole batch "
+                f"likewise for our path run on the whole batch at once instead of one piece per core")
 
     @property
     def median(self) -> float:
@@ -140,7 +146,7 @@ def count_flops(fn) -> int:
 
 
 def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: bool, peak: MatmulPeak,
-                 compile_model: bool = False) -> dict:
+                 compile_model: bool = False, whole: bool = False) -> dict:
     model = softvq.Tokenizer.from_preset(name).to(device).eval()
     model.enable_autocast(dtype)  # the user's switch; float32 leaves autocast off
     size = model.config.image_size
@@ -160,9 +166,13 @@ def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: b
         with torch.inference_mode():
             return model.decode(latents)
 
-    def encoder_network():  # the encoder ViT alone, without the bottleneck
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return model.encoder(images)
+    def encoder_network():  # the encoder ViT alone, without the bottleneck, split as encode splits it
+        def vit(part):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return model.encoder(part)
+
+        with torch.inference_mode():
+            return split_over_cores(vit, images)
 
     row = {"preset": name, "params_M": model.num_parameters() / 1e6}
     if compile_model:
@@ -187,12 +197,17 @@ def bench_preset(name: str, device, dtype, batch: int, repeats: int, baseline: b
         row[f"{label}_gflop_per_img"] = flops / batch / 1e9
         if baseline and label in ("enc", "dec"):  # the plain research baseline: explicit softmax attention, fp32
             model.disable_autocast()
-            with reference_math(model):
+            with reference_math(model), whole_batch():
                 base_seconds, base_fraction, _ = paired(fn, flops, peak, device, repeats)
             model.enable_autocast(dtype)
             # Both are normalised by the peak measured around them, so host drift cancels.
             row[f"{label}_speedup"] = fraction / base_fraction
             row[f"{label}_time_ratio"] = base_seconds / seconds
+        if whole and label in ("enc", "dec"):  # our path on the whole batch at once
+            with whole_batch():
+                whole_seconds, whole_fraction, _ = paired(fn, flops, peak, device, repeats)
+            row[f"{label}_whole_speedup"] = fraction / whole_fraction
+            row[f"{label}_whole_time_ratio"] = whole_seconds / seconds
     return row
 
 
@@ -223,6 +238,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--baseline", action="store_true", help="also time the fp32 explicit-softmax-attention baseline")
     parser.add_argument("--compile", action="store_true", help="time the encoder/decoder under torch.compile")
+    parser.add_argument("--whole-batch", action="store_true",
+                        help="also time our path on the whole batch at once, not one piece per core, and print "
+                             "the ratio")
     parser.add_argument("--freeze", action="store_true",
                         help="torch.compile with inductor freezing (weights as constants; inference only)")
     parser.add_argument("--default-malloc", action="store_true",
@@ -247,7 +265,7 @@ def main() -> None:
     rows = []
     for name in args.presets:
         rows.append(bench_preset(name, device, dtype, args.batch, args.repeats, args.baseline, peak,
-                                 args.compile or args.freeze))
+                                 args.compile or args.freeze, args.whole_batch))
         print(f"done {name}", flush=True)
 
     mode = "torch.compile (freezing)" if args.freeze else "torch.compile" if args.compile else "eager"
@@ -260,6 +278,8 @@ def main() -> None:
               "dec % of median")
     if args.baseline:
         header += ("enc x baseline", "dec x baseline")
+    if args.whole_batch:
+        header += ("enc x whole batch", "dec x whole batch")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
@@ -270,6 +290,9 @@ def main() -> None:
                  significant(r["dec_gflops"]), percent(r, "dec"), f"{100 * r['dec_gflops'] / peak.median:.1f}%"]
         if args.baseline:
             cells += [f"{r[f'{side}_speedup']:.2f}x ({r[f'{side}_time_ratio']:.2f}x)" for side in ("enc", "dec")]
+        if args.whole_batch:
+            cells += [f"{r[f'{side}_whole_speedup']:.2f}x ({r[f'{side}_whole_time_ratio']:.2f}x)"
+                      for side in ("enc", "dec")]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from softvq.bottlenecks.base import BottleneckOutput, full_precision
 from softvq.bottlenecks.factory import build_bottleneck
 from softvq.config import PRESETS, TokenizerConfig, preset
+from softvq.cpu_streams import split_over_cores
 from softvq.messages import first_few
 from softvq.networks.decoder import TokenDecoder
 from softvq.networks.encoder import TokenEncoder
@@ -185,7 +186,12 @@ class Tokenizer(nn.Module):
 
     def _in_precision(self, network: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """``network(x)``, under autocast when it is enabled, and then returned as float32 (in
-        ``x``'s dtype: float64 for a float64 model), also under an autocast of the caller's own."""
+        ``x``'s dtype: float64 for a float64 model), also under an autocast of the caller's own.
+        Inference on a multi-core CPU runs one piece of the batch per core
+        (:mod:`softvq.cpu_streams`): ``network`` reads each image alone."""
+        return split_over_cores(lambda part: self._whole_in_precision(network, part), x)
+
+    def _whole_in_precision(self, network: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         if self.compute_dtype == torch.float32:
             y = network(x)
             return y if y.dtype == x.dtype else y.to(x.dtype)
