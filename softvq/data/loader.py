@@ -163,26 +163,29 @@ def hold_out_readable(files: list[Path], count: int, size: int, folder: Path) ->
     want, tried = min(count, len(files) // 2), 0
     held: list[tuple[Path, torch.Tensor]] = []
     skipped: list[str] = []
+    held_real: set[str] = set()  # a held-out picture under any of its names (a link to it, the file a link names)
     for path in order:
         if len(held) == want:
             break
         tried += 1
+        real = os.path.realpath(path)
+        if real in held_real:  # the same picture again, through a link: held out once
+            continue
         try:
             held.append((path, read_image(path, size, resize=True)))
+            held_real.add(real)
         except ImageReadError:
             skipped.append(str(path))
-    rest = order[tried:]
     if not held:
         raise ImageReadError(f"none of the {len(files)} image files in {folder} could be read "
                              f"(e.g. {', '.join(skipped[:3])}); {fix}")
-    if not any(_readable(p) for p in rest):  # stops at the first readable file: one read as a rule
+    # stops at the first readable file: one read as a rule; a held-out picture's twin trains on nothing new
+    if not any(_readable(p) for p in order[tried:] if os.path.realpath(p) not in held_real):
         if len(held) == 1:
             raise ImageReadError(f"only 1 of the {len(files)} image files in {folder} could be read "
                                  f"({held[0][0]}): a run needs one to train on and one held out; {fix}")
-        rest.append(held.pop()[0])
+        held_real.discard(os.path.realpath(held.pop()[0]))
     kept = {p for p, _ in held} | set(map(Path, skipped))
-    # nor the same file under another name: a link to a held-out file, or the file a held-out link names
-    held_real = {os.path.realpath(p) for p, _ in held}
     train = [f for f in files if f not in kept and os.path.abspath(f) not in held_real  # abspath: no system call
              and not (os.path.islink(f) and os.path.realpath(f) in held_real)]
     return train, HeldOut(torch.stack([image for _, image in held]), [p.stem for p, _ in held], skipped)
