@@ -4,8 +4,8 @@ A ViT forward is a chain of a few hundred short ATen calls. Run on all cores, ea
 OpenMP barrier where the threads wait for the slowest, and a thread the host preempts stalls every
 core. Cut into pieces of the batch, one per core and each a chain of its own on one thread, no core
 waits for another until the pieces are joined. Intel's extension for PyTorch calls these CPU
-"streams". On the project's 2-core CPUs the S encode and decode ran 1.03-1.06x faster this way on a
-quiet host, and 1.4-1.8x with other work on the cores (docs/performance.md).
+"streams". On the project's 2-core CPUs the S encode and decode ran 0.99-1.06x as fast this way on
+a quiet host, and 1.4-1.8x as fast with other work on the cores (docs/performance.md).
 
 Only inference is split (autograd stays on the caller's thread), and only where the pieces cannot
 differ from one call: the images of a batch are independent in the tokenizer's ViTs, and a batch
